@@ -1,0 +1,1 @@
+"""The aiohttp tile service (built in the tile-server issue)."""

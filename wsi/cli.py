@@ -1,0 +1,166 @@
+"""`wsi`: inspect and convert slides. Errors are one readable line and a non-zero exit."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from . import __version__
+from .convert import ConvertSettings, convert_slide
+from .errors import WsiError
+from .pyramid import PyramidSettings, plan_pyramid
+from .sources import backend_names, open_slide
+from .store import Store, StoreSettings
+
+
+def _info(args: argparse.Namespace) -> int:
+    with open_slide(args.source, args.backend) as src:
+        props = src.properties
+        doc: dict[str, Any] = {
+            "backend": src.name,
+            "vendor": props.vendor,
+            "mpp_x": props.mpp_x,
+            "mpp_y": props.mpp_y,
+            "objective_power": props.objective_power,
+            "levels": [
+                {"width": lv.width, "height": lv.height, "downsample": lv.downsample,
+                 "tile_width": lv.tile_width, "tile_height": lv.tile_height,
+                 "tile_codec": src.tile_codec(i).value}
+                for i, lv in enumerate(src.levels)
+            ],
+            "associated_images": {
+                name: dict(zip(("height", "width"), src.read_associated(name).shape[:2], strict=False))
+                for name in src.associated_names
+            },
+            "icc_profile_bytes": len(props.icc_profile) if props.icc_profile else 0,
+            "output_levels": [
+                {"width": p.level.width, "height": p.level.height,
+                 "from": "source level %d" % p.source_level if p.passthrough else "derived"}
+                for p in plan_pyramid(src, PyramidSettings())
+            ],
+            "properties": dict(props.vendor_properties),
+        }
+    json.dump(doc, sys.stdout, indent=2)
+    sys.stdout.write("\n")
+    return 0
+
+
+def _progress_bar(enabled: bool, label: str) -> tuple[Any, Any]:
+    if not enabled:
+        return None, None
+    from tqdm import tqdm
+
+    bar = tqdm(total=0, unit="tile", desc=label, file=sys.stderr, leave=False)
+
+    def update(done: int, total: int) -> None:
+        bar.total = total
+        bar.n = done
+        bar.refresh() if done == total or done % 64 == 0 else None
+
+    return bar, update
+
+
+def _convert(args: argparse.Namespace) -> int:
+    settings = ConvertSettings(
+        pyramid=PyramidSettings(
+            quality=args.quality,
+            lossless=args.lossless,
+            workers=args.workers,
+            tile_size=args.tile_size,
+            reuse_levels=not args.no_reuse_levels,
+        ),
+        backend=args.backend,
+        include_associated=not args.no_associated,
+    )
+    if args.slide_id and len(args.sources) > 1:
+        raise WsiError("--slide-id names one slide; give one source with it")
+    store = Store(StoreSettings(args.out, endpoint_url=args.s3_endpoint))
+    show = args.progress if args.progress is not None else sys.stderr.isatty()
+    failures = 0
+    for source in args.sources:
+        bar, update = _progress_bar(show, Path(source).name)
+        try:
+            result = convert_slide(source, store, settings, args.slide_id, update)
+        except WsiError as exc:
+            failures += 1
+            print(f"wsi: error: {source}: {exc}", file=sys.stderr)
+            continue
+        except Exception as exc:  # a reader library failed in a way it does not document
+            failures += 1
+            print(f"wsi: error: {source}: cannot convert ({type(exc).__name__}: {exc})",
+                  file=sys.stderr)
+            continue
+        finally:
+            if bar is not None:
+                bar.close()
+        rate = "already published" if result.skipped else f"{result.megapixels_per_second:.1f} MP/s"
+        print(f"{result.slide_id}\t{result.url}\t{rate}", flush=True)
+    return 1 if failures else 0
+
+
+def _list(args: argparse.Namespace) -> int:
+    store = Store(StoreSettings(args.store, endpoint_url=args.s3_endpoint))
+    for slide_id in store.published_slides():
+        print(slide_id)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="wsi", description="Convert whole-slide images to OME-Zarr pyramids in object storage."
+    )
+    parser.add_argument("--version", action="version", version=f"wsistore {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    info = sub.add_parser("info", help="print a slide's levels, properties and associated images")
+    info.add_argument("source")
+    info.add_argument("--backend", choices=backend_names())
+    info.set_defaults(func=_info)
+
+    conv = sub.add_parser("convert", help="convert slides to OME-Zarr in a folder or s3:// URL")
+    conv.add_argument("sources", nargs="+", metavar="SRC")
+    conv.add_argument("--out", required=True, metavar="DIR_OR_URL")
+    conv.add_argument("--quality", type=int, default=85, help="JPEG quality of tiles we encode")
+    conv.add_argument("--lossless", action="store_true", help="encode tiles we make with zstd")
+    conv.add_argument("--workers", type=int, default=0, help="threads (default: one per core)")
+    conv.add_argument("--tile-size", type=int, default=256, help="tile size when re-encoding")
+    conv.add_argument("--no-reuse-levels", action="store_true",
+                      help="derive every level from the base instead of copying source levels")
+    conv.add_argument("--no-associated", action="store_true", help="skip label/macro/thumbnail")
+    conv.add_argument("--slide-id", help="use this id instead of one derived from the content")
+    conv.add_argument("--backend", choices=backend_names())
+    conv.add_argument("--s3-endpoint", help="S3 endpoint URL (default: $AWS_ENDPOINT_URL)")
+    conv.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None)
+    conv.set_defaults(func=_convert)
+
+    ls = sub.add_parser("list", help="list the published slides of a store")
+    ls.add_argument("store", metavar="DIR_OR_URL")
+    ls.add_argument("--s3-endpoint")
+    ls.set_defaults(func=_list)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    # Reader libraries warn about quirks of the files they read (over-long UIDs ...): that is not
+    # the user's business here, and their messages may quote header values.
+    warnings.simplefilter("ignore")
+    try:
+        return int(args.func(args))
+    except WsiError as exc:
+        print(f"wsi: error: {exc}", file=sys.stderr)
+        return 1
+    except BrokenPipeError:
+        return 1
+    except KeyboardInterrupt:
+        print("wsi: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,35 @@
+"""One exception base for the library; each subclass also inherits the matching builtin.
+
+The server maps these classes to HTTP status codes in one table, and the CLI turns them into one
+readable line; nothing else in the library needs to know about either.
+"""
+
+from __future__ import annotations
+
+
+class WsiError(Exception):
+    """Base of every error the library raises on purpose."""
+
+
+class SlideNotFound(WsiError, FileNotFoundError):
+    """The slide (a source file or a published slide in a store) does not exist."""
+
+
+class UnsupportedSlide(WsiError, ValueError):
+    """No slide source backend can read this input."""
+
+
+class CorruptSlide(WsiError, ValueError):
+    """The input claims to be a slide but its content cannot be decoded."""
+
+
+class InvalidArgument(WsiError, ValueError):
+    """A caller gave a value outside what the operation accepts (level, region, id, key, ...)."""
+
+
+class StoreError(WsiError, OSError):
+    """Reading from or writing to the object store failed."""
+
+
+class EncodedTileUnavailable(WsiError, LookupError):
+    """The source cannot hand out this tile's compressed bytes; decode it instead."""

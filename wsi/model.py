@@ -1,0 +1,103 @@
+"""Values shared by sources, the pyramid builder and writers: frozen and validated on creation."""
+
+from __future__ import annotations
+
+import enum
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+
+from .errors import InvalidArgument
+
+
+class TileCodec(enum.Enum):
+    """How a source stores a level's tiles (what `read_encoded_tile` would hand out)."""
+
+    JPEG = "jpeg"
+    """Complete baseline JPEG streams: these can be copied to the output byte for byte."""
+    OTHER = "other"
+    """Anything else (JPEG 2000, LZW, deflate, raw ...): tiles must be decoded."""
+
+
+@dataclass(frozen=True)
+class Level:
+    """Geometry of one pyramid level, in pixels of that level."""
+
+    width: int
+    height: int
+    tile_width: int
+    tile_height: int
+    downsample: float = 1.0
+    """Level-0 pixels per pixel of this level (as the source reports it)."""
+
+    def __post_init__(self) -> None:
+        if min(self.width, self.height, self.tile_width, self.tile_height) <= 0:
+            raise InvalidArgument(f"level sizes must be positive: {self}")
+        if self.downsample < 1.0:
+            raise InvalidArgument(f"downsample must be >= 1: {self.downsample}")
+
+    @property
+    def cols(self) -> int:
+        """Tiles across."""
+        return -(-self.width // self.tile_width)
+
+    @property
+    def rows(self) -> int:
+        """Tiles down."""
+        return -(-self.height // self.tile_height)
+
+    @property
+    def tile_count(self) -> int:
+        return self.cols * self.rows
+
+    def check_tile(self, col: int, row: int) -> None:
+        """Raise InvalidArgument unless (col, row) is a tile of this level."""
+        if not (0 <= col < self.cols and 0 <= row < self.rows):
+            raise InvalidArgument(f"tile ({col}, {row}) outside a {self.cols}x{self.rows} grid")
+
+
+def pyramid_levels(width: int, height: int, tile_width: int, tile_height: int) -> tuple[Level, ...]:
+    """The output pyramid: exact 2x steps (sizes rounded down, like OpenSlide and libvips pyramids)
+    until a level fits in one tile."""
+    levels = [Level(width, height, tile_width, tile_height, 1.0)]
+    while levels[-1].width > tile_width or levels[-1].height > tile_height:
+        prev = levels[-1]
+        levels.append(
+            Level(
+                max(1, prev.width // 2),
+                max(1, prev.height // 2),
+                tile_width,
+                tile_height,
+                prev.downsample * 2,
+            )
+        )
+    return tuple(levels)
+
+
+def _frozen_mapping(value: Mapping[str, str]) -> Mapping[str, str]:
+    return MappingProxyType(dict(value))
+
+
+@dataclass(frozen=True)
+class SlideProperties:
+    """What a pathologist or an AI pipeline needs to know about a slide besides its pixels."""
+
+    vendor: str | None = None
+    mpp_x: float | None = None
+    """Microns per level-0 pixel, horizontally; None when the file does not say."""
+    mpp_y: float | None = None
+    objective_power: float | None = None
+    vendor_properties: Mapping[str, str] = field(default_factory=dict)
+    """The source's own metadata, unchanged (may carry patient data: never log it)."""
+    icc_profile: bytes | None = None
+
+    def __post_init__(self) -> None:
+        for mpp in (self.mpp_x, self.mpp_y):
+            if mpp is not None and not (math.isfinite(mpp) and mpp > 0):
+                raise InvalidArgument(f"microns per pixel must be positive: {mpp}")
+        object.__setattr__(self, "vendor_properties", _frozen_mapping(self.vendor_properties))
+
+
+ASSOCIATED_KINDS = ("label", "macro", "thumbnail")
+"""Associated images we carry over, in the field's words (OpenSlide's names)."""

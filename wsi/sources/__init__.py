@@ -1,0 +1,49 @@
+"""Slide sources: one module per backend, chosen by probing an ordered registry."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from ..errors import InvalidArgument, SlideNotFound, UnsupportedSlide
+from .base import SlideSource
+from .dicom_backend import DicomSource
+from .openslide_backend import OpenSlideSource
+from .tiff_backend import TiffSource
+
+BACKENDS: tuple[type[SlideSource], ...] = (DicomSource, TiffSource, OpenSlideSource)
+"""Probe order: backends that hand out stored tile bytes come before the decoding fallback."""
+
+
+def backend_names() -> list[str]:
+    return [b.name for b in BACKENDS]
+
+
+def open_slide(
+    path: str | Path,
+    backend: str | None = None,
+    backends: Sequence[type[SlideSource]] = BACKENDS,
+) -> SlideSource:
+    """Open `path` with the named backend, or the first in `backends` whose probe accepts it."""
+    path = Path(path)
+    if not path.exists():
+        raise SlideNotFound(f"no such file or folder: {path}")
+    if backend is not None:
+        chosen = [b for b in backends if b.name == backend]
+        if not chosen:
+            raise InvalidArgument(f"unknown backend {backend!r} (known: {', '.join(backend_names())})")
+        if not chosen[0].is_available():
+            raise UnsupportedSlide(f"backend {backend!r} is not installed")
+        return chosen[0](path)
+    errors: list[str] = []
+    for candidate in backends:
+        if candidate.is_available() and candidate.can_open(path):
+            try:
+                return candidate(path)
+            except UnsupportedSlide as exc:
+                errors.append(f"{candidate.name}: {exc}")
+    detail = f" ({'; '.join(errors)})" if errors else ""
+    raise UnsupportedSlide(f"no backend can read this slide{detail}")
+
+
+__all__ = ["BACKENDS", "DicomSource", "OpenSlideSource", "SlideSource", "TiffSource", "open_slide"]

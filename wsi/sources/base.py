@@ -1,0 +1,107 @@
+"""The slide source interface: the one extension point every input format plugs into.
+
+A backend must implement `open` (via `__init__`), `levels`, `properties`, `read_tile` and
+`associated_names`/`read_associated`. It may override `tile_codec`/`read_encoded_tile` when the file
+lets it hand out compressed tile bytes without decoding (the fast path of the pyramid builder), and
+`read_region` when it has a faster way than assembling tiles.
+"""
+
+from __future__ import annotations
+
+import abc
+from pathlib import Path
+from types import TracebackType
+from typing import ClassVar
+
+import numpy as np
+
+from ..errors import EncodedTileUnavailable, InvalidArgument
+from ..model import Level, SlideProperties, TileCodec
+
+
+class SlideSource(abc.ABC):
+    """A readable whole-slide image. Thread-safe for reads unless a backend says otherwise."""
+
+    name: ClassVar[str]
+    """Short backend name used by `--backend` and in `wsi info`."""
+
+    @classmethod
+    def is_available(cls) -> bool:
+        """True when the libraries this backend needs are importable."""
+        return True
+
+    @classmethod
+    @abc.abstractmethod
+    def can_open(cls, path: Path) -> bool:
+        """Cheap probe: True when this backend expects to read `path` (never raises)."""
+
+    @property
+    @abc.abstractmethod
+    def levels(self) -> tuple[Level, ...]:
+        """Pyramid levels as stored in the source, largest first."""
+
+    @property
+    @abc.abstractmethod
+    def properties(self) -> SlideProperties: ...
+
+    def tile_codec(self, level: int) -> TileCodec:
+        """How level `level` stores its tiles; JPEG means `read_encoded_tile` works."""
+        return TileCodec.OTHER
+
+    def read_encoded_tile(self, level: int, col: int, row: int) -> bytes:
+        """The tile's complete compressed stream as stored (edge tiles padded to full tile size)."""
+        raise EncodedTileUnavailable(f"{self.name} cannot hand out encoded tiles")
+
+    @abc.abstractmethod
+    def read_tile(self, level: int, col: int, row: int) -> np.ndarray:
+        """Decoded tile as (tile_height, tile_width, 3) uint8 RGB; parts outside the image are
+        unspecified (edge tiles are always full size)."""
+
+    def read_region(self, level: int, x: int, y: int, width: int, height: int) -> np.ndarray:
+        """Pixels of a rectangle in level coordinates, (height, width, 3) uint8 RGB, white outside."""
+        lv = self.level(level)
+        if width <= 0 or height <= 0:
+            raise InvalidArgument("region must have a positive size")
+        out = np.full((height, width, 3), 255, np.uint8)
+        tw, th = lv.tile_width, lv.tile_height
+        x0, y0 = max(x, 0), max(y, 0)
+        x1, y1 = min(x + width, lv.width), min(y + height, lv.height)
+        for row in range(y0 // th, -(-y1 // th)) if y1 > y0 else ():
+            for col in range(x0 // tw, -(-x1 // tw)) if x1 > x0 else ():
+                tile = self.read_tile(level, col, row)
+                tx0, ty0 = col * tw, row * th
+                ax0, ay0 = max(tx0, x0), max(ty0, y0)
+                ax1, ay1 = min(tx0 + tw, x1), min(ty0 + th, y1)
+                out[ay0 - y : ay1 - y, ax0 - x : ax1 - x] = tile[
+                    ay0 - ty0 : ay1 - ty0, ax0 - tx0 : ax1 - tx0
+                ]
+        return out
+
+    @property
+    @abc.abstractmethod
+    def associated_names(self) -> tuple[str, ...]:
+        """Associated images present: a subset of 'label', 'macro', 'thumbnail'."""
+
+    @abc.abstractmethod
+    def read_associated(self, name: str) -> np.ndarray:
+        """An associated image as (h, w, 3) uint8 RGB."""
+
+    def close(self) -> None:  # noqa: B027 - optional hook, most backends hold nothing to close
+        """Release file handles."""
+
+    def level(self, index: int) -> Level:
+        """Level `index`, or InvalidArgument."""
+        if not 0 <= index < len(self.levels):
+            raise InvalidArgument(f"level {index} does not exist (0..{len(self.levels) - 1})")
+        return self.levels[index]
+
+    def __enter__(self) -> SlideSource:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()

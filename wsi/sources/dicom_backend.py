@@ -1,0 +1,203 @@
+"""DICOM-WSI backend through wsidicom: frames come out exactly as stored.
+
+A slide is one series; given one instance file, the other instances of the same series in that
+folder (other levels, label, overview, thumbnail) are opened with it, as OpenSlide does.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+import numpy as np
+
+from .. import jpeg
+from ..errors import CorruptSlide, EncodedTileUnavailable, UnsupportedSlide
+from ..model import Level, SlideProperties, TileCodec
+from .base import SlideSource
+
+try:
+    import pydicom
+    from wsidicom import WsiDicom
+except ImportError:  # pragma: no cover
+    WsiDicom = None
+
+JPEG_BASELINE = "1.2.840.10008.1.2.4.50"
+_JPEG_PHOTOMETRICS = {"RGB", "YBR_FULL_422", "YBR_FULL"}
+_VENDOR_KEYWORDS = (
+    "Manufacturer",
+    "ManufacturerModelName",
+    "DeviceSerialNumber",
+    "SoftwareVersions",
+    "ContainerIdentifier",
+    "PatientName",
+    "PatientID",
+    "StudyID",
+    "AccessionNumber",
+)
+"""Header attributes carried into `vendor_properties` (some identify the patient: never log)."""
+
+
+def _is_dicom_file(path: Path) -> bool:
+    try:
+        with path.open("rb") as f:
+            f.seek(128)
+            return f.read(4) == b"DICM"
+    except OSError:
+        return False
+
+
+def _series_files(path: Path) -> list[Path]:
+    """The DICOM files of `path`'s series (path: one instance file, or a folder of one series)."""
+    if path.is_dir():
+        return sorted(p for p in path.iterdir() if p.is_file() and _is_dicom_file(p))
+    try:
+        series = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["SeriesInstanceUID"])
+        uid = series.get("SeriesInstanceUID")
+    except Exception as exc:
+        raise CorruptSlide(f"cannot read DICOM header: {exc}") from exc
+    files = [path]
+    for other in sorted(path.parent.iterdir()):
+        if other == path or not other.is_file() or not _is_dicom_file(other):
+            continue
+        with contextlib.suppress(Exception):
+            ds = pydicom.dcmread(other, stop_before_pixels=True, specific_tags=["SeriesInstanceUID"])
+            if uid is not None and ds.get("SeriesInstanceUID") == uid:
+                files.append(other)
+    return files
+
+
+def _pil_to_rgb(image: object) -> np.ndarray:
+    return np.ascontiguousarray(np.asarray(image.convert("RGB")))  # type: ignore[attr-defined]
+
+
+class DicomSource(SlideSource):
+    """VL Whole Slide Microscopy series (TILED_FULL or TILED_SPARSE), any transfer syntax wsidicom
+    decodes; JPEG baseline frames are handed out as stored."""
+
+    name = "dicom"
+
+    @classmethod
+    def is_available(cls) -> bool:
+        return WsiDicom is not None
+
+    @classmethod
+    def can_open(cls, path: Path) -> bool:
+        if path.is_dir():
+            return any(_is_dicom_file(p) for p in path.iterdir() if p.is_file())
+        return _is_dicom_file(path)
+
+    def __init__(self, path: Path) -> None:
+        self.files = _series_files(path)
+        if not self.files:
+            raise UnsupportedSlide("no DICOM files found")
+        try:
+            self._wsi = WsiDicom.open(self.files)
+            wsi_levels = list(self._wsi.levels)
+        except Exception as exc:  # wsidicom raises plain exceptions for non-conformant series
+            raise UnsupportedSlide(f"not a readable DICOM WSI series: {exc}") from exc
+        if not wsi_levels:
+            raise UnsupportedSlide("DICOM series has no pyramid levels")
+        base = wsi_levels[0].size.width
+        self._wsi_levels = wsi_levels
+        self._levels = tuple(
+            Level(lv.size.width, lv.size.height, lv.tile_size.width, lv.tile_size.height,
+                  max(1.0, base / lv.size.width))
+            for lv in wsi_levels
+        )
+        self._properties = self._read_properties()
+
+    def _read_properties(self) -> SlideProperties:
+        # Read the header with pydicom rather than wsidicom's metadata model, which refuses some
+        # valid-enough files (e.g. issuer types it does not know) that still have good pixels.
+        mpp = self._wsi.mpp
+        vendor_props: dict[str, str] = {}
+        icc = None
+        try:
+            ds = pydicom.dcmread(self.files[0], stop_before_pixels=True)
+        except Exception as exc:
+            raise CorruptSlide(f"cannot read DICOM header: {exc}") from exc
+        for keyword in _VENDOR_KEYWORDS:
+            value = ds.get(keyword)
+            if value not in (None, ""):
+                vendor_props[f"dicom.{keyword}"] = str(value)
+        with contextlib.suppress(Exception):
+            icc = bytes(ds.OpticalPathSequence[0].ICCProfile)
+        return SlideProperties(
+            vendor="dicom",
+            mpp_x=float(mpp.width) if mpp and mpp.width > 0 else None,
+            mpp_y=float(mpp.height) if mpp and mpp.height > 0 else None,
+            vendor_properties=vendor_props,
+            icc_profile=icc,
+        )
+
+    @property
+    def levels(self) -> tuple[Level, ...]:
+        return self._levels
+
+    @property
+    def properties(self) -> SlideProperties:
+        return self._properties
+
+    def _image_data(self, level: int) -> object:
+        self.level(level)
+        return self._wsi_levels[level].default_instance.image_data
+
+    def tile_codec(self, level: int) -> TileCodec:
+        data = self._image_data(level)
+        syntax = str(getattr(data, "transfer_syntax", ""))
+        photometric = str(getattr(data, "photometric_interpretation", ""))
+        if syntax == JPEG_BASELINE and photometric in _JPEG_PHOTOMETRICS:
+            return TileCodec.JPEG
+        return TileCodec.OTHER
+
+    def read_encoded_tile(self, level: int, col: int, row: int) -> bytes:
+        if self.tile_codec(level) is not TileCodec.JPEG:
+            raise EncodedTileUnavailable("frames of this level are not baseline JPEG")
+        self.level(level).check_tile(col, row)
+        try:
+            frame = self._wsi.read_encoded_tile(
+                self._wsi_levels[level].level, (col, row), crop_to_image_boundary=False
+            )
+        except Exception as exc:
+            raise CorruptSlide(f"cannot read frame: {exc}") from exc
+        rgb = str(getattr(self._image_data(level), "photometric_interpretation", "")) == "RGB"
+        # A stored frame ends at EOI already; make RGB-coded frames explicit about their colours.
+        return jpeg.complete_tile(frame, None, rgb)
+
+    def read_tile(self, level: int, col: int, row: int) -> np.ndarray:
+        self.level(level).check_tile(col, row)
+        try:
+            image = self._wsi.read_tile(
+                self._wsi_levels[level].level, (col, row), crop_to_image_boundary=False
+            )
+        except Exception as exc:
+            raise CorruptSlide(f"cannot decode frame: {exc}") from exc
+        return _pil_to_rgb(image)
+
+    @property
+    def associated_names(self) -> tuple[str, ...]:
+        names = []
+        if self._wsi.labels:
+            names.append("label")
+        if self._wsi.overviews:
+            names.append("macro")
+        if self._wsi.pyramid.thumbnails:
+            names.append("thumbnail")
+        return tuple(names)
+
+    def read_associated(self, name: str) -> np.ndarray:
+        try:
+            if name == "label" and self._wsi.labels:
+                return _pil_to_rgb(self._wsi.read_label())
+            if name == "macro" and self._wsi.overviews:
+                return _pil_to_rgb(self._wsi.read_overview())
+            if name == "thumbnail" and self._wsi.pyramid.thumbnails:
+                return _pil_to_rgb(self._wsi.pyramid.thumbnails[0].get_default_full())
+        except Exception as exc:
+            raise CorruptSlide(f"cannot read associated image {name!r}: {exc}") from exc
+        raise UnsupportedSlide(f"no associated image {name!r}")
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self._wsi.close()

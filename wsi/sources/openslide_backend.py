@@ -1,0 +1,139 @@
+"""OpenSlide backend: every format OpenSlide 4 reads (NDPI, MIRAX, Philips, Ventana, DICOM, ...).
+
+OpenSlide only hands out decoded pixels, so slides read through it are re-encoded. It is the
+fallback of the probe order; formats with a raw-tile backend are claimed by that backend first.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import CorruptSlide, UnsupportedSlide
+from ..model import ASSOCIATED_KINDS, Level, SlideProperties
+from .base import SlideSource
+
+try:
+    import openslide
+except ImportError:  # pragma: no cover - openslide-bin is a hard dependency; keep probing safe
+    openslide = None
+
+DEFAULT_TILE = 256
+
+
+def _float(value: str | None) -> float | None:
+    try:
+        return float(value) if value not in (None, "") else None  # type: ignore[arg-type]
+    except ValueError:
+        return None
+
+
+def rgba_to_rgb(rgba: np.ndarray) -> np.ndarray:
+    """Composite OpenSlide's RGBA (transparent where there is no tissue scan) onto white."""
+    rgb = rgba[..., :3]
+    alpha = rgba[..., 3]
+    if alpha.min() == 255:
+        return np.ascontiguousarray(rgb)
+    a = alpha.astype(np.uint16)[..., None]
+    out = (rgb.astype(np.uint16) * a + 255 * (255 - a) + 127) // 255
+    return out.astype(np.uint8)
+
+
+def properties_from_openslide(slide: openslide.AbstractSlide) -> SlideProperties:
+    """Map OpenSlide's standard properties to ours; the vendor's own keys are kept as they are."""
+    props = dict(slide.properties)
+    icc = None
+    with contextlib.suppress(Exception):  # an unreadable profile must not make the slide unreadable
+        profile = slide.color_profile
+        if profile is not None:
+            icc = profile.tobytes()
+    return SlideProperties(
+        vendor=props.get("openslide.vendor"),
+        mpp_x=_float(props.get("openslide.mpp-x")),
+        mpp_y=_float(props.get("openslide.mpp-y")),
+        objective_power=_float(props.get("openslide.objective-power")),
+        vendor_properties={k: v for k, v in props.items() if not k.startswith("openslide.")},
+        icc_profile=icc,
+    )
+
+
+def read_associated_openslide(slide: openslide.AbstractSlide, name: str) -> np.ndarray:
+    try:
+        image = slide.associated_images[name]
+    except KeyError as exc:
+        raise UnsupportedSlide(f"no associated image {name!r}") from exc
+    except openslide.OpenSlideError as exc:
+        raise CorruptSlide(f"cannot read associated image {name!r}: {exc}") from exc
+    return rgba_to_rgb(np.asarray(image.convert("RGBA")))
+
+
+class OpenSlideSource(SlideSource):
+    """Any slide OpenSlide can open; pixels come out decoded."""
+
+    name = "openslide"
+
+    @classmethod
+    def is_available(cls) -> bool:
+        return openslide is not None
+
+    @classmethod
+    def can_open(cls, path: Path) -> bool:
+        try:
+            return openslide.OpenSlide.detect_format(str(path)) is not None
+        except Exception:
+            return False
+
+    def __init__(self, path: Path) -> None:
+        try:
+            self._slide = openslide.OpenSlide(str(path))
+        except openslide.OpenSlideUnsupportedFormatError as exc:
+            raise UnsupportedSlide("OpenSlide does not recognise this file") from exc
+        except openslide.OpenSlideError as exc:
+            raise CorruptSlide(f"OpenSlide cannot open this slide: {exc}") from exc
+        props = self._slide.properties
+        levels = []
+        for i, ((w, h), ds) in enumerate(
+            zip(self._slide.level_dimensions, self._slide.level_downsamples, strict=True)
+        ):
+            tw = int(props.get(f"openslide.level[{i}].tile-width", DEFAULT_TILE))
+            th = int(props.get(f"openslide.level[{i}].tile-height", DEFAULT_TILE))
+            levels.append(Level(w, h, tw, th, max(1.0, ds)))
+        self._levels = tuple(levels)
+        self._properties = properties_from_openslide(self._slide)
+
+    @property
+    def levels(self) -> tuple[Level, ...]:
+        return self._levels
+
+    @property
+    def properties(self) -> SlideProperties:
+        return self._properties
+
+    def read_tile(self, level: int, col: int, row: int) -> np.ndarray:
+        lv = self.level(level)
+        lv.check_tile(col, row)
+        return self.read_region(level, col * lv.tile_width, row * lv.tile_height,
+                                lv.tile_width, lv.tile_height)
+
+    def read_region(self, level: int, x: int, y: int, width: int, height: int) -> np.ndarray:
+        lv = self.level(level)
+        origin = (round(x * lv.downsample), round(y * lv.downsample))
+        try:
+            image = self._slide.read_region(origin, level, (width, height))
+        except openslide.OpenSlideError as exc:
+            raise CorruptSlide(f"cannot read pixels: {exc}") from exc
+        return rgba_to_rgb(np.asarray(image))
+
+    @property
+    def associated_names(self) -> tuple[str, ...]:
+        # Iterate the names: a membership test on OpenSlide's mapping decodes the image.
+        present = set(iter(self._slide.associated_images))
+        return tuple(n for n in ASSOCIATED_KINDS if n in present)
+
+    def read_associated(self, name: str) -> np.ndarray:
+        return read_associated_openslide(self._slide, name)
+
+    def close(self) -> None:
+        self._slide.close()

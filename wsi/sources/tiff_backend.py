@@ -1,0 +1,150 @@
+"""Raw-tile backend for tiled TIFF files (Aperio SVS, generic pyramidal TIFF).
+
+tifffile gives each tile's offset and length, so JPEG tiles are handed out as stored (completed
+with the JPEGTables and, for RGB-coded tiles, an Adobe marker), never decoded. Other compressions
+(Aperio JPEG 2000, LZW, deflate, ...) are decoded through tifffile/imagecodecs. OpenSlide supplies
+the vendor metadata and associated images so that both backends describe a slide the same way.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import tifffile
+
+from .. import jpeg
+from ..errors import CorruptSlide, EncodedTileUnavailable, UnsupportedSlide
+from ..model import Level, SlideProperties, TileCodec
+from .base import SlideSource
+from .openslide_backend import OpenSlideSource, openslide
+
+_TIFF_SUFFIXES = {".svs", ".tif", ".tiff", ".btf", ".tf8", ".bif"}
+_VENDORS = {"aperio", "generic-tiff"}
+_JPEG = 7
+_PHOTOMETRIC_RGB = 2
+_PHOTOMETRIC_YCBCR = 6
+
+
+class TiffSource(SlideSource):
+    """Tiled TIFF-family slides with direct access to the stored tiles."""
+
+    name = "tiff"
+
+    @classmethod
+    def is_available(cls) -> bool:
+        return OpenSlideSource.is_available()
+
+    @classmethod
+    def can_open(cls, path: Path) -> bool:
+        if path.suffix.lower() not in _TIFF_SUFFIXES or not path.is_file():
+            return False
+        try:
+            return openslide.OpenSlide.detect_format(str(path)) in _VENDORS
+        except Exception:
+            return False
+
+    def __init__(self, path: Path) -> None:
+        self._os = OpenSlideSource(path)
+        try:
+            self._tif = tifffile.TiffFile(path)
+        except (tifffile.TiffFileError, OSError, ValueError) as exc:
+            self._os.close()
+            raise CorruptSlide(f"cannot parse TIFF structure: {exc}") from exc
+        self._fd = os.open(path, os.O_RDONLY)
+        try:
+            self._pages = self._match_pages()
+        except Exception:
+            self.close()
+            raise
+
+    def _match_pages(self) -> list[tifffile.TiffPage]:
+        """The TIFF page behind each OpenSlide level, matched on size; all must be tiled."""
+        candidates = [p for p in self._tif.pages if isinstance(p, tifffile.TiffPage) and p.is_tiled]
+        pages = []
+        for lv in self._os.levels:
+            match = [p for p in candidates if (p.imagewidth, p.imagelength) == (lv.width, lv.height)]
+            if not match:
+                raise UnsupportedSlide("TIFF levels do not match OpenSlide's reading")
+            page = match[0]
+            if page.samplesperpixel < 3 or page.bitspersample != 8 or page.planarconfig != 1:
+                raise UnsupportedSlide("only 8-bit interleaved RGB tiled TIFF is read raw")
+            pages.append(page)
+        return pages
+
+    @property
+    def levels(self) -> tuple[Level, ...]:
+        return tuple(
+            Level(lv.width, lv.height, p.tilewidth, p.tilelength, lv.downsample)
+            for lv, p in zip(self._os.levels, self._pages, strict=True)
+        )
+
+    @property
+    def properties(self) -> SlideProperties:
+        return self._os.properties
+
+    def tile_codec(self, level: int) -> TileCodec:
+        self.level(level)
+        page = self._pages[level]
+        if (
+            page.compression == _JPEG
+            and page.samplesperpixel == 3
+            and page.photometric in (_PHOTOMETRIC_RGB, _PHOTOMETRIC_YCBCR)
+        ):
+            return TileCodec.JPEG
+        return TileCodec.OTHER
+
+    def _raw(self, level: int, col: int, row: int) -> tuple[tifffile.TiffPage, int, bytes]:
+        lv = self.level(level)
+        lv.check_tile(col, row)
+        page = self._pages[level]
+        index = row * lv.cols + col
+        offset, count = page.dataoffsets[index], page.databytecounts[index]
+        data = os.pread(self._fd, count, offset) if count else b""
+        if len(data) != count:
+            raise CorruptSlide("tile data is truncated")
+        return page, index, data
+
+    def read_encoded_tile(self, level: int, col: int, row: int) -> bytes:
+        if self.tile_codec(level) is not TileCodec.JPEG:
+            raise EncodedTileUnavailable("tiles of this level are not JPEG")
+        page, _, data = self._raw(level, col, row)
+        if not data:
+            raise EncodedTileUnavailable("sparse tile: nothing stored")
+        return jpeg.complete_tile(data, page.jpegtables, page.photometric == _PHOTOMETRIC_RGB)
+
+    def read_tile(self, level: int, col: int, row: int) -> np.ndarray:
+        lv = self.level(level)
+        if self.tile_codec(level) is TileCodec.JPEG:
+            try:
+                return jpeg.decode(self.read_encoded_tile(level, col, row))
+            except EncodedTileUnavailable:
+                return np.full((lv.tile_height, lv.tile_width, 3), 255, np.uint8)
+        page, index, data = self._raw(level, col, row)
+        if not data:
+            return np.full((lv.tile_height, lv.tile_width, 3), 255, np.uint8)
+        try:
+            segment, _, _ = page.decode(data, index, jpegtables=page.jpegtables)
+        except Exception as exc:  # tifffile/imagecodecs raise many types for bad data
+            raise CorruptSlide(f"cannot decode tile: {exc}") from exc
+        if segment is None:
+            raise CorruptSlide("tile decoded to nothing")
+        pixels = np.asarray(segment).reshape(lv.tile_height, lv.tile_width, -1)[..., :3]
+        return np.ascontiguousarray(pixels, dtype=np.uint8)
+
+    @property
+    def associated_names(self) -> tuple[str, ...]:
+        return self._os.associated_names
+
+    def read_associated(self, name: str) -> np.ndarray:
+        return self._os.read_associated(name)
+
+    def close(self) -> None:
+        if getattr(self, "_fd", None) is not None:
+            os.close(self._fd)
+            self._fd = None  # type: ignore[assignment]
+        if getattr(self, "_tif", None) is not None:
+            self._tif.close()
+        self._os.close()
+

@@ -1,0 +1,225 @@
+"""Object storage for converted slides: a local folder or `s3://bucket/prefix`, through fsspec.
+
+Layout: `<root>/<slide-id>/slide.zarr/...` holds the pyramid; `<root>/<slide-id>/manifest.json` is
+written last and is the commit point. Readers list and open only slides with a manifest, so a
+conversion that dies half-way is invisible until it is run again and finishes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import uuid
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from typing import IO, Any
+
+import fsspec
+
+from .errors import InvalidArgument, SlideNotFound, StoreError
+
+_SEGMENT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+SLIDE_ID = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
+MANIFEST = "manifest.json"
+_MiB = 1024 * 1024
+
+
+def check_slide_id(slide_id: str) -> str:
+    """Slide ids are opaque, lower-case and safe as one path segment or object-key segment."""
+    if not isinstance(slide_id, str) or not SLIDE_ID.match(slide_id) or ".." in slide_id:
+        raise InvalidArgument(
+            "slide id must be 1-64 characters of a-z, 0-9, '.', '_', '-', starting alphanumeric"
+        )
+    return slide_id
+
+
+def check_key(key: str) -> str:
+    """Object keys are '/'-joined segments we generate; refuse anything that could escape."""
+    parts = key.split("/")
+    if not key or any(not _SEGMENT.match(p) or p in (".", "..") for p in parts):
+        raise InvalidArgument(f"invalid object key {key!r}")
+    return key
+
+
+@dataclass(frozen=True)
+class StoreSettings:
+    """Where slides live and how to reach the object store."""
+
+    url: str
+    """A local folder or `s3://bucket/prefix`."""
+    endpoint_url: str | None = None
+    """S3 endpoint (SeaweedFS, MinIO, ...); default: AWS_ENDPOINT_URL or AWS itself."""
+    upload_part_bytes: int = 8 * _MiB
+    """Multipart upload part size: the memory each object being written may buffer."""
+
+    @property
+    def is_s3(self) -> bool:
+        return self.url.startswith("s3://")
+
+
+def _s3_options(settings: StoreSettings) -> dict[str, Any]:
+    endpoint = settings.endpoint_url or os.environ.get("AWS_ENDPOINT_URL") or None
+    options: dict[str, Any] = {}
+    if endpoint:
+        options["endpoint_url"] = endpoint
+    # Credentials come from the usual AWS environment variables / config files via botocore.
+    return options
+
+
+class Store:
+    """A slide store. Every key is validated; user input never becomes a path unchecked."""
+
+    def __init__(self, settings: StoreSettings) -> None:
+        self.settings = settings
+        if settings.is_s3:
+            self.storage_options = _s3_options(settings)
+            self.fs = fsspec.filesystem("s3", **self.storage_options)
+            self.root = settings.url[len("s3://") :].rstrip("/")
+            if not self.root:
+                raise InvalidArgument("s3 URL needs a bucket: s3://bucket[/prefix]")
+        else:
+            self.storage_options = {}
+            self.fs = fsspec.filesystem("file", auto_mkdir=True)
+            self.root = os.path.abspath(settings.url)
+        self.url = settings.url
+
+    # -- keys -------------------------------------------------------------------------------
+    def path(self, key: str) -> str:
+        """The backend path of a validated key."""
+        return f"{self.root}/{check_key(key)}"
+
+    def full_url(self, key: str = "") -> str:
+        base = f"s3://{self.root}" if self.settings.is_s3 else self.root
+        return f"{base}/{check_key(key)}" if key else base
+
+    # -- objects ----------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def open_write(self, key: str) -> Iterator[IO[bytes]]:
+        """Stream an object. On S3 it is a multipart upload that only appears when closed."""
+        path = self.path(key)
+        try:
+            if self.settings.is_s3:
+                with self.fs.open(path, "wb", block_size=self.settings.upload_part_bytes) as f:
+                    yield f
+            else:
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                with open(path, "wb") as f:
+                    yield f
+        except OSError as exc:
+            raise StoreError(f"cannot write {key}: {exc}") from exc
+
+    def put(self, key: str, data: bytes) -> None:
+        """Write a whole object atomically (temp file + rename locally; one PUT on S3)."""
+        path = self.path(key)
+        try:
+            if self.settings.is_s3:
+                self.fs.pipe_file(path, data)
+            else:
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+                with open(tmp, "wb") as f:
+                    f.write(data)
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(tmp, path)
+        except OSError as exc:
+            raise StoreError(f"cannot write {key}: {exc}") from exc
+
+    def get(self, key: str) -> bytes:
+        try:
+            return bytes(self.fs.cat_file(self.path(key)))
+        except FileNotFoundError as exc:
+            raise SlideNotFound(f"no object {key}") from exc
+        except OSError as exc:
+            raise StoreError(f"cannot read {key}: {exc}") from exc
+
+    def get_range(self, key: str, start: int, end: int) -> bytes:
+        """Bytes [start, end) of an object."""
+        try:
+            return bytes(self.fs.cat_file(self.path(key), start=start, end=end))
+        except FileNotFoundError as exc:
+            raise SlideNotFound(f"no object {key}") from exc
+        except OSError as exc:
+            raise StoreError(f"cannot read {key}: {exc}") from exc
+
+    def exists(self, key: str) -> bool:
+        try:
+            return bool(self.fs.exists(self.path(key)))
+        except OSError as exc:
+            raise StoreError(f"cannot reach store: {exc}") from exc
+
+    def size(self, key: str) -> int:
+        try:
+            return int(self.fs.size(self.path(key)))
+        except FileNotFoundError as exc:
+            raise SlideNotFound(f"no object {key}") from exc
+
+    def delete(self, key: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self.fs.rm_file(self.path(key))
+
+    def delete_prefix(self, prefix: str) -> None:
+        """Remove every object under `prefix/` (used to clear leftovers of a failed run)."""
+        path = self.path(prefix)
+        with contextlib.suppress(FileNotFoundError):
+            if self.fs.exists(path):
+                self.fs.rm(path, recursive=True)
+
+    def children(self, prefix: str = "") -> list[str]:
+        """Names directly under `prefix` (or the root)."""
+        path = self.path(prefix) if prefix else self.root
+        try:
+            entries = self.fs.ls(path, detail=False, refresh=True)
+        except FileNotFoundError:
+            return []
+        except OSError as exc:
+            raise StoreError(f"cannot list store: {exc}") from exc
+        return sorted(str(e).rstrip("/").rsplit("/", 1)[-1] for e in entries)
+
+    def list_keys(self, prefix: str) -> list[str]:
+        """Every object key under `prefix/`, relative to the store root."""
+        base = self.path(prefix)
+        try:
+            found = self.fs.find(base)
+        except FileNotFoundError:
+            return []
+        root = self.root.rstrip("/") + "/"
+        return sorted(str(p)[len(root) :] for p in found if str(p).startswith(root))
+
+    # -- slides -----------------------------------------------------------------------------
+    def manifest_key(self, slide_id: str) -> str:
+        return f"{check_slide_id(slide_id)}/{MANIFEST}"
+
+    def read_manifest(self, slide_id: str) -> dict[str, Any]:
+        """The manifest of a published slide (SlideNotFound if unpublished)."""
+        try:
+            data = self.get(self.manifest_key(slide_id))
+        except SlideNotFound as exc:
+            raise SlideNotFound(f"slide {slide_id} is not published") from exc
+        try:
+            manifest: dict[str, Any] = json.loads(data)
+        except ValueError as exc:
+            raise StoreError(f"manifest of {slide_id} is not valid JSON") from exc
+        return manifest
+
+    def is_published(self, slide_id: str) -> bool:
+        return self.exists(self.manifest_key(slide_id))
+
+    def publish(self, slide_id: str, manifest: Mapping[str, Any]) -> None:
+        """The commit point: after this one atomic write, readers see the whole slide."""
+        body = json.dumps(manifest, indent=1, sort_keys=True).encode()
+        self.put(self.manifest_key(slide_id), body)
+
+    def unpublish(self, slide_id: str) -> None:
+        """Hide a slide from readers before its objects are rewritten."""
+        self.delete(self.manifest_key(slide_id))
+
+    def published_slides(self) -> list[str]:
+        """Ids of committed slides only: folders without a manifest are work in progress."""
+        out = []
+        for name in self.children():
+            if SLIDE_ID.match(name) and self.exists(f"{name}/{MANIFEST}"):
+                out.append(name)
+        return out

@@ -1,0 +1,75 @@
+"""The pyramid writer interface: the second extension point (OME-Zarr now, DICOM-WSI next).
+
+The builder calls `begin_level`, then `write_tile` for every tile of that level in row-major order
+(levels may interleave: level 1 row 0 is ready before level 0 is done), `end_level`,
+`write_associated`, and finally `finish`, which returns every object written so the caller can
+publish them in a manifest. `abort` releases what is open after a failure.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+
+from ..errors import InvalidArgument
+from ..model import Level, SlideProperties
+
+
+@dataclass(frozen=True)
+class ChunkFormat:
+    """How the chunks (tiles) of one output level are encoded."""
+
+    codec: Literal["jpeg", "zstd"]
+    quality: int = 85
+    """JPEG quality (1-100) of tiles we encode; passed-through tiles keep the source's."""
+    zstd_level: int = 3
+
+    def __post_init__(self) -> None:
+        if self.codec not in ("jpeg", "zstd"):
+            raise InvalidArgument(f"unknown chunk codec {self.codec!r}")
+        if not 1 <= self.quality <= 100:
+            raise InvalidArgument(f"JPEG quality must be 1-100, got {self.quality}")
+
+
+@dataclass(frozen=True)
+class StoredObject:
+    """One object written to the store, as listed in the manifest."""
+
+    key: str
+    size: int
+    crc32c: str
+
+
+@dataclass(frozen=True)
+class SlideInfo:
+    """What a writer records about the slide besides its tiles."""
+
+    slide_id: str
+    properties: SlideProperties
+    source_backend: str
+
+
+class PyramidWriter(abc.ABC):
+    """Receives a pyramid tile by tile and lays it out in the store."""
+
+    @abc.abstractmethod
+    def begin_level(self, index: int, level: Level, chunk_format: ChunkFormat) -> None: ...
+
+    @abc.abstractmethod
+    def write_tile(self, index: int, data: bytes) -> None:
+        """Append the next tile (encoded chunk bytes) of level `index`, row-major."""
+
+    @abc.abstractmethod
+    def end_level(self, index: int) -> None: ...
+
+    @abc.abstractmethod
+    def write_associated(self, name: str, pixels: np.ndarray, fmt: ChunkFormat) -> None: ...
+
+    @abc.abstractmethod
+    def finish(self, info: SlideInfo) -> list[StoredObject]: ...
+
+    @abc.abstractmethod
+    def abort(self) -> None: ...
