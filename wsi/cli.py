@@ -73,6 +73,7 @@ def _convert(args: argparse.Namespace) -> int:
             workers=args.workers,
             tile_size=args.tile_size,
             reuse_levels=not args.no_reuse_levels,
+            subsample_420=args.subsampling == "420",
         ),
         backend=args.backend,
         include_associated=not args.no_associated,
@@ -125,7 +126,9 @@ def build_parser() -> argparse.ArgumentParser:
     conv = sub.add_parser("convert", help="convert slides to OME-Zarr in a folder or s3:// URL")
     conv.add_argument("sources", nargs="+", metavar="SRC")
     conv.add_argument("--out", required=True, metavar="DIR_OR_URL")
-    conv.add_argument("--quality", type=int, default=85, help="JPEG quality of tiles we encode")
+    conv.add_argument("--quality", type=int, default=90, help="JPEG quality of tiles we encode")
+    conv.add_argument("--subsampling", choices=["444", "420"], default="444",
+                      help="chroma subsampling of tiles we encode")
     conv.add_argument("--lossless", action="store_true", help="encode tiles we make with zstd")
     conv.add_argument("--workers", type=int, default=0, help="threads (default: one per core)")
     conv.add_argument("--tile-size", type=int, default=256, help="tile size when re-encoding")

@@ -71,7 +71,7 @@ def convert_slide(
     start = time.perf_counter()
     path = Path(path)
     with open_slide(path, settings.backend) as source:
-        sid = check_slide_id(slide_id) if slide_id else content_slide_id(path)
+        sid = check_slide_id(slide_id) if slide_id is not None else content_slide_id(path)
         base = source.levels[0]
         url = store.full_url(f"{sid}/slide.zarr")
         if store.is_published(sid):

@@ -43,7 +43,7 @@ Progress = Callable[[int, int], None]
 class PyramidSettings:
     """How pixels are encoded and how much of the machine to use."""
 
-    quality: int = 85
+    quality: int = 90
     """JPEG quality of tiles we encode (source JPEG tiles keep theirs)."""
     lossless: bool = False
     """Encode tiles we make with zstd (lossless) instead of JPEG."""
@@ -53,8 +53,10 @@ class PyramidSettings:
     """Output tile size when the base level is re-encoded."""
     reuse_levels: bool = True
     """Pass through source levels that are exact 2x steps with JPEG tiles."""
-    subsample_420: bool = True
-    """Chroma subsampling of JPEG tiles we encode (4:2:0, as scanners do); False = 4:4:4."""
+    subsample_420: bool = False
+    """Chroma subsampling of tiles we encode. 4:4:4 (False) is the default: on H&E tissue it
+    gives ~2 dB more PSNR than 4:2:0 at the same bytes (measured on CMU-1, Q90 4:4:4 vs Q95
+    4:2:0)."""
 
     def __post_init__(self) -> None:
         if not 1 <= self.quality <= 100:
@@ -116,10 +118,17 @@ def _matching_source_level(source: SlideSource, level: Level) -> int | None:
 
 def mean2x2(pixels: np.ndarray) -> np.ndarray:
     """Exact 2x2 area mean (rounded) of an (h, w, 3) uint8 array; odd edges are dropped."""
-    h, w = pixels.shape[0] // 2 * 2, pixels.shape[1] // 2 * 2
-    p = pixels[:h, :w].astype(np.uint16)
-    total = p[0::2, 0::2] + p[0::2, 1::2] + p[1::2, 0::2] + p[1::2, 1::2] + 2
-    return (total >> 2).astype(np.uint8)
+    h, w = pixels.shape[0] // 2, pixels.shape[1] // 2
+    p = pixels[: 2 * h, : 2 * w]
+    # Row pairs first (contiguous slices), then column pairs through a (h, w, 2, 3) view:
+    # several times faster than four strided slices.
+    rows = p[0::2].astype(np.uint16)
+    rows += p[1::2]
+    pairs = rows.reshape(h, w, 2, 3)
+    total = pairs[:, :, 0] + pairs[:, :, 1]
+    total += 2
+    total >>= 2
+    return total.astype(np.uint8)
 
 
 def fit_width(strip: np.ndarray, width: int) -> np.ndarray:

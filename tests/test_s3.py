@@ -1,0 +1,175 @@
+"""Slides in real S3 (SeaweedFS, started by the `seaweedfs` fixture): no mocks.
+
+A conversion into `s3://` must publish the same bytes as one into a local folder, be readable by
+plain zarr-python straight from the bucket, go through the CLI, and keep unfinished slides out of
+the listing.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import google_crc32c
+import numpy as np
+import pytest
+import zarr
+import zarr.storage
+
+import wsi
+from wsi.slide_id import content_slide_id
+from wsi.store import MANIFEST
+
+# conftest.py imports the fixture too; importing it here as well keeps this file self-contained,
+# and the fixture shares one running server between the two definitions.
+from .s3server import SeaweedFS, seaweedfs  # noqa: F401
+
+SAMPLES = Path(__file__).resolve().parents[2] / "shared" / "sample-slides"
+SMALL_SVS = SAMPLES / "CMU-1-Small-Region.svs"
+
+pytestmark = pytest.mark.s3
+
+
+@pytest.fixture(scope="module")
+def small_svs() -> Path:
+    if not SMALL_SVS.is_file():
+        pytest.fail(f"sample slide missing: {SMALL_SVS} (the shared sample-slides folder)")
+    return SMALL_SVS
+
+
+def s3_store(server: SeaweedFS, prefix: str) -> wsi.Store:
+    return wsi.Store(wsi.StoreSettings(server.url(prefix), endpoint_url=server.endpoint_url))
+
+
+@pytest.fixture(scope="module")
+def converted(
+    seaweedfs: SeaweedFS, small_svs: Path, tmp_path_factory: pytest.TempPathFactory
+) -> dict[str, Any]:
+    """The sample converted once into S3 and once into a local folder."""
+    store = s3_store(seaweedfs, "slides")
+    result = wsi.convert_slide(small_svs, store)
+    local = wsi.Store(wsi.StoreSettings(str(tmp_path_factory.mktemp("local-store"))))
+    local_result = wsi.convert_slide(small_svs, local)
+    return {"store": store, "result": result, "local": local, "local_result": local_result}
+
+
+def test_convert_publishes_to_s3(converted: dict[str, Any], seaweedfs: SeaweedFS, small_svs: Path) -> None:
+    store, result = converted["store"], converted["result"]
+    sid = content_slide_id(small_svs)
+    assert result.slide_id == sid
+    assert not result.skipped
+    assert result.url == f"s3://{seaweedfs.bucket}/slides/{sid}/slide.zarr"
+    assert store.published_slides() == [sid]
+    assert store.is_published(sid)
+
+
+def test_manifest_objects_exist_with_their_sizes(converted: dict[str, Any]) -> None:
+    store, sid = converted["store"], converted["result"].slide_id
+    manifest = store.read_manifest(sid)
+    objects = manifest["objects"]
+    assert "slide.zarr/zarr.json" in objects
+    assert "slide.zarr/0/c/0/0/0" in objects
+    for key, meta in objects.items():
+        assert store.exists(f"{sid}/{key}"), key
+        assert store.size(f"{sid}/{key}") == meta["size"], key
+    assert manifest["stored_bytes"] == sum(m["size"] for m in objects.values())
+    # Nothing else under the slide: no stray temporaries or half-finished uploads.
+    assert store.list_keys(sid) == sorted([f"{sid}/{k}" for k in objects] + [f"{sid}/{MANIFEST}"])
+
+
+def test_s3_objects_are_byte_identical_to_local(converted: dict[str, Any]) -> None:
+    store, local = converted["store"], converted["local"]
+    sid = converted["result"].slide_id
+    assert converted["local_result"].slide_id == sid
+    manifest = store.read_manifest(sid)
+    assert manifest == local.read_manifest(sid)
+    for key, meta in manifest["objects"].items():
+        remote = store.get(f"{sid}/{key}")
+        assert remote == local.get(f"{sid}/{key}"), key
+        assert google_crc32c.Checksum(remote).hexdigest().decode() == meta["crc32c"], key
+
+
+def test_zarr_python_reads_level0_from_s3(converted: dict[str, Any], seaweedfs: SeaweedFS) -> None:
+    result, local_result = converted["result"], converted["local_result"]
+    # from_url + storage_options lets zarr build an asynchronous S3FileSystem on its own loop.
+    remote_store = zarr.storage.FsspecStore.from_url(
+        result.url, storage_options=seaweedfs.storage_options(), read_only=True
+    )
+    remote = zarr.open_group(store=remote_store, mode="r")
+    local = zarr.open_group(store=zarr.storage.LocalStore(local_result.url, read_only=True),
+                            mode="r")
+    manifest = converted["store"].read_manifest(result.slide_id)
+    assert remote.attrs["ome"]["multiscales"][0]["datasets"][0]["path"] == "0"
+    level0 = remote["0"]
+    assert isinstance(level0, zarr.Array)
+    assert level0.shape == (3, manifest["height"], manifest["width"])
+    assert level0.dtype == np.uint8
+    pixels = level0[:]
+    expected = local["0"][:]
+    assert np.array_equal(pixels, expected)
+    assert pixels.std() > 1  # real image content, not the fill value
+    # A window inside the shard: partial (byte-range) reads give the same pixels.
+    window = level0[:, 300:700, 500:1100]
+    assert np.array_equal(window, expected[:, 300:700, 500:1100])
+
+
+def test_converting_again_is_a_no_op(converted: dict[str, Any], small_svs: Path) -> None:
+    again = wsi.convert_slide(small_svs, converted["store"])
+    assert again.skipped
+    assert again.slide_id == converted["result"].slide_id
+    assert again.stored_bytes == converted["result"].stored_bytes
+
+
+def _wsi(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "wsi.cli", *args],
+        capture_output=True, text=True, timeout=300, env=env, check=False,
+    )
+
+
+def test_cli_converts_into_s3_then_reports_already_published(
+    seaweedfs: SeaweedFS, small_svs: Path
+) -> None:
+    env = {**os.environ, **seaweedfs.env}
+    url = seaweedfs.url("cli")
+    cmd = ["convert", str(small_svs), "--out", url, "--s3-endpoint", seaweedfs.endpoint_url,
+           "--no-progress"]
+    sid = content_slide_id(small_svs)
+
+    first = _wsi(*cmd, env=env)
+    assert first.returncode == 0, first.stderr
+    lines = first.stdout.splitlines()
+    assert len(lines) == 1, first.stdout
+    slide_id, slide_url, rate = lines[0].split("\t")
+    assert slide_id == sid
+    assert slide_url == f"{url}/{sid}/slide.zarr"
+    assert rate.endswith("MP/s")
+
+    second = _wsi(*cmd, env=env)
+    assert second.returncode == 0, second.stderr
+    assert second.stdout.splitlines() == [f"{sid}\t{url}/{sid}/slide.zarr\talready published"]
+
+    listed = _wsi("list", url, "--s3-endpoint", seaweedfs.endpoint_url, env=env)
+    assert listed.returncode == 0, listed.stderr
+    assert listed.stdout.splitlines() == [sid]
+    assert s3_store(seaweedfs, "cli").published_slides() == [sid]
+
+
+def test_unpublished_slide_is_not_listed(seaweedfs: SeaweedFS) -> None:
+    store = s3_store(seaweedfs, "x")
+    partial = "0123456789abcdef01234567"
+    store.put(f"{partial}/slide.zarr/0/c/0/0/0", b"half a shard")
+    assert store.children() == [partial]
+    assert store.published_slides() == []
+    assert not store.is_published(partial)
+    with pytest.raises(wsi.SlideNotFound):
+        store.read_manifest(partial)
+
+    # A published neighbour is listed, the partial one still is not.
+    done = "fedcba9876543210fedcba98"
+    store.put(f"{done}/slide.zarr/zarr.json", b"{}")
+    store.publish(done, {"slide_id": done, "objects": {}})
+    assert store.published_slides() == [done]

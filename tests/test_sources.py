@@ -1,0 +1,126 @@
+"""Slide sources against OpenSlide's and tifffile's own reading of the same files."""
+
+from __future__ import annotations
+
+import io
+
+import imagecodecs
+import numpy as np
+import openslide
+import pytest
+import tifffile
+
+from wsi import CorruptSlide, InvalidArgument, SlideNotFound, TileCodec, UnsupportedSlide, WsiError
+from wsi.jpeg import APP14_RGB, complete_tile, needs_rgb_marker
+from wsi.sources import open_slide
+
+from .conftest import openslide_level0, sample
+
+READABLE = [
+    ("CMU-1-Small-Region.svs", "tiff", TileCodec.JPEG),
+    ("tcga-cr-7395-01a-01-ts1.svs", "tiff", TileCodec.OTHER),
+    ("openslide-python-fixtures/small.svs", "tiff", TileCodec.JPEG),
+    ("openslide-python-fixtures/boxes.tiff", "tiff", TileCodec.OTHER),
+    ("openslide-python-fixtures/boxes_0.dcm", "dicom", TileCodec.JPEG),
+    ("hamamatsu/test3-DAPI-2-(387).ndpi", "openslide", TileCodec.OTHER),
+    ("highdicom/sm_image.dcm", "dicom", TileCodec.OTHER),
+    ("highdicom/sm_image_jpegls.dcm", "dicom", TileCodec.OTHER),
+]
+BROKEN = [
+    "openslide-python-fixtures/unopenable.tiff",
+    "pathml/small_dicom.dcm",
+    "pathml/small_vectra.qptiff",
+    "kidney-48-5.tif",
+]
+
+
+@pytest.mark.parametrize(("name", "backend", "codec"), READABLE)
+def test_probe_picks_backend_and_levels_match_openslide(name, backend, codec):
+    path = sample(name)
+    with open_slide(path) as src:
+        assert src.name == backend
+        assert src.tile_codec(0) is codec
+        tile = src.read_tile(0, 0, 0)
+        lv = src.levels[0]
+        assert tile.shape == (lv.tile_height, lv.tile_width, 3) and tile.dtype == np.uint8
+        if name != "highdicom/sm_image_jpegls.dcm":  # OpenSlide 4 has no JPEG-LS decoder
+            with openslide.OpenSlide(str(path)) as ref:
+                assert [(lv.width, lv.height) for lv in src.levels] == list(ref.level_dimensions)
+                assert set(src.associated_names) <= set(ref.associated_images)
+
+
+def test_svs_encoded_tile_is_the_stored_tile_completed():
+    path = sample("CMU-1-Small-Region.svs")
+    with tifffile.TiffFile(path) as tif, open_slide(path) as src:
+        page = tif.pages[0]
+        index = 3 * src.levels[0].cols + 2
+        tif.filehandle.seek(page.dataoffsets[index])
+        raw = tif.filehandle.read(page.databytecounts[index])
+        data = src.read_encoded_tile(0, 2, 3)
+        # Scan data copied byte for byte; tables merged in; Adobe marker says "RGB".
+        assert data.endswith(raw[2:])
+        assert data.startswith(b"\xff\xd8" + APP14_RGB)
+        assert page.jpegtables[2:-2] in data
+    # An independent decoder (imagecodecs) gives OpenSlide's pixels for that tile.
+    pixels = imagecodecs.jpeg8_decode(data)
+    ref = openslide_level0(path)[3 * 240 : 4 * 240, 2 * 240 : 3 * 240]
+    assert np.array_equal(pixels, ref)
+
+
+def test_rgb_marker_only_when_needed():
+    ycbcr = imagecodecs.jpeg8_encode(np.zeros((16, 16, 3), np.uint8))
+    assert not needs_rgb_marker(ycbcr)  # JFIF stream: already self-describing
+    assert complete_tile(ycbcr, None, rgb=True) == ycbcr
+    with pytest.raises(CorruptSlide):
+        complete_tile(b"not a jpeg", None, rgb=False)
+
+
+def test_region_reads_match_openslide():
+    path = sample("tcga-cr-7395-01a-01-ts1.svs")
+    with open_slide(path) as src, openslide.OpenSlide(str(path)) as ref:
+        ours = src.read_region(0, 1000, 700, 300, 200)
+        theirs = np.asarray(ref.read_region((1000, 700), 0, (300, 200)))[..., :3]
+        assert np.array_equal(ours, theirs)
+
+
+def test_backend_override_and_unknown_backend():
+    path = sample("CMU-1-Small-Region.svs")
+    with open_slide(path, backend="openslide") as src:
+        assert src.name == "openslide" and src.tile_codec(0) is TileCodec.OTHER
+    with pytest.raises(InvalidArgument):
+        open_slide(path, backend="nope")
+
+
+def test_dicom_properties_come_from_the_header():
+    with open_slide(sample("highdicom/sm_image.dcm")) as src:
+        props = src.properties
+        assert props.mpp_x == pytest.approx(0.499)
+        assert props.vendor_properties["dicom.Manufacturer"] == "Test Manufacturer"
+        assert props.icc_profile and props.icc_profile[36:40] == b"acsp"
+
+
+@pytest.mark.parametrize("name", BROKEN)
+def test_broken_or_foreign_files_give_a_library_error(name):
+    with pytest.raises(WsiError):
+        open_slide(sample(name))
+
+
+def test_corrupt_tile_or_image_is_a_corrupt_slide_error():
+    with open_slide(sample("openslide-python-fixtures/unreadable.svs")) as src:
+        with pytest.raises(CorruptSlide):
+            for name in src.associated_names:
+                src.read_associated(name)
+
+
+def test_missing_file_and_bad_tile_address(tmp_path):
+    with pytest.raises(SlideNotFound):
+        open_slide(tmp_path / "nope.svs")
+    junk = tmp_path / "junk.svs"
+    junk.write_bytes(io.BytesIO(b"\x00" * 4096).getvalue())
+    with pytest.raises(UnsupportedSlide):
+        open_slide(junk)
+    with open_slide(sample("CMU-1-Small-Region.svs")) as src:
+        with pytest.raises(InvalidArgument):
+            src.read_encoded_tile(0, 999, 0)
+        with pytest.raises(InvalidArgument):
+            src.read_tile(5, 0, 0)
