@@ -20,8 +20,17 @@ def sample(name: str) -> Path:
     return path
 
 
-def make_tiff(path: Path, width: int, height: int, *, tile: int = 256, compression: str = "jpeg",
-              pyramid: bool = True, seed: int = 0, quality: int = 85) -> Path:
+def make_tiff(
+    path: Path,
+    width: int,
+    height: int,
+    *,
+    tile: int = 256,
+    compression: str = "jpeg",
+    pyramid: bool = True,
+    seed: int = 0,
+    quality: int = 85,
+) -> Path:
     """A small pyramidal TIFF with tissue-like noise and white background, via libvips."""
     import pyvips
 
@@ -34,11 +43,21 @@ def make_tiff(path: Path, width: int, height: int, *, tile: int = 256, compressi
     noise = pyvips.Image.gaussnoise(width, height, sigma=25, mean=0, seed=seed)
     image = (base + noise.bandjoin([noise, noise])).cast("uchar")
     cells = (rng.random((-(-height // 256), -(-width // 256))) > 0.5).astype(np.uint8) * 255
-    mask = pyvips.Image.new_from_array(cells).resize(256, kernel="nearest").crop(0, 0, width, height)
+    mask = (
+        pyvips.Image.new_from_array(cells).resize(256, kernel="nearest").crop(0, 0, width, height)
+    )
     image = (mask > 128).ifthenelse(image, [245, 245, 245])
     kwargs = {"Q": quality} if compression == "jpeg" else {}
-    image.tiffsave(str(path), tile=True, pyramid=pyramid, compression=compression,
-                   tile_width=tile, tile_height=tile, bigtiff=True, **kwargs)
+    image.tiffsave(
+        str(path),
+        tile=True,
+        pyramid=pyramid,
+        compression=compression,
+        tile_width=tile,
+        tile_height=tile,
+        bigtiff=True,
+        **kwargs,
+    )
     return path
 
 

@@ -30,8 +30,12 @@ def shard_chunks(path) -> list[bytes]:
     data = path.read_bytes()
     meta = json.loads((path.parents[3] / "zarr.json").read_text())
     shard = meta["codecs"][0]["configuration"]
-    grid = [s // c for s, c in zip(meta["chunk_grid"]["configuration"]["chunk_shape"],
-                                   shard["chunk_shape"], strict=True)]
+    grid = [
+        s // c
+        for s, c in zip(
+            meta["chunk_grid"]["configuration"]["chunk_shape"], shard["chunk_shape"], strict=True
+        )
+    ]
     n = int(np.prod(grid))
     index = data[-(16 * n + 4) : -4]
     assert struct.unpack("<I", data[-4:])[0] == google_crc32c.value(index)
@@ -63,7 +67,7 @@ def test_base_level_equals_openslide(name, tmp_path):
     path = sample(name)
     with open_slide(path) as src:
         jpeg_source = src.tile_codec(0) is wsi.TileCodec.JPEG
-    _, result, root = convert(path, tmp_path, lossless=not jpeg_source)
+    _, _, root = convert(path, tmp_path, lossless=not jpeg_source)
     assert np.array_equal(level_pixels(root, 0), openslide_level0(path))
     attrs = root.attrs.asdict()["wsistore"]
     assert attrs["levels"][0]["codec"] == ("jpeg" if jpeg_source else "zstd")
@@ -123,7 +127,9 @@ def test_exact_2x_source_levels_are_reused_byte_for_byte(tmp_path, synthetic_jpe
         for k, lv in enumerate(src.levels):
             assert root[str(k)].shape == (3, lv.height, lv.width)
             chunks = shard_chunks(base / str(k) / "c/0/0/0")
-            expected = [src.read_encoded_tile(k, c, r) for r in range(lv.rows) for c in range(lv.cols)]
+            expected = [
+                src.read_encoded_tile(k, c, r) for r in range(lv.rows) for c in range(lv.cols)
+            ]
             assert chunks == expected
 
 

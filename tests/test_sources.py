@@ -106,10 +106,12 @@ def test_broken_or_foreign_files_give_a_library_error(name):
 
 
 def test_corrupt_tile_or_image_is_a_corrupt_slide_error():
-    with open_slide(sample("openslide-python-fixtures/unreadable.svs")) as src:
-        with pytest.raises(CorruptSlide):
-            for name in src.associated_names:
-                src.read_associated(name)
+    with (
+        open_slide(sample("openslide-python-fixtures/unreadable.svs")) as src,
+        pytest.raises(CorruptSlide),
+    ):
+        for name in src.associated_names:
+            src.read_associated(name)
 
 
 def test_missing_file_and_bad_tile_address(tmp_path):

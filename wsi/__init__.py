@@ -9,9 +9,9 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from . import zarr_codec  # noqa: E402,F401  (registers the Zarr codec)
-from .convert import ConvertResult, ConvertSettings, convert_slide  # noqa: E402
-from .errors import (  # noqa: E402
+from . import zarr_codec  # noqa: F401  (registers the Zarr codec)
+from .convert import ConvertResult, ConvertSettings, convert_slide
+from .errors import (
     CorruptSlide,
     InvalidArgument,
     SlideNotFound,
@@ -19,10 +19,10 @@ from .errors import (  # noqa: E402
     UnsupportedSlide,
     WsiError,
 )
-from .model import Level, SlideProperties, TileCodec  # noqa: E402
-from .pyramid import PyramidSettings  # noqa: E402
-from .sources import SlideSource, open_slide  # noqa: E402
-from .store import Store, StoreSettings  # noqa: E402
+from .model import Level, SlideProperties, TileCodec
+from .pyramid import PyramidSettings
+from .sources import SlideSource, open_slide
+from .store import Store, StoreSettings
 
 __all__ = [
     "ConvertResult",

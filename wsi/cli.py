@@ -28,19 +28,29 @@ def _info(args: argparse.Namespace) -> int:
             "mpp_y": props.mpp_y,
             "objective_power": props.objective_power,
             "levels": [
-                {"width": lv.width, "height": lv.height, "downsample": lv.downsample,
-                 "tile_width": lv.tile_width, "tile_height": lv.tile_height,
-                 "tile_codec": src.tile_codec(i).value}
+                {
+                    "width": lv.width,
+                    "height": lv.height,
+                    "downsample": lv.downsample,
+                    "tile_width": lv.tile_width,
+                    "tile_height": lv.tile_height,
+                    "tile_codec": src.tile_codec(i).value,
+                }
                 for i, lv in enumerate(src.levels)
             ],
             "associated_images": {
-                name: dict(zip(("height", "width"), src.read_associated(name).shape[:2], strict=False))
+                name: dict(
+                    zip(("height", "width"), src.read_associated(name).shape[:2], strict=False)
+                )
                 for name in src.associated_names
             },
             "icc_profile_bytes": len(props.icc_profile) if props.icc_profile else 0,
             "output_levels": [
-                {"width": p.level.width, "height": p.level.height,
-                 "from": "source level %d" % p.source_level if p.passthrough else "derived"}
+                {
+                    "width": p.level.width,
+                    "height": p.level.height,
+                    "from": f"source level {p.source_level}" if p.passthrough else "derived",
+                }
                 for p in plan_pyramid(src, PyramidSettings())
             ],
             "properties": dict(props.vendor_properties),
@@ -93,8 +103,10 @@ def _convert(args: argparse.Namespace) -> int:
             continue
         except Exception as exc:  # a reader library failed in a way it does not document
             failures += 1
-            print(f"wsi: error: {source}: cannot convert ({type(exc).__name__}: {exc})",
-                  file=sys.stderr)
+            print(
+                f"wsi: error: {source}: cannot convert ({type(exc).__name__}: {exc})",
+                file=sys.stderr,
+            )
             continue
         finally:
             if bar is not None:
@@ -127,13 +139,20 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("sources", nargs="+", metavar="SRC")
     conv.add_argument("--out", required=True, metavar="DIR_OR_URL")
     conv.add_argument("--quality", type=int, default=90, help="JPEG quality of tiles we encode")
-    conv.add_argument("--subsampling", choices=["444", "420"], default="444",
-                      help="chroma subsampling of tiles we encode")
+    conv.add_argument(
+        "--subsampling",
+        choices=["444", "420"],
+        default="444",
+        help="chroma subsampling of tiles we encode",
+    )
     conv.add_argument("--lossless", action="store_true", help="encode tiles we make with zstd")
     conv.add_argument("--workers", type=int, default=0, help="threads (default: one per core)")
     conv.add_argument("--tile-size", type=int, default=256, help="tile size when re-encoding")
-    conv.add_argument("--no-reuse-levels", action="store_true",
-                      help="derive every level from the base instead of copying source levels")
+    conv.add_argument(
+        "--no-reuse-levels",
+        action="store_true",
+        help="derive every level from the base instead of copying source levels",
+    )
     conv.add_argument("--no-associated", action="store_true", help="skip label/macro/thumbnail")
     conv.add_argument("--slide-id", help="use this id instead of one derived from the content")
     conv.add_argument("--backend", choices=backend_names())

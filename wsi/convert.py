@@ -9,7 +9,7 @@ started again ends with the same bytes as an uninterrupted one.
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +28,7 @@ MANIFEST_FORMAT = "wsistore-manifest/1"
 class ConvertSettings:
     """Everything that decides a conversion's output (and so goes into its manifest)."""
 
-    pyramid: PyramidSettings = PyramidSettings()
+    pyramid: PyramidSettings = field(default_factory=PyramidSettings)
     backend: str | None = None
     """Force a slide source backend by name; None probes."""
     include_associated: bool = True
@@ -63,12 +63,13 @@ class ConvertResult:
 def convert_slide(
     path: str | Path,
     store: Store,
-    settings: ConvertSettings = ConvertSettings(),
+    settings: ConvertSettings | None = None,
     slide_id: str | None = None,
     progress: Progress | None = None,
 ) -> ConvertResult:
     """Convert the slide at `path` into `store` under its content id (or `slide_id`)."""
     start = time.perf_counter()
+    settings = settings or ConvertSettings()
     path = Path(path)
     with open_slide(path, settings.backend) as source:
         sid = check_slide_id(slide_id) if slide_id is not None else content_slide_id(path)
@@ -77,8 +78,14 @@ def convert_slide(
         if store.is_published(sid):
             manifest = store.read_manifest(sid)
             if manifest.get("settings") == settings.fingerprint():
-                return ConvertResult(sid, url, base.width * base.height, 0.0,
-                                     int(manifest.get("stored_bytes", 0)), True)
+                return ConvertResult(
+                    sid,
+                    url,
+                    base.width * base.height,
+                    0.0,
+                    int(manifest.get("stored_bytes", 0)),
+                    True,
+                )
             store.unpublish(sid)
         writer = OmeZarrWriter(store, f"{sid}/slide.zarr")
         try:
@@ -100,12 +107,15 @@ def convert_slide(
             "height": base.height,
             "settings": settings.fingerprint(),
             "stored_bytes": stored,
-            "objects": {o.key[len(sid) + 1 :]: {"size": o.size, "crc32c": o.crc32c}
-                        for o in sorted(objects, key=lambda o: o.key)},
+            "objects": {
+                o.key[len(sid) + 1 :]: {"size": o.size, "crc32c": o.crc32c}
+                for o in sorted(objects, key=lambda o: o.key)
+            },
         }
         store.publish(sid, manifest)
-    return ConvertResult(sid, url, base.width * base.height, time.perf_counter() - start,
-                         stored, False)
+    return ConvertResult(
+        sid, url, base.width * base.height, time.perf_counter() - start, stored, False
+    )
 
 
 __all__ = ["ConvertResult", "ConvertSettings", "WsiError", "convert_slide"]

@@ -1,9 +1,10 @@
 """JPEG stream surgery and libjpeg-turbo calls used on the hot path.
 
-Tiled TIFF files (Aperio SVS, generic tiled TIFF) store *abbreviated* JPEG streams whose tables live
-once in the TIFF `JPEGTables` tag; DICOM, browsers and Zarr readers need *complete* streams. We build
-those without decoding. libjpeg-turbo (through PyTurboJPEG, which releases the GIL) decodes at 1/2
-scale directly in the DCT domain, which is how the first derived level is made cheaply.
+Tiled TIFF files (Aperio SVS, generic tiled TIFF) store *abbreviated* JPEG streams whose tables
+live once in the TIFF `JPEGTables` tag; DICOM, browsers and Zarr readers need *complete* streams.
+We build those without decoding. libjpeg-turbo (through PyTurboJPEG, which releases the GIL)
+decodes at 1/2 scale directly in the DCT domain, which is how the first derived level is made
+cheaply.
 """
 
 from __future__ import annotations
@@ -50,8 +51,9 @@ def _segments(stream: bytes) -> list[tuple[int, int]]:
 def needs_rgb_marker(stream: bytes) -> bool:
     """True when libjpeg would wrongly treat this RGB-coded stream as YCbCr.
 
-    Without a JFIF or Adobe marker, libjpeg assumes YCbCr unless the component ids spell 'R','G','B'.
-    Aperio writes component ids 0,1,2 for RGB tiles, so they decode with wrong colours elsewhere.
+    Without a JFIF or Adobe marker, libjpeg assumes YCbCr unless the component ids spell
+    'R','G','B'. Aperio writes component ids 0,1,2 for RGB tiles, so they decode with wrong
+    colours elsewhere.
     """
     for marker, pos in _segments(stream):
         if marker in (0xE0, 0xEE):  # JFIF or Adobe: the stream says what it is

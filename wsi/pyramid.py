@@ -182,8 +182,9 @@ class PyramidBuilder:
 
     def _encode_row(self, plan: LevelPlan, strip: np.ndarray, col0: int, ncols: int) -> list[bytes]:
         tw = plan.level.tile_width
-        return [self._encode(plan.chunk_format, strip[:, i * tw : (i + 1) * tw])
-                for i in range(ncols)]
+        return [
+            self._encode(plan.chunk_format, strip[:, i * tw : (i + 1) * tw]) for i in range(ncols)
+        ]
 
     def _tick(self, tiles: int) -> None:
         self._done += tiles
@@ -191,16 +192,19 @@ class PyramidBuilder:
             self._progress(self._done, self._total)
 
     # -- the top level of a segment ---------------------------------------------------------
-    def _top_tiles(self, plan: LevelPlan, row: int, cols: range, want_pixels: bool
-                   ) -> tuple[list[bytes], np.ndarray | None, bool]:
+    def _top_tiles(
+        self, plan: LevelPlan, row: int, cols: range, want_pixels: bool
+    ) -> tuple[list[bytes], np.ndarray | None, bool]:
         """Encoded tiles of one row span, its pixels if wanted, and whether those pixels are at
         half scale already (from DCT-scaled decoding)."""
         lv = plan.level
         tw, th = lv.tile_width, lv.tile_height
         if plan.source_level is None:  # decoded base level: read pixels, encode tiles
             region = self.source.read_region(0, cols.start * tw, row * th, len(cols) * tw, th)
-            tiles = [self._encode(plan.chunk_format, region[:, i * tw : (i + 1) * tw])
-                     for i in range(len(cols))]
+            tiles = [
+                self._encode(plan.chunk_format, region[:, i * tw : (i + 1) * tw])
+                for i in range(len(cols))
+            ]
             return tiles, region if want_pixels else None, False
         half = want_pixels and tw % 2 == 0 and th % 2 == 0
         tiles, parts = [], []
@@ -299,8 +303,13 @@ class PyramidBuilder:
         if cascade:
             cascade.flush()
 
-    def _write_pair(self, top: LevelPlan, nxt: LevelPlan | None, blocks: list[_BlockResult],
-                    cascade: _Cascade | None) -> None:
+    def _write_pair(
+        self,
+        top: LevelPlan,
+        nxt: LevelPlan | None,
+        blocks: list[_BlockResult],
+        cascade: _Cascade | None,
+    ) -> None:
         for r in range(len(blocks[0].top_rows)):
             for block in blocks:
                 for data in block.top_rows[r]:
@@ -330,10 +339,11 @@ class _Cascade:
         """Give the parent level's next pixel row to level `plans[depth]`."""
         if depth >= len(self.plans):
             return
-        if self.held[depth] is None:
+        held = self.held[depth]
+        if held is None:
             self.held[depth] = strip
             return
-        upper = np.concatenate([self.held[depth], strip], axis=0)  # type: ignore[list-item]
+        upper = np.concatenate([held, strip], axis=0)
         self.held[depth] = None
         self._emit(depth, upper)
 

@@ -30,7 +30,7 @@ class JpegCodec(ArrayBytesCodec):
     quality: int = 85
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> Self:  # type: ignore[override]
+    def from_dict(cls, data: dict[str, Any]) -> Self:
         config = data.get("configuration", {}) or {}
         return cls(quality=int(config.get("quality", 85)))
 

@@ -31,7 +31,9 @@ def open_slide(
     if backend is not None:
         chosen = [b for b in backends if b.name == backend]
         if not chosen:
-            raise InvalidArgument(f"unknown backend {backend!r} (known: {', '.join(backend_names())})")
+            raise InvalidArgument(
+                f"unknown backend {backend!r} (known: {', '.join(backend_names())})"
+            )
         if not chosen[0].is_available():
             raise UnsupportedSlide(f"backend {backend!r} is not installed")
         return chosen[0](path)

@@ -25,6 +25,10 @@ class SlideSource(abc.ABC):
     name: ClassVar[str]
     """Short backend name used by `--backend` and in `wsi info`."""
 
+    @abc.abstractmethod
+    def __init__(self, path: Path) -> None:
+        """Open the slide; raise UnsupportedSlide or CorruptSlide (never a library's own error)."""
+
     @classmethod
     def is_available(cls) -> bool:
         """True when the libraries this backend needs are importable."""
@@ -58,7 +62,8 @@ class SlideSource(abc.ABC):
         unspecified (edge tiles are always full size)."""
 
     def read_region(self, level: int, x: int, y: int, width: int, height: int) -> np.ndarray:
-        """Pixels of a rectangle in level coordinates, (height, width, 3) uint8 RGB, white outside."""
+        """Pixels of a rectangle in level coordinates: (height, width, 3) uint8 RGB, white
+        outside the level."""
         lv = self.level(level)
         if width <= 0 or height <= 0:
             raise InvalidArgument("region must have a positive size")

@@ -61,7 +61,9 @@ def _series_files(path: Path) -> list[Path]:
         if other == path or not other.is_file() or not _is_dicom_file(other):
             continue
         with contextlib.suppress(Exception):
-            ds = pydicom.dcmread(other, stop_before_pixels=True, specific_tags=["SeriesInstanceUID"])
+            ds = pydicom.dcmread(
+                other, stop_before_pixels=True, specific_tags=["SeriesInstanceUID"]
+            )
             if uid is not None and ds.get("SeriesInstanceUID") == uid:
                 files.append(other)
     return files
@@ -101,8 +103,13 @@ class DicomSource(SlideSource):
         base = wsi_levels[0].size.width
         self._wsi_levels = wsi_levels
         self._levels = tuple(
-            Level(lv.size.width, lv.size.height, lv.tile_size.width, lv.tile_size.height,
-                  max(1.0, base / lv.size.width))
+            Level(
+                lv.size.width,
+                lv.size.height,
+                lv.tile_size.width,
+                lv.tile_size.height,
+                max(1.0, base / lv.size.width),
+            )
             for lv in wsi_levels
         )
         self._properties = self._read_properties()

@@ -10,22 +10,18 @@ import contextlib
 from pathlib import Path
 
 import numpy as np
+import openslide
 
 from ..errors import CorruptSlide, UnsupportedSlide
 from ..model import ASSOCIATED_KINDS, Level, SlideProperties
 from .base import SlideSource
-
-try:
-    import openslide
-except ImportError:  # pragma: no cover - openslide-bin is a hard dependency; keep probing safe
-    openslide = None
 
 DEFAULT_TILE = 256
 
 
 def _float(value: str | None) -> float | None:
     try:
-        return float(value) if value not in (None, "") else None  # type: ignore[arg-type]
+        return float(value) if value else None
     except ValueError:
         return None
 
@@ -75,10 +71,6 @@ class OpenSlideSource(SlideSource):
     name = "openslide"
 
     @classmethod
-    def is_available(cls) -> bool:
-        return openslide is not None
-
-    @classmethod
     def can_open(cls, path: Path) -> bool:
         try:
             return openslide.OpenSlide.detect_format(str(path)) is not None
@@ -114,8 +106,9 @@ class OpenSlideSource(SlideSource):
     def read_tile(self, level: int, col: int, row: int) -> np.ndarray:
         lv = self.level(level)
         lv.check_tile(col, row)
-        return self.read_region(level, col * lv.tile_width, row * lv.tile_height,
-                                lv.tile_width, lv.tile_height)
+        return self.read_region(
+            level, col * lv.tile_width, row * lv.tile_height, lv.tile_width, lv.tile_height
+        )
 
     def read_region(self, level: int, x: int, y: int, width: int, height: int) -> np.ndarray:
         lv = self.level(level)

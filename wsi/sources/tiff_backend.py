@@ -64,7 +64,9 @@ class TiffSource(SlideSource):
         candidates = [p for p in self._tif.pages if isinstance(p, tifffile.TiffPage) and p.is_tiled]
         pages = []
         for lv in self._os.levels:
-            match = [p for p in candidates if (p.imagewidth, p.imagelength) == (lv.width, lv.height)]
+            match = [
+                p for p in candidates if (p.imagewidth, p.imagelength) == (lv.width, lv.height)
+            ]
             if not match:
                 raise UnsupportedSlide("TIFF levels do not match OpenSlide's reading")
             page = match[0]
@@ -147,4 +149,3 @@ class TiffSource(SlideSource):
         if getattr(self, "_tif", None) is not None:
             self._tif.close()
         self._os.close()
-

@@ -151,7 +151,9 @@ class OmeZarrWriter(PyramidWriter):
             stored = shard.close()
         self._objects.append(stored)
         self._put_json(f"{key}/zarr.json", level_array_metadata(level, fmt, {"associated": name}))
-        self._associated.append({"name": name, "path": f"associated/{name}", "width": w, "height": h})
+        self._associated.append(
+            {"name": name, "path": f"associated/{name}", "width": w, "height": h}
+        )
 
     def _put_json(self, key: str, doc: dict[str, Any]) -> None:
         data = json.dumps(doc, indent=1, sort_keys=True).encode()
@@ -172,10 +174,15 @@ class OmeZarrWriter(PyramidWriter):
             factor = float(2**index)
             scale = [1.0, factor * (props.mpp_y or mpp or 1.0), factor * (mpp or 1.0)]
             datasets.append(
-                {"path": str(index), "coordinateTransformations": [{"type": "scale", "scale": scale}]}
+                {
+                    "path": str(index),
+                    "coordinateTransformations": [{"type": "scale", "scale": scale}],
+                }
             )
             attrs = {"level": index, "downsample": factor}
-            self._put_json(f"{self.prefix}/{index}/zarr.json", level_array_metadata(level, fmt, attrs))
+            self._put_json(
+                f"{self.prefix}/{index}/zarr.json", level_array_metadata(level, fmt, attrs)
+            )
         unit = {"unit": "micrometer"} if mpp else {}
         axes = [
             {"name": "c", "type": "channel"},
@@ -183,8 +190,12 @@ class OmeZarrWriter(PyramidWriter):
             {"name": "x", "type": "space", **unit},
         ]
         channels = [
-            {"label": label, "color": color, "active": True,
-             "window": {"start": 0, "end": 255, "min": 0, "max": 255}}
+            {
+                "label": label,
+                "color": color,
+                "active": True,
+                "window": {"start": 0, "end": 255, "min": 0, "max": 255},
+            }
             for label, color in (("R", "FF0000"), ("G", "00FF00"), ("B", "0000FF"))
         ]
         root = {
@@ -211,9 +222,15 @@ class OmeZarrWriter(PyramidWriter):
         for index in sorted(self._levels):
             level, fmt = self._levels[index]
             levels.append(
-                {"path": str(index), "width": level.width, "height": level.height,
-                 "tile_width": level.tile_width, "tile_height": level.tile_height,
-                 "downsample": float(2**index), "codec": fmt.codec}
+                {
+                    "path": str(index),
+                    "width": level.width,
+                    "height": level.height,
+                    "tile_width": level.tile_width,
+                    "tile_height": level.tile_height,
+                    "downsample": float(2**index),
+                    "codec": fmt.codec,
+                }
             )
         return {
             "format_version": FORMAT_VERSION,
@@ -226,7 +243,9 @@ class OmeZarrWriter(PyramidWriter):
             "levels": levels,
             "associated_images": self._associated,
             "vendor_properties": dict(props.vendor_properties),
-            "icc_profile": base64.b64encode(props.icc_profile).decode() if props.icc_profile else None,
+            "icc_profile": base64.b64encode(props.icc_profile).decode()
+            if props.icc_profile
+            else None,
         }
 
     def abort(self) -> None:
