@@ -180,11 +180,19 @@ class PyramidBuilder:
             return jpeg.encode(tile, fmt.quality, self.settings.subsample_420)
         return encode_chunk_zstd(tile, fmt.zstd_level)
 
-    def _encode_row(self, plan: LevelPlan, strip: np.ndarray, col0: int, ncols: int) -> list[bytes]:
+    def _encode_row(
+        self,
+        plan: LevelPlan,
+        strip: np.ndarray,
+        ncols: int,
+        pool: cf.ThreadPoolExecutor | None = None,
+    ) -> list[bytes]:
+        """Encode the first `ncols` tiles of a pixel row, on `pool` when given."""
         tw = plan.level.tile_width
-        return [
-            self._encode(plan.chunk_format, strip[:, i * tw : (i + 1) * tw]) for i in range(ncols)
-        ]
+        tiles = [strip[:, i * tw : (i + 1) * tw] for i in range(ncols)]
+        if pool is None:
+            return [self._encode(plan.chunk_format, t) for t in tiles]
+        return list(pool.map(self._encode, [plan.chunk_format] * ncols, tiles))
 
     def _tick(self, tiles: int) -> None:
         self._done += tiles
@@ -245,7 +253,7 @@ class PyramidBuilder:
         ncol0 = cols.start // 2
         ncols = max(0, min(nxt.level.cols, -(-cols.stop // 2)) - ncol0)
         strip = fit_width(strip, ncols * ntw)
-        return _BlockResult(top_rows, self._encode_row(nxt, strip, ncol0, ncols), strip)
+        return _BlockResult(top_rows, self._encode_row(nxt, strip, ncols), strip)
 
     # -- driving ----------------------------------------------------------------------------
     def segments(self) -> list[list[LevelPlan]]:
@@ -276,7 +284,7 @@ class PyramidBuilder:
     def _run_segment(self, pool: cf.ThreadPoolExecutor, segment: list[LevelPlan]) -> None:
         top = segment[0]
         nxt = segment[1] if len(segment) > 1 else None
-        cascade = _Cascade(self, segment[2:]) if len(segment) > 2 else None
+        cascade = _Cascade(self, segment[2:], pool) if len(segment) > 2 else None
         blocks_per_pair = -(-top.level.cols // BLOCK_TILES)
         in_flight: collections.deque[cf.Future[_BlockResult]] = collections.deque()
         limit = max(4, 3 * self.settings.thread_count)
@@ -311,15 +319,11 @@ class PyramidBuilder:
         cascade: _Cascade | None,
     ) -> None:
         for r in range(len(blocks[0].top_rows)):
-            for block in blocks:
-                for data in block.top_rows[r]:
-                    self.writer.write_tile(top.index, data)
+            self.writer.write_tiles(top.index, [t for b in blocks for t in b.top_rows[r]])
             self._tick(top.level.cols)
         if nxt is None or blocks[0].next_row is None:
             return
-        for block in blocks:
-            for data in block.next_row or ():
-                self.writer.write_tile(nxt.index, data)
+        self.writer.write_tiles(nxt.index, [t for b in blocks for t in b.next_row or ()])
         self._tick(nxt.level.cols)
         if cascade:
             strips = [b.next_pixels for b in blocks if b.next_pixels is not None]
@@ -327,10 +331,14 @@ class PyramidBuilder:
 
 
 class _Cascade:
-    """Deeper derived levels, folded two pixel rows at a time on the driving thread."""
+    """Deeper derived levels, folded two pixel rows at a time on the driving thread; their tiles
+    are encoded on the pool (queued behind the segment's tasks, so both keep the cores busy)."""
 
-    def __init__(self, builder: PyramidBuilder, plans: list[LevelPlan]) -> None:
+    def __init__(
+        self, builder: PyramidBuilder, plans: list[LevelPlan], pool: cf.ThreadPoolExecutor
+    ) -> None:
         self.builder = builder
+        self.pool = pool
         self.plans = plans
         self.held: list[np.ndarray | None] = [None] * len(plans)
         self.row = [0] * len(plans)
@@ -354,8 +362,9 @@ class _Cascade:
             return
         strip = fit_height(mean2x2(upper), lv.tile_height)
         strip = fit_width(strip, lv.cols * lv.tile_width)
-        for data in self.builder._encode_row(plan, strip, 0, lv.cols):
-            self.builder.writer.write_tile(plan.index, data)
+        self.builder.writer.write_tiles(
+            plan.index, self.builder._encode_row(plan, strip, lv.cols, self.pool)
+        )
         self.builder._tick(lv.cols)
         self.row[depth] += 1
         self.push(strip, depth + 1)

@@ -62,6 +62,11 @@ class PyramidWriter(abc.ABC):
     def write_tile(self, index: int, data: bytes) -> None:
         """Append the next tile (encoded chunk bytes) of level `index`, row-major."""
 
+    def write_tiles(self, index: int, tiles: list[bytes]) -> None:
+        """Append several tiles of level `index` (a backend may write them in one go)."""
+        for data in tiles:
+            self.write_tile(index, data)
+
     @abc.abstractmethod
     def end_level(self, index: int) -> None: ...
 

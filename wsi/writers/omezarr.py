@@ -102,6 +102,17 @@ class _ShardStream:
         self._next += 1
         self._write(data)
 
+    def extend(self, tiles: list[bytes]) -> None:
+        """Append several chunks with one write (tiles are ~10-100 KB: fewer, larger writes)."""
+        if self._next + len(tiles) > self.level.tile_count:
+            raise WsiError(f"too many tiles for level {self.key}")
+        offset = self._offset
+        for data in tiles:
+            self._index[self._next] = (offset, len(data))
+            self._next += 1
+            offset += len(data)
+        self._write(b"".join(tiles))
+
     def close(self) -> StoredObject:
         if self._next != self.level.tile_count:
             raise WsiError(f"level {self.key}: {self._next} of {self.level.tile_count} tiles")
@@ -131,6 +142,9 @@ class OmeZarrWriter(PyramidWriter):
 
     def write_tile(self, index: int, data: bytes) -> None:
         self._shards[index].append(data)
+
+    def write_tiles(self, index: int, tiles: list[bytes]) -> None:
+        self._shards[index].extend(tiles)
 
     def end_level(self, index: int) -> None:
         shard = self._shards.pop(index)
