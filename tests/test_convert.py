@@ -211,3 +211,12 @@ def test_explicit_slide_id_is_validated(tmp_path):
     for bad in ("../evil", "A/B", "", "x" * 65, ".hidden"):
         with pytest.raises(wsi.InvalidArgument):
             convert_slide(path, store, slide_id=bad)
+
+
+def test_failed_conversion_leaves_nothing_behind(tmp_path):
+    store = Store(StoreSettings(str(tmp_path)))
+    path = sample("openslide-python-fixtures/unreadable.svs")  # its thumbnail is corrupt
+    with pytest.raises(wsi.CorruptSlide):
+        convert_slide(path, store)
+    assert store.published_slides() == []
+    assert [p for p in tmp_path.rglob("*") if p.is_file()] == []

@@ -23,9 +23,11 @@ import wsi
 from wsi.slide_id import content_slide_id
 from wsi.store import MANIFEST
 
-# conftest.py imports the fixture too; importing it here as well keeps this file self-contained,
-# and the fixture shares one running server between the two definitions.
-from .s3server import SeaweedFS, seaweedfs  # noqa: F401
+# conftest.py imports the `seaweedfs` fixture too; importing it here as well keeps this file
+# self-contained (the fixture is named explicitly, so the alias registers it as `seaweedfs`), and
+# both definitions share one running server.
+from .s3server import SeaweedFS
+from .s3server import seaweedfs as _seaweedfs_fixture  # noqa: F401
 
 SAMPLES = Path(__file__).resolve().parents[2] / "shared" / "sample-slides"
 SMALL_SVS = SAMPLES / "CMU-1-Small-Region.svs"
@@ -56,7 +58,9 @@ def converted(
     return {"store": store, "result": result, "local": local, "local_result": local_result}
 
 
-def test_convert_publishes_to_s3(converted: dict[str, Any], seaweedfs: SeaweedFS, small_svs: Path) -> None:
+def test_convert_publishes_to_s3(
+    converted: dict[str, Any], seaweedfs: SeaweedFS, small_svs: Path
+) -> None:
     store, result = converted["store"], converted["result"]
     sid = content_slide_id(small_svs)
     assert result.slide_id == sid
@@ -102,17 +106,19 @@ def test_zarr_python_reads_level0_from_s3(converted: dict[str, Any], seaweedfs: 
     local = zarr.open_group(store=zarr.storage.LocalStore(local_result.url, read_only=True),
                             mode="r")
     manifest = converted["store"].read_manifest(result.slide_id)
-    assert remote.attrs["ome"]["multiscales"][0]["datasets"][0]["path"] == "0"
-    level0 = remote["0"]
+    ome: Any = remote.attrs["ome"]
+    assert ome["multiscales"][0]["datasets"][0]["path"] == "0"
+    level0, local0 = remote["0"], local["0"]
     assert isinstance(level0, zarr.Array)
+    assert isinstance(local0, zarr.Array)
     assert level0.shape == (3, manifest["height"], manifest["width"])
     assert level0.dtype == np.uint8
-    pixels = level0[:]
-    expected = local["0"][:]
+    pixels = np.asarray(level0[:])
+    expected = np.asarray(local0[:])
     assert np.array_equal(pixels, expected)
     assert pixels.std() > 1  # real image content, not the fill value
     # A window inside the shard: partial (byte-range) reads give the same pixels.
-    window = level0[:, 300:700, 500:1100]
+    window = np.asarray(level0[:, 300:700, 500:1100])
     assert np.array_equal(window, expected[:, 300:700, 500:1100])
 
 

@@ -8,6 +8,7 @@ started again ends with the same bytes as an uninterrupted one.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -87,6 +88,7 @@ def convert_slide(
                     True,
                 )
             store.unpublish(sid)
+        store.remove_temporaries(sid)
         writer = OmeZarrWriter(store, f"{sid}/slide.zarr")
         try:
             PyramidBuilder(source, writer, settings.pyramid, progress).run()
@@ -97,6 +99,9 @@ def convert_slide(
             objects = writer.finish(SlideInfo(sid, source.properties, source.name))
         except BaseException:
             writer.abort()
+            # Leave nothing behind: the slide is unpublished, so its objects serve no reader.
+            with contextlib.suppress(Exception):
+                store.delete_prefix(sid)
             raise
         stored = sum(o.size for o in objects)
         manifest = {

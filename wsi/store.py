@@ -23,6 +23,7 @@ from .errors import InvalidArgument, SlideNotFound, StoreError
 _SEGMENT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 SLIDE_ID = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 MANIFEST = "manifest.json"
+TEMP_MARK = ".tmp-"
 _MiB = 1024 * 1024
 
 
@@ -61,7 +62,8 @@ class StoreSettings:
 
 def _s3_options(settings: StoreSettings) -> dict[str, Any]:
     endpoint = settings.endpoint_url or os.environ.get("AWS_ENDPOINT_URL") or None
-    options: dict[str, Any] = {}
+    # No listing cache: a reader must see slides that another process publishes.
+    options: dict[str, Any] = {"use_listings_cache": False}
     if endpoint:
         options["endpoint_url"] = endpoint
     # Credentials come from the usual AWS environment variables / config files via botocore.
@@ -97,16 +99,28 @@ class Store:
     # -- objects ----------------------------------------------------------------------------
     @contextlib.contextmanager
     def open_write(self, key: str) -> Iterator[IO[bytes]]:
-        """Stream an object. On S3 it is a multipart upload that only appears when closed."""
+        """Stream an object that appears whole or not at all: on S3 a multipart upload completed
+        on success and discarded on error; locally a temporary file renamed on success."""
         path = self.path(key)
         try:
             if self.settings.is_s3:
-                with self.fs.open(path, "wb", block_size=self.settings.upload_part_bytes) as f:
+                f = self.fs.open(path, "wb", block_size=self.settings.upload_part_bytes)
+                try:
                     yield f
+                except BaseException:
+                    f.discard()
+                    raise
+                f.close()
             else:
                 os.makedirs(os.path.dirname(path), exist_ok=True)
-                with open(path, "wb") as f:
-                    yield f
+                tmp = f"{path}{TEMP_MARK}{uuid.uuid4().hex}"
+                try:
+                    with open(tmp, "wb") as lf:
+                        yield lf
+                    os.replace(tmp, path)
+                finally:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(tmp)
         except OSError as exc:
             raise StoreError(f"cannot write {key}: {exc}") from exc
 
@@ -118,7 +132,7 @@ class Store:
                 self.fs.pipe_file(path, data)
             else:
                 os.makedirs(os.path.dirname(path), exist_ok=True)
-                tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+                tmp = f"{path}{TEMP_MARK}{uuid.uuid4().hex}"
                 with open(tmp, "wb") as f:
                     f.write(data)
                     f.flush()
@@ -178,7 +192,14 @@ class Store:
             raise StoreError(f"cannot list store: {exc}") from exc
         return sorted(str(e).rstrip("/").rsplit("/", 1)[-1] for e in entries)
 
-    def list_keys(self, prefix: str) -> list[str]:
+    def remove_temporaries(self, prefix: str) -> None:
+        """Delete temporary files a killed writer left under `prefix/` (local stores only: an
+        unfinished S3 multipart upload never becomes an object)."""
+        for key in self.list_keys(prefix, include_temporary=True):
+            if TEMP_MARK in key:
+                self.delete(key)
+
+    def list_keys(self, prefix: str, include_temporary: bool = False) -> list[str]:
         """Every object key under `prefix/`, relative to the store root."""
         base = self.path(prefix)
         try:
@@ -186,7 +207,8 @@ class Store:
         except FileNotFoundError:
             return []
         root = self.root.rstrip("/") + "/"
-        return sorted(str(p)[len(root) :] for p in found if str(p).startswith(root))
+        keys = (str(p)[len(root) :] for p in found if str(p).startswith(root))
+        return sorted(k for k in keys if include_temporary or TEMP_MARK not in k)
 
     # -- slides -----------------------------------------------------------------------------
     def manifest_key(self, slide_id: str) -> str:

@@ -263,8 +263,9 @@ class OmeZarrWriter(PyramidWriter):
         }
 
     def abort(self) -> None:
-        # Closing the streams of a failed run: on S3 an unfinished multipart upload is discarded
-        # with them; the half-written slide stays unpublished and is overwritten by the next run.
-        with contextlib.suppress(Exception):
-            self._stack.close()
+        # Exit the open streams *with* an exception so they are discarded (S3 multipart uploads
+        # aborted, local temporary files removed) rather than completed as truncated objects.
+        error = WsiError("conversion aborted")
+        with contextlib.suppress(BaseException):
+            self._stack.__exit__(type(error), error, None)
         self._shards.clear()
