@@ -24,6 +24,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
+from PIL import Image
 
 from . import jpeg
 from .errors import EncodedTileUnavailable, InvalidArgument
@@ -117,18 +118,16 @@ def _matching_source_level(source: SlideSource, level: Level) -> int | None:
 
 
 def mean2x2(pixels: np.ndarray) -> np.ndarray:
-    """Exact 2x2 area mean (rounded) of an (h, w, 3) uint8 array; odd edges are dropped."""
-    h, w = pixels.shape[0] // 2, pixels.shape[1] // 2
-    p = pixels[: 2 * h, : 2 * w]
-    # Row pairs first (contiguous slices), then column pairs through a (h, w, 2, 3) view:
-    # several times faster than four strided slices.
-    rows = p[0::2].astype(np.uint16)
-    rows += p[1::2]
-    pairs = rows.reshape(h, w, 2, 3)
-    total = pairs[:, :, 0] + pairs[:, :, 1]
-    total += 2
-    total >>= 2
-    return total.astype(np.uint8)
+    """Exact 2x2 area mean, rounded half up, of an (h, w, 3) uint8 array; odd edges dropped.
+
+    Pillow's `reduce(2)` is a C box filter with exactly this rounding ((a+b+c+d+2) >> 2) and
+    runs ~1.5x faster than the best numpy formulation measured here (it releases the GIL).
+    """
+    h, w = pixels.shape[0] // 2 * 2, pixels.shape[1] // 2 * 2
+    if h == 0 or w == 0:
+        return np.zeros((h // 2, w // 2, 3), np.uint8)
+    image = Image.fromarray(np.ascontiguousarray(pixels[:h, :w]))
+    return np.asarray(image.reduce(2))
 
 
 def fit_width(strip: np.ndarray, width: int) -> np.ndarray:
@@ -180,19 +179,21 @@ class PyramidBuilder:
             return jpeg.encode(tile, fmt.quality, self.settings.subsample_420)
         return encode_chunk_zstd(tile, fmt.zstd_level)
 
-    def _encode_row(
-        self,
-        plan: LevelPlan,
-        strip: np.ndarray,
-        ncols: int,
-        pool: cf.ThreadPoolExecutor | None = None,
-    ) -> list[bytes]:
-        """Encode the first `ncols` tiles of a pixel row, on `pool` when given."""
+    def _derive_tile(
+        self, plan: LevelPlan, upper: np.ndarray, col: int
+    ) -> tuple[bytes, np.ndarray]:
+        """Task: tile `col` of a derived level from two pixel rows of the level above."""
+        tw, th = plan.level.tile_width, plan.level.tile_height
+        pixels = mean2x2(upper[:, 2 * col * tw : 2 * (col + 1) * tw])
+        pixels = fit_width(fit_height(pixels, th), tw)
+        return self._encode(plan.chunk_format, pixels), pixels
+
+    def _encode_row(self, plan: LevelPlan, strip: np.ndarray, ncols: int) -> list[bytes]:
+        """Encode the first `ncols` tiles of a pixel row."""
         tw = plan.level.tile_width
-        tiles = [strip[:, i * tw : (i + 1) * tw] for i in range(ncols)]
-        if pool is None:
-            return [self._encode(plan.chunk_format, t) for t in tiles]
-        return list(pool.map(self._encode, [plan.chunk_format] * ncols, tiles))
+        return [
+            self._encode(plan.chunk_format, strip[:, i * tw : (i + 1) * tw]) for i in range(ncols)
+        ]
 
     def _tick(self, tiles: int) -> None:
         self._done += tiles
@@ -287,7 +288,9 @@ class PyramidBuilder:
         cascade = _Cascade(self, segment[2:], pool) if len(segment) > 2 else None
         blocks_per_pair = -(-top.level.cols // BLOCK_TILES)
         in_flight: collections.deque[cf.Future[_BlockResult]] = collections.deque()
-        limit = max(4, 3 * self.settings.thread_count)
+        # Enough tasks queued that the pool never waits for the driving thread, few enough that
+        # memory stays small (a task holds two tile rows of a 32-tile block).
+        limit = max(4 * self.settings.thread_count, min(2 * blocks_per_pair, 64))
         tasks = self._tasks(top, nxt)
         pending: list[_BlockResult] = []
 
@@ -308,8 +311,10 @@ class PyramidBuilder:
                 continue
             self._write_pair(top, nxt, pending, cascade)
             pending = []
+            if cascade:
+                cascade.drain(block=False)
         if cascade:
-            cascade.flush()
+            cascade.finish()
 
     def _write_pair(
         self,
@@ -331,8 +336,9 @@ class PyramidBuilder:
 
 
 class _Cascade:
-    """Deeper derived levels, folded two pixel rows at a time on the driving thread; their tiles
-    are encoded on the pool (queued behind the segment's tasks, so both keep the cores busy)."""
+    """Deeper derived levels. Two pixel rows of the level above make one row here; each tile of
+    it (2x2 mean of its 2x-size block, then encoding) is a task on the pool. Rows are written in
+    the order they were queued, as soon as the oldest is done, and then feed the level below."""
 
     def __init__(
         self, builder: PyramidBuilder, plans: list[LevelPlan], pool: cf.ThreadPoolExecutor
@@ -342,6 +348,8 @@ class _Cascade:
         self.plans = plans
         self.held: list[np.ndarray | None] = [None] * len(plans)
         self.row = [0] * len(plans)
+        self.queue: collections.deque[tuple[int, list[cf.Future[tuple[bytes, np.ndarray]]]]]
+        self.queue = collections.deque()
 
     def push(self, strip: np.ndarray, depth: int = 0) -> None:
         """Give the parent level's next pixel row to level `plans[depth]`."""
@@ -351,28 +359,38 @@ class _Cascade:
         if held is None:
             self.held[depth] = strip
             return
-        upper = np.concatenate([held, strip], axis=0)
         self.held[depth] = None
-        self._emit(depth, upper)
+        self._emit(depth, np.concatenate([held, strip], axis=0))
 
     def _emit(self, depth: int, upper: np.ndarray) -> None:
         plan = self.plans[depth]
-        lv = plan.level
-        if self.row[depth] >= lv.rows:
-            return
-        strip = fit_height(mean2x2(upper), lv.tile_height)
-        strip = fit_width(strip, lv.cols * lv.tile_width)
-        self.builder.writer.write_tiles(
-            plan.index, self.builder._encode_row(plan, strip, lv.cols, self.pool)
-        )
-        self.builder._tick(lv.cols)
+        if self.row[depth] >= plan.level.rows:
+            return  # the parent's last row only covers pixels past this level's edge
         self.row[depth] += 1
-        self.push(strip, depth + 1)
+        derive = self.builder._derive_tile
+        futures = [self.pool.submit(derive, plan, upper, col) for col in range(plan.level.cols)]
+        self.queue.append((depth, futures))
 
-    def flush(self) -> None:
+    def drain(self, block: bool) -> None:
+        """Write finished rows in order; `block` waits for all of them."""
+        while self.queue:
+            depth, futures = self.queue[0]
+            if not block and not all(f.done() for f in futures):
+                return
+            self.queue.popleft()
+            results = [f.result() for f in futures]
+            plan = self.plans[depth]
+            self.builder.writer.write_tiles(plan.index, [data for data, _ in results])
+            self.builder._tick(len(results))
+            if depth + 1 < len(self.plans):
+                self.push(np.concatenate([pixels for _, pixels in results], axis=1), depth + 1)
+
+    def finish(self) -> None:
         """Emit rows whose lower half lies past the parent level's end (odd row counts)."""
         for depth in range(len(self.plans)):
+            self.drain(block=True)
             held = self.held[depth]
             if held is not None:
                 self.held[depth] = None
                 self._emit(depth, fit_height(held, 2 * held.shape[0]))
+        self.drain(block=True)

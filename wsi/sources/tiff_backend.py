@@ -58,6 +58,10 @@ class TiffSource(SlideSource):
         except Exception:
             self.close()
             raise
+        self._levels = tuple(
+            Level(lv.width, lv.height, p.tilewidth, p.tilelength, lv.downsample)
+            for lv, p in zip(self._os.levels, self._pages, strict=True)
+        )
 
     def _match_pages(self) -> list[tifffile.TiffPage]:
         """The TIFF page behind each OpenSlide level, matched on size; all must be tiled."""
@@ -77,10 +81,7 @@ class TiffSource(SlideSource):
 
     @property
     def levels(self) -> tuple[Level, ...]:
-        return tuple(
-            Level(lv.width, lv.height, p.tilewidth, p.tilelength, lv.downsample)
-            for lv, p in zip(self._os.levels, self._pages, strict=True)
-        )
+        return self._levels
 
     @property
     def properties(self) -> SlideProperties:
