@@ -202,58 +202,54 @@ class PyramidBuilder:
 
     # -- the top level of a segment ---------------------------------------------------------
     def _top_tiles(
-        self, plan: LevelPlan, row: int, cols: range, want_pixels: bool
-    ) -> tuple[list[bytes], np.ndarray | None, bool]:
-        """Encoded tiles of one row span, its pixels if wanted, and whether those pixels are at
-        half scale already (from DCT-scaled decoding)."""
+        self, plan: LevelPlan, row: int, cols: range, target: np.ndarray | None, half: bool
+    ) -> list[bytes]:
+        """Encoded tiles of one row span of a segment's top level; when `target` is given, the
+        span's pixels are decoded into it (at 1/2 scale in the DCT domain when `half`)."""
         lv = plan.level
         tw, th = lv.tile_width, lv.tile_height
         if plan.source_level is None:  # decoded base level: read pixels, encode tiles
             region = self.source.read_region(0, cols.start * tw, row * th, len(cols) * tw, th)
-            tiles = [
+            if target is not None:
+                target[:] = region
+            return [
                 self._encode(plan.chunk_format, region[:, i * tw : (i + 1) * tw])
                 for i in range(len(cols))
             ]
-            return tiles, region if want_pixels else None, False
-        half = want_pixels and tw % 2 == 0 and th % 2 == 0
-        tiles, parts = [], []
-        for col in cols:
+        tiles = []
+        sw = tw // 2 if half else tw
+        for i, col in enumerate(cols):
             try:
                 data = self.source.read_encoded_tile(plan.source_level, col, row)
-            except EncodedTileUnavailable:  # sparse or odd tile: decode and encode it
+            except EncodedTileUnavailable:  # sparse tile: decode (white) and encode it
                 pixels = self.source.read_tile(plan.source_level, col, row)
                 data = jpeg.encode(pixels, plan.chunk_format.quality, self.settings.subsample_420)
             tiles.append(data)
-            if want_pixels:
-                parts.append(jpeg.decode(data, half=half))
-        if not want_pixels:
-            return tiles, None, False
-        size = (th // 2, tw // 2) if half else (th, tw)
-        parts = [fit_height(fit_width(p, size[1]), size[0]) for p in parts]
-        return tiles, np.concatenate(parts, axis=1), half
+            if target is not None:
+                # TurboJPEG picks the DCT scale that fits the view and never writes past it.
+                jpeg.decode_into(data, target[:, i * sw : (i + 1) * sw], half)
+        return tiles
 
     def _block(self, top: LevelPlan, nxt: LevelPlan | None, pair: int, cols: range) -> _BlockResult:
         """Task: tiles of rows 2*pair, 2*pair+1 of `top` in `cols`, and the next level's row."""
         rows = [r for r in (2 * pair, 2 * pair + 1) if r < top.level.rows]
-        top_rows, pixel_rows, half = [], [], False
-        for row in rows:
-            tiles, pixels, half = self._top_tiles(top, row, cols, nxt is not None)
-            top_rows.append(tiles)
-            if pixels is not None:
-                pixel_rows.append(pixels)
         if nxt is None or pair >= nxt.level.rows:
-            return _BlockResult(top_rows, None, None)
-        th = top.level.tile_height
-        stacked = np.concatenate(pixel_rows, axis=0)
-        if half:
-            strip = stacked
-        else:
-            strip = mean2x2(fit_height(stacked, 2 * th) if len(pixel_rows) > 1 else stacked)
-        strip = fit_height(strip, nxt.level.tile_height)
-        ntw = nxt.level.tile_width
+            return _BlockResult(
+                [self._top_tiles(top, r, cols, None, False) for r in rows], None, None
+            )
+        tw, th = top.level.tile_width, top.level.tile_height
+        half = top.passthrough and tw % 2 == 0 and th % 2 == 0
+        sh, sw = (th // 2, tw // 2) if half else (th, tw)
+        # The block's pixels, white where the level (or the pair's second row) ends.
+        upper = np.full((2 * sh, len(cols) * sw, 3), 255, np.uint8)
+        top_rows = [
+            self._top_tiles(top, r, cols, upper[i * sh : (i + 1) * sh], half)
+            for i, r in enumerate(rows)
+        ]
+        strip = upper if half else mean2x2(upper)
         ncol0 = cols.start // 2
         ncols = max(0, min(nxt.level.cols, -(-cols.stop // 2)) - ncol0)
-        strip = fit_width(strip, ncols * ntw)
+        strip = fit_width(fit_height(strip, nxt.level.tile_height), ncols * nxt.level.tile_width)
         return _BlockResult(top_rows, self._encode_row(nxt, strip, ncols), strip)
 
     # -- driving ----------------------------------------------------------------------------
