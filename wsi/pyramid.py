@@ -94,7 +94,10 @@ class LevelPlan:
 def plan_pyramid(source: SlideSource, settings: PyramidSettings) -> list[LevelPlan]:
     """Decide every output level's geometry and origin."""
     base = source.levels[0]
-    base_jpeg = source.tile_codec(0) is TileCodec.JPEG
+    # Derived tiles are built from 2x2 quadrants of the tiles above, so tiles must have even
+    # sides to be copied (TIFF tiles are multiples of 16; odd DICOM frames get re-encoded).
+    even = base.tile_width % 2 == 0 and base.tile_height % 2 == 0
+    base_jpeg = source.tile_codec(0) is TileCodec.JPEG and even
     tw, th = (base.tile_width, base.tile_height) if base_jpeg else (settings.tile_size,) * 2
     plans = []
     for index, level in enumerate(pyramid_levels(base.width, base.height, tw, th)):
@@ -121,28 +124,25 @@ def mean2x2(pixels: np.ndarray) -> np.ndarray:
     """Exact 2x2 area mean, rounded half up, of an (h, w, 3) uint8 array; odd edges dropped.
 
     Pillow's `reduce(2)` is a C box filter with exactly this rounding ((a+b+c+d+2) >> 2) and
-    runs ~1.5x faster than the best numpy formulation measured here (it releases the GIL).
+    runs ~1.5x faster than the best numpy formulation measured here (it releases the GIL);
+    a contiguous input is shared with Pillow, not copied.
     """
     h, w = pixels.shape[0] // 2 * 2, pixels.shape[1] // 2 * 2
     if h == 0 or w == 0:
         return np.zeros((h // 2, w // 2, 3), np.uint8)
-    image = Image.fromarray(np.ascontiguousarray(pixels[:h, :w]))
+    block = np.ascontiguousarray(pixels[:h, :w])
+    image = Image.frombuffer("RGB", (w, h), block, "raw", "RGB", 0, 1)
     return np.asarray(image.reduce(2))
 
 
-def fit_width(strip: np.ndarray, width: int) -> np.ndarray:
-    """Crop or pad (white) a pixel strip to `width` columns."""
-    if strip.shape[1] >= width:
-        return strip[:, :width]
-    pad = np.full((strip.shape[0], width - strip.shape[1], 3), 255, np.uint8)
-    return np.concatenate([strip, pad], axis=1)
+def white_tile(level: Level) -> np.ndarray:
+    return np.full((level.tile_height, level.tile_width, 3), 255, np.uint8)
 
 
-def fit_height(strip: np.ndarray, height: int) -> np.ndarray:
-    if strip.shape[0] >= height:
-        return strip[:height]
-    pad = np.full((height - strip.shape[0], strip.shape[1], 3), 255, np.uint8)
-    return np.concatenate([strip, pad], axis=0)
+def quadrant(tile: np.ndarray, qy: int, qx: int) -> np.ndarray:
+    """View of quadrant (qy, qx) of a tile: where a tile of the level above lands, halved."""
+    sh, sw = tile.shape[0] // 2, tile.shape[1] // 2
+    return tile[qy * sh : (qy + 1) * sh, qx * sw : (qx + 1) * sw]
 
 
 @dataclass
@@ -151,8 +151,8 @@ class _BlockResult:
     """Encoded tiles of the segment's top level: one list per tile row (1 or 2 rows)."""
     next_row: list[bytes] | None
     """Encoded tiles of the next level's row in this block (None if there is no next level)."""
-    next_pixels: np.ndarray | None
-    """The next level's pixels under this block, for deeper levels."""
+    next_pixels: list[np.ndarray] | None
+    """The next level's tiles' pixels, for deeper levels."""
 
 
 class PyramidBuilder:
@@ -179,22 +179,6 @@ class PyramidBuilder:
             return jpeg.encode(tile, fmt.quality, self.settings.subsample_420)
         return encode_chunk_zstd(tile, fmt.zstd_level)
 
-    def _derive_tile(
-        self, plan: LevelPlan, upper: np.ndarray, col: int
-    ) -> tuple[bytes, np.ndarray]:
-        """Task: tile `col` of a derived level from two pixel rows of the level above."""
-        tw, th = plan.level.tile_width, plan.level.tile_height
-        pixels = mean2x2(upper[:, 2 * col * tw : 2 * (col + 1) * tw])
-        pixels = fit_width(fit_height(pixels, th), tw)
-        return self._encode(plan.chunk_format, pixels), pixels
-
-    def _encode_row(self, plan: LevelPlan, strip: np.ndarray, ncols: int) -> list[bytes]:
-        """Encode the first `ncols` tiles of a pixel row."""
-        tw = plan.level.tile_width
-        return [
-            self._encode(plan.chunk_format, strip[:, i * tw : (i + 1) * tw]) for i in range(ncols)
-        ]
-
     def _tick(self, tiles: int) -> None:
         self._done += tiles
         if self._progress:
@@ -202,55 +186,50 @@ class PyramidBuilder:
 
     # -- the top level of a segment ---------------------------------------------------------
     def _top_tiles(
-        self, plan: LevelPlan, row: int, cols: range, target: np.ndarray | None, half: bool
+        self, plan: LevelPlan, row: int, cols: range, below: list[np.ndarray] | None, qy: int
     ) -> list[bytes]:
-        """Encoded tiles of one row span of a segment's top level; when `target` is given, the
-        span's pixels are decoded into it (at 1/2 scale in the DCT domain when `half`)."""
+        """Encoded tiles of one row span of a segment's top level. With `below` (the next
+        level's tiles under this span), each tile is also halved into its quadrant there: by
+        DCT-scaled decoding for JPEG tiles, by a 2x2 mean of decoded pixels otherwise."""
         lv = plan.level
         tw, th = lv.tile_width, lv.tile_height
+        region = None
         if plan.source_level is None:  # decoded base level: read pixels, encode tiles
             region = self.source.read_region(0, cols.start * tw, row * th, len(cols) * tw, th)
-            if target is not None:
-                target[:] = region
-            return [
-                self._encode(plan.chunk_format, region[:, i * tw : (i + 1) * tw])
-                for i in range(len(cols))
-            ]
         tiles = []
-        sw = tw // 2 if half else tw
         for i, col in enumerate(cols):
-            try:
-                data = self.source.read_encoded_tile(plan.source_level, col, row)
-            except EncodedTileUnavailable:  # sparse tile: decode (white) and encode it
-                pixels = self.source.read_tile(plan.source_level, col, row)
-                data = jpeg.encode(pixels, plan.chunk_format.quality, self.settings.subsample_420)
+            pixels = None
+            if region is not None:
+                pixels = region[:, i * tw : (i + 1) * tw]
+                data = self._encode(plan.chunk_format, pixels)
+            else:
+                try:
+                    data = self.source.read_encoded_tile(plan.source_level or 0, col, row)
+                except EncodedTileUnavailable:  # sparse tile: decode (white) and encode it
+                    pixels = self.source.read_tile(plan.source_level or 0, col, row)
+                    data = self._encode(ChunkFormat("jpeg", plan.chunk_format.quality), pixels)
             tiles.append(data)
-            if target is not None:
-                # TurboJPEG picks the DCT scale that fits the view and never writes past it.
-                jpeg.decode_into(data, target[:, i * sw : (i + 1) * sw], half)
+            if below is None or i // 2 >= len(below):
+                continue
+            target = quadrant(below[i // 2], qy, i % 2)
+            if pixels is None:
+                # TurboJPEG picks the 1/2 DCT scale to fit the view and never writes past it.
+                jpeg.decode_into(data, target, half=True)
+            else:
+                target[:] = mean2x2(pixels)
         return tiles
 
     def _block(self, top: LevelPlan, nxt: LevelPlan | None, pair: int, cols: range) -> _BlockResult:
         """Task: tiles of rows 2*pair, 2*pair+1 of `top` in `cols`, and the next level's row."""
         rows = [r for r in (2 * pair, 2 * pair + 1) if r < top.level.rows]
         if nxt is None or pair >= nxt.level.rows:
-            return _BlockResult(
-                [self._top_tiles(top, r, cols, None, False) for r in rows], None, None
-            )
-        tw, th = top.level.tile_width, top.level.tile_height
-        half = top.passthrough and tw % 2 == 0 and th % 2 == 0
-        sh, sw = (th // 2, tw // 2) if half else (th, tw)
-        # The block's pixels, white where the level (or the pair's second row) ends.
-        upper = np.full((2 * sh, len(cols) * sw, 3), 255, np.uint8)
-        top_rows = [
-            self._top_tiles(top, r, cols, upper[i * sh : (i + 1) * sh], half)
-            for i, r in enumerate(rows)
-        ]
-        strip = upper if half else mean2x2(upper)
+            return _BlockResult([self._top_tiles(top, r, cols, None, 0) for r in rows], None, None)
         ncol0 = cols.start // 2
         ncols = max(0, min(nxt.level.cols, -(-cols.stop // 2)) - ncol0)
-        strip = fit_width(fit_height(strip, nxt.level.tile_height), ncols * nxt.level.tile_width)
-        return _BlockResult(top_rows, self._encode_row(nxt, strip, ncols), strip)
+        below = [white_tile(nxt.level) for _ in range(ncols)]  # white past the level's end
+        top_rows = [self._top_tiles(top, r, cols, below, qy) for qy, r in enumerate(rows)]
+        encoded = [self._encode(nxt.chunk_format, tile) for tile in below]
+        return _BlockResult(top_rows, encoded, below)
 
     # -- driving ----------------------------------------------------------------------------
     def segments(self) -> list[list[LevelPlan]]:
@@ -327,14 +306,15 @@ class PyramidBuilder:
         self.writer.write_tiles(nxt.index, [t for b in blocks for t in b.next_row or ()])
         self._tick(nxt.level.cols)
         if cascade:
-            strips = [b.next_pixels for b in blocks if b.next_pixels is not None]
-            cascade.push(np.concatenate(strips, axis=1))
+            cascade.push([tile for b in blocks for tile in b.next_pixels or ()])
 
 
 class _Cascade:
-    """Deeper derived levels. Two pixel rows of the level above make one row here; each tile of
-    it (2x2 mean of its 2x-size block, then encoding) is a task on the pool. Rows are written in
-    the order they were queued, as soon as the oldest is done, and then feed the level below."""
+    """Deeper derived levels. Two tile rows of the level above make one row here; each tile of
+    it (2x2 means of the four tiles above it, then encoding) is a task on the pool. Rows are
+    written in the order they were queued, as soon as the oldest is done, and then feed the
+    level below. A row is a list of (tile_height, tile_width, 3) arrays: nothing is ever
+    concatenated across the slide's width."""
 
     def __init__(
         self, builder: PyramidBuilder, plans: list[LevelPlan], pool: cf.ThreadPoolExecutor
@@ -342,30 +322,40 @@ class _Cascade:
         self.builder = builder
         self.pool = pool
         self.plans = plans
-        self.held: list[np.ndarray | None] = [None] * len(plans)
+        self.held: list[list[np.ndarray] | None] = [None] * len(plans)
         self.row = [0] * len(plans)
         self.queue: collections.deque[tuple[int, list[cf.Future[tuple[bytes, np.ndarray]]]]]
         self.queue = collections.deque()
 
-    def push(self, strip: np.ndarray, depth: int = 0) -> None:
-        """Give the parent level's next pixel row to level `plans[depth]`."""
+    def push(self, tiles: list[np.ndarray], depth: int = 0) -> None:
+        """Give the parent level's next row of tiles to level `plans[depth]`."""
         if depth >= len(self.plans):
             return
         held = self.held[depth]
         if held is None:
-            self.held[depth] = strip
+            self.held[depth] = tiles
             return
         self.held[depth] = None
-        self._emit(depth, np.concatenate([held, strip], axis=0))
+        self._emit(depth, [held, tiles])
 
-    def _emit(self, depth: int, upper: np.ndarray) -> None:
+    def _emit(self, depth: int, upper: list[list[np.ndarray]]) -> None:
         plan = self.plans[depth]
         if self.row[depth] >= plan.level.rows:
             return  # the parent's last row only covers pixels past this level's edge
         self.row[depth] += 1
-        derive = self.builder._derive_tile
-        futures = [self.pool.submit(derive, plan, upper, col) for col in range(plan.level.cols)]
+        futures = []
+        for col in range(plan.level.cols):
+            quads = [row[2 * col : 2 * col + 2] for row in upper]
+            futures.append(self.pool.submit(self._derive, plan, quads))
         self.queue.append((depth, futures))
+
+    def _derive(self, plan: LevelPlan, quads: list[list[np.ndarray]]) -> tuple[bytes, np.ndarray]:
+        """Task: one tile from the (up to) 2x2 tiles above it."""
+        tile = white_tile(plan.level)
+        for qy, row in enumerate(quads):
+            for qx, above in enumerate(row):
+                quadrant(tile, qy, qx)[:] = mean2x2(above)
+        return self.builder._encode(plan.chunk_format, tile), tile
 
     def drain(self, block: bool) -> None:
         """Write finished rows in order; `block` waits for all of them."""
@@ -378,8 +368,7 @@ class _Cascade:
             plan = self.plans[depth]
             self.builder.writer.write_tiles(plan.index, [data for data, _ in results])
             self.builder._tick(len(results))
-            if depth + 1 < len(self.plans):
-                self.push(np.concatenate([pixels for _, pixels in results], axis=1), depth + 1)
+            self.push([tile for _, tile in results], depth + 1)
 
     def finish(self) -> None:
         """Emit rows whose lower half lies past the parent level's end (odd row counts)."""
@@ -388,5 +377,5 @@ class _Cascade:
             held = self.held[depth]
             if held is not None:
                 self.held[depth] = None
-                self._emit(depth, fit_height(held, 2 * held.shape[0]))
+                self._emit(depth, [held])
         self.drain(block=True)
