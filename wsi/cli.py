@@ -11,8 +11,9 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
-from .convert import ConvertSettings, convert_slide
+from .convert import FORMATS, ConvertSettings, convert_slide
 from .errors import WsiError
+from .export import export_dicom_location
 from .pyramid import PyramidSettings, plan_pyramid
 from .sources import backend_names, open_slide
 from .store import Store, StoreSettings
@@ -75,6 +76,12 @@ def _progress_bar(enabled: bool, label: str) -> tuple[Any, Any]:
     return bar, update
 
 
+def _formats(choice: str | None, lossless: bool) -> tuple[str, ...]:
+    if choice is None:
+        return ("zarr",) if lossless else FORMATS
+    return FORMATS if choice == "both" else (choice,)
+
+
 def _convert(args: argparse.Namespace) -> int:
     settings = ConvertSettings(
         pyramid=PyramidSettings(
@@ -87,6 +94,11 @@ def _convert(args: argparse.Namespace) -> int:
         ),
         backend=args.backend,
         include_associated=not args.no_associated,
+        formats=_formats(args.format, args.lossless),
+        metadata_file=args.metadata,
+        deidentify=args.deidentify,
+        keep_label=args.keep_label,
+        keep_macro=args.keep_macro,
     )
     if args.slide_id and len(args.sources) > 1:
         raise WsiError("--slide-id names one slide; give one source with it")
@@ -116,6 +128,12 @@ def _convert(args: argparse.Namespace) -> int:
     return 1 if failures else 0
 
 
+def _export(args: argparse.Namespace) -> int:
+    for path in export_dicom_location(args.slide, args.dest, args.s3_endpoint):
+        print(path)
+    return 0
+
+
 def _list(args: argparse.Namespace) -> int:
     store = Store(StoreSettings(args.store, endpoint_url=args.s3_endpoint))
     for slide_id in store.published_slides():
@@ -141,10 +159,29 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--quality", type=int, default=90, help="JPEG quality of tiles we encode")
     conv.add_argument(
         "--subsampling",
-        choices=["444", "420"],
-        default="444",
-        help="chroma subsampling of tiles we encode",
+        choices=["420", "444"],
+        default="420",
+        help="tiles we encode: YCbCr 4:2:0, or RGB-coded 4:4:4 (larger, sharper)",
     )
+    conv.add_argument(
+        "--format",
+        choices=["both", "zarr", "dicom"],
+        default=None,
+        help="views to publish; both share one copy of the pixels "
+        "(default: both; zarr with --lossless, whose zstd tiles DICOM cannot carry)",
+    )
+    conv.add_argument(
+        "--metadata",
+        metavar="FILE",
+        help="patient/study/specimen JSON (default: the slide's sidecar JSON)",
+    )
+    conv.add_argument(
+        "--deidentify",
+        action="store_true",
+        help="DICOM PS3.15 Basic Profile: no identifiers, no label or macro",
+    )
+    conv.add_argument("--keep-label", action="store_true", help="with --deidentify: keep label")
+    conv.add_argument("--keep-macro", action="store_true", help="with --deidentify: keep macro")
     conv.add_argument("--lossless", action="store_true", help="encode tiles we make with zstd")
     conv.add_argument("--workers", type=int, default=0, help="threads (default: one per core)")
     conv.add_argument("--tile-size", type=int, default=256, help="tile size when re-encoding")
@@ -159,6 +196,12 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--s3-endpoint", help="S3 endpoint URL (default: $AWS_ENDPOINT_URL)")
     conv.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None)
     conv.set_defaults(func=_convert)
+
+    exp = sub.add_parser("export-dicom", help="a slide's DICOM view as a folder of .dcm files")
+    exp.add_argument("slide", metavar="SLIDE_DIR_OR_URL", help="STORE/<slide-id>")
+    exp.add_argument("dest", metavar="DEST_DIR")
+    exp.add_argument("--s3-endpoint")
+    exp.set_defaults(func=_export)
 
     ls = sub.add_parser("list", help="list the published slides of a store")
     ls.add_argument("store", metavar="DIR_OR_URL")

@@ -19,6 +19,7 @@ import ctypes.util
 import os
 import threading
 
+import imagecodecs
 import numpy as np
 
 from .errors import CorruptSlide, WsiError
@@ -127,6 +128,24 @@ def needs_rgb_marker(stream: bytes) -> bool:
     return False
 
 
+def adobe_transform(stream: bytes) -> int | None:
+    """The colour transform of an Adobe APP14 segment (0 = RGB, 1 = YCbCr), None without one."""
+    for marker, pos in _segments(stream):
+        if marker == 0xEE and stream[pos + 4 : pos + 9] == b"Adobe":
+            return stream[pos + 15]
+    return None
+
+
+def components(stream: bytes) -> tuple[bytes, list[int]]:
+    """Component ids and sampling factors (h << 4 | v) from the frame header."""
+    for marker, pos in _segments(stream):
+        if marker in (0xC0, 0xC1, 0xC2):
+            n = stream[pos + 9]
+            ids = bytes(stream[pos + 10 + 3 * i] for i in range(n))
+            return ids, [stream[pos + 11 + 3 * i] for i in range(n)]
+    raise CorruptSlide("JPEG stream has no frame header")
+
+
 def complete_tile(tile: bytes, tables: bytes | None, rgb: bool) -> bytes:
     """Abbreviated TIFF JPEG tile + JPEGTables -> a complete JPEG stream, without decoding.
 
@@ -188,9 +207,20 @@ def decode(stream: bytes, half: bool = False) -> np.ndarray:
 
 
 def encode(pixels: np.ndarray, quality: int, subsample_420: bool = True) -> bytes:
-    """Encode an (h, w, 3) uint8 RGB array (rows may be strided) as a baseline JPEG."""
+    """Encode an (h, w, 3) uint8 RGB array (rows may be strided) as a baseline JPEG.
+
+    4:2:0 tiles are YCbCr (DICOM: YBR_FULL_422). Tiles without subsampling are RGB-coded (Adobe
+    marker, no colour transform, as Aperio does; DICOM: RGB): DICOM-WSI has no photometric
+    interpretation for non-subsampled YCbCr JPEG. libjpeg-turbo's TurboJPEG 2 API cannot write
+    RGB-coded JPEG, so those go through imagecodecs (the same libjpeg-turbo underneath).
+    """
     if pixels.dtype != np.uint8 or pixels.ndim != 3 or pixels.strides[1:] != (3, 1):
         pixels = np.ascontiguousarray(pixels, dtype=np.uint8)
+    if not subsample_420:
+        data = imagecodecs.jpeg8_encode(
+            np.ascontiguousarray(pixels), level=quality, outcolorspace="RGB", subsampling="444"
+        )
+        return bytes(data)
     handle = _codec.compressor
     h, w = pixels.shape[:2]
     sub = _TJSAMP_420 if subsample_420 else _TJSAMP_444

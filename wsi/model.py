@@ -91,6 +91,12 @@ class SlideProperties:
     vendor_properties: Mapping[str, str] = field(default_factory=dict)
     """The source's own metadata, unchanged (may carry patient data: never log it)."""
     icc_profile: bytes | None = None
+    scan_datetime: str | None = None
+    """When the slide was scanned, as DICOM DT `YYYYMMDDHHMMSS`, if the file says."""
+    manufacturer: str | None = None
+    model: str | None = None
+    serial_number: str | None = None
+    """Scanner identification, if the file says (DICOM Enhanced General Equipment)."""
 
     def __post_init__(self) -> None:
         for mpp in (self.mpp_x, self.mpp_y):

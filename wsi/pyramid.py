@@ -54,10 +54,10 @@ class PyramidSettings:
     """Output tile size when the base level is re-encoded."""
     reuse_levels: bool = True
     """Pass through source levels that are exact 2x steps with JPEG tiles."""
-    subsample_420: bool = False
-    """Chroma subsampling of tiles we encode. 4:4:4 (False) is the default: on H&E tissue it
-    gives ~2 dB more PSNR than 4:2:0 at the same bytes (measured on CMU-1, Q90 4:4:4 vs Q95
-    4:2:0)."""
+    subsample_420: bool = True
+    """Tiles we encode are YCbCr 4:2:0 (the default: what scanners write, DICOM YBR_FULL_422,
+    smallest), or RGB-coded 4:4:4 when False (DICOM RGB): about 0.7 vs 0.28 bytes per pixel
+    and 40.7 vs 33.1 dB PSNR at quality 90 on dense tissue (CMU-1 level 1)."""
 
     def __post_init__(self) -> None:
         if not 1 <= self.quality <= 100:

@@ -130,8 +130,16 @@ class DicomSource(SlideSource):
                 vendor_props[f"dicom.{keyword}"] = str(value)
         with contextlib.suppress(Exception):
             icc = bytes(ds.OpticalPathSequence[0].ICCProfile)
+        acquired = str(ds.get("AcquisitionDateTime", "") or "")
+        if not acquired and ds.get("ContentDate"):
+            acquired = str(ds.ContentDate) + str(ds.get("ContentTime", "000000"))
+        digits = "".join(c for c in acquired if c.isdigit())[:14]
         return SlideProperties(
             vendor="dicom",
+            scan_datetime=digits if len(digits) == 14 else None,
+            manufacturer=str(ds.get("Manufacturer", "") or "") or None,
+            model=str(ds.get("ManufacturerModelName", "") or "") or None,
+            serial_number=str(ds.get("DeviceSerialNumber", "") or "") or None,
             mpp_x=float(mpp.width) if mpp and mpp.width > 0 else None,
             mpp_y=float(mpp.height) if mpp and mpp.height > 0 else None,
             vendor_properties=vendor_props,

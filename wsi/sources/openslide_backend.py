@@ -37,6 +37,34 @@ def rgba_to_rgb(rgba: np.ndarray) -> np.ndarray:
     return out.astype(np.uint8)
 
 
+_EQUIPMENT = {
+    # vendor: (manufacturer, property holding the model, property holding the serial number)
+    "aperio": ("Aperio", None, "aperio.ScanScope ID"),
+    "hamamatsu": ("Hamamatsu", "hamamatsu.Product", "hamamatsu.Serial"),
+    "leica": ("Leica", "leica.device-model", "leica.device-version"),
+    "mirax": ("3DHISTECH", None, None),
+    "philips": ("Philips", None, "philips.DICOM_DEVICE_SERIAL_NUMBER"),
+    "ventana": ("Ventana", None, None),
+}
+
+
+def _scan_datetime(props: dict[str, str]) -> str | None:
+    """Vendor scan time -> DICOM DT (YYYYMMDDHHMMSS), or None."""
+    date, time = props.get("aperio.Date"), props.get("aperio.Time")
+    if date and time:  # MM/DD/YY and HH:MM:SS
+        try:
+            month, day, year = (int(x) for x in date.split("/"))
+            year += 2000 if year < 100 else 0
+            return f"{year:04d}{month:02d}{day:02d}" + time.replace(":", "")[:6]
+        except ValueError:
+            return None
+    stamp = props.get("tiff.DateTime") or props.get("hamamatsu.Created")
+    if stamp and len(stamp) >= 19 and stamp[4] in ":-/":  # YYYY:MM:DD HH:MM:SS
+        digits = "".join(c for c in stamp[:19] if c.isdigit())
+        return digits if len(digits) == 14 else None
+    return None
+
+
 def properties_from_openslide(slide: openslide.AbstractSlide) -> SlideProperties:
     """Map OpenSlide's standard properties to ours; the vendor's own keys are kept as they are."""
     props = dict(slide.properties)
@@ -45,8 +73,14 @@ def properties_from_openslide(slide: openslide.AbstractSlide) -> SlideProperties
         profile = slide.color_profile
         if profile is not None:
             icc = profile.tobytes()
+    vendor = props.get("openslide.vendor")
+    maker, model_key, serial_key = _EQUIPMENT.get(vendor or "", (None, None, None))
     return SlideProperties(
-        vendor=props.get("openslide.vendor"),
+        vendor=vendor,
+        scan_datetime=_scan_datetime(props),
+        manufacturer=maker or props.get("tiff.Make"),
+        model=props.get(model_key) if model_key else props.get("tiff.Model"),
+        serial_number=props.get(serial_key) if serial_key else None,
         mpp_x=_float(props.get("openslide.mpp-x")),
         mpp_y=_float(props.get("openslide.mpp-y")),
         objective_power=_float(props.get("openslide.objective-power")),

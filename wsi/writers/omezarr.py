@@ -1,9 +1,10 @@
-"""OME-Zarr 0.5 (Zarr v3) writer: one shard object per level, streamed in tile order.
+"""OME-Zarr 0.5 (Zarr v3) writer, optionally with a DICOM-WSI view of the same bytes.
 
 Each level array has one shard covering the whole level (`<level>/c/0/0/0`), so a 20 GB slide is a
-handful of objects instead of millions, and the shard is written front to back as tiles arrive:
-chunk bytes first, then the shard index (offset, length per chunk, then crc32c) at the end. Nothing
-of a level is held in memory beyond one tile and the index.
+handful of objects instead of millions, and the shard is written front to back as tiles arrive
+(see `shard.py`). Nothing of a level is held in memory beyond one row of tiles and the index.
+With a `DicomSlide`, every level object and associated image is also a DICOM VL Whole Slide
+Microscopy instance: one pixel copy, two standard views.
 """
 
 from __future__ import annotations
@@ -11,8 +12,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import json
-import struct
-from typing import IO, Any
+from typing import Any
 
 import google_crc32c
 import numcodecs
@@ -24,6 +24,8 @@ from ..model import Level
 from ..store import Store
 from ..zarr_codec import CODEC_NAME
 from .base import ChunkFormat, PyramidWriter, SlideInfo, StoredObject
+from .dicom import ASSOCIATED_FLAVOR, DicomSlide, Flavor, instance_header
+from .shard import HeaderFactory, ShardStream
 
 FORMAT_VERSION = 1
 
@@ -78,57 +80,24 @@ def encode_chunk_zstd(pixels: np.ndarray, level: int = 3) -> bytes:
     return bytes(numcodecs.Zstd(level=level).encode(np.ascontiguousarray(pixels)))
 
 
-class _ShardStream:
-    """Appends chunks to one shard object and ends it with the index; tracks size and crc32c."""
-
-    def __init__(self, store: Store, key: str, level: Level, stack: contextlib.ExitStack):
-        self.key = key
-        self.level = level
-        self._file: IO[bytes] = stack.enter_context(store.open_write(key))
-        self._crc = google_crc32c.Checksum()
-        self._offset = 0
-        self._index = np.full((level.tile_count, 2), 2**64 - 1, dtype="<u8")
-        self._next = 0
-
-    def _write(self, data: bytes) -> None:
-        self._file.write(data)
-        self._crc.update(data)
-        self._offset += len(data)
-
-    def append(self, data: bytes) -> None:
-        if self._next >= self.level.tile_count:
-            raise WsiError(f"too many tiles for level {self.key}")
-        self._index[self._next] = (self._offset, len(data))
-        self._next += 1
-        self._write(data)
-
-    def extend(self, tiles: list[bytes]) -> None:
-        """Append several chunks with one write (tiles are ~10-100 KB: fewer, larger writes)."""
-        if self._next + len(tiles) > self.level.tile_count:
-            raise WsiError(f"too many tiles for level {self.key}")
-        offset = self._offset
-        for data in tiles:
-            self._index[self._next] = (offset, len(data))
-            self._next += 1
-            offset += len(data)
-        self._write(b"".join(tiles))
-
-    def close(self) -> StoredObject:
-        if self._next != self.level.tile_count:
-            raise WsiError(f"level {self.key}: {self._next} of {self.level.tile_count} tiles")
-        index = self._index.tobytes()
-        self._write(index + struct.pack("<I", google_crc32c.value(index)))
-        return StoredObject(self.key, self._offset, self._crc.hexdigest().decode())
-
-
 class OmeZarrWriter(PyramidWriter):
     """Writes `<prefix>/` as an OME-Zarr 0.5 multiscale image (the prefix ends in `slide.zarr`)."""
 
-    def __init__(self, store: Store, prefix: str) -> None:
+    def __init__(
+        self,
+        store: Store,
+        prefix: str,
+        dicom: DicomSlide | None = None,
+        zarr_metadata: bool = True,
+    ) -> None:
         self.store = store
         self.prefix = prefix
+        self.dicom = dicom
+        self.zarr_metadata = zarr_metadata
+        self.dicom_instances: list[dict[str, Any]] = []
+        """Every DICOM instance written: key, SOP instance UID, flavor, level."""
         self._stack = contextlib.ExitStack()
-        self._shards: dict[int, _ShardStream] = {}
+        self._shards: dict[int, ShardStream] = {}
         self._levels: dict[int, tuple[Level, ChunkFormat]] = {}
         self._objects: list[StoredObject] = []
         self._associated: list[dict[str, Any]] = []
@@ -138,7 +107,29 @@ class OmeZarrWriter(PyramidWriter):
             raise InvalidArgument(f"level {index} begun twice")
         self._levels[index] = (level, chunk_format)
         key = f"{self.prefix}/{index}/c/0/0/0"
-        self._shards[index] = _ShardStream(self.store, key, level, self._stack)
+        header = self._dicom_header(key, "VOLUME", index, level)
+        self._shards[index] = ShardStream(self.store, key, level, self._stack, header)
+
+    def _dicom_header(
+        self, key: str, flavor: Flavor, index: int, level: Level
+    ) -> HeaderFactory | None:
+        dicom = self.dicom
+        if dicom is None:
+            return None
+        name = f"level-{index}" if flavor == "VOLUME" else flavor.lower()
+        self.dicom_instances.append(
+            {
+                "key": key,
+                "sop_instance_uid": dicom.instance_uid(name),
+                "flavor": flavor,
+                "level": index if flavor == "VOLUME" else None,
+            }
+        )
+
+        def header(first_frames: list[bytes]) -> bytes:
+            return instance_header(dicom, flavor, index, level, first_frames)[1]
+
+        return header
 
     def write_tile(self, index: int, data: bytes) -> None:
         self._shards[index].append(data)
@@ -158,13 +149,19 @@ class OmeZarrWriter(PyramidWriter):
         if fmt.codec == "jpeg":
             chunk = jpeg.encode(pixels, fmt.quality, subsample_420=False)
         else:
+            if self.dicom is not None:
+                raise InvalidArgument("DICOM instances need JPEG associated images")
             chunk = encode_chunk_zstd(pixels, fmt.zstd_level)
+        flavor = ASSOCIATED_FLAVOR[name]
+        header = self._dicom_header(f"{key}/c/0/0/0", flavor, 0, level)
         with contextlib.ExitStack() as stack:
-            shard = _ShardStream(self.store, f"{key}/c/0/0/0", level, stack)
+            shard = ShardStream(self.store, f"{key}/c/0/0/0", level, stack, header)
             shard.append(chunk)
             stored = shard.close()
         self._objects.append(stored)
-        self._put_json(f"{key}/zarr.json", level_array_metadata(level, fmt, {"associated": name}))
+        if self.zarr_metadata:
+            attrs = {"associated": name}
+            self._put_json(f"{key}/zarr.json", level_array_metadata(level, fmt, attrs))
         self._associated.append(
             {"name": name, "path": f"associated/{name}", "width": w, "height": h}
         )
@@ -180,6 +177,11 @@ class OmeZarrWriter(PyramidWriter):
         if self._shards:
             raise WsiError(f"levels still open: {sorted(self._shards)}")
         self._stack.close()
+        if self.zarr_metadata:
+            self._write_zarr_metadata(info)
+        return list(self._objects)
+
+    def _write_zarr_metadata(self, info: SlideInfo) -> None:
         props = info.properties
         mpp = props.mpp_x
         datasets = []
@@ -228,7 +230,6 @@ class OmeZarrWriter(PyramidWriter):
             group = {"zarr_format": 3, "node_type": "group", "attributes": {}}
             self._put_json(f"{self.prefix}/associated/zarr.json", group)
         self._put_json(f"{self.prefix}/zarr.json", root)
-        return list(self._objects)
 
     def _slide_attributes(self, info: SlideInfo) -> dict[str, Any]:
         props = info.properties
@@ -259,6 +260,13 @@ class OmeZarrWriter(PyramidWriter):
             "vendor_properties": dict(props.vendor_properties),
             "icc_profile": base64.b64encode(props.icc_profile).decode()
             if props.icc_profile
+            else None,
+            "dicom": {
+                "study_instance_uid": self.dicom.study_uid,
+                "series_instance_uid": self.dicom.series_uid,
+                "instances": self.dicom_instances,
+            }
+            if self.dicom
             else None,
         }
 
