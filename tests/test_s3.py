@@ -103,8 +103,9 @@ def test_zarr_python_reads_level0_from_s3(converted: dict[str, Any], seaweedfs: 
         result.url, storage_options=seaweedfs.storage_options(), read_only=True
     )
     remote = zarr.open_group(store=remote_store, mode="r")
-    local = zarr.open_group(store=zarr.storage.LocalStore(local_result.url, read_only=True),
-                            mode="r")
+    local = zarr.open_group(
+        store=zarr.storage.LocalStore(local_result.url, read_only=True), mode="r"
+    )
     manifest = converted["store"].read_manifest(result.slide_id)
     ome: Any = remote.attrs["ome"]
     assert ome["multiscales"][0]["datasets"][0]["path"] == "0"
@@ -132,7 +133,11 @@ def test_converting_again_is_a_no_op(converted: dict[str, Any], small_svs: Path)
 def _wsi(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "wsi.cli", *args],
-        capture_output=True, text=True, timeout=300, env=env, check=False,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+        check=False,
     )
 
 
@@ -141,8 +146,15 @@ def test_cli_converts_into_s3_then_reports_already_published(
 ) -> None:
     env = {**os.environ, **seaweedfs.env}
     url = seaweedfs.url("cli")
-    cmd = ["convert", str(small_svs), "--out", url, "--s3-endpoint", seaweedfs.endpoint_url,
-           "--no-progress"]
+    cmd = [
+        "convert",
+        str(small_svs),
+        "--out",
+        url,
+        "--s3-endpoint",
+        seaweedfs.endpoint_url,
+        "--no-progress",
+    ]
     sid = content_slide_id(small_svs)
 
     first = _wsi(*cmd, env=env)
@@ -179,3 +191,22 @@ def test_unpublished_slide_is_not_listed(seaweedfs: SeaweedFS) -> None:
     store.put(f"{done}/slide.zarr/zarr.json", b"{}")
     store.publish(done, {"slide_id": done, "objects": {}})
     assert store.published_slides() == [done]
+
+
+def test_export_dicom_from_s3_opens_in_openslide(
+    converted: dict[str, Any], seaweedfs: SeaweedFS, tmp_path: Path
+) -> None:
+    """The DICOM view straight out of the bucket: the objects are downloaded as they are."""
+    import openslide
+
+    from wsi.export import export_dicom_location
+
+    slide_id = converted["result"].slide_id
+    files = export_dicom_location(
+        f"{seaweedfs.url('slides')}/{slide_id}", tmp_path, seaweedfs.endpoint_url
+    )
+    assert {f.name for f in files} >= {"level-0.dcm", "label.dcm", "thumbnail.dcm"}
+    local = converted["local"]
+    assert (tmp_path / "level-0.dcm").read_bytes() == local.get(f"{slide_id}/slide.zarr/0/c/0/0/0")
+    with openslide.OpenSlide(str(tmp_path / "level-0.dcm")) as slide:
+        assert slide.dimensions == (2220, 2967)

@@ -1,0 +1,243 @@
+"""The DICOM-WSI view: validated by dciodvfy, read by OpenSlide 4, wsidicom and pydicom, equal
+to the Zarr view pixel for pixel, stored once, and de-identified on request."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import openslide
+import pydicom
+import pytest
+import tifffile
+import zarr
+from wsidicom import WsiDicom
+
+import wsi
+from wsi import ConvertSettings, PyramidSettings, Store, StoreSettings, convert_slide
+from wsi.export import export_dicom
+
+from .conftest import sample
+
+DICOM_SLIDES = [
+    "CMU-1-Small-Region.svs",
+    "tcga-cr-7395-01a-01-ts1.svs",
+    "openslide-python-fixtures/small.svs",
+    "openslide-python-fixtures/boxes.tiff",
+    "openslide-python-fixtures/boxes_0.dcm",
+    "hamamatsu/test3-DAPI-2-(387).ndpi",
+    "highdicom/sm_image.dcm",
+    "highdicom/sm_image_jpegls.dcm",
+]
+
+
+def dciodvfy(path) -> tuple[list[str], list[str]]:
+    run = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, check=False)
+    lines = (run.stdout + run.stderr).splitlines()
+    return [x for x in lines if x.startswith("Error")], [
+        x for x in lines if x.startswith("Warning")
+    ]
+
+
+def convert(path, root, **kwargs):
+    store = Store(StoreSettings(str(root)))
+    pyramid = kwargs.pop("pyramid", {})
+    result = convert_slide(path, store, ConvertSettings(PyramidSettings(**pyramid), **kwargs))
+    return store, result
+
+
+@pytest.mark.parametrize("name", DICOM_SLIDES)
+def test_every_instance_validates_and_reads(name, tmp_path):
+    store, result = convert(sample(name), tmp_path / "store")
+    manifest = store.read_manifest(result.slide_id)
+    instances = manifest["dicom"]
+    assert [i["flavor"] for i in instances].count("VOLUME") >= 1
+    for inst in instances:
+        path = tmp_path / "store" / result.slide_id / inst["key"]
+        errors, _ = dciodvfy(path)
+        assert errors == [], f"{inst['key']}: {errors}"
+        ds = pydicom.dcmread(path)
+        assert ds.SOPInstanceUID == inst["sop_instance_uid"]
+        assert ds.SOPClassUID == "1.2.840.10008.5.1.4.1.1.77.1.6"
+        frames = list(
+            pydicom.encaps.generate_frames(ds.PixelData, number_of_frames=ds.NumberOfFrames)
+        )
+        assert len(frames) == int(ds.NumberOfFrames) and all(f[:2] == b"\xff\xd8" for f in frames)
+        expected = ["DERIVED", "PRIMARY", "VOLUME", "RESAMPLED"] if inst["level"] else None
+        if expected:
+            assert list(ds.ImageType) == expected
+    # The Zarr view of the same objects still reads.
+    root = zarr.open_group(result.url, mode="r")
+    assert root["0"][:, :8, :8].shape == (3, 8, 8)
+
+
+@pytest.mark.parametrize("name", ["CMU-1-Small-Region.svs", "openslide-python-fixtures/boxes.tiff"])
+def test_exported_folder_opens_in_openslide_and_wsidicom_with_zarr_pixels(name, tmp_path):
+    store, result = convert(sample(name), tmp_path / "store")
+    dest = tmp_path / "export"
+    files = export_dicom(store, result.slide_id, dest)
+    stored = tmp_path / "store" / result.slide_id / "slide.zarr" / "0" / "c" / "0" / "0" / "0"
+    assert (dest / "level-0.dcm").stat().st_ino == stored.stat().st_ino  # one pixel copy
+    root = zarr.open_group(result.url, mode="r")
+    zarr_levels = [np.moveaxis(root[str(k)][:], 0, -1) for k in range(len(list(root.array_keys())))]
+    with openslide.OpenSlide(str(dest / "level-0.dcm")) as slide:
+        assert slide.properties["openslide.vendor"] == "dicom"
+        assert slide.level_count == len(zarr_levels)
+        for k, expected in enumerate(zarr_levels):
+            rgba = np.asarray(slide.read_region((0, 0), k, slide.level_dimensions[k]))
+            assert np.array_equal(rgba[..., :3], expected), f"level {k}"
+    with WsiDicom.open(dest) as ref:
+        assert len(ref.levels) == len(zarr_levels)
+        for k, level in enumerate(ref.levels):
+            region = ref.read_region((0, 0), level.level, level.size.to_tuple())
+            assert np.array_equal(np.asarray(region.convert("RGB")), zarr_levels[k])
+    assert len(files) == len(zarr_levels) + len(root.attrs["wsistore"]["associated_images"])
+
+
+def test_one_pixel_copy_and_deterministic_uids(tmp_path):
+    path = sample("CMU-1-Small-Region.svs")
+    store_a, first = convert(path, tmp_path / "a")
+    store_b, second = convert(path, tmp_path / "b", pyramid={"workers": 1})
+    a = store_a.read_manifest(first.slide_id)
+    b = store_b.read_manifest(second.slide_id)
+    assert a["dicom"] == b["dicom"]
+    for key in store_a.list_keys(first.slide_id):
+        assert store_a.get(key) == store_b.get(key)
+    zarr_only, third = convert(path, tmp_path / "z", formats=("zarr",))
+    # Both views cost only the DICOM headers over the Zarr-only layout: well under 1%.
+    total = a["stored_bytes"]
+    assert total <= zarr_only.read_manifest(third.slide_id)["stored_bytes"] * 1.01
+    level0 = tmp_path / "z" / third.slide_id / "slide.zarr/0/c/0/0/0"
+    assert level0.read_bytes()[128:132] != b"DICM"
+    with pytest.raises(wsi.InvalidArgument):
+        export_dicom(zarr_only, third.slide_id, tmp_path / "nothing")
+
+
+def test_dicom_only_has_no_zarr_metadata(tmp_path):
+    store, result = convert(
+        sample("openslide-python-fixtures/small.svs"), tmp_path, formats=("dicom",)
+    )
+    keys = store.list_keys(result.slide_id)
+    assert not [k for k in keys if k.endswith("zarr.json")]
+    assert export_dicom(store, result.slide_id, tmp_path / "out")
+
+
+def test_lossless_refuses_dicom():
+    with pytest.raises(wsi.InvalidArgument):
+        ConvertSettings(PyramidSettings(lossless=True))
+
+
+PLANTED = {"name": "DOE^JANE", "accession": "ACC-998877", "barcode": "BC-12345"}
+
+
+@pytest.fixture
+def identified_slide(tmp_path):
+    """CMU-1 with a patient name and barcode in its Aperio description, and a sidecar JSON."""
+    path = tmp_path / "case.svs"
+    shutil.copy(sample("CMU-1-Small-Region.svs"), path)
+    with tifffile.TiffFile(path) as tif:
+        description = tif.pages[0].description
+    tifffile.tiffcomment(
+        path,
+        description + f"|Patient = {PLANTED['name']}|Barcode = {PLANTED['barcode']}",
+    )
+    sidecar = {
+        "patient_name": PLANTED["name"],
+        "patient_id": "PID-4242",
+        "accession_number": PLANTED["accession"],
+        "container_id": PLANTED["barcode"],
+        "study_date": "20240131",
+    }
+    (tmp_path / "case.svs.json").write_text(json.dumps(sidecar))
+    return path
+
+
+def all_stored_bytes(root) -> bytes:
+    return b"".join(p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file())
+
+
+def test_sidecar_metadata_reaches_the_dicom_view(identified_slide, tmp_path):
+    _, result = convert(identified_slide, tmp_path / "store")
+    level0 = tmp_path / "store" / result.slide_id / "slide.zarr/0/c/0/0/0"
+    ds = pydicom.dcmread(level0, stop_before_pixels=True)
+    assert ds.PatientName == PLANTED["name"] and ds.AccessionNumber == PLANTED["accession"]
+    assert ds.ContainerIdentifier == PLANTED["barcode"] and ds.StudyDate == "20240131"
+    assert ds.PatientIdentityRemoved == "NO"
+    blob = all_stored_bytes(tmp_path / "store")
+    for value in PLANTED.values():  # the control: without --deidentify they are stored
+        assert value.encode() in blob
+
+
+def test_deidentify_leaves_no_trace_in_objects_or_output(identified_slide, tmp_path):
+    out = tmp_path / "store"
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "wsi.cli",
+            "convert",
+            str(identified_slide),
+            "--out",
+            str(out),
+            "--deidentify",
+            "--no-progress",
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert run.returncode == 0, run.stderr
+    export = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "wsi.cli",
+            "export-dicom",
+            str(out / run.stdout.split("\t")[0]),
+            str(tmp_path / "export"),
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert export.returncode == 0, export.stderr
+    blob = all_stored_bytes(out)
+    for value in (*PLANTED.values(), "PID-4242", "20240131"):
+        assert value.encode() not in blob, value
+        assert value not in run.stdout + run.stderr + export.stdout + export.stderr
+    [level0] = out.glob("*/slide.zarr/0/c/0/0/0")
+    ds = pydicom.dcmread(level0, stop_before_pixels=True)
+    assert ds.PatientIdentityRemoved == "YES"
+    assert ds.DeidentificationMethodCodeSequence[0].CodeValue == "113100"
+    flavors = {p.name for p in (tmp_path / "export").iterdir()}
+    assert "label.dcm" not in flavors and "overview.dcm" not in flavors
+    assert "thumbnail.dcm" in flavors
+    for path in (tmp_path / "export").iterdir():
+        assert dciodvfy(path)[0] == []
+
+
+def test_keep_label_on_request(identified_slide, tmp_path):
+    store, result = convert(identified_slide, tmp_path, deidentify=True, keep_label=True)
+    flavors = {i["flavor"] for i in store.read_manifest(result.slide_id)["dicom"]}
+    assert "LABEL" in flavors and "OVERVIEW" not in flavors
+
+
+def test_export_cli_errors_are_one_line(tmp_path):
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "wsi.cli",
+            "export-dicom",
+            str(tmp_path / "nope"),
+            str(tmp_path / "o"),
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert run.returncode == 1 and run.stderr.startswith("wsi: error: ")
+    assert len(run.stderr.strip().splitlines()) == 1
