@@ -30,7 +30,7 @@ from .pyramid import Progress, PyramidBuilder, PyramidSettings
 from .slide_id import content_slide_id
 from .sources import open_slide
 from .store import Store, check_slide_id
-from .writers.base import ChunkFormat, SlideInfo
+from .writers.base import ChunkFormat, SlideInfo, StoredObject
 from .writers.dicom import DicomSlide
 from .writers.omezarr import OmeZarrWriter
 
@@ -167,26 +167,35 @@ def convert_slide(
                 store.delete_prefix(sid)
             raise
         stored = sum(o.size for o in objects)
-        manifest = {
-            "format": MANIFEST_FORMAT,
-            "slide_id": sid,
-            "zarr": "slide.zarr",
-            "width": base.width,
-            "height": base.height,
-            "settings": fingerprint,
-            "stored_bytes": stored,
-            "objects": {
-                o.key[len(sid) + 1 :]: {"size": o.size, "crc32c": o.crc32c}
-                for o in sorted(objects, key=lambda o: o.key)
-            },
-            "dicom": [
-                {**inst, "key": inst["key"][len(sid) + 1 :]} for inst in writer.dicom_instances
-            ],
-        }
+        manifest = _manifest(sid, base, fingerprint, objects, writer.dicom_instances)
         store.publish(sid, manifest)
     return ConvertResult(
         sid, url, base.width * base.height, time.perf_counter() - start, stored, False
     )
+
+
+def _manifest(
+    sid: str,
+    base: Level,
+    fingerprint: dict[str, Any],
+    objects: list[StoredObject],
+    dicom_instances: list[dict[str, Any]],
+) -> dict[str, Any]:
+    """The commit record: every object with its size and CRC32C, keys relative to the slide."""
+    return {
+        "format": MANIFEST_FORMAT,
+        "slide_id": sid,
+        "zarr": "slide.zarr",
+        "width": base.width,
+        "height": base.height,
+        "settings": fingerprint,
+        "stored_bytes": sum(o.size for o in objects),
+        "objects": {
+            o.key[len(sid) + 1 :]: {"size": o.size, "crc32c": o.crc32c}
+            for o in sorted(objects, key=lambda o: o.key)
+        },
+        "dicom": [{**inst, "key": inst["key"][len(sid) + 1 :]} for inst in dicom_instances],
+    }
 
 
 def dicom_slide(

@@ -214,7 +214,26 @@ def instance_header(
     ds.InstanceNumber = level_index + 1 if flavor == "VOLUME" else 100 + len(name)
     if flavor == "VOLUME":
         ds.PyramidUID = derived_uid(slide.slide_id, "pyramid")
-    ds.VolumetricProperties = "VOLUME"
+    if flavor == "LABEL":  # Slide Label module: we do not read barcodes or label text
+        ds.BarcodeValue = ""
+        ds.LabelText = ""
+    _add_pixel_description(ds, level, first_frames, flavor)
+    _add_geometry(ds, slide, level)
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = UID(WSI_SOP_CLASS)
+    ds.file_meta.MediaStorageSOPInstanceUID = UID(sop_uid)
+    ds.file_meta.TransferSyntaxUID = JPEGBaseline8Bit
+    ds.file_meta.ImplementationClassUID = UID(IMPLEMENTATION_UID)
+    ds.file_meta.ImplementationVersionName = f"WSISTORE_{__version__}"[:16]
+    buffer = io.BytesIO()
+    pydicom.dcmwrite(buffer, ds, enforce_file_format=True)
+    return sop_uid, buffer.getvalue() + PIXEL_DATA_HEADER + EMPTY_BOT
+
+
+def _add_pixel_description(
+    ds: Dataset, level: Level, first_frames: list[bytes], flavor: Flavor
+) -> None:
+    """Image Pixel, frames and compression: what a decoder needs to know about the frames."""
     ds.SamplesPerPixel = 3
     ds.PhotometricInterpretation = photometric_interpretation(first_frames[0])
     ds.PlanarConfiguration = 0
@@ -225,9 +244,6 @@ def instance_header(
     ds.BitsStored = 8
     ds.HighBit = 7
     ds.PixelRepresentation = 0
-    if flavor == "LABEL":  # Slide Label module: we do not read barcodes or label text
-        ds.BarcodeValue = ""
-        ds.LabelText = ""
     ds.BurnedInAnnotation = "YES" if flavor in ("LABEL", "OVERVIEW") else "NO"
     ds.SpecimenLabelInImage = "YES" if flavor in ("LABEL", "OVERVIEW") else "NO"
     ds.LossyImageCompression = "01"
@@ -235,6 +251,11 @@ def instance_header(
     ds.LossyImageCompressionRatio = f"{raw / max(1, sum(map(len, first_frames))):.2f}"
     ds.LossyImageCompressionMethod = "ISO_10918_1"
     ds.DimensionOrganizationType = "TILED_FULL"
+    ds.VolumetricProperties = "VOLUME"
+
+
+def _add_geometry(ds: Dataset, slide: DicomSlide, level: Level) -> None:
+    """Where the pixels are on the slide: total pixel matrix, spacing, orientation, optics."""
     org = Dataset()
     org.DimensionOrganizationUID = derived_uid(slide.slide_id, "dimension-organization")
     ds.DimensionOrganizationSequence = DicomSequence([org])
@@ -266,17 +287,6 @@ def instance_header(
     shared.PixelMeasuresSequence = DicomSequence([measures])
     shared.WholeSlideMicroscopyImageFrameTypeSequence = DicomSequence([frame_type])
     ds.SharedFunctionalGroupsSequence = DicomSequence([shared])
-
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = UID(WSI_SOP_CLASS)
-    meta.MediaStorageSOPInstanceUID = UID(sop_uid)
-    meta.TransferSyntaxUID = JPEGBaseline8Bit
-    meta.ImplementationClassUID = UID(IMPLEMENTATION_UID)
-    meta.ImplementationVersionName = f"WSISTORE_{__version__}"[:16]
-    ds.file_meta = meta
-    buffer = io.BytesIO()
-    pydicom.dcmwrite(buffer, ds, enforce_file_format=True)
-    return sop_uid, buffer.getvalue() + PIXEL_DATA_HEADER + EMPTY_BOT
 
 
 def _ds(value: float) -> str:
