@@ -2,21 +2,36 @@
 
 Converts the same slide, side by side, with:
 
-* ``wsi``              - our CLI with default settings (copies the source's
-                         exact-2x JPEG levels instead of re-deriving them);
-* ``wsi-no-reuse``     - our CLI with ``--no-reuse-levels``: every level is
-                         derived from the base by DCT-scaled decoding (the
-                         honest comparison with a full re-encode);
-* ``vips``             - libvips ``tiffsave`` of a tiled JPEG pyramid
-                         (through pyvips, in its own Python process);
-* ``wsidicomizer``     - conversion to DICOM WSI.
+* ``wsi``               - our CLI with default settings: publishes both the
+                          OME-Zarr and the DICOM-WSI view from the same stored
+                          objects, and copies the source's exact-2x JPEG levels
+                          instead of re-deriving them;
+* ``wsi-zarr``          - the same with ``--format zarr`` (OME-Zarr view only);
+* ``wsi-no-reuse``      - our CLI with ``--no-reuse-levels`` (both views):
+                          every level is derived from the base by DCT-scaled
+                          decoding (the honest comparison with a full
+                          re-encode);
+* ``wsi-no-reuse-zarr`` - ``--no-reuse-levels --format zarr``;
+* ``vips``              - libvips ``tiffsave`` of a tiled JPEG pyramid
+                          (through pyvips, in its own Python process);
+* ``wsidicomizer``      - conversion to DICOM WSI.
 
 Every tool runs as a subprocess. For each run we measure the wall time, the
 peak RSS of the process tree (polled every ~20 ms, summing the RSS of the
 process and all its descendants; shared pages are counted once per process,
 so this is an upper bound) and the bytes written to its output directory,
-which is fresh for every run. Each tool runs ``--repeat`` times, interleaved
-(a, b, c, d, a, b, ...), and the median time is reported.
+which is fresh for every run (regular files only, each inode counted once, so
+hard links are not double counted). The views the output gives are detected
+from the files themselves after the run: ``zarr`` (a ``zarr.json`` or
+``.zgroup``), ``dicom`` (a file with the Part 10 ``DICM`` magic at offset 128)
+and ``tiff`` (a file with a TIFF/BigTIFF header). Each tool runs ``--repeat``
+times, interleaved (a, b, c, d, a, b, ...), and the median time is reported.
+
+After the table two checks are printed, from the medians and output sizes:
+the DICOM overhead of publishing both views (``wsi`` vs ``wsi-zarr`` and
+``wsi-no-reuse`` vs ``wsi-no-reuse-zarr``; target <= 10% slower) and the
+bytes stored for both views together (``wsi`` and ``wsi-no-reuse``; target
+<= 1.05x the source for a JPEG source).
 
 Usage::
 
@@ -39,6 +54,7 @@ import json
 import os
 import platform
 import shutil
+import stat
 import statistics
 import subprocess
 import sys
@@ -48,6 +64,7 @@ from pathlib import Path
 
 import psutil
 import pyvips
+import tifffile
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "bench" / "out"
@@ -58,6 +75,23 @@ POLL_INTERVAL_S = 0.02
 
 #: The reference tool for the "vs vips" column.
 REFERENCE = "vips"
+
+#: (both views, zarr only) pairs whose time difference is the DICOM overhead.
+DICOM_OVERHEAD_PAIRS: tuple[tuple[str, str], ...] = (
+    ("wsi", "wsi-zarr"),
+    ("wsi-no-reuse", "wsi-no-reuse-zarr"),
+)
+#: Most acceptable slowdown of publishing both views over the zarr view alone.
+DICOM_OVERHEAD_TARGET_PCT = 10.0
+
+#: Tools that store both views, checked against the source size.
+BOTH_VIEWS_TOOLS: tuple[str, ...] = ("wsi", "wsi-no-reuse")
+#: Most acceptable output/source ratio for both views of a JPEG source.
+BOTH_VIEWS_TARGET_RATIO = 1.05
+
+#: Order of the views in the "views" column.
+VIEW_ORDER = ("zarr", "dicom", "tiff")
+TIFF_MAGICS = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
 
 VIPS_SCRIPT = """
 import sys
@@ -76,6 +110,8 @@ class Tool:
 
     name: str
     description: str
+    #: The views the output should give, as detected by ``detect_views``.
+    views: str
     command: Callable[[Path, Path], list[str]]
 
 
@@ -98,14 +134,37 @@ def _wsidicomizer_command(src: Path, out: Path) -> list[str]:
 
 
 TOOLS: tuple[Tool, ...] = (
-    Tool("wsi", "wsi convert (defaults: reuses exact-2x source levels)", _wsi_command()),
+    Tool(
+        "wsi",
+        "wsi convert (defaults: OME-Zarr + DICOM views, reuses exact-2x source levels)",
+        "zarr+dicom",
+        _wsi_command(),
+    ),
+    Tool(
+        "wsi-zarr",
+        "wsi convert --format zarr (OME-Zarr view only, reuses exact-2x source levels)",
+        "zarr",
+        _wsi_command("--format", "zarr"),
+    ),
     Tool(
         "wsi-no-reuse",
-        "wsi convert --no-reuse-levels (all levels derived from the base)",
+        "wsi convert --no-reuse-levels (both views, all levels derived from the base)",
+        "zarr+dicom",
         _wsi_command("--no-reuse-levels"),
     ),
-    Tool("vips", "pyvips tiffsave, tiled JPEG Q85 pyramid, BigTIFF", _vips_command),
-    Tool("wsidicomizer", "wsidicomizer -i SRC -o DIR (DICOM WSI)", _wsidicomizer_command),
+    Tool(
+        "wsi-no-reuse-zarr",
+        "wsi convert --no-reuse-levels --format zarr (OME-Zarr view only)",
+        "zarr",
+        _wsi_command("--no-reuse-levels", "--format", "zarr"),
+    ),
+    Tool("vips", "pyvips tiffsave, tiled JPEG Q85 pyramid, BigTIFF", "tiff", _vips_command),
+    Tool(
+        "wsidicomizer",
+        "wsidicomizer -i SRC -o DIR (DICOM WSI)",
+        "dicom",
+        _wsidicomizer_command,
+    ),
 )
 
 
@@ -117,6 +176,7 @@ class Run:
     peak_rss_bytes: int
     output_bytes: int
     returncode: int
+    views: str = "none"
     error: str | None = None
 
 
@@ -126,6 +186,7 @@ class Result:
 
     tool: str
     description: str
+    expected_views: str
     command: list[str]
     runs: list[Run] = dataclasses.field(default_factory=list)
 
@@ -154,6 +215,11 @@ class Result:
     def output_bytes(self) -> int | None:
         return self.ok_runs[-1].output_bytes if self.ok_runs else None
 
+    @property
+    def views(self) -> str | None:
+        """The views the last successful run's output gives."""
+        return self.ok_runs[-1].views if self.ok_runs else None
+
 
 def tree_rss(proc: psutil.Process) -> int:
     """Sum of the RSS of ``proc`` and all its live descendants (0 if it is gone)."""
@@ -169,12 +235,41 @@ def tree_rss(proc: psutil.Process) -> int:
 
 
 def dir_bytes(path: Path) -> int:
-    """Total size of the regular files under ``path``."""
+    """Total size of the regular files under ``path``, each inode counted once.
+
+    Hard links (e.g. a DICOM export linking to the stored level objects) are
+    the same bytes on disk, so they count once; symlinks are not followed.
+    """
     total = 0
+    seen: set[tuple[int, int]] = set()
     for dirpath, _dirs, files in os.walk(path):
         for name in files:
-            total += os.lstat(os.path.join(dirpath, name)).st_size
+            st = os.lstat(os.path.join(dirpath, name))
+            if not stat.S_ISREG(st.st_mode) or (st.st_dev, st.st_ino) in seen:
+                continue
+            seen.add((st.st_dev, st.st_ino))
+            total += st.st_size
     return total
+
+
+def detect_views(path: Path) -> str:
+    """The views the files under ``path`` give, e.g. ``"zarr+dicom"`` (``"none"``)."""
+    found: set[str] = set()
+    for dirpath, _dirs, files in os.walk(path):
+        for name in files:
+            if name in ("zarr.json", ".zgroup"):
+                found.add("zarr")
+                continue
+            file = os.path.join(dirpath, name)
+            if not stat.S_ISREG(os.lstat(file).st_mode):
+                continue
+            with open(file, "rb") as f:
+                head = f.read(132)
+            if head[128:132] == b"DICM":
+                found.add("dicom")
+            elif head[:4] in TIFF_MAGICS:
+                found.add("tiff")
+    return "+".join(view for view in VIEW_ORDER if view in found) or "none"
 
 
 def last_line(*texts: str) -> str:
@@ -206,7 +301,7 @@ def measure(command: Sequence[str], out_dir: Path, log_path: Path) -> Run:
         seconds = time.perf_counter() - start
         log.seek(0)
         output = log.read()
-    run = Run(seconds, peak, dir_bytes(out_dir), returncode)
+    run = Run(seconds, peak, dir_bytes(out_dir), returncode, detect_views(out_dir))
     if returncode != 0:
         run.error = f"exit {returncode}: {last_line(output)}"
     shutil.rmtree(out_dir)  # keep the disk free for the next run
@@ -232,6 +327,15 @@ def ensure_source(width: int, height: int, seed: int) -> Path:
         )
         tmp.rename(path)
     return path
+
+
+def source_compression(path: Path) -> str:
+    """Compression of the source's first TIFF page (``"unknown"`` if not a TIFF)."""
+    try:
+        with tifffile.TiffFile(path) as tif:
+            return tifffile.COMPRESSION(tif.pages.first.compression).name
+    except Exception:  # not a TIFF, or one tifffile cannot read
+        return "unknown"
 
 
 def warm_page_cache(path: Path) -> None:
@@ -270,6 +374,8 @@ def summary(
         "tool": result.tool,
         "description": result.description,
         "command": result.command,
+        "expected_views": result.expected_views,
+        "views": result.views,
         "median_s": result.median_s,
         "megapixels_per_s": mps,
         "peak_rss_bytes": result.peak_rss_bytes,
@@ -281,28 +387,133 @@ def summary(
     }
 
 
+TOOL_WIDTH = 19
+
+
 def format_table(results: Sequence[Result], megapixels: float, source_bytes: int) -> str:
     """The results as a fixed-width text table."""
     ref_mps = reference_mps(results, megapixels)
     header = (
-        f"{'tool':<14}{'median s':>10}{'MP/s':>9}{'peak RSS MB':>13}"
-        f"{'output bytes':>16}{'out/src':>9}{'vs vips':>9}"
+        f"{'tool':<{TOOL_WIDTH}}{'views':<12}{'median s':>9}{'MP/s':>9}{'vs vips':>9}"
+        f"{'peak RSS MB':>13}{'output bytes':>16}{'out/src':>9}"
     )
     lines = [header, "-" * len(header)]
     for result in results:
         row = summary(result, megapixels, source_bytes, ref_mps)
+        name = f"{result.tool:<{TOOL_WIDTH}}"
         if result.failed:
-            lines.append(f"{result.tool:<14}FAILED: {result.error}")
+            lines.append(f"{name}FAILED: {result.error}")
             continue
         vs = row["vs_vips"]
+        views = result.views or "none"
+        if views != result.expected_views:
+            views += "!"
         lines.append(
-            f"{result.tool:<14}{row['median_s']:>10.2f}{row['megapixels_per_s']:>9.1f}"
-            f"{(result.peak_rss_bytes or 0) / 1e6:>13.0f}{row['output_bytes']:>16,}"
-            f"{row['output_to_source']:>9.2f}"
+            f"{name}{views:<12}{row['median_s']:>9.2f}{row['megapixels_per_s']:>9.1f}"
             + (f"{vs:>8.2f}x" if isinstance(vs, float) else f"{'n/a':>9}")
+            + f"{(result.peak_rss_bytes or 0) / 1e6:>13.0f}{row['output_bytes']:>16,}"
+            f"{row['output_to_source']:>9.2f}"
         )
+        if views.endswith("!"):
+            lines.append(f"{'':<{TOOL_WIDTH}}(expected views: {result.expected_views})")
         if result.error:
-            lines.append(f"{'':<14}(some runs failed: {result.error})")
+            lines.append(f"{'':<{TOOL_WIDTH}}(some runs failed: {result.error})")
+    return "\n".join(lines)
+
+
+def dicom_overhead_checks(results: Sequence[Result]) -> list[dict[str, object]]:
+    """Time (and bytes) that publishing the DICOM view adds, per (both, zarr) pair."""
+    by_name = {result.tool: result for result in results}
+    checks: list[dict[str, object]] = []
+    for both_name, zarr_name in DICOM_OVERHEAD_PAIRS:
+        both, zarr = by_name.get(both_name), by_name.get(zarr_name)
+        check: dict[str, object] = {
+            "both": both_name,
+            "zarr": zarr_name,
+            "target_pct": DICOM_OVERHEAD_TARGET_PCT,
+            "slower_pct": None,
+            "extra_bytes": None,
+            "ok": None,
+        }
+        if both and zarr and both.median_s and zarr.median_s:
+            pct = (both.median_s / zarr.median_s - 1) * 100
+            check["slower_pct"] = pct
+            check["ok"] = pct <= DICOM_OVERHEAD_TARGET_PCT
+            if both.output_bytes is not None and zarr.output_bytes is not None:
+                check["extra_bytes"] = both.output_bytes - zarr.output_bytes
+        elif both or zarr:
+            missing = [n for n, r in ((both_name, both), (zarr_name, zarr)) if not r or r.failed]
+            check["missing"] = missing
+        else:
+            continue  # neither was run: nothing to say
+        checks.append(check)
+    return checks
+
+
+def both_views_checks(
+    results: Sequence[Result], source_bytes: int, compression: str
+) -> list[dict[str, object]]:
+    """Bytes stored for both views together, against the source size."""
+    jpeg = compression.upper() == "JPEG"
+    checks: list[dict[str, object]] = []
+    for result in results:
+        if result.tool not in BOTH_VIEWS_TOOLS:
+            continue
+        out = result.output_bytes
+        ratio = out / source_bytes if out is not None else None
+        checks.append(
+            {
+                "tool": result.tool,
+                "views": result.views,
+                "bytes": out,
+                "ratio": ratio,
+                "target_ratio": BOTH_VIEWS_TARGET_RATIO,
+                "source_compression": compression,
+                # The target is for a JPEG source only.
+                "ok": ratio <= BOTH_VIEWS_TARGET_RATIO if ratio is not None and jpeg else None,
+            }
+        )
+    return checks
+
+
+def _verdict(ok: object) -> str:
+    """``" -> ok"`` / ``" -> MISSED"`` for a checked target, ``""`` where it does not apply."""
+    if ok is None:
+        return ""
+    return " -> ok" if ok else " -> MISSED"
+
+
+def format_checks(overhead: Sequence[dict], stored: Sequence[dict]) -> str:
+    """The DICOM-overhead and both-views-stored lines printed after the table."""
+    lines = []
+    target_pct = f"(target <= {DICOM_OVERHEAD_TARGET_PCT:g}%)"
+    for check in overhead:
+        label = f"DICOM overhead: {check['both']} (both) vs {check['zarr']}"
+        pct = check["slower_pct"]
+        if not isinstance(pct, float):
+            missing = ", ".join(check.get("missing", []))
+            lines.append(f"{label}: n/a ({missing} not run or failed) {target_pct}")
+            continue
+        speed = f"{pct:.1f}% slower" if pct >= 0 else f"{-pct:.1f}% faster"
+        extra = check["extra_bytes"]
+        extra_text = f"; the DICOM view adds {extra:+,} bytes" if isinstance(extra, int) else ""
+        lines.append(f"{label}: {speed} {target_pct}{_verdict(check['ok'])}{extra_text}")
+    target_ratio = f"(target <= {BOTH_VIEWS_TARGET_RATIO:g}x for a JPEG source)"
+    for check in stored:
+        label = f"both views stored ({check['tool']})"
+        if check["bytes"] is None:
+            lines.append(f"{label}: n/a (failed) {target_ratio}")
+            continue
+        views = "" if check["views"] == "zarr+dicom" else f" [views found: {check['views']}]"
+        source = (
+            ""
+            if check["source_compression"].upper() == "JPEG"
+            else f" [source is {check['source_compression']}, target n/a]"
+        )
+        lines.append(
+            f"{label}: {check['bytes']:,} bytes = {check['ratio']:.3f}x source "
+            f"{target_ratio}{_verdict(check['ok'])}{views}{source}"
+        )
     return "\n".join(lines)
 
 
@@ -316,7 +527,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--tools",
         default=",".join(t.name for t in TOOLS),
-        help="comma-separated subset of: " + ", ".join(t.name for t in TOOLS),
+        metavar="NAME[,NAME...]",
+        help="comma-separated subset of the tools (default: all): "
+        + "; ".join(f"{t.name} = {t.description}" for t in TOOLS),
     )
     parser.add_argument("--json", type=Path, default=OUT / "convert.json", help="results file")
     args = parser.parse_args(argv)
@@ -324,7 +537,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args.tools = [name.strip() for name in args.tools.split(",") if name.strip()]
     unknown = sorted(set(args.tools) - known)
     if unknown:
-        parser.error(f"unknown tool(s): {', '.join(unknown)}")
+        parser.error(
+            f"unknown tool(s): {', '.join(unknown)} "
+            f"(choose from: {', '.join(t.name for t in TOOLS)})"
+        )
+    if not args.tools:
+        parser.error("--tools names no tool")
     if args.repeat < 1:
         parser.error("--repeat must be at least 1")
     return args
@@ -338,13 +556,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     width, height = header.width, header.height
     megapixels = width * height / 1e6
     source_bytes = src.stat().st_size
-    print(f"source: {src} ({width}x{height}, {megapixels:,.1f} MP, {source_bytes:,} bytes)")
+    compression = source_compression(src)
+    print(
+        f"source: {src} ({width}x{height}, {megapixels:,.1f} MP, {source_bytes:,} bytes, "
+        f"{compression})"
+    )
     print(f"cpus: {os.cpu_count()}, repeats: {args.repeat}", flush=True)
     warm_page_cache(src)
 
     tools = [t for t in TOOLS if t.name in args.tools]
     runs_dir = OUT / "runs"
-    results = [Result(t.name, t.description, t.command(src, runs_dir / t.name)) for t in tools]
+    results = [
+        Result(t.name, t.description, t.views, t.command(src, runs_dir / t.name)) for t in tools
+    ]
     for repeat in range(1, args.repeat + 1):
         for tool, result in zip(tools, results, strict=True):
             log = OUT / "logs" / f"{tool.name}-{repeat}.log"
@@ -352,13 +576,20 @@ def main(argv: Sequence[str] | None = None) -> int:
             result.runs.append(run)
             status = "ok" if run.error is None else f"FAILED ({run.error})"
             print(
-                f"  [{repeat}/{args.repeat}] {tool.name:<14}{run.seconds:8.2f} s"
-                f"{run.peak_rss_bytes / 1e6:8.0f} MB{run.output_bytes:>15,} B  {status}",
+                f"  [{repeat}/{args.repeat}] {tool.name:<{TOOL_WIDTH}}{run.seconds:8.2f} s"
+                f"{run.peak_rss_bytes / 1e6:8.0f} MB{run.output_bytes:>15,} B"
+                f"  {run.views:<11} {status}",
                 flush=True,
             )
 
     print()
     print(format_table(results, megapixels, source_bytes))
+    overhead = dicom_overhead_checks(results)
+    stored = both_views_checks(results, source_bytes, compression)
+    checks_text = format_checks(overhead, stored)
+    if checks_text:
+        print()
+        print(checks_text)
     ref_mps = reference_mps(results, megapixels)
     report = {
         "source": {
@@ -367,6 +598,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "height": height,
             "megapixels": megapixels,
             "bytes": source_bytes,
+            "compression": compression,
         },
         "machine": {
             "cpus": os.cpu_count(),
@@ -377,6 +609,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "repeat": args.repeat,
         "reference": REFERENCE,
         "results": [summary(r, megapixels, source_bytes, ref_mps) for r in results],
+        "checks": {"dicom_overhead": overhead, "both_views_stored": stored},
     }
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(report, indent=2) + "\n")
