@@ -241,3 +241,14 @@ def test_export_cli_errors_are_one_line(tmp_path):
     )
     assert run.returncode == 1 and run.stderr.startswith("wsi: error: ")
     assert len(run.stderr.strip().splitlines()) == 1
+
+
+def test_dicom_source_keeps_its_patient_and_study_unless_deidentified(tmp_path):
+    path = sample("highdicom/sm_image.dcm")  # PatientName Test^Patient, PatientID AA01
+    _store, result = convert(path, tmp_path / "kept")
+    level0 = tmp_path / "kept" / result.slide_id / "slide.zarr/0/c/0/0/0"
+    ds = pydicom.dcmread(level0, stop_before_pixels=True)
+    assert (ds.PatientName, ds.PatientID) == ("Test^Patient", "AA01")
+    _, _anon = convert(path, tmp_path / "anon", deidentify=True)
+    blob = all_stored_bytes(tmp_path / "anon")
+    assert b"Test^Patient" not in blob and b"AA01" not in blob

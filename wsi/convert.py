@@ -131,7 +131,7 @@ def convert_slide(
     path = Path(path)
     with open_slide(path, settings.backend) as source:
         sid = check_slide_id(slide_id) if slide_id is not None else content_slide_id(path)
-        metadata = metadata_for(path, settings.metadata_file)
+        metadata = metadata_for(path, settings.metadata_file, source.properties.identifiers)
         properties = source.properties
         if settings.deidentify:
             metadata = metadata.deidentify()
@@ -140,6 +140,7 @@ def convert_slide(
                 vendor_properties=safe_vendor_properties(properties.vendor_properties),
                 scan_datetime=None,
                 serial_number=None,
+                identifiers={},
             )
         fingerprint = settings.fingerprint(metadata)
         base = source.levels[0]

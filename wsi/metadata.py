@@ -117,12 +117,26 @@ def sidecar_path(slide: Path) -> Path | None:
     return None
 
 
-def metadata_for(slide: Path, explicit: str | Path | None = None) -> SlideMetadata:
-    """Metadata from `explicit`, else the sidecar, else empty (placeholders are made later)."""
+def metadata_for(
+    slide: Path,
+    explicit: str | Path | None = None,
+    from_source: Mapping[str, str] | None = None,
+) -> SlideMetadata:
+    """Metadata from `explicit`, else the sidecar, else what the source file carries (a DICOM
+    slide's own patient and study), else empty (placeholders are made later)."""
     if explicit is not None:
         return SlideMetadata.load(explicit)
     sidecar = sidecar_path(slide)
-    return SlideMetadata.load(sidecar) if sidecar else SlideMetadata()
+    if sidecar:
+        return SlideMetadata.load(sidecar)
+    usable = {}
+    for key, value in (from_source or {}).items():
+        try:  # a value DICOM allowed but we would refuse (e.g. a long name) is left out
+            SlideMetadata.from_mapping({key: value})
+        except InvalidArgument:
+            continue
+        usable[key] = value
+    return SlideMetadata.from_mapping(usable)
 
 
 def safe_vendor_properties(properties: Mapping[str, str]) -> dict[str, str]:

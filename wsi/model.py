@@ -97,12 +97,16 @@ class SlideProperties:
     model: str | None = None
     serial_number: str | None = None
     """Scanner identification, if the file says (DICOM Enhanced General Equipment)."""
+    identifiers: Mapping[str, str] = field(default_factory=dict)
+    """Patient/study/specimen identifiers the file itself carries (a DICOM source's header),
+    keyed like `SlideMetadata` fields; defaults for the DICOM view. Never log them."""
 
     def __post_init__(self) -> None:
         for mpp in (self.mpp_x, self.mpp_y):
             if mpp is not None and not (math.isfinite(mpp) and mpp > 0):
                 raise InvalidArgument(f"microns per pixel must be positive: {mpp}")
         object.__setattr__(self, "vendor_properties", _frozen_mapping(self.vendor_properties))
+        object.__setattr__(self, "identifiers", _frozen_mapping(self.identifiers))
 
 
 ASSOCIATED_KINDS = ("label", "macro", "thumbnail")

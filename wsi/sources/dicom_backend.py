@@ -29,13 +29,24 @@ _VENDOR_KEYWORDS = (
     "ManufacturerModelName",
     "DeviceSerialNumber",
     "SoftwareVersions",
-    "ContainerIdentifier",
-    "PatientName",
-    "PatientID",
-    "StudyID",
-    "AccessionNumber",
 )
-"""Header attributes carried into `vendor_properties` (some identify the patient: never log)."""
+"""Header attributes carried into `vendor_properties` (identifiers go to `identifiers`)."""
+_IDENTIFIERS = {
+    "PatientName": "patient_name",
+    "PatientID": "patient_id",
+    "PatientBirthDate": "patient_birth_date",
+    "PatientSex": "patient_sex",
+    "StudyID": "study_id",
+    "StudyDate": "study_date",
+    "StudyTime": "study_time",
+    "AccessionNumber": "accession_number",
+    "ReferringPhysicianName": "referring_physician_name",
+    "StudyDescription": "study_description",
+    "SeriesDescription": "series_description",
+    "ContainerIdentifier": "container_id",
+    "InstitutionName": "institution_name",
+}
+"""DICOM keyword -> SlideMetadata field: a converted DICOM slide keeps its patient and study."""
 
 
 def _is_dicom_file(path: Path) -> bool:
@@ -134,8 +145,14 @@ class DicomSource(SlideSource):
         if not acquired and ds.get("ContentDate"):
             acquired = str(ds.ContentDate) + str(ds.get("ContentTime", "000000"))
         digits = "".join(c for c in acquired if c.isdigit())[:14]
+        identifiers = {
+            field: str(ds.get(keyword))
+            for keyword, field in _IDENTIFIERS.items()
+            if ds.get(keyword) not in (None, "")
+        }
         return SlideProperties(
             vendor="dicom",
+            identifiers=identifiers,
             scan_datetime=digits if len(digits) == 14 else None,
             manufacturer=str(ds.get("Manufacturer", "") or "") or None,
             model=str(ds.get("ManufacturerModelName", "") or "") or None,
