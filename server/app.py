@@ -1,0 +1,163 @@
+"""`create_app(settings)`: the aiohttp application. Library errors become HTTP statuses in one
+table here; every route module registers its own routes; blocking work runs on one bounded pool."""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import hashlib
+import hmac
+import importlib
+import json
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+from aiohttp import web
+
+from wsi.errors import (
+    CorruptSlide,
+    EncodedTileUnavailable,
+    InvalidArgument,
+    SlideNotFound,
+    StoreError,
+    UnsupportedSlide,
+    WsiError,
+)
+from wsi.store import Store, StoreSettings
+
+from .catalog import AsyncStore, Catalog
+from .metrics import Metrics
+from .settings import ServerSettings
+
+SETTINGS = web.AppKey("settings", ServerSettings)
+CATALOG = web.AppKey("catalog", Catalog)
+EXECUTOR = web.AppKey("executor", cf.ThreadPoolExecutor)
+METRICS = web.AppKey("metrics", Metrics)
+ROUTE_MODULES = web.AppKey("route_modules", list)
+
+STATUS: list[tuple[type[Exception], int]] = [
+    (SlideNotFound, 404),
+    (EncodedTileUnavailable, 404),
+    (InvalidArgument, 400),
+    (UnsupportedSlide, 415),
+    (CorruptSlide, 422),
+    (StoreError, 503),
+    (WsiError, 500),
+]
+"""Library error -> HTTP status: the one place where the two meet."""
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def json_error(status: int, message: str) -> web.Response:
+    return web.json_response({"error": message, "status": status}, status=status)
+
+
+@web.middleware
+async def errors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Every error is a JSON body with a 4xx/5xx status; no stack trace ever leaves."""
+    try:
+        return await handler(request)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        return json_error(exc.status, exc.reason)
+    except WsiError as exc:
+        status = next(code for kind, code in STATUS if isinstance(exc, kind))
+        return json_error(status, str(exc))
+    except (ValueError, KeyError) as exc:  # malformed input that slipped past validation
+        return json_error(400, f"bad request: {type(exc).__name__}")
+
+
+def sign(key: str, slide_id: str, expires: int) -> str:
+    """Signature of a viewer's access to one slide until `expires` (Unix time)."""
+    msg = f"{slide_id}:{expires}".encode()
+    return hmac.new(key.encode(), msg, hashlib.sha256).hexdigest()[:32]
+
+
+def signed_query(settings: ServerSettings, slide_id: str) -> str:
+    """`exp=...&sig=...` for a viewer's tile URLs (empty when auth is off)."""
+    if not settings.requires_auth:
+        return ""
+    expires = int(time.time()) + settings.signed_url_seconds
+    return f"exp={expires}&sig={sign(settings.signing_key, slide_id, expires)}"
+
+
+OPEN_PATHS = ("/healthz", "/readyz", "/static/")
+
+
+@web.middleware
+async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Off loopback: a Bearer token, or (for one slide's tiles) an unexpired signed URL."""
+    settings = request.app[SETTINGS]
+    if not settings.requires_auth or request.path.startswith(OPEN_PATHS):
+        return await handler(request)
+    header = request.headers.get("Authorization", "")
+    if header.startswith("Bearer ") and any(
+        hmac.compare_digest(header[7:], token) for token in settings.tokens
+    ):
+        return await handler(request)
+    slide_id = request.match_info.get("slide_id")
+    exp, sig = request.query.get("exp", ""), request.query.get("sig", "")
+    if slide_id and exp.isdigit() and int(exp) >= time.time():
+        expected = sign(settings.signing_key, slide_id, int(exp))
+        if hmac.compare_digest(sig, expected):
+            return await handler(request)
+    return json_error(401, "authentication required (Bearer token or signed URL)")
+
+
+async def _resources(app: web.Application) -> AsyncIterator[None]:
+    settings = app[SETTINGS]
+    executor = cf.ThreadPoolExecutor(settings.threads, thread_name_prefix="wsi-serve")
+    reader = AsyncStore(Store(StoreSettings(settings.store, settings.s3_endpoint)), executor)
+    await reader.start()
+    app[EXECUTOR] = executor
+    catalog = Catalog(reader, settings.tile_cache_mb * 1024 * 1024)
+    app[CATALOG] = catalog
+    app[METRICS].cache_stats = lambda: (
+        catalog.tiles.hits,
+        catalog.tiles.misses,
+        catalog.tiles.used,
+    )
+    yield
+    await reader.close()
+    executor.shutdown(wait=False, cancel_futures=True)
+
+
+def create_app(settings: ServerSettings) -> web.Application:
+    from . import routes_dzi, routes_ops, routes_slides
+
+    metrics = Metrics()
+    app = web.Application(middlewares=[metrics.middleware, errors_middleware, auth_middleware])
+    app[SETTINGS] = settings
+    app[METRICS] = metrics
+    app.cleanup_ctx.append(_resources)
+    # DeepZoom before slides: `/slides/{id}.dzi` must not be read as a slide id.
+    modules: list[Any] = [routes_ops, routes_dzi, routes_slides]
+    for name in ("routes_iiif", "routes_dicomweb", "routes_viewer"):
+        try:
+            modules.append(importlib.import_module(f"server.{name}"))
+        except ModuleNotFoundError:  # an API still being built is simply absent
+            continue
+    for module in modules:
+        module.register(app)
+    app[ROUTE_MODULES] = modules
+    return app
+
+
+def etag_response(
+    request: web.Request, body: bytes, content_type: str, etag: str, immutable: bool = True
+) -> web.Response:
+    """Stored bytes with a strong ETag; 304 when the client has them already."""
+    quoted = f'"{etag}"'
+    headers = {
+        "ETag": quoted,
+        "Cache-Control": "public, max-age=31536000, immutable" if immutable else "no-cache",
+    }
+    if request.headers.get("If-None-Match") == quoted:
+        return web.Response(status=304, headers=headers)
+    return web.Response(body=body, content_type=content_type, headers=headers)
+
+
+def dumps(doc: Any) -> str:
+    return json.dumps(doc, separators=(",", ":"))

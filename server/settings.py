@@ -1,0 +1,77 @@
+"""Service settings: explicit, frozen, read once at start from flags and `WSI_*` variables."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+
+from wsi.errors import InvalidArgument
+
+ENV_PREFIX = "WSI_"
+LOOPBACK = {"127.0.0.1", "::1", "localhost"}
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    """Everything `wsi serve` can be told. Environment: `WSI_<FIELD>` in upper case (lists are
+    comma-separated, booleans 1/true/yes)."""
+
+    store: str = "./data"
+    """Published slides: a local folder or s3://bucket/prefix."""
+    sources: tuple[str, ...] = ()
+    """Folders of slides not yet converted, served on the fly from the source file."""
+    host: str = "127.0.0.1"
+    port: int = 8000
+    s3_endpoint: str | None = None
+    tokens: tuple[str, ...] = ()
+    """API tokens accepted as `Authorization: Bearer <token>`; required off loopback."""
+    signing_key: str = ""
+    """Secret for signed tile URLs (viewers); required off loopback."""
+    signed_url_seconds: int = 3600
+    allow_label: bool = False
+    """Serve label and macro images (they may show patient names)."""
+    tile_cache_mb: int = 256
+    max_render_pixels: int = 16_000_000
+    """Pixel budget of any response we render (IIIF region/size, thumbnails)."""
+    threads: int = field(default_factory=lambda: os.cpu_count() or 2)
+
+    def __post_init__(self) -> None:
+        if not 0 < self.port < 65536:
+            raise InvalidArgument(f"port must be 1-65535, got {self.port}")
+        if self.requires_auth and not (self.tokens and self.signing_key):
+            raise InvalidArgument(
+                f"listening on {self.host} (not loopback) needs WSI_TOKENS and WSI_SIGNING_KEY"
+            )
+        if self.max_render_pixels <= 0 or self.tile_cache_mb < 0 or self.threads <= 0:
+            raise InvalidArgument("max_render_pixels, tile_cache_mb and threads must be positive")
+
+    @property
+    def requires_auth(self) -> bool:
+        return self.host not in LOOPBACK
+
+    @classmethod
+    def from_env(
+        cls, environ: Mapping[str, str] | None = None, **overrides: object
+    ) -> ServerSettings:
+        """Defaults, then `WSI_*` variables, then explicit overrides (CLI flags that were given)."""
+        env = os.environ if environ is None else environ
+        values: dict[str, object] = {}
+        for f in fields(cls):
+            raw = env.get(ENV_PREFIX + f.name.upper())
+            if raw is None:
+                continue
+            kind = str(f.type)
+            if "tuple" in kind:
+                values[f.name] = tuple(x.strip() for x in raw.split(",") if x.strip())
+            elif "bool" in kind:
+                values[f.name] = raw.strip().lower() in ("1", "true", "yes", "on")
+            elif kind.startswith("int"):
+                try:
+                    values[f.name] = int(raw)
+                except ValueError as exc:
+                    raise InvalidArgument(f"{ENV_PREFIX}{f.name.upper()} must be a number") from exc
+            else:
+                values[f.name] = raw
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)  # type: ignore[arg-type]
