@@ -28,6 +28,7 @@ from wsi.store import Store, StoreSettings
 from .catalog import AsyncStore, Catalog
 from .metrics import Metrics
 from .settings import ServerSettings
+from .sources import SourceSlides
 
 SETTINGS = web.AppKey("settings", ServerSettings)
 CATALOG = web.AppKey("catalog", Catalog)
@@ -112,7 +113,8 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
     reader = AsyncStore(Store(StoreSettings(settings.store, settings.s3_endpoint)), executor)
     await reader.start()
     app[EXECUTOR] = executor
-    catalog = Catalog(reader, settings.tile_cache_mb * 1024 * 1024)
+    sources = SourceSlides(settings.sources) if settings.sources else None
+    catalog = Catalog(reader, settings.tile_cache_mb * 1024 * 1024, sources)
     app[CATALOG] = catalog
     app[METRICS].cache_stats = lambda: (
         catalog.tiles.hits,
@@ -121,6 +123,8 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
     )
     yield
     await reader.close()
+    if sources is not None:
+        sources.close()
     executor.shutdown(wait=False, cancel_futures=True)
 
 

@@ -10,13 +10,16 @@ import concurrent.futures as cf
 import json
 import struct
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import google_crc32c
 import numpy as np
 
 from wsi.errors import InvalidArgument, SlideNotFound, StoreError
 from wsi.store import Store, check_slide_id
+
+if TYPE_CHECKING:
+    from .sources import SourceSlides
 
 
 @dataclass(frozen=True)
@@ -196,8 +199,11 @@ class AsyncStore:
 class Catalog:
     """Published slides of one store, with caches for slide metadata, shard indexes and tiles."""
 
-    def __init__(self, reader: AsyncStore, tile_cache_bytes: int) -> None:
+    def __init__(
+        self, reader: AsyncStore, tile_cache_bytes: int, sources: SourceSlides | None = None
+    ) -> None:
         self.reader = reader
+        self.sources = sources
         self.tiles = ByteLRU(tile_cache_bytes)
         self._views: collections.OrderedDict[str, SlideView] = collections.OrderedDict()
         self._indexes: collections.OrderedDict[tuple[str, int | str], np.ndarray] = (
@@ -205,7 +211,13 @@ class Catalog:
         )
 
     async def slide_ids(self) -> list[str]:
-        return await self.reader.published()
+        """Published slides, then slides only present as sources (being converted)."""
+        published = await self.reader.published()
+        if self.sources is None:
+            return published
+        loop = asyncio.get_running_loop()
+        found = await loop.run_in_executor(self.reader.executor, self.sources.scan)
+        return published + sorted(set(found) - set(published))
 
     async def slide(self, slide_id: str) -> SlideView:
         """The published slide `slide_id` (SlideNotFound otherwise), cached by manifest."""
@@ -213,6 +225,9 @@ class Catalog:
         try:
             manifest_bytes = await self.reader.get(f"{slide_id}/manifest.json")
         except SlideNotFound as exc:
+            if self.sources is not None:
+                loop = asyncio.get_running_loop()
+                return await loop.run_in_executor(self.reader.executor, self._source_view, slide_id)
             raise SlideNotFound(f"no slide {slide_id}") from exc
         crc = f"{google_crc32c.value(manifest_bytes):08x}"
         cached = self._views.get(slide_id)
@@ -224,6 +239,14 @@ class Catalog:
         while len(self._views) > 256:
             self._views.popitem(last=False)
         return view
+
+    def _source_view(self, slide_id: str) -> SlideView:
+        assert self.sources is not None
+        try:
+            return self.sources.view(slide_id)
+        except SlideNotFound:
+            self.sources.scan()  # a slide that just landed
+            return self.sources.view(slide_id)
 
     async def _load(self, slide_id: str, manifest: dict[str, Any], crc: str) -> SlideView:
         try:
@@ -300,6 +323,13 @@ class Catalog:
         cached = self.tiles.get(key)
         if cached is not None:
             return cached
+        if slide.status == "converting" and self.sources is not None:
+            loop = asyncio.get_running_loop()
+            data = await loop.run_in_executor(
+                self.reader.executor, self.sources.tile, slide.slide_id, level.index, col, row
+            )
+            self.tiles.put(key, data)
+            return data
         index = await self._index(slide, level, tag)
         offset, nbytes = (int(v) for v in index[row * level.cols + col])
         data = await self.reader.get_range(level.key, offset, offset + nbytes)

@@ -1,0 +1,236 @@
+"""The service's core API on a real aiohttp test server: slides, plain tiles, DeepZoom,
+associated images, health, metrics, OpenAPI, auth, errors; a local store, sources on the fly,
+and SeaweedFS."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import shutil
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from aiohttp.test_utils import TestClient, TestServer
+from PIL import Image
+
+import wsi
+from server.app import create_app, sign
+from server.settings import ServerSettings
+from wsi.sources import open_slide
+
+from .conftest import sample
+from .s3server import SeaweedFS
+from .s3server import seaweedfs as _seaweedfs_fixture  # noqa: F401
+
+
+def run(settings: ServerSettings, check: Callable[[TestClient], Awaitable[Any]]) -> Any:
+    async def main() -> Any:
+        async with TestClient(TestServer(create_app(settings))) as client:
+            return await check(client)
+
+    return asyncio.run(main())
+
+
+@pytest.fixture(scope="module")
+def store_dir(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    root = tmp_path_factory.mktemp("served")
+    result = wsi.convert_slide(
+        sample("CMU-1-Small-Region.svs"), wsi.Store(wsi.StoreSettings(str(root)))
+    )
+    return root, result.slide_id
+
+
+def test_slides_tiles_and_caching(store_dir):
+    root, sid = store_dir
+
+    async def check(c: TestClient) -> None:
+        listing = await (await c.get("/slides")).json()
+        assert [s["id"] for s in listing["slides"]] == [sid]
+        doc = await (await c.get(f"/slides/{sid}")).json()
+        assert doc["status"] == "ready" and doc["width"] == 2220 and doc["mpp_x"] == 0.499
+        assert doc["associated_images"] == ["thumbnail"]  # label/macro hidden by default
+        r = await c.get(f"/slides/{sid}/tiles/0/3/2")
+        assert r.status == 200 and r.content_type == "image/jpeg"
+        assert "immutable" in r.headers["Cache-Control"]
+        body = await r.read()
+        with open_slide(sample("CMU-1-Small-Region.svs")) as src:
+            assert body == src.read_encoded_tile(0, 3, 2)  # the stored bytes, as they are
+        again = await c.get(
+            f"/slides/{sid}/tiles/0/3/2", headers={"If-None-Match": r.headers["ETag"]}
+        )
+        assert again.status == 304
+        thumb = await c.get(f"/slides/{sid}/associated/thumbnail")
+        assert thumb.status == 200 and Image.open(io.BytesIO(await thumb.read())).size == (574, 768)
+
+    run(ServerSettings(store=str(root)), check)
+
+
+def test_deepzoom(store_dir):
+    root, sid = store_dir
+
+    async def check(c: TestClient) -> None:
+        xml = await (await c.get(f"/slides/{sid}.dzi")).text()
+        assert 'TileSize="240"' in xml and 'Width="2220"' in xml and 'Height="2967"' in xml
+        top = 12  # ceil(log2(2967))
+        interior = await (await c.get(f"/slides/{sid}_files/{top}/1_1.jpeg")).read()
+        stored = await (await c.get(f"/slides/{sid}/tiles/0/1/1")).read()
+        assert interior == stored
+        edge = await c.get(f"/slides/{sid}_files/{top}/9_12.jpeg")  # 2220 = 9*240 + 60
+        assert Image.open(io.BytesIO(await edge.read())).size == (60, 2967 - 12 * 240)
+        smallest = await c.get(f"/slides/{sid}_files/0/0_0.jpeg")
+        assert Image.open(io.BytesIO(await smallest.read())).size == (1, 1)
+
+    run(ServerSettings(store=str(root)), check)
+
+
+BAD = [
+    ("/slides/UPPER", 400),
+    ("/slides/..%2f..%2fetc", 400),
+    ("/slides/nope", 404),
+    ("/slides/{sid}/tiles/9/0/0", 400),
+    ("/slides/{sid}/tiles/0/99/0", 400),
+    ("/slides/{sid}/tiles/0/-1/0", 400),
+    ("/slides/{sid}/tiles/0/x/0", 400),
+    ("/slides/{sid}/associated/label", 403),
+    ("/slides/{sid}/associated/secret", 400),
+    ("/slides/{sid}_files/99/0_0.jpeg", 400),
+    ("/slides/{sid}_files/12/99_0.jpeg", 400),
+    ("/nothing/here", 404),
+]
+
+
+def test_errors_are_json_4xx(store_dir):
+    root, sid = store_dir
+
+    async def check(c: TestClient) -> None:
+        for url, status in BAD:
+            r = await c.get(url.format(sid=sid))
+            assert r.status == status, url
+            body = await r.json()
+            assert body["status"] == status and body["error"]
+            assert "Traceback" not in body["error"]
+
+    run(ServerSettings(store=str(root)), check)
+
+
+def test_label_when_allowed(store_dir):
+    root, sid = store_dir
+
+    async def check(c: TestClient) -> None:
+        r = await c.get(f"/slides/{sid}/associated/label")
+        assert r.status == 200 and r.content_type == "image/jpeg"
+        doc = await (await c.get(f"/slides/{sid}")).json()
+        assert "label" in doc["associated_images"]
+
+    run(ServerSettings(store=str(root), allow_label=True), check)
+
+
+def test_health_metrics_openapi(store_dir):
+    root, sid = store_dir
+
+    async def check(c: TestClient) -> None:
+        assert (await c.get("/healthz")).status == 200
+        assert (await (await c.get("/readyz")).json())["status"] == "ready"
+        await c.get(f"/slides/{sid}/tiles/0/0/0")
+        await c.get(f"/slides/{sid}/tiles/0/0/0")
+        text = await (await c.get("/metrics")).text()
+        assert "wsi_http_requests_total" in text and "wsi_http_request_seconds_bucket" in text
+        assert 'wsi_tile_cache_lookups_total{result="hit"}' in text
+        spec = await (await c.get("/openapi.json")).json()
+        documented = set(spec["paths"])
+        for resource in c.app.router.resources():
+            path = resource.canonical
+            if path.startswith("/static"):
+                continue
+            assert path in documented, f"{path} missing from OpenAPI"
+
+    run(ServerSettings(store=str(root)), check)
+
+
+def test_auth_off_loopback(store_dir):
+    root, sid = store_dir
+    settings = ServerSettings(store=str(root), host="0.0.0.0", tokens=("t0ken",), signing_key="k3y")
+
+    async def check(c: TestClient) -> None:
+        assert (await c.get("/healthz")).status == 200
+        assert (await c.get("/slides")).status == 401
+        ok = await c.get("/slides", headers={"Authorization": "Bearer t0ken"})
+        assert ok.status == 200
+        assert (await c.get("/slides", headers={"Authorization": "Bearer nope"})).status == 401
+        exp = int(time.time()) + 60
+        tile = f"/slides/{sid}/tiles/0/0/0"
+        signed = await c.get(f"{tile}?exp={exp}&sig={sign('k3y', sid, exp)}")
+        assert signed.status == 200
+        old = int(time.time()) - 1
+        assert (await c.get(f"{tile}?exp={old}&sig={sign('k3y', sid, old)}")).status == 401
+        assert (await c.get(f"{tile}?exp={exp}&sig=deadbeef")).status == 401
+
+    run(settings, check)
+    with pytest.raises(wsi.InvalidArgument):
+        ServerSettings(store=str(root), host="0.0.0.0")
+
+
+def test_settings_from_environment():
+    s = ServerSettings.from_env(
+        {
+            "WSI_STORE": "s3://b/p",
+            "WSI_PORT": "9000",
+            "WSI_ALLOW_LABEL": "yes",
+            "WSI_SOURCES": "a, b",
+        },
+        port=9100,
+    )
+    assert (s.store, s.port, s.allow_label, s.sources) == ("s3://b/p", 9100, True, ("a", "b"))
+    with pytest.raises(wsi.InvalidArgument):
+        ServerSettings.from_env({"WSI_PORT": "eighty"})
+
+
+def test_unconverted_source_served_then_store_takes_over(tmp_path):
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    shutil.copy(sample("openslide-python-fixtures/boxes.tiff"), inbox / "boxes.tiff")
+    store = tmp_path / "store"
+    settings = ServerSettings(store=str(store), sources=(str(inbox),))
+
+    async def check(c: TestClient) -> str:
+        [slide] = (await (await c.get("/slides")).json())["slides"]
+        assert slide["status"] == "converting"
+        r = await c.get(f"/slides/{slide['id']}/tiles/0/0/0")
+        assert r.status == 200 and r.content_type == "image/jpeg"
+        pixels = np.asarray(Image.open(io.BytesIO(await r.read())))
+        assert pixels.shape == (256, 256, 3) and pixels.std() > 5
+        return str(slide["id"])
+
+    sid = run(settings, check)
+    wsi.convert_slide(inbox / "boxes.tiff", wsi.Store(wsi.StoreSettings(str(store))))
+
+    async def after(c: TestClient) -> None:
+        [slide] = (await (await c.get("/slides")).json())["slides"]
+        assert slide["id"] == sid and slide["status"] == "ready"
+
+    run(settings, after)
+
+
+@pytest.mark.s3
+def test_slides_from_seaweedfs(seaweedfs: SeaweedFS, store_dir):
+    root, sid = store_dir
+    store = wsi.Store(
+        wsi.StoreSettings(seaweedfs.url("served"), endpoint_url=seaweedfs.endpoint_url)
+    )
+    wsi.convert_slide(sample("CMU-1-Small-Region.svs"), store)
+    settings = ServerSettings(store=seaweedfs.url("served"), s3_endpoint=seaweedfs.endpoint_url)
+    local = (root / sid / "slide.zarr/0/c/0/0/0").read_bytes()
+
+    async def check(c: TestClient) -> None:
+        assert (await (await c.get("/readyz")).json())["status"] == "ready"
+        assert [s["id"] for s in (await (await c.get("/slides")).json())["slides"]] == [sid]
+        body = await (await c.get(f"/slides/{sid}/tiles/0/2/2")).read()
+        assert body[:2] == b"\xff\xd8" and body in local
+        dzi = await c.get(f"/slides/{sid}_files/12/2_2.jpeg")
+        assert await dzi.read() == body
+
+    run(settings, check)
