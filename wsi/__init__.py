@@ -1,15 +1,15 @@
 """wsistore: whole-slide images to chunked OME-Zarr pyramids in object storage.
 
 Public API: open a slide (`open_slide`), convert it (`convert_slide`), and the settings and value
-types they take. Importing the package registers the `wsistore.jpeg` Zarr codec, which is what a
-plain zarr-python user needs to read our JPEG chunks.
+types they take. The `wsistore.jpeg` Zarr codec, which a plain zarr-python user needs to read our
+JPEG chunks, is registered with zarr through an entry point when the package is installed (and by
+importing `wsi.zarr_codec`); zarr itself is not imported here, which keeps the CLI quick.
 """
 
 from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from . import zarr_codec  # noqa: F401  (registers the Zarr codec)
 from .convert import ConvertResult, ConvertSettings, convert_slide
 from .errors import (
     CorruptSlide,

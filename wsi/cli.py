@@ -150,10 +150,12 @@ def _serve(args: argparse.Namespace) -> int:
         allow_label=True if args.allow_label else None,
     )
     shown = "localhost" if settings.host in ("127.0.0.1", "::1") else settings.host
-    print(f"wsistore: serving {settings.store}; viewer at http://{shown}:{settings.port}/",
-          flush=True)
-    web.run_app(create_app(settings), host=settings.host, port=settings.port, print=None,
-                access_log=None)
+    print(
+        f"wsistore: serving {settings.store}; viewer at http://{shown}:{settings.port}/", flush=True
+    )
+    web.run_app(
+        create_app(settings), host=settings.host, port=settings.port, print=None, access_log=None
+    )
     return 0
 
 
@@ -228,13 +230,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = sub.add_parser("serve", help="serve tiles, DeepZoom, IIIF, DICOMweb and a viewer")
     serve.add_argument("--store", help="published slides: folder or s3:// URL (WSI_STORE)")
-    serve.add_argument("--sources", action="append", metavar="DIR",
-                       help="folder of slides not yet converted, served on the fly (repeatable)")
+    serve.add_argument(
+        "--sources",
+        action="append",
+        metavar="DIR",
+        help="folder of slides not yet converted, served on the fly (repeatable)",
+    )
     serve.add_argument("--host", help="listen address (WSI_HOST, default 127.0.0.1)")
     serve.add_argument("--port", type=int, help="port (WSI_PORT, default 8000)")
     serve.add_argument("--s3-endpoint", help="S3 endpoint URL (WSI_S3_ENDPOINT)")
-    serve.add_argument("--allow-label", action="store_true",
-                       help="serve label and macro images (WSI_ALLOW_LABEL)")
+    serve.add_argument(
+        "--allow-label", action="store_true", help="serve label and macro images (WSI_ALLOW_LABEL)"
+    )
     serve.set_defaults(func=_serve)
 
     ls = sub.add_parser("list", help="list the published slides of a store")

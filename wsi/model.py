@@ -109,5 +109,8 @@ class SlideProperties:
         object.__setattr__(self, "identifiers", _frozen_mapping(self.identifiers))
 
 
+JPEG_CODEC_NAME = "wsistore.jpeg"
+"""Zarr v3 name of our JPEG chunk codec (registered through the `zarr.codecs` entry point)."""
+
 ASSOCIATED_KINDS = ("label", "macro", "thumbnail")
 """Associated images we carry over, in the field's words (OpenSlide's names)."""

@@ -3,7 +3,8 @@
 A level array's chunk (3, tile_h, tile_w) goes through the standard `transpose` codec (order 1,2,0)
 to (tile_h, tile_w, 3) and then through this array->bytes codec, named `wsistore.jpeg`, which stores
 one complete baseline JPEG per chunk: exactly the bytes a browser or a DICOM reader takes. The name
-is namespaced because no JPEG codec is registered with Zarr yet; importing `wsi` registers it.
+is namespaced because no JPEG codec is registered with Zarr yet. Installing wsistore registers it
+with zarr-python through the `zarr.codecs` entry point; importing this module does it too.
 """
 
 from __future__ import annotations
@@ -18,8 +19,9 @@ from zarr.core.buffer import Buffer, NDBuffer
 from zarr.registry import register_codec
 
 from . import jpeg
+from .model import JPEG_CODEC_NAME
 
-CODEC_NAME = "wsistore.jpeg"
+CODEC_NAME = JPEG_CODEC_NAME
 
 
 @dataclass(frozen=True)

@@ -20,9 +20,9 @@ import numpy as np
 
 from .. import jpeg
 from ..errors import InvalidArgument, WsiError
+from ..model import JPEG_CODEC_NAME as CODEC_NAME
 from ..model import Level
 from ..store import Store
-from ..zarr_codec import CODEC_NAME
 from .base import ChunkFormat, PyramidWriter, SlideInfo, StoredObject
 from .dicom import ASSOCIATED_FLAVOR, DicomSlide, Flavor, instance_header
 from .shard import HeaderFactory, ShardStream
