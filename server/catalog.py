@@ -9,6 +9,7 @@ import collections
 import concurrent.futures as cf
 import json
 import struct
+import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -200,10 +201,18 @@ class Catalog:
     """Published slides of one store, with caches for slide metadata, shard indexes and tiles."""
 
     def __init__(
-        self, reader: AsyncStore, tile_cache_bytes: int, sources: SourceSlides | None = None
+        self,
+        reader: AsyncStore,
+        tile_cache_bytes: int,
+        sources: SourceSlides | None = None,
+        recheck_seconds: float = 2.0,
     ) -> None:
         self.reader = reader
         self.sources = sources
+        self.recheck_seconds = recheck_seconds
+        """How long a slide's manifest is trusted before it is read again: tile requests must
+        not each cost a store round trip, and a re-published slide must still show up."""
+        self._checked: dict[str, float] = {}
         self.tiles = ByteLRU(tile_cache_bytes)
         self._views: collections.OrderedDict[str, SlideView] = collections.OrderedDict()
         self._indexes: collections.OrderedDict[tuple[str, int | str], np.ndarray] = (
@@ -222,6 +231,10 @@ class Catalog:
     async def slide(self, slide_id: str) -> SlideView:
         """The published slide `slide_id` (SlideNotFound otherwise), cached by manifest."""
         check_slide_id(slide_id)
+        cached = self._views.get(slide_id)
+        now = time.monotonic()
+        if cached is not None and now - self._checked.get(slide_id, 0.0) < self.recheck_seconds:
+            return cached
         try:
             manifest_bytes = await self.reader.get(f"{slide_id}/manifest.json")
         except SlideNotFound as exc:
@@ -230,14 +243,15 @@ class Catalog:
                 return await loop.run_in_executor(self.reader.executor, self._source_view, slide_id)
             raise SlideNotFound(f"no slide {slide_id}") from exc
         crc = f"{google_crc32c.value(manifest_bytes):08x}"
-        cached = self._views.get(slide_id)
+        self._checked[slide_id] = now
         if cached is not None and cached.manifest_crc == crc:
             self._views.move_to_end(slide_id)
             return cached
         view = await self._load(slide_id, json.loads(manifest_bytes), crc)
         self._views[slide_id] = view
         while len(self._views) > 256:
-            self._views.popitem(last=False)
+            dropped, _ = self._views.popitem(last=False)
+            self._checked.pop(dropped, None)
         return view
 
     def _source_view(self, slide_id: str) -> SlideView:
