@@ -91,7 +91,11 @@ OPEN_PATHS = ("/healthz", "/readyz", "/static/")
 async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Off loopback: a Bearer token, or (for one slide's tiles) an unexpired signed URL."""
     settings = request.app[SETTINGS]
-    if not settings.requires_auth or request.path.startswith(OPEN_PATHS):
+    if (
+        not settings.requires_auth
+        or request.method == "OPTIONS"  # CORS preflight carries no credentials
+        or request.path.startswith(OPEN_PATHS)
+    ):
         return await handler(request)
     header = request.headers.get("Authorization", "")
     if header.startswith("Bearer ") and any(

@@ -51,10 +51,8 @@ def best_level(slide: SlideView, scale: float) -> LevelView:
     """The smallest stored level still at least as detailed as `scale` (output/level-0 px)."""
     chosen = slide.levels[0]
     for level in slide.levels:
-        if (
-            level.width >= slide.width * scale - 1e-9
-            and level.height >= slide.height * scale - 1e-9
-        ):
+        # Level k is an exact 2^k downsample: compare scales, not sizes rounded down.
+        if 2.0**-level.index >= scale * (1 - 1e-9):
             chosen = level
     return chosen
 
@@ -76,7 +74,8 @@ async def region(
     if min(width, height, out_width, out_height) <= 0:
         raise InvalidArgument("region and size must be positive")
     level = best_level(slide, min(out_width / width, out_height / height))
-    fx, fy = level.width / slide.width, level.height / slide.height
+    # Level k is an exact 2^k area downsample (sizes rounded down), not a width ratio.
+    fx = fy = 2.0**-level.index
     lx0, ly0 = math.floor(x * fx), math.floor(y * fy)
     lx1 = min(level.width, max(lx0 + 1, math.ceil((x + width) * fx)))
     ly1 = min(level.height, max(ly0 + 1, math.ceil((y + height) * fy)))
