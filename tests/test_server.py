@@ -232,5 +232,28 @@ def test_slides_from_seaweedfs(seaweedfs: SeaweedFS, store_dir):
         assert body[:2] == b"\xff\xd8" and body in local
         dzi = await c.get(f"/slides/{sid}_files/12/2_2.jpeg")
         assert await dzi.read() == body
+        info = await (await c.get(f"/iiif/3/{sid}/info.json")).json()
+        assert (info["width"], info["height"]) == (2220, 2967)
+        iiif = await c.get(f"/iiif/3/{sid}/480,480,240,240/240,/0/default.jpg")
+        assert await iiif.read() == body  # a declared tile: the stored bytes
+        [study] = await (await c.get("/dicomweb/studies")).json()
+        study_uid = study["0020000D"]["Value"][0]
+        [series] = await (await c.get(f"/dicomweb/studies/{study_uid}/series")).json()
+        series_uid = series["0020000E"]["Value"][0]
+        instances = await (
+            await c.get(f"/dicomweb/studies/{study_uid}/series/{series_uid}/instances")
+        ).json()
+        level0 = next(i for i in instances if i["00280008"]["Value"][0] == 130)
+        sop = level0["00080018"]["Value"][0]
+        frames = await c.get(
+            f"/dicomweb/studies/{study_uid}/series/{series_uid}/instances/{sop}/frames/23",
+            headers={"Accept": 'multipart/related; type="image/jpeg"'},
+        )
+        assert (
+            frames.status == 200 and body in await frames.read()
+        )  # frame 23 = tile (2, 2) of 10 columns
+        for bad in (f"/iiif/3/{sid}/0,0,0,0/max/0/default.jpg", "/dicomweb/studies/1.2.x/series"):
+            r = await c.get(bad)
+            assert r.status == 400 and (await r.json())["status"] == 400
 
     run(settings, check)
