@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
@@ -31,6 +32,7 @@ class Metrics:
         self.bytes_sent = Counter(
             "wsi_http_response_bytes", "Response body bytes", ["route"], registry=self.registry
         )
+        self._children: dict[tuple[str, int], tuple[Any, Any, Any]] = {}
         self.cache_stats: Callable[[], tuple[int, int, int]] | None = None
         """(hits, misses, bytes held) of the tile cache, read at each scrape."""
         self.registry.register(_CacheCollector(self))
@@ -41,11 +43,21 @@ class Metrics:
         route = request.match_info.route.resource
         name = route.canonical if route is not None else "unmatched"
         response = await handler(request)
-        self.requests.labels(name, str(response.status)).inc()
-        self.latency.labels(name).observe(time.perf_counter() - start)
+        # Label look-ups cost as much as serving a cached tile: keep the children per route.
+        key = (name, response.status)
+        children = self._children.get(key)
+        if children is None:
+            children = (
+                self.requests.labels(name, str(response.status)),
+                self.latency.labels(name),
+                self.bytes_sent.labels(name),
+            )
+            self._children[key] = children
+        children[0].inc()
+        children[1].observe(time.perf_counter() - start)
         body = getattr(response, "body", None)
         if isinstance(body, bytes | bytearray):
-            self.bytes_sent.labels(name).inc(len(body))
+            children[2].inc(len(body))
         return response
 
     def render(self) -> bytes:
