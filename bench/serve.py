@@ -108,6 +108,16 @@ Tile = tuple[int, int, int]
 # The servers (each runs as `python bench/serve.py --serve KIND ...` in its own process)
 
 
+def run(app: web.Application, port: int) -> None:
+    """Every server on the same event loop as `wsi serve` (uvloop when installed), so the fixed
+    tile stays a fair ceiling."""
+    from server.app import new_event_loop
+
+    web.run_app(
+        app, host="127.0.0.1", port=port, access_log=None, print=None, loop=new_event_loop()
+    )
+
+
 def serve_ours(args: argparse.Namespace) -> None:
     from server.app import create_app
     from server.settings import ServerSettings
@@ -118,7 +128,7 @@ def serve_ours(args: argparse.Namespace) -> None:
         threads=args.threads,
         s3_endpoint=args.s3_endpoint,
     )
-    web.run_app(create_app(settings), host="127.0.0.1", port=args.port, access_log=None, print=None)
+    run(create_app(settings), args.port)
 
 
 def serve_openslide(args: argparse.Namespace) -> None:
@@ -144,7 +154,7 @@ def serve_openslide(args: argparse.Namespace) -> None:
     app = web.Application()
     app.router.add_get("/healthz", healthz)
     app.router.add_get(r"/tiles/{level:\d+}/{col:\d+}/{row:\d+}", tile)
-    web.run_app(app, host="127.0.0.1", port=args.port, access_log=None, print=None)
+    run(app, args.port)
 
 
 def serve_fixed(args: argparse.Namespace) -> None:
@@ -156,7 +166,7 @@ def serve_fixed(args: argparse.Namespace) -> None:
     app = web.Application()
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/tile", tile)
-    web.run_app(app, host="127.0.0.1", port=args.port, access_log=None, print=None)
+    run(app, args.port)
 
 
 async def healthz(request: web.Request) -> web.Response:

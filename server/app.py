@@ -3,6 +3,7 @@ table here; every route module registers its own routes; blocking work runs on o
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures as cf
 import hashlib
 import hmac
@@ -55,19 +56,25 @@ def json_error(status: int, message: str) -> web.Response:
 
 
 @web.middleware
-async def errors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Every error is a JSON body with a 4xx/5xx status; no stack trace ever leaves."""
+async def front_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Errors to JSON (every error is a JSON body with a 4xx/5xx status; no stack trace ever
+    leaves) and metrics, in one layer: each layer costs a coroutine per request, which shows at
+    thousands of tiles per second."""
+    start = time.perf_counter()
+    response: web.StreamResponse
     try:
-        return await handler(request)
+        response = await handler(request)
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        return json_error(exc.status, exc.reason)
+        response = json_error(exc.status, exc.reason)
     except WsiError as exc:
         status = next(code for kind, code in STATUS if isinstance(exc, kind))
-        return json_error(status, str(exc))
+        response = json_error(status, str(exc))
     except (ValueError, KeyError) as exc:  # malformed input that slipped past validation
-        return json_error(400, f"bad request: {type(exc).__name__}")
+        response = json_error(400, f"bad request: {type(exc).__name__}")
+    request.app[METRICS].observe(request, response, start)
+    return response
 
 
 def sign(key: str, slide_id: str, expires: int) -> str:
@@ -136,7 +143,7 @@ def create_app(settings: ServerSettings) -> web.Application:
     from . import routes_dzi, routes_ops, routes_slides
 
     metrics = Metrics()
-    middlewares: list[Any] = [metrics.middleware, errors_middleware]
+    middlewares: list[Any] = [front_middleware]
     if settings.requires_auth:  # on loopback there is nothing to check on the hot path
         middlewares.append(auth_middleware)
     app = web.Application(middlewares=middlewares)
@@ -154,6 +161,28 @@ def create_app(settings: ServerSettings) -> web.Application:
         module.register(app)
     app[ROUTE_MODULES] = modules
     return app
+
+
+def new_event_loop() -> asyncio.AbstractEventLoop:
+    """uvloop when installed (its transports cut the per-request cost of small responses by a
+    fifth), else asyncio's own loop."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.new_event_loop()
+    return uvloop.new_event_loop()
+
+
+def serve(settings: ServerSettings) -> None:
+    """Run the service until interrupted."""
+    web.run_app(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        print=None,
+        access_log=None,
+        loop=new_event_loop(),
+    )
 
 
 def etag_response(

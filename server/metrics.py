@@ -37,12 +37,10 @@ class Metrics:
         """(hits, misses, bytes held) of the tile cache, read at each scrape."""
         self.registry.register(_CacheCollector(self))
 
-    @web.middleware
-    async def middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
-        start = time.perf_counter()
+    def observe(self, request: web.Request, response: web.StreamResponse, start: float) -> None:
+        """Count one answered request (called by the app's front middleware)."""
         route = request.match_info.route.resource
         name = route.canonical if route is not None else "unmatched"
-        response = await handler(request)
         # Label look-ups cost as much as serving a cached tile: keep the children per route.
         key = (name, response.status)
         children = self._children.get(key)
@@ -58,7 +56,6 @@ class Metrics:
         body = getattr(response, "body", None)
         if isinstance(body, bytes | bytearray):
             children[2].inc(len(body))
-        return response
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

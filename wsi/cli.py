@@ -136,9 +136,7 @@ def _export(args: argparse.Namespace) -> int:
 
 def _serve(args: argparse.Namespace) -> int:
     # The service is a layer above the library: imported only when asked for.
-    from aiohttp import web
-
-    from server.app import create_app
+    from server.app import serve
     from server.settings import ServerSettings
 
     settings = ServerSettings.from_env(
@@ -153,9 +151,7 @@ def _serve(args: argparse.Namespace) -> int:
     print(
         f"wsistore: serving {settings.store}; viewer at http://{shown}:{settings.port}/", flush=True
     )
-    web.run_app(
-        create_app(settings), host=settings.host, port=settings.port, print=None, access_log=None
-    )
+    serve(settings)
     return 0
 
 
