@@ -12,11 +12,15 @@ from typing import Any
 
 from . import __version__
 from .convert import FORMATS, ConvertSettings, convert_slide
-from .errors import WsiError
+from .errors import StoreError, WsiError
 from .export import export_dicom_location
 from .pyramid import PyramidSettings, plan_pyramid
 from .sources import backend_names, open_slide
 from .store import Store, StoreSettings
+
+EXIT_TEMPFAIL = 75
+"""Exit status when a slide failed because the store did (sysexits EX_TEMPFAIL): ingest retries
+those with backoff, while status 1 (the slide itself is unreadable) is final."""
 
 
 def _info(args: argparse.Namespace) -> int:
@@ -105,10 +109,16 @@ def _convert(args: argparse.Namespace) -> int:
     store = Store(StoreSettings(args.out, endpoint_url=args.s3_endpoint))
     show = args.progress if args.progress is not None else sys.stderr.isatty()
     failures = 0
+    transient = False
     for source in args.sources:
         bar, update = _progress_bar(show, Path(source).name)
         try:
             result = convert_slide(source, store, settings, args.slide_id, update)
+        except StoreError as exc:  # the store, not the slide: worth retrying later
+            failures += 1
+            transient = True
+            print(f"wsi: error: {source}: {exc}", file=sys.stderr)
+            continue
         except WsiError as exc:
             failures += 1
             print(f"wsi: error: {source}: {exc}", file=sys.stderr)
@@ -125,6 +135,8 @@ def _convert(args: argparse.Namespace) -> int:
                 bar.close()
         rate = "already published" if result.skipped else f"{result.megapixels_per_second:.1f} MP/s"
         print(f"{result.slide_id}\t{result.url}\t{rate}", flush=True)
+    if transient:
+        return EXIT_TEMPFAIL
     return 1 if failures else 0
 
 
