@@ -24,6 +24,7 @@ from wsi.errors import (
     UnsupportedSlide,
     WsiError,
 )
+from wsi.jobs import JobNotFound, JobQueue
 from wsi.store import Store, StoreSettings
 
 from .catalog import AsyncStore, Catalog
@@ -36,9 +37,11 @@ CATALOG = web.AppKey("catalog", Catalog)
 EXECUTOR = web.AppKey("executor", cf.ThreadPoolExecutor)
 METRICS = web.AppKey("metrics", Metrics)
 ROUTE_MODULES = web.AppKey("route_modules", list)
+JOBS = web.AppKey("jobs", JobQueue)
 
 STATUS: list[tuple[type[Exception], int]] = [
     (SlideNotFound, 404),
+    (JobNotFound, 404),
     (EncodedTileUnavailable, 404),
     (InvalidArgument, 400),
     (UnsupportedSlide, 415),
@@ -124,7 +127,9 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
     reader = AsyncStore(Store(StoreSettings(settings.store, settings.s3_endpoint)), executor)
     await reader.start()
     app[EXECUTOR] = executor
-    sources = SourceSlides(settings.sources) if settings.sources else None
+    # Watch folders are sources too: a slide is viewable from its file while it converts.
+    folders = (*settings.sources, *settings.watch)
+    sources = SourceSlides(folders) if folders else None
     catalog = Catalog(reader, settings.tile_cache_mb * 1024 * 1024, sources)
     app[CATALOG] = catalog
     app[METRICS].cache_stats = lambda: (
@@ -139,6 +144,49 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
     executor.shutdown(wait=False, cancel_futures=True)
 
 
+async def _ingest(app: web.Application) -> AsyncIterator[None]:
+    """With watch folders: the job table, the watcher feeding it, and the workers."""
+    settings = app[SETTINGS]
+    if not settings.watch:
+        yield
+        return
+    from wsi.ingest import IngestSettings, Worker
+    from wsi.jobs import SQLiteJobQueue
+    from wsi.slide_id import content_slide_id
+    from wsi.watch import FolderWatcher
+
+    queue = SQLiteJobQueue(settings.jobs_path)
+    await asyncio.to_thread(queue.recover)  # jobs of a crashed run are taken back
+    app[JOBS] = queue
+    stop = asyncio.Event()
+    ingest = IngestSettings(
+        store=settings.store,
+        s3_endpoint=settings.s3_endpoint,
+        after_success=settings.after_success,  # type: ignore[arg-type]
+        done_dir=settings.done_dir,
+        quarantine_dir=settings.quarantine_dir,
+    )
+    watcher = FolderWatcher(
+        settings.watch, settings.quiet_seconds, settings.poll_seconds, stop_event=stop
+    )
+
+    async def feed() -> None:
+        async for slide in watcher.events():
+            try:
+                slide_id = await asyncio.to_thread(content_slide_id, slide.path)
+                await asyncio.to_thread(queue.submit, str(slide.path), slide_id)
+            except (WsiError, OSError):  # gone again, or unreadable: the next scan decides
+                continue
+
+    tasks = [asyncio.create_task(feed())]
+    tasks += [asyncio.create_task(Worker(queue, ingest).run(stop)) for _ in range(settings.workers)]
+    yield
+    stop.set()
+    watcher.stop()
+    await asyncio.wait(tasks, timeout=ingest.stop_timeout + 5)
+    queue.close()
+
+
 def create_app(settings: ServerSettings) -> web.Application:
     from . import routes_dzi, routes_ops, routes_slides
 
@@ -150,9 +198,10 @@ def create_app(settings: ServerSettings) -> web.Application:
     app[SETTINGS] = settings
     app[METRICS] = metrics
     app.cleanup_ctx.append(_resources)
+    app.cleanup_ctx.append(_ingest)
     # DeepZoom before slides: `/slides/{id}.dzi` must not be read as a slide id.
     modules: list[Any] = [routes_ops, routes_dzi, routes_slides]
-    for name in ("routes_iiif", "routes_dicomweb", "routes_viewer"):
+    for name in ("routes_iiif", "routes_dicomweb", "routes_viewer", "routes_jobs"):
         try:
             modules.append(importlib.import_module(f"server.{name}"))
         except ModuleNotFoundError:  # an API still being built is simply absent

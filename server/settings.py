@@ -35,6 +35,28 @@ class ServerSettings:
     max_render_pixels: int = 16_000_000
     """Pixel budget of any response we render (IIIF region/size, thumbnails)."""
     threads: int = field(default_factory=lambda: os.cpu_count() or 2)
+    watch: tuple[str, ...] = ()
+    """Folders scanners drop slides into: each complete slide becomes a conversion job."""
+    jobs_db: str = ""
+    """The job table (SQLite); default: `jobs.sqlite` in the store folder, or in the current
+    folder when the store is S3."""
+    quiet_seconds: float = 5.0
+    """A dropped slide is taken once its size and mtime have not changed for this long."""
+    poll_seconds: float = 2.0
+    """Watch folders are also polled (network shares where inotify sees nothing)."""
+    workers: int = 1
+    """Conversions running at once, each in its own subprocess."""
+    after_success: str = "keep"
+    """keep, move (to done_dir) or delete the source once its slide is published."""
+    done_dir: str = "done"
+    quarantine_dir: str = "quarantine"
+
+    @property
+    def jobs_path(self) -> str:
+        if self.jobs_db:
+            return self.jobs_db
+        base = "." if self.store.startswith("s3://") else self.store
+        return os.path.join(base, "jobs.sqlite")
 
     def __post_init__(self) -> None:
         if not 0 < self.port < 65536:
@@ -45,6 +67,10 @@ class ServerSettings:
             )
         if self.max_render_pixels <= 0 or self.tile_cache_mb < 0 or self.threads <= 0:
             raise InvalidArgument("max_render_pixels, tile_cache_mb and threads must be positive")
+        if self.after_success not in ("keep", "move", "delete"):
+            raise InvalidArgument("after_success must be keep, move or delete")
+        if self.quiet_seconds < 0 or self.poll_seconds <= 0 or self.workers < 0:
+            raise InvalidArgument("quiet_seconds, poll_seconds and workers must be positive")
 
     @property
     def requires_auth(self) -> bool:
@@ -66,9 +92,9 @@ class ServerSettings:
                 values[f.name] = tuple(x.strip() for x in raw.split(",") if x.strip())
             elif "bool" in kind:
                 values[f.name] = raw.strip().lower() in ("1", "true", "yes", "on")
-            elif kind.startswith("int"):
+            elif kind.startswith(("int", "float")):
                 try:
-                    values[f.name] = int(raw)
+                    values[f.name] = int(raw) if kind.startswith("int") else float(raw)
                 except ValueError as exc:
                     raise InvalidArgument(f"{ENV_PREFIX}{f.name.upper()} must be a number") from exc
             else:

@@ -158,6 +158,10 @@ def _serve(args: argparse.Namespace) -> int:
         port=args.port,
         s3_endpoint=args.s3_endpoint,
         allow_label=True if args.allow_label else None,
+        watch=tuple(args.watch) if args.watch else None,
+        workers=args.workers,
+        after_success=args.after,
+        quiet_seconds=args.quiet_seconds,
     )
     shown = "localhost" if settings.host in ("127.0.0.1", "::1") else settings.host
     print(
@@ -249,6 +253,28 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--s3-endpoint", help="S3 endpoint URL (WSI_S3_ENDPOINT)")
     serve.add_argument(
         "--allow-label", action="store_true", help="serve label and macro images (WSI_ALLOW_LABEL)"
+    )
+    serve.add_argument(
+        "--watch",
+        action="append",
+        metavar="DIR",
+        help="convert every complete slide dropped here (repeatable; WSI_WATCH)",
+    )
+    serve.add_argument(
+        "--workers",
+        type=int,
+        help="conversions at once, each in a subprocess (WSI_WORKERS, default 1; "
+        "0 = watch and serve only)",
+    )
+    serve.add_argument(
+        "--after",
+        choices=["keep", "move", "delete"],
+        help="source after success (WSI_AFTER_SUCCESS, default keep)",
+    )
+    serve.add_argument(
+        "--quiet-seconds",
+        type=float,
+        help="a drop is complete after this long unchanged (WSI_QUIET_SECONDS)",
     )
     serve.set_defaults(func=_serve)
 

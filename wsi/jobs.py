@@ -1,0 +1,706 @@
+"""Conversion jobs: a durable queue that survives restarts and never assumes one owner.
+
+Scanners drop slides into watched folders; each slide becomes a job here and a worker converts it.
+Workers may run in many processes on many machines, so ownership of a job is a *lease*: `claim`
+takes a job for `lease_seconds`, `heartbeat` renews it, and a job whose lease runs out (its worker
+crashed, hung or lost the network) is simply claimable again. Nothing in this module keeps state in
+memory that another process would need; every decision is made inside one database transaction.
+
+`JobQueue` is the small interface a distributed backend implements later; `SQLiteJobQueue` is the
+single-host implementation (any number of processes on one machine sharing `<data>/jobs.sqlite`).
+SQLite's locking does not work over network file systems, so several machines need that other
+backend, not a shared SQLite file.
+"""
+
+from __future__ import annotations
+
+import abc
+import builtins
+import enum
+import json
+import math
+import os
+import socket
+import sqlite3
+import threading
+import time
+import uuid
+import weakref
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from types import MappingProxyType, TracebackType
+from typing import Any, Self
+
+from .errors import InvalidArgument, StoreError, WsiError
+from .store import check_slide_id
+
+Clock = Callable[[], float]
+"""Seconds since the Unix epoch; injectable so tests can move time without sleeping."""
+
+SCHEMA_VERSION = 1
+"""`PRAGMA user_version` of the jobs database this code writes; a newer file is refused."""
+
+_MAX_SOURCE = 4096
+_MAX_WORKER = 256
+_MAX_ERROR = 2000
+_MAX_LIST = 1000
+
+
+class JobNotFound(WsiError, LookupError):
+    """No job has this id."""
+
+
+class JobQueueUnavailable(StoreError):
+    """The jobs database cannot be read or written: locked past the busy timeout, disk full, not a
+    jobs database, or written by a newer version. A StoreError, so the service answers 503."""
+
+
+class JobState(enum.StrEnum):
+    """Where a job is in its life: queued -> running -> done | failed | cancelled.
+
+    A transient failure or a lost worker sends a running job back to queued.
+    """
+
+    QUEUED = "queued"
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def terminal(self) -> bool:
+        return self in (JobState.DONE, JobState.FAILED, JobState.CANCELLED)
+
+
+_DEDUP_STATES = (JobState.QUEUED, JobState.RUNNING, JobState.DONE)
+"""A job in one of these states stands for its slide: submitting the slide again returns it."""
+
+
+def _iso(t: float | None) -> str | None:
+    if t is None:
+        return None
+    stamp = datetime.fromtimestamp(t, tz=UTC).isoformat(timespec="milliseconds")
+    return stamp.replace("+00:00", "Z")
+
+
+@dataclass(frozen=True)
+class Job:
+    """One conversion job as last read from the queue (a snapshot: the queue is the truth).
+
+    Times are seconds since the Unix epoch (`to_dict` renders them as UTC ISO 8601).
+    """
+
+    id: str
+    """Opaque (uuid4 hex)."""
+    source: str
+    """The slide to convert: a local path or an s3:// URL."""
+    slide_id: str | None
+    """The published slide's id: given at submit (content id) or known once done."""
+    state: JobState
+    progress: float
+    """0-100 of the current attempt."""
+    error: str | None
+    """Why the last attempt failed (a message, never file content); None once done."""
+    attempts: int
+    """How many times a worker has claimed the job."""
+    created: float
+    updated: float
+    started: float | None
+    """When the latest attempt was claimed."""
+    finished: float | None
+    """When the job reached done, failed or cancelled."""
+    next_attempt_at: float
+    """A queued job is not claimed before this (retry backoff)."""
+    worker: str | None
+    """Who holds the lease; set only while running."""
+    lease_until: float | None
+    """The lease ends then unless renewed; set only while running."""
+    options: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}), hash=False)
+    """Conversion options (JSON values), read-only."""
+
+    def to_dict(self) -> dict[str, Any]:
+        """The job as the REST API shows it: JSON values only, times as UTC ISO 8601."""
+        return {
+            "id": self.id,
+            "source": self.source,
+            "slide_id": self.slide_id,
+            "state": self.state.value,
+            "progress": self.progress,
+            "error": self.error,
+            "attempts": self.attempts,
+            "created": _iso(self.created),
+            "updated": _iso(self.updated),
+            "started": _iso(self.started),
+            "finished": _iso(self.finished),
+            "next_attempt_at": _iso(self.next_attempt_at),
+            "worker": self.worker,
+            "lease_until": _iso(self.lease_until),
+            "options": json.loads(json.dumps(dict(self.options))),
+        }
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How transient failures and lost workers are retried.
+
+    The policy belongs to whoever calls `fail` or `claim`; every process of one deployment should
+    use the same one.
+    """
+
+    max_attempts: int = 5
+    """A job is claimed at most this often; then a transient failure or lost lease fails it."""
+    backoff_unit: float = 1.0
+    """A transient failure after attempt n waits backoff_unit * 2**n seconds ..."""
+    backoff_cap: float = 600.0
+    """... but never longer than this."""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.max_attempts, int) or self.max_attempts < 1:
+            raise InvalidArgument("max_attempts must be an integer >= 1")
+        for name in ("backoff_unit", "backoff_cap"):
+            value = getattr(self, name)
+            if not isinstance(value, int | float) or not math.isfinite(value) or value < 0:
+                raise InvalidArgument(f"{name} must be a finite number >= 0")
+
+    def delay(self, attempts: int) -> float:
+        """Seconds to wait before the next attempt, after `attempts` attempts."""
+        return float(min(self.backoff_cap, self.backoff_unit * 2.0 ** min(attempts, 62)))
+
+
+def default_queue_path(data_dir: str | os.PathLike[str]) -> Path:
+    """Where the service keeps its jobs: next to the slides it publishes, so it moves with them."""
+    return Path(data_dir) / "jobs.sqlite"
+
+
+def worker_name() -> str:
+    """A worker id unique across machines and restarts: host, process id and a random suffix.
+
+    Two workers must never share a name, or one could renew or complete the other's lease.
+    """
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+# --- validation --------------------------------------------------------------------------------
+
+
+def _check_text(name: str, value: object, limit: int) -> str:
+    if not isinstance(value, str) or not value or "\0" in value or len(value) > limit:
+        raise InvalidArgument(f"{name} must be a non-empty string of at most {limit} characters")
+    return value
+
+
+def _check_number(name: str, value: object, low: float, high: float = math.inf) -> float:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not math.isfinite(value)
+        or not low <= value <= high
+    ):
+        raise InvalidArgument(f"{name} must be a number in [{low}, {high}]")
+    return float(value)
+
+
+def _check_options(options: Mapping[str, Any] | None) -> str:
+    if options is None:
+        return "{}"
+    if not isinstance(options, Mapping) or not all(isinstance(k, str) for k in options):
+        raise InvalidArgument("options must be a mapping with string keys")
+    try:
+        return json.dumps(dict(options), allow_nan=False, sort_keys=True)
+    except (TypeError, ValueError) as exc:
+        raise InvalidArgument(f"options must be JSON values: {exc}") from None
+
+
+def _check_job_id(job_id: object) -> str:
+    if not isinstance(job_id, str):
+        raise InvalidArgument("job id must be a string")
+    return job_id
+
+
+def _check_error(error: object) -> str:
+    # Messages only: bounded, so a caller that passes something huge cannot bloat every listing.
+    if not isinstance(error, str):
+        raise InvalidArgument("error must be a string")
+    error = error.replace("\0", "")
+    return error if len(error) <= _MAX_ERROR else error[: _MAX_ERROR - 3] + "..."
+
+
+# --- the interface -----------------------------------------------------------------------------
+
+
+class JobQueue(abc.ABC):
+    """What the watcher, the workers and the REST API need from a job queue.
+
+    Every method is one atomic step against shared storage, safe to call from any number of
+    processes and machines at once. Worker-side calls (`heartbeat`, `complete`, `fail`) name the
+    worker and return False, recording nothing, when it no longer holds the job: the job was
+    cancelled, or its lease ran out and another worker took it over.
+    """
+
+    @abc.abstractmethod
+    def submit(
+        self,
+        source: str,
+        slide_id: str | None = None,
+        options: Mapping[str, Any] | None = None,
+    ) -> Job:
+        """Queue `source` for conversion.
+
+        Idempotent by slide id: while a job for the same `slide_id` is queued, running or done,
+        that job is returned (its options unchanged) and nothing new is queued, so the same slide
+        dropped twice gives one slide. After a failed or cancelled job, a new job is queued.
+        """
+
+    @abc.abstractmethod
+    def claim(self, worker: str, lease_seconds: float) -> Job | None:
+        """Atomically take the oldest runnable job for `worker` for `lease_seconds`, or None.
+
+        Runnable: queued with `next_attempt_at` reached, or running with an expired lease (its
+        worker is gone; this is how a crashed worker's job resumes). A lost job that has used all
+        its attempts is failed instead, so a slide that kills its workers cannot loop forever.
+        """
+
+    @abc.abstractmethod
+    def heartbeat(self, job_id: str, worker: str, progress: float) -> bool:
+        """Record progress (0-100) and renew the lease for the claim's lease_seconds.
+
+        False: stop working on it (cancelled, or taken over after the lease ran out).
+        """
+
+    @abc.abstractmethod
+    def complete(self, job_id: str, worker: str, slide_id: str) -> bool:
+        """Mark the job done, published as `slide_id`.
+
+        Raises InvalidArgument if the job was submitted for another slide id.
+        """
+
+    @abc.abstractmethod
+    def fail(self, job_id: str, worker: str, error: str, transient: bool) -> bool:
+        """Record a failed attempt; `error` is a message (never file content).
+
+        Transient (network, store unavailable, out of memory): queued again after exponential
+        backoff until the attempts are used up, then failed. Permanent (unreadable slide): failed.
+        """
+
+    @abc.abstractmethod
+    def cancel(self, job_id: str) -> Job:
+        """Cancel a queued or running job (its worker's next heartbeat returns False).
+
+        A job already done, failed or cancelled is returned unchanged: a cancel that races a
+        worker's completion is not an error, the caller sees which one won.
+        """
+
+    @abc.abstractmethod
+    def get(self, job_id: str) -> Job:
+        """The job, or JobNotFound."""
+
+    @abc.abstractmethod
+    def list(
+        self, state: JobState | str | None = None, limit: int = 100, offset: int = 0
+    ) -> builtins.list[Job]:
+        """Jobs, newest first, optionally only those in `state`."""
+
+    @abc.abstractmethod
+    def recover(self, now: float | None = None) -> int:
+        """Take back every running job whose lease expired (at `now`, default the clock).
+
+        Requeues each for immediate retry, or fails it when its attempts are used up. Called at
+        start; returns how many jobs it took back. Live leases of other workers are untouched.
+        """
+
+    def close(self) -> None:  # noqa: B027 - optional hook, not abstract
+        """Release connections; the queue's data stays."""
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+# --- SQLite ------------------------------------------------------------------------------------
+
+_SCHEMA = f"""
+CREATE TABLE jobs (
+    id TEXT PRIMARY KEY,
+    source TEXT NOT NULL,
+    slide_id TEXT,
+    state TEXT NOT NULL CHECK (state IN ({", ".join(f"'{s.value}'" for s in JobState)})),
+    progress REAL NOT NULL DEFAULT 0,
+    error TEXT,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    created REAL NOT NULL,
+    updated REAL NOT NULL,
+    started REAL,
+    finished REAL,
+    next_attempt_at REAL NOT NULL,
+    worker TEXT,
+    lease_until REAL,
+    lease_seconds REAL,
+    options TEXT NOT NULL DEFAULT '{{}}'
+);
+CREATE INDEX jobs_by_state ON jobs (state, created);
+CREATE INDEX jobs_by_created ON jobs (created);
+-- Belt and braces under submit's check: one live job per slide, whatever a future writer does.
+CREATE UNIQUE INDEX jobs_live_slide ON jobs (slide_id)
+    WHERE slide_id IS NOT NULL AND state IN ('queued', 'running');
+PRAGMA user_version = {SCHEMA_VERSION};
+"""
+
+# Only these constant column lists and WHERE clauses are formatted into SQL (hence the S608 noqa
+# marks); every value is a bound parameter.
+_COLUMNS = (
+    "id, source, slide_id, state, progress, error, attempts, created, updated, started, "
+    "finished, next_attempt_at, worker, lease_until, options"
+)
+
+
+def _job(row: tuple[Any, ...]) -> Job:
+    (id_, source, slide_id, state, progress, error, attempts, created, updated, started,
+     finished, next_attempt_at, worker, lease_until, options) = row  # fmt: skip
+    return Job(
+        id=id_,
+        source=source,
+        slide_id=slide_id,
+        state=JobState(state),
+        progress=float(progress),
+        error=error,
+        attempts=int(attempts),
+        created=created,
+        updated=updated,
+        started=started,
+        finished=finished,
+        next_attempt_at=next_attempt_at,
+        worker=worker,
+        lease_until=lease_until,
+        options=MappingProxyType(json.loads(options)),
+    )
+
+
+class _Connection:
+    """One thread's connection; a weak-referenceable holder so `close` can reach them all."""
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self.conn = conn
+        self.pid = os.getpid()
+
+
+_INHERITED: builtins.list[_Connection] = []
+"""Connections a forked child inherited: never used (SQLite forbids it) and never closed there
+(closing could disturb the parent's WAL), just kept alive."""
+
+
+class SQLiteJobQueue(JobQueue):
+    """Jobs in one SQLite file (WAL mode), shared by any number of processes on this host.
+
+    Each thread gets its own connection. Every change is one `BEGIN IMMEDIATE` transaction: it
+    takes SQLite's write lock before reading, so two processes claiming at once are serialized
+    and never see the same job as free. Readers (`get`, `list`) never wait for writers in WAL mode.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        clock: Clock = time.time,
+        retry: RetryPolicy | None = None,
+        busy_timeout: float = 30.0,
+    ) -> None:
+        self.path = Path(path)
+        self.clock = clock
+        self.retry = retry or RetryPolicy()
+        self.busy_timeout = _check_number("busy_timeout", busy_timeout, 0)
+        self._local = threading.local()
+        self._all: weakref.WeakSet[_Connection] = weakref.WeakSet()
+        self._lock = threading.Lock()
+        self._closed = False
+        with self._transaction() as conn:
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            if version == 0:
+                if conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]:
+                    raise JobQueueUnavailable(f"{self.path} is not a jobs database")
+                for statement in _SCHEMA.split(";"):
+                    if statement.strip():
+                        conn.execute(statement)
+            elif version > SCHEMA_VERSION:
+                raise JobQueueUnavailable(
+                    f"{self.path} has jobs schema {version}; this version reads up to "
+                    f"{SCHEMA_VERSION}"
+                )
+
+    # connections and transactions
+
+    def _conn(self) -> sqlite3.Connection:
+        if self._closed:
+            raise JobQueueUnavailable(f"the job queue {self.path} is closed")
+        holder: _Connection | None = getattr(self._local, "holder", None)
+        if holder is not None and holder.pid != os.getpid():
+            _INHERITED.append(holder)
+            holder = None
+        if holder is None:
+            try:
+                conn = sqlite3.connect(
+                    self.path,
+                    timeout=self.busy_timeout,
+                    isolation_level=None,  # we issue BEGIN/COMMIT ourselves
+                    check_same_thread=False,  # used by its thread only; `close` may come from any
+                )
+                conn.execute("PRAGMA journal_mode = WAL")
+                # A submitted job must survive a power cut: the scanner has moved on by then.
+                conn.execute("PRAGMA synchronous = FULL")
+            except sqlite3.Error as exc:
+                raise JobQueueUnavailable(f"cannot open {self.path}: {exc}") from exc
+            holder = _Connection(conn)
+            self._local.holder = holder
+            with self._lock:
+                self._all.add(holder)
+        return holder.conn
+
+    @contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        conn = self._conn()
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+        except sqlite3.Error as exc:
+            raise JobQueueUnavailable(f"{self.path}: {exc}") from exc
+        try:
+            yield conn
+        except sqlite3.Error as exc:
+            conn.rollback()
+            raise JobQueueUnavailable(f"{self.path}: {exc}") from exc
+        except BaseException:
+            conn.rollback()
+            raise
+        try:
+            conn.commit()
+        except sqlite3.Error as exc:
+            conn.rollback()
+            raise JobQueueUnavailable(f"{self.path}: {exc}") from exc
+
+    def _read(self, sql: str, params: tuple[Any, ...] = ()) -> builtins.list[tuple[Any, ...]]:
+        try:
+            return self._conn().execute(sql, params).fetchall()
+        except sqlite3.Error as exc:
+            raise JobQueueUnavailable(f"{self.path}: {exc}") from exc
+
+    @staticmethod
+    def _row(conn: sqlite3.Connection, job_id: str) -> Job:
+        sql = f"SELECT {_COLUMNS} FROM jobs WHERE id = ?"  # noqa: S608 - constant columns
+        row = conn.execute(sql, (job_id,)).fetchone()
+        if row is None:
+            raise JobNotFound(f"no job {job_id!r}")
+        return _job(row)
+
+    def close(self) -> None:
+        """Close every thread's connection; call once no thread uses the queue any more."""
+        self._closed = True
+        with self._lock:
+            holders = builtins.list(self._all)
+            self._all.clear()
+        for holder in holders:
+            if holder.pid == os.getpid():
+                holder.conn.close()
+        self._local = threading.local()
+
+    # the queue
+
+    def submit(
+        self,
+        source: str,
+        slide_id: str | None = None,
+        options: Mapping[str, Any] | None = None,
+    ) -> Job:
+        source = _check_text("source", source, _MAX_SOURCE)
+        if slide_id is not None:
+            slide_id = check_slide_id(slide_id)
+        options_json = _check_options(options)
+        with self._transaction() as conn:
+            if slide_id is not None:
+                row = conn.execute(
+                    f"SELECT {_COLUMNS} FROM jobs WHERE slide_id = ? AND state IN (?, ?, ?) "  # noqa: S608
+                    "ORDER BY state = 'done', created DESC LIMIT 1",
+                    (slide_id, *_DEDUP_STATES),
+                ).fetchone()
+                if row is not None:
+                    return _job(row)
+            now = self.clock()
+            job_id = uuid.uuid4().hex
+            conn.execute(
+                "INSERT INTO jobs (id, source, slide_id, state, created, updated, "
+                "next_attempt_at, options) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (job_id, source, slide_id, JobState.QUEUED, now, now, now, options_json),
+            )
+            return self._row(conn, job_id)
+
+    def _take_back_expired(self, conn: sqlite3.Connection, now: float) -> int:
+        """Expired leases whose attempts are used up become failed; the rest are left for the
+        caller (claim takes one over directly, recover requeues them)."""
+        cur = conn.execute(
+            "UPDATE jobs SET state = ?, error = ?, worker = NULL, lease_until = NULL, "
+            "finished = ?, updated = ? "
+            "WHERE state = ? AND lease_until < ? AND attempts >= ?",
+            (
+                JobState.FAILED,
+                f"worker lost (lease expired) on each of {self.retry.max_attempts} attempts",
+                now,
+                now,
+                JobState.RUNNING,
+                now,
+                self.retry.max_attempts,
+            ),
+        )
+        return cur.rowcount
+
+    def claim(self, worker: str, lease_seconds: float) -> Job | None:
+        worker = _check_text("worker", worker, _MAX_WORKER)
+        lease = _check_number("lease_seconds", lease_seconds, 0)
+        if lease <= 0:
+            raise InvalidArgument("lease_seconds must be > 0")
+        with self._transaction() as conn:
+            now = self.clock()
+            self._take_back_expired(conn, now)
+            row = conn.execute(
+                "SELECT id FROM jobs WHERE (state = ? AND next_attempt_at <= ?) "
+                "OR (state = ? AND lease_until < ?) ORDER BY created, rowid LIMIT 1",
+                (JobState.QUEUED, now, JobState.RUNNING, now),
+            ).fetchone()
+            if row is None:
+                return None
+            conn.execute(
+                "UPDATE jobs SET state = ?, worker = ?, lease_until = ?, lease_seconds = ?, "
+                "attempts = attempts + 1, progress = 0, started = ?, updated = ? WHERE id = ?",
+                (JobState.RUNNING, worker, now + lease, lease, now, now, row[0]),
+            )
+            return self._row(conn, row[0])
+
+    def _holds(self, conn: sqlite3.Connection, job_id: str, worker: str) -> bool:
+        row = conn.execute("SELECT state, worker FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        if row is None:
+            raise JobNotFound(f"no job {job_id!r}")
+        return bool(row[0] == JobState.RUNNING and row[1] == worker)
+
+    def heartbeat(self, job_id: str, worker: str, progress: float) -> bool:
+        job_id = _check_job_id(job_id)
+        worker = _check_text("worker", worker, _MAX_WORKER)
+        progress = _check_number("progress", progress, 0, 100)
+        with self._transaction() as conn:
+            if not self._holds(conn, job_id, worker):
+                return False
+            now = self.clock()
+            conn.execute(
+                "UPDATE jobs SET progress = ?, lease_until = ? + lease_seconds, updated = ? "
+                "WHERE id = ?",
+                (progress, now, now, job_id),
+            )
+            return True
+
+    def complete(self, job_id: str, worker: str, slide_id: str) -> bool:
+        job_id = _check_job_id(job_id)
+        worker = _check_text("worker", worker, _MAX_WORKER)
+        slide_id = check_slide_id(slide_id)
+        with self._transaction() as conn:
+            if not self._holds(conn, job_id, worker):
+                return False
+            expected = self._row(conn, job_id).slide_id
+            if expected is not None and expected != slide_id:
+                raise InvalidArgument(
+                    f"job {job_id} was submitted for slide {expected}, not {slide_id}"
+                )
+            now = self.clock()
+            conn.execute(
+                "UPDATE jobs SET state = ?, slide_id = ?, progress = 100, error = NULL, "
+                "worker = NULL, lease_until = NULL, finished = ?, updated = ? WHERE id = ?",
+                (JobState.DONE, slide_id, now, now, job_id),
+            )
+            return True
+
+    def fail(self, job_id: str, worker: str, error: str, transient: bool) -> bool:
+        job_id = _check_job_id(job_id)
+        worker = _check_text("worker", worker, _MAX_WORKER)
+        error = _check_error(error)
+        with self._transaction() as conn:
+            if not self._holds(conn, job_id, worker):
+                return False
+            attempts = self._row(conn, job_id).attempts
+            now = self.clock()
+            if transient and attempts < self.retry.max_attempts:
+                conn.execute(
+                    "UPDATE jobs SET state = ?, error = ?, worker = NULL, lease_until = NULL, "
+                    "progress = 0, next_attempt_at = ?, updated = ? WHERE id = ?",
+                    (JobState.QUEUED, error, now + self.retry.delay(attempts), now, job_id),
+                )
+            else:
+                conn.execute(
+                    "UPDATE jobs SET state = ?, error = ?, worker = NULL, lease_until = NULL, "
+                    "finished = ?, updated = ? WHERE id = ?",
+                    (JobState.FAILED, error, now, now, job_id),
+                )
+            return True
+
+    def cancel(self, job_id: str) -> Job:
+        job_id = _check_job_id(job_id)
+        with self._transaction() as conn:
+            job = self._row(conn, job_id)
+            if job.state.terminal:
+                return job
+            now = self.clock()
+            conn.execute(
+                "UPDATE jobs SET state = ?, worker = NULL, lease_until = NULL, finished = ?, "
+                "updated = ? WHERE id = ?",
+                (JobState.CANCELLED, now, now, job_id),
+            )
+            return self._row(conn, job_id)
+
+    def get(self, job_id: str) -> Job:
+        job_id = _check_job_id(job_id)
+        sql = f"SELECT {_COLUMNS} FROM jobs WHERE id = ?"  # noqa: S608 - constant columns
+        rows = self._read(sql, (job_id,))
+        if not rows:
+            raise JobNotFound(f"no job {job_id!r}")
+        return _job(rows[0])
+
+    def list(
+        self, state: JobState | str | None = None, limit: int = 100, offset: int = 0
+    ) -> builtins.list[Job]:
+        for name, value, high in (("limit", limit, _MAX_LIST), ("offset", offset, 2**62)):
+            if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= high:
+                raise InvalidArgument(f"{name} must be an integer in [0, {high}]")
+        params: tuple[str, ...] = ()
+        if state is None:
+            where = ""
+        else:
+            try:
+                state = JobState(state)
+            except ValueError:
+                raise InvalidArgument(
+                    f"state must be one of {', '.join(s.value for s in JobState)}"
+                ) from None
+            where, params = "WHERE state = ?", (state.value,)
+        rows = self._read(
+            f"SELECT {_COLUMNS} FROM jobs {where} ORDER BY created DESC, rowid DESC "  # noqa: S608
+            "LIMIT ? OFFSET ?",
+            (*params, limit, offset),
+        )
+        return [_job(row) for row in rows]
+
+    def recover(self, now: float | None = None) -> int:
+        if now is not None:
+            now = _check_number("now", now, 0)
+        with self._transaction() as conn:
+            now = self.clock() if now is None else now
+            failed = self._take_back_expired(conn, now)
+            cur = conn.execute(
+                "UPDATE jobs SET state = ?, error = ?, worker = NULL, lease_until = NULL, "
+                "progress = 0, next_attempt_at = ?, updated = ? "
+                "WHERE state = ? AND lease_until < ?",
+                (JobState.QUEUED, "worker lost (lease expired)", now, now, JobState.RUNNING, now),
+            )
+            return failed + cur.rowcount
