@@ -127,9 +127,10 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
     reader = AsyncStore(Store(StoreSettings(settings.store, settings.s3_endpoint)), executor)
     await reader.start()
     app[EXECUTOR] = executor
-    # Watch folders are sources too: a slide is viewable from its file while it converts.
-    folders = (*settings.sources, *settings.watch)
-    sources = SourceSlides(folders) if folders else None
+    # Slides in watch folders are registered as sources by the ingest feed once complete, so a
+    # slide is viewable from its file while it converts, but never read while being copied.
+    wanted = settings.sources or settings.watch
+    sources = SourceSlides(settings.sources) if wanted else None
     catalog = Catalog(reader, settings.tile_cache_mb * 1024 * 1024, sources)
     app[CATALOG] = catalog
     app[METRICS].cache_stats = lambda: (
@@ -155,6 +156,7 @@ async def _ingest(app: web.Application) -> AsyncIterator[None]:
     from wsi.slide_id import content_slide_id
     from wsi.watch import FolderWatcher
 
+    catalog = app[CATALOG]
     queue = SQLiteJobQueue(settings.jobs_path)
     await asyncio.to_thread(queue.recover)  # jobs of a crashed run are taken back
     app[JOBS] = queue
@@ -175,6 +177,8 @@ async def _ingest(app: web.Application) -> AsyncIterator[None]:
             try:
                 slide_id = await asyncio.to_thread(content_slide_id, slide.path)
                 await asyncio.to_thread(queue.submit, str(slide.path), slide_id)
+                if catalog.sources is not None:
+                    catalog.sources.register(slide_id, slide.path)
             except (WsiError, OSError):  # gone again, or unreadable: the next scan decides
                 continue
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from wsi.errors import InvalidArgument, SlideNotFound
+from wsi.errors import InvalidArgument, WsiError
 
 from .app import CATALOG, SETTINGS, etag_response
 from .openapi import ERROR, path_params
@@ -27,7 +27,7 @@ async def list_slides(request: web.Request) -> web.Response:
     for slide_id in await catalog.slide_ids():
         try:
             slides.append((await catalog.slide(slide_id)).summary())
-        except SlideNotFound:  # unpublished between listing and reading
+        except WsiError:  # unpublished meanwhile, or a dropped slide its reader refuses
             continue
     return web.json_response({"slides": slides})
 

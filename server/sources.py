@@ -39,6 +39,7 @@ class SourceSlides:
     def __init__(self, folders: tuple[str, ...]) -> None:
         self.folders = [Path(f) for f in folders]
         self._paths: dict[str, Path] = {}
+        self._registered: dict[str, Path] = {}
         self._open: dict[str, tuple[SlideSource, SlideView]] = {}
         self._lock = threading.Lock()
 
@@ -53,8 +54,20 @@ class SourceSlides:
                     if path.is_file() and _is_candidate(path):
                         found[content_slide_id(path)] = path
         with self._lock:
+            for slide_id, path in list(self._registered.items()):
+                if path.exists():
+                    found.setdefault(slide_id, path)
+                else:  # converted and moved away, or deleted: the store has it now
+                    del self._registered[slide_id]
             self._paths = found
         return found
+
+    def register(self, slide_id: str, path: Path) -> None:
+        """A complete slide from a watch folder (the watcher vouches that it is no longer being
+        copied; watch folders are never scanned here, so a partial file is never opened)."""
+        with self._lock:
+            self._registered[slide_id] = path
+            self._paths[slide_id] = path
 
     def view(self, slide_id: str) -> SlideView:
         with self._lock:

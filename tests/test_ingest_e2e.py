@@ -49,6 +49,8 @@ def test_watch_folder_end_to_end(tmp_path: Path) -> None:
                     f.flush()
                     await asyncio.sleep(0.4)
                     assert (await (await c.get("/jobs")).json())["jobs"] == []
+                    # Not even viewable from its source: a partial file is never read.
+                    assert (await (await c.get("/slides")).json())["slides"] == []
             (inbox / "broken.tiff").write_bytes(
                 sample("openslide-python-fixtures/unopenable.tiff").read_bytes()
             )
@@ -63,6 +65,9 @@ def test_watch_folder_end_to_end(tmp_path: Path) -> None:
                 jobs = (await (await c.get("/jobs")).json())["jobs"]
                 return jobs if all(j["state"] in ("done", "failed") for j in jobs) else []
 
+            first = {Path(j["source"]).name: j for j in await wait_for(jobs_seen)}
+            listed = await (await c.get("/slides")).json()
+            assert first["case.svs"]["slide_id"] in {s["id"] for s in listed["slides"]}
             jobs = {Path(j["source"]).name: j for j in await wait_for(finished)}
             assert jobs["case.svs"]["state"] == "done"
             assert jobs["broken.tiff"]["state"] == "failed"

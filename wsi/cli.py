@@ -19,8 +19,9 @@ from .sources import backend_names, open_slide
 from .store import Store, StoreSettings
 
 EXIT_TEMPFAIL = 75
-"""Exit status when a slide failed because the store did (sysexits EX_TEMPFAIL): ingest retries
-those with backoff, while status 1 (the slide itself is unreadable) is final."""
+"""Exit status when a slide failed because the store did, or for a reason we cannot classify
+(sysexits EX_TEMPFAIL): ingest retries those with backoff, while status 1 (the slide itself is
+unreadable) is final."""
 
 
 def _info(args: argparse.Namespace) -> int:
@@ -123,8 +124,11 @@ def _convert(args: argparse.Namespace) -> int:
             failures += 1
             print(f"wsi: error: {source}: {exc}", file=sys.stderr)
             continue
-        except Exception as exc:  # a reader library failed in a way it does not document
+        except Exception as exc:  # a library failed in a way it does not document
+            # (botocore's connection errors, a reader's own exception): maybe the network,
+            # maybe the slide; retryable, so ingest tries again before it gives up.
             failures += 1
+            transient = True
             print(
                 f"wsi: error: {source}: cannot convert ({type(exc).__name__}: {exc})",
                 file=sys.stderr,
