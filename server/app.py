@@ -11,6 +11,7 @@ import importlib
 import json
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 from aiohttp import web
@@ -157,6 +158,7 @@ async def _ingest(app: web.Application) -> AsyncIterator[None]:
     from wsi.watch import FolderWatcher
 
     catalog = app[CATALOG]
+    Path(settings.jobs_path).parent.mkdir(parents=True, exist_ok=True)
     queue = SQLiteJobQueue(settings.jobs_path)
     await asyncio.to_thread(queue.recover)  # jobs of a crashed run are taken back
     app[JOBS] = queue
