@@ -35,7 +35,6 @@ def test_watch_folder_end_to_end(tmp_path: Path) -> None:
         quiet_seconds=1.0,
         poll_seconds=0.2,
         quarantine_dir=str(tmp_path / "quarantine"),
-        jobs_db=str(tmp_path / "jobs.sqlite"),
     )
     data = sample("CMU-1-Small-Region.svs").read_bytes()
 
