@@ -167,6 +167,7 @@ async def _ingest(app: web.Application) -> AsyncIterator[None]:
         store=settings.store,
         s3_endpoint=settings.s3_endpoint,
         after_success=settings.after_success,  # type: ignore[arg-type]
+        lease_seconds=settings.lease_seconds,
         done_dir=settings.done_dir,
         quarantine_dir=settings.quarantine_dir,
     )

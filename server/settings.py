@@ -48,6 +48,8 @@ class ServerSettings:
     """Conversions running at once, each in its own subprocess."""
     after_success: str = "keep"
     """keep, move (to done_dir) or delete the source once its slide is published."""
+    lease_seconds: float = 60.0
+    """A job whose worker stopped heart-beating this long (crash, SIGKILL) runs again."""
     done_dir: str = "done"
     quarantine_dir: str = "quarantine"
 
@@ -69,7 +71,12 @@ class ServerSettings:
             raise InvalidArgument("max_render_pixels, tile_cache_mb and threads must be positive")
         if self.after_success not in ("keep", "move", "delete"):
             raise InvalidArgument("after_success must be keep, move or delete")
-        if self.quiet_seconds < 0 or self.poll_seconds <= 0 or self.workers < 0:
+        if (
+            self.quiet_seconds < 0
+            or self.poll_seconds <= 0
+            or self.workers < 0
+            or (self.lease_seconds <= 0)
+        ):
             raise InvalidArgument("quiet_seconds, poll_seconds and workers must be positive")
 
     @property
