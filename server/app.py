@@ -152,9 +152,8 @@ async def _ingest(app: web.Application) -> AsyncIterator[None]:
     if not settings.watch:
         yield
         return
-    from wsi.ingest import IngestSettings, Worker
+    from wsi.ingest import IngestSettings, Worker, feed
     from wsi.jobs import SQLiteJobQueue
-    from wsi.slide_id import content_slide_id
     from wsi.watch import FolderWatcher
 
     catalog = app[CATALOG]
@@ -175,17 +174,8 @@ async def _ingest(app: web.Application) -> AsyncIterator[None]:
         settings.watch, settings.quiet_seconds, settings.poll_seconds, stop_event=stop
     )
 
-    async def feed() -> None:
-        async for slide in watcher.events():
-            try:
-                slide_id = await asyncio.to_thread(content_slide_id, slide.path)
-                await asyncio.to_thread(queue.submit, str(slide.path), slide_id)
-                if catalog.sources is not None:
-                    catalog.sources.register(slide_id, slide.path)
-            except (WsiError, OSError):  # gone again, or unreadable: the next scan decides
-                continue
-
-    tasks = [asyncio.create_task(feed())]
+    register = catalog.sources.register if catalog.sources is not None else None
+    tasks = [asyncio.create_task(feed(watcher, queue, register))]
     tasks += [asyncio.create_task(Worker(queue, ingest).run(stop)) for _ in range(settings.workers)]
     yield
     stop.set()

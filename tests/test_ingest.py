@@ -137,3 +137,40 @@ def test_settings_are_checked():
         IngestSettings(store="x", after_success="move")
     with pytest.raises(wsi.InvalidArgument):
         IngestSettings(store="x", concurrency=0)
+
+
+def test_roles_run_on_their_own(tmp_path):
+    """`wsi watch` (jobs only) and `wsi worker` (conversions only) share one job table."""
+    import subprocess
+    import sys
+
+    inbox, store, jobs = tmp_path / "inbox", tmp_path / "store", tmp_path / "jobs.sqlite"
+    inbox.mkdir()
+    common = ["--store", str(store), "--jobs", str(jobs)]
+    watcher = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "wsi.cli",
+            "watch",
+            str(inbox),
+            *common,
+            "--quiet-seconds",
+            "0.3",
+            "--poll-seconds",
+            "0.1",
+        ]
+    )
+    worker = subprocess.Popen([sys.executable, "-m", "wsi.cli", "worker", *common])
+    try:
+        slide = drop(tmp_path / "staging", "openslide-python-fixtures/small.svs")
+        slide.rename(inbox / slide.name)
+        published = wsi.Store(wsi.StoreSettings(str(store)))
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not published.published_slides():
+            time.sleep(0.1)
+        assert published.published_slides() == [content_slide_id(inbox / "small.svs")]
+    finally:
+        for proc in (watcher, worker):
+            proc.send_signal(signal.SIGTERM)
+        assert watcher.wait(timeout=40) == 0 and worker.wait(timeout=40) == 0

@@ -175,6 +175,25 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _ingest_role(args: argparse.Namespace) -> int:
+    from .ingest import IngestSettings, run_roles
+    from .jobs import SQLiteJobQueue
+
+    settings = IngestSettings(
+        store=args.store,
+        s3_endpoint=args.s3_endpoint,
+        after_success=args.after,
+        done_dir=args.done_dir,
+        quarantine_dir=args.quarantine_dir,
+    )
+    Path(args.jobs).parent.mkdir(parents=True, exist_ok=True)
+    with SQLiteJobQueue(args.jobs) as queue:
+        watch = tuple(args.folders) if args.command == "watch" else ()
+        workers = args.workers if args.command == "worker" else 0
+        run_roles(queue, settings, workers, watch, args.quiet_seconds, args.poll_seconds)
+    return 0
+
+
 def _list(args: argparse.Namespace) -> int:
     store = Store(StoreSettings(args.store, endpoint_url=args.s3_endpoint))
     for slide_id in store.published_slides():
@@ -281,6 +300,26 @@ def build_parser() -> argparse.ArgumentParser:
         help="a drop is complete after this long unchanged (WSI_QUIET_SECONDS)",
     )
     serve.set_defaults(func=_serve)
+
+    for role in ("worker", "watch"):
+        helptext = (
+            "run conversion workers on a job table, without the HTTP service"
+            if role == "worker"
+            else "turn complete drops in folders into jobs, without the HTTP service"
+        )
+        cmd = sub.add_parser(role, help=helptext)
+        if role == "watch":
+            cmd.add_argument("folders", nargs="+", metavar="DIR")
+        cmd.add_argument("--store", required=True, metavar="DIR_OR_URL")
+        cmd.add_argument("--jobs", required=True, metavar="SQLITE_FILE", help="the job table")
+        cmd.add_argument("--workers", type=int, default=1)
+        cmd.add_argument("--s3-endpoint")
+        cmd.add_argument("--after", choices=["keep", "move", "delete"], default="keep")
+        cmd.add_argument("--done-dir", default="done")
+        cmd.add_argument("--quarantine-dir", default="quarantine")
+        cmd.add_argument("--quiet-seconds", type=float, default=5.0)
+        cmd.add_argument("--poll-seconds", type=float, default=2.0)
+        cmd.set_defaults(func=_ingest_role)
 
     ls = sub.add_parser("list", help="list the published slides of a store")
     ls.add_argument("store", metavar="DIR_OR_URL")

@@ -15,12 +15,15 @@ import os
 import shutil
 import signal
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from .errors import InvalidArgument
+from .errors import InvalidArgument, WsiError
 from .jobs import Job, JobQueue, worker_name
+from .slide_id import content_slide_id
+from .watch import FolderWatcher
 
 EXIT_SLIDE_UNREADABLE = 1
 EXIT_TEMPFAIL = 75
@@ -186,3 +189,49 @@ class Worker:
         source = Path(job.source)
         if source.exists() and not job.source.startswith("s3://"):
             move_source(source, Path(self.settings.quarantine_dir), reason)
+
+
+async def feed(
+    watcher: FolderWatcher,
+    queue: JobQueue,
+    on_submitted: Callable[[str, Path], None] | None = None,
+) -> None:
+    """Turn every complete slide the watcher reports into a job (the same content: one job)."""
+    async for slide in watcher.events():
+        try:
+            slide_id = await asyncio.to_thread(content_slide_id, slide.path)
+            await asyncio.to_thread(queue.submit, str(slide.path), slide_id)
+        except (WsiError, OSError):  # gone again, or unreadable: the next scan decides
+            continue
+        if on_submitted is not None:
+            on_submitted(slide_id, slide.path)
+
+
+def run_roles(
+    queue: JobQueue,
+    settings: IngestSettings,
+    workers: int,
+    watch: tuple[str, ...] = (),
+    quiet_seconds: float = 5.0,
+    poll_seconds: float = 2.0,
+) -> None:
+    """`wsi worker` / `wsi watch`: one role (or both) without the HTTP service, until SIGTERM or
+    SIGINT; running conversions get `settings.stop_timeout` to finish."""
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await asyncio.to_thread(queue.recover)
+        tasks = [asyncio.create_task(Worker(queue, settings).run(stop)) for _ in range(workers)]
+        watcher = None
+        if watch:
+            watcher = FolderWatcher(watch, quiet_seconds, poll_seconds, stop_event=stop)
+            tasks.append(asyncio.create_task(feed(watcher, queue)))
+        await stop.wait()
+        if watcher is not None:
+            watcher.stop()
+        await asyncio.wait(tasks, timeout=settings.stop_timeout + 5)
+
+    asyncio.run(main())
