@@ -201,18 +201,8 @@ def _list(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="wsi", description="Convert whole-slide images to OME-Zarr pyramids in object storage."
-    )
-    parser.add_argument("--version", action="version", version=f"wsistore {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    info = sub.add_parser("info", help="print a slide's levels, properties and associated images")
-    info.add_argument("source")
-    info.add_argument("--backend", choices=backend_names())
-    info.set_defaults(func=_info)
-
+def _add_convert(sub: Any) -> None:
+    """`wsi convert`: one or many slides into a store."""
     conv = sub.add_parser("convert", help="convert slides to OME-Zarr in a folder or s3:// URL")
     conv.add_argument("sources", nargs="+", metavar="SRC")
     conv.add_argument("--out", required=True, metavar="DIR_OR_URL")
@@ -257,12 +247,9 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None)
     conv.set_defaults(func=_convert)
 
-    exp = sub.add_parser("export-dicom", help="a slide's DICOM view as a folder of .dcm files")
-    exp.add_argument("slide", metavar="SLIDE_DIR_OR_URL", help="STORE/<slide-id>")
-    exp.add_argument("dest", metavar="DEST_DIR")
-    exp.add_argument("--s3-endpoint")
-    exp.set_defaults(func=_export)
 
+def _add_serve(sub: Any) -> None:
+    """`wsi serve`: the tile service (and ingest with --watch)."""
     serve = sub.add_parser("serve", help="serve tiles, DeepZoom, IIIF, DICOMweb and a viewer")
     serve.add_argument("--store", help="published slides: folder or s3:// URL (WSI_STORE)")
     serve.add_argument(
@@ -301,6 +288,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.set_defaults(func=_serve)
 
+
+def _add_roles(sub: Any) -> None:
+    """`wsi worker` and `wsi watch`: ingest roles on their own."""
     for role in ("worker", "watch"):
         helptext = (
             "run conversion workers on a job table, without the HTTP service"
@@ -321,6 +311,28 @@ def build_parser() -> argparse.ArgumentParser:
         cmd.add_argument("--poll-seconds", type=float, default=2.0)
         cmd.set_defaults(func=_ingest_role)
 
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="wsi", description="Convert whole-slide images to OME-Zarr pyramids in object storage."
+    )
+    parser.add_argument("--version", action="version", version=f"wsistore {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    info = sub.add_parser("info", help="print a slide's levels, properties and associated images")
+    info.add_argument("source")
+    info.add_argument("--backend", choices=backend_names())
+    info.set_defaults(func=_info)
+
+    _add_convert(sub)
+    exp = sub.add_parser("export-dicom", help="a slide's DICOM view as a folder of .dcm files")
+    exp.add_argument("slide", metavar="SLIDE_DIR_OR_URL", help="STORE/<slide-id>")
+    exp.add_argument("dest", metavar="DEST_DIR")
+    exp.add_argument("--s3-endpoint")
+    exp.set_defaults(func=_export)
+
+    _add_serve(sub)
+    _add_roles(sub)
     ls = sub.add_parser("list", help="list the published slides of a store")
     ls.add_argument("store", metavar="DIR_OR_URL")
     ls.add_argument("--s3-endpoint")
