@@ -33,7 +33,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
@@ -54,9 +54,33 @@ _MAX_SOCKET_PATH = 100
 """Unix socket paths are limited to 107 bytes on Linux."""
 
 
+@dataclass
+class _Process:
+    """The `weed` process behind a `SeaweedFS`, and how to start it again (mutable, so that the
+    frozen `SeaweedFS` can stop and restart its server)."""
+
+    cmd: list[str]
+    cwd: Path
+    env: dict[str, str]
+    log: IO[bytes]
+    proc: subprocess.Popen[bytes]
+
+    def terminate(self, timeout: float = STOP_TIMEOUT_S) -> None:
+        """Stop whichever process runs now (see `stop`)."""
+        stop(self.proc, self.log, timeout)
+
+    def sockets(self) -> list[Path]:
+        """The Unix socket files the command names (`-s3.localSocket=...` and the like)."""
+        return [Path(a.split("=", 1)[1]) for a in self.cmd if a.split("=", 1)[0].endswith("Socket")]
+
+
 @dataclass(frozen=True)
 class SeaweedFS:
-    """A running server and how to reach it."""
+    """A running server and how to reach it.
+
+    `stop()` and `start()` (or `with server.outage(): ...`) take the server down and bring it
+    back on the same ports with the same data, to test how clients ride out an outage.
+    """
 
     endpoint_url: str
     bucket: str
@@ -66,6 +90,9 @@ class SeaweedFS:
     data_dir: Path
     log_path: Path
     pid: int
+    """The process id of the first start (`current_pid` follows restarts)."""
+    process: _Process | None = field(default=None, repr=False, compare=False)
+    """Set by `run_seaweedfs`; needed by `stop`, `start` and `outage`."""
 
     def url(self, prefix: str = "") -> str:
         """`s3://<bucket>/<prefix>` (or the bucket itself)."""
@@ -98,6 +125,70 @@ class SeaweedFS:
 
     def log_tail(self, lines: int = 60) -> str:
         return _tail(self.log_path, lines)
+
+    def _process(self) -> _Process:
+        if self.process is None:
+            raise RuntimeError("this SeaweedFS was not started by run_seaweedfs")
+        return self.process
+
+    @property
+    def running(self) -> bool:
+        return self._process().proc.poll() is None
+
+    @property
+    def current_pid(self) -> int:
+        return self._process().proc.pid
+
+    def stop(self, timeout: float = STOP_TIMEOUT_S) -> None:
+        """Stop the server (SIGTERM, then SIGKILL after `timeout`); clients get refused
+        connections until `start`. Stopping a stopped server does nothing."""
+        self._process().terminate(timeout)
+
+    def start(self, timeout: float = STARTUP_TIMEOUT_S) -> None:
+        """Start the stopped server again: same ports, same data (the bucket and every object
+        written before the stop are there). Returns once S3 answers and the bucket is
+        reachable; RuntimeError with the log's tail if it does not come back within `timeout`.
+        Starting a running server does nothing."""
+        p = self._process()
+        if p.proc.poll() is None:
+            return
+        for sock in p.sockets():  # left behind if the last run was killed
+            sock.unlink(missing_ok=True)
+        p.log.write(b"[s3server] starting again\n")
+        p.log.flush()
+        started = time.monotonic()
+        p.proc = subprocess.Popen(
+            p.cmd,
+            cwd=p.cwd,
+            env=p.env,
+            stdin=subprocess.DEVNULL,
+            stdout=p.log,
+            stderr=subprocess.STDOUT,
+        )
+        deadline = started + timeout
+        while time.monotonic() < deadline and p.proc.poll() is None:
+            if _healthy(self.endpoint_url) and _bucket_ready(self.endpoint_url, self.bucket):
+                p.log.write(f"[s3server] up again in {time.monotonic() - started:.1f} s\n".encode())
+                p.log.flush()
+                return
+            time.sleep(0.1)
+        status = p.proc.poll()
+        p.terminate()
+        state = f"exited with status {status}" if status is not None else "not ready"
+        raise RuntimeError(
+            f"SeaweedFS did not come back ({state} after {time.monotonic() - started:.0f} s); "
+            f"log {self.log_path}:\n{self.log_tail()}"
+        )
+
+    @contextlib.contextmanager
+    def outage(self, stop_timeout: float = STOP_TIMEOUT_S) -> Iterator[None]:
+        """The server is down while the block runs, and running again after it (even when the
+        block raises): `with server.outage(): time.sleep(4)`."""
+        self.stop(stop_timeout)
+        try:
+            yield
+        finally:
+            self.start()
 
 
 # Variables that would override or add to the settings above; removed while the fixture is active.
@@ -275,7 +366,9 @@ def run_seaweedfs(base_dir: Path, attempts: int = 3) -> Iterator[SeaweedFS]:
                 stdout=log,
                 stderr=subprocess.STDOUT,
             )
-            stack.callback(stop, proc, log)
+            process = _Process(cmd, data_dir, env, log, proc)
+            # Whichever process runs at the end (`SeaweedFS.start` may have replaced it).
+            stack.callback(process.terminate)
             deadline = time.monotonic() + STARTUP_TIMEOUT_S
             ready = False
             while time.monotonic() < deadline and proc.poll() is None:
@@ -293,6 +386,7 @@ def run_seaweedfs(base_dir: Path, attempts: int = 3) -> Iterator[SeaweedFS]:
                     data_dir=data_dir,
                     log_path=log_path,
                     pid=proc.pid,
+                    process=process,
                 )
                 return
             exit_status = proc.poll()

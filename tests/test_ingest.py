@@ -94,7 +94,7 @@ def test_killed_conversion_is_retried_and_publishes_once(tmp_path, medium_jpeg_t
             proc = worker._proc
             shard = list(store.glob("*/slide.zarr/0/c/0/0/0*"))
             if not killed and proc is not None and shard:
-                os.killpg(proc.pid, signal.SIGKILL)  # the C reader "crashed"
+                os.kill(proc.pid, signal.SIGKILL)  # the C reader "crashed"
                 killed = True
             await asyncio.sleep(0.01)
         stop.set()

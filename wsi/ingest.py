@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
+import ctypes
 import shutil
 import signal
 import sys
@@ -86,6 +86,14 @@ def move_source(source: Path, dest_dir: Path, reason: str | None = None) -> Path
     return target / source.name
 
 
+def _die_with_parent() -> None:
+    """In the conversion child: be killed when the service dies, even by SIGKILL (Linux
+    PR_SET_PDEATHSIG), so no orphaned conversion publishes behind the job's next attempt."""
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
 class Worker:
     """One conversion at a time, in a subprocess; several run side by side for concurrency."""
 
@@ -127,7 +135,7 @@ class Worker:
             *self._command(job),
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
-            start_new_session=True,
+            preexec_fn=_die_with_parent,
         )
         self._proc = proc
         communicate = asyncio.ensure_future(proc.communicate())
@@ -152,7 +160,7 @@ class Worker:
     @staticmethod
     def _terminate(proc: asyncio.subprocess.Process) -> None:
         with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
+            proc.terminate()
 
     def _finish(self, job: Job, code: int | None, out: str, err: str) -> None:
         last_error = next((x for x in reversed(err.splitlines()) if x.strip()), "")

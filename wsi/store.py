@@ -62,8 +62,17 @@ class StoreSettings:
 
 def _s3_options(settings: StoreSettings) -> dict[str, Any]:
     endpoint = settings.endpoint_url or os.environ.get("AWS_ENDPOINT_URL") or None
-    # No listing cache: a reader must see slides that another process publishes.
-    options: dict[str, Any] = {"use_listings_cache": False}
+    # No listing cache: a reader must see slides that another process publishes. Bounded
+    # timeouts and retries: with botocore's defaults a request to a store that went away hangs
+    # for minutes, where a conversion should fail (and be retried by ingest) instead.
+    options: dict[str, Any] = {
+        "use_listings_cache": False,
+        "config_kwargs": {
+            "connect_timeout": 5,
+            "read_timeout": 30,
+            "retries": {"max_attempts": 3, "mode": "standard"},
+        },
+    }
     if endpoint:
         options["endpoint_url"] = endpoint
     # Credentials come from the usual AWS environment variables / config files via botocore.

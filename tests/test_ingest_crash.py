@@ -1,0 +1,300 @@
+"""`wsi serve --watch` as real processes, hurt mid-job: the whole service SIGKILLed (server and
+its conversion subprocess), and the S3 server going away under a running conversion. The job
+must end done, once, with the same bytes an uninterrupted conversion writes.
+
+Every wait here has a deadline; the service runs in its own session so that whatever happens,
+the test stops it (and every process it started) by process id.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+
+import wsi
+from wsi.store import MANIFEST, TEMP_MARK
+
+from .s3server import seaweedfs as _seaweedfs_fixture  # noqa: F401
+
+ROOT = Path(__file__).resolve().parents[1]
+Job = dict[str, Any]
+
+SERVICE_ENV = {"WSI_LEASE_SECONDS": "3", "WSI_POLL_SECONDS": "0.2"}
+"""A SIGKILLed worker's job is taken over 3 s after its last heartbeat."""
+START_TIMEOUT_S = 60.0
+JOB_TIMEOUT_S = 120.0
+FAIL_TIMEOUT_S = 60.0
+"""With the store down, an attempt fails within seconds (one SDK retry, see below)."""
+HTTP_TIMEOUT_S = 10.0
+STOP_TIMEOUT_S = 45.0
+"""SIGTERM lets running conversions finish for 30 s (IngestSettings.stop_timeout)."""
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def land(source: Path, inbox: Path) -> Path:
+    """Drop a slide the way scanners do: copied under a dotfile name (ignored by the watcher),
+    then renamed in one step. copy2 keeps the mtime (the DICOM dates derive from it)."""
+    partial = inbox / f".{source.name}"
+    shutil.copy2(source, partial)
+    final = inbox / source.name
+    os.rename(partial, final)
+    return final
+
+
+def _kill(processes: list[psutil.Process]) -> None:
+    for p in processes:
+        with contextlib.suppress(psutil.Error):
+            p.kill()
+    psutil.wait_procs(processes, timeout=10)
+
+
+class Service:
+    """`python -m wsi.cli serve ...` in its own session, stdout and stderr to a log file."""
+
+    def __init__(self, workdir: Path, args: list[str], env: dict[str, str], port: int) -> None:
+        self.workdir = workdir
+        self.port = port
+        self.cmd = [sys.executable, "-m", "wsi.cli", "serve", *args, "--port", str(port)]
+        self.env = {
+            **os.environ,
+            **env,
+            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+        }
+        self.log_path = workdir / f"service-{port}.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self._seen: dict[int, psutil.Process] = {}
+        """Every process the service was seen to run (conversions), so none outlives the test."""
+
+    def start(self) -> None:
+        assert self.proc is None or self.proc.poll() is not None
+        with self.log_path.open("ab") as log:
+            log.write(f"$ {' '.join(self.cmd)}\n".encode())
+            log.flush()
+            self.proc = subprocess.Popen(
+                self.cmd,
+                cwd=self.workdir,  # relative defaults (quarantine/, done/) land in the test's dir
+                env=self.env,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        self.wait_for(
+            lambda: self.get("/healthz")[0] == 200, START_TIMEOUT_S, "the service to start"
+        )
+
+    @property
+    def pgid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid  # session (and group) leader: start_new_session
+
+    def log_tail(self, lines: int = 40) -> str:
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except OSError as exc:
+            return f"(no log: {exc})"
+        return "\n".join(text.splitlines()[-lines:])
+
+    def get(self, path: str) -> tuple[int, bytes]:
+        """Status and body; (0, b"") when nothing answers."""
+        url = f"http://127.0.0.1:{self.port}{path}"
+        try:
+            with urllib.request.urlopen(url, timeout=HTTP_TIMEOUT_S) as resp:
+                return int(resp.status), bytes(resp.read())
+        except urllib.error.HTTPError as exc:
+            return int(exc.code), bytes(exc.read())
+        except (urllib.error.URLError, OSError):
+            return 0, b""
+
+    def get_json(self, path: str) -> Any:
+        status, body = self.get(path)
+        assert status == 200, f"GET {path}: {status} {body[:300]!r}\n{self.log_tail()}"
+        return json.loads(body)
+
+    def jobs(self) -> list[Job]:
+        return list(self.get_json("/jobs")["jobs"])
+
+    def wait_for(self, check: Callable[[], Any], timeout: float, what: str) -> Any:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                raise AssertionError(
+                    f"the service exited ({self.proc.returncode}) while waiting for {what}:\n"
+                    + self.log_tail()
+                )
+            result = check()
+            if result:
+                return result
+            time.sleep(0.05)
+        raise AssertionError(f"timed out ({timeout:.0f} s) waiting for {what}:\n{self.log_tail()}")
+
+    def wait_job(self, check: Callable[[Job], bool], timeout: float, what: str) -> Job:
+        def one() -> Job | None:
+            jobs = self.jobs()
+            assert len(jobs) <= 1, f"one slide landed, jobs: {jobs}"
+            return jobs[0] if jobs and check(jobs[0]) else None
+
+        job: Job = self.wait_for(one, timeout, what)
+        return job
+
+    def descendants(self) -> list[psutil.Process]:
+        """The service's running subprocesses (its conversions), remembered for cleanup."""
+        assert self.proc is not None
+        try:
+            found = psutil.Process(self.proc.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            return []
+        for p in found:
+            self._seen.setdefault(p.pid, p)
+        return found
+
+    def kill_everything(self, conversions: list[psutil.Process]) -> None:
+        """SIGKILL the service and its conversions at once, as a container or cgroup kill does
+        (a conversion runs in a session of its own, so the service's group alone misses it)."""
+        assert self.proc is not None
+        os.killpg(self.pgid, signal.SIGKILL)
+        _kill(conversions)
+        self.proc.wait(10)
+
+    def close(self) -> None:
+        """SIGTERM the service, SIGKILL it if it does not stop; kill any conversion left."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.descendants()
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.pgid, signal.SIGTERM)
+            try:
+                self.proc.wait(STOP_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(self.pgid, signal.SIGKILL)
+                self.proc.wait(10)
+        _kill([p for p in self._seen.values() if p.is_running()])
+
+
+@contextlib.contextmanager
+def service(workdir: Path, args: list[str], env: dict[str, str], port: int) -> Iterator[Service]:
+    svc = Service(workdir, args, env, port)
+    try:
+        yield svc
+    finally:
+        svc.close()
+
+
+def wait_mid_write(
+    svc: Service, job: Job, writing: Callable[[], bool], interval: float
+) -> list[psutil.Process]:
+    """Wait until `writing()` says the conversion is writing level 0, and return the conversion
+    processes, still running; fail if the job ends first."""
+    deadline = time.monotonic() + JOB_TIMEOUT_S
+    next_check = 0.0
+    while time.monotonic() < deadline:
+        if writing():
+            conversions = svc.descendants()
+            if conversions:
+                return conversions
+        if time.monotonic() > next_check:  # the HTTP round trip is slow next to `writing`
+            state = svc.get_json(f"/jobs/{job['id']}")["state"]
+            assert state == "running", f"the conversion ended ({state}) before level 0 was seen"
+            next_check = time.monotonic() + 0.2
+        time.sleep(interval)
+    raise AssertionError(f"the conversion did not reach level 0 in time:\n{svc.log_tail()}")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_sigkill_whole_service_mid_job(tmp_path: Path, medium_jpeg_tiff: Path) -> None:
+    inbox, store_dir = tmp_path / "inbox", tmp_path / "store"
+    inbox.mkdir()
+    args = ["--store", str(store_dir), "--watch", str(inbox), "--quiet-seconds", "0.5"]
+    store = wsi.Store(wsi.StoreSettings(str(store_dir)))
+    port = free_port()
+
+    with service(tmp_path, args, SERVICE_ENV, port) as first:
+        first.start()
+        slide = land(medium_jpeg_tiff, inbox)
+        job = first.wait_job(lambda j: j["state"] == "running", JOB_TIMEOUT_S, "a running job")
+        sid = job["slide_id"]
+        # Its level-0 shard (or the shard's temp file) exists: the conversion is half-way.
+        shard = f"{sid}/slide.zarr/0/c/0/0/0*"
+        conversions = wait_mid_write(first, job, lambda: any(store_dir.glob(shard)), 0.002)
+        first.kill_everything(conversions)
+        assert all(not p.is_running() for p in conversions)
+    # Half a slide was written (the level-0 shard, or its temp file); none is visible.
+    assert any(store_dir.glob(f"{sid}/slide.zarr/0/c/0/0/0*"))
+    assert store.published_slides() == []
+
+    # The same command again: it finds the job of the dead run, waits for its lease to run out
+    # (the dead worker stopped heart-beating) and converts the slide again.
+    with service(tmp_path, args, SERVICE_ENV, port) as second:
+        second.start()
+        done = second.wait_job(
+            lambda j: j["state"] in ("done", "failed", "cancelled"), JOB_TIMEOUT_S, "the job to end"
+        )
+        assert done["state"] == "done", done
+        assert done["id"] == job["id"] and done["slide_id"] == sid
+        assert done["attempts"] >= 2 and done["error"] is None, done
+        summary = second.get_json(f"/slides/{sid}")
+        assert summary["status"] == "ready"
+        status, tile = second.get(f"/slides/{sid}/tiles/0/0/0")
+        assert status == 200 and tile[:2] == b"\xff\xd8"  # a JPEG, from the store
+        assert len(second.jobs()) == 1
+
+    assert store.published_slides() == [sid]
+    manifest = store.read_manifest(sid)
+    reference = wsi.Store(wsi.StoreSettings(str(tmp_path / "reference")))
+    wsi.convert_slide(slide, reference)
+    assert manifest["objects"] == reference.read_manifest(sid)["objects"]
+    # Nothing of the killed attempt is left: exactly the manifest's objects, no temp files.
+    keys = store.list_keys(sid, include_temporary=True)
+    assert not [k for k in keys if TEMP_MARK in k]
+    assert set(keys) == {f"{sid}/{k}" for k in manifest["objects"]} | {f"{sid}/{MANIFEST}"}
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_conversion_does_not_outlive_a_killed_service(
+    tmp_path: Path, medium_jpeg_tiff: Path
+) -> None:
+    """SIGKILL of the service's process group only (the OOM killer, `kill -9 -PGID`): its
+    conversion must stop too, and so publish nothing."""
+    inbox, store_dir = tmp_path / "inbox", tmp_path / "store"
+    inbox.mkdir()
+    args = ["--store", str(store_dir), "--watch", str(inbox), "--quiet-seconds", "0.5"]
+    with service(tmp_path, args, SERVICE_ENV, free_port()) as svc:
+        svc.start()
+        land(medium_jpeg_tiff, inbox)
+        job = svc.wait_job(lambda j: j["state"] == "running", JOB_TIMEOUT_S, "a running job")
+        shard = f"{job['slide_id']}/slide.zarr/0/c/0/0/0*"
+        conversions = wait_mid_write(svc, job, lambda: any(store_dir.glob(shard)), 0.002)
+        os.killpg(svc.pgid, signal.SIGKILL)
+        assert svc.proc is not None
+        svc.proc.wait(10)
+        # Left alone, an orphaned conversion ends within a second or two (publishing the slide).
+        _, alive = psutil.wait_procs(conversions, timeout=10)
+        _kill(alive)
+    published = wsi.Store(wsi.StoreSettings(str(store_dir))).published_slides()
+    assert not alive and published == [], (
+        f"the conversion outlived its SIGKILLed service (still running: {len(alive)}) "
+        f"and published {published}"
+    )
