@@ -19,6 +19,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,7 @@ import pytest
 import wsi
 from wsi.store import MANIFEST, TEMP_MARK
 
+from .s3server import SeaweedFS
 from .s3server import seaweedfs as _seaweedfs_fixture  # noqa: F401
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,7 +41,8 @@ SERVICE_ENV = {"WSI_LEASE_SECONDS": "3", "WSI_POLL_SECONDS": "0.2"}
 START_TIMEOUT_S = 60.0
 JOB_TIMEOUT_S = 120.0
 FAIL_TIMEOUT_S = 60.0
-"""With the store down, an attempt fails within seconds (one SDK retry, see below)."""
+"""With the store down, an attempt fails within seconds: a few SDK retries of each call it still
+makes (the failed upload, its abort, the cleanup); about 15 s on a loaded 2-core machine."""
 HTTP_TIMEOUT_S = 10.0
 STOP_TIMEOUT_S = 45.0
 """SIGTERM lets running conversions finish for 30 s (IngestSettings.stop_timeout)."""
@@ -170,8 +173,8 @@ class Service:
         return found
 
     def kill_everything(self, conversions: list[psutil.Process]) -> None:
-        """SIGKILL the service and its conversions at once, as a container or cgroup kill does
-        (a conversion runs in a session of its own, so the service's group alone misses it)."""
+        """SIGKILL the service's process group and its conversions at once, as a container or
+        cgroup kill does (whatever process group or session a conversion runs in)."""
         assert self.proc is not None
         os.killpg(self.pgid, signal.SIGKILL)
         _kill(conversions)
@@ -271,13 +274,85 @@ def test_sigkill_whole_service_mid_job(tmp_path: Path, medium_jpeg_tiff: Path) -
     assert set(keys) == {f"{sid}/{k}" for k in manifest["objects"]} | {f"{sid}/{MANIFEST}"}
 
 
+@pytest.mark.s3
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_s3_outage_mid_job(tmp_path: Path, medium_jpeg_tiff: Path, seaweedfs: SeaweedFS) -> None:
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    prefix = f"ingest-{uuid.uuid4().hex[:12]}"
+    url = seaweedfs.url(prefix)
+    args = [
+        "--store",
+        url,
+        "--s3-endpoint",
+        seaweedfs.endpoint_url,
+        "--watch",
+        str(inbox),
+        "--quiet-seconds",
+        "0.5",
+    ]
+    env = {
+        **SERVICE_ENV,
+        **seaweedfs.env,
+        "WSI_JOBS_DB": str(tmp_path / "jobs.sqlite"),
+        # Few SDK retries (where the store does not configure its own; botocore's legacy default
+        # of 4 more tries over up to 15 s could ride out a short outage inside one attempt): the
+        # attempt fails within seconds, and the job's retry with backoff must bring the slide in.
+        # Either way the server stays down until the attempt has failed.
+        "AWS_RETRY_MODE": "standard",
+        "AWS_MAX_ATTEMPTS": "2",
+    }
+    store = wsi.Store(wsi.StoreSettings(url, endpoint_url=seaweedfs.endpoint_url))
+
+    with service(tmp_path, args, env, free_port()) as svc:
+        svc.start()
+        land(medium_jpeg_tiff, inbox)
+        job = svc.wait_job(lambda j: j["state"] == "running", JOB_TIMEOUT_S, "a running job")
+        sid = job["slide_id"]
+
+        def uploading() -> bool:  # level 0 goes up as a multipart upload, invisible till done
+            found = store.fs.call_s3(
+                "list_multipart_uploads", Bucket=seaweedfs.bucket, Prefix=f"{prefix}/{sid}/"
+            )
+            return bool(found.get("Uploads"))
+
+        wait_mid_write(svc, job, uploading, 0.02)
+        down_since = time.monotonic()
+        with seaweedfs.outage():
+            # Down mid-upload, until the conversion has failed for it (and at least 3 s).
+            failed = svc.wait_job(
+                lambda j: j["error"] is not None,
+                FAIL_TIMEOUT_S,
+                "the attempt to fail while the store is down (a conversion that neither fails nor"
+                " ends hangs, and keeps its job running: its worker heart-beats on)",
+            )
+            time.sleep(max(0.0, down_since + 3.0 - time.monotonic()))
+        assert failed["state"] in ("queued", "running"), failed  # to be retried, not failed
+        assert "connect" in failed["error"].lower(), failed["error"]
+        done = svc.wait_job(
+            lambda j: j["state"] in ("done", "failed", "cancelled"), JOB_TIMEOUT_S, "the job to end"
+        )
+        assert done["state"] == "done", done
+        assert done["attempts"] >= 2 and done["error"] is None, done
+        assert store.published_slides() == [sid]
+        summary = svc.get_json(f"/slides/{sid}")
+        assert summary["status"] == "ready"
+        status, tile = svc.get(f"/slides/{sid}/tiles/0/0/0")
+        assert status == 200 and tile[:2] == b"\xff\xd8"
+    manifest = store.read_manifest(sid)
+    assert manifest["slide_id"] == sid
+    for key, meta in manifest["objects"].items():
+        assert store.size(f"{sid}/{key}") == meta["size"], key
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_conversion_does_not_outlive_a_killed_service(
     tmp_path: Path, medium_jpeg_tiff: Path
 ) -> None:
-    """SIGKILL of the service's process group only (the OOM killer, `kill -9 -PGID`): its
-    conversion must stop too, and so publish nothing."""
+    """SIGKILL of the service process alone (the OOM killer, `kill -9 PID`): its conversion must
+    stop too, and so publish nothing behind the attempt that takes the job over."""
     inbox, store_dir = tmp_path / "inbox", tmp_path / "store"
     inbox.mkdir()
     args = ["--store", str(store_dir), "--watch", str(inbox), "--quiet-seconds", "0.5"]
@@ -287,8 +362,8 @@ def test_conversion_does_not_outlive_a_killed_service(
         job = svc.wait_job(lambda j: j["state"] == "running", JOB_TIMEOUT_S, "a running job")
         shard = f"{job['slide_id']}/slide.zarr/0/c/0/0/0*"
         conversions = wait_mid_write(svc, job, lambda: any(store_dir.glob(shard)), 0.002)
-        os.killpg(svc.pgid, signal.SIGKILL)
         assert svc.proc is not None
+        os.kill(svc.proc.pid, signal.SIGKILL)
         svc.proc.wait(10)
         # Left alone, an orphaned conversion ends within a second or two (publishing the slide).
         _, alive = psutil.wait_procs(conversions, timeout=10)

@@ -117,7 +117,12 @@ class Store:
                 try:
                     yield f
                 except BaseException:
-                    f.discard()
+                    # With the store unreachable the abort fails too; the file must still never
+                    # be flushed again (fsspec's __del__ would retry the upload at interpreter
+                    # exit and hang the process, and with it the job).
+                    with contextlib.suppress(Exception):
+                        f.discard()
+                    f.closed = True
                     raise
                 f.close()
             else:
