@@ -83,13 +83,13 @@ from typing import TYPE_CHECKING, Any
 import aiohttp
 import psutil
 from aiohttp import web
+from convert import ensure_source  # bench/convert.py: the shared generated slide
 
 if TYPE_CHECKING:
     from tests.s3server import SeaweedFS
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "bench" / "out"
-GENERATOR = ROOT / "sample_data" / "generate.py"
 SERVERS = ("ours", "openslide", "fixed")
 READY_TIMEOUT_S = 60.0
 OPENSLIDE_QUALITY = 75
@@ -208,27 +208,6 @@ def cpu_split(server: str, client: str) -> tuple[list[int] | None, list[int] | N
         return cpus
 
     return choose(server, available[:half]), choose(client, available[half:])
-
-
-def ensure_source(width: int, height: int, seed: int) -> Path:
-    """The generated slide for this size and seed (shared with bench/convert.py)."""
-    path = OUT / f"slide_{width}x{height}_seed{seed}.tif"
-    if not path.exists():
-        print(f"generating {path} ...", flush=True)
-        tmp = path.with_suffix(".tmp.tif")
-        subprocess.run(
-            [
-                sys.executable,
-                str(GENERATOR),
-                str(tmp),
-                f"--width={width}",
-                f"--height={height}",
-                f"--seed={seed}",
-            ],
-            check=True,
-        )
-        tmp.rename(path)
-    return path
 
 
 def convert(src: Path, store: Path) -> str:
