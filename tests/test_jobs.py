@@ -579,3 +579,50 @@ def test_processes_submitting_the_same_slides_get_one_job_each(tmp_path: Path) -
         jobs = q.list(limit=1000)
     assert len(jobs) == 40
     assert {j.slide_id for j in jobs} == {f"slide-{i}" for i in slides}
+
+
+def test_release_gives_the_job_back_without_counting_the_attempt(
+    queue: SQLiteJobQueue, clock: FakeClock
+) -> None:
+    job = queue.submit("/in/a.svs", "aaaa")
+    claimed = queue.claim("w1", 10)
+    assert claimed is not None and claimed.attempts == 1
+    assert not queue.release(job.id, "w2", "not mine")  # only the holder may give it back
+    clock.advance(1)
+    assert queue.release(job.id, "w1", "service shutting down")
+    back = queue.get(job.id)
+    assert (back.state, back.attempts, back.worker, back.lease_until) == (
+        JobState.QUEUED,
+        0,
+        None,
+        None,
+    )
+    assert back.error == "service shutting down" and back.next_attempt_at == clock.now
+    again = queue.claim("w2", 10)  # runnable at once, by anyone
+    assert again is not None and again.id == job.id and again.attempts == 1
+    assert not queue.release(job.id, "w1", "too late")
+
+
+def test_purge_deletes_only_old_finished_jobs(queue: SQLiteJobQueue, clock: FakeClock) -> None:
+    done = queue.submit("/in/done.svs", "d0")
+    failed = queue.submit("/in/failed.svs", "f0")
+    cancelled = queue.submit("/in/cancelled.svs", "c0")
+    for expected in (done, failed):
+        claimed = queue.claim("w", 10)
+        assert claimed is not None and claimed.id == expected.id
+    assert queue.complete(done.id, "w", "d0")
+    assert queue.fail(failed.id, "w", "unreadable", transient=False)
+    queue.cancel(cancelled.id)
+    clock.advance(100)
+    running = queue.submit("/in/running.svs", "r0")
+    claimed = queue.claim("w", 10)
+    assert claimed is not None and claimed.id == running.id
+    queued = queue.submit("/in/queued.svs", "q0")
+    late = queue.submit("/in/late.svs", "l0")
+    queue.cancel(late.id)  # finished now: newer than the cut-off below
+    assert queue.purge(clock.now - 50) == 3
+    left = {j.id for j in queue.list(limit=1000)}
+    assert left == {queued.id, running.id, late.id}
+    assert queue.purge(clock.now - 50) == 0
+    with pytest.raises(InvalidArgument):
+        queue.purge(float("nan"))

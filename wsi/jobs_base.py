@@ -270,6 +270,21 @@ class JobQueue(abc.ABC):
         """
 
     @abc.abstractmethod
+    def release(self, job_id: str, worker: str, reason: str) -> bool:
+        """Give a running job back unfinished, runnable at once, without counting the attempt.
+
+        For a worker that stops on purpose (the service is shutting down): the slide is not to
+        blame, so the job must not move closer to failing. `reason` becomes the job's error
+        until the next attempt.
+        """
+
+    @abc.abstractmethod
+    def purge(self, finished_before: float) -> int:
+        """Delete the done, failed and cancelled jobs that finished before this time (seconds
+        since the epoch); returns how many. Queued and running jobs are never purged. Keeps the
+        table, and every listing, small in a service that runs for years."""
+
+    @abc.abstractmethod
     def cancel(self, job_id: str) -> Job:
         """Cancel a queued or running job (its worker's next heartbeat returns False).
 

@@ -358,6 +358,31 @@ class SQLiteJobQueue(JobQueue):
                 )
             return True
 
+    def release(self, job_id: str, worker: str, reason: str) -> bool:
+        job_id = _check_job_id(job_id)
+        worker = _check_text("worker", worker, _MAX_WORKER)
+        reason = _check_error(reason)
+        with self._transaction() as conn:
+            if not self._holds(conn, job_id, worker):
+                return False
+            now = self.clock()
+            conn.execute(
+                "UPDATE jobs SET state = ?, error = ?, worker = NULL, lease_until = NULL, "
+                "progress = 0, attempts = max(attempts - 1, 0), next_attempt_at = ?, "
+                "updated = ? WHERE id = ?",
+                (JobState.QUEUED, reason, now, now, job_id),
+            )
+            return True
+
+    def purge(self, finished_before: float) -> int:
+        before = _check_number("finished_before", finished_before, 0)
+        with self._transaction() as conn:
+            cur = conn.execute(
+                "DELETE FROM jobs WHERE state IN (?, ?, ?) AND finished < ?",
+                (JobState.DONE, JobState.FAILED, JobState.CANCELLED, before),
+            )
+            return cur.rowcount
+
     def cancel(self, job_id: str) -> Job:
         job_id = _check_job_id(job_id)
         with self._transaction() as conn:
