@@ -152,7 +152,7 @@ async def _ingest(app: web.Application) -> AsyncIterator[None]:
     if not settings.watch:
         yield
         return
-    from wsi.ingest import IngestSettings, Worker, feed
+    from wsi.ingest import IngestSettings, Worker, feed, purge_jobs
     from wsi.jobs import SQLiteJobQueue
     from wsi.watch import FolderWatcher
 
@@ -167,6 +167,11 @@ async def _ingest(app: web.Application) -> AsyncIterator[None]:
         s3_endpoint=settings.s3_endpoint,
         after_success=settings.after_success,  # type: ignore[arg-type]
         lease_seconds=settings.lease_seconds,
+        poll_seconds=settings.poll_seconds,
+        stop_timeout=settings.stop_timeout,
+        job_timeout=settings.job_timeout,
+        stall_timeout=settings.stall_timeout,
+        spool_dir=settings.spool_path,
         done_dir=settings.done_dir,
         quarantine_dir=settings.quarantine_dir,
     )
@@ -177,6 +182,8 @@ async def _ingest(app: web.Application) -> AsyncIterator[None]:
     register = catalog.sources.register if catalog.sources is not None else None
     tasks = [asyncio.create_task(feed(watcher, queue, register))]
     tasks += [asyncio.create_task(Worker(queue, ingest).run(stop)) for _ in range(settings.workers)]
+    if settings.keep_jobs_days:
+        tasks.append(asyncio.create_task(purge_jobs(queue, settings.keep_jobs_days, stop)))
     yield
     stop.set()
     watcher.stop()

@@ -52,6 +52,24 @@ class ServerSettings:
     """A job whose worker stopped heart-beating this long (crash, SIGKILL) runs again."""
     done_dir: str = "done"
     quarantine_dir: str = "quarantine"
+    stop_timeout: float = 30.0
+    """On SIGTERM, running conversions get this long to finish; then they are stopped and their
+    jobs given back (resumed at the next start, the attempt not counted)."""
+    job_timeout: float = 0.0
+    """Stop a conversion running longer than this (seconds; 0: no limit); it is retried."""
+    stall_timeout: float = 600.0
+    """Stop a conversion that reports no progress for this long (0: never); it is retried."""
+    keep_jobs_days: float = 30.0
+    """Done, failed and cancelled jobs are deleted this long after they ended (0: kept)."""
+    s3_sources: tuple[str, ...] = ()
+    """`s3://bucket/prefix/` URLs that `POST /jobs` may convert from (none by default)."""
+    spool_dir: str = ""
+    """Where s3:// sources are downloaded for conversion; default `.spool` beside the jobs
+    table."""
+
+    @property
+    def spool_path(self) -> str:
+        return self.spool_dir or os.path.join(os.path.dirname(self.jobs_path), ".spool")
 
     @property
     def jobs_path(self) -> str:
@@ -78,6 +96,11 @@ class ServerSettings:
             or (self.lease_seconds <= 0)
         ):
             raise InvalidArgument("quiet_seconds, poll_seconds and workers must be positive")
+        if min(self.stop_timeout, self.job_timeout, self.stall_timeout, self.keep_jobs_days) < 0:
+            raise InvalidArgument("timeouts and keep_jobs_days must be >= 0")
+        for prefix in self.s3_sources:
+            if not prefix.startswith("s3://") or len(prefix.rstrip("/")) <= len("s3://"):
+                raise InvalidArgument(f"s3_sources entries must be s3://bucket[/prefix]: {prefix}")
 
     @property
     def requires_auth(self) -> bool:

@@ -8,8 +8,10 @@ import os
 import shutil
 import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
 
+import psutil
 import pytest
 
 import wsi
@@ -174,3 +176,139 @@ def test_roles_run_on_their_own(tmp_path):
         for proc in (watcher, worker):
             proc.send_signal(signal.SIGTERM)
         assert watcher.wait(timeout=40) == 0 and worker.wait(timeout=40) == 0
+
+
+def _run_worker(
+    queue: SQLiteJobQueue,
+    settings: IngestSettings,
+    job_id: str,
+    watch: Callable[[Worker, asyncio.Event], None] | None = None,
+    until: float = 120.0,
+) -> None:
+    """Run one worker until the job leaves queued/running (or `watch` sets stop), calling
+    `watch(worker, stop)` every 20 ms meanwhile."""
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        worker = Worker(queue, settings, name="w1")
+        task = asyncio.create_task(worker.run(stop))
+        deadline = time.monotonic() + until
+        while time.monotonic() < deadline and not stop.is_set():
+            if queue.get(job_id).state not in (JobState.QUEUED, JobState.RUNNING):
+                break
+            if watch is not None:
+                watch(worker, stop)
+            await asyncio.sleep(0.02)
+        stop.set()
+        await asyncio.wait_for(task, 60)
+
+    asyncio.run(main())
+
+
+def test_progress_is_reported_while_converting(tmp_path, medium_jpeg_tiff):
+    queue = SQLiteJobQueue(tmp_path / "jobs.sqlite")
+    # Every level derived on one thread: slow enough to watch several heartbeats go by.
+    settings = IngestSettings(
+        store=str(tmp_path / "store"),
+        poll_seconds=0.1,
+        lease_seconds=0.6,
+        convert_args=("--no-reuse-levels", "--workers", "1"),
+    )
+    job = queue.submit(str(medium_jpeg_tiff), content_slide_id(medium_jpeg_tiff))
+    seen: list[float] = []
+
+    def record(worker: Worker, stop: asyncio.Event) -> None:
+        current = queue.get(job.id)
+        if current.state is JobState.RUNNING:
+            seen.append(current.progress)
+
+    _run_worker(queue, settings, job.id, record)
+    done = queue.get(job.id)
+    assert done.state is JobState.DONE and done.progress == 100
+    middle = sorted({p for p in seen if 0 < p < 100})
+    assert len(middle) >= 3, f"progress seen while running: {sorted(set(seen))}"
+    assert seen == sorted(seen), "progress went backwards"
+
+
+def _hanging_source(tmp_path: Path) -> Path:
+    """A slide that never arrives: opening a FIFO blocks until a writer comes (none does), as a
+    reader stuck on a dead network share would."""
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    fifo = inbox / "stuck.svs"
+    os.mkfifo(fifo)
+    return fifo
+
+
+@pytest.mark.parametrize(
+    ("limits", "message"),
+    [
+        ({"stall_timeout": 1.0}, "stalled: no progress for 1 s"),
+        ({"stall_timeout": 0.0, "job_timeout": 1.5}, "timed out after 1.5 s"),
+    ],
+)
+def test_hung_conversion_is_stopped_then_failed(tmp_path, limits, message):
+    fifo = _hanging_source(tmp_path)
+    queue = SQLiteJobQueue(tmp_path / "jobs.sqlite", retry=RetryPolicy(max_attempts=2))
+    settings = IngestSettings(
+        store=str(tmp_path / "store"),
+        quarantine_dir=str(tmp_path / "quarantine"),
+        poll_seconds=0.1,
+        lease_seconds=0.6,
+        **limits,
+    )
+    job = queue.submit(str(fifo), "0123456789abcdef01234567")
+    started = time.monotonic()
+    _run_worker(queue, settings, job.id, until=60)
+    failed = queue.get(job.id)
+    assert failed.state is JobState.FAILED and failed.attempts == 2, failed
+    assert failed.error == f"conversion {message}"
+    assert time.monotonic() - started < 40
+    reason = (tmp_path / "quarantine" / "stuck.svs" / "REASON.txt").read_text()
+    assert message in reason
+
+
+def test_shutdown_gives_a_running_job_back(tmp_path):
+    fifo = _hanging_source(tmp_path)
+    queue = SQLiteJobQueue(tmp_path / "jobs.sqlite")
+    settings = IngestSettings(
+        store=str(tmp_path / "store"), poll_seconds=0.1, lease_seconds=30, stop_timeout=0.5
+    )
+    job = queue.submit(str(fifo), "0123456789abcdef01234567")
+    pids: list[int] = []
+
+    def stop_when_running(worker: Worker, stop: asyncio.Event) -> None:
+        if worker._proc is not None and queue.get(job.id).state is JobState.RUNNING:
+            pids.append(worker._proc.pid)
+            stop.set()  # what SIGTERM to the service does
+
+    started = time.monotonic()
+    _run_worker(queue, settings, job.id, stop_when_running, until=60)
+    assert pids, "the conversion never started"
+    assert time.monotonic() - started < 20
+    back = queue.get(job.id)
+    # Queued again, at once and with the attempt not counted: a shutdown is not the slide's fault.
+    assert (back.state, back.attempts, back.worker) == (JobState.QUEUED, 0, None), back
+    assert "shutdown" in (back.error or "")
+    assert back.next_attempt_at <= time.time()
+    assert not psutil.pid_exists(pids[0]) or psutil.Process(pids[0]).status() == "zombie"
+
+
+def test_cancel_stops_the_conversion(tmp_path):
+    fifo = _hanging_source(tmp_path)
+    queue = SQLiteJobQueue(tmp_path / "jobs.sqlite")
+    settings = IngestSettings(store=str(tmp_path / "store"), poll_seconds=0.1, lease_seconds=0.6)
+    job = queue.submit(str(fifo), "0123456789abcdef01234567")
+    pids: list[int] = []
+
+    def cancel_when_running(worker: Worker, stop: asyncio.Event) -> None:
+        if worker._proc is not None and not pids:
+            pids.append(worker._proc.pid)
+            queue.cancel(job.id)
+        elif pids and worker._proc is None:
+            stop.set()  # the worker is done with it
+
+    _run_worker(queue, settings, job.id, cancel_when_running, until=60)
+    assert pids and queue.get(job.id).state is JobState.CANCELLED
+    assert fifo.exists()  # a cancelled job's source is left alone
+    assert not psutil.pid_exists(pids[0]) or psutil.Process(pids[0]).status() == "zombie"

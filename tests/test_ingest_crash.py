@@ -28,6 +28,7 @@ import psutil
 import pytest
 
 import wsi
+from wsi.jobs import SQLiteJobQueue
 from wsi.store import MANIFEST, TEMP_MARK
 
 from .s3server import SeaweedFS
@@ -373,3 +374,32 @@ def test_conversion_does_not_outlive_a_killed_service(
         f"the conversion outlived its SIGKILLed service (still running: {len(alive)}) "
         f"and published {published}"
     )
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_sigterm_to_the_service_group_lets_the_conversion_finish(
+    tmp_path: Path, medium_jpeg_tiff: Path
+) -> None:
+    """A terminal's Ctrl-C or `kill -TERM -PGID` signals the service's whole process group. The
+    conversion runs in its own session, so only the service hears it: it stops taking jobs and
+    lets the running conversion finish (within its 30 s stop timeout), then exits 0."""
+    inbox, store_dir = tmp_path / "inbox", tmp_path / "store"
+    inbox.mkdir()
+    args = ["--store", str(store_dir), "--watch", str(inbox), "--quiet-seconds", "0.5"]
+    with service(tmp_path, args, SERVICE_ENV, free_port()) as svc:
+        svc.start()
+        land(medium_jpeg_tiff, inbox)
+        job = svc.wait_job(lambda j: j["state"] == "running", JOB_TIMEOUT_S, "a running job")
+        shard = f"{job['slide_id']}/slide.zarr/0/c/0/0/0*"
+        conversions = wait_mid_write(svc, job, lambda: any(store_dir.glob(shard)), 0.002)
+        assert svc.proc is not None
+        os.killpg(svc.pgid, signal.SIGTERM)
+        assert svc.proc.wait(STOP_TIMEOUT_S) == 0, svc.log_tail()
+        _, alive = psutil.wait_procs(conversions, timeout=5)
+        assert not alive
+    published = wsi.Store(wsi.StoreSettings(str(store_dir))).published_slides()
+    assert published == [job["slide_id"]], svc.log_tail()
+    with SQLiteJobQueue(store_dir / "jobs.sqlite") as queue:
+        finished = queue.get(job["id"])
+    assert finished.state.value == "done" and finished.attempts == 1, finished

@@ -3,18 +3,22 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import sys
+import threading
+import time
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from . import __version__
-from .convert import FORMATS, ConvertSettings, convert_slide
+from .convert import FORMATS, ConvertResult, ConvertSettings, convert_slide
 from .errors import StoreError, WsiError
 from .export import export_dicom_location
-from .pyramid import PyramidSettings, plan_pyramid
+from .pyramid import Progress, PyramidSettings, plan_pyramid
 from .sources import backend_names, open_slide
 from .store import Store, StoreSettings
 
@@ -81,6 +85,56 @@ def _progress_bar(enabled: bool, label: str) -> tuple[Any, Any]:
     return bar, update
 
 
+class ProgressChannel:
+    """`--progress-fd N`: the conversion's overall progress as JSON lines (`{"progress": 12.5}`)
+    on a descriptor the supervisor (an ingest worker) reads, so its job shows a live percentage.
+
+    Writes at most every 0.25 s and only when the value changed: the supervisor also reads a
+    line as a sign of life, so a conversion that stalls goes quiet and can be stopped.
+    """
+
+    def __init__(self, fd: int, sources: int) -> None:
+        self._out = os.fdopen(fd, "w", buffering=1)
+        self._sources = max(1, sources)
+        self._last_write = 0.0
+        self._last_value = -1.0
+
+    def report(self, index: int, fraction: float) -> None:
+        """Source `index` (0-based) is `fraction` (0-1) done."""
+        value = round(100.0 * (index + min(max(fraction, 0.0), 1.0)) / self._sources, 1)
+        now = time.monotonic()
+        if value == self._last_value or (now - self._last_write < 0.25 and fraction < 1.0):
+            return
+        self._last_write, self._last_value = now, value
+        # The supervisor may have gone away: nobody to tell then.
+        with contextlib.suppress(BrokenPipeError, ValueError):
+            self._out.write(json.dumps({"progress": value}) + "\n")
+
+
+STAGE_SHARE = 0.15
+"""Of a remote source's progress, the share that downloading it takes (the rest: the pyramid)."""
+
+
+def _exit_with_stdin() -> None:
+    """`--exit-with-stdin`: end this process when standard input reaches end-of-file.
+
+    The ingest worker holds the other end of the pipe, so the conversion dies with the service
+    even when the service is SIGKILLed, without sharing its process group (a SIGTERM or Ctrl-C
+    meant for the service must not cut the conversion short: the service decides when to stop
+    it). An orphaned conversion would otherwise publish behind its job's next attempt.
+    """
+
+    def watch() -> None:
+        # The raw descriptor, not sys.stdin: a daemon thread blocked inside a buffered reader
+        # aborts the interpreter at exit.
+        with contextlib.suppress(OSError):
+            while os.read(0, 65536):
+                pass
+        os._exit(EXIT_TEMPFAIL)
+
+    threading.Thread(target=watch, name="wsi-stdin-watch", daemon=True).start()
+
+
 def _formats(choice: str | None, lossless: bool) -> tuple[str, ...]:
     if choice is None:
         return ("zarr",) if lossless else FORMATS
@@ -107,14 +161,17 @@ def _convert(args: argparse.Namespace) -> int:
     )
     if args.slide_id and len(args.sources) > 1:
         raise WsiError("--slide-id names one slide; give one source with it")
+    if args.exit_with_stdin:
+        _exit_with_stdin()
     store = Store(StoreSettings(args.out, endpoint_url=args.s3_endpoint))
     show = args.progress if args.progress is not None else sys.stderr.isatty()
+    channel = ProgressChannel(args.progress_fd, len(args.sources)) if args.progress_fd else None
     failures = 0
     transient = False
-    for source in args.sources:
+    for index, source in enumerate(args.sources):
         bar, update = _progress_bar(show, Path(source).name)
         try:
-            result = convert_slide(source, store, settings, args.slide_id, update)
+            result = _convert_one(args, index, source, store, settings, update, channel)
         except StoreError as exc:  # the store, not the slide: worth retrying later
             failures += 1
             transient = True
@@ -142,6 +199,39 @@ def _convert(args: argparse.Namespace) -> int:
     if transient:
         return EXIT_TEMPFAIL
     return 1 if failures else 0
+
+
+def _convert_one(
+    args: argparse.Namespace,
+    index: int,
+    source: str,
+    store: Store,
+    settings: ConvertSettings,
+    update: Progress | None,
+    channel: ProgressChannel | None,
+) -> ConvertResult:
+    """One slide; an `s3://` source is first staged in a local spool folder (the readers need
+    files), downloaded with bounded memory and removed afterwards."""
+    from .staging import is_remote, staged
+
+    remote = is_remote(source)
+    start = STAGE_SHARE if remote else 0.0
+
+    def tiles(done: int, total: int) -> None:
+        if update is not None:
+            update(done, total)
+        if channel is not None and total:
+            channel.report(index, start + (1.0 - start) * done / total)
+
+    if not remote:
+        return convert_slide(source, store, settings, args.slide_id, tiles)
+
+    def download(done: int, total: int) -> None:
+        if channel is not None and total:
+            channel.report(index, STAGE_SHARE * done / total)
+
+    with staged(source, args.s3_endpoint, args.spool, download) as local:
+        return convert_slide(local, store, settings, args.slide_id, tiles)
 
 
 def _export(args: argparse.Namespace) -> int:
@@ -185,12 +275,25 @@ def _ingest_role(args: argparse.Namespace) -> int:
         after_success=args.after,
         done_dir=args.done_dir,
         quarantine_dir=args.quarantine_dir,
+        poll_seconds=args.poll_seconds,
+        stop_timeout=args.stop_timeout,
+        job_timeout=args.job_timeout,
+        stall_timeout=args.stall_timeout,
+        spool_dir=args.spool,
     )
     Path(args.jobs).parent.mkdir(parents=True, exist_ok=True)
     with SQLiteJobQueue(args.jobs) as queue:
         watch = tuple(args.folders) if args.command == "watch" else ()
         workers = args.workers if args.command == "worker" else 0
-        run_roles(queue, settings, workers, watch, args.quiet_seconds, args.poll_seconds)
+        run_roles(
+            queue,
+            settings,
+            workers,
+            watch,
+            args.quiet_seconds,
+            args.poll_seconds,
+            args.keep_jobs_days,
+        )
     return 0
 
 
@@ -204,7 +307,9 @@ def _list(args: argparse.Namespace) -> int:
 def _add_convert(sub: Any) -> None:
     """`wsi convert`: one or many slides into a store."""
     conv = sub.add_parser("convert", help="convert slides to OME-Zarr in a folder or s3:// URL")
-    conv.add_argument("sources", nargs="+", metavar="SRC")
+    conv.add_argument(
+        "sources", nargs="+", metavar="SRC", help="slide files or folders, or s3:// URLs"
+    )
     conv.add_argument("--out", required=True, metavar="DIR_OR_URL")
     conv.add_argument("--quality", type=int, default=90, help="JPEG quality of tiles we encode")
     conv.add_argument(
@@ -245,6 +350,22 @@ def _add_convert(sub: Any) -> None:
     conv.add_argument("--backend", choices=backend_names())
     conv.add_argument("--s3-endpoint", help="S3 endpoint URL (default: $AWS_ENDPOINT_URL)")
     conv.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None)
+    conv.add_argument(
+        "--spool",
+        metavar="DIR",
+        help="where s3:// sources are downloaded for conversion (default: the temp folder)",
+    )
+    conv.add_argument(
+        "--progress-fd",
+        type=int,
+        metavar="FD",
+        help="write progress as JSON lines to this open file descriptor (for supervisors)",
+    )
+    conv.add_argument(
+        "--exit-with-stdin",
+        action="store_true",
+        help="stop when standard input closes (a supervisor holding the pipe has died)",
+    )
     conv.set_defaults(func=_convert)
 
 
@@ -309,6 +430,13 @@ def _add_roles(sub: Any) -> None:
         cmd.add_argument("--quarantine-dir", default="quarantine")
         cmd.add_argument("--quiet-seconds", type=float, default=5.0)
         cmd.add_argument("--poll-seconds", type=float, default=2.0)
+        cmd.add_argument("--stop-timeout", type=float, default=30.0, help="seconds, on SIGTERM")
+        cmd.add_argument("--job-timeout", type=float, default=0.0, help="seconds (0: none)")
+        cmd.add_argument(
+            "--stall-timeout", type=float, default=600.0, help="seconds without progress"
+        )
+        cmd.add_argument("--keep-jobs-days", type=float, default=30.0)
+        cmd.add_argument("--spool", help="download folder for s3:// sources")
         cmd.set_defaults(func=_ingest_role)
 
 

@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
+import json
+import os
 import shutil
 import signal
 import sys
+import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -43,7 +45,15 @@ class IngestSettings:
     poll_seconds: float = 1.0
     stop_timeout: float = 30.0
     """On shutdown, running conversions get this long to finish before they are stopped (the
-    job then resumes at the next start)."""
+    job is given back, its attempt not counted, and resumes at the next start)."""
+    job_timeout: float = 0.0
+    """Stop a conversion that runs longer than this (seconds; 0: no limit). Counts as a
+    transient failure: retried, then failed and quarantined."""
+    stall_timeout: float = 600.0
+    """Stop a conversion that reports no progress for this long (a hung reader or store);
+    0: never. Retried like a timeout."""
+    spool_dir: str | None = None
+    """Where s3:// sources are downloaded for conversion (default: the temp folder)."""
     after_success: Literal["keep", "move", "delete"] = "keep"
     done_dir: str | None = None
     quarantine_dir: str = "quarantine"
@@ -53,6 +63,8 @@ class IngestSettings:
     def __post_init__(self) -> None:
         if self.concurrency < 1 or self.lease_seconds <= 0 or self.poll_seconds <= 0:
             raise InvalidArgument("concurrency, lease and poll interval must be positive")
+        if min(self.stop_timeout, self.job_timeout, self.stall_timeout) < 0:
+            raise InvalidArgument("stop, job and stall timeouts must be >= 0")
         if self.after_success == "move" and not self.done_dir:
             raise InvalidArgument("after_success='move' needs a done folder")
 
@@ -86,16 +98,15 @@ def move_source(source: Path, dest_dir: Path, reason: str | None = None) -> Path
     return target / source.name
 
 
-def _die_with_parent() -> None:
-    """In the conversion child: be killed when the service dies, even by SIGKILL (Linux
-    PR_SET_PDEATHSIG), so no orphaned conversion publishes behind the job's next attempt."""
-    if sys.platform.startswith("linux"):
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-
-
 class Worker:
-    """One conversion at a time, in a subprocess; several run side by side for concurrency."""
+    """One conversion at a time, in a subprocess; several run side by side for concurrency.
+
+    The conversion runs in its own session, so a SIGTERM or Ctrl-C sent to the service's process
+    group reaches the service only, which then decides: let it finish within `stop_timeout`, or
+    stop it and give the job back. It still dies with the service, even a SIGKILLed one: it
+    holds the read end of a pipe (its stdin) whose write end only the service holds, and exits
+    when that closes. Its progress arrives as JSON lines on a second pipe.
+    """
 
     def __init__(self, queue: JobQueue, settings: IngestSettings, name: str | None = None):
         self.queue = queue
@@ -106,14 +117,21 @@ class Worker:
     async def run(self, stop: asyncio.Event) -> None:
         """Claim and run jobs until `stop` is set."""
         while not stop.is_set():
-            job = await asyncio.to_thread(self.queue.claim, self.name, self.settings.lease_seconds)
-            if job is None:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), self.settings.poll_seconds)
-                continue
-            await self.run_job(job, stop)
+            try:
+                job = await asyncio.to_thread(
+                    self.queue.claim, self.name, self.settings.lease_seconds
+                )
+                if job is not None:
+                    await self.run_job(job, stop)
+                    continue
+            except WsiError:
+                # The queue is unreachable for now (locked, disk full): a job we could not
+                # record is taken back when its lease runs out. The worker itself carries on.
+                pass
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), self.settings.poll_seconds)
 
-    def _command(self, job: Job) -> list[str]:
+    def _command(self, job: Job, progress_fd: int) -> list[str]:
         cmd = [
             sys.executable,
             "-m",
@@ -123,51 +141,115 @@ class Worker:
             "--out",
             self.settings.store,
             "--no-progress",
+            "--progress-fd",
+            str(progress_fd),
+            "--exit-with-stdin",
         ]
         if job.slide_id:
             cmd += ["--slide-id", job.slide_id]
         if self.settings.s3_endpoint:
             cmd += ["--s3-endpoint", self.settings.s3_endpoint]
+        if self.settings.spool_dir:
+            cmd += ["--spool", self.settings.spool_dir]
         return cmd + list(self.settings.convert_args)
 
     async def run_job(self, job: Job, stop: asyncio.Event) -> None:
-        proc = await asyncio.create_subprocess_exec(
-            *self._command(job),
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-            preexec_fn=_die_with_parent,
-        )
-        self._proc = proc
-        communicate = asyncio.ensure_future(proc.communicate())
-        beat = max(0.5, self.settings.lease_seconds / 3)
-        stopping_since: float | None = None
+        """Run one claimed job to its end: done, failed, retried later, or given back."""
         loop = asyncio.get_running_loop()
-        while not communicate.done():
-            await asyncio.wait([communicate], timeout=beat)
-            if communicate.done():
+        read_fd, write_fd = os.pipe()
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                *self._command(job, write_fd),
+                stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+                pass_fds=(write_fd,),
+                start_new_session=True,
+            )
+        except OSError as exc:  # cannot even start (fd or process limits): try again later
+            os.close(read_fd)
+            await asyncio.to_thread(
+                self.queue.fail, job.id, self.name, f"cannot start a conversion: {exc}", True
+            )
+            return
+        finally:
+            os.close(write_fd)
+        self._proc = proc
+        run = _Run(loop.time())
+        readers = [
+            asyncio.ensure_future(_read_progress(read_fd, run, loop)),
+            asyncio.ensure_future(_read_tail(proc.stdout, run, "out")),
+            asyncio.ensure_future(_read_tail(proc.stderr, run, "err")),
+        ]
+        waiting = asyncio.ensure_future(proc.wait())
+        stopping = asyncio.ensure_future(stop.wait())
+        beat = min(2.0, max(0.2, self.settings.lease_seconds / 3))
+        while not waiting.done():
+            # Wake for the heartbeat, or at once when the service starts to shut down.
+            watched = [waiting] if stopping.done() else [waiting, stopping]
+            await asyncio.wait(watched, timeout=beat, return_when="FIRST_COMPLETED")
+            if waiting.done():
                 break
-            held = await asyncio.to_thread(self.queue.heartbeat, job.id, self.name, 0.0)
+            try:
+                held = await asyncio.to_thread(
+                    self.queue.heartbeat, job.id, self.name, min(run.progress, 99.9)
+                )
+            except WsiError:  # the queue is busy or away: keep converting, beat again later
+                held = True
+            now = loop.time()
             if not held:  # cancelled, or the lease went to another worker
-                self._terminate(proc)
-            if stop.is_set():
-                stopping_since = stopping_since or loop.time()
-                if loop.time() - stopping_since > self.settings.stop_timeout:
-                    self._terminate(proc)
-        out, err = communicate.result()
+                run.stopped = run.stopped or "cancelled"
+            elif self._over_time(run, now):
+                run.stopped = run.stopped or self._over_time(run, now)
+            elif stop.is_set():
+                run.stopping_since = run.stopping_since or now
+                if now - run.stopping_since >= self.settings.stop_timeout:
+                    run.stopped = run.stopped or "shutdown"
+            if run.stopped and run.kill_sent_at is None:
+                run.kill_sent_at = now
+                _signal_group(proc, signal.SIGTERM)
+            elif run.kill_sent_at is not None and now - run.kill_sent_at > KILL_GRACE_SECONDS:
+                _signal_group(proc, signal.SIGKILL)
+        stopping.cancel()
+        await asyncio.wait(readers, timeout=5)
+        for reader in readers:
+            reader.cancel()
+        if stop.is_set() and (proc.returncode or 0) < 0:
+            # Killed by a signal while the service stops: a supervisor that signals the whole
+            # group or cgroup (systemd's default KillMode) got there first. Not the slide's doing.
+            run.stopped = run.stopped or "shutdown"
+        if proc.stdin is not None:
+            proc.stdin.close()
         self._proc = None
-        await asyncio.to_thread(self._finish, job, proc.returncode, out.decode(), err.decode())
+        code = proc.returncode
+        await asyncio.to_thread(self._finish, job, code, run)
 
-    @staticmethod
-    def _terminate(proc: asyncio.subprocess.Process) -> None:
-        with contextlib.suppress(ProcessLookupError):
-            proc.terminate()
+    def _over_time(self, run: _Run, now: float) -> str | None:
+        """Why a conversion should be stopped for taking too long, if it should."""
+        limit, quiet = self.settings.job_timeout, self.settings.stall_timeout
+        if limit and now - run.started > limit:
+            return f"timed out after {limit:g} s"
+        if quiet and now - run.last_sign > quiet:
+            return f"stalled: no progress for {quiet:g} s"
+        return None
 
-    def _finish(self, job: Job, code: int | None, out: str, err: str) -> None:
+    def _finish(self, job: Job, code: int | None, run: _Run) -> None:
+        out, err = run.text("out"), run.text("err")
         last_error = next((x for x in reversed(err.splitlines()) if x.strip()), "")
-        if code == 0:
+        if code == 0:  # finished, even if it was being stopped: the slide is published
             slide_id = out.split("\t", 1)[0].strip()
             if self.queue.complete(job.id, self.name, slide_id):
-                self._after_success(Path(job.source))
+                self._after_success(job.source)
+            return
+        if run.stopped == "cancelled":
+            return  # the queue already says cancelled (or another worker owns the job now)
+        if run.stopped == "shutdown":
+            self.queue.release(job.id, self.name, "stopped by a service shutdown; resumes")
+            return
+        if run.stopped:  # timed out or stalled: maybe a hung reader, maybe a slow store
+            self.queue.fail(job.id, self.name, f"conversion {run.stopped}", transient=True)
+            if self.queue.get(job.id).state.value == "failed":
+                self._quarantine(job, f"conversion {run.stopped}")
             return
         if code == EXIT_SLIDE_UNREADABLE:
             reason = last_error or "the converter could not read this slide"
@@ -181,8 +263,12 @@ class Worker:
         if current.state.value == "failed":  # out of attempts
             self._quarantine(job, reason)
 
-    def _after_success(self, source: Path) -> None:
-        if self.settings.after_success == "keep" or not source.exists():
+    def _after_success(self, job_source: str) -> None:
+        # Sources in a bucket stay where they are: the policies are for scanner drop folders.
+        source = Path(job_source)
+        if job_source.startswith("s3://") or self.settings.after_success == "keep":
+            return
+        if not source.exists():
             return
         if self.settings.after_success == "move" and self.settings.done_dir:
             move_source(source, Path(self.settings.done_dir))
@@ -197,6 +283,64 @@ class Worker:
         source = Path(job.source)
         if source.exists() and not job.source.startswith("s3://"):
             move_source(source, Path(self.settings.quarantine_dir), reason)
+
+
+KILL_GRACE_SECONDS = 5.0
+"""A conversion asked to stop (SIGTERM) is killed this long afterwards."""
+_TAIL_BYTES = 64 * 1024
+
+
+@dataclass
+class _Run:
+    """What a worker knows about its running conversion (mutable: readers update it)."""
+
+    started: float
+    progress: float = 0.0
+    last_sign: float = 0.0
+    """When the conversion last reported progress (loop time)."""
+    stopped: str | None = None
+    """Why the worker stops it: cancelled, shutdown, or a timeout message."""
+    stopping_since: float | None = None
+    kill_sent_at: float | None = None
+    tails: dict[str, bytearray] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.last_sign = self.started
+
+    def text(self, name: str) -> str:
+        return bytes(self.tails.get(name, b"")).decode(errors="replace")
+
+
+async def _read_progress(fd: int, run: _Run, loop: asyncio.AbstractEventLoop) -> None:
+    """Follow the conversion's `--progress-fd` lines; malformed lines are ignored."""
+    reader = asyncio.StreamReader(limit=1 << 16)
+    pipe = os.fdopen(fd, "rb", buffering=0)
+    transport, _ = await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), pipe)
+    try:
+        while line := await reader.readline():
+            with contextlib.suppress(ValueError, TypeError, AttributeError):
+                value = float(json.loads(line)["progress"])
+                if 0.0 <= value <= 100.0:
+                    run.progress = value
+                    run.last_sign = loop.time()
+    finally:
+        transport.close()
+
+
+async def _read_tail(stream: asyncio.StreamReader | None, run: _Run, name: str) -> None:
+    """Keep the last 64 KiB of a stream: bounded, however much a conversion prints."""
+    tail = run.tails.setdefault(name, bytearray())
+    if stream is None:
+        return
+    while chunk := await stream.read(65536):
+        tail += chunk
+        del tail[:-_TAIL_BYTES]
+
+
+def _signal_group(proc: asyncio.subprocess.Process, sig: int) -> None:
+    """Signal the conversion's session (it leads its own process group)."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, sig)
 
 
 async def feed(
@@ -215,6 +359,19 @@ async def feed(
             on_submitted(slide_id, slide.path)
 
 
+PURGE_EVERY_SECONDS = 3600.0
+
+
+async def purge_jobs(queue: JobQueue, keep_days: float, stop: asyncio.Event) -> None:
+    """Hourly (and once at start): delete jobs that ended more than `keep_days` ago. A queue
+    error is left for the next round: purging is housekeeping, never a reason to stop."""
+    while not stop.is_set():
+        with contextlib.suppress(WsiError):
+            await asyncio.to_thread(queue.purge, time.time() - keep_days * 86400.0)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), PURGE_EVERY_SECONDS)
+
+
 def run_roles(
     queue: JobQueue,
     settings: IngestSettings,
@@ -222,6 +379,7 @@ def run_roles(
     watch: tuple[str, ...] = (),
     quiet_seconds: float = 5.0,
     poll_seconds: float = 2.0,
+    keep_jobs_days: float = 30.0,
 ) -> None:
     """`wsi worker` / `wsi watch`: one role (or both) without the HTTP service, until SIGTERM or
     SIGINT; running conversions get `settings.stop_timeout` to finish."""
@@ -233,6 +391,8 @@ def run_roles(
             loop.add_signal_handler(sig, stop.set)
         await asyncio.to_thread(queue.recover)
         tasks = [asyncio.create_task(Worker(queue, settings).run(stop)) for _ in range(workers)]
+        if workers and keep_jobs_days:
+            tasks.append(asyncio.create_task(purge_jobs(queue, keep_jobs_days, stop)))
         watcher = None
         if watch:
             watcher = FolderWatcher(watch, quiet_seconds, poll_seconds, stop_event=stop)
