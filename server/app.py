@@ -147,9 +147,10 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
 
 
 async def _ingest(app: web.Application) -> AsyncIterator[None]:
-    """With watch folders: the job table, the watcher feeding it, and the workers."""
+    """With watch folders or s3:// sources: the job table, the watcher feeding it, and the
+    workers."""
     settings = app[SETTINGS]
-    if not settings.watch:
+    if not (settings.watch or settings.s3_sources):
         yield
         return
     from wsi.ingest import IngestSettings, Worker, feed, purge_jobs
@@ -175,18 +176,21 @@ async def _ingest(app: web.Application) -> AsyncIterator[None]:
         done_dir=settings.done_dir,
         quarantine_dir=settings.quarantine_dir,
     )
-    watcher = FolderWatcher(
-        settings.watch, settings.quiet_seconds, settings.poll_seconds, stop_event=stop
-    )
-
-    register = catalog.sources.register if catalog.sources is not None else None
-    tasks = [asyncio.create_task(feed(watcher, queue, register))]
+    tasks: list[asyncio.Task[None]] = []
+    watcher = None
+    if settings.watch:
+        watcher = FolderWatcher(
+            settings.watch, settings.quiet_seconds, settings.poll_seconds, stop_event=stop
+        )
+        register = catalog.sources.register if catalog.sources is not None else None
+        tasks.append(asyncio.create_task(feed(watcher, queue, register)))
     tasks += [asyncio.create_task(Worker(queue, ingest).run(stop)) for _ in range(settings.workers)]
     if settings.keep_jobs_days:
         tasks.append(asyncio.create_task(purge_jobs(queue, settings.keep_jobs_days, stop)))
     yield
     stop.set()
-    watcher.stop()
+    if watcher is not None:
+        watcher.stop()
     await asyncio.wait(tasks, timeout=ingest.stop_timeout + 5)
     queue.close()
 

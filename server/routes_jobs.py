@@ -1,7 +1,8 @@
 """Conversion jobs: `POST /jobs`, `GET /jobs`, `GET /jobs/{id}`, `DELETE /jobs/{id}`.
 
-Only sources inside the configured watch or source folders are accepted: a request names a
-file the service may read, never an arbitrary path on the machine.
+Only sources inside the configured watch or source folders, or under the configured
+`s3_sources` prefixes, are accepted: a request names a slide the service may read, never an
+arbitrary path on the machine or an arbitrary bucket.
 """
 
 from __future__ import annotations
@@ -11,11 +12,12 @@ from pathlib import Path
 
 from aiohttp import web
 
-from wsi.errors import InvalidArgument
+from wsi.errors import InvalidArgument, SlideNotFound
 from wsi.jobs import JobState
 from wsi.slide_id import content_slide_id
+from wsi.staging import is_remote, parse_s3_url, remote_slide_id
 
-from .app import JOBS, SETTINGS, dumps
+from .app import CATALOG, JOBS, SETTINGS, dumps
 from .openapi import ERROR, path_params
 
 
@@ -32,10 +34,25 @@ def allowed_source(request: web.Request, source: object) -> Path:
     return path
 
 
+def allowed_s3_source(request: web.Request, url: str) -> str:
+    """An `s3://` URL under one of the configured prefixes, strictly parsed first (so no
+    `..` or odd bucket name can pass a prefix check by spelling)."""
+    bucket, key = parse_s3_url(url)
+    prefixes = request.app[SETTINGS].s3_sources
+    if not prefixes:
+        raise InvalidArgument("s3:// sources are not enabled on this service (WSI_S3_SOURCES)")
+    for prefix in prefixes:
+        p_bucket, _, p_key = prefix[len("s3://") :].partition("/")
+        p_key = p_key.strip("/")
+        if bucket == p_bucket and (not p_key or key.startswith(p_key + "/")):
+            return f"s3://{bucket}/{key}"
+    raise InvalidArgument("source must be under an s3:// prefix this service converts from")
+
+
 def _queue(request: web.Request):  # type: ignore[no-untyped-def]
     queue = request.app.get(JOBS)
     if queue is None:
-        raise web.HTTPNotFound(reason="ingest is not enabled (start with --watch)")
+        raise web.HTTPNotFound(reason="ingest is not enabled (start with --watch or --s3-source)")
     return queue
 
 
@@ -47,12 +64,27 @@ async def submit(request: web.Request) -> web.Response:
         raise InvalidArgument('body must be JSON: {"source": "/path/in/a/watch/folder"}') from exc
     if not isinstance(body, dict):
         raise InvalidArgument("body must be a JSON object")
-    path = allowed_source(request, body.get("source"))
+    source = body.get("source")
+    if isinstance(source, str) and is_remote(source):
+        url = allowed_s3_source(request, source)
+        try:
+            slide_id = await asyncio.to_thread(
+                remote_slide_id, url, request.app[SETTINGS].s3_endpoint
+            )
+        except SlideNotFound as exc:
+            raise InvalidArgument("source does not exist") from exc
+        job = await asyncio.to_thread(queue.submit, url, slide_id)
+        return web.json_response(job.to_dict(), status=202, dumps=dumps)
+    path = allowed_source(request, source)
     try:
         slide_id = await asyncio.to_thread(content_slide_id, path)
     except OSError as exc:
         raise InvalidArgument(f"cannot read source: {exc.strerror}") from exc
     job = await asyncio.to_thread(queue.submit, str(path), slide_id)
+    sources = request.app[CATALOG].sources
+    if sources is not None and job.state.value in ("queued", "running"):
+        # Viewable from its file while it converts (the caller vouches the file is complete).
+        sources.register(slide_id, path)
     return web.json_response(job.to_dict(), status=202, dumps=dumps)
 
 
@@ -91,19 +123,31 @@ def register(app: web.Application) -> None:
 OPENAPI = {
     "/jobs": {
         "post": {
-            "summary": "Convert a slide inside a watch/source folder",
+            "summary": "Convert a slide: a path inside a watch/source folder, or an s3:// URL "
+            "under an allowed prefix (WSI_S3_SOURCES)",
             "requestBody": {
                 "content": {
                     "application/json": {
                         "schema": {
                             "type": "object",
                             "required": ["source"],
-                            "properties": {"source": {"type": "string"}},
+                            "properties": {
+                                "source": {
+                                    "type": "string",
+                                    "description": "a path, or s3://bucket/key "
+                                    "(a key ending in / is a folder slide, e.g. DICOM)",
+                                }
+                            },
                         }
                     }
                 }
             },
-            "responses": {"202": {"description": "job"}, "400": ERROR, "404": ERROR},
+            "responses": {
+                "202": {"description": "job"},
+                "400": ERROR,
+                "404": ERROR,
+                "503": ERROR,
+            },
         },
         "get": {
             "summary": "Jobs (state, limit, offset)",

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -210,3 +211,32 @@ def test_export_dicom_from_s3_opens_in_openslide(
     assert (tmp_path / "level-0.dcm").read_bytes() == local.get(f"{slide_id}/slide.zarr/0/c/0/0/0")
     with openslide.OpenSlide(str(tmp_path / "level-0.dcm")) as slide:
         assert slide.dimensions == (2220, 2967)
+
+
+def test_a_new_attempt_aborts_uploads_a_failed_one_left(
+    seaweedfs: SeaweedFS, small_svs: Path
+) -> None:
+    """An upload whose abort could not reach the store (it was down) stays, billed, until
+    someone aborts it: the next conversion of the slide does."""
+    store = s3_store(seaweedfs, f"leftover-{uuid.uuid4().hex[:8]}")
+    sid = content_slide_id(small_svs)
+    bucket, _, root = store.path(sid).partition("/")
+    key = f"{root}/slide.zarr/0/c/0/0/0"
+    upload = store.fs.call_s3("create_multipart_upload", Bucket=bucket, Key=key)
+    store.fs.call_s3(
+        "upload_part",
+        Bucket=bucket,
+        Key=key,
+        UploadId=upload["UploadId"],
+        PartNumber=1,
+        Body=b"x" * 1024,
+    )
+
+    def unfinished() -> list[str]:
+        found = store.fs.call_s3("list_multipart_uploads", Bucket=bucket, Prefix=root + "/")
+        return [u["UploadId"] for u in found.get("Uploads", [])]
+
+    assert unfinished() == [upload["UploadId"]]
+    wsi.convert_slide(small_svs, store)
+    assert unfinished() == []
+    assert store.published_slides() == [sid]

@@ -256,6 +256,7 @@ def _serve(args: argparse.Namespace) -> int:
         workers=args.workers,
         after_success=args.after,
         quiet_seconds=args.quiet_seconds,
+        s3_sources=tuple(args.s3_source) if args.s3_source else None,
     )
     shown = "localhost" if settings.host in ("127.0.0.1", "::1") else settings.host
     print(
@@ -406,6 +407,13 @@ def _add_serve(sub: Any) -> None:
         "--quiet-seconds",
         type=float,
         help="a drop is complete after this long unchanged (WSI_QUIET_SECONDS)",
+    )
+    serve.add_argument(
+        "--s3-source",
+        action="append",
+        metavar="S3_PREFIX",
+        help="POST /jobs may convert slides under this s3://bucket/prefix/ (repeatable; "
+        "WSI_S3_SOURCES)",
     )
     serve.set_defaults(func=_serve)
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import os
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import IO
 
@@ -47,6 +47,9 @@ class SlideFile:
     """Bytes."""
     main: bool = False
     """The slide file of a file slide: hashed without its name, so a renamed copy keeps its id."""
+    mtime: float | None = field(default=None, compare=False)
+    """Last modified (seconds since the epoch), where known; not hashed. A staged copy keeps
+    it, since DICOM dates fall back to it: the same object converts to the same bytes."""
 
     def __post_init__(self) -> None:
         if self.size < 0:

@@ -22,16 +22,15 @@ import re
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
+from datetime import datetime
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-import aiohttp
 import fsspec
-from botocore.exceptions import BotoCoreError, ClientError
 
 from .errors import InvalidArgument, SlideNotFound, StoreError, WsiError
 from .slide_id import SlideFile, companion_folder, hash_order, hash_slide_files
-from .store import StoreSettings, _s3_options
+from .store import STORE_FAILURES, StoreSettings, _s3_options
 
 CHUNK_BYTES = 8 * 1024 * 1024
 """Bytes read and written at a time while staging: the memory a download holds."""
@@ -44,13 +43,6 @@ _SCHEME = "s3://"
 _BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
 _IPV4 = re.compile(r"\d{1,3}(\.\d{1,3}){3}")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
-_TRANSIENT: tuple[type[BaseException], ...] = (
-    OSError,
-    BotoCoreError,
-    ClientError,
-    aiohttp.ClientError,
-)
-"""What s3fs lets through when the network, the credentials or the server fail."""
 
 Progress = Callable[[int, int], None]
 """Called with (bytes done, bytes in all) while a slide is staged."""
@@ -133,8 +125,14 @@ def _s3_errors(url: str) -> Iterator[None]:
         raise
     except FileNotFoundError as exc:
         raise SlideNotFound(f"no such object {url}") from exc
-    except _TRANSIENT as exc:
+    except STORE_FAILURES as exc:
         raise StoreError(f"cannot read {url}: {type(exc).__name__}: {exc}") from exc
+
+
+def _mtime(info: dict[str, Any]) -> float | None:
+    """An object's LastModified as epoch seconds (s3fs gives a datetime), or None."""
+    stamp = info.get("LastModified")
+    return float(stamp.timestamp()) if isinstance(stamp, datetime) else None
 
 
 def _list_under(fs: Any, bucket: str, prefix: str, name_prefix: str) -> list[SlideFile]:
@@ -149,7 +147,9 @@ def _list_under(fs: Any, bucket: str, prefix: str, name_prefix: str) -> list[Sli
             continue
         rel = path[len(root) :]
         _check_name(rel, f"object name under s3://{root}:")
-        files.append(SlideFile(path=path, name=name_prefix + rel, size=int(info["size"])))
+        files.append(
+            SlideFile(path=path, name=name_prefix + rel, size=int(info["size"]), mtime=_mtime(info))
+        )
     return sorted(files, key=lambda f: hash_order(f.name))
 
 
@@ -175,7 +175,15 @@ def _remote_slide_files(fs: Any, bucket: str, key: str) -> list[SlideFile]:
         if info.get("type") != "file":
             raise SlideNotFound(f"no such object {url} (a folder slide's URL ends with /)")
         parent, _, name = key.rpartition("/")
-        files = [SlideFile(path=f"{bucket}/{key}", name=name, size=int(info["size"]), main=True)]
+        files = [
+            SlideFile(
+                path=f"{bucket}/{key}",
+                name=name,
+                size=int(info["size"]),
+                main=True,
+                mtime=_mtime(info),
+            )
+        ]
         companion = companion_folder(name)
         if companion:
             prefix = f"{parent}/{companion}/" if parent else f"{companion}/"
@@ -241,6 +249,9 @@ def _download(
                 report(len(block))
     if done != file.size:
         raise StoreError(f"{url} changed while it was staged ({done} of {file.size} bytes)")
+    if file.mtime is not None:
+        with contextlib.suppress(OSError):
+            os.utime(dest, (file.mtime, file.mtime))
 
 
 @contextlib.contextmanager

@@ -16,7 +16,9 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import IO, Any
 
+import aiohttp
 import fsspec
+from botocore.exceptions import BotoCoreError, ClientError
 
 from .errors import InvalidArgument, SlideNotFound, StoreError
 
@@ -25,6 +27,14 @@ SLIDE_ID = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 MANIFEST = "manifest.json"
 TEMP_MARK = ".tmp-"
 _MiB = 1024 * 1024
+STORE_FAILURES: tuple[type[BaseException], ...] = (
+    OSError,
+    BotoCoreError,
+    ClientError,
+    aiohttp.ClientError,
+)
+"""What fsspec/s3fs let through when the disk, the network, the credentials or the object
+server fail (botocore's connection errors are not OSErrors): all become `StoreError`."""
 
 
 def check_slide_id(slide_id: str) -> str:
@@ -135,7 +145,7 @@ class Store:
                 finally:
                     with contextlib.suppress(FileNotFoundError):
                         os.unlink(tmp)
-        except OSError as exc:
+        except STORE_FAILURES as exc:
             raise StoreError(f"cannot write {key}: {exc}") from exc
 
     def put(self, key: str, data: bytes) -> None:
@@ -152,7 +162,7 @@ class Store:
                     f.flush()
                     os.fsync(f.fileno())
                 os.replace(tmp, path)
-        except OSError as exc:
+        except STORE_FAILURES as exc:
             raise StoreError(f"cannot write {key}: {exc}") from exc
 
     def get(self, key: str) -> bytes:
@@ -160,7 +170,7 @@ class Store:
             return bytes(self.fs.cat_file(self.path(key)))
         except FileNotFoundError as exc:
             raise SlideNotFound(f"no object {key}") from exc
-        except OSError as exc:
+        except STORE_FAILURES as exc:
             raise StoreError(f"cannot read {key}: {exc}") from exc
 
     def get_range(self, key: str, start: int, end: int) -> bytes:
@@ -169,13 +179,13 @@ class Store:
             return bytes(self.fs.cat_file(self.path(key), start=start, end=end))
         except FileNotFoundError as exc:
             raise SlideNotFound(f"no object {key}") from exc
-        except OSError as exc:
+        except STORE_FAILURES as exc:
             raise StoreError(f"cannot read {key}: {exc}") from exc
 
     def exists(self, key: str) -> bool:
         try:
             return bool(self.fs.exists(self.path(key)))
-        except OSError as exc:
+        except STORE_FAILURES as exc:
             raise StoreError(f"cannot reach store: {exc}") from exc
 
     def size(self, key: str) -> int:
@@ -202,16 +212,34 @@ class Store:
             entries = self.fs.ls(path, detail=False, refresh=True)
         except FileNotFoundError:
             return []
-        except OSError as exc:
+        except STORE_FAILURES as exc:
             raise StoreError(f"cannot list store: {exc}") from exc
         return sorted(str(e).rstrip("/").rsplit("/", 1)[-1] for e in entries)
 
     def remove_temporaries(self, prefix: str) -> None:
-        """Delete temporary files a killed writer left under `prefix/` (local stores only: an
-        unfinished S3 multipart upload never becomes an object)."""
+        """Delete what a killed or failed writer left under `prefix/`: temporary files on a
+        local store; on S3, unfinished multipart uploads (never objects, but their parts are
+        stored and billed until aborted; an abort fails when the store was unreachable)."""
+        if self.settings.is_s3:
+            self._abort_uploads(prefix)
+            return
         for key in self.list_keys(prefix, include_temporary=True):
             if TEMP_MARK in key:
                 self.delete(key)
+
+    def _abort_uploads(self, prefix: str) -> None:
+        bucket, _, root = self.path(prefix).partition("/")
+        try:
+            listed = self.fs.call_s3("list_multipart_uploads", Bucket=bucket, Prefix=root + "/")
+            for upload in listed.get("Uploads", []):
+                self.fs.call_s3(
+                    "abort_multipart_upload",
+                    Bucket=bucket,
+                    Key=upload["Key"],
+                    UploadId=upload["UploadId"],
+                )
+        except STORE_FAILURES as exc:
+            raise StoreError(f"cannot clean up unfinished uploads under {prefix}: {exc}") from exc
 
     def list_keys(self, prefix: str, include_temporary: bool = False) -> list[str]:
         """Every object key under `prefix/`, relative to the store root."""

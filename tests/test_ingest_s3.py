@@ -1,0 +1,187 @@
+"""Slides that live in a bucket: `wsi convert s3://...` and `POST /jobs` with an `s3://` URL.
+
+The source is staged (downloaded into a spool folder), converted and published; the result must
+equal a conversion of the same file from a local folder, byte for byte (the staged copy keeps the
+object's modification time, which DICOM dates fall back to). Only prefixes the service was told
+about are accepted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+import s3fs
+from aiohttp.test_utils import TestClient, TestServer
+
+import wsi
+from server.app import create_app
+from server.settings import ServerSettings
+from wsi.slide_id import content_slide_id
+
+from .conftest import sample
+from .s3server import SeaweedFS
+from .s3server import seaweedfs as _seaweedfs_fixture  # noqa: F401
+
+pytestmark = pytest.mark.s3
+
+
+@pytest.fixture(scope="module")
+def drop(seaweedfs: SeaweedFS) -> dict[str, Any]:
+    """A 'scanner bucket' prefix holding a slide, a DICOM series folder and a corrupt file."""
+    fs = s3fs.S3FileSystem(**seaweedfs.storage_options())
+    prefix = f"{seaweedfs.bucket}/drop-{uuid.uuid4().hex[:8]}"
+    slide = sample("CMU-1-Small-Region.svs")
+    fs.put_file(str(slide), f"{prefix}/scans/case.svs")
+    series = sorted(p for p in sample("highdicom").rglob("*.dcm"))[:1]
+    for p in series:
+        fs.put_file(str(p), f"{prefix}/scans/series/{p.name}")
+    fs.put_file(
+        str(sample("openslide-python-fixtures/unopenable.tiff")), f"{prefix}/scans/broken.tiff"
+    )
+    fs.put_file(str(slide), f"{prefix}/elsewhere/case.svs")
+    # The local reference: the same bytes with the object's modification time.
+    mtime = fs.info(f"{prefix}/scans/case.svs")["LastModified"].timestamp()
+    return {"fs": fs, "prefix": prefix, "slide": slide, "mtime": mtime, "series": series}
+
+
+def _wsi(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "wsi.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+        check=False,
+    )
+
+
+def _local_reference(tmp_path: Path, drop: dict[str, Any]) -> wsi.Store:
+    local = tmp_path / "ref" / "case.svs"
+    local.parent.mkdir()
+    local.write_bytes(drop["slide"].read_bytes())
+    os.utime(local, (drop["mtime"], drop["mtime"]))
+    store = wsi.Store(wsi.StoreSettings(str(tmp_path / "ref-store")))
+    wsi.convert_slide(local, store)
+    return store
+
+
+def test_cli_converts_an_s3_source(
+    tmp_path: Path, seaweedfs: SeaweedFS, drop: dict[str, Any]
+) -> None:
+    env = {**os.environ, **seaweedfs.env}
+    url = f"s3://{drop['prefix']}/scans/case.svs"
+    out, spool = tmp_path / "store", tmp_path / "spool"
+    done = _wsi("convert", url, "--out", str(out), "--spool", str(spool), "--no-progress", env=env)
+    assert done.returncode == 0, done.stderr
+    sid = done.stdout.split("\t")[0]
+    assert sid == content_slide_id(drop["slide"])
+    assert list(spool.iterdir()) == []  # the staged copy is gone
+    reference = _local_reference(tmp_path, drop)
+    store = wsi.Store(wsi.StoreSettings(str(out)))
+    assert store.read_manifest(sid)["objects"] == reference.read_manifest(sid)["objects"]
+
+    missing = _wsi("convert", url + "-missing", "--out", str(out), "--no-progress", env=env)
+    assert missing.returncode == 1
+    assert missing.stderr.strip().count("\n") == 0 and "no such object" in missing.stderr
+    bad = _wsi("convert", "s3://Bad_Bucket/x.svs", "--out", str(out), env=env)
+    assert bad.returncode == 1 and "bucket" in bad.stderr.lower()
+    away = {**env, "AWS_ENDPOINT_URL": "http://127.0.0.1:9", "AWS_MAX_ATTEMPTS": "1"}
+    unreachable = _wsi("convert", url, "--out", str(out), "--no-progress", env=away)
+    assert unreachable.returncode == 75, unreachable.stderr  # retryable: the store, not the slide
+
+
+async def _wait(check, timeout: float = 120.0):  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        result = await check()
+        if result:
+            return result
+        await asyncio.sleep(0.1)
+    raise AssertionError("timed out")
+
+
+def test_post_jobs_with_s3_sources(
+    tmp_path: Path, seaweedfs: SeaweedFS, drop: dict[str, Any]
+) -> None:
+    prefix = drop["prefix"]
+    settings = ServerSettings(
+        store=str(tmp_path / "store"),
+        s3_sources=(f"s3://{prefix}/scans/",),
+        s3_endpoint=seaweedfs.endpoint_url,
+        poll_seconds=0.2,
+        quarantine_dir=str(tmp_path / "quarantine"),
+    )
+
+    async def main() -> None:
+        async with TestClient(TestServer(create_app(settings))) as c:
+
+            async def post(source: str) -> tuple[int, dict[str, Any]]:
+                resp = await c.post("/jobs", json={"source": source})
+                return resp.status, await resp.json()
+
+            # Refused: outside the allowed prefix, spelled to escape it, missing, not a URL.
+            for source, words in [
+                (f"s3://{prefix}/elsewhere/case.svs", "prefix"),
+                (f"s3://{prefix}/scans/../elsewhere/case.svs", "segment"),
+                (f"s3://{prefix}/scans-other/case.svs", "prefix"),
+                (f"s3://{prefix}/scans/missing.svs", "does not exist"),
+                ("s3://", "bucket"),
+            ]:
+                status, body = await post(source)
+                assert status == 400 and words in json.dumps(body).lower(), (source, body)
+
+            status, job = await post(f"s3://{prefix}/scans/case.svs")
+            assert status == 202 and job["slide_id"] == content_slide_id(drop["slide"])
+            again = await post(f"s3://{prefix}/scans/case.svs")
+            assert again[1]["id"] == job["id"]  # the same content: one job
+            status, series = await post(f"s3://{prefix}/scans/series/")
+            assert status == 202
+            status, broken = await post(f"s3://{prefix}/scans/broken.tiff")
+            assert status == 202
+
+            async def ended() -> dict[str, dict[str, Any]]:
+                jobs = (await (await c.get("/jobs")).json())["jobs"]
+                finished = all(j["state"] in ("done", "failed") for j in jobs)
+                return {j["id"]: j for j in jobs} if finished and len(jobs) == 3 else {}
+
+            jobs = await _wait(ended)
+            assert jobs[job["id"]]["state"] == "done", jobs[job["id"]]
+            assert jobs[series["id"]]["state"] == "done", jobs[series["id"]]
+            failed = jobs[broken["id"]]
+            assert failed["state"] == "failed" and "Unsupported TIFF" in failed["error"]
+            sid = job["slide_id"]
+            assert (await (await c.get(f"/slides/{sid}")).json())["status"] == "ready"
+            tile = await c.get(f"/slides/{sid}/tiles/0/0/0")
+            assert tile.status == 200 and (await tile.read())[:2] == b"\xff\xd8"
+
+    asyncio.run(main())
+    # Bucket sources stay where they are, also the broken one (there is nothing to move).
+    assert drop["fs"].exists(f"{prefix}/scans/case.svs")
+    assert drop["fs"].exists(f"{prefix}/scans/broken.tiff")
+    assert not (tmp_path / "quarantine").exists()
+    assert list((tmp_path / "store" / ".spool").iterdir()) == []
+    reference = _local_reference(tmp_path, drop)
+    store = wsi.Store(wsi.StoreSettings(str(tmp_path / "store")))
+    sid = content_slide_id(drop["slide"])
+    assert store.read_manifest(sid)["objects"] == reference.read_manifest(sid)["objects"]
+
+
+def test_s3_sources_must_be_enabled(tmp_path: Path) -> None:
+    settings = ServerSettings(store=str(tmp_path / "store"), watch=(str(tmp_path),))
+
+    async def main() -> None:
+        async with TestClient(TestServer(create_app(settings))) as c:
+            resp = await c.post("/jobs", json={"source": "s3://bucket/scans/case.svs"})
+            assert resp.status == 400
+            assert "not enabled" in (await resp.json())["error"]
+
+    asyncio.run(main())
