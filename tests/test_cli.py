@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+import time
 
 from .conftest import sample
 
@@ -86,3 +88,60 @@ def test_bad_arguments_are_one_line_and_nonzero(tmp_path):
         assert "Traceback" not in run.stderr
     run = wsi("info", str(tmp_path / "nothing.svs"))
     assert run.returncode == 1 and run.stderr.startswith("wsi: error: ")
+
+
+def test_progress_fd_reports_rising_json_lines(tmp_path, medium_jpeg_tiff):
+    read_fd, write_fd = os.pipe()
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "wsi.cli",
+            "convert",
+            str(medium_jpeg_tiff),
+            "--out",
+            str(tmp_path / "out"),
+            "--no-progress",
+            "--no-reuse-levels",
+            "--progress-fd",
+            str(write_fd),
+        ],
+        pass_fds=(write_fd,),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    os.close(write_fd)
+    with proc, os.fdopen(read_fd) as lines:
+        values = [json.loads(line)["progress"] for line in lines]
+        assert proc.wait(300) == 0
+    assert values[-1] == 100.0
+    assert values == sorted(values) and len(set(values)) == len(values)
+    assert any(0 < v < 100 for v in values), values
+
+
+def test_exit_with_stdin_stops_when_the_supervisor_goes(tmp_path, medium_jpeg_tiff):
+    """The supervisor (an ingest worker) holds the write end of stdin; when it dies, the pipe
+    closes and the conversion stops instead of publishing behind the job's next attempt."""
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "wsi.cli",
+            "convert",
+            str(medium_jpeg_tiff),
+            "--out",
+            str(tmp_path / "out"),
+            "--no-progress",
+            "--no-reuse-levels",
+            "--exit-with-stdin",
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    with proc:
+        assert proc.stdin is not None
+        time.sleep(1.0)
+        proc.stdin.close()  # as if the supervisor died
+        assert proc.wait(10) == 75
+    assert not list((tmp_path / "out").glob("*/manifest.json"))
