@@ -39,6 +39,8 @@ EXECUTOR = web.AppKey("executor", cf.ThreadPoolExecutor)
 METRICS = web.AppKey("metrics", Metrics)
 ROUTE_MODULES = web.AppKey("route_modules", list)
 JOBS = web.AppKey("jobs", JobQueue)
+JOBS_WAKE = web.AppKey("jobs_wake", asyncio.Event)
+"""Set when a job is submitted here, so this process's idle workers claim it at once."""
 
 STATUS: list[tuple[type[Exception], int]] = [
     (SlideNotFound, 404),
@@ -162,6 +164,7 @@ async def _ingest(app: web.Application) -> AsyncIterator[None]:
     queue = SQLiteJobQueue(settings.jobs_path)
     await asyncio.to_thread(queue.recover)  # jobs of a crashed run are taken back
     app[JOBS] = queue
+    wake = app[JOBS_WAKE] = asyncio.Event()
     stop = asyncio.Event()
     ingest = IngestSettings(
         store=settings.store,
@@ -182,9 +185,18 @@ async def _ingest(app: web.Application) -> AsyncIterator[None]:
         watcher = FolderWatcher(
             settings.watch, settings.quiet_seconds, settings.poll_seconds, stop_event=stop
         )
-        register = catalog.sources.register if catalog.sources is not None else None
-        tasks.append(asyncio.create_task(feed(watcher, queue, register)))
-    tasks += [asyncio.create_task(Worker(queue, ingest).run(stop)) for _ in range(settings.workers)]
+        sources = catalog.sources
+
+        def submitted(slide_id: str, path: Path) -> None:
+            if sources is not None:  # viewable from its file while it converts
+                sources.register(slide_id, path)
+            wake.set()
+
+        tasks.append(asyncio.create_task(feed(watcher, queue, submitted)))
+    tasks += [
+        asyncio.create_task(Worker(queue, ingest, wake=wake).run(stop))
+        for _ in range(settings.workers)
+    ]
     if settings.keep_jobs_days:
         tasks.append(asyncio.create_task(purge_jobs(queue, settings.keep_jobs_days, stop)))
     yield

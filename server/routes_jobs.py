@@ -17,7 +17,7 @@ from wsi.jobs import JobState
 from wsi.slide_id import content_slide_id
 from wsi.staging import is_remote, parse_s3_url, remote_slide_id
 
-from .app import CATALOG, JOBS, SETTINGS, dumps
+from .app import CATALOG, JOBS, JOBS_WAKE, SETTINGS, dumps
 from .openapi import ERROR, path_params
 
 
@@ -74,6 +74,7 @@ async def submit(request: web.Request) -> web.Response:
         except SlideNotFound as exc:
             raise InvalidArgument("source does not exist") from exc
         job = await asyncio.to_thread(queue.submit, url, slide_id)
+        request.app[JOBS_WAKE].set()
         return web.json_response(job.to_dict(), status=202, dumps=dumps)
     path = allowed_source(request, source)
     try:
@@ -85,6 +86,7 @@ async def submit(request: web.Request) -> web.Response:
     if sources is not None and job.state.value in ("queued", "running"):
         # Viewable from its file while it converts (the caller vouches the file is complete).
         sources.register(slide_id, path)
+    request.app[JOBS_WAKE].set()
     return web.json_response(job.to_dict(), status=202, dumps=dumps)
 
 

@@ -108,10 +108,19 @@ class Worker:
     when that closes. Its progress arrives as JSON lines on a second pipe.
     """
 
-    def __init__(self, queue: JobQueue, settings: IngestSettings, name: str | None = None):
+    def __init__(
+        self,
+        queue: JobQueue,
+        settings: IngestSettings,
+        name: str | None = None,
+        wake: asyncio.Event | None = None,
+    ):
         self.queue = queue
         self.settings = settings
         self.name = name or worker_name()
+        self.wake = wake
+        """Set by whoever submits a job in this process, so an idle worker claims it at once
+        instead of at its next poll (jobs from other processes are found by polling)."""
         self._proc: asyncio.subprocess.Process | None = None
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -128,8 +137,17 @@ class Worker:
                 # The queue is unreachable for now (locked, disk full): a job we could not
                 # record is taken back when its lease runs out. The worker itself carries on.
                 pass
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), self.settings.poll_seconds)
+            await self._idle(stop)
+
+    async def _idle(self, stop: asyncio.Event) -> None:
+        """Wait for the next poll, a wake-up or the stop, whichever comes first."""
+        events = [stop] if self.wake is None else [stop, self.wake]
+        waits = [asyncio.ensure_future(e.wait()) for e in events]
+        await asyncio.wait(waits, timeout=self.settings.poll_seconds, return_when="FIRST_COMPLETED")
+        for w in waits:
+            w.cancel()
+        if self.wake is not None:
+            self.wake.clear()
 
     def _command(self, job: Job, progress_fd: int) -> list[str]:
         cmd = [
