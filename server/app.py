@@ -32,6 +32,7 @@ from .catalog import AsyncStore, Catalog
 from .metrics import Metrics
 from .settings import ServerSettings
 from .sources import SourceSlides
+from .staged import StagedSources
 
 SETTINGS = web.AppKey("settings", ServerSettings)
 CATALOG = web.AppKey("catalog", Catalog)
@@ -40,6 +41,8 @@ METRICS = web.AppKey("metrics", Metrics)
 ROUTE_MODULES = web.AppKey("route_modules", list)
 JOBS = web.AppKey("jobs", JobQueue)
 JOBS_WAKE = web.AppKey("jobs_wake", asyncio.Event)
+COPIES = web.AppKey("copies", StagedSources)
+"""Local copies of s3:// job sources (made at submit, viewed and converted from)."""
 """Set when a job is submitted here, so this process's idle workers claim it at once."""
 
 STATUS: list[tuple[type[Exception], int]] = [
@@ -132,7 +135,7 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
     app[EXECUTOR] = executor
     # Slides in watch folders are registered as sources by the ingest feed once complete, so a
     # slide is viewable from its file while it converts, but never read while being copied.
-    wanted = settings.sources or settings.watch
+    wanted = settings.sources or settings.watch or settings.s3_sources
     sources = SourceSlides(settings.sources) if wanted else None
     catalog = Catalog(reader, settings.tile_cache_mb * 1024 * 1024, sources)
     app[CATALOG] = catalog
@@ -157,7 +160,10 @@ async def _ingest(app: web.Application) -> AsyncIterator[None]:
         return
     from wsi.ingest import IngestSettings, Worker, feed, purge_jobs
     from wsi.jobs import SQLiteJobQueue
+    from wsi.staging import sweep_orphans
     from wsi.watch import FolderWatcher
+
+    from .staged import keep_copies
 
     catalog = app[CATALOG]
     Path(settings.jobs_path).parent.mkdir(parents=True, exist_ok=True)
@@ -193,8 +199,16 @@ async def _ingest(app: web.Application) -> AsyncIterator[None]:
             wake.set()
 
         tasks.append(asyncio.create_task(feed(watcher, queue, submitted)))
+    # s3:// sources: one local copy each, made at submit, viewed and converted from.
+    await asyncio.to_thread(sweep_orphans, settings.spool_path)
+    copies = app[COPIES] = StagedSources(
+        Path(settings.spool_path) / "copies",
+        settings.s3_endpoint,
+        catalog.sources.register if catalog.sources is not None else None,
+    )
+    tasks.append(asyncio.create_task(keep_copies(queue, copies, stop)))
     tasks += [
-        asyncio.create_task(Worker(queue, ingest, wake=wake).run(stop))
+        asyncio.create_task(Worker(queue, ingest, wake=wake, copies=copies).run(stop))
         for _ in range(settings.workers)
     ]
     if settings.keep_jobs_days:
@@ -204,6 +218,7 @@ async def _ingest(app: web.Application) -> AsyncIterator[None]:
     if watcher is not None:
         watcher.stop()
     await asyncio.wait(tasks, timeout=ingest.stop_timeout + 5)
+    await copies.close()
     queue.close()
 
 

@@ -17,7 +17,7 @@ from wsi.jobs import JobState
 from wsi.slide_id import content_slide_id
 from wsi.staging import is_remote, parse_s3_url, remote_slide_id
 
-from .app import CATALOG, JOBS, JOBS_WAKE, SETTINGS, dumps
+from .app import CATALOG, COPIES, JOBS, JOBS_WAKE, SETTINGS, dumps
 from .openapi import ERROR, path_params
 
 
@@ -74,6 +74,9 @@ async def submit(request: web.Request) -> web.Response:
         except SlideNotFound as exc:
             raise InvalidArgument("source does not exist") from exc
         job = await asyncio.to_thread(queue.submit, url, slide_id)
+        if not job.state.terminal:
+            # Downloaded now: viewable from the copy while it waits, and converted from it.
+            request.app[COPIES].ensure(slide_id, url)
         request.app[JOBS_WAKE].set()
         return web.json_response(job.to_dict(), status=202, dumps=dumps)
     path = allowed_source(request, source)

@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 import uuid
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -112,16 +113,25 @@ async def _wait(check, timeout: float = 120.0):  # type: ignore[no-untyped-def]
 def test_post_jobs_with_s3_sources(
     tmp_path: Path, seaweedfs: SeaweedFS, drop: dict[str, Any]
 ) -> None:
+    """First a service that only serves and queues (no workers): the bucket slide is downloaded
+    at submit and viewable from that copy, status converting. Then the same service with a
+    worker: it converts the copy, publishes, and the copy goes."""
     prefix = drop["prefix"]
+    spool = tmp_path / "store" / ".spool"
     settings = ServerSettings(
         store=str(tmp_path / "store"),
         s3_sources=(f"s3://{prefix}/scans/",),
         s3_endpoint=seaweedfs.endpoint_url,
         poll_seconds=0.2,
         quarantine_dir=str(tmp_path / "quarantine"),
+        workers=0,
     )
+    sid = content_slide_id(drop["slide"])
+    with wsi.open_slide(drop["slide"]) as src:
+        first_tile = src.read_encoded_tile(0, 0, 0)
+    submitted: dict[str, dict[str, Any]] = {}
 
-    async def main() -> None:
+    async def queue_and_view() -> None:
         async with TestClient(TestServer(create_app(settings))) as c:
 
             async def post(source: str) -> tuple[int, dict[str, Any]]:
@@ -140,13 +150,33 @@ def test_post_jobs_with_s3_sources(
                 assert status == 400 and words in json.dumps(body).lower(), (source, body)
 
             status, job = await post(f"s3://{prefix}/scans/case.svs")
-            assert status == 202 and job["slide_id"] == content_slide_id(drop["slide"])
+            assert status == 202 and job["slide_id"] == sid
             again = await post(f"s3://{prefix}/scans/case.svs")
             assert again[1]["id"] == job["id"]  # the same content: one job
             status, series = await post(f"s3://{prefix}/scans/series/")
             assert status == 202
             status, broken = await post(f"s3://{prefix}/scans/broken.tiff")
             assert status == 202
+            submitted.update(case=job, series=series, broken=broken)
+
+            async def viewable() -> dict[str, Any] | None:
+                resp = await c.get(f"/slides/{sid}")
+                return await resp.json() if resp.status == 200 else None
+
+            summary = await _wait(viewable, 60)
+            assert summary["status"] == "converting"
+            tile = await c.get(f"/slides/{sid}/tiles/0/0/0")
+            assert tile.status == 200 and await tile.read() == first_tile
+            listed = {s["id"] for s in (await (await c.get("/slides")).json())["slides"]}
+            assert sid in listed
+            jobs = (await (await c.get("/jobs")).json())["jobs"]
+            assert {j["state"] for j in jobs} == {"queued"}  # nothing converts here
+
+    asyncio.run(queue_and_view())
+    assert (spool / "copies" / sid / ".ready").is_file()  # kept for the job, across a restart
+
+    async def convert() -> None:
+        async with TestClient(TestServer(create_app(replace(settings, workers=1)))) as c:
 
             async def ended() -> dict[str, dict[str, Any]]:
                 jobs = (await (await c.get("/jobs")).json())["jobs"]
@@ -154,24 +184,29 @@ def test_post_jobs_with_s3_sources(
                 return {j["id"]: j for j in jobs} if finished and len(jobs) == 3 else {}
 
             jobs = await _wait(ended)
-            assert jobs[job["id"]]["state"] == "done", jobs[job["id"]]
-            assert jobs[series["id"]]["state"] == "done", jobs[series["id"]]
-            failed = jobs[broken["id"]]
+            assert jobs[submitted["case"]["id"]]["state"] == "done"
+            assert jobs[submitted["series"]["id"]]["state"] == "done"
+            failed = jobs[submitted["broken"]["id"]]
             assert failed["state"] == "failed" and "Unsupported TIFF" in failed["error"]
-            sid = job["slide_id"]
             assert (await (await c.get(f"/slides/{sid}")).json())["status"] == "ready"
             tile = await c.get(f"/slides/{sid}/tiles/0/0/0")
-            assert tile.status == 200 and (await tile.read())[:2] == b"\xff\xd8"
+            assert tile.status == 200 and await tile.read() == first_tile
 
-    asyncio.run(main())
-    # Bucket sources stay where they are, also the broken one (there is nothing to move).
-    assert drop["fs"].exists(f"{prefix}/scans/case.svs")
-    assert drop["fs"].exists(f"{prefix}/scans/broken.tiff")
-    assert not (tmp_path / "quarantine").exists()
-    assert list((tmp_path / "store" / ".spool").iterdir()) == []
+    # The worker converts the copies: with the objects gone from the bucket it still can.
+    fs = drop["fs"]
+    held = {key: fs.cat_file(key) for key in fs.find(f"{prefix}/scans/")}  # a few MB
+    assert len(held) == 2 + len(drop["series"])
+    fs.rm(list(held))
+    try:
+        asyncio.run(convert())
+    finally:
+        for key, data in held.items():
+            fs.pipe_file(key, data)
+    assert not (tmp_path / "quarantine").exists()  # a bucket source is never moved
+    # Every copy is gone once its job ended: nothing left in the spool.
+    assert [p for p in spool.rglob("*") if p.is_file()] == []
     reference = _local_reference(tmp_path, drop)
     store = wsi.Store(wsi.StoreSettings(str(tmp_path / "store")))
-    sid = content_slide_id(drop["slide"])
     assert store.read_manifest(sid)["objects"] == reference.read_manifest(sid)["objects"]
 
 

@@ -111,10 +111,6 @@ class ProgressChannel:
             self._out.write(json.dumps({"progress": value}) + "\n")
 
 
-STAGE_SHARE = 0.15
-"""Of a remote source's progress, the share that downloading it takes (the rest: the pyramid)."""
-
-
 def _exit_with_stdin() -> None:
     """`--exit-with-stdin`: end this process when standard input reaches end-of-file.
 
@@ -212,7 +208,7 @@ def _convert_one(
 ) -> ConvertResult:
     """One slide; an `s3://` source is first staged in a local spool folder (the readers need
     files), downloaded with bounded memory and removed afterwards."""
-    from .staging import is_remote, staged
+    from .staging import STAGE_SHARE, is_remote, staged
 
     remote = is_remote(source)
     start = STAGE_SHARE if remote else 0.0

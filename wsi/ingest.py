@@ -20,11 +20,12 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Protocol
 
 from .errors import InvalidArgument, WsiError
 from .jobs import Job, JobQueue, worker_name
 from .slide_id import content_slide_id
+from .staging import STAGE_SHARE
 from .watch import FolderWatcher
 
 EXIT_SLIDE_UNREADABLE = 1
@@ -98,6 +99,19 @@ def move_source(source: Path, dest_dir: Path, reason: str | None = None) -> Path
     return target / source.name
 
 
+class LocalCopies(Protocol):
+    """Where a worker gets a local copy of a job's remote source (see server/staged.py)."""
+
+    async def prepare(self, job: Job) -> str | None:
+        """The local path to convert instead of `job.source`, or None."""
+
+    def progress(self, slide_id: str) -> float:
+        """0-1 of the copy's download."""
+
+    def finished(self, job: Job) -> None:
+        """The worker is done with the job (whatever the outcome)."""
+
+
 class Worker:
     """One conversion at a time, in a subprocess; several run side by side for concurrency.
 
@@ -114,6 +128,7 @@ class Worker:
         settings: IngestSettings,
         name: str | None = None,
         wake: asyncio.Event | None = None,
+        copies: LocalCopies | None = None,
     ):
         self.queue = queue
         self.settings = settings
@@ -121,6 +136,9 @@ class Worker:
         self.wake = wake
         """Set by whoever submits a job in this process, so an idle worker claims it at once
         instead of at its next poll (jobs from other processes are found by polling)."""
+        self.copies = copies
+        """Local copies of s3:// sources made by this process (the service's), converted
+        instead of downloading the slide again."""
         self._proc: asyncio.subprocess.Process | None = None
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -149,13 +167,13 @@ class Worker:
         if self.wake is not None:
             self.wake.clear()
 
-    def _command(self, job: Job, progress_fd: int) -> list[str]:
+    def _command(self, job: Job, source: str, progress_fd: int) -> list[str]:
         cmd = [
             sys.executable,
             "-m",
             "wsi.cli",
             "convert",
-            job.source,
+            source,
             "--out",
             self.settings.store,
             "--no-progress",
@@ -171,13 +189,52 @@ class Worker:
             cmd += ["--spool", self.settings.spool_dir]
         return cmd + list(self.settings.convert_args)
 
+    async def _prepare(self, job: Job, stop: asyncio.Event) -> tuple[str, str | None]:
+        """The path to convert: a local copy from `self.copies` (awaited, heart-beating the
+        while), or the job's own source. Second value: why to stop instead, if so."""
+        if self.copies is None:
+            return job.source, None
+        task = asyncio.ensure_future(self.copies.prepare(job))
+        beat = min(2.0, max(0.2, self.settings.lease_seconds / 3))
+        try:
+            while not task.done():
+                await asyncio.wait([task], timeout=beat)
+                if task.done():
+                    break
+                if stop.is_set():
+                    return job.source, "shutdown"
+                share = STAGE_SHARE * self.copies.progress(job.slide_id or "")
+                with contextlib.suppress(WsiError):
+                    if not await asyncio.to_thread(
+                        self.queue.heartbeat, job.id, self.name, round(share, 1)
+                    ):
+                        return job.source, "cancelled"
+            local = task.result()
+        finally:
+            if not task.done():
+                task.cancel()
+        return (local, None) if local is not None else (job.source, None)
+
     async def run_job(self, job: Job, stop: asyncio.Event) -> None:
         """Run one claimed job to its end: done, failed, retried later, or given back."""
+        try:
+            await self._run_job(job, stop)
+        finally:
+            if self.copies is not None:
+                self.copies.finished(job)
+
+    async def _run_job(self, job: Job, stop: asyncio.Event) -> None:
         loop = asyncio.get_running_loop()
+        source, stopped = await self._prepare(job, stop)
+        if stopped is not None:
+            await asyncio.to_thread(self._finish, job, None, _Run(loop.time(), stopped=stopped))
+            return
+        # A staged copy's download counted for the first STAGE_SHARE of the progress.
+        offset = STAGE_SHARE * 100.0 if source != job.source else 0.0
         read_fd, write_fd = os.pipe()
         try:
             proc = await asyncio.create_subprocess_exec(
-                *self._command(job, write_fd),
+                *self._command(job, source, write_fd),
                 stdin=asyncio.subprocess.PIPE,
                 stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.PIPE,
@@ -193,7 +250,7 @@ class Worker:
         finally:
             os.close(write_fd)
         self._proc = proc
-        run = _Run(loop.time())
+        run = _Run(loop.time(), offset=offset)
         readers = [
             asyncio.ensure_future(_read_progress(read_fd, run, loop)),
             asyncio.ensure_future(_read_tail(proc.stdout, run, "out")),
@@ -314,6 +371,8 @@ class _Run:
 
     started: float
     progress: float = 0.0
+    offset: float = 0.0
+    """Progress already made before the conversion started (a staged download)."""
     last_sign: float = 0.0
     """When the conversion last reported progress (loop time)."""
     stopped: str | None = None
@@ -339,7 +398,7 @@ async def _read_progress(fd: int, run: _Run, loop: asyncio.AbstractEventLoop) ->
             with contextlib.suppress(ValueError, TypeError, AttributeError):
                 value = float(json.loads(line)["progress"])
                 if 0.0 <= value <= 100.0:
-                    run.progress = value
+                    run.progress = run.offset + (100.0 - run.offset) * value / 100.0
                     run.last_sign = loop.time()
     finally:
         transport.close()

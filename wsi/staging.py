@@ -32,6 +32,9 @@ from .errors import InvalidArgument, SlideNotFound, StoreError, WsiError
 from .slide_id import SlideFile, companion_folder, hash_order, hash_slide_files
 from .store import STORE_FAILURES, StoreSettings, _s3_options
 
+STAGE_SHARE = 0.15
+"""Of a conversion whose source is downloaded first, the share of its progress the download
+takes (the pyramid takes the rest)."""
 CHUNK_BYTES = 8 * 1024 * 1024
 """Bytes read and written at a time while staging: the memory a download holds."""
 MAX_KEY_BYTES = 1024
@@ -254,22 +257,21 @@ def _download(
             os.utime(dest, (file.mtime, file.mtime))
 
 
-@contextlib.contextmanager
-def staged(
+def stage_into(
     url: str,
+    dest: Path,
     endpoint_url: str | None = None,
-    spool_dir: str | os.PathLike[str] | None = None,
     progress: Progress | None = None,
     *,
     chunk_bytes: int = CHUNK_BYTES,
-) -> Iterator[Path]:
-    """A local copy of the slide at `url` (and its sidecar JSON, if any) for as long as the
-    `with` block runs; yields the local slide path (a file, or a folder for a folder slide).
+) -> Path:
+    """Download the slide at `url` (and its sidecar JSON, if any) into the existing empty folder
+    `dest`, laid out under the objects' own names; returns the local slide path (a file, or a
+    folder for a folder slide). The caller owns `dest` and removes it; see `staged`.
 
-    The copy lies in a fresh folder inside `spool_dir` (default: the system temp folder) under
-    the objects' own names, so `content_slide_id` of it equals `remote_slide_id(url)` and the
-    metadata sidecar is found as beside a scanner's output. Memory stays at `chunk_bytes` per
-    download whatever the slide's size. The folder is removed afterwards, also on error.
+    `content_slide_id` of the copy equals `remote_slide_id(url)`, the metadata sidecar is found as
+    beside a scanner's output, and each file keeps its object's modification time (DICOM dates
+    fall back to it). Memory stays at `chunk_bytes` per download whatever the slide's size.
     """
     bucket, key = parse_s3_url(url)
     if chunk_bytes <= 0:
@@ -279,36 +281,89 @@ def staged(
         files = _remote_slide_files(fs, bucket, key)
     sidecar = _sidecar(fs, bucket, key)
     total = sum(f.size for f in files) + (sidecar.size if sidecar else 0)
+    root = dest.resolve()
+    name = key.rstrip("/").rpartition("/")[2]
+    slide = root / name
+    base = slide if key.endswith("/") else root
+    try:
+        if key.endswith("/"):
+            slide.mkdir()
+    except OSError as exc:
+        raise StoreError(f"cannot write the staged copy of {url} ({dest}): {exc}") from exc
+    done = 0
+
+    def report(n: int) -> None:
+        nonlocal done
+        done += n
+        if progress is not None:
+            progress(done, total)
+
+    if progress is not None:
+        progress(0, total)
+    for file in files:
+        target = base / file.name
+        # The names were checked; this guards the rule itself.
+        if not target.resolve().is_relative_to(root):
+            raise InvalidArgument(f"object {_show(file.name)} would land outside the spool")
+        _download(fs, file, target, report, chunk_bytes)
+    if sidecar is not None:
+        _download(fs, sidecar, root / sidecar.name, report, chunk_bytes)
+    return slide
+
+
+@contextlib.contextmanager
+def staged(
+    url: str,
+    endpoint_url: str | None = None,
+    spool_dir: str | os.PathLike[str] | None = None,
+    progress: Progress | None = None,
+    *,
+    chunk_bytes: int = CHUNK_BYTES,
+) -> Iterator[Path]:
+    """A local copy of the slide at `url` (see `stage_into`) for as long as the `with` block
+    runs, in a fresh folder inside `spool_dir` (default: the system temp folder); yields the local
+    slide path. The folder is removed afterwards, also on error.
+    """
+    parse_s3_url(url)  # a bad URL fails before anything is created
     try:
         spool = Path(spool_dir if spool_dir is not None else tempfile.gettempdir())
         spool.mkdir(parents=True, exist_ok=True)
-        root = Path(tempfile.mkdtemp(prefix="wsi-staged-", dir=spool)).resolve()
+        root = Path(tempfile.mkdtemp(prefix=f"{_TEMP_PREFIX}{os.getpid()}-", dir=spool)).resolve()
     except OSError as exc:
         raise StoreError(f"cannot create a spool folder in {spool}: {exc}") from exc
     try:
-        name = key.rstrip("/").rpartition("/")[2]
-        slide = root / name
-        base = slide if key.endswith("/") else root
-        if key.endswith("/"):
-            slide.mkdir()
-        done = 0
-
-        def report(n: int) -> None:
-            nonlocal done
-            done += n
-            if progress is not None:
-                progress(done, total)
-
-        if progress is not None:
-            progress(0, total)
-        for file in files:
-            dest = base / file.name
-            # The names were checked; this guards the rule itself.
-            if not dest.resolve().is_relative_to(root):
-                raise InvalidArgument(f"object {_show(file.name)} would land outside the spool")
-            _download(fs, file, dest, report, chunk_bytes)
-        if sidecar is not None:
-            _download(fs, sidecar, root / sidecar.name, report, chunk_bytes)
-        yield slide
+        yield stage_into(url, root, endpoint_url, progress, chunk_bytes=chunk_bytes)
     finally:
         shutil.rmtree(root, ignore_errors=True)
+
+
+_TEMP_PREFIX = "wsi-staged-"
+
+
+def sweep_orphans(spool_dir: str | os.PathLike[str]) -> int:
+    """Delete the temporary copies `staged` left in `spool_dir` when its process was killed
+    (the folder names carry the process id; a live process's copy is left alone). Returns how
+    many went. Meant for a service or worker starting up on this host."""
+    removed = 0
+    spool = Path(spool_dir)
+    if not spool.is_dir():
+        return 0
+    for entry in spool.iterdir():
+        if not entry.name.startswith(_TEMP_PREFIX):
+            continue
+        pid_text = entry.name[len(_TEMP_PREFIX) :].split("-", 1)[0]
+        if not pid_text.isdigit() or _alive(int(pid_text)):
+            continue
+        shutil.rmtree(entry, ignore_errors=True)
+        removed += 1
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
