@@ -16,6 +16,7 @@ import os
 import shutil
 import signal
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -25,7 +26,7 @@ from typing import Literal, Protocol
 from .errors import InvalidArgument, WsiError
 from .jobs import Job, JobQueue, worker_name
 from .slide_id import content_slide_id
-from .staging import STAGE_SHARE
+from .staging import STAGE_SHARE, sweep_orphans
 from .watch import FolderWatcher
 
 EXIT_SLIDE_UNREADABLE = 1
@@ -467,6 +468,9 @@ def run_roles(
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         await asyncio.to_thread(queue.recover)
+        if workers:  # temp copies of s3:// sources whose conversions were killed
+            spool = settings.spool_dir or tempfile.gettempdir()
+            await asyncio.to_thread(sweep_orphans, spool)
         tasks = [asyncio.create_task(Worker(queue, settings).run(stop)) for _ in range(workers)]
         if workers and keep_jobs_days:
             tasks.append(asyncio.create_task(purge_jobs(queue, keep_jobs_days, stop)))
