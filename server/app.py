@@ -222,6 +222,27 @@ async def _ingest(app: web.Application) -> AsyncIterator[None]:
     queue.close()
 
 
+async def conversion_jobs(app: web.Application) -> dict[str, dict[str, Any]]:
+    """Slide id -> `{"id", "state", "progress"}` of its queued or running job, for slides shown
+    as converting (empty without ingest, or when the job table cannot be read: the listing
+    does not depend on it)."""
+    queue = app.get(JOBS)
+    if queue is None:
+        return {}
+    found: dict[str, dict[str, Any]] = {}
+    try:
+        for state in ("running", "queued"):
+            for job in await asyncio.to_thread(queue.list, state, 1000):
+                if job.slide_id is not None:
+                    found.setdefault(
+                        job.slide_id,
+                        {"id": job.id, "state": job.state.value, "progress": job.progress},
+                    )
+    except WsiError:
+        return {}
+    return found
+
+
 def create_app(settings: ServerSettings) -> web.Application:
     from . import routes_dzi, routes_ops, routes_slides
 

@@ -6,7 +6,7 @@ from aiohttp import web
 
 from wsi.errors import InvalidArgument, WsiError
 
-from .app import CATALOG, SETTINGS, etag_response
+from .app import CATALOG, SETTINGS, conversion_jobs, etag_response
 from .openapi import ERROR, path_params
 from .render import decode_chunk, encode_image, in_pool
 
@@ -24,17 +24,27 @@ def int_param(request: web.Request, name: str) -> int:
 async def list_slides(request: web.Request) -> web.Response:
     catalog = request.app[CATALOG]
     slides = []
+    jobs: dict[str, dict[str, object]] | None = None
     for slide_id in await catalog.slide_ids():
         try:
-            slides.append((await catalog.slide(slide_id)).summary())
+            doc = (await catalog.slide(slide_id)).summary()
         except WsiError:  # unpublished meanwhile, or a dropped slide its reader refuses
             continue
+        if doc["status"] == "converting":
+            jobs = await conversion_jobs(request.app) if jobs is None else jobs
+            if slide_id in jobs:
+                doc["job"] = jobs[slide_id]
+        slides.append(doc)
     return web.json_response({"slides": slides})
 
 
 async def get_slide(request: web.Request) -> web.Response:
     slide = await request.app[CATALOG].slide(request.match_info["slide_id"])
     doc = slide.summary()
+    if slide.status == "converting":
+        job = (await conversion_jobs(request.app)).get(slide.slide_id)
+        if job is not None:
+            doc["job"] = job
     if not request.app[SETTINGS].allow_label:
         doc["associated_images"] = [n for n in doc["associated_images"] if n not in PRIVATE]
     return web.json_response(doc)

@@ -17,9 +17,9 @@ from urllib.parse import quote
 
 from aiohttp import web
 
-from wsi.errors import SlideNotFound
+from wsi.errors import WsiError
 
-from .app import CATALOG, SETTINGS, json_error, signed_query
+from .app import CATALOG, SETTINGS, conversion_jobs, json_error, signed_query
 from .catalog import SlideView
 from .openapi import ERROR, path_params
 from .routes_dzi import dzi_size, max_level
@@ -105,8 +105,14 @@ def thumbnail_url(slide: SlideView, query: str) -> str:
     return _with_query(f"/slides/{sid}_files/{z}/0_0.jpeg", query)
 
 
-def index_html(slides: list[SlideView], queries: dict[str, str]) -> str:
-    """The slide list: one card per slide with its thumbnail, size and MPP."""
+def index_html(
+    slides: list[SlideView],
+    queries: dict[str, str],
+    jobs: dict[str, dict[str, Any]] | None = None,
+) -> str:
+    """The slide list: one card per slide with its thumbnail, size, MPP, and for a slide being
+    converted its job's state and progress."""
+    jobs = jobs or {}
     cards = []
     for slide in slides:
         query = queries.get(slide.slide_id, "")
@@ -116,6 +122,11 @@ def index_html(slides: list[SlideView], queries: dict[str, str]) -> str:
             details += f" · {slide.vendor}"
         if slide.status != "ready":
             details += f" · {slide.status}"
+            job = jobs.get(slide.slide_id)
+            if job is not None:
+                details += (
+                    f" {float(job['progress']):.0f}%" if job["state"] == "running" else " (queued)"
+                )
         cards.append(
             f'<li><a class="card" href="{_e(view)}">'
             f'<img src="{_e(thumbnail_url(slide, query))}" alt="" loading="lazy">'
@@ -179,10 +190,12 @@ async def index(request: web.Request) -> web.Response:
     for slide_id in await catalog.slide_ids():
         try:
             slides.append(await catalog.slide(slide_id))
-        except SlideNotFound:  # unpublished between listing and reading
+        except WsiError:  # unpublished meanwhile, or a dropped slide its reader refuses
             continue
     queries = {s.slide_id: signed_query(settings, s.slide_id) for s in slides}
-    return _html(index_html(slides, queries))
+    converting = any(s.status != "ready" for s in slides)
+    jobs = await conversion_jobs(request.app) if converting else {}
+    return _html(index_html(slides, queries, jobs))
 
 
 async def view(request: web.Request) -> web.Response:

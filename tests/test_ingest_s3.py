@@ -165,10 +165,13 @@ def test_post_jobs_with_s3_sources(
 
             summary = await _wait(viewable, 60)
             assert summary["status"] == "converting"
+            assert summary["job"] == {"id": job["id"], "state": "queued", "progress": 0.0}
+            page = await (await c.get("/")).text()
+            assert "converting (queued)" in page
             tile = await c.get(f"/slides/{sid}/tiles/0/0/0")
             assert tile.status == 200 and await tile.read() == first_tile
-            listed = {s["id"] for s in (await (await c.get("/slides")).json())["slides"]}
-            assert sid in listed
+            listed = {s["id"]: s for s in (await (await c.get("/slides")).json())["slides"]}
+            assert listed[sid]["job"]["id"] == job["id"]
             jobs = (await (await c.get("/jobs")).json())["jobs"]
             assert {j["state"] for j in jobs} == {"queued"}  # nothing converts here
 
