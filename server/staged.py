@@ -162,7 +162,7 @@ class StagedSources:
         return str(path) if path is not None else None
 
     def finished(self, job: Job) -> None:
-        """A worker of this process is done with the job: its copy is no longer needed."""
+        """The job has ended (done, failed or cancelled): its copy is no longer needed."""
         if job.slide_id is not None and is_remote(job.source):
             with contextlib.suppress(WsiError):
                 self.remove(job.slide_id)

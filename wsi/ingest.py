@@ -110,7 +110,7 @@ class LocalCopies(Protocol):
         """0-1 of the copy's download."""
 
     def finished(self, job: Job) -> None:
-        """The worker is done with the job (whatever the outcome)."""
+        """The job has ended (done, failed or cancelled): its copy may go."""
 
 
 class Worker:
@@ -221,8 +221,13 @@ class Worker:
         try:
             await self._run_job(job, stop)
         finally:
+            # A local copy serves retries and a job given back at shutdown; it goes once the
+            # job has ended (done, failed, cancelled).
             if self.copies is not None:
-                self.copies.finished(job)
+                with contextlib.suppress(WsiError):
+                    current = await asyncio.to_thread(self.queue.get, job.id)
+                    if current.state.terminal:
+                        self.copies.finished(job)
 
     async def _run_job(self, job: Job, stop: asyncio.Event) -> None:
         loop = asyncio.get_running_loop()
