@@ -158,7 +158,7 @@ async def _ingest(app: web.Application) -> AsyncIterator[None]:
     if not (settings.watch or settings.s3_sources):
         yield
         return
-    from wsi.ingest import IngestSettings, Worker, feed, purge_jobs
+    from wsi.ingest import KILL_GRACE_SECONDS, IngestSettings, Worker, feed, purge_jobs
     from wsi.jobs import SQLiteJobQueue
     from wsi.staging import sweep_orphans
     from wsi.watch import FolderWatcher
@@ -217,7 +217,8 @@ async def _ingest(app: web.Application) -> AsyncIterator[None]:
     stop.set()
     if watcher is not None:
         watcher.stop()
-    await asyncio.wait(tasks, timeout=ingest.stop_timeout + 5)
+    # Running conversions get stop_timeout, then SIGTERM and, KILL_GRACE_SECONDS later, SIGKILL.
+    await asyncio.wait(tasks, timeout=ingest.stop_timeout + KILL_GRACE_SECONDS + 5)
     await copies.close()
     queue.close()
 

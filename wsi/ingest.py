@@ -486,6 +486,6 @@ def run_roles(
         await stop.wait()
         if watcher is not None:
             watcher.stop()
-        await asyncio.wait(tasks, timeout=settings.stop_timeout + 5)
+        await asyncio.wait(tasks, timeout=settings.stop_timeout + KILL_GRACE_SECONDS + 5)
 
     asyncio.run(main())
