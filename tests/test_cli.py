@@ -9,16 +9,7 @@ import sys
 import time
 
 from .conftest import sample
-
-
-def wsi(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "wsi.cli", *args],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
+from .helpers import run_wsi as wsi
 
 
 def test_info_prints_levels_properties_and_associated_images():

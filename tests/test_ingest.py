@@ -20,25 +20,7 @@ from wsi.jobs import JobState, RetryPolicy, SQLiteJobQueue
 from wsi.slide_id import content_slide_id
 
 from .conftest import sample
-
-
-def drain(queue: SQLiteJobQueue, settings: IngestSettings, until: float = 120.0) -> None:
-    """Run one worker until no job is queued or running."""
-
-    async def main() -> None:
-        stop = asyncio.Event()
-        worker = Worker(queue, settings, name="test-worker")
-        task = asyncio.create_task(worker.run(stop))
-        deadline = time.monotonic() + until
-        while time.monotonic() < deadline:
-            states = {j.state for j in queue.list(limit=1000)}
-            if not states & {JobState.QUEUED, JobState.RUNNING}:
-                break
-            await asyncio.sleep(0.1)
-        stop.set()
-        await asyncio.wait_for(task, 60)
-
-    asyncio.run(main())
+from .helpers import drain
 
 
 def drop(inbox: Path, name: str) -> Path:

@@ -5,7 +5,6 @@ the same time ends in quarantine; the jobs API."""
 from __future__ import annotations
 
 import asyncio
-import time
 from pathlib import Path
 
 from aiohttp.test_utils import TestClient, TestServer
@@ -14,16 +13,7 @@ from server.app import create_app
 from server.settings import ServerSettings
 
 from .conftest import sample
-
-
-async def wait_for(check, timeout: float = 90.0):  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        result = await check()
-        if result:
-            return result
-        await asyncio.sleep(0.1)
-    raise AssertionError("timed out")
+from .helpers import wait_until
 
 
 def test_watch_folder_end_to_end(tmp_path: Path) -> None:
@@ -58,16 +48,16 @@ def test_watch_folder_end_to_end(tmp_path: Path) -> None:
                 jobs = (await (await c.get("/jobs")).json())["jobs"]
                 return jobs if len(jobs) == 2 else []
 
-            await wait_for(jobs_seen)
+            await wait_until(jobs_seen)
 
             async def finished() -> list:  # type: ignore[type-arg]
                 jobs = (await (await c.get("/jobs")).json())["jobs"]
                 return jobs if all(j["state"] in ("done", "failed") for j in jobs) else []
 
-            first = {Path(j["source"]).name: j for j in await wait_for(jobs_seen)}
+            first = {Path(j["source"]).name: j for j in await wait_until(jobs_seen)}
             listed = await (await c.get("/slides")).json()
             assert first["case.svs"]["slide_id"] in {s["id"] for s in listed["slides"]}
-            jobs = {Path(j["source"]).name: j for j in await wait_for(finished)}
+            jobs = {Path(j["source"]).name: j for j in await wait_until(finished)}
             assert jobs["case.svs"]["state"] == "done"
             assert jobs["broken.tiff"]["state"] == "failed"
             assert (tmp_path / "quarantine" / "broken.tiff" / "REASON.txt").exists()

@@ -11,9 +11,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import subprocess
-import sys
-import time
 import uuid
 from dataclasses import replace
 from pathlib import Path
@@ -29,6 +26,7 @@ from server.settings import ServerSettings
 from wsi.slide_id import content_slide_id
 
 from .conftest import sample
+from .helpers import run_wsi, wait_until
 from .s3server import SeaweedFS
 from .s3server import seaweedfs as _seaweedfs_fixture  # noqa: F401
 
@@ -54,17 +52,6 @@ def drop(seaweedfs: SeaweedFS) -> dict[str, Any]:
     return {"fs": fs, "prefix": prefix, "slide": slide, "mtime": mtime, "series": series}
 
 
-def _wsi(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "wsi.cli", *args],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=env,
-        check=False,
-    )
-
-
 def _local_reference(tmp_path: Path, drop: dict[str, Any]) -> wsi.Store:
     local = tmp_path / "ref" / "case.svs"
     local.parent.mkdir()
@@ -81,7 +68,9 @@ def test_cli_converts_an_s3_source(
     env = {**os.environ, **seaweedfs.env}
     url = f"s3://{drop['prefix']}/scans/case.svs"
     out, spool = tmp_path / "store", tmp_path / "spool"
-    done = _wsi("convert", url, "--out", str(out), "--spool", str(spool), "--no-progress", env=env)
+    done = run_wsi(
+        "convert", url, "--out", str(out), "--spool", str(spool), "--no-progress", env=env
+    )
     assert done.returncode == 0, done.stderr
     sid = done.stdout.split("\t")[0]
     assert sid == content_slide_id(drop["slide"])
@@ -90,24 +79,14 @@ def test_cli_converts_an_s3_source(
     store = wsi.Store(wsi.StoreSettings(str(out)))
     assert store.read_manifest(sid)["objects"] == reference.read_manifest(sid)["objects"]
 
-    missing = _wsi("convert", url + "-missing", "--out", str(out), "--no-progress", env=env)
+    missing = run_wsi("convert", url + "-missing", "--out", str(out), "--no-progress", env=env)
     assert missing.returncode == 1
     assert missing.stderr.strip().count("\n") == 0 and "no such object" in missing.stderr
-    bad = _wsi("convert", "s3://Bad_Bucket/x.svs", "--out", str(out), env=env)
+    bad = run_wsi("convert", "s3://Bad_Bucket/x.svs", "--out", str(out), env=env)
     assert bad.returncode == 1 and "bucket" in bad.stderr.lower()
     away = {**env, "AWS_ENDPOINT_URL": "http://127.0.0.1:9", "AWS_MAX_ATTEMPTS": "1"}
-    unreachable = _wsi("convert", url, "--out", str(out), "--no-progress", env=away)
+    unreachable = run_wsi("convert", url, "--out", str(out), "--no-progress", env=away)
     assert unreachable.returncode == 75, unreachable.stderr  # retryable: the store, not the slide
-
-
-async def _wait(check, timeout: float = 120.0):  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        result = await check()
-        if result:
-            return result
-        await asyncio.sleep(0.1)
-    raise AssertionError("timed out")
 
 
 def test_post_jobs_with_s3_sources(
@@ -163,7 +142,7 @@ def test_post_jobs_with_s3_sources(
                 resp = await c.get(f"/slides/{sid}")
                 return await resp.json() if resp.status == 200 else None
 
-            summary = await _wait(viewable, 60)
+            summary = await wait_until(viewable, 60)
             assert summary["status"] == "converting"
             assert summary["job"] == {"id": job["id"], "state": "queued", "progress": 0.0}
             page = await (await c.get("/")).text()
@@ -186,7 +165,7 @@ def test_post_jobs_with_s3_sources(
                 finished = all(j["state"] in ("done", "failed") for j in jobs)
                 return {j["id"]: j for j in jobs} if finished and len(jobs) == 3 else {}
 
-            jobs = await _wait(ended)
+            jobs = await wait_until(ended)
             assert jobs[submitted["case"]["id"]]["state"] == "done"
             assert jobs[submitted["series"]["id"]]["state"] == "done"
             failed = jobs[submitted["broken"]["id"]]

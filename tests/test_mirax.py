@@ -9,9 +9,7 @@ with the generator's input, which JPEG has changed.
 
 from __future__ import annotations
 
-import asyncio
 import shutil
-import time
 from pathlib import Path
 
 import numpy as np
@@ -22,13 +20,14 @@ import zarr
 import wsi
 from sample_data.make_mirax import tissue_image, write_mirax
 from wsi import ConvertSettings, PyramidSettings, Store, StoreSettings, convert_slide
-from wsi.ingest import IngestSettings, Worker
+from wsi.ingest import IngestSettings
 from wsi.jobs import JobState, SQLiteJobQueue
 from wsi.slide_id import content_slide_id
 from wsi.sources import open_slide
 from wsi.watch import StabilityTracker, find_candidates, mrxs_required_files
 
 from .conftest import area_reference, openslide_level0, psnr
+from .helpers import FakeClock, drain
 
 WIDTH, HEIGHT = 1500, 1100
 LEVELS = 3
@@ -59,17 +58,6 @@ def copy_slide(src: Path, dest_dir: Path, name: str | None = None) -> Path:
 
 def level_pixels(root, k: int) -> np.ndarray:
     return np.moveaxis(root[str(k)][:], 0, -1)
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-    def step(self, seconds: float) -> None:
-        self.now += seconds
 
 
 # ------------------------------------------------------------------------------------------
@@ -255,23 +243,6 @@ def test_watcher_waits_for_every_listed_data_file(mirax_slide: Path, tmp_path: P
 
 # ------------------------------------------------------------------------------------------
 # Ingest
-
-
-def drain(queue: SQLiteJobQueue, settings: IngestSettings, until: float = 60.0) -> None:
-    async def main() -> None:
-        stop = asyncio.Event()
-        worker = Worker(queue, settings, name="test-worker")
-        task = asyncio.create_task(worker.run(stop))
-        deadline = time.monotonic() + until
-        while time.monotonic() < deadline:
-            states = {j.state for j in queue.list(limit=1000)}
-            if not states & {JobState.QUEUED, JobState.RUNNING}:
-                break
-            await asyncio.sleep(0.1)
-        stop.set()
-        await asyncio.wait_for(task, 60)
-
-    asyncio.run(main())
 
 
 def test_ingest_converts_and_moves_mrxs_with_its_folder(mirax_slide: Path, tmp_path: Path) -> None:

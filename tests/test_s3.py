@@ -8,8 +8,6 @@ the listing.
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 import uuid
 from pathlib import Path
 from typing import Any
@@ -27,6 +25,7 @@ from wsi.store import MANIFEST
 # conftest.py imports the `seaweedfs` fixture too; importing it here as well keeps this file
 # self-contained (the fixture is named explicitly, so the alias registers it as `seaweedfs`), and
 # both definitions share one running server.
+from .helpers import run_wsi
 from .s3server import SeaweedFS
 from .s3server import seaweedfs as _seaweedfs_fixture  # noqa: F401
 
@@ -131,17 +130,6 @@ def test_converting_again_is_a_no_op(converted: dict[str, Any], small_svs: Path)
     assert again.stored_bytes == converted["result"].stored_bytes
 
 
-def _wsi(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "wsi.cli", *args],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=env,
-        check=False,
-    )
-
-
 def test_cli_converts_into_s3_then_reports_already_published(
     seaweedfs: SeaweedFS, small_svs: Path
 ) -> None:
@@ -158,7 +146,7 @@ def test_cli_converts_into_s3_then_reports_already_published(
     ]
     sid = content_slide_id(small_svs)
 
-    first = _wsi(*cmd, env=env)
+    first = run_wsi(*cmd, env=env)
     assert first.returncode == 0, first.stderr
     lines = first.stdout.splitlines()
     assert len(lines) == 1, first.stdout
@@ -167,11 +155,11 @@ def test_cli_converts_into_s3_then_reports_already_published(
     assert slide_url == f"{url}/{sid}/slide.zarr"
     assert rate.endswith("MP/s")
 
-    second = _wsi(*cmd, env=env)
+    second = run_wsi(*cmd, env=env)
     assert second.returncode == 0, second.stderr
     assert second.stdout.splitlines() == [f"{sid}\t{url}/{sid}/slide.zarr\talready published"]
 
-    listed = _wsi("list", url, "--s3-endpoint", seaweedfs.endpoint_url, env=env)
+    listed = run_wsi("list", url, "--s3-endpoint", seaweedfs.endpoint_url, env=env)
     assert listed.returncode == 0, listed.stderr
     assert listed.stdout.splitlines() == [sid]
     assert s3_store(seaweedfs, "cli").published_slides() == [sid]

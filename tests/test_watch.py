@@ -26,20 +26,11 @@ from wsi.watch import (
     find_candidates,
 )
 
+from .helpers import FakeClock
+
 SAMPLES = Path(__file__).resolve().parents[2] / "shared" / "sample-slides"
 FIXTURES = SAMPLES / "openslide-python-fixtures"
 QUIET = 0.3
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-    def step(self, seconds: float) -> None:
-        self.now += seconds
 
 
 def copy_sample(name: str, dest: Path) -> Path:

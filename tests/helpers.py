@@ -1,0 +1,69 @@
+"""Helpers several test modules share: the CLI as a subprocess, a fake clock, waiting loops."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from wsi.ingest import IngestSettings, Worker
+from wsi.jobs import JobState, SQLiteJobQueue
+
+
+def run_wsi(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """`python -m wsi.cli ARGS` as a user runs it; output captured as text, never raising."""
+    return subprocess.run(
+        [sys.executable, "-m", "wsi.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env if env is not None else dict(os.environ),
+        check=False,
+    )
+
+
+class FakeClock:
+    """A clock tests move by hand (`step`), for code that takes one as a parameter."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def step(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def drain(queue: SQLiteJobQueue, settings: IngestSettings, until: float = 120.0) -> None:
+    """Run one worker until no job is queued or running (or `until` seconds passed)."""
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        worker = Worker(queue, settings, name="test-worker")
+        task = asyncio.create_task(worker.run(stop))
+        deadline = time.monotonic() + until
+        while time.monotonic() < deadline:
+            states = {j.state for j in queue.list(limit=1000)}
+            if not states & {JobState.QUEUED, JobState.RUNNING}:
+                break
+            await asyncio.sleep(0.1)
+        stop.set()
+        await asyncio.wait_for(task, 60)
+
+    asyncio.run(main())
+
+
+async def wait_until(check: Callable[[], Awaitable[Any]], timeout: float = 90.0) -> Any:
+    """Await `check()` every 0.1 s until it returns something truthy, and return that."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        result = await check()
+        if result:
+            return result
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"timed out after {timeout:g} s")
