@@ -15,12 +15,13 @@ import psutil
 import pytest
 
 import wsi
+from server.settings import ServerSettings
 from wsi.ingest import IngestSettings, Worker
 from wsi.jobs import JobState, RetryPolicy, SQLiteJobQueue
 from wsi.slide_id import content_slide_id
 
 from .conftest import sample
-from .helpers import drain
+from .helpers import drain, run_wsi
 
 
 def drop(inbox: Path, name: str) -> Path:
@@ -121,6 +122,32 @@ def test_settings_are_checked():
         IngestSettings(store="x", after_success="move")
     with pytest.raises(wsi.InvalidArgument):
         IngestSettings(store="x", concurrency=0)
+    for limit in ("stop_timeout", "job_timeout", "stall_timeout"):
+        with pytest.raises(wsi.InvalidArgument):
+            IngestSettings(store="x", **{limit: -1.0})
+
+
+@pytest.mark.parametrize(
+    "env",
+    [
+        {"WSI_S3_SOURCES": "http://bucket/x"},
+        {"WSI_S3_SOURCES": "s3://"},
+        {"WSI_STALL_TIMEOUT": "-1"},
+        {"WSI_KEEP_JOBS_DAYS": "-2"},
+        {"WSI_JOB_TIMEOUT": "soon"},
+    ],
+)
+def test_bad_ingest_environment_is_refused_at_start(env):
+    with pytest.raises(wsi.InvalidArgument):
+        ServerSettings.from_env(env)
+
+
+def test_serve_refuses_a_bad_s3_source_prefix_in_one_line(tmp_path):
+    done = run_wsi("serve", "--store", str(tmp_path), "--s3-source", "bucket/no-scheme")
+    assert done.returncode == 1
+    assert done.stderr.strip() == (
+        "wsi: error: s3_sources entries must be s3://bucket[/prefix]: bucket/no-scheme"
+    )
 
 
 def test_roles_run_on_their_own(tmp_path):

@@ -257,6 +257,23 @@ class Worker:
             os.close(write_fd)
         self._proc = proc
         run = _Run(loop.time(), offset=offset)
+        try:
+            await self._supervise(job, proc, read_fd, run, stop)
+        finally:
+            self._proc = None
+        await asyncio.to_thread(self._finish, job, proc.returncode, run)
+
+    async def _supervise(
+        self,
+        job: Job,
+        proc: asyncio.subprocess.Process,
+        read_fd: int,
+        run: _Run,
+        stop: asyncio.Event,
+    ) -> None:
+        """Heart-beat the job while the conversion runs, following its progress and output;
+        stop it when cancelled, over time, or at shutdown past the stop timeout."""
+        loop = asyncio.get_running_loop()
         readers = [
             asyncio.ensure_future(_read_progress(read_fd, run, loop)),
             asyncio.ensure_future(_read_tail(proc.stdout, run, "out")),
@@ -301,9 +318,6 @@ class Worker:
             run.stopped = run.stopped or "shutdown"
         if proc.stdin is not None:
             proc.stdin.close()
-        self._proc = None
-        code = proc.returncode
-        await asyncio.to_thread(self._finish, job, code, run)
 
     def _over_time(self, run: _Run, now: float) -> str | None:
         """Why a conversion should be stopped for taking too long, if it should."""
