@@ -136,3 +136,18 @@ def test_exit_with_stdin_stops_when_the_supervisor_goes(tmp_path, medium_jpeg_ti
         proc.stdin.close()  # as if the supervisor died
         assert proc.wait(10) == 75
     assert not list((tmp_path / "out").glob("*/manifest.json"))
+
+
+def test_bad_progress_fd_is_one_line(tmp_path):
+    for fd in ("97", "1"):
+        run = wsi(
+            "convert",
+            str(sample("CMU-1-Small-Region.svs")),
+            "--out",
+            str(tmp_path),
+            "--progress-fd",
+            fd,
+        )
+        assert run.returncode == 1
+        assert run.stderr.count("\n") == 1 and "--progress-fd" in run.stderr, run.stderr
+        assert not list(tmp_path.iterdir())  # nothing written

@@ -16,7 +16,7 @@ from typing import Any
 
 from . import __version__
 from .convert import FORMATS, ConvertResult, ConvertSettings, convert_slide
-from .errors import StoreError, WsiError
+from .errors import InvalidArgument, StoreError, WsiError
 from .export import export_dicom_location
 from .pyramid import Progress, PyramidSettings, plan_pyramid
 from .sources import backend_names, open_slide
@@ -94,7 +94,14 @@ class ProgressChannel:
     """
 
     def __init__(self, fd: int, sources: int) -> None:
-        self._out = os.fdopen(fd, "w", buffering=1)
+        try:
+            if fd < 3:  # stdin, stdout, stderr carry other things
+                raise OSError("a standard stream")
+            self._out = os.fdopen(fd, "w", buffering=1)
+        except OSError as exc:
+            raise InvalidArgument(
+                f"--progress-fd {fd} is not an open file descriptor for writing ({exc})"
+            ) from None
         self._sources = max(1, sources)
         self._last_write = 0.0
         self._last_value = -1.0
@@ -161,7 +168,9 @@ def _convert(args: argparse.Namespace) -> int:
         _exit_with_stdin()
     store = Store(StoreSettings(args.out, endpoint_url=args.s3_endpoint))
     show = args.progress if args.progress is not None else sys.stderr.isatty()
-    channel = ProgressChannel(args.progress_fd, len(args.sources)) if args.progress_fd else None
+    channel = None
+    if args.progress_fd is not None:
+        channel = ProgressChannel(args.progress_fd, len(args.sources))
     failures = 0
     transient = False
     for index, source in enumerate(args.sources):
