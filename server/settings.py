@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 
 from wsi.errors import InvalidArgument
+from wsi.watch import check_watch_folders
 
 ENV_PREFIX = "WSI_"
 LOOPBACK = {"127.0.0.1", "::1", "localhost"}
@@ -98,6 +99,14 @@ class ServerSettings:
             raise InvalidArgument("quiet_seconds, poll_seconds and workers must be positive")
         if min(self.stop_timeout, self.job_timeout, self.stall_timeout, self.keep_jobs_days) < 0:
             raise InvalidArgument("timeouts and keep_jobs_days must be >= 0")
+        check_watch_folders(
+            self.watch,
+            store=self.store,
+            **{"job table": os.path.dirname(os.path.abspath(self.jobs_path))},
+            spool=self.spool_path,
+            done=self.done_dir,
+            quarantine=self.quarantine_dir,
+        )
         for prefix in self.s3_sources:
             if not prefix.startswith("s3://") or len(prefix.rstrip("/")) <= len("s3://"):
                 raise InvalidArgument(f"s3_sources entries must be s3://bucket[/prefix]: {prefix}")

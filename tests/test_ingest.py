@@ -142,6 +142,28 @@ def test_bad_ingest_environment_is_refused_at_start(env):
         ServerSettings.from_env(env)
 
 
+@pytest.mark.parametrize("inside", ["store", "jobs_db", "done_dir", "quarantine_dir", "spool_dir"])
+def test_a_watch_folder_holding_the_services_own_folders_is_refused(tmp_path, inside):
+    """Stored levels are DICOM files and moved slides would come back: each would be ingested
+    again and again; probing the job table's files would drop SQLite's locks."""
+    inbox = tmp_path / "inbox"
+    own = str(inbox / "own")
+    values = {"jobs_db": own + "/jobs.sqlite"} if inside == "jobs_db" else {inside: own}
+    settings = {"store": str(tmp_path / "store"), **values}
+    with pytest.raises(wsi.InvalidArgument, match="holds the"):
+        ServerSettings(watch=(str(inbox),), **settings)  # type: ignore[arg-type]
+    ServerSettings(watch=(str(tmp_path / "elsewhere"),), **settings)  # type: ignore[arg-type]
+    cli = run_wsi(
+        "watch",
+        str(tmp_path),
+        "--store",
+        str(tmp_path / "store"),
+        "--jobs",
+        str(tmp_path / "j.sqlite"),
+    )
+    assert cli.returncode == 1 and cli.stderr.count("\n") == 1 and "holds the" in cli.stderr
+
+
 def test_serve_refuses_a_bad_s3_source_prefix_in_one_line(tmp_path):
     done = run_wsi("serve", "--store", str(tmp_path), "--s3-source", "bucket/no-scheme")
     assert done.returncode == 1

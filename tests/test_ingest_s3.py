@@ -193,7 +193,8 @@ def test_post_jobs_with_s3_sources(
 
 
 def test_s3_sources_must_be_enabled(tmp_path: Path) -> None:
-    settings = ServerSettings(store=str(tmp_path / "store"), watch=(str(tmp_path),))
+    (tmp_path / "inbox").mkdir()
+    settings = ServerSettings(store=str(tmp_path / "store"), watch=(str(tmp_path / "inbox"),))
 
     async def main() -> None:
         async with TestClient(TestServer(create_app(settings))) as c:

@@ -79,6 +79,9 @@ def test_temporaries_and_non_slides_are_ignored(tmp_path: Path) -> None:
         "notes.txt",
         "meta.json",
         "photo.jpg",
+        "jobs.sqlite",
+        "jobs.sqlite-wal",
+        "jobs.sqlite-shm",
     ]:
         (tmp_path / name).write_bytes(b"x" * 300)
     (tmp_path / ".hidden").mkdir()

@@ -274,6 +274,7 @@ def _serve(args: argparse.Namespace) -> int:
 def _ingest_role(args: argparse.Namespace) -> int:
     from .ingest import IngestSettings, run_roles
     from .jobs import SQLiteJobQueue
+    from .watch import check_watch_folders
 
     settings = IngestSettings(
         store=args.store,
@@ -287,9 +288,16 @@ def _ingest_role(args: argparse.Namespace) -> int:
         stall_timeout=args.stall_timeout,
         spool_dir=args.spool,
     )
+    watch = tuple(args.folders) if args.command == "watch" else ()
+    check_watch_folders(
+        watch,
+        store=args.store,
+        **{"job table": str(Path(args.jobs).resolve().parent)},
+        done=args.done_dir,
+        quarantine=args.quarantine_dir,
+    )
     Path(args.jobs).parent.mkdir(parents=True, exist_ok=True)
     with SQLiteJobQueue(args.jobs) as queue:
-        watch = tuple(args.folders) if args.command == "watch" else ()
         workers = args.workers if args.command == "worker" else 0
         run_roles(
             queue,

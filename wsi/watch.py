@@ -66,6 +66,29 @@ _CLOCK_SLACK = 1e-6
 """Seconds of float rounding forgiven: 1000.2 + 0.3 - 1000.2 is a hair under 0.3."""
 
 
+def check_watch_folders(watch: Iterable[str], **others: str | None) -> None:
+    """Refuse a watch folder that is, or holds, one of the service's own folders (store, job
+    table, spool, done, quarantine).
+
+    Those hold files that look like slides (every stored level is a DICOM instance), and
+    slides moved out of a watch folder would land in it again: each would be ingested over and
+    over. And a reader probing the job table's files in this process would drop SQLite's
+    POSIX locks on them (closing any descriptor of a file releases the process's locks), which
+    can corrupt the table's shared memory. `others` maps a name (for the message) to a folder;
+    None and s3:// entries are skipped.
+    """
+    for folder in watch:
+        w = Path(folder).resolve()
+        for name, other in others.items():
+            if not other or other.startswith("s3://"):
+                continue
+            o = Path(other).resolve()
+            if o.is_relative_to(w):  # the watcher scans what lies below it
+                raise InvalidArgument(
+                    f"watch folder {folder} holds the {name} folder {other}: keep them apart"
+                )
+
+
 @dataclass
 class _Seen:
     fingerprint: tuple[tuple[str, int, int], ...]

@@ -49,6 +49,10 @@ SIDECAR_SUFFIXES = frozenset(
 
 NON_SLIDE_SUFFIXES = SIDECAR_SUFFIXES | frozenset(
     {".html", ".htm", ".dat", ".jpg", ".jpeg", ".png", ".bmp", ".gif", ".opt", ".zip"}
+    # Databases and their journals: opening and closing one in this process would drop
+    # SQLite's locks on it if it is ours.
+    | {".sqlite", ".sqlite3", ".db", ".sqlite-wal", ".sqlite-shm", ".sqlite-journal"}
+    | {".db-wal", ".db-shm", ".db-journal"}
 )
 """Never probed: sidecars, and the parts of multi-file slides (those are claimed by their slide)."""
 
