@@ -96,7 +96,7 @@ def main() -> None:
             [
                 sys.executable,
                 "-m",
-                "wsi.cli",
+                "server.cli",
                 "serve",
                 "--store",
                 str(store),

@@ -5,17 +5,23 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures as cf
-import hashlib
-import hmac
-import importlib
-import json
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 from aiohttp import web
 
+from server.api import dicomweb, dzi, iiif, jobs, ops, slides, viewer
+from server.auth import Handler, auth_middleware
+from server.bucket_copies import StagedSources
+from server.catalog import AsyncStore, Catalog
+from server.converting import SourceSlides
+from server.keys import CATALOG, COPIES, EXECUTOR, JOBS, JOBS_WAKE, METRICS, ROUTE_MODULES, SETTINGS
+from server.metrics import Metrics
+from server.responses import json_error
+from server.settings import ServerSettings
 from wsi.errors import (
     CorruptSlide,
     EncodedTileUnavailable,
@@ -25,25 +31,13 @@ from wsi.errors import (
     UnsupportedSlide,
     WsiError,
 )
-from wsi.jobs import JobNotFound, JobQueue
-from wsi.store import Store, StoreSettings
+from wsi.ingest.queue import JobNotFound
+from wsi.store.objects import Store, StoreSettings
 
-from .catalog import AsyncStore, Catalog
-from .metrics import Metrics
-from .settings import ServerSettings
-from .sources import SourceSlides
-from .staged import StagedSources
-
-SETTINGS = web.AppKey("settings", ServerSettings)
-CATALOG = web.AppKey("catalog", Catalog)
-EXECUTOR = web.AppKey("executor", cf.ThreadPoolExecutor)
-METRICS = web.AppKey("metrics", Metrics)
-ROUTE_MODULES = web.AppKey("route_modules", list)
-JOBS = web.AppKey("jobs", JobQueue)
-JOBS_WAKE = web.AppKey("jobs_wake", asyncio.Event)
-COPIES = web.AppKey("copies", StagedSources)
-"""Local copies of s3:// job sources (made at submit, viewed and converted from)."""
-"""Set when a job is submitted here, so this process's idle workers claim it at once."""
+ROUTES: tuple[ModuleType, ...] = (ops, dzi, slides, iiif, dicomweb, viewer, jobs)
+"""Every API, in registration order. DeepZoom before slides: `/slides/{id}.dzi` must not be read
+as a slide id. A missing dependency fails the import here, loudly, instead of an API quietly
+going absent."""
 
 STATUS: list[tuple[type[Exception], int]] = [
     (SlideNotFound, 404),
@@ -56,12 +50,6 @@ STATUS: list[tuple[type[Exception], int]] = [
     (WsiError, 500),
 ]
 """Library error -> HTTP status: the one place where the two meet."""
-
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-
-def json_error(status: int, message: str) -> web.Response:
-    return web.json_response({"error": message, "status": status}, status=status)
 
 
 @web.middleware
@@ -84,47 +72,6 @@ async def front_middleware(request: web.Request, handler: Handler) -> web.Stream
         response = json_error(400, f"bad request: {type(exc).__name__}")
     request.app[METRICS].observe(request, response, start)
     return response
-
-
-def sign(key: str, slide_id: str, expires: int) -> str:
-    """Signature of a viewer's access to one slide until `expires` (Unix time)."""
-    msg = f"{slide_id}:{expires}".encode()
-    return hmac.new(key.encode(), msg, hashlib.sha256).hexdigest()[:32]
-
-
-def signed_query(settings: ServerSettings, slide_id: str) -> str:
-    """`exp=...&sig=...` for a viewer's tile URLs (empty when auth is off)."""
-    if not settings.requires_auth:
-        return ""
-    expires = int(time.time()) + settings.signed_url_seconds
-    return f"exp={expires}&sig={sign(settings.signing_key, slide_id, expires)}"
-
-
-OPEN_PATHS = ("/healthz", "/readyz", "/static/")
-
-
-@web.middleware
-async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Off loopback: a Bearer token, or (for one slide's tiles) an unexpired signed URL."""
-    settings = request.app[SETTINGS]
-    if (
-        not settings.requires_auth
-        or request.method == "OPTIONS"  # CORS preflight carries no credentials
-        or request.path.startswith(OPEN_PATHS)
-    ):
-        return await handler(request)
-    header = request.headers.get("Authorization", "")
-    if header.startswith("Bearer ") and any(
-        hmac.compare_digest(header[7:], token) for token in settings.tokens
-    ):
-        return await handler(request)
-    slide_id = request.match_info.get("slide_id")
-    exp, sig = request.query.get("exp", ""), request.query.get("sig", "")
-    if slide_id and exp.isdigit() and int(exp) >= time.time():
-        expected = sign(settings.signing_key, slide_id, int(exp))
-        if hmac.compare_digest(sig, expected):
-            return await handler(request)
-    return json_error(401, "authentication required (Bearer token or signed URL)")
 
 
 async def _resources(app: web.Application) -> AsyncIterator[None]:
@@ -158,12 +105,11 @@ async def _ingest(app: web.Application) -> AsyncIterator[None]:
     if not (settings.watch or settings.s3_sources):
         yield
         return
-    from wsi.ingest import KILL_GRACE_SECONDS, IngestSettings, Worker, feed, purge_jobs
-    from wsi.jobs import SQLiteJobQueue
-    from wsi.staging import sweep_orphans
-    from wsi.watch import FolderWatcher
-
-    from .staged import keep_copies
+    from server.bucket_copies import keep_copies
+    from wsi.ingest.queue import SQLiteJobQueue
+    from wsi.ingest.staging import sweep_orphans
+    from wsi.ingest.watcher import FolderWatcher
+    from wsi.ingest.worker import KILL_GRACE_SECONDS, IngestSettings, Worker, feed, purge_jobs
 
     catalog = app[CATALOG]
     Path(settings.jobs_path).parent.mkdir(parents=True, exist_ok=True)
@@ -223,30 +169,7 @@ async def _ingest(app: web.Application) -> AsyncIterator[None]:
     queue.close()
 
 
-async def conversion_jobs(app: web.Application) -> dict[str, dict[str, Any]]:
-    """Slide id -> `{"id", "state", "progress"}` of its queued or running job, for slides shown
-    as converting (empty without ingest, or when the job table cannot be read: the listing
-    does not depend on it)."""
-    queue = app.get(JOBS)
-    if queue is None:
-        return {}
-    found: dict[str, dict[str, Any]] = {}
-    try:
-        for state in ("running", "queued"):
-            for job in await asyncio.to_thread(queue.list, state, 1000):
-                if job.slide_id is not None:
-                    found.setdefault(
-                        job.slide_id,
-                        {"id": job.id, "state": job.state.value, "progress": job.progress},
-                    )
-    except WsiError:
-        return {}
-    return found
-
-
 def create_app(settings: ServerSettings) -> web.Application:
-    from . import routes_dzi, routes_ops, routes_slides
-
     metrics = Metrics()
     middlewares: list[Any] = [front_middleware]
     if settings.requires_auth:  # on loopback there is nothing to check on the hot path
@@ -256,16 +179,9 @@ def create_app(settings: ServerSettings) -> web.Application:
     app[METRICS] = metrics
     app.cleanup_ctx.append(_resources)
     app.cleanup_ctx.append(_ingest)
-    # DeepZoom before slides: `/slides/{id}.dzi` must not be read as a slide id.
-    modules: list[Any] = [routes_ops, routes_dzi, routes_slides]
-    for name in ("routes_iiif", "routes_dicomweb", "routes_viewer", "routes_jobs"):
-        try:
-            modules.append(importlib.import_module(f"server.{name}"))
-        except ModuleNotFoundError:  # an API still being built is simply absent
-            continue
-    for module in modules:
+    for module in ROUTES:
         module.register(app)
-    app[ROUTE_MODULES] = modules
+    app[ROUTE_MODULES] = list(ROUTES)
     return app
 
 
@@ -291,19 +207,3 @@ def serve(settings: ServerSettings) -> None:
     )
 
 
-def etag_response(
-    request: web.Request, body: bytes, content_type: str, etag: str, immutable: bool = True
-) -> web.Response:
-    """Stored bytes with a strong ETag; 304 when the client has them already."""
-    quoted = f'"{etag}"'
-    headers = {
-        "ETag": quoted,
-        "Cache-Control": "public, max-age=31536000, immutable" if immutable else "no-cache",
-    }
-    if request.headers.get("If-None-Match") == quoted:
-        return web.Response(status=304, headers=headers)
-    return web.Response(body=body, content_type=content_type, headers=headers)
-
-
-def dumps(doc: Any) -> str:
-    return json.dumps(doc, separators=(",", ":"))

@@ -17,10 +17,10 @@ import google_crc32c
 import numpy as np
 
 from wsi.errors import InvalidArgument, SlideNotFound, StoreError
-from wsi.store import Store, check_slide_id
+from wsi.store.objects import Store, check_slide_id
 
 if TYPE_CHECKING:
-    from .sources import SourceSlides
+    from server.converting import SourceSlides
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,7 @@ from typing import Any
 
 from aiohttp import web
 
+from server.keys import ROUTE_MODULES
 from wsi import __version__
 
 ERROR = {
@@ -15,8 +16,6 @@ ERROR = {
 
 
 def openapi_document(app: web.Application) -> dict[str, Any]:
-    from .app import ROUTE_MODULES
-
     paths: dict[str, Any] = {}
     for module in app[ROUTE_MODULES]:
         paths.update(getattr(module, "OPENAPI", {}))

@@ -14,10 +14,9 @@ import numcodecs
 import numpy as np
 from PIL import Image
 
-from wsi import jpeg
+from server.catalog import Catalog, LevelView, SlideView
+from wsi.codecs import jpeg
 from wsi.errors import InvalidArgument
-
-from .catalog import Catalog, LevelView, SlideView
 
 
 def decode_chunk(level: LevelView, data: bytes) -> np.ndarray:

@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 
 from wsi.errors import InvalidArgument
-from wsi.watch import check_watch_folders
+from wsi.ingest.watcher import check_watch_folders
 
 ENV_PREFIX = "WSI_"
 LOOPBACK = {"127.0.0.1", "::1", "localhost"}

@@ -10,14 +10,15 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from wsi.ingest import IngestSettings, Worker
-from wsi.jobs import JobState, SQLiteJobQueue
+from wsi.ingest.queue import JobState, SQLiteJobQueue
+from wsi.ingest.worker import IngestSettings, Worker
 
 
 def run_wsi(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    """`python -m wsi.cli ARGS` as a user runs it; output captured as text, never raising."""
+    """`wsi ARGS` as a user runs it (`python -m server.cli`, the console script's module);
+    output captured as text, never raising."""
     return subprocess.run(
-        [sys.executable, "-m", "wsi.cli", *args],
+        [sys.executable, "-m", "server.cli", *args],
         capture_output=True,
         text=True,
         timeout=300,

@@ -16,8 +16,8 @@ import pytest
 
 import wsi
 from server.settings import ServerSettings
-from wsi.ingest import IngestSettings, Worker
-from wsi.jobs import JobState, RetryPolicy, SQLiteJobQueue
+from wsi.ingest.queue import JobState, RetryPolicy, SQLiteJobQueue
+from wsi.ingest.worker import IngestSettings, Worker
 from wsi.slide_id import content_slide_id
 
 from .conftest import sample

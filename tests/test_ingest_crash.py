@@ -28,8 +28,8 @@ import psutil
 import pytest
 
 import wsi
-from wsi.jobs import SQLiteJobQueue
-from wsi.store import MANIFEST, TEMP_MARK
+from wsi.ingest.queue import SQLiteJobQueue
+from wsi.store.objects import MANIFEST, TEMP_MARK
 
 from .s3server import SeaweedFS
 from .s3server import seaweedfs as _seaweedfs_fixture  # noqa: F401
@@ -78,7 +78,7 @@ class Service:
     def __init__(self, workdir: Path, args: list[str], env: dict[str, str], port: int) -> None:
         self.workdir = workdir
         self.port = port
-        self.cmd = [sys.executable, "-m", "wsi.cli", "serve", *args, "--port", str(port)]
+        self.cmd = [sys.executable, "-m", "server.cli", "serve", *args, "--port", str(port)]
         self.env = {
             **os.environ,
             **env,

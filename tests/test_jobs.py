@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from wsi.errors import InvalidArgument, StoreError, WsiError
-from wsi.jobs import (
+from wsi.ingest.queue import (
     SCHEMA_VERSION,
     Job,
     JobNotFound,
@@ -497,7 +497,7 @@ def test_threads_share_one_queue(open_queue: Callable[..., SQLiteJobQueue]) -> N
 _PROCESS = """
 import json, sys, time
 from pathlib import Path
-from wsi.jobs import SQLiteJobQueue
+from wsi.ingest.queue import SQLiteJobQueue
 
 path, mode, go, name = sys.argv[1:5]
 deadline = time.monotonic() + 60

@@ -20,11 +20,11 @@ import zarr
 import wsi
 from sample_data.make_mirax import tissue_image, write_mirax
 from wsi import ConvertSettings, PyramidSettings, Store, StoreSettings, convert_slide
-from wsi.ingest import IngestSettings
-from wsi.jobs import JobState, SQLiteJobQueue
+from wsi.ingest.queue import JobState, SQLiteJobQueue
+from wsi.ingest.watcher import StabilityTracker, find_candidates, mrxs_required_files
+from wsi.ingest.worker import IngestSettings
 from wsi.slide_id import content_slide_id
 from wsi.sources import open_slide
-from wsi.watch import StabilityTracker, find_candidates, mrxs_required_files
 
 from .conftest import area_reference, openslide_level0, psnr
 from .helpers import FakeClock, drain

@@ -20,7 +20,7 @@ import zarr.storage
 
 import wsi
 from wsi.slide_id import content_slide_id
-from wsi.store import MANIFEST
+from wsi.store.objects import MANIFEST
 
 # conftest.py imports the `seaweedfs` fixture too; importing it here as well keeps this file
 # self-contained (the fixture is named explicitly, so the alias registers it as `seaweedfs`), and

@@ -18,7 +18,8 @@ from aiohttp.test_utils import TestClient, TestServer
 from PIL import Image
 
 import wsi
-from server.app import create_app, sign
+from server.app import create_app
+from server.auth import sign
 from server.settings import ServerSettings
 from wsi.sources import open_slide
 

@@ -28,7 +28,7 @@ from wsidicom.web import WsiDicomWebClient
 import wsi
 from server.app import create_app
 from server.settings import ServerSettings
-from wsi import jpeg
+from wsi.codecs import jpeg
 
 SOURCE = Path(__file__).resolve().parents[2] / "shared" / "sample-slides" / "CMU-1-Small-Region.svs"
 JPEG_BASELINE = "1.2.840.10008.1.2.4.50"
@@ -487,7 +487,7 @@ def test_openapi_lists_dicomweb(base, http):
 def test_headers_larger_than_the_first_read(store, http, monkeypatch):
     """A header longer than the first range read is read again, twice as long, until Pixel
     Data starts; a cut header is never served."""
-    from server import routes_dicomweb
+    from server.api.dicomweb import routes as routes_dicomweb
 
     study, series, instances = uids(store, "named")
     key = next(

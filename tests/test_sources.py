@@ -11,7 +11,7 @@ import pytest
 import tifffile
 
 from wsi import CorruptSlide, InvalidArgument, SlideNotFound, TileCodec, UnsupportedSlide, WsiError
-from wsi.jpeg import APP14_RGB, complete_tile, needs_rgb_marker
+from wsi.codecs.jpeg import APP14_RGB, complete_tile, needs_rgb_marker
 from wsi.sources import open_slide
 
 from .conftest import openslide_level0, sample

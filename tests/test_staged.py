@@ -9,8 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from server.staged import StagedSources
-from wsi.staging import sweep_orphans
+from server.bucket_copies import StagedSources
+from wsi.ingest.staging import sweep_orphans
 
 LIVE, DONE = "aaaa00000000000000000001", "aaaa00000000000000000002"
 

@@ -21,9 +21,9 @@ import pytest
 import s3fs
 
 from wsi.errors import InvalidArgument, SlideNotFound, StoreError
+from wsi.ingest.staging import is_remote, parse_s3_url, remote_slide_id, staged
 from wsi.metadata import sidecar_path
 from wsi.slide_id import content_slide_id
-from wsi.staging import is_remote, parse_s3_url, remote_slide_id, staged
 
 # Imported as in test_s3.py: the alias registers the fixture as `seaweedfs`, one server per session.
 from .s3server import SeaweedFS

@@ -20,7 +20,7 @@ import pytest
 from PIL import Image
 
 import wsi
-from server import routes_viewer
+from server.api import viewer as routes_viewer
 from server.app import create_app
 from server.catalog import LevelView, SlideView
 from server.settings import ServerSettings

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from wsi import watch
 from wsi.errors import WsiError
-from wsi.watch import (
+from wsi.ingest import watcher as watch
+from wsi.ingest.watcher import (
     FolderUnavailable,
     FolderWatcher,
     SlideCandidate,

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from .convert import ConvertResult, ConvertSettings, convert_slide
-from .errors import (
+from wsi.convert import ConvertResult, ConvertSettings, convert_slide
+from wsi.errors import (
     CorruptSlide,
     InvalidArgument,
     SlideNotFound,
@@ -19,10 +19,10 @@ from .errors import (
     UnsupportedSlide,
     WsiError,
 )
-from .model import Level, SlideProperties, TileCodec
-from .pyramid import PyramidSettings
-from .sources import SlideSource, open_slide
-from .store import Store, StoreSettings
+from wsi.model import Level, SlideProperties, TileCodec
+from wsi.pyramid.builder import PyramidSettings
+from wsi.sources import SlideSource, open_slide
+from wsi.store.objects import Store, StoreSettings
 
 __all__ = [
     "ConvertResult",

@@ -10,17 +10,17 @@ import sys
 import threading
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from . import __version__
-from .convert import FORMATS, ConvertResult, ConvertSettings, convert_slide
-from .errors import InvalidArgument, StoreError, WsiError
-from .export import export_dicom_location
-from .pyramid import Progress, PyramidSettings, plan_pyramid
-from .sources import backend_names, open_slide
-from .store import Store, StoreSettings
+from wsi import __version__
+from wsi.convert import FORMATS, ConvertResult, ConvertSettings, convert_slide
+from wsi.errors import InvalidArgument, StoreError, WsiError
+from wsi.export import export_dicom_location
+from wsi.pyramid.builder import Progress, PyramidSettings, plan_pyramid
+from wsi.sources import backend_names, open_slide
+from wsi.store.objects import Store, StoreSettings
 
 EXIT_TEMPFAIL = 75
 """Exit status when a slide failed because the store did, or for a reason we cannot classify
@@ -217,7 +217,7 @@ def _convert_one(
 ) -> ConvertResult:
     """One slide; an `s3://` source is first staged in a local spool folder (the readers need
     files), downloaded with bounded memory and removed afterwards."""
-    from .staging import STAGE_SHARE, is_remote, staged
+    from wsi.ingest.staging import STAGE_SHARE, is_remote, staged
 
     remote = is_remote(source)
     start = STAGE_SHARE if remote else 0.0
@@ -245,36 +245,10 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
-def _serve(args: argparse.Namespace) -> int:
-    # The service is a layer above the library: imported only when asked for.
-    from server.app import serve
-    from server.settings import ServerSettings
-
-    settings = ServerSettings.from_env(
-        store=args.store,
-        sources=tuple(args.sources) if args.sources else None,
-        host=args.host,
-        port=args.port,
-        s3_endpoint=args.s3_endpoint,
-        allow_label=True if args.allow_label else None,
-        watch=tuple(args.watch) if args.watch else None,
-        workers=args.workers,
-        after_success=args.after,
-        quiet_seconds=args.quiet_seconds,
-        s3_sources=tuple(args.s3_source) if args.s3_source else None,
-    )
-    shown = "localhost" if settings.host in ("127.0.0.1", "::1") else settings.host
-    print(
-        f"wsistore: serving {settings.store}; viewer at http://{shown}:{settings.port}/", flush=True
-    )
-    serve(settings)
-    return 0
-
-
 def _ingest_role(args: argparse.Namespace) -> int:
-    from .ingest import IngestSettings, run_roles
-    from .jobs import SQLiteJobQueue
-    from .watch import check_watch_folders
+    from wsi.ingest.queue import SQLiteJobQueue
+    from wsi.ingest.watcher import check_watch_folders
+    from wsi.ingest.worker import IngestSettings, run_roles
 
     settings = IngestSettings(
         store=args.store,
@@ -383,54 +357,6 @@ def _add_convert(sub: Any) -> None:
     conv.set_defaults(func=_convert)
 
 
-def _add_serve(sub: Any) -> None:
-    """`wsi serve`: the tile service (and ingest with --watch)."""
-    serve = sub.add_parser("serve", help="serve tiles, DeepZoom, IIIF, DICOMweb and a viewer")
-    serve.add_argument("--store", help="published slides: folder or s3:// URL (WSI_STORE)")
-    serve.add_argument(
-        "--sources",
-        action="append",
-        metavar="DIR",
-        help="folder of slides not yet converted, served on the fly (repeatable)",
-    )
-    serve.add_argument("--host", help="listen address (WSI_HOST, default 127.0.0.1)")
-    serve.add_argument("--port", type=int, help="port (WSI_PORT, default 8000)")
-    serve.add_argument("--s3-endpoint", help="S3 endpoint URL (WSI_S3_ENDPOINT)")
-    serve.add_argument(
-        "--allow-label", action="store_true", help="serve label and macro images (WSI_ALLOW_LABEL)"
-    )
-    serve.add_argument(
-        "--watch",
-        action="append",
-        metavar="DIR",
-        help="convert every complete slide dropped here (repeatable; WSI_WATCH)",
-    )
-    serve.add_argument(
-        "--workers",
-        type=int,
-        help="conversions at once, each in a subprocess (WSI_WORKERS, default 1; "
-        "0 = watch and serve only)",
-    )
-    serve.add_argument(
-        "--after",
-        choices=["keep", "move", "delete"],
-        help="source after success (WSI_AFTER_SUCCESS, default keep)",
-    )
-    serve.add_argument(
-        "--quiet-seconds",
-        type=float,
-        help="a drop is complete after this long unchanged (WSI_QUIET_SECONDS)",
-    )
-    serve.add_argument(
-        "--s3-source",
-        action="append",
-        metavar="S3_PREFIX",
-        help="POST /jobs may convert slides under this s3://bucket/prefix/ (repeatable; "
-        "WSI_S3_SOURCES)",
-    )
-    serve.set_defaults(func=_serve)
-
-
 def _add_roles(sub: Any) -> None:
     """`wsi worker` and `wsi watch`: ingest roles on their own."""
     for role in ("worker", "watch"):
@@ -461,7 +387,12 @@ def _add_roles(sub: Any) -> None:
         cmd.set_defaults(func=_ingest_role)
 
 
-def build_parser() -> argparse.ArgumentParser:
+CommandAdder = Callable[[Any], None]
+"""Adds one subcommand to the `wsi` parser (the service adds `serve` this way)."""
+
+
+def build_parser(commands: Sequence[CommandAdder] = ()) -> argparse.ArgumentParser:
+    """The `wsi` parser: the library's commands, then `commands` from the layers above it."""
     parser = argparse.ArgumentParser(
         prog="wsi", description="Convert whole-slide images to OME-Zarr pyramids in object storage."
     )
@@ -480,7 +411,8 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--s3-endpoint")
     exp.set_defaults(func=_export)
 
-    _add_serve(sub)
+    for add in commands:
+        add(sub)
     _add_roles(sub)
     ls = sub.add_parser("list", help="list the published slides of a store")
     ls.add_argument("store", metavar="DIR_OR_URL")
@@ -489,8 +421,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def main(argv: Sequence[str] | None = None, commands: Sequence[CommandAdder] = ()) -> int:
+    """Run one `wsi` command; `commands` adds subcommands of layers above the library."""
+    args = build_parser(commands).parse_args(argv)
     # Reader libraries warn about quirks of the files they read (over-long UIDs ...): that is not
     # the user's business here, and their messages may quote header values.
     warnings.simplefilter("ignore")

@@ -17,22 +17,16 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from .errors import InvalidArgument
-from .metadata import (
-    DUMMY_DATE,
-    DUMMY_TIME,
-    SlideMetadata,
-    metadata_for,
-    safe_vendor_properties,
-)
-from .model import Level, SlideProperties
-from .pyramid import Progress, PyramidBuilder, PyramidSettings
-from .slide_id import content_slide_id
-from .sources import open_slide
-from .store import Store, check_slide_id
-from .writers.base import ChunkFormat, SlideInfo, StoredObject
-from .writers.dicom import DicomSlide
-from .writers.omezarr import OmeZarrWriter
+from wsi.errors import InvalidArgument
+from wsi.metadata import DUMMY_DATE, DUMMY_TIME, SlideMetadata, metadata_for, safe_vendor_properties
+from wsi.model import Level, SlideProperties
+from wsi.pyramid.builder import Progress, PyramidBuilder, PyramidSettings
+from wsi.slide_id import content_slide_id
+from wsi.sources import open_slide
+from wsi.store.objects import Store, check_slide_id
+from wsi.writers.base import ChunkFormat, SlideInfo, StoredObject
+from wsi.writers.dicom import DicomSlide
+from wsi.writers.omezarr import OmeZarrWriter
 
 MANIFEST_FORMAT = "wsistore-manifest/1"
 

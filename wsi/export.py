@@ -12,8 +12,8 @@ import os
 import shutil
 from pathlib import Path
 
-from .errors import InvalidArgument
-from .store import Store, StoreSettings, check_slide_id
+from wsi.errors import InvalidArgument
+from wsi.store.objects import Store, StoreSettings, check_slide_id
 
 
 def split_slide_location(location: str) -> tuple[str, str]:

@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
-from .errors import InvalidArgument
+from wsi.errors import InvalidArgument
 
 
 class TileCodec(enum.Enum):

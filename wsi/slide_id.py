@@ -7,7 +7,7 @@ or renamed keeps its id. Multi-file slides (a DICOM series folder, MIRAX .mrxs +
 file with its relative name.
 
 The hashing reads through any fsspec filesystem, so a slide in S3 gets, with a few ranged reads,
-the id its downloaded copy would get (`wsi.staging.remote_slide_id`).
+the id its downloaded copy would get (`wsi.ingest.staging.remote_slide_id`).
 """
 
 from __future__ import annotations

@@ -5,11 +5,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from ..errors import InvalidArgument, SlideNotFound, UnsupportedSlide
-from .base import SlideSource
-from .dicom_backend import DicomSource
-from .openslide_backend import OpenSlideSource
-from .tiff_backend import TiffSource
+from wsi.errors import InvalidArgument, SlideNotFound, UnsupportedSlide
+from wsi.sources.base import SlideSource
+from wsi.sources.dicom_backend import DicomSource
+from wsi.sources.openslide_backend import OpenSlideSource
+from wsi.sources.tiff_backend import TiffSource
 
 BACKENDS: tuple[type[SlideSource], ...] = (DicomSource, TiffSource, OpenSlideSource)
 """Probe order: backends that hand out stored tile bytes come before the decoding fallback."""

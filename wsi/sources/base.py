@@ -15,8 +15,8 @@ from typing import ClassVar
 
 import numpy as np
 
-from ..errors import EncodedTileUnavailable, InvalidArgument
-from ..model import Level, SlideProperties, TileCodec
+from wsi.errors import EncodedTileUnavailable, InvalidArgument
+from wsi.model import Level, SlideProperties, TileCodec
 
 
 class SlideSource(abc.ABC):

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .. import jpeg
-from ..errors import CorruptSlide, EncodedTileUnavailable, UnsupportedSlide
-from ..model import Level, SlideProperties, TileCodec
-from .base import SlideSource
+from wsi.codecs import jpeg
+from wsi.errors import CorruptSlide, EncodedTileUnavailable, UnsupportedSlide
+from wsi.model import Level, SlideProperties, TileCodec
+from wsi.sources.base import SlideSource
 
 # pydicom and wsidicom are imported when a DICOM slide is opened: together they take ~0.5 s,
 # which every `wsi` command would otherwise pay.

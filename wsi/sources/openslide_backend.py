@@ -12,9 +12,9 @@ from pathlib import Path
 import numpy as np
 import openslide
 
-from ..errors import CorruptSlide, UnsupportedSlide
-from ..model import ASSOCIATED_KINDS, Level, SlideProperties
-from .base import SlideSource
+from wsi.errors import CorruptSlide, UnsupportedSlide
+from wsi.model import ASSOCIATED_KINDS, Level, SlideProperties
+from wsi.sources.base import SlideSource
 
 DEFAULT_TILE = 256
 

@@ -14,11 +14,11 @@ from pathlib import Path
 import numpy as np
 import tifffile
 
-from .. import jpeg
-from ..errors import CorruptSlide, EncodedTileUnavailable, UnsupportedSlide
-from ..model import Level, SlideProperties, TileCodec
-from .base import SlideSource
-from .openslide_backend import OpenSlideSource, openslide
+from wsi.codecs import jpeg
+from wsi.errors import CorruptSlide, EncodedTileUnavailable, UnsupportedSlide
+from wsi.model import Level, SlideProperties, TileCodec
+from wsi.sources.base import SlideSource
+from wsi.sources.openslide_backend import OpenSlideSource, openslide
 
 _TIFF_SUFFIXES = {".svs", ".tif", ".tiff", ".btf", ".tf8", ".bif"}
 _VENDORS = {"aperio", "generic-tiff"}

@@ -1,6 +1,6 @@
 """Pyramid writers: one module per output format."""
 
-from .base import ChunkFormat, PyramidWriter, SlideInfo, StoredObject
-from .omezarr import OmeZarrWriter
+from wsi.writers.base import ChunkFormat, PyramidWriter, SlideInfo, StoredObject
+from wsi.writers.omezarr import OmeZarrWriter
 
 __all__ = ["ChunkFormat", "OmeZarrWriter", "PyramidWriter", "SlideInfo", "StoredObject"]

@@ -14,8 +14,8 @@ from typing import Literal
 
 import numpy as np
 
-from ..errors import InvalidArgument
-from ..model import Level, SlideProperties
+from wsi.errors import InvalidArgument
+from wsi.model import Level, SlideProperties
 
 
 @dataclass(frozen=True)

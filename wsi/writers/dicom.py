@@ -27,11 +27,11 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import UID, JPEGBaseline8Bit
 
-from .. import __version__
-from .. import jpeg as jpeglib
-from ..errors import InvalidArgument
-from ..metadata import SlideMetadata
-from ..model import Level
+from wsi import __version__
+from wsi.codecs import jpeg as jpeglib
+from wsi.errors import InvalidArgument
+from wsi.metadata import SlideMetadata
+from wsi.model import Level
 
 WSI_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.77.1.6"
 IMPLEMENTATION_UID = "2.25.229370117045469307931496209404461426517"  # wsistore, fixed

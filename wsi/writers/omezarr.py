@@ -18,14 +18,14 @@ import google_crc32c
 import numcodecs
 import numpy as np
 
-from .. import jpeg
-from ..errors import InvalidArgument, WsiError
-from ..model import JPEG_CODEC_NAME as CODEC_NAME
-from ..model import Level
-from ..store import Store
-from .base import ChunkFormat, PyramidWriter, SlideInfo, StoredObject
-from .dicom import ASSOCIATED_FLAVOR, DicomSlide, Flavor, instance_header
-from .shard import HeaderFactory, ShardStream
+from wsi.codecs import jpeg
+from wsi.errors import InvalidArgument, WsiError
+from wsi.model import JPEG_CODEC_NAME as CODEC_NAME
+from wsi.model import Level
+from wsi.store.objects import Store
+from wsi.writers.base import ChunkFormat, PyramidWriter, SlideInfo, StoredObject
+from wsi.writers.dicom import ASSOCIATED_FLAVOR, DicomSlide, Flavor, instance_header
+from wsi.writers.shard import HeaderFactory, ShardStream
 
 FORMAT_VERSION = 1
 

@@ -16,11 +16,11 @@ from typing import IO
 import google_crc32c
 import numpy as np
 
-from ..errors import WsiError
-from ..model import Level
-from ..store import Store
-from .base import StoredObject
-from .dicom import item_header, trailer_header
+from wsi.errors import WsiError
+from wsi.model import Level
+from wsi.store.objects import Store
+from wsi.writers.base import StoredObject
+from wsi.writers.dicom import item_header, trailer_header
 
 HeaderFactory = Callable[[list[bytes]], bytes]
 """Given the first chunks, the DICOM bytes that go before them (header through the offset

@@ -1,0 +1,164 @@
+"""QIDO-RS queries: the query string parsed into filters, and rows matched against them."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from aiohttp import web
+from pydicom.datadict import dictionary_VR, keyword_for_tag, tag_for_keyword
+from pydicom.dataset import Dataset
+from pydicom.multival import MultiValue
+
+from server.api.dicomweb.instances import Instance, check_uid, number_param
+from server.catalog import SlideView
+from wsi.errors import InvalidArgument
+
+IGNORED_QUERY_KEYS = {"exp", "sig"}
+"""Signed-URL parameters: authentication, not part of a query."""
+
+
+@dataclass(frozen=True)
+class Filter:
+    keyword: str
+    vr: str
+    values: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Query:
+    filters: tuple[Filter, ...]
+    includes: frozenset[str]
+    include_all: bool
+    limit: int | None
+    offset: int
+    fuzzy: bool
+
+
+def attribute_keyword(name: str) -> str | None:
+    """A DICOM keyword from a keyword or an 8-digit hex tag; None if it is neither."""
+    if re.fullmatch(r"[0-9A-Fa-f]{8}", name):
+        keyword = keyword_for_tag(int(name, 16))
+        return keyword or None
+    return name if tag_for_keyword(name) is not None else None
+
+
+def parse_query(request: web.Request) -> Query:
+    grouped: dict[str, list[str]] = {}
+    includes: set[str] = set()
+    include_all = False
+    limit: int | None = None
+    offset = 0
+    fuzzy = False
+    for name, value in request.query.items():
+        if name in IGNORED_QUERY_KEYS:
+            continue
+        if name == "includefield":
+            for item in value.split(","):
+                item = item.strip()
+                if item == "all":
+                    include_all = True
+                elif (keyword := attribute_keyword(item)) is not None:
+                    includes.add(keyword)
+            continue
+        if name == "limit":
+            limit = number_param(value, "limit")
+            if limit == 0:
+                raise InvalidArgument("limit must be at least 1")
+            continue
+        if name == "offset":
+            offset = number_param(value, "offset")
+            continue
+        if name == "fuzzymatching":
+            if value not in ("true", "false"):
+                raise InvalidArgument("fuzzymatching must be true or false")
+            fuzzy = value == "true"
+            continue
+        keyword = attribute_keyword(name)
+        if keyword is None:
+            raise InvalidArgument(f"unknown query parameter {name!r}")
+        if len(value) > 1024:
+            raise InvalidArgument(f"{keyword} value too long")
+        grouped.setdefault(keyword, []).append(value)
+    filters = []
+    for keyword, values in grouped.items():
+        vr = dictionary_VR(keyword)
+        if vr == "SQ":
+            raise InvalidArgument(f"matching on sequence {keyword} is not supported")
+        if vr == "UI":
+            uids = [u for v in values for u in re.split(r"[,\\]", v) if u]
+            for uid in uids:
+                check_uid(uid, keyword)
+            if not uids:  # universal match
+                continue
+            filters.append(Filter(keyword, vr, tuple(uids)))
+        else:
+            if len(values) > 1:
+                raise InvalidArgument(f"{keyword} given more than once")
+            if values[0] in ("", "*"):
+                continue
+            if vr in ("DA", "TM", "DT"):
+                check_range(values[0], keyword)
+            filters.append(Filter(keyword, vr, (values[0],)))
+    return Query(tuple(filters), frozenset(includes), include_all, limit, offset, fuzzy)
+
+
+def check_range(value: str, keyword: str) -> None:
+    for bound in value.split("-", 1) if "-" in value else [value]:
+        if bound and not re.fullmatch(r"[0-9]{2,14}(\.[0-9]{1,6})?", bound):
+            raise InvalidArgument(f"{keyword} must be a date/time or a range of them")
+    if value == "-":
+        raise InvalidArgument(f"{keyword} range needs at least one bound")
+
+
+def wildcard(pattern: str, value: str, fold: bool) -> bool:
+    regex = "".join(".*" if c == "*" else "." if c == "?" else re.escape(c) for c in pattern)
+    flags = re.IGNORECASE | re.DOTALL if fold else re.DOTALL
+    return re.fullmatch(regex, value, flags) is not None
+
+
+def in_range(spec: str, value: str) -> bool:
+    if "-" not in spec:
+        return value == spec or (len(spec) < len(value) and value.startswith(spec))
+    low, high = spec.split("-", 1)
+    return (not low or value >= low) and (not high or value[: len(high)] <= high)
+
+
+@dataclass
+class Row:
+    """One matchable record: a slide (series) or one of its instances, with computed values."""
+
+    slide: SlideView
+    instance: Instance | None
+    header: Dataset
+    computed: dict[str, list[str]]
+
+    def values(self, keyword: str) -> list[str] | None:
+        if keyword in self.computed:
+            return self.computed[keyword]
+        if keyword not in self.header:
+            return None
+        value = self.header[keyword].value
+        if value is None or value == "":
+            return []
+        items = list(value) if isinstance(value, MultiValue | list) else [value]
+        return [str(v) for v in items]
+
+
+def row_matches(row: Row, query: Query) -> bool:
+    for f in query.filters:
+        found = row.values(f.keyword)
+        if not found:
+            return False
+        if f.vr == "UI":
+            ok = any(v in f.values for v in found)
+        elif f.vr in ("DA", "TM", "DT"):
+            ok = any(in_range(f.values[0], v) for v in found)
+        elif f.vr in ("IS", "US", "UL", "SS", "SL", "UV", "SV"):
+            ok = any(v.strip() == f.values[0].strip() for v in found)
+        else:
+            fold = f.vr == "PN" and query.fuzzy
+            ok = any(wildcard(f.values[0], v, fold) for v in found)
+        if not ok:
+            return False
+    return True

@@ -1,0 +1,113 @@
+"""DeepZoom for OpenSeadragon: `/slides/{id}.dzi` and `/slides/{id}_files/{z}/{x}_{y}.jpeg`.
+
+DeepZoom level z is the image scaled by 2^(z - max_level) with sizes rounded up; it maps onto our
+level max_level - z. Interior tiles are the stored JPEG bytes; edge tiles are cropped to the
+level's size (OpenSeadragon stretches a full-size edge tile otherwise) and levels smaller than our
+smallest are rendered from it.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from aiohttp import web
+
+from server.catalog import SlideView
+from server.keys import CATALOG, SETTINGS
+from server.openapi import ERROR, path_params
+from server.render import decode_chunk, encode_image, in_pool, region
+from server.responses import etag_response
+from wsi.errors import InvalidArgument
+
+SLIDE = "{slide_id:[a-z0-9][a-z0-9._-]{0,63}?}"
+
+
+def max_level(slide: SlideView) -> int:
+    return max(0, math.ceil(math.log2(max(slide.width, slide.height))))
+
+
+def dzi_size(slide: SlideView, z: int) -> tuple[int, int]:
+    scale = 2.0 ** (z - max_level(slide))
+    return max(1, math.ceil(slide.width * scale)), max(1, math.ceil(slide.height * scale))
+
+
+async def descriptor(request: web.Request) -> web.Response:
+    slide = await request.app[CATALOG].slide(request.match_info["slide_id"])
+    size = slide.levels[0].tile_width
+    xml = (
+        '<?xml version="1.0" encoding="UTF-8"?>\n'
+        '<Image xmlns="http://schemas.microsoft.com/deepzoom/2008" Format="jpeg" '
+        f'Overlap="0" TileSize="{size}"><Size Width="{slide.width}" Height="{slide.height}"/>'
+        "</Image>"
+    )
+    return web.Response(text=xml, content_type="application/xml")
+
+
+async def tile(request: web.Request) -> web.Response:
+    catalog = request.app[CATALOG]
+    slide = await catalog.slide(request.match_info["slide_id"])
+    z, x, y = (request.match_info[k] for k in ("z", "x", "y"))
+    if not (z.isdigit() and x.isdigit() and y.isdigit()) or max(map(len, (z, x, y))) > 6:
+        raise InvalidArgument("DeepZoom level and tile coordinates must be integers")
+    z_, x_, y_ = int(z), int(x), int(y)
+    top = max_level(slide)
+    if z_ > top:
+        raise InvalidArgument(f"DeepZoom level {z_} > {top}")
+    size = slide.levels[0].tile_width
+    width, height = dzi_size(slide, z_)
+    if x_ * size >= width or y_ * size >= height:
+        raise InvalidArgument(f"tile ({x_}, {y_}) is outside DeepZoom level {z_}")
+    tw, th = min(size, width - x_ * size), min(size, height - y_ * size)
+    etag = f"{slide.manifest_crc}-dz{z_}-{x_}-{y_}"
+    k = top - z_
+    if k < len(slide.levels):
+        level = slide.levels[k]
+        if x_ < level.cols and y_ < level.rows and level.tile_height == size:
+            data = await catalog.tile(slide, k, x_, y_)
+            if (tw, th) == (level.tile_width, level.tile_height) and level.codec == "jpeg":
+                return etag_response(request, data, "image/jpeg", etag)
+
+            def crop() -> bytes:
+                pixels = decode_chunk(level, data)[:th, :tw]
+                return encode_image(pixels, "jpg")[0]
+
+            return etag_response(request, await in_pool(catalog, crop), "image/jpeg", etag)
+    scale = slide.width / width
+    x0, y0 = int(x_ * size * scale), int(y_ * size * scale)
+    pixels = await region(
+        catalog,
+        slide,
+        x0,
+        y0,
+        max(1, round(tw * scale)),
+        max(1, round(th * scale)),
+        tw,
+        th,
+        request.app[SETTINGS].max_render_pixels,
+    )
+    body = await in_pool(catalog, lambda: encode_image(np.asarray(pixels), "jpg")[0])
+    return etag_response(request, body, "image/jpeg", etag)
+
+
+def register(app: web.Application) -> None:
+    app.router.add_get(f"/slides/{SLIDE}.dzi", descriptor)
+    app.router.add_get(f"/slides/{SLIDE}_files/{{z:\\d+}}/{{x:\\d+}}_{{y:\\d+}}.jpeg", tile)
+
+
+OPENAPI = {
+    "/slides/{slide_id}.dzi": {
+        "get": {
+            "summary": "DeepZoom descriptor",
+            "parameters": path_params("slide_id"),
+            "responses": {"200": {"description": "application/xml"}, "404": ERROR},
+        }
+    },
+    "/slides/{slide_id}_files/{z}/{x}_{y}.jpeg": {
+        "get": {
+            "summary": "DeepZoom tile",
+            "parameters": path_params("slide_id", "z", "x", "y"),
+            "responses": {"200": {"description": "image/jpeg"}, "400": ERROR, "404": ERROR},
+        }
+    },
+}

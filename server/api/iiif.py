@@ -1,0 +1,548 @@
+"""IIIF Image API 3.0 at compliance level 2: `/iiif/3/{id}/info.json` and
+`/iiif/3/{id}/{region}/{size}/{rotation}/{quality}.{format}`.
+
+info.json declares the stored pyramid as IIIF tiles (one scale factor 2^k per stored level). A
+request for exactly such a tile is answered from the stored chunk: interior tiles of JPEG levels
+are the stored bytes as they are (no decoding); edge tiles are decoded and cropped (IIIF sizes
+round up, our levels round down: the at most one missing row/column repeats the edge). Every other
+request is rendered by `render.region` within the pixel budget, which info.json publishes as
+`maxArea`. Beyond level 2: square regions, `^` upscaling, mirroring, arbitrary rotation, gray and
+bitonal qualities, webp, and profile/canonical Link headers. Every response under /iiif/ carries
+`Access-Control-Allow-Origin: *`.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import re
+from dataclasses import dataclass
+
+import numpy as np
+from aiohttp import web
+from PIL import Image
+
+from server.catalog import LevelView, SlideView
+from server.keys import CATALOG, SETTINGS
+from server.openapi import ERROR, path_params
+from server.render import decode_chunk, encode_image, in_pool, region
+from server.responses import dumps, etag_response
+from wsi.errors import InvalidArgument
+
+PREFIX = "/iiif/3"
+CONTEXT = "http://iiif.io/api/image/3/context.json"
+PROFILE = "http://iiif.io/api/image/3/level2.json"
+LD_JSON = f'application/ld+json;profile="{CONTEXT}"'
+FORMATS = {"jpg": "image/jpeg", "png": "image/png", "webp": "image/webp"}
+QUALITIES = ("default", "color", "gray", "bitonal")
+EXTRA_FEATURES = [
+    "canonicalLinkHeader",
+    "mirroring",
+    "profileLinkHeader",
+    "rotationArbitrary",
+    "sizeUpscaling",
+]
+JPEG_QUALITY = 90
+
+_INT = re.compile(r"[0-9]{1,9}")
+_NUMBER = re.compile(r"[0-9]{1,9}(?:\.[0-9]{1,9})?")
+_ROTATION = re.compile(r"(!?)([0-9]{1,3}(?:\.[0-9]{1,9})?)")
+_HOST = re.compile(r"[A-Za-z0-9.\-]{1,253}(?::[0-9]{1,5})?|\[[0-9A-Fa-f:.]{2,45}\](?::[0-9]{1,5})?")
+
+
+@dataclass(frozen=True)
+class Region:
+    """Level-0 rectangle, already cut at the image's edges."""
+
+    x: int
+    y: int
+    w: int
+    h: int
+
+
+@dataclass(frozen=True)
+class Size:
+    w: int
+    h: int
+    derived: str = ""
+    """'w' or 'h' when that side was computed from the aspect ratio (`,h` / `w,`)."""
+    capped: bool = False
+    """`max`, `!w,h`: already fitted to the pixel budget."""
+
+
+@dataclass(frozen=True)
+class TileMatch:
+    level: LevelView
+    col: int
+    row: int
+    valid_w: int
+    """Pixels of the stored tile inside the level (less than the tile at the right edge)."""
+    valid_h: int
+    out_w: int
+    out_h: int
+
+
+def bad(message: str) -> InvalidArgument:
+    return InvalidArgument(f"IIIF: {message}")
+
+
+def _int(text: str, what: str) -> int:
+    if not _INT.fullmatch(text):
+        raise bad(f"{what} must be a non-negative integer, got {text!r}")
+    return int(text)
+
+
+def _number(text: str, what: str) -> float:
+    if not _NUMBER.fullmatch(text):
+        raise bad(f"{what} must be a non-negative decimal number, got {text!r}")
+    return float(text)
+
+
+def parse_region(text: str, width: int, height: int) -> Region:
+    """full | square | x,y,w,h | pct:x,y,w,h, cut at the image's edges (400 when empty or
+    entirely outside)."""
+    if text == "full":
+        return Region(0, 0, width, height)
+    if text == "square":
+        side = min(width, height)
+        return Region((width - side) // 2, (height - side) // 2, side, side)
+    if text.startswith("pct:"):
+        parts = text[4:].split(",")
+        if len(parts) != 4:
+            raise bad("region pct:x,y,w,h needs four numbers")
+        px, py, pw, ph = (_number(p, "region percentage") for p in parts)
+        x, y = round(px * width / 100), round(py * height / 100)
+        w, h = round(pw * width / 100), round(ph * height / 100)
+    else:
+        parts = text.split(",")
+        if len(parts) != 4:
+            raise bad(f"region must be full, square, x,y,w,h or pct:x,y,w,h, got {text!r}")
+        x, y, w, h = (_int(p, "region coordinate") for p in parts)
+    if w <= 0 or h <= 0:
+        raise bad("region width and height must be positive")
+    if x >= width or y >= height:
+        raise bad(f"region starts outside the {width}x{height} image")
+    return Region(x, y, min(w, width - x), min(h, height - y))
+
+
+def _fit_area(w: float, h: float, max_area: int) -> tuple[int, int]:
+    """The largest (w, h) of this aspect ratio with w*h <= max_area (at least 1x1)."""
+    scale = math.sqrt(max_area / (w * h))
+    ow, oh = max(1, math.floor(w * scale)), max(1, math.floor(h * scale))
+    while ow * oh > max_area and max(ow, oh) > 1:
+        if ow >= oh:
+            ow -= 1
+        else:
+            oh -= 1
+    return ow, oh
+
+
+def parse_size(text: str, rw: int, rh: int, max_area: int) -> Size:
+    """max | w, | ,h | pct:n | w,h | !w,h, each optionally `^` (upscaling allowed)."""
+    upscale = text.startswith("^")
+    body = text[1:] if upscale else text
+    if body == "max":
+        if upscale or rw * rh > max_area:
+            return Size(*_fit_area(rw, rh, max_area), capped=True)
+        return Size(rw, rh, capped=True)
+    if body.startswith("pct:"):
+        n = _number(body[4:], "size percentage")
+        if n > 100 and not upscale:
+            raise bad("size above 100% needs ^ (upscaling)")
+        size = Size(round(rw * n / 100), round(rh * n / 100))
+    else:
+        confined = body.startswith("!")
+        parts = (body[1:] if confined else body).split(",")
+        if len(parts) != 2 or (confined and not (parts[0] and parts[1])):
+            raise bad(f"size must be max, w,, ,h, pct:n, w,h or !w,h, got {text!r}")
+        w = _int(parts[0], "size width") if parts[0] else None
+        h = _int(parts[1], "size height") if parts[1] else None
+        if w is None and h is None:
+            raise bad("size needs a width or a height")
+        if w == 0 or h == 0:
+            raise bad("size width and height must be positive")
+        if confined:
+            assert w is not None and h is not None
+            scale = min(w / rw, h / rh)
+            if not upscale:
+                scale = min(scale, 1.0)
+            if rw * rh * scale * scale > max_area:
+                return Size(*_fit_area(rw, rh, max_area), capped=True)
+            ow = min(w, max(1, round(rw * scale)))
+            oh = min(h, max(1, round(rh * scale)))
+            if not upscale:
+                ow, oh = min(ow, rw), min(oh, rh)
+            return Size(ow, oh, capped=True)
+        if w is None:
+            assert h is not None
+            size = Size(max(1, round(rw * h / rh)), h, derived="w")
+        elif h is None:
+            size = Size(w, max(1, round(rh * w / rw)), derived="h")
+        else:
+            size = Size(w, h)
+        if not upscale and (size.w > rw or size.h > rh):
+            raise bad(f"size {size.w}x{size.h} is larger than the {rw}x{rh} region: needs ^")
+    if size.w <= 0 or size.h <= 0:
+        raise bad("size width and height must be positive")
+    return size
+
+
+def parse_rotation(text: str) -> tuple[bool, float]:
+    """(mirror, degrees clockwise in [0, 360))."""
+    match = _ROTATION.fullmatch(text)
+    if not match:
+        raise bad(
+            f"rotation must be a number of degrees 0-360, optionally !-prefixed, got {text!r}"
+        )
+    degrees = float(match.group(2))
+    if degrees > 360:
+        raise bad("rotation must be between 0 and 360 degrees")
+    return match.group(1) == "!", degrees % 360
+
+
+def parse_file(quality: str, fmt: str) -> tuple[str, str]:
+    if quality not in QUALITIES:
+        raise bad(f"quality must be one of {', '.join(QUALITIES)}, got {quality!r}")
+    if fmt not in FORMATS:
+        raise bad(f"format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+    return quality, fmt
+
+
+def scale_factor(slide: SlideView, level: LevelView) -> int | None:
+    """2^index when the level is the 2^index downsample of level 0 (sizes rounded either way)."""
+    s = 2**level.index
+    ok_w = level.width in (slide.width // s, -(-slide.width // s))
+    ok_h = level.height in (slide.height // s, -(-slide.height // s))
+    return s if ok_w and ok_h else None
+
+
+def tile_groups(slide: SlideView) -> list[dict[str, object]]:
+    """info.json `tiles`: one entry per stored tile shape, with the scale factors using it."""
+    groups: dict[tuple[int, int], list[int]] = {}
+    for level in slide.levels:
+        s = scale_factor(slide, level)
+        if s is not None:
+            groups.setdefault((level.tile_width, level.tile_height), []).append(s)
+    return [{"width": w, "height": h, "scaleFactors": f} for (w, h), f in groups.items()]
+
+
+def full_sizes(slide: SlideView, max_area: int) -> list[dict[str, int]]:
+    """A few small full-image sizes: the stored levels up to 4096 px (each rendered from itself)
+    and up to two halvings of the smallest (rendered from it, within `region`'s source limit)."""
+    smallest = slide.levels[-1]
+    candidates = [(lv.width, lv.height) for lv in slide.levels]
+    w, h = smallest.width, smallest.height
+    for _ in range(2 if w * h <= 4 * max_area else 0):
+        w, h = w // 2, h // 2
+        if min(w, h) < 32:
+            break
+        candidates.append((w, h))
+    sizes = {(w, h) for w, h in candidates if max(w, h) <= 4096 and w * h <= max_area}
+    return [{"width": w, "height": h} for w, h in sorted(sizes)]
+
+
+def match_tile(slide: SlideView, r: Region, size: Size) -> TileMatch | None:
+    """The stored tile that is exactly this request at its level's scale factor, if any."""
+    for level in slide.levels:
+        s = scale_factor(slide, level)
+        if s is None:
+            continue
+        tw, th = level.tile_width * s, level.tile_height * s
+        if r.x % tw or r.y % th:
+            continue
+        col, row = r.x // tw, r.y // th
+        if col >= level.cols or row >= level.rows:
+            continue
+        if r.w != min(tw, slide.width - r.x) or r.h != min(th, slide.height - r.y):
+            continue
+        valid_w = min(level.tile_width, level.width - col * level.tile_width)
+        valid_h = min(level.tile_height, level.height - row * level.tile_height)
+        want_w, want_h = -(-r.w // s), -(-r.h // s)  # the IIIF tile size: rounded up
+        # `w,` / `,h` of a declared tile's region and size mean that tile, whichever way the
+        # client's rounded-up size would tilt the aspect ratio.
+        ok_w = size.w in (want_w, valid_w) or size.derived == "w"
+        ok_h = size.h in (want_h, valid_h) or size.derived == "h"
+        if ok_w and ok_h:
+            out_w = size.w if size.w in (want_w, valid_w) else want_w
+            out_h = size.h if size.h in (want_h, valid_h) else want_h
+            return TileMatch(level, col, row, valid_w, valid_h, out_w, out_h)
+    return None
+
+
+def tile_pixels(match: TileMatch, data: bytes) -> np.ndarray:
+    """The stored tile cut to the level's edge, the edge repeated up to the IIIF size."""
+    pixels = decode_chunk(match.level, data)[: match.valid_h, : match.valid_w]
+    pad_h, pad_w = match.out_h - pixels.shape[0], match.out_w - pixels.shape[1]
+    if pad_h < 0 or pad_w < 0:
+        pixels = pixels[: match.out_h, : match.out_w]
+    if pad_h > 0 or pad_w > 0:
+        pixels = np.pad(pixels, ((0, max(0, pad_h)), (0, max(0, pad_w)), (0, 0)), mode="edge")
+    return pixels
+
+
+def rotated_size(w: int, h: int, degrees: float) -> tuple[int, int]:
+    if degrees % 180 == 0:
+        return w, h
+    if degrees % 90 == 0:
+        return h, w
+    a = math.radians(degrees)
+    c, s = abs(math.cos(a)), abs(math.sin(a))
+    return math.ceil(w * c + h * s), math.ceil(w * s + h * c)
+
+
+def finish(pixels: np.ndarray, mirror: bool, degrees: float, quality: str, fmt: str) -> bytes:
+    """Rotation (mirror first), quality, format: the last steps of the IIIF order of work."""
+    if mirror:
+        pixels = pixels[:, ::-1]
+    arbitrary = degrees % 90 != 0
+    if not arbitrary and degrees:
+        pixels = np.rot90(pixels, -round(degrees) // 90)
+    if not arbitrary and quality in ("default", "color"):
+        return encode_image(np.ascontiguousarray(pixels), fmt, JPEG_QUALITY)[0]
+    image = Image.fromarray(np.ascontiguousarray(pixels))
+    if arbitrary:
+        transparent = fmt != "jpg" and quality != "bitonal"
+        if transparent:
+            image = image.convert("RGBA")
+        fill = (255, 255, 255, 0) if transparent else (255, 255, 255)
+        image = image.rotate(
+            -degrees, resample=Image.Resampling.BICUBIC, expand=True, fillcolor=fill
+        )
+    if quality == "gray":
+        image = image.convert("LA" if image.mode == "RGBA" else "L")
+    elif quality == "bitonal":
+        image = image.convert("L").point(lambda v: 255 if v >= 128 else 0).convert("1")
+    if image.mode == "RGB":
+        return encode_image(np.asarray(image), fmt, JPEG_QUALITY)[0]
+    buffer = io.BytesIO()
+    if fmt == "jpg":
+        image.convert("L" if image.mode == "1" else image.mode).save(
+            buffer, "JPEG", quality=JPEG_QUALITY
+        )
+    elif fmt == "png":
+        image.save(buffer, "PNG", compress_level=3)
+    else:
+        image.convert("RGBA" if "A" in image.mode else "RGB").save(
+            buffer, "WEBP", quality=JPEG_QUALITY
+        )
+    return buffer.getvalue()
+
+
+def base_url(request: web.Request, slide_id: str) -> str:
+    """The image service's id: scheme and host as the client sees them (X-Forwarded-* first)."""
+    proto = request.headers.get("X-Forwarded-Proto", "").split(",")[0].strip().lower()
+    scheme = proto if proto in ("http", "https") else request.scheme
+    host = request.headers.get("X-Forwarded-Host", "").split(",")[0].strip()
+    if not _HOST.fullmatch(host):
+        host = request.host
+    if not _HOST.fullmatch(host):
+        raise bad("the Host header is not a valid host name")
+    return f"{scheme}://{host}{PREFIX}/{slide_id}"
+
+
+def info_document(slide: SlideView, base: str, max_area: int) -> dict[str, object]:
+    doc: dict[str, object] = {
+        "@context": CONTEXT,
+        "id": base,
+        "type": "ImageService3",
+        "protocol": "http://iiif.io/api/image",
+        "profile": "level2",
+        "width": slide.width,
+        "height": slide.height,
+        "maxArea": max_area,
+    }
+    sizes = full_sizes(slide, max_area)
+    if sizes:
+        doc["sizes"] = sizes
+    doc.update(
+        {
+            "tiles": tile_groups(slide),
+            "preferredFormats": ["jpg"],
+            "extraFormats": ["webp"],
+            "extraQualities": ["gray", "bitonal"],
+            "extraFeatures": EXTRA_FEATURES,
+        }
+    )
+    return doc
+
+
+async def info(request: web.Request) -> web.Response:
+    slide = await request.app[CATALOG].slide(request.match_info["slide_id"])
+    doc = info_document(
+        slide, base_url(request, slide.slide_id), request.app[SETTINGS].max_render_pixels
+    )
+    wants_ld = "application/ld+json" in request.headers.get("Accept", "")
+    headers = {
+        "Content-Type": LD_JSON if wants_ld else "application/json",
+        "Cache-Control": "no-cache",
+        "Vary": "Accept, X-Forwarded-Host, X-Forwarded-Proto",
+        "Link": f'<{PROFILE}>;rel="profile"',
+    }
+    return web.Response(body=dumps(doc).encode(), headers=headers)
+
+
+async def base_redirect(request: web.Request) -> web.Response:
+    slide = await request.app[CATALOG].slide(request.match_info["slide_id"])
+    raise web.HTTPSeeOther(location=f"{base_url(request, slide.slide_id)}/info.json")
+
+
+def canonical(
+    slide: SlideView, r: Region, ow: int, oh: int, mirror: bool, deg: float, quality: str, fmt: str
+) -> str:
+    full = (r.x, r.y, r.w, r.h) == (0, 0, slide.width, slide.height)
+    region_part = "full" if full else f"{r.x},{r.y},{r.w},{r.h}"
+    size_part = "max" if (ow, oh) == (r.w, r.h) else f"{ow},{oh}"
+    if ow > r.w or oh > r.h:
+        size_part = "^" + size_part
+    rotation = ("!" if mirror else "") + f"{deg:g}"
+    return f"{region_part}/{size_part}/{rotation}/{quality}.{fmt}"
+
+
+async def image(request: web.Request) -> web.Response:
+    catalog = request.app[CATALOG]
+    max_area = request.app[SETTINGS].max_render_pixels
+    slide = await catalog.slide(request.match_info["slide_id"])
+    quality, fmt = parse_file(request.match_info["quality"], request.match_info["format"])
+    mirror, degrees = parse_rotation(request.match_info["rotation"])
+    r = parse_region(request.match_info["region"], slide.width, slide.height)
+    size = parse_size(request.match_info["size"], r.w, r.h, max_area)
+    match = match_tile(slide, r, size)
+    ow, oh = (match.out_w, match.out_h) if match else (size.w, size.h)
+    # A declared tile is always served (at most one stored chunk to decode); anything else is
+    # rendered, so it must fit the budget, rotated bounding box included.
+    if match is None:
+        bw, bh = rotated_size(ow, oh, degrees)
+        if max(ow * oh, bw * bh) > max_area:
+            raise bad(f"{bw}x{bh} exceeds the {max_area} pixel budget (maxArea in info.json)")
+    path = canonical(slide, r, ow, oh, mirror, degrees, quality, fmt)
+    etag = f"{slide.manifest_crc}-iiif-{path.replace('/', '-')}"
+    # Path-absolute: an immutable response must not carry a host a client chose.
+    links = f'<{PROFILE}>;rel="profile", <{PREFIX}/{slide.slide_id}/{path}>;rel="canonical"'
+    content_type = FORMATS[fmt]
+    if request.headers.get("If-None-Match") == f'"{etag}"':
+        response = etag_response(request, b"", content_type, etag)
+    elif match is not None:
+        m = match
+        data = await catalog.tile(slide, m.level.index, m.col, m.row)
+        plain = not mirror and degrees == 0 and quality in ("default", "color") and fmt == "jpg"
+        full_tile = (m.valid_w, m.valid_h, m.out_w, m.out_h) == (
+            m.level.tile_width,
+            m.level.tile_height,
+            m.level.tile_width,
+            m.level.tile_height,
+        )
+        if plain and full_tile and m.level.codec == "jpeg":
+            body = data  # the stored JPEG, as it is
+        else:
+            body = await in_pool(
+                catalog,
+                lambda: finish(tile_pixels(m, data), mirror, degrees, quality, fmt),
+            )
+        response = etag_response(request, body, content_type, etag)
+    else:
+        pixels = await region(catalog, slide, r.x, r.y, r.w, r.h, ow, oh, max_area)
+        body = await in_pool(catalog, finish, pixels, mirror, degrees, quality, fmt)
+        response = etag_response(request, body, content_type, etag)
+    response.headers["Link"] = links
+    return response
+
+
+async def not_iiif(request: web.Request) -> web.Response:
+    raise bad("expected info.json or {region}/{size}/{rotation}/{quality}.{format}")
+
+
+async def preflight(request: web.Request) -> web.Response:
+    return web.Response(
+        status=204,
+        headers={
+            "Access-Control-Allow-Methods": "GET, HEAD, OPTIONS",
+            "Access-Control-Allow-Headers": request.headers.get(
+                "Access-Control-Request-Headers", "Accept"
+            ),
+            "Access-Control-Max-Age": "86400",
+        },
+    )
+
+
+async def cors(request: web.Request, response: web.StreamResponse) -> None:
+    if request.path.startswith("/iiif/"):
+        response.headers.setdefault("Access-Control-Allow-Origin", "*")
+        response.headers.setdefault("Access-Control-Expose-Headers", "ETag, Link")
+
+
+IMAGE_PATH = f"{PREFIX}/{{slide_id}}/{{region}}/{{size}}/{{rotation}}/{{quality}}.{{format}}"
+MALFORMED_PATH = f"{PREFIX}/{{slide_id}}/{{tail}}"
+
+
+def register(app: web.Application) -> None:
+    ident = f"{PREFIX}/{{slide_id}}"
+    routes = [
+        (f"{ident}/info.json", info),
+        (ident, base_redirect),
+        (f"{ident}/{{region}}/{{size}}/{{rotation}}/{{quality:[^/]*}}.{{format:[^/.]*}}", image),
+        (f"{ident}/{{tail:.+}}", not_iiif),  # anything else under an image service: 400
+    ]
+    for path, handler in routes:
+        app.router.add_get(path, handler)
+        app.router.add_route("OPTIONS", path, preflight)  # same resource (CORS preflight)
+    app.on_response_prepare.append(cors)
+
+
+_IMAGE_RESPONSES = {
+    "200": {"description": "image/jpeg, image/png or image/webp (Link: profile, canonical)"},
+    "304": {"description": "cached (strong ETag)"},
+    "400": ERROR,
+    "404": ERROR,
+}
+
+_PREFLIGHT = {
+    "summary": "CORS preflight",
+    "parameters": [],
+    "responses": {"204": {"description": "Access-Control-Allow-* headers"}},
+}
+
+OPENAPI = {
+    f"{PREFIX}/{{slide_id}}": {
+        "get": {
+            "summary": "IIIF base URI: 303 redirect to info.json",
+            "parameters": path_params("slide_id"),
+            "responses": {"303": {"description": "see info.json"}, "400": ERROR, "404": ERROR},
+        },
+        "options": _PREFLIGHT,
+    },
+    f"{PREFIX}/{{slide_id}}/info.json": {
+        "get": {
+            "summary": "IIIF Image API 3.0 image information (level 2; tiles = stored levels, "
+            "maxArea = pixel budget); application/ld+json when the Accept header asks for it",
+            "parameters": path_params("slide_id"),
+            "responses": {
+                "200": {"description": "ImageService3 document"},
+                "400": ERROR,
+                "404": ERROR,
+            },
+        },
+        "options": _PREFLIGHT,
+    },
+    IMAGE_PATH: {
+        "get": {
+            "summary": "IIIF Image API 3.0 image request. region: full | square | x,y,w,h | "
+            "pct:x,y,w,h; size: max | w, | ,h | pct:n | w,h | !w,h, ^-prefixed to upscale; "
+            "rotation: [!]degrees; quality: default | color | gray | bitonal; format: jpg | "
+            "png | webp. A tile declared in info.json is the stored JPEG as it is.",
+            "parameters": path_params(
+                "slide_id", "region", "size", "rotation", "quality", "format"
+            ),
+            "responses": _IMAGE_RESPONSES,
+        },
+        "options": _PREFLIGHT,
+    },
+    MALFORMED_PATH: {
+        "get": {
+            "summary": "Any other path under an IIIF image service (too few or too many "
+            "segments, no format): 400",
+            "parameters": path_params("slide_id", "tail"),
+            "responses": {"400": ERROR, "404": ERROR},
+        },
+        "options": _PREFLIGHT,
+    },
+}

@@ -1,0 +1,91 @@
+"""The `wsi` command: the library's commands (`wsi.cli`) plus `serve`, which belongs to the
+service. The console script points here so that the library never imports the service."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from server.app import serve
+from server.settings import ServerSettings
+from wsi import cli as library_cli
+
+
+def _serve(args: argparse.Namespace) -> int:
+    settings = ServerSettings.from_env(
+        store=args.store,
+        sources=tuple(args.sources) if args.sources else None,
+        host=args.host,
+        port=args.port,
+        s3_endpoint=args.s3_endpoint,
+        allow_label=True if args.allow_label else None,
+        watch=tuple(args.watch) if args.watch else None,
+        workers=args.workers,
+        after_success=args.after,
+        quiet_seconds=args.quiet_seconds,
+        s3_sources=tuple(args.s3_source) if args.s3_source else None,
+    )
+    shown = "localhost" if settings.host in ("127.0.0.1", "::1") else settings.host
+    print(
+        f"wsistore: serving {settings.store}; viewer at http://{shown}:{settings.port}/", flush=True
+    )
+    serve(settings)
+    return 0
+
+
+def _add_serve(sub: Any) -> None:
+    """`wsi serve`: the tile service (and ingest with --watch)."""
+    serve = sub.add_parser("serve", help="serve tiles, DeepZoom, IIIF, DICOMweb and a viewer")
+    serve.add_argument("--store", help="published slides: folder or s3:// URL (WSI_STORE)")
+    serve.add_argument(
+        "--sources",
+        action="append",
+        metavar="DIR",
+        help="folder of slides not yet converted, served on the fly (repeatable)",
+    )
+    serve.add_argument("--host", help="listen address (WSI_HOST, default 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="port (WSI_PORT, default 8000)")
+    serve.add_argument("--s3-endpoint", help="S3 endpoint URL (WSI_S3_ENDPOINT)")
+    serve.add_argument(
+        "--allow-label", action="store_true", help="serve label and macro images (WSI_ALLOW_LABEL)"
+    )
+    serve.add_argument(
+        "--watch",
+        action="append",
+        metavar="DIR",
+        help="convert every complete slide dropped here (repeatable; WSI_WATCH)",
+    )
+    serve.add_argument(
+        "--workers",
+        type=int,
+        help="conversions at once, each in a subprocess (WSI_WORKERS, default 1; "
+        "0 = watch and serve only)",
+    )
+    serve.add_argument(
+        "--after",
+        choices=["keep", "move", "delete"],
+        help="source after success (WSI_AFTER_SUCCESS, default keep)",
+    )
+    serve.add_argument(
+        "--quiet-seconds",
+        type=float,
+        help="a drop is complete after this long unchanged (WSI_QUIET_SECONDS)",
+    )
+    serve.add_argument(
+        "--s3-source",
+        action="append",
+        metavar="S3_PREFIX",
+        help="POST /jobs may convert slides under this s3://bucket/prefix/ (repeatable; "
+        "WSI_S3_SOURCES)",
+    )
+    serve.set_defaults(func=_serve)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return library_cli.main(argv, commands=(_add_serve,))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,27 @@
+"""Typed keys of the state an app shares with its routes: route modules import these, never the
+app factory, so the factory can import every route module without a cycle."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures as cf
+
+from aiohttp import web
+
+from server.bucket_copies import StagedSources
+from server.catalog import Catalog
+from server.metrics import Metrics
+from server.settings import ServerSettings
+from wsi.ingest.queue import JobQueue
+
+SETTINGS = web.AppKey("settings", ServerSettings)
+CATALOG = web.AppKey("catalog", Catalog)
+EXECUTOR = web.AppKey("executor", cf.ThreadPoolExecutor)
+METRICS = web.AppKey("metrics", Metrics)
+ROUTE_MODULES = web.AppKey("route_modules", list)
+JOBS = web.AppKey("jobs", JobQueue)
+JOBS_WAKE = web.AppKey("jobs_wake", asyncio.Event)
+"""Set when a job is submitted here, so this process's idle workers claim it at once."""
+COPIES = web.AppKey("copies", StagedSources)
+"""Local copies of s3:// job sources (made at submit, viewed and converted from)."""
+

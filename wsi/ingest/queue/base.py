@@ -1,0 +1,325 @@
+"""The job queue's values and interface: `Job`, `JobState`, `RetryPolicy`, `JobQueue`, and the
+argument checks every backend shares. `wsi.ingest.queue` re-exports them with the SQLite backend.
+"""
+
+from __future__ import annotations
+
+import abc
+import builtins
+import enum
+import json
+import math
+import os
+import socket
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from types import MappingProxyType, TracebackType
+from typing import Any, Self
+
+from wsi.errors import InvalidArgument, StoreError, WsiError
+
+Clock = Callable[[], float]
+"""Seconds since the Unix epoch; injectable so tests can move time without sleeping."""
+
+SCHEMA_VERSION = 1
+"""`PRAGMA user_version` of the jobs database this code writes; a newer file is refused."""
+
+_MAX_SOURCE = 4096
+_MAX_WORKER = 256
+_MAX_ERROR = 2000
+_MAX_LIST = 1000
+
+
+class JobNotFound(WsiError, LookupError):
+    """No job has this id."""
+
+
+class JobQueueUnavailable(StoreError):
+    """The jobs database cannot be read or written: locked past the busy timeout, disk full, not a
+    jobs database, or written by a newer version. A StoreError, so the service answers 503."""
+
+
+class JobState(enum.StrEnum):
+    """Where a job is in its life: queued -> running -> done | failed | cancelled.
+
+    A transient failure or a lost worker sends a running job back to queued.
+    """
+
+    QUEUED = "queued"
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def terminal(self) -> bool:
+        return self in (JobState.DONE, JobState.FAILED, JobState.CANCELLED)
+
+
+_DEDUP_STATES = (JobState.QUEUED, JobState.RUNNING, JobState.DONE)
+"""A job in one of these states stands for its slide: submitting the slide again returns it."""
+
+
+def _iso(t: float | None) -> str | None:
+    if t is None:
+        return None
+    stamp = datetime.fromtimestamp(t, tz=UTC).isoformat(timespec="milliseconds")
+    return stamp.replace("+00:00", "Z")
+
+
+@dataclass(frozen=True)
+class Job:
+    """One conversion job as last read from the queue (a snapshot: the queue is the truth).
+
+    Times are seconds since the Unix epoch (`to_dict` renders them as UTC ISO 8601).
+    """
+
+    id: str
+    """Opaque (uuid4 hex)."""
+    source: str
+    """The slide to convert: a local path or an s3:// URL."""
+    slide_id: str | None
+    """The published slide's id: given at submit (content id) or known once done."""
+    state: JobState
+    progress: float
+    """0-100 of the current attempt."""
+    error: str | None
+    """Why the last attempt failed (a message, never file content); None once done."""
+    attempts: int
+    """How many times a worker has claimed the job."""
+    created: float
+    updated: float
+    started: float | None
+    """When the latest attempt was claimed."""
+    finished: float | None
+    """When the job reached done, failed or cancelled."""
+    next_attempt_at: float
+    """A queued job is not claimed before this (retry backoff)."""
+    worker: str | None
+    """Who holds the lease; set only while running."""
+    lease_until: float | None
+    """The lease ends then unless renewed; set only while running."""
+    options: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}), hash=False)
+    """Conversion options (JSON values), read-only."""
+
+    def to_dict(self) -> dict[str, Any]:
+        """The job as the REST API shows it: JSON values only, times as UTC ISO 8601."""
+        return {
+            "id": self.id,
+            "source": self.source,
+            "slide_id": self.slide_id,
+            "state": self.state.value,
+            "progress": self.progress,
+            "error": self.error,
+            "attempts": self.attempts,
+            "created": _iso(self.created),
+            "updated": _iso(self.updated),
+            "started": _iso(self.started),
+            "finished": _iso(self.finished),
+            "next_attempt_at": _iso(self.next_attempt_at),
+            "worker": self.worker,
+            "lease_until": _iso(self.lease_until),
+            "options": json.loads(json.dumps(dict(self.options))),
+        }
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How transient failures and lost workers are retried.
+
+    The policy belongs to whoever calls `fail` or `claim`; every process of one deployment should
+    use the same one.
+    """
+
+    max_attempts: int = 5
+    """A job is claimed at most this often; then a transient failure or lost lease fails it."""
+    backoff_unit: float = 1.0
+    """A transient failure after attempt n waits backoff_unit * 2**n seconds ..."""
+    backoff_cap: float = 600.0
+    """... but never longer than this."""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.max_attempts, int) or self.max_attempts < 1:
+            raise InvalidArgument("max_attempts must be an integer >= 1")
+        for name in ("backoff_unit", "backoff_cap"):
+            value = getattr(self, name)
+            if not isinstance(value, int | float) or not math.isfinite(value) or value < 0:
+                raise InvalidArgument(f"{name} must be a finite number >= 0")
+
+    def delay(self, attempts: int) -> float:
+        """Seconds to wait before the next attempt, after `attempts` attempts."""
+        return float(min(self.backoff_cap, self.backoff_unit * 2.0 ** min(attempts, 62)))
+
+
+def default_queue_path(data_dir: str | os.PathLike[str]) -> Path:
+    """Where the service keeps its jobs: next to the slides it publishes, so it moves with them."""
+    return Path(data_dir) / "jobs.sqlite"
+
+
+def worker_name() -> str:
+    """A worker id unique across machines and restarts: host, process id and a random suffix.
+
+    Two workers must never share a name, or one could renew or complete the other's lease.
+    """
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+# --- validation --------------------------------------------------------------------------------
+
+
+def _check_text(name: str, value: object, limit: int) -> str:
+    if not isinstance(value, str) or not value or "\0" in value or len(value) > limit:
+        raise InvalidArgument(f"{name} must be a non-empty string of at most {limit} characters")
+    return value
+
+
+def _check_number(name: str, value: object, low: float, high: float = math.inf) -> float:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not math.isfinite(value)
+        or not low <= value <= high
+    ):
+        raise InvalidArgument(f"{name} must be a number in [{low}, {high}]")
+    return float(value)
+
+
+def _check_options(options: Mapping[str, Any] | None) -> str:
+    if options is None:
+        return "{}"
+    if not isinstance(options, Mapping) or not all(isinstance(k, str) for k in options):
+        raise InvalidArgument("options must be a mapping with string keys")
+    try:
+        return json.dumps(dict(options), allow_nan=False, sort_keys=True)
+    except (TypeError, ValueError) as exc:
+        raise InvalidArgument(f"options must be JSON values: {exc}") from None
+
+
+def _check_job_id(job_id: object) -> str:
+    if not isinstance(job_id, str):
+        raise InvalidArgument("job id must be a string")
+    return job_id
+
+
+def _check_error(error: object) -> str:
+    # Messages only: bounded, so a caller that passes something huge cannot bloat every listing.
+    if not isinstance(error, str):
+        raise InvalidArgument("error must be a string")
+    error = error.replace("\0", "")
+    return error if len(error) <= _MAX_ERROR else error[: _MAX_ERROR - 3] + "..."
+
+
+# --- the interface -----------------------------------------------------------------------------
+
+
+class JobQueue(abc.ABC):
+    """What the watcher, the workers and the REST API need from a job queue.
+
+    Every method is one atomic step against shared storage, safe to call from any number of
+    processes and machines at once. Worker-side calls (`heartbeat`, `complete`, `fail`) name the
+    worker and return False, recording nothing, when it no longer holds the job: the job was
+    cancelled, or its lease ran out and another worker took it over.
+    """
+
+    @abc.abstractmethod
+    def submit(
+        self,
+        source: str,
+        slide_id: str | None = None,
+        options: Mapping[str, Any] | None = None,
+    ) -> Job:
+        """Queue `source` for conversion.
+
+        Idempotent by slide id: while a job for the same `slide_id` is queued, running or done,
+        that job is returned (its options unchanged) and nothing new is queued, so the same slide
+        dropped twice gives one slide. After a failed or cancelled job, a new job is queued.
+        """
+
+    @abc.abstractmethod
+    def claim(self, worker: str, lease_seconds: float) -> Job | None:
+        """Atomically take the oldest runnable job for `worker` for `lease_seconds`, or None.
+
+        Runnable: queued with `next_attempt_at` reached, or running with an expired lease (its
+        worker is gone; this is how a crashed worker's job resumes). A lost job that has used all
+        its attempts is failed instead, so a slide that kills its workers cannot loop forever.
+        """
+
+    @abc.abstractmethod
+    def heartbeat(self, job_id: str, worker: str, progress: float) -> bool:
+        """Record progress (0-100) and renew the lease for the claim's lease_seconds.
+
+        False: stop working on it (cancelled, or taken over after the lease ran out).
+        """
+
+    @abc.abstractmethod
+    def complete(self, job_id: str, worker: str, slide_id: str) -> bool:
+        """Mark the job done, published as `slide_id`.
+
+        Raises InvalidArgument if the job was submitted for another slide id.
+        """
+
+    @abc.abstractmethod
+    def fail(self, job_id: str, worker: str, error: str, transient: bool) -> bool:
+        """Record a failed attempt; `error` is a message (never file content).
+
+        Transient (network, store unavailable, out of memory): queued again after exponential
+        backoff until the attempts are used up, then failed. Permanent (unreadable slide): failed.
+        """
+
+    @abc.abstractmethod
+    def release(self, job_id: str, worker: str, reason: str) -> bool:
+        """Give a running job back unfinished, runnable at once, without counting the attempt.
+
+        For a worker that stops on purpose (the service is shutting down): the slide is not to
+        blame, so the job must not move closer to failing. `reason` becomes the job's error
+        until the next attempt.
+        """
+
+    @abc.abstractmethod
+    def purge(self, finished_before: float) -> int:
+        """Delete the done, failed and cancelled jobs that finished before this time (seconds
+        since the epoch); returns how many. Queued and running jobs are never purged. Keeps the
+        table, and every listing, small in a service that runs for years."""
+
+    @abc.abstractmethod
+    def cancel(self, job_id: str) -> Job:
+        """Cancel a queued or running job (its worker's next heartbeat returns False).
+
+        A job already done, failed or cancelled is returned unchanged: a cancel that races a
+        worker's completion is not an error, the caller sees which one won.
+        """
+
+    @abc.abstractmethod
+    def get(self, job_id: str) -> Job:
+        """The job, or JobNotFound."""
+
+    @abc.abstractmethod
+    def list(
+        self, state: JobState | str | None = None, limit: int = 100, offset: int = 0
+    ) -> builtins.list[Job]:
+        """Jobs, newest first, optionally only those in `state`."""
+
+    @abc.abstractmethod
+    def recover(self, now: float | None = None) -> int:
+        """Take back every running job whose lease expired (at `now`, default the clock).
+
+        Requeues each for immediate retry, or fails it when its attempts are used up. Called at
+        start; returns how many jobs it took back. Live leases of other workers are untouched.
+        """
+
+    def close(self) -> None:  # noqa: B027 - optional hook, not abstract
+        """Release connections; the queue's data stays."""
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()

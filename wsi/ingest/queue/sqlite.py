@@ -1,0 +1,444 @@
+"""`SQLiteJobQueue`: the single-host job queue (any number of processes sharing one SQLite file).
+
+Re-exported by `wsi.ingest.queue`, whose docstring tells the whole story.
+"""
+
+from __future__ import annotations
+
+import builtins
+import json
+import os
+import sqlite3
+import threading
+import time
+import uuid
+import weakref
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+from wsi.errors import InvalidArgument
+from wsi.ingest.queue.base import (
+    _DEDUP_STATES,
+    _MAX_LIST,
+    _MAX_SOURCE,
+    _MAX_WORKER,
+    SCHEMA_VERSION,
+    Clock,
+    Job,
+    JobNotFound,
+    JobQueue,
+    JobQueueUnavailable,
+    JobState,
+    RetryPolicy,
+    _check_error,
+    _check_job_id,
+    _check_number,
+    _check_options,
+    _check_text,
+)
+from wsi.store.objects import check_slide_id
+
+_SCHEMA = f"""
+CREATE TABLE jobs (
+    id TEXT PRIMARY KEY,
+    source TEXT NOT NULL,
+    slide_id TEXT,
+    state TEXT NOT NULL CHECK (state IN ({", ".join(f"'{s.value}'" for s in JobState)})),
+    progress REAL NOT NULL DEFAULT 0,
+    error TEXT,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    created REAL NOT NULL,
+    updated REAL NOT NULL,
+    started REAL,
+    finished REAL,
+    next_attempt_at REAL NOT NULL,
+    worker TEXT,
+    lease_until REAL,
+    lease_seconds REAL,
+    options TEXT NOT NULL DEFAULT '{{}}'
+);
+CREATE INDEX jobs_by_state ON jobs (state, created);
+CREATE INDEX jobs_by_created ON jobs (created);
+-- Belt and braces under submit's check: one live job per slide, whatever a future writer does.
+CREATE UNIQUE INDEX jobs_live_slide ON jobs (slide_id)
+    WHERE slide_id IS NOT NULL AND state IN ('queued', 'running');
+PRAGMA user_version = {SCHEMA_VERSION};
+"""
+
+# Only these constant column lists and WHERE clauses are formatted into SQL (hence the S608 noqa
+# marks); every value is a bound parameter.
+_COLUMNS = (
+    "id, source, slide_id, state, progress, error, attempts, created, updated, started, "
+    "finished, next_attempt_at, worker, lease_until, options"
+)
+
+
+def _job(row: tuple[Any, ...]) -> Job:
+    (id_, source, slide_id, state, progress, error, attempts, created, updated, started,
+     finished, next_attempt_at, worker, lease_until, options) = row  # fmt: skip
+    return Job(
+        id=id_,
+        source=source,
+        slide_id=slide_id,
+        state=JobState(state),
+        progress=float(progress),
+        error=error,
+        attempts=int(attempts),
+        created=created,
+        updated=updated,
+        started=started,
+        finished=finished,
+        next_attempt_at=next_attempt_at,
+        worker=worker,
+        lease_until=lease_until,
+        options=MappingProxyType(json.loads(options)),
+    )
+
+
+class _Connection:
+    """One thread's connection; a weak-referenceable holder so `close` can reach them all."""
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self.conn = conn
+        self.pid = os.getpid()
+
+
+_INHERITED: builtins.list[_Connection] = []
+"""Connections a forked child inherited: never used (SQLite forbids it) and never closed there
+(closing could disturb the parent's WAL), just kept alive."""
+
+
+class SQLiteJobQueue(JobQueue):
+    """Jobs in one SQLite file (WAL mode), shared by any number of processes on this host.
+
+    Each thread gets its own connection. Every change is one `BEGIN IMMEDIATE` transaction: it
+    takes SQLite's write lock before reading, so two processes claiming at once are serialized
+    and never see the same job as free. Readers (`get`, `list`) never wait for writers in WAL mode.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        clock: Clock = time.time,
+        retry: RetryPolicy | None = None,
+        busy_timeout: float = 30.0,
+    ) -> None:
+        self.path = Path(path)
+        self.clock = clock
+        self.retry = retry or RetryPolicy()
+        self.busy_timeout = _check_number("busy_timeout", busy_timeout, 0)
+        self._local = threading.local()
+        self._all: weakref.WeakSet[_Connection] = weakref.WeakSet()
+        self._lock = threading.Lock()
+        self._closed = False
+        with self._transaction() as conn:
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            if version == 0:
+                if conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]:
+                    raise JobQueueUnavailable(f"{self.path} is not a jobs database")
+                for statement in _SCHEMA.split(";"):
+                    if statement.strip():
+                        conn.execute(statement)
+            elif version > SCHEMA_VERSION:
+                raise JobQueueUnavailable(
+                    f"{self.path} has jobs schema {version}; this version reads up to "
+                    f"{SCHEMA_VERSION}"
+                )
+
+    # connections and transactions
+
+    def _conn(self) -> sqlite3.Connection:
+        if self._closed:
+            raise JobQueueUnavailable(f"the job queue {self.path} is closed")
+        holder: _Connection | None = getattr(self._local, "holder", None)
+        if holder is not None and holder.pid != os.getpid():
+            _INHERITED.append(holder)
+            holder = None
+        if holder is None:
+            try:
+                conn = sqlite3.connect(
+                    self.path,
+                    timeout=self.busy_timeout,
+                    isolation_level=None,  # we issue BEGIN/COMMIT ourselves
+                    check_same_thread=False,  # used by its thread only; `close` may come from any
+                )
+                conn.execute("PRAGMA journal_mode = WAL")
+                # A submitted job must survive a power cut: the scanner has moved on by then.
+                conn.execute("PRAGMA synchronous = FULL")
+            except sqlite3.Error as exc:
+                raise JobQueueUnavailable(f"cannot open {self.path}: {exc}") from exc
+            holder = _Connection(conn)
+            self._local.holder = holder
+            with self._lock:
+                self._all.add(holder)
+        return holder.conn
+
+    @contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        conn = self._conn()
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+        except sqlite3.Error as exc:
+            raise JobQueueUnavailable(f"{self.path}: {exc}") from exc
+        try:
+            yield conn
+        except sqlite3.Error as exc:
+            conn.rollback()
+            raise JobQueueUnavailable(f"{self.path}: {exc}") from exc
+        except BaseException:
+            conn.rollback()
+            raise
+        try:
+            conn.commit()
+        except sqlite3.Error as exc:
+            conn.rollback()
+            raise JobQueueUnavailable(f"{self.path}: {exc}") from exc
+
+    def _read(self, sql: str, params: tuple[Any, ...] = ()) -> builtins.list[tuple[Any, ...]]:
+        try:
+            return self._conn().execute(sql, params).fetchall()
+        except sqlite3.Error as exc:
+            raise JobQueueUnavailable(f"{self.path}: {exc}") from exc
+
+    @staticmethod
+    def _row(conn: sqlite3.Connection, job_id: str) -> Job:
+        sql = f"SELECT {_COLUMNS} FROM jobs WHERE id = ?"  # noqa: S608 - constant columns
+        row = conn.execute(sql, (job_id,)).fetchone()
+        if row is None:
+            raise JobNotFound(f"no job {job_id!r}")
+        return _job(row)
+
+    def close(self) -> None:
+        """Close every thread's connection; call once no thread uses the queue any more."""
+        self._closed = True
+        with self._lock:
+            holders = builtins.list(self._all)
+            self._all.clear()
+        for holder in holders:
+            if holder.pid == os.getpid():
+                holder.conn.close()
+        self._local = threading.local()
+
+    # the queue
+
+    def submit(
+        self,
+        source: str,
+        slide_id: str | None = None,
+        options: Mapping[str, Any] | None = None,
+    ) -> Job:
+        source = _check_text("source", source, _MAX_SOURCE)
+        if slide_id is not None:
+            slide_id = check_slide_id(slide_id)
+        options_json = _check_options(options)
+        with self._transaction() as conn:
+            if slide_id is not None:
+                row = conn.execute(
+                    f"SELECT {_COLUMNS} FROM jobs WHERE slide_id = ? AND state IN (?, ?, ?) "  # noqa: S608
+                    "ORDER BY state = 'done', created DESC LIMIT 1",
+                    (slide_id, *_DEDUP_STATES),
+                ).fetchone()
+                if row is not None:
+                    return _job(row)
+            now = self.clock()
+            job_id = uuid.uuid4().hex
+            conn.execute(
+                "INSERT INTO jobs (id, source, slide_id, state, created, updated, "
+                "next_attempt_at, options) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (job_id, source, slide_id, JobState.QUEUED, now, now, now, options_json),
+            )
+            return self._row(conn, job_id)
+
+    def _take_back_expired(self, conn: sqlite3.Connection, now: float) -> int:
+        """Expired leases whose attempts are used up become failed; the rest are left for the
+        caller (claim takes one over directly, recover requeues them)."""
+        cur = conn.execute(
+            "UPDATE jobs SET state = ?, error = ?, worker = NULL, lease_until = NULL, "
+            "finished = ?, updated = ? "
+            "WHERE state = ? AND lease_until < ? AND attempts >= ?",
+            (
+                JobState.FAILED,
+                f"worker lost (lease expired) on each of {self.retry.max_attempts} attempts",
+                now,
+                now,
+                JobState.RUNNING,
+                now,
+                self.retry.max_attempts,
+            ),
+        )
+        return cur.rowcount
+
+    def claim(self, worker: str, lease_seconds: float) -> Job | None:
+        worker = _check_text("worker", worker, _MAX_WORKER)
+        lease = _check_number("lease_seconds", lease_seconds, 0)
+        if lease <= 0:
+            raise InvalidArgument("lease_seconds must be > 0")
+        with self._transaction() as conn:
+            now = self.clock()
+            self._take_back_expired(conn, now)
+            row = conn.execute(
+                "SELECT id FROM jobs WHERE (state = ? AND next_attempt_at <= ?) "
+                "OR (state = ? AND lease_until < ?) ORDER BY created, rowid LIMIT 1",
+                (JobState.QUEUED, now, JobState.RUNNING, now),
+            ).fetchone()
+            if row is None:
+                return None
+            conn.execute(
+                "UPDATE jobs SET state = ?, worker = ?, lease_until = ?, lease_seconds = ?, "
+                "attempts = attempts + 1, progress = 0, started = ?, updated = ? WHERE id = ?",
+                (JobState.RUNNING, worker, now + lease, lease, now, now, row[0]),
+            )
+            return self._row(conn, row[0])
+
+    def _holds(self, conn: sqlite3.Connection, job_id: str, worker: str) -> bool:
+        row = conn.execute("SELECT state, worker FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        if row is None:
+            raise JobNotFound(f"no job {job_id!r}")
+        return bool(row[0] == JobState.RUNNING and row[1] == worker)
+
+    def heartbeat(self, job_id: str, worker: str, progress: float) -> bool:
+        job_id = _check_job_id(job_id)
+        worker = _check_text("worker", worker, _MAX_WORKER)
+        progress = _check_number("progress", progress, 0, 100)
+        with self._transaction() as conn:
+            if not self._holds(conn, job_id, worker):
+                return False
+            now = self.clock()
+            conn.execute(
+                "UPDATE jobs SET progress = ?, lease_until = ? + lease_seconds, updated = ? "
+                "WHERE id = ?",
+                (progress, now, now, job_id),
+            )
+            return True
+
+    def complete(self, job_id: str, worker: str, slide_id: str) -> bool:
+        job_id = _check_job_id(job_id)
+        worker = _check_text("worker", worker, _MAX_WORKER)
+        slide_id = check_slide_id(slide_id)
+        with self._transaction() as conn:
+            if not self._holds(conn, job_id, worker):
+                return False
+            expected = self._row(conn, job_id).slide_id
+            if expected is not None and expected != slide_id:
+                raise InvalidArgument(
+                    f"job {job_id} was submitted for slide {expected}, not {slide_id}"
+                )
+            now = self.clock()
+            conn.execute(
+                "UPDATE jobs SET state = ?, slide_id = ?, progress = 100, error = NULL, "
+                "worker = NULL, lease_until = NULL, finished = ?, updated = ? WHERE id = ?",
+                (JobState.DONE, slide_id, now, now, job_id),
+            )
+            return True
+
+    def fail(self, job_id: str, worker: str, error: str, transient: bool) -> bool:
+        job_id = _check_job_id(job_id)
+        worker = _check_text("worker", worker, _MAX_WORKER)
+        error = _check_error(error)
+        with self._transaction() as conn:
+            if not self._holds(conn, job_id, worker):
+                return False
+            attempts = self._row(conn, job_id).attempts
+            now = self.clock()
+            if transient and attempts < self.retry.max_attempts:
+                conn.execute(
+                    "UPDATE jobs SET state = ?, error = ?, worker = NULL, lease_until = NULL, "
+                    "progress = 0, next_attempt_at = ?, updated = ? WHERE id = ?",
+                    (JobState.QUEUED, error, now + self.retry.delay(attempts), now, job_id),
+                )
+            else:
+                conn.execute(
+                    "UPDATE jobs SET state = ?, error = ?, worker = NULL, lease_until = NULL, "
+                    "finished = ?, updated = ? WHERE id = ?",
+                    (JobState.FAILED, error, now, now, job_id),
+                )
+            return True
+
+    def release(self, job_id: str, worker: str, reason: str) -> bool:
+        job_id = _check_job_id(job_id)
+        worker = _check_text("worker", worker, _MAX_WORKER)
+        reason = _check_error(reason)
+        with self._transaction() as conn:
+            if not self._holds(conn, job_id, worker):
+                return False
+            now = self.clock()
+            conn.execute(
+                "UPDATE jobs SET state = ?, error = ?, worker = NULL, lease_until = NULL, "
+                "progress = 0, attempts = max(attempts - 1, 0), next_attempt_at = ?, "
+                "updated = ? WHERE id = ?",
+                (JobState.QUEUED, reason, now, now, job_id),
+            )
+            return True
+
+    def purge(self, finished_before: float) -> int:
+        before = _check_number("finished_before", finished_before, 0)
+        with self._transaction() as conn:
+            cur = conn.execute(
+                "DELETE FROM jobs WHERE state IN (?, ?, ?) AND finished < ?",
+                (JobState.DONE, JobState.FAILED, JobState.CANCELLED, before),
+            )
+            return cur.rowcount
+
+    def cancel(self, job_id: str) -> Job:
+        job_id = _check_job_id(job_id)
+        with self._transaction() as conn:
+            job = self._row(conn, job_id)
+            if job.state.terminal:
+                return job
+            now = self.clock()
+            conn.execute(
+                "UPDATE jobs SET state = ?, worker = NULL, lease_until = NULL, finished = ?, "
+                "updated = ? WHERE id = ?",
+                (JobState.CANCELLED, now, now, job_id),
+            )
+            return self._row(conn, job_id)
+
+    def get(self, job_id: str) -> Job:
+        job_id = _check_job_id(job_id)
+        sql = f"SELECT {_COLUMNS} FROM jobs WHERE id = ?"  # noqa: S608 - constant columns
+        rows = self._read(sql, (job_id,))
+        if not rows:
+            raise JobNotFound(f"no job {job_id!r}")
+        return _job(rows[0])
+
+    def list(
+        self, state: JobState | str | None = None, limit: int = 100, offset: int = 0
+    ) -> builtins.list[Job]:
+        for name, value, high in (("limit", limit, _MAX_LIST), ("offset", offset, 2**62)):
+            if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= high:
+                raise InvalidArgument(f"{name} must be an integer in [0, {high}]")
+        params: tuple[str, ...] = ()
+        if state is None:
+            where = ""
+        else:
+            try:
+                state = JobState(state)
+            except ValueError:
+                raise InvalidArgument(
+                    f"state must be one of {', '.join(s.value for s in JobState)}"
+                ) from None
+            where, params = "WHERE state = ?", (state.value,)
+        rows = self._read(
+            f"SELECT {_COLUMNS} FROM jobs {where} ORDER BY created DESC, rowid DESC "  # noqa: S608
+            "LIMIT ? OFFSET ?",
+            (*params, limit, offset),
+        )
+        return [_job(row) for row in rows]
+
+    def recover(self, now: float | None = None) -> int:
+        if now is not None:
+            now = _check_number("now", now, 0)
+        with self._transaction() as conn:
+            now = self.clock() if now is None else now
+            failed = self._take_back_expired(conn, now)
+            cur = conn.execute(
+                "UPDATE jobs SET state = ?, error = ?, worker = NULL, lease_until = NULL, "
+                "progress = 0, next_attempt_at = ?, updated = ? "
+                "WHERE state = ? AND lease_until < ?",
+                (JobState.QUEUED, "worker lost (lease expired)", now, now, JobState.RUNNING, now),
+            )
+            return failed + cur.rowcount

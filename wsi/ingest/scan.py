@@ -1,0 +1,540 @@
+"""Scanning watched folders: grouping files into `SlideCandidate`s, each saying what it lacks.
+
+One cheap pass (directory listings, stats, a few header bytes; no slide is opened).
+`wsi.ingest.watcher` builds the stability tracking and the watcher on top and re-exports the
+public names.
+"""
+
+from __future__ import annotations
+
+import configparser
+import logging
+import os
+import stat
+import warnings
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, TypeVar, cast
+
+from wsi.errors import WsiError
+from wsi.sources import BACKENDS
+from wsi.sources.base import SlideSource
+from wsi.sources.dicom_backend import DicomSource
+
+log = logging.getLogger("wsi.ingest.watcher")  # one logger for scanning and watching
+T = TypeVar("T")
+
+Layout = Literal["file", "mrxs", "vms", "dicom-folder", "dicom-series"]
+"""How a candidate's parts are laid out: one file; MIRAX `.mrxs` + folder; Hamamatsu `.vms`/`.vmu`
++ the files it lists; a folder holding one DICOM series; DICOM instances loose in a folder that
+holds other things too (grouped by SeriesInstanceUID, entry point the first instance)."""
+
+TEMPORARY_SUFFIXES = frozenset(
+    {".part", ".partial", ".filepart", ".tmp", ".temp", ".crdownload", ".download", ".swp"}
+)
+"""Names browsers, WinSCP, curl, editors and copy scripts give a file until it is complete."""
+
+SINGLE_FILE_SUFFIXES = frozenset(
+    {".svs", ".tif", ".tiff", ".ndpi", ".scn", ".bif", ".svslide", ".qptiff"}
+)
+"""A file with one of these names is a slide candidate without probing: a broken one still becomes
+a job, so that it fails with a readable error instead of vanishing silently."""
+
+DICOM_SUFFIXES = frozenset({".dcm", ".dicom"})
+
+SIDECAR_SUFFIXES = frozenset(
+    {".json", ".txt", ".xml", ".csv", ".md", ".log", ".ini", ".yaml", ".yml", ".pdf"}
+)
+"""Files that may sit in a DICOM series folder without having to be DICOM themselves."""
+
+NON_SLIDE_SUFFIXES = SIDECAR_SUFFIXES | frozenset(
+    {".html", ".htm", ".dat", ".jpg", ".jpeg", ".png", ".bmp", ".gif", ".opt", ".zip"}
+    # Databases and their journals: opening and closing one in this process would drop
+    # SQLite's locks on it if it is ours.
+    | {".sqlite", ".sqlite3", ".db", ".sqlite-wal", ".sqlite-shm", ".sqlite-journal"}
+    | {".db-wal", ".db-shm", ".db-journal"}
+)
+"""Never probed: sidecars, and the parts of multi-file slides (those are claimed by their slide)."""
+
+_INI_LIMIT = 1 << 20
+"""Slidedat.ini and .vms files are small; OpenSlide refuses larger ones too."""
+
+_MAX_COMPANION_DEPTH = 3
+"""MIRAX folders are flat; the bound only keeps a strange tree from costing a long walk."""
+
+
+class FolderUnavailable(WsiError, OSError):
+    """A watched folder cannot be listed (missing, unmounted share, permission denied)."""
+
+
+def is_hidden(name: str) -> bool:
+    """Dotfiles (rsync's `.name.XXXXXX`, `.DS_Store`, AppleDouble) and `~$` lock files."""
+    return name.startswith((".", "~"))
+
+
+def is_partial(name: str) -> bool:
+    """A name that says "still being written": `*.part`, `*.tmp`, `*.crdownload`, `name~`, ..."""
+    return name.endswith("~") or Path(name).suffix.lower() in TEMPORARY_SUFFIXES
+
+
+def is_temporary(name: str) -> bool:
+    """Never a slide or a part of one: hidden or partial names."""
+    return is_hidden(name) or is_partial(name)
+
+
+@dataclass(frozen=True)
+class SlideCandidate:
+    """A slide as one scan saw it.
+
+    `fingerprint` holds (path relative to `path.parent`, size, mtime_ns) of every part, plus
+    hidden files inside a multi-file slide's folder (an rsync temporary growing there means the
+    slide is still arriving, though it is no part of it). The tracker compares fingerprints.
+    """
+
+    path: Path
+    """The entry point a backend opens: the .svs/.tif/.ndpi/.mrxs/.vms file, a DICOM series
+    folder, or the first instance of a loose DICOM series."""
+    files: tuple[Path, ...]
+    """Every part, the entry point first when it is a file, then by path; the `<slide>.json` /
+    `<stem>.json` metadata sidecar is one of them when present."""
+    total_bytes: int
+    fingerprint: tuple[tuple[str, int, int], ...]
+    layout: Layout = "file"
+    pending: tuple[str, ...] = ()
+    """Why the slide is not complete yet (a missing part, a part not yet DICOM, ...); empty when
+    every part is there."""
+
+    @property
+    def complete(self) -> bool:
+        return not self.pending
+
+
+# ---------------------------------------------------------------------------------------------
+# Scanning
+
+
+@dataclass(frozen=True)
+class _Entry:
+    path: Path
+    is_dir: bool
+    size: int
+    mtime_ns: int
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    @property
+    def suffix(self) -> str:
+        return self.path.suffix.lower()
+
+
+def _inside(target: str, root_real: str) -> bool:
+    return target == root_real or target.startswith(root_real.rstrip(os.sep) + os.sep)
+
+
+def _entry(dirent: os.DirEntry[str], root_real: str) -> _Entry | None:
+    """Stat one directory entry; None for what a scan must not use.
+
+    Symbolic links to files are followed only when the target lies inside the watched folder;
+    links to folders never are (that is what rules out loops and a slide seen twice). Entries that
+    vanish between listing and stat, dangling or looping links and unreadable entries are skipped.
+    """
+    try:
+        if dirent.is_symlink():
+            target = os.path.realpath(dirent.path, strict=True)
+            if not _inside(target, root_real):
+                return None
+            st = os.stat(target)
+            if not stat.S_ISREG(st.st_mode):
+                return None
+        else:
+            st = dirent.stat(follow_symlinks=False)
+    except (OSError, RuntimeError, ValueError):
+        return None
+    if stat.S_ISDIR(st.st_mode):
+        return _Entry(Path(dirent.path), True, 0, 0)
+    if stat.S_ISREG(st.st_mode):
+        return _Entry(Path(dirent.path), False, st.st_size, st.st_mtime_ns)
+    return None  # sockets, FIFOs, devices
+
+
+def _list(directory: Path, root_real: str, *, strict: bool = False) -> list[_Entry] | None:
+    """The usable entries of `directory`, or None when it cannot be listed (gone, no permission,
+    replaced by a file mid-scan); with `strict`, the OSError instead."""
+    try:
+        with os.scandir(directory) as it:
+            dirents = list(it)
+    except OSError as exc:
+        if strict:
+            raise
+        log.debug("cannot list %s: %s", directory, exc)
+        return None
+    entries = (_entry(d, root_real) for d in dirents)
+    return sorted((e for e in entries if e is not None), key=lambda e: e.name)
+
+
+@dataclass
+class _Contents:
+    """What a multi-file slide's folder holds."""
+
+    parts: list[_Entry] = field(default_factory=list)
+    hidden: list[_Entry] = field(default_factory=list)
+    partial: list[str] = field(default_factory=list)
+    readable: bool = True
+
+
+def _contents(directory: Path, root_real: str, depth: int = _MAX_COMPANION_DEPTH) -> _Contents:
+    out = _Contents()
+    entries = _list(directory, root_real)
+    if entries is None:
+        out.readable = False
+        return out
+    for e in entries:
+        if is_partial(e.name):
+            out.partial.append(e.name)
+            if not e.is_dir:
+                out.hidden.append(e)
+        elif is_hidden(e.name):
+            if not e.is_dir:
+                out.hidden.append(e)
+        elif e.is_dir:
+            if depth > 1:
+                sub = _contents(e.path, root_real, depth - 1)
+                out.parts += sub.parts
+                out.hidden += sub.hidden
+                out.partial += [f"{e.name}/{n}" for n in sub.partial]
+                out.readable &= sub.readable
+        else:
+            out.parts.append(e)
+    return out
+
+
+def _sidecar(name: str, files: dict[str, _Entry]) -> _Entry | None:
+    """`<slide>.json`, else `<stem>.json`: the lookup order of `wsi.metadata.sidecar_path`."""
+    for candidate in (name + ".json", Path(name).stem + ".json"):
+        if candidate != name and candidate in files:
+            return files[candidate]
+    return None
+
+
+def _candidate(
+    layout: Layout,
+    path: Path,
+    parts: Iterable[_Entry],
+    *,
+    hidden: Iterable[_Entry] = (),
+    pending: Iterable[str] = (),
+) -> SlideCandidate:
+    base = path.parent
+    unique = {e.path: e for e in parts}
+    ordered = sorted(unique.values(), key=lambda e: (e.path != path, e.path))
+    fingerprint = sorted(
+        (e.path.relative_to(base).as_posix(), e.size, e.mtime_ns) for e in [*ordered, *hidden]
+    )
+    return SlideCandidate(
+        path=path,
+        files=tuple(e.path for e in ordered),
+        total_bytes=sum(e.size for e in ordered),
+        fingerprint=tuple(fingerprint),
+        layout=layout,
+        pending=tuple(pending),
+    )
+
+
+def _read_ini(path: Path) -> configparser.ConfigParser | None:
+    """The INI file at `path`, or None while it cannot be parsed (half-written, or not INI)."""
+    try:
+        with path.open("rb") as f:
+            data = f.read(_INI_LIMIT + 1)
+    except OSError:
+        return None
+    if len(data) > _INI_LIMIT:
+        return None
+    parser = configparser.ConfigParser(interpolation=None, strict=False, delimiters=("=",))
+    try:
+        parser.read_string(data.decode("utf-8-sig", errors="replace"))
+    except configparser.Error:
+        return None
+    return parser
+
+
+def mrxs_required_files(slidedat: Path) -> list[str] | None:
+    """The files a MIRAX Slidedat.ini lists (the index file and every data file), relative to its
+    folder; None while the ini is not complete enough to say."""
+    ini = _read_ini(slidedat)
+    if ini is None or not ini.has_section("DATAFILE"):
+        return None
+    section = ini["DATAFILE"]
+    try:
+        count = int(section.get("file_count", ""))
+    except ValueError:
+        return None
+    names = [section.get(f"file_{i}", "").strip() for i in range(count)]
+    if count < 1 or not all(names):
+        return None
+    index = ini.get("HIERARCHICAL", "indexfile", fallback="").strip()
+    return ([index] if index else []) + names
+
+
+_VMS_GROUPS = ("Virtual Microscope Specimen", "Uncompressed Virtual Microscope Specimen")
+_VMS_FILE_KEYS = ("imagefile", "mapfile", "optimisationfile", "macroimage")
+
+
+def vms_required_files(vms: Path) -> list[str] | None:
+    """The files a Hamamatsu .vms/.vmu lists (ImageFile, ImageFile(x,y), MapFile,
+    OptimisationFile, MacroImage), relative to its folder; None while it cannot be parsed or lists
+    no image file."""
+    ini = _read_ini(vms)
+    group = next((g for g in _VMS_GROUPS if ini is not None and ini.has_section(g)), None)
+    if ini is None or group is None:
+        return None
+    section = ini[group]
+    names = {
+        key: value.strip()
+        for key, value in section.items()
+        if key.startswith(_VMS_FILE_KEYS) and value.strip()
+    }
+    if not any(key.startswith("imagefile") for key in names):
+        return None
+    return sorted(set(names.values()))
+
+
+def _series_uid(path: Path) -> str | None:
+    """SeriesInstanceUID of a DICOM file; None while its header cannot be read."""
+    import pydicom  # ~0.3 s to import: only paid when a folder holds loose DICOM files
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # half-written headers make pydicom warn
+            ds = pydicom.dcmread(
+                path,
+                stop_before_pixels=True,
+                defer_size=1024,
+                specific_tags=["SeriesInstanceUID"],
+            )
+    except Exception:  # pydicom raises many kinds on a truncated or foreign file
+        return None
+    uid = ds.get("SeriesInstanceUID")
+    return str(uid) if uid else None
+
+
+ProbeCache = dict[tuple[str, Path, int, int], object]
+"""Header probes of a previous scan, keyed by (probe, path, size, mtime_ns): a watcher passes the
+last scan's cache to the next, so polling a big, quiet folder costs listings and stats only."""
+
+
+class _Scan:
+    """One pass over one watched folder."""
+
+    def __init__(self, root: Path, cache: ProbeCache | None = None) -> None:
+        self.root = root
+        self.old_cache: ProbeCache = cache if cache is not None else {}
+        self.cache: ProbeCache = {}
+        try:
+            self.root_real = os.path.realpath(root, strict=True)
+        except (OSError, RuntimeError) as exc:
+            raise FolderUnavailable(f"watched folder unavailable: {root}: {exc}") from exc
+        self.probes: tuple[type[SlideSource], ...] = tuple(b for b in BACKENDS if b.is_available())
+        self.out: list[SlideCandidate] = []
+
+    def probe(self, what: str, e: _Entry, compute: Callable[[Path], T]) -> T:
+        """`compute(e.path)`, reused from the previous scan while the file's size and mtime stay."""
+        key = (what, e.path, e.size, e.mtime_ns)
+        value = cast(T, self.old_cache[key]) if key in self.old_cache else compute(e.path)
+        self.cache[key] = value
+        return value
+
+    def is_dicom(self, e: _Entry) -> bool:
+        return self.probe("dicm", e, DicomSource.can_open)
+
+    def run(self) -> list[SlideCandidate]:
+        try:
+            entries = _list(self.root, self.root_real, strict=True)
+        except OSError as exc:
+            raise FolderUnavailable(f"watched folder unavailable: {self.root}: {exc}") from exc
+        self.folder(entries or [], depth=0)
+        return sorted(self.out, key=lambda c: c.path)
+
+    def kind(self, e: _Entry) -> Literal["file", "dicom", "mrxs", "vms"] | None:
+        """What a (non-temporary) file is, by name where that says it and by cheap backend
+        probes (a few header bytes) for names that say nothing, such as DICOM UIDs."""
+        suffix = e.suffix
+        if suffix == ".mrxs":
+            return "mrxs"
+        if suffix in {".vms", ".vmu"}:
+            return "vms"
+        if suffix in DICOM_SUFFIXES:
+            return "dicom"
+        if suffix in SINGLE_FILE_SUFFIXES:
+            return "file"
+        if suffix in NON_SLIDE_SUFFIXES:
+            return None
+        return self.probe("kind", e, self.probe_backends)
+
+    def probe_backends(self, path: Path) -> Literal["file", "dicom"] | None:
+        for backend in self.probes:
+            if backend.can_open(path):
+                return "dicom" if backend is DicomSource else "file"
+        return None
+
+    def folder(self, entries: list[_Entry], depth: int) -> None:
+        files = {e.name: e for e in entries if not e.is_dir and not is_temporary(e.name)}
+        dirs = {e.name: e for e in entries if e.is_dir and not is_temporary(e.name)}
+        kinds = {name: self.kind(e) for name, e in files.items()}
+        claimed: set[str] = set()
+        companions: set[str] = set()
+        loose_dicom: list[_Entry] = []
+        for name, e in files.items():
+            if kinds[name] == "mrxs":
+                stem = Path(name).stem
+                companions.add(stem)
+                self.mrxs(e, dirs.get(stem), files)
+            elif kinds[name] == "vms":
+                claimed |= self.vms(e, files)
+        for name, e in files.items():
+            if name in claimed:
+                continue
+            if kinds[name] == "file":
+                sidecar = _sidecar(name, files)
+                self.out.append(_candidate("file", e.path, [e, *([sidecar] if sidecar else [])]))
+            elif kinds[name] == "dicom":
+                loose_dicom.append(e)
+        if loose_dicom:
+            self.dicom_series(loose_dicom, files)
+        if depth > 0:
+            return
+        for name, d in dirs.items():
+            if name in companions:
+                continue
+            sub = _list(d.path, self.root_real)
+            if sub is None:
+                continue
+            sub_files = [e for e in sub if not e.is_dir and not is_temporary(e.name)]
+            if any(self.kind(e) == "dicom" for e in sub_files):
+                self.dicom_folder(d, sub, files)
+            elif any(e.name == "Slidedat.ini" for e in sub_files):
+                continue  # a MIRAX folder whose .mrxs has not arrived yet
+            else:
+                self.folder(sub, depth + 1)
+
+    def mrxs(self, mrxs: _Entry, companion: _Entry | None, files: dict[str, _Entry]) -> None:
+        stem = mrxs.path.stem
+        parts = [mrxs]
+        sidecar = _sidecar(mrxs.name, files)
+        if sidecar:
+            parts.append(sidecar)
+        if companion is None:
+            self.out.append(_candidate("mrxs", mrxs.path, parts, pending=[f"{stem}/ is missing"]))
+            return
+        contents = _contents(companion.path, self.root_real)
+        pending = [f"{stem}/{n} is still being written" for n in contents.partial]
+        if not contents.readable:
+            pending.append(f"{stem}/ cannot be read completely")
+        present = {e.path.relative_to(companion.path).as_posix(): e for e in contents.parts}
+        if "Slidedat.ini" not in present:
+            pending.append(f"{stem}/Slidedat.ini is missing")
+        else:
+            required = self.probe("mrxs", present["Slidedat.ini"], mrxs_required_files)
+            if required is None:
+                pending.append(f"{stem}/Slidedat.ini is incomplete")
+            else:
+                pending += [f"{stem}/{r} is missing" for r in required if r not in present]
+        self.out.append(
+            _candidate(
+                "mrxs", mrxs.path, parts + contents.parts, hidden=contents.hidden, pending=pending
+            )
+        )
+
+    def vms(self, vms: _Entry, files: dict[str, _Entry]) -> set[str]:
+        """Add the VMS/VMU candidate; returns the names of the files it claims."""
+        required = self.probe("vms", vms, vms_required_files)
+        parts = [vms]
+        sidecar = _sidecar(vms.name, files)
+        if sidecar:
+            parts.append(sidecar)
+        if required is None:
+            pending = [f"{vms.name} is incomplete"]
+        else:
+            parts += [files[r] for r in required if r in files]
+            pending = [f"{r} is missing" for r in required if r not in files]
+        self.out.append(_candidate("vms", vms.path, parts, pending=pending))
+        return {vms.name, *(required or ())}
+
+    def dicom_folder(
+        self, folder: _Entry, entries: list[_Entry], parent: dict[str, _Entry]
+    ) -> None:
+        """A folder of one series: every file must already be DICOM (the preamble and `DICM` at
+        offset 128 are written first, so a file without them is still arriving); sidecar-like
+        files (.json, .txt, ...) may sit beside the instances."""
+        parts: list[_Entry] = []
+        hidden: list[_Entry] = []
+        pending: list[str] = []
+        for e in entries:
+            if is_partial(e.name):
+                pending.append(f"{folder.name}/{e.name} is still being written")
+                if not e.is_dir:
+                    hidden.append(e)
+            elif e.is_dir:
+                continue  # DicomSource reads the folder's own files only
+            elif is_hidden(e.name):
+                hidden.append(e)
+            else:
+                parts.append(e)
+                if e.suffix not in SIDECAR_SUFFIXES and not self.is_dicom(e):
+                    pending.append(f"{folder.name}/{e.name} is not (yet) a DICOM file")
+        sidecar = _sidecar(folder.name, parent)
+        if sidecar:
+            parts.append(sidecar)
+        self.out.append(
+            _candidate("dicom-folder", folder.path, parts, hidden=hidden, pending=pending)
+        )
+
+    def dicom_series(self, instances: list[_Entry], files: dict[str, _Entry]) -> None:
+        """DICOM files loose in a folder with other things: one candidate per series (DicomSource
+        opens the series' other instances along with the one it is given)."""
+        series: dict[str, list[_Entry]] = {}
+        for e in instances:
+            uid = self.probe("series", e, _series_uid) if self.is_dicom(e) else None
+            if uid is None:
+                self.out.append(
+                    _candidate(
+                        "dicom-series",
+                        e.path,
+                        [e],
+                        pending=[f"{e.name}: DICOM header not readable (yet)"],
+                    )
+                )
+            else:
+                series.setdefault(uid, []).append(e)
+        for members in series.values():
+            entry = min(members, key=lambda e: e.name)
+            sidecar = _sidecar(entry.name, files)
+            parts = [*members, *([sidecar] if sidecar else [])]
+            self.out.append(_candidate("dicom-series", entry.path, parts))
+
+
+def find_candidates(folder: str | os.PathLike[str]) -> list[SlideCandidate]:
+    """Every slide in `folder`, complete or not, sorted by path; cheap enough to run every poll.
+
+    Looked at: the folder's files, and each subfolder one level down, which is either a DICOM
+    series folder (it holds a DICOM file: by name or by `DICM` at offset 128), a MIRAX folder
+    (claimed by its `.mrxs`; ignored until the `.mrxs` is there), or a plain folder scanned for
+    slides like the top level. MIRAX folders are read whole. Temporary names (dotfiles, `*.part`,
+    `*.tmp`, `*.crdownload`, `name~`, ...) are never slides; inside a multi-file slide's folder a
+    partial name holds the slide back. Non-slide files are skipped, except `<slide>.json` /
+    `<stem>.json`, which joins its slide's files.
+
+    Raises FolderUnavailable when `folder` itself cannot be listed; anything below it that
+    vanishes or cannot be read mid-scan is skipped.
+    """
+    return _Scan(Path(folder)).run()
+
+
+def _find_candidates_cached(
+    folder: Path, cache: ProbeCache | None
+) -> tuple[list[SlideCandidate], ProbeCache]:
+    """find_candidates reusing (and returning) the header probes of the previous scan."""
+    scan = _Scan(folder, cache)
+    return scan.run(), scan.cache

@@ -1,0 +1,381 @@
+"""The streaming pyramid builder: one pass over the source, every level written as it is made.
+
+Plan: level 0 keeps the source's tile size when its tiles are JPEG (they are copied byte for byte)
+and uses `tile_size` otherwise (decoded and re-encoded). Each further level is an exact 2x step
+(sizes rounded down) until one tile holds the whole level. A level is either *passed through* from
+a source level of exactly that size (same tiles, JPEG: nothing decoded) or *derived* from the level
+above it: from JPEG tiles by libjpeg-turbo's 1/2-scale DCT decoding, otherwise by a 2x2 area mean.
+
+Work runs in *segments*: a passed-through (or decoded) level followed by the levels derived from it.
+A segment walks its top level two tile rows at a time, cut into column blocks; each (row pair,
+block) is one task for the thread pool (codec calls release the GIL) and yields that level's tiles
+plus the next level's tiles and pixels. Results are consumed in order, so each level's tiles reach
+the writer in row-major order, and deeper levels are folded from two pixel rows at a time. Memory
+holds a bounded number of tasks plus two pixel rows per level: it grows with slide width, never
+with slide area.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures as cf
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image
+
+from wsi.codecs import jpeg
+from wsi.errors import EncodedTileUnavailable, InvalidArgument
+from wsi.model import Level, TileCodec, pyramid_levels
+from wsi.sources.base import SlideSource
+from wsi.writers.base import ChunkFormat, PyramidWriter
+from wsi.writers.omezarr import encode_chunk_zstd
+
+BLOCK_TILES = 32
+"""Tiles across per task (even, so a block maps to whole tiles of the next level)."""
+
+Progress = Callable[[int, int], None]
+"""progress(done_tiles, total_tiles)"""
+
+
+@dataclass(frozen=True)
+class PyramidSettings:
+    """How pixels are encoded and how much of the machine to use."""
+
+    quality: int = 90
+    """JPEG quality of tiles we encode (source JPEG tiles keep theirs)."""
+    lossless: bool = False
+    """Encode tiles we make with zstd (lossless) instead of JPEG."""
+    workers: int = 0
+    """Threads for decoding/encoding; 0 = one per CPU core."""
+    tile_size: int = 256
+    """Output tile size when the base level is re-encoded."""
+    reuse_levels: bool = True
+    """Pass through source levels that are exact 2x steps with JPEG tiles."""
+    subsample_420: bool = True
+    """Tiles we encode are YCbCr 4:2:0 (the default: what scanners write, DICOM YBR_FULL_422,
+    smallest), or RGB-coded 4:4:4 when False (DICOM RGB): about 0.7 vs 0.28 bytes per pixel
+    and 40.7 vs 33.1 dB PSNR at quality 90 on dense tissue (CMU-1 level 1)."""
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.quality <= 100:
+            raise InvalidArgument(f"quality must be 1-100, got {self.quality}")
+        if self.workers < 0:
+            raise InvalidArgument("workers must be >= 0")
+        if self.tile_size < 16 or self.tile_size % 16 or self.tile_size > 4096:
+            raise InvalidArgument("tile size must be a multiple of 16 between 16 and 4096")
+
+    @property
+    def thread_count(self) -> int:
+        return self.workers or os.cpu_count() or 1
+
+    @property
+    def encoded_format(self) -> ChunkFormat:
+        return ChunkFormat("zstd") if self.lossless else ChunkFormat("jpeg", self.quality)
+
+
+@dataclass(frozen=True)
+class LevelPlan:
+    """One output level and where its tiles come from."""
+
+    index: int
+    level: Level
+    source_level: int | None
+    """Source level copied tile for tile, or None when this level is derived/encoded here."""
+    chunk_format: ChunkFormat
+
+    @property
+    def passthrough(self) -> bool:
+        return self.source_level is not None
+
+
+def plan_pyramid(source: SlideSource, settings: PyramidSettings) -> list[LevelPlan]:
+    """Decide every output level's geometry and origin."""
+    base = source.levels[0]
+    # Derived tiles are built from 2x2 quadrants of the tiles above, so tiles must have even
+    # sides to be copied (TIFF tiles are multiples of 16; odd DICOM frames get re-encoded).
+    even = base.tile_width % 2 == 0 and base.tile_height % 2 == 0
+    base_jpeg = source.tile_codec(0) is TileCodec.JPEG and even
+    tw, th = (base.tile_width, base.tile_height) if base_jpeg else (settings.tile_size,) * 2
+    plans = []
+    for index, level in enumerate(pyramid_levels(base.width, base.height, tw, th)):
+        source_level = None
+        if index == 0 and base_jpeg:
+            source_level = 0
+        elif index > 0 and settings.reuse_levels:
+            source_level = _matching_source_level(source, level)
+        fmt = ChunkFormat("jpeg", settings.quality) if source_level is not None else None
+        plans.append(LevelPlan(index, level, source_level, fmt or settings.encoded_format))
+    return plans
+
+
+def _matching_source_level(source: SlideSource, level: Level) -> int | None:
+    for i, lv in enumerate(source.levels[1:], start=1):
+        same_size = (lv.width, lv.height) == (level.width, level.height)
+        same_tiles = (lv.tile_width, lv.tile_height) == (level.tile_width, level.tile_height)
+        if same_size and same_tiles and source.tile_codec(i) is TileCodec.JPEG:
+            return i
+    return None
+
+
+def mean2x2(pixels: np.ndarray) -> np.ndarray:
+    """Exact 2x2 area mean, rounded half up, of an (h, w, 3) uint8 array; odd edges dropped.
+
+    Pillow's `reduce(2)` is a C box filter with exactly this rounding ((a+b+c+d+2) >> 2) and
+    runs ~1.5x faster than the best numpy formulation measured here (it releases the GIL);
+    a contiguous input is shared with Pillow, not copied.
+    """
+    h, w = pixels.shape[0] // 2 * 2, pixels.shape[1] // 2 * 2
+    if h == 0 or w == 0:
+        return np.zeros((h // 2, w // 2, 3), np.uint8)
+    block = np.ascontiguousarray(pixels[:h, :w])
+    image = Image.frombuffer("RGB", (w, h), block, "raw", "RGB", 0, 1)
+    return np.asarray(image.reduce(2))
+
+
+def white_tile(level: Level) -> np.ndarray:
+    return np.full((level.tile_height, level.tile_width, 3), 255, np.uint8)
+
+
+def quadrant(tile: np.ndarray, qy: int, qx: int) -> np.ndarray:
+    """View of quadrant (qy, qx) of a tile: where a tile of the level above lands, halved."""
+    sh, sw = tile.shape[0] // 2, tile.shape[1] // 2
+    return tile[qy * sh : (qy + 1) * sh, qx * sw : (qx + 1) * sw]
+
+
+@dataclass
+class _BlockResult:
+    top_rows: list[list[bytes]]
+    """Encoded tiles of the segment's top level: one list per tile row (1 or 2 rows)."""
+    next_row: list[bytes] | None
+    """Encoded tiles of the next level's row in this block (None if there is no next level)."""
+    next_pixels: list[np.ndarray] | None
+    """The next level's tiles' pixels, for deeper levels."""
+
+
+class PyramidBuilder:
+    """Builds the planned pyramid from `source` into `writer`."""
+
+    def __init__(
+        self,
+        source: SlideSource,
+        writer: PyramidWriter,
+        settings: PyramidSettings,
+        progress: Progress | None = None,
+    ) -> None:
+        self.source = source
+        self.writer = writer
+        self.settings = settings
+        self.plans = plan_pyramid(source, settings)
+        self._progress = progress
+        self._done = 0
+        self._total = sum(p.level.tile_count for p in self.plans)
+
+    # -- encoding helpers ------------------------------------------------------------------
+    def _encode(self, fmt: ChunkFormat, tile: np.ndarray) -> bytes:
+        if fmt.codec == "jpeg":
+            return jpeg.encode(tile, fmt.quality, self.settings.subsample_420)
+        return encode_chunk_zstd(tile, fmt.zstd_level)
+
+    def _tick(self, tiles: int) -> None:
+        self._done += tiles
+        if self._progress:
+            self._progress(self._done, self._total)
+
+    # -- the top level of a segment ---------------------------------------------------------
+    def _top_tiles(
+        self, plan: LevelPlan, row: int, cols: range, below: list[np.ndarray] | None, qy: int
+    ) -> list[bytes]:
+        """Encoded tiles of one row span of a segment's top level. With `below` (the next
+        level's tiles under this span), each tile is also halved into its quadrant there: by
+        DCT-scaled decoding for JPEG tiles, by a 2x2 mean of decoded pixels otherwise."""
+        lv = plan.level
+        tw, th = lv.tile_width, lv.tile_height
+        region = None
+        if plan.source_level is None:  # decoded base level: read pixels, encode tiles
+            region = self.source.read_region(0, cols.start * tw, row * th, len(cols) * tw, th)
+        tiles = []
+        for i, col in enumerate(cols):
+            pixels = None
+            if region is not None:
+                pixels = region[:, i * tw : (i + 1) * tw]
+                data = self._encode(plan.chunk_format, pixels)
+            else:
+                try:
+                    data = self.source.read_encoded_tile(plan.source_level or 0, col, row)
+                except EncodedTileUnavailable:  # sparse tile: decode (white) and encode it
+                    pixels = self.source.read_tile(plan.source_level or 0, col, row)
+                    data = self._encode(ChunkFormat("jpeg", plan.chunk_format.quality), pixels)
+            tiles.append(data)
+            if below is None or i // 2 >= len(below):
+                continue
+            target = quadrant(below[i // 2], qy, i % 2)
+            if pixels is None:
+                # TurboJPEG picks the 1/2 DCT scale to fit the view and never writes past it.
+                jpeg.decode_into(data, target, half=True)
+            else:
+                target[:] = mean2x2(pixels)
+        return tiles
+
+    def _block(self, top: LevelPlan, nxt: LevelPlan | None, pair: int, cols: range) -> _BlockResult:
+        """Task: tiles of rows 2*pair, 2*pair+1 of `top` in `cols`, and the next level's row."""
+        rows = [r for r in (2 * pair, 2 * pair + 1) if r < top.level.rows]
+        if nxt is None or pair >= nxt.level.rows:
+            return _BlockResult([self._top_tiles(top, r, cols, None, 0) for r in rows], None, None)
+        ncol0 = cols.start // 2
+        ncols = max(0, min(nxt.level.cols, -(-cols.stop // 2)) - ncol0)
+        below = [white_tile(nxt.level) for _ in range(ncols)]  # white past the level's end
+        top_rows = [self._top_tiles(top, r, cols, below, qy) for qy, r in enumerate(rows)]
+        encoded = [self._encode(nxt.chunk_format, tile) for tile in below]
+        return _BlockResult(top_rows, encoded, below)
+
+    # -- driving ----------------------------------------------------------------------------
+    def segments(self) -> list[list[LevelPlan]]:
+        """Runs of levels: a passthrough/decoded level, then the levels derived from it."""
+        out: list[list[LevelPlan]] = []
+        for plan in self.plans:
+            if plan.index == 0 or plan.passthrough:
+                out.append([plan])
+            else:
+                out[-1].append(plan)
+        return out
+
+    def run(self) -> None:
+        for plan in self.plans:
+            self.writer.begin_level(plan.index, plan.level, plan.chunk_format)
+        with cf.ThreadPoolExecutor(self.settings.thread_count, "wsi-pyramid") as pool:
+            for segment in self.segments():
+                self._run_segment(pool, segment)
+        for plan in self.plans:
+            self.writer.end_level(plan.index)
+
+    def _tasks(self, top: LevelPlan, nxt: LevelPlan | None) -> Iterator[tuple[int, range]]:
+        pairs = -(-top.level.rows // 2)
+        for pair in range(pairs):
+            for c0 in range(0, top.level.cols, BLOCK_TILES):
+                yield pair, range(c0, min(c0 + BLOCK_TILES, top.level.cols))
+
+    def _run_segment(self, pool: cf.ThreadPoolExecutor, segment: list[LevelPlan]) -> None:
+        top = segment[0]
+        nxt = segment[1] if len(segment) > 1 else None
+        cascade = _Cascade(self, segment[2:], pool) if len(segment) > 2 else None
+        blocks_per_pair = -(-top.level.cols // BLOCK_TILES)
+        in_flight: collections.deque[cf.Future[_BlockResult]] = collections.deque()
+        # Enough tasks queued that the pool never waits for the driving thread, few enough that
+        # memory stays small (a task holds two tile rows of a 32-tile block).
+        limit = max(4 * self.settings.thread_count, min(2 * blocks_per_pair, 64))
+        tasks = self._tasks(top, nxt)
+        pending: list[_BlockResult] = []
+
+        def submit_next() -> bool:
+            task = next(tasks, None)
+            if task is None:
+                return False
+            in_flight.append(pool.submit(self._block, top, nxt, *task))
+            return True
+
+        while len(in_flight) < limit and submit_next():
+            pass
+        while in_flight:
+            result = in_flight.popleft().result()
+            submit_next()
+            pending.append(result)
+            if len(pending) < blocks_per_pair:
+                continue
+            self._write_pair(top, nxt, pending, cascade)
+            pending = []
+            if cascade:
+                cascade.drain(block=False)
+        if cascade:
+            cascade.finish()
+
+    def _write_pair(
+        self,
+        top: LevelPlan,
+        nxt: LevelPlan | None,
+        blocks: list[_BlockResult],
+        cascade: _Cascade | None,
+    ) -> None:
+        for r in range(len(blocks[0].top_rows)):
+            self.writer.write_tiles(top.index, [t for b in blocks for t in b.top_rows[r]])
+            self._tick(top.level.cols)
+        if nxt is None or blocks[0].next_row is None:
+            return
+        self.writer.write_tiles(nxt.index, [t for b in blocks for t in b.next_row or ()])
+        self._tick(nxt.level.cols)
+        if cascade:
+            cascade.push([tile for b in blocks for tile in b.next_pixels or ()])
+
+
+class _Cascade:
+    """Deeper derived levels. Two tile rows of the level above make one row here; each tile of
+    it (2x2 means of the four tiles above it, then encoding) is a task on the pool. Rows are
+    written in the order they were queued, as soon as the oldest is done, and then feed the
+    level below. A row is a list of (tile_height, tile_width, 3) arrays: nothing is ever
+    concatenated across the slide's width."""
+
+    def __init__(
+        self, builder: PyramidBuilder, plans: list[LevelPlan], pool: cf.ThreadPoolExecutor
+    ) -> None:
+        self.builder = builder
+        self.pool = pool
+        self.plans = plans
+        self.held: list[list[np.ndarray] | None] = [None] * len(plans)
+        self.row = [0] * len(plans)
+        self.queue: collections.deque[tuple[int, list[cf.Future[tuple[bytes, np.ndarray]]]]]
+        self.queue = collections.deque()
+
+    def push(self, tiles: list[np.ndarray], depth: int = 0) -> None:
+        """Give the parent level's next row of tiles to level `plans[depth]`."""
+        if depth >= len(self.plans):
+            return
+        held = self.held[depth]
+        if held is None:
+            self.held[depth] = tiles
+            return
+        self.held[depth] = None
+        self._emit(depth, [held, tiles])
+
+    def _emit(self, depth: int, upper: list[list[np.ndarray]]) -> None:
+        plan = self.plans[depth]
+        if self.row[depth] >= plan.level.rows:
+            return  # the parent's last row only covers pixels past this level's edge
+        self.row[depth] += 1
+        futures = []
+        for col in range(plan.level.cols):
+            quads = [row[2 * col : 2 * col + 2] for row in upper]
+            futures.append(self.pool.submit(self._derive, plan, quads))
+        self.queue.append((depth, futures))
+
+    def _derive(self, plan: LevelPlan, quads: list[list[np.ndarray]]) -> tuple[bytes, np.ndarray]:
+        """Task: one tile from the (up to) 2x2 tiles above it."""
+        tile = white_tile(plan.level)
+        for qy, row in enumerate(quads):
+            for qx, above in enumerate(row):
+                quadrant(tile, qy, qx)[:] = mean2x2(above)
+        return self.builder._encode(plan.chunk_format, tile), tile
+
+    def drain(self, block: bool) -> None:
+        """Write finished rows in order; `block` waits for all of them."""
+        while self.queue:
+            depth, futures = self.queue[0]
+            if not block and not all(f.done() for f in futures):
+                return
+            self.queue.popleft()
+            results = [f.result() for f in futures]
+            plan = self.plans[depth]
+            self.builder.writer.write_tiles(plan.index, [data for data, _ in results])
+            self.builder._tick(len(results))
+            self.push([tile for _, tile in results], depth + 1)
+
+    def finish(self) -> None:
+        """Emit rows whose lower half lies past the parent level's end (odd row counts)."""
+        for depth in range(len(self.plans)):
+            self.drain(block=True)
+            held = self.held[depth]
+            if held is not None:
+                self.held[depth] = None
+                self._emit(depth, [held])
+        self.drain(block=True)
