@@ -26,6 +26,7 @@ from server.api.dicomweb.negotiation import check_json_accept
 from server.api.dicomweb.query import Row, parse_query, row_matches
 from server.catalog import SlideView
 from server.keys import CATALOG
+from server.render import in_pool
 from server.responses import dumps
 
 MAX_RESULTS = 1000
@@ -194,7 +195,11 @@ class Search:
     async def run(self) -> web.Response:
         check_json_accept(self.request)
         slides = await self.slides()
-        rows = [r for r in await self.rows(slides) if row_matches(r, self.query)]
+        rows = await self.rows(slides)
+        # Matching cost grows with slides x filters: on the pool, never on the event loop.
+        rows = await in_pool(
+            self.catalog, lambda: [r for r in rows if row_matches(r, self.query)]
+        )
         if self.level == "studies":
             results = self.studies(rows, slides)
         elif self.level == "series":

@@ -99,6 +99,8 @@ def parse_query(request: web.Request) -> Query:
                 continue
             if vr in ("DA", "TM", "DT"):
                 check_range(values[0], keyword)
+            elif len(values[0]) > MAX_PATTERN and ("*" in values[0] or "?" in values[0]):
+                raise InvalidArgument(f"{keyword} pattern longer than {MAX_PATTERN} characters")
             filters.append(Filter(keyword, vr, (values[0],)))
     return Query(tuple(filters), frozenset(includes), include_all, limit, offset, fuzzy)
 
@@ -111,10 +113,51 @@ def check_range(value: str, keyword: str) -> None:
         raise InvalidArgument(f"{keyword} range needs at least one bound")
 
 
+MAX_PATTERN = 256
+"""Longest wildcard pattern accepted (characters): DICOM values that take wildcards (PN, LO, SH,
+CS, ...) are at most 64 characters per component, so longer patterns can only be hostile."""
+
+
 def wildcard(pattern: str, value: str, fold: bool) -> bool:
-    regex = "".join(".*" if c == "*" else "." if c == "?" else re.escape(c) for c in pattern)
-    flags = re.IGNORECASE | re.DOTALL if fold else re.DOTALL
-    return re.fullmatch(regex, value, flags) is not None
+    """DICOM wildcard matching (PS3.4 C.2.2.2.4: `*` any run, `?` one character), in at most
+    len(pattern) x len(value) steps and no backtracking: the pattern is cut at its stars; the
+    first piece must start the value, the last must end it, and each middle piece is taken at its
+    leftmost place after the previous one (any later place leaves less room for the rest, so
+    leftmost is never wrong). A regex `.*` translation backtracks exponentially on `***...*Z`."""
+    if fold:
+        pattern, value = pattern.casefold(), value.casefold()
+    pieces = pattern.split("*")
+    if len(pieces) == 1:
+        return len(pattern) == len(value) and _piece_at(pattern, value, 0)
+    first, *middle, last = pieces
+    end = len(value) - len(last)
+    if len(first) > end or not _piece_at(first, value, 0) or not _piece_at(last, value, end):
+        return False
+    at = len(first)
+    for piece in middle:
+        if piece:
+            found = _find_piece(piece, value, at, end)
+            if found < 0:
+                return False
+            at = found + len(piece)
+    return True
+
+
+def _piece_at(piece: str, value: str, at: int) -> bool:
+    """`piece` (literal characters and `?`) matches `value` starting at `at`."""
+    if at < 0 or at + len(piece) > len(value):
+        return False
+    return all(p in ("?", v) for p, v in zip(piece, value[at : at + len(piece)], strict=True))
+
+
+def _find_piece(piece: str, value: str, start: int, end: int) -> int:
+    """Leftmost place of `piece` inside value[start:end], or -1."""
+    if "?" not in piece:
+        return value.find(piece, start, end)
+    for at in range(start, end - len(piece) + 1):
+        if _piece_at(piece, value, at):
+            return at
+    return -1
 
 
 def in_range(spec: str, value: str) -> bool:
