@@ -16,18 +16,46 @@ from server.settings import ServerSettings
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-def sign(key: str, slide_id: str, expires: int) -> str:
-    """Signature of a viewer's access to one slide until `expires` (Unix time)."""
-    msg = f"{slide_id}:{expires}".encode()
+SIGNED_EXPIRES = web.RequestKey("signed_expires", int)
+"""Set on a request admitted by a signed URL: that URL's expiry (Unix time). Pages reached this
+way sign their own links with the same expiry, never a later one."""
+
+ROUTE_SCOPES: dict[str, str] = {
+    "dzi.descriptor": "tiles",
+    "dzi.tile": "tiles",
+    "slides.tile": "tiles",
+    "viewer.view": "view",
+}
+"""Route name -> the signature scope that opens it. Only these routes take signed URLs: a tile
+signature reads one slide's pyramid tiles and nothing else (not its metadata, its associated
+images or another API); a view signature opens one slide's viewer page. Everything else needs a
+Bearer token."""
+
+
+def sign(key: str, scope: str, slide_id: str, expires: int) -> str:
+    """Signature of access to one slide's routes of `scope` until `expires` (Unix time)."""
+    msg = f"{scope}\n{slide_id}\n{expires}".encode()
     return hmac.new(key.encode(), msg, hashlib.sha256).hexdigest()[:32]
 
 
-def signed_query(settings: ServerSettings, slide_id: str) -> str:
-    """`exp=...&sig=...` for a viewer's tile URLs (empty when auth is off)."""
+def signed_query(
+    settings: ServerSettings, slide_id: str, scope: str, expires: int | None = None
+) -> str:
+    """`exp=...&sig=...` for URLs of one slide's `scope` routes (empty when auth is off). Expires
+    `settings.signed_url_seconds` from now unless `expires` says earlier."""
     if not settings.requires_auth:
         return ""
-    expires = int(time.time()) + settings.signed_url_seconds
-    return f"exp={expires}&sig={sign(settings.signing_key, slide_id, expires)}"
+    latest = int(time.time()) + settings.signed_url_seconds
+    exp = latest if expires is None else min(expires, latest)
+    return f"exp={exp}&sig={sign(settings.signing_key, scope, slide_id, exp)}"
+
+
+def _same(given: str, expected: str) -> bool:
+    """Constant-time comparison that takes any text a client sends (`hmac.compare_digest`
+    refuses non-ASCII str with a TypeError, which was a 500)."""
+    return hmac.compare_digest(
+        given.encode("utf-8", "surrogatepass"), expected.encode("utf-8", "surrogatepass")
+    )
 
 
 OPEN_PATHS = ("/healthz", "/readyz", "/static/")
@@ -35,7 +63,8 @@ OPEN_PATHS = ("/healthz", "/readyz", "/static/")
 
 @web.middleware
 async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Off loopback: a Bearer token, or (for one slide's tiles) an unexpired signed URL."""
+    """Off loopback: a Bearer token, or, for the routes of `ROUTE_SCOPES`, an unexpired URL
+    signed for that scope and that slide."""
     settings = request.app[SETTINGS]
     if (
         not settings.requires_auth
@@ -44,14 +73,21 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
     ):
         return await handler(request)
     header = request.headers.get("Authorization", "")
-    if header.startswith("Bearer ") and any(
-        hmac.compare_digest(header[7:], token) for token in settings.tokens
-    ):
+    if header.startswith("Bearer ") and any(_same(header[7:], t) for t in settings.tokens):
         return await handler(request)
+    expires = _signed_expiry(request, settings)
+    if expires is not None:
+        request[SIGNED_EXPIRES] = expires
+        return await handler(request)
+    return json_error(401, "authentication required (Bearer token or signed URL)")
+
+
+def _signed_expiry(request: web.Request, settings: ServerSettings) -> int | None:
+    """The expiry of a valid, unexpired signature for this route and slide, else None."""
+    scope = ROUTE_SCOPES.get(request.match_info.route.name or "")
     slide_id = request.match_info.get("slide_id")
     exp, sig = request.query.get("exp", ""), request.query.get("sig", "")
-    if slide_id and exp.isdigit() and int(exp) >= time.time():
-        expected = sign(settings.signing_key, slide_id, int(exp))
-        if hmac.compare_digest(sig, expected):
-            return await handler(request)
-    return json_error(401, "authentication required (Bearer token or signed URL)")
+    if not (scope and slide_id and exp.isascii() and exp.isdigit()) or int(exp) < time.time():
+        return None
+    expected = sign(settings.signing_key, scope, slide_id, int(exp))
+    return int(exp) if _same(sig, expected) else None

@@ -56,7 +56,14 @@ def test_slides_tiles_and_caching(store_dir):
         assert doc["associated_images"] == ["thumbnail"]  # label/macro hidden by default
         r = await c.get(f"/slides/{sid}/tiles/0/3/2")
         assert r.status == 200 and r.content_type == "image/jpeg"
-        assert "immutable" in r.headers["Cache-Control"]
+        # Unversioned URLs are revalidated (a re-conversion may change their bytes); a URL
+        # naming the slide's version may be cached for good.
+        assert r.headers["Cache-Control"] == "public, no-cache"
+        version = r.headers["ETag"].strip('"').split("-")[0]
+        pinned = await c.get(f"/slides/{sid}/tiles/0/3/2?v={version}")
+        assert pinned.headers["Cache-Control"] == "public, max-age=31536000, immutable"
+        stale = await c.get(f"/slides/{sid}/tiles/0/3/2?v=00000000")
+        assert stale.headers["Cache-Control"] == "public, no-cache"
         body = await r.read()
         with open_slide(sample("CMU-1-Small-Region.svs")) as src:
             assert body == src.read_encoded_tile(0, 3, 2)  # the stored bytes, as they are
@@ -164,10 +171,10 @@ def test_auth_off_loopback(store_dir):
         assert (await c.get("/slides", headers={"Authorization": "Bearer nope"})).status == 401
         exp = int(time.time()) + 60
         tile = f"/slides/{sid}/tiles/0/0/0"
-        signed = await c.get(f"{tile}?exp={exp}&sig={sign('k3y', sid, exp)}")
+        signed = await c.get(f"{tile}?exp={exp}&sig={sign('k3y', 'tiles', sid, exp)}")
         assert signed.status == 200
         old = int(time.time()) - 1
-        assert (await c.get(f"{tile}?exp={old}&sig={sign('k3y', sid, old)}")).status == 401
+        assert (await c.get(f"{tile}?exp={old}&sig={sign('k3y', 'tiles', sid, old)}")).status == 401
         assert (await c.get(f"{tile}?exp={exp}&sig=deadbeef")).status == 401
 
     run(settings, check)

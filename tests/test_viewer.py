@@ -36,7 +36,6 @@ KEY = "viewer-test-signing-key"
 def published(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
     """A store holding CMU-1-Small-Region (2220 x 2967 px, 0.499 µm/px, with a thumbnail)."""
     store = tmp_path_factory.mktemp("viewer-store")
-    # ../shared/sample-slides/CMU-1-Small-Region.svs (asserted present: CI has it)
     source = sample("CMU-1-Small-Region.svs")
     result = wsi.convert_slide(source, wsi.Store(wsi.StoreSettings(str(store))))
     return store, result.slide_id
@@ -83,7 +82,9 @@ def test_index_lists_slides_with_thumbnails(server: AppThread, published: tuple[
     page = body.decode()
     assert f'href="/view/{slide_id}"' in page
     thumbnails = re.findall(r'<img src="([^"]+)"', page)
-    assert thumbnails == [f"/slides/{slide_id}/associated/thumbnail"]
+    # Versioned: a re-published slide gets new URLs, so these may be cached as immutable.
+    assert re.fullmatch(rf"/slides/{slide_id}/associated/thumbnail\?v=[0-9a-f]{{8}}", thumbnails[0])
+    assert len(thumbnails) == 1
     status, headers, body = get(server.url + thumbnails[0])
     assert status == 200 and headers["Content-Type"].startswith("image/")
     assert min(Image.open(io.BytesIO(body)).size) > 16
@@ -108,7 +109,8 @@ def test_view_page_and_bad_ids(server: AppThread, published: tuple[Path, str]) -
     assert '<script src="/static/osd/openseadragon.min.js"></script>' in page
     config = slide_config(page)
     assert config["width"] == 2220 and config["height"] == 2967
-    assert config["tilesUrl"] == f"/slides/{slide_id}_files/" and config["query"] == ""
+    assert config["tilesUrl"] == f"/slides/{slide_id}_files/"
+    assert re.fullmatch(r"v=[0-9a-f]{8}", config["query"])  # no signature when auth is off
     assert config["mppX"] == pytest.approx(0.499)
 
     status, headers, body = get(f"{server.url}/view/0123456789abcdef01234567")
@@ -147,7 +149,7 @@ def test_escapes_what_it_puts_in_html() -> None:
     evil = "</script><script>alert(1)</script>&\"'"
     slide = SlideView(evil, "ready", (level,), 0.25, 0.25, "<b>vendor</b>", None)
     for page in (
-        routes_viewer.index_html([slide], {evil: "exp=1&sig=<x>"}),
+        routes_viewer.index_html([slide], {evil: ("exp=1&sig=<x>", "exp=1&sig=<x>")}),
         routes_viewer.view_html(slide, "exp=1&sig=<x>", osd_installed=True),
     ):
         assert "<script>alert" not in page and "<b>" not in page
@@ -187,7 +189,7 @@ def test_signed_tile_urls_when_auth_is_on(published: tuple[Path, str]) -> None:
         status, _, body = get(f"{running.url}/view/{slide_id}", bearer)
         assert status == 200
         config = slide_config(body.decode())
-        assert re.fullmatch(r"exp=\d+&sig=[0-9a-f]{32}", config["query"])
+        assert re.fullmatch(r"v=[0-9a-f]{8}&exp=\d+&sig=[0-9a-f]{32}", config["query"])
         tile = f"{running.url}{config['tilesUrl']}{config['maxLevel']}/0_0.jpeg"
         assert get(tile)[0] == 401
         assert get(f"{tile}?{config['query']}")[0] == 200

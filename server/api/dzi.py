@@ -59,20 +59,22 @@ async def tile(request: web.Request) -> web.Response:
     if x_ * size >= width or y_ * size >= height:
         raise InvalidArgument(f"tile ({x_}, {y_}) is outside DeepZoom level {z_}")
     tw, th = min(size, width - x_ * size), min(size, height - y_ * size)
-    etag = f"{slide.manifest_crc}-dz{z_}-{x_}-{y_}"
+    version = slide.manifest_crc
+    etag = f"{version}-dz{z_}-{x_}-{y_}"
     k = top - z_
     if k < len(slide.levels):
         level = slide.levels[k]
         if x_ < level.cols and y_ < level.rows and level.tile_height == size:
             data = await catalog.tile(slide, k, x_, y_)
             if (tw, th) == (level.tile_width, level.tile_height) and level.codec == "jpeg":
-                return etag_response(request, data, "image/jpeg", etag)
+                return etag_response(request, data, "image/jpeg", etag, version=version)
 
             def crop() -> bytes:
                 pixels = decode_chunk(level, data)[:th, :tw]
                 return encode_image(pixels, "jpg")[0]
 
-            return etag_response(request, await in_pool(catalog, crop), "image/jpeg", etag)
+            body = await in_pool(catalog, crop)
+            return etag_response(request, body, "image/jpeg", etag, version=version)
     scale = slide.width / width
     x0, y0 = int(x_ * size * scale), int(y_ * size * scale)
     pixels = await region(
@@ -87,12 +89,14 @@ async def tile(request: web.Request) -> web.Response:
         request.app[SETTINGS].max_render_pixels,
     )
     body = await in_pool(catalog, lambda: encode_image(np.asarray(pixels), "jpg")[0])
-    return etag_response(request, body, "image/jpeg", etag)
+    return etag_response(request, body, "image/jpeg", etag, version=version)
 
 
 def register(app: web.Application) -> None:
-    app.router.add_get(f"/slides/{SLIDE}.dzi", descriptor)
-    app.router.add_get(f"/slides/{SLIDE}_files/{{z:\\d+}}/{{x:\\d+}}_{{y:\\d+}}.jpeg", tile)
+    app.router.add_get(f"/slides/{SLIDE}.dzi", descriptor, name="dzi.descriptor")
+    app.router.add_get(
+        f"/slides/{SLIDE}_files/{{z:\\d+}}/{{x:\\d+}}_{{y:\\d+}}.jpeg", tile, name="dzi.tile"
+    )
 
 
 OPENAPI = {

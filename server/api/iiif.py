@@ -415,12 +415,13 @@ async def image(request: web.Request) -> web.Response:
         if max(ow * oh, bw * bh) > max_area:
             raise bad(f"{bw}x{bh} exceeds the {max_area} pixel budget (maxArea in info.json)")
     path = canonical(slide, r, ow, oh, mirror, degrees, quality, fmt)
-    etag = f"{slide.manifest_crc}-iiif-{path.replace('/', '-')}"
+    version = slide.manifest_crc
+    etag = f"{version}-iiif-{path.replace('/', '-')}"
     # Path-absolute: an immutable response must not carry a host a client chose.
     links = f'<{PROFILE}>;rel="profile", <{PREFIX}/{slide.slide_id}/{path}>;rel="canonical"'
     content_type = FORMATS[fmt]
     if request.headers.get("If-None-Match") == f'"{etag}"':
-        response = etag_response(request, b"", content_type, etag)
+        response = etag_response(request, b"", content_type, etag, version=version)
     elif match is not None:
         m = match
         data = await catalog.tile(slide, m.level.index, m.col, m.row)
@@ -438,11 +439,11 @@ async def image(request: web.Request) -> web.Response:
                 catalog,
                 lambda: finish(tile_pixels(m, data), mirror, degrees, quality, fmt),
             )
-        response = etag_response(request, body, content_type, etag)
+        response = etag_response(request, body, content_type, etag, version=version)
     else:
         pixels = await region(catalog, slide, r.x, r.y, r.w, r.h, ow, oh, max_area)
         body = await in_pool(catalog, finish, pixels, mirror, degrees, quality, fmt)
-        response = etag_response(request, body, content_type, etag)
+        response = etag_response(request, body, content_type, etag, version=version)
     response.headers["Link"] = links
     return response
 

@@ -57,11 +57,12 @@ async def get_tile(request: web.Request) -> web.Response:
     level, col, row = (int_param(request, n) for n in ("level", "col", "row"))
     lv = slide.level(level)
     data = await catalog.tile(slide, level, col, row)
-    etag = f"{slide.manifest_crc}-{level}-{col}-{row}"
+    version = slide.manifest_crc
+    etag = f"{version}-{level}-{col}-{row}"
     if lv.codec == "jpeg":
-        return etag_response(request, data, "image/jpeg", etag)
+        return etag_response(request, data, "image/jpeg", etag, version=version)
     body, content_type = await in_pool(catalog, lambda: encode_image(decode_chunk(lv, data), "png"))
-    return etag_response(request, body, content_type, etag)
+    return etag_response(request, body, content_type, etag, version=version)
 
 
 async def get_associated(request: web.Request) -> web.Response:
@@ -73,19 +74,25 @@ async def get_associated(request: web.Request) -> web.Response:
     catalog = request.app[CATALOG]
     slide = await catalog.slide(request.match_info["slide_id"])
     view, data = await catalog.associated(slide, name)
-    etag = f"{slide.manifest_crc}-{name}"
+    version = slide.manifest_crc
+    etag = f"{version}-{name}"
+    storable = name not in PRIVATE
     if view.codec == "jpeg":
-        return etag_response(request, data, "image/jpeg", etag)
+        return etag_response(
+            request, data, "image/jpeg", etag, version=version, storable=storable
+        )
     body, content_type = await in_pool(
         catalog, lambda: encode_image(decode_chunk(view, data), "png")
     )
-    return etag_response(request, body, content_type, etag)
+    return etag_response(request, body, content_type, etag, version=version, storable=storable)
 
 
 def register(app: web.Application) -> None:
     app.router.add_get("/slides", list_slides)
     app.router.add_get("/slides/{slide_id}", get_slide)
-    app.router.add_get("/slides/{slide_id}/tiles/{level}/{col}/{row}", get_tile)
+    app.router.add_get(
+        "/slides/{slide_id}/tiles/{level}/{col}/{row}", get_tile, name="slides.tile"
+    )
     app.router.add_get("/slides/{slide_id}/associated/{name}", get_associated)
 
 

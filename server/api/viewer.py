@@ -18,12 +18,12 @@ from urllib.parse import quote
 from aiohttp import web
 
 from server.api.dzi import dzi_size, max_level
-from server.auth import signed_query
+from server.auth import SIGNED_EXPIRES, signed_query
 from server.catalog import SlideView
 from server.converting import conversion_jobs
 from server.keys import CATALOG, SETTINGS
 from server.openapi import ERROR, path_params
-from server.responses import json_error
+from server.responses import VERSION_PARAM, json_error
 from wsi.errors import WsiError
 
 STATIC_DIR = Path(__file__).resolve().parents[1] / "static"
@@ -51,6 +51,12 @@ MISSING_OSD = (
 
 def _e(value: object) -> str:
     return html.escape(str(value), quote=True)
+
+
+def versioned(slide: SlideView, query: str) -> str:
+    """`query` with the slide's version, so tile responses may be cached as immutable."""
+    pin = f"{VERSION_PARAM}={slide.manifest_crc}"
+    return f"{pin}&{query}" if query else pin
 
 
 def _with_query(url: str, query: str) -> str:
@@ -94,11 +100,12 @@ def _mpp_text(slide: SlideView) -> str:
     return f"{slide.mpp_x:.4g} µm/px" if slide.mpp_x else "MPP unknown"
 
 
-def thumbnail_url(slide: SlideView, query: str) -> str:
+def thumbnail_url(slide: SlideView, query: str, signed: bool = False) -> str:
     """The slide's thumbnail image, or else the DeepZoom tile holding the whole slide in at most
-    THUMBNAIL_PX pixels."""
+    THUMBNAIL_PX pixels. Always that tile when `signed`: signatures open pyramid tiles only, and a
+    scanner's thumbnail may show the label."""
     sid = quote(slide.slide_id, safe="")
-    if "thumbnail" in slide.associated:
+    if "thumbnail" in slide.associated and not signed:
         return _with_query(f"/slides/{sid}/associated/thumbnail", query)
     limit = min(THUMBNAIL_PX, slide.levels[0].tile_width)
     z = max_level(slide)
@@ -109,16 +116,17 @@ def thumbnail_url(slide: SlideView, query: str) -> str:
 
 def index_html(
     slides: list[SlideView],
-    queries: dict[str, str],
+    queries: dict[str, tuple[str, str]],
     jobs: dict[str, dict[str, Any]] | None = None,
 ) -> str:
     """The slide list: one card per slide with its thumbnail, size, MPP, and for a slide being
-    converted its job's state and progress."""
+    converted its job's state and progress. `queries`: slide id -> (signed query of its view
+    page, signed query of its tiles), both empty when auth is off."""
     jobs = jobs or {}
     cards = []
     for slide in slides:
-        query = queries.get(slide.slide_id, "")
-        view = _with_query(f"/view/{quote(slide.slide_id, safe='')}", query)
+        view_query, tile_query = queries.get(slide.slide_id, ("", ""))
+        view = _with_query(f"/view/{quote(slide.slide_id, safe='')}", view_query)
         details = f"{slide.width} × {slide.height} px · {_mpp_text(slide)}"
         if slide.vendor:
             details += f" · {slide.vendor}"
@@ -131,7 +139,8 @@ def index_html(
                 )
         cards.append(
             f'<li><a class="card" href="{_e(view)}">'
-            f'<img src="{_e(thumbnail_url(slide, query))}" alt="" loading="lazy">'
+            f'<img src="{_e(thumbnail_url(slide, tile_query, bool(view_query)))}" alt="" '
+            'loading="lazy">'
             f'<span class="name">{_e(slide.slide_id)}</span>'
             f'<span class="details">{_e(details)}</span></a></li>'
         )
@@ -194,7 +203,13 @@ async def index(request: web.Request) -> web.Response:
             slides.append(await catalog.slide(slide_id))
         except WsiError:  # unpublished meanwhile, or a dropped slide its reader refuses
             continue
-    queries = {s.slide_id: signed_query(settings, s.slide_id) for s in slides}
+    queries = {
+        s.slide_id: (
+            signed_query(settings, s.slide_id, "view"),
+            versioned(s, signed_query(settings, s.slide_id, "tiles")),
+        )
+        for s in slides
+    }
     converting = any(s.status != "ready" for s in slides)
     jobs = await conversion_jobs(request.app) if converting else {}
     return _html(index_html(slides, queries, jobs))
@@ -202,7 +217,9 @@ async def index(request: web.Request) -> web.Response:
 
 async def view(request: web.Request) -> web.Response:
     slide = await request.app[CATALOG].slide(request.match_info["slide_id"])
-    query = signed_query(request.app[SETTINGS], slide.slide_id)
+    # Reached through a signed link: the tiles expire with that link, never later.
+    expires = request.get(SIGNED_EXPIRES)
+    query = versioned(slide, signed_query(request.app[SETTINGS], slide.slide_id, "tiles", expires))
     return _html(view_html(slide, query, request.app[OSD_INSTALLED]))
 
 
@@ -214,7 +231,7 @@ def register(app: web.Application) -> None:
     installed = (OSD_DIR / OSD_SCRIPT).is_file()
     app[OSD_INSTALLED] = installed
     app.router.add_get("/", index)
-    app.router.add_get("/view/{slide_id}", view)
+    app.router.add_get("/view/{slide_id}", view, name="viewer.view")
     if installed:
         app.router.add_static("/static/osd", OSD_DIR, follow_symlinks=False)
     else:

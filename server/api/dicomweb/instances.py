@@ -270,3 +270,9 @@ def number_param(value: str, name: str) -> int:
     if not NUMBER.fullmatch(value):
         raise InvalidArgument(f"{name} must be a non-negative integer")
     return int(value)
+
+
+def pinned(inst: Instance) -> dict[str, Any]:
+    """`etag_response` caching arguments for an instance's bytes: versioned by its slide's
+    manifest, never stored by caches for labels and overviews (patient data)."""
+    return {"version": inst.slide.manifest_crc, "storable": inst.flavor not in PRIVATE_FLAVORS}

@@ -8,7 +8,13 @@ import numpy as np
 from aiohttp import web
 from PIL import Image
 
-from server.api.dicomweb.instances import Instance, find_instance, number_param, scoped_instances
+from server.api.dicomweb.instances import (
+    Instance,
+    find_instance,
+    number_param,
+    pinned,
+    scoped_instances,
+)
 from server.api.dicomweb.negotiation import image_format
 from server.api.dicomweb.wado import parse_frames
 from server.keys import CATALOG, SETTINGS
@@ -57,6 +63,7 @@ async def render_instance(
     budget = request.app[SETTINGS].max_render_pixels
     what = f"{inst.sop_uid}-{frame}-{viewport}-{quality}-{fmt}"
     etag = f"{inst.slide.manifest_crc}-{hashlib.sha256(what.encode()).hexdigest()[:24]}"
+    caching = pinned(inst)
     single = frame is not None or inst.flavor != "VOLUME"
     if single:
         view = inst.view
@@ -68,7 +75,7 @@ async def render_instance(
             raise InvalidArgument(f"{out[0]}x{out[1]} exceeds the {budget} pixel budget")
         data = await inst.frame(catalog, frame or 1)
         if out == (width, height) and fmt == "jpg" and quality is None:
-            return etag_response(request, data, "image/jpeg", etag)
+            return etag_response(request, data, "image/jpeg", etag, **caching)
 
         def draw() -> tuple[bytes, str]:
             pixels = decode_chunk(view, data)[:height, :width]
@@ -78,7 +85,7 @@ async def render_instance(
             return encode_image(pixels, fmt, quality or 90)
 
         body, content_type = await in_pool(catalog, draw)
-        return etag_response(request, body, content_type, etag)
+        return etag_response(request, body, content_type, etag, **caching)
     slide = inst.slide
     out = fit(inst.view.width, inst.view.height, viewport)
     if out[0] * out[1] > budget:
@@ -87,7 +94,7 @@ async def render_instance(
         )
     pixels = await region(catalog, slide, 0, 0, slide.width, slide.height, *out, budget)
     body, content_type = await in_pool(catalog, encode_image, pixels, fmt, quality or 90)
-    return etag_response(request, body, content_type, etag)
+    return etag_response(request, body, content_type, etag, **caching)
 
 
 async def rendered(request: web.Request) -> web.Response:

@@ -14,7 +14,9 @@ from server.api.dicomweb.instances import (
     EXPLICIT_VR_LE,
     JPEG_BASELINE,
     NUMBER,
+    PRIVATE_FLAVORS,
     find_instance,
+    pinned,
     scoped_instances,
     state,
 )
@@ -26,7 +28,7 @@ from server.api.dicomweb.negotiation import (
 )
 from server.keys import CATALOG, SETTINGS
 from server.render import decode_chunk, in_pool
-from server.responses import dumps, etag_response
+from server.responses import cache_control, dumps, etag_response
 from wsi.errors import InvalidArgument, SlideNotFound
 
 MAX_FRAMES = 1024
@@ -44,7 +46,7 @@ async def metadata(request: web.Request) -> web.Response:
     docs = await asyncio.gather(*(st.metadata(catalog, i) for i in instances))
     tags = ",".join(f"{i.slide.manifest_crc}:{i.sop_uid}" for i in instances)
     etag = hashlib.sha256(tags.encode()).hexdigest()[:32]
-    return etag_response(request, dumps(docs).encode(), DICOM_JSON, etag, immutable=False)
+    return etag_response(request, dumps(docs).encode(), DICOM_JSON, etag)
 
 
 def parse_frames(text: str, count: int) -> list[int]:
@@ -74,8 +76,9 @@ async def frames(request: web.Request) -> web.Response:
     data = await asyncio.gather(*(inst.frame(catalog, n) for n in numbers))
     digest = hashlib.sha256(request.match_info["frames"].encode()).hexdigest()[:16]
     etag = f"{inst.slide.manifest_crc}-{inst.sop_uid}-{digest}-{mode}"
+    caching = pinned(inst)
     if mode == "single":
-        return etag_response(request, data[0], "image/jpeg", etag)
+        return etag_response(request, data[0], "image/jpeg", etag, **caching)
     if mode == "native":
 
         def decode() -> list[bytes]:
@@ -87,7 +90,7 @@ async def frames(request: web.Request) -> web.Response:
     else:
         media_type = "image/jpeg" if mode == "jpeg" else "application/octet-stream"
         body, content_type = multipart(data, media_type, JPEG_BASELINE)
-    response = etag_response(request, body, "application/octet-stream", etag)
+    response = etag_response(request, body, "application/octet-stream", etag, **caching)
     if response.status == 200:
         response.headers["Content-Type"] = content_type
     return response
@@ -112,7 +115,9 @@ async def retrieve(request: web.Request) -> web.StreamResponse:
     response = web.StreamResponse(
         headers={
             "Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}',
-            "Cache-Control": "no-cache",
+            "Cache-Control": cache_control(
+                request, None, not any(i.flavor in PRIVATE_FLAVORS for i in instances)
+            ),
         }
     )
     response.content_length = length + len(tail)

@@ -1,0 +1,155 @@
+"""Who may read what, off loopback: Bearer tokens, signed URLs narrowed to one slide's tiles (or
+its viewer page) that expire and are never extended, cache headers that keep authenticated and
+patient-bearing bytes out of shared caches, and hostile credentials answered with 401, not 500."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp.test_utils import TestClient, TestServer
+
+import wsi
+from server.app import create_app
+from server.auth import sign
+from server.settings import ServerSettings
+
+SOURCE = Path(__file__).resolve().parents[1] / "sample_data" / "CMU-1-Small-Region.svs"
+TOKEN, KEY = "t0ken-for-tests", "signing-key-for-tests"
+BEARER = {"Authorization": f"Bearer {TOKEN}"}
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str, str]:
+    """The sample slide published under two ids: a signature for one must not open the other."""
+    root = tmp_path_factory.mktemp("auth")
+    target = wsi.Store(wsi.StoreSettings(str(root)))
+    first = wsi.convert_slide(SOURCE, target)
+    other = wsi.convert_slide(SOURCE, target, slide_id="other-slide")
+    return root, first.slide_id, other.slide_id
+
+
+def run(root: Path, check: Callable[[TestClient], Awaitable[Any]], **extra: Any) -> Any:
+    settings = ServerSettings(
+        store=str(root), host="0.0.0.0", tokens=(TOKEN,), signing_key=KEY, **extra
+    )
+
+    async def main() -> Any:
+        async with TestClient(TestServer(create_app(settings))) as client:
+            return await check(client)
+
+    return asyncio.run(main())
+
+
+def signed(scope: str, slide_id: str, seconds: int = 60) -> str:
+    exp = int(time.time()) + seconds
+    return f"exp={exp}&sig={sign(KEY, scope, slide_id, exp)}"
+
+
+def tile_expiry(page: str) -> int:
+    """The `exp` of the tile query in a viewer page's configuration."""
+    match = re.search(r'<script type="application/json" id="slide-config">(.*?)</script>', page)
+    assert match, page
+    found = re.search(r"exp=(\d+)", json.loads(match.group(1))["query"])
+    assert found
+    return int(found.group(1))
+
+
+def test_a_tile_signature_opens_that_slides_tiles_and_nothing_else(store) -> None:
+    root, sid, other = store
+
+    async def check(c: TestClient) -> None:
+        q = signed("tiles", sid)
+        tiles = (
+            f"/slides/{sid}/tiles/0/0/0",
+            f"/slides/{sid}.dzi",
+            f"/slides/{sid}_files/8/0_0.jpeg",
+        )
+        for url in tiles:
+            assert (await c.get(f"{url}?{q}")).status == 200, url
+        closed = [
+            f"/slides/{sid}",
+            f"/slides/{sid}/associated/thumbnail",
+            f"/slides/{sid}/associated/label",
+            f"/iiif/3/{sid}/info.json",
+            f"/iiif/3/{sid}/full/max/0/default.jpg",
+            f"/view/{sid}",
+            "/slides",
+            "/",
+            f"/slides/{other}/tiles/0/0/0",  # another slide
+        ]
+        for url in closed:
+            r = await c.get(f"{url}?{q}")
+            assert r.status == 401, url
+            assert (await r.json())["status"] == 401
+        # A view signature opens the page only, not the tiles.
+        v = signed("view", sid)
+        assert (await c.get(f"/slides/{sid}/tiles/0/0/0?{v}")).status == 401
+        assert (await c.get(f"/view/{sid}?{v}")).status == 200
+        # Expired.
+        old = int(time.time()) - 1
+        stale = f"exp={old}&sig={sign(KEY, 'tiles', sid, old)}"
+        assert (await c.get(f"/slides/{sid}/tiles/0/0/0?{stale}")).status == 401
+
+    run(root, check)
+
+
+def test_a_signed_view_page_never_extends_its_link(store) -> None:
+    """A leaked viewer link used to mint fresh tile signatures on every visit: it worked for
+    ever. The page's tiles now expire with the link that opened it."""
+    root, sid, _ = store
+
+    async def check(c: TestClient) -> None:
+        exp = int(time.time()) + 30
+        page = await c.get(f"/view/{sid}?exp={exp}&sig={sign(KEY, 'view', sid, exp)}")
+        assert page.status == 200
+        assert tile_expiry(await page.text()) == exp
+        # Opened with a token instead: tiles get the configured lifetime.
+        page = await c.get(f"/view/{sid}", headers=BEARER)
+        assert exp < tile_expiry(await page.text()) <= int(time.time()) + 3600
+
+    run(root, check)
+
+
+@pytest.mark.parametrize("secret", ["tøken", "\u2603", "\udcff", "x" * 5000])
+def test_non_ascii_credentials_are_refused_not_crashed(store, secret: str) -> None:
+    root, sid, _ = store
+
+    async def check(c: TestClient) -> None:
+        # aiohttp's client sends header values as UTF-8 bytes; the server decodes them
+        # leniently: exactly what a hostile client can make us compare.
+        value = secret.encode("utf-8", "surrogatepass").decode("latin-1")
+        r = await c.get("/slides", headers={"Authorization": f"Bearer {value}"})
+        assert r.status == 401
+        assert (await r.json())["status"] == 401
+        exp = int(time.time()) + 60
+        r = await c.get(f"/slides/{sid}/tiles/0/0/0", params={"exp": str(exp), "sig": secret})
+        assert r.status == 401
+        r = await c.get(f"/slides/{sid}/tiles/0/0/0", params={"exp": "١٢٣", "sig": "x"})
+        assert r.status == 401  # Arabic-Indic digits pass str.isdigit(), not int() checks
+
+    run(root, check)
+
+
+def test_cache_headers_with_auth(store) -> None:
+    root, sid, _ = store
+
+    async def check(c: TestClient) -> None:
+        tile = await c.get(f"/slides/{sid}/tiles/0/0/0", headers=BEARER)
+        assert tile.headers["Cache-Control"] == "private, no-cache"
+        version = tile.headers["ETag"].strip('"').split("-")[0]
+        pinned = await c.get(f"/slides/{sid}/tiles/0/0/0?v={version}", headers=BEARER)
+        assert pinned.headers["Cache-Control"] == "private, max-age=31536000, immutable"
+        label = await c.get(f"/slides/{sid}/associated/label", headers=BEARER)
+        assert label.status == 200
+        assert label.headers["Cache-Control"] == "no-store"
+        thumb = await c.get(f"/slides/{sid}/associated/thumbnail?v={version}", headers=BEARER)
+        assert thumb.headers["Cache-Control"] == "private, max-age=31536000, immutable"
+
+    run(root, check, allow_label=True)
