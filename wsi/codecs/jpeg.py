@@ -185,6 +185,21 @@ def decoded_size(stream: bytes, half: bool = False) -> tuple[int, int]:
     return h.value, w.value
 
 
+def check_size(stream: bytes, height: int, width: int) -> None:
+    """Refuse a JPEG whose header declares another size than (height, width) pixels.
+
+    Tiles are copied from sources without decoding, and a decoder allocates whatever a header
+    declares (up to 65500 x 65500: 12 GiB): one crafted tile of a few KB would cost that on every
+    crop, region or rendered frame. Every tile of a level has the level's tile size (edge tiles
+    are padded), so any other declared size is a corrupt or hostile tile."""
+    found = decoded_size(stream)
+    if found != (height, width):
+        raise CorruptSlide(
+            f"JPEG tile declares {found[1]}x{found[0]} pixels; the level's tiles are "
+            f"{width}x{height}"
+        )
+
+
 def decode_into(stream: bytes, out: np.ndarray, half: bool = False) -> None:
     """Decode into `out`, an (h, w, 3) uint8 view whose rows may be strided (a slice of a strip);
     (h, w) must be `decoded_size(stream, half)`."""
@@ -199,8 +214,14 @@ def decode_into(stream: bytes, out: np.ndarray, half: bool = False) -> None:
     _check(status, handle, "decode")
 
 
-def decode(stream: bytes, half: bool = False) -> np.ndarray:
-    """Decode to an (h, w, 3) uint8 RGB array; `half` decodes at 1/2 scale in the DCT domain."""
+def decode(
+    stream: bytes, half: bool = False, expected: tuple[int, int] | None = None
+) -> np.ndarray:
+    """Decode to an (h, w, 3) uint8 RGB array; `half` decodes at 1/2 scale in the DCT domain.
+    With `expected` (height, width at full scale), a stream declaring another size is refused
+    before anything is allocated (see `check_size`)."""
+    if expected is not None:
+        check_size(stream, *expected)
     out = np.empty((*decoded_size(stream, half), 3), np.uint8)
     decode_into(stream, out, half)
     return out

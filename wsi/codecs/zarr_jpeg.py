@@ -40,7 +40,9 @@ class JpegCodec(ArrayBytesCodec):
         return {"name": CODEC_NAME, "configuration": {"quality": self.quality}}
 
     async def _decode_single(self, chunk_bytes: Buffer, chunk_spec: ArraySpec) -> NDBuffer:
-        pixels = jpeg.decode(chunk_bytes.as_numpy_array().tobytes())
+        shape = chunk_spec.shape
+        expected = (int(shape[0]), int(shape[1])) if len(shape) == 3 else None
+        pixels = jpeg.decode(chunk_bytes.as_numpy_array().tobytes(), expected=expected)
         if pixels.size != int(np.prod(chunk_spec.shape)):
             raise ValueError(f"JPEG chunk is {pixels.shape}, expected {chunk_spec.shape}")
         return chunk_spec.prototype.nd_buffer.from_numpy_array(pixels.reshape(chunk_spec.shape))

@@ -53,7 +53,9 @@ class SlideSource(abc.ABC):
         return TileCodec.OTHER
 
     def read_encoded_tile(self, level: int, col: int, row: int) -> bytes:
-        """The tile's complete compressed stream as stored (edge tiles padded to full tile size)."""
+        """The tile's complete compressed stream as stored (edge tiles padded to full tile size).
+        Its header declares exactly the level's tile size: backends check that with
+        `jpeg.check_size`, because these bytes are copied unparsed and served as they are."""
         raise EncodedTileUnavailable(f"{self.name} cannot hand out encoded tiles")
 
     @abc.abstractmethod

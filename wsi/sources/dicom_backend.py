@@ -199,7 +199,10 @@ class DicomSource(SlideSource):
             raise CorruptSlide(f"cannot read frame: {exc}") from exc
         rgb = str(getattr(self._image_data(level), "photometric_interpretation", "")) == "RGB"
         # A stored frame ends at EOI already; make RGB-coded frames explicit about their colours.
-        return jpeg.complete_tile(frame, None, rgb)
+        tile = jpeg.complete_tile(frame, None, rgb)
+        lv = self.level(level)
+        jpeg.check_size(tile, lv.tile_height, lv.tile_width)  # copied unparsed otherwise
+        return tile
 
     def read_tile(self, level: int, col: int, row: int) -> np.ndarray:
         self.level(level).check_tile(col, row)

@@ -115,7 +115,10 @@ class TiffSource(SlideSource):
         page, _, data = self._raw(level, col, row)
         if not data:
             raise EncodedTileUnavailable("sparse tile: nothing stored")
-        return jpeg.complete_tile(data, page.jpegtables, page.photometric == _PHOTOMETRIC_RGB)
+        tile = jpeg.complete_tile(data, page.jpegtables, page.photometric == _PHOTOMETRIC_RGB)
+        lv = self.level(level)
+        jpeg.check_size(tile, lv.tile_height, lv.tile_width)  # copied unparsed otherwise
+        return tile
 
     def read_tile(self, level: int, col: int, row: int) -> np.ndarray:
         lv = self.level(level)

@@ -1,0 +1,100 @@
+"""Hostile and corrupt slides: a tile whose JPEG header declares a huge size is refused where it
+enters (the source backends) and wherever stored bytes are decoded, instead of making every crop,
+region or rendered frame allocate gigabytes."""
+
+from __future__ import annotations
+
+import asyncio
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+from aiohttp.test_utils import TestClient, TestServer
+
+import wsi
+from server.app import create_app
+from server.settings import ServerSettings
+from wsi.codecs import jpeg
+from wsi.sources import open_slide
+
+from .conftest import make_tiff
+from .helpers import run_wsi
+
+
+def declare_size(stream: bytes, width: int, height: int) -> bytes:
+    """`stream` with its SOF0 frame header claiming width x height pixels."""
+    at = stream.index(b"\xff\xc0")
+    return stream[: at + 5] + struct.pack(">HH", height, width) + stream[at + 9 :]
+
+
+@pytest.fixture
+def huge_tile_tiff(tmp_path: Path) -> Path:
+    """A small JPEG pyramid whose tile (1, 1) of level 0 declares 65000 x 65000 pixels (few KB:
+    only the SOF header changes; a decoder would allocate 12 GiB for it)."""
+    path = make_tiff(tmp_path / "hostile.tif", 700, 600, pyramid=False)
+    with tifffile.TiffFile(path) as tif:
+        page = tif.pages[0]
+        cols = -(-page.imagewidth // page.tilewidth)
+        index = 1 * cols + 1  # tile (col 1, row 1), row-major
+        offset, count = page.dataoffsets[index], page.databytecounts[index]
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        data = f.read(count)
+        patched = declare_size(data, 65000, 65000)
+        assert len(patched) == len(data)
+        f.seek(offset)
+        f.write(patched)
+    return path
+
+
+def test_jpeg_decode_refuses_a_declared_size_it_did_not_expect() -> None:
+    pixels = np.full((256, 256, 3), 200, np.uint8)
+    stream = jpeg.encode(pixels, 90)
+    assert jpeg.decode(stream, expected=(256, 256)).shape == (256, 256, 3)
+    hostile = declare_size(stream, 65000, 65000)
+    with pytest.raises(wsi.CorruptSlide, match="declares 65000x65000"):
+        jpeg.decode(hostile, expected=(256, 256))
+    with pytest.raises(wsi.CorruptSlide, match="declares 65000x65000"):
+        jpeg.check_size(hostile, 256, 256)
+
+
+def test_source_refuses_the_tile(huge_tile_tiff: Path) -> None:
+    with open_slide(huge_tile_tiff) as src:
+        assert src.name == "tiff"
+        assert len(src.read_encoded_tile(0, 0, 0)) > 0  # its neighbours are fine
+        with pytest.raises(wsi.CorruptSlide, match="declares 65000x65000"):
+            src.read_encoded_tile(0, 1, 1)
+
+
+def test_convert_fails_in_one_line(huge_tile_tiff: Path, tmp_path: Path) -> None:
+    done = run_wsi("convert", str(huge_tile_tiff), "--out", str(tmp_path / "out"), "--no-progress")
+    assert done.returncode == 1
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "declares 65000x65000" in lines[0], done.stderr
+    assert "Traceback" not in done.stderr
+    assert not any((tmp_path / "out").glob("*/manifest.json"))  # nothing published
+
+
+def test_served_from_its_source_the_tile_is_a_422(huge_tile_tiff: Path) -> None:
+    """While a slide converts it is served from its source: the hostile tile must not reach a
+    decoder there either."""
+
+    async def main() -> None:
+        folder = huge_tile_tiff.parent
+        settings = ServerSettings(store=str(folder / "store"), sources=(str(folder),))
+        async with TestClient(TestServer(create_app(settings))) as c:
+            listing = await (await c.get("/slides")).json()
+            (sid,) = [s["id"] for s in listing["slides"]]
+            ok = await c.get(f"/slides/{sid}/tiles/0/0/0")
+            assert ok.status == 200
+            bad = await c.get(f"/slides/{sid}/tiles/0/1/1")
+            assert bad.status == 422
+            assert "declares 65000x65000" in (await bad.json())["error"]
+            # A DeepZoom tile that covers it at a lower zoom: refused, not allocated.
+            low = await c.get(f"/slides/{sid}_files/8/0_0.jpeg")
+            assert low.status == 422
+            assert (await c.get("/healthz")).status == 200
+
+    asyncio.run(main())
