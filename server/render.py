@@ -22,7 +22,7 @@ from wsi.errors import InvalidArgument
 def decode_chunk(level: LevelView, data: bytes) -> np.ndarray:
     """A stored chunk -> (tile_height, tile_width, 3) uint8."""
     if level.codec == "jpeg":
-        return jpeg.decode(data)
+        return jpeg.decode(data, expected=(level.tile_height, level.tile_width))
     raw = numcodecs.Zstd().decode(data)
     return np.frombuffer(raw, np.uint8).reshape(level.tile_height, level.tile_width, 3)
 

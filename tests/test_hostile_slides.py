@@ -98,3 +98,35 @@ def test_served_from_its_source_the_tile_is_a_422(huge_tile_tiff: Path) -> None:
             assert (await c.get("/healthz")).status == 200
 
     asyncio.run(main())
+
+
+def test_a_hostile_stored_tile_is_refused_by_every_renderer(tmp_path: Path) -> None:
+    """Bytes in the store are trusted only as far as their declared size: a stored chunk that
+    claims 65000 x 65000 pixels gives a 422 on crops, regions and rendered frames, not an
+    allocation of 12 GiB."""
+    source = make_tiff(tmp_path / "ok.tif", 700, 600, pyramid=False)
+    root = tmp_path / "store"
+    sid = wsi.convert_slide(source, wsi.Store(wsi.StoreSettings(str(root)))).slide_id
+    shard = root / sid / "slide.zarr" / "0" / "c" / "0" / "0" / "0"
+    raw = bytearray(shard.read_bytes())
+    n = 3 * 3  # 700 x 600 in 256-px tiles
+    index = np.frombuffer(bytes(raw[len(raw) - 16 * n - 4 : -4]), "<u8").reshape(n, 2)
+    offset, length = (int(v) for v in index[1 * 3 + 1])  # tile (1, 1)
+    chunk = bytes(raw[offset : offset + length])
+    raw[offset : offset + length] = declare_size(chunk, 65000, 65000)
+    shard.write_bytes(bytes(raw))
+
+    async def main() -> None:
+        settings = ServerSettings(store=str(root))
+        async with TestClient(TestServer(create_app(settings))) as c:
+            assert (await c.get(f"/slides/{sid}/tiles/0/0/0")).status == 200
+            for url in (
+                f"/iiif/3/{sid}/300,300,100,100/max/0/default.jpg",  # a crop of that tile
+                f"/iiif/3/{sid}/200,200,300,300/max/0/default.png",  # a region across it
+                f"/iiif/3/{sid}/256,256,256,256/200,/0/default.jpg",  # that tile, scaled
+            ):
+                r = await c.get(url)
+                assert r.status == 422, (url, r.status)
+                assert "declares 65000x65000" in (await r.json())["error"]
+
+    asyncio.run(main())
