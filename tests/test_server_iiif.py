@@ -212,8 +212,14 @@ def test_regions_match_openslide(store_dir):
         assert up.shape == (100, 200, 3)
         up = await get_image(c, f"/iiif/3/{sid}/0,0,100,50/^pct:150/0/default.png")
         assert up.shape == (75, 150, 3)
-        confined = await get_image(c, f"/iiif/3/{sid}/0,0,100,50/!400,400/0/default.png")
-        assert confined.shape == (50, 100, 3)  # no ^: not larger than the region
+        confined = await get_image(c, f"/iiif/3/{sid}/0,0,100,50/^!400,400/0/default.png")
+        assert confined.shape == (200, 400, 3)  # best fit in 400 x 400, enlarged
+        # Without ^ a best fit larger than the region is upscaling: refused (the validators'
+        # size_noup test), while a best fit inside it is a plain reduction.
+        r = await c.get(f"/iiif/3/{sid}/0,0,100,50/!400,400/0/default.png")
+        assert r.status == 400 and "needs ^" in (await r.json())["error"]
+        inside = await get_image(c, f"/iiif/3/{sid}/0,0,100,50/!50,400/0/default.png")
+        assert inside.shape == (25, 50, 3)
 
     run(ServerSettings(store=str(root)), check)
 
@@ -323,7 +329,6 @@ BAD = [
     "/iiif/3/{sid}/full/max/0",
     "/iiif/3/{sid}/full/max/0/default.jpg/more",
     "/iiif/3/UPPER/info.json",
-    "/iiif/3/..%2f..%2fetc/info.json",
     "/iiif/3/UPPER/full/max/0/default.jpg",
 ]
 
@@ -338,6 +343,11 @@ def test_errors_are_json_4xx(store_dir):
             body = await r.json()
             assert body["status"] == 400 and body["error"], url
             assert "Traceback" not in body["error"]
+        # An escaped slash never joins segments into another resource: no such image.
+        for url in ("/iiif/3/..%2f..%2fetc/info.json", f"/iiif/3/{sid}%2Finfo.json"):
+            r = await c.get(url)
+            assert r.status == 404, (url, r.status)
+            assert (await r.json())["status"] == 404
             assert r.headers["Access-Control-Allow-Origin"] == "*"
         for url in ("/iiif/3/nope/info.json", "/iiif/3/nope/full/max/0/default.jpg"):
             r = await c.get(url)

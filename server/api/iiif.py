@@ -27,7 +27,7 @@ from server.keys import CATALOG, SETTINGS
 from server.openapi import ERROR, path_params
 from server.render import decode_chunk, encode_image, in_pool, region
 from server.responses import dumps, etag_response
-from wsi.errors import InvalidArgument
+from wsi.errors import InvalidArgument, SlideNotFound
 
 PREFIX = "/iiif/3"
 CONTEXT = "http://iiif.io/api/image/3/context.json"
@@ -164,8 +164,10 @@ def parse_size(text: str, rw: int, rh: int, max_area: int) -> Size:
         if confined:
             assert w is not None and h is not None
             scale = min(w / rw, h / rh)
-            if not upscale:
-                scale = min(scale, 1.0)
+            if scale > 1.0 and not upscale:
+                # The best fit would be larger than the region: that is upscaling, which 3.0
+                # allows only with ^ (both community validators refuse `!w,h` here).
+                raise bad(f"size {text} would enlarge the {rw}x{rh} region: needs ^")
             if rw * rh * scale * scale > max_area:
                 return Size(*_fit_area(rw, rh, max_area), capped=True)
             ow = min(w, max(1, round(rw * scale)))
@@ -366,8 +368,17 @@ def info_document(slide: SlideView, base: str, max_area: int) -> dict[str, objec
     return doc
 
 
+async def named_slide(request: web.Request) -> SlideView:
+    """The slide an image request names. An identifier is one path segment: an escaped `/`
+    (%2F) in it names no image here (404). The router has decoded it already, so without this
+    check `{id}%2Finfo.json` would be answered as `{id}/info.json`."""
+    if "%2f" in request.raw_path.split("?", 1)[0].lower():
+        raise SlideNotFound("no image with that identifier")
+    return await request.app[CATALOG].slide(request.match_info["slide_id"])
+
+
 async def info(request: web.Request) -> web.Response:
-    slide = await request.app[CATALOG].slide(request.match_info["slide_id"])
+    slide = await named_slide(request)
     doc = info_document(
         slide, base_url(request, slide.slide_id), request.app[SETTINGS].max_render_pixels
     )
@@ -382,7 +393,7 @@ async def info(request: web.Request) -> web.Response:
 
 
 async def base_redirect(request: web.Request) -> web.Response:
-    slide = await request.app[CATALOG].slide(request.match_info["slide_id"])
+    slide = await named_slide(request)
     raise web.HTTPSeeOther(location=f"{base_url(request, slide.slide_id)}/info.json")
 
 
@@ -401,7 +412,7 @@ def canonical(
 async def image(request: web.Request) -> web.Response:
     catalog = request.app[CATALOG]
     max_area = request.app[SETTINGS].max_render_pixels
-    slide = await catalog.slide(request.match_info["slide_id"])
+    slide = await named_slide(request)
     quality, fmt = parse_file(request.match_info["quality"], request.match_info["format"])
     mirror, degrees = parse_rotation(request.match_info["rotation"])
     r = parse_region(request.match_info["region"], slide.width, slide.height)
@@ -449,6 +460,7 @@ async def image(request: web.Request) -> web.Response:
 
 
 async def not_iiif(request: web.Request) -> web.Response:
+    await named_slide(request)  # an unknown identifier is a 404 before a malformed request
     raise bad("expected info.json or {region}/{size}/{rotation}/{quality}.{format}")
 
 
