@@ -83,7 +83,7 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
     # Slides in watch folders are registered as sources by the ingest feed once complete, so a
     # slide is viewable from its file while it converts, but never read while being copied.
     wanted = settings.sources or settings.watch or settings.s3_sources
-    sources = SourceSlides(settings.sources) if wanted else None
+    sources = SourceSlides(settings.sources, settings.max_render_pixels) if wanted else None
     catalog = Catalog(reader, settings.tile_cache_mb * 1024 * 1024, sources)
     app[CATALOG] = catalog
     app[METRICS].cache_stats = lambda: (

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import threading
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,7 @@ from PIL import Image
 from server.catalog import LevelView, SlideView
 from server.keys import JOBS
 from wsi.codecs import jpeg
-from wsi.errors import SlideNotFound, WsiError
+from wsi.errors import InvalidArgument, SlideNotFound, WsiError
 from wsi.model import TileCodec
 from wsi.pyramid.builder import PyramidSettings, plan_pyramid
 from wsi.slide_id import content_slide_id
@@ -36,11 +37,65 @@ def _is_candidate(path: Path) -> bool:
     return any(b.is_available() and b.can_open(path) for b in BACKENDS)
 
 
+PIECE_PIXELS = 4_000_000
+"""Source pixels read at a time while reducing a region (12 MB of RGB): with the output tile,
+the memory one tile of a converting slide may take, whatever its zoom level."""
+
+
+def reduced_region(
+    source: SlideSource,
+    index: int,
+    origin: tuple[float, float],
+    factor: float,
+    size: tuple[int, int],
+    budget: int,
+) -> np.ndarray:
+    """`size` (w, h) output pixels, each the area mean of `factor` x `factor` pixels of source
+    level `index`, starting at `origin` (level pixels): white outside the level.
+
+    A low zoom level of a single-level slide covers a huge square of its base (a 256-px tile at
+    level 8 is 65,536 px across): it is read in pieces of at most PIECE_PIXELS, clipped to the
+    level, each reduced into its part of the output, so memory is one piece plus the output.
+    More than `budget` source pixels in all are refused: such a tile waits for the conversion,
+    whose pyramid gives it at the cost of one stored tile."""
+    out_w, out_h = size
+    src = source.levels[index]
+    x0, y0 = origin
+    # Output pixels that fall inside the level (the rest stays white).
+    inside_w = min(out_w, max(0, math.ceil((src.width - x0) / factor)))
+    inside_h = min(out_h, max(0, math.ceil((src.height - y0) / factor)))
+    out = np.full((out_h, out_w, 3), 255, np.uint8)
+    needed = inside_w * inside_h * factor * factor
+    if needed > budget:
+        raise InvalidArgument(
+            f"this tile of a slide still converting needs {needed:.0f} source pixels, over the "
+            f"{budget} pixel budget: it is served once the conversion is published"
+        )
+    # Square pieces of output pixels whose source area fits PIECE_PIXELS.
+    step = max(1, int(math.sqrt(PIECE_PIXELS) / factor))
+    for r0 in range(0, inside_h, step):
+        r1 = min(inside_h, r0 + step)
+        for c0 in range(0, inside_w, step):
+            c1 = min(inside_w, c0 + step)
+            sx, sy = round(x0 + c0 * factor), round(y0 + r0 * factor)
+            sw = max(1, round(x0 + c1 * factor) - sx)
+            sh = max(1, round(y0 + r1 * factor) - sy)
+            piece = source.read_region(index, sx, sy, sw, sh)
+            if piece.shape[:2] != (r1 - r0, c1 - c0):
+                piece = np.asarray(
+                    Image.fromarray(piece).resize((c1 - c0, r1 - r0), Image.Resampling.BOX)
+                )
+            out[r0:r1, c0:c1] = piece
+    return out
+
+
 class SourceSlides:
     """Unconverted slides in some folders; blocking methods run on the caller's thread pool."""
 
-    def __init__(self, folders: tuple[str, ...]) -> None:
+    def __init__(self, folders: tuple[str, ...], pixel_budget: int = 16_000_000) -> None:
         self.folders = [Path(f) for f in folders]
+        self.pixel_budget = pixel_budget
+        """Most source pixels one tile may read (the service's render budget)."""
         self._paths: dict[str, Path] = {}
         self._registered: dict[str, Path] = {}
         self._open: dict[str, tuple[SlideSource, SlideView]] = {}
@@ -123,16 +178,15 @@ class SourceSlides:
         scale = 2**level
         # The source level with the most pixels per output pixel without going below 1.
         index = max(i for i, s in enumerate(source.levels) if s.downsample <= scale + 1e-6)
-        src = source.levels[index]
-        factor = scale / src.downsample
-        x, y = col * lv.tile_width * factor, row * lv.tile_height * factor
-        w, h = lv.tile_width * factor, lv.tile_height * factor
-        pixels = source.read_region(index, int(x), int(y), max(1, round(w)), max(1, round(h)))
-        if pixels.shape[:2] != (lv.tile_height, lv.tile_width):
-            image = Image.fromarray(pixels).resize(
-                (lv.tile_width, lv.tile_height), Image.Resampling.BOX
-            )
-            pixels = np.asarray(image)
+        factor = scale / source.levels[index].downsample
+        pixels = reduced_region(
+            source,
+            index,
+            (col * lv.tile_width * factor, row * lv.tile_height * factor),
+            factor,
+            (lv.tile_width, lv.tile_height),
+            self.pixel_budget,
+        )
         return jpeg.encode(pixels, 90, True)
 
     def close(self) -> None:

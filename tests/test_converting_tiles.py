@@ -1,0 +1,96 @@
+"""Tiles of a slide still converting come from its source: a low zoom level of a single-level
+slide covers a huge square of its base, which used to be read in one `read_region` (a DeepZoom
+tile of a 40,000 x 30,000 slide asked numpy for 12 GiB). Now it is read in bounded pieces from
+the nearest source level, inside the render budget, and equals an exact area downsample."""
+
+from __future__ import annotations
+
+import asyncio
+import tracemalloc
+from pathlib import Path
+
+import numpy as np
+import pytest
+from aiohttp.test_utils import TestClient, TestServer
+
+import wsi
+from server.app import create_app
+from server.converting import PIECE_PIXELS, SourceSlides
+from server.settings import ServerSettings
+from wsi.codecs import jpeg
+
+from .conftest import area_reference, make_tiff, openslide_level0, psnr
+
+WIDTH, HEIGHT = 8000, 6000
+
+
+@pytest.fixture(scope="module")
+def single_level(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("converting")
+    return make_tiff(folder / "flat.tif", WIDTH, HEIGHT, pyramid=False)
+
+
+def test_a_low_level_tile_is_read_in_bounded_pieces(single_level: Path) -> None:
+    slides = SourceSlides((str(single_level.parent),), pixel_budget=100_000_000)
+    try:
+        (slide_id,) = slides.scan()
+        view = slides.view(slide_id)
+        assert len(view.levels) > 5
+        tracemalloc.start()
+        try:
+            data = slides.tile(slide_id, 5, 0, 0)  # 8192 x 8192 base pixels (201 MB at once)
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+    finally:
+        slides.close()
+    assert peak < 4 * PIECE_PIXELS * 3, f"peak {peak / 1e6:.0f} MB"
+    tile = jpeg.decode(data)
+    exact = np.full((256, 256, 3), 255, np.uint8)
+    reference = area_reference(openslide_level0(single_level), 5)
+    h, w = reference.shape[:2]  # 187 x 250: the level, rounded down
+    exact[:h, :w] = np.round(reference)
+    # At 1/32 the generated tissue is random colour per pixel, which 4:2:0 JPEG cannot keep:
+    # compare with the same encoding of the exact area downsample.
+    expected = jpeg.decode(jpeg.encode(exact, 90, True))
+    assert psnr(tile[:h, :w], expected[:h, :w]) >= 40
+
+
+def test_over_the_budget_a_tile_is_refused_not_allocated(single_level: Path) -> None:
+    async def main() -> None:
+        settings = ServerSettings(
+            store=str(single_level.parent / "store"),
+            sources=(str(single_level.parent),),
+            max_render_pixels=5_000_000,
+        )
+        async with TestClient(TestServer(create_app(settings))) as c:
+            (slide,) = (await (await c.get("/slides")).json())["slides"]
+            sid = slide["id"]
+            assert slide["status"] == "converting"
+            assert (await c.get(f"/slides/{sid}/tiles/3/0/0")).status == 200  # 4.2 MP
+            r = await c.get(f"/slides/{sid}/tiles/4/0/0")  # 16.8 MP of base pixels
+            assert r.status == 400
+            assert "budget" in (await r.json())["error"]
+            r = await c.get(f"/slides/{sid}_files/1/0_0.jpeg")  # the whole slide in one tile
+            assert r.status == 400
+            assert (await c.get("/healthz")).status == 200
+
+    asyncio.run(main())
+
+
+def test_pieces_match_one_read(tmp_path: Path) -> None:
+    """Piece boundaries leave no seam: the same tile read whole and in pieces is identical."""
+    from server import converting
+
+    source = make_tiff(tmp_path / "small.tif", 1500, 1100, pyramid=False)
+    with wsi.open_slide(source) as slide:
+        whole = converting.reduced_region(slide, 0, (0.0, 0.0), 4.0, (256, 256), 10**9)
+        saved = converting.PIECE_PIXELS
+        converting.PIECE_PIXELS = 64 * 64  # pieces of 16 x 16 output pixels
+        try:
+            pieces = converting.reduced_region(slide, 0, (0.0, 0.0), 4.0, (256, 256), 10**9)
+        finally:
+            converting.PIECE_PIXELS = saved
+    assert np.array_equal(whole, pieces)
+    reference = area_reference(openslide_level0(source), 2)[:256, :256]
+    assert np.abs(whole.astype(int) - np.round(reference)).max() <= 1
