@@ -1,23 +1,75 @@
-"""Shared fixtures: sample slides, synthetic slides made with libvips, stores, reference pixels."""
+"""Shared fixtures: sample slides, synthetic slides made with libvips, stores, reference pixels.
+
+Where test slides come from, the one place that says so:
+
+* `sample(name)`: a file (or folder) of `sample_data/`, in the repository;
+* `standin:NAME`: made on first use by `sample_data/make_standins.py`, for a slide the repository
+  may not carry (its licence is not stated) but whose property under test can be reproduced;
+* `shared:NAME`: the original of such a slide, in `../shared/sample-slides/` beside the clone.
+  Parameters naming one are marked `shared_slides` (see `shared()`): the default run deselects
+  them, CI runs them with `-m shared_slides`, and selected without the folder they fail.
+
+Parametrised tests take the `slide_path` fixture, which resolves all three kinds of name.
+"""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from sample_data.make_standins import STANDINS
+
 ROOT = Path(__file__).resolve().parents[1]
-SAMPLES = ROOT.parent / "shared" / "sample-slides"
 BUNDLED = ROOT / "sample_data"
+SHARED = ROOT.parent / "shared" / "sample-slides"
+STANDIN_PREFIX = "standin:"
+SHARED_PREFIX = "shared:"
 
 
 def sample(name: str) -> Path:
-    """A slide of ../shared/sample-slides (CI has it); failing loudly beats skipping."""
-    path = SAMPLES / name
+    """A slide (or folder of slides) of sample_data/; failing loudly beats skipping."""
+    path = BUNDLED / name
     assert path.exists(), f"missing sample slide {path}"
     return path
+
+
+def shared(name: str, *values: object) -> pytest.ParameterSet:
+    """A test parameter naming `../shared/sample-slides/NAME` (then any further values of the
+    parameter set), marked `shared_slides` so that only a run that asks for them needs them."""
+    return pytest.param(SHARED_PREFIX + name, *values, marks=pytest.mark.shared_slides)
+
+
+def _shared_sample(name: str) -> Path:
+    path = SHARED / name
+    assert path.exists(), (
+        f"missing sample slide {path}: tests marked shared_slides need ../shared/sample-slides"
+        " beside the clone (the default run deselects them: -m 'not shared_slides')"
+    )
+    return path
+
+
+@pytest.fixture(scope="session")
+def slide_path(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Path]:
+    """Resolves a slide name: `standin:NAME` (written once per session), `shared:NAME`, or a
+    path inside sample_data/."""
+    folder = tmp_path_factory.mktemp("standins")
+
+    def resolve(name: str) -> Path:
+        if name.startswith(SHARED_PREFIX):
+            return _shared_sample(name.removeprefix(SHARED_PREFIX))
+        if name.startswith(STANDIN_PREFIX):
+            stem = name.removeprefix(STANDIN_PREFIX)
+            path = folder / stem
+            if not path.exists():
+                STANDINS[stem](path)
+            return path
+        return sample(name)
+
+    return resolve
 
 
 def make_tiff(

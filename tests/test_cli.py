@@ -6,7 +6,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 
 from .conftest import sample
 from .helpers import run_wsi as wsi
@@ -112,7 +111,15 @@ def test_progress_fd_reports_rising_json_lines(tmp_path, medium_jpeg_tiff):
 
 def test_exit_with_stdin_stops_when_the_supervisor_goes(tmp_path, medium_jpeg_tiff):
     """The supervisor (an ingest worker) holds the write end of stdin; when it dies, the pipe
-    closes and the conversion stops instead of publishing behind the job's next attempt."""
+    closes and the conversion stops instead of publishing behind the job's next attempt.
+
+    Stdin closes as soon as the first progress line says the conversion is under way: a signal,
+    not a sleep (the default conversion of this slide takes about 1 s, so a fixed pause can
+    outlast it). Almost every tile of the 108 MP base level is then still to be decoded by
+    OpenSlide and re-encoded on one thread, about 7 s of work on the machine this was measured
+    on, so the close lands mid-conversion even on a much faster one.
+    """
+    read_fd, write_fd = os.pipe()
     proc = subprocess.Popen(
         [
             sys.executable,
@@ -124,17 +131,27 @@ def test_exit_with_stdin_stops_when_the_supervisor_goes(tmp_path, medium_jpeg_ti
             str(tmp_path / "out"),
             "--no-progress",
             "--no-reuse-levels",
+            "--backend",
+            "openslide",
+            "--workers",
+            "1",
+            "--progress-fd",
+            str(write_fd),
             "--exit-with-stdin",
         ],
         stdin=subprocess.PIPE,
+        pass_fds=(write_fd,),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    with proc:
+    os.close(write_fd)
+    with proc, os.fdopen(read_fd) as lines:
         assert proc.stdin is not None
-        time.sleep(1.0)
+        first = json.loads(lines.readline())["progress"]
         proc.stdin.close()  # as if the supervisor died
         assert proc.wait(10) == 75
+        later = [json.loads(line)["progress"] for line in lines]
+    assert first < 100 and all(v < 100 for v in later), (first, later)
     assert not list((tmp_path / "out").glob("*/manifest.json"))
 
 
