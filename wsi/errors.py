@@ -33,3 +33,8 @@ class StoreError(WsiError, OSError):
 
 class EncodedTileUnavailable(WsiError, LookupError):
     """The source cannot hand out this tile's compressed bytes; decode it instead."""
+
+
+class AssociatedImageRefused(WsiError, PermissionError):
+    """The reader's settings do not allow reading this associated image: labels and macros
+    show patient names and barcodes, so each one must be allowed explicitly."""

@@ -1,44 +1,41 @@
 """`export-dicom`: a slide's DICOM view as a flat folder of `.dcm` files, without re-encoding.
 
-Each stored level object already is a DICOM Part 10 file, so on a local store the export is a
-folder of hard links to the very same bytes (a copy only when the folder is on another file
-system); from S3 the objects are downloaded as they are. OpenSlide and wsidicom open the folder.
+Each stored level object already is a DICOM Part 10 file, so the export copies bytes as they
+are: on a local store a copy-on-write clone where the file system can (btrfs, XFS: no data
+copied) and a plain copy elsewhere; from S3 a download. Never a hard link: DICOM tools edit files
+in place (dcmodify, anonymisers), and through a link they would truncate the stored object and
+with it the Zarr index. OpenSlide and wsidicom open the folder.
+The instances are those the manifest lists, so a slide published with `--format dicom` (no Zarr
+metadata) exports too.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import shutil
 from pathlib import Path
 
 from wsi.errors import InvalidArgument
-from wsi.store.objects import Store, StoreSettings, check_slide_id
+from wsi.published.layout import SlideKeys
+from wsi.store.objects import FILE_MODE, Store, StoreSettings, split_slide_location
 
-
-def split_slide_location(location: str) -> tuple[str, str]:
-    """`OUT/<slide-id>` or `s3://bucket/prefix/<slide-id>` -> (store URL, slide id)."""
-    trimmed = location.rstrip("/")
-    if "/" not in trimmed:
-        trimmed = f"./{trimmed}"
-    root, slide_id = trimmed.rsplit("/", 1)
-    if not root or root.endswith(":/"):
-        raise InvalidArgument(f"{location!r} does not name a slide folder (STORE/<slide-id>)")
-    return root, check_slide_id(slide_id)
+__all__ = ["export_dicom", "export_dicom_location", "split_slide_location"]
 
 
 def export_dicom(store: Store, slide_id: str, dest: Path) -> list[Path]:
-    """Write the slide's DICOM instances into `dest` as `<flavor>[-<level>].dcm`."""
-    manifest = store.read_manifest(slide_id)
-    instances = manifest.get("dicom") or []
-    if not instances:
+    """Write the slide's DICOM instances into `dest` as `level-<k>.dcm`, `label.dcm`,
+    `overview.dcm`, `thumbnail.dcm`."""
+    manifest = store.manifest(slide_id)
+    if not manifest.dicom:
         raise InvalidArgument(f"slide {slide_id} has no DICOM view (converted with --format zarr)")
+    keys = SlideKeys(slide_id)
     dest.mkdir(parents=True, exist_ok=True)
     written = []
-    for inst in instances:
-        key = f"{slide_id}/{inst['key']}"
-        flavor = str(inst["flavor"]).lower()
-        name = f"level-{inst['level']}.dcm" if flavor == "volume" else f"{flavor}.dcm"
+    for inst in manifest.dicom:
+        key = keys.in_store(inst.key)
+        name = f"{inst.name}.dcm"
         target = dest / name
         tmp = dest / f".{name}.tmp"
         with contextlib.suppress(FileNotFoundError):
@@ -46,13 +43,25 @@ def export_dicom(store: Store, slide_id: str, dest: Path) -> list[Path]:
         if store.settings.is_s3:
             store.fs.get_file(store.path(key), str(tmp))
         else:
-            try:
-                os.link(store.path(key), tmp)  # the same inode: zero copies
-            except OSError:
-                shutil.copyfile(store.path(key), tmp)
+            _clone_or_copy(store.path(key), tmp)
+        os.chmod(tmp, FILE_MODE)
         os.replace(tmp, target)
         written.append(target)
     return written
+
+
+_FICLONE = 0x40049409
+"""Linux ioctl: make `dest` share `src`'s extents copy-on-write (btrfs, XFS, bcachefs)."""
+
+
+def _clone_or_copy(src: str, dest: Path) -> None:
+    with open(src, "rb") as fin, open(dest, "wb") as fout:
+        try:
+            fcntl.ioctl(fout.fileno(), _FICLONE, fin.fileno())
+            return
+        except OSError:  # not supported here (ext4, tmpfs, another file system): copy
+            pass
+        shutil.copyfileobj(fin, fout, 8 * 1024 * 1024)
 
 
 def export_dicom_location(

@@ -1,6 +1,6 @@
 """Object storage for converted slides: a local folder or `s3://bucket/prefix`, through fsspec.
 
-Layout: `<root>/<slide-id>/slide.zarr/...` holds the pyramid; `<root>/<slide-id>/manifest.json` is
+A slide's objects live under `<root>/<slide-id>/` (keys: `wsi.published.layout`); its manifest is
 written last and is the commit point. Readers list and open only slides with a manifest, so a
 conversion that dies half-way is invisible until it is run again and finishes.
 """
@@ -8,11 +8,13 @@ conversion that dies half-way is invisible until it is run again and finishes.
 from __future__ import annotations
 
 import contextlib
-import json
+import fcntl
+import hashlib
 import os
 import re
+import tempfile
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import IO, Any
 
@@ -20,11 +22,29 @@ import aiohttp
 import fsspec
 from botocore.exceptions import BotoCoreError, ClientError
 
-from wsi.errors import InvalidArgument, SlideNotFound, StoreError
+from wsi.errors import CorruptSlide, InvalidArgument, SlideNotFound, StoreError
+from wsi.published.layout import (
+    MANIFEST,
+    SLIDE_ID,
+    Manifest,
+    SlideKeys,
+    check_slide_id,
+    dump_json,
+    load_json,
+)
+
+__all__ = [
+    "MANIFEST",
+    "STORE_FAILURES",
+    "TEMP_MARK",
+    "Store",
+    "StoreSettings",
+    "check_key",
+    "check_slide_id",
+    "split_slide_location",
+]
 
 _SEGMENT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-SLIDE_ID = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
-MANIFEST = "manifest.json"
 TEMP_MARK = ".tmp-"
 _MiB = 1024 * 1024
 STORE_FAILURES: tuple[type[BaseException], ...] = (
@@ -35,15 +55,6 @@ STORE_FAILURES: tuple[type[BaseException], ...] = (
 )
 """What fsspec/s3fs let through when the disk, the network, the credentials or the object
 server fail (botocore's connection errors are not OSErrors): all become `StoreError`."""
-
-
-def check_slide_id(slide_id: str) -> str:
-    """Slide ids are opaque, lower-case and safe as one path segment or object-key segment."""
-    if not isinstance(slide_id, str) or not SLIDE_ID.match(slide_id) or ".." in slide_id:
-        raise InvalidArgument(
-            "slide id must be 1-64 characters of a-z, 0-9, '.', '_', '-', starting alphanumeric"
-        )
-    return slide_id
 
 
 def check_key(key: str) -> str:
@@ -87,6 +98,41 @@ def _s3_options(settings: StoreSettings) -> dict[str, Any]:
         options["endpoint_url"] = endpoint
     # Credentials come from the usual AWS environment variables / config files via botocore.
     return options
+
+
+FILE_MODE = 0o640
+"""Objects we write: never world-readable, whatever the process umask (they hold patient data:
+pixels, labels, DICOM headers); a group (say, a backup or web server account) may read."""
+DIR_MODE = 0o750
+
+
+def make_dirs(path: str) -> None:
+    """`os.makedirs` with DIR_MODE for every folder it creates (makedirs gives intermediate
+    folders the umask's default), each new folder made durable in its parent."""
+    missing = []
+    head = os.path.abspath(path)
+    while not os.path.isdir(head):
+        missing.append(head)
+        head = os.path.dirname(head)
+    for folder in reversed(missing):
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(folder, DIR_MODE)
+        fsync_dir(os.path.dirname(folder))
+
+
+def fsync_dir(path: str) -> None:
+    """Make a folder's entries (a rename into it, a new file) durable: without it a power cut
+    after the manifest is written can leave the manifest and lose the objects it lists."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _create(path: str) -> IO[bytes]:
+    """A new file opened for writing with FILE_MODE (exclusive: temporary names are unique)."""
+    return os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE), "wb")
 
 
 class Store:
@@ -136,12 +182,15 @@ class Store:
                     raise
                 f.close()
             else:
-                os.makedirs(os.path.dirname(path), exist_ok=True)
+                make_dirs(os.path.dirname(path))
                 tmp = f"{path}{TEMP_MARK}{uuid.uuid4().hex}"
                 try:
-                    with open(tmp, "wb") as lf:
+                    with _create(tmp) as lf:
                         yield lf
+                        lf.flush()
+                        os.fsync(lf.fileno())
                     os.replace(tmp, path)
+                    fsync_dir(os.path.dirname(path))
                 finally:
                     with contextlib.suppress(FileNotFoundError):
                         os.unlink(tmp)
@@ -155,13 +204,18 @@ class Store:
             if self.settings.is_s3:
                 self.fs.pipe_file(path, data)
             else:
-                os.makedirs(os.path.dirname(path), exist_ok=True)
+                make_dirs(os.path.dirname(path))
                 tmp = f"{path}{TEMP_MARK}{uuid.uuid4().hex}"
-                with open(tmp, "wb") as f:
-                    f.write(data)
-                    f.flush()
-                    os.fsync(f.fileno())
-                os.replace(tmp, path)
+                try:
+                    with _create(tmp) as f:
+                        f.write(data)
+                        f.flush()
+                        os.fsync(f.fileno())
+                    os.replace(tmp, path)
+                    fsync_dir(os.path.dirname(path))
+                finally:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(tmp)
         except STORE_FAILURES as exc:
             raise StoreError(f"cannot write {key}: {exc}") from exc
 
@@ -214,7 +268,8 @@ class Store:
             return []
         except STORE_FAILURES as exc:
             raise StoreError(f"cannot list store: {exc}") from exc
-        return sorted(str(e).rstrip("/").rsplit("/", 1)[-1] for e in entries)
+        names = (str(e).rstrip("/").rsplit("/", 1)[-1] for e in entries)
+        return sorted(n for n in names if TEMP_MARK not in n)  # writes still in progress
 
     def remove_temporaries(self, prefix: str) -> None:
         """Delete what a killed or failed writer left under `prefix/`: temporary files on a
@@ -250,31 +305,79 @@ class Store:
             return []
         root = self.root.rstrip("/") + "/"
         keys = (str(p)[len(root) :] for p in found if str(p).startswith(root))
-        return sorted(k for k in keys if include_temporary or TEMP_MARK not in k)
+        # Some S3 servers (SeaweedFS) keep an emptied folder, which find() returns as itself.
+        return sorted(
+            k for k in keys if k != prefix and (include_temporary or TEMP_MARK not in k)
+        )
 
     # -- slides -----------------------------------------------------------------------------
     def manifest_key(self, slide_id: str) -> str:
-        return f"{check_slide_id(slide_id)}/{MANIFEST}"
+        return SlideKeys(slide_id).manifest
 
-    def read_manifest(self, slide_id: str) -> dict[str, Any]:
-        """The manifest of a published slide (SlideNotFound if unpublished)."""
+    def _manifest_bytes(self, slide_id: str) -> bytes:
         try:
-            data = self.get(self.manifest_key(slide_id))
+            return self.get(self.manifest_key(slide_id))
         except SlideNotFound as exc:
             raise SlideNotFound(f"slide {slide_id} is not published") from exc
+
+    def read_manifest(self, slide_id: str) -> dict[str, Any]:
+        """The manifest of a published slide as JSON (SlideNotFound if unpublished)."""
         try:
-            manifest: dict[str, Any] = json.loads(data)
-        except ValueError as exc:
-            raise StoreError(f"manifest of {slide_id} is not valid JSON") from exc
-        return manifest
+            return load_json(self._manifest_bytes(slide_id), f"manifest of {slide_id}")
+        except CorruptSlide as exc:
+            raise StoreError(str(exc)) from exc
+
+    def manifest(self, slide_id: str) -> Manifest:
+        """The parsed manifest of a published slide (SlideNotFound if unpublished, CorruptSlide
+        when it does not follow the layout)."""
+        return Manifest.from_bytes(self._manifest_bytes(slide_id))
 
     def is_published(self, slide_id: str) -> bool:
         return self.exists(self.manifest_key(slide_id))
 
-    def publish(self, slide_id: str, manifest: Mapping[str, Any]) -> None:
+    def publish(self, slide_id: str, manifest: Manifest | Mapping[str, Any]) -> None:
         """The commit point: after this one atomic write, readers see the whole slide."""
-        body = json.dumps(manifest, indent=1, sort_keys=True).encode()
+        body = manifest.to_bytes() if isinstance(manifest, Manifest) else dump_json(manifest)
         self.put(self.manifest_key(slide_id), body)
+
+    @contextlib.contextmanager
+    def slide_lock(self, slide_id: str) -> Iterator[None]:
+        """Hold while converting `slide_id`: one conversion of a slide at a time on this machine,
+        whichever process runs it. A second one fails at once (StoreError, which ingest retries)
+        instead of deleting the first one's temporaries or objects. Across machines the job
+        queue gives a slide to one worker at a time."""
+        folder = os.path.join(tempfile.gettempdir(), "wsistore-locks")
+        os.makedirs(folder, mode=0o700, exist_ok=True)
+        digest = hashlib.sha256(f"{self.full_url()}\n{slide_id}".encode()).hexdigest()[:32]
+        fd = os.open(os.path.join(folder, f"{digest}.lock"), os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError as exc:
+                raise StoreError(
+                    f"slide {slide_id} is being converted by another process; try again later"
+                ) from exc
+            yield
+        finally:
+            os.close(fd)  # releases the lock (so does the process's death)
+
+    def promote(self, staged: SlideKeys, keys_in_slide: Iterable[str]) -> None:
+        """Move a version built in a staging folder to the slide's own keys, replacing what is
+        there: a rename each on a local store (made durable), a server-side copy each on S3;
+        then the staging folder goes. Call with the slide unpublished."""
+        final = SlideKeys(staged.slide_id)
+        try:
+            for key in keys_in_slide:
+                source, target = self.path(staged.in_store(key)), self.path(final.in_store(key))
+                if self.settings.is_s3:
+                    self.fs.copy(source, target)
+                else:
+                    make_dirs(os.path.dirname(target))
+                    os.replace(source, target)
+                    fsync_dir(os.path.dirname(target))
+        except STORE_FAILURES as exc:
+            raise StoreError(f"cannot promote the new version of {staged.slide_id}: {exc}") from exc
+        self.delete_prefix(staged.root)
 
     def unpublish(self, slide_id: str) -> None:
         """Hide a slide from readers before its objects are rewritten."""
@@ -284,6 +387,17 @@ class Store:
         """Ids of committed slides only: folders without a manifest are work in progress."""
         out = []
         for name in self.children():
-            if SLIDE_ID.match(name) and self.exists(f"{name}/{MANIFEST}"):
+            if SLIDE_ID.match(name) and self.exists(SlideKeys(name).manifest):
                 out.append(name)
         return out
+
+
+def split_slide_location(location: str) -> tuple[str, str]:
+    """`OUT/<slide-id>` or `s3://bucket/prefix/<slide-id>` -> (store URL, slide id)."""
+    trimmed = location.rstrip("/")
+    if "/" not in trimmed:
+        trimmed = f"./{trimmed}"
+    root, slide_id = trimmed.rsplit("/", 1)
+    if not root or root.endswith(":/"):
+        raise InvalidArgument(f"{location!r} does not name a slide folder (STORE/<slide-id>)")
+    return root, check_slide_id(slide_id)

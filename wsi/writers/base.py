@@ -1,4 +1,4 @@
-"""The pyramid writer interface: the second extension point (OME-Zarr now, DICOM-WSI next).
+"""The pyramid writer interface: the second extension point.
 
 The builder calls `begin_level`, then `write_tile` for every tile of that level in row-major order
 (levels may interleave: level 1 row 0 is ready before level 0 is done), `end_level`,
@@ -10,37 +10,11 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass
-from typing import Literal
 
 import numpy as np
 
-from wsi.errors import InvalidArgument
 from wsi.model import Level, SlideProperties
-
-
-@dataclass(frozen=True)
-class ChunkFormat:
-    """How the chunks (tiles) of one output level are encoded."""
-
-    codec: Literal["jpeg", "zstd"]
-    quality: int = 85
-    """JPEG quality (1-100) of tiles we encode; passed-through tiles keep the source's."""
-    zstd_level: int = 3
-
-    def __post_init__(self) -> None:
-        if self.codec not in ("jpeg", "zstd"):
-            raise InvalidArgument(f"unknown chunk codec {self.codec!r}")
-        if not 1 <= self.quality <= 100:
-            raise InvalidArgument(f"JPEG quality must be 1-100, got {self.quality}")
-
-
-@dataclass(frozen=True)
-class StoredObject:
-    """One object written to the store, as listed in the manifest."""
-
-    key: str
-    size: int
-    crc32c: str
+from wsi.published.layout import ChunkFormat, StoredObject
 
 
 @dataclass(frozen=True)

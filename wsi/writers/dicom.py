@@ -19,7 +19,6 @@ import hashlib
 import io
 import struct
 from dataclasses import dataclass
-from typing import Literal
 
 import pydicom
 from PIL import ImageCms
@@ -32,6 +31,7 @@ from wsi.codecs import jpeg as jpeglib
 from wsi.errors import InvalidArgument
 from wsi.metadata import SlideMetadata
 from wsi.model import Level
+from wsi.published.layout import Flavor, instance_name
 
 WSI_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.77.1.6"
 IMPLEMENTATION_UID = "2.25.229370117045469307931496209404461426517"  # wsistore, fixed
@@ -39,13 +39,6 @@ ITEM = 0xE000FFFE  # (FFFE,E000) little-endian as one uint32
 DELIMITER = struct.pack("<HHI", 0xFFFE, 0xE0DD, 0)
 PIXEL_DATA_HEADER = struct.pack("<HH2sHI", 0x7FE0, 0x0010, b"OB", 0, 0xFFFFFFFF)
 EMPTY_BOT = struct.pack("<HHI", 0xFFFE, 0xE000, 0)
-
-Flavor = Literal["VOLUME", "LABEL", "OVERVIEW", "THUMBNAIL"]
-ASSOCIATED_FLAVOR: dict[str, Flavor] = {
-    "label": "LABEL",
-    "macro": "OVERVIEW",
-    "thumbnail": "THUMBNAIL",
-}
 
 
 def derived_uid(slide_id: str, *parts: str) -> str:
@@ -200,7 +193,7 @@ def instance_header(
     the colour space and an approximate compression ratio."""
     if level.tile_count <= 0:
         raise InvalidArgument("an instance needs at least one frame")
-    name = f"level-{level_index}" if flavor == "VOLUME" else flavor.lower()
+    name = instance_name(flavor, level_index)
     ds = _base_dataset(slide)
     sop_uid = slide.instance_uid(name)
     ds.SOPInstanceUID = sop_uid

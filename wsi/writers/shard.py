@@ -9,17 +9,15 @@ as the Zarr sharding codec defines them, and point at the JPEG bytes either way.
 from __future__ import annotations
 
 import contextlib
-import struct
 from collections.abc import Callable
 from typing import IO
 
 import google_crc32c
-import numpy as np
 
 from wsi.errors import WsiError
 from wsi.model import Level
+from wsi.published.layout import StoredObject, empty_index, encode_index
 from wsi.store.objects import Store
-from wsi.writers.base import StoredObject
 from wsi.writers.dicom import item_header, trailer_header
 
 HeaderFactory = Callable[[list[bytes]], bytes]
@@ -43,7 +41,7 @@ class ShardStream:
         self._file: IO[bytes] = stack.enter_context(store.open_write(key))
         self._crc = google_crc32c.Checksum()
         self._offset = 0
-        self._index = np.full((level.tile_count, 2), 2**64 - 1, dtype="<u8")
+        self._index = empty_index(level.tile_count)
         self._next = 0
         self._dicom_header = dicom_header
 
@@ -62,7 +60,9 @@ class ShardStream:
         if self._next + len(chunks) > self.level.tile_count:
             raise WsiError(f"too many tiles for {self.key}")
         if self._next == 0 and self._dicom_header is not None:
-            self._write(self._dicom_header(chunks))
+            # From the first tile only: the header (and so the object) must not depend on how
+            # the caller batches its writes.
+            self._write(self._dicom_header(chunks[:1]))
         dicom = self._dicom_header is not None
         parts = []
         offset = self._offset
@@ -83,8 +83,7 @@ class ShardStream:
     def close(self) -> StoredObject:
         if self._next != self.level.tile_count:
             raise WsiError(f"{self.key}: {self._next} of {self.level.tile_count} tiles")
-        index = self._index.tobytes()
-        index += struct.pack("<I", google_crc32c.value(index))
+        index = encode_index(self._index)
         if self._dicom_header is not None:
             self._write(trailer_header(len(index)))
         self._write(index)

@@ -1,0 +1,544 @@
+"""Reading published slides: levels, stored tiles, pixels, regions and associated images.
+
+Async at the core. A `PublishedStore` (one per store URL) lists the published slides, opens them,
+does the I/O (S3 through one async s3fs client, local files on a thread pool), decodes on that
+thread pool, and keeps the shard indexes and stored tiles of all its slides in byte-budgeted
+caches. An `AsyncPublishedSlide` is one published version of a slide; publishing the slide again
+makes a new one (a new `version`). `open_published` is the blocking face: the same methods, run on
+one private event-loop thread.
+
+Everything about where things are and how they are encoded comes from `wsi.published.layout`, the
+module the writers use: downsamples, codecs and keys are read, never assumed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures as cf
+import time
+from collections.abc import Awaitable, Callable, Hashable, Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType, TracebackType
+from typing import Any, TypeVar
+
+import numpy as np
+
+from wsi.errors import (
+    AssociatedImageRefused,
+    CorruptSlide,
+    EncodedTileUnavailable,
+    InvalidArgument,
+    SlideNotFound,
+    UnsupportedSlide,
+)
+from wsi.model import SlideProperties
+from wsi.published import layout
+from wsi.published.cache import ByteLRU
+from wsi.published.layout import Manifest, SlideAttributes, SlideKeys
+from wsi.published.patches import PatchSettings, read_patches
+from wsi.published.values import (
+    PublishedAssociated,
+    PublishedDicom,
+    PublishedInstance,
+    PublishedLevel,
+    ReaderSettings,
+    StoredImage,
+    best_level,
+)
+from wsi.store.aio import AsyncStore
+from wsi.store.objects import Store, StoreSettings, check_slide_id, split_slide_location
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class _Opened:
+    slide: AsyncPublishedSlide
+    checked: float
+
+
+class PublishedStore:
+    """The published slides of one store, with shared I/O, decoding threads and caches.
+
+    Use it on one event loop (the one `start` runs on; the other methods start it if needed),
+    and `close` it when done, or `async with PublishedStore(...) as store:`.
+    """
+
+    def __init__(
+        self,
+        store: Store | StoreSettings | str,
+        settings: ReaderSettings | None = None,
+        *,
+        s3_endpoint: str | None = None,
+        executor: cf.Executor | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if isinstance(store, str):
+            store = StoreSettings(store, endpoint_url=s3_endpoint)
+        self.store = store if isinstance(store, Store) else Store(store)
+        self.settings = settings or ReaderSettings()
+        self._own_executor = executor is None
+        self.executor = executor or cf.ThreadPoolExecutor(
+            self.settings.threads, thread_name_prefix="wsi-published"
+        )
+        self.io = AsyncStore(self.store, self.executor)
+        self.tiles: ByteLRU[Hashable, bytes] = ByteLRU(self.settings.tile_cache_bytes)
+        """Stored tile bytes, keyed by slide, version, object and chunk."""
+        self.indexes: ByteLRU[Hashable, np.ndarray] = ByteLRU(self.settings.index_cache_bytes)
+        """Decoded shard indexes, keyed by slide, version and object."""
+        self._opened: ByteLRU[str, _Opened] = ByteLRU(
+            self.settings.slide_cache_entries, size=lambda _: 1
+        )
+        self._clock = clock
+        self._inflight: dict[Hashable, asyncio.Task[Any]] = {}
+        self._started = False
+
+    @property
+    def url(self) -> str:
+        return self.store.url
+
+    async def start(self) -> None:
+        if not self._started:
+            await self.io.start()
+            self._started = True
+
+    async def close(self) -> None:
+        await self.io.close()
+        self._started = False
+        if self._own_executor:
+            self.executor.shutdown(wait=False, cancel_futures=True)
+
+    async def __aenter__(self) -> PublishedStore:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def run_in_pool(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run blocking work (decoding, resampling) on the store's thread pool."""
+        return await self.io.blocking(fn, *args)
+
+    async def slide_ids(self) -> list[str]:
+        """Ids of the published slides (those with a manifest)."""
+        await self.start()
+        return await self.io.published()
+
+    async def reachable(self) -> bool:
+        """Whether the store answers a listing (for readiness probes)."""
+        return await self.io.reachable()
+
+    async def slide(self, slide_id: str) -> AsyncPublishedSlide:
+        """The published slide `slide_id` (SlideNotFound if unpublished). The same object while
+        its manifest is unchanged (checked at most every `recheck_seconds`); a new one with a new
+        `version` once the slide was published again."""
+        keys = SlideKeys(check_slide_id(slide_id))
+        await self.start()
+        now = self._clock()
+        cached = self._opened.get(slide_id)
+        if cached is not None and now - cached.checked < self.settings.recheck_seconds:
+            return cached.slide
+        try:
+            data = await self.io.get(keys.manifest)
+        except SlideNotFound as exc:
+            self._opened.pop(slide_id)
+            raise SlideNotFound(f"slide {slide_id} is not published") from exc
+        version = layout.manifest_version(data)
+        if cached is not None and cached.slide.version == version:
+            slide = cached.slide
+        else:
+            slide = await self.once(("slide", slide_id, version), lambda: self._load(keys, data))
+        self._opened.put(slide_id, _Opened(slide, now))
+        return slide
+
+    async def once(self, key: Hashable, make: Callable[[], Awaitable[T]]) -> T:
+        """`await make()`, shared by every caller asking for the same `key` meanwhile (one
+        index read for the many tiles of a level requested at once)."""
+        task = self._inflight.get(key)
+        if task is None:
+            task = asyncio.ensure_future(make())
+            self._inflight[key] = task
+            task.add_done_callback(lambda t: self._finished(key, t))
+        result: T = await asyncio.shield(task)
+        return result
+
+    def _finished(self, key: Hashable, task: asyncio.Task[Any]) -> None:
+        self._inflight.pop(key, None)
+        if not task.cancelled():
+            task.exception()  # retrieved here, so a failure no caller awaited is not logged
+
+    async def _load(self, keys: SlideKeys, manifest_bytes: bytes) -> AsyncPublishedSlide:
+        slide_id = keys.slide_id
+        try:
+            manifest = Manifest.from_bytes(manifest_bytes)
+        except CorruptSlide as exc:
+            raise CorruptSlide(f"slide {slide_id}: {exc}") from exc
+        if manifest.slide_id != slide_id:
+            raise CorruptSlide(f"the manifest of {slide_id} names slide {manifest.slide_id}")
+        if keys.in_slide(keys.root_metadata) not in manifest.objects:
+            raise UnsupportedSlide(
+                f"slide {slide_id} was published without its Zarr view (--format dicom); "
+                "its DICOM instances can be exported with `wsi export-dicom`"
+            )
+        root = await self.io.get(keys.root_metadata)
+        attributes = SlideAttributes.from_root_metadata(root, f"{slide_id}: root zarr.json")
+        if attributes.slide_id != slide_id:
+            raise CorruptSlide(f"the attributes of {slide_id} name slide {attributes.slide_id}")
+
+        def size(key: str) -> int:
+            return manifest.object(keys.in_slide(key)).size
+
+        levels = []
+        for index, entry in enumerate(attributes.levels):
+            key = keys.shard(entry.path)
+            levels.append(
+                PublishedLevel(
+                    index,
+                    entry.width,
+                    entry.height,
+                    entry.tile_width,
+                    entry.tile_height,
+                    entry.downsample,
+                    entry.codec,
+                    key,
+                    size(key),
+                )
+            )
+
+        async def associated(entry: layout.AssociatedEntry) -> PublishedAssociated:
+            meta_key = keys.array_metadata(entry.path)
+            meta = layout.load_json(await self.io.get(meta_key), meta_key)
+            codec = layout.codec_of_array(meta, meta_key)
+            key = keys.shard(entry.path)
+            return PublishedAssociated(entry.name, entry.width, entry.height, codec, key, size(key))
+
+        found = await asyncio.gather(*(associated(a) for a in attributes.associated_images))
+        return AsyncPublishedSlide(
+            self,
+            manifest,
+            layout.manifest_version(manifest_bytes),
+            attributes,
+            tuple(levels),
+            {a.name: a for a in found},
+        )
+
+
+def _dicom_view(
+    attributes: SlideAttributes,
+    keys: SlideKeys,
+    levels: tuple[PublishedLevel, ...],
+    associated: Mapping[str, PublishedAssociated],
+) -> PublishedDicom | None:
+    """The DICOM instances the attributes list, each tied to the level or image it holds."""
+    dicom = attributes.dicom
+    if dicom is None:
+        return None
+    by_path = {attributes.levels[lv.index].path: lv for lv in levels}
+    instances = []
+    for entry in dicom.instances:
+        image: StoredImage | None
+        if entry.level is not None:
+            image = by_path.get(layout.level_path(entry.level))
+        else:
+            image = associated.get(entry.associated or "")
+        if image is None or image.key != keys.in_store(entry.key):
+            raise CorruptSlide(f"DICOM instance {entry.sop_instance_uid} has no matching image")
+        instances.append(PublishedInstance(entry.sop_instance_uid, entry.flavor, image))
+    return PublishedDicom(dicom.study_instance_uid, dicom.series_instance_uid, tuple(instances))
+
+
+@dataclass(frozen=True, eq=False)
+class _Region:
+    """A region request clipped to a level: which tiles, and where their pixels go."""
+
+    level: PublishedLevel
+    x: int
+    y: int
+    x0: int
+    y0: int
+    x1: int
+    y1: int
+    tiles: tuple[tuple[int, int], ...] = field(default=())
+
+    @classmethod
+    def clip(cls, level: PublishedLevel, x: int, y: int, w: int, h: int) -> _Region:
+        x0, y0 = max(x, 0), max(y, 0)
+        x1, y1 = min(x + w, level.width), min(y + h, level.height)
+        tw, th = level.tile_width, level.tile_height
+        tiles: tuple[tuple[int, int], ...] = ()
+        if x0 < x1 and y0 < y1:
+            tiles = tuple(
+                (col, row)
+                for row in range(y0 // th, (y1 - 1) // th + 1)
+                for col in range(x0 // tw, (x1 - 1) // tw + 1)
+            )
+        return cls(level, x, y, x0, y0, x1, y1, tiles)
+
+    def paste(self, canvas: np.ndarray, col: int, row: int, pixels: np.ndarray) -> None:
+        """Copy the part of tile (col, row) inside the region into `canvas`."""
+        tw, th = self.level.tile_width, self.level.tile_height
+        tx0, ty0 = max(col * tw, self.x0), max(row * th, self.y0)
+        tx1, ty1 = min((col + 1) * tw, self.x1), min((row + 1) * th, self.y1)
+        canvas[ty0 - self.y : ty1 - self.y, tx0 - self.x : tx1 - self.x] = pixels[
+            ty0 - row * th : ty1 - row * th, tx0 - col * tw : tx1 - col * tw
+        ]
+
+
+class AsyncPublishedSlide:
+    """One published version of a slide. Made by `PublishedStore.slide` or
+    `open_published_async`; the metadata is read once, pixels on demand.
+
+    Stored tiles are padded to whole tiles at the right and bottom edges; `tile` and `region`
+    return only pixels inside the level (`tile_bytes` hands out the stored JPEG as it is).
+    """
+
+    def __init__(
+        self,
+        store: PublishedStore,
+        manifest: Manifest,
+        version: str,
+        attributes: SlideAttributes,
+        levels: tuple[PublishedLevel, ...],
+        associated: Mapping[str, PublishedAssociated],
+    ) -> None:
+        self.store = store
+        self.manifest = manifest
+        self.version = version
+        """Changes whenever the slide is published again (the CRC32C of its manifest)."""
+        self.attributes = attributes
+        self.levels = levels
+        self.associated: Mapping[str, PublishedAssociated] = MappingProxyType(dict(associated))
+        """Every associated image stored, readable or not (see `ReaderSettings`)."""
+        self.keys = SlideKeys(manifest.slide_id)
+        self.dicom = _dicom_view(attributes, self.keys, levels, self.associated)
+        """The DICOM view (study, series, instances), or None without one."""
+        self._owns_store = False
+
+    @property
+    def slide_id(self) -> str:
+        return self.manifest.slide_id
+
+    @property
+    def properties(self) -> SlideProperties:
+        """Vendor, microns per pixel, objective power, vendor properties, ICC profile."""
+        return self.attributes.properties
+
+    @property
+    def width(self) -> int:
+        return self.levels[0].width
+
+    @property
+    def height(self) -> int:
+        return self.levels[0].height
+
+    @property
+    def associated_names(self) -> tuple[str, ...]:
+        return tuple(sorted(self.associated))
+
+    def level(self, index: int) -> PublishedLevel:
+        if not 0 <= index < len(self.levels):
+            raise InvalidArgument(f"level {index} does not exist (0..{len(self.levels) - 1})")
+        return self.levels[index]
+
+    def best_level(self, downsample: float) -> PublishedLevel:
+        """The least detailed level that still has at least the detail of `downsample`
+        (level-0 pixels per output pixel), by the levels' own downsamples."""
+        return best_level(self.levels, downsample)
+
+    def __repr__(self) -> str:
+        return f"<AsyncPublishedSlide {self.slide_id} version {self.version}>"
+
+    # -- stored bytes -----------------------------------------------------------------------
+    async def _index(self, image: StoredImage) -> np.ndarray:
+        cache_key = (self.slide_id, self.version, image.key)
+        index = self.store.indexes.get(cache_key)
+        if index is not None:
+            return index
+
+        async def load() -> np.ndarray:
+            start, end = layout.index_range(image.size, image.tile_count, image.key)
+            raw = await self.store.io.get_range(image.key, start, end)
+            decoded = layout.decode_index(raw, image.tile_count, image.key)
+            self.store.indexes.put(cache_key, decoded)
+            return decoded
+
+        return await self.store.once(("index", *cache_key), load)
+
+    async def _chunk(self, image: StoredImage, chunk: int) -> bytes | None:
+        """The stored bytes of chunk `chunk` (row-major), or None when the shard lacks it."""
+        cache_key = (self.slide_id, self.version, image.key, chunk)
+        data = self.store.tiles.get(cache_key)
+        if data is not None:
+            return data
+        index = await self._index(image)
+        data_end = image.size - layout.index_nbytes(image.tile_count)
+        span = layout.chunk_span(index, chunk, data_end, image.key)
+        if span is None:
+            return None
+        data = await self.store.io.get_range(image.key, *span)
+        if len(data) != span[1] - span[0]:
+            raise CorruptSlide(f"{image.key} ends inside chunk {chunk}")
+        self.store.tiles.put(cache_key, data)
+        return data
+
+    async def tile_bytes(self, level: int, col: int, row: int) -> bytes:
+        """The stored bytes of one tile: a complete JPEG stream for 'jpeg' levels (padded to the
+        full tile size at the edges), zstd of the RGB bytes for 'zstd' levels. One range read
+        through the cached shard index, or none when the tile is cached."""
+        lv = self.level(level)
+        lv.check_tile(col, row)
+        data = await self._chunk(lv, row * lv.cols + col)
+        if data is None:
+            raise EncodedTileUnavailable(f"level {level} stores no tile ({col}, {row})")
+        return data
+
+    async def tile(self, level: int, col: int, row: int) -> np.ndarray:
+        """Tile (col, row) of `level` as (h, w, 3) uint8 RGB, cropped to the level: edge tiles
+        are smaller than `tile_width` x `tile_height`."""
+        lv = self.level(level)
+        h, w = lv.tile_shape(col, row)
+        data = await self._chunk(lv, row * lv.cols + col)
+        if data is None:
+            return np.full((h, w, 3), layout.FILL_VALUE, np.uint8)
+
+        def decode() -> np.ndarray:
+            pixels = layout.decode_chunk(lv.codec, data, lv.tile_height, lv.tile_width)
+            return np.ascontiguousarray(pixels[:h, :w])
+
+        return await self.store.run_in_pool(decode)
+
+    async def region(self, level: int, x: int, y: int, width: int, height: int) -> np.ndarray:
+        """The rectangle at (x, y) of `width` x `height` pixels of `level` (in that level's
+        pixels) as (height, width, 3) uint8 RGB. Parts outside the level are white (255, the
+        arrays' fill value), so a region may overhang the edges or lie outside entirely."""
+        lv = self.level(level)
+        if width <= 0 or height <= 0:
+            raise InvalidArgument(f"region size must be positive, got {width}x{height}")
+        if width * height > self.store.settings.max_region_pixels:
+            raise InvalidArgument(
+                f"{width}x{height} exceeds the {self.store.settings.max_region_pixels} pixel limit"
+            )
+        canvas = np.full((height, width, 3), layout.FILL_VALUE, np.uint8)
+        clipped = _Region.clip(lv, x, y, width, height)
+        gate = asyncio.Semaphore(self.store.settings.fetch_concurrency)
+
+        async def one(col: int, row: int) -> None:
+            async with gate:
+                data = await self._chunk(lv, row * lv.cols + col)
+            if data is None:
+                return
+
+            def paste() -> None:
+                pixels = layout.decode_chunk(lv.codec, data, lv.tile_height, lv.tile_width)
+                clipped.paste(canvas, col, row, pixels)
+
+            await self.store.run_in_pool(paste)
+
+        await asyncio.gather(*(one(col, row) for col, row in clipped.tiles))
+        return canvas
+
+    async def patches(
+        self,
+        level: int,
+        coords: Any,
+        size: int | tuple[int, int],
+        settings: PatchSettings | None = None,
+    ) -> np.ndarray:
+        """Many patches of `level` at once as one (n, height, width, 3) uint8 array: `coords`
+        are their top-left corners ((n, 2) pairs of (x, y)) in pixels of that level, `size` an
+        int or (width, height). Parts outside the level are white (255). Each tile is read and
+        decoded once per batch however many patches touch it; see `wsi.published.patches`."""
+        return await read_patches(self, level, coords, size, settings)
+
+    # -- associated images and DICOM instances -----------------------------------------------
+    def _allowed(self, name: str) -> PublishedAssociated:
+        image = self.associated.get(name)
+        if image is None:
+            raise SlideNotFound(f"slide {self.slide_id} has no {name} image")
+        if name not in self.store.settings.allow_associated:
+            raise AssociatedImageRefused(
+                f"reading the {name} image is not allowed (it may show patient data): "
+                f"allow it with ReaderSettings(allow_associated={{{name!r}}})"
+            )
+        return image
+
+    async def associated_bytes(self, name: str) -> bytes:
+        """The stored chunk of an associated image (a JPEG for 'jpeg', zstd RGB bytes for
+        'zstd'); AssociatedImageRefused unless the settings allow `name`."""
+        image = self._allowed(name)
+        data = await self._chunk(image, 0)
+        if data is None:
+            raise CorruptSlide(f"{image.key} holds no image")
+        return data
+
+    async def associated_image(self, name: str) -> np.ndarray:
+        """An associated image as (height, width, 3) uint8 RGB (same policy as the bytes)."""
+        image = self._allowed(name)
+        data = await self.associated_bytes(name)
+        return await self.store.run_in_pool(
+            layout.decode_chunk, image.codec, data, image.height, image.width
+        )
+
+    async def frame_bytes(self, instance: PublishedInstance, number: int) -> bytes:
+        """The stored bytes of frame `number` (from 1, row-major) of a DICOM instance of this
+        slide: the JPEG that the instance's Pixel Data item holds."""
+        if not 1 <= number <= instance.frames:
+            raise InvalidArgument(f"frame {number} is outside 1..{instance.frames}")
+        if instance.associated is not None:
+            self._allowed(instance.associated)
+        data = await self._chunk(instance.image, number - 1)
+        if data is None:
+            raise EncodedTileUnavailable(f"{instance.key} stores no frame {number}")
+        return data
+
+    async def read_range(self, key: str, start: int, end: int) -> bytes:
+        """Bytes [start, end) of a stored object of this slide (a DICOM instance's header, or
+        the whole instance in parts). The objects of associated images follow the policy."""
+        entry = self.manifest.objects.get(self.keys.in_slide(key))
+        if entry is None:
+            raise SlideNotFound(f"slide {self.slide_id} has no object {key}")
+        for image in self.associated.values():
+            if image.key == key:
+                self._allowed(image.name)
+        if not 0 <= start <= end <= entry.size:
+            raise InvalidArgument(f"range {start}-{end} is outside {key} ({entry.size} bytes)")
+        if start == end:
+            return b""
+        return await self.store.io.get_range(key, start, end)
+
+    # -- lifetime ---------------------------------------------------------------------------
+    async def close(self) -> None:
+        """Close the store this slide was opened with by `open_published_async`; a slide from a
+        shared `PublishedStore` leaves it open."""
+        if self._owns_store:
+            await self.store.close()
+
+    async def __aenter__(self) -> AsyncPublishedSlide:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+
+async def open_published_async(
+    location: str,
+    s3_endpoint: str | None = None,
+    settings: ReaderSettings | None = None,
+) -> AsyncPublishedSlide:
+    """Open `DIR_OR_S3URL/<slide-id>` on a store of its own; close the slide to release it
+    (`async with await open_published_async(...) as slide:`). To read many slides of one store,
+    share one `PublishedStore` instead."""
+    root, slide_id = split_slide_location(location)
+    store = PublishedStore(StoreSettings(root, endpoint_url=s3_endpoint), settings)
+    try:
+        slide = await store.slide(slide_id)
+    except BaseException:
+        await store.close()
+        raise
+    slide._owns_store = True
+    return slide
