@@ -1,9 +1,12 @@
 """wsistore: whole-slide images to chunked OME-Zarr pyramids in object storage.
 
-Public API: open a slide (`open_slide`), convert it (`convert_slide`), and the settings and value
-types they take. The `wsistore.jpeg` Zarr codec, which a plain zarr-python user needs to read our
-JPEG chunks, is registered with zarr through an entry point when the package is installed (and by
-importing `wsi.zarr_codec`); zarr itself is not imported here, which keeps the CLI quick.
+Public API: open a slide (`open_slide`), convert it (`convert_slide`), read what was published
+(`open_published`, `open_published_async`, `PublishedStore`; many patches at once with their
+`patches` method, random tissue patches with `sample_tissue_patches`, a PyTorch-style
+`PatchDataset`), and the settings and value types they take. The `wsistore.jpeg` Zarr codec,
+which a plain zarr-python user needs to read our JPEG chunks, is registered with zarr through an
+entry point when the package is installed (and by importing `wsi.zarr_codec`); zarr itself is not
+imported here, which keeps the CLI quick.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ __version__ = "0.1.0"
 
 from wsi.convert import ConvertResult, ConvertSettings, convert_slide
 from wsi.errors import (
+    AssociatedImageRefused,
     CorruptSlide,
     InvalidArgument,
     SlideNotFound,
@@ -20,17 +24,46 @@ from wsi.errors import (
     WsiError,
 )
 from wsi.model import Level, SlideProperties, TileCodec
+from wsi.published.dataset import PatchDataset, to_chw_float
+from wsi.published.patches import PatchSettings, coords_from_level0
+from wsi.published.reader import AsyncPublishedSlide, PublishedStore, open_published_async
+from wsi.published.sync import PublishedSlide, open_published
+from wsi.published.tissue import (
+    TissueMask,
+    TissueRule,
+    sample_tissue_patches,
+    tissue_mask,
+    tissue_mask_async,
+)
+from wsi.published.values import (
+    PublishedAssociated,
+    PublishedDicom,
+    PublishedInstance,
+    PublishedLevel,
+    ReaderSettings,
+)
 from wsi.pyramid.builder import PyramidSettings
 from wsi.sources import SlideSource, open_slide
 from wsi.store.objects import Store, StoreSettings
 
 __all__ = [
+    "AssociatedImageRefused",
+    "AsyncPublishedSlide",
     "ConvertResult",
     "ConvertSettings",
     "CorruptSlide",
     "InvalidArgument",
     "Level",
+    "PatchDataset",
+    "PatchSettings",
+    "PublishedAssociated",
+    "PublishedDicom",
+    "PublishedInstance",
+    "PublishedLevel",
+    "PublishedSlide",
+    "PublishedStore",
     "PyramidSettings",
+    "ReaderSettings",
     "SlideNotFound",
     "SlideProperties",
     "SlideSource",
@@ -38,8 +71,17 @@ __all__ = [
     "StoreError",
     "StoreSettings",
     "TileCodec",
+    "TissueMask",
+    "TissueRule",
     "UnsupportedSlide",
     "WsiError",
     "convert_slide",
+    "coords_from_level0",
+    "open_published",
+    "open_published_async",
     "open_slide",
+    "sample_tissue_patches",
+    "tissue_mask",
+    "tissue_mask_async",
+    "to_chw_float",
 ]
