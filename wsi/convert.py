@@ -1,9 +1,12 @@
 """Convert one slide into a store: open, plan, build, publish. The unit the CLI and ingest use.
 
-Publishing protocol: a finished slide has `<id>/manifest.json`. A run first checks for it (same
-settings: nothing to do), otherwise removes it (readers stop seeing the old version), writes every
-object, and writes the manifest last. Output is deterministic, so a run killed at any point and
-started again ends with the same bytes as an uninterrupted one.
+Publishing protocol: a finished slide has `<id>/manifest.json`, written last (the commit point).
+A run holds the slide's lock (one conversion of a slide at a time on a machine), checks the
+manifest (same settings: nothing to do), and writes every object. A first conversion writes in
+place; a new version of a published slide is built in `<id>/staging-<run>/` while the old one
+stays readable, then swapped in (unpublish, move, publish): a failed re-conversion loses nothing.
+Output is deterministic, so a run killed at any point and started again ends with the same bytes
+as an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -12,26 +15,36 @@ import contextlib
 import hashlib
 import json
 import time
+import uuid
 from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from wsi.errors import InvalidArgument
-from wsi.metadata import DUMMY_DATE, DUMMY_TIME, SlideMetadata, metadata_for, safe_vendor_properties
+from wsi.errors import CorruptSlide, InvalidArgument
+from wsi.metadata import (
+    DUMMY_DATE,
+    DUMMY_TIME,
+    SlideMetadata,
+    metadata_for,
+    neutral_icc_profile,
+    safe_vendor_properties,
+)
 from wsi.model import Level, SlideProperties
+from wsi.published.layout import JPEG, STAGING, ZSTD, ChunkFormat, Manifest, SlideKeys
 from wsi.pyramid.builder import Progress, PyramidBuilder, PyramidSettings
-from wsi.slide_id import content_slide_id
+from wsi.slide_id import content_slide_id, slide_files
 from wsi.sources import open_slide
 from wsi.store.objects import Store, check_slide_id
-from wsi.writers.base import ChunkFormat, SlideInfo, StoredObject
+from wsi.writers.base import SlideInfo
 from wsi.writers.dicom import DicomSlide
 from wsi.writers.omezarr import OmeZarrWriter
 
-MANIFEST_FORMAT = "wsistore-manifest/1"
-
-
 FORMATS = ("zarr", "dicom")
+DEIDENTIFY_REVISION = 2
+"""Recorded in a de-identified slide's manifest settings: raised whenever de-identification
+removes more, so that a slide published under an earlier revision is converted again rather
+than found up to date (revision 2: thumbnails that may show the label, ICC profile texts)."""
 
 
 @dataclass(frozen=True)
@@ -47,15 +60,27 @@ class ConvertSettings:
     metadata_file: str | None = None
     """Patient/study/specimen identifiers (JSON); default: the slide's sidecar JSON, if any."""
     deidentify: bool = False
-    """Apply the DICOM PS3.15 Basic Application Level Confidentiality Profile."""
+    """Apply the DICOM PS3.15 Basic Application Level Confidentiality Profile: no identifiers
+    (the sidecar and the source's own are not read), dummy dates, allow-listed vendor
+    properties, no label, macro or thumbnail that may show the label, neutral ICC texts."""
     keep_label: bool = False
-    """With `deidentify`: keep the label image (it usually shows names or barcodes)."""
+    """With `deidentify`: keep the label image (it usually shows names or barcodes), and a
+    thumbnail that may show it."""
     keep_macro: bool = False
     """With `deidentify`: keep the macro (overview) image, which usually shows the label."""
+    max_pixels: int = 10**11
+    """Largest base level accepted (pixels): 316,000 px square, beyond any scanner's slide."""
+    max_pixels_per_byte: int = 20_000
+    """Largest base level accepted per byte of the slide's files. Real slides store a pixel in
+    well under a byte even on blank glass (a white 256-px JPEG tile is ~600 bytes, 100 px per
+    byte); a small sparse TIFF can declare 10^12 pixels of nothing and would fill the disk with
+    millions of white tiles."""
 
     def __post_init__(self) -> None:
         if not self.formats or any(f not in FORMATS for f in self.formats):
             raise InvalidArgument(f"formats must be some of {', '.join(FORMATS)}")
+        if self.max_pixels <= 0 or self.max_pixels_per_byte <= 0:
+            raise InvalidArgument("max_pixels and max_pixels_per_byte must be positive")
         if "dicom" in self.formats and self.pyramid.lossless:
             raise InvalidArgument(
                 "--lossless stores zstd tiles, which DICOM cannot carry: use --format zarr"
@@ -68,15 +93,19 @@ class ConvertSettings:
     @property
     def associated_format(self) -> ChunkFormat:
         """Labels carry barcodes: JPEG at high quality without chroma subsampling, or zstd."""
-        return ChunkFormat("zstd") if self.pyramid.lossless else ChunkFormat("jpeg", 92)
+        return ChunkFormat(ZSTD) if self.pyramid.lossless else ChunkFormat(JPEG, 92)
 
-    def wants_associated(self, name: str) -> bool:
+    def wants_associated(self, name: str, shows_label: bool = True) -> bool:
+        """Whether the associated image `name` is published; `shows_label`: whether it may show
+        the slide's label, as its source says (`SlideSource.associated_shows_label`)."""
         if not self.include_associated:
             return False
-        if self.deidentify and name == "label":
-            return self.keep_label
-        if self.deidentify and name == "macro":
+        if not self.deidentify:
+            return True
+        if name == "macro":
             return self.keep_macro
+        if name == "label" or shows_label:
+            return self.keep_label
         return True
 
     def fingerprint(self, metadata: SlideMetadata) -> dict[str, Any]:
@@ -90,7 +119,7 @@ class ConvertSettings:
             "backend": self.backend,
             "associated": self.include_associated,
             "formats": sorted(self.formats),
-            "deidentify": self.deidentify,
+            "deidentify": DEIDENTIFY_REVISION if self.deidentify else False,
             "keep_label": self.keep_label,
             "keep_macro": self.keep_macro,
             "metadata_sha256": digest.hexdigest(),
@@ -125,72 +154,102 @@ def convert_slide(
     path = Path(path)
     with open_slide(path, settings.backend) as source:
         sid = check_slide_id(slide_id) if slide_id is not None else content_slide_id(path)
-        metadata = metadata_for(path, settings.metadata_file, source.properties.identifiers)
         properties = source.properties
         if settings.deidentify:
-            metadata = metadata.deidentify()
+            metadata = SlideMetadata().deidentify()
+            icc = properties.icc_profile
             properties = replace(
                 properties,
                 vendor_properties=safe_vendor_properties(properties.vendor_properties),
                 scan_datetime=None,
                 serial_number=None,
                 identifiers={},
+                icc_profile=neutral_icc_profile(icc) if icc else None,
             )
+        else:
+            metadata = metadata_for(path, settings.metadata_file, properties.identifiers)
         fingerprint = settings.fingerprint(metadata)
         base = source.levels[0]
-        url = store.full_url(f"{sid}/slide.zarr")
-        if store.is_published(sid):
-            manifest = store.read_manifest(sid)
-            if manifest.get("settings") == fingerprint:
-                stored = int(manifest.get("stored_bytes", 0))
+        check_declared_size(base, _stored_bytes(path, source.name), settings)
+        url = store.full_url(SlideKeys(sid).zarr_root)
+        with store.slide_lock(sid):
+            published = _readable_manifest(store, sid) if store.is_published(sid) else None
+            if published is not None and published.settings == fingerprint:
+                stored = published.stored_bytes
                 return ConvertResult(sid, url, base.width * base.height, 0.0, stored, True)
-            store.unpublish(sid)
-        store.remove_temporaries(sid)
-        dicom = dicom_slide(sid, metadata, properties, base, path) if settings.dicom else None
-        writer = OmeZarrWriter(store, f"{sid}/slide.zarr", dicom, "zarr" in settings.formats)
-        try:
-            PyramidBuilder(source, writer, settings.pyramid, progress).run()
-            fmt = settings.associated_format
-            for name in source.associated_names:
-                if settings.wants_associated(name):
-                    writer.write_associated(name, source.read_associated(name), fmt)
-            objects = writer.finish(SlideInfo(sid, properties, source.name))
-        except BaseException:
-            writer.abort()
-            # Leave nothing behind: the slide is unpublished, so its objects serve no reader.
-            with contextlib.suppress(Exception):
-                store.delete_prefix(sid)
-            raise
-        stored = sum(o.size for o in objects)
-        manifest = _manifest(sid, base, fingerprint, objects, writer.dicom_instances)
-        store.publish(sid, manifest)
+            replacing = store.is_published(sid)
+            _remove_leftovers(store, sid)  # of killed runs: none is running (the lock)
+            # A new version of a published slide is built beside it and swapped in only when
+            # complete: a failed or interrupted re-conversion leaves the published one as it was.
+            keys = SlideKeys(sid).staging(uuid.uuid4().hex[:12]) if replacing else SlideKeys(sid)
+            dicom = dicom_slide(sid, metadata, properties, base, path) if settings.dicom else None
+            writer = OmeZarrWriter(store, keys, dicom, "zarr" in settings.formats)
+            try:
+                PyramidBuilder(source, writer, settings.pyramid, progress).run()
+                fmt = settings.associated_format
+                for name in source.associated_names:
+                    if settings.wants_associated(name, source.associated_shows_label(name)):
+                        writer.write_associated(name, source.read_associated(name), fmt)
+                objects = writer.finish(SlideInfo(sid, properties, source.name))
+            except BaseException:
+                writer.abort()
+                # Only what this run wrote: its staging folder, or (first conversion, nothing
+                # published, the lock held) the slide's folder.
+                with contextlib.suppress(Exception):
+                    store.delete_prefix(keys.root)
+                raise
+            manifest = Manifest.build(
+                sid, base, fingerprint, objects, writer.dicom_instances, keys=keys
+            )
+            if replacing:
+                store.unpublish(sid)  # readers see neither version for the swap, never a mix
+                store.promote(keys, manifest.objects)
+                old = published.objects if published is not None else {}
+                for key in sorted(set(old) - set(manifest.objects)):
+                    store.delete(SlideKeys(sid).in_store(key))
+            stored = manifest.stored_bytes
+            store.publish(sid, manifest)
     return ConvertResult(
         sid, url, base.width * base.height, time.perf_counter() - start, stored, False
     )
 
 
-def _manifest(
-    sid: str,
-    base: Level,
-    fingerprint: dict[str, Any],
-    objects: list[StoredObject],
-    dicom_instances: list[dict[str, Any]],
-) -> dict[str, Any]:
-    """The commit record: every object with its size and CRC32C, keys relative to the slide."""
-    return {
-        "format": MANIFEST_FORMAT,
-        "slide_id": sid,
-        "zarr": "slide.zarr",
-        "width": base.width,
-        "height": base.height,
-        "settings": fingerprint,
-        "stored_bytes": sum(o.size for o in objects),
-        "objects": {
-            o.key[len(sid) + 1 :]: {"size": o.size, "crc32c": o.crc32c}
-            for o in sorted(objects, key=lambda o: o.key)
-        },
-        "dicom": [{**inst, "key": inst["key"][len(sid) + 1 :]} for inst in dicom_instances],
-    }
+def check_declared_size(base: Level, stored_bytes: int, settings: ConvertSettings) -> None:
+    """Refuse a slide whose declared base level is implausible for its files (CorruptSlide)."""
+    pixels = base.width * base.height
+    if pixels > settings.max_pixels:
+        raise CorruptSlide(
+            f"declares {base.width} x {base.height} pixels, over the {settings.max_pixels} "
+            "pixel limit"
+        )
+    if pixels > settings.max_pixels_per_byte * max(stored_bytes, 1):
+        raise CorruptSlide(
+            f"declares {base.width} x {base.height} pixels in {stored_bytes} bytes of files "
+            f"(over {settings.max_pixels_per_byte} pixels per byte): a sparse or corrupt file"
+        )
+
+
+def _stored_bytes(path: Path, backend: str) -> int:
+    """Bytes of the slide's files: a DICOM instance given alone brings its series' folder."""
+    files = slide_files(path.parent if backend == "dicom" and path.is_file() else path)
+    return sum(f.stat().st_size for f in files)
+
+
+def _remove_leftovers(store: Store, slide_id: str) -> None:
+    """Temporaries and staging folders that killed runs left in a slide's folder."""
+    store.remove_temporaries(slide_id)
+    for name in store.children(slide_id):
+        if name.startswith(STAGING):
+            store.delete_prefix(f"{slide_id}/{name}")
+
+
+def _readable_manifest(store: Store, slide_id: str) -> Manifest | None:
+    """The manifest of the published version; None when it cannot be parsed (a version to
+    replace, not an error)."""
+    try:
+        return store.manifest(slide_id)
+    except CorruptSlide:
+        return None
 
 
 def dicom_slide(

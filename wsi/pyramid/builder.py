@@ -29,9 +29,9 @@ from PIL import Image
 from wsi.codecs import jpeg
 from wsi.errors import EncodedTileUnavailable, InvalidArgument
 from wsi.model import Level, TileCodec, pyramid_levels
+from wsi.published.layout import JPEG, ZSTD, ChunkFormat, encode_chunk_zstd
 from wsi.sources.base import SlideSource
-from wsi.writers.base import ChunkFormat, PyramidWriter
-from wsi.writers.omezarr import encode_chunk_zstd
+from wsi.writers.base import PyramidWriter
 
 BLOCK_TILES = 32
 """Tiles across per task (even, so a block maps to whole tiles of the next level)."""
@@ -73,7 +73,7 @@ class PyramidSettings:
 
     @property
     def encoded_format(self) -> ChunkFormat:
-        return ChunkFormat("zstd") if self.lossless else ChunkFormat("jpeg", self.quality)
+        return ChunkFormat(ZSTD) if self.lossless else ChunkFormat(JPEG, self.quality)
 
 
 @dataclass(frozen=True)
@@ -106,7 +106,7 @@ def plan_pyramid(source: SlideSource, settings: PyramidSettings) -> list[LevelPl
             source_level = 0
         elif index > 0 and settings.reuse_levels:
             source_level = _matching_source_level(source, level)
-        fmt = ChunkFormat("jpeg", settings.quality) if source_level is not None else None
+        fmt = ChunkFormat(JPEG, settings.quality) if source_level is not None else None
         plans.append(LevelPlan(index, level, source_level, fmt or settings.encoded_format))
     return plans
 
@@ -175,7 +175,7 @@ class PyramidBuilder:
 
     # -- encoding helpers ------------------------------------------------------------------
     def _encode(self, fmt: ChunkFormat, tile: np.ndarray) -> bytes:
-        if fmt.codec == "jpeg":
+        if fmt.codec == JPEG:
             return jpeg.encode(tile, fmt.quality, self.settings.subsample_420)
         return encode_chunk_zstd(tile, fmt.zstd_level)
 
@@ -207,7 +207,7 @@ class PyramidBuilder:
                     data = self.source.read_encoded_tile(plan.source_level or 0, col, row)
                 except EncodedTileUnavailable:  # sparse tile: decode (white) and encode it
                     pixels = self.source.read_tile(plan.source_level or 0, col, row)
-                    data = self._encode(ChunkFormat("jpeg", plan.chunk_format.quality), pixels)
+                    data = self._encode(ChunkFormat(JPEG, plan.chunk_format.quality), pixels)
             tiles.append(data)
             if below is None or i // 2 >= len(below):
                 continue

@@ -1,0 +1,157 @@
+"""Converting a published slide again (other settings) builds the new version beside the old one
+and swaps it in only when complete: a failed or killed re-conversion leaves the published version
+as it was; two conversions of one slide never run at once on a machine, so neither deletes the
+other's objects or temporaries."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import google_crc32c
+import pytest
+
+import wsi
+from wsi.convert import ConvertSettings
+from wsi.pyramid import PyramidSettings
+
+from .conftest import make_tiff
+from .helpers import run_wsi
+from .s3server import SeaweedFS
+from .s3server import seaweedfs as _seaweedfs_fixture  # noqa: F401
+
+
+def verify(root: Path, sid: str) -> dict:
+    """The published manifest, after checking every object it lists against its size and CRC."""
+    manifest = json.loads((root / sid / "manifest.json").read_text())
+    for key, entry in manifest["objects"].items():
+        data = (root / sid / key).read_bytes()
+        assert len(data) == entry["size"], key
+        assert google_crc32c.Checksum(data).hexdigest().decode() == entry["crc32c"], key
+    return manifest
+
+
+def leftovers(root: Path, sid: str) -> list[str]:
+    return sorted(
+        p.name for p in (root / sid).rglob("*") if "staging-" in p.name or ".tmp-" in p.name
+    )
+
+
+@pytest.fixture
+def slide(tmp_path: Path) -> Path:
+    return make_tiff(tmp_path / "slide.tif", 1800, 1500)
+
+
+def test_a_failed_reconversion_keeps_the_published_version(slide: Path, tmp_path: Path) -> None:
+    root = tmp_path / "store"
+    store = wsi.Store(wsi.StoreSettings(str(root)))
+    sid = wsi.convert_slide(slide, store).slide_id
+    before = verify(root, sid)
+    calls = 0
+
+    def fail_half_way(done: int, total: int) -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 3:
+            raise OSError("disk full (simulated in the progress callback)")
+
+    again = ConvertSettings(PyramidSettings(quality=70, reuse_levels=False))
+    with pytest.raises(OSError, match="disk full"):
+        wsi.convert_slide(slide, store, again, progress=fail_half_way)
+    assert verify(root, sid) == before  # still published, every object intact
+    assert leftovers(root, sid) == []
+    with wsi.open_published(str(root / sid)) as published:
+        assert published.tile(0, 0, 0).shape == (256, 256, 3)
+
+
+def test_a_reconversion_replaces_the_version_whole(slide: Path, tmp_path: Path) -> None:
+    root = tmp_path / "store"
+    store = wsi.Store(wsi.StoreSettings(str(root)))
+    sid = wsi.convert_slide(slide, store).slide_id
+    first = verify(root, sid)
+    result = wsi.convert_slide(
+        slide, store, ConvertSettings(PyramidSettings(quality=70, reuse_levels=False))
+    )
+    assert not result.skipped
+    second = verify(root, sid)
+    assert second["settings"] != first["settings"]
+    assert leftovers(root, sid) == []
+    # Nothing of the old version that the new one lacks is left in the slide's folder.
+    on_disk = sorted(
+        p.relative_to(root / sid).as_posix() for p in (root / sid).rglob("*") if p.is_file()
+    )
+    assert on_disk == sorted([*second["objects"], "manifest.json"])
+
+
+@pytest.mark.timeout(300)
+def test_a_killed_reconversion_keeps_the_old_version(tmp_path: Path) -> None:
+    source = make_tiff(tmp_path / "big.tif", 9000, 7000, pyramid=False)
+    root = tmp_path / "store"
+    first = run_wsi("convert", str(source), "--out", str(root), "--no-progress")
+    assert first.returncode == 0, first.stderr
+    sid = first.stdout.split("\t")[0]
+    before = verify(root, sid)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "server.cli", "convert", str(source), "--out", str(root),
+         "--no-progress", "--quality", "60", "--no-reuse-levels"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        while not any((root / sid).glob("staging-*/slide.zarr/0/c/0/0/*")):
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.01)
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert verify(root, sid) == before  # killed mid-way: the old version is untouched
+    rerun = run_wsi("convert", str(source), "--out", str(root), "--no-progress", "--quality", "60",
+                    "--no-reuse-levels")  # fmt: skip
+    assert rerun.returncode == 0, rerun.stderr
+    assert verify(root, sid)["settings"] != before["settings"]
+    assert leftovers(root, sid) == []
+
+
+def test_one_conversion_of_a_slide_at_a_time(slide: Path, tmp_path: Path) -> None:
+    root = tmp_path / "store"
+    store = wsi.Store(wsi.StoreSettings(str(root)))
+    sid = wsi.convert_slide(slide, store).slide_id
+    with store.slide_lock(sid):  # as a conversion running in another process would hold it
+        other = run_wsi(
+            "convert", str(slide), "--out", str(root), "--no-progress", "--quality", "70"
+        )
+    assert other.returncode == 75, other.stderr  # retry later (ingest does)
+    assert "being converted by another process" in other.stderr
+    assert len(other.stderr.strip().splitlines()) == 1
+    verify(root, sid)
+
+
+@pytest.mark.s3
+def test_reconversion_on_s3(slide: Path, seaweedfs: SeaweedFS) -> None:
+    """On S3 the new version is promoted by server-side copies; a failure leaves the old one."""
+    url = seaweedfs.url(f"reconvert-{os.getpid()}")
+    store = wsi.Store(wsi.StoreSettings(url, endpoint_url=seaweedfs.endpoint_url))
+    sid = wsi.convert_slide(slide, store).slide_id
+    before = store.manifest(sid)
+
+    def boom(done: int, total: int) -> None:
+        raise OSError("simulated failure")
+
+    other = ConvertSettings(PyramidSettings(quality=70, reuse_levels=False))
+    with pytest.raises(OSError):
+        wsi.convert_slide(slide, store, other, progress=boom)
+    assert store.manifest(sid) == before
+    assert not [k for k in store.list_keys(sid) if "staging-" in k]
+    wsi.convert_slide(slide, store, other)
+    after = store.manifest(sid)
+    assert after.settings != before.settings
+    assert sorted(store.list_keys(sid)) == sorted(
+        [f"{sid}/{k}" for k in after.objects] + [f"{sid}/manifest.json"]
+    )
+    with wsi.open_published(f"{url}/{sid}", seaweedfs.endpoint_url) as published:
+        assert published.tile(0, 1, 1).shape == (256, 256, 3)
