@@ -9,6 +9,12 @@ Layout in the spool folder: `<slide-id>/` holds the staged slide under its own n
 companion folder or a sidecar JSON) and a `.ready` file naming it, written last; a download in
 progress lives in `.partial-<slide-id>-<random>/` and is renamed into place when complete, so a
 copy is either whole or absent, also after a crash.
+
+Copies share the spool's quota with the conversions' own downloads (`wsi.ingest.staging`). A copy
+made ahead of its conversion (at submit, or at start for the jobs still waiting) leaves room for
+one largest source (`StagingLimits.max_bytes`): it is refused when that room would be taken, and
+the job then waits without one; a conversion therefore always finds room once the conversions
+running beside it end, and copies of waiting jobs can never hold it up.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ import asyncio
 import concurrent.futures as cf
 import contextlib
 import logging
+import os
 import shutil
 import uuid
 from collections.abc import Callable
@@ -24,8 +31,8 @@ from pathlib import Path
 
 from wsi.errors import WsiError
 from wsi.ingest.queue import Job, JobQueue, JobState
-from wsi.ingest.staging import is_remote, stage_into
-from wsi.store.objects import check_slide_id
+from wsi.ingest.staging import SpoolFull, StagingLimits, is_remote, stage_into
+from wsi.store.objects import DIR_MODE, FILE_MODE, check_slide_id, make_dirs
 
 log = logging.getLogger("wsistore.staged")
 
@@ -42,9 +49,13 @@ class StagedSources:
         endpoint_url: str | None,
         on_ready: Callable[[str, Path], None] | None = None,
         parallel: int = 2,
+        limits: StagingLimits | None = None,
     ) -> None:
         self.root = Path(root)
+        self.spool = self.root.parent
+        """The spool whose quota the copies share with conversions: the folder holding `root`."""
         self.endpoint_url = endpoint_url
+        self.limits = limits or StagingLimits()
         # Downloads take minutes: threads of their own, so tile requests never wait behind one.
         self.executor = cf.ThreadPoolExecutor(parallel, thread_name_prefix="wsi-stage")
         self.on_ready = on_ready
@@ -102,18 +113,29 @@ class StagedSources:
             removed += 1
         return removed
 
-    def _stage(self, slide_id: str, url: str) -> Path:
+    def _stage(self, slide_id: str, url: str, headroom: int) -> Path:
         """Blocking: download into a partial folder, then rename it into place."""
         final = self.root / slide_id
         partial = self.root / f"{PARTIAL}{slide_id}-{uuid.uuid4().hex[:8]}"
-        partial.mkdir(parents=True)
+        make_dirs(str(self.root))
+        partial.mkdir(DIR_MODE)
         try:
 
             def progress(done: int, total: int) -> None:
                 self._progress[slide_id] = done / total if total else 1.0
 
-            slide = stage_into(url, partial, self.endpoint_url, progress)
-            (partial / READY).write_text(slide.name + "\n")
+            slide = stage_into(
+                url,
+                partial,
+                self.endpoint_url,
+                progress,
+                limits=self.limits,
+                spool=self.spool,
+                headroom=headroom,
+            )
+            fd = os.open(partial / READY, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
+            with os.fdopen(fd, "w") as ready:
+                ready.write(slide.name + "\n")
             partial.rename(final)
         except BaseException:
             shutil.rmtree(partial, ignore_errors=True)
@@ -121,26 +143,33 @@ class StagedSources:
         return final / slide.name
 
     # -- asynchronous side ----------------------------------------------------------------------
-    def ensure(self, slide_id: str, url: str) -> asyncio.Task[Path | None]:
+    def ensure(self, slide_id: str, url: str, ahead: bool = True) -> asyncio.Task[Path | None]:
         """Start the download of `url` as `slide_id` unless it is staged or staging; the task
-        gives the local slide path, or None if the download failed (the conversion then fetches
-        the slide itself and reports why it cannot)."""
+        gives the local slide path, or None if there is no copy (the download failed, or there was
+        no room: the conversion then fetches the slide itself). `ahead`: a copy made before its
+        job converts, which leaves room in the spool for one conversion."""
         check_slide_id(slide_id)
         task = self._tasks.get(slide_id)
         if task is None:
-            task = asyncio.ensure_future(self._run(slide_id, url))
+            headroom = self.limits.max_bytes if ahead else 0
+            task = asyncio.ensure_future(self._run(slide_id, url, headroom))
             self._tasks[slide_id] = task
         return task
 
-    async def _run(self, slide_id: str, url: str) -> Path | None:
+    async def _run(self, slide_id: str, url: str, headroom: int) -> Path | None:
         try:
             path = self.ready(slide_id)
             if path is None:
                 loop = asyncio.get_running_loop()
-                path = await loop.run_in_executor(self.executor, self._stage, slide_id, url)
+                path = await loop.run_in_executor(
+                    self.executor, self._stage, slide_id, url, headroom
+                )
             if self.on_ready is not None:
                 self.on_ready(slide_id, path)
             return path
+        except SpoolFull:
+            log.info("no room in the spool for a copy of slide %s now", slide_id)
+            return None
         except (WsiError, OSError) as exc:
             # Only the id and the kind of failure: messages may quote names from the bucket.
             log.warning("staging slide %s failed: %s", slide_id, type(exc).__name__)
@@ -158,7 +187,7 @@ class StagedSources:
         `s3://` source (waiting for its download), or None to use the source as it is."""
         if not is_remote(job.source) or job.slide_id is None:
             return None
-        path = await self.ensure(job.slide_id, job.source)
+        path = await self.ensure(job.slide_id, job.source, ahead=False)
         return str(path) if path is not None else None
 
     def finished(self, job: Job) -> None:

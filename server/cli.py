@@ -5,16 +5,22 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from server.app import serve
 from server.settings import ServerSettings
 from wsi import cli as library_cli
+from wsi.ingest.settings import IngestSettings, add_ingest_arguments
 
 
-def _serve(args: argparse.Namespace) -> int:
-    settings = ServerSettings.from_env(
+def serve_settings(
+    args: argparse.Namespace, environ: Mapping[str, str] | None = None
+) -> ServerSettings:
+    """`wsi serve`'s settings: the flags given over the `WSI_*` variables over the defaults; the
+    ingest part read exactly as `wsi watch` and `wsi worker` read it."""
+    return ServerSettings.from_env(
+        environ,
         store=args.store,
         sources=tuple(args.sources) if args.sources else None,
         host=args.host,
@@ -22,15 +28,21 @@ def _serve(args: argparse.Namespace) -> int:
         s3_endpoint=args.s3_endpoint,
         allow_label=True if args.allow_label else None,
         watch=tuple(args.watch) if args.watch else None,
-        workers=args.workers,
-        after_success=args.after,
-        quiet_seconds=args.quiet_seconds,
         s3_sources=tuple(args.s3_source) if args.s3_source else None,
+        cors_origins=tuple(args.cors_origin) if args.cors_origin else None,
+        audit_log=args.audit_log,
+        ingest=IngestSettings.from_args(args, environ),
     )
+
+
+def _serve(args: argparse.Namespace) -> int:
+    settings = serve_settings(args)
     shown = "localhost" if settings.host in ("127.0.0.1", "::1") else settings.host
     print(
         f"wsistore: serving {settings.store}; viewer at http://{shown}:{settings.port}/", flush=True
     )
+    if settings.watch or settings.s3_sources:  # folders only: no slide is named
+        print(f"wsistore: {settings.ingest.describe_state(settings.store)}", flush=True)
     serve(settings)
     return 0
 
@@ -58,28 +70,25 @@ def _add_serve(sub: Any) -> None:
         help="convert every complete slide dropped here (repeatable; WSI_WATCH)",
     )
     serve.add_argument(
-        "--workers",
-        type=int,
-        help="conversions at once, each in a subprocess (WSI_WORKERS, default 1; "
-        "0 = watch and serve only)",
-    )
-    serve.add_argument(
-        "--after",
-        choices=["keep", "move", "delete"],
-        help="source after success (WSI_AFTER_SUCCESS, default keep)",
-    )
-    serve.add_argument(
-        "--quiet-seconds",
-        type=float,
-        help="a drop is complete after this long unchanged (WSI_QUIET_SECONDS)",
-    )
-    serve.add_argument(
         "--s3-source",
         action="append",
         metavar="S3_PREFIX",
         help="POST /jobs may convert slides under this s3://bucket/prefix/ (repeatable; "
         "WSI_S3_SOURCES)",
     )
+    serve.add_argument(
+        "--cors-origin",
+        action="append",
+        metavar="ORIGIN",
+        help="with auth on: a page origin (https://host[:port]) that may read cross-origin "
+        "(repeatable; WSI_CORS_ORIGINS)",
+    )
+    serve.add_argument(
+        "--audit-log",
+        metavar="FILE",
+        help="with auth on: one JSON line per slide access (WSI_AUDIT_LOG)",
+    )
+    add_ingest_arguments(serve)
     serve.set_defaults(func=_serve)
 
 

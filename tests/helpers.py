@@ -11,7 +11,9 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from wsi.ingest.queue import JobState, SQLiteJobQueue
-from wsi.ingest.worker import IngestSettings, Worker
+from wsi.ingest.settings import IngestSettings
+from wsi.ingest.worker import Worker
+from wsi.store.objects import StoreSettings
 
 
 def run_wsi(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -40,12 +42,15 @@ class FakeClock:
         self.now += seconds
 
 
-def drain(queue: SQLiteJobQueue, settings: IngestSettings, until: float = 120.0) -> None:
-    """Run one worker until no job is queued or running (or `until` seconds passed)."""
+def drain(
+    queue: SQLiteJobQueue, store: str, settings: IngestSettings, until: float = 120.0
+) -> None:
+    """Run one worker publishing into `store` until no job is queued or running (or `until`
+    seconds passed)."""
 
     async def main() -> None:
         stop = asyncio.Event()
-        worker = Worker(queue, settings, name="test-worker")
+        worker = Worker(queue, StoreSettings(store), settings, name="test-worker")
         task = asyncio.create_task(worker.run(stop))
         deadline = time.monotonic() + until
         while time.monotonic() < deadline:

@@ -17,8 +17,12 @@ import pytest
 import wsi
 from server.settings import ServerSettings
 from wsi.ingest.queue import JobState, RetryPolicy, SQLiteJobQueue
-from wsi.ingest.worker import IngestSettings, Worker
+from wsi.ingest.scan import find_candidates
+from wsi.ingest.settings import IngestSettings
+from wsi.ingest.source_files import submit_slide
+from wsi.ingest.worker import Worker
 from wsi.slide_id import content_slide_id
+from wsi.store.objects import StoreSettings
 
 from .conftest import sample
 from .helpers import drain, run_wsi
@@ -36,12 +40,10 @@ def test_good_slide_converts_and_corrupt_one_is_quarantined(tmp_path):
     good = drop(inbox, "openslide-python-fixtures/small.svs")
     bad = drop(inbox, "openslide-python-fixtures/unopenable.tiff")
     queue = SQLiteJobQueue(tmp_path / "jobs.sqlite")
-    settings = IngestSettings(
-        store=str(store), quarantine_dir=str(tmp_path / "quarantine"), poll_seconds=0.1
-    )
+    settings = IngestSettings(quarantine_dir=str(tmp_path / "quarantine"), poll_seconds=0.1)
     good_job = queue.submit(str(good), content_slide_id(good))
     bad_job = queue.submit(str(bad), content_slide_id(bad))
-    drain(queue, settings)
+    drain(queue, str(store), settings)
     assert queue.get(good_job.id).state is JobState.DONE
     assert wsi.Store(wsi.StoreSettings(str(store))).published_slides() == [good_job.slide_id]
     failed = queue.get(bad_job.id)
@@ -65,13 +67,13 @@ def test_same_slide_twice_is_one_job(tmp_path):
 def test_killed_conversion_is_retried_and_publishes_once(tmp_path, medium_jpeg_tiff):
     store = tmp_path / "store"
     queue = SQLiteJobQueue(tmp_path / "jobs.sqlite", retry=RetryPolicy(backoff_unit=0.05))
-    settings = IngestSettings(store=str(store), poll_seconds=0.1, lease_seconds=2)
+    settings = IngestSettings(poll_seconds=0.1, lease_seconds=2)
     sid = content_slide_id(medium_jpeg_tiff)
     job = queue.submit(str(medium_jpeg_tiff), sid)
 
     async def kill_first_attempt() -> None:
         stop = asyncio.Event()
-        worker = Worker(queue, settings, name="w1")
+        worker = Worker(queue, StoreSettings(str(store)), settings, name="w1")
         task = asyncio.create_task(worker.run(stop))
         killed = False
         deadline = time.monotonic() + 120
@@ -104,13 +106,12 @@ def test_source_after_success(tmp_path, policy):
     (inbox / "small.svs.json").write_text('{"patient_id": "X"}')
     queue = SQLiteJobQueue(tmp_path / "jobs.sqlite")
     settings = IngestSettings(
-        store=str(tmp_path / "store"),
-        after_success=policy,
-        done_dir=str(tmp_path / "done"),
-        poll_seconds=0.1,
+        after_success=policy, done_dir=str(tmp_path / "done"), poll_seconds=0.1
     )
-    queue.submit(str(slide), content_slide_id(slide))
-    drain(queue, settings)
+    (candidate,) = find_candidates(inbox)  # the slide and its sidecar, as the watcher sees them
+    job = submit_slide(queue, candidate)
+    drain(queue, str(tmp_path / "store"), settings)
+    assert queue.get(job.id).warning is None
     assert not slide.exists() and not (inbox / "small.svs.json").exists()
     if policy == "move":
         assert (tmp_path / "done" / "small.svs" / "small.svs").exists()
@@ -119,12 +120,19 @@ def test_source_after_success(tmp_path, policy):
 
 def test_settings_are_checked():
     with pytest.raises(wsi.InvalidArgument):
-        IngestSettings(store="x", after_success="move")
+        IngestSettings(after_success="move", done_dir="")
     with pytest.raises(wsi.InvalidArgument):
-        IngestSettings(store="x", concurrency=0)
-    for limit in ("stop_timeout", "job_timeout", "stall_timeout"):
+        IngestSettings(after_success="later")  # type: ignore[arg-type]
+    with pytest.raises(wsi.InvalidArgument):
+        IngestSettings(workers=-1)
+    for limit in ("stop_timeout", "job_timeout", "stall_timeout", "keep_jobs_days"):
         with pytest.raises(wsi.InvalidArgument):
-            IngestSettings(store="x", **{limit: -1.0})
+            IngestSettings(**{limit: -1.0})
+    for positive in ("poll_seconds", "lease_seconds"):
+        with pytest.raises(wsi.InvalidArgument):
+            IngestSettings(**{positive: 0.0})
+    with pytest.raises(wsi.InvalidArgument):
+        IngestSettings(stall_timeout=float("nan"))
 
 
 @pytest.mark.parametrize(
@@ -149,10 +157,11 @@ def test_a_watch_folder_holding_the_services_own_folders_is_refused(tmp_path, in
     inbox = tmp_path / "inbox"
     own = str(inbox / "own")
     values = {"jobs_db": own + "/jobs.sqlite"} if inside == "jobs_db" else {inside: own}
-    settings = {"store": str(tmp_path / "store"), **values}
+    store = own if inside == "store" else str(tmp_path / "store")
+    ingest = IngestSettings(**{k: v for k, v in values.items() if k != "store"})
     with pytest.raises(wsi.InvalidArgument, match="holds the"):
-        ServerSettings(watch=(str(inbox),), **settings)  # type: ignore[arg-type]
-    ServerSettings(watch=(str(tmp_path / "elsewhere"),), **settings)  # type: ignore[arg-type]
+        ServerSettings(store=store, watch=(str(inbox),), ingest=ingest)
+    ServerSettings(store=store, watch=(str(tmp_path / "elsewhere"),), ingest=ingest)
     cli = run_wsi(
         "watch",
         str(tmp_path),
@@ -211,17 +220,18 @@ def test_roles_run_on_their_own(tmp_path):
 
 def _run_worker(
     queue: SQLiteJobQueue,
+    store: Path,
     settings: IngestSettings,
     job_id: str,
     watch: Callable[[Worker, asyncio.Event], None] | None = None,
     until: float = 120.0,
 ) -> None:
-    """Run one worker until the job leaves queued/running (or `watch` sets stop), calling
-    `watch(worker, stop)` every 20 ms meanwhile."""
+    """Run one worker publishing into `store` until the job leaves queued/running (or `watch`
+    sets stop), calling `watch(worker, stop)` every 20 ms meanwhile."""
 
     async def main() -> None:
         stop = asyncio.Event()
-        worker = Worker(queue, settings, name="w1")
+        worker = Worker(queue, StoreSettings(str(store)), settings, name="w1")
         task = asyncio.create_task(worker.run(stop))
         deadline = time.monotonic() + until
         while time.monotonic() < deadline and not stop.is_set():
@@ -238,12 +248,13 @@ def _run_worker(
 
 def test_progress_is_reported_while_converting(tmp_path, medium_jpeg_tiff):
     queue = SQLiteJobQueue(tmp_path / "jobs.sqlite")
-    # Every level derived on one thread: slow enough to watch several heartbeats go by.
+    # Every tile decoded by OpenSlide and every level encoded on one thread: about 7 s where
+    # this was measured, against 1 s for the default conversion (a couple of 0.25 s progress
+    # lines on a fast machine), so several heartbeats go by on any machine.
     settings = IngestSettings(
-        store=str(tmp_path / "store"),
         poll_seconds=0.1,
         lease_seconds=0.6,
-        convert_args=("--no-reuse-levels", "--workers", "1"),
+        convert_args=("--no-reuse-levels", "--backend", "openslide", "--workers", "1"),
     )
     job = queue.submit(str(medium_jpeg_tiff), content_slide_id(medium_jpeg_tiff))
     seen: list[float] = []
@@ -253,7 +264,7 @@ def test_progress_is_reported_while_converting(tmp_path, medium_jpeg_tiff):
         if current.state is JobState.RUNNING:
             seen.append(current.progress)
 
-    _run_worker(queue, settings, job.id, record)
+    _run_worker(queue, tmp_path / "store", settings, job.id, record)
     done = queue.get(job.id)
     assert done.state is JobState.DONE and done.progress == 100
     middle = sorted({p for p in seen if 0 < p < 100})
@@ -282,7 +293,6 @@ def test_hung_conversion_is_stopped_then_failed(tmp_path, limits, message):
     fifo = _hanging_source(tmp_path)
     queue = SQLiteJobQueue(tmp_path / "jobs.sqlite", retry=RetryPolicy(max_attempts=2))
     settings = IngestSettings(
-        store=str(tmp_path / "store"),
         quarantine_dir=str(tmp_path / "quarantine"),
         poll_seconds=0.1,
         lease_seconds=0.6,
@@ -290,7 +300,7 @@ def test_hung_conversion_is_stopped_then_failed(tmp_path, limits, message):
     )
     job = queue.submit(str(fifo), "0123456789abcdef01234567")
     started = time.monotonic()
-    _run_worker(queue, settings, job.id, until=60)
+    _run_worker(queue, tmp_path / "store", settings, job.id, until=60)
     failed = queue.get(job.id)
     assert failed.state is JobState.FAILED and failed.attempts == 2, failed
     assert failed.error == f"conversion {message}"
@@ -302,9 +312,7 @@ def test_hung_conversion_is_stopped_then_failed(tmp_path, limits, message):
 def test_shutdown_gives_a_running_job_back(tmp_path):
     fifo = _hanging_source(tmp_path)
     queue = SQLiteJobQueue(tmp_path / "jobs.sqlite")
-    settings = IngestSettings(
-        store=str(tmp_path / "store"), poll_seconds=0.1, lease_seconds=30, stop_timeout=0.5
-    )
+    settings = IngestSettings(poll_seconds=0.1, lease_seconds=30, stop_timeout=0.5)
     job = queue.submit(str(fifo), "0123456789abcdef01234567")
     pids: list[int] = []
 
@@ -314,7 +322,7 @@ def test_shutdown_gives_a_running_job_back(tmp_path):
             stop.set()  # what SIGTERM to the service does
 
     started = time.monotonic()
-    _run_worker(queue, settings, job.id, stop_when_running, until=60)
+    _run_worker(queue, tmp_path / "store", settings, job.id, stop_when_running, until=60)
     assert pids, "the conversion never started"
     assert time.monotonic() - started < 20
     back = queue.get(job.id)
@@ -328,7 +336,7 @@ def test_shutdown_gives_a_running_job_back(tmp_path):
 def test_cancel_stops_the_conversion(tmp_path):
     fifo = _hanging_source(tmp_path)
     queue = SQLiteJobQueue(tmp_path / "jobs.sqlite")
-    settings = IngestSettings(store=str(tmp_path / "store"), poll_seconds=0.1, lease_seconds=0.6)
+    settings = IngestSettings(poll_seconds=0.1, lease_seconds=0.6)
     job = queue.submit(str(fifo), "0123456789abcdef01234567")
     pids: list[int] = []
 
@@ -339,7 +347,7 @@ def test_cancel_stops_the_conversion(tmp_path):
         elif pids and worker._proc is None:
             stop.set()  # the worker is done with it
 
-    _run_worker(queue, settings, job.id, cancel_when_running, until=60)
+    _run_worker(queue, tmp_path / "store", settings, job.id, cancel_when_running, until=60)
     assert pids and queue.get(job.id).state is JobState.CANCELLED
     assert fifo.exists()  # a cancelled job's source is left alone
     assert not psutil.pid_exists(pids[0]) or psutil.Process(pids[0]).status() == "zombie"

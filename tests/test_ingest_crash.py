@@ -29,6 +29,7 @@ import pytest
 
 import wsi
 from wsi.ingest.queue import SQLiteJobQueue
+from wsi.ingest.settings import IngestSettings
 from wsi.store.objects import MANIFEST, TEMP_MARK
 
 from .s3server import SeaweedFS
@@ -96,7 +97,7 @@ class Service:
             log.flush()
             self.proc = subprocess.Popen(
                 self.cmd,
-                cwd=self.workdir,  # relative defaults (quarantine/, done/) land in the test's dir
+                cwd=self.workdir,  # the service's working folder: never where its state goes
                 env=self.env,
                 stdin=subprocess.DEVNULL,
                 stdout=log,
@@ -400,6 +401,6 @@ def test_sigterm_to_the_service_group_lets_the_conversion_finish(
         assert not alive
     published = wsi.Store(wsi.StoreSettings(str(store_dir))).published_slides()
     assert published == [job["slide_id"]], svc.log_tail()
-    with SQLiteJobQueue(store_dir / "jobs.sqlite") as queue:
+    with SQLiteJobQueue(Path(IngestSettings().jobs_path(str(store_dir)))) as queue:
         finished = queue.get(job["id"])
     assert finished.state.value == "done" and finished.attempts == 1, finished

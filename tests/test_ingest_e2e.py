@@ -11,6 +11,7 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from server.app import create_app
 from server.settings import ServerSettings
+from wsi.ingest.settings import IngestSettings
 
 from .conftest import sample
 from .helpers import wait_until
@@ -22,9 +23,9 @@ def test_watch_folder_end_to_end(tmp_path: Path) -> None:
     settings = ServerSettings(
         store=str(store),
         watch=(str(inbox),),
-        quiet_seconds=1.0,
-        poll_seconds=0.2,
-        quarantine_dir=str(tmp_path / "quarantine"),
+        ingest=IngestSettings(
+            quiet_seconds=1.0, poll_seconds=0.2, quarantine_dir=str(tmp_path / "quarantine")
+        ),
     )
     data = sample("CMU-1-Small-Region.svs").read_bytes()
 

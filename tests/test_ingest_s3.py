@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
+import shutil
+import time
 import uuid
 from dataclasses import replace
 from pathlib import Path
@@ -23,7 +26,12 @@ from aiohttp.test_utils import TestClient, TestServer
 import wsi
 from server.app import create_app
 from server.settings import ServerSettings
+from wsi.ingest.queue import JobState, SQLiteJobQueue
+from wsi.ingest.settings import IngestSettings
+from wsi.ingest.staging import RESERVED, ROOM_POLL_SECONDS, remote_slide_id
+from wsi.ingest.worker import Worker
 from wsi.slide_id import content_slide_id
+from wsi.store.objects import StoreSettings
 
 from .conftest import sample
 from .helpers import run_wsi, wait_until
@@ -96,14 +104,14 @@ def test_post_jobs_with_s3_sources(
     at submit and viewable from that copy, status converting. Then the same service with a
     worker: it converts the copy, publishes, and the copy goes."""
     prefix = drop["prefix"]
-    spool = tmp_path / "store" / ".spool"
+    spool = tmp_path / "store.state" / "spool"  # in the state folder beside the store
     settings = ServerSettings(
         store=str(tmp_path / "store"),
         s3_sources=(f"s3://{prefix}/scans/",),
         s3_endpoint=seaweedfs.endpoint_url,
-        poll_seconds=0.2,
-        quarantine_dir=str(tmp_path / "quarantine"),
-        workers=0,
+        ingest=IngestSettings(
+            poll_seconds=0.2, quarantine_dir=str(tmp_path / "quarantine"), workers=0
+        ),
     )
     sid = content_slide_id(drop["slide"])
     with wsi.open_slide(drop["slide"]) as src:
@@ -119,6 +127,9 @@ def test_post_jobs_with_s3_sources(
 
             # Refused: outside the allowed prefix, spelled to escape it, missing, not a URL.
             for source, words in [
+                # The allowed prefix itself: as a folder slide, every object under it.
+                (f"s3://{prefix}/scans/", "prefix"),
+                (f"s3://{prefix}/scans", "prefix"),
                 (f"s3://{prefix}/elsewhere/case.svs", "prefix"),
                 (f"s3://{prefix}/scans/../elsewhere/case.svs", "segment"),
                 (f"s3://{prefix}/scans-other/case.svs", "prefix"),
@@ -158,7 +169,9 @@ def test_post_jobs_with_s3_sources(
     assert (spool / "copies" / sid / ".ready").is_file()  # kept for the job, across a restart
 
     async def convert() -> None:
-        async with TestClient(TestServer(create_app(replace(settings, workers=1)))) as c:
+        async with TestClient(
+            TestServer(create_app(replace(settings, ingest=replace(settings.ingest, workers=1))))
+        ) as c:
 
             async def ended() -> dict[str, dict[str, Any]]:
                 jobs = (await (await c.get("/jobs")).json())["jobs"]
@@ -203,3 +216,145 @@ def test_s3_sources_must_be_enabled(tmp_path: Path) -> None:
             assert "not enabled" in (await resp.json())["error"]
 
     asyncio.run(main())
+
+
+def test_post_jobs_refuses_a_source_over_the_caps(
+    tmp_path: Path, seaweedfs: SeaweedFS, drop: dict[str, Any]
+) -> None:
+    """A folder slide with more objects than `WSI_MAX_SOURCE_OBJECTS`: refused at submit,
+    before anything is downloaded."""
+    prefix = drop["prefix"]
+    for i in range(3):
+        drop["fs"].pipe_file(f"{prefix}/scans/crowd/{i}.dcm", b"x")
+    settings = ServerSettings(
+        store=str(tmp_path / "store"),
+        s3_sources=(f"s3://{prefix}/scans/",),
+        s3_endpoint=seaweedfs.endpoint_url,
+        ingest=IngestSettings(workers=0, max_source_objects=2, state_dir=str(tmp_path / "st")),
+    )
+
+    async def main() -> None:
+        async with TestClient(TestServer(create_app(settings))) as c:
+            resp = await c.post("/jobs", json={"source": f"s3://{prefix}/scans/crowd/"})
+            assert resp.status == 400 and "over 2 objects" in (await resp.json())["error"]
+            assert (await (await c.get("/jobs")).json())["jobs"] == []
+
+    asyncio.run(main())
+    assert [p for p in (tmp_path / "st" / "spool").rglob("*") if p.is_file()] == []
+
+
+def _jobs_api(c: TestClient) -> Any:
+    async def jobs() -> list[dict[str, Any]]:
+        return (await (await c.get("/jobs")).json())["jobs"]
+
+    return jobs
+
+
+def test_a_copy_made_ahead_leaves_room_for_a_conversion(
+    tmp_path: Path, seaweedfs: SeaweedFS, drop: dict[str, Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    """The copy `POST /jobs` makes ahead of the conversion would leave less than one largest
+    source free in the spool: it is not made, and the job waits (queued, not failed); a worker
+    then converts it, downloading it with the spool's whole quota."""
+    size = drop["slide"].stat().st_size
+    state = tmp_path / "state"
+    settings = ServerSettings(
+        store=str(tmp_path / "store"),
+        s3_sources=(f"s3://{drop['prefix']}/scans/",),
+        s3_endpoint=seaweedfs.endpoint_url,
+        ingest=IngestSettings(
+            workers=0,
+            poll_seconds=0.2,
+            state_dir=str(state),
+            max_source_bytes=size,
+            spool_quota_bytes=size + size // 2,
+        ),
+    )
+    url = f"s3://{drop['prefix']}/scans/case.svs"
+
+    async def submit() -> None:
+        async with TestClient(TestServer(create_app(settings))) as c:
+            resp = await c.post("/jobs", json={"source": url})
+            assert resp.status == 202
+
+            async def refused() -> bool:
+                return "no room in the spool" in caplog.text
+
+            await wait_until(refused, 60)
+            jobs = await _jobs_api(c)()
+            assert [(j["state"], j["error"]) for j in jobs] == [("queued", None)]
+
+    caplog.set_level(logging.INFO, logger="wsistore.staged")
+    asyncio.run(submit())
+    assert not list((state / "spool").rglob(".ready"))  # no copy
+
+    async def convert() -> None:
+        running = replace(settings, ingest=replace(settings.ingest, workers=1))
+        async with TestClient(TestServer(create_app(running))) as c:
+
+            async def done() -> list[dict[str, Any]]:
+                jobs = await _jobs_api(c)()
+                return jobs if jobs and jobs[0]["state"] in ("done", "failed") else []
+
+            (job,) = await wait_until(done)
+            assert job["state"] == "done" and job["attempts"] == 1, job
+
+    asyncio.run(convert())
+
+
+def test_a_conversion_waits_for_room_in_the_spool(
+    tmp_path: Path, seaweedfs: SeaweedFS, drop: dict[str, Any]
+) -> None:
+    """A worker's conversion whose download finds the spool full (copies of conversions running
+    beside it) waits, showing it is alive, and converts once room is free: never failed."""
+    url = f"s3://{drop['prefix']}/scans/case.svs"
+    size = drop["slide"].stat().st_size
+    store = str(tmp_path / "store")
+    settings = IngestSettings(
+        poll_seconds=0.2,
+        stall_timeout=10.0,  # the wait outlasts it: only signs of life keep the job going
+        state_dir=str(tmp_path / "state"),
+        max_source_bytes=size,
+        spool_quota_bytes=size,
+    )
+    settings.make_state(store)
+    spool = Path(settings.spool_path(store))
+    beside = spool / f"wsi-staged-{os.getpid()}-beside"
+    beside.mkdir()
+    (beside / RESERVED).write_text(f"{size}\n")
+    queue = SQLiteJobQueue(Path(settings.jobs_path(store)))
+    job = queue.submit(url, remote_slide_id(url, seaweedfs.endpoint_url))
+
+    def waiting_copy() -> Path | None:
+        found = [p for p in spool.iterdir() if p != beside and not (p / RESERVED).exists()]
+        return found[0] if found else None
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        worker = Worker(queue, StoreSettings(store), settings, name="test-worker")
+        task = asyncio.create_task(worker.run(stop))
+
+        async def waits() -> Path | None:
+            return waiting_copy() if queue.get(job.id).state == JobState.RUNNING else None
+
+        await wait_until(waits, 60)
+        seen = time.monotonic()
+        # Past the stall timeout, still running and waiting.
+        while time.monotonic() - seen < settings.stall_timeout + 2 * ROOM_POLL_SECONDS:
+            assert queue.get(job.id).state == JobState.RUNNING, queue.get(job.id).error
+            await asyncio.sleep(0.2)
+        shutil.rmtree(beside)  # the conversion beside it ended
+
+        async def ended() -> bool:
+            return queue.get(job.id).state.terminal
+
+        await wait_until(ended, 120)
+        stop.set()
+        await asyncio.wait_for(task, 60)
+
+    try:
+        asyncio.run(main())
+        finished = queue.get(job.id)
+    finally:
+        queue.close()
+    assert finished.state == JobState.DONE and finished.attempts == 1, finished

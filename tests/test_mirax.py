@@ -21,9 +21,11 @@ import wsi
 from sample_data.make_mirax import tissue_image, write_mirax
 from wsi import ConvertSettings, PyramidSettings, Store, StoreSettings, convert_slide
 from wsi.ingest.queue import JobState, SQLiteJobQueue
-from wsi.ingest.watcher import StabilityTracker, find_candidates, mrxs_required_files
-from wsi.ingest.worker import IngestSettings
+from wsi.ingest.settings import IngestSettings
+from wsi.ingest.source_files import submit_slide
+from wsi.ingest.watcher import StabilityTracker, find_candidates
 from wsi.slide_id import content_slide_id
+from wsi.slidefiles import mrxs_required_files
 from wsi.sources import open_slide
 
 from .conftest import area_reference, openslide_level0, psnr
@@ -253,7 +255,6 @@ def test_ingest_converts_and_moves_mrxs_with_its_folder(mirax_slide: Path, tmp_p
     store = tmp_path / "store"
     queue = SQLiteJobQueue(tmp_path / "jobs.sqlite")
     settings = IngestSettings(
-        store=str(store),
         after_success="move",
         done_dir=str(tmp_path / "done"),
         quarantine_dir=str(tmp_path / "quarantine"),
@@ -261,9 +262,12 @@ def test_ingest_converts_and_moves_mrxs_with_its_folder(mirax_slide: Path, tmp_p
         convert_args=("--format", "zarr"),
     )
     sid = content_slide_id(slide)
-    job = queue.submit(str(slide), sid)
-    bad_job = queue.submit(str(broken), content_slide_id(broken))
-    drain(queue, settings)
+    # As the watcher submits them: with every file of each slide.
+    found = {c.path: c for c in find_candidates(tmp_path / "inbox")}
+    job = submit_slide(queue, found[slide])
+    bad_job = submit_slide(queue, found[broken])
+    assert job.slide_id == sid
+    drain(queue, str(store), settings)
 
     done = queue.get(job.id)
     assert done.state is JobState.DONE, done.error

@@ -10,6 +10,7 @@ from __future__ import annotations
 import itertools
 import os
 import shutil
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -21,26 +22,29 @@ import pytest
 import s3fs
 
 from wsi.errors import InvalidArgument, SlideNotFound, StoreError
-from wsi.ingest.staging import is_remote, parse_s3_url, remote_slide_id, staged
+from wsi.ingest.staging import (
+    RESERVED,
+    SpoolFull,
+    StagingLimits,
+    is_remote,
+    parse_s3_url,
+    remote_slide_id,
+    staged,
+)
 from wsi.metadata import sidecar_path
 from wsi.slide_id import content_slide_id
+
+from .conftest import sample
 
 # Imported as in test_s3.py: the alias registers the fixture as `seaweedfs`, one server per session.
 from .s3server import SeaweedFS
 from .s3server import seaweedfs as _seaweedfs_fixture  # noqa: F401
 
-SAMPLES = Path(__file__).resolve().parents[2] / "shared" / "sample-slides"
-SMALL_SVS = SAMPLES / "CMU-1-Small-Region.svs"
-DICOM_SERIES = SAMPLES / "highdicom"
+SMALL_SVS = "CMU-1-Small-Region.svs"
+DICOM_SERIES = "highdicom"
 """A folder of DICOM files, staged as a folder (prefix) slide."""
 
 pytestmark = pytest.mark.s3
-
-
-def _sample(path: Path) -> Path:
-    if not path.exists():
-        pytest.fail(f"sample slide missing: {path} (the shared sample-slides folder)")
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +67,12 @@ def _upload_tree(s3: s3fs.S3FileSystem, local: Path, remote: str) -> None:
 
 
 def _files(root: Path) -> dict[str, bytes]:
-    return {p.relative_to(root).as_posix(): p.read_bytes() for p in root.rglob("*") if p.is_file()}
+    """The files below `root`, but the spool's note of the room a copy reserved."""
+    return {
+        p.relative_to(root).as_posix(): p.read_bytes()
+        for p in root.rglob("*")
+        if p.is_file() and p.name != RESERVED
+    }
 
 
 @pytest.fixture
@@ -79,7 +88,7 @@ def spool(tmp_path: Path) -> Path:
 def test_single_file_staged_with_the_original_id(
     seaweedfs: SeaweedFS, s3: s3fs.S3FileSystem, prefix: str, spool: Path
 ) -> None:
-    original = _sample(SMALL_SVS)
+    original = sample(SMALL_SVS)
     s3.put_file(str(original), f"{prefix}/scanner/{original.name}")
     url = f"s3://{prefix}/scanner/{original.name}"
     sid = content_slide_id(original)
@@ -103,7 +112,7 @@ def test_single_file_staged_with_the_original_id(
 
 
 def test_streams_in_chunks(seaweedfs: SeaweedFS, s3: s3fs.S3FileSystem, prefix: str) -> None:
-    original = _sample(SMALL_SVS)
+    original = sample(SMALL_SVS)
     s3.put_file(str(original), f"{prefix}/{original.name}")
     calls: list[int] = []
     chunk = 256 * 1024
@@ -159,7 +168,7 @@ def test_folder_slide(
     # The DICOM series as a scanner wrote it, plus nested names whose order differs between
     # plain strings and path segments (`a-b` < `a/c` as strings, not as paths).
     local = tmp_path / "series"
-    shutil.copytree(_sample(DICOM_SERIES), local)
+    shutil.copytree(sample(DICOM_SERIES), local)
     (local / "a").mkdir()
     (local / "a" / "c.dcm").write_bytes(b"nested")
     (local / "a-b.dcm").write_bytes(b"sibling")
@@ -212,6 +221,90 @@ def test_mirax_without_companion_folder_is_one_object(
     assert remote_slide_id(url, seaweedfs.endpoint_url) == content_slide_id(local)
     with staged(url, seaweedfs.endpoint_url) as path:
         assert _files(path.parent) == {"lonely.vms": b"vms index only"}
+
+
+# -- bounds: one source, and the spool ------------------------------------------------------
+
+
+def test_a_source_over_its_caps_is_refused_before_any_download(
+    seaweedfs: SeaweedFS, s3: s3fs.S3FileSystem, prefix: str, spool: Path
+) -> None:
+    for i in range(4):
+        s3.pipe_file(f"{prefix}/many/{i}.dcm", b"x" * 100)
+    url = f"s3://{prefix}/many/"
+    exactly = StagingLimits(max_objects=4, max_bytes=400, spool_quota=1000)
+    assert remote_slide_id(url, seaweedfs.endpoint_url, exactly)
+    for limits, words in [
+        (StagingLimits(max_objects=3, max_bytes=400, spool_quota=1000), "over 3 objects"),
+        (StagingLimits(max_objects=4, max_bytes=399, spool_quota=1000), "over the 399-byte"),
+    ]:
+        with pytest.raises(InvalidArgument, match=words):
+            remote_slide_id(url, seaweedfs.endpoint_url, limits)
+        with (
+            pytest.raises(InvalidArgument, match=words),
+            staged(url, seaweedfs.endpoint_url, spool, limits=limits),
+        ):
+            pass
+        assert list(spool.iterdir()) == []
+    one = f"s3://{prefix}/many/0.dcm"
+    with pytest.raises(InvalidArgument, match="over the 99-byte"):
+        remote_slide_id(one, seaweedfs.endpoint_url, StagingLimits(10, 99, 1000))
+
+
+def test_a_copy_that_would_overfill_the_spool_is_refused_or_waits(
+    seaweedfs: SeaweedFS, s3: s3fs.S3FileSystem, prefix: str, spool: Path
+) -> None:
+    s3.pipe_file(f"{prefix}/q/case.svs", b"y" * 1000)
+    url = f"s3://{prefix}/q/case.svs"
+    limits = StagingLimits(max_objects=10, max_bytes=1000, spool_quota=1500)
+    # Another conversion's copy (a live process: this one), still downloading: the room it
+    # reserved is taken even though its bytes are not there yet.
+    other = spool / f"wsi-staged-{os.getpid()}-other"
+    other.mkdir()
+    (other / RESERVED).write_text("1000\n")
+    with pytest.raises(SpoolFull), staged(url, seaweedfs.endpoint_url, spool, limits=limits):
+        pass
+    assert [p.name for p in spool.iterdir()] == [other.name]  # nothing downloaded
+
+    waiting = threading.Event()
+    copied: list[bytes] = []
+
+    def convert() -> None:
+        with staged(url, seaweedfs.endpoint_url, spool, limits=limits, waiting=waiting.set) as p:
+            copied.append(p.read_bytes())
+
+    thread = threading.Thread(target=convert)
+    thread.start()
+    assert waiting.wait(60)  # told it waits (a converter then shows it is alive)
+    assert not copied
+    shutil.rmtree(other)  # that conversion ended
+    thread.join(60)
+    assert copied == [b"y" * 1000]
+
+    # A copy left by a process that is gone holds no room: it is swept.
+    dead = spool / "wsi-staged-999999999-gone"
+    dead.mkdir()
+    (dead / RESERVED).write_text("1000\n")
+    with staged(url, seaweedfs.endpoint_url, spool, limits=limits) as path:
+        assert path.read_bytes() == b"y" * 1000
+    assert list(spool.iterdir()) == []
+
+
+def test_staged_copies_are_private_whatever_the_umask(
+    seaweedfs: SeaweedFS, s3: s3fs.S3FileSystem, prefix: str, tmp_path: Path
+) -> None:
+    s3.pipe_file(f"{prefix}/private/series/a/1.dcm", b"one")
+    s3.pipe_file(f"{prefix}/private/series/2.dcm", b"two")
+    spool = tmp_path / "new" / "spool"
+    old = os.umask(0)
+    try:
+        with staged(f"s3://{prefix}/private/series/", seaweedfs.endpoint_url, spool) as path:
+            made = [tmp_path / "new", spool, *spool.rglob("*")]
+            assert (path / "a" / "1.dcm") in made
+            for made_path in made:
+                assert made_path.stat().st_mode & 0o007 == 0, made_path
+    finally:
+        os.umask(old)
 
 
 # -- sidecar metadata -----------------------------------------------------------------------

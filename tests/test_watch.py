@@ -26,10 +26,10 @@ from wsi.ingest.watcher import (
     find_candidates,
 )
 
+from .conftest import sample
 from .helpers import FakeClock
 
-SAMPLES = Path(__file__).resolve().parents[2] / "shared" / "sample-slides"
-FIXTURES = SAMPLES / "openslide-python-fixtures"
+FIXTURES = sample("openslide-python-fixtures")
 QUIET = 0.3
 
 

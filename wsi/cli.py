@@ -10,7 +10,7 @@ import sys
 import threading
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -18,14 +18,21 @@ from wsi import __version__
 from wsi.convert import FORMATS, ConvertResult, ConvertSettings, convert_slide
 from wsi.errors import InvalidArgument, StoreError, WsiError
 from wsi.export import export_dicom_location
+from wsi.ingest.protocol import (
+    DEIDENTIFY_FLAG,
+    KEEP_LABEL_FLAG,
+    KEEP_MACRO_FLAG,
+    ExitCode,
+    ProgressLine,
+    ResultLine,
+    add_staging_arguments,
+    add_supervision_arguments,
+    staging_limits,
+)
+from wsi.ingest.settings import IngestSettings, add_ingest_arguments
 from wsi.pyramid.builder import Progress, PyramidSettings, plan_pyramid
 from wsi.sources import backend_names, open_slide
 from wsi.store.objects import Store, StoreSettings
-
-EXIT_TEMPFAIL = 75
-"""Exit status when a slide failed because the store did, or for a reason we cannot classify
-(sysexits EX_TEMPFAIL): ingest retries those with backoff, while status 1 (the slide itself is
-unreadable) is final."""
 
 
 def _info(args: argparse.Namespace) -> int:
@@ -86,7 +93,7 @@ def _progress_bar(enabled: bool, label: str) -> tuple[Any, Any]:
 
 
 class ProgressChannel:
-    """`--progress-fd N`: the conversion's overall progress as JSON lines (`{"progress": 12.5}`)
+    """`--progress-fd N`: the conversion's overall progress as `wsi.ingest.protocol.ProgressLine`s
     on a descriptor the supervisor (an ingest worker) reads, so its job shows a live percentage.
 
     Writes at most every 0.25 s and only when the value changed: the supervisor also reads a
@@ -115,11 +122,24 @@ class ProgressChannel:
         self._last_write, self._last_value = now, value
         # The supervisor may have gone away: nobody to tell then.
         with contextlib.suppress(BrokenPipeError, ValueError):
-            self._out.write(json.dumps({"progress": value}) + "\n")
+            self._out.write(ProgressLine(value).format())
+
+    def alive(self) -> None:
+        """Repeat the last value: a sign of life while the conversion waits (for room in the
+        spool) without progressing, so that its supervisor does not take it for stalled."""
+        with contextlib.suppress(BrokenPipeError, ValueError):
+            self._out.write(ProgressLine(max(self._last_value, 0.0)).format())
+
+    def close(self) -> None:
+        """No more progress: the supervisor reads end-of-file."""
+        with contextlib.suppress(OSError):
+            self._out.close()
 
 
-def _exit_with_stdin() -> None:
-    """`--exit-with-stdin`: end this process when standard input reaches end-of-file.
+def _exit_with_stdin(finished: threading.Event) -> None:
+    """`--exit-with-stdin`: end this process when standard input reaches end-of-file, unless
+    `finished` is set by then (the work is done: the exit status is then the conversions' own,
+    however soon the supervisor lets go of the pipe).
 
     The ingest worker holds the other end of the pipe, so the conversion dies with the service
     even when the service is SIGKILLed, without sharing its process group (a SIGTERM or Ctrl-C
@@ -133,7 +153,8 @@ def _exit_with_stdin() -> None:
         with contextlib.suppress(OSError):
             while os.read(0, 65536):
                 pass
-        os._exit(EXIT_TEMPFAIL)
+        if not finished.is_set():
+            os._exit(ExitCode.TEMPFAIL)
 
     threading.Thread(target=watch, name="wsi-stdin-watch", daemon=True).start()
 
@@ -164,46 +185,75 @@ def _convert(args: argparse.Namespace) -> int:
     )
     if args.slide_id and len(args.sources) > 1:
         raise WsiError("--slide-id names one slide; give one source with it")
+    finished = threading.Event()
     if args.exit_with_stdin:
-        _exit_with_stdin()
+        _exit_with_stdin(finished)
     store = Store(StoreSettings(args.out, endpoint_url=args.s3_endpoint))
-    show = args.progress if args.progress is not None else sys.stderr.isatty()
     channel = None
     if args.progress_fd is not None:
         channel = ProgressChannel(args.progress_fd, len(args.sources))
+    try:
+        return _convert_all(args, store, settings, channel)
+    finally:
+        # Done before the progress descriptor closes: a supervisor that lets go of stdin once
+        # it sees that end-of-file does not turn this status into TEMPFAIL.
+        finished.set()
+        if channel is not None:
+            channel.close()
+
+
+def _convert_all(
+    args: argparse.Namespace,
+    store: Store,
+    settings: ConvertSettings,
+    channel: ProgressChannel | None,
+) -> ExitCode:
+    """Convert every source in turn, printing a result line for each one published; the status
+    says whether a failure is final or worth retrying (`wsi.ingest.protocol.ExitCode`)."""
+    show = args.progress if args.progress is not None else sys.stderr.isatty()
     failures = 0
     transient = False
     for index, source in enumerate(args.sources):
-        bar, update = _progress_bar(show, Path(source).name)
+        label = f"source {index + 1}" if settings.deidentify else Path(source).name
+        bar, update = _progress_bar(show, label)
         try:
             result = _convert_one(args, index, source, store, settings, update, channel)
         except StoreError as exc:  # the store, not the slide: worth retrying later
             failures += 1
             transient = True
-            print(f"wsi: error: {source}: {exc}", file=sys.stderr)
+            _error(args, index, source, str(exc))
             continue
         except WsiError as exc:
             failures += 1
-            print(f"wsi: error: {source}: {exc}", file=sys.stderr)
+            _error(args, index, source, str(exc))
             continue
         except Exception as exc:  # a library failed in a way it does not document
             # (botocore's connection errors, a reader's own exception): maybe the network,
             # maybe the slide; retryable, so ingest tries again before it gives up.
             failures += 1
             transient = True
-            print(
-                f"wsi: error: {source}: cannot convert ({type(exc).__name__}: {exc})",
-                file=sys.stderr,
-            )
+            _error(args, index, source, f"cannot convert ({type(exc).__name__}: {exc})")
             continue
         finally:
             if bar is not None:
                 bar.close()
-        rate = "already published" if result.skipped else f"{result.megapixels_per_second:.1f} MP/s"
-        print(f"{result.slide_id}\t{result.url}\t{rate}", flush=True)
+        rate = None if result.skipped else result.megapixels_per_second
+        print(ResultLine(result.slide_id, result.url, rate).format(), flush=True)
     if transient:
-        return EXIT_TEMPFAIL
-    return 1 if failures else 0
+        return ExitCode.TEMPFAIL
+    return ExitCode.FAILED if failures else ExitCode.OK
+
+
+def _error(args: argparse.Namespace, index: int, source: str, message: str) -> None:
+    """One error line for `source` (the `index`th). With `--deidentify` it names the slide by its
+    id (or its place on the command line) and no name of its files, which are often patients'
+    names: the line becomes the job's error, which the service shows."""
+    if args.deidentify:
+        from wsi.ingest.privacy import redact, reference, source_names
+
+        ref = reference(args.slide_id) if args.slide_id else f"source {index + 1}"
+        source, message = ref, redact(message, source_names(source), ref)
+    print(f"wsi: error: {source}: {message}", file=sys.stderr)
 
 
 def _convert_one(
@@ -235,7 +285,11 @@ def _convert_one(
         if channel is not None and total:
             channel.report(index, STAGE_SHARE * done / total)
 
-    with staged(source, args.s3_endpoint, args.spool, download) as local:
+    limits = staging_limits(args)
+    waiting = channel.alive if channel is not None else lambda: None
+    with staged(
+        source, args.s3_endpoint, args.spool, download, limits=limits, waiting=waiting
+    ) as local:
         return convert_slide(local, store, settings, args.slide_id, tiles)
 
 
@@ -245,43 +299,29 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def role_settings(
+    args: argparse.Namespace, environ: Mapping[str, str] | None = None
+) -> IngestSettings:
+    """The ingest settings of `wsi watch` / `wsi worker`: their flags over the `WSI_*`
+    variables over the defaults, exactly as `wsi serve` reads them; the watch folders checked."""
+    settings = IngestSettings.from_args(args, environ)
+    settings.check_watch_folders(args.folders if args.command == "watch" else (), args.store)
+    return settings
+
+
 def _ingest_role(args: argparse.Namespace) -> int:
     from wsi.ingest.queue import SQLiteJobQueue
-    from wsi.ingest.watcher import check_watch_folders
-    from wsi.ingest.worker import IngestSettings, run_roles
+    from wsi.ingest.worker import run_roles
 
-    settings = IngestSettings(
-        store=args.store,
-        s3_endpoint=args.s3_endpoint,
-        after_success=args.after,
-        done_dir=args.done_dir,
-        quarantine_dir=args.quarantine_dir,
-        poll_seconds=args.poll_seconds,
-        stop_timeout=args.stop_timeout,
-        job_timeout=args.job_timeout,
-        stall_timeout=args.stall_timeout,
-        spool_dir=args.spool,
-    )
-    watch = tuple(args.folders) if args.command == "watch" else ()
-    check_watch_folders(
-        watch,
-        store=args.store,
-        **{"job table": str(Path(args.jobs).resolve().parent)},
-        done=args.done_dir,
-        quarantine=args.quarantine_dir,
-    )
-    Path(args.jobs).parent.mkdir(parents=True, exist_ok=True)
-    with SQLiteJobQueue(args.jobs) as queue:
-        workers = args.workers if args.command == "worker" else 0
-        run_roles(
-            queue,
-            settings,
-            workers,
-            watch,
-            args.quiet_seconds,
-            args.poll_seconds,
-            args.keep_jobs_days,
-        )
+    settings = role_settings(args)
+    settings.make_state(args.store)
+    print(f"wsistore: {args.command}: {settings.describe_state(args.store)}", flush=True)
+    store = StoreSettings(args.store, endpoint_url=args.s3_endpoint)
+    with SQLiteJobQueue(Path(settings.jobs_path(args.store))) as queue:
+        if args.command == "watch":
+            run_roles(queue, store, settings, watch=tuple(args.folders))
+        else:
+            run_roles(queue, store, settings, convert=True)
     return 0
 
 
@@ -319,12 +359,17 @@ def _add_convert(sub: Any) -> None:
         help="patient/study/specimen JSON (default: the slide's sidecar JSON)",
     )
     conv.add_argument(
-        "--deidentify",
+        DEIDENTIFY_FLAG,
         action="store_true",
-        help="DICOM PS3.15 Basic Profile: no identifiers, no label or macro",
+        help="DICOM PS3.15 Basic Profile: no identifiers, no label or macro (nor a thumbnail "
+        "that may show the label), a neutral ICC profile text; errors name no file",
     )
-    conv.add_argument("--keep-label", action="store_true", help="with --deidentify: keep label")
-    conv.add_argument("--keep-macro", action="store_true", help="with --deidentify: keep macro")
+    conv.add_argument(
+        KEEP_LABEL_FLAG,
+        action="store_true",
+        help="with --deidentify: keep the label (and a thumbnail that may show it)",
+    )
+    conv.add_argument(KEEP_MACRO_FLAG, action="store_true", help="with --deidentify: keep macro")
     conv.add_argument("--lossless", action="store_true", help="encode tiles we make with zstd")
     conv.add_argument("--workers", type=int, default=0, help="threads (default: one per core)")
     conv.add_argument("--tile-size", type=int, default=256, help="tile size when re-encoding")
@@ -343,22 +388,13 @@ def _add_convert(sub: Any) -> None:
         metavar="DIR",
         help="where s3:// sources are downloaded for conversion (default: the temp folder)",
     )
-    conv.add_argument(
-        "--progress-fd",
-        type=int,
-        metavar="FD",
-        help="write progress as JSON lines to this open file descriptor (for supervisors)",
-    )
-    conv.add_argument(
-        "--exit-with-stdin",
-        action="store_true",
-        help="stop when standard input closes (a supervisor holding the pipe has died)",
-    )
+    add_staging_arguments(conv)
+    add_supervision_arguments(conv)
     conv.set_defaults(func=_convert)
 
 
 def _add_roles(sub: Any) -> None:
-    """`wsi worker` and `wsi watch`: ingest roles on their own."""
+    """`wsi worker` and `wsi watch`: ingest roles on their own, sharing a job table."""
     for role in ("worker", "watch"):
         helptext = (
             "run conversion workers on a job table, without the HTTP service"
@@ -369,21 +405,8 @@ def _add_roles(sub: Any) -> None:
         if role == "watch":
             cmd.add_argument("folders", nargs="+", metavar="DIR")
         cmd.add_argument("--store", required=True, metavar="DIR_OR_URL")
-        cmd.add_argument("--jobs", required=True, metavar="SQLITE_FILE", help="the job table")
-        cmd.add_argument("--workers", type=int, default=1)
-        cmd.add_argument("--s3-endpoint")
-        cmd.add_argument("--after", choices=["keep", "move", "delete"], default="keep")
-        cmd.add_argument("--done-dir", default="done")
-        cmd.add_argument("--quarantine-dir", default="quarantine")
-        cmd.add_argument("--quiet-seconds", type=float, default=5.0)
-        cmd.add_argument("--poll-seconds", type=float, default=2.0)
-        cmd.add_argument("--stop-timeout", type=float, default=30.0, help="seconds, on SIGTERM")
-        cmd.add_argument("--job-timeout", type=float, default=0.0, help="seconds (0: none)")
-        cmd.add_argument(
-            "--stall-timeout", type=float, default=600.0, help="seconds without progress"
-        )
-        cmd.add_argument("--keep-jobs-days", type=float, default=30.0)
-        cmd.add_argument("--spool", help="download folder for s3:// sources")
+        cmd.add_argument("--s3-endpoint", help="S3 endpoint URL (default: $AWS_ENDPOINT_URL)")
+        add_ingest_arguments(cmd)
         cmd.set_defaults(func=_ingest_role)
 
 
@@ -431,12 +454,12 @@ def main(argv: Sequence[str] | None = None, commands: Sequence[CommandAdder] = (
         return int(args.func(args))
     except WsiError as exc:
         print(f"wsi: error: {exc}", file=sys.stderr)
-        return 1
+        return ExitCode.FAILED
     except BrokenPipeError:
-        return 1
+        return ExitCode.FAILED
     except KeyboardInterrupt:
         print("wsi: interrupted", file=sys.stderr)
-        return 130
+        return ExitCode.INTERRUPTED
 
 
 if __name__ == "__main__":

@@ -1,22 +1,27 @@
 """Who and what a slide belongs to: patient, study and specimen identifiers, and their removal.
 
 Identifiers come from a sidecar JSON next to the slide (`<slide>.json`, e.g. `case-7.svs.json`,
-or `<stem>.json`) or from an explicit file (`wsi convert --metadata FILE`). Without them the DICOM
-view gets valid placeholder values. `deidentified()` applies the DICOM PS3.15 Basic Application
-Level Confidentiality Profile to what we store: identifiers and dates replaced by dummies, label
-and macro images dropped, vendor properties reduced to a list known to carry no identity.
+or `<stem>.json`; found by `wsi.slidefiles.sidecar_path`) or from an explicit file
+(`wsi convert --metadata FILE`). Without them the DICOM view gets valid placeholder values.
+`deidentified()` applies the DICOM PS3.15 Basic Application Level Confidentiality Profile to what
+we store: identifiers and dates replaced by dummies, label and macro images dropped, vendor
+properties reduced to a list known to carry no identity, and the ICC profile's texts (its
+description, copyright, device maker and model names: free text a scanner or a site may fill
+with its own names) replaced by a neutral one (`neutral_icc_profile`), its colour data kept.
 """
 
 from __future__ import annotations
 
 import json
 import re
+import struct
 from collections.abc import Mapping
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
 from wsi.errors import InvalidArgument
+from wsi.slidefiles import sidecar_path
 
 _DATE = re.compile(r"^\d{8}$")
 _TIME = re.compile(r"^\d{2}(\d{2}(\d{2}(\.\d{1,6})?)?)?$")
@@ -109,14 +114,6 @@ class SlideMetadata:
         return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "deidentified"}
 
 
-def sidecar_path(slide: Path) -> Path | None:
-    """`<slide>.json` or `<stem>.json` next to the slide, if present."""
-    for candidate in (slide.with_name(slide.name + ".json"), slide.with_suffix(".json")):
-        if candidate != slide and candidate.is_file():
-            return candidate
-    return None
-
-
 def metadata_for(
     slide: Path,
     explicit: str | Path | None = None,
@@ -144,11 +141,76 @@ def safe_vendor_properties(properties: Mapping[str, str]) -> dict[str, str]:
     return {k: v for k, v in properties.items() if k in SAFE_PROPERTY_KEYS}
 
 
+# ICC profiles (ICC.1:2001-04 for v2, ICC.1:2022 for v4): a 128-byte header, a tag count, a table of
+# (signature, offset, size), then the tags' data, each starting with its type's signature.
+NEUTRAL_ICC_TEXT = "de-identified"
+"""What every text of a de-identified slide's ICC profile says."""
+_ICC_HEADER = 128
+_ICC_TEXT_TYPES = frozenset({b"text", b"desc", b"mluc"})
+_ICC_COLOUR_TYPES = frozenset(
+    {b"curv", b"para", b"XYZ ", b"sf32", b"uf32", b"mft1", b"mft2", b"mAB ", b"mBA ", b"chrm"}
+    | {b"clro", b"meas", b"view", b"sig ", b"ui08", b"ui16", b"ui32", b"ui64", b"s15f"}
+)
+"""Tag types that hold colour data or codes only: kept as they are. Text types are rewritten;
+every other tag (dates, profile sequences, named colours, metadata dictionaries, private tags,
+any of which may carry names) is dropped: none of them changes how colours convert."""
+
+
+def _icc_text(kind: bytes) -> bytes:
+    """A text tag of type `kind` saying `NEUTRAL_ICC_TEXT`."""
+    text = NEUTRAL_ICC_TEXT.encode("ascii")
+    if kind == b"text":
+        return b"text\0\0\0\0" + text + b"\0"
+    if kind == b"desc":  # v2 textDescriptionType: ASCII, an empty Unicode and ScriptCode part
+        ascii_part = struct.pack(">I", len(text) + 1) + text + b"\0"
+        return b"desc\0\0\0\0" + ascii_part + struct.pack(">IIHB", 0, 0, 0, 0) + bytes(67)
+    utf16 = NEUTRAL_ICC_TEXT.encode("utf-16-be")  # v4 multiLocalizedUnicodeType, one record
+    return b"mluc\0\0\0\0" + struct.pack(">II2s2sII", 1, 12, b"en", b"US", len(utf16), 28) + utf16
+
+
+def neutral_icc_profile(profile: bytes) -> bytes | None:
+    """`profile` with every text tag saying `NEUTRAL_ICC_TEXT`, the tags that are not colour
+    data dropped, the creation date fixed (2000-01-01) and the profile ID cleared (it is a digest
+    of the old bytes); colours convert exactly as before. None when `profile` is not a
+    well-formed ICC profile: the slide is then published without one (sRGB)."""
+    if len(profile) < _ICC_HEADER + 4 or profile[36:40] != b"acsp":
+        return None
+    declared = struct.unpack(">I", profile[:4])[0]
+    (count,) = struct.unpack(">I", profile[_ICC_HEADER : _ICC_HEADER + 4])
+    if declared > len(profile) or count > (declared - _ICC_HEADER - 4) // 12:
+        return None
+    kept: list[tuple[bytes, bytes]] = []
+    for i in range(count):
+        entry = _ICC_HEADER + 4 + 12 * i
+        signature, offset, size = struct.unpack(">4sII", profile[entry : entry + 12])
+        if size < 4 or offset + size > declared:
+            return None
+        data = profile[offset : offset + size]
+        if data[:4] in _ICC_TEXT_TYPES:
+            kept.append((signature, _icc_text(data[:4])))
+        elif data[:4] in _ICC_COLOUR_TYPES:
+            kept.append((signature, data))
+    table_end = _ICC_HEADER + 4 + 12 * len(kept)
+    table, body, placed = b"", b"", {}
+    for signature, data in kept:
+        if data not in placed:  # tags that shared their data (rTRC, gTRC, bTRC) still do
+            placed[data] = table_end + len(body)
+            body += data + bytes(-len(data) % 4)
+        table += struct.pack(">4sII", signature, placed[data], len(data))
+    header = bytearray(profile[:_ICC_HEADER])
+    header[0:4] = struct.pack(">I", table_end + len(body))
+    header[24:36] = struct.pack(">6H", 2000, 1, 1, 0, 0, 0)
+    header[84:100] = bytes(16)
+    return bytes(header) + struct.pack(">I", len(kept)) + table + body
+
+
 __all__ = [
     "DUMMY_DATE",
     "DUMMY_TIME",
+    "NEUTRAL_ICC_TEXT",
     "SlideMetadata",
     "metadata_for",
+    "neutral_icc_profile",
     "replace",
     "safe_vendor_properties",
     "sidecar_path",

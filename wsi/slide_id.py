@@ -16,11 +16,13 @@ import hashlib
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import IO
 
 from fsspec import AbstractFileSystem
 from fsspec.implementations.local import LocalFileSystem
+
+from wsi.slidefiles import companion_folder
 
 _FULL_LIMIT = 64 * 1024 * 1024
 _EDGE = 1024 * 1024
@@ -29,8 +31,6 @@ _SAMPLE = 64 * 1024
 _READ = 8 * 1024 * 1024
 """Read size while hashing a small file whole: few requests on S3, little memory."""
 VERSION = b"wsistore-slide-id-1"
-MIRAX_SUFFIXES = frozenset({".mrxs", ".vms", ".vmu"})
-"""Slide files whose pixels live in a companion folder named like the file without its suffix."""
 
 
 @dataclass(frozen=True)
@@ -54,13 +54,6 @@ class SlideFile:
     def __post_init__(self) -> None:
         if self.size < 0:
             raise ValueError(f"negative size for {self.name}")
-
-
-def companion_folder(name: str) -> str | None:
-    """The companion folder's name for a slide file `name` (`slide.mrxs` -> `slide`), or None
-    for formats that keep everything in one file."""
-    pure = PurePosixPath(name)
-    return pure.stem if pure.suffix.lower() in MIRAX_SUFFIXES else None
 
 
 def hash_order(name: str) -> tuple[str, ...]:
@@ -113,13 +106,14 @@ def hash_slide_files(fs: AbstractFileSystem, files: Iterable[SlideFile]) -> str:
 
 
 def slide_files(path: Path) -> list[Path]:
-    """Every file that makes up the slide at `path` (a file, a folder, or MIRAX file + folder)."""
+    """Every file hashed into the id of the slide at `path`: a folder's files, or the slide file
+    and the files of its companion folder (`wsi.slidefiles.companion_folder`), if present."""
     if path.is_dir():
         return sorted(p for p in path.rglob("*") if p.is_file())
     files = [path]
-    companion = path.with_suffix("")
-    if path.suffix.lower() in MIRAX_SUFFIXES and companion.is_dir():
-        files += sorted(p for p in companion.rglob("*") if p.is_file())
+    folder = companion_folder(path.name)
+    if folder is not None and path.with_name(folder).is_dir():
+        files += sorted(p for p in path.with_name(folder).rglob("*") if p.is_file())
     return files
 
 

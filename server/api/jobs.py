@@ -2,13 +2,17 @@
 
 Only sources inside the configured watch or source folders, or under the configured
 `s3_sources` prefixes, are accepted: a request names a slide the service may read, never an
-arbitrary path on the machine or an arbitrary bucket.
+arbitrary path on the machine or an arbitrary bucket. A local source must be what the folder
+watcher itself would report there as one complete slide (`wsi.ingest.scan.slide_at`): never a
+watch folder, a folder of slides or one part of a slide, which a failed conversion would
+quarantine, or `after_success=delete` remove, whole.
 """
 
 from __future__ import annotations
 
 import asyncio
 from pathlib import Path
+from typing import Any
 
 from aiohttp import web
 
@@ -16,22 +20,45 @@ from server.keys import CATALOG, COPIES, JOBS, JOBS_WAKE, SETTINGS
 from server.openapi import ERROR, path_params
 from server.responses import dumps
 from wsi.errors import InvalidArgument, SlideNotFound
-from wsi.ingest.queue import JobState
-from wsi.ingest.staging import is_remote, parse_s3_url, remote_slide_id
-from wsi.slide_id import content_slide_id
+from wsi.ingest.privacy import job_view
+from wsi.ingest.queue import Job, JobState
+from wsi.ingest.scan import FolderUnavailable, SlideCandidate, slide_at
+from wsi.ingest.source_files import SourceChanged, submit_slide
+from wsi.ingest.staging import is_remote, parse_s3_url, remote_slide_id, strictly_below
+
+NOT_A_SLIDE = (
+    "source is not one slide: name a slide file (or the .mrxs/.vms of a multi-file slide, the "
+    "first instance of a loose DICOM series) or a DICOM series folder, in a watch or source "
+    "folder or one folder below it"
+)
 
 
-def allowed_source(request: web.Request, source: object) -> Path:
-    settings = request.app[SETTINGS]
+def allowed_source(roots: tuple[str, ...], source: object) -> SlideCandidate:
+    """The complete slide `source` names in one of the folders `roots`, as the folder watcher
+    would report it (blocking: it lists folders and reads a few header bytes)."""
     if not isinstance(source, str) or not source or "\x00" in source or len(source) > 4096:
         raise InvalidArgument("source must be a path")
     path = Path(source).resolve()
-    roots = [Path(r).resolve() for r in (*settings.watch, *settings.sources)]
-    if not any(path.is_relative_to(root) for root in roots):
+    folders = [Path(r).resolve() for r in roots]
+    inside = [f for f in folders if path.is_relative_to(f)]
+    if not inside:
         raise InvalidArgument("source must be inside a watch or source folder of this service")
+    if path in folders:
+        raise InvalidArgument("source is a watch or source folder itself: name one slide in it")
     if not path.exists():
         raise InvalidArgument("source does not exist")
-    return path
+    for folder in inside:
+        try:
+            candidate = slide_at(folder, path)
+        except FolderUnavailable as exc:
+            raise InvalidArgument("the folder holding source cannot be read") from exc
+        if candidate is not None:
+            break
+    else:
+        raise InvalidArgument(NOT_A_SLIDE)
+    if not candidate.complete:
+        raise InvalidArgument(f"source is not complete yet: {'; '.join(candidate.pending)}")
+    return candidate
 
 
 def allowed_s3_source(request: web.Request, url: str) -> str:
@@ -42,11 +69,15 @@ def allowed_s3_source(request: web.Request, url: str) -> str:
     if not prefixes:
         raise InvalidArgument("s3:// sources are not enabled on this service (WSI_S3_SOURCES)")
     for prefix in prefixes:
-        p_bucket, _, p_key = prefix[len("s3://") :].partition("/")
-        p_key = p_key.strip("/")
-        if bucket == p_bucket and (not p_key or key.startswith(p_key + "/")):
+        if strictly_below(bucket, key, prefix):
             return f"s3://{bucket}/{key}"
     raise InvalidArgument("source must be under an s3:// prefix this service converts from")
+
+
+def _shown(request: web.Request, job: Job) -> dict[str, Any]:
+    """The job as this service shows it: with `WSI_DEIDENTIFY`, no file name of its source
+    (`wsi.ingest.privacy.job_view`)."""
+    return job_view(job, request.app[SETTINGS].ingest.deidentify)
 
 
 def _queue(request: web.Request):  # type: ignore[no-untyped-def]
@@ -68,8 +99,9 @@ async def submit(request: web.Request) -> web.Response:
     if isinstance(source, str) and is_remote(source):
         url = allowed_s3_source(request, source)
         try:
+            settings = request.app[SETTINGS]
             slide_id = await asyncio.to_thread(
-                remote_slide_id, url, request.app[SETTINGS].s3_endpoint
+                remote_slide_id, url, settings.s3_endpoint, settings.ingest.staging_limits
             )
         except SlideNotFound as exc:
             raise InvalidArgument("source does not exist") from exc
@@ -78,19 +110,23 @@ async def submit(request: web.Request) -> web.Response:
             # Downloaded now: viewable from the copy while it waits, and converted from it.
             request.app[COPIES].ensure(slide_id, url)
         request.app[JOBS_WAKE].set()
-        return web.json_response(job.to_dict(), status=202, dumps=dumps)
-    path = allowed_source(request, source)
+        return web.json_response(_shown(request, job), status=202, dumps=dumps)
+    settings = request.app[SETTINGS]
+    candidate = await asyncio.to_thread(
+        allowed_source, (*settings.watch, *settings.sources), source
+    )
     try:
-        slide_id = await asyncio.to_thread(content_slide_id, path)
+        job = await asyncio.to_thread(submit_slide, queue, candidate)
+    except SourceChanged as exc:
+        raise InvalidArgument("source is still changing: submit it once it is complete") from exc
     except OSError as exc:
         raise InvalidArgument(f"cannot read source: {exc.strerror}") from exc
-    job = await asyncio.to_thread(queue.submit, str(path), slide_id)
     sources = request.app[CATALOG].sources
-    if sources is not None and job.state.value in ("queued", "running"):
-        # Viewable from its file while it converts (the caller vouches the file is complete).
-        sources.register(slide_id, path)
+    if sources is not None and job.slide_id is not None and not job.state.terminal:
+        # Viewable from its file while it converts (every part of it is there).
+        sources.register(job.slide_id, candidate.path)
     request.app[JOBS_WAKE].set()
-    return web.json_response(job.to_dict(), status=202, dumps=dumps)
+    return web.json_response(_shown(request, job), status=202, dumps=dumps)
 
 
 async def list_jobs(request: web.Request) -> web.Response:
@@ -105,17 +141,17 @@ async def list_jobs(request: web.Request) -> web.Response:
     if not (1 <= limit <= 1000 and offset >= 0):
         raise InvalidArgument("limit must be 1-1000 and offset >= 0")
     jobs = await asyncio.to_thread(queue.list, state, limit, offset)
-    return web.json_response({"jobs": [j.to_dict() for j in jobs]}, dumps=dumps)
+    return web.json_response({"jobs": [_shown(request, j) for j in jobs]}, dumps=dumps)
 
 
 async def get_job(request: web.Request) -> web.Response:
     job = await asyncio.to_thread(_queue(request).get, request.match_info["job_id"])
-    return web.json_response(job.to_dict(), dumps=dumps)
+    return web.json_response(_shown(request, job), dumps=dumps)
 
 
 async def cancel_job(request: web.Request) -> web.Response:
     job = await asyncio.to_thread(_queue(request).cancel, request.match_info["job_id"])
-    return web.json_response(job.to_dict(), dumps=dumps)
+    return web.json_response(_shown(request, job), dumps=dumps)
 
 
 def register(app: web.Application) -> None:
@@ -128,8 +164,9 @@ def register(app: web.Application) -> None:
 OPENAPI = {
     "/jobs": {
         "post": {
-            "summary": "Convert a slide: a path inside a watch/source folder, or an s3:// URL "
-            "under an allowed prefix (WSI_S3_SOURCES)",
+            "summary": "Convert a slide: a complete slide inside a watch/source folder (never "
+            "the folder itself or a folder of slides), or an s3:// URL under an allowed prefix "
+            "(WSI_S3_SOURCES)",
             "requestBody": {
                 "content": {
                     "application/json": {

@@ -7,7 +7,6 @@ public names.
 
 from __future__ import annotations
 
-import configparser
 import logging
 import os
 import stat
@@ -18,6 +17,25 @@ from pathlib import Path
 from typing import Literal, TypeVar, cast
 
 from wsi.errors import WsiError
+from wsi.ingest.supervise import describe
+from wsi.slidefiles import (
+    DICOM_SUFFIXES,
+    MIRAX_INDEX,
+    MIRAX_SUFFIX,
+    NON_SLIDE_SUFFIXES,
+    SIDECAR_SUFFIXES,
+    SINGLE_FILE_SUFFIXES,
+    VMS_SUFFIXES,
+    companion_folder,
+    group_by_series,
+    is_hidden,
+    is_partial,
+    is_temporary,
+    mrxs_required_files,
+    readable_series_uid,
+    sidecar_names,
+    vms_required_files,
+)
 from wsi.sources import BACKENDS
 from wsi.sources.base import SlideSource
 from wsi.sources.dicom_backend import DicomSource
@@ -30,57 +48,12 @@ Layout = Literal["file", "mrxs", "vms", "dicom-folder", "dicom-series"]
 + the files it lists; a folder holding one DICOM series; DICOM instances loose in a folder that
 holds other things too (grouped by SeriesInstanceUID, entry point the first instance)."""
 
-TEMPORARY_SUFFIXES = frozenset(
-    {".part", ".partial", ".filepart", ".tmp", ".temp", ".crdownload", ".download", ".swp"}
-)
-"""Names browsers, WinSCP, curl, editors and copy scripts give a file until it is complete."""
-
-SINGLE_FILE_SUFFIXES = frozenset(
-    {".svs", ".tif", ".tiff", ".ndpi", ".scn", ".bif", ".svslide", ".qptiff"}
-)
-"""A file with one of these names is a slide candidate without probing: a broken one still becomes
-a job, so that it fails with a readable error instead of vanishing silently."""
-
-DICOM_SUFFIXES = frozenset({".dcm", ".dicom"})
-
-SIDECAR_SUFFIXES = frozenset(
-    {".json", ".txt", ".xml", ".csv", ".md", ".log", ".ini", ".yaml", ".yml", ".pdf"}
-)
-"""Files that may sit in a DICOM series folder without having to be DICOM themselves."""
-
-NON_SLIDE_SUFFIXES = SIDECAR_SUFFIXES | frozenset(
-    {".html", ".htm", ".dat", ".jpg", ".jpeg", ".png", ".bmp", ".gif", ".opt", ".zip"}
-    # Databases and their journals: opening and closing one in this process would drop
-    # SQLite's locks on it if it is ours.
-    | {".sqlite", ".sqlite3", ".db", ".sqlite-wal", ".sqlite-shm", ".sqlite-journal"}
-    | {".db-wal", ".db-shm", ".db-journal"}
-)
-"""Never probed: sidecars, and the parts of multi-file slides (those are claimed by their slide)."""
-
-_INI_LIMIT = 1 << 20
-"""Slidedat.ini and .vms files are small; OpenSlide refuses larger ones too."""
-
 _MAX_COMPANION_DEPTH = 3
 """MIRAX folders are flat; the bound only keeps a strange tree from costing a long walk."""
 
 
 class FolderUnavailable(WsiError, OSError):
     """A watched folder cannot be listed (missing, unmounted share, permission denied)."""
-
-
-def is_hidden(name: str) -> bool:
-    """Dotfiles (rsync's `.name.XXXXXX`, `.DS_Store`, AppleDouble) and `~$` lock files."""
-    return name.startswith((".", "~"))
-
-
-def is_partial(name: str) -> bool:
-    """A name that says "still being written": `*.part`, `*.tmp`, `*.crdownload`, `name~`, ..."""
-    return name.endswith("~") or Path(name).suffix.lower() in TEMPORARY_SUFFIXES
-
-
-def is_temporary(name: str) -> bool:
-    """Never a slide or a part of one: hidden or partial names."""
-    return is_hidden(name) or is_partial(name)
 
 
 @dataclass(frozen=True)
@@ -169,7 +142,7 @@ def _list(directory: Path, root_real: str, *, strict: bool = False) -> list[_Ent
     except OSError as exc:
         if strict:
             raise
-        log.debug("cannot list %s: %s", directory, exc)
+        log.debug("cannot list a folder: %s", describe(exc))  # names may be patient data
         return None
     entries = (_entry(d, root_real) for d in dirents)
     return sorted((e for e in entries if e is not None), key=lambda e: e.name)
@@ -212,11 +185,9 @@ def _contents(directory: Path, root_real: str, depth: int = _MAX_COMPANION_DEPTH
 
 
 def _sidecar(name: str, files: dict[str, _Entry]) -> _Entry | None:
-    """`<slide>.json`, else `<stem>.json`: the lookup order of `wsi.metadata.sidecar_path`."""
-    for candidate in (name + ".json", Path(name).stem + ".json"):
-        if candidate != name and candidate in files:
-            return files[candidate]
-    return None
+    """The slide's metadata sidecar among `files`, found as `wsi.slidefiles.sidecar_path` finds
+    it."""
+    return next((files[n] for n in sidecar_names(name) if n in files), None)
 
 
 def _candidate(
@@ -243,81 +214,11 @@ def _candidate(
     )
 
 
-def _read_ini(path: Path) -> configparser.ConfigParser | None:
-    """The INI file at `path`, or None while it cannot be parsed (half-written, or not INI)."""
-    try:
-        with path.open("rb") as f:
-            data = f.read(_INI_LIMIT + 1)
-    except OSError:
-        return None
-    if len(data) > _INI_LIMIT:
-        return None
-    parser = configparser.ConfigParser(interpolation=None, strict=False, delimiters=("=",))
-    try:
-        parser.read_string(data.decode("utf-8-sig", errors="replace"))
-    except configparser.Error:
-        return None
-    return parser
-
-
-def mrxs_required_files(slidedat: Path) -> list[str] | None:
-    """The files a MIRAX Slidedat.ini lists (the index file and every data file), relative to its
-    folder; None while the ini is not complete enough to say."""
-    ini = _read_ini(slidedat)
-    if ini is None or not ini.has_section("DATAFILE"):
-        return None
-    section = ini["DATAFILE"]
-    try:
-        count = int(section.get("file_count", ""))
-    except ValueError:
-        return None
-    names = [section.get(f"file_{i}", "").strip() for i in range(count)]
-    if count < 1 or not all(names):
-        return None
-    index = ini.get("HIERARCHICAL", "indexfile", fallback="").strip()
-    return ([index] if index else []) + names
-
-
-_VMS_GROUPS = ("Virtual Microscope Specimen", "Uncompressed Virtual Microscope Specimen")
-_VMS_FILE_KEYS = ("imagefile", "mapfile", "optimisationfile", "macroimage")
-
-
-def vms_required_files(vms: Path) -> list[str] | None:
-    """The files a Hamamatsu .vms/.vmu lists (ImageFile, ImageFile(x,y), MapFile,
-    OptimisationFile, MacroImage), relative to its folder; None while it cannot be parsed or lists
-    no image file."""
-    ini = _read_ini(vms)
-    group = next((g for g in _VMS_GROUPS if ini is not None and ini.has_section(g)), None)
-    if ini is None or group is None:
-        return None
-    section = ini[group]
-    names = {
-        key: value.strip()
-        for key, value in section.items()
-        if key.startswith(_VMS_FILE_KEYS) and value.strip()
-    }
-    if not any(key.startswith("imagefile") for key in names):
-        return None
-    return sorted(set(names.values()))
-
-
 def _series_uid(path: Path) -> str | None:
     """SeriesInstanceUID of a DICOM file; None while its header cannot be read."""
-    import pydicom  # ~0.3 s to import: only paid when a folder holds loose DICOM files
-
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # half-written headers make pydicom warn
-            ds = pydicom.dcmread(
-                path,
-                stop_before_pixels=True,
-                defer_size=1024,
-                specific_tags=["SeriesInstanceUID"],
-            )
-    except Exception:  # pydicom raises many kinds on a truncated or foreign file
-        return None
-    uid = ds.get("SeriesInstanceUID")
-    return str(uid) if uid else None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # half-written headers make pydicom warn
+        return readable_series_uid(path)
 
 
 ProbeCache = dict[tuple[str, Path, int, int], object]
@@ -338,6 +239,8 @@ class _Scan:
             raise FolderUnavailable(f"watched folder unavailable: {root}: {exc}") from exc
         self.probes: tuple[type[SlideSource], ...] = tuple(b for b in BACKENDS if b.is_available())
         self.out: list[SlideCandidate] = []
+        self.only: Path | None = None
+        """Look for the slide at this path only (`slide_at`); None: every slide."""
 
     def probe(self, what: str, e: _Entry, compute: Callable[[Path], T]) -> T:
         """`compute(e.path)`, reused from the previous scan while the file's size and mtime stay."""
@@ -354,16 +257,16 @@ class _Scan:
             entries = _list(self.root, self.root_real, strict=True)
         except OSError as exc:
             raise FolderUnavailable(f"watched folder unavailable: {self.root}: {exc}") from exc
-        self.folder(entries or [], depth=0)
+        self.folder(self.root, entries or [], depth=0)
         return sorted(self.out, key=lambda c: c.path)
 
     def kind(self, e: _Entry) -> Literal["file", "dicom", "mrxs", "vms"] | None:
         """What a (non-temporary) file is, by name where that says it and by cheap backend
         probes (a few header bytes) for names that say nothing, such as DICOM UIDs."""
         suffix = e.suffix
-        if suffix == ".mrxs":
+        if suffix == MIRAX_SUFFIX:
             return "mrxs"
-        if suffix in {".vms", ".vmu"}:
+        if suffix in VMS_SUFFIXES:
             return "vms"
         if suffix in DICOM_SUFFIXES:
             return "dicom"
@@ -379,18 +282,49 @@ class _Scan:
                 return "dicom" if backend is DicomSource else "file"
         return None
 
-    def folder(self, entries: list[_Entry], depth: int) -> None:
+    def wanted(self, directory: Path) -> bool:
+        """Whether the slides directly in `directory` are looked for (every one, unless the scan
+        looks for one slide only)."""
+        return self.only is None or self.only.parent == directory
+
+    def folder(self, directory: Path, entries: list[_Entry], depth: int) -> None:
+        """The slides among `entries` (the listing of `directory`, `depth` folders below the
+        watched one) and, at depth 0, those in its subfolders."""
         files = {e.name: e for e in entries if not e.is_dir and not is_temporary(e.name)}
         dirs = {e.name: e for e in entries if e.is_dir and not is_temporary(e.name)}
+        if self.wanted(directory) and (self.only is None or self.only.name in files):
+            self.slides(files, dirs)
+        if depth > 0:
+            return
+        companions = {
+            companion_folder(n) or n for n, e in files.items() if e.suffix == MIRAX_SUFFIX
+        }
+        for name, d in dirs.items():
+            if name in companions:
+                continue
+            if self.only is not None and self.only not in (d.path, d.path / self.only.name):
+                continue  # not on the way to the one slide looked for
+            sub = _list(d.path, self.root_real)
+            if sub is None:
+                continue
+            sub_files = [e for e in sub if not e.is_dir and not is_temporary(e.name)]
+            if any(self.kind(e) == "dicom" for e in sub_files):
+                if self.wanted(directory):
+                    self.dicom_folder(d, sub, files)
+            elif any(e.name == MIRAX_INDEX for e in sub_files):
+                continue  # a MIRAX folder whose .mrxs has not arrived yet
+            else:
+                self.folder(d.path, sub, depth + 1)
+
+    def slides(self, files: dict[str, _Entry], dirs: dict[str, _Entry]) -> None:
+        """The slides whose entry point is one of `files` (a folder's files by name; `dirs`, its
+        subfolders, hold MIRAX companion folders)."""
         kinds = {name: self.kind(e) for name, e in files.items()}
         claimed: set[str] = set()
-        companions: set[str] = set()
         loose_dicom: list[_Entry] = []
         for name, e in files.items():
             if kinds[name] == "mrxs":
-                stem = Path(name).stem
-                companions.add(stem)
-                self.mrxs(e, dirs.get(stem), files)
+                self.mrxs(e, dirs.get(companion_folder(name) or name), files)
             elif kinds[name] == "vms":
                 claimed |= self.vms(e, files)
         for name, e in files.items():
@@ -403,24 +337,9 @@ class _Scan:
                 loose_dicom.append(e)
         if loose_dicom:
             self.dicom_series(loose_dicom, files)
-        if depth > 0:
-            return
-        for name, d in dirs.items():
-            if name in companions:
-                continue
-            sub = _list(d.path, self.root_real)
-            if sub is None:
-                continue
-            sub_files = [e for e in sub if not e.is_dir and not is_temporary(e.name)]
-            if any(self.kind(e) == "dicom" for e in sub_files):
-                self.dicom_folder(d, sub, files)
-            elif any(e.name == "Slidedat.ini" for e in sub_files):
-                continue  # a MIRAX folder whose .mrxs has not arrived yet
-            else:
-                self.folder(sub, depth + 1)
 
     def mrxs(self, mrxs: _Entry, companion: _Entry | None, files: dict[str, _Entry]) -> None:
-        stem = mrxs.path.stem
+        stem = companion_folder(mrxs.name) or mrxs.name
         parts = [mrxs]
         sidecar = _sidecar(mrxs.name, files)
         if sidecar:
@@ -433,12 +352,12 @@ class _Scan:
         if not contents.readable:
             pending.append(f"{stem}/ cannot be read completely")
         present = {e.path.relative_to(companion.path).as_posix(): e for e in contents.parts}
-        if "Slidedat.ini" not in present:
-            pending.append(f"{stem}/Slidedat.ini is missing")
+        if MIRAX_INDEX not in present:
+            pending.append(f"{stem}/{MIRAX_INDEX} is missing")
         else:
-            required = self.probe("mrxs", present["Slidedat.ini"], mrxs_required_files)
+            required = self.probe("mrxs", present[MIRAX_INDEX], mrxs_required_files)
             if required is None:
-                pending.append(f"{stem}/Slidedat.ini is incomplete")
+                pending.append(f"{stem}/{MIRAX_INDEX} is incomplete")
             else:
                 pending += [f"{stem}/{r} is missing" for r in required if r not in present]
         self.out.append(
@@ -494,22 +413,16 @@ class _Scan:
     def dicom_series(self, instances: list[_Entry], files: dict[str, _Entry]) -> None:
         """DICOM files loose in a folder with other things: one candidate per series (DicomSource
         opens the series' other instances along with the one it is given)."""
-        series: dict[str, list[_Entry]] = {}
-        for e in instances:
-            uid = self.probe("series", e, _series_uid) if self.is_dicom(e) else None
-            if uid is None:
-                self.out.append(
-                    _candidate(
-                        "dicom-series",
-                        e.path,
-                        [e],
-                        pending=[f"{e.name}: DICOM header not readable (yet)"],
-                    )
-                )
-            else:
-                series.setdefault(uid, []).append(e)
-        for members in series.values():
-            entry = min(members, key=lambda e: e.name)
+        groups, unreadable = group_by_series(
+            instances,
+            lambda e: self.probe("series", e, _series_uid) if self.is_dicom(e) else None,
+            lambda e: e.name,
+        )
+        for e in unreadable:
+            pending = [f"{e.name}: DICOM header not readable (yet)"]
+            self.out.append(_candidate("dicom-series", e.path, [e], pending=pending))
+        for members in groups:
+            entry = members[0]
             sidecar = _sidecar(entry.name, files)
             parts = [*members, *([sidecar] if sidecar else [])]
             self.out.append(_candidate("dicom-series", entry.path, parts))
@@ -530,6 +443,22 @@ def find_candidates(folder: str | os.PathLike[str]) -> list[SlideCandidate]:
     vanishes or cannot be read mid-scan is skipped.
     """
     return _Scan(Path(folder)).run()
+
+
+def slide_at(folder: str | os.PathLike[str], path: str | os.PathLike[str]) -> SlideCandidate | None:
+    """The slide whose entry point is `path`, complete or not, exactly as `find_candidates(folder)`
+    reports it; None when that scan reports no slide there: `folder` itself, a folder of slides,
+    one part of a multi-file slide, anything deeper than a scan looks. Both paths are taken as
+    given (resolve both, or neither). Only the folders on the way to `path` are listed.
+
+    Raises FolderUnavailable when `folder` itself cannot be listed.
+    """
+    target = Path(path)
+    scan = _Scan(Path(folder))
+    if target.parent != scan.root and target.parent.parent != scan.root:
+        return None  # a scan looks at the folder and one level below it, no deeper
+    scan.only = target
+    return next((c for c in scan.run() if c.path == target), None)
 
 
 def _find_candidates_cached(

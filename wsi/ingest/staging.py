@@ -7,30 +7,53 @@ hash as `content_slide_id`, through ranged reads), so a slide that is already pu
 skipped before any byte of it is copied.
 
 Layout rules are those of `wsi.slide_id.slide_files`: a URL ending in `/` is a folder slide
-(a DICOM series: every object under the prefix); a `.mrxs`/`.vms`/`.vmu` object also takes every
-object under its companion prefix (the key without suffix + `/`); anything else is one object.
+(a DICOM series: every object under the prefix); an object with a companion folder
+(`wsi.slidefiles.companion_folder`: `.mrxs`, `.vms`, `.vmu`) also takes every object under that
+prefix (the key without suffix + `/`); anything else is one object. The metadata sidecar is looked
+up under `wsi.slidefiles.sidecar_names`.
 
 URLs come from HTTP requests, so they are checked strictly before anything is read, and so is
 every listed object name before it becomes a local path. Errors never quote object content.
+
+A source is bounded before any byte is copied (`StagingLimits`): its objects are listed at most
+one past the object cap, and its bytes are summed against the byte cap, so a URL that names a
+whole bucket prefix is refused instead of downloaded. The spool is bounded too: a copy reserves
+its full size in the spool (`reserve_room`, under a lock shared by every process using the
+spool) before it downloads, and is refused with `SpoolFull` (transient: the copy is made later)
+when the spool would exceed its quota. Everything written here is private to the service's
+user and group (`wsi.store.objects.FILE_MODE`, `DIR_MODE`), whatever the umask: staged slides
+are patient data.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import re
 import shutil
 import tempfile
+import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from datetime import datetime
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any
 
 import fsspec
+import fsspec.asyn
 
 from wsi.errors import InvalidArgument, SlideNotFound, StoreError, WsiError
-from wsi.slide_id import SlideFile, companion_folder, hash_order, hash_slide_files
-from wsi.store.objects import STORE_FAILURES, StoreSettings, _s3_options
+from wsi.slide_id import SlideFile, hash_order, hash_slide_files
+from wsi.slidefiles import companion_folder, sidecar_names
+from wsi.store.objects import (
+    DIR_MODE,
+    FILE_MODE,
+    STORE_FAILURES,
+    StoreSettings,
+    _s3_options,
+    make_dirs,
+)
 
 STAGE_SHARE = 0.15
 """Of a conversion whose source is downloaded first, the share of its progress the download
@@ -49,6 +72,49 @@ _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
 Progress = Callable[[int, int], None]
 """Called with (bytes done, bytes in all) while a slide is staged."""
+
+_GiB = 1 << 30
+MAX_SOURCE_OBJECTS = 10_000
+"""Objects one staged source may have. A DICOM series has one object per level and associated
+image (tens), a MIRAX folder its index and data files (tens to hundreds); a URL with more names
+a bucket prefix, not a slide."""
+MAX_SOURCE_BYTES = 50 * _GiB
+"""Bytes one staged source may have. The converter accepts base levels up to 10^11 pixels
+(`ConvertSettings.max_pixels`); scanners store their JPEG or JPEG 2000 pyramids in 0.1-0.3 bytes
+per base pixel, so the largest slide it converts takes 10-30 GB: 50 GiB leaves room for a
+lightly compressed one."""
+SPOOL_QUOTA_BYTES = 2 * MAX_SOURCE_BYTES
+"""Bytes the spool may hold at once: one largest source being converted while the next one is
+already copied."""
+ROOM_POLL_SECONDS = 2.0
+"""How often a copy that waits for room in the spool looks again (and a waiting conversion
+shows its supervisor it is alive: well inside any stall timeout)."""
+
+
+class SpoolFull(StoreError):
+    """The spool has no room for this copy now (its quota is taken by other copies). Transient:
+    the copy is made once conversions that hold room end."""
+
+
+@dataclass(frozen=True)
+class StagingLimits:
+    """How much one staged source, and the spool as a whole, may take (see the module doc)."""
+
+    max_objects: int = MAX_SOURCE_OBJECTS
+    """Objects of one source (a folder or companion-folder slide)."""
+    max_bytes: int = MAX_SOURCE_BYTES
+    """Bytes of one source, its sidecar included."""
+    spool_quota: int = SPOOL_QUOTA_BYTES
+    """Bytes of every copy in the spool together, reserved in full when a copy starts."""
+
+    def __post_init__(self) -> None:
+        for name in ("max_objects", "max_bytes", "spool_quota"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise InvalidArgument(f"{name} must be a positive integer")
+        if self.max_bytes > self.spool_quota:
+            # A source that fits no spool would wait for room for ever.
+            raise InvalidArgument("the largest source must fit the spool quota")
 
 
 def is_remote(source: str) -> bool:
@@ -113,6 +179,17 @@ def parse_s3_url(url: str) -> tuple[str, str]:
     return bucket, key
 
 
+def strictly_below(bucket: str, key: str, prefix: str) -> bool:
+    """Whether the object `key` of `bucket` (as `parse_s3_url` gives them) lies strictly below
+    the `s3://bucket[/prefix]` URL `prefix`. The prefix itself (with or without its slash) is
+    never accepted: as a folder slide it would be every object under it."""
+    p_bucket, _, p_key = prefix[len(_SCHEME) :].partition("/")
+    p_key = p_key.strip("/")
+    if bucket != p_bucket or (p_key and not key.startswith(p_key + "/")):
+        return False
+    return key[len(p_key) :].strip("/") != ""
+
+
 def _filesystem(endpoint_url: str | None) -> Any:
     # The store's options: endpoint, no listing cache, bounded timeouts, AWS_* credentials.
     return fsspec.filesystem("s3", **_s3_options(StoreSettings(_SCHEME, endpoint_url=endpoint_url)))
@@ -138,14 +215,34 @@ def _mtime(info: dict[str, Any]) -> float | None:
     return float(stamp.timestamp()) if isinstance(stamp, datetime) else None
 
 
-def _list_under(fs: Any, bucket: str, prefix: str, name_prefix: str) -> list[SlideFile]:
-    """Every object under `prefix` (ending in `/`), named `name_prefix` + its path below it."""
+def _list_objects(fs: Any, bucket: str, prefix: str, limit: int) -> list[dict[str, Any]]:
+    """Up to `limit` + 1 objects whose keys start with `prefix` (one past the cap tells that
+    there are too many, without listing a million keys first)."""
+
+    async def collect() -> list[dict[str, Any]]:
+        found: list[dict[str, Any]] = []
+        async for info in fs._iterdir(bucket, max_items=limit + 1, delimiter="", prefix=prefix):
+            found.append(info)
+        return found
+
+    return list(fsspec.asyn.sync(fs.loop, collect))
+
+
+def _list_under(
+    fs: Any, bucket: str, prefix: str, name_prefix: str, limits: StagingLimits
+) -> list[SlideFile]:
+    """Every object under `prefix` (ending in `/`), named `name_prefix` + its path below it;
+    InvalidArgument past `limits.max_objects`."""
     root = f"{bucket}/{prefix}"
-    found: dict[str, dict[str, Any]] = fs.find(root, detail=True)
+    found = _list_objects(fs, bucket, prefix, limits.max_objects)
+    if len(found) > limits.max_objects:
+        raise InvalidArgument(
+            f"{_show('s3://' + root)} holds over {limits.max_objects} objects: not one slide"
+        )
     files = []
-    for path, info in found.items():
-        # find() also returns the object `prefix` without its slash, if one exists, and
-        # zero-byte folder markers (`.../`): neither is part of the folder.
+    for info in found:
+        path = str(info.get("name", ""))
+        # Zero-byte folder markers (`.../`) are not part of the folder.
         if info.get("type") != "file" or not path.startswith(root) or path.endswith("/"):
             continue
         rel = path[len(root) :]
@@ -166,11 +263,12 @@ def _check_layout(files: list[SlideFile]) -> None:
                 raise InvalidArgument(f"object {_show(name)} lies below another object")
 
 
-def _remote_slide_files(fs: Any, bucket: str, key: str) -> list[SlideFile]:
-    """The slide's objects, named and ordered as `local_slide_files` names its staged copy."""
+def _remote_slide_files(fs: Any, bucket: str, key: str, limits: StagingLimits) -> list[SlideFile]:
+    """The slide's objects, named and ordered as `local_slide_files` names its staged copy;
+    InvalidArgument when they are more or larger than `limits` allow."""
     url = f"s3://{bucket}/{key}"
     if key.endswith("/"):
-        files = _list_under(fs, bucket, key, "")
+        files = _list_under(fs, bucket, key, "", limits)
         if not files:
             raise SlideNotFound(f"no such object {url} (no objects under this prefix)")
     else:
@@ -190,29 +288,40 @@ def _remote_slide_files(fs: Any, bucket: str, key: str) -> list[SlideFile]:
         companion = companion_folder(name)
         if companion:
             prefix = f"{parent}/{companion}/" if parent else f"{companion}/"
-            files += _list_under(fs, bucket, prefix, f"{companion}/")
+            files += _list_under(fs, bucket, prefix, f"{companion}/", limits)
+            if len(files) > limits.max_objects:
+                raise InvalidArgument(f"{_show(url)} has over {limits.max_objects} objects")
+    _check_size(url, sum(f.size for f in files), limits)
     _check_layout(files)
     return files
 
 
-def remote_slide_id(url: str, endpoint_url: str | None = None) -> str:
+def _check_size(url: str, total: int, limits: StagingLimits) -> None:
+    if total > limits.max_bytes:
+        raise InvalidArgument(
+            f"{_show(url)} holds {total} bytes, over the {limits.max_bytes}-byte limit of one "
+            "source (WSI_MAX_SOURCE_BYTES)"
+        )
+
+
+def remote_slide_id(
+    url: str, endpoint_url: str | None = None, limits: StagingLimits | None = None
+) -> str:
     """The id `content_slide_id` gives the staged copy of the slide at `url`, from ranged reads:
-    a 20 GB object costs a few MiB of traffic, not a download."""
+    a 20 GB object costs a few MiB of traffic, not a download. InvalidArgument when the source
+    is over `limits` (default `StagingLimits()`): it would never be staged."""
     bucket, key = parse_s3_url(url)
     with _s3_errors(url):
         fs = _filesystem(endpoint_url)
-        return hash_slide_files(fs, _remote_slide_files(fs, bucket, key))
+        return hash_slide_files(fs, _remote_slide_files(fs, bucket, key, limits or StagingLimits()))
 
 
 def _sidecar(fs: Any, bucket: str, key: str) -> SlideFile | None:
-    """The metadata JSON beside the slide, under the names `wsi.metadata.sidecar_path` tries
-    (`<slide>.json`, then `<stem>.json`), named as it must lie beside the staged slide."""
+    """The metadata JSON beside the slide, under the names `wsi.slidefiles.sidecar_path` tries,
+    named as it must lie beside the staged slide."""
     slide_key = key.rstrip("/")
     parent, _, name = slide_key.rpartition("/")
-    candidates = [name + ".json", PurePosixPath(name).with_suffix(".json").name]
-    for candidate in dict.fromkeys(candidates):
-        if candidate == name:
-            continue
+    for candidate in sidecar_names(name):
         path = f"{bucket}/{parent}/{candidate}" if parent else f"{bucket}/{candidate}"
         with _s3_errors(f"s3://{path}"):
             try:
@@ -230,8 +339,8 @@ def _download(
     """Stream one object to `dest`, `chunk` bytes at a time."""
     url = f"s3://{file.path}"
     try:
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        out = dest.open("xb")
+        make_dirs(str(dest.parent))
+        out = os.fdopen(os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE), "wb")
     except OSError as exc:
         raise StoreError(f"cannot write the staged copy of {url} ({dest}): {exc}") from exc
     done = 0
@@ -264,6 +373,10 @@ def stage_into(
     progress: Progress | None = None,
     *,
     chunk_bytes: int = CHUNK_BYTES,
+    limits: StagingLimits | None = None,
+    spool: Path | None = None,
+    headroom: int = 0,
+    waiting: Callable[[], None] | None = None,
 ) -> Path:
     """Download the slide at `url` (and its sidecar JSON, if any) into the existing empty folder
     `dest`, laid out under the objects' own names; returns the local slide path (a file, or a
@@ -272,22 +385,39 @@ def stage_into(
     `content_slide_id` of the copy equals `remote_slide_id(url)`, the metadata sidecar is found as
     beside a scanner's output, and each file keeps its object's modification time (DICOM dates
     fall back to it). Memory stays at `chunk_bytes` per download whatever the slide's size.
+
+    Before the first byte, the source is checked against `limits` (InvalidArgument: it can never
+    be staged) and its size reserved in `spool` (the folder whose total the quota caps; default
+    `dest`'s parent), leaving `headroom` bytes of the quota free. When there is no room:
+    SpoolFull, or, with `waiting`, call it and look again every `ROOM_POLL_SECONDS` (the copies
+    that hold the room belong to running conversions, which end).
     """
     bucket, key = parse_s3_url(url)
+    limits = limits or StagingLimits()
     if chunk_bytes <= 0:
         raise InvalidArgument(f"chunk_bytes must be positive, not {chunk_bytes}")
     with _s3_errors(url):
         fs = _filesystem(endpoint_url)
-        files = _remote_slide_files(fs, bucket, key)
+        files = _remote_slide_files(fs, bucket, key, limits)
     sidecar = _sidecar(fs, bucket, key)
     total = sum(f.size for f in files) + (sidecar.size if sidecar else 0)
+    _check_size(url, total, limits)
     root = dest.resolve()
+    while True:
+        try:
+            reserve_room(spool or root.parent, root, total, limits.spool_quota - headroom)
+            break
+        except SpoolFull:
+            if waiting is None:
+                raise
+            waiting()
+            time.sleep(ROOM_POLL_SECONDS)
     name = key.rstrip("/").rpartition("/")[2]
     slide = root / name
     base = slide if key.endswith("/") else root
     try:
         if key.endswith("/"):
-            slide.mkdir()
+            slide.mkdir(DIR_MODE)
     except OSError as exc:
         raise StoreError(f"cannot write the staged copy of {url} ({dest}): {exc}") from exc
     done = 0
@@ -319,22 +449,103 @@ def staged(
     progress: Progress | None = None,
     *,
     chunk_bytes: int = CHUNK_BYTES,
+    limits: StagingLimits | None = None,
+    waiting: Callable[[], None] | None = None,
 ) -> Iterator[Path]:
     """A local copy of the slide at `url` (see `stage_into`) for as long as the `with` block
-    runs, in a fresh folder inside `spool_dir` (default: the system temp folder); yields the local
-    slide path. The folder is removed afterwards, also on error.
+    runs, in a fresh folder inside `spool_dir` (default: the system temp folder), whose quota it
+    shares; yields the local slide path. The folder is removed afterwards, also on error.
     """
     parse_s3_url(url)  # a bad URL fails before anything is created
+    spool = Path(spool_dir if spool_dir is not None else tempfile.gettempdir())
     try:
-        spool = Path(spool_dir if spool_dir is not None else tempfile.gettempdir())
-        spool.mkdir(parents=True, exist_ok=True)
+        make_dirs(str(spool))
         root = Path(tempfile.mkdtemp(prefix=f"{_TEMP_PREFIX}{os.getpid()}-", dir=spool)).resolve()
     except OSError as exc:
         raise StoreError(f"cannot create a spool folder in {spool}: {exc}") from exc
     try:
-        yield stage_into(url, root, endpoint_url, progress, chunk_bytes=chunk_bytes)
+        yield stage_into(
+            url,
+            root,
+            endpoint_url,
+            progress,
+            chunk_bytes=chunk_bytes,
+            limits=limits,
+            spool=spool,
+            waiting=waiting,
+        )
     finally:
         shutil.rmtree(root, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# The spool's quota
+
+RESERVED = ".reserved-bytes"
+"""In a folder that is being (or was) filled with a copy: the bytes it reserved."""
+
+
+@contextlib.contextmanager
+def _spool_lock(spool: Path) -> Iterator[None]:
+    """Held while one process checks and reserves room: two copies never both take the last
+    room. An advisory lock on the spool folder itself, which every process using the spool
+    shares, and which leaves no file behind."""
+    try:
+        fd = os.open(spool, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError as exc:
+        raise StoreError(f"cannot lock the spool {spool}: {exc}") from exc
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing the descriptor releases the lock
+
+
+def spool_usage(spool: Path) -> int:
+    """Bytes the spool's files take, counting a folder with a reservation (`RESERVED`) as at
+    least its reserved size: a copy that is still downloading holds the room it will fill."""
+    return _usage(spool)
+
+
+def _usage(folder: Path) -> int:
+    total = 0
+    reserved = 0
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return 0
+    for entry in entries:
+        try:
+            if entry.is_dir(follow_symlinks=False):
+                total += _usage(Path(entry.path))
+            elif entry.name == RESERVED:
+                with open(entry.path) as f:
+                    reserved = int(f.read().strip() or 0)
+            elif entry.is_file(follow_symlinks=False):
+                total += entry.stat(follow_symlinks=False).st_size
+        except (OSError, ValueError):
+            continue  # gone meanwhile, or a reservation being written
+    return max(total, reserved)
+
+
+def reserve_room(spool: Path, folder: Path, nbytes: int, limit: int) -> None:
+    """Reserve `nbytes` in `spool` for the copy that `folder` (inside it, existing) will hold, or
+    SpoolFull when the spool's usage would then exceed `limit` bytes. Copies left by dead
+    processes are swept first: they hold no room."""
+    make_dirs(str(spool))
+    with _spool_lock(spool):
+        sweep_orphans(spool)
+        used = spool_usage(spool)
+        if used + nbytes > limit:
+            raise SpoolFull(
+                f"the spool has no room for {nbytes} more bytes now ({used} of {limit} in use)"
+            )
+        try:
+            fd = os.open(folder / RESERVED, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, FILE_MODE)
+            with os.fdopen(fd, "w") as f:
+                f.write(f"{nbytes}\n")
+        except OSError as exc:
+            raise StoreError(f"cannot reserve room in the spool {spool}: {exc}") from exc
 
 
 _TEMP_PREFIX = "wsi-staged-"

@@ -15,7 +15,8 @@ Three layers, each usable on its own:
 * `FolderWatcher`: the async loop. watchfiles (inotify) wakes it early where that works, and it
   always polls as well, because network shares deliver no inotify events for other clients' writes.
 
-The scanning lives in `wsi.ingest.scan` and is re-exported here.
+The scanning lives in `wsi.ingest.scan` and is re-exported here; what makes up a slide, and which
+names never are one, in `wsi.slidefiles`.
 
 The quiet period is measured with our own clock from the first scan that saw a fingerprint, never
 from the files' mtimes: clocks of file servers drift, and copy tools (`cp -p`, rsync) set old
@@ -35,24 +36,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from wsi.errors import InvalidArgument
-from wsi.ingest.scan import DICOM_SUFFIXES as DICOM_SUFFIXES
-from wsi.ingest.scan import NON_SLIDE_SUFFIXES as NON_SLIDE_SUFFIXES
-from wsi.ingest.scan import SIDECAR_SUFFIXES as SIDECAR_SUFFIXES
-from wsi.ingest.scan import SINGLE_FILE_SUFFIXES as SINGLE_FILE_SUFFIXES
-from wsi.ingest.scan import TEMPORARY_SUFFIXES as TEMPORARY_SUFFIXES
 from wsi.ingest.scan import (
     FolderUnavailable,
     ProbeCache,
     SlideCandidate,
     _find_candidates_cached,
     find_candidates,
-    is_temporary,
-    mrxs_required_files,
-    vms_required_files,
 )
 from wsi.ingest.scan import Layout as Layout
-from wsi.ingest.scan import is_hidden as is_hidden
-from wsi.ingest.scan import is_partial as is_partial
+from wsi.slidefiles import is_temporary
 from wsi.sources.dicom_backend import DicomSource as DicomSource
 
 log = logging.getLogger(__name__)
@@ -64,29 +56,6 @@ log = logging.getLogger(__name__)
 
 _CLOCK_SLACK = 1e-6
 """Seconds of float rounding forgiven: 1000.2 + 0.3 - 1000.2 is a hair under 0.3."""
-
-
-def check_watch_folders(watch: Iterable[str], **others: str | None) -> None:
-    """Refuse a watch folder that is, or holds, one of the service's own folders (store, job
-    table, spool, done, quarantine).
-
-    Those hold files that look like slides (every stored level is a DICOM instance), and
-    slides moved out of a watch folder would land in it again: each would be ingested over and
-    over. And a reader probing the job table's files in this process would drop SQLite's
-    POSIX locks on them (closing any descriptor of a file releases the process's locks), which
-    can corrupt the table's shared memory. `others` maps a name (for the message) to a folder;
-    None and s3:// entries are skipped.
-    """
-    for folder in watch:
-        w = Path(folder).resolve()
-        for name, other in others.items():
-            if not other or other.startswith("s3://"):
-                continue
-            o = Path(other).resolve()
-            if o.is_relative_to(w):  # the watcher scans what lies below it
-                raise InvalidArgument(
-                    f"watch folder {folder} holds the {name} folder {other}: keep them apart"
-                )
 
 
 @dataclass
@@ -130,6 +99,14 @@ class StabilityTracker:
             seen[c.path] = state
         self._seen = seen
         return ready
+
+    def retry(self, path: Path) -> None:
+        """Report the candidate at `path` again once it has stayed the same for another quiet
+        period (its consumer could not take it this time); nothing if it is not tracked."""
+        state = self._seen.get(path)
+        if state is not None:
+            state.reported = False
+            state.since = self._clock()
 
     def next_due(self) -> float | None:
         """Clock time at which the earliest complete, unreported candidate becomes ready if it
@@ -269,6 +246,12 @@ class FolderWatcher:
         else:
             loop.call_soon_threadsafe(self._stop.set)
 
+    def retry(self, candidate: SlideCandidate) -> None:
+        """Report `candidate` again after another quiet period, if it is still there then: for
+        a consumer that could not take it (the job queue was away, a file could not be read)."""
+        for tracker in self._trackers.values():
+            tracker.retry(candidate.path)
+
     @property
     def stopped(self) -> bool:
         return self._stop.is_set()
@@ -363,7 +346,4 @@ __all__ = [
     "SlideCandidate",
     "StabilityTracker",
     "find_candidates",
-    "is_temporary",
-    "mrxs_required_files",
-    "vms_required_files",
 ]

@@ -2,106 +2,62 @@
 
 A crash in a C reader (OpenSlide, libtiff, OpenJPEG) kills that subprocess only: the job is
 retried (a crash counts as transient) and, after the queue's last attempt, failed. A slide the
-converter calls unreadable (exit status 1) fails at once and its source moves to the quarantine
-folder with a reason file, so the next drop of good slides is not held up. The store's atomic
-publish means a killed conversion never leaves half a slide, whoever killed it.
+converter calls unreadable (`ExitCode.FAILED`) fails at once and its source moves to the
+quarantine folder with a reason file, so the next drop of good slides is not held up. The
+store's atomic publish means a killed conversion never leaves half a slide, whoever killed it.
+How the worker and the conversion talk (argv, progress, result lines, exit codes) is
+`wsi.ingest.protocol`.
+
+A job is done only once its slide's manifest reads back from the store and `after_success` has
+moved or deleted the source (`wsi.ingest.source_files`: exactly the files recorded at submit,
+only while they are still those files, durably). What cannot be done then (no right to delete on
+a scanner share, a full disk) is a warning on the done job, never the end of the worker: `run`
+outlives anything a job throws, and the loops here run under a `Supervisor` that restarts them.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
+import functools
+import logging
 import os
-import shutil
 import signal
-import sys
-import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Protocol
+from typing import Protocol
 
-from wsi.errors import InvalidArgument, WsiError
+from wsi.errors import SlideNotFound, WsiError
+from wsi.ingest.privacy import redact, reference, source_names
+from wsi.ingest.protocol import (
+    ExitCode,
+    ProgressLine,
+    convert_command,
+    is_permanent_failure,
+    parse_results,
+)
 from wsi.ingest.queue import Job, JobQueue, worker_name
-from wsi.ingest.staging import STAGE_SHARE, sweep_orphans
+from wsi.ingest.settings import IngestSettings
+from wsi.ingest.source_files import changed, delete_files, move_files, move_source, submit_slide
+from wsi.ingest.staging import STAGE_SHARE, is_remote, sweep_orphans
+from wsi.ingest.supervise import Supervisor, describe, where
 from wsi.ingest.watcher import FolderWatcher
-from wsi.slide_id import content_slide_id
+from wsi.store.objects import Store, StoreSettings
 
-EXIT_SLIDE_UNREADABLE = 1
-EXIT_TEMPFAIL = 75
-
-
-@dataclass(frozen=True)
-class IngestSettings:
-    """How conversions run and what happens to sources afterwards."""
-
-    store: str
-    """Where slides are published (folder or s3:// URL)."""
-    s3_endpoint: str | None = None
-    concurrency: int = 1
-    """Conversions running at once (each uses all cores through its own thread pool)."""
-    lease_seconds: float = 60.0
-    """A job whose worker stops heart-beating this long is taken over by another worker."""
-    poll_seconds: float = 1.0
-    stop_timeout: float = 30.0
-    """On shutdown, running conversions get this long to finish before they are stopped (the
-    job is given back, its attempt not counted, and resumes at the next start)."""
-    job_timeout: float = 0.0
-    """Stop a conversion that runs longer than this (seconds; 0: no limit). Counts as a
-    transient failure: retried, then failed and quarantined."""
-    stall_timeout: float = 600.0
-    """Stop a conversion that reports no progress for this long (a hung reader or store);
-    0: never. Retried like a timeout."""
-    spool_dir: str | None = None
-    """Where s3:// sources are downloaded for conversion (default: the temp folder)."""
-    after_success: Literal["keep", "move", "delete"] = "keep"
-    done_dir: str | None = None
-    quarantine_dir: str = "quarantine"
-    convert_args: tuple[str, ...] = ()
-    """Extra `wsi convert` flags (quality, format, ...)."""
-
-    def __post_init__(self) -> None:
-        if self.concurrency < 1 or self.lease_seconds <= 0 or self.poll_seconds <= 0:
-            raise InvalidArgument("concurrency, lease and poll interval must be positive")
-        if min(self.stop_timeout, self.job_timeout, self.stall_timeout) < 0:
-            raise InvalidArgument("stop, job and stall timeouts must be >= 0")
-        if self.after_success == "move" and not self.done_dir:
-            raise InvalidArgument("after_success='move' needs a done folder")
+log = logging.getLogger("wsi.ingest.worker")
 
 
-def source_parts(source: Path) -> list[Path]:
-    """The filesystem entries that make up a slide: the file or folder, a MIRAX companion
-    folder, and a sidecar JSON."""
-    parts = [source]
-    companion = source.with_suffix("")
-    if source.suffix.lower() in {".mrxs", ".vms", ".vmu"} and companion.is_dir():
-        parts.append(companion)
-    for sidecar in (source.with_name(source.name + ".json"), source.with_suffix(".json")):
-        if sidecar != source and sidecar.is_file():
-            parts.append(sidecar)
-    return parts
-
-
-def move_source(source: Path, dest_dir: Path, reason: str | None = None) -> Path:
-    """Move a slide's parts into a new folder `dest_dir/<slide name>[-n]` (never overwriting
-    anything), with `REASON.txt` beside them when a reason is given. Returns the new path."""
-    target = dest_dir / source.name
-    n = 0
-    while target.exists():
-        n += 1
-        target = dest_dir / f"{source.name}-{n}"
-    target.mkdir(parents=True)
-    for part in source_parts(source):
-        shutil.move(str(part), str(target / part.name))
-    if reason is not None:
-        (target / "REASON.txt").write_text(reason.rstrip() + "\n")
-    return target / source.name
+def _strerror(exc: BaseException) -> str:
+    """What went wrong, for a job's record: an OSError's text without its file names."""
+    if isinstance(exc, OSError) and not isinstance(exc, WsiError):
+        return exc.strerror or describe(exc)
+    return str(exc)
 
 
 class LocalCopies(Protocol):
-    """Where a worker gets a local copy of a job's remote source (see server/staged.py)."""
+    """Where a worker gets a local copy of a job's remote source (see server/bucket_copies.py)."""
 
     async def prepare(self, job: Job) -> str | None:
         """The local path to convert instead of `job.source`, or None."""
@@ -114,7 +70,8 @@ class LocalCopies(Protocol):
 
 
 class Worker:
-    """One conversion at a time, in a subprocess; several run side by side for concurrency.
+    """One conversion at a time, in a subprocess, publishing into `store`; several run side by
+    side for concurrency.
 
     The conversion runs in its own session, so a SIGTERM or Ctrl-C sent to the service's process
     group reaches the service only, which then decides: let it finish within `stop_timeout`, or
@@ -126,12 +83,15 @@ class Worker:
     def __init__(
         self,
         queue: JobQueue,
+        store: StoreSettings,
         settings: IngestSettings,
         name: str | None = None,
         wake: asyncio.Event | None = None,
         copies: LocalCopies | None = None,
+        keep: Sequence[str | os.PathLike[str]] = (),
     ):
         self.queue = queue
+        self.store = store
         self.settings = settings
         self.name = name or worker_name()
         self.wake = wake
@@ -140,11 +100,14 @@ class Worker:
         self.copies = copies
         """Local copies of s3:// sources made by this process (the service's), converted
         instead of downloading the slide again."""
+        self.keep = tuple(Path(k) for k in keep)
+        """Folders never removed when a slide's folder is left empty (the watch folders)."""
         self._proc: asyncio.subprocess.Process | None = None
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Claim and run jobs until `stop` is set."""
+        """Claim and run jobs until `stop` is set, whatever a job throws."""
         while not stop.is_set():
+            job = None
             try:
                 job = await asyncio.to_thread(
                     self.queue.claim, self.name, self.settings.lease_seconds
@@ -156,6 +119,17 @@ class Worker:
                 # The queue is unreachable for now (locked, disk full): a job we could not
                 # record is taken back when its lease runs out. The worker itself carries on.
                 pass
+            except Exception as exc:  # a bug or an unforeseen error: that job fails, not us
+                log.error("job %s: unexpected %s\n%s", job and job.id, describe(exc), where(exc))
+                if job is not None:
+                    with contextlib.suppress(WsiError):
+                        await asyncio.to_thread(
+                            self.queue.fail,
+                            job.id,
+                            self.name,
+                            f"internal error: {describe(exc)}",
+                            True,
+                        )
             await self._idle(stop)
 
     async def _idle(self, stop: asyncio.Event) -> None:
@@ -169,26 +143,22 @@ class Worker:
             self.wake.clear()
 
     def _command(self, job: Job, source: str, progress_fd: int) -> list[str]:
-        cmd = [
-            sys.executable,
-            "-m",
-            "wsi.cli",
-            "convert",
+        """The conversion's argv: into this worker's store, under the job's slide id, with the
+        spool's bounds and the de-identification policy of `self.settings`."""
+        settings = self.settings
+        return convert_command(
             source,
-            "--out",
-            self.settings.store,
-            "--no-progress",
-            "--progress-fd",
-            str(progress_fd),
-            "--exit-with-stdin",
-        ]
-        if job.slide_id:
-            cmd += ["--slide-id", job.slide_id]
-        if self.settings.s3_endpoint:
-            cmd += ["--s3-endpoint", self.settings.s3_endpoint]
-        if self.settings.spool_dir:
-            cmd += ["--spool", self.settings.spool_dir]
-        return cmd + list(self.settings.convert_args)
+            store=self.store.url,
+            progress_fd=progress_fd,
+            slide_id=job.slide_id,
+            s3_endpoint=self.store.endpoint_url,
+            spool_dir=settings.spool_path(self.store.url),
+            limits=settings.staging_limits,
+            deidentify=settings.deidentify,
+            keep_label=settings.keep_label,
+            keep_macro=settings.keep_macro,
+            extra=settings.convert_args,
+        )
 
     async def _prepare(self, job: Job, stop: asyncio.Event) -> tuple[str, str | None]:
         """The path to convert: a local copy from `self.copies` (awaited, heart-beating the
@@ -231,6 +201,12 @@ class Worker:
 
     async def _run_job(self, job: Job, stop: asyncio.Event) -> None:
         loop = asyncio.get_running_loop()
+        if job.files:
+            # Never convert another slide under this job's content id.
+            why = await asyncio.to_thread(changed, job.files)
+            if why is not None:
+                await asyncio.to_thread(self._source_changed, job, why)
+                return
         source, stopped = await self._prepare(job, stop)
         if stopped is not None:
             await asyncio.to_thread(self._finish, job, None, _Run(loop.time(), stopped=stopped))
@@ -261,7 +237,9 @@ class Worker:
             await self._supervise(job, proc, read_fd, run, stop)
         finally:
             self._proc = None
-        await asyncio.to_thread(self._finish, job, proc.returncode, run)
+        slide_id = await asyncio.to_thread(self._finish, job, proc.returncode, run)
+        if slide_id is not None:
+            await self._publish(job, slide_id)
 
     async def _supervise(
         self,
@@ -328,56 +306,123 @@ class Worker:
             return f"stalled: no progress for {quiet:g} s"
         return None
 
-    def _finish(self, job: Job, code: int | None, run: _Run) -> None:
+    def _finish(self, job: Job, code: int | None, run: _Run) -> str | None:
+        """Record how the conversion ended. Returns the slide id when it published one that
+        reads back from the store: the job is then completed by `_publish`."""
         out, err = run.text("out"), run.text("err")
         last_error = next((x for x in reversed(err.splitlines()) if x.strip()), "")
-        if code == 0:  # finished, even if it was being stopped: the slide is published
-            slide_id = out.split("\t", 1)[0].strip()
-            if self.queue.complete(job.id, self.name, slide_id):
-                self._after_success(job.source)
-            return
+        if code == ExitCode.OK:  # finished, even if it was being stopped: the slide is published
+            results = parse_results(out)
+            slide_id = results[-1].slide_id if results else job.slide_id
+            problem = "the conversion reported no slide" if slide_id is None else None
+            problem = problem or self._unpublished(slide_id or "")
+            if problem is None:
+                return slide_id
+            self._failed(job, problem, transient=True)
+            return None
         if run.stopped == "cancelled":
-            return  # the queue already says cancelled (or another worker owns the job now)
+            return None  # the queue already says cancelled (or another worker owns the job now)
         if run.stopped == "shutdown":
             self.queue.release(job.id, self.name, "stopped by a service shutdown; resumes")
-            return
+            return None
         if run.stopped:  # timed out or stalled: maybe a hung reader, maybe a slow store
-            self.queue.fail(job.id, self.name, f"conversion {run.stopped}", transient=True)
-            if self.queue.get(job.id).state.value == "failed":
-                self._quarantine(job, f"conversion {run.stopped}")
-            return
-        if code == EXIT_SLIDE_UNREADABLE:
-            reason = last_error or "the converter could not read this slide"
-            if self.queue.fail(job.id, self.name, reason, transient=False):
-                self._quarantine(job, reason)
-            return
-        # Store trouble (75), a crash or a kill (negative status): try again later.
-        reason = last_error or f"conversion ended with status {code}"
-        self.queue.fail(job.id, self.name, reason, transient=True)
-        current = self.queue.get(job.id)
-        if current.state.value == "failed":  # out of attempts
-            self._quarantine(job, reason)
+            self._failed(job, f"conversion {run.stopped}", transient=True)
+            return None
+        if code is not None and is_permanent_failure(code):
+            self._failed(job, last_error or "the converter could not read this slide", False)
+            return None
+        # The store (TEMPFAIL), a crash or a kill (negative status): try again later.
+        self._failed(job, last_error or f"conversion ended with status {code}", transient=True)
+        return None
 
-    def _after_success(self, job_source: str) -> None:
+    def _failed(self, job: Job, reason: str, transient: bool) -> None:
+        """Record a failed attempt; once the job has failed for good, quarantine its source."""
+        if not self.queue.fail(job.id, self.name, reason, transient):
+            return
+        if self.queue.get(job.id).state.value != "failed":
+            return  # queued again for a later attempt
+        try:
+            self._quarantine(job, reason)
+        except (OSError, WsiError) as exc:
+            log.warning("job %s: its source could not be quarantined: %s", job.id, describe(exc))
+            self.queue.warn(job.id, f"the source could not be quarantined: {_strerror(exc)}")
+
+    def _unpublished(self, slide_id: str) -> str | None:
+        """Why the slide `slide_id` cannot be read back from the store, or None when its manifest
+        reads: what a finished conversion says is checked, not assumed, before a source goes."""
+        try:
+            manifest = Store(self.store).manifest(slide_id)
+        except SlideNotFound:
+            return f"the conversion reported slide {slide_id}, but the store does not have it"
+        except WsiError as exc:
+            return f"the manifest of slide {slide_id} cannot be read back: {exc}"
+        if manifest.slide_id != slide_id:
+            return f"the manifest of slide {slide_id} names another slide"
+        return None
+
+    def _source_changed(self, job: Job, why: str) -> None:
+        """The job's files are no longer those submitted: never converted under its id. Done
+        when the slide is already published (an earlier attempt got that far and moved the
+        source), else failed for good; the files are left where they are (they are another
+        slide now, which the watcher submits as a job of its own)."""
+        message = f"the source changed since the job was submitted: {why}"
+        if job.slide_id is not None and self._unpublished(job.slide_id) is None:
+            self.queue.complete(job.id, self.name, job.slide_id, message)
+            return
+        self.queue.fail(job.id, self.name, f"{message}; not converted", transient=False)
+
+    async def _publish(self, job: Job, slide_id: str) -> None:
+        """Apply `after_success` (heart-beating while a slow move runs), then mark the job done,
+        with a warning for what could not be done."""
+        if not await asyncio.to_thread(self.queue.heartbeat, job.id, self.name, 99.9):
+            return  # cancelled meanwhile, or taken over: the source is not ours to touch
+        task = asyncio.ensure_future(asyncio.to_thread(self._after_success, job))
+        beat = min(2.0, max(0.2, self.settings.lease_seconds / 3))
+        while not task.done():
+            await asyncio.wait([task], timeout=beat)
+            if not task.done():
+                with contextlib.suppress(WsiError):
+                    await asyncio.to_thread(self.queue.heartbeat, job.id, self.name, 99.9)
+        warning = task.result()
+        await asyncio.to_thread(self.queue.complete, job.id, self.name, slide_id, warning)
+
+    def _after_success(self, job: Job) -> str | None:
+        """Keep, move or delete the job's source as `after_success` says; returns what could not
+        be done (a warning for the job), never raises for it."""
+        policy = self.settings.after_success
         # Sources in a bucket stay where they are: the policies are for scanner drop folders.
-        source = Path(job_source)
-        if job_source.startswith("s3://") or self.settings.after_success == "keep":
-            return
-        if not source.exists():
-            return
-        if self.settings.after_success == "move" and self.settings.done_dir:
-            move_source(source, Path(self.settings.done_dir))
-            return
-        for part in source_parts(source):
-            if part.is_dir():
-                shutil.rmtree(part)
+        if policy == "keep" or is_remote(job.source):
+            return None
+        if not job.files:
+            return "the source was left in place: its files were not recorded at submit"
+        why = changed(job.files)
+        if why is not None:
+            return f"the source was left in place: {why} since the job was submitted"
+        paths = [Path(f.path) for f in job.files]
+        try:
+            if policy == "move":
+                done = Path(self.settings.done_path(self.store.url))
+                move_files(paths, Path(job.source), done, keep=self.keep)
             else:
-                part.unlink()
+                delete_files(paths, Path(job.source), keep=self.keep)
+        except (OSError, WsiError) as exc:
+            verb = "moved to the done folder" if policy == "move" else "deleted"
+            log.warning("job %s: the source could not be %s: %s", job.id, verb, describe(exc))
+            return f"the slide is published, but its source could not be {verb}: {_strerror(exc)}"
+        return None
 
     def _quarantine(self, job: Job, reason: str) -> None:
+        """Move a local source that failed for good into the quarantine folder, with a
+        `REASON.txt` beside it; both private to the service whatever the umask (the slide is
+        patient data). De-identifying, the reason names the slide by its reference, no file."""
         source = Path(job.source)
-        if source.exists() and not job.source.startswith("s3://"):
-            move_source(source, Path(self.settings.quarantine_dir), reason)
+        if is_remote(job.source) or not source.exists():
+            return
+        if self.settings.deidentify:
+            ref = reference(job.slide_id, job.id)
+            reason = redact(reason, source_names(job.source, [f.path for f in job.files]), ref)
+        quarantine = Path(self.settings.quarantine_path(self.store.url))
+        move_source(source, quarantine, reason, files=job.files)
 
 
 KILL_GRACE_SECONDS = 5.0
@@ -409,17 +454,16 @@ class _Run:
 
 
 async def _read_progress(fd: int, run: _Run, loop: asyncio.AbstractEventLoop) -> None:
-    """Follow the conversion's `--progress-fd` lines; malformed lines are ignored."""
+    """Follow the conversion's progress lines; malformed ones are ignored."""
     reader = asyncio.StreamReader(limit=1 << 16)
     pipe = os.fdopen(fd, "rb", buffering=0)
     transport, _ = await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), pipe)
     try:
         while line := await reader.readline():
-            with contextlib.suppress(ValueError, TypeError, AttributeError):
-                value = float(json.loads(line)["progress"])
-                if 0.0 <= value <= 100.0:
-                    run.progress = run.offset + (100.0 - run.offset) * value / 100.0
-                    run.last_sign = loop.time()
+            reported = ProgressLine.parse(line)
+            if reported is not None:
+                run.progress = run.offset + (100.0 - run.offset) * reported.percent / 100.0
+                run.last_sign = loop.time()
     finally:
         transport.close()
 
@@ -445,15 +489,32 @@ async def feed(
     queue: JobQueue,
     on_submitted: Callable[[str, Path], None] | None = None,
 ) -> None:
-    """Turn every complete slide the watcher reports into a job (the same content: one job)."""
+    """Turn every complete slide the watcher reports into a job with its files (the same
+    content: one job). A slide that cannot be submitted now (it changed again, a file cannot be
+    read, the queue is away) is reported again after another quiet period, not forgotten."""
     async for slide in watcher.events():
         try:
-            slide_id = await asyncio.to_thread(content_slide_id, slide.path)
-            await asyncio.to_thread(queue.submit, str(slide.path), slide_id)
-        except (WsiError, OSError):  # gone again, or unreadable: the next scan decides
+            job = await asyncio.to_thread(submit_slide, queue, slide)
+        except (WsiError, OSError) as exc:
+            log.info("a slide could not be submitted (%s): tried again later", describe(exc))
+            watcher.retry(slide)
             continue
-        if on_submitted is not None:
-            on_submitted(slide_id, slide.path)
+        if on_submitted is not None and job.slide_id is not None:
+            on_submitted(job.slide_id, slide.path)
+
+
+async def watch_folders(
+    folders: Sequence[str],
+    queue: JobQueue,
+    settings: IngestSettings,
+    stop: asyncio.Event,
+    on_submitted: Callable[[str, Path], None] | None = None,
+) -> None:
+    """`feed` from a new watcher of `folders` until `stop`. New at every (re)start: a watcher
+    restarted after a crash reports every complete slide again (submitting is idempotent), so a
+    slide reported just before the crash is not lost."""
+    watcher = FolderWatcher(folders, settings.quiet_seconds, settings.poll_seconds, stop_event=stop)
+    await feed(watcher, queue, on_submitted)
 
 
 PURGE_EVERY_SECONDS = 3600.0
@@ -469,17 +530,24 @@ async def purge_jobs(queue: JobQueue, keep_days: float, stop: asyncio.Event) -> 
             await asyncio.wait_for(stop.wait(), PURGE_EVERY_SECONDS)
 
 
+def shutdown_seconds(settings: IngestSettings) -> float:
+    """How long stopping the ingest tasks may take: running conversions get `stop_timeout`, then
+    SIGTERM and, `KILL_GRACE_SECONDS` later, SIGKILL; a few seconds more for the bookkeeping."""
+    return settings.stop_timeout + KILL_GRACE_SECONDS + 5
+
+
 def run_roles(
     queue: JobQueue,
+    store: StoreSettings,
     settings: IngestSettings,
-    workers: int,
+    *,
     watch: tuple[str, ...] = (),
-    quiet_seconds: float = 5.0,
-    poll_seconds: float = 2.0,
-    keep_jobs_days: float = 30.0,
+    convert: bool = False,
 ) -> None:
-    """`wsi worker` / `wsi watch`: one role (or both) without the HTTP service, until SIGTERM or
+    """`wsi watch` (`watch` folders feed the queue) and `wsi worker` (`convert`:
+    `settings.workers` conversions into `store`) without the HTTP service, until SIGTERM or
     SIGINT; running conversions get `settings.stop_timeout` to finish."""
+    workers = settings.workers if convert else 0
 
     async def main() -> None:
         stop = asyncio.Event()
@@ -488,18 +556,19 @@ def run_roles(
             loop.add_signal_handler(sig, stop.set)
         await asyncio.to_thread(queue.recover)
         if workers:  # temp copies of s3:// sources whose conversions were killed
-            spool = settings.spool_dir or tempfile.gettempdir()
-            await asyncio.to_thread(sweep_orphans, spool)
-        tasks = [asyncio.create_task(Worker(queue, settings).run(stop)) for _ in range(workers)]
-        if workers and keep_jobs_days:
-            tasks.append(asyncio.create_task(purge_jobs(queue, keep_jobs_days, stop)))
-        watcher = None
+            await asyncio.to_thread(sweep_orphans, settings.spool_path(store.url))
+        tasks = Supervisor(stop)
+        for i in range(workers):
+            tasks.start(
+                f"worker-{i + 1}", functools.partial(Worker(queue, store, settings).run, stop)
+            )
+        if workers and settings.keep_jobs_days:
+            tasks.start(
+                "purge", functools.partial(purge_jobs, queue, settings.keep_jobs_days, stop)
+            )
         if watch:
-            watcher = FolderWatcher(watch, quiet_seconds, poll_seconds, stop_event=stop)
-            tasks.append(asyncio.create_task(feed(watcher, queue)))
+            tasks.start("watcher", functools.partial(watch_folders, watch, queue, settings, stop))
         await stop.wait()
-        if watcher is not None:
-            watcher.stop()
-        await asyncio.wait(tasks, timeout=settings.stop_timeout + KILL_GRACE_SECONDS + 5)
+        await tasks.wait(shutdown_seconds(settings))
 
     asyncio.run(main())

@@ -24,6 +24,7 @@ from wsi.ingest.queue.base import (
     JobQueueUnavailable,
     JobState,
     RetryPolicy,
+    SourceFile,
     default_queue_path,
     worker_name,
 )
@@ -39,6 +40,7 @@ __all__ = [
     "JobState",
     "RetryPolicy",
     "SQLiteJobQueue",
+    "SourceFile",
     "default_queue_path",
     "worker_name",
 ]

@@ -24,13 +24,16 @@ from wsi.errors import InvalidArgument, StoreError, WsiError
 Clock = Callable[[], float]
 """Seconds since the Unix epoch; injectable so tests can move time without sleeping."""
 
-SCHEMA_VERSION = 1
-"""`PRAGMA user_version` of the jobs database this code writes; a newer file is refused."""
+SCHEMA_VERSION = 2
+"""`PRAGMA user_version` of the jobs database this code writes; a newer file is refused, an older
+one is brought up to date when opened (version 2 added each job's source files and warning)."""
 
 _MAX_SOURCE = 4096
 _MAX_WORKER = 256
 _MAX_ERROR = 2000
 _MAX_LIST = 1000
+_MAX_FILES = 100_000
+"""Files of one slide: a DICOM series of many instances stays far below."""
 
 
 class JobNotFound(WsiError, LookupError):
@@ -61,6 +64,52 @@ class JobState(enum.StrEnum):
 
 _DEDUP_STATES = (JobState.QUEUED, JobState.RUNNING, JobState.DONE)
 """A job in one of these states stands for its slide: submitting the slide again returns it."""
+
+
+@dataclass(frozen=True)
+class SourceFile:
+    """One file of a job's slide as it was when the job was submitted.
+
+    A worker moves or deletes a source only while every one of its files still has the identity
+    recorded here: a file replaced by another of the same name (a new inode, or a new size or
+    mtime) is left alone, never deleted unconverted.
+    """
+
+    path: str
+    """Absolute path of the file when submitted."""
+    device: int
+    """`st_dev` of the file system holding it."""
+    inode: int
+    """`st_ino`."""
+    size: int
+    """Bytes."""
+    mtime_ns: int
+    """Last modified, nanoseconds since the epoch."""
+
+    def __post_init__(self) -> None:
+        _check_text("a source file's path", self.path, _MAX_SOURCE)
+        for name in ("device", "inode", "size", "mtime_ns"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise InvalidArgument(f"a source file's {name} must be an integer")
+        if self.size < 0:
+            raise InvalidArgument("a source file's size must be >= 0")
+
+    @classmethod
+    def of(cls, path: str | os.PathLike[str]) -> SourceFile:
+        """The identity `path` has now (symbolic links followed: the content is what counts);
+        OSError when it cannot be read."""
+        st = os.stat(path)
+        return cls(os.fspath(path), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+    def to_json(self) -> list[Any]:
+        return [self.path, self.device, self.inode, self.size, self.mtime_ns]
+
+    @classmethod
+    def from_json(cls, value: Any) -> SourceFile:
+        if not isinstance(value, list) or len(value) != 5:
+            raise InvalidArgument("a source file is [path, device, inode, size, mtime_ns]")
+        return cls(*value)
 
 
 def _iso(t: float | None) -> str | None:
@@ -104,6 +153,13 @@ class Job:
     """The lease ends then unless renewed; set only while running."""
     options: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}), hash=False)
     """Conversion options (JSON values), read-only."""
+    files: tuple[SourceFile, ...] = ()
+    """Every file of the slide, with its identity at submit (empty for `s3://` sources and for
+    jobs submitted without them): what `after_success` moves or deletes, and only while each is
+    still the same file."""
+    warning: str | None = None
+    """Something the job could not do although it ended as it did: a done job whose source could
+    not be moved or deleted, or a failed one whose source could not be quarantined."""
 
     def to_dict(self) -> dict[str, Any]:
         """The job as the REST API shows it: JSON values only, times as UTC ISO 8601."""
@@ -123,6 +179,8 @@ class Job:
             "worker": self.worker,
             "lease_until": _iso(self.lease_until),
             "options": json.loads(json.dumps(dict(self.options))),
+            "files": [f.path for f in self.files],
+            "warning": self.warning,
         }
 
 
@@ -198,6 +256,14 @@ def _check_options(options: Mapping[str, Any] | None) -> str:
         raise InvalidArgument(f"options must be JSON values: {exc}") from None
 
 
+def _check_files(files: object) -> str:
+    if not isinstance(files, tuple | list) or len(files) > _MAX_FILES:
+        raise InvalidArgument(f"files must be a sequence of at most {_MAX_FILES} SourceFiles")
+    if not all(isinstance(f, SourceFile) for f in files):
+        raise InvalidArgument("files must be SourceFiles")
+    return json.dumps([f.to_json() for f in files])
+
+
 def _check_job_id(job_id: object) -> str:
     if not isinstance(job_id, str):
         raise InvalidArgument("job id must be a string")
@@ -230,12 +296,15 @@ class JobQueue(abc.ABC):
         source: str,
         slide_id: str | None = None,
         options: Mapping[str, Any] | None = None,
+        files: tuple[SourceFile, ...] = (),
     ) -> Job:
-        """Queue `source` for conversion.
+        """Queue `source` for conversion; `files` are the slide's files as they are now (see
+        `Job.files`).
 
         Idempotent by slide id: while a job for the same `slide_id` is queued, running or done,
-        that job is returned (its options unchanged) and nothing new is queued, so the same slide
-        dropped twice gives one slide. After a failed or cancelled job, a new job is queued.
+        that job is returned (its options and files unchanged) and nothing new is queued, so the
+        same slide dropped twice gives one slide. After a failed or cancelled job, a new job is
+        queued.
         """
 
     @abc.abstractmethod
@@ -255,8 +324,9 @@ class JobQueue(abc.ABC):
         """
 
     @abc.abstractmethod
-    def complete(self, job_id: str, worker: str, slide_id: str) -> bool:
-        """Mark the job done, published as `slide_id`.
+    def complete(self, job_id: str, worker: str, slide_id: str, warning: str | None = None) -> bool:
+        """Mark the job done, published as `slide_id`, with a `warning` when something that
+        follows a publish went wrong (the source could not be moved, say).
 
         Raises InvalidArgument if the job was submitted for another slide id.
         """
@@ -277,6 +347,11 @@ class JobQueue(abc.ABC):
         blame, so the job must not move closer to failing. `reason` becomes the job's error
         until the next attempt.
         """
+
+    @abc.abstractmethod
+    def warn(self, job_id: str, warning: str) -> Job:
+        """Record `warning` on a job whatever its state and owner (a failed job's source could
+        not be quarantined, say); returns the job. A message, never file content."""
 
     @abc.abstractmethod
     def purge(self, finished_before: float) -> int:

@@ -33,7 +33,9 @@ from wsi.ingest.queue.base import (
     JobQueueUnavailable,
     JobState,
     RetryPolicy,
+    SourceFile,
     _check_error,
+    _check_files,
     _check_job_id,
     _check_number,
     _check_options,
@@ -58,7 +60,9 @@ CREATE TABLE jobs (
     worker TEXT,
     lease_until REAL,
     lease_seconds REAL,
-    options TEXT NOT NULL DEFAULT '{{}}'
+    options TEXT NOT NULL DEFAULT '{{}}',
+    files TEXT NOT NULL DEFAULT '[]',
+    warning TEXT
 );
 CREATE INDEX jobs_by_state ON jobs (state, created);
 CREATE INDEX jobs_by_created ON jobs (created);
@@ -68,17 +72,27 @@ CREATE UNIQUE INDEX jobs_live_slide ON jobs (slide_id)
 PRAGMA user_version = {SCHEMA_VERSION};
 """
 
+_MIGRATIONS: dict[int, tuple[str, ...]] = {
+    1: (
+        "ALTER TABLE jobs ADD COLUMN files TEXT NOT NULL DEFAULT '[]'",
+        "ALTER TABLE jobs ADD COLUMN warning TEXT",
+    ),
+}
+"""The statements that bring a jobs database of version N to N + 1. Each only adds columns with
+defaults, so a job queued by an older version keeps working (it has no recorded files: its
+source is never moved or deleted)."""
+
 # Only these constant column lists and WHERE clauses are formatted into SQL (hence the S608 noqa
 # marks); every value is a bound parameter.
 _COLUMNS = (
     "id, source, slide_id, state, progress, error, attempts, created, updated, started, "
-    "finished, next_attempt_at, worker, lease_until, options"
+    "finished, next_attempt_at, worker, lease_until, options, files, warning"
 )
 
 
 def _job(row: tuple[Any, ...]) -> Job:
     (id_, source, slide_id, state, progress, error, attempts, created, updated, started,
-     finished, next_attempt_at, worker, lease_until, options) = row  # fmt: skip
+     finished, next_attempt_at, worker, lease_until, options, files, warning) = row  # fmt: skip
     return Job(
         id=id_,
         source=source,
@@ -95,6 +109,8 @@ def _job(row: tuple[Any, ...]) -> Job:
         worker=worker,
         lease_until=lease_until,
         options=MappingProxyType(json.loads(options)),
+        files=tuple(SourceFile.from_json(f) for f in json.loads(files)),
+        warning=warning,
     )
 
 
@@ -148,6 +164,11 @@ class SQLiteJobQueue(JobQueue):
                     f"{self.path} has jobs schema {version}; this version reads up to "
                     f"{SCHEMA_VERSION}"
                 )
+            else:  # older: upgraded in this same transaction, so no process sees half of it
+                for old in range(version, SCHEMA_VERSION):
+                    for statement in _MIGRATIONS[old]:
+                        conn.execute(statement)
+                conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
     # connections and transactions
 
@@ -230,11 +251,13 @@ class SQLiteJobQueue(JobQueue):
         source: str,
         slide_id: str | None = None,
         options: Mapping[str, Any] | None = None,
+        files: tuple[SourceFile, ...] = (),
     ) -> Job:
         source = _check_text("source", source, _MAX_SOURCE)
         if slide_id is not None:
             slide_id = check_slide_id(slide_id)
         options_json = _check_options(options)
+        files_json = _check_files(files)
         with self._transaction() as conn:
             if slide_id is not None:
                 row = conn.execute(
@@ -248,8 +271,18 @@ class SQLiteJobQueue(JobQueue):
             job_id = uuid.uuid4().hex
             conn.execute(
                 "INSERT INTO jobs (id, source, slide_id, state, created, updated, "
-                "next_attempt_at, options) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (job_id, source, slide_id, JobState.QUEUED, now, now, now, options_json),
+                "next_attempt_at, options, files) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    job_id,
+                    source,
+                    slide_id,
+                    JobState.QUEUED,
+                    now,
+                    now,
+                    now,
+                    options_json,
+                    files_json,
+                ),
             )
             return self._row(conn, job_id)
 
@@ -315,10 +348,12 @@ class SQLiteJobQueue(JobQueue):
             )
             return True
 
-    def complete(self, job_id: str, worker: str, slide_id: str) -> bool:
+    def complete(self, job_id: str, worker: str, slide_id: str, warning: str | None = None) -> bool:
         job_id = _check_job_id(job_id)
         worker = _check_text("worker", worker, _MAX_WORKER)
         slide_id = check_slide_id(slide_id)
+        if warning is not None:
+            warning = _check_error(warning)
         with self._transaction() as conn:
             if not self._holds(conn, job_id, worker):
                 return False
@@ -330,10 +365,22 @@ class SQLiteJobQueue(JobQueue):
             now = self.clock()
             conn.execute(
                 "UPDATE jobs SET state = ?, slide_id = ?, progress = 100, error = NULL, "
-                "worker = NULL, lease_until = NULL, finished = ?, updated = ? WHERE id = ?",
-                (JobState.DONE, slide_id, now, now, job_id),
+                "warning = ?, worker = NULL, lease_until = NULL, finished = ?, updated = ? "
+                "WHERE id = ?",
+                (JobState.DONE, slide_id, warning, now, now, job_id),
             )
             return True
+
+    def warn(self, job_id: str, warning: str) -> Job:
+        job_id = _check_job_id(job_id)
+        warning = _check_error(warning)
+        with self._transaction() as conn:
+            self._row(conn, job_id)
+            conn.execute(
+                "UPDATE jobs SET warning = ?, updated = ? WHERE id = ?",
+                (warning, self.clock(), job_id),
+            )
+            return self._row(conn, job_id)
 
     def fail(self, job_id: str, worker: str, error: str, transient: bool) -> bool:
         job_id = _check_job_id(job_id)
