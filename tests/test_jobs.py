@@ -1,63 +1,32 @@
-"""The job queue: lifecycle, idempotent submit, retries with backoff, leases that outlive crashed
-workers, cancel, persistence, and several OS processes claiming from one SQLite file at once."""
+"""`SQLiteJobQueue` beyond the job queue contract (`tests/contracts/queues.py`, run on it by
+`test_contract_queues.py`): its file format, what it refuses to open, and the module's values."""
 
 from __future__ import annotations
 
-import json
-import math
 import sqlite3
-import subprocess
-import sys
-import threading
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from wsi.errors import InvalidArgument, StoreError, WsiError
+from wsi.errors import InvalidArgument, StoreError
 from wsi.ingest.queue import (
     SCHEMA_VERSION,
-    Job,
-    JobNotFound,
     JobQueueUnavailable,
-    JobState,
     RetryPolicy,
     SQLiteJobQueue,
     default_queue_path,
     worker_name,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
-T0 = 1_700_000_000.0
-
-
-class FakeClock:
-    """Time that moves only when a test says so."""
-
-    def __init__(self, now: float = T0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
-
 
 @pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock()
-
-
-@pytest.fixture
-def open_queue(tmp_path: Path, clock: FakeClock) -> Iterator[Callable[..., SQLiteJobQueue]]:
-    """Opens queues on tmp_path/jobs.sqlite with the fake clock, and closes them all afterwards."""
+def open_queue(tmp_path: Path) -> Iterator[Callable[..., SQLiteJobQueue]]:
+    """Opens queues on tmp_path/jobs.sqlite, and closes them all afterwards."""
     opened: list[SQLiteJobQueue] = []
 
     def open_(**kwargs: Any) -> SQLiteJobQueue:
-        kwargs.setdefault("clock", clock)
         q = SQLiteJobQueue(tmp_path / "jobs.sqlite", **kwargs)
         opened.append(q)
         return q
@@ -67,307 +36,36 @@ def open_queue(tmp_path: Path, clock: FakeClock) -> Iterator[Callable[..., SQLit
         q.close()
 
 
-@pytest.fixture
-def queue(open_queue: Callable[..., SQLiteJobQueue]) -> SQLiteJobQueue:
-    return open_queue(retry=RetryPolicy(max_attempts=3, backoff_unit=1.0, backoff_cap=3.0))
-
-
-def test_full_lifecycle(queue: SQLiteJobQueue, clock: FakeClock) -> None:
-    job = queue.submit("/scans/a.svs", options={"quality": 80, "format": "both"})
-    assert job.state is JobState.QUEUED
-    assert (job.attempts, job.progress, job.worker, job.lease_until) == (0, 0.0, None, None)
-    assert job.created == job.updated == job.next_attempt_at == T0
-    assert dict(job.options) == {"quality": 80, "format": "both"}
-
-    clock.advance(1)
-    running = queue.claim("w1", lease_seconds=30)
-    assert running is not None and running.id == job.id
-    assert running.state is JobState.RUNNING
-    assert (running.worker, running.lease_until, running.attempts) == ("w1", T0 + 31, 1)
-    assert running.started == T0 + 1
-    assert queue.claim("w2", lease_seconds=30) is None  # the only job is taken
-
-    clock.advance(10)
-    assert queue.heartbeat(job.id, "w1", 42.5)
-    beat = queue.get(job.id)
-    assert (beat.progress, beat.lease_until) == (42.5, T0 + 41)
-
-    clock.advance(5)
-    assert queue.complete(job.id, "w1", "abc123")
-    done = queue.get(job.id)
-    assert done.state is JobState.DONE
-    assert (done.slide_id, done.progress, done.error) == ("abc123", 100.0, None)
-    assert (done.worker, done.lease_until, done.finished) == (None, None, T0 + 16)
-    assert queue.claim("w1", 30) is None
-
-    api = json.loads(json.dumps(done.to_dict()))
-    assert api["state"] == "done" and api["slide_id"] == "abc123"
-    assert api["created"] == "2023-11-14T22:13:20.000Z"
-    assert api["finished"] == "2023-11-14T22:13:36.000Z"
-    assert api["options"] == {"format": "both", "quality": 80}
-    assert api["lease_until"] is None
-
-
-def test_claim_takes_oldest_first(queue: SQLiteJobQueue, clock: FakeClock) -> None:
-    ids = []
-    for i in range(3):
-        ids.append(queue.submit(f"/s/{i}.svs").id)
-        clock.advance(0 if i == 0 else 1)  # first two share a timestamp: insertion order wins
-    claimed = [queue.claim("w", 60) for _ in range(3)]
-    assert [j.id for j in claimed if j] == ids
-
-
-def test_submit_is_idempotent_by_slide_id(queue: SQLiteJobQueue, clock: FakeClock) -> None:
-    first = queue.submit("/scans/a.svs", slide_id="s1")
-    assert queue.submit("/scans/copy-of-a.svs", slide_id="s1") == first  # queued
-    assert queue.claim("w", 60) is not None
-    assert queue.submit("/scans/a.svs", slide_id="s1").id == first.id  # running
-    assert queue.complete(first.id, "w", "s1")
-    again = queue.submit("/scans/a.svs", slide_id="s1")  # done
-    assert again.id == first.id and again.state is JobState.DONE
-
-    other = queue.submit("/scans/b.svs", slide_id="s2")
-    assert other.id != first.id
-    # Without a slide id nothing is known about the content: each drop is a job.
-    assert queue.submit("/x.svs").id != queue.submit("/x.svs").id
-    assert len(queue.list()) == 4
-
-
-def test_failed_or_cancelled_slide_can_be_resubmitted(queue: SQLiteJobQueue) -> None:
-    failed = queue.submit("/a.svs", slide_id="s1")
-    assert queue.claim("w", 60) is not None
-    assert queue.fail(failed.id, "w", "unreadable", transient=False)
-    retry = queue.submit("/a.svs", slide_id="s1")
-    assert retry.id != failed.id and retry.state is JobState.QUEUED
-    assert retry.attempts == 0
-
-    cancelled = queue.cancel(retry.id)
-    assert cancelled.state is JobState.CANCELLED
-    third = queue.submit("/a.svs", slide_id="s1")
-    assert third.id not in (failed.id, retry.id)
-    # ... and the new live job is what a further drop returns.
-    assert queue.submit("/a.svs", slide_id="s1").id == third.id
-
-
-def test_complete_records_slide_id_and_refuses_another(queue: SQLiteJobQueue) -> None:
-    unknown = queue.submit("/a.svs")
-    assert queue.claim("w", 60) is not None
-    assert queue.complete(unknown.id, "w", "found-later")
-    assert queue.get(unknown.id).slide_id == "found-later"
-    # Content dropped twice before its id was known: the second conversion is done too.
-    dup = queue.submit("/copy.svs")
-    assert queue.claim("w", 60) is not None
-    assert queue.complete(dup.id, "w", "found-later")
-
-    known = queue.submit("/b.svs", slide_id="s-b")
-    assert queue.claim("w", 60) is not None
-    with pytest.raises(InvalidArgument):
-        queue.complete(known.id, "w", "s-other")
-    assert queue.get(known.id).state is JobState.RUNNING
-
-
-def test_transient_failures_back_off_then_fail(queue: SQLiteJobQueue, clock: FakeClock) -> None:
-    job = queue.submit("/a.svs")
-    # attempt 1 fails: 2**1 = 2 s
-    assert queue.claim("w", 60) is not None
-    clock.advance(1)
-    assert queue.fail(job.id, "w", "store unavailable", transient=True)
-    queued = queue.get(job.id)
-    assert queued.state is JobState.QUEUED
-    assert (queued.next_attempt_at, queued.error, queued.worker) == (
-        T0 + 3,
-        "store unavailable",
-        None,
-    )
-    clock.advance(1.9)
-    assert queue.claim("w", 60) is None  # still backing off
-    clock.advance(0.1)
-    second = queue.claim("w", 60)
-    assert second is not None and second.attempts == 2 and second.progress == 0
-    # attempt 2 fails: 2**2 = 4 s, capped at 3 s
-    assert queue.fail(job.id, "w", "timeout", transient=True)
-    assert queue.get(job.id).next_attempt_at == clock.now + 3
-    clock.advance(3)
-    assert queue.claim("w", 60) is not None
-    # attempt 3 of 3 fails: no attempts left
-    clock.advance(1)
-    assert queue.fail(job.id, "w", "timeout again", transient=True)
-    failed = queue.get(job.id)
-    assert failed.state is JobState.FAILED
-    assert (failed.attempts, failed.error, failed.finished) == (3, "timeout again", clock.now)
-    clock.advance(1000)
-    assert queue.claim("w", 60) is None
-
-
 def test_retry_policy_delays() -> None:
     policy = RetryPolicy(max_attempts=10, backoff_unit=0.5, backoff_cap=10)
     assert [policy.delay(n) for n in range(6)] == [0.5, 1, 2, 4, 8, 10]
     assert RetryPolicy().delay(10_000) == 600.0  # no overflow
 
 
-def test_permanent_failure_fails_at_once(queue: SQLiteJobQueue) -> None:
-    job = queue.submit("/a.svs")
-    assert queue.claim("w", 60) is not None
-    assert queue.fail(job.id, "w", "not a slide", transient=False)
-    failed = queue.get(job.id)
-    assert (failed.state, failed.error, failed.attempts) == (JobState.FAILED, "not a slide", 1)
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: RetryPolicy(max_attempts=0),
+        lambda: RetryPolicy(max_attempts=1.5),  # type: ignore[arg-type]
+        lambda: RetryPolicy(backoff_unit=-1),
+        lambda: RetryPolicy(backoff_cap=float("inf")),
+    ],
+)
+def test_bad_retry_policy_is_refused(make: Callable[[], RetryPolicy]) -> None:
+    with pytest.raises(InvalidArgument):
+        make()
 
 
-def test_error_messages_are_bounded(queue: SQLiteJobQueue) -> None:
-    job = queue.submit("/a.svs")
-    assert queue.claim("w", 60) is not None
-    assert queue.fail(job.id, "w", "x\0" * 10_000, transient=False)
-    error = queue.get(job.id).error
-    assert error is not None and len(error) <= 2000 and "\0" not in error
-
-
-def test_expired_lease_is_claimed_again(queue: SQLiteJobQueue, clock: FakeClock) -> None:
-    job = queue.submit("/a.svs")
-    assert queue.claim("crashed", lease_seconds=10) is not None
-    clock.advance(10)
-    assert queue.claim("w2", 10) is None  # the lease still holds at its last instant
-    clock.advance(0.5)
-    resumed = queue.claim("w2", 10)
-    assert resumed is not None and resumed.id == job.id
-    assert (resumed.worker, resumed.attempts, resumed.lease_until) == ("w2", 2, clock.now + 10)
-    # The old worker, if it was only slow, learns it lost the job and records nothing.
-    assert not queue.heartbeat(job.id, "crashed", 90)
-    assert not queue.complete(job.id, "crashed", "abc")
-    assert not queue.fail(job.id, "crashed", "late", transient=True)
-    assert queue.get(job.id).worker == "w2"
-    assert queue.complete(job.id, "w2", "abc")
-
-
-def test_heartbeat_keeps_the_lease(queue: SQLiteJobQueue, clock: FakeClock) -> None:
-    job = queue.submit("/a.svs")
-    assert queue.claim("w1", lease_seconds=10) is not None
-    for _ in range(5):
-        clock.advance(8)
-        assert queue.heartbeat(job.id, "w1", 10)
-        assert queue.claim("w2", 10) is None
-    assert queue.get(job.id).lease_until == clock.now + 10
-
-
-def test_late_heartbeat_of_unclaimed_lease_still_counts(
-    queue: SQLiteJobQueue, clock: FakeClock
+def test_file_is_a_versioned_wal_database(
+    open_queue: Callable[..., SQLiteJobQueue], tmp_path: Path
 ) -> None:
-    job = queue.submit("/a.svs")
-    assert queue.claim("w1", lease_seconds=10) is not None
-    clock.advance(20)  # expired, but nobody took it over
-    assert queue.heartbeat(job.id, "w1", 50)
-    assert queue.claim("w2", 10) is None
-
-
-def test_a_job_that_keeps_losing_workers_fails(queue: SQLiteJobQueue, clock: FakeClock) -> None:
-    job = queue.submit("/poison.svs")
-    for _ in range(3):  # max_attempts
-        assert queue.claim("w", lease_seconds=5) is not None
-        clock.advance(6)
-    assert queue.claim("w", 5) is None
-    failed = queue.get(job.id)
-    assert failed.state is JobState.FAILED and failed.attempts == 3
-    assert failed.error is not None and "lease expired" in failed.error
-
-
-def test_recover_requeues_expired_leases_only(queue: SQLiteJobQueue, clock: FakeClock) -> None:
-    lost = queue.submit("/lost.svs")
-    live = queue.submit("/live.svs")
-    queued = queue.submit("/queued.svs")
-    assert queue.claim("dead", lease_seconds=5) is not None
-    assert queue.claim("alive", lease_seconds=100) is not None
-    clock.advance(10)
-    assert queue.recover() == 1
-    again = queue.get(lost.id)
-    assert again.state is JobState.QUEUED
-    assert (again.worker, again.lease_until, again.next_attempt_at) == (None, None, clock.now)
-    assert again.error is not None and "lease expired" in again.error
-    assert queue.get(live.id).state is JobState.RUNNING  # another machine's live lease
-    assert queue.get(queued.id).state is JobState.QUEUED
-    assert queue.recover() == 0
-    assert queue.recover(now=clock.now + 1000) == 1  # explicit time: the live lease ran out too
-    assert queue.get(live.id).state is JobState.QUEUED
-    # The requeued job is claimed in its turn (oldest first), not after the newer queued one.
-    nxt = queue.claim("w", 5)
-    assert nxt is not None and nxt.id == lost.id and nxt.attempts == 2
-
-
-def test_recover_fails_jobs_out_of_attempts(queue: SQLiteJobQueue, clock: FakeClock) -> None:
-    job = queue.submit("/poison.svs")
-    for _ in range(3):
-        assert queue.claim("w", lease_seconds=5) is not None
-        clock.advance(6)
-        if _ < 2:
-            assert queue.recover() == 1
-    assert queue.recover() == 1
-    assert queue.get(job.id).state is JobState.FAILED
-
-
-def test_cancel_queued_job(queue: SQLiteJobQueue, clock: FakeClock) -> None:
-    job = queue.submit("/a.svs")
-    clock.advance(2)
-    cancelled = queue.cancel(job.id)
-    assert cancelled.state is JobState.CANCELLED and cancelled.finished == clock.now
-    assert queue.claim("w", 60) is None
-    assert queue.cancel(job.id) == cancelled  # idempotent
-
-
-def test_cancel_running_job_stops_its_worker(queue: SQLiteJobQueue, clock: FakeClock) -> None:
-    job = queue.submit("/a.svs")
-    assert queue.claim("w", 60) is not None
-    assert queue.heartbeat(job.id, "w", 10)
-    cancelled = queue.cancel(job.id)
-    assert cancelled.state is JobState.CANCELLED
-    assert (cancelled.worker, cancelled.lease_until) == (None, None)
-    assert not queue.heartbeat(job.id, "w", 20)
-    assert not queue.complete(job.id, "w", "abc")
-    assert not queue.fail(job.id, "w", "boom", transient=True)
-    assert queue.get(job.id).state is JobState.CANCELLED
-    clock.advance(3600)
-    assert queue.claim("w2", 60) is None  # not resurrected when its lease would have expired
-    assert queue.recover() == 0
-
-
-def test_cancel_after_completion_changes_nothing(queue: SQLiteJobQueue) -> None:
-    job = queue.submit("/a.svs")
-    assert queue.claim("w", 60) is not None
-    assert queue.complete(job.id, "w", "s1")
-    assert queue.cancel(job.id).state is JobState.DONE
-
-
-def test_list_newest_first_with_filter_and_paging(queue: SQLiteJobQueue, clock: FakeClock) -> None:
-    ids = []
-    for i in range(5):
-        ids.append(queue.submit(f"/{i}.svs").id)
-        clock.advance(1)
-    queue.cancel(ids[1])
-    assert [j.id for j in queue.list()] == ids[::-1]
-    assert [j.id for j in queue.list(limit=2, offset=1)] == [ids[3], ids[2]]
-    assert [j.id for j in queue.list(state=JobState.CANCELLED)] == [ids[1]]
-    assert [j.id for j in queue.list(state="queued")] == [ids[4], ids[3], ids[2], ids[0]]
-    assert queue.list(state="done") == []
-    assert queue.list(limit=0) == []
-
-
-def test_jobs_survive_reopening(open_queue: Callable[..., SQLiteJobQueue], tmp_path: Path) -> None:
-    first = open_queue()
-    queued = first.submit("/a.svs", slide_id="s1", options={"tile_size": 512})
-    running = first.submit("/b.svs")
-    assert first.claim("w", 60) is not None
-    assert first.claim("w", 60) is not None
-    assert first.cancel(queued.id).state is JobState.CANCELLED
-    before = {j.id: j for j in first.list()}
-    first.close()
-
-    second = open_queue()
-    after = {j.id: j for j in second.list()}
-    assert after == before
-    assert after[running.id].state is JobState.RUNNING and after[running.id].worker == "w"
-    assert dict(after[queued.id].options) == {"tile_size": 512}
-    assert second.heartbeat(running.id, "w", 99)  # a restarted worker with the same name resumes
-
+    q = open_queue()
+    job = q.submit("/a.svs")
+    q.close()
     with sqlite3.connect(tmp_path / "jobs.sqlite") as raw:
         assert raw.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
         assert raw.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert raw.execute("SELECT id, state FROM jobs").fetchall() == [(job.id, "queued")]
     raw.close()
 
 
@@ -402,227 +100,8 @@ def test_refuses_newer_schema_and_foreign_files(tmp_path: Path) -> None:
     assert isinstance(info.value, StoreError)  # the service answers 503
 
 
-def test_unknown_job_ids(queue: SQLiteJobQueue) -> None:
-    for call in (
-        lambda: queue.get("nope"),
-        lambda: queue.cancel("0" * 32),
-        lambda: queue.heartbeat("nope", "w", 1),
-        lambda: queue.complete("nope", "w", "s1"),
-        lambda: queue.fail("nope", "w", "e", transient=True),
-    ):
-        with pytest.raises(JobNotFound) as info:
-            call()
-        assert isinstance(info.value, WsiError) and isinstance(info.value, LookupError)
-
-
-@pytest.mark.parametrize(
-    "call",
-    [
-        lambda q: q.submit(""),
-        lambda q: q.submit("/a\0.svs"),
-        lambda q: q.submit(42),
-        lambda q: q.submit("x" * 5000),
-        lambda q: q.submit("/a.svs", slide_id="Bad/Id"),
-        lambda q: q.submit("/a.svs", slide_id=".."),
-        lambda q: q.submit("/a.svs", options={"x": object()}),
-        lambda q: q.submit("/a.svs", options={"x": math.nan}),
-        lambda q: q.submit("/a.svs", options={1: 2}),
-        lambda q: q.submit("/a.svs", options=["quality"]),
-        lambda q: q.claim("", 10),
-        lambda q: q.claim("w", 0),
-        lambda q: q.claim("w", -1),
-        lambda q: q.claim("w", math.inf),
-        lambda q: q.heartbeat("id", "w", 101),
-        lambda q: q.heartbeat("id", "w", -0.5),
-        lambda q: q.heartbeat("id", "w", math.nan),
-        lambda q: q.heartbeat(7, "w", 1),
-        lambda q: q.complete("id", "w", "UPPER"),
-        lambda q: q.fail("id", "w", None, transient=True),
-        lambda q: q.list(state="bogus"),
-        lambda q: q.list(limit=-1),
-        lambda q: q.list(limit=10_000),
-        lambda q: q.list(offset=-1),
-        lambda q: q.recover(now=math.nan),
-        lambda q: RetryPolicy(max_attempts=0),
-        lambda q: RetryPolicy(backoff_unit=-1),
-    ],
-)
-def test_bad_input_is_refused(queue: SQLiteJobQueue, call: Callable[[SQLiteJobQueue], Any]) -> None:
-    with pytest.raises(InvalidArgument):
-        call(queue)
-    assert queue.list() == []
-
-
-def test_job_values_are_read_only(queue: SQLiteJobQueue) -> None:
-    job = queue.submit("/a.svs", options={"q": [1, 2]})
-    with pytest.raises(AttributeError):
-        job.state = JobState.DONE  # type: ignore[misc]
-    with pytest.raises(TypeError):
-        job.options["q"] = 3  # type: ignore[index]
-    assert isinstance(hash(job), int)
-    assert job == queue.get(job.id)
-    assert isinstance(job, Job)
-
-
 def test_helpers(tmp_path: Path) -> None:
     assert default_queue_path(tmp_path) == tmp_path / "jobs.sqlite"
     assert default_queue_path(str(tmp_path)) == tmp_path / "jobs.sqlite"
     names = {worker_name() for _ in range(100)}
     assert len(names) == 100
-
-
-def test_threads_share_one_queue(open_queue: Callable[..., SQLiteJobQueue]) -> None:
-    q = open_queue(clock=time.time)
-    ids = {q.submit(f"/{i}.svs").id for i in range(100)}
-    claimed: list[str] = []
-    lock = threading.Lock()
-
-    def work(name: str) -> None:
-        while (job := q.claim(name, 60)) is not None:
-            assert q.complete(job.id, name, job.id)
-            with lock:
-                claimed.append(job.id)
-
-    threads = [threading.Thread(target=work, args=(f"t{i}",)) for i in range(6)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert sorted(claimed) == sorted(ids)
-    assert len(q.list(state="done", limit=1000)) == 100
-
-
-# --- several OS processes on one file ----------------------------------------------------------
-
-_PROCESS = """
-import json, sys, time
-from pathlib import Path
-from wsi.ingest.queue import SQLiteJobQueue
-
-path, mode, go, name = sys.argv[1:5]
-deadline = time.monotonic() + 60
-while not Path(go).exists():  # start together, so the processes really race
-    if time.monotonic() > deadline:
-        sys.exit("no go signal")
-    time.sleep(0.005)
-out = []
-with SQLiteJobQueue(path) as q:
-    if mode == "claim":
-        while (job := q.claim(name, 60)) is not None:
-            time.sleep(0.001)  # hold it a moment, as a worker would
-            out.append([job.id, q.complete(job.id, name, job.id)])
-    else:
-        for i in json.loads(sys.argv[5]):
-            out.append([i, q.submit(f"/drop/{name}/{i}.svs", slide_id=f"slide-{i}").id])
-print(json.dumps(out))
-"""
-
-
-def _race(path: Path, mode: str, args: list[list[str]]) -> list[Any]:
-    """Runs one process per entry of `args` (its name, then extra arguments), released together."""
-    go = path.parent / f"go-{mode}"
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-c", _PROCESS, str(path), mode, str(go), *a],
-            cwd=ROOT,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for a in args
-    ]
-    try:
-        time.sleep(0.2)
-        go.touch()
-        outputs = [p.communicate(timeout=120) for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.communicate()
-    for p, (out, err) in zip(procs, outputs, strict=True):
-        assert p.returncode == 0, err
-    return [json.loads(out) for out, _ in outputs]
-
-
-@pytest.mark.slow
-def test_processes_claim_each_job_exactly_once(tmp_path: Path) -> None:
-    path = tmp_path / "jobs.sqlite"
-    with SQLiteJobQueue(path) as q:
-        ids = [q.submit(f"/scans/{i}.svs").id for i in range(200)]
-    per_process = _race(path, "claim", [[f"p{n}"] for n in range(4)])
-    claimed = [job_id for pairs in per_process for job_id, _ in pairs]
-    assert len(claimed) == len(set(claimed)) == 200  # nobody got a job twice
-    assert set(claimed) == set(ids)
-    assert all(completed for pairs in per_process for _, completed in pairs)
-    assert sum(1 for pairs in per_process if pairs) >= 2, "the processes did not overlap"
-    with SQLiteJobQueue(path) as q:
-        done = q.list(state="done", limit=1000)
-    assert len(done) == 200
-    assert all(j.attempts == 1 and j.slide_id == j.id and j.worker is None for j in done)
-
-
-@pytest.mark.slow
-def test_processes_submitting_the_same_slides_get_one_job_each(tmp_path: Path) -> None:
-    path = tmp_path / "jobs.sqlite"
-    SQLiteJobQueue(path).close()
-    slides = list(range(40))
-    orders = [slides, slides[::-1], slides[20:] + slides[:20]]
-    per_process = _race(path, "submit", [[f"p{n}", json.dumps(o)] for n, o in enumerate(orders)])
-    job_for: dict[int, set[str]] = {}
-    for pairs in per_process:
-        for i, job_id in pairs:
-            job_for.setdefault(i, set()).add(job_id)
-    assert len(job_for) == 40
-    assert all(len(v) == 1 for v in job_for.values())  # everyone got the same job per slide
-    with SQLiteJobQueue(path) as q:
-        jobs = q.list(limit=1000)
-    assert len(jobs) == 40
-    assert {j.slide_id for j in jobs} == {f"slide-{i}" for i in slides}
-
-
-def test_release_gives_the_job_back_without_counting_the_attempt(
-    queue: SQLiteJobQueue, clock: FakeClock
-) -> None:
-    job = queue.submit("/in/a.svs", "aaaa")
-    claimed = queue.claim("w1", 10)
-    assert claimed is not None and claimed.attempts == 1
-    assert not queue.release(job.id, "w2", "not mine")  # only the holder may give it back
-    clock.advance(1)
-    assert queue.release(job.id, "w1", "service shutting down")
-    back = queue.get(job.id)
-    assert (back.state, back.attempts, back.worker, back.lease_until) == (
-        JobState.QUEUED,
-        0,
-        None,
-        None,
-    )
-    assert back.error == "service shutting down" and back.next_attempt_at == clock.now
-    again = queue.claim("w2", 10)  # runnable at once, by anyone
-    assert again is not None and again.id == job.id and again.attempts == 1
-    assert not queue.release(job.id, "w1", "too late")
-
-
-def test_purge_deletes_only_old_finished_jobs(queue: SQLiteJobQueue, clock: FakeClock) -> None:
-    done = queue.submit("/in/done.svs", "d0")
-    failed = queue.submit("/in/failed.svs", "f0")
-    cancelled = queue.submit("/in/cancelled.svs", "c0")
-    for expected in (done, failed):
-        claimed = queue.claim("w", 10)
-        assert claimed is not None and claimed.id == expected.id
-    assert queue.complete(done.id, "w", "d0")
-    assert queue.fail(failed.id, "w", "unreadable", transient=False)
-    queue.cancel(cancelled.id)
-    clock.advance(100)
-    running = queue.submit("/in/running.svs", "r0")
-    claimed = queue.claim("w", 10)
-    assert claimed is not None and claimed.id == running.id
-    queued = queue.submit("/in/queued.svs", "q0")
-    late = queue.submit("/in/late.svs", "l0")
-    queue.cancel(late.id)  # finished now: newer than the cut-off below
-    assert queue.purge(clock.now - 50) == 3
-    left = {j.id for j in queue.list(limit=1000)}
-    assert left == {queued.id, running.id, late.id}
-    assert queue.purge(clock.now - 50) == 0
-    with pytest.raises(InvalidArgument):
-        queue.purge(float("nan"))

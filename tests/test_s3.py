@@ -1,8 +1,9 @@
 """Slides in real S3 (SeaweedFS, started by the `seaweedfs` fixture): no mocks.
 
 A conversion into `s3://` must publish the same bytes as one into a local folder, be readable by
-plain zarr-python straight from the bucket, go through the CLI, and keep unfinished slides out of
-the listing.
+plain zarr-python straight from the bucket, and go through the CLI. What the store itself promises
+on S3 (whole objects, listing, publication, keys) is the store contract, run on S3 by
+`test_contract_stores.py`.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ import wsi
 from wsi.slide_id import content_slide_id
 from wsi.store.objects import MANIFEST
 
+from .conftest import sample
+
 # conftest.py imports the `seaweedfs` fixture too; importing it here as well keeps this file
 # self-contained (the fixture is named explicitly, so the alias registers it as `seaweedfs`), and
 # both definitions share one running server.
@@ -29,17 +32,12 @@ from .helpers import run_wsi
 from .s3server import SeaweedFS
 from .s3server import seaweedfs as _seaweedfs_fixture  # noqa: F401
 
-SAMPLES = Path(__file__).resolve().parents[2] / "shared" / "sample-slides"
-SMALL_SVS = SAMPLES / "CMU-1-Small-Region.svs"
-
 pytestmark = pytest.mark.s3
 
 
 @pytest.fixture(scope="module")
 def small_svs() -> Path:
-    if not SMALL_SVS.is_file():
-        pytest.fail(f"sample slide missing: {SMALL_SVS} (the shared sample-slides folder)")
-    return SMALL_SVS
+    return sample("CMU-1-Small-Region.svs")
 
 
 def s3_store(server: SeaweedFS, prefix: str) -> wsi.Store:
@@ -163,23 +161,6 @@ def test_cli_converts_into_s3_then_reports_already_published(
     assert listed.returncode == 0, listed.stderr
     assert listed.stdout.splitlines() == [sid]
     assert s3_store(seaweedfs, "cli").published_slides() == [sid]
-
-
-def test_unpublished_slide_is_not_listed(seaweedfs: SeaweedFS) -> None:
-    store = s3_store(seaweedfs, "x")
-    partial = "0123456789abcdef01234567"
-    store.put(f"{partial}/slide.zarr/0/c/0/0/0", b"half a shard")
-    assert store.children() == [partial]
-    assert store.published_slides() == []
-    assert not store.is_published(partial)
-    with pytest.raises(wsi.SlideNotFound):
-        store.read_manifest(partial)
-
-    # A published neighbour is listed, the partial one still is not.
-    done = "fedcba9876543210fedcba98"
-    store.put(f"{done}/slide.zarr/zarr.json", b"{}")
-    store.publish(done, {"slide_id": done, "objects": {}})
-    assert store.published_slides() == [done]
 
 
 def test_export_dicom_from_s3_opens_in_openslide(

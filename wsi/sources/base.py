@@ -19,6 +19,13 @@ from wsi.errors import EncodedTileUnavailable, InvalidArgument
 from wsi.model import Level, SlideProperties, TileCodec
 
 
+def check_region_size(width: int, height: int) -> None:
+    """Refuse an empty or negative region (pixels): every backend's `read_region` calls this,
+    so a caller gets InvalidArgument rather than whatever the backend's library raises."""
+    if width <= 0 or height <= 0:
+        raise InvalidArgument(f"region must have a positive size, not {width}x{height}")
+
+
 class SlideSource(abc.ABC):
     """A readable whole-slide image. Thread-safe for reads unless a backend says otherwise."""
 
@@ -50,12 +57,14 @@ class SlideSource(abc.ABC):
 
     def tile_codec(self, level: int) -> TileCodec:
         """How level `level` stores its tiles; JPEG means `read_encoded_tile` works."""
+        self.level(level)
         return TileCodec.OTHER
 
     def read_encoded_tile(self, level: int, col: int, row: int) -> bytes:
         """The tile's complete compressed stream as stored (edge tiles padded to full tile size).
         Its header declares exactly the level's tile size: backends check that with
         `jpeg.check_size`, because these bytes are copied unparsed and served as they are."""
+        self.level(level).check_tile(col, row)
         raise EncodedTileUnavailable(f"{self.name} cannot hand out encoded tiles")
 
     @abc.abstractmethod
@@ -67,8 +76,7 @@ class SlideSource(abc.ABC):
         """Pixels of a rectangle in level coordinates: (height, width, 3) uint8 RGB, white
         outside the level."""
         lv = self.level(level)
-        if width <= 0 or height <= 0:
-            raise InvalidArgument("region must have a positive size")
+        check_region_size(width, height)
         out = np.full((height, width, 3), 255, np.uint8)
         tw, th = lv.tile_width, lv.tile_height
         x0, y0 = max(x, 0), max(y, 0)
@@ -92,6 +100,13 @@ class SlideSource(abc.ABC):
     @abc.abstractmethod
     def read_associated(self, name: str) -> np.ndarray:
         """An associated image as (h, w, 3) uint8 RGB."""
+
+    def associated_shows_label(self, name: str) -> bool:
+        """Whether the associated image `name` may show the slide's label (names, barcodes):
+        de-identification drops such images. The label and the macro (the whole glass) do; a
+        thumbnail may, since some scanners' thumbnails are of the whole glass. A backend whose
+        format says what its thumbnail holds overrides this."""
+        return True
 
     def close(self) -> None:  # noqa: B027 - optional hook, most backends hold nothing to close
         """Release file handles."""

@@ -15,6 +15,7 @@ import numpy as np
 from wsi.codecs import jpeg
 from wsi.errors import CorruptSlide, EncodedTileUnavailable, UnsupportedSlide
 from wsi.model import Level, SlideProperties, TileCodec
+from wsi.slidefiles import dicom_series_files, is_dicom_file
 from wsi.sources.base import SlideSource
 
 # pydicom and wsidicom are imported when a DICOM slide is opened: together they take ~0.5 s,
@@ -47,39 +48,6 @@ _IDENTIFIERS = {
 """DICOM keyword -> SlideMetadata field: a converted DICOM slide keeps its patient and study."""
 
 
-def _is_dicom_file(path: Path) -> bool:
-    try:
-        with path.open("rb") as f:
-            f.seek(128)
-            return f.read(4) == b"DICM"
-    except OSError:
-        return False
-
-
-def _series_files(path: Path) -> list[Path]:
-    """The DICOM files of `path`'s series (path: one instance file, or a folder of one series)."""
-    import pydicom
-
-    if path.is_dir():
-        return sorted(p for p in path.iterdir() if p.is_file() and _is_dicom_file(p))
-    try:
-        series = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["SeriesInstanceUID"])
-        uid = series.get("SeriesInstanceUID")
-    except Exception as exc:
-        raise CorruptSlide(f"cannot read DICOM header: {exc}") from exc
-    files = [path]
-    for other in sorted(path.parent.iterdir()):
-        if other == path or not other.is_file() or not _is_dicom_file(other):
-            continue
-        with contextlib.suppress(Exception):
-            ds = pydicom.dcmread(
-                other, stop_before_pixels=True, specific_tags=["SeriesInstanceUID"]
-            )
-            if uid is not None and ds.get("SeriesInstanceUID") == uid:
-                files.append(other)
-    return files
-
-
 def _pil_to_rgb(image: object) -> np.ndarray:
     return np.ascontiguousarray(np.asarray(image.convert("RGB")))  # type: ignore[attr-defined]
 
@@ -97,13 +65,13 @@ class DicomSource(SlideSource):
     @classmethod
     def can_open(cls, path: Path) -> bool:
         if path.is_dir():
-            return any(_is_dicom_file(p) for p in path.iterdir() if p.is_file())
-        return _is_dicom_file(path)
+            return any(is_dicom_file(p) for p in path.iterdir() if p.is_file())
+        return is_dicom_file(path)
 
     def __init__(self, path: Path) -> None:
         from wsidicom import WsiDicom
 
-        self.files = _series_files(path)
+        self.files = dicom_series_files(path)
         if not self.files:
             raise UnsupportedSlide("no DICOM files found")
         try:
@@ -236,6 +204,17 @@ class DicomSource(SlideSource):
         except Exception as exc:
             raise CorruptSlide(f"cannot read associated image {name!r}: {exc}") from exc
         raise UnsupportedSlide(f"no associated image {name!r}")
+
+    def associated_shows_label(self, name: str) -> bool:
+        # A THUMBNAIL instance says so itself (Specimen Label In Image, type 1 in the WSI
+        # module); one that does not is taken to show it.
+        if name != "thumbnail" or not self._wsi.pyramid.thumbnails:
+            return True
+        try:
+            shown = self._wsi.pyramid.thumbnails[0].datasets[0].SpecimenLabelInImage
+        except Exception:
+            return True
+        return str(shown).strip().upper() != "NO"
 
     def close(self) -> None:
         with contextlib.suppress(Exception):

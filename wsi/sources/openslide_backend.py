@@ -14,7 +14,7 @@ import openslide
 
 from wsi.errors import CorruptSlide, UnsupportedSlide
 from wsi.model import ASSOCIATED_KINDS, Level, SlideProperties
-from wsi.sources.base import SlideSource
+from wsi.sources.base import SlideSource, check_region_size
 
 DEFAULT_TILE = 256
 
@@ -99,6 +99,12 @@ def read_associated_openslide(slide: openslide.AbstractSlide, name: str) -> np.n
     return rgba_to_rgb(np.asarray(image.convert("RGBA")))
 
 
+SCAN_AREA_THUMBNAILS = frozenset({"aperio"})
+"""Vendors whose `thumbnail` is a reduced copy of the scanned area, never of the label (Aperio:
+the second page of an SVS file is a thumbnail of the base image; the label and the macro are
+pages of their own). Other vendors' thumbnails may show the whole glass."""
+
+
 class OpenSlideSource(SlideSource):
     """Any slide OpenSlide can open; pixels come out decoded."""
 
@@ -112,6 +118,7 @@ class OpenSlideSource(SlideSource):
             return False
 
     def __init__(self, path: Path) -> None:
+        self._closed = False
         try:
             self._slide = openslide.OpenSlide(str(path))
         except openslide.OpenSlideUnsupportedFormatError as exc:
@@ -146,6 +153,7 @@ class OpenSlideSource(SlideSource):
 
     def read_region(self, level: int, x: int, y: int, width: int, height: int) -> np.ndarray:
         lv = self.level(level)
+        check_region_size(width, height)
         origin = (round(x * lv.downsample), round(y * lv.downsample))
         try:
             image = self._slide.read_region(origin, level, (width, height))
@@ -162,5 +170,12 @@ class OpenSlideSource(SlideSource):
     def read_associated(self, name: str) -> np.ndarray:
         return read_associated_openslide(self._slide, name)
 
+    def associated_shows_label(self, name: str) -> bool:
+        return not (name == "thumbnail" and self._properties.vendor in SCAN_AREA_THUMBNAILS)
+
     def close(self) -> None:
-        self._slide.close()
+        # OpenSlide refuses a second close; ours may be called again (a context manager after an
+        # explicit close, a TiffSource closing the OpenSlideSource it wraps).
+        if not self._closed:
+            self._closed = True
+            self._slide.close()

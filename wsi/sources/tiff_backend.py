@@ -146,6 +146,9 @@ class TiffSource(SlideSource):
     def read_associated(self, name: str) -> np.ndarray:
         return self._os.read_associated(name)
 
+    def associated_shows_label(self, name: str) -> bool:
+        return self._os.associated_shows_label(name)
+
     def close(self) -> None:
         if getattr(self, "_fd", None) is not None:
             os.close(self._fd)
