@@ -1,1 +1,1 @@
-"""The aiohttp tile service (built in the tile-server issue)."""
+"""The HTTP service over the library: aiohttp app, auth, CORS, audit, and one module per API."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures as cf
+import functools
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -14,42 +15,40 @@ from typing import Any
 from aiohttp import web
 
 from server.api import dicomweb, dzi, iiif, jobs, ops, slides, viewer
+from server.audit import AuditLog
 from server.auth import Handler, auth_middleware
 from server.bucket_copies import StagedSources
-from server.catalog import AsyncStore, Catalog
+from server.catalog import PRIVATE_IMAGES, Catalog
 from server.converting import SourceSlides
-from server.keys import CATALOG, COPIES, EXECUTOR, JOBS, JOBS_WAKE, METRICS, ROUTE_MODULES, SETTINGS
+from server.cors import cors_headers, cors_middleware
+from server.errors import status_of
+from server.keys import (
+    AUDIT,
+    CATALOG,
+    COPIES,
+    EXECUTOR,
+    INGEST_TASKS,
+    JOBS,
+    JOBS_WAKE,
+    METRICS,
+    ROUTE_MODULES,
+    SETTINGS,
+)
 from server.metrics import Metrics
 from server.responses import json_error
 from server.settings import ServerSettings
 from wsi.errors import (
-    CorruptSlide,
-    EncodedTileUnavailable,
-    InvalidArgument,
-    SlideNotFound,
-    StoreError,
-    UnsupportedSlide,
     WsiError,
 )
-from wsi.ingest.queue import JobNotFound
-from wsi.store.objects import Store, StoreSettings
+from wsi.published.reader import PublishedStore
+from wsi.published.values import ReaderSettings
+from wsi.store.objects import StoreSettings
 
 ROUTES: tuple[ModuleType, ...] = (ops, dzi, slides, iiif, dicomweb, viewer, jobs)
 """Every API, in registration order. DeepZoom before slides: `/slides/{id}.dzi` must not be read
 as a slide id. A missing dependency fails the import here, loudly, instead of an API quietly
 going absent."""
 
-STATUS: list[tuple[type[Exception], int]] = [
-    (SlideNotFound, 404),
-    (JobNotFound, 404),
-    (EncodedTileUnavailable, 404),
-    (InvalidArgument, 400),
-    (UnsupportedSlide, 415),
-    (CorruptSlide, 422),
-    (StoreError, 503),
-    (WsiError, 500),
-]
-"""Library error -> HTTP status: the one place where the two meet."""
 
 
 @web.middleware
@@ -66,33 +65,56 @@ async def front_middleware(request: web.Request, handler: Handler) -> web.Stream
             raise
         response = json_error(exc.status, exc.reason)
     except WsiError as exc:
-        status = next(code for kind, code in STATUS if isinstance(exc, kind))
-        response = json_error(status, str(exc))
+        response = json_error(status_of(exc), str(exc))
     except (ValueError, KeyError) as exc:  # malformed input that slipped past validation
         response = json_error(400, f"bad request: {type(exc).__name__}")
     request.app[METRICS].observe(request, response, start)
     return response
 
 
+async def _audit(app: web.Application) -> AsyncIterator[None]:
+    """The access audit log, written off the event loop (see `server.audit`)."""
+    path = app[SETTINGS].audit_log
+    assert path is not None
+    log = app[AUDIT] = AuditLog(path)
+    yield
+    await asyncio.to_thread(log.close)
+
+
+async def _audit_record(request: web.Request, response: web.StreamResponse) -> None:
+    log = request.app.get(AUDIT)
+    if log is not None:
+        log.record(request, response.status)
+
+
 async def _resources(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
     executor = cf.ThreadPoolExecutor(settings.threads, thread_name_prefix="wsi-serve")
-    reader = AsyncStore(Store(StoreSettings(settings.store, settings.s3_endpoint)), executor)
-    await reader.start()
     app[EXECUTOR] = executor
+    readable = {"thumbnail", *(PRIVATE_IMAGES if settings.allow_label else ())}
+    reading = ReaderSettings(
+        allow_associated=frozenset(readable),
+        tile_cache_bytes=settings.tile_cache_mb * 1024 * 1024,
+        # Tile requests must not each cost a store round trip, and a re-published slide must
+        # still show up within seconds.
+        recheck_seconds=2.0,
+        # A rendered region may read up to 4 source pixels per output pixel (`render.region`).
+        max_region_pixels=4 * settings.max_render_pixels,
+    )
+    store = PublishedStore(
+        StoreSettings(settings.store, settings.s3_endpoint), reading, executor=executor
+    )
+    await store.start()
     # Slides in watch folders are registered as sources by the ingest feed once complete, so a
     # slide is viewable from its file while it converts, but never read while being copied.
     wanted = settings.sources or settings.watch or settings.s3_sources
     sources = SourceSlides(settings.sources, settings.max_render_pixels) if wanted else None
-    catalog = Catalog(reader, settings.tile_cache_mb * 1024 * 1024, sources)
+    catalog = Catalog(store, sources, render_slots=2 * settings.threads)
     app[CATALOG] = catalog
-    app[METRICS].cache_stats = lambda: (
-        catalog.tiles.hits,
-        catalog.tiles.misses,
-        catalog.tiles.used,
-    )
+    tiles = store.tiles
+    app[METRICS].cache_stats = lambda: (tiles.hits, tiles.misses, tiles.used)
     yield
-    await reader.close()
+    await store.close()
     if sources is not None:
         sources.close()
     executor.shutdown(wait=False, cancel_futures=True)
@@ -100,7 +122,8 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
 
 async def _ingest(app: web.Application) -> AsyncIterator[None]:
     """With watch folders or s3:// sources: the job table, the watcher feeding it, and the
-    workers."""
+    workers, all run as `settings.ingest` says, each loop supervised (restarted when it dies,
+    listed by `/readyz` while it is down)."""
     settings = app[SETTINGS]
     if not (settings.watch or settings.s3_sources):
         yield
@@ -108,35 +131,21 @@ async def _ingest(app: web.Application) -> AsyncIterator[None]:
     from server.bucket_copies import keep_copies
     from wsi.ingest.queue import SQLiteJobQueue
     from wsi.ingest.staging import sweep_orphans
-    from wsi.ingest.watcher import FolderWatcher
-    from wsi.ingest.worker import KILL_GRACE_SECONDS, IngestSettings, Worker, feed, purge_jobs
+    from wsi.ingest.supervise import Supervisor
+    from wsi.ingest.worker import Worker, purge_jobs, shutdown_seconds, watch_folders
 
     catalog = app[CATALOG]
-    Path(settings.jobs_path).parent.mkdir(parents=True, exist_ok=True)
-    queue = SQLiteJobQueue(settings.jobs_path)
+    ingest = settings.ingest
+    jobs_path = Path(ingest.jobs_path(settings.store))
+    spool = Path(ingest.spool_path(settings.store))
+    await asyncio.to_thread(ingest.make_state, settings.store)  # private, whatever the umask
+    queue = SQLiteJobQueue(jobs_path)
     await asyncio.to_thread(queue.recover)  # jobs of a crashed run are taken back
     app[JOBS] = queue
     wake = app[JOBS_WAKE] = asyncio.Event()
     stop = asyncio.Event()
-    ingest = IngestSettings(
-        store=settings.store,
-        s3_endpoint=settings.s3_endpoint,
-        after_success=settings.after_success,  # type: ignore[arg-type]
-        lease_seconds=settings.lease_seconds,
-        poll_seconds=settings.poll_seconds,
-        stop_timeout=settings.stop_timeout,
-        job_timeout=settings.job_timeout,
-        stall_timeout=settings.stall_timeout,
-        spool_dir=settings.spool_path,
-        done_dir=settings.done_dir,
-        quarantine_dir=settings.quarantine_dir,
-    )
-    tasks: list[asyncio.Task[None]] = []
-    watcher = None
+    tasks = app[INGEST_TASKS] = Supervisor(stop)
     if settings.watch:
-        watcher = FolderWatcher(
-            settings.watch, settings.quiet_seconds, settings.poll_seconds, stop_event=stop
-        )
         sources = catalog.sources
 
         def submitted(slide_id: str, path: Path) -> None:
@@ -144,39 +153,45 @@ async def _ingest(app: web.Application) -> AsyncIterator[None]:
                 sources.register(slide_id, path)
             wake.set()
 
-        tasks.append(asyncio.create_task(feed(watcher, queue, submitted)))
+        tasks.start(
+            "watcher",
+            functools.partial(watch_folders, settings.watch, queue, ingest, stop, submitted),
+        )
     # s3:// sources: one local copy each, made at submit, viewed and converted from.
-    await asyncio.to_thread(sweep_orphans, settings.spool_path)
+    await asyncio.to_thread(sweep_orphans, spool)
     copies = app[COPIES] = StagedSources(
-        Path(settings.spool_path) / "copies",
+        spool / "copies",
         settings.s3_endpoint,
         catalog.sources.register if catalog.sources is not None else None,
+        limits=ingest.staging_limits,
     )
-    tasks.append(asyncio.create_task(keep_copies(queue, copies, stop)))
-    tasks += [
-        asyncio.create_task(Worker(queue, ingest, wake=wake, copies=copies).run(stop))
-        for _ in range(settings.workers)
-    ]
-    if settings.keep_jobs_days:
-        tasks.append(asyncio.create_task(purge_jobs(queue, settings.keep_jobs_days, stop)))
+    tasks.start("copies", functools.partial(keep_copies, queue, copies, stop))
+    store = StoreSettings(settings.store, settings.s3_endpoint)
+    keep = (*settings.watch, *settings.sources)
+    for i in range(ingest.workers):
+        worker = Worker(queue, store, ingest, wake=wake, copies=copies, keep=keep)
+        tasks.start(f"worker-{i + 1}", functools.partial(worker.run, stop))
+    if ingest.keep_jobs_days:
+        tasks.start("purge", functools.partial(purge_jobs, queue, ingest.keep_jobs_days, stop))
     yield
     stop.set()
-    if watcher is not None:
-        watcher.stop()
-    # Running conversions get stop_timeout, then SIGTERM and, KILL_GRACE_SECONDS later, SIGKILL.
-    await asyncio.wait(tasks, timeout=ingest.stop_timeout + KILL_GRACE_SECONDS + 5)
+    await tasks.wait(shutdown_seconds(ingest))
     await copies.close()
     queue.close()
 
 
 def create_app(settings: ServerSettings) -> web.Application:
     metrics = Metrics()
-    middlewares: list[Any] = [front_middleware]
+    middlewares: list[Any] = [front_middleware, cors_middleware]
     if settings.requires_auth:  # on loopback there is nothing to check on the hot path
         middlewares.append(auth_middleware)
     app = web.Application(middlewares=middlewares)
     app[SETTINGS] = settings
     app[METRICS] = metrics
+    app.on_response_prepare.append(cors_headers)
+    if settings.requires_auth and settings.audit_log:
+        app.cleanup_ctx.append(_audit)
+        app.on_response_prepare.append(_audit_record)
     app.cleanup_ctx.append(_resources)
     app.cleanup_ctx.append(_ingest)
     for module in ROUTES:

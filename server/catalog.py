@@ -1,74 +1,175 @@
-"""Published slides as the service sees them: metadata and stored tile bytes, read without
-blocking the event loop (S3 through one shared async s3fs client, local files on a thread pool),
-with the shard index of each level and hot tiles kept in memory."""
+"""Slides as the service sees them: published slides, read through the library's
+`PublishedStore` (one per app: its I/O, thread pool and byte-budgeted caches), and slides still
+converting, served from their source files by `server.converting`.
+
+Both kinds satisfy `ServedSlide`, the small interface the routes use, so a route never asks which
+kind it holds except for what only a published slide has (its associated images and DICOM view:
+`published`). Nothing here knows a key, a codec id or the shard index: that is the library's.
+"""
 
 from __future__ import annotations
 
 import asyncio
-import collections
-import concurrent.futures as cf
-import json
-import struct
-import time
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
-import google_crc32c
 import numpy as np
 
-from wsi.errors import InvalidArgument, SlideNotFound, StoreError
-from wsi.store.objects import Store, check_slide_id
+from wsi.errors import InvalidArgument, SlideNotFound
+from wsi.model import Level, SlideProperties
+from wsi.published.reader import AsyncPublishedSlide, PublishedStore
+from wsi.published.values import JPEG, CodecId, PublishedDicom, best_level, decode_tile
 
 if TYPE_CHECKING:
     from server.converting import SourceSlides
 
+T = TypeVar("T")
 
-@dataclass(frozen=True)
-class LevelView:
-    """One pyramid level of a published slide."""
+READY = "ready"
+"""Status of a published slide."""
+CONVERTING = "converting"
+"""Status of a slide served from its source while its conversion runs."""
+PRIVATE_IMAGES = ("label", "macro")
+"""Associated images that may show patient names and barcodes: read only when the service
+allows labels, and never kept by shared caches."""
 
-    index: int
-    width: int
-    height: int
-    tile_width: int
-    tile_height: int
-    codec: str
-    """'jpeg' (chunks are complete JPEG streams) or 'zstd'."""
-    key: str
-    """The level's object (shard / DICOM instance)."""
-    size: int
+
+class ServedLevel(Protocol):
+    """One pyramid level, in pixels of that level."""
 
     @property
-    def cols(self) -> int:
-        return -(-self.width // self.tile_width)
+    def index(self) -> int: ...
+    @property
+    def width(self) -> int: ...
+    @property
+    def height(self) -> int: ...
+    @property
+    def tile_width(self) -> int: ...
+    @property
+    def tile_height(self) -> int: ...
+    @property
+    def downsample(self) -> float:
+        """Level-0 pixels per pixel of this level."""
 
     @property
-    def rows(self) -> int:
-        return -(-self.height // self.tile_height)
+    def codec(self) -> CodecId:
+        """How `tile_bytes` are encoded (`JPEG` ones are served as they are)."""
 
-    def check_tile(self, col: int, row: int) -> None:
-        if not (0 <= col < self.cols and 0 <= row < self.rows):
-            raise InvalidArgument(
-                f"tile ({col}, {row}) is outside level {self.index} ({self.cols}x{self.rows} tiles)"
-            )
+    @property
+    def cols(self) -> int: ...
+    @property
+    def rows(self) -> int: ...
+    def check_tile(self, col: int, row: int) -> None: ...
+
+
+class SlideInfo(Protocol):
+    """What pages and listings show of a slide."""
+
+    @property
+    def slide_id(self) -> str: ...
+    @property
+    def version(self) -> str:
+        """Changes whenever the slide's bytes may change: the base of ETags and versioned URLs."""
+
+    @property
+    def levels(self) -> tuple[ServedLevel, ...]: ...
+    @property
+    def width(self) -> int: ...
+    @property
+    def height(self) -> int: ...
+    @property
+    def properties(self) -> SlideProperties: ...
+    @property
+    def associated_names(self) -> tuple[str, ...]: ...
+
+
+class ServedSlide(SlideInfo, Protocol):
+    """A slide the routes serve: `AsyncPublishedSlide`, or `ConvertingSlide` while it converts."""
+
+    @property
+    def dicom(self) -> PublishedDicom | None: ...
+    def level(self, index: int) -> ServedLevel: ...
+    def best_level(self, downsample: float) -> ServedLevel: ...
+    async def tile_bytes(self, level: int, col: int, row: int) -> bytes:
+        """The stored (or, converting, the would-be stored) bytes of one tile, padded."""
+
+    async def tile(self, level: int, col: int, row: int) -> np.ndarray:
+        """One tile as RGB pixels, cropped to the level."""
+
+    async def region(self, level: int, x: int, y: int, width: int, height: int) -> np.ndarray:
+        """RGB pixels of a rectangle of `level` (its pixels); white outside the level."""
+
+
+def status(slide: SlideInfo) -> str:
+    """READY for a published slide, CONVERTING for one served from its source."""
+    return READY if isinstance(slide, AsyncPublishedSlide) else CONVERTING
+
+
+def published(slide: ServedSlide) -> AsyncPublishedSlide:
+    """The published slide; SlideNotFound while it is still converting (associated images and
+    the DICOM view exist only once published)."""
+    if not isinstance(slide, AsyncPublishedSlide):
+        raise SlideNotFound(f"slide {slide.slide_id} is still converting")
+    return slide
+
+
+def summary(slide: SlideInfo) -> dict[str, Any]:
+    """The JSON description of a slide (`GET /slides/{id}`, one entry of `GET /slides`)."""
+    props = slide.properties
+    return {
+        "id": slide.slide_id,
+        "status": status(slide),
+        "width": slide.width,
+        "height": slide.height,
+        "mpp_x": props.mpp_x,
+        "mpp_y": props.mpp_y,
+        "vendor": props.vendor,
+        "objective_power": props.objective_power,
+        "levels": [
+            {
+                "level": lv.index,
+                "width": lv.width,
+                "height": lv.height,
+                "tile_width": lv.tile_width,
+                "tile_height": lv.tile_height,
+                "downsample": lv.downsample,
+                "codec": lv.codec,
+            }
+            for lv in slide.levels
+        ],
+        "associated_images": list(slide.associated_names),
+    }
 
 
 @dataclass(frozen=True)
-class SlideView:
-    """What the service knows of one slide."""
+class SourceLevel(Level):
+    """A level of the pyramid a conversion will write; its tiles are JPEG, made from the
+    source on request."""
+
+    index: int = 0
+    codec: CodecId = JPEG
+
+    def tile_shape(self, col: int, row: int) -> tuple[int, int]:
+        """(height, width) of tile (col, row) cropped to the level: edge tiles are smaller."""
+        self.check_tile(col, row)
+        th, tw = self.tile_height, self.tile_width
+        return min(th, self.height - row * th), min(tw, self.width - col * tw)
+
+
+@dataclass(frozen=True)
+class SourcePyramid:
+    """What is known of a slide still converting: the pyramid its conversion will write and
+    its source's properties. It has no associated images or DICOM view until published."""
 
     slide_id: str
-    status: str
-    """'ready' (published) or 'converting' (served from its source)."""
-    levels: tuple[LevelView, ...]
-    mpp_x: float | None
-    mpp_y: float | None
-    vendor: str | None
-    objective_power: float | None
-    associated: dict[str, LevelView] = field(default_factory=dict)
-    dicom: dict[str, Any] | None = None
-    manifest_crc: str = ""
-    """Changes whenever the published slide changes: the base of strong ETags."""
+    levels: tuple[SourceLevel, ...]
+    properties: SlideProperties
+
+    @property
+    def version(self) -> str:
+        """Stable while the slide converts; the published slide gets its manifest's version."""
+        return f"src{self.slide_id[:8]}"
 
     @property
     def width(self) -> int:
@@ -78,183 +179,119 @@ class SlideView:
     def height(self) -> int:
         return self.levels[0].height
 
-    def level(self, index: int) -> LevelView:
+    @property
+    def associated_names(self) -> tuple[str, ...]:
+        return ()
+
+    @property
+    def dicom(self) -> PublishedDicom | None:
+        return None
+
+    def level(self, index: int) -> SourceLevel:
         if not 0 <= index < len(self.levels):
             raise InvalidArgument(f"level {index} does not exist (0..{len(self.levels) - 1})")
         return self.levels[index]
 
-    def summary(self) -> dict[str, Any]:
-        return {
-            "id": self.slide_id,
-            "status": self.status,
-            "width": self.width,
-            "height": self.height,
-            "mpp_x": self.mpp_x,
-            "mpp_y": self.mpp_y,
-            "vendor": self.vendor,
-            "objective_power": self.objective_power,
-            "levels": [
-                {
-                    "level": lv.index,
-                    "width": lv.width,
-                    "height": lv.height,
-                    "tile_width": lv.tile_width,
-                    "tile_height": lv.tile_height,
-                    "downsample": 2**lv.index,
-                    "codec": lv.codec,
-                }
-                for lv in self.levels
-            ],
-            "associated_images": sorted(self.associated),
-        }
+    def best_level(self, downsample: float) -> SourceLevel:
+        return best_level(self.levels, downsample)
 
 
-class ByteLRU:
-    """Least-recently-used cache of bytes values with a byte budget."""
+@dataclass(frozen=True, eq=False)
+class ConvertingSlide(SourcePyramid):
+    """A slide still converting, with its tiles: each made by `sources` on the store's thread
+    pool and kept in the store's tile cache (one memory budget for both kinds of slide)."""
 
-    def __init__(self, budget: int) -> None:
-        self.budget = budget
-        self.used = 0
-        self.hits = 0
-        self.misses = 0
-        self._items: collections.OrderedDict[Any, bytes] = collections.OrderedDict()
+    sources: SourceSlides
+    store: PublishedStore
 
-    def get(self, key: Any) -> bytes | None:
-        value = self._items.get(key)
-        if value is None:
-            self.misses += 1
-            return None
-        self._items.move_to_end(key)
-        self.hits += 1
-        return value
+    async def tile_bytes(self, level: int, col: int, row: int) -> bytes:
+        """Tile (col, row) of `level` as a complete JPEG of the full tile size."""
+        self.level(level).check_tile(col, row)
+        key = ("source", self.slide_id, level, col, row)
+        data = self.store.tiles.get(key)
+        if data is not None:
+            return data
 
-    def put(self, key: Any, value: bytes) -> None:
-        if len(value) > self.budget:
-            return
-        old = self._items.pop(key, None)
-        if old is not None:
-            self.used -= len(old)
-        self._items[key] = value
-        self.used += len(value)
-        while self.used > self.budget:
-            _, dropped = self._items.popitem(last=False)
-            self.used -= len(dropped)
+        async def make() -> bytes:
+            made = await self.store.run_in_pool(self.sources.tile, self.slide_id, level, col, row)
+            self.store.tiles.put(key, made)
+            return made
 
+        # Requests for the same tile while it is being made share the one decode and encode.
+        return await self.store.once(key, make)
 
-class AsyncStore:
-    """Non-blocking reads of a `wsi.Store`."""
+    async def tile(self, level: int, col: int, row: int) -> np.ndarray:
+        lv = self.level(level)
+        h, w = lv.tile_shape(col, row)
+        data = await self.tile_bytes(level, col, row)
+        return await self.store.run_in_pool(
+            lambda: np.ascontiguousarray(decode_tile(lv, data)[:h, :w])
+        )
 
-    def __init__(self, store: Store, executor: cf.Executor) -> None:
-        self.store = store
-        self.executor = executor
-        self._fs: Any = None
+    async def region(self, level: int, x: int, y: int, width: int, height: int) -> np.ndarray:
+        lv = self.level(level)
+        if width <= 0 or height <= 0:
+            raise InvalidArgument(f"region size must be positive, got {width}x{height}")
+        canvas = np.full((height, width, 3), 255, np.uint8)
+        x0, y0 = max(x, 0), max(y, 0)
+        x1, y1 = min(x + width, lv.width), min(y + height, lv.height)
+        if x0 >= x1 or y0 >= y1:
+            return canvas
+        tw, th = lv.tile_width, lv.tile_height
+        cells = [
+            (col, row)
+            for row in range(y0 // th, (y1 - 1) // th + 1)
+            for col in range(x0 // tw, (x1 - 1) // tw + 1)
+        ]
+        chunks = await asyncio.gather(*(self.tile_bytes(level, c, r) for c, r in cells))
 
-    async def start(self) -> None:
-        if self.store.settings.is_s3:
-            import s3fs
+        def paste() -> np.ndarray:
+            for (col, row), data in zip(cells, chunks, strict=True):
+                pixels = decode_tile(lv, data)
+                tx0, ty0 = max(col * tw, x0), max(row * th, y0)
+                tx1, ty1 = min((col + 1) * tw, x1), min((row + 1) * th, y1)
+                canvas[ty0 - y : ty1 - y, tx0 - x : tx1 - x] = pixels[
+                    ty0 - row * th : ty1 - row * th, tx0 - col * tw : tx1 - col * tw
+                ]
+            return canvas
 
-            self._fs = s3fs.S3FileSystem(asynchronous=True, **self.store.storage_options)
-            await self._fs.set_session()
-
-    async def close(self) -> None:
-        if self._fs is not None:
-            session = getattr(self._fs, "_s3", None)
-            if session is not None:
-                await session.close()
-            self._fs = None
-
-    async def _blocking(self, fn: Any, *args: Any) -> Any:
-        return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
-
-    async def get(self, key: str) -> bytes:
-        if self._fs is None:
-            return await self._blocking(self.store.get, key)
-        try:
-            return bytes(await self._fs._cat_file(self.store.path(key)))
-        except FileNotFoundError as exc:
-            raise SlideNotFound(f"no object {key}") from exc
-        except OSError as exc:
-            raise StoreError(f"cannot read {key}: {exc}") from exc
-
-    async def get_range(self, key: str, start: int, end: int) -> bytes:
-        if self._fs is None:
-            return await self._blocking(self.store.get_range, key, start, end)
-        try:
-            return bytes(await self._fs._cat_file(self.store.path(key), start=start, end=end))
-        except FileNotFoundError as exc:
-            raise SlideNotFound(f"no object {key}") from exc
-        except OSError as exc:
-            raise StoreError(f"cannot read {key}: {exc}") from exc
-
-    async def published(self) -> list[str]:
-        return await self._blocking(self.store.published_slides)
-
-    async def reachable(self) -> bool:
-        try:
-            await self._blocking(self.store.children)
-        except Exception:
-            return False
-        return True
+        return await self.store.run_in_pool(paste)
 
 
 class Catalog:
-    """Published slides of one store, with caches for slide metadata, shard indexes and tiles."""
+    """The slides of the service: those `store` has published, then those `sources` serves
+    while they convert (a published slide takes over as soon as its manifest exists)."""
 
     def __init__(
-        self,
-        reader: AsyncStore,
-        tile_cache_bytes: int,
-        sources: SourceSlides | None = None,
-        recheck_seconds: float = 2.0,
+        self, store: PublishedStore, sources: SourceSlides | None = None, render_slots: int = 4
     ) -> None:
-        self.reader = reader
+        self.store = store
         self.sources = sources
-        self.recheck_seconds = recheck_seconds
-        """How long a slide's manifest is trusted before it is read again: tile requests must
-        not each cost a store round trip, and a re-published slide must still show up."""
-        self._checked: dict[str, float] = {}
-        self.tiles = ByteLRU(tile_cache_bytes)
-        self._views: collections.OrderedDict[str, SlideView] = collections.OrderedDict()
-        self._indexes: collections.OrderedDict[tuple[str, int | str], np.ndarray] = (
-            collections.OrderedDict()
-        )
+        self.renders = asyncio.Semaphore(render_slots)
+        """Renders (regions, scaled views) in progress at once: each may hold up to the pixel
+        budget of decoded pixels, so memory is bounded by slots x budget, not by clients."""
 
     async def slide_ids(self) -> list[str]:
         """Published slides, then slides only present as sources (being converted)."""
-        published = await self.reader.published()
+        ids = await self.store.slide_ids()
         if self.sources is None:
-            return published
-        loop = asyncio.get_running_loop()
-        found = await loop.run_in_executor(self.reader.executor, self.sources.scan)
-        return published + sorted(set(found) - set(published))
+            return ids
+        found = await self.store.run_in_pool(self.sources.scan)
+        return ids + sorted(set(found) - set(ids))
 
-    async def slide(self, slide_id: str) -> SlideView:
-        """The published slide `slide_id` (SlideNotFound otherwise), cached by manifest."""
-        check_slide_id(slide_id)
-        cached = self._views.get(slide_id)
-        now = time.monotonic()
-        if cached is not None and now - self._checked.get(slide_id, 0.0) < self.recheck_seconds:
-            return cached
+    async def slide(self, slide_id: str) -> ServedSlide:
+        """The slide `slide_id`: published, else from its source; SlideNotFound otherwise."""
         try:
-            manifest_bytes = await self.reader.get(f"{slide_id}/manifest.json")
+            return await self.store.slide(slide_id)
         except SlideNotFound as exc:
-            if self.sources is not None:
-                loop = asyncio.get_running_loop()
-                return await loop.run_in_executor(self.reader.executor, self._source_view, slide_id)
-            raise SlideNotFound(f"no slide {slide_id}") from exc
-        crc = f"{google_crc32c.value(manifest_bytes):08x}"
-        self._checked[slide_id] = now
-        if cached is not None and cached.manifest_crc == crc:
-            self._views.move_to_end(slide_id)
-            return cached
-        view = await self._load(slide_id, json.loads(manifest_bytes), crc)
-        self._views[slide_id] = view
-        while len(self._views) > 256:
-            dropped, _ = self._views.popitem(last=False)
-            self._checked.pop(dropped, None)
-        return view
+            if self.sources is None:
+                raise SlideNotFound(f"no slide {slide_id}") from exc
+        pyramid = await self.store.run_in_pool(self._source_pyramid, slide_id)
+        return ConvertingSlide(
+            pyramid.slide_id, pyramid.levels, pyramid.properties, self.sources, self.store
+        )
 
-    def _source_view(self, slide_id: str) -> SlideView:
+    def _source_pyramid(self, slide_id: str) -> SourcePyramid:
         assert self.sources is not None
         try:
             return self.sources.view(slide_id)
@@ -262,99 +299,10 @@ class Catalog:
             self.sources.scan()  # a slide that just landed
             return self.sources.view(slide_id)
 
-    async def _load(self, slide_id: str, manifest: dict[str, Any], crc: str) -> SlideView:
-        try:
-            root = json.loads(await self.reader.get(f"{slide_id}/slide.zarr/zarr.json"))
-        except SlideNotFound as exc:
-            raise SlideNotFound(f"slide {slide_id} has no Zarr view to serve") from exc
-        attrs = root["attributes"]["wsistore"]
-        objects = manifest["objects"]
+    async def reachable(self) -> bool:
+        """Whether the store answers (readiness)."""
+        return await self.store.reachable()
 
-        def view(path: str, lv: dict[str, Any], index: int) -> LevelView:
-            key = f"slide.zarr/{path}/c/0/0/0"
-            return LevelView(
-                index,
-                lv["width"],
-                lv["height"],
-                lv.get("tile_width", lv["width"]),
-                lv.get("tile_height", lv["height"]),
-                lv.get("codec", "jpeg"),
-                f"{slide_id}/{key}",
-                int(objects[key]["size"]),
-            )
-
-        levels = tuple(view(lv["path"], lv, i) for i, lv in enumerate(attrs["levels"]))
-        associated = {}
-        for a in attrs.get("associated_images", []):
-            key = f"slide.zarr/{a['path']}/c/0/0/0"
-            meta = json.loads(await self.reader.get(f"{slide_id}/slide.zarr/{a['path']}/zarr.json"))
-            codec = "jpeg" if "jpeg" in json.dumps(meta["codecs"]) else "zstd"
-            associated[a["name"]] = LevelView(
-                0,
-                a["width"],
-                a["height"],
-                a["width"],
-                a["height"],
-                codec,
-                f"{slide_id}/{key}",
-                int(objects[key]["size"]),
-            )
-        return SlideView(
-            slide_id,
-            "ready",
-            levels,
-            attrs.get("mpp_x"),
-            attrs.get("mpp_y"),
-            attrs.get("vendor"),
-            attrs.get("objective_power"),
-            associated,
-            attrs.get("dicom"),
-            crc,
-        )
-
-    async def _index(self, slide: SlideView, level: LevelView, tag: int | str) -> np.ndarray:
-        cache_key = (slide.slide_id + slide.manifest_crc, tag)
-        index = self._indexes.get(cache_key)
-        if index is None:
-            n = level.cols * level.rows
-            raw = await self.reader.get_range(level.key, level.size - 16 * n - 4, level.size)
-            (crc,) = struct.unpack("<I", raw[-4:])
-            if google_crc32c.value(raw[:-4]) != crc:
-                raise StoreError(f"shard index of {level.key} is corrupt")
-            index = np.frombuffer(raw[:-4], "<u8").reshape(n, 2)
-            self._indexes[cache_key] = index
-            while len(self._indexes) > 4096:
-                self._indexes.popitem(last=False)
-        return index
-
-    async def chunk(
-        self, slide: SlideView, level: LevelView, col: int, row: int, tag: int | str
-    ) -> bytes:
-        """The stored bytes of one tile (a complete JPEG for JPEG levels), from the LRU or one
-        range read."""
-        level.check_tile(col, row)
-        key = (slide.slide_id, slide.manifest_crc, tag, col, row)
-        cached = self.tiles.get(key)
-        if cached is not None:
-            return cached
-        if slide.status == "converting" and self.sources is not None:
-            loop = asyncio.get_running_loop()
-            data = await loop.run_in_executor(
-                self.reader.executor, self.sources.tile, slide.slide_id, level.index, col, row
-            )
-            self.tiles.put(key, data)
-            return data
-        index = await self._index(slide, level, tag)
-        offset, nbytes = (int(v) for v in index[row * level.cols + col])
-        data = await self.reader.get_range(level.key, offset, offset + nbytes)
-        self.tiles.put(key, data)
-        return data
-
-    async def tile(self, slide: SlideView, level: int, col: int, row: int) -> bytes:
-        return await self.chunk(slide, slide.level(level), col, row, level)
-
-    async def associated(self, slide: SlideView, name: str) -> tuple[LevelView, bytes]:
-        if name not in slide.associated:
-            raise SlideNotFound(f"slide {slide.slide_id} has no {name} image")
-        view = slide.associated[name]
-        return view, await self.chunk(slide, view, 0, 0, name)
+    async def in_pool(self, fn: Callable[..., T], *args: Any) -> T:
+        """Blocking work (decoding, resampling, encoding) on the app's thread pool."""
+        return await self.store.run_in_pool(fn, *args)

@@ -9,9 +9,13 @@ level-0 JPEG tiles are the source's bytes, everything else is decoded, downsampl
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import math
+import stat as _stat
 import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,20 +23,21 @@ import numpy as np
 from aiohttp import web
 from PIL import Image
 
-from server.catalog import LevelView, SlideView
+from server.catalog import SourceLevel, SourcePyramid
 from server.keys import JOBS
 from wsi.codecs import jpeg
 from wsi.errors import InvalidArgument, SlideNotFound, WsiError
 from wsi.model import TileCodec
 from wsi.pyramid.builder import PyramidSettings, plan_pyramid
 from wsi.slide_id import content_slide_id
+from wsi.slidefiles import is_non_slide, is_temporary
 from wsi.sources import BACKENDS, SlideSource, open_slide
-
-_SKIP_SUFFIXES = {".json", ".txt", ".md", ".xml", ".tmp", ".part"}
 
 
 def _is_candidate(path: Path) -> bool:
-    if path.name.startswith(".") or path.suffix.lower() in _SKIP_SUFFIXES:
+    """A file a reader opens as a slide; temporary and non-slide names (sidecars, databases such
+    as the job table, ...) are never probed."""
+    if is_temporary(path.name) or is_non_slide(path.name):
         return False
     return any(b.is_available() and b.can_open(path) for b in BACKENDS)
 
@@ -89,8 +94,25 @@ def reduced_region(
     return out
 
 
+MAX_OPEN_SOURCES = 32
+"""Source slides kept open at once (each holds file descriptors and reader caches): beyond this
+the least recently used one that no request is reading is closed."""
+
+
+@dataclass
+class _Opened:
+    source: SlideSource
+    view: SourcePyramid
+    users: int = 0
+    """Requests reading it now: an open source is closed only when none is."""
+
+
 class SourceSlides:
-    """Unconverted slides in some folders; blocking methods run on the caller's thread pool."""
+    """Unconverted slides in some folders; blocking methods run on the caller's thread pool.
+
+    Scans are cheap when nothing changed: a file's slide id (a content hash) and whether a reader
+    takes it are remembered by (size, mtime), so listing slides does not re-read every source.
+    A file that no reader takes, or that fails, is skipped on its own: it never hides the rest."""
 
     def __init__(self, folders: tuple[str, ...], pixel_budget: int = 16_000_000) -> None:
         self.folders = [Path(f) for f in folders]
@@ -98,20 +120,43 @@ class SourceSlides:
         """Most source pixels one tile may read (the service's render budget)."""
         self._paths: dict[str, Path] = {}
         self._registered: dict[str, Path] = {}
-        self._open: dict[str, tuple[SlideSource, SlideView]] = {}
+        self._known: dict[Path, tuple[int, int, str | None]] = {}
+        """path -> (size, mtime_ns, slide id or None when no reader takes it)."""
+        self._open: collections.OrderedDict[str, _Opened] = collections.OrderedDict()
         self._lock = threading.Lock()
+
+    def _slide_id(self, path: Path) -> str | None:
+        """The slide id of a candidate file, from the cache while the file is unchanged."""
+        stat = path.stat()
+        if not _stat.S_ISREG(stat.st_mode):
+            return None
+        stamp = (stat.st_size, stat.st_mtime_ns)
+        known = self._known.get(path)
+        if known is not None and known[:2] == stamp:
+            return known[2]
+        slide_id: str | None = None
+        with contextlib.suppress(OSError, WsiError):
+            if _is_candidate(path):
+                slide_id = content_slide_id(path)
+        self._known[path] = (*stamp, slide_id)
+        return slide_id
 
     def scan(self) -> dict[str, Path]:
         """Slide id -> path for every readable slide file directly in the folders."""
         found: dict[str, Path] = {}
+        seen: set[Path] = set()
         for folder in self.folders:
             if not folder.is_dir():
                 continue
             for path in sorted(folder.iterdir()):
-                with contextlib.suppress(OSError, WsiError):
-                    if path.is_file() and _is_candidate(path):
-                        found[content_slide_id(path)] = path
+                seen.add(path)
+                with contextlib.suppress(OSError):
+                    slide_id = self._slide_id(path)
+                    if slide_id is not None:
+                        found[slide_id] = path
         with self._lock:
+            for gone in set(self._known) - seen:
+                del self._known[gone]
             for slide_id, path in list(self._registered.items()):
                 if path.exists():
                     found.setdefault(slide_id, path)
@@ -127,50 +172,82 @@ class SourceSlides:
             self._registered[slide_id] = path
             self._paths[slide_id] = path
 
-    def view(self, slide_id: str) -> SlideView:
+    def view(self, slide_id: str) -> SourcePyramid:
+        """The pyramid the conversion of `slide_id` will write (its source opened once)."""
         with self._lock:
             opened = self._open.get(slide_id)
             path = self._paths.get(slide_id)
-        if opened is not None:
-            return opened[1]
+            if opened is not None:
+                self._open.move_to_end(slide_id)
+                return opened.view
         if path is None:
             raise SlideNotFound(f"no slide {slide_id}")
         source = open_slide(path)
-        plans = plan_pyramid(source, PyramidSettings())
-        levels = tuple(
-            LevelView(
-                p.index,
-                p.level.width,
-                p.level.height,
-                p.level.tile_width,
-                p.level.tile_height,
-                "jpeg",
-                f"source:{p.source_level}",
-                0,
+        try:
+            levels = tuple(
+                SourceLevel(
+                    p.level.width,
+                    p.level.height,
+                    p.level.tile_width,
+                    p.level.tile_height,
+                    p.level.downsample,
+                    index=p.index,
+                )
+                for p in plan_pyramid(source, PyramidSettings())
             )
-            for p in plans
-        )
-        props = source.properties
-        view = SlideView(
-            slide_id,
-            "converting",
-            levels,
-            props.mpp_x,
-            props.mpp_y,
-            props.vendor,
-            props.objective_power,
-            {},
-            None,
-            f"src{slide_id[:8]}",
-        )
+        except BaseException:
+            source.close()
+            raise
+        view = SourcePyramid(slide_id, levels, source.properties)
         with self._lock:
-            self._open[slide_id] = (source, view)
+            if slide_id in self._open:  # another thread opened it meanwhile
+                source.close()
+                return self._open[slide_id].view
+            self._open[slide_id] = _Opened(source, view)
+        self._close_unused()
         return view
+
+    @contextlib.contextmanager
+    def _reading(self, slide_id: str) -> Iterator[_Opened]:
+        """The open source of `slide_id`, not closed while this is held (reopened if needed)."""
+        while True:
+            with self._lock:
+                opened = self._open.get(slide_id)
+                if opened is not None:
+                    opened.users += 1
+                    self._open.move_to_end(slide_id)
+                    break
+            self.view(slide_id)
+        try:
+            yield opened
+        finally:
+            with self._lock:
+                opened.users -= 1
+            self._close_unused()
+
+    def _close_unused(self) -> None:
+        """Close least recently used sources beyond MAX_OPEN_SOURCES that nobody reads."""
+        closing = []
+        with self._lock:
+            excess = len(self._open) - MAX_OPEN_SOURCES
+            for slide_id, opened in list(self._open.items())[:-1]:  # never the newest
+                if excess <= 0:
+                    break
+                if opened.users == 0:
+                    del self._open[slide_id]
+                    closing.append(opened.source)
+                    excess -= 1
+        for source in closing:
+            source.close()
 
     def tile(self, slide_id: str, level: int, col: int, row: int) -> bytes:
         """A tile of the future pyramid, as a complete JPEG."""
-        with self._lock:
-            source, view = self._open[slide_id]
+        with self._reading(slide_id) as opened:
+            return self._tile(opened.source, opened.view, level, col, row)
+
+    def _tile(
+        self, source: SlideSource, view: SourcePyramid, level: int, col: int, row: int
+    ) -> bytes:
         lv = view.level(level)
         lv.check_tile(col, row)
         if level == 0 and source.tile_codec(0) is TileCodec.JPEG:
@@ -191,8 +268,8 @@ class SourceSlides:
 
     def close(self) -> None:
         with self._lock:
-            for source, _ in self._open.values():
-                source.close()
+            for opened in self._open.values():
+                opened.source.close()
             self._open.clear()
 
 

@@ -8,13 +8,17 @@ import concurrent.futures as cf
 
 from aiohttp import web
 
+from server.audit import AuditLog
 from server.bucket_copies import StagedSources
 from server.catalog import Catalog
 from server.metrics import Metrics
 from server.settings import ServerSettings
 from wsi.ingest.queue import JobQueue
+from wsi.ingest.supervise import Supervisor
 
 SETTINGS = web.AppKey("settings", ServerSettings)
+AUDIT = web.AppKey("audit", AuditLog)
+"""The access audit log, when auth is on and `audit_log` is set."""
 CATALOG = web.AppKey("catalog", Catalog)
 EXECUTOR = web.AppKey("executor", cf.ThreadPoolExecutor)
 METRICS = web.AppKey("metrics", Metrics)
@@ -24,4 +28,6 @@ JOBS_WAKE = web.AppKey("jobs_wake", asyncio.Event)
 """Set when a job is submitted here, so this process's idle workers claim it at once."""
 COPIES = web.AppKey("copies", StagedSources)
 """Local copies of s3:// job sources (made at submit, viewed and converted from)."""
+INGEST_TASKS = web.AppKey("ingest_tasks", Supervisor)
+"""The ingest loops (watcher feed, workers, purge, copies keeper): `/readyz` lists those down."""
 

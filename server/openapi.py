@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 from aiohttp import web
 
+from server.errors import ERROR_STATUSES
 from server.keys import ROUTE_MODULES
 from wsi import __version__
 
@@ -18,7 +20,12 @@ ERROR = {
 def openapi_document(app: web.Application) -> dict[str, Any]:
     paths: dict[str, Any] = {}
     for module in app[ROUTE_MODULES]:
-        paths.update(getattr(module, "OPENAPI", {}))
+        paths.update(copy.deepcopy(getattr(module, "OPENAPI", {})))
+    for operations in paths.values():
+        for operation in operations.values():
+            responses = operation.setdefault("responses", {})
+            for code in ERROR_STATUSES:
+                responses.setdefault(str(code), ERROR)
     return {
         "openapi": "3.1.0",
         "info": {

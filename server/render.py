@@ -1,30 +1,26 @@
 """Pixels for responses that do not match a stored tile: edge crops, regions, scaled views.
 
 Only these decode; a request that matches a stored tile is answered with the stored bytes.
-Decoding, resampling and encoding run on the app's thread pool, never on the event loop.
+Decoding goes through the library (which refuses a tile declaring another size than its
+level's before allocating); resampling and encoding run on the app's thread pool, never on the
+event loop.
 """
 
 from __future__ import annotations
 
-import asyncio
 import io
 import math
+from collections.abc import Callable
+from typing import Any, TypeVar
 
-import numcodecs
 import numpy as np
 from PIL import Image
 
-from server.catalog import Catalog, LevelView, SlideView
+from server.catalog import Catalog, ServedSlide
 from wsi.codecs import jpeg
 from wsi.errors import InvalidArgument
 
-
-def decode_chunk(level: LevelView, data: bytes) -> np.ndarray:
-    """A stored chunk -> (tile_height, tile_width, 3) uint8."""
-    if level.codec == "jpeg":
-        return jpeg.decode(data, expected=(level.tile_height, level.tile_width))
-    raw = numcodecs.Zstd().decode(data)
-    return np.frombuffer(raw, np.uint8).reshape(level.tile_height, level.tile_width, 3)
+T = TypeVar("T")
 
 
 def encode_image(pixels: np.ndarray, fmt: str, quality: int = 90) -> tuple[bytes, str]:
@@ -42,23 +38,14 @@ def encode_image(pixels: np.ndarray, fmt: str, quality: int = 90) -> tuple[bytes
     raise InvalidArgument(f"unsupported image format {fmt!r}")
 
 
-async def in_pool(catalog: Catalog, fn, *args):  # type: ignore[no-untyped-def]
-    return await asyncio.get_running_loop().run_in_executor(catalog.reader.executor, fn, *args)
-
-
-def best_level(slide: SlideView, scale: float) -> LevelView:
-    """The smallest stored level still at least as detailed as `scale` (output/level-0 px)."""
-    chosen = slide.levels[0]
-    for level in slide.levels:
-        # Level k is an exact 2^k downsample: compare scales, not sizes rounded down.
-        if 2.0**-level.index >= scale * (1 - 1e-9):
-            chosen = level
-    return chosen
+async def in_pool(catalog: Catalog, fn: Callable[..., T], *args: Any) -> T:
+    """Blocking work on the app's thread pool."""
+    return await catalog.in_pool(fn, *args)
 
 
 async def region(
     catalog: Catalog,
-    slide: SlideView,
+    slide: ServedSlide,
     x: int,
     y: int,
     width: int,
@@ -67,36 +54,42 @@ async def region(
     out_height: int,
     max_pixels: int,
 ) -> np.ndarray:
-    """Level-0 rectangle (x, y, width, height) scaled to (out_width, out_height) pixels."""
+    """Level-0 rectangle (x, y, width, height) scaled to (out_width, out_height) pixels, read
+    from the least detailed level that still has the detail asked for."""
     if out_width * out_height > max_pixels:
         raise InvalidArgument(f"{out_width}x{out_height} exceeds the {max_pixels} pixel budget")
     if min(width, height, out_width, out_height) <= 0:
         raise InvalidArgument("region and size must be positive")
-    level = best_level(slide, min(out_width / width, out_height / height))
-    # Level k is an exact 2^k area downsample (sizes rounded down), not a width ratio.
-    fx = fy = 2.0**-level.index
-    lx0, ly0 = math.floor(x * fx), math.floor(y * fy)
-    lx1 = min(level.width, max(lx0 + 1, math.ceil((x + width) * fx)))
-    ly1 = min(level.height, max(ly0 + 1, math.ceil((y + height) * fy)))
+    level = slide.best_level(max(width / out_width, height / out_height))
+    # Sizes of level k are rounded down from level 0 / downsample: map coordinates by the
+    # level's own downsample, not by a ratio of widths.
+    f = 1.0 / level.downsample
+    lx0, ly0 = math.floor(x * f), math.floor(y * f)
+    lx1 = min(level.width, max(lx0 + 1, math.ceil((x + width) * f)))
+    ly1 = min(level.height, max(ly0 + 1, math.ceil((y + height) * f)))
     if (lx1 - lx0) * (ly1 - ly0) > 4 * max_pixels:
         raise InvalidArgument("region needs too many source pixels")
-    tw, th = level.tile_width, level.tile_height
-    cols = range(lx0 // tw, (lx1 - 1) // tw + 1)
-    rows = range(ly0 // th, (ly1 - 1) // th + 1)
-    chunks = await asyncio.gather(
-        *(catalog.chunk(slide, level, c, r, level.index) for r in rows for c in cols)
-    )
+    async with catalog.renders:
+        return await _render(
+            catalog, slide, level.index, (lx0, ly0, lx1, ly1), (out_width, out_height)
+        )
 
-    def assemble() -> np.ndarray:
-        canvas = np.full((len(rows) * th, len(cols) * tw, 3), 255, np.uint8)
-        for i, data in enumerate(chunks):
-            r, c = divmod(i, len(cols))
-            canvas[r * th : (r + 1) * th, c * tw : (c + 1) * tw] = decode_chunk(level, data)
-        ox, oy = lx0 - cols.start * tw, ly0 - rows.start * th
-        crop = canvas[oy : oy + (ly1 - ly0), ox : ox + (lx1 - lx0)]
-        if crop.shape[1] == out_width and crop.shape[0] == out_height:
-            return np.ascontiguousarray(crop)
-        image = Image.fromarray(np.ascontiguousarray(crop))
+
+async def _render(
+    catalog: Catalog,
+    slide: ServedSlide,
+    level: int,
+    box: tuple[int, int, int, int],
+    size: tuple[int, int],
+) -> np.ndarray:
+    lx0, ly0, lx1, ly1 = box
+    out_width, out_height = size
+    crop = await slide.region(level, lx0, ly0, lx1 - lx0, ly1 - ly0)
+    if crop.shape[:2] == (out_height, out_width):
+        return crop
+
+    def resize() -> np.ndarray:
+        image = Image.fromarray(crop)
         return np.asarray(image.resize((out_width, out_height), Image.Resampling.LANCZOS))
 
-    return await in_pool(catalog, assemble)
+    return await catalog.in_pool(resize)

@@ -6,6 +6,7 @@ the nearest source level, inside the render budget, and equals an exact area dow
 from __future__ import annotations
 
 import asyncio
+import os
 import tracemalloc
 from pathlib import Path
 
@@ -94,3 +95,43 @@ def test_pieces_match_one_read(tmp_path: Path) -> None:
     assert np.array_equal(whole, pieces)
     reference = area_reference(openslide_level0(source), 2)[:256, :256]
     assert np.abs(whole.astype(int) - np.round(reference)).max() <= 1
+
+
+def test_scans_rehash_only_changed_files_and_open_sources_are_bounded(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Listing slides used to re-hash every source file each time, and every source opened for a
+    tile stayed open for ever (EMFILE after a few hundred)."""
+    from server import converting
+
+    folder = tmp_path / "sources"
+    folder.mkdir()
+    for i in range(6):
+        make_tiff(folder / f"s{i}.tif", 300, 300, pyramid=False, seed=i)
+    (folder / "notes.txt").write_text("not a slide")
+    hashed: list[Path] = []
+    real = converting.content_slide_id
+
+    def counting(path):  # type: ignore[no-untyped-def]
+        hashed.append(Path(path))
+        return real(path)
+
+    monkeypatch.setattr(converting, "content_slide_id", counting)
+    monkeypatch.setattr(converting, "MAX_OPEN_SOURCES", 2)
+    slides = SourceSlides((str(folder),))
+    try:
+        ids = slides.scan()
+        assert len(ids) == 6 and len(hashed) == 6
+        slides.scan()
+        assert len(hashed) == 6  # nothing changed: nothing re-read
+        changed = folder / "s0.tif"
+        make_tiff(changed, 320, 300, pyramid=False, seed=9)
+        assert len(slides.scan()) == 6 and hashed[-1] == changed and len(hashed) == 7
+        fds = len(os.listdir("/proc/self/fd"))
+        for slide_id in slides.scan():
+            slides.view(slide_id)
+            jpeg.decode(slides.tile(slide_id, 0, 0, 0))
+            assert len(slides._open) <= 2
+        assert len(os.listdir("/proc/self/fd")) <= fds + 8
+    finally:
+        slides.close()

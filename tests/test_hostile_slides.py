@@ -29,11 +29,10 @@ def declare_size(stream: bytes, width: int, height: int) -> bytes:
     return stream[: at + 5] + struct.pack(">HH", height, width) + stream[at + 9 :]
 
 
-@pytest.fixture
-def huge_tile_tiff(tmp_path: Path) -> Path:
-    """A small JPEG pyramid whose tile (1, 1) of level 0 declares 65000 x 65000 pixels (few KB:
-    only the SOF header changes; a decoder would allocate 12 GiB for it)."""
-    path = make_tiff(tmp_path / "hostile.tif", 700, 600, pyramid=False)
+def hostile_tile_tiff(path: Path) -> Path:
+    """A small JPEG pyramid whose tile (1, 1) of level 0 declares 65000 x 65000 pixels (a few
+    KB: only the SOF header changes; a decoder would allocate 12 GiB for it)."""
+    make_tiff(path, 700, 600, pyramid=False)
     with tifffile.TiffFile(path) as tif:
         page = tif.pages[0]
         cols = -(-page.imagewidth // page.tilewidth)
@@ -47,6 +46,11 @@ def huge_tile_tiff(tmp_path: Path) -> Path:
         f.seek(offset)
         f.write(patched)
     return path
+
+
+@pytest.fixture
+def huge_tile_tiff(tmp_path: Path) -> Path:
+    return hostile_tile_tiff(tmp_path / "hostile.tif")
 
 
 def test_jpeg_decode_refuses_a_declared_size_it_did_not_expect() -> None:
@@ -128,5 +132,62 @@ def test_a_hostile_stored_tile_is_refused_by_every_renderer(tmp_path: Path) -> N
                 r = await c.get(url)
                 assert r.status == 422, (url, r.status)
                 assert "declares 65000x65000" in (await r.json())["error"]
+
+    asyncio.run(main())
+
+
+def sparse_tiff(path: Path, side: int) -> Path:
+    """A tiled JPEG TIFF declaring side x side pixels with one stored tile (the rest sparse):
+    a few hundred KB that a naive converter turns into tens of gigapixels of white tiles."""
+    tile = np.full((1024, 1024, 3), 255, np.uint8)
+    count = (-(-side // 1024)) ** 2
+
+    def tiles():  # type: ignore[no-untyped-def]
+        yield tile
+        for _ in range(count - 1):
+            yield None
+
+    tifffile.imwrite(
+        path, tiles(), shape=(side, side, 3), dtype="uint8", tile=(1024, 1024),
+        compression="jpeg", photometric="rgb", bigtiff=True,
+    )  # fmt: skip
+    return path
+
+
+@pytest.mark.timeout(120)
+def test_a_sparse_file_declaring_huge_pixels_is_refused(tmp_path: Path) -> None:
+    source = sparse_tiff(tmp_path / "sparse.tif", 200_000)
+    assert source.stat().st_size < 1_000_000
+    done = run_wsi("convert", str(source), "--out", str(tmp_path / "out"), "--no-progress")
+    assert done.returncode == 1
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "declares 200000 x 200000 pixels in" in lines[0], done.stderr
+    assert not any((tmp_path / "out").rglob("*.json"))
+    # The absolute limit is a setting too.
+    small = make_tiff(tmp_path / "small.tif", 700, 600, pyramid=False)
+    store = wsi.Store(wsi.StoreSettings(str(tmp_path / "store")))
+    with pytest.raises(wsi.CorruptSlide, match="over the 100000 pixel limit"):
+        wsi.convert_slide(small, store, wsi.ConvertSettings(max_pixels=100_000))
+    assert wsi.convert_slide(small, store).slide_id
+
+
+def test_a_corrupt_shard_index_is_a_422(tmp_path: Path) -> None:
+    """A shard index whose CRC32C disagrees is a corrupt slide (422), not an unreachable store
+    (503): retrying will not help. The other levels, with their own indexes, are still served."""
+    source = make_tiff(tmp_path / "ok.tif", 700, 600, pyramid=False)
+    root = tmp_path / "store"
+    sid = wsi.convert_slide(source, wsi.Store(wsi.StoreSettings(str(root)))).slide_id
+    shard = root / sid / "slide.zarr" / "0" / "c" / "0" / "0" / "0"
+    raw = bytearray(shard.read_bytes())
+    raw[len(raw) - 16 * 9 - 4] ^= 0x01  # first offset of the 3 x 3 tile index, CRC unchanged
+    shard.write_bytes(bytes(raw))
+
+    async def main() -> None:
+        async with TestClient(TestServer(create_app(ServerSettings(store=str(root))))) as c:
+            r = await c.get(f"/slides/{sid}/tiles/0/0/0")
+            assert r.status == 422
+            assert "CRC32C" in (await r.json())["error"]
+            assert (await c.get(f"/iiif/3/{sid}/0,0,100,100/max/0/default.jpg")).status == 422
+            assert (await c.get(f"/slides/{sid}/tiles/1/0/0")).status == 200
 
     asyncio.run(main())

@@ -10,7 +10,6 @@ import io
 import json
 import threading
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -30,7 +29,9 @@ from server.app import create_app
 from server.settings import ServerSettings
 from wsi.codecs import jpeg
 
-SOURCE = Path(__file__).resolve().parents[2] / "shared" / "sample-slides" / "CMU-1-Small-Region.svs"
+from .conftest import sample
+
+SOURCE = sample("CMU-1-Small-Region.svs")
 JPEG_BASELINE = "1.2.840.10008.1.2.4.50"
 WSM = "1.2.840.10008.5.1.4.1.1.77.1.6"
 NAMED = {

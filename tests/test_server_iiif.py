@@ -21,9 +21,9 @@ from server.app import create_app
 from server.render import encode_image
 from server.settings import ServerSettings
 
-from .conftest import area_reference, psnr
+from .conftest import area_reference, psnr, sample
 
-SLIDE = Path(__file__).resolve().parents[2] / "shared" / "sample-slides" / "CMU-1-Small-Region.svs"
+SLIDE = sample("CMU-1-Small-Region.svs")
 W, H, TILE = 2220, 2967, 240
 FACTORS = [1, 2, 4, 8, 16]
 LD_JSON = 'application/ld+json;profile="http://iiif.io/api/image/3/context.json"'

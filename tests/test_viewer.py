@@ -22,7 +22,7 @@ from PIL import Image
 import wsi
 from server.api import viewer as routes_viewer
 from server.app import create_app
-from server.catalog import LevelView, SlideView
+from server.catalog import SourceLevel, SourcePyramid
 from server.settings import ServerSettings
 
 from .browser import AppThread, Chromium
@@ -91,8 +91,8 @@ def test_index_lists_slides_with_thumbnails(server: AppThread, published: tuple[
     assert "2220 × 2967 px · 0.499 µm/px" in page
 
     # The fallback for slides without a thumbnail is a whole-slide DeepZoom tile that exists.
-    level = LevelView(0, 2220, 2967, 240, 240, "jpeg", "unused", 1)
-    bare = SlideView(slide_id, "ready", (level,), 0.499, 0.499, None, None)
+    level = SourceLevel(2220, 2967, 240, 240)
+    bare = SourcePyramid(slide_id, (level,), wsi.SlideProperties(mpp_x=0.499, mpp_y=0.499))
     status, headers, body = get(server.url + routes_viewer.thumbnail_url(bare, ""))
     assert status == 200 and headers["Content-Type"] == "image/jpeg"
     assert max(Image.open(io.BytesIO(body)).size) == 186  # 2967 / 16, rounded up
@@ -145,9 +145,10 @@ def test_static_files_and_no_traversal(server: AppThread) -> None:
 
 
 def test_escapes_what_it_puts_in_html() -> None:
-    level = LevelView(0, 300, 200, 256, 256, "jpeg", "x/slide.zarr/0/c/0/0/0", 1)
+    level = SourceLevel(300, 200, 256, 256)
     evil = "</script><script>alert(1)</script>&\"'"
-    slide = SlideView(evil, "ready", (level,), 0.25, 0.25, "<b>vendor</b>", None)
+    props = wsi.SlideProperties(vendor="<b>vendor</b>", mpp_x=0.25, mpp_y=0.25)
+    slide = SourcePyramid(evil, (level,), props)
     for page in (
         routes_viewer.index_html([slide], {evil: ("exp=1&sig=<x>", "exp=1&sig=<x>")}),
         routes_viewer.view_html(slide, "exp=1&sig=<x>", osd_installed=True),

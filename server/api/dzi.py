@@ -1,9 +1,9 @@
 """DeepZoom for OpenSeadragon: `/slides/{id}.dzi` and `/slides/{id}_files/{z}/{x}_{y}.jpeg`.
 
-DeepZoom level z is the image scaled by 2^(z - max_level) with sizes rounded up; it maps onto our
-level max_level - z. Interior tiles are the stored JPEG bytes; edge tiles are cropped to the
-level's size (OpenSeadragon stretches a full-size edge tile otherwise) and levels smaller than our
-smallest are rendered from it.
+DeepZoom level z is the image scaled by 2^(z - max_level) with sizes rounded up; it maps onto the
+stored level whose downsample (from the slide's metadata) is 2^(max_level - z). Interior tiles are
+the stored JPEG bytes; edge tiles are cropped to the level's size (OpenSeadragon stretches a
+full-size edge tile otherwise) and levels smaller than our smallest are rendered from it.
 """
 
 from __future__ import annotations
@@ -13,23 +13,35 @@ import math
 import numpy as np
 from aiohttp import web
 
-from server.catalog import SlideView
+from server.catalog import ServedLevel, ServedSlide, SlideInfo
 from server.keys import CATALOG, SETTINGS
 from server.openapi import ERROR, path_params
-from server.render import decode_chunk, encode_image, in_pool, region
+from server.render import encode_image, in_pool, region
 from server.responses import etag_response
 from wsi.errors import InvalidArgument
+from wsi.published.values import JPEG, decode_tile
 
 SLIDE = "{slide_id:[a-z0-9][a-z0-9._-]{0,63}?}"
 
 
-def max_level(slide: SlideView) -> int:
+def max_level(slide: SlideInfo) -> int:
     return max(0, math.ceil(math.log2(max(slide.width, slide.height))))
 
 
-def dzi_size(slide: SlideView, z: int) -> tuple[int, int]:
+def dzi_size(slide: SlideInfo, z: int) -> tuple[int, int]:
     scale = 2.0 ** (z - max_level(slide))
     return max(1, math.ceil(slide.width * scale)), max(1, math.ceil(slide.height * scale))
+
+
+def stored_level(slide: ServedSlide, z: int) -> ServedLevel | None:
+    """The stored level whose tiles are DeepZoom level z's: the 2^(max_level - z) downsample
+    (by the level's own downsample) with square tiles of level 0's size."""
+    scale = 2.0 ** (max_level(slide) - z)
+    size = slide.levels[0].tile_width
+    for level in slide.levels:
+        if math.isclose(level.downsample, scale, rel_tol=1e-9):
+            return level if (level.tile_width, level.tile_height) == (size, size) else None
+    return None
 
 
 async def descriptor(request: web.Request) -> web.Response:
@@ -59,22 +71,22 @@ async def tile(request: web.Request) -> web.Response:
     if x_ * size >= width or y_ * size >= height:
         raise InvalidArgument(f"tile ({x_}, {y_}) is outside DeepZoom level {z_}")
     tw, th = min(size, width - x_ * size), min(size, height - y_ * size)
-    version = slide.manifest_crc
+    version = slide.version
     etag = f"{version}-dz{z_}-{x_}-{y_}"
-    k = top - z_
-    if k < len(slide.levels):
-        level = slide.levels[k]
-        if x_ < level.cols and y_ < level.rows and level.tile_height == size:
-            data = await catalog.tile(slide, k, x_, y_)
-            if (tw, th) == (level.tile_width, level.tile_height) and level.codec == "jpeg":
-                return etag_response(request, data, "image/jpeg", etag, version=version)
+    level = stored_level(slide, z_)
+    if level is not None and x_ < level.cols and y_ < level.rows:
+        data = await slide.tile_bytes(level.index, x_, y_)
+        if (tw, th) == (level.tile_width, level.tile_height) and level.codec == JPEG:
+            return etag_response(request, data, "image/jpeg", etag, version=version)
+        stored = level
 
-            def crop() -> bytes:
-                pixels = decode_chunk(level, data)[:th, :tw]
-                return encode_image(pixels, "jpg")[0]
+        def crop() -> bytes:
+            # DeepZoom sizes round up, ours down: the padded stored tile covers the difference.
+            pixels = decode_tile(stored, data)[:th, :tw]
+            return encode_image(pixels, "jpg")[0]
 
-            body = await in_pool(catalog, crop)
-            return etag_response(request, body, "image/jpeg", etag, version=version)
+        body = await in_pool(catalog, crop)
+        return etag_response(request, body, "image/jpeg", etag, version=version)
     scale = slide.width / width
     x0, y0 = int(x_ * size * scale), int(y_ * size * scale)
     pixels = await region(

@@ -1,14 +1,15 @@
 """IIIF Image API 3.0 at compliance level 2: `/iiif/3/{id}/info.json` and
 `/iiif/3/{id}/{region}/{size}/{rotation}/{quality}.{format}`.
 
-info.json declares the stored pyramid as IIIF tiles (one scale factor 2^k per stored level). A
-request for exactly such a tile is answered from the stored chunk: interior tiles of JPEG levels
-are the stored bytes as they are (no decoding); edge tiles are decoded and cropped (IIIF sizes
-round up, our levels round down: the at most one missing row/column repeats the edge). Every other
-request is rendered by `render.region` within the pixel budget, which info.json publishes as
-`maxArea`. Beyond level 2: square regions, `^` upscaling, mirroring, arbitrary rotation, gray and
-bitonal qualities, webp, and profile/canonical Link headers. Every response under /iiif/ carries
-`Access-Control-Allow-Origin: *`.
+info.json declares the stored pyramid as IIIF tiles (each stored level whose downsample, as the
+slide's metadata says, is a whole number gives that scale factor). A request for exactly such a tile
+is answered from the stored chunk: interior tiles of JPEG levels are the stored bytes as they are
+(no decoding); edge tiles are decoded and cropped (IIIF sizes round up, our levels round down: the
+at most one missing row/column repeats the edge). Every other request is rendered by `render.region`
+within the pixel budget, which info.json publishes as `maxArea`. Beyond level 2: square regions, `^`
+upscaling, mirroring, arbitrary rotation, gray and bitonal qualities, webp, and profile/canonical
+Link headers. CORS is the service's one policy (`server.cors`): any origin on loopback, an
+allow-list with auth on.
 """
 
 from __future__ import annotations
@@ -22,12 +23,13 @@ import numpy as np
 from aiohttp import web
 from PIL import Image
 
-from server.catalog import LevelView, SlideView
+from server.catalog import ServedLevel, ServedSlide, SlideInfo
 from server.keys import CATALOG, SETTINGS
 from server.openapi import ERROR, path_params
-from server.render import decode_chunk, encode_image, in_pool, region
+from server.render import encode_image, in_pool, region
 from server.responses import dumps, etag_response
 from wsi.errors import InvalidArgument, SlideNotFound
+from wsi.published.values import JPEG, decode_tile
 
 PREFIX = "/iiif/3"
 CONTEXT = "http://iiif.io/api/image/3/context.json"
@@ -72,7 +74,7 @@ class Size:
 
 @dataclass(frozen=True)
 class TileMatch:
-    level: LevelView
+    level: ServedLevel
     col: int
     row: int
     valid_w: int
@@ -210,15 +212,18 @@ def parse_file(quality: str, fmt: str) -> tuple[str, str]:
     return quality, fmt
 
 
-def scale_factor(slide: SlideView, level: LevelView) -> int | None:
-    """2^index when the level is the 2^index downsample of level 0 (sizes rounded either way)."""
-    s = 2**level.index
+def scale_factor(slide: ServedSlide, level: ServedLevel) -> int | None:
+    """The level's downsample when it is a whole number and the level is that downsample of
+    level 0 (sizes rounded either way): IIIF scale factors are integers."""
+    s = round(level.downsample)
+    if s < 1 or not math.isclose(level.downsample, s, rel_tol=1e-9):
+        return None
     ok_w = level.width in (slide.width // s, -(-slide.width // s))
     ok_h = level.height in (slide.height // s, -(-slide.height // s))
     return s if ok_w and ok_h else None
 
 
-def tile_groups(slide: SlideView) -> list[dict[str, object]]:
+def tile_groups(slide: ServedSlide) -> list[dict[str, object]]:
     """info.json `tiles`: one entry per stored tile shape, with the scale factors using it."""
     groups: dict[tuple[int, int], list[int]] = {}
     for level in slide.levels:
@@ -228,7 +233,7 @@ def tile_groups(slide: SlideView) -> list[dict[str, object]]:
     return [{"width": w, "height": h, "scaleFactors": f} for (w, h), f in groups.items()]
 
 
-def full_sizes(slide: SlideView, max_area: int) -> list[dict[str, int]]:
+def full_sizes(slide: ServedSlide, max_area: int) -> list[dict[str, int]]:
     """A few small full-image sizes: the stored levels up to 4096 px (each rendered from itself)
     and up to two halvings of the smallest (rendered from it, within `region`'s source limit)."""
     smallest = slide.levels[-1]
@@ -243,7 +248,7 @@ def full_sizes(slide: SlideView, max_area: int) -> list[dict[str, int]]:
     return [{"width": w, "height": h} for w, h in sorted(sizes)]
 
 
-def match_tile(slide: SlideView, r: Region, size: Size) -> TileMatch | None:
+def match_tile(slide: ServedSlide, r: Region, size: Size) -> TileMatch | None:
     """The stored tile that is exactly this request at its level's scale factor, if any."""
     for level in slide.levels:
         s = scale_factor(slide, level)
@@ -273,7 +278,7 @@ def match_tile(slide: SlideView, r: Region, size: Size) -> TileMatch | None:
 
 def tile_pixels(match: TileMatch, data: bytes) -> np.ndarray:
     """The stored tile cut to the level's edge, the edge repeated up to the IIIF size."""
-    pixels = decode_chunk(match.level, data)[: match.valid_h, : match.valid_w]
+    pixels = decode_tile(match.level, data)[: match.valid_h, : match.valid_w]
     pad_h, pad_w = match.out_h - pixels.shape[0], match.out_w - pixels.shape[1]
     if pad_h < 0 or pad_w < 0:
         pixels = pixels[: match.out_h, : match.out_w]
@@ -342,7 +347,7 @@ def base_url(request: web.Request, slide_id: str) -> str:
     return f"{scheme}://{host}{PREFIX}/{slide_id}"
 
 
-def info_document(slide: SlideView, base: str, max_area: int) -> dict[str, object]:
+def info_document(slide: ServedSlide, base: str, max_area: int) -> dict[str, object]:
     doc: dict[str, object] = {
         "@context": CONTEXT,
         "id": base,
@@ -368,7 +373,7 @@ def info_document(slide: SlideView, base: str, max_area: int) -> dict[str, objec
     return doc
 
 
-async def named_slide(request: web.Request) -> SlideView:
+async def named_slide(request: web.Request) -> ServedSlide:
     """The slide an image request names. An identifier is one path segment: an escaped `/`
     (%2F) in it names no image here (404). The router has decoded it already, so without this
     check `{id}%2Finfo.json` would be answered as `{id}/info.json`."""
@@ -398,7 +403,7 @@ async def base_redirect(request: web.Request) -> web.Response:
 
 
 def canonical(
-    slide: SlideView, r: Region, ow: int, oh: int, mirror: bool, deg: float, quality: str, fmt: str
+    slide: SlideInfo, r: Region, ow: int, oh: int, mirror: bool, deg: float, quality: str, fmt: str
 ) -> str:
     full = (r.x, r.y, r.w, r.h) == (0, 0, slide.width, slide.height)
     region_part = "full" if full else f"{r.x},{r.y},{r.w},{r.h}"
@@ -426,7 +431,7 @@ async def image(request: web.Request) -> web.Response:
         if max(ow * oh, bw * bh) > max_area:
             raise bad(f"{bw}x{bh} exceeds the {max_area} pixel budget (maxArea in info.json)")
     path = canonical(slide, r, ow, oh, mirror, degrees, quality, fmt)
-    version = slide.manifest_crc
+    version = slide.version
     etag = f"{version}-iiif-{path.replace('/', '-')}"
     # Path-absolute: an immutable response must not carry a host a client chose.
     links = f'<{PROFILE}>;rel="profile", <{PREFIX}/{slide.slide_id}/{path}>;rel="canonical"'
@@ -435,7 +440,7 @@ async def image(request: web.Request) -> web.Response:
         response = etag_response(request, b"", content_type, etag, version=version)
     elif match is not None:
         m = match
-        data = await catalog.tile(slide, m.level.index, m.col, m.row)
+        data = await slide.tile_bytes(m.level.index, m.col, m.row)
         plain = not mirror and degrees == 0 and quality in ("default", "color") and fmt == "jpg"
         full_tile = (m.valid_w, m.valid_h, m.out_w, m.out_h) == (
             m.level.tile_width,
@@ -443,7 +448,7 @@ async def image(request: web.Request) -> web.Response:
             m.level.tile_width,
             m.level.tile_height,
         )
-        if plain and full_tile and m.level.codec == "jpeg":
+        if plain and full_tile and m.level.codec == JPEG:
             body = data  # the stored JPEG, as it is
         else:
             body = await in_pool(
@@ -464,25 +469,6 @@ async def not_iiif(request: web.Request) -> web.Response:
     raise bad("expected info.json or {region}/{size}/{rotation}/{quality}.{format}")
 
 
-async def preflight(request: web.Request) -> web.Response:
-    return web.Response(
-        status=204,
-        headers={
-            "Access-Control-Allow-Methods": "GET, HEAD, OPTIONS",
-            "Access-Control-Allow-Headers": request.headers.get(
-                "Access-Control-Request-Headers", "Accept"
-            ),
-            "Access-Control-Max-Age": "86400",
-        },
-    )
-
-
-async def cors(request: web.Request, response: web.StreamResponse) -> None:
-    if request.path.startswith("/iiif/"):
-        response.headers.setdefault("Access-Control-Allow-Origin", "*")
-        response.headers.setdefault("Access-Control-Expose-Headers", "ETag, Link")
-
-
 IMAGE_PATH = f"{PREFIX}/{{slide_id}}/{{region}}/{{size}}/{{rotation}}/{{quality}}.{{format}}"
 MALFORMED_PATH = f"{PREFIX}/{{slide_id}}/{{tail}}"
 
@@ -497,8 +483,6 @@ def register(app: web.Application) -> None:
     ]
     for path, handler in routes:
         app.router.add_get(path, handler)
-        app.router.add_route("OPTIONS", path, preflight)  # same resource (CORS preflight)
-    app.on_response_prepare.append(cors)
 
 
 _IMAGE_RESPONSES = {
@@ -508,11 +492,6 @@ _IMAGE_RESPONSES = {
     "404": ERROR,
 }
 
-_PREFLIGHT = {
-    "summary": "CORS preflight",
-    "parameters": [],
-    "responses": {"204": {"description": "Access-Control-Allow-* headers"}},
-}
 
 OPENAPI = {
     f"{PREFIX}/{{slide_id}}": {
@@ -521,7 +500,6 @@ OPENAPI = {
             "parameters": path_params("slide_id"),
             "responses": {"303": {"description": "see info.json"}, "400": ERROR, "404": ERROR},
         },
-        "options": _PREFLIGHT,
     },
     f"{PREFIX}/{{slide_id}}/info.json": {
         "get": {
@@ -534,7 +512,6 @@ OPENAPI = {
                 "404": ERROR,
             },
         },
-        "options": _PREFLIGHT,
     },
     IMAGE_PATH: {
         "get": {
@@ -547,7 +524,6 @@ OPENAPI = {
             ),
             "responses": _IMAGE_RESPONSES,
         },
-        "options": _PREFLIGHT,
     },
     MALFORMED_PATH: {
         "get": {
@@ -556,6 +532,5 @@ OPENAPI = {
             "parameters": path_params("slide_id", "tail"),
             "responses": {"400": ERROR, "404": ERROR},
         },
-        "options": _PREFLIGHT,
     },
 }

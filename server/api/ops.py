@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from server.keys import CATALOG, METRICS
+from server.keys import CATALOG, INGEST_TASKS, METRICS
 from server.openapi import openapi_document
 from server.responses import json_error
 
@@ -14,9 +14,15 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
-    if await request.app[CATALOG].reader.reachable():
-        return web.json_response({"status": "ready"})
-    return json_error(503, "store unreachable")
+    """Ready: the store answers and no ingest loop is down (dead, waiting for its restart)."""
+    if not await request.app[CATALOG].reachable():
+        return json_error(503, "store unreachable")
+    tasks = request.app.get(INGEST_TASKS)
+    down = sorted(tasks.down) if tasks is not None else []
+    if down:
+        body = {"error": f"ingest tasks down: {', '.join(down)}", "status": 503, "down": down}
+        return web.json_response(body, status=503)
+    return web.json_response({"status": "ready"})
 
 
 async def metrics(request: web.Request) -> web.Response:

@@ -4,15 +4,15 @@ from __future__ import annotations
 
 from aiohttp import web
 
+from server.catalog import CONVERTING, PRIVATE_IMAGES, published, status, summary
 from server.converting import conversion_jobs
 from server.keys import CATALOG, SETTINGS
 from server.openapi import ERROR, path_params
-from server.render import decode_chunk, encode_image, in_pool
+from server.render import encode_image, in_pool
 from server.responses import etag_response
 from wsi.errors import InvalidArgument, WsiError
-
-ASSOCIATED = ("thumbnail", "label", "macro")
-PRIVATE = ("label", "macro")
+from wsi.model import ASSOCIATED_KINDS
+from wsi.published.values import JPEG, decode_tile
 
 
 def int_param(request: web.Request, name: str) -> int:
@@ -28,10 +28,10 @@ async def list_slides(request: web.Request) -> web.Response:
     jobs: dict[str, dict[str, object]] | None = None
     for slide_id in await catalog.slide_ids():
         try:
-            doc = (await catalog.slide(slide_id)).summary()
+            doc = summary(await catalog.slide(slide_id))
         except WsiError:  # unpublished meanwhile, or a dropped slide its reader refuses
             continue
-        if doc["status"] == "converting":
+        if doc["status"] == CONVERTING:
             jobs = await conversion_jobs(request.app) if jobs is None else jobs
             if slide_id in jobs:
                 doc["job"] = jobs[slide_id]
@@ -41,13 +41,13 @@ async def list_slides(request: web.Request) -> web.Response:
 
 async def get_slide(request: web.Request) -> web.Response:
     slide = await request.app[CATALOG].slide(request.match_info["slide_id"])
-    doc = slide.summary()
-    if slide.status == "converting":
+    doc = summary(slide)
+    if status(slide) == CONVERTING:
         job = (await conversion_jobs(request.app)).get(slide.slide_id)
         if job is not None:
             doc["job"] = job
     if not request.app[SETTINGS].allow_label:
-        doc["associated_images"] = [n for n in doc["associated_images"] if n not in PRIVATE]
+        doc["associated_images"] = [n for n in doc["associated_images"] if n not in PRIVATE_IMAGES]
     return web.json_response(doc)
 
 
@@ -56,34 +56,34 @@ async def get_tile(request: web.Request) -> web.Response:
     slide = await catalog.slide(request.match_info["slide_id"])
     level, col, row = (int_param(request, n) for n in ("level", "col", "row"))
     lv = slide.level(level)
-    data = await catalog.tile(slide, level, col, row)
-    version = slide.manifest_crc
+    data = await slide.tile_bytes(level, col, row)
+    version = slide.version
     etag = f"{version}-{level}-{col}-{row}"
-    if lv.codec == "jpeg":
+    if lv.codec == JPEG:
         return etag_response(request, data, "image/jpeg", etag, version=version)
-    body, content_type = await in_pool(catalog, lambda: encode_image(decode_chunk(lv, data), "png"))
+    body, content_type = await in_pool(catalog, lambda: encode_image(decode_tile(lv, data), "png"))
     return etag_response(request, body, content_type, etag, version=version)
 
 
 async def get_associated(request: web.Request) -> web.Response:
     name = request.match_info["name"]
-    if name not in ASSOCIATED:
-        raise InvalidArgument(f"associated image must be one of {', '.join(ASSOCIATED)}")
-    if name in PRIVATE and not request.app[SETTINGS].allow_label:
+    if name not in ASSOCIATED_KINDS:
+        raise InvalidArgument(f"associated image must be one of {', '.join(ASSOCIATED_KINDS)}")
+    if name in PRIVATE_IMAGES and not request.app[SETTINGS].allow_label:
         raise web.HTTPForbidden(reason=f"{name} images may show patient data; not enabled")
     catalog = request.app[CATALOG]
-    slide = await catalog.slide(request.match_info["slide_id"])
-    view, data = await catalog.associated(slide, name)
-    version = slide.manifest_crc
+    slide = published(await catalog.slide(request.match_info["slide_id"]))
+    version = slide.version
     etag = f"{version}-{name}"
-    storable = name not in PRIVATE
-    if view.codec == "jpeg":
+    storable = name not in PRIVATE_IMAGES
+    image = slide.associated.get(name)
+    if image is not None and image.codec == JPEG:
+        data = await slide.associated_bytes(name)
         return etag_response(
             request, data, "image/jpeg", etag, version=version, storable=storable
         )
-    body, content_type = await in_pool(
-        catalog, lambda: encode_image(decode_chunk(view, data), "png")
-    )
+    pixels = await slide.associated_image(name)  # SlideNotFound without one
+    body, content_type = await in_pool(catalog, encode_image, pixels, "png")
     return etag_response(request, body, content_type, etag, version=version, storable=storable)
 
 

@@ -19,7 +19,8 @@ from aiohttp import web
 
 from server.api.dzi import dzi_size, max_level
 from server.auth import SIGNED_EXPIRES, signed_query
-from server.catalog import SlideView
+from server.catalog import READY, SlideInfo
+from server.catalog import status as slide_status
 from server.converting import conversion_jobs
 from server.keys import CATALOG, SETTINGS
 from server.openapi import ERROR, path_params
@@ -53,9 +54,9 @@ def _e(value: object) -> str:
     return html.escape(str(value), quote=True)
 
 
-def versioned(slide: SlideView, query: str) -> str:
+def versioned(slide: SlideInfo, query: str) -> str:
     """`query` with the slide's version, so tile responses may be cached as immutable."""
-    pin = f"{VERSION_PARAM}={slide.manifest_crc}"
+    pin = f"{VERSION_PARAM}={slide.version}"
     return f"{pin}&{query}" if query else pin
 
 
@@ -96,16 +97,17 @@ def _html(text: str, status: int = 200) -> web.Response:
     )
 
 
-def _mpp_text(slide: SlideView) -> str:
-    return f"{slide.mpp_x:.4g} µm/px" if slide.mpp_x else "MPP unknown"
+def _mpp_text(slide: SlideInfo) -> str:
+    mpp = slide.properties.mpp_x
+    return f"{mpp:.4g} µm/px" if mpp else "MPP unknown"
 
 
-def thumbnail_url(slide: SlideView, query: str, signed: bool = False) -> str:
+def thumbnail_url(slide: SlideInfo, query: str, signed: bool = False) -> str:
     """The slide's thumbnail image, or else the DeepZoom tile holding the whole slide in at most
     THUMBNAIL_PX pixels. Always that tile when `signed`: signatures open pyramid tiles only, and a
     scanner's thumbnail may show the label."""
     sid = quote(slide.slide_id, safe="")
-    if "thumbnail" in slide.associated and not signed:
+    if "thumbnail" in slide.associated_names and not signed:
         return _with_query(f"/slides/{sid}/associated/thumbnail", query)
     limit = min(THUMBNAIL_PX, slide.levels[0].tile_width)
     z = max_level(slide)
@@ -115,7 +117,7 @@ def thumbnail_url(slide: SlideView, query: str, signed: bool = False) -> str:
 
 
 def index_html(
-    slides: list[SlideView],
+    slides: list[SlideInfo],
     queries: dict[str, tuple[str, str]],
     jobs: dict[str, dict[str, Any]] | None = None,
 ) -> str:
@@ -128,10 +130,10 @@ def index_html(
         view_query, tile_query = queries.get(slide.slide_id, ("", ""))
         view = _with_query(f"/view/{quote(slide.slide_id, safe='')}", view_query)
         details = f"{slide.width} × {slide.height} px · {_mpp_text(slide)}"
-        if slide.vendor:
-            details += f" · {slide.vendor}"
-        if slide.status != "ready":
-            details += f" · {slide.status}"
+        if slide.properties.vendor:
+            details += f" · {slide.properties.vendor}"
+        if slide_status(slide) != READY:
+            details += f" · {slide_status(slide)}"
             job = jobs.get(slide.slide_id)
             if job is not None:
                 details += (
@@ -156,7 +158,7 @@ def index_html(
     return _page("Slides · wsistore", "index", body)
 
 
-def view_config(slide: SlideView, query: str) -> dict[str, Any]:
+def view_config(slide: SlideInfo, query: str) -> dict[str, Any]:
     """What viewer.js needs: the DeepZoom geometry, where tiles are, the signed query, MPP."""
     sid = quote(slide.slide_id, safe="")
     return {
@@ -167,12 +169,12 @@ def view_config(slide: SlideView, query: str) -> dict[str, Any]:
         "maxLevel": max_level(slide),
         "tilesUrl": f"/slides/{sid}_files/",
         "query": query,
-        "mppX": slide.mpp_x,
+        "mppX": slide.properties.mpp_x,
         "osdPrefix": "/static/osd/images/",
     }
 
 
-def view_html(slide: SlideView, query: str, osd_installed: bool) -> str:
+def view_html(slide: SlideInfo, query: str, osd_installed: bool) -> str:
     """One slide in OpenSeadragon; the notice is shown at once when OpenSeadragon is missing."""
     notice = f'<div id="notice" role="alert">{_e(MISSING_OSD)}</div>'
     scripts = '<script src="/static/viewer.js"></script>'
@@ -197,7 +199,7 @@ def view_html(slide: SlideView, query: str, osd_installed: bool) -> str:
 async def index(request: web.Request) -> web.Response:
     catalog = request.app[CATALOG]
     settings = request.app[SETTINGS]
-    slides = []
+    slides: list[SlideInfo] = []
     for slide_id in await catalog.slide_ids():
         try:
             slides.append(await catalog.slide(slide_id))
@@ -210,7 +212,7 @@ async def index(request: web.Request) -> web.Response:
         )
         for s in slides
     }
-    converting = any(s.status != "ready" for s in slides)
+    converting = any(slide_status(s) != READY for s in slides)
     jobs = await conversion_jobs(request.app) if converting else {}
     return _html(index_html(slides, queries, jobs))
 

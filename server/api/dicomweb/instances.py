@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import collections
 import io
 import math
 import re
@@ -16,10 +15,14 @@ import pydicom
 from aiohttp import web
 from pydicom.dataset import Dataset
 
-from server.catalog import Catalog, LevelView, SlideView
+from server.catalog import PRIVATE_IMAGES, Catalog, ServedSlide
 from server.keys import CATALOG, SETTINGS
 from server.render import in_pool
-from wsi.errors import CorruptSlide, InvalidArgument, SlideNotFound
+from server.responses import dumps
+from wsi.errors import CorruptSlide, InvalidArgument, SlideNotFound, UnsupportedSlide
+from wsi.published.cache import ByteLRU
+from wsi.published.reader import AsyncPublishedSlide
+from wsi.published.values import JPEG, PublishedInstance, StoredImage
 
 PREFIX = "/dicomweb"
 JPEG_BASELINE = "1.2.840.10008.1.2.4.50"
@@ -32,68 +35,78 @@ MAX_HEADER = 64 * 1024 * 1024
 MAX_FRAMES = 1024
 RESCAN_SECONDS = 2.0
 """An unknown UID rescans the store at most this often."""
-ASSOCIATED_NAME = {"LABEL": "label", "OVERVIEW": "macro", "THUMBNAIL": "thumbnail"}
-PRIVATE_FLAVORS = ("LABEL", "OVERVIEW")
+HEADER_CACHE_BYTES = 32 * 1024 * 1024
+"""Parsed headers kept, counted by the bytes they were parsed from (a few KB each, more with
+an ICC profile); as much again for their DICOM JSON."""
+UNSERVED = (SlideNotFound, UnsupportedSlide, CorruptSlide)
+"""Why a slide of the store is left out of searches: unpublished meanwhile, published without
+a Zarr view (DICOM only), or refused by the reader; the store being down still fails."""
 UID_PATTERN = re.compile(r"[0-9]+(?:\.[0-9]+)*", re.ASCII)
 NUMBER = re.compile(r"[0-9]{1,9}", re.ASCII)
 
 
 @dataclass(frozen=True)
 class Instance:
-    """One DICOM instance of a published slide: a stored object."""
+    """One DICOM instance of a published slide, as this service shows it."""
 
-    slide: SlideView
-    sop_uid: str
-    flavor: str
-    key: str
-    view: LevelView
-    tag: int | str
-    """The catalog's name of the object's chunks: the level index or the associated name."""
+    slide: AsyncPublishedSlide
+    stored: PublishedInstance
+
+    @property
+    def sop_uid(self) -> str:
+        return self.stored.sop_instance_uid
 
     @property
     def study_uid(self) -> str:
-        return str(self.slide.dicom["study_instance_uid"]) if self.slide.dicom else ""
+        return self.slide.dicom.study_instance_uid if self.slide.dicom else ""
 
     @property
     def series_uid(self) -> str:
-        return str(self.slide.dicom["series_instance_uid"]) if self.slide.dicom else ""
+        return self.slide.dicom.series_instance_uid if self.slide.dicom else ""
+
+    @property
+    def is_level(self) -> bool:
+        """A pyramid level (VOLUME), not a label, overview or thumbnail."""
+        return self.stored.level is not None
+
+    @property
+    def private(self) -> bool:
+        """A label or overview (macro): may show patient data."""
+        return self.stored.associated in PRIVATE_IMAGES
+
+    @property
+    def image(self) -> StoredImage:
+        """The level or associated image whose tiles are the frames."""
+        return self.stored.image
+
+    @property
+    def key(self) -> str:
+        return self.stored.key
+
+    @property
+    def size(self) -> int:
+        """Bytes of the stored instance."""
+        return self.stored.size
 
     @property
     def frames(self) -> int:
-        return self.view.cols * self.view.rows
+        return self.stored.frames
 
-    async def frame(self, catalog: Catalog, number: int) -> bytes:
+    async def frame(self, number: int) -> bytes:
         """Stored bytes of frame `number` (1-based, row-major over the tile grid)."""
-        row, col = divmod(number - 1, self.view.cols)
-        return await catalog.chunk(self.slide, self.view, col, row, self.tag)
+        return await self.slide.frame_bytes(self.stored, number)
 
 
-def slide_instances(slide: SlideView, allow_label: bool) -> list[Instance]:
-    """The instances of a slide that this service shows, in stored order."""
-    if slide.dicom is None or slide.status != "ready":
+def slide_instances(slide: ServedSlide, allow_label: bool) -> list[Instance]:
+    """The instances of a slide that this service shows, in stored order: none while it
+    converts; labels and overviews only when labels are allowed."""
+    if not isinstance(slide, AsyncPublishedSlide) or slide.dicom is None:
         return []
-    found = []
-    for inst in slide.dicom.get("instances", []):
-        flavor = inst["flavor"]
-        if flavor in PRIVATE_FLAVORS and not allow_label:
-            continue
-        key = inst["key"]
-        if not key.startswith(f"{slide.slide_id}/"):  # manifest form: relative to the slide
-            key = f"{slide.slide_id}/{key}"
-        view: LevelView | None
-        tag: int | str
-        if flavor == "VOLUME":
-            level = inst.get("level")
-            if not isinstance(level, int) or not 0 <= level < len(slide.levels):
-                continue
-            view, tag = slide.levels[level], level
-        else:
-            tag = ASSOCIATED_NAME.get(flavor, "")
-            view = slide.associated.get(tag)
-        if view is None or view.codec != "jpeg":
-            continue
-        found.append(Instance(slide, str(inst["sop_instance_uid"]), flavor, key, view, tag))
-    return found
+    return [
+        Instance(slide, inst)
+        for inst in slide.dicom.instances
+        if (allow_label or inst.associated not in PRIVATE_IMAGES) and inst.image.codec == JPEG
+    ]
 
 
 def check_uid(value: str, what: str = "UID") -> str:
@@ -115,62 +128,69 @@ def parse_header(head: bytes) -> Dataset | None:
     return ds
 
 
+@dataclass(frozen=True)
+class _Header:
+    dataset: Dataset
+    nbytes: int
+    """Bytes it was parsed from: its size in the cache."""
+
+
+def _dicom_slides(slides: Iterable[ServedSlide | None]) -> list[AsyncPublishedSlide]:
+    return [s for s in slides if isinstance(s, AsyncPublishedSlide) and s.dicom is not None]
+
+
 class DicomWebState:
     """Per-app caches: parsed instance headers (and their DICOM JSON), study UID -> slides."""
 
-    def __init__(self, header_entries: int = 2048, header_read: int = HEADER_READ) -> None:
-        self.header_entries = header_entries
+    def __init__(
+        self, header_read: int = HEADER_READ, cache_bytes: int = HEADER_CACHE_BYTES
+    ) -> None:
         self.header_read = header_read
         """First range read of a header (bytes)."""
-        self._headers: collections.OrderedDict[tuple[str, str, str], Dataset] = (
-            collections.OrderedDict()
+        self.headers: ByteLRU[tuple[str, str, str], _Header] = ByteLRU(
+            cache_bytes, size=lambda h: h.nbytes
         )
-        self._json: collections.OrderedDict[tuple[str, str, str], dict[str, Any]] = (
-            collections.OrderedDict()
-        )
+        self.metadata_json: ByteLRU[tuple[str, str, str], bytes] = ByteLRU(cache_bytes)
+        """An instance's DICOM JSON, serialised (as WADO-RS metadata sends it)."""
         self.studies: dict[str, list[str]] = {}
         """Study Instance UID -> slide ids, from the last scan."""
         self.scanned_at = -math.inf
         self._scan_lock = asyncio.Lock()
 
-    async def scan(self, catalog: Catalog) -> list[SlideView]:
+    async def scan(self, catalog: Catalog) -> list[AsyncPublishedSlide]:
         """Every published slide with a DICOM view; refreshes the UID indexes."""
         async with self._scan_lock:
             ids = await catalog.slide_ids()
             gate = asyncio.Semaphore(32)
 
-            async def one(slide_id: str) -> SlideView | None:
+            async def one(slide_id: str) -> ServedSlide | None:
                 async with gate:
                     try:
                         return await catalog.slide(slide_id)
-                    except SlideNotFound:  # unpublished meanwhile
+                    except UNSERVED:
                         return None
 
-            views = [
-                v
-                for v in await asyncio.gather(*(one(s) for s in ids))
-                if v is not None and v.dicom is not None and v.status == "ready"
-            ]
+            views = _dicom_slides(await asyncio.gather(*(one(s) for s in ids)))
             studies: dict[str, list[str]] = {}
             for v in views:
                 assert v.dicom is not None
-                studies.setdefault(str(v.dicom["study_instance_uid"]), []).append(v.slide_id)
+                studies.setdefault(v.dicom.study_instance_uid, []).append(v.slide_id)
             self.studies = studies
             self.scanned_at = time.monotonic()
             return views
 
-    async def _lookup(self, catalog: Catalog, ids: Iterable[str], study: str) -> list[SlideView]:
+    async def _lookup(
+        self, catalog: Catalog, ids: Iterable[str], study: str
+    ) -> list[AsyncPublishedSlide]:
         found = []
         for slide_id in ids:
             try:
-                view = await catalog.slide(slide_id)
-            except SlideNotFound:
+                found.append(await catalog.slide(slide_id))
+            except UNSERVED:
                 continue
-            if view.dicom is not None and view.dicom.get("study_instance_uid") == study:
-                found.append(view)
-        return found
+        return [s for s in _dicom_slides(found) if s.dicom and s.dicom.study_instance_uid == study]
 
-    async def study(self, catalog: Catalog, study: str) -> list[SlideView]:
+    async def study(self, catalog: Catalog, study: str) -> list[AsyncPublishedSlide]:
         """The slides (series) of a study; SlideNotFound when none."""
         check_uid(study, "StudyInstanceUID")
         found = await self._lookup(catalog, self.studies.get(study, []), study)
@@ -181,25 +201,24 @@ class DicomWebState:
             raise SlideNotFound(f"no study {study}")
         return found
 
-    async def one_series(self, catalog: Catalog, study: str, series: str) -> SlideView:
+    async def one_series(self, catalog: Catalog, study: str, series: str) -> AsyncPublishedSlide:
         check_uid(series, "SeriesInstanceUID")
         for view in await self.study(catalog, study):
             assert view.dicom is not None
-            if view.dicom.get("series_instance_uid") == series:
+            if view.dicom.series_instance_uid == series:
                 return view
         raise SlideNotFound(f"no series {series} in study {study}")
 
     async def header(self, catalog: Catalog, inst: Instance) -> Dataset:
         """The instance's data set up to Pixel Data, read with range reads and cached."""
-        cache_key = (inst.slide.slide_id, inst.slide.manifest_crc, inst.sop_uid)
-        ds = self._headers.get(cache_key)
-        if ds is not None:
-            self._headers.move_to_end(cache_key)
-            return ds
-        size = inst.view.size
+        cache_key = (inst.slide.slide_id, inst.slide.version, inst.sop_uid)
+        cached = self.headers.get(cache_key)
+        if cached is not None:
+            return cached.dataset
+        size = inst.size
         want = min(self.header_read, size)
         while True:
-            head = await catalog.reader.get_range(inst.key, 0, want)
+            head = await inst.slide.read_range(inst.key, 0, want)
             ds = await in_pool(catalog, parse_header, head)
             if ds is not None:
                 break
@@ -208,24 +227,25 @@ class DicomWebState:
             want = min(2 * want, size, MAX_HEADER)
         if str(ds.get("SOPInstanceUID", "")) != inst.sop_uid:
             raise CorruptSlide(f"{inst.key} does not hold instance {inst.sop_uid}")
-        self._headers[cache_key] = ds
-        while len(self._headers) > self.header_entries:
-            self._headers.popitem(last=False)
+        self.headers.put(cache_key, _Header(ds, len(head)))
         return ds
 
-    async def metadata(self, catalog: Catalog, inst: Instance) -> dict[str, Any]:
-        """The instance's header as DICOM JSON (bulk data inline)."""
-        cache_key = (inst.slide.slide_id, inst.slide.manifest_crc, inst.sop_uid)
-        doc = self._json.get(cache_key)
-        if doc is None:
+    async def metadata(self, catalog: Catalog, inst: Instance) -> bytes:
+        """The instance's header as serialised DICOM JSON (bulk data inline)."""
+        cache_key = (inst.slide.slide_id, inst.slide.version, inst.sop_uid)
+        text = self.metadata_json.get(cache_key)
+        if text is None:
             ds = await self.header(catalog, inst)
-            doc = ds.to_json_dict(bulk_data_threshold=MAX_HEADER)
-            doc.pop("7FE00010", None)
-            doc.pop("FFFCFFFC", None)
-            self._json[cache_key] = doc
-            while len(self._json) > self.header_entries:
-                self._json.popitem(last=False)
-        return doc
+
+            def serialise() -> bytes:
+                doc: dict[str, Any] = ds.to_json_dict(bulk_data_threshold=MAX_HEADER)
+                doc.pop("7FE00010", None)
+                doc.pop("FFFCFFFC", None)
+                return dumps(doc).encode()
+
+            text = await in_pool(catalog, serialise)
+            self.metadata_json.put(cache_key, text)
+        return text
 
 
 DICOMWEB = web.AppKey("dicomweb", DicomWebState)
@@ -275,4 +295,4 @@ def number_param(value: str, name: str) -> int:
 def pinned(inst: Instance) -> dict[str, Any]:
     """`etag_response` caching arguments for an instance's bytes: versioned by its slide's
     manifest, never stored by caches for labels and overviews (patient data)."""
-    return {"version": inst.slide.manifest_crc, "storable": inst.flavor not in PRIVATE_FLAVORS}
+    return {"version": inst.slide.version, "storable": not inst.private}

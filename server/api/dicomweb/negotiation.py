@@ -114,12 +114,23 @@ def image_format(request: web.Request) -> str:
     raise not_acceptable("image/jpeg or image/png")
 
 
-def multipart(parts: Sequence[bytes], media_type: str, syntax: str) -> tuple[bytes, str]:
-    """(body, Content-Type) of a multipart/related message whose parts are all `media_type`
-    in transfer syntax `syntax`."""
+def multipart_boundary(media_type: str, syntax: str) -> tuple[str, str]:
+    """(boundary, Content-Type) of a multipart/related message whose parts are all
+    `media_type` in transfer syntax `syntax`."""
     boundary = uuid.uuid4().hex
-    head = f"--{boundary}\r\nContent-Type: {media_type}; transfer-syntax={syntax}\r\n\r\n"
-    body = b"".join(head.encode() + p + b"\r\n" for p in parts) + f"--{boundary}--\r\n".encode()
-    return body, (
+    return boundary, (
         f'multipart/related; type="{media_type}"; boundary={boundary}; transfer-syntax={syntax}'
     )
+
+
+def part_head(boundary: str, media_type: str, syntax: str) -> bytes:
+    """What goes before each part's bytes."""
+    return f"--{boundary}\r\nContent-Type: {media_type}; transfer-syntax={syntax}\r\n\r\n".encode()
+
+
+def multipart(parts: Sequence[bytes], media_type: str, syntax: str) -> tuple[bytes, str]:
+    """(body, Content-Type) of a whole multipart/related message (see `multipart_boundary`)."""
+    boundary, content_type = multipart_boundary(media_type, syntax)
+    head = part_head(boundary, media_type, syntax)
+    body = b"".join(head + p + b"\r\n" for p in parts) + f"--{boundary}--\r\n".encode()
+    return body, content_type

@@ -24,10 +24,10 @@ from server.api.dicomweb.instances import (
 )
 from server.api.dicomweb.negotiation import check_json_accept
 from server.api.dicomweb.query import Row, parse_query, row_matches
-from server.catalog import SlideView
 from server.keys import CATALOG
 from server.render import in_pool
 from server.responses import dumps
+from wsi.published.reader import AsyncPublishedSlide
 
 MAX_RESULTS = 1000
 """QIDO results in one response without an explicit limit (PS3.18 6.7.1.2.2 Warning)."""
@@ -141,7 +141,7 @@ class Search:
         self.query = parse_query(request)
         self.allow_label = allow_label(request)
 
-    async def slides(self) -> list[SlideView]:
+    async def slides(self) -> list[AsyncPublishedSlide]:
         info = self.request.match_info
         if "series" in info:
             return [await self.state.one_series(self.catalog, info["study"], info["series"])]
@@ -158,7 +158,7 @@ class Search:
         }
         return all(known[f.keyword] in f.values for f in self.query.filters if f.keyword in known)
 
-    async def rows(self, slides: list[SlideView]) -> list[Row]:
+    async def rows(self, slides: list[AsyncPublishedSlide]) -> list[Row]:
         per_instance = self.level == "instances" or any(
             f.keyword not in SLIDE_LEVEL for f in self.query.filters
         )
@@ -168,7 +168,7 @@ class Search:
             async with gate:
                 return await self.state.header(self.catalog, inst)
 
-        targets: list[tuple[SlideView, Instance | None, Instance]] = []
+        targets: list[tuple[AsyncPublishedSlide, Instance | None, Instance]] = []
         for slide in slides:
             instances = [i for i in slide_instances(slide, self.allow_label) if self.prefilter(i)]
             if per_instance:
@@ -219,11 +219,11 @@ class Search:
             text=dumps(page), content_type=DICOM_JSON, headers=headers, charset="utf-8"
         )
 
-    def studies(self, rows: list[Row], slides: list[SlideView]) -> list[dict[str, Any]]:
-        by_study: dict[str, list[SlideView]] = {}
+    def studies(self, rows: list[Row], slides: list[AsyncPublishedSlide]) -> list[dict[str, Any]]:
+        by_study: dict[str, list[AsyncPublishedSlide]] = {}
         for slide in slides:
             if slide.dicom is not None:
-                by_study.setdefault(str(slide.dicom["study_instance_uid"]), []).append(slide)
+                by_study.setdefault(slide.dicom.study_instance_uid, []).append(slide)
         results, seen = [], set()
         for row in rows:
             uid = str(row.header.StudyInstanceUID)

@@ -11,8 +11,8 @@ from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 
 from server.api.dicomweb.instances import Instance, check_uid, number_param
-from server.catalog import SlideView
 from wsi.errors import InvalidArgument
+from wsi.published.reader import AsyncPublishedSlide
 
 IGNORED_QUERY_KEYS = {"exp", "sig"}
 """Signed-URL parameters: authentication, not part of a query."""
@@ -171,7 +171,7 @@ def in_range(spec: str, value: str) -> bool:
 class Row:
     """One matchable record: a slide (series) or one of its instances, with computed values."""
 
-    slide: SlideView
+    slide: AsyncPublishedSlide
     instance: Instance | None
     header: Dataset
     computed: dict[str, list[str]]

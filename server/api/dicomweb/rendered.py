@@ -18,9 +18,10 @@ from server.api.dicomweb.instances import (
 from server.api.dicomweb.negotiation import image_format
 from server.api.dicomweb.wado import parse_frames
 from server.keys import CATALOG, SETTINGS
-from server.render import decode_chunk, encode_image, in_pool, region
+from server.render import encode_image, in_pool, region
 from server.responses import etag_response
 from wsi.errors import InvalidArgument, SlideNotFound
+from wsi.published.values import decode_tile
 
 THUMBNAIL = 256
 """Default thumbnail viewport (pixels, both sides)."""
@@ -62,23 +63,23 @@ async def render_instance(
     catalog = request.app[CATALOG]
     budget = request.app[SETTINGS].max_render_pixels
     what = f"{inst.sop_uid}-{frame}-{viewport}-{quality}-{fmt}"
-    etag = f"{inst.slide.manifest_crc}-{hashlib.sha256(what.encode()).hexdigest()[:24]}"
+    etag = f"{inst.slide.version}-{hashlib.sha256(what.encode()).hexdigest()[:24]}"
     caching = pinned(inst)
-    single = frame is not None or inst.flavor != "VOLUME"
+    single = frame is not None or not inst.is_level
     if single:
-        view = inst.view
+        view = inst.image
         width, height = (
             (view.tile_width, view.tile_height) if frame is not None else (view.width, view.height)
         )
         out = fit(width, height, viewport)
         if out[0] * out[1] > budget:
             raise InvalidArgument(f"{out[0]}x{out[1]} exceeds the {budget} pixel budget")
-        data = await inst.frame(catalog, frame or 1)
+        data = await inst.frame(frame or 1)
         if out == (width, height) and fmt == "jpg" and quality is None:
             return etag_response(request, data, "image/jpeg", etag, **caching)
 
         def draw() -> tuple[bytes, str]:
-            pixels = decode_chunk(view, data)[:height, :width]
+            pixels = decode_tile(view, data)[:height, :width]
             if out != (width, height):
                 image = Image.fromarray(np.ascontiguousarray(pixels))
                 pixels = np.asarray(image.resize(out, Image.Resampling.LANCZOS))
@@ -87,7 +88,7 @@ async def render_instance(
         body, content_type = await in_pool(catalog, draw)
         return etag_response(request, body, content_type, etag, **caching)
     slide = inst.slide
-    out = fit(inst.view.width, inst.view.height, viewport)
+    out = fit(inst.image.width, inst.image.height, viewport)
     if out[0] * out[1] > budget:
         raise InvalidArgument(
             f"{out[0]}x{out[1]} exceeds the {budget} pixel budget: ask for a smaller viewport"
@@ -111,7 +112,7 @@ async def rendered(request: web.Request) -> web.Response:
 
 async def series_thumbnail(request: web.Request) -> web.Response:
     instances = await scoped_instances(request)
-    volumes = [i for i in instances if i.flavor == "VOLUME"]
+    volumes = [i for i in instances if i.is_level]
     if not volumes:
         raise SlideNotFound("no image to make a thumbnail of")
     return await render_instance(request, volumes[0], None, THUMBNAIL)

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import hashlib
 import uuid
+from typing import Any
 
 import numpy as np
 from aiohttp import web
@@ -14,7 +16,7 @@ from server.api.dicomweb.instances import (
     EXPLICIT_VR_LE,
     JPEG_BASELINE,
     NUMBER,
-    PRIVATE_FLAVORS,
+    Instance,
     find_instance,
     pinned,
     scoped_instances,
@@ -25,11 +27,14 @@ from server.api.dicomweb.negotiation import (
     check_json_accept,
     frame_mode,
     multipart,
+    multipart_boundary,
+    part_head,
 )
 from server.keys import CATALOG, SETTINGS
-from server.render import decode_chunk, in_pool
-from server.responses import cache_control, dumps, etag_response
+from server.render import in_pool
+from server.responses import cache_control, etag_response
 from wsi.errors import InvalidArgument, SlideNotFound
+from wsi.published.values import decode_tile
 
 MAX_FRAMES = 1024
 """Frames in one WADO-RS frames request."""
@@ -44,9 +49,9 @@ async def metadata(request: web.Request) -> web.Response:
         instances = await scoped_instances(request)
     catalog, st = request.app[CATALOG], state(request)
     docs = await asyncio.gather(*(st.metadata(catalog, i) for i in instances))
-    tags = ",".join(f"{i.slide.manifest_crc}:{i.sop_uid}" for i in instances)
+    tags = ",".join(f"{i.slide.version}:{i.sop_uid}" for i in instances)
     etag = hashlib.sha256(tags.encode()).hexdigest()[:32]
-    return etag_response(request, dumps(docs).encode(), DICOM_JSON, etag)
+    return etag_response(request, b"[" + b",".join(docs) + b"]", DICOM_JSON, etag)
 
 
 def parse_frames(text: str, count: int) -> list[int]:
@@ -63,37 +68,84 @@ def parse_frames(text: str, count: int) -> list[int]:
     return numbers
 
 
-async def frames(request: web.Request) -> web.Response:
+async def frames(request: web.Request) -> web.StreamResponse:
     inst = await find_instance(request)
     numbers = parse_frames(request.match_info["frames"], inst.frames)
     mode = frame_mode(request, len(numbers))
     if mode == "native":
-        pixels = len(numbers) * inst.view.tile_width * inst.view.tile_height
+        pixels = len(numbers) * inst.image.tile_width * inst.image.tile_height
         budget = request.app[SETTINGS].max_render_pixels
         if pixels > budget:
             raise InvalidArgument(f"{pixels} decoded pixels exceed the {budget} pixel budget")
     catalog = request.app[CATALOG]
-    data = await asyncio.gather(*(inst.frame(catalog, n) for n in numbers))
     digest = hashlib.sha256(request.match_info["frames"].encode()).hexdigest()[:16]
-    etag = f"{inst.slide.manifest_crc}-{inst.sop_uid}-{digest}-{mode}"
+    etag = f"{inst.slide.version}-{inst.sop_uid}-{digest}-{mode}"
     caching = pinned(inst)
+    if mode in ("jpeg", "octet-jpeg"):
+        media_type = "image/jpeg" if mode == "jpeg" else "application/octet-stream"
+        return await stream_frames(request, inst, numbers, media_type, etag, caching)
+    data = await asyncio.gather(*(inst.frame(n) for n in numbers))
     if mode == "single":
         return etag_response(request, data[0], "image/jpeg", etag, **caching)
     if mode == "native":
 
         def decode() -> list[bytes]:
-            return [np.ascontiguousarray(decode_chunk(inst.view, d)).tobytes() for d in data]
+            return [np.ascontiguousarray(decode_tile(inst.image, d)).tobytes() for d in data]
 
         body, content_type = multipart(
             await in_pool(catalog, decode), "application/octet-stream", EXPLICIT_VR_LE
         )
-    else:
-        media_type = "image/jpeg" if mode == "jpeg" else "application/octet-stream"
-        body, content_type = multipart(data, media_type, JPEG_BASELINE)
     response = etag_response(request, body, "application/octet-stream", etag, **caching)
     if response.status == 200:
         response.headers["Content-Type"] = content_type
     return response
+
+
+FRAME_WINDOW = 16
+"""Stored frames read ahead while a multipart response is written: its memory, whatever the
+number of frames asked for (up to MAX_FRAMES)."""
+
+
+async def stream_frames(
+    request: web.Request,
+    inst: Instance,
+    numbers: list[int],
+    media_type: str,
+    etag: str,
+    caching: dict[str, Any],
+) -> web.StreamResponse:
+    """Stored frames as multipart/related, written as they are read (at most FRAME_WINDOW in
+    memory). The first frame is read before anything is sent, so a bad instance is still a
+    JSON error; a store failure later can only cut the response short."""
+    quoted = f'"{etag}"'
+    headers = {"ETag": quoted, "Cache-Control": cache_control(request, **caching)}
+    if request.headers.get("If-None-Match") == quoted:
+        return web.Response(status=304, headers=headers)
+    ahead: collections.deque[asyncio.Task[bytes]] = collections.deque()
+    upcoming = iter(numbers)
+
+    def read_ahead() -> None:
+        while len(ahead) < FRAME_WINDOW and (n := next(upcoming, None)) is not None:
+            ahead.append(asyncio.ensure_future(inst.frame(n)))
+
+    read_ahead()
+    try:
+        first: bytes | None = await ahead[0]
+        boundary, content_type = multipart_boundary(media_type, JPEG_BASELINE)
+        response = web.StreamResponse(headers={**headers, "Content-Type": content_type})
+        await response.prepare(request)
+        while ahead:
+            data = first if first is not None else await ahead[0]
+            first = None
+            ahead.popleft()
+            read_ahead()
+            await response.write(part_head(boundary, media_type, JPEG_BASELINE) + data + b"\r\n")
+        await response.write(f"--{boundary}--\r\n".encode())
+        await response.write_eof()
+        return response
+    finally:
+        for task in ahead:
+            task.cancel()
 
 
 async def retrieve(request: web.Request) -> web.StreamResponse:
@@ -105,18 +157,19 @@ async def retrieve(request: web.Request) -> web.StreamResponse:
         instances = await scoped_instances(request)
     if not instances:
         raise SlideNotFound("no instances to retrieve")
-    reader = request.app[CATALOG].reader
     boundary = uuid.uuid4().hex
     head = f"--{boundary}\r\nContent-Type: application/dicom; transfer-syntax={JPEG_BASELINE}"
     heads = [f"{head}\r\n\r\n".encode() for _ in instances]
     tail = f"--{boundary}--\r\n".encode()
-    length = sum(len(h) + i.view.size + 2 for h, i in zip(heads, instances, strict=True))
-    first = await reader.get_range(instances[0].key, 0, min(STREAM_CHUNK, instances[0].view.size))
+    length = sum(len(h) + i.size + 2 for h, i in zip(heads, instances, strict=True))
+    first = await instances[0].slide.read_range(
+        instances[0].key, 0, min(STREAM_CHUNK, instances[0].size)
+    )
     response = web.StreamResponse(
         headers={
             "Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}',
             "Cache-Control": cache_control(
-                request, None, not any(i.flavor in PRIVATE_FLAVORS for i in instances)
+                request, None, not any(i.private for i in instances)
             ),
         }
     )
@@ -125,9 +178,13 @@ async def retrieve(request: web.Request) -> web.StreamResponse:
     for i, inst in enumerate(instances):
         await response.write(heads[i])
         start = 0
-        while start < inst.view.size:
-            end = min(start + STREAM_CHUNK, inst.view.size)
-            chunk = first if i == 0 and start == 0 else await reader.get_range(inst.key, start, end)
+        while start < inst.size:
+            end = min(start + STREAM_CHUNK, inst.size)
+            chunk = (
+                first
+                if i == 0 and start == 0
+                else await inst.slide.read_range(inst.key, start, end)
+            )
             await response.write(chunk)
             start = end
         await response.write(b"\r\n")

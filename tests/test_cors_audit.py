@@ -1,0 +1,164 @@
+"""Viewers on another origin (OpenSeadragon pages, Slim, dicom-microscopy-viewer) may read every
+API, through one CORS policy with an allow-list when auth is on; and with auth on, every access to
+a slide is one line of an audit log that names who (a token's name, never its secret)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import stat
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp.test_utils import TestClient, TestServer
+
+import wsi
+from server.app import create_app
+from server.auth import sign
+from server.settings import ServerSettings
+
+SOURCE = Path(__file__).resolve().parents[1] / "sample_data" / "CMU-1-Small-Region.svs"
+VIEWER = "https://viewer.example.org"
+KEY = "k3y-for-cors-tests"
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    root = tmp_path_factory.mktemp("cors")
+    sid = wsi.convert_slide(SOURCE, wsi.Store(wsi.StoreSettings(str(root)))).slide_id
+    return root, sid
+
+
+def run(settings: ServerSettings, check: Callable[[TestClient], Awaitable[Any]]) -> Any:
+    async def main() -> Any:
+        async with TestClient(TestServer(create_app(settings))) as client:
+            return await check(client)
+
+    return asyncio.run(main())
+
+
+def read_urls(sid: str) -> list[str]:
+    return [
+        f"/slides/{sid}",
+        f"/slides/{sid}/tiles/0/0/0",
+        f"/slides/{sid}.dzi",
+        f"/slides/{sid}_files/8/0_0.jpeg",
+        f"/iiif/3/{sid}/info.json",
+        "/dicomweb/studies",
+    ]
+
+
+def test_any_origin_reads_on_loopback(store) -> None:
+    root, sid = store
+
+    async def check(c: TestClient) -> None:
+        for url in read_urls(sid):
+            r = await c.get(url, headers={"Origin": "https://elsewhere.example"})
+            assert r.status == 200, url
+            assert r.headers["Access-Control-Allow-Origin"] == "*", url
+            assert "ETag" in r.headers["Access-Control-Expose-Headers"]
+            # A preflight (a read carrying Authorization) is answered, not a 405.
+            pre = await c.options(
+                url,
+                headers={
+                    "Origin": "https://elsewhere.example",
+                    "Access-Control-Request-Method": "GET",
+                    "Access-Control-Request-Headers": "authorization",
+                },
+            )
+            assert pre.status == 204, url
+            assert "Authorization" in pre.headers["Access-Control-Allow-Headers"]
+        # Errors carry the headers too, so a viewer can read why.
+        r = await c.get("/slides/nope-nope", headers={"Origin": "https://elsewhere.example"})
+        assert r.status == 404 and r.headers["Access-Control-Allow-Origin"] == "*"
+        # Writes stay same-origin.
+        pre = await c.options(
+            "/jobs",
+            headers={"Origin": "https://x.example", "Access-Control-Request-Method": "POST"},
+        )
+        assert pre.status == 403
+
+    run(ServerSettings(store=str(root)), check)
+
+
+def test_with_auth_only_listed_origins(store) -> None:
+    root, sid = store
+    settings = ServerSettings(
+        store=str(root), host="0.0.0.0", tokens=("t0k",), signing_key=KEY, cors_origins=(VIEWER,)
+    )
+
+    async def check(c: TestClient) -> None:
+        auth = {"Authorization": "Bearer t0k"}
+        ok = await c.get(f"/slides/{sid}/tiles/0/0/0", headers={**auth, "Origin": VIEWER})
+        assert ok.status == 200
+        assert ok.headers["Access-Control-Allow-Origin"] == VIEWER
+        assert "Origin" in ok.headers.getall("Vary")
+        for url in (f"/iiif/3/{sid}/info.json", f"/slides/{sid}.dzi", "/dicomweb/studies"):
+            listed = await c.get(url, headers={**auth, "Origin": VIEWER})
+            assert listed.headers["Access-Control-Allow-Origin"] == VIEWER, url
+            stranger = await c.get(url, headers={**auth, "Origin": "https://evil.example"})
+            assert "Access-Control-Allow-Origin" not in stranger.headers, url
+        other = await c.get(
+            f"/slides/{sid}/tiles/0/0/0", headers={**auth, "Origin": "https://evil.example"}
+        )
+        assert other.status == 200 and "Access-Control-Allow-Origin" not in other.headers
+        pre = {
+            "Access-Control-Request-Method": "GET",
+            "Access-Control-Request-Headers": "authorization",
+        }
+        assert (
+            await c.options(f"/slides/{sid}.dzi", headers={**pre, "Origin": VIEWER})
+        ).status == 204
+        refused = await c.options(
+            f"/slides/{sid}.dzi", headers={**pre, "Origin": "https://evil.example"}
+        )
+        assert refused.status == 403
+
+    run(settings, check)
+    with pytest.raises(wsi.InvalidArgument):
+        ServerSettings(cors_origins=("https://viewer.example.org/path",))
+
+
+def test_audit_log_names_who_read_what(store, tmp_path: Path) -> None:
+    root, sid = store
+    log = tmp_path / "audit.jsonl"
+    settings = ServerSettings(
+        store=str(root),
+        host="0.0.0.0",
+        tokens=("alice:s3cret-alice", "bare-s3cret"),
+        signing_key=KEY,
+        audit_log=str(log),
+    )
+    exp = int(time.time()) + 60
+
+    async def check(c: TestClient) -> None:
+        assert (
+            await c.get(f"/slides/{sid}", headers={"Authorization": "Bearer s3cret-alice"})
+        ).status == 200
+        assert (
+            await c.get("/slides", headers={"Authorization": "Bearer bare-s3cret"})
+        ).status == 200
+        tile = f"/slides/{sid}/tiles/0/1/1?exp={exp}&sig={sign(KEY, 'tiles', sid, exp)}"
+        assert (await c.get(tile)).status == 200
+        assert (await c.get(f"/slides/{sid}/tiles/0/0/0")).status == 401
+
+    old = os.umask(0)
+    try:
+        run(settings, check)
+    finally:
+        os.umask(old)
+    text = log.read_text()
+    lines = [json.loads(line) for line in text.splitlines()]
+    assert [(e["principal"], e["status"]) for e in lines] == [
+        ("alice", 200),
+        ("signed:tiles", 200),
+        ("anonymous", 401),
+    ]
+    assert lines[0]["route"] == "/slides/{slide_id}" and lines[0]["slide_id"] == sid
+    assert lines[1]["route"] == "/slides/{slide_id}/tiles/{level}/{col}/{row}"
+    assert "s3cret" not in text and "sig=" not in text and "exp=" not in text
+    assert stat.S_IMODE(log.stat().st_mode) & 0o007 == 0

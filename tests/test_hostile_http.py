@@ -1,0 +1,109 @@
+"""Hostile HTTP: the service's own OpenAPI document is valid OpenAPI 3.1, and schemathesis,
+generating requests from it against the real routes on a real port, finds no 5xx and no response
+that contradicts the document; slow clients that hold their headers open do not starve others."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+import schemathesis
+from aiohttp import web
+from hypothesis import HealthCheck, given, settings
+from openapi_spec_validator import OpenAPIV31SpecValidator
+from schemathesis.checks import not_a_server_error
+from schemathesis.specs.openapi.checks import (
+    content_type_conformance,
+    response_schema_conformance,
+    status_code_conformance,
+)
+
+import wsi
+from server.app import create_app
+from server.settings import ServerSettings
+
+SOURCE = Path(__file__).resolve().parents[1] / "sample_data" / "CMU-1-Small-Region.svs"
+EXAMPLES = 25
+"""Generated requests per operation (valid and invalid ones)."""
+
+
+@pytest.fixture(scope="module")
+def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]]:
+    """The service with one published slide on 127.0.0.1: (base URL, slide id)."""
+    root = tmp_path_factory.mktemp("hostile")
+    sid = wsi.convert_slide(SOURCE, wsi.Store(wsi.StoreSettings(str(root)))).slide_id
+    loop = asyncio.new_event_loop()
+    runner = web.AppRunner(create_app(ServerSettings(store=str(root))))
+    loop.run_until_complete(runner.setup())
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    loop.run_until_complete(site.start())
+    port = runner.addresses[0][1]
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{port}", sid
+    finally:
+        asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(30)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(30)
+        loop.close()
+
+
+def test_openapi_document_is_valid_openapi_31(live: tuple[str, str]) -> None:
+    doc = requests.get(f"{live[0]}/openapi.json", timeout=10).json()
+    assert doc["openapi"].startswith("3.1")
+    errors = [str(e).splitlines()[0] for e in OpenAPIV31SpecValidator(doc).iter_errors()]
+    assert errors == []
+
+
+@pytest.mark.timeout(900)
+def test_generated_requests_get_no_5xx_and_conform(live: tuple[str, str]) -> None:
+    """Every operation of the document, fed requests generated from it (valid and invalid)."""
+    schema = schemathesis.openapi.from_url(f"{live[0]}/openapi.json")
+    checks = [
+        not_a_server_error,
+        status_code_conformance,
+        content_type_conformance,
+        response_schema_conformance,
+    ]
+    operations = [result.ok() for result in schema.get_all_operations()]
+    assert len(operations) > 20
+    for operation in operations:
+
+        @given(case=operation.as_strategy())
+        @settings(
+            max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck)
+        )
+        def check(case: Any) -> None:
+            case.call_and_validate(checks=checks)
+
+        check()
+
+
+@pytest.mark.timeout(120)
+def test_slow_clients_do_not_starve_others(live: tuple[str, str]) -> None:
+    """Hundreds of connections that send half a request line and stall (slowloris) while a
+    normal client keeps being answered."""
+    base, sid = live
+    host, port = base.removeprefix("http://").split(":")
+    slow = []
+    try:
+        for _ in range(300):
+            s = socket.create_connection((host, int(port)), timeout=5)
+            s.sendall(b"GET /slides HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+            slow.append(s)
+        for _ in range(20):
+            start = time.monotonic()
+            r = requests.get(f"{base}/slides/{sid}/tiles/0/0/0", timeout=10)
+            assert r.status_code == 200
+            assert time.monotonic() - start < 5
+    finally:
+        for s in slow:
+            s.close()
