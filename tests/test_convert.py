@@ -18,7 +18,7 @@ from wsi import ConvertSettings, PyramidSettings, Store, StoreSettings, convert_
 from wsi.slide_id import content_slide_id
 from wsi.sources import open_slide
 
-from .conftest import area_reference, openslide_level0, psnr, sample
+from .conftest import area_reference, openslide_level0, psnr, sample, shared
 
 
 def level_pixels(root, k: int) -> np.ndarray:
@@ -55,7 +55,8 @@ def convert(path, tmp_path, **pyramid):
 
 OPENSLIDE_READABLE = [
     "CMU-1-Small-Region.svs",
-    "tcga-cr-7395-01a-01-ts1.svs",
+    "standin:aperio-jp2k.svs",
+    shared("tcga-cr-7395-01a-01-ts1.svs"),
     "openslide-python-fixtures/small.svs",
     "openslide-python-fixtures/boxes.tiff",
     "openslide-python-fixtures/boxes_0.dcm",
@@ -65,9 +66,9 @@ OPENSLIDE_READABLE = [
 
 
 @pytest.mark.parametrize("name", OPENSLIDE_READABLE)
-def test_base_level_equals_openslide(name, tmp_path):
+def test_base_level_equals_openslide(name, tmp_path, slide_path):
     """JPEG sources are passed through (identical pixels); others are stored losslessly here."""
-    path = sample(name)
+    path = slide_path(name)
     with open_slide(path) as src:
         jpeg_source = src.tile_codec(0) is wsi.TileCodec.JPEG
     _, _, root = convert(path, tmp_path, lossless=not jpeg_source)
