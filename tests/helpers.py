@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
+from aiohttp import web
+
+from server.app import create_app
+from server.settings import ServerSettings
 from wsi.ingest.queue import JobState, SQLiteJobQueue
 from wsi.ingest.settings import IngestSettings
 from wsi.ingest.worker import Worker
@@ -73,3 +79,23 @@ async def wait_until(check: Callable[[], Awaitable[Any]], timeout: float = 90.0)
             return result
         await asyncio.sleep(0.1)
     raise AssertionError(f"timed out after {timeout:g} s")
+
+
+@contextlib.contextmanager
+def serving(settings: ServerSettings) -> Iterator[str]:
+    """The app on 127.0.0.1 (a free port), on its own event loop in a thread: base URL."""
+    loop = asyncio.new_event_loop()
+    runner = web.AppRunner(create_app(settings))
+    loop.run_until_complete(runner.setup())
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    loop.run_until_complete(site.start())
+    port = runner.addresses[0][1]
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(30)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(30)
+        loop.close()

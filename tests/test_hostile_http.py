@@ -4,9 +4,7 @@ that contradicts the document; slow clients that hold their headers open do not 
 
 from __future__ import annotations
 
-import asyncio
 import socket
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,7 +13,6 @@ from typing import Any
 import pytest
 import requests
 import schemathesis
-from aiohttp import web
 from hypothesis import HealthCheck, given, settings
 from openapi_spec_validator import OpenAPIV31SpecValidator
 from schemathesis.checks import not_a_server_error
@@ -26,8 +23,9 @@ from schemathesis.specs.openapi.checks import (
 )
 
 import wsi
-from server.app import create_app
 from server.settings import ServerSettings
+
+from .helpers import serving
 
 SOURCE = Path(__file__).resolve().parents[1] / "sample_data" / "CMU-1-Small-Region.svs"
 EXAMPLES = 25
@@ -39,21 +37,8 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]]:
     """The service with one published slide on 127.0.0.1: (base URL, slide id)."""
     root = tmp_path_factory.mktemp("hostile")
     sid = wsi.convert_slide(SOURCE, wsi.Store(wsi.StoreSettings(str(root)))).slide_id
-    loop = asyncio.new_event_loop()
-    runner = web.AppRunner(create_app(ServerSettings(store=str(root))))
-    loop.run_until_complete(runner.setup())
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    loop.run_until_complete(site.start())
-    port = runner.addresses[0][1]
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{port}", sid
-    finally:
-        asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(30)
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(30)
-        loop.close()
+    with serving(ServerSettings(store=str(root))) as base:
+        yield base, sid
 
 
 def test_openapi_document_is_valid_openapi_31(live: tuple[str, str]) -> None:

@@ -4,22 +4,20 @@ its own test image (10 x 10 squares of known colours), which we make and convert
 
 from __future__ import annotations
 
-import asyncio
 import subprocess
 import sys
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 import pyvips
-from aiohttp import web
 from iiif_validator.validator import ValidationInfo
 
 import wsi
-from server.app import create_app
 from server.settings import ServerSettings
+
+from .helpers import serving
 
 IDENTIFIER = "67352ccc-d1b0-11e1-89ae-279075081939"  # the validator's own test image id
 VALIDATOR = Path(sys.executable).parent / "iiif-validate.py"
@@ -46,21 +44,8 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     source = squares_image(root / "squares.tif")
     store = root / "store"
     wsi.convert_slide(source, wsi.Store(wsi.StoreSettings(str(store))), slide_id=IDENTIFIER)
-    loop = asyncio.new_event_loop()
-    runner = web.AppRunner(create_app(ServerSettings(store=str(store))))
-    loop.run_until_complete(runner.setup())
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    loop.run_until_complete(site.start())
-    port = runner.addresses[0][1]
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"127.0.0.1:{port}"
-    finally:
-        asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(30)
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(30)
-        loop.close()
+    with serving(ServerSettings(store=str(store))) as base:
+        yield base.removeprefix("http://")
 
 
 @pytest.mark.parametrize("level", [1, 2])

@@ -4,11 +4,8 @@ instances), plus raw HTTP for multipart framing, content negotiation, rendering 
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import io
 import json
-import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -17,7 +14,6 @@ import openslide
 import pydicom
 import pytest
 import requests
-from aiohttp import web
 from dicomweb_client.api import DICOMwebClient
 from PIL import Image
 from pydicom.encaps import generate_frames
@@ -25,11 +21,11 @@ from wsidicom import WsiDicom
 from wsidicom.web import WsiDicomWebClient
 
 import wsi
-from server.app import create_app
 from server.settings import ServerSettings
 from wsi.codecs import jpeg
 
 from .conftest import sample
+from .helpers import serving
 
 SOURCE = sample("CMU-1-Small-Region.svs")
 JPEG_BASELINE = "1.2.840.10008.1.2.4.50"
@@ -41,26 +37,6 @@ NAMED = {
     "study_date": "20240315",
     "study_description": "Colon biopsy",
 }
-
-
-@contextlib.contextmanager
-def serving(settings: ServerSettings) -> Iterator[str]:
-    """The app on 127.0.0.1 (a free port), on its own event loop in a thread: base URL."""
-    loop = asyncio.new_event_loop()
-    runner = web.AppRunner(create_app(settings))
-    loop.run_until_complete(runner.setup())
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    loop.run_until_complete(site.start())
-    port = runner.addresses[0][1]
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(30)
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(30)
-        loop.close()
 
 
 @pytest.fixture(scope="module")

@@ -130,9 +130,24 @@ def fsync_dir(path: str) -> None:
         os.close(fd)
 
 
-def _create(path: str) -> IO[bytes]:
-    """A new file opened for writing with FILE_MODE (exclusive: temporary names are unique)."""
-    return os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE), "wb")
+@contextlib.contextmanager
+def _local_file(path: str) -> Iterator[IO[bytes]]:
+    """A local object that appears whole or not at all, and durably: written under a unique
+    temporary name (FILE_MODE), fsynced, renamed into place, its folder fsynced; removed if the
+    body raises."""
+    make_dirs(os.path.dirname(path))
+    tmp = f"{path}{TEMP_MARK}{uuid.uuid4().hex}"
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
+        with os.fdopen(fd, "wb") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        fsync_dir(os.path.dirname(path))
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
 
 
 class Store:
@@ -182,18 +197,8 @@ class Store:
                     raise
                 f.close()
             else:
-                make_dirs(os.path.dirname(path))
-                tmp = f"{path}{TEMP_MARK}{uuid.uuid4().hex}"
-                try:
-                    with _create(tmp) as lf:
-                        yield lf
-                        lf.flush()
-                        os.fsync(lf.fileno())
-                    os.replace(tmp, path)
-                    fsync_dir(os.path.dirname(path))
-                finally:
-                    with contextlib.suppress(FileNotFoundError):
-                        os.unlink(tmp)
+                with _local_file(path) as lf:
+                    yield lf
         except STORE_FAILURES as exc:
             raise StoreError(f"cannot write {key}: {exc}") from exc
 
@@ -204,18 +209,8 @@ class Store:
             if self.settings.is_s3:
                 self.fs.pipe_file(path, data)
             else:
-                make_dirs(os.path.dirname(path))
-                tmp = f"{path}{TEMP_MARK}{uuid.uuid4().hex}"
-                try:
-                    with _create(tmp) as f:
-                        f.write(data)
-                        f.flush()
-                        os.fsync(f.fileno())
-                    os.replace(tmp, path)
-                    fsync_dir(os.path.dirname(path))
-                finally:
-                    with contextlib.suppress(FileNotFoundError):
-                        os.unlink(tmp)
+                with _local_file(path) as f:
+                    f.write(data)
         except STORE_FAILURES as exc:
             raise StoreError(f"cannot write {key}: {exc}") from exc
 
