@@ -1,8 +1,8 @@
 """A corpus of corrupt slides made by the tests (truncations, bit flips, a zeroed header, a tile
 whose JPEG header declares 65000 x 65000 pixels, a sparse file declaring 4 * 10^10 pixels)
-goes through `wsi convert` and `wsi serve --sources`: each bad file gives one readable line (or a
-4xx JSON), in bounded time and under a memory limit, and the good slides beside them are not
-disturbed."""
+goes through `wsi convert`, `wsi serve --sources` and a watch folder's jobs: each bad file gives
+one readable line (or a 4xx JSON), in bounded time and under a memory limit, and the good slides
+beside them are not disturbed."""
 
 from __future__ import annotations
 
@@ -17,10 +17,16 @@ from pathlib import Path
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
+import wsi
 from server.app import create_app
 from server.settings import ServerSettings
+from wsi.ingest.queue import JobState, SQLiteJobQueue
+from wsi.ingest.scan import find_candidates
+from wsi.ingest.settings import IngestSettings
+from wsi.ingest.source_files import submit_slide
 
 from .conftest import make_tiff, sample
+from .helpers import drain
 from .test_hostile_slides import hostile_tile_tiff, sparse_tiff
 
 MEMORY_LIMIT = 3 * 1024**3
@@ -127,3 +133,44 @@ def test_sources_serve_good_slides_and_refuse_bad_tiles(corpus) -> None:
             assert (await c.get("/healthz")).status == 200
 
     asyncio.run(main())
+
+
+@pytest.mark.timeout(600)
+def test_the_watch_folder_quarantines_each_bad_slide_and_converts_the_rest(
+    corpus, tmp_path: Path
+) -> None:
+    """As the watcher submits them: every candidate the scanner reports becomes a job; bad ones
+    fail once with one readable reason and move to quarantine, good ones are published, and
+    files no reader takes are left where they are."""
+    _, bad, good = corpus
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    for path in [*bad, *good]:
+        shutil.copy(path, inbox / path.name)
+    queue = SQLiteJobQueue(tmp_path / "jobs.sqlite")
+    settings = IngestSettings(
+        after_success="move",
+        done_dir=str(tmp_path / "done"),
+        quarantine_dir=str(tmp_path / "quarantine"),
+        poll_seconds=0.1,
+    )
+    jobs = [submit_slide(queue, c) for c in find_candidates(inbox) if c.complete]
+    assert len(jobs) >= len(good)
+    drain(queue, str(tmp_path / "store"), settings, until=400)
+    ended = [queue.get(j.id) for j in jobs]
+    assert all(j.state in (JobState.DONE, JobState.FAILED) for j in ended), ended
+    for job in ended:
+        if job.state is JobState.FAILED:
+            assert job.error and "\n" not in job.error.strip() and "Traceback" not in job.error
+    by_name = {Path(j.source).name: j for j in ended}
+    for path in good[:2]:
+        assert by_name[path.name].state is JobState.DONE
+    for path in bad:
+        job = by_name.get(path.name)
+        if job is None:  # not a slide to any reader: never submitted, left as it was
+            assert (inbox / path.name).exists()
+            continue
+        assert job.state is JobState.FAILED, (path.name, job)
+        assert (tmp_path / "quarantine" / path.name / "REASON.txt").is_file()
+    store = wsi.Store(wsi.StoreSettings(str(tmp_path / "store")))
+    assert len(store.published_slides()) >= 2
