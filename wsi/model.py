@@ -20,22 +20,19 @@ class TileCodec(enum.Enum):
     """Anything else (JPEG 2000, LZW, deflate, raw ...): tiles must be decoded."""
 
 
-@dataclass(frozen=True)
-class Level:
-    """Geometry of one pyramid level, in pixels of that level."""
+class TileGrid:
+    """The tile grid of a level: whatever has these four sizes (pixels of the level) gets the
+    same arithmetic, so sources, writers and the reader of published slides agree on it."""
 
     width: int
     height: int
     tile_width: int
     tile_height: int
-    downsample: float = 1.0
-    """Level-0 pixels per pixel of this level (as the source reports it)."""
 
-    def __post_init__(self) -> None:
-        if min(self.width, self.height, self.tile_width, self.tile_height) <= 0:
-            raise InvalidArgument(f"level sizes must be positive: {self}")
-        if self.downsample < 1.0:
-            raise InvalidArgument(f"downsample must be >= 1: {self.downsample}")
+    @property
+    def grid_name(self) -> str:
+        """How errors name this grid."""
+        return "the level"
 
     @property
     def cols(self) -> int:
@@ -52,9 +49,30 @@ class Level:
         return self.cols * self.rows
 
     def check_tile(self, col: int, row: int) -> None:
-        """Raise InvalidArgument unless (col, row) is a tile of this level."""
+        """Raise InvalidArgument unless (col, row) is a tile of this grid."""
         if not (0 <= col < self.cols and 0 <= row < self.rows):
-            raise InvalidArgument(f"tile ({col}, {row}) outside a {self.cols}x{self.rows} grid")
+            raise InvalidArgument(
+                f"tile ({col}, {row}) is outside {self.grid_name} ({self.cols}x{self.rows} tiles)"
+            )
+
+
+@dataclass(frozen=True)
+class Level(TileGrid):
+    """Geometry of one pyramid level, in pixels of that level."""
+
+    width: int
+    height: int
+    tile_width: int
+    tile_height: int
+    downsample: float = 1.0
+    """Level-0 pixels per pixel of this level (as the source reports it)."""
+
+    def __post_init__(self) -> None:
+        if min(self.width, self.height, self.tile_width, self.tile_height) <= 0:
+            raise InvalidArgument(f"level sizes must be positive: {self}")
+        if self.downsample < 1.0:
+            raise InvalidArgument(f"downsample must be >= 1: {self.downsample}")
+
 
 
 def pyramid_levels(width: int, height: int, tile_width: int, tile_height: int) -> tuple[Level, ...]:

@@ -11,7 +11,7 @@ from typing import Protocol, TypeVar
 import numpy as np
 
 from wsi.errors import InvalidArgument, SlideNotFound
-from wsi.model import ASSOCIATED_KINDS
+from wsi.model import ASSOCIATED_KINDS, TileGrid
 from wsi.published import layout
 from wsi.published.layout import JPEG as JPEG
 from wsi.published.layout import ZSTD as ZSTD
@@ -62,7 +62,7 @@ class ReaderSettings:
 
 
 @dataclass(frozen=True)
-class PublishedLevel:
+class PublishedLevel(TileGrid):
     """One pyramid level of a published slide, in pixels of that level."""
 
     index: int
@@ -80,23 +80,8 @@ class PublishedLevel:
     """Bytes of that object."""
 
     @property
-    def cols(self) -> int:
-        return -(-self.width // self.tile_width)
-
-    @property
-    def rows(self) -> int:
-        return -(-self.height // self.tile_height)
-
-    @property
-    def tile_count(self) -> int:
-        return self.cols * self.rows
-
-    def check_tile(self, col: int, row: int) -> None:
-        """Raise InvalidArgument unless (col, row) is a tile of this level."""
-        if not (0 <= col < self.cols and 0 <= row < self.rows):
-            raise InvalidArgument(
-                f"tile ({col}, {row}) is outside level {self.index} ({self.cols}x{self.rows} tiles)"
-            )
+    def grid_name(self) -> str:
+        return f"level {self.index}"
 
     def tile_shape(self, col: int, row: int) -> tuple[int, int]:
         """(height, width) of tile (col, row) cropped to the level: edge tiles are smaller."""
@@ -187,7 +172,7 @@ class PublishedDicom:
         raise SlideNotFound(f"no instance {sop_instance_uid} in series {self.series_instance_uid}")
 
 
-class TileGrid(Protocol):
+class StoredTiles(Protocol):
     """What decoding a stored tile needs to know of its image (a level or an associated image)."""
 
     @property
@@ -200,7 +185,7 @@ class TileGrid(Protocol):
     def tile_height(self) -> int: ...
 
 
-def decode_tile(image: TileGrid, data: bytes) -> np.ndarray:
+def decode_tile(image: StoredTiles, data: bytes) -> np.ndarray:
     """Stored bytes of one tile of `image` (from `tile_bytes`, `frame_bytes` or
     `associated_bytes`) -> (tile_height, tile_width, 3) uint8 RGB, edge padding included: for
     callers that hold the bytes already (a DICOM frame is the whole padded tile). A JPEG that
