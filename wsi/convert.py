@@ -154,20 +154,7 @@ def convert_slide(
     path = Path(path)
     with open_slide(path, settings.backend) as source:
         sid = check_slide_id(slide_id) if slide_id is not None else content_slide_id(path)
-        properties = source.properties
-        if settings.deidentify:
-            metadata = SlideMetadata().deidentify()
-            icc = properties.icc_profile
-            properties = replace(
-                properties,
-                vendor_properties=safe_vendor_properties(properties.vendor_properties),
-                scan_datetime=None,
-                serial_number=None,
-                identifiers={},
-                icc_profile=neutral_icc_profile(icc) if icc else None,
-            )
-        else:
-            metadata = metadata_for(path, settings.metadata_file, properties.identifiers)
+        metadata, properties = _identity(path, source.properties, settings)
         fingerprint = settings.fingerprint(metadata)
         base = source.levels[0]
         check_declared_size(base, _stored_bytes(path, source.name), settings)
@@ -202,16 +189,42 @@ def convert_slide(
                 sid, base, fingerprint, objects, writer.dicom_instances, keys=keys
             )
             if replacing:
-                store.unpublish(sid)  # readers see neither version for the swap, never a mix
-                store.promote(keys, manifest.objects)
-                old = published.objects if published is not None else {}
-                for key in sorted(set(old) - set(manifest.objects)):
-                    store.delete(SlideKeys(sid).in_store(key))
+                _swap_in(store, keys, manifest, published)
             stored = manifest.stored_bytes
             store.publish(sid, manifest)
     return ConvertResult(
         sid, url, base.width * base.height, time.perf_counter() - start, stored, False
     )
+
+
+def _identity(
+    path: Path, properties: SlideProperties, settings: ConvertSettings
+) -> tuple[SlideMetadata, SlideProperties]:
+    """The identifiers and properties to publish: the sidecar's and the source's, or under
+    `deidentify` neutral ones (no sidecar read, free text and ICC text tags neutralised)."""
+    if not settings.deidentify:
+        return metadata_for(path, settings.metadata_file, properties.identifiers), properties
+    icc = properties.icc_profile
+    return SlideMetadata().deidentify(), replace(
+        properties,
+        vendor_properties=safe_vendor_properties(properties.vendor_properties),
+        scan_datetime=None,
+        serial_number=None,
+        identifiers={},
+        icc_profile=neutral_icc_profile(icc) if icc else None,
+    )
+
+
+def _swap_in(
+    store: Store, staged: SlideKeys, manifest: Manifest, published: Manifest | None
+) -> None:
+    """Replace a published version by the one built in `staged`: readers see neither version
+    for the swap, never a mix; what only the old version had is deleted."""
+    store.unpublish(staged.slide_id)
+    store.promote(staged, manifest.objects)
+    old = published.objects if published is not None else {}
+    for key in sorted(set(old) - set(manifest.objects)):
+        store.delete(SlideKeys(staged.slide_id).in_store(key))
 
 
 def check_declared_size(base: Level, stored_bytes: int, settings: ConvertSettings) -> None:

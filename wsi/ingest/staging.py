@@ -366,6 +366,21 @@ def _download(
             os.utime(dest, (file.mtime, file.mtime))
 
 
+def _reserve_waiting(
+    spool: Path, root: Path, total: int, quota: int, waiting: Callable[[], None] | None
+) -> None:
+    """`reserve_room`, or with `waiting`, call it and try again every ROOM_POLL_SECONDS."""
+    while True:
+        try:
+            reserve_room(spool, root, total, quota)
+            return
+        except SpoolFull:
+            if waiting is None:
+                raise
+            waiting()
+            time.sleep(ROOM_POLL_SECONDS)
+
+
 def stage_into(
     url: str,
     dest: Path,
@@ -403,15 +418,7 @@ def stage_into(
     total = sum(f.size for f in files) + (sidecar.size if sidecar else 0)
     _check_size(url, total, limits)
     root = dest.resolve()
-    while True:
-        try:
-            reserve_room(spool or root.parent, root, total, limits.spool_quota - headroom)
-            break
-        except SpoolFull:
-            if waiting is None:
-                raise
-            waiting()
-            time.sleep(ROOM_POLL_SECONDS)
+    _reserve_waiting(spool or root.parent, root, total, limits.spool_quota - headroom, waiting)
     name = key.rstrip("/").rpartition("/")[2]
     slide = root / name
     base = slide if key.endswith("/") else root
