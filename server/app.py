@@ -98,6 +98,7 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
         # Tile requests must not each cost a store round trip, and a re-published slide must
         # still show up within seconds.
         recheck_seconds=2.0,
+        recheck_in_background=True,
         # A rendered region may read up to 4 source pixels per output pixel (`render.region`).
         max_region_pixels=4 * settings.max_render_pixels,
     )

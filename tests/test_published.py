@@ -372,6 +372,53 @@ def test_an_opened_slide_is_trusted_for_recheck_seconds(
     asyncio.run(main())
 
 
+def test_a_busy_service_rechecks_in_the_background_once_at_a_time(
+    store: dict[str, Any], tmp_path: Path
+) -> None:
+    """With `recheck_in_background`, requests after the re-check time get the opened slide at
+    once, and however many arrive together, one manifest read runs (the stall of a service in
+    which every open request re-read the manifest when the time expired)."""
+    sid = store["gen"]
+    shutil.copytree(store["root"] / sid, tmp_path / sid)
+    st = wsi.Store(wsi.StoreSettings(str(tmp_path)))
+    now = [100.0]
+    settings = ReaderSettings(recheck_seconds=2.0, recheck_in_background=True)
+    manifest_key = SlideKeys(sid).manifest
+
+    async def main() -> None:
+        async with PublishedStore(st, settings, clock=lambda: now[0]) as published:
+            reads: list[str] = []
+            real_get = published.io.get
+
+            async def counting_get(key: str) -> bytes:
+                if key == manifest_key:
+                    reads.append(key)
+                return await real_get(key)
+
+            published.io.get = counting_get  # type: ignore[method-assign]
+            first = await published.slide(sid)
+            assert len(reads) == 1
+            republish_with_downsample(st, sid, 2, 3.0)
+            now[0] += 2.5
+            answers = await asyncio.gather(*(published.slide(sid) for _ in range(50)))
+            assert all(a is first for a in answers)  # nobody waited for the re-read
+            while ("recheck", sid) in published._inflight:
+                await asyncio.sleep(0)
+            assert len(reads) == 2  # fifty requests, one re-read
+            second = await published.slide(sid)
+            assert second is not first and second.levels[2].downsample == 3.0
+            assert len(reads) == 2  # the re-read's result is trusted for recheck_seconds
+            st.unpublish(sid)
+            now[0] += 2.5
+            assert await published.slide(sid) is second  # the re-read runs behind this answer
+            while ("recheck", sid) in published._inflight:
+                await asyncio.sleep(0)
+            with pytest.raises(SlideNotFound):
+                await published.slide(sid)
+
+    asyncio.run(main())
+
+
 def test_a_dicom_only_slide_is_refused_clearly(generated: Path, tmp_path: Path) -> None:
     st = wsi.Store(wsi.StoreSettings(str(tmp_path)))
     sid = wsi.convert_slide(generated, st, ConvertSettings(formats=("dicom",))).slide_id

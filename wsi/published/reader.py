@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures as cf
+import contextlib
 import time
 from collections.abc import Awaitable, Callable, Hashable, Mapping
 from dataclasses import dataclass, field
@@ -138,6 +139,15 @@ class PublishedStore:
         cached = self._opened.get(slide_id)
         if cached is not None and now - cached.checked < self.settings.recheck_seconds:
             return cached.slide
+        if cached is not None and self.settings.recheck_in_background:
+            self._recheck_soon(keys, cached.slide)
+            return cached.slide
+        return await self._reopen(keys, cached)
+
+    async def _reopen(self, keys: SlideKeys, cached: _Opened | None) -> AsyncPublishedSlide:
+        """Read the slide's manifest and open it again if its version changed."""
+        slide_id = keys.slide_id
+        now = self._clock()
         try:
             data = await self.io.get(keys.manifest)
         except SlideNotFound as exc:
@@ -150,6 +160,23 @@ class PublishedStore:
             slide = await self.once(("slide", slide_id, version), lambda: self._load(keys, data))
         self._opened.put(slide_id, _Opened(slide, now))
         return slide
+
+    def _recheck_soon(self, keys: SlideKeys, opened: AsyncPublishedSlide) -> None:
+        """Start the background re-read of a slide's manifest unless one is running."""
+        key = ("recheck", keys.slide_id)
+        if key in self._inflight:
+            return
+
+        async def recheck() -> None:
+            current = self._opened.get(keys.slide_id)
+            if current is None or current.slide is not opened:
+                return  # opened again meanwhile, or evicted
+            with contextlib.suppress(SlideNotFound):  # _reopen forgot it: the next call says so
+                await self._reopen(keys, current)
+
+        task = asyncio.ensure_future(recheck())
+        self._inflight[key] = task
+        task.add_done_callback(lambda t: self._finished(key, t))
 
     async def once(self, key: Hashable, make: Callable[[], Awaitable[T]]) -> T:
         """`await make()`, shared by every caller asking for the same `key` meanwhile (one

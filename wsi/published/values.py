@@ -38,6 +38,12 @@ class ReaderSettings:
     recheck_seconds: float = 0.0
     """How long an opened slide is trusted before opening it again reads its manifest (0: every
     time). A service sets a few seconds so that tile requests do not each cost a round trip."""
+    recheck_in_background: bool = False
+    """Once `recheck_seconds` have passed, answer with the slide as opened and re-read its
+    manifest in the background, one re-read per slide at a time, instead of making the caller
+    wait. A busy service sets it: otherwise every request open at that moment re-reads the
+    manifest at once and all of them wait for it. A re-published slide then shows up one
+    request later."""
     threads: int = 8
     """Threads for local reads and decoding, when the store makes its own pool."""
     fetch_concurrency: int = 32
