@@ -81,8 +81,14 @@ async def tile(request: web.Request) -> web.Response:
         stored = level
 
         def crop() -> bytes:
-            # DeepZoom sizes round up, ours down: the padded stored tile covers the difference.
-            pixels = decode_tile(stored, data)[:th, :tw]
+            # DeepZoom sizes round up, ours down: where the DeepZoom tile is a pixel wider or
+            # taller than the stored level, that pixel repeats the level's edge (the stored
+            # tile's padding there is whatever the source had past its edge, often black).
+            h = min(th, stored.height - y_ * stored.tile_height)
+            w = min(tw, stored.width - x_ * stored.tile_width)
+            pixels = decode_tile(stored, data)[:h, :w]
+            if (h, w) != (th, tw):
+                pixels = np.pad(pixels, ((0, th - h), (0, tw - w), (0, 0)), mode="edge")
             return encode_image(pixels, "jpg")[0]
 
         body = await in_pool(catalog, crop)
