@@ -86,6 +86,13 @@ class _Codec(threading.local):
             self.out = ctypes.create_string_buffer(size)
         return self.out
 
+    def reset_decompressor(self) -> None:
+        """A fresh decompressor after a failed call: libjpeg-turbo 2.1 can leave the handle
+        unusable (after "Bogus marker length" in a header, every later stream on the thread
+        failed with "Bogus DQT index 15"), so one corrupt tile would break a thread for good."""
+        _lib.tjDestroy(self.decompressor)
+        self.decompressor = _lib.tjInitDecompress()
+
 
 _codec = _Codec()
 
@@ -179,6 +186,7 @@ def decoded_size(stream: bytes, half: bool = False) -> tuple[int, int]:
     )
     if status != 0 or w.value <= 0 or h.value <= 0:  # a header error is never just a warning
         message = (_lib.tjGetErrorStr2(handle) or b"").decode(errors="replace")
+        _codec.reset_decompressor()
         raise CorruptSlide(f"cannot read JPEG header: {message}")
     if half:
         return (h.value + 1) // 2, (w.value + 1) // 2
@@ -211,7 +219,11 @@ def decode_into(stream: bytes, out: np.ndarray, half: bool = False) -> None:
     status = _lib.tjDecompress2(
         handle, stream, len(stream), out.ctypes.data, w, out.strides[0], h, _TJPF_RGB, 0
     )
-    _check(status, handle, "decode")
+    try:
+        _check(status, handle, "decode")
+    except CorruptSlide:
+        _codec.reset_decompressor()
+        raise
 
 
 def decode(

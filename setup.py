@@ -1,0 +1,20 @@
+"""The C extension only; the package's metadata lives in pyproject.toml.
+
+`wsi.codecs._jpeglib` is compiled against the system's libjpeg(-turbo) headers (Debian:
+libjpeg62-turbo-dev) and links -ljpeg: the same libjpeg-turbo that `wsi.codecs.jpeg` calls through
+TurboJPEG, so cropped decoding matches whole-tile decoding bit for bit.
+"""
+
+from setuptools import Extension, setup
+
+setup(
+    ext_modules=[
+        Extension(
+            "wsi.codecs._jpeglib",
+            sources=["wsi/codecs/_jpeglib.c"],
+            depends=["wsi/codecs/_jpeglib_huffman.h"],
+            libraries=["jpeg"],
+            extra_compile_args=["-O3", "-Wall", "-Wextra", "-Wno-unused-parameter"],
+        )
+    ]
+)

@@ -1,0 +1,26 @@
+"""Types of the C extension `wsi.codecs._jpeglib` (see _jpeglib.c and jpegtran.py)."""
+
+from typing import Any
+
+import numpy as np
+from typing_extensions import Buffer
+
+MAX_INPUT_BYTES: int
+MAX_SIDE: int
+MAX_TRANSCODE_PIXELS: int
+MAX_SCANS: int
+MAX_MEMORY: int
+LIBJPEG_VERSION: int
+
+def transcode(
+    data: Buffer, optimize: bool, libjpeg_tables: bool = False, /
+) -> tuple[str, tuple[int, ...], tuple[int, ...], bytes | None]: ...
+def decode_region(
+    data: Buffer,
+    x: int,
+    y: int,
+    out: Buffer | np.ndarray[Any, Any],
+    expected_width: int,
+    expected_height: int,
+    /,
+) -> None: ...

@@ -1,0 +1,324 @@
+/* Part of wsi/codecs/_jpeglib.c (included once, one translation unit so that the per-block code
+ * inlines): what transcode needs to write optimal Huffman tables in one entropy pass.
+ *
+ * scan_components walks every block of a coefficient image in the order libjpeg will encode
+ * them, bounding each component's samples and counting the Huffman symbols exactly as libjpeg's
+ * gathering pass (encode_mcu_gather, htest_one_block) counts them; install_tables builds the
+ * tables as jpeg_gen_optimal_table does and gives them to the compressor. The output is then
+ * the one libjpeg's optimize_coding makes, byte for byte (tests/test_jpegtran.py compares). */
+#ifndef WSI_JPEGLIB_HUFFMAN_H
+#define WSI_JPEGLIB_HUFFMAN_H
+
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <jpeglib.h>
+#include <jerror.h>
+#ifdef __SSE2__
+#include <emmintrin.h>
+#endif
+
+/* Symbol counts of one Huffman table, as libjpeg's gathering pass makes them (257: a reserved
+ * symbol keeps the all-ones code out of the table, see jpeg_gen_optimal_table). */
+typedef long huff_counts[257];
+
+/* Natural (row-major) position of each zigzag position: libjpeg's jpeg_natural_order. */
+static const unsigned char natural_of[DCTSIZE2] = {
+    0,  1,  8,  16, 9,  2,  3,  10, 17, 24, 32, 25, 18, 11, 4,  5,
+    12, 19, 26, 33, 40, 48, 41, 34, 27, 20, 13, 6,  7,  14, 21, 28,
+    35, 42, 49, 56, 57, 50, 43, 36, 29, 22, 15, 23, 30, 37, 44, 51,
+    58, 59, 52, 45, 38, 31, 39, 46, 53, 60, 61, 54, 47, 55, 62, 63,
+};
+
+/* zigzag_bits[i][b]: the zigzag-order bits of the coefficients 8i..8i+7 (natural order) whose
+ * bits are set in b. Filled once when the module loads, read-only afterwards; 16 KiB. */
+static uint64_t zigzag_bits[8][256];
+
+static void init_zigzag_bits(void) {
+    int z, b;
+    for (z = 0; z < DCTSIZE2; z++) {
+        int k = natural_of[z];
+        for (b = 0; b < 256; b++)
+            if (b & (1 << (k % 8)))
+                zigzag_bits[k / 8][b] |= (uint64_t)1 << z;
+    }
+}
+
+/* Bit z set when the coefficient at zigzag position z is not zero: one compare per 8
+ * coefficients and 8 table look-ups, no branch. */
+static inline uint64_t nonzero_zigzag(const JCOEF *block) {
+    uint64_t mask = 0, zigzag = 0;
+    int i;
+#ifdef __SSE2__
+    for (i = 0; i < 4; i++) {
+        __m128i a = _mm_loadu_si128((const __m128i *)(block + 16 * i));
+        __m128i b = _mm_loadu_si128((const __m128i *)(block + 16 * i + 8));
+        __m128i zero = _mm_setzero_si128();
+        __m128i eq = _mm_packs_epi16(_mm_cmpeq_epi16(a, zero), _mm_cmpeq_epi16(b, zero));
+        mask |= (uint64_t)(uint16_t)~_mm_movemask_epi8(eq) << (16 * i);
+    }
+#else
+    for (i = 0; i < DCTSIZE2; i++)
+        mask |= (uint64_t)(block[i] != 0) << i;
+#endif
+    for (i = 0; i < 8; i++)
+        zigzag |= zigzag_bits[i][(mask >> (8 * i)) & 0xFF];
+    return zigzag;
+}
+
+/* Bounds of one component's samples, and the statistics of the Huffman symbols that encode it.
+ * A block's bound (see jpegtran.py) is DC/8 + 128 +- S/4 widened by the decoder's rounding, S
+ * the sum of |AC| * quantum; the component's is the min and max over its blocks. Bounds are
+ * kept in 1/128 levels, where every term is an integer. */
+struct component_scan {
+    int q[DCTSIZE2];
+    int64_t lo, hi;
+    int last_dc;   /* DC predictor of the scan being written */
+    long *dc, *ac; /* counts of its DC and AC tables, NULL when not gathering */
+};
+
+/* One real block: its bound, and (when gathering) its symbols exactly as libjpeg's
+ * htest_one_block counts them: the DC difference's size category, then for each non-zero AC
+ * coefficient in zigzag order one ZRL (0xF0) per 16 zeros before it and (run << 4 | size), and
+ * an EOB (0) when zeros end the block. Only the non-zero coefficients are visited. Fails, as
+ * libjpeg does, on coefficients of more than 11 (DC difference) or 10 (AC) bits, which
+ * baseline Huffman codes cannot carry. */
+static inline int scan_block(struct component_scan *c, const JCOEF *block) {
+    uint64_t bits;
+    unsigned every = 0;
+    int64_t sum = 0, centre, reach;
+    int run, last;
+
+    last = 0;
+    for (bits = nonzero_zigzag(block) & ~(uint64_t)1; bits; bits &= bits - 1) {
+        int z = __builtin_ctzll(bits), k = natural_of[z];
+        unsigned magnitude = (unsigned)abs((int)block[k]);
+        sum += (int64_t)magnitude * c->q[k];
+        every |= magnitude;
+        if (c->ac != NULL) {
+            for (run = z - last - 1; run > 15; run -= 16)
+                c->ac[0xF0]++;
+            c->ac[(run << 4) + 32 - __builtin_clz(magnitude)]++;
+        }
+        last = z;
+    }
+    /* 128 * (128 + DC/8) and 128 * (S/4 + 1 + S/128), or 128 * 1/2 without AC. */
+    centre = 16384 + 16 * (int64_t)block[0] * c->q[0];
+    reach = sum == 0 ? 64 : 33 * sum + 128;
+    c->lo = centre - reach < c->lo ? centre - reach : c->lo;
+    c->hi = centre + reach > c->hi ? centre + reach : c->hi;
+    if (c->dc == NULL)
+        return 0;
+    {
+        unsigned diff = (unsigned)abs((int)block[0] - c->last_dc);
+        if (diff >= 1u << 11 || every >= 1u << 10)
+            return -1;
+        c->dc[diff ? 32 - __builtin_clz(diff) : 0]++;
+        c->last_dc = block[0];
+    }
+    if (last < DCTSIZE2 - 1)
+        c->ac[0]++;
+    return 0;
+}
+
+/* Visits every block in the order of the single sequential scan libjpeg writes (interleaved
+ * MCUs of h x v blocks per component, or one block per MCU for a single component), so that the
+ * DC differences, restart resets and the padding blocks of edge MCUs (zero AC, the previous
+ * block's DC: a zero difference and an EOB, as jctrans.c makes them) count as libjpeg's own
+ * gathering pass counts them. Returns -1 on a coefficient out of range. */
+static int scan_components(j_decompress_ptr d, jvirt_barray_ptr *coefs,
+                           struct component_scan *comps, unsigned restart_interval) {
+    int nc = d->num_components, ci;
+    JDIMENSION mcu_cols, mcu_rows, mrow, mcol;
+    unsigned restarts_to_go = restart_interval;
+    int mcu_w[3], mcu_h[3];
+    JBLOCKARRAY rows[3];
+
+    if (nc == 1) {
+        mcu_cols = d->comp_info[0].width_in_blocks;
+        mcu_rows = d->comp_info[0].height_in_blocks;
+        mcu_w[0] = mcu_h[0] = 1;
+    } else {
+        mcu_cols = (d->image_width + 8 * d->max_h_samp_factor - 1) / (8 * d->max_h_samp_factor);
+        mcu_rows = (d->image_height + 8 * d->max_v_samp_factor - 1) / (8 * d->max_v_samp_factor);
+        for (ci = 0; ci < nc; ci++) {
+            mcu_w[ci] = d->comp_info[ci].h_samp_factor;
+            mcu_h[ci] = d->comp_info[ci].v_samp_factor;
+        }
+    }
+    for (mrow = 0; mrow < mcu_rows; mrow++) {
+        for (ci = 0; ci < nc; ci++)
+            rows[ci] = (*d->mem->access_virt_barray)((j_common_ptr)d, coefs[ci],
+                                                      mrow * mcu_h[ci], mcu_h[ci], FALSE);
+        for (mcol = 0; mcol < mcu_cols; mcol++) {
+            if (restart_interval && comps[0].dc != NULL) {
+                if (restarts_to_go == 0) {
+                    for (ci = 0; ci < nc; ci++)
+                        comps[ci].last_dc = 0;
+                    restarts_to_go = restart_interval;
+                }
+                restarts_to_go--;
+            }
+            for (ci = 0; ci < nc; ci++) {
+                struct component_scan *c = &comps[ci];
+                JDIMENSION width = d->comp_info[ci].width_in_blocks;
+                JDIMENSION height = d->comp_info[ci].height_in_blocks;
+                int x, y;
+                for (y = 0; y < mcu_h[ci]; y++) {
+                    JDIMENSION row = mrow * mcu_h[ci] + y;
+                    for (x = 0; x < mcu_w[ci]; x++) {
+                        JDIMENSION col = mcol * mcu_w[ci] + x;
+                        if (row < height && col < width) {
+                            if (scan_block(c, rows[ci][y][col]) != 0)
+                                return -1;
+                        } else if (c->dc != NULL) {
+                            c->dc[0]++;
+                            c->ac[0]++;
+                        }
+                    }
+                }
+            }
+        }
+    }
+    return 0;
+}
+
+/* A min-heap of (frequency, symbol) ordered by frequency, then by *larger* symbol first: the
+ * order in which jpeg_gen_optimal_table's linear searches ("smallest nonzero frequency, the
+ * larger symbol on ties") pick their two nodes. */
+struct node {
+    long freq;
+    int symbol;
+};
+
+static inline int node_before(struct node a, struct node b) {
+    return a.freq < b.freq || (a.freq == b.freq && a.symbol > b.symbol);
+}
+
+static void heap_push(struct node *heap, int *n, struct node v) {
+    int i = (*n)++;
+    while (i > 0 && node_before(v, heap[(i - 1) / 2])) {
+        heap[i] = heap[(i - 1) / 2];
+        i = (i - 1) / 2;
+    }
+    heap[i] = v;
+}
+
+static struct node heap_pop(struct node *heap, int *n) {
+    struct node top = heap[0], v = heap[--(*n)];
+    int i = 0;
+    for (;;) {
+        int child = 2 * i + 1;
+        if (child >= *n)
+            break;
+        if (child + 1 < *n && node_before(heap[child + 1], heap[child]))
+            child++;
+        if (!node_before(heap[child], v))
+            break;
+        heap[i] = heap[child];
+        i = child;
+    }
+    if (*n > 0)
+        heap[i] = v;
+    return top;
+}
+
+/* libjpeg's jpeg_gen_optimal_table (section K.2 of the standard, code lengths limited to 16
+ * bits), the same merges in the same order, in O(n log n) instead of its O(n^2) searches: the
+ * table, hence every output byte, is the one libjpeg makes. Returns -1 on a code length over 32
+ * (JERR_HUFF_CLEN_OVERFLOW, which cannot happen with fewer than 2**31 blocks). */
+static int optimal_table(long *freq, JHUFF_TBL *table) {
+    unsigned char bits[33];
+    int codesize[257], others[257], count[33];
+    struct node heap[257];
+    int n = 0, i, j, p;
+
+    memset(bits, 0, sizeof bits);
+    memset(codesize, 0, sizeof codesize);
+    for (i = 0; i < 257; i++)
+        others[i] = -1;
+    freq[256] = 1;
+    for (i = 0; i <= 256; i++)
+        if (freq[i])
+            heap_push(heap, &n, (struct node){freq[i], i});
+    while (n >= 2) {
+        struct node a = heap_pop(heap, &n), b = heap_pop(heap, &n);
+        int c1 = a.symbol, c2 = b.symbol;
+        heap_push(heap, &n, (struct node){a.freq + b.freq, c1});
+        codesize[c1]++;
+        while (others[c1] >= 0) {
+            c1 = others[c1];
+            codesize[c1]++;
+        }
+        others[c1] = c2;
+        codesize[c2]++;
+        while (others[c2] >= 0) {
+            c2 = others[c2];
+            codesize[c2]++;
+        }
+    }
+    for (i = 0; i <= 256; i++) {
+        if (codesize[i]) {
+            if (codesize[i] > 32)
+                return -1;
+            bits[codesize[i]]++;
+        }
+    }
+    for (i = 32; i > 16; i--) {
+        while (bits[i] > 0) {
+            j = i - 2;
+            while (bits[j] == 0)
+                j--;
+            bits[i] -= 2;
+            bits[i - 1]++;
+            bits[j + 1] += 2;
+            bits[j]--;
+        }
+    }
+    while (bits[i] == 0)
+        i--;
+    bits[i]--; /* the reserved symbol 256 had the longest code */
+    memcpy(table->bits, bits, sizeof table->bits);
+    /* Symbols by code length, then by value (a counting sort). */
+    memset(count, 0, sizeof count);
+    for (j = 0; j < 256; j++)
+        count[codesize[j]]++;
+    for (i = 1, p = 0; i <= 32; i++) {
+        int next = p + count[i];
+        count[i] = p;
+        p = next;
+    }
+    memset(table->huffval, 0, sizeof table->huffval);
+    for (j = 0; j < 256; j++)
+        if (codesize[j])
+            table->huffval[count[codesize[j]]++] = (UINT8)j;
+    table->sent_table = FALSE;
+    return 0;
+}
+
+/* Installs the optimal table of every table a component uses in dst (jpeg_set_defaults gave it
+ * the standard ones, which libjpeg's optimize_coding would replace the same way). */
+static void install_tables(j_compress_ptr dst, huff_counts *dc, huff_counts *ac) {
+    int ci, done_dc[NUM_HUFF_TBLS] = {0}, done_ac[NUM_HUFF_TBLS] = {0};
+    for (ci = 0; ci < dst->num_components; ci++) {
+        int t = dst->comp_info[ci].dc_tbl_no, u = dst->comp_info[ci].ac_tbl_no;
+        if (!done_dc[t]) {
+            if (dst->dc_huff_tbl_ptrs[t] == NULL)
+                dst->dc_huff_tbl_ptrs[t] = jpeg_alloc_huff_table((j_common_ptr)dst);
+            if (optimal_table(dc[t], dst->dc_huff_tbl_ptrs[t]) != 0)
+                ERREXIT(dst, JERR_HUFF_CLEN_OVERFLOW);
+            done_dc[t] = 1;
+        }
+        if (!done_ac[u]) {
+            if (dst->ac_huff_tbl_ptrs[u] == NULL)
+                dst->ac_huff_tbl_ptrs[u] = jpeg_alloc_huff_table((j_common_ptr)dst);
+            if (optimal_table(ac[u], dst->ac_huff_tbl_ptrs[u]) != 0)
+                ERREXIT(dst, JERR_HUFF_CLEN_OVERFLOW);
+            done_ac[u] = 1;
+        }
+    }
+}
+
+#endif
