@@ -67,11 +67,13 @@ OPENSLIDE_READABLE = [
 
 @pytest.mark.parametrize("name", OPENSLIDE_READABLE)
 def test_base_level_equals_openslide(name, tmp_path, slide_path):
-    """JPEG sources are passed through (identical pixels); others are stored losslessly here."""
+    """JPEG sources are passed through (identical pixels: their Huffman tables are optimised,
+    not their coefficients); others are stored losslessly here. Blank glass is kept, so every
+    tile compares (tests/test_sparse.py covers the tiles left out)."""
     path = slide_path(name)
     with open_slide(path) as src:
         jpeg_source = src.tile_codec(0) is wsi.TileCodec.JPEG
-    _, _, root = convert(path, tmp_path, lossless=not jpeg_source)
+    _, _, root = convert(path, tmp_path, lossless=not jpeg_source, keep_background=True)
     assert np.array_equal(level_pixels(root, 0), openslide_level0(path))
     attrs = root.attrs.asdict()["wsistore"]
     assert attrs["levels"][0]["codec"] == ("jpeg" if jpeg_source else "zstd")
@@ -88,8 +90,9 @@ def test_jpegls_dicom_converts_with_wsidicom_pixels(tmp_path):
 
 
 def test_passed_through_tiles_are_the_source_bytes(tmp_path):
+    """With `--keep-source-jpeg` (and blank glass kept) level 0 is the source's tiles."""
     path = sample("CMU-1-Small-Region.svs")
-    _, result, _ = convert(path, tmp_path)
+    _, result, _ = convert(path, tmp_path, optimize_huffman=False, keep_background=True)
     chunks = shard_chunks(tmp_path / "store" / result.slide_id / "slide.zarr/0/c/0/0/0")
     with tifffile.TiffFile(path) as tif:
         page = tif.pages[0]
@@ -126,7 +129,9 @@ def test_lossless_derived_levels_are_near_exact(tmp_path):
 
 
 def test_exact_2x_source_levels_are_reused_byte_for_byte(tmp_path, synthetic_jpeg_tiff):
-    _, result, root = convert(synthetic_jpeg_tiff, tmp_path)
+    """With `--keep-source-jpeg` (and blank glass kept) reused levels are the source's tiles."""
+    settings = {"optimize_huffman": False, "keep_background": True}
+    _, result, root = convert(synthetic_jpeg_tiff, tmp_path, **settings)
     base = tmp_path / "store" / result.slide_id / "slide.zarr"
     with open_slide(synthetic_jpeg_tiff) as src:
         for k, lv in enumerate(src.levels):

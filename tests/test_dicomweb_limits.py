@@ -22,7 +22,10 @@ JPEG_BASELINE = "1.2.840.10008.1.2.4.50"
 @pytest.fixture(scope="module")
 def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("wado")
-    wsi.convert_slide(SOURCE, wsi.Store(wsi.StoreSettings(str(root))))
+    # Every tile stored, so frame n is tile n - 1 (the frames of sparse instances, which skip
+    # blank tiles, are checked in test_sparse.py).
+    settings = wsi.ConvertSettings(wsi.PyramidSettings(keep_background=True))
+    wsi.convert_slide(SOURCE, wsi.Store(wsi.StoreSettings(str(root))), settings)
     return root
 
 

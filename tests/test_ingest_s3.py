@@ -26,6 +26,7 @@ from aiohttp.test_utils import TestClient, TestServer
 import wsi
 from server.app import create_app
 from server.settings import ServerSettings
+from wsi.codecs import jpegtran
 from wsi.ingest.queue import JobState, SQLiteJobQueue
 from wsi.ingest.settings import IngestSettings
 from wsi.ingest.staging import RESERVED, ROOM_POLL_SECONDS, remote_slide_id
@@ -116,6 +117,8 @@ def test_post_jobs_with_s3_sources(
     sid = content_slide_id(drop["slide"])
     with wsi.open_slide(drop["slide"]) as src:
         first_tile = src.read_encoded_tile(0, 0, 0)
+    # Published, the same tile is stored with optimal Huffman tables: the same coefficients.
+    published_tile = jpegtran.transcode(first_tile).data
     submitted: dict[str, dict[str, Any]] = {}
 
     async def queue_and_view() -> None:
@@ -185,7 +188,7 @@ def test_post_jobs_with_s3_sources(
             assert failed["state"] == "failed" and "Unsupported TIFF" in failed["error"]
             assert (await (await c.get(f"/slides/{sid}")).json())["status"] == "ready"
             tile = await c.get(f"/slides/{sid}/tiles/0/0/0")
-            assert tile.status == 200 and await tile.read() == first_tile
+            assert tile.status == 200 and await tile.read() == published_tile
 
     # The worker converts the copies: with the objects gone from the bucket it still can.
     fs = drop["fs"]

@@ -45,6 +45,7 @@ from .conftest import ROOT, make_tiff, openslide_level0
 from .s3server import SeaweedFS
 from .s3server import seaweedfs as _seaweedfs_fixture  # noqa: F401
 
+KEPT = wsi.ConvertSettings(wsi.PyramidSettings(keep_background=True))
 WIDTH, HEIGHT, SEED = 1837, 1411, 11
 """The generated slide: partial edge tiles both ways (7 x 6 tiles of 256 at level 0)."""
 
@@ -56,8 +57,10 @@ def source(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def store(source: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    """Blank glass kept: its fill is white, which `crop_padded` pads with (tests/test_sparse.py
+    reads patches of slides whose blank tiles were left out)."""
     root = tmp_path_factory.mktemp("store")
-    slide_id = wsi.convert_slide(source, wsi.Store(wsi.StoreSettings(str(root)))).slide_id
+    slide_id = wsi.convert_slide(source, wsi.Store(wsi.StoreSettings(str(root))), KEPT).slide_id
     return root, slide_id
 
 
@@ -462,7 +465,7 @@ def test_patches_from_s3_equal_the_local_store(
 ) -> None:
     url = seaweedfs.url("patches")
     s3 = wsi.Store(wsi.StoreSettings(url, endpoint_url=seaweedfs.endpoint_url))
-    slide_id = wsi.convert_slide(source, s3).slide_id
+    slide_id = wsi.convert_slide(source, s3, KEPT).slide_id
     remote_location = f"{url}/{slide_id}"
     corners = np.concatenate(
         [

@@ -46,11 +46,17 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     assert SOURCE.exists(), f"missing sample slide {SOURCE}"
     root = tmp_path_factory.mktemp("dicomweb")
     target = wsi.Store(wsi.StoreSettings(str(root)))
-    plain = wsi.convert_slide(SOURCE, target)
+    # The source's tiles as they are and every tile stored: frames are numbered over the whole
+    # grid and compared with the source's tiles (tests/test_sparse.py serves sparse instances).
+    pyramid = wsi.PyramidSettings(optimize_huffman=False, keep_background=True)
+    plain = wsi.convert_slide(SOURCE, target, wsi.ConvertSettings(pyramid))
     meta = root.parent / "named.json"
     meta.write_text(json.dumps(NAMED))
     named = wsi.convert_slide(
-        SOURCE, target, wsi.ConvertSettings(metadata_file=str(meta)), slide_id="named-cmu"
+        SOURCE,
+        target,
+        wsi.ConvertSettings(pyramid, metadata_file=str(meta)),
+        slide_id="named-cmu",
     )
     slides = {}
     for sid in (plain.slide_id, named.slide_id):

@@ -24,8 +24,9 @@ import zarr.storage
 
 from wsi.errors import InvalidArgument, WsiError
 from wsi.model import Level, SlideProperties
+from wsi.published.layout import ATTRIBUTES
 from wsi.store import Store, StoreSettings
-from wsi.writers import ChunkFormat, PyramidWriter, SlideInfo, StoredObject
+from wsi.writers import BlankTiles, ChunkFormat, PyramidWriter, SlideInfo, StoredObject
 
 SLIDE = "contract-slide"
 INFO = SlideInfo(SLIDE, SlideProperties(vendor="synthetic", mpp_x=0.25, mpp_y=0.26), "contract")
@@ -246,6 +247,33 @@ class WriterContract:
         assert written[0].keys() == written[1].keys()
         differ = sorted(k for k in written[0] if written[0][k] != written[1][k])
         assert differ == []
+
+    def test_absent_tiles_read_as_the_fill(
+        self, setup: WriterSetup, store: Store, writer: PyramidWriter
+    ) -> None:
+        """`None` tiles (blank glass) are not stored: zarr-python reads the level's fill grey
+        there and every other tile as written; a level of nothing but absent tiles reads as
+        the fill too (a writer may store one placeholder of the fill where a format needs it)."""
+        planned = plan()
+        blank = BlankTiles(fill=240, delta_e76=4.2)
+        absent = {0: {1, 3}, 1: {0, 1}, 2: set()}
+        for index, p in enumerate(planned):
+            writer.begin_level(index, p.level, p.fmt, blank)
+            chunks = [None if i in absent[index] else c for i, c in enumerate(p.chunks)]
+            writer.write_tiles(index, chunks)
+            writer.end_level(index)
+        writer.finish(INFO)
+        group = open_group(store, setup.zarr_root(SLIDE))
+        for index, (array, p) in enumerate(zip(level_arrays(group), planned, strict=True)):
+            assert group[str(index)].fill_value == 240
+            expected = p.expected.copy()
+            tw, th = p.level.tile_width, p.level.tile_height
+            for i in absent[index]:
+                row, col = divmod(i, p.level.cols)
+                expected[row * th : (row + 1) * th, col * tw : (col + 1) * tw] = 240
+            np.testing.assert_array_equal(array, expected, err_msg=f"level {index}")
+        attrs: Any = group.attrs[ATTRIBUTES]
+        assert (attrs["fill"], attrs["background_delta_e76"]) == (240, 4.2)
 
     @pytest.mark.parametrize("fmt", [JPEG, ZSTD], ids=["jpeg", "zstd"])
     def test_each_chunk_codec_reads_back_or_is_refused(

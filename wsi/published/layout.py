@@ -16,6 +16,7 @@ here changes the stored bytes: existing stores must stay readable.
 from __future__ import annotations
 
 import base64
+import functools
 import json
 import re
 import struct
@@ -28,7 +29,7 @@ import google_crc32c
 import numcodecs
 import numpy as np
 
-from wsi.codecs import jpeg
+from wsi.codecs import jpeg, jxl
 from wsi.errors import CorruptSlide, InvalidArgument
 from wsi.model import JPEG_CODEC_NAME, Level, SlideProperties
 
@@ -48,7 +49,9 @@ ATTRIBUTES = "wsistore"
 FORMAT_VERSION = 1
 MANIFEST_FORMAT = "wsistore-manifest/1"
 FILL_VALUE = 255
-"""Pixels outside the stored tiles (and of chunks a shard does not hold) are white."""
+"""The fill grey of slides published without a chosen one: white. A slide's own fill
+(`SlideAttributes.fill`, each level array's `fill_value`) is the grey of its blank glass, what
+readers give for pixels outside the stored tiles and for chunks a shard does not hold."""
 
 
 def check_slide_id(slide_id: str) -> str:
@@ -158,12 +161,16 @@ def _field(doc: Mapping[str, Any], name: str, kind: type | tuple[type, ...], wha
 
 
 # -- chunk codecs ---------------------------------------------------------------------------------
-CodecId: TypeAlias = Literal["jpeg", "zstd"]
+CodecId: TypeAlias = Literal["jpeg", "zstd", "jpegxl"]
 JPEG: CodecId = "jpeg"
 """Each chunk is a complete baseline JPEG stream (the `wsistore.jpeg` Zarr codec)."""
 ZSTD: CodecId = "zstd"
 """Each chunk is the zstd of the interleaved RGB bytes (`bytes` + `zstd` Zarr codecs)."""
-CODEC_IDS: tuple[CodecId, ...] = (JPEG, ZSTD)
+JPEGXL: CodecId = "jpegxl"
+"""Each chunk is a JPEG chunk recompressed losslessly with JPEG XL (the `wsistore.jpegxl` Zarr
+codec): the archive tier (`wsi.published.archive`). The JPEG is rebuilt byte for byte to serve
+or decode it, so everything that reads JPEG chunks reads these too."""
+CODEC_IDS: tuple[CodecId, ...] = (JPEG, ZSTD, JPEGXL)
 
 
 @dataclass(frozen=True)
@@ -185,8 +192,9 @@ class ChunkFormat:
 def chunk_codecs(fmt: ChunkFormat) -> list[dict[str, Any]]:
     """Inner codecs of a level's chunks: channels last, then JPEG or raw bytes + zstd."""
     transpose = {"name": "transpose", "configuration": {"order": [1, 2, 0]}}
-    if fmt.codec == JPEG:
-        return [transpose, {"name": JPEG_CODEC_NAME, "configuration": {"quality": fmt.quality}}]
+    if fmt.codec in (JPEG, JPEGXL):
+        name = JPEG_CODEC_NAME if fmt.codec == JPEG else jxl.ZARR_CODEC_NAME
+        return [transpose, {"name": name, "configuration": {"quality": fmt.quality}}]
     return [
         transpose,
         {"name": "bytes"},
@@ -203,6 +211,8 @@ def codec_of_array(metadata: Mapping[str, Any], what: str) -> CodecId:
         raise CorruptSlide(f"{what}: not a sharded array of ours") from exc
     if JPEG_CODEC_NAME in names:
         return JPEG
+    if jxl.ZARR_CODEC_NAME in names:
+        return JPEGXL
     if "zstd" in names:
         return ZSTD
     raise CorruptSlide(f"{what}: unknown chunk codecs {names}")
@@ -216,8 +226,9 @@ def encode_chunk_zstd(pixels: np.ndarray, level: int = 3) -> bytes:
 def decode_chunk(codec: CodecId, data: bytes, height: int, width: int) -> np.ndarray:
     """A stored chunk -> (height, width, 3) uint8 RGB: the whole chunk, edge padding included.
     A JPEG declaring another size is refused before anything is allocated (`jpeg.check_size`)."""
-    if codec == JPEG:
-        pixels = jpeg.decode(data, expected=(height, width))
+    if codec in (JPEG, JPEGXL):
+        stream = jxl.jxl_to_jpeg(data) if codec == JPEGXL else data
+        pixels = jpeg.decode(stream, expected=(height, width))
     else:
         raw = numcodecs.Zstd().decode(data)
         if len(raw) != height * width * 3:
@@ -229,7 +240,9 @@ def decode_chunk(codec: CodecId, data: bytes, height: int, width: int) -> np.nda
 
 
 # -- array and group metadata ---------------------------------------------------------------------
-def _array_metadata(level: Level, fmt: ChunkFormat, attributes: dict[str, Any]) -> dict[str, Any]:
+def _array_metadata(
+    level: Level, fmt: ChunkFormat, attributes: dict[str, Any], fill: int = FILL_VALUE
+) -> dict[str, Any]:
     """zarr.json of an array: a single shard over the tile grid (padded to whole tiles)."""
     th, tw = level.tile_height, level.tile_width
     return {
@@ -242,7 +255,7 @@ def _array_metadata(level: Level, fmt: ChunkFormat, attributes: dict[str, Any]) 
             "configuration": {"chunk_shape": [3, level.rows * th, level.cols * tw]},
         },
         "chunk_key_encoding": {"name": "default", "configuration": {"separator": "/"}},
-        "fill_value": FILL_VALUE,
+        "fill_value": fill,
         "codecs": [
             {
                 "name": "sharding_indexed",
@@ -262,9 +275,23 @@ def _array_metadata(level: Level, fmt: ChunkFormat, attributes: dict[str, Any]) 
     }
 
 
-def level_array_metadata(index: int, level: Level, fmt: ChunkFormat) -> dict[str, Any]:
-    """zarr.json of pyramid level `index`."""
-    return _array_metadata(level, fmt, {"level": index, "downsample": level.downsample})
+def level_array_metadata(
+    index: int, level: Level, fmt: ChunkFormat, fill: int = FILL_VALUE
+) -> dict[str, Any]:
+    """zarr.json of pyramid level `index`; `fill` is the grey of its missing (blank) tiles."""
+    attributes = {"level": index, "downsample": level.downsample}
+    return _array_metadata(level, fmt, attributes, fill)
+
+
+@functools.lru_cache(maxsize=64)
+def background_chunk(codec: CodecId, width: int, height: int, fill: int) -> bytes:
+    """The stored form of a chunk the shard does not hold: a `width` x `height` tile of the
+    grey (fill, fill, fill). JPEG at quality 100 (4:2:0) decodes to exactly that grey in
+    libjpeg-turbo, Pillow and imagecodecs (checked for every grey), ~1.7 KB for 256 px."""
+    pixels = np.full((height, width, 3), fill, np.uint8)
+    if codec == JPEG:
+        return jpeg.encode(pixels, 100, subsample_420=True)
+    return encode_chunk_zstd(pixels)
 
 
 def associated_array_metadata(name: str, level: Level, fmt: ChunkFormat) -> dict[str, Any]:
@@ -326,6 +353,55 @@ def root_metadata(attributes: SlideAttributes) -> dict[str, Any]:
     }
 
 
+# -- the archive tier -----------------------------------------------------------------------------
+ARCHIVE_CODECS: Mapping[CodecId, CodecId] = MappingProxyType({JPEG: JPEGXL, JPEGXL: JPEG})
+"""What the archive recodes (JPEG chunks to JPEG XL), and what restoring gives back. zstd
+chunks are left as they are."""
+
+
+def served_codec(codec: CodecId) -> CodecId:
+    """How chunks stored as `codec` are handed to readers that ask for encoded tiles: an
+    archived chunk as the JPEG it was made from."""
+    return JPEG if codec == JPEGXL else codec
+
+
+def _codec_name(codec: CodecId) -> str:
+    if codec not in ARCHIVE_CODECS:
+        raise InvalidArgument(f"chunk codec {codec!r} is not recoded by the archive")
+    return JPEG_CODEC_NAME if codec == JPEG else jxl.ZARR_CODEC_NAME
+
+
+def recode_array_metadata(data: bytes, to: CodecId, what: str) -> bytes:
+    """An array's zarr.json with its chunk codec switched between JPEG and JPEG XL (the
+    configuration, the JPEG quality, stays): nothing else changes, so the switch back gives the
+    same bytes."""
+    doc = load_json(data, what)
+    try:
+        [sharding] = doc["codecs"]
+        inner = sharding["configuration"]["codecs"]
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CorruptSlide(f"{what}: not a sharded array of ours") from exc
+    current = codec_of_array(doc, what)
+    source, target = _codec_name(current), _codec_name(to)
+    for codec in inner:
+        if codec.get("name") == source:
+            codec["name"] = target
+    return dump_json(doc)
+
+
+def recode_root_metadata(data: bytes, paths: Iterable[str], to: CodecId, what: str) -> bytes:
+    """The root zarr.json with the `wsistore` codec of the levels at `paths` set to `to`
+    (JPEG or JPEG XL: the tier of each level); nothing else changes."""
+    doc = load_json(data, what)
+    SlideAttributes.from_root_metadata(data, what)  # refuses what is not ours
+    wanted = set(paths)
+    for level in doc["attributes"][ATTRIBUTES]["levels"]:
+        if level["path"] in wanted:
+            _codec_name(level["codec"])
+            level["codec"] = to
+    return dump_json(doc)
+
+
 # -- shard index ----------------------------------------------------------------------------------
 EMPTY_CHUNK = 2**64 - 1
 """Offset and length of a chunk the shard does not hold (the Zarr sharding codec's marker)."""
@@ -364,6 +440,13 @@ def decode_index(raw: bytes, chunks: int, key: str) -> np.ndarray:
     if google_crc32c.value(raw[:-4]) != crc:
         raise CorruptSlide(f"shard index of {key} is corrupt (CRC32C mismatch)")
     return np.frombuffer(raw[:-4], _INDEX_DTYPE).reshape(chunks, 2)
+
+
+def stored_chunks(index: np.ndarray) -> np.ndarray:
+    """Row-major numbers of the chunks a shard holds (int64, ascending): the frames of its
+    DICOM instance, in order (a TILED_SPARSE instance has no frame for an absent chunk)."""
+    absent = (index[:, 0] == EMPTY_CHUNK) & (index[:, 1] == EMPTY_CHUNK)
+    return np.flatnonzero(~absent)
 
 
 def chunk_span(index: np.ndarray, chunk: int, data_end: int, key: str) -> tuple[int, int] | None:
@@ -531,6 +614,11 @@ class SlideAttributes:
     icc_profile: bytes | None = None
     dicom: DicomEntry | None = None
     format_version: int = FORMAT_VERSION
+    fill: int = FILL_VALUE
+    """Grey level v of the fill colour (v, v, v): what every level's missing tiles hold."""
+    background_delta_e76: float | None = None
+    """The tolerance within which tiles were found blank and not stored (CIELab Delta-E 76 of
+    every pixel from the fill); None when blank tiles were kept (`--keep-background`)."""
 
     def __post_init__(self) -> None:
         props = MappingProxyType(dict(self.vendor_properties))
@@ -563,6 +651,8 @@ class SlideAttributes:
             if self.icc_profile
             else None,
             "dicom": self.dicom.to_json(self.slide_id) if self.dicom else None,
+            "fill": self.fill,
+            "background_delta_e76": self.background_delta_e76,
         }
 
     @classmethod
@@ -596,6 +686,7 @@ class SlideAttributes:
             vendor_properties={str(k): str(v) for k, v in props.items()},
             icc_profile=icc_profile,
             dicom=DicomEntry.from_json(dicom, slide_id) if dicom is not None else None,
+            **_background_fields(doc, what),
         )
 
     @classmethod
@@ -610,6 +701,18 @@ class SlideAttributes:
 
 def _optional(doc: Mapping[str, Any], name: str, kind: type | tuple[type, ...], what: str) -> Any:
     return None if doc.get(name) is None else _field(doc, name, kind, what)
+
+
+def _background_fields(doc: Mapping[str, Any], what: str) -> dict[str, Any]:
+    """`fill` and `background_delta_e76` of the attributes (white and None when absent: slides
+    published before blank glass was detected)."""
+    fill = _optional(doc, "fill", int, what)
+    if fill is not None and not 0 <= fill <= 255:
+        raise CorruptSlide(f"{what}: fill {fill} is not 0..255")
+    return {
+        "fill": FILL_VALUE if fill is None else fill,
+        "background_delta_e76": _optional(doc, "background_delta_e76", (int, float), what),
+    }
 
 
 # -- the manifest ---------------------------------------------------------------------------------
@@ -636,6 +739,62 @@ def crc32c_hex(data: bytes) -> str:
     return f"{google_crc32c.value(data):08x}"
 
 
+class Crc32c:
+    """The CRC32C of an object read or written in parts, in the manifest's form (`hex`): what
+    `crc32c_hex` gives for the whole object, without ever holding it whole."""
+
+    def __init__(self) -> None:
+        self._value = 0
+
+    def update(self, data: bytes) -> None:
+        self._value = google_crc32c.extend(self._value, data)
+
+    @property
+    def hex(self) -> str:
+        return f"{self._value:08x}"
+
+
+MADE_HERE = ("decoded+encoded", "dct-half", "mean2x2")
+"""How a conversion makes a level's tiles itself: 'decoded+encoded' (the source level's pixels
+decoded and encoded again), 'dct-half' (the level above decoded at 1/2 scale in the DCT domain),
+'mean2x2' (2x2 means of the level above's pixels). Any other method names a copy of a source
+level's compressed tiles: 'copied' (as stored), or how a backend cut them out of larger streams
+('cut at restart markers', ...)."""
+
+
+@dataclass(frozen=True)
+class LevelOrigin:
+    """Where one published level's tiles come from: what a conversion kept of the source."""
+
+    level: int
+    """The published level."""
+    method: str
+    """A copy method, or one of `MADE_HERE`."""
+    source_level: int | None = None
+    """The source level copied, or decoded for 'decoded+encoded'."""
+    from_level: int | None = None
+    """The published level this one is derived from ('dct-half', 'mean2x2')."""
+
+    @property
+    def copied(self) -> bool:
+        return self.method not in MADE_HERE
+
+    def to_json(self) -> dict[str, Any]:
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+    @classmethod
+    def from_json(cls, doc: Mapping[str, Any]) -> LevelOrigin:
+        what = "level origin"
+        if not isinstance(doc, Mapping):
+            raise CorruptSlide(f"{what} is not an object")
+        level, method = _field(doc, "level", int, what), _field(doc, "method", str, what)
+        source = _optional(doc, "source_level", int, what)
+        parent = _optional(doc, "from_level", int, what)
+        if level < 0 or not method or min(source or 0, parent or 0) < 0:
+            raise CorruptSlide(f"{what}: level {level} method {method!r} is not well formed")
+        return cls(level, method, source, parent)
+
+
 def manifest_version(data: bytes) -> str:
     """The version of a published slide: the CRC32C of its manifest's bytes. It changes whenever
     the slide is published again with other bytes (the base of strong ETags)."""
@@ -656,10 +815,28 @@ class Manifest:
     """Keys relative to the slide."""
     dicom: tuple[DicomInstanceEntry, ...] = ()
     stored_bytes: int = 0
+    name: str | None = None
+    """What people call the slide (`wsi.metadata.slide_name`, or under de-identification
+    `neutral_name`); None in manifests written before names existed: shown as the slide id."""
+    case: str | None = None
+    """The case (accession number or study id) it belongs to, when known; never set on a
+    de-identified slide."""
+    source_bytes: int | None = None
+    """Bytes of the source slide's files (companion files of multi-file slides included), the
+    base of storage ratios (`wsi du`); None in manifests written before it was recorded."""
+    archived: Mapping[str, ObjectEntry] = field(default_factory=dict)
+    levels: tuple[LevelOrigin, ...] = ()
+    """Where each published level's tiles come from (copied from which source level and how, or
+    derived from which level and how); empty (and absent from the JSON) in manifests written
+    before it was recorded."""
+    """The archive tier (`wsi.published.archive`): size and CRC32C of each object as it was
+    before JPEG XL recompression replaced it, which `wsi restore` must give back exactly. Empty
+    (and absent from the JSON) for a slide in its JPEG form."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "settings", MappingProxyType(dict(self.settings)))
         object.__setattr__(self, "objects", MappingProxyType(dict(self.objects)))
+        object.__setattr__(self, "archived", MappingProxyType(dict(self.archived)))
 
     @classmethod
     def build(
@@ -670,6 +847,11 @@ class Manifest:
         objects: Iterable[StoredObject],
         dicom: Iterable[DicomInstanceEntry] = (),
         keys: SlideKeys | None = None,
+        name: str | None = None,
+        case: str | None = None,
+        *,
+        source_bytes: int | None = None,
+        levels: Iterable[LevelOrigin] = (),
     ) -> Manifest:
         """The manifest of `objects`, written under `keys` (the slide's folder by default, or
         the staging folder a new version was built in: the listed keys are the same)."""
@@ -683,6 +865,10 @@ class Manifest:
             {keys.in_slide(o.key): ObjectEntry(o.size, o.crc32c) for o in listed},
             tuple(dicom),
             sum(o.size for o in listed),
+            name,
+            case,
+            source_bytes=source_bytes,
+            levels=tuple(levels),
         )
 
     def object(self, key_in_slide: str) -> ObjectEntry:
@@ -703,6 +889,10 @@ class Manifest:
             "stored_bytes": self.stored_bytes,
             "objects": {k: asdict(o) for k, o in self.objects.items()},
             "dicom": [i.to_json() for i in self.dicom],
+            **_naming_json(self.name, self.case),
+            **({} if self.source_bytes is None else {"source_bytes": self.source_bytes}),
+            **_archived_json(self.archived),
+            **({"levels": [o.to_json() for o in self.levels]} if self.levels else {}),
         }
 
     def to_bytes(self) -> bytes:
@@ -714,12 +904,8 @@ class Manifest:
         if doc.get("format") != MANIFEST_FORMAT:
             raise CorruptSlide(f"{what}: format {doc.get('format')!r} is not {MANIFEST_FORMAT}")
         slide_id = check_slide_id(_field(doc, "slide_id", str, what))
-        objects = {}
-        for key, entry in _field(doc, "objects", dict, what).items():
-            if not isinstance(entry, dict):
-                raise CorruptSlide(f"{what}: entry of {key} is not an object")
-            size, crc = _field(entry, "size", int, key), _field(entry, "crc32c", str, key)
-            objects[key] = ObjectEntry(size, crc)
+        objects = _object_entries(_field(doc, "objects", dict, what), what)
+        archived = _object_entries(_optional(doc, "archived", dict, what) or {}, what)
         return cls(
             slide_id,
             _field(doc, "width", int, what),
@@ -728,8 +914,38 @@ class Manifest:
             objects,
             tuple(DicomInstanceEntry.from_json(i, slide_id) for i in doc.get("dicom") or []),
             _field(doc, "stored_bytes", int, what),
+            _optional(doc, "name", str, what),
+            _optional(doc, "case", str, what),
+            source_bytes=_optional(doc, "source_bytes", int, what),
+            archived=archived,
+            levels=tuple(
+                LevelOrigin.from_json(o) for o in _optional(doc, "levels", list, what) or []
+            ),
         )
 
     @classmethod
     def from_bytes(cls, data: bytes) -> Manifest:
         return cls.from_json(load_json(data, "manifest"))
+
+
+def _naming_json(name: str | None, case: str | None) -> dict[str, str]:
+    """The manifest's optional `name` and `case` keys: absent when unknown, so the manifest of a
+    slide without them keeps the bytes it had before names existed."""
+    return {k: v for k, v in (("name", name), ("case", case)) if v is not None}
+
+
+def _object_entries(doc: Mapping[str, Any], what: str) -> dict[str, ObjectEntry]:
+    """Key -> (size, CRC32C) entries of a manifest (its objects, or their pre-archive form)."""
+    entries = {}
+    for key, entry in doc.items():
+        if not isinstance(entry, dict):
+            raise CorruptSlide(f"{what}: entry of {key} is not an object")
+        size, crc = _field(entry, "size", int, key), _field(entry, "crc32c", str, key)
+        entries[key] = ObjectEntry(size, crc)
+    return entries
+
+
+def _archived_json(archived: Mapping[str, ObjectEntry]) -> dict[str, Any]:
+    """The manifest's optional `archived` key: absent for a slide in its JPEG form, so restoring
+    it gives back the manifest's bytes from before the archive."""
+    return {"archived": {k: asdict(o) for k, o in sorted(archived.items())}} if archived else {}

@@ -17,13 +17,14 @@ import asyncio
 import concurrent.futures as cf
 import contextlib
 import time
-from collections.abc import Awaitable, Callable, Hashable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Hashable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType, TracebackType
 from typing import Any, TypeVar
 
 import numpy as np
 
+from wsi.codecs import jxl
 from wsi.errors import (
     AssociatedImageRefused,
     CorruptSlide,
@@ -34,6 +35,7 @@ from wsi.errors import (
 )
 from wsi.model import SlideProperties
 from wsi.published import layout
+from wsi.published.archive import ObjectPlan, ObjectWriter
 from wsi.published.cache import ByteLRU
 from wsi.published.layout import Manifest, SlideAttributes, SlideKeys
 from wsi.published.patches import PatchSettings, read_patches
@@ -50,6 +52,8 @@ from wsi.store.aio import AsyncStore
 from wsi.store.objects import Store, StoreSettings, check_slide_id, split_slide_location
 
 T = TypeVar("T")
+FORM_BATCH_FRAMES = 32
+"""Frames of an archived instance rebuilt at a time while its JPEG form is sent."""
 
 
 @dataclass(frozen=True)
@@ -226,9 +230,11 @@ class PublishedStore:
                     entry.tile_width,
                     entry.tile_height,
                     entry.downsample,
-                    entry.codec,
+                    layout.served_codec(entry.codec),
                     key,
                     size(key),
+                    _stored_codec(entry.codec),
+                    fill=attributes.fill,
                 )
             )
 
@@ -237,7 +243,15 @@ class PublishedStore:
             meta = layout.load_json(await self.io.get(meta_key), meta_key)
             codec = layout.codec_of_array(meta, meta_key)
             key = keys.shard(entry.path)
-            return PublishedAssociated(entry.name, entry.width, entry.height, codec, key, size(key))
+            return PublishedAssociated(
+                entry.name,
+                entry.width,
+                entry.height,
+                layout.served_codec(codec),
+                key,
+                size(key),
+                _stored_codec(codec),
+            )
 
         found = await asyncio.gather(*(associated(a) for a in attributes.associated_images))
         return AsyncPublishedSlide(
@@ -248,6 +262,11 @@ class PublishedStore:
             tuple(levels),
             {a.name: a for a in found},
         )
+
+
+def _stored_codec(codec: layout.CodecId) -> layout.CodecId | None:
+    """An image's `stored_codec`: set only when tiles are handed out in another codec."""
+    return codec if layout.served_codec(codec) != codec else None
 
 
 def _dicom_view(
@@ -346,6 +365,16 @@ class AsyncPublishedSlide:
         return self.manifest.slide_id
 
     @property
+    def name(self) -> str:
+        """What people call the slide (`Manifest.name`); its id when published without one."""
+        return self.manifest.name or self.manifest.slide_id
+
+    @property
+    def case(self) -> str | None:
+        """The case it belongs to (accession number or study id), when known."""
+        return self.manifest.case
+
+    @property
     def properties(self) -> SlideProperties:
         """Vendor, microns per pixel, objective power, vendor properties, ICC profile."""
         return self.attributes.properties
@@ -392,11 +421,33 @@ class AsyncPublishedSlide:
         return await self.store.once(("index", *cache_key), load)
 
     async def _chunk(self, image: StoredImage, chunk: int) -> bytes | None:
-        """The stored bytes of chunk `chunk` (row-major), or None when the shard lacks it."""
+        """The bytes of chunk `chunk` (row-major) as handed out, or None when the shard lacks
+        it: the stored bytes, or for an archived image the JPEG rebuilt from them. Cached."""
         cache_key = (self.slide_id, self.version, image.key, chunk)
         data = self.store.tiles.get(cache_key)
         if data is not None:
             return data
+        data = await self._read_chunk(image, chunk)
+        if data is not None and image.stored_codec == layout.JPEGXL:
+            data = await self.store.run_in_pool(jxl.jxl_to_jpeg, data)
+        if data is not None:
+            self.store.tiles.put(cache_key, data)
+        return data
+
+    async def _stored_chunk(self, image: StoredImage, chunk: int) -> bytes | None:
+        """The stored bytes of chunk `chunk` (an archived image's JPEG XL stream). Cached."""
+        if image.stored_codec is None:
+            return await self._chunk(image, chunk)
+        cache_key = (self.slide_id, self.version, image.key, chunk, "stored")
+        data = self.store.tiles.get(cache_key)
+        if data is None:
+            data = await self._read_chunk(image, chunk)
+            if data is not None:
+                self.store.tiles.put(cache_key, data)
+        return data
+
+    async def _read_chunk(self, image: StoredImage, chunk: int) -> bytes | None:
+        """Chunk `chunk` read from the store through the cached shard index."""
         index = await self._index(image)
         data_end = image.size - layout.index_nbytes(image.tile_count)
         span = layout.chunk_span(index, chunk, data_end, image.key)
@@ -405,18 +456,18 @@ class AsyncPublishedSlide:
         data = await self.store.io.get_range(image.key, *span)
         if len(data) != span[1] - span[0]:
             raise CorruptSlide(f"{image.key} ends inside chunk {chunk}")
-        self.store.tiles.put(cache_key, data)
         return data
 
     async def tile_bytes(self, level: int, col: int, row: int) -> bytes:
         """The stored bytes of one tile: a complete JPEG stream for 'jpeg' levels (padded to the
         full tile size at the edges), zstd of the RGB bytes for 'zstd' levels. One range read
-        through the cached shard index, or none when the tile is cached."""
+        through the cached shard index, or none when the tile is cached. A tile the shard does
+        not hold (blank glass) is the level's background tile: the fill grey, encoded once."""
         lv = self.level(level)
         lv.check_tile(col, row)
         data = await self._chunk(lv, row * lv.cols + col)
         if data is None:
-            raise EncodedTileUnavailable(f"level {level} stores no tile ({col}, {row})")
+            return layout.background_chunk(lv.codec, lv.tile_width, lv.tile_height, lv.fill)
         return data
 
     async def tile(self, level: int, col: int, row: int) -> np.ndarray:
@@ -426,7 +477,7 @@ class AsyncPublishedSlide:
         h, w = lv.tile_shape(col, row)
         data = await self._chunk(lv, row * lv.cols + col)
         if data is None:
-            return np.full((h, w, 3), layout.FILL_VALUE, np.uint8)
+            return np.full((h, w, 3), lv.fill, np.uint8)
 
         def decode() -> np.ndarray:
             pixels = layout.decode_chunk(lv.codec, data, lv.tile_height, lv.tile_width)
@@ -436,8 +487,10 @@ class AsyncPublishedSlide:
 
     async def region(self, level: int, x: int, y: int, width: int, height: int) -> np.ndarray:
         """The rectangle at (x, y) of `width` x `height` pixels of `level` (in that level's
-        pixels) as (height, width, 3) uint8 RGB. Parts outside the level are white (255, the
-        arrays' fill value), so a region may overhang the edges or lie outside entirely."""
+        pixels) as (height, width, 3) uint8 RGB. Parts outside the level, and tiles the shard
+        does not hold, are the arrays' fill grey (`PublishedLevel.fill`; white on slides
+        published without blank-glass detection): a region may overhang the edges or lie
+        outside entirely."""
         lv = self.level(level)
         if width <= 0 or height <= 0:
             raise InvalidArgument(f"region size must be positive, got {width}x{height}")
@@ -445,7 +498,7 @@ class AsyncPublishedSlide:
             raise InvalidArgument(
                 f"{width}x{height} exceeds the {self.store.settings.max_region_pixels} pixel limit"
             )
-        canvas = np.full((height, width, 3), layout.FILL_VALUE, np.uint8)
+        canvas = np.full((height, width, 3), lv.fill, np.uint8)
         clipped = _Region.clip(lv, x, y, width, height)
         gate = asyncio.Semaphore(self.store.settings.fetch_concurrency)
 
@@ -473,7 +526,7 @@ class AsyncPublishedSlide:
     ) -> np.ndarray:
         """Many patches of `level` at once as one (n, height, width, 3) uint8 array: `coords`
         are their top-left corners ((n, 2) pairs of (x, y)) in pixels of that level, `size` an
-        int or (width, height). Parts outside the level are white (255). Each tile is read and
+        int or (width, height). Parts outside the level are the fill grey. Each tile is read and
         decoded once per batch however many patches touch it; see `wsi.published.patches`."""
         return await read_patches(self, level, coords, size, settings)
 
@@ -506,17 +559,74 @@ class AsyncPublishedSlide:
             layout.decode_chunk, image.codec, data, image.height, image.width
         )
 
-    async def frame_bytes(self, instance: PublishedInstance, number: int) -> bytes:
-        """The stored bytes of frame `number` (from 1, row-major) of a DICOM instance of this
-        slide: the JPEG that the instance's Pixel Data item holds."""
-        if not 1 <= number <= instance.frames:
-            raise InvalidArgument(f"frame {number} is outside 1..{instance.frames}")
+    async def frame_bytes(
+        self, instance: PublishedInstance, number: int, stored: bool = False
+    ) -> bytes:
+        """Frame `number` (from 1, row-major) of a DICOM instance of this slide: the JPEG that
+        the instance's Pixel Data item holds, or for an archived instance the JPEG rebuilt from
+        it; with `stored`, the item's bytes as they are (JPEG XL for an archived instance).
+        A TILED_SPARSE instance's frames are its stored tiles in row-major order."""
         if instance.associated is not None:
             self._allowed(instance.associated)
-        data = await self._chunk(instance.image, number - 1)
+        chunks = await self.frame_chunks(instance)
+        if not 1 <= number <= len(chunks):
+            raise InvalidArgument(f"frame {number} is outside 1..{len(chunks)}")
+        read = self._stored_chunk if stored else self._chunk
+        data = await read(instance.image, int(chunks[number - 1]))
         if data is None:
             raise EncodedTileUnavailable(f"{instance.key} stores no frame {number}")
         return data
+
+    async def frame_chunks(self, instance: PublishedInstance) -> np.ndarray:
+        """The chunk (row-major tile number) of each frame of a DICOM instance: every chunk of
+        a TILED_FULL instance, the stored ones of a TILED_SPARSE one (blank tiles are absent).
+        Its length is the instance's Number of Frames."""
+        image = instance.image
+        cache_key = (self.slide_id, self.version, image.key, "frames")
+        chunks = self.store.indexes.get(cache_key)
+        if chunks is None:
+            index = await self._index(image)
+            chunks = layout.stored_chunks(index)
+            self.store.indexes.put(cache_key, chunks)
+        return chunks
+
+    def jpeg_form_size(self, instance: PublishedInstance) -> int:
+        """Bytes of an archived instance in its JPEG form (`jpeg_form`): its size before the
+        archive, which the manifest keeps."""
+        entry = self.manifest.archived.get(self.keys.in_slide(instance.key))
+        if entry is None or instance.image.stored_codec != layout.JPEGXL:
+            raise InvalidArgument(f"{instance.key} is not archived")
+        return entry.size
+
+    async def jpeg_form(self, instance: PublishedInstance) -> AsyncIterator[bytes]:
+        """An archived instance as it was before its archive (JPEG baseline frames), made part by
+        part as `wsi restore` makes it: the same header with its transfer syntax switched back,
+        every frame rebuilt, the index of those frames. `jpeg_form_size` bytes in all; a few
+        dozen frames in memory at a time."""
+        self.jpeg_form_size(instance)
+        if instance.associated is not None:
+            self._allowed(instance.associated)
+        image = instance.image
+        start, end = layout.index_range(image.size, image.tile_count, image.key)
+        raw = await self.store.io.get_range(image.key, start, end)
+        plan = ObjectPlan.from_index(image.key, image.size, image.tile_count, True, raw)
+        parts: list[bytes] = []
+        writer = ObjectWriter(plan, parts.append)
+        header = await self.store.io.get_range(image.key, 0, plan.header_end)
+        plan.check_header(header, layout.JPEGXL)
+        writer.header(header, layout.JPEG)
+        for batch in plan.batches(FORM_BATCH_FRAMES):
+            data = await self.store.io.get_range(image.key, *plan.batch_range(batch))
+
+            def rebuild(data: bytes = data, batch: tuple[tuple[int, int], ...] = batch) -> None:
+                chunks = plan.chunks_of(batch, data)
+                writer.chunks(batch, [jxl.jxl_to_jpeg(c) for c in chunks])
+
+            await self.store.run_in_pool(rebuild)
+            yield b"".join(parts)
+            parts.clear()
+        writer.finish()
+        yield b"".join(parts)
 
     async def read_range(self, key: str, start: int, end: int) -> bytes:
         """Bytes [start, end) of a stored object of this slide (a DICOM instance's header, or

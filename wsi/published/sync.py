@@ -152,6 +152,9 @@ class PublishedSlide:
     def frame_bytes(self, instance: PublishedInstance, number: int) -> bytes:
         return self._runner.run(self._slide.frame_bytes(instance, number))
 
+    def frame_chunks(self, instance: PublishedInstance) -> np.ndarray:
+        return self._runner.run(self._slide.frame_chunks(instance))
+
     def read_range(self, key: str, start: int, end: int) -> bytes:
         return self._runner.run(self._slide.read_range(key, start, end))
 

@@ -79,11 +79,22 @@ class PublishedLevel(TileGrid):
     downsample: float
     """Level-0 pixels per pixel of this level, as the slide's metadata says."""
     codec: CodecId
-    """'jpeg' (each stored tile is a complete JPEG stream) or 'zstd'."""
+    """How `tile_bytes` hands tiles out: 'jpeg' (a complete JPEG stream; archived levels too)
+    or 'zstd'."""
     key: str
     """The level's object (its shard, and its DICOM instance when there is one)."""
     size: int
     """Bytes of that object."""
+    stored_codec: CodecId | None = None
+    """How the chunks are stored when that differs from `codec`: 'jpegxl' for a level of the
+    archive tier, whose JPEG is rebuilt exactly to hand it out or decode it."""
+    fill: int = layout.FILL_VALUE
+    """Grey level v: tiles the shard does not hold (blank glass) are (v, v, v)."""
+
+    @property
+    def chunk_codec(self) -> CodecId:
+        """The codec of the stored chunks (for readers of the object's bytes)."""
+        return self.stored_codec or self.codec
 
     @property
     def grid_name(self) -> str:
@@ -106,6 +117,12 @@ class PublishedAssociated:
     codec: CodecId
     key: str
     size: int
+    stored_codec: CodecId | None = None
+    """As for `PublishedLevel.stored_codec`."""
+
+    @property
+    def chunk_codec(self) -> CodecId:
+        return self.stored_codec or self.codec
 
     @property
     def tile_width(self) -> int:
@@ -159,7 +176,9 @@ class PublishedInstance:
 
     @property
     def frames(self) -> int:
-        """Frames, numbered from 1, row-major over the tile grid."""
+        """Tiles of the image: the frames of a TILED_FULL instance, numbered from 1, row-major.
+        A TILED_SPARSE instance (blank tiles left out) has fewer: the reader's
+        `frame_chunks` says which."""
         return self.image.tile_count
 
 

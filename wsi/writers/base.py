@@ -4,6 +4,9 @@ The builder calls `begin_level`, then `write_tile` for every tile of that level 
 (levels may interleave: level 1 row 0 is ready before level 0 is done), `end_level`,
 `write_associated`, and finally `finish`, which returns every object written so the caller can
 publish them in a manifest. `abort` releases what is open after a failure.
+
+A tile may be `None`: blank glass that is not stored (see `wsi.pyramid.background`); readers give
+the level's fill colour there (`BlankTiles`).
 """
 
 from __future__ import annotations
@@ -13,8 +16,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from wsi.errors import InvalidArgument
 from wsi.model import Level, SlideProperties
-from wsi.published.layout import ChunkFormat, StoredObject
+from wsi.published.layout import FILL_VALUE, ChunkFormat, StoredObject
 
 
 @dataclass(frozen=True)
@@ -26,17 +30,39 @@ class SlideInfo:
     source_backend: str
 
 
+@dataclass(frozen=True)
+class BlankTiles:
+    """What a level's absent tiles (`None` in `write_tile`) hold, and why they were left out."""
+
+    fill: int = FILL_VALUE
+    """Grey level v: absent tiles read as (v, v, v)."""
+    delta_e76: float | None = None
+    """Tolerance (CIELab Delta-E 76 of every pixel from the fill) within which tiles were left
+    out as blank glass; None when blank tiles are stored like any other."""
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.fill <= 255:
+            raise InvalidArgument(f"fill must be 0..255, got {self.fill}")
+
+
+ALL_STORED = BlankTiles()
+"""No tile left out as blank; absent tiles (sparse sources) are white."""
+
+
 class PyramidWriter(abc.ABC):
     """Receives a pyramid tile by tile and lays it out in the store."""
 
     @abc.abstractmethod
-    def begin_level(self, index: int, level: Level, chunk_format: ChunkFormat) -> None: ...
+    def begin_level(
+        self, index: int, level: Level, chunk_format: ChunkFormat, blank: BlankTiles = ALL_STORED
+    ) -> None: ...
 
     @abc.abstractmethod
-    def write_tile(self, index: int, data: bytes) -> None:
-        """Append the next tile (encoded chunk bytes) of level `index`, row-major."""
+    def write_tile(self, index: int, data: bytes | None) -> None:
+        """Append the next tile (encoded chunk bytes, or None: not stored) of level `index`,
+        row-major."""
 
-    def write_tiles(self, index: int, tiles: list[bytes]) -> None:
+    def write_tiles(self, index: int, tiles: list[bytes | None]) -> None:
         """Append several tiles of level `index` (a backend may write them in one go)."""
         for data in tiles:
             self.write_tile(index, data)

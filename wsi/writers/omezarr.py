@@ -34,8 +34,8 @@ from wsi.published.layout import (
     encode_chunk_zstd,
 )
 from wsi.store.objects import Store
-from wsi.writers.base import PyramidWriter, SlideInfo
-from wsi.writers.dicom import DicomSlide, instance_header
+from wsi.writers.base import ALL_STORED, BlankTiles, PyramidWriter, SlideInfo
+from wsi.writers.dicom import DicomSlide, SparseFrames, instance_header
 from wsi.writers.shard import HeaderFactory, ShardStream
 
 __all__ = ["OmeZarrWriter", "encode_chunk_zstd"]
@@ -59,22 +59,29 @@ class OmeZarrWriter(PyramidWriter):
         """Every DICOM instance written, in the order written."""
         self._stack = contextlib.ExitStack()
         self._shards: dict[int, ShardStream] = {}
-        self._levels: dict[int, tuple[Level, ChunkFormat]] = {}
+        self._levels: dict[int, tuple[Level, ChunkFormat, BlankTiles]] = {}
         self._objects: list[StoredObject] = []
         self._associated: list[AssociatedEntry] = []
 
-    def begin_level(self, index: int, level: Level, chunk_format: ChunkFormat) -> None:
+    def begin_level(
+        self, index: int, level: Level, chunk_format: ChunkFormat, blank: BlankTiles = ALL_STORED
+    ) -> None:
         if index in self._levels:
             raise InvalidArgument(f"level {index} begun twice")
         if self.dicom is not None and chunk_format.codec != layout.JPEG:
             raise InvalidArgument("DICOM instances need JPEG tiles: use the Zarr view only")
-        self._levels[index] = (level, chunk_format)
+        self._levels[index] = (level, chunk_format, blank)
         key = self.keys.shard(layout.level_path(index))
-        header = self._dicom_header(key, layout.VOLUME, index, level)
-        self._shards[index] = ShardStream(self.store, key, level, self._stack, header)
+        header = self._dicom_header(key, layout.VOLUME, index, level, blank.fill)
+
+        def placeholder() -> bytes:
+            codec = chunk_format.codec
+            return layout.background_chunk(codec, level.tile_width, level.tile_height, blank.fill)
+
+        self._shards[index] = ShardStream(self.store, key, level, self._stack, header, placeholder)
 
     def _dicom_header(
-        self, key: str, flavor: Flavor, index: int, level: Level
+        self, key: str, flavor: Flavor, index: int, level: Level, fill: int = layout.FILL_VALUE
     ) -> HeaderFactory | None:
         dicom = self.dicom
         if dicom is None:
@@ -88,8 +95,9 @@ class OmeZarrWriter(PyramidWriter):
             )
         )
 
-        def header(first_frames: list[bytes]) -> bytes:
-            return instance_header(dicom, flavor, index, level, first_frames)[1]
+        def header(first_frames: list[bytes], tiles: tuple[int, ...] | None) -> bytes:
+            sparse = SparseFrames(tiles, fill) if tiles is not None else None
+            return instance_header(dicom, flavor, index, level, first_frames, sparse)[1]
 
         return header
 
@@ -99,10 +107,10 @@ class OmeZarrWriter(PyramidWriter):
             raise InvalidArgument(f"level {index} is not open (begin_level first)")
         return shard
 
-    def write_tile(self, index: int, data: bytes) -> None:
+    def write_tile(self, index: int, data: bytes | None) -> None:
         self._open_shard(index).append(data)
 
-    def write_tiles(self, index: int, tiles: list[bytes]) -> None:
+    def write_tiles(self, index: int, tiles: list[bytes | None]) -> None:
         self._open_shard(index).extend(tiles)
 
     def end_level(self, index: int) -> None:
@@ -147,8 +155,8 @@ class OmeZarrWriter(PyramidWriter):
 
     def _write_zarr_metadata(self, info: SlideInfo) -> None:
         for index in sorted(self._levels):
-            level, fmt = self._levels[index]
-            doc = layout.level_array_metadata(index, level, fmt)
+            level, fmt, blank = self._levels[index]
+            doc = layout.level_array_metadata(index, level, fmt, blank.fill)
             self._put_json(self.keys.array_metadata(layout.level_path(index)), doc)
         if self._associated:
             self._put_json(self.keys.associated_group_metadata, layout.ASSOCIATED_GROUP_METADATA)
@@ -158,7 +166,7 @@ class OmeZarrWriter(PyramidWriter):
         props = info.properties
         levels = []
         for index in sorted(self._levels):
-            level, fmt = self._levels[index]
+            level, fmt, _ = self._levels[index]
             levels.append(
                 LevelEntry(
                     layout.level_path(index),
@@ -171,6 +179,7 @@ class OmeZarrWriter(PyramidWriter):
                 )
             )
         dicom = self.dicom
+        blank = self._levels[min(self._levels)][2] if self._levels else ALL_STORED
         return SlideAttributes(
             slide_id=info.slide_id,
             source_backend=info.source_backend,
@@ -185,6 +194,8 @@ class OmeZarrWriter(PyramidWriter):
             dicom=DicomEntry(dicom.study_uid, dicom.series_uid, tuple(self.dicom_instances))
             if dicom
             else None,
+            fill=blank.fill,
+            background_delta_e76=blank.delta_e76,
         )
 
     def abort(self) -> None:

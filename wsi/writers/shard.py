@@ -1,28 +1,41 @@
-"""One stored object per level: chunks streamed front to back, the Zarr shard index at the end.
+"""One stored object per level: chunks front to back, the Zarr shard index at the end.
 
 With a DICOM header the same object is also a DICOM Part 10 file: each chunk is an item of the
 encapsulated Pixel Data (padded to even length; the index length excludes the pad byte) and the
 index is the value of the trailing (FFFC,FFFC) element. Offsets count from the object's start,
 as the Zarr sharding codec defines them, and point at the JPEG bytes either way.
+
+A chunk may be absent (a blank tile, `None`): its index entry is the sharding codec's "empty"
+marker. Without a DICOM header the object streams straight to the store. With one, the header
+describes the frames actually stored (TILED_FULL when every tile is, else TILED_SPARSE with a
+position per frame), which is only known once the level is complete, and the header comes before
+the frames: the frames are spooled (in memory up to `SPOOL_MEMORY`, then in a private temporary
+file) and the object is written at `close`, header first.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+import tempfile
+from collections.abc import Callable, Sequence
 from typing import IO
 
 import google_crc32c
+import numpy as np
 
 from wsi.errors import WsiError
 from wsi.model import Level
-from wsi.published.layout import StoredObject, empty_index, encode_index
+from wsi.published.layout import EMPTY_CHUNK, StoredObject, empty_index, encode_index
 from wsi.store.objects import Store
 from wsi.writers.dicom import item_header, trailer_header
 
-HeaderFactory = Callable[[list[bytes]], bytes]
-"""Given the first chunks, the DICOM bytes that go before them (header through the offset
-table); the header describes the frames (colour space, compression ratio) from them."""
+HeaderFactory = Callable[[list[bytes], tuple[int, ...] | None], bytes]
+"""Given the first stored chunk and the row-major numbers of the stored tiles (None when every
+tile is stored), the DICOM bytes that go before the frames (header through the offset table)."""
+SPOOL_MEMORY = 8 * 1024 * 1024
+"""Frames of one DICOM level held in memory before they spill to a temporary file (levels are
+written side by side: at most this much per level)."""
+_COPY_BLOCK = 8 * 1024 * 1024
 
 
 class ShardStream:
@@ -35,38 +48,62 @@ class ShardStream:
         level: Level,
         stack: contextlib.ExitStack,
         dicom_header: HeaderFactory | None = None,
+        placeholder: Callable[[], bytes] | None = None,
     ) -> None:
+        """`placeholder`: the chunk stored as tile 0 of a DICOM level whose every tile is
+        absent (an instance needs a frame); it must decode to the fill."""
         self.key = key
         self.level = level
-        self._file: IO[bytes] = stack.enter_context(store.open_write(key))
+        self._store = store
+        self._stack = stack
         self._crc = google_crc32c.Checksum()
         self._offset = 0
+        """End of the chunk data so far, counted from the first chunk's item."""
+        self._written = 0
+        """Bytes written to the object."""
         self._index = empty_index(level.tile_count)
         self._next = 0
+        self._first: bytes | None = None
         self._dicom_header = dicom_header
+        self._placeholder = placeholder
+        self._file: IO[bytes] | None = None
+        self._spool: IO[bytes] | None = None
+        if dicom_header is None:
+            self._file = stack.enter_context(store.open_write(key))
+        else:
+            spool = tempfile.SpooledTemporaryFile(max_size=SPOOL_MEMORY)  # noqa: SIM115
+            self._spool = stack.enter_context(spool)
+
+    @property
+    def stored(self) -> int:
+        """Chunks stored so far."""
+        return int(np.count_nonzero(self._index[: self._next, 1] != EMPTY_CHUNK))
 
     def _write(self, data: bytes) -> None:
+        assert self._file is not None
         self._file.write(data)
         self._crc.update(data)
-        self._offset += len(data)
+        self._written += len(data)
 
-    def append(self, data: bytes) -> None:
+    def append(self, data: bytes | None) -> None:
         self.extend([data])
 
-    def extend(self, chunks: list[bytes]) -> None:
-        """Append several chunks with one write (tiles are ~10-100 KB: fewer, larger writes)."""
+    def extend(self, chunks: Sequence[bytes | None]) -> None:
+        """Append several chunks (None: an absent tile) with one write: tiles are ~10-100 KB,
+        so fewer, larger writes."""
         if not chunks:
             return
         if self._next + len(chunks) > self.level.tile_count:
             raise WsiError(f"too many tiles for {self.key}")
-        if self._next == 0 and self._dicom_header is not None:
-            # From the first tile only: the header (and so the object) must not depend on how
-            # the caller batches its writes.
-            self._write(self._dicom_header(chunks[:1]))
         dicom = self._dicom_header is not None
         parts = []
         offset = self._offset
         for data in chunks:
+            if data is None:
+                self._next += 1
+                continue
+            if self._first is None:
+                self._first = data
             pad = len(data) & 1 if dicom else 0
             if dicom:
                 parts.append(item_header(len(data) + pad))
@@ -78,13 +115,39 @@ class ShardStream:
             if pad:
                 parts.append(b"\0")
                 offset += 1
-        self._write(b"".join(parts))
+        block = b"".join(parts)
+        if self._spool is not None:
+            self._spool.write(block)
+        else:
+            self._write(block)
+        self._offset = offset
 
     def close(self) -> StoredObject:
         if self._next != self.level.tile_count:
             raise WsiError(f"{self.key}: {self._next} of {self.level.tile_count} tiles")
+        if self._dicom_header is not None:
+            self._write_dicom_object()
         index = encode_index(self._index)
         if self._dicom_header is not None:
             self._write(trailer_header(len(index)))
         self._write(index)
-        return StoredObject(self.key, self._offset, self._crc.hexdigest().decode())
+        return StoredObject(self.key, self._written, self._crc.hexdigest().decode())
+
+    def _write_dicom_object(self) -> None:
+        """Header (for the frames actually stored), then the spooled frames."""
+        assert self._dicom_header is not None and self._spool is not None
+        if self._first is None:  # every tile absent: an instance still needs one frame
+            if self._placeholder is None:
+                raise WsiError(f"{self.key}: no tile stored and no placeholder frame")
+            self._next = 0
+            self.extend([self._placeholder(), *([None] * (self.level.tile_count - 1))])
+        stored = np.flatnonzero(self._index[:, 1] != EMPTY_CHUNK)
+        tiles = None if len(stored) == self.level.tile_count else tuple(int(t) for t in stored)
+        assert self._first is not None
+        header = self._dicom_header([self._first], tiles)
+        self._index[stored, 0] += len(header)
+        self._file = self._stack.enter_context(self._store.open_write(self.key))
+        self._write(header)
+        self._spool.seek(0)
+        while block := self._spool.read(_COPY_BLOCK):
+            self._write(block)

@@ -26,6 +26,8 @@ from wsi.published.values import JPEG, PublishedInstance, StoredImage
 
 PREFIX = "/dicomweb"
 JPEG_BASELINE = "1.2.840.10008.1.2.4.50"
+JPEG_XL_RECOMPRESSION = "1.2.840.10008.1.2.4.111"
+"""Frames of archived instances as stored: JPEG XL that rebuilds each JPEG exactly."""
 EXPLICIT_VR_LE = "1.2.840.10008.1.2.1"
 DICOM_JSON = "application/dicom+json"
 PIXEL_DATA_TAG = b"\xe0\x7f\x10\x00"
@@ -88,13 +90,21 @@ class Instance:
         """Bytes of the stored instance."""
         return self.stored.size
 
-    @property
-    def frames(self) -> int:
-        return self.stored.frames
+    async def frame_count(self) -> int:
+        """Number of Frames: every tile of a TILED_FULL instance, the stored ones of a
+        TILED_SPARSE one (blank glass left out; read from the cached shard index)."""
+        return len(await self.slide.frame_chunks(self.stored))
 
-    async def frame(self, number: int) -> bytes:
-        """Stored bytes of frame `number` (1-based, row-major over the tile grid)."""
-        return await self.slide.frame_bytes(self.stored, number)
+    @property
+    def archived(self) -> bool:
+        """Stored in the archive tier: JPEG XL frames, each rebuilt as its JPEG by default."""
+        return self.image.stored_codec is not None
+
+    async def frame(self, number: int, stored: bool = False) -> bytes:
+        """Frame `number` (1-based, row-major over the tile grid, or over the stored tiles of a
+        TILED_SPARSE instance) as a JPEG; with `stored`, as stored (JPEG XL for an archived
+        instance)."""
+        return await self.slide.frame_bytes(self.stored, number, stored)
 
 
 def slide_instances(slide: ServedSlide, allow_label: bool) -> list[Instance]:

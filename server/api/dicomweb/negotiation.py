@@ -8,7 +8,12 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
-from server.api.dicomweb.instances import DICOM_JSON, EXPLICIT_VR_LE, JPEG_BASELINE
+from server.api.dicomweb.instances import (
+    DICOM_JSON,
+    EXPLICIT_VR_LE,
+    JPEG_BASELINE,
+    JPEG_XL_RECOMPRESSION,
+)
 
 
 @dataclass(frozen=True)
@@ -68,11 +73,14 @@ def check_json_accept(request: web.Request) -> None:
 
 
 def frame_mode(request: web.Request, count: int) -> str:
-    """From the Accept header: 'jpeg' (stored bytes, image/jpeg parts), 'octet-jpeg' (stored
-    bytes, application/octet-stream parts: `transfer-syntax=*`), 'native' (decoded RGB) or
-    'single' (one JPEG, not multipart); 406 otherwise."""
+    """From the Accept header: 'jpeg' (JPEG frames, image/jpeg parts), 'octet-jpeg' (JPEG
+    frames, application/octet-stream parts: `transfer-syntax=*`), 'native' (decoded RGB),
+    'single' (one JPEG, not multipart) or 'jxl' (the JPEG XL frames of an archived instance, asked
+    for by image/jxl or their transfer syntax); 406 otherwise."""
     for r in accepted(request):
         inner, syntax = r.type, r.params.get("transfer-syntax")
+        if _asks_jxl(r):
+            return "jxl"
         if r.type == "multipart/related":
             inner = r.params.get("type", "application/octet-stream").lower()
         elif r.type == "image/jpeg" and count == 1 and syntax in (None, "*", JPEG_BASELINE):
@@ -91,17 +99,31 @@ def frame_mode(request: web.Request, count: int) -> str:
     )
 
 
-def check_dicom_accept(request: web.Request) -> None:
+def _asks_jxl(r: MediaRange) -> bool:
+    """A media range that asks for JPEG XL frames by name: image/jxl, or the transfer syntax of
+    JPEG XL recompressed JPEG (alone or as the parts of multipart/related)."""
+    syntax = r.params.get("transfer-syntax")
+    inner = r.params.get("type", "").lower() if r.type == "multipart/related" else r.type
+    if inner == "image/jxl":
+        return syntax in (None, "*", JPEG_XL_RECOMPRESSION)
+    return syntax == JPEG_XL_RECOMPRESSION and inner in ("application/octet-stream", "*/*", "")
+
+
+def check_dicom_accept(request: web.Request) -> str:
+    """The transfer syntax of the instances to send: JPEG baseline (also for `*` and none
+    named: archived instances are rebuilt in their JPEG form), or JPEG XL JPEG Recompression
+    when asked for by name (archived instances as stored); 406 otherwise."""
     for r in accepted(request):
         syntax = r.params.get("transfer-syntax")
         if r.type == "*/*" or (
             r.type == "multipart/related"
             and r.params.get("type", "application/dicom").lower() in ("application/dicom", "*/*")
-            and syntax in (None, "*", JPEG_BASELINE)
+            and syntax in (None, "*", JPEG_BASELINE, JPEG_XL_RECOMPRESSION)
         ):
-            return
+            return JPEG_XL_RECOMPRESSION if syntax == JPEG_XL_RECOMPRESSION else JPEG_BASELINE
     raise not_acceptable(
-        f'multipart/related; type="application/dicom" (transfer-syntax={JPEG_BASELINE} or *)'
+        f'multipart/related; type="application/dicom" (transfer-syntax={JPEG_BASELINE}, '
+        f"{JPEG_XL_RECOMPRESSION} for archived slides, or *)"
     )
 
 

@@ -197,9 +197,7 @@ class Search:
         slides = await self.slides()
         rows = await self.rows(slides)
         # Matching cost grows with slides x filters: on the pool, never on the event loop.
-        rows = await in_pool(
-            self.catalog, lambda: [r for r in rows if row_matches(r, self.query)]
-        )
+        rows = await in_pool(self.catalog, lambda: [r for r in rows if row_matches(r, self.query)])
         if self.level == "studies":
             results = self.studies(rows, slides)
         elif self.level == "series":

@@ -102,7 +102,7 @@ async def rendered(request: web.Request) -> web.Response:
     inst = await find_instance(request)
     frame = None
     if "frames" in request.match_info:
-        numbers = parse_frames(request.match_info["frames"], inst.frames)
+        numbers = parse_frames(request.match_info["frames"], await inst.frame_count())
         if len(numbers) != 1:
             raise InvalidArgument("rendered frames: one frame at a time")
         frame = numbers[0]

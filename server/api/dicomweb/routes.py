@@ -1,8 +1,10 @@
 """DICOMweb (PS3.18) over the DICOM view of published slides, under `/dicomweb`.
 
-Every stored level object is a DICOM VL Whole Slide Microscopy instance (TILED_FULL, JPEG
-baseline, frames = the Zarr chunks), so this module serves what is stored and decodes only for
-the rendered resources and for uncompressed frames:
+Every stored level object is a DICOM VL Whole Slide Microscopy instance (JPEG baseline, frames
+= the Zarr chunks; TILED_FULL, or TILED_SPARSE when blank-glass tiles were left out: then the
+frames are the stored tiles, each placed by the per-frame functional groups of its header), so
+this module serves what is stored and decodes only for the rendered resources and for
+uncompressed frames:
 
 - QIDO-RS: `/studies`, `/series`, `/instances`, `/studies/{s}/series`, `/studies/{s}/instances`,
   `/studies/{s}/series/{se}/instances`; application/dicom+json. Matching on any attribute of

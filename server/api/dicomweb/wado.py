@@ -15,6 +15,7 @@ from server.api.dicomweb.instances import (
     DICOM_JSON,
     EXPLICIT_VR_LE,
     JPEG_BASELINE,
+    JPEG_XL_RECOMPRESSION,
     NUMBER,
     Instance,
     find_instance,
@@ -28,6 +29,7 @@ from server.api.dicomweb.negotiation import (
     frame_mode,
     multipart,
     multipart_boundary,
+    not_acceptable,
     part_head,
 )
 from server.keys import CATALOG, SETTINGS
@@ -70,7 +72,7 @@ def parse_frames(text: str, count: int) -> list[int]:
 
 async def frames(request: web.Request) -> web.StreamResponse:
     inst = await find_instance(request)
-    numbers = parse_frames(request.match_info["frames"], inst.frames)
+    numbers = parse_frames(request.match_info["frames"], await inst.frame_count())
     mode = frame_mode(request, len(numbers))
     if mode == "native":
         pixels = len(numbers) * inst.image.tile_width * inst.image.tile_height
@@ -84,6 +86,10 @@ async def frames(request: web.Request) -> web.StreamResponse:
     if mode in ("jpeg", "octet-jpeg"):
         media_type = "image/jpeg" if mode == "jpeg" else "application/octet-stream"
         return await stream_frames(request, inst, numbers, media_type, etag, caching)
+    if mode == "jxl":
+        if not inst.archived:
+            raise not_acceptable(f"JPEG (transfer-syntax={JPEG_BASELINE}) for this instance")
+        return await stream_frames(request, inst, numbers, "image/jxl", etag, caching, True)
     data = await asyncio.gather(*(inst.frame(n) for n in numbers))
     if mode == "single":
         return etag_response(request, data[0], "image/jpeg", etag, **caching)
@@ -113,10 +119,13 @@ async def stream_frames(
     media_type: str,
     etag: str,
     caching: dict[str, Any],
+    stored: bool = False,
 ) -> web.StreamResponse:
-    """Stored frames as multipart/related, written as they are read (at most FRAME_WINDOW in
-    memory). The first frame is read before anything is sent, so a bad instance is still a
-    JSON error; a store failure later can only cut the response short."""
+    """Frames as multipart/related, written as they are read (at most FRAME_WINDOW in memory):
+    JPEG, or with `stored` the JPEG XL frames of an archived instance. The first frame is read
+    before anything is sent, so a bad instance is still a JSON error; a store failure later can
+    only cut the response short."""
+    syntax = JPEG_XL_RECOMPRESSION if stored else JPEG_BASELINE
     quoted = f'"{etag}"'
     headers = {"ETag": quoted, "Cache-Control": cache_control(request, **caching)}
     if request.headers.get("If-None-Match") == quoted:
@@ -126,12 +135,12 @@ async def stream_frames(
 
     def read_ahead() -> None:
         while len(ahead) < FRAME_WINDOW and (n := next(upcoming, None)) is not None:
-            ahead.append(asyncio.ensure_future(inst.frame(n)))
+            ahead.append(asyncio.ensure_future(inst.frame(n, stored)))
 
     read_ahead()
     try:
         first: bytes | None = await ahead[0]
-        boundary, content_type = multipart_boundary(media_type, JPEG_BASELINE)
+        boundary, content_type = multipart_boundary(media_type, syntax)
         response = web.StreamResponse(headers={**headers, "Content-Type": content_type})
         await response.prepare(request)
         while ahead:
@@ -139,7 +148,7 @@ async def stream_frames(
             first = None
             ahead.popleft()
             read_ahead()
-            await response.write(part_head(boundary, media_type, JPEG_BASELINE) + data + b"\r\n")
+            await response.write(part_head(boundary, media_type, syntax) + data + b"\r\n")
         await response.write(f"--{boundary}--\r\n".encode())
         await response.write_eof()
         return response
@@ -148,35 +157,50 @@ async def stream_frames(
             task.cancel()
 
 
+def _retrieved_size(inst: Instance, syntax: str) -> int:
+    """Bytes of an instance as sent: as stored, or an archived one in its JPEG form."""
+    if inst.archived and syntax == JPEG_BASELINE:
+        return inst.slide.jpeg_form_size(inst.stored)
+    if not inst.archived and syntax == JPEG_XL_RECOMPRESSION:
+        raise not_acceptable(f"transfer-syntax={JPEG_BASELINE} for instance {inst.sop_uid}")
+    return inst.size
+
+
 async def retrieve(request: web.Request) -> web.StreamResponse:
-    """Stored objects as they are, one part each, streamed with range reads."""
-    check_dicom_accept(request)
+    """Stored objects as they are, one part each, streamed with range reads; archived ones in
+    their JPEG form (rebuilt as `wsi restore` would) unless JPEG XL is asked for by name."""
+    syntax = check_dicom_accept(request)
     if "instance" in request.match_info:
         instances = [await find_instance(request)]
     else:
         instances = await scoped_instances(request)
     if not instances:
         raise SlideNotFound("no instances to retrieve")
+    sizes = [_retrieved_size(i, syntax) for i in instances]
     boundary = uuid.uuid4().hex
-    head = f"--{boundary}\r\nContent-Type: application/dicom; transfer-syntax={JPEG_BASELINE}"
-    heads = [f"{head}\r\n\r\n".encode() for _ in instances]
+    head = f"--{boundary}\r\nContent-Type: application/dicom; transfer-syntax="
+    sent = [JPEG_XL_RECOMPRESSION if i.archived else JPEG_BASELINE for i in instances]
+    heads = [f"{head}{syntax if syntax == JPEG_BASELINE else s}\r\n\r\n".encode() for s in sent]
     tail = f"--{boundary}--\r\n".encode()
-    length = sum(len(h) + i.size + 2 for h, i in zip(heads, instances, strict=True))
+    length = sum(len(h) + size + 2 for h, size in zip(heads, sizes, strict=True))
     first = await instances[0].slide.read_range(
         instances[0].key, 0, min(STREAM_CHUNK, instances[0].size)
     )
     response = web.StreamResponse(
         headers={
             "Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}',
-            "Cache-Control": cache_control(
-                request, None, not any(i.private for i in instances)
-            ),
+            "Cache-Control": cache_control(request, None, not any(i.private for i in instances)),
         }
     )
     response.content_length = length + len(tail)
     await response.prepare(request)
     for i, inst in enumerate(instances):
         await response.write(heads[i])
+        if inst.archived and syntax == JPEG_BASELINE:
+            async for part in inst.slide.jpeg_form(inst.stored):
+                await response.write(part)
+            await response.write(b"\r\n")
+            continue
         start = 0
         while start < inst.size:
             end = min(start + STREAM_CHUNK, inst.size)

@@ -1,0 +1,383 @@
+"""Blank glass costs nothing: tiles within tolerance of the fill grey are not stored (missing Zarr
+chunks, TILED_SPARSE DICOM instances), and every reader still gets the same pixels.
+
+The slide is the benchmarks' generator at a small size (textured, tinted glass around tissue, JPEG
+quality 80), converted twice: by default, and with `keep_background` (the "before"). Readers are
+the real ones: zarr-python, OpenSlide 4 and wsidicom on the exported instances, dciodvfy, the
+library's reader and the tile service over HTTP; colour differences are computed here again from
+the sRGB and CIELab definitions.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import imagecodecs
+import numpy as np
+import openslide
+import pydicom
+import pytest
+import requests
+import zarr
+from PIL import Image
+from wsidicom import WsiDicom
+
+import wsi
+from server.settings import ServerSettings
+from wsi.codecs import jpegtran
+from wsi.codecs.colour import dicom_lab
+from wsi.export import export_dicom
+from wsi.published import layout
+from wsi.pyramid.background import DELTA_E76, Background, choose_fill
+from wsi.sources import open_slide
+
+from .helpers import serving
+from .test_dicom import SPARSE_COUNT_ERROR, dciodvfy
+
+WIDTH, HEIGHT, COLS, ROWS = 3072, 2048, 12, 8
+"""The generated slide: 256-px tiles, 13 of its 96 level-0 tiles blank glass by the rule."""
+DEFAULT = wsi.ConvertSettings()
+KEPT = wsi.ConvertSettings(wsi.PyramidSettings(keep_background=True))
+
+
+@pytest.fixture(scope="module")
+def slide(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from sample_data.generate import generate
+
+    return generate(tmp_path_factory.mktemp("glass") / "glass.tif", WIDTH, HEIGHT, seed=2)
+
+
+@pytest.fixture(scope="module")
+def stores(slide: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """The slide converted by default ("sparse") and with blank glass kept ("full")."""
+    out: dict[str, Any] = {}
+    for name, settings in (("sparse", DEFAULT), ("full", KEPT)):
+        root = tmp_path_factory.mktemp(name)
+        store = wsi.Store(wsi.StoreSettings(str(root)))
+        result = wsi.convert_slide(slide, store, settings)
+        export = root.parent / f"{name}-dicom"
+        export_dicom(store, result.slide_id, export)
+        out[name] = {"root": root, "store": store, "id": result.slide_id, "dicom": export}
+    return out
+
+
+def group(entry: dict[str, Any]) -> zarr.Group:
+    return zarr.open_group(str(entry["root"] / entry["id"] / "slide.zarr"), mode="r")
+
+
+def shard_index(entry: dict[str, Any], level: int, chunks: int) -> np.ndarray:
+    data = (entry["root"] / entry["id"] / f"slide.zarr/{level}/c/0/0/0").read_bytes()
+    return layout.decode_index(data[-layout.index_nbytes(chunks) :], chunks, "shard")
+
+
+def levels(entry: dict[str, Any]) -> list[dict[str, Any]]:
+    return list(group(entry).attrs["wsistore"]["levels"])
+
+
+def absent_tiles(entry: dict[str, Any], k: int) -> set[tuple[int, int]]:
+    lv = levels(entry)[k]
+    cols = -(-lv["width"] // lv["tile_width"])
+    rows = -(-lv["height"] // lv["tile_height"])
+    stored = set(layout.stored_chunks(shard_index(entry, k, cols * rows)).tolist())
+    return {(n % cols, n // cols) for n in range(cols * rows) if n not in stored}
+
+
+def tile_box(lv: dict[str, Any], col: int, row: int) -> tuple[slice, slice]:
+    tw, th = lv["tile_width"], lv["tile_height"]
+    return slice(row * th, (row + 1) * th), slice(col * tw, (col + 1) * tw)
+
+
+# -- the rule -------------------------------------------------------------------------------------
+def cie_delta_e(pixels: np.ndarray, fill: int) -> np.ndarray:
+    """Delta-E 76 from (fill, fill, fill) straight from IEC 61966-2-1 (sRGB, D65) and CIE 15
+    (L*a*b*), in float64: the definition the rule's table must follow exactly."""
+
+    def lab(rgb: np.ndarray) -> np.ndarray:
+        v = rgb.astype(np.float64) / 255
+        lin = np.where(v > 0.04045, ((v + 0.055) / 1.055) ** 2.4, v / 12.92)
+        white = (0.95047, 1.0, 1.08883)
+        xyz = [(lin @ np.array(m)) / w for m, w in zip(_M, white, strict=True)]
+        delta = 6 / 29
+        f = [np.where(t > delta**3, np.cbrt(t), t / (3 * delta**2) + 4 / 29) for t in xyz]
+        return np.stack([116 * f[1] - 16, 500 * (f[0] - f[1]), 200 * (f[1] - f[2])], -1)
+
+    return np.sqrt(((lab(pixels) - lab(np.full((1, 3), fill))) ** 2).sum(-1))
+
+
+_M = (
+    (0.4124564, 0.3575761, 0.1804375),
+    (0.2126729, 0.7151522, 0.0721750),
+    (0.0193339, 0.1191920, 0.9503041),
+)
+
+
+@pytest.mark.parametrize("fill", [0, 12, 128, 244, 255])
+def test_the_rule_is_delta_e_76(fill: int) -> None:
+    """Exactly the CIE definition, for every colour tried."""
+    rule = Background(fill)
+    low, high = rule.box
+    rng = np.random.default_rng(fill)
+    colours = rng.integers(max(0, low - 3), min(255, high + 3) + 1, (20000, 3)).astype(np.uint8)
+    ours = np.array([rule.accepts_pixels(c.reshape(1, 1, 3)) for c in colours])
+    assert ours.any() and not ours.all()
+    assert np.array_equal(ours, cie_delta_e(colours, fill) <= DELTA_E76)
+    # The box holds everything accepted; a colour just outside it in one channel is refused.
+    assert rule.accepts_pixels(np.full((2, 2, 3), fill, np.uint8))
+    if low > 0:
+        assert not rule.accepts_pixels(np.array([[[low - 1, fill, fill]]], np.uint8))
+
+
+def test_bounds_decide_only_what_they_prove() -> None:
+    rule = Background(244)
+    low, high = rule.box
+    assert rule.judge_bounds((244, 244, 244), (244, 244, 244)) is True
+    assert rule.judge_bounds((0, 0, 0), (low - 1, 255, 255)) is False  # red below the box
+    assert rule.judge_bounds((low, low, low), (high, high, high)) is None  # corners are not
+    flat = Image.new("RGB", (256, 256), (244, 244, 244))
+    data = io.BytesIO()
+    flat.save(data, "JPEG", quality=90)
+    done = jpegtran.transcode(data.getvalue())
+    assert rule.judge_bounds(done.low, done.high) is True
+
+
+def test_fill_is_the_commonest_flat_grey(slide: Path, tmp_path: Path) -> None:
+    with open_slide(slide) as source:
+        assert choose_fill(source) in (243, 244)  # the glass is (243, 241, 245) +- texture
+    dark = np.full((512, 512, 3), 6, np.uint8)
+    dark[100:300, 100:300] = (40, 90, 200)  # a fluorescent blob on black
+    path = tmp_path / "dark.tif"
+    import tifffile
+
+    tifffile.imwrite(path, dark, tile=(256, 256), photometric="rgb")
+    with open_slide(path) as source:
+        assert choose_fill(source) == 6
+
+
+# -- the stored slide -----------------------------------------------------------------------------
+def test_blank_tiles_are_missing_and_read_as_the_fill(stores: dict[str, Any], slide: Path) -> None:
+    sparse, full = stores["sparse"], stores["full"]
+    attrs = group(sparse).attrs["wsistore"]
+    fill = attrs["fill"]
+    assert fill in (243, 244) and attrs["background_delta_e76"] == DELTA_E76
+    assert group(full).attrs["wsistore"]["background_delta_e76"] is None
+    total_absent = 0
+    with open_slide(slide) as source:
+        for k, lv in enumerate(levels(sparse)):
+            assert group(sparse)[str(k)].fill_value == fill
+            ours = np.moveaxis(group(sparse)[str(k)][:], 0, -1)
+            before = np.moveaxis(group(full)[str(k)][:], 0, -1)
+            absent = absent_tiles(sparse, k)
+            total_absent += len(absent)
+            for col, row in absent:
+                box = tile_box(lv, col, row)
+                assert (ours[box] == fill).all()
+                assert (cie_delta_e(before[box].reshape(-1, 3), fill) <= DELTA_E76).all()
+                if k == 0:  # the source tile, decoded by imagecodecs, is within tolerance too
+                    src = imagecodecs.jpeg8_decode(source.read_encoded_tile(0, col, row))
+                    h, w = before[box].shape[:2]
+                    assert Background(fill).accepts_pixels(np.asarray(src)[:h, :w])
+            stored = np.ones(ours.shape[:2], bool)
+            for col, row in absent:
+                stored[tile_box(lv, col, row)] = False
+            assert np.array_equal(ours[stored], before[stored])
+    assert total_absent >= 13
+    # Blank tiles cost nothing but the ~130 bytes a stored frame's position takes in the
+    # header of a TILED_SPARSE instance: on this small, mostly-tissue slide that is most of it.
+    n = len(layout.stored_chunks(shard_index(sparse, 0, COLS * ROWS)))
+    assert n <= COLS * ROWS - 13
+    stored = sparse["store"].read_manifest(sparse["id"])["stored_bytes"]
+    assert stored < full["store"].read_manifest(full["id"])["stored_bytes"]
+
+
+def test_dicom_readers_see_the_same_pixels(stores: dict[str, Any]) -> None:
+    """OpenSlide 4 leaves absent frames transparent, wsidicom paints them its blank colour
+    (white): every stored pixel equals the full conversion's."""
+    sparse, full = stores["sparse"], stores["full"]
+    fill = group(sparse).attrs["wsistore"]["fill"]
+    with (
+        openslide.OpenSlide(str(sparse["dicom"] / "level-0.dcm")) as ours,
+        openslide.OpenSlide(str(full["dicom"] / "level-0.dcm")) as before,
+        WsiDicom.open(sparse["dicom"]) as wsd,
+    ):
+        assert ours.level_count == before.level_count == len(levels(sparse))
+        for k, lv in enumerate(levels(sparse)):
+            size = ours.level_dimensions[k]
+            a = np.asarray(ours.read_region((0, 0), k, size))
+            b = np.asarray(before.read_region((0, 0), k, size))
+            stored = np.ones(a.shape[:2], bool)
+            for col, row in absent_tiles(sparse, k):
+                stored[tile_box(lv, col, row)] = False
+            assert (a[..., 3][~stored] == 0).all() and (a[..., 3][stored] == 255).all()
+            assert np.array_equal(a[stored], b[stored])
+            level = wsd.levels[k]
+            w = np.asarray(wsd.read_region((0, 0), level.level, level.size.to_tuple()))
+            assert np.array_equal(w[stored], b[stored][:, :3])
+            assert (w[~stored] == 255).all()
+            ds = pydicom.dcmread(sparse["dicom"] / f"level-{k}.dcm", stop_before_pixels=True)
+            if stored.all():
+                assert ds.DimensionOrganizationType == "TILED_FULL"
+            else:
+                assert ds.DimensionOrganizationType == "TILED_SPARSE"
+                assert list(ds.RecommendedAbsentPixelCIELabValue) == list(dicom_lab((fill,) * 3))
+
+
+def test_sparse_instances_validate_and_full_ones_are_unchanged(stores: dict[str, Any]) -> None:
+    sparse, full = stores["sparse"], stores["full"]
+    seen = set()
+    for k in range(len(levels(sparse))):
+        path = sparse["dicom"] / f"level-{k}.dcm"
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        seen.add(ds.DimensionOrganizationType)
+        errors, warnings = dciodvfy(path)  # without SPARSE_COUNT_ERROR (see test_dicom)
+        assert errors == [] and warnings == dciodvfy(full["dicom"] / f"level-{k}.dcm")[1]
+        before = (full["dicom"] / f"level-{k}.dcm").read_bytes()
+        if ds.DimensionOrganizationType == "TILED_FULL":
+            assert path.read_bytes() == before  # byte-identical to a conversion keeping glass
+            continue
+        per_frame = ds.PerFrameFunctionalGroupsSequence
+        positions = [
+            (
+                f.PlanePositionSlideSequence[0].ColumnPositionInTotalImagePixelMatrix,
+                f.PlanePositionSlideSequence[0].RowPositionInTotalImagePixelMatrix,
+            )
+            for f in per_frame
+        ]
+        lv = levels(sparse)[k]
+        cols = -(-lv["width"] // lv["tile_width"])
+        rows = -(-lv["height"] // lv["tile_height"])
+        chunks = layout.stored_chunks(shard_index(sparse, k, cols * rows))
+        assert positions == [
+            ((n % cols) * lv["tile_width"] + 1, (n // cols) * lv["tile_height"] + 1) for n in chunks
+        ]
+        # Dimension Index Values: the rank of the frame's column and row among those stored.
+        ranks = [list(f.FrameContentSequence[0].DimensionIndexValues) for f in per_frame]
+        col_rank = {c: i + 1 for i, c in enumerate(sorted({int(n) % cols for n in chunks}))}
+        row_rank = {r: i + 1 for i, r in enumerate(sorted({int(n) // cols for n in chunks}))}
+        assert ranks == [[col_rank[int(n) % cols], row_rank[int(n) // cols]] for n in chunks]
+        assert ds.DimensionIndexSequence[0].DimensionIndexPointer == 0x0048021E
+        pixel_data = pydicom.dcmread(path).PixelData
+        frames = list(pydicom.encaps.generate_frames(pixel_data, number_of_frames=len(chunks)))
+        assert len(frames) == ds.NumberOfFrames == len(chunks)
+    assert seen == {"TILED_FULL", "TILED_SPARSE"}
+    assert SPARSE_COUNT_ERROR.startswith("Error - NumberOfFrames")
+
+
+def test_a_slide_of_nothing_but_glass(tmp_path: Path) -> None:
+    """Every tile blank: each level keeps one frame (a DICOM instance needs one), a tile of the
+    fill; zarr-python reads the fill everywhere."""
+    import pyvips
+
+    glass = pyvips.Image.black(700, 600, bands=3).linear([1, 1, 1], [240, 240, 240])
+    noise = pyvips.Image.gaussnoise(700, 600, sigma=1.5, mean=0, seed=3)
+    image = (glass + noise.bandjoin([noise, noise])).cast("uchar")
+    path = tmp_path / "glass.tif"
+    image.tiffsave(str(path), tile=True, compression="jpeg", Q=85)  # base only: levels ours
+    store = wsi.Store(wsi.StoreSettings(str(tmp_path / "store")))
+    result = wsi.convert_slide(path, store)
+    root = zarr.open_group(result.url, mode="r")
+    fill = root.attrs["wsistore"]["fill"]
+    assert abs(fill - 240) <= 1
+    for k in range(len(root.attrs["wsistore"]["levels"])):
+        assert (root[str(k)][:] == fill).all()
+        key = f"slide.zarr/{k}/c/0/0/0"
+        ds = pydicom.dcmread(tmp_path / "store" / result.slide_id / key)
+        assert ds.NumberOfFrames == 1
+
+
+def test_settings_are_fingerprinted(slide: Path, tmp_path: Path) -> None:
+    store = wsi.Store(wsi.StoreSettings(str(tmp_path)))
+    first = wsi.convert_slide(slide, store)
+    again = wsi.convert_slide(slide, store)
+    assert again.skipped
+    kept = wsi.convert_slide(slide, store, KEPT)
+    assert not kept.skipped
+    settings = store.read_manifest(first.slide_id)["settings"]["pyramid"]
+    assert settings["keep_background"] is True and settings["optimize_huffman"] is True
+
+
+# -- the reader and the service -------------------------------------------------------------------
+def test_reader_hands_out_the_background_tile(stores: dict[str, Any]) -> None:
+    sparse = stores["sparse"]
+    col, row = sorted(absent_tiles(sparse, 0))[0]
+    with wsi.open_published(f"{sparse['root']}/{sparse['id']}") as slide:
+        fill = slide.levels[0].fill
+        data = slide.tile_bytes(0, col, row)
+        assert (np.asarray(Image.open(io.BytesIO(data))) == fill).all()
+        assert (slide.tile(0, col, row) == fill).all()
+        x0 = min(max(col * 256 - 10, 0), WIDTH - 300)
+        y0 = min(max(row * 256 - 10, 0), HEIGHT - 300)
+        region = slide.region(0, x0, y0, 300, 300)  # across the blank tile's edges
+        expected = np.moveaxis(group(sparse)["0"][:], 0, -1)
+        assert np.array_equal(region, expected[y0 : y0 + 300, x0 : x0 + 300])
+        patches = slide.patches(0, np.array([[col * 256, row * 256]]), 64)
+        assert (patches == fill).all()
+        instance = next(i for i in slide.dicom.instances if i.level == 0)
+        chunks = slide.frame_chunks(instance)
+        assert len(chunks) < instance.frames
+        assert slide.frame_bytes(instance, 1) == slide.tile_bytes(
+            0, int(chunks[0]) % COLS, int(chunks[0]) // COLS
+        )
+
+
+@pytest.fixture(scope="module")
+def service(stores: dict[str, Any]) -> Iterator[str]:
+    with serving(ServerSettings(store=str(stores["sparse"]["root"]))) as url:
+        yield url
+
+
+def test_service_serves_blank_tiles_and_sparse_frames(service: str, stores: dict[str, Any]) -> None:
+    sparse = stores["sparse"]
+    sid = sparse["id"]
+    fill = group(sparse).attrs["wsistore"]["fill"]
+    col, row = sorted(absent_tiles(sparse, 0))[0]
+    with requests.Session() as http:
+        top = max_deepzoom_level(WIDTH, HEIGHT)
+        for url in (
+            f"{service}/slides/{sid}/tiles/0/{col}/{row}",
+            f"{service}/slides/{sid}_files/{top}/{col}_{row}.jpeg",
+            f"{service}/iiif/3/{sid}/{col * 256},{row * 256},256,256/256,/0/default.jpg",
+        ):
+            r = http.get(url)
+            assert r.status_code == 200, url
+            pixels = np.asarray(Image.open(io.BytesIO(r.content)).convert("RGB")).astype(int)
+            assert np.abs(pixels - fill).max() <= 1, url  # IIIF re-encodes what it crops
+        [study] = http.get(f"{service}/dicomweb/studies").json()
+        study_uid = study["0020000D"]["Value"][0]
+        series_url = f"{service}/dicomweb/studies/{study_uid}/series"
+        series_uid = http.get(series_url).json()[0]["0020000E"]["Value"][0]
+        instances = http.get(f"{series_url}/{series_uid}/instances").json()
+        chunks = layout.stored_chunks(shard_index(sparse, 0, COLS * ROWS))
+        level0 = next(i for i in instances if i["00280008"]["Value"][0] == len(chunks))
+        sop = level0["00080018"]["Value"][0]
+        base = f"{series_url}/{series_uid}/instances/{sop}"
+        meta = http.get(f"{base}/metadata").json()[0]
+        assert meta["00209311"]["Value"] == ["TILED_SPARSE"]
+        per_frame = meta["52009230"]["Value"]
+        assert len(per_frame) == len(chunks)
+        position = per_frame[1]["0048021A"]["Value"][0]
+        n = int(chunks[1])
+        assert position["0048021E"]["Value"] == [(n % COLS) * 256 + 1]
+        assert position["0048021F"]["Value"] == [(n // COLS) * 256 + 1]
+        frame = http.get(f"{base}/frames/2", headers={"Accept": "image/jpeg"})
+        tile = http.get(f"{service}/slides/{sid}/tiles/0/{n % COLS}/{n // COLS}")
+        assert frame.status_code == 200 and frame.content == tile.content
+        beyond = http.get(f"{base}/frames/{len(chunks) + 1}", headers={"Accept": "image/jpeg"})
+        assert beyond.status_code == 400 and beyond.json()["status"] == 400
+        assert f"1..{len(chunks)}" in beyond.text  # the stored frames, not the tile grid
+
+
+def max_deepzoom_level(width: int, height: int) -> int:
+    return int(np.ceil(np.log2(max(width, height))))
+
+
+def test_objects_are_deterministic(slide: Path, stores: dict[str, Any], tmp_path: Path) -> None:
+    store = wsi.Store(wsi.StoreSettings(str(tmp_path)))
+    one = wsi.ConvertSettings(wsi.PyramidSettings(workers=1))
+    result = wsi.convert_slide(slide, store, one)
+    sparse = stores["sparse"]
+    for key in sparse["store"].list_keys(sparse["id"]):
+        assert store.get(key) == sparse["store"].get(key), key
+    assert result.slide_id == sparse["id"]

@@ -1,0 +1,187 @@
+"""Blank glass: which tiles are not stored, and the grey they read back as.
+
+A tile is *background* when every pixel of it inside the level is within CIELab Delta-E 76
+`DELTA_E76` of the slide's fill colour (v, v, v). Such a tile is not stored: a missing chunk in
+the Zarr view (the array's `fill_value` is v), an absent frame of a TILED_SPARSE DICOM instance
+(Recommended Absent Pixel CIELab Value = v), and readers hand out v there. The fill is grey
+because a Zarr v3 uint8 array has one scalar fill value for all three channels.
+
+Why 4.2: a replaced pixel moves by at most one just-noticeable difference (Delta-E 76 2.3, for
+uniform patches of about 2 degrees: roughly one 256-px tile at 1:1 on a desktop screen) beyond
+the error the source's own JPEG coding already carries on glass (at most 1.9, measured: the
+generated slide's glass decoded from its quality-80 tiles against the pixels before encoding,
+`sample_data/generate.py`; that error is 3 to 5 levels per channel). Measured per-tile maxima
+against the best grey: glass of the generated slide 3.05-3.23 (its tint, (243, 241, 245), is
+2.22 from grey on its own), the flattest dark tiles of the two NDPI fluorescence samples 1.3-2.9.
+Faint stain is kept: eosin at 5% opacity over that glass is 3.9 from it at the tile mean, and its
+pixels spread further.
+
+The decision never guesses: copied JPEG tiles are first judged by the rigorous pixel bounds that
+`wsi.codecs.jpegtran.transcode` reads from the DCT coefficients (accept when the whole box is
+within tolerance, reject when a channel's range misses it: no decode); the others are decoded
+and checked pixel by pixel, first against the smallest box around the tolerance (most tissue
+fails there at once), then colour by colour in a table of the tolerance. Tiles we encode are
+checked on the pixels we already hold. (A DC-only 1/8-scale decoding as a cheaper first reject
+was measured: it costs 60% of a full decoding, more than it saves.)
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from wsi.codecs import jpeg
+from wsi.codecs.colour import srgb_to_lab
+from wsi.errors import InvalidArgument
+from wsi.model import Level
+from wsi.sources.base import SlideSource
+
+DELTA_E76 = 4.2
+"""Largest CIELab Delta-E 76 of any pixel of a background tile from the fill colour (see the
+module docstring for the figure)."""
+DEFAULT_FILL = 255
+"""Fill of slides where no uniform grey region is found: white, as before blank glass was
+detected (and the fill of levels published without detection)."""
+FILL_SAMPLE_PIXELS = 16_000_000
+"""Largest smallest-level read when choosing the fill (a whole level that small is read)."""
+_BLOCK = 8
+"""Side of the blocks the fill is chosen from, in pixels of the smallest level."""
+_UNIFORM_SPREAD = 8
+"""A block is uniform when each channel spans at most this many levels..."""
+_NEUTRAL = 6
+"""...and each channel's mean is within this many levels of the block's grey (mean of R, G, B)."""
+_MIN_UNIFORM_SHARE = 0.01
+"""Fewer uniform blocks than this share of the sample: no blank glass, keep `DEFAULT_FILL`."""
+
+
+@functools.cache
+def _acceptance(fill: int, tolerance: float) -> tuple[int, np.ndarray]:
+    """(lowest level of the box, flat table): which R, G, B within the box around (fill, fill,
+    fill) that holds every colour within `tolerance`, are within it. The box side is at most 2 x
+    24 + 1 levels (Delta-E 4.2 reaches at most 14 levels in one channel anywhere on the grey
+    axis), so the table is at most 117,649 booleans."""
+    reach = 24
+    lo, hi = max(0, fill - reach), min(255, fill + reach)
+    axis = np.arange(lo, hi + 1)
+    grid = np.stack(np.meshgrid(axis, axis, axis, indexing="ij"), -1)
+    distance = np.sqrt(((srgb_to_lab(grid) - srgb_to_lab(np.array([fill] * 3))) ** 2).sum(-1))
+    inside = distance <= tolerance
+    for axis_index in range(3):
+        faces = np.moveaxis(inside, axis_index, 0)
+        if (lo > 0 and faces[0].any()) or (hi < 255 and faces[-1].any()):
+            raise InvalidArgument(f"tolerance {tolerance} reaches past {reach} levels")
+    used = np.nonzero(inside)
+    low = min(int(u.min()) for u in used)
+    high = max(int(u.max()) for u in used)
+    table = np.ascontiguousarray(inside[low : high + 1, low : high + 1, low : high + 1])
+    return lo + low, table
+
+
+@dataclass(frozen=True)
+class Background:
+    """The blank-glass rule of one slide: its fill grey and the tolerance around it."""
+
+    fill: int
+    """Grey level v of the fill colour (v, v, v), 0..255."""
+    tolerance: float = DELTA_E76
+    _low: int = field(init=False, repr=False, compare=False)
+    _table: np.ndarray = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.fill <= 255:
+            raise InvalidArgument(f"fill must be 0..255, got {self.fill}")
+        if not 0 <= self.tolerance <= 6:
+            raise InvalidArgument(f"tolerance must be 0..6 Delta-E, got {self.tolerance}")
+        low, table = _acceptance(self.fill, self.tolerance)
+        object.__setattr__(self, "_low", low)
+        object.__setattr__(self, "_table", table)
+
+    @property
+    def box(self) -> tuple[int, int]:
+        """[low, high] levels, in every channel, of the smallest box holding every colour within
+        tolerance: a pixel outside it is never background."""
+        return self._low, self._low + self._table.shape[0] - 1
+
+    def accepts_pixels(self, pixels: np.ndarray) -> bool:
+        """Whether every pixel of `pixels` ((h, w, 3) uint8: the part of a tile inside its
+        level) is within tolerance of the fill."""
+        if pixels.size == 0:
+            return True
+        flat = pixels.reshape(-1, 3)
+        low, high = self.box
+        if int(flat.min()) < low or int(flat.max()) > high:
+            return False
+        n = self._table.shape[0]
+        offsets = flat - np.uint8(low)  # every value is in the box: no wrap-around
+        kind = np.dtype(np.uint16 if n**3 <= 1 << 16 else np.uint32)
+        index = offsets[:, 0].astype(kind)
+        index *= n * n
+        index += offsets[:, 1].astype(kind) * n
+        index += offsets[:, 2]
+        return bool(self._table.reshape(-1).take(index).all())
+
+    def judge_bounds(self, low: tuple[int, int, int], high: tuple[int, int, int]) -> bool | None:
+        """True when every colour of the box [low, high] (rigorous bounds of a tile's pixels)
+        is within tolerance, False when none can be (some channel's range misses the
+        tolerance box), None when only the pixels can tell."""
+        box_low, box_high = self.box
+        if any(h < box_low or lo > box_high for lo, h in zip(low, high, strict=True)):
+            return False
+        if min(low) < box_low or max(high) > box_high:
+            return None
+        r, g, b = (slice(lo - box_low, h - box_low + 1) for lo, h in zip(low, high, strict=True))
+        return True if bool(self._table[r, g, b].all()) else None
+
+    def accepts_jpeg(self, data: bytes, level: Level, col: int, row: int) -> bool:
+        """Whether the JPEG tile (col, row) of `level` is background, from its decoded pixels
+        inside the level."""
+        return self.accepts_pixels(inside(jpeg.decode(data), level, col, row))
+
+
+def inside(pixels: np.ndarray, level: Level, col: int, row: int) -> np.ndarray:
+    """The part of tile (col, row)'s pixels (a full tile) that lies inside `level`."""
+    h = min(level.tile_height, level.height - row * level.tile_height)
+    w = min(level.tile_width, level.width - col * level.tile_width)
+    return pixels[:h, :w]
+
+
+def choose_fill(source: SlideSource) -> int:
+    """The grey of the slide's blank glass, from the pixels of its smallest level: the most
+    common grey among uniform, near-neutral 8x8 blocks (glass is the largest flat region of a
+    slide; on fluorescence slides it is dark). `DEFAULT_FILL` when under 1% of the blocks are
+    uniform (tissue edge to edge: nothing will be dropped unless it is white)."""
+    blocks = np.concatenate([_blocks(image) for image in _smallest_level_sample(source)])
+    if len(blocks) == 0:
+        return DEFAULT_FILL
+    spread = (blocks.max(1) - blocks.min(1)).max(1)
+    means = blocks.mean(1)
+    grey = means.mean(1)
+    neutral = np.abs(means - grey[:, None]).max(1) <= _NEUTRAL
+    uniform = (spread <= _UNIFORM_SPREAD) & neutral
+    if uniform.sum() < max(1, _MIN_UNIFORM_SHARE * len(blocks)):
+        return DEFAULT_FILL
+    levels = np.rint(grey[uniform]).astype(np.int64)
+    counts = np.convolve(np.bincount(levels, minlength=256), np.ones(5), mode="same")
+    peak = int(np.argmax(counts))
+    near = levels[np.abs(levels - peak) <= 2]
+    return int(np.rint(np.median(near)))
+
+
+def _blocks(image: np.ndarray) -> np.ndarray:
+    """(n, 64, 3) int16: the whole 8x8 blocks of an (h, w, 3) image."""
+    h, w = image.shape[0] // _BLOCK * _BLOCK, image.shape[1] // _BLOCK * _BLOCK
+    blocks = image[:h, :w].reshape(h // _BLOCK, _BLOCK, w // _BLOCK, _BLOCK, 3)
+    return blocks.transpose(0, 2, 1, 3, 4).reshape(-1, _BLOCK * _BLOCK, 3).astype(np.int16)
+
+
+def _smallest_level_sample(source: SlideSource) -> list[np.ndarray]:
+    """The smallest level whole when it has at most `FILL_SAMPLE_PIXELS`, else an 8 x 8 grid
+    of its tiles, each cropped to the level (a single-level slide costs at most 64 tiles)."""
+    index = len(source.levels) - 1
+    lv = source.levels[index]
+    if lv.width * lv.height <= FILL_SAMPLE_PIXELS:
+        return [source.read_region(index, 0, 0, lv.width, lv.height)]
+    cells = {(c * (lv.cols - 1) // 7, r * (lv.rows - 1) // 7) for c in range(8) for r in range(8)}
+    return [inside(source.read_tile(index, c, r), lv, c, r) for c, r in sorted(cells)]
