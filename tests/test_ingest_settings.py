@@ -31,6 +31,7 @@ ENV = {
     "WSI_JOB_TIMEOUT": "3600",
     "WSI_STALL_TIMEOUT": "120",
     "WSI_KEEP_JOBS_DAYS": "7",
+    "WSI_ARCHIVE_AFTER_DAYS": "90",
     "WSI_JOBS_DB": "/srv/jobs/jobs.sqlite",
     "WSI_SPOOL_DIR": "/srv/spool",
     "WSI_STATE_DIR": "/srv/state",
@@ -66,6 +67,8 @@ FLAGS = [
     "3",
     "--keep-jobs-days",
     "4",
+    "--archive-after-days",
+    "30",
     "--jobs",
     "/j/jobs.sqlite",
     "--spool",
@@ -113,6 +116,7 @@ def test_every_command_reads_the_same_environment_the_same_way() -> None:
         job_timeout=3600.0,
         stall_timeout=120.0,
         keep_jobs_days=7.0,
+        archive_after_days=90.0,
         jobs_db="/srv/jobs/jobs.sqlite",
         spool_dir="/srv/spool",
         state_dir="/srv/state",
@@ -138,6 +142,7 @@ def test_flags_win_over_the_environment_alike() -> None:
         "/s",
     )
     assert (serve.poll_seconds, serve.stall_timeout, serve.keep_jobs_days) == (0.1, 3.0, 4.0)
+    assert serve.archive_after_days == 30.0
     assert (serve.state_dir, serve.max_source_objects, serve.spool_quota_bytes) == ("/st", 9, 4000)
     assert (serve.deidentify, serve.keep_label, serve.keep_macro) == (False, False, False)
 

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 from wsi.errors import InvalidArgument
+from wsi.ingest.queue.base import is_database_url, redact_url
 from wsi.ingest.staging import (
     MAX_SOURCE_BYTES,
     MAX_SOURCE_OBJECTS,
@@ -117,12 +118,24 @@ class IngestSettings:
     )
     """Days after which done, failed and cancelled jobs are deleted from the job table (0: kept
     for ever)."""
+    archive_after_days: float = field(
+        default=0.0,
+        metadata=_cli("recompress slides published this long ago with lossless JPEG XL (0: never)"),
+    )
+    """Days after its publication when a slide moves to the archive tier (`wsi archive`: JPEG XL
+    lossless recompression of its JPEG tiles, still served as JPEG); checked hourly by the role
+    that runs conversions; 0: never."""
     jobs_db: str = field(
         default="",
-        metadata=_cli("the job table, a SQLite file (default: STATE/jobs.sqlite)", "--jobs"),
+        metadata=_cli(
+            "the job table: a SQLite file, or a postgresql:// URL shared by many machines "
+            "(default: STATE/jobs.sqlite)",
+            "--jobs",
+        ),
     )
-    """The job table (a SQLite file on a local disk); empty: `jobs.sqlite` in the state folder
-    (`jobs_path`)."""
+    """The job table: a SQLite file on a local disk, or a `postgresql://user:password@host/db`
+    URL (`wsi.ingest.queue.open_queue`) that services and workers on many machines share;
+    empty: `jobs.sqlite` in the state folder (`jobs_path`)."""
     spool_dir: str = field(
         default="",
         metadata=_cli("download folder for s3:// sources (default: STATE/spool)", "--spool"),
@@ -168,6 +181,8 @@ class IngestSettings:
             raise InvalidArgument("poll_seconds and lease_seconds must be positive")
         if min(self.stop_timeout, self.job_timeout, self.stall_timeout, self.keep_jobs_days) < 0:
             raise InvalidArgument("timeouts and keep_jobs_days must be >= 0")
+        if self.archive_after_days < 0:
+            raise InvalidArgument("archive_after_days must be >= 0")
         if self.after_success not in get_args(AfterSuccess):
             raise InvalidArgument("after_success must be keep, move or delete")
         if self.after_success == "move" and self.done_dir == "":
@@ -199,7 +214,8 @@ class IngestSettings:
         return os.path.abspath(store).rstrip(os.sep) + ".state"
 
     def jobs_path(self, store: str) -> str:
-        """The job table's file for a service or worker publishing into `store`."""
+        """The job table (a file, or a database URL) of a service or worker publishing into
+        `store`."""
         return self.jobs_db or os.path.join(self.state_path(store), "jobs.sqlite")
 
     def spool_path(self, store: str) -> str:
@@ -231,11 +247,13 @@ class IngestSettings:
         for others, whatever the umask (`done` and `quarantine` are made so when first used);
         and the job table's file too, before SQLite does (SQLite gives its journal and
         shared-memory files the database's permissions). A table made world-readable before is
-        made private."""
-        jobs_folder = os.path.dirname(os.path.abspath(self.jobs_path(store)))
-        for folder in (self.state_path(store), jobs_folder, self.spool_path(store)):
+        made private. A job table in a database has no local file or folder."""
+        for folder in (self.state_path(store), self.spool_path(store)):
             make_dirs(folder)
         jobs = self.jobs_path(store)
+        if is_database_url(jobs):
+            return
+        make_dirs(os.path.dirname(os.path.abspath(jobs)))
         os.close(os.open(jobs, os.O_WRONLY | os.O_CREAT, FILE_MODE))
         for path in (jobs, jobs + "-wal", jobs + "-shm"):
             try:
@@ -255,7 +273,7 @@ class IngestSettings:
             "done": (self.done_path(store), os.path.join(state, "done")),
             "quarantine": (self.quarantine_path(store), os.path.join(state, "quarantine")),
         }
-        moved = [f"{name} {path}" for name, (path, default) in apart.items() if path != default]
+        moved = [f"{name} {redact_url(p)}" for name, (p, default) in apart.items() if p != default]
         return f"ingest state in {state}" + (f" ({'; '.join(moved)})" if moved else "")
 
     def check_watch_folders(self, watch: Iterable[str], store: str) -> None:
@@ -271,7 +289,7 @@ class IngestSettings:
         own = {
             "store": store,
             "state": self.state_path(store),
-            "job table": os.path.dirname(os.path.abspath(self.jobs_path(store))),
+            "job table": _jobs_folder(self.jobs_path(store)),
             "spool": self.spool_path(store),
             "done": self.done_path(store),
             "quarantine": self.quarantine_path(store),
@@ -303,6 +321,11 @@ class IngestSettings:
         on the command line over the environment's `WSI_*` variables over the defaults."""
         given = {f.name: getattr(args, f.name, None) for f in fields(cls) if _flag(f)}
         return cls.from_env(environ, **given)
+
+
+def _jobs_folder(jobs: str) -> str:
+    """The folder of a SQLite job table; "" for a database URL (no local folder)."""
+    return "" if is_database_url(jobs) else os.path.dirname(os.path.abspath(jobs))
 
 
 def _flag(f: Field[Any]) -> str | None:
@@ -344,7 +367,7 @@ def _metavar(name: str, kind: Any) -> str:
         return "BYTES" if name.endswith("_bytes") else "N"
     if kind is float:
         return "DAYS" if name.endswith("_days") else "SECONDS"
-    return "FILE" if name == "jobs_db" else "DIR"
+    return "FILE_OR_URL" if name == "jobs_db" else "DIR"
 
 
 def env_values(cls: type[Any], environ: Mapping[str, str]) -> dict[str, Any]:

@@ -24,7 +24,7 @@ import logging
 import os
 import signal
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -543,10 +543,13 @@ def run_roles(
     *,
     watch: tuple[str, ...] = (),
     convert: bool = False,
+    housekeeping: Mapping[str, Callable[[asyncio.Event], Awaitable[None]]] | None = None,
 ) -> None:
     """`wsi watch` (`watch` folders feed the queue) and `wsi worker` (`convert`:
     `settings.workers` conversions into `store`) without the HTTP service, until SIGTERM or
-    SIGINT; running conversions get `settings.stop_timeout` to finish."""
+    SIGINT; running conversions get `settings.stop_timeout` to finish. `housekeeping`: more
+    loops of the converting role (name -> loop until the event is set), started with the
+    conversions: the archive policy, which imports what ingest must not."""
     workers = settings.workers if convert else 0
 
     async def main() -> None:
@@ -566,6 +569,8 @@ def run_roles(
             tasks.start(
                 "purge", functools.partial(purge_jobs, queue, settings.keep_jobs_days, stop)
             )
+        for name, loop_until in (housekeeping or {}).items() if workers else ():
+            tasks.start(name, functools.partial(loop_until, stop))
         if watch:
             tasks.start("watcher", functools.partial(watch_folders, watch, queue, settings, stop))
         await stop.wait()

@@ -16,6 +16,7 @@ import tempfile
 import uuid
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
+from datetime import datetime
 from typing import IO, Any
 
 import aiohttp
@@ -243,6 +244,22 @@ class Store:
         except FileNotFoundError as exc:
             raise SlideNotFound(f"no object {key}") from exc
 
+    def modified(self, key: str) -> float:
+        """When an object was last written (seconds since the epoch): a manifest's time is when
+        its slide was last published (the archive policy's clock)."""
+        try:
+            info = self.fs.info(self.path(key))
+        except FileNotFoundError as exc:
+            raise SlideNotFound(f"no object {key}") from exc
+        except STORE_FAILURES as exc:
+            raise StoreError(f"cannot read {key}: {exc}") from exc
+        stamp = info.get("mtime", info.get("LastModified"))
+        if isinstance(stamp, datetime):
+            return stamp.timestamp()
+        if isinstance(stamp, int | float):
+            return float(stamp)
+        raise StoreError(f"the store gives no modification time for {key}")
+
     def delete(self, key: str) -> None:
         with contextlib.suppress(FileNotFoundError):
             self.fs.rm_file(self.path(key))
@@ -301,9 +318,7 @@ class Store:
         root = self.root.rstrip("/") + "/"
         keys = (str(p)[len(root) :] for p in found if str(p).startswith(root))
         # Some S3 servers (SeaweedFS) keep an emptied folder, which find() returns as itself.
-        return sorted(
-            k for k in keys if k != prefix and (include_temporary or TEMP_MARK not in k)
-        )
+        return sorted(k for k in keys if k != prefix and (include_temporary or TEMP_MARK not in k))
 
     # -- slides -----------------------------------------------------------------------------
     def manifest_key(self, slide_id: str) -> str:

@@ -1,0 +1,486 @@
+"""The archive tier: published slides recompressed losslessly with JPEG XL, and restored.
+
+`archive` recodes every JPEG chunk of a published slide (levels and associated images) with JPEG
+XL lossless JPEG recompression (`wsi.codecs.jxl`) and publishes the result as a new version of
+the slide; `restore` gives back the JPEG form, byte for byte. zstd chunks stay as they are.
+
+Each stored object keeps its layout, so it is still one copy for both views:
+- the DICOM header is unchanged except for the Transfer Syntax UID in the File Meta Information
+  (JPEG baseline <-> JPEG XL JPEG Recompression): same SOP Instance UIDs, same data set;
+- the frames are the same items in the same order, each holding the recoded chunk (padded to
+  even length), and the trailing Zarr shard index points at the new chunks;
+- each array's zarr.json names the `wsistore.jpegxl` codec instead of `wsistore.jpeg`, and the
+  root's `wsistore` attributes give the level's codec as `jpegxl` (its tier).
+Everything else in those objects is copied, and libjxl rebuilds each JPEG exactly (checked for
+every chunk while archiving), so the JPEG form comes back identical. The manifest records each
+replaced object's pre-archive size and CRC32C (`Manifest.archived`): a restore that would give
+anything else is refused before it is published, and the restored manifest has the bytes it
+had before the archive.
+
+Publishing follows the converter's protocol: the new version is built in `<id>/staging-<run>/`
+while the old one is served; then its manifest is written there (the version is complete), the
+slide is unpublished, the new objects are moved in, and the manifest last (the commit point). A
+run killed before that leaves the old version served (the staging folder is removed by the next
+run); one killed during the swap leaves a complete staged version that the next `archive`,
+`restore` or archive-policy round moves in before anything else.
+
+Memory is bounded: objects are streamed frame by frame, `ArchiveSettings.batch_frames` chunks at
+a time, recoded on a thread pool (libjxl releases the GIL).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures as cf
+import contextlib
+import logging
+import os
+import struct
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
+from typing import IO, Literal
+
+import google_crc32c
+import numpy as np
+
+from wsi.codecs import jxl
+from wsi.errors import CorruptSlide, InvalidArgument, UnsupportedSlide, WsiError
+from wsi.model import Level
+from wsi.published import layout
+from wsi.published.layout import (
+    ARCHIVE_CODECS,
+    EMPTY_CHUNK,
+    JPEG,
+    JPEGXL,
+    MANIFEST,
+    STAGING,
+    CodecId,
+    Manifest,
+    ObjectEntry,
+    SlideAttributes,
+    SlideKeys,
+)
+from wsi.store.objects import Store, StoreSettings, check_slide_id
+from wsi.writers.dicom import (
+    EMPTY_BOT,
+    ITEM,
+    JPEG_XL_JPEG_RECOMPRESSION,
+    PIXEL_DATA_HEADER,
+    item_header,
+    trailer_header,
+    transfer_syntax,
+    with_transfer_syntax,
+)
+
+log = logging.getLogger("wsistore.archive")
+
+JPEG_BASELINE = "1.2.840.10008.1.2.4.50"
+TRANSFER_SYNTAX: dict[CodecId, str] = {JPEG: JPEG_BASELINE, JPEGXL: JPEG_XL_JPEG_RECOMPRESSION}
+"""The Transfer Syntax UID of a DICOM instance whose frames are in each form."""
+_TRAILER_BYTES = len(trailer_header(0))
+"""The sequence delimiter and the (FFFC,FFFC) element header between the last frame and the
+index of a DICOM object."""
+
+
+@dataclass(frozen=True)
+class ArchiveSettings:
+    """How an archive or restore runs (not what it produces: the bytes are always the same)."""
+
+    threads: int = 0
+    """Threads recoding chunks; 0: one per core."""
+    batch_frames: int = 64
+    """Chunks read, recoded and written at a time: with ~10-100 KB chunks, a few MB per object
+    in memory, whatever the level's size."""
+
+    def __post_init__(self) -> None:
+        if self.threads < 0 or self.batch_frames < 1:
+            raise InvalidArgument("threads must be >= 0 and batch_frames >= 1")
+
+
+@dataclass(frozen=True)
+class ArchiveResult:
+    """What one `archive` or `restore` did to one slide."""
+
+    slide_id: str
+    action: Literal["archive", "restore"]
+    bytes_before: int
+    """Stored bytes of the slide's published version before (every object, manifest aside)."""
+    bytes_after: int
+    objects: int
+    """Objects recoded; 0: nothing to do (already in that form, or no JPEG chunks)."""
+    seconds: float
+
+    @property
+    def ratio(self) -> float:
+        return self.bytes_after / self.bytes_before if self.bytes_before else 1.0
+
+    def line(self) -> str:
+        """The one-line report of the CLI."""
+        if not self.objects:
+            state = "archived" if self.action == "archive" else "in its JPEG form"
+            return f"{self.slide_id}: already {state} ({self.bytes_before} bytes)"
+        return (
+            f"{self.slide_id}: {self.action}d {self.objects} objects, {self.bytes_before} -> "
+            f"{self.bytes_after} bytes ({self.ratio:.3f}x) in {self.seconds:.1f} s"
+        )
+
+
+def archive(store: Store, slide_id: str, settings: ArchiveSettings | None = None) -> ArchiveResult:
+    """Recompress every JPEG chunk of a published slide with JPEG XL and publish that version."""
+    return _recode(store, slide_id, JPEGXL, settings or ArchiveSettings())
+
+
+def restore(store: Store, slide_id: str, settings: ArchiveSettings | None = None) -> ArchiveResult:
+    """Publish the JPEG form of an archived slide again, byte for byte as before its archive."""
+    return _recode(store, slide_id, JPEG, settings or ArchiveSettings())
+
+
+# -- the object layout ----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ObjectPlan:
+    """Where the parts of one stored object lie: header, chunks (in stored order), tail."""
+
+    key: str
+    size: int
+    chunks: int
+    """Chunks of the array (entries of the shard index)."""
+    dicom: bool
+    """The object is also a DICOM instance: each chunk is a Pixel Data item."""
+    index: np.ndarray
+    spans: tuple[tuple[int, int], ...]
+    """(offset, length) of each distinct stored chunk, in stored order."""
+    header_end: int
+    """Bytes before the first chunk's item (DICOM: through the empty Basic Offset Table)."""
+    data_end: int
+    """Where the last chunk (and its pad byte) ends."""
+
+    @classmethod
+    def read(cls, store: Store, key: str, size: int, chunks: int, dicom: bool) -> ObjectPlan:
+        start, end = layout.index_range(size, chunks, key)
+        return cls.from_index(key, size, chunks, dicom, store.get_range(key, start, end))
+
+    @classmethod
+    def from_index(
+        cls, key: str, size: int, chunks: int, dicom: bool, raw_index: bytes
+    ) -> ObjectPlan:
+        index = layout.decode_index(raw_index, chunks, key)
+        present = index[~((index[:, 0] == EMPTY_CHUNK) & (index[:, 1] == EMPTY_CHUNK))]
+        spans = tuple(sorted({(int(o), int(n)) for o, n in present}))
+        data_end = size - layout.index_nbytes(chunks) - (_TRAILER_BYTES if dicom else 0)
+        framing = 8 if dicom else 0
+        header_end = spans[0][0] - framing if spans else data_end
+        position = header_end
+        for offset, length in spans:  # each chunk right after the previous one (and its item)
+            if offset != position + framing or length <= 0:
+                raise UnsupportedSlide(f"{key}: chunks are not laid out as the writer does")
+            position = offset + length + (length & 1 if dicom else 0)
+        if position != data_end or header_end < 0:
+            raise UnsupportedSlide(f"{key}: chunks are not laid out as the writer does")
+        return cls(key, size, chunks, dicom, index, spans, header_end, data_end)
+
+    def batches(self, frames: int) -> Iterator[tuple[tuple[int, int], ...]]:
+        """The spans, `frames` at a time."""
+        for i in range(0, len(self.spans), frames):
+            yield self.spans[i : i + frames]
+
+    def batch_range(self, batch: tuple[tuple[int, int], ...]) -> tuple[int, int]:
+        """[start, end) of the bytes a batch of chunks occupies (items and pads included)."""
+        first, (last, length) = batch[0][0], batch[-1]
+        framing = 8 if self.dicom else 0
+        return first - framing, last + length + (length & 1 if self.dicom else 0)
+
+    def chunks_of(self, batch: tuple[tuple[int, int], ...], data: bytes) -> list[bytes]:
+        """The chunk bytes of a batch from the bytes of its range, the item lengths checked."""
+        start = self.batch_range(batch)[0]
+        out = []
+        for offset, length in batch:
+            if self.dicom:
+                tag, item_length = struct.unpack_from("<II", data, offset - 8 - start)
+                if tag != ITEM or item_length != length + (length & 1):
+                    raise CorruptSlide(f"{self.key}: frame item at {offset - 8} is damaged")
+            out.append(data[offset - start : offset - start + length])
+        if sum(len(c) for c in out) != sum(n for _, n in batch):
+            raise CorruptSlide(f"{self.key} ends inside a chunk")
+        return out
+
+    def check_header(self, header: bytes, codec: CodecId) -> None:
+        """A DICOM header must end where the frames start and be in `codec`'s syntax."""
+        if not self.dicom:
+            if header:
+                raise UnsupportedSlide(f"{self.key}: a shard without DICOM has no header")
+            return
+        if not header.endswith(PIXEL_DATA_HEADER + EMPTY_BOT):
+            raise UnsupportedSlide(f"{self.key}: the frames do not follow an empty offset table")
+        found = transfer_syntax(header)
+        if found != TRANSFER_SYNTAX[codec]:
+            raise UnsupportedSlide(f"{self.key}: transfer syntax {found} is not {codec}'s")
+
+    def new_index(self, moved: dict[tuple[int, int], tuple[int, int]]) -> bytes:
+        """The shard index of the recoded object: each chunk at its new (offset, length)."""
+        index = layout.empty_index(self.chunks)
+        for i, (offset, length) in enumerate(self.index):
+            if (int(offset), int(length)) != (EMPTY_CHUNK, EMPTY_CHUNK):
+                index[i] = moved[(int(offset), int(length))]
+        return layout.encode_index(index)
+
+
+class ObjectWriter:
+    """Writes a recoded object part by part: header, chunks (framed as items in a DICOM object,
+    padded to even length), then the tail and the new index; tracks offsets, size and CRC32C."""
+
+    def __init__(self, plan: ObjectPlan, sink: Callable[[bytes], object]) -> None:
+        self.plan = plan
+        self._sink = sink
+        self._crc = google_crc32c.Checksum()
+        self.size = 0
+        self._moved: dict[tuple[int, int], tuple[int, int]] = {}
+
+    def _write(self, data: bytes) -> None:
+        self._sink(data)
+        self._crc.update(data)
+        self.size += len(data)
+
+    def header(self, header: bytes, to: CodecId) -> None:
+        self._write(with_transfer_syntax(header, TRANSFER_SYNTAX[to]) if self.plan.dicom else b"")
+
+    def chunks(self, spans: tuple[tuple[int, int], ...], recoded: list[bytes]) -> None:
+        parts = []
+        offset = self.size
+        for span, data in zip(spans, recoded, strict=True):
+            pad = len(data) & 1 if self.plan.dicom else 0
+            if self.plan.dicom:
+                parts.append(item_header(len(data) + pad))
+                offset += 8
+            self._moved[span] = (offset, len(data))
+            parts.append(data + b"\0" * pad)
+            offset += len(data) + pad
+        self._write(b"".join(parts))
+
+    def finish(self) -> None:
+        index = self.plan.new_index(self._moved)
+        self._write((trailer_header(len(index)) if self.plan.dicom else b"") + index)
+
+    @property
+    def crc32c(self) -> str:
+        return str(self._crc.hexdigest().decode())
+
+
+def recode_chunk(data: bytes, to: CodecId) -> bytes:
+    """One chunk in the other form: JPEG XL made from a JPEG (its exact rebuild checked), or the
+    JPEG rebuilt from one."""
+    return jxl.recompress_exactly(data) if to == JPEGXL else jxl.jxl_to_jpeg(data)
+
+
+def _recode_object(
+    store: Store,
+    plan: ObjectPlan,
+    out: IO[bytes],
+    to: CodecId,
+    pool: cf.Executor,
+    batch_frames: int,
+) -> ObjectWriter:
+    writer = ObjectWriter(plan, out.write)
+    header = store.get_range(plan.key, 0, plan.header_end) if plan.header_end else b""
+    plan.check_header(header, ARCHIVE_CODECS[to])
+    writer.header(header, to)
+    for batch in plan.batches(batch_frames):
+        data = store.get_range(plan.key, *plan.batch_range(batch))
+        chunks = plan.chunks_of(batch, data)
+        writer.chunks(batch, list(pool.map(recode_chunk, chunks, [to] * len(chunks))))
+    tail = store.get_range(plan.key, plan.data_end, plan.size - layout.index_nbytes(plan.chunks))
+    if plan.dicom and tail != trailer_header(layout.index_nbytes(plan.chunks)):
+        raise UnsupportedSlide(f"{plan.key}: the index is not in a trailing padding element")
+    writer.finish()
+    return writer
+
+
+# -- one slide ------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class _Array:
+    """An array whose chunks the run recodes."""
+
+    path: str
+    chunks: int
+    dicom: bool
+    level: bool
+    """A pyramid level (its codec is also in the root attributes), not an associated image."""
+
+
+def _arrays(
+    store: Store, keys: SlideKeys, manifest: Manifest, attributes: SlideAttributes, source: CodecId
+) -> list[_Array]:
+    """The arrays stored as `source` (JPEG to archive, JPEG XL to restore)."""
+    dicom = {i.key for i in manifest.dicom}
+    found = []
+    for entry in attributes.levels:
+        if entry.codec == source:
+            grid = Level(entry.width, entry.height, entry.tile_width, entry.tile_height)
+            shard = keys.in_slide(keys.shard(entry.path))
+            found.append(_Array(entry.path, grid.tile_count, shard in dicom, True))
+    for image in attributes.associated_images:
+        meta_key = keys.array_metadata(image.path)
+        meta = layout.load_json(store.get(meta_key), meta_key)
+        if layout.codec_of_array(meta, meta_key) == source:
+            shard = keys.in_slide(keys.shard(image.path))
+            found.append(_Array(image.path, 1, shard in dicom, False))
+    return found
+
+
+def _recode(store: Store, slide_id: str, to: CodecId, settings: ArchiveSettings) -> ArchiveResult:
+    started = time.perf_counter()
+    action: Literal["archive", "restore"] = "archive" if to == JPEGXL else "restore"
+    keys = SlideKeys(check_slide_id(slide_id))
+    with store.slide_lock(slide_id):
+        finish_interrupted(store, slide_id)
+        manifest = store.manifest(slide_id)
+        root = store.get(keys.root_metadata)
+        attributes = SlideAttributes.from_root_metadata(root, f"{slide_id}: root zarr.json")
+        arrays = _arrays(store, keys, manifest, attributes, ARCHIVE_CODECS[to])
+        before = manifest.stored_bytes
+        if not arrays:
+            return ArchiveResult(slide_id, action, before, before, 0, 0.0)
+        staged = keys.staging(uuid.uuid4().hex[:12])
+        try:
+            written = _write_version(store, keys, staged, manifest, root, arrays, to, settings)
+            new = _next_manifest(manifest, written, to)
+            store.put(staged.in_store(MANIFEST), new.to_bytes())
+        except BaseException:
+            with contextlib.suppress(Exception):
+                store.delete_prefix(staged.root)
+            raise
+        store.unpublish(slide_id)
+        store.promote(staged, [*sorted(written), MANIFEST])  # the manifest last: the commit
+    seconds = time.perf_counter() - started
+    return ArchiveResult(slide_id, action, before, new.stored_bytes, len(written), seconds)
+
+
+def _write_version(
+    store: Store,
+    keys: SlideKeys,
+    staged: SlideKeys,
+    manifest: Manifest,
+    root: bytes,
+    arrays: list[_Array],
+    to: CodecId,
+    settings: ArchiveSettings,
+) -> dict[str, ObjectEntry]:
+    """Write the recoded objects into `staged`: key in the slide -> size and CRC32C. A restored
+    object must be the one the manifest says it was before the archive."""
+    written: dict[str, ObjectEntry] = {}
+
+    def put(key_in_slide: str, data: bytes) -> None:
+        store.put(staged.in_store(key_in_slide), data)
+        done(key_in_slide, ObjectEntry(len(data), layout.crc32c_hex(data)))
+
+    def done(key_in_slide: str, entry: ObjectEntry) -> None:
+        if to == JPEG and manifest.archived.get(key_in_slide) != entry:
+            raise CorruptSlide(
+                f"restoring {keys.slide_id} would not give {key_in_slide} as it was before its "
+                "archive; the archived version stays published"
+            )
+        written[key_in_slide] = entry
+
+    threads = settings.threads or os.cpu_count() or 1
+    with cf.ThreadPoolExecutor(threads, thread_name_prefix="wsi-archive") as pool:
+        for array in arrays:
+            shard = keys.in_slide(keys.shard(array.path))
+            size = manifest.object(shard).size
+            plan = ObjectPlan.read(store, keys.shard(array.path), size, array.chunks, array.dicom)
+            with store.open_write(staged.in_store(shard)) as out:
+                writer = _recode_object(store, plan, out, to, pool, settings.batch_frames)
+            done(shard, ObjectEntry(writer.size, writer.crc32c))
+            meta = keys.in_slide(keys.array_metadata(array.path))
+            put(meta, layout.recode_array_metadata(store.get(keys.in_store(meta)), to, meta))
+    levels = [a.path for a in arrays if a.level]
+    if levels:
+        what = f"{keys.slide_id}: root zarr.json"
+        put(keys.in_slide(keys.root_metadata), layout.recode_root_metadata(root, levels, to, what))
+    return written
+
+
+def _next_manifest(manifest: Manifest, written: dict[str, ObjectEntry], to: CodecId) -> Manifest:
+    """The manifest of the recoded version: the new objects, and in `archived` the JPEG form of
+    every object the archive tier replaced (dropped again as they are restored)."""
+    objects = {**manifest.objects, **written}
+    if to == JPEGXL:
+        archived = {**{k: manifest.objects[k] for k in written}, **manifest.archived}
+    else:
+        archived = {k: v for k, v in manifest.archived.items() if k not in written}
+    stored = sum(o.size for o in objects.values())
+    return replace(manifest, objects=objects, archived=archived, stored_bytes=stored)
+
+
+def finish_interrupted(store: Store, slide_id: str) -> None:
+    """Call holding the slide's lock. A published slide: remove staging folders of runs killed
+    before their swap. An unpublished one whose staging folder holds a complete version (its
+    manifest written) was killed during its swap: move the rest in and publish it."""
+    folders = [n for n in store.children(slide_id) if n.startswith(STAGING)]
+    if store.is_published(slide_id):
+        for name in folders:
+            store.delete_prefix(f"{slide_id}/{name}")
+        return
+    for name in folders:
+        staged = SlideKeys(slide_id, f"{slide_id}/{name}")
+        if not store.exists(staged.in_store(MANIFEST)):
+            continue
+        pending = Manifest.from_bytes(store.get(staged.in_store(MANIFEST)))
+        final = SlideKeys(slide_id)
+        waiting = [k for k in sorted(pending.objects) if store.exists(staged.in_store(k))]
+        for key, entry in pending.objects.items():
+            if key not in waiting and store.size(final.in_store(key)) != entry.size:
+                raise CorruptSlide(f"cannot finish publishing {slide_id}: {key} is not in place")
+        log.info("slide %s: finishing the swap of an interrupted archive or restore", slide_id)
+        store.promote(staged, [*waiting, MANIFEST])
+        return
+
+
+# -- the ingest policy ----------------------------------------------------------------------------
+ARCHIVE_EVERY_SECONDS = 3600.0
+
+
+def archive_due(
+    store: Store,
+    after_days: float,
+    now: float,
+    settings: ArchiveSettings | None = None,
+    stop: Callable[[], bool] = lambda: False,
+) -> list[ArchiveResult]:
+    """Archive every published slide whose manifest was written more than `after_days` before
+    `now` (seconds since the epoch) and that is not archived yet; a slide that fails (busy,
+    damaged) is logged and left for the next round. `stop` is asked between slides."""
+    cutoff = now - after_days * 86400.0
+    results = []
+    for slide_id in store.published_slides():
+        if stop():
+            break
+        try:
+            if store.modified(SlideKeys(slide_id).manifest) > cutoff:
+                continue
+            if store.manifest(slide_id).archived:
+                continue
+            result = archive(store, slide_id, settings)
+        except WsiError as exc:
+            log.warning("slide %s was not archived: %s", slide_id, exc)
+            continue
+        if result.objects:
+            log.info("archive policy: %s", result.line())
+            results.append(result)
+    return results
+
+
+async def archive_policy(
+    store: StoreSettings,
+    after_days: float,
+    stop: asyncio.Event,
+    clock: Callable[[], float] = time.time,
+) -> None:
+    """Hourly (and once at start): `archive_due` on the store, until `stop`. A store error is
+    left for the next round: archiving is housekeeping, never a reason to stop."""
+    target = Store(store)
+    while not stop.is_set():
+        with contextlib.suppress(WsiError):
+            await asyncio.to_thread(archive_due, target, after_days, clock(), None, stop.is_set)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), ARCHIVE_EVERY_SECONDS)
