@@ -4,18 +4,19 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import os
 import sys
 import threading
 import time
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from wsi import __version__
-from wsi.convert import FORMATS, ConvertResult, ConvertSettings, convert_slide
+from wsi.convert import FORMATS, ConvertResult, ConvertSettings, convert_slide, level_origins
 from wsi.errors import InvalidArgument, StoreError, WsiError
 from wsi.export import export_dicom_location
 from wsi.ingest.protocol import (
@@ -30,9 +31,22 @@ from wsi.ingest.protocol import (
     staging_limits,
 )
 from wsi.ingest.settings import IngestSettings, add_ingest_arguments
+from wsi.published.replicate import repair_store, sync_store
+from wsi.published.usage import report_lines, store_usage
+from wsi.published.verify import ReadRate, verify_store
 from wsi.pyramid.builder import Progress, PyramidSettings, plan_pyramid
-from wsi.sources import backend_names, open_slide
+from wsi.sources import SlideSource, backend_names, open_slide
 from wsi.store.objects import Store, StoreSettings
+
+
+def _output_levels(src: SlideSource) -> list[dict[str, Any]]:
+    """The levels a conversion with default settings makes, and where each one's tiles come
+    from (what the manifest will record)."""
+    plans = plan_pyramid(src, PyramidSettings())
+    return [
+        {"width": p.level.width, "height": p.level.height, **origin.to_json()}
+        for p, origin in zip(plans, level_origins(src, plans), strict=True)
+    ]
 
 
 def _info(args: argparse.Namespace) -> int:
@@ -62,14 +76,7 @@ def _info(args: argparse.Namespace) -> int:
                 for name in src.associated_names
             },
             "icc_profile_bytes": len(props.icc_profile) if props.icc_profile else 0,
-            "output_levels": [
-                {
-                    "width": p.level.width,
-                    "height": p.level.height,
-                    "from": f"source level {p.source_level}" if p.passthrough else "derived",
-                }
-                for p in plan_pyramid(src, PyramidSettings())
-            ],
+            "output_levels": _output_levels(src),
             "properties": dict(props.vendor_properties),
         }
     json.dump(doc, sys.stdout, indent=2)
@@ -174,6 +181,8 @@ def _convert(args: argparse.Namespace) -> int:
             tile_size=args.tile_size,
             reuse_levels=not args.no_reuse_levels,
             subsample_420=args.subsampling == "420",
+            optimize_huffman=not args.keep_source_jpeg,
+            keep_background=args.keep_background,
         ),
         backend=args.backend,
         include_associated=not args.no_associated,
@@ -310,19 +319,31 @@ def role_settings(
 
 
 def _ingest_role(args: argparse.Namespace) -> int:
-    from wsi.ingest.queue import SQLiteJobQueue
+    from wsi.ingest.queue import open_queue
     from wsi.ingest.worker import run_roles
 
     settings = role_settings(args)
     settings.make_state(args.store)
     print(f"wsistore: {args.command}: {settings.describe_state(args.store)}", flush=True)
     store = StoreSettings(args.store, endpoint_url=args.s3_endpoint)
-    with SQLiteJobQueue(Path(settings.jobs_path(args.store))) as queue:
+    with open_queue(settings.jobs_path(args.store)) as queue:
         if args.command == "watch":
             run_roles(queue, store, settings, watch=tuple(args.folders))
         else:
-            run_roles(queue, store, settings, convert=True)
+            loops = _archiving(store, settings)
+            run_roles(queue, store, settings, convert=True, housekeeping=loops)
     return 0
+
+
+def _archiving(
+    store: StoreSettings, settings: IngestSettings
+) -> dict[str, Callable[[Any], Awaitable[None]]]:
+    """The archive policy loop of a converting role, when `archive_after_days` asks for one."""
+    if not settings.archive_after_days:
+        return {}
+    from wsi.published.archive import archive_policy
+
+    return {"archive": functools.partial(archive_policy, store, settings.archive_after_days)}
 
 
 def _list(args: argparse.Namespace) -> int:
@@ -330,6 +351,86 @@ def _list(args: argparse.Namespace) -> int:
     for slide_id in store.published_slides():
         print(slide_id)
     return 0
+
+
+def _du(args: argparse.Namespace) -> int:
+    usage = store_usage(Store(StoreSettings(args.store, endpoint_url=args.s3_endpoint)), args.ids)
+    if args.json:
+        json.dump(usage.to_json(by_level=args.by_level), sys.stdout, indent=1)
+        sys.stdout.write("\n")
+    else:
+        print("\n".join(report_lines(usage, by_level=args.by_level)))
+    return ExitCode.FAILED if usage.unreadable else ExitCode.OK
+
+
+def _read_rate(args: argparse.Namespace) -> ReadRate:
+    """`--rate MB/s` (10^6 bytes a second), unbounded without it."""
+    return ReadRate(args.rate * 1e6 if args.rate is not None else None)
+
+
+def _verify(args: argparse.Namespace) -> int:
+    """One line per slide as it is checked; exit 1 when any slide is damaged."""
+    store = Store(StoreSettings(args.store, endpoint_url=args.s3_endpoint))
+    checked = damaged = read = 0
+    for check in verify_store(store, args.ids, _read_rate(args)):
+        print(check.line(), flush=True)
+        checked, read = checked + 1, read + check.bytes_read
+        damaged += not check.ok
+    print(f"wsi: verify: {checked} slides, {damaged} damaged, {read:,} bytes read", file=sys.stderr)
+    return ExitCode.FAILED if damaged else ExitCode.OK
+
+
+def _sync(args: argparse.Namespace) -> int:
+    """`wsi sync A B`: one line per slide; exit 1 when a slide failed (or, with --repair, has
+    an object damaged in both stores)."""
+    source = Store(StoreSettings(args.source, endpoint_url=args.s3_endpoint))
+    target_endpoint = args.target_s3_endpoint or args.s3_endpoint
+    target = Store(StoreSettings(args.target, endpoint_url=target_endpoint))
+    run = repair_store if args.repair else sync_store
+    failed = 0
+    for result in run(source, target, args.ids, _read_rate(args)):
+        print(result.line(), flush=True)
+        failed += not result.ok
+    return ExitCode.FAILED if failed else ExitCode.OK
+
+
+def _add_storage_commands(sub: Any) -> None:
+    """`wsi du`, `wsi verify`, `wsi sync`: what published slides cost, whether their bytes are
+    intact, and a verified copy in a second store."""
+    du = sub.add_parser("du", help="storage used per slide, level and tier, against the source")
+    du.add_argument("store", metavar="DIR_OR_URL")
+    du.add_argument("ids", nargs="*", metavar="SLIDE_ID", help="these slides only")
+    du.add_argument("--by-level", action="store_true", help="a line per pyramid level")
+    du.add_argument("--json", action="store_true", help="the report as JSON")
+    du.add_argument("--s3-endpoint")
+    du.set_defaults(func=_du)
+
+    rate_help = "most MB (10^6 bytes) read per second (default: unbounded)"
+    verify = sub.add_parser(
+        "verify", help="re-read every object of published slides and check it against its manifest"
+    )
+    verify.add_argument("store", metavar="DIR_OR_URL")
+    verify.add_argument("ids", nargs="*", metavar="SLIDE_ID", help="these slides only")
+    verify.add_argument("--rate", type=float, metavar="MB/s", help=rate_help)
+    verify.add_argument("--s3-endpoint")
+    verify.set_defaults(func=_verify)
+
+    sync = sub.add_parser(
+        "sync", help="copy published slides to a second store, incrementally and verified"
+    )
+    sync.add_argument("source", metavar="STORE_A")
+    sync.add_argument("target", metavar="STORE_B")
+    sync.add_argument("ids", nargs="*", metavar="SLIDE_ID", help="these slides only")
+    sync.add_argument(
+        "--repair",
+        action="store_true",
+        help="copy nothing new: check both stores and replace each damaged object by the "
+        "other store's good copy",
+    )
+    sync.add_argument("--rate", type=float, metavar="MB/s", help=rate_help)
+    sync.add_argument("--s3-endpoint", help="S3 endpoint of both stores (or of STORE_A)")
+    sync.add_argument("--target-s3-endpoint", help="S3 endpoint of STORE_B, when another")
+    sync.set_defaults(func=_sync)
 
 
 def _add_convert(sub: Any) -> None:
@@ -378,6 +479,16 @@ def _add_convert(sub: Any) -> None:
         action="store_true",
         help="derive every level from the base instead of copying source levels",
     )
+    conv.add_argument(
+        "--keep-source-jpeg",
+        action="store_true",
+        help="store source JPEG tiles byte for byte (default: lossless Huffman optimisation)",
+    )
+    conv.add_argument(
+        "--keep-background",
+        action="store_true",
+        help="store blank-glass tiles too (default: left out, read back as the fill grey)",
+    )
     conv.add_argument("--no-associated", action="store_true", help="skip label/macro/thumbnail")
     conv.add_argument("--slide-id", help="use this id instead of one derived from the content")
     conv.add_argument("--backend", choices=backend_names())
@@ -408,6 +519,40 @@ def _add_roles(sub: Any) -> None:
         cmd.add_argument("--s3-endpoint", help="S3 endpoint URL (default: $AWS_ENDPOINT_URL)")
         add_ingest_arguments(cmd)
         cmd.set_defaults(func=_ingest_role)
+
+
+def _archive(args: argparse.Namespace) -> int:
+    """`wsi archive` / `wsi restore`: one line per slide (bytes before and after), one line per
+    failure; exit 1 when a slide failed."""
+    from wsi.published.archive import ArchiveSettings, archive, restore
+
+    run = archive if args.command == "archive" else restore
+    store = Store(StoreSettings(args.store, endpoint_url=args.s3_endpoint))
+    settings = ArchiveSettings(threads=args.workers)
+    failed = 0
+    for slide_id in args.ids:
+        try:
+            print(run(store, slide_id, settings).line(), flush=True)
+        except WsiError as exc:
+            print(f"wsi: {args.command}: {slide_id}: {exc}", file=sys.stderr, flush=True)
+            failed += 1
+    return ExitCode.FAILED if failed else ExitCode.OK
+
+
+def _add_archive_commands(sub: Any) -> None:
+    """`wsi archive` and `wsi restore`: the lossless JPEG XL tier of published slides."""
+    helps = {
+        "archive": "recompress published slides' JPEG tiles losslessly with JPEG XL (~20-30%% "
+        "smaller; still served as JPEG)",
+        "restore": "give archived slides back their JPEG form, byte for byte",
+    }
+    for name, helptext in helps.items():
+        cmd = sub.add_parser(name, help=helptext)
+        cmd.add_argument("store", metavar="DIR_OR_URL")
+        cmd.add_argument("ids", nargs="+", metavar="SLIDE_ID")
+        cmd.add_argument("--workers", type=int, default=0, help="threads (default: one per core)")
+        cmd.add_argument("--s3-endpoint", help="S3 endpoint URL (default: $AWS_ENDPOINT_URL)")
+        cmd.set_defaults(func=_archive)
 
 
 CommandAdder = Callable[[Any], None]
@@ -441,6 +586,8 @@ def build_parser(commands: Sequence[CommandAdder] = ()) -> argparse.ArgumentPars
     ls.add_argument("store", metavar="DIR_OR_URL")
     ls.add_argument("--s3-endpoint")
     ls.set_defaults(func=_list)
+    _add_storage_commands(sub)
+    _add_archive_commands(sub)
     return parser
 
 

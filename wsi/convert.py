@@ -28,13 +28,25 @@ from wsi.metadata import (
     SlideMetadata,
     metadata_for,
     neutral_icc_profile,
+    neutral_name,
     safe_vendor_properties,
+    slide_case,
+    slide_name,
 )
-from wsi.model import Level, SlideProperties
-from wsi.published.layout import JPEG, STAGING, ZSTD, ChunkFormat, Manifest, SlideKeys
-from wsi.pyramid.builder import Progress, PyramidBuilder, PyramidSettings
+from wsi.model import MICRONS_PER_PIXEL_AT_1X, Level, SlideProperties
+from wsi.published.layout import (
+    JPEG,
+    STAGING,
+    ZSTD,
+    ChunkFormat,
+    LevelOrigin,
+    Manifest,
+    SlideKeys,
+)
+from wsi.pyramid.builder import LevelPlan, Progress, PyramidBuilder, PyramidSettings
 from wsi.slide_id import content_slide_id, slide_files
-from wsi.sources import open_slide
+from wsi.slidefiles import dicom_series_files, sidecar_path, slide_parts
+from wsi.sources import SlideSource, open_slide
 from wsi.store.objects import Store, check_slide_id
 from wsi.writers.base import SlideInfo
 from wsi.writers.dicom import DicomSlide
@@ -172,7 +184,8 @@ def convert_slide(
             dicom = dicom_slide(sid, metadata, properties, base, path) if settings.dicom else None
             writer = OmeZarrWriter(store, keys, dicom, "zarr" in settings.formats)
             try:
-                PyramidBuilder(source, writer, settings.pyramid, progress).run()
+                builder = PyramidBuilder(source, writer, settings.pyramid, progress)
+                builder.run()
                 fmt = settings.associated_format
                 for name in source.associated_names:
                     if settings.wants_associated(name, source.associated_shows_label(name)):
@@ -185,8 +198,18 @@ def convert_slide(
                 with contextlib.suppress(Exception):
                     store.delete_prefix(keys.root)
                 raise
+            name, case = slide_naming(sid, path, metadata)
             manifest = Manifest.build(
-                sid, base, fingerprint, objects, writer.dicom_instances, keys=keys
+                sid,
+                base,
+                fingerprint,
+                objects,
+                writer.dicom_instances,
+                keys,
+                name,
+                case,
+                source_bytes=source_bytes(path, source.name),
+                levels=level_origins(source, builder.plans),
             )
             if replacing:
                 _swap_in(store, keys, manifest, published)
@@ -213,6 +236,34 @@ def _identity(
         identifiers={},
         icc_profile=neutral_icc_profile(icc) if icc else None,
     )
+
+
+def level_origins(source: SlideSource, plans: list[LevelPlan]) -> tuple[LevelOrigin, ...]:
+    """What the builder does with each planned level, for the manifest: a copy of a source
+    level's JPEG tiles (how the source hands them out), or made here: the base decoded and
+    encoded, the level below a copy by DCT-scaled half decoding, any other level by 2x2 means of
+    the one above it (see `wsi.pyramid.builder`)."""
+    out = []
+    for plan in plans:
+        if plan.source_level is not None:
+            method = source.encoded_tile_method(plan.source_level)
+            out.append(LevelOrigin(plan.index, method, source_level=plan.source_level))
+        elif plan.index == 0:
+            out.append(LevelOrigin(0, "decoded+encoded", source_level=0))
+        else:
+            parent = plans[plan.index - 1]
+            method = "dct-half" if parent.passthrough else "mean2x2"
+            out.append(LevelOrigin(plan.index, method, from_level=parent.index))
+    return tuple(out)
+
+
+def slide_naming(slide_id: str, path: Path, metadata: SlideMetadata) -> tuple[str, str | None]:
+    """The display name and case recorded in the manifest: from the identifiers (sidecar or the
+    source's header) or the file's stem; under de-identification a neutral name made from the id
+    and no case, so the name the slide had is never stored."""
+    if metadata.deidentified:
+        return neutral_name(slide_id), None
+    return slide_name(metadata, path), slide_case(metadata)
 
 
 def _swap_in(
@@ -248,6 +299,19 @@ def _stored_bytes(path: Path, backend: str) -> int:
     return sum(f.stat().st_size for f in files)
 
 
+def source_bytes(path: Path, backend: str) -> int:
+    """Bytes of the source slide, recorded in the manifest as the base of storage ratios: every
+    file of the slide (`wsi.slidefiles.slide_parts`: a MIRAX folder, the files a VMS lists; not
+    its metadata sidecar), and for DICOM the instances of its series only."""
+    if backend == "dicom":
+        files = dicom_series_files(path) if path.is_file() else slide_files(path)
+    else:
+        sidecar = sidecar_path(path)
+        parts = [p for p in slide_parts(path) if p != sidecar]
+        files = [f for part in parts for f in ([part] if part.is_file() else slide_files(part))]
+    return sum(f.stat().st_size for f in dict.fromkeys(files))
+
+
 def _remove_leftovers(store: Store, slide_id: str) -> None:
     """Temporaries and staging folders that killed runs left in a slide's folder."""
     store.remove_temporaries(slide_id)
@@ -279,7 +343,9 @@ def dicom_slide(
         date, clock = stamp.strftime("%Y%m%d"), stamp.strftime("%H%M%S")
     # DICOM needs a pixel spacing; without one in the file, estimate it from the objective
     # (10 um / magnification, the usual scanner optics) or assume 0.25 um (a 40x scan).
-    mpp_x = props.mpp_x or (10.0 / props.objective_power if props.objective_power else 0.25)
+    mpp_x = props.mpp_x or (
+        MICRONS_PER_PIXEL_AT_1X / props.objective_power if props.objective_power else 0.25
+    )
     mpp_y = props.mpp_y or mpp_x
     return DicomSlide(
         slide_id=slide_id,

@@ -1,0 +1,180 @@
+"""`wsi sync`: published slides copied to a second store (a SeaweedFS bucket here), resumable,
+verified, manifest last; `wsi sync --repair`: damaged objects replaced from the other copy.
+
+The kill is deterministic: the copy runs at a bounded read rate, and the test kills it as soon as
+the first object appears in the bucket. The copy then still has to read that object back
+(verification, at the same rate) before it writes the next one, so the kill always lands after
+the first object and before the manifest.
+"""
+
+from __future__ import annotations
+
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+import wsi
+from wsi.published.verify import verify_store
+
+from .conftest import sample
+from .helpers import run_wsi
+from .s3server import SeaweedFS
+from .s3server import seaweedfs as _seaweedfs_fixture  # noqa: F401
+
+pytestmark = pytest.mark.s3
+
+RATE_MB = 0.4
+"""The killed copy's read rate: its first object (~1.3 MB) takes seconds to copy and as long
+again to verify, so the test has seconds to see it and kill."""
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    """CMU-1-Small-Region published in a local store (store A)."""
+    root = tmp_path_factory.mktemp("sync-a")
+    result = wsi.convert_slide(
+        sample("CMU-1-Small-Region.svs"), wsi.Store(wsi.StoreSettings(str(root)))
+    )
+    return root, result.slide_id
+
+
+@pytest.fixture
+def store_a(source: tuple[Path, str], tmp_path: Path) -> tuple[Path, str]:
+    root, sid = source
+    shutil.copytree(root, tmp_path / "a")
+    return tmp_path / "a", sid
+
+
+def bucket_store(server: SeaweedFS) -> tuple[str, wsi.Store]:
+    url = server.url(f"sync-{uuid.uuid4().hex[:8]}")
+    return url, wsi.Store(wsi.StoreSettings(url, endpoint_url=server.endpoint_url))
+
+
+def local_objects(root: Path, sid: str) -> dict[str, bytes]:
+    folder = root / sid
+    return {
+        f"{sid}/{p.relative_to(folder).as_posix()}": p.read_bytes()
+        for p in folder.rglob("*")
+        if p.is_file()
+    }
+
+
+def assert_equal(root: Path, sid: str, bucket: wsi.Store) -> None:
+    """Both stores hold exactly the same objects, byte for byte, and both verify."""
+    expected = local_objects(root, sid)
+    assert bucket.list_keys(sid) == sorted(expected)
+    for key, data in expected.items():
+        assert bucket.get(key) == data, key
+    for store in (wsi.Store(wsi.StoreSettings(str(root))), bucket):
+        [check] = verify_store(store, [sid])
+        assert check.ok and check.bytes_read == sum(map(len, expected.values())), check.line()
+
+
+def test_killed_copy_resumes(
+    store_a: tuple[Path, str], seaweedfs: SeaweedFS, tmp_path: Path
+) -> None:
+    root, sid = store_a
+    url, bucket = bucket_store(seaweedfs)
+    keys = sorted(local_objects(root, sid))
+    first = next(k for k in keys if not k.endswith("manifest.json"))
+    log = tmp_path / "killed-sync.log"
+    command = [sys.executable, "-m", "server.cli", "sync", str(root), url, "--rate", str(RATE_MB)]
+    with log.open("wb") as out, subprocess.Popen(command, stdout=out, stderr=out) as proc:
+        deadline = time.monotonic() + 120
+        while not bucket.exists(first):
+            assert proc.poll() is None, log.read_text()
+            assert time.monotonic() < deadline, "the first object never appeared"
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGKILL)
+    assert proc.returncode == -signal.SIGKILL
+    assert not bucket.is_published(sid)  # a slide appears only complete
+    assert bucket.exists(first) and not bucket.exists(f"{sid}/manifest.json")
+    partial = bucket.list_keys(sid)
+    assert 0 < len(partial) < len(keys)
+
+    done = run_wsi("sync", str(root), url)
+    assert done.returncode == 0, done.stderr
+    [line] = done.stdout.splitlines()
+    assert line.startswith(f"{sid}\tcopied\tcopied ")
+    assert f"kept {len(partial)}" in line  # what the killed run wrote is not copied again
+    assert_equal(root, sid, bucket)
+
+    again = run_wsi("sync", str(root), url)
+    assert again.returncode == 0
+    assert again.stdout.splitlines() == [f"{sid}\tup to date\t{len(keys) - 1} objects"]
+
+
+def test_damaged_objects_are_repaired_from_the_other_copy(
+    store_a: tuple[Path, str], seaweedfs: SeaweedFS
+) -> None:
+    root, sid = store_a
+    url, bucket = bucket_store(seaweedfs)
+    assert run_wsi("sync", str(root), url).returncode == 0
+    level0, level1 = f"{sid}/slide.zarr/0/c/0/0/0", f"{sid}/slide.zarr/1/c/0/0/0"
+    good = bucket.get(level0)
+    rotten = bytearray(good)
+    rotten[len(rotten) // 2] ^= 0x10
+    bucket.put(level0, bytes(rotten))  # bit rot in the bucket
+    (root / level1).unlink()  # an object lost from the local store
+
+    found = run_wsi("verify", url, sid)
+    assert found.returncode == 1 and "slide.zarr/0/c/0/0/0: crc mismatch" in found.stdout
+    done = run_wsi("sync", "--repair", str(root), url)
+    assert done.returncode == 0, done.stdout + done.stderr
+    [line] = done.stdout.splitlines()
+    assert line.startswith(f"{sid}\trepaired\t")
+    assert "slide.zarr/0/c/0/0/0: crc mismatch" in line and "in B" in line
+    assert "slide.zarr/1/c/0/0/0: missing in A" in line
+    assert_equal(root, sid, bucket)
+    assert oct((root / level1).stat().st_mode & 0o777) == "0o640"
+
+    # The same object damaged in both copies cannot be repaired, and says so.
+    bucket.put(level0, bytes(rotten))
+    (root / level0).write_bytes(bytes(rotten))
+    lost = run_wsi("sync", "--repair", str(root), url)
+    assert lost.returncode == 1
+    assert lost.stdout.startswith(f"{sid}\tUNRECOVERABLE\tslide.zarr/0/c/0/0/0: crc mismatch")
+
+
+def test_a_new_version_replaces_the_copy(store_a: tuple[Path, str], seaweedfs: SeaweedFS) -> None:
+    """A slide published again in A (here without its associated images) replaces B's copy,
+    whose objects the new version lacks are deleted."""
+    root, sid = store_a
+    url, bucket = bucket_store(seaweedfs)
+    assert run_wsi("sync", str(root), url).returncode == 0
+    before = set(bucket.list_keys(sid))
+    wsi.convert_slide(
+        sample("CMU-1-Small-Region.svs"),
+        wsi.Store(wsi.StoreSettings(str(root))),
+        wsi.ConvertSettings(include_associated=False),
+    )
+    after = set(local_objects(root, sid))
+    assert after < before
+    done = run_wsi("sync", str(root), url)
+    assert done.returncode == 0, done.stderr
+    assert f"removed {len(before - after)}" in done.stdout
+    assert_equal(root, sid, bucket)
+
+
+def test_sync_errors(store_a: tuple[Path, str], tmp_path: Path) -> None:
+    """A slide A does not publish, or whose object in A is damaged, is not published in B."""
+    root, sid = store_a
+    target = tmp_path / "b"
+    missing = run_wsi("sync", str(root), str(target), "0000notpublished")
+    assert missing.returncode == 1
+    assert missing.stdout == "0000notpublished\tFAILED\tnot published in the source\n"
+    shard = root / sid / "slide.zarr/2/c/0/0/0"
+    data = bytearray(shard.read_bytes())
+    data[100] ^= 0x01
+    shard.write_bytes(bytes(data))
+    done = run_wsi("sync", str(root), str(target))
+    assert done.returncode == 1
+    assert done.stdout.startswith(f"{sid}\tFAILED\t{sid}/slide.zarr/2/c/0/0/0 in the source")
+    assert not (target / sid / "manifest.json").exists()
+    assert not (target / sid / "slide.zarr/2/c/0/0/0").exists()
