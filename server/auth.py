@@ -60,6 +60,9 @@ def _same(given: str, expected: str) -> bool:
 
 
 OPEN_PATHS = ("/healthz", "/readyz", "/static/")
+OPEN_PAGES = frozenset({"/console"})
+"""Pages that hold no data: they ask for a token and read the APIs with it, so anyone may load
+them (exact paths)."""
 
 
 @web.middleware
@@ -71,6 +74,7 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
         not settings.requires_auth
         or request.method == "OPTIONS"  # CORS preflight carries no credentials
         or request.path.startswith(OPEN_PATHS)
+        or request.path in OPEN_PAGES
     ):
         return await handler(request)
     header = request.headers.get("Authorization", "")

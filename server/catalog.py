@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import numpy as np
 
 from wsi.errors import InvalidArgument, SlideNotFound
+from wsi.metadata import neutral_name
 from wsi.model import Level, SlideProperties
 from wsi.published.reader import AsyncPublishedSlide, PublishedStore
 from wsi.published.values import JPEG, CodecId, PublishedDicom, best_level, decode_tile
@@ -69,6 +70,15 @@ class SlideInfo(Protocol):
     @property
     def slide_id(self) -> str: ...
     @property
+    def name(self) -> str:
+        """What people call the slide: from its identifiers or its file's stem, a neutral name
+        under de-identification, its id when nothing better is known."""
+
+    @property
+    def case(self) -> str | None:
+        """The case (accession number / study id) it belongs to, when known."""
+
+    @property
     def version(self) -> str:
         """Changes whenever the slide's bytes may change: the base of ETags and versioned URLs."""
 
@@ -119,6 +129,8 @@ def summary(slide: SlideInfo) -> dict[str, Any]:
     props = slide.properties
     return {
         "id": slide.slide_id,
+        "name": slide.name,
+        "case": slide.case,
         "status": status(slide),
         "width": slide.width,
         "height": slide.height,
@@ -165,6 +177,10 @@ class SourcePyramid:
     slide_id: str
     levels: tuple[SourceLevel, ...]
     properties: SlideProperties
+    name: str = field(default="", kw_only=True)
+    """The source file's stem (the catalog shows a neutral name under de-identification)."""
+    case: str | None = field(default=None, kw_only=True)
+    """Unknown until the conversion reads the slide's identifiers."""
 
     @property
     def version(self) -> str:
@@ -263,10 +279,17 @@ class Catalog:
     while they convert (a published slide takes over as soon as its manifest exists)."""
 
     def __init__(
-        self, store: PublishedStore, sources: SourceSlides | None = None, render_slots: int = 4
+        self,
+        store: PublishedStore,
+        sources: SourceSlides | None = None,
+        render_slots: int = 4,
+        deidentify: bool = False,
     ) -> None:
         self.store = store
         self.sources = sources
+        self.deidentify = deidentify
+        """Slides still converting are shown by a neutral name, not their file's (published
+        ones carry the name their conversion chose)."""
         self.renders = asyncio.Semaphore(render_slots)
         """Renders (regions, scaled views) in progress at once: each may hold up to the pixel
         budget of decoded pixels, so memory is bounded by slots x budget, not by clients."""
@@ -288,7 +311,12 @@ class Catalog:
                 raise SlideNotFound(f"no slide {slide_id}") from exc
         pyramid = await self.store.run_in_pool(self._source_pyramid, slide_id)
         return ConvertingSlide(
-            pyramid.slide_id, pyramid.levels, pyramid.properties, self.sources, self.store
+            pyramid.slide_id,
+            pyramid.levels,
+            pyramid.properties,
+            self.sources,
+            self.store,
+            name=neutral_name(slide_id) if self.deidentify else pyramid.name or slide_id,
         )
 
     def _source_pyramid(self, slide_id: str) -> SourcePyramid:

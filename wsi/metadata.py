@@ -136,6 +136,46 @@ def metadata_for(
     return SlideMetadata.from_mapping(usable)
 
 
+NAME_PARTS = ("accession_number", "specimen_id", "container_id")
+"""The identifiers a slide's display name is made of, in this order."""
+NAME_SEPARATOR = " · "
+NEUTRAL_NAME_PREFIX = "Slide "
+
+
+def slide_name(metadata: SlideMetadata, path: Path) -> str:
+    """The name people know a slide by: its accession number, specimen id and container id
+    (barcode) joined by NAME_SEPARATOR, each left out when it is empty or already part of a longer
+    one (a barcode `S24-1234-A1` says all that the accession `S24-1234` does); without any of
+    them, the source file's stem (`file_stem`). Never call it on a de-identified slide: its name
+    is `neutral_name`."""
+    parts = [getattr(metadata, name).strip() for name in NAME_PARTS]
+    parts = [p for p in parts if p]
+    kept = [
+        p
+        for i, p in enumerate(parts)
+        if not any(p in q and (p != q or j < i) for j, q in enumerate(parts) if j != i)
+    ]
+    return NAME_SEPARATOR.join(kept) if kept else file_stem(path)
+
+
+def slide_case(metadata: SlideMetadata) -> str | None:
+    """The case a slide belongs to (slides of one case are listed together): its accession
+    number, else its study id, else None."""
+    return metadata.accession_number.strip() or metadata.study_id.strip() or None
+
+
+def file_stem(path: Path) -> str:
+    """A slide file's name without its suffix (`case-7.svs` -> `case-7`); a folder slide (a
+    DICOM series) keeps its whole name."""
+    return path.name if path.is_dir() else (path.stem or path.name)
+
+
+def neutral_name(slide_id: str) -> str:
+    """The name of a de-identified slide: made from its opaque id only, so that no name it had
+    is stored or shown."""
+    return NEUTRAL_NAME_PREFIX + slide_id[:8]
+
+
 def safe_vendor_properties(properties: Mapping[str, str]) -> dict[str, str]:
     """The allow-listed vendor properties a de-identified slide may keep."""
     return {k: v for k, v in properties.items() if k in SAFE_PROPERTY_KEYS}
@@ -209,9 +249,13 @@ __all__ = [
     "DUMMY_TIME",
     "NEUTRAL_ICC_TEXT",
     "SlideMetadata",
+    "file_stem",
     "metadata_for",
     "neutral_icc_profile",
+    "neutral_name",
     "replace",
     "safe_vendor_properties",
     "sidecar_path",
+    "slide_case",
+    "slide_name",
 ]

@@ -11,6 +11,7 @@ quarantine, or `after_success=delete` remove, whole.
 from __future__ import annotations
 
 import asyncio
+import os
 from pathlib import Path
 from typing import Any
 
@@ -20,11 +21,13 @@ from server.keys import CATALOG, COPIES, JOBS, JOBS_WAKE, SETTINGS
 from server.openapi import ERROR, path_params
 from server.responses import dumps
 from wsi.errors import InvalidArgument, SlideNotFound
-from wsi.ingest.privacy import job_view
+from wsi.ingest.privacy import job_view, reference
+from wsi.ingest.quarantine import without_directories
 from wsi.ingest.queue import Job, JobState
 from wsi.ingest.scan import FolderUnavailable, SlideCandidate, slide_at
 from wsi.ingest.source_files import SourceChanged, submit_slide
 from wsi.ingest.staging import is_remote, parse_s3_url, remote_slide_id, strictly_below
+from wsi.metadata import file_stem, neutral_name
 
 NOT_A_SLIDE = (
     "source is not one slide: name a slide file (or the .mrxs/.vms of a multi-file slide, the "
@@ -74,10 +77,21 @@ def allowed_s3_source(request: web.Request, url: str) -> str:
     raise InvalidArgument("source must be under an s3:// prefix this service converts from")
 
 
-def _shown(request: web.Request, job: Job) -> dict[str, Any]:
+def job_json(request: web.Request, job: Job) -> dict[str, Any]:
     """The job as this service shows it: with `WSI_DEIDENTIFY`, no file name of its source
-    (`wsi.ingest.privacy.job_view`)."""
-    return job_view(job, request.app[SETTINGS].ingest.deidentify)
+    (`wsi.ingest.privacy.job_view`); its error and warning without the directories of any path
+    (`source` keeps the path scripts need); and a `name`: its source file's stem, or
+    de-identifying a neutral name made from its slide id."""
+    deidentify = request.app[SETTINGS].ingest.deidentify
+    shown = job_view(job, deidentify)
+    for key in ("error", "warning"):
+        if isinstance(shown.get(key), str):
+            shown[key] = without_directories(shown[key])
+    if deidentify:
+        shown["name"] = neutral_name(job.slide_id) if job.slide_id else reference(None, job.id)
+    else:
+        shown["name"] = file_stem(Path(job.source))
+    return shown
 
 
 def _queue(request: web.Request):  # type: ignore[no-untyped-def]
@@ -87,36 +101,34 @@ def _queue(request: web.Request):  # type: ignore[no-untyped-def]
     return queue
 
 
-async def submit(request: web.Request) -> web.Response:
-    queue = _queue(request)
+async def _submit_remote(request: web.Request, source: str) -> Job:
+    """Queue an `s3://` source under an allowed prefix, and start its local copy."""
+    url = allowed_s3_source(request, source)
     try:
-        body = await request.json()
-    except ValueError as exc:
-        raise InvalidArgument('body must be JSON: {"source": "/path/in/a/watch/folder"}') from exc
-    if not isinstance(body, dict):
-        raise InvalidArgument("body must be a JSON object")
-    source = body.get("source")
-    if isinstance(source, str) and is_remote(source):
-        url = allowed_s3_source(request, source)
-        try:
-            settings = request.app[SETTINGS]
-            slide_id = await asyncio.to_thread(
-                remote_slide_id, url, settings.s3_endpoint, settings.ingest.staging_limits
-            )
-        except SlideNotFound as exc:
-            raise InvalidArgument("source does not exist") from exc
-        job = await asyncio.to_thread(queue.submit, url, slide_id)
-        if not job.state.terminal:
-            # Downloaded now: viewable from the copy while it waits, and converted from it.
-            request.app[COPIES].ensure(slide_id, url)
-        request.app[JOBS_WAKE].set()
-        return web.json_response(_shown(request, job), status=202, dumps=dumps)
+        settings = request.app[SETTINGS]
+        slide_id = await asyncio.to_thread(
+            remote_slide_id, url, settings.s3_endpoint, settings.ingest.staging_limits
+        )
+    except SlideNotFound as exc:
+        raise InvalidArgument("source does not exist") from exc
+    job = await asyncio.to_thread(_queue(request).submit, url, slide_id)
+    # Absent where another process runs ingest: its worker downloads it when taking the job.
+    copies = request.app.get(COPIES)
+    if copies is not None and not job.state.terminal:
+        # Downloaded now: viewable from the copy while it waits, and converted from it.
+        copies.ensure(slide_id, url)
+    request.app[JOBS_WAKE].set()
+    return job
+
+
+async def _submit_local(request: web.Request, source: object) -> Job:
+    """Queue a complete slide in a watch or source folder, with its files as they are now."""
     settings = request.app[SETTINGS]
     candidate = await asyncio.to_thread(
         allowed_source, (*settings.watch, *settings.sources), source
     )
     try:
-        job = await asyncio.to_thread(submit_slide, queue, candidate)
+        job = await asyncio.to_thread(submit_slide, _queue(request), candidate)
     except SourceChanged as exc:
         raise InvalidArgument("source is still changing: submit it once it is complete") from exc
     except OSError as exc:
@@ -126,7 +138,45 @@ async def submit(request: web.Request) -> web.Response:
         # Viewable from its file while it converts (every part of it is there).
         sources.register(job.slide_id, candidate.path)
     request.app[JOBS_WAKE].set()
-    return web.json_response(_shown(request, job), status=202, dumps=dumps)
+    return job
+
+
+async def submit(request: web.Request) -> web.Response:
+    _queue(request)
+    try:
+        body = await request.json()
+    except ValueError as exc:
+        raise InvalidArgument('body must be JSON: {"source": "/path/in/a/watch/folder"}') from exc
+    if not isinstance(body, dict):
+        raise InvalidArgument("body must be a JSON object")
+    source = body.get("source")
+    if isinstance(source, str) and is_remote(source):
+        job = await _submit_remote(request, source)
+    else:
+        job = await _submit_local(request, source)
+    return web.json_response(job_json(request, job), status=202, dumps=dumps)
+
+
+async def retry_job(request: web.Request) -> web.Response:
+    """A failed or cancelled job's source, submitted again as a new job (the checks of
+    `POST /jobs`, its files recorded as they are now); 409 for a job in another state, or one
+    whose local source is gone (a slide that failed for good waits in quarantine)."""
+    queue = _queue(request)
+    job = await asyncio.to_thread(queue.get, request.match_info["job_id"])
+    if job.state not in (JobState.FAILED, JobState.CANCELLED):
+        raise web.HTTPConflict(
+            reason=f"job {job.id} is {job.state.value}: only a failed or cancelled job is retried"
+        )
+    if is_remote(job.source):
+        again = await _submit_remote(request, job.source)
+    elif await asyncio.to_thread(os.path.lexists, job.source):
+        again = await _submit_local(request, job.source)
+    else:
+        raise web.HTTPConflict(
+            reason=f"the source of job {job.id} is no longer where it was: a slide that failed "
+            "for good is in quarantine (retry it there: POST /quarantine/{ref}/retry)"
+        )
+    return web.json_response(job_json(request, again), status=202, dumps=dumps)
 
 
 async def list_jobs(request: web.Request) -> web.Response:
@@ -141,17 +191,17 @@ async def list_jobs(request: web.Request) -> web.Response:
     if not (1 <= limit <= 1000 and offset >= 0):
         raise InvalidArgument("limit must be 1-1000 and offset >= 0")
     jobs = await asyncio.to_thread(queue.list, state, limit, offset)
-    return web.json_response({"jobs": [_shown(request, j) for j in jobs]}, dumps=dumps)
+    return web.json_response({"jobs": [job_json(request, j) for j in jobs]}, dumps=dumps)
 
 
 async def get_job(request: web.Request) -> web.Response:
     job = await asyncio.to_thread(_queue(request).get, request.match_info["job_id"])
-    return web.json_response(_shown(request, job), dumps=dumps)
+    return web.json_response(job_json(request, job), dumps=dumps)
 
 
 async def cancel_job(request: web.Request) -> web.Response:
     job = await asyncio.to_thread(_queue(request).cancel, request.match_info["job_id"])
-    return web.json_response(_shown(request, job), dumps=dumps)
+    return web.json_response(job_json(request, job), dumps=dumps)
 
 
 def register(app: web.Application) -> None:
@@ -159,6 +209,7 @@ def register(app: web.Application) -> None:
     app.router.add_get("/jobs", list_jobs)
     app.router.add_get("/jobs/{job_id}", get_job)
     app.router.add_delete("/jobs/{job_id}", cancel_job)
+    app.router.add_post("/jobs/{job_id}/retry", retry_job)
 
 
 OPENAPI = {
@@ -203,9 +254,20 @@ OPENAPI = {
             "responses": {"200": {"description": "job"}, "404": ERROR},
         },
         "delete": {
-            "summary": "Cancel a job",
+            "summary": "Cancel a queued or running job (a job already ended is returned as it is)",
             "parameters": path_params("job_id"),
             "responses": {"200": {"description": "job"}, "404": ERROR},
         },
+    },
+    "/jobs/{job_id}/retry": {
+        "post": {
+            "summary": "Run a failed or cancelled job again: its source is submitted as a new "
+            "job (the checks of POST /jobs; files recorded as they are now)",
+            "description": "409 when the job is queued, running or done, or when its local "
+            "source is no longer there (a slide that failed for good is in quarantine: "
+            "POST /quarantine/{ref}/retry).",
+            "parameters": path_params("job_id"),
+            "responses": {"202": {"description": "the new job"}, "404": ERROR, "409": ERROR},
+        }
     },
 }

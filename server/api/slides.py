@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections import Counter
+from typing import Any
+
 from aiohttp import web
 
 from server.catalog import CONVERTING, PRIVATE_IMAGES, published, status, summary
@@ -22,7 +25,45 @@ def int_param(request: web.Request, name: str) -> int:
     return int(value)
 
 
+MAX_QUERY = 200
+"""Longest `q` or `case` accepted (characters)."""
+
+
+def text_param(request: web.Request, name: str) -> str | None:
+    value = request.query.get(name)
+    if value is not None and (len(value) > MAX_QUERY or "\x00" in value):
+        raise InvalidArgument(f"{name} must be at most {MAX_QUERY} characters")
+    return value
+
+
+def matches(doc: dict[str, Any], text: str | None, case: str | None) -> bool:
+    """Whether a slide's summary passes the list's filters: `text` a case-insensitive substring
+    of its name or case, `case` its case exactly."""
+    if case is not None and doc["case"] != case:
+        return False
+    if not text:
+        return True
+    needle = text.casefold()
+    return needle in doc["name"].casefold() or needle in (doc["case"] or "").casefold()
+
+
+def listing_order(doc: dict[str, Any]) -> tuple[bool, str, str, str]:
+    """Slides of one case together (cases in order), each case's slides by name; then the
+    slides of no known case, by name."""
+    case = doc["case"]
+    return case is None, (case or "").casefold(), doc["name"].casefold(), doc["id"]
+
+
+def case_summary(docs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """`[{"case", "slides"}]`: each case of the listed slides and how many slides it has."""
+    counts = Counter(d["case"] for d in docs if d["case"] is not None)
+    return [
+        {"case": c, "slides": n} for c, n in sorted(counts.items(), key=lambda i: i[0].casefold())
+    ]
+
+
 async def list_slides(request: web.Request) -> web.Response:
+    text, case = text_param(request, "q"), text_param(request, "case")
     catalog = request.app[CATALOG]
     slides = []
     jobs: dict[str, dict[str, object]] | None = None
@@ -31,12 +72,15 @@ async def list_slides(request: web.Request) -> web.Response:
             doc = summary(await catalog.slide(slide_id))
         except WsiError:  # unpublished meanwhile, or a dropped slide its reader refuses
             continue
+        if not matches(doc, text, case):
+            continue
         if doc["status"] == CONVERTING:
             jobs = await conversion_jobs(request.app) if jobs is None else jobs
             if slide_id in jobs:
                 doc["job"] = jobs[slide_id]
         slides.append(doc)
-    return web.json_response({"slides": slides})
+    slides.sort(key=listing_order)
+    return web.json_response({"slides": slides, "cases": case_summary(slides)})
 
 
 async def get_slide(request: web.Request) -> web.Response:
@@ -79,9 +123,7 @@ async def get_associated(request: web.Request) -> web.Response:
     image = slide.associated.get(name)
     if image is not None and image.codec == JPEG:
         data = await slide.associated_bytes(name)
-        return etag_response(
-            request, data, "image/jpeg", etag, version=version, storable=storable
-        )
+        return etag_response(request, data, "image/jpeg", etag, version=version, storable=storable)
     pixels = await slide.associated_image(name)  # SlideNotFound without one
     body, content_type = await in_pool(catalog, encode_image, pixels, "png")
     return etag_response(request, body, content_type, etag, version=version, storable=storable)
@@ -90,17 +132,41 @@ async def get_associated(request: web.Request) -> web.Response:
 def register(app: web.Application) -> None:
     app.router.add_get("/slides", list_slides)
     app.router.add_get("/slides/{slide_id}", get_slide)
-    app.router.add_get(
-        "/slides/{slide_id}/tiles/{level}/{col}/{row}", get_tile, name="slides.tile"
-    )
+    app.router.add_get("/slides/{slide_id}/tiles/{level}/{col}/{row}", get_tile, name="slides.tile")
     app.router.add_get("/slides/{slide_id}/associated/{name}", get_associated)
 
 
 OPENAPI = {
     "/slides": {
         "get": {
-            "summary": "Published slides with levels, MPP and status",
-            "responses": {"200": {"description": "slide list"}},
+            "summary": "Slides (published and converting) with name, case, levels, MPP, status",
+            "description": "Each slide has a `name` (from its accession number, specimen id and "
+            "container id, else its source file's stem; a neutral `Slide <id>` under "
+            "de-identification; its id when published before names existed) and a `case` "
+            "(accession number or study id, else null). Listed grouped by case: the slides of "
+            "each case together, cases in order, each case's slides by name, then the slides "
+            "of no known case by name. `cases` counts the slides of each case listed.",
+            "parameters": [
+                {
+                    "name": "q",
+                    "in": "query",
+                    "required": False,
+                    "description": "only slides whose name or case contains this text "
+                    "(case-insensitive)",
+                    "schema": {"type": "string", "maxLength": MAX_QUERY},
+                },
+                {
+                    "name": "case",
+                    "in": "query",
+                    "required": False,
+                    "description": "only the slides of this case (exact)",
+                    "schema": {"type": "string", "maxLength": MAX_QUERY},
+                },
+            ],
+            "responses": {
+                "200": {"description": '`{"slides": [...], "cases": [{"case", "slides"}]}`'},
+                "400": ERROR,
+            },
         }
     },
     "/slides/{slide_id}": {

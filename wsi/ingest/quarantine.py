@@ -1,0 +1,199 @@
+"""The quarantine folder as the people who run the service see it: each slide that failed for
+good, why, and the way back into a watch folder.
+
+A worker moves a slide that failed for good into `quarantine/<slide name>[-n]/`, its files at
+their paths relative to the folder that held it, with `REASON.txt` beside them
+(`wsi.ingest.source_files.move_files`). Each such folder is an entry here, named by an opaque
+reference (`QuarantinedSlide.ref`: a digest of the folder's device, inode and name, so it says
+nothing of the slide's name, which is often its patient's, and cannot be confirmed by guessing
+one). `release` puts an entry's files back into a watch folder, all or nothing, where the watcher
+(or the caller, at once) makes it a job again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import os
+import re
+import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from wsi.errors import SlideNotFound, WsiError
+from wsi.ingest.source_files import REASON_FILE
+from wsi.slidefiles import is_hidden
+from wsi.store.objects import fsync_dir, make_dirs
+
+MAX_REASON_BYTES = 4096
+"""Of `REASON.txt`, read at most this much (a reason is a message, never file content)."""
+_ABSOLUTE_PATH = re.compile(r"(?<![\w.])/(?:[^\s/'\":]+/)+")
+
+
+class QuarantineConflict(WsiError, FileExistsError):
+    """An entry cannot go back: a file of the same name is already in the watch folder, or it
+    holds no file at all."""
+
+
+@dataclass(frozen=True)
+class QuarantinedSlide:
+    """One slide in the quarantine folder."""
+
+    ref: str
+    """Opaque, stable while the entry stays where it is (`entry_ref`)."""
+    folder: Path
+    """`quarantine/<slide name>[-n]`: patient data, never shown to a page."""
+    reason: str
+    """`REASON.txt` (empty without one); directory parts of any path in it removed."""
+    quarantined: float
+    """When it was quarantined (seconds since the epoch: the reason file's mtime)."""
+    files: tuple[Path, ...]
+    """The slide's files, relative to `folder` (`REASON.txt` not included)."""
+    total_bytes: int
+
+    @property
+    def name(self) -> str:
+        """The slide's name as it was in the watch folder (the entry point's name): patient
+        data under de-identification."""
+        tops = sorted({f.parts[0] for f in self.files})
+        files = [t for t in tops if (self.folder / t).is_file()]
+        return (files or tops or [self.folder.name])[0]
+
+
+def entry_ref(folder: Path) -> str:
+    """The opaque reference of a quarantine entry: 16 hex digits of a digest of its device,
+    inode and name (OSError when it is gone)."""
+    st = folder.stat()
+    digest = hashlib.sha256(f"{st.st_dev}:{st.st_ino}:{folder.name}".encode())
+    return digest.hexdigest()[:16]
+
+
+def without_directories(text: str) -> str:
+    """`text` with the directories of every absolute path removed (`/in/box/a.svs` -> `a.svs`):
+    a page is never shown where the service keeps slides."""
+    return _ABSOLUTE_PATH.sub("", text)
+
+
+def _files(folder: Path) -> Iterator[Path]:
+    for path in sorted(folder.rglob("*")):
+        rel = path.relative_to(folder)
+        if rel == Path(REASON_FILE) or path.is_dir():
+            continue
+        yield rel
+
+
+def _read_reason(folder: Path) -> tuple[str, float]:
+    path = folder / REASON_FILE
+    try:
+        with path.open("rb") as f:
+            text = f.read(MAX_REASON_BYTES).decode(errors="replace").strip()
+        return text, path.stat().st_mtime
+    except OSError:
+        return "", folder.stat().st_mtime
+
+
+def list_quarantine(quarantine_dir: str | os.PathLike[str]) -> list[QuarantinedSlide]:
+    """Every entry of the quarantine folder, most recently quarantined first; none when the
+    folder does not exist yet. An entry that vanishes while it is read is left out."""
+    root = Path(quarantine_dir)
+    if not root.is_dir():
+        return []
+    found = []
+    for folder in root.iterdir():
+        if is_hidden(folder.name) or not folder.is_dir() or folder.is_symlink():
+            continue
+        with contextlib.suppress(OSError):
+            reason, when = _read_reason(folder)
+            files = tuple(_files(folder))
+            size = sum((folder / f).lstat().st_size for f in files)
+            found.append(
+                QuarantinedSlide(
+                    entry_ref(folder), folder, without_directories(reason), when, files, size
+                )
+            )
+    return sorted(found, key=lambda e: (-e.quarantined, e.ref))
+
+
+def find_entry(quarantine_dir: str | os.PathLike[str], ref: str) -> QuarantinedSlide:
+    """The entry `ref` names (SlideNotFound when none does)."""
+    for entry in list_quarantine(quarantine_dir):
+        if entry.ref == ref:
+            return entry
+    raise SlideNotFound(f"no quarantined slide {ref}")
+
+
+def _rename_or_copy(src: Path, dst: Path) -> bool:
+    """Rename `src` to `dst`; across file systems copy it instead and return False (the caller
+    removes the original once every file is in place)."""
+    try:
+        os.rename(src, dst)
+        return True
+    except OSError as exc:
+        if exc.errno != errno.EXDEV:
+            raise
+    shutil.copy2(src, dst)
+    return False
+
+
+def release(entry: QuarantinedSlide, watch_dir: str | os.PathLike[str]) -> Path:
+    """Move the files of `entry` back into `watch_dir`, each at its path relative to the entry,
+    and remove the entry (its `REASON.txt` and emptied folders). Returns where the slide's entry
+    point now is.
+
+    All or nothing: QuarantineConflict, nothing moved, when one of the names is already taken
+    in `watch_dir`; when a move fails half-way, the files moved so far go back and the OSError
+    is raised. Within one file system each file is renamed, so a watcher never sees a file
+    being written; the watcher still waits its quiet period before taking the slide.
+    """
+    watch = Path(watch_dir)
+    if not entry.files:
+        raise QuarantineConflict(f"quarantined slide {entry.ref} holds no file to put back")
+    tops = sorted({f.parts[0] for f in entry.files})
+    taken = [t for t in tops if os.path.lexists(watch / t)]
+    if taken:
+        raise QuarantineConflict(
+            f"quarantined slide {entry.ref} cannot go back: the watch folder already holds a "
+            f"file of the same name"
+        )
+    moved: list[tuple[Path, Path, bool]] = []
+    try:
+        for rel in entry.files:
+            src, dst = entry.folder / rel, watch / rel
+            make_dirs(str(dst.parent))
+            moved.append((src, dst, _rename_or_copy(src, dst)))
+    except BaseException:
+        for src, dst, renamed in reversed(moved):
+            with contextlib.suppress(OSError):
+                if renamed:
+                    os.rename(dst, src)
+                else:
+                    dst.unlink()
+        raise
+    for src, _, renamed in moved:
+        if not renamed:  # copied across file systems: every copy is in place
+            src.unlink()
+    fsync_dir(str(watch))
+    with contextlib.suppress(FileNotFoundError):
+        (entry.folder / REASON_FILE).unlink()
+    for folder in sorted(
+        (p for p in entry.folder.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)
+    ):
+        with contextlib.suppress(OSError):
+            folder.rmdir()
+    with contextlib.suppress(OSError):
+        entry.folder.rmdir()
+    fsync_dir(str(entry.folder.parent))
+    return watch / entry.name
+
+
+__all__ = [
+    "QuarantineConflict",
+    "QuarantinedSlide",
+    "entry_ref",
+    "find_entry",
+    "list_quarantine",
+    "release",
+    "without_directories",
+]
