@@ -273,3 +273,84 @@ class Chromium:
     async def screenshot(self) -> Image.Image:
         result = await self.send("Page.captureScreenshot", {"format": "png"})
         return Image.open(io.BytesIO(base64.b64decode(result["data"]))).convert("RGB")
+
+    # Input as a person gives it: real mouse and key events through the browser's input
+    # pipeline (pointer events, focus, default actions such as submitting a form on Enter).
+
+    async def mouse(self, kind: str, x: float, y: float, pressed: bool = False) -> None:
+        """One left-button mouse event (`mousePressed`, `mouseMoved`, `mouseReleased`) at
+        (x, y) CSS pixels of the page; `pressed`: the button is held (for moves)."""
+        held = kind == "mousePressed" or pressed
+        await self.send(
+            "Input.dispatchMouseEvent",
+            {
+                "type": kind,
+                "x": x,
+                "y": y,
+                "button": "left" if held or kind == "mouseReleased" else "none",
+                "buttons": 1 if held else 0,
+                "clickCount": 1 if kind != "mouseMoved" else 0,
+            },
+        )
+
+    async def drag(
+        self, start: tuple[float, float], end: tuple[float, float], steps: int = 8
+    ) -> None:
+        """Press at `start`, move in `steps` straight steps to `end`, release there."""
+        await self.mouse("mouseMoved", *start)
+        await self.mouse("mousePressed", *start)
+        for i in range(1, steps + 1):
+            x = start[0] + (end[0] - start[0]) * i / steps
+            y = start[1] + (end[1] - start[1]) * i / steps
+            await self.mouse("mouseMoved", x, y, pressed=True)
+        await self.mouse("mouseReleased", *end)
+
+    async def click(self, selector: str) -> None:
+        """A mouse click in the middle of the first element matching `selector`."""
+        box = await self.evaluate(
+            f"""(() => {{
+                const el = document.querySelector({json.dumps(selector)});
+                if (!el) return null;
+                el.scrollIntoView({{block: 'center'}});
+                const r = el.getBoundingClientRect();
+                return [r.left + r.width / 2, r.top + r.height / 2];
+            }})()"""
+        )
+        assert box, f"no element {selector}"
+        await self.mouse("mousePressed", *box)
+        await self.mouse("mouseReleased", *box)
+
+    async def type_text(self, text: str) -> None:
+        """Text typed into the focused element (fires `input` events)."""
+        await self.send("Input.insertText", {"text": text})
+
+    KEY_CODES = (
+        ("Enter", 13),
+        ("Escape", 27),
+        ("ArrowLeft", 37),
+        ("ArrowUp", 38),
+        ("ArrowRight", 39),
+    )
+
+    async def press(self, key: str) -> None:
+        """One key pressed and released: a character (`r`, `R`, `?`) or a named key of
+        KEY_CODES."""
+        down: dict[str, Any] = {"type": "keyDown", "key": key}
+        codes = dict(self.KEY_CODES)
+        if key in codes:
+            down |= {"code": key, "windowsVirtualKeyCode": codes[key]}
+            if key == "Enter":
+                down["text"] = "\r"
+        else:
+            down["text"] = key
+        await self.send("Input.dispatchKeyEvent", down)
+        await self.send("Input.dispatchKeyEvent", {"type": "keyUp", "key": key})
+
+    async def emulate_phone(self, width: int, height: int) -> None:
+        """A phone's screen from now on: `width` x `height` CSS pixels, mobile, touch."""
+        self.width, self.height = width, height
+        await self.send(
+            "Emulation.setDeviceMetricsOverride",
+            {"width": width, "height": height, "deviceScaleFactor": 1, "mobile": True},
+        )
+        await self.send("Emulation.setTouchEmulationEnabled", {"enabled": True})

@@ -21,6 +21,7 @@ from PIL import Image
 
 import wsi
 from server.api import viewer as routes_viewer
+from server.api import viewer_pages
 from server.app import create_app
 from server.catalog import SourceLevel, SourcePyramid
 from server.settings import ServerSettings
@@ -89,11 +90,15 @@ def test_index_lists_slides_with_thumbnails(server: AppThread, published: tuple[
     assert status == 200 and headers["Content-Type"].startswith("image/")
     assert min(Image.open(io.BytesIO(body)).size) > 16
     assert "2220 × 2967 px · 0.499 µm/px" in page
+    # People see the slide's name (its file's stem here), not its id, in a case group.
+    assert '<span class="name">CMU-1-Small-Region</span>' in page
+    assert f">{slide_id}<" not in page
+    assert '<section class="case"><h2>No case ' in page
 
     # The fallback for slides without a thumbnail is a whole-slide DeepZoom tile that exists.
     level = SourceLevel(2220, 2967, 240, 240)
     bare = SourcePyramid(slide_id, (level,), wsi.SlideProperties(mpp_x=0.499, mpp_y=0.499))
-    status, headers, body = get(server.url + routes_viewer.thumbnail_url(bare, ""))
+    status, headers, body = get(server.url + viewer_pages.thumbnail_url(bare, ""))
     assert status == 200 and headers["Content-Type"] == "image/jpeg"
     assert max(Image.open(io.BytesIO(body)).size) == 186  # 2967 / 16, rounded up
 
@@ -112,6 +117,19 @@ def test_view_page_and_bad_ids(server: AppThread, published: tuple[Path, str]) -
     assert config["tilesUrl"] == f"/slides/{slide_id}_files/"
     assert re.fullmatch(r"v=[0-9a-f]{8}", config["query"])  # no signature when auth is off
     assert config["mppX"] == pytest.approx(0.499)
+    assert config["magnification"] == 20.0  # the objective power the file states
+    assert config["name"] == "CMU-1-Small-Region" and config["status"] == "ready"
+    assert config["viewUrl"] == f"/view/{slide_id}" and config["linkExpires"] is None
+    assert config["statusUrl"] == f"/slides/{slide_id}"
+    assert '<h1 id="title">CMU-1-Small-Region</h1>' in page
+    assert (
+        "<dt>Scanner</dt><dd>Aperio</dd>" in page
+        and "<dt>Scanned</dt><dd>2009-12-29 09:59</dd>" in page
+    )
+    assert "<dt>Levels</dt><dd>5 (downsample 1, 2, 4, 8, 16)</dd>" in page
+    # Without --allow-label the panel says why, and the page links no label or macro.
+    assert "started without --allow-label" in page and "/associated/" not in page
+    assert "<noscript>" in page
 
     status, headers, body = get(f"{server.url}/view/0123456789abcdef01234567")
     assert status == 404 and headers["Content-Type"].startswith("application/json")
@@ -148,19 +166,27 @@ def test_escapes_what_it_puts_in_html() -> None:
     level = SourceLevel(300, 200, 256, 256)
     evil = "</script><script>alert(1)</script>&\"'"
     props = wsi.SlideProperties(vendor="<b>vendor</b>", mpp_x=0.25, mpp_y=0.25)
-    slide = SourcePyramid(evil, (level,), props)
+    slide = SourcePyramid(evil, (level,), props, name=evil, case=evil)
+
+    def page_of(query: str) -> viewer_pages.ViewPage:
+        config = routes_viewer.view_config(slide, query, query)
+        rows = (("Name", evil), ("Vendor", "<b>vendor</b>"))
+        return viewer_pages.ViewPage(config, rows, (("label", f"/x/{evil}"),), evil)
+
     for page in (
-        routes_viewer.index_html([slide], {evil: ("exp=1&sig=<x>", "exp=1&sig=<x>")}),
-        routes_viewer.view_html(slide, "exp=1&sig=<x>", osd_installed=True),
+        viewer_pages.index_html([slide], {evil: ("exp=1&sig=<x>", "exp=1&sig=<x>")}, q=evil),
+        viewer_pages.view_html(slide, page_of("exp=1&sig=<x>")),
+        viewer_pages.error_page(evil, evil),
     ):
         assert "<script>alert" not in page and "<b>" not in page
         assert page.count("</script>") == page.count("<script")
-    config = slide_config(routes_viewer.view_html(slide, "", osd_installed=True))
-    assert config["id"] == evil
-    assert "No slides yet" in routes_viewer.index_html([], {})
+    config = slide_config(viewer_pages.view_html(slide, page_of("")))
+    assert config["id"] == evil and config["name"] == evil
+    assert "No slides yet" in viewer_pages.index_html([], {})
+    assert "No slide matches" in viewer_pages.index_html([], {}, q="x", total=3)
     # No thumbnail image: the DeepZoom tile that holds the whole slide (150 x 100 px) instead.
     quoted = "%3C%2Fscript%3E%3Cscript%3Ealert%281%29%3C%2Fscript%3E%26%22%27"
-    assert routes_viewer.thumbnail_url(slide, "") == f"/slides/{quoted}_files/8/0_0.jpeg"
+    assert viewer_pages.thumbnail_url(slide, "") == f"/slides/{quoted}_files/8/0_0.jpeg"
 
 
 def test_missing_openseadragon_is_explained(
@@ -196,10 +222,73 @@ def test_signed_tile_urls_when_auth_is_on(published: tuple[Path, str]) -> None:
         assert get(f"{tile}?{config['query']}")[0] == 200
         # The index (opened with a token) links to signed views and thumbnails.
         page = get(running.url + "/", bearer)[2].decode()
-        links = re.findall(r'href="(/view/[^"]+)"', page) + re.findall(r'src="([^"]+)"', page)
+        links = re.findall(r'href="(/view/[^"]+)"', page) + re.findall(
+            r'src="(/slides/[^"]+)"', page
+        )
         assert len(links) == 2
         for link in links:
             assert get(running.url + link.replace("&amp;", "&"))[0] == 200, link
+
+        # The link a token holder shares is the signed view route: no token in it, and it
+        # opens the page without one, until it expires.
+        view_url = config["viewUrl"]
+        assert re.fullmatch(rf"/view/{slide_id}\?exp=(\d+)&sig=[0-9a-f]{{32}}", view_url)
+        assert int(view_url.split("exp=")[1].split("&")[0]) == config["linkExpires"]
+        assert TOKEN not in body.decode() and config["statusUrl"] == f"/slides/{slide_id}"
+        assert "<dt>Name</dt><dd>CMU-1-Small-Region</dd>" in body.decode()
+        status, _, shared = get(running.url + view_url)
+        assert status == 200
+        shared_page = shared.decode()
+        shared_config = slide_config(shared_page)
+        # A shared link shows pixels and scale, never what only a token may read.
+        assert "CMU-1-Small-Region" not in shared_page and "aperio" not in shared_page.lower()
+        assert "<dt>Vendor</dt>" not in shared_page and "<dt>Scanned</dt>" not in shared_page
+        assert "a shared link never shows the label" in shared_page
+        assert 'href="/"' not in shared_page  # the list needs a token: no link to a 401
+        assert shared_config["name"] == f"Shared slide {slide_id[:8]}"
+        # It polls itself (it cannot read the JSON API), and never outlives the link it came by.
+        assert shared_config["statusUrl"] == shared_config["viewUrl"] == view_url
+        assert shared_config["linkExpires"] == config["linkExpires"]
+        assert f"exp={config['linkExpires']}&" in shared_config["query"]
+        assert get(f"{running.url}/slides/{slide_id}")[0] == 401
+        expired = re.sub(r"exp=\d+", "exp=1000000000", view_url)
+        assert get(running.url + expired)[0] == 401
+
+
+def test_label_panel_only_when_served(published: tuple[Path, str]) -> None:
+    """With --allow-label a token holder's page shows the label and the macro, and those URLs
+    answer; a shared link's page still withholds them (signatures never open them)."""
+    settings = ServerSettings(
+        store=str(published[0]),
+        host="0.0.0.0",
+        tokens=(TOKEN,),
+        signing_key=KEY,
+        allow_label=True,
+    )
+    slide_id = published[1]
+    bearer = {"Authorization": f"Bearer {TOKEN}"}
+    with AppThread(create_app(settings)) as running:
+        page = get(f"{running.url}/view/{slide_id}", bearer)[2].decode()
+        images = re.findall(r'<img src="([^"]+)" alt="(Label|Macro) of the slide">', page)
+        assert [name for _, name in images] == ["Label", "Macro"]
+        for url, _ in images:
+            status, headers, data = get(running.url + url, bearer)
+            assert status == 200 and headers["Cache-Control"] == "no-store"
+            assert min(Image.open(io.BytesIO(data)).size) > 16
+        shared = get(running.url + slide_config(page)["viewUrl"])[2].decode()
+        assert "/associated/" not in shared and "a shared link never shows" in shared
+
+
+def test_store_unavailable_is_a_page(tmp_path: Path) -> None:
+    """A store that cannot be reached gives people a page that says so (503), not a blank one
+    or a JSON body."""
+    settings = ServerSettings(store="s3://unreachable/slides", s3_endpoint="http://127.0.0.1:1")
+    with AppThread(create_app(settings)) as running:
+        for path in ("/", "/view/0123456789abcdef01234567"):
+            status, headers, body = get(running.url + path)
+            assert status == 503 and headers["Content-Type"].startswith("text/html"), path
+            assert "cannot be reached" in body.decode(), path
+            assert "script-src 'self'" in headers["Content-Security-Policy"]
 
 
 def non_white_stats(image: Image.Image) -> tuple[float, float]:

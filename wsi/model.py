@@ -74,7 +74,6 @@ class Level(TileGrid):
             raise InvalidArgument(f"downsample must be >= 1: {self.downsample}")
 
 
-
 def pyramid_levels(width: int, height: int, tile_width: int, tile_height: int) -> tuple[Level, ...]:
     """The output pyramid: exact 2x steps (sizes rounded down, like OpenSlide and libvips pyramids)
     until a level fits in one tile."""
@@ -91,6 +90,12 @@ def pyramid_levels(width: int, height: int, tile_width: int, tile_height: int) -
             )
         )
     return tuple(levels)
+
+
+MICRONS_PER_PIXEL_AT_1X = 10.0
+"""The usual scanner optics: at objective power M a pixel is about 10 / M micrometres (40x ~
+0.25 um/px, 20x ~ 0.5 um/px). Used where only one of the two is known: the viewer's
+magnification from MPP, the DICOM pixel spacing from the objective."""
 
 
 def _frozen_mapping(value: Mapping[str, str]) -> Mapping[str, str]:

@@ -1,31 +1,48 @@
-"""The browser viewer: `/` lists published slides with thumbnails, `/view/{id}` shows one slide in
-OpenSeadragon (DeepZoom tiles, scale bar from the slide's MPP).
+"""The browser viewer: `/` lists slides by case with thumbnails and a search, `/view/{id}` shows
+one slide in OpenSeadragon with a navigator, magnification, rotation, a ruler, a link to the
+current view, the slide's properties and (when allowed) its label and macro.
 
 OpenSeadragon comes from npm (`npm ci` at the repository root) and is served as it is from
 `node_modules/openseadragon/build/openseadragon/` under `/static/osd/`; our own page assets are
-`server/static/` under `/static/`. Both are plain static folders (no symlinks followed, no
-listing). Without node_modules, `/static/osd/...` answers 404 JSON and the view page says why.
+`server/static/` under `/static/` (ES modules, no build step). Both are plain static folders (no
+symlinks followed, no listing). Without node_modules, `/static/osd/...` answers 404 JSON and the
+view page says why.
+
+A page shows its caller no more than the APIs would serve them: a page opened through a signed
+`view` link (someone without a token) shows the slide's pixels, size, levels and scale, never its
+name, case, vendor, scanner, date, label or macro.
 """
 
 from __future__ import annotations
 
-import html
-import json
+import contextlib
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import parse_qsl, quote
 
 from aiohttp import web
 
-from server.api.dzi import dzi_size, max_level
+from server.api.dicomweb.instances import DICOMWEB, Instance
+from server.api.dzi import max_level
+from server.api.slides import MAX_QUERY, listing_order, matches, text_param
+from server.api.viewer_pages import (
+    MISSING_OSD,
+    ViewPage,
+    error_page,
+    index_html,
+    view_html,
+)
 from server.auth import SIGNED_EXPIRES, signed_query
-from server.catalog import READY, SlideInfo
+from server.catalog import PRIVATE_IMAGES, READY, SlideInfo, summary
 from server.catalog import status as slide_status
 from server.converting import conversion_jobs
+from server.errors import status_of
 from server.keys import CATALOG, SETTINGS
 from server.openapi import ERROR, path_params
 from server.responses import VERSION_PARAM, json_error
-from wsi.errors import WsiError
+from wsi.errors import StoreError, WsiError
+from wsi.model import MICRONS_PER_PIXEL_AT_1X, SlideProperties
+from wsi.published.reader import AsyncPublishedSlide
 
 STATIC_DIR = Path(__file__).resolve().parents[1] / "static"
 """Our own HTML/CSS/JS assets, served under /static/."""
@@ -34,24 +51,25 @@ OSD_DIR = Path(__file__).resolve().parents[2] / "node_modules/openseadragon/buil
 OSD_SCRIPT = "openseadragon.min.js"
 OSD_INSTALLED = web.AppKey("osd_installed", bool)
 
-THUMBNAIL_PX = 256
-"""Longest side (pixels) of the DeepZoom tile used as a thumbnail when a slide has none."""
-
 CSP = (
     "default-src 'self'; img-src 'self' data: blob:; script-src 'self'; "
     "style-src 'self' 'unsafe-inline'; worker-src 'self' blob:; object-src 'none'; "
-    "base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+    "base-uri 'none'; form-action 'self'; frame-ancestors 'none'"
 )
-"""OpenSeadragon injects one <style> element and decodes tiles in a blob: worker."""
+"""OpenSeadragon injects one <style> element and decodes tiles in a blob: worker; the list's
+search is a same-origin GET form."""
 
-MISSING_OSD = (
-    "The viewer cannot start: OpenSeadragon is not installed on this server "
-    "(node_modules is missing). Run `npm ci` in the wsistore checkout, then restart the server."
+
+STORE_DOWN = (
+    "The slide store cannot be reached right now, so nothing can be shown. Try again in a "
+    "minute; if it lasts, the service's /readyz says what is wrong."
 )
 
 
-def _e(value: object) -> str:
-    return html.escape(str(value), quote=True)
+STORE_DOWN_RESPONSE = {
+    "description": "the store cannot be reached (a page that says so)",
+    "content": {"text/html": {"schema": {"type": "string"}}},
+}
 
 
 def versioned(slide: SlideInfo, query: str) -> str:
@@ -60,26 +78,14 @@ def versioned(slide: SlideInfo, query: str) -> str:
     return f"{pin}&{query}" if query else pin
 
 
-def _with_query(url: str, query: str) -> str:
-    return f"{url}?{query}" if query else url
-
-
-def _script_json(doc: Any) -> str:
-    """JSON safe inside <script type="application/json">: no `<`, `>` or `&` left to end it."""
-    text = json.dumps(doc, separators=(",", ":"))
-    return text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
-
-
-def _page(title: str, body_class: str, body: str) -> str:
-    return (
-        "<!doctype html>\n"
-        '<html lang="en"><head><meta charset="utf-8">'
-        '<meta name="viewport" content="width=device-width, initial-scale=1">'
-        f"<title>{_e(title)}</title>"
-        '<link rel="icon" href="data:,">'
-        '<link rel="stylesheet" href="/static/viewer.css">'
-        f'</head><body class="{_e(body_class)}">{body}</body></html>\n'
-    )
+def native_magnification(props: SlideProperties) -> float | None:
+    """The magnification at one screen pixel per level-0 pixel: the objective power when the
+    slide says, else from its MPP by `MICRONS_PER_PIXEL_AT_1X`; None when neither is known."""
+    if props.objective_power:
+        return props.objective_power
+    if props.mpp_x:
+        return MICRONS_PER_PIXEL_AT_1X / props.mpp_x
+    return None
 
 
 def _html(text: str, status: int = 200) -> web.Response:
@@ -97,132 +103,195 @@ def _html(text: str, status: int = 200) -> web.Response:
     )
 
 
-def _mpp_text(slide: SlideInfo) -> str:
-    mpp = slide.properties.mpp_x
-    return f"{mpp:.4g} µm/px" if mpp else "MPP unknown"
+def _store_down(title: str, exc: StoreError) -> web.Response:
+    return _html(error_page(title, STORE_DOWN), status_of(exc))
 
 
-def thumbnail_url(slide: SlideInfo, query: str, signed: bool = False) -> str:
-    """The slide's thumbnail image, or else the DeepZoom tile holding the whole slide in at most
-    THUMBNAIL_PX pixels. Always that tile when `signed`: signatures open pyramid tiles only, and a
-    scanner's thumbnail may show the label."""
-    sid = quote(slide.slide_id, safe="")
-    if "thumbnail" in slide.associated_names and not signed:
-        return _with_query(f"/slides/{sid}/associated/thumbnail", query)
-    limit = min(THUMBNAIL_PX, slide.levels[0].tile_width)
-    z = max_level(slide)
-    while z > 0 and max(dzi_size(slide, z)) > limit:
-        z -= 1
-    return _with_query(f"/slides/{sid}_files/{z}/0_0.jpeg", query)
-
-
-def index_html(
-    slides: list[SlideInfo],
-    queries: dict[str, tuple[str, str]],
-    jobs: dict[str, dict[str, Any]] | None = None,
-) -> str:
-    """The slide list: one card per slide with its thumbnail, size, MPP, and for a slide being
-    converted its job's state and progress. `queries`: slide id -> (signed query of its view
-    page, signed query of its tiles), both empty when auth is off."""
-    jobs = jobs or {}
-    cards = []
-    for slide in slides:
-        view_query, tile_query = queries.get(slide.slide_id, ("", ""))
-        view = _with_query(f"/view/{quote(slide.slide_id, safe='')}", view_query)
-        details = f"{slide.width} × {slide.height} px · {_mpp_text(slide)}"
-        if slide.properties.vendor:
-            details += f" · {slide.properties.vendor}"
-        if slide_status(slide) != READY:
-            details += f" · {slide_status(slide)}"
-            job = jobs.get(slide.slide_id)
-            if job is not None:
-                details += (
-                    f" {float(job['progress']):.0f}%" if job["state"] == "running" else " (queued)"
-                )
-        cards.append(
-            f'<li><a class="card" href="{_e(view)}">'
-            f'<img src="{_e(thumbnail_url(slide, tile_query, bool(view_query)))}" alt="" '
-            'loading="lazy">'
-            f'<span class="name">{_e(slide.slide_id)}</span>'
-            f'<span class="details">{_e(details)}</span></a></li>'
+async def index(request: web.Request) -> web.Response:
+    q = (text_param(request, "q") or "").strip()
+    catalog = request.app[CATALOG]
+    settings = request.app[SETTINGS]
+    slides: list[SlideInfo] = []
+    try:
+        ids = await catalog.slide_ids()
+    except StoreError as exc:
+        return _store_down("Slides", exc)
+    for slide_id in ids:
+        try:
+            slides.append(await catalog.slide(slide_id))
+        except WsiError:  # unpublished meanwhile, or a dropped slide its reader refuses
+            continue
+    docs = {s.slide_id: summary(s) for s in slides}
+    shown = sorted(
+        (s for s in slides if matches(docs[s.slide_id], q, None)),
+        key=lambda s: listing_order(docs[s.slide_id]),
+    )
+    queries = {
+        s.slide_id: (
+            signed_query(settings, s.slide_id, "view"),
+            versioned(s, signed_query(settings, s.slide_id, "tiles")),
         )
-    if cards:
-        listing = f'<ul class="slides">{"".join(cards)}</ul>'
-    else:
-        listing = (
-            '<p class="empty">No slides yet. Convert one with '
-            "<code>wsi convert SLIDE --out STORE</code>.</p>"
+        for s in shown
+    }
+    converting = any(slide_status(s) != READY for s in shown)
+    jobs = await conversion_jobs(request.app) if converting else {}
+    return _html(index_html(shown, queries, jobs, q, len(slides)))
+
+
+def _dicom_date(value: str) -> str:
+    """DICOM DA/DT `YYYYMMDD[HHMM...]` -> `YYYY-MM-DD[ HH:MM]` (as given when not digits)."""
+    if len(value) < 8 or not value[:8].isdigit():
+        return value
+    text = f"{value[:4]}-{value[4:6]}-{value[6:8]}"
+    return f"{text} {value[8:10]}:{value[10:12]}" if value[8:12].isdigit() else text
+
+
+async def _equipment(request: web.Request, slide: SlideInfo) -> tuple[str | None, str | None]:
+    """(scanner, scan date) of a slide: a converting slide's from its source's properties (no
+    date when ingest de-identifies), a published slide's from its DICOM header (the same values
+    WADO-RS metadata serves; no date when its identity was removed)."""
+    props = slide.properties
+    if not isinstance(slide, AsyncPublishedSlide):
+        scanner = " ".join(p for p in (props.manufacturer, props.model) if p) or None
+        hide_date = request.app[CATALOG].deidentify
+        return scanner, None if hide_date or not props.scan_datetime else props.scan_datetime
+    base = next((i for i in (slide.dicom.instances if slide.dicom else ()) if i.level == 0), None)
+    if base is None:
+        return None, None
+    try:
+        ds = await request.app[DICOMWEB].header(request.app[CATALOG], Instance(slide, base))
+    except WsiError:  # the pixels may still be fine: the panel just says less
+        return None, None
+    known = [str(ds.get(k, "")) for k in ("Manufacturer", "ManufacturerModelName")]
+    scanner = " ".join(v for v in known if v and v != "Unknown") or None
+    removed = str(ds.get("PatientIdentityRemoved", "")) == "YES"
+    date = str(ds.get("AcquisitionDateTime", "") or ds.get("ContentDate", ""))
+    return scanner, None if removed or not date else date
+
+
+def _level_text(slide: SlideInfo) -> str:
+    downsamples = ", ".join(f"{lv.downsample:g}" for lv in slide.levels)
+    return f"{len(slide.levels)} (downsample {downsamples})"
+
+
+async def property_rows(
+    request: web.Request, slide: SlideInfo, signed: bool
+) -> tuple[tuple[str, str], ...]:
+    """The properties panel: geometry and scale for everyone who may view the slide; name,
+    case, vendor, scanner and date only for callers who may read `GET /slides/{id}`."""
+    props = slide.properties
+    rows: list[tuple[str, str]] = []
+    if not signed:
+        scanner, date = await _equipment(request, slide)
+        rows += [("Name", slide.name), ("Case", slide.case or "—")]
+        rows += [("Vendor", props.vendor or "—"), ("Scanner", scanner or "—")]
+        rows.append(("Scanned", _dicom_date(date) if date else "—"))
+    rows.append(("Status", slide_status(slide)))
+    size = f"{slide.width:,} × {slide.height:,} px"
+    if props.mpp_x:
+        mm_x, mm_y = (
+            slide.width * props.mpp_x / 1000,
+            slide.height * (props.mpp_y or props.mpp_x) / 1000,
         )
-    count = f"{len(slides)} slide{'' if len(slides) == 1 else 's'}"
-    body = f"<header><h1>Slides</h1><span>{count}</span></header>{listing}"
-    return _page("Slides · wsistore", "index", body)
+        size += f" ({mm_x:.2f} × {mm_y:.2f} mm)"
+    rows += [("Size", size), ("Levels", _level_text(slide))]
+    mpp = f"{props.mpp_x:.4g} × {props.mpp_y or props.mpp_x:.4g} µm/px" if props.mpp_x else "—"
+    rows += [
+        ("MPP", mpp),
+        ("Objective", f"{props.objective_power:g}x" if props.objective_power else "—"),
+    ]
+    native = native_magnification(props)
+    rows.append(("At 1:1", f"{native:.3g}x" if native else "magnification unknown"))
+    if not signed:
+        rows.append(("Slide id", slide.slide_id))
+    return tuple(rows)
 
 
-def view_config(slide: SlideInfo, query: str) -> dict[str, Any]:
-    """What viewer.js needs: the DeepZoom geometry, where tiles are, the signed query, MPP."""
+def associated_panel(
+    request: web.Request, slide: SlideInfo, signed: bool
+) -> tuple[tuple[tuple[str, str], ...], str]:
+    """(images to show, note): the label and macro only when the service serves them to this
+    caller (`--allow-label`, and never under a signature, as `GET /slides/{id}/associated/...`
+    decides); otherwise a note saying why they are withheld."""
+    if signed:
+        return (), "Withheld: a shared link never shows the label or the macro."
+    if not request.app[SETTINGS].allow_label:
+        return (), (
+            "Withheld: label and macro images may show patient names, and this service does not "
+            "serve them (it was started without --allow-label)."
+        )
+    if slide_status(slide) != READY:
+        return (), "Shown once the conversion is published."
     sid = quote(slide.slide_id, safe="")
+    images = tuple(
+        (name, f"/slides/{sid}/associated/{name}")
+        for name in PRIVATE_IMAGES
+        if name in slide.associated_names
+    )
+    return images, "" if images else "This slide has no label or macro image."
+
+
+def view_config(
+    slide: SlideInfo,
+    query: str,
+    view_query: str = "",
+    signed: bool = False,
+    job: dict[str, Any] | None = None,
+    expires: int | None = None,
+) -> dict[str, Any]:
+    """What viewer.js needs: the DeepZoom geometry, where tiles are, the signed query, the scale,
+    where to poll a converting slide's progress, and the shareable URL of this page."""
+    sid = quote(slide.slide_id, safe="")
+    view_url = f"/view/{sid}?{view_query}" if view_query else f"/view/{sid}"
+    props = slide.properties
     return {
         "id": slide.slide_id,
+        "name": f"Shared slide {slide.slide_id[:8]}" if signed else slide.name,
         "width": slide.width,
         "height": slide.height,
         "tileSize": slide.levels[0].tile_width,
         "maxLevel": max_level(slide),
         "tilesUrl": f"/slides/{sid}_files/",
         "query": query,
-        "mppX": slide.properties.mpp_x,
+        "mppX": props.mpp_x,
+        "mppY": props.mpp_y or props.mpp_x,
+        "magnification": native_magnification(props),
         "osdPrefix": "/static/osd/images/",
+        "status": slide_status(slide),
+        "job": job,
+        # A signed page cannot read the JSON API: it polls itself, which says the same.
+        "statusUrl": view_url if signed else f"/slides/{sid}",
+        "viewUrl": view_url,
+        "linkExpires": expires,
     }
-
-
-def view_html(slide: SlideInfo, query: str, osd_installed: bool) -> str:
-    """One slide in OpenSeadragon; the notice is shown at once when OpenSeadragon is missing."""
-    notice = f'<div id="notice" role="alert">{_e(MISSING_OSD)}</div>'
-    scripts = '<script src="/static/viewer.js"></script>'
-    if osd_installed:
-        notice = '<div id="notice" role="alert" hidden></div>'
-        scripts = f'<script src="/static/osd/{OSD_SCRIPT}"></script>{scripts}'
-    body = (
-        '<header><a href="/">Slides</a>'
-        f"<h1>{_e(slide.slide_id)}</h1>"
-        f"<span>{_e(f'{slide.width} × {slide.height} px · {_mpp_text(slide)}')}</span></header>"
-        f"{notice}"
-        '<main id="viewer" data-state="loading">'
-        '<div id="scalebar" hidden><div class="bar"></div><span class="label"></span></div>'
-        "</main>"
-        f'<script type="application/json" id="slide-config">'
-        f"{_script_json(view_config(slide, query))}</script>"
-        f"{scripts}"
-    )
-    return _page(f"{slide.slide_id} · wsistore", "view", body)
-
-
-async def index(request: web.Request) -> web.Response:
-    catalog = request.app[CATALOG]
-    settings = request.app[SETTINGS]
-    slides: list[SlideInfo] = []
-    for slide_id in await catalog.slide_ids():
-        try:
-            slides.append(await catalog.slide(slide_id))
-        except WsiError:  # unpublished meanwhile, or a dropped slide its reader refuses
-            continue
-    queries = {
-        s.slide_id: (
-            signed_query(settings, s.slide_id, "view"),
-            versioned(s, signed_query(settings, s.slide_id, "tiles")),
-        )
-        for s in slides
-    }
-    converting = any(slide_status(s) != READY for s in slides)
-    jobs = await conversion_jobs(request.app) if converting else {}
-    return _html(index_html(slides, queries, jobs))
 
 
 async def view(request: web.Request) -> web.Response:
-    slide = await request.app[CATALOG].slide(request.match_info["slide_id"])
-    # Reached through a signed link: the tiles expire with that link, never later.
+    settings = request.app[SETTINGS]
+    try:
+        slide = await request.app[CATALOG].slide(request.match_info["slide_id"])
+    except StoreError as exc:
+        return _store_down("Slide", exc)
+    # Reached through a signed link: the tiles and the shared link expire with that link.
     expires = request.get(SIGNED_EXPIRES)
-    query = versioned(slide, signed_query(request.app[SETTINGS], slide.slide_id, "tiles", expires))
-    return _html(view_html(slide, query, request.app[OSD_INSTALLED]))
+    signed = expires is not None
+    query = versioned(slide, signed_query(settings, slide.slide_id, "tiles", expires))
+    view_query = signed_query(settings, slide.slide_id, "view", expires)
+    link_expires = int(dict(parse_qsl(view_query))["exp"]) if view_query else None
+    job = None
+    if slide_status(slide) != READY:
+        with contextlib.suppress(WsiError):
+            job = (await conversion_jobs(request.app)).get(slide.slide_id)
+    images, note = associated_panel(request, slide, signed)
+    page = ViewPage(
+        config=view_config(slide, query, view_query, signed, job, link_expires),
+        properties=await property_rows(request, slide, signed),
+        associated=images,
+        associated_note=note,
+        osd_installed=request.app[OSD_INSTALLED],
+        listed=not signed,
+    )
+    return _html(view_html(slide, page))
 
 
 async def osd_missing(request: web.Request) -> web.Response:
@@ -244,15 +313,35 @@ def register(app: web.Application) -> None:
 OPENAPI = {
     "/": {
         "get": {
-            "summary": "Viewer: published slides with thumbnails (HTML)",
-            "responses": {"200": {"description": "text/html"}},
+            "summary": "Viewer: slides grouped by case, with thumbnails and a search (HTML)",
+            "parameters": [
+                {
+                    "name": "q",
+                    "in": "query",
+                    "required": False,
+                    "description": "only slides whose name or case contains this text "
+                    "(case-insensitive), as `GET /slides?q=`",
+                    "schema": {"type": "string", "maxLength": MAX_QUERY},
+                }
+            ],
+            "responses": {
+                "200": {"description": "text/html"},
+                "400": ERROR,
+                "503": STORE_DOWN_RESPONSE,
+            },
         }
     },
     "/view/{slide_id}": {
         "get": {
-            "summary": "Viewer: one slide in OpenSeadragon with a scale bar (HTML)",
+            "summary": "Viewer: one slide in OpenSeadragon with navigator, magnification, "
+            "rotation, ruler, shareable view link and properties (HTML)",
             "parameters": path_params("slide_id"),
-            "responses": {"200": {"description": "text/html"}, "400": ERROR, "404": ERROR},
+            "responses": {
+                "200": {"description": "text/html"},
+                "400": ERROR,
+                "404": ERROR,
+                "503": STORE_DOWN_RESPONSE,
+            },
         }
     },
 }
