@@ -225,6 +225,39 @@ def worker_name() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
 
 
+# --- where a job table is -----------------------------------------------------------------------
+
+DATABASE_SCHEMES = ("postgresql://", "postgres://")
+"""A job table named by a URL of one of these schemes is a PostgreSQL database
+(`PostgresJobQueue`); anything else names a SQLite file (`SQLiteJobQueue`)."""
+
+
+def is_database_url(target: object) -> bool:
+    """Whether `target` names a PostgreSQL job table rather than a SQLite file."""
+    return isinstance(target, str) and target.lower().startswith(DATABASE_SCHEMES)
+
+
+def url_password(target: str) -> str | None:
+    """The password written in a database URL's user info (as written, not decoded), if any."""
+    head = target.split("://", 1)[-1].split("?", 1)[0]
+    userinfo = head.rpartition("@")[0]
+    return userinfo.split(":", 1)[1] if ":" in userinfo else None
+
+
+def redact_url(target: str) -> str:
+    """`target` as a log line or an error may show it: a database URL as
+    `scheme://user@host:port/database`, without its password nor its query (which may carry
+    one); a path unchanged. Everything between the user name and the last `@` goes, so a
+    password with a stray `/` or `@` in it goes too."""
+    if not is_database_url(target):
+        return target
+    scheme, rest = target.split("://", 1)
+    head = rest.split("?", 1)[0].split("#", 1)[0]
+    userinfo, at, hostpart = head.rpartition("@")
+    user = userinfo.split(":", 1)[0]
+    return f"{scheme}://{user}{at}{hostpart}"
+
+
 # --- validation --------------------------------------------------------------------------------
 
 
