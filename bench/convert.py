@@ -14,7 +14,11 @@ Converts the same slide, side by side, with:
 * ``wsi-no-reuse-zarr`` - ``--no-reuse-levels --format zarr``;
 * ``vips``              - libvips ``tiffsave`` of a tiled JPEG pyramid
                           (through pyvips, in its own Python process);
-* ``wsidicomizer``      - conversion to DICOM WSI.
+* ``wsi-keep-jpeg``     - ``--keep-source-jpeg --keep-background``: the source's
+                          JPEG tiles stored byte for byte (no Huffman
+                          optimisation, no blank-glass test);
+* ``wsidicomizer``      - conversion to DICOM WSI (on an NDPI, through
+                          opentile's passthrough: ``--ndpi``).
 
 Every tool runs as a subprocess. For each run we measure the wall time, the
 peak RSS of the process tree (polled every ~20 ms, summing the RSS of the
@@ -69,6 +73,10 @@ import tifffile
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "bench" / "out"
 GENERATOR = ROOT / "sample_data" / "generate.py"
+NDPI_GENERATOR = ROOT / "sample_data" / "make_ndpi.py"
+#: Tools compared with wsidicomizer on an NDPI source, and the speed-up aimed at.
+NDPI_TOOLS: tuple[str, ...] = ("wsi", "wsi-zarr", "wsi-keep-jpeg")
+NDPI_TARGET_SPEEDUP = 2.0
 
 #: How often the process tree's memory is sampled.
 POLL_INTERVAL_S = 0.02
@@ -157,6 +165,12 @@ TOOLS: tuple[Tool, ...] = (
         "wsi convert --no-reuse-levels --format zarr (OME-Zarr view only)",
         "zarr",
         _wsi_command("--no-reuse-levels", "--format", "zarr"),
+    ),
+    Tool(
+        "wsi-keep-jpeg",
+        "wsi convert --keep-source-jpeg --keep-background (source tiles byte for byte)",
+        "zarr+dicom",
+        _wsi_command("--keep-source-jpeg", "--keep-background"),
     ),
     Tool("vips", "pyvips tiffsave, tiled JPEG Q85 pyramid, BigTIFF", "tiff", _vips_command),
     Tool(
@@ -327,6 +341,55 @@ def ensure_source(width: int, height: int, seed: int) -> Path:
         )
         tmp.rename(path)
     return path
+
+
+def ensure_ndpi_source(width: int, height: int, seed: int) -> Path:
+    """The generated NDPI (2048 px restart intervals, 4:4:4) for this size and seed."""
+    path = OUT / f"slide_{width}x{height}_seed{seed}.ndpi"
+    if not path.exists():
+        print(f"generating {path} ...", flush=True)
+        tmp = path.with_suffix(".tmp.ndpi")
+        command = [sys.executable, str(NDPI_GENERATOR), str(tmp)]
+        command += [f"--width={width}", f"--height={height}", f"--seed={seed}"]
+        subprocess.run(command, check=True)
+        tmp.rename(path)
+    return path
+
+
+def wsidicomizer_checks(results: Sequence[Result], src: Path) -> list[dict[str, object]]:
+    """On an NDPI source: our speed against wsidicomizer's (opentile's NDPI passthrough)."""
+    if src.suffix.lower() != ".ndpi":
+        return []
+    by_name = {r.tool: r for r in results}
+    other = by_name.get("wsidicomizer")
+    checks: list[dict[str, object]] = []
+    for name in NDPI_TOOLS:
+        ours = by_name.get(name)
+        speedup = None
+        if ours and other and ours.median_s and other.median_s:
+            speedup = other.median_s / ours.median_s
+        checks.append(
+            {
+                "tool": name,
+                "speedup": speedup,
+                "target": NDPI_TARGET_SPEEDUP,
+                "ok": speedup >= NDPI_TARGET_SPEEDUP if speedup is not None else None,
+            }
+        )
+    return checks
+
+
+def format_wsidicomizer_checks(checks: Sequence[dict[str, object]]) -> str:
+    lines = []
+    for check in checks:
+        label = f"{check['tool']} vs wsidicomizer (NDPI)"
+        speedup = check["speedup"]
+        target = f"(target >= {NDPI_TARGET_SPEEDUP:g}x)"
+        if not isinstance(speedup, float):
+            lines.append(f"{label}: n/a (not run or failed) {target}")
+        else:
+            lines.append(f"{label}: {speedup:.2f}x faster {target}{_verdict(check['ok'])}")
+    return "\n".join(lines)
 
 
 def source_compression(path: Path) -> str:
@@ -523,6 +586,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--width", type=int, default=40000, help="generated slide width")
     parser.add_argument("--height", type=int, default=30000, help="generated slide height")
     parser.add_argument("--seed", type=int, default=0, help="generated slide seed")
+    parser.add_argument(
+        "--ndpi",
+        action="store_true",
+        help="generate a Hamamatsu NDPI (sample_data/make_ndpi.py) instead of a TIFF; "
+        "wsi is then also compared with wsidicomizer (target >= 2x)",
+    )
     parser.add_argument("--repeat", type=int, default=3, help="runs per tool (median reported)")
     parser.add_argument(
         "--tools",
@@ -551,7 +620,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     OUT.mkdir(parents=True, exist_ok=True)
-    src = (args.src or ensure_source(args.width, args.height, args.seed)).resolve()
+    generate = ensure_ndpi_source if args.ndpi else ensure_source
+    src = (args.src or generate(args.width, args.height, args.seed)).resolve()
     header = pyvips.Image.new_from_file(str(src))
     width, height = header.width, header.height
     megapixels = width * height / 1e6
@@ -590,6 +660,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if checks_text:
         print()
         print(checks_text)
+    contender = wsidicomizer_checks(results, src)
+    if contender:
+        print(format_wsidicomizer_checks(contender))
     ref_mps = reference_mps(results, megapixels)
     report = {
         "source": {
@@ -609,7 +682,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         "repeat": args.repeat,
         "reference": REFERENCE,
         "results": [summary(r, megapixels, source_bytes, ref_mps) for r in results],
-        "checks": {"dicom_overhead": overhead, "both_views_stored": stored},
+        "checks": {
+            "dicom_overhead": overhead,
+            "both_views_stored": stored,
+            "vs_wsidicomizer": contender,
+        },
     }
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(report, indent=2) + "\n")

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from wsi.sources import DicomSource, OpenSlideSource, TiffSource
+from sample_data.make_ndpi import write_ndpi
+from wsi.sources import DicomSource, NdpiSource, OpenSlideSource, TiffSource
 
 from .conftest import shared
 from .contracts.sources import (
@@ -56,6 +57,42 @@ class TestTiffSource(SourceContract):
     )
     def case(self, request: pytest.FixtureRequest, slide_path: Callable[[str], Path]) -> SourceCase:
         return SourceCase(_path(request, request.param, slide_path), TiffSource, OpenSlideReference)
+
+
+@pytest.fixture(scope="session")
+def generated_ndpi(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Path]:
+    """NDPIs of `sample_data/make_ndpi.py`, by restart interval: 'wide' intervals are cropped
+    into tiles, 'narrow' ones joined, 'whole' ones are the tiles (4:2:2 chroma: a tile is
+    exactly what OpenSlide decodes at once, so chroma upsampling agrees at its edges)."""
+    folder = tmp_path_factory.mktemp("ndpi")
+    made = {
+        "wide": write_ndpi(folder / "wide.ndpi", 1900, 1300, levels=2, stripe=1920),
+        "narrow": write_ndpi(folder / "narrow.ndpi", 1400, 900, levels=2, stripe=160),
+        "whole": write_ndpi(
+            folder / "whole.ndpi", 1400, 900, levels=2, stripe=512, subsampling="422"
+        ),
+    }
+    return made.__getitem__
+
+
+class TestNdpiSource(SourceContract):
+    @pytest.fixture(
+        params=[
+            pytest.param("hamamatsu/test3-DAPI-2-(387).ndpi", id="ndpi"),
+            pytest.param("generated:wide", id="generated-ndpi-cropped"),
+            pytest.param("generated:narrow", id="generated-ndpi-joined"),
+            pytest.param("generated:whole", id="generated-ndpi-422"),
+        ]
+    )
+    def case(
+        self,
+        request: pytest.FixtureRequest,
+        slide_path: Callable[[str], Path],
+        generated_ndpi: Callable[[str], Path],
+    ) -> SourceCase:
+        name: str = request.param
+        path = generated_ndpi(name[10:]) if name.startswith("generated:") else slide_path(name)
+        return SourceCase(path, NdpiSource, OpenSlideReference)
 
 
 class TestOpenSlideSource(SourceContract):

@@ -26,7 +26,7 @@ READABLE = [
     ("openslide-python-fixtures/small.svs", "tiff", TileCodec.JPEG),
     ("openslide-python-fixtures/boxes.tiff", "tiff", TileCodec.OTHER),
     ("openslide-python-fixtures/boxes_0.dcm", "dicom", TileCodec.JPEG),
-    ("hamamatsu/test3-DAPI-2-(387).ndpi", "openslide", TileCodec.OTHER),
+    ("hamamatsu/test3-DAPI-2-(387).ndpi", "ndpi", TileCodec.JPEG),
     ("highdicom/sm_image.dcm", "dicom", TileCodec.OTHER),
     ("highdicom/sm_image_jpegls.dcm", "dicom", TileCodec.OTHER),
 ]

@@ -8,10 +8,11 @@ from pathlib import Path
 from wsi.errors import InvalidArgument, SlideNotFound, UnsupportedSlide
 from wsi.sources.base import SlideSource
 from wsi.sources.dicom_backend import DicomSource
+from wsi.sources.ndpi_backend import NdpiSource
 from wsi.sources.openslide_backend import OpenSlideSource
 from wsi.sources.tiff_backend import TiffSource
 
-BACKENDS: tuple[type[SlideSource], ...] = (DicomSource, TiffSource, OpenSlideSource)
+BACKENDS: tuple[type[SlideSource], ...] = (DicomSource, TiffSource, NdpiSource, OpenSlideSource)
 """Probe order: backends that hand out stored tile bytes come before the decoding fallback."""
 
 
@@ -48,4 +49,12 @@ def open_slide(
     raise UnsupportedSlide(f"no backend can read this slide{detail}")
 
 
-__all__ = ["BACKENDS", "DicomSource", "OpenSlideSource", "SlideSource", "TiffSource", "open_slide"]
+__all__ = [
+    "BACKENDS",
+    "DicomSource",
+    "NdpiSource",
+    "OpenSlideSource",
+    "SlideSource",
+    "TiffSource",
+    "open_slide",
+]

@@ -67,6 +67,13 @@ class SlideSource(abc.ABC):
         self.level(level).check_tile(col, row)
         raise EncodedTileUnavailable(f"{self.name} cannot hand out encoded tiles")
 
+    def encoded_tile_method(self, level: int) -> str:
+        """How `read_encoded_tile` gets level `level`'s tiles without decoding, in words a
+        slide's manifest records: 'copied' (stored tiles as they are) unless a backend cuts
+        them out of larger streams and says so."""
+        self.level(level)
+        return "copied"
+
     @abc.abstractmethod
     def read_tile(self, level: int, col: int, row: int) -> np.ndarray:
         """Decoded tile as (tile_height, tile_width, 3) uint8 RGB; parts outside the image are
