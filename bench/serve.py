@@ -5,7 +5,8 @@ shares its event loop) and pinned to the same CPUs:
 
 * ``ours``      - ``create_app`` serving ``/slides/{id}/tiles/{level}/{col}/{row}``: stored JPEG
                   bytes from the tile cache (every tile is fetched once before the measurement,
-                  so they are all hot);
+                  so they are all hot); with ``--processes N`` (N > 1) ``wsi serve``'s N
+                  processes on one port (``server.processes``), each with its own tile cache;
 * ``openslide`` - "the OpenSlide DeepZoom way": a tiny aiohttp app whose handler runs
                   ``DeepZoomGenerator(OpenSlide(src)).get_tile(level, (col, row))`` and a PIL JPEG
                   encode (quality 75) in a thread pool, per request, for the same tiles;
@@ -127,7 +128,12 @@ def serve_ours(args: argparse.Namespace) -> None:
         port=args.port,
         threads=args.threads,
         s3_endpoint=args.s3_endpoint,
+        processes=args.processes,
     )
+    if args.processes > 1:
+        from server.processes import run_processes
+
+        sys.exit(run_processes(settings))
     run(create_app(settings), args.port)
 
 
@@ -316,7 +322,13 @@ class Result:
     """CPU the load generator used (CPU seconds per second): near its process/thread count, the
     load generator, not the server, is the bottleneck."""
     server_cores: float = 0.0
-    """CPU the server process used (all its threads)."""
+    """CPU the server used (all its threads, and its serving processes)."""
+
+    @property
+    def cpu_us_per_tile(self) -> float:
+        """The server's CPU time per tile served (microseconds): unlike tiles/s, it does not
+        move with what else the machine runs."""
+        return self.server_cores / self.tiles_per_s * 1e6 if self.tiles_per_s else float("nan")
 
 
 def _percentile(sorted_values: list[float], q: float) -> float:
@@ -503,13 +515,22 @@ def measure(
 
     if args.warmup > 0:
         load(args.warmup)
-    process = psutil.Process(server.pid)
-    before = process.cpu_times()
+    before = _tree_cpu(server.pid)
     result = load(args.duration)
-    after = process.cpu_times()
-    used = after.user + after.system - before.user - before.system
+    used = sum(cpu - before.get(pid, 0.0) for pid, cpu in _tree_cpu(server.pid).items())
     result.server_cores = used / result.seconds
     return result
+
+
+def _tree_cpu(pid: int) -> dict[int, float]:
+    """CPU seconds of a process and of each of its descendants (serving processes)."""
+    root = psutil.Process(pid)
+    found: dict[int, float] = {}
+    for process in (root, *root.children(recursive=True)):
+        with contextlib.suppress(psutil.Error):
+            times = process.cpu_times()
+            found[process.pid] = times.user + times.system
+    return found
 
 
 # --------------------------------------------------------------------------------------------
@@ -869,6 +890,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--threads", type=int, default=0, help="server thread pools (default: the server CPUs)"
     )
     parser.add_argument(
+        "--processes",
+        type=int,
+        default=1,
+        help="ours: serving processes (`wsi serve --processes`; default 1, one process)",
+    )
+    parser.add_argument(
         "--no-s3",
         dest="s3",
         action="store_false",
@@ -898,6 +925,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         parser.error(f"--servers: choose from {', '.join(SERVERS)} (got {args.servers})")
     if args.connections < 1 or args.duration <= 0 or args.warmup < 0 or args.tiles < 1:
         parser.error("--connections, --duration and --tiles must be positive, --warmup >= 0")
+    if args.processes < 1:
+        parser.error("--processes must be positive")
     if args.cold_connections < 1 or args.cold_tiles < 0:
         parser.error("--cold-connections must be positive, --cold-tiles >= 0")
     if args.client == "wrk" and shutil.which("wrk") is None:
@@ -936,6 +965,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     results: dict[str, Result] = {}
     with tempfile.TemporaryDirectory(prefix="wsi-bench-serve-") as tmp:
         ours_argv = ["--store", str(args.store.resolve()), "--threads", str(args.threads)]
+        ours_argv += ["--processes", str(args.processes)]
         with server_process("ours", ours_argv + cpus_arg, OUT / "logs" / "serve-ours.log") as ours:
             base = ours.url
             with urllib.request.urlopen(f"{base}/slides/{slide_id}") as response:
@@ -974,12 +1004,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     print()
     print(
         f"{'server':<11}{'client':<12}{'tiles/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'MB/s':>8}"
-        f"{'errors':>8}{'srv CPU':>9}{'load CPU':>10}"
+        f"{'errors':>8}{'srv CPU':>9}{'us CPU/tile':>12}{'load CPU':>10}"
     )
     for r in results.values():
         print(
             f"{r.server:<11}{r.client:<12}{r.tiles_per_s:10,.0f}{r.p50_ms:9.2f}{r.p99_ms:9.2f}"
-            f"{r.mb_per_s:8.1f}{r.errors:8d}{r.server_cores:9.2f}{r.load_cores:10.2f}"
+            f"{r.mb_per_s:8.1f}{r.errors:8d}{r.server_cores:9.2f}{r.cpu_us_per_tile:12.1f}"
+            f"{r.load_cores:10.2f}"
         )
     print("(CPU: cores busy on average; servers have", end=" ")
     print(f"{len(args.server_cpu_list or []) or 'all'} CPU(s), the load generator", end=" ")
@@ -1016,7 +1047,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         "cpus": os.cpu_count(),
         "platform": platform.platform(),
         "python": platform.python_version(),
-        "results": {k: asdict(v) for k, v in results.items()},
+        "processes": args.processes,
+        "results": {
+            k: {**asdict(v), "cpu_us_per_tile": v.cpu_us_per_tile} for k, v in results.items()
+        },
         "ratios": ratios,
         "targets": {"ours/fixed": TARGET_VS_FIXED, "ours/openslide": TARGET_VS_OPENSLIDE},
         "cold": {

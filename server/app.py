@@ -14,7 +14,8 @@ from typing import Any
 
 from aiohttp import web
 
-from server.api import dicomweb, dzi, iiif, jobs, ops, slides, viewer
+from server.api import admin, console, dicomweb, dzi, iiif, jobs, ops, slides, viewer
+from server.api import integrity as integrity_api
 from server.audit import AuditLog
 from server.auth import Handler, auth_middleware
 from server.bucket_copies import StagedSources
@@ -22,44 +23,62 @@ from server.catalog import PRIVATE_IMAGES, Catalog
 from server.converting import SourceSlides
 from server.cors import cors_headers, cors_middleware
 from server.errors import status_of
+from server.integrity import IntegrityMonitor
 from server.keys import (
     AUDIT,
     CATALOG,
     COPIES,
     EXECUTOR,
     INGEST_TASKS,
+    INTEGRITY,
     JOBS,
     JOBS_WAKE,
     METRICS,
+    ROLE,
     ROUTE_MODULES,
     SETTINGS,
 )
 from server.metrics import Metrics
+from server.replica import follow_ingest, publish_status
 from server.responses import json_error
-from server.settings import ServerSettings
+from server.settings import ProcessRole, ServerSettings
 from wsi.errors import (
     WsiError,
 )
+from wsi.ingest.supervise import Supervisor
 from wsi.published.reader import PublishedStore
 from wsi.published.values import ReaderSettings
 from wsi.store.objects import StoreSettings
 
-ROUTES: tuple[ModuleType, ...] = (ops, dzi, slides, iiif, dicomweb, viewer, jobs)
+ROUTES: tuple[ModuleType, ...] = (
+    ops,
+    dzi,
+    slides,
+    iiif,
+    dicomweb,
+    viewer,
+    jobs,
+    admin,
+    console,
+    integrity_api,
+)
 """Every API, in registration order. DeepZoom before slides: `/slides/{id}.dzi` must not be read
 as a slide id. A missing dependency fails the import here, loudly, instead of an API quietly
 going absent."""
 
 
-
 @web.middleware
 async def front_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Errors to JSON (every error is a JSON body with a 4xx/5xx status; no stack trace ever
-    leaves) and metrics, in one layer: each layer costs a coroutine per request, which shows at
-    thousands of tiles per second."""
+    leaves), metrics and CORS preflights, in one layer: each layer costs a coroutine per request,
+    which shows at thousands of tiles per second."""
     start = time.perf_counter()
     response: web.StreamResponse
     try:
-        response = await handler(request)
+        if request.method == "OPTIONS":  # a preflight is answered before routing can 405 it
+            response = await cors_middleware(request, handler)
+        else:
+            response = await handler(request)
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
@@ -110,7 +129,9 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
     # slide is viewable from its file while it converts, but never read while being copied.
     wanted = settings.sources or settings.watch or settings.s3_sources
     sources = SourceSlides(settings.sources, settings.max_render_pixels) if wanted else None
-    catalog = Catalog(store, sources, render_slots=2 * settings.threads)
+    catalog = Catalog(
+        store, sources, render_slots=2 * settings.threads, deidentify=settings.ingest.deidentify
+    )
     app[CATALOG] = catalog
     tiles = store.tiles
     app[METRICS].cache_stats = lambda: (tiles.hits, tiles.misses, tiles.used)
@@ -130,17 +151,16 @@ async def _ingest(app: web.Application) -> AsyncIterator[None]:
         yield
         return
     from server.bucket_copies import keep_copies
-    from wsi.ingest.queue import SQLiteJobQueue
+    from wsi.ingest.queue import open_queue
     from wsi.ingest.staging import sweep_orphans
     from wsi.ingest.supervise import Supervisor
     from wsi.ingest.worker import Worker, purge_jobs, shutdown_seconds, watch_folders
 
     catalog = app[CATALOG]
     ingest = settings.ingest
-    jobs_path = Path(ingest.jobs_path(settings.store))
     spool = Path(ingest.spool_path(settings.store))
     await asyncio.to_thread(ingest.make_state, settings.store)  # private, whatever the umask
-    queue = SQLiteJobQueue(jobs_path)
+    queue = await asyncio.to_thread(open_queue, ingest.jobs_path(settings.store))
     await asyncio.to_thread(queue.recover)  # jobs of a crashed run are taken back
     app[JOBS] = queue
     wake = app[JOBS_WAKE] = asyncio.Event()
@@ -174,6 +194,13 @@ async def _ingest(app: web.Application) -> AsyncIterator[None]:
         tasks.start(f"worker-{i + 1}", functools.partial(worker.run, stop))
     if ingest.keep_jobs_days:
         tasks.start("purge", functools.partial(purge_jobs, queue, ingest.keep_jobs_days, stop))
+    if ingest.archive_after_days and ingest.workers:  # CPU work: where conversions run
+        from wsi.published.archive import archive_policy
+
+        days = ingest.archive_after_days
+        tasks.start("archive", functools.partial(archive_policy, store, days, stop))
+    if settings.verify_every_hours:
+        _start_integrity_check(app, tasks, stop)
     yield
     stop.set()
     await tasks.wait(shutdown_seconds(ingest))
@@ -181,20 +208,40 @@ async def _ingest(app: web.Application) -> AsyncIterator[None]:
     queue.close()
 
 
-def create_app(settings: ServerSettings) -> web.Application:
-    metrics = Metrics()
-    middlewares: list[Any] = [front_middleware, cors_middleware]
+def _start_integrity_check(app: web.Application, tasks: Supervisor, stop: asyncio.Event) -> None:
+    """The scheduled integrity check (`server.integrity`), supervised with the ingest loops: one
+    checker per store, in the process that runs ingest, not one per serving replica."""
+    settings = app[SETTINGS]
+    monitor = app[INTEGRITY] = IntegrityMonitor(
+        StoreSettings(settings.store, settings.s3_endpoint),
+        every_seconds=settings.verify_every_hours * 3600.0,
+        rate=settings.verify_rate_mb * 1e6,
+        state_folder=settings.ingest.state_path(settings.store),
+    )
+    app[METRICS].integrity = monitor.status
+    tasks.start("verify", functools.partial(monitor.run, stop))
+
+
+def create_app(settings: ServerSettings, role: ProcessRole | None = None) -> web.Application:
+    """The service, or with a `role` one of its processes (`server.processes`): only the one
+    whose role says so runs the ingest roles; the others follow the job table they share."""
+    role = role or ProcessRole()
+    metrics = Metrics(role.index)
+    middlewares: list[Any] = [front_middleware]
     if settings.requires_auth:  # on loopback there is nothing to check on the hot path
         middlewares.append(auth_middleware)
     app = web.Application(middlewares=middlewares)
     app[SETTINGS] = settings
+    app[ROLE] = role
     app[METRICS] = metrics
     app.on_response_prepare.append(cors_headers)
     if settings.requires_auth and settings.audit_log:
         app.cleanup_ctx.append(_audit)
         app.on_response_prepare.append(_audit_record)
     app.cleanup_ctx.append(_resources)
-    app.cleanup_ctx.append(_ingest)
+    if role.shared is not None:
+        app.cleanup_ctx.append(publish_status)
+    app.cleanup_ctx.append(_ingest if role.ingest else follow_ingest)
     for module in ROUTES:
         module.register(app)
     app[ROUTE_MODULES] = list(ROUTES)
@@ -221,5 +268,3 @@ def serve(settings: ServerSettings) -> None:
         access_log=None,
         loop=new_event_loop(),
     )
-
-

@@ -9,6 +9,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from server.app import serve
+from server.processes import run_processes
 from server.settings import ServerSettings
 from wsi import cli as library_cli
 from wsi.ingest.settings import IngestSettings, add_ingest_arguments
@@ -31,6 +32,10 @@ def serve_settings(
         s3_sources=tuple(args.s3_source) if args.s3_source else None,
         cors_origins=tuple(args.cors_origin) if args.cors_origin else None,
         audit_log=args.audit_log,
+        verify_every_hours=args.verify_every_hours,
+        verify_rate_mb=args.verify_rate,
+        processes=args.processes,
+        tile_cache_mb=args.tile_cache_mb,
         ingest=IngestSettings.from_args(args, environ),
     )
 
@@ -43,8 +48,16 @@ def _serve(args: argparse.Namespace) -> int:
     )
     if settings.watch or settings.s3_sources:  # folders only: no slide is named
         print(f"wsistore: {settings.ingest.describe_state(settings.store)}", flush=True)
-    serve(settings)
-    return 0
+    if settings.processes == 1:
+        serve(settings)
+        return 0
+    total = settings.processes * settings.tile_cache_mb
+    print(
+        f"wsistore: {settings.processes} serving processes, tile cache "
+        f"{settings.tile_cache_mb} MB each ({total} MB in all)",
+        flush=True,
+    )
+    return run_processes(settings)
 
 
 def _add_serve(sub: Any) -> None:
@@ -60,6 +73,20 @@ def _add_serve(sub: Any) -> None:
     serve.add_argument("--host", help="listen address (WSI_HOST, default 127.0.0.1)")
     serve.add_argument("--port", type=int, help="port (WSI_PORT, default 8000)")
     serve.add_argument("--s3-endpoint", help="S3 endpoint URL (WSI_S3_ENDPOINT)")
+    serve.add_argument(
+        "--processes",
+        type=int,
+        metavar="N",
+        help="serving processes sharing the port, each with its own tile cache; process 0 also "
+        "runs ingest (WSI_PROCESSES, default: the CPU cores; 1: one process)",
+    )
+    serve.add_argument(
+        "--tile-cache-mb",
+        type=int,
+        metavar="MB",
+        help="stored tiles kept in memory, per process: N processes hold up to N x this "
+        "(WSI_TILE_CACHE_MB, default 256)",
+    )
     serve.add_argument(
         "--allow-label", action="store_true", help="serve label and macro images (WSI_ALLOW_LABEL)"
     )
@@ -87,6 +114,19 @@ def _add_serve(sub: Any) -> None:
         "--audit-log",
         metavar="FILE",
         help="with auth on: one JSON line per slide access (WSI_AUDIT_LOG)",
+    )
+    serve.add_argument(
+        "--verify-every-hours",
+        type=float,
+        metavar="HOURS",
+        help="with ingest on: check every published object against its manifest this often "
+        "(0: never; WSI_VERIFY_EVERY_HOURS, default 24)",
+    )
+    serve.add_argument(
+        "--verify-rate",
+        type=float,
+        metavar="MB/s",
+        help="most MB read per second by that check (WSI_VERIFY_RATE_MB, default 50)",
     )
     add_ingest_arguments(serve)
     serve.set_defaults(func=_serve)

@@ -27,6 +27,7 @@ from server.catalog import SourceLevel, SourcePyramid
 from server.keys import JOBS
 from wsi.codecs import jpeg
 from wsi.errors import InvalidArgument, SlideNotFound, WsiError
+from wsi.metadata import file_stem
 from wsi.model import TileCodec
 from wsi.pyramid.builder import PyramidSettings, plan_pyramid
 from wsi.slide_id import content_slide_id
@@ -198,7 +199,7 @@ class SourceSlides:
         except BaseException:
             source.close()
             raise
-        view = SourcePyramid(slide_id, levels, source.properties)
+        view = SourcePyramid(slide_id, levels, source.properties, name=file_stem(path))
         with self._lock:
             if slide_id in self._open:  # another thread opened it meanwhile
                 source.close()

@@ -11,12 +11,15 @@ from aiohttp import web
 from server.audit import AuditLog
 from server.bucket_copies import StagedSources
 from server.catalog import Catalog
+from server.integrity import IntegrityMonitor
 from server.metrics import Metrics
-from server.settings import ServerSettings
+from server.settings import ProcessRole, ServerSettings
 from wsi.ingest.queue import JobQueue
 from wsi.ingest.supervise import Supervisor
 
 SETTINGS = web.AppKey("settings", ServerSettings)
+ROLE = web.AppKey("role", ProcessRole)
+"""This process's part in the service (alone, or one of several: `server.processes`)."""
 AUDIT = web.AppKey("audit", AuditLog)
 """The access audit log, when auth is on and `audit_log` is set."""
 CATALOG = web.AppKey("catalog", Catalog)
@@ -28,6 +31,7 @@ JOBS_WAKE = web.AppKey("jobs_wake", asyncio.Event)
 """Set when a job is submitted here, so this process's idle workers claim it at once."""
 COPIES = web.AppKey("copies", StagedSources)
 """Local copies of s3:// job sources (made at submit, viewed and converted from)."""
+INTEGRITY = web.AppKey("integrity", IntegrityMonitor)
+"""The scheduled integrity check, in the process that runs ingest (`server.integrity`)."""
 INGEST_TASKS = web.AppKey("ingest_tasks", Supervisor)
 """The ingest loops (watcher feed, workers, purge, copies keeper): `/readyz` lists those down."""
-

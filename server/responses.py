@@ -22,10 +22,18 @@ def cache_control(request: web.Request, version: str | None, storable: bool) -> 
     """The Cache-Control value for a response of slide bytes (see `etag_response`)."""
     if not storable:
         return "no-store"
-    audience = "private" if request.app[SETTINGS].requires_auth else "public"
-    if version is not None and request.query.get(VERSION_PARAM) == version:
-        return f"{audience}, max-age=31536000, immutable"
-    return f"{audience}, no-cache"
+    private = request.app[SETTINGS].requires_auth
+    # The query string is parsed only when there is one (most tile URLs of scripts have none).
+    if version is not None and request.query_string and request.query.get(VERSION_PARAM) == version:
+        return _IMMUTABLE[private]
+    return _REVALIDATE[private]
+
+
+_IMMUTABLE = {
+    False: "public, max-age=31536000, immutable",
+    True: "private, max-age=31536000, immutable",
+}
+_REVALIDATE = {False: "public, no-cache", True: "private, no-cache"}
 
 
 def etag_response(
@@ -48,7 +56,9 @@ def etag_response(
     headers = {"ETag": quoted, "Cache-Control": cache_control(request, version, storable)}
     if request.headers.get("If-None-Match") == quoted:
         return web.Response(status=304, headers=headers)
-    return web.Response(body=body, content_type=content_type, headers=headers)
+    # As a header, not `content_type=`: aiohttp's setter parses and rebuilds it (1 us a tile).
+    headers["Content-Type"] = content_type
+    return web.Response(body=body, headers=headers)
 
 
 def dumps(doc: Any) -> str:

@@ -11,7 +11,10 @@ from wsi.errors import InvalidArgument
 from wsi.ingest.settings import IngestSettings, env_values
 
 LOOPBACK = {"127.0.0.1", "::1", "localhost"}
-_ORIGIN = re.compile(r"https?://[A-Za-z0-9.-]+(:[0-9]{1,5})?|https?://\[[0-9A-Fa-f:]+\](:[0-9]{1,5})?")
+MAX_PROCESSES = 256
+_ORIGIN = re.compile(
+    r"https?://[A-Za-z0-9.-]+(:[0-9]{1,5})?|https?://\[[0-9A-Fa-f:]+\](:[0-9]{1,5})?"
+)
 
 
 @dataclass(frozen=True)
@@ -38,6 +41,9 @@ class ServerSettings:
     max_render_pixels: int = 16_000_000
     """Pixel budget of any response we render (IIIF region/size, thumbnails)."""
     threads: int = field(default_factory=lambda: os.cpu_count() or 2)
+    processes: int = field(default_factory=lambda: os.cpu_count() or 1)
+    """Serving processes sharing the port (`server.processes`), each with its own event loop,
+    thread pool and tile cache (`tile_cache_mb` is per process). 1: one process, no supervisor."""
     watch: tuple[str, ...] = ()
     """Folders scanners drop slides into: each complete slide becomes a conversion job."""
     s3_sources: tuple[str, ...] = ()
@@ -47,6 +53,13 @@ class ServerSettings:
     cross-origin. On loopback any origin may read."""
     audit_log: str | None = None
     """With auth on: append one JSON line per request that names a slide to this file."""
+    verify_every_hours: float = 24.0
+    """With ingest on (`watch` or `s3_sources`): read every published object again and check it
+    against its manifest this often (0: never). The result: `GET /integrity`, `/metrics`,
+    `/readyz`."""
+    verify_rate_mb: float = 50.0
+    """Most MB (10^6 bytes) a second that check reads, so that it never takes the disk or the
+    network from serving (50 MB/s: a 1 GB slide in 20 s, 4 TB a day)."""
     ingest: IngestSettings = field(default_factory=IngestSettings)
     """How watch folders become jobs and jobs conversions (`WSI_WORKERS`, `WSI_QUIET_SECONDS`,
     ...): the same settings `wsi watch` and `wsi worker` read. Used when `watch` or `s3_sources`
@@ -61,6 +74,10 @@ class ServerSettings:
             )
         if self.max_render_pixels <= 0 or self.tile_cache_mb < 0 or self.threads <= 0:
             raise InvalidArgument("max_render_pixels, tile_cache_mb and threads must be positive")
+        if not 1 <= self.processes <= MAX_PROCESSES:
+            raise InvalidArgument(f"processes must be 1-{MAX_PROCESSES}, got {self.processes}")
+        if self.verify_every_hours < 0 or not self.verify_rate_mb > 0:
+            raise InvalidArgument("verify_every_hours must be >= 0 and verify_rate_mb positive")
         self.ingest.check_watch_folders(self.watch, self.store)
         for origin in self.cors_origins:
             if not _ORIGIN.fullmatch(origin):
@@ -87,3 +104,21 @@ class ServerSettings:
         if "ingest" not in values:
             values["ingest"] = IngestSettings.from_env(env)
         return cls(**values)
+
+
+@dataclass(frozen=True)
+class ProcessRole:
+    """The part one process plays in the service. Alone (the default) it is the whole service;
+    among the `processes` that `server.processes` starts, each serves, and only one runs the
+    ingest roles (watcher, workers, purge, archive policy, integrity check), so that nothing runs
+    twice."""
+
+    index: int = 0
+    """0 .. processes - 1; process 0 runs the ingest roles."""
+    ingest: bool = True
+    """Runs the ingest roles (when `watch` or `s3_sources` asks for them). The others open the
+    same job table, to answer `/jobs` and to follow the conversions it lists."""
+    shared: str | None = None
+    """The supervisor's private folder (mode 0700), where every process keeps a small status
+    file (its metrics; the ingest roles' state): how `/metrics`, `/readyz` and `/integrity`
+    answer for the whole service from any process. None for a process alone."""

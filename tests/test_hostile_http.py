@@ -63,9 +63,7 @@ def test_generated_requests_get_no_5xx_and_conform(live: tuple[str, str]) -> Non
     for operation in operations:
 
         @given(case=operation.as_strategy())
-        @settings(
-            max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck)
-        )
+        @settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck))
         def check(case: Any) -> None:
             case.call_and_validate(checks=checks)
 

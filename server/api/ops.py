@@ -2,31 +2,68 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from aiohttp import web
 
-from server.keys import CATALOG, INGEST_TASKS, METRICS
+from server.integrity import integrity_readiness
+from server.keys import CATALOG, INTEGRITY, JOBS, ROLE
 from server.openapi import openapi_document
-from server.responses import json_error
+from server.replica import ingest_down, metrics_text, shared_status
+from wsi.errors import WsiError
 
 
 async def healthz(request: web.Request) -> web.Response:
     return web.json_response({"status": "ok"})
 
 
+async def _job_table(request: web.Request) -> str:
+    """Whether the job table answers a read: ok, unavailable, or off (no ingest)."""
+    queue = request.app.get(JOBS)
+    if queue is None:
+        return "off"
+    try:
+        await asyncio.to_thread(queue.list, None, 1)
+    except WsiError:
+        return "unavailable"
+    return "ok"
+
+
 async def readyz(request: web.Request) -> web.Response:
-    """Ready: the store answers and no ingest loop is down (dead, waiting for its restart)."""
-    if not await request.app[CATALOG].reachable():
-        return json_error(503, "store unreachable")
-    tasks = request.app.get(INGEST_TASKS)
-    down = sorted(tasks.down) if tasks is not None else []
+    """Ready: the store answers and no ingest loop is down (dead, waiting for its restart). The
+    body tells each part apart: `store`, `job_table` (a job table that cannot be read stops
+    ingest, not serving: it is reported, not a reason to be unready) and the ingest loops
+    `down`. Damage found by the integrity check is reported (`integrity.status` "damaged"),
+    never a reason to be unready: one bad slide must not take the service out of its load
+    balancer, where every other slide is still served.
+
+    With several serving processes any of them answers for the whole service: the ingest loops
+    and the integrity check as the process that runs them last reported (that whole process is
+    down while its report is stale), and `processes`, how many answer."""
+    reachable = await request.app[CATALOG].reachable()
+    app = request.app
+    down = sorted(await asyncio.to_thread(ingest_down, app))
+    detail: dict[str, object] = {
+        "store": "reachable" if reachable else "unreachable",
+        "job_table": await _job_table(request),
+        "down": down,
+        "integrity": await asyncio.to_thread(integrity_readiness, app.get(INTEGRITY)),
+    }
+    if app[ROLE].shared is not None:
+        others = await asyncio.to_thread(shared_status(app).others)
+        detail["processes"] = 1 + sum(1 for doc in others.values() if doc.get("live"))
+    if not reachable:
+        return web.json_response(
+            {"error": "store unreachable", "status": 503, **detail}, status=503
+        )
     if down:
-        body = {"error": f"ingest tasks down: {', '.join(down)}", "status": 503, "down": down}
+        body = {"error": f"ingest tasks down: {', '.join(down)}", "status": 503, **detail}
         return web.json_response(body, status=503)
-    return web.json_response({"status": "ready"})
+    return web.json_response({"status": "ready", **detail})
 
 
 async def metrics(request: web.Request) -> web.Response:
-    body = request.app[METRICS].render()
+    body = await metrics_text(request.app)
     return web.Response(body=body, content_type="text/plain", charset="utf-8")
 
 
@@ -45,7 +82,8 @@ OPENAPI = {
     "/healthz": {"get": {"summary": "Liveness", "responses": {"200": {"description": "alive"}}}},
     "/readyz": {
         "get": {
-            "summary": "Readiness: the store answers",
+            "summary": "Readiness: the store answers and no ingest loop is down; the body "
+            "says how the store, the job table and the ingest loops are",
             "responses": {
                 "200": {"description": "ready"},
                 "503": {"description": "store unreachable"},
