@@ -152,6 +152,13 @@ def test_batching_and_read_settings_do_not_change_pixels(location: str) -> None:
         reference = slide.patches(0, corners, 128)
         for settings in variants:
             assert np.array_equal(slide.patches(0, corners, 128, settings), reference)
+        # Into a caller's buffer: the same pixels, in that buffer.
+        buffer = np.zeros_like(reference)
+        assert slide.patches(0, corners, 128, out=buffer) is buffer
+        assert np.array_equal(buffer, reference)
+        for bad in (buffer[:-1], buffer.astype(np.uint16), buffer[:, ::-1], buffer.T):
+            with pytest.raises(InvalidArgument, match="out must be"):
+                slide.patches(0, corners, 128, out=bad)
         # Duplicates and the order of the request are kept.
         twice = np.concatenate([corners[::-1], corners[:5]])
         again = slide.patches(0, twice, 128)

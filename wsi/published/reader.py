@@ -523,12 +523,14 @@ class AsyncPublishedSlide:
         coords: Any,
         size: int | tuple[int, int],
         settings: PatchSettings | None = None,
+        out: np.ndarray | None = None,
     ) -> np.ndarray:
         """Many patches of `level` at once as one (n, height, width, 3) uint8 array: `coords`
         are their top-left corners ((n, 2) pairs of (x, y)) in pixels of that level, `size` an
         int or (width, height). Parts outside the level are the fill grey. Each tile is read and
-        decoded once per batch however many patches touch it; see `wsi.published.patches`."""
-        return await read_patches(self, level, coords, size, settings)
+        decoded once per batch however many patches touch it; `out` is a preallocated array to
+        decode into; see `wsi.published.patches`."""
+        return await read_patches(self, level, coords, size, settings, out)
 
     # -- associated images and DICOM instances -----------------------------------------------
     def _allowed(self, name: str) -> PublishedAssociated:

@@ -140,8 +140,9 @@ class PublishedSlide:
         coords: Any,
         size: int | tuple[int, int],
         settings: PatchSettings | None = None,
+        out: np.ndarray | None = None,
     ) -> np.ndarray:
-        return self._runner.run(self._slide.patches(level, coords, size, settings))
+        return self._runner.run(self._slide.patches(level, coords, size, settings, out))
 
     def associated_bytes(self, name: str) -> bytes:
         return self._runner.run(self._slide.associated_bytes(name))
