@@ -338,7 +338,8 @@ def test_link_reopens_the_same_view(library: Library) -> None:
             before = await settle(browser)
             await browser.click("#link-button")
             link = await browser.wait_for("document.getElementById('link-output').value")
-            status = await browser.evaluate("document.getElementById('link-status').textContent")
+            # The status is written once the clipboard has answered (asynchronously).
+            status = await browser.wait_for("document.getElementById('link-status').textContent")
         async with Chromium(1024, 768) as fresh:
             await open_slide(fresh, link)
             after = await settle(fresh)
