@@ -133,12 +133,20 @@ class Service:
         self.serving_pids()
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
+        left: list[int] = []
         try:
             code = self.proc.wait(STOP_TIMEOUT_S)
+            # What the supervisor ran ends with it by itself: the serving processes before it
+            # exits, multiprocessing's resource tracker once the supervisor's end of its pipe
+            # is closed (a moment after). Wait for that, within a bound, before any kill.
+            deadline = time.monotonic() + STOP_TIMEOUT_S
+            left = [pid for pid in self.seen if _alive(pid)]
+            while left and time.monotonic() < deadline:
+                time.sleep(0.05)
+                left = [pid for pid in left if _alive(pid)]
         finally:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.proc.pid, signal.SIGKILL)
-        left = [pid for pid in self.seen if _alive(pid)]
         assert not left, f"processes left behind: {left}\n{self.log.read_text()}"
         return code
 
