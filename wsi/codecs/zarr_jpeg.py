@@ -10,7 +10,7 @@ with zarr-python through the `zarr.codecs` entry point; importing this module do
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Self
+from typing import Any, ClassVar, Self
 
 import numpy as np
 from zarr.abc.codec import ArrayBytesCodec
@@ -30,6 +30,10 @@ class JpegCodec(ArrayBytesCodec):
 
     is_fixed_size = False
     quality: int = 85
+    """Quality of the JPEG that chunks written through zarr are made from."""
+
+    codec_name: ClassVar[str] = CODEC_NAME
+    format_name: ClassVar[str] = "JPEG"
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Self:
@@ -37,23 +41,36 @@ class JpegCodec(ArrayBytesCodec):
         return cls(quality=int(config.get("quality", 85)))
 
     def to_dict(self) -> dict[str, Any]:
-        return {"name": CODEC_NAME, "configuration": {"quality": self.quality}}
+        return {"name": self.codec_name, "configuration": {"quality": self.quality}}
+
+    @staticmethod
+    def jpeg_of(chunk: bytes) -> bytes:
+        """The JPEG stream a stored chunk holds (a subclass stores it in another form)."""
+        return chunk
+
+    @staticmethod
+    def chunk_of(stream: bytes) -> bytes:
+        """The stored chunk of a JPEG stream."""
+        return stream
 
     async def _decode_single(self, chunk_bytes: Buffer, chunk_spec: ArraySpec) -> NDBuffer:
         shape = chunk_spec.shape
         expected = (int(shape[0]), int(shape[1])) if len(shape) == 3 else None
-        pixels = jpeg.decode(chunk_bytes.as_numpy_array().tobytes(), expected=expected)
+        stream = self.jpeg_of(chunk_bytes.as_numpy_array().tobytes())
+        pixels = jpeg.decode(stream, expected=expected)
         if pixels.size != int(np.prod(chunk_spec.shape)):
-            raise ValueError(f"JPEG chunk is {pixels.shape}, expected {chunk_spec.shape}")
+            raise ValueError(
+                f"{self.format_name} chunk is {pixels.shape}, expected {chunk_spec.shape}"
+            )
         return chunk_spec.prototype.nd_buffer.from_numpy_array(pixels.reshape(chunk_spec.shape))
 
     async def _encode_single(self, chunk_array: NDBuffer, chunk_spec: ArraySpec) -> Buffer | None:
         pixels = np.ascontiguousarray(chunk_array.as_numpy_array())
-        data = jpeg.encode(pixels, self.quality)
+        data = self.chunk_of(jpeg.encode(pixels, self.quality))
         return chunk_spec.prototype.buffer.from_bytes(data)
 
     def compute_encoded_size(self, input_byte_length: int, chunk_spec: ArraySpec) -> int:
-        raise NotImplementedError("JPEG chunks have no fixed size")
+        raise NotImplementedError(f"{self.format_name} chunks have no fixed size")
 
 
 register_codec(CODEC_NAME, JpegCodec)

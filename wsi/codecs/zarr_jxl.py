@@ -12,51 +12,31 @@ entry point; importing this module does it too.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Self
+from typing import ClassVar
 
-import numpy as np
-from zarr.abc.codec import ArrayBytesCodec
-from zarr.core.array_spec import ArraySpec
-from zarr.core.buffer import Buffer, NDBuffer
 from zarr.registry import register_codec
 
-from wsi.codecs import jpeg, jxl
+from wsi.codecs import jxl
+from wsi.codecs.zarr_jpeg import JpegCodec
 
 CODEC_NAME = jxl.ZARR_CODEC_NAME
 
 
 @dataclass(frozen=True)
-class JpegXlCodec(ArrayBytesCodec):
-    """uint8 (h, w, 3) RGB <-> JPEG XL recompressed baseline JPEG."""
+class JpegXlCodec(JpegCodec):
+    """uint8 (h, w, 3) RGB <-> JPEG XL recompressed baseline JPEG: the JPEG codec with chunks
+    stored in their recompressed form."""
 
-    is_fixed_size = False
-    quality: int = 85
-    """Quality of the JPEG that chunks written through zarr are made from."""
+    codec_name: ClassVar[str] = CODEC_NAME
+    format_name: ClassVar[str] = "JPEG XL"
 
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> Self:
-        config = data.get("configuration", {}) or {}
-        return cls(quality=int(config.get("quality", 85)))
+    @staticmethod
+    def jpeg_of(chunk: bytes) -> bytes:
+        return jxl.jxl_to_jpeg(chunk)
 
-    def to_dict(self) -> dict[str, Any]:
-        return {"name": CODEC_NAME, "configuration": {"quality": self.quality}}
-
-    async def _decode_single(self, chunk_bytes: Buffer, chunk_spec: ArraySpec) -> NDBuffer:
-        shape = chunk_spec.shape
-        expected = (int(shape[0]), int(shape[1])) if len(shape) == 3 else None
-        stream = jxl.jxl_to_jpeg(chunk_bytes.as_numpy_array().tobytes())
-        pixels = jpeg.decode(stream, expected=expected)
-        if pixels.size != int(np.prod(chunk_spec.shape)):
-            raise ValueError(f"JPEG XL chunk is {pixels.shape}, expected {chunk_spec.shape}")
-        return chunk_spec.prototype.nd_buffer.from_numpy_array(pixels.reshape(chunk_spec.shape))
-
-    async def _encode_single(self, chunk_array: NDBuffer, chunk_spec: ArraySpec) -> Buffer | None:
-        pixels = np.ascontiguousarray(chunk_array.as_numpy_array())
-        data = jxl.jpeg_to_jxl(jpeg.encode(pixels, self.quality))
-        return chunk_spec.prototype.buffer.from_bytes(data)
-
-    def compute_encoded_size(self, input_byte_length: int, chunk_spec: ArraySpec) -> int:
-        raise NotImplementedError("JPEG XL chunks have no fixed size")
+    @staticmethod
+    def chunk_of(stream: bytes) -> bytes:
+        return jxl.jpeg_to_jxl(stream)
 
 
 register_codec(CODEC_NAME, JpegXlCodec)
