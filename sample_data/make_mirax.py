@@ -155,12 +155,15 @@ def write_mirax(
     mpp: float = 0.25,
     magnification: int = 20,
     slide_id: str | None = None,
+    omit_blank: bool = False,
 ) -> Path:
     """Write `image` (H x W x 3 uint8) as the MIRAX slide `path` (`name.mrxs`) plus `name/`.
 
     Level 0 holds JPEGs of about `tile` x `tile` pixels (see `image_size`); level k (k <
     `levels`) is the 2^k area downsample. `slide_id` (default: a UUID derived from the pixels,
-    so the same input gives the same files) goes into Slidedat.ini and Index.dat.
+    so the same input gives the same files) goes into Slidedat.ini and Index.dat. With
+    `omit_blank`, level-0 images that are all fill colour are not stored, nor the images of
+    other levels that cover only such images (as a scanner skips fields it did not scan).
     Returns `path`.
     """
     path = Path(path)
@@ -189,6 +192,7 @@ def write_mirax(
     data_files = [f"Data{k:04d}.dat" for k in range(levels)]
     index: list[list[tuple[int, int, int, int]]] = []
     current = padded
+    blank: set[tuple[int, int]] = set()
     for k in range(levels):
         if k:
             current = _downsample2(current)
@@ -199,7 +203,17 @@ def write_mirax(
             for y in range(0, images_y, step):
                 for x in range(0, images_x, step):
                     row, col = y // step * th, x // step * tw
-                    jpeg = _jpeg(level8[row : row + th, col : col + tw], quality)
+                    pixels = level8[row : row + th, col : col + tw]
+                    if k == 0 and omit_blank and (pixels == FILL_RGB).all():
+                        blank.add((x, y))
+                    covered = {
+                        (x + i, y + j)
+                        for i in range(min(step, images_x - x))
+                        for j in range(min(step, images_y - y))
+                    }
+                    if omit_blank and covered <= blank:
+                        continue
+                    jpeg = _jpeg(pixels, quality)
                     entries.append((y * images_x + x, f.tell(), len(jpeg), k))
                     f.write(jpeg)
         index.append(entries)
@@ -245,8 +259,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--levels", type=int, default=3)
     parser.add_argument("--quality", type=int, default=90)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--benchmark-pixels",
+        action="store_true",
+        help="the benchmarks' slide (sample_data/generate.py: glass, tissue, nuclei) instead of"
+        " smooth blobs; needs far less memory at large sizes",
+    )
     args = parser.parse_args(argv)
-    image = tissue_image(args.width, args.height, args.seed)
+    if args.benchmark_pixels:
+        from sample_data.generate import build
+
+        image = build(args.width, args.height, args.seed).numpy()
+    else:
+        image = tissue_image(args.width, args.height, args.seed)
     out = write_mirax(args.out, image, args.tile, args.levels, args.quality)
     print(out)
 

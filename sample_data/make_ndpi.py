@@ -1,7 +1,8 @@
 """Write a synthetic Hamamatsu NDPI slide that OpenSlide opens as vendor `hamamatsu`.
 
     python sample_data/make_ndpi.py OUT.ndpi [--width 20480 --height 20480 --levels 4
-        --stripe 2048 --quality 80 --subsampling 444 --seed 0]
+        --stripe 2048 --level-step 2 --single-frame-smallest --quality 80 --subsampling 444
+        --seed 0]
 
 The layout is the one NanoZoomer scanners write: a classic little-endian TIFF whose first
 directory carries the NDPI format flag (tag 65420); one directory per pyramid level, largest
@@ -12,19 +13,29 @@ offset of every interval from the start of the strip, tag 65421 the objective ma
 the level (`SourceLens`), 65424 the focal plane (0), 65449 a property map; then a macro image
 (`SourceLens` -1), one JPEG without restart markers. No label: NDPI has none of its own.
 
+What real files look like, and the options that copy it: a NanoZoomer brightfield scan
+(OpenSlide's CMU-1.ndpi, as opentile's tests describe it) has 2048 x 8 px stripes at level 0,
+stores levels 4x apart (`--level-step 4`) with the same number of stripes across every striped
+level (512, then 128 px wide), and its smallest level is one JPEG without restart markers
+(`--single-frame-smallest`); OpenSlide makes the levels in between by scaled decoding. The two
+fluorescence samples in `sample_data/hamamatsu` store levels 2x apart with one stripe per row
+of MCUs (3968 px at level 0) and 4:4:4 YCbCr. So: the same stripe count across levels, here
+too; `--level-step 2` (the default) or 4.
+
 Pixels come from `generate.build` (the tissue-like synthetic slide, lazy libvips) and are
 streamed as PPM into libjpeg-turbo's `cjpeg` with its restart option (`-restart NB`): memory
 stays bounded by a few strips of pixels whatever the slide's size. Level k is level k-1's JPEG
-decoded at 1/2 scale by libjpeg-turbo (DCT scaling), as a scanner derives its levels from the
-one above. Chroma is 4:4:4 or 4:2:2 (`--subsampling`), not 4:2:0: OpenSlide decodes one restart
-interval at a time under the whole level's frame header, and 4:2:0's upsampling reads the next
-row of MCUs, which it does not give it (OpenSlide 4.0.1 fails such a slide with "found marker
-0xd9 instead of RST0").
+decoded at 1/2 (or 1/4) scale by libjpeg-turbo (DCT scaling), as a scanner derives its levels
+from the one above. Chroma is 4:4:4 or 4:2:2 (`--subsampling`), not 4:2:0: OpenSlide decodes
+one restart interval at a time under the whole level's frame header, and 4:2:0's upsampling
+reads the next row of MCUs, which it does not give it (OpenSlide 4.0.1 fails such a slide with
+"found marker 0xd9 instead of RST0").
 
 Every level's width must be a whole number of stripes and MCUs (OpenSlide rejects restart
 offsets otherwise): the width and height are rounded up to a multiple of the MCU size times
-2^(levels-1), and a level narrower than `stripe`, or not a multiple of it, gets the largest
-divisor of its width up to `stripe` (and a multiple of the MCU width) as its stripe width.
+step^(levels-1). Level 0's stripe width is the largest divisor of its width up to `stripe` that
+is a whole number of MCUs; a lower level has as many stripes across as level 0 when that makes
+them whole MCUs, else the same divisor rule.
 """
 
 from __future__ import annotations
@@ -62,6 +73,18 @@ def stripe_width(width: int, stripe: int, mcu_width: int) -> int:
     return max(d for d in range(mcu_width, min(stripe, width) + 1, mcu_width) if width % d == 0)
 
 
+def level_stripes(widths: list[int], stripe: int, mcu_width: int) -> list[int]:
+    """The stripe width of each level (widths largest first): as many stripes across as level 0
+    has, where that is a whole number of MCUs (what scanners write), else `stripe_width`."""
+    across = widths[0] // stripe_width(widths[0], stripe, mcu_width)
+    return [
+        w // across
+        if w % across == 0 and (w // across) % mcu_width == 0
+        else stripe_width(w, stripe, mcu_width)
+        for w in widths
+    ]
+
+
 def _mcu(subsampling: str) -> tuple[int, int]:
     return (16, 8) if subsampling == "422" else (8, 8)
 
@@ -91,9 +114,10 @@ def _interval_starts(path: Path) -> list[int]:
 
 def _encode(image: pyvips.Image, path: Path, quality: int, subsampling: str, ri: int) -> None:
     """Stream `image` as PPM (our header, libvips' raw pixels) into libjpeg-turbo's `cjpeg`, a
-    restart marker every `ri` MCUs."""
+    restart marker every `ri` MCUs (none when 0)."""
     sample = "2x1" if subsampling == "422" else "1x1"
-    command = ["cjpeg", "-quality", str(quality), "-sample", sample, "-restart", f"{ri}B"]
+    command = ["cjpeg", "-quality", str(quality), "-sample", sample]
+    command += ["-restart", f"{ri}B"] if ri else []
     with path.open("wb") as out:
         proc = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=out)
         assert proc.stdin is not None
@@ -185,25 +209,33 @@ def write_ndpi(
     quality: int = 80,
     subsampling: str = "444",
     seed: int = 0,
+    level_step: int = 2,
+    single_frame_smallest: bool = False,
 ) -> Path:
     """Write the slide (see the module docstring); returns its path."""
     out = Path(path)
     mw, mh = _mcu(subsampling)
     if stripe % mw:
         raise ValueError(f"the stripe width must be a multiple of the MCU width {mw}")
-    step_w, step_h = mw << (levels - 1), mh << (levels - 1)
+    if level_step not in (2, 4):
+        raise ValueError("levels are 2x or 4x apart")
+    scale = level_step ** (levels - 1)
+    step_w, step_h = mw * scale, mh * scale
     width, height = -(-width // step_w) * step_w, -(-height // step_h) * step_h
+    sizes = [(width // level_step**k, height // level_step**k) for k in range(levels)]
+    stripes = level_stripes([w for w, _ in sizes], stripe, mw)
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
-        jpegs: list[tuple[Path, int, int, float]] = []
+        jpegs: list[tuple[Path, int, int, float, bool]] = []
         image = build(width, height, seed)
-        for k in range(levels):
-            w, h = width >> k, height >> k
+        for k, ((w, h), sw) in enumerate(zip(sizes, stripes, strict=True)):
             if k:
-                image = pyvips.Image.jpegload(str(jpegs[-1][0]), shrink=2, access="sequential")
+                previous = str(jpegs[-1][0])
+                image = pyvips.Image.jpegload(previous, shrink=level_step, access="sequential")
             target = Path(tmp) / f"level{k}.jpg"
-            _encode(image, target, quality, subsampling, stripe_width(w, stripe, mw) // mw)
-            jpegs.append((target, w, h, 40.0 / 2**k))
+            single = single_frame_smallest and k == levels - 1 and k > 0
+            _encode(image, target, quality, subsampling, 0 if single else sw // mw)
+            jpegs.append((target, w, h, 40.0 / level_step**k, not single))
         macro = pyvips.Image.jpegload(str(jpegs[-1][0])).thumbnail_image(
             10_000, height=MACRO_HEIGHT
         )
@@ -217,15 +249,15 @@ def write_ndpi(
 
 
 def _assemble(
-    out: Path, jpegs: list[tuple[Path, int, int, float]], macro: Path, mw: int, mh: int
+    out: Path, jpegs: list[tuple[Path, int, int, float, bool]], macro: Path, mw: int, mh: int
 ) -> None:
     """Strips first (copied from the JPEG files), then the directories."""
     pages: list[list[tuple[int, int, Any]]] = []
     with out.open("wb") as f:
         f.write(b"II*\x00" + struct.pack("<Q", 0))
-        for jpg, w, h, lens in [*jpegs, (macro, mw, mh, -1.0)]:
+        for jpg, w, h, lens, striped in [*jpegs, (macro, mw, mh, -1.0, False)]:
             offset, size = f.tell(), jpg.stat().st_size
-            starts = _interval_starts(jpg) if lens > 0 else None
+            starts = _interval_starts(jpg) if striped else None
             with jpg.open("rb") as src:
                 shutil.copyfileobj(src, f, 1 << 22)
             pages.append(_page_tags(w, h, offset, size, lens, starts))
@@ -248,7 +280,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--width", type=int, default=20480)
     parser.add_argument("--height", type=int, default=20480)
     parser.add_argument("--levels", type=int, default=4)
-    parser.add_argument("--stripe", type=int, default=2048, help="restart interval, in pixels")
+    parser.add_argument(
+        "--stripe", type=int, default=2048, help="level 0's restart interval, in pixels"
+    )
+    parser.add_argument("--level-step", type=int, choices=(2, 4), default=2)
+    parser.add_argument(
+        "--single-frame-smallest",
+        action="store_true",
+        help="the smallest level is one JPEG without restart markers (as in CMU-1.ndpi)",
+    )
     parser.add_argument("--quality", type=int, default=80)
     parser.add_argument("--subsampling", choices=("444", "422"), default="444")
     parser.add_argument("--seed", type=int, default=0)
@@ -262,6 +302,8 @@ def main(argv: list[str] | None = None) -> None:
         args.quality,
         args.subsampling,
         args.seed,
+        args.level_step,
+        args.single_frame_smallest,
     )
     print(path)
 

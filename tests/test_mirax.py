@@ -114,9 +114,9 @@ def test_image_placement_is_exact(tmp_path: Path) -> None:
 # Conversion
 
 
-def test_open_slide_picks_openslide(mirax_slide: Path) -> None:
+def test_open_slide_picks_the_mirax_backend(mirax_slide: Path) -> None:
     with wsi.open_slide(mirax_slide) as src:
-        assert src.name == "openslide"
+        assert src.name == "mirax"
         assert [(lv.width, lv.height) for lv in src.levels] == [
             (1500, 1100),
             (750, 550),

@@ -1,9 +1,11 @@
 """Hamamatsu NDPI through the raw-tile backend: levels cut at restart markers, never decoded.
 
-Slides: the sample NDPI (4:4:4, one restart interval per row of MCUs) and NDPIs written by
-`sample_data/make_ndpi.py` (OpenSlide reads them as vendor `hamamatsu`), with intervals narrower
-than a tile (joined), wider (cropped on DCT blocks), 4:4:4 and 4:2:2. Pixels are always compared
-with OpenSlide's own reading of the same file, never with the generator's input.
+Slides: the sample NDPI (4:4:4, one 3968 px restart interval per row of MCUs: cropped on DCT
+blocks) and NDPIs written by `sample_data/make_ndpi.py` (OpenSlide reads them as vendor
+`hamamatsu`): intervals that are the tiles' width (joined in rows), narrower ones (joined across
+too), wider than 2048 px (cropped), 4:4:4 and 4:2:2, and a NanoZoomer-like layout (levels 4x
+apart, the smallest one JPEG without restart markers). Pixels are always compared with
+OpenSlide's own reading of the same file, never with the generator's input.
 """
 
 from __future__ import annotations
@@ -38,9 +40,21 @@ KEEP_ALL = PyramidSettings(keep_background=True)
 
 @pytest.fixture(scope="session")
 def ndpi_wide(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Restart intervals of 1504 px (wider than any tile: cropped), level 0 3008 x 2528."""
+    """Restart intervals of 1504 px (two across level 0, 3008 x 2528; 752 and 376 px below):
+    the tiles are 1504 x 176, eleven rows of level 0's intervals, joined intervals below."""
     folder = tmp_path_factory.mktemp("ndpi")
     return write_ndpi(folder / "wide.ndpi", 3000, 2500, levels=3, stripe=2048, seed=4)
+
+
+@pytest.fixture(scope="session")
+def ndpi_scanner(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A NanoZoomer's layout: levels 4x apart with the same four intervals across (1024 and
+    256 px), the smallest (256 x 128) one JPEG without restart markers."""
+    folder = tmp_path_factory.mktemp("ndpi")
+    return write_ndpi(
+        folder / "scanner.ndpi", 4096, 2048, 3, stripe=1024, level_step=4,
+        single_frame_smallest=True, seed=6,
+    )  # fmt: skip
 
 
 @pytest.fixture(scope="session")
@@ -52,10 +66,17 @@ def ndpi_narrow(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def ndpi_422(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """4:2:2 chroma, intervals of 2016 px cropped into 672 px tiles (the divisor of 2016 nearest
-    to 512 that is a whole number of 16 px MCUs)."""
+    """4:2:2 chroma, intervals of 2016 px: the tiles' width."""
     folder = tmp_path_factory.mktemp("ndpi")
     return write_ndpi(folder / "s422.ndpi", 2016, 1000, 2, stripe=2016, subsampling="422")
+
+
+@pytest.fixture(scope="session")
+def ndpi_422_cropped(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """4:2:2 chroma, one 4032 px interval per row of MCUs: cropped into 448 px tiles (a
+    divisor of 4032 nearest to 512 that is a whole number of 16 px MCUs)."""
+    folder = tmp_path_factory.mktemp("ndpi")
+    return write_ndpi(folder / "c422.ndpi", 4032, 600, 2, stripe=4032, subsampling="422")
 
 
 def openslide_level(path: Path, level: int) -> np.ndarray:
@@ -96,12 +117,17 @@ def test_backend_is_chosen_for_ndpi_and_cuts_every_stored_level(ndpi_wide: Path)
     with open_slide(ndpi_wide) as src:
         assert isinstance(src, NdpiSource)
         level0 = src.levels[0]
-        assert (level0.tile_width, level0.tile_height) == (376, 376)  # 1504 / 4
+        assert (level0.tile_width, level0.tile_height) == (1504, 176)  # whole intervals
         codecs = [src.tile_codec(i) for i in range(len(src.levels))]
         assert codecs[:3] == [TileCodec.JPEG] * 3  # stored levels
         assert set(codecs[3:]) == {TileCodec.OTHER}  # OpenSlide's scaled decodes
         assert src.decoded == dict.fromkeys(range(3, len(src.levels)), "not stored")
-        assert src.encoded_tile_method(0) == CUT_AND_CROPPED
+        assert [src.encoded_tile_method(i) for i in range(3)] == [CUT] * 3
+        tile = src.read_encoded_tile(1, 0, 1)  # two 752 px intervals across, 22 rows of them
+        assert restart.parse_header(tile).restart_interval == 94
+        np.testing.assert_array_equal(
+            jpeg.decode(tile), openslide_level(ndpi_wide, 1)[176:352, :1504]
+        )
     with NdpiSource(sample(SAMPLE)) as src:
         assert (src.levels[0].tile_width, src.levels[0].tile_height) == (496, 496)
         assert [src.tile_codec(i) for i in range(4)] == [TileCodec.JPEG] * 4
@@ -142,7 +168,7 @@ def test_copied_levels_equal_openslide_and_the_manifest_says_so(
         # The sample's intervals are whole rows: 3968 px cut into 496 px tiles, and so on
         # down to level 3, which is 496 px wide: one interval per tile.
         "sample": [CUT_AND_CROPPED] * 3 + [CUT],
-        "wide": [CUT_AND_CROPPED] * 3,
+        "wide": [CUT] * 3,
         "narrow": [CUT] * 3,
     }
     assert [o.method for o in copied] == methods[name]
@@ -170,22 +196,64 @@ def test_info_shows_where_each_output_level_comes_from(ndpi_narrow: Path) -> Non
     assert [lv["method"] for lv in doc["output_levels"][3:]] == ["dct-half"]
 
 
-def test_subsampled_chroma_differs_from_openslide_only_at_cropped_tile_edges(
-    ndpi_422: Path,
+def test_a_scanners_levels_4x_apart_are_copied_and_the_single_jpeg_is_decoded(
+    ndpi_scanner: Path, tmp_path: Path
 ) -> None:
-    """OpenSlide decodes one 2016 px interval at a time; a 672 px tile cropped from it is
-    decoded alone, so 4:2:2 chroma is upsampled from other neighbours at the crop's edges. The
-    coefficients are the same: everything else is equal."""
+    """Stored levels 1, 1/4 and 1/16 (OpenSlide adds the halves by scaled decoding): output
+    levels 0 and 2 are copied, 1 and 3 come from DCT-scaled halves of them; the smallest
+    stored level has no restart markers, so it is read through OpenSlide, and not needed."""
+    with openslide.OpenSlide(str(ndpi_scanner)) as slide:
+        assert slide.level_dimensions[:5] == (
+            (4096, 2048), (2048, 1024), (1024, 512), (512, 256), (256, 128)
+        )  # fmt: skip
+    with NdpiSource(ndpi_scanner) as src:
+        assert (src.levels[0].tile_width, src.levels[0].tile_height) == (1024, 256)
+        assert [src.tile_codec(i) for i in range(5)] == [
+            TileCodec.JPEG, TileCodec.OTHER, TileCodec.JPEG, TileCodec.OTHER, TileCodec.OTHER
+        ]  # fmt: skip
+        assert src.decoded[4] == "no restart marker offsets (one JPEG stream)"
+        assert src.decoded[1] == src.decoded[3] == "not stored"
+    store = Store(StoreSettings(str(tmp_path / "store")))
+    result = convert_slide(
+        ndpi_scanner, store, ConvertSettings(pyramid=KEEP_ALL, formats=("zarr",))
+    )
+    origins = store.manifest(result.slide_id).levels
+    assert [(o.method, o.source_level, o.from_level) for o in origins] == [
+        (CUT, 0, None), ("dct-half", None, 0), (CUT, 2, None), ("dct-half", None, 2)
+    ]  # fmt: skip
+    for level in (0, 2):
+        np.testing.assert_array_equal(
+            published_level(result.url, level), openslide_level(ndpi_scanner, level)
+        )
+
+
+def test_whole_interval_tiles_with_subsampled_chroma_equal_openslide(ndpi_422: Path) -> None:
+    """A tile of whole 4:2:2 intervals holds the rows OpenSlide decodes one interval at a time
+    with the same horizontal neighbours (4:2:2 is not subsampled vertically): identical."""
     with NdpiSource(ndpi_422) as src:
         lv = src.levels[0]
-        assert lv.tile_width == 672 and src.encoded_tile_method(0) == CUT_AND_CROPPED
+        assert (lv.tile_width, lv.tile_height) == (2016, 128)
+        assert src.encoded_tile_method(0) == CUT
         ours = src.read_region(0, 0, 0, lv.width, lv.height)
-    ref = openslide_level(ndpi_422, 0)
+    np.testing.assert_array_equal(ours, openslide_level(ndpi_422, 0))
+
+
+def test_subsampled_chroma_differs_from_openslide_only_at_cropped_tile_edges(
+    ndpi_422_cropped: Path,
+) -> None:
+    """OpenSlide decodes one 4032 px interval at a time; a 448 px tile cropped from it is
+    decoded alone, so 4:2:2 chroma is upsampled from other neighbours at the crop's edges. The
+    coefficients are the same: everything else is equal."""
+    with NdpiSource(ndpi_422_cropped) as src:
+        lv = src.levels[0]
+        assert lv.tile_width == 448 and src.encoded_tile_method(0) == CUT_AND_CROPPED
+        ours = src.read_region(0, 0, 0, lv.width, lv.height)
+    ref = openslide_level(ndpi_422_cropped, 0)
     differs = np.any(ours != ref, axis=2)
     columns = np.nonzero(differs.any(axis=0))[0]
-    assert set(columns % 672) <= {0, 671} and len(columns) > 0
+    assert set(columns % 448) <= {0, 447} and len(columns) > 0
     assert np.abs(ours.astype(int) - ref).max() <= 32
-    inner = [x for x in range(lv.width) if x % 672 not in (0, 671)]
+    inner = [x for x in range(lv.width) if x % 448 not in (0, 447)]
     np.testing.assert_array_equal(ours[:, inner], ref[:, inner])
 
 
@@ -196,9 +264,9 @@ def test_subsampled_chroma_differs_from_openslide_only_at_cropped_tile_edges(
 def test_white_intervals_pad_edge_tiles_with_white(ndpi_wide: Path) -> None:
     with NdpiSource(ndpi_wide) as src:
         lv = src.levels[0]
-        assert (lv.width, lv.height) == (3008, 2528)  # 8 x 6.7 tiles of 376 px
+        assert (lv.width, lv.height) == (3008, 2528)  # 2 x 14.4 tiles of 1504 x 176 px
         tile = src.read_tile(0, lv.cols - 1, lv.rows - 1)
-        inside_h = lv.height - (lv.rows - 1) * 376
+        inside_h = lv.height - (lv.rows - 1) * 176
         assert (tile[inside_h:] == 255).all()
         assert (tile[:inside_h] < 250).any()
 

@@ -21,8 +21,8 @@ from .conftest import openslide_level0, sample, shared
 
 READABLE = [
     ("CMU-1-Small-Region.svs", "tiff", TileCodec.JPEG),
-    ("standin:aperio-jp2k.svs", "tiff", TileCodec.OTHER),
-    shared("tcga-cr-7395-01a-01-ts1.svs", "tiff", TileCodec.OTHER),
+    ("standin:aperio-jp2k.svs", "tiff", TileCodec.JPEG2000),
+    shared("tcga-cr-7395-01a-01-ts1.svs", "tiff", TileCodec.JPEG2000),
     ("openslide-python-fixtures/small.svs", "tiff", TileCodec.JPEG),
     ("openslide-python-fixtures/boxes.tiff", "tiff", TileCodec.OTHER),
     ("openslide-python-fixtures/boxes_0.dcm", "dicom", TileCodec.JPEG),

@@ -16,8 +16,11 @@ class TileCodec(enum.Enum):
 
     JPEG = "jpeg"
     """Complete baseline JPEG streams: these can be copied to the output byte for byte."""
+    JPEG2000 = "jpeg2000"
+    """Bare JPEG 2000 codestreams of R, G, B (Aperio 33005): decoded by default, copied as they are
+    when the user asks to keep them (`PyramidSettings.keep_jpeg2000`)."""
     OTHER = "other"
-    """Anything else (JPEG 2000, LZW, deflate, raw ...): tiles must be decoded."""
+    """Anything else (LZW, deflate, raw ...): tiles must be decoded."""
 
 
 class TileGrid:

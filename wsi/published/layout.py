@@ -26,10 +26,9 @@ from types import MappingProxyType
 from typing import Any, Literal, TypeAlias, cast
 
 import google_crc32c
-import numcodecs
 import numpy as np
 
-from wsi.codecs import jpeg, jxl
+from wsi.codecs import jpeg, jpeg2000, jxl
 from wsi.errors import CorruptSlide, InvalidArgument
 from wsi.model import JPEG_CODEC_NAME, Level, SlideProperties
 
@@ -161,7 +160,7 @@ def _field(doc: Mapping[str, Any], name: str, kind: type | tuple[type, ...], wha
 
 
 # -- chunk codecs ---------------------------------------------------------------------------------
-CodecId: TypeAlias = Literal["jpeg", "zstd", "jpegxl"]
+CodecId: TypeAlias = Literal["jpeg", "zstd", "jpegxl", "jpeg2000"]
 JPEG: CodecId = "jpeg"
 """Each chunk is a complete baseline JPEG stream (the `wsistore.jpeg` Zarr codec)."""
 ZSTD: CodecId = "zstd"
@@ -170,7 +169,13 @@ JPEGXL: CodecId = "jpegxl"
 """Each chunk is a JPEG chunk recompressed losslessly with JPEG XL (the `wsistore.jpegxl` Zarr
 codec): the archive tier (`wsi.published.archive`). The JPEG is rebuilt byte for byte to serve
 or decode it, so everything that reads JPEG chunks reads these too."""
-CODEC_IDS: tuple[CodecId, ...] = (JPEG, ZSTD, JPEGXL)
+JPEG2000: CodecId = "jpeg2000"
+"""Each chunk is a bare JPEG 2000 codestream of R, G, B components, a source's tile kept as it
+is (`--keep-jpeg2000`; the `wsistore.jpeg2000` Zarr codec, DICOM's JPEG 2000 transfer
+syntaxes). Handed out to viewers as a JPEG transcoded at `JPEG2000_SERVED_QUALITY`."""
+CODEC_IDS: tuple[CodecId, ...] = (JPEG, ZSTD, JPEGXL, JPEG2000)
+JPEG2000_SERVED_QUALITY = 90
+"""JPEG quality of the tiles transcoded from JPEG 2000 chunks for viewers."""
 
 
 @dataclass(frozen=True)
@@ -192,6 +197,8 @@ class ChunkFormat:
 def chunk_codecs(fmt: ChunkFormat) -> list[dict[str, Any]]:
     """Inner codecs of a level's chunks: channels last, then JPEG or raw bytes + zstd."""
     transpose = {"name": "transpose", "configuration": {"order": [1, 2, 0]}}
+    if fmt.codec == JPEG2000:
+        return [transpose, {"name": jpeg2000.ZARR_CODEC_NAME, "configuration": {}}]
     if fmt.codec in (JPEG, JPEGXL):
         name = JPEG_CODEC_NAME if fmt.codec == JPEG else jxl.ZARR_CODEC_NAME
         return [transpose, {"name": name, "configuration": {"quality": fmt.quality}}]
@@ -213,6 +220,8 @@ def codec_of_array(metadata: Mapping[str, Any], what: str) -> CodecId:
         return JPEG
     if jxl.ZARR_CODEC_NAME in names:
         return JPEGXL
+    if jpeg2000.ZARR_CODEC_NAME in names:
+        return JPEG2000
     if "zstd" in names:
         return ZSTD
     raise CorruptSlide(f"{what}: unknown chunk codecs {names}")
@@ -220,7 +229,16 @@ def codec_of_array(metadata: Mapping[str, Any], what: str) -> CodecId:
 
 def encode_chunk_zstd(pixels: np.ndarray, level: int = 3) -> bytes:
     """(h, w, 3) uint8 -> zstd of the interleaved bytes (what `transpose` + `bytes` produce)."""
-    return bytes(numcodecs.Zstd(level=level).encode(np.ascontiguousarray(pixels)))
+    return bytes(_zstd(level).encode(np.ascontiguousarray(pixels)))
+
+
+def _zstd(level: int = 0) -> Any:
+    """numcodecs' Zstd codec (the level matters only to encode). numcodecs is imported here,
+    not with this module: importing it scans the codec entry points (~50 ms of CPU), which
+    every `wsi` command would pay and only lossless chunks need."""
+    from numcodecs import Zstd
+
+    return Zstd(level=level)
 
 
 def decode_chunk(codec: CodecId, data: bytes, height: int, width: int) -> np.ndarray:
@@ -229,8 +247,11 @@ def decode_chunk(codec: CodecId, data: bytes, height: int, width: int) -> np.nda
     if codec in (JPEG, JPEGXL):
         stream = jxl.jxl_to_jpeg(data) if codec == JPEGXL else data
         pixels = jpeg.decode(stream, expected=(height, width))
+    elif codec == JPEG2000:
+        jpeg2000.check_size(data, height, width)
+        pixels = jpeg2000.decode(data)
     else:
-        raw = numcodecs.Zstd().decode(data)
+        raw = _zstd().decode(data)
         if len(raw) != height * width * 3:
             raise CorruptSlide(f"zstd chunk holds {len(raw)} bytes, not {height}x{width}x3")
         pixels = np.frombuffer(raw, np.uint8).reshape(height, width, 3)
@@ -291,6 +312,8 @@ def background_chunk(codec: CodecId, width: int, height: int, fill: int) -> byte
     pixels = np.full((height, width, 3), fill, np.uint8)
     if codec == JPEG:
         return jpeg.encode(pixels, 100, subsample_420=True)
+    if codec == JPEG2000:
+        return jpeg2000.encode_flat(pixels)
     return encode_chunk_zstd(pixels)
 
 
@@ -361,8 +384,8 @@ chunks are left as they are."""
 
 def served_codec(codec: CodecId) -> CodecId:
     """How chunks stored as `codec` are handed to readers that ask for encoded tiles: an
-    archived chunk as the JPEG it was made from."""
-    return JPEG if codec == JPEGXL else codec
+    archived chunk as the JPEG it was made from, a JPEG 2000 one transcoded to JPEG."""
+    return JPEG if codec in (JPEGXL, JPEG2000) else codec
 
 
 def _codec_name(codec: CodecId) -> str:
@@ -451,7 +474,7 @@ def stored_chunks(index: np.ndarray) -> np.ndarray:
 
 def chunk_span(index: np.ndarray, chunk: int, data_end: int, key: str) -> tuple[int, int] | None:
     """[start, end) of chunk `chunk` (row-major), or None when the shard does not hold it."""
-    offset, nbytes = (int(v) for v in index[chunk])
+    offset, nbytes = index[chunk].tolist()
     if offset == EMPTY_CHUNK and nbytes == EMPTY_CHUNK:
         return None
     if offset + nbytes > data_end:

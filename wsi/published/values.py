@@ -14,6 +14,8 @@ from wsi.errors import InvalidArgument, SlideNotFound
 from wsi.model import ASSOCIATED_KINDS, TileGrid
 from wsi.published import layout
 from wsi.published.layout import JPEG as JPEG
+from wsi.published.layout import JPEG2000 as JPEG2000
+from wsi.published.layout import JPEGXL as JPEGXL
 from wsi.published.layout import ZSTD as ZSTD
 from wsi.published.layout import CodecId as CodecId
 from wsi.published.layout import Flavor

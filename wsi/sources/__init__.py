@@ -8,11 +8,24 @@ from pathlib import Path
 from wsi.errors import InvalidArgument, SlideNotFound, UnsupportedSlide
 from wsi.sources.base import SlideSource
 from wsi.sources.dicom_backend import DicomSource
+from wsi.sources.leica_backend import LeicaSource
+from wsi.sources.mirax_backend import MiraxSource
 from wsi.sources.ndpi_backend import NdpiSource
 from wsi.sources.openslide_backend import OpenSlideSource
+from wsi.sources.philips_backend import PhilipsSource
 from wsi.sources.tiff_backend import TiffSource
+from wsi.sources.ventana_backend import VentanaSource
 
-BACKENDS: tuple[type[SlideSource], ...] = (DicomSource, TiffSource, NdpiSource, OpenSlideSource)
+BACKENDS: tuple[type[SlideSource], ...] = (
+    DicomSource,
+    TiffSource,
+    NdpiSource,
+    PhilipsSource,
+    LeicaSource,
+    VentanaSource,
+    MiraxSource,
+    OpenSlideSource,
+)
 """Probe order: backends that hand out stored tile bytes come before the decoding fallback."""
 
 
@@ -52,9 +65,13 @@ def open_slide(
 __all__ = [
     "BACKENDS",
     "DicomSource",
+    "LeicaSource",
+    "MiraxSource",
     "NdpiSource",
     "OpenSlideSource",
+    "PhilipsSource",
     "SlideSource",
     "TiffSource",
+    "VentanaSource",
     "open_slide",
 ]

@@ -56,7 +56,8 @@ class SlideSource(abc.ABC):
     def properties(self) -> SlideProperties: ...
 
     def tile_codec(self, level: int) -> TileCodec:
-        """How level `level` stores its tiles; JPEG means `read_encoded_tile` works."""
+        """How level `level` stores its tiles; JPEG (and JPEG2000) means `read_encoded_tile`
+        works."""
         self.level(level)
         return TileCodec.OTHER
 
@@ -66,6 +67,13 @@ class SlideSource(abc.ABC):
         `jpeg.check_size`, because these bytes are copied unparsed and served as they are."""
         self.level(level).check_tile(col, row)
         raise EncodedTileUnavailable(f"{self.name} cannot hand out encoded tiles")
+
+    def read_tile_half(self, level: int, col: int, row: int) -> np.ndarray | None:
+        """The tile decoded at 1/2 resolution, (tile_height / 2, tile_width / 2, 3) uint8 RGB,
+        when its codec does that natively for much less than a full decode (JPEG 2000's wavelet
+        levels); None otherwise, and the builder takes 2x2 means of `read_tile` instead."""
+        self.level(level).check_tile(col, row)
+        return None
 
     def encoded_tile_method(self, level: int) -> str:
         """How `read_encoded_tile` gets level `level`'s tiles without decoding, in words a

@@ -4,27 +4,36 @@ An NDPI level is one TIFF strip holding one baseline JPEG stream, written with a
 every N MCUs so that an interval never crosses a row of MCUs; the private TIFF tag 65426
 (McuStarts, with 65432 holding the high 32 bits in files over 4 GB) gives the offset of every
 interval. A tile is a rectangle of whole intervals given its own header (`wsi.codecs.restart`):
-no pixel is decoded. The tile size comes from level 0's interval width: an interval of 256 to
-1024 pixels is the tile width itself; narrower intervals are joined; wider ones (2048 pixels is
-common, and some files have one interval per row of MCUs) are cut, cropped losslessly on DCT
-blocks, into the divisor of their width nearest to 512 that is a whole number of MCUs (512 px
-tiles across two intervals when there is none). The height is the multiple of the MCU height
-nearest to the width. Tiles past the level's edge are padded with white intervals. The other
-stored levels are cut into tiles of the same size, so that the pyramid builder copies each one
-whose size is an exact 2x step.
+no pixel is decoded. The tile size comes from level 0's interval width. Up to
+`_MAX_WHOLE_WIDTH` (2048 px, NanoZoomer's brightfield interval) a tile is whole intervals: one
+interval across, or as many narrow ones as reach 256 px, and as many rows of them as make about
+`_TILE_AREA` pixels (2048 x 128, 1024 x 256, 512 x 512; never taller than wide). Such a tile is
+the stored entropy-coded bytes under a new header, which costs a read and a join (0.07 ms of CPU
+a 2048 x 128 tile): cropping 512 px tiles out of the intervals on DCT blocks (libjpeg-turbo's
+`tjTransform`, what opentile does) costs 3.2 ms a tile, more than decoding it (1.7 ms; measured
+on the generated 20,480 px NDPI). The price of wide tiles is coarser blank-glass detection: 2.7%
+more bytes stored there. Wider intervals (some files have one interval per row of MCUs)
+are cropped losslessly into the divisor of their width nearest to 512 that is a whole number of
+MCUs (512 px tiles across two intervals when there is none), as tall as wide. Tiles past the
+level's edge are padded with white intervals. The other stored levels are cut into tiles of the
+same size (a scanner writes the same number of intervals across every level, so theirs are
+joined), so that the pyramid builder copies each one whose size is an exact 2x step.
 
 A level is decoded through OpenSlide instead, and the reason logged in one line, when it has no
 restart markers (a single JPEG), when its intervals span rows or their offsets are inconsistent,
 when its MCU does not divide the slide's tile size, or when its intervals are wider than
 `_MAX_CROP_WIDTH` and would have to be cropped. When level 0 cannot be cut, no level is (the
 output's tile size is then the converter's, not ours). OpenSlide's levels that are not stored
-(it adds 1/2 .. 1/8 scaled decodes of the smallest one) are decoded too. `NdpiSource.decoded`
+(it adds scaled decodes: the halves between levels stored 4x apart, and 1/2 .. 1/8 of the
+smallest one) are decoded too. `NdpiSource.decoded`
 says why, per level.
 
 Pixels: with 4:4:4 (unsubsampled) streams every tile decodes to exactly OpenSlide's pixels.
 Subsampled chroma is upsampled by decoders from neighbouring chroma samples inside the stream
-they decode, and OpenSlide decodes one interval at a time, so at interval and tile edges a
-decoder's output can differ by a few levels between the two (the coefficients are the same).
+they decode, and OpenSlide decodes one interval at a time, so where a tile joins intervals
+side by side, is cropped out of one, or is padded, a decoder's output can differ by a few levels
+between the two (the coefficients are the same). A 4:2:2 tile one interval wide is identical:
+4:2:2 is subsampled across only, and the tile's rows are the intervals OpenSlide decodes.
 """
 
 from __future__ import annotations
@@ -53,6 +62,10 @@ _STRIP_OFFSETS, _STRIP_BYTES = 273, 279
 _SOURCE_LENS, _FOCAL_PLANE = 65421, 65424
 _MCU_STARTS, _MCU_STARTS_HIGH = 65426, 65432
 _MIN_TILE, _MAX_TILE, _PREFERRED_TILE = 256, 1024, 512
+_MAX_WHOLE_WIDTH = 2048
+"""Widest restart interval that is a tile's width as it is (see the module docstring)."""
+_TILE_AREA = 512 * 512
+"""Pixels a tile of whole intervals aims at: the area of the 512 px tiles viewers fetch."""
 _MAX_CROP_WIDTH = 8192
 """Widest restart interval cropped into tiles, in pixels: libjpeg holds a frame's coefficients
 while it crops (2 bytes a sample: 48 MB for 8192 x 1024 pixels in 4:4:4), and a slide whose
@@ -132,16 +145,14 @@ def _stripes(fd: int, page: tifffile.TiffPage, file_size: int) -> _Stripes | str
 def _tile_size(stripes: _Stripes) -> tuple[int, int]:
     """Output tile size (width, height) in pixels for a slide whose level 0 has `stripes`."""
     sw, mw, mh = stripes.width, stripes.header.mcu_width, stripes.header.mcu_height
-    if _MIN_TILE <= sw <= _MAX_TILE:
-        tw = sw
-    elif sw < _MIN_TILE:
-        tw = sw * -(-_MIN_TILE // sw)
-    else:
-        divisors = [d for d in range(_MIN_TILE, _MAX_TILE + 1, mw) if sw % d == 0]
-        tw = min(divisors, key=lambda d: abs(d - _PREFERRED_TILE), default=_PREFERRED_TILE)
-        tw -= tw % mw
-    th = max(mh, round(tw / mh) * mh)
-    return tw, th
+    if sw <= _MAX_WHOLE_WIDTH:
+        tw = sw * -(-_MIN_TILE // sw) if sw < _MIN_TILE else sw
+        th = min(tw - tw % mh, max(mh, round(_TILE_AREA / tw / mh) * mh))
+        return tw, max(mh, th)
+    divisors = [d for d in range(_MIN_TILE, _MAX_TILE + 1, mw) if sw % d == 0]
+    tw = min(divisors, key=lambda d: abs(d - _PREFERRED_TILE), default=_PREFERRED_TILE)
+    tw -= tw % mw
+    return tw, max(mh, round(tw / mh) * mh)
 
 
 class _Frames:

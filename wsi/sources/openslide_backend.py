@@ -144,6 +144,15 @@ class OpenSlideSource(SlideSource):
     def properties(self) -> SlideProperties:
         return self._properties
 
+    def tile_size_hint(self, level: int) -> tuple[int, int] | None:
+        """(width, height) of the tiles OpenSlide says level `level` is stored in, or None when
+        it gives none (its format reader then places the stored images off a regular grid)."""
+        self.level(level)
+        props = self._slide.properties
+        width = props.get(f"openslide.level[{level}].tile-width")
+        height = props.get(f"openslide.level[{level}].tile-height")
+        return (int(width), int(height)) if width and height else None
+
     def read_tile(self, level: int, col: int, row: int) -> np.ndarray:
         lv = self.level(level)
         lv.check_tile(col, row)

@@ -1,20 +1,23 @@
 """Raw-tile backend for tiled TIFF files (Aperio SVS, generic pyramidal TIFF).
 
 tifffile gives each tile's offset and length, so JPEG tiles are handed out as stored (completed
-with the JPEGTables and, for RGB-coded tiles, an Adobe marker), never decoded. Other compressions
-(Aperio JPEG 2000, LZW, deflate, ...) are decoded through tifffile/imagecodecs. OpenSlide supplies
-the vendor metadata and associated images so that both backends describe a slide the same way.
+with the JPEGTables and, for RGB-coded tiles, an Adobe marker), never decoded. Aperio JPEG 2000
+tiles are bare codestreams, handed out as they are or decoded (`wsi.codecs.jpeg2000`, also at
+1/2 resolution); the 33003 ones (Y, Cb, Cr components) are always decoded. Other compressions
+(LZW, deflate, ...) are decoded through tifffile/imagecodecs. OpenSlide supplies the vendor
+metadata and associated images so that both backends describe a slide the same way.
 """
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import tifffile
 
-from wsi.codecs import jpeg
+from wsi.codecs import jpeg, jpeg2000
 from wsi.errors import CorruptSlide, EncodedTileUnavailable, UnsupportedSlide
 from wsi.model import Level, SlideProperties, TileCodec
 from wsi.sources.base import SlideSource
@@ -27,10 +30,33 @@ _PHOTOMETRIC_RGB = 2
 _PHOTOMETRIC_YCBCR = 6
 
 
+def check_page(page: tifffile.TiffPage) -> None:
+    """Refuse a level page whose tiles this backend cannot hand out or decode as RGB."""
+    if page.samplesperpixel < 3 or page.bitspersample != 8 or page.planarconfig != 1:
+        raise UnsupportedSlide("only 8-bit interleaved RGB tiled TIFF is read raw")
+
+
+def page_codec(page: tifffile.TiffPage) -> TileCodec:
+    """How a level page's tiles are stored, as far as handing them out goes."""
+    if (
+        page.compression == _JPEG
+        and page.samplesperpixel == 3
+        and page.photometric in (_PHOTOMETRIC_RGB, _PHOTOMETRIC_YCBCR)
+    ):
+        return TileCodec.JPEG
+    if page.compression == jpeg2000.APERIO_RGB and page.samplesperpixel == 3:
+        return TileCodec.JPEG2000
+    return TileCodec.OTHER
+
+
 class TiffSource(SlideSource):
     """Tiled TIFF-family slides with direct access to the stored tiles."""
 
     name = "tiff"
+    vendors: ClassVar[frozenset[str]] = frozenset(_VENDORS)
+    """OpenSlide vendors this backend claims (a vendor's subclass names its own)."""
+    suffixes: ClassVar[frozenset[str]] = frozenset(_TIFF_SUFFIXES)
+    """File name suffixes probed (lower case)."""
 
     @classmethod
     def is_available(cls) -> bool:
@@ -38,10 +64,10 @@ class TiffSource(SlideSource):
 
     @classmethod
     def can_open(cls, path: Path) -> bool:
-        if path.suffix.lower() not in _TIFF_SUFFIXES or not path.is_file():
+        if path.suffix.lower() not in cls.suffixes or not path.is_file():
             return False
         try:
-            return openslide.OpenSlide.detect_format(str(path)) in _VENDORS
+            return openslide.OpenSlide.detect_format(str(path)) in cls.vendors
         except Exception:
             return False
 
@@ -74,8 +100,7 @@ class TiffSource(SlideSource):
             if not match:
                 raise UnsupportedSlide("TIFF levels do not match OpenSlide's reading")
             page = match[0]
-            if page.samplesperpixel < 3 or page.bitspersample != 8 or page.planarconfig != 1:
-                raise UnsupportedSlide("only 8-bit interleaved RGB tiled TIFF is read raw")
+            check_page(page)
             pages.append(page)
         return pages
 
@@ -89,20 +114,22 @@ class TiffSource(SlideSource):
 
     def tile_codec(self, level: int) -> TileCodec:
         self.level(level)
+        return page_codec(self._pages[level])
+
+    def _page_tile(self, level: int, col: int, row: int) -> int | None:
+        """Index in level `level`'s page of the tile at (col, row) of the level, or None when
+        the page stores nothing there (a vendor backend whose levels are larger than their
+        pages overrides this)."""
         page = self._pages[level]
-        if (
-            page.compression == _JPEG
-            and page.samplesperpixel == 3
-            and page.photometric in (_PHOTOMETRIC_RGB, _PHOTOMETRIC_YCBCR)
-        ):
-            return TileCodec.JPEG
-        return TileCodec.OTHER
+        return row * -(-page.imagewidth // page.tilewidth) + col  # the page's grid: may be wider
 
     def _raw(self, level: int, col: int, row: int) -> tuple[tifffile.TiffPage, int, bytes]:
         lv = self.level(level)
         lv.check_tile(col, row)
         page = self._pages[level]
-        index = row * lv.cols + col
+        index = self._page_tile(level, col, row)
+        if index is None:
+            return page, -1, b""
         offset, count = page.dataoffsets[index], page.databytecounts[index]
         data = os.pread(self._fd, count, offset) if count else b""
         if len(data) != count:
@@ -110,7 +137,10 @@ class TiffSource(SlideSource):
         return page, index, data
 
     def read_encoded_tile(self, level: int, col: int, row: int) -> bytes:
-        if self.tile_codec(level) is not TileCodec.JPEG:
+        codec = self.tile_codec(level)
+        if codec is TileCodec.JPEG2000:
+            return self._codestream(level, col, row)
+        if codec is not TileCodec.JPEG:
             raise EncodedTileUnavailable("tiles of this level are not JPEG")
         page, _, data = self._raw(level, col, row)
         if not data:
@@ -120,8 +150,35 @@ class TiffSource(SlideSource):
         jpeg.check_size(tile, lv.tile_height, lv.tile_width)  # copied unparsed otherwise
         return tile
 
+    def _codestream(self, level: int, col: int, row: int) -> bytes:
+        """A JPEG 2000 tile's codestream, checked to be one of the level's tile size."""
+        _, _, data = self._raw(level, col, row)
+        if not data:
+            raise EncodedTileUnavailable("sparse tile: nothing stored")
+        lv = self.level(level)
+        jpeg2000.check_size(data, lv.tile_height, lv.tile_width)
+        return data
+
+    def _ycbcr(self, level: int) -> bool:
+        return bool(self._pages[level].compression == jpeg2000.APERIO_YCBCR)
+
+    def read_tile_half(self, level: int, col: int, row: int) -> np.ndarray | None:
+        if self._pages[level].compression not in jpeg2000.TIFF_COMPRESSIONS:
+            return super().read_tile_half(level, col, row)
+        lv = self.level(level)
+        try:
+            data = self._codestream(level, col, row)
+        except EncodedTileUnavailable:
+            return np.full((lv.tile_height // 2, lv.tile_width // 2, 3), 255, np.uint8)
+        return jpeg2000.decode_half(data, self._ycbcr(level))
+
     def read_tile(self, level: int, col: int, row: int) -> np.ndarray:
         lv = self.level(level)
+        if self._pages[level].compression in jpeg2000.TIFF_COMPRESSIONS:
+            try:
+                return jpeg2000.decode(self._codestream(level, col, row), self._ycbcr(level))
+            except EncodedTileUnavailable:
+                return np.full((lv.tile_height, lv.tile_width, 3), 255, np.uint8)
         if self.tile_codec(level) is TileCodec.JPEG:
             try:
                 return jpeg.decode(self.read_encoded_tile(level, col, row))

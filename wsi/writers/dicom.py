@@ -29,6 +29,7 @@ from pydicom.uid import UID, JPEGBaseline8Bit
 
 from wsi import __version__
 from wsi.codecs import jpeg as jpeglib
+from wsi.codecs import jpeg2000
 from wsi.codecs.colour import dicom_lab
 from wsi.errors import CorruptSlide, InvalidArgument
 from wsi.metadata import SlideMetadata
@@ -89,6 +90,11 @@ def transfer_syntax(header: bytes) -> str:
         if tag == _TRANSFER_SYNTAX_TAG:
             return value.rstrip(b"\0 ").decode("ascii")
     raise CorruptSlide("the DICOM header has no Transfer Syntax UID")
+
+
+def data_set_offset(header: bytes) -> int:
+    """Where the data set of a Part 10 file starts (right after its File Meta Information)."""
+    return _file_meta_elements(header)[0]
 
 
 def with_transfer_syntax(header: bytes, uid: str) -> bytes:
@@ -175,7 +181,9 @@ def _base_dataset(slide: DicomSlide) -> Dataset:
     ds.StudyInstanceUID = slide.study_uid
     ds.StudyDate = m.study_date or slide.content_date
     ds.StudyTime = m.study_time or slide.content_time
-    ds.StudyID = m.study_id or ("" if m.deidentified else slide.slide_id[:16])
+    # De-identified: a dummy (PS3.15 action Z allows one), as an empty Study ID leaves the
+    # instance without what a DICOMDIR needs (dciodvfy warns of it).
+    ds.StudyID = m.study_id or ("ANONYMOUS" if m.deidentified else slide.slide_id[:16])
     ds.AccessionNumber = m.accession_number
     ds.ReferringPhysicianName = m.referring_physician_name
     if m.study_description:
@@ -249,6 +257,16 @@ def photometric_interpretation(stream: bytes) -> str:
     return "YBR_FULL" if len(set(sampling)) <= 1 else "YBR_FULL_422"
 
 
+def frame_encoding(first_frame: bytes) -> tuple[str, str, str]:
+    """(transfer syntax, photometric interpretation, lossy compression method) of an instance
+    whose frames are like `first_frame`: baseline JPEG, or JPEG 2000 codestreams of RGB
+    components kept from the source (PS3.5 8.2.4 gives their photometric interpretation)."""
+    if first_frame.startswith(jpeg2000.SOC):
+        syntax, photometric = jpeg2000.parse(first_frame).dicom(ycbcr=False)
+        return syntax, photometric, "ISO_15444_1"
+    return str(JPEGBaseline8Bit), photometric_interpretation(first_frame), "ISO_10918_1"
+
+
 def instance_header(
     slide: DicomSlide,
     flavor: Flavor,
@@ -285,7 +303,7 @@ def instance_header(
     ds.file_meta = FileMetaDataset()
     ds.file_meta.MediaStorageSOPClassUID = UID(WSI_SOP_CLASS)
     ds.file_meta.MediaStorageSOPInstanceUID = UID(sop_uid)
-    ds.file_meta.TransferSyntaxUID = JPEGBaseline8Bit
+    ds.file_meta.TransferSyntaxUID = UID(frame_encoding(first_frames[0])[0])
     ds.file_meta.ImplementationClassUID = UID(IMPLEMENTATION_UID)
     ds.file_meta.ImplementationVersionName = f"WSISTORE_{__version__}"[:16]
     buffer = io.BytesIO()
@@ -298,7 +316,8 @@ def _add_pixel_description(
 ) -> None:
     """Image Pixel, frames and compression: what a decoder needs to know about the frames."""
     ds.SamplesPerPixel = 3
-    ds.PhotometricInterpretation = photometric_interpretation(first_frames[0])
+    _, photometric, method = frame_encoding(first_frames[0])
+    ds.PhotometricInterpretation = photometric
     ds.PlanarConfiguration = 0
     ds.NumberOfFrames = level.tile_count
     ds.Rows = level.tile_height
@@ -312,7 +331,7 @@ def _add_pixel_description(
     ds.LossyImageCompression = "01"
     raw = len(first_frames) * level.tile_width * level.tile_height * 3
     ds.LossyImageCompressionRatio = f"{raw / max(1, sum(map(len, first_frames))):.2f}"
-    ds.LossyImageCompressionMethod = "ISO_10918_1"
+    ds.LossyImageCompressionMethod = method
     ds.DimensionOrganizationType = "TILED_FULL"
     ds.VolumetricProperties = "VOLUME"
 

@@ -11,7 +11,7 @@ pixel copy, two standard views. Keys, metadata documents and attributes come fro
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
@@ -66,10 +66,20 @@ class OmeZarrWriter(PyramidWriter):
     def begin_level(
         self, index: int, level: Level, chunk_format: ChunkFormat, blank: BlankTiles = ALL_STORED
     ) -> None:
+        key, header, placeholder = self._register_level(index, level, chunk_format, blank)
+        self._shards[index] = ShardStream(self.store, key, level, self._stack, header, placeholder)
+
+    def _register_level(
+        self, index: int, level: Level, chunk_format: ChunkFormat, blank: BlankTiles
+    ) -> tuple[str, HeaderFactory | None, Callable[[], bytes]]:
+        """Record a level: its object's key, its DICOM header factory (None without the DICOM
+        view) and the placeholder chunk of a DICOM level with no tile stored."""
         if index in self._levels:
             raise InvalidArgument(f"level {index} begun twice")
-        if self.dicom is not None and chunk_format.codec != layout.JPEG:
-            raise InvalidArgument("DICOM instances need JPEG tiles: use the Zarr view only")
+        if self.dicom is not None and chunk_format.codec not in (layout.JPEG, layout.JPEG2000):
+            raise InvalidArgument(
+                "DICOM instances need JPEG or JPEG 2000 tiles: use the Zarr view only"
+            )
         self._levels[index] = (level, chunk_format, blank)
         key = self.keys.shard(layout.level_path(index))
         header = self._dicom_header(key, layout.VOLUME, index, level, blank.fill)
@@ -78,7 +88,7 @@ class OmeZarrWriter(PyramidWriter):
             codec = chunk_format.codec
             return layout.background_chunk(codec, level.tile_width, level.tile_height, blank.fill)
 
-        self._shards[index] = ShardStream(self.store, key, level, self._stack, header, placeholder)
+        return key, header, placeholder
 
     def _dicom_header(
         self, key: str, flavor: Flavor, index: int, level: Level, fill: int = layout.FILL_VALUE

@@ -1,0 +1,188 @@
+"""JPEG 2000 codestreams as Aperio stores them: decoding (full and at 1/2 resolution), the
+codestream facts DICOM needs, and the transcode to JPEG that viewers can show.
+
+Aperio writes each TIFF tile as a bare J2K codestream (no JP2 boxes): compression 33005 holds
+RGB, normally coded with the irreversible 9/7 wavelet and the irreversible colour transform (ICT,
+Kakadu "Q=70"); 33003 holds Y, Cb, Cr components without a codestream colour transform, which
+readers convert to RGB afterwards (as OpenSlide does).
+
+CPU time per 256-px tile (OpenJPEG 2.5.4, same pixels from both bindings), on the TCGA sample /
+the generated slide (`sample_data/make_j2k.py`): imagecodecs' full decode 2.4 / 3.1 ms,
+Pillow's 3.2 ms; a 1/2-resolution decode (Pillow's `reduce`: the finest wavelet level is not
+decoded) 1.6 / 1.7 ms, 55% of a full one. OpenJPEG's own threads cost more than they give on a
+tile this small (4.7 vs 3.6 ms of CPU with 2 threads vs 1), so tiles are decoded one per pool
+thread (both bindings release the GIL). Where the full tile is decoded anyway (JPEG output),
+level 1 is its 2x2 mean (0.16 ms); the reduced decode serves when level 0 is kept as it is.
+"""
+
+from __future__ import annotations
+
+import io
+import struct
+from dataclasses import dataclass
+
+import imagecodecs
+import numpy as np
+from PIL import Image
+
+from wsi.codecs import jpeg
+from wsi.errors import CorruptSlide, InvalidArgument
+
+APERIO_YCBCR = 33003
+"""TIFF compression: J2K codestreams of Y, Cb, Cr components."""
+APERIO_RGB = 33005
+"""TIFF compression: J2K codestreams of R, G, B components (usually through the ICT)."""
+TIFF_COMPRESSIONS = (APERIO_YCBCR, APERIO_RGB)
+ZARR_CODEC_NAME = "wsistore.jpeg2000"
+"""Zarr v3 name of the chunk codec of levels kept as JPEG 2000 (`wsi.codecs.zarr_j2k`)."""
+JPEG2000_LOSSLESS = "1.2.840.10008.1.2.4.90"
+"""DICOM transfer syntax JPEG 2000 Image Compression (Lossless Only), PS3.5 A.4.4."""
+JPEG2000 = "1.2.840.10008.1.2.4.91"
+"""DICOM transfer syntax JPEG 2000 Image Compression (lossy or lossless)."""
+SOC = b"\xff\x4f\xff\x51"
+"""Start of codestream followed by the SIZ marker, as every J2K codestream begins."""
+MAX_STREAM_BYTES = 64 * 1024 * 1024
+"""Largest codestream accepted: a 256-1024 px tile is a few KB to ~1 MB."""
+_COD = 0xFF52
+_SOT = 0xFF90
+
+
+@dataclass(frozen=True)
+class Codestream:
+    """What the main header of a J2K codestream says (ISO/IEC 15444-1 A.5.1, A.6.1)."""
+
+    width: int
+    height: int
+    components: int
+    subsampled: bool
+    """Some component is sampled at less than full resolution (XRsiz or YRsiz > 1)."""
+    colour_transform: bool
+    """Multiple component transformation on (COD SGcod): the ICT with the 9/7 wavelet, the RCT
+    with the 5/3."""
+    reversible: bool
+    """5/3 reversible wavelet (lossless-capable) rather than 9/7 irreversible."""
+
+    def dicom(self, ycbcr: bool) -> tuple[str, str]:
+        """(transfer syntax, photometric interpretation) of DICOM frames that are these
+        codestreams, per PS3.5 8.2.4: YBR_RCT only in the lossless-only syntax, YBR_ICT only in
+        the other, RGB or YBR_FULL when the codestream does no colour transform."""
+        if self.colour_transform:
+            if self.reversible:
+                return JPEG2000_LOSSLESS, "YBR_RCT"
+            return JPEG2000, "YBR_ICT"
+        return JPEG2000, "YBR_FULL" if ycbcr else "RGB"
+
+
+def parse(stream: bytes) -> Codestream:
+    """The main header of a J2K codestream (CorruptSlide when it is not one)."""
+    if len(stream) > MAX_STREAM_BYTES:
+        raise InvalidArgument(f"JPEG 2000 stream of {len(stream)} bytes is too large")
+    if not stream.startswith(SOC) or len(stream) < 42:
+        raise CorruptSlide("not a JPEG 2000 codestream (no SOC/SIZ markers)")
+    (lsiz,) = struct.unpack_from(">H", stream, 4)
+    xsiz, ysiz, xo, yo = struct.unpack_from(">4I", stream, 8)
+    (ncomp,) = struct.unpack_from(">H", stream, 40)
+    if lsiz != 38 + 3 * ncomp or len(stream) < 4 + lsiz or not 1 <= ncomp <= 16384:
+        raise CorruptSlide("JPEG 2000 SIZ marker is malformed")
+    sampling = [stream[42 + 3 * i + 1 : 42 + 3 * i + 3] for i in range(ncomp)]
+    subsampled = any(s != b"\x01\x01" for s in sampling)
+    pos = 4 + lsiz
+    while pos + 4 <= len(stream):
+        marker, length = struct.unpack_from(">HH", stream, pos)
+        if marker == _SOT or marker >> 8 != 0xFF:
+            break
+        if marker == _COD and pos + 4 + 10 <= len(stream):
+            mct = stream[pos + 4 + 4]
+            transform = stream[pos + 4 + 9]
+            return Codestream(xsiz - xo, ysiz - yo, ncomp, subsampled, mct == 1, transform == 1)
+        pos += 2 + length
+    raise CorruptSlide("JPEG 2000 codestream has no COD marker in its main header")
+
+
+def check_size(stream: bytes, height: int, width: int) -> Codestream:
+    """The codestream's header, checked to declare exactly `width` x `height` pixels and three
+    components: these bytes are copied unparsed otherwise (as `jpeg.check_size` for JPEG)."""
+    info = parse(stream)
+    if (info.width, info.height) != (width, height) or info.components != 3:
+        raise CorruptSlide(
+            f"JPEG 2000 tile is {info.width}x{info.height} with {info.components} components, "
+            f"expected {width}x{height} RGB"
+        )
+    return info
+
+
+def _fix(x: float) -> int:
+    return int(x * 65536 + 0.5)
+
+
+_X = np.arange(256, dtype=np.int64) - 128
+_R_CR = (_fix(1.402) * _X + 32768) >> 16
+_B_CB = (_fix(1.772) * _X + 32768) >> 16
+_G_CB = -_fix(0.344136) * _X + 32768
+_G_CR = -_fix(0.714136) * _X
+
+
+def ycbcr_to_rgb(pixels: np.ndarray) -> np.ndarray:
+    """Full-range (JFIF) YCbCr -> RGB in libjpeg's 16-bit fixed point (`jdcolor.c`), the
+    tables OpenSlide uses for 33003 tiles too, so the pixels are the same to the bit."""
+    y = pixels[..., 0].astype(np.int16)
+    cb, cr = pixels[..., 1], pixels[..., 2]
+    g = (_G_CB[cb] + _G_CR[cr]) >> 16
+    rgb = np.stack((y + _R_CR[cr], y + g, y + _B_CB[cb]), -1)
+    return np.clip(rgb, 0, 255).astype(np.uint8)
+
+
+def _rgb(pixels: np.ndarray, ycbcr: bool) -> np.ndarray:
+    if pixels.ndim != 3 or pixels.shape[2] < 3 or pixels.dtype != np.uint8:
+        raise CorruptSlide(f"JPEG 2000 tile decodes to {pixels.shape} {pixels.dtype}, not RGB")
+    pixels = pixels[..., :3]
+    return ycbcr_to_rgb(pixels) if ycbcr else np.ascontiguousarray(pixels)
+
+
+def decode(stream: bytes, ycbcr: bool = False) -> np.ndarray:
+    """A codestream -> (h, w, 3) uint8 RGB at full resolution, on the calling thread (OpenJPEG
+    through imagecodecs, one thread: the caller runs a pool). `ycbcr`: the components are
+    Y, Cb, Cr (Aperio 33003) and are converted."""
+    if len(stream) > MAX_STREAM_BYTES:
+        raise InvalidArgument(f"JPEG 2000 stream of {len(stream)} bytes is too large")
+    try:
+        pixels = imagecodecs.jpeg2k_decode(stream, numthreads=1)
+    except imagecodecs.Jpeg2kError as exc:
+        raise CorruptSlide(f"cannot decode JPEG 2000 tile: {exc}") from exc
+    return _rgb(np.asarray(pixels), ycbcr)
+
+
+def decode_half(stream: bytes, ycbcr: bool = False) -> np.ndarray:
+    """A codestream at 1/2 resolution, (ceil(h/2), ceil(w/2), 3) uint8 RGB: the wavelet's
+    low-pass band one level up, decoded without the finest level (about 2/3 of a full
+    decode's time). OpenJPEG through Pillow, whose `reduce` exposes this."""
+    if len(stream) > MAX_STREAM_BYTES:
+        raise InvalidArgument(f"JPEG 2000 stream of {len(stream)} bytes is too large")
+    try:
+        with Image.open(io.BytesIO(stream), formats=("JPEG2000",)) as image:
+            image.reduce = 1  # type: ignore[method-assign, assignment]
+            image.load()
+            pixels = np.asarray(image.convert("RGB") if image.mode != "RGB" else image)
+    except (OSError, ValueError, SyntaxError) as exc:
+        raise CorruptSlide(f"cannot decode JPEG 2000 tile at 1/2 resolution: {exc}") from exc
+    return _rgb(pixels, ycbcr)
+
+
+def encode_flat(pixels: np.ndarray) -> bytes:
+    """(h, w, 3) uint8 RGB -> a codestream coded as Aperio's RGB tiles are (9/7 wavelet, ICT),
+    with no quality limit: a flat grey tile comes back exactly (checked for every grey), ~200
+    bytes for 256 px. For the placeholder of tiles a shard does not hold."""
+    return bytes(
+        imagecodecs.jpeg2k_encode(
+            np.ascontiguousarray(pixels),
+            codecformat="J2K",
+            reversible=False,
+            mct=True,
+            numthreads=1,
+        )
+    )
+
+
+def to_jpeg(stream: bytes, quality: int, ycbcr: bool = False) -> bytes:
+    """The tile as a baseline JPEG (4:2:0) for viewers that cannot show JPEG 2000."""
+    return jpeg.encode(decode(stream, ycbcr), quality, True)

@@ -1,0 +1,48 @@
+"""A tiled-TIFF vendor backend whose levels are copied or, one by one, decoded through OpenSlide.
+
+Some vendors' TIFF pages are not OpenSlide's levels as they are: Leica places its main image on a
+larger glass, Ventana shows only the tiles of its areas of interest and shifts them by the
+overlaps it measured. Where a level's page tiles land exactly on the level's tile grid, the
+vendor's backend (a subclass) copies them; where they do not, that level is read through
+OpenSlide, so that every level reads as OpenSlide reads it.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from wsi.model import TileCodec
+from wsi.sources.base import SlideSource, check_region_size
+from wsi.sources.tiff_backend import TiffSource
+
+
+class VendorTiffSource(TiffSource):
+    """A subclass's `_match_pages` fills `copied` (the levels whose page tiles are the level's
+    tiles, JPEG) and `decoded` (why each other level is not), and its `_page_tile` maps a copied
+    level's tile to its page's (None: blank)."""
+
+    copied: set[int]
+    decoded: dict[int, str]
+    """Why each level that is not copied is decoded through OpenSlide."""
+
+    def tile_codec(self, level: int) -> TileCodec:
+        self.level(level)
+        return TileCodec.JPEG if level in self.copied else TileCodec.OTHER
+
+    def read_tile_half(self, level: int, col: int, row: int) -> np.ndarray | None:
+        return SlideSource.read_tile_half(self, level, col, row)
+
+    def read_tile(self, level: int, col: int, row: int) -> np.ndarray:
+        lv = self.level(level)
+        lv.check_tile(col, row)
+        if level in self.copied:
+            return super().read_tile(level, col, row)
+        x, y = col * lv.tile_width, row * lv.tile_height
+        return self._os.read_region(level, x, y, lv.tile_width, lv.tile_height)
+
+    def read_region(self, level: int, x: int, y: int, width: int, height: int) -> np.ndarray:
+        self.level(level)
+        check_region_size(width, height)
+        if level in self.copied:
+            return super().read_region(level, x, y, width, height)
+        return self._os.read_region(level, x, y, width, height)
