@@ -13,12 +13,23 @@ Converts the same slide, side by side, with:
                           re-encode);
 * ``wsi-no-reuse-zarr`` - ``--no-reuse-levels --format zarr``;
 * ``vips``              - libvips ``tiffsave`` of a tiled JPEG pyramid
-                          (through pyvips, in its own Python process);
+                          (through pyvips, in its own Python process; for a
+                          JPEG 2000 source the system's ``vips`` CLI, since
+                          pyvips' bundled libvips has no JPEG 2000 loader);
+* ``wsi-keep-j2k``      - ``--keep-jpeg2000``: a JPEG 2000 source's base tiles
+                          kept as they are (``--j2k``);
 * ``wsi-keep-jpeg``     - ``--keep-source-jpeg --keep-background``: the source's
                           JPEG tiles stored byte for byte (no Huffman
                           optimisation, no blank-glass test);
+* ``wsi-no-huffman``    - ``--keep-source-jpeg``: the source's JPEG tiles byte
+                          for byte, blank glass still dropped (the defaults
+                          without Huffman optimisation);
 * ``wsidicomizer``      - conversion to DICOM WSI (on an NDPI, through
                           opentile's passthrough: ``--ndpi``).
+* ``orthanc``           - OrthancWSIDicomizer (Debian package ``orthanc-wsi``)
+                          to DICOM WSI in its default passthrough mode (source
+                          JPEG tiles copied), ``--threads`` = cores; left out,
+                          with one line, when the binary is missing.
 
 Every tool runs as a subprocess. For each run we measure the wall time, the
 peak RSS of the process tree (polled every ~20 ms, summing the RSS of the
@@ -42,6 +53,7 @@ Usage::
     python bench/convert.py                        # 40000x30000, 3 repeats
     python bench/convert.py --width 8000 --height 6000 --repeat 1
     python bench/convert.py --src some.tif --tools wsi,vips
+    python bench/convert.py --base-only --tools wsi,vips   # level 0 only: all levels built
 
 The slide is generated (once) by ``sample_data/generate.py`` into
 ``bench/out/``; the table is printed and the results are written to
@@ -57,6 +69,7 @@ import importlib.metadata
 import json
 import os
 import platform
+import resource
 import shutil
 import stat
 import statistics
@@ -74,9 +87,20 @@ ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "bench" / "out"
 GENERATOR = ROOT / "sample_data" / "generate.py"
 NDPI_GENERATOR = ROOT / "sample_data" / "make_ndpi.py"
+J2K_GENERATOR = ROOT / "sample_data" / "make_j2k.py"
+#: Tools run on a JPEG 2000 source (Aperio 33005) and their speed-up over vips aimed at.
+J2K_TOOLS: tuple[str, ...] = ("wsi", "wsi-zarr", "wsi-keep-j2k", "vips")
+J2K_TARGET_SPEEDUP = 2.0
 #: Tools compared with wsidicomizer on an NDPI source, and the speed-up aimed at.
-NDPI_TOOLS: tuple[str, ...] = ("wsi", "wsi-zarr", "wsi-keep-jpeg")
+NDPI_TOOLS: tuple[str, ...] = ("wsi", "wsi-zarr", "wsi-no-huffman", "wsi-keep-jpeg")
 NDPI_TARGET_SPEEDUP = 2.0
+#: Tools compared with OrthancWSIDicomizer on a JPEG pyramid, and the speed-up aimed at.
+ORTHANC_TOOLS: tuple[str, ...] = ("wsi", "wsi-keep-jpeg")
+ORTHANC_TARGET_SPEEDUP = 8.0
+#: On a base-only source (one level: every other level built): speed-up over vips aimed at,
+#: and the most peak RSS allowed.
+BASE_ONLY_TARGET_SPEEDUP = 2.8
+BASE_ONLY_MAX_RSS_MB = 400
 
 #: How often the process tree's memory is sampled.
 POLL_INTERVAL_S = 0.02
@@ -121,6 +145,8 @@ class Tool:
     #: The views the output should give, as detected by ``detect_views``.
     views: str
     command: Callable[[Path, Path], list[str]]
+    #: An executable that must be on PATH (the tool is left out, with one line, without it).
+    binary: str | None = None
 
 
 def _wsi_command(*extra: str) -> Callable[[Path, Path], list[str]]:
@@ -131,7 +157,18 @@ def _wsi_command(*extra: str) -> Callable[[Path, Path], list[str]]:
 
 
 def _vips_command(src: Path, out: Path) -> list[str]:
+    if source_compression(src).startswith("APERIO_JP2000"):
+        # pyvips-binary's libvips has no JPEG 2000 loader; the system's vips (Debian
+        # libvips-tools: OpenJPEG and OpenSlide) reads the slide through OpenSlide.
+        tiled = ["--tile", "--pyramid", "--compression", "jpeg", "--Q", "85", "--bigtiff"]
+        tiled += ["--tile-width", "256", "--tile-height", "256"]
+        return ["vips", "tiffsave", str(src), str(out / "out.tif"), *tiled]
     return [sys.executable, "-c", VIPS_SCRIPT, str(src), str(out / "out.tif")]
+
+
+def _orthanc_command(src: Path, out: Path) -> list[str]:
+    threads = str(os.cpu_count() or 1)
+    return ["OrthancWSIDicomizer", "--threads", threads, "--folder", str(out), str(src)]
 
 
 def _wsidicomizer_command(src: Path, out: Path) -> list[str]:
@@ -172,12 +209,31 @@ TOOLS: tuple[Tool, ...] = (
         "zarr+dicom",
         _wsi_command("--keep-source-jpeg", "--keep-background"),
     ),
+    Tool(
+        "wsi-no-huffman",
+        "wsi convert --keep-source-jpeg (source tiles byte for byte, blank glass dropped)",
+        "zarr+dicom",
+        _wsi_command("--keep-source-jpeg"),
+    ),
+    Tool(
+        "wsi-keep-j2k",
+        "wsi convert --keep-jpeg2000 (a JPEG 2000 source's base tiles kept as they are)",
+        "zarr+dicom",
+        _wsi_command("--keep-jpeg2000"),
+    ),
     Tool("vips", "pyvips tiffsave, tiled JPEG Q85 pyramid, BigTIFF", "tiff", _vips_command),
     Tool(
         "wsidicomizer",
         "wsidicomizer -i SRC -o DIR (DICOM WSI)",
         "dicom",
         _wsidicomizer_command,
+    ),
+    Tool(
+        "orthanc",
+        "OrthancWSIDicomizer --threads CORES --folder DIR (DICOM WSI, passthrough)",
+        "dicom",
+        _orthanc_command,
+        "OrthancWSIDicomizer",
     ),
 )
 
@@ -192,6 +248,9 @@ class Run:
     returncode: int
     views: str = "none"
     error: str | None = None
+    cpu_seconds: float = 0.0
+    """User + system CPU time of the process tree (its waited-for descendants): on a machine
+    shared with other work, the figure that the others' load does not inflate."""
 
 
 @dataclasses.dataclass
@@ -302,6 +361,7 @@ def measure(command: Sequence[str], out_dir: Path, log_path: Path) -> Run:
     out_dir.mkdir(parents=True)
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with log_path.open("w+") as log:
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
         start = time.perf_counter()
         proc = psutil.Popen(list(command), stdout=log, stderr=subprocess.STDOUT)
         peak = 0
@@ -313,18 +373,21 @@ def measure(command: Sequence[str], out_dir: Path, log_path: Path) -> Run:
             except psutil.TimeoutExpired:
                 continue
         seconds = time.perf_counter() - start
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
         log.seek(0)
         output = log.read()
-    run = Run(seconds, peak, dir_bytes(out_dir), returncode, detect_views(out_dir))
+    run = Run(seconds, peak, dir_bytes(out_dir), returncode, detect_views(out_dir), cpu_seconds=cpu)
     if returncode != 0:
         run.error = f"exit {returncode}: {last_line(output)}"
     shutil.rmtree(out_dir)  # keep the disk free for the next run
     return run
 
 
-def ensure_source(width: int, height: int, seed: int) -> Path:
-    """The generated slide for this size and seed, generating it if missing."""
-    path = OUT / f"slide_{width}x{height}_seed{seed}.tif"
+def ensure_source(width: int, height: int, seed: int, base_only: bool = False) -> Path:
+    """The generated slide for this size and seed (level 0 alone with `base_only`), generating
+    it if missing."""
+    path = OUT / f"slide_{width}x{height}_seed{seed}{'_base' if base_only else ''}.tif"
     if not path.exists():
         print(f"generating {path} ...", flush=True)
         tmp = path.with_suffix(".tmp.tif")
@@ -336,6 +399,7 @@ def ensure_source(width: int, height: int, seed: int) -> Path:
                 f"--width={width}",
                 f"--height={height}",
                 f"--seed={seed}",
+                *(["--base-only"] if base_only else []),
             ],
             check=True,
         )
@@ -344,12 +408,29 @@ def ensure_source(width: int, height: int, seed: int) -> Path:
 
 
 def ensure_ndpi_source(width: int, height: int, seed: int) -> Path:
-    """The generated NDPI (2048 px restart intervals, 4:4:4) for this size and seed."""
-    path = OUT / f"slide_{width}x{height}_seed{seed}.ndpi"
+    """The generated NDPI for this size and seed, laid out as a NanoZoomer writes it (2048 px
+    restart intervals, 4:4:4, levels 4x apart, the smallest one JPEG without restart markers:
+    see `sample_data/make_ndpi.py`)."""
+    path = OUT / f"slide_{width}x{height}_seed{seed}_nanozoomer.ndpi"
     if not path.exists():
         print(f"generating {path} ...", flush=True)
         tmp = path.with_suffix(".tmp.ndpi")
         command = [sys.executable, str(NDPI_GENERATOR), str(tmp)]
+        command += [f"--width={width}", f"--height={height}", f"--seed={seed}"]
+        command += ["--level-step=4", "--single-frame-smallest"]
+        subprocess.run(command, check=True)
+        tmp.rename(path)
+    return path
+
+
+def ensure_j2k_source(width: int, height: int, seed: int) -> Path:
+    """The generated Aperio JPEG 2000 SVS (33005, 256 px tiles, levels 4x apart: see
+    `sample_data/make_j2k.py`) for this size and seed."""
+    path = OUT / f"slide_{width}x{height}_seed{seed}.j2k.svs"
+    if not path.exists():
+        print(f"generating {path} ...", flush=True)
+        tmp = path.with_suffix(".tmp.svs")
+        command = [sys.executable, str(J2K_GENERATOR), str(tmp)]
         command += [f"--width={width}", f"--height={height}", f"--seed={seed}"]
         subprocess.run(command, check=True)
         tmp.rename(path)
@@ -392,6 +473,66 @@ def format_wsidicomizer_checks(checks: Sequence[dict[str, object]]) -> str:
     return "\n".join(lines)
 
 
+def speedup_checks(
+    results: Sequence[Result], contender: str, tools: Sequence[str], target: float
+) -> list[dict[str, object]]:
+    """Our tools' speed-ups over `contender` (median against median), against `target`."""
+    by_name = {r.tool: r for r in results}
+    other = by_name.get(contender)
+    checks: list[dict[str, object]] = []
+    for name in tools:
+        ours = by_name.get(name)
+        if ours is None or other is None:
+            continue
+        speedup = None
+        if ours.median_s and other.median_s:
+            speedup = other.median_s / ours.median_s
+        ok = speedup >= target if speedup is not None else None
+        entry = {"tool": name, "contender": contender, "speedup": speedup, "target": target}
+        checks.append({**entry, "ok": ok})
+    return checks
+
+
+def base_only_checks(results: Sequence[Result], levels: int) -> list[dict[str, object]]:
+    """On a one-level source: `wsi` against vips (speed-up) and its peak RSS."""
+    if levels != 1:
+        return []
+    checks = speedup_checks(results, REFERENCE, ("wsi",), BASE_ONLY_TARGET_SPEEDUP)
+    for check in checks:
+        ours = next(r for r in results if r.tool == check["tool"])
+        rss = ours.peak_rss_bytes / 1e6 if ours.peak_rss_bytes else None
+        check["peak_rss_mb"] = rss
+        check["ok_rss"] = rss <= BASE_ONLY_MAX_RSS_MB if rss is not None else None
+    return checks
+
+
+def format_speedup_checks(checks: Sequence[dict[str, object]]) -> str:
+    lines = []
+    for check in checks:
+        label = f"{check['tool']} vs {check['contender']}"
+        target = f"(target >= {check['target']:g}x)"
+        speedup = check["speedup"]
+        if not isinstance(speedup, float):
+            lines.append(f"{label}: n/a (not run or failed) {target}")
+            continue
+        line = f"{label}: {speedup:.2f}x faster {target}{_verdict(check['ok'])}"
+        rss = check.get("peak_rss_mb")
+        if isinstance(rss, float):
+            line += f"; peak RSS {rss:.0f} MB (target <= {BASE_ONLY_MAX_RSS_MB} MB)"
+            line += _verdict(check["ok_rss"])
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def source_levels(path: Path) -> int:
+    """Pyramid levels of the source's first TIFF series (0 if not a TIFF)."""
+    try:
+        with tifffile.TiffFile(path) as tif:
+            return len(tif.series[0].levels)
+    except Exception:  # not a TIFF, or one tifffile cannot read
+        return 0
+
+
 def source_compression(path: Path) -> str:
     """Compression of the source's first TIFF page (``"unknown"`` if not a TIFF)."""
     try:
@@ -399,6 +540,30 @@ def source_compression(path: Path) -> str:
             return tifffile.COMPRESSION(tif.pages.first.compression).name
     except Exception:  # not a TIFF, or one tifffile cannot read
         return "unknown"
+
+
+def source_files(path: Path) -> list[Path]:
+    """Every file of the slide: `path`, and for multi-file formats (MIRAX) its companion
+    folder's files, so that the source's size and page cache cover them all."""
+    from wsi.slidefiles import slide_parts
+
+    files: list[Path] = []
+    for part in slide_parts(path):
+        files += sorted(f for f in part.rglob("*") if f.is_file()) if part.is_dir() else [part]
+    return files
+
+
+def source_dimensions(path: Path) -> tuple[int, int]:
+    """Level 0's (width, height): OpenSlide's reading of a vendor format it detects (libvips
+    reads a Leica or Ventana file's first page, a macro or label, and has no MIRAX loader
+    here), else libvips's."""
+    import openslide
+
+    if openslide.OpenSlide.detect_format(str(path)) not in (None, "generic-tiff"):
+        with openslide.OpenSlide(str(path)) as slide:
+            return slide.dimensions
+    header = pyvips.Image.new_from_file(str(path))
+    return header.width, header.height
 
 
 def warm_page_cache(path: Path) -> None:
@@ -592,16 +757,38 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="generate a Hamamatsu NDPI (sample_data/make_ndpi.py) instead of a TIFF; "
         "wsi is then also compared with wsidicomizer (target >= 2x)",
     )
+    parser.add_argument(
+        "--j2k",
+        action="store_true",
+        help="generate an Aperio JPEG 2000 SVS (sample_data/make_j2k.py) instead of a TIFF; "
+        f"the tools default to {','.join(J2K_TOOLS)} (target >= {J2K_TARGET_SPEEDUP:g}x vips)",
+    )
+    parser.add_argument(
+        "--base-only",
+        action="store_true",
+        help="generate the slide with level 0 only (every other level is built by each "
+        f"tool); wsi is then checked against vips (target >= {BASE_ONLY_TARGET_SPEEDUP:g}x, "
+        f"peak RSS <= {BASE_ONLY_MAX_RSS_MB} MB)",
+    )
     parser.add_argument("--repeat", type=int, default=3, help="runs per tool (median reported)")
     parser.add_argument(
         "--tools",
-        default=",".join(t.name for t in TOOLS),
+        default=None,
         metavar="NAME[,NAME...]",
-        help="comma-separated subset of the tools (default: all): "
+        help="comma-separated subset of the tools (default: all; with --j2k, its tools): "
         + "; ".join(f"{t.name} = {t.description}" for t in TOOLS),
     )
     parser.add_argument("--json", type=Path, default=OUT / "convert.json", help="results file")
+    parser.add_argument(
+        "--work",
+        type=Path,
+        default=OUT,
+        help="where each run's output and log go (runs/, logs/): another folder lets two "
+        "benchmarks run at once without removing each other's output",
+    )
     args = parser.parse_args(argv)
+    if args.tools is None:
+        args.tools = ",".join(J2K_TOOLS if args.j2k else (t.name for t in TOOLS))
     known = {t.name for t in TOOLS}
     args.tools = [name.strip() for name in args.tools.split(",") if name.strip()]
     unknown = sorted(set(args.tools) - known)
@@ -620,35 +807,46 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     OUT.mkdir(parents=True, exist_ok=True)
-    generate = ensure_ndpi_source if args.ndpi else ensure_source
-    src = (args.src or generate(args.width, args.height, args.seed)).resolve()
-    header = pyvips.Image.new_from_file(str(src))
-    width, height = header.width, header.height
+    if args.src:
+        src = args.src.resolve()
+    elif args.ndpi:
+        src = ensure_ndpi_source(args.width, args.height, args.seed).resolve()
+    elif args.j2k:
+        src = ensure_j2k_source(args.width, args.height, args.seed).resolve()
+    else:
+        src = ensure_source(args.width, args.height, args.seed, args.base_only).resolve()
+    width, height = source_dimensions(src)
     megapixels = width * height / 1e6
-    source_bytes = src.stat().st_size
+    source_bytes = sum(f.stat().st_size for f in source_files(src))
     compression = source_compression(src)
     print(
         f"source: {src} ({width}x{height}, {megapixels:,.1f} MP, {source_bytes:,} bytes, "
         f"{compression})"
     )
     print(f"cpus: {os.cpu_count()}, repeats: {args.repeat}", flush=True)
-    warm_page_cache(src)
+    for part in source_files(src):
+        warm_page_cache(part)
 
-    tools = [t for t in TOOLS if t.name in args.tools]
-    runs_dir = OUT / "runs"
+    tools = []
+    for tool in (t for t in TOOLS if t.name in args.tools):
+        if tool.binary and shutil.which(tool.binary) is None:
+            print(f"{tool.name}: {tool.binary} not found (apt-get install orthanc-wsi), not run")
+            continue
+        tools.append(tool)
+    runs_dir = args.work / "runs"
     results = [
         Result(t.name, t.description, t.views, t.command(src, runs_dir / t.name)) for t in tools
     ]
     for repeat in range(1, args.repeat + 1):
         for tool, result in zip(tools, results, strict=True):
-            log = OUT / "logs" / f"{tool.name}-{repeat}.log"
+            log = args.work / "logs" / f"{tool.name}-{repeat}.log"
             run = measure(result.command, runs_dir / tool.name, log)
             result.runs.append(run)
             status = "ok" if run.error is None else f"FAILED ({run.error})"
             print(
                 f"  [{repeat}/{args.repeat}] {tool.name:<{TOOL_WIDTH}}{run.seconds:8.2f} s"
                 f"{run.peak_rss_bytes / 1e6:8.0f} MB{run.output_bytes:>15,} B"
-                f"  {run.views:<11} {status}",
+                f"  {run.views:<11} cpu {run.cpu_seconds:.2f} s {status}",
                 flush=True,
             )
 
@@ -663,6 +861,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     contender = wsidicomizer_checks(results, src)
     if contender:
         print(format_wsidicomizer_checks(contender))
+    orthanc = speedup_checks(results, "orthanc", ORTHANC_TOOLS, ORTHANC_TARGET_SPEEDUP)
+    base_only = base_only_checks(results, source_levels(src))
+    if orthanc or base_only:
+        print(format_speedup_checks([*orthanc, *base_only]))
     ref_mps = reference_mps(results, megapixels)
     report = {
         "source": {
@@ -686,6 +888,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             "dicom_overhead": overhead,
             "both_views_stored": stored,
             "vs_wsidicomizer": contender,
+            "vs_orthanc": orthanc,
+            "base_only_vs_vips": base_only,
         },
     }
     args.json.parent.mkdir(parents=True, exist_ok=True)

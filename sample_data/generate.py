@@ -24,7 +24,7 @@ without an ImageDescription, so OpenSlide reports it as ``generic-tiff``.
 Usage::
 
     python sample_data/generate.py OUT.tif --width 40000 --height 30000 \
-        [--tile 256] [--quality 80] [--seed 0]
+        [--tile 256] [--quality 80] [--seed 0] [--base-only]
 """
 
 from __future__ import annotations
@@ -200,15 +200,18 @@ def generate(
     tile: int = 256,
     quality: int = 80,
     seed: int = 0,
+    base_only: bool = False,
 ) -> Path:
-    """Write the synthetic slide to ``path`` as a tiled pyramidal JPEG BigTIFF."""
+    """Write the synthetic slide to ``path`` as a tiled pyramidal JPEG BigTIFF; with
+    ``base_only``, level 0 alone (what many scanners' exports and stitched tiles give: every
+    lower level must then be built by the converter)."""
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
     image = build(width, height, seed)
     image.tiffsave(
         str(out),
         tile=True,
-        pyramid=True,
+        pyramid=not base_only,
         compression="jpeg",
         Q=quality,
         bigtiff=True,
@@ -231,10 +234,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tile", type=int, default=256, help="TIFF tile size")
     parser.add_argument("--quality", type=int, default=80, help="JPEG quality")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--base-only", action="store_true", help="write level 0 only (no pyramid levels)"
+    )
     args = parser.parse_args(argv)
 
     start = time.perf_counter()
-    out = generate(args.out, args.width, args.height, args.tile, args.quality, args.seed)
+    out = generate(
+        args.out, args.width, args.height, args.tile, args.quality, args.seed, args.base_only
+    )
     elapsed = time.perf_counter() - start
     size = out.stat().st_size
     print(

@@ -1,20 +1,29 @@
 /* wsi.codecs._jpeglib: the few libjpeg API calls that TurboJPEG 2 lacks.
  *
- * transcode(data, optimize, libjpeg_tables=False) -> (space, low, high, out)
+ * transcode(data, optimize, libjpeg_tables=False, width=0, height=0, limits=b"")
+ *         -> (space, low, high, out, dark, light)
  *     Reads the DCT coefficients, bounds each component's decoded samples from them (see
- *     wsi/codecs/jpegtran.py for the proof) and, with `optimize`, writes the same coefficients
+ *     wsi/codecs/jpegtran.py for the proof), bounds the means of its darkest and lightest whole
+ *     blocks inside the top-left width x height pixels (the whole image when 0; floats in
+ *     levels, +inf and -inf when no block counts) and, with `optimize`, writes the same coefficients
  *     as a baseline stream with optimal Huffman tables (out is None otherwise). space is "gray",
  *     "ycc" or "rgb"; low and high hold one integer per component. The symbol statistics are
  *     gathered in the same walk over the blocks as the bounds and the tables built as libjpeg's
  *     jpeg_gen_optimal_table builds them, so libjpeg entropy-codes once instead of twice
  *     (optimize_coding's extra pass cost as much as everything else together) and the output is
  *     byte for byte libjpeg's. `libjpeg_tables` takes libjpeg's own two-pass path instead: the
- *     reference the tests compare with.
+ *     reference the tests compare with. `limits` (18 doubles: for "gray", "ycc" and "rgb",
+ *     [low, high] of each of 3 components) makes `optimize` conditional: the output is written
+ *     only when some component's dark < low or light > high (out is None otherwise).
  * decode_region(data, x, y, out, expected_width, expected_height) -> None
  *     Decodes the rectangle of out's size whose top-left pixel is (x, y) into `out`, a writable
  *     (height, width, 3) uint8 array whose rows may be strided, using jpeg_crop_scanline and
  *     jpeg_skip_scanlines; a stream declaring another size than the expected one (unless 0) is
  *     refused before decoding.
+ * encode(pixels, quality, subsample_420) -> bytes
+ *     Encodes a (height, width, 3) RGB array whose rows may be strided as a baseline JPEG with
+ *     optimal Huffman tables: byte for byte what `transcode` makes of the encoder's output
+ *     that `wsi.codecs.jpeg.encode` uses, in one call (see the section below).
  *
  * Every libjpeg error and warning longjmps back and raises wsi.errors.CorruptSlide. libjpeg runs
  * with the GIL released: the work functions below touch no Python object, only `struct job`
@@ -29,8 +38,11 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include <math.h>
+
 #include <jpeglib.h>
 #include <jerror.h>
+#include <jpegint.h> /* the entropy encoder's methods, for encode's gathering pass */
 
 #include "_jpeglib_huffman.h"
 
@@ -108,12 +120,18 @@ struct job {
     unsigned long size;
     int optimize;
     int libjpeg_tables; /* optimise with libjpeg's own two-pass optimize_coding instead */
+    long width, height; /* the pixels whose blocks' means count (0: the whole image) */
+    int has_limits;     /* encode only when a block mean lies outside limits[space] */
+    double limits[3][3][2];
     unsigned char *buffer;  /* where the output goes first (a bytes object's storage) */
     unsigned long capacity; /* its size */
     /* results */
     const char *space;
+    int space_index; /* 0 gray, 1 ycc, 2 rgb: the row of limits */
     int ncomp;
+    int encoded;     /* out holds the optimised stream */
     int low[3], high[3];
+    double dark[3], light[3];
     unsigned char *out;     /* buffer, or our malloc'd copy once the output outgrew it */
     unsigned long out_size; /* bytes written (while writing: the size of out) */
     struct guard g;
@@ -163,7 +181,8 @@ static int run_transcode(struct job *job) {
     struct sink sink;
     huff_counts dc[NUM_HUFF_TBLS], ac[NUM_HUFF_TBLS];
     jvirt_barray_ptr *coefs;
-    int ci, k, gather;
+    int ci, k, gather, full;
+    JDIMENSION width, height;
     volatile int have_dst = 0;
 
     memset(&src, 0, sizeof src);
@@ -187,9 +206,9 @@ static int run_transcode(struct job *job) {
     if (check_header(&job->g, &src, MAX_TRANSCODE_PIXELS) != 0)
         longjmp(job->g.escape, 1);
     switch (src.jpeg_color_space) {
-    case JCS_GRAYSCALE: job->space = "gray"; break;
-    case JCS_YCbCr: job->space = "ycc"; break;
-    case JCS_RGB: job->space = "rgb"; break;
+    case JCS_GRAYSCALE: job->space = "gray"; job->space_index = 0; break;
+    case JCS_YCbCr: job->space = "ycc"; job->space_index = 1; break;
+    case JCS_RGB: job->space = "rgb"; job->space_index = 2; break;
     default:
         snprintf(job->g.message, sizeof job->g.message, "unsupported colour space %d",
                  (int)src.jpeg_color_space);
@@ -209,6 +228,9 @@ static int run_transcode(struct job *job) {
         dst.restart_in_rows = 0;
     }
     gather = job->optimize && !job->libjpeg_tables;
+    width = job->width > 0 && job->width < (long)src.image_width ? job->width : src.image_width;
+    height =
+        job->height > 0 && job->height < (long)src.image_height ? job->height : src.image_height;
     memset(dc, 0, sizeof dc);
     memset(ac, 0, sizeof ac);
     for (ci = 0; ci < src.num_components; ci++) {
@@ -216,6 +238,14 @@ static int run_transcode(struct job *job) {
             comps[ci].q[k] = src.comp_info[ci].quant_table->quantval[k];
         comps[ci].lo = INT64_MAX;
         comps[ci].hi = INT64_MIN;
+        comps[ci].dark = INT64_MAX;
+        comps[ci].light = INT64_MIN;
+        /* A block of a full-resolution component covers 8 x 8 pixels; a subsampled one's
+         * samples are upsampled (mixed with its neighbours'): none of its blocks counts. */
+        full = src.comp_info[ci].h_samp_factor == src.max_h_samp_factor &&
+               src.comp_info[ci].v_samp_factor == src.max_v_samp_factor;
+        comps[ci].whole_cols = full ? width / DCTSIZE : 0;
+        comps[ci].whole_rows = full ? height / DCTSIZE : 0;
         comps[ci].last_dc = 0;
         comps[ci].dc = gather ? dc[dst.comp_info[ci].dc_tbl_no] : NULL;
         comps[ci].ac = gather ? ac[dst.comp_info[ci].ac_tbl_no] : NULL;
@@ -225,9 +255,20 @@ static int run_transcode(struct job *job) {
     for (ci = 0; ci < src.num_components; ci++) {
         job->low[ci] = 255 - level_floor(255 * 128 - comps[ci].lo); /* ceil(lo / 128) */
         job->high[ci] = level_floor(comps[ci].hi);
+        job->dark[ci] = comps[ci].dark == INT64_MAX ? HUGE_VAL : (double)comps[ci].dark / 128;
+        job->light[ci] = comps[ci].light == INT64_MIN ? -HUGE_VAL : (double)comps[ci].light / 128;
+    }
+    job->encoded = job->optimize;
+    if (job->optimize && job->has_limits) {
+        int outside = 0;
+        for (ci = 0; ci < src.num_components; ci++) {
+            const double *range = job->limits[job->space_index][ci];
+            outside |= job->dark[ci] < range[0] || job->light[ci] > range[1];
+        }
+        job->encoded = outside;
     }
 
-    if (job->optimize) {
+    if (job->encoded) {
         if (gather)
             install_tables(&dst, dc, ac);
         /* One entropy pass with the tables above, or libjpeg's gathering pass then that one. */
@@ -243,6 +284,8 @@ static int run_transcode(struct job *job) {
         dst.dest = &sink.pub;
         jpeg_write_coefficients(&dst, coefs);
         jpeg_finish_compress(&dst);
+    }
+    if (have_dst) {
         jpeg_destroy_compress(&dst);
         have_dst = 0;
     }
@@ -267,28 +310,61 @@ static PyObject *ints(const int *values, int n) {
     return t;
 }
 
-static PyObject *py_transcode(PyObject *self, PyObject *args) {
-    Py_buffer data;
-    int optimize, libjpeg_tables = 0, status;
-    struct job *job;
-    PyObject *out = NULL, *low = NULL, *high = NULL, *result = NULL;
-
-    if (!PyArg_ParseTuple(args, "y*p|p:transcode", &data, &optimize, &libjpeg_tables))
+static PyObject *floats(const double *values, int n) {
+    PyObject *t = PyTuple_New(n);
+    int i;
+    if (t == NULL)
         return NULL;
+    for (i = 0; i < n; i++) {
+        PyObject *v = PyFloat_FromDouble(values[i]);
+        if (v == NULL) {
+            Py_DECREF(t);
+            return NULL;
+        }
+        PyTuple_SET_ITEM(t, i, v);
+    }
+    return t;
+}
+
+static PyObject *py_transcode(PyObject *self, PyObject *args) {
+    Py_buffer data, limits = {0};
+    int optimize, libjpeg_tables = 0, status;
+    long width = 0, height = 0;
+    struct job *job;
+    PyObject *out = NULL, *low = NULL, *high = NULL, *dark = NULL, *light = NULL, *result = NULL;
+
+    if (!PyArg_ParseTuple(args, "y*p|plly*:transcode", &data, &optimize, &libjpeg_tables, &width,
+                          &height, &limits))
+        return NULL;
+    if (limits.buf != NULL && limits.len != 0 && limits.len != 18 * sizeof(double)) {
+        PyBuffer_Release(&data);
+        PyBuffer_Release(&limits);
+        PyErr_SetString(invalid_argument, "transcode: limits must be 18 doubles");
+        return NULL;
+    }
     if (data.len > MAX_INPUT_BYTES) {
         PyBuffer_Release(&data);
+        PyBuffer_Release(&limits);
         return PyErr_Format(corrupt_slide, "JPEG stream of %zd bytes exceeds %ld",
                             data.len, MAX_INPUT_BYTES);
     }
     job = calloc(1, sizeof *job);
     if (job == NULL) {
         PyBuffer_Release(&data);
+        PyBuffer_Release(&limits);
         return PyErr_NoMemory();
     }
+    if (limits.buf != NULL && limits.len != 0) {
+        job->has_limits = 1;
+        memcpy(job->limits, limits.buf, sizeof job->limits);
+    }
+    PyBuffer_Release(&limits);
     job->data = data.buf;
     job->size = (unsigned long)data.len;
     job->optimize = optimize;
     job->libjpeg_tables = libjpeg_tables;
+    job->width = width;
+    job->height = height;
     if (optimize) {
         /* libjpeg writes straight into the result (nobody else holds it while the GIL is
          * released); an output larger than this goes to memory libjpeg allocates instead. */
@@ -309,7 +385,8 @@ static PyObject *py_transcode(PyObject *self, PyObject *args) {
         PyErr_Format(corrupt_slide, "cannot transcode JPEG: %s", job->g.message);
         goto done;
     }
-    if (!optimize) {
+    if (!job->encoded) {
+        Py_XDECREF(out);
         out = Py_NewRef(Py_None);
     } else if (job->out == job->buffer) {
         if (_PyBytes_Resize(&out, (Py_ssize_t)job->out_size) != 0)
@@ -320,16 +397,135 @@ static PyObject *py_transcode(PyObject *self, PyObject *args) {
     }
     low = ints(job->low, job->ncomp);
     high = ints(job->high, job->ncomp);
-    if (out != NULL && low != NULL && high != NULL)
-        result = Py_BuildValue("(sOOO)", job->space, low, high, out);
+    dark = floats(job->dark, job->ncomp);
+    light = floats(job->light, job->ncomp);
+    if (out != NULL && low != NULL && high != NULL && dark != NULL && light != NULL)
+        result = Py_BuildValue("(sOOOOO)", job->space, low, high, out, dark, light);
 done:
     Py_XDECREF(out);
     Py_XDECREF(low);
     Py_XDECREF(high);
+    Py_XDECREF(dark);
+    Py_XDECREF(light);
     if (job->out != job->buffer)
         free(job->out);
     free(job);
     return result;
+}
+
+/* -- within --------------------------------------------------------------------------------- */
+/* within(data, width, height, blues) -> bool
+ *     Whether every pixel of the top-left width x height pixels (the whole image when 0), as
+ *     TurboJPEG decodes them to RGB (islow IDCT, fancy upsampling: decode_region's settings),
+ *     is one of a set of colours given by `blues`: 256 * 256 * 2 bytes, at (r * 256 + g) * 2 the
+ *     lowest and highest b of the set's colours (r, g, b), which must be all those in between
+ *     (255, 0 when there is none). Decoding stops at the first pixel outside the set. */
+struct within_job {
+    const unsigned char *data;
+    unsigned long size;
+    long width, height;
+    const unsigned char *blues;
+    unsigned char *rows; /* scratch: ROWS_PER_READ rows */
+    int result;
+    struct guard g;
+};
+
+static int run_within(struct within_job *w) {
+    struct jpeg_decompress_struct d;
+    JSAMPROW pointers[ROWS_PER_READ];
+    long width, height, x;
+    JDIMENSION i, got, first;
+
+    memset(&d, 0, sizeof d);
+    guard_init(&w->g);
+    d.err = &w->g.pub;
+    if (setjmp(w->g.escape)) {
+        jpeg_destroy_decompress(&d);
+        return -1;
+    }
+    jpeg_create_decompress(&d);
+    guard_attach(&w->g, (j_common_ptr)&d);
+    jpeg_mem_src(&d, w->data, w->size);
+    jpeg_read_header(&d, TRUE);
+    if (check_header(&w->g, &d, MAX_SIDE * MAX_SIDE) != 0)
+        longjmp(w->g.escape, 1);
+    d.out_color_space = JCS_EXT_RGB;
+    jpeg_start_decompress(&d);
+    width = w->width > 0 && w->width < (long)d.output_width ? w->width : (long)d.output_width;
+    height = w->height > 0 && w->height < (long)d.output_height ? w->height : (long)d.output_height;
+    w->rows = malloc((size_t)d.output_width * 3 * ROWS_PER_READ);
+    if (w->rows == NULL) {
+        snprintf(w->g.message, sizeof w->g.message, "out of memory");
+        longjmp(w->g.escape, 1);
+    }
+    for (i = 0; i < ROWS_PER_READ; i++)
+        pointers[i] = w->rows + (size_t)i * d.output_width * 3;
+    w->result = 1;
+    while (w->result && (long)d.output_scanline < height) {
+        first = d.output_scanline;
+        got = jpeg_read_scanlines(&d, pointers, ROWS_PER_READ);
+        if (got == 0) {
+            snprintf(w->g.message, sizeof w->g.message, "no scanline returned");
+            longjmp(w->g.escape, 1);
+        }
+        for (i = 0; i < got && (long)(first + i) < height && w->result; i++) {
+            const unsigned char *p = pointers[i];
+            for (x = 0; x < width; x++, p += 3) {
+                const unsigned char *blue = w->blues + ((p[0] << 8) | p[1]) * 2;
+                if (p[2] < blue[0] || p[2] > blue[1]) {
+                    w->result = 0;
+                    break;
+                }
+            }
+        }
+    }
+    /* The rows below are not needed (or a pixel already failed): stop without decoding them. */
+    jpeg_abort_decompress(&d);
+    jpeg_destroy_decompress(&d);
+    return 0;
+}
+
+static PyObject *py_within(PyObject *self, PyObject *args) {
+    Py_buffer data, table;
+    long width, height;
+    int status, result;
+    struct within_job *w;
+
+    if (!PyArg_ParseTuple(args, "y*lly*:within", &data, &width, &height, &table))
+        return NULL;
+    if (table.len != 256 * 256 * 2 || width < 0 || height < 0 || data.len > MAX_INPUT_BYTES) {
+        PyBuffer_Release(&data);
+        PyBuffer_Release(&table);
+        PyErr_SetString(invalid_argument,
+                        "within: the table must hold 256 * 256 * 2 bytes, the sizes be >= 0, "
+                        "the stream at most MAX_INPUT_BYTES");
+        return NULL;
+    }
+    w = calloc(1, sizeof *w);
+    if (w == NULL) {
+        PyBuffer_Release(&data);
+        PyBuffer_Release(&table);
+        return PyErr_NoMemory();
+    }
+    w->data = data.buf;
+    w->size = (unsigned long)data.len;
+    w->width = width;
+    w->height = height;
+    w->blues = table.buf;
+    Py_BEGIN_ALLOW_THREADS
+    status = run_within(w);
+    Py_END_ALLOW_THREADS
+    PyBuffer_Release(&data);
+    PyBuffer_Release(&table);
+    free(w->rows);
+    result = w->result;
+    if (status != 0) {
+        PyErr_Format(corrupt_slide, "cannot decode JPEG: %s", w->g.message);
+        free(w);
+        return NULL;
+    }
+    free(w);
+    return PyBool_FromLong(result);
 }
 
 /* -- decode_region -------------------------------------------------------------------------- */
@@ -500,12 +696,249 @@ static PyObject *py_decode_region(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+/* -- encode --------------------------------------------------------------------------------- */
+/* encode(pixels, quality, subsample_420) -> bytes
+ *     One baseline JPEG with optimal Huffman tables (libjpeg's optimize_coding) from a
+ *     (height, width, 3) RGB byte array whose rows may be strided. The settings are those of
+ *     TurboJPEG's tjCompress2 (4:2:0 YCbCr, JFIF; its DCT choice for this library version) and,
+ *     without subsampling, of an RGB-coded libjpeg encode (Adobe marker, no colour transform):
+ *     the same quantised coefficients as those encoders, so the output is byte for byte what
+ *     `transcode` makes of theirs, in one call instead of an encode, a decode of the
+ *     coefficients and a second encode. */
+struct encoding {
+    const unsigned char *pixels;
+    Py_ssize_t pitch; /* bytes from one input row to the next */
+    long width, height;
+    int quality, subsample_420;
+    unsigned char *buffer;  /* where the output goes first (a bytes object's storage) */
+    unsigned long capacity; /* its size */
+    unsigned char *out;     /* buffer, or our malloc'd copy once the output outgrew it */
+    unsigned long out_size; /* bytes written (while writing: the size of out) */
+    struct guard g;
+};
+
+struct encoding_sink {
+    struct jpeg_destination_mgr pub;
+    struct encoding *e;
+};
+
+static void encoding_start(j_compress_ptr c) {}
+
+static boolean encoding_grow(j_compress_ptr c) {
+    struct encoding_sink *sink = (struct encoding_sink *)c->dest;
+    struct encoding *e = sink->e;
+    unsigned char *next = malloc(2 * e->out_size);
+    if (next == NULL)
+        ERREXIT1(c, JERR_OUT_OF_MEMORY, 11);
+    memcpy(next, e->out, e->out_size);
+    if (e->out != e->buffer)
+        free(e->out);
+    e->out = next;
+    sink->pub.next_output_byte = next + e->out_size;
+    sink->pub.free_in_buffer = e->out_size;
+    e->out_size *= 2;
+    return TRUE;
+}
+
+static void encoding_end(j_compress_ptr c) {
+    struct encoding_sink *sink = (struct encoding_sink *)c->dest;
+    sink->e->out_size -= sink->pub.free_in_buffer;
+}
+
+/* TurboJPEG 2.x compresses with the fast integer DCT below quality 96; 3.x, through the same
+ * TurboJPEG 2 call, with the accurate one. */
+static J_DCT_METHOD turbojpeg_dct(int quality) {
+#if defined(LIBJPEG_TURBO_VERSION_NUMBER) && LIBJPEG_TURBO_VERSION_NUMBER >= 3000000
+    return JDCT_ISLOW;
+#else
+    return quality >= 96 ? JDCT_ISLOW : JDCT_FASTEST;
+#endif
+}
+
+/* The gathering pass of optimize_coding, faster: libjpeg's counts every coefficient of a block
+ * with a loop per bit length, and builds the tables with O(n^2) searches. This one visits only
+ * the non-zero coefficients (nonzero_zigzag) and builds them with install_tables; the counts and
+ * tables are the same, so the stream is too. It takes the place of the entropy encoder's
+ * gathering methods (jpegint.h) once jpeg_start_compress has begun that pass; libjpeg's own
+ * methods write the output pass. */
+struct gathering {
+    huff_counts dc[NUM_HUFF_TBLS], ac[NUM_HUFF_TBLS];
+    int last_dc[MAX_COMPS_IN_SCAN];
+};
+
+static boolean gather_mcu(j_compress_ptr c, JBLOCKROW *blocks) {
+    struct gathering *g = (struct gathering *)c->client_data;
+    int b;
+    for (b = 0; b < c->blocks_in_MCU; b++) {
+        int ci = c->MCU_membership[b];
+        jpeg_component_info *comp = c->cur_comp_info[ci];
+        const JCOEF *block = blocks[b][0];
+        long *ac = g->ac[comp->ac_tbl_no];
+        unsigned diff = (unsigned)abs((int)block[0] - g->last_dc[ci]);
+        uint64_t bits;
+        int last = 0;
+        if (diff >= 1u << 11)
+            ERREXIT(c, JERR_BAD_DCT_COEF);
+        g->dc[comp->dc_tbl_no][diff ? 32 - __builtin_clz(diff) : 0]++;
+        g->last_dc[ci] = block[0];
+        for (bits = nonzero_zigzag(block) & ~(uint64_t)1; bits; bits &= bits - 1) {
+            int z = __builtin_ctzll(bits), run;
+            unsigned magnitude = (unsigned)abs((int)block[natural_of[z]]);
+            if (magnitude >= 1u << 10)
+                ERREXIT(c, JERR_BAD_DCT_COEF);
+            for (run = z - last - 1; run > 15; run -= 16)
+                ac[0xF0]++;
+            ac[(run << 4) + 32 - __builtin_clz(magnitude)]++;
+            last = z;
+        }
+        if (last < DCTSIZE2 - 1)
+            ac[0]++;
+    }
+    return TRUE;
+}
+
+static void gather_done(j_compress_ptr c) {
+    struct gathering *g = (struct gathering *)c->client_data;
+    install_tables(c, g->dc, g->ac);
+}
+
+static int run_encode(struct encoding *e) {
+    struct jpeg_compress_struct c;
+    struct encoding_sink sink;
+    struct gathering gathering;
+    JSAMPROW rows[ROWS_PER_READ];
+    JDIMENSION n, i;
+
+    memset(&c, 0, sizeof c);
+    guard_init(&e->g);
+    c.err = &e->g.pub;
+    if (setjmp(e->g.escape)) {
+        jpeg_destroy_compress(&c);
+        if (e->out != e->buffer)
+            free(e->out);
+        e->out = NULL;
+        return -1;
+    }
+    jpeg_create_compress(&c);
+    guard_attach(&e->g, (j_common_ptr)&c);
+    c.image_width = (JDIMENSION)e->width;
+    c.image_height = (JDIMENSION)e->height;
+    c.input_components = 3;
+    c.in_color_space = JCS_EXT_RGB;
+    jpeg_set_defaults(&c);
+    jpeg_set_quality(&c, e->quality, TRUE);
+    if (e->subsample_420) {
+        c.dct_method = turbojpeg_dct(e->quality);
+        jpeg_set_colorspace(&c, JCS_YCbCr); /* JFIF marker; luma 2x2, chroma 1x1 */
+        c.comp_info[0].h_samp_factor = 2;
+        c.comp_info[0].v_samp_factor = 2;
+    } else {
+        c.dct_method = JDCT_ISLOW;
+        jpeg_set_colorspace(&c, JCS_RGB); /* Adobe marker, transform 0; every component 1x1 */
+    }
+    c.optimize_coding = TRUE;
+    e->out = e->buffer;
+    e->out_size = e->capacity;
+    sink.e = e;
+    sink.pub.next_output_byte = e->out;
+    sink.pub.free_in_buffer = e->out_size;
+    sink.pub.init_destination = encoding_start;
+    sink.pub.empty_output_buffer = encoding_grow;
+    sink.pub.term_destination = encoding_end;
+    c.dest = &sink.pub;
+    memset(&gathering, 0, sizeof gathering);
+    c.client_data = &gathering;
+    jpeg_start_compress(&c, TRUE); /* starts the gathering pass: one sequential scan, no restart */
+    c.entropy->encode_mcu = gather_mcu;
+    c.entropy->finish_pass = gather_done;
+    while (c.next_scanline < c.image_height) {
+        n = c.image_height - c.next_scanline;
+        if (n > ROWS_PER_READ)
+            n = ROWS_PER_READ;
+        for (i = 0; i < n; i++)
+            rows[i] = (JSAMPROW)(e->pixels + (Py_ssize_t)(c.next_scanline + i) * e->pitch);
+        jpeg_write_scanlines(&c, rows, n);
+    }
+    jpeg_finish_compress(&c);
+    jpeg_destroy_compress(&c);
+    return 0;
+}
+
+/* encode(pixels, quality, subsample_420): `pixels` is an (h, w, 3) uint8 array with packed
+ * pixels whose rows may be strided. */
+static PyObject *py_encode(PyObject *self, PyObject *args) {
+    Py_buffer pixels;
+    PyObject *source, *out = NULL;
+    int quality, subsample_420, status, good;
+    struct encoding *e;
+
+    if (!PyArg_ParseTuple(args, "Oip:encode", &source, &quality, &subsample_420))
+        return NULL;
+    if (PyObject_GetBuffer(source, &pixels, PyBUF_STRIDES | PyBUF_FORMAT) != 0)
+        return NULL;
+    good = pixels.ndim == 3 && pixels.itemsize == 1 && pixels.shape[2] == 3 &&
+           pixels.strides[2] == 1 && pixels.strides[1] == 3 && pixels.shape[0] > 0 &&
+           pixels.shape[1] > 0 && pixels.strides[0] >= 3 * pixels.shape[1] &&
+           pixels.shape[0] <= MAX_SIDE && pixels.shape[1] <= MAX_SIDE && quality >= 1 &&
+           quality <= 100;
+    if (!good) {
+        PyBuffer_Release(&pixels);
+        PyErr_SetString(invalid_argument,
+                        "encode: the pixels must be a non-empty (h, w, 3) uint8 array with "
+                        "packed pixels, the quality 1-100");
+        return NULL;
+    }
+    e = calloc(1, sizeof *e);
+    if (e == NULL) {
+        PyBuffer_Release(&pixels);
+        return PyErr_NoMemory();
+    }
+    e->pixels = pixels.buf;
+    e->pitch = pixels.strides[0];
+    e->height = (long)pixels.shape[0];
+    e->width = (long)pixels.shape[1];
+    e->quality = quality;
+    e->subsample_420 = subsample_420;
+    /* Tiles take well under a byte per pixel; a larger output moves to memory we allocate. */
+    e->capacity = (unsigned long)(e->width * e->height) + 4096;
+    out = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)e->capacity);
+    if (out == NULL) {
+        PyBuffer_Release(&pixels);
+        free(e);
+        return NULL;
+    }
+    e->buffer = (unsigned char *)PyBytes_AS_STRING(out);
+    Py_BEGIN_ALLOW_THREADS
+    status = run_encode(e);
+    Py_END_ALLOW_THREADS
+    PyBuffer_Release(&pixels);
+    if (status != 0) {
+        PyErr_Format(corrupt_slide, "cannot encode JPEG: %s", e->g.message);
+        Py_CLEAR(out);
+    } else if (e->out == e->buffer) {
+        if (_PyBytes_Resize(&out, (Py_ssize_t)e->out_size) != 0)
+            out = NULL;
+    } else {
+        Py_DECREF(out);
+        out = PyBytes_FromStringAndSize((const char *)e->out, (Py_ssize_t)e->out_size);
+    }
+    if (e->out != NULL && e->out != e->buffer)
+        free(e->out);
+    free(e);
+    return out;
+}
+
 /* -- module --------------------------------------------------------------------------------- */
 static PyMethodDef methods[] = {
     {"transcode", py_transcode, METH_VARARGS,
-     "transcode(data, optimize, libjpeg_tables=False) -> (space, low, high, bytes or None)"},
+     "transcode(data, optimize, libjpeg_tables=False, width=0, height=0, limits=b'') -> (space, "
+     "low, high, bytes or None, dark, light)"},
+    {"within", py_within, METH_VARARGS,
+     "within(data, width, height, blues) -> bool: every decoded pixel in the set"},
     {"decode_region", py_decode_region, METH_VARARGS,
      "decode_region(data, x, y, out, expected_width, expected_height): a rectangle into out"},
+    {"encode", py_encode, METH_VARARGS,
+     "encode(pixels, quality, subsample_420) -> bytes: a JPEG with optimal Huffman tables"},
     {NULL, NULL, 0, NULL},
 };
 

@@ -13,8 +13,19 @@ MAX_MEMORY: int
 LIBJPEG_VERSION: int
 
 def transcode(
-    data: Buffer, optimize: bool, libjpeg_tables: bool = False, /
-) -> tuple[str, tuple[int, ...], tuple[int, ...], bytes | None]: ...
+    data: Buffer,
+    optimize: bool,
+    libjpeg_tables: bool = False,
+    width: int = 0,
+    height: int = 0,
+    limits: Buffer = b"",
+    /,
+) -> tuple[
+    str, tuple[int, ...], tuple[int, ...], bytes | None, tuple[float, ...], tuple[float, ...]
+]: ...
+def within(
+    data: Buffer, width: int, height: int, blues: Buffer | np.ndarray[Any, Any], /
+) -> bool: ...
 def decode_region(
     data: Buffer,
     x: int,
@@ -24,3 +35,6 @@ def decode_region(
     expected_height: int,
     /,
 ) -> None: ...
+def encode(
+    pixels: Buffer | np.ndarray[Any, Any], quality: int, subsample_420: bool, /
+) -> bytes: ...

@@ -75,17 +75,26 @@ static inline uint64_t nonzero_zigzag(const JCOEF *block) {
 struct component_scan {
     int q[DCTSIZE2];
     int64_t lo, hi;
+    /* Over the blocks that lie wholly inside the region whose pixels count (none for a
+     * subsampled component, whose blocks are upsampled): an upper bound of the darkest block's
+     * mean decoded sample, and a lower bound of the lightest one's. A block's exact mean is its
+     * DC term, 128 + F(0,0)/8 (every AC basis function sums to 0 over the block); the decoder's
+     * samples differ from the exact ones by at most 1 + S/128 each (1/2 without AC, see lo/hi),
+     * so their mean does too. */
+    int64_t dark, light;
+    JDIMENSION whole_cols, whole_rows; /* blocks (col < whole_cols, row < whole_rows) count */
     int last_dc;   /* DC predictor of the scan being written */
     long *dc, *ac; /* counts of its DC and AC tables, NULL when not gathering */
 };
 
-/* One real block: its bound, and (when gathering) its symbols exactly as libjpeg's
+/* One real block: its bound, its mean's bounds when it is `whole` (inside the region that
+ * counts), and (when gathering) its symbols exactly as libjpeg's
  * htest_one_block counts them: the DC difference's size category, then for each non-zero AC
  * coefficient in zigzag order one ZRL (0xF0) per 16 zeros before it and (run << 4 | size), and
  * an EOB (0) when zeros end the block. Only the non-zero coefficients are visited. Fails, as
  * libjpeg does, on coefficients of more than 11 (DC difference) or 10 (AC) bits, which
  * baseline Huffman codes cannot carry. */
-static inline int scan_block(struct component_scan *c, const JCOEF *block) {
+static inline int scan_block(struct component_scan *c, const JCOEF *block, int whole) {
     uint64_t bits;
     unsigned every = 0;
     int64_t sum = 0, centre, reach;
@@ -109,6 +118,11 @@ static inline int scan_block(struct component_scan *c, const JCOEF *block) {
     reach = sum == 0 ? 64 : 33 * sum + 128;
     c->lo = centre - reach < c->lo ? centre - reach : c->lo;
     c->hi = centre + reach > c->hi ? centre + reach : c->hi;
+    if (whole) {
+        int64_t error = sum == 0 ? 64 : sum + 128; /* 128 * (1 + S/128), or 128 * 1/2 */
+        c->dark = centre + error < c->dark ? centre + error : c->dark;
+        c->light = centre - error > c->light ? centre - error : c->light;
+    }
     if (c->dc == NULL)
         return 0;
     {
@@ -171,7 +185,8 @@ static int scan_components(j_decompress_ptr d, jvirt_barray_ptr *coefs,
                     for (x = 0; x < mcu_w[ci]; x++) {
                         JDIMENSION col = mcol * mcu_w[ci] + x;
                         if (row < height && col < width) {
-                            if (scan_block(c, rows[ci][y][col]) != 0)
+                            int whole = row < c->whole_rows && col < c->whole_cols;
+                            if (scan_block(c, rows[ci][y][col], whole) != 0)
                                 return -1;
                         } else if (c->dc != NULL) {
                             c->dc[0]++;

@@ -39,10 +39,21 @@ equations on its own (integer, clamped) Y, Cb, Cr: libjpeg's fixed-point tables 
 bits) round to nearest, 0.5 plus at most 128 * 2**-16 * 1.1 for the constants."""
 
 
+_LUMA_MARGIN = _COLOUR_MARGIN + 0.01
+"""Largest difference between a decoded luma sample Y and 0.299 R + 0.587 G + 0.114 B of the
+pixel's unclamped R, G, B: the weighted sum of three conversion errors of at most
+`_COLOUR_MARGIN` each, plus what the JFIF constants leave of Cb and Cr (under 0.001)."""
+
+SampleRanges = tuple[tuple[float, float], ...]
+"""Per component, [low, high]: every decoded sample of it lies there (see `sample_ranges`)."""
+SPACES = ("gray", "ycc", "rgb")
+"""The colour spaces of the streams `transcode` reads."""
+
+
 @dataclass(frozen=True)
 class Transcoded:
     """A tile after `transcode`, with a box that holds every pixel an accurate decoder makes of
-    it (see `transcode`)."""
+    it, and bounds of its blocks' means (see `transcode`)."""
 
     data: bytes = field(repr=False)
     """The optimised baseline JPEG, or the input when that is baseline and optimising does not
@@ -51,6 +62,29 @@ class Transcoded:
     """A rigorous lower bound of every decoded R, G, B value (0..255)."""
     high: tuple[int, int, int]
     """A rigorous upper bound of every decoded R, G, B value (0..255)."""
+    space: str = "ycc"
+    """The components' colour space: "ycc", "rgb" (RGB-coded) or "gray"."""
+    darkest: tuple[float, ...] = ()
+    """Per component: an upper bound of the mean decoded sample of its darkest whole 8x8 block
+    inside the region given to `transcode` (+inf when no block counts: a subsampled component,
+    or a region under 8 pixels)."""
+    lightest: tuple[float, ...] = ()
+    """Per component: a lower bound of the mean decoded sample of its lightest such block."""
+    held_back: bool = False
+    """The optimisation was asked for but not done (`transcode`'s `unless_within`): `data` is
+    the input."""
+
+    def outside(self, ranges: SampleRanges) -> bool:
+        """Whether some whole block's mean proves that one of its samples lies outside
+        `ranges`: then some pixel of the region is not one of the colours the ranges were made
+        from (`sample_ranges`). A block whose decoded samples all lie in [low, high] has its
+        mean there too, and `darkest`/`lightest` bound the mean of the samples before they are
+        clamped to 0..255; a sample below `low` >= 1 stays below it when clamped (to 0 or to
+        itself), one above `high` <= 254 stays above it (to 255 or itself)."""
+        return any(
+            dark < low or light > high
+            for dark, light, (low, high) in zip(self.darkest, self.lightest, ranges, strict=False)
+        )
 
 
 def _frame_marker(stream: bytes) -> int | None:
@@ -87,7 +121,66 @@ def _rgb_box(
     return (r0, g0, b0), (r1, g1, b1)
 
 
-def transcode(data: bytes, optimize: bool = True) -> Transcoded:
+def sample_ranges(space: str, colours: np.ndarray) -> SampleRanges:
+    """For each component of a stream in colour `space`, a range [low, high] that holds every
+    decoded sample of it wherever the decoded pixel is one of `colours` ((n, 3) uint8 R, G, B):
+    the contrapositive of `Transcoded.outside`. A side is left open (-inf or +inf) where clamping
+    hides what lies beyond it (a colour with a channel at 0, or at 255), and for components that
+    do not follow from one pixel's colour (chroma: the ranges are for rejecting tissue, which
+    luma does).
+
+    Luma: an accurate decoder makes R = Y + 1.402 Cr', G = Y - 0.344136 Cb' - 0.714136 Cr',
+    B = Y + 1.772 Cb' (Cb' = Cb - 128, whatever the upsampler made of the chroma), each within
+    `_COLOUR_MARGIN` before clamping, and 0.299 R + 0.587 G + 0.114 B of those is Y exactly (the
+    Cb' and Cr' terms cancel), so Y is within `_LUMA_MARGIN` of the weighted sum of the pixel's
+    unclamped channels. Those are >= the clamped ones when no channel is 0, and <= when none is
+    255. An RGB-coded or grey stream's samples are the channels themselves."""
+    colours = np.asarray(colours, np.int64).reshape(-1, 3)
+    if len(colours) == 0:
+        return ((math.inf, -math.inf),) * (1 if space == "gray" else 3)
+    open_range = (-math.inf, math.inf)
+    if space == "rgb":
+        return tuple(_closed(colours[:, c], colours[:, c], 0.0) for c in range(3))
+    if space == "gray":
+        greys = colours[(colours[:, 0] == colours[:, 1]) & (colours[:, 1] == colours[:, 2]), 0]
+        if len(greys) == 0:
+            return ((math.inf, -math.inf),)
+        return (_closed(greys, greys, 0.0),)
+    luma = colours @ np.array([0.299, 0.587, 0.114])
+    return (_closed(colours, luma, _LUMA_MARGIN), open_range, open_range)
+
+
+@dataclass(frozen=True)
+class SampleLimits:
+    """`sample_ranges` of one set of colours for each of `SPACES`, as `transcode` takes them."""
+
+    ranges: dict[str, SampleRanges]
+    packed: bytes = field(repr=False)
+    """18 float64: [low, high] of 3 components (open past a space's own) for each space."""
+
+    @classmethod
+    def of(cls, colours: np.ndarray) -> SampleLimits:
+        ranges = {space: sample_ranges(space, colours) for space in SPACES}
+        table = np.tile(np.array([-math.inf, math.inf]), (3, 3, 1))
+        for i, space in enumerate(SPACES):
+            table[i, : len(ranges[space])] = ranges[space]
+        return cls(ranges, table.astype("<f8").tobytes())
+
+
+def _closed(channels: np.ndarray, values: np.ndarray, margin: float) -> tuple[float, float]:
+    """[low, high] of integer samples within `margin` of `values`; a side is open where some
+    colour has a channel clamped at that end (0 or 255)."""
+    low = -math.inf if int(channels.min()) <= 0 else float(math.ceil(values.min() - margin))
+    high = math.inf if int(channels.max()) >= 255 else float(math.floor(values.max() + margin))
+    return low, high
+
+
+def transcode(
+    data: bytes,
+    optimize: bool = True,
+    region: tuple[int, int] | None = None,
+    unless_within: SampleLimits | None = None,
+) -> Transcoded:
     """Rewrite a JPEG losslessly with optimal Huffman tables, and bound its pixels.
 
     The output has the same DCT coefficients, quantisation tables, sampling and restart interval,
@@ -97,7 +190,12 @@ def transcode(data: bytes, optimize: bool = True) -> Transcoded:
     smaller than `data` and `data` is baseline already, `data` itself is returned; with
     `optimize` False, always (then only the bounds are computed). A stream that cannot be
     baseline (12-bit samples, quantisation tables over 255) raises `CorruptSlide` when
-    `optimize` is set.
+    `optimize` is set. `region` (width, height) limits the blocks whose means are bounded
+    (`Transcoded.darkest`, `lightest`) to those wholly inside the top-left width x height
+    pixels: the part of an edge tile inside its level. With `unless_within`, the optimisation
+    is done only when `outside` its ranges (for the stream's colour space) holds, and held back
+    otherwise (`held_back`, `data` the input): a tile that may be blank glass is decoded next,
+    and is optimised only if it is kept; the entropy coding is not spent on the others.
 
     The Huffman tables are the ones libjpeg's `optimize_coding` makes (same statistics, same
     algorithm and tie-breaking, so the same bytes), but their statistics are gathered in the walk
@@ -119,12 +217,24 @@ def transcode(data: bytes, optimize: bool = True) -> Transcoded:
     rounding. DCT-scaled decoding box-averages the full IDCT, so it stays inside (tested at 1/2,
     1/4 and 1/8).
 
+    Block means: the exact mean of a block's 64 samples is its DC term, 128 + F(0,0)/8 (each AC
+    basis function sums to 0 over the block), and the decoder's unclamped samples are each
+    within the rounding allowance above (1 + S/128, or 1/2 without AC) of the exact ones, so
+    their mean is within it of the DC term. Only full-resolution components count (a subsampled
+    component's samples are mixed by the upsampler); one of their blocks covers 8x8 pixels.
+
     "Accurate" is libjpeg's default `islow` (and `float`) IDCT: what Pillow, OpenSlide, browsers
     and TurboJPEG use unless told otherwise. The fast IDCT (`JDCT_IFAST`, TurboJPEG's
     TJFLAG_FASTDCT) is off by one level on blocks without AC, and by more at high qualities; a
     bound for it would be several levels wide even for a uniform tile.
     """
-    space, low, high, out = _jpeglib.transcode(data, optimize)
+    width, height = region or (0, 0)
+    if min(width, height) < 0:
+        raise InvalidArgument(f"bad region {width}x{height}")
+    limits = unless_within.packed if unless_within is not None else b""
+    space, low, high, out, darkest, lightest = _jpeglib.transcode(
+        data, optimize, False, width, height, limits
+    )
     rgb_low, rgb_high = _rgb_box(space, low, high)
     result = data
     if out is not None:
@@ -134,7 +244,22 @@ def transcode(data: bytes, optimize: bool = True) -> Transcoded:
             )
         if len(out) < len(data) or _frame_marker(data) != _SOF_BASELINE:
             result = out
-    return Transcoded(bytes(result), rgb_low, rgb_high)
+    held_back = optimize and out is None
+    return Transcoded(bytes(result), rgb_low, rgb_high, space, darkest, lightest, held_back)
+
+
+def within(data: bytes, region: tuple[int, int], blues: np.ndarray) -> bool:
+    """Whether every pixel of the top-left `region` (width, height) of a JPEG tile, decoded to
+    the RGB that `wsi.codecs.jpeg.decode` makes (libjpeg's islow IDCT, fancy upsampling), is a
+    colour of a set given by `blues`: a (256, 256, 2) uint8 array, at [r, g] the lowest and
+    highest b of the set's colours (r, g, b), every b between them in the set too ((255, 0)
+    when there is none). One pass without an image buffer: decoding stops at the first pixel
+    outside the set, and a pixel costs one look-up and two compares (on glass the check adds
+    about a third to a decode, where numpy's took 1.4 decodes)."""
+    width, height = region
+    if min(width, height) <= 0 or blues.shape != (256, 256, 2) or blues.dtype != np.uint8:
+        raise InvalidArgument("within: a region of pixels and a (256, 256, 2) uint8 table")
+    return _jpeglib.within(data, width, height, np.ascontiguousarray(blues))
 
 
 def decode_region(data: bytes, x: int, y: int, width: int, height: int) -> np.ndarray:

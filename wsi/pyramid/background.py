@@ -16,13 +16,14 @@ against the best grey: glass of the generated slide 3.05-3.23 (its tint, (243, 2
 Faint stain is kept: eosin at 5% opacity over that glass is 3.9 from it at the tile mean, and its
 pixels spread further.
 
-The decision never guesses: copied JPEG tiles are first judged by the rigorous pixel bounds that
-`wsi.codecs.jpegtran.transcode` reads from the DCT coefficients (accept when the whole box is
-within tolerance, reject when a channel's range misses it: no decode); the others are decoded
-and checked pixel by pixel, first against the smallest box around the tolerance (most tissue
-fails there at once), then colour by colour in a table of the tolerance. Tiles we encode are
-checked on the pixels we already hold. (A DC-only 1/8-scale decoding as a cheaper first reject
-was measured: it costs 60% of a full decoding, more than it saves.)
+The decision never guesses. Copied JPEG tiles are first judged from their DCT coefficients, in
+the transcode that optimises them anyway (`judge_transcoded`): refused when some whole 8x8
+block's mean luma lies below (or above) every luma a pixel within tolerance can decode to
+(`jpegtran.sample_ranges`: if every pixel were within tolerance, every sample of the block, so
+its mean, would lie in that range), accepted when their rigorous pixel box is within tolerance.
+That settles tissue (on the generated slide, 716 of 1,025 tiles, none of them glass) without
+decoding. The rest, mostly glass, is decoded and checked pixel by pixel against a table of the
+tolerance in one pass (`jpegtran.within`). Tiles we encode are checked on the pixels we hold.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from wsi.codecs import jpeg
+from wsi.codecs import jpegtran
 from wsi.codecs.colour import srgb_to_lab
 from wsi.errors import InvalidArgument
 from wsi.model import Level
@@ -134,16 +135,66 @@ class Background:
         r, g, b = (slice(lo - box_low, h - box_low + 1) for lo, h in zip(low, high, strict=True))
         return True if bool(self._table[r, g, b].all()) else None
 
+    @property
+    def limits(self) -> jpegtran.SampleLimits:
+        """The range of each component's samples in a blank tile, per colour space: a block
+        mean outside it proves a tile is not blank (`jpegtran.sample_ranges`)."""
+        return _limits(self.fill, self.tolerance)
+
+    def judge_transcoded(self, tile: jpegtran.Transcoded) -> bool | None:
+        """What the coefficients alone tell of a copied JPEG tile (`jpegtran.transcode` given
+        the tile's part inside its level): False when a whole block's mean lies outside the
+        range of luma samples the tolerance allows (`jpegtran.sample_ranges`: tissue, darker
+        than glass, is refused here without decoding), else what its pixel box tells
+        (`judge_bounds`). None: only the pixels can tell."""
+        if tile.outside(self.limits.ranges[tile.space]):
+            return False
+        return self.judge_bounds(tile.low, tile.high)
+
     def accepts_jpeg(self, data: bytes, level: Level, col: int, row: int) -> bool:
         """Whether the JPEG tile (col, row) of `level` is background, from its decoded pixels
-        inside the level."""
-        return self.accepts_pixels(inside(jpeg.decode(data), level, col, row))
+        inside the level (`accepts_pixels` on them, in one pass with the decoding)."""
+        return jpegtran.within(data, visible(level, col, row), _blues(self.fill, self.tolerance))
+
+
+@functools.cache
+def _limits(fill: int, tolerance: float) -> jpegtran.SampleLimits:
+    """The sample limits of the colours within `tolerance` of (fill, fill, fill)."""
+    low, table = _acceptance(fill, tolerance)
+    return jpegtran.SampleLimits.of(np.argwhere(table) + low)
+
+
+@functools.cache
+def _blues(fill: int, tolerance: float) -> np.ndarray:
+    """The tolerance as `jpegtran.within` takes it: for each (r, g), the lowest and highest b of
+    the colours within it, which are all the b between them (checked: the Delta-E ball is
+    convex in CIELab, and no fill at any tolerance up to 6 makes a gap)."""
+    low, table = _acceptance(fill, tolerance)
+    n = table.shape[0]
+    blues = np.zeros((256, 256, 2), np.uint8)
+    blues[..., 0] = 255
+    count = table.sum(2)
+    first = table.argmax(2)
+    last = n - 1 - table[:, :, ::-1].argmax(2)
+    present = count > 0
+    if not (last - first + 1 == count)[present].all():
+        raise InvalidArgument(f"the colours within {tolerance} of {fill} are not b-intervals")
+    window = blues[low : low + n, low : low + n]
+    window[..., 0] = np.where(present, first + low, 255)
+    window[..., 1] = np.where(present, last + low, 0)
+    return blues
+
+
+def visible(level: Level, col: int, row: int) -> tuple[int, int]:
+    """(width, height) of the part of tile (col, row) that lies inside `level`, in pixels."""
+    w = min(level.tile_width, level.width - col * level.tile_width)
+    h = min(level.tile_height, level.height - row * level.tile_height)
+    return w, h
 
 
 def inside(pixels: np.ndarray, level: Level, col: int, row: int) -> np.ndarray:
     """The part of tile (col, row)'s pixels (a full tile) that lies inside `level`."""
-    h = min(level.tile_height, level.height - row * level.tile_height)
-    w = min(level.tile_width, level.width - col * level.tile_width)
+    w, h = visible(level, col, row)
     return pixels[:h, :w]
 
 
@@ -170,10 +221,16 @@ def choose_fill(source: SlideSource) -> int:
 
 
 def _blocks(image: np.ndarray) -> np.ndarray:
-    """(n, 64, 3) int16: the whole 8x8 blocks of an (h, w, 3) image."""
+    """(n, 64, 3) int16: the whole 8x8 blocks of an (h, w, 3) image.
+
+    Stored channel by channel (a view of an (n, 3, 64) array), so that the reductions over a
+    block's 64 pixels run over contiguous memory: 2.7x faster than over pixel-interleaved
+    channels (0.08 vs 0.22 CPU-s for a base-only slide's 64 sample tiles), time spent before
+    any tile is converted."""
     h, w = image.shape[0] // _BLOCK * _BLOCK, image.shape[1] // _BLOCK * _BLOCK
     blocks = image[:h, :w].reshape(h // _BLOCK, _BLOCK, w // _BLOCK, _BLOCK, 3)
-    return blocks.transpose(0, 2, 1, 3, 4).reshape(-1, _BLOCK * _BLOCK, 3).astype(np.int16)
+    planar = blocks.transpose(0, 2, 4, 1, 3).reshape(-1, 3, _BLOCK * _BLOCK)
+    return np.ascontiguousarray(planar, dtype=np.int16).transpose(0, 2, 1)
 
 
 def _smallest_level_sample(source: SlideSource) -> list[np.ndarray]:

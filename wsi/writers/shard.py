@@ -38,6 +38,44 @@ written side by side: at most this much per level)."""
 _COPY_BLOCK = 8 * 1024 * 1024
 
 
+def frame_chunks(
+    chunks: Sequence[bytes | None], dicom: bool, offset: int = 0
+) -> tuple[bytes, np.ndarray]:
+    """The bytes that a run of consecutive chunks (None: absent) adds to a shard object, and
+    their (len(chunks), 2) index entries, for a run that starts `offset` bytes after the first
+    chunk's position. With `dicom`, each chunk is an item padded to even length. A run's bytes
+    depend on its chunks alone, so parts of one object can be framed apart and joined."""
+    entries = empty_index(len(chunks))
+    parts = []
+    for i, data in enumerate(chunks):
+        if data is None:
+            continue
+        pad = len(data) & 1 if dicom else 0
+        if dicom:
+            parts.append(item_header(len(data) + pad))
+            offset += 8
+        entries[i] = (offset, len(data))
+        parts.append(data)
+        offset += len(data)
+        if pad:
+            parts.append(b"\0")
+            offset += 1
+    return b"".join(parts), entries
+
+
+def shard_tail(index: np.ndarray, dicom: bool) -> bytes:
+    """What ends a shard object: the encoded index, after its DICOM element header."""
+    encoded = encode_index(index)
+    return trailer_header(len(encoded)) + encoded if dicom else encoded
+
+
+def stored_tiles(index: np.ndarray) -> tuple[int, ...] | None:
+    """Row-major numbers of the tiles an index holds; None when it holds every tile (the
+    header's TILED_FULL case)."""
+    stored = np.flatnonzero(index[:, 1] != EMPTY_CHUNK)
+    return None if len(stored) == len(index) else tuple(int(t) for t in stored)
+
+
 class ShardStream:
     """Appends chunks to one object and ends it with the index; tracks size and crc32c."""
 
@@ -95,42 +133,23 @@ class ShardStream:
             return
         if self._next + len(chunks) > self.level.tile_count:
             raise WsiError(f"too many tiles for {self.key}")
-        dicom = self._dicom_header is not None
-        parts = []
-        offset = self._offset
-        for data in chunks:
-            if data is None:
-                self._next += 1
-                continue
-            if self._first is None:
-                self._first = data
-            pad = len(data) & 1 if dicom else 0
-            if dicom:
-                parts.append(item_header(len(data) + pad))
-                offset += 8
-            self._index[self._next] = (offset, len(data))
-            self._next += 1
-            parts.append(data)
-            offset += len(data)
-            if pad:
-                parts.append(b"\0")
-                offset += 1
-        block = b"".join(parts)
+        if self._first is None:
+            self._first = next((data for data in chunks if data is not None), None)
+        block, entries = frame_chunks(chunks, self._dicom_header is not None, self._offset)
+        self._index[self._next : self._next + len(chunks)] = entries
+        self._next += len(chunks)
         if self._spool is not None:
             self._spool.write(block)
         else:
             self._write(block)
-        self._offset = offset
+        self._offset += len(block)
 
     def close(self) -> StoredObject:
         if self._next != self.level.tile_count:
             raise WsiError(f"{self.key}: {self._next} of {self.level.tile_count} tiles")
         if self._dicom_header is not None:
             self._write_dicom_object()
-        index = encode_index(self._index)
-        if self._dicom_header is not None:
-            self._write(trailer_header(len(index)))
-        self._write(index)
+        self._write(shard_tail(self._index, self._dicom_header is not None))
         return StoredObject(self.key, self._written, self._crc.hexdigest().decode())
 
     def _write_dicom_object(self) -> None:
@@ -141,11 +160,9 @@ class ShardStream:
                 raise WsiError(f"{self.key}: no tile stored and no placeholder frame")
             self._next = 0
             self.extend([self._placeholder(), *([None] * (self.level.tile_count - 1))])
-        stored = np.flatnonzero(self._index[:, 1] != EMPTY_CHUNK)
-        tiles = None if len(stored) == self.level.tile_count else tuple(int(t) for t in stored)
         assert self._first is not None
-        header = self._dicom_header([self._first], tiles)
-        self._index[stored, 0] += len(header)
+        header = self._dicom_header([self._first], stored_tiles(self._index))
+        self._index[self._index[:, 1] != EMPTY_CHUNK, 0] += len(header)
         self._file = self._stack.enter_context(self._store.open_write(self.key))
         self._write(header)
         self._spool.seek(0)
