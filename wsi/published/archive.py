@@ -6,7 +6,8 @@ the slide; `restore` gives back the JPEG form, byte for byte. zstd chunks stay a
 
 Each stored object keeps its layout, so it is still one copy for both views:
 - the DICOM header is unchanged except for the Transfer Syntax UID in the File Meta Information
-  (JPEG baseline <-> JPEG XL JPEG Recompression): same SOP Instance UIDs, same data set;
+  (JPEG baseline <-> JPEG XL JPEG Recompression) and the lossy compression record (see
+  `archived_header`): same SOP Instance UIDs, every other element the same;
 - the frames are the same items in the same order, each holding the recoded chunk (padded to
   even length), and the trailing Zarr shard index points at the new chunks;
 - each array's zarr.json names the `wsistore.jpegxl` codec instead of `wsistore.jpeg`, and the
@@ -33,6 +34,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures as cf
 import contextlib
+import io
 import logging
 import os
 import struct
@@ -44,6 +46,8 @@ from typing import IO, Literal
 
 import google_crc32c
 import numpy as np
+from pydicom.dataelem import RawDataElement
+from pydicom.filereader import data_element_generator
 
 from wsi.codecs import jxl
 from wsi.errors import CorruptSlide, InvalidArgument, UnsupportedSlide, WsiError
@@ -68,6 +72,7 @@ from wsi.writers.dicom import (
     ITEM,
     JPEG_XL_JPEG_RECOMPRESSION,
     PIXEL_DATA_HEADER,
+    data_set_offset,
     item_header,
     trailer_header,
     transfer_syntax,
@@ -180,9 +185,9 @@ class ObjectPlan:
             raise UnsupportedSlide(f"{key}: chunks are not laid out as the writer does")
         return cls(key, size, chunks, dicom, index, spans, header_end, data_end)
 
-    def batches(self, frames: int) -> Iterator[tuple[tuple[int, int], ...]]:
-        """The spans, `frames` at a time."""
-        for i in range(0, len(self.spans), frames):
+    def batches(self, frames: int, start: int = 0) -> Iterator[tuple[tuple[int, int], ...]]:
+        """The spans from the `start`-th on, `frames` at a time."""
+        for i in range(start, len(self.spans), frames):
             yield self.spans[i : i + frames]
 
     def batch_range(self, batch: tuple[tuple[int, int], ...]) -> tuple[int, int]:
@@ -242,8 +247,9 @@ class ObjectWriter:
         self._crc.update(data)
         self.size += len(data)
 
-    def header(self, header: bytes, to: CodecId) -> None:
-        self._write(with_transfer_syntax(header, TRANSFER_SYNTAX[to]) if self.plan.dicom else b"")
+    def header(self, header: bytes, to: CodecId, sample: tuple[int, int] = (0, 0)) -> None:
+        """The object's header in `to`'s form (`sample`: see `archived_header`)."""
+        self._write(form_header(header, to, sample) if self.plan.dicom else b"")
 
     def chunks(self, spans: tuple[tuple[int, int], ...], recoded: list[bytes]) -> None:
         parts = []
@@ -273,6 +279,100 @@ def recode_chunk(data: bytes, to: CodecId) -> bytes:
     return jxl.recompress_exactly(data) if to == JPEGXL else jxl.jxl_to_jpeg(data)
 
 
+# -- the DICOM header of each form ----------------------------------------------------------------
+JPEG_XL_METHOD = "ISO_18181_1"
+"""Lossy Image Compression Method (0028,2114) Defined Term of JPEG XL (PS3.3 C.7.6.1.1.5.1)."""
+RATIO_SAMPLE_FRAMES = 16
+"""Frames (the first ones stored) whose sizes before and after JPEG XL give the compression ratio
+recorded for the archive step (the DICOM writer estimates the JPEG step's ratio from its first
+frames too); a fixed count, so the archived bytes do not depend on `ArchiveSettings`."""
+_METHOD, _RATIO = 0x00282114, 0x00282112
+
+
+def form_header(header: bytes, to: CodecId, sample: tuple[int, int] = (0, 0)) -> bytes:
+    """A DICOM instance's header (its bytes up to the first frame) in `to`'s form, from its
+    header in the other form: `archived_header` or `jpeg_header`, and the matching Transfer
+    Syntax UID. An archived header that would not give the JPEG one back exactly is refused
+    before anything is published."""
+    if to == JPEGXL:
+        archived = archived_header(header, sample)
+        if jpeg_header(archived) != header:
+            raise UnsupportedSlide("the DICOM header's lossy compression record is not ours")
+        header = archived
+    else:
+        header = jpeg_header(header)
+    return with_transfer_syntax(header, TRANSFER_SYNTAX[to])
+
+
+def archived_header(header: bytes, sample: tuple[int, int]) -> bytes:
+    """The data set of an archived instance: JPEG XL appended to its lossy compression record.
+
+    PS3.3 C.7.6.1.1.5 keeps that record in Lossy Image Compression Method (0028,2114) and Ratio
+    (0028,2112), one value per successive step, in the same order. JPEG XL JPEG Recompression
+    loses nothing (it "preserves the bits of the (lossy) JPEG encoding", PS3.5 8.2.15): the JPEG
+    step stays first, its ratio unchanged. The JPEG XL step is appended, since validators expect
+    the last method to name the compression the transfer syntax holds (dciodvfy: "method
+    inconsistent with Transfer Syntax" otherwise), its ratio uncompressed size over JPEG XL size
+    (C.7.6.1.1.5.2 allows a measured value): the JPEG ratio times what JPEG XL gained on a sample
+    of frames (`sample`: their bytes as JPEG, as JPEG XL). A header without that record, or
+    without a sample, is left as it is."""
+    found = _elements(header)
+    jpeg_bytes, jxl_bytes = sample
+    if _METHOD not in found or _RATIO not in found or not jxl_bytes:
+        return header
+    methods, ratios = _strings(found[_METHOD][1]), _strings(found[_RATIO][1])
+    ratio = f"{float(ratios[-1]) * jpeg_bytes / jxl_bytes:.2f}"
+    header = _with_strings(header, found[_METHOD][0], [*methods, JPEG_XL_METHOD])
+    return _with_strings(header, found[_RATIO][0], [*ratios, ratio])
+
+
+def jpeg_header(header: bytes) -> bytes:
+    """The data set of an archived instance as it was before its archive: `archived_header`'s
+    last method and ratio dropped (a header without them is left as it is)."""
+    found = _elements(header)
+    if _METHOD not in found or _RATIO not in found:
+        return header
+    methods, ratios = _strings(found[_METHOD][1]), _strings(found[_RATIO][1])
+    if len(methods) < 2 or len(ratios) < 2 or methods[-1] != JPEG_XL_METHOD:
+        return header
+    header = _with_strings(header, found[_METHOD][0], methods[:-1])
+    return _with_strings(header, found[_RATIO][0], ratios[:-1])
+
+
+def _elements(header: bytes) -> dict[int, tuple[int, bytes]]:
+    """The data set's elements up to (0028,2114): tag -> (offset of the element in `header`,
+    value). Explicit VR little endian, as every transfer syntax of our instances encodes it."""
+    start = data_set_offset(header)
+    found: dict[int, tuple[int, bytes]] = {}
+    stream = io.BytesIO(header[start:])
+    for element in data_element_generator(
+        stream, False, True, stop_when=lambda tag, _vr, _length: tag > _METHOD
+    ):
+        if element.tag not in (_METHOD, _RATIO):
+            continue
+        if not (isinstance(element, RawDataElement) and isinstance(element.value, bytes)):
+            raise UnsupportedSlide(f"DICOM element {element.tag} is not encoded as we write")
+        if element.VR not in ("CS", "DS"):
+            raise UnsupportedSlide(f"DICOM element {element.tag} is not a CS or DS string")
+        found[int(element.tag)] = (start + element.value_tell - 8, element.value)
+    return found
+
+
+def _strings(value: bytes) -> list[str]:
+    return value.decode("ascii").rstrip(" ").split("\\")
+
+
+def _with_strings(header: bytes, offset: int, values: list[str]) -> bytes:
+    """`header` with the short-VR string element at `offset` holding `values` (padded to even
+    length with a space, as PS3.5 6.2 pads CS and DS values)."""
+    (length,) = struct.unpack_from("<H", header, offset + 6)
+    value = "\\".join(values).encode("ascii")
+    value += b" " * (len(value) & 1)
+    return (
+        header[: offset + 6] + struct.pack("<H", len(value)) + value + header[offset + 8 + length :]
+    )
+
+
 def _recode_object(
     store: Store,
     plan: ObjectPlan,
@@ -284,11 +384,19 @@ def _recode_object(
     writer = ObjectWriter(plan, out.write)
     header = store.get_range(plan.key, 0, plan.header_end) if plan.header_end else b""
     plan.check_header(header, ARCHIVE_CODECS[to])
-    writer.header(header, to)
-    for batch in plan.batches(batch_frames):
-        data = store.get_range(plan.key, *plan.batch_range(batch))
-        chunks = plan.chunks_of(batch, data)
-        writer.chunks(batch, list(pool.map(recode_chunk, chunks, [to] * len(chunks))))
+
+    def recode(batch: tuple[tuple[int, int], ...]) -> list[bytes]:
+        chunks = plan.chunks_of(batch, store.get_range(plan.key, *plan.batch_range(batch)))
+        return list(pool.map(recode_chunk, chunks, [to] * len(chunks)))
+
+    # The first frames are recoded before the header is written: it records what they gained.
+    first = plan.spans[:RATIO_SAMPLE_FRAMES]
+    recoded = recode(first) if first else []
+    writer.header(header, to, (sum(n for _, n in first), sum(map(len, recoded))))
+    if first:
+        writer.chunks(first, recoded)
+    for batch in plan.batches(batch_frames, start=len(first)):
+        writer.chunks(batch, recode(batch))
     tail = store.get_range(plan.key, plan.data_end, plan.size - layout.index_nbytes(plan.chunks))
     if plan.dicom and tail != trailer_header(layout.index_nbytes(plan.chunks)):
         raise UnsupportedSlide(f"{plan.key}: the index is not in a trailing padding element")
