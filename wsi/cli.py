@@ -35,6 +35,7 @@ from wsi.published.replicate import repair_store, sync_store
 from wsi.published.usage import report_lines, store_usage
 from wsi.published.verify import ReadRate, verify_store
 from wsi.pyramid.builder import Progress, PyramidSettings, plan_pyramid
+from wsi.pyramid.cluster import ClusterOptions, check_address, cluster_address
 from wsi.sources import SlideSource, backend_names, open_slide
 from wsi.store.objects import Store, StoreSettings
 
@@ -183,6 +184,7 @@ def _convert(args: argparse.Namespace) -> int:
             subsample_420=args.subsampling == "420",
             optimize_huffman=not args.keep_source_jpeg,
             keep_background=args.keep_background,
+            keep_jpeg2000=args.keep_jpeg2000,
         ),
         backend=args.backend,
         include_associated=not args.no_associated,
@@ -202,7 +204,11 @@ def _convert(args: argparse.Namespace) -> int:
     if args.progress_fd is not None:
         channel = ProgressChannel(args.progress_fd, len(args.sources))
     try:
-        return _convert_all(args, store, settings, channel)
+        if args.dask is None:
+            return _convert_all(args, store, settings, channel)
+        with cluster_address(check_address(args.dask)) as (address, threads):
+            cluster = ClusterOptions(address, threads=threads)
+            return _convert_all(args, store, settings, channel, cluster)
     finally:
         # Done before the progress descriptor closes: a supervisor that lets go of stdin once
         # it sees that end-of-file does not turn this status into TEMPFAIL.
@@ -216,6 +222,7 @@ def _convert_all(
     store: Store,
     settings: ConvertSettings,
     channel: ProgressChannel | None,
+    cluster: ClusterOptions | None = None,
 ) -> ExitCode:
     """Convert every source in turn, printing a result line for each one published; the status
     says whether a failure is final or worth retrying (`wsi.ingest.protocol.ExitCode`)."""
@@ -226,7 +233,7 @@ def _convert_all(
         label = f"source {index + 1}" if settings.deidentify else Path(source).name
         bar, update = _progress_bar(show, label)
         try:
-            result = _convert_one(args, index, source, store, settings, update, channel)
+            result = _convert_one(args, index, source, store, settings, update, channel, cluster)
         except StoreError as exc:  # the store, not the slide: worth retrying later
             failures += 1
             transient = True
@@ -273,6 +280,7 @@ def _convert_one(
     settings: ConvertSettings,
     update: Progress | None,
     channel: ProgressChannel | None,
+    cluster: ClusterOptions | None = None,
 ) -> ConvertResult:
     """One slide; an `s3://` source is first staged in a local spool folder (the readers need
     files), downloaded with bounded memory and removed afterwards."""
@@ -288,7 +296,7 @@ def _convert_one(
             channel.report(index, start + (1.0 - start) * done / total)
 
     if not remote:
-        return convert_slide(source, store, settings, args.slide_id, tiles)
+        return convert_slide(source, store, settings, args.slide_id, tiles, cluster)
 
     def download(done: int, total: int) -> None:
         if channel is not None and total:
@@ -299,7 +307,7 @@ def _convert_one(
     with staged(
         source, args.s3_endpoint, args.spool, download, limits=limits, waiting=waiting
     ) as local:
-        return convert_slide(local, store, settings, args.slide_id, tiles)
+        return convert_slide(local, store, settings, args.slide_id, tiles, cluster)
 
 
 def _export(args: argparse.Namespace) -> int:
@@ -485,6 +493,12 @@ def _add_convert(sub: Any) -> None:
         help="store source JPEG tiles byte for byte (default: lossless Huffman optimisation)",
     )
     conv.add_argument(
+        "--keep-jpeg2000",
+        action="store_true",
+        help="keep a JPEG 2000 source's base tiles as they are (DICOM JPEG 2000 transfer syntax; "
+        "served to viewers as JPEG); default: decoded and stored as JPEG",
+    )
+    conv.add_argument(
         "--keep-background",
         action="store_true",
         help="store blank-glass tiles too (default: left out, read back as the fill grey)",
@@ -498,6 +512,13 @@ def _add_convert(sub: Any) -> None:
         "--spool",
         metavar="DIR",
         help="where s3:// sources are downloaded for conversion (default: the temp folder)",
+    )
+    conv.add_argument(
+        "--dask",
+        metavar="ADDRESS",
+        help="build each pyramid in bands on a Dask cluster: tcp://SCHEDULER:8786 (workers "
+        "reach the source and the store by the same path or URL), or local:N for N worker "
+        "processes on this machine; the same bytes as without",
     )
     add_staging_arguments(conv)
     add_supervision_arguments(conv)

@@ -44,6 +44,7 @@ from wsi.published.layout import (
     SlideKeys,
 )
 from wsi.pyramid.builder import LevelPlan, Progress, PyramidBuilder, PyramidSettings
+from wsi.pyramid.cluster import ClusterOptions, ClusterWriter, build_on_cluster
 from wsi.slide_id import content_slide_id, slide_files
 from wsi.slidefiles import dicom_series_files, sidecar_path, slide_parts
 from wsi.sources import SlideSource, open_slide
@@ -159,8 +160,10 @@ def convert_slide(
     settings: ConvertSettings | None = None,
     slide_id: str | None = None,
     progress: Progress | None = None,
+    cluster: ClusterOptions | None = None,
 ) -> ConvertResult:
-    """Convert the slide at `path` into `store` under its content id (or `slide_id`)."""
+    """Convert the slide at `path` into `store` under its content id (or `slide_id`); with
+    `cluster`, its pyramid is built in bands on a Dask cluster (the same bytes)."""
     start = time.perf_counter()
     settings = settings or ConvertSettings()
     path = Path(path)
@@ -182,10 +185,10 @@ def convert_slide(
             # complete: a failed or interrupted re-conversion leaves the published one as it was.
             keys = SlideKeys(sid).staging(uuid.uuid4().hex[:12]) if replacing else SlideKeys(sid)
             dicom = dicom_slide(sid, metadata, properties, base, path) if settings.dicom else None
-            writer = OmeZarrWriter(store, keys, dicom, "zarr" in settings.formats)
+            writer_type = OmeZarrWriter if cluster is None else ClusterWriter
+            writer = writer_type(store, keys, dicom, "zarr" in settings.formats)
             try:
-                builder = PyramidBuilder(source, writer, settings.pyramid, progress)
-                builder.run()
+                plans = _build_pyramid(path, source, writer, settings.pyramid, progress, cluster)
                 fmt = settings.associated_format
                 for name in source.associated_names:
                     if settings.wants_associated(name, source.associated_shows_label(name)):
@@ -209,7 +212,7 @@ def convert_slide(
                 name,
                 case,
                 source_bytes=source_bytes(path, source.name),
-                levels=level_origins(source, builder.plans),
+                levels=level_origins(source, plans),
             )
             if replacing:
                 _swap_in(store, keys, manifest, published)
@@ -218,6 +221,23 @@ def convert_slide(
     return ConvertResult(
         sid, url, base.width * base.height, time.perf_counter() - start, stored, False
     )
+
+
+def _build_pyramid(
+    path: Path,
+    source: SlideSource,
+    writer: OmeZarrWriter,
+    settings: PyramidSettings,
+    progress: Progress | None,
+    cluster: ClusterOptions | None,
+) -> list[LevelPlan]:
+    """Build the pyramid into `writer`, here or on `cluster`; the plans it followed."""
+    if cluster is None:
+        builder = PyramidBuilder(source, writer, settings, progress)
+        builder.run()
+        return builder.plans
+    assert isinstance(writer, ClusterWriter)
+    return build_on_cluster(str(path), source, writer, settings, cluster, progress)
 
 
 def _identity(

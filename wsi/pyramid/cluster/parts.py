@@ -1,0 +1,226 @@
+"""Objects written in numbered parts by many processes, then completed by one.
+
+On S3 an object is a multipart upload: any process uploads a part under its number (uploading a
+number again replaces that part, so a task that runs twice does no harm), and the coordinator
+completes the upload with the parts it lists in ascending order (numbers may have gaps; a part
+left out is discarded). S3 requires every part but the last to hold at least 5 MiB
+(`MIN_PART_BYTES`); SeaweedFS does not check, real S3 does. On a local store a part is a
+temporary file beside the object (written whole or not at all, under the store's temporary
+mark, so listings never show it and the next conversion's clean-up removes what a killed run
+left); completing joins them into the object, which appears whole by a rename.
+
+The object's CRC32C is combined from its parts' (`crc32c_combine`), so the coordinator never
+reads back what the workers wrote.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import IO
+
+import google_crc32c
+
+from wsi.errors import StoreError
+from wsi.store.objects import FILE_MODE, TEMP_MARK, Store, make_dirs, store_failures
+
+MIN_PART_BYTES = 5 * 1024 * 1024
+"""The smallest part S3 accepts, but for an upload's last part."""
+MAX_PART_NUMBER = 10_000
+_CRC32C_POLY = 0x82F63B78
+_COPY_BLOCK = 8 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class PartRef:
+    """A part written: where it goes in its object, its size (bytes) and its CRC32C."""
+
+    number: int
+    size: int
+    crc: int
+    etag: str = ""
+
+
+@dataclass(frozen=True)
+class ObjectParts:
+    """One object of the store being written in parts. Picklable: workers get a copy."""
+
+    key: str
+    run: str
+    """Names this conversion's part files (a rerun never mixes in a killed run's)."""
+    upload_id: str | None = None
+    """The S3 multipart upload; None on a local store."""
+
+    @classmethod
+    def begin(cls, store: Store, key: str, run: str) -> ObjectParts:
+        if not store.settings.is_s3:
+            return cls(key, run)
+        bucket, name = _bucket_key(store, key)
+        try:
+            answer = store.fs.call_s3("create_multipart_upload", Bucket=bucket, Key=name)
+        except store_failures() as exc:
+            raise StoreError(f"cannot start the upload of {key}: {exc}") from exc
+        return cls(key, run, str(answer["UploadId"]))
+
+    def part_key(self, number: int) -> str:
+        return f"{self.key}{TEMP_MARK}{self.run}-{number:05d}"
+
+    def put(self, store: Store, number: int, data: bytes) -> PartRef:
+        """Write part `number` (again: it replaces the first)."""
+        if not 1 <= number <= MAX_PART_NUMBER:
+            raise StoreError(f"{self.key}: part number {number} out of range")
+        crc = google_crc32c.value(data)
+        if self.upload_id is None:
+            try:
+                _write_part_file(store.path(self.part_key(number)), data)
+            except OSError as exc:
+                raise StoreError(f"cannot write part {number} of {self.key}: {exc}") from exc
+            return PartRef(number, len(data), crc)
+        bucket, name = _bucket_key(store, self.key)
+        try:
+            answer = store.fs.call_s3(
+                "upload_part",
+                Bucket=bucket,
+                Key=name,
+                UploadId=self.upload_id,
+                PartNumber=number,
+                Body=data,
+            )
+        except store_failures() as exc:
+            raise StoreError(f"cannot upload part {number} of {self.key}: {exc}") from exc
+        return PartRef(number, len(data), crc, str(answer["ETag"]))
+
+    def complete(self, store: Store, parts: Sequence[PartRef]) -> None:
+        """Make the object of `parts` (ascending numbers) appear whole."""
+        numbers = [p.number for p in parts]
+        if numbers != sorted(set(numbers)):
+            raise StoreError(f"{self.key}: parts out of order")
+        if self.upload_id is None:
+            self._join(store, parts)
+            return
+        bucket, name = _bucket_key(store, self.key)
+        listed = [{"PartNumber": p.number, "ETag": p.etag} for p in parts]
+        try:
+            store.fs.call_s3(
+                "complete_multipart_upload",
+                Bucket=bucket,
+                Key=name,
+                UploadId=self.upload_id,
+                MultipartUpload={"Parts": listed},
+            )
+        except store_failures() as exc:
+            raise StoreError(f"cannot complete the upload of {self.key}: {exc}") from exc
+
+    def _join(self, store: Store, parts: Sequence[PartRef]) -> None:
+        with store.open_write(self.key) as out:
+            out.flush()
+            for part in parts:
+                path = store.path(self.part_key(part.number))
+                try:
+                    with open(path, "rb") as f:
+                        size = os.fstat(f.fileno()).st_size
+                        if size != part.size:
+                            raise StoreError(f"part {part.number} of {self.key}: {size} bytes")
+                        _copy(f, out, size)
+                except OSError as exc:
+                    raise StoreError(f"cannot read part {part.number} of {self.key}") from exc
+        self.abort(store)
+
+    def abort(self, store: Store) -> None:
+        """Drop every part written so far (the S3 upload, or this run's part files)."""
+        if self.upload_id is not None:
+            bucket, name = _bucket_key(store, self.key)
+            with contextlib.suppress(*store_failures()):
+                store.fs.call_s3(
+                    "abort_multipart_upload", Bucket=bucket, Key=name, UploadId=self.upload_id
+                )
+            return
+        folder, _, stem = store.path(self.part_key(0)).rpartition("/")
+        prefix = stem[: -len("00000")]
+        with contextlib.suppress(FileNotFoundError):
+            for name in os.listdir(folder):
+                if name.startswith(prefix):
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(os.path.join(folder, name))
+
+
+def _write_part_file(path: str, data: bytes) -> None:
+    """A part file, whole or not at all (written under a unique name, then renamed: a task run
+    twice replaces it), not made durable: a part matters only until its object is joined, and
+    the joined object is (`Store.open_write`); after a crash the rerun writes the parts again.
+    Skipping the fsync spares writing every byte to the disk twice before the join."""
+    make_dirs(os.path.dirname(path))
+    tmp = f"{path}.{uuid.uuid4().hex}"
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+
+
+def _copy(source: IO[bytes], target: IO[bytes], size: int) -> None:
+    """Append `size` bytes of `source` to `target` (flushed): in the kernel where the file
+    system can (no copy through this process), else through a buffer."""
+    done = 0
+    with contextlib.suppress(OSError):
+        while done < size:
+            step = os.copy_file_range(source.fileno(), target.fileno(), size - done)
+            if step <= 0:
+                break
+            done += step
+    if done < size:
+        source.seek(done)
+        shutil.copyfileobj(source, target, _COPY_BLOCK)
+        target.flush()
+
+
+def _bucket_key(store: Store, key: str) -> tuple[str, str]:
+    bucket, _, name = store.path(key).partition("/")
+    return bucket, name
+
+
+def _gf2_times(matrix: list[int], vector: int) -> int:
+    total = 0
+    row = 0
+    while vector:
+        if vector & 1:
+            total ^= matrix[row]
+        vector >>= 1
+        row += 1
+    return total
+
+
+def _gf2_square(matrix: list[int]) -> list[int]:
+    return [_gf2_times(matrix, matrix[n]) for n in range(32)]
+
+
+def crc32c_combine(crc1: int, crc2: int, length2: int) -> int:
+    """The CRC32C of A + B from crc(A), crc(B) and len(B): zlib's `crc32_combine` (appending
+    len(B) zero bytes to A is a linear operator, applied by repeated squaring), with the
+    Castagnoli polynomial."""
+    if length2 <= 0:
+        return crc1
+    odd = [_CRC32C_POLY] + [1 << n for n in range(31)]  # one zero bit
+    even = _gf2_square(odd)  # two zero bits
+    odd = _gf2_square(even)  # four zero bits
+    while True:
+        even = _gf2_square(odd)
+        if length2 & 1:
+            crc1 = _gf2_times(even, crc1)
+        length2 >>= 1
+        if not length2:
+            break
+        odd = _gf2_square(even)
+        if length2 & 1:
+            crc1 = _gf2_times(odd, crc1)
+        length2 >>= 1
+        if not length2:
+            break
+    return crc1 ^ crc2
