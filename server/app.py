@@ -39,12 +39,14 @@ from server.keys import (
     SETTINGS,
 )
 from server.metrics import Metrics
-from server.replica import follow_ingest, publish_status
+from server.replica import follow_ingest, follow_jobs, publish_status
+from server.responses import install as install_response_headers
 from server.responses import json_error
 from server.settings import ProcessRole, ServerSettings
 from wsi.errors import (
     WsiError,
 )
+from wsi.ingest.lease import run_while_held, store_lease_name
 from wsi.ingest.supervise import Supervisor
 from wsi.published.reader import PublishedStore
 from wsi.published.values import ReaderSettings
@@ -127,7 +129,7 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
     await store.start()
     # Slides in watch folders are registered as sources by the ingest feed once complete, so a
     # slide is viewable from its file while it converts, but never read while being copied.
-    wanted = settings.sources or settings.watch or settings.s3_sources
+    wanted = settings.sources or settings.watch or settings.s3_sources or settings.ingest.jobs_db
     sources = SourceSlides(settings.sources, settings.max_render_pixels) if wanted else None
     catalog = Catalog(
         store, sources, render_slots=2 * settings.threads, deidentify=settings.ingest.deidentify
@@ -187,6 +189,8 @@ async def _ingest(app: web.Application) -> AsyncIterator[None]:
         limits=ingest.staging_limits,
     )
     tasks.start("copies", functools.partial(keep_copies, queue, copies, stop))
+    # Slides other services (or machines) submitted to the shared job table: viewable here too.
+    tasks.start("follow", functools.partial(follow_jobs, app, copies, stop))
     store = StoreSettings(settings.store, settings.s3_endpoint)
     keep = (*settings.watch, *settings.sources)
     for i in range(ingest.workers):
@@ -197,8 +201,11 @@ async def _ingest(app: web.Application) -> AsyncIterator[None]:
     if ingest.archive_after_days and ingest.workers:  # CPU work: where conversions run
         from wsi.published.archive import archive_policy
 
-        days = ingest.archive_after_days
-        tasks.start("archive", functools.partial(archive_policy, store, days, stop))
+        # One service of those sharing the job table archives the store at a time.
+        policy = functools.partial(archive_policy, store, ingest.archive_after_days)
+        name = store_lease_name("archive", settings.store)
+        held = functools.partial(run_while_held, queue, name, ingest.lease_seconds, policy, stop)
+        tasks.start("archive", held)
     if settings.verify_every_hours:
         _start_integrity_check(app, tasks, stop)
     yield
@@ -210,7 +217,8 @@ async def _ingest(app: web.Application) -> AsyncIterator[None]:
 
 def _start_integrity_check(app: web.Application, tasks: Supervisor, stop: asyncio.Event) -> None:
     """The scheduled integrity check (`server.integrity`), supervised with the ingest loops: one
-    checker per store, in the process that runs ingest, not one per serving replica."""
+    checker per store, in the process that runs ingest, not one per serving replica, and in one
+    service of those sharing a job table (`_verify_once_per_store`)."""
     settings = app[SETTINGS]
     monitor = app[INTEGRITY] = IntegrityMonitor(
         StoreSettings(settings.store, settings.s3_endpoint),
@@ -219,7 +227,18 @@ def _start_integrity_check(app: web.Application, tasks: Supervisor, stop: asynci
         state_folder=settings.ingest.state_path(settings.store),
     )
     app[METRICS].integrity = monitor.status
-    tasks.start("verify", functools.partial(monitor.run, stop))
+    tasks.start("verify", functools.partial(_verify_once_per_store, app, monitor, stop))
+
+
+async def _verify_once_per_store(
+    app: web.Application, monitor: IntegrityMonitor, stop: asyncio.Event
+) -> None:
+    """The check runs in one service of all those sharing the job table (its lease there);
+    the others show the result it keeps in the state folder they share."""
+    settings = app[SETTINGS]
+    name = store_lease_name("integrity", settings.store)
+    seconds = settings.ingest.lease_seconds
+    await run_while_held(app[JOBS], name, seconds, monitor.run, stop, idle=monitor.reload)
 
 
 def create_app(settings: ServerSettings, role: ProcessRole | None = None) -> web.Application:
@@ -234,6 +253,7 @@ def create_app(settings: ServerSettings, role: ProcessRole | None = None) -> web
     app[SETTINGS] = settings
     app[ROLE] = role
     app[METRICS] = metrics
+    install_response_headers(app, private=settings.requires_auth)
     app.on_response_prepare.append(cors_headers)
     if settings.requires_auth and settings.audit_log:
         app.cleanup_ctx.append(_audit)
@@ -241,7 +261,8 @@ def create_app(settings: ServerSettings, role: ProcessRole | None = None) -> web
     app.cleanup_ctx.append(_resources)
     if role.shared is not None:
         app.cleanup_ctx.append(publish_status)
-    app.cleanup_ctx.append(_ingest if role.ingest else follow_ingest)
+    runs_ingest = role.ingest and bool(settings.watch or settings.s3_sources)
+    app.cleanup_ctx.append(_ingest if runs_ingest else follow_ingest)
     for module in ROUTES:
         module.register(app)
     app[ROUTE_MODULES] = list(ROUTES)

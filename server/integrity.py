@@ -26,7 +26,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from wsi.published.verify import FAILURES, ReadRate, SlideCheck, Stopped, verify_slide
+from wsi.published.verify import ReadRate, SlideCheck, Stopped, read_failures, verify_slide
 from wsi.store.objects import Store, StoreSettings
 
 log = logging.getLogger("server.integrity")
@@ -178,6 +178,22 @@ class IntegrityMonitor:
         except (OSError, ValueError, KeyError, TypeError):
             return
 
+    def reload(self) -> None:
+        """Take the kept result again from the state folder: where services share it and one
+        of them runs the check (`wsi.ingest.lease.run_while_held`), the others show that one's
+        result. Nothing changes while a run is under way here."""
+        if self._path is None:
+            return
+        kept = IntegrityMonitor(
+            self.store, self.every_seconds, self.rate, str(self._path.parent), self._clock
+        )
+        with self._lock:
+            if self._running or kept._last_started is None:
+                return
+            self._last_run, self._last_started = kept._last_run, kept._last_started
+            self._slides_checked, self._bytes_read = kept._slides_checked, kept._bytes_read
+            self._damaged = kept._damaged
+
     def _save(self) -> None:
         if self._path is None:
             return
@@ -242,7 +258,7 @@ class IntegrityMonitor:
                 self._record(check)
         except Stopped:
             return
-        except FAILURES as exc:
+        except read_failures() as exc:
             with self._lock:
                 self._error = f"{type(exc).__name__}: {exc}"
             log.warning("integrity check failed: %s", type(exc).__name__)

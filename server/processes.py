@@ -276,7 +276,7 @@ def check_job_table(settings: ServerSettings) -> None:
     """With ingest on: the state folder made and the job table opened once, so that a job table
     that cannot be opened is the one-line error (JobQueueUnavailable) of a process alone, not N
     processes failing."""
-    if not (settings.watch or settings.s3_sources):
+    if not (settings.watch or settings.s3_sources or settings.ingest.jobs_db):
         return
     ingest = settings.ingest
     ingest.make_state(settings.store)

@@ -202,7 +202,9 @@ async def follow_ingest(app: web.Application) -> AsyncIterator[None]:
     table (for `/jobs`, `/readyz`), the integrity check's status, and the conversions it lists
     made viewable from their sources here too."""
     settings = app[SETTINGS]
-    if not (settings.watch or settings.s3_sources):
+    # An explicit job table (`--jobs`) is followed even without watch folders: every instance
+    # sharing it answers `/jobs` and shows converting slides alike.
+    if not (settings.watch or settings.s3_sources or settings.ingest.jobs_db):
         yield
         return
     ingest = settings.ingest
@@ -211,12 +213,13 @@ async def follow_ingest(app: web.Application) -> AsyncIterator[None]:
     app[JOBS] = queue
     # The ingest process's workers find jobs submitted here at their next poll.
     app[JOBS_WAKE] = asyncio.Event()
-    if settings.verify_every_hours:
+    if settings.verify_every_hours and (settings.watch or settings.s3_sources):
+        # The ingest process's check; a service that only follows a job table runs none.
         view = app[INTEGRITY] = IntegrityView(app)
         app[METRICS].integrity = view.status
     copies = StagedSources(Path(ingest.spool_path(settings.store)) / "copies", None, parallel=1)
     stop = asyncio.Event()
-    task = asyncio.create_task(_follow(app, copies, stop), name="wsi-follow-jobs")
+    task = asyncio.create_task(follow_jobs(app, copies, stop), name="wsi-follow-jobs")
     yield
     stop.set()
     await task
@@ -224,7 +227,7 @@ async def follow_ingest(app: web.Application) -> AsyncIterator[None]:
     queue.close()
 
 
-async def _follow(app: web.Application, copies: StagedSources, stop: asyncio.Event) -> None:
+async def follow_jobs(app: web.Application, copies: StagedSources, stop: asyncio.Event) -> None:
     """Every poll: each queued or running job's source (its file, or the local copy of an
     `s3://` source once complete) registered as the slide's source, as the ingest process's
     watcher and copies keeper do there. Sources are registered only from jobs: a job exists

@@ -233,7 +233,7 @@ def test_ingest_loops_are_supervised_and_readyz_lists_those_down(
     async def main() -> None:
         async with TestClient(TestServer(app)) as c:
             tasks = app[INGEST_TASKS]
-            expected = ["copies", "purge", "verify", "watcher", "worker-1", "worker-2"]
+            expected = ["copies", "follow", "purge", "verify", "watcher", "worker-1", "worker-2"]
             assert sorted(tasks.names) == expected
             assert tasks.down == {}
             assert (await c.get("/readyz")).status == 200

@@ -4,14 +4,10 @@ the password, an outage ridden out, and procrastinate's own tools seeing the sam
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
-import signal
-import socket
 import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -35,7 +31,7 @@ from wsi.ingest.settings import IngestSettings
 from wsi.store.objects import Store, StoreSettings
 
 from .conftest import sample
-from .helpers import run_wsi
+from .helpers import free_port, run_wsi, wsi_process
 from .pgserver import PASSWORD, PostgresServer, postgres  # noqa: F401 - the session fixture
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -48,12 +44,6 @@ def database(postgres: PostgresServer) -> Iterator[str]:  # noqa: F811
     postgres.drop(url)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _until(check: Callable[[], Any], what: str, timeout: float = 120.0) -> Any:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -62,30 +52,6 @@ def _until(check: Callable[[], Any], what: str, timeout: float = 120.0) -> Any:
             return result
         time.sleep(0.1)
     raise AssertionError(f"timed out waiting for {what}")
-
-
-@contextlib.contextmanager
-def _wsi(log: Path, *args: str) -> Iterator[subprocess.Popen[bytes]]:
-    """`wsi ARGS` in its own session, output to `log`; stopped (SIGTERM, then SIGKILL) after."""
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "server.cli", *args],
-            cwd=ROOT,
-            stdin=subprocess.DEVNULL,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    try:
-        yield proc
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(10)
 
 
 def _http(base: str, path: str, body: object = None) -> tuple[int, Any]:
@@ -110,12 +76,12 @@ def test_worker_converts_a_slide_submitted_through_the_service(
     inbox.mkdir()
     slide = inbox / "case.svs"
     shutil.copyfile(sample("CMU-1-Small-Region.svs"), slide)
-    port = _free_port()
+    port = free_port()
     base = f"http://127.0.0.1:{port}"
     fast = ["--poll-seconds", "0.2", "--quiet-seconds", "0.5"]
     serve_log, worker_log = tmp_path / "serve.log", tmp_path / "worker.log"
     serve_args = ["serve", "--store", str(store), "--watch", str(inbox), "--port", str(port)]
-    with _wsi(serve_log, *serve_args, "--workers", "0", "--jobs", database, *fast) as serve:
+    with wsi_process(serve_log, *serve_args, "--workers", "0", "--jobs", database, *fast) as serve:
         _until(lambda: _http(base, "/healthz")[0] == 200 or serve.poll() is not None, "serve")
         assert serve.poll() is None, serve_log.read_text()
         status, job = _http(base, "/jobs", {"source": str(slide)})
@@ -126,7 +92,7 @@ def test_worker_converts_a_slide_submitted_through_the_service(
         assert not (Path(f"{store}.state") / "jobs.sqlite").exists()
 
         worker_args = ["worker", "--store", str(store), "--jobs", database, *fast]
-        with _wsi(worker_log, *worker_args) as worker:
+        with wsi_process(worker_log, *worker_args) as worker:
 
             def finished() -> Any:
                 assert worker.poll() is None, worker_log.read_text()
@@ -175,7 +141,7 @@ def test_unreachable_or_wrong_job_table_is_one_line(
     tmp_path: Path,
 ) -> None:
     store = str(tmp_path / "store")
-    dead = f"postgresql://wsi:{PASSWORD}@127.0.0.1:{_free_port()}/jobs"
+    dead = f"postgresql://wsi:{PASSWORD}@127.0.0.1:{free_port()}/jobs"
     line = _one_line_error(run_wsi("worker", "--store", store, "--jobs", dead), PASSWORD)
     assert "refused" in line and redact_url(dead) in line
     # The same through the environment, and for the service.
@@ -184,7 +150,7 @@ def test_unreachable_or_wrong_job_table_is_one_line(
     inbox = tmp_path / "inbox"
     inbox.mkdir()
     serve = run_wsi(
-        "serve", "--store", store, "--watch", str(inbox), "--port", str(_free_port()), env=env
+        "serve", "--store", store, "--watch", str(inbox), "--port", str(free_port()), env=env
     )
     assert "refused" in _one_line_error(serve, PASSWORD)
 

@@ -49,11 +49,12 @@ from wsi.slidefiles import companion_folder, sidecar_names
 from wsi.store.objects import (
     DIR_MODE,
     FILE_MODE,
-    STORE_FAILURES,
     StoreSettings,
     _s3_options,
     make_dirs,
+    store_failures,
 )
+from wsi.store.obstore_s3 import bucket_range_reader
 
 STAGE_SHARE = 0.15
 """Of a conversion whose source is downloaded first, the share of its progress the download
@@ -205,7 +206,7 @@ def _s3_errors(url: str) -> Iterator[None]:
         raise
     except FileNotFoundError as exc:
         raise SlideNotFound(f"no such object {url}") from exc
-    except STORE_FAILURES as exc:
+    except store_failures() as exc:
         raise StoreError(f"cannot read {url}: {type(exc).__name__}: {exc}") from exc
 
 
@@ -313,7 +314,8 @@ def remote_slide_id(
     bucket, key = parse_s3_url(url)
     with _s3_errors(url):
         fs = _filesystem(endpoint_url)
-        return hash_slide_files(fs, _remote_slide_files(fs, bucket, key, limits or StagingLimits()))
+        files = _remote_slide_files(fs, bucket, key, limits or StagingLimits())
+        return hash_slide_files(fs, files, bucket_range_reader(endpoint_url))
 
 
 def _sidecar(fs: Any, bucket: str, key: str) -> SlideFile | None:

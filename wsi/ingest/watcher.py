@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from wsi.errors import InvalidArgument
+from wsi.ingest.lease import FolderLeases
 from wsi.ingest.scan import (
     FolderUnavailable,
     ProbeCache,
@@ -204,6 +205,11 @@ class FolderWatcher:
 
     Consumers should still treat a report as "probably new": a slide whose folder vanished and
     came back, or that was copied again, is reported again (conversion dedupes by content id).
+
+    With `leases` (`wsi.ingest.lease`), a folder is scanned only while this watcher holds its
+    lease in the job table, so that of the services given one shared folder one watches it at a
+    time; a folder taken over starts from a fresh tracker (each slide there waits one quiet
+    period and is reported, idempotently, again).
     """
 
     def __init__(
@@ -215,6 +221,7 @@ class FolderWatcher:
         *,
         debounce_ms: int = 500,
         stop_event: asyncio.Event | None = None,
+        leases: FolderLeases | None = None,
     ) -> None:
         if isinstance(folders, str | os.PathLike):
             folders = [folders]
@@ -233,6 +240,8 @@ class FolderWatcher:
         self._unavailable: set[Path] = set()
         self._caches: dict[Path, ProbeCache] = {}
         self._inotify_failed = False
+        self.leases = leases
+        self._held: frozenset[Path] = frozenset(self.folders) if leases is None else frozenset()
 
     def stop(self) -> None:
         """End `events()` at its next wait; safe from other threads once it runs."""
@@ -259,6 +268,8 @@ class FolderWatcher:
     def _scan(self) -> dict[Path, list[SlideCandidate] | None]:
         results: dict[Path, list[SlideCandidate] | None] = {}
         for folder in self.folders:
+            if folder not in self._held:
+                continue
             try:
                 results[folder], self._caches[folder] = _find_candidates_cached(
                     folder, self._caches.get(folder)
@@ -274,8 +285,23 @@ class FolderWatcher:
                 self._unavailable.discard(folder)
         return results
 
+    async def _update_leases(self) -> None:
+        """Hold, take or give up the folders' leases when due; a folder no longer held (lost,
+        or not renewed in time) forgets what its tracker saw: whoever holds it reports those
+        slides."""
+        leases = self.leases
+        if leases is None:
+            return
+        if time.monotonic() >= leases.due():
+            await asyncio.to_thread(leases.renew)
+        held = leases.held()
+        for folder in self._held - held:
+            self._trackers[folder] = StabilityTracker(self.quiet_seconds)
+        self._held = held
+
     async def poll(self) -> list[SlideCandidate]:
         """One scan (in a worker thread) and tracker update: the slides that became ready."""
+        await self._update_leases()
         results = await asyncio.to_thread(self._scan)
         ready: list[SlideCandidate] = []
         for folder, candidates in results.items():
@@ -286,6 +312,8 @@ class FolderWatcher:
     def _delay(self) -> float:
         delay = self.poll_interval
         due = [d for t in self._trackers.values() if (d := t.next_due()) is not None]
+        if self.leases is not None:
+            due.append(self.leases.due())
         if due:
             delay = min(delay, min(due) - time.monotonic() + 0.01)
         return max(delay, 0.01)
@@ -335,6 +363,10 @@ class FolderWatcher:
         finally:
             if inotify is not None:
                 await inotify.close()
+            if self.leases is not None:
+                # Blocking but short, and never skipped by a second cancellation: the others
+                # take the folders at once instead of after the lease time.
+                self.leases.release()
 
     def __aiter__(self) -> AsyncIterator[SlideCandidate]:
         return self.events()

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Protocol
 
 from wsi.errors import SlideNotFound, WsiError
+from wsi.ingest.lease import FolderLeases, run_while_held, store_lease_name
 from wsi.ingest.privacy import redact, reference, source_names
 from wsi.ingest.protocol import (
     ExitCode,
@@ -512,8 +513,13 @@ async def watch_folders(
 ) -> None:
     """`feed` from a new watcher of `folders` until `stop`. New at every (re)start: a watcher
     restarted after a crash reports every complete slide again (submitting is idempotent), so a
-    slide reported just before the crash is not lost."""
-    watcher = FolderWatcher(folders, settings.quiet_seconds, settings.poll_seconds, stop_event=stop)
+    slide reported just before the crash is not lost. Each folder is scanned only while this
+    watcher holds its lease in the job table (`wsi.ingest.lease`): of the services sharing one
+    folder, one watches it at a time."""
+    leases = FolderLeases(queue, folders, settings.lease_seconds)
+    watcher = FolderWatcher(
+        folders, settings.quiet_seconds, settings.poll_seconds, stop_event=stop, leases=leases
+    )
     await feed(watcher, queue, on_submitted)
 
 
@@ -570,7 +576,12 @@ def run_roles(
                 "purge", functools.partial(purge_jobs, queue, settings.keep_jobs_days, stop)
             )
         for name, loop_until in (housekeeping or {}).items() if workers else ():
-            tasks.start(name, functools.partial(loop_until, stop))
+            # One worker of those sharing the job table runs each loop over the store.
+            lease = store_lease_name(name, store.url)
+            held = functools.partial(
+                run_while_held, queue, lease, settings.lease_seconds, loop_until, stop
+            )
+            tasks.start(name, held)
         if watch:
             tasks.start("watcher", functools.partial(watch_folders, watch, queue, settings, stop))
         await stop.wait()

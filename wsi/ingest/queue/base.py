@@ -212,6 +212,17 @@ class RetryPolicy:
         return float(min(self.backoff_cap, self.backoff_unit * 2.0 ** min(attempts, 62)))
 
 
+@dataclass(frozen=True)
+class Lease:
+    """Who holds a named lease in the job table, and until when (see `JobQueue.hold_lease`)."""
+
+    name: str
+    holder: str
+    """The holder's name: `worker_name()` of the process that took it."""
+    until: float
+    """Seconds since the epoch, on the holder's clock: the lease is free after this."""
+
+
 def default_queue_path(data_dir: str | os.PathLike[str]) -> Path:
     """Where the service keeps its jobs: next to the slides it publishes, so it moves with them."""
     return Path(data_dir) / "jobs.sqlite"
@@ -295,6 +306,20 @@ def _check_files(files: object) -> str:
     if not all(isinstance(f, SourceFile) for f in files):
         raise InvalidArgument("files must be SourceFiles")
     return json.dumps([f.to_json() for f in files])
+
+
+_MAX_LEASE_NAME = _MAX_SOURCE + 64
+"""A lease on a folder is named after its path (at most `_MAX_SOURCE`) with a short prefix."""
+
+
+def _check_lease(name: object, holder: object, seconds: object = 1.0) -> tuple[str, str, float]:
+    """The arguments of a lease call, checked: names bounded, a duration > 0 seconds."""
+    name = _check_text("lease name", name, _MAX_LEASE_NAME)
+    holder = _check_text("lease holder", holder, _MAX_WORKER)
+    duration = _check_number("lease seconds", seconds, 0, 86400 * 365)
+    if duration <= 0:
+        raise InvalidArgument("lease seconds must be > 0")
+    return name, holder, duration
 
 
 def _check_job_id(job_id: object) -> str:
@@ -417,6 +442,30 @@ class JobQueue(abc.ABC):
         Requeues each for immediate retry, or fails it when its attempts are used up. Called at
         start; returns how many jobs it took back. Live leases of other workers are untouched.
         """
+
+    # Leases on things other than jobs (a watch folder): one holder at a time across every
+    # process that shares the table, taken over when the holder stops renewing.
+
+    @abc.abstractmethod
+    def hold_lease(
+        self, name: str, holder: str, seconds: float, *, replacing: str | None = None
+    ) -> bool:
+        """Take the lease `name` for `holder` until `seconds` from now (the queue's clock), or
+        renew it if `holder` holds it already; True when `holder` holds it after the call.
+
+        A lease another holder renewed in time is left alone (False); one that ran out, or whose
+        holder is `replacing` (a caller that knows that holder is dead), is taken over. One
+        atomic step: of two processes racing for a free lease exactly one gets it.
+        """
+
+    @abc.abstractmethod
+    def drop_lease(self, name: str, holder: str) -> bool:
+        """Give the lease `name` up at once if `holder` holds it (a clean stop: another process
+        takes it at its next try instead of after the lease time); False if it did not."""
+
+    @abc.abstractmethod
+    def lease(self, name: str) -> Lease | None:
+        """The lease `name` as it is recorded (expired or not), or None."""
 
     def close(self) -> None:  # noqa: B027 - optional hook, not abstract
         """Release connections; the queue's data stays."""

@@ -52,11 +52,13 @@ from wsi.ingest.queue.base import (
     JobQueue,
     JobQueueUnavailable,
     JobState,
+    Lease,
     RetryPolicy,
     SourceFile,
     _check_error,
     _check_files,
     _check_job_id,
+    _check_lease,
     _check_number,
     _check_options,
     _check_text,
@@ -110,6 +112,16 @@ CREATE INDEX wsi_jobs_by_finished ON wsi_jobs (finished) WHERE finished IS NOT N
 CREATE TABLE wsi_jobs_schema (version integer NOT NULL);
 INSERT INTO wsi_jobs_schema VALUES ({PG_SCHEMA_VERSION});
 """  # noqa: S608 - constants only
+
+_LEASES = """
+CREATE TABLE IF NOT EXISTS wsi_leases (
+    name text PRIMARY KEY,
+    holder text NOT NULL,
+    until double precision NOT NULL
+)
+"""
+"""Leases on things other than jobs (`JobQueue.hold_lease`): made when absent, whatever the
+schema version (versions that do not know the table never touch it)."""
 
 _PROCRASTINATE_FUNCTIONS = (
     "procrastinate_defer_jobs_v1(procrastinate_job_to_defer_v1[])",
@@ -215,6 +227,7 @@ class PostgresJobQueue(JobQueue):
                     f"job table {self.label} has jobs schema {version}; this version reads "
                     f"up to {PG_SCHEMA_VERSION}"
                 )
+        cur.execute(_LEASES)
         for function in _PROCRASTINATE_FUNCTIONS:
             cur.execute("SELECT to_regprocedure(%s)", (function,))
             if (cur.fetchone() or (None,))[0] is None:
@@ -553,5 +566,46 @@ class PostgresJobQueue(JobQueue):
                     cur, row, at, "error = %s, updated = %s", ("worker lost (lease expired)", at)
                 )
             return failed + len(lost)
+
+        return self._run(step)
+
+    # leases
+
+    def hold_lease(
+        self, name: str, holder: str, seconds: float, *, replacing: str | None = None
+    ) -> bool:
+        name, holder, seconds = _check_lease(name, holder, seconds)
+
+        def step(cur: psycopg.Cursor[Any]) -> bool:
+            now = self.clock()
+            # One statement: a free lease goes to exactly one of two racing callers (the other
+            # waits for the row, then finds it renewed and updates nothing).
+            cur.execute(
+                "INSERT INTO wsi_leases AS l (name, holder, until) VALUES (%s, %s, %s) "
+                "ON CONFLICT (name) DO UPDATE SET holder = excluded.holder, until = excluded.until "
+                "WHERE l.holder = excluded.holder OR l.holder = %s OR l.until < %s "
+                "RETURNING holder",
+                (name, holder, now + seconds, replacing, now),
+            )
+            return cur.fetchone() is not None
+
+        return self._run(step)
+
+    def drop_lease(self, name: str, holder: str) -> bool:
+        name, holder, _ = _check_lease(name, holder)
+
+        def step(cur: psycopg.Cursor[Any]) -> bool:
+            cur.execute("DELETE FROM wsi_leases WHERE name = %s AND holder = %s", (name, holder))
+            return cur.rowcount > 0
+
+        return self._run(step)
+
+    def lease(self, name: str) -> Lease | None:
+        name, _, _ = _check_lease(name, "-")
+
+        def step(cur: psycopg.Cursor[Any]) -> Lease | None:
+            cur.execute("SELECT holder, until FROM wsi_leases WHERE name = %s", (name,))
+            row = cur.fetchone()
+            return Lease(name, row[0], row[1]) if row is not None else None
 
         return self._run(step)

@@ -32,11 +32,13 @@ from wsi.ingest.queue.base import (
     JobQueue,
     JobQueueUnavailable,
     JobState,
+    Lease,
     RetryPolicy,
     SourceFile,
     _check_error,
     _check_files,
     _check_job_id,
+    _check_lease,
     _check_number,
     _check_options,
     _check_text,
@@ -81,6 +83,16 @@ _MIGRATIONS: dict[int, tuple[str, ...]] = {
 """The statements that bring a jobs database of version N to N + 1. Each only adds columns with
 defaults, so a job queued by an older version keeps working (it has no recorded files: its
 source is never moved or deleted)."""
+
+_LEASES = """
+CREATE TABLE IF NOT EXISTS leases (
+    name TEXT PRIMARY KEY,
+    holder TEXT NOT NULL,
+    until REAL NOT NULL
+)
+"""
+"""Leases on things other than jobs (`JobQueue.hold_lease`). A table of its own, made when
+absent in any version of the schema: versions that do not know it never touch it."""
 
 # Only these constant column lists and WHERE clauses are formatted into SQL (hence the S608 noqa
 # marks); every value is a bound parameter.
@@ -169,6 +181,7 @@ class SQLiteJobQueue(JobQueue):
                     for statement in _MIGRATIONS[old]:
                         conn.execute(statement)
                 conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            conn.execute(_LEASES)
 
     # connections and transactions
 
@@ -489,3 +502,33 @@ class SQLiteJobQueue(JobQueue):
                 (JobState.QUEUED, "worker lost (lease expired)", now, now, JobState.RUNNING, now),
             )
             return failed + cur.rowcount
+
+    # leases
+
+    def hold_lease(
+        self, name: str, holder: str, seconds: float, *, replacing: str | None = None
+    ) -> bool:
+        name, holder, seconds = _check_lease(name, holder, seconds)
+        with self._transaction() as conn:
+            now = self.clock()
+            sql = "SELECT holder, until FROM leases WHERE name = ?"
+            row = conn.execute(sql, (name,)).fetchone()
+            if row is not None and row[0] not in (holder, replacing) and row[1] >= now:
+                return False
+            conn.execute(
+                "INSERT INTO leases (name, holder, until) VALUES (?, ?, ?) ON CONFLICT (name) "
+                "DO UPDATE SET holder = excluded.holder, until = excluded.until",
+                (name, holder, now + seconds),
+            )
+            return True
+
+    def drop_lease(self, name: str, holder: str) -> bool:
+        name, holder, _ = _check_lease(name, holder)
+        with self._transaction() as conn:
+            cur = conn.execute("DELETE FROM leases WHERE name = ? AND holder = ?", (name, holder))
+            return cur.rowcount > 0
+
+    def lease(self, name: str) -> Lease | None:
+        name, _, _ = _check_lease(name, "-")
+        rows = self._read("SELECT holder, until FROM leases WHERE name = ?", (name,))
+        return Lease(name, rows[0][0], rows[0][1]) if rows else None
