@@ -25,12 +25,12 @@ from wsi.errors import CorruptSlide, SlideNotFound, WsiError
 from wsi.published.layout import MANIFEST, Crc32c, Manifest, ObjectEntry, SlideKeys
 from wsi.published.verify import (
     DEFAULT_CHUNK_BYTES,
-    FAILURES,
     Damage,
     Problem,
     ReadRate,
     check_object,
     parse_manifest,
+    read_failures,
     read_parts,
 )
 from wsi.store.objects import Store
@@ -203,7 +203,7 @@ def sync_slide(
             if not up_to_date:
                 tally.removed = _remove_stale(target, slide_id, manifest)
                 target.put(keys.manifest, data)
-    except FAILURES as exc:
+    except read_failures() as exc:
         return SyncResult(slide_id, tally.copied, tally.copied_bytes, tally.kept, error=str(exc))
     return SyncResult(slide_id, tally.copied, tally.copied_bytes, tally.kept, tally.removed)
 
@@ -269,7 +269,7 @@ def repair_slide(
             elif damage_b:
                 copy_object(a, b, key, entry, rate, chunk_bytes)
                 repaired.append(("B", damage_b))
-    except FAILURES as exc:
+    except read_failures() as exc:
         return RepairResult(slide_id, note=str(exc), failed=True)
     return RepairResult(slide_id, len(manifest_a.objects), tuple(repaired), tuple(lost))
 

@@ -22,12 +22,18 @@ from enum import StrEnum
 
 from wsi.errors import CorruptSlide, InvalidArgument, SlideNotFound, WsiError
 from wsi.published.layout import MANIFEST, Crc32c, Manifest, ObjectEntry, SlideKeys
-from wsi.store.objects import STORE_FAILURES, Store
+from wsi.store.objects import Store, store_failures
 
 _MiB = 1024 * 1024
 DEFAULT_CHUNK_BYTES = 4 * _MiB
-FAILURES: tuple[type[BaseException], ...] = (WsiError, *STORE_FAILURES)
-"""What reading an object may raise when the store (not the caller) fails."""
+
+
+def read_failures() -> tuple[type[BaseException], ...]:
+    """What reading an object may raise when the store (not the caller) fails; for `except`
+    clauses, evaluated when an exception is on its way (see `store_failures`)."""
+    return (WsiError, *store_failures())
+
+
 _CHECKS_PER_SLIDE = 3
 """A slide whose manifest keeps changing while it is checked is given up after this many tries
 (reported as changed, not damaged)."""
@@ -162,7 +168,7 @@ def check_object(
         size = store.size(key)
     except SlideNotFound:
         return 0, Damage(key_in_slide, Problem.MISSING)
-    except FAILURES as exc:
+    except read_failures() as exc:
         return 0, Damage(key_in_slide, Problem.UNREADABLE, type(exc).__name__)
     if size != entry.size:
         problem = Problem.TRUNCATED if size < entry.size else Problem.TOO_LONG
@@ -175,7 +181,7 @@ def check_object(
             read += len(part)
     except SlideNotFound:
         return read, Damage(key_in_slide, Problem.MISSING)
-    except FAILURES as exc:
+    except read_failures() as exc:
         return read, Damage(key_in_slide, Problem.UNREADABLE, type(exc).__name__)
     if read != entry.size:
         return read, Damage(key_in_slide, Problem.TRUNCATED, f"{read} of {entry.size} bytes")
@@ -255,13 +261,13 @@ def verify_store(
 
 __all__ = [
     "DEFAULT_CHUNK_BYTES",
-    "FAILURES",
     "Damage",
     "Problem",
     "ReadRate",
     "SlideCheck",
     "Stopped",
     "check_object",
+    "read_failures",
     "read_parts",
     "stop_waiter",
     "verify_slide",

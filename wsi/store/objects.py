@@ -1,4 +1,7 @@
-"""Object storage for converted slides: a local folder or `s3://bucket/prefix`, through fsspec.
+"""Object storage for converted slides: a local folder or `s3://bucket/prefix`.
+
+On S3, object reads and streamed writes go through obstore (`wsi.store.obstore_s3`, several
+times faster), listing and other metadata through s3fs; a local folder through plain files.
 
 A slide's objects live under `<root>/<slide-id>/` (keys: `wsi.published.layout`); its manifest is
 written last and is the commit point. Readers list and open only slides with a manifest, so a
@@ -12,16 +15,15 @@ import fcntl
 import hashlib
 import os
 import re
+import sys
 import tempfile
 import uuid
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import IO, Any
+from typing import IO, Any, cast
 
-import aiohttp
 import fsspec
-from botocore.exceptions import BotoCoreError, ClientError
 
 from wsi.errors import CorruptSlide, InvalidArgument, SlideNotFound, StoreError
 from wsi.published.layout import (
@@ -33,29 +35,42 @@ from wsi.published.layout import (
     dump_json,
     load_json,
 )
+from wsi.store.obstore_s3 import ObstoreS3, check_spans, usable
 
 __all__ = [
     "MANIFEST",
-    "STORE_FAILURES",
     "TEMP_MARK",
     "Store",
     "StoreSettings",
     "check_key",
     "check_slide_id",
     "split_slide_location",
+    "store_failures",
 ]
 
 _SEGMENT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 TEMP_MARK = ".tmp-"
 _MiB = 1024 * 1024
-STORE_FAILURES: tuple[type[BaseException], ...] = (
-    OSError,
-    BotoCoreError,
-    ClientError,
-    aiohttp.ClientError,
+_S3_FAILURES = (
+    ("botocore.exceptions", ("BotoCoreError", "ClientError")),
+    ("aiohttp.client_exceptions", ("ClientError",)),
 )
-"""What fsspec/s3fs let through when the disk, the network, the credentials or the object
-server fail (botocore's connection errors are not OSErrors): all become `StoreError`."""
+
+
+def store_failures() -> tuple[type[BaseException], ...]:
+    """What fsspec/s3fs let through when the disk, the network, the credentials or the object
+    server fail (botocore's connection errors are not OSErrors): all become `StoreError`.
+
+    Written `except store_failures():`, which Python evaluates only when an exception is on its
+    way, so that nothing imports the S3 clients for a local store (aiohttp alone costs ~0.15 s
+    of CPU at every start): an exception of botocore's or aiohttp's can only have been raised
+    if the module that defines its class was imported, so the classes of modules not in
+    `sys.modules` are left out without missing anything."""
+    failures: list[type[BaseException]] = [OSError]
+    for module_name, names in _S3_FAILURES:
+        module = sys.modules.get(module_name)
+        failures.extend(getattr(module, name) for name in names if hasattr(module, name))
+    return tuple(failures)
 
 
 def check_key(key: str) -> str:
@@ -75,7 +90,14 @@ class StoreSettings:
     endpoint_url: str | None = None
     """S3 endpoint (SeaweedFS, MinIO, ...); default: AWS_ENDPOINT_URL or AWS itself."""
     upload_part_bytes: int = 8 * _MiB
-    """Multipart upload part size: the memory each object being written may buffer."""
+    """Multipart upload part size (S3 needs at least 5 MiB but for the last part)."""
+    upload_concurrency: int = 4
+    """Parts of one object uploading at once while the next is written: each object being
+    written holds at most `upload_concurrency + 2` parts in memory."""
+
+    def __post_init__(self) -> None:
+        if self.upload_part_bytes <= 0 or self.upload_concurrency <= 0:
+            raise InvalidArgument("upload_part_bytes and upload_concurrency must be positive")
 
     @property
     def is_s3(self) -> bool:
@@ -162,7 +184,9 @@ class Store:
             self.root = settings.url[len("s3://") :].rstrip("/")
             if not self.root:
                 raise InvalidArgument("s3 URL needs a bucket: s3://bucket[/prefix]")
+            self._obstore: ObstoreS3 | None = ObstoreS3(settings, self.root)
         else:
+            self._obstore = None
             self.storage_options = {}
             self.fs = fsspec.filesystem("file", auto_mkdir=True)
             self.root = os.path.abspath(settings.url)
@@ -178,11 +202,22 @@ class Store:
         return f"{base}/{check_key(key)}" if key else base
 
     # -- objects ----------------------------------------------------------------------------
+    def obstore_client(self) -> ObstoreS3 | None:
+        """The obstore client for S3 object I/O, or None: a local store, or a process forked
+        after obstore ran (see `wsi.store.obstore_s3`), which goes through s3fs."""
+        return self._obstore if self._obstore is not None and usable() else None
+
     @contextlib.contextmanager
     def open_write(self, key: str) -> Iterator[IO[bytes]]:
         """Stream an object that appears whole or not at all: on S3 a multipart upload completed
-        on success and discarded on error; locally a temporary file renamed on success."""
+        on success and discarded on error (write-only: `write` is all it offers there); locally
+        a temporary file renamed on success."""
         path = self.path(key)
+        fast = self.obstore_client()
+        if fast is not None:
+            with fast.open_write(key) as upload:
+                yield cast(IO[bytes], upload)
+            return
         try:
             if self.settings.is_s3:
                 f = self.fs.open(path, "wb", block_size=self.settings.upload_part_bytes)
@@ -200,58 +235,114 @@ class Store:
             else:
                 with _local_file(path) as lf:
                     yield lf
-        except STORE_FAILURES as exc:
+        except store_failures() as exc:
             raise StoreError(f"cannot write {key}: {exc}") from exc
 
     def put(self, key: str, data: bytes) -> None:
-        """Write a whole object atomically (temp file + rename locally; one PUT on S3)."""
+        """Write a whole object atomically (temp file + rename locally; on S3 one PUT, or past
+        one part a concurrent multipart upload)."""
         path = self.path(key)
+        fast = self.obstore_client()
+        if fast is not None:
+            fast.put(key, data)
+            return
         try:
             if self.settings.is_s3:
                 self.fs.pipe_file(path, data)
             else:
                 with _local_file(path) as f:
                     f.write(data)
-        except STORE_FAILURES as exc:
+        except store_failures() as exc:
             raise StoreError(f"cannot write {key}: {exc}") from exc
 
     def get(self, key: str) -> bytes:
+        path = self.path(key)
+        fast = self.obstore_client()
+        if fast is not None:
+            return fast.get(key)
         try:
-            return bytes(self.fs.cat_file(self.path(key)))
+            return bytes(self.fs.cat_file(path))
         except FileNotFoundError as exc:
             raise SlideNotFound(f"no object {key}") from exc
-        except STORE_FAILURES as exc:
+        except store_failures() as exc:
             raise StoreError(f"cannot read {key}: {exc}") from exc
 
     def get_range(self, key: str, start: int, end: int) -> bytes:
         """Bytes [start, end) of an object."""
+        path = self.path(key)
+        fast = self.obstore_client()
+        if fast is not None:
+            return fast.get_range(key, start, end)
         try:
-            return bytes(self.fs.cat_file(self.path(key), start=start, end=end))
+            return bytes(self.fs.cat_file(path, start=start, end=end))
         except FileNotFoundError as exc:
             raise SlideNotFound(f"no object {key}") from exc
-        except STORE_FAILURES as exc:
+        except store_failures() as exc:
+            raise StoreError(f"cannot read {key}: {exc}") from exc
+
+    def get_ranges(self, key: str, spans: Sequence[tuple[int, int]]) -> list[bytes]:
+        """Several [start, end) ranges of one object, read together (on S3 in one concurrent
+        call instead of one round trip each)."""
+        path = self.path(key)
+        check_spans(spans)
+        fast = self.obstore_client()
+        if fast is not None:
+            return fast.get_ranges(key, spans)
+        if not spans:
+            return []
+        try:
+            if self.settings.is_s3:
+                starts, ends = [s for s, _ in spans], [e for _, e in spans]
+                parts = self.fs.cat_ranges([path] * len(spans), starts, ends, on_error="raise")
+                return [bytes(p) for p in parts]
+            with open(path, "rb") as f:
+                out = []
+                for start, end in spans:
+                    f.seek(start)
+                    out.append(f.read(end - start))
+                return out
+        except FileNotFoundError as exc:
+            raise SlideNotFound(f"no object {key}") from exc
+        except store_failures() as exc:
             raise StoreError(f"cannot read {key}: {exc}") from exc
 
     def exists(self, key: str) -> bool:
+        """Whether the object `key` exists (one HEAD on S3)."""
+        path = self.path(key)
+        fast = self.obstore_client()
+        if fast is not None:
+            try:
+                fast.head(key)
+            except SlideNotFound:
+                return False
+            return True
         try:
-            return bool(self.fs.exists(self.path(key)))
-        except STORE_FAILURES as exc:
+            return bool(self.fs.exists(path))
+        except store_failures() as exc:
             raise StoreError(f"cannot reach store: {exc}") from exc
 
     def size(self, key: str) -> int:
+        path = self.path(key)
+        fast = self.obstore_client()
+        if fast is not None:
+            return int(fast.head(key)["size"])
         try:
-            return int(self.fs.size(self.path(key)))
+            return int(self.fs.size(path))
         except FileNotFoundError as exc:
             raise SlideNotFound(f"no object {key}") from exc
 
     def modified(self, key: str) -> float:
         """When an object was last written (seconds since the epoch): a manifest's time is when
         its slide was last published (the archive policy's clock)."""
+        path = self.path(key)
+        fast = self.obstore_client()
+        if fast is not None:
+            return fast.head(key)["last_modified"].timestamp()
         try:
-            info = self.fs.info(self.path(key))
+            info = self.fs.info(path)
         except FileNotFoundError as exc:
             raise SlideNotFound(f"no object {key}") from exc
-        except STORE_FAILURES as exc:
+        except store_failures() as exc:
             raise StoreError(f"cannot read {key}: {exc}") from exc
         stamp = info.get("mtime", info.get("LastModified"))
         if isinstance(stamp, datetime):
@@ -278,7 +369,7 @@ class Store:
             entries = self.fs.ls(path, detail=False, refresh=True)
         except FileNotFoundError:
             return []
-        except STORE_FAILURES as exc:
+        except store_failures() as exc:
             raise StoreError(f"cannot list store: {exc}") from exc
         names = (str(e).rstrip("/").rsplit("/", 1)[-1] for e in entries)
         return sorted(n for n in names if TEMP_MARK not in n)  # writes still in progress
@@ -305,7 +396,7 @@ class Store:
                     Key=upload["Key"],
                     UploadId=upload["UploadId"],
                 )
-        except STORE_FAILURES as exc:
+        except store_failures() as exc:
             raise StoreError(f"cannot clean up unfinished uploads under {prefix}: {exc}") from exc
 
     def list_keys(self, prefix: str, include_temporary: bool = False) -> list[str]:
@@ -385,7 +476,7 @@ class Store:
                     make_dirs(os.path.dirname(target))
                     os.replace(source, target)
                     fsync_dir(os.path.dirname(target))
-        except STORE_FAILURES as exc:
+        except store_failures() as exc:
             raise StoreError(f"cannot promote the new version of {staged.slide_id}: {exc}") from exc
         self.delete_prefix(staged.root)
 

@@ -1,0 +1,521 @@
+"""S3 I/O through obstore against s3fs (before/after, one run), and conversion to SeaweedFS
+against the same conversion to a local folder.
+
+Starts SeaweedFS (``tests/s3server.py``'s launcher, loopback, free ports) and measures, with the
+two clients interleaved so that the shared machine's noise falls on both alike:
+
+* ``convert``  - ``wsi convert SLIDE --out`` a local folder, ``s3://`` through obstore (now) and
+                 ``s3://`` through s3fs (before: the same code with obstore switched off, which is
+                 the path of a process forked after obstore ran); wall time and peak RSS of the
+                 process tree. Target: S3 (obstore) <= 1.15x local.
+* ``range``    - one tile-sized range read at a time (the level-0 shard's real tile spans, in
+                 random order): p50/p90/p99, for s3fs and obstore, async (the server's path) and
+                 blocking (the CLI's and the converter's path).
+* ``range64``  - 64 concurrent tile reads: requests/s and MB/s.
+* ``index``    - every level's shard index (the tail of each shard): p50.
+* ``sample``   - the content id of the source slide in the bucket (`remote_slide_id`: 66
+                 sampled ranges): s3fs reading them one by one vs obstore's `get_ranges`.
+* ``cold``     - cold tiles: `tile_bytes` through a fresh `PublishedStore` (library), and
+                 ``GET /slides/<id>/tiles/0/<col>/<row>`` from ``wsi serve --processes 1``
+                 (HTTP), each tile read once, against a bare range GET of a tile (obstore);
+                 and the same client's GET of a tile in the server's cache (the HTTP exchange
+                 alone), interleaved. Target: p50 <= 1.2x the bare GET.
+
+Usage::
+
+    .venv/bin/python bench/s3.py                     # 40000 x 30000, --repeat 3
+    .venv/bin/python bench/s3.py --width 8000 --height 6000 --repeat 1 --requests 200
+
+Prints a table and writes ``bench/out/s3.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import random
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+ROOT = Path(__file__).resolve().parent.parent
+OUT = ROOT / "bench" / "out"
+GENERATOR = ROOT / "sample_data" / "generate.py"
+sys.path.insert(0, str(ROOT))
+
+from tests import s3server  # noqa: E402
+from wsi.store.objects import Store, StoreSettings  # noqa: E402
+
+S3FS_ONLY = "import wsi.store.obstore_s3 as o; o._RUNTIME.pid = -1; "
+"""Prefix of a launcher that switches obstore off (every S3 call through s3fs): 'before'."""
+LAUNCH = "import sys; from server.cli import main; sys.exit(main())"
+CONVERT_TARGET = 1.15
+COLD_TARGET = 1.2
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
+
+
+def summary_ms(values: Sequence[float]) -> dict[str, float]:
+    return {f"p{q}_ms": percentile(values, q) * 1000 for q in (50, 90, 99)}
+
+
+def ensure_source(width: int, height: int, seed: int) -> Path:
+    """The generated slide (bench/convert.py's file name, so either bench reuses it)."""
+    path = OUT / f"slide_{width}x{height}_seed{seed}.tif"
+    if not path.exists():
+        tmp = path.with_suffix(".tmp.tif")
+        subprocess.run(
+            [
+                sys.executable,
+                str(GENERATOR),
+                str(tmp),
+                f"--width={width}",
+                f"--height={height}",
+                f"--seed={seed}",
+            ],
+            check=True,
+        )
+        tmp.rename(path)
+    return path
+
+
+def tree_rss(proc: psutil.Process) -> int:
+    total = 0
+    for member in [proc, *proc.children(recursive=True)]:
+        with contextlib.suppress(psutil.Error):
+            total += member.memory_info().rss
+    return total
+
+
+def run_convert(src: Path, out: str, s3fs_only: bool, log: Path) -> dict[str, Any]:
+    code = (S3FS_ONLY if s3fs_only else "") + LAUNCH
+    argv = [sys.executable, "-c", code, "convert", str(src), "--out", out, "--no-progress"]
+    with log.open("w") as f:
+        start = time.perf_counter()
+        proc = psutil.Popen(argv, stdout=f, stderr=subprocess.STDOUT)
+        peak = 0
+        while True:
+            peak = max(peak, tree_rss(proc))
+            try:
+                code_ = proc.wait(timeout=0.02)
+                break
+            except psutil.TimeoutExpired:
+                continue
+        seconds = time.perf_counter() - start
+    if code_ != 0:
+        raise RuntimeError(f"{argv} failed ({code_}): {log.read_text()[-2000:]}")
+    return {"seconds": seconds, "peak_rss_mb": peak / 1e6}
+
+
+def bench_convert(src: Path, server: s3server.SeaweedFS, repeat: int, work: Path) -> dict[str, Any]:
+    modes = {"local": None, "s3 obstore": False, "s3 s3fs (before)": True}
+    runs: dict[str, list[dict[str, Any]]] = {m: [] for m in modes}
+    kept = ""
+    for r in range(repeat):
+        for mode, s3fs_only in modes.items():
+            if s3fs_only is None:
+                out = str(work / f"local-{r}")
+            else:
+                out = server.url(f"conv-{'s3fs' if s3fs_only else 'obstore'}-{r}")
+            runs[mode].append(run_convert(src, out, bool(s3fs_only), work / f"{mode[:5]}-{r}.log"))
+            print(
+                f"  convert {mode:18s} run {r + 1}: {runs[mode][-1]['seconds']:.2f} s", flush=True
+            )
+            if s3fs_only is None:
+                shutil.rmtree(out)
+            elif s3fs_only or r < repeat - 1:
+                Store(StoreSettings(out)).fs.rm(out[len("s3://") :], recursive=True)
+            else:
+                kept = out
+    medians = {
+        m: {
+            "seconds": statistics.median(x["seconds"] for x in rs),
+            "peak_rss_mb": max(x["peak_rss_mb"] for x in rs),
+            "runs": rs,
+        }
+        for m, rs in runs.items()
+    }
+    ratio = medians["s3 obstore"]["seconds"] / medians["local"]["seconds"]
+    before = medians["s3 s3fs (before)"]["seconds"] / medians["local"]["seconds"]
+
+    def paired(mode: str) -> float:
+        """Median over rounds of (mode / local) within each round: the runs next to each other
+        share the machine's load best."""
+        pairs = zip(runs[mode], runs["local"], strict=True)
+        return statistics.median(a["seconds"] / b["seconds"] for a, b in pairs)
+
+    return {
+        "modes": medians,
+        "ratio": ratio,
+        "ratio_before": before,
+        "paired_ratio": paired("s3 obstore"),
+        "paired_ratio_before": paired("s3 s3fs (before)"),
+        "kept": kept,
+    }
+
+
+def tile_spans(store: Store, slide_id: str) -> tuple[str, dict[int, tuple[int, int]], list[Any]]:
+    """The level-0 shard's key, its stored tiles' [start, end) spans by chunk number (blank
+    glass is not stored, nor read), and every level's (key, index range)."""
+    from wsi.published import layout
+    from wsi.published.layout import SlideAttributes, SlideKeys
+
+    keys = SlideKeys(slide_id)
+    manifest = store.manifest(slide_id)
+    attrs = SlideAttributes.from_root_metadata(store.get(keys.root_metadata), "root")
+    indexes = []
+    spans: dict[int, tuple[int, int]] = {}
+    for number, entry in enumerate(attrs.levels):
+        key = keys.shard(entry.path)
+        size = manifest.object(keys.in_slide(key)).size
+        tiles = -(-entry.width // entry.tile_width) * -(-entry.height // entry.tile_height)
+        start, end = layout.index_range(size, tiles, key)
+        indexes.append((key, start, end))
+        if number == 0:
+            index = layout.decode_index(store.get_range(key, start, end), tiles, key)
+            spans = {
+                chunk: (int(o), int(o + n))
+                for chunk, (o, n) in enumerate(index)
+                if n != layout.EMPTY_CHUNK
+            }
+    return indexes[0][0], spans, indexes
+
+
+async def _timed(make: Callable[[], Awaitable[Any]]) -> float:
+    t0 = time.perf_counter()
+    await make()
+    return time.perf_counter() - t0
+
+
+def bench_reads(store: Store, slide_id: str, requests: int) -> dict[str, Any]:
+    import s3fs
+
+    key, by_chunk, indexes = tile_spans(store, slide_id)
+    spans = list(by_chunk.values())
+    path = store.path(key)
+    rng = random.Random(5)
+    picks = [rng.choice(spans) for _ in range(requests)]
+    fast = store.obstore_client()
+    assert fast is not None
+    slow = Store(store.settings)
+    slow._obstore = None  # the s3fs path of the same store: before
+    result: dict[str, Any] = {
+        "tiles": len(spans),
+        "mean_tile_bytes": statistics.mean(e - s for s, e in spans),
+    }
+
+    async def go() -> None:
+        fs = s3fs.S3FileSystem(asynchronous=True, skip_instance_cache=True, **store.storage_options)
+        session = await fs.set_session()
+        try:
+            clients: dict[str, Callable[[int, int], Awaitable[Any]]] = {
+                "s3fs async": lambda s, e: fs._cat_file(path, start=s, end=e),
+                "obstore async": lambda s, e: fast.get_range_async(key, s, e),
+            }
+            for client in clients.values():  # connections open
+                await client(*picks[0])
+            one: dict[str, list[float]] = {c: [] for c in clients}
+            for s, e in picks:
+                for name, client in clients.items():
+                    one[name].append(await _timed(lambda c=client, s=s, e=e: c(s, e)))
+            for name, fn in (
+                ("s3fs blocking", slow.get_range),
+                ("obstore blocking", fast.get_range),
+            ):
+                fn(key, *picks[0])
+                one[name] = []
+            for s, e in picks:
+                for name, fn in (
+                    ("s3fs blocking", slow.get_range),
+                    ("obstore blocking", fast.get_range),
+                ):
+                    t0 = time.perf_counter()
+                    fn(key, s, e)
+                    one[name].append(time.perf_counter() - t0)
+            result["range"] = {n: summary_ms(v) for n, v in one.items()}
+
+            conc: dict[str, list[float]] = {c: [] for c in clients}
+            total = 4 * requests
+            nbytes = sum(e - s for s, e in (picks * 4))
+            for _ in range(2):
+                for name, client in clients.items():
+                    gate = asyncio.Semaphore(64)
+
+                    async def limited(
+                        s: int, e: int, c: Any = client, g: asyncio.Semaphore = gate
+                    ) -> None:
+                        async with g:
+                            await c(s, e)
+
+                    t0 = time.perf_counter()
+                    await asyncio.gather(*(limited(s, e) for s, e in picks * 4))
+                    conc[name].append(time.perf_counter() - t0)
+            result["range64"] = {
+                n: {"req_per_s": total / min(v), "mb_per_s": nbytes / min(v) / 1e6}
+                for n, v in conc.items()
+            }
+
+            idx: dict[str, list[float]] = {c: [] for c in clients}
+            for _ in range(max(1, requests // (2 * len(indexes)))):
+                for k, s, e in indexes:
+                    p = store.path(k)
+                    idx["s3fs async"].append(
+                        await _timed(lambda p=p, s=s, e=e: fs._cat_file(p, start=s, end=e))
+                    )
+                    idx["obstore async"].append(
+                        await _timed(lambda k=k, s=s, e=e: fast.get_range_async(k, s, e))
+                    )
+            result["index"] = {n: summary_ms(v) for n, v in idx.items()}
+        finally:
+            await session.close()
+
+    asyncio.run(go())
+    return result
+
+
+def bench_sample(src: Path, server: s3server.SeaweedFS, rounds: int) -> dict[str, Any]:
+    from wsi.ingest import staging
+    from wsi.slide_id import content_slide_id, hash_slide_files
+    from wsi.store.obstore_s3 import bucket_range_reader
+
+    store = Store(StoreSettings(server.url("sources")))
+    with src.open("rb") as f:
+        store.put("slide.tif", f.read())
+    url = server.url("sources/slide.tif")
+    bucket, key = staging.parse_s3_url(url)
+    fs = staging._filesystem(None)
+    files = staging._remote_slide_files(fs, bucket, key, staging.StagingLimits())
+    expected = content_slide_id(src)
+    times: dict[str, list[float]] = {"s3fs (before)": [], "obstore get_ranges": []}
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        assert hash_slide_files(fs, files) == expected
+        times["s3fs (before)"].append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        assert hash_slide_files(fs, files, bucket_range_reader(None)) == expected
+        times["obstore get_ranges"].append(time.perf_counter() - t0)
+    store.delete("slide.tif")
+    return {n: {"median_ms": statistics.median(v) * 1000} for n, v in times.items()}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def bench_cold(store: Store, slide_id: str, server: s3server.SeaweedFS, n: int) -> dict[str, Any]:
+    import aiohttp
+
+    from wsi.published.layout import SlideAttributes, SlideKeys
+    from wsi.published.reader import PublishedStore
+
+    key, by_chunk, _ = tile_spans(store, slide_id)
+    fast = store.obstore_client()
+    assert fast is not None
+    keys = SlideKeys(slide_id)
+    attrs_level = SlideAttributes.from_root_metadata(store.get(keys.root_metadata), "r").levels[0]
+    cols = -(-attrs_level.width // attrs_level.tile_width)
+    rng = random.Random(9)
+    chunks = rng.sample(sorted(by_chunk), min(3 * n, len(by_chunk)))
+    n = len(chunks) // 3
+    cells = [(c % cols, c // cols) for c in chunks[: 2 * n]]
+    bare_spans = [by_chunk[c] for c in chunks[2 * n :]]
+    port = free_port()
+    argv = [
+        sys.executable,
+        "-c",
+        LAUNCH,
+        "serve",
+        "--store",
+        store.url,
+        "--port",
+        str(port),
+        "--processes",
+        "1",
+        "--s3-endpoint",
+        server.endpoint_url,
+    ]
+    log = (OUT / "s3-serve.log").open("w")
+    proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
+    result: dict[str, Any] = {}
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2):
+                    break
+            except OSError as exc:
+                if time.monotonic() > deadline or proc.poll() is not None:
+                    raise RuntimeError("wsi serve did not start: bench/out/s3-serve.log") from exc
+                time.sleep(0.2)
+
+        async def go() -> None:
+            bare, lib, http, hot = [], [], [], []
+            async with PublishedStore(store) as published, aiohttp.ClientSession() as client:
+                slide = await published.slide(slide_id)
+                base = f"http://127.0.0.1:{port}/slides/{slide_id}/tiles/0"
+                async with client.get(f"{base}/0/0") as resp:  # opens the slide and the index
+                    await resp.read()
+                await slide.tile_bytes(0, 0, 0)
+                for i in range(n):
+                    s, e = bare_spans[i]
+                    bare.append(await _timed(lambda s=s, e=e: fast.get_range_async(key, s, e)))
+                    col, row = cells[2 * i]
+                    lib.append(await _timed(lambda c=col, r=row: slide.tile_bytes(0, c, r)))
+                    col, row = cells[2 * i + 1]
+                    t0 = time.perf_counter()
+                    async with client.get(f"{base}/{col}/{row}") as resp:
+                        await resp.read()
+                        assert resp.status == 200, resp.status
+                    http.append(time.perf_counter() - t0)
+                    t0 = time.perf_counter()
+                    async with client.get(f"{base}/0/0") as resp:  # in the tile cache
+                        await resp.read()
+                    hot.append(time.perf_counter() - t0)
+            result["bare GET (obstore)"] = summary_ms(bare)
+            result["library tile_bytes"] = summary_ms(lib)
+            result["wsi serve HTTP"] = summary_ms(http)
+            result["HTTP hot tile"] = summary_ms(hot)
+
+        asyncio.run(go())
+    finally:
+        proc.terminate()
+        proc.wait(30)
+        log.close()
+    bare50 = result["bare GET (obstore)"]["p50_ms"]
+    result["ratio_library"] = result["library tile_bytes"]["p50_ms"] / bare50
+    result["ratio_http"] = result["wsi serve HTTP"]["p50_ms"] / bare50
+    result["ratio_http_beyond_exchange"] = (
+        result["wsi serve HTTP"]["p50_ms"] - result["HTTP hot tile"]["p50_ms"]
+    ) / bare50
+    return result
+
+
+def verdict(ok: bool) -> str:
+    return "OK" if ok else "MISSED"
+
+
+def report(results: dict[str, Any]) -> None:
+    conv = results["convert"]
+    print("\n== conversion of", results["source"], "(median of", results["repeat"], "runs)")
+    for mode, m in conv["modes"].items():
+        print(f"  {mode:18s} {m['seconds']:7.2f} s   peak RSS {m['peak_rss_mb']:6.0f} MB")
+    print(
+        f"  S3 (obstore) / local = {conv['ratio']:.3f} (target <= {CONVERT_TARGET}) "
+        f"{verdict(conv['ratio'] <= CONVERT_TARGET)}; before (s3fs): {conv['ratio_before']:.3f}"
+    )
+    print(
+        f"  per-round pairs: S3 (obstore) / local = {conv['paired_ratio']:.3f}, "
+        f"before (s3fs) / local = {conv['paired_ratio_before']:.3f} (medians)"
+    )
+    reads = results["reads"]
+    print(
+        f"\n== reads ({reads['tiles']} stored level-0 tiles, mean {reads['mean_tile_bytes']:.0f} B)"
+    )
+    for name, s in reads["range"].items():
+        print(
+            f"  range one at a time  {name:17s} p50 {s['p50_ms']:6.2f}  p90 {s['p90_ms']:6.2f}"
+            f"  p99 {s['p99_ms']:6.2f} ms"
+        )
+    for name, s in reads["range64"].items():
+        print(
+            f"  range 64 concurrent  {name:17s} {s['req_per_s']:8.0f} req/s  "
+            f"{s['mb_per_s']:7.1f} MB/s"
+        )
+    for name, s in reads["index"].items():
+        print(
+            f"  shard index          {name:17s} p50 {s['p50_ms']:6.2f}  p99 {s['p99_ms']:6.2f} ms"
+        )
+    for name, s in results["sample"].items():
+        print(f"  content id (66 ranges) {name:19s} {s['median_ms']:7.1f} ms")
+    cold = results["cold"]
+    print("\n== cold tiles (each read once)")
+    for name in ("bare GET (obstore)", "library tile_bytes", "wsi serve HTTP", "HTTP hot tile"):
+        s = cold[name]
+        print(
+            f"  {name:20s} p50 {s['p50_ms']:6.2f}  p90 {s['p90_ms']:6.2f}"
+            f"  p99 {s['p99_ms']:6.2f} ms"
+        )
+    print(
+        f"  library / bare = {cold['ratio_library']:.2f}, HTTP / bare = {cold['ratio_http']:.2f}"
+        f" (target <= {COLD_TARGET}) {verdict(cold['ratio_http'] <= COLD_TARGET)}"
+    )
+    print(
+        f"  (HTTP - HTTP hot tile) / bare = {cold['ratio_http_beyond_exchange']:.2f}: the store"
+        " read as the service does it, without the HTTP exchange a hot tile costs as well"
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--width", type=int, default=40_000)
+    parser.add_argument("--height", type=int, default=30_000)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--requests", type=int, default=400)
+    args = parser.parse_args(argv)
+    src = ensure_source(args.width, args.height, args.seed)
+    results: dict[str, Any] = {"source": src.name, "repeat": args.repeat}
+    with tempfile.TemporaryDirectory(prefix="wsi-bench-s3-") as tmp, _server(Path(tmp)) as server:
+        work = Path(tmp) / "work"
+        work.mkdir()
+        results["convert"] = bench_convert(src, server, args.repeat, work)
+        store = Store(StoreSettings(results["convert"]["kept"], server.endpoint_url))
+        (slide_id,) = store.published_slides()
+        results["reads"] = bench_reads(store, slide_id, args.requests)
+        results["sample"] = bench_sample(src, server, max(3, args.repeat))
+        results["cold"] = bench_cold(store, slide_id, server, args.requests)
+    report(results)
+    OUT.mkdir(parents=True, exist_ok=True)
+    (OUT / "s3.json").write_text(json.dumps(results, indent=2))
+    return 0
+
+
+@contextlib.contextmanager
+def _server(base: Path) -> Iterator[s3server.SeaweedFS]:
+    """SeaweedFS with this process's AWS_* environment pointing at it (restored afterwards)."""
+    names = (
+        *s3server._MASKED_ENV,
+        "AWS_ACCESS_KEY_ID",
+        "AWS_SECRET_ACCESS_KEY",
+        "AWS_ENDPOINT_URL",
+        "AWS_DEFAULT_REGION",
+        "AWS_REGION",
+        "AWS_CONFIG_FILE",
+        "AWS_SHARED_CREDENTIALS_FILE",
+        "AWS_EC2_METADATA_DISABLED",
+    )
+    saved = {n: os.environ.get(n) for n in names}
+    try:
+        with s3server.run_seaweedfs(base) as server:
+            for n in s3server._MASKED_ENV:
+                os.environ.pop(n, None)
+            os.environ.update(server.env)
+            yield server
+    finally:
+        for n, v in saved.items():
+            if v is None:
+                os.environ.pop(n, None)
+            else:
+                os.environ[n] = v
+
+
+if __name__ == "__main__":
+    sys.exit(main())

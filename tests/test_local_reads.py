@@ -1,0 +1,197 @@
+"""Local range reads through kept-open descriptors (`wsi.store.local_reads`): a replaced object
+is read fresh under its new version, the descriptors are bounded, a page-cache miss goes to the
+thread pool, and a missing object is the same error as a plain read."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures as cf
+import dataclasses
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+import wsi
+from wsi.errors import SlideNotFound
+from wsi.published import layout
+from wsi.published.layout import SlideKeys
+from wsi.published.reader import PublishedStore
+from wsi.published.values import ReaderSettings
+from wsi.store.aio import AsyncStore
+from wsi.store.local_reads import OpenFiles
+
+from .conftest import make_tiff
+
+
+class CountingPool(cf.ThreadPoolExecutor):
+    """A real thread pool that counts the calls handed to it."""
+
+    def __init__(self) -> None:
+        super().__init__(2)
+        self.calls = 0
+
+    def submit(self, fn: Any, /, *args: Any, **kwargs: Any) -> cf.Future[Any]:
+        self.calls += 1
+        return super().submit(fn, *args, **kwargs)
+
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def evict_from_page_cache(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def test_a_replaced_object_is_read_fresh_under_its_new_version(tmp_path: Path) -> None:
+    st = wsi.Store(wsi.StoreSettings(str(tmp_path)))
+    st.put("s/a", b"old bytes " * 100)
+
+    async def main() -> None:
+        io = AsyncStore(st, pool := CountingPool())
+        try:
+            assert await io.get_range("s/a", 4, 9, "v1") == b"bytes"
+            st.put("s/a", b"NEW BYTES " * 100)  # a new file renamed into place
+            assert await io.get_range("s/a", 4, 9, "v2") == b"BYTES"
+            # The old version keeps reading the file it opened: the bytes its index describes.
+            assert await io.get_range("s/a", 4, 9, "v1") == b"bytes"
+            # Without a version, every read opens the object as it is now.
+            assert await io.get_range("s/a", 4, 9) == b"BYTES"
+            io.forget("v1")
+            assert len(io.files) == 1
+        finally:
+            await io.close()
+            pool.shutdown()
+
+    asyncio.run(main())
+
+
+def test_descriptors_are_bounded_and_closed(tmp_path: Path) -> None:
+    st = wsi.Store(wsi.StoreSettings(str(tmp_path)))
+    for i in range(20):
+        st.put(f"s/o{i}", bytes([i]) * 64)
+
+    async def main() -> None:
+        io = AsyncStore(st, pool := CountingPool(), open_files=4)
+        before = open_fds()  # with the event loop's own
+        try:
+            for _ in range(3):
+                for i in range(20):
+                    assert await io.get_range(f"s/o{i}", 10, 12, "v") == bytes([i]) * 2
+                    assert len(io.files) <= 4
+                    assert open_fds() <= before + 4
+        finally:
+            await io.close()
+            pool.shutdown()
+        assert open_fds() == before
+
+    asyncio.run(main())
+
+
+def test_hot_reads_stay_on_the_loop_and_misses_go_to_the_pool(tmp_path: Path) -> None:
+    st = wsi.Store(wsi.StoreSettings(str(tmp_path)))
+    body = np.random.default_rng(1).integers(0, 256, 1 << 20, dtype=np.uint8).tobytes()
+    st.put("s/big", body)
+
+    async def main() -> None:
+        io = AsyncStore(st, pool := CountingPool())
+        try:
+            assert await io.get_range("s/big", 1000, 5000, "v") == body[1000:5000]
+            opened = pool.calls  # the open (and the read if the page cache had dropped it)
+            for start in range(0, 1 << 20, 64 << 10):
+                assert (
+                    await io.get_range("s/big", start, start + 4096, "v")
+                    == body[start : start + 4096]
+                )
+            if io.files.nowait:
+                assert pool.calls == opened  # every range was in the page cache
+            evict_from_page_cache(tmp_path / "s" / "big")
+            calls = pool.calls
+            assert await io.get_range("s/big", 700_000, 720_000, "v") == body[700_000:720_000]
+            assert pool.calls == calls + 1  # not cached: read on the pool, the loop never waited
+            # Past the end: what is there, as a plain read gives.
+            assert await io.get_range("s/big", (1 << 20) - 10, (1 << 20) + 10, "v") == body[-10:]
+            assert await io.get_range("s/big", 5, 5, "v") == b""
+        finally:
+            await io.close()
+            pool.shutdown()
+
+    asyncio.run(main())
+
+
+def test_a_missing_object_is_the_same_error_as_a_plain_read(tmp_path: Path) -> None:
+    st = wsi.Store(wsi.StoreSettings(str(tmp_path)))
+    with pytest.raises(SlideNotFound) as plain:
+        st.get_range("s/missing", 0, 10)
+
+    async def main() -> None:
+        io = AsyncStore(st, pool := CountingPool())
+        try:
+            with pytest.raises(SlideNotFound) as kept:
+                await io.get_range("s/missing", 0, 10, "v")
+            assert str(kept.value) == str(plain.value)
+            assert len(io.files) == 0
+        finally:
+            await io.close()
+            pool.shutdown()
+
+    asyncio.run(main())
+
+
+def test_an_evicted_descriptor_in_use_is_closed_when_its_read_ends(tmp_path: Path) -> None:
+    (tmp_path / "a").write_bytes(b"a")
+    (tmp_path / "b").write_bytes(b"b")
+    files = OpenFiles(1)
+    first = files.add("a", os.open(tmp_path / "a", os.O_RDONLY))
+    files.hold(first)  # a read on the pool
+    files.add("b", os.open(tmp_path / "b", os.O_RDONLY))
+    assert first.evicted and os.pread(first.fd, 1, 0) == b"a"  # still open for that read
+    files.release(first)
+    with pytest.raises(OSError):
+        os.fstat(first.fd)
+    files.close()
+
+
+def test_a_republished_slide_is_read_from_its_new_files(tmp_path: Path) -> None:
+    """End to end: a slide's level object rewritten (one tile's bytes changed, same size) and
+    the slide published again: the new version reads the new bytes, the old one the old."""
+    src = make_tiff(tmp_path / "src.tif", 600, 500, seed=3)
+    st = wsi.Store(wsi.StoreSettings(str(tmp_path / "store")))
+    keep = wsi.ConvertSettings(wsi.PyramidSettings(optimize_huffman=False, keep_background=True))
+    sid = wsi.convert_slide(src, st, keep).slide_id
+
+    async def main() -> None:
+        settings = ReaderSettings(tile_cache_bytes=0)
+        async with PublishedStore(st, settings) as published:
+            first = await published.slide(sid)
+            before = await first.tile_bytes(0, 0, 0)
+            level = first.levels[0]
+            raw = bytearray(st.get(level.key))
+            start = raw.find(before)
+            assert start >= 0
+            middle = start + len(before) // 2
+            raw[middle] ^= 0xFF
+            keys = SlideKeys(sid)
+            st.put(level.key, bytes(raw))
+            manifest = st.manifest(sid)
+            objects = dict(manifest.objects)
+            objects[keys.in_slide(level.key)] = layout.ObjectEntry(
+                len(raw), layout.crc32c_hex(bytes(raw))
+            )
+            st.publish(sid, dataclasses.replace(manifest, objects=objects))
+            second = await published._reopen(keys, None)
+            assert second.version != first.version
+            after = await second.tile_bytes(0, 0, 0)
+            assert len(after) == len(before) and after != before
+            assert after[len(before) // 2] == before[len(before) // 2] ^ 0xFF
+            assert await first.tile_bytes(0, 0, 0) == before
+
+    asyncio.run(main())
