@@ -7,8 +7,6 @@ from typing import Any
 
 from aiohttp import web
 
-from server.keys import SETTINGS
-
 
 def json_error(status: int, message: str) -> web.Response:
     return web.json_response({"error": message, "status": status}, status=status)
@@ -18,22 +16,59 @@ VERSION_PARAM = "v"
 """Query parameter naming the slide version (its manifest digest) a URL was built for."""
 
 
+MAX_PREBUILT = 64
+"""(Cache-Control, Content-Type) pairs kept: the service's own content types make a dozen."""
+
+
+class ResponseHeaders:
+    """The headers every response of stored bytes shares, built once per app instead of per
+    response: Cache-Control (private or public, immutable or revalidated, no-store) with each
+    content type. Only the ETag, and whether the URL names the slide's current version, differ
+    from one response to the next, so a re-published slide needs nothing rebuilt here."""
+
+    __slots__ = ("_fixed", "_immutable", "_revalidate")
+
+    def __init__(self, private: bool) -> None:
+        scope = "private" if private else "public"
+        self._immutable = f"{scope}, max-age=31536000, immutable"
+        self._revalidate = f"{scope}, no-cache"
+        self._fixed: dict[tuple[str, str], dict[str, str]] = {}
+
+    def cache_control(self, request: web.Request, version: str | None, storable: bool) -> str:
+        if not storable:
+            return "no-store"
+        # The query string is parsed only when there is one (most tile URLs of scripts have none).
+        if (
+            version is not None
+            and request.query_string
+            and request.query.get(VERSION_PARAM) == version
+        ):
+            return self._immutable
+        return self._revalidate
+
+    def fixed(self, cache_control: str, content_type: str) -> dict[str, str]:
+        """{Cache-Control, Content-Type}, one shared dict per pair: never modify it."""
+        key = (cache_control, content_type)
+        headers = self._fixed.get(key)
+        if headers is None:
+            headers = {"Cache-Control": cache_control, "Content-Type": content_type}
+            if len(self._fixed) < MAX_PREBUILT:
+                self._fixed[key] = headers
+        return headers
+
+
+RESPONSE_HEADERS = web.AppKey("response_headers", ResponseHeaders)
+"""The app's `ResponseHeaders` (set by `install`)."""
+
+
+def install(app: web.Application, private: bool) -> None:
+    """Give `app` its prebuilt headers (at creation: an app's state is frozen once it runs)."""
+    app[RESPONSE_HEADERS] = ResponseHeaders(private)
+
+
 def cache_control(request: web.Request, version: str | None, storable: bool) -> str:
     """The Cache-Control value for a response of slide bytes (see `etag_response`)."""
-    if not storable:
-        return "no-store"
-    private = request.app[SETTINGS].requires_auth
-    # The query string is parsed only when there is one (most tile URLs of scripts have none).
-    if version is not None and request.query_string and request.query.get(VERSION_PARAM) == version:
-        return _IMMUTABLE[private]
-    return _REVALIDATE[private]
-
-
-_IMMUTABLE = {
-    False: "public, max-age=31536000, immutable",
-    True: "private, max-age=31536000, immutable",
-}
-_REVALIDATE = {False: "public, no-cache", True: "private, no-cache"}
+    return request.app[RESPONSE_HEADERS].cache_control(request, version, storable)
 
 
 def etag_response(
@@ -52,13 +87,15 @@ def etag_response(
     credentials), else `public`; and `immutable` for a year only when the URL names the `version`
     the bytes belong to. A re-conversion (say with --deidentify) changes the bytes behind an
     unversioned URL, so those are revalidated with the ETag (`no-cache`)."""
+    prebuilt = request.app[RESPONSE_HEADERS]
     quoted = f'"{etag}"'
-    headers = {"ETag": quoted, "Cache-Control": cache_control(request, version, storable)}
+    control = prebuilt.cache_control(request, version, storable)
     if request.headers.get("If-None-Match") == quoted:
-        return web.Response(status=304, headers=headers)
-    # As a header, not `content_type=`: aiohttp's setter parses and rebuilds it (1 us a tile).
-    headers["Content-Type"] = content_type
-    return web.Response(body=body, headers=headers)
+        return web.Response(status=304, headers={"ETag": quoted, "Cache-Control": control})
+    # Content-Type as a header, not `content_type=`: aiohttp's setter parses and rebuilds it.
+    return web.Response(
+        body=body, headers={"ETag": quoted, **prebuilt.fixed(control, content_type)}
+    )
 
 
 def dumps(doc: Any) -> str:

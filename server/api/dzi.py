@@ -1,9 +1,12 @@
 """DeepZoom for OpenSeadragon: `/slides/{id}.dzi` and `/slides/{id}_files/{z}/{x}_{y}.jpeg`.
 
 DeepZoom level z is the image scaled by 2^(z - max_level) with sizes rounded up; it maps onto the
-stored level whose downsample (from the slide's metadata) is 2^(max_level - z). Interior tiles are
-the stored JPEG bytes; edge tiles are cropped to the level's size (OpenSeadragon stretches a
-full-size edge tile otherwise) and levels smaller than our smallest are rendered from it.
+stored level whose downsample (from the slide's metadata) is 2^(max_level - z). DeepZoom tiles are
+square (`tile_size`): with square chunks, the chunk size, and interior tiles are the stored JPEG
+bytes as they are; with other chunks (an NDPI's 2048 x 128 restart-interval strips),
+`NON_SQUARE_TILE` pixels, each assembled from the chunks it covers. Edge tiles are cropped to the
+level's size (OpenSeadragon stretches a full-size edge tile otherwise) and levels smaller than
+our smallest are rendered from it.
 """
 
 from __future__ import annotations
@@ -13,13 +16,13 @@ import math
 import numpy as np
 from aiohttp import web
 
-from server.catalog import ServedLevel, ServedSlide, SlideInfo
+from server.catalog import Catalog, ServedLevel, ServedSlide, SlideInfo
 from server.keys import CATALOG, SETTINGS
 from server.openapi import ERROR, path_params
 from server.render import encode_image, in_pool, region
 from server.responses import etag_response
 from wsi.errors import InvalidArgument
-from wsi.published.values import JPEG, decode_tile
+from wsi.published.values import JPEG
 
 SLIDE = "{slide_id:[a-z0-9][a-z0-9._-]{0,63}?}"
 
@@ -33,20 +36,33 @@ def dzi_size(slide: SlideInfo, z: int) -> tuple[int, int]:
     return max(1, math.ceil(slide.width * scale)), max(1, math.ceil(slide.height * scale))
 
 
+NON_SQUARE_TILE = 512
+"""DeepZoom tile size of a slide whose chunks are not square: 2 to 4 chunks of 2048 x 128 or
+1024 x 256 pixels decoded per tile, where a tile of the chunks' width would take 16."""
+
+
+def tile_size(slide: SlideInfo) -> int:
+    """The DeepZoom tile size (pixels, square): level 0's chunk size when its chunks are
+    square (their stored bytes are the tiles), else `NON_SQUARE_TILE`."""
+    level = slide.levels[0]
+    if level.tile_width == level.tile_height:
+        return level.tile_width
+    return NON_SQUARE_TILE
+
+
 def stored_level(slide: ServedSlide, z: int) -> ServedLevel | None:
-    """The stored level whose tiles are DeepZoom level z's: the 2^(max_level - z) downsample
-    (by the level's own downsample) with square tiles of level 0's size."""
+    """The stored level whose pixels are DeepZoom level z's: the 2^(max_level - z) downsample
+    (by the level's own downsample), whatever its chunks' shape."""
     scale = 2.0 ** (max_level(slide) - z)
-    size = slide.levels[0].tile_width
     for level in slide.levels:
         if math.isclose(level.downsample, scale, rel_tol=1e-9):
-            return level if (level.tile_width, level.tile_height) == (size, size) else None
+            return level
     return None
 
 
 async def descriptor(request: web.Request) -> web.Response:
     slide = await request.app[CATALOG].slide(request.match_info["slide_id"])
-    size = slide.levels[0].tile_width
+    size = tile_size(slide)
     xml = (
         '<?xml version="1.0" encoding="UTF-8"?>\n'
         '<Image xmlns="http://schemas.microsoft.com/deepzoom/2008" Format="jpeg" '
@@ -66,7 +82,7 @@ async def tile(request: web.Request) -> web.Response:
     top = max_level(slide)
     if z_ > top:
         raise InvalidArgument(f"DeepZoom level {z_} > {top}")
-    size = slide.levels[0].tile_width
+    size = tile_size(slide)
     width, height = dzi_size(slide, z_)
     if x_ * size >= width or y_ * size >= height:
         raise InvalidArgument(f"tile ({x_}, {y_}) is outside DeepZoom level {z_}")
@@ -74,24 +90,11 @@ async def tile(request: web.Request) -> web.Response:
     version = slide.version
     etag = f"{version}-dz{z_}-{x_}-{y_}"
     level = stored_level(slide, z_)
-    if level is not None and x_ < level.cols and y_ < level.rows:
-        data = await slide.tile_bytes(level.index, x_, y_)
-        if (tw, th) == (level.tile_width, level.tile_height) and level.codec == JPEG:
+    if level is not None and x_ * size < level.width and y_ * size < level.height:
+        if (level.tile_width, level.tile_height, tw, th) == (size,) * 4 and level.codec == JPEG:
+            data = await slide.tile_bytes(level.index, x_, y_)
             return etag_response(request, data, "image/jpeg", etag, version=version)
-        stored = level
-
-        def crop() -> bytes:
-            # DeepZoom sizes round up, ours down: where the DeepZoom tile is a pixel wider or
-            # taller than the stored level, that pixel repeats the level's edge (the stored
-            # tile's padding there is whatever the source had past its edge, often black).
-            h = min(th, stored.height - y_ * stored.tile_height)
-            w = min(tw, stored.width - x_ * stored.tile_width)
-            pixels = decode_tile(stored, data)[:h, :w]
-            if (h, w) != (th, tw):
-                pixels = np.pad(pixels, ((0, th - h), (0, tw - w), (0, 0)), mode="edge")
-            return encode_image(pixels, "jpg")[0]
-
-        body = await in_pool(catalog, crop)
+        body = await assembled(catalog, slide, level, (x_ * size, y_ * size), (tw, th))
         return etag_response(request, body, "image/jpeg", etag, version=version)
     scale = slide.width / width
     x0, y0 = int(x_ * size * scale), int(y_ * size * scale)
@@ -108,6 +111,32 @@ async def tile(request: web.Request) -> web.Response:
     )
     body = await in_pool(catalog, lambda: encode_image(np.asarray(pixels), "jpg")[0])
     return etag_response(request, body, "image/jpeg", etag, version=version)
+
+
+async def assembled(
+    catalog: Catalog,
+    slide: ServedSlide,
+    level: ServedLevel,
+    corner: tuple[int, int],
+    size: tuple[int, int],
+) -> bytes:
+    """The DeepZoom tile at `corner` (pixels of `level`) of `size` (width, height) pixels, as
+    JPEG, from the chunks of `level` it covers (one, when the chunks are the tiles). DeepZoom
+    sizes round up, ours down: where the DeepZoom tile is a pixel wider or taller than the
+    stored level, that pixel repeats the level's edge (the stored tile's padding there is
+    whatever the source had past its edge, often black)."""
+    x, y = corner
+    tw, th = size
+    w, h = min(tw, level.width - x), min(th, level.height - y)
+    pixels = await slide.region(level.index, x, y, w, h)
+
+    def encode() -> bytes:
+        padded = pixels
+        if (h, w) != (th, tw):
+            padded = np.pad(pixels, ((0, th - h), (0, tw - w), (0, 0)), mode="edge")
+        return encode_image(padded, "jpg")[0]
+
+    return await in_pool(catalog, encode)
 
 
 def register(app: web.Application) -> None:

@@ -23,7 +23,7 @@ from urllib.parse import parse_qsl, quote
 from aiohttp import web
 
 from server.api.dicomweb.instances import DICOMWEB, Instance
-from server.api.dzi import max_level
+from server.api.dzi import max_level, tile_size
 from server.api.slides import MAX_QUERY, listing_order, matches, text_param
 from server.api.viewer_pages import (
     MISSING_OSD,
@@ -249,7 +249,7 @@ def view_config(
         "name": f"Shared slide {slide.slide_id[:8]}" if signed else slide.name,
         "width": slide.width,
         "height": slide.height,
-        "tileSize": slide.levels[0].tile_width,
+        "tileSize": tile_size(slide),
         "maxLevel": max_level(slide),
         "tilesUrl": f"/slides/{sid}_files/",
         "query": query,

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
 
-from server.api.dzi import dzi_size, max_level
+from server.api.dzi import dzi_size, max_level, tile_size
 from server.api.slides import MAX_QUERY
 from server.catalog import READY, SlideInfo
 from server.catalog import status as slide_status
@@ -83,7 +83,7 @@ def thumbnail_url(slide: SlideInfo, query: str, signed: bool = False) -> str:
     sid = quote(slide.slide_id, safe="")
     if "thumbnail" in slide.associated_names and not signed:
         return with_query(f"/slides/{sid}/associated/thumbnail", query)
-    limit = min(THUMBNAIL_PX, slide.levels[0].tile_width)
+    limit = min(THUMBNAIL_PX, tile_size(slide))
     z = max_level(slide)
     while z > 0 and max(dzi_size(slide, z)) > limit:
         z -= 1

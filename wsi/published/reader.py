@@ -1,7 +1,7 @@
 """Reading published slides: levels, stored tiles, pixels, regions and associated images.
 
 Async at the core. A `PublishedStore` (one per store URL) lists the published slides, opens them,
-does the I/O (S3 through one async s3fs client, local files on a thread pool), decodes on that
+does the I/O (S3 through obstore's coroutines, local files on a thread pool), decodes on that
 thread pool, and keeps the shard indexes and stored tiles of all its slides in byte-budgeted
 caches. An `AsyncPublishedSlide` is one published version of a slide; publishing the slide again
 makes a new one (a new `version`). `open_published` is the blocking face: the same methods, run on
@@ -24,7 +24,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from wsi.codecs import jxl
+from wsi.codecs import jpeg2000, jxl
 from wsi.errors import (
     AssociatedImageRefused,
     CorruptSlide,
@@ -137,12 +137,16 @@ class PublishedStore:
         """The published slide `slide_id` (SlideNotFound if unpublished). The same object while
         its manifest is unchanged (checked at most every `recheck_seconds`); a new one with a new
         `version` once the slide was published again."""
-        keys = SlideKeys(check_slide_id(slide_id))
-        await self.start()
+        cached = self._opened.get(slide_id) if self._started else None
         now = self._clock()
-        cached = self._opened.get(slide_id)
         if cached is not None and now - cached.checked < self.settings.recheck_seconds:
-            return cached.slide
+            return cached.slide  # every request of a busy service: only checked ids are held
+        keys = SlideKeys(check_slide_id(slide_id))
+        if not self._started:
+            await self.start()
+            cached = self._opened.get(slide_id)
+            if cached is not None and now - cached.checked < self.settings.recheck_seconds:
+                return cached.slide
         if cached is not None and self.settings.recheck_in_background:
             self._recheck_soon(keys, cached.slide)
             return cached.slide
@@ -156,12 +160,16 @@ class PublishedStore:
             data = await self.io.get(keys.manifest)
         except SlideNotFound as exc:
             self._opened.pop(slide_id)
+            if cached is not None:
+                self.io.forget(cached.slide.version)  # its files may be gone: free their space
             raise SlideNotFound(f"slide {slide_id} is not published") from exc
         version = layout.manifest_version(data)
         if cached is not None and cached.slide.version == version:
             slide = cached.slide
         else:
             slide = await self.once(("slide", slide_id, version), lambda: self._load(keys, data))
+            if cached is not None:
+                self.io.forget(cached.slide.version)
         self._opened.put(slide_id, _Opened(slide, now))
         return slide
 
@@ -262,6 +270,11 @@ class PublishedStore:
             tuple(levels),
             {a.name: a for a in found},
         )
+
+
+def _jpeg_of_jpeg2000(data: bytes) -> bytes:
+    """A JPEG 2000 chunk as the JPEG viewers are given (cached with the tiles)."""
+    return jpeg2000.to_jpeg(data, layout.JPEG2000_SERVED_QUALITY)
 
 
 def _stored_codec(codec: layout.CodecId) -> layout.CodecId | None:
@@ -413,7 +426,7 @@ class AsyncPublishedSlide:
 
         async def load() -> np.ndarray:
             start, end = layout.index_range(image.size, image.tile_count, image.key)
-            raw = await self.store.io.get_range(image.key, start, end)
+            raw = await self.store.io.get_range(image.key, start, end, self.version)
             decoded = layout.decode_index(raw, image.tile_count, image.key)
             self.store.indexes.put(cache_key, decoded)
             return decoded
@@ -430,6 +443,8 @@ class AsyncPublishedSlide:
         data = await self._read_chunk(image, chunk)
         if data is not None and image.stored_codec == layout.JPEGXL:
             data = await self.store.run_in_pool(jxl.jxl_to_jpeg, data)
+        if data is not None and image.stored_codec == layout.JPEG2000:
+            data = await self.store.run_in_pool(_jpeg_of_jpeg2000, data)
         if data is not None:
             self.store.tiles.put(cache_key, data)
         return data
@@ -453,7 +468,7 @@ class AsyncPublishedSlide:
         span = layout.chunk_span(index, chunk, data_end, image.key)
         if span is None:
             return None
-        data = await self.store.io.get_range(image.key, *span)
+        data = await self.store.io.get_range(image.key, *span, self.version)
         if len(data) != span[1] - span[0]:
             raise CorruptSlide(f"{image.key} ends inside chunk {chunk}")
         return data
@@ -610,15 +625,15 @@ class AsyncPublishedSlide:
             self._allowed(instance.associated)
         image = instance.image
         start, end = layout.index_range(image.size, image.tile_count, image.key)
-        raw = await self.store.io.get_range(image.key, start, end)
+        raw = await self.store.io.get_range(image.key, start, end, self.version)
         plan = ObjectPlan.from_index(image.key, image.size, image.tile_count, True, raw)
         parts: list[bytes] = []
         writer = ObjectWriter(plan, parts.append)
-        header = await self.store.io.get_range(image.key, 0, plan.header_end)
+        header = await self.store.io.get_range(image.key, 0, plan.header_end, self.version)
         plan.check_header(header, layout.JPEGXL)
         writer.header(header, layout.JPEG)
         for batch in plan.batches(FORM_BATCH_FRAMES):
-            data = await self.store.io.get_range(image.key, *plan.batch_range(batch))
+            data = await self.store.io.get_range(image.key, *plan.batch_range(batch), self.version)
 
             def rebuild(data: bytes = data, batch: tuple[tuple[int, int], ...] = batch) -> None:
                 chunks = plan.chunks_of(batch, data)
@@ -643,7 +658,7 @@ class AsyncPublishedSlide:
             raise InvalidArgument(f"range {start}-{end} is outside {key} ({entry.size} bytes)")
         if start == end:
             return b""
-        return await self.store.io.get_range(key, start, end)
+        return await self.store.io.get_range(key, start, end, self.version)
 
     # -- lifetime ---------------------------------------------------------------------------
     async def close(self) -> None:

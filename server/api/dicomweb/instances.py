@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import math
 import re
+import secrets
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -19,15 +21,18 @@ from server.catalog import PRIVATE_IMAGES, Catalog, ServedSlide
 from server.keys import CATALOG, SETTINGS
 from server.render import in_pool
 from server.responses import dumps
+from wsi.codecs import jpeg2000
 from wsi.errors import CorruptSlide, InvalidArgument, SlideNotFound, UnsupportedSlide
 from wsi.published.cache import ByteLRU
 from wsi.published.reader import AsyncPublishedSlide
-from wsi.published.values import JPEG, PublishedInstance, StoredImage
+from wsi.published.values import JPEG, JPEG2000, JPEGXL, PublishedInstance, StoredImage
 
 PREFIX = "/dicomweb"
 JPEG_BASELINE = "1.2.840.10008.1.2.4.50"
 JPEG_XL_RECOMPRESSION = "1.2.840.10008.1.2.4.111"
 """Frames of archived instances as stored: JPEG XL that rebuilds each JPEG exactly."""
+JPEG2000_SYNTAXES = (jpeg2000.JPEG2000_LOSSLESS, jpeg2000.JPEG2000)
+"""Frames of instances kept as JPEG 2000 (`--keep-jpeg2000`) as stored; JPEG by default."""
 EXPLICIT_VR_LE = "1.2.840.10008.1.2.1"
 DICOM_JSON = "application/dicom+json"
 PIXEL_DATA_TAG = b"\xe0\x7f\x10\x00"
@@ -37,6 +42,8 @@ MAX_HEADER = 64 * 1024 * 1024
 MAX_FRAMES = 1024
 RESCAN_SECONDS = 2.0
 """An unknown UID rescans the store at most this often."""
+FOUND_INSTANCES = 4096
+"""Instances remembered by the UIDs of their paths (see `find_instance`)."""
 HEADER_CACHE_BYTES = 32 * 1024 * 1024
 """Parsed headers kept, counted by the bytes they were parsed from (a few KB each, more with
 an ICC profile); as much again for their DICOM JSON."""
@@ -98,7 +105,13 @@ class Instance:
     @property
     def archived(self) -> bool:
         """Stored in the archive tier: JPEG XL frames, each rebuilt as its JPEG by default."""
-        return self.image.stored_codec is not None
+        return self.image.stored_codec == JPEGXL
+
+    @property
+    def kept_jpeg2000(self) -> bool:
+        """Frames stored as a source's JPEG 2000 codestreams, each transcoded to JPEG by
+        default (the transcodes are cached with the tiles)."""
+        return self.image.stored_codec == JPEG2000
 
     async def frame(self, number: int, stored: bool = False) -> bytes:
         """Frame `number` (1-based, row-major over the tile grid, or over the stored tiles of a
@@ -166,6 +179,18 @@ class DicomWebState:
         """Study Instance UID -> slide ids, from the last scan."""
         self.scanned_at = -math.inf
         self._scan_lock = asyncio.Lock()
+        self.found: ByteLRU[tuple[str, str, str], Instance] = ByteLRU(
+            FOUND_INSTANCES, size=lambda _: 1
+        )
+        """(study, series, SOP instance UID) of a path -> the instance it named, as long as
+        its slide's catalog entry is the same object (the same published version)."""
+        self.frame_modes: dict[tuple[str, bool], str] = {}
+        """(Accept header, one frame?) -> frame mode (`negotiation.cached_frame_mode`)."""
+        self.boundary = secrets.token_hex(16)
+        """The boundary of multipart bodies made whole (`negotiation.framing`): random, made
+        once, checked against each body's parts (another one is drawn for a body holding it)."""
+        self.framings: dict[tuple[str, str], Any] = {}
+        """(part media type, transfer syntax) -> its `negotiation.Framing`."""
 
     async def scan(self, catalog: Catalog) -> list[AsyncPublishedSlide]:
         """Every published slide with a DICOM view; refreshes the UID indexes."""
@@ -270,7 +295,23 @@ def allow_label(request: web.Request) -> bool:
 
 
 async def find_instance(request: web.Request) -> Instance:
-    """The instance named by the path's study, series and SOP instance UIDs."""
+    """The instance named by the path's study, series and SOP instance UIDs. Each frame request
+    names one: found once, then taken from `DicomWebState.found` while its slide's catalog entry
+    is unchanged (a re-published slide is a new object, and is looked up again)."""
+    info = request.match_info
+    key = (info["study"], info["series"], info["instance"])
+    found = state(request).found
+    known = found.get(key)
+    if known is not None:
+        with contextlib.suppress(*UNSERVED):  # looked up as a new path says why
+            if await request.app[CATALOG].slide(known.slide.slide_id) is known.slide:
+                return known
+    inst = await _find_instance(request)
+    found.put(key, inst)
+    return inst
+
+
+async def _find_instance(request: web.Request) -> Instance:
     study = request.match_info["study"]
     series = request.match_info["series"]
     sop = check_uid(request.match_info["instance"], "SOPInstanceUID")

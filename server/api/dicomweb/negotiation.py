@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import uuid
+import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -11,8 +11,10 @@ from aiohttp import web
 from server.api.dicomweb.instances import (
     DICOM_JSON,
     EXPLICIT_VR_LE,
+    JPEG2000_SYNTAXES,
     JPEG_BASELINE,
     JPEG_XL_RECOMPRESSION,
+    state,
 )
 
 
@@ -81,6 +83,8 @@ def frame_mode(request: web.Request, count: int) -> str:
         inner, syntax = r.type, r.params.get("transfer-syntax")
         if _asks_jxl(r):
             return "jxl"
+        if _asks_jpeg2000(r):
+            return "j2k"
         if r.type == "multipart/related":
             inner = r.params.get("type", "application/octet-stream").lower()
         elif r.type == "image/jpeg" and count == 1 and syntax in (None, "*", JPEG_BASELINE):
@@ -99,6 +103,25 @@ def frame_mode(request: web.Request, count: int) -> str:
     )
 
 
+FRAME_MODES_KEPT = 256
+"""Accept headers whose frame mode is remembered (a client sends the same one every time)."""
+
+
+def cached_frame_mode(request: web.Request, count: int) -> str:
+    """`frame_mode`, remembered per Accept header: parsing it costs more than a frame's lookup.
+    The mode depends on the header and on whether one frame is asked for, nothing else; a 406
+    is not remembered."""
+    modes = state(request).frame_modes
+    key = (request.headers.get("Accept", ""), count == 1)
+    mode = modes.get(key)
+    if mode is None:
+        mode = frame_mode(request, count)
+        if len(modes) >= FRAME_MODES_KEPT:
+            modes.clear()
+        modes[key] = mode
+    return mode
+
+
 def _asks_jxl(r: MediaRange) -> bool:
     """A media range that asks for JPEG XL frames by name: image/jxl, or the transfer syntax of
     JPEG XL recompressed JPEG (alone or as the parts of multipart/related)."""
@@ -107,6 +130,30 @@ def _asks_jxl(r: MediaRange) -> bool:
     if inner == "image/jxl":
         return syntax in (None, "*", JPEG_XL_RECOMPRESSION)
     return syntax == JPEG_XL_RECOMPRESSION and inner in ("application/octet-stream", "*/*", "")
+
+
+def _asks_jpeg2000(r: MediaRange) -> bool:
+    """A media range that asks for the JPEG 2000 frames of an instance kept as JPEG 2000:
+    image/jp2 (PS3.18 8.7.3), or a JPEG 2000 transfer syntax by name."""
+    syntax = r.params.get("transfer-syntax")
+    inner = r.params.get("type", "").lower() if r.type == "multipart/related" else r.type
+    if inner == "image/jp2":
+        return syntax in (None, "*", *JPEG2000_SYNTAXES)
+    return syntax in JPEG2000_SYNTAXES and inner in ("application/octet-stream", "*/*", "")
+
+
+def accepts_stored_syntax(request: web.Request, syntax: str) -> bool:
+    """Whether the Accept header takes DICOM instances in `syntax` (named, `*`, or no transfer
+    syntax named): how instances kept as JPEG 2000 are sent, never transcoded whole."""
+    for r in accepted(request):
+        named = r.params.get("transfer-syntax")
+        if r.type == "*/*" or (
+            r.type == "multipart/related"
+            and r.params.get("type", "application/dicom").lower() in ("application/dicom", "*/*")
+            and named in (None, "*", syntax)
+        ):
+            return True
+    return False
 
 
 def check_dicom_accept(request: web.Request) -> str:
@@ -118,12 +165,14 @@ def check_dicom_accept(request: web.Request) -> str:
         if r.type == "*/*" or (
             r.type == "multipart/related"
             and r.params.get("type", "application/dicom").lower() in ("application/dicom", "*/*")
-            and syntax in (None, "*", JPEG_BASELINE, JPEG_XL_RECOMPRESSION)
+            and syntax in (None, "*", JPEG_BASELINE, JPEG_XL_RECOMPRESSION, *JPEG2000_SYNTAXES)
         ):
-            return JPEG_XL_RECOMPRESSION if syntax == JPEG_XL_RECOMPRESSION else JPEG_BASELINE
+            if syntax in (JPEG_XL_RECOMPRESSION, *JPEG2000_SYNTAXES):
+                return syntax
+            return JPEG_BASELINE
     raise not_acceptable(
         f'multipart/related; type="application/dicom" (transfer-syntax={JPEG_BASELINE}, '
-        f"{JPEG_XL_RECOMPRESSION} for archived slides, or *)"
+        f"{JPEG_XL_RECOMPRESSION} for archived slides, JPEG 2000 for slides kept as it, or *)"
     )
 
 
@@ -138,16 +187,62 @@ def image_format(request: web.Request) -> str:
 
 def multipart_boundary(media_type: str, syntax: str) -> tuple[str, str]:
     """(boundary, Content-Type) of a multipart/related message whose parts are all
-    `media_type` in transfer syntax `syntax`."""
-    boundary = uuid.uuid4().hex
-    return boundary, (
-        f'multipart/related; type="{media_type}"; boundary={boundary}; transfer-syntax={syntax}'
-    )
+    `media_type` in transfer syntax `syntax`. A fresh random boundary each time (128 bits, as
+    a UUID's hex, for a quarter of `uuid4`'s cost): no stored frame can know it."""
+    boundary = secrets.token_hex(16)
+    return boundary, multipart_type(media_type, syntax, boundary)
+
+
+def multipart_type(media_type: str, syntax: str, boundary: str) -> str:
+    """The Content-Type of a multipart/related message of `media_type` parts in `syntax`."""
+    return f'multipart/related; type="{media_type}"; boundary={boundary}; transfer-syntax={syntax}'
 
 
 def part_head(boundary: str, media_type: str, syntax: str) -> bytes:
     """What goes before each part's bytes."""
     return f"--{boundary}\r\nContent-Type: {media_type}; transfer-syntax={syntax}\r\n\r\n".encode()
+
+
+@dataclass(frozen=True)
+class Framing:
+    """What a multipart/related body of `media_type` parts in one syntax puts around its parts,
+    built once per app for its boundary."""
+
+    marker: bytes
+    """The boundary: no part may hold it."""
+    content_type: str
+    head: bytes
+    """Before each part."""
+    tail: bytes
+    """The end of the body."""
+
+    @classmethod
+    def make(cls, boundary: str, media_type: str, syntax: str) -> Framing:
+        return cls(
+            boundary.encode(),
+            multipart_type(media_type, syntax, boundary),
+            part_head(boundary, media_type, syntax),
+            f"--{boundary}--\r\n".encode(),
+        )
+
+    def body(self, parts: Sequence[bytes]) -> bytes:
+        """The whole body: one copy of the parts."""
+        pieces = [piece for data in parts for piece in (self.head, data, b"\r\n")]
+        pieces.append(self.tail)
+        return b"".join(pieces)
+
+
+def framing(request: web.Request, media_type: str, syntax: str, parts: Sequence[bytes]) -> Framing:
+    """The framing of a body of `parts`: the app's, or where a part holds its boundary (a 2^-128
+    chance per position), one with a fresh boundary that none holds: proven, not just unlikely."""
+    st = state(request)
+    found = st.framings.get((media_type, syntax))
+    if found is None:
+        found = st.framings[media_type, syntax] = Framing.make(st.boundary, media_type, syntax)
+    framed: Framing = found
+    while any(framed.marker in data for data in parts):
+        framed = Framing.make(secrets.token_hex(16), media_type, syntax)
+    return framed
 
 
 def multipart(parts: Sequence[bytes], media_type: str, syntax: str) -> tuple[bytes, str]:

@@ -13,6 +13,7 @@ from pydicom.dataset import Dataset
 
 from server.api.dicomweb.instances import (
     DICOM_JSON,
+    JPEG2000_SYNTAXES,
     JPEG_BASELINE,
     MAX_HEADER,
     PREFIX,
@@ -177,15 +178,15 @@ class Search:
                 targets.append((slide, None, instances[0]))
         headers = await asyncio.gather(*(header(t[2]) for t in targets))
         return [
-            Row(slide, inst, ds, self.computed(inst))
+            Row(slide, inst, ds, self.computed(inst, ds))
             for (slide, inst, _), ds in zip(targets, headers, strict=True)
         ]
 
-    def computed(self, inst: Instance | None) -> dict[str, list[str]]:
+    def computed(self, inst: Instance | None, header: Dataset) -> dict[str, list[str]]:
         values = {"ModalitiesInStudy": ["SM"]}
         if inst is not None:
             values["InstanceAvailability"] = ["ONLINE"]
-            values["AvailableTransferSyntaxUID"] = [JPEG_BASELINE]
+            values["AvailableTransferSyntaxUID"] = [available_syntax(inst, header)]
         return values
 
     def includes(self, default: Sequence[str], everything: Sequence[str]) -> list[str]:
@@ -263,7 +264,7 @@ class Search:
         inst = row.instance
         computed: dict[str, Any] = {
             "InstanceAvailability": "ONLINE",
-            "AvailableTransferSyntaxUID": JPEG_BASELINE,
+            "AvailableTransferSyntaxUID": available_syntax(inst, row.header),
             "RetrieveURL": (
                 f"{base_url(self.request)}/studies/{inst.study_uid}/series/{inst.series_uid}"
                 f"/instances/{inst.sop_uid}"
@@ -282,6 +283,15 @@ class Search:
             keywords = [k for k in keywords if k in computed or k in row.header]
         keywords += sorted(self.query.includes - set(keywords))
         return record(row.header, keywords, computed)
+
+
+def available_syntax(inst: Instance, header: Dataset) -> str:
+    """The transfer syntax an instance is retrieved in: JPEG baseline (archived ones are rebuilt
+    in it), or the JPEG 2000 syntax one kept as JPEG 2000 is stored in (never transcoded)."""
+    if inst.kept_jpeg2000:
+        meta = getattr(header, "file_meta", None)
+        return str(getattr(meta, "TransferSyntaxUID", "") or JPEG2000_SYNTAXES[-1])
+    return JPEG_BASELINE
 
 
 def search(level: str) -> Callable[[web.Request], Awaitable[web.Response]]:

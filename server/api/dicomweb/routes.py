@@ -57,6 +57,10 @@ def register(app: web.Application) -> None:
     # HEADER_READ is read here, at registration, so it can be tuned on this module.
     app[DICOMWEB] = DicomWebState(header_read=HEADER_READ)
     add = app.router.add_get
+    # Frames first: the router tries the routes under `/dicomweb/studies` in this order, and a
+    # viewer asks for frames far more often than for anything else (no two routes here match
+    # the same path, so the order changes nothing else).
+    add(FRAMES, frames)
     add(f"{PREFIX}/studies", search("studies"))
     add(f"{PREFIX}/series", search("series"))
     add(f"{PREFIX}/instances", search("instances"))
@@ -73,7 +77,6 @@ def register(app: web.Application) -> None:
     add(f"{INSTANCE}/metadata", metadata)
     add(f"{INSTANCE}/rendered", rendered)
     add(f"{INSTANCE}/thumbnail", rendered)
-    add(FRAMES, frames)
     add(f"{FRAMES}/rendered", rendered)
     add(f"{FRAMES}/thumbnail", rendered)
 

@@ -14,6 +14,7 @@ from aiohttp import web
 from server.api.dicomweb.instances import (
     DICOM_JSON,
     EXPLICIT_VR_LE,
+    JPEG2000_SYNTAXES,
     JPEG_BASELINE,
     JPEG_XL_RECOMPRESSION,
     NUMBER,
@@ -24,9 +25,11 @@ from server.api.dicomweb.instances import (
     state,
 )
 from server.api.dicomweb.negotiation import (
+    accepts_stored_syntax,
+    cached_frame_mode,
     check_dicom_accept,
     check_json_accept,
-    frame_mode,
+    framing,
     multipart,
     multipart_boundary,
     not_acceptable,
@@ -35,6 +38,7 @@ from server.api.dicomweb.negotiation import (
 from server.keys import CATALOG, SETTINGS
 from server.render import in_pool
 from server.responses import cache_control, etag_response
+from wsi.codecs import jpeg2000
 from wsi.errors import InvalidArgument, SlideNotFound
 from wsi.published.values import decode_tile
 
@@ -56,6 +60,14 @@ async def metadata(request: web.Request) -> web.Response:
     return etag_response(request, b"[" + b",".join(docs) + b"]", DICOM_JSON, etag)
 
 
+def frames_tag(request: web.Request, numbers: list[int]) -> str:
+    """The part of a frames response's ETag that names the frames: the number of one frame (a
+    viewer's request), else a digest of the list as asked."""
+    if len(numbers) == 1:
+        return str(numbers[0])
+    return hashlib.sha256(request.match_info["frames"].encode()).hexdigest()[:16]
+
+
 def parse_frames(text: str, count: int) -> list[int]:
     numbers = []
     for item in text.split(","):
@@ -73,15 +85,14 @@ def parse_frames(text: str, count: int) -> list[int]:
 async def frames(request: web.Request) -> web.StreamResponse:
     inst = await find_instance(request)
     numbers = parse_frames(request.match_info["frames"], await inst.frame_count())
-    mode = frame_mode(request, len(numbers))
+    mode = cached_frame_mode(request, len(numbers))
     if mode == "native":
         pixels = len(numbers) * inst.image.tile_width * inst.image.tile_height
         budget = request.app[SETTINGS].max_render_pixels
         if pixels > budget:
             raise InvalidArgument(f"{pixels} decoded pixels exceed the {budget} pixel budget")
     catalog = request.app[CATALOG]
-    digest = hashlib.sha256(request.match_info["frames"].encode()).hexdigest()[:16]
-    etag = f"{inst.slide.version}-{inst.sop_uid}-{digest}-{mode}"
+    etag = f"{inst.slide.version}-{inst.sop_uid}-{frames_tag(request, numbers)}-{mode}"
     caching = pinned(inst)
     if mode in ("jpeg", "octet-jpeg"):
         media_type = "image/jpeg" if mode == "jpeg" else "application/octet-stream"
@@ -90,6 +101,11 @@ async def frames(request: web.Request) -> web.StreamResponse:
         if not inst.archived:
             raise not_acceptable(f"JPEG (transfer-syntax={JPEG_BASELINE}) for this instance")
         return await stream_frames(request, inst, numbers, "image/jxl", etag, caching, True)
+    if mode == "j2k":
+        if not inst.kept_jpeg2000:
+            raise not_acceptable(f"JPEG (transfer-syntax={JPEG_BASELINE}) for this instance")
+        syntax = await _stored_syntax(inst)
+        return await stream_frames(request, inst, numbers, "image/jp2", etag, caching, True, syntax)
     data = await asyncio.gather(*(inst.frame(n) for n in numbers))
     if mode == "single":
         return etag_response(request, data[0], "image/jpeg", etag, **caching)
@@ -120,12 +136,18 @@ async def stream_frames(
     etag: str,
     caching: dict[str, Any],
     stored: bool = False,
+    stored_syntax: str = JPEG_XL_RECOMPRESSION,
 ) -> web.StreamResponse:
     """Frames as multipart/related, written as they are read (at most FRAME_WINDOW in memory):
-    JPEG, or with `stored` the JPEG XL frames of an archived instance. The first frame is read
-    before anything is sent, so a bad instance is still a JSON error; a store failure later can
-    only cut the response short."""
-    syntax = JPEG_XL_RECOMPRESSION if stored else JPEG_BASELINE
+    JPEG, or with `stored` the frames as stored in `stored_syntax` (the JPEG XL of an archived
+    instance, the JPEG 2000 of one kept as it). The first frame is read before anything is
+    sent, so a bad instance is still a JSON error; a store failure later can only cut the
+    response short."""
+    syntax = stored_syntax if stored else JPEG_BASELINE
+    if len(numbers) <= FRAME_WINDOW:
+        return await frames_at_once(
+            request, inst, numbers, media_type, syntax, etag, caching, stored
+        )
     quoted = f'"{etag}"'
     headers = {"ETag": quoted, "Cache-Control": cache_control(request, **caching)}
     if request.headers.get("If-None-Match") == quoted:
@@ -157,8 +179,47 @@ async def stream_frames(
             task.cancel()
 
 
-def _retrieved_size(inst: Instance, syntax: str) -> int:
-    """Bytes of an instance as sent: as stored, or an archived one in its JPEG form."""
+async def frames_at_once(
+    request: web.Request,
+    inst: Instance,
+    numbers: list[int],
+    media_type: str,
+    syntax: str,
+    etag: str,
+    caching: dict[str, Any],
+    stored: bool,
+) -> web.Response:
+    """A few frames (at most FRAME_WINDOW, a viewer's usual one) as one multipart/related body:
+    read together, sent in one write with a Content-Length, with a tile's prebuilt headers
+    (`etag_response`) and the app's framing (`negotiation.framing`). Writing them part by
+    part as `stream_frames` does costs three socket writes for a single frame."""
+    if request.headers.get("If-None-Match") == f'"{etag}"':  # a 304: nothing read
+        return etag_response(request, b"", "", etag, **caching)
+    if len(numbers) == 1:
+        frames = [await inst.frame(numbers[0], stored)]
+    else:
+        frames = list(await asyncio.gather(*(inst.frame(n, stored) for n in numbers)))
+    framed = framing(request, media_type, syntax, frames)
+    return etag_response(request, framed.body(frames), framed.content_type, etag, **caching)
+
+
+async def _stored_syntax(inst: Instance) -> str:
+    """The JPEG 2000 transfer syntax of an instance kept as JPEG 2000: what its codestreams
+    allow (PS3.5 8.2.4), as the writer chose it, read from its first frame."""
+    return jpeg2000.parse(await inst.frame(1, stored=True)).dicom(ycbcr=False)[0]
+
+
+def _retrieved_size(
+    request: web.Request, inst: Instance, syntax: str, stored_syntax: str | None
+) -> int:
+    """Bytes of an instance as sent: as stored, or an archived one in its JPEG form. One kept
+    as JPEG 2000 (`stored_syntax`) is sent as stored or not at all (406)."""
+    if stored_syntax is not None:
+        if not accepts_stored_syntax(request, stored_syntax):
+            raise not_acceptable(f"transfer-syntax={stored_syntax} for instance {inst.sop_uid}")
+        return inst.size
+    if syntax in JPEG2000_SYNTAXES:
+        raise not_acceptable(f"transfer-syntax={JPEG_BASELINE} for instance {inst.sop_uid}")
     if inst.archived and syntax == JPEG_BASELINE:
         return inst.slide.jpeg_form_size(inst.stored)
     if not inst.archived and syntax == JPEG_XL_RECOMPRESSION:
@@ -176,11 +237,15 @@ async def retrieve(request: web.Request) -> web.StreamResponse:
         instances = await scoped_instances(request)
     if not instances:
         raise SlideNotFound("no instances to retrieve")
-    sizes = [_retrieved_size(i, syntax) for i in instances]
+    kept = [await _stored_syntax(i) if i.kept_jpeg2000 else None for i in instances]
+    sizes = [_retrieved_size(request, i, syntax, k) for i, k in zip(instances, kept, strict=True)]
     boundary = uuid.uuid4().hex
     head = f"--{boundary}\r\nContent-Type: application/dicom; transfer-syntax="
-    sent = [JPEG_XL_RECOMPRESSION if i.archived else JPEG_BASELINE for i in instances]
-    heads = [f"{head}{syntax if syntax == JPEG_BASELINE else s}\r\n\r\n".encode() for s in sent]
+    sent = [
+        k or (syntax if syntax == JPEG_BASELINE or not i.archived else JPEG_XL_RECOMPRESSION)
+        for i, k in zip(instances, kept, strict=True)
+    ]
+    heads = [f"{head}{s}\r\n\r\n".encode() for s in sent]
     tail = f"--{boundary}--\r\n".encode()
     length = sum(len(h) + size + 2 for h, size in zip(heads, sizes, strict=True))
     first = await instances[0].slide.read_range(
