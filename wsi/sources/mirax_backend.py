@@ -33,7 +33,7 @@ from wsi.codecs import jpeg
 from wsi.errors import CorruptSlide, EncodedTileUnavailable, UnsupportedSlide
 from wsi.model import Level, SlideProperties, TileCodec
 from wsi.slidefiles import MIRAX_SUFFIX, _read_ini
-from wsi.sources.base import SlideSource, check_region_size
+from wsi.sources.copied_levels import CopiedLevels
 from wsi.sources.openslide_backend import OpenSlideSource, openslide
 
 log = logging.getLogger(__name__)
@@ -175,7 +175,7 @@ def _entries(index: bytes, layout: _Layout) -> list[list[tuple[int, _Image]]]:
     return levels
 
 
-class MiraxSource(SlideSource):
+class MiraxSource(CopiedLevels):
     """MIRAX slides, with the levels whose camera images tile them exactly copied as stored."""
 
     name = "mirax"
@@ -309,33 +309,15 @@ class MiraxSource(SlideSource):
         jpeg.check_size(data, lv.tile_height, lv.tile_width)
         return data
 
-    def read_tile(self, level: int, col: int, row: int) -> np.ndarray:
-        lv = self.level(level)
-        lv.check_tile(col, row)
-        if level in self._grids:
-            try:
-                return jpeg.decode(self.read_encoded_tile(level, col, row))
-            except EncodedTileUnavailable:
-                return np.full((lv.tile_height, lv.tile_width, 3), 255, np.uint8)
-        x, y = col * lv.tile_width, row * lv.tile_height
-        return self._os.read_region(level, x, y, lv.tile_width, lv.tile_height)
+    def is_copied(self, level: int) -> bool:
+        return level in self._grids
 
-    def read_region(self, level: int, x: int, y: int, width: int, height: int) -> np.ndarray:
-        self.level(level)
-        check_region_size(width, height)
-        if level in self._grids:
-            return super().read_region(level, x, y, width, height)
-        return self._os.read_region(level, x, y, width, height)
-
-    @property
-    def associated_names(self) -> tuple[str, ...]:
-        return self._os.associated_names
-
-    def read_associated(self, name: str) -> np.ndarray:
-        return self._os.read_associated(name)
-
-    def associated_shows_label(self, name: str) -> bool:
-        return self._os.associated_shows_label(name)
+    def read_copied_tile(self, level: int, col: int, row: int) -> np.ndarray:
+        try:
+            return jpeg.decode(self.read_encoded_tile(level, col, row))
+        except EncodedTileUnavailable:  # a grid cell with no image: blank, as in OpenSlide
+            lv = self.level(level)
+            return np.full((lv.tile_height, lv.tile_width, 3), 255, np.uint8)
 
     def close(self) -> None:
         fds, self._fds = getattr(self, "_fds", {}), {}

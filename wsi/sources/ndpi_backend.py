@@ -52,7 +52,7 @@ import tifffile
 from wsi.codecs import jpeg, restart
 from wsi.errors import CorruptSlide, EncodedTileUnavailable, UnsupportedSlide
 from wsi.model import Level, SlideProperties, TileCodec
-from wsi.sources.base import SlideSource, check_region_size
+from wsi.sources.copied_levels import CopiedLevels
 from wsi.sources.openslide_backend import OpenSlideSource, openslide
 
 log = logging.getLogger(__name__)
@@ -244,7 +244,7 @@ def _interval(data: bytes, index: int, count: int) -> bytes:
     return data[:-2]
 
 
-class NdpiSource(SlideSource):
+class NdpiSource(CopiedLevels):
     """Hamamatsu NDPI slides, their JPEG levels cut into tiles without decoding."""
 
     name = "ndpi"
@@ -352,30 +352,8 @@ class NdpiSource(SlideSource):
         jpeg.check_size(tile, lv.tile_height, lv.tile_width)
         return tile
 
-    def read_tile(self, level: int, col: int, row: int) -> np.ndarray:
-        lv = self.level(level)
-        lv.check_tile(col, row)
-        if level in self._frames:
-            return jpeg.decode(self.read_encoded_tile(level, col, row))
-        x, y = col * lv.tile_width, row * lv.tile_height
-        return self._os.read_region(level, x, y, lv.tile_width, lv.tile_height)
-
-    def read_region(self, level: int, x: int, y: int, width: int, height: int) -> np.ndarray:
-        self.level(level)
-        check_region_size(width, height)
-        if level in self._frames:
-            return super().read_region(level, x, y, width, height)
-        return self._os.read_region(level, x, y, width, height)
-
-    @property
-    def associated_names(self) -> tuple[str, ...]:
-        return self._os.associated_names
-
-    def read_associated(self, name: str) -> np.ndarray:
-        return self._os.read_associated(name)
-
-    def associated_shows_label(self, name: str) -> bool:
-        return self._os.associated_shows_label(name)
+    def is_copied(self, level: int) -> bool:
+        return level in self._frames
 
     def close(self) -> None:
         if self._fd is not None:

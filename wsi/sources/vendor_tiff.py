@@ -12,11 +12,12 @@ from __future__ import annotations
 import numpy as np
 
 from wsi.model import TileCodec
-from wsi.sources.base import SlideSource, check_region_size
+from wsi.sources.base import SlideSource
+from wsi.sources.copied_levels import CopiedLevels
 from wsi.sources.tiff_backend import TiffSource
 
 
-class VendorTiffSource(TiffSource):
+class VendorTiffSource(CopiedLevels, TiffSource):
     """A subclass's `_match_pages` fills `copied` (the levels whose page tiles are the level's
     tiles, JPEG) and `decoded` (why each other level is not), and its `_page_tile` maps a copied
     level's tile to its page's (None: blank)."""
@@ -32,17 +33,8 @@ class VendorTiffSource(TiffSource):
     def read_tile_half(self, level: int, col: int, row: int) -> np.ndarray | None:
         return SlideSource.read_tile_half(self, level, col, row)
 
-    def read_tile(self, level: int, col: int, row: int) -> np.ndarray:
-        lv = self.level(level)
-        lv.check_tile(col, row)
-        if level in self.copied:
-            return super().read_tile(level, col, row)
-        x, y = col * lv.tile_width, row * lv.tile_height
-        return self._os.read_region(level, x, y, lv.tile_width, lv.tile_height)
+    def is_copied(self, level: int) -> bool:
+        return level in self.copied
 
-    def read_region(self, level: int, x: int, y: int, width: int, height: int) -> np.ndarray:
-        self.level(level)
-        check_region_size(width, height)
-        if level in self.copied:
-            return super().read_region(level, x, y, width, height)
-        return self._os.read_region(level, x, y, width, height)
+    def read_copied_tile(self, level: int, col: int, row: int) -> np.ndarray:
+        return TiffSource.read_tile(self, level, col, row)
