@@ -136,7 +136,7 @@ def companion_folder(name: str) -> str | None:
     return pure.stem if pure.suffix.lower() in COMPANION_SUFFIXES else None
 
 
-def _read_ini(path: Path) -> configparser.ConfigParser | None:
+def read_ini(path: Path) -> configparser.ConfigParser | None:
     """The INI file at `path`, or None while it cannot be parsed (half-written, or not INI)."""
     try:
         with path.open("rb") as f:
@@ -156,7 +156,7 @@ def _read_ini(path: Path) -> configparser.ConfigParser | None:
 def mrxs_required_files(slidedat: Path) -> list[str] | None:
     """The files a MIRAX Slidedat.ini lists (the index file and every data file), relative to its
     folder; None while the ini is not complete enough to say."""
-    ini = _read_ini(slidedat)
+    ini = read_ini(slidedat)
     if ini is None or not ini.has_section("DATAFILE"):
         return None
     section = ini["DATAFILE"]
@@ -179,7 +179,7 @@ def vms_required_files(vms: Path) -> list[str] | None:
     """The files a Hamamatsu .vms/.vmu lists (ImageFile, ImageFile(x,y), MapFile,
     OptimisationFile, MacroImage), relative to its folder; None while it cannot be parsed or lists
     no image file."""
-    ini = _read_ini(vms)
+    ini = read_ini(vms)
     group = next((g for g in _VMS_GROUPS if ini is not None and ini.has_section(g)), None)
     if ini is None or group is None:
         return None
@@ -312,6 +312,7 @@ __all__ = [
     "is_partial",
     "is_temporary",
     "mrxs_required_files",
+    "read_ini",
     "readable_series_uid",
     "series_uid",
     "sidecar_names",

@@ -32,7 +32,7 @@ import numpy as np
 from wsi.codecs import jpeg
 from wsi.errors import CorruptSlide, EncodedTileUnavailable, UnsupportedSlide
 from wsi.model import Level, SlideProperties, TileCodec
-from wsi.slidefiles import MIRAX_SUFFIX, _read_ini
+from wsi.slidefiles import MIRAX_SUFFIX, read_ini
 from wsi.sources.copied_levels import CopiedLevels
 from wsi.sources.openslide_backend import OpenSlideSource, openslide
 
@@ -97,7 +97,7 @@ def _float(section: configparser.SectionProxy, key: str) -> float:
 
 def _layout(slidedat: Path) -> _Layout:
     """Parse Slidedat.ini (UnsupportedSlide when it lacks what OpenSlide also requires)."""
-    ini = _read_ini(slidedat)
+    ini = read_ini(slidedat)
     if ini is None or not all(ini.has_section(s) for s in ("GENERAL", "HIERARCHICAL", "DATAFILE")):
         raise UnsupportedSlide("Slidedat.ini cannot be read")
     general, hier, files = ini["GENERAL"], ini["HIERARCHICAL"], ini["DATAFILE"]
