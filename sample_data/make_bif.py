@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import tifffile
 
-from sample_data.make_mirax import tissue_image
+from sample_data.make_mirax import add_image_arguments, image_from
 from sample_data.make_philips import halve, jpeg_tiles
 
 WHITE = 255
@@ -134,25 +134,10 @@ def write_bif(
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("out", type=Path, help="the .bif to write")
-    parser.add_argument("--width", type=int, default=1536)
-    parser.add_argument("--height", type=int, default=1024)
-    parser.add_argument("--tile", type=int, default=256)
-    parser.add_argument("--levels", type=int, default=3)
-    parser.add_argument("--quality", type=int, default=90)
+    add_image_arguments(parser, 1536, 1024)
     parser.add_argument("--overlap", type=int, default=0, help="every joint's overlap, pixels")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument(
-        "--benchmark-pixels",
-        action="store_true",
-        help="the benchmarks' slide (sample_data/generate.py) instead of smooth blobs",
-    )
     args = parser.parse_args(argv)
-    if args.benchmark_pixels:
-        from sample_data.generate import build
-
-        image = build(args.width, args.height, args.seed).numpy()
-    else:
-        image = tissue_image(args.width, args.height, args.seed)
+    image = image_from(args)
     out = write_bif(args.out, image, args.tile, args.levels, args.quality, overlap=args.overlap)
     print(out)
 

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import tifffile
 
-from sample_data.make_mirax import tissue_image
+from sample_data.make_mirax import add_image_arguments, image_from
 from sample_data.make_philips import halve, jpeg_tiles
 
 NAMESPACE = "http://www.leica-microsystems.com/scn/2010/10/01"
@@ -110,25 +110,10 @@ def write_leica(
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("out", type=Path, help="the .scn to write")
-    parser.add_argument("--width", type=int, default=2048)
-    parser.add_argument("--height", type=int, default=1024)
+    add_image_arguments(parser, 2048, 1024)
     parser.add_argument("--offset", type=int, nargs=2, default=(1024, 0), metavar=("X", "Y"))
-    parser.add_argument("--tile", type=int, default=256)
-    parser.add_argument("--levels", type=int, default=3)
-    parser.add_argument("--quality", type=int, default=90)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument(
-        "--benchmark-pixels",
-        action="store_true",
-        help="the benchmarks' slide (sample_data/generate.py) instead of smooth blobs",
-    )
     args = parser.parse_args(argv)
-    if args.benchmark_pixels:
-        from sample_data.generate import build
-
-        image = build(args.width, args.height, args.seed).numpy()
-    else:
-        image = tissue_image(args.width, args.height, args.seed)
+    image = image_from(args)
     out = write_leica(args.out, image, args.tile, args.levels, args.quality, offset=args.offset)
     print(out)
 

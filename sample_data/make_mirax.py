@@ -250,11 +250,11 @@ def tissue_image(width: int, height: int, seed: int = 0) -> np.ndarray:
     return np.clip(np.rint(pixels), 0, 255).astype(np.uint8)
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("out", type=Path, help="the .mrxs to write (its folder goes beside it)")
-    parser.add_argument("--width", type=int, default=1500)
-    parser.add_argument("--height", type=int, default=1100)
+def add_image_arguments(parser: argparse.ArgumentParser, width: int, height: int) -> None:
+    """The options of every generator of a tiled JPEG slide here: size, tile, levels, quality,
+    seed, and which pixels (`image_from`)."""
+    parser.add_argument("--width", type=int, default=width)
+    parser.add_argument("--height", type=int, default=height)
     parser.add_argument("--tile", type=int, default=256)
     parser.add_argument("--levels", type=int, default=3)
     parser.add_argument("--quality", type=int, default=90)
@@ -265,13 +265,23 @@ def main(argv: list[str] | None = None) -> None:
         help="the benchmarks' slide (sample_data/generate.py: glass, tissue, nuclei) instead of"
         " smooth blobs; needs far less memory at large sizes",
     )
-    args = parser.parse_args(argv)
+
+
+def image_from(args: argparse.Namespace) -> np.ndarray:
+    """The pixels `add_image_arguments`' options ask for."""
     if args.benchmark_pixels:
         from sample_data.generate import build
 
-        image = build(args.width, args.height, args.seed).numpy()
-    else:
-        image = tissue_image(args.width, args.height, args.seed)
+        return np.asarray(build(args.width, args.height, args.seed).numpy())
+    return tissue_image(args.width, args.height, args.seed)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("out", type=Path, help="the .mrxs to write (its folder goes beside it)")
+    add_image_arguments(parser, 1500, 1100)
+    args = parser.parse_args(argv)
+    image = image_from(args)
     out = write_mirax(args.out, image, args.tile, args.levels, args.quality)
     print(out)
 

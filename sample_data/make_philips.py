@@ -28,7 +28,7 @@ import numpy as np
 import tifffile
 from PIL import Image
 
-from sample_data.make_mirax import tissue_image
+from sample_data.make_mirax import add_image_arguments, image_from
 
 SOFTWARE = "Philips DP v1.0"
 WHITE = 255
@@ -153,25 +153,9 @@ def write_philips(
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("out", type=Path, help="the .tiff to write")
-    parser.add_argument("--width", type=int, default=1500)
-    parser.add_argument("--height", type=int, default=1100)
-    parser.add_argument("--tile", type=int, default=256)
-    parser.add_argument("--levels", type=int, default=3)
-    parser.add_argument("--quality", type=int, default=90)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument(
-        "--benchmark-pixels",
-        action="store_true",
-        help="the benchmarks' slide (sample_data/generate.py: glass, tissue, nuclei) instead of"
-        " smooth blobs; needs far less memory at large sizes",
-    )
+    add_image_arguments(parser, 1500, 1100)
     args = parser.parse_args(argv)
-    if args.benchmark_pixels:
-        from sample_data.generate import build
-
-        image = build(args.width, args.height, args.seed).numpy()
-    else:
-        image = tissue_image(args.width, args.height, args.seed)
+    image = image_from(args)
     print(write_philips(args.out, image, args.tile, args.levels, args.quality))
 
 
