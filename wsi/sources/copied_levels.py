@@ -24,6 +24,10 @@ class CopiedLevels(SlideSource):
     _os: OpenSlideSource
     """The same slide opened by OpenSlide: levels not copied, associated images, properties."""
 
+    @classmethod
+    def is_available(cls) -> bool:
+        return OpenSlideSource.is_available()  # it reads every level it does not copy
+
     @abc.abstractmethod
     def is_copied(self, level: int) -> bool:
         """Whether `level`'s tiles are the file's stored tiles (else OpenSlide decodes it)."""

@@ -181,10 +181,6 @@ class MiraxSource(CopiedLevels):
     name = "mirax"
 
     @classmethod
-    def is_available(cls) -> bool:
-        return OpenSlideSource.is_available()
-
-    @classmethod
     def can_open(cls, path: Path) -> bool:
         if path.suffix.lower() != MIRAX_SUFFIX or not path.is_file():
             return False

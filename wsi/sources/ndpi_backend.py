@@ -250,10 +250,6 @@ class NdpiSource(CopiedLevels):
     name = "ndpi"
 
     @classmethod
-    def is_available(cls) -> bool:
-        return OpenSlideSource.is_available()
-
-    @classmethod
     def can_open(cls, path: Path) -> bool:
         if path.suffix.lower() != ".ndpi" or not path.is_file():
             return False
