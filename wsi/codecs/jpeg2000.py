@@ -6,26 +6,23 @@ RGB, normally coded with the irreversible 9/7 wavelet and the irreversible colou
 Kakadu "Q=70"); 33003 holds Y, Cb, Cr components without a codestream colour transform, which
 readers convert to RGB afterwards (as OpenSlide does).
 
-CPU time per 256-px tile (OpenJPEG 2.5.4, same pixels from both bindings), on the TCGA sample /
-the generated slide (`sample_data/make_j2k.py`): imagecodecs' full decode 2.4 / 3.1 ms,
-Pillow's 3.2 ms; a 1/2-resolution decode (Pillow's `reduce`: the finest wavelet level is not
-decoded) 1.6 / 1.7 ms, 55% of a full one. OpenJPEG's own threads cost more than they give on a
-tile this small (4.7 vs 3.6 ms of CPU with 2 threads vs 1), so tiles are decoded one per pool
-thread (both bindings release the GIL). Where the full tile is decoded anyway (JPEG output),
-level 1 is its 2x2 mean (0.16 ms); the reduced decode serves when level 0 is kept as it is.
+Decoding goes through our OpenJPEG binding (`wsi.codecs.openjpeg`), straight into the
+caller's array. CPU time per 256-px tile, on the generated slide (`sample_data/make_j2k.py`) /
+the TCGA sample: a full decode 3.3 / 2.4 ms, a 1/2-resolution one (the finest wavelet level
+not decoded) 1.4 / 1.4 ms; a 33003 tile's colour conversion adds ~0.5 ms. Tiles are decoded
+one per pool thread. Where the full tile is decoded anyway (JPEG output), level 1 is its 2x2
+mean (0.16 ms); the reduced decode serves when level 0 is kept as it is.
 """
 
 from __future__ import annotations
 
-import io
 import struct
 from dataclasses import dataclass
 
 import imagecodecs
 import numpy as np
-from PIL import Image
 
-from wsi.codecs import jpeg
+from wsi.codecs import jpeg, openjpeg
 from wsi.errors import CorruptSlide, InvalidArgument
 
 APERIO_YCBCR = 33003
@@ -43,6 +40,8 @@ SOC = b"\xff\x4f\xff\x51"
 """Start of codestream followed by the SIZ marker, as every J2K codestream begins."""
 MAX_STREAM_BYTES = 64 * 1024 * 1024
 """Largest codestream accepted: a 256-1024 px tile is a few KB to ~1 MB."""
+MAX_TILE_PIXELS = 8192 * 8192
+"""Largest tile decoded (OpenJPEG holds 12 bytes a pixel while it decodes one)."""
 _COD = 0xFF52
 _SOT = 0xFF90
 
@@ -115,57 +114,79 @@ def _fix(x: float) -> int:
     return int(x * 65536 + 0.5)
 
 
-_X = np.arange(256, dtype=np.int64) - 128
+_X = np.arange(256, dtype=np.int32) - 128
 _R_CR = (_fix(1.402) * _X + 32768) >> 16
 _B_CB = (_fix(1.772) * _X + 32768) >> 16
 _G_CB = -_fix(0.344136) * _X + 32768
 _G_CR = -_fix(0.714136) * _X
 
 
+def _ycbcr_into(y: np.ndarray, cb: np.ndarray, cr: np.ndarray, out: np.ndarray) -> None:
+    """Full-range (JFIF) YCbCr planes (int, 0-255) -> RGB in `out`, in libjpeg's 16-bit fixed
+    point (`jdcolor.c`): the tables OpenSlide uses for 33003 tiles too, so the pixels are the
+    same to the bit."""
+    out[..., 0] = np.clip(y + _R_CR[cr], 0, 255)
+    out[..., 1] = np.clip(y + ((_G_CB[cb] + _G_CR[cr]) >> 16), 0, 255)
+    out[..., 2] = np.clip(y + _B_CB[cb], 0, 255)
+
+
 def ycbcr_to_rgb(pixels: np.ndarray) -> np.ndarray:
-    """Full-range (JFIF) YCbCr -> RGB in libjpeg's 16-bit fixed point (`jdcolor.c`), the
-    tables OpenSlide uses for 33003 tiles too, so the pixels are the same to the bit."""
-    y = pixels[..., 0].astype(np.int16)
-    cb, cr = pixels[..., 1], pixels[..., 2]
-    g = (_G_CB[cb] + _G_CR[cr]) >> 16
-    rgb = np.stack((y + _R_CR[cr], y + g, y + _B_CB[cb]), -1)
-    return np.clip(rgb, 0, 255).astype(np.uint8)
+    """(h, w, 3) uint8 full-range YCbCr -> RGB as OpenSlide converts Aperio 33003 tiles."""
+    out = np.empty((*pixels.shape[:2], 3), np.uint8)
+    _ycbcr_into(pixels[..., 0].astype(np.int32), pixels[..., 1], pixels[..., 2], out)
+    return out
 
 
-def _rgb(pixels: np.ndarray, ycbcr: bool) -> np.ndarray:
-    if pixels.ndim != 3 or pixels.shape[2] < 3 or pixels.dtype != np.uint8:
-        raise CorruptSlide(f"JPEG 2000 tile decodes to {pixels.shape} {pixels.dtype}, not RGB")
-    pixels = pixels[..., :3]
-    return ycbcr_to_rgb(pixels) if ycbcr else np.ascontiguousarray(pixels)
+def decoded_shape(height: int, width: int, reduce: int = 0) -> tuple[int, int, int]:
+    """(h, w, 3) of a `width` x `height` codestream decoded at 1/2**reduce resolution: each
+    side rounded up, as the wavelet's low-pass band is."""
+    step = 1 << reduce
+    return -(-height // step), -(-width // step), 3
+
+
+def decode_into(stream: bytes, out: np.ndarray, ycbcr: bool = False, reduce: int = 0) -> None:
+    """Decode a codestream at 1/2**reduce resolution straight into `out`, an (h, w, 3) uint8
+    array or view of exactly `decoded_shape` (e.g. a tile's place in a strip or a quadrant of
+    the tile below), on the calling thread (`wsi.codecs.openjpeg`: the caller runs a pool).
+    `ycbcr`: the components are Y, Cb, Cr (Aperio 33003) and are converted to RGB."""
+    info = _decodable(stream)
+    shape = decoded_shape(info.height, info.width, reduce)
+    if out.shape != shape or out.dtype != np.uint8:
+        raise InvalidArgument(f"cannot decode {shape} RGB into a {out.shape} {out.dtype} array")
+    with openjpeg.decoded_planes(stream, 3, reduce) as planes:
+        if planes[0].shape != shape[:2]:
+            raise CorruptSlide(f"JPEG 2000 tile decodes to {planes[0].shape}, not {shape[:2]}")
+        if ycbcr:
+            _ycbcr_into(planes[0], planes[1], planes[2], out)
+        else:
+            for i, plane in enumerate(planes):
+                out[..., i] = plane  # OpenJPEG clamped it to 0-255
+
+
+def _decodable(stream: bytes) -> Codestream:
+    info = parse(stream)
+    if info.width * info.height > MAX_TILE_PIXELS:
+        raise InvalidArgument(f"JPEG 2000 tile of {info.width}x{info.height} px is too large")
+    return info
+
+
+def _decode(stream: bytes, ycbcr: bool, reduce: int) -> np.ndarray:
+    info = _decodable(stream)
+    out = np.empty(decoded_shape(info.height, info.width, reduce), np.uint8)
+    decode_into(stream, out, ycbcr, reduce)
+    return out
 
 
 def decode(stream: bytes, ycbcr: bool = False) -> np.ndarray:
-    """A codestream -> (h, w, 3) uint8 RGB at full resolution, on the calling thread (OpenJPEG
-    through imagecodecs, one thread: the caller runs a pool). `ycbcr`: the components are
-    Y, Cb, Cr (Aperio 33003) and are converted."""
-    if len(stream) > MAX_STREAM_BYTES:
-        raise InvalidArgument(f"JPEG 2000 stream of {len(stream)} bytes is too large")
-    try:
-        pixels = imagecodecs.jpeg2k_decode(stream, numthreads=1)
-    except imagecodecs.Jpeg2kError as exc:
-        raise CorruptSlide(f"cannot decode JPEG 2000 tile: {exc}") from exc
-    return _rgb(np.asarray(pixels), ycbcr)
+    """A codestream -> (h, w, 3) uint8 RGB at full resolution (`decode_into`)."""
+    return _decode(stream, ycbcr, 0)
 
 
 def decode_half(stream: bytes, ycbcr: bool = False) -> np.ndarray:
     """A codestream at 1/2 resolution, (ceil(h/2), ceil(w/2), 3) uint8 RGB: the wavelet's
-    low-pass band one level up, decoded without the finest level (about 2/3 of a full
-    decode's time). OpenJPEG through Pillow, whose `reduce` exposes this."""
-    if len(stream) > MAX_STREAM_BYTES:
-        raise InvalidArgument(f"JPEG 2000 stream of {len(stream)} bytes is too large")
-    try:
-        with Image.open(io.BytesIO(stream), formats=("JPEG2000",)) as image:
-            image.reduce = 1  # type: ignore[method-assign, assignment]
-            image.load()
-            pixels = np.asarray(image.convert("RGB") if image.mode != "RGB" else image)
-    except (OSError, ValueError, SyntaxError) as exc:
-        raise CorruptSlide(f"cannot decode JPEG 2000 tile at 1/2 resolution: {exc}") from exc
-    return _rgb(pixels, ycbcr)
+    low-pass band one level up, decoded without the finest level (about 45% of a full
+    decode's time)."""
+    return _decode(stream, ycbcr, 1)
 
 
 def encode_flat(pixels: np.ndarray) -> bytes:
