@@ -281,6 +281,19 @@ class Result:
         return statistics.median(r.seconds for r in self.ok_runs) if self.ok_runs else None
 
     @property
+    def median_cpu_s(self) -> float | None:
+        """Median CPU seconds (user + system) of the process tree: what the tool costs even
+        when other work shares the machine and stretches its wall time."""
+        return statistics.median(r.cpu_seconds for r in self.ok_runs) if self.ok_runs else None
+
+    @property
+    def cores_busy(self) -> float | None:
+        """Median over runs of CPU seconds / wall seconds: how many cores the tool kept busy
+        (the machine's core count when it leaves none idle)."""
+        runs = [r.cpu_seconds / r.seconds for r in self.ok_runs if r.seconds > 0]
+        return statistics.median(runs) if runs else None
+
+    @property
     def peak_rss_bytes(self) -> int | None:
         return max(r.peak_rss_bytes for r in self.ok_runs) if self.ok_runs else None
 
@@ -489,6 +502,10 @@ def speedup_checks(
             speedup = other.median_s / ours.median_s
         ok = speedup >= target if speedup is not None else None
         entry = {"tool": name, "contender": contender, "speedup": speedup, "target": target}
+        if ours.median_cpu_s and other.median_cpu_s:
+            # Not the target (that is wall time on the same cores), but what a loaded machine
+            # does not distort: the contender's CPU seconds over ours.
+            entry["cpu_ratio"] = other.median_cpu_s / ours.median_cpu_s
         checks.append({**entry, "ok": ok})
     return checks
 
@@ -516,6 +533,9 @@ def format_speedup_checks(checks: Sequence[dict[str, object]]) -> str:
             lines.append(f"{label}: n/a (not run or failed) {target}")
             continue
         line = f"{label}: {speedup:.2f}x faster {target}{_verdict(check['ok'])}"
+        cpu_ratio = check.get("cpu_ratio")
+        if isinstance(cpu_ratio, float):
+            line += f"; {cpu_ratio:.2f}x by CPU seconds"
         rss = check.get("peak_rss_mb")
         if isinstance(rss, float):
             line += f"; peak RSS {rss:.0f} MB (target <= {BASE_ONLY_MAX_RSS_MB} MB)"
@@ -605,6 +625,8 @@ def summary(
         "expected_views": result.expected_views,
         "views": result.views,
         "median_s": result.median_s,
+        "median_cpu_s": result.median_cpu_s,
+        "cores_busy": result.cores_busy,
         "megapixels_per_s": mps,
         "peak_rss_bytes": result.peak_rss_bytes,
         "output_bytes": out,
@@ -622,7 +644,8 @@ def format_table(results: Sequence[Result], megapixels: float, source_bytes: int
     """The results as a fixed-width text table."""
     ref_mps = reference_mps(results, megapixels)
     header = (
-        f"{'tool':<{TOOL_WIDTH}}{'views':<12}{'median s':>9}{'MP/s':>9}{'vs vips':>9}"
+        f"{'tool':<{TOOL_WIDTH}}{'views':<12}{'median s':>9}{'CPU s':>7}{'cores':>6}"
+        f"{'MP/s':>9}{'vs vips':>9}"
         f"{'peak RSS MB':>13}{'output bytes':>16}{'out/src':>9}"
     )
     lines = [header, "-" * len(header)]
@@ -637,7 +660,8 @@ def format_table(results: Sequence[Result], megapixels: float, source_bytes: int
         if views != result.expected_views:
             views += "!"
         lines.append(
-            f"{name}{views:<12}{row['median_s']:>9.2f}{row['megapixels_per_s']:>9.1f}"
+            f"{name}{views:<12}{row['median_s']:>9.2f}{result.median_cpu_s or 0:>7.2f}"
+            f"{result.cores_busy or 0:>6.2f}{row['megapixels_per_s']:>9.1f}"
             + (f"{vs:>8.2f}x" if isinstance(vs, float) else f"{'n/a':>9}")
             + f"{(result.peak_rss_bytes or 0) / 1e6:>13.0f}{row['output_bytes']:>16,}"
             f"{row['output_to_source']:>9.2f}"

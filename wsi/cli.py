@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
+import gc
 import json
 import os
 import sys
@@ -628,6 +629,18 @@ def main(argv: Sequence[str] | None = None, commands: Sequence[CommandAdder] = (
     except KeyboardInterrupt:
         print("wsi: interrupted", file=sys.stderr)
         return ExitCode.INTERRUPTED
+    finally:
+        if argv is None:  # the command line's own process, which ends now
+            _skip_exit_collection()
+
+
+def _skip_exit_collection() -> None:
+    """Spare the interpreter's collections at exit over every object the imports made
+    (pydicom, numpy, tifffile ...): 0.1 CPU-s and 0.3 s of a loaded machine's wall time after
+    the work is done (on a 1-second conversion, a tenth of it). Every file the command wrote
+    is closed by then; what the exit leaves is objects in reference cycles unfinalized, their
+    memory going with the process."""
+    gc.freeze()
 
 
 if __name__ == "__main__":

@@ -119,6 +119,19 @@ def _segments(stream: bytes) -> list[tuple[int, int]]:
     return out
 
 
+def header_length(stream: bytes) -> int:
+    """Bytes of `stream` through its first SOS segment: all that a decoder reads before the
+    entropy-coded data, so two streams that start with the same such bytes declare the same
+    size and colours. A header that is not segment after segment (fill bytes, which decoders
+    skip) counts as the whole stream."""
+    for marker, pos in _segments(stream):
+        if marker == 0xFF:
+            break
+        if marker == 0xDA:
+            return min(len(stream), pos + 2 + int.from_bytes(stream[pos + 2 : pos + 4], "big"))
+    return len(stream)
+
+
 def needs_rgb_marker(stream: bytes) -> bool:
     """True when libjpeg would wrongly treat this RGB-coded stream as YCbCr.
 
@@ -211,7 +224,15 @@ def check_size(stream: bytes, height: int, width: int) -> None:
 
 def decode_into(stream: bytes, out: np.ndarray, half: bool = False) -> None:
     """Decode into `out`, an (h, w, 3) uint8 view whose rows may be strided (a slice of a strip);
-    (h, w) must be `decoded_size(stream, half)`."""
+    (h, w) must be `decoded_size(stream, half)`: a stream of another size is refused, as
+    TurboJPEG would leave part of `out` as it was (or pick another scale)."""
+    size = decoded_size(stream, half)
+    if out.shape[:2] != size:
+        raise CorruptSlide(f"JPEG tile decodes to {size}, not {out.shape[:2]}")
+    _decode_into(stream, out)
+
+
+def _decode_into(stream: bytes, out: np.ndarray) -> None:
     if out.dtype != np.uint8 or out.ndim != 3 or out.strides[1:] != (3, 1):
         raise ValueError("decode target must be an (h, w, 3) uint8 view with packed pixels")
     handle = _codec.decompressor
@@ -236,7 +257,7 @@ def decode(
     if expected is not None:
         check_size(stream, *expected)
     out = np.empty((*decoded_size(stream, half), 3), np.uint8)
-    decode_into(stream, out, half)
+    _decode_into(stream, out)
     return out
 
 

@@ -70,6 +70,9 @@ _MAX_CROP_WIDTH = 8192
 """Widest restart interval cropped into tiles, in pixels: libjpeg holds a frame's coefficients
 while it crops (2 bytes a sample: 48 MB for 8192 x 1024 pixels in 4:4:4), and a slide whose
 intervals are whole rows of a 100,000 px level would otherwise need 600 MB a thread."""
+_BAND_BYTES = 16 * 1024 * 1024
+"""Most bytes of a tile row's intervals read at once and held, per thread (a 2048 x 128 tile
+row of a 100,000 px wide level is about 4 MB)."""
 _CACHE_TILES = 1024
 """Cropped tiles kept for the other tiles of their frame (a frame is read once for all the tiles
 cut from it); about 100 MB at most."""
@@ -155,6 +158,17 @@ def _tile_size(stripes: _Stripes) -> tuple[int, int]:
     return tw, max(mh, round(tw / mh) * mh)
 
 
+class _Band(threading.local):
+    """Per thread: the stored bytes of the stripe rows of the last tile row read."""
+
+    def __init__(self) -> None:
+        self.rows = (0, 0)
+        """Stripe rows held: first, end (exclusive)."""
+        self.base = 0
+        """File offset of `data[0]`."""
+        self.data: bytes | None = None
+
+
 class _Frames:
     """Cuts one level's tiles from its intervals; crops are shared by the tiles of a frame."""
 
@@ -168,6 +182,7 @@ class _Frames:
         self._cache = collections.OrderedDict()
         self._sizes: dict[tuple[int, int, int], int] = {}
         """Tiles held by each finished cache entry (what eviction frees)."""
+        self._bands = _Band()
 
     def _span(self, col: int) -> tuple[int, int]:
         """First and last stripe column (inclusive; past `across` = white) under tile `col`."""
@@ -178,21 +193,45 @@ class _Frames:
         """The JPEG of stripe columns s0..s1 over tile row `row`, padded with white."""
         s = self.s
         rows = self.th // s.height
+        band = self._band(row * rows, min((row + 1) * rows, s.down))
         intervals: list[bytes] = []
         for r in range(row * rows, (row + 1) * rows):
             real = min(s1, s.across - 1) - s0 + 1 if r < s.down else 0
             if real > 0:
                 first = r * s.across + s0
-                bounds = s.offsets[first : first + real + 1]
-                base = int(bounds[0])
-                data = os.pread(self.fd, int(bounds[-1]) - base, base)
-                if len(data) != int(bounds[-1]) - base:
-                    raise CorruptSlide("NDPI level data is truncated")
+                bounds = s.offsets[first : first + real + 1].tolist()
+                base, data = band or (bounds[0], self._read(bounds[0], bounds[-1]))
                 for k in range(real):
-                    piece = data[int(bounds[k]) - base : int(bounds[k + 1]) - base]
+                    piece = data[bounds[k] - base : bounds[k + 1] - base]
                     intervals.append(_interval(piece, first + k, s.across * s.down))
             intervals.extend([s.white] * (s1 - s0 + 1 - max(real, 0)))
         return restart.assemble(s.header, (s1 - s0 + 1) * s.width, self.th, intervals)
+
+    def _read(self, start: int, end: int) -> bytes:
+        data = os.pread(self.fd, end - start, start)
+        if len(data) != end - start:
+            raise CorruptSlide("NDPI level data is truncated")
+        return data
+
+    def _band(self, r0: int, r1: int) -> tuple[int, bytes] | None:
+        """(file offset, bytes) of stripe rows r0 .. r1 - 1, every column: the intervals of a
+        whole tile row lie together in the file, and the builder asks for a row's tiles in
+        order on one thread, so they are read in one call and kept for the thread's next
+        tiles (a read per interval row took 16 calls for a 2048 x 128 tile of 4:4:4, each
+        giving up the GIL and waiting to take it back). None for a band over `_BAND_BYTES`
+        (each row's intervals are then read apart) or past the level's end."""
+        s = self.s
+        if r0 >= r1:
+            return None
+        held = self._bands
+        if held.rows == (r0, r1) and held.data is not None:
+            return held.base, held.data
+        base, end = int(s.offsets[r0 * s.across]), int(s.offsets[r1 * s.across])
+        if end - base > _BAND_BYTES:
+            return None
+        data = self._read(base, end)
+        held.rows, held.base, held.data = (r0, r1), base, data
+        return base, data
 
     def tile(self, col: int, row: int) -> bytes:
         s0, s1 = self._span(col)
