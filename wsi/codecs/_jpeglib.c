@@ -1,6 +1,6 @@
 /* wsi.codecs._jpeglib: the few libjpeg API calls that TurboJPEG 2 lacks.
  *
- * transcode(data, optimize, libjpeg_tables=False, width=0, height=0, limits=b"")
+ * transcode(data, optimize, libjpeg_tables=False, width=0, height=0)
  *         -> (space, low, high, out, dark, light)
  *     Reads the DCT coefficients, bounds each component's decoded samples from them (see
  *     wsi/codecs/jpegtran.py for the proof), bounds the means of its darkest and lightest whole
@@ -12,9 +12,17 @@
  *     jpeg_gen_optimal_table builds them, so libjpeg entropy-codes once instead of twice
  *     (optimize_coding's extra pass cost as much as everything else together) and the output is
  *     byte for byte libjpeg's. `libjpeg_tables` takes libjpeg's own two-pass path instead: the
- *     reference the tests compare with. `limits` (18 doubles: for "gray", "ycc" and "rgb",
- *     [low, high] of each of 3 components) makes `optimize` conditional: the output is written
- *     only when some component's dark < low or light > high (out is None otherwise).
+ *     reference the tests compare with.
+ * copy_tile(data, optimize, width, height, limits, counts, low, n, half)
+ *         -> (verdict, space, low, high, out, dark, light)
+ *     transcode's work and more from one read of the coefficients (_jpeglib_copy.h): with a
+ *     colour rule (`counts`, `low`, `n`: a summed-volume table of the rule's colours; `limits`,
+ *     18 doubles: for "gray", "ycc" and "rgb", [low, high] of each of 3 components' block
+ *     means in a tile of the rule's colours only), whether
+ *     every pixel of the top-left width x height is one of them (True, False, or None when the
+ *     coefficients cannot tell); with `half` (a writable (h, w, 3) uint8 array, rows may be
+ *     strided), the tile decoded at 1/2 scale into it, as TurboJPEG decodes it. out is the
+ *     optimised stream when `optimize` and the verdict is not True, else None.
  * decode_region(data, x, y, out, expected_width, expected_height) -> None
  *     Decodes the rectangle of out's size whose top-left pixel is (x, y) into `out`, a writable
  *     (height, width, 3) uint8 array whose rows may be strided, using jpeg_crop_scanline and
@@ -114,304 +122,7 @@ static int check_header(struct guard *g, j_decompress_ptr d, long max_pixels) {
     return 0;
 }
 
-/* -- transcode ------------------------------------------------------------------------------ */
-struct job {
-    const unsigned char *data;
-    unsigned long size;
-    int optimize;
-    int libjpeg_tables; /* optimise with libjpeg's own two-pass optimize_coding instead */
-    long width, height; /* the pixels whose blocks' means count (0: the whole image) */
-    int has_limits;     /* encode only when a block mean lies outside limits[space] */
-    double limits[3][3][2];
-    unsigned char *buffer;  /* where the output goes first (a bytes object's storage) */
-    unsigned long capacity; /* its size */
-    /* results */
-    const char *space;
-    int space_index; /* 0 gray, 1 ycc, 2 rgb: the row of limits */
-    int ncomp;
-    int encoded;     /* out holds the optimised stream */
-    int low[3], high[3];
-    double dark[3], light[3];
-    unsigned char *out;     /* buffer, or our malloc'd copy once the output outgrew it */
-    unsigned long out_size; /* bytes written (while writing: the size of out) */
-    struct guard g;
-};
-
-/* libjpeg's destination: job->buffer, then buffers of twice the size that the job owns at every
- * moment (jpeg_mem_dest frees the buffer it was given when it grows, and only says where the
- * output went when it finishes, so on an error its buffers cannot be freed exactly once). */
-struct sink {
-    struct jpeg_destination_mgr pub;
-    struct job *job;
-};
-
-static void sink_start(j_compress_ptr c) {}
-
-static boolean sink_grow(j_compress_ptr c) {
-    struct sink *sink = (struct sink *)c->dest;
-    struct job *job = sink->job;
-    unsigned char *next = malloc(2 * job->out_size);
-    if (next == NULL)
-        ERREXIT1(c, JERR_OUT_OF_MEMORY, 10);
-    memcpy(next, job->out, job->out_size);
-    if (job->out != job->buffer)
-        free(job->out);
-    job->out = next;
-    sink->pub.next_output_byte = next + job->out_size;
-    sink->pub.free_in_buffer = job->out_size;
-    job->out_size *= 2;
-    return TRUE;
-}
-
-static void sink_end(j_compress_ptr c) {
-    struct sink *sink = (struct sink *)c->dest;
-    sink->job->out_size -= sink->pub.free_in_buffer;
-}
-
-/* floor(v / 128), clamped to 0..255. */
-static int level_floor(int64_t v) {
-    int64_t level = v >= 0 ? v / 128 : -((-v + 127) / 128);
-    return level < 0 ? 0 : level > 255 ? 255 : (int)level;
-}
-
-static int run_transcode(struct job *job) {
-    struct jpeg_decompress_struct src;
-    struct jpeg_compress_struct dst;
-    struct component_scan comps[3];
-    struct sink sink;
-    huff_counts dc[NUM_HUFF_TBLS], ac[NUM_HUFF_TBLS];
-    jvirt_barray_ptr *coefs;
-    int ci, k, gather, full;
-    JDIMENSION width, height;
-    volatile int have_dst = 0;
-
-    memset(&src, 0, sizeof src);
-    memset(&dst, 0, sizeof dst);
-    guard_init(&job->g);
-    src.err = &job->g.pub;
-    dst.err = &job->g.pub;
-    if (setjmp(job->g.escape)) {
-        if (have_dst)
-            jpeg_destroy_compress(&dst);
-        jpeg_destroy_decompress(&src);
-        if (job->out != job->buffer)
-            free(job->out);
-        job->out = NULL;
-        return -1;
-    }
-    jpeg_create_decompress(&src);
-    guard_attach(&job->g, (j_common_ptr)&src);
-    jpeg_mem_src(&src, job->data, job->size);
-    jpeg_read_header(&src, TRUE);
-    if (check_header(&job->g, &src, MAX_TRANSCODE_PIXELS) != 0)
-        longjmp(job->g.escape, 1);
-    switch (src.jpeg_color_space) {
-    case JCS_GRAYSCALE: job->space = "gray"; job->space_index = 0; break;
-    case JCS_YCbCr: job->space = "ycc"; job->space_index = 1; break;
-    case JCS_RGB: job->space = "rgb"; job->space_index = 2; break;
-    default:
-        snprintf(job->g.message, sizeof job->g.message, "unsupported colour space %d",
-                 (int)src.jpeg_color_space);
-        longjmp(job->g.escape, 1);
-    }
-    coefs = jpeg_read_coefficients(&src);
-    job->ncomp = src.num_components;
-
-    if (job->optimize) {
-        jpeg_create_compress(&dst);
-        have_dst = 1;
-        guard_attach(&job->g, (j_common_ptr)&dst);
-        /* Sets defaults (sequential Huffman, no marker but JFIF or Adobe by colour space), then
-         * copies the coefficients' geometry, component ids, sampling and quantisation tables. */
-        jpeg_copy_critical_parameters(&src, &dst);
-        dst.restart_interval = src.restart_interval;
-        dst.restart_in_rows = 0;
-    }
-    gather = job->optimize && !job->libjpeg_tables;
-    width = job->width > 0 && job->width < (long)src.image_width ? job->width : src.image_width;
-    height =
-        job->height > 0 && job->height < (long)src.image_height ? job->height : src.image_height;
-    memset(dc, 0, sizeof dc);
-    memset(ac, 0, sizeof ac);
-    for (ci = 0; ci < src.num_components; ci++) {
-        for (k = 0; k < DCTSIZE2; k++)
-            comps[ci].q[k] = src.comp_info[ci].quant_table->quantval[k];
-        comps[ci].lo = INT64_MAX;
-        comps[ci].hi = INT64_MIN;
-        comps[ci].dark = INT64_MAX;
-        comps[ci].light = INT64_MIN;
-        /* A block of a full-resolution component covers 8 x 8 pixels; a subsampled one's
-         * samples are upsampled (mixed with its neighbours'): none of its blocks counts. */
-        full = src.comp_info[ci].h_samp_factor == src.max_h_samp_factor &&
-               src.comp_info[ci].v_samp_factor == src.max_v_samp_factor;
-        comps[ci].whole_cols = full ? width / DCTSIZE : 0;
-        comps[ci].whole_rows = full ? height / DCTSIZE : 0;
-        comps[ci].last_dc = 0;
-        comps[ci].dc = gather ? dc[dst.comp_info[ci].dc_tbl_no] : NULL;
-        comps[ci].ac = gather ? ac[dst.comp_info[ci].ac_tbl_no] : NULL;
-    }
-    if (scan_components(&src, coefs, comps, src.restart_interval) != 0)
-        ERREXIT(&src, JERR_BAD_DCT_COEF);
-    for (ci = 0; ci < src.num_components; ci++) {
-        job->low[ci] = 255 - level_floor(255 * 128 - comps[ci].lo); /* ceil(lo / 128) */
-        job->high[ci] = level_floor(comps[ci].hi);
-        job->dark[ci] = comps[ci].dark == INT64_MAX ? HUGE_VAL : (double)comps[ci].dark / 128;
-        job->light[ci] = comps[ci].light == INT64_MIN ? -HUGE_VAL : (double)comps[ci].light / 128;
-    }
-    job->encoded = job->optimize;
-    if (job->optimize && job->has_limits) {
-        int outside = 0;
-        for (ci = 0; ci < src.num_components; ci++) {
-            const double *range = job->limits[job->space_index][ci];
-            outside |= job->dark[ci] < range[0] || job->light[ci] > range[1];
-        }
-        job->encoded = outside;
-    }
-
-    if (job->encoded) {
-        if (gather)
-            install_tables(&dst, dc, ac);
-        /* One entropy pass with the tables above, or libjpeg's gathering pass then that one. */
-        dst.optimize_coding = !gather;
-        job->out = job->buffer;
-        job->out_size = job->capacity;
-        sink.job = job;
-        sink.pub.next_output_byte = job->out;
-        sink.pub.free_in_buffer = job->out_size;
-        sink.pub.init_destination = sink_start;
-        sink.pub.empty_output_buffer = sink_grow;
-        sink.pub.term_destination = sink_end;
-        dst.dest = &sink.pub;
-        jpeg_write_coefficients(&dst, coefs);
-        jpeg_finish_compress(&dst);
-    }
-    if (have_dst) {
-        jpeg_destroy_compress(&dst);
-        have_dst = 0;
-    }
-    jpeg_finish_decompress(&src);
-    jpeg_destroy_decompress(&src);
-    return 0;
-}
-
-static PyObject *ints(const int *values, int n) {
-    PyObject *t = PyTuple_New(n);
-    int i;
-    if (t == NULL)
-        return NULL;
-    for (i = 0; i < n; i++) {
-        PyObject *v = PyLong_FromLong(values[i]);
-        if (v == NULL) {
-            Py_DECREF(t);
-            return NULL;
-        }
-        PyTuple_SET_ITEM(t, i, v);
-    }
-    return t;
-}
-
-static PyObject *floats(const double *values, int n) {
-    PyObject *t = PyTuple_New(n);
-    int i;
-    if (t == NULL)
-        return NULL;
-    for (i = 0; i < n; i++) {
-        PyObject *v = PyFloat_FromDouble(values[i]);
-        if (v == NULL) {
-            Py_DECREF(t);
-            return NULL;
-        }
-        PyTuple_SET_ITEM(t, i, v);
-    }
-    return t;
-}
-
-static PyObject *py_transcode(PyObject *self, PyObject *args) {
-    Py_buffer data, limits = {0};
-    int optimize, libjpeg_tables = 0, status;
-    long width = 0, height = 0;
-    struct job *job;
-    PyObject *out = NULL, *low = NULL, *high = NULL, *dark = NULL, *light = NULL, *result = NULL;
-
-    if (!PyArg_ParseTuple(args, "y*p|plly*:transcode", &data, &optimize, &libjpeg_tables, &width,
-                          &height, &limits))
-        return NULL;
-    if (limits.buf != NULL && limits.len != 0 && limits.len != 18 * sizeof(double)) {
-        PyBuffer_Release(&data);
-        PyBuffer_Release(&limits);
-        PyErr_SetString(invalid_argument, "transcode: limits must be 18 doubles");
-        return NULL;
-    }
-    if (data.len > MAX_INPUT_BYTES) {
-        PyBuffer_Release(&data);
-        PyBuffer_Release(&limits);
-        return PyErr_Format(corrupt_slide, "JPEG stream of %zd bytes exceeds %ld",
-                            data.len, MAX_INPUT_BYTES);
-    }
-    job = calloc(1, sizeof *job);
-    if (job == NULL) {
-        PyBuffer_Release(&data);
-        PyBuffer_Release(&limits);
-        return PyErr_NoMemory();
-    }
-    if (limits.buf != NULL && limits.len != 0) {
-        job->has_limits = 1;
-        memcpy(job->limits, limits.buf, sizeof job->limits);
-    }
-    PyBuffer_Release(&limits);
-    job->data = data.buf;
-    job->size = (unsigned long)data.len;
-    job->optimize = optimize;
-    job->libjpeg_tables = libjpeg_tables;
-    job->width = width;
-    job->height = height;
-    if (optimize) {
-        /* libjpeg writes straight into the result (nobody else holds it while the GIL is
-         * released); an output larger than this goes to memory libjpeg allocates instead. */
-        job->capacity = (unsigned long)data.len + 4096;
-        out = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)job->capacity);
-        if (out == NULL) {
-            PyBuffer_Release(&data);
-            free(job);
-            return NULL;
-        }
-        job->buffer = (unsigned char *)PyBytes_AS_STRING(out);
-    }
-    Py_BEGIN_ALLOW_THREADS
-    status = run_transcode(job);
-    Py_END_ALLOW_THREADS
-    PyBuffer_Release(&data);
-    if (status != 0) {
-        PyErr_Format(corrupt_slide, "cannot transcode JPEG: %s", job->g.message);
-        goto done;
-    }
-    if (!job->encoded) {
-        Py_XDECREF(out);
-        out = Py_NewRef(Py_None);
-    } else if (job->out == job->buffer) {
-        if (_PyBytes_Resize(&out, (Py_ssize_t)job->out_size) != 0)
-            goto done;
-    } else {
-        Py_DECREF(out);
-        out = PyBytes_FromStringAndSize((const char *)job->out, (Py_ssize_t)job->out_size);
-    }
-    low = ints(job->low, job->ncomp);
-    high = ints(job->high, job->ncomp);
-    dark = floats(job->dark, job->ncomp);
-    light = floats(job->light, job->ncomp);
-    if (out != NULL && low != NULL && high != NULL && dark != NULL && light != NULL)
-        result = Py_BuildValue("(sOOOOO)", job->space, low, high, out, dark, light);
-done:
-    Py_XDECREF(out);
-    Py_XDECREF(low);
-    Py_XDECREF(high);
-    Py_XDECREF(dark);
-    Py_XDECREF(light);
-    if (job->out != job->buffer)
-        free(job->out);
-    free(job);
-    return result;
-}
+#include "_jpeglib_copy.h"
 
 /* -- within --------------------------------------------------------------------------------- */
 /* within(data, width, height, blues) -> bool
@@ -931,8 +642,11 @@ static PyObject *py_encode(PyObject *self, PyObject *args) {
 /* -- module --------------------------------------------------------------------------------- */
 static PyMethodDef methods[] = {
     {"transcode", py_transcode, METH_VARARGS,
-     "transcode(data, optimize, libjpeg_tables=False, width=0, height=0, limits=b'') -> (space, "
+     "transcode(data, optimize, libjpeg_tables=False, width=0, height=0) -> (space, "
      "low, high, bytes or None, dark, light)"},
+    {"copy_tile", py_copy_tile, METH_VARARGS,
+     "copy_tile(data, optimize, width, height, limits, counts, low, n, half) -> (verdict, "
+     "space, low, high, bytes or None, dark, light)"},
     {"within", py_within, METH_VARARGS,
      "within(data, width, height, blues) -> bool: every decoded pixel in the set"},
     {"decode_region", py_decode_region, METH_VARARGS,
@@ -958,6 +672,7 @@ PyMODINIT_FUNC PyInit__jpeglib(void) {
     if (corrupt_slide == NULL || invalid_argument == NULL)
         return NULL;
     init_zigzag_bits();
+    init_reach_weights();
     m = PyModule_Create(&module);
     if (m == NULL)
         return NULL;
@@ -966,7 +681,8 @@ PyMODINIT_FUNC PyInit__jpeglib(void) {
         PyModule_AddIntConstant(m, "MAX_TRANSCODE_PIXELS", MAX_TRANSCODE_PIXELS) < 0 ||
         PyModule_AddIntConstant(m, "MAX_SCANS", MAX_SCANS) < 0 ||
         PyModule_AddIntConstant(m, "MAX_MEMORY", MAX_MEMORY) < 0 ||
-        PyModule_AddIntConstant(m, "LIBJPEG_VERSION", JPEG_LIB_VERSION) < 0) {
+        PyModule_AddIntConstant(m, "LIBJPEG_VERSION", JPEG_LIB_VERSION) < 0 ||
+        PyModule_AddObject(m, "COLOUR_MARGIN", PyFloat_FromDouble(COLOUR_MARGIN)) < 0) {
         Py_DECREF(m);
         return NULL;
     }

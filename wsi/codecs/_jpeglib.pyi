@@ -11,6 +11,7 @@ MAX_TRANSCODE_PIXELS: int
 MAX_SCANS: int
 MAX_MEMORY: int
 LIBJPEG_VERSION: int
+COLOUR_MARGIN: float
 
 def transcode(
     data: Buffer,
@@ -18,10 +19,29 @@ def transcode(
     libjpeg_tables: bool = False,
     width: int = 0,
     height: int = 0,
-    limits: Buffer = b"",
     /,
 ) -> tuple[
     str, tuple[int, ...], tuple[int, ...], bytes | None, tuple[float, ...], tuple[float, ...]
+]: ...
+def copy_tile(
+    data: Buffer,
+    optimize: bool,
+    width: int,
+    height: int,
+    limits: Buffer,
+    counts: Buffer | np.ndarray[Any, Any],
+    low: int,
+    n: int,
+    half: np.ndarray[Any, Any] | None,
+    /,
+) -> tuple[
+    bool | None,
+    str,
+    tuple[int, ...],
+    tuple[int, ...],
+    bytes | None,
+    tuple[float, ...],
+    tuple[float, ...],
 ]: ...
 def within(
     data: Buffer, width: int, height: int, blues: Buffer | np.ndarray[Any, Any], /

@@ -14,6 +14,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include <math.h>
+
 #include <jpeglib.h>
 #include <jerror.h>
 #ifdef __SSE2__
@@ -68,10 +70,16 @@ static inline uint64_t nonzero_zigzag(const JCOEF *block) {
     return zigzag;
 }
 
+/* floor(v / 128), clamped to 0..255. */
+static inline int level_floor(int64_t v) {
+    int64_t level = v >= 0 ? v / 128 : -((-v + 127) / 128);
+    return level < 0 ? 0 : level > 255 ? 255 : (int)level;
+}
+
 /* Bounds of one component's samples, and the statistics of the Huffman symbols that encode it.
- * A block's bound (see jpegtran.py) is DC/8 + 128 +- S/4 widened by the decoder's rounding, S
- * the sum of |AC| * quantum; the component's is the min and max over its blocks. Bounds are
- * kept in 1/128 levels, where every term is an integer. */
+ * A block's bound (see jpegtran.py) is DC/8 + 128 +- W widened by the decoder's rounding, W
+ * the sum of |AC| * quantum * reach_weight (at most S/4, S the sum of |AC| * quantum); the
+ * component's is the min and max over its blocks. Bounds are kept in 1/128 levels. */
 struct component_scan {
     int q[DCTSIZE2];
     int64_t lo, hi;
@@ -85,7 +93,38 @@ struct component_scan {
     JDIMENSION whole_cols, whole_rows; /* blocks (col < whole_cols, row < whole_rows) count */
     int last_dc;   /* DC predictor of the scan being written */
     long *dc, *ac; /* counts of its DC and AC tables, NULL when not gathering */
+    /* Each block's own bound, in whole levels clamped to 0..255 ([2 * (row * stride + col)]:
+     * low, then high), for the per-block verdict; NULL when not wanted. */
+    int16_t *blocks;
+    JDIMENSION stride;
 };
+
+/* reach_weight[k]: 2**16 * 128 * the largest magnitude, over the block's 64 samples, of the
+ * basis function of the coefficient at natural position k = 8v + u, C(u)C(v)/4 cos((2x+1)u pi
+ * / 16) cos((2y+1)v pi / 16), rounded up: C(0) = 1/sqrt2 (its cosine is 1), max |cos| is
+ * cos(pi/16) for odd u, cos(pi/8) for u = 2 or 6, cos(pi/4) for u = 4. An AC coefficient F
+ * moves no sample by more than |F| times it, so their sum bounds the AC part of every exact
+ * sample, 28% tighter on average than |F|/4 each. Filled once when the module loads. */
+static int64_t reach_weight[DCTSIZE2];
+
+static void init_reach_weights(void) {
+    const double pi = 3.14159265358979323846;
+    double m[DCTSIZE];
+    int u, v;
+    m[0] = 1.0 / sqrt(2.0);
+    for (u = 1; u < DCTSIZE; u++) {
+        double best = 0;
+        int x;
+        for (x = 0; x < DCTSIZE; x++) {
+            double c = fabs(cos((2 * x + 1) * u * pi / 16));
+            best = c > best ? c : best;
+        }
+        m[u] = best;
+    }
+    for (v = 0; v < DCTSIZE; v++)
+        for (u = 0; u < DCTSIZE; u++) /* + 1: above any rounding of the double product */
+            reach_weight[v * DCTSIZE + u] = (int64_t)ceil(m[u] * m[v] / 4 * 128 * 65536) + 1;
+}
 
 /* One real block: its bound, its mean's bounds when it is `whole` (inside the region that
  * counts), and (when gathering) its symbols exactly as libjpeg's
@@ -94,17 +133,20 @@ struct component_scan {
  * an EOB (0) when zeros end the block. Only the non-zero coefficients are visited. Fails, as
  * libjpeg does, on coefficients of more than 11 (DC difference) or 10 (AC) bits, which
  * baseline Huffman codes cannot carry. */
-static inline int scan_block(struct component_scan *c, const JCOEF *block, int whole) {
+static inline int scan_block(struct component_scan *c, const JCOEF *block, int whole,
+                             int16_t *slot) {
     uint64_t bits;
     unsigned every = 0;
-    int64_t sum = 0, centre, reach;
+    int64_t sum = 0, weighted = 0, centre, reach;
     int run, last;
 
     last = 0;
     for (bits = nonzero_zigzag(block) & ~(uint64_t)1; bits; bits &= bits - 1) {
         int z = __builtin_ctzll(bits), k = natural_of[z];
         unsigned magnitude = (unsigned)abs((int)block[k]);
-        sum += (int64_t)magnitude * c->q[k];
+        int64_t value = (int64_t)magnitude * c->q[k];
+        sum += value;
+        weighted += value * reach_weight[k];
         every |= magnitude;
         if (c->ac != NULL) {
             for (run = z - last - 1; run > 15; run -= 16)
@@ -113,11 +155,16 @@ static inline int scan_block(struct component_scan *c, const JCOEF *block, int w
         }
         last = z;
     }
-    /* 128 * (128 + DC/8) and 128 * (S/4 + 1 + S/128), or 128 * 1/2 without AC. */
+    /* 128 * (128 + DC/8) and 128 * (W + 1 + S/128), or 128 * 1/2 without AC: W the weighted
+     * sum (reach_weight, rounded up), at most S/4. */
     centre = 16384 + 16 * (int64_t)block[0] * c->q[0];
-    reach = sum == 0 ? 64 : 33 * sum + 128;
+    reach = sum == 0 ? 64 : ((weighted + 65535) >> 16) + sum + 128;
     c->lo = centre - reach < c->lo ? centre - reach : c->lo;
     c->hi = centre + reach > c->hi ? centre + reach : c->hi;
+    if (slot != NULL) {
+        slot[0] = (int16_t)(255 - level_floor(255 * 128 - (centre - reach))); /* ceil */
+        slot[1] = (int16_t)level_floor(centre + reach);
+    }
     if (whole) {
         int64_t error = sum == 0 ? 64 : sum + 128; /* 128 * (1 + S/128), or 128 * 1/2 */
         c->dark = centre + error < c->dark ? centre + error : c->dark;
@@ -186,7 +233,9 @@ static int scan_components(j_decompress_ptr d, jvirt_barray_ptr *coefs,
                         JDIMENSION col = mcol * mcu_w[ci] + x;
                         if (row < height && col < width) {
                             int whole = row < c->whole_rows && col < c->whole_cols;
-                            if (scan_block(c, rows[ci][y][col], whole) != 0)
+                            int16_t *slot =
+                                c->blocks ? c->blocks + 2 * ((size_t)row * c->stride + col) : NULL;
+                            if (scan_block(c, rows[ci][y][col], whole, slot) != 0)
                                 return -1;
                         } else if (c->dc != NULL) {
                             c->dc[0]++;

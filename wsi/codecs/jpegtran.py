@@ -13,12 +13,13 @@ own memory at most `MAX_MEMORY` bytes.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from wsi.codecs import _jpeglib
+from wsi.codecs import _jpeglib, jpeg
 from wsi.errors import CorruptSlide, InvalidArgument
 
 MAX_INPUT_BYTES: int = _jpeglib.MAX_INPUT_BYTES
@@ -33,10 +34,11 @@ MAX_MEMORY: int = _jpeglib.MAX_MEMORY
 """libjpeg's memory budget for whole-image buffers, in bytes (256 MiB)."""
 
 _SOF_BASELINE = 0xC0
-_COLOUR_MARGIN = 0.51
+_COLOUR_MARGIN: float = _jpeglib.COLOUR_MARGIN
 """Largest difference, in levels, between an accurate decoder's R, G or B and the exact JFIF
 equations on its own (integer, clamped) Y, Cb, Cr: libjpeg's fixed-point tables (16 fractional
-bits) round to nearest, 0.5 plus at most 128 * 2**-16 * 1.1 for the constants."""
+bits) round to nearest, 0.5 plus at most 128 * 2**-16 * 1.1 for the constants (0.51, defined
+once in the C extension, whose per-block verdict uses it too)."""
 
 
 _LUMA_MARGIN = _COLOUR_MARGIN + 0.01
@@ -70,9 +72,6 @@ class Transcoded:
     or a region under 8 pixels)."""
     lightest: tuple[float, ...] = ()
     """Per component: a lower bound of the mean decoded sample of its lightest such block."""
-    held_back: bool = False
-    """The optimisation was asked for but not done (`transcode`'s `unless_within`): `data` is
-    the input."""
 
     def outside(self, ranges: SampleRanges) -> bool:
         """Whether some whole block's mean proves that one of its samples lies outside
@@ -179,7 +178,6 @@ def transcode(
     data: bytes,
     optimize: bool = True,
     region: tuple[int, int] | None = None,
-    unless_within: SampleLimits | None = None,
 ) -> Transcoded:
     """Rewrite a JPEG losslessly with optimal Huffman tables, and bound its pixels.
 
@@ -192,10 +190,8 @@ def transcode(
     baseline (12-bit samples, quantisation tables over 255) raises `CorruptSlide` when
     `optimize` is set. `region` (width, height) limits the blocks whose means are bounded
     (`Transcoded.darkest`, `lightest`) to those wholly inside the top-left width x height
-    pixels: the part of an edge tile inside its level. With `unless_within`, the optimisation
-    is done only when `outside` its ranges (for the stream's colour space) holds, and held back
-    otherwise (`held_back`, `data` the input): a tile that may be blank glass is decoded next,
-    and is optimised only if it is kept; the entropy coding is not spent on the others.
+    pixels: the part of an edge tile inside its level. A copied tile of a pyramid goes through
+    `copy_tile` instead, which also judges it and decodes it at 1/2 scale in the same pass.
 
     The Huffman tables are the ones libjpeg's `optimize_coding` makes (same statistics, same
     algorithm and tie-breaking, so the same bytes), but their statistics are gathered in the walk
@@ -204,8 +200,11 @@ def transcode(
 
     Why the bounds hold. A block's samples are f(x,y) = 128 + 1/4 sum_uv C(u)C(v) F(u,v)
     cos(..)cos(..), F the dequantised coefficients, C(0) = 1/sqrt2, C(k>0) = 1. The DC term is
-    128 + F(0,0)/8 and each AC term is at most |F(u,v)|/4 in magnitude (cosines and C are <= 1),
-    so f lies within 128 + F(0,0)/8 +- S/4, S the sum of |AC|. An accurate decoder's integer
+    128 + F(0,0)/8 and each AC term is at most |F(u,v)| C(u)C(v)/4 m(u) m(v) in magnitude, m(k)
+    the largest |cos((2x+1)k pi/16)| over the 8 sample positions (1 for k = 0, cos(pi/16) for
+    odd k, cos(pi/8) for k = 2 or 6, cos(pi/4) for k = 4; their product with C is at most 1, so
+    each term is at most |F(u,v)|/4), so f lies within 128 + F(0,0)/8 +- W, W the sum of those
+    weighted |AC| (rounded up), and W <= S/4, S the sum of |AC|. An accurate decoder's integer
     IDCT is that value rounded, give or take its fixed-point error: without AC, the exact value
     is a multiple of 1/8 and libjpeg rounds it exactly (margin 1/2); otherwise we allow
     1 + S/128 (islow: final rounding 1/2, workspace rounding 1/8, 13-bit constants about S/2**12;
@@ -231,9 +230,8 @@ def transcode(
     width, height = region or (0, 0)
     if min(width, height) < 0:
         raise InvalidArgument(f"bad region {width}x{height}")
-    limits = unless_within.packed if unless_within is not None else b""
     space, low, high, out, darkest, lightest = _jpeglib.transcode(
-        data, optimize, False, width, height, limits
+        data, optimize, False, width, height
     )
     rgb_low, rgb_high = _rgb_box(space, low, high)
     result = data
@@ -244,8 +242,7 @@ def transcode(
             )
         if len(out) < len(data) or _frame_marker(data) != _SOF_BASELINE:
             result = out
-    held_back = optimize and out is None
-    return Transcoded(bytes(result), rgb_low, rgb_high, space, darkest, lightest, held_back)
+    return Transcoded(bytes(result), rgb_low, rgb_high, space, darkest, lightest)
 
 
 def within(data: bytes, region: tuple[int, int], blues: np.ndarray) -> bool:
@@ -289,3 +286,126 @@ def decode_region_into(
         raise InvalidArgument(f"bad JPEG region offset ({x}, {y})")
     height, width = tile_size or (0, 0)
     _jpeglib.decode_region(data, x, y, out, width, height)
+
+
+@dataclass(frozen=True)
+class ColourRule:
+    """A set of colours, as `copy_tile` judges tiles against it: all of them lie in the cube of
+    `side` levels from `low` in each channel, and `counts` is the summed-volume table of their
+    membership there, so the members of any box of colours are counted with 8 look-ups."""
+
+    low: int
+    side: int
+    counts: np.ndarray = field(repr=False)
+    """(side + 1)**3 int32: at [r, g, b] how many members have R - low < r, G - low < g and
+    B - low < b."""
+    limits: SampleLimits = field(repr=False)
+    """Each component's range in a tile of members only (`sample_ranges`): a whole block's
+    mean outside it refuses a tile without looking at its pixels' boxes."""
+
+    @classmethod
+    def of(cls, low: int, members: np.ndarray) -> ColourRule:
+        """The rule of the colours (low + r, low + g, low + b) where `members` (a cube of
+        booleans indexed [r, g, b]) is set."""
+        side = members.shape[0]
+        if members.shape != (side,) * 3 or not 0 <= low <= low + side <= 256:
+            raise InvalidArgument("a colour rule is a cube of booleans inside 0..255")
+        counts = np.zeros((side + 1,) * 3, np.int32)
+        counts[1:, 1:, 1:] = members.astype(np.int32).cumsum(0).cumsum(1).cumsum(2)
+        limits = SampleLimits.of(np.argwhere(members) + low)
+        return cls(low, side, np.ascontiguousarray(counts), limits)
+
+
+@dataclass(frozen=True)
+class CopiedTile:
+    """What `copy_tile` made of a source tile."""
+
+    data: bytes = field(repr=False)
+    """The tile as stored: optimised as `transcode` optimises it, or the input (not optimising,
+    or a tile proven to be all colours of the rule, which is not stored)."""
+    all_in_rule: bool | None
+    """Whether every pixel of the tile's region is a colour of the rule: decided from the DCT
+    coefficients, None when they cannot tell (or no rule was given)."""
+
+
+def copy_tile(
+    data: bytes,
+    optimize: bool,
+    region: tuple[int, int],
+    rule: ColourRule | None = None,
+    half: np.ndarray | None = None,
+) -> CopiedTile:
+    """Everything a copied tile needs, from one entropy decode of its coefficients: the stream
+    as `transcode` optimises it (when `optimize`), whether every pixel of its top-left
+    `region` (width, height) is a colour of `rule`, and, into `half` (an (h, w, 3) uint8 view
+    whose rows may be strided, h and w half the tile's sides rounded up), the tile decoded at
+    1/2 scale exactly as `wsi.codecs.jpeg.decode_into(..., half=True)` decodes it (the same
+    libjpeg-turbo, its buffered-image mode: the output pass reads the coefficients already in
+    memory). Before, each of the three read the whole stream again.
+
+    The verdict, per 8x8 block of pixels reaching into the region: the bounds of `transcode`
+    for every sample that makes those pixels (the block's own for full-resolution components;
+    for subsampled ones, the hull of the block holding the nearest samples and the 8 around it,
+    which holds whatever the upsampler mixes), through the JFIF equations by interval
+    arithmetic with `_COLOUR_MARGIN`, give a box of colours that holds every decoded pixel of
+    the block. A box with no colour of the rule proves the tile is not all in it (False); all
+    boxes inside the rule prove it is (True); a whole block's mean outside `rule.limits` also
+    proves False (see `Transcoded.outside`). Otherwise None: only the pixels can tell
+    (`within`). The verdict never differs from what the decoded pixels show, as the bounds
+    hold for any accurate (islow or float IDCT) decoder."""
+    width, height = region
+    if min(width, height) <= 0:
+        raise InvalidArgument(f"bad region {width}x{height}")
+    if half is not None and (half.dtype != np.uint8 or half.ndim != 3):
+        raise InvalidArgument("copy_tile: the 1/2-scale target must be an (h, w, 3) uint8 view")
+    if half is not None and not one_pass_works():
+        return copy_then_decode(data, optimize, region, rule, half)
+    counts = rule.counts if rule is not None else b""
+    limits = rule.limits.packed if rule is not None else b""
+    low, side = (rule.low, rule.side) if rule is not None else (0, 0)
+    verdict, _space, _low, _high, out, _dark, _light = _jpeglib.copy_tile(
+        data, optimize, width, height, limits, counts, low, side, half
+    )
+    result = data
+    if out is not None:
+        if _frame_marker(out) != _SOF_BASELINE:
+            raise CorruptSlide(
+                "JPEG cannot be rewritten as baseline (12-bit samples or 16-bit tables)"
+            )
+        if len(out) < len(data) or _frame_marker(data) != _SOF_BASELINE:
+            result = out
+    return CopiedTile(bytes(result), verdict)
+
+
+def copy_then_decode(
+    data: bytes, optimize: bool, region: tuple[int, int], rule: ColourRule | None, half: np.ndarray
+) -> CopiedTile:
+    """`copy_tile` in two entropy decodes, through libjpeg's public API only: the stream and
+    the verdict, then TurboJPEG's DCT-scaled decode into `half`. What `copy_tile` falls back
+    to where its one pass does not work (`one_pass_works`)."""
+    copied = copy_tile(data, optimize, region, rule)
+    jpeg.decode_into(data, half, half=True)
+    return copied
+
+
+@functools.cache
+def one_pass_works() -> bool:
+    """Whether the 1/2-scale output pass of `copy_tile` works with the libjpeg loaded at run
+    time. It reads the coefficient arrays of libjpeg's buffered-image mode through libjpeg's
+    internal header (jpegint.h, the same layout since libjpeg 6b), so once per process a tile
+    of each kind we encode (YCbCr 4:2:0, RGB-coded 4:4:4) is put through it
+    and compared with `transcode` and TurboJPEG's 1/2-scale decode; on any difference or error
+    `copy_tile` takes two passes instead (`copy_then_decode`)."""
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, (48, 64, 3), dtype=np.uint8)
+    for data in (_jpeglib.encode(pixels, 80, True), _jpeglib.encode(pixels, 80, False)):
+        half = np.zeros((24, 32, 3), np.uint8)
+        try:
+            result = _jpeglib.copy_tile(data, True, 64, 48, b"", b"", 0, 0, half)
+        except CorruptSlide:
+            return False
+        if result[0] is not None or result[4] != _jpeglib.transcode(data, True)[3]:
+            return False
+        if not np.array_equal(half, jpeg.decode(data, half=True)):
+            return False
+    return True

@@ -26,12 +26,12 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image
 
-from wsi.codecs import jpeg, jpegtran
+from wsi.codecs import jpeg, jpeg2000, jpegtran
 from wsi.errors import EncodedTileUnavailable, InvalidArgument
 from wsi.model import Level, TileCodec, pyramid_levels
 from wsi.published.layout import JPEG, JPEG2000, ZSTD, ChunkFormat, encode_chunk_zstd
+from wsi.pyramid import _pixels
 from wsi.pyramid.background import Background, choose_fill, inside, visible
 from wsi.sources.base import SlideSource
 from wsi.writers.base import ALL_STORED, BlankTiles, PyramidWriter
@@ -141,22 +141,36 @@ def _matching_source_level(source: SlideSource, level: Level) -> int | None:
 
 
 def mean2x2(pixels: np.ndarray) -> np.ndarray:
-    """Exact 2x2 area mean, rounded half up, of an (h, w, 3) uint8 array; odd edges dropped.
+    """Exact 2x2 area mean, rounded half up ((a+b+c+d+2) >> 2), of an (h, w, 3) uint8 array;
+    odd edges dropped."""
+    out = np.empty((pixels.shape[0] // 2, pixels.shape[1] // 2, 3), np.uint8)
+    mean2x2_into(pixels, out)
+    return out
 
-    Pillow's `reduce(2)` is a C box filter with exactly this rounding ((a+b+c+d+2) >> 2) and
-    runs ~1.5x faster than the best numpy formulation measured here (it releases the GIL);
-    a contiguous input is shared with Pillow, not copied.
-    """
-    h, w = pixels.shape[0] // 2 * 2, pixels.shape[1] // 2 * 2
-    if h == 0 or w == 0:
-        return np.zeros((h // 2, w // 2, 3), np.uint8)
-    block = np.ascontiguousarray(pixels[:h, :w])
-    image = Image.frombuffer("RGB", (w, h), block, "raw", "RGB", 0, 1)
-    return np.asarray(image.reduce(2))
+
+def mean2x2_into(pixels: np.ndarray, out: np.ndarray) -> None:
+    """`mean2x2` written into `out` (e.g. a quadrant of the tile below, any row stride).
+
+    In C without the GIL (`wsi.pyramid._pixels`): every derived pixel is one of these means, and
+    done with numpy or Pillow the unpacking and copying around the arithmetic held the GIL the
+    pool's other threads were waiting for (Pillow's `reduce(2)`, the same rounding, was 16% of
+    the GIL's time in a base-only conversion)."""
+    if pixels.dtype != np.uint8 or pixels.ndim != 3 or pixels.strides[1:] != (3, 1):
+        pixels = np.ascontiguousarray(pixels, np.uint8)
+    _pixels.mean2x2_into(pixels, out)
 
 
 def white_tile(level: Level) -> np.ndarray:
     return np.full((level.tile_height, level.tile_width, 3), 255, np.uint8)
+
+
+def quadrant_tile(level: Level, covered: bool) -> np.ndarray:
+    """A tile of `level` to be filled by its four quadrants: white where they do not reach
+    (past the level above's end), left unset when all four will be written (filling 192 KB
+    that is overwritten at once cost 3% of the workers' time)."""
+    if covered:
+        return np.empty((level.tile_height, level.tile_width, 3), np.uint8)
+    return white_tile(level)
 
 
 def quadrant(tile: np.ndarray, qy: int, qx: int) -> np.ndarray:
@@ -217,39 +231,33 @@ class PyramidBuilder:
         return jpeg.encode(tile, fmt.quality, self.settings.subsample_420)
 
     def _store_copied(
-        self, data: bytes, level: Level, col: int, row: int, after_glass: bool = False
+        self, data: bytes, level: Level, col: int, row: int, half: np.ndarray | None = None
     ) -> bytes | None:
         """A source JPEG tile as stored: None when it is blank glass, else with optimal Huffman
-        tables (or as it is).
+        tables (or as it is). With `half`, the tile decoded at 1/2 scale is written there (its
+        quadrant of the level below).
 
-        Blank is decided from the pixels, but only tiles that may be blank are decoded: the
-        transcode (optimising or not) reads every coefficient anyway, and a block whose mean
-        is darker (or lighter) than any luma the tolerance allows proves the tile is not
-        blank (`Background.judge_transcoded`); that settles tissue, and its pixel box settles
-        flat tiles such as a scanner's white margins. The rest, mostly glass, is decoded and
-        checked pixel by pixel (`Background.accepts_jpeg`), and optimised only if it is kept.
-        A tile `after_glass` (its left neighbour was blank) is decoded first instead, as glass
-        comes in runs: the check stops at its first pixel outside the tolerance. The order
-        changes the cost, never the decision. Per tile, on the generated 8000 x 6000 slide:
-        an optimising transcode 0.29 ms on tissue, 0.10 on glass (0.06 without the encoding),
-        a decode and pixel check 0.13-0.16 ms; 0.30 ms a tile in all against 0.43-0.48 when
-        every tile was decoded and checked before its optimisation."""
+        One entropy decode does it all (`jpegtran.copy_tile`): the coefficients read once give
+        the optimised stream, the 1/2-scale pixels (libjpeg's buffered-image mode, the same
+        pixels as TurboJPEG's DCT-scaled decode) and, from rigorous bounds of every block's
+        pixels, the blank-glass verdict: on the generated slides every tile, tissue and glass,
+        is settled so. Only a tile the bounds cannot settle (pixels at the tolerance's edge) is
+        decoded and checked pixel by pixel (`Background.accepts_jpeg`). Without a background
+        rule nor optimisation the tile is stored as it is and only its 1/2-scale decode is
+        made."""
         background = self.background
         optimize = self.settings.optimize_huffman
-        if background is None:
-            return jpegtran.transcode(data).data if optimize else data
-        if after_glass:
-            if background.accepts_jpeg(data, level, col, row):
-                return None
-            return jpegtran.transcode(data).data if optimize else data
-        region = visible(level, col, row)
-        done = jpegtran.transcode(data, optimize, region, unless_within=background.limits)
-        blank = background.judge_transcoded(done)
-        if blank is None:
+        if background is None and not optimize:
+            if half is not None:
+                # TurboJPEG picks the 1/2 DCT scale to fit the view and never writes past it.
+                jpeg.decode_into(data, half, half=True)
+            return data
+        rule = background.rule if background is not None else None
+        copied = jpegtran.copy_tile(data, optimize, visible(level, col, row), rule, half)
+        blank = copied.all_in_rule
+        if background is not None and blank is None:
             blank = background.accepts_jpeg(data, level, col, row)
-        if blank:
-            return None
-        return jpegtran.transcode(data).data if done.held_back else done.data
+        return None if blank else copied.data
 
     def _store_pixels(
         self, fmt: ChunkFormat, pixels: np.ndarray, level: Level, col: int, row: int
@@ -281,6 +289,9 @@ class PyramidBuilder:
             region = self.source.read_region(0, cols.start * tw, row * th, len(cols) * tw, th)
         tiles: list[bytes | None] = []
         for i, col in enumerate(cols):
+            target = None
+            if below is not None and i // 2 < len(below):
+                target = quadrant(below[i // 2], qy, i % 2)
             pixels = None
             if region is not None:
                 pixels = region[:, i * tw : (i + 1) * tw]
@@ -288,20 +299,13 @@ class PyramidBuilder:
             else:
                 try:
                     data = self.source.read_encoded_tile(plan.source_level or 0, col, row)
-                    after_glass = bool(tiles) and tiles[-1] is None
-                    tiles.append(self._store_copied(data, lv, col, row, after_glass))
+                    tiles.append(self._store_copied(data, lv, col, row, target))
                 except EncodedTileUnavailable:  # sparse tile: decode (white) and encode it
                     pixels = self.source.read_tile(plan.source_level or 0, col, row)
                     fmt = ChunkFormat(JPEG, plan.chunk_format.quality)
                     tiles.append(self._store_pixels(fmt, pixels, lv, col, row))
-            if below is None or i // 2 >= len(below):
-                continue
-            target = quadrant(below[i // 2], qy, i % 2)
-            if pixels is None:
-                # TurboJPEG picks the 1/2 DCT scale to fit the view and never writes past it.
-                jpeg.decode_into(data, target, half=True)
-            else:
-                target[:] = mean2x2(pixels)
+            if target is not None and pixels is not None:
+                mean2x2_into(pixels, target)
         return tiles
 
     def _kept_jpeg2000_tiles(
@@ -309,20 +313,26 @@ class PyramidBuilder:
     ) -> list[bytes | None]:
         """`_top_tiles` for a base level kept as the source's JPEG 2000 codestreams. Every
         tile is stored (telling blank glass would take the full decode this mode avoids);
-        the quadrants below come from the source's 1/2-resolution decode (1.6 vs 2.4 ms a
-        256-px tile for a full one, measured on the TCGA sample), or 2x2 means without one."""
+        each quadrant below is the codestream decoded at 1/2 resolution straight into it
+        (1.4 vs 3.3 ms a 256-px tile for a full decode, on the generated slide)."""
         tiles: list[bytes | None] = []
         for i, col in enumerate(cols):
             try:
-                tiles.append(self.source.read_encoded_tile(0, col, row))
+                data: bytes | None = self.source.read_encoded_tile(0, col, row)
             except EncodedTileUnavailable:  # sparse: the reader gives the fill grey
-                tiles.append(None)
+                data = None
+            tiles.append(data)
             if below is None or i // 2 >= len(below):
+                continue
+            target = quadrant(below[i // 2], qy, i % 2)
+            if data is not None:
+                jpeg2000.decode_into(data, target, reduce=1)
                 continue
             half = self.source.read_tile_half(0, col, row)
             if half is None:
-                half = mean2x2(self.source.read_tile(0, col, row))
-            quadrant(below[i // 2], qy, i % 2)[:] = half
+                mean2x2_into(self.source.read_tile(0, col, row), target)
+            else:
+                target[:] = half
         return tiles
 
     def _block(self, top: LevelPlan, nxt: LevelPlan | None, pair: int, cols: range) -> _BlockResult:
@@ -332,7 +342,11 @@ class PyramidBuilder:
             return _BlockResult([self._top_tiles(top, r, cols, None, 0) for r in rows], None, None)
         ncol0 = cols.start // 2
         ncols = max(0, min(nxt.level.cols, -(-cols.stop // 2)) - ncol0)
-        below = [white_tile(nxt.level) for _ in range(ncols)]  # white past the level's end
+        # `_top_tiles` writes the quadrant of every tile of `cols` in `rows`.
+        below = [
+            quadrant_tile(nxt.level, len(rows) == 2 and 2 * (ncol0 + j) + 1 < cols.stop)
+            for j in range(ncols)
+        ]
         top_rows = [self._top_tiles(top, r, cols, below, qy) for qy, r in enumerate(rows)]
         encoded = [
             self._store_pixels(nxt.chunk_format, tile, nxt.level, ncol0 + j, pair)
@@ -485,10 +499,10 @@ class _Cascade:
         self, plan: LevelPlan, quads: list[list[np.ndarray]], col: int, row: int
     ) -> tuple[bytes | None, np.ndarray]:
         """Task: tile (col, row) from the (up to) 2x2 tiles above it (None when blank)."""
-        tile = white_tile(plan.level)
+        tile = quadrant_tile(plan.level, len(quads) == 2 and all(len(q) == 2 for q in quads))
         for qy, above_row in enumerate(quads):
             for qx, above in enumerate(above_row):
-                quadrant(tile, qy, qx)[:] = mean2x2(above)
+                mean2x2_into(above, quadrant(tile, qy, qx))
         return self.builder._store_pixels(plan.chunk_format, tile, plan.level, col, row), tile
 
     def drain(self, block: bool) -> None:

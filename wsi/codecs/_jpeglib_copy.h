@@ -1,0 +1,648 @@
+/* Part of wsi/codecs/_jpeglib.c (included once, after the guard and check_header): everything
+ * done to a copied JPEG tile from one read of its DCT coefficients.
+ *
+ * run_copy reads the coefficients once (one entropy decode) and, from them:
+ *   - bounds each component's samples and its whole blocks' means (scan_components), and gathers
+ *     the Huffman statistics in the same walk;
+ *   - with a colour rule, settles whether every pixel of the tile's visible part is one of the
+ *     rule's colours (judge_blocks: blank glass), or says it cannot;
+ *   - with a target, writes the tile decoded at 1/2 scale into it (libjpeg's buffered-image
+ *     mode: the output pass inverse-transforms the coefficients already held, with the same
+ *     scaled IDCT, upsampling and colour conversion as TurboJPEG's tjDecompress2 at 1/2);
+ *   - with `optimize`, writes the same coefficients as a baseline stream with optimal Huffman
+ *     tables (install_tables), unless the tile was proven blank.
+ * Before, a copied tile was entropy-decoded up to three times: for the transcode, for the pixel
+ * check of a glass candidate, and for the 1/2-scale decode of the level below. */
+#ifndef WSI_JPEGLIB_COPY_H
+#define WSI_JPEGLIB_COPY_H
+
+#define COLOUR_MARGIN 0.51
+/* Largest difference, in levels, between an accurate decoder's R, G or B and the exact JFIF
+ * equations on its own (integer, clamped) Y, Cb, Cr: libjpeg's fixed-point tables (16
+ * fractional bits) round to nearest, 0.5 plus at most 128 * 2**-16 * 1.1 for the constants.
+ * jpegtran.py reads it from the module (COLOUR_MARGIN). */
+
+/* A set of colours: rule_counts[((r * (n + 1)) + g) * (n + 1) + b] is how many colours of the
+ * set have R - low < r, G - low < g, B - low < b (a summed-volume table of an n x n x n cube of
+ * levels from `low`; no colour of the set lies outside the cube), so that the colours of any box
+ * are counted with 8 look-ups. */
+struct colour_rule {
+    const int32_t *counts; /* NULL: no rule */
+    int low, n;
+};
+
+struct job {
+    const unsigned char *data;
+    unsigned long size;
+    int optimize;
+    int libjpeg_tables; /* optimise with libjpeg's own two-pass optimize_coding instead */
+    long width, height; /* the visible pixels: blocks' means and the verdict (0: all) */
+    int has_limits;     /* the rule's block-mean limits given */
+    double limits[3][3][2];
+    struct colour_rule rule;
+    unsigned char *half; /* 1/2-scale output (rows of half_width RGB pixels), or NULL */
+    Py_ssize_t half_pitch;
+    long half_width, half_height;
+    unsigned char *buffer;  /* where the output goes first (a bytes object's storage) */
+    unsigned long capacity; /* its size */
+    /* results */
+    const char *space;
+    int space_index; /* 0 gray, 1 ycc, 2 rgb: the row of limits */
+    int ncomp;
+    int verdict; /* 1: every visible pixel is a colour of the rule; 0: not; -1: cannot tell */
+    int encoded; /* out holds the optimised stream */
+    int low[3], high[3];
+    double dark[3], light[3];
+    int want_blocks;         /* keep every block's bound (for the verdict) */
+    int16_t *blocks;         /* their storage (the caller frees it) */
+    int16_t *comp_blocks[3]; /* each component's part of it: 2 levels per block, row-major */
+    int16_t *comp_hulls[3];  /* and of the hulls of a subsampled one's (chroma_hull) */
+    unsigned char *out;     /* buffer, or our malloc'd copy once the output outgrew it */
+    unsigned long out_size; /* bytes written (while writing: the size of out) */
+    struct guard g;
+};
+
+/* libjpeg's destination: job->buffer, then buffers of twice the size that the job owns at every
+ * moment (jpeg_mem_dest frees the buffer it was given when it grows, and only says where the
+ * output went when it finishes, so on an error its buffers cannot be freed exactly once). */
+struct sink {
+    struct jpeg_destination_mgr pub;
+    struct job *job;
+};
+
+static void sink_start(j_compress_ptr c) {}
+
+static boolean sink_grow(j_compress_ptr c) {
+    struct sink *sink = (struct sink *)c->dest;
+    struct job *job = sink->job;
+    unsigned char *next = malloc(2 * job->out_size);
+    if (next == NULL)
+        ERREXIT1(c, JERR_OUT_OF_MEMORY, 10);
+    memcpy(next, job->out, job->out_size);
+    if (job->out != job->buffer)
+        free(job->out);
+    job->out = next;
+    sink->pub.next_output_byte = next + job->out_size;
+    sink->pub.free_in_buffer = job->out_size;
+    job->out_size *= 2;
+    return TRUE;
+}
+
+static void sink_end(j_compress_ptr c) {
+    struct sink *sink = (struct sink *)c->dest;
+    sink->job->out_size -= sink->pub.free_in_buffer;
+}
+
+/* -- the verdict -------------------------------------------------------------------------- */
+/* How many colours of the rule lie in the box [lo, hi] (levels, inclusive, per R, G, B). */
+static long rule_count(const struct colour_rule *r, const int lo[3], const int hi[3]) {
+    long m = r->n + 1;
+    int a[3], b[3], i;
+    const int32_t *s = r->counts;
+    for (i = 0; i < 3; i++) {
+        a[i] = lo[i] - r->low < 0 ? 0 : lo[i] - r->low;
+        b[i] = hi[i] - r->low + 1 > r->n ? r->n : hi[i] - r->low + 1;
+        if (a[i] >= b[i])
+            return 0;
+    }
+#define S(x, y, z) ((long)s[((x) * m + (y)) * m + (z)])
+    return S(b[0], b[1], b[2]) - S(a[0], b[1], b[2]) - S(b[0], a[1], b[2]) - S(b[0], b[1], a[2]) +
+           S(a[0], a[1], b[2]) + S(a[0], b[1], a[2]) + S(b[0], a[1], a[2]) - S(a[0], a[1], a[2]);
+#undef S
+}
+
+static int clamp_level(double v) { return v < 0 ? 0 : v > 255 ? 255 : (int)v; }
+
+/* How the colours of the box [a, b] stand: 1 all in the rule, -1 none, 0 some. */
+static int judge_rgb(const struct colour_rule *r, const int a[3], const int b[3]) {
+    long count = rule_count(r, a, b), volume = 1;
+    int i;
+    if (count == 0)
+        return -1;
+    for (i = 0; i < 3; i++)
+        volume *= b[i] - a[i] + 1;
+    return count == volume ? 1 : 0;
+}
+
+/* The verdict of each luma level y for one chroma box (Cb and Cr bounds), computed when first
+ * asked: blocks of glass share their chroma box, so most look-ups are one byte. */
+struct level_verdicts {
+    int key[4];         /* cb low, cb high, cr low, cr high; key[0] = -1 before the first */
+    signed char v[256]; /* 1 all in the rule, -1 none, 0 some; 2 not computed yet */
+};
+
+/* How the colours the decoder can make of luma level y and the chroma box stand: 1 all in
+ * the rule, -1 none, 0 some. A grey stream's make (y, y, y); YCbCr goes through the JFIF
+ * equations by interval arithmetic on the chroma (each of R, G, B is monotonic in Cb and Cr:
+ * its extremes are at corners), widened by COLOUR_MARGIN for the decoder's rounding and
+ * clamped as decoders clamp (jpegtran._rgb_box). */
+static int judge_level(const struct colour_rule *r, int space, int y, const int *chroma) {
+    int a[3] = {y, y, y}, b[3] = {y, y, y};
+    if (space == 1) {
+        double cb0 = chroma[0] - 128, cb1 = chroma[1] - 128;
+        double cr0 = chroma[2] - 128, cr1 = chroma[3] - 128;
+        a[0] = clamp_level(ceil(y + 1.402 * cr0 - COLOUR_MARGIN));
+        a[1] = clamp_level(ceil(y - 0.344136 * cb1 - 0.714136 * cr1 - COLOUR_MARGIN));
+        a[2] = clamp_level(ceil(y + 1.772 * cb0 - COLOUR_MARGIN));
+        b[0] = clamp_level(floor(y + 1.402 * cr1 + COLOUR_MARGIN));
+        b[1] = clamp_level(floor(y - 0.344136 * cb0 - 0.714136 * cr0 + COLOUR_MARGIN));
+        b[2] = clamp_level(floor(y + 1.772 * cb1 + COLOUR_MARGIN));
+    }
+    return judge_rgb(r, a, b);
+}
+
+/* What the bounds of the component samples (integers) that make the pixels of one 8x8 block
+ * tell: -1 no pixel can be a colour of the rule, 1 every one is, 0 cannot tell. An RGB-coded
+ * stream's samples are the channels: one box. Otherwise one luma level at a time: the three
+ * channels move together with Y, and a box over the whole luma range would pair the reddest R
+ * of the lightest samples with the darkest G. */
+static int judge_box(const struct colour_rule *r, int space, const int lo[3], const int hi[3],
+                     struct level_verdicts *cache) {
+    int y, all = 1, none = 1, chroma[4] = {0, 0, 0, 0};
+    if (space == 2)
+        return judge_rgb(r, lo, hi);
+    if (space == 1) {
+        chroma[0] = lo[1];
+        chroma[1] = hi[1];
+        chroma[2] = lo[2];
+        chroma[3] = hi[2];
+    }
+    if (memcmp(chroma, cache->key, sizeof chroma) != 0) {
+        memcpy(cache->key, chroma, sizeof chroma);
+        memset(cache->v, 2, sizeof cache->v);
+    }
+    for (y = lo[0]; y <= hi[0] && (all || none); y++) {
+        if (cache->v[y] == 2)
+            cache->v[y] = (signed char)judge_level(r, space, y, chroma);
+        all &= cache->v[y] == 1;
+        none &= cache->v[y] == -1;
+    }
+    return all ? 1 : none ? -1 : 0;
+}
+
+/* For a subsampled component, the hull of each block's bounds with its 8 neighbours' (those
+ * inside the component), into `hull` (same layout as the blocks' bounds): libjpeg's upsamplers
+ * (replication, or the triangle filters, whose weights are >= 0 and whose rounding stays
+ * inside the range of their inputs) make each pixel's sample from the nearest samples and
+ * their direct neighbours, which lie in the nearest sample's block or one beside it. */
+static void chroma_hull(const jpeg_component_info *c, const int16_t *blocks, int16_t *hull) {
+    long w = c->width_in_blocks, h = c->height_in_blocks, x, y, i, j;
+    for (y = 0; y < h; y++) {
+        for (x = 0; x < w; x++) {
+            int16_t lo = 255, hi = 0;
+            for (j = y > 0 ? y - 1 : 0; j <= y + 1 && j < h; j++) {
+                for (i = x > 0 ? x - 1 : 0; i <= x + 1 && i < w; i++) {
+                    const int16_t *slot = blocks + 2 * (j * w + i);
+                    lo = slot[0] < lo ? slot[0] : lo;
+                    hi = slot[1] > hi ? slot[1] : hi;
+                }
+            }
+            hull[2 * (y * w + x)] = lo;
+            hull[2 * (y * w + x) + 1] = hi;
+        }
+    }
+}
+
+/* The tile's verdict from its blocks' bounds: for each 8x8 block of pixels that reaches into
+ * the visible region, the bounds of the samples that make its pixels: a full-resolution
+ * component's own block, a subsampled one's hull (chroma_hull) around the block holding the
+ * pixels' nearest samples. One block whose colours hold none of the rule proves some visible
+ * pixel is not one of them (0); every block inside the rule proves every pixel is (1);
+ * otherwise -1. */
+static int judge_blocks(struct job *job, j_decompress_ptr d, long width, long height) {
+    long bcols = (width + DCTSIZE - 1) / DCTSIZE, brows = (height + DCTSIZE - 1) / DCTSIZE;
+    long bx, by, rh[3], rv[3];
+    const int16_t *bounds[3];
+    struct level_verdicts cache;
+    int ci, undecided = 0;
+    cache.key[0] = -1;
+    for (ci = 0; ci < d->num_components; ci++) {
+        const jpeg_component_info *c = &d->comp_info[ci];
+        rh[ci] = d->max_h_samp_factor / c->h_samp_factor;
+        rv[ci] = d->max_v_samp_factor / c->v_samp_factor;
+        bounds[ci] = job->comp_blocks[ci];
+        if (rh[ci] > 1 || rv[ci] > 1) {
+            chroma_hull(c, job->comp_blocks[ci], job->comp_hulls[ci]);
+            bounds[ci] = job->comp_hulls[ci];
+        }
+    }
+    for (by = 0; by < brows; by++) {
+        for (bx = 0; bx < bcols; bx++) {
+            int lo[3] = {0, 0, 0}, hi[3] = {0, 0, 0}, verdict;
+            for (ci = 0; ci < d->num_components; ci++) {
+                const jpeg_component_info *c = &d->comp_info[ci];
+                long x = bx / rh[ci], y = by / rv[ci];
+                const int16_t *slot;
+                x = x < (long)c->width_in_blocks ? x : (long)c->width_in_blocks - 1;
+                y = y < (long)c->height_in_blocks ? y : (long)c->height_in_blocks - 1;
+                slot = bounds[ci] + 2 * (y * (long)c->width_in_blocks + x);
+                lo[ci] = slot[0];
+                hi[ci] = slot[1];
+            }
+            verdict = judge_box(&job->rule, job->space_index, lo, hi, &cache);
+            if (verdict < 0)
+                return 0;
+            undecided |= verdict == 0;
+        }
+    }
+    return undecided ? -1 : 1;
+}
+
+/* -- one pass ------------------------------------------------------------------------------ */
+/* Starts libjpeg's buffered-image mode at 1/2 scale, reads every scan, and returns the
+ * coefficient arrays the output pass will read: the same arrays jpeg_read_coefficients returns
+ * (jpegint.h's coef_arrays of a full-image coefficient controller, which buffered-image mode
+ * always uses). NULL if this libjpeg keeps none. */
+static jvirt_barray_ptr *start_half(struct job *job, j_decompress_ptr src) {
+    int status;
+    src->buffered_image = TRUE;
+    src->scale_num = 1;
+    src->scale_denom = 2;
+    src->out_color_space = JCS_EXT_RGB; /* TurboJPEG's TJPF_RGB: islow IDCT, fancy upsampling */
+    jpeg_start_decompress(src);
+    if ((long)src->output_width != job->half_width ||
+        (long)src->output_height != job->half_height) {
+        snprintf(job->g.message, sizeof job->g.message,
+                 "a %ux%u tile decodes to %ux%u at 1/2, not to the %ldx%ld target",
+                 src->image_width, src->image_height, src->output_width, src->output_height,
+                 job->half_width, job->half_height);
+        longjmp(job->g.escape, 1);
+    }
+    do {
+        status = jpeg_consume_input(src);
+    } while (status != JPEG_REACHED_EOI && status != JPEG_SUSPENDED);
+    if (status == JPEG_SUSPENDED || src->coef == NULL)
+        return NULL;
+    return src->coef->coef_arrays;
+}
+
+/* The output pass of buffered-image mode: the held coefficients at 1/2 scale, into job->half. */
+static void write_half(struct job *job, j_decompress_ptr src) {
+    JSAMPROW rows[ROWS_PER_READ];
+    jpeg_start_output(src, src->input_scan_number);
+    while (src->output_scanline < src->output_height) {
+        JDIMENSION n = src->output_height - src->output_scanline, i;
+        if (n > ROWS_PER_READ)
+            n = ROWS_PER_READ;
+        for (i = 0; i < n; i++)
+            rows[i] = job->half + (Py_ssize_t)(src->output_scanline + i) * job->half_pitch;
+        if (jpeg_read_scanlines(src, rows, n) == 0) {
+            snprintf(job->g.message, sizeof job->g.message, "no scanline returned");
+            longjmp(job->g.escape, 1);
+        }
+    }
+    jpeg_finish_output(src);
+}
+
+static void write_optimised(struct job *job, j_compress_ptr dst, jvirt_barray_ptr *coefs,
+                            int gather, huff_counts *dc, huff_counts *ac) {
+    struct sink sink;
+    if (gather)
+        install_tables(dst, dc, ac);
+    /* One entropy pass with the tables above, or libjpeg's gathering pass then that one. */
+    dst->optimize_coding = !gather;
+    job->out = job->buffer;
+    job->out_size = job->capacity;
+    sink.job = job;
+    sink.pub.next_output_byte = job->out;
+    sink.pub.free_in_buffer = job->out_size;
+    sink.pub.init_destination = sink_start;
+    sink.pub.empty_output_buffer = sink_grow;
+    sink.pub.term_destination = sink_end;
+    dst->dest = &sink.pub;
+    jpeg_write_coefficients(dst, coefs);
+    jpeg_finish_compress(dst);
+}
+
+/* Storage for every block's bound (the header says how many blocks each component has). */
+static void keep_blocks(struct job *job, j_decompress_ptr src) {
+    size_t total = 0, at = 0;
+    int ci;
+    for (ci = 0; ci < src->num_components; ci++)
+        total += (size_t)src->comp_info[ci].width_in_blocks * src->comp_info[ci].height_in_blocks;
+    job->blocks = malloc(sizeof(int16_t) * 4 * total);
+    if (job->blocks == NULL) {
+        snprintf(job->g.message, sizeof job->g.message, "out of memory");
+        longjmp(job->g.escape, 1);
+    }
+    for (ci = 0; ci < src->num_components; ci++) {
+        job->comp_blocks[ci] = job->blocks + at;
+        job->comp_hulls[ci] = job->blocks + 2 * total + at;
+        at += 2 * (size_t)src->comp_info[ci].width_in_blocks * src->comp_info[ci].height_in_blocks;
+    }
+}
+
+static int run_copy(struct job *job) {
+    struct jpeg_decompress_struct src;
+    struct jpeg_compress_struct dst;
+    struct component_scan comps[3];
+    huff_counts dc[NUM_HUFF_TBLS], ac[NUM_HUFF_TBLS];
+    jvirt_barray_ptr *coefs;
+    int ci, k, gather, full;
+    volatile int outside = 0;
+    JDIMENSION width, height;
+    volatile int have_dst = 0;
+
+    memset(&src, 0, sizeof src);
+    memset(&dst, 0, sizeof dst);
+    guard_init(&job->g);
+    src.err = &job->g.pub;
+    dst.err = &job->g.pub;
+    if (setjmp(job->g.escape)) {
+        if (have_dst)
+            jpeg_destroy_compress(&dst);
+        jpeg_destroy_decompress(&src);
+        if (job->out != job->buffer)
+            free(job->out);
+        job->out = NULL;
+        return -1;
+    }
+    jpeg_create_decompress(&src);
+    guard_attach(&job->g, (j_common_ptr)&src);
+    jpeg_mem_src(&src, job->data, job->size);
+    jpeg_read_header(&src, TRUE);
+    if (check_header(&job->g, &src, MAX_TRANSCODE_PIXELS) != 0)
+        longjmp(job->g.escape, 1);
+    switch (src.jpeg_color_space) {
+    case JCS_GRAYSCALE: job->space = "gray"; job->space_index = 0; break;
+    case JCS_YCbCr: job->space = "ycc"; job->space_index = 1; break;
+    case JCS_RGB: job->space = "rgb"; job->space_index = 2; break;
+    default:
+        snprintf(job->g.message, sizeof job->g.message, "unsupported colour space %d",
+                 (int)src.jpeg_color_space);
+        longjmp(job->g.escape, 1);
+    }
+    if (job->half != NULL) {
+        coefs = start_half(job, &src);
+        if (coefs == NULL) {
+            snprintf(job->g.message, sizeof job->g.message,
+                     "this libjpeg keeps no coefficients in buffered-image mode");
+            longjmp(job->g.escape, 1);
+        }
+    } else {
+        coefs = jpeg_read_coefficients(&src);
+    }
+    job->ncomp = src.num_components;
+    if (job->want_blocks)
+        keep_blocks(job, &src);
+
+    if (job->optimize) {
+        jpeg_create_compress(&dst);
+        have_dst = 1;
+        guard_attach(&job->g, (j_common_ptr)&dst);
+        /* Sets defaults (sequential Huffman, no marker but JFIF or Adobe by colour space), then
+         * copies the coefficients' geometry, component ids, sampling and quantisation tables. */
+        jpeg_copy_critical_parameters(&src, &dst);
+        dst.restart_interval = src.restart_interval;
+        dst.restart_in_rows = 0;
+    }
+    gather = job->optimize && !job->libjpeg_tables;
+    width = job->width > 0 && job->width < (long)src.image_width ? job->width : src.image_width;
+    height =
+        job->height > 0 && job->height < (long)src.image_height ? job->height : src.image_height;
+    memset(dc, 0, sizeof dc);
+    memset(ac, 0, sizeof ac);
+    for (ci = 0; ci < src.num_components; ci++) {
+        jpeg_component_info *c = &src.comp_info[ci];
+        for (k = 0; k < DCTSIZE2; k++)
+            comps[ci].q[k] = c->quant_table->quantval[k];
+        comps[ci].lo = INT64_MAX;
+        comps[ci].hi = INT64_MIN;
+        comps[ci].dark = INT64_MAX;
+        comps[ci].light = INT64_MIN;
+        /* A block of a full-resolution component covers 8 x 8 pixels; a subsampled one's
+         * samples are upsampled (mixed with its neighbours'): none of its blocks counts. */
+        full = c->h_samp_factor == src.max_h_samp_factor &&
+               c->v_samp_factor == src.max_v_samp_factor;
+        comps[ci].whole_cols = full ? width / DCTSIZE : 0;
+        comps[ci].whole_rows = full ? height / DCTSIZE : 0;
+        comps[ci].last_dc = 0;
+        comps[ci].dc = gather ? dc[dst.comp_info[ci].dc_tbl_no] : NULL;
+        comps[ci].ac = gather ? ac[dst.comp_info[ci].ac_tbl_no] : NULL;
+        comps[ci].blocks = job->comp_blocks[ci];
+        comps[ci].stride = c->width_in_blocks;
+    }
+    if (scan_components(&src, coefs, comps, src.restart_interval) != 0)
+        ERREXIT(&src, JERR_BAD_DCT_COEF);
+    for (ci = 0; ci < src.num_components; ci++) {
+        const double *range = job->limits[job->space_index][ci];
+        job->low[ci] = 255 - level_floor(255 * 128 - comps[ci].lo); /* ceil(lo / 128) */
+        job->high[ci] = level_floor(comps[ci].hi);
+        job->dark[ci] = comps[ci].dark == INT64_MAX ? HUGE_VAL : (double)comps[ci].dark / 128;
+        job->light[ci] = comps[ci].light == INT64_MIN ? -HUGE_VAL : (double)comps[ci].light / 128;
+        outside |= job->has_limits && (job->dark[ci] < range[0] || job->light[ci] > range[1]);
+    }
+    job->verdict = -1;
+    if (job->rule.counts != NULL)
+        job->verdict = outside ? 0 : judge_blocks(job, &src, (long)width, (long)height);
+    job->encoded = job->optimize && job->verdict != 1;
+
+    if (job->half != NULL)
+        write_half(job, &src);
+    if (job->encoded)
+        write_optimised(job, &dst, coefs, gather, dc, ac);
+    if (have_dst) {
+        jpeg_destroy_compress(&dst);
+        have_dst = 0;
+    }
+    jpeg_finish_decompress(&src);
+    jpeg_destroy_decompress(&src);
+    return 0;
+}
+
+/* -- the Python calls ---------------------------------------------------------------------- */
+static PyObject *ints(const int *values, int n) {
+    PyObject *t = PyTuple_New(n);
+    int i;
+    if (t == NULL)
+        return NULL;
+    for (i = 0; i < n; i++) {
+        PyObject *v = PyLong_FromLong(values[i]);
+        if (v == NULL) {
+            Py_DECREF(t);
+            return NULL;
+        }
+        PyTuple_SET_ITEM(t, i, v);
+    }
+    return t;
+}
+
+static PyObject *floats(const double *values, int n) {
+    PyObject *t = PyTuple_New(n);
+    int i;
+    if (t == NULL)
+        return NULL;
+    for (i = 0; i < n; i++) {
+        PyObject *v = PyFloat_FromDouble(values[i]);
+        if (v == NULL) {
+            Py_DECREF(t);
+            return NULL;
+        }
+        PyTuple_SET_ITEM(t, i, v);
+    }
+    return t;
+}
+
+/* Runs a job whose inputs are set (data, limits, rule, half) without the GIL and builds
+ * (verdict, space, low, high, out, dark, light); NULL with an exception set on failure. */
+static PyObject *finish_job(struct job *job) {
+    PyObject *out = NULL, *low = NULL, *high = NULL, *dark = NULL, *light = NULL, *result = NULL;
+    PyObject *verdict;
+    int status;
+
+    if (job->optimize) {
+        /* libjpeg writes straight into the result (nobody else holds it while the GIL is
+         * released); an output larger than this goes to memory libjpeg allocates instead. */
+        job->capacity = job->size + 4096;
+        out = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)job->capacity);
+        if (out == NULL)
+            return NULL;
+        job->buffer = (unsigned char *)PyBytes_AS_STRING(out);
+    }
+    Py_BEGIN_ALLOW_THREADS
+    status = run_copy(job);
+    Py_END_ALLOW_THREADS
+    if (status != 0) {
+        PyErr_Format(corrupt_slide, "cannot transcode JPEG: %s", job->g.message);
+        goto done;
+    }
+    if (!job->encoded) {
+        Py_XDECREF(out);
+        out = Py_NewRef(Py_None);
+    } else if (job->out == job->buffer) {
+        if (_PyBytes_Resize(&out, (Py_ssize_t)job->out_size) != 0)
+            goto done;
+    } else {
+        Py_DECREF(out);
+        out = PyBytes_FromStringAndSize((const char *)job->out, (Py_ssize_t)job->out_size);
+    }
+    low = ints(job->low, job->ncomp);
+    high = ints(job->high, job->ncomp);
+    dark = floats(job->dark, job->ncomp);
+    light = floats(job->light, job->ncomp);
+    verdict = job->verdict < 0 ? Py_None : job->verdict ? Py_True : Py_False;
+    if (out != NULL && low != NULL && high != NULL && dark != NULL && light != NULL)
+        result = Py_BuildValue("(OsOOOOO)", verdict, job->space, low, high, out, dark, light);
+done:
+    Py_XDECREF(out);
+    Py_XDECREF(low);
+    Py_XDECREF(high);
+    Py_XDECREF(dark);
+    Py_XDECREF(light);
+    if (job->out != job->buffer)
+        free(job->out);
+    return result;
+}
+
+static int take_limits(struct job *job, Py_buffer *limits) {
+    if (limits->buf == NULL || limits->len == 0)
+        return 0;
+    if (limits->len != 18 * sizeof(double)) {
+        PyErr_SetString(invalid_argument, "limits must be 18 doubles");
+        return -1;
+    }
+    job->has_limits = 1;
+    memcpy(job->limits, limits->buf, sizeof job->limits);
+    return 0;
+}
+
+static PyObject *py_transcode(PyObject *self, PyObject *args) {
+    Py_buffer data;
+    int optimize, libjpeg_tables = 0;
+    long width = 0, height = 0;
+    struct job *job;
+    PyObject *result = NULL, *tail;
+
+    if (!PyArg_ParseTuple(args, "y*p|pll:transcode", &data, &optimize, &libjpeg_tables, &width,
+                          &height))
+        return NULL;
+    job = calloc(1, sizeof *job);
+    if (job == NULL) {
+        PyErr_NoMemory();
+    } else if (data.len > MAX_INPUT_BYTES) {
+        PyErr_Format(corrupt_slide, "JPEG stream of %zd bytes exceeds %ld", data.len,
+                     MAX_INPUT_BYTES);
+    } else {
+        job->data = data.buf;
+        job->size = (unsigned long)data.len;
+        job->optimize = optimize;
+        job->libjpeg_tables = libjpeg_tables;
+        job->width = width;
+        job->height = height;
+        result = finish_job(job);
+    }
+    free(job);
+    PyBuffer_Release(&data);
+    if (result == NULL)
+        return NULL;
+    /* transcode's result: (space, low, high, out, dark, light) */
+    tail = PyTuple_GetSlice(result, 1, 7);
+    Py_DECREF(result);
+    return tail;
+}
+
+/* copy_tile(data, optimize, width, height, limits, counts, low, n, half)
+ *     -> (verdict, space, low, high, out, dark, light) */
+static PyObject *py_copy_tile(PyObject *self, PyObject *args) {
+    Py_buffer data, limits = {0}, counts = {0}, half = {0};
+    PyObject *target, *result = NULL;
+    int optimize, rule_low, rule_n, good = 1;
+    long width, height;
+    struct job *job;
+
+    if (!PyArg_ParseTuple(args, "y*plly*y*iiO:copy_tile", &data, &optimize, &width, &height,
+                          &limits, &counts, &rule_low, &rule_n, &target))
+        return NULL;
+    if (target != Py_None) {
+        if (PyObject_GetBuffer(target, &half, PyBUF_WRITABLE | PyBUF_STRIDES | PyBUF_FORMAT) != 0)
+            good = -1;
+        else
+            good = half.ndim == 3 && half.itemsize == 1 && half.shape[2] == 3 &&
+                   half.strides[2] == 1 && half.strides[1] == 3 && half.shape[0] > 0 &&
+                   half.shape[1] > 0 && half.strides[0] >= 3 * half.shape[1];
+    }
+    if (good == 1 && counts.len != 0)
+        good = rule_n > 0 && rule_n <= 256 && rule_low >= 0 && rule_low + rule_n <= 256 &&
+               counts.len == (Py_ssize_t)sizeof(int32_t) * (rule_n + 1) * (rule_n + 1) *
+                                 (rule_n + 1);
+    job = good == 1 ? calloc(1, sizeof *job) : NULL;
+    if (good == 0) {
+        PyErr_SetString(invalid_argument,
+                        "copy_tile: the target must be an (h, w, 3) uint8 array with packed "
+                        "pixels, the rule an (n + 1)**3 int32 table");
+    } else if (good == 1 && job == NULL) {
+        PyErr_NoMemory();
+    } else if (job != NULL && data.len > MAX_INPUT_BYTES) {
+        PyErr_Format(corrupt_slide, "JPEG stream of %zd bytes exceeds %ld", data.len,
+                     MAX_INPUT_BYTES);
+    } else if (job != NULL && take_limits(job, &limits) == 0) {
+        job->data = data.buf;
+        job->size = (unsigned long)data.len;
+        job->optimize = optimize;
+        job->width = width;
+        job->height = height;
+        if (counts.len != 0) {
+            job->rule.counts = counts.buf;
+            job->rule.low = rule_low;
+            job->rule.n = rule_n;
+            job->want_blocks = 1;
+        }
+        if (half.buf != NULL) {
+            job->half = half.buf;
+            job->half_pitch = half.strides[0];
+            job->half_width = (long)half.shape[1];
+            job->half_height = (long)half.shape[0];
+        }
+        result = finish_job(job);
+        free(job->blocks);
+    }
+    free(job);
+    PyBuffer_Release(&data);
+    PyBuffer_Release(&limits);
+    PyBuffer_Release(&counts);
+    if (half.buf != NULL)
+        PyBuffer_Release(&half);
+    return result;
+}
+
+#endif

@@ -1,0 +1,142 @@
+/* wsi.pyramid._pixels: the two loops over every pixel of a derived level.
+ *
+ * `mean2x2_into`: the exact 2x2 area mean of RGB pixels, written into the caller's array.
+ * `within`: whether every pixel is within the blank-glass tolerance, stopping at the first one
+ * that is not.
+ *
+ * Every derived pixel is one of these means and every derived tile is checked for blank glass.
+ * Done in Python (numpy or Pillow's reduce) they hold the GIL for the unpacking, copying and
+ * index arithmetic around the work, which the pool's other threads then wait for; here each
+ * loop runs without the GIL, reads the caller's views in place and writes nothing but the
+ * means. Rounding: (a + b + c + d + 2) >> 2, half up, as Pillow's reduce(2) does. The tolerance
+ * comes as `_jpeglib.within` takes it: for each (r, g), the lowest and highest b within it.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <stdint.h>
+#include <string.h>
+
+/* Whether `view` is (h, w, 3) uint8 with packed pixels (rows may have any stride). */
+static int rgb_rows(const Py_buffer *view, const char *name) {
+    if (view->ndim != 3 || view->shape[2] != 3 || view->itemsize != 1 ||
+        view->strides[2] != 1 || view->strides[1] != 3 || view->strides[0] < 3 * view->shape[1]) {
+        PyErr_Format(PyExc_ValueError, "%s must be (h, w, 3) uint8 with packed pixels", name);
+        return 0;
+    }
+    return 1;
+}
+
+static void mean_rows(const uint8_t *src, Py_ssize_t src_stride, uint8_t *dst,
+                      Py_ssize_t dst_stride, Py_ssize_t rows, Py_ssize_t width3) {
+    for (Py_ssize_t y = 0; y < rows; y++) {
+        const uint8_t *a = src + 2 * y * src_stride;
+        const uint8_t *b = a + src_stride;
+        uint8_t *out = dst + y * dst_stride;
+        for (Py_ssize_t x = 0; x < width3; x += 3) {
+            const Py_ssize_t i = 2 * x;
+            out[x] = (uint8_t)((a[i] + a[i + 3] + b[i] + b[i + 3] + 2) >> 2);
+            out[x + 1] = (uint8_t)((a[i + 1] + a[i + 4] + b[i + 1] + b[i + 4] + 2) >> 2);
+            out[x + 2] = (uint8_t)((a[i + 2] + a[i + 5] + b[i + 2] + b[i + 5] + 2) >> 2);
+        }
+    }
+}
+
+static PyObject *py_mean2x2_into(PyObject *self, PyObject *args) {
+    PyObject *src_obj, *dst_obj;
+    if (!PyArg_ParseTuple(args, "OO:mean2x2_into", &src_obj, &dst_obj))
+        return NULL;
+    Py_buffer src, dst;
+    if (PyObject_GetBuffer(src_obj, &src, PyBUF_STRIDES | PyBUF_FORMAT) < 0)
+        return NULL;
+    if (PyObject_GetBuffer(dst_obj, &dst, PyBUF_STRIDES | PyBUF_FORMAT | PyBUF_WRITABLE) < 0) {
+        PyBuffer_Release(&src);
+        return NULL;
+    }
+    PyObject *result = NULL;
+    if (!rgb_rows(&src, "source") || !rgb_rows(&dst, "destination"))
+        goto done;
+    if (dst.shape[0] != src.shape[0] / 2 || dst.shape[1] != src.shape[1] / 2) {
+        PyErr_Format(PyExc_ValueError, "destination is %zd x %zd, the means of %zd x %zd are %zd x %zd",
+                     dst.shape[0], dst.shape[1], src.shape[0], src.shape[1], src.shape[0] / 2,
+                     src.shape[1] / 2);
+        goto done;
+    }
+    if (dst.shape[0] == 0 || dst.shape[1] == 0) {
+        result = Py_None;
+        Py_INCREF(result);
+        goto done;
+    }
+    const uint8_t *s = src.buf;
+    uint8_t *d = dst.buf;
+    const char *s_end = (const char *)src.buf + (src.shape[0] ? (src.shape[0] - 1) * src.strides[0] : 0);
+    const char *d_end = (const char *)dst.buf + (dst.shape[0] ? (dst.shape[0] - 1) * dst.strides[0] : 0);
+    if ((const char *)d <= s_end + 3 * src.shape[1] && (const char *)s <= d_end + 3 * dst.shape[1]) {
+        PyErr_SetString(PyExc_ValueError, "source and destination overlap");
+        goto done;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    mean_rows(s, src.strides[0], d, dst.strides[0], dst.shape[0], 3 * dst.shape[1]);
+    Py_END_ALLOW_THREADS
+    result = Py_None;
+    Py_INCREF(result);
+done:
+    PyBuffer_Release(&dst);
+    PyBuffer_Release(&src);
+    return result;
+}
+
+static int all_within(const uint8_t *p, Py_ssize_t stride, Py_ssize_t rows, Py_ssize_t width,
+                      const uint8_t *blues) {
+    for (Py_ssize_t y = 0; y < rows; y++) {
+        const uint8_t *px = p + y * stride;
+        for (Py_ssize_t x = 0; x < width; x++, px += 3) {
+            const uint8_t *blue = blues + ((px[0] << 8) | px[1]) * 2;
+            if (px[2] < blue[0] || px[2] > blue[1])
+                return 0;
+        }
+    }
+    return 1;
+}
+
+static PyObject *py_within(PyObject *self, PyObject *args) {
+    PyObject *pixels_obj, *blues_obj;
+    if (!PyArg_ParseTuple(args, "OO:within", &pixels_obj, &blues_obj))
+        return NULL;
+    Py_buffer pixels, blues;
+    if (PyObject_GetBuffer(pixels_obj, &pixels, PyBUF_STRIDES | PyBUF_FORMAT) < 0)
+        return NULL;
+    if (PyObject_GetBuffer(blues_obj, &blues, PyBUF_C_CONTIGUOUS) < 0) {
+        PyBuffer_Release(&pixels);
+        return NULL;
+    }
+    PyObject *result = NULL;
+    if (!rgb_rows(&pixels, "pixels"))
+        goto done;
+    if (blues.len != 256 * 256 * 2) {
+        PyErr_SetString(PyExc_ValueError, "the tolerance must be 256 x 256 x 2 bytes");
+        goto done;
+    }
+    int ok;
+    Py_BEGIN_ALLOW_THREADS
+    ok = all_within(pixels.buf, pixels.strides[0], pixels.shape[0], pixels.shape[1], blues.buf);
+    Py_END_ALLOW_THREADS
+    result = PyBool_FromLong(ok);
+done:
+    PyBuffer_Release(&blues);
+    PyBuffer_Release(&pixels);
+    return result;
+}
+
+static PyMethodDef methods[] = {
+    {"mean2x2_into", py_mean2x2_into, METH_VARARGS,
+     "mean2x2_into(src, dst): dst[y, x] = the rounded-half-up mean of src's 2x2 block at (2y, 2x)."},
+    {"within", py_within, METH_VARARGS,
+     "within(pixels, blues): whether blues[r, g, 0] <= b <= blues[r, g, 1] for every pixel."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT, "_pixels", NULL, -1, methods, NULL, NULL, NULL, NULL,
+};
+
+PyMODINIT_FUNC PyInit__pixels(void) { return PyModule_Create(&module); }
