@@ -9,14 +9,15 @@ A chunk may be absent (a blank tile, `None`): its index entry is the sharding co
 marker. Without a DICOM header the object streams straight to the store. With one, the header
 describes the frames actually stored (TILED_FULL when every tile is, else TILED_SPARSE with a
 position per frame), which is only known once the level is complete, and the header comes before
-the frames: the frames are spooled (in memory up to `SPOOL_MEMORY`, then in a private temporary
-file) and the object is written at `close`, header first.
+the frames: the object is written head last (`wsi.store.parts.open_head_last`). On S3 the frames
+still go up while the level is encoded, as parts 2..N of a multipart upload, and the header
+goes in part 1 with the first frames at `close`; on a local store they are spooled and written
+after the header at `close`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import tempfile
 from collections.abc import Callable, Sequence
 from typing import IO
 
@@ -27,15 +28,12 @@ from wsi.errors import WsiError
 from wsi.model import Level
 from wsi.published.layout import EMPTY_CHUNK, StoredObject, empty_index, encode_index
 from wsi.store.objects import Store
+from wsi.store.parts import HeadLastObject, open_head_last
 from wsi.writers.dicom import item_header, trailer_header
 
 HeaderFactory = Callable[[list[bytes], tuple[int, ...] | None], bytes]
 """Given the first stored chunk and the row-major numbers of the stored tiles (None when every
 tile is stored), the DICOM bytes that go before the frames (header through the offset table)."""
-SPOOL_MEMORY = 8 * 1024 * 1024
-"""Frames of one DICOM level held in memory before they spill to a temporary file (levels are
-written side by side: at most this much per level)."""
-_COPY_BLOCK = 8 * 1024 * 1024
 
 
 def frame_chunks(
@@ -92,8 +90,6 @@ class ShardStream:
         absent (an instance needs a frame); it must decode to the fill."""
         self.key = key
         self.level = level
-        self._store = store
-        self._stack = stack
         self._crc = google_crc32c.Checksum()
         self._offset = 0
         """End of the chunk data so far, counted from the first chunk's item."""
@@ -105,12 +101,11 @@ class ShardStream:
         self._dicom_header = dicom_header
         self._placeholder = placeholder
         self._file: IO[bytes] | None = None
-        self._spool: IO[bytes] | None = None
+        self._body: HeadLastObject | None = None
         if dicom_header is None:
             self._file = stack.enter_context(store.open_write(key))
         else:
-            spool = tempfile.SpooledTemporaryFile(max_size=SPOOL_MEMORY)  # noqa: SIM115
-            self._spool = stack.enter_context(spool)
+            self._body = stack.enter_context(open_head_last(store, key))
 
     @property
     def stored(self) -> int:
@@ -138,23 +133,26 @@ class ShardStream:
         block, entries = frame_chunks(chunks, self._dicom_header is not None, self._offset)
         self._index[self._next : self._next + len(chunks)] = entries
         self._next += len(chunks)
-        if self._spool is not None:
-            self._spool.write(block)
+        if self._body is not None:
+            self._body.write(block)
         else:
             self._write(block)
         self._offset += len(block)
 
     def close(self) -> StoredObject:
+        """End the object (it appears when the stack given at creation closes): its size and
+        CRC32C."""
         if self._next != self.level.tile_count:
             raise WsiError(f"{self.key}: {self._next} of {self.level.tile_count} tiles")
-        if self._dicom_header is not None:
-            self._write_dicom_object()
-        self._write(shard_tail(self._index, self._dicom_header is not None))
+        if self._body is not None:
+            return self._close_dicom_object(self._body)
+        self._write(shard_tail(self._index, False))
         return StoredObject(self.key, self._written, self._crc.hexdigest().decode())
 
-    def _write_dicom_object(self) -> None:
-        """Header (for the frames actually stored), then the spooled frames."""
-        assert self._dicom_header is not None and self._spool is not None
+    def _close_dicom_object(self, body: HeadLastObject) -> StoredObject:
+        """The header (for the frames actually stored) before the frames written so far, the
+        index after them."""
+        assert self._dicom_header is not None
         if self._first is None:  # every tile absent: an instance still needs one frame
             if self._placeholder is None:
                 raise WsiError(f"{self.key}: no tile stored and no placeholder frame")
@@ -163,8 +161,4 @@ class ShardStream:
         assert self._first is not None
         header = self._dicom_header([self._first], stored_tiles(self._index))
         self._index[self._index[:, 1] != EMPTY_CHUNK, 0] += len(header)
-        self._file = self._stack.enter_context(self._store.open_write(self.key))
-        self._write(header)
-        self._spool.seek(0)
-        while block := self._spool.read(_COPY_BLOCK):
-            self._write(block)
+        return body.finish(header, shard_tail(self._index, True))
