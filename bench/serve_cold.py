@@ -16,8 +16,11 @@ The first tile of a level also fetches the level's shard index (one more range r
 are reported over all tiles and without the "first-of-level" requests, i.e. those started before
 the first response for their level had arrived (with one connection exactly the first tile of each
 level; with several, also those that may have fetched the index concurrently). For reference,
-SeaweedFS's own latency: 200 sequential s3fs range reads of the average level-0 tile size straight
-from it (no server of ours in between).
+SeaweedFS's own latency: 200 sequential range reads of the average level-0 tile size straight from
+it (no server of ours in between) with the cold passes' client settings (aiohttp, one keep-alive
+connection, a presigned URL), and interleaved with them obstore's from this process. The ratio
+of the single-connection S3 pass's p50 (without first-of-level requests) to the aiohttp one is
+the issue's target (<= 1.2x a bare range GET).
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ import time
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -46,6 +50,8 @@ if TYPE_CHECKING:
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "bench" / "out"
 TARGET_COLD_S3_P50_MS = 15.0
+TARGET_COLD_S3_RATIO = 1.2
+"""S3 cold p50 (one connection, without first-of-level requests) / a bare range GET's p50."""
 S3_PREFIX = "bench"
 S3_DIRECT_REQUESTS = 200
 
@@ -178,40 +184,60 @@ def measure_cold(
 
 def s3_direct(store: Any, level: dict[str, Any], requests: int) -> dict[str, Any]:
     """The store's own latency, without our server: `requests` sequential range reads of the
-    average tile size of `level` at random offsets of its shard, with the server's S3 client
-    (s3fs, asynchronous) from this process."""
+    average tile size of `level` at random offsets of its shard, with the client settings of the
+    cold passes (aiohttp, one keep-alive connection, a presigned URL: the reference of the
+    ratio) and, interleaved, with obstore in this process (a second reference, no Python HTTP
+    client)."""
+    import obstore
+
     objects = store.fs.find(store.root, detail=True)
-    key, info = max(objects.items(), key=lambda kv: kv[1]["size"])  # the level-0 shard
+    path, info = max(objects.items(), key=lambda kv: kv[1]["size"])  # the level-0 shard
+    key = path[len(store.root) + 1 :]
     size = int(info["size"])
     tiles = -(-level["width"] // level["tile_width"]) * -(-level["height"] // level["tile_height"])
     nbytes = max(1, size // tiles)
     rng = random.Random(2)
+    fast = store.obstore_client()
+    url = obstore.sign(fast.client, "GET", key, timedelta(hours=1))
 
-    async def go() -> list[float]:
-        import s3fs
+    async def go() -> tuple[list[float], list[float]]:
+        connector = aiohttp.TCPConnector(limit=1)
+        timeout = aiohttp.ClientTimeout(total=30)
+        plain: list[float] = []
+        native: list[float] = []
+        async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
 
-        fs = s3fs.S3FileSystem(asynchronous=True, **store.storage_options)
-        session = await fs.set_session()
-        try:
-            await fs._cat_file(key, start=0, end=nbytes)  # opens the connection
-            latencies = []
+            async def get(offset: int) -> None:
+                headers = {"Range": f"bytes={offset}-{offset + nbytes - 1}"}
+                async with session.get(url, headers=headers) as response:
+                    body = await response.read()
+                    if response.status != 206 or len(body) != nbytes:
+                        raise RuntimeError(f"range GET of {key}: HTTP {response.status}")
+
+            await get(0)  # opens the connection
+            await fast.get_range_async(key, 0, nbytes)
             for _ in range(requests):
                 offset = rng.randrange(0, max(1, size - nbytes))
                 t0 = time.perf_counter()
-                await fs._cat_file(key, start=offset, end=offset + nbytes)
-                latencies.append(time.perf_counter() - t0)
-            return sorted(latencies)
-        finally:
-            await session.close()
+                await get(offset)
+                plain.append(time.perf_counter() - t0)
+                offset = rng.randrange(0, max(1, size - nbytes))
+                t0 = time.perf_counter()
+                await fast.get_range_async(key, offset, offset + nbytes)
+                native.append(time.perf_counter() - t0)
+        return sorted(plain), sorted(native)
 
-    latencies = asyncio.run(go())
+    plain, native = asyncio.run(go())
     return {
         "object": key,
         "requests": requests,
         "bytes": nbytes,
-        "p50_ms": percentile(latencies, 50) * 1000,
-        "p90_ms": percentile(latencies, 90) * 1000,
-        "p99_ms": percentile(latencies, 99) * 1000,
+        "p50_ms": percentile(plain, 50) * 1000,
+        "p90_ms": percentile(plain, 90) * 1000,
+        "p99_ms": percentile(plain, 99) * 1000,
+        "obstore_p50_ms": percentile(native, 50) * 1000,
+        "obstore_p90_ms": percentile(native, 90) * 1000,
+        "obstore_p99_ms": percentile(native, 99) * 1000,
     }
 
 
@@ -334,9 +360,11 @@ def print_cold(results: list[Cold], direct: dict[str, Any] | None) -> dict[str, 
     )
     if direct is not None:
         print(
-            f"SeaweedFS alone (s3fs range GETs of {direct['bytes']:,} bytes from this process, "
-            f"{direct['requests']} sequential): p50 {direct['p50_ms']:.2f}, "
-            f"p90 {direct['p90_ms']:.2f}, p99 {direct['p99_ms']:.2f} ms"
+            f"SeaweedFS alone ({direct['requests']} sequential range GETs of {direct['bytes']:,}"
+            f" bytes from this process): aiohttp, the cold passes' client: p50"
+            f" {direct['p50_ms']:.2f}, p90 {direct['p90_ms']:.2f}, p99 {direct['p99_ms']:.2f} ms;"
+            f" obstore: p50 {direct['obstore_p50_ms']:.2f}, p90 {direct['obstore_p90_ms']:.2f},"
+            f" p99 {direct['obstore_p99_ms']:.2f} ms"
         )
     if any(r.errors for r in results):
         print("WARNING: some cold requests failed; see bench/out/logs/serve-cold-*.log")
@@ -353,6 +381,9 @@ def print_cold(results: list[Cold], direct: dict[str, Any] | None) -> dict[str, 
             f"  {label:<22}{r.p50_ms:8.2f} ms   target < {TARGET_COLD_S3_P50_MS:g} ms   "
             f"{'ok' if ok else 'MISSED'}{'' if r.connections == 1 else ' (not the target)'}"
         )
+    s3_c1 = [r for r in results if r.store == "s3" and r.connections == 1]
+    if direct is not None and s3_c1:
+        verdict.update(cold_ratio(s3_c1[0], direct))
     if "s3_c1_ok" in verdict:
         verdict["ok"] = verdict["s3_c1_ok"]
         print(
@@ -362,3 +393,21 @@ def print_cold(results: list[Cold], direct: dict[str, Any] | None) -> dict[str, 
         verdict["ok"] = None
         print("S3 cold tiles: not measured (--no-s3)")
     return verdict
+
+
+def cold_ratio(s3: Cold, direct: dict[str, Any]) -> dict[str, Any]:
+    """The issue's check: the one-connection S3 pass's p50 without first-of-level requests
+    against a bare range GET with the same client (and, for reference, with obstore)."""
+    ratio = s3.rest_p50_ms / direct["p50_ms"]
+    ok = ratio <= TARGET_COLD_S3_RATIO and not s3.errors
+    print(
+        f"  S3 cold p50 / bare GET p50, 1 conn. {ratio:8.2f}x  target <= {TARGET_COLD_S3_RATIO:g}x"
+        f"  {'ok' if ok else 'MISSED'}  (against obstore in this process:"
+        f" {s3.rest_p50_ms / direct['obstore_p50_ms']:.2f}x)"
+    )
+    return {
+        "ratio_target": TARGET_COLD_S3_RATIO,
+        "s3_c1_ratio": ratio,
+        "s3_c1_ratio_vs_obstore": s3.rest_p50_ms / direct["obstore_p50_ms"],
+        "s3_c1_ratio_ok": ok,
+    }

@@ -2,9 +2,10 @@
 from the page cache on the loop or else on a thread pool (`wsi.store.local_reads`). The event
 loop never waits on a disk or a socket.
 
-obstore's coroutines run the request on its own threads and resume the loop when done: a cold
-20 KB range read costs about 1.0 ms against SeaweedFS on loopback where the s3fs client on the
-loop took 2.5 ms (`bench/s3.py`). In a process forked after obstore ran (see
+Single range reads of S3 objects (a tile, a shard index: what a cold tile waits on) are presigned
+GETs that the loop sends and reads itself (`wsi.store.s3_loop`), without obstore's two thread
+hops per request; whole objects and batches of ranges go through obstore's coroutines, which run
+the requests on obstore's threads. In a process forked after obstore ran (see
 `wsi.store.obstore_s3`) the reads go through an async s3fs client on the loop instead.
 """
 
@@ -19,6 +20,7 @@ from wsi.errors import SlideNotFound, StoreError
 from wsi.store.local_reads import OPEN_FILES, OpenFiles, open_object, read_blocking
 from wsi.store.objects import Store, store_failures
 from wsi.store.obstore_s3 import ObstoreS3, check_spans
+from wsi.store.s3_loop import S3RangeReader, on_loop_allowed
 
 T = TypeVar("T")
 
@@ -32,6 +34,7 @@ class AsyncStore:
         self.store = store
         self.executor = executor
         self._obstore: ObstoreS3 | None = None
+        self._ranges: S3RangeReader | None = None
         self._fs: Any = None
         self.files = OpenFiles(open_files)
         """Open descriptors of local objects read with a `version` (none on S3)."""
@@ -42,6 +45,8 @@ class AsyncStore:
         fast = self.store.obstore_client()
         if fast is not None:
             self._obstore = fast
+            if on_loop_allowed():
+                self._ranges = S3RangeReader(fast)
             return
         import s3fs
 
@@ -56,6 +61,9 @@ class AsyncStore:
     async def close(self) -> None:
         self.files.close()
         self._obstore = None
+        ranges, self._ranges = self._ranges, None
+        if ranges is not None:
+            await ranges.close()
         fs, self._fs = self._fs, None
         if fs is not None:
             session = getattr(fs, "_s3", None)
@@ -85,6 +93,12 @@ class AsyncStore:
         """Bytes [start, end) of an object. `version` says the object is immutable as long as
         it is the same (a published slide's manifest version): a local one is then read
         through a descriptor kept open, from the page cache without leaving the loop."""
+        if self._ranges is not None:
+            check_spans([(start, end)])
+            if start == end:
+                return b""
+            self.store.path(key)  # validates the key
+            return await self._ranges.get_range(key, start, end)
         if self._obstore is not None:
             self.store.path(key)
             return await self._obstore.get_range_async(key, start, end)

@@ -67,9 +67,12 @@ MAX_RETRIES = 2
 RETRY_TIMEOUT = timedelta(seconds=30)
 """Bounded, like the s3fs client's: a store that went away fails a conversion within seconds
 (ingest retries the job) instead of holding it for object_store's default 3 minutes."""
-CREDENTIAL_LIFETIME = timedelta(minutes=5)
-"""How long obstore keeps credentials before asking botocore again (which refreshes
-temporary ones itself)."""
+CREDENTIAL_LIFETIME = timedelta(minutes=10)
+"""The expiry obstore is told for the credentials botocore hands out. obstore fetches again any
+that expire within 5 minutes, as often as every 100 ms (a lifetime of 5 minutes or less would
+call botocore, taking the GIL from a tokio thread, 10 times a second); so it asks every 5
+minutes, and botocore refreshes temporary credentials before they have 10 minutes left: none is
+used expired."""
 DEFAULT_REGION = "us-east-1"
 
 
