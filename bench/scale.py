@@ -9,7 +9,10 @@ For each slide, interleaved `--repeat` times:
 
 Both outputs are compared file by file (they must be byte-identical), and the ratio of the best
 times (the runs least disturbed by whatever else the machine runs) is checked against the target
-(1.15x); the ratio of the medians is printed beside it. From the fastest dask run's band
+(1.15x); the ratio of the medians is printed beside it, and so are the CPU seconds each way took
+(the plain process; the coordinator's process, which also runs the scheduler, plus the worker
+processes): on a machine others share, where wall times swing, the CPU shows what the
+distributed path costs beyond the work itself. From the fastest dask run's band
 durations the bench predicts the time on more workers of the same speed (one core each, like
 the measured ones): the coordinator's own time (the run's wall time outside the span in which
 bands ran) plus a greedy schedule, in band order, of the band durations each increased by the
@@ -46,6 +49,9 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
+
+import psutil
 
 if not __package__:  # run as a script: make `bench` and `wsi` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -65,6 +71,10 @@ PREDICT_WORKERS = (4, 16, 64)
 @dataclass
 class DaskRun:
     seconds: float
+    coordinator_cpu: float
+    """CPU seconds of this process (coordinator, scheduler, nannies) during the run."""
+    workers_cpu: float
+    """CPU seconds of the worker processes during the run."""
     bands: list[BandResult] = field(default_factory=list)
 
     @property
@@ -84,6 +94,11 @@ class DaskRun:
     def coordinator(self) -> float:
         """The run's time outside the bands' span: planning, the last joins, publishing."""
         return max(0.0, self.seconds - self.span)
+
+
+def cpu_seconds(processes: Sequence[psutil.Process]) -> float:
+    """User and system CPU seconds of `processes` (all their threads) so far."""
+    return sum(sum(p.cpu_times()[:2]) for p in processes)
 
 
 def schedule(durations: Sequence[float], workers: int) -> float:
@@ -119,33 +134,52 @@ def tree(root: Path) -> dict[str, bytes]:
     }
 
 
-def run_plain(src: Path, out: Path, workers: int) -> float:
+def run_plain(src: Path, out: Path, workers: int) -> tuple[float, float]:
+    """(seconds, CPU seconds) of `wsi convert` with `workers` threads, here."""
     settings = ConvertSettings(pyramid=PyramidSettings(workers=workers))
-    start = time.perf_counter()
+    here = [psutil.Process()]
+    cpu, start = cpu_seconds(here), time.perf_counter()
     convert_slide(src, wsi.Store(wsi.StoreSettings(str(out))), settings)
-    return time.perf_counter() - start
+    return time.perf_counter() - start, cpu_seconds(here) - cpu
 
 
-def run_dask(src: Path, out: Path, address: str, band_rows: int) -> DaskRun:
+def run_dask(
+    src: Path, out: Path, address: str, band_rows: int, workers: Sequence[psutil.Process]
+) -> DaskRun:
     bands: list[BandResult] = []
     options = ClusterOptions(address, band_rows=band_rows, threads=1, on_band=bands.append)
-    start = time.perf_counter()
+    here = [psutil.Process()]
+    cpu, worker_cpu, start = cpu_seconds(here), cpu_seconds(workers), time.perf_counter()
     convert_slide(src, wsi.Store(wsi.StoreSettings(str(out))), cluster=options)
-    return DaskRun(time.perf_counter() - start, bands)
+    seconds = time.perf_counter() - start
+    return DaskRun(seconds, cpu_seconds(here) - cpu, cpu_seconds(workers) - worker_cpu, bands)
 
 
 def bench_slide(
-    name: str, src: Path, address: str, args: argparse.Namespace, scratch: Path
-) -> dict[str, object]:
+    name: str,
+    src: Path,
+    address: str,
+    workers: Sequence[psutil.Process],
+    args: argparse.Namespace,
+    scratch: Path,
+) -> dict[str, Any]:
     plain: list[float] = []
+    plain_cpu: list[float] = []
     dask: list[DaskRun] = []
     identical = True
     for repeat in range(args.repeat):
         a, b = scratch / f"{name}-plain-{repeat}", scratch / f"{name}-dask-{repeat}"
-        plain.append(run_plain(src, a, args.workers))
-        print(f"  {name} plain {plain[-1]:.1f} s", flush=True)
-        dask.append(run_dask(src, b, address, args.band_rows))
-        print(f"  {name} dask  {dask[-1].seconds:.1f} s ({len(dask[-1].bands)} bands)", flush=True)
+        seconds, cpu = run_plain(src, a, args.workers)
+        plain.append(seconds)
+        plain_cpu.append(cpu)
+        print(f"  {name} plain {seconds:.1f} s, {cpu:.1f} CPU-s", flush=True)
+        dask.append(run_dask(src, b, address, args.band_rows, workers))
+        run = dask[-1]
+        print(
+            f"  {name} dask  {run.seconds:.1f} s, {run.coordinator_cpu + run.workers_cpu:.1f} "
+            f"CPU-s ({len(run.bands)} bands)",
+            flush=True,
+        )
         identical = identical and tree(a) == tree(b)
         shutil.rmtree(a)
         shutil.rmtree(b)
@@ -157,6 +191,9 @@ def bench_slide(
         "source": str(src),
         "plain_s": plain,
         "dask_s": [r.seconds for r in dask],
+        "plain_cpu_s": plain_cpu,
+        "dask_coordinator_cpu_s": [r.coordinator_cpu for r in dask],
+        "dask_workers_cpu_s": [r.workers_cpu for r in dask],
         "ratio": best.seconds / plain_s,
         "median_ratio": statistics.median(r.seconds for r in dask) / statistics.median(plain),
         "identical": identical,
@@ -175,14 +212,19 @@ def bench_slide(
     }
 
 
-def format_result(r: dict) -> str:
+def format_result(r: dict[str, Any]) -> str:
     band = r["band_s"]
+    coordinator, workers = r["dask_coordinator_cpu_s"], r["dask_workers_cpu_s"]
+    total = [c + w for c, w in zip(coordinator, workers, strict=True)]
     lines = [
         f"{r['slide']}: best of {len(r['plain_s'])}: plain {min(r['plain_s']):.1f} s, dask "
         f"{min(r['dask_s']):.1f} s: {r['ratio']:.3f}x "
         f"({'PASS' if r['ratio'] <= TARGET_RATIO else 'FAIL'}: <= {TARGET_RATIO}x; medians "
         f"{r['median_ratio']:.3f}x), "
         f"outputs {'byte-identical' if r['identical'] else 'DIFFER'}",
+        f"  CPU (medians): plain {statistics.median(r['plain_cpu_s']):.1f} CPU-s, dask "
+        f"{statistics.median(coordinator):.1f} coordinator + {statistics.median(workers):.1f} "
+        f"workers = {statistics.median(total):.1f} CPU-s",
         f"  {r['bands']} bands: {band['min']:.2f}-{band['max']:.2f} s (median "
         f"{band['median']:.2f}, sum {band['sum']:.1f}); per-task overhead "
         f"{r['overhead_s']:.3f} s; coordinator alone {r['coordinator_s']:.1f} s",
@@ -236,9 +278,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     ) as cluster:
         startup = time.perf_counter() - start
         print(f"LocalCluster of {args.workers} worker processes up in {startup:.1f} s", flush=True)
+        workers = psutil.Process().children(recursive=True)
         with tempfile.TemporaryDirectory(dir=OUT, prefix="scale-") as scratch:
             results = [
-                bench_slide(name, src, cluster.scheduler_address, args, Path(scratch))
+                bench_slide(name, src, cluster.scheduler_address, workers, args, Path(scratch))
                 for name, src in sources.items()
             ]
     print()

@@ -64,6 +64,10 @@ def slides(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         "deflate": make_tiff(
             folder / "deflate.tif", 2300, 1900, compression="deflate", pyramid=False, seed=3
         ),
+        # 9 tile rows: levels of 9, 5, 2 and 1 rows (`test_halves_of_odd_levels_join_exactly`)
+        "odd": make_tiff(
+            folder / "odd.tif", 1237, 2051, compression="deflate", pyramid=False, seed=6
+        ),
         # blank glass only: every level's DICOM instance holds the placeholder frame
         "blank": blank,
         # JPEG 2000 tiles (Aperio 33005), kept as codestreams with keep_jpeg2000
@@ -133,6 +137,36 @@ def test_local_store_byte_identical(case, slides, cluster, tmp_path):
         assert any(share.tail is not None for b in bands for share in b.shares)
 
 
+@pytest.mark.parametrize("band_rows", [2, 4])
+def test_halves_of_odd_levels_join_exactly(band_rows, slides, cluster, tmp_path):
+    """Bands halve their row of level k into half of a row of level k+1; the coordinator joins
+    the halves of bands 2r and 2r+1. On levels of 9, 5, 2 and 1 tile rows (5, 3, 2, 1
+    columns): with bands of 2 rows, band 4's half of level 2 lies past that level's 2 rows and
+    is dropped, and level 2's second column joins a white quarter (level 1 has 3 columns); with
+    bands of 4 rows, band 2 has no row of level 2 (it has 2) and level 3's only row is joined
+    from bands 0 and 1. Every object is still the one a single process makes. Parts have their
+    default size: none on a local folder, so bands write all their bytes themselves."""
+    plain = wsi.Store(wsi.StoreSettings(str(tmp_path / "plain")))
+    spread = wsi.Store(wsi.StoreSettings(str(tmp_path / "dask")))
+    convert_slide(slides["odd"], plain)
+    bands: list[BandResult] = []
+    options = ClusterOptions(cluster.scheduler_address, band_rows=band_rows, on_band=bands.append)
+    convert_slide(slides["odd"], spread, cluster=options)
+    expected, got = local_objects(tmp_path / "plain"), local_objects(tmp_path / "dask")
+    assert sorted(got) == sorted(expected)
+    assert [key for key in expected if got[key] != expected[key]] == []
+    shares = [share for b in bands for share in b.shares]
+    assert all(share.head == b"" for share in shares)
+    assert all((share.tail is None) == (share.size == 0) for share in shares)
+    halves = [b.half for b in bands]
+    if band_rows == 2:  # level 2: 2 columns of 256 px, halves 128 px high
+        assert len(halves) == 5 and all(h is not None and h.shape == (128, 512, 3) for h in halves)
+        assert halves[4] is not None and (halves[4][:, 384:] == 255).all()
+    else:  # level 3: 1 column
+        assert len(halves) == 3 and halves[2] is None
+        assert all(h is not None and h.shape == (128, 256, 3) for h in halves[:2])
+
+
 @pytest.fixture(scope="module")
 def noise_slide(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Independent noise per channel, stored losslessly: at JPEG quality 100 4:4:4 about 4 bytes
@@ -188,6 +222,39 @@ def big_reference(big_slide: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     root = tmp_path_factory.mktemp("dask-big-ref")
     convert_slide(big_slide, wsi.Store(wsi.StoreSettings(str(root))))
     return local_objects(root)
+
+
+def _page_faults_of_reallocating() -> int:
+    """Minor page faults of this process while it allocates, fills and frees 1 MiB 100 times:
+    about 25,600 when every such allocation is a fresh mapping, a handful when freed memory is
+    reused."""
+    import resource
+
+    import numpy as np
+
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(100):
+        block = np.ones(1 << 20, np.uint8)
+        del block
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+
+def test_a_band_lets_its_worker_reuse_freed_memory(slides, tmp_path):
+    """A nanny starts its worker with MALLOC_TRIM_THRESHOLD_ set, so glibc maps and unmaps
+    every allocation over 128 KiB (a band's tiles are 192 KiB): the first band restores
+    glibc's own thresholds in its worker (`bands._reuse_freed_memory`), after which a freed
+    megabyte is reused instead of faulted in again page by page."""
+    with (
+        LocalCluster(n_workers=1, threads_per_worker=1, dashboard_address="127.0.0.1:0") as one,
+        Client(one.scheduler_address, set_as_default=False) as client,
+    ):
+        assert set(client.run(os.getenv, "MALLOC_TRIM_THRESHOLD_").values()) == {"65536"}
+        (untuned,) = client.run(_page_faults_of_reallocating).values()
+        options = ClusterOptions(one.scheduler_address, band_rows=2)
+        convert_slide(slides["jpeg"], wsi.Store(wsi.StoreSettings(str(tmp_path))), cluster=options)
+        (tuned,) = client.run(_page_faults_of_reallocating).values()
+    assert untuned > 20_000
+    assert tuned < 2_000
 
 
 def test_worker_killed_mid_band_runs_it_again(big_slide, big_reference, cluster, tmp_path):

@@ -5,10 +5,12 @@ fill), starts one object in parts per band level (`wsi.pyramid.cluster.parts`), 
 bands (`wsi.pyramid.cluster.bands`) a bounded number at a time. It takes their results in band
 order: each share's index entries are shifted into the level's index, its head bytes are gathered
 into parts of at least `min_part_bytes` (part 1, which also gets the DICOM header, is uploaded
-last: the header describes the frames actually stored, known at the end), and level k's pixels
-feed the builder's cascade for the levels below k, built here. Segments that start at level k or
-below run here too. Each level object is then completed from its parts, its index and DICOM
-header written from the sizes the tasks returned, and its CRC32C combined from the parts'.
+last: the header describes the frames actually stored, known at the end; on a local folder
+bands write whole shares and heads are empty), and the bands' halves of level k+1 are joined
+into its tiles here, which feed the builder's cascade for the levels below. Segments that start
+at level k or below run here too. Each level object is then completed from its parts, its index
+and DICOM header written from the sizes the tasks returned, and its CRC32C combined from the
+parts'.
 
 A task that fails, or whose worker dies, runs again (Dask reschedules it; `retries` more for
 exceptions): it writes the same parts under the same numbers. The coordinator failing aborts the
@@ -27,10 +29,19 @@ from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
+import numpy as np
+
 from wsi.errors import InvalidArgument, WsiError
 from wsi.model import Level
 from wsi.published.layout import EMPTY_CHUNK, ChunkFormat, SlideKeys, StoredObject, empty_index
-from wsi.pyramid.builder import LevelPlan, Progress, PyramidBuilder, PyramidSettings, _Cascade
+from wsi.pyramid.builder import (
+    LevelPlan,
+    Progress,
+    PyramidBuilder,
+    PyramidSettings,
+    _Cascade,
+    white_tile,
+)
 from wsi.pyramid.cluster.bands import (
     BandJob,
     BandLayout,
@@ -67,8 +78,10 @@ class ClusterOptions:
     """Base tile rows per band (a power of two >= 2); 0 chooses (`auto_band_rows`). Bands of
     2^k rows leave the coordinator the levels below k: 1/(3 * 4^k) of the pixel work (k = 3:
     1/192; k = 1: 1/12)."""
-    min_part_bytes: int = MIN_PART_BYTES
-    """Smallest part of an object but its last (S3's minimum; tests lower it on SeaweedFS)."""
+    min_part_bytes: int | None = None
+    """Smallest part of an object but its last; None: S3's minimum on S3 (tests lower it on
+    SeaweedFS), none on a local folder, where every band then writes all its bytes as parts
+    and the coordinator receives only their sizes and index entries, not their bytes."""
     threads: int = 0
     """Threads per band task; 0: each worker's cores shared among its task slots."""
     retries: int = 2
@@ -259,7 +272,10 @@ def build_on_cluster(
         rows = options.band_rows or auto_band_rows(builder.plans[0].level.rows, slots)
         layout = band_layout(segments, rows)
         run = uuid.uuid4().hex[:12]
-        joins = _begin_levels(builder, writer, layout, run, options.min_part_bytes)
+        min_part = options.min_part_bytes
+        if min_part is None:
+            min_part = MIN_PART_BYTES if writer.store.settings.is_s3 else 0
+        joins = _begin_levels(builder, writer, layout, run, min_part)
         job = BandJob(
             os.path.abspath(path),
             source.name,
@@ -269,7 +285,7 @@ def build_on_cluster(
             writer.dicom is not None,
             _worker_store(writer.store),
             tuple(joins[i].object for i in layout.levels),
-            options.min_part_bytes,
+            min_part,
             options.threads,
         )
         with (
@@ -277,6 +293,7 @@ def build_on_cluster(
             contextlib.closing(_band_results(client, job, options, run, slots)) as results,
         ):
             cascade = _tail_cascade(builder, segments, layout, pool)
+            held: np.ndarray | None = None  # an even band's half, until the odd band's comes
             for result in results:
                 for share in result.shares:
                     tiles = layout.tiles(share.level, result.band)
@@ -284,11 +301,17 @@ def build_on_cluster(
                     builder._tick(len(tiles))
                 if options.on_band is not None:
                     options.on_band(result)
-                for row in result.bottom:
-                    assert cascade is not None
-                    cascade.push(row)
-                    cascade.drain(block=False)
+                if cascade is None:
+                    continue
+                if result.band % 2 == 0:
+                    held = result.half
+                elif held is not None:
+                    cascade.push_halves([held] if result.half is None else [held, result.half])
+                    held = None
+                cascade.drain(block=False)
             if cascade is not None:
+                if held is not None:  # level k has an odd number of rows
+                    cascade.push_halves([held])
                 cascade.finish()
             for segment in segments:
                 if segment[0].index >= layout.log2_rows:
@@ -335,13 +358,42 @@ def _tail_cascade(
     segments: list[list[LevelPlan]],
     layout: BandLayout,
     pool: cf.ThreadPoolExecutor,
-) -> _Cascade | None:
-    """The levels derived from level k's pixels, built here as the bands' rows arrive."""
+) -> _JoinedCascade | None:
+    """The levels derived from level k, built here as the bands' halves arrive."""
     if not layout.bottom_pixels:
         return None
     segment = next(s for s in segments if s[0].index <= layout.bottom <= s[-1].index)
     below = [p for p in segment if p.index > layout.bottom]
-    return _Cascade(builder, below, pool)
+    return _JoinedCascade(builder, below, pool)
+
+
+class _JoinedCascade(_Cascade):
+    """The builder's cascade over levels k+1 and below, whose first level's rows are joined
+    from the halves bands made (`wsi.pyramid.cluster.bands.halve_row`) instead of derived
+    from level k's rows: the same pixels, so the same tiles."""
+
+    def push_halves(self, halves: list[np.ndarray]) -> None:
+        """Queue level k+1's next row from its top half and, unless level k ends first, its
+        bottom half (`_Cascade._emit` with the 2x2 means already taken)."""
+        plan = self.plans[0]
+        row = self.row[0]
+        if row >= plan.level.rows:
+            return  # level k's last row only covers pixels past this level's edge
+        self.row[0] += 1
+        futures = [
+            self.pool.submit(self._join, plan, halves, col, row) for col in range(plan.level.cols)
+        ]
+        self.queue.append((0, futures))
+
+    def _join(
+        self, plan: LevelPlan, halves: list[np.ndarray], col: int, row: int
+    ) -> tuple[bytes | None, np.ndarray]:
+        """Task: tile (col, row) of level k+1 from its halves (None when blank)."""
+        tile = white_tile(plan.level)
+        width, height = plan.level.tile_width, plan.level.tile_height // 2
+        for qy, half in enumerate(halves):
+            tile[qy * height : (qy + 1) * height] = half[:, col * width : (col + 1) * width]
+        return self.builder._store_pixels(plan.chunk_format, tile, plan.level, col, row), tile
 
 
 def _band_results(
