@@ -121,3 +121,15 @@ def test_memory_grows_with_width_not_height(tmp_path: Path) -> None:
     high = _peak_bytes(tall, tmp_path / "b")
     assert high < 1.25 * low + 2 * 2**20, f"{high / 1e6:.1f} MB vs {low / 1e6:.1f} MB"
     assert np.isfinite(low)
+
+
+def test_a_jpeg_of_another_size_is_refused_not_half_written() -> None:
+    """TurboJPEG writes a smaller stream into part of the target and leaves the rest as it was
+    (uninitialised memory where the builder no longer pre-fills derived tiles): refused."""
+    stream = jpeg.encode(np.full((64, 64, 3), 90, np.uint8), 90, True)
+    target = np.full((64, 64, 3), 7, np.uint8)
+    with pytest.raises(CorruptSlide, match=r"decodes to \(32, 32\), not \(64, 64\)"):
+        jpeg.decode_into(stream, target, half=True)
+    assert (target == 7).all()
+    jpeg.decode_into(stream, target[:32, :32], half=True)
+    assert (target[:32, :32] == 90).all() and (target[32:] == 7).all()
