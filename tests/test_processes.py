@@ -330,6 +330,9 @@ def test_ingest_runs_once(tmp_path: Path, store: Path, synthetic_jpeg_tiff: Path
 
         jobs = _until(done, 120.0, "the job to be done")
         assert len(jobs) == 1 and jobs[0]["attempts"] == 1, jobs
+        # Statuses are rewritten every STATUS_SECONDS: the job may end before the first one
+        # written after the ingest roles started.
+        _until(lambda: "ingest" in svc.statuses().get(0, {}), 30.0, "process 0's ingest status")
         statuses = svc.statuses()
         assert "ingest" in statuses[0] and "ingest" not in statuses[1], statuses
         for _ in range(8):  # from both processes, with high probability
