@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import io
 import math
 import re
@@ -303,9 +302,11 @@ async def find_instance(request: web.Request) -> Instance:
     found = state(request).found
     known = found.get(key)
     if known is not None:
-        with contextlib.suppress(*UNSERVED):  # looked up as a new path says why
+        try:
             if await request.app[CATALOG].slide(known.slide.slide_id) is known.slide:
                 return known
+        except UNSERVED:  # looked up as a new path says why
+            pass
     inst = await _find_instance(request)
     found.put(key, inst)
     return inst

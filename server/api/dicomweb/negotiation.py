@@ -14,6 +14,7 @@ from server.api.dicomweb.instances import (
     JPEG2000_SYNTAXES,
     JPEG_BASELINE,
     JPEG_XL_RECOMPRESSION,
+    DicomWebState,
     state,
 )
 
@@ -215,15 +216,23 @@ class Framing:
     """Before each part."""
     tail: bytes
     """The end of the body."""
+    last: bytes
+    """After the last part's bytes: its CRLF, then `tail`."""
 
     @classmethod
     def make(cls, boundary: str, media_type: str, syntax: str) -> Framing:
+        tail = f"--{boundary}--\r\n".encode()
         return cls(
             boundary.encode(),
             multipart_type(media_type, syntax, boundary),
             part_head(boundary, media_type, syntax),
-            f"--{boundary}--\r\n".encode(),
+            tail,
+            b"\r\n" + tail,
         )
+
+    def one(self, data: bytes) -> bytes:
+        """The body of one part (a viewer's frame): one copy of `data`."""
+        return b"".join((self.head, data, self.last))
 
     def body(self, parts: Sequence[bytes]) -> bytes:
         """The whole body: one copy of the parts."""
@@ -232,14 +241,18 @@ class Framing:
         return b"".join(pieces)
 
 
+def app_framing(st: DicomWebState, media_type: str, syntax: str) -> Framing:
+    """The app's framing of `media_type` parts in `syntax`, made once for its boundary."""
+    found: Framing | None = st.framings.get((media_type, syntax))
+    if found is None:
+        found = st.framings[media_type, syntax] = Framing.make(st.boundary, media_type, syntax)
+    return found
+
+
 def framing(request: web.Request, media_type: str, syntax: str, parts: Sequence[bytes]) -> Framing:
     """The framing of a body of `parts`: the app's, or where a part holds its boundary (a 2^-128
     chance per position), one with a fresh boundary that none holds: proven, not just unlikely."""
-    st = state(request)
-    found = st.framings.get((media_type, syntax))
-    if found is None:
-        found = st.framings[media_type, syntax] = Framing.make(st.boundary, media_type, syntax)
-    framed: Framing = found
+    framed = app_framing(state(request), media_type, syntax)
     while any(framed.marker in data for data in parts):
         framed = Framing.make(secrets.token_hex(16), media_type, syntax)
     return framed

@@ -26,6 +26,7 @@ from server.api.dicomweb.instances import (
 )
 from server.api.dicomweb.negotiation import (
     accepts_stored_syntax,
+    app_framing,
     cached_frame_mode,
     check_dicom_accept,
     check_json_accept,
@@ -82,7 +83,49 @@ def parse_frames(text: str, count: int) -> list[int]:
     return numbers
 
 
+ONE_FRAME_PARTS = {"jpeg": "image/jpeg", "octet-jpeg": "application/octet-stream", "single": ""}
+"""Frame modes `one_frame` answers, with the media type of their part ('': not multipart)."""
+
+
+async def one_frame(request: web.Request) -> web.Response | None:
+    """A viewer's request, answered with the least work per frame, or None for `frames` to
+    answer: one frame of a pyramid level, as a JPEG (alone or as the one part of a multipart
+    body), asked for with an Accept header whose mode `cached_frame_mode` remembers. The
+    instance comes from `find_instance` (its slide still current), the frame's bounds are
+    checked by the read, and the framing is the app's prebuilt one; every other request (several
+    frames, decoded ones, a frame holding the boundary, an unseen Accept header) goes the
+    general way, which gives the same answers."""
+    text = request.match_info["frames"]
+    headers = request.headers
+    st = state(request)
+    mode = st.frame_modes.get((headers.get("Accept", ""), True))
+    media_type = ONE_FRAME_PARTS.get(mode) if mode is not None else None
+    if media_type is None or not (len(text) <= 9 and text.isascii() and text.isdigit()):
+        return None
+    inst = await find_instance(request)
+    if not inst.is_level:
+        return None
+    number = int(text)
+    slide = inst.slide
+    etag = f"{slide.version}-{inst.sop_uid}-{number}-{mode}"
+    if headers.get("If-None-Match") == f'"{etag}"':
+        if not 1 <= number <= await inst.frame_count():
+            return None  # the general way says which frames there are
+        return etag_response(request, b"", "", etag, version=slide.version)
+    data = await slide.frame_bytes(inst.stored, number)
+    if not media_type:
+        return etag_response(request, data, "image/jpeg", etag, version=slide.version)
+    framed = app_framing(st, media_type, JPEG_BASELINE)
+    if framed.marker in data:
+        return None
+    body = framed.one(data)
+    return etag_response(request, body, framed.content_type, etag, version=slide.version)
+
+
 async def frames(request: web.Request) -> web.StreamResponse:
+    fast = await one_frame(request)
+    if fast is not None:
+        return fast
     inst = await find_instance(request)
     numbers = parse_frames(request.match_info["frames"], await inst.frame_count())
     mode = cached_frame_mode(request, len(numbers))
