@@ -19,6 +19,7 @@ import pytest
 from PIL import Image
 
 from tests.conftest import sample
+from tests.test_sparse import truth
 from wsi.codecs import jpeg, jpegtran
 from wsi.errors import CorruptSlide, InvalidArgument
 from wsi.model import Level
@@ -46,14 +47,6 @@ def encode_tile(pixels: np.ndarray, mode: str, quality: int = 90) -> bytes:
         options["progressive"] = True
     Image.fromarray(pixels).save(out, "JPEG", **options)
     return out.getvalue()
-
-
-def truth(data: bytes, rule: Background, region: tuple[int, int]) -> bool:
-    """The pixel rule on an independent decoder's pixels (imagecodecs' libjpeg-turbo)."""
-    pixels = np.asarray(imagecodecs.jpeg8_decode(data))
-    if pixels.ndim == 2:
-        pixels = np.repeat(pixels[..., None], 3, -1)
-    return rule.accepts_pixels(pixels[: region[1], : region[0]])
 
 
 def judged(data: bytes, rule: Background, region: tuple[int, int] | None = None) -> bool | None:

@@ -234,15 +234,20 @@ def transcode(
         data, optimize, False, width, height
     )
     rgb_low, rgb_high = _rgb_box(space, low, high)
-    result = data
-    if out is not None:
-        if _frame_marker(out) != _SOF_BASELINE:
-            raise CorruptSlide(
-                "JPEG cannot be rewritten as baseline (12-bit samples or 16-bit tables)"
-            )
-        if len(out) < len(data) or _frame_marker(data) != _SOF_BASELINE:
-            result = out
-    return Transcoded(bytes(result), rgb_low, rgb_high, space, darkest, lightest)
+    return Transcoded(_kept_stream(data, out), rgb_low, rgb_high, space, darkest, lightest)
+
+
+def _kept_stream(data: bytes, out: bytes | None) -> bytes:
+    """What is stored of a tile given its rewritten stream `out` (None: not rewritten): the
+    rewrite when it is shorter or the source is not baseline, else the source's bytes. A rewrite
+    that is not baseline (12-bit samples, 16-bit tables) is refused: viewers expect baseline."""
+    if out is None:
+        return bytes(data)
+    if _frame_marker(out) != _SOF_BASELINE:
+        raise CorruptSlide("JPEG cannot be rewritten as baseline (12-bit samples or 16-bit tables)")
+    if len(out) < len(data) or _frame_marker(data) != _SOF_BASELINE:
+        return bytes(out)
+    return bytes(data)
 
 
 def within(data: bytes, region: tuple[int, int], blues: np.ndarray) -> bool:
@@ -366,15 +371,7 @@ def copy_tile(
     verdict, _space, _low, _high, out, _dark, _light = _jpeglib.copy_tile(
         data, optimize, width, height, limits, counts, low, side, half
     )
-    result = data
-    if out is not None:
-        if _frame_marker(out) != _SOF_BASELINE:
-            raise CorruptSlide(
-                "JPEG cannot be rewritten as baseline (12-bit samples or 16-bit tables)"
-            )
-        if len(out) < len(data) or _frame_marker(data) != _SOF_BASELINE:
-            result = out
-    return CopiedTile(bytes(result), verdict)
+    return CopiedTile(_kept_stream(data, out), verdict)
 
 
 def copy_then_decode(
