@@ -15,6 +15,7 @@ from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 from aiohttp import web
 
 from server.app import create_app
@@ -137,3 +138,58 @@ def serving(settings: ServerSettings) -> Iterator[str]:
         loop.call_soon_threadsafe(loop.stop)
         thread.join(30)
         loop.close()
+
+
+HOP_HEADERS = frozenset({"transfer-encoding", "connection", "keep-alive", "content-length"})
+"""Headers a proxy must not pass on as they are."""
+
+ProxyHandler = Callable[[aiohttp.ClientSession, web.Request], Awaitable[web.StreamResponse]]
+
+
+@contextlib.contextmanager
+def proxy_on_thread(handle: ProxyHandler, client_max_size: int = 1024**2) -> Iterator[str]:
+    """A real HTTP server on 127.0.0.1 with its own event loop on a thread, every request of any
+    method given to `handle` with a client session for the upstream (e.g. a proxy in front of
+    SeaweedFS that slows or breaks some answers on purpose). Yields its base URL; stopped and its
+    session closed on exit."""
+    state: dict[str, Any] = {}
+    ready = threading.Event()
+
+    def run() -> None:
+        loop = asyncio.new_event_loop()
+        state["loop"] = loop
+
+        async def start() -> None:
+            client = aiohttp.ClientSession(auto_decompress=False)
+            state["client"] = client
+
+            async def route(request: web.Request) -> web.StreamResponse:
+                return await handle(client, request)
+
+            app = web.Application(client_max_size=client_max_size)
+            app.router.add_route("*", "/{tail:.*}", route)
+            runner = web.AppRunner(app)
+            await runner.setup()
+            await web.TCPSite(runner, "127.0.0.1", 0).start()
+            state["runner"] = runner
+            state["port"] = runner.addresses[0][1]
+            ready.set()
+
+        loop.run_until_complete(start())
+        loop.run_forever()
+
+        async def stop() -> None:
+            await state["runner"].cleanup()
+            await state["client"].close()
+
+        loop.run_until_complete(stop())
+        loop.close()
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    assert ready.wait(10), "the proxy did not start"
+    try:
+        yield f"http://127.0.0.1:{state['port']}"
+    finally:
+        state["loop"].call_soon_threadsafe(state["loop"].stop)
+        thread.join(10)

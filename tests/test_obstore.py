@@ -30,6 +30,7 @@ from wsi.errors import InvalidArgument, SlideNotFound, StoreError
 from wsi.store import Store, StoreSettings
 from wsi.store.aio import AsyncStore
 
+from .helpers import HOP_HEADERS, proxy_on_thread
 from .s3server import SeaweedFS
 from .s3server import seaweedfs as _seaweedfs_fixture  # noqa: F401
 
@@ -195,11 +196,8 @@ def slow_proxy(seaweedfs: SeaweedFS) -> Iterator[tuple[str, PartCounter]]:
     and counts how many are open at once. Headers go through as they are, so the client's
     signatures (which cover the Host header) still verify."""
     counter = PartCounter(hold=0.3)
-    ready = threading.Event()
-    state: dict[str, Any] = {}
-    hop = {"transfer-encoding", "connection", "keep-alive", "content-length"}
 
-    async def forward(request: web.Request) -> web.StreamResponse:
+    async def forward(client: aiohttp.ClientSession, request: web.Request) -> web.StreamResponse:
         body = await request.read()
         part = request.method == "PUT" and "partNumber" in request.query
         if part:
@@ -208,8 +206,8 @@ def slow_proxy(seaweedfs: SeaweedFS) -> Iterator[tuple[str, PartCounter]]:
                 counter.most = max(counter.most, counter.inflight)
             await asyncio.sleep(counter.hold)
         try:
-            headers = {k: v for k, v in request.headers.items() if k.lower() not in hop}
-            async with state["client"].request(
+            headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP_HEADERS}
+            async with client.request(
                 request.method,
                 seaweedfs.endpoint_url + request.path_qs,
                 headers=headers,
@@ -217,7 +215,7 @@ def slow_proxy(seaweedfs: SeaweedFS) -> Iterator[tuple[str, PartCounter]]:
                 allow_redirects=False,
             ) as upstream:
                 payload = await upstream.read()
-                out = {k: v for k, v in upstream.headers.items() if k.lower() not in hop}
+                out = {k: v for k, v in upstream.headers.items() if k.lower() not in HOP_HEADERS}
                 return web.Response(status=upstream.status, body=payload, headers=out)
         finally:
             if part:
@@ -225,40 +223,8 @@ def slow_proxy(seaweedfs: SeaweedFS) -> Iterator[tuple[str, PartCounter]]:
                     counter.inflight -= 1
                     counter.done += 1
 
-    def run() -> None:
-        loop = asyncio.new_event_loop()
-        state["loop"] = loop
-
-        async def start() -> None:
-            state["client"] = aiohttp.ClientSession(auto_decompress=False)
-            app = web.Application(client_max_size=64 * _MiB)
-            app.router.add_route("*", "/{tail:.*}", forward)
-            runner = web.AppRunner(app)
-            await runner.setup()
-            site = web.TCPSite(runner, "127.0.0.1", 0)
-            await site.start()
-            state["runner"] = runner
-            state["port"] = runner.addresses[0][1]
-            ready.set()
-
-        loop.run_until_complete(start())
-        loop.run_forever()
-
-        async def stop() -> None:
-            await state["runner"].cleanup()
-            await state["client"].close()
-
-        loop.run_until_complete(stop())
-        loop.close()
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    assert ready.wait(10)
-    try:
-        yield f"http://127.0.0.1:{state['port']}", counter
-    finally:
-        state["loop"].call_soon_threadsafe(state["loop"].stop)
-        thread.join(10)
+    with proxy_on_thread(forward, client_max_size=64 * _MiB) as url:
+        yield url, counter
 
 
 def test_parts_upload_while_the_next_are_written_never_more_than_the_bound(

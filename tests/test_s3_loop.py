@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures as cf
-import threading
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterator
@@ -30,6 +29,7 @@ from wsi.store import Store, StoreSettings, obstore_s3
 from wsi.store.aio import AsyncStore
 from wsi.store.s3_loop import MAX_IDLE, on_loop_allowed
 
+from .helpers import HOP_HEADERS, proxy_on_thread
 from .s3server import SeaweedFS
 from .s3server import seaweedfs as _seaweedfs_fixture  # noqa: F401
 
@@ -153,59 +153,25 @@ class Misbehave:
 def proxy(seaweedfs: SeaweedFS) -> Iterator[tuple[str, Misbehave]]:
     """A real HTTP proxy to SeaweedFS on loopback: headers go through as they are (the Host
     header too, so presigned URLs verify), except what `Misbehave` says."""
-    state: dict[str, Any] = {}
     plan = Misbehave()
-    ready = threading.Event()
-    hop = {"transfer-encoding", "connection", "keep-alive", "content-length"}
 
-    async def forward(request: web.Request) -> web.StreamResponse:
+    async def forward(client: aiohttp.ClientSession, request: web.Request) -> web.StreamResponse:
         plan.seen += 1
         if plan.fail:
             plan.fail -= 1
             error = b"<?xml version='1.0'?><Error><Code>SlowDown</Code></Error>"
             return web.Response(status=503, body=error)
-        drop = hop | ({"range"} if plan.drop_range else set())
+        drop = HOP_HEADERS | ({"range"} if plan.drop_range else set())
         headers = {k: v for k, v in request.headers.items() if k.lower() not in drop}
-        async with state["client"].get(
+        async with client.get(
             seaweedfs.endpoint_url + request.path_qs, headers=headers, allow_redirects=False
         ) as upstream:
             payload = await upstream.read()
-            out = {k: v for k, v in upstream.headers.items() if k.lower() not in hop}
+            out = {k: v for k, v in upstream.headers.items() if k.lower() not in HOP_HEADERS}
             return web.Response(status=upstream.status, body=payload, headers=out)
 
-    def run() -> None:
-        loop = asyncio.new_event_loop()
-        state["loop"] = loop
-
-        async def start() -> None:
-            state["client"] = aiohttp.ClientSession(auto_decompress=False)
-            app = web.Application()
-            app.router.add_get("/{tail:.*}", forward)
-            runner = web.AppRunner(app)
-            await runner.setup()
-            await web.TCPSite(runner, "127.0.0.1", 0).start()
-            state["runner"] = runner
-            state["port"] = runner.addresses[0][1]
-            ready.set()
-
-        loop.run_until_complete(start())
-        loop.run_forever()
-
-        async def stop() -> None:
-            await state["runner"].cleanup()
-            await state["client"].close()
-
-        loop.run_until_complete(stop())
-        loop.close()
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    assert ready.wait(10)
-    try:
-        yield f"http://127.0.0.1:{state['port']}", plan
-    finally:
-        state["loop"].call_soon_threadsafe(state["loop"].stop)
-        thread.join(10)
+    with proxy_on_thread(forward) as url:
+        yield url, plan
 
 
 def test_an_answer_larger_than_the_range_is_refused(
