@@ -62,8 +62,9 @@ import psutil
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "bench" / "out"
-GENERATOR = ROOT / "sample_data" / "generate.py"
 sys.path.insert(0, str(ROOT))
+
+from convert import ensure_source, tree_rss  # noqa: E402  bench/convert.py
 
 from tests import s3server  # noqa: E402
 from wsi.store.objects import Store, StoreSettings  # noqa: E402
@@ -85,34 +86,6 @@ def percentile(values: Sequence[float], q: float) -> float:
 
 def summary_ms(values: Sequence[float]) -> dict[str, float]:
     return {f"p{q}_ms": percentile(values, q) * 1000 for q in (50, 90, 99)}
-
-
-def ensure_source(width: int, height: int, seed: int) -> Path:
-    """The generated slide (bench/convert.py's file name, so either bench reuses it)."""
-    path = OUT / f"slide_{width}x{height}_seed{seed}.tif"
-    if not path.exists():
-        tmp = path.with_suffix(".tmp.tif")
-        subprocess.run(
-            [
-                sys.executable,
-                str(GENERATOR),
-                str(tmp),
-                f"--width={width}",
-                f"--height={height}",
-                f"--seed={seed}",
-            ],
-            check=True,
-        )
-        tmp.rename(path)
-    return path
-
-
-def tree_rss(proc: psutil.Process) -> int:
-    total = 0
-    for member in [proc, *proc.children(recursive=True)]:
-        with contextlib.suppress(psutil.Error):
-            total += member.memory_info().rss
-    return total
 
 
 def cpu_seconds(pid: int) -> float:
