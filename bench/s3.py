@@ -71,7 +71,10 @@ from wsi.store.objects import Store, StoreSettings  # noqa: E402
 
 S3FS_ONLY = "import wsi.store.obstore_s3 as o; o._RUNTIME.pid = -1; "
 """Prefix of a launcher that switches obstore off (every S3 call through s3fs)."""
-SPOOLED = "import wsi.store.parts as p; p._PartedUpload = p._Spooled; "
+SPOOLED = (
+    f"import sys; sys.path.insert(0, {str(ROOT / 'bench')!r}); "
+    "import spooled_upload; spooled_upload.install(); "
+)
 """Prefix of a launcher whose DICOM level objects are spooled and written through obstore when
 their level ends, header first (the converter before they were streamed in parts)."""
 LAUNCH = "import sys; from server.cli import main; sys.exit(main())"

@@ -103,13 +103,61 @@ def with_transfer_syntax(header: bytes, uid: str) -> bytes:
     with a NUL, as pydicom writes UIDs) and its group length; the data set is not touched. So
     switching back gives the original bytes, which `wsi restore` relies on."""
     end, elements = _file_meta_elements(header)
+    value = _uid_value(uid)
+    replaced = [
+        (tag, vr, value if tag == _TRANSFER_SYNTAX_TAG else old) for tag, vr, old in elements
+    ]
+    return _with_file_meta(header, end, replaced)
+
+
+HEADER_BLOCK = 4096
+"""The header of a level object whose frames take `PADDED_FROM` bytes or more is padded to a
+multiple of this (`padded_header`): a file system block on most, so that a local store can put
+the header in front of frames already written without moving them (`wsi.store.parts`). The same
+on every store, so that an object's bytes do not depend on where it was written."""
+PADDED_FROM = 8 * 1024 * 1024
+"""From this size of the frames on, the padding (< 4 KiB) is below 0.05% of the object; smaller
+objects are not padded (copying their frames behind the header costs a few milliseconds)."""
+PADDING_CREATOR_UID = "2.25.9350359900783425216427788193817733399"
+"""Private Information Creator UID of the padding `padded_header` adds (wsistore's, fixed)."""
+_PRIVATE_CREATOR_TAG = (0x0002, 0x0100)
+_PRIVATE_INFORMATION_TAG = (0x0002, 0x0102)
+
+
+def padded_header(header: bytes, multiple: int) -> bytes:
+    """`header` grown to a multiple of `multiple` bytes (even), by a Private Information
+    element of zeros at the end of the File Meta Information (PS3.10 7.1: (0002,0102), with
+    its creator in (0002,0100)). The data set is not touched, so readers see the same
+    instance (see `HEADER_BLOCK`)."""
+    if multiple <= 1 or len(header) % multiple == 0:
+        return header
+    end, elements = _file_meta_elements(header)
+    kept = [e for e in elements if e[0] not in (_PRIVATE_CREATOR_TAG, _PRIVATE_INFORMATION_TAG)]
+    creator = _uid_value(PADDING_CREATOR_UID)
+    unpadded = len(_with_file_meta(header, end, kept))
+    added = 8 + len(creator) + 12  # the creator element, the OB element's header
+    zeros = -(unpadded + added) % multiple
+    padding = [
+        (_PRIVATE_CREATOR_TAG, b"UI", creator),
+        (_PRIVATE_INFORMATION_TAG, b"OB", bytes(zeros)),
+    ]
+    return _with_file_meta(header, end, kept + padding)
+
+
+def _uid_value(uid: str) -> bytes:
     value = uid.encode("ascii")
-    value += b"\0" * (len(value) & 1)
+    return value + b"\0" * (len(value) & 1)
+
+
+def _with_file_meta(
+    header: bytes, end: int, elements: list[tuple[tuple[int, int], bytes, bytes]]
+) -> bytes:
+    """`header` with its File Meta Information (which ends at `end`) made of `elements` and
+    their group length."""
     parts = []
-    for tag, vr, old in elements:
+    for tag, vr, data in elements:
         if tag == (0x0002, 0x0000):
             continue
-        data = value if tag == _TRANSFER_SYNTAX_TAG else old
         if vr in _LONG_VRS:
             head = struct.pack("<HH2sHI", *tag, vr, 0, len(data))
         else:

@@ -11,8 +11,9 @@ describes the frames actually stored (TILED_FULL when every tile is, else TILED_
 position per frame), which is only known once the level is complete, and the header comes before
 the frames: the object is written head last (`wsi.store.parts.open_head_last`). On S3 the frames
 still go up while the level is encoded, as parts 2..N of a multipart upload, and the header
-goes in part 1 with the first frames at `close`; on a local store they are spooled and written
-after the header at `close`.
+goes in part 1 with the first frames at `close`; on a local store they go straight into the
+object's file and the header is inserted in front of them at `close` (padded to whole blocks of
+the file system in its File Meta Information, so that no frame moves).
 """
 
 from __future__ import annotations
@@ -29,7 +30,13 @@ from wsi.model import Level
 from wsi.published.layout import EMPTY_CHUNK, StoredObject, empty_index, encode_index
 from wsi.store.objects import Store
 from wsi.store.parts import HeadLastObject, open_head_last
-from wsi.writers.dicom import item_header, trailer_header
+from wsi.writers.dicom import (
+    HEADER_BLOCK,
+    PADDED_FROM,
+    item_header,
+    padded_header,
+    trailer_header,
+)
 
 HeaderFactory = Callable[[list[bytes], tuple[int, ...] | None], bytes]
 """Given the first stored chunk and the row-major numbers of the stored tiles (None when every
@@ -160,5 +167,6 @@ class ShardStream:
             self.extend([self._placeholder(), *([None] * (self.level.tile_count - 1))])
         assert self._first is not None
         header = self._dicom_header([self._first], stored_tiles(self._index))
+        header = padded_header(header, HEADER_BLOCK if self._offset >= PADDED_FROM else 1)
         self._index[self._index[:, 1] != EMPTY_CHUNK, 0] += len(header)
         return body.finish(header, shard_tail(self._index, True))
