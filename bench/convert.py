@@ -828,6 +828,16 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
+def compile_bytecode() -> None:
+    """Byte-compile our packages, as an installation from a wheel is: the Python tools compared
+    (pyvips, wsidicomizer) come with bytecode in site-packages, while an editable checkout is
+    compiled at its first import, and not at all where PYTHONDONTWRITEBYTECODE is set (then
+    every run would compile ~80 modules, ~0.1 s)."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+    packages = [str(ROOT / name) for name in ("wsi", "server")]
+    subprocess.run([sys.executable, "-m", "compileall", "-q", *packages], env=env, check=True)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     OUT.mkdir(parents=True, exist_ok=True)
@@ -850,6 +860,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"cpus: {os.cpu_count()}, repeats: {args.repeat}", flush=True)
     for part in source_files(src):
         warm_page_cache(part)
+    compile_bytecode()
 
     tools = []
     for tool in (t for t in TOOLS if t.name in args.tools):
