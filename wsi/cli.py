@@ -14,12 +14,15 @@ import time
 import warnings
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+# Before numpy is imported: OpenBLAS would start a thread per core that spins waiting for work
+# (~0.1 CPU-s per command, a tenth of a 1-second conversion, and wall time on a busy machine).
+# Our only matrix products are (n, 3) colours by a 3-vector, far too small to share out.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 from wsi import __version__
-from wsi.convert import FORMATS, ConvertResult, ConvertSettings, convert_slide, level_origins
 from wsi.errors import InvalidArgument, StoreError, WsiError
-from wsi.export import export_dicom_location
 from wsi.ingest.protocol import (
     DEIDENTIFY_FLAG,
     KEEP_LABEL_FLAG,
@@ -32,18 +35,27 @@ from wsi.ingest.protocol import (
     staging_limits,
 )
 from wsi.ingest.settings import IngestSettings, add_ingest_arguments
-from wsi.published.replicate import repair_store, sync_store
-from wsi.published.usage import report_lines, store_usage
-from wsi.published.verify import ReadRate, verify_store
-from wsi.pyramid.builder import Progress, PyramidSettings, plan_pyramid
-from wsi.pyramid.cluster import ClusterOptions, check_address, cluster_address
-from wsi.sources import SlideSource, backend_names, open_slide
+from wsi.sources import backend_names
 from wsi.store.objects import Store, StoreSettings
+
+if TYPE_CHECKING:
+    from wsi.convert import ConvertResult, ConvertSettings
+    from wsi.published.verify import ReadRate
+    from wsi.pyramid.builder import Progress
+    from wsi.pyramid.cluster import ClusterOptions
+    from wsi.sources import SlideSource
+
+# Each command imports what only it uses (the converter, the reader of published slides and
+# pydicom, the checks of `wsi verify` ...) in its own function: every command, `wsi convert`
+# above all, starts without the others' modules.
 
 
 def _output_levels(src: SlideSource) -> list[dict[str, Any]]:
     """The levels a conversion with default settings makes, and where each one's tiles come
     from (what the manifest will record)."""
+    from wsi.convert import level_origins
+    from wsi.pyramid.builder import PyramidSettings, plan_pyramid
+
     plans = plan_pyramid(src, PyramidSettings())
     return [
         {"width": p.level.width, "height": p.level.height, **origin.to_json()}
@@ -52,6 +64,8 @@ def _output_levels(src: SlideSource) -> list[dict[str, Any]]:
 
 
 def _info(args: argparse.Namespace) -> int:
+    from wsi.sources import open_slide
+
     with open_slide(args.source, args.backend) as src:
         props = src.properties
         doc: dict[str, Any] = {
@@ -169,12 +183,17 @@ def _exit_with_stdin(finished: threading.Event) -> None:
 
 
 def _formats(choice: str | None, lossless: bool) -> tuple[str, ...]:
+    from wsi.convert import FORMATS
+
     if choice is None:
         return ("zarr",) if lossless else FORMATS
     return FORMATS if choice == "both" else (choice,)
 
 
 def _convert(args: argparse.Namespace) -> int:
+    from wsi.convert import ConvertSettings
+    from wsi.pyramid.builder import PyramidSettings
+
     settings = ConvertSettings(
         pyramid=PyramidSettings(
             quality=args.quality,
@@ -207,6 +226,8 @@ def _convert(args: argparse.Namespace) -> int:
     try:
         if args.dask is None:
             return _convert_all(args, store, settings, channel)
+        from wsi.pyramid.cluster import ClusterOptions, check_address, cluster_address
+
         with cluster_address(check_address(args.dask)) as (address, threads):
             cluster = ClusterOptions(address, threads=threads)
             return _convert_all(args, store, settings, channel, cluster)
@@ -285,6 +306,7 @@ def _convert_one(
 ) -> ConvertResult:
     """One slide; an `s3://` source is first staged in a local spool folder (the readers need
     files), downloaded with bounded memory and removed afterwards."""
+    from wsi.convert import convert_slide
     from wsi.ingest.staging import STAGE_SHARE, is_remote, staged
 
     remote = is_remote(source)
@@ -312,6 +334,8 @@ def _convert_one(
 
 
 def _export(args: argparse.Namespace) -> int:
+    from wsi.export import export_dicom_location
+
     for path in export_dicom_location(args.slide, args.dest, args.s3_endpoint):
         print(path)
     return 0
@@ -363,6 +387,8 @@ def _list(args: argparse.Namespace) -> int:
 
 
 def _du(args: argparse.Namespace) -> int:
+    from wsi.published.usage import report_lines, store_usage
+
     usage = store_usage(Store(StoreSettings(args.store, endpoint_url=args.s3_endpoint)), args.ids)
     if args.json:
         json.dump(usage.to_json(by_level=args.by_level), sys.stdout, indent=1)
@@ -374,11 +400,15 @@ def _du(args: argparse.Namespace) -> int:
 
 def _read_rate(args: argparse.Namespace) -> ReadRate:
     """`--rate MB/s` (10^6 bytes a second), unbounded without it."""
+    from wsi.published.verify import ReadRate
+
     return ReadRate(args.rate * 1e6 if args.rate is not None else None)
 
 
 def _verify(args: argparse.Namespace) -> int:
     """One line per slide as it is checked; exit 1 when any slide is damaged."""
+    from wsi.published.verify import verify_store
+
     store = Store(StoreSettings(args.store, endpoint_url=args.s3_endpoint))
     checked = damaged = read = 0
     for check in verify_store(store, args.ids, _read_rate(args)):
@@ -392,6 +422,8 @@ def _verify(args: argparse.Namespace) -> int:
 def _sync(args: argparse.Namespace) -> int:
     """`wsi sync A B`: one line per slide; exit 1 when a slide failed (or, with --repair, has
     an object damaged in both stores)."""
+    from wsi.published.replicate import repair_store, sync_store
+
     source = Store(StoreSettings(args.source, endpoint_url=args.s3_endpoint))
     target_endpoint = args.target_s3_endpoint or args.s3_endpoint
     target = Store(StoreSettings(args.target, endpoint_url=target_endpoint))
@@ -636,7 +668,7 @@ def main(argv: Sequence[str] | None = None, commands: Sequence[CommandAdder] = (
 
 def _skip_exit_collection() -> None:
     """Spare the interpreter's collections at exit over every object the imports made
-    (pydicom, numpy, tifffile ...): 0.1 CPU-s and 0.3 s of a loaded machine's wall time after
+    (numpy, tifffile, OpenSlide ...): 0.1 CPU-s and 0.3 s of a loaded machine's wall time after
     the work is done (on a 1-second conversion, a tenth of it). Every file the command wrote
     is closed by then; what the exit leaves is objects in reference cycles unfinalized, their
     memory going with the process."""

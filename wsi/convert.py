@@ -19,7 +19,7 @@ import uuid
 from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from wsi.errors import CorruptSlide, InvalidArgument
 from wsi.metadata import (
@@ -44,7 +44,6 @@ from wsi.published.layout import (
     SlideKeys,
 )
 from wsi.pyramid.builder import LevelPlan, Progress, PyramidBuilder, PyramidSettings
-from wsi.pyramid.cluster import ClusterOptions, ClusterWriter, build_on_cluster
 from wsi.slide_id import content_slide_id, slide_files
 from wsi.slidefiles import dicom_series_files, sidecar_path, slide_parts
 from wsi.sources import SlideSource, open_slide
@@ -52,6 +51,9 @@ from wsi.store.objects import Store, check_slide_id
 from wsi.writers.base import SlideInfo
 from wsi.writers.dicom import DicomSlide
 from wsi.writers.omezarr import OmeZarrWriter
+
+if TYPE_CHECKING:
+    from wsi.pyramid.cluster import ClusterOptions
 
 FORMATS = ("zarr", "dicom")
 DEIDENTIFY_REVISION = 2
@@ -185,8 +187,7 @@ def convert_slide(
             # complete: a failed or interrupted re-conversion leaves the published one as it was.
             keys = SlideKeys(sid).staging(uuid.uuid4().hex[:12]) if replacing else SlideKeys(sid)
             dicom = dicom_slide(sid, metadata, properties, base, path) if settings.dicom else None
-            writer_type = OmeZarrWriter if cluster is None else ClusterWriter
-            writer = writer_type(store, keys, dicom, "zarr" in settings.formats)
+            writer = _writer_type(cluster)(store, keys, dicom, "zarr" in settings.formats)
             try:
                 plans = _build_pyramid(path, source, writer, settings.pyramid, progress, cluster)
                 fmt = settings.associated_format
@@ -223,6 +224,16 @@ def convert_slide(
     )
 
 
+def _writer_type(cluster: ClusterOptions | None) -> type[OmeZarrWriter]:
+    """The writer of a pyramid built here, or on `cluster`: the cluster's module (and its
+    imports) is loaded only for a build on a cluster."""
+    if cluster is None:
+        return OmeZarrWriter
+    from wsi.pyramid.cluster import ClusterWriter
+
+    return ClusterWriter
+
+
 def _build_pyramid(
     path: Path,
     source: SlideSource,
@@ -236,6 +247,8 @@ def _build_pyramid(
         builder = PyramidBuilder(source, writer, settings, progress)
         builder.run()
         return builder.plans
+    from wsi.pyramid.cluster import ClusterWriter, build_on_cluster
+
     assert isinstance(writer, ClusterWriter)
     return build_on_cluster(str(path), source, writer, settings, cluster, progress)
 

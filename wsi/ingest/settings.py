@@ -28,7 +28,6 @@ from pathlib import Path
 from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 from wsi.errors import InvalidArgument
-from wsi.ingest.queue.base import is_database_url, redact_url
 from wsi.ingest.staging import (
     MAX_SOURCE_BYTES,
     MAX_SOURCE_OBJECTS,
@@ -37,6 +36,9 @@ from wsi.ingest.staging import (
     is_remote,
 )
 from wsi.store.objects import FILE_MODE, make_dirs
+
+# `wsi.ingest.queue.base` is imported by the functions that use it: the queue package imports
+# its backends (SQLite), which `wsi convert`, whose parser has the ingest flags, does without.
 
 ENV_PREFIX = "WSI_"
 """Every setting `x_y` is read from the variable `WSI_X_Y`."""
@@ -248,6 +250,8 @@ class IngestSettings:
         and the job table's file too, before SQLite does (SQLite gives its journal and
         shared-memory files the database's permissions). A table made world-readable before is
         made private. A job table in a database has no local file or folder."""
+        from wsi.ingest.queue.base import is_database_url
+
         for folder in (self.state_path(store), self.spool_path(store)):
             make_dirs(folder)
         jobs = self.jobs_path(store)
@@ -266,6 +270,8 @@ class IngestSettings:
     def describe_state(self, store: str) -> str:
         """Where ingest keeps its state, for a start-up line: folder names only (none of them
         holds a patient's name), those set apart from the state folder named."""
+        from wsi.ingest.queue.base import redact_url
+
         state = self.state_path(store)
         apart = {
             "job table": (self.jobs_path(store), os.path.join(state, "jobs.sqlite")),
@@ -325,6 +331,8 @@ class IngestSettings:
 
 def _jobs_folder(jobs: str) -> str:
     """The folder of a SQLite job table; "" for a database URL (no local folder)."""
+    from wsi.ingest.queue.base import is_database_url
+
     return "" if is_database_url(jobs) else os.path.dirname(os.path.abspath(jobs))
 
 

@@ -40,9 +40,6 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-import fsspec
-import fsspec.asyn
-
 from wsi.errors import InvalidArgument, SlideNotFound, StoreError, WsiError
 from wsi.slide_id import SlideFile, hash_order, hash_slide_files
 from wsi.slidefiles import companion_folder, sidecar_names
@@ -54,7 +51,6 @@ from wsi.store.objects import (
     make_dirs,
     store_failures,
 )
-from wsi.store.obstore_s3 import bucket_range_reader
 
 STAGE_SHARE = 0.15
 """Of a conversion whose source is downloaded first, the share of its progress the download
@@ -192,6 +188,8 @@ def strictly_below(bucket: str, key: str, prefix: str) -> bool:
 
 
 def _filesystem(endpoint_url: str | None) -> Any:
+    import fsspec  # here: a local conversion, which imports this module, reads no S3 source
+
     # The store's options: endpoint, no listing cache, bounded timeouts, AWS_* credentials.
     return fsspec.filesystem("s3", **_s3_options(StoreSettings(_SCHEME, endpoint_url=endpoint_url)))
 
@@ -225,6 +223,8 @@ def _list_objects(fs: Any, bucket: str, prefix: str, limit: int) -> list[dict[st
         async for info in fs._iterdir(bucket, max_items=limit + 1, delimiter="", prefix=prefix):
             found.append(info)
         return found
+
+    import fsspec.asyn
 
     return list(fsspec.asyn.sync(fs.loop, collect))
 
@@ -315,6 +315,8 @@ def remote_slide_id(
     with _s3_errors(url):
         fs = _filesystem(endpoint_url)
         files = _remote_slide_files(fs, bucket, key, limits or StagingLimits())
+        from wsi.store.obstore_s3 import bucket_range_reader
+
         return hash_slide_files(fs, files, bucket_range_reader(endpoint_url))
 
 

@@ -29,10 +29,7 @@ from types import MappingProxyType
 from typing import Any
 
 import numpy as np
-import pydicom
 from PIL import Image, JpegImagePlugin
-from pydicom.errors import InvalidDicomError
-from pydicom.uid import UID, JPEGBaseline8Bit
 
 from wsi.codecs import jxl
 from wsi.errors import CorruptSlide, SlideNotFound
@@ -40,7 +37,7 @@ from wsi.model import TileGrid
 from wsi.published import layout
 from wsi.published.layout import EMPTY_CHUNK, Manifest, SlideAttributes, SlideKeys
 from wsi.store.objects import Store
-from wsi.writers.dicom import JPEG_XL_JPEG_RECOMPRESSION
+from wsi.writers.dicom import JPEG_BASELINE, JPEG_XL_JPEG_RECOMPRESSION
 
 
 @dataclass(frozen=True)
@@ -330,18 +327,21 @@ _DICOM_HEADER_BYTES = 256 * 1024
 few more."""
 
 
-_DICOM_TIERS = {JPEGBaseline8Bit: layout.JPEG, UID(JPEG_XL_JPEG_RECOMPRESSION): layout.JPEGXL}
+_DICOM_TIERS = {JPEG_BASELINE: layout.JPEG, JPEG_XL_JPEG_RECOMPRESSION: layout.JPEGXL}
 """The chunk codec id of the transfer syntaxes our instances use."""
 
 
 def _dicom_header(store: Store, key: str, size: int) -> tuple[str, _Grid]:
     """(tier, tile grid) of a DICOM instance from its header: `jpeg` for JPEG baseline, else the
     transfer syntax's name."""
+    import pydicom  # ~0.1 s to import (it imports requests): only when a header is read
+    from pydicom.errors import InvalidDicomError
+
     head = store.get_range(key, 0, min(size, _DICOM_HEADER_BYTES))
     try:
         ds = pydicom.dcmread(io.BytesIO(head), stop_before_pixels=True)
         syntax = ds.file_meta.TransferSyntaxUID
-        tier = _DICOM_TIERS.get(syntax) or str(syntax.name or syntax)
+        tier = _DICOM_TIERS.get(str(syntax)) or str(syntax.name or syntax)
         grid = _Grid(
             int(ds.TotalPixelMatrixColumns), int(ds.TotalPixelMatrixRows),
             int(ds.Columns), int(ds.Rows),
