@@ -130,6 +130,12 @@ _PRIVATE_CREATOR_TAG = (0x0002, 0x0100)
 _PRIVATE_INFORMATION_TAG = (0x0002, 0x0102)
 
 
+def header_multiple(frames: int) -> int:
+    """What the header of a level object whose frames take `frames` bytes is padded to a
+    multiple of (1: not padded)."""
+    return HEADER_BLOCK if frames >= PADDED_FROM else 1
+
+
 def padded_header(header: bytes, multiple: int) -> bytes:
     """`header` grown to a multiple of `multiple` bytes (even), by a Private Information
     element of zeros at the end of the File Meta Information (PS3.10 7.1: (0002,0102), with

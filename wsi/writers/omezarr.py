@@ -36,7 +36,13 @@ from wsi.published.layout import (
 )
 from wsi.store.objects import Store
 from wsi.writers.base import ALL_STORED, BlankTiles, PyramidWriter, SlideInfo
-from wsi.writers.dicom import DicomSlide, SparseFrames, instance_header
+from wsi.writers.dicom import (
+    DicomSlide,
+    SparseFrames,
+    header_multiple,
+    instance_header,
+    padded_header,
+)
 from wsi.writers.shard import HeaderFactory, ShardStream
 
 __all__ = ["OmeZarrWriter", "encode_chunk_zstd"]
@@ -106,9 +112,10 @@ class OmeZarrWriter(PyramidWriter):
             )
         )
 
-        def header(first_frames: list[bytes], tiles: tuple[int, ...] | None) -> bytes:
+        def header(first_frames: list[bytes], tiles: tuple[int, ...] | None, frames: int) -> bytes:
             sparse = SparseFrames(tiles, fill) if tiles is not None else None
-            return instance_header(dicom, flavor, index, level, first_frames, sparse)[1]
+            data = instance_header(dicom, flavor, index, level, first_frames, sparse)[1]
+            return padded_header(data, header_multiple(frames))
 
         return header
 

@@ -30,17 +30,12 @@ from wsi.model import Level
 from wsi.published.layout import EMPTY_CHUNK, StoredObject, empty_index, encode_index
 from wsi.store.objects import Store
 from wsi.store.parts import HeadLastObject, open_head_last
-from wsi.writers.dicom import (
-    HEADER_BLOCK,
-    PADDED_FROM,
-    item_header,
-    padded_header,
-    trailer_header,
-)
+from wsi.writers.dicom import item_header, trailer_header
 
-HeaderFactory = Callable[[list[bytes], tuple[int, ...] | None], bytes]
-"""Given the first stored chunk and the row-major numbers of the stored tiles (None when every
-tile is stored), the DICOM bytes that go before the frames (header through the offset table)."""
+HeaderFactory = Callable[[list[bytes], tuple[int, ...] | None, int], bytes]
+"""Given the first stored chunk, the row-major numbers of the stored tiles (None when every tile
+is stored) and the bytes the frames take, the DICOM bytes that go before the frames (header
+through the offset table, padded as `wsi.writers.dicom.header_multiple` says)."""
 
 
 def frame_chunks(
@@ -166,7 +161,6 @@ class ShardStream:
             self._next = 0
             self.extend([self._placeholder(), *([None] * (self.level.tile_count - 1))])
         assert self._first is not None
-        header = self._dicom_header([self._first], stored_tiles(self._index))
-        header = padded_header(header, HEADER_BLOCK if self._offset >= PADDED_FROM else 1)
+        header = self._dicom_header([self._first], stored_tiles(self._index), self._offset)
         self._index[self._index[:, 1] != EMPTY_CHUNK, 0] += len(header)
         return body.finish(header, shard_tail(self._index, True))

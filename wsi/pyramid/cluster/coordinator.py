@@ -235,7 +235,7 @@ class _LevelJoin:
         header = b""
         if self.header is not None:
             assert self.first is not None
-            header = self.header([self.first], stored_tiles(self.index))
+            header = self.header([self.first], stored_tiles(self.index), self.offset)
             self.index[self.index[:, 1] != EMPTY_CHUNK, 0] += len(header)
         end = shard_tail(self.index, self.dicom)
         if not self.opening_closed:  # one part holds it all
