@@ -31,11 +31,9 @@ import concurrent.futures as cf
 import contextlib
 import errno
 import functools
-import http.client
 import os
 import re
 import shutil
-import ssl
 import sys
 import time
 import uuid
@@ -43,8 +41,7 @@ from abc import ABC, abstractmethod
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import IO
-from urllib.parse import urlsplit
+from typing import IO, TYPE_CHECKING
 
 import google_crc32c
 
@@ -58,6 +55,9 @@ from wsi.store.objects import (
     make_dirs,
     store_failures,
 )
+
+if TYPE_CHECKING:
+    import ssl
 
 __all__ = [
     "MAX_PART_NUMBER",
@@ -261,7 +261,7 @@ def upload_part(store: Store, key: str, upload_id: str, number: int, data: bytes
             raise StoreError(f"cannot upload part {number} of {key}: {exc}") from exc
         try:
             status, etag, body = _put(url, data)
-        except (OSError, http.client.HTTPException) as exc:
+        except (OSError, _http_errors()) as exc:
             error = (
                 f"{str(exc) or type(exc).__name__} (cannot connect to the store, or it broke off)"
             )
@@ -279,9 +279,20 @@ def _proxied() -> bool:
     return any(name.lower() in _PROXY_VARIABLES for name in os.environ)
 
 
+def _http_errors() -> type[Exception]:
+    import http.client
+
+    return http.client.HTTPException
+
+
 def _put(url: str, data: bytes) -> tuple[int, str | None, bytes]:
     """PUT `data` to `url` on a connection of its own: (status, ETag, the first bytes of the
-    body, which hold the error document of a refusal)."""
+    body, which hold the error document of a refusal). http.client (with the ssl, email and
+    socket modules it imports, ~10 ms) is imported by the first upload, not by every local
+    conversion."""
+    import http.client
+    from urllib.parse import urlsplit
+
     parts = urlsplit(url)
     connection: http.client.HTTPConnection
     if parts.scheme == "https":
@@ -304,6 +315,8 @@ def _put(url: str, data: bytes) -> tuple[int, str | None, bytes]:
 @functools.cache
 def _tls_context(cafile: str | None) -> ssl.SSLContext:
     """Made once per CA bundle (loading one takes milliseconds; contexts are thread-safe)."""
+    import ssl
+
     return ssl.create_default_context(cafile=cafile)
 
 
