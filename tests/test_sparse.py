@@ -32,9 +32,10 @@ from wsi.codecs.colour import dicom_lab
 from wsi.export import export_dicom
 from wsi.model import Level
 from wsi.published import layout
-from wsi.pyramid.background import DELTA_E76, Background, choose_fill
+from wsi.pyramid.background import DELTA_E76, Background, _blocks, choose_fill
 from wsi.sources import open_slide
 
+from .conftest import make_tiff
 from .helpers import serving
 from .test_dicom import SPARSE_COUNT_ERROR, dciodvfy
 
@@ -264,6 +265,23 @@ def test_fill_is_the_commonest_flat_grey(slide: Path, tmp_path: Path) -> None:
     tifffile.imwrite(path, dark, tile=(256, 256), photometric="rgb")
     with open_slide(path) as source:
         assert choose_fill(source) == 6
+
+
+def test_fill_from_tiles_read_side_by_side_is_the_fill_of_the_whole_level(tmp_path: Path) -> None:
+    """The smallest level is read tile by tile on several threads: the same 8 x 8 blocks as
+    the level read in one piece (its tiles are whole blocks), so the same grey."""
+    path = make_tiff(tmp_path / "one-level.tif", 1237, 1029, pyramid=False, seed=5)
+    with open_slide(path) as source:
+        index = len(source.levels) - 1
+        lv = source.levels[index]
+        assert lv.cols * lv.rows > 1 and lv.width % 8 and lv.height % 8  # edge tiles cut blocks
+        whole = source.read_region(index, 0, 0, lv.width, lv.height)
+        blocks = _blocks(whole)
+        grey = np.rint(blocks.mean(1).mean(1)).astype(int)
+        flat = (blocks.max(1) - blocks.min(1)).max(1) <= 6
+        assert flat.sum() > 100
+        assert choose_fill(source, 1) == choose_fill(source, 4) == choose_fill(source)
+        assert abs(choose_fill(source, 4) - int(np.median(grey[flat]))) <= 2
 
 
 # -- the stored slide -----------------------------------------------------------------------------

@@ -30,6 +30,7 @@ are checked on the pixels we hold.
 
 from __future__ import annotations
 
+import concurrent.futures as cf
 import functools
 from dataclasses import dataclass, field
 
@@ -171,12 +172,15 @@ def inside(pixels: np.ndarray, level: Level, col: int, row: int) -> np.ndarray:
     return pixels[:h, :w]
 
 
-def choose_fill(source: SlideSource) -> int:
+def choose_fill(source: SlideSource, threads: int = 1) -> int:
     """The grey of the slide's blank glass, from the pixels of its smallest level: the most
     common grey among uniform, near-neutral 8x8 blocks (glass is the largest flat region of a
     slide; on fluorescence slides it is dark). `DEFAULT_FILL` when under 1% of the blocks are
-    uniform (tissue edge to edge: nothing will be dropped unless it is white)."""
-    blocks = np.concatenate([_blocks(image) for image in _smallest_level_sample(source)])
+    uniform (tissue edge to edge: nothing will be dropped unless it is white). The tiles are
+    decoded on `threads` threads: this runs before the conversion's first tile, and on a
+    JPEG 2000 source it decodes up to 64 tiles (0.2 s on one core)."""
+    sample = _smallest_level_sample(source, threads)
+    blocks = np.concatenate([_blocks(image) for image in sample])
     if len(blocks) == 0:
         return DEFAULT_FILL
     spread = (blocks.max(1) - blocks.min(1)).max(1)
@@ -206,12 +210,26 @@ def _blocks(image: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(planar, dtype=np.int16).transpose(0, 2, 1)
 
 
-def _smallest_level_sample(source: SlideSource) -> list[np.ndarray]:
+def _smallest_level_sample(source: SlideSource, threads: int) -> list[np.ndarray]:
     """The smallest level whole when it has at most `FILL_SAMPLE_PIXELS`, else an 8 x 8 grid
-    of its tiles, each cropped to the level (a single-level slide costs at most 64 tiles)."""
+    of its tiles, each cropped to the level (a single-level slide costs at most 64 tiles). A
+    whole level is given tile by tile when its tiles are whole 8 x 8 blocks: the same blocks
+    as the level in one piece, and its tiles can be decoded side by side."""
     index = len(source.levels) - 1
     lv = source.levels[index]
     if lv.width * lv.height <= FILL_SAMPLE_PIXELS:
-        return [source.read_region(index, 0, 0, lv.width, lv.height)]
-    cells = {(c * (lv.cols - 1) // 7, r * (lv.rows - 1) // 7) for c in range(8) for r in range(8)}
-    return [inside(source.read_tile(index, c, r), lv, c, r) for c, r in sorted(cells)]
+        if lv.tile_width % _BLOCK or lv.tile_height % _BLOCK:
+            return [source.read_region(index, 0, 0, lv.width, lv.height)]
+        cells = {(c, r) for c in range(lv.cols) for r in range(lv.rows)}
+    else:
+        cells = {
+            (c * (lv.cols - 1) // 7, r * (lv.rows - 1) // 7) for c in range(8) for r in range(8)
+        }
+
+    def read(cell: tuple[int, int]) -> np.ndarray:
+        return inside(source.read_tile(index, *cell), lv, *cell)
+
+    if threads <= 1 or len(cells) == 1:
+        return [read(cell) for cell in sorted(cells)]
+    with cf.ThreadPoolExecutor(threads, "wsi-fill") as pool:
+        return list(pool.map(read, sorted(cells)))

@@ -211,7 +211,7 @@ class PyramidBuilder:
         self._done = 0
         self._total = sum(p.level.tile_count for p in self.plans)
         keep = settings.keep_background or settings.lossless
-        fill = choose_fill(source) if fill is None and not keep else fill
+        fill = choose_fill(source, settings.thread_count) if fill is None and not keep else fill
         self.background = None if keep or fill is None else Background(fill)
         """The blank-glass rule (None: every tile is stored)."""
         self.blank = (
