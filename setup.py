@@ -13,7 +13,11 @@ setup(
         Extension(
             "wsi.codecs._jpeglib",
             sources=["wsi/codecs/_jpeglib.c"],
-            depends=["wsi/codecs/_jpeglib_huffman.h", "wsi/codecs/_jpeglib_copy.h"],
+            depends=[
+                "wsi/codecs/_jpeglib_huffman.h",
+                "wsi/codecs/_jpeglib_copy.h",
+                "wsi/codecs/_jpeglib_decode.h",
+            ],
             libraries=["jpeg"],
             extra_compile_args=["-O3", "-Wall", "-Wextra", "-Wno-unused-parameter"],
         ),

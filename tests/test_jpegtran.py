@@ -182,6 +182,38 @@ def test_bounds_hold_for_ndpi_levels(path: Path) -> None:
         check_bounds(stream, f"{path.name} page {k}")
 
 
+def test_wide_quanta_give_the_bounds_narrow_ones_give() -> None:
+    """The walk over the coefficients sums |AC| x quantum (and x each frequency's reach) with
+    16-bit multiplies when every quantum of a table fits in 8 bits, in 64-bit arithmetic
+    otherwise: both must give the same bounds. Two grey streams of the same pixels whose tables
+    differ only in the highest frequency's quantum, 255 and 300 (a 16-bit table), where every
+    coefficient is zero (so the decoded pixels are the same), take one way each. The other
+    quanta are small (1 to 15), so coefficients reach the hundreds."""
+    rng = np.random.default_rng(11)
+    narrow = [*(1 + (k % 8) + (k // 8) for k in range(63)), 255]
+    wide = [*narrow[:63], 300]
+    x = np.arange(64)
+    compared = 0
+    for _ in range(40):
+        u, v = rng.uniform(0.02, 0.6, 2)
+        wave = np.add.outer(np.sin(x * v * rng.uniform(0.5, 1.5)), np.cos(x * u))
+        pixels = (128 + rng.uniform(20, 60) * wave + rng.normal(0, 6, (64, 64))).clip(0, 255)
+        pixels = pixels.astype(np.uint8)
+        a, b = (pillow_jpeg(pixels, qtables=[table]) for table in (narrow, wide))
+        assert quant_tables(a) != quant_tables(b)
+        if not np.array_equal(jpeg.decode(a), jpeg.decode(b)):
+            continue  # some highest-frequency coefficient was not zero under 255
+        ta, tb = (jpegtran.transcode(s, optimize=False) for s in (a, b))
+        assert (ta.low, ta.high, ta.darkest, ta.lightest) == (
+            tb.low,
+            tb.high,
+            tb.darkest,
+            tb.lightest,
+        )
+        compared += 1
+    assert compared >= 30
+
+
 # -- transcode ------------------------------------------------------------------------------------
 def check_lossless(data: bytes, out: bytes, rgb: bool) -> None:
     assert np.array_equal(jpeg.decode(out), jpeg.decode(data))

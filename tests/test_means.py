@@ -19,7 +19,9 @@ def reference(pixels: np.ndarray) -> np.ndarray:
     return np.asarray(image.reduce(2))
 
 
-@pytest.mark.parametrize("shape", [(256, 256), (2, 2), (7, 9), (1, 5), (130, 66)])
+@pytest.mark.parametrize(
+    "shape", [(256, 256), (2, 2), (7, 9), (1, 5), (130, 66), (4, 1030), (6, 514), (2, 36)]
+)
 def test_means_match_pillow(shape: tuple[int, int]) -> None:
     rng = np.random.default_rng(sum(shape))
     pixels = rng.integers(0, 256, (*shape, 3), dtype=np.uint8)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import collections
 import io
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import imagecodecs
@@ -269,4 +269,84 @@ def test_the_one_pass_works_here_and_its_fallback_agrees() -> None:
         assert jpegtran.copy_tile(data, True, (64, 64), rule.rule, one) == (
             jpegtran.copy_then_decode(data, True, (64, 64), rule.rule, two)
         )
+        assert np.array_equal(one, two)
+
+
+def outcome(call: Callable[[], object]) -> object:
+    """What a call returns, or the type and message of the CorruptSlide it raises."""
+    try:
+        return call()
+    except CorruptSlide as error:
+        return ("CorruptSlide", str(error))
+
+
+def test_damaged_streams_end_as_libjpeg_ends_them() -> None:
+    """copy_tile decodes the first scan itself, counting the symbols and bounding each block as
+    it goes (the walk that used to follow libjpeg's decode); it reads the stream as libjpeg-turbo
+    does, byte for byte at the same moments. Damaged streams show it: bits flipped, bytes
+    replaced, cut short, a stray RST or marker, a few bytes of padding before EOI (all of which
+    libjpeg may accept or refuse depending on where its reading stands) give the same result or
+    the same error as `copy_then_decode`, where libjpeg decodes. Edge tiles too: the padding
+    blocks of their last MCUs are decoded but counted as the output's (zero difference, EOB)."""
+    rng = np.random.default_rng(12)
+    rule = Background(244).rule
+    sources = []
+    for mode in ("420", "422", "gray", "rgb", "restart"):
+        for h, w in ((46, 70), (64, 64)):
+            tissue = rng.integers(60, 230, (h, w, 3)).astype(np.uint8)
+            sources.append((encode_tile(tissue, mode), w, h))
+            sources.append((encode_tile(glass(h, size=max(h, w))[:h, :w], mode), w, h))
+    changed = 0
+    for case in range(1500):
+        data, w, h = sources[case % len(sources)]
+        damaged = bytearray(data)
+        sos = damaged.find(b"\xff\xda")
+        start = sos + 2 + int.from_bytes(damaged[sos + 2 : sos + 4], "big")
+        at = int(rng.integers(start, len(damaged) - 3))
+        kind = case % 6
+        if kind == 0:
+            damaged[at] ^= 1 << int(rng.integers(8))
+        elif kind == 1:
+            damaged[at] = int(rng.integers(256))
+        elif kind == 2:
+            damaged[at] = 0xFF
+        elif kind == 3:
+            damaged[at : at + 2] = bytes([0xFF, 0xD0 + int(rng.integers(8))])
+        elif kind == 4:
+            damaged = damaged[:at]
+        else:
+            damaged[-2:-2] = bytes([int(rng.choice([0, 0xAA]))]) * int(rng.integers(1, 9))
+        stream = bytes(damaged)
+        one, two = (np.zeros(((h + 1) // 2, (w + 1) // 2, 3), np.uint8) for _ in range(2))
+        first = outcome(lambda: jpegtran.copy_tile(stream, True, (w, h), rule, one))
+        second = outcome(lambda: jpegtran.copy_then_decode(stream, True, (w, h), rule, two))
+        assert first == second, (case, first, second)
+        if not isinstance(first, tuple):
+            assert np.array_equal(one, two), case
+        changed += isinstance(first, tuple)
+    assert 100 <= changed <= 1400  # both accepted and refused streams were compared
+
+
+def with_size(stream: bytes, width: int, height: int) -> bytes:
+    """The stream with its frame header declaring another size (same MCU count): the blocks
+    past the new edge become padding blocks that hold coefficients, as some encoders write
+    them (libjpeg's own padding blocks have none)."""
+    at = stream.find(b"\xff\xc0") + 5
+    return stream[:at] + height.to_bytes(2, "big") + width.to_bytes(2, "big") + stream[at + 4 :]
+
+
+@pytest.mark.parametrize("mode", ["420", "422", "restart"])
+def test_padding_blocks_with_coefficients(mode: str) -> None:
+    """The output's padding blocks are a zero difference and an EOB whatever the source's
+    held: the optimised stream is the one libjpeg's two passes make."""
+    rng = np.random.default_rng(13)
+    source = encode_tile(rng.integers(60, 230, (48, 80, 3)).astype(np.uint8), mode)
+    # The MCUs stay 5 x 3 (4:2:0, 16 x 16) or 5 x 6 (4:2:2, 16 x 8, no padding rows).
+    sizes = ((70, 48), (66, 48)) if mode == "422" else ((70, 48), (80, 40), (66, 34))
+    for width, height in sizes:
+        data = with_size(source, width, height)
+        one, two = (np.zeros(((height + 1) // 2, (width + 1) // 2, 3), np.uint8) for _ in "12")
+        walked = jpegtran.copy_tile(data, True, (width, height), None, one)
+        assert walked == jpegtran.copy_then_decode(data, True, (width, height), None, two)
+        assert walked.data == jpegtran.transcode(data).data
         assert np.array_equal(one, two)

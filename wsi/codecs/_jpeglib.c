@@ -468,8 +468,8 @@ static J_DCT_METHOD turbojpeg_dct(int quality) {
 
 /* The gathering pass of optimize_coding, faster: libjpeg's counts every coefficient of a block
  * with a loop per bit length, and builds the tables with O(n^2) searches. This one visits only
- * the non-zero coefficients (nonzero_zigzag) and builds them with install_tables; the counts and
- * tables are the same, so the stream is too. It takes the place of the entropy encoder's
+ * the non-zero coefficients (natural_to_zigzag) and builds them with install_tables; the counts
+ * and tables are the same, so the stream is too. It takes the place of the entropy encoder's
  * gathering methods (jpegint.h) once jpeg_start_compress has begun that pass; libjpeg's own
  * methods write the output pass. */
 struct gathering {
@@ -487,16 +487,19 @@ static boolean gather_mcu(j_compress_ptr c, JBLOCKROW *blocks) {
         long *ac = g->ac[comp->ac_tbl_no];
         unsigned diff = (unsigned)abs((int)block[0] - g->last_dc[ci]);
         uint64_t bits;
+        uint16_t magnitudes[DCTSIZE2];
+        unsigned every;
         int last = 0;
         if (diff >= 1u << 11)
             ERREXIT(c, JERR_BAD_DCT_COEF);
         g->dc[comp->dc_tbl_no][diff ? 32 - __builtin_clz(diff) : 0]++;
         g->last_dc[ci] = block[0];
-        for (bits = nonzero_zigzag(block) & ~(uint64_t)1; bits; bits &= bits - 1) {
+        bits = block_magnitudes(block, magnitudes, &every) & ~(uint64_t)1;
+        if (every >= 1u << 10)
+            ERREXIT(c, JERR_BAD_DCT_COEF);
+        for (bits = bits ? natural_to_zigzag(bits) : 0; bits; bits &= bits - 1) {
             int z = __builtin_ctzll(bits), run;
-            unsigned magnitude = (unsigned)abs((int)block[natural_of[z]]);
-            if (magnitude >= 1u << 10)
-                ERREXIT(c, JERR_BAD_DCT_COEF);
+            unsigned magnitude = magnitudes[natural_of[z]];
             for (run = z - last - 1; run > 15; run -= 16)
                 ac[0xF0]++;
             ac[(run << 4) + 32 - __builtin_clz(magnitude)]++;
@@ -673,6 +676,8 @@ PyMODINIT_FUNC PyInit__jpeglib(void) {
         return NULL;
     init_zigzag_bits();
     init_reach_weights();
+    if (pthread_key_create(&table_cache_key, free_table_cache) != 0)
+        return PyErr_NoMemory();
     m = PyModule_Create(&module);
     if (m == NULL)
         return NULL;

@@ -2,8 +2,10 @@
  * done to a copied JPEG tile from one read of its DCT coefficients.
  *
  * run_copy reads the coefficients once (one entropy decode) and, from them:
- *   - bounds each component's samples and its whole blocks' means (scan_components), and gathers
- *     the Huffman statistics in the same walk;
+ *   - bounds each component's samples and its whole blocks' means, and gathers the Huffman
+ *     statistics in the same walk: block by block as they are decoded (_jpeglib_decode.h) when
+ *     the tile is one sequential scan decoded for a 1/2-scale target, else afterwards over
+ *     the coefficient arrays (scan_components);
  *   - with a colour rule, settles whether every pixel of the tile's visible part is one of the
  *     rule's colours (judge_blocks: blank glass), or says it cannot;
  *   - with a target, writes the tile decoded at 1/2 scale into it (libjpeg's buffered-image
@@ -15,6 +17,8 @@
  * check of a glass candidate, and for the 1/2-scale decode of the level below. */
 #ifndef WSI_JPEGLIB_COPY_H
 #define WSI_JPEGLIB_COPY_H
+
+#include "_jpeglib_decode.h"
 
 #define COLOUR_MARGIN 0.51
 /* Largest difference, in levels, between an accurate decoder's R, G or B and the exact JFIF
@@ -213,11 +217,16 @@ static int judge_blocks(struct job *job, j_decompress_ptr d, long width, long he
     long bcols = (width + DCTSIZE - 1) / DCTSIZE, brows = (height + DCTSIZE - 1) / DCTSIZE;
     long bx, by, rh[3], rv[3];
     const int16_t *bounds[3];
+    /* For each block column, where its bounds are in each component's row of bounds: the
+     * divisions by the sampling ratios done once per tile, not per block. */
+    int32_t at[3][MAX_SIDE / DCTSIZE];
+    int last_lo[3] = {-1, -1, -1}, last_hi[3] = {-1, -1, -1}, last = 0;
     struct level_verdicts cache;
-    int ci, undecided = 0;
+    int ci, nc = d->num_components, undecided = 0;
     cache.key[0] = -1;
-    for (ci = 0; ci < d->num_components; ci++) {
+    for (ci = 0; ci < nc; ci++) {
         const jpeg_component_info *c = &d->comp_info[ci];
+        long w = (long)c->width_in_blocks;
         rh[ci] = d->max_h_samp_factor / c->h_samp_factor;
         rv[ci] = d->max_v_samp_factor / c->v_samp_factor;
         bounds[ci] = job->comp_blocks[ci];
@@ -225,21 +234,34 @@ static int judge_blocks(struct job *job, j_decompress_ptr d, long width, long he
             chroma_hull(c, job->comp_blocks[ci], job->comp_hulls[ci]);
             bounds[ci] = job->comp_hulls[ci];
         }
+        for (bx = 0; bx < bcols; bx++)
+            at[ci][bx] = (int32_t)(2 * (bx / rh[ci] < w ? bx / rh[ci] : w - 1));
     }
     for (by = 0; by < brows; by++) {
+        const int16_t *row[3];
+        for (ci = 0; ci < nc; ci++) {
+            const jpeg_component_info *c = &d->comp_info[ci];
+            long y = by / rv[ci];
+            y = y < (long)c->height_in_blocks ? y : (long)c->height_in_blocks - 1;
+            row[ci] = bounds[ci] + 2 * y * (long)c->width_in_blocks;
+        }
         for (bx = 0; bx < bcols; bx++) {
-            int lo[3] = {0, 0, 0}, hi[3] = {0, 0, 0}, verdict;
-            for (ci = 0; ci < d->num_components; ci++) {
-                const jpeg_component_info *c = &d->comp_info[ci];
-                long x = bx / rh[ci], y = by / rv[ci];
-                const int16_t *slot;
-                x = x < (long)c->width_in_blocks ? x : (long)c->width_in_blocks - 1;
-                y = y < (long)c->height_in_blocks ? y : (long)c->height_in_blocks - 1;
-                slot = bounds[ci] + 2 * (y * (long)c->width_in_blocks + x);
+            int lo[3] = {0, 0, 0}, hi[3] = {0, 0, 0}, same = 1, verdict;
+            for (ci = 0; ci < nc; ci++) {
+                const int16_t *slot = row[ci] + at[ci][bx];
                 lo[ci] = slot[0];
                 hi[ci] = slot[1];
+                same &= lo[ci] == last_lo[ci] && hi[ci] == last_hi[ci];
             }
-            verdict = judge_box(&job->rule, job->space_index, lo, hi, &cache);
+            /* Neighbouring blocks of glass often have the very same bounds. */
+            if (same) {
+                verdict = last;
+            } else {
+                verdict = judge_box(&job->rule, job->space_index, lo, hi, &cache);
+                memcpy(last_lo, lo, sizeof lo);
+                memcpy(last_hi, hi, sizeof hi);
+                last = verdict;
+            }
             if (verdict < 0)
                 return 0;
             undecided |= verdict == 0;
@@ -249,12 +271,8 @@ static int judge_blocks(struct job *job, j_decompress_ptr d, long width, long he
 }
 
 /* -- one pass ------------------------------------------------------------------------------ */
-/* Starts libjpeg's buffered-image mode at 1/2 scale, reads every scan, and returns the
- * coefficient arrays the output pass will read: the same arrays jpeg_read_coefficients returns
- * (jpegint.h's coef_arrays of a full-image coefficient controller, which buffered-image mode
- * always uses). NULL if this libjpeg keeps none. */
-static jvirt_barray_ptr *start_half(struct job *job, j_decompress_ptr src) {
-    int status;
+/* Starts libjpeg's buffered-image mode at 1/2 scale (the first scan's tables are then read). */
+static void start_half(struct job *job, j_decompress_ptr src) {
     src->buffered_image = TRUE;
     src->scale_num = 1;
     src->scale_denom = 2;
@@ -268,11 +286,21 @@ static jvirt_barray_ptr *start_half(struct job *job, j_decompress_ptr src) {
                  job->half_width, job->half_height);
         longjmp(job->g.escape, 1);
     }
+}
+
+/* Reads every scan of buffered-image mode and returns the coefficient arrays the output pass
+ * will read: the same arrays jpeg_read_coefficients returns (jpegint.h's coef_arrays of a
+ * full-image coefficient controller, which buffered-image mode always uses). */
+static jvirt_barray_ptr *read_scans(struct job *job, j_decompress_ptr src) {
+    int status;
     do {
         status = jpeg_consume_input(src);
     } while (status != JPEG_REACHED_EOI && status != JPEG_SUSPENDED);
-    if (status == JPEG_SUSPENDED || src->coef == NULL)
-        return NULL;
+    if (status == JPEG_SUSPENDED || src->coef == NULL) {
+        snprintf(job->g.message, sizeof job->g.message,
+                 "this libjpeg keeps no coefficients in buffered-image mode");
+        longjmp(job->g.escape, 1);
+    }
     return src->coef->coef_arrays;
 }
 
@@ -332,13 +360,46 @@ static void keep_blocks(struct job *job, j_decompress_ptr src) {
     }
 }
 
+/* Every component's walk set up from nothing (counts zeroed): its quanta, the blocks whose
+ * means count (those inside width x height) and, when gathering, the counts of the output's
+ * Huffman tables it uses (tables[ci]: DC table, AC table). */
+static void prepare_components(struct job *job, j_decompress_ptr src, struct component_scan *comps,
+                               huff_counts *dc, huff_counts *ac, int gather, JDIMENSION width,
+                               JDIMENSION height, int tables[][2]) {
+    int ci, k, full;
+    memset(dc, 0, sizeof(huff_counts) * NUM_HUFF_TBLS);
+    memset(ac, 0, sizeof(huff_counts) * NUM_HUFF_TBLS);
+    for (ci = 0; ci < src->num_components; ci++) {
+        jpeg_component_info *c = &src->comp_info[ci];
+        for (k = 0; k < DCTSIZE2; k++)
+            comps[ci].q[k] = c->quant_table->quantval[k];
+        prepare_scan(&comps[ci]);
+        comps[ci].lo = INT64_MAX;
+        comps[ci].hi = INT64_MIN;
+        comps[ci].dark = INT64_MAX;
+        comps[ci].light = INT64_MIN;
+        /* A block of a full-resolution component covers 8 x 8 pixels; a subsampled one's
+         * samples are upsampled (mixed with its neighbours'): none of its blocks counts. */
+        full = c->h_samp_factor == src->max_h_samp_factor &&
+               c->v_samp_factor == src->max_v_samp_factor;
+        comps[ci].whole_cols = full ? width / DCTSIZE : 0;
+        comps[ci].whole_rows = full ? height / DCTSIZE : 0;
+        comps[ci].last_dc = 0;
+        comps[ci].dc = gather ? dc[tables[ci][0]] : NULL;
+        comps[ci].ac = gather ? ac[tables[ci][1]] : NULL;
+        comps[ci].blocks = job->comp_blocks[ci];
+        comps[ci].stride = c->width_in_blocks;
+    }
+}
+
 static int run_copy(struct job *job) {
     struct jpeg_decompress_struct src;
     struct jpeg_compress_struct dst;
     struct component_scan comps[3];
     huff_counts dc[NUM_HUFF_TBLS], ac[NUM_HUFF_TBLS];
+    struct decoding walk;
     jvirt_barray_ptr *coefs;
-    int ci, k, gather, full;
+    int ci, gather, walked, tables[3][2];
     volatile int outside = 0;
     JDIMENSION width, height;
     volatile int have_dst = 0;
@@ -372,19 +433,28 @@ static int run_copy(struct job *job) {
                  (int)src.jpeg_color_space);
         longjmp(job->g.escape, 1);
     }
-    if (job->half != NULL) {
-        coefs = start_half(job, &src);
-        if (coefs == NULL) {
-            snprintf(job->g.message, sizeof job->g.message,
-                     "this libjpeg keeps no coefficients in buffered-image mode");
-            longjmp(job->g.escape, 1);
-        }
-    } else {
-        coefs = jpeg_read_coefficients(&src);
-    }
     job->ncomp = src.num_components;
     if (job->want_blocks)
         keep_blocks(job, &src);
+    gather = job->optimize && !job->libjpeg_tables;
+    width = job->width > 0 && job->width < (long)src.image_width ? job->width : src.image_width;
+    height =
+        job->height > 0 && job->height < (long)src.image_height ? job->height : src.image_height;
+    /* The tables jpeg_copy_critical_parameters will give the output's components
+     * (jpeg_set_colorspace: 0 for luma, grey and every RGB component, 1 for chroma), checked
+     * below once it has. */
+    for (ci = 0; ci < src.num_components; ci++)
+        tables[ci][0] = tables[ci][1] = job->space_index == 1 && ci > 0;
+    walked = 0;
+    if (job->half != NULL) {
+        start_half(job, &src);
+        prepare_components(job, &src, comps, dc, ac, gather, width, height, tables);
+        walked = start_walk(&src, &walk, comps);
+        coefs = read_scans(job, &src);
+        walked = walked && !walk.give_up;
+    } else {
+        coefs = jpeg_read_coefficients(&src);
+    }
 
     if (job->optimize) {
         jpeg_create_compress(&dst);
@@ -395,35 +465,20 @@ static int run_copy(struct job *job) {
         jpeg_copy_critical_parameters(&src, &dst);
         dst.restart_interval = src.restart_interval;
         dst.restart_in_rows = 0;
+        for (ci = 0; ci < src.num_components; ci++) {
+            walked &= tables[ci][0] == dst.comp_info[ci].dc_tbl_no &&
+                      tables[ci][1] == dst.comp_info[ci].ac_tbl_no;
+            tables[ci][0] = dst.comp_info[ci].dc_tbl_no;
+            tables[ci][1] = dst.comp_info[ci].ac_tbl_no;
+        }
     }
-    gather = job->optimize && !job->libjpeg_tables;
-    width = job->width > 0 && job->width < (long)src.image_width ? job->width : src.image_width;
-    height =
-        job->height > 0 && job->height < (long)src.image_height ? job->height : src.image_height;
-    memset(dc, 0, sizeof dc);
-    memset(ac, 0, sizeof ac);
-    for (ci = 0; ci < src.num_components; ci++) {
-        jpeg_component_info *c = &src.comp_info[ci];
-        for (k = 0; k < DCTSIZE2; k++)
-            comps[ci].q[k] = c->quant_table->quantval[k];
-        comps[ci].lo = INT64_MAX;
-        comps[ci].hi = INT64_MIN;
-        comps[ci].dark = INT64_MAX;
-        comps[ci].light = INT64_MIN;
-        /* A block of a full-resolution component covers 8 x 8 pixels; a subsampled one's
-         * samples are upsampled (mixed with its neighbours'): none of its blocks counts. */
-        full = c->h_samp_factor == src.max_h_samp_factor &&
-               c->v_samp_factor == src.max_v_samp_factor;
-        comps[ci].whole_cols = full ? width / DCTSIZE : 0;
-        comps[ci].whole_rows = full ? height / DCTSIZE : 0;
-        comps[ci].last_dc = 0;
-        comps[ci].dc = gather ? dc[dst.comp_info[ci].dc_tbl_no] : NULL;
-        comps[ci].ac = gather ? ac[dst.comp_info[ci].ac_tbl_no] : NULL;
-        comps[ci].blocks = job->comp_blocks[ci];
-        comps[ci].stride = c->width_in_blocks;
-    }
-    if (scan_components(&src, coefs, comps, src.restart_interval) != 0)
+    if (!walked) {
+        prepare_components(job, &src, comps, dc, ac, gather, width, height, tables);
+        if (scan_components(&src, coefs, comps, src.restart_interval) != 0)
+            ERREXIT(&src, JERR_BAD_DCT_COEF);
+    } else if (walk.bad) {
         ERREXIT(&src, JERR_BAD_DCT_COEF);
+    }
     for (ci = 0; ci < src.num_components; ci++) {
         const double *range = job->limits[job->space_index][ci];
         job->low[ci] = 255 - level_floor(255 * 128 - comps[ci].lo); /* ceil(lo / 128) */

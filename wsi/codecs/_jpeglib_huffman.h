@@ -48,10 +48,10 @@ static void init_zigzag_bits(void) {
     }
 }
 
-/* Bit z set when the coefficient at zigzag position z is not zero: one compare per 8
- * coefficients and 8 table look-ups, no branch. */
-static inline uint64_t nonzero_zigzag(const JCOEF *block) {
-    uint64_t mask = 0, zigzag = 0;
+/* Bit k set when the coefficient at natural position k is not zero: one compare per 8
+ * coefficients, no branch. */
+static inline uint64_t nonzero_natural(const JCOEF *block) {
+    uint64_t mask = 0;
     int i;
 #ifdef __SSE2__
     for (i = 0; i < 4; i++) {
@@ -65,6 +65,51 @@ static inline uint64_t nonzero_zigzag(const JCOEF *block) {
     for (i = 0; i < DCTSIZE2; i++)
         mask |= (uint64_t)(block[i] != 0) << i;
 #endif
+    return mask;
+}
+
+/* Each AC coefficient's magnitude into `magnitude` (natural order; the DC's set to 0), their
+ * OR into *every; returns nonzero_natural(block). */
+static inline uint64_t block_magnitudes(const JCOEF *block, uint16_t *magnitude,
+                                        unsigned *every) {
+    uint64_t mask = 0;
+    int i;
+#ifdef __SSE2__
+    __m128i zero = _mm_setzero_si128(), any = zero;
+    __m128i no_dc = _mm_set_epi16(-1, -1, -1, -1, -1, -1, -1, 0);
+    for (i = 0; i < DCTSIZE2; i += 16) {
+        __m128i a = _mm_loadu_si128((const __m128i *)(block + i));
+        __m128i b = _mm_loadu_si128((const __m128i *)(block + i + 8));
+        __m128i eq = _mm_packs_epi16(_mm_cmpeq_epi16(a, zero), _mm_cmpeq_epi16(b, zero));
+        __m128i sa = _mm_srai_epi16(a, 15), sb = _mm_srai_epi16(b, 15);
+        mask |= (uint64_t)(uint16_t)~_mm_movemask_epi8(eq) << i;
+        a = _mm_sub_epi16(_mm_xor_si128(a, sa), sa);
+        b = _mm_sub_epi16(_mm_xor_si128(b, sb), sb);
+        if (i == 0)
+            a = _mm_and_si128(a, no_dc);
+        _mm_storeu_si128((__m128i *)(magnitude + i), a);
+        _mm_storeu_si128((__m128i *)(magnitude + i + 8), b);
+        any = _mm_or_si128(any, _mm_or_si128(a, b));
+    }
+    any = _mm_or_si128(any, _mm_shuffle_epi32(any, 0x4E));
+    any = _mm_or_si128(any, _mm_shuffle_epi32(any, 0xB1));
+    any = _mm_or_si128(any, _mm_srli_epi32(any, 16));
+    *every = (unsigned)_mm_cvtsi128_si32(any) & 0xFFFF;
+#else
+    *every = 0;
+    for (i = 0; i < DCTSIZE2; i++) {
+        magnitude[i] = (uint16_t)(i == 0 ? 0 : abs((int)block[i]));
+        *every |= magnitude[i];
+        mask |= (uint64_t)(block[i] != 0) << i;
+    }
+#endif
+    return mask;
+}
+
+/* The same bits in zigzag order (bit z: zigzag position z), by 8 table look-ups. */
+static inline uint64_t natural_to_zigzag(uint64_t mask) {
+    uint64_t zigzag = 0;
+    int i;
     for (i = 0; i < 8; i++)
         zigzag |= zigzag_bits[i][(mask >> (8 * i)) & 0xFF];
     return zigzag;
@@ -82,6 +127,12 @@ static inline int level_floor(int64_t v) {
  * component's is the min and max over its blocks. Bounds are kept in 1/128 levels. */
 struct component_scan {
     int q[DCTSIZE2];
+    /* The same sums by 16-bit multiplies (block_sums): the quanta (0 at the DC), and quantum *
+     * reach_weight (< 2**29 when the quanta are <= 255) cut into 15-bit halves. `small` when
+     * every quantum is <= 255 (8-bit tables, all baseline streams). Set by prepare_scan. */
+    int16_t q16[DCTSIZE2], qw_low[DCTSIZE2], qw_high[DCTSIZE2];
+    int small;
+    int64_t qw[DCTSIZE2]; /* quantum * reach_weight */
     int64_t lo, hi;
     /* Over the blocks that lie wholly inside the region whose pixels count (none for a
      * subsampled component, whose blocks are upsampled): an upper bound of the darkest block's
@@ -126,6 +177,72 @@ static void init_reach_weights(void) {
             reach_weight[v * DCTSIZE + u] = (int64_t)ceil(m[u] * m[v] / 4 * 128 * 65536) + 1;
 }
 
+/* The 16-bit forms of the quanta (q16, qw_low, qw_high, small), once per tile. */
+static void prepare_scan(struct component_scan *c) {
+    int k;
+    c->small = 1;
+    for (k = 0; k < DCTSIZE2; k++) {
+        int64_t qw = (int64_t)c->q[k] * reach_weight[k];
+        c->qw[k] = qw;
+        c->small &= c->q[k] <= 255;
+        c->q16[k] = (int16_t)(k == 0 ? 0 : c->q[k] & 0x7FFF);
+        c->qw_low[k] = (int16_t)(k == 0 ? 0 : qw & 0x7FFF);
+        c->qw_high[k] = (int16_t)(k == 0 ? 0 : (qw >> 15) & 0x7FFF);
+    }
+}
+
+/* S and W of a block in 64-bit arithmetic, from the AC magnitudes: any quanta, any
+ * coefficients. */
+static void block_sums_exact(const struct component_scan *c, const uint16_t *magnitude,
+                             int64_t *sum, int64_t *weighted) {
+    int k;
+    *sum = *weighted = 0;
+    for (k = 1; k < DCTSIZE2; k++) {
+        int64_t value = (int64_t)magnitude[k] * c->q[k];
+        *sum += value;
+        *weighted += value * reach_weight[k];
+    }
+}
+
+#ifdef __SSE2__
+/* a * the 8 int16 at p, pairs summed into 4 int32 (pmaddwd). */
+static inline __m128i madd_at(__m128i a, const int16_t *p) {
+    return _mm_madd_epi16(a, _mm_loadu_si128((const __m128i *)p));
+}
+
+/* The sum of the 4 int32 lanes, in every lane. */
+static inline __m128i lanes_sum(__m128i v) {
+    v = _mm_add_epi32(v, _mm_shuffle_epi32(v, 0x4E));
+    return _mm_add_epi32(v, _mm_shuffle_epi32(v, 0xB1));
+}
+#endif
+
+/* S and W of a block (see component_scan) from its AC magnitudes (block_magnitudes), by
+ * 16-bit multiplies: exact when the quanta are <= 255 and every magnitude < 2**11 (products
+ * < 2**26; each 32-bit lane sums 8 pairs of them, < 2**30), which the caller checks (`small`,
+ * the OR of the magnitudes); otherwise it calls block_sums_exact. */
+static inline void block_sums(const struct component_scan *c, const uint16_t *magnitude,
+                              int64_t *sum, int64_t *weighted) {
+#ifdef __SSE2__
+    __m128i s = _mm_setzero_si128(), low = s, high = s;
+    int i;
+    for (i = 0; i < DCTSIZE2; i += 8) {
+        __m128i a = _mm_loadu_si128((const __m128i *)(magnitude + i));
+        s = _mm_add_epi32(s, madd_at(a, c->q16 + i));
+        low = _mm_add_epi32(low, madd_at(a, c->qw_low + i));
+        high = _mm_add_epi32(high, madd_at(a, c->qw_high + i));
+    }
+    *sum = (uint32_t)_mm_cvtsi128_si32(lanes_sum(s));
+    *weighted = ((int64_t)(uint32_t)_mm_cvtsi128_si32(lanes_sum(high)) << 15) +
+                (uint32_t)_mm_cvtsi128_si32(lanes_sum(low));
+#else
+    block_sums_exact(c, magnitude, sum, weighted);
+#endif
+}
+
+static inline int finish_block(struct component_scan *c, JCOEF dc, int64_t sum, int64_t weighted,
+                               unsigned every, int last, int whole, int16_t *slot);
+
 /* One real block: its bound, its mean's bounds when it is `whole` (inside the region that
  * counts), and (when gathering) its symbols exactly as libjpeg's
  * htest_one_block counts them: the DC difference's size category, then for each non-zero AC
@@ -135,29 +252,44 @@ static void init_reach_weights(void) {
  * baseline Huffman codes cannot carry. */
 static inline int scan_block(struct component_scan *c, const JCOEF *block, int whole,
                              int16_t *slot) {
+    uint16_t magnitude[DCTSIZE2];
     uint64_t bits;
-    unsigned every = 0;
-    int64_t sum = 0, weighted = 0, centre, reach;
-    int run, last;
+    unsigned every;
+    int64_t sum, weighted;
+    int run, last = 0;
 
-    last = 0;
-    for (bits = nonzero_zigzag(block) & ~(uint64_t)1; bits; bits &= bits - 1) {
-        int z = __builtin_ctzll(bits), k = natural_of[z];
-        unsigned magnitude = (unsigned)abs((int)block[k]);
-        int64_t value = (int64_t)magnitude * c->q[k];
-        sum += value;
-        weighted += value * reach_weight[k];
-        every |= magnitude;
-        if (c->ac != NULL) {
+    /* Most blocks of glass have no AC coefficient: no sums, no zigzag mapping, no loop. */
+    bits = nonzero_natural(block) & ~(uint64_t)1;
+    every = 0;
+    sum = weighted = 0;
+    if (bits != 0) {
+        block_magnitudes(block, magnitude, &every);
+        if (c->small && every < 1u << 11)
+            block_sums(c, magnitude, &sum, &weighted);
+        else
+            block_sums_exact(c, magnitude, &sum, &weighted);
+    }
+    if (bits != 0 && c->ac != NULL) {
+        for (bits = natural_to_zigzag(bits); bits; bits &= bits - 1) {
+            int z = __builtin_ctzll(bits);
+            unsigned m = magnitude[natural_of[z]];
             for (run = z - last - 1; run > 15; run -= 16)
                 c->ac[0xF0]++;
-            c->ac[(run << 4) + 32 - __builtin_clz(magnitude)]++;
+            c->ac[(run << 4) + 32 - __builtin_clz(m)]++;
+            last = z;
         }
-        last = z;
     }
+    return finish_block(c, block[0], sum, weighted, every, last, whole, slot);
+}
+
+/* The rest of scan_block, from the block's DC, S and W, the OR of its AC magnitudes and the
+ * zigzag position of its last non-zero coefficient (its AC symbols already counted). */
+static inline int finish_block(struct component_scan *c, JCOEF dc, int64_t sum, int64_t weighted,
+                               unsigned every, int last, int whole, int16_t *slot) {
+    int64_t centre, reach;
     /* 128 * (128 + DC/8) and 128 * (W + 1 + S/128), or 128 * 1/2 without AC: W the weighted
      * sum (reach_weight, rounded up), at most S/4. */
-    centre = 16384 + 16 * (int64_t)block[0] * c->q[0];
+    centre = 16384 + 16 * (int64_t)dc * c->q[0];
     reach = sum == 0 ? 64 : ((weighted + 65535) >> 16) + sum + 128;
     c->lo = centre - reach < c->lo ? centre - reach : c->lo;
     c->hi = centre + reach > c->hi ? centre + reach : c->hi;
@@ -173,11 +305,11 @@ static inline int scan_block(struct component_scan *c, const JCOEF *block, int w
     if (c->dc == NULL)
         return 0;
     {
-        unsigned diff = (unsigned)abs((int)block[0] - c->last_dc);
+        unsigned diff = (unsigned)abs((int)dc - c->last_dc);
         if (diff >= 1u << 11 || every >= 1u << 10)
             return -1;
         c->dc[diff ? 32 - __builtin_clz(diff) : 0]++;
-        c->last_dc = block[0];
+        c->last_dc = dc;
     }
     if (last < DCTSIZE2 - 1)
         c->ac[0]++;
