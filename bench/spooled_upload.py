@@ -11,14 +11,14 @@ import google_crc32c
 
 from wsi.errors import StoreError
 from wsi.published.layout import StoredObject
-from wsi.store import parts
+from wsi.store import head_last
 from wsi.store.objects import Store
 
 SPOOL_MEMORY = 8 * 1024 * 1024
 COPY_BLOCK = 8 * 1024 * 1024
 
 
-class Spooled(parts.HeadLastObject):
+class Spooled(head_last.HeadLastObject):
     def __init__(self, store: Store, key: str) -> None:
         super().__init__(store, key)
         self._spool = tempfile.SpooledTemporaryFile(max_size=SPOOL_MEMORY)  # noqa: SIM115
@@ -51,4 +51,4 @@ class Spooled(parts.HeadLastObject):
 
 def install() -> None:
     """Every head-last object this process writes to S3 spooled."""
-    parts._PartedUpload = Spooled  # type: ignore[misc,assignment]
+    head_last._PartedUpload = Spooled  # type: ignore[misc,assignment]

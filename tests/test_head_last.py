@@ -17,8 +17,8 @@ from openslide import OpenSlide
 
 import wsi
 from wsi.published.layout import StoredObject
+from wsi.store.head_last import _insert_blocks, open_head_last
 from wsi.store.objects import FILE_MODE, TEMP_MARK, Store, StoreSettings
-from wsi.store.parts import _insert_blocks, open_head_last
 from wsi.writers.dicom import (
     DELIMITER,
     EMPTY_BOT,

@@ -1,5 +1,5 @@
-"""DICOM level objects streamed to S3 while their level is written (`wsi.store.parts`), against the
-SeaweedFS the tests start: no mocks.
+"""DICOM level objects streamed to S3 while their level is written (`wsi.store.head_last`),
+against the SeaweedFS the tests start: no mocks.
 
 A level object's DICOM header describes the frames actually stored, so it is known only when the
 level ends, yet it comes first. The frames go up as parts 2..N of a multipart upload while the
@@ -31,7 +31,8 @@ import wsi
 from wsi.errors import StoreError
 from wsi.published.layout import SlideKeys
 from wsi.slide_id import content_slide_id
-from wsi.store.parts import MIN_PART_BYTES, ObjectParts, open_head_last, upload_part
+from wsi.store.head_last import open_head_last
+from wsi.store.parts import MIN_PART_BYTES, ObjectParts, upload_part
 
 from .conftest import make_tiff
 from .s3server import SeaweedFS

@@ -119,7 +119,7 @@ def with_transfer_syntax(header: bytes, uid: str) -> bytes:
 HEADER_BLOCK = 4096
 """The header of a level object whose frames take `PADDED_FROM` bytes or more is padded to a
 multiple of this (`padded_header`): a file system block on most, so that a local store can put
-the header in front of frames already written without moving them (`wsi.store.parts`). The same
+the header in front of frames already written without moving them (`wsi.store.head_last`). The same
 on every store, so that an object's bytes do not depend on where it was written."""
 PADDED_FROM = 8 * 1024 * 1024
 """From this size of the frames on, the padding (< 4 KiB) is below 0.05% of the object; smaller

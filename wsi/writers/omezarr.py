@@ -3,9 +3,9 @@
 Each level array has one shard covering the whole level, so a 20 GB slide is a handful of objects
 instead of millions, and the shard is written front to back as tiles arrive (see `shard.py`).
 Nothing of a level is held in memory beyond one row of tiles and the index, and the parts in
-flight (`shard.py`, `wsi.store.parts`: bounded per object, whatever the slide). With a `DicomSlide`,
-every level object and associated image is also a DICOM VL Whole Slide Microscopy instance: one
-pixel copy, two standard views. Keys, metadata documents and attributes come from
+flight (`shard.py`, `wsi.store.head_last`: bounded per object, whatever the slide). With a
+`DicomSlide`, every level object and associated image is also a DICOM VL Whole Slide Microscopy
+instance: one pixel copy, two standard views. Keys, metadata documents and attributes come from
 `wsi.published.layout`, which the reader shares.
 """
 

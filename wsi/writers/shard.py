@@ -9,7 +9,7 @@ A chunk may be absent (a blank tile, `None`): its index entry is the sharding co
 marker. Without a DICOM header the object streams straight to the store. With one, the header
 describes the frames actually stored (TILED_FULL when every tile is, else TILED_SPARSE with a
 position per frame), which is only known once the level is complete, and the header comes before
-the frames: the object is written head last (`wsi.store.parts.open_head_last`). On S3 the frames
+the frames: the object is written head last (`wsi.store.head_last.open_head_last`). On S3 the frames
 still go up while the level is encoded, as parts 2..N of a multipart upload, and the header
 goes in part 1 with the first frames at `close`; on a local store they go straight into the
 object's file and the header is inserted in front of them at `close` (padded to whole blocks of
@@ -28,8 +28,8 @@ import numpy as np
 from wsi.errors import WsiError
 from wsi.model import Level
 from wsi.published.layout import EMPTY_CHUNK, StoredObject, empty_index, encode_index
+from wsi.store.head_last import HeadLastObject, open_head_last
 from wsi.store.objects import Store
-from wsi.store.parts import HeadLastObject, open_head_last
 from wsi.writers.dicom import item_header, trailer_header
 
 HeaderFactory = Callable[[list[bytes], tuple[int, ...] | None, int], bytes]
