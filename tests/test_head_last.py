@@ -5,7 +5,10 @@ copying the frames behind it; and the header padding that makes the first way po
 from __future__ import annotations
 
 import io
+import os
+import shutil
 import stat
+import tempfile
 from pathlib import Path
 
 import google_crc32c
@@ -105,6 +108,27 @@ def test_any_other_head_gets_the_body_copied_behind_it(tmp_path: Path, head_leng
     assert path.stat().st_ino != inode
     assert stat.S_IMODE(path.stat().st_mode) == FILE_MODE
     assert temporaries(tmp_path) == []
+
+
+def test_a_file_system_that_cannot_insert_gets_the_body_copied(tmp_path: Path) -> None:
+    """tmpfs refuses FALLOC_FL_INSERT_RANGE: a block-sized head is then put in front by the copy,
+    with the same bytes."""
+    shm = Path("/dev/shm")
+    if not shm.is_dir() or not os.access(shm, os.W_OK):
+        pytest.skip("no writable /dev/shm (tmpfs) here")
+    folder = Path(tempfile.mkdtemp(dir=shm))
+    try:
+        assert not can_insert(folder)
+        store = Store(StoreSettings(str(folder / "store")))
+        head, data, tail = b"H" * (2 * HEADER_BLOCK), body(2), b"t"
+        inode, stored = write_head_last(store, "a/level", head, data, tail)
+        path = Path(store.path("a/level"))
+        assert path.read_bytes() == head + data + tail
+        check_stored(stored, head + data + tail)
+        assert path.stat().st_ino != inode
+        assert temporaries(folder) == []
+    finally:
+        shutil.rmtree(folder)
 
 
 def test_a_failed_or_unfinished_object_leaves_nothing(tmp_path: Path) -> None:
