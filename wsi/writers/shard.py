@@ -44,22 +44,28 @@ def frame_chunks(
     """The bytes that a run of consecutive chunks (None: absent) adds to a shard object, and
     their (len(chunks), 2) index entries, for a run that starts `offset` bytes after the first
     chunk's position. With `dicom`, each chunk is an item padded to even length. A run's bytes
-    depend on its chunks alone, so parts of one object can be framed apart and joined."""
-    entries = empty_index(len(chunks))
+    depend on its chunks alone, so parts of one object can be framed apart and joined. (The
+    entries are gathered in lists and made an array once: a row assignment per chunk was most
+    of the 1.5 us a chunk this took, 25,000 chunks of a byte copy that holds the GIL.)"""
+    starts = [EMPTY_CHUNK] * len(chunks)
+    lengths = [EMPTY_CHUNK] * len(chunks)
     parts = []
     for i, data in enumerate(chunks):
         if data is None:
             continue
-        pad = len(data) & 1 if dicom else 0
+        size = len(data)
+        pad = size & 1 if dicom else 0
         if dicom:
-            parts.append(item_header(len(data) + pad))
+            parts.append(item_header(size + pad))
             offset += 8
-        entries[i] = (offset, len(data))
+        starts[i], lengths[i] = offset, size
         parts.append(data)
-        offset += len(data)
+        offset += size
         if pad:
             parts.append(b"\0")
             offset += 1
+    entries = empty_index(len(chunks))
+    entries[:, 0], entries[:, 1] = starts, lengths
     return b"".join(parts), entries
 
 
