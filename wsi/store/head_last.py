@@ -29,7 +29,7 @@ import google_crc32c
 
 from wsi.errors import StoreError, WsiError
 from wsi.published.layout import StoredObject
-from wsi.store.objects import FILE_MODE, TEMP_MARK, Store, fsync_dir, make_dirs
+from wsi.store.objects import Store, fsync_dir, make_dirs, new_temporary
 from wsi.store.parts import MIN_PART_BYTES, ObjectParts, PartRef, copy_file, crc32c_combine
 
 __all__ = ["HeadLastObject", "open_head_last"]
@@ -86,10 +86,10 @@ class _LocalHeadLast(HeadLastObject):
     """Locally: the body goes straight into the object's temporary file, and at `finish` the
     head is put in front of it. When the head fills whole blocks of the file system (the
     DICOM writer pads large objects' headers to 4 KiB, `wsi.writers.dicom.HEADER_BLOCK`) and
-    the file system can insert blocks into a file (ext4, XFS:
-    fallocate's FALLOC_FL_INSERT_RANGE), that moves no byte of the body: the base level of a
-    40,000 x 30,000 slide is ~240 MB, which took 0.3 s to copy behind its head, a quarter of
-    the whole conversion when the tiles are copied as they are. Otherwise the body is copied
+    the file system can insert blocks into a file (ext4 and XFS, with fallocate's
+    FALLOC_FL_INSERT_RANGE), that moves no byte of the body: the base level object of a 40,000
+    x 30,000 pyramid is ~180 MB, which took 0.3 s to copy behind its head, a quarter of the
+    whole conversion when the tiles are copied as they are. Otherwise the body is copied
     behind the head into a second temporary file, in the kernel where it can (copy_file_range).
     Either way the object appears by a rename at `complete`, fsynced, as `Store.open_write`'s
     objects do, and the body is never held in memory."""
@@ -104,7 +104,7 @@ class _LocalHeadLast(HeadLastObject):
         self._finished = False
         try:
             make_dirs(os.path.dirname(self._path))
-            self._tmp, self._fd = _new_temporary(self._path)
+            self._tmp, self._fd = new_temporary(self._path)
             self._block = os.fstatvfs(self._fd).f_bsize
         except OSError as exc:
             self.abort()
@@ -136,7 +136,7 @@ class _LocalHeadLast(HeadLastObject):
 
     def _copy_behind(self, offset: int) -> None:
         """Move the body to a new temporary file, `offset` bytes from its start."""
-        tmp, fd = _new_temporary(self._path)
+        tmp, fd = new_temporary(self._path)
         try:
             os.lseek(self._fd, 0, os.SEEK_SET)
             os.lseek(fd, offset, os.SEEK_SET)
@@ -176,13 +176,6 @@ class _LocalHeadLast(HeadLastObject):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self._tmp)
             self._tmp = ""
-
-
-def _new_temporary(path: str) -> tuple[str, int]:
-    """A new temporary file beside `path` (under the store's temporary mark, FILE_MODE), open
-    for reading and writing."""
-    tmp = f"{path}{TEMP_MARK}{uuid.uuid4().hex}"
-    return tmp, os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, FILE_MODE)
 
 
 def _write_all(fd: int, data: bytes) -> None:

@@ -158,15 +158,23 @@ def fsync_dir(path: str) -> None:
         os.close(fd)
 
 
+def new_temporary(path: str) -> tuple[str, int]:
+    """A new temporary file beside the local object `path`, under the store's temporary mark
+    (listings never show it; the next clean-up removes what a killed run left) and FILE_MODE:
+    its name and a descriptor open for reading and writing."""
+    tmp = f"{path}{TEMP_MARK}{uuid.uuid4().hex}"
+    return tmp, os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, FILE_MODE)
+
+
 @contextlib.contextmanager
 def _local_file(path: str) -> Iterator[IO[bytes]]:
     """A local object that appears whole or not at all, and durably: written under a unique
-    temporary name (FILE_MODE), fsynced, renamed into place, its folder fsynced; removed if the
-    body raises."""
+    temporary name (`new_temporary`), fsynced, renamed into place, its folder fsynced; removed
+    if the body raises."""
     make_dirs(os.path.dirname(path))
-    tmp = f"{path}{TEMP_MARK}{uuid.uuid4().hex}"
+    tmp = ""
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
+        tmp, fd = new_temporary(path)
         with os.fdopen(fd, "wb") as f:
             yield f
             f.flush()
@@ -174,8 +182,9 @@ def _local_file(path: str) -> Iterator[IO[bytes]]:
         os.replace(tmp, path)
         fsync_dir(os.path.dirname(path))
     finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
+        if tmp:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
 
 
 def _local_find(base: str) -> list[str]:
