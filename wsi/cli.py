@@ -37,10 +37,10 @@ from wsi.ingest.protocol import (
 from wsi.ingest.settings import IngestSettings, add_ingest_arguments
 from wsi.sources import backend_names
 from wsi.store.objects import Store, StoreSettings
+from wsi.store_commands import add_export_command, add_store_commands
 
 if TYPE_CHECKING:
     from wsi.convert import ConvertResult, ConvertSettings
-    from wsi.published.verify import ReadRate
     from wsi.pyramid.builder import Progress
     from wsi.pyramid.cluster import ClusterOptions
     from wsi.sources import SlideSource
@@ -333,14 +333,6 @@ def _convert_one(
         return convert_slide(local, store, settings, args.slide_id, tiles, cluster)
 
 
-def _export(args: argparse.Namespace) -> int:
-    from wsi.export import export_dicom_location
-
-    for path in export_dicom_location(args.slide, args.dest, args.s3_endpoint):
-        print(path)
-    return 0
-
-
 def role_settings(
     args: argparse.Namespace, environ: Mapping[str, str] | None = None
 ) -> IngestSettings:
@@ -377,101 +369,6 @@ def _archiving(
     from wsi.published.archive import archive_policy
 
     return {"archive": functools.partial(archive_policy, store, settings.archive_after_days)}
-
-
-def _list(args: argparse.Namespace) -> int:
-    store = Store(StoreSettings(args.store, endpoint_url=args.s3_endpoint))
-    for slide_id in store.published_slides():
-        print(slide_id)
-    return 0
-
-
-def _du(args: argparse.Namespace) -> int:
-    from wsi.published.usage import report_lines, store_usage
-
-    usage = store_usage(Store(StoreSettings(args.store, endpoint_url=args.s3_endpoint)), args.ids)
-    if args.json:
-        json.dump(usage.to_json(by_level=args.by_level), sys.stdout, indent=1)
-        sys.stdout.write("\n")
-    else:
-        print("\n".join(report_lines(usage, by_level=args.by_level)))
-    return ExitCode.FAILED if usage.unreadable else ExitCode.OK
-
-
-def _read_rate(args: argparse.Namespace) -> ReadRate:
-    """`--rate MB/s` (10^6 bytes a second), unbounded without it."""
-    from wsi.published.verify import ReadRate
-
-    return ReadRate(args.rate * 1e6 if args.rate is not None else None)
-
-
-def _verify(args: argparse.Namespace) -> int:
-    """One line per slide as it is checked; exit 1 when any slide is damaged."""
-    from wsi.published.verify import verify_store
-
-    store = Store(StoreSettings(args.store, endpoint_url=args.s3_endpoint))
-    checked = damaged = read = 0
-    for check in verify_store(store, args.ids, _read_rate(args)):
-        print(check.line(), flush=True)
-        checked, read = checked + 1, read + check.bytes_read
-        damaged += not check.ok
-    print(f"wsi: verify: {checked} slides, {damaged} damaged, {read:,} bytes read", file=sys.stderr)
-    return ExitCode.FAILED if damaged else ExitCode.OK
-
-
-def _sync(args: argparse.Namespace) -> int:
-    """`wsi sync A B`: one line per slide; exit 1 when a slide failed (or, with --repair, has
-    an object damaged in both stores)."""
-    from wsi.published.replicate import repair_store, sync_store
-
-    source = Store(StoreSettings(args.source, endpoint_url=args.s3_endpoint))
-    target_endpoint = args.target_s3_endpoint or args.s3_endpoint
-    target = Store(StoreSettings(args.target, endpoint_url=target_endpoint))
-    run = repair_store if args.repair else sync_store
-    failed = 0
-    for result in run(source, target, args.ids, _read_rate(args)):
-        print(result.line(), flush=True)
-        failed += not result.ok
-    return ExitCode.FAILED if failed else ExitCode.OK
-
-
-def _add_storage_commands(sub: Any) -> None:
-    """`wsi du`, `wsi verify`, `wsi sync`: what published slides cost, whether their bytes are
-    intact, and a verified copy in a second store."""
-    du = sub.add_parser("du", help="storage used per slide, level and tier, against the source")
-    du.add_argument("store", metavar="DIR_OR_URL")
-    du.add_argument("ids", nargs="*", metavar="SLIDE_ID", help="these slides only")
-    du.add_argument("--by-level", action="store_true", help="a line per pyramid level")
-    du.add_argument("--json", action="store_true", help="the report as JSON")
-    du.add_argument("--s3-endpoint")
-    du.set_defaults(func=_du)
-
-    rate_help = "most MB (10^6 bytes) read per second (default: unbounded)"
-    verify = sub.add_parser(
-        "verify", help="re-read every object of published slides and check it against its manifest"
-    )
-    verify.add_argument("store", metavar="DIR_OR_URL")
-    verify.add_argument("ids", nargs="*", metavar="SLIDE_ID", help="these slides only")
-    verify.add_argument("--rate", type=float, metavar="MB/s", help=rate_help)
-    verify.add_argument("--s3-endpoint")
-    verify.set_defaults(func=_verify)
-
-    sync = sub.add_parser(
-        "sync", help="copy published slides to a second store, incrementally and verified"
-    )
-    sync.add_argument("source", metavar="STORE_A")
-    sync.add_argument("target", metavar="STORE_B")
-    sync.add_argument("ids", nargs="*", metavar="SLIDE_ID", help="these slides only")
-    sync.add_argument(
-        "--repair",
-        action="store_true",
-        help="copy nothing new: check both stores and replace each damaged object by the "
-        "other store's good copy",
-    )
-    sync.add_argument("--rate", type=float, metavar="MB/s", help=rate_help)
-    sync.add_argument("--s3-endpoint", help="S3 endpoint of both stores (or of STORE_A)")
-    sync.add_argument("--target-s3-endpoint", help="S3 endpoint of STORE_B, when another")
-    sync.set_defaults(func=_sync)
 
 
 def _add_convert(sub: Any) -> None:
@@ -575,40 +472,6 @@ def _add_roles(sub: Any) -> None:
         cmd.set_defaults(func=_ingest_role)
 
 
-def _archive(args: argparse.Namespace) -> int:
-    """`wsi archive` / `wsi restore`: one line per slide (bytes before and after), one line per
-    failure; exit 1 when a slide failed."""
-    from wsi.published.archive import ArchiveSettings, archive, restore
-
-    run = archive if args.command == "archive" else restore
-    store = Store(StoreSettings(args.store, endpoint_url=args.s3_endpoint))
-    settings = ArchiveSettings(threads=args.workers)
-    failed = 0
-    for slide_id in args.ids:
-        try:
-            print(run(store, slide_id, settings).line(), flush=True)
-        except WsiError as exc:
-            print(f"wsi: {args.command}: {slide_id}: {exc}", file=sys.stderr, flush=True)
-            failed += 1
-    return ExitCode.FAILED if failed else ExitCode.OK
-
-
-def _add_archive_commands(sub: Any) -> None:
-    """`wsi archive` and `wsi restore`: the lossless JPEG XL tier of published slides."""
-    helps = {
-        "archive": "recompress published slides' JPEG tiles losslessly with JPEG XL (~20-30%% "
-        "smaller; still served as JPEG)",
-        "restore": "give archived slides back their JPEG form, byte for byte",
-    }
-    for name, helptext in helps.items():
-        cmd = sub.add_parser(name, help=helptext)
-        cmd.add_argument("store", metavar="DIR_OR_URL")
-        cmd.add_argument("ids", nargs="+", metavar="SLIDE_ID")
-        cmd.add_argument("--workers", type=int, default=0, help="threads (default: one per core)")
-        cmd.add_argument("--s3-endpoint", help="S3 endpoint URL (default: $AWS_ENDPOINT_URL)")
-        cmd.set_defaults(func=_archive)
-
-
 CommandAdder = Callable[[Any], None]
 """Adds one subcommand to the `wsi` parser (the service adds `serve` this way)."""
 
@@ -627,21 +490,12 @@ def build_parser(commands: Sequence[CommandAdder] = ()) -> argparse.ArgumentPars
     info.set_defaults(func=_info)
 
     _add_convert(sub)
-    exp = sub.add_parser("export-dicom", help="a slide's DICOM view as a folder of .dcm files")
-    exp.add_argument("slide", metavar="SLIDE_DIR_OR_URL", help="STORE/<slide-id>")
-    exp.add_argument("dest", metavar="DEST_DIR")
-    exp.add_argument("--s3-endpoint")
-    exp.set_defaults(func=_export)
+    add_export_command(sub)
 
     for add in commands:
         add(sub)
     _add_roles(sub)
-    ls = sub.add_parser("list", help="list the published slides of a store")
-    ls.add_argument("store", metavar="DIR_OR_URL")
-    ls.add_argument("--s3-endpoint")
-    ls.set_defaults(func=_list)
-    _add_storage_commands(sub)
-    _add_archive_commands(sub)
+    add_store_commands(sub)
     return parser
 
 
