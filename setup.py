@@ -17,6 +17,7 @@ setup(
                 "wsi/codecs/_jpeglib_huffman.h",
                 "wsi/codecs/_jpeglib_copy.h",
                 "wsi/codecs/_jpeglib_decode.h",
+                "wsi/codecs/_jpeglib_glass.h",
             ],
             libraries=["jpeg"],
             extra_compile_args=["-O3", "-Wall", "-Wextra", "-Wno-unused-parameter"],
