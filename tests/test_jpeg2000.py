@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures as cf
 import io
+import json
 from pathlib import Path
 
 import imagecodecs
@@ -24,8 +25,9 @@ from sample_data.make_j2k import write_svs
 from server.app import create_app
 from server.settings import ServerSettings
 from wsi import ConvertSettings, PyramidSettings, Store, StoreSettings, TileCodec, convert_slide
-from wsi.codecs import jpeg2000
+from wsi.codecs import jpeg, jpeg2000
 from wsi.errors import CorruptSlide, InvalidArgument
+from wsi.pyramid.background import DEFAULT_FILL, choose_fill
 from wsi.sources import open_slide
 
 from .conftest import area_reference, openslide_level0, psnr
@@ -203,6 +205,50 @@ def test_keep_jpeg2000_stores_the_codestreams_as_they_are(j2k_svs, kept):
     # Measured 30.1, 29.8 dB against the box filter: the wavelet's low-pass is another filter.
     assert psnr(level1, area_reference(level0, 1)) >= 28.0
     assert psnr(_level(slide, 2), area_reference(level0, 2)) >= 28.0
+
+
+def test_keep_jpeg2000_copies_every_exact_source_level(j2k_svs, kept):
+    """The source's 1/4 level (Aperio's step) is our level 2: kept as its codestreams too, and
+    the level below it is its 1/2 resolution decode. Nothing of it is decoded to be stored."""
+    import openslide
+
+    slide, _ = kept
+    manifest = json.loads((slide / "manifest.json").read_text())
+    origins = {o["level"]: o for o in manifest["levels"]}
+    assert origins[0] == {"level": 0, "method": "copied", "source_level": 0}
+    assert origins[1] == {"level": 1, "method": "wavelet-half", "from_level": 0}
+    assert origins[2] == {"level": 2, "method": "copied", "source_level": 1}
+    assert origins[3] == {"level": 3, "method": "wavelet-half", "from_level": 2}
+    assert len(origins) == 4  # 1100 x 900 down to 137 x 112: one tile
+    meta = json.loads((slide / "slide.zarr" / "2" / "zarr.json").read_text())
+    assert "wsistore.jpeg2000" in json.dumps(meta["codecs"])
+    shard = (slide / "slide.zarr" / "2" / "c" / "0" / "0" / "0").read_bytes()
+    with open_slide(j2k_svs) as src:
+        assert src.levels[1].width == WIDTH // 4
+        assert src.read_encoded_tile(1, 1, 0) in shard
+        halves = [src.read_tile_half(1, col, 0) for col in (0, 1)]
+    with openslide.OpenSlide(str(j2k_svs)) as ref:
+        rgba = np.asarray(ref.read_region((0, 0), 1, ref.level_dimensions[1]))
+    assert np.array_equal(_level(slide, 2), rgba[..., :3])  # OpenSlide decodes the same bytes
+    # Level 3 (137 x 112, one tile): the two halves side by side, white below, our encode.
+    tile = np.full((256, 256, 3), 255, np.uint8)
+    for col, half in enumerate(halves):
+        assert half is not None
+        tile[:128, 128 * col : 128 * (col + 1)] = half
+    expected = jpeg.decode(jpeg.encode_optimized(tile, 90, True))[:112, :137]
+    assert np.array_equal(_level(slide, 3), expected)
+
+
+def test_fill_of_a_jpeg2000_slide_from_half_resolution(tmp_path):
+    """The blank-glass grey is chosen from the smallest level decoded at 1/2 resolution: the
+    same glass as from the full decode, at a fraction of the cost."""
+    for ycbcr in (False, True):
+        path = write_svs(tmp_path / f"{ycbcr}.svs", 3000, 2500, seed=2, ycbcr=ycbcr)
+        with open_slide(path) as src:
+            halves = choose_fill(src, 2)
+            src.read_tile_half = lambda *args: None  # type: ignore[method-assign]
+            full = choose_fill(src, 2)
+        assert full != DEFAULT_FILL and abs(halves - full) <= 1
 
 
 def test_keep_jpeg2000_dicom_view(j2k_svs, kept):

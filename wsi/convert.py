@@ -36,6 +36,7 @@ from wsi.metadata import (
 from wsi.model import MICRONS_PER_PIXEL_AT_1X, Level, SlideProperties
 from wsi.published.layout import (
     JPEG,
+    JPEG2000,
     STAGING,
     ZSTD,
     ChunkFormat,
@@ -273,9 +274,10 @@ def _identity(
 
 def level_origins(source: SlideSource, plans: list[LevelPlan]) -> tuple[LevelOrigin, ...]:
     """What the builder does with each planned level, for the manifest: a copy of a source
-    level's JPEG tiles (how the source hands them out), or made here: the base decoded and
-    encoded, the level below a copy by DCT-scaled half decoding, any other level by 2x2 means of
-    the one above it (see `wsi.pyramid.builder`)."""
+    level's JPEG or JPEG 2000 tiles (how the source hands them out), or made here: the base
+    decoded and encoded, the level below a copy by DCT-scaled half decoding (JPEG) or a 1/2
+    resolution decode (JPEG 2000), any other level by 2x2 means of the one above it (see
+    `wsi.pyramid.builder`)."""
     out = []
     for plan in plans:
         if plan.source_level is not None:
@@ -285,7 +287,10 @@ def level_origins(source: SlideSource, plans: list[LevelPlan]) -> tuple[LevelOri
             out.append(LevelOrigin(0, "decoded+encoded", source_level=0))
         else:
             parent = plans[plan.index - 1]
-            method = "dct-half" if parent.passthrough else "mean2x2"
+            method = "mean2x2"
+            if parent.passthrough:
+                j2k = parent.chunk_format.codec == JPEG2000
+                method = "wavelet-half" if j2k else "dct-half"
             out.append(LevelOrigin(plan.index, method, from_level=parent.index))
     return tuple(out)
 

@@ -777,10 +777,12 @@ class Crc32c:
         return f"{self._value:08x}"
 
 
-MADE_HERE = ("decoded+encoded", "dct-half", "mean2x2")
+MADE_HERE = ("decoded+encoded", "dct-half", "wavelet-half", "mean2x2")
 """How a conversion makes a level's tiles itself: 'decoded+encoded' (the source level's pixels
-decoded and encoded again), 'dct-half' (the level above decoded at 1/2 scale in the DCT domain),
-'mean2x2' (2x2 means of the level above's pixels). Any other method names a copy of a source
+decoded and encoded again), 'dct-half' (the level above's JPEG tiles decoded at 1/2 scale in
+the DCT domain), 'wavelet-half' (the level above's JPEG 2000 codestreams decoded at 1/2
+resolution, without their finest wavelet level), 'mean2x2' (2x2 means of the level above's
+pixels). Any other method names a copy of a source
 level's compressed tiles: 'copied' (as stored), or how a backend cut them out of larger streams
 ('cut at restart markers', ...)."""
 

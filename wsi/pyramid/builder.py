@@ -72,8 +72,9 @@ class PyramidSettings:
 
     keep_jpeg2000: bool = False
     """Keep a JPEG 2000 source's base level as its codestreams (no pixel re-encoded; DICOM's
-    JPEG 2000 transfer syntax, the `wsistore.jpeg2000` Zarr codec), the level below from a 1/2
-    resolution decode. Otherwise such tiles are decoded and stored as JPEG, which viewers show."""
+    JPEG 2000 transfer syntax, the `wsistore.jpeg2000` Zarr codec), and with `reuse_levels`
+    its exact 2x levels too, each level below a kept one from a 1/2 resolution decode.
+    Otherwise such tiles are decoded and stored as JPEG, which viewers show."""
 
     def __post_init__(self) -> None:
         if not 1 <= self.quality <= 100:
@@ -123,19 +124,24 @@ def plan_pyramid(source: SlideSource, settings: PyramidSettings) -> list[LevelPl
         if index == 0 and base_copied:
             source_level = 0
         elif index > 0 and settings.reuse_levels:
-            source_level = _matching_source_level(source, level)
-        fmt = ChunkFormat(JPEG, settings.quality) if source_level is not None else None
-        if index == 0 and base_j2k:
-            fmt = ChunkFormat(JPEG2000, settings.quality)
+            source_level = _matching_source_level(source, level, settings.keep_jpeg2000)
+        fmt = None
+        if source_level is not None:
+            j2k = source.tile_codec(source_level) is TileCodec.JPEG2000
+            fmt = ChunkFormat(JPEG2000 if j2k else JPEG, settings.quality)
         plans.append(LevelPlan(index, level, source_level, fmt or settings.encoded_format))
     return plans
 
 
-def _matching_source_level(source: SlideSource, level: Level) -> int | None:
+def _matching_source_level(source: SlideSource, level: Level, keep_jpeg2000: bool) -> int | None:
+    """The source level with exactly this level's size and tiles, stored as tiles we keep:
+    JPEG, or JPEG 2000 when its codestreams are kept (an Aperio JPEG 2000 slide's 2x level
+    then costs no decoding at all, and the level below it a 1/2 resolution decode of it)."""
+    kept = (TileCodec.JPEG, TileCodec.JPEG2000) if keep_jpeg2000 else (TileCodec.JPEG,)
     for i, lv in enumerate(source.levels[1:], start=1):
         same_size = (lv.width, lv.height) == (level.width, level.height)
         same_tiles = (lv.tile_width, lv.tile_height) == (level.tile_width, level.tile_height)
-        if same_size and same_tiles and source.tile_codec(i) is TileCodec.JPEG:
+        if same_size and same_tiles and source.tile_codec(i) in kept:
             return i
     return None
 
@@ -281,7 +287,7 @@ class PyramidBuilder:
         level's tiles under this span), each tile is also halved into its quadrant there: by
         DCT-scaled decoding for JPEG tiles, by a 2x2 mean of decoded pixels otherwise."""
         if plan.chunk_format.codec == JPEG2000:
-            return self._kept_jpeg2000_tiles(row, cols, below, qy)
+            return self._kept_jpeg2000_tiles(plan.source_level or 0, row, cols, below, qy)
         lv = plan.level
         tw, th = lv.tile_width, lv.tile_height
         region = None
@@ -309,16 +315,16 @@ class PyramidBuilder:
         return tiles
 
     def _kept_jpeg2000_tiles(
-        self, row: int, cols: range, below: list[np.ndarray] | None, qy: int
+        self, level: int, row: int, cols: range, below: list[np.ndarray] | None, qy: int
     ) -> list[bytes | None]:
-        """`_top_tiles` for a base level kept as the source's JPEG 2000 codestreams. Every
+        """`_top_tiles` for a level kept as source `level`'s JPEG 2000 codestreams. Every
         tile is stored (telling blank glass would take the full decode this mode avoids);
         each quadrant below is the codestream decoded at 1/2 resolution straight into it
         (1.4 vs 3.3 ms a 256-px tile for a full decode, on the generated slide)."""
         tiles: list[bytes | None] = []
         for i, col in enumerate(cols):
             try:
-                data: bytes | None = self.source.read_encoded_tile(0, col, row)
+                data: bytes | None = self.source.read_encoded_tile(level, col, row)
             except EncodedTileUnavailable:  # sparse: the reader gives the fill grey
                 data = None
             tiles.append(data)
@@ -328,9 +334,9 @@ class PyramidBuilder:
             if data is not None:
                 jpeg2000.decode_into(data, target, reduce=1)
                 continue
-            half = self.source.read_tile_half(0, col, row)
+            half = self.source.read_tile_half(level, col, row)
             if half is None:
-                mean2x2_into(self.source.read_tile(0, col, row), target)
+                mean2x2_into(self.source.read_tile(level, col, row), target)
             else:
                 target[:] = half
         return tiles
