@@ -416,7 +416,7 @@ def bench_cold(store: Store, slide_id: str, server: s3server.SeaweedFS, n: int) 
     import aiohttp
 
     from wsi.published.layout import SlideAttributes, SlideKeys
-    from wsi.published.reader import PublishedStore
+    from wsi.published.store import PublishedStore
 
     key, by_chunk, _ = tile_spans(store, slide_id)
     fast = store.obstore_client()

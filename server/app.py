@@ -48,7 +48,7 @@ from wsi.errors import (
 )
 from wsi.ingest.lease import run_while_held, store_lease_name
 from wsi.ingest.supervise import Supervisor
-from wsi.published.reader import PublishedStore
+from wsi.published.store import PublishedStore
 from wsi.published.values import ReaderSettings
 from wsi.store.objects import StoreSettings
 

@@ -19,7 +19,8 @@ import numpy as np
 from wsi.errors import InvalidArgument, SlideNotFound
 from wsi.metadata import neutral_name
 from wsi.model import Level, SlideProperties
-from wsi.published.reader import AsyncPublishedSlide, PublishedStore
+from wsi.published.slide import AsyncPublishedSlide
+from wsi.published.store import PublishedStore
 from wsi.published.values import JPEG, CodecId, PublishedDicom, best_level, decode_tile
 
 if TYPE_CHECKING:

@@ -21,7 +21,7 @@ from server.api.dzi import NON_SQUARE_TILE
 from server.api.viewer import view_config
 from server.app import create_app
 from server.settings import ServerSettings
-from wsi.published.reader import PublishedStore
+from wsi.published.store import PublishedStore
 
 from .conftest import psnr
 

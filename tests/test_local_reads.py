@@ -18,7 +18,7 @@ import wsi
 from wsi.errors import SlideNotFound
 from wsi.published import layout
 from wsi.published.layout import SlideKeys
-from wsi.published.reader import PublishedStore
+from wsi.published.store import PublishedStore
 from wsi.published.values import ReaderSettings
 from wsi.store.aio import AsyncStore
 from wsi.store.local_reads import OpenFiles

@@ -31,7 +31,8 @@ if TYPE_CHECKING:
     from wsi.model import Level, SlideProperties, TileCodec
     from wsi.published.dataset import PatchDataset, to_chw_float
     from wsi.published.patches import PatchSettings, coords_from_level0
-    from wsi.published.reader import AsyncPublishedSlide, PublishedStore, open_published_async
+    from wsi.published.slide import AsyncPublishedSlide
+    from wsi.published.store import PublishedStore, open_published_async
     from wsi.published.sync import PublishedSlide, open_published
     from wsi.published.tissue import (
         TissueMask,
@@ -65,7 +66,8 @@ _HOMES = {
     "wsi.model": ("Level", "SlideProperties", "TileCodec"),
     "wsi.published.dataset": ("PatchDataset", "to_chw_float"),
     "wsi.published.patches": ("PatchSettings", "coords_from_level0"),
-    "wsi.published.reader": ("AsyncPublishedSlide", "PublishedStore", "open_published_async"),
+    "wsi.published.slide": ("AsyncPublishedSlide",),
+    "wsi.published.store": ("PublishedStore", "open_published_async"),
     "wsi.published.sync": ("PublishedSlide", "open_published"),
     "wsi.published.tissue": (
         "TissueMask",

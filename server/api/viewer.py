@@ -42,7 +42,7 @@ from server.openapi import ERROR, path_params
 from server.responses import VERSION_PARAM, json_error
 from wsi.errors import StoreError, WsiError
 from wsi.model import MICRONS_PER_PIXEL_AT_1X, SlideProperties
-from wsi.published.reader import AsyncPublishedSlide
+from wsi.published.slide import AsyncPublishedSlide
 
 STATIC_DIR = Path(__file__).resolve().parents[1] / "static"
 """Our own HTML/CSS/JS assets, served under /static/."""

@@ -43,7 +43,7 @@ from wsi.published import layout
 from wsi.published.values import PublishedLevel
 
 if TYPE_CHECKING:
-    from wsi.published.reader import AsyncPublishedSlide
+    from wsi.published.slide import AsyncPublishedSlide
 
 _MiB = 1024 * 1024
 _TASKS_PER_THREAD = 4

@@ -21,7 +21,8 @@ from wsi.errors import InvalidArgument
 from wsi.model import SlideProperties
 from wsi.published.layout import Manifest, SlideAttributes
 from wsi.published.patches import PatchSettings
-from wsi.published.reader import AsyncPublishedSlide, open_published_async
+from wsi.published.slide import AsyncPublishedSlide
+from wsi.published.store import open_published_async
 from wsi.published.values import (
     PublishedAssociated,
     PublishedDicom,

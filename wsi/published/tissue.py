@@ -26,7 +26,7 @@ from wsi.published.patches import patch_size
 from wsi.published.values import PublishedLevel
 
 if TYPE_CHECKING:
-    from wsi.published.reader import AsyncPublishedSlide
+    from wsi.published.slide import AsyncPublishedSlide
     from wsi.published.sync import PublishedSlide
 
 

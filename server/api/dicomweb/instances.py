@@ -23,7 +23,7 @@ from server.responses import dumps
 from wsi.codecs import jpeg2000
 from wsi.errors import CorruptSlide, InvalidArgument, SlideNotFound, UnsupportedSlide
 from wsi.published.cache import ByteLRU
-from wsi.published.reader import AsyncPublishedSlide
+from wsi.published.slide import AsyncPublishedSlide
 from wsi.published.values import JPEG, JPEG2000, JPEGXL, PublishedInstance, StoredImage
 
 PREFIX = "/dicomweb"

@@ -28,7 +28,7 @@ from server.api.dicomweb.query import Row, parse_query, row_matches
 from server.keys import CATALOG
 from server.render import in_pool
 from server.responses import dumps
-from wsi.published.reader import AsyncPublishedSlide
+from wsi.published.slide import AsyncPublishedSlide
 
 MAX_RESULTS = 1000
 """QIDO results in one response without an explicit limit (PS3.18 6.7.1.2.2 Warning)."""

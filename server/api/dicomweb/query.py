@@ -12,7 +12,7 @@ from pydicom.multival import MultiValue
 
 from server.api.dicomweb.instances import Instance, check_uid, number_param
 from wsi.errors import InvalidArgument
-from wsi.published.reader import AsyncPublishedSlide
+from wsi.published.slide import AsyncPublishedSlide
 
 IGNORED_QUERY_KEYS = {"exp", "sig"}
 """Signed-URL parameters: authentication, not part of a query."""

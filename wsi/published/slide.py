@@ -1,26 +1,19 @@
-"""Reading published slides: levels, stored tiles, pixels, regions and associated images.
+"""One published version of a slide (`AsyncPublishedSlide`): its levels, stored tiles, pixels,
+regions, patches, associated images and DICOM frames, read through the I/O, decoding threads and
+caches of the `PublishedStore` that opened it (`wsi.published.store`). Publishing the slide again
+makes a new one, with a new `version`.
 
-Async at the core. A `PublishedStore` (one per store URL) lists the published slides, opens them,
-does the I/O (S3 through obstore's coroutines, local files on a thread pool), decodes on that
-thread pool, and keeps the shard indexes and stored tiles of all its slides in byte-budgeted
-caches. An `AsyncPublishedSlide` is one published version of a slide; publishing the slide again
-makes a new one (a new `version`). `open_published` is the blocking face: the same methods, run on
-one private event-loop thread.
-
-Everything about where things are and how they are encoded comes from `wsi.published.layout`, the
-module the writers use: downsamples, codecs and keys are read, never assumed.
+A tile is one range read through the shard index (both cached); archived (JPEG XL) and JPEG 2000
+chunks are handed out as JPEG, and tiles a shard does not hold (blank glass) as the fill grey.
 """
 
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures as cf
-import contextlib
-import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Hashable, Mapping
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType, TracebackType
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -31,12 +24,10 @@ from wsi.errors import (
     EncodedTileUnavailable,
     InvalidArgument,
     SlideNotFound,
-    UnsupportedSlide,
 )
 from wsi.model import SlideProperties
 from wsi.published import layout
 from wsi.published.archive import ObjectPlan, ObjectWriter
-from wsi.published.cache import ByteLRU
 from wsi.published.layout import Manifest, SlideAttributes, SlideKeys
 from wsi.published.patches import PatchSettings, read_patches
 from wsi.published.values import (
@@ -44,242 +35,20 @@ from wsi.published.values import (
     PublishedDicom,
     PublishedInstance,
     PublishedLevel,
-    ReaderSettings,
     StoredImage,
     best_level,
 )
-from wsi.store.aio import AsyncStore
-from wsi.store.objects import Store, StoreSettings, check_slide_id, split_slide_location
 
-T = TypeVar("T")
+if TYPE_CHECKING:
+    from wsi.published.store import PublishedStore
+
 FORM_BATCH_FRAMES = 32
 """Frames of an archived instance rebuilt at a time while its JPEG form is sent."""
-
-
-@dataclass(frozen=True)
-class _Opened:
-    slide: AsyncPublishedSlide
-    checked: float
-
-
-class PublishedStore:
-    """The published slides of one store, with shared I/O, decoding threads and caches.
-
-    Use it on one event loop (the one `start` runs on; the other methods start it if needed),
-    and `close` it when done, or `async with PublishedStore(...) as store:`.
-    """
-
-    def __init__(
-        self,
-        store: Store | StoreSettings | str,
-        settings: ReaderSettings | None = None,
-        *,
-        s3_endpoint: str | None = None,
-        executor: cf.Executor | None = None,
-        clock: Callable[[], float] = time.monotonic,
-    ) -> None:
-        if isinstance(store, str):
-            store = StoreSettings(store, endpoint_url=s3_endpoint)
-        self.store = store if isinstance(store, Store) else Store(store)
-        self.settings = settings or ReaderSettings()
-        self._own_executor = executor is None
-        self.executor = executor or cf.ThreadPoolExecutor(
-            self.settings.threads, thread_name_prefix="wsi-published"
-        )
-        self.io = AsyncStore(self.store, self.executor)
-        self.tiles: ByteLRU[Hashable, bytes] = ByteLRU(self.settings.tile_cache_bytes)
-        """Stored tile bytes, keyed by slide, version, object and chunk."""
-        self.indexes: ByteLRU[Hashable, np.ndarray] = ByteLRU(self.settings.index_cache_bytes)
-        """Decoded shard indexes, keyed by slide, version and object."""
-        self._opened: ByteLRU[str, _Opened] = ByteLRU(
-            self.settings.slide_cache_entries, size=lambda _: 1
-        )
-        self._clock = clock
-        self._inflight: dict[Hashable, asyncio.Task[Any]] = {}
-        self._started = False
-
-    @property
-    def url(self) -> str:
-        return self.store.url
-
-    async def start(self) -> None:
-        if not self._started:
-            await self.io.start()
-            self._started = True
-
-    async def close(self) -> None:
-        await self.io.close()
-        self._started = False
-        if self._own_executor:
-            self.executor.shutdown(wait=False, cancel_futures=True)
-
-    async def __aenter__(self) -> PublishedStore:
-        await self.start()
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.close()
-
-    async def run_in_pool(self, fn: Callable[..., T], *args: Any) -> T:
-        """Run blocking work (decoding, resampling) on the store's thread pool."""
-        return await self.io.blocking(fn, *args)
-
-    async def slide_ids(self) -> list[str]:
-        """Ids of the published slides (those with a manifest)."""
-        await self.start()
-        return await self.io.published()
-
-    async def reachable(self) -> bool:
-        """Whether the store answers a listing (for readiness probes)."""
-        return await self.io.reachable()
-
-    async def slide(self, slide_id: str) -> AsyncPublishedSlide:
-        """The published slide `slide_id` (SlideNotFound if unpublished). The same object while
-        its manifest is unchanged (checked at most every `recheck_seconds`); a new one with a new
-        `version` once the slide was published again."""
-        cached = self._opened.get(slide_id) if self._started else None
-        now = self._clock()
-        if cached is not None and now - cached.checked < self.settings.recheck_seconds:
-            return cached.slide  # every request of a busy service: only checked ids are held
-        keys = SlideKeys(check_slide_id(slide_id))
-        if not self._started:
-            await self.start()
-            cached = self._opened.get(slide_id)
-            if cached is not None and now - cached.checked < self.settings.recheck_seconds:
-                return cached.slide
-        if cached is not None and self.settings.recheck_in_background:
-            self._recheck_soon(keys, cached.slide)
-            return cached.slide
-        return await self._reopen(keys, cached)
-
-    async def _reopen(self, keys: SlideKeys, cached: _Opened | None) -> AsyncPublishedSlide:
-        """Read the slide's manifest and open it again if its version changed."""
-        slide_id = keys.slide_id
-        now = self._clock()
-        try:
-            data = await self.io.get(keys.manifest)
-        except SlideNotFound as exc:
-            self._opened.pop(slide_id)
-            if cached is not None:
-                self.io.forget(cached.slide.version)  # its files may be gone: free their space
-            raise SlideNotFound(f"slide {slide_id} is not published") from exc
-        version = layout.manifest_version(data)
-        if cached is not None and cached.slide.version == version:
-            slide = cached.slide
-        else:
-            slide = await self.once(("slide", slide_id, version), lambda: self._load(keys, data))
-            if cached is not None:
-                self.io.forget(cached.slide.version)
-        self._opened.put(slide_id, _Opened(slide, now))
-        return slide
-
-    def _recheck_soon(self, keys: SlideKeys, opened: AsyncPublishedSlide) -> None:
-        """Start the background re-read of a slide's manifest unless one is running."""
-        key = ("recheck", keys.slide_id)
-        if key in self._inflight:
-            return
-
-        async def recheck() -> None:
-            current = self._opened.get(keys.slide_id)
-            if current is None or current.slide is not opened:
-                return  # opened again meanwhile, or evicted
-            with contextlib.suppress(SlideNotFound):  # _reopen forgot it: the next call says so
-                await self._reopen(keys, current)
-
-        task = asyncio.ensure_future(recheck())
-        self._inflight[key] = task
-        task.add_done_callback(lambda t: self._finished(key, t))
-
-    async def once(self, key: Hashable, make: Callable[[], Awaitable[T]]) -> T:
-        """`await make()`, shared by every caller asking for the same `key` meanwhile (one
-        index read for the many tiles of a level requested at once)."""
-        task = self._inflight.get(key)
-        if task is None:
-            task = asyncio.ensure_future(make())
-            self._inflight[key] = task
-            task.add_done_callback(lambda t: self._finished(key, t))
-        result: T = await asyncio.shield(task)
-        return result
-
-    def _finished(self, key: Hashable, task: asyncio.Task[Any]) -> None:
-        self._inflight.pop(key, None)
-        if not task.cancelled():
-            task.exception()  # retrieved here, so a failure no caller awaited is not logged
-
-    async def _load(self, keys: SlideKeys, manifest_bytes: bytes) -> AsyncPublishedSlide:
-        slide_id = keys.slide_id
-        try:
-            manifest = Manifest.from_bytes(manifest_bytes)
-        except CorruptSlide as exc:
-            raise CorruptSlide(f"slide {slide_id}: {exc}") from exc
-        if manifest.slide_id != slide_id:
-            raise CorruptSlide(f"the manifest of {slide_id} names slide {manifest.slide_id}")
-        if keys.in_slide(keys.root_metadata) not in manifest.objects:
-            raise UnsupportedSlide(
-                f"slide {slide_id} was published without its Zarr view (--format dicom); "
-                "its DICOM instances can be exported with `wsi export-dicom`"
-            )
-        root = await self.io.get(keys.root_metadata)
-        attributes = SlideAttributes.from_root_metadata(root, f"{slide_id}: root zarr.json")
-        if attributes.slide_id != slide_id:
-            raise CorruptSlide(f"the attributes of {slide_id} name slide {attributes.slide_id}")
-
-        def size(key: str) -> int:
-            return manifest.object(keys.in_slide(key)).size
-
-        levels = []
-        for index, entry in enumerate(attributes.levels):
-            key = keys.shard(entry.path)
-            levels.append(
-                PublishedLevel(
-                    index,
-                    entry.width,
-                    entry.height,
-                    entry.tile_width,
-                    entry.tile_height,
-                    entry.downsample,
-                    layout.served_codec(entry.codec),
-                    key,
-                    size(key),
-                    _stored_codec(entry.codec),
-                    fill=attributes.fill,
-                )
-            )
-
-        async def associated(entry: layout.AssociatedEntry) -> PublishedAssociated:
-            meta_key = keys.array_metadata(entry.path)
-            meta = layout.load_json(await self.io.get(meta_key), meta_key)
-            codec = layout.codec_of_array(meta, meta_key)
-            key = keys.shard(entry.path)
-            return PublishedAssociated(
-                entry.name,
-                entry.width,
-                entry.height,
-                layout.served_codec(codec),
-                key,
-                size(key),
-                _stored_codec(codec),
-            )
-
-        found = await asyncio.gather(*(associated(a) for a in attributes.associated_images))
-        return AsyncPublishedSlide(
-            self,
-            manifest,
-            layout.manifest_version(manifest_bytes),
-            attributes,
-            tuple(levels),
-            {a.name: a for a in found},
-        )
 
 
 def _jpeg_of_jpeg2000(data: bytes) -> bytes:
     """A JPEG 2000 chunk as the JPEG viewers are given (cached with the tiles)."""
     return jpeg2000.to_jpeg(data, layout.JPEG2000_SERVED_QUALITY)
-
-
-def _stored_codec(codec: layout.CodecId) -> layout.CodecId | None:
-    """An image's `stored_codec`: set only when tiles are handed out in another codec."""
-    return codec if layout.served_codec(codec) != codec else None
 
 
 def _dicom_view(
@@ -677,22 +446,3 @@ class AsyncPublishedSlide:
         tb: TracebackType | None,
     ) -> None:
         await self.close()
-
-
-async def open_published_async(
-    location: str,
-    s3_endpoint: str | None = None,
-    settings: ReaderSettings | None = None,
-) -> AsyncPublishedSlide:
-    """Open `DIR_OR_S3URL/<slide-id>` on a store of its own; close the slide to release it
-    (`async with await open_published_async(...) as slide:`). To read many slides of one store,
-    share one `PublishedStore` instead."""
-    root, slide_id = split_slide_location(location)
-    store = PublishedStore(StoreSettings(root, endpoint_url=s3_endpoint), settings)
-    try:
-        slide = await store.slide(slide_id)
-    except BaseException:
-        await store.close()
-        raise
-    slide._owns_store = True
-    return slide
