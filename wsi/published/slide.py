@@ -140,7 +140,9 @@ class AsyncPublishedSlide:
         self.keys = SlideKeys(manifest.slide_id)
         self.dicom = _dicom_view(attributes, self.keys, levels, self.associated)
         """The DICOM view (study, series, instances), or None without one."""
-        self._owns_store = False
+        self.owns_store = False
+        """Whether `close` closes the store too (a slide opened on its own by
+        `open_published_async`)."""
 
     @property
     def slide_id(self) -> str:
@@ -433,7 +435,7 @@ class AsyncPublishedSlide:
     async def close(self) -> None:
         """Close the store this slide was opened with by `open_published_async`; a slide from a
         shared `PublishedStore` leaves it open."""
-        if self._owns_store:
+        if self.owns_store:
             await self.store.close()
 
     async def __aenter__(self) -> AsyncPublishedSlide:

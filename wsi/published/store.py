@@ -271,5 +271,5 @@ async def open_published_async(
     except BaseException:
         await store.close()
         raise
-    slide._owns_store = True
+    slide.owns_store = True
     return slide
