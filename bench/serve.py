@@ -49,16 +49,16 @@ Usage::
 
 The slide is generated (once) by ``sample_data/generate.py`` into ``bench/out/`` and converted
 into ``bench/out/serve-store``; results are printed and written to ``bench/out/serve.json``.
+
+This module holds the set-up, the workloads and the run; beside it ``serve_servers.py`` (the
+servers measured), ``serve_load.py`` (server processes, load generators, results),
+``serve_report.py`` (the table and the verdicts), ``serve_cold.py`` and ``serve_orthanc.py``.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
-import concurrent.futures as cf
-import io
 import json
-import multiprocessing
 import os
 import platform
 import random
@@ -74,7 +74,6 @@ from pathlib import Path
 from typing import Any
 
 import serve_orthanc
-from aiohttp import web
 from convert import ensure_source  # bench/convert.py: the shared generated slide
 from serve_cold import Cold, print_cold, run_cold
 from serve_load import (
@@ -89,126 +88,20 @@ from serve_load import (
     pin,
     server_process,
 )
+from serve_report import print_table, verdicts
+from serve_servers import serve
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "bench" / "out"
 SERVERS = ("ours", "fixed", "orthanc", "openslide")
 DEFAULT_SERVERS = ("ours", "fixed", "orthanc")
-OPENSLIDE_QUALITY = 75
 FRAME_ACCEPT = 'multipart/related; type="application/octet-stream"; transfer-syntax=*'
 """What wsidicom's web client asks for frames with: the stored JPEG bytes, one part each."""
 VALIDATED = 32
 """Random addresses fetched (and checked) once before a random workload is measured."""
 
-TARGETS = {"hot": 1.0, "random": 20.0, "frames": 120.0}
-"""Ours / Orthanc, per workload (tiles or frames per second)."""
-TARGET_P99_VS_CEILING = 2.0
-"""Our hot tiles' p99 at most this multiple of the N-process fixed tile's p99."""
-
 Tile = tuple[int, int, int]
 """(level, col, row): level index (0 = full resolution) and tile column, row."""
-
-
-# --------------------------------------------------------------------------------------------
-# The servers (each runs as `python bench/serve.py --serve KIND ...` in its own process)
-
-
-def run(app: web.Application, port: int, reuse_port: bool = False) -> None:
-    """Every server on the same event loop as `wsi serve` (uvloop when installed), so the fixed
-    tile stays a fair ceiling."""
-    from server.app import new_event_loop
-
-    web.run_app(
-        app,
-        host="127.0.0.1",
-        port=port,
-        access_log=None,
-        print=None,
-        loop=new_event_loop(),
-        reuse_port=reuse_port or None,
-    )
-
-
-def serve_ours(args: argparse.Namespace) -> None:
-    if args.code_root:  # another checkout's packages (`--base`), ahead of this one's
-        sys.path.insert(0, str(args.code_root))
-    from server.app import create_app
-    from server.settings import ServerSettings
-
-    settings = ServerSettings(
-        store=args.store_url or str(args.store),
-        port=args.port,
-        threads=args.threads,
-        s3_endpoint=args.s3_endpoint,
-        processes=args.processes,
-        tile_cache_mb=args.tile_cache_mb,
-    )
-    if args.processes > 1:
-        from server.processes import run_processes
-
-        sys.exit(run_processes(settings))
-    run(create_app(settings), args.port)
-
-
-def serve_openslide(args: argparse.Namespace) -> None:
-    import openslide
-    from openslide.deepzoom import DeepZoomGenerator
-
-    slide = openslide.OpenSlide(str(args.src))
-    dz = DeepZoomGenerator(slide, tile_size=args.tile_size, overlap=0, limit_bounds=False)
-    pool = cf.ThreadPoolExecutor(args.threads, thread_name_prefix="openslide")
-
-    def render(level: int, col: int, row: int) -> bytes:
-        image = dz.get_tile(dz.level_count - 1 - level, (col, row))
-        buffer = io.BytesIO()
-        image.save(buffer, "JPEG", quality=OPENSLIDE_QUALITY)
-        return buffer.getvalue()
-
-    async def tile(request: web.Request) -> web.Response:
-        level, col, row = (int(request.match_info[k]) for k in ("level", "col", "row"))
-        loop = asyncio.get_running_loop()
-        body = await loop.run_in_executor(pool, render, level, col, row)
-        return web.Response(body=body, content_type="image/jpeg")
-
-    app = web.Application()
-    app.router.add_get("/healthz", healthz)
-    app.router.add_get(r"/tiles/{level:\d+}/{col:\d+}/{row:\d+}", tile)
-    run(app, args.port)
-
-
-def _fixed_app(body: bytes) -> web.Application:
-    async def tile(request: web.Request) -> web.Response:
-        return web.Response(body=body, content_type="image/jpeg")
-
-    app = web.Application()
-    app.router.add_get("/healthz", healthz)
-    app.router.add_get("/tile", tile)
-    return app
-
-
-def _fixed_process(body: bytes, port: int) -> None:
-    run(_fixed_app(body), port, reuse_port=True)
-
-
-def serve_fixed(args: argparse.Namespace) -> None:
-    """One process, or with `--processes N` this one and N - 1 children on the same port
-    (`SO_REUSEPORT`, as `wsi serve --processes N`); the children are daemons: they end with it."""
-    body = Path(args.fixed_tile).read_bytes()
-    if args.processes > 1:
-        context = multiprocessing.get_context("fork")
-        for _ in range(args.processes - 1):
-            context.Process(target=_fixed_process, args=(body, args.port), daemon=True).start()
-    run(_fixed_app(body), args.port, reuse_port=args.processes > 1)
-
-
-async def healthz(request: web.Request) -> web.Response:
-    return web.Response(text="ok")
-
-
-def serve(args: argparse.Namespace) -> int:
-    pin(args.cpus)
-    {"ours": serve_ours, "openslide": serve_openslide, "fixed": serve_fixed}[args.serve](args)
-    return 0
 
 
 # --------------------------------------------------------------------------------------------
@@ -472,73 +365,6 @@ def measure_openslide(ctx: Context, runs: Runs) -> None:
 
 
 # --------------------------------------------------------------------------------------------
-# The report
-
-
-def print_table(runs: Runs, args: argparse.Namespace) -> None:
-    print()
-    print(
-        f"{'workload':<17}{'client':<10}{'per s':>10}{'p50 ms':>9}{'p99 ms':>9}{'MB/s':>8}"
-        f"{'errors':>8}{'srv CPU':>9}{'us CPU/req':>11}{'load CPU':>10}"
-    )
-    for name, r in runs.results.items():
-        print(
-            f"{name:<17}{r.client:<10}{r.tiles_per_s:10,.0f}{r.p50_ms:9.2f}{r.p99_ms:9.2f}"
-            f"{r.mb_per_s:8.1f}{r.errors:8d}{r.server_cores:9.2f}{r.cpu_us_per_tile:11.1f}"
-            f"{r.load_cores:10.2f}"
-        )
-    servers = len(args.server_cpu_list or []) or "all"
-    clients = len(args.client_cpu_list or []) or "all"
-    print(
-        f"(per s: 200 responses per second; CPU: cores busy on average. Servers on {servers} "
-        f"CPU(s), the load generator on {clients}, {args.client_procs} thread(s)/process(es); "
-        f"N = {args.processes} processes)"
-    )
-    saturated = [n for n, r in runs.results.items() if r.load_cores >= 0.9 * args.client_procs]
-    if saturated:
-        print(f"NOTE: the load generator was CPU-bound for {', '.join(saturated)}")
-    if any(r.errors for r in runs.results.values()):
-        print("WARNING: some requests failed; see bench/out/logs/serve-*.log")
-    for note in runs.notes:
-        print(note)
-
-
-def verdicts(runs: Runs, args: argparse.Namespace) -> dict[str, Any]:
-    """Ratios and the issue's targets; printed, and returned for the JSON."""
-    found = runs.results
-    out: dict[str, Any] = {}
-    print()
-
-    def line(label: str, value: float, target: str, ok: bool) -> None:
-        print(f"  {label:<34}{value:9.2f}   target {target:<10}{'ok' if ok else 'MISSED'}")
-
-    for kind, target in TARGETS.items():
-        ours, theirs = found.get(f"ours-{kind}"), found.get(f"orthanc-{kind}")
-        if ours and theirs and theirs.tiles_per_s:
-            ratio = ours.tiles_per_s / theirs.tiles_per_s
-            ok = ratio >= target and not ours.errors
-            out[f"{kind}/orthanc"] = {"ratio": ratio, "target": target, "ok": ok}
-            line(f"{kind}: ours / Orthanc", ratio, f">= {target:g}x", ok)
-    ceiling = found.get(f"fixed-{args.processes}")
-    hot = found.get("ours-hot")
-    if hot and ceiling:
-        ratio = hot.p99_ms / ceiling.p99_ms
-        ok = ratio <= TARGET_P99_VS_CEILING
-        out["hot_p99/ceiling_p99"] = {"ratio": ratio, "target": TARGET_P99_VS_CEILING, "ok": ok}
-        line(f"hot p99 / fixed-{args.processes} p99", ratio, f"<= {TARGET_P99_VS_CEILING:g}x", ok)
-        ratio = hot.tiles_per_s / ceiling.tiles_per_s
-        out["hot/ceiling"] = ratio
-        print(f"  {'hot: ours / fixed-' + str(args.processes):<34}{ratio:9.2f}   (information)")
-    for kind in ("hot", "random", "frames"):
-        before, after = found.get(f"base-{kind}"), found.get(f"ours-{kind}")
-        if before and after and before.tiles_per_s:
-            ratio = after.tiles_per_s / before.tiles_per_s
-            out[f"{kind}/base"] = ratio
-            print(f"  {kind + ': ours / base (before)':<34}{ratio:9.2f}   (information)")
-    return out
-
-
-# --------------------------------------------------------------------------------------------
 # The run
 
 
@@ -696,8 +522,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     s3_direct: dict[str, Any] | None = None
     if args.cold:
         cold, s3_direct = run_cold(args, src, slide_id, levels, cpus_arg, all_cpus)
-    print_table(runs, args)
-    ratios = verdicts(runs, args)
+    print_table(runs.results, runs.notes, args)
+    ratios = verdicts(runs.results, args)
     cold_verdict = print_cold(cold, s3_direct) if args.cold else None
     report = {
         "source": str(src),

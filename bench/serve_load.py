@@ -1,8 +1,8 @@
 """What every serving workload of `bench/serve.py` shares: server processes, the load generators
 (wrk, or aiohttp clients) and the measured result, with the servers' CPU time.
 
-Kept apart from `serve.py` (the workloads and the report) and `serve_cold.py` (cold tiles) so that
-each stays readable; all three run as parts of one benchmark, never alone.
+Kept apart from `serve.py` (the workloads), `serve_report.py` (the report) and `serve_cold.py`
+(cold tiles) so that each stays readable; all of them run as parts of one benchmark, never alone.
 """
 
 from __future__ import annotations

@@ -22,7 +22,8 @@ from typing import Any
 
 import psycopg
 
-from server.cluster import Cluster, ClusterSettings, http_json, http_status, tcp_open, wait_until
+from server.cluster import Cluster, ClusterSettings
+from server.cluster_roles import http_json, http_status, tcp_open, wait_until
 from wsi.ingest.queue import JobState, open_queue
 from wsi.ingest.scan import find_candidates
 from wsi.ingest.source_files import submit_slide

@@ -26,7 +26,8 @@ from wsi.ingest.queue import (
     open_queue,
     redact_url,
 )
-from wsi.ingest.queue.postgres import PG_SCHEMA_VERSION, QUEUE_NAME, PostgresJobQueue
+from wsi.ingest.queue.pg_schema import PG_SCHEMA_VERSION, QUEUE_NAME
+from wsi.ingest.queue.postgres import PostgresJobQueue
 from wsi.ingest.settings import IngestSettings
 from wsi.store.objects import Store, StoreSettings
 

@@ -21,7 +21,7 @@ from typing import Any
 import psycopg
 import pytest
 
-from server.cluster import http_status, wait_until
+from server.cluster_roles import http_status, wait_until
 from wsi.errors import InvalidArgument
 from wsi.ingest.lease import FolderLeases, dead_local_holder, lease_name, store_lease_name
 from wsi.ingest.queue import JobQueue, SQLiteJobQueue, open_queue

@@ -24,7 +24,7 @@ import psycopg
 import pytest
 
 from server.auth import sign
-from server.cluster import wait_until
+from server.cluster_roles import wait_until
 
 from .conftest import make_tiff, sample
 from .helpers import wsi_process

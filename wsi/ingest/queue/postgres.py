@@ -9,6 +9,8 @@ new job, its job manager's listing and cancelling, and its schema and migrations
 (`procrastinate schema --apply` works on the same database). Beside it, `wsi_jobs` (one row
 per job, deleted with it) keeps what our interface needs and procrastinate has not: our opaque
 id, the source and its files, progress, the slide id found, error and warning, and the lease.
+The tables, their creation and how a row reads as a `Job` are `pg_schema`'s; this module is
+the queue's transactions.
 
 The lease is ours, not procrastinate's stalled-worker detection: that one watches whole worker
 processes registered in `procrastinate_workers` on the database's clock (`now()`), and requeues
@@ -34,11 +36,9 @@ import json
 import time
 import uuid
 from collections.abc import Mapping
-from types import MappingProxyType
 from typing import Any
 
 import psycopg
-from procrastinate.schema import SchemaManager
 
 from wsi.errors import InvalidArgument
 from wsi.ingest.queue.base import (
@@ -50,7 +50,6 @@ from wsi.ingest.queue.base import (
     Job,
     JobNotFound,
     JobQueue,
-    JobQueueUnavailable,
     JobState,
     Lease,
     RetryPolicy,
@@ -64,110 +63,18 @@ from wsi.ingest.queue.base import (
     _check_text,
 )
 from wsi.ingest.queue.pg_connections import Database
+from wsi.ingest.queue.pg_schema import (
+    COLUMNS,
+    ENDED,
+    JOINED,
+    QUEUE_NAME,
+    STATE_OF,
+    STATUSES,
+    TASK_NAME,
+    create_schema,
+    job_from_row,
+)
 from wsi.store.objects import check_slide_id
-
-QUEUE_NAME = "wsi-convert"
-TASK_NAME = "wsi.convert"
-PG_SCHEMA_VERSION = 1
-"""`wsi_jobs_schema.version` this code writes; a newer database is refused."""
-
-_STATE_OF: dict[str, JobState] = {
-    "todo": JobState.QUEUED,
-    "doing": JobState.RUNNING,
-    "succeeded": JobState.DONE,
-    "failed": JobState.FAILED,
-    "cancelled": JobState.CANCELLED,  # cancelled while queued
-    "aborted": JobState.CANCELLED,  # cancelled while running
-    "aborting": JobState.CANCELLED,  # procrastinate < 3 only
-}
-_STATUSES: dict[JobState, tuple[str, ...]] = {
-    state: tuple(s for s, st in _STATE_OF.items() if st is state) for state in JobState
-}
-_ENDED = (*_STATUSES[JobState.DONE], *_STATUSES[JobState.FAILED], *_STATUSES[JobState.CANCELLED])
-
-_SCHEMA = f"""
-CREATE TABLE wsi_jobs (
-    id text PRIMARY KEY,
-    job_id bigint NOT NULL UNIQUE REFERENCES procrastinate_jobs (id) ON DELETE CASCADE,
-    source text NOT NULL,
-    slide_id text,
-    progress double precision NOT NULL DEFAULT 0,
-    error text,
-    warning text,
-    attempts integer NOT NULL DEFAULT 0,
-    created double precision NOT NULL,
-    updated double precision NOT NULL,
-    started double precision,
-    finished double precision,
-    next_attempt_at double precision NOT NULL,
-    worker text,
-    lease_until double precision,
-    lease_seconds double precision,
-    options text NOT NULL DEFAULT '{{}}',
-    files text NOT NULL DEFAULT '[]'
-);
-CREATE INDEX wsi_jobs_by_created ON wsi_jobs (created, job_id);
-CREATE INDEX wsi_jobs_by_slide ON wsi_jobs (slide_id) WHERE slide_id IS NOT NULL;
-CREATE INDEX wsi_jobs_by_finished ON wsi_jobs (finished) WHERE finished IS NOT NULL;
-CREATE TABLE wsi_jobs_schema (version integer NOT NULL);
-INSERT INTO wsi_jobs_schema VALUES ({PG_SCHEMA_VERSION});
-"""  # noqa: S608 - constants only
-
-_LEASES = """
-CREATE TABLE IF NOT EXISTS wsi_leases (
-    name text PRIMARY KEY,
-    holder text NOT NULL,
-    until double precision NOT NULL
-)
-"""
-"""Leases on things other than jobs (`JobQueue.hold_lease`): made when absent, whatever the
-schema version (versions that do not know the table never touch it)."""
-
-_PROCRASTINATE_FUNCTIONS = (
-    "procrastinate_defer_jobs_v1(procrastinate_job_to_defer_v1[])",
-    "procrastinate_finish_job_v1(bigint, procrastinate_job_status, boolean)",
-    "procrastinate_cancel_job_v1(bigint, boolean, boolean)",
-    "procrastinate_retry_job_v2(bigint, timestamp with time zone, integer, character varying, "
-    "character varying)",
-)
-"""procrastinate's functions this module calls: a database with an older procrastinate schema
-is refused at open (upgrade it with procrastinate's migrations)."""
-
-_SETUP_LOCK = 0x77_73_69_6A_6F_62  # "wsijob": serializes schema creation across processes
-
-# Only these constant column lists and clauses are formatted into SQL (hence the S608 noqa marks);
-# every value is a bound parameter.
-_COLUMNS = (
-    "w.id, w.source, w.slide_id, p.status::text, w.progress, w.error, w.attempts, w.created, "
-    "w.updated, w.started, w.finished, w.next_attempt_at, w.worker, w.lease_until, w.options, "
-    "w.files, w.warning, p.id, w.lease_seconds"
-)
-_FROM = "wsi_jobs w JOIN procrastinate_jobs p ON p.id = w.job_id"
-
-
-def _job(row: tuple[Any, ...]) -> Job:
-    (id_, source, slide_id, status, progress, error, attempts, created, updated, started,
-     finished, next_attempt_at, worker, lease_until, options, files, warning,
-     ) = row[:17]  # fmt: skip
-    return Job(
-        id=id_,
-        source=source,
-        slide_id=slide_id,
-        state=_STATE_OF[status],
-        progress=float(progress),
-        error=error,
-        attempts=int(attempts),
-        created=created,
-        updated=updated,
-        started=started,
-        finished=finished,
-        next_attempt_at=next_attempt_at,
-        worker=worker,
-        lease_until=lease_until,
-        options=MappingProxyType(json.loads(options)),
-        files=tuple(SourceFile.from_json(f) for f in json.loads(files)),
-        warning=warning,
-    )
 
 
 class PostgresJobQueue(JobQueue):
@@ -200,7 +107,7 @@ class PostgresJobQueue(JobQueue):
         """The URL as messages show it: no password, no query."""
         self._run = self._db.run
         try:
-            self._run(self._setup)
+            self._run(lambda cur: create_schema(cur, self.label))
         except BaseException:
             self.close()
             raise
@@ -209,38 +116,11 @@ class PostgresJobQueue(JobQueue):
         """Close every thread's connection; call once no thread uses the queue any more."""
         self._db.close()
 
-    def _setup(self, cur: psycopg.Cursor[Any]) -> None:
-        """Create procrastinate's schema and ours where absent, refuse a newer one."""
-        cur.execute("SELECT pg_advisory_xact_lock(%s)", (_SETUP_LOCK,))
-        cur.execute("SELECT to_regclass('procrastinate_jobs'), to_regclass('wsi_jobs')")
-        row = cur.fetchone()
-        assert row is not None
-        if row[0] is None:
-            cur.execute(SchemaManager.get_schema())
-        if row[1] is None:
-            cur.execute(_SCHEMA)
-        else:
-            cur.execute("SELECT max(version) FROM wsi_jobs_schema")
-            version = (cur.fetchone() or (None,))[0]
-            if version is None or version > PG_SCHEMA_VERSION:
-                raise JobQueueUnavailable(
-                    f"job table {self.label} has jobs schema {version}; this version reads "
-                    f"up to {PG_SCHEMA_VERSION}"
-                )
-        cur.execute(_LEASES)
-        for function in _PROCRASTINATE_FUNCTIONS:
-            cur.execute("SELECT to_regprocedure(%s)", (function,))
-            if (cur.fetchone() or (None,))[0] is None:
-                raise JobQueueUnavailable(
-                    f"job table {self.label}: procrastinate's schema there lacks "
-                    f"{function.split('(')[0]} (apply procrastinate's migrations)"
-                )
-
     @staticmethod
     def _locked(cur: psycopg.Cursor[Any], job_id: str) -> tuple[Any, ...]:
         """The job's row, locked (ours and procrastinate's) until the transaction ends."""
         cur.execute(
-            f"SELECT {_COLUMNS} FROM {_FROM} WHERE w.id = %s FOR UPDATE OF w, p",  # noqa: S608
+            f"SELECT {COLUMNS} FROM {JOINED} WHERE w.id = %s FOR UPDATE OF w, p",  # noqa: S608
             (job_id,),
         )
         row = cur.fetchone()
@@ -250,15 +130,15 @@ class PostgresJobQueue(JobQueue):
 
     @staticmethod
     def _holds(row: tuple[Any, ...], worker: str) -> bool:
-        return bool(_STATE_OF[row[3]] is JobState.RUNNING and row[12] == worker)
+        return bool(STATE_OF[row[3]] is JobState.RUNNING and row[12] == worker)
 
     @staticmethod
     def _job(cur: psycopg.Cursor[Any], job_id: str) -> Job:
-        cur.execute(f"SELECT {_COLUMNS} FROM {_FROM} WHERE w.id = %s", (job_id,))  # noqa: S608
+        cur.execute(f"SELECT {COLUMNS} FROM {JOINED} WHERE w.id = %s", (job_id,))  # noqa: S608
         row = cur.fetchone()
         if row is None:
             raise JobNotFound(f"no job {job_id!r}")
-        return _job(row)
+        return job_from_row(row)
 
     # the queue
 
@@ -281,14 +161,14 @@ class PostgresJobQueue(JobQueue):
                 # Submitters of one slide wait for each other: the second sees the first's job.
                 cur.execute("SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))", (lock,))
                 cur.execute(
-                    f"SELECT {_COLUMNS} FROM {_FROM} WHERE w.slide_id = %s "  # noqa: S608
+                    f"SELECT {COLUMNS} FROM {JOINED} WHERE w.slide_id = %s "  # noqa: S608
                     "AND p.status::text = ANY(%s) "
                     "ORDER BY p.status = 'succeeded', w.created DESC, p.id DESC LIMIT 1",
-                    (slide_id, [s for st in _DEDUP_STATES for s in _STATUSES[st]]),
+                    (slide_id, [s for st in _DEDUP_STATES for s in STATUSES[st]]),
                 )
                 row = cur.fetchone()
                 if row is not None:
-                    return _job(row)
+                    return job_from_row(row)
             now = self.clock()
             job_id = uuid.uuid4().hex
             cur.execute(
@@ -313,7 +193,7 @@ class PostgresJobQueue(JobQueue):
         caller (claim takes one over directly, recover requeues them). `wait`: wait for rows
         other transactions hold, instead of leaving them for the next call."""
         cur.execute(
-            f"SELECT w.id, p.id FROM {_FROM} WHERE p.status = 'doing' "  # noqa: S608
+            f"SELECT w.id, p.id FROM {JOINED} WHERE p.status = 'doing' "  # noqa: S608
             "AND w.lease_until < %s AND w.attempts >= %s ORDER BY p.id "
             + ("FOR UPDATE OF w, p" if wait else "FOR UPDATE OF w, p SKIP LOCKED"),
             (now, self.retry.max_attempts),
@@ -341,7 +221,7 @@ class PostgresJobQueue(JobQueue):
             # Oldest first by procrastinate's id (the database's own submit order, whichever
             # machine's clock stamped `created`); rows another claimer holds are skipped.
             cur.execute(
-                f"SELECT w.id, p.id, p.status::text FROM {_FROM} "  # noqa: S608
+                f"SELECT w.id, p.id, p.status::text FROM {JOINED} "  # noqa: S608
                 "WHERE p.status IN ('todo', 'doing') AND ("
                 "(p.status = 'todo' AND w.next_attempt_at <= %s) "
                 "OR (p.status = 'doing' AND w.lease_until < %s)"
@@ -489,7 +369,7 @@ class PostgresJobQueue(JobQueue):
             cur.execute(
                 "DELETE FROM procrastinate_jobs p USING wsi_jobs w WHERE w.job_id = p.id "
                 "AND p.status::text = ANY(%s) AND w.finished < %s",
-                (builtins.list(_ENDED), before),
+                (builtins.list(ENDED), before),
             )
             return cur.rowcount
 
@@ -500,9 +380,9 @@ class PostgresJobQueue(JobQueue):
 
         def step(cur: psycopg.Cursor[Any]) -> Job:
             row = self._locked(cur, job_id)
-            state = _STATE_OF[row[3]]
+            state = STATE_OF[row[3]]
             if state.terminal:
-                return _job(row)
+                return job_from_row(row)
             if state is JobState.QUEUED:
                 cur.execute("SELECT procrastinate_cancel_job_v1(%s, false, false)", (row[17],))
             else:  # procrastinate's end state of a job stopped while running
@@ -530,7 +410,7 @@ class PostgresJobQueue(JobQueue):
         statuses: builtins.list[str] | None = None
         if state is not None:
             try:
-                statuses = builtins.list(_STATUSES[JobState(state)])
+                statuses = builtins.list(STATUSES[JobState(state)])
             except ValueError:
                 raise InvalidArgument(
                     f"state must be one of {', '.join(s.value for s in JobState)}"
@@ -538,12 +418,12 @@ class PostgresJobQueue(JobQueue):
 
         def step(cur: psycopg.Cursor[Any]) -> builtins.list[Job]:
             cur.execute(
-                f"SELECT {_COLUMNS} FROM {_FROM} "  # noqa: S608
+                f"SELECT {COLUMNS} FROM {JOINED} "  # noqa: S608
                 "WHERE (%s::text[] IS NULL OR p.status::text = ANY(%s::text[])) "
                 "ORDER BY w.created DESC, p.id DESC LIMIT %s OFFSET %s",
                 (statuses, statuses, limit, offset),
             )
-            return [_job(row) for row in cur.fetchall()]
+            return [job_from_row(row) for row in cur.fetchall()]
 
         return self._run(step)
 
@@ -556,7 +436,7 @@ class PostgresJobQueue(JobQueue):
             at = self.clock() if given is None else given
             failed = self._take_back_expired(cur, at, wait=True)
             cur.execute(
-                f"SELECT {_COLUMNS} FROM {_FROM} WHERE p.status = 'doing' "  # noqa: S608
+                f"SELECT {COLUMNS} FROM {JOINED} WHERE p.status = 'doing' "  # noqa: S608
                 "AND w.lease_until < %s ORDER BY p.id FOR UPDATE OF w, p",
                 (at,),
             )
