@@ -54,7 +54,8 @@ from typing import Any
 import numpy as np
 import psutil
 from convert import ensure_source, warm_page_cache  # bench/convert.py
-from serve import convert, ratio_line, seaweedfs  # bench/serve.py
+from serve import convert  # bench/serve.py
+from serve_cold import seaweedfs  # bench/serve_cold.py
 
 from wsi.codecs.colour import srgb_to_lab
 from wsi.pyramid.background import DELTA_E76
@@ -111,6 +112,12 @@ class Result:
         if not self.server_cpu_seconds:
             return ours, None
         return ours, statistics.median(self.server_cpu_seconds) / n * 1000
+
+
+def ratio_line(name: str, value: float, target: float) -> str:
+    """One ratio against its target, as the report prints it."""
+    verdict = "ok" if value >= target else "MISSED"
+    return f"  {name:<22}{value:8.2f}x   target >= {target:g}x   {verdict}"
 
 
 def cpu_seconds(pid: int | None) -> float:
