@@ -75,7 +75,7 @@ from typing import Any
 
 import serve_orthanc
 from convert import ensure_source  # bench/convert.py: the shared generated slide
-from serve_cold import Cold, print_cold, run_cold
+from serve_cold import Cold, Tile, print_cold, run_cold
 from serve_load import (
     READY_TIMEOUT_S,
     LoadSettings,
@@ -99,9 +99,6 @@ FRAME_ACCEPT = 'multipart/related; type="application/octet-stream"; transfer-syn
 """What wsidicom's web client asks for frames with: the stored JPEG bytes, one part each."""
 VALIDATED = 32
 """Random addresses fetched (and checked) once before a random workload is measured."""
-
-Tile = tuple[int, int, int]
-"""(level, col, row): level index (0 = full resolution) and tile column, row."""
 
 
 # --------------------------------------------------------------------------------------------
