@@ -18,6 +18,7 @@ setup(
                 "wsi/codecs/_jpeglib_copy.h",
                 "wsi/codecs/_jpeglib_decode.h",
                 "wsi/codecs/_jpeglib_glass.h",
+                "wsi/codecs/_jpeglib_batch.h",
             ],
             libraries=["jpeg"],
             extra_compile_args=["-O3", "-Wall", "-Wextra", "-Wno-unused-parameter"],

@@ -23,6 +23,9 @@
  *     coefficients cannot tell); with `half` (a writable (h, w, 3) uint8 array, rows may be
  *     strided), the tile decoded at 1/2 scale into it, as TurboJPEG decodes it. out is the
  *     optimised stream when `optimize` and the verdict is not True, else None.
+ * copy_tiles(tiles, optimize, regions, limits, counts, low, n, halves) -> list
+ *     copy_tile for each of a list of streams with the GIL released once (_jpeglib_batch.h):
+ *     each item copy_tile's tuple, or the CorruptSlide it raises for that tile alone.
  * decode_region(data, x, y, out, expected_width, expected_height) -> None
  *     Decodes the rectangle of out's size whose top-left pixel is (x, y) into `out`, a writable
  *     (height, width, 3) uint8 array whose rows may be strided, using jpeg_crop_scanline and
@@ -123,6 +126,7 @@ static int check_header(struct guard *g, j_decompress_ptr d, long max_pixels) {
 }
 
 #include "_jpeglib_copy.h"
+#include "_jpeglib_batch.h"
 
 /* -- within --------------------------------------------------------------------------------- */
 /* within(data, width, height, blues) -> bool
@@ -650,6 +654,9 @@ static PyMethodDef methods[] = {
     {"copy_tile", py_copy_tile, METH_VARARGS,
      "copy_tile(data, optimize, width, height, limits, counts, low, n, half) -> (verdict, "
      "space, low, high, bytes or None, dark, light)"},
+    {"copy_tiles", py_copy_tiles, METH_VARARGS,
+     "copy_tiles(tiles, optimize, regions, limits, counts, low, n, halves) -> list of "
+     "copy_tile's tuples or CorruptSlide instances"},
     {"within", py_within, METH_VARARGS,
      "within(data, width, height, blues) -> bool: every decoded pixel in the set"},
     {"decode_region", py_decode_region, METH_VARARGS,

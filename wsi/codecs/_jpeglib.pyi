@@ -5,6 +5,8 @@ from typing import Any
 import numpy as np
 from typing_extensions import Buffer
 
+from wsi.errors import CorruptSlide
+
 MAX_INPUT_BYTES: int
 MAX_SIDE: int
 MAX_TRANSCODE_PIXELS: int
@@ -58,3 +60,25 @@ def decode_region(
 def encode(
     pixels: Buffer | np.ndarray[Any, Any], quality: int, subsample_420: bool, /
 ) -> bytes: ...
+def copy_tiles(
+    tiles: list[Buffer],
+    optimize: bool,
+    regions: list[tuple[int, int]],
+    limits: Buffer,
+    counts: Buffer | np.ndarray[Any, Any],
+    low: int,
+    n: int,
+    halves: list[np.ndarray[Any, Any] | None] | None,
+    /,
+) -> list[
+    tuple[
+        bool | None,
+        str,
+        tuple[int, ...],
+        tuple[int, ...],
+        bytes | None,
+        tuple[float, ...],
+        tuple[float, ...],
+    ]
+    | CorruptSlide
+]: ...

@@ -60,7 +60,7 @@ struct job {
     int want_blocks;         /* keep every block's bound (for the verdict) */
     int16_t *blocks;         /* their storage (the caller frees it) */
     int16_t *comp_blocks[3]; /* each component's part of it: 2 levels per block, row-major */
-    int16_t *comp_hulls[3];  /* and of the hulls of a subsampled one's (chroma_hull) */
+    int16_t *comp_hulls[3];  /* and of the hulls of a subsampled one's (chroma_hull_row) */
     unsigned char *out;     /* buffer, or our malloc'd copy once the output outgrew it */
     unsigned long out_size; /* bytes written (while writing: the size of out) */
     struct guard g;
@@ -367,25 +367,28 @@ static PyObject *floats(const double *values, int n) {
     return t;
 }
 
-/* Runs a job whose inputs are set (data, limits, rule, half) without the GIL and builds
- * (verdict, space, low, high, out, dark, light); NULL with an exception set on failure. */
-static PyObject *finish_job(struct job *job) {
-    PyObject *out = NULL, *low = NULL, *high = NULL, *dark = NULL, *light = NULL, *result = NULL;
-    PyObject *verdict;
-    int status;
+/* The bytes object an optimising job writes into (nobody else holds it while the GIL is
+ * released; an output larger than this goes to memory we allocate instead): *out, or None when
+ * not optimising. Returns -1 with an exception set when out of memory. */
+static int job_output(struct job *job, PyObject **out) {
+    *out = NULL;
+    if (!job->optimize)
+        return 0;
+    job->capacity = job->size + 4096;
+    *out = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)job->capacity);
+    if (*out == NULL)
+        return -1;
+    job->buffer = (unsigned char *)PyBytes_AS_STRING(*out);
+    return 0;
+}
 
-    if (job->optimize) {
-        /* libjpeg writes straight into the result (nobody else holds it while the GIL is
-         * released); an output larger than this goes to memory libjpeg allocates instead. */
-        job->capacity = job->size + 4096;
-        out = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)job->capacity);
-        if (out == NULL)
-            return NULL;
-        job->buffer = (unsigned char *)PyBytes_AS_STRING(out);
-    }
-    Py_BEGIN_ALLOW_THREADS
-    status = run_copy(job);
-    Py_END_ALLOW_THREADS
+/* (verdict, space, low, high, out, dark, light) of a job run_copy finished with `status` 0;
+ * NULL with an exception set otherwise (CorruptSlide: the stream's fault). Takes over `out`
+ * (job_output's) and frees the output memory the job allocated. */
+static PyObject *job_result(struct job *job, int status, PyObject *out) {
+    PyObject *low = NULL, *high = NULL, *dark = NULL, *light = NULL, *result = NULL;
+    PyObject *verdict;
+
     if (status != 0) {
         PyErr_Format(corrupt_slide, "cannot transcode JPEG: %s", job->g.message);
         goto done;
@@ -415,7 +418,22 @@ done:
     Py_XDECREF(light);
     if (job->out != job->buffer)
         free(job->out);
+    job->out = NULL;
     return result;
+}
+
+/* Runs a job whose inputs are set (data, limits, rule, half) without the GIL and builds its
+ * result (job_result). */
+static PyObject *finish_job(struct job *job) {
+    PyObject *out;
+    int status;
+
+    if (job_output(job, &out) != 0)
+        return NULL;
+    Py_BEGIN_ALLOW_THREADS
+    status = run_copy(job);
+    Py_END_ALLOW_THREADS
+    return job_result(job, status, out);
 }
 
 static int take_limits(struct job *job, Py_buffer *limits) {
@@ -465,6 +483,56 @@ static PyObject *py_transcode(PyObject *self, PyObject *args) {
     return tail;
 }
 
+/* A 1/2-scale target taken from `target`: 1 when it is a writable (h, w, 3) uint8 array with
+ * packed pixels (rows may be strided), 0 when it is not (released), -1 with an exception set. */
+static int take_half(PyObject *target, Py_buffer *half) {
+    int good;
+    if (PyObject_GetBuffer(target, half, PyBUF_WRITABLE | PyBUF_STRIDES | PyBUF_FORMAT) != 0)
+        return -1;
+    good = half->ndim == 3 && half->itemsize == 1 && half->shape[2] == 3 &&
+           half->strides[2] == 1 && half->strides[1] == 3 && half->shape[0] > 0 &&
+           half->shape[1] > 0 && half->strides[0] >= 3 * half->shape[1];
+    if (!good) {
+        PyBuffer_Release(half);
+        half->buf = NULL;
+    }
+    return good;
+}
+
+/* Whether a colour rule's table holds (n + 1)**3 int32 counts of a cube inside 0..255. */
+static int rule_fits(const Py_buffer *counts, int rule_low, int rule_n) {
+    return rule_n > 0 && rule_n <= 256 && rule_low >= 0 && rule_low + rule_n <= 256 &&
+           counts->len == (Py_ssize_t)sizeof(int32_t) * (rule_n + 1) * (rule_n + 1) * (rule_n + 1);
+}
+
+/* A job's inputs: the stream, the region, the rule (counts empty: none) and the target (buf
+ * NULL: none). The buffers stay the caller's. */
+static void job_inputs(struct job *job, const Py_buffer *data, int optimize, long width,
+                       long height, const Py_buffer *counts, int rule_low, int rule_n,
+                       const Py_buffer *half) {
+    job->data = data->buf;
+    job->size = (unsigned long)data->len;
+    job->optimize = optimize;
+    job->width = width;
+    job->height = height;
+    if (counts->len != 0) {
+        job->rule.counts = counts->buf;
+        job->rule.low = rule_low;
+        job->rule.n = rule_n;
+        job->want_blocks = 1;
+    }
+    if (half->buf != NULL) {
+        job->half = half->buf;
+        job->half_pitch = half->strides[0];
+        job->half_width = (long)half->shape[1];
+        job->half_height = (long)half->shape[0];
+    }
+}
+
+#define BAD_COPY_ARGUMENTS                                                                        \
+    "the target must be an (h, w, 3) uint8 array with packed pixels, the rule an (n + 1)**3 "    \
+    "int32 table"
+
 /* copy_tile(data, optimize, width, height, limits, counts, low, n, half)
  *     -> (verdict, space, low, high, out, dark, light) */
 static PyObject *py_copy_tile(PyObject *self, PyObject *args) {
@@ -477,46 +545,20 @@ static PyObject *py_copy_tile(PyObject *self, PyObject *args) {
     if (!PyArg_ParseTuple(args, "y*plly*y*iiO:copy_tile", &data, &optimize, &width, &height,
                           &limits, &counts, &rule_low, &rule_n, &target))
         return NULL;
-    if (target != Py_None) {
-        if (PyObject_GetBuffer(target, &half, PyBUF_WRITABLE | PyBUF_STRIDES | PyBUF_FORMAT) != 0)
-            good = -1;
-        else
-            good = half.ndim == 3 && half.itemsize == 1 && half.shape[2] == 3 &&
-                   half.strides[2] == 1 && half.strides[1] == 3 && half.shape[0] > 0 &&
-                   half.shape[1] > 0 && half.strides[0] >= 3 * half.shape[1];
-    }
+    if (target != Py_None)
+        good = take_half(target, &half);
     if (good == 1 && counts.len != 0)
-        good = rule_n > 0 && rule_n <= 256 && rule_low >= 0 && rule_low + rule_n <= 256 &&
-               counts.len == (Py_ssize_t)sizeof(int32_t) * (rule_n + 1) * (rule_n + 1) *
-                                 (rule_n + 1);
+        good = rule_fits(&counts, rule_low, rule_n);
     job = good == 1 ? calloc(1, sizeof *job) : NULL;
     if (good == 0) {
-        PyErr_SetString(invalid_argument,
-                        "copy_tile: the target must be an (h, w, 3) uint8 array with packed "
-                        "pixels, the rule an (n + 1)**3 int32 table");
+        PyErr_SetString(invalid_argument, "copy_tile: " BAD_COPY_ARGUMENTS);
     } else if (good == 1 && job == NULL) {
         PyErr_NoMemory();
     } else if (job != NULL && data.len > MAX_INPUT_BYTES) {
         PyErr_Format(corrupt_slide, "JPEG stream of %zd bytes exceeds %ld", data.len,
                      MAX_INPUT_BYTES);
     } else if (job != NULL && take_limits(job, &limits) == 0) {
-        job->data = data.buf;
-        job->size = (unsigned long)data.len;
-        job->optimize = optimize;
-        job->width = width;
-        job->height = height;
-        if (counts.len != 0) {
-            job->rule.counts = counts.buf;
-            job->rule.low = rule_low;
-            job->rule.n = rule_n;
-            job->want_blocks = 1;
-        }
-        if (half.buf != NULL) {
-            job->half = half.buf;
-            job->half_pitch = half.strides[0];
-            job->half_width = (long)half.shape[1];
-            job->half_height = (long)half.shape[0];
-        }
+        job_inputs(job, &data, optimize, width, height, &counts, rule_low, rule_n, &half);
         result = finish_job(job);
         free(job->blocks);
     }

@@ -96,28 +96,44 @@ static int judge_box(const struct colour_rule *r, int space, const int lo[3], co
  * inside the component), into `hull` (same layout as the blocks' bounds): libjpeg's upsamplers
  * (replication, or the triangle filters, whose weights are >= 0 and whose rounding stays
  * inside the range of their inputs) make each pixel's sample from the nearest samples and
- * their direct neighbours, which lie in the nearest sample's block or one beside it. */
-static void chroma_hull(const jpeg_component_info *c, const int16_t *blocks, int16_t *hull) {
-    long w = c->width_in_blocks, h = c->height_in_blocks, x, y, i, j;
-    for (y = 0; y < h; y++) {
-        for (x = 0; x < w; x++) {
-            int16_t lo = 255, hi = 0;
-            for (j = y > 0 ? y - 1 : 0; j <= y + 1 && j < h; j++) {
-                for (i = x > 0 ? x - 1 : 0; i <= x + 1 && i < w; i++) {
-                    const int16_t *slot = blocks + 2 * (j * w + i);
-                    lo = slot[0] < lo ? slot[0] : lo;
-                    hi = slot[1] > hi ? slot[1] : hi;
-                }
-            }
-            hull[2 * (y * w + x)] = lo;
-            hull[2 * (y * w + x) + 1] = hi;
+ * their direct neighbours, which lie in the nearest sample's block or one beside it. Row y of
+ * hulls only, made when judge_blocks first needs it (a tile of tissue is usually settled in
+ * its first row): the lowest and highest over rows y - 1..y + 1 of each column, then over
+ * columns x - 1..x + 1 (bounds are levels in 0..255). */
+static void chroma_hull_row(const jpeg_component_info *c, const int16_t *blocks, int16_t *hull,
+                            long y) {
+    long w = c->width_in_blocks, h = c->height_in_blocks, x, j;
+    long first = y > 0 ? y - 1 : 0, last = y + 1 < h ? y + 1 : h - 1;
+    int16_t lows[MAX_SIDE / DCTSIZE], highs[MAX_SIDE / DCTSIZE];
+    int16_t *out = hull + 2 * y * w;
+    for (x = 0; x < w; x++) {
+        int16_t lo = 255, hi = 0;
+        for (j = first; j <= last; j++) {
+            const int16_t *slot = blocks + 2 * (j * w + x);
+            lo = slot[0] < lo ? slot[0] : lo;
+            hi = slot[1] > hi ? slot[1] : hi;
         }
+        lows[x] = lo;
+        highs[x] = hi;
+    }
+    for (x = 0; x < w; x++) {
+        int16_t lo = lows[x], hi = highs[x];
+        if (x > 0) {
+            lo = lows[x - 1] < lo ? lows[x - 1] : lo;
+            hi = highs[x - 1] > hi ? highs[x - 1] : hi;
+        }
+        if (x + 1 < w) {
+            lo = lows[x + 1] < lo ? lows[x + 1] : lo;
+            hi = highs[x + 1] > hi ? highs[x + 1] : hi;
+        }
+        out[2 * x] = lo;
+        out[2 * x + 1] = hi;
     }
 }
 
 /* The tile's verdict from its blocks' bounds: for each 8x8 block of pixels that reaches into
  * the visible region, the bounds of the samples that make its pixels: a full-resolution
- * component's own block, a subsampled one's hull (chroma_hull) around the block holding the
+ * component's own block, a subsampled one's hull (chroma_hull_row) around the block holding the
  * pixels' nearest samples. One block whose colours hold none of the rule proves some visible
  * pixel is not one of them (0); every block inside the rule proves every pixel is (1);
  * otherwise -1. */
@@ -128,6 +144,7 @@ static int judge_blocks(struct job *job, j_decompress_ptr d, long width, long he
     /* For each block column, where its bounds are in each component's row of bounds: the
      * divisions by the sampling ratios done once per tile, not per block. */
     int32_t at[3][MAX_SIDE / DCTSIZE];
+    long hull_rows[3] = {0, 0, 0}; /* rows of hulls made so far (rows are visited in order) */
     int last_lo[3] = {-1, -1, -1}, last_hi[3] = {-1, -1, -1}, last = 0;
     struct level_verdicts cache;
     int ci, nc = d->num_components, undecided = 0;
@@ -138,10 +155,8 @@ static int judge_blocks(struct job *job, j_decompress_ptr d, long width, long he
         rh[ci] = d->max_h_samp_factor / c->h_samp_factor;
         rv[ci] = d->max_v_samp_factor / c->v_samp_factor;
         bounds[ci] = job->comp_blocks[ci];
-        if (rh[ci] > 1 || rv[ci] > 1) {
-            chroma_hull(c, job->comp_blocks[ci], job->comp_hulls[ci]);
+        if (rh[ci] > 1 || rv[ci] > 1)
             bounds[ci] = job->comp_hulls[ci];
-        }
         for (bx = 0; bx < bcols; bx++)
             at[ci][bx] = (int32_t)(2 * (bx / rh[ci] < w ? bx / rh[ci] : w - 1));
     }
@@ -151,6 +166,8 @@ static int judge_blocks(struct job *job, j_decompress_ptr d, long width, long he
             const jpeg_component_info *c = &d->comp_info[ci];
             long y = by / rv[ci];
             y = y < (long)c->height_in_blocks ? y : (long)c->height_in_blocks - 1;
+            for (; bounds[ci] == job->comp_hulls[ci] && hull_rows[ci] <= y; hull_rows[ci]++)
+                chroma_hull_row(c, job->comp_blocks[ci], job->comp_hulls[ci], hull_rows[ci]);
             row[ci] = bounds[ci] + 2 * y * (long)c->width_in_blocks;
         }
         for (bx = 0; bx < bcols; bx++) {

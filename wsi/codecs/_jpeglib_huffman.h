@@ -381,68 +381,64 @@ static int scan_components(j_decompress_ptr d, jvirt_barray_ptr *coefs,
     return 0;
 }
 
-/* A min-heap of (frequency, symbol) ordered by frequency, then by *larger* symbol first: the
- * order in which jpeg_gen_optimal_table's linear searches ("smallest nonzero frequency, the
- * larger symbol on ties") pick their two nodes. */
-struct node {
-    long freq;
-    int symbol;
-};
-
-static inline int node_before(struct node a, struct node b) {
-    return a.freq < b.freq || (a.freq == b.freq && a.symbol > b.symbol);
-}
-
-static void heap_push(struct node *heap, int *n, struct node v) {
-    int i = (*n)++;
-    while (i > 0 && node_before(v, heap[(i - 1) / 2])) {
-        heap[i] = heap[(i - 1) / 2];
-        i = (i - 1) / 2;
-    }
-    heap[i] = v;
-}
-
-static struct node heap_pop(struct node *heap, int *n) {
-    struct node top = heap[0], v = heap[--(*n)];
-    int i = 0;
+/* A min-heap of nodes packed as (frequency << 9) | (256 - symbol): ordered by frequency, then
+ * by *larger* symbol first, the order in which jpeg_gen_optimal_table's linear searches
+ * ("smallest nonzero frequency, the larger symbol on ties") pick their two nodes. No two nodes
+ * share a symbol (a merged node keeps its first one's), so the order is total and the pops do
+ * not depend on the heap's shape. A frequency is at most the symbols of one scan (65 a block,
+ * well under 2**40 for the largest image accepted), so the packing is exact. */
+static inline void sift_down(uint64_t *heap, int n, int i) {
+    uint64_t v = heap[i];
     for (;;) {
         int child = 2 * i + 1;
-        if (child >= *n)
+        if (child >= n)
             break;
-        if (child + 1 < *n && node_before(heap[child + 1], heap[child]))
+        if (child + 1 < n && heap[child + 1] < heap[child])
             child++;
-        if (!node_before(heap[child], v))
+        if (heap[child] >= v)
             break;
         heap[i] = heap[child];
         i = child;
     }
-    if (*n > 0)
-        heap[i] = v;
-    return top;
+    heap[i] = v;
 }
 
 /* libjpeg's jpeg_gen_optimal_table (section K.2 of the standard, code lengths limited to 16
- * bits), the same merges in the same order, in O(n log n) instead of its O(n^2) searches: the
- * table, hence every output byte, is the one libjpeg makes. Returns -1 on a code length over 32
- * (JERR_HUFF_CLEN_OVERFLOW, which cannot happen with fewer than 2**31 blocks). */
+ * bits), the same merges in the same order, in O(n log n) instead of its O(n^2) searches and
+ * visiting only the symbols that occur: the table, hence every output byte, is the one libjpeg
+ * makes. Returns -1 on a code length over 32 (JERR_HUFF_CLEN_OVERFLOW, which cannot happen with
+ * fewer than 2**31 blocks). */
 static int optimal_table(long *freq, JHUFF_TBL *table) {
     unsigned char bits[33];
-    int codesize[257], others[257], count[33];
-    struct node heap[257];
-    int n = 0, i, j, p;
+    int codesize[257], others[257], count[33], present[257];
+    uint64_t heap[257];
+    int n = 0, np = 0, i, j, p;
 
     memset(bits, 0, sizeof bits);
-    memset(codesize, 0, sizeof codesize);
-    for (i = 0; i < 257; i++)
-        others[i] = -1;
     freq[256] = 1;
-    for (i = 0; i <= 256; i++)
-        if (freq[i])
-            heap_push(heap, &n, (struct node){freq[i], i});
+    for (i = 0; i <= 256; i++) {
+        if (freq[i]) {
+            if ((unsigned long)freq[i] >= 1ul << 40)
+                return -1;
+            present[np++] = i;
+            codesize[i] = 0;
+            others[i] = -1;
+            heap[n++] = ((uint64_t)freq[i] << 9) | (uint64_t)(256 - i);
+        }
+    }
+    for (i = n / 2 - 1; i >= 0; i--)
+        sift_down(heap, n, i);
     while (n >= 2) {
-        struct node a = heap_pop(heap, &n), b = heap_pop(heap, &n);
-        int c1 = a.symbol, c2 = b.symbol;
-        heap_push(heap, &n, (struct node){a.freq + b.freq, c1});
+        uint64_t a = heap[0], b;
+        int c1, c2;
+        heap[0] = heap[--n];
+        sift_down(heap, n, 0);
+        b = heap[0];
+        /* the merged node takes b's place: a's symbol, both frequencies */
+        heap[0] = (((a >> 9) + (b >> 9)) << 9) | (a & 511);
+        sift_down(heap, n, 0);
+        c1 = 256 - (int)(a & 511);
+        c2 = 256 - (int)(b & 511);
         codesize[c1]++;
         while (others[c1] >= 0) {
             c1 = others[c1];
@@ -455,12 +451,10 @@ static int optimal_table(long *freq, JHUFF_TBL *table) {
             codesize[c2]++;
         }
     }
-    for (i = 0; i <= 256; i++) {
-        if (codesize[i]) {
-            if (codesize[i] > 32)
-                return -1;
-            bits[codesize[i]]++;
-        }
+    for (j = 0; j < np; j++) {
+        if (codesize[present[j]] > 32)
+            return -1;
+        bits[codesize[present[j]]]++;
     }
     for (i = 32; i > 16; i--) {
         while (bits[i] > 0) {
@@ -477,19 +471,19 @@ static int optimal_table(long *freq, JHUFF_TBL *table) {
         i--;
     bits[i]--; /* the reserved symbol 256 had the longest code */
     memcpy(table->bits, bits, sizeof table->bits);
-    /* Symbols by code length, then by value (a counting sort). */
+    /* Symbols by code length, then by value (a counting sort; present is in symbol order, the
+     * reserved 256 last). */
     memset(count, 0, sizeof count);
-    for (j = 0; j < 256; j++)
-        count[codesize[j]]++;
+    for (j = 0; j < np && present[j] < 256; j++)
+        count[codesize[present[j]]]++;
     for (i = 1, p = 0; i <= 32; i++) {
         int next = p + count[i];
         count[i] = p;
         p = next;
     }
     memset(table->huffval, 0, sizeof table->huffval);
-    for (j = 0; j < 256; j++)
-        if (codesize[j])
-            table->huffval[count[codesize[j]]++] = (UINT8)j;
+    for (j = 0; j < np && present[j] < 256; j++)
+        table->huffval[count[codesize[present[j]]]++] = (UINT8)present[j];
     table->sent_table = FALSE;
     return 0;
 }

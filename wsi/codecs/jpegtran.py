@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -372,6 +373,73 @@ def copy_tile(
         data, optimize, width, height, limits, counts, low, side, half
     )
     return CopiedTile(_kept_stream(data, out), verdict)
+
+
+def copy_tiles(
+    tiles: Sequence[bytes],
+    optimize: bool,
+    regions: Sequence[tuple[int, int]],
+    rule: ColourRule | None = None,
+    halves: Sequence[np.ndarray | None] | None = None,
+) -> list[CopiedTile | CorruptSlide]:
+    """`copy_tile` of every tile of a list (a row of a pyramid's tiles) in one call: item i
+    is what `copy_tile(tiles[i], optimize, regions[i], rule, halves[i])` returns, or the
+    `CorruptSlide` it raises (not raised here: a damaged tile stops nothing, the caller decides
+    what it means). The C extension walks the list with the GIL released once, where a call
+    per tile released and re-took it for each (with two threads copying rows, each re-take
+    could wait for the other thread's Python). Bad arguments raise `InvalidArgument`, as
+    `copy_tile` does for any of them."""
+    targets: list[np.ndarray | None] = list(halves) if halves is not None else [None] * len(tiles)
+    if len(regions) != len(tiles) or len(targets) != len(tiles):
+        raise InvalidArgument("copy_tiles: one region and one target (or None) per tile")
+    for (width, height), half in zip(regions, targets, strict=True):
+        if min(width, height) <= 0:
+            raise InvalidArgument(f"bad region {width}x{height}")
+        if half is not None and (half.dtype != np.uint8 or half.ndim != 3):
+            raise InvalidArgument("copy_tiles: a 1/2-scale target must be an (h, w, 3) uint8 view")
+    if any(half is not None for half in targets) and not one_pass_works():
+        return [
+            _one_by_one(data, optimize, region, rule, half)
+            for data, region, half in zip(tiles, regions, targets, strict=True)
+        ]
+    counts = rule.counts if rule is not None else b""
+    limits = rule.limits.packed if rule is not None else b""
+    low, side = (rule.low, rule.side) if rule is not None else (0, 0)
+    sizes = [(int(width), int(height)) for width, height in regions]
+    results = _jpeglib.copy_tiles(
+        list(tiles),
+        optimize,
+        sizes,
+        limits,
+        counts,
+        low,
+        side,
+        targets if halves is not None else None,
+    )
+    out: list[CopiedTile | CorruptSlide] = []
+    for data, result in zip(tiles, results, strict=True):
+        if isinstance(result, CorruptSlide):
+            out.append(result)
+            continue
+        try:
+            out.append(CopiedTile(_kept_stream(data, result[4]), result[0]))
+        except CorruptSlide as error:
+            out.append(error)
+    return out
+
+
+def _one_by_one(
+    data: bytes,
+    optimize: bool,
+    region: tuple[int, int],
+    rule: ColourRule | None,
+    half: np.ndarray | None,
+) -> CopiedTile | CorruptSlide:
+    """`copy_tile`'s result or error for one tile of `copy_tiles`."""
+    try:
+        return copy_tile(data, optimize, region, rule, half)
+    except CorruptSlide as error:
+        return error
 
 
 def copy_then_decode(
