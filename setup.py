@@ -19,6 +19,7 @@ setup(
                 "wsi/codecs/_jpeglib_decode.h",
                 "wsi/codecs/_jpeglib_glass.h",
                 "wsi/codecs/_jpeglib_batch.h",
+                "wsi/codecs/_jpeglib_region.h",
             ],
             libraries=["jpeg"],
             extra_compile_args=["-O3", "-Wall", "-Wextra", "-Wno-unused-parameter"],
