@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from wsi.codecs import jpeg, jpeg2000, jpegtran
-from wsi.errors import EncodedTileUnavailable, InvalidArgument
+from wsi.errors import CorruptSlide, EncodedTileUnavailable, InvalidArgument
 from wsi.model import Level, TileCodec, pyramid_levels
 from wsi.published.layout import JPEG, JPEG2000, ZSTD, ChunkFormat, encode_chunk_zstd
 from wsi.pyramid import _pixels
@@ -237,33 +237,46 @@ class PyramidBuilder:
         return jpeg.encode(tile, fmt.quality, self.settings.subsample_420)
 
     def _store_copied(
-        self, data: bytes, level: Level, col: int, row: int, half: np.ndarray | None = None
-    ) -> bytes | None:
-        """A source JPEG tile as stored: None when it is blank glass, else with optimal Huffman
-        tables (or as it is). With `half`, the tile decoded at 1/2 scale is written there (its
-        quadrant of the level below).
+        self, level: Level, row: int, copied: list[tuple[int, bytes, np.ndarray | None]]
+    ) -> list[bytes | None]:
+        """Source JPEG tiles (column, stream, half) of one row as stored: None for blank glass,
+        else with optimal Huffman tables (or as they are). With `half`, the tile decoded at 1/2
+        scale is written there (its quadrant of the level below).
 
-        One entropy decode does it all (`jpegtran.copy_tile`): the coefficients read once give
-        the optimised stream, the 1/2-scale pixels (libjpeg's buffered-image mode, the same
-        pixels as TurboJPEG's DCT-scaled decode) and, from rigorous bounds of every block's
-        pixels, the blank-glass verdict: on the generated slides every tile, tissue and glass,
-        is settled so. Only a tile the bounds cannot settle (pixels at the tolerance's edge) is
-        decoded and checked pixel by pixel (`Background.accepts_jpeg`). Without a background
-        rule nor optimisation the tile is stored as it is and only its 1/2-scale decode is
-        made."""
+        One entropy decode does it all (`jpegtran.copy_tiles`, the row's tiles in one call):
+        the coefficients read once give the optimised stream, the 1/2-scale pixels (libjpeg's
+        buffered-image mode, the same pixels as TurboJPEG's DCT-scaled decode) and, from
+        rigorous bounds of every block's pixels, the blank-glass verdict: on the generated
+        slides every tile, tissue and glass, is settled so. Only a tile the bounds cannot settle
+        (pixels at the tolerance's edge) is decoded and checked pixel by pixel
+        (`Background.accepts_jpeg`). Without a background rule nor optimisation the tiles are
+        stored as they are and only their 1/2-scale decodes are made. A damaged tile raises
+        its `CorruptSlide` (the row's first)."""
         background = self.background
         optimize = self.settings.optimize_huffman
         if background is None and not optimize:
-            if half is not None:
-                # TurboJPEG picks the 1/2 DCT scale to fit the view and never writes past it.
-                jpeg.decode_into(data, half, half=True)
-            return data
+            for _, data, half in copied:
+                if half is not None:
+                    # TurboJPEG picks the 1/2 DCT scale to fit the view and never writes past it.
+                    jpeg.decode_into(data, half, half=True)
+            return [data for _, data, _ in copied]
         rule = background.rule if background is not None else None
-        copied = jpegtran.copy_tile(data, optimize, visible(level, col, row), rule, half)
-        blank = copied.all_in_rule
-        if background is not None and blank is None:
-            blank = background.accepts_jpeg(data, level, col, row)
-        return None if blank else copied.data
+        results = jpegtran.copy_tiles(
+            [data for _, data, _ in copied],
+            optimize,
+            [visible(level, col, row) for col, _, _ in copied],
+            rule,
+            [half for _, _, half in copied],
+        )
+        stored: list[bytes | None] = []
+        for (col, data, _), result in zip(copied, results, strict=True):
+            if isinstance(result, CorruptSlide):
+                raise result
+            blank = result.all_in_rule
+            if background is not None and blank is None:
+                blank = background.accepts_jpeg(data, level, col, row)
+            stored.append(None if blank else result.data)
+        return stored
 
     def _store_pixels(
         self, fmt: ChunkFormat, pixels: np.ndarray, level: Level, col: int, row: int
@@ -291,9 +304,13 @@ class PyramidBuilder:
         lv = plan.level
         tw, th = lv.tile_width, lv.tile_height
         region = None
+        encoded: list[bytes | None] = []
         if plan.source_level is None:  # decoded base level: read pixels, encode tiles
             region = self.source.read_region(0, cols.start * tw, row * th, len(cols) * tw, th)
+        else:  # copied: the span's stored tiles read at once (None: unavailable)
+            encoded = self.source.read_encoded_tiles(plan.source_level, cols, row)
         tiles: list[bytes | None] = []
+        copied: list[tuple[int, bytes, np.ndarray | None]] = []  # stored below, in one call
         for i, col in enumerate(cols):
             target = None
             if below is not None and i // 2 < len(below):
@@ -303,15 +320,18 @@ class PyramidBuilder:
                 pixels = region[:, i * tw : (i + 1) * tw]
                 tiles.append(self._store_pixels(plan.chunk_format, pixels, lv, col, row))
             else:
-                try:
-                    data = self.source.read_encoded_tile(plan.source_level or 0, col, row)
-                    tiles.append(self._store_copied(data, lv, col, row, target))
-                except EncodedTileUnavailable:  # sparse tile: decode (white) and encode it
+                data = encoded[i]
+                if data is not None:
+                    copied.append((col, data, target))
+                    tiles.append(None)
+                else:  # sparse tile: decode (white) and encode it
                     pixels = self.source.read_tile(plan.source_level or 0, col, row)
                     fmt = ChunkFormat(JPEG, plan.chunk_format.quality)
                     tiles.append(self._store_pixels(fmt, pixels, lv, col, row))
             if target is not None and pixels is not None:
                 mean2x2_into(pixels, target)
+        for (col, _, _), stored in zip(copied, self._store_copied(lv, row, copied), strict=True):
+            tiles[col - cols.start] = stored
         return tiles
 
     def _kept_jpeg2000_tiles(

@@ -2,7 +2,8 @@
 
 A backend must implement `open` (via `__init__`), `levels`, `properties`, `read_tile` and
 `associated_names`/`read_associated`. It may override `tile_codec`/`read_encoded_tile` when the file
-lets it hand out compressed tile bytes without decoding (the fast path of the pyramid builder), and
+lets it hand out compressed tile bytes without decoding (the fast path of the pyramid builder),
+`read_encoded_tiles` when it can read a row of them in one go for less than one by one, and
 `read_region` when it has a faster way than assembling tiles.
 """
 
@@ -67,6 +68,28 @@ class SlideSource(abc.ABC):
         `jpeg.check_size`, because these bytes are copied unparsed and served as they are."""
         self.level(level).check_tile(col, row)
         raise EncodedTileUnavailable(f"{self.name} cannot hand out encoded tiles")
+
+    def read_encoded_tiles(self, level: int, cols: range, row: int) -> list[bytes | None]:
+        """`read_encoded_tile` of each tile (col, row) for col in `cols`, in that order; None
+        where that raises EncodedTileUnavailable (a sparse tile, or a level that is not stored
+        as JPEG or JPEG 2000). Any other error is the one the per-tile read raises first;
+        InvalidArgument when a tile lies outside the level.
+
+        The pyramid builder takes a row of a block (at most `BLOCK_TILES` tiles) at a time. This
+        loops; a backend whose tiles of a row lie next to each other in the file overrides it
+        with one read for the run (per tile, the Python around a read cost as much as the read
+        itself when copying a JPEG pyramid)."""
+        lv = self.level(level)
+        if cols:
+            lv.check_tile(cols[0], row)
+            lv.check_tile(cols[-1], row)
+        tiles: list[bytes | None] = []
+        for col in cols:
+            try:
+                tiles.append(self.read_encoded_tile(level, col, row))
+            except EncodedTileUnavailable:
+                tiles.append(None)
+        return tiles
 
     def read_tile_half(self, level: int, col: int, row: int) -> np.ndarray | None:
         """The tile decoded at 1/2 resolution, (tile_height / 2, tile_width / 2, 3) uint8 RGB,

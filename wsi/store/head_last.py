@@ -23,7 +23,7 @@ import sys
 import uuid
 from abc import ABC, abstractmethod
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 
 import google_crc32c
 
@@ -46,6 +46,11 @@ class HeadLastObject(ABC):
     @abstractmethod
     def write(self, data: bytes) -> None:
         """Append to the body."""
+
+    def write_parts(self, parts: Sequence[bytes]) -> None:
+        """Append `parts` to the body, in order: `write` of their join, unless the object can
+        take them as they are (a local file: one gathered write, no joined copy)."""
+        self.write(b"".join(parts))
 
     @abstractmethod
     def finish(self, head: bytes, tail: bytes) -> StoredObject:
@@ -92,7 +97,11 @@ class _LocalHeadLast(HeadLastObject):
     whole conversion when the tiles are copied as they are. Otherwise the body is copied
     behind the head into a second temporary file, in the kernel where it can (copy_file_range).
     Either way the object appears by a rename at `complete`, fsynced, as `Store.open_write`'s
-    objects do, and the body is never held in memory."""
+    objects do, and the body is never held in memory.
+
+    The body's pages are sent to the disk as it grows (`_WRITEBACK_BYTES` at a time, without
+    waiting): left to the end, the insertion and the fsync waited for all of them at once, 0.13
+    s of the 0.45 s that a byte copy of that pyramid spent converting (0.04 s now)."""
 
     def __init__(self, store: Store, key: str) -> None:
         super().__init__(store, key)
@@ -101,6 +110,8 @@ class _LocalHeadLast(HeadLastObject):
         self._fd = -1
         self._crc = 0
         self._size = 0
+        self._sent = 0
+        """Bytes of the body whose writeback has been started."""
         self._finished = False
         try:
             make_dirs(os.path.dirname(self._path))
@@ -119,6 +130,26 @@ class _LocalHeadLast(HeadLastObject):
             _write_all(self._fd, data)
         except OSError as exc:
             raise StoreError(f"cannot write {self.key}: {exc}") from exc
+        self._start_writeback()
+
+    def write_parts(self, parts: Sequence[bytes]) -> None:
+        crc = self._crc
+        for part in parts:
+            crc = google_crc32c.extend(crc, part)
+            self._size += len(part)
+        self._crc = crc
+        try:
+            _writev_all(self._fd, parts)
+        except OSError as exc:
+            raise StoreError(f"cannot write {self.key}: {exc}") from exc
+        self._start_writeback()
+
+    def _start_writeback(self) -> None:
+        """Start the disk writes of the body written since the last start, once that is
+        `_WRITEBACK_BYTES`; a file system that cannot is left to write back at the end."""
+        if self._size - self._sent >= _WRITEBACK_BYTES:
+            _sync_file_range_write(self._fd, self._sent, self._size - self._sent)
+            self._sent = self._size
 
     def finish(self, head: bytes, tail: bytes) -> StoredObject:
         try:
@@ -178,10 +209,23 @@ class _LocalHeadLast(HeadLastObject):
             self._tmp = ""
 
 
-def _write_all(fd: int, data: bytes) -> None:
+def _write_all(fd: int, data: bytes | memoryview) -> None:
     view = memoryview(data)
     while view:
         view = view[os.write(fd, view) :]
+
+
+def _writev_all(fd: int, parts: Sequence[bytes]) -> None:
+    """`parts` written in order, `_IOV_MAX` a call (a short write's rest part by part)."""
+    for start in range(0, len(parts), _IOV_MAX):
+        batch = parts[start : start + _IOV_MAX]
+        done = os.writev(fd, batch)
+        for part in batch:
+            if done >= len(part):
+                done -= len(part)
+                continue
+            _write_all(fd, memoryview(part)[done:])
+            done = 0
 
 
 def _write_all_at(fd: int, data: bytes, offset: int) -> None:
@@ -189,6 +233,43 @@ def _write_all_at(fd: int, data: bytes, offset: int) -> None:
     while view:
         done = os.pwrite(fd, view, offset)
         view, offset = view[done:], offset + done
+
+
+_IOV_MAX = 1024
+"""Buffers a `writev` takes (Linux's IOV_MAX)."""
+_WRITEBACK_BYTES = 8 * 1024 * 1024
+"""Body bytes written between two starts of their writeback (`_LocalHeadLast`)."""
+_SYNC_FILE_RANGE_WRITE = 2
+
+
+def _sync_file_range_write(fd: int, offset: int, length: int) -> None:
+    """Start writing bytes `offset` .. `offset + length` of the file to the disk, not waiting
+    for them (sync_file_range(2) with SYNC_FILE_RANGE_WRITE). Only a hint: where it fails or
+    does not exist, the pages are written back later (and the fsync reports any error)."""
+    function = _sync_file_range()
+    if function is not None:
+        function(fd, offset, length, _SYNC_FILE_RANGE_WRITE)
+
+
+@functools.cache
+def _sync_file_range() -> Callable[[int, int, int, int], int] | None:
+    """libc's sync_file_range(2) (called without the GIL); None where there is none (not
+    Linux)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+
+    try:
+        function = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (OSError, AttributeError):
+        return None
+    function.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
+    function.restype = ctypes.c_int
+
+    def call(fd: int, offset: int, length: int, flags: int) -> int:
+        return int(function(fd, offset, length, flags))
+
+    return call
 
 
 _FALLOC_FL_INSERT_RANGE = 0x20
