@@ -119,6 +119,14 @@ def _iso(t: float | None) -> str | None:
     return stamp.replace("+00:00", "Z")
 
 
+STORED_COLUMNS = (
+    "id, source, slide_id, state, progress, error, attempts, created, updated, started, "
+    "finished, next_attempt_at, worker, lease_until, options, files, warning"
+)
+"""What every queue stores of a job, in the order `Job.from_row` reads it (the state column is
+each backend's own)."""
+
+
 @dataclass(frozen=True)
 class Job:
     """One conversion job as last read from the queue (a snapshot: the queue is the truth).
@@ -160,6 +168,32 @@ class Job:
     warning: str | None = None
     """Something the job could not do although it ended as it did: a done job whose source could
     not be moved or deleted, or a failed one whose source could not be quarantined."""
+
+    @classmethod
+    def from_row(cls, row: tuple[Any, ...], state: JobState) -> Job:
+        """A job from the columns every queue stores, in `STORED_COLUMNS`' order, the state
+        (stored in each backend's own way) decoded by the caller; options and files are JSON."""
+        (id_, source, slide_id, _, progress, error, attempts, created, updated, started,
+         finished, next_attempt_at, worker, lease_until, options, files, warning) = row  # fmt: skip
+        return cls(
+            id=id_,
+            source=source,
+            slide_id=slide_id,
+            state=state,
+            progress=float(progress),
+            error=error,
+            attempts=int(attempts),
+            created=created,
+            updated=updated,
+            started=started,
+            finished=finished,
+            next_attempt_at=next_attempt_at,
+            worker=worker,
+            lease_until=lease_until,
+            options=MappingProxyType(json.loads(options)),
+            files=tuple(SourceFile.from_json(f) for f in json.loads(files)),
+            warning=warning,
+        )
 
     def to_dict(self) -> dict[str, Any]:
         """The job as the REST API shows it: JSON values only, times as UTC ISO 8601."""

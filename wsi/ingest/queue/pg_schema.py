@@ -12,14 +12,12 @@ decoding (`job_from_row`). Where a query reads a column by position, the positio
 
 from __future__ import annotations
 
-import json
-from types import MappingProxyType
 from typing import Any
 
 import psycopg
 from procrastinate.schema import SchemaManager
 
-from wsi.ingest.queue.base import Job, JobQueueUnavailable, JobState, SourceFile
+from wsi.ingest.queue.base import Job, JobQueueUnavailable, JobState
 
 QUEUE_NAME = "wsi-convert"
 TASK_NAME = "wsi.convert"
@@ -101,29 +99,9 @@ JOINED = "wsi_jobs w JOIN procrastinate_jobs p ON p.id = w.job_id"
 
 
 def job_from_row(row: tuple[Any, ...]) -> Job:
-    """The `Job` a row of `COLUMNS` describes."""
-    (id_, source, slide_id, status, progress, error, attempts, created, updated, started,
-     finished, next_attempt_at, worker, lease_until, options, files, warning,
-     ) = row[:17]  # fmt: skip
-    return Job(
-        id=id_,
-        source=source,
-        slide_id=slide_id,
-        state=STATE_OF[status],
-        progress=float(progress),
-        error=error,
-        attempts=int(attempts),
-        created=created,
-        updated=updated,
-        started=started,
-        finished=finished,
-        next_attempt_at=next_attempt_at,
-        worker=worker,
-        lease_until=lease_until,
-        options=MappingProxyType(json.loads(options)),
-        files=tuple(SourceFile.from_json(f) for f in json.loads(files)),
-        warning=warning,
-    )
+    """The `Job` a row of `COLUMNS` describes (the wsi_jobs columns in `Job.from_row`'s
+    order, the state from procrastinate's status, then procrastinate's id and the lease)."""
+    return Job.from_row(row[:17], STATE_OF[row[3]])
 
 
 def create_schema(cur: psycopg.Cursor[Any], label: str) -> None:

@@ -6,7 +6,6 @@ Re-exported by `wsi.ingest.queue`, whose docstring tells the whole story.
 from __future__ import annotations
 
 import builtins
-import json
 import os
 import sqlite3
 import threading
@@ -16,7 +15,6 @@ import weakref
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from types import MappingProxyType
 from typing import Any
 
 from wsi.errors import InvalidArgument
@@ -26,6 +24,7 @@ from wsi.ingest.queue.base import (
     _MAX_SOURCE,
     _MAX_WORKER,
     SCHEMA_VERSION,
+    STORED_COLUMNS,
     Clock,
     Job,
     JobNotFound,
@@ -96,34 +95,11 @@ absent in any version of the schema: versions that do not know it never touch it
 
 # Only these constant column lists and WHERE clauses are formatted into SQL (hence the S608 noqa
 # marks); every value is a bound parameter.
-_COLUMNS = (
-    "id, source, slide_id, state, progress, error, attempts, created, updated, started, "
-    "finished, next_attempt_at, worker, lease_until, options, files, warning"
-)
+_COLUMNS = STORED_COLUMNS
 
 
 def _job(row: tuple[Any, ...]) -> Job:
-    (id_, source, slide_id, state, progress, error, attempts, created, updated, started,
-     finished, next_attempt_at, worker, lease_until, options, files, warning) = row  # fmt: skip
-    return Job(
-        id=id_,
-        source=source,
-        slide_id=slide_id,
-        state=JobState(state),
-        progress=float(progress),
-        error=error,
-        attempts=int(attempts),
-        created=created,
-        updated=updated,
-        started=started,
-        finished=finished,
-        next_attempt_at=next_attempt_at,
-        worker=worker,
-        lease_until=lease_until,
-        options=MappingProxyType(json.loads(options)),
-        files=tuple(SourceFile.from_json(f) for f in json.loads(files)),
-        warning=warning,
-    )
+    return Job.from_row(row, JobState(row[3]))
 
 
 class _Connection:
