@@ -72,7 +72,6 @@ import platform
 import resource
 import shutil
 import stat
-import statistics
 import subprocess
 import sys
 import time
@@ -81,45 +80,41 @@ from pathlib import Path
 
 import psutil
 import pyvips
-import tifffile
+from convert_checks import (
+    BASE_ONLY_MAX_RSS_MB,
+    BASE_ONLY_TARGET_SPEEDUP,
+    ORTHANC_TARGET_SPEEDUP,
+    ORTHANC_TOOLS,
+    REFERENCE,
+    base_only_checks,
+    both_views_checks,
+    dicom_overhead_checks,
+    format_checks,
+    format_speedup_checks,
+    format_wsidicomizer_checks,
+    speedup_checks,
+    wsidicomizer_checks,
+)
+from convert_results import Result, Run
+from convert_sources import (
+    OUT,
+    ROOT,
+    ensure_j2k_source,
+    ensure_ndpi_source,
+    ensure_source,
+    source_compression,
+    source_dimensions,
+    source_files,
+    source_levels,
+    warm_page_cache,
+)
 
-ROOT = Path(__file__).resolve().parent.parent
-OUT = ROOT / "bench" / "out"
-GENERATOR = ROOT / "sample_data" / "generate.py"
-NDPI_GENERATOR = ROOT / "sample_data" / "make_ndpi.py"
-J2K_GENERATOR = ROOT / "sample_data" / "make_j2k.py"
 #: Tools run on a JPEG 2000 source (Aperio 33005) and their speed-up over vips aimed at.
 J2K_TOOLS: tuple[str, ...] = ("wsi", "wsi-zarr", "wsi-keep-j2k", "vips")
 J2K_TARGET_SPEEDUP = 2.0
-#: Tools compared with wsidicomizer on an NDPI source, and the speed-up aimed at.
-NDPI_TOOLS: tuple[str, ...] = ("wsi", "wsi-zarr", "wsi-no-huffman", "wsi-keep-jpeg")
-NDPI_TARGET_SPEEDUP = 2.0
-#: Tools compared with OrthancWSIDicomizer on a JPEG pyramid, and the speed-up aimed at.
-ORTHANC_TOOLS: tuple[str, ...] = ("wsi", "wsi-keep-jpeg")
-ORTHANC_TARGET_SPEEDUP = 8.0
-#: On a base-only source (one level: every other level built): speed-up over vips aimed at,
-#: and the most peak RSS allowed.
-BASE_ONLY_TARGET_SPEEDUP = 2.8
-BASE_ONLY_MAX_RSS_MB = 400
 
 #: How often the process tree's memory is sampled.
 POLL_INTERVAL_S = 0.02
-
-#: The reference tool for the "vs vips" column.
-REFERENCE = "vips"
-
-#: (both views, zarr only) pairs whose time difference is the DICOM overhead.
-DICOM_OVERHEAD_PAIRS: tuple[tuple[str, str], ...] = (
-    ("wsi", "wsi-zarr"),
-    ("wsi-no-reuse", "wsi-no-reuse-zarr"),
-)
-#: Most acceptable slowdown of publishing both views over the zarr view alone.
-DICOM_OVERHEAD_TARGET_PCT = 10.0
-
-#: Tools that store both views, checked against the source size.
-BOTH_VIEWS_TOOLS: tuple[str, ...] = ("wsi", "wsi-no-reuse")
-#: Most acceptable output/source ratio for both views of a JPEG source.
-BOTH_VIEWS_TARGET_RATIO = 1.05
 
 #: Order of the views in the "views" column.
 VIEW_ORDER = ("zarr", "dicom", "tiff")
@@ -238,75 +233,6 @@ TOOLS: tuple[Tool, ...] = (
 )
 
 
-@dataclasses.dataclass
-class Run:
-    """One measured invocation of a tool."""
-
-    seconds: float
-    peak_rss_bytes: int
-    output_bytes: int
-    returncode: int
-    views: str = "none"
-    error: str | None = None
-    cpu_seconds: float = 0.0
-    """User + system CPU time of the process tree (its waited-for descendants): on a machine
-    shared with other work, the figure that the others' load does not inflate."""
-
-
-@dataclasses.dataclass
-class Result:
-    """All runs of one tool and their summary."""
-
-    tool: str
-    description: str
-    expected_views: str
-    command: list[str]
-    runs: list[Run] = dataclasses.field(default_factory=list)
-
-    @property
-    def ok_runs(self) -> list[Run]:
-        return [run for run in self.runs if run.error is None]
-
-    @property
-    def failed(self) -> bool:
-        return not self.ok_runs
-
-    @property
-    def error(self) -> str | None:
-        errors = [run.error for run in self.runs if run.error is not None]
-        return errors[0] if errors else None
-
-    @property
-    def median_s(self) -> float | None:
-        return statistics.median(r.seconds for r in self.ok_runs) if self.ok_runs else None
-
-    @property
-    def median_cpu_s(self) -> float | None:
-        """Median CPU seconds (user + system) of the process tree: what the tool costs even
-        when other work shares the machine and stretches its wall time."""
-        return statistics.median(r.cpu_seconds for r in self.ok_runs) if self.ok_runs else None
-
-    @property
-    def cores_busy(self) -> float | None:
-        """Median over runs of CPU seconds / wall seconds: how many cores the tool kept busy
-        (the machine's core count when it leaves none idle)."""
-        runs = [r.cpu_seconds / r.seconds for r in self.ok_runs if r.seconds > 0]
-        return statistics.median(runs) if runs else None
-
-    @property
-    def peak_rss_bytes(self) -> int | None:
-        return max(r.peak_rss_bytes for r in self.ok_runs) if self.ok_runs else None
-
-    @property
-    def output_bytes(self) -> int | None:
-        return self.ok_runs[-1].output_bytes if self.ok_runs else None
-
-    @property
-    def views(self) -> str | None:
-        """The views the last successful run's output gives."""
-        return self.ok_runs[-1].views if self.ok_runs else None
-
-
 def tree_rss(proc: psutil.Process) -> int:
     """Sum of the RSS of ``proc`` and all its live descendants (0 if it is gone)."""
     total = 0
@@ -397,202 +323,6 @@ def measure(command: Sequence[str], out_dir: Path, log_path: Path) -> Run:
     return run
 
 
-def ensure_source(width: int, height: int, seed: int, base_only: bool = False) -> Path:
-    """The generated slide for this size and seed (level 0 alone with `base_only`), generating
-    it if missing."""
-    path = OUT / f"slide_{width}x{height}_seed{seed}{'_base' if base_only else ''}.tif"
-    if not path.exists():
-        print(f"generating {path} ...", flush=True)
-        tmp = path.with_suffix(".tmp.tif")
-        subprocess.run(
-            [
-                sys.executable,
-                str(GENERATOR),
-                str(tmp),
-                f"--width={width}",
-                f"--height={height}",
-                f"--seed={seed}",
-                *(["--base-only"] if base_only else []),
-            ],
-            check=True,
-        )
-        tmp.rename(path)
-    return path
-
-
-def ensure_ndpi_source(width: int, height: int, seed: int) -> Path:
-    """The generated NDPI for this size and seed, laid out as a NanoZoomer writes it (2048 px
-    restart intervals, 4:4:4, levels 4x apart, the smallest one JPEG without restart markers:
-    see `sample_data/make_ndpi.py`)."""
-    path = OUT / f"slide_{width}x{height}_seed{seed}_nanozoomer.ndpi"
-    if not path.exists():
-        print(f"generating {path} ...", flush=True)
-        tmp = path.with_suffix(".tmp.ndpi")
-        command = [sys.executable, str(NDPI_GENERATOR), str(tmp)]
-        command += [f"--width={width}", f"--height={height}", f"--seed={seed}"]
-        command += ["--level-step=4", "--single-frame-smallest"]
-        subprocess.run(command, check=True)
-        tmp.rename(path)
-    return path
-
-
-def ensure_j2k_source(width: int, height: int, seed: int) -> Path:
-    """The generated Aperio JPEG 2000 SVS (33005, 256 px tiles, levels 4x apart: see
-    `sample_data/make_j2k.py`) for this size and seed."""
-    path = OUT / f"slide_{width}x{height}_seed{seed}.j2k.svs"
-    if not path.exists():
-        print(f"generating {path} ...", flush=True)
-        tmp = path.with_suffix(".tmp.svs")
-        command = [sys.executable, str(J2K_GENERATOR), str(tmp)]
-        command += [f"--width={width}", f"--height={height}", f"--seed={seed}"]
-        subprocess.run(command, check=True)
-        tmp.rename(path)
-    return path
-
-
-def wsidicomizer_checks(results: Sequence[Result], src: Path) -> list[dict[str, object]]:
-    """On an NDPI source: our speed against wsidicomizer's (opentile's NDPI passthrough)."""
-    if src.suffix.lower() != ".ndpi":
-        return []
-    by_name = {r.tool: r for r in results}
-    other = by_name.get("wsidicomizer")
-    checks: list[dict[str, object]] = []
-    for name in NDPI_TOOLS:
-        ours = by_name.get(name)
-        speedup = None
-        if ours and other and ours.median_s and other.median_s:
-            speedup = other.median_s / ours.median_s
-        checks.append(
-            {
-                "tool": name,
-                "speedup": speedup,
-                "target": NDPI_TARGET_SPEEDUP,
-                "ok": speedup >= NDPI_TARGET_SPEEDUP if speedup is not None else None,
-            }
-        )
-    return checks
-
-
-def format_wsidicomizer_checks(checks: Sequence[dict[str, object]]) -> str:
-    lines = []
-    for check in checks:
-        label = f"{check['tool']} vs wsidicomizer (NDPI)"
-        speedup = check["speedup"]
-        target = f"(target >= {NDPI_TARGET_SPEEDUP:g}x)"
-        if not isinstance(speedup, float):
-            lines.append(f"{label}: n/a (not run or failed) {target}")
-        else:
-            lines.append(f"{label}: {speedup:.2f}x faster {target}{_verdict(check['ok'])}")
-    return "\n".join(lines)
-
-
-def speedup_checks(
-    results: Sequence[Result], contender: str, tools: Sequence[str], target: float
-) -> list[dict[str, object]]:
-    """Our tools' speed-ups over `contender` (median against median), against `target`."""
-    by_name = {r.tool: r for r in results}
-    other = by_name.get(contender)
-    checks: list[dict[str, object]] = []
-    for name in tools:
-        ours = by_name.get(name)
-        if ours is None or other is None:
-            continue
-        speedup = None
-        if ours.median_s and other.median_s:
-            speedup = other.median_s / ours.median_s
-        ok = speedup >= target if speedup is not None else None
-        entry = {"tool": name, "contender": contender, "speedup": speedup, "target": target}
-        if ours.median_cpu_s and other.median_cpu_s:
-            # Not the target (that is wall time on the same cores), but what a loaded machine
-            # does not distort: the contender's CPU seconds over ours.
-            entry["cpu_ratio"] = other.median_cpu_s / ours.median_cpu_s
-        checks.append({**entry, "ok": ok})
-    return checks
-
-
-def base_only_checks(results: Sequence[Result], levels: int) -> list[dict[str, object]]:
-    """On a one-level source: `wsi` against vips (speed-up) and its peak RSS."""
-    if levels != 1:
-        return []
-    checks = speedup_checks(results, REFERENCE, ("wsi",), BASE_ONLY_TARGET_SPEEDUP)
-    for check in checks:
-        ours = next(r for r in results if r.tool == check["tool"])
-        rss = ours.peak_rss_bytes / 1e6 if ours.peak_rss_bytes else None
-        check["peak_rss_mb"] = rss
-        check["ok_rss"] = rss <= BASE_ONLY_MAX_RSS_MB if rss is not None else None
-    return checks
-
-
-def format_speedup_checks(checks: Sequence[dict[str, object]]) -> str:
-    lines = []
-    for check in checks:
-        label = f"{check['tool']} vs {check['contender']}"
-        target = f"(target >= {check['target']:g}x)"
-        speedup = check["speedup"]
-        if not isinstance(speedup, float):
-            lines.append(f"{label}: n/a (not run or failed) {target}")
-            continue
-        line = f"{label}: {speedup:.2f}x faster {target}{_verdict(check['ok'])}"
-        cpu_ratio = check.get("cpu_ratio")
-        if isinstance(cpu_ratio, float):
-            line += f"; {cpu_ratio:.2f}x by CPU seconds"
-        rss = check.get("peak_rss_mb")
-        if isinstance(rss, float):
-            line += f"; peak RSS {rss:.0f} MB (target <= {BASE_ONLY_MAX_RSS_MB} MB)"
-            line += _verdict(check["ok_rss"])
-        lines.append(line)
-    return "\n".join(lines)
-
-
-def source_levels(path: Path) -> int:
-    """Pyramid levels of the source's first TIFF series (0 if not a TIFF)."""
-    try:
-        with tifffile.TiffFile(path) as tif:
-            return len(tif.series[0].levels)
-    except Exception:  # not a TIFF, or one tifffile cannot read
-        return 0
-
-
-def source_compression(path: Path) -> str:
-    """Compression of the source's first TIFF page (``"unknown"`` if not a TIFF)."""
-    try:
-        with tifffile.TiffFile(path) as tif:
-            return tifffile.COMPRESSION(tif.pages.first.compression).name
-    except Exception:  # not a TIFF, or one tifffile cannot read
-        return "unknown"
-
-
-def source_files(path: Path) -> list[Path]:
-    """Every file of the slide: `path`, and for multi-file formats (MIRAX) its companion
-    folder's files, so that the source's size and page cache cover them all."""
-    from wsi.slidefiles import slide_parts
-
-    files: list[Path] = []
-    for part in slide_parts(path):
-        files += sorted(f for f in part.rglob("*") if f.is_file()) if part.is_dir() else [part]
-    return files
-
-
-def source_dimensions(path: Path) -> tuple[int, int]:
-    """Level 0's (width, height): OpenSlide's reading of a vendor format it detects (libvips
-    reads a Leica or Ventana file's first page, a macro or label, and has no MIRAX loader
-    here), else libvips's."""
-    import openslide
-
-    if openslide.OpenSlide.detect_format(str(path)) not in (None, "generic-tiff"):
-        with openslide.OpenSlide(str(path)) as slide:
-            return slide.dimensions
-    header = pyvips.Image.new_from_file(str(path))
-    return header.width, header.height
-
-
-def warm_page_cache(path: Path) -> None:
-    """Read the source once so that every tool, and every repeat, sees it cached."""
-    with path.open("rb") as f:
-        while f.read(16 << 20):
-            pass
-
-
 def versions() -> dict[str, str]:
     """Versions of the tools under test."""
     found = {"libvips": ".".join(str(pyvips.version(i)) for i in range(3))}
@@ -670,102 +400,6 @@ def format_table(results: Sequence[Result], megapixels: float, source_bytes: int
             lines.append(f"{'':<{TOOL_WIDTH}}(expected views: {result.expected_views})")
         if result.error:
             lines.append(f"{'':<{TOOL_WIDTH}}(some runs failed: {result.error})")
-    return "\n".join(lines)
-
-
-def dicom_overhead_checks(results: Sequence[Result]) -> list[dict[str, object]]:
-    """Time (and bytes) that publishing the DICOM view adds, per (both, zarr) pair."""
-    by_name = {result.tool: result for result in results}
-    checks: list[dict[str, object]] = []
-    for both_name, zarr_name in DICOM_OVERHEAD_PAIRS:
-        both, zarr = by_name.get(both_name), by_name.get(zarr_name)
-        check: dict[str, object] = {
-            "both": both_name,
-            "zarr": zarr_name,
-            "target_pct": DICOM_OVERHEAD_TARGET_PCT,
-            "slower_pct": None,
-            "extra_bytes": None,
-            "ok": None,
-        }
-        if both and zarr and both.median_s and zarr.median_s:
-            pct = (both.median_s / zarr.median_s - 1) * 100
-            check["slower_pct"] = pct
-            check["ok"] = pct <= DICOM_OVERHEAD_TARGET_PCT
-            if both.output_bytes is not None and zarr.output_bytes is not None:
-                check["extra_bytes"] = both.output_bytes - zarr.output_bytes
-        elif both or zarr:
-            missing = [n for n, r in ((both_name, both), (zarr_name, zarr)) if not r or r.failed]
-            check["missing"] = missing
-        else:
-            continue  # neither was run: nothing to say
-        checks.append(check)
-    return checks
-
-
-def both_views_checks(
-    results: Sequence[Result], source_bytes: int, compression: str
-) -> list[dict[str, object]]:
-    """Bytes stored for both views together, against the source size."""
-    jpeg = compression.upper() == "JPEG"
-    checks: list[dict[str, object]] = []
-    for result in results:
-        if result.tool not in BOTH_VIEWS_TOOLS:
-            continue
-        out = result.output_bytes
-        ratio = out / source_bytes if out is not None else None
-        checks.append(
-            {
-                "tool": result.tool,
-                "views": result.views,
-                "bytes": out,
-                "ratio": ratio,
-                "target_ratio": BOTH_VIEWS_TARGET_RATIO,
-                "source_compression": compression,
-                # The target is for a JPEG source only.
-                "ok": ratio <= BOTH_VIEWS_TARGET_RATIO if ratio is not None and jpeg else None,
-            }
-        )
-    return checks
-
-
-def _verdict(ok: object) -> str:
-    """``" -> ok"`` / ``" -> MISSED"`` for a checked target, ``""`` where it does not apply."""
-    if ok is None:
-        return ""
-    return " -> ok" if ok else " -> MISSED"
-
-
-def format_checks(overhead: Sequence[dict], stored: Sequence[dict]) -> str:
-    """The DICOM-overhead and both-views-stored lines printed after the table."""
-    lines = []
-    target_pct = f"(target <= {DICOM_OVERHEAD_TARGET_PCT:g}%)"
-    for check in overhead:
-        label = f"DICOM overhead: {check['both']} (both) vs {check['zarr']}"
-        pct = check["slower_pct"]
-        if not isinstance(pct, float):
-            missing = ", ".join(check.get("missing", []))
-            lines.append(f"{label}: n/a ({missing} not run or failed) {target_pct}")
-            continue
-        speed = f"{pct:.1f}% slower" if pct >= 0 else f"{-pct:.1f}% faster"
-        extra = check["extra_bytes"]
-        extra_text = f"; the DICOM view adds {extra:+,} bytes" if isinstance(extra, int) else ""
-        lines.append(f"{label}: {speed} {target_pct}{_verdict(check['ok'])}{extra_text}")
-    target_ratio = f"(target <= {BOTH_VIEWS_TARGET_RATIO:g}x for a JPEG source)"
-    for check in stored:
-        label = f"both views stored ({check['tool']})"
-        if check["bytes"] is None:
-            lines.append(f"{label}: n/a (failed) {target_ratio}")
-            continue
-        views = "" if check["views"] == "zarr+dicom" else f" [views found: {check['views']}]"
-        source = (
-            ""
-            if check["source_compression"].upper() == "JPEG"
-            else f" [source is {check['source_compression']}, target n/a]"
-        )
-        lines.append(
-            f"{label}: {check['bytes']:,} bytes = {check['ratio']:.3f}x source "
-            f"{target_ratio}{_verdict(check['ok'])}{views}{source}"
-        )
     return "\n".join(lines)
 
 

@@ -53,7 +53,7 @@ from typing import Any
 
 import numpy as np
 import psutil
-from convert import ensure_source, warm_page_cache  # bench/convert.py
+from convert_sources import ensure_source, warm_page_cache  # bench/convert_sources.py
 from serve import convert  # bench/serve.py
 from serve_cold import seaweedfs  # bench/serve_cold.py
 

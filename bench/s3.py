@@ -64,7 +64,8 @@ ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "bench" / "out"
 sys.path.insert(0, str(ROOT))
 
-from convert import ensure_source, tree_rss  # noqa: E402  bench/convert.py
+from convert import tree_rss  # noqa: E402  bench/convert.py
+from convert_sources import ensure_source  # noqa: E402  bench/convert_sources.py
 
 from tests import s3server  # noqa: E402
 from wsi.store.objects import Store, StoreSettings  # noqa: E402

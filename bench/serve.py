@@ -74,7 +74,7 @@ from pathlib import Path
 from typing import Any
 
 import serve_orthanc
-from convert import ensure_source  # bench/convert.py: the shared generated slide
+from convert_sources import ensure_source  # bench/convert_sources.py: the shared generated slide
 from serve_cold import Cold, Tile, print_cold, run_cold
 from serve_load import (
     READY_TIMEOUT_S,

@@ -44,7 +44,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from convert import OUT, ROOT, ensure_source, warm_page_cache  # bench/convert.py
+from convert_sources import OUT, ROOT, ensure_source, warm_page_cache  # bench/convert_sources.py
 
 WSI = [sys.executable, "-m", "server.cli"]
 SAMPLES = ROOT / "sample_data"
