@@ -42,7 +42,6 @@ import json
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -57,13 +56,11 @@ if not __package__:  # run as a script: make `bench` and `wsi` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import wsi
-from bench.convert import OUT, ensure_source
+from bench.convert_sources import OUT, ensure_j2k_source, ensure_source
 from wsi.convert import ConvertSettings, convert_slide
 from wsi.pyramid.builder import PyramidSettings
 from wsi.pyramid.cluster import BandResult, ClusterOptions
 
-ROOT = Path(__file__).resolve().parent.parent
-J2K_GENERATOR = ROOT / "sample_data" / "make_j2k.py"
 TARGET_RATIO = 1.15
 PREDICT_WORKERS = (4, 16, 64)
 
@@ -114,18 +111,6 @@ def predict(run: DaskRun, measured_workers: int, workers: int) -> tuple[float, f
     overhead = run.overhead(measured_workers)
     tasks = [d + overhead for d in run.durations]
     return run.coordinator + schedule(tasks, workers), run.coordinator + max(tasks)
-
-
-def ensure_j2k(size: int, seed: int) -> Path:
-    path = OUT / f"slide_{size}x{size}_seed{seed}.j2k.svs"
-    if not path.exists():
-        print(f"generating {path} ...", flush=True)
-        tmp = path.with_suffix(".tmp.svs")
-        command = [sys.executable, str(J2K_GENERATOR), str(tmp)]
-        command += [f"--width={size}", f"--height={size}", f"--seed={seed}"]
-        subprocess.run(command, check=True)
-        tmp.rename(path)
-    return path
 
 
 def tree(root: Path) -> dict[str, bytes]:
@@ -266,7 +251,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if name == "base":
             sources[name] = ensure_source(args.width, args.height, args.seed, base_only=True)
         elif name == "j2k":
-            sources[name] = ensure_j2k(args.j2k_size, args.seed)
+            sources[name] = ensure_j2k_source(args.j2k_size, args.j2k_size, args.seed)
         else:
             raise SystemExit(f"unknown slide {name!r}")
     start = time.perf_counter()
