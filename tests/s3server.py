@@ -146,8 +146,8 @@ class SeaweedFS:
 
     def start(self, timeout: float = STARTUP_TIMEOUT_S) -> None:
         """Start the stopped server again: same ports, same data (the bucket and every object
-        written before the stop are there). Returns once S3 answers and the bucket is
-        reachable; RuntimeError with the log's tail if it does not come back within `timeout`.
+        written before the stop are there). Returns once an object written before the stop
+        reads back (`PROBE_KEY`); RuntimeError with the log's tail if it does not come back within `timeout`.
         Starting a running server does nothing."""
         p = self._process()
         if p.proc.poll() is None:
@@ -167,7 +167,7 @@ class SeaweedFS:
         )
         deadline = started + timeout
         while time.monotonic() < deadline and p.proc.poll() is None:
-            if _healthy(self.endpoint_url) and _bucket_ready(self.endpoint_url, self.bucket):
+            if _healthy(self.endpoint_url) and _probe_readable(self.endpoint_url, self.bucket):
                 p.log.write(f"[s3server] up again in {time.monotonic() - started:.1f} s\n".encode())
                 p.log.flush()
                 return
@@ -284,21 +284,45 @@ def _healthy(endpoint: str) -> bool:
         return False
 
 
-def _bucket_ready(endpoint: str, bucket: str) -> bool:
-    """HEAD the bucket with a signed request: the user and the bucket exist and the key works."""
+PROBE_KEY = ".s3server-probe"
+"""An object the fixture writes once the server is up and reads back after every restart: S3
+answering and the bucket existing come before the volume server has told the master where its
+volumes are, and until then reading an object stored before the restart fails (HTTP 500)."""
+PROBE_BODY = b"wsistore s3server probe"
+
+
+def _signed(method: str, url: str, body: bytes = b"") -> urllib.request.Request:
+    """A SigV4-signed request with the fixture's key."""
     from botocore.auth import S3SigV4Auth
     from botocore.awsrequest import AWSRequest
     from botocore.credentials import Credentials
 
-    request = AWSRequest(method="HEAD", url=f"{endpoint}/{bucket}")
+    request = AWSRequest(method=method, url=url, data=body)
     S3SigV4Auth(Credentials(ACCESS_KEY, SECRET_KEY), "s3", REGION).add_auth(request)
     headers = {k: str(v) for k, v in request.headers.items()}
+    return urllib.request.Request(url, data=body or None, method=method, headers=headers)
+
+
+def _answers(request: urllib.request.Request, expect: bytes | None = None) -> bool:
     try:
-        req = urllib.request.Request(request.url, method="HEAD", headers=headers)
-        with urllib.request.urlopen(req, timeout=2) as resp:
-            return bool(resp.status == 200)
+        with urllib.request.urlopen(request, timeout=2) as resp:
+            return bool(resp.status == 200) and (expect is None or resp.read() == expect)
     except (urllib.error.URLError, OSError):
         return False
+
+
+def _bucket_ready(endpoint: str, bucket: str) -> bool:
+    """HEAD the bucket with a signed request: the user and the bucket exist and the key works."""
+    return _answers(_signed("HEAD", f"{endpoint}/{bucket}"))
+
+
+def _write_probe(endpoint: str, bucket: str) -> bool:
+    return _answers(_signed("PUT", f"{endpoint}/{bucket}/{PROBE_KEY}", PROBE_BODY))
+
+
+def _probe_readable(endpoint: str, bucket: str) -> bool:
+    """The object written before a stop reads back: the volumes are located again."""
+    return _answers(_signed("GET", f"{endpoint}/{bucket}/{PROBE_KEY}"), PROBE_BODY)
 
 
 def stop(
@@ -391,7 +415,12 @@ def run_seaweedfs(base_dir: Path, attempts: int = 3) -> Iterator[SeaweedFS]:
             deadline = time.monotonic() + STARTUP_TIMEOUT_S
             ready = False
             while time.monotonic() < deadline and proc.poll() is None:
-                if _healthy(endpoint) and _bucket_ready(endpoint, BUCKET):
+                if (
+                    _healthy(endpoint)
+                    and _bucket_ready(endpoint, BUCKET)
+                    and _write_probe(endpoint, BUCKET)
+                    and _probe_readable(endpoint, BUCKET)
+                ):
                     ready = True
                     break
                 time.sleep(0.1)
