@@ -147,8 +147,8 @@ class SeaweedFS:
     def start(self, timeout: float = STARTUP_TIMEOUT_S) -> None:
         """Start the stopped server again: same ports, same data (the bucket and every object
         written before the stop are there). Returns once an object written before the stop
-        reads back (`PROBE_KEY`); RuntimeError with the log's tail if it does not come back within `timeout`.
-        Starting a running server does nothing."""
+        reads back (`PROBE_KEY`); RuntimeError with the log's tail if it does not come back
+        within `timeout`. Starting a running server does nothing."""
         p = self._process()
         if p.proc.poll() is None:
             return
