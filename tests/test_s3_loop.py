@@ -15,7 +15,7 @@ import concurrent.futures as cf
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import aiohttp
@@ -27,7 +27,7 @@ from aiohttp import web
 from wsi.errors import SlideNotFound, StoreError
 from wsi.store import Store, StoreSettings, obstore_s3
 from wsi.store.aio import AsyncStore
-from wsi.store.s3_loop import MAX_IDLE, on_loop_allowed
+from wsi.store.s3_loop import MAX_IDLE, RETRY_PAUSE, on_loop_allowed
 
 from .helpers import HOP_HEADERS, proxy_on_thread
 from .s3server import SeaweedFS
@@ -147,6 +147,8 @@ class Misbehave:
     fail: int = 0
     """Answer this many requests with a 503 SlowDown before forwarding again."""
     seen: int = 0
+    arrived: list[float] = field(default_factory=list)
+    """`time.monotonic()` as each request reached the proxy."""
 
 
 @pytest.fixture
@@ -157,6 +159,7 @@ def proxy(seaweedfs: SeaweedFS) -> Iterator[tuple[str, Misbehave]]:
 
     async def forward(client: aiohttp.ClientSession, request: web.Request) -> web.StreamResponse:
         plan.seen += 1
+        plan.arrived.append(time.monotonic())
         if plan.fail:
             plan.fail -= 1
             error = b"<?xml version='1.0'?><Error><Code>SlowDown</Code></Error>"
@@ -200,6 +203,8 @@ def test_a_failed_attempt_is_retried_once(
         plan.fail = 1
         assert await io.get_range("o/blob", 5, 25) == BLOB[5:25]
         assert plan.seen == 2
+        # Not at once: a store that said SlowDown is given a moment.
+        assert plan.arrived[1] - plan.arrived[0] >= RETRY_PAUSE / 2
         plan.fail = 2
         with pytest.raises(StoreError) as info:
             await io.get_range("o/blob", 5, 25)

@@ -24,7 +24,10 @@ holds at most the larger of the two plus `MAX_HEADER_BYTES`.
 
 Errors, as everywhere in the store: 404 -> `SlideNotFound`; anything else -> `StoreError`, one
 line, after one more attempt for a reused connection the server had closed, a connection that
-broke, a 5xx, or a 403 (signed again). Connections: at most `MAX_CONNECTIONS` open, at most
+broke, a 5xx, or a 403 (signed again). The attempt after a 5xx waits `RETRY_PAUSE` (jittered) first:
+S3 answers 503 SlowDown when asked too fast, and a store answers 500 while it recovers (SeaweedFS
+restarted: until its volume servers report again), so an immediate second request would meet
+the same state; the other retries go at once. Connections: at most `MAX_CONNECTIONS` open, at most
 `MAX_IDLE` kept between reads; TCP_NODELAY on each.
 
 Not used (obstore's coroutines read instead) when the environment names an HTTP proxy, which
@@ -36,6 +39,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import random
 import re
 import socket
 import ssl
@@ -57,6 +61,8 @@ SIGNED_FOR = timedelta(minutes=15)
 """Validity of a presigned URL (generous against clock skew between us and the store)."""
 REUSE_SIGNED = 60.0
 """Seconds a presigned URL is reused before it is signed again."""
+RETRY_PAUSE = 0.1
+"""Seconds (at most; at least half) waited before the second attempt after a 5xx."""
 MAX_SIGNED = 4096
 """Presigned URLs kept (one per object read recently: a level's shard, say)."""
 MAX_CONNECTIONS = 256
@@ -81,9 +87,10 @@ class _Refused(Exception):
 class _Retry(Exception):
     """One more attempt may succeed (on a new connection, or signed again)."""
 
-    def __init__(self, reason: str, resign: bool = False) -> None:
+    def __init__(self, reason: str, resign: bool = False, pause: bool = False) -> None:
         super().__init__(reason)
         self.resign = resign
+        self.pause = pause
 
 
 @dataclass(frozen=True)
@@ -215,6 +222,8 @@ class S3RangeReader:
         try:
             return await self._read(key, start, end, resign=False)
         except _Retry as first:
+            if first.pause:
+                await asyncio.sleep(random.uniform(RETRY_PAUSE / 2, RETRY_PAUSE))  # noqa: S311 (jitter)
             try:
                 return await self._read(key, start, end, resign=first.resign)
             except _Retry as exc:
@@ -248,7 +257,7 @@ class S3RangeReader:
         if status == 403:
             raise _Retry(f"access denied ({_error_code(body)})", resign=True)
         if status >= 500:
-            raise _Retry(f"the store failed (HTTP {status} {_error_code(body)})")
+            raise _Retry(f"the store failed (HTTP {status} {_error_code(body)})", pause=True)
         if status in (200, 206):
             raise StoreError(f"cannot read {key}: the store answered more than bytes {start}-{end}")
         raise StoreError(f"cannot read {key}: HTTP {status} {_error_code(body)}")
