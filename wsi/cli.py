@@ -372,12 +372,29 @@ def _archiving(
 
 
 def _add_convert(sub: Any) -> None:
-    """`wsi convert`: one or many slides into a store."""
+    """`wsi convert`: one or many slides into a store. The option groups are added in the order
+    `--help` lists them."""
     conv = sub.add_parser("convert", help="convert slides to OME-Zarr in a folder or s3:// URL")
+    _add_convert_locations(conv)
+    _add_convert_encoding(conv)
+    _add_convert_privacy(conv)
+    _add_convert_tiles(conv)
+    _add_convert_running(conv)
+    add_staging_arguments(conv)
+    add_supervision_arguments(conv)
+    conv.set_defaults(func=_convert)
+
+
+def _add_convert_locations(conv: argparse.ArgumentParser) -> None:
+    """Where the slides come from and the store they go to."""
     conv.add_argument(
         "sources", nargs="+", metavar="SRC", help="slide files or folders, or s3:// URLs"
     )
     conv.add_argument("--out", required=True, metavar="DIR_OR_URL")
+
+
+def _add_convert_encoding(conv: argparse.ArgumentParser) -> None:
+    """How the tiles we encode are coded, and which views of the pixels are published."""
     conv.add_argument("--quality", type=int, default=90, help="JPEG quality of tiles we encode")
     conv.add_argument(
         "--subsampling",
@@ -392,6 +409,10 @@ def _add_convert(sub: Any) -> None:
         help="views to publish; both share one copy of the pixels "
         "(default: both; zarr with --lossless, whose zstd tiles DICOM cannot carry)",
     )
+
+
+def _add_convert_privacy(conv: argparse.ArgumentParser) -> None:
+    """The identifiers published with a slide, and what de-identification removes."""
     conv.add_argument(
         "--metadata",
         metavar="FILE",
@@ -409,6 +430,11 @@ def _add_convert(sub: Any) -> None:
         help="with --deidentify: keep the label (and a thumbnail that may show it)",
     )
     conv.add_argument(KEEP_MACRO_FLAG, action="store_true", help="with --deidentify: keep macro")
+
+
+def _add_convert_tiles(conv: argparse.ArgumentParser) -> None:
+    """How the pyramid's tiles are made: codec of the tiles we make, threads, tile size, which
+    source tiles are copied as they are, and which images are left out."""
     conv.add_argument("--lossless", action="store_true", help="encode tiles we make with zstd")
     conv.add_argument("--workers", type=int, default=0, help="threads (default: one per core)")
     conv.add_argument("--tile-size", type=int, default=256, help="tile size when re-encoding")
@@ -434,6 +460,11 @@ def _add_convert(sub: Any) -> None:
         help="store blank-glass tiles too (default: left out, read back as the fill grey)",
     )
     conv.add_argument("--no-associated", action="store_true", help="skip label/macro/thumbnail")
+
+
+def _add_convert_running(conv: argparse.ArgumentParser) -> None:
+    """How a run proceeds, not what it makes: the slide id, the reader, S3 access, progress,
+    the spool of s3:// sources and a Dask cluster (the same bytes with or without one)."""
     conv.add_argument("--slide-id", help="use this id instead of one derived from the content")
     conv.add_argument("--backend", choices=backend_names())
     conv.add_argument("--s3-endpoint", help="S3 endpoint URL (default: $AWS_ENDPOINT_URL)")
@@ -450,9 +481,6 @@ def _add_convert(sub: Any) -> None:
         "reach the source and the store by the same path or URL), or local:N for N worker "
         "processes on this machine; the same bytes as without",
     )
-    add_staging_arguments(conv)
-    add_supervision_arguments(conv)
-    conv.set_defaults(func=_convert)
 
 
 def _add_roles(sub: Any) -> None:

@@ -16,6 +16,7 @@ import hashlib
 import json
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -189,20 +190,10 @@ def convert_slide(
             keys = SlideKeys(sid).staging(uuid.uuid4().hex[:12]) if replacing else SlideKeys(sid)
             dicom = dicom_slide(sid, metadata, properties, base, path) if settings.dicom else None
             writer = _writer_type(cluster)(store, keys, dicom, "zarr" in settings.formats)
-            try:
+            with _removed_on_failure(writer, store, keys):
                 plans = _build_pyramid(path, source, writer, settings.pyramid, progress, cluster)
-                fmt = settings.associated_format
-                for name in source.associated_names:
-                    if settings.wants_associated(name, source.associated_shows_label(name)):
-                        writer.write_associated(name, source.read_associated(name), fmt)
+                _write_associated(source, writer, settings)
                 objects = writer.finish(SlideInfo(sid, properties, source.name))
-            except BaseException:
-                writer.abort()
-                # Only what this run wrote: its staging folder, or (first conversion, nothing
-                # published, the lock held) the slide's folder.
-                with contextlib.suppress(Exception):
-                    store.delete_prefix(keys.root)
-                raise
             name, case = slide_naming(sid, path, metadata)
             manifest = Manifest.build(
                 sid,
@@ -223,6 +214,30 @@ def convert_slide(
     return ConvertResult(
         sid, url, base.width * base.height, time.perf_counter() - start, stored, False
     )
+
+
+@contextlib.contextmanager
+def _removed_on_failure(writer: OmeZarrWriter, store: Store, keys: SlideKeys) -> Iterator[None]:
+    """On any failure of the block (an interrupt too), abort `writer`'s open objects and delete
+    what this run wrote: its staging folder, or (a first conversion: nothing published, the
+    slide's lock held) the slide's folder; then the failure goes on as it was."""
+    try:
+        yield
+    except BaseException:
+        writer.abort()
+        with contextlib.suppress(Exception):
+            store.delete_prefix(keys.root)
+        raise
+
+
+def _write_associated(
+    source: SlideSource, writer: OmeZarrWriter, settings: ConvertSettings
+) -> None:
+    """The label, macro and thumbnail that `settings` publish (`wants_associated`)."""
+    fmt = settings.associated_format
+    for name in source.associated_names:
+        if settings.wants_associated(name, source.associated_shows_label(name)):
+            writer.write_associated(name, source.read_associated(name), fmt)
 
 
 def _writer_type(cluster: ClusterOptions | None) -> type[OmeZarrWriter]:

@@ -9,6 +9,36 @@ silently decoded differently; the GIL is released while libjpeg works. Inputs ar
 `MAX_INPUT_BYTES` bytes, sides of at most `MAX_SIDE` pixels, `MAX_TRANSCODE_PIXELS` pixels for
 `transcode` (which holds every coefficient: 2 bytes per sample), `MAX_SCANS` scans, and libjpeg's
 own memory at most `MAX_MEMORY` bytes.
+
+Why the pixel bounds of `transcode` and `copy_tile` hold (`Transcoded.outside` rests on them).
+A block's samples are f(x,y) = 128 + 1/4 sum_uv C(u)C(v) F(u,v) cos(..)cos(..), F the
+dequantised coefficients, C(0) = 1/sqrt2, C(k>0) = 1. The DC term is
+128 + F(0,0)/8 and each AC term is at most |F(u,v)| C(u)C(v)/4 m(u) m(v) in magnitude, m(k)
+the largest |cos((2x+1)k pi/16)| over the 8 sample positions (1 for k = 0, cos(pi/16) for
+odd k, cos(pi/8) for k = 2 or 6, cos(pi/4) for k = 4; their product with C is at most 1, so
+each term is at most |F(u,v)|/4), so f lies within 128 + F(0,0)/8 +- W, W the sum of those
+weighted |AC| (rounded up), and W <= S/4, S the sum of |AC|. An accurate decoder's integer
+IDCT is that value rounded, give or take its fixed-point error: without AC, the exact value
+is a multiple of 1/8 and libjpeg rounds it exactly (margin 1/2); otherwise we allow
+1 + S/128 (islow: final rounding 1/2, workspace rounding 1/8, 13-bit constants about S/2**12;
+the float IDCT less). Decoders clamp samples to 0..255. Chroma upsampling (replication, or
+libjpeg's triangle filters, whose weights are >= 0 and whose rounding stays inside the range
+of their inputs) never leaves the range of the chroma samples, so the min/max over blocks
+bounds every upsampled sample too. The JFIF equations are monotonic in each input, so the
+corners of the Y, Cb, Cr box bound R, G, B; `_COLOUR_MARGIN` covers the conversion's
+rounding. DCT-scaled decoding box-averages the full IDCT, so it stays inside (tested at 1/2,
+1/4 and 1/8).
+
+Block means: the exact mean of a block's 64 samples is its DC term, 128 + F(0,0)/8 (each AC
+basis function sums to 0 over the block), and the decoder's unclamped samples are each
+within the rounding allowance above (1 + S/128, or 1/2 without AC) of the exact ones, so
+their mean is within it of the DC term. Only full-resolution components count (a subsampled
+component's samples are mixed by the upsampler); one of their blocks covers 8x8 pixels.
+
+"Accurate" is libjpeg's default `islow` (and `float`) IDCT: what Pillow, OpenSlide, browsers
+and TurboJPEG use unless told otherwise. The fast IDCT (`JDCT_IFAST`, TurboJPEG's
+TJFLAG_FASTDCT) is off by one level on blocks without AC, and by more at high qualities; a
+bound for it would be several levels wide even for a uniform tile.
 """
 
 from __future__ import annotations
@@ -199,34 +229,7 @@ def transcode(
     over the blocks that computes the bounds, and libjpeg entropy-codes once instead of twice:
     about 280 us per 240x240 tile instead of 520, less than a full decode with TurboJPEG.
 
-    Why the bounds hold. A block's samples are f(x,y) = 128 + 1/4 sum_uv C(u)C(v) F(u,v)
-    cos(..)cos(..), F the dequantised coefficients, C(0) = 1/sqrt2, C(k>0) = 1. The DC term is
-    128 + F(0,0)/8 and each AC term is at most |F(u,v)| C(u)C(v)/4 m(u) m(v) in magnitude, m(k)
-    the largest |cos((2x+1)k pi/16)| over the 8 sample positions (1 for k = 0, cos(pi/16) for
-    odd k, cos(pi/8) for k = 2 or 6, cos(pi/4) for k = 4; their product with C is at most 1, so
-    each term is at most |F(u,v)|/4), so f lies within 128 + F(0,0)/8 +- W, W the sum of those
-    weighted |AC| (rounded up), and W <= S/4, S the sum of |AC|. An accurate decoder's integer
-    IDCT is that value rounded, give or take its fixed-point error: without AC, the exact value
-    is a multiple of 1/8 and libjpeg rounds it exactly (margin 1/2); otherwise we allow
-    1 + S/128 (islow: final rounding 1/2, workspace rounding 1/8, 13-bit constants about S/2**12;
-    the float IDCT less). Decoders clamp samples to 0..255. Chroma upsampling (replication, or
-    libjpeg's triangle filters, whose weights are >= 0 and whose rounding stays inside the range
-    of their inputs) never leaves the range of the chroma samples, so the min/max over blocks
-    bounds every upsampled sample too. The JFIF equations are monotonic in each input, so the
-    corners of the Y, Cb, Cr box bound R, G, B; `_COLOUR_MARGIN` covers the conversion's
-    rounding. DCT-scaled decoding box-averages the full IDCT, so it stays inside (tested at 1/2,
-    1/4 and 1/8).
-
-    Block means: the exact mean of a block's 64 samples is its DC term, 128 + F(0,0)/8 (each AC
-    basis function sums to 0 over the block), and the decoder's unclamped samples are each
-    within the rounding allowance above (1 + S/128, or 1/2 without AC) of the exact ones, so
-    their mean is within it of the DC term. Only full-resolution components count (a subsampled
-    component's samples are mixed by the upsampler); one of their blocks covers 8x8 pixels.
-
-    "Accurate" is libjpeg's default `islow` (and `float`) IDCT: what Pillow, OpenSlide, browsers
-    and TurboJPEG use unless told otherwise. The fast IDCT (`JDCT_IFAST`, TurboJPEG's
-    TJFLAG_FASTDCT) is off by one level on blocks without AC, and by more at high qualities; a
-    bound for it would be several levels wide even for a uniform tile.
+    Why the bounds hold, and for which decoders: the module docstring.
     """
     width, height = region or (0, 0)
     if min(width, height) < 0:

@@ -150,13 +150,48 @@ def parse_header(stream: bytes) -> RestartHeader:
     """Read a baseline JPEG header (SOI .. SOS). CorruptSlide when it is malformed; a stream
     that is not baseline sequential Huffman (progressive, arithmetic, 12-bit, several scans)
     also raises CorruptSlide: it cannot be cut at restart markers."""
+    segments = _segments(stream)
+    found = _read_segments(segments)
+    width, height, comps = _frame(found.frame)
+    scan = segments[-1][1]
+    coding, quant = _scan_tables(scan, comps, found)
+    n = len(comps)
+    ids = bytes(c.ident for c in comps)
+    rgb = n == 3 and (found.rgb_marker if found.rgb_marker is not None else ids == b"RGB")
+    sos = bytes([0xFF, _SOS]) + (len(scan) + 2).to_bytes(2, "big") + scan
+    return RestartHeader(width, height, found.restart, comps, rgb, found.tables, sos, quant, coding)
+
+
+_Codes = dict[int, tuple[int, int]]
+"""A Huffman table's codes: symbol -> (code, length)."""
+
+
+@dataclass(frozen=True)
+class _HeaderSegments:
+    """What the segments of a JPEG header before its scan say, as `parse_header` needs it."""
+
+    tables: bytes
+    """The DQT and DHT segments, after a JFIF or Adobe marker (`RestartHeader.tables`)."""
+    frame: bytes | None
+    """The SOF0 or SOF1 payload (None: no baseline frame header)."""
+    restart: int
+    rgb_marker: bool | None
+    """The components' colour as a JFIF (False) or Adobe (transform 0: True) marker says."""
+    dc_quant: dict[int, int]
+    """Quantisation table id -> its DC quantiser."""
+    huffman: dict[tuple[int, int], _Codes]
+    """(class, id) -> the table's codes."""
+
+
+def _read_segments(segments: list[tuple[int, bytes]]) -> _HeaderSegments:
+    """Collect the tables, frame, restart interval and colour markers of a header's segments;
+    CorruptSlide at a frame that is not baseline sequential Huffman."""
     tables = bytearray()
     frame: bytes | None = None
     restart = 0
     rgb_marker: bool | None = None
     dc_quant: dict[int, int] = {}
-    huff: dict[tuple[int, int], dict[int, tuple[int, int]]] = {}
-    segments = _segments(stream)
+    huff: dict[tuple[int, int], _Codes] = {}
     for marker, payload in segments:
         raw = bytes([0xFF, marker]) + (len(payload) + 2).to_bytes(2, "big") + payload
         if marker in _KEPT_MARKERS:
@@ -178,6 +213,12 @@ def parse_header(stream: bytes) -> RestartHeader:
         elif marker == _APP14 and payload[:5] == b"Adobe" and len(payload) >= 12:
             rgb_marker = payload[11] == 0
             tables[:0] = raw
+    return _HeaderSegments(bytes(tables), frame, restart, rgb_marker, dc_quant, huff)
+
+
+def _frame(frame: bytes | None) -> tuple[int, int, tuple[Component, ...]]:
+    """(width, height, components) of an 8-bit frame header of 1 or 3 components sampled at
+    most 2x2 (what can be cut here); CorruptSlide otherwise."""
     if frame is None or len(frame) < 6 or frame[0] != 8:
         raise CorruptSlide("the JPEG stream has no 8-bit baseline frame header")
     height, width, n = (
@@ -193,21 +234,27 @@ def parse_header(stream: bytes) -> RestartHeader:
     )
     if any(not (1 <= c.h <= 2 and 1 <= c.v <= 2) for c in comps):
         raise CorruptSlide("unusual JPEG sampling factors")
-    scan = segments[-1][1]
+    return width, height, comps
+
+
+def _scan_tables(
+    scan: bytes, comps: tuple[Component, ...], found: _HeaderSegments
+) -> tuple[tuple[tuple[_Codes, _Codes], ...], tuple[int, ...]]:
+    """Per component, the (DC, AC) Huffman codes its scan selects and its DC quantiser;
+    CorruptSlide unless the one scan holds every component and its tables are all there."""
+    n = len(comps)
     if scan[0] != n or len(scan) < 1 + 2 * n:
         raise CorruptSlide("the JPEG scan does not hold every component at once")
     selectors = {scan[1 + 2 * i]: scan[2 + 2 * i] for i in range(n)}
+    huff = found.huffman
     try:
         coding = tuple(
             (huff[0, selectors[c.ident] >> 4], huff[1, selectors[c.ident] & 15]) for c in comps
         )
-        quant = tuple(dc_quant[c.quant_table] for c in comps)
+        quant = tuple(found.dc_quant[c.quant_table] for c in comps)
     except KeyError as exc:
         raise CorruptSlide("the JPEG header lacks a table its scan uses") from exc
-    ids = bytes(c.ident for c in comps)
-    rgb = n == 3 and (rgb_marker if rgb_marker is not None else ids == b"RGB")
-    sos = bytes([0xFF, _SOS]) + (len(scan) + 2).to_bytes(2, "big") + scan
-    return RestartHeader(width, height, restart, comps, rgb, bytes(tables), sos, quant, coding)
+    return coding, quant
 
 
 class _BitWriter:

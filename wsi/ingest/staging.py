@@ -415,41 +415,69 @@ def stage_into(
     limits = limits or StagingLimits()
     if chunk_bytes <= 0:
         raise InvalidArgument(f"chunk_bytes must be positive, not {chunk_bytes}")
+    source = _listed_source(url, bucket, key, endpoint_url, limits)
+    root = dest.resolve()
+    quota = limits.spool_quota - headroom
+    _reserve_waiting(spool or root.parent, root, source.total, quota, waiting)
+    slide = root / key.rstrip("/").rpartition("/")[2]
+    try:
+        if key.endswith("/"):
+            slide.mkdir(DIR_MODE)
+    except OSError as exc:
+        raise StoreError(f"cannot write the staged copy of {url} ({dest}): {exc}") from exc
+    _copy_source(source, root, slide if key.endswith("/") else root, progress, chunk_bytes)
+    return slide
+
+
+@dataclass(frozen=True)
+class _ListedSource:
+    """A slide's objects in S3 and its sidecar, listed and checked against the limits: what a
+    staged copy downloads."""
+
+    fs: Any
+    files: tuple[SlideFile, ...]
+    sidecar: SlideFile | None
+    total: int
+    """Bytes of the files and the sidecar: the room reserved, and the progress's whole."""
+
+
+def _listed_source(
+    url: str, bucket: str, key: str, endpoint_url: str | None, limits: StagingLimits
+) -> _ListedSource:
+    """List the slide at `url` and its sidecar; InvalidArgument over `limits`."""
     with _s3_errors(url):
         fs = _filesystem(endpoint_url)
         files = _remote_slide_files(fs, bucket, key, limits)
     sidecar = _sidecar(fs, bucket, key)
     total = sum(f.size for f in files) + (sidecar.size if sidecar else 0)
     _check_size(url, total, limits)
-    root = dest.resolve()
-    _reserve_waiting(spool or root.parent, root, total, limits.spool_quota - headroom, waiting)
-    name = key.rstrip("/").rpartition("/")[2]
-    slide = root / name
-    base = slide if key.endswith("/") else root
-    try:
-        if key.endswith("/"):
-            slide.mkdir(DIR_MODE)
-    except OSError as exc:
-        raise StoreError(f"cannot write the staged copy of {url} ({dest}): {exc}") from exc
+    return _ListedSource(fs, tuple(files), sidecar, total)
+
+
+def _copy_source(
+    source: _ListedSource, root: Path, base: Path, progress: Progress | None, chunk_bytes: int
+) -> None:
+    """Download the slide's objects under `base` (their names are relative to it) and the
+    sidecar into `root`, telling `progress` the bytes done; a name that would land outside
+    `root` is refused before its download."""
     done = 0
 
     def report(n: int) -> None:
         nonlocal done
         done += n
         if progress is not None:
-            progress(done, total)
+            progress(done, source.total)
 
     if progress is not None:
-        progress(0, total)
-    for file in files:
+        progress(0, source.total)
+    for file in source.files:
         target = base / file.name
         # The names were checked; this guards the rule itself.
         if not target.resolve().is_relative_to(root):
             raise InvalidArgument(f"object {_show(file.name)} would land outside the spool")
-        _download(fs, file, target, report, chunk_bytes)
-    if sidecar is not None:
-        _download(fs, sidecar, root / sidecar.name, report, chunk_bytes)
-    return slide
+        _download(source.fs, file, target, report, chunk_bytes)
+    if source.sidecar is not None:
+        _download(source.fs, source.sidecar, root / source.sidecar.name, report, chunk_bytes)
 
 
 @contextlib.contextmanager

@@ -186,69 +186,98 @@ class PublishedStore:
             task.exception()  # retrieved here, so a failure no caller awaited is not logged
 
     async def _load(self, keys: SlideKeys, manifest_bytes: bytes) -> AsyncPublishedSlide:
-        slide_id = keys.slide_id
-        try:
-            manifest = Manifest.from_bytes(manifest_bytes)
-        except CorruptSlide as exc:
-            raise CorruptSlide(f"slide {slide_id}: {exc}") from exc
-        if manifest.slide_id != slide_id:
-            raise CorruptSlide(f"the manifest of {slide_id} names slide {manifest.slide_id}")
-        if keys.in_slide(keys.root_metadata) not in manifest.objects:
-            raise UnsupportedSlide(
-                f"slide {slide_id} was published without its Zarr view (--format dicom); "
-                "its DICOM instances can be exported with `wsi export-dicom`"
-            )
-        root = await self.io.get(keys.root_metadata)
-        attributes = SlideAttributes.from_root_metadata(root, f"{slide_id}: root zarr.json")
-        if attributes.slide_id != slide_id:
-            raise CorruptSlide(f"the attributes of {slide_id} name slide {attributes.slide_id}")
-
-        def size(key: str) -> int:
-            return manifest.object(keys.in_slide(key)).size
-
-        levels = []
-        for index, entry in enumerate(attributes.levels):
-            key = keys.shard(entry.path)
-            levels.append(
-                PublishedLevel(
-                    index,
-                    entry.width,
-                    entry.height,
-                    entry.tile_width,
-                    entry.tile_height,
-                    entry.downsample,
-                    layout.served_codec(entry.codec),
-                    key,
-                    size(key),
-                    _stored_codec(entry.codec),
-                    fill=attributes.fill,
-                )
-            )
-
-        async def associated(entry: layout.AssociatedEntry) -> PublishedAssociated:
-            meta_key = keys.array_metadata(entry.path)
-            meta = layout.load_json(await self.io.get(meta_key), meta_key)
-            codec = layout.codec_of_array(meta, meta_key)
-            key = keys.shard(entry.path)
-            return PublishedAssociated(
-                entry.name,
-                entry.width,
-                entry.height,
-                layout.served_codec(codec),
-                key,
-                size(key),
-                _stored_codec(codec),
-            )
-
-        found = await asyncio.gather(*(associated(a) for a in attributes.associated_images))
+        """Open the slide version whose manifest is `manifest_bytes`: its manifest and root
+        attributes checked, its levels and associated images described from them."""
+        manifest = _checked_manifest(keys, manifest_bytes)
+        attributes = await self._root_attributes(keys)
+        levels = _levels(keys, manifest, attributes)
+        found = await asyncio.gather(
+            *(self._associated(keys, manifest, a) for a in attributes.associated_images)
+        )
         return AsyncPublishedSlide(
             self,
             manifest,
             layout.manifest_version(manifest_bytes),
             attributes,
-            tuple(levels),
+            levels,
             {a.name: a for a in found},
         )
+
+    async def _root_attributes(self, keys: SlideKeys) -> SlideAttributes:
+        """The slide's attributes from its root `zarr.json`; CorruptSlide when they name
+        another slide."""
+        slide_id = keys.slide_id
+        root = await self.io.get(keys.root_metadata)
+        attributes = SlideAttributes.from_root_metadata(root, f"{slide_id}: root zarr.json")
+        if attributes.slide_id != slide_id:
+            raise CorruptSlide(f"the attributes of {slide_id} name slide {attributes.slide_id}")
+        return attributes
+
+    async def _associated(
+        self, keys: SlideKeys, manifest: Manifest, entry: layout.AssociatedEntry
+    ) -> PublishedAssociated:
+        """An associated image: its codec is read from its array's metadata."""
+        meta_key = keys.array_metadata(entry.path)
+        meta = layout.load_json(await self.io.get(meta_key), meta_key)
+        codec = layout.codec_of_array(meta, meta_key)
+        key = keys.shard(entry.path)
+        return PublishedAssociated(
+            entry.name,
+            entry.width,
+            entry.height,
+            layout.served_codec(codec),
+            key,
+            _object_size(keys, manifest, key),
+            _stored_codec(codec),
+        )
+
+
+def _checked_manifest(keys: SlideKeys, manifest_bytes: bytes) -> Manifest:
+    """The slide's manifest; CorruptSlide when it is malformed or names another slide,
+    UnsupportedSlide when the slide was published without its Zarr view (nothing to serve)."""
+    slide_id = keys.slide_id
+    try:
+        manifest = Manifest.from_bytes(manifest_bytes)
+    except CorruptSlide as exc:
+        raise CorruptSlide(f"slide {slide_id}: {exc}") from exc
+    if manifest.slide_id != slide_id:
+        raise CorruptSlide(f"the manifest of {slide_id} names slide {manifest.slide_id}")
+    if keys.in_slide(keys.root_metadata) not in manifest.objects:
+        raise UnsupportedSlide(
+            f"slide {slide_id} was published without its Zarr view (--format dicom); "
+            "its DICOM instances can be exported with `wsi export-dicom`"
+        )
+    return manifest
+
+
+def _levels(
+    keys: SlideKeys, manifest: Manifest, attributes: SlideAttributes
+) -> tuple[PublishedLevel, ...]:
+    """The pyramid's levels as the root attributes list them, with their shards' sizes."""
+    levels = []
+    for index, entry in enumerate(attributes.levels):
+        key = keys.shard(entry.path)
+        levels.append(
+            PublishedLevel(
+                index,
+                entry.width,
+                entry.height,
+                entry.tile_width,
+                entry.tile_height,
+                entry.downsample,
+                layout.served_codec(entry.codec),
+                key,
+                _object_size(keys, manifest, key),
+                _stored_codec(entry.codec),
+                fill=attributes.fill,
+            )
+        )
+    return tuple(levels)
+
+
+def _object_size(keys: SlideKeys, manifest: Manifest, key: str) -> int:
+    """Bytes of the slide's object `key` (a key in the store), as its manifest records."""
+    return manifest.object(keys.in_slide(key)).size
 
 
 def _stored_codec(codec: layout.CodecId) -> layout.CodecId | None:

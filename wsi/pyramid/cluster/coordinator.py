@@ -272,9 +272,7 @@ def build_on_cluster(
         rows = options.band_rows or auto_band_rows(builder.plans[0].level.rows, slots)
         layout = band_layout(segments, rows)
         run = uuid.uuid4().hex[:12]
-        min_part = options.min_part_bytes
-        if min_part is None:
-            min_part = MIN_PART_BYTES if writer.store.settings.is_s3 else 0
+        min_part = _min_part_bytes(options, writer.store)
         joins = _begin_levels(builder, writer, layout, run, min_part)
         job = BandJob(
             os.path.abspath(path),
@@ -293,26 +291,7 @@ def build_on_cluster(
             contextlib.closing(_band_results(client, job, options, run, slots)) as results,
         ):
             cascade = _tail_cascade(builder, segments, layout, pool)
-            held: np.ndarray | None = None  # an even band's half, until the odd band's comes
-            for result in results:
-                for share in result.shares:
-                    tiles = layout.tiles(share.level, result.band)
-                    joins[share.level].add(result.band, share, tiles)
-                    builder._tick(len(tiles))
-                if options.on_band is not None:
-                    options.on_band(result)
-                if cascade is None:
-                    continue
-                if result.band % 2 == 0:
-                    held = result.half
-                elif held is not None:
-                    cascade.push_halves([held] if result.half is None else [held, result.half])
-                    held = None
-                cascade.drain(block=False)
-            if cascade is not None:
-                if held is not None:  # level k has an odd number of rows
-                    cascade.push_halves([held])
-                cascade.finish()
+            _take_bands(results, builder, layout, joins, cascade, options.on_band)
             for segment in segments:
                 if segment[0].index >= layout.log2_rows:
                     builder._run_segment(pool, segment)
@@ -321,6 +300,46 @@ def build_on_cluster(
     for plan in builder.plans:
         writer.end_level(plan.index)
     return builder.plans
+
+
+def _min_part_bytes(options: ClusterOptions, store: Store) -> int:
+    """`options.min_part_bytes`, or by default S3's minimum part on S3 and none on a folder."""
+    if options.min_part_bytes is not None:
+        return options.min_part_bytes
+    return MIN_PART_BYTES if store.settings.is_s3 else 0
+
+
+def _take_bands(
+    results: Iterator[BandResult],
+    builder: PyramidBuilder,
+    layout: BandLayout,
+    joins: dict[int, _LevelJoin],
+    cascade: _JoinedCascade | None,
+    on_band: Callable[[BandResult], None] | None,
+) -> None:
+    """Take every band's result in band order: its shares into their levels' objects (and the
+    progress), and its half of a level k+1 row, paired with the next band's, into the tail
+    cascade (`_tail_cascade`), which is finished once the last band is in."""
+    held: np.ndarray | None = None  # an even band's half, until the odd band's comes
+    for result in results:
+        for share in result.shares:
+            tiles = layout.tiles(share.level, result.band)
+            joins[share.level].add(result.band, share, tiles)
+            builder._tick(len(tiles))
+        if on_band is not None:
+            on_band(result)
+        if cascade is None:
+            continue
+        if result.band % 2 == 0:
+            held = result.half
+        elif held is not None:
+            cascade.push_halves([held] if result.half is None else [held, result.half])
+            held = None
+        cascade.drain(block=False)
+    if cascade is not None:
+        if held is not None:  # level k has an odd number of rows
+            cascade.push_halves([held])
+        cascade.finish()
 
 
 def auto_band_rows(base_rows: int, slots: int) -> int:
