@@ -154,7 +154,7 @@ async def _ingest(app: web.Application) -> AsyncIterator[None]:
         return
     from server.bucket_copies import keep_copies
     from wsi.ingest.queue import open_queue
-    from wsi.ingest.staging import sweep_orphans
+    from wsi.ingest.spool import sweep_orphans
     from wsi.ingest.supervise import Supervisor
     from wsi.ingest.worker import Worker, purge_jobs, shutdown_seconds, watch_folders
 

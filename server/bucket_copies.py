@@ -31,7 +31,8 @@ from pathlib import Path
 
 from wsi.errors import WsiError
 from wsi.ingest.queue import Job, JobQueue, JobState
-from wsi.ingest.staging import SpoolFull, StagingLimits, is_remote, stage_into
+from wsi.ingest.spool import SpoolFull
+from wsi.ingest.staging import StagingLimits, is_remote, stage_into
 from wsi.store.objects import DIR_MODE, FILE_MODE, check_slide_id, make_dirs
 
 log = logging.getLogger("wsistore.staged")

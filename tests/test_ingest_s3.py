@@ -29,7 +29,8 @@ from server.settings import ServerSettings
 from wsi.codecs import jpegtran
 from wsi.ingest.queue import JobState, SQLiteJobQueue
 from wsi.ingest.settings import IngestSettings
-from wsi.ingest.staging import RESERVED, ROOM_POLL_SECONDS, remote_slide_id
+from wsi.ingest.spool import RESERVED, ROOM_POLL_SECONDS
+from wsi.ingest.staging import remote_slide_id
 from wsi.ingest.worker import Worker
 from wsi.slide_id import content_slide_id
 from wsi.store.objects import StoreSettings

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from server.bucket_copies import StagedSources
-from wsi.ingest.staging import sweep_orphans
+from wsi.ingest.spool import sweep_orphans
 
 LIVE, DONE = "aaaa00000000000000000001", "aaaa00000000000000000002"
 

@@ -22,9 +22,8 @@ import pytest
 import s3fs
 
 from wsi.errors import InvalidArgument, SlideNotFound, StoreError
+from wsi.ingest.spool import RESERVED, SpoolFull
 from wsi.ingest.staging import (
-    RESERVED,
-    SpoolFull,
     StagingLimits,
     is_remote,
     parse_s3_url,

@@ -17,23 +17,20 @@ every listed object name before it becomes a local path. Errors never quote obje
 
 A source is bounded before any byte is copied (`StagingLimits`): its objects are listed at most
 one past the object cap, and its bytes are summed against the byte cap, so a URL that names a
-whole bucket prefix is refused instead of downloaded. The spool is bounded too: a copy reserves
-its full size in the spool (`reserve_room`, under a lock shared by every process using the
-spool) before it downloads, and is refused with `SpoolFull` (transient: the copy is made later)
-when the spool would exceed its quota. Everything written here is private to the service's
-user and group (`wsi.store.objects.FILE_MODE`, `DIR_MODE`), whatever the umask: staged slides
-are patient data.
+whole bucket prefix is refused instead of downloaded. The spool is bounded too
+(`wsi.ingest.spool`): a copy reserves its full size before it downloads, and is refused with
+`SpoolFull` (transient: the copy is made later) when the spool would exceed its quota.
+Everything written here is private to the service's user and group (`wsi.store.objects.FILE_MODE`,
+`DIR_MODE`), whatever the umask: staged slides are patient data.
 """
 
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import os
 import re
 import shutil
 import tempfile
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
@@ -41,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from wsi.errors import InvalidArgument, SlideNotFound, StoreError, WsiError
+from wsi.ingest.spool import copy_folder, reserve_waiting
 from wsi.slide_id import SlideFile, hash_order, hash_slide_files
 from wsi.slidefiles import companion_folder, sidecar_names
 from wsi.store.objects import (
@@ -83,14 +81,6 @@ lightly compressed one."""
 SPOOL_QUOTA_BYTES = 2 * MAX_SOURCE_BYTES
 """Bytes the spool may hold at once: one largest source being converted while the next one is
 already copied."""
-ROOM_POLL_SECONDS = 2.0
-"""How often a copy that waits for room in the spool looks again (and a waiting conversion
-shows its supervisor it is alive: well inside any stall timeout)."""
-
-
-class SpoolFull(StoreError):
-    """The spool has no room for this copy now (its quota is taken by other copies). Transient:
-    the copy is made once conversions that hold room end."""
 
 
 @dataclass(frozen=True)
@@ -370,21 +360,6 @@ def _download(
             os.utime(dest, (file.mtime, file.mtime))
 
 
-def _reserve_waiting(
-    spool: Path, root: Path, total: int, quota: int, waiting: Callable[[], None] | None
-) -> None:
-    """`reserve_room`, or with `waiting`, call it and try again every ROOM_POLL_SECONDS."""
-    while True:
-        try:
-            reserve_room(spool, root, total, quota)
-            return
-        except SpoolFull:
-            if waiting is None:
-                raise
-            waiting()
-            time.sleep(ROOM_POLL_SECONDS)
-
-
 def stage_into(
     url: str,
     dest: Path,
@@ -418,7 +393,7 @@ def stage_into(
     source = _listed_source(url, bucket, key, endpoint_url, limits)
     root = dest.resolve()
     quota = limits.spool_quota - headroom
-    _reserve_waiting(spool or root.parent, root, source.total, quota, waiting)
+    reserve_waiting(spool or root.parent, root, source.total, quota, waiting)
     slide = root / key.rstrip("/").rpartition("/")[2]
     try:
         if key.endswith("/"):
@@ -499,7 +474,7 @@ def staged(
     spool = Path(spool_dir if spool_dir is not None else tempfile.gettempdir())
     try:
         make_dirs(str(spool))
-        root = Path(tempfile.mkdtemp(prefix=f"{_TEMP_PREFIX}{os.getpid()}-", dir=spool)).resolve()
+        root = copy_folder(spool)
     except OSError as exc:
         raise StoreError(f"cannot create a spool folder in {spool}: {exc}") from exc
     try:
@@ -515,105 +490,3 @@ def staged(
         )
     finally:
         shutil.rmtree(root, ignore_errors=True)
-
-
-# ---------------------------------------------------------------------------------------------
-# The spool's quota
-
-RESERVED = ".reserved-bytes"
-"""In a folder that is being (or was) filled with a copy: the bytes it reserved."""
-
-
-@contextlib.contextmanager
-def _spool_lock(spool: Path) -> Iterator[None]:
-    """Held while one process checks and reserves room: two copies never both take the last
-    room. An advisory lock on the spool folder itself, which every process using the spool
-    shares, and which leaves no file behind."""
-    try:
-        fd = os.open(spool, os.O_RDONLY | os.O_DIRECTORY)
-    except OSError as exc:
-        raise StoreError(f"cannot lock the spool {spool}: {exc}") from exc
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)  # closing the descriptor releases the lock
-
-
-def spool_usage(spool: Path) -> int:
-    """Bytes the spool's files take, counting a folder with a reservation (`RESERVED`) as at
-    least its reserved size: a copy that is still downloading holds the room it will fill."""
-    return _usage(spool)
-
-
-def _usage(folder: Path) -> int:
-    total = 0
-    reserved = 0
-    try:
-        entries = list(os.scandir(folder))
-    except OSError:
-        return 0
-    for entry in entries:
-        try:
-            if entry.is_dir(follow_symlinks=False):
-                total += _usage(Path(entry.path))
-            elif entry.name == RESERVED:
-                with open(entry.path) as f:
-                    reserved = int(f.read().strip() or 0)
-            elif entry.is_file(follow_symlinks=False):
-                total += entry.stat(follow_symlinks=False).st_size
-        except (OSError, ValueError):
-            continue  # gone meanwhile, or a reservation being written
-    return max(total, reserved)
-
-
-def reserve_room(spool: Path, folder: Path, nbytes: int, limit: int) -> None:
-    """Reserve `nbytes` in `spool` for the copy that `folder` (inside it, existing) will hold, or
-    SpoolFull when the spool's usage would then exceed `limit` bytes. Copies left by dead
-    processes are swept first: they hold no room."""
-    make_dirs(str(spool))
-    with _spool_lock(spool):
-        sweep_orphans(spool)
-        used = spool_usage(spool)
-        if used + nbytes > limit:
-            raise SpoolFull(
-                f"the spool has no room for {nbytes} more bytes now ({used} of {limit} in use)"
-            )
-        try:
-            fd = os.open(folder / RESERVED, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, FILE_MODE)
-            with os.fdopen(fd, "w") as f:
-                f.write(f"{nbytes}\n")
-        except OSError as exc:
-            raise StoreError(f"cannot reserve room in the spool {spool}: {exc}") from exc
-
-
-_TEMP_PREFIX = "wsi-staged-"
-
-
-def sweep_orphans(spool_dir: str | os.PathLike[str]) -> int:
-    """Delete the temporary copies `staged` left in `spool_dir` when its process was killed
-    (the folder names carry the process id; a live process's copy is left alone). Returns how
-    many went. Meant for a service or worker starting up on this host."""
-    removed = 0
-    spool = Path(spool_dir)
-    if not spool.is_dir():
-        return 0
-    for entry in spool.iterdir():
-        if not entry.name.startswith(_TEMP_PREFIX):
-            continue
-        pid_text = entry.name[len(_TEMP_PREFIX) :].split("-", 1)[0]
-        if not pid_text.isdigit() or _alive(int(pid_text)):
-            continue
-        shutil.rmtree(entry, ignore_errors=True)
-        removed += 1
-    return removed
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process
-        return True
-    return True

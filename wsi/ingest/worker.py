@@ -42,7 +42,8 @@ from wsi.ingest.protocol import (
 from wsi.ingest.queue import Job, JobQueue, worker_name
 from wsi.ingest.settings import IngestSettings
 from wsi.ingest.source_files import changed, delete_files, move_files, move_source, submit_slide
-from wsi.ingest.staging import STAGE_SHARE, is_remote, sweep_orphans
+from wsi.ingest.spool import sweep_orphans
+from wsi.ingest.staging import STAGE_SHARE, is_remote
 from wsi.ingest.supervise import Supervisor, describe, where
 from wsi.ingest.watcher import FolderWatcher
 from wsi.store.objects import Store, StoreSettings
