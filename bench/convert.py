@@ -65,10 +65,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import importlib.metadata
 import json
 import os
-import platform
 import resource
 import shutil
 import stat
@@ -77,15 +75,14 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import psutil
-import pyvips
 from convert_checks import (
     BASE_ONLY_MAX_RSS_MB,
     BASE_ONLY_TARGET_SPEEDUP,
     ORTHANC_TARGET_SPEEDUP,
     ORTHANC_TOOLS,
-    REFERENCE,
     base_only_checks,
     both_views_checks,
     dicom_overhead_checks,
@@ -95,6 +92,7 @@ from convert_checks import (
     speedup_checks,
     wsidicomizer_checks,
 )
+from convert_report import TOOL_WIDTH, document, format_table
 from convert_results import Result, Run
 from convert_sources import (
     OUT,
@@ -323,86 +321,6 @@ def measure(command: Sequence[str], out_dir: Path, log_path: Path) -> Run:
     return run
 
 
-def versions() -> dict[str, str]:
-    """Versions of the tools under test."""
-    found = {"libvips": ".".join(str(pyvips.version(i)) for i in range(3))}
-    for dist in ("wsistore", "pyvips", "wsidicomizer", "wsidicom", "opentile"):
-        try:
-            found[dist] = importlib.metadata.version(dist)
-        except importlib.metadata.PackageNotFoundError:
-            found[dist] = "not installed"
-    return found
-
-
-def reference_mps(results: Sequence[Result], megapixels: float) -> float | None:
-    """MP/s of the reference tool (vips), if it ran."""
-    for result in results:
-        if result.tool == REFERENCE and result.median_s:
-            return megapixels / result.median_s
-    return None
-
-
-def summary(
-    result: Result, megapixels: float, source_bytes: int, ref_mps: float | None
-) -> dict[str, object]:
-    """One tool's results as a JSON-able dict."""
-    mps = megapixels / result.median_s if result.median_s else None
-    out = result.output_bytes
-    return {
-        "tool": result.tool,
-        "description": result.description,
-        "command": result.command,
-        "expected_views": result.expected_views,
-        "views": result.views,
-        "median_s": result.median_s,
-        "median_cpu_s": result.median_cpu_s,
-        "cores_busy": result.cores_busy,
-        "megapixels_per_s": mps,
-        "peak_rss_bytes": result.peak_rss_bytes,
-        "output_bytes": out,
-        "output_to_source": out / source_bytes if out is not None else None,
-        "vs_vips": mps / ref_mps if mps and ref_mps else None,
-        "error": result.error,
-        "runs": [dataclasses.asdict(run) for run in result.runs],
-    }
-
-
-TOOL_WIDTH = 19
-
-
-def format_table(results: Sequence[Result], megapixels: float, source_bytes: int) -> str:
-    """The results as a fixed-width text table."""
-    ref_mps = reference_mps(results, megapixels)
-    header = (
-        f"{'tool':<{TOOL_WIDTH}}{'views':<12}{'median s':>9}{'CPU s':>7}{'cores':>6}"
-        f"{'MP/s':>9}{'vs vips':>9}"
-        f"{'peak RSS MB':>13}{'output bytes':>16}{'out/src':>9}"
-    )
-    lines = [header, "-" * len(header)]
-    for result in results:
-        row = summary(result, megapixels, source_bytes, ref_mps)
-        name = f"{result.tool:<{TOOL_WIDTH}}"
-        if result.failed:
-            lines.append(f"{name}FAILED: {result.error}")
-            continue
-        vs = row["vs_vips"]
-        views = result.views or "none"
-        if views != result.expected_views:
-            views += "!"
-        lines.append(
-            f"{name}{views:<12}{row['median_s']:>9.2f}{result.median_cpu_s or 0:>7.2f}"
-            f"{result.cores_busy or 0:>6.2f}{row['megapixels_per_s']:>9.1f}"
-            + (f"{vs:>8.2f}x" if isinstance(vs, float) else f"{'n/a':>9}")
-            + f"{(result.peak_rss_bytes or 0) / 1e6:>13.0f}{row['output_bytes']:>16,}"
-            f"{row['output_to_source']:>9.2f}"
-        )
-        if views.endswith("!"):
-            lines.append(f"{'':<{TOOL_WIDTH}}(expected views: {result.expected_views})")
-        if result.error:
-            lines.append(f"{'':<{TOOL_WIDTH}}(some runs failed: {result.error})")
-    return "\n".join(lines)
-
-
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--src", type=Path, help="existing slide (default: generate one)")
@@ -472,57 +390,64 @@ def compile_bytecode() -> None:
     subprocess.run([sys.executable, "-m", "compileall", "-q", *packages], env=env, check=True)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
-    OUT.mkdir(parents=True, exist_ok=True)
+def choose_source(args: argparse.Namespace) -> Path:
+    """`--src`, else the slide generated for `--ndpi`, `--j2k`, `--base-only` or none of them."""
     if args.src:
-        src = args.src.resolve()
-    elif args.ndpi:
-        src = ensure_ndpi_source(args.width, args.height, args.seed).resolve()
-    elif args.j2k:
-        src = ensure_j2k_source(args.width, args.height, args.seed).resolve()
-    else:
-        src = ensure_source(args.width, args.height, args.seed, args.base_only).resolve()
-    width, height = source_dimensions(src)
-    megapixels = width * height / 1e6
-    source_bytes = sum(f.stat().st_size for f in source_files(src))
-    compression = source_compression(src)
-    print(
-        f"source: {src} ({width}x{height}, {megapixels:,.1f} MP, {source_bytes:,} bytes, "
-        f"{compression})"
-    )
-    print(f"cpus: {os.cpu_count()}, repeats: {args.repeat}", flush=True)
-    for part in source_files(src):
-        warm_page_cache(part)
-    compile_bytecode()
+        return args.src.resolve()
+    if args.ndpi:
+        return ensure_ndpi_source(args.width, args.height, args.seed).resolve()
+    if args.j2k:
+        return ensure_j2k_source(args.width, args.height, args.seed).resolve()
+    return ensure_source(args.width, args.height, args.seed, args.base_only).resolve()
 
+
+def describe_source(src: Path) -> dict[str, Any]:
+    """What the table and the checks need of the source (and the results file says): path,
+    width and height (pixels), megapixels, bytes of all its files, compression."""
+    width, height = source_dimensions(src)
+    return {
+        "path": str(src),
+        "width": width,
+        "height": height,
+        "megapixels": width * height / 1e6,
+        "bytes": sum(f.stat().st_size for f in source_files(src)),
+        "compression": source_compression(src),
+    }
+
+
+def available_tools(names: Sequence[str]) -> list[Tool]:
+    """The tools named, in the table's order, less those whose binary is missing (one line
+    each)."""
     tools = []
-    for tool in (t for t in TOOLS if t.name in args.tools):
+    for tool in (t for t in TOOLS if t.name in names):
         if tool.binary and shutil.which(tool.binary) is None:
             print(f"{tool.name}: {tool.binary} not found (apt-get install orthanc-wsi), not run")
             continue
         tools.append(tool)
-    runs_dir = args.work / "runs"
-    results = [
-        Result(t.name, t.description, t.views, t.command(src, runs_dir / t.name)) for t in tools
-    ]
-    for repeat in range(1, args.repeat + 1):
+    return tools
+
+
+def run_rounds(tools: Sequence[Tool], results: Sequence[Result], repeat: int, work: Path) -> None:
+    """`repeat` rounds of every tool in turn (a, b, c, a, b, c, ...), each run appended to its
+    tool's result and printed."""
+    for turn in range(1, repeat + 1):
         for tool, result in zip(tools, results, strict=True):
-            log = args.work / "logs" / f"{tool.name}-{repeat}.log"
-            run = measure(result.command, runs_dir / tool.name, log)
+            log = work / "logs" / f"{tool.name}-{turn}.log"
+            run = measure(result.command, work / "runs" / tool.name, log)
             result.runs.append(run)
             status = "ok" if run.error is None else f"FAILED ({run.error})"
             print(
-                f"  [{repeat}/{args.repeat}] {tool.name:<{TOOL_WIDTH}}{run.seconds:8.2f} s"
+                f"  [{turn}/{repeat}] {tool.name:<{TOOL_WIDTH}}{run.seconds:8.2f} s"
                 f"{run.peak_rss_bytes / 1e6:8.0f} MB{run.output_bytes:>15,} B"
                 f"  {run.views:<11} cpu {run.cpu_seconds:.2f} s {status}",
                 flush=True,
             )
 
-    print()
-    print(format_table(results, megapixels, source_bytes))
+
+def print_checks(results: Sequence[Result], src: Path, source: dict[str, Any]) -> dict[str, Any]:
+    """The target checks after the table, printed; returned for the results file."""
     overhead = dicom_overhead_checks(results)
-    stored = both_views_checks(results, source_bytes, compression)
+    stored = both_views_checks(results, source["bytes"], source["compression"])
     checks_text = format_checks(overhead, stored)
     if checks_text:
         print()
@@ -534,33 +459,41 @@ def main(argv: Sequence[str] | None = None) -> int:
     base_only = base_only_checks(results, source_levels(src))
     if orthanc or base_only:
         print(format_speedup_checks([*orthanc, *base_only]))
-    ref_mps = reference_mps(results, megapixels)
-    report = {
-        "source": {
-            "path": str(src),
-            "width": width,
-            "height": height,
-            "megapixels": megapixels,
-            "bytes": source_bytes,
-            "compression": compression,
-        },
-        "machine": {
-            "cpus": os.cpu_count(),
-            "platform": platform.platform(),
-            "python": platform.python_version(),
-        },
-        "versions": versions(),
-        "repeat": args.repeat,
-        "reference": REFERENCE,
-        "results": [summary(r, megapixels, source_bytes, ref_mps) for r in results],
-        "checks": {
-            "dicom_overhead": overhead,
-            "both_views_stored": stored,
-            "vs_wsidicomizer": contender,
-            "vs_orthanc": orthanc,
-            "base_only_vs_vips": base_only,
-        },
+    return {
+        "dicom_overhead": overhead,
+        "both_views_stored": stored,
+        "vs_wsidicomizer": contender,
+        "vs_orthanc": orthanc,
+        "base_only_vs_vips": base_only,
     }
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    OUT.mkdir(parents=True, exist_ok=True)
+    src = choose_source(args)
+    source = describe_source(src)
+    megapixels, source_bytes = source["megapixels"], source["bytes"]
+    print(
+        f"source: {src} ({source['width']}x{source['height']}, {megapixels:,.1f} MP, "
+        f"{source_bytes:,} bytes, {source['compression']})"
+    )
+    print(f"cpus: {os.cpu_count()}, repeats: {args.repeat}", flush=True)
+    for part in source_files(src):
+        warm_page_cache(part)
+    compile_bytecode()
+
+    tools = available_tools(args.tools)
+    results = [
+        Result(t.name, t.description, t.views, t.command(src, args.work / "runs" / t.name))
+        for t in tools
+    ]
+    run_rounds(tools, results, args.repeat, args.work)
+
+    print()
+    print(format_table(results, megapixels, source_bytes))
+    checks = print_checks(results, src, source)
+    report = document(source, args.repeat, results, checks)
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(report, indent=2) + "\n")
     print(f"\nwrote {args.json}")

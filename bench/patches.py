@@ -384,18 +384,24 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
-    OUT.mkdir(parents=True, exist_ok=True)
+def publish_locally(args: argparse.Namespace) -> tuple[Path, Path, str]:
+    """The source (`--src` or generated) converted into `--store`, both read once into the page
+    cache: (source, store, slide id)."""
     src = (args.src or ensure_source(args.width, args.height, args.seed)).resolve()
     store = args.store.resolve()
     slide_id = convert(src, store)
-    location = str(store / slide_id)
     warm_page_cache(src)
     for path in (store / slide_id).rglob("*"):
         if path.is_file():
             warm_page_cache(path)
+    return src, store, slide_id
 
+
+def draw_patches(
+    args: argparse.Namespace, src: Path, location: str
+) -> tuple[dict[int, np.ndarray], dict[int, tuple[int, int]]]:
+    """Per level asked for, the random patches' top-left corners and the tiles they touch; a
+    level OpenSlide sees otherwise than ours is refused (the pixels could not be compared)."""
     import openslide
 
     from wsi import open_published
@@ -410,12 +416,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         k: random_coords(*sizes[k], args.size, args.patches, args.seed + k) for k in args.levels
     }
     touched = {k: tiles_touched(coords[k], args.size, tile) for k in args.levels}
-    print(
-        f"source: {src}\n{args.patches} patches of {args.size} px per level {args.levels}, "
-        f"{args.threads} threads, {args.repeat} runs, cpus: {os.cpu_count()}",
-        flush=True,
-    )
-    contenders = [
+    return coords, touched
+
+
+def local_contenders(
+    args: argparse.Namespace, src: Path, store: Path, slide_id: str
+) -> list[Contender]:
+    """Every contender but ours-s3, in the order they run."""
+    location = str(store / slide_id)
+    return [
         Contender("ours-local", "our reader, local store", ours(location, args.threads, None)),
         Contender(
             "openslide-shared",
@@ -433,6 +442,19 @@ def main(argv: Sequence[str] | None = None) -> int:
             zarr_reader(store / slide_id / "slide.zarr", args.threads),
         ),
     ]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    OUT.mkdir(parents=True, exist_ok=True)
+    src, store, slide_id = publish_locally(args)
+    coords, touched = draw_patches(args, src, str(store / slide_id))
+    print(
+        f"source: {src}\n{args.patches} patches of {args.size} px per level {args.levels}, "
+        f"{args.threads} threads, {args.repeat} runs, cpus: {os.cpu_count()}",
+        flush=True,
+    )
+    contenders = local_contenders(args, src, store, slide_id)
     with contextlib.ExitStack() as stack:
         if args.s3:
             s3_location, endpoint, pid = stack.enter_context(s3_slide(src, slide_id))
@@ -441,7 +463,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         results = run_all(contenders, args.levels, coords, args.size, args.repeat)
     report = ratios(results, args.levels, args.patches)
     print_table(results, args.patches, report, touched)
-    doc = {
+    doc = document(args, src, slide_id, contenders, touched, results, report)
+    args.json.write_text(json.dumps(doc, indent=2) + "\n")
+    print(f"\nresults: {args.json}")
+    return 0
+
+
+def document(
+    args: argparse.Namespace,
+    src: Path,
+    slide_id: str,
+    contenders: Sequence[Contender],
+    touched: dict[int, tuple[int, int]],
+    results: Sequence[Result],
+    report: dict[str, Any],
+) -> dict[str, Any]:
+    """The results file: the run's settings and machine, the contenders, the tiles the patches
+    touch, every run's seconds and CPU seconds, and the ratios."""
+    return {
         "source": str(src),
         "slide_id": slide_id,
         "patches": args.patches,
@@ -459,9 +498,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         "results": [{**asdict(r), "patches_per_s": r.patches_per_s(args.patches)} for r in results],
         "ratios": report,
     }
-    args.json.write_text(json.dumps(doc, indent=2) + "\n")
-    print(f"\nresults: {args.json}")
-    return 0
 
 
 if __name__ == "__main__":

@@ -50,9 +50,10 @@ Usage::
 The slide is generated (once) by ``sample_data/generate.py`` into ``bench/out/`` and converted
 into ``bench/out/serve-store``; results are printed and written to ``bench/out/serve.json``.
 
-This module holds the set-up, the workloads and the run; beside it ``serve_servers.py`` (the
-servers measured), ``serve_load.py`` (server processes, load generators, results),
-``serve_report.py`` (the table and the verdicts), ``serve_cold.py`` and ``serve_orthanc.py``.
+This module holds the set-up, the workloads and the run; beside it ``serve_options.py`` (the
+options), ``serve_servers.py`` (the servers measured), ``serve_load.py`` (server processes, load
+generators, results), ``serve_report.py`` (the table and the verdicts), ``serve_cold.py`` and
+``serve_orthanc.py``.
 """
 
 from __future__ import annotations
@@ -88,13 +89,12 @@ from serve_load import (
     pin,
     server_process,
 )
+from serve_options import parse_args
 from serve_report import print_table, verdicts
 from serve_servers import serve
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "bench" / "out"
-SERVERS = ("ours", "fixed", "orthanc", "openslide")
-DEFAULT_SERVERS = ("ours", "fixed", "orthanc")
 FRAME_ACCEPT = 'multipart/related; type="application/octet-stream"; transfer-syntax=*'
 """What wsidicom's web client asks for frames with: the stored JPEG bytes, one part each."""
 VALIDATED = 32
@@ -103,27 +103,6 @@ VALIDATED = 32
 
 # --------------------------------------------------------------------------------------------
 # Set-up: slide, store, addresses
-
-
-def cpu_split(server: str, client: str) -> tuple[list[int] | None, list[int] | None]:
-    """CPU lists for the servers and the load generator: 'all' (or a single CPU) means no
-    pinning; 'auto' gives the servers the first half of this process's CPUs and the load the
-    rest; else a list such as '0-3,8'."""
-    available = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
-    half = len(available) // 2
-
-    def choose(text: str, auto: list[int]) -> list[int] | None:
-        if text == "all" or len(available) < 2:
-            return None
-        if text == "auto":
-            return auto
-        cpus: list[int] = []
-        for part in text.split(","):
-            low, _, high = part.partition("-")
-            cpus.extend(range(int(low), int(high or low) + 1))
-        return cpus
-
-    return choose(server, available[:half]), choose(client, available[half:])
 
 
 def convert(src: Path, store: Path) -> str:
@@ -365,121 +344,8 @@ def measure_openslide(ctx: Context, runs: Runs) -> None:
 # The run
 
 
-def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
-    parser.add_argument("--src", type=Path, help="existing slide (default: generate one)")
-    parser.add_argument("--width", type=int, default=40000, help="generated slide width")
-    parser.add_argument("--height", type=int, default=30000, help="generated slide height")
-    parser.add_argument("--seed", type=int, default=0, help="generated slide seed")
-    parser.add_argument("--store", type=Path, default=OUT / "serve-store", help="local store")
-    parser.add_argument(
-        "--slide-id", help="a slide already published in --store: serve it, convert nothing"
-    )
-    parser.add_argument("--connections", type=int, default=64, help="concurrent connections")
-    parser.add_argument("--duration", type=float, default=10.0, help="seconds of load per workload")
-    parser.add_argument("--warmup", type=float, default=2.0, help="seconds of load before that")
-    parser.add_argument("--tiles", type=int, default=1024, help="distinct tiles in the hot set")
-    parser.add_argument(
-        "--hot-min-level",
-        type=int,
-        default=1,
-        help="hot tiles from this level down (default 1: see the module's docstring)",
-    )
-    parser.add_argument(
-        "--random-requests",
-        type=int,
-        default=100_000,
-        help="random addresses per random workload (cycled through if the run asks more)",
-    )
-    parser.add_argument(
-        "--servers",
-        default=",".join(DEFAULT_SERVERS),
-        help=f"subset of {','.join(SERVERS)} (default {','.join(DEFAULT_SERVERS)})",
-    )
-    parser.add_argument(
-        "--base",
-        type=Path,
-        help="a checkout's folder holding `server` and `wsi`: also measure ours from it (base-*)",
-    )
-    parser.add_argument(
-        "--client",
-        choices=("auto", "wrk", "aiohttp"),
-        default="auto",
-        help="load generator (auto: wrk when installed)",
-    )
-    parser.add_argument(
-        "--client-procs",
-        type=int,
-        default=0,
-        help="wrk threads / aiohttp processes (default: the client CPUs, at most 4)",
-    )
-    parser.add_argument("--server-cpus", default="all", help="e.g. 0-3; auto: first half; all")
-    parser.add_argument("--client-cpus", default="all", help="e.g. 4-7; auto: second half; all")
-    parser.add_argument(
-        "--threads", type=int, default=0, help="server thread pools (default: the server CPUs)"
-    )
-    parser.add_argument(
-        "--processes",
-        type=int,
-        default=0,
-        help="N: our serving processes (`wsi serve --processes`) and the fixed tile's second "
-        "ceiling (default: the server CPUs)",
-    )
-    parser.add_argument(
-        "--tile-cache-mb", type=int, default=256, help="our tile cache per process (hot tiles)"
-    )
-    parser.add_argument("--no-cold", dest="cold", action="store_false", help="skip cold tiles")
-    parser.add_argument(
-        "--no-s3",
-        dest="s3",
-        action="store_false",
-        help="skip the cold tiles from SeaweedFS (the local store's cold tiles still run)",
-    )
-    parser.add_argument(
-        "--cold-connections", type=int, default=8, help="concurrent connections, 2nd cold pass"
-    )
-    parser.add_argument(
-        "--cold-tiles", type=int, default=2000, help="cold tiles per pass (0: every tile)"
-    )
-    parser.add_argument("--json", type=Path, default=OUT / "serve.json", help="results file")
-    # Internal: run one server (the benchmark starts these itself).
-    parser.add_argument("--serve", choices=("ours", "fixed", "openslide"), help=argparse.SUPPRESS)
-    parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
-    parser.add_argument("--store-url", help=argparse.SUPPRESS)
-    parser.add_argument("--s3-endpoint", help=argparse.SUPPRESS)
-    parser.add_argument("--tile-size", type=int, help=argparse.SUPPRESS)
-    parser.add_argument("--fixed-tile", type=Path, help=argparse.SUPPRESS)
-    parser.add_argument("--code-root", type=Path, help=argparse.SUPPRESS)
-    parser.add_argument(
-        "--cpus", type=lambda s: [int(c) for c in s.split(",")], help=argparse.SUPPRESS
-    )
-    args = parser.parse_args(argv)
-    args.servers = [s.strip() for s in args.servers.split(",") if s.strip()]
-    unknown = sorted(set(args.servers) - set(SERVERS))
-    if unknown or not args.servers:
-        parser.error(f"--servers: choose from {', '.join(SERVERS)} (got {args.servers})")
-    if args.connections < 1 or args.duration <= 0 or args.warmup < 0 or args.tiles < 1:
-        parser.error("--connections, --duration and --tiles must be positive, --warmup >= 0")
-    if args.processes < 0 or args.tile_cache_mb < 0 or args.random_requests < 1:
-        parser.error("--processes, --tile-cache-mb must be >= 0, --random-requests positive")
-    if args.cold_connections < 1 or args.cold_tiles < 0:
-        parser.error("--cold-connections must be positive, --cold-tiles >= 0")
-    if args.client == "wrk" and shutil.which("wrk") is None:
-        parser.error("--client wrk: wrk is not installed (apt-get install wrk)")
-    if args.base is not None and not (args.base / "server" / "app.py").exists():
-        parser.error(f"--base {args.base}: no server/app.py there")
-    args.server_cpu_list, args.client_cpu_list = cpu_split(args.server_cpus, args.client_cpus)
-    server_cpus = len(args.server_cpu_list) if args.server_cpu_list else cpus or 1
-    client_cpus = len(args.client_cpu_list) if args.client_cpu_list else cpus or 1
-    args.threads = args.threads or server_cpus
-    args.processes = args.processes or server_cpus
-    args.client_procs = args.client_procs or min(4, client_cpus)
-    return args
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
+    args = parse_args(argv, (__doc__ or "").split("\n\n")[0])
     if args.serve:
         return serve(args)
     client = (
@@ -504,6 +370,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     runs, levels, body = prepare(args, load, src, slide_id)
     ctx = Context(args, load, src, slide_id, levels, cpus_arg)
     print(f"page cache: {warm_page_cache(args.store / slide_id) / 1e6:,.0f} MB read", flush=True)
+    measure_servers(ctx, runs, body)
+    cold: list[Cold] = []
+    s3_direct: dict[str, Any] | None = None
+    if args.cold:
+        cold, s3_direct = run_cold(args, src, slide_id, levels, cpus_arg, all_cpus)
+    print_table(runs.results, runs.notes, args)
+    ratios = verdicts(runs.results, args)
+    cold_verdict = print_cold(cold, s3_direct) if args.cold else None
+    report = document(ctx, client, runs, ratios, cold, s3_direct, cold_verdict)
+    args.json.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"\nresults: {args.json}")
+    return 0
+
+
+def measure_servers(ctx: Context, runs: Runs, body: bytes) -> None:
+    """Every workload of every server asked for (`--servers`, `--base`), one after the other;
+    `body`: the fixed server's tile."""
+    args = ctx.args
     with tempfile.TemporaryDirectory(prefix="wsi-bench-serve-") as tmp:
         if "ours" in args.servers:
             measure_ours(ctx, runs, "ours", None)
@@ -515,16 +399,23 @@ def main(argv: Sequence[str] | None = None) -> int:
             measure_orthanc(ctx, runs)
         if "openslide" in args.servers:
             measure_openslide(ctx, runs)
-    cold: list[Cold] = []
-    s3_direct: dict[str, Any] | None = None
-    if args.cold:
-        cold, s3_direct = run_cold(args, src, slide_id, levels, cpus_arg, all_cpus)
-    print_table(runs.results, runs.notes, args)
-    ratios = verdicts(runs.results, args)
-    cold_verdict = print_cold(cold, s3_direct) if args.cold else None
-    report = {
-        "source": str(src),
-        "slide_id": slide_id,
+
+
+def document(
+    ctx: Context,
+    client: str,
+    runs: Runs,
+    ratios: dict[str, Any],
+    cold: list[Cold],
+    s3_direct: dict[str, Any] | None,
+    cold_verdict: dict[str, Any] | None,
+) -> dict[str, Any]:
+    """The results file: the slide, the load and the machine, every workload's result and the
+    verdicts, and the cold tiles (their passes, SeaweedFS read directly, their verdict)."""
+    args = ctx.args
+    return {
+        "source": str(ctx.src),
+        "slide_id": ctx.slide_id,
         "hot_tiles": len(runs.hot),
         "random_requests": args.random_requests,
         "connections": args.connections,
@@ -550,9 +441,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             "verdict": cold_verdict,
         },
     }
-    args.json.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"\nresults: {args.json}")
-    return 0
 
 
 def prepare(
