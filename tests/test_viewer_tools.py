@@ -1,7 +1,8 @@
 """The viewer's tools, driven in a real headless Chromium as a person would: search a slide by
 name, open it, go to 20x (and check on the server side which DeepZoom level the tiles that
-follow come from), measure with the ruler (real mouse events), share a link and reopen it,
-a phone-sized screen, JavaScript off, and a slide that is still converting.
+follow come from), measure with the ruler (real mouse events), share a link and reopen it.
+The viewer on a phone-sized screen, with JavaScript off and for a slide that is still converting
+is `tests/test_viewer_conditions.py`'s; both read the library of slides of `tests/helpers.py`.
 
 Expected values come from outside the viewer's code: the slide's MPP as the converter read it,
 the screen distances the test drags over, OpenSeadragon's own coordinate transforms, and the
@@ -17,145 +18,28 @@ import asyncio
 import json
 import math
 import re
-import shutil
 import sys
 import tempfile
-import time
-from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 from PIL import Image
 
-import wsi
 from server.app import create_app
 from server.settings import ServerSettings
-from wsi.ingest.queue.sqlite import SQLiteJobQueue
-from wsi.ingest.settings import IngestSettings
 
 from .browser import AppThread, Chromium
-from .conftest import sample
+from .viewer_pages import LOADED, SETTLED, Library, build_library, open_slide, settle
+from .viewer_pages import viewer_library as _library_fixture  # noqa: F401
+from .viewer_pages import viewer_server as _server_fixture  # noqa: F401
 
 pytestmark = pytest.mark.slow
 
 TOKEN = "viewer-tools-token"
 KEY = "viewer-tools-signing-key"
 CMU_MPP = 0.499
-FORTY_X_MPP = 0.25
 SCREENSHOT_LIMIT = 300 * 1024
-
-
-def forty_x_tiff(path: Path, scale: float, flip: bool = False) -> Path:
-    """A pyramidal JPEG TIFF at 0.25 µm/px (40x by the usual convention) made of
-    CMU-1-Small-Region's tissue, resized by `scale` (and mirrored): a slide that looks like one,
-    with content (so a content id) of its own."""
-    import pyvips
-
-    image = pyvips.Image.new_from_file(str(sample("CMU-1-Small-Region.svs"))).copy()
-    image.remove("image-description")  # Aperio's, with its MPP and magnification
-    image = image.resize(scale) if scale != 1 else image
-    image = image.fliphor() if flip else image
-    resolution = 1000 / FORTY_X_MPP  # pixels per millimetre
-    image.tiffsave(
-        str(path),
-        tile=True,
-        pyramid=True,
-        compression="jpeg",
-        Q=85,
-        tile_width=256,
-        tile_height=256,
-        xres=resolution,
-        yres=resolution,
-        resunit="cm",
-    )
-    return path
-
-
-@dataclass(frozen=True)
-class Library:
-    """A store of three slides: CMU-1-Small-Region (no case, 20x, 0.499 µm/px, label and
-    macro), and two 40x slides (4440 x 5934 and 1110 x 1484 px) of case S24-0815, named by
-    their sidecars."""
-
-    store: Path
-    ids: dict[str, str]
-    """Display name -> slide id."""
-
-
-def build_library(folder: Path) -> Library:
-    sources = folder / "sources"
-    sources.mkdir()
-    store = wsi.Store(wsi.StoreSettings(str(folder / "store")))
-    cmu = sources / "CMU-1-Small-Region.svs"
-    shutil.copyfile(sample("CMU-1-Small-Region.svs"), cmu)
-    paths = [cmu]
-    for block, scale, flip in (("A1", 2.0, False), ("B1", 0.5, True)):
-        path = forty_x_tiff(sources / f"block-{block.lower()}.tif", scale, flip)
-        sidecar = {"accession_number": "S24-0815", "container_id": f"S24-0815-{block}"}
-        path.with_name(path.name + ".json").write_text(json.dumps(sidecar))
-        paths.append(path)
-    ids = {}
-    for path in paths:
-        result = wsi.convert_slide(path, store)
-        ids[path.name] = result.slide_id
-    return Library(
-        folder / "store",
-        {
-            "CMU-1-Small-Region": ids["CMU-1-Small-Region.svs"],
-            "S24-0815-A1": ids["block-a1.tif"],
-            "S24-0815-B1": ids["block-b1.tif"],
-        },
-    )
-
-
-@pytest.fixture(scope="module")
-def library(tmp_path_factory: pytest.TempPathFactory) -> Library:
-    return build_library(tmp_path_factory.mktemp("viewer-tools"))
-
-
-@pytest.fixture(scope="module")
-def server(library: Library) -> Iterator[AppThread]:
-    with AppThread(create_app(ServerSettings(store=str(library.store)))) as running:
-        yield running
-
-
-LOADED = (
-    "(() => { const v = document.getElementById('viewer');"
-    " return ['loaded', 'error'].includes(v.dataset.state) && v.dataset.state; })()"
-)
-"""Truthy once the slide is drawn (or failed): its value says which."""
-
-SETTLED = (
-    "(() => { const v = window.wsiViewer; if (!v || !v.world.getItemAt(0)) return false;"
-    " const p = v.viewport, still = [p.zoomSpring, p.centerSpringX, p.centerSpringY,"
-    " p.degreesSpring].every(s => !s || s.isAtTargetValue());"
-    " return still && v.world.getItemAt(0).getFullyLoaded(); })()"
-)
-"""Truthy once no animation runs and every tile in view is drawn."""
-
-VIEW_STATE = """(() => {
-    const v = window.wsiViewer, item = v.world.getItemAt(0);
-    const c = item.viewportToImageCoordinates(v.viewport.getCenter(true));
-    return {x: c.x, y: c.y, zoom: item.viewportToImageZoom(v.viewport.getZoom(true)),
-            rotation: v.viewport.getRotation(),
-            magnification: document.getElementById('magnification').textContent};
-})()"""
-"""Where the viewer is, read through OpenSeadragon (level-0 pixels, screen px per level-0 px)."""
-
-
-async def open_slide(browser: Chromium, url: str) -> None:
-    await browser.goto(url)
-    state = await browser.wait_for(LOADED)
-    assert state == "loaded", browser.console
-    await browser.wait_for(SETTLED)
-
-
-async def settle(browser: Chromium) -> dict[str, Any]:
-    await browser.wait_for(SETTLED)
-    state: dict[str, Any] = await browser.evaluate(VIEW_STATE)
-    return state
 
 
 def tile_levels(
@@ -370,174 +254,6 @@ def test_link_reopens_the_same_view(library: Library) -> None:
     assert after["y"] == pytest.approx(before["y"], abs=2)
     # Not the home view: the test moved away from it.
     assert abs(before["x"] - 4440 / 2) > 50 or abs(before["y"] - 5934 / 2) > 50
-
-
-def test_phone_sized_screen(server: AppThread, library: Library) -> None:
-    """At 390 x 844 both pages fit the width (no horizontal scroll) and every tool is a
-    button one can tap, on screen."""
-
-    async def scenario() -> tuple[dict[str, Any], dict[str, Any]]:
-        async with Chromium(390, 844) as browser:
-            await browser.emulate_phone(390, 844)
-            await browser.goto(server.url + "/")
-            await browser.wait_for("document.body.dataset.shown === '3'")
-            listing = await browser.evaluate(
-                "({scroll: document.documentElement.scrollWidth,"
-                " cards: Array.from(document.querySelectorAll('.card'),"
-                " c => c.getBoundingClientRect().right)})"
-            )
-            await open_slide(browser, f"{server.url}/view/{library.ids['S24-0815-A1']}")
-            viewer = await browser.evaluate(
-                """(() => {
-                  const box = (el) => { const r = el.getBoundingClientRect();
-                    return [r.left, r.top, r.right, r.bottom]; };
-                  return {scroll: document.documentElement.scrollWidth,
-                    buttons: Array.from(document.querySelectorAll('#toolbar button'), box),
-                    viewer: box(document.getElementById('viewer')),
-                    panelShown: document.body.classList.contains('panel-open')};
-                })()"""
-            )
-            await browser.click("#panel-button")
-            viewer["panel"] = await browser.evaluate(
-                "(() => { const r = document.getElementById('panel').getBoundingClientRect();"
-                " return [r.left, r.top, r.right, r.bottom]; })()"
-            )
-            return listing, viewer
-
-    listing, viewer = asyncio.run(scenario())
-    assert listing["scroll"] <= 390 and max(listing["cards"]) <= 390, listing
-    assert viewer["scroll"] <= 390, viewer
-    for left, top, right, bottom in viewer["buttons"]:
-        assert left >= 0 and right <= 390 and bottom <= 844, viewer["buttons"]
-        assert bottom - top >= 30 and right - left >= 30, viewer["buttons"]
-    left, top, right, bottom = viewer["viewer"]
-    assert right - left == 390 and bottom - top >= 500, viewer["viewer"]
-    assert not viewer["panelShown"]  # closed on a phone until asked for
-    left, top, right, bottom = viewer["panel"]
-    assert left == 0 and right == 390 and bottom <= 844 and bottom - top > 100, viewer["panel"]
-
-
-def test_without_javascript(server: AppThread, library: Library) -> None:
-    """JavaScript off: the slide page says why it shows no slide (and still lists the
-    properties); the list's search is a plain form the server answers."""
-
-    async def scenario() -> tuple[str, bool, list[str], str]:
-        async with Chromium(1024, 768) as browser:
-            await browser.send("Emulation.setScriptExecutionDisabled", {"value": True})
-            await browser.goto(f"{server.url}/view/{library.ids['S24-0815-A1']}")
-            await browser.wait_for("document.readyState === 'complete'")
-            text = await browser.evaluate("document.body.innerText")
-            toolbar = await browser.evaluate(
-                "document.getElementById('toolbar').getBoundingClientRect().height > 0"
-            )
-            await browser.goto(server.url + "/")
-            await browser.wait_for("document.readyState === 'complete'")
-            await browser.click("form.search input")
-            await browser.type_text("s24")
-            await browser.press("Enter")
-            await browser.wait_for("location.search === '?q=s24'")
-            await browser.wait_for("document.readyState === 'complete'")
-            names = await browser.evaluate(
-                "Array.from(document.querySelectorAll('.card .name'), n => n.textContent)"
-            )
-            count = await browser.evaluate("document.getElementById('count').textContent")
-            return text, toolbar, names, count
-
-    text, toolbar, names, count = asyncio.run(scenario())
-    assert "This viewer needs JavaScript" in text, text
-    assert "S24-0815-A1" in text and "0.25 × 0.25 µm/px" in text  # the properties panel
-    assert not toolbar  # tools that could not work are not shown
-    assert names == ["S24-0815-A1", "S24-0815-B1"]
-    assert count.startswith("2 of 3 slides match")
-
-
-def test_converting_slide_shows_progress_then_the_published_slide(tmp_path: Path) -> None:
-    """A slide dropped into a watch folder is viewable at once from its file, with its job's
-    progress (read through the API while the test plays the worker); when its conversion is
-    published the page switches to the published pyramid, keeping the view."""
-    inbox, store = tmp_path / "inbox", tmp_path / "store"
-    inbox.mkdir()
-    source = forty_x_tiff(tmp_path / "incoming.tif", 0.75)
-    ingest = IngestSettings(
-        workers=0,
-        poll_seconds=0.1,
-        quiet_seconds=0.2,
-        quarantine_dir=str(tmp_path / "quarantine"),
-        done_dir=str(tmp_path / "done"),
-    )
-    settings = ServerSettings(store=str(store), watch=(str(inbox),), ingest=ingest)
-
-    async def scenario(running: AppThread, queue: SQLiteJobQueue) -> dict[str, Any]:
-        async with Chromium(1024, 768) as browser:
-            shutil.copyfile(source, inbox / "S24-0999.tif")
-            deadline = time.monotonic() + 30
-            while not (jobs := queue.list("queued", 10)):
-                assert time.monotonic() < deadline, "the watcher did not submit the slide"
-                await asyncio.sleep(0.1)
-            (job,) = jobs
-            assert job.slide_id is not None
-            url = f"{running.url}/view/{job.slide_id}"
-            await open_slide(browser, url)
-            facts: dict[str, Any] = {
-                "queued": await browser.wait_for(
-                    "!document.getElementById('progress').hidden &&"
-                    " document.querySelector('#progress .text').textContent"
-                )
-            }
-            facts["title"] = await browser.evaluate("document.getElementById('title').textContent")
-            claimed = queue.claim("viewer-test", 60)
-            assert claimed is not None and claimed.id == job.id
-            assert queue.heartbeat(job.id, "viewer-test", 42.0)
-            facts["running"] = await browser.wait_for(
-                "document.querySelector('#progress progress').value === 42 &&"
-                " document.querySelector('#progress .text').textContent"
-            )
-            await browser.press("5")  # 40x, somewhere to come back to
-            before = await settle(browser)
-            requests_before = len(running.requests)
-            result = wsi.convert_slide(
-                inbox / "S24-0999.tif", wsi.Store(wsi.StoreSettings(str(store)))
-            )
-            assert result.slide_id == job.slide_id
-            assert queue.complete(job.id, "viewer-test", result.slide_id)
-            await browser.wait_for(
-                "JSON.parse(document.getElementById('slide-config').textContent).status"
-                " === 'ready'",
-                timeout_s=30,
-            )
-            state = await browser.wait_for(LOADED)
-            assert state == "loaded", browser.console
-            facts["after"] = await settle(browser)
-            facts["before"] = before
-            facts["progress_hidden"] = await browser.evaluate(
-                "document.getElementById('progress').hidden"
-            )
-            facts["config"] = await browser.evaluate(
-                "JSON.parse(document.getElementById('slide-config').textContent)"
-            )
-            facts["requests"] = running.requests[requests_before:]
-            return facts
-
-    with (
-        AppThread(create_app(settings)) as running,
-        SQLiteJobQueue(Path(ingest.jobs_path(str(store)))) as queue,
-    ):
-        facts = asyncio.run(scenario(running, queue))
-
-    assert facts["title"] == "S24-0999"
-    assert "queued" in facts["queued"], facts["queued"]
-    assert facts["running"].startswith("Converting: 42%"), facts["running"]
-    slide_id = facts["config"]["id"]
-    # Polled through the JSON API, then reloaded onto the published version's tiles.
-    polled = [p for _, p, s in facts["requests"] if p == f"/slides/{slide_id}" and s == 200]
-    assert polled, facts["requests"]
-    assert facts["config"]["status"] == "ready" and facts["progress_hidden"]
-    assert not facts["config"]["query"].startswith("v=src")
-    published = [p for _, p, s in facts["requests"] if "_files/" in p and s == 200]
-    assert published, facts["requests"]
-    for key in ("x", "y"):
-        assert facts["after"][key] == pytest.approx(facts["before"][key], abs=2)
-    assert facts["after"]["magnification"] == facts["before"]["magnification"] == "40x"
 
 
 def save_png(image: Image.Image, path: Path) -> int:
