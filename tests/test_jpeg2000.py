@@ -251,6 +251,45 @@ def test_fill_of_a_jpeg2000_slide_from_half_resolution(tmp_path):
         assert full != DEFAULT_FILL and abs(halves - full) <= 1
 
 
+def test_the_fill_samples_half_tiles_make_the_level_below_without_a_second_decode(
+    tmp_path, monkeypatch
+):
+    """With blank glass judged, the fill's sample is the smallest level's tiles at 1/2
+    resolution; where that level is kept as its codestreams (here the source's 1/16 level,
+    384 x 64: two tiles, the second an edge tile), those same decodes make the level below:
+    each of its codestreams is decoded once, and the level is what those decodes make."""
+    path = write_svs(tmp_path / "wide.svs", 6144, 1024, seed=5)
+    with open_slide(path) as src:
+        smallest = len(src.levels) - 1
+        lv = src.levels[smallest]
+        cells = [(c, r) for r in range(lv.rows) for c in range(lv.cols)]
+        codestreams = {src.read_encoded_tile(smallest, c, r): (c, r) for c, r in cells}
+        halves = [src.read_tile_half(smallest, c, r) for c, r in cells]
+    assert (lv.width, lv.height, len(codestreams)) == (384, 64, 2)
+    decoded: list[tuple[int, int]] = []
+    decode_into = jpeg2000.decode_into
+
+    def counting(stream: bytes, out: np.ndarray, ycbcr: bool = False, reduce: int = 0) -> None:
+        if stream in codestreams:
+            decoded.append(codestreams[stream])
+        decode_into(stream, out, ycbcr, reduce)
+
+    monkeypatch.setattr(jpeg2000, "decode_into", counting)
+    settings = ConvertSettings(PyramidSettings(keep_jpeg2000=True))
+    result = convert_slide(path, Store(StoreSettings(str(tmp_path / "out"))), settings)
+    assert sorted(decoded) == sorted(cells)  # the fill's decode, and no other
+    slide = tmp_path / "out" / result.slide_id
+    origins = json.loads((slide / "manifest.json").read_text())["levels"]
+    assert origins[4] == {"level": 4, "method": "copied", "source_level": smallest}
+    assert origins[5] == {"level": 5, "method": "wavelet-half", "from_level": 4}
+    tile = np.full((256, 256, 3), 255, np.uint8)
+    for (col, row), half in zip(cells, halves, strict=True):
+        assert half is not None
+        tile[128 * row : 128 * (row + 1), 128 * col : 128 * (col + 1)] = half
+    expected = jpeg.decode(jpeg.encode_optimized(tile, 90, True))[:32, :192]
+    assert np.array_equal(_level(slide, 5), expected)
+
+
 def test_keep_jpeg2000_dicom_view(j2k_svs, kept):
     slide, _ = kept
     base = slide / "slide.zarr" / "0" / "c" / "0" / "0" / "0"

@@ -181,8 +181,28 @@ def choose_fill(source: SlideSource, threads: int = 1) -> int:
     codec gives a tile at 1/2 resolution natively (JPEG 2000), that is the sample: up to 64
     such tiles took 0.2 CPU-s decoded whole, the largest share of converting a small JPEG
     2000 slide, and glass is as flat at half the resolution."""
-    sample = _smallest_level_sample(source, threads)
-    blocks = np.concatenate([_blocks(image) for image in sample])
+    return fill_of(sample_for_fill(source, threads))
+
+
+@dataclass(frozen=True)
+class FillSample:
+    """The pixels `choose_fill` judges, and the tiles they came from when those are worth
+    keeping for the build."""
+
+    level: int
+    """The source level sampled: the smallest."""
+    images: list[np.ndarray]
+    """Whole tiles or the whole level, cropped to the level; at 1/2 resolution where the codec
+    decodes so natively."""
+    halves: dict[tuple[int, int], np.ndarray]
+    """`source.read_tile_half(level, col, row)` of every tile of the level, by (col, row), when
+    the whole level was sampled so (else empty): a build that keeps this level's JPEG 2000
+    codestreams makes the level below from exactly these, and need not decode them again."""
+
+
+def fill_of(sample: FillSample) -> int:
+    """`choose_fill`'s grey of `sample`."""
+    blocks = np.concatenate([_blocks(image) for image in sample.images])
     if len(blocks) == 0:
         return DEFAULT_FILL
     spread = (blocks.max(1) - blocks.min(1)).max(1)
@@ -212,30 +232,40 @@ def _blocks(image: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(planar, dtype=np.int16).transpose(0, 2, 1)
 
 
-def _smallest_level_sample(source: SlideSource, threads: int) -> list[np.ndarray]:
+def sample_for_fill(source: SlideSource, threads: int = 1) -> FillSample:
     """The smallest level whole when it has at most `FILL_SAMPLE_PIXELS`, else an 8 x 8 grid
     of its tiles, each cropped to the level (a single-level slide costs at most 64 tiles). A
     whole level is given tile by tile when its tiles are whole 8 x 8 blocks: the same blocks
     as the level in one piece, and its tiles can be decoded side by side."""
     index = len(source.levels) - 1
     lv = source.levels[index]
-    if lv.width * lv.height <= FILL_SAMPLE_PIXELS:
+    whole = lv.width * lv.height <= FILL_SAMPLE_PIXELS
+    if whole:
         if lv.tile_width % _BLOCK or lv.tile_height % _BLOCK:
-            return [source.read_region(index, 0, 0, lv.width, lv.height)]
-        cells = {(c, r) for c in range(lv.cols) for r in range(lv.rows)}
+            return FillSample(index, [source.read_region(index, 0, 0, lv.width, lv.height)], {})
+        cells = sorted({(c, r) for c in range(lv.cols) for r in range(lv.rows)})
     else:
-        cells = {
-            (c * (lv.cols - 1) // 7, r * (lv.rows - 1) // 7) for c in range(8) for r in range(8)
-        }
+        cells = sorted(
+            {(c * (lv.cols - 1) // 7, r * (lv.rows - 1) // 7) for c in range(8) for r in range(8)}
+        )
 
-    def read(cell: tuple[int, int]) -> np.ndarray:
+    def read(cell: tuple[int, int]) -> tuple[np.ndarray, np.ndarray | None]:
         half = source.read_tile_half(index, *cell)
         if half is None:
-            return inside(source.read_tile(index, *cell), lv, *cell)
+            return inside(source.read_tile(index, *cell), lv, *cell), None
         w, h = visible(lv, *cell)
-        return half[: h // 2, : w // 2]
+        return half[: h // 2, : w // 2], half
 
     if threads <= 1 or len(cells) == 1:
-        return [read(cell) for cell in sorted(cells)]
-    with cf.ThreadPoolExecutor(threads, "wsi-fill") as pool:
-        return list(pool.map(read, sorted(cells)))
+        read_cells = [read(cell) for cell in cells]
+    else:
+        with cf.ThreadPoolExecutor(threads, "wsi-fill") as pool:
+            read_cells = list(pool.map(read, cells))
+    halves = {}
+    if whole:
+        halves = {
+            cell: half
+            for cell, (_, half) in zip(cells, read_cells, strict=True)
+            if half is not None
+        }
+    return FillSample(index, [image for image, _ in read_cells], halves)

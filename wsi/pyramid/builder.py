@@ -32,7 +32,7 @@ from wsi.errors import CorruptSlide, EncodedTileUnavailable, InvalidArgument
 from wsi.model import Level, TileCodec, pyramid_levels
 from wsi.published.layout import JPEG, JPEG2000, ZSTD, ChunkFormat, encode_chunk_zstd
 from wsi.pyramid import _pixels
-from wsi.pyramid.background import Background, choose_fill, inside, visible
+from wsi.pyramid.background import Background, FillSample, fill_of, inside, sample_for_fill, visible
 from wsi.sources.base import SlideSource
 from wsi.writers.base import ALL_STORED, BlankTiles, PyramidWriter
 
@@ -217,7 +217,13 @@ class PyramidBuilder:
         self._done = 0
         self._total = sum(p.level.tile_count for p in self.plans)
         keep = settings.keep_background or settings.lossless
-        fill = choose_fill(source, settings.thread_count) if fill is None and not keep else fill
+        self._halves: dict[tuple[int, int, int], np.ndarray] = {}
+        """Source tiles at 1/2 resolution already decoded, by (level, col, row): taken (and
+        dropped) by the tile that needs them."""
+        if fill is None and not keep:
+            sample = sample_for_fill(source, settings.thread_count)
+            fill = fill_of(sample)
+            self._halves = self._kept_halves(sample)
         self.background = None if keep or fill is None else Background(fill)
         """The blank-glass rule (None: every tile is stored)."""
         self.blank = (
@@ -225,6 +231,18 @@ class PyramidBuilder:
             if self.background
             else ALL_STORED
         )
+
+    def _kept_halves(self, sample: FillSample) -> dict[tuple[int, int, int], np.ndarray]:
+        """The fill sample's half tiles, when the build will want them: their level is kept as
+        its JPEG 2000 codestreams and the level below is made from their 1/2 decodes (a small
+        JPEG 2000 slide's smallest level: 63 of the TCGA sample's tiles, decoded once, not
+        twice). Bounded: `sample_for_fill` keeps halves only of a level it read whole."""
+        for segment in self.segments():
+            top = segment[0]
+            kept = top.chunk_format.codec == JPEG2000 and top.source_level == sample.level
+            if kept and len(segment) > 1:
+                return {(sample.level, *cell): half for cell, half in sample.halves.items()}
+        return {}
 
     # -- encoding helpers ------------------------------------------------------------------
     def _encode(self, fmt: ChunkFormat, tile: np.ndarray) -> bytes:
@@ -351,6 +369,10 @@ class PyramidBuilder:
             if below is None or i // 2 >= len(below):
                 continue
             target = quadrant(below[i // 2], qy, i % 2)
+            decoded = self._halves.pop((level, col, row), None)
+            if decoded is not None and data is not None and decoded.shape == target.shape:
+                target[:] = decoded
+                continue
             if data is not None:
                 jpeg2000.decode_into(data, target, reduce=1)
                 continue
