@@ -152,60 +152,22 @@ async def _ingest(app: web.Application) -> AsyncIterator[None]:
     if not (settings.watch or settings.s3_sources):
         yield
         return
-    from server.bucket_copies import keep_copies
     from wsi.ingest.queue import open_queue
-    from wsi.ingest.spool import sweep_orphans
     from wsi.ingest.supervise import Supervisor
-    from wsi.ingest.worker import Worker, purge_jobs, shutdown_seconds, watch_folders
+    from wsi.ingest.worker import shutdown_seconds
 
-    catalog = app[CATALOG]
     ingest = settings.ingest
-    spool = Path(ingest.spool_path(settings.store))
     await asyncio.to_thread(ingest.make_state, settings.store)  # private, whatever the umask
     queue = await asyncio.to_thread(open_queue, ingest.jobs_path(settings.store))
     await asyncio.to_thread(queue.recover)  # jobs of a crashed run are taken back
     app[JOBS] = queue
-    wake = app[JOBS_WAKE] = asyncio.Event()
+    app[JOBS_WAKE] = asyncio.Event()
     stop = asyncio.Event()
     tasks = app[INGEST_TASKS] = Supervisor(stop)
     if settings.watch:
-        sources = catalog.sources
-
-        def submitted(slide_id: str, path: Path) -> None:
-            if sources is not None:  # viewable from its file while it converts
-                sources.register(slide_id, path)
-            wake.set()
-
-        tasks.start(
-            "watcher",
-            functools.partial(watch_folders, settings.watch, queue, ingest, stop, submitted),
-        )
-    # s3:// sources: one local copy each, made at submit, viewed and converted from.
-    await asyncio.to_thread(sweep_orphans, spool)
-    copies = app[COPIES] = StagedSources(
-        spool / "copies",
-        settings.s3_endpoint,
-        catalog.sources.register if catalog.sources is not None else None,
-        limits=ingest.staging_limits,
-    )
-    tasks.start("copies", functools.partial(keep_copies, queue, copies, stop))
-    # Slides other services (or machines) submitted to the shared job table: viewable here too.
-    tasks.start("follow", functools.partial(follow_jobs, app, copies, stop))
-    store = StoreSettings(settings.store, settings.s3_endpoint)
-    keep = (*settings.watch, *settings.sources)
-    for i in range(ingest.workers):
-        worker = Worker(queue, store, ingest, wake=wake, copies=copies, keep=keep)
-        tasks.start(f"worker-{i + 1}", functools.partial(worker.run, stop))
-    if ingest.keep_jobs_days:
-        tasks.start("purge", functools.partial(purge_jobs, queue, ingest.keep_jobs_days, stop))
-    if ingest.archive_after_days and ingest.workers:  # CPU work: where conversions run
-        from wsi.published.archive import archive_policy
-
-        # One service of those sharing the job table archives the store at a time.
-        policy = functools.partial(archive_policy, store, ingest.archive_after_days)
-        name = store_lease_name("archive", settings.store)
-        held = functools.partial(run_while_held, queue, name, ingest.lease_seconds, policy, stop)
-        tasks.start("archive", held)
+        _start_watcher(app, tasks, stop)
+    copies = await _start_copies(app, tasks, stop)
+    _start_workers(app, tasks, copies, stop)
     if settings.verify_every_hours:
         _start_integrity_check(app, tasks, stop)
     yield
@@ -213,6 +175,73 @@ async def _ingest(app: web.Application) -> AsyncIterator[None]:
     await tasks.wait(shutdown_seconds(ingest))
     await copies.close()
     queue.close()
+
+
+def _start_watcher(app: web.Application, tasks: Supervisor, stop: asyncio.Event) -> None:
+    """The watch folders' loop: each complete slide becomes a job, viewable from its file while
+    it converts, and wakes the workers."""
+    from wsi.ingest.worker import watch_folders
+
+    settings, sources, wake = app[SETTINGS], app[CATALOG].sources, app[JOBS_WAKE]
+
+    def submitted(slide_id: str, path: Path) -> None:
+        if sources is not None:  # viewable from its file while it converts
+            sources.register(slide_id, path)
+        wake.set()
+
+    watch = functools.partial(
+        watch_folders, settings.watch, app[JOBS], settings.ingest, stop, submitted
+    )
+    tasks.start("watcher", watch)
+
+
+async def _start_copies(
+    app: web.Application, tasks: Supervisor, stop: asyncio.Event
+) -> StagedSources:
+    """s3:// sources: one local copy each, made at submit, viewed and converted from (copies
+    left by a dead process swept first); and the slides other services (or machines) submitted
+    to the shared job table, viewable here too."""
+    from server.bucket_copies import keep_copies
+    from wsi.ingest.spool import sweep_orphans
+
+    settings, catalog = app[SETTINGS], app[CATALOG]
+    spool = Path(settings.ingest.spool_path(settings.store))
+    await asyncio.to_thread(sweep_orphans, spool)
+    copies = app[COPIES] = StagedSources(
+        spool / "copies",
+        settings.s3_endpoint,
+        catalog.sources.register if catalog.sources is not None else None,
+        limits=settings.ingest.staging_limits,
+    )
+    tasks.start("copies", functools.partial(keep_copies, app[JOBS], copies, stop))
+    tasks.start("follow", functools.partial(follow_jobs, app, copies, stop))
+    return copies
+
+
+def _start_workers(
+    app: web.Application, tasks: Supervisor, copies: StagedSources, stop: asyncio.Event
+) -> None:
+    """The conversion workers, and the store-wide loops: old jobs purged; old slides archived
+    (CPU work: only where conversions run, by one service of those sharing the job table at a
+    time)."""
+    from wsi.ingest.worker import Worker, purge_jobs
+
+    settings, queue = app[SETTINGS], app[JOBS]
+    ingest = settings.ingest
+    store = StoreSettings(settings.store, settings.s3_endpoint)
+    keep = (*settings.watch, *settings.sources)
+    for i in range(ingest.workers):
+        worker = Worker(queue, store, ingest, wake=app[JOBS_WAKE], copies=copies, keep=keep)
+        tasks.start(f"worker-{i + 1}", functools.partial(worker.run, stop))
+    if ingest.keep_jobs_days:
+        tasks.start("purge", functools.partial(purge_jobs, queue, ingest.keep_jobs_days, stop))
+    if ingest.archive_after_days and ingest.workers:
+        from wsi.published.archive import archive_policy
+
+        policy = functools.partial(archive_policy, store, ingest.archive_after_days)
+        name = store_lease_name("archive", settings.store)
+        held = functools.partial(run_while_held, queue, name, ingest.lease_seconds, policy, stop)
+        tasks.start("archive", held)
 
 
 def _start_integrity_check(app: web.Application, tasks: Supervisor, stop: asyncio.Event) -> None:
