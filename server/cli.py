@@ -70,6 +70,16 @@ def _serve(args: argparse.Namespace) -> int:
 def _add_serve(sub: Any) -> None:
     """`wsi serve`: the tile service (and ingest with --watch)."""
     serve = sub.add_parser("serve", help="serve tiles, DeepZoom, IIIF, DICOMweb and a viewer")
+    _add_serve_slides(serve)
+    _add_serve_capacity(serve)
+    _add_serve_access(serve)
+    _add_serve_ingest(serve)
+    add_ingest_arguments(serve)
+    serve.set_defaults(func=_serve)
+
+
+def _add_serve_slides(serve: Any) -> None:
+    """What is served, and where the service listens."""
     serve.add_argument("--store", help="published slides: folder or s3:// URL (WSI_STORE)")
     serve.add_argument(
         "--sources",
@@ -80,6 +90,10 @@ def _add_serve(sub: Any) -> None:
     serve.add_argument("--host", help="listen address (WSI_HOST, default 127.0.0.1)")
     serve.add_argument("--port", type=int, help="port (WSI_PORT, default 8000)")
     serve.add_argument("--s3-endpoint", help="S3 endpoint URL (WSI_S3_ENDPOINT)")
+
+
+def _add_serve_capacity(serve: Any) -> None:
+    """Processes and the memory each holds."""
     serve.add_argument(
         "--processes",
         type=int,
@@ -94,9 +108,29 @@ def _add_serve(sub: Any) -> None:
         help="stored tiles kept in memory, per process: N processes hold up to N x this "
         "(WSI_TILE_CACHE_MB, default 256)",
     )
+
+
+def _add_serve_access(serve: Any) -> None:
+    """Who may see what: labels and macros, other pages' origins, the audit trail."""
     serve.add_argument(
         "--allow-label", action="store_true", help="serve label and macro images (WSI_ALLOW_LABEL)"
     )
+    serve.add_argument(
+        "--cors-origin",
+        action="append",
+        metavar="ORIGIN",
+        help="with auth on: a page origin (https://host[:port]) that may read cross-origin "
+        "(repeatable; WSI_CORS_ORIGINS)",
+    )
+    serve.add_argument(
+        "--audit-log",
+        metavar="FILE",
+        help="with auth on: one JSON line per slide access (WSI_AUDIT_LOG)",
+    )
+
+
+def _add_serve_ingest(serve: Any) -> None:
+    """What the service converts by itself, and the integrity check of what it published."""
     serve.add_argument(
         "--watch",
         action="append",
@@ -111,18 +145,6 @@ def _add_serve(sub: Any) -> None:
         "WSI_S3_SOURCES)",
     )
     serve.add_argument(
-        "--cors-origin",
-        action="append",
-        metavar="ORIGIN",
-        help="with auth on: a page origin (https://host[:port]) that may read cross-origin "
-        "(repeatable; WSI_CORS_ORIGINS)",
-    )
-    serve.add_argument(
-        "--audit-log",
-        metavar="FILE",
-        help="with auth on: one JSON line per slide access (WSI_AUDIT_LOG)",
-    )
-    serve.add_argument(
         "--verify-every-hours",
         type=float,
         metavar="HOURS",
@@ -135,8 +157,6 @@ def _add_serve(sub: Any) -> None:
         metavar="MB/s",
         help="most MB read per second by that check (WSI_VERIFY_RATE_MB, default 50)",
     )
-    add_ingest_arguments(serve)
-    serve.set_defaults(func=_serve)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
