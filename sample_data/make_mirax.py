@@ -36,6 +36,7 @@ import hashlib
 import io
 import struct
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -145,28 +146,8 @@ def _index(slide_id: str, levels: list[list[tuple[int, int, int, int]]]) -> byte
     return bytes(out + records)
 
 
-def write_mirax(
-    path: Path,
-    image: np.ndarray,
-    tile: int = 256,
-    levels: int = 3,
-    quality: int = 90,
-    *,
-    mpp: float = 0.25,
-    magnification: int = 20,
-    slide_id: str | None = None,
-    omit_blank: bool = False,
-) -> Path:
-    """Write `image` (H x W x 3 uint8) as the MIRAX slide `path` (`name.mrxs`) plus `name/`.
-
-    Level 0 holds JPEGs of about `tile` x `tile` pixels (see `image_size`); level k (k <
-    `levels`) is the 2^k area downsample. `slide_id` (default: a UUID derived from the pixels,
-    so the same input gives the same files) goes into Slidedat.ini and Index.dat. With
-    `omit_blank`, level-0 images that are all fill colour are not stored, nor the images of
-    other levels that cover only such images (as a scanner skips fields it did not scan).
-    Returns `path`.
-    """
-    path = Path(path)
+def _checked(path: Path, image: np.ndarray, tile: int, levels: int) -> np.ndarray:
+    """`image` as an array; ValueError for a name, an image or sizes MIRAX cannot hold."""
     if path.suffix != ".mrxs":
         raise ValueError(f"a MIRAX slide's name ends in .mrxs, not {path.name}")
     image = np.asarray(image)
@@ -174,26 +155,46 @@ def write_mirax(
         raise ValueError(f"image must be H x W x 3 uint8, not {image.shape} {image.dtype}")
     if levels < 1 or tile < 1:
         raise ValueError("levels and tile must be >= 1")
-    height, width = image.shape[:2]
-    tw, th = image_size(width, tile), image_size(height, tile)
-    images_x, images_y = -(-width // tw), -(-height // th)
-    if slide_id is None:
-        slide_id = str(uuid.UUID(bytes=hashlib.sha256(image.tobytes()).digest()[:16], version=4))
+    return image
 
-    # Level 0 padded with white so that every level's images are whole: the top level's images
-    # each cover 2^(levels-1) level-0 images per side.
+
+@dataclass(frozen=True)
+class _Grid:
+    """Level 0's images: how many per row and column, and their size in pixels."""
+
+    images_x: int
+    images_y: int
+    tw: int
+    th: int
+
+
+def _padded(image: np.ndarray, grid: _Grid, levels: int) -> np.ndarray:
+    """Level 0 padded with white so that every level's images are whole: the top level's
+    images each cover 2^(levels-1) level-0 images per side."""
     span = 2 ** (levels - 1)
-    padded = np.empty((-(-images_y // span) * span * th, -(-images_x // span) * span * tw, 3))
+    rows = -(-grid.images_y // span) * span * grid.th
+    cols = -(-grid.images_x // span) * span * grid.tw
+    padded = np.empty((rows, cols, 3))
     padded[...] = FILL_RGB
-    padded[:height, :width] = image
+    padded[: image.shape[0], : image.shape[1]] = image
+    return padded
 
-    folder = path.with_suffix("")
-    folder.mkdir(parents=True, exist_ok=True)
-    data_files = [f"Data{k:04d}.dat" for k in range(levels)]
+
+def _write_levels(
+    folder: Path,
+    data_files: list[str],
+    padded: np.ndarray,
+    grid: _Grid,
+    quality: int,
+    omit_blank: bool,
+) -> list[list[tuple[int, int, int, int]]]:
+    """Each level's JPEG images into its data file; returns each level's index entries
+    (level-0 image number, offset, length, data file number)."""
+    images_x, images_y, tw, th = grid.images_x, grid.images_y, grid.tw, grid.th
     index: list[list[tuple[int, int, int, int]]] = []
     current = padded
     blank: set[tuple[int, int]] = set()
-    for k in range(levels):
+    for k in range(len(data_files)):
         if k:
             current = _downsample2(current)
         step = 2**k  # level-0 images covered by one image of this level, per side
@@ -217,7 +218,43 @@ def write_mirax(
                     entries.append((y * images_x + x, f.tell(), len(jpeg), k))
                     f.write(jpeg)
         index.append(entries)
+    return index
 
+
+def write_mirax(
+    path: Path,
+    image: np.ndarray,
+    tile: int = 256,
+    levels: int = 3,
+    quality: int = 90,
+    *,
+    mpp: float = 0.25,
+    magnification: int = 20,
+    slide_id: str | None = None,
+    omit_blank: bool = False,
+) -> Path:
+    """Write `image` (H x W x 3 uint8) as the MIRAX slide `path` (`name.mrxs`) plus `name/`.
+
+    Level 0 holds JPEGs of about `tile` x `tile` pixels (see `image_size`); level k (k <
+    `levels`) is the 2^k area downsample. `slide_id` (default: a UUID derived from the pixels,
+    so the same input gives the same files) goes into Slidedat.ini and Index.dat. With
+    `omit_blank`, level-0 images that are all fill colour are not stored, nor the images of
+    other levels that cover only such images (as a scanner skips fields it did not scan).
+    Returns `path`.
+    """
+    path = Path(path)
+    image = _checked(path, image, tile, levels)
+    height, width = image.shape[:2]
+    tw, th = image_size(width, tile), image_size(height, tile)
+    images_x, images_y = -(-width // tw), -(-height // th)
+    if slide_id is None:
+        slide_id = str(uuid.UUID(bytes=hashlib.sha256(image.tobytes()).digest()[:16], version=4))
+    folder = path.with_suffix("")
+    folder.mkdir(parents=True, exist_ok=True)
+    data_files = [f"Data{k:04d}.dat" for k in range(levels)]
+    grid = _Grid(images_x, images_y, tw, th)
+    padded = _padded(image, grid, levels)
+    index = _write_levels(folder, data_files, padded, grid, quality, omit_blank)
     (folder / "Index.dat").write_bytes(_index(slide_id, index))
     (folder / "Slidedat.ini").write_text(
         _slidedat(slide_id, images_x, images_y, tw, th, levels, mpp, magnification, data_files),
