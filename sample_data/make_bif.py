@@ -68,6 +68,16 @@ def encode_info(tile: int, aoi: tuple[int, int, int, int], overlap: int) -> str:
     )
 
 
+def iscan_xml(magnification: int, mpp: float) -> str:
+    """The label page's XMP: the scanner's magnification and resolution, as a DP 200 writes
+    them."""
+    return (
+        '<?xml version="1.0" encoding="utf-8"?><Metadata><iScan '
+        f'Magnification="{magnification}" ScanRes="{mpp!r}" UnitNumber="SYNTHETIC-1" '
+        'ScannerModel="VENTANA DP 200"/></Metadata>'
+    )
+
+
 def write_bif(
     path: Path,
     image: np.ndarray,
@@ -89,11 +99,7 @@ def write_bif(
     if levels < 1 or tile < 16 or tile % 16:
         raise ValueError("levels must be >= 1 and tile a multiple of 16")
     across, down = -(-image.shape[1] // tile), -(-image.shape[0] // tile)
-    iscan = (
-        '<?xml version="1.0" encoding="utf-8"?><Metadata><iScan '
-        f'Magnification="{magnification}" ScanRes="{mpp!r}" UnitNumber="SYNTHETIC-1" '
-        'ScannerModel="VENTANA DP 200"/></Metadata>'
-    )
+    iscan = iscan_xml(magnification, mpp)
     label = np.full((128, 128, 3), (225, 225, 235), np.uint8)
     with tifffile.TiffWriter(path) as tif:
         tif.write(
