@@ -15,6 +15,17 @@ MAX_MEMORY: int
 LIBJPEG_VERSION: int
 COLOUR_MARGIN: float
 
+CopiedTile = tuple[
+    bool | None,
+    str,
+    tuple[int, ...],
+    tuple[int, ...],
+    bytes | None,
+    tuple[float, ...],
+    tuple[float, ...],
+]
+"""What `copy_tile` gives for one tile, and `copy_tiles` for each tile of a row."""
+
 def transcode(
     data: Buffer,
     optimize: bool,
@@ -36,15 +47,7 @@ def copy_tile(
     n: int,
     half: np.ndarray[Any, Any] | None,
     /,
-) -> tuple[
-    bool | None,
-    str,
-    tuple[int, ...],
-    tuple[int, ...],
-    bytes | None,
-    tuple[float, ...],
-    tuple[float, ...],
-]: ...
+) -> CopiedTile: ...
 def within(
     data: Buffer, width: int, height: int, blues: Buffer | np.ndarray[Any, Any], /
 ) -> bool: ...
@@ -70,15 +73,4 @@ def copy_tiles(
     n: int,
     halves: list[np.ndarray[Any, Any] | None] | None,
     /,
-) -> list[
-    tuple[
-        bool | None,
-        str,
-        tuple[int, ...],
-        tuple[int, ...],
-        bytes | None,
-        tuple[float, ...],
-        tuple[float, ...],
-    ]
-    | CorruptSlide
-]: ...
+) -> list[CopiedTile | CorruptSlide]: ...
