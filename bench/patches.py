@@ -192,12 +192,13 @@ def zarr_reader(root: Path, threads: int) -> Callable[[], tuple[Reader, Any]]:
 
         def read(level: int, coords: np.ndarray, out: np.ndarray) -> None:
             array = group[str(level)]
+            assert isinstance(array, zarr.Array), level
             size = out.shape[2]
 
             def part(numbers: range) -> None:
                 for i in numbers:
                     x, y = coords[i]
-                    out[i] = np.moveaxis(array[:, y : y + size, x : x + size], 0, -1)
+                    out[i] = np.moveaxis(np.asarray(array[:, y : y + size, x : x + size]), 0, -1)
 
             list(pool.map(part, split(len(coords), threads)))
 

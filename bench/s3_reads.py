@@ -13,7 +13,7 @@ import statistics
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from wsi.store.objects import Store, StoreSettings
 
@@ -82,7 +82,9 @@ async def one_at_a_time(
     one: dict[str, list[float]] = {c: [] for c in clients}
     for s, e in picks:
         for name, client in clients.items():
-            one[name].append(await _timed(lambda c=client, s=s, e=e: c(s, e)))
+            one[name].append(
+                await _timed(cast(Callable[[], Awaitable[Any]], lambda c=client, s=s, e=e: c(s, e)))
+            )
     for name, fn in blocking.items():
         fn(key, *picks[0])
         one[name] = []
@@ -127,10 +129,20 @@ async def shard_indexes(
         for k, s, e in indexes:
             p = store.path(k)
             idx["s3fs async"].append(
-                await _timed(lambda p=p, s=s, e=e: fs._cat_file(p, start=s, end=e))
+                await _timed(
+                    cast(
+                        Callable[[], Awaitable[Any]],
+                        lambda p=p, s=s, e=e: fs._cat_file(p, start=s, end=e),
+                    )
+                )
             )
             idx["obstore async"].append(
-                await _timed(lambda k=k, s=s, e=e: fast.get_range_async(k, s, e))
+                await _timed(
+                    cast(
+                        Callable[[], Awaitable[Any]],
+                        lambda k=k, s=s, e=e: fast.get_range_async(k, s, e),
+                    )
+                )
             )
     return {n: summary_ms(v) for n, v in idx.items()}
 
@@ -162,7 +174,10 @@ def bench_reads(store: Store, slide_id: str, requests: int) -> dict[str, Any]:
                 "s3fs async": lambda s, e: fs._cat_file(path, start=s, end=e),
                 "obstore async": lambda s, e: fast.get_range_async(key, s, e),
             }
-            blocking = {"s3fs blocking": slow.get_range, "obstore blocking": fast.get_range}
+            blocking: dict[str, BlockingRead] = {
+                "s3fs blocking": slow.get_range,
+                "obstore blocking": fast.get_range,
+            }
             result["range"] = await one_at_a_time(clients, blocking, key, picks)
             result["range64"] = await sixty_four_at_once(clients, picks, requests)
             result["index"] = await shard_indexes(fs, fast, store, indexes, requests)

@@ -52,11 +52,12 @@ from typing import Any
 
 import psutil
 
-if not __package__:  # run as a script: make `bench` and `wsi` importable
+if not __package__:  # run as a script: make `wsi` importable from a checkout
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from convert_sources import OUT, ensure_j2k_source, ensure_source  # bench/convert_sources.py
+
 import wsi
-from bench.convert_sources import OUT, ensure_j2k_source, ensure_source
 from wsi.convert import ConvertSettings, convert_slide
 from wsi.pyramid.builder import PyramidSettings
 from wsi.pyramid.cluster import BandResult, ClusterOptions

@@ -60,7 +60,12 @@ def encode_tile(pixels: np.ndarray, psnr: float, ycbcr: bool) -> bytes:
     data = rgb_to_ycbcr(pixels) if ycbcr else np.ascontiguousarray(pixels)
     return bytes(
         imagecodecs.jpeg2k_encode(
-            data, level=psnr, codecformat="J2K", reversible=False, mct=not ycbcr, numthreads=1
+            data,
+            level=psnr,  # type: ignore[arg-type]  # stub says int; the encoder takes a float PSNR
+            codecformat="J2K",
+            reversible=False,
+            mct=not ycbcr,
+            numthreads=1,
         )
     )
 

@@ -58,4 +58,6 @@ def published_store(generated: Path, tmp_path_factory: pytest.TempPathFactory) -
 def zarr_level(root: Path, slide_id: str, path: str) -> np.ndarray:
     """A level (or associated image) as zarr-python reads it, channels last."""
     group = zarr.open_group(str(root / slide_id / "slide.zarr"), mode="r")
-    return np.asarray(group[path][:]).transpose(1, 2, 0)
+    array = group[path]
+    assert isinstance(array, zarr.Array), path
+    return np.asarray(array[:]).transpose(1, 2, 0)

@@ -89,7 +89,13 @@ def levels(root: Path, sid: str) -> list[dict[str, Any]]:
 def zarr_pixels(root: Path, sid: str) -> list[np.ndarray]:
     """Every level read whole by plain zarr-python."""
     group = zarr.open_group(str(root / sid / "slide.zarr"), mode="r")
-    return [np.asarray(group[lv["path"]][:]) for lv in levels(root, sid)]
+    return [np.asarray(_array(group, lv["path"])[:]) for lv in levels(root, sid)]
+
+
+def _array(group: zarr.Group, path: str) -> zarr.Array:
+    array = group[path]
+    assert isinstance(array, zarr.Array), path
+    return array
 
 
 def openslide_pixels(root: Path, sid: str) -> np.ndarray:

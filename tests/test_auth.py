@@ -61,7 +61,9 @@ def tile_expiry(page: str) -> int:
     return int(found.group(1))
 
 
-def test_a_tile_signature_opens_that_slides_tiles_and_nothing_else(store) -> None:
+def test_a_tile_signature_opens_that_slides_tiles_and_nothing_else(
+    store: tuple[Path, str, str],
+) -> None:
     root, sid, other = store
 
     async def check(c: TestClient) -> None:
@@ -100,7 +102,7 @@ def test_a_tile_signature_opens_that_slides_tiles_and_nothing_else(store) -> Non
     run(root, check)
 
 
-def test_a_signed_view_page_never_extends_its_link(store) -> None:
+def test_a_signed_view_page_never_extends_its_link(store: tuple[Path, str, str]) -> None:
     """A leaked viewer link used to mint fresh tile signatures on every visit: it worked for
     ever. The page's tiles now expire with the link that opened it."""
     root, sid, _ = store
@@ -118,7 +120,9 @@ def test_a_signed_view_page_never_extends_its_link(store) -> None:
 
 
 @pytest.mark.parametrize("secret", ["tøken", "\u2603", "\udcff", "x" * 5000])
-def test_non_ascii_credentials_are_refused_not_crashed(store, secret: str) -> None:
+def test_non_ascii_credentials_are_refused_not_crashed(
+    store: tuple[Path, str, str], secret: str
+) -> None:
     root, sid, _ = store
 
     async def check(c: TestClient) -> None:
@@ -137,7 +141,7 @@ def test_non_ascii_credentials_are_refused_not_crashed(store, secret: str) -> No
     run(root, check)
 
 
-def test_cache_headers_with_auth(store) -> None:
+def test_cache_headers_with_auth(store: tuple[Path, str, str]) -> None:
     root, sid, _ = store
 
     async def check(c: TestClient) -> None:

@@ -6,12 +6,13 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 from .conftest import sample
 from .helpers import run_wsi as wsi
 
 
-def test_info_prints_levels_properties_and_associated_images():
+def test_info_prints_levels_properties_and_associated_images() -> None:
     run = wsi("info", str(sample("CMU-1-Small-Region.svs")))
     assert run.returncode == 0, run.stderr
     doc = json.loads(run.stdout)
@@ -29,7 +30,7 @@ def test_info_prints_levels_properties_and_associated_images():
     assert doc["output_levels"][-1]["width"] <= 240
 
 
-def test_convert_batch_goes_on_past_broken_slides(tmp_path):
+def test_convert_batch_goes_on_past_broken_slides(tmp_path: Path) -> None:
     good = [sample("openslide-python-fixtures/small.svs"), sample("CMU-1-Small-Region.svs")]
     bad = [
         sample("openslide-python-fixtures/unopenable.tiff"),
@@ -64,7 +65,7 @@ def test_convert_batch_goes_on_past_broken_slides(tmp_path):
     assert again.returncode == 0 and "already published" in again.stdout
 
 
-def test_bad_arguments_are_one_line_and_nonzero(tmp_path):
+def test_bad_arguments_are_one_line_and_nonzero(tmp_path: Path) -> None:
     src = str(sample("openslide-python-fixtures/small.svs"))
     for args in (
         ["--quality", "0"],
@@ -80,7 +81,7 @@ def test_bad_arguments_are_one_line_and_nonzero(tmp_path):
     assert run.returncode == 1 and run.stderr.startswith("wsi: error: ")
 
 
-def test_progress_fd_reports_rising_json_lines(tmp_path, medium_jpeg_tiff):
+def test_progress_fd_reports_rising_json_lines(tmp_path: Path, medium_jpeg_tiff: Path) -> None:
     read_fd, write_fd = os.pipe()
     proc = subprocess.Popen(
         [
@@ -109,7 +110,9 @@ def test_progress_fd_reports_rising_json_lines(tmp_path, medium_jpeg_tiff):
     assert any(0 < v < 100 for v in values), values
 
 
-def test_exit_with_stdin_stops_when_the_supervisor_goes(tmp_path, medium_jpeg_tiff):
+def test_exit_with_stdin_stops_when_the_supervisor_goes(
+    tmp_path: Path, medium_jpeg_tiff: Path
+) -> None:
     """The supervisor (an ingest worker) holds the write end of stdin; when it dies, the pipe
     closes and the conversion stops instead of publishing behind the job's next attempt.
 
@@ -155,7 +158,7 @@ def test_exit_with_stdin_stops_when_the_supervisor_goes(tmp_path, medium_jpeg_ti
     assert not list((tmp_path / "out").glob("*/manifest.json"))
 
 
-def test_bad_progress_fd_is_one_line(tmp_path):
+def test_bad_progress_fd_is_one_line(tmp_path: Path) -> None:
     for fd in ("97", "1"):
         run = wsi(
             "convert",

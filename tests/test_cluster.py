@@ -17,8 +17,9 @@ import signal
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import psycopg
 
@@ -148,7 +149,7 @@ def test_three_workers_one_killed_every_slide_published_once(
     assert ended[victim_job].attempts == 2 and ended[victim_job].worker is None
     assert str(victim_pid) not in (ended[victim_job].worker or "")
     store = Store(StoreSettings(store_url, endpoint_url=endpoint))
-    assert sorted(store.published_slides()) == sorted(j.slide_id for j in jobs)
+    assert sorted(store.published_slides()) == sorted(cast(str, j.slide_id) for j in jobs)
 
     # The killed job's slide, byte for byte what a clean conversion writes.
     slide_id = ended[victim_job].slide_id
@@ -188,7 +189,11 @@ def _two_services_answer_alike(
                     "--port", str(port), "--processes", "1", "--poll-seconds", "0.2"]  # fmt: skip
             stack.enter_context(wsi_process(tmp_path / f"serve-{i}.log", *args))
         for base in bases:
-            wait_until(lambda b=base: http_status(f"{b}/healthz") == 200, "a service", 60)
+            wait_until(
+                cast(Callable[[], bool], lambda b=base: http_status(f"{b}/healthz") == 200),
+                "a service",
+                60,
+            )
         with open_queue(database) as queue:
             [candidate] = find_candidates(late)
             queued = submit_slide(queue, candidate)

@@ -6,6 +6,9 @@ from __future__ import annotations
 import json
 import shutil
 import struct
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, cast
 
 import google_crc32c
 import numpy as np
@@ -14,18 +17,37 @@ import tifffile
 import zarr
 
 import wsi
-from wsi import ConvertSettings, PyramidSettings, Store, StoreSettings, convert_slide
+from wsi import (
+    ConvertResult,
+    ConvertSettings,
+    PyramidSettings,
+    Store,
+    StoreSettings,
+    convert_slide,
+)
 from wsi.slide_id import content_slide_id
 from wsi.sources import open_slide
 
 from .conftest import area_reference, openslide_level0, psnr, sample, shared
 
 
-def level_pixels(root, k: int) -> np.ndarray:
-    return np.moveaxis(root[str(k)][:], 0, -1)
+def zarr_array(root: zarr.Group, key: str) -> zarr.Array:
+    """The array at `key` (zarr types a member as an array or a group)."""
+    array = root[key]
+    assert isinstance(array, zarr.Array)
+    return array
 
 
-def shard_chunks(path) -> list[bytes]:
+def group_attrs(root: zarr.Group, key: str) -> dict[str, Any]:
+    """One JSON object of a group's attributes (zarr types an attribute as any JSON value)."""
+    return cast(dict[str, Any], root.attrs.asdict()[key])
+
+
+def level_pixels(root: zarr.Group, k: int) -> np.ndarray:
+    return np.moveaxis(cast(np.ndarray, zarr_array(root, str(k))[:]), 0, -1)
+
+
+def shard_chunks(path: Path) -> list[bytes]:
     """Chunks of a shard object, read by parsing the index at its end (independent of zarr)."""
     data = path.read_bytes()
     meta = json.loads((path.parents[3] / "zarr.json").read_text())
@@ -43,7 +65,7 @@ def shard_chunks(path) -> list[bytes]:
     return [data[o : o + size] for o, size in entries]
 
 
-def convert(path, tmp_path, **pyramid):
+def convert(path: Path, tmp_path: Path, **pyramid: Any) -> tuple[Store, ConvertResult, zarr.Group]:
     store = Store(StoreSettings(str(tmp_path / "store")))
     # zstd (lossless) tiles have no DICOM transfer syntax: such conversions publish Zarr only.
     formats = ("zarr",) if pyramid.get("lossless") else ("zarr", "dicom")
@@ -66,7 +88,9 @@ OPENSLIDE_READABLE = [
 
 
 @pytest.mark.parametrize("name", OPENSLIDE_READABLE)
-def test_base_level_equals_openslide(name, tmp_path, slide_path):
+def test_base_level_equals_openslide(
+    name: str, tmp_path: Path, slide_path: Callable[[str], Path]
+) -> None:
     """JPEG sources are passed through (identical pixels: their Huffman tables are optimised,
     not their coefficients); others are stored losslessly here. Blank glass is kept, so every
     tile compares (tests/test_sparse.py covers the tiles left out)."""
@@ -75,11 +99,11 @@ def test_base_level_equals_openslide(name, tmp_path, slide_path):
         jpeg_source = src.tile_codec(0) is wsi.TileCodec.JPEG
     _, _, root = convert(path, tmp_path, lossless=not jpeg_source, keep_background=True)
     assert np.array_equal(level_pixels(root, 0), openslide_level0(path))
-    attrs = root.attrs.asdict()["wsistore"]
+    attrs = group_attrs(root, "wsistore")
     assert attrs["levels"][0]["codec"] == ("jpeg" if jpeg_source else "zstd")
 
 
-def test_jpegls_dicom_converts_with_wsidicom_pixels(tmp_path):
+def test_jpegls_dicom_converts_with_wsidicom_pixels(tmp_path: Path) -> None:
     from wsidicom import WsiDicom
 
     path = sample("highdicom/sm_image_jpegls.dcm")
@@ -89,7 +113,7 @@ def test_jpegls_dicom_converts_with_wsidicom_pixels(tmp_path):
     assert np.array_equal(level_pixels(root, 0), expected)
 
 
-def test_passed_through_tiles_are_the_source_bytes(tmp_path):
+def test_passed_through_tiles_are_the_source_bytes(tmp_path: Path) -> None:
     """With `--keep-source-jpeg` (and blank glass kept) level 0 is the source's tiles."""
     path = sample("CMU-1-Small-Region.svs")
     _, result, _ = convert(path, tmp_path, optimize_huffman=False, keep_background=True)
@@ -103,7 +127,9 @@ def test_passed_through_tiles_are_the_source_bytes(tmp_path):
 
 
 @pytest.mark.parametrize(("subsample_420", "floor_db"), [(False, 38.0), (True, 32.5)])
-def test_derived_levels_psnr_against_exact_area_downsample(tmp_path, subsample_420, floor_db):
+def test_derived_levels_psnr_against_exact_area_downsample(
+    tmp_path: Path, subsample_420: bool, floor_db: float
+) -> None:
     """CMU-1 is dense tissue edge to edge: the hardest case for JPEG at lower levels. Quality
     90 both times: RGB-coded 4:4:4 tiles, and the default YCbCr 4:2:0."""
     path = sample("CMU-1-Small-Region.svs")
@@ -116,10 +142,10 @@ def test_derived_levels_psnr_against_exact_area_downsample(tmp_path, subsample_4
         assert ours.shape == ref.shape
         assert psnr(ours, ref) >= floor_db, f"level {k}"
         k += 1
-    assert max(root["0"].shape[1:]) > 240 * 2 and k >= 4  # down to one tile
+    assert max(zarr_array(root, "0").shape[1:]) > 240 * 2 and k >= 4  # down to one tile
 
 
-def test_lossless_derived_levels_are_near_exact(tmp_path):
+def test_lossless_derived_levels_are_near_exact(tmp_path: Path) -> None:
     path = sample("openslide-python-fixtures/boxes.tiff")
     _, _, root = convert(path, tmp_path, lossless=True, tile_size=64)
     level0 = openslide_level0(path)
@@ -128,14 +154,16 @@ def test_lossless_derived_levels_are_near_exact(tmp_path):
         assert np.abs(ours.astype(float) - ref).max() <= 1.0  # rounding only
 
 
-def test_exact_2x_source_levels_are_reused_byte_for_byte(tmp_path, synthetic_jpeg_tiff):
+def test_exact_2x_source_levels_are_reused_byte_for_byte(
+    tmp_path: Path, synthetic_jpeg_tiff: Path
+) -> None:
     """With `--keep-source-jpeg` (and blank glass kept) reused levels are the source's tiles."""
     settings = {"optimize_huffman": False, "keep_background": True}
     _, result, root = convert(synthetic_jpeg_tiff, tmp_path, **settings)
     base = tmp_path / "store" / result.slide_id / "slide.zarr"
     with open_slide(synthetic_jpeg_tiff) as src:
         for k, lv in enumerate(src.levels):
-            assert root[str(k)].shape == (3, lv.height, lv.width)
+            assert zarr_array(root, str(k)).shape == (3, lv.height, lv.width)
             chunks = shard_chunks(base / str(k) / "c/0/0/0")
             expected = [
                 src.read_encoded_tile(k, c, r) for r in range(lv.rows) for c in range(lv.cols)
@@ -143,17 +171,17 @@ def test_exact_2x_source_levels_are_reused_byte_for_byte(tmp_path, synthetic_jpe
             assert chunks == expected
 
 
-def test_derived_instead_of_reused_when_asked(tmp_path, synthetic_jpeg_tiff):
+def test_derived_instead_of_reused_when_asked(tmp_path: Path, synthetic_jpeg_tiff: Path) -> None:
     _, _, root = convert(synthetic_jpeg_tiff, tmp_path, reuse_levels=False, subsample_420=False)
     level0 = openslide_level0(synthetic_jpeg_tiff)
     for k in (1, 2, 3):
         assert psnr(level_pixels(root, k), area_reference(level0, k)) >= 38.0
 
 
-def test_ome_zarr_metadata(tmp_path):
+def test_ome_zarr_metadata(tmp_path: Path) -> None:
     path = sample("CMU-1-Small-Region.svs")
     _, result, root = convert(path, tmp_path)
-    ome = root.attrs.asdict()["ome"]
+    ome = group_attrs(root, "ome")
     assert ome["version"] == "0.5"
     ms = ome["multiscales"][0]
     assert [a["name"] for a in ms["axes"]] == ["c", "y", "x"]
@@ -161,28 +189,28 @@ def test_ome_zarr_metadata(tmp_path):
     for k, ds in enumerate(ms["datasets"]):
         assert ds["path"] == str(k)
         assert ds["coordinateTransformations"][0]["scale"][2] == pytest.approx(0.499 * 2**k)
-    attrs = root.attrs.asdict()["wsistore"]
+    attrs = group_attrs(root, "wsistore")
     assert attrs["vendor"] == "aperio" and attrs["objective_power"] == 20
     assert "aperio.AppMag" in attrs["vendor_properties"]
     names = {a["name"] for a in attrs["associated_images"]}
     assert names == {"label", "macro", "thumbnail"}
-    label = root["associated/label"][:]
+    label = cast(np.ndarray, zarr_array(root, "associated/label")[:])
     assert label.shape == (3, 463, 387)
     # One shard object per level: a level is a handful of objects.
     files = [p for p in (tmp_path / "store" / result.slide_id).rglob("*") if p.is_file()]
     assert len(files) == 1 + 1 + 2 * len(ms["datasets"]) + 2 * 3 + 1
 
 
-def test_icc_profile_kept(tmp_path):
+def test_icc_profile_kept(tmp_path: Path) -> None:
     path = sample("highdicom/sm_image.dcm")
     _, _, root = convert(path, tmp_path, lossless=True)
     import base64
 
-    icc = base64.b64decode(root.attrs.asdict()["wsistore"]["icc_profile"])
+    icc = base64.b64decode(group_attrs(root, "wsistore")["icc_profile"])
     assert icc[36:40] == b"acsp"
 
 
-def test_idempotent_and_deterministic(tmp_path):
+def test_idempotent_and_deterministic(tmp_path: Path) -> None:
     path = sample("CMU-1-Small-Region.svs")
     store, first, _ = convert(path, tmp_path)
     assert not first.skipped
@@ -198,7 +226,7 @@ def test_idempotent_and_deterministic(tmp_path):
         assert store.size(f"{first.slide_id}/{key}") == meta["size"]
 
 
-def test_changed_settings_reconvert(tmp_path):
+def test_changed_settings_reconvert(tmp_path: Path) -> None:
     path = sample("openslide-python-fixtures/boxes.tiff")
     store, first, _ = convert(path, tmp_path, tile_size=64)
     second = convert_slide(path, store, ConvertSettings(PyramidSettings(quality=50, tile_size=64)))
@@ -206,7 +234,7 @@ def test_changed_settings_reconvert(tmp_path):
     assert store.read_manifest(first.slide_id)["settings"]["pyramid"]["quality"] == 50
 
 
-def test_slide_id_follows_content_not_name(tmp_path):
+def test_slide_id_follows_content_not_name(tmp_path: Path) -> None:
     src = sample("CMU-1-Small-Region.svs")
     copy = tmp_path / "renamed.svs"
     shutil.copy(src, copy)
@@ -214,7 +242,7 @@ def test_slide_id_follows_content_not_name(tmp_path):
     assert content_slide_id(sample("openslide-python-fixtures/small.svs")) != content_slide_id(src)
 
 
-def test_explicit_slide_id_is_validated(tmp_path):
+def test_explicit_slide_id_is_validated(tmp_path: Path) -> None:
     store = Store(StoreSettings(str(tmp_path)))
     path = sample("openslide-python-fixtures/small.svs")
     assert convert_slide(path, store, slide_id="case-42").slide_id == "case-42"
@@ -223,7 +251,7 @@ def test_explicit_slide_id_is_validated(tmp_path):
             convert_slide(path, store, slide_id=bad)
 
 
-def test_failed_conversion_leaves_nothing_behind(tmp_path):
+def test_failed_conversion_leaves_nothing_behind(tmp_path: Path) -> None:
     store = Store(StoreSettings(str(tmp_path)))
     path = sample("openslide-python-fixtures/unreadable.svs")  # its thumbnail is corrupt
     with pytest.raises(wsi.CorruptSlide):

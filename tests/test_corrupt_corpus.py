@@ -20,7 +20,7 @@ from aiohttp.test_utils import TestClient, TestServer
 import wsi
 from server.app import create_app
 from server.settings import ServerSettings
-from wsi.ingest.queue import JobState, SQLiteJobQueue
+from wsi.ingest.queue import Job, JobState, SQLiteJobQueue
 from wsi.ingest.scan import find_candidates
 from wsi.ingest.settings import IngestSettings
 from wsi.ingest.source_files import submit_slide
@@ -83,7 +83,9 @@ def limited() -> None:
 
 
 @pytest.mark.timeout(600)
-def test_convert_reports_each_bad_slide_in_one_line(corpus, tmp_path: Path) -> None:
+def test_convert_reports_each_bad_slide_in_one_line(
+    corpus: tuple[Path, list[Path], list[Path]], tmp_path: Path
+) -> None:
     _, bad, good = corpus
     out = tmp_path / "out"
     done = subprocess.run(
@@ -107,7 +109,9 @@ def test_convert_reports_each_bad_slide_in_one_line(corpus, tmp_path: Path) -> N
 
 
 @pytest.mark.timeout(600)
-def test_sources_serve_good_slides_and_refuse_bad_tiles(corpus) -> None:
+def test_sources_serve_good_slides_and_refuse_bad_tiles(
+    corpus: tuple[Path, list[Path], list[Path]],
+) -> None:
     folder, _, _ = corpus
 
     async def main() -> None:
@@ -137,7 +141,7 @@ def test_sources_serve_good_slides_and_refuse_bad_tiles(corpus) -> None:
 
 @pytest.mark.timeout(600)
 def test_the_watch_folder_quarantines_each_bad_slide_and_converts_the_rest(
-    corpus, tmp_path: Path
+    corpus: tuple[Path, list[Path], list[Path]], tmp_path: Path
 ) -> None:
     """As the watcher submits them: every candidate the scanner reports becomes a job; bad ones
     fail once with one readable reason and move to quarantine, good ones are published, and
@@ -159,6 +163,7 @@ def test_the_watch_folder_quarantines_each_bad_slide_and_converts_the_rest(
     drain(queue, str(tmp_path / "store"), settings, until=400)
     ended = [queue.get(j.id) for j in jobs]
     assert all(j.state in (JobState.DONE, JobState.FAILED) for j in ended), ended
+    job: Job | None
     for job in ended:
         if job.state is JobState.FAILED:
             assert job.error and "\n" not in job.error.strip() and "Traceback" not in job.error

@@ -52,7 +52,7 @@ def read_urls(sid: str) -> list[str]:
     ]
 
 
-def test_any_origin_reads_on_loopback(store) -> None:
+def test_any_origin_reads_on_loopback(store: tuple[Path, str]) -> None:
     root, sid = store
 
     async def check(c: TestClient) -> None:
@@ -85,7 +85,7 @@ def test_any_origin_reads_on_loopback(store) -> None:
     run(ServerSettings(store=str(root)), check)
 
 
-def test_with_auth_only_listed_origins(store) -> None:
+def test_with_auth_only_listed_origins(store: tuple[Path, str]) -> None:
     root, sid = store
     settings = ServerSettings(
         store=str(root), host="0.0.0.0", tokens=("t0k",), signing_key=KEY, cors_origins=(VIEWER,)
@@ -123,7 +123,7 @@ def test_with_auth_only_listed_origins(store) -> None:
         ServerSettings(cors_origins=("https://viewer.example.org/path",))
 
 
-def test_audit_log_names_who_read_what(store, tmp_path: Path) -> None:
+def test_audit_log_names_who_read_what(store: tuple[Path, str], tmp_path: Path) -> None:
     root, sid = store
     log = tmp_path / "audit.jsonl"
     settings = ServerSettings(

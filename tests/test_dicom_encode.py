@@ -21,6 +21,7 @@ from pydicom.sequence import Sequence as DicomSequence
 
 from wsi.metadata import SlideMetadata
 from wsi.model import Level
+from wsi.published.layout import Flavor
 from wsi.writers.dicom import (
     EMPTY_BOT,
     PIXEL_DATA_HEADER,
@@ -32,7 +33,7 @@ from wsi.writers.dicom import (
     instance_header,
     transfer_syntax,
 )
-from wsi.writers.dicom_elements import DICTIONARY, encode, file_meta
+from wsi.writers.dicom_elements import DICTIONARY, Item, encode, file_meta
 
 FULL = SlideMetadata(
     patient_name="Müller-Lüdenscheidt^Jürgen=ミュラー^ユルゲン",
@@ -61,7 +62,7 @@ def _jpeg(subsampling: str) -> bytes:
     return bytes(imagecodecs.jpeg8_encode(pixels, level=90, subsampling=subsampling))
 
 
-def _slide(metadata: SlideMetadata, icc: bytes | None) -> DicomSlide:
+def _slide(metadata: SlideMetadata | None, icc: bytes | None) -> DicomSlide:
     return DicomSlide(
         slide_id="0123456789abcdef01234567",
         metadata=SlideMetadata().deidentify() if metadata is None else metadata,
@@ -124,8 +125,13 @@ CASES = [
 
 @pytest.mark.parametrize(("flavor", "index", "sparse", "metadata", "icc", "frames"), CASES)
 def test_instance_headers_are_the_bytes_pydicom_writes(
-    flavor, index, sparse, metadata, icc, frames
-):
+    flavor: Flavor,
+    index: int,
+    sparse: bool,
+    metadata: SlideMetadata | None,
+    icc: bytes | None,
+    frames: str,
+) -> None:
     slide = _slide(metadata, icc)
     level = Level(40000 >> index, 30001 >> index, 256, 256, float(1 << index))
     first = [_jpeg(frames), _jpeg(frames)]
@@ -150,7 +156,7 @@ def test_instance_headers_are_the_bytes_pydicom_writes(
         assert "ColorSpace" not in ds.OpticalPathSequence[0]
 
 
-def test_a_jpeg_2000_instance_names_its_transfer_syntax():
+def test_a_jpeg_2000_instance_names_its_transfer_syntax() -> None:
     pixels = np.random.default_rng(1).integers(0, 255, (256, 256, 3), dtype=np.uint8)
     codestream = bytes(imagecodecs.jpeg2k_encode(pixels, level=0, codecformat="J2K"))
     slide = _slide(FULL, None)
@@ -163,7 +169,7 @@ def test_a_jpeg_2000_instance_names_its_transfer_syntax():
     assert ds.LossyImageCompressionMethod == "ISO_15444_1"
 
 
-def test_every_keyword_has_pydicoms_tag_and_vr():
+def test_every_keyword_has_pydicoms_tag_and_vr() -> None:
     for keyword, (tag, vr) in DICTIONARY.items():
         assert tag_for_keyword(keyword) == tag, keyword
         assert dictionary_VR(tag) == vr, keyword
@@ -202,14 +208,14 @@ EDGES: dict[str, Any] = {
 """One element of each kind our headers use, at the edges of the padding rules."""
 
 
-def test_the_encoder_pads_joins_and_nests_as_pydicom_does():
+def test_the_encoder_pads_joins_and_nests_as_pydicom_does() -> None:
     buffer = io.BytesIO()
     pydicom.dcmwrite(buffer, _dataset(EDGES), implicit_vr=False, little_endian=True)
     assert encode(EDGES) == buffer.getvalue()
 
 
-def test_the_file_meta_information_has_its_group_length():
-    meta = {
+def test_the_file_meta_information_has_its_group_length() -> None:
+    meta: Item = {
         "FileMetaInformationVersion": b"\x00\x01",
         "MediaStorageSOPClassUID": "1.2.840.10008.5.1.4.1.1.77.1.6",
         "MediaStorageSOPInstanceUID": "2.25.1",

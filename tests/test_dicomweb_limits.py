@@ -53,7 +53,7 @@ def test_many_frames_are_streamed_and_equal_the_stored_tiles(store: Path) -> Non
             boundary = r.headers["Content-Type"].split("boundary=")[1].split(";")[0].encode()
             parts = split_parts(await r.read(), boundary)
             assert len(parts) == count
-            slide = await c.server.app[CATALOG].slide(
+            slide = await c.app[CATALOG].slide(
                 (await (await c.get("/slides")).json())["slides"][0]["id"]
             )
             cols = slide.levels[0].cols

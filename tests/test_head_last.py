@@ -201,7 +201,9 @@ def test_a_large_level_is_padded_inserted_and_read_by_dicom_readers(tmp_path: Pa
     with OpenSlide(str(base)) as slide:
         rgba = np.asarray(slide.read_region((0, 0), 0, slide.dimensions))
     group = zarr.open_group(store.path(f"{result.slide_id}/slide.zarr"), mode="r")
-    stored = np.moveaxis(np.asarray(group["0"][:]), 0, -1)
+    array = group["0"]
+    assert isinstance(array, zarr.Array)
+    stored = np.moveaxis(np.asarray(array[:]), 0, -1)
     shown = rgba[..., 3] == 255  # OpenSlide leaves absent (blank-glass) tiles transparent
     assert shown.mean() > 0.2
     assert np.array_equal(rgba[..., :3][shown], stored[shown])

@@ -35,6 +35,7 @@ def hostile_tile_tiff(path: Path) -> Path:
     make_tiff(path, 700, 600, pyramid=False)
     with tifffile.TiffFile(path) as tif:
         page = tif.pages[0]
+        assert isinstance(page, tifffile.TiffPage)
         cols = -(-page.imagewidth // page.tilewidth)
         index = 1 * cols + 1  # tile (col 1, row 1), row-major
         offset, count = page.dataoffsets[index], page.databytecounts[index]

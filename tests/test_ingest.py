@@ -10,6 +10,7 @@ import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any, cast
 
 import psutil
 import pytest
@@ -18,7 +19,7 @@ import wsi
 from server.settings import ServerSettings
 from wsi.ingest.queue import JobState, RetryPolicy, SQLiteJobQueue
 from wsi.ingest.scan import find_candidates
-from wsi.ingest.settings import IngestSettings
+from wsi.ingest.settings import AfterSuccess, IngestSettings
 from wsi.ingest.source_files import submit_slide
 from wsi.ingest.worker import Worker
 from wsi.slide_id import content_slide_id
@@ -35,7 +36,7 @@ def drop(inbox: Path, name: str) -> Path:
     return dest
 
 
-def test_good_slide_converts_and_corrupt_one_is_quarantined(tmp_path):
+def test_good_slide_converts_and_corrupt_one_is_quarantined(tmp_path: Path) -> None:
     inbox, store = tmp_path / "inbox", tmp_path / "store"
     good = drop(inbox, "openslide-python-fixtures/small.svs")
     bad = drop(inbox, "openslide-python-fixtures/unopenable.tiff")
@@ -47,13 +48,14 @@ def test_good_slide_converts_and_corrupt_one_is_quarantined(tmp_path):
     assert queue.get(good_job.id).state is JobState.DONE
     assert wsi.Store(wsi.StoreSettings(str(store))).published_slides() == [good_job.slide_id]
     failed = queue.get(bad_job.id)
-    assert failed.state is JobState.FAILED and "Unsupported TIFF compression" in failed.error
+    assert failed.state is JobState.FAILED
+    assert failed.error is not None and "Unsupported TIFF compression" in failed.error
     reason = (tmp_path / "quarantine" / "unopenable.tiff" / "REASON.txt").read_text()
     assert "Unsupported TIFF compression" in reason
     assert not bad.exists() and good.exists()  # kept by default
 
 
-def test_same_slide_twice_is_one_job(tmp_path):
+def test_same_slide_twice_is_one_job(tmp_path: Path) -> None:
     inbox = tmp_path / "inbox"
     first = drop(inbox, "openslide-python-fixtures/small.svs")
     second = inbox / "copy-of-small.svs"
@@ -64,7 +66,9 @@ def test_same_slide_twice_is_one_job(tmp_path):
     assert a.id == b.id and len(queue.list()) == 1
 
 
-def test_killed_conversion_is_retried_and_publishes_once(tmp_path, medium_jpeg_tiff):
+def test_killed_conversion_is_retried_and_publishes_once(
+    tmp_path: Path, medium_jpeg_tiff: Path
+) -> None:
     store = tmp_path / "store"
     queue = SQLiteJobQueue(tmp_path / "jobs.sqlite", retry=RetryPolicy(backoff_unit=0.05))
     settings = IngestSettings(poll_seconds=0.1, lease_seconds=2)
@@ -100,7 +104,7 @@ def test_killed_conversion_is_retried_and_publishes_once(tmp_path, medium_jpeg_t
 
 
 @pytest.mark.parametrize("policy", ["move", "delete"])
-def test_source_after_success(tmp_path, policy):
+def test_source_after_success(tmp_path: Path, policy: AfterSuccess) -> None:
     inbox = tmp_path / "inbox"
     slide = drop(inbox, "openslide-python-fixtures/small.svs")
     (inbox / "small.svs.json").write_text('{"patient_id": "X"}')
@@ -118,7 +122,7 @@ def test_source_after_success(tmp_path, policy):
         assert (tmp_path / "done" / "small.svs" / "small.svs.json").exists()
 
 
-def test_settings_are_checked():
+def test_settings_are_checked() -> None:
     with pytest.raises(wsi.InvalidArgument):
         IngestSettings(after_success="move", done_dir="")
     with pytest.raises(wsi.InvalidArgument):
@@ -127,10 +131,10 @@ def test_settings_are_checked():
         IngestSettings(workers=-1)
     for limit in ("stop_timeout", "job_timeout", "stall_timeout", "keep_jobs_days"):
         with pytest.raises(wsi.InvalidArgument):
-            IngestSettings(**{limit: -1.0})
+            IngestSettings(**cast(dict[str, Any], {limit: -1.0}))
     for positive in ("poll_seconds", "lease_seconds"):
         with pytest.raises(wsi.InvalidArgument):
-            IngestSettings(**{positive: 0.0})
+            IngestSettings(**cast(dict[str, Any], {positive: 0.0}))
     with pytest.raises(wsi.InvalidArgument):
         IngestSettings(stall_timeout=float("nan"))
 
@@ -145,18 +149,22 @@ def test_settings_are_checked():
         {"WSI_JOB_TIMEOUT": "soon"},
     ],
 )
-def test_bad_ingest_environment_is_refused_at_start(env):
+def test_bad_ingest_environment_is_refused_at_start(env: dict[str, str]) -> None:
     with pytest.raises(wsi.InvalidArgument):
         ServerSettings.from_env(env)
 
 
 @pytest.mark.parametrize("inside", ["store", "jobs_db", "done_dir", "quarantine_dir", "spool_dir"])
-def test_a_watch_folder_holding_the_services_own_folders_is_refused(tmp_path, inside):
+def test_a_watch_folder_holding_the_services_own_folders_is_refused(
+    tmp_path: Path, inside: str
+) -> None:
     """Stored levels are DICOM files and moved slides would come back: each would be ingested
     again and again; probing the job table's files would drop SQLite's locks."""
     inbox = tmp_path / "inbox"
     own = str(inbox / "own")
-    values = {"jobs_db": own + "/jobs.sqlite"} if inside == "jobs_db" else {inside: own}
+    values: dict[str, Any] = (
+        {"jobs_db": own + "/jobs.sqlite"} if inside == "jobs_db" else {inside: own}
+    )
     store = own if inside == "store" else str(tmp_path / "store")
     ingest = IngestSettings(**{k: v for k, v in values.items() if k != "store"})
     with pytest.raises(wsi.InvalidArgument, match="holds the"):
@@ -173,7 +181,7 @@ def test_a_watch_folder_holding_the_services_own_folders_is_refused(tmp_path, in
     assert cli.returncode == 1 and cli.stderr.count("\n") == 1 and "holds the" in cli.stderr
 
 
-def test_serve_refuses_a_bad_s3_source_prefix_in_one_line(tmp_path):
+def test_serve_refuses_a_bad_s3_source_prefix_in_one_line(tmp_path: Path) -> None:
     done = run_wsi("serve", "--store", str(tmp_path), "--s3-source", "bucket/no-scheme")
     assert done.returncode == 1
     assert done.stderr.strip() == (
@@ -181,7 +189,7 @@ def test_serve_refuses_a_bad_s3_source_prefix_in_one_line(tmp_path):
     )
 
 
-def test_roles_run_on_their_own(tmp_path):
+def test_roles_run_on_their_own(tmp_path: Path) -> None:
     """`wsi watch` (jobs only) and `wsi worker` (conversions only) share one job table."""
     import subprocess
     import sys
@@ -246,7 +254,7 @@ def _run_worker(
     asyncio.run(main())
 
 
-def test_progress_is_reported_while_converting(tmp_path, medium_jpeg_tiff):
+def test_progress_is_reported_while_converting(tmp_path: Path, medium_jpeg_tiff: Path) -> None:
     queue = SQLiteJobQueue(tmp_path / "jobs.sqlite")
     # Every tile decoded by OpenSlide and every level encoded on one thread: about 7 s where
     # this was measured, against 1 s for the default conversion (a couple of 0.25 s progress
@@ -289,7 +297,9 @@ def _hanging_source(tmp_path: Path) -> Path:
         ({"stall_timeout": 0.0, "job_timeout": 1.5}, "timed out after 1.5 s"),
     ],
 )
-def test_hung_conversion_is_stopped_then_failed(tmp_path, limits, message):
+def test_hung_conversion_is_stopped_then_failed(
+    tmp_path: Path, limits: dict[str, Any], message: str
+) -> None:
     fifo = _hanging_source(tmp_path)
     queue = SQLiteJobQueue(tmp_path / "jobs.sqlite", retry=RetryPolicy(max_attempts=2))
     settings = IngestSettings(
@@ -309,7 +319,7 @@ def test_hung_conversion_is_stopped_then_failed(tmp_path, limits, message):
     assert message in reason
 
 
-def test_shutdown_gives_a_running_job_back(tmp_path):
+def test_shutdown_gives_a_running_job_back(tmp_path: Path) -> None:
     fifo = _hanging_source(tmp_path)
     queue = SQLiteJobQueue(tmp_path / "jobs.sqlite")
     settings = IngestSettings(poll_seconds=0.1, lease_seconds=30, stop_timeout=0.5)
@@ -333,7 +343,7 @@ def test_shutdown_gives_a_running_job_back(tmp_path):
     assert not psutil.pid_exists(pids[0]) or psutil.Process(pids[0]).status() == "zombie"
 
 
-def test_cancel_stops_the_conversion(tmp_path):
+def test_cancel_stops_the_conversion(tmp_path: Path) -> None:
     fifo = _hanging_source(tmp_path)
     queue = SQLiteJobQueue(tmp_path / "jobs.sqlite")
     settings = IngestSettings(poll_seconds=0.1, lease_seconds=0.6)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
+from typing import Any
 
 from aiohttp.test_utils import TestClient, TestServer
 
@@ -45,13 +46,13 @@ def test_watch_folder_end_to_end(tmp_path: Path) -> None:
                 sample("openslide-python-fixtures/unopenable.tiff").read_bytes()
             )
 
-            async def jobs_seen() -> list:  # type: ignore[type-arg]
+            async def jobs_seen() -> list[Any]:
                 jobs = (await (await c.get("/jobs")).json())["jobs"]
                 return jobs if len(jobs) == 2 else []
 
             await wait_until(jobs_seen)
 
-            async def finished() -> list:  # type: ignore[type-arg]
+            async def finished() -> list[Any]:
                 jobs = (await (await c.get("/jobs")).json())["jobs"]
                 return jobs if all(j["state"] in ("done", "failed") for j in jobs) else []
 

@@ -18,6 +18,7 @@ import subprocess
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
@@ -240,7 +241,7 @@ def test_ingest_loops_are_supervised_and_readyz_lists_those_down(
 
             tasks.start("probe", needs_marker)
 
-            async def reported_down() -> dict | None:  # type: ignore[type-arg]
+            async def reported_down() -> dict[str, Any] | None:
                 r = await c.get("/readyz")
                 return await r.json() if r.status == 503 else None
 

@@ -9,6 +9,7 @@ import concurrent.futures as cf
 import io
 import json
 from pathlib import Path
+from typing import cast
 
 import imagecodecs
 import numpy as np
@@ -61,7 +62,9 @@ def _assemble(tiles: list[np.ndarray], cols: int, width: int, height: int) -> np
 
 
 @pytest.mark.parametrize("fixture", ["j2k_svs", "ycbcr_svs"])
-def test_decoded_tiles_equal_openslide_and_tifffile(fixture, request):
+def test_decoded_tiles_equal_openslide_and_tifffile(
+    fixture: str, request: pytest.FixtureRequest
+) -> None:
     path = request.getfixturevalue(fixture)
     with open_slide(path) as src:
         assert src.name == "tiff"
@@ -75,7 +78,7 @@ def test_decoded_tiles_equal_openslide_and_tifffile(fixture, request):
             assert np.array_equal(ours, tif.pages[0].asarray())
 
 
-def test_codestream_header_and_bad_streams(j2k_svs):
+def test_codestream_header_and_bad_streams(j2k_svs: Path) -> None:
     with open_slide(j2k_svs) as src:
         stream = src.read_encoded_tile(0, 1, 1)
     info = jpeg2000.parse(stream)
@@ -91,7 +94,7 @@ def test_codestream_header_and_bad_streams(j2k_svs):
         jpeg2000.decode(stream[:200] + b"\x00" * 50)
 
 
-def test_half_resolution_decode_is_the_area_mean_within_bounds(j2k_svs):
+def test_half_resolution_decode_is_the_area_mean_within_bounds(j2k_svs: Path) -> None:
     """The reduced decode is the wavelet's low-pass band: not the 2x2 mean, but close to the
     exact area mean of OpenSlide's full decode (and much closer than a neighbour tile)."""
     with open_slide(j2k_svs) as src:
@@ -110,7 +113,7 @@ def _codestreams(path: Path) -> list[bytes]:
         return [src.read_encoded_tile(0, c, r) for r in range(lv.rows) for c in range(lv.cols)]
 
 
-def test_half_resolution_decode_against_pillow(j2k_svs):
+def test_half_resolution_decode_against_pillow(j2k_svs: Path) -> None:
     """Our reduced decode against Pillow's (another binding and build of OpenJPEG): the 9/7
     wavelet is floating point, so builds may differ by one in a few pixels (measured: 3 in
     10 million on the generated slide), never more."""
@@ -123,7 +126,7 @@ def test_half_resolution_decode_against_pillow(j2k_svs):
         assert diff.max() <= 1 and (diff > 0).mean() < 1e-3
 
 
-def test_decode_into_views_and_threads(j2k_svs):
+def test_decode_into_views_and_threads(j2k_svs: Path) -> None:
     """Decoding straight into a strided view (a tile's place in a strip, a quadrant) gives the
     same pixels as a whole decode, and threads decoding at once do not mix their streams."""
     streams = _codestreams(j2k_svs)
@@ -147,7 +150,7 @@ def test_decode_into_views_and_threads(j2k_svs):
         jpeg2000.decode(bytes(huge))
 
 
-def test_corrupt_codestreams_fail_with_openjpeg_reason(j2k_svs):
+def test_corrupt_codestreams_fail_with_openjpeg_reason(j2k_svs: Path) -> None:
     stream = max(_codestreams(j2k_svs), key=len)
     for reduce in (0, 1):
         out = np.zeros(jpeg2000.decoded_shape(256, 256, reduce), np.uint8)
@@ -167,10 +170,12 @@ def _convert(path: Path, root: Path, **pyramid: object) -> tuple[Path, str]:
 
 def _level(slide: Path, k: int) -> np.ndarray:
     group = zarr.open_group(str(slide / "slide.zarr"), mode="r")
-    return np.moveaxis(group[str(k)][:], 0, -1)
+    array = group[str(k)]
+    assert isinstance(array, zarr.Array)
+    return np.moveaxis(cast(np.ndarray, array[:]), 0, -1)
 
 
-def test_jpeg_output_within_psnr_bounds(j2k_svs, tmp_path):
+def test_jpeg_output_within_psnr_bounds(j2k_svs: Path, tmp_path: Path) -> None:
     slide, _ = _convert(j2k_svs, tmp_path)
     level0 = openslide_level0(j2k_svs)
     meta = (slide / "slide.zarr" / "0" / "zarr.json").read_text()
@@ -186,7 +191,9 @@ def kept(j2k_svs: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path,
     return _convert(j2k_svs, tmp_path_factory.mktemp("kept"), keep_jpeg2000=True)
 
 
-def test_keep_jpeg2000_stores_the_codestreams_as_they_are(j2k_svs, kept):
+def test_keep_jpeg2000_stores_the_codestreams_as_they_are(
+    j2k_svs: Path, kept: tuple[Path, str]
+) -> None:
     slide, _ = kept
     meta = (slide / "slide.zarr" / "0" / "zarr.json").read_text()
     assert "wsistore.jpeg2000" in meta
@@ -207,7 +214,9 @@ def test_keep_jpeg2000_stores_the_codestreams_as_they_are(j2k_svs, kept):
     assert psnr(_level(slide, 2), area_reference(level0, 2)) >= 28.0
 
 
-def test_keep_jpeg2000_copies_every_exact_source_level(j2k_svs, kept):
+def test_keep_jpeg2000_copies_every_exact_source_level(
+    j2k_svs: Path, kept: tuple[Path, str]
+) -> None:
     """The source's 1/4 level (Aperio's step) is our level 2: kept as its codestreams too, and
     the level below it is its 1/2 resolution decode. Nothing of it is decoded to be stored."""
     import openslide
@@ -239,7 +248,7 @@ def test_keep_jpeg2000_copies_every_exact_source_level(j2k_svs, kept):
     assert np.array_equal(_level(slide, 3), expected)
 
 
-def test_fill_of_a_jpeg2000_slide_from_half_resolution(tmp_path):
+def test_fill_of_a_jpeg2000_slide_from_half_resolution(tmp_path: Path) -> None:
     """The blank-glass grey is chosen from the smallest level decoded at 1/2 resolution: the
     same glass as from the full decode, at a fraction of the cost."""
     for ycbcr in (False, True):
@@ -252,8 +261,8 @@ def test_fill_of_a_jpeg2000_slide_from_half_resolution(tmp_path):
 
 
 def test_the_fill_samples_half_tiles_make_the_level_below_without_a_second_decode(
-    tmp_path, monkeypatch
-):
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """With blank glass judged, the fill's sample is the smallest level's tiles at 1/2
     resolution; where that level is kept as its codestreams (here the source's 1/16 level,
     384 x 64: two tiles, the second an edge tile), those same decodes make the level below:
@@ -290,7 +299,7 @@ def test_the_fill_samples_half_tiles_make_the_level_below_without_a_second_decod
     assert np.array_equal(_level(slide, 5), expected)
 
 
-def test_keep_jpeg2000_dicom_view(j2k_svs, kept):
+def test_keep_jpeg2000_dicom_view(j2k_svs: Path, kept: tuple[Path, str]) -> None:
     slide, _ = kept
     base = slide / "slide.zarr" / "0" / "c" / "0" / "0" / "0"
     ds = pydicom.dcmread(base, stop_before_pixels=True)
@@ -306,7 +315,7 @@ def test_keep_jpeg2000_dicom_view(j2k_svs, kept):
     assert diff.max() <= 1 and (diff > 0).mean() < 0.01
 
 
-def test_keep_jpeg2000_served_as_jpeg(j2k_svs, kept):
+def test_keep_jpeg2000_served_as_jpeg(j2k_svs: Path, kept: tuple[Path, str]) -> None:
     slide, sid = kept
     level0 = openslide_level0(j2k_svs)
 
@@ -348,7 +357,7 @@ def _parts(content_type: str, content: bytes) -> list[tuple[str, bytes]]:
     return out
 
 
-def test_keep_jpeg2000_dicomweb_negotiation(j2k_svs, kept):
+def test_keep_jpeg2000_dicomweb_negotiation(j2k_svs: Path, kept: tuple[Path, str]) -> None:
     slide, _ = kept
     base = slide / "slide.zarr" / "0" / "c" / "0" / "0" / "0"
     ds = pydicom.dcmread(base, stop_before_pixels=True)

@@ -40,6 +40,7 @@ def ndpi_streams(path: Path) -> list[bytes]:
     out = []
     with tifffile.TiffFile(path) as tif:
         for page in tif.pages:
+            assert isinstance(page, tifffile.TiffPage)
             offset = page.tags["StripOffsets"].value[0]
             count = page.tags["StripByteCounts"].value[0]
             tif.filehandle.seek(offset)

@@ -16,7 +16,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import psycopg
 import pytest
@@ -273,8 +273,11 @@ def test_two_services_one_folder_one_watches_then_the_other_takes_over(
         procs = {one.pid: (one, 0), two.pid: (two, 1)}
         for port, proc in zip(ports, (one, two), strict=True):
             wait_until(
-                lambda p=port, pr=proc: (
-                    http_status(f"http://127.0.0.1:{p}/healthz") == 200 or pr.poll() is not None
+                cast(
+                    Callable[[], bool],
+                    lambda p=port, pr=proc: (
+                        http_status(f"http://127.0.0.1:{p}/healthz") == 200 or pr.poll() is not None
+                    ),
                 ),
                 "a service to start",
                 60,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
+from typing import Any, cast
 
 import numpy as np
 import openslide
@@ -58,8 +59,10 @@ def copy_slide(src: Path, dest_dir: Path, name: str | None = None) -> Path:
     return dest
 
 
-def level_pixels(root, k: int) -> np.ndarray:
-    return np.moveaxis(root[str(k)][:], 0, -1)
+def level_pixels(root: zarr.Group, k: int) -> np.ndarray:
+    array = root[str(k)]
+    assert isinstance(array, zarr.Array)
+    return np.moveaxis(cast(np.ndarray, array[:]), 0, -1)
 
 
 # ------------------------------------------------------------------------------------------
@@ -147,7 +150,7 @@ def test_lossless_conversion_equals_openslide(mirax_slide: Path, tmp_path: Path)
         assert np.abs(ours.astype(float) - ref).max() <= 0.5 * (k + 1), f"level {k}"
         k += 1
     assert k >= 3
-    attrs = root.attrs.asdict()
+    attrs: dict[str, Any] = root.attrs.asdict()
     assert attrs["wsistore"]["vendor"] == "mirax"
     assert attrs["wsistore"]["levels"][0]["codec"] == "zstd"
     scale = attrs["ome"]["multiscales"][0]["datasets"][0]["coordinateTransformations"][0]
@@ -283,7 +286,8 @@ def test_ingest_converts_and_moves_mrxs_with_its_folder(mirax_slide: Path, tmp_p
     assert content_slide_id(moved) == sid  # still whole, still the same slide
 
     failed = queue.get(bad_job.id)
-    assert failed.state is JobState.FAILED and "slide identifier" in failed.error
+    assert failed.state is JobState.FAILED
+    assert failed.error is not None and "slide identifier" in failed.error
     quarantined = tmp_path / "quarantine" / broken.name
     assert (quarantined / broken.name).is_file()
     assert (quarantined / "broken" / "Index.dat").is_file()

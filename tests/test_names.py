@@ -175,7 +175,7 @@ def test_a_converting_slide_is_named_by_its_file(tmp_path: Path) -> None:
             assert slide["status"] == "converting"
             found = (await listing(c, "?q=SCAN-7"))["slides"]
             assert len(found) == (0 if deidentify else 1)
-            return slide  # type: ignore[no-any-return]
+            return slide
 
     plain = asyncio.run(main(False))
     assert (plain["name"], plain["case"]) == ("scan-77", None)

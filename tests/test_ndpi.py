@@ -14,6 +14,7 @@ import json
 import shutil
 import struct
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import openslide
@@ -87,7 +88,16 @@ def openslide_level(path: Path, level: int) -> np.ndarray:
 
 
 def published_level(url: str, level: int) -> np.ndarray:
-    return np.moveaxis(zarr.open_group(url, mode="r")[str(level)][:], 0, -1)
+    array = zarr.open_group(url, mode="r")[str(level)]
+    assert isinstance(array, zarr.Array)
+    return np.moveaxis(cast(np.ndarray, array[:]), 0, -1)
+
+
+def tiff_page(tif: tifffile.TiffFile, index: int = 0) -> tifffile.TiffPage:
+    """Page `index` read in full (tifffile types a page as a page or a lighter frame)."""
+    page = tif.pages[index]
+    assert isinstance(page, tifffile.TiffPage)
+    return page
 
 
 def copy_of(path: Path, folder: Path) -> Path:
@@ -109,8 +119,9 @@ def test_generated_slide_is_an_ndpi_to_openslide_and_tifffile(ndpi_wide: Path) -
         assert slide.properties["openslide.objective-power"] == "40"
         assert list(slide.associated_images) == ["macro"]
     with tifffile.TiffFile(ndpi_wide) as tif:
-        assert tif.is_ndpi and tif.pages[0].is_ndpi
-        assert (tif.pages[0].tilewidth, tif.pages[0].tilelength) == (1504, 8)
+        assert tif.is_ndpi and tiff_page(tif).is_ndpi
+        page = tiff_page(tif)
+        assert (page.tilewidth, page.tilelength) == (1504, 8)
 
 
 def test_backend_is_chosen_for_ndpi_and_cuts_every_stored_level(ndpi_wide: Path) -> None:
@@ -211,6 +222,7 @@ def test_a_scanners_levels_4x_apart_are_copied_and_the_single_jpeg_is_decoded(
         assert [src.tile_codec(i) for i in range(5)] == [
             TileCodec.JPEG, TileCodec.OTHER, TileCodec.JPEG, TileCodec.OTHER, TileCodec.OTHER
         ]  # fmt: skip
+        assert isinstance(src, NdpiSource)
         assert src.decoded[4] == "no restart marker offsets (one JPEG stream)"
         assert src.decoded[1] == src.decoded[3] == "not stored"
     store = Store(StoreSettings(str(tmp_path / "store")))
@@ -284,7 +296,7 @@ def test_crop_refuses_corrupt_data() -> None:
 
 def _mcu_starts(path: Path, page: int = 0) -> tuple[int, np.ndarray]:
     with tifffile.TiffFile(path) as tif:
-        tag = tif.pages[page].tags[65426]
+        tag = tiff_page(tif, page).tags[65426]
         return tag.valueoffset, np.asarray(tag.value, np.int64)
 
 
@@ -318,7 +330,7 @@ def test_a_wrong_count_of_restart_offsets_falls_back_to_openslide(
     for a decoded base)."""
     bad = copy_of(ndpi_wide, tmp_path)
     with tifffile.TiffFile(bad) as tif:
-        tag = tif.pages[0].tags[65426]
+        tag = tiff_page(tif).tags[65426]
         count_at, count = tag.offset + 4, tag.count
     with bad.open("r+b") as f:
         f.seek(count_at)
@@ -326,6 +338,7 @@ def test_a_wrong_count_of_restart_offsets_falls_back_to_openslide(
     with NdpiSource(bad) as src:
         assert src.tile_codec(0) is TileCodec.OTHER
         reason = "the number of restart marker offsets does not match the image size"
+        assert isinstance(src, NdpiSource)
         assert src.decoded[0] == reason
         assert src.decoded[1] == "level 0 cannot be cut, so no level is"
         region = src.read_region(0, 100, 200, 700, 500)
@@ -338,6 +351,7 @@ def test_restart_offsets_out_of_order_give_a_clear_error(ndpi_wide: Path, tmp_pa
     offset, starts = _mcu_starts(bad)
     _write_mcu_starts(bad, offset, starts[::-1].copy())
     with NdpiSource(bad) as src:
+        assert isinstance(src, NdpiSource)
         assert src.decoded[0] == "restart marker offsets are inconsistent"
         with pytest.raises(CorruptSlide):
             src.read_tile(0, 1, 1)
@@ -346,7 +360,7 @@ def test_restart_offsets_out_of_order_give_a_clear_error(ndpi_wide: Path, tmp_pa
 def test_level_data_past_the_end_of_the_file_is_refused(ndpi_wide: Path, tmp_path: Path) -> None:
     bad = copy_of(ndpi_wide, tmp_path)
     with tifffile.TiffFile(bad) as tif:
-        tag = tif.pages[0].tags[279]  # StripByteCounts of level 0: inside the entry
+        tag = tiff_page(tif).tags[279]  # StripByteCounts of level 0: inside the entry
         entry = tag.offset + 8
     with bad.open("r+b") as f:
         f.seek(entry)

@@ -19,8 +19,9 @@ import subprocess
 import sys
 import textwrap
 import tracemalloc
+from multiprocessing.context import ForkContext, SpawnContext
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import pytest
@@ -72,7 +73,9 @@ def location(store: tuple[Path, str]) -> str:
 def zarr_level(root: Path, slide_id: str, level: int) -> np.ndarray:
     """A whole level as zarr-python reads it, channels last."""
     group = zarr.open_group(str(root / slide_id / "slide.zarr"), mode="r")
-    return np.asarray(group[str(level)][:]).transpose(1, 2, 0)
+    array = group[str(level)]
+    assert isinstance(array, zarr.Array), level
+    return np.asarray(array[:]).transpose(1, 2, 0)
 
 
 def crop_padded(image: np.ndarray, x: int, y: int, width: int, height: int) -> np.ndarray:
@@ -204,6 +207,7 @@ def test_arguments(location: str) -> None:
         assert slide.patches(0, [], (30, 20)).shape == (0, 20, 30, 3)
         floats = slide.patches(1, np.array([[10.0, 20.0]]), 32)
         assert np.array_equal(floats, slide.patches(1, [(10, 20)], 32))
+        size: Any  # some deliberately of a type `patches` does not take
         for coords, size in [
             ([(1, 2, 3)], 64),
             ([(1.5, 2)], 64),
@@ -400,6 +404,7 @@ def test_dataset_in_worker_processes(location: str, method: str) -> None:
         expected = dataset.__getitems__(list(range(12)))  # opens the reader in this process
         assert dataset._slide is not None
         context = multiprocessing.get_context(method)
+        assert isinstance(context, (ForkContext, SpawnContext))  # the ones with a Process
         results = context.Queue()
         jobs = [[0, 1, 2, 3, 4, 5], [11, 6]]
         workers = [
@@ -427,7 +432,7 @@ def test_dataset_in_worker_processes(location: str, method: str) -> None:
 
 def test_dataset_with_torch_dataloader(location: str) -> None:
     torch = pytest.importorskip("torch", reason="torch is optional: the stand-ins above run")
-    from torch.utils.data import DataLoader
+    from torch.utils.data import DataLoader, Dataset
 
     corners = random_corners(np.random.default_rng(9), WIDTH, HEIGHT, 20)
     with open_published(location) as slide:
@@ -436,7 +441,10 @@ def test_dataset_with_torch_dataloader(location: str) -> None:
     dataset = PatchDataset(location, 0, corners, 32, transform=to_chw_float, labels=labels)
     try:
         dataset[0]  # the parent opens a reader before the workers fork
-        loader = DataLoader(dataset, batch_size=6, num_workers=2, shuffle=False)
+        # DataLoader takes any object with __getitem__ and __len__; torch types it as a Dataset
+        loader: DataLoader[Any] = DataLoader(
+            cast(Dataset[Any], dataset), batch_size=6, num_workers=2, shuffle=False
+        )
         images, targets = [], []
         for batch, label in loader:
             assert isinstance(batch, torch.Tensor) and batch.dtype == torch.float32

@@ -295,10 +295,10 @@ def test_layout_round_trips_the_stored_documents(store: dict[str, Any]) -> None:
         assert layout.dump_json(layout.root_metadata(attributes)) == root
         again = SlideAttributes.from_json(json.loads(json.dumps(attributes.to_json())))
         assert again == attributes
-        for entry in attributes.levels:
-            meta = json.loads(st.get(keys.array_metadata(entry.path)))
-            assert layout.codec_of_array(meta, entry.path) == entry.codec
-            assert meta["attributes"]["downsample"] == entry.downsample
+        for level in attributes.levels:
+            meta = json.loads(st.get(keys.array_metadata(level.path)))
+            assert layout.codec_of_array(meta, level.path) == level.codec
+            assert meta["attributes"]["downsample"] == level.downsample
         assert [i.key for i in manifest.dicom] == [
             keys.in_slide(keys.shard(p))
             for p in [lv.path for lv in attributes.levels]

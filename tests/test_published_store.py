@@ -285,7 +285,9 @@ def test_reading_from_s3_equals_the_local_store(
             storage_options={"endpoint_url": seaweedfs.endpoint_url},
             read_only=True,
         )
-        level2 = np.asarray(zarr.open_group(zstore, mode="r")["2"][:]).transpose(1, 2, 0)
+        array = zarr.open_group(zstore, mode="r")["2"]
+        assert isinstance(array, zarr.Array)
+        level2 = np.asarray(array[:]).transpose(1, 2, 0)
         assert np.array_equal(remote.region(2, 0, 0, level2.shape[1], level2.shape[0]), level2)
 
     async def concurrently() -> None:

@@ -52,7 +52,7 @@ async def parts(response: ClientResponse) -> list[bytes]:
     return [chunk[2:].partition(b"\r\n\r\n")[2] for chunk in chunks[1:-1]]
 
 
-def test_cached_headers_and_instances_follow_a_republication(tmp_path):
+def test_cached_headers_and_instances_follow_a_republication(tmp_path: Path) -> None:
     src = sample("CMU-1-Small-Region.svs")
     store = wsi.Store(wsi.StoreSettings(str(tmp_path)))
     sid = wsi.convert_slide(src, store, AS_STORED).slide_id
@@ -108,7 +108,7 @@ def test_cached_headers_and_instances_follow_a_republication(tmp_path):
     asyncio.run(_with_client(settings, check))
 
 
-def test_remembered_frame_modes_and_both_multipart_paths(tmp_path):
+def test_remembered_frame_modes_and_both_multipart_paths(tmp_path: Path) -> None:
     store = wsi.Store(wsi.StoreSettings(str(tmp_path)))
     sid = wsi.convert_slide(sample("CMU-1-Small-Region.svs"), store, AS_STORED).slide_id
     frames, slide, inst = level0_frames(tmp_path, sid)

@@ -50,7 +50,7 @@ def store_dir(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
     return root, result.slide_id
 
 
-def test_slides_tiles_and_caching(store_dir):
+def test_slides_tiles_and_caching(store_dir: tuple[Path, str]) -> None:
     root, sid = store_dir
 
     async def check(c: TestClient) -> None:
@@ -82,7 +82,7 @@ def test_slides_tiles_and_caching(store_dir):
     run(ServerSettings(store=str(root)), check)
 
 
-def test_deepzoom(store_dir):
+def test_deepzoom(store_dir: tuple[Path, str]) -> None:
     root, sid = store_dir
 
     async def check(c: TestClient) -> None:
@@ -116,7 +116,7 @@ BAD = [
 ]
 
 
-def test_errors_are_json_4xx(store_dir):
+def test_errors_are_json_4xx(store_dir: tuple[Path, str]) -> None:
     root, sid = store_dir
 
     async def check(c: TestClient) -> None:
@@ -130,7 +130,7 @@ def test_errors_are_json_4xx(store_dir):
     run(ServerSettings(store=str(root)), check)
 
 
-def test_label_when_allowed(store_dir):
+def test_label_when_allowed(store_dir: tuple[Path, str]) -> None:
     root, sid = store_dir
 
     async def check(c: TestClient) -> None:
@@ -142,7 +142,7 @@ def test_label_when_allowed(store_dir):
     run(ServerSettings(store=str(root), allow_label=True), check)
 
 
-def test_health_metrics_openapi(store_dir):
+def test_health_metrics_openapi(store_dir: tuple[Path, str]) -> None:
     root, sid = store_dir
 
     async def check(c: TestClient) -> None:
@@ -164,7 +164,7 @@ def test_health_metrics_openapi(store_dir):
     run(ServerSettings(store=str(root)), check)
 
 
-def test_auth_off_loopback(store_dir):
+def test_auth_off_loopback(store_dir: tuple[Path, str]) -> None:
     root, sid = store_dir
     settings = ServerSettings(store=str(root), host="0.0.0.0", tokens=("t0ken",), signing_key="k3y")
 
@@ -187,7 +187,7 @@ def test_auth_off_loopback(store_dir):
         ServerSettings(store=str(root), host="0.0.0.0")
 
 
-def test_settings_from_environment():
+def test_settings_from_environment() -> None:
     s = ServerSettings.from_env(
         {
             "WSI_STORE": "s3://b/p",
@@ -202,7 +202,7 @@ def test_settings_from_environment():
         ServerSettings.from_env({"WSI_PORT": "eighty"})
 
 
-def test_unconverted_source_served_then_store_takes_over(tmp_path):
+def test_unconverted_source_served_then_store_takes_over(tmp_path: Path) -> None:
     inbox = tmp_path / "inbox"
     inbox.mkdir()
     shutil.copy(sample("openslide-python-fixtures/boxes.tiff"), inbox / "boxes.tiff")
@@ -229,7 +229,7 @@ def test_unconverted_source_served_then_store_takes_over(tmp_path):
 
 
 @pytest.mark.s3
-def test_slides_from_seaweedfs(seaweedfs: SeaweedFS, store_dir):
+def test_slides_from_seaweedfs(seaweedfs: SeaweedFS, store_dir: tuple[Path, str]) -> None:
     root, sid = store_dir
     store = wsi.Store(
         wsi.StoreSettings(seaweedfs.url("served"), endpoint_url=seaweedfs.endpoint_url)

@@ -132,7 +132,9 @@ def assert_json_error(r: requests.Response, status: int) -> None:
     assert r.json()["status"] == status
 
 
-def test_wsidicom_web_client_reads_openslide_pixels(base, store, http):
+def test_wsidicom_web_client_reads_openslide_pixels(
+    base: str, store: dict[str, Any], http: requests.Session
+) -> None:
     study, series, _ = uids(store, "plain")
     client = WsiDicomWebClient.create_client(f"{base}/dicomweb", auth=http)
     with (
@@ -154,7 +156,9 @@ def test_wsidicom_web_client_reads_openslide_pixels(base, store, http):
         assert np.array_equal(level2, stored)
 
 
-def test_qido_studies(client, http, base, store):
+def test_qido_studies(
+    client: DICOMwebClient, http: requests.Session, base: str, store: dict[str, Any]
+) -> None:
     plain_study, _, _ = uids(store, "plain")
     named_study, _, _ = uids(store, "named")
     studies = client.search_for_studies()
@@ -205,7 +209,9 @@ def test_qido_studies(client, http, base, store):
     assert r.status_code == 200 and r.headers["Content-Type"].startswith("application/dicom+json")
 
 
-def test_qido_series_and_instances(client, base, http, store):
+def test_qido_series_and_instances(
+    client: DICOMwebClient, base: str, http: requests.Session, store: dict[str, Any]
+) -> None:
     study, series, instances = uids(store, "plain")
     named_study, named_series, _ = uids(store, "named")
     found = client.search_for_series(study)
@@ -253,7 +259,7 @@ def test_qido_series_and_instances(client, base, http, store):
     assert len(r.json()) == 3 and "Warning" not in r.headers
 
 
-def test_metadata_is_the_stored_header(client, store):
+def test_metadata_is_the_stored_header(client: DICOMwebClient, store: dict[str, Any]) -> None:
     study, series, instances = uids(store, "plain")
     docs = client.retrieve_series_metadata(study, series)
     assert len(docs) == 6
@@ -279,7 +285,9 @@ def test_metadata_is_the_stored_header(client, store):
     )
 
 
-def test_frames_are_the_stored_tiles(client, base, http, store):
+def test_frames_are_the_stored_tiles(
+    client: DICOMwebClient, base: str, http: requests.Session, store: dict[str, Any]
+) -> None:
     study, series, instances = uids(store, "plain")
     sid = store["plain"]
     url = f"{base}/dicomweb/studies/{study}/series/{series}/instances/{instances[0]}/frames"
@@ -345,7 +353,9 @@ def test_frames_are_the_stored_tiles(client, base, http, store):
     assert_json_error(j2k, 406)
 
 
-def test_retrieve_instance_is_the_stored_object(client, base, http, store):
+def test_retrieve_instance_is_the_stored_object(
+    client: DICOMwebClient, base: str, http: requests.Session, store: dict[str, Any]
+) -> None:
     study, series, instances = uids(store, "plain")
     ds = client.retrieve_instance(study, series, instances[4])
     assert ds.file_meta.TransferSyntaxUID == JPEG_BASELINE
@@ -373,7 +383,7 @@ def test_retrieve_instance_is_the_stored_object(client, base, http, store):
     assert_json_error(explicit, 406)
 
 
-def test_rendered_and_thumbnails(base, http, store):
+def test_rendered_and_thumbnails(base: str, http: requests.Session, store: dict[str, Any]) -> None:
     study, series, instances = uids(store, "plain")
     series_url = f"{base}/dicomweb/studies/{study}/series/{series}"
 
@@ -407,7 +417,7 @@ def test_rendered_and_thumbnails(base, http, store):
         assert_json_error(http.get(f"{url}/frames/{frames}", headers={"Accept": native}), 400)
 
 
-def test_labels_only_when_allowed(store, http):
+def test_labels_only_when_allowed(store: dict[str, Any], http: requests.Session) -> None:
     study, series, instances = uids(store, "plain")
     label = instances["LABEL"]
     with serving(ServerSettings(store=str(store["root"]))) as closed:
@@ -424,7 +434,7 @@ def test_labels_only_when_allowed(store, http):
         assert Image.open(io.BytesIO(data)).size == (387, 463)
 
 
-def test_errors_are_json_4xx(base, http, store):
+def test_errors_are_json_4xx(base: str, http: requests.Session, store: dict[str, Any]) -> None:
     study, series, instances = uids(store, "plain")
     sop = instances[0]
     d = f"{base}/dicomweb"
@@ -461,13 +471,15 @@ def test_errors_are_json_4xx(base, http, store):
     assert http.get(f"{d}/studies", params={"exp": "1", "sig": "x"}).status_code == 200
 
 
-def test_openapi_lists_dicomweb(base, http):
+def test_openapi_lists_dicomweb(base: str, http: requests.Session) -> None:
     paths = http.get(f"{base}/openapi.json").json()["paths"]
     assert "/dicomweb/studies" in paths
     assert "/dicomweb/studies/{study}/series/{series}/instances/{instance}/frames/{frames}" in paths
 
 
-def test_headers_larger_than_the_first_read(store, http, monkeypatch):
+def test_headers_larger_than_the_first_read(
+    store: dict[str, Any], http: requests.Session, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A header longer than the first range read is read again, twice as long, until Pixel
     Data starts; a cut header is never served."""
     from server.api.dicomweb import routes as routes_dicomweb
@@ -480,7 +492,9 @@ def test_headers_larger_than_the_first_read(store, http, monkeypatch):
     )
     whole = (store["root"] / key).read_bytes()
     assert routes_dicomweb.parse_header(whole[:1000]) is None
-    assert routes_dicomweb.parse_header(whole[:65536]).SOPInstanceUID == instances[0]
+    header = routes_dicomweb.parse_header(whole[:65536])
+    assert header is not None
+    assert header.SOPInstanceUID == instances[0]
     monkeypatch.setattr(routes_dicomweb, "HEADER_READ", 200)
     with serving(ServerSettings(store=str(store["root"]))) as fresh:
         url = f"{fresh}/dicomweb/studies/{study}/series/{series}/instances/{instances[0]}"

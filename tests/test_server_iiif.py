@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import io
 import math
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -65,7 +65,7 @@ async def get_image(c: TestClient, url: str) -> np.ndarray:
     return decode(await r.read())
 
 
-def test_info_json(store_dir):
+def test_info_json(store_dir: tuple[Path, str]) -> None:
     root, sid = store_dir
 
     async def check(c: TestClient) -> None:
@@ -114,7 +114,9 @@ def test_info_json(store_dir):
     run(ServerSettings(store=str(root)), check)
 
 
-def declared_tiles(width: int, height: int, tile: int, factors: list[int]):
+def declared_tiles(
+    width: int, height: int, tile: int, factors: list[int]
+) -> Iterator[tuple[int, int, int, int, int, int, int]]:
     """Every tile request a IIIF client derives from info.json (the spec's algorithm)."""
     for s in factors:
         step = tile * s
@@ -124,7 +126,7 @@ def declared_tiles(width: int, height: int, tile: int, factors: list[int]):
                 yield s, x, y, rw, rh, -(-rw // s), -(-rh // s)
 
 
-def test_declared_tiles_are_stored_bytes(store_dir):
+def test_declared_tiles_are_stored_bytes(store_dir: tuple[Path, str]) -> None:
     root, sid = store_dir
 
     async def check(c: TestClient) -> None:
@@ -132,7 +134,9 @@ def test_declared_tiles_are_stored_bytes(store_dir):
         for level, col, row in [(0, 1, 2), (0, 0, 0), (1, 2, 3), (2, 1, 1)]:
             s = 2**level
             region = f"{col * TILE * s},{row * TILE * s},{TILE * s},{TILE * s}"
-            stored = await (await c.get(f"/slides/{sid}/tiles/{level}/{col}/{row}")).read()
+            stored: bytes | np.ndarray = await (
+                await c.get(f"/slides/{sid}/tiles/{level}/{col}/{row}")
+            ).read()
             for size in (f"{TILE},", f"{TILE},{TILE}", f",{TILE}"):
                 r = await c.get(f"/iiif/3/{sid}/{region}/{size}/0/default.jpg")
                 assert r.status == 200 and r.content_type == "image/jpeg"
@@ -165,7 +169,7 @@ def test_declared_tiles_are_stored_bytes(store_dir):
     run(ServerSettings(store=str(root)), check)
 
 
-def test_regions_match_openslide(store_dir):
+def test_regions_match_openslide(store_dir: tuple[Path, str]) -> None:
     root, sid = store_dir
 
     async def check(c: TestClient) -> None:
@@ -238,12 +242,12 @@ async def check_scaled(c: TestClient, sid: str, x: int, y: int) -> None:
     assert np.abs(jpg.astype(np.float64) - encoded).mean() < 0.5  # only the JPEG encoding
 
 
-def test_scaled_region_registration(store_dir):
+def test_scaled_region_registration(store_dir: tuple[Path, str]) -> None:
     root, sid = store_dir
     run(ServerSettings(store=str(root)), lambda c: check_scaled(c, sid, 200, 400))
 
 
-def test_rotation_quality_format(store_dir):
+def test_rotation_quality_format(store_dir: tuple[Path, str]) -> None:
     root, sid = store_dir
 
     async def check(c: TestClient) -> None:
@@ -333,7 +337,7 @@ BAD = [
 ]
 
 
-def test_errors_are_json_4xx(store_dir):
+def test_errors_are_json_4xx(store_dir: tuple[Path, str]) -> None:
     root, sid = store_dir
 
     async def check(c: TestClient) -> None:
@@ -358,7 +362,7 @@ def test_errors_are_json_4xx(store_dir):
     run(ServerSettings(store=str(root)), check)
 
 
-def test_pixel_budget(store_dir):
+def test_pixel_budget(store_dir: tuple[Path, str]) -> None:
     root, sid = store_dir
     budget = 50_000
 

@@ -6,6 +6,8 @@ contract, run on each backend by `test_contract_sources.py`."""
 from __future__ import annotations
 
 import io
+from collections.abc import Callable
+from pathlib import Path
 
 import imagecodecs
 import numpy as np
@@ -42,7 +44,9 @@ BROKEN = [
 
 
 @pytest.mark.parametrize(("name", "backend", "codec"), READABLE)
-def test_probe_picks_backend_and_levels_match_openslide(name, backend, codec, slide_path):
+def test_probe_picks_backend_and_levels_match_openslide(
+    name: str, backend: str, codec: TileCodec, slide_path: Callable[[str], Path]
+) -> None:
     path = slide_path(name)
     with open_slide(path) as src:
         assert src.name == backend
@@ -56,7 +60,7 @@ def test_probe_picks_backend_and_levels_match_openslide(name, backend, codec, sl
                 assert set(src.associated_names) <= set(ref.associated_images)
 
 
-def test_svs_encoded_tile_is_the_stored_tile_completed():
+def test_svs_encoded_tile_is_the_stored_tile_completed() -> None:
     path = sample("CMU-1-Small-Region.svs")
     with tifffile.TiffFile(path) as tif, open_slide(path) as src:
         page = tif.pages[0]
@@ -67,6 +71,7 @@ def test_svs_encoded_tile_is_the_stored_tile_completed():
         # Scan data copied byte for byte; tables merged in; Adobe marker says "RGB".
         assert data.endswith(raw[2:])
         assert data.startswith(b"\xff\xd8" + APP14_RGB)
+        assert page.jpegtables is not None
         assert page.jpegtables[2:-2] in data
     # An independent decoder (imagecodecs) gives OpenSlide's pixels for that tile.
     pixels = imagecodecs.jpeg8_decode(data)
@@ -74,15 +79,16 @@ def test_svs_encoded_tile_is_the_stored_tile_completed():
     assert np.array_equal(pixels, ref)
 
 
-def test_rgb_marker_only_when_needed():
+def test_rgb_marker_only_when_needed() -> None:
     ycbcr = imagecodecs.jpeg8_encode(np.zeros((16, 16, 3), np.uint8))
+    assert isinstance(ycbcr, bytes)
     assert not needs_rgb_marker(ycbcr)  # JFIF stream: already self-describing
     assert complete_tile(ycbcr, None, rgb=True) == ycbcr
     with pytest.raises(CorruptSlide):
         complete_tile(b"not a jpeg", None, rgb=False)
 
 
-def test_backend_override_and_unknown_backend():
+def test_backend_override_and_unknown_backend() -> None:
     path = sample("CMU-1-Small-Region.svs")
     with open_slide(path, backend="openslide") as src:
         assert src.name == "openslide" and src.tile_codec(0) is TileCodec.OTHER
@@ -90,7 +96,7 @@ def test_backend_override_and_unknown_backend():
         open_slide(path, backend="nope")
 
 
-def test_dicom_properties_come_from_the_header():
+def test_dicom_properties_come_from_the_header() -> None:
     with open_slide(sample("highdicom/sm_image.dcm")) as src:
         props = src.properties
         assert props.mpp_x == pytest.approx(0.499)
@@ -99,13 +105,15 @@ def test_dicom_properties_come_from_the_header():
 
 
 @pytest.mark.parametrize("name", BROKEN)
-def test_broken_or_foreign_files_give_a_library_error(name, slide_path):
+def test_broken_or_foreign_files_give_a_library_error(
+    name: str, slide_path: Callable[[str], Path]
+) -> None:
     path = slide_path(name)
     with pytest.raises(WsiError):
         open_slide(path)
 
 
-def test_corrupt_tile_or_image_is_a_corrupt_slide_error():
+def test_corrupt_tile_or_image_is_a_corrupt_slide_error() -> None:
     with (
         open_slide(sample("openslide-python-fixtures/unreadable.svs")) as src,
         pytest.raises(CorruptSlide),
@@ -114,7 +122,7 @@ def test_corrupt_tile_or_image_is_a_corrupt_slide_error():
             src.read_associated(name)
 
 
-def test_missing_or_junk_file(tmp_path):
+def test_missing_or_junk_file(tmp_path: Path) -> None:
     with pytest.raises(SlideNotFound):
         open_slide(tmp_path / "nope.svs")
     junk = tmp_path / "junk.svs"

@@ -37,7 +37,7 @@ from wsi.sources import open_slide
 
 from .conftest import make_tiff
 from .helpers import serving
-from .test_dicom import SPARSE_COUNT_ERROR, dciodvfy
+from .test_dicom import SPARSE_COUNT_ERROR, dciodvfy, level_array, read_pixels, wsistore_attrs
 
 WIDTH, HEIGHT, COLS, ROWS = 3072, 2048, 12, 8
 """The generated slide: 256-px tiles, 13 of its 96 level-0 tiles blank glass by the rule."""
@@ -76,7 +76,7 @@ def shard_index(entry: dict[str, Any], level: int, chunks: int) -> np.ndarray:
 
 
 def levels(entry: dict[str, Any]) -> list[dict[str, Any]]:
-    return list(group(entry).attrs["wsistore"]["levels"])
+    return list(wsistore_attrs(group(entry))["levels"])
 
 
 def absent_tiles(entry: dict[str, Any], k: int) -> set[tuple[int, int]]:
@@ -287,16 +287,16 @@ def test_fill_from_tiles_read_side_by_side_is_the_fill_of_the_whole_level(tmp_pa
 # -- the stored slide -----------------------------------------------------------------------------
 def test_blank_tiles_are_missing_and_read_as_the_fill(stores: dict[str, Any], slide: Path) -> None:
     sparse, full = stores["sparse"], stores["full"]
-    attrs = group(sparse).attrs["wsistore"]
+    attrs = wsistore_attrs(group(sparse))
     fill = attrs["fill"]
     assert fill in (243, 244) and attrs["background_delta_e76"] == DELTA_E76
-    assert group(full).attrs["wsistore"]["background_delta_e76"] is None
+    assert wsistore_attrs(group(full))["background_delta_e76"] is None
     total_absent = 0
     with open_slide(slide) as source:
         for k, lv in enumerate(levels(sparse)):
-            assert group(sparse)[str(k)].fill_value == fill
-            ours = np.moveaxis(group(sparse)[str(k)][:], 0, -1)
-            before = np.moveaxis(group(full)[str(k)][:], 0, -1)
+            assert level_array(group(sparse), str(k)).fill_value == fill
+            ours = np.moveaxis(read_pixels(level_array(group(sparse), str(k))), 0, -1)
+            before = np.moveaxis(read_pixels(level_array(group(full), str(k))), 0, -1)
             absent = absent_tiles(sparse, k)
             total_absent += len(absent)
             for col, row in absent:
@@ -324,7 +324,7 @@ def test_dicom_readers_see_the_same_pixels(stores: dict[str, Any]) -> None:
     """OpenSlide 4 leaves absent frames transparent, wsidicom paints them its blank colour
     (white): every stored pixel equals the full conversion's."""
     sparse, full = stores["sparse"], stores["full"]
-    fill = group(sparse).attrs["wsistore"]["fill"]
+    fill = wsistore_attrs(group(sparse))["fill"]
     with (
         openslide.OpenSlide(str(sparse["dicom"] / "level-0.dcm")) as ours,
         openslide.OpenSlide(str(full["dicom"] / "level-0.dcm")) as before,
@@ -407,10 +407,10 @@ def test_a_slide_of_nothing_but_glass(tmp_path: Path) -> None:
     store = wsi.Store(wsi.StoreSettings(str(tmp_path / "store")))
     result = wsi.convert_slide(path, store)
     root = zarr.open_group(result.url, mode="r")
-    fill = root.attrs["wsistore"]["fill"]
+    fill = wsistore_attrs(root)["fill"]
     assert abs(fill - 240) <= 1
-    for k in range(len(root.attrs["wsistore"]["levels"])):
-        assert (root[str(k)][:] == fill).all()
+    for k in range(len(wsistore_attrs(root)["levels"])):
+        assert (read_pixels(level_array(root, str(k))) == fill).all()
         key = f"slide.zarr/{k}/c/0/0/0"
         ds = pydicom.dcmread(tmp_path / "store" / result.slide_id / key)
         assert ds.NumberOfFrames == 1
@@ -439,10 +439,11 @@ def test_reader_hands_out_the_background_tile(stores: dict[str, Any]) -> None:
         x0 = min(max(col * 256 - 10, 0), WIDTH - 300)
         y0 = min(max(row * 256 - 10, 0), HEIGHT - 300)
         region = slide.region(0, x0, y0, 300, 300)  # across the blank tile's edges
-        expected = np.moveaxis(group(sparse)["0"][:], 0, -1)
+        expected = np.moveaxis(read_pixels(level_array(group(sparse), "0")), 0, -1)
         assert np.array_equal(region, expected[y0 : y0 + 300, x0 : x0 + 300])
         patches = slide.patches(0, np.array([[col * 256, row * 256]]), 64)
         assert (patches == fill).all()
+        assert slide.dicom is not None
         instance = next(i for i in slide.dicom.instances if i.level == 0)
         chunks = slide.frame_chunks(instance)
         assert len(chunks) < instance.frames
@@ -460,7 +461,7 @@ def service(stores: dict[str, Any]) -> Iterator[str]:
 def test_service_serves_blank_tiles_and_sparse_frames(service: str, stores: dict[str, Any]) -> None:
     sparse = stores["sparse"]
     sid = sparse["id"]
-    fill = group(sparse).attrs["wsistore"]["fill"]
+    fill = wsistore_attrs(group(sparse))["fill"]
     col, row = sorted(absent_tiles(sparse, 0))[0]
     with requests.Session() as http:
         top = max_deepzoom_level(WIDTH, HEIGHT)

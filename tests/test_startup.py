@@ -64,7 +64,7 @@ def _top_level(modules: set[str]) -> set[str]:
     return {name.partition(".")[0] for name in modules}
 
 
-def test_convert_to_a_local_folder_imports_no_s3_client_nor_zarr(tmp_path):
+def test_convert_to_a_local_folder_imports_no_s3_client_nor_zarr(tmp_path: Path) -> None:
     out = tmp_path / "store"
     run, modules = _modules_after(
         tmp_path, "convert", "--out", str(out), str(sample("CMU-1-Small-Region.svs"))
@@ -87,7 +87,9 @@ print(json.dumps([status, after_import, sorted(sys.modules)]))
 """
 
 
-def test_cli_import_and_a_tiff_conversion_in_one_process_import_no_dicom_nor_s3(tmp_path):
+def test_cli_import_and_a_tiff_conversion_in_one_process_import_no_dicom_nor_s3(
+    tmp_path: Path,
+) -> None:
     """The console script's module, then `wsi convert` of a generated TIFF with both views in
     the same interpreter: pydicom (and the `requests` it imports), the S3 clients and Zarr are
     loaded by neither; the conversion wrote DICOM instances (their headers needed no pydicom)."""
@@ -117,7 +119,7 @@ def test_cli_import_and_a_tiff_conversion_in_one_process_import_no_dicom_nor_s3(
         assert not loaded & {"pydicom", "requests", "s3fs", "aiohttp", "zarr"}, sorted(loaded)
 
 
-def test_help_of_every_library_command_imports_no_s3_client(tmp_path):
+def test_help_of_every_library_command_imports_no_s3_client(tmp_path: Path) -> None:
     run, modules = _modules_after(tmp_path, "convert", "--help")
     assert run.returncode == 0, run.stderr
     assert "--out" in run.stdout
@@ -134,7 +136,7 @@ print(json.dumps([before, after]))
 """
 
 
-def test_store_failures_include_the_s3_clients_errors_once_they_are_loaded():
+def test_store_failures_include_the_s3_clients_errors_once_they_are_loaded() -> None:
     """Before anything imported the S3 clients none of their errors can be raised; once s3fs is
     imported, the tuple catches the same errors as a tuple built from eager imports."""
     run = subprocess.run(
@@ -155,7 +157,7 @@ def test_store_failures_include_the_s3_clients_errors_once_they_are_loaded():
     }
 
 
-def test_store_failures_catch_what_the_s3_clients_raise():
+def test_store_failures_catch_what_the_s3_clients_raise() -> None:
     import aiohttp
     from botocore.exceptions import ClientError, EndpointConnectionError
 

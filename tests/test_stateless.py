@@ -17,8 +17,9 @@ import socket
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import psycopg
 import pytest
@@ -100,7 +101,11 @@ def test_two_instances_answer_alike(postgres: PostgresServer, tmp_path: Path) ->
                 stack.enter_context(wsi_process(tmp_path / f"serve-{i}.log", *args, env=env)).pid
             )
         for base in bases:
-            wait_until(lambda b=base: _get(f"{b}/healthz")[0] == 200, "an instance", 60)
+            wait_until(
+                cast(Callable[[], bool], lambda b=base: _get(f"{b}/healthz")[0] == 200),
+                "an instance",
+                60,
+            )
 
         # A good slide and a broken one (a TIFF cut short), landed as scanners land them.
         part = tmp_path / "good.writing"

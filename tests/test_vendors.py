@@ -105,7 +105,9 @@ def openslide_level(path: Path, level: int) -> np.ndarray:
 
 
 def published_level(url: str, level: int) -> np.ndarray:
-    return np.moveaxis(zarr.open_group(url, mode="r")[str(level)][:], 0, -1)
+    array = zarr.open_group(url, mode="r")[str(level)]
+    assert isinstance(array, zarr.Array), level
+    return np.moveaxis(np.asarray(array[:]), 0, -1)
 
 
 # ------------------------------------------------------------------------------------------
@@ -207,6 +209,7 @@ def test_a_level_off_the_grid_is_decoded_alone(mirax: Path, tmp_path: Path) -> N
         head + "[LAYER_0_LEVEL_1_SECTION]" + tail.replace("OVERLAP_X=0", "OVERLAP_X=4", 1)
     )
     with MiraxSource(path) as src, openslide.OpenSlide(str(path)) as slide:
+        assert isinstance(src, MiraxSource)  # the base class's __enter__ is typed SlideSource
         assert src.decoded[1] == "its images overlap"
         for level in range(3):
             hinted = f"openslide.level[{level}].tile-width" in slide.properties

@@ -12,6 +12,7 @@ import asyncio
 import json
 import shutil
 from pathlib import Path
+from typing import Any
 
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
@@ -161,7 +162,7 @@ def test_the_service_checks_on_schedule(store: tuple[Path, str], tmp_path: Path)
     async def first() -> None:
         async with TestClient(TestServer(create_app(settings(1 / 3600)))) as c:
 
-            async def damaged() -> dict:  # type: ignore[type-arg]
+            async def damaged() -> dict[str, Any]:
                 doc = await (await c.get("/integrity")).json()
                 return doc if doc["last_run"] and doc["damaged"] else {}
 
@@ -182,7 +183,7 @@ def test_the_service_checks_on_schedule(store: tuple[Path, str], tmp_path: Path)
 
             (root / sid / LEVEL0).write_bytes(good)
 
-            async def clean() -> dict:  # type: ignore[type-arg]
+            async def clean() -> dict[str, Any]:
                 doc = await (await c.get("/integrity")).json()
                 return doc if doc["last_run"] and not doc["damaged"] else {}
 

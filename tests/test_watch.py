@@ -12,6 +12,8 @@ import os
 import shutil
 import threading
 import time
+from collections.abc import Iterable
+from contextlib import AbstractContextManager
 from pathlib import Path
 
 import pytest
@@ -342,13 +344,17 @@ def test_symlinks_never_lead_out_of_the_folder_and_loops_are_harmless(tmp_path: 
     assert paths(find_candidates(root)) == [root / "alias.svs", inside]
 
 
-def test_files_vanishing_mid_scan_are_skipped(tmp_path: Path, monkeypatch) -> None:
+def test_files_vanishing_mid_scan_are_skipped(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     keep = copy_sample("small.svs", tmp_path / "keep.svs")
     copy_sample("small.svs", tmp_path / "gone.svs")
     copy_sample("boxes_0.dcm", tmp_path / "series" / "b0.dcm")
     real_scandir = os.scandir
 
-    def vanishing_scandir(path):
+    def vanishing_scandir(
+        path: int | str | os.PathLike[str],
+    ) -> AbstractContextManager[Iterable[os.DirEntry[str]]]:
         if not isinstance(path, str | os.PathLike) or Path(path) != tmp_path:
             return real_scandir(path)  # rmtree below lists by file descriptor
         with real_scandir(path) as it:
@@ -362,12 +368,14 @@ def test_files_vanishing_mid_scan_are_skipped(tmp_path: Path, monkeypatch) -> No
     assert paths(find_candidates(tmp_path)) == [keep]
 
 
-def test_unreadable_subfolders_are_skipped(tmp_path: Path, monkeypatch) -> None:
+def test_unreadable_subfolders_are_skipped(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     keep = copy_sample("small.svs", tmp_path / "keep.svs")
     copy_sample("small.svs", tmp_path / "locked" / "a.svs")
     real_scandir = os.scandir
 
-    def denying_scandir(path):
+    def denying_scandir(
+        path: str | os.PathLike[str],
+    ) -> AbstractContextManager[Iterable[os.DirEntry[str]]]:
         if Path(path).name == "locked":
             raise PermissionError(13, "Permission denied", str(path))
         return real_scandir(path)
@@ -376,7 +384,9 @@ def test_unreadable_subfolders_are_skipped(tmp_path: Path, monkeypatch) -> None:
     assert paths(find_candidates(tmp_path)) == [keep]
 
 
-def test_header_probes_are_reused_while_a_file_is_unchanged(tmp_path: Path, monkeypatch) -> None:
+def test_header_probes_are_reused_while_a_file_is_unchanged(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Polling a big quiet folder must cost stats, not a header read per file per poll."""
     series = tmp_path / "series"
     copy_sample("boxes_0.dcm", series / "b0.dcm")
@@ -441,7 +451,9 @@ async def _watch_and_drop(
     return got, last_write
 
 
-def _check_one_report(got: list[tuple[float, SlideCandidate]], last_write: float, tmp_path: Path):
+def _check_one_report(
+    got: list[tuple[float, SlideCandidate]], last_write: float, tmp_path: Path
+) -> float:
     assert len(got) == 1, got
     seen_at, candidate = got[0]
     assert candidate.path == tmp_path / "late.svs"

@@ -110,7 +110,7 @@ def plan(levels: Sequence[Level] = PYRAMID, fmt: ChunkFormat = JPEG) -> list[Pla
     return planned
 
 
-def write_row(writer: PyramidWriter, index: int, chunks: list[bytes], batched: bool) -> None:
+def write_row(writer: PyramidWriter, index: int, chunks: list[bytes | None], batched: bool) -> None:
     if batched:
         writer.write_tiles(index, chunks)
     else:
@@ -118,7 +118,7 @@ def write_row(writer: PyramidWriter, index: int, chunks: list[bytes], batched: b
             writer.write_tile(index, chunk)
 
 
-def rows(p: Planned) -> list[list[bytes]]:
+def rows(p: Planned) -> list[list[bytes | None]]:
     cols = p.level.cols
     return [list(p.chunks[r * cols : (r + 1) * cols]) for r in range(p.level.rows)]
 
@@ -265,7 +265,8 @@ class WriterContract:
         writer.finish(INFO)
         group = open_group(store, setup.zarr_root(SLIDE))
         for index, (array, p) in enumerate(zip(level_arrays(group), planned, strict=True)):
-            assert group[str(index)].fill_value == 240
+            stored = group[str(index)]
+            assert isinstance(stored, zarr.Array) and stored.fill_value == 240
             expected = p.expected.copy()
             tw, th = p.level.tile_width, p.level.tile_height
             for i in absent[index]:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import abc
 from pathlib import Path
 from types import TracebackType
-from typing import ClassVar
+from typing import ClassVar, Self
 
 import numpy as np
 
@@ -155,7 +155,7 @@ class SlideSource(abc.ABC):
             raise InvalidArgument(f"level {index} does not exist (0..{len(self.levels) - 1})")
         return self.levels[index]
 
-    def __enter__(self) -> SlideSource:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(
