@@ -86,6 +86,7 @@ from serve_load import (
     is_jpeg,
     is_jpeg_part,
     measure,
+    median_result,
     pin,
     server_process,
 )
@@ -204,6 +205,17 @@ class Runs:
     results: dict[str, Result] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     hot: list[Tile] = field(default_factory=list)
+    rounds: list[dict[str, Result]] = field(default_factory=list)
+    """Each round's results, when there were several (`results` then holds their medians)."""
+
+    def end_round(self) -> None:
+        """Keep this round's results apart; `results` becomes the medians of every round."""
+        self.rounds.append(self.results)
+        names = dict.fromkeys(name for done in self.rounds for name in done)
+        self.results = {
+            name: median_result([done[name] for done in self.rounds if name in done])
+            for name in names
+        }
 
     def add(self, name: str, result: Result) -> None:
         self.results[name] = result
@@ -376,7 +388,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.cold:
         cold, s3_direct = run_cold(args, src, slide_id, levels, cpus_arg, all_cpus)
     print_table(runs.results, runs.notes, args)
-    ratios = verdicts(runs.results, args)
+    ratios = verdicts(runs.results, args, runs.rounds)
     cold_verdict = print_cold(cold, s3_direct) if args.cold else None
     report = document(ctx, client, runs, ratios, cold, s3_direct, cold_verdict)
     args.json.write_text(json.dumps(report, indent=2) + "\n")
@@ -385,20 +397,27 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def measure_servers(ctx: Context, runs: Runs, body: bytes) -> None:
-    """Every workload of every server asked for (`--servers`, `--base`), one after the other;
+    """Every workload of every server asked for (`--servers`, `--base`), one after the other,
+    `--rounds` times (each round every server anew: a fresh Orthanc, fresh processes of ours);
     `body`: the fixed server's tile."""
     args = ctx.args
-    with tempfile.TemporaryDirectory(prefix="wsi-bench-serve-") as tmp:
-        if "ours" in args.servers:
-            measure_ours(ctx, runs, "ours", None)
-        if args.base is not None:
-            measure_ours(ctx, runs, "base", args.base.resolve())
-        if "fixed" in args.servers:
-            measure_fixed(ctx, runs, body, Path(tmp))
-        if "orthanc" in args.servers:
-            measure_orthanc(ctx, runs)
-        if "openslide" in args.servers:
-            measure_openslide(ctx, runs)
+    for number in range(1, args.rounds + 1):
+        if args.rounds > 1:
+            print(f"round {number} of {args.rounds}", flush=True)
+            runs.results = {}
+        with tempfile.TemporaryDirectory(prefix="wsi-bench-serve-") as tmp:
+            if "ours" in args.servers:
+                measure_ours(ctx, runs, "ours", None)
+            if args.base is not None:
+                measure_ours(ctx, runs, "base", args.base.resolve())
+            if "fixed" in args.servers:
+                measure_fixed(ctx, runs, body, Path(tmp))
+            if "orthanc" in args.servers:
+                measure_orthanc(ctx, runs)
+            if "openslide" in args.servers:
+                measure_openslide(ctx, runs)
+        if args.rounds > 1:
+            runs.end_round()
 
 
 def document(
@@ -428,9 +447,9 @@ def document(
         "processes": args.processes,
         "platform": platform.platform(),
         "python": platform.python_version(),
-        "results": {
-            k: {**asdict(v), "cpu_us_per_tile": v.cpu_us_per_tile} for k, v in runs.results.items()
-        },
+        "rounds": args.rounds,
+        "results": _as_json(runs.results),
+        "each_round": [_as_json(done) for done in runs.rounds],
         "notes": runs.notes,
         "verdicts": ratios,
         "cold": {
@@ -441,6 +460,10 @@ def document(
             "verdict": cold_verdict,
         },
     }
+
+
+def _as_json(results: dict[str, Result]) -> dict[str, Any]:
+    return {k: {**asdict(v), "cpu_us_per_tile": v.cpu_us_per_tile} for k, v in results.items()}
 
 
 def prepare(

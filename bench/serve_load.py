@@ -14,13 +14,14 @@ import json
 import os
 import resource
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -122,6 +123,26 @@ class Result:
         """The server's CPU time per tile served (microseconds): unlike tiles/s, it does not
         move with what else the machine runs."""
         return self.server_cores / self.tiles_per_s * 1e6 if self.tiles_per_s else float("nan")
+
+
+def median_result(rounds: Sequence[Result]) -> Result:
+    """One workload's rounds as one result: the median of each figure, taken separately (the
+    round with the median rate need not have the median p99). Errors and responses are summed:
+    a failed request in any round shows."""
+    first = rounds[0]
+    return Result(
+        first.server,
+        first.client,
+        statistics.median(r.tiles_per_s for r in rounds),
+        statistics.median(r.p50_ms for r in rounds),
+        statistics.median(r.p99_ms for r in rounds),
+        sum(r.responses for r in rounds),
+        sum(r.errors for r in rounds),
+        statistics.median(r.mb_per_s for r in rounds),
+        statistics.median(r.seconds for r in rounds),
+        statistics.median(r.load_cores for r in rounds),
+        statistics.median(r.server_cores for r in rounds),
+    )
 
 
 def percentile(sorted_values: list[float], q: float) -> float:

@@ -111,6 +111,13 @@ def add_server_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--tile-cache-mb", type=int, default=256, help="our tile cache per process (hot tiles)"
     )
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="every server's workloads this many times, round after round; the table shows "
+        "each workload's medians and the ratios are those of the medians",
+    )
 
 
 def add_cold_options(parser: argparse.ArgumentParser) -> None:
@@ -155,6 +162,8 @@ def check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         parser.error("--connections, --duration and --tiles must be positive, --warmup >= 0")
     if args.processes < 0 or args.tile_cache_mb < 0 or args.random_requests < 1:
         parser.error("--processes, --tile-cache-mb must be >= 0, --random-requests positive")
+    if args.rounds < 1:
+        parser.error("--rounds must be positive")
     if args.cold_connections < 1 or args.cold_tiles < 0:
         parser.error("--cold-connections must be positive, --cold-tiles >= 0")
     if args.client == "wrk" and shutil.which("wrk") is None:

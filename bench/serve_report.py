@@ -6,7 +6,7 @@ and against `--base`, for information). Cold tiles have theirs in `serve_cold`.
 from __future__ import annotations
 
 import argparse
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from serve_load import Result
@@ -20,6 +20,8 @@ TARGET_P99_VS_CEILING = 2.0
 def print_table(results: Mapping[str, Result], notes: list[str], args: argparse.Namespace) -> None:
     """The table of every workload measured, with the CPU split and what may have skewed it."""
     print()
+    if args.rounds > 1:
+        print(f"medians of {args.rounds} rounds (each round's figures above)")
     print(
         f"{'workload':<17}{'client':<10}{'per s':>10}{'p50 ms':>9}{'p99 ms':>9}{'MB/s':>8}"
         f"{'errors':>8}{'srv CPU':>9}{'us CPU/req':>11}{'load CPU':>10}"
@@ -46,8 +48,14 @@ def print_table(results: Mapping[str, Result], notes: list[str], args: argparse.
         print(note)
 
 
-def verdicts(results: Mapping[str, Result], args: argparse.Namespace) -> dict[str, Any]:
-    """Ratios and the issue's targets; printed, and returned for the JSON."""
+def verdicts(
+    results: Mapping[str, Result],
+    args: argparse.Namespace,
+    rounds: Sequence[Mapping[str, Result]] = (),
+) -> dict[str, Any]:
+    """Ratios and the issue's targets (from `results`: with several `rounds`, their medians);
+    printed, and returned for the JSON. Each round's own ratio to Orthanc is shown beside it:
+    how far the machine moved the figure."""
     found = results
     out: dict[str, Any] = {}
     print()
@@ -60,8 +68,11 @@ def verdicts(results: Mapping[str, Result], args: argparse.Namespace) -> dict[st
         if ours and theirs and theirs.tiles_per_s:
             ratio = ours.tiles_per_s / theirs.tiles_per_s
             ok = ratio >= target and not ours.errors
-            out[f"{kind}/orthanc"] = {"ratio": ratio, "target": target, "ok": ok}
+            each = _each_round(rounds, f"ours-{kind}", f"orthanc-{kind}")
+            out[f"{kind}/orthanc"] = {"ratio": ratio, "target": target, "ok": ok, "rounds": each}
             line(f"{kind}: ours / Orthanc", ratio, f">= {target:g}x", ok)
+            if each:
+                print(f"    each round: {', '.join(f'{r:.2f}' for r in each)}")
     ceiling = found.get(f"fixed-{args.processes}")
     hot = found.get("ours-hot")
     if hot and ceiling:
@@ -79,3 +90,12 @@ def verdicts(results: Mapping[str, Result], args: argparse.Namespace) -> dict[st
             out[f"{kind}/base"] = ratio
             print(f"  {kind + ': ours / base (before)':<34}{ratio:9.2f}   (information)")
     return out
+
+
+def _each_round(rounds: Sequence[Mapping[str, Result]], ours: str, theirs: str) -> list[float]:
+    """Ours / theirs in each round both were measured in."""
+    return [
+        done[ours].tiles_per_s / done[theirs].tiles_per_s
+        for done in rounds
+        if ours in done and theirs in done and done[theirs].tiles_per_s
+    ]

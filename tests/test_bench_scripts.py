@@ -4,9 +4,11 @@ the next person who needs its figures."""
 
 from __future__ import annotations
 
+import importlib
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -33,3 +35,49 @@ def test_a_benchmark_script_starts(script: str) -> None:
     )
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.startswith("usage:")
+
+
+def _bench_module(name: str) -> Any:
+    """A bench module imported the way its scripts import each other (bench/ on sys.path)."""
+    if str(BENCH) not in sys.path:
+        sys.path.insert(0, str(BENCH))
+    return importlib.import_module(name)
+
+
+def test_rounds_are_reported_as_medians_of_each_figure() -> None:
+    serve = _bench_module("serve")
+    result = serve.Result
+
+    def run(rate: float, p99: float, errors: int = 0) -> Any:
+        return result("ours", "wrk", rate, 1.0, p99, 100, errors, 2.0, 5.0, 0.5, 1.5)
+
+    runs = serve.Runs()
+    for rate, p99, errors in ((100.0, 9.0, 0), (300.0, 3.0, 1), (200.0, 5.0, 0)):
+        runs.results = {"ours-hot": run(rate, p99, errors)}
+        if rate == 300.0:
+            runs.results["orthanc-hot"] = run(50.0, 1.0)  # measured in one round only
+        runs.end_round()
+    hot = runs.results["ours-hot"]
+    assert (hot.tiles_per_s, hot.p99_ms) == (200.0, 5.0)  # each the median of its own
+    assert (hot.responses, hot.errors) == (300, 1)  # summed: a failure in any round shows
+    assert runs.results["orthanc-hot"].tiles_per_s == 50.0
+    assert [set(done) for done in runs.rounds] == [
+        {"ours-hot"},
+        {"ours-hot", "orthanc-hot"},
+        {"ours-hot"},
+    ]
+
+
+def test_each_rounds_ratio_pairs_the_servers_of_that_round() -> None:
+    report = _bench_module("serve_report")
+    result = report.Result
+
+    def rate(value: float) -> Any:
+        return result("s", "wrk", value, 1.0, 1.0, 1, 0, 1.0, 1.0, 0.1, 1.0)
+
+    rounds = [
+        {"ours-frames": rate(1200.0), "orthanc-frames": rate(10.0)},
+        {"ours-frames": rate(900.0)},  # Orthanc not measured in this round: no ratio
+        {"ours-frames": rate(1000.0), "orthanc-frames": rate(20.0)},
+    ]
+    assert report._each_round(rounds, "ours-frames", "orthanc-frames") == [120.0, 50.0]
