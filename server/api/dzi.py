@@ -140,10 +140,13 @@ async def assembled(
 
 
 def register(app: web.Application) -> None:
-    app.router.add_get(f"/slides/{SLIDE}.dzi", descriptor, name="dzi.descriptor")
+    # The tiles first: every route under /slides is tried in registration order (`server.app`
+    # registers DeepZoom's before the slides'), and a viewer asks for tiles far more often than
+    # for anything else; the two paths have different segment counts, so they never overlap.
     app.router.add_get(
         f"/slides/{SLIDE}_files/{{z:\\d+}}/{{x:\\d+}}_{{y:\\d+}}.jpeg", tile, name="dzi.tile"
     )
+    app.router.add_get(f"/slides/{SLIDE}.dzi", descriptor, name="dzi.descriptor")
 
 
 OPENAPI = {

@@ -475,10 +475,13 @@ MALFORMED_PATH = f"{PREFIX}/{{slide_id}}/{{tail}}"
 
 def register(app: web.Application) -> None:
     ident = f"{PREFIX}/{{slide_id}}"
+    # Images first: the router tries the routes under the prefix in this order, and a viewer
+    # asks for images far more often than for the rest. Only the catch-all overlaps another
+    # route (every path under an image service), so it stays last.
     routes = [
+        (f"{ident}/{{region}}/{{size}}/{{rotation}}/{{quality:[^/]*}}.{{format:[^/.]*}}", image),
         (f"{ident}/info.json", info),
         (ident, base_redirect),
-        (f"{ident}/{{region}}/{{size}}/{{rotation}}/{{quality:[^/]*}}.{{format:[^/.]*}}", image),
         (f"{ident}/{{tail:.+}}", not_iiif),  # anything else under an image service: 400
     ]
     for path, handler in routes:

@@ -130,9 +130,10 @@ async def get_associated(request: web.Request) -> web.Response:
 
 
 def register(app: web.Application) -> None:
+    # Tiles first (see `dzi.register`): no other route here matches a tile's path.
+    app.router.add_get("/slides/{slide_id}/tiles/{level}/{col}/{row}", get_tile, name="slides.tile")
     app.router.add_get("/slides", list_slides)
     app.router.add_get("/slides/{slide_id}", get_slide)
-    app.router.add_get("/slides/{slide_id}/tiles/{level}/{col}/{row}", get_tile, name="slides.tile")
     app.router.add_get("/slides/{slide_id}/associated/{name}", get_associated)
 
 
