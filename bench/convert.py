@@ -107,6 +107,9 @@ from convert_sources import (
     warm_page_cache,
 )
 
+from wsi.published.layout.keys import MANIFEST
+from wsi.published.layout.manifest import MADE_HERE
+
 #: Tools run on a JPEG 2000 source (Aperio 33005) and their speed-up over vips aimed at.
 J2K_TOOLS: tuple[str, ...] = ("wsi", "wsi-zarr", "wsi-keep-j2k", "vips")
 J2K_TARGET_SPEEDUP = 2.0
@@ -282,6 +285,19 @@ def detect_views(path: Path) -> str:
     return "+".join(view for view in VIEW_ORDER if view in found) or "none"
 
 
+def levels_made(path: Path) -> tuple[int, int] | None:
+    """(levels made by the conversion, levels published) from the level origins of the manifest
+    under `path` (`wsi.published.layout.manifest`), or None where there is none: the bytes of a
+    level made here are pixels the source did not store, which a size target against the
+    source cannot count."""
+    for manifest in path.glob(f"*/{MANIFEST}"):
+        origins = json.loads(manifest.read_text()).get("levels") or []
+        if origins:
+            made = sum(1 for origin in origins if origin.get("method") in MADE_HERE)
+            return made, len(origins)
+    return None
+
+
 def last_line(*texts: str) -> str:
     """The last non-empty line of the first text that has one (for error reports)."""
     for text in texts:
@@ -314,7 +330,9 @@ def measure(command: Sequence[str], out_dir: Path, log_path: Path) -> Run:
         cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
         log.seek(0)
         output = log.read()
-    run = Run(seconds, peak, dir_bytes(out_dir), returncode, detect_views(out_dir), cpu_seconds=cpu)
+    views = detect_views(out_dir)
+    made = levels_made(out_dir)
+    run = Run(seconds, peak, dir_bytes(out_dir), returncode, views, None, cpu, made)
     if returncode != 0:
         run.error = f"exit {returncode}: {last_line(output)}"
     shutil.rmtree(out_dir)  # keep the disk free for the next run

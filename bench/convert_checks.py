@@ -172,6 +172,8 @@ def both_views_checks(
             continue
         out = result.output_bytes
         ratio = out / source_bytes if out is not None else None
+        made = result.levels_made
+        built = made is not None and made[0] > 0
         checks.append(
             {
                 "tool": result.tool,
@@ -180,8 +182,15 @@ def both_views_checks(
                 "ratio": ratio,
                 "target_ratio": BOTH_VIEWS_TARGET_RATIO,
                 "source_compression": compression,
-                # The target is for a JPEG source only.
-                "ok": ratio <= BOTH_VIEWS_TARGET_RATIO if ratio is not None and jpeg else None,
+                "levels_made": made,
+                # The target is for a JPEG source whose every level we publish is copied from it:
+                # a level made here (a base-only slide's, an NDPI's between its 4x levels) is
+                # pixels the source does not hold.
+                "ok": (
+                    ratio <= BOTH_VIEWS_TARGET_RATIO
+                    if ratio is not None and jpeg and not built
+                    else None
+                ),
             }
         )
     return checks
@@ -221,6 +230,9 @@ def format_checks(overhead: Sequence[dict], stored: Sequence[dict]) -> str:
             if check["source_compression"].upper() == "JPEG"
             else f" [source is {check['source_compression']}, target n/a]"
         )
+        made = check.get("levels_made")
+        if isinstance(made, tuple | list) and made[0] and not source:
+            source = f" [{made[0]} of {made[1]} levels made here, not in the source: target n/a]"
         lines.append(
             f"{label}: {check['bytes']:,} bytes = {check['ratio']:.3f}x source "
             f"{target_ratio}{_verdict(check['ok'])}{views}{source}"

@@ -20,6 +20,9 @@ class Run:
     cpu_seconds: float = 0.0
     """User + system CPU time of the process tree (its waited-for descendants): on a machine
     shared with other work, the figure that the others' load does not inflate."""
+    levels_made: tuple[int, int] | None = None
+    """(levels made here, levels published) from our manifest's level origins; None for a tool
+    that writes no manifest of ours."""
 
 
 @dataclasses.dataclass
@@ -69,6 +72,11 @@ class Result:
     @property
     def output_bytes(self) -> int | None:
         return self.ok_runs[-1].output_bytes if self.ok_runs else None
+
+    @property
+    def levels_made(self) -> tuple[int, int] | None:
+        """(made here, published) of the last successful run's output, when it says."""
+        return self.ok_runs[-1].levels_made if self.ok_runs else None
 
     @property
     def views(self) -> str | None:

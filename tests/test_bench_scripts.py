@@ -5,6 +5,7 @@ the next person who needs its figures."""
 from __future__ import annotations
 
 import importlib
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -81,3 +82,32 @@ def test_each_rounds_ratio_pairs_the_servers_of_that_round() -> None:
         {"ours-frames": rate(1000.0), "orthanc-frames": rate(20.0)},
     ]
     assert report._each_round(rounds, "ours-frames", "orthanc-frames") == [120.0, 50.0]
+
+
+def test_the_size_target_is_not_applied_to_levels_made_from_pixels(tmp_path: Path) -> None:
+    convert = _bench_module("convert")
+    checks = _bench_module("convert_checks")
+    slide = tmp_path / "0123456789abcdef01234567"
+    slide.mkdir()
+    origins = [
+        {"level": 0, "method": "copied", "source_level": 0},
+        {"level": 1, "method": "dct-half", "from_level": 0},
+        {"level": 2, "method": "mean2x2", "from_level": 1},
+    ]
+    (slide / "manifest.json").write_text(json.dumps({"levels": origins}))
+    assert convert.levels_made(tmp_path) == (2, 3)
+    assert convert.levels_made(tmp_path / "nothing") is None
+
+    def result(made: tuple[int, int] | None) -> Any:
+        done = convert.Result("wsi", "", "zarr+dicom", [])
+        done.runs.append(convert.Run(1.0, 1, 100, 0, "zarr+dicom", levels_made=made))
+        return done
+
+    def verdict(made: tuple[int, int] | None, source_bytes: int) -> Any:
+        (check,) = checks.both_views_checks([result(made)], source_bytes, "JPEG")
+        return check["ok"]
+
+    assert verdict((0, 3), 100) is True  # every level copied: the target applies
+    assert verdict((0, 3), 50) is False
+    assert verdict(None, 50) is False  # no manifest to tell: the target applies
+    assert verdict((2, 3), 50) is None  # levels made here: pixels the source does not hold
