@@ -111,3 +111,15 @@ def test_the_size_target_is_not_applied_to_levels_made_from_pixels(tmp_path: Pat
     assert verdict((0, 3), 50) is False
     assert verdict(None, 50) is False  # no manifest to tell: the target applies
     assert verdict((2, 3), 50) is None  # levels made here: pixels the source does not hold
+
+
+def test_a_bad_number_of_rounds_is_refused_in_one_line() -> None:
+    done = subprocess.run(
+        [sys.executable, str(BENCH / "serve.py"), "--rounds", "0"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=BENCH.parent,
+    )
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines()[-1].endswith("--rounds must be positive")
