@@ -9,14 +9,18 @@ Every run is a fresh `wsi` process started after a launcher prefix (`LAUNCH`), w
 
 from __future__ import annotations
 
+import http.client
 import resource
 import shutil
 import statistics
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
+from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
 import psutil
 from convert import tree_rss  # bench/convert.py
@@ -89,6 +93,68 @@ def run_convert(src: Path, out: str, prefix: str, log: Path, server_pid: int) ->
     }
 
 
+STORE_ONLY = "store only (plain PUTs)"
+"""The local conversion's output PUT as it is into SeaweedFS: what storing the bytes costs."""
+PUT_THREADS = 2
+PUT_CHUNK = 1 << 20
+
+
+def put_file(url: str, path: Path) -> None:
+    """One presigned PUT of a file's bytes, streamed from disk."""
+    parts = urlsplit(url)
+    conn = http.client.HTTPConnection(parts.netloc, timeout=120, blocksize=PUT_CHUNK)
+    try:
+        target = parts.path + (f"?{parts.query}" if parts.query else "")
+        with path.open("rb") as body:
+            size = str(path.stat().st_size)
+            conn.request("PUT", target, body=body, headers={"Content-Length": size})
+        response = conn.getresponse()
+        response.read()
+        if response.status != 200:
+            raise RuntimeError(f"PUT {path.name}: HTTP {response.status}")
+    finally:
+        conn.close()
+
+
+def store_only(folder: Path, server: SeaweedFS, prefix: str) -> dict[str, Any]:
+    """Every file of `folder` (a local conversion's output) PUT as it is into SeaweedFS under
+    `prefix`, one plain presigned PUT per object, PUT_THREADS at a time, then removed: the
+    store's own CPU for these bytes, with no converter and none of our upload code (the floor
+    of what a conversion into it costs beyond a local one)."""
+    import obstore
+
+    store = Store(StoreSettings(server.url(prefix), server.endpoint_url))
+    fast = store.obstore_client()
+    assert fast is not None
+    files = [p for p in sorted(folder.rglob("*")) if p.is_file()]
+    urls = [
+        str(obstore.sign(fast.client, "PUT", p.relative_to(folder).as_posix(), timedelta(hours=1)))
+        for p in files
+    ]
+    server_cpu = cpu_seconds(server.current_pid)
+    own_cpu = time.process_time()
+    start = time.perf_counter()
+    with ThreadPoolExecutor(PUT_THREADS) as pool:
+        list(pool.map(put_file, urls, files))
+    seconds = time.perf_counter() - start
+    result = {
+        "seconds": seconds,
+        "peak_rss_mb": 0.0,
+        "cpu_s": time.process_time() - own_cpu,
+        "server_cpu_s": cpu_seconds(server.current_pid) - server_cpu,
+        "bytes": sum(p.stat().st_size for p in files),
+    }
+    store.fs.rm(server.url(prefix)[len("s3://") :], recursive=True)
+    return result
+
+
+def cpu_floor(local: dict[str, Any], stored: dict[str, Any], cores: int) -> float:
+    """A floor of S3 / local wall time on `cores` cores shared with the store: the S3 conversion
+    does the local one's work (its CPU) and the store does at least what storing the same bytes
+    costs it (`stored`'s server CPU), all on the same cores, against the local wall time."""
+    return (local["cpu_s"] + stored["server_cpu_s"]) / (cores * local["seconds"])
+
+
 def convert_round(
     src: Path,
     server: SeaweedFS,
@@ -113,6 +179,13 @@ def convert_round(
             flush=True,
         )
         if prefix is None:
+            runs[STORE_ONLY].append(store_only(Path(out), server, f"plain-{r}"))
+            stored = runs[STORE_ONLY][-1]
+            print(
+                f"  {STORE_ONLY:27s} run {r + 1}: {stored['seconds']:.2f} s for"
+                f" {stored['bytes'] / 1e6:.0f} MB, SeaweedFS {stored['server_cpu_s']:.2f} s",
+                flush=True,
+            )
             shutil.rmtree(out)
         elif prefix or r < repeat - 1:
             Store(StoreSettings(out)).fs.rm(out[len("s3://") :], recursive=True)
@@ -147,7 +220,7 @@ def bench_convert(
 ) -> dict[str, Any]:
     """`repeat` interleaved rounds of every conversion mode (`--no-s3fs`: not the s3fs one)."""
     modes = {m: p for m, p in CONVERT_MODES.items() if with_s3fs or p != S3FS_ONLY}
-    runs: dict[str, list[dict[str, Any]]] = {m: [] for m in modes}
+    runs: dict[str, list[dict[str, Any]]] = {m: [] for m in [*modes, STORE_ONLY]}
     kept = ""
     for r in range(repeat):
         kept = convert_round(src, server, modes, runs, r, repeat, work) or kept
@@ -160,6 +233,8 @@ def bench_convert(
         "ratio_s3fs": by_mode["s3 via s3fs"]["seconds"] / local if with_s3fs else None,
         "paired_ratio": paired_ratio(runs, "s3 (now)"),
         "paired_ratio_before": paired_ratio(runs, "s3 spooled (before)"),
+        "cores": psutil.cpu_count(),
+        "floor": cpu_floor(by_mode["local"], by_mode[STORE_ONLY], psutil.cpu_count() or 1),
         "kept": kept,
     }
 
@@ -182,6 +257,10 @@ def report_convert(results: dict[str, Any]) -> None:
         f"{verdict(conv['ratio'] <= CONVERT_TARGET)}; before (spooled): "
         f"{conv['ratio_before']:.3f}"
         + (f"; everything via s3fs: {conv['ratio_s3fs']:.3f}" if conv["ratio_s3fs"] else "")
+    )
+    print(
+        f"  floor on {conv['cores']} cores shared with SeaweedFS: (local CPU + SeaweedFS CPU"
+        f" storing the same bytes) / (cores x local s) = {conv['floor']:.3f}"
     )
     print(
         f"  per-round pairs: S3 / local = {conv['paired_ratio']:.3f}, "

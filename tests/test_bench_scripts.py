@@ -13,6 +13,9 @@ from typing import Any
 
 import pytest
 
+from .s3server import SeaweedFS
+from .s3server import seaweedfs as _seaweedfs_fixture  # noqa: F401
+
 BENCH = Path(__file__).resolve().parent.parent / "bench"
 SCRIPTS = sorted(
     path.name
@@ -123,3 +126,39 @@ def test_a_bad_number_of_rounds_is_refused_in_one_line() -> None:
     )
     assert done.returncode == 2
     assert done.stderr.strip().splitlines()[-1].endswith("--rounds must be positive")
+
+
+def test_the_s3_floor_adds_the_stores_cpu_for_the_same_bytes_to_the_local_run() -> None:
+    s3_convert = _bench_module("s3_convert")
+    local = {"seconds": 4.0, "cpu_s": 7.0}
+    stored = {"seconds": 1.0, "cpu_s": 0.2, "server_cpu_s": 2.0}
+    assert s3_convert.cpu_floor(local, stored, 2) == pytest.approx(9.0 / 8.0)
+    assert s3_convert.cpu_floor(local, {**stored, "server_cpu_s": 0.0}, 1) == pytest.approx(1.75)
+
+
+def test_store_only_puts_every_file_as_it_is_then_removes_them(
+    seaweedfs: SeaweedFS, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    s3_convert = _bench_module("s3_convert")
+    from wsi.store import Store, StoreSettings
+
+    folder = tmp_path / "out"
+    (folder / "sid" / "slide.zarr").mkdir(parents=True)
+    files = {"sid/slide.zarr/zarr.json": b"{}", "sid/level-0.dcm": bytes(range(256)) * 4096}
+    for name, data in files.items():
+        (folder / name).write_bytes(data)
+    seen: dict[str, bytes] = {}
+    put_file = s3_convert.put_file
+
+    def keep(url: str, path: Path) -> None:
+        put_file(url, path)
+        key = path.relative_to(folder).as_posix()
+        seen[key] = Store(StoreSettings(seaweedfs.url("plain"), seaweedfs.endpoint_url)).get(key)
+
+    monkeypatch.setattr(s3_convert, "put_file", keep)
+    result = s3_convert.store_only(folder, seaweedfs, "plain")
+    assert seen == files
+    assert result["bytes"] == sum(len(d) for d in files.values())
+    assert result["server_cpu_s"] >= 0 and result["seconds"] > 0
+    store = Store(StoreSettings(seaweedfs.url("plain"), seaweedfs.endpoint_url))
+    assert store.list_keys("sid") == []
