@@ -9,8 +9,6 @@ on S3 (whole objects, listing, publication, keys) is the store contract, run on 
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 import uuid
 from pathlib import Path
 from typing import Any
@@ -182,22 +180,6 @@ def test_export_dicom_from_s3_opens_in_openslide(
     assert (tmp_path / "level-0.dcm").read_bytes() == local.get(f"{slide_id}/slide.zarr/0/c/0/0/0")
     with openslide.OpenSlide(str(tmp_path / "level-0.dcm")) as slide:
         assert slide.dimensions == (2220, 2967)
-
-
-def test_a_conversion_to_s3_never_imports_s3fs(seaweedfs: SeaweedFS, small_svs: Path) -> None:
-    """Everything a first conversion asks of S3 goes through obstore (and one botocore call for
-    leftover uploads): s3fs, aiobotocore and aiohttp would add ~0.4 s to its start."""
-    url = seaweedfs.url(f"no-s3fs-{uuid.uuid4().hex[:8]}")
-    argv = [sys.executable, "-X", "importtime", "-m", "server.cli", "convert", str(small_svs)]
-    argv += ["--out", url, "--s3-endpoint", seaweedfs.endpoint_url, "--no-progress"]
-    done = subprocess.run(argv, capture_output=True, text=True, timeout=300, check=False)
-    assert done.returncode == 0, done.stderr[-2000:]
-    imported = {line.rsplit("|", 1)[-1].strip() for line in done.stderr.splitlines()}
-    assert "obstore" in imported  # the listing of what was imported is there
-    assert not {"s3fs", "aiobotocore", "aiohttp"} & imported
-    assert s3_store(seaweedfs, url.rsplit("/", 1)[-1]).published_slides() == [
-        content_slide_id(small_svs)
-    ]
 
 
 def test_a_new_attempt_aborts_uploads_a_failed_one_left(

@@ -6,10 +6,10 @@ On S3 part 1 is the head plus the first bytes of the body (held in memory: at le
 `MIN_PART_BYTES`, so that part 1 is a valid part), parts 2..N are uploaded as the body grows, by
 a few threads while the writer goes on, and at the end the last part (the rest and the tail) and
 part 1 go up, and the upload is completed when the block ends. Numbered parts need botocore's API
-(obstore numbers parts itself, in the order they are sent), so they go through the store's s3fs
-client, which also works in a process forked after obstore ran (`wsi.store.parts`). On a local
-store the body goes straight into the object's file and the head is inserted in front of it at
-the end (`_LocalHeadLast`).
+(obstore numbers parts itself, in the order they are sent), so they go through the store's
+botocore client (`Store.s3_api`), which also works in a process forked after obstore ran
+(`wsi.store.parts`). On a local store the body goes straight into the object's file and the head
+is inserted in front of it at the end (`_LocalHeadLast`).
 """
 
 from __future__ import annotations

@@ -130,9 +130,8 @@ def _s3_options(settings: StoreSettings) -> dict[str, Any]:
 
 def _botocore_s3(settings: StoreSettings) -> Any:
     """A botocore S3 client with s3fs's options (`_s3_options`: endpoint, timeouts, retries)
-    and obstore's identity (botocore's credentials and region): for the one call that neither
-    obstore nor a listing makes, a slide's unfinished multipart uploads. It costs ~0.1 s to
-    make, where s3fs's first call costs ~0.4 s (importing s3fs, aiobotocore and aiohttp)."""
+    and obstore's identity (botocore's credentials and region). It costs ~0.1 s to make, where
+    s3fs's first call costs ~0.4 s (importing s3fs, aiobotocore and aiohttp)."""
     import botocore.config
     import botocore.session
 
@@ -233,12 +232,24 @@ class Store:
             self.storage_options = {}
             self.root = os.path.abspath(settings.url)
         self.url = settings.url
+        self._api: tuple[int, Any] | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_api": None}  # a botocore client stays in its process
+
+    def s3_api(self) -> Any:
+        """This process's botocore S3 client of the store (`_botocore_s3`), for the calls
+        obstore does not make: numbered parts (`wsi.store.parts`) and a slide's leftover
+        uploads. Made on first use in each process; botocore's clients are thread-safe."""
+        if self._api is None or self._api[0] != os.getpid():
+            self._api = (os.getpid(), _botocore_s3(self.settings))
+        return self._api[1]
 
     @functools.cached_property
     def fs(self) -> Any:
         """The store's fsspec filesystem (s3fs on S3), made on first use: a conversion to S3
-        reads, writes and lists through obstore and never needs s3fs, whose import (with
-        aiobotocore and aiohttp) and first client cost ~0.4 s of a conversion's start."""
+        goes through obstore and `s3_api` and never needs s3fs, whose import (with aiobotocore
+        and aiohttp) and first client cost ~0.4 s of a conversion."""
         import fsspec
 
         if self.settings.is_s3:
@@ -456,7 +467,7 @@ class Store:
     def _abort_uploads(self, prefix: str) -> None:
         bucket, _, root = self.path(prefix).partition("/")
         try:
-            api = _botocore_s3(self.settings)
+            api = self.s3_api()
             listed = api.list_multipart_uploads(Bucket=bucket, Prefix=root + "/")
             for upload in listed.get("Uploads", []):
                 api.abort_multipart_upload(

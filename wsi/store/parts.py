@@ -84,7 +84,7 @@ class ObjectParts:
             return cls(key, run)
         bucket, name = _bucket_key(store, key)
         try:
-            answer = store.fs.call_s3("create_multipart_upload", Bucket=bucket, Key=name)
+            answer = store.s3_api().create_multipart_upload(Bucket=bucket, Key=name)
         except store_failures() as exc:
             raise StoreError(f"cannot start the upload of {key}: {exc}") from exc
         return cls(key, run, str(answer["UploadId"]))
@@ -117,8 +117,7 @@ class ObjectParts:
         bucket, name = _bucket_key(store, self.key)
         listed = [{"PartNumber": p.number, "ETag": p.etag} for p in parts]
         try:
-            store.fs.call_s3(
-                "complete_multipart_upload",
+            store.s3_api().complete_multipart_upload(
                 Bucket=bucket,
                 Key=name,
                 UploadId=self.upload_id,
@@ -147,8 +146,8 @@ class ObjectParts:
         if self.upload_id is not None:
             bucket, name = _bucket_key(store, self.key)
             with contextlib.suppress(*store_failures()):
-                store.fs.call_s3(
-                    "abort_multipart_upload", Bucket=bucket, Key=name, UploadId=self.upload_id
+                store.s3_api().abort_multipart_upload(
+                    Bucket=bucket, Key=name, UploadId=self.upload_id
                 )
             return
         folder, _, stem = store.path(self.part_key(0)).rpartition("/")
@@ -232,12 +231,11 @@ def upload_part(store: Store, key: str, upload_id: str, number: int, data: bytes
         if attempt:
             time.sleep(0.25 * 2**attempt)
         try:
-            url = store.fs.url(
-                store.path(key),
-                expires=PRESIGNED_FOR_S,
-                client_method="upload_part",
-                UploadId=upload_id,
-                PartNumber=number,
+            bucket, name = _bucket_key(store, key)
+            url = store.s3_api().generate_presigned_url(
+                "upload_part",
+                Params={"Bucket": bucket, "Key": name, "UploadId": upload_id, "PartNumber": number},
+                ExpiresIn=PRESIGNED_FOR_S,
             )
         except store_failures() as exc:
             raise StoreError(f"cannot upload part {number} of {key}: {exc}") from exc
@@ -305,8 +303,8 @@ def _tls_context(cafile: str | None) -> ssl.SSLContext:
 def _upload_part_botocore(store: Store, key: str, upload_id: str, number: int, data: bytes) -> str:
     bucket, name = _bucket_key(store, key)
     try:
-        answer = store.fs.call_s3(
-            "upload_part", Bucket=bucket, Key=name, UploadId=upload_id, PartNumber=number, Body=data
+        answer = store.s3_api().upload_part(
+            Bucket=bucket, Key=name, UploadId=upload_id, PartNumber=number, Body=data
         )
     except store_failures() as exc:
         raise StoreError(f"cannot upload part {number} of {key}: {exc}") from exc
