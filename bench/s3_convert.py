@@ -151,8 +151,10 @@ def store_only(folder: Path, server: SeaweedFS, prefix: str) -> dict[str, Any]:
 def cpu_floor(local: dict[str, Any], stored: dict[str, Any], cores: int) -> float:
     """A floor of S3 / local wall time on `cores` cores shared with the store: the S3 conversion
     does the local one's work (its CPU) and the store does at least what storing the same bytes
-    costs it (`stored`'s server CPU), all on the same cores, against the local wall time."""
-    return (local["cpu_s"] + stored["server_cpu_s"]) / (cores * local["seconds"])
+    costs it (`stored`'s server CPU), all on the same cores, against the local wall time; and
+    never below 1 (a local conversion that leaves cores idle, a small slide's, is no faster
+    for it)."""
+    return max(1.0, (local["cpu_s"] + stored["server_cpu_s"]) / (cores * local["seconds"]))
 
 
 def convert_round(

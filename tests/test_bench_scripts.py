@@ -134,6 +134,7 @@ def test_the_s3_floor_adds_the_stores_cpu_for_the_same_bytes_to_the_local_run() 
     stored = {"seconds": 1.0, "cpu_s": 0.2, "server_cpu_s": 2.0}
     assert s3_convert.cpu_floor(local, stored, 2) == pytest.approx(9.0 / 8.0)
     assert s3_convert.cpu_floor(local, {**stored, "server_cpu_s": 0.0}, 1) == pytest.approx(1.75)
+    assert s3_convert.cpu_floor({"seconds": 1.0, "cpu_s": 0.5}, stored, 4) == 1.0  # cores idle
 
 
 def test_store_only_puts_every_file_as_it_is_then_removes_them(
