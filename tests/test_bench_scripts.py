@@ -137,6 +137,12 @@ def test_the_s3_floor_adds_the_stores_cpu_for_the_same_bytes_to_the_local_run() 
     assert s3_convert.cpu_floor({"seconds": 1.0, "cpu_s": 0.5}, stored, 4) == 1.0  # cores idle
 
 
+def test_the_cold_floor_is_a_hot_exchange_plus_the_librarys_read() -> None:
+    s3_cold = _bench_module("s3_cold")
+    p50 = {"bare": 1.0, "hot": 0.5, "library": 0.9, "http": 1.6}
+    assert s3_cold.cold_floor(p50) == pytest.approx(1.4)
+
+
 def test_store_only_puts_every_file_as_it_is_then_removes_them(
     seaweedfs: SeaweedFS, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
