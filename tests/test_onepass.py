@@ -20,7 +20,7 @@ from PIL import Image
 
 from tests.conftest import sample
 from tests.test_sparse import truth
-from wsi.codecs import jpeg, jpegtran
+from wsi.codecs import _jpeglib, jpeg, jpegtran
 from wsi.errors import CorruptSlide, InvalidArgument
 from wsi.model import Level
 from wsi.pyramid.background import Background, choose_fill
@@ -280,24 +280,18 @@ def outcome(call: Callable[[], object]) -> object:
         return ("CorruptSlide", str(error))
 
 
-def test_damaged_streams_end_as_libjpeg_ends_them() -> None:
-    """copy_tile decodes the first scan itself, counting the symbols and bounding each block as
-    it goes (the walk that used to follow libjpeg's decode); it reads the stream as libjpeg-turbo
-    does, byte for byte at the same moments. Damaged streams show it: bits flipped, bytes
-    replaced, cut short, a stray RST or marker, a few bytes of padding before EOI (all of which
-    libjpeg may accept or refuse depending on where its reading stands) give the same result or
-    the same error as `copy_then_decode`, where libjpeg decodes. Edge tiles too: the padding
-    blocks of their last MCUs are decoded but counted as the output's (zero difference, EOB)."""
-    rng = np.random.default_rng(12)
-    rule = Background(244).rule
+def damaged_streams(cases: int, seed: int) -> Iterator[tuple[int, bytes, int, int]]:
+    """(case, stream, width, height): tiles of every sampling mode, tissue and glass, edge and
+    whole, damaged six ways in turn: bits flipped, a byte replaced, a stray 0xFF, a stray RST,
+    cut short, a few bytes of padding before EOI."""
+    rng = np.random.default_rng(seed)
     sources = []
     for mode in ("420", "422", "gray", "rgb", "restart"):
         for h, w in ((46, 70), (64, 64)):
             tissue = rng.integers(60, 230, (h, w, 3)).astype(np.uint8)
             sources.append((encode_tile(tissue, mode), w, h))
             sources.append((encode_tile(glass(h, size=max(h, w))[:h, :w], mode), w, h))
-    changed = 0
-    for case in range(1500):
+    for case in range(cases):
         data, w, h = sources[case % len(sources)]
         damaged = bytearray(data)
         sos = damaged.find(b"\xff\xda")
@@ -316,7 +310,20 @@ def test_damaged_streams_end_as_libjpeg_ends_them() -> None:
             damaged = damaged[:at]
         else:
             damaged[-2:-2] = bytes([int(rng.choice([0, 0xAA]))]) * int(rng.integers(1, 9))
-        stream = bytes(damaged)
+        yield case, bytes(damaged), w, h
+
+
+def test_damaged_streams_end_as_libjpeg_ends_them() -> None:
+    """copy_tile decodes the first scan itself, counting the symbols and bounding each block as
+    it goes (the walk that used to follow libjpeg's decode); it reads the stream as libjpeg-turbo
+    does, byte for byte at the same moments. Damaged streams show it: bits flipped, bytes
+    replaced, cut short, a stray RST or marker, a few bytes of padding before EOI (all of which
+    libjpeg may accept or refuse depending on where its reading stands) give the same result or
+    the same error as `copy_then_decode`, where libjpeg decodes. Edge tiles too: the padding
+    blocks of their last MCUs are decoded but counted as the output's (zero difference, EOB)."""
+    rule = Background(244).rule
+    changed = 0
+    for case, stream, w, h in damaged_streams(1500, seed=12):
         one, two = (np.zeros(((h + 1) // 2, (w + 1) // 2, 3), np.uint8) for _ in range(2))
         first = outcome(lambda: jpegtran.copy_tile(stream, True, (w, h), rule, one))
         second = outcome(lambda: jpegtran.copy_then_decode(stream, True, (w, h), rule, two))
@@ -325,6 +332,22 @@ def test_damaged_streams_end_as_libjpeg_ends_them() -> None:
             assert np.array_equal(one, two), case
         changed += isinstance(first, tuple)
     assert 100 <= changed <= 1400  # both accepted and refused streams were compared
+
+
+def test_damaged_streams_rewritten_alone_end_as_libjpeg_ends_them() -> None:
+    """Without a 1/2-scale target (a level whose next one is copied too) the walk still decodes
+    the scan, hooked in by jpeg_read_coefficients' progress call; the same damaged streams give
+    the same stream or the same error as libjpeg's own decode and two-pass optimisation
+    (`transcode` with libjpeg's tables)."""
+    changed = 0
+    for case, stream, w, h in damaged_streams(1500, seed=13):
+        ours = outcome(lambda: jpegtran.copy_tile(stream, True, (w, h)).data)
+        theirs = outcome(
+            lambda: jpegtran._kept_stream(stream, _jpeglib.transcode(stream, True, True, w, h)[3])
+        )
+        assert ours == theirs, case
+        changed += isinstance(ours, tuple)
+    assert 100 <= changed <= 1400
 
 
 def with_size(stream: bytes, width: int, height: int) -> bytes:

@@ -171,6 +171,39 @@ static void write_optimised(struct job *job, j_compress_ptr dst, jvirt_barray_pt
     jpeg_finish_compress(dst);
 }
 
+/* jpeg_read_coefficients sets up the first scan's decoder (its quantisation tables latched),
+ * then calls the progress monitor before it reads any of the scan's data: the one moment to
+ * prepare the components and put the walk in place, as run_copy does after
+ * jpeg_start_decompress for a 1/2-scale target. The guard's own check (`on_progress`) still
+ * runs at every call. */
+struct walk_hook {
+    struct jpeg_progress_mgr pub;
+    struct job *job;
+    struct decoding *walk;
+    struct component_scan *comps;
+    huff_counts *dc, *ac;
+    int gather;
+    JDIMENSION width, height;
+    int (*tables)[2];
+    int started, walked;
+};
+
+static void prepare_components(struct job *job, j_decompress_ptr src, struct component_scan *comps,
+                               huff_counts *dc, huff_counts *ac, int gather, JDIMENSION width,
+                               JDIMENSION height, int tables[][2]);
+
+static void walk_at_first_scan(j_common_ptr c) {
+    struct walk_hook *hook = (struct walk_hook *)c->progress;
+    j_decompress_ptr d = (j_decompress_ptr)c;
+    on_progress(c);
+    if (!hook->started) {
+        hook->started = 1;
+        prepare_components(hook->job, d, hook->comps, hook->dc, hook->ac, hook->gather,
+                           hook->width, hook->height, hook->tables);
+        hook->walked = start_walk(d, hook->walk, hook->comps);
+    }
+}
+
 /* Storage for every block's bound (the header says how many blocks each component has). */
 static void keep_blocks(struct job *job, j_decompress_ptr src) {
     size_t total = 0, at = 0;
@@ -282,7 +315,23 @@ static int run_copy(struct job *job) {
         coefs = read_scans(job, &src);
         walked = walked && !walk.give_up;
     } else {
+        struct walk_hook hook;
+        hook.pub.progress_monitor = walk_at_first_scan;
+        hook.job = job;
+        hook.walk = &walk;
+        hook.comps = comps;
+        hook.dc = dc;
+        hook.ac = ac;
+        hook.gather = gather;
+        hook.width = width;
+        hook.height = height;
+        hook.tables = tables;
+        hook.started = hook.walked = 0;
+        if (!job->libjpeg_tables) /* libjpeg's own passes throughout: the tests' reference */
+            src.progress = &hook.pub;
         coefs = jpeg_read_coefficients(&src);
+        src.progress = &job->g.progress;
+        walked = hook.walked && !walk.give_up;
     }
 
     if (job->optimize) {
