@@ -12,6 +12,7 @@ the level's fill colour there (`BlankTiles`).
 from __future__ import annotations
 
 import abc
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -62,7 +63,7 @@ class PyramidWriter(abc.ABC):
         """Append the next tile (encoded chunk bytes, or None: not stored) of level `index`,
         row-major."""
 
-    def write_tiles(self, index: int, tiles: list[bytes | None]) -> None:
+    def write_tiles(self, index: int, tiles: Sequence[bytes | None]) -> None:
         """Append several tiles of level `index` (a backend may write them in one go)."""
         for data in tiles:
             self.write_tile(index, data)

@@ -12,7 +12,7 @@ instance: one pixel copy, two standard views. Keys, metadata documents and attri
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -128,7 +128,7 @@ class OmeZarrWriter(PyramidWriter):
     def write_tile(self, index: int, data: bytes | None) -> None:
         self._open_shard(index).append(data)
 
-    def write_tiles(self, index: int, tiles: list[bytes | None]) -> None:
+    def write_tiles(self, index: int, tiles: Sequence[bytes | None]) -> None:
         self._open_shard(index).extend(tiles)
 
     def end_level(self, index: int) -> None:

@@ -30,6 +30,7 @@ import functools
 import os
 import platform
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -269,7 +270,7 @@ class _Collector(PyramidWriter):
     def write_tile(self, index: int, data: bytes | None) -> None:
         self.tiles.setdefault(index, []).append(data)
 
-    def write_tiles(self, index: int, tiles: list[bytes | None]) -> None:
+    def write_tiles(self, index: int, tiles: Sequence[bytes | None]) -> None:
         self.tiles.setdefault(index, []).extend(tiles)
 
     def end_level(self, index: int) -> None:
