@@ -135,13 +135,13 @@ def _botocore_s3(settings: StoreSettings) -> Any:
     import botocore.config
     import botocore.session
 
-    from wsi.store.obstore_s3 import DEFAULT_REGION
+    from wsi.store.obstore_s3 import region
 
     options = _s3_options(settings)
     session = botocore.session.Session()
     return session.create_client(
         "s3",
-        region_name=session.get_config_variable("region") or DEFAULT_REGION,
+        region_name=region(session),
         endpoint_url=options.get("endpoint_url"),
         config=botocore.config.Config(**options["config_kwargs"]),
     )

@@ -57,6 +57,7 @@ __all__ = [
     "ObstoreS3",
     "bucket_range_reader",
     "check_spans",
+    "region",
     "store_errors",
     "usable",
 ]
@@ -168,13 +169,19 @@ class _BotocoreCredentials:
         }
 
 
+def region(session: Any) -> str:
+    """The region a botocore session's configuration names, else DEFAULT_REGION: the one obstore
+    signs for, and `Store.s3_api`'s botocore client too."""
+    return str(session.get_config_variable("region") or DEFAULT_REGION)
+
+
 def _s3_client(bucket: str, prefix: str, endpoint_url: str | None) -> S3Store:
     """An obstore client for `bucket` (keys relative to `prefix`), as s3fs would reach it."""
     import botocore.session
 
     session = botocore.session.Session()
     endpoint = endpoint_url or os.environ.get("AWS_ENDPOINT_URL") or None
-    config: dict[str, Any] = {"region": session.get_config_variable("region") or DEFAULT_REGION}
+    config: dict[str, Any] = {"region": region(session)}
     if endpoint:
         config["endpoint"] = endpoint
     credentials = session.get_credentials()
