@@ -16,6 +16,7 @@ setup(
             depends=[
                 "wsi/codecs/_jpeglib_huffman.h",
                 "wsi/codecs/_jpeglib_copy.h",
+                "wsi/codecs/_jpeglib_copy_calls.h",
                 "wsi/codecs/_jpeglib_decode.h",
                 "wsi/codecs/_jpeglib_glass.h",
                 "wsi/codecs/_jpeglib_batch.h",
