@@ -143,6 +143,7 @@ def test_the_cold_floor_is_a_hot_exchange_plus_the_librarys_read() -> None:
     assert s3_cold.cold_floor(p50) == pytest.approx(1.4)
 
 
+@pytest.mark.s3
 def test_store_only_puts_every_file_as_it_is_then_removes_them(
     seaweedfs: SeaweedFS, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
