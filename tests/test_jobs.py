@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import sqlite3
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -105,3 +106,20 @@ def test_helpers(tmp_path: Path) -> None:
     assert default_queue_path(str(tmp_path)) == tmp_path / "jobs.sqlite"
     names = {worker_name() for _ in range(100)}
     assert len(names) == 100
+
+
+def test_opening_waits_for_another_process_making_the_file(tmp_path: Path) -> None:
+    """`wsi watch` and `wsi worker` started together both open a new job table. While one of
+    them holds the new file's write lock, SQLite answers the other's switch to WAL with "database
+    is locked" at once, without waiting: the queue must wait for the lock like any other."""
+    path = tmp_path / "jobs.sqlite"
+    other = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    other.execute("BEGIN IMMEDIATE")  # what the first process holds while it sets the file up
+    release = threading.Timer(0.3, other.commit)
+    release.start()
+    try:
+        with SQLiteJobQueue(path) as q:
+            assert q.list() == []
+    finally:
+        release.join()
+        other.close()

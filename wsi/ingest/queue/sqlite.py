@@ -169,6 +169,24 @@ class SQLiteJobQueue(JobQueue):
             _INHERITED.append(holder)
             holder = None
         if holder is None:
+            holder = _Connection(self._open())
+            self._local.holder = holder
+            with self._lock:
+                self._all.add(holder)
+        return holder.conn
+
+    def _open(self) -> sqlite3.Connection:
+        """Connect in WAL mode, waiting up to `busy_timeout` for other processes doing the same.
+
+        Switching a new file to WAL takes an exclusive lock, and SQLite answers "database is
+        locked" at once (its busy handler is not asked) to a process that opens the file while
+        another one is switching it: roles started together (`wsi watch` and `wsi worker` on one
+        fresh job table) would otherwise fail at random.
+        """
+        deadline = time.monotonic() + self.busy_timeout
+        pause = 0.001
+        while True:
+            conn: sqlite3.Connection | None = None
             try:
                 conn = sqlite3.connect(
                     self.path,
@@ -179,13 +197,15 @@ class SQLiteJobQueue(JobQueue):
                 conn.execute("PRAGMA journal_mode = WAL")
                 # A submitted job must survive a power cut: the scanner has moved on by then.
                 conn.execute("PRAGMA synchronous = FULL")
+                return conn
             except sqlite3.Error as exc:
-                raise JobQueueUnavailable(f"cannot open {self.path}: {exc}") from exc
-            holder = _Connection(conn)
-            self._local.holder = holder
-            with self._lock:
-                self._all.add(holder)
-        return holder.conn
+                if conn is not None:
+                    conn.close()
+                busy = getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_BUSY
+                if not busy or time.monotonic() + pause > deadline:
+                    raise JobQueueUnavailable(f"cannot open {self.path}: {exc}") from exc
+                time.sleep(pause)
+                pause = min(pause * 2, 0.05)
 
     @contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
