@@ -272,6 +272,34 @@ def test_the_one_pass_works_here_and_its_fallback_agrees() -> None:
         assert np.array_equal(one, two)
 
 
+@pytest.mark.parametrize("mode", ["420", "rgb"])
+def test_blank_glass_halves_to_the_fill(mode: str) -> None:
+    """With `blank_fill`, a tile proven all glass is not decoded: its 1/2-scale target is the
+    fill grey; tissue, a tile the coefficients cannot settle and a call without a rule are
+    decoded as before. The two-pass fallback does the same."""
+    rule = Background(244)
+    dot = glass(3)
+    dot[100, 100] = 120  # undecided from the coefficients: decoded
+    tissue = np.random.default_rng(4).integers(60, 230, (256, 256, 3)).astype(np.uint8)
+    tiles = [encode_tile(t, mode) for t in (glass(1), tissue, dot)]
+    verdicts = [True if mode == "420" else None, False, None]
+    for chosen in (rule.rule, None):
+        halves = [np.zeros((128, 128, 3), np.uint8) for _ in tiles]
+        results = jpegtran.copy_tiles(tiles, True, [(256, 256)] * 3, chosen, halves, 240)
+        for data, result, half, verdict in zip(tiles, results, halves, verdicts, strict=True):
+            assert not isinstance(result, CorruptSlide)
+            assert result.all_in_rule is (verdict if chosen else None)
+            if chosen and verdict:
+                assert (half == 240).all()
+                two = np.zeros_like(half)
+                jpegtran.copy_then_decode(data, True, (256, 256), chosen, two, 240)
+                assert np.array_equal(half, two)
+            else:
+                assert np.array_equal(half, jpeg.decode(data, half=True))
+    with pytest.raises(InvalidArgument):
+        jpegtran.copy_tiles(tiles, True, [(256, 256)] * 3, rule.rule, None, 256)
+
+
 def outcome(call: Callable[[], object]) -> object:
     """What a call returns, or the type and message of the CorruptSlide it raises."""
     try:

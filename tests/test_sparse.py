@@ -320,6 +320,63 @@ def test_blank_tiles_are_missing_and_read_as_the_fill(stores: dict[str, Any], sl
     assert stored < full["store"].read_manifest(full["id"])["stored_bytes"]
 
 
+def test_levels_made_below_see_glass_as_the_fill(tmp_path: Path) -> None:
+    """A level made from level 0 (a base-only slide) takes a blank-glass tile as what viewers
+    show for it, the fill grey, without decoding it: in each stored tile of level 1, the
+    quadrant of a level-0 tile not stored is flat fill, and the quadrants of stored ones are
+    what the conversion keeping every tile made (away from the quadrants' borders, where the
+    decoder's chroma upsampling reads across)."""
+    from sample_data.generate import generate
+
+    path = generate(tmp_path / "base.tif", WIDTH, HEIGHT, seed=2, base_only=True)
+    made = {}
+    for name, settings in (("sparse", DEFAULT), ("full", KEPT)):
+        root = tmp_path / name
+        store = wsi.Store(wsi.StoreSettings(str(root)))
+        made[name] = {"root": root, "id": wsi.convert_slide(path, store, settings).slide_id}
+    sparse, full = made["sparse"], made["full"]
+    fill = wsistore_attrs(group(sparse))["fill"]
+    glass, absent = absent_tiles(sparse, 0), absent_tiles(sparse, 1)
+    ours, before = (
+        np.moveaxis(read_pixels(level_array(group(entry), "1")), 0, -1).astype(int)
+        for entry in (sparse, full)
+    )
+    half = levels(sparse)[0]["tile_width"] // 2
+    seen = {True: 0, False: 0}
+    for col in range(COLS):
+        for row in range(ROWS):
+            if (col // 2, row // 2) in absent:
+                continue  # a level-1 tile not stored reads as the fill anyway
+            y, x = row * half, col * half
+            inner = (slice(y + 8, y + half - 8), slice(x + 8, x + half - 8))
+            is_glass = (col, row) in glass
+            seen[is_glass] += 1
+            if is_glass:
+                assert np.abs(ours[inner] - fill).max() <= 1
+            else:
+                assert np.array_equal(ours[inner], before[inner])
+    assert seen[True] and seen[False]
+
+
+def test_decoded_glass_is_the_fill_for_the_levels_below(tmp_path: Path) -> None:
+    """The same for a source whose tiles are decoded (deflate): a tile of textured glass is not
+    stored, and the level made from it sees the fill grey there, not the texture."""
+    import tifffile
+
+    rng = np.random.default_rng(5)
+    tint = np.array([243, 241, 245])  # glass a little coloured, as the generator's
+    image = (tint + rng.integers(0, 2, (512, 1024, 3))).astype(np.uint8)
+    image[:, 256:] = rng.integers(40, 220, (512, 768, 3))  # tissue right of the first column
+    path = tmp_path / "deflate.tif"
+    tifffile.imwrite(path, image, tile=(256, 256), compression="zlib", photometric="rgb")
+    store = wsi.Store(wsi.StoreSettings(str(tmp_path / "store")))
+    entry = {"root": tmp_path / "store", "id": wsi.convert_slide(path, store, DEFAULT).slide_id}
+    fill = wsistore_attrs(group(entry))["fill"]
+    assert absent_tiles(entry, 0) == {(0, 0), (0, 1)} and not absent_tiles(entry, 1)
+    level1 = np.moveaxis(read_pixels(level_array(group(entry), "1")), 0, -1).astype(int)
+    assert np.abs(level1[8:248, 8:120] - fill).max() <= 1  # the glass quadrants, inside
+
+
 def test_dicom_readers_see_the_same_pixels(stores: dict[str, Any]) -> None:
     """OpenSlide 4 leaves absent frames transparent, wsidicom paints them its blank colour
     (white): every stored pixel equals the full conversion's."""

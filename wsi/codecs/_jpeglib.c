@@ -13,7 +13,7 @@
  *     (optimize_coding's extra pass cost as much as everything else together) and the output is
  *     byte for byte libjpeg's. `libjpeg_tables` takes libjpeg's own two-pass path instead: the
  *     reference the tests compare with.
- * copy_tile(data, optimize, width, height, limits, counts, low, n, half)
+ * copy_tile(data, optimize, width, height, limits, counts, low, n, half, blank_fill=-1)
  *         -> (verdict, space, low, high, out, dark, light)
  *     transcode's work and more from one read of the coefficients (_jpeglib_copy.h): with a
  *     colour rule (`counts`, `low`, `n`: a summed-volume table of the rule's colours; `limits`,
@@ -21,9 +21,10 @@
  *     means in a tile of the rule's colours only), whether
  *     every pixel of the top-left width x height is one of them (True, False, or None when the
  *     coefficients cannot tell); with `half` (a writable (h, w, 3) uint8 array, rows may be
- *     strided), the tile decoded at 1/2 scale into it, as TurboJPEG decodes it. out is the
- *     optimised stream when `optimize` and the verdict is not True, else None.
- * copy_tiles(tiles, optimize, regions, limits, counts, low, n, halves) -> list
+ *     strided), the tile decoded at 1/2 scale into it, as TurboJPEG decodes it, or, with a
+ *     rule and `blank_fill` 0..255, filled with that grey when the verdict is True (no output
+ *     pass). out is the optimised stream when `optimize` and the verdict is not True, else None.
+ * copy_tiles(tiles, optimize, regions, limits, counts, low, n, halves, blank_fill=-1) -> list
  *     copy_tile for each of a list of streams with the GIL released once (_jpeglib_batch.h):
  *     each item copy_tile's tuple, or the CorruptSlide it raises for that tile alone.
  * decode_region(data, x, y, out, expected_width, expected_height) -> None
@@ -486,11 +487,11 @@ static PyMethodDef methods[] = {
      "transcode(data, optimize, libjpeg_tables=False, width=0, height=0) -> (space, "
      "low, high, bytes or None, dark, light)"},
     {"copy_tile", py_copy_tile, METH_VARARGS,
-     "copy_tile(data, optimize, width, height, limits, counts, low, n, half) -> (verdict, "
-     "space, low, high, bytes or None, dark, light)"},
+     "copy_tile(data, optimize, width, height, limits, counts, low, n, half, blank_fill=-1) "
+     "-> (verdict, space, low, high, bytes or None, dark, light)"},
     {"copy_tiles", py_copy_tiles, METH_VARARGS,
-     "copy_tiles(tiles, optimize, regions, limits, counts, low, n, halves) -> list of "
-     "copy_tile's tuples or CorruptSlide instances"},
+     "copy_tiles(tiles, optimize, regions, limits, counts, low, n, halves, blank_fill=-1) -> "
+     "list of copy_tile's tuples or CorruptSlide instances"},
     {"within", py_within, METH_VARARGS,
      "within(data, width, height, blues) -> bool: every decoded pixel in the set"},
     {"decode_region", py_decode_region, METH_VARARGS,

@@ -46,6 +46,7 @@ def copy_tile(
     low: int,
     n: int,
     half: np.ndarray[Any, Any] | None,
+    blank_fill: int = -1,
     /,
 ) -> CopiedTile: ...
 def within(
@@ -72,5 +73,6 @@ def copy_tiles(
     low: int,
     n: int,
     halves: list[np.ndarray[Any, Any] | None] | None,
+    blank_fill: int = -1,
     /,
 ) -> list[CopiedTile | CorruptSlide]: ...

@@ -1,9 +1,10 @@
 /* Part of wsi/codecs/_jpeglib.c (included once, after _jpeglib_copy.h): copy_tile for a row of
  * tiles in one call.
  *
- * copy_tiles(tiles, optimize, regions, limits, counts, low, n, halves) -> list
+ * copy_tiles(tiles, optimize, regions, limits, counts, low, n, halves, blank_fill=-1) -> list
  *     copy_tile's work for each stream of `tiles` (regions[i]: its visible (width, height);
- *     halves: None, or one 1/2-scale target or None per tile), with the GIL released once for
+ *     halves: None, or one 1/2-scale target or None per tile; blank_fill: see copy_tile), with
+ *     the GIL released once for
  *     the whole list instead of once per tile: a task of the pyramid builder copies a row of up
  *     to 32 tiles, and every re-take of the GIL waited whenever another thread was running
  *     Python. Item i of the result is copy_tile's tuple for tile i, or the CorruptSlide
@@ -93,7 +94,7 @@ static void batch_release(struct batch_tile *tiles, Py_ssize_t n) {
 /* Fills tiles[0..n) from the argument lists (the GIL held); 0, or -1 with an exception set. */
 static int batch_prepare(struct batch_tile *tiles, Py_ssize_t n, PyObject **data,
                          PyObject **regions, PyObject **halves, int optimize, Py_buffer *limits,
-                         Py_buffer *counts, int rule_low, int rule_n) {
+                         Py_buffer *counts, int rule_low, int rule_n, int blank_fill) {
     Py_ssize_t i;
     for (i = 0; i < n; i++) {
         struct batch_tile *t = &tiles[i];
@@ -102,7 +103,8 @@ static int batch_prepare(struct batch_tile *tiles, Py_ssize_t n, PyObject **data
             return -1;
         if (take_limits(&t->job, limits) != 0)
             return -1;
-        job_inputs(&t->job, &t->data, optimize, width, height, counts, rule_low, rule_n, &t->half);
+        job_inputs(&t->job, &t->data, optimize, width, height, counts, rule_low, rule_n, &t->half,
+                   blank_fill);
         t->too_large = t->data.len > MAX_INPUT_BYTES;
         if (!t->too_large && job_output(&t->job, &t->out) != 0)
             return -1;
@@ -110,17 +112,17 @@ static int batch_prepare(struct batch_tile *tiles, Py_ssize_t n, PyObject **data
     return 0;
 }
 
-/* copy_tiles(tiles, optimize, regions, limits, counts, low, n, halves) -> list */
+/* copy_tiles(tiles, optimize, regions, limits, counts, low, n, halves, blank_fill=-1) -> list */
 static PyObject *py_copy_tiles(PyObject *self, PyObject *args) {
     PyObject *tile_list, *region_list, *half_list, *result = NULL;
     PyObject *data = NULL, *regions = NULL, *halves = NULL;
     Py_buffer limits = {0}, counts = {0};
-    int optimize, rule_low, rule_n;
+    int optimize, rule_low, rule_n, blank_fill = -1;
     struct batch_tile *tiles = NULL;
     Py_ssize_t n = 0, i;
 
-    if (!PyArg_ParseTuple(args, "OpOy*y*iiO:copy_tiles", &tile_list, &optimize, &region_list,
-                          &limits, &counts, &rule_low, &rule_n, &half_list))
+    if (!PyArg_ParseTuple(args, "OpOy*y*iiO|i:copy_tiles", &tile_list, &optimize, &region_list,
+                          &limits, &counts, &rule_low, &rule_n, &half_list, &blank_fill))
         return NULL;
     data = PySequence_Fast(tile_list, "copy_tiles: tiles must be a sequence");
     regions = data ? PySequence_Fast(region_list, "copy_tiles: regions must be a sequence") : NULL;
@@ -143,7 +145,7 @@ static PyObject *py_copy_tiles(PyObject *self, PyObject *args) {
     }
     if (batch_prepare(tiles, n, PySequence_Fast_ITEMS(data), PySequence_Fast_ITEMS(regions),
                       halves ? PySequence_Fast_ITEMS(halves) : NULL, optimize, &limits, &counts,
-                      rule_low, rule_n) != 0)
+                      rule_low, rule_n, blank_fill) != 0)
         goto done;
     /* The streams and targets are held through their buffers, which no other thread can
      * release; each job writes only into its own bytes object and target. */

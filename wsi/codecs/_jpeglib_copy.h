@@ -47,6 +47,7 @@ struct job {
     unsigned char *half; /* 1/2-scale output (rows of half_width RGB pixels), or NULL */
     Py_ssize_t half_pitch;
     long half_width, half_height;
+    int blank_fill; /* 0..255: the grey a tile all in the rule's colours halves to; -1: decoded */
     unsigned char *buffer;  /* where the output goes first (a bytes object's storage) */
     unsigned long capacity; /* its size */
     /* results */
@@ -149,6 +150,15 @@ static void write_half(struct job *job, j_decompress_ptr src) {
         }
     }
     jpeg_finish_output(src);
+}
+
+/* The 1/2-scale output of a tile of blank glass: the fill grey, as a viewer shows the glass tiles
+ * that are not stored (`PyramidBuilder._store_copied`). */
+static void fill_half(struct job *job) {
+    long row;
+    for (row = 0; row < job->half_height; row++)
+        memset(job->half + (Py_ssize_t)row * job->half_pitch, job->blank_fill,
+               (size_t)job->half_width * 3);
 }
 
 static void write_optimised(struct job *job, j_compress_ptr dst, jvirt_barray_ptr *coefs,
@@ -376,7 +386,9 @@ static int run_copy(struct job *job) {
         job->verdict = outside ? 0 : judge_blocks(job, &src, (long)width, (long)height);
     job->encoded = job->optimize && job->verdict != 1;
 
-    if (job->half != NULL)
+    if (job->half != NULL && job->verdict == 1 && job->blank_fill >= 0)
+        fill_half(job);
+    else if (job->half != NULL)
         write_half(job, &src);
     if (job->encoded)
         write_optimised(job, &dst, coefs, gather, dc, ac);

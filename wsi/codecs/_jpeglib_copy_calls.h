@@ -178,7 +178,8 @@ static int rule_fits(const Py_buffer *counts, int rule_low, int rule_n) {
  * NULL: none). The buffers stay the caller's. */
 static void job_inputs(struct job *job, const Py_buffer *data, int optimize, long width,
                        long height, const Py_buffer *counts, int rule_low, int rule_n,
-                       const Py_buffer *half) {
+                       const Py_buffer *half, int blank_fill) {
+    job->blank_fill = counts->len != 0 && blank_fill >= 0 && blank_fill <= 255 ? blank_fill : -1;
     job->data = data->buf;
     job->size = (unsigned long)data->len;
     job->optimize = optimize;
@@ -202,17 +203,17 @@ static void job_inputs(struct job *job, const Py_buffer *data, int optimize, lon
     "the target must be an (h, w, 3) uint8 array with packed pixels, the rule an (n + 1)**3 "    \
     "int32 table"
 
-/* copy_tile(data, optimize, width, height, limits, counts, low, n, half)
+/* copy_tile(data, optimize, width, height, limits, counts, low, n, half, blank_fill=-1)
  *     -> (verdict, space, low, high, out, dark, light) */
 static PyObject *py_copy_tile(PyObject *self, PyObject *args) {
     Py_buffer data, limits = {0}, counts = {0}, half = {0};
     PyObject *target, *result = NULL;
-    int optimize, rule_low, rule_n, good = 1;
+    int optimize, rule_low, rule_n, good = 1, blank_fill = -1;
     long width, height;
     struct job *job;
 
-    if (!PyArg_ParseTuple(args, "y*plly*y*iiO:copy_tile", &data, &optimize, &width, &height,
-                          &limits, &counts, &rule_low, &rule_n, &target))
+    if (!PyArg_ParseTuple(args, "y*plly*y*iiO|i:copy_tile", &data, &optimize, &width, &height,
+                          &limits, &counts, &rule_low, &rule_n, &target, &blank_fill))
         return NULL;
     if (target != Py_None)
         good = take_half(target, &half);
@@ -227,7 +228,8 @@ static PyObject *py_copy_tile(PyObject *self, PyObject *args) {
         PyErr_Format(corrupt_slide, "JPEG stream of %zd bytes exceeds %ld", data.len,
                      MAX_INPUT_BYTES);
     } else if (job != NULL && take_limits(job, &limits) == 0) {
-        job_inputs(job, &data, optimize, width, height, &counts, rule_low, rule_n, &half);
+        job_inputs(job, &data, optimize, width, height, &counts, rule_low, rule_n, &half,
+                   blank_fill);
         result = finish_job(job);
         free(job->blocks);
     }

@@ -343,6 +343,7 @@ def copy_tile(
     region: tuple[int, int],
     rule: ColourRule | None = None,
     half: np.ndarray | None = None,
+    blank_fill: int | None = None,
 ) -> CopiedTile:
     """Everything a copied tile needs, from one entropy decode of its coefficients: the stream
     as `transcode` optimises it (when `optimize`), whether every pixel of its top-left
@@ -350,7 +351,9 @@ def copy_tile(
     whose rows may be strided, h and w half the tile's sides rounded up), the tile decoded at
     1/2 scale exactly as `wsi.codecs.jpeg.decode_into(..., half=True)` decodes it (the same
     libjpeg-turbo, its buffered-image mode: the output pass reads the coefficients already in
-    memory). Before, each of the three read the whole stream again.
+    memory). Before, each of the three read the whole stream again. With `blank_fill` (a grey
+    level) and `rule`, a tile proven all in the rule's colours is not decoded into `half`:
+    `half` is filled with that grey instead.
 
     The verdict, per 8x8 block of pixels reaching into the region: the bounds of `transcode`
     for every sample that makes those pixels (the block's own for full-resolution components;
@@ -367,13 +370,14 @@ def copy_tile(
         raise InvalidArgument(f"bad region {width}x{height}")
     if half is not None and (half.dtype != np.uint8 or half.ndim != 3):
         raise InvalidArgument("copy_tile: the 1/2-scale target must be an (h, w, 3) uint8 view")
+    fill = _blank_fill(blank_fill)
     if half is not None and not one_pass_works():
-        return copy_then_decode(data, optimize, region, rule, half)
+        return copy_then_decode(data, optimize, region, rule, half, fill)
     counts = rule.counts if rule is not None else b""
     limits = rule.limits.packed if rule is not None else b""
     low, side = (rule.low, rule.side) if rule is not None else (0, 0)
     verdict, _space, _low, _high, out, _dark, _light = _jpeglib.copy_tile(
-        data, optimize, width, height, limits, counts, low, side, half
+        data, optimize, width, height, limits, counts, low, side, half, fill
     )
     return CopiedTile(_kept_stream(data, out), verdict)
 
@@ -384,6 +388,7 @@ def copy_tiles(
     regions: Sequence[tuple[int, int]],
     rule: ColourRule | None = None,
     halves: Sequence[np.ndarray | None] | None = None,
+    blank_fill: int | None = None,
 ) -> list[CopiedTile | CorruptSlide]:
     """`copy_tile` of every tile of a list (a row of a pyramid's tiles) in one call: item i
     is what `copy_tile(tiles[i], optimize, regions[i], rule, halves[i])` returns, or the
@@ -400,9 +405,10 @@ def copy_tiles(
             raise InvalidArgument(f"bad region {width}x{height}")
         if half is not None and (half.dtype != np.uint8 or half.ndim != 3):
             raise InvalidArgument("copy_tiles: a 1/2-scale target must be an (h, w, 3) uint8 view")
+    fill = _blank_fill(blank_fill)
     if any(half is not None for half in targets) and not one_pass_works():
         return [
-            _one_by_one(data, optimize, region, rule, half)
+            _one_by_one(data, optimize, region, rule, half, fill)
             for data, region, half in zip(tiles, regions, targets, strict=True)
         ]
     counts = rule.counts if rule is not None else b""
@@ -418,6 +424,7 @@ def copy_tiles(
         low,
         side,
         targets if halves is not None else None,
+        fill,
     )
     out: list[CopiedTile | CorruptSlide] = []
     for data, result in zip(tiles, results, strict=True):
@@ -437,23 +444,41 @@ def _one_by_one(
     region: tuple[int, int],
     rule: ColourRule | None,
     half: np.ndarray | None,
+    fill: int,
 ) -> CopiedTile | CorruptSlide:
     """`copy_tile`'s result or error for one tile of `copy_tiles`."""
     try:
-        return copy_tile(data, optimize, region, rule, half)
+        return copy_tile(data, optimize, region, rule, half, fill if fill >= 0 else None)
     except CorruptSlide as error:
         return error
 
 
 def copy_then_decode(
-    data: bytes, optimize: bool, region: tuple[int, int], rule: ColourRule | None, half: np.ndarray
+    data: bytes,
+    optimize: bool,
+    region: tuple[int, int],
+    rule: ColourRule | None,
+    half: np.ndarray,
+    blank_fill: int = -1,
 ) -> CopiedTile:
     """`copy_tile` in two entropy decodes, through libjpeg's public API only: the stream and
-    the verdict, then TurboJPEG's DCT-scaled decode into `half`. What `copy_tile` falls back
-    to where its one pass does not work (`one_pass_works`)."""
+    the verdict, then TurboJPEG's DCT-scaled decode into `half` (or the fill, as `copy_tile`
+    does). What `copy_tile` falls back to where its one pass does not work (`one_pass_works`)."""
     copied = copy_tile(data, optimize, region, rule)
-    jpeg.decode_into(data, half, half=True)
+    if copied.all_in_rule and rule is not None and blank_fill >= 0:
+        half[...] = blank_fill
+    else:
+        jpeg.decode_into(data, half, half=True)
     return copied
+
+
+def _blank_fill(fill: int | None) -> int:
+    """`blank_fill` as the C extension takes it (-1: none)."""
+    if fill is None:
+        return -1
+    if not 0 <= fill <= 255:
+        raise InvalidArgument(f"blank fill must be a grey level 0..255, got {fill}")
+    return fill
 
 
 @functools.cache

@@ -267,9 +267,12 @@ class PyramidBuilder:
         rigorous bounds of every block's pixels, the blank-glass verdict: on the generated
         slides every tile, tissue and glass, is settled so. Only a tile the bounds cannot settle
         (pixels at the tolerance's edge) is decoded and checked pixel by pixel
-        (`Background.accepts_jpeg`). Without a background rule nor optimisation the tiles are
-        stored as they are and only their 1/2-scale decodes are made. A damaged tile raises
-        its `CorruptSlide` (the row's first)."""
+        (`Background.accepts_jpeg`). A tile of blank glass is not stored, and its quadrant of
+        the level below is the fill grey, as a viewer shows the tile: it is never decoded
+        (a third of the work of a glass tile, about half of a slide's tiles), and the levels
+        below show the glass as level 0 does. Without a background rule nor optimisation the
+        tiles are stored as they are and only their 1/2-scale decodes are made. A damaged tile
+        raises its `CorruptSlide` (the row's first)."""
         background = self.background
         optimize = self.settings.optimize_huffman
         if background is None and not optimize:
@@ -285,23 +288,29 @@ class PyramidBuilder:
             [visible(level, col, row) for col, _, _ in copied],
             rule,
             [half for _, _, half in copied],
+            background.fill if background is not None else None,
         )
         stored: list[bytes | None] = []
-        for (col, data, _), result in zip(copied, results, strict=True):
+        for (col, data, half), result in zip(copied, results, strict=True):
             if isinstance(result, CorruptSlide):
                 raise result
             blank = result.all_in_rule
             if background is not None and blank is None:
                 blank = background.accepts_jpeg(data, level, col, row)
+                if blank and half is not None:
+                    half[...] = background.fill
             stored.append(None if blank else result.data)
         return stored
 
     def _store_pixels(
         self, fmt: ChunkFormat, pixels: np.ndarray, level: Level, col: int, row: int
     ) -> bytes | None:
-        """A tile we encode, from its (full tile) pixels: None when it is blank glass."""
+        """A tile we encode, from its (full tile) pixels: None when it is blank glass, and its
+        pixels are then made the fill grey, what a reader shows for it, hence what the levels
+        made from it see (as for a copied tile: `_store_copied`)."""
         background = self.background
         if background is not None and background.accepts_pixels(inside(pixels, level, col, row)):
+            pixels[...] = background.fill
             return None
         return self._encode(fmt, pixels)
 
