@@ -132,6 +132,26 @@ def test_the_rule_is_delta_e_76(fill: int) -> None:
         assert not rule.accepts_pixels(np.array([[[low - 1, fill, fill]]], np.uint8))
 
 
+def test_rows_of_one_colour_are_judged_by_it() -> None:
+    """A row of one colour is settled from its first pixel (a derived tile of glass is the fill):
+    the same answers as pixel by pixel, for rows of one colour in and out of tolerance, a
+    different pixel at either end of a row, strided views and one-pixel rows."""
+    rule = Background(244)
+    rng = np.random.default_rng(8)
+    for colour in ((244, 244, 244), (242, 245, 243), (230, 244, 244), (244, 244, 200)):
+        tile = np.full((64, 64, 3), colour, np.uint8)
+        expected = bool(cie_delta_e(np.array([colour]), 244)[0] <= DELTA_E76)
+        assert rule.accepts_pixels(tile) is expected
+        assert rule.accepts_pixels(tile[:, ::2]) is expected
+        assert rule.accepts_pixels(tile[:, :1]) is expected
+        for y, x in ((0, 0), (63, 63), (17, 0), (17, 63)):
+            for odd in (np.array([244, 244, 244]), rng.integers(0, 256, 3)):
+                marked = tile.copy()
+                marked[y, x] = odd
+                truth = cie_delta_e(marked.reshape(-1, 3), 244) <= DELTA_E76
+                assert rule.accepts_pixels(marked) is bool(truth.all())
+
+
 def test_a_flat_tile_is_settled_from_its_coefficients() -> None:
     rule = Background(244)
     for colour, blank in (((244, 244, 244), True), ((200, 244, 244), False)):
