@@ -509,30 +509,43 @@ def _sparse_frames(slide: DicomSlide, sparse: SparseFrames) -> Item:
 
 def _per_frame_groups(slide: DicomSlide, level: Level, tiles: tuple[int, ...]) -> bytes:
     """The Per-Frame Functional Groups Sequence of `tiles`, the data set's last element before
-    Pixel Data, encoded element by element rather than through `encode` (~5 us a frame: sparse
-    levels have up to hundreds of thousands). Each item: Frame Content (Dimension Index Values:
-    rank of the tile's column and row among those stored) and Plane Position (Slide)."""
+    Pixel Data, encoded element by element rather than through `encode`, from pieces encoded
+    once per column and per row (~2 us a frame, 6 before: sparse levels have up to hundreds of
+    thousands, encoded when the level ends, when nothing else runs). Each item: Frame Content
+    (Dimension Index Values: rank of the tile's column and row among those stored) and Plane
+    Position (Slide)."""
     row_mm = slide.mpp_mm[0] * slide.base_height / level.height
     col_mm = slide.mpp_mm[1] * slide.base_width / level.width
     rows, cols = (sorted({divmod(t, level.cols)[k] for t in tiles}) for k in (0, 1))
-    row_rank = {r: i + 1 for i, r in enumerate(rows)}
-    col_rank = {c: i + 1 for i, c in enumerate(cols)}
+    # What depends on the column alone or on the row alone, encoded once: its rank among those
+    # stored (Dimension Index Values) and its position in mm (ImageOrientationSlide (0, -1, 0,
+    # -1, 0, 0): columns run along -Y, rows along -X) and in pixels.
+    col_of = {
+        c: (
+            struct.pack("<I", rank),
+            element(0x0040073A, "DS", _ds_bytes(-c * level.tile_width * col_mm)),
+            element(0x0048021E, "SL", struct.pack("<i", c * level.tile_width + 1)),
+        )
+        for rank, c in enumerate(cols, start=1)
+    }
+    row_of = {
+        r: (
+            struct.pack("<I", rank),
+            element(0x0040072A, "DS", _ds_bytes(-r * level.tile_height * row_mm)),
+            element(0x0048021F, "SL", struct.pack("<i", r * level.tile_height + 1)),
+        )
+        for rank, r in enumerate(rows, start=1)
+    }
+    z = element(0x0040074A, "DS", _ds_bytes(0))
+    # Frame Content Sequence: one item of one UL pair, all but the pair's 8 bytes the same.
+    content_head = sequence(0x00209111, [element(0x00209157, "UL", bytes(8))])[:-8]
     items = []
     for tile in tiles:
         row, col = divmod(tile, level.cols)
-        x, y = col * level.tile_width, row * level.tile_height
-        content = element(0x00209157, "UL", struct.pack("<II", col_rank[col], row_rank[row]))
-        # ImageOrientationSlide (0, -1, 0, -1, 0, 0): columns run along -Y, rows along -X.
-        position = b"".join(
-            (
-                element(0x0040072A, "DS", _ds_bytes(-y * row_mm)),
-                element(0x0040073A, "DS", _ds_bytes(-x * col_mm)),
-                element(0x0040074A, "DS", _ds_bytes(0)),
-                element(0x0048021E, "SL", struct.pack("<i", x + 1)),
-                element(0x0048021F, "SL", struct.pack("<i", y + 1)),
-            )
-        )
-        items.append(sequence(0x00209111, [content]) + sequence(0x0048021A, [position]))
+        col_rank, x_mm, x_px = col_of[col]
+        row_rank, y_mm, y_px = row_of[row]
+        position = b"".join((y_mm, x_mm, z, x_px, y_px))
+        items.append(content_head + col_rank + row_rank + sequence(0x0048021A, [position]))
     return sequence(keyword_tag("PerFrameFunctionalGroupsSequence"), items)
 
 
