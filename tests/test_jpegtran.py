@@ -335,6 +335,36 @@ def test_tables_are_libjpegs_optimal_tables(synthetic_jpeg_tiff: Path) -> None:
         assert ours[:3] == _jpeglib.transcode(data, False)[:3], name
 
 
+def test_tiles_with_tables_of_their_own_one_after_another() -> None:
+    """Tiles that each carry optimal tables (our own output, read back) share some of them: here
+    the DC tables (the same gradient under each tile) while the AC tables differ (noise of
+    growing strength). Each thread keeps the decoding tables it made last; a table found there
+    must stay while the tile's other tables are made, or the tile is decoded with a wrong one.
+    On a fresh thread, tile after tile, every result is libjpeg's own (its decoder and two-pass
+    optimisation)."""
+    gradient = np.linspace(60, 200, 256)[None, :, None] * np.ones((256, 1, 3))
+    rng = np.random.default_rng(16)
+    tiles = [
+        jpeg.encode_optimized(
+            np.clip(gradient + rng.normal(0, s, (256, 256, 3)), 0, 255).astype(np.uint8), 85
+        )
+        for s in (2, 4, 6, 8, 10, 12, 14, 16)
+    ]
+
+    def one_after_another() -> list[object]:
+        out: list[object] = []
+        for data in tiles:
+            try:
+                out.append(_jpeglib.transcode(data, True))
+            except CorruptSlide as error:
+                out.append(str(error))
+        return out
+
+    with ThreadPoolExecutor(1) as fresh:  # a thread whose tables are all still to be made
+        ours = fresh.submit(one_after_another).result()
+    assert ours == [_jpeglib.transcode(data, True, True) for data in tiles]
+
+
 # -- decode_region --------------------------------------------------------------------------------
 def region_cases(h: int, w: int) -> Iterator[tuple[int, int, int, int]]:
     """Every offset, with widths and heights of 1, a few pixels, an MCU and the rest."""

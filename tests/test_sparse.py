@@ -505,6 +505,28 @@ def test_settings_are_fingerprinted(slide: Path, tmp_path: Path) -> None:
 
 
 # -- the reader and the service -------------------------------------------------------------------
+def test_our_sparse_dicom_converts_back_to_the_same_tiles(
+    stores: dict[str, Any], tmp_path: Path
+) -> None:
+    """The exported TILED_SPARSE series, converted again: every tile of every level is the
+    same (each frame carries optimal tables of its own, which the copy read one after another
+    on a thread: a table cache that dropped one in use made this fail with "bad Huffman
+    code")."""
+    sparse = stores["sparse"]
+    store = wsi.Store(wsi.StoreSettings(str(tmp_path)))
+    again = wsi.convert_slide(sparse["dicom"], store, DEFAULT).slide_id
+    with (
+        wsi.open_published(f"{sparse['root']}/{sparse['id']}") as before,
+        wsi.open_published(f"{tmp_path}/{again}") as after,
+    ):
+        assert len(after.levels) == len(before.levels)
+        for k, lv in enumerate(before.levels):
+            for row in range(lv.rows):
+                for col in range(lv.cols):
+                    assert after.tile_bytes(k, col, row) == before.tile_bytes(k, col, row)
+        assert absent_tiles({"root": tmp_path, "id": again}, 0) == absent_tiles(sparse, 0)
+
+
 def test_reader_hands_out_the_background_tile(stores: dict[str, Any]) -> None:
     sparse = stores["sparse"]
     col, row = sorted(absent_tiles(sparse, 0))[0]

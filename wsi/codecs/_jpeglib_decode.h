@@ -21,7 +21,7 @@
 
 #define LOOKAHEAD 9 /* bits of a code looked up at once */
 #define WHOLE_BITS 11 /* bits of a code and its value looked up at once */
-#define CACHED_TABLES 8
+#define CACHED_TABLES 12 /* more than a scan uses (4 DC and 4 AC at most) */
 
 /* One Huffman table as the decoder reads it (jdhuff.c's d_derived_tbl): a code and the value
  * bits after it, when they fit in WHOLE_BITS, in one look-up (whole); other codes of up to
@@ -126,11 +126,13 @@ static void make_decoding_table(const JHUFF_TBL *t, struct decoding_table *out) 
 }
 
 /* The decoding table of `t`, from this thread's cache or made into it; NULL when out of
- * memory. */
-static const struct decoding_table *decoding_table_of(const JHUFF_TBL *t) {
+ * memory. `pinned` holds the slots of the tables the scan already took (found or made): a
+ * table made for the same scan goes elsewhere, never over one of them (a tile whose luma DC
+ * table was found there and whose AC table was then made over it was decoded with the wrong
+ * table: "bad Huffman code", or wrong coefficients). */
+static const struct decoding_table *decoding_table_of(const JHUFF_TBL *t, unsigned *pinned) {
     struct table_cache *cache = pthread_getspecific(table_cache_key);
-    struct decoding_table *slot;
-    int i;
+    int i, tries;
     if (cache == NULL) {
         cache = calloc(1, sizeof *cache);
         if (cache == NULL || pthread_setspecific(table_cache_key, cache) != 0) {
@@ -139,16 +141,23 @@ static const struct decoding_table *decoding_table_of(const JHUFF_TBL *t) {
         }
     }
     for (i = 0; i < cache->used; i++) {
-        slot = &cache->tables[i];
+        const struct decoding_table *slot = &cache->tables[i];
         if (memcmp(slot->source.bits, t->bits, sizeof t->bits) == 0 &&
-            memcmp(slot->source.huffval, t->huffval, sizeof t->huffval) == 0)
+            memcmp(slot->source.huffval, t->huffval, sizeof t->huffval) == 0) {
+            *pinned |= 1u << i;
             return slot;
+        }
     }
-    slot = &cache->tables[cache->next];
+    for (tries = 0; tries < CACHED_TABLES && (*pinned >> cache->next) & 1u; tries++)
+        cache->next = (cache->next + 1) % CACHED_TABLES;
+    if ((*pinned >> cache->next) & 1u)
+        return NULL; /* more tables than slots: libjpeg's decoder reads this scan */
+    i = cache->next;
     cache->next = (cache->next + 1) % CACHED_TABLES;
     cache->used += cache->used < CACHED_TABLES;
-    make_decoding_table(t, slot);
-    return slot;
+    make_decoding_table(t, &cache->tables[i]);
+    *pinned |= 1u << i;
+    return &cache->tables[i];
 }
 
 /* Where the bytes come from once the source's buffer is used up: libjpeg's memory source
@@ -518,6 +527,7 @@ static boolean walking_decode_mcu(j_decompress_ptr d, JBLOCKROW *blocks) {
  * jpeg_start_decompress: its tables are set), when it is the whole image in one sequential
  * Huffman scan; returns whether it did. The bit reader starts where libjpeg's would. */
 static int start_walk(j_decompress_ptr d, struct decoding *w, struct component_scan *comps) {
+    unsigned pinned = 0;
     int i;
     if (d->progressive_mode || d->arith_code || d->comps_in_scan != d->num_components ||
         d->entropy == NULL || d->Ss != 0 || d->Se != DCTSIZE2 - 1 || d->Ah != 0 || d->Al != 0)
@@ -527,8 +537,8 @@ static int start_walk(j_decompress_ptr d, struct decoding *w, struct component_s
         int t = comp->dc_tbl_no, u = comp->ac_tbl_no;
         if (d->dc_huff_tbl_ptrs[t] == NULL || d->ac_huff_tbl_ptrs[u] == NULL)
             return 0;
-        w->dc[t] = decoding_table_of(d->dc_huff_tbl_ptrs[t]);
-        w->ac[u] = decoding_table_of(d->ac_huff_tbl_ptrs[u]);
+        w->dc[t] = decoding_table_of(d->dc_huff_tbl_ptrs[t], &pinned);
+        w->ac[u] = decoding_table_of(d->ac_huff_tbl_ptrs[u], &pinned);
         if (w->dc[t] == NULL || w->ac[u] == NULL)
             return 0;
         w->last_dc[i] = 0;
