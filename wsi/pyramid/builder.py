@@ -305,14 +305,31 @@ class PyramidBuilder:
     def _store_pixels(
         self, fmt: ChunkFormat, pixels: np.ndarray, level: Level, col: int, row: int
     ) -> bytes | None:
-        """A tile we encode, from its (full tile) pixels: None when it is blank glass, and its
-        pixels are then made the fill grey, what a reader shows for it, hence what the levels
-        made from it see (as for a copied tile: `_store_copied`)."""
+        """A tile we encode, from its (full tile) pixels: None when it is blank glass."""
         background = self.background
         if background is not None and background.accepts_pixels(inside(pixels, level, col, row)):
-            pixels[...] = background.fill
             return None
         return self._encode(fmt, pixels)
+
+    def _store_made(
+        self, fmt: ChunkFormat, tile: np.ndarray, level: Level, col: int, row: int
+    ) -> bytes | None:
+        """`_store_pixels` of a tile made here from the level above: when it is blank glass,
+        its pixels become the fill grey, what a reader shows for it, hence what the levels made
+        from it see (as a copied tile's quadrant: `_store_copied`)."""
+        stored = self._store_pixels(fmt, tile, level, col, row)
+        if stored is None and self.background is not None:
+            tile[...] = self.background.fill
+        return stored
+
+    def _halve(self, pixels: np.ndarray, stored: bytes | None, target: np.ndarray) -> None:
+        """Tile `pixels` of a segment's top level (the source's: never changed) into `target`,
+        its quadrant of the level below: their 2x2 means, or the fill grey when the tile was
+        not stored as blank glass."""
+        if stored is None and self.background is not None:
+            target[...] = self.background.fill
+        else:
+            mean2x2_into(pixels, target)
 
     def _tick(self, tiles: int) -> None:
         self._done += tiles
@@ -356,7 +373,7 @@ class PyramidBuilder:
                     fmt = ChunkFormat(JPEG, plan.chunk_format.quality)
                     tiles.append(self._store_pixels(fmt, pixels, lv, col, row))
             if target is not None and pixels is not None:
-                mean2x2_into(pixels, target)
+                self._halve(pixels, tiles[-1], target)
         for (col, _, _), stored in zip(copied, self._store_copied(lv, row, copied), strict=True):
             tiles[col - cols.start] = stored
         return tiles
@@ -406,7 +423,7 @@ class PyramidBuilder:
         ]
         top_rows = [self._top_tiles(top, r, cols, below, qy) for qy, r in enumerate(rows)]
         encoded = [
-            self._store_pixels(nxt.chunk_format, tile, nxt.level, ncol0 + j, pair)
+            self._store_made(nxt.chunk_format, tile, nxt.level, ncol0 + j, pair)
             for j, tile in enumerate(below)
         ]
         return _BlockResult(top_rows, encoded, below)
@@ -560,7 +577,7 @@ class _Cascade:
         for qy, above_row in enumerate(quads):
             for qx, above in enumerate(above_row):
                 mean2x2_into(above, quadrant(tile, qy, qx))
-        return self.builder._store_pixels(plan.chunk_format, tile, plan.level, col, row), tile
+        return self.builder._store_made(plan.chunk_format, tile, plan.level, col, row), tile
 
     def drain(self, block: bool) -> None:
         """Write finished rows in order; `block` waits for all of them."""

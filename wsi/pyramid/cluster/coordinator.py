@@ -412,7 +412,7 @@ class _JoinedCascade(_Cascade):
         width, height = plan.level.tile_width, plan.level.tile_height // 2
         for qy, half in enumerate(halves):
             tile[qy * height : (qy + 1) * height] = half[:, col * width : (col + 1) * width]
-        return self.builder._store_pixels(plan.chunk_format, tile, plan.level, col, row), tile
+        return self.builder._store_made(plan.chunk_format, tile, plan.level, col, row), tile
 
 
 def _band_results(
