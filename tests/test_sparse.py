@@ -28,7 +28,7 @@ from wsidicom import WsiDicom
 import wsi
 from server.settings import ServerSettings
 from wsi.codecs import jpegtran
-from wsi.codecs.colour import dicom_lab
+from wsi.codecs.colour import dicom_lab, srgb_of_dicom_lab
 from wsi.export import export_dicom
 from wsi.model import Level
 from wsi.published import layout
@@ -525,6 +525,49 @@ def test_our_sparse_dicom_converts_back_to_the_same_tiles(
                 for col in range(lv.cols):
                     assert after.tile_bytes(k, col, row) == before.tile_bytes(k, col, row)
         assert absent_tiles({"root": tmp_path, "id": again}, 0) == absent_tiles(sparse, 0)
+
+
+def test_dicom_lab_reads_back_to_the_same_srgb() -> None:
+    """`srgb_of_dicom_lab` inverts `dicom_lab` (every grey, random colours, the extremes)."""
+    rng = np.random.default_rng(7)
+    colours = [(v, v, v) for v in range(256)]
+    for r, g, b in rng.integers(0, 256, (500, 3)).tolist():
+        colours.append((r, g, b))
+    colours += [(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0), (0, 0, 0)]
+    for colour in colours:
+        assert srgb_of_dicom_lab(dicom_lab(colour)) == colour
+
+
+def test_a_dark_sparse_dicom_converts_back_with_its_absent_colour(tmp_path: Path) -> None:
+    """A slide with a dark fill (fluorescence): its TILED_SPARSE export converts back with the
+    absent tiles shown in its Recommended Absent Pixel CIELab Value, not white (what wsidicom
+    paints them): the same tiles absent, every tile the same."""
+    import pyvips
+
+    rng = np.random.default_rng(6)
+    image = (6 + rng.integers(0, 2, (768, 1024, 3))).astype(np.uint8)  # dark background
+    image[256:512, 256:768] = rng.integers(40, 220, (256, 512, 3))
+    path = tmp_path / "dark.tif"
+    pyvips.Image.new_from_array(image).tiffsave(
+        str(path), tile=True, tile_width=256, tile_height=256, compression="jpeg", Q=90
+    )
+    store = wsi.Store(wsi.StoreSettings(str(tmp_path / "first")))
+    first_id = wsi.convert_slide(path, store, DEFAULT).slide_id
+    first = {"root": tmp_path / "first", "id": first_id}
+    assert wsistore_attrs(group(first))["fill"] < 10
+    export_dicom(store, first_id, tmp_path / "dicom")
+    again_store = wsi.Store(wsi.StoreSettings(str(tmp_path / "again")))
+    again_id = wsi.convert_slide(tmp_path / "dicom", again_store, DEFAULT).slide_id
+    again = {"root": tmp_path / "again", "id": again_id}
+    assert absent_tiles(again, 0) == absent_tiles(first, 0) != set()
+    with (
+        wsi.open_published(f"{first['root']}/{first['id']}") as before,
+        wsi.open_published(f"{again['root']}/{again['id']}") as after,
+    ):
+        for k, lv in enumerate(before.levels):
+            for row in range(lv.rows):
+                for col in range(lv.cols):
+                    assert after.tile_bytes(k, col, row) == before.tile_bytes(k, col, row)
 
 
 def test_reader_hands_out_the_background_tile(stores: dict[str, Any]) -> None:

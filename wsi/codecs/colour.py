@@ -37,3 +37,18 @@ def dicom_lab(rgb: tuple[int, int, int]) -> tuple[int, int, int]:
     lab = srgb_to_lab(np.array(rgb))
     values = (lab[0] * 0xFFFF / 100, (lab[1] + 128) * 0xFFFF / 255, (lab[2] + 128) * 0xFFFF / 255)
     return tuple(int(min(0xFFFF, max(0, round(v)))) for v in values)  # type: ignore[return-value]
+
+
+def srgb_of_dicom_lab(lab: tuple[int, int, int]) -> tuple[int, int, int]:
+    """The sRGB colour (rounded, clipped to 0..255) of a DICOM 16-bit CIELab triplet: the
+    inverse of `dicom_lab`, for a Recommended Absent Pixel CIELab Value read from a file."""
+    v = np.asarray(lab, np.float64)
+    lightness, a, b = v[0] * 100 / 0xFFFF, v[1] * 255 / 0xFFFF - 128, v[2] * 255 / 0xFFFF - 128
+    fy = (lightness + 16) / 116
+    f = np.array([fy + a / 500, fy, fy - b / 200])
+    eps, kappa = 216 / 24389, 24389 / 27
+    xyz = np.where(f**3 > eps, f**3, (116 * f - 16) / kappa)
+    linear = np.linalg.solve(_SRGB_TO_XYZ, xyz * _D65)
+    c = np.where(linear <= 0.0031308, 12.92 * linear, 1.055 * np.abs(linear) ** (1 / 2.4) - 0.055)
+    r, g, bl = (round(min(255.0, max(0.0, float(x) * 255))) for x in c)
+    return r, g, bl

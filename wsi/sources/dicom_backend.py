@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from wsi.codecs import jpeg
+from wsi.codecs.colour import srgb_of_dicom_lab
 from wsi.errors import CorruptSlide, EncodedTileUnavailable, UnsupportedSlide
 from wsi.model import Level, SlideProperties, TileCodec
 from wsi.slidefiles import dicom_series_files, is_dicom_file
@@ -155,10 +156,37 @@ class DicomSource(SlideSource):
             return TileCodec.JPEG
         return TileCodec.OTHER
 
+    def _absent(self, level: int, col: int, row: int) -> bool:
+        """Whether a TILED_SPARSE level has no frame for tile (col, row)."""
+        from wsidicom.geometry import Point
+
+        instance = self._wsi_levels[level].default_instance
+        tiles = getattr(instance.image_data, "tiles", None)
+        if tiles is None:
+            return False
+        try:
+            index = tiles.get_frame_index(
+                Point(col, row), instance.default_z, instance.default_path
+            )
+        except Exception as exc:
+            raise CorruptSlide(f"cannot find frame: {exc}") from exc
+        return bool(index == -1)
+
+    def _absent_colour(self, level: int) -> tuple[int, int, int]:
+        """What an absent tile shows: the level's Recommended Absent Pixel CIELab Value
+        (0048,0015), else white (as wsidicom paints absent tiles: it ignores the attribute)."""
+        dataset = self._wsi_levels[level].default_instance.dataset
+        value = dataset.get("RecommendedAbsentPixelCIELabValue")
+        if value is None or len(value) != 3:
+            return (255, 255, 255)
+        return srgb_of_dicom_lab((int(value[0]), int(value[1]), int(value[2])))
+
     def read_encoded_tile(self, level: int, col: int, row: int) -> bytes:
         if self.tile_codec(level) is not TileCodec.JPEG:
             raise EncodedTileUnavailable("frames of this level are not baseline JPEG")
         self.level(level).check_tile(col, row)
+        if self._absent(level, col, row):
+            raise EncodedTileUnavailable("no frame for this tile (TILED_SPARSE)")
         try:
             frame = self._wsi.read_encoded_tile(
                 self._wsi_levels[level].level, (col, row), crop_to_image_boundary=False
@@ -173,7 +201,10 @@ class DicomSource(SlideSource):
         return tile
 
     def read_tile(self, level: int, col: int, row: int) -> np.ndarray:
-        self.level(level).check_tile(col, row)
+        lv = self.level(level)
+        lv.check_tile(col, row)
+        if self._absent(level, col, row):
+            return np.full((lv.tile_height, lv.tile_width, 3), self._absent_colour(level), np.uint8)
         try:
             image = self._wsi.read_tile(
                 self._wsi_levels[level].level, (col, row), crop_to_image_boundary=False
