@@ -520,22 +520,8 @@ def _per_frame_groups(slide: DicomSlide, level: Level, tiles: tuple[int, ...]) -
     # What depends on the column alone or on the row alone, encoded once: its rank among those
     # stored (Dimension Index Values) and its position in mm (ImageOrientationSlide (0, -1, 0,
     # -1, 0, 0): columns run along -Y, rows along -X) and in pixels.
-    col_of = {
-        c: (
-            struct.pack("<I", rank),
-            element(0x0040073A, "DS", _ds_bytes(-c * level.tile_width * col_mm)),
-            element(0x0048021E, "SL", struct.pack("<i", c * level.tile_width + 1)),
-        )
-        for rank, c in enumerate(cols, start=1)
-    }
-    row_of = {
-        r: (
-            struct.pack("<I", rank),
-            element(0x0040072A, "DS", _ds_bytes(-r * level.tile_height * row_mm)),
-            element(0x0048021F, "SL", struct.pack("<i", r * level.tile_height + 1)),
-        )
-        for rank, r in enumerate(rows, start=1)
-    }
+    col_of = _axis_pieces(cols, level.tile_width, col_mm, 0x0040073A, 0x0048021E)
+    row_of = _axis_pieces(rows, level.tile_height, row_mm, 0x0040072A, 0x0048021F)
     z = element(0x0040074A, "DS", _ds_bytes(0))
     # Frame Content Sequence: one item of one UL pair, all but the pair's 8 bytes the same.
     content_head = sequence(0x00209111, [element(0x00209157, "UL", bytes(8))])[:-8]
@@ -547,6 +533,21 @@ def _per_frame_groups(slide: DicomSlide, level: Level, tiles: tuple[int, ...]) -
         position = b"".join((y_mm, x_mm, z, x_px, y_px))
         items.append(content_head + col_rank + row_rank + sequence(0x0048021A, [position]))
     return sequence(keyword_tag("PerFrameFunctionalGroupsSequence"), items)
+
+
+def _axis_pieces(
+    stored: list[int], size: int, mm: float, mm_tag: int, pixel_tag: int
+) -> dict[int, tuple[bytes, bytes, bytes]]:
+    """For each column (or row) of `stored`, tiles of `size` pixels each `mm` long: its rank
+    (a Dimension Index Value), and its position element in mm and in pixels."""
+    return {
+        i: (
+            struct.pack("<I", rank),
+            element(mm_tag, "DS", _ds_bytes(-i * size * mm)),
+            element(pixel_tag, "SL", struct.pack("<i", i * size + 1)),
+        )
+        for rank, i in enumerate(stored, start=1)
+    }
 
 
 def _ds_bytes(value: float) -> bytes:
