@@ -268,11 +268,12 @@ class PyramidBuilder:
         slides every tile, tissue and glass, is settled so. Only a tile the bounds cannot settle
         (pixels at the tolerance's edge) is decoded and checked pixel by pixel
         (`Background.accepts_jpeg`). A tile of blank glass is not stored, and its quadrant of
-        the level below is the fill grey, as a viewer shows the tile: it is never decoded
-        (a third of the work of a glass tile, about half of a slide's tiles), and the levels
-        below show the glass as level 0 does. Without a background rule nor optimisation the
-        tiles are stored as they are and only their 1/2-scale decodes are made. A damaged tile
-        raises its `CorruptSlide` (the row's first)."""
+        the level below is the fill grey, as a viewer shows the tile: one settled from its
+        coefficients is never decoded (a third of the work of a glass tile, about half of a
+        slide's tiles), and the levels below show the glass as level 0 does. Without a
+        background rule nor optimisation the tiles are stored as they are and only their
+        1/2-scale decodes are made. A damaged tile raises its `CorruptSlide` (the row's
+        first)."""
         background = self.background
         optimize = self.settings.optimize_huffman
         if background is None and not optimize:
@@ -324,8 +325,8 @@ class PyramidBuilder:
 
     def _halve(self, pixels: np.ndarray, stored: bytes | None, target: np.ndarray) -> None:
         """Tile `pixels` of a segment's top level (the source's: never changed) into `target`,
-        its quadrant of the level below: their 2x2 means, or the fill grey when the tile was
-        not stored as blank glass."""
+        its quadrant of the level below: their 2x2 means, or the fill grey when the tile is
+        blank glass (`stored` None)."""
         if stored is None and self.background is not None:
             target[...] = self.background.fill
         else:
