@@ -28,6 +28,7 @@ from server.settings import ServerSettings
 from wsi import ConvertSettings, PyramidSettings, Store, StoreSettings, TileCodec, convert_slide
 from wsi.codecs import jpeg, jpeg2000
 from wsi.errors import CorruptSlide, InvalidArgument
+from wsi.export import export_dicom
 from wsi.pyramid.background import DEFAULT_FILL, choose_fill
 from wsi.sources import open_slide
 
@@ -313,6 +314,26 @@ def test_keep_jpeg2000_dicom_view(j2k_svs: Path, kept: tuple[Path, str]) -> None
     # wsidicom's JPEG 2000 decoder may round the inverse wavelet differently by one.
     diff = np.abs(region.astype(int) - openslide_level0(j2k_svs))
     assert diff.max() <= 1 and (diff > 0).mean() < 0.01
+
+
+def test_a_jpeg2000_dicom_series_is_kept_as_its_codestreams(
+    kept: tuple[Path, str], tmp_path: Path
+) -> None:
+    """Our JPEG 2000 DICOM export (YBR_ICT codestreams) converted with `--keep-jpeg2000`: its
+    frames are kept as they are, not decoded and encoded as JPEG, and every level comes out as
+    the first conversion made it."""
+    slide, slide_id = kept
+    export_dicom(Store(StoreSettings(str(slide.parent))), slide_id, tmp_path / "dicom")
+    with open_slide(tmp_path / "dicom") as src:
+        assert src.tile_codec(0) is TileCodec.JPEG2000
+        frame = src.read_encoded_tile(0, 2, 1)
+    again, _ = _convert(tmp_path / "dicom", tmp_path / "again", keep_jpeg2000=True)
+    shard = (again / "slide.zarr" / "0" / "c" / "0" / "0" / "0").read_bytes()
+    assert frame.startswith(jpeg2000.SOC) and frame in shard
+    manifest = json.loads((again / "manifest.json").read_text())
+    assert {o["level"]: o["method"] for o in manifest["levels"]}[0] == "copied"
+    for k in range(len(list((slide / "slide.zarr").glob("[0-9]*")))):
+        assert np.array_equal(_level(again, k), _level(slide, k)), k
 
 
 def test_keep_jpeg2000_served_as_jpeg(j2k_svs: Path, kept: tuple[Path, str]) -> None:

@@ -1,4 +1,5 @@
-"""DICOM-WSI backend through wsidicom: frames come out exactly as stored.
+"""DICOM-WSI backend through wsidicom: frames come out exactly as stored (baseline JPEG, and
+JPEG 2000 codestreams that decode to RGB); the others are decoded.
 
 A slide is one series; given one instance file, the other instances of the same series in that
 folder (other levels, label, overview, thumbnail) are opened with it, as OpenSlide does.
@@ -12,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from wsi.codecs import jpeg
+from wsi.codecs import jpeg, jpeg2000
 from wsi.codecs.colour import srgb_of_dicom_lab
 from wsi.errors import CorruptSlide, EncodedTileUnavailable, UnsupportedSlide
 from wsi.model import Level, SlideProperties, TileCodec
@@ -24,6 +25,10 @@ from wsi.sources.base import SlideSource
 
 JPEG_BASELINE = "1.2.840.10008.1.2.4.50"
 _JPEG_PHOTOMETRICS = {"RGB", "YBR_FULL_422", "YBR_FULL"}
+_J2K_SYNTAXES = {jpeg2000.JPEG2000, jpeg2000.JPEG2000_LOSSLESS}
+_J2K_PHOTOMETRICS = {"RGB", "YBR_ICT", "YBR_RCT"}
+"""JPEG 2000 frames whose codestreams decode to RGB (PS3.5 8.2.4: the ICT or RCT in the
+codestream, or none on RGB components): kept as they are with `--keep-jpeg2000`."""
 _VENDOR_KEYWORDS = (
     "Manufacturer",
     "ManufacturerModelName",
@@ -154,6 +159,8 @@ class DicomSource(SlideSource):
         photometric = str(getattr(data, "photometric_interpretation", ""))
         if syntax == JPEG_BASELINE and photometric in _JPEG_PHOTOMETRICS:
             return TileCodec.JPEG
+        if syntax in _J2K_SYNTAXES and photometric in _J2K_PHOTOMETRICS:
+            return TileCodec.JPEG2000
         return TileCodec.OTHER
 
     def _absent(self, level: int, col: int, row: int) -> bool:
@@ -182,9 +189,11 @@ class DicomSource(SlideSource):
         return srgb_of_dicom_lab((int(value[0]), int(value[1]), int(value[2])))
 
     def read_encoded_tile(self, level: int, col: int, row: int) -> bytes:
-        if self.tile_codec(level) is not TileCodec.JPEG:
+        codec = self.tile_codec(level)
+        if codec is TileCodec.OTHER:
             raise EncodedTileUnavailable("frames of this level are not baseline JPEG")
-        self.level(level).check_tile(col, row)
+        lv = self.level(level)
+        lv.check_tile(col, row)
         if self._absent(level, col, row):
             raise EncodedTileUnavailable("no frame for this tile (TILED_SPARSE)")
         try:
@@ -193,10 +202,12 @@ class DicomSource(SlideSource):
             )
         except Exception as exc:
             raise CorruptSlide(f"cannot read frame: {exc}") from exc
+        if codec is TileCodec.JPEG2000:  # a bare codestream (PS3.5 A.4.4)
+            jpeg2000.check_size(frame, lv.tile_height, lv.tile_width)
+            return frame
         rgb = str(getattr(self._image_data(level), "photometric_interpretation", "")) == "RGB"
         # A stored frame ends at EOI already; make RGB-coded frames explicit about their colours.
         tile = jpeg.complete_tile(frame, None, rgb)
-        lv = self.level(level)
         jpeg.check_size(tile, lv.tile_height, lv.tile_width)  # copied unparsed otherwise
         return tile
 
