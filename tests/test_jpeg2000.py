@@ -25,7 +25,15 @@ import wsi.codecs.zarr_j2k  # noqa: F401 - registers the wsistore.jpeg2000 codec
 from sample_data.make_j2k import write_svs
 from server.app import create_app
 from server.settings import ServerSettings
-from wsi import ConvertSettings, PyramidSettings, Store, StoreSettings, TileCodec, convert_slide
+from wsi import (
+    ConvertSettings,
+    PyramidSettings,
+    Store,
+    StoreSettings,
+    TileCodec,
+    convert_slide,
+    open_published,
+)
 from wsi.codecs import jpeg, jpeg2000
 from wsi.errors import CorruptSlide, InvalidArgument
 from wsi.export import export_dicom
@@ -334,6 +342,27 @@ def test_a_jpeg2000_dicom_series_is_kept_as_its_codestreams(
     assert {o["level"]: o["method"] for o in manifest["levels"]}[0] == "copied"
     for k in range(len(list((slide / "slide.zarr").glob("[0-9]*")))):
         assert np.array_equal(_level(again, k), _level(slide, k)), k
+
+
+def test_a_jpeg2000_dicom_series_decodes_as_the_svs_it_came_from(
+    j2k_svs: Path, kept: tuple[Path, str], tmp_path: Path
+) -> None:
+    """Converted to JPEG, the DICOM series holding the SVS's codestreams gives the SVS's level
+    0 byte for byte: its frames are decoded by the same OpenJPEG binding, whole or at 1/2
+    resolution (the wavelet's: for less than half the work of a whole decode)."""
+    slide, slide_id = kept
+    export_dicom(Store(StoreSettings(str(slide.parent))), slide_id, tmp_path / "dicom")
+    from_svs, _ = _convert(j2k_svs, tmp_path / "svs")
+    from_dicom, _ = _convert(tmp_path / "dicom", tmp_path / "dcm")
+    with open_published(str(from_svs)) as svs_out, open_published(str(from_dicom)) as dicom_out:
+        level = svs_out.levels[0]
+        for row in range(level.rows):
+            for col in range(level.cols):
+                assert dicom_out.tile_bytes(0, col, row) == svs_out.tile_bytes(0, col, row)
+    with open_slide(tmp_path / "dicom") as dicom, open_slide(j2k_svs) as svs:
+        assert np.array_equal(dicom.read_tile(0, 1, 1), svs.read_tile(0, 1, 1))
+        half, svs_half = dicom.read_tile_half(0, 1, 1), svs.read_tile_half(0, 1, 1)
+        assert half is not None and svs_half is not None and np.array_equal(half, svs_half)
 
 
 def test_keep_jpeg2000_served_as_jpeg(j2k_svs: Path, kept: tuple[Path, str]) -> None:

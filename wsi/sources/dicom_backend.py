@@ -216,6 +216,9 @@ class DicomSource(SlideSource):
         lv.check_tile(col, row)
         if self._absent(level, col, row):
             return np.full((lv.tile_height, lv.tile_width, 3), self._absent_colour(level), np.uint8)
+        if self.tile_codec(level) is TileCodec.JPEG2000:
+            # Our OpenJPEG binding: every core, and the pixels of the TIFF backend's tiles.
+            return jpeg2000.decode(self.read_encoded_tile(level, col, row))
         try:
             image = self._wsi.read_tile(
                 self._wsi_levels[level].level, (col, row), crop_to_image_boundary=False
@@ -223,6 +226,18 @@ class DicomSource(SlideSource):
         except Exception as exc:
             raise CorruptSlide(f"cannot decode frame: {exc}") from exc
         return _pil_to_rgb(image)
+
+    def read_tile_half(self, level: int, col: int, row: int) -> np.ndarray | None:
+        """A JPEG 2000 frame's 1/2-resolution decode (the wavelet's, for less than half the
+        work); None for other frames."""
+        if self.tile_codec(level) is not TileCodec.JPEG2000:
+            return super().read_tile_half(level, col, row)
+        lv = self.level(level)
+        lv.check_tile(col, row)
+        if self._absent(level, col, row):
+            half = (-(-lv.tile_height // 2), -(-lv.tile_width // 2), 3)
+            return np.full(half, self._absent_colour(level), np.uint8)
+        return jpeg2000.decode_half(self.read_encoded_tile(level, col, row))
 
     @property
     def associated_names(self) -> tuple[str, ...]:
