@@ -1,4 +1,4 @@
-"""The 2x2 means every derived level is made of (`wsi.pyramid.builder.mean2x2[_into]`, in C)."""
+"""The 2x2 means every derived level is made of (`wsi.pyramid.tiles.mean2x2[_into]`, in C)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from wsi.pyramid.builder import mean2x2, mean2x2_into, quadrant
+from wsi.pyramid.tiles import mean2x2, mean2x2_into, quadrant
 
 
 def reference(pixels: np.ndarray) -> np.ndarray:

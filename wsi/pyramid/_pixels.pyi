@@ -1,4 +1,4 @@
-"""Types of the C extension `wsi.pyramid._pixels` (see _pixels.c, builder.mean2x2 and
+"""Types of the C extension `wsi.pyramid._pixels` (see _pixels.c, tiles.mean2x2 and
 background.Background.accepts_pixels)."""
 
 import numpy as np

@@ -38,8 +38,9 @@ import numpy as np
 from wsi.errors import WsiError
 from wsi.model import Level
 from wsi.published.layout import ChunkFormat, StoredObject
-from wsi.pyramid.builder import LevelPlan, PyramidBuilder, PyramidSettings, mean2x2
+from wsi.pyramid.builder import LevelPlan, PyramidBuilder, PyramidSettings
 from wsi.pyramid.cluster.parts import ObjectParts, PartRef
+from wsi.pyramid.tiles import mean2x2
 from wsi.sources import open_slide
 from wsi.store.objects import Store, StoreSettings
 from wsi.writers.base import ALL_STORED, BlankTiles, PyramidWriter, SlideInfo

@@ -40,7 +40,6 @@ from wsi.pyramid.builder import (
     PyramidBuilder,
     PyramidSettings,
     _Cascade,
-    white_tile,
 )
 from wsi.pyramid.cluster.bands import (
     BandJob,
@@ -52,6 +51,7 @@ from wsi.pyramid.cluster.bands import (
     head_part,
 )
 from wsi.pyramid.cluster.parts import MIN_PART_BYTES, ObjectParts, PartRef, crc32c_combine
+from wsi.pyramid.tiles import white_tile
 from wsi.sources.base import SlideSource
 from wsi.store.objects import Store, StoreSettings
 from wsi.writers.base import BlankTiles
