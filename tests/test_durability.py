@@ -7,13 +7,16 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import stat
 from collections.abc import Iterator
 from pathlib import Path
+from typing import IO
 
 import pytest
 
 import wsi
+import wsi.export
 from wsi.export import export_dicom
 
 from .conftest import make_tiff
@@ -73,6 +76,39 @@ def test_files_are_not_world_readable_whatever_the_umask(tmp_path: Path) -> None
     for path in paths:
         mode = stat.S_IMODE(path.stat().st_mode)
         assert mode & 0o007 == 0, f"{path} is {oct(mode)}"
+
+
+def test_an_export_is_private_from_its_first_byte(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another local user who opens an exported file while it is copied keeps that access, so
+    the file must be private before its first byte, and so must the folders made for it."""
+    source = make_tiff(tmp_path / "s.tif", 900, 700)
+    store = wsi.Store(wsi.StoreSettings(str(tmp_path / "store")))
+    sid = wsi.convert_slide(source, store).slide_id
+    seen: list[int] = []
+    real_copy = shutil.copyfileobj
+
+    def no_clone(*args: object) -> None:
+        raise OSError("no reflinks here")  # the copy path, on any file system
+
+    def copy(fin: IO[bytes], fout: IO[bytes], length: int = 0) -> None:
+        seen.append(stat.S_IMODE(os.fstat(fout.fileno()).st_mode))
+        real_copy(fin, fout, length)
+
+    monkeypatch.setattr(wsi.export.fcntl, "ioctl", no_clone)
+    monkeypatch.setattr(wsi.export.shutil, "copyfileobj", copy)
+    dest = tmp_path / "new" / "dcm"
+    old = os.umask(0)
+    try:
+        exported = export_dicom(store, sid, dest)
+    finally:
+        os.umask(old)
+    assert len(seen) == len(exported) > 1
+    assert all(mode & 0o007 == 0 for mode in seen), [oct(m) for m in seen]
+    for path in (tmp_path / "new", dest, *exported):
+        assert stat.S_IMODE(path.stat().st_mode) & 0o007 == 0, path
+    assert sorted(p.name for p in dest.iterdir()) == sorted(p.name for p in exported)
 
 
 def test_an_exported_file_edited_in_place_leaves_the_store_intact(tmp_path: Path) -> None:

@@ -16,10 +16,11 @@ import fcntl
 import os
 import shutil
 from pathlib import Path
+from typing import IO
 
 from wsi.errors import InvalidArgument
 from wsi.published.layout import SlideKeys
-from wsi.store.objects import FILE_MODE, Store, StoreSettings, split_slide_location
+from wsi.store.objects import FILE_MODE, Store, StoreSettings, make_dirs, split_slide_location
 
 __all__ = ["export_dicom", "export_dicom_location", "split_slide_location"]
 
@@ -31,7 +32,7 @@ def export_dicom(store: Store, slide_id: str, dest: Path) -> list[Path]:
     if not manifest.dicom:
         raise InvalidArgument(f"slide {slide_id} has no DICOM view (converted with --format zarr)")
     keys = SlideKeys(slide_id)
-    dest.mkdir(parents=True, exist_ok=True)
+    make_dirs(str(dest))  # DIR_MODE, whatever the umask: the files hold patient data
     written = []
     for inst in manifest.dicom:
         key = keys.in_store(inst.key)
@@ -40,28 +41,38 @@ def export_dicom(store: Store, slide_id: str, dest: Path) -> list[Path]:
         tmp = dest / f".{name}.tmp"
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
-        if store.settings.is_s3:
-            store.fs.get_file(store.path(key), str(tmp))
-        else:
-            _clone_or_copy(store.path(key), tmp)
-        os.chmod(tmp, FILE_MODE)
-        os.replace(tmp, target)
+        # Private from its first byte (a reader that opens it during the copy keeps its
+        # access), and never a file someone else put there (O_EXCL: no link followed).
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, FILE_MODE)
+        try:
+            with os.fdopen(fd, "wb") as fout:
+                if store.settings.is_s3:
+                    with store.fs.open(store.path(key), "rb") as fin:
+                        shutil.copyfileobj(fin, fout, COPY_CHUNK)
+                else:
+                    _clone_or_copy(store.path(key), fout)
+            os.replace(tmp, target)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+            raise
         written.append(target)
     return written
 
 
+COPY_CHUNK = 8 * 1024 * 1024
 _FICLONE = 0x40049409
 """Linux ioctl: make `dest` share `src`'s extents copy-on-write (btrfs, XFS, bcachefs)."""
 
 
-def _clone_or_copy(src: str, dest: Path) -> None:
-    with open(src, "rb") as fin, open(dest, "wb") as fout:
+def _clone_or_copy(src: str, fout: IO[bytes]) -> None:
+    with open(src, "rb") as fin:
         try:
             fcntl.ioctl(fout.fileno(), _FICLONE, fin.fileno())
             return
         except OSError:  # not supported here (ext4, tmpfs, another file system): copy
             pass
-        shutil.copyfileobj(fin, fout, 8 * 1024 * 1024)
+        shutil.copyfileobj(fin, fout, COPY_CHUNK)
 
 
 def export_dicom_location(
