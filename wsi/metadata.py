@@ -23,8 +23,8 @@ from typing import Any
 from wsi.errors import InvalidArgument
 from wsi.slidefiles import sidecar_path
 
-_DATE = re.compile(r"^\d{8}$")
-_TIME = re.compile(r"^\d{2}(\d{2}(\d{2}(\.\d{1,6})?)?)?$")
+_DATE = re.compile(r"\d{8}")
+_TIME = re.compile(r"\d{2}(\d{2}(\d{2}(\.\d{1,6})?)?)?")
 
 DUMMY_DATE = "20000101"
 DUMMY_TIME = "000000"
@@ -76,9 +76,9 @@ class SlideMetadata:
     def __post_init__(self) -> None:
         for name in ("patient_birth_date", "study_date"):
             value = getattr(self, name)
-            if value and not _DATE.match(value):
+            if value and not _DATE.fullmatch(value):
                 raise InvalidArgument(f"{name} must be YYYYMMDD, got {value!r}")
-        if self.study_time and not _TIME.match(self.study_time):
+        if self.study_time and not _TIME.fullmatch(self.study_time):
             raise InvalidArgument(f"study_time must be HHMMSS, got {self.study_time!r}")
         if self.patient_sex not in ("", "M", "F", "O"):
             raise InvalidArgument("patient_sex must be M, F, O or empty")

@@ -53,7 +53,7 @@ __all__ = [
     "store_failures",
 ]
 
-_SEGMENT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_SEGMENT = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 TEMP_MARK = ".tmp-"
 _MiB = 1024 * 1024
 _S3_FAILURES = (
@@ -81,7 +81,7 @@ def store_failures() -> tuple[type[BaseException], ...]:
 def check_key(key: str) -> str:
     """Object keys are '/'-joined segments we generate; refuse anything that could escape."""
     parts = key.split("/")
-    if not key or any(not _SEGMENT.match(p) or p in (".", "..") for p in parts):
+    if not key or any(not _SEGMENT.fullmatch(p) or p in (".", "..") for p in parts):
         raise InvalidArgument(f"invalid object key {key!r}")
     return key
 
@@ -565,7 +565,7 @@ class Store:
         """Ids of committed slides only: folders without a manifest are work in progress."""
         out = []
         for name in self.children():
-            if SLIDE_ID.match(name) and self.exists(SlideKeys(name).manifest):
+            if SLIDE_ID.fullmatch(name) and self.exists(SlideKeys(name).manifest):
                 out.append(name)
         return out
 

@@ -8,7 +8,8 @@ from dataclasses import dataclass
 
 from wsi.errors import InvalidArgument
 
-SLIDE_ID = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
+SLIDE_ID = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
+"""Whole ids only (`fullmatch`: `$` would also match before a final newline)."""
 MANIFEST = "manifest.json"
 ZARR_ROOT = "slide.zarr"
 METADATA = "zarr.json"
@@ -22,7 +23,7 @@ ASSOCIATED_GROUP = "associated"
 
 def check_slide_id(slide_id: str) -> str:
     """Slide ids are opaque, lower-case and safe as one path segment or object-key segment."""
-    if not isinstance(slide_id, str) or not SLIDE_ID.match(slide_id) or ".." in slide_id:
+    if not isinstance(slide_id, str) or not SLIDE_ID.fullmatch(slide_id) or ".." in slide_id:
         raise InvalidArgument(
             "slide id must be 1-64 characters of a-z, 0-9, '.', '_', '-', starting alphanumeric"
         )

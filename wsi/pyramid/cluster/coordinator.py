@@ -62,8 +62,8 @@ from wsi.writers.shard import HeaderFactory, frame_chunks, shard_tail, stored_ti
 if TYPE_CHECKING:
     from distributed import Client, Future
 
-LOCAL = re.compile(r"^local:(\d+)$")
-_SCHEDULER = re.compile(r"^(tcp|tls|inproc|ucx)://\S+$")
+LOCAL = re.compile(r"local:(\d+)")
+_SCHEDULER = re.compile(r"(tcp|tls|inproc|ucx)://\S+")
 BANDS_PER_SLOT = 8
 """Bands per worker slot that `auto_band_rows` aims at."""
 
@@ -93,10 +93,10 @@ class ClusterOptions:
 
 def check_address(spec: str) -> str:
     """`local:N` or a scheduler URL; InvalidArgument otherwise."""
-    match = LOCAL.match(spec)
+    match = LOCAL.fullmatch(spec)
     if match and int(match.group(1)) >= 1:
         return spec
-    if not match and _SCHEDULER.match(spec):
+    if not match and _SCHEDULER.fullmatch(spec):
         return spec
     raise InvalidArgument(f"--dask takes tcp://HOST:PORT or local:N (N >= 1), not {spec!r}")
 
@@ -107,7 +107,7 @@ def cluster_address(spec: str) -> Iterator[tuple[str, int]]:
     workers decide), or for `local:N` a `distributed.LocalCluster` of N single-threaded worker
     processes on this machine, stopped on exit (bands then get this machine's cores / N)."""
     check_address(spec)
-    match = LOCAL.match(spec)
+    match = LOCAL.fullmatch(spec)
     if match is None:
         yield spec, 0
         return
