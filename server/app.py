@@ -6,7 +6,9 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures as cf
 import functools
+import logging
 import time
+import traceback
 from collections.abc import AsyncIterator
 from pathlib import Path
 from types import ModuleType
@@ -52,6 +54,8 @@ from wsi.published.store import PublishedStore
 from wsi.published.values import ReaderSettings
 from wsi.store.objects import StoreSettings
 
+log = logging.getLogger("server.app")
+
 ROUTES: tuple[ModuleType, ...] = (
     ops,
     dzi,
@@ -89,8 +93,23 @@ async def front_middleware(request: web.Request, handler: Handler) -> web.Stream
         response = json_error(status_of(exc), str(exc))
     except (ValueError, KeyError) as exc:  # malformed input that slipped past validation
         response = json_error(400, f"bad request: {type(exc).__name__}")
+    except ConnectionError:  # the client went away: nothing to answer
+        raise
+    except Exception as exc:  # a bug: still a JSON answer, and a log line that names no file
+        _log_internal(request, exc)
+        response = json_error(500, "internal error")
     request.app[METRICS].observe(request, response, start)
     return response
+
+
+
+def _log_internal(request: web.Request, exc: Exception) -> None:
+    """An unexpected exception, logged by its type, route template and frames: its message is
+    left out, as it may quote a file name, a path or a slide's metadata."""
+    route = request.match_info.route.resource
+    where = route.canonical if route is not None else "(no route)"
+    frames = "".join(traceback.format_tb(exc.__traceback__))
+    log.error("internal error in %s %s: %s\n%s", request.method, where, type(exc).__name__, frames)
 
 
 async def _audit(app: web.Application) -> AsyncIterator[None]:

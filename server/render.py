@@ -23,8 +23,24 @@ from wsi.errors import InvalidArgument
 T = TypeVar("T")
 
 
+MAX_SIDE = {"jpg": jpeg.MAX_SIDE, "jpeg": jpeg.MAX_SIDE, "webp": 16383}
+"""The widest and tallest image of each format we encode (WebP's VP8 limit); PNG's is past any
+render budget."""
+
+
+def check_encodable(width: int, height: int, fmt: str) -> None:
+    """A 400 before any work for an image its format cannot hold (a 1-pixel-high strip within
+    the pixel budget can still be too wide for JPEG)."""
+    limit = MAX_SIDE.get(fmt)
+    if limit is not None and max(width, height) > limit:
+        raise InvalidArgument(
+            f"a {fmt} image is at most {limit} pixels a side; {width}x{height} asked for"
+        )
+
+
 def encode_image(pixels: np.ndarray, fmt: str, quality: int = 90) -> tuple[bytes, str]:
     """(body, content type) for jpg, png or webp."""
+    check_encodable(pixels.shape[1], pixels.shape[0], fmt)
     if fmt in ("jpg", "jpeg"):
         return jpeg.encode(np.ascontiguousarray(pixels), quality, True), "image/jpeg"
     buffer = io.BytesIO()

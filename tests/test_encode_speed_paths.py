@@ -128,3 +128,12 @@ def test_base_only_generated_slide_has_one_level_and_converts_to_a_full_pyramid(
     made = sorted(int(p.name) for p in out.iterdir() if p.name.isdigit())
     assert made == list(range(len(pyramid_levels(1100, 700, 256, 256))))
     assert len(made) == 4
+
+
+@pytest.mark.parametrize("shape", [(1, jpeg.MAX_SIDE + 1), (jpeg.MAX_SIDE + 1, 1), (0, 8)])
+def test_a_size_jpeg_cannot_hold_is_a_bad_argument(shape: tuple[int, int]) -> None:
+    """Not the CorruptSlide (HTTP 422: a damaged slide) libjpeg's refusal used to become."""
+    with pytest.raises(InvalidArgument, match="pixels a side"):
+        jpeg.encode(np.zeros((*shape, 3), np.uint8), 90)
+    widest = jpeg.encode(np.zeros((1, jpeg.MAX_SIDE, 3), np.uint8), 90)
+    assert jpeg.decoded_size(widest) == (1, jpeg.MAX_SIDE)

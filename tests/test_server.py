@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import logging
 import shutil
 import time
 from collections.abc import Awaitable, Callable
@@ -14,6 +15,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 from PIL import Image
 
@@ -113,6 +115,14 @@ BAD = [
     ("/slides/{sid}_files/99/0_0.jpeg", 400),
     ("/slides/{sid}_files/12/99_0.jpeg", 400),
     ("/nothing/here", 404),
+    ("/slides/{sid}%0a", 400),  # a slide id with a trailing newline
+    ("/static/no-such-file.js", 404),  # aiohttp's own static 404 had an empty body
+    ("/static/%5c..%5capp.py", 404),
+    ("/static/osd/no-such-file.js", 404),
+    ("/iiif/3/{sid}/full/^70000,1/0/gray.jpg", 400),  # within the budget, too wide for JPEG
+    ("/iiif/3/{sid}/full/^70000,1/0/bitonal.jpg", 400),
+    ("/iiif/3/{sid}/full/^99999,1/0/default.jpg", 400),  # was a 422 (a damaged slide's status)
+    ("/iiif/3/{sid}/full/^20000,1/0/default.webp", 400),
 ]
 
 
@@ -128,6 +138,33 @@ def test_errors_are_json_4xx(store_dir: tuple[Path, str]) -> None:
             assert "Traceback" not in body["error"]
 
     run(ServerSettings(store=str(root)), check)
+
+
+def test_a_bug_is_a_json_500_whose_log_quotes_nothing(
+    store_dir: tuple[Path, str], caplog: pytest.LogCaptureFixture
+) -> None:
+    """An exception nobody expected (a bug) is still a JSON answer, and its log line names the
+    exception's type and route but not its message, which may quote a file or patient name."""
+    root, _ = store_dir
+    app = create_app(ServerSettings(store=str(root)))
+
+    async def broken(request: web.Request) -> web.Response:
+        raise RuntimeError(f"/slides/{request.match_info['name']}.svs")
+
+    app.router.add_get("/broken/{name}", broken)
+
+    async def main() -> None:
+        async with TestClient(TestServer(app)) as c:
+            r = await c.get("/broken/ZZSMITH_JOHN")
+            assert r.status == 500
+            assert await r.json() == {"error": "internal error", "status": 500}
+            assert (await c.get("/healthz")).status == 200
+
+    caplog.set_level(logging.DEBUG)
+    asyncio.run(main())
+    logged = "\n".join(r.getMessage() for r in caplog.records if r.name != "aiohttp.access")
+    assert "RuntimeError" in logged and "/broken/{name}" in logged
+    assert "ZZSMITH" not in logged
 
 
 def test_label_when_allowed(store_dir: tuple[Path, str]) -> None:

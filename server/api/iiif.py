@@ -26,7 +26,7 @@ from PIL import Image
 from server.catalog import ServedLevel, ServedSlide, SlideInfo
 from server.keys import CATALOG, SETTINGS
 from server.openapi import ERROR, path_params
-from server.render import encode_image, in_pool, region
+from server.render import check_encodable, encode_image, in_pool, region
 from server.responses import dumps, etag_response
 from wsi.errors import InvalidArgument, SlideNotFound
 from wsi.published.values import JPEG, decode_tile
@@ -426,10 +426,10 @@ async def image(request: web.Request) -> web.Response:
     ow, oh = (match.out_w, match.out_h) if match else (size.w, size.h)
     # A declared tile is always served (at most one stored chunk to decode); anything else is
     # rendered, so it must fit the budget, rotated bounding box included.
-    if match is None:
-        bw, bh = rotated_size(ow, oh, degrees)
-        if max(ow * oh, bw * bh) > max_area:
-            raise bad(f"{bw}x{bh} exceeds the {max_area} pixel budget (maxArea in info.json)")
+    bw, bh = rotated_size(ow, oh, degrees)
+    if match is None and max(ow * oh, bw * bh) > max_area:
+        raise bad(f"{bw}x{bh} exceeds the {max_area} pixel budget (maxArea in info.json)")
+    check_encodable(bw, bh, fmt)
     path = canonical(slide, r, ow, oh, mirror, degrees, quality, fmt)
     version = slide.version
     etag = f"{version}-iiif-{path.replace('/', '-')}"

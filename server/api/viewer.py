@@ -15,7 +15,9 @@ name, case, vendor, scanner, date, label or macro.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, quote
@@ -298,16 +300,38 @@ async def osd_missing(request: web.Request) -> web.Response:
     return json_error(404, MISSING_OSD)
 
 
+def static_folder(folder: Path) -> Callable[[web.Request], Awaitable[web.FileResponse]]:
+    """A folder's files under a route's `{tail}`, as aiohttp's static routes serve them (no
+    listing; a link may point only inside the folder), except that a missing file is a JSON 404
+    like every error: aiohttp's FileResponse finds it missing only when it sends, and answers
+    with an empty body."""
+    root = folder.resolve()
+
+    def find(tail: str) -> Path:
+        try:
+            path = (root / tail).resolve()
+            path.relative_to(root)
+            if path.is_file():
+                return path
+        except (ValueError, OSError):  # outside the folder, a loop of links, a bad name
+            pass
+        raise web.HTTPNotFound(reason="no such file")
+
+    async def handler(request: web.Request) -> web.FileResponse:
+        path = await asyncio.to_thread(find, request.match_info["tail"])
+        return web.FileResponse(path)
+
+    return handler
+
+
 def register(app: web.Application) -> None:
     installed = (OSD_DIR / OSD_SCRIPT).is_file()
     app[OSD_INSTALLED] = installed
     app.router.add_get("/", index)
     app.router.add_get("/view/{slide_id}", view, name="viewer.view")
-    if installed:
-        app.router.add_static("/static/osd", OSD_DIR, follow_symlinks=False)
-    else:
-        app.router.add_get("/static/osd/{tail:.*}", osd_missing)
-    app.router.add_static("/static", STATIC_DIR, follow_symlinks=False)
+    osd = static_folder(OSD_DIR) if installed else osd_missing
+    app.router.add_get("/static/osd/{tail:.*}", osd)
+    app.router.add_get("/static/{tail:.*}", static_folder(STATIC_DIR))
 
 
 OPENAPI = {

@@ -23,7 +23,7 @@ import imagecodecs
 import numpy as np
 
 from wsi.codecs import _jpeglib
-from wsi.errors import CorruptSlide, WsiError
+from wsi.errors import CorruptSlide, InvalidArgument, WsiError
 
 SOI = b"\xff\xd8"
 EOI = b"\xff\xd9"
@@ -261,6 +261,18 @@ def decode(
     return out
 
 
+MAX_SIDE = 65500
+"""The widest and tallest image libjpeg encodes (JPEG_MAX_DIMENSION)."""
+
+
+def _check_encodable(pixels: np.ndarray) -> None:
+    """A size libjpeg would refuse is the caller's mistake (InvalidArgument), not a damaged
+    stream (libjpeg's errors here otherwise come back as CorruptSlide)."""
+    h, w = pixels.shape[:2]
+    if not (0 < w <= MAX_SIDE and 0 < h <= MAX_SIDE):
+        raise InvalidArgument(f"a JPEG image is 1 to {MAX_SIDE} pixels a side, not {w}x{h}")
+
+
 def encode(pixels: np.ndarray, quality: int, subsample_420: bool = True) -> bytes:
     """Encode an (h, w, 3) uint8 RGB array (rows may be strided) as a baseline JPEG.
 
@@ -271,6 +283,7 @@ def encode(pixels: np.ndarray, quality: int, subsample_420: bool = True) -> byte
     """
     if pixels.dtype != np.uint8 or pixels.ndim != 3 or pixels.strides[1:] != (3, 1):
         pixels = np.ascontiguousarray(pixels, dtype=np.uint8)
+    _check_encodable(pixels)
     if not subsample_420:
         data = imagecodecs.jpeg8_encode(
             np.ascontiguousarray(pixels), level=quality, outcolorspace="RGB", subsampling="444"
