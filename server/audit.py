@@ -1,8 +1,11 @@
 """The access audit log: who read which slide, for the hospital's "who opened this slide?".
 
-With auth on (and `--audit-log FILE` / `WSI_AUDIT_LOG`), every request that names a slide is one
-JSON line: time (UTC, ISO 8601), principal (a token's *name*, or `signed:<scope>` for a signed
-URL; never a secret), slide id, method, route template (never the query string), status and the
+With auth on (and `--audit-log FILE` / `WSI_AUDIT_LOG`), every request that names a slide, and
+every DICOMweb request (which names slides by their DICOM UIDs, or searches them), is one JSON
+line: time (UTC, ISO 8601), principal (a token's *name*, or `signed:<scope>` for a signed URL;
+never a secret), the slide id (`slide_id`), or for a DICOMweb request the ids of the slides it
+answered with (`slide_id` when one, else `slide_ids`: none or several, e.g. a search), method,
+route template (never the query string: a search's may hold a patient's name), status and the
 client address. No patient data: slide ids are opaque and file names never appear. Lines are
 handed to a writer thread through a bounded queue, so the event loop never waits for the disk;
 when the disk cannot keep up, lines are counted as dropped (shown in `/metrics`) rather than
@@ -16,6 +19,7 @@ import os
 import queue
 import threading
 import time
+from collections.abc import Iterable
 from typing import IO, Any
 
 from aiohttp import web
@@ -24,6 +28,16 @@ from wsi.store.objects import FILE_MODE
 
 PRINCIPAL = web.RequestKey("principal", str)
 """Who a request was admitted as (set by the auth middleware)."""
+SLIDES_READ = web.RequestKey("slides_read", list)
+"""Ids of the slides a request answered with, where its path does not name one (DICOMweb)."""
+
+
+def note_read(request: web.Request, slide_ids: Iterable[str]) -> None:
+    """Record that the request answers with these slides' data (see `SLIDES_READ`)."""
+    read = request.get(SLIDES_READ)
+    if read is None:
+        read = request[SLIDES_READ] = []
+    read.extend(s for s in slide_ids if s not in read)
 
 QUEUE_LINES = 10_000
 """Lines waiting for the writer at most (a few MB): beyond that they are dropped and counted."""
@@ -42,15 +56,24 @@ class AuditLog:
         self._thread.start()
 
     def record(self, request: web.Request, status: int) -> None:
-        """Queue one line for a request that names a slide (no-op otherwise)."""
+        """Queue one line for a request that names a slide, by its id or by a DICOM study UID,
+        or that `note_read` says answered with slides (no-op otherwise)."""
         slide_id = request.match_info.get("slide_id")
-        if slide_id is None:
+        read = request.get(SLIDES_READ)
+        if slide_id is None and read is None and "study" not in request.match_info:
             return
+        slides: dict[str, Any]
+        if slide_id is not None:
+            slides = {"slide_id": slide_id}
+        elif read is not None and len(read) == 1:
+            slides = {"slide_id": read[0]}
+        else:
+            slides = {"slide_ids": read or []}
         route = request.match_info.route.resource
         entry: dict[str, Any] = {
             "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "principal": request.get(PRINCIPAL, "anonymous"),
-            "slide_id": slide_id,
+            **slides,
             "method": request.method,
             "route": route.canonical if route is not None else request.path,
             "status": status,

@@ -162,3 +162,56 @@ def test_audit_log_names_who_read_what(store: tuple[Path, str], tmp_path: Path) 
     assert lines[1]["route"] == "/slides/{slide_id}/tiles/{level}/{col}/{row}"
     assert "s3cret" not in text and "sig=" not in text and "exp=" not in text
     assert stat.S_IMODE(log.stat().st_mode) & 0o007 == 0
+
+
+def test_audit_log_names_the_slides_dicomweb_answered_with(
+    store: tuple[Path, str], tmp_path: Path
+) -> None:
+    """DICOMweb names slides by their DICOM UIDs or searches them: each request is a line with
+    the ids of the slides it answered with (none for a search that found nothing, or an unknown
+    instance), and never the query, which may hold a patient's name."""
+    root, sid = store
+    log = tmp_path / "audit.jsonl"
+    settings = ServerSettings(
+        store=str(root),
+        host="0.0.0.0",
+        tokens=("alice:s3cret-alice",),
+        signing_key=KEY,
+        audit_log=str(log),
+    )
+    alice = {"Authorization": "Bearer s3cret-alice"}
+    frame = {"Accept": 'multipart/related; type="image/jpeg"'}
+
+    async def check(c: TestClient) -> list[str]:
+        found = await (await c.get("/dicomweb/instances", headers=alice)).json()
+        uids = [found[0][tag]["Value"][0] for tag in ("0020000D", "0020000E", "00080018")]
+        study, series, sop = uids
+        inst = f"/dicomweb/studies/{study}/series/{series}/instances/{sop}"
+        statuses = [
+            (await c.get("/dicomweb/studies?PatientName=ZZNOBODY*", headers=alice)).status,
+            (await c.get(f"/dicomweb/studies/{study}/metadata", headers=alice)).status,
+            (await c.get(f"{inst}/frames/1", headers={**alice, **frame})).status,
+            (await c.get(f"{inst}/frames/1", headers={**alice, **frame})).status,  # memo path
+            (
+                await c.get(
+                    f"/dicomweb/studies/{study}/series/1.2/instances/3.4/frames/1",
+                    headers={**alice, **frame},
+                )
+            ).status,
+        ]
+        assert statuses == [200, 200, 200, 200, 404]
+        return uids
+
+    run(settings, check)
+    text = log.read_text()
+    lines = [json.loads(line) for line in text.splitlines()]
+    assert [(e.get("slide_id"), e.get("slide_ids"), e["status"]) for e in lines] == [
+        (sid, None, 200),  # the search that found the instance
+        (None, [], 200),  # a search that found nothing
+        (sid, None, 200),
+        (sid, None, 200),
+        (sid, None, 200),
+        (None, [], 404),
+    ]
+    assert all(e["principal"] == "alice" for e in lines)
+    assert "ZZNOBODY" not in text and "PatientName" not in text

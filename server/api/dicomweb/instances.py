@@ -16,6 +16,7 @@ import pydicom
 from aiohttp import web
 from pydicom.dataset import Dataset
 
+from server.audit import note_read
 from server.catalog import PRIVATE_IMAGES, Catalog, ServedSlide
 from server.keys import CATALOG, SETTINGS
 from server.render import in_pool
@@ -304,11 +305,13 @@ async def find_instance(request: web.Request) -> Instance:
     if known is not None:
         try:
             if await request.app[CATALOG].slide(known.slide.slide_id) is known.slide:
+                note_read(request, (known.slide.slide_id,))
                 return known
         except UNSERVED:  # looked up as a new path says why
             pass
     inst = await _find_instance(request)
     found.put(key, inst)
+    note_read(request, (inst.slide.slide_id,))
     return inst
 
 
@@ -335,6 +338,7 @@ async def scoped_instances(request: web.Request) -> list[Instance]:
         slides = [await state(request).one_series(catalog, study, series)]
     else:
         slides = await state(request).study(catalog, study)
+    note_read(request, (s.slide_id for s in slides))
     return [i for s in slides for i in slide_instances(s, allow_label(request))]
 
 

@@ -25,6 +25,7 @@ from server.api.dicomweb.instances import (
 )
 from server.api.dicomweb.negotiation import check_json_accept
 from server.api.dicomweb.query import Row, parse_query, row_matches
+from server.audit import note_read
 from server.keys import CATALOG
 from server.render import in_pool
 from server.responses import dumps
@@ -199,6 +200,7 @@ class Search:
         rows = await self.rows(slides)
         # Matching cost grows with slides x filters: on the pool, never on the event loop.
         rows = await in_pool(self.catalog, lambda: [r for r in rows if row_matches(r, self.query)])
+        note_read(self.request, (r.slide.slide_id for r in rows))
         if self.level == "studies":
             results = self.studies(rows, slides)
         elif self.level == "series":
