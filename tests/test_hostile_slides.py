@@ -16,6 +16,7 @@ from aiohttp.test_utils import TestClient, TestServer
 import wsi
 from server.app import create_app
 from server.settings import ServerSettings
+from sample_data.make_philips import write_philips
 from wsi.codecs import jpeg
 from wsi.sources import open_slide
 
@@ -135,6 +136,31 @@ def test_a_hostile_stored_tile_is_refused_by_every_renderer(tmp_path: Path) -> N
                 assert "declares 65000x65000" in (await r.json())["error"]
 
     asyncio.run(main())
+
+
+def widen(path: Path, width: int) -> Path:
+    """`path` with its first page declaring `width` pixels across, its tile table as it was."""
+    with tifffile.TiffFile(path, mode="r+b") as tif:
+        tif.pages[0].tags["ImageWidth"].overwrite(width)
+    return path
+
+
+@pytest.mark.parametrize("vendor", ["tiff", "philips"])
+def test_a_page_larger_than_its_tile_table_is_refused(vendor: str, tmp_path: Path) -> None:
+    """A damaged width makes the tile grid longer than the tile table: the reading indexed past
+    it (an IndexError, which the CLI took for a transient failure, exit 75), and Philips TIFF
+    fell back to OpenSlide, which published the tiles on a wrong grid (exit 0)."""
+    if vendor == "philips":
+        image = np.random.default_rng(3).integers(0, 255, (1024, 1024, 3), np.uint8)
+        source = write_philips(tmp_path / "s.tiff", image, tile=256, levels=3)
+    else:
+        source = make_tiff(tmp_path / "s.tif", 1024, 1024)
+    widen(source, 5000)
+    done = run_wsi("convert", str(source), "--out", str(tmp_path / "out"), "--no-progress")
+    assert done.returncode == 1, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "its tile table lists 16" in lines[0], done.stderr
+    assert not any((tmp_path / "out").glob("*/manifest.json"))
 
 
 def sparse_tiff(path: Path, side: int) -> Path:

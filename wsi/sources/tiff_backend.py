@@ -59,9 +59,19 @@ class _RunBuffer(threading.local):
 
 
 def check_page(page: tifffile.TiffPage) -> None:
-    """Refuse a level page whose tiles this backend cannot hand out or decode as RGB."""
+    """Refuse a level page whose tiles this backend cannot hand out or decode as RGB, or whose
+    tile table does not cover the size it declares (a damaged width or height: the reading
+    would index past the table, and another reader would lay the tiles on a wrong grid)."""
     if page.samplesperpixel < 3 or page.bitspersample != 8 or page.planarconfig != 1:
         raise UnsupportedSlide("only 8-bit interleaved RGB tiled TIFF is read raw")
+    across = -(-page.imagewidth // page.tilewidth)
+    down = -(-page.imagelength // page.tilelength)
+    listed = min(len(page.dataoffsets), len(page.databytecounts))
+    if listed < across * down:
+        raise CorruptSlide(
+            f"a {page.imagewidth}x{page.imagelength} TIFF page in {page.tilewidth}x"
+            f"{page.tilelength} tiles needs {across * down} tiles; its tile table lists {listed}"
+        )
 
 
 def page_codec(page: tifffile.TiffPage) -> TileCodec:
