@@ -102,7 +102,6 @@ async def front_middleware(request: web.Request, handler: Handler) -> web.Stream
     return response
 
 
-
 def _log_internal(request: web.Request, exc: Exception) -> None:
     """An unexpected exception, logged by its type, route template and frames: its message is
     left out, as it may quote a file name, a path or a slide's metadata."""

@@ -39,6 +39,7 @@ def note_read(request: web.Request, slide_ids: Iterable[str]) -> None:
         read = request[SLIDES_READ] = []
     read.extend(s for s in slide_ids if s not in read)
 
+
 QUEUE_LINES = 10_000
 """Lines waiting for the writer at most (a few MB): beyond that they are dropped and counted."""
 

@@ -14,9 +14,9 @@ import tifffile
 from aiohttp.test_utils import TestClient, TestServer
 
 import wsi
+from sample_data.make_philips import write_philips
 from server.app import create_app
 from server.settings import ServerSettings
-from sample_data.make_philips import write_philips
 from wsi.codecs import jpeg
 from wsi.sources import open_slide
 
