@@ -8,6 +8,7 @@ from wsi.errors import (
     CorruptSlide,
     EncodedTileUnavailable,
     InvalidArgument,
+    SlideIncomplete,
     SlideNotFound,
     StoreError,
     UnsupportedSlide,
@@ -24,6 +25,7 @@ STATUS: list[tuple[type[Exception], int]] = [
     (UnsupportedSlide, 415),
     (CorruptSlide, 422),
     (StoreError, 503),
+    (SlideIncomplete, 503),
     (WsiError, 500),
 ]
 """First match wins (subclasses before their bases)."""

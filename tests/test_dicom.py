@@ -362,3 +362,47 @@ def test_dicom_source_keeps_its_patient_and_study_unless_deidentified(tmp_path: 
     _, _anon = convert(path, tmp_path / "anon", deidentify=True)
     blob = all_stored_bytes(tmp_path / "anon")
     assert b"Test^Patient" not in blob and b"AA01" not in blob
+
+
+def exported_series(tmp_path: Path) -> Path:
+    """A 2,048 x 1,536 slide's DICOM export: a series of 4 levels (level-0.dcm .. level-3.dcm)."""
+    from .conftest import make_tiff
+
+    source = make_tiff(tmp_path / "s.tif", 2048, 1536)
+    store = Store(StoreSettings(str(tmp_path / "store")))
+    result = convert_slide(source, store, ConvertSettings(include_associated=False))
+    dest = tmp_path / "series"
+    names = sorted(p.name for p in export_dicom(store, result.slide_id, dest))
+    assert names == ["level-0.dcm", "level-1.dcm", "level-2.dcm", "level-3.dcm"]
+    return dest
+
+
+def test_a_series_missing_an_unreadable_instance_is_refused(tmp_path: Path) -> None:
+    """wsidicom leaves out an instance it cannot read, and a series that lost its base level so
+    was converted as a smaller slide, exit 0. Now the conversion fails in one line, whichever
+    file or folder names the slide: for good (exit 1) when the instance reads but its frames do
+    not, to be tried again (75: it may still be arriving) when its header does not read."""
+    series = exported_series(tmp_path)
+    with wsi.open_slide(series / "level-2.dcm") as whole:
+        assert whole.level(0).width == 2048
+    cut, mismatched = tmp_path / "cut", tmp_path / "mismatched"
+    shutil.copytree(series, cut)
+    (cut / "level-0.dcm").write_bytes((series / "level-0.dcm").read_bytes()[:300])
+    shutil.copytree(series, mismatched)
+    ds = pydicom.dcmread(mismatched / "level-0.dcm")  # JPEG frames, said to be uncompressed
+    ds.file_meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian
+    ds.save_as(mismatched / "level-0.dcm", enforce_file_format=False)
+    cases = [(cut / "level-1.dcm", 75), (cut, 75), (mismatched / "level-0.dcm", 1), (mismatched, 1)]
+    for slide, status in cases:
+        out = tmp_path / "out" / slide.parent.name / slide.name
+        run = subprocess.run(
+            [sys.executable, "-m", "wsi.cli", "convert", str(slide), "--out", str(out)],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        assert run.returncode == status, (slide, run.stdout, run.stderr)
+        lines = run.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("wsi: error: "), (slide, run.stderr)
+        assert "cannot be read" in lines[0], lines[0]
+        assert not any(out.glob("*/manifest.json"))

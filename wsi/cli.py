@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 from wsi import __version__
-from wsi.errors import InvalidArgument, StoreError, WsiError
+from wsi.errors import InvalidArgument, SlideIncomplete, StoreError, WsiError
 from wsi.ingest.protocol import (
     DEIDENTIFY_FLAG,
     KEEP_LABEL_FLAG,
@@ -256,7 +256,7 @@ def _convert_all(
         bar, update = _progress_bar(show, label)
         try:
             result = _convert_one(args, index, source, store, settings, update, channel, cluster)
-        except StoreError as exc:  # the store, not the slide: worth retrying later
+        except (StoreError, SlideIncomplete) as exc:  # worth retrying later
             failures += 1
             transient = True
             _error(args, index, source, str(exc))

@@ -23,6 +23,12 @@ class CorruptSlide(WsiError, ValueError):
     """The input claims to be a slide but its content cannot be decoded."""
 
 
+class SlideIncomplete(WsiError):
+    """A file of the slide (a DICOM instance of its series) cannot be read yet: it may still be
+    arriving, or be damaged. Converting without it would publish part of the slide; worth
+    trying again later (ingest retries, then gives up)."""
+
+
 class InvalidArgument(WsiError, ValueError):
     """A caller gave a value outside what the operation accepts (level, region, id, key, ...)."""
 

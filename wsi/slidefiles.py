@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path, PurePosixPath
 from typing import TypeVar
 
-from wsi.errors import CorruptSlide
+from wsi.errors import CorruptSlide, SlideIncomplete
 
 T = TypeVar("T")
 
@@ -232,6 +232,10 @@ def is_dicom_file(path: Path) -> bool:
         return False
 
 
+_MEDIA_DIRECTORY = "1.2.840.10008.1.3.10"
+"""Media Storage Directory Storage: a DICOMDIR, the one DICOM file that belongs to no series."""
+
+
 def series_uid(path: Path) -> str | None:
     """The SeriesInstanceUID of the DICOM file at `path` (None when it has none); CorruptSlide
     when its header cannot be read (truncated, half-written, not DICOM). Warnings pydicom gives
@@ -245,7 +249,14 @@ def series_uid(path: Path) -> str | None:
     except Exception as exc:  # pydicom raises many kinds on a truncated or foreign file
         raise CorruptSlide(f"cannot read DICOM header: {exc}") from exc
     uid = ds.get("SeriesInstanceUID")
-    return str(uid) if uid else None
+    if uid:
+        return str(uid)
+    meta = getattr(ds, "file_meta", None)
+    sop_class = meta.get("MediaStorageSOPClassUID") if meta is not None else None
+    if sop_class is not None and str(sop_class) != _MEDIA_DIRECTORY:
+        # Every IOD but a DICOMDIR has a series: a file cut short in its header reads this way.
+        raise CorruptSlide("cannot read DICOM header: no SeriesInstanceUID (a file cut short?)")
+    return None
 
 
 def readable_series_uid(path: Path) -> str | None:
@@ -278,7 +289,8 @@ def dicom_series_files(path: Path) -> list[Path]:
     """The DICOM files of the slide at `path`: every DICOM file directly in a series folder
     (sorted), or the instance `path` first, then the other instances in its folder that share its
     SeriesInstanceUID (the grouping of `group_by_series`). CorruptSlide when `path`'s own header
-    cannot be read."""
+    cannot be read; SlideIncomplete when another DICOM file's there cannot: it may be an instance
+    of this series (its base level, say), and the slide would be converted without it."""
     if path.is_dir():
         return sorted(p for p in path.iterdir() if p.is_file() and is_dicom_file(p))
     uid = series_uid(path)
@@ -287,7 +299,16 @@ def dicom_series_files(path: Path) -> list[Path]:
         return files
     for other in sorted(path.parent.iterdir()):
         dicom = other != path and other.is_file() and is_dicom_file(other)
-        if dicom and readable_series_uid(other) == uid:
+        if not dicom:
+            continue
+        try:
+            theirs = series_uid(other)
+        except CorruptSlide as exc:
+            raise SlideIncomplete(
+                "a DICOM file beside it cannot be read (still arriving, or damaged), and may "
+                f"belong to its series: {exc}"
+            ) from exc
+        if theirs == uid:
             files.append(other)
     return files
 

@@ -15,7 +15,7 @@ import numpy as np
 
 from wsi.codecs import jpeg, jpeg2000
 from wsi.codecs.colour import srgb_of_dicom_lab
-from wsi.errors import CorruptSlide, EncodedTileUnavailable, UnsupportedSlide
+from wsi.errors import CorruptSlide, EncodedTileUnavailable, SlideIncomplete, UnsupportedSlide
 from wsi.model import Level, SlideProperties, TileCodec
 from wsi.slidefiles import dicom_series_files, is_dicom_file
 from wsi.sources.base import SlideSource
@@ -24,6 +24,8 @@ from wsi.sources.base import SlideSource
 # which every `wsi` command would otherwise pay.
 
 JPEG_BASELINE = "1.2.840.10008.1.2.4.50"
+_WSM_STORAGE = "1.2.840.10008.5.1.4.1.1.77.1.6"
+"""VL Whole Slide Microscopy Image Storage."""
 _JPEG_PHOTOMETRICS = {"RGB", "YBR_FULL_422", "YBR_FULL"}
 _J2K_SYNTAXES = {jpeg2000.JPEG2000, jpeg2000.JPEG2000_LOSSLESS}
 _J2K_PHOTOMETRICS = {"RGB", "YBR_ICT", "YBR_RCT"}
@@ -87,6 +89,7 @@ class DicomSource(SlideSource):
             raise UnsupportedSlide(f"not a readable DICOM WSI series: {exc}") from exc
         if not wsi_levels:
             raise UnsupportedSlide("DICOM series has no pyramid levels")
+        self._check_every_instance_opened()
         base = wsi_levels[0].size.width
         self._wsi_levels = wsi_levels
         self._levels = tuple(
@@ -100,6 +103,46 @@ class DicomSource(SlideSource):
             for lv in wsi_levels
         )
         self._properties = self._read_properties()
+
+    def _check_every_instance_opened(self) -> None:
+        """wsidicom leaves out, without a word, an instance it cannot read (a damaged file,
+        frames that do not match the transfer syntax): a series that lost its base level that
+        way would be converted as a smaller slide. Every pyramid level (VOLUME) instance of the
+        series among the files must be one it opened, and every file's header must read; files
+        of other kinds (label, overview, thumbnail, annotations) or series are left to it."""
+        import pydicom
+
+        opened = {
+            str(ds.uids.instance)
+            for pyramid in self._wsi.pyramids
+            for level in pyramid
+            for ds in level.datasets
+        }
+        series = str(self._wsi.uids.series_instance)
+        unreadable = refused = 0
+        for path in self.files:
+            try:
+                ds = pydicom.dcmread(path, stop_before_pixels=True, defer_size=1024)
+                level = (
+                    str(ds.SOPClassUID) == _WSM_STORAGE
+                    and str(ds.SeriesInstanceUID) == series
+                    and str(ds.ImageType[2]).upper() == "VOLUME"
+                )
+            except Exception:  # pydicom raises many kinds on a truncated file
+                unreadable += 1
+                continue
+            if level and str(ds.SOPInstanceUID) not in opened:
+                refused += 1
+        if refused:
+            raise CorruptSlide(
+                f"{refused} pyramid level instance(s) of the series cannot be read (damaged, or "
+                "frames that do not match their transfer syntax): the slide would be incomplete"
+            )
+        if unreadable:
+            raise SlideIncomplete(
+                f"{unreadable} of the series' {len(self.files)} DICOM files cannot be read (still "
+                "arriving, or damaged): the slide would be incomplete"
+            )
 
     def _read_properties(self) -> SlideProperties:
         # Read the header with pydicom rather than wsidicom's metadata model, which refuses some
