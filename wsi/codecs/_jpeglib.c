@@ -123,6 +123,15 @@ static int check_header(struct guard *g, j_decompress_ptr d, long max_pixels) {
                  d->num_components);
         return -1;
     }
+    for (int ci = 0; ci < d->num_components; ci++) {
+        const jpeg_component_info *c = &d->comp_info[ci];
+        if (d->max_h_samp_factor % c->h_samp_factor || d->max_v_samp_factor % c->v_samp_factor) {
+            /* libjpeg cannot decode it ("Fractional sampling not implemented yet"), and the
+             * blank-glass verdict's upsampling reach assumes whole ratios */
+            snprintf(g->message, sizeof g->message, "fractional sampling factors");
+            return -1;
+        }
+    }
     return 0;
 }
 

@@ -125,6 +125,10 @@ static jvirt_barray_ptr *read_scans(struct job *job, j_decompress_ptr src) {
     int status;
     do {
         status = jpeg_consume_input(src);
+        if (src->input_scan_number > MAX_SCANS) { /* libjpeg calls no progress monitor here */
+            snprintf(job->g.message, sizeof job->g.message, "more than %d scans", MAX_SCANS);
+            longjmp(job->g.escape, 1);
+        }
     } while (status != JPEG_REACHED_EOI && status != JPEG_SUSPENDED);
     if (status == JPEG_SUSPENDED || src->coef == NULL) {
         snprintf(job->g.message, sizeof job->g.message,
@@ -210,8 +214,11 @@ static void prepare_components(struct job *job, j_decompress_ptr src, struct com
     memset(ac, 0, sizeof(huff_counts) * NUM_HUFF_TBLS);
     for (ci = 0; ci < src->num_components; ci++) {
         jpeg_component_info *c = &src->comp_info[ci];
+        /* A component's table is latched when a scan holding it starts: none yet for one that
+         * is not in the first scan (the walk then does not run: start_walk), none ever for one
+         * no scan holds (all its coefficients zero, which libjpeg decodes with no table). */
         for (k = 0; k < DCTSIZE2; k++)
-            comps[ci].q[k] = c->quant_table->quantval[k];
+            comps[ci].q[k] = c->quant_table != NULL ? c->quant_table->quantval[k] : 0;
         prepare_scan(&comps[ci]);
         comps[ci].lo = INT64_MAX;
         comps[ci].hi = INT64_MIN;
@@ -284,6 +291,22 @@ static jvirt_barray_ptr *read_walked(struct job *job, j_decompress_ptr src,
     return coefs;
 }
 
+/* Whether libjpeg decodes this tile with block smoothing (jdcoefct.c's smoothing_ok): a
+ * progressive stream some of whose coefficients were never sent in full. Its pixels are then
+ * not its coefficients' own, so a baseline rewrite of them would decode to other pixels (up to
+ * 15 levels on DC-only tiles), and the bounds and verdict drawn from them do not hold: the
+ * stream is kept as it is and the verdict left to the pixels. */
+static int smoothed_progressive(j_decompress_ptr src) {
+    int ci, k;
+    if (!src->progressive_mode || src->coef_bits == NULL || !src->do_block_smoothing)
+        return 0;
+    for (ci = 0; ci < src->num_components; ci++)
+        for (k = 0; k < DCTSIZE2; k++)
+            if (src->coef_bits[ci][k] != 0)
+                return 1;
+    return 0;
+}
+
 static int run_copy(struct job *job) {
     struct jpeg_decompress_struct src;
     struct jpeg_compress_struct dst;
@@ -292,7 +315,7 @@ static int run_copy(struct job *job) {
     struct decoding walk;
     struct walk_hook hook;
     jvirt_barray_ptr *coefs;
-    int ci, gather, walked, tables[3][2];
+    int ci, gather, walked, smoothed, tables[3][2];
     volatile int outside = 0;
     JDIMENSION width, height;
     volatile int have_dst = 0;
@@ -382,9 +405,16 @@ static int run_copy(struct job *job) {
         outside |= job->has_limits && (job->dark[ci] < range[0] || job->light[ci] > range[1]);
     }
     job->verdict = -1;
-    if (job->rule.counts != NULL)
+    smoothed = smoothed_progressive(&src);
+    if (smoothed) { /* the pixels are not the coefficients' own: no bound holds */
+        for (ci = 0; ci < src.num_components; ci++) {
+            job->low[ci] = 0;
+            job->high[ci] = 255;
+        }
+    } else if (job->rule.counts != NULL) {
         job->verdict = outside ? 0 : judge_blocks(job, &src, (long)width, (long)height);
-    job->encoded = job->optimize && job->verdict != 1;
+    }
+    job->encoded = job->optimize && job->verdict != 1 && !smoothed;
 
     if (job->half != NULL && job->verdict == 1 && job->blank_fill >= 0)
         fill_half(job);

@@ -240,6 +240,10 @@ static inline void block_sums(const struct component_scan *c, const uint16_t *ma
 #endif
 }
 
+/* The samples libjpeg's IDCT output clamps right: levels -384 .. 639 (-512 .. 511 shifted). */
+#define WRAP_LOW (-384)
+#define WRAP_HIGH 640
+
 static inline int finish_block(struct component_scan *c, JCOEF dc, int64_t sum, int64_t weighted,
                                unsigned every, int last, int whole, int16_t *slot);
 
@@ -289,16 +293,27 @@ static inline int finish_block(struct component_scan *c, JCOEF dc, int64_t sum, 
     int64_t centre, reach;
     /* 128 * (128 + DC/8) and 128 * (W + 1 + S/128), or 128 * 1/2 without AC: W the weighted
      * sum (reach_weight, rounded up), at most S/4. */
+    int64_t low, high, error;
     centre = 16384 + 16 * (int64_t)dc * c->q[0];
     reach = sum == 0 ? 64 : ((weighted + 65535) >> 16) + sum + 128;
-    c->lo = centre - reach < c->lo ? centre - reach : c->lo;
-    c->hi = centre + reach > c->hi ? centre + reach : c->hi;
+    error = sum == 0 ? 64 : sum + 128; /* 128 * (1 + S/128), or 128 * 1/2: the mean's */
+    low = centre - reach;
+    high = centre + reach;
+    if (low < WRAP_LOW * 128 || high >= WRAP_HIGH * 128) {
+        /* Decoders clamp a sample only in [WRAP_LOW, WRAP_HIGH): libjpeg's range-limit table
+         * wraps beyond (and its SIMD IDCT overflows 16 bits well before): any level then. */
+        low = 0;
+        high = 255 * 128;
+        centre = 128 * 128;
+        error = 128 * 128;
+    }
+    c->lo = low < c->lo ? low : c->lo;
+    c->hi = high > c->hi ? high : c->hi;
     if (slot != NULL) {
-        slot[0] = (int16_t)(255 - level_floor(255 * 128 - (centre - reach))); /* ceil */
-        slot[1] = (int16_t)level_floor(centre + reach);
+        slot[0] = (int16_t)(255 - level_floor(255 * 128 - low)); /* ceil */
+        slot[1] = (int16_t)level_floor(high);
     }
     if (whole) {
-        int64_t error = sum == 0 ? 64 : sum + 128; /* 128 * (1 + S/128), or 128 * 1/2 */
         c->dark = centre + error < c->dark ? centre + error : c->dark;
         c->light = centre - error > c->light ? centre - error : c->light;
     }

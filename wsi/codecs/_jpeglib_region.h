@@ -47,7 +47,8 @@ static int run_region(struct region *r) {
                  d.image_height, r->expected_width, r->expected_height);
         longjmp(r->g.escape, 1);
     }
-    if (r->x + r->width > (long)d.image_width || r->y + r->height > (long)d.image_height) {
+    if (r->x > (long)d.image_width || r->width > (long)d.image_width - r->x ||
+        r->y > (long)d.image_height || r->height > (long)d.image_height - r->y) { /* no overflow */
         snprintf(r->g.message, sizeof r->g.message, "region %ldx%ld+%ld+%ld outside the %ux%u tile",
                  r->width, r->height, r->x, r->y, d.image_width, d.image_height);
         r->bad_region = 1;
