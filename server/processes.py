@@ -29,7 +29,6 @@ import socket
 import sys
 import tempfile
 import time
-import warnings
 from dataclasses import dataclass, field
 from multiprocessing.process import BaseProcess
 from pathlib import Path
@@ -38,6 +37,7 @@ from aiohttp import web
 
 from server.app import create_app, new_event_loop
 from server.settings import ProcessRole, ServerSettings
+from wsi.cli import quiet_readers
 from wsi.errors import InvalidArgument, WsiError
 from wsi.ingest.queue import open_queue
 from wsi.ingest.supervise import Backoff
@@ -101,7 +101,7 @@ def _listening(role: ProcessRole, _message: str) -> None:
 def serve_process(settings: ServerSettings, role: ProcessRole, parent: int) -> None:
     """The body of one serving process (started by `ProcessSupervisor`)."""
     _die_with(parent)
-    warnings.simplefilter("ignore")  # as `wsi` does: readers' warnings may quote header values
+    quiet_readers()  # as `wsi` does: readers' warnings may quote file names and header values
     loop = new_event_loop()
     stopping = False
 

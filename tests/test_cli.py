@@ -171,3 +171,20 @@ def test_bad_progress_fd_is_one_line(tmp_path: Path) -> None:
         assert run.returncode == 1
         assert run.stderr.count("\n") == 1 and "--progress-fd" in run.stderr, run.stderr
         assert not list(tmp_path.iterdir())  # nothing written
+
+
+def test_reader_libraries_add_no_lines_to_stderr(tmp_path: Path) -> None:
+    """A damaged TIFF made tifffile log its own warnings ("incorrect StripOffsets count ...")
+    before the one `wsi: error:` line; they quote header values, and file names where a library
+    logs them (wsidicom's "Failed to open file <path>")."""
+    from .conftest import make_tiff
+
+    good = make_tiff(tmp_path / "s.tif", 700, 600)
+    cut = tmp_path / "cut.tif"
+    cut.write_bytes(good.read_bytes()[:-1])
+    info = wsi("info", str(cut))  # it reads the header only: nothing wrong to say
+    assert info.returncode == 0 and info.stderr == "", info.stderr
+    run = wsi("convert", str(cut), "--out", str(tmp_path / "o"))
+    assert run.returncode == 1, run.stdout
+    assert run.stderr.splitlines() == [run.stderr.strip()], run.stderr
+    assert run.stderr.startswith("wsi: error: "), run.stderr

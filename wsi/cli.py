@@ -7,6 +7,7 @@ import contextlib
 import functools
 import gc
 import json
+import logging
 import os
 import sys
 import threading
@@ -527,12 +528,40 @@ def build_parser(commands: Sequence[CommandAdder] = ()) -> argparse.ArgumentPars
     return parser
 
 
+READER_LOGGERS = frozenset({"tifffile", "wsidicom", "pydicom", "PIL", "imagecodecs", "openslide"})
+"""Libraries that log about the files they read."""
+
+
+class _NoReaderChatter(logging.Filter):
+    """Drops what reader libraries log (tifffile's tag warnings, wsidicom's "Failed to open file
+    <path>", through the root logger): not the user's business, a command's failure is its one
+    `wsi: error:` line, and the messages quote file names and header values, which may name a
+    patient. Our own loggers and the runtime's (asyncio, aiohttp) go on."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.name != "root" and record.name.split(".")[0] not in READER_LOGGERS
+
+
+_QUIET = _NoReaderChatter()
+
+
+def quiet_readers() -> None:
+    """A process's stderr without the reader libraries' warnings (Python's and their logging),
+    everything else as Python's last-resort handler prints it (WARNING and up, the message)."""
+    warnings.simplefilter("ignore")
+    root = logging.getLogger()
+    if any(_QUIET in h.filters for h in root.handlers):
+        return
+    handler = logging.StreamHandler()
+    handler.setLevel(logging.WARNING)
+    handler.addFilter(_QUIET)
+    root.addHandler(handler)
+
+
 def main(argv: Sequence[str] | None = None, commands: Sequence[CommandAdder] = ()) -> int:
     """Run one `wsi` command; `commands` adds subcommands of layers above the library."""
     args = build_parser(commands).parse_args(argv)
-    # Reader libraries warn about quirks of the files they read (over-long UIDs ...): that is not
-    # the user's business here, and their messages may quote header values.
-    warnings.simplefilter("ignore")
+    quiet_readers()
     try:
         return int(args.func(args))
     except WsiError as exc:
