@@ -227,7 +227,7 @@ class Cluster:
                 os.chown(pwfile, owner.pw_uid, owner.pw_gid)
             # fmt: off
             initdb = [str(bindir / "initdb"), "-D", str(data), "-U", DB_USER,
-                      f"--pwfile={pwfile}", "--auth=scram-sha-256", "-E", "UTF8",
+                      f"--pwfile={pwfile}", "--auth=scram-sha-256", "-E", "UTF8", "--locale=C",
                       "--no-instructions"]
             # fmt: on
             done = subprocess.run(

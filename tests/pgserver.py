@@ -186,7 +186,7 @@ def run_postgres(base: Path | None = None) -> Iterator[PostgresServer]:
             os.chown(pwfile, entry.pw_uid, entry.pw_gid)
         init = server._command(
             str(bindir / "initdb"), "-D", str(server.data_dir), "-U", USER,
-            f"--pwfile={pwfile}", "--auth=scram-sha-256", "-E", "UTF8", "--no-sync",
+            f"--pwfile={pwfile}", "--auth=scram-sha-256", "-E", "UTF8", "--locale=C", "--no-sync",
             "--no-instructions",
         )  # fmt: skip
         done = subprocess.run(init, capture_output=True, text=True, check=False)

@@ -62,7 +62,13 @@ def test_watch_folder_end_to_end(tmp_path: Path) -> None:
             jobs = {Path(j["source"]).name: j for j in await wait_until(finished)}
             assert jobs["case.svs"]["state"] == "done"
             assert jobs["broken.tiff"]["state"] == "failed"
-            assert (tmp_path / "quarantine" / "broken.tiff" / "REASON.txt").exists()
+            # The job reads failed, then its source is moved (on a worker thread): wait for it.
+            reason = tmp_path / "quarantine" / "broken.tiff" / "REASON.txt"
+
+            async def quarantined() -> bool:
+                return await asyncio.to_thread(reason.exists)
+
+            await wait_until(quarantined)
             sid = jobs["case.svs"]["slide_id"]
             slide = await (await c.get(f"/slides/{sid}")).json()
             assert slide["status"] == "ready"
