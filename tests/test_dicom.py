@@ -21,7 +21,15 @@ import zarr
 from wsidicom import WsiDicom
 
 import wsi
-from wsi import ConvertResult, ConvertSettings, PyramidSettings, Store, StoreSettings, convert_slide
+from wsi import (
+    ConvertResult,
+    ConvertSettings,
+    PyramidSettings,
+    Store,
+    StoreSettings,
+    convert_slide,
+    slidefiles,
+)
 from wsi.export import export_dicom
 
 from .conftest import sample, shared
@@ -392,6 +400,23 @@ def test_a_series_missing_an_unreadable_instance_is_refused(tmp_path: Path) -> N
     ds = pydicom.dcmread(mismatched / "level-0.dcm")  # JPEG frames, said to be uncompressed
     ds.file_meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian
     ds.save_as(mismatched / "level-0.dcm", enforce_file_format=False)
+    indexed = tmp_path / "indexed"  # a DICOMDIR beside the instances belongs to no series
+    shutil.copytree(series, indexed)
+    meta = pydicom.dataset.FileMetaDataset()
+    meta.MediaStorageSOPClassUID = slidefiles.DICOMDIR_SOP_CLASS
+    meta.MediaStorageSOPInstanceUID = pydicom.uid.generate_uid()
+    meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian
+    directory = pydicom.dataset.FileDataset(str(indexed / "DICOMDIR"), {}, file_meta=meta)
+    directory.FileSetID = "SLIDES"
+    directory.save_as(indexed / "DICOMDIR", enforce_file_format=True)
+    for whole in (indexed, indexed / "level-1.dcm"):
+        run = subprocess.run(
+            [sys.executable, "-m", "wsi.cli", "convert", str(whole), "--out", str(tmp_path / "ok")],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        assert run.returncode == 0, run.stderr
     cases = [(cut / "level-1.dcm", 75), (cut, 75), (mismatched / "level-0.dcm", 1), (mismatched, 1)]
     for slide, status in cases:
         out = tmp_path / "out" / slide.parent.name / slide.name

@@ -232,7 +232,7 @@ def is_dicom_file(path: Path) -> bool:
         return False
 
 
-_MEDIA_DIRECTORY = "1.2.840.10008.1.3.10"
+DICOMDIR_SOP_CLASS = "1.2.840.10008.1.3.10"
 """Media Storage Directory Storage: a DICOMDIR, the one DICOM file that belongs to no series."""
 
 
@@ -253,7 +253,7 @@ def series_uid(path: Path) -> str | None:
         return str(uid)
     meta = getattr(ds, "file_meta", None)
     sop_class = meta.get("MediaStorageSOPClassUID") if meta is not None else None
-    if sop_class is not None and str(sop_class) != _MEDIA_DIRECTORY:
+    if sop_class is not None and str(sop_class) != DICOMDIR_SOP_CLASS:
         # Every IOD but a DICOMDIR has a series: a file cut short in its header reads this way.
         raise CorruptSlide("cannot read DICOM header: no SeriesInstanceUID (a file cut short?)")
     return None
@@ -315,6 +315,7 @@ def dicom_series_files(path: Path) -> list[Path]:
 
 __all__ = [
     "COMPANION_SUFFIXES",
+    "DICOMDIR_SOP_CLASS",
     "DICOM_SUFFIXES",
     "MIRAX_INDEX",
     "MIRAX_SUFFIX",

@@ -17,7 +17,7 @@ from wsi.codecs import jpeg, jpeg2000
 from wsi.codecs.colour import srgb_of_dicom_lab
 from wsi.errors import CorruptSlide, EncodedTileUnavailable, SlideIncomplete, UnsupportedSlide
 from wsi.model import Level, SlideProperties, TileCodec
-from wsi.slidefiles import dicom_series_files, is_dicom_file
+from wsi.slidefiles import DICOMDIR_SOP_CLASS, dicom_series_files, is_dicom_file
 from wsi.sources.base import SlideSource
 
 # pydicom and wsidicom are imported when a DICOM slide is opened: together they take ~0.5 s,
@@ -123,15 +123,16 @@ class DicomSource(SlideSource):
         for path in self.files:
             try:
                 ds = pydicom.dcmread(path, stop_before_pixels=True, defer_size=1024)
-                level = (
-                    str(ds.SOPClassUID) == _WSM_STORAGE
-                    and str(ds.SeriesInstanceUID) == series
-                    and str(ds.ImageType[2]).upper() == "VOLUME"
-                )
+                meta = getattr(ds, "file_meta", None)
+                if meta is not None and meta.get("MediaStorageSOPClassUID") == DICOMDIR_SOP_CLASS:
+                    continue
+                uids = str(ds.SOPClassUID), str(ds.SeriesInstanceUID), str(ds.SOPInstanceUID)
             except Exception:  # pydicom raises many kinds on a truncated file
                 unreadable += 1
                 continue
-            if level and str(ds.SOPInstanceUID) not in opened:
+            image_type = list(ds.get("ImageType") or [])
+            volume = len(image_type) < 3 or str(image_type[2]).upper() == "VOLUME"
+            if uids[:2] == (_WSM_STORAGE, series) and volume and uids[2] not in opened:
                 refused += 1
         if refused:
             raise CorruptSlide(
