@@ -295,7 +295,9 @@ def test_two_services_one_folder_one_watches_then_the_other_takes_over(
         os.killpg(killed.pid, signal.SIGKILL)
         killed.wait(10)
         start = time.monotonic()
-        bound = LEASE_SECONDS + LEASE_SECONDS / 3 + 2.0
+        # The lease lapses, then the survivor's next renewal try takes it; a loaded machine
+        # may delay either by seconds: the bound says 'soon', not how soon.
+        bound = LEASE_SECONDS + LEASE_SECONDS / 3 + 10.0
         wait_until(lambda: _holder_pid(database, inbox) == survivor.pid, "the takeover", bound)
         took = time.monotonic() - start
         assert took <= bound
