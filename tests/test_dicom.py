@@ -431,3 +431,41 @@ def test_a_series_missing_an_unreadable_instance_is_refused(tmp_path: Path) -> N
         assert len(lines) == 1 and lines[0].startswith("wsi: error: "), (slide, run.stderr)
         assert "cannot be read" in lines[0], lines[0]
         assert not any(out.glob("*/manifest.json"))
+
+
+UID_KEYWORDS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "FrameOfReferenceUID")
+
+
+def level_uids(root: Path, slide_id: str) -> dict[str, str]:
+    """The UIDs of the slide's level-0 instance: the four above, its pyramid and specimen."""
+    store = Store(StoreSettings(str(root)))
+    key = next(i["key"] for i in store.read_manifest(slide_id)["dicom"] if i["level"] == 0)
+    ds = pydicom.dcmread(root / slide_id / key, stop_before_pixels=True)
+    uids = {k: str(ds.get(k)) for k in UID_KEYWORDS}
+    uids["PyramidUID"] = str(ds.PyramidUID)
+    uids["SpecimenUID"] = str(ds.SpecimenDescriptionSequence[0].SpecimenUID)
+    return uids
+
+
+def test_uids_name_one_object_and_are_replaced_when_deidentified(
+    identified_slide: Path, tmp_path: Path
+) -> None:
+    """UIDs derived from the slide id alone were the same in the identified and the
+    de-identified conversion (PS3.15 Table E.1-1 replaces every one of them), and the same SOP
+    Instance UID named a 4:2:0 level and a 4:4:4 one of other pixels. Now: the same settings
+    give the same UIDs; settings that change the instances give other series, instance and
+    pyramid UIDs in the same study; de-identification replaces all of them."""
+    _, plain = convert(identified_slide, tmp_path / "plain")
+    _, again = convert(identified_slide, tmp_path / "again")
+    _, full = convert(identified_slide, tmp_path / "444", pyramid={"subsample_420": False})
+    _, anon = convert(identified_slide, tmp_path / "anon", deidentify=True)
+    assert plain.slide_id == again.slide_id == full.slide_id == anon.slide_id  # the content's id
+    first = level_uids(tmp_path / "plain", plain.slide_id)
+    assert level_uids(tmp_path / "again", again.slide_id) == first
+    other = level_uids(tmp_path / "444", full.slide_id)
+    for keyword in ("StudyInstanceUID", "FrameOfReferenceUID", "SpecimenUID"):
+        assert other[keyword] == first[keyword], keyword  # the same glass, the same study
+    for keyword in ("SeriesInstanceUID", "SOPInstanceUID", "PyramidUID"):
+        assert other[keyword] != first[keyword], keyword
+    replaced = level_uids(tmp_path / "anon", anon.slide_id)
+    assert not set(replaced.values()) & set(first.values()) and len(set(replaced.values())) == 6

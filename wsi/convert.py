@@ -188,7 +188,11 @@ def convert_slide(
             # A new version of a published slide is built beside it and swapped in only when
             # complete: a failed or interrupted re-conversion leaves the published one as it was.
             keys = SlideKeys(sid).staging(uuid.uuid4().hex[:12]) if replacing else SlideKeys(sid)
-            dicom = dicom_slide(sid, metadata, properties, base, path) if settings.dicom else None
+            dicom = (
+                dicom_slide(sid, metadata, properties, base, path, uid_variant(fingerprint))
+                if settings.dicom
+                else None
+            )
             writer = _writer_type(cluster)(store, keys, dicom, "zarr" in settings.formats)
             with _removed_on_failure(writer, store, keys):
                 plans = _build_pyramid(path, source, writer, settings.pyramid, progress, cluster)
@@ -382,8 +386,20 @@ def _readable_manifest(store: Store, slide_id: str) -> Manifest | None:
         return None
 
 
+def uid_variant(fingerprint: dict[str, Any]) -> str:
+    """`DicomSlide.variant` of a conversion: its settings (`ConvertSettings.fingerprint`) but
+    the sidecar's identifiers, whose correction keeps a slide's UIDs (as PACS updates do)."""
+    kept = {k: v for k, v in fingerprint.items() if k != "metadata_sha256"}
+    return hashlib.sha256(json.dumps(kept, sort_keys=True).encode()).hexdigest()[:32]
+
+
 def dicom_slide(
-    slide_id: str, metadata: SlideMetadata, props: SlideProperties, base: Level, path: Path
+    slide_id: str,
+    metadata: SlideMetadata,
+    props: SlideProperties,
+    base: Level,
+    path: Path,
+    variant: str = "",
 ) -> DicomSlide:
     """Per-slide DICOM values. Dates: the scan time when the file says, else the source file's
     modification time (stable, so a rerun writes the same bytes); a dummy when de-identified."""
@@ -413,4 +429,5 @@ def dicom_slide(
         content_date=date,
         content_time=clock,
         icc_profile=props.icc_profile,
+        variant=variant,
     )

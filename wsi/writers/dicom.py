@@ -203,16 +203,34 @@ class DicomSlide:
     content_time: str
     icc_profile: bytes | None
 
+    variant: str = ""
+    """A digest of the conversion's settings that change what the instances hold (pixels,
+    frames, transfer syntax, de-identification): converted again with the same settings, a slide
+    gets the same UIDs; with others, other series, instance and pyramid UIDs, as DICOM requires
+    of different objects."""
+
+    def physical_uid(self, purpose: str) -> str:
+        """The UID of what the conversion does not change (the study, the specimen, its frame of
+        reference): the slide id's, or under de-identification other ones (PS3.15 Table E.1-1
+        replaces every UID, so that the copy does not share them with the identified one)."""
+        if self.metadata.deidentified:
+            return derived_uid(self.slide_id, "deidentified", purpose)
+        return derived_uid(self.slide_id, purpose)
+
+    def object_uid(self, purpose: str, *parts: str) -> str:
+        """The UID of an object of this conversion (series, instance, pyramid)."""
+        return derived_uid(self.slide_id, self.variant, purpose, *parts)
+
     @property
     def study_uid(self) -> str:
-        return derived_uid(self.slide_id, "study")
+        return self.physical_uid("study")
 
     @property
     def series_uid(self) -> str:
-        return derived_uid(self.slide_id, "series")
+        return self.object_uid("series")
 
     def instance_uid(self, name: str) -> str:
-        return derived_uid(self.slide_id, "instance", name)
+        return self.object_uid("instance", name)
 
 
 def _code(value: str, scheme: str, meaning: str) -> Item:
@@ -242,7 +260,7 @@ def _patient_study_series(slide: DicomSlide) -> dict[str, Value]:
         "ReferringPhysicianName": m.referring_physician_name,
         "SeriesInstanceUID": slide.series_uid,
         "SeriesNumber": 1,
-        "FrameOfReferenceUID": derived_uid(slide.slide_id, "frame-of-reference"),
+        "FrameOfReferenceUID": slide.physical_uid("frame-of-reference"),
         "PositionReferenceIndicator": "SLIDE_CORNER",
         "Manufacturer": slide.manufacturer,
         "ManufacturerModelName": slide.model_name,
@@ -257,7 +275,7 @@ def _patient_study_series(slide: DicomSlide) -> dict[str, Value]:
         "SpecimenDescriptionSequence": [
             {
                 "SpecimenIdentifier": m.specimen_id or container,
-                "SpecimenUID": derived_uid(slide.slide_id, "specimen"),
+                "SpecimenUID": slide.physical_uid("specimen"),
                 "IssuerOfTheSpecimenIdentifierSequence": [],
                 "SpecimenPreparationSequence": [],
             }
@@ -387,7 +405,7 @@ def instance_elements(
         **_geometry(slide, level, image_type, sparse is not None),
     }
     if flavor == "VOLUME":
-        data["PyramidUID"] = derived_uid(slide.slide_id, "pyramid")
+        data["PyramidUID"] = slide.object_uid("pyramid")
     if flavor == "LABEL":  # Slide Label module: we do not read barcodes or label text
         data["BarcodeValue"] = ""
         data["LabelText"] = ""
@@ -467,7 +485,7 @@ def _geometry(slide: DicomSlide, level: Level, image_type: list[str], sparse: bo
 
 
 def _organization_uid(slide: DicomSlide) -> str:
-    return derived_uid(slide.slide_id, "dimension-organization")
+    return slide.object_uid("dimension-organization")
 
 
 @dataclass(frozen=True)
