@@ -438,6 +438,19 @@ def test_keep_jpeg2000_dicomweb_negotiation(j2k_svs: Path, kept: tuple[Path, str
         assert _parts(r.headers["Content-Type"], await r.read()) == [
             (f"image/jp2; transfer-syntax={syntax}", codestream)
         ]
+        named = f'multipart/related; type="image/jp2"; transfer-syntax={syntax}'
+        r = await c.get(f"{url}/frames/1", headers={"Accept": named})
+        assert _parts(r.headers["Content-Type"], await r.read()) == [
+            (f"image/jp2; transfer-syntax={syntax}", codestream)
+        ]
+        # Lossless asked, lossy stored; octet-stream parts of a compressed syntax (PS3.18
+        # pairs application/octet-stream with uncompressed frames or `*`): 406, not other frames.
+        for accept in (
+            f'multipart/related; type="image/jp2"; transfer-syntax={jpeg2000.JPEG2000_LOSSLESS}',
+            f'multipart/related; type="application/octet-stream"; transfer-syntax={syntax}',
+        ):
+            r = await c.get(f"{url}/frames/1,2", headers={"Accept": accept})
+            assert r.status == 406 and "json" in r.content_type, accept
         # The instance: as stored (JPEG 2000), or 406 when only JPEG baseline will do.
         r = await c.get(url, headers={"Accept": 'multipart/related; type="application/dicom"'})
         assert _parts(r.headers["Content-Type"], await r.read()) == [

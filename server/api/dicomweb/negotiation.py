@@ -78,14 +78,16 @@ def check_json_accept(request: web.Request) -> None:
 def frame_mode(request: web.Request, count: int) -> str:
     """From the Accept header: 'jpeg' (JPEG frames, image/jpeg parts), 'octet-jpeg' (JPEG
     frames, application/octet-stream parts: `transfer-syntax=*`), 'native' (decoded RGB),
-    'single' (one JPEG, not multipart) or 'jxl' (the JPEG XL frames of an archived instance, asked
-    for by image/jxl or their transfer syntax); 406 otherwise."""
+    'single' (one JPEG, not multipart), 'jxl' (the JPEG XL frames of an archived instance, asked
+    for by image/jxl or their transfer syntax) or 'j2k' / 'j2k:<syntax>' (the JPEG 2000 frames of
+    an instance kept so, in any or in that transfer syntax); 406 otherwise."""
     for r in accepted(request):
         inner, syntax = r.type, r.params.get("transfer-syntax")
         if _asks_jxl(r):
             return "jxl"
         if _asks_jpeg2000(r):
-            return "j2k"
+            named = syntax if syntax in JPEG2000_SYNTAXES else ""
+            return f"j2k:{named}" if named else "j2k"
         if r.type == "multipart/related":
             inner = r.params.get("type", "application/octet-stream").lower()
         elif r.type == "image/jpeg" and count == 1 and syntax in (None, "*", JPEG_BASELINE):
@@ -135,12 +137,14 @@ def _asks_jxl(r: MediaRange) -> bool:
 
 def _asks_jpeg2000(r: MediaRange) -> bool:
     """A media range that asks for the JPEG 2000 frames of an instance kept as JPEG 2000:
-    image/jp2 (PS3.18 8.7.3), or a JPEG 2000 transfer syntax by name."""
+    image/jp2 (PS3.18 8.7.3), or a JPEG 2000 transfer syntax by name with parts of any type;
+    not as application/octet-stream, which is for uncompressed frames or `*` (the mode then
+    names the syntax asked for: `frames` answers 406 when the stored one is another)."""
     syntax = r.params.get("transfer-syntax")
     inner = r.params.get("type", "").lower() if r.type == "multipart/related" else r.type
     if inner == "image/jp2":
         return syntax in (None, "*", *JPEG2000_SYNTAXES)
-    return syntax in JPEG2000_SYNTAXES and inner in ("application/octet-stream", "*/*", "")
+    return syntax in JPEG2000_SYNTAXES and inner == "*/*"
 
 
 def accepts_stored_syntax(request: web.Request, syntax: str) -> bool:

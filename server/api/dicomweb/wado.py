@@ -144,10 +144,12 @@ async def frames(request: web.Request) -> web.StreamResponse:
         if not inst.archived:
             raise not_acceptable(f"JPEG (transfer-syntax={JPEG_BASELINE}) for this instance")
         return await stream_frames(request, inst, numbers, "image/jxl", etag, caching, True)
-    if mode == "j2k":
+    if mode.startswith("j2k"):
         if not inst.kept_jpeg2000:
             raise not_acceptable(f"JPEG (transfer-syntax={JPEG_BASELINE}) for this instance")
         syntax = await _stored_syntax(inst)
+        if mode.partition(":")[2] not in ("", syntax):  # lossless asked, lossy stored, or back
+            raise not_acceptable(f'multipart/related; type="image/jp2"; transfer-syntax={syntax}')
         return await stream_frames(request, inst, numbers, "image/jp2", etag, caching, True, syntax)
     data = await asyncio.gather(*(inst.frame(n) for n in numbers))
     if mode == "single":
