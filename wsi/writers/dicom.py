@@ -321,14 +321,19 @@ def srgb_profile() -> bytes:
 
 
 def photometric_interpretation(stream: bytes) -> str:
-    """What a JPEG stream holds, in DICOM's words (PS3.5 8.2.1)."""
+    """What a JPEG stream holds, in DICOM's words: RGB-coded, or YCbCr, which a baseline JPEG
+    instance calls YBR_FULL_422 whatever its chroma sampling (PS3.5 Table 8.2.1-1; PS3.3
+    C.7.6.3.1.2: "the chrominance sub-sampling in the JPEG bit stream may differ from this
+    description"), the one YCbCr value the VL WSI IOD lists (C.8.12.4.1.5), and what scanners'
+    own DICOM (Hamamatsu's 4:4:4) and wsidicom write. YBR_FULL, which a 4:4:4 stream was labelled
+    before, is not in that list: dciodvfy refused it and OpenSlide would not open the slide."""
     transform = jpeglib.adobe_transform(stream)
     if transform == 0:
         return "RGB"
-    ids, sampling = jpeglib.components(stream)
+    ids, _sampling = jpeglib.components(stream)
     if transform is None and ids == b"RGB":
         return "RGB"
-    return "YBR_FULL" if len(set(sampling)) <= 1 else "YBR_FULL_422"
+    return "YBR_FULL_422"
 
 
 def frame_encoding(first_frame: bytes) -> tuple[str, str, str]:
