@@ -33,7 +33,10 @@ SLIDES_READ = web.RequestKey("slides_read", list)
 
 
 def note_read(request: web.Request, slide_ids: Iterable[str]) -> None:
-    """Record that the request answers with these slides' data (see `SLIDES_READ`)."""
+    """Record that the request answers with these slides' data (see `SLIDES_READ`), when the
+    access is audited (nothing else reads it: a frame request pays one look-up)."""
+    if AUDIT not in request.app:
+        return
     read = request.get(SLIDES_READ)
     if read is None:
         read = request[SLIDES_READ] = []
@@ -102,3 +105,7 @@ class AuditLog:
         """Write what is queued, then stop the writer."""
         self._queue.put(None)
         self._thread.join(30)
+
+
+AUDIT = web.AppKey("audit", AuditLog)
+"""The access audit log, when auth is on and `audit_log` is set."""

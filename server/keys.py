@@ -8,7 +8,7 @@ import concurrent.futures as cf
 
 from aiohttp import web
 
-from server.audit import AuditLog
+from server.audit import AUDIT as AUDIT
 from server.bucket_copies import StagedSources
 from server.catalog import Catalog
 from server.integrity import IntegrityMonitor
@@ -20,8 +20,6 @@ from wsi.ingest.supervise import Supervisor
 SETTINGS = web.AppKey("settings", ServerSettings)
 ROLE = web.AppKey("role", ProcessRole)
 """This process's part in the service (alone, or one of several: `server.processes`)."""
-AUDIT = web.AppKey("audit", AuditLog)
-"""The access audit log, when auth is on and `audit_log` is set."""
 CATALOG = web.AppKey("catalog", Catalog)
 EXECUTOR = web.AppKey("executor", cf.ThreadPoolExecutor)
 METRICS = web.AppKey("metrics", Metrics)
