@@ -158,3 +158,56 @@ def test_reconversion_on_s3(slide: Path, seaweedfs: SeaweedFS) -> None:
     )
     with wsi.open_published(f"{url}/{sid}", seaweedfs.endpoint_url) as published:
         assert published.tile(0, 1, 1).shape == (256, 256, 3)
+
+
+def cut_promote_short(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make the next `Store.promote` fail after moving 3 objects in: the store going away (or the
+    process killed) half way through a swap, the rest still in the staging folder."""
+    import wsi.store.objects as objects
+
+    real, moved = objects.fsync_dir, []
+
+    def fsync_dir(path: str) -> None:
+        if "staging-" not in path:  # a folder an object was moved into
+            moved.append(path)
+            if len(moved) > 3:
+                raise OSError("the disk went away during the swap")
+        real(path)
+
+    monkeypatch.setattr(objects, "fsync_dir", fsync_dir)
+
+
+def test_a_reconversion_cut_short_in_its_swap_is_finished_not_lost(
+    slide: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The swap unpublishes the old version and moves the new one's objects in: cut short
+    there, the slide was published in neither version, and the next run deleted the complete
+    staged one. Now the staged manifest is written first and the next run (any conversion of the
+    slide, or the archive policy) finishes the swap."""
+    root = tmp_path / "store"
+    store = wsi.Store(wsi.StoreSettings(str(root)))
+    sid = wsi.convert_slide(slide, store).slide_id
+    again = ConvertSettings(PyramidSettings(quality=70, reuse_levels=False))
+    with monkeypatch.context() as patch:
+        cut_promote_short(patch)
+        with pytest.raises(wsi.StoreError, match="went away"):
+            wsi.convert_slide(slide, store, again)
+    assert not store.is_published(sid)
+    result = wsi.convert_slide(slide, store, again)  # finishes the swap: nothing to convert
+    assert result.skipped
+    manifest = verify(root, sid)
+    assert manifest["settings"]["pyramid"]["quality"] == 70
+    assert leftovers(root, sid) == []
+    with wsi.open_published(str(root / sid)) as published:
+        assert published.tile(0, 0, 0).shape == (256, 256, 3)
+
+    with monkeypatch.context() as patch:  # the archive policy finishes it too
+        cut_promote_short(patch)
+        with pytest.raises(wsi.StoreError, match="went away"):
+            wsi.convert_slide(slide, store)
+    assert not store.is_published(sid)
+    from wsi.published.archive import archive_due
+
+    archive_due(store, 10_000.0, time.time())  # nothing old enough to archive
+    assert store.is_published(sid) and "quality" in verify(root, sid)["settings"]["pyramid"]
+    assert verify(root, sid)["settings"]["pyramid"]["quality"] == 90

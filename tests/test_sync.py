@@ -178,3 +178,28 @@ def test_sync_errors(store_a: tuple[Path, str], tmp_path: Path) -> None:
     assert done.stdout.startswith(f"{sid}\tFAILED\t{sid}/slide.zarr/2/c/0/0/0 in the source")
     assert not (target / sid / "manifest.json").exists()
     assert not (target / sid / "slide.zarr/2/c/0/0/0").exists()
+
+
+def test_a_damaged_new_version_leaves_the_copy_published_as_it_was(
+    store_a: tuple[Path, str], seaweedfs: SeaweedFS
+) -> None:
+    """Syncing a new version unpublished the target's copy first and overwrote its objects as
+    it went: a damaged object of the source's new version then left neither version in the
+    target. The new version is now copied and checked beside the target's, then swapped in."""
+    root, sid = store_a
+    url, bucket = bucket_store(seaweedfs)
+    assert run_wsi("sync", str(root), url).returncode == 0
+    before = {k: bucket.get(k) for k in bucket.list_keys(sid)}
+    again = wsi.ConvertSettings(wsi.PyramidSettings(quality=70, reuse_levels=False))
+    wsi.convert_slide(
+        sample("CMU-1-Small-Region.svs"), wsi.Store(wsi.StoreSettings(str(root))), again
+    )
+    level1 = root / sid / "slide.zarr" / "1" / "c" / "0" / "0" / "0"
+    damaged = bytearray(level1.read_bytes())
+    damaged[len(damaged) // 2] ^= 0x10
+    level1.write_bytes(bytes(damaged))
+    done = run_wsi("sync", str(root), url)
+    assert done.returncode == 1 and "does not match its manifest" in done.stdout + done.stderr
+    assert {k: bucket.get(k) for k in bucket.list_keys(sid)} == before  # not one byte changed
+    [check] = verify_store(bucket, [sid])
+    assert check.ok, check.line()

@@ -179,6 +179,7 @@ def convert_slide(
         check_declared_size(base, _stored_bytes(path, source.name), settings)
         url = store.full_url(SlideKeys(sid).zarr_root)
         with store.slide_lock(sid):
+            store.finish_swap(sid)  # a version a killed run had begun to swap in: published
             published = _readable_manifest(store, sid) if store.is_published(sid) else None
             if published is not None and published.settings == fingerprint:
                 stored = published.stored_bytes
@@ -213,8 +214,9 @@ def convert_slide(
             )
             if replacing:
                 _swap_in(store, keys, manifest, published)
+            else:
+                store.publish(sid, manifest)
             stored = manifest.stored_bytes
-            store.publish(sid, manifest)
     return ConvertResult(
         sid, url, base.width * base.height, time.perf_counter() - start, stored, False
     )
@@ -326,10 +328,9 @@ def slide_naming(slide_id: str, path: Path, metadata: SlideMetadata) -> tuple[st
 def _swap_in(
     store: Store, staged: SlideKeys, manifest: Manifest, published: Manifest | None
 ) -> None:
-    """Replace a published version by the one built in `staged`: readers see neither version
-    for the swap, never a mix; what only the old version had is deleted."""
-    store.unpublish(staged.slide_id)
-    store.promote(staged, manifest.objects)
+    """Replace a published version by the one built in `staged` (`Store.swap_in`: a swap cut
+    short is finished by the next run); what only the old version had is deleted."""
+    store.swap_in(staged, manifest.to_bytes(), manifest.objects)
     old = published.objects if published is not None else {}
     for key in sorted(set(old) - set(manifest.objects)):
         store.delete(SlideKeys(staged.slide_id).in_store(key))

@@ -23,7 +23,8 @@ while the old one is served; then its manifest is written there (the version is 
 slide is unpublished, the new objects are moved in, and the manifest last (the commit point). A
 run killed before that leaves the old version served (the staging folder is removed by the next
 run); one killed during the swap leaves a complete staged version that the next `archive`,
-`restore` or archive-policy round moves in before anything else.
+`restore`, conversion of the slide or archive-policy round moves in before anything else
+(`Store.swap_in`, `Store.finish_swap`: the one protocol of every version swap).
 
 Memory is bounded: objects are streamed frame by frame, `ArchiveSettings.batch_frames` chunks at
 a time, recoded on a thread pool (libjxl releases the GIL).
@@ -58,8 +59,6 @@ from wsi.published.layout import (
     EMPTY_CHUNK,
     JPEG,
     JPEGXL,
-    MANIFEST,
-    STAGING,
     CodecId,
     Manifest,
     ObjectEntry,
@@ -441,7 +440,8 @@ def _recode(store: Store, slide_id: str, to: CodecId, settings: ArchiveSettings)
     action: Literal["archive", "restore"] = "archive" if to == JPEGXL else "restore"
     keys = SlideKeys(check_slide_id(slide_id))
     with store.slide_lock(slide_id):
-        finish_interrupted(store, slide_id)
+        if store.finish_swap(slide_id):
+            log.info("slide %s: finished the swap of an interrupted run", slide_id)
         manifest = store.manifest(slide_id)
         root = store.get(keys.root_metadata)
         attributes = SlideAttributes.from_root_metadata(root, f"{slide_id}: root zarr.json")
@@ -453,13 +453,11 @@ def _recode(store: Store, slide_id: str, to: CodecId, settings: ArchiveSettings)
         try:
             written = _write_version(store, keys, staged, manifest, root, arrays, to, settings)
             new = _next_manifest(manifest, written, to)
-            store.put(staged.in_store(MANIFEST), new.to_bytes())
         except BaseException:
             with contextlib.suppress(Exception):
                 store.delete_prefix(staged.root)
             raise
-        store.unpublish(slide_id)
-        store.promote(staged, [*sorted(written), MANIFEST])  # the manifest last: the commit
+        store.swap_in(staged, new.to_bytes(), sorted(written))
     seconds = time.perf_counter() - started
     return ArchiveResult(slide_id, action, before, new.stored_bytes, len(written), seconds)
 
@@ -520,30 +518,6 @@ def _next_manifest(manifest: Manifest, written: dict[str, ObjectEntry], to: Code
     return replace(manifest, objects=objects, archived=archived, stored_bytes=stored)
 
 
-def finish_interrupted(store: Store, slide_id: str) -> None:
-    """Call holding the slide's lock. A published slide: remove staging folders of runs killed
-    before their swap. An unpublished one whose staging folder holds a complete version (its
-    manifest written) was killed during its swap: move the rest in and publish it."""
-    folders = [n for n in store.children(slide_id) if n.startswith(STAGING)]
-    if store.is_published(slide_id):
-        for name in folders:
-            store.delete_prefix(f"{slide_id}/{name}")
-        return
-    for name in folders:
-        staged = SlideKeys(slide_id, f"{slide_id}/{name}")
-        if not store.exists(staged.in_store(MANIFEST)):
-            continue
-        pending = Manifest.from_bytes(store.get(staged.in_store(MANIFEST)))
-        final = SlideKeys(slide_id)
-        waiting = [k for k in sorted(pending.objects) if store.exists(staged.in_store(k))]
-        for key, entry in pending.objects.items():
-            if key not in waiting and store.size(final.in_store(key)) != entry.size:
-                raise CorruptSlide(f"cannot finish publishing {slide_id}: {key} is not in place")
-        log.info("slide %s: finishing the swap of an interrupted archive or restore", slide_id)
-        store.promote(staged, [*waiting, MANIFEST])
-        return
-
-
 # -- the ingest policy ----------------------------------------------------------------------------
 ARCHIVE_EVERY_SECONDS = 3600.0
 
@@ -560,6 +534,13 @@ def archive_due(
     damaged) is logged and left for the next round. `stop` is asked between slides."""
     cutoff = now - after_days * 86400.0
     results = []
+    for slide_id in store.interrupted_swaps():  # a version cut short in its swap: published
+        try:
+            with store.slide_lock(slide_id):
+                if store.finish_swap(slide_id):
+                    log.info("slide %s: finished the swap of an interrupted run", slide_id)
+        except WsiError as exc:
+            log.warning("slide %s: its interrupted swap was not finished: %s", slide_id, exc)
     for slide_id in store.published_slides():
         if stop():
             break

@@ -18,6 +18,8 @@ checked after writing.
 
 from __future__ import annotations
 
+import contextlib
+import uuid
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
@@ -125,14 +127,17 @@ def copy_object(
     entry: ObjectEntry,
     rate: ReadRate,
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    target_key: str | None = None,
 ) -> int:
-    """Stream object `key` from `source` to `target` and check the copy: the bytes read must
-    match `entry` (CopyFailed otherwise, and nothing is written: the target's object appears
-    whole or not at all), and the object read back from the target too. Returns bytes copied."""
+    """Stream object `key` from `source` to `target` (at `target_key`, by default the same) and
+    check the copy: the bytes read must match `entry` (CopyFailed otherwise, and nothing is
+    written: the target's object appears whole or not at all), and the object read back from
+    the target too. Returns bytes copied."""
     crc = Crc32c()
     size = 0
+    target_key = target_key or key
     try:
-        with target.open_write(key) as out:
+        with target.open_write(target_key) as out:
             for part in read_parts(source, key, entry.size, rate, chunk_bytes):
                 crc.update(part)
                 size += len(part)
@@ -144,7 +149,7 @@ def copy_object(
                 )
     except SlideNotFound as exc:
         raise CopyFailed(f"{key} is missing from the source") from exc
-    _read, damage = check_object(target, key, key, entry, rate, chunk_bytes)
+    _read, damage = check_object(target, target_key, key, entry, rate, chunk_bytes)
     if damage is not None:
         raise CopyFailed(f"the copy of {damage.describe()} after writing")
     return size
@@ -187,20 +192,38 @@ def sync_slide(
     tally = _Tally()
     try:
         with target.slide_lock(slide_id):
+            target.finish_swap(slide_id)  # of a copy killed while it swapped its version in
+            target.remove_temporaries(slide_id)  # of a killed copy
             current = _manifest_bytes(target, slide_id)
             up_to_date = current == data
-            if not up_to_date:
-                if current is not None:
-                    target.unpublish(slide_id)
-                target.remove_temporaries(slide_id)  # of a killed copy
-            for key_in_slide, entry in sorted(manifest.objects.items()):
-                key = keys.in_store(key_in_slide)
-                if _present(target, key, entry, rate, chunk_bytes, read=not up_to_date):
-                    tally.kept += 1
-                    continue
-                tally.copied_bytes += copy_object(source, target, key, entry, rate, chunk_bytes)
-                tally.copied += 1
-            if not up_to_date:
+            # A new version of a slide the target publishes is copied (and checked) beside
+            # it, then swapped in: a damaged source object, or a copy cut short, leaves the
+            # target's version published as it was. A slide the target does not publish is
+            # copied in place (a killed copy resumes where it stopped); the same version: a
+            # missing or damaged object of it is copied into place.
+            replacing = current is not None and not up_to_date
+            staged = keys.staging(uuid.uuid4().hex[:12]) if replacing else keys
+            changed = []
+            try:
+                for key_in_slide, entry in sorted(manifest.objects.items()):
+                    key = keys.in_store(key_in_slide)
+                    if _present(target, key, entry, rate, chunk_bytes, read=not up_to_date):
+                        tally.kept += 1
+                        continue
+                    where = staged.in_store(key_in_slide)
+                    copied = copy_object(source, target, key, entry, rate, chunk_bytes, where)
+                    tally.copied_bytes += copied
+                    tally.copied += 1
+                    changed.append(key_in_slide)
+            except BaseException:
+                if replacing:
+                    with contextlib.suppress(Exception):
+                        target.delete_prefix(staged.root)
+                raise
+            if replacing:
+                target.swap_in(staged, data, changed)
+                tally.removed = _remove_stale(target, slide_id, manifest)
+            elif not up_to_date:
                 tally.removed = _remove_stale(target, slide_id, manifest)
                 target.put(keys.manifest, data)
     except read_failures() as exc:
