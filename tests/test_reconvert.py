@@ -124,13 +124,17 @@ def test_one_conversion_of_a_slide_at_a_time(slide: Path, tmp_path: Path) -> Non
     root = tmp_path / "store"
     store = wsi.Store(wsi.StoreSettings(str(root)))
     sid = wsi.convert_slide(slide, store).slide_id
+    private = tmp_path / "private-tmp"  # another service's own temporary folder
+    private.mkdir()
     with store.slide_lock(sid):  # as a conversion running in another process would hold it
-        other = run_wsi(
-            "convert", str(slide), "--out", str(root), "--no-progress", "--quality", "70"
-        )
-    assert other.returncode == 75, other.stderr  # retry later (ingest does)
-    assert "being converted by another process" in other.stderr
-    assert len(other.stderr.strip().splitlines()) == 1
+        for env in (None, {**os.environ, "TMPDIR": str(private)}):
+            other = run_wsi(
+                "convert", str(slide), "--out", str(root), "--no-progress", "--quality", "70",
+                env=env,
+            )  # fmt: skip
+            assert other.returncode == 75, other.stderr  # retry later (ingest does)
+            assert "being converted by another process" in other.stderr
+            assert len(other.stderr.strip().splitlines()) == 1
     verify(root, sid)
 
 

@@ -148,6 +148,8 @@ def _botocore_s3(settings: StoreSettings) -> Any:
     )
 
 
+LOCKS = ".wsistore-locks"
+"""A local store's folder of per-slide lock files (never a slide id: ids start alphanumeric)."""
 FILE_MODE = 0o640
 """Objects we write: never world-readable, whatever the process umask (they hold patient data:
 pixels, labels, DICOM headers); a group (say, a backup or web server account) may read."""
@@ -524,9 +526,15 @@ class Store:
         """Hold while converting `slide_id`: one conversion of a slide at a time on this machine,
         whichever process runs it. A second one fails at once (StoreError, which ingest retries)
         instead of deleting the first one's temporaries or objects. Across machines the job
-        queue gives a slide to one worker at a time."""
-        folder = os.path.join(tempfile.gettempdir(), "wsistore-locks")
-        os.makedirs(folder, mode=0o700, exist_ok=True)
+        queue gives a slide to one worker at a time. A local store keeps its locks in the store
+        (`LOCKS`): processes with other temporary folders (TMPDIR, a service's private /tmp)
+        still meet there."""
+        if self.settings.is_s3:
+            folder = os.path.join(tempfile.gettempdir(), "wsistore-locks")
+            os.makedirs(folder, mode=0o700, exist_ok=True)
+        else:
+            folder = os.path.join(self.root, LOCKS)
+            make_dirs(folder)
         digest = hashlib.sha256(f"{self.full_url()}\n{slide_id}".encode()).hexdigest()[:32]
         fd = os.open(os.path.join(folder, f"{digest}.lock"), os.O_RDWR | os.O_CREAT, 0o600)
         try:
