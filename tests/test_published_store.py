@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import shutil
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,7 @@ from wsi import (
     open_published,
     open_published_async,
 )
+from wsi.errors import SlideChanged
 from wsi.published import layout
 from wsi.published.cache import ByteLRU
 from wsi.published.layout import SlideAttributes, SlideKeys
@@ -303,3 +305,49 @@ def test_reading_from_s3_equals_the_local_store(
             assert all(t[:2] == b"\xff\xd8" for t in tiles)
 
     asyncio.run(concurrently())
+
+
+@pytest.mark.s3
+def test_a_slide_published_again_on_s3_is_never_read_at_the_old_offsets(
+    seaweedfs: SeaweedFS, store: dict[str, Any]
+) -> None:
+    """A new version replaces the objects under the same keys: a reader still holding the old
+    version (its shard indexes cached) read the new objects at the old offsets, and gave other
+    tiles' bytes, or other pixels, without an error. Reads at an index's offsets now require the
+    object the index was read from (If-Match on its ETag): SlideChanged, and the store reads the
+    manifest again."""
+    url = seaweedfs.url(f"again-{uuid.uuid4().hex[:8]}")
+    s3 = wsi.Store(wsi.StoreSettings(url, endpoint_url=seaweedfs.endpoint_url))
+    sid = wsi.convert_slide(CMU, s3, store["settings"]).slide_id
+    other = dataclasses.replace(
+        store["settings"],
+        pyramid=dataclasses.replace(store["settings"].pyramid, quality=60, reuse_levels=False),
+    )
+    settings = ReaderSettings(tile_cache_bytes=0, recheck_seconds=3600.0)
+
+    async def main() -> None:
+        async with PublishedStore(url, settings, s3_endpoint=seaweedfs.endpoint_url) as p:
+            old = await p.slide(sid)
+            for level in old.levels:  # every index read (and every ETag learnt)
+                assert (await old.tile_bytes(level.index, 0, 0))[:2] == b"\xff\xd8"
+            await asyncio.to_thread(wsi.convert_slide, CMU, s3, other)
+            for level in old.levels:
+                for col in range(level.cols):
+                    with pytest.raises(SlideChanged):
+                        await old.tile_bytes(level.index, col, level.rows - 1)
+            new = await p.slide(sid)  # read again at once, whatever recheck_seconds says
+            assert new.version != old.version
+            assert (await new.tile_bytes(0, 0, 0))[:2] == b"\xff\xd8"
+        # The same through obstore's client (what reads go through behind an HTTP proxy).
+        client = s3.obstore_client()
+        assert client is not None
+        key = f"{sid}/probe"
+        s3.put(key, b"first version " * 10)
+        data, etag = await client.get_range_tagged_async(key, 0, 5)
+        assert data == b"first" and etag is not None
+        assert await client.get_range_async(key, 6, 13, etag) == b"version"
+        s3.put(key, b"other bytes ! " * 10)
+        with pytest.raises(SlideChanged):
+            await client.get_range_async(key, 6, 13, etag)
+
+    asyncio.run(main())

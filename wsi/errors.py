@@ -15,6 +15,12 @@ class SlideNotFound(WsiError, FileNotFoundError):
     """The slide (a source file or a published slide in a store) does not exist."""
 
 
+class SlideChanged(SlideNotFound):
+    """An object of a published slide changed while the slide was read (it was published again
+    in another version): the version being read is gone, and the bytes at the offsets its index
+    gave would be the new version's. Read the slide again."""
+
+
 class UnsupportedSlide(WsiError, ValueError):
     """No slide source backend can read this input."""
 

@@ -23,6 +23,7 @@ from wsi.errors import (
     CorruptSlide,
     EncodedTileUnavailable,
     InvalidArgument,
+    SlideChanged,
     SlideNotFound,
 )
 from wsi.model import SlideProperties
@@ -197,7 +198,7 @@ class AsyncPublishedSlide:
 
         async def load() -> np.ndarray:
             start, end = layout.index_range(image.size, image.tile_count, image.key)
-            raw = await self.store.io.get_range(image.key, start, end, self.version)
+            raw = await self._get_range(image.key, start, end)  # and the object's ETag
             decoded = layout.decode_index(raw, image.tile_count, image.key)
             self.store.indexes.put(cache_key, decoded)
             return decoded
@@ -239,10 +240,30 @@ class AsyncPublishedSlide:
         span = layout.chunk_span(index, chunk, data_end, image.key)
         if span is None:
             return None
-        data = await self.store.io.get_range(image.key, *span, self.version)
+        data = await self._get_range(image.key, *span)
         if len(data) != span[1] - span[0]:
             raise CorruptSlide(f"{image.key} ends inside chunk {chunk}")
         return data
+
+    async def _get_range(self, key: str, start: int, end: int) -> bytes:
+        """Bytes of an object of this version: on S3 only while it is the object whose index
+        was read (its ETag), so that a slide published again under the same keys is never read
+        at this version's offsets (SlideChanged, and the store reads the manifest again)."""
+        io = self.store.io
+        if not io.tagged:  # a local store: the version's own files are read (`get_range`)
+            return await io.get_range(key, start, end, self.version)
+        cache_key = (self.slide_id, self.version, key)
+        etag = self.store.etags.get(cache_key)
+        try:
+            if etag is None:  # the object's first read here (its index's, usually)
+                data, etag = await self.store.io.get_range_tagged(key, start, end, self.version)
+                if etag is not None:
+                    self.store.etags.put(cache_key, etag)
+                return data
+            return await self.store.io.get_range(key, start, end, self.version, etag)
+        except SlideChanged:
+            self.store.changed(self.slide_id)
+            raise
 
     async def tile_bytes(self, level: int, col: int, row: int) -> bytes:
         """The stored bytes of one tile: a complete JPEG stream for 'jpeg' levels (padded to the
@@ -400,11 +421,11 @@ class AsyncPublishedSlide:
         plan = ObjectPlan.from_index(image.key, image.size, image.tile_count, True, raw)
         parts: list[bytes] = []
         writer = ObjectWriter(plan, parts.append)
-        header = await self.store.io.get_range(image.key, 0, plan.header_end, self.version)
+        header = await self._get_range(image.key, 0, plan.header_end)
         plan.check_header(header, layout.JPEGXL)
         writer.header(header, layout.JPEG)
         for batch in plan.batches(FORM_BATCH_FRAMES):
-            data = await self.store.io.get_range(image.key, *plan.batch_range(batch), self.version)
+            data = await self._get_range(image.key, *plan.batch_range(batch))
 
             def rebuild(data: bytes = data, batch: tuple[tuple[int, int], ...] = batch) -> None:
                 chunks = plan.chunks_of(batch, data)
@@ -429,7 +450,7 @@ class AsyncPublishedSlide:
             raise InvalidArgument(f"range {start}-{end} is outside {key} ({entry.size} bytes)")
         if start == end:
             return b""
-        return await self.store.io.get_range(key, start, end, self.version)
+        return await self._get_range(key, start, end)
 
     # -- lifetime ---------------------------------------------------------------------------
     async def close(self) -> None:

@@ -41,6 +41,10 @@ class _Opened:
     checked: float
 
 
+ETAG_CACHE_BYTES = 1 << 20
+"""Memory for ETags (~100 bytes each: ten thousand objects' worth)."""
+
+
 class PublishedStore:
     """The published slides of one store, with shared I/O, decoding threads and caches.
 
@@ -70,6 +74,9 @@ class PublishedStore:
         """Stored tile bytes, keyed by slide, version, object and chunk."""
         self.indexes: ByteLRU[Hashable, np.ndarray] = ByteLRU(self.settings.index_cache_bytes)
         """Decoded shard indexes, keyed by slide, version and object."""
+        self.etags: ByteLRU[Hashable, str] = ByteLRU(ETAG_CACHE_BYTES, size=lambda e: 64 + len(e))
+        """On S3, the ETag of each object whose index was read, keyed as `indexes`: reads at
+        offsets that index gave require it (`AsyncStore.get_range`'s `if_match`)."""
         self._opened: ByteLRU[str, _Opened] = ByteLRU(
             self.settings.slide_cache_entries, size=lambda _: 1
         )
@@ -130,6 +137,11 @@ class PublishedStore:
             self._recheck_soon(keys, cached.slide)
             return cached.slide
         return await self._reopen(keys, cached)
+
+    def changed(self, slide_id: str) -> None:
+        """A read found an object of `slide_id` replaced (SlideChanged): the next `slide` call
+        reads its manifest again, whatever `recheck_seconds` says."""
+        self._opened.pop(slide_id)
 
     async def _reopen(self, keys: SlideKeys, cached: _Opened | None) -> AsyncPublishedSlide:
         """Read the slide's manifest and open it again if its version changed."""

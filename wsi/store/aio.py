@@ -88,20 +88,28 @@ class AsyncStore:
             raise StoreError(f"cannot read {key}: {exc}") from exc
 
     async def get_range(
-        self, key: str, start: int, end: int, version: Hashable | None = None
+        self,
+        key: str,
+        start: int,
+        end: int,
+        version: Hashable | None = None,
+        if_match: str | None = None,
     ) -> bytes:
         """Bytes [start, end) of an object. `version` says the object is immutable as long as
         it is the same (a published slide's manifest version): a local one is then read
-        through a descriptor kept open, from the page cache without leaving the loop."""
+        through a descriptor kept open, from the page cache without leaving the loop (the
+        version's own file, whatever replaced it since). `if_match`: the ETag `get_range_tagged`
+        gave, which an S3 read then requires (SlideChanged when the object is another one since:
+        republished under the same key); s3fs (a forked process) reads without it."""
         if self._ranges is not None:
             check_spans([(start, end)])
             if start == end:
                 return b""
             self.store.path(key)  # validates the key
-            return await self._ranges.get_range(key, start, end)
+            return await self._ranges.get_range(key, start, end, if_match)
         if self._obstore is not None:
             self.store.path(key)
-            return await self._obstore.get_range_async(key, start, end)
+            return await self._obstore.get_range_async(key, start, end, if_match)
         if self._fs is None:
             if version is not None and not self.store.settings.is_s3:
                 return await self._local_range(key, start, end, version)
@@ -112,6 +120,24 @@ class AsyncStore:
             raise SlideNotFound(f"no object {key}") from exc
         except store_failures() as exc:
             raise StoreError(f"cannot read {key}: {exc}") from exc
+
+    @property
+    def tagged(self) -> bool:
+        """Whether reads give ETags and honour `if_match` (S3 through obstore)."""
+        return self._ranges is not None or self._obstore is not None
+
+    async def get_range_tagged(
+        self, key: str, start: int, end: int, version: Hashable | None = None
+    ) -> tuple[bytes, str | None]:
+        """`get_range`, and on S3 the object's ETag (None elsewhere): what later reads of that
+        version of it pass as `if_match`."""
+        if self._ranges is not None and end > start:
+            self.store.path(key)
+            return await self._ranges.get_range_tagged(key, start, end)
+        if self._obstore is not None and end > start:
+            self.store.path(key)
+            return await self._obstore.get_range_tagged_async(key, start, end)
+        return await self.get_range(key, start, end, version), None
 
     async def _local_range(self, key: str, start: int, end: int, version: Hashable) -> bytes:
         length = end - start

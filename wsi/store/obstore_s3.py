@@ -42,9 +42,10 @@ from typing import TYPE_CHECKING, Any
 
 import obstore
 from obstore.exceptions import BaseError as ObstoreError
+from obstore.exceptions import PreconditionError
 from obstore.store import S3Store
 
-from wsi.errors import InvalidArgument, SlideNotFound, StoreError, WsiError
+from wsi.errors import InvalidArgument, SlideChanged, SlideNotFound, StoreError, WsiError
 from wsi.slide_id import RangeReader
 
 if TYPE_CHECKING:
@@ -121,6 +122,8 @@ def store_errors(key: str, action: str) -> Iterator[None]:
         raise
     except FileNotFoundError as exc:
         raise SlideNotFound(f"no object {key}") from exc
+    except PreconditionError as exc:  # a read with If-Match: the object is another one now
+        raise SlideChanged(f"{key} changed while it was read: published again") from exc
     except (ObstoreError, OSError) as exc:
         raise StoreError(f"cannot {action} {key}: {_describe(exc)}") from exc
 
@@ -271,12 +274,30 @@ class ObstoreS3:
             result = await obstore.get_async(self.client, key)
             return bytes(await result.bytes_async())
 
-    async def get_range_async(self, key: str, start: int, end: int) -> bytes:
+    async def get_range_async(
+        self, key: str, start: int, end: int, if_match: str | None = None
+    ) -> bytes:
+        """Bytes [start, end); with `if_match` (an ETag), only of that version of the object
+        (SlideChanged otherwise)."""
         check_spans([(start, end)])
         if start == end:
             return b""
         with store_errors(key, "read"):
-            return bytes(await obstore.get_range_async(self.client, key, start=start, end=end))
+            if if_match is None:
+                return bytes(await obstore.get_range_async(self.client, key, start=start, end=end))
+            options: dict[str, Any] = {"range": (start, end), "if_match": if_match}
+            result = await obstore.get_async(self.client, key, options=options)  # type: ignore[arg-type]
+            return bytes(await result.bytes_async())
+
+    async def get_range_tagged_async(
+        self, key: str, start: int, end: int
+    ) -> tuple[bytes, str | None]:
+        """Bytes [start, end) and the object's ETag (for reads of that version only)."""
+        check_spans([(start, end)])
+        with store_errors(key, "read"):
+            options: dict[str, Any] = {"range": (start, end)}
+            result = await obstore.get_async(self.client, key, options=options)  # type: ignore[arg-type]
+            return bytes(await result.bytes_async()), result.meta.get("e_tag")
 
     async def get_ranges_async(self, key: str, spans: Sequence[tuple[int, int]]) -> list[bytes]:
         check_spans(spans)

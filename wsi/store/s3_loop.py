@@ -52,7 +52,7 @@ from urllib.parse import urlsplit
 
 import obstore
 
-from wsi.errors import SlideNotFound, StoreError
+from wsi.errors import SlideChanged, SlideNotFound, StoreError
 from wsi.store.obstore_s3 import CONNECT_TIMEOUT, REQUEST_TIMEOUT, ObstoreS3, store_errors
 
 __all__ = ["S3RangeReader", "on_loop_allowed"]
@@ -152,6 +152,7 @@ class _Response:
     body: bytes | None
     """None when not read (too long, or of unknown length): the connection is then closed."""
     keep: bool
+    etag: str | None = None
 
 
 async def _exchange(conn: _Connection, request: bytes, limit: int) -> _Response:
@@ -185,7 +186,7 @@ async def _exchange(conn: _Connection, request: bytes, limit: int) -> _Response:
         await conn.more()
     body = bytes(memoryview(buffer)[end + 4 : stop])
     del buffer[:stop]
-    return _Response(int(code), body, keep and not buffer)
+    return _Response(int(code), body, keep and not buffer, headers.get("etag"))
 
 
 class S3RangeReader:
@@ -201,8 +202,15 @@ class S3RangeReader:
         self._slots = asyncio.Semaphore(MAX_CONNECTIONS)
         self._tls: ssl.SSLContext | None = None
 
-    async def get_range(self, key: str, start: int, end: int) -> bytes:
-        """Bytes [start, end) of object `key` (fewer where it ends sooner)."""
+    async def get_range(self, key: str, start: int, end: int, if_match: str | None = None) -> bytes:
+        """Bytes [start, end) of object `key` (fewer where it ends sooner); with `if_match` (an
+        ETag), only of that version of it (SlideChanged otherwise)."""
+        return (await self.get_range_tagged(key, start, end, if_match))[0]
+
+    async def get_range_tagged(
+        self, key: str, start: int, end: int, if_match: str | None = None
+    ) -> tuple[bytes, str | None]:
+        """`get_range`, and the object's ETag."""
         loop = asyncio.get_running_loop()
         if loop is not self._loop:
             self._loop = loop
@@ -214,25 +222,30 @@ class S3RangeReader:
         async with self._slots:
             try:
                 async with asyncio.timeout(REQUEST_TIMEOUT.total_seconds()):
-                    return await self._attempts(key, start, end)
+                    return await self._attempts(key, start, end, if_match)
             except TimeoutError as exc:
                 raise StoreError(f"cannot read {key}: the store did not answer in time") from exc
 
-    async def _attempts(self, key: str, start: int, end: int) -> bytes:
+    async def _attempts(
+        self, key: str, start: int, end: int, if_match: str | None
+    ) -> tuple[bytes, str | None]:
         try:
-            return await self._read(key, start, end, resign=False)
+            return await self._read(key, start, end, if_match, resign=False)
         except _Retry as first:
             if first.pause:
                 await asyncio.sleep(random.uniform(RETRY_PAUSE / 2, RETRY_PAUSE))  # noqa: S311 (jitter)
             try:
-                return await self._read(key, start, end, resign=first.resign)
+                return await self._read(key, start, end, if_match, resign=first.resign)
             except _Retry as exc:
                 raise StoreError(f"cannot read {key}: {exc}") from exc
 
-    async def _read(self, key: str, start: int, end: int, resign: bool) -> bytes:
+    async def _read(
+        self, key: str, start: int, end: int, if_match: str | None, resign: bool
+    ) -> tuple[bytes, str | None]:
         signed = await self._sign(key, resign)
         conn = await self._connection(key, signed)
-        request = signed.head + f"Range: bytes={start}-{end - 1}\r\n\r\n".encode()
+        condition = "" if if_match is None else f"If-Match: {_header_value(if_match)}\r\n"
+        request = signed.head + f"{condition}Range: bytes={start}-{end - 1}\r\n\r\n".encode()
         try:
             response = await _exchange(conn, request, max(end - start, MAX_ERROR_BODY))
         except _Refused as exc:
@@ -245,7 +258,7 @@ class S3RangeReader:
             self._idle.append(conn)
         else:
             conn.close()
-        return self._result(key, start, end, response)
+        return self._result(key, start, end, response), response.etag
 
     def _result(self, key: str, start: int, end: int, response: _Response) -> bytes:
         status, body = response.status, response.body
@@ -254,6 +267,8 @@ class S3RangeReader:
             return body
         if status == 404:
             raise SlideNotFound(f"no object {key}")
+        if status == 412:
+            raise SlideChanged(f"{key} changed while it was read: published again")
         if status == 403:
             raise _Retry(f"access denied ({_error_code(body)})", resign=True)
         if status >= 500:
@@ -315,6 +330,13 @@ class S3RangeReader:
         idle, self._idle = self._idle, []
         for conn in idle:
             conn.close()
+
+
+def _header_value(value: str) -> str:
+    """An ETag as a header value: the store's own (a quoted string), never a line break."""
+    if any(c in value for c in "\r\n") or not value.isascii():
+        raise StoreError("the store sent an unusable ETag")
+    return value
 
 
 def _error_code(body: bytes | None) -> str:
