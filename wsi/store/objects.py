@@ -532,11 +532,12 @@ class Store:
         if self.settings.is_s3:
             folder = os.path.join(tempfile.gettempdir(), "wsistore-locks")
             os.makedirs(folder, mode=0o700, exist_ok=True)
+            name = hashlib.sha256(f"{self.full_url()}\n{slide_id}".encode()).hexdigest()[:32]
         else:
             folder = os.path.join(self.root, LOCKS)
             make_dirs(folder)
-        digest = hashlib.sha256(f"{self.full_url()}\n{slide_id}".encode()).hexdigest()[:32]
-        fd = os.open(os.path.join(folder, f"{digest}.lock"), os.O_RDWR | os.O_CREAT, 0o600)
+            name = check_slide_id(slide_id)
+        fd = os.open(os.path.join(folder, f"{name}.lock"), os.O_RDWR | os.O_CREAT, 0o600)
         try:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
