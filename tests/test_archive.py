@@ -274,6 +274,7 @@ def test_a_failed_restore_leaves_the_archive_served(converted: dict[str, Any]) -
     doc = json.loads(manifest_path.read_text())
     key = sorted(doc["archived"])[0]
     doc["archived"][key]["crc32c"] = "00000000"  # a restore can no longer match it
+    del doc["checksum"]  # as a manifest written before checksums: read as it is
     manifest_path.write_text(json.dumps(doc, indent=1, sort_keys=True))
     archived = snapshot(root, sid)
     with pytest.raises(CorruptSlide, match="would not give"):

@@ -9,6 +9,7 @@ the first object and before the manifest.
 
 from __future__ import annotations
 
+import json
 import shutil
 import signal
 import subprocess
@@ -203,3 +204,28 @@ def test_a_damaged_new_version_leaves_the_copy_published_as_it_was(
     assert {k: bucket.get(k) for k in bucket.list_keys(sid)} == before  # not one byte changed
     [check] = verify_store(bucket, [sid])
     assert check.ok, check.line()
+
+
+def test_a_bit_flipped_in_a_manifest_is_the_manifests_damage_and_repaired(
+    store_a: tuple[Path, str], seaweedfs: SeaweedFS
+) -> None:
+    """One hex digit of an object's CRC flipped in A's manifest, which still parses: verify
+    blamed the intact object, `--repair` took the two manifests for two versions and did
+    nothing (exit 0). The manifest's own checksum makes it the damaged one: repaired from B."""
+    root, sid = store_a
+    url, bucket = bucket_store(seaweedfs)
+    assert run_wsi("sync", str(root), url).returncode == 0
+    path = root / sid / "manifest.json"
+    good = path.read_bytes()
+    at = good.index(b'"crc32c": "') + len(b'"crc32c": "')
+    flipped = good[:at] + bytes([good[at] ^ 0x01]) + good[at + 1 :]
+    assert json.loads(flipped)  # still a JSON document
+    path.write_bytes(flipped)
+    found = run_wsi("verify", str(root), sid)
+    assert found.returncode == 1 and "manifest" in found.stdout, found.stdout
+    assert "crc mismatch" not in found.stdout  # no object blamed
+    done = run_wsi("sync", "--repair", str(root), url)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout.startswith(f"{sid}\trepaired\t"), done.stdout
+    assert path.read_bytes() == good
+    assert_equal(root, sid, bucket)

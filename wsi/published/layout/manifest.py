@@ -206,7 +206,8 @@ class Manifest:
         }
 
     def to_bytes(self) -> bytes:
-        return dump_json(self.to_json())
+        doc = self.to_json()
+        return dump_json({**doc, CHECKSUM: _checksum(doc)})
 
     @classmethod
     def from_json(cls, doc: Mapping[str, Any]) -> Manifest:
@@ -235,7 +236,21 @@ class Manifest:
 
     @classmethod
     def from_bytes(cls, data: bytes) -> Manifest:
-        return cls.from_json(load_json(data, "manifest"))
+        doc = load_json(data, "manifest")
+        recorded = doc.pop(CHECKSUM, None)  # manifests written before it have none
+        if recorded is not None and recorded != _checksum(doc):
+            raise CorruptSlide("manifest: damaged (its content does not match its checksum)")
+        return cls.from_json(doc)
+
+
+CHECKSUM = "checksum"
+"""The manifest's own CRC32C (hex), of its document without this key as `dump_json` writes it:
+a bit flipped in a manifest that still parses (a CRC digit, a size) makes the manifest damaged,
+not one of the objects it lists, and `wsi sync --repair` copies the good store's."""
+
+
+def _checksum(doc: Mapping[str, Any]) -> str:
+    return crc32c_hex(dump_json(doc))
 
 
 def _naming_json(name: str | None, case: str | None) -> dict[str, str]:
