@@ -363,3 +363,43 @@ def test_a_module_in_the_working_folder_is_never_imported(
     drain(queue, str(tmp_path / "store"), settings)
     assert not mark.exists()
     assert queue.get(job.id).state == JobState.DONE, queue.get(job.id).error
+
+
+def test_job_errors_name_no_folder_and_no_identifier(tmp_path: Path) -> None:
+    """Without de-identification a job's error names the slide's file, never the folders above
+    it: scanners name folders after patients, with spaces and colons, which the directory filter
+    took for the end of a path (`Doe Jane 1970-01-01/case.tiff` was shown). And a sidecar's
+    malformed birth date is not quoted back in the error."""
+    inbox, store, state = tmp_path / "inbox", tmp_path / "store", tmp_path / "state"
+    folders = [inbox / "Doe Jane 1970-01-01", inbox / "MRN:12345 Roe"]
+    broken = sample("openslide-python-fixtures/unopenable.tiff").read_bytes()
+    for n, folder in enumerate(folders):
+        folder.mkdir(parents=True)
+        (folder / "case.tiff").write_bytes(broken + bytes(n))  # two slides, not one content
+    shutil.copy(sample("CMU-1-Small-Region.svs"), inbox / "dated.svs")
+    (inbox / "dated.svs.json").write_text(json.dumps({"patient_birth_date": "1970-01-31"}))
+    settings = ServerSettings(
+        store=str(store),
+        watch=(str(inbox),),
+        ingest=IngestSettings(quiet_seconds=0.5, poll_seconds=0.2, state_dir=str(state)),
+    )
+
+    async def main() -> list[dict[str, Any]]:
+        async with TestClient(TestServer(create_app(settings))) as c:
+
+            async def failed() -> list[dict[str, Any]]:
+                jobs = (await (await c.get("/jobs")).json())["jobs"]
+                over = len(jobs) == 3 and all(j["state"] == "failed" for j in jobs)
+                return jobs if over else []
+
+            return await wait_until(failed, 120)
+
+    jobs = asyncio.run(main())
+    errors = [j["error"] for j in jobs]
+    reasons = [p.read_text() for p in (state / "quarantine").rglob("REASON.txt")]
+    assert len(reasons) == 3
+    for text in [*errors, *reasons]:
+        for secret in ("Doe", "Jane", "MRN", "12345", "1970-01", str(tmp_path)):
+            assert secret not in text, (secret, text)
+    assert sum("case.tiff: " in e for e in errors) == 2, errors
+    assert any("patient_birth_date must be YYYYMMDD" in e for e in errors), errors

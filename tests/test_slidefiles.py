@@ -220,3 +220,18 @@ def test_a_series_folder_is_its_dicom_files(tmp_path: Path) -> None:
     f1 = dicom_copy(sample("openslide-python-fixtures/boxes_1.dcm"), folder / "x1")
     write(folder / "README.txt", "scanner notes")
     assert dicom_series_files(folder) == [f0, f1]
+
+
+def test_names_at_the_file_systems_limit(tmp_path: Path) -> None:
+    """A slide named with 254 bytes (legal): looking for `<name>.json` beside it raised
+    ENAMETOOLONG (the conversion failed, and was retried as if transient); and its second
+    quarantine folder, `<name>-1`, could not be made."""
+    from wsi.ingest.source_files import _new_folder
+
+    slide = tmp_path / ("L" * 250 + ".tif")
+    slide.write_bytes(b"not a slide")
+    assert sidecar_path(slide) is None
+    first = _new_folder(tmp_path / "quarantine", slide.name)
+    second = _new_folder(tmp_path / "quarantine", slide.name)
+    assert first.name == slide.name and second.is_dir() and second != first
+    assert len(second.name.encode()) <= 255 and second.name.endswith("-1")

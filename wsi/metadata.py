@@ -76,10 +76,12 @@ class SlideMetadata:
     def __post_init__(self) -> None:
         for name in ("patient_birth_date", "study_date"):
             value = getattr(self, name)
+            # The value is not quoted: a birth date is an identifier, and the message becomes
+            # a job's error, which the service shows.
             if value and not _DATE.fullmatch(value):
-                raise InvalidArgument(f"{name} must be YYYYMMDD, got {value!r}")
+                raise InvalidArgument(f"{name} must be YYYYMMDD")
         if self.study_time and not _TIME.fullmatch(self.study_time):
-            raise InvalidArgument(f"study_time must be HHMMSS, got {self.study_time!r}")
+            raise InvalidArgument("study_time must be HHMMSS")
         if self.patient_sex not in ("", "M", "F", "O"):
             raise InvalidArgument("patient_sex must be M, F, O or empty")
         for f in fields(self):

@@ -120,8 +120,11 @@ def sidecar_path(slide: Path) -> Path | None:
     """The metadata sidecar beside the slide (file or folder) at `slide`, if present."""
     for name in sidecar_names(slide.name):
         candidate = slide.with_name(name)
-        if candidate.is_file():
-            return candidate
+        try:
+            if candidate.is_file():
+                return candidate
+        except OSError:  # a name past the file system's limit (ENAMETOOLONG): no sidecar
+            continue
     return None
 
 

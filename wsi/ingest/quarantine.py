@@ -76,6 +76,18 @@ def without_directories(text: str) -> str:
     return _ABSOLUTE_PATH.sub("", text)
 
 
+def without_folders_of(text: str, *paths: str) -> str:
+    """`text` with the folder holding each of `paths` removed wherever it appears (`/in/Doe Jane
+    1970/a.svs` -> `a.svs`): what the converter's error line says of the slide it was given.
+    `without_directories` cannot tell where a folder named with spaces or colons begins, and
+    scanners name folders after patients."""
+    for path in paths:
+        folder = os.path.dirname(path.rstrip("/")) if "://" not in path else ""
+        if folder:
+            text = text.replace(folder + "/", "")
+    return text
+
+
 def _files(folder: Path) -> Iterator[Path]:
     for path in sorted(folder.rglob("*")):
         rel = path.relative_to(folder)

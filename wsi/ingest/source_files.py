@@ -105,12 +105,19 @@ def _relative(paths: Sequence[Path], source: Path) -> list[Path]:
     return [p.relative_to(base) for p in paths]
 
 
+NAME_MAX = 255
+"""Bytes of a file or folder name (ext4, XFS, btrfs)."""
+
+
 def _new_folder(dest_dir: Path, name: str) -> Path:
     """A new folder `dest_dir/name`, or `name-1`, `name-2`, ... (never an existing one)."""
     make_dirs(str(dest_dir))
     n = 0
     while True:
-        target = dest_dir / (name if n == 0 else f"{name}-{n}")
+        suffix = "" if n == 0 else f"-{n}"
+        # A name at the file system's 255-byte limit has no room for the suffix: cut it short.
+        stem = name.encode()[: NAME_MAX - len(suffix)].decode(errors="ignore")
+        target = dest_dir / f"{stem}{suffix}"
         try:
             target.mkdir(DIR_MODE)  # private, whatever the umask: slides are patient data
         except FileExistsError:

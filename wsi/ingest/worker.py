@@ -39,6 +39,7 @@ from wsi.ingest.protocol import (
     is_permanent_failure,
     parse_results,
 )
+from wsi.ingest.quarantine import without_folders_of
 from wsi.ingest.queue import Job, JobQueue, worker_name
 from wsi.ingest.settings import IngestSettings
 from wsi.ingest.source_files import changed, delete_files, move_files, move_source, submit_slide
@@ -234,7 +235,7 @@ class Worker:
         finally:
             os.close(write_fd)
         self._proc = proc
-        run = _Run(loop.time(), offset=offset)
+        run = _Run(loop.time(), offset=offset, source=source)
         try:
             await self._supervise(job, proc, read_fd, run, stop)
         finally:
@@ -313,6 +314,7 @@ class Worker:
         reads back from the store: the job is then completed by `_publish`."""
         out, err = run.text("out"), run.text("err")
         last_error = next((x for x in reversed(err.splitlines()) if x.strip()), "")
+        last_error = without_folders_of(last_error, run.source, job.source)
         if code == ExitCode.OK:  # finished, even if it was being stopped: the slide is published
             results = parse_results(out)
             slide_id = results[-1].slide_id if results else job.slide_id
@@ -447,6 +449,8 @@ class _Run:
     stopping_since: float | None = None
     kill_sent_at: float | None = None
     tails: dict[str, bytearray] = field(default_factory=dict)
+    source: str = ""
+    """What the conversion was given (the job's source, or its staged copy)."""
 
     def __post_init__(self) -> None:
         self.last_sign = self.started
