@@ -395,15 +395,15 @@ def test_a_series_missing_an_unreadable_instance_is_refused(tmp_path: Path) -> N
     indexed = tmp_path / "indexed"  # a DICOMDIR beside the instances belongs to no series
     shutil.copytree(series, indexed)
     meta = pydicom.dataset.FileMetaDataset()
-    meta.MediaStorageSOPClassUID = slidefiles.DICOMDIR_SOP_CLASS
+    meta.MediaStorageSOPClassUID = pydicom.uid.UID(slidefiles.DICOMDIR_SOP_CLASS)
     meta.MediaStorageSOPInstanceUID = pydicom.uid.generate_uid()
     meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian
     directory = pydicom.dataset.FileDataset(str(indexed / "DICOMDIR"), {}, file_meta=meta)
     directory.FileSetID = "SLIDES"
     directory.save_as(indexed / "DICOMDIR", enforce_file_format=True)
-    for whole in (indexed, indexed / "level-1.dcm"):
+    for entry in (indexed, indexed / "level-1.dcm"):
         run = subprocess.run(
-            [sys.executable, "-m", "wsi.cli", "convert", str(whole), "--out", str(tmp_path / "ok")],
+            [sys.executable, "-m", "wsi.cli", "convert", str(entry), "--out", str(tmp_path / "ok")],
             capture_output=True,
             text=True,
             check=False,

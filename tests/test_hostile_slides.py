@@ -140,8 +140,10 @@ def test_a_hostile_stored_tile_is_refused_by_every_renderer(tmp_path: Path) -> N
 
 def widen(path: Path, width: int) -> Path:
     """`path` with its first page declaring `width` pixels across, its tile table as it was."""
-    with tifffile.TiffFile(path, mode="r+b") as tif:
-        tif.pages[0].tags["ImageWidth"].overwrite(width)
+    with tifffile.TiffFile(path, mode="r+") as tif:
+        page = tif.pages[0]
+        assert isinstance(page, tifffile.TiffPage)
+        page.tags["ImageWidth"].overwrite(width)
     return path
 
 

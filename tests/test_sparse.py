@@ -376,7 +376,7 @@ def without_object_uids(path: Path) -> pydicom.Dataset:
     """The instance at `path` with its series, instance, pyramid and dimension organisation UIDs
     (those of the conversion's objects, which its settings give) blanked."""
     ds = pydicom.dcmread(path)
-    ds.file_meta.MediaStorageSOPInstanceUID = ""
+    ds.file_meta.MediaStorageSOPInstanceUID = pydicom.uid.UID("")
     for keyword in ("SeriesInstanceUID", "SOPInstanceUID", "PyramidUID"):
         setattr(ds, keyword, "")
     for item in ds.DimensionOrganizationSequence:
