@@ -156,6 +156,29 @@ pixels, labels, DICOM headers); a group (say, a backup or web server account) ma
 DIR_MODE = 0o750
 
 
+def _locked_file(path: str, slide_id: str) -> int:
+    """A descriptor of the lock file `path`, locked (flock) by this process. Its holder removes
+    it on release, so a lock taken on a file no longer at `path` (unlinked between our open and
+    our lock) is given up and taken again on the file there now."""
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as exc:
+            os.close(fd)
+            raise StoreError(
+                f"slide {slide_id} is being converted by another process; try again later"
+            ) from exc
+        try:
+            current = os.stat(path)
+        except FileNotFoundError:
+            current = None
+        held = os.fstat(fd)
+        if current is not None and (current.st_dev, current.st_ino) == (held.st_dev, held.st_ino):
+            return fd
+        os.close(fd)
+
+
 def make_dirs(path: str) -> None:
     """`os.makedirs` with DIR_MODE for every folder it creates (makedirs gives intermediate
     folders the umask's default), each new folder made durable in its parent."""
@@ -537,16 +560,12 @@ class Store:
             folder = os.path.join(self.root, LOCKS)
             make_dirs(folder)
             name = check_slide_id(slide_id)
-        fd = os.open(os.path.join(folder, f"{name}.lock"), os.O_RDWR | os.O_CREAT, 0o600)
+        fd = _locked_file(os.path.join(folder, f"{name}.lock"), slide_id)
         try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError as exc:
-                raise StoreError(
-                    f"slide {slide_id} is being converted by another process; try again later"
-                ) from exc
             yield
-        finally:
+        finally:  # the file goes with the lock: a failed conversion leaves nothing in the store
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(os.path.join(folder, f"{name}.lock"))
             os.close(fd)  # releases the lock (so does the process's death)
 
     def promote(self, staged: SlideKeys, keys_in_slide: Iterable[str]) -> None:
