@@ -50,6 +50,7 @@ from wsi.slide_id import content_slide_id, slide_files
 from wsi.slidefiles import dicom_series_files, sidecar_path, slide_parts
 from wsi.sources import SlideSource, open_slide
 from wsi.store.objects import Store, check_slide_id
+from wsi.store.versions import finish_swap, swap_in
 from wsi.writers.base import SlideInfo
 from wsi.writers.dicom import DicomSlide
 from wsi.writers.omezarr import OmeZarrWriter
@@ -179,7 +180,7 @@ def convert_slide(
         check_declared_size(base, _stored_bytes(path, source.name), settings)
         url = store.full_url(SlideKeys(sid).zarr_root)
         with store.slide_lock(sid):
-            store.finish_swap(sid)  # a version a killed run had begun to swap in: published
+            finish_swap(store, sid)  # a version a killed run had begun to swap in: published
             published = _readable_manifest(store, sid) if store.is_published(sid) else None
             if published is not None and published.settings == fingerprint:
                 stored = published.stored_bytes
@@ -328,9 +329,9 @@ def slide_naming(slide_id: str, path: Path, metadata: SlideMetadata) -> tuple[st
 def _swap_in(
     store: Store, staged: SlideKeys, manifest: Manifest, published: Manifest | None
 ) -> None:
-    """Replace a published version by the one built in `staged` (`Store.swap_in`: a swap cut
-    short is finished by the next run); what only the old version had is deleted."""
-    store.swap_in(staged, manifest.to_bytes(), manifest.objects)
+    """Replace a published version by the one built in `staged` (`wsi.store.versions.swap_in`:
+    a swap cut short is finished by the next run); what only the old version had is deleted."""
+    swap_in(store, staged, manifest.to_bytes(), manifest.objects)
     old = published.objects if published is not None else {}
     for key in sorted(set(old) - set(manifest.objects)):
         store.delete(SlideKeys(staged.slide_id).in_store(key))

@@ -24,7 +24,7 @@ slide is unpublished, the new objects are moved in, and the manifest last (the c
 run killed before that leaves the old version served (the staging folder is removed by the next
 run); one killed during the swap leaves a complete staged version that the next `archive`,
 `restore`, conversion of the slide or archive-policy round moves in before anything else
-(`Store.swap_in`, `Store.finish_swap`: the one protocol of every version swap).
+(`wsi.store.versions`: the one protocol of every version swap).
 
 Memory is bounded: objects are streamed frame by frame, `ArchiveSettings.batch_frames` chunks at
 a time, recoded on a thread pool (libjxl releases the GIL).
@@ -66,6 +66,7 @@ from wsi.published.layout import (
     SlideKeys,
 )
 from wsi.store.objects import Store, StoreSettings, check_slide_id
+from wsi.store.versions import finish_swap, interrupted_swaps, swap_in
 from wsi.writers.dicom import (
     EMPTY_BOT,
     ITEM,
@@ -440,7 +441,7 @@ def _recode(store: Store, slide_id: str, to: CodecId, settings: ArchiveSettings)
     action: Literal["archive", "restore"] = "archive" if to == JPEGXL else "restore"
     keys = SlideKeys(check_slide_id(slide_id))
     with store.slide_lock(slide_id):
-        if store.finish_swap(slide_id):
+        if finish_swap(store, slide_id):
             log.info("slide %s: finished the swap of an interrupted run", slide_id)
         manifest = store.manifest(slide_id)
         root = store.get(keys.root_metadata)
@@ -457,7 +458,7 @@ def _recode(store: Store, slide_id: str, to: CodecId, settings: ArchiveSettings)
             with contextlib.suppress(Exception):
                 store.delete_prefix(staged.root)
             raise
-        store.swap_in(staged, new.to_bytes(), sorted(written))
+        swap_in(store, staged, new.to_bytes(), sorted(written))
     seconds = time.perf_counter() - started
     return ArchiveResult(slide_id, action, before, new.stored_bytes, len(written), seconds)
 
@@ -534,10 +535,10 @@ def archive_due(
     damaged) is logged and left for the next round. `stop` is asked between slides."""
     cutoff = now - after_days * 86400.0
     results = []
-    for slide_id in store.interrupted_swaps():  # a version cut short in its swap: published
+    for slide_id in interrupted_swaps(store):  # a version cut short in its swap: published
         try:
             with store.slide_lock(slide_id):
-                if store.finish_swap(slide_id):
+                if finish_swap(store, slide_id):
                     log.info("slide %s: finished the swap of an interrupted run", slide_id)
         except WsiError as exc:
             log.warning("slide %s: its interrupted swap was not finished: %s", slide_id, exc)

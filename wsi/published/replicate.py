@@ -36,6 +36,7 @@ from wsi.published.verify import (
     read_parts,
 )
 from wsi.store.objects import Store
+from wsi.store.versions import finish_swap, swap_in
 
 
 class CopyFailed(WsiError):
@@ -192,7 +193,7 @@ def sync_slide(
     tally = _Tally()
     try:
         with target.slide_lock(slide_id):
-            target.finish_swap(slide_id)  # of a copy killed while it swapped its version in
+            finish_swap(target, slide_id)  # of a copy killed while it swapped its version in
             target.remove_temporaries(slide_id)  # of a killed copy
             current = _manifest_bytes(target, slide_id)
             up_to_date = current == data
@@ -221,7 +222,7 @@ def sync_slide(
                         target.delete_prefix(staged.root)
                 raise
             if replacing:
-                target.swap_in(staged, data, changed)
+                swap_in(target, staged, data, changed)
                 tally.removed = _remove_stale(target, slide_id, manifest)
             elif not up_to_date:
                 tally.removed = _remove_stale(target, slide_id, manifest)

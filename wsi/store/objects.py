@@ -11,7 +11,6 @@ conversion that dies half-way is invisible until it is run again and finishes.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import functools
 import hashlib
 import os
@@ -28,13 +27,13 @@ from wsi.errors import CorruptSlide, InvalidArgument, SlideNotFound, StoreError
 from wsi.published.layout import (
     MANIFEST,
     SLIDE_ID,
-    STAGING,
     Manifest,
     SlideKeys,
     check_slide_id,
     dump_json,
     load_json,
 )
+from wsi.store.locks import locked_file
 
 if TYPE_CHECKING:
     from wsi.store.obstore_s3 import ObstoreS3
@@ -154,29 +153,6 @@ FILE_MODE = 0o640
 """Objects we write: never world-readable, whatever the process umask (they hold patient data:
 pixels, labels, DICOM headers); a group (say, a backup or web server account) may read."""
 DIR_MODE = 0o750
-
-
-def _locked_file(path: str, slide_id: str) -> int:
-    """A descriptor of the lock file `path`, locked (flock) by this process. Its holder removes
-    it on release, so a lock taken on a file no longer at `path` (unlinked between our open and
-    our lock) is given up and taken again on the file there now."""
-    while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError as exc:
-            os.close(fd)
-            raise StoreError(
-                f"slide {slide_id} is being converted by another process; try again later"
-            ) from exc
-        try:
-            current = os.stat(path)
-        except FileNotFoundError:
-            current = None
-        held = os.fstat(fd)
-        if current is not None and (current.st_dev, current.st_ino) == (held.st_dev, held.st_ino):
-            return fd
-        os.close(fd)
 
 
 def make_dirs(path: str) -> None:
@@ -560,7 +536,7 @@ class Store:
             folder = os.path.join(self.root, LOCKS)
             make_dirs(folder)
             name = check_slide_id(slide_id)
-        fd = _locked_file(os.path.join(folder, f"{name}.lock"), slide_id)
+        fd = locked_file(os.path.join(folder, f"{name}.lock"), slide_id)
         try:
             yield
         finally:  # the file goes with the lock: a failed conversion leaves nothing in the store
@@ -589,57 +565,6 @@ class Store:
     def unpublish(self, slide_id: str) -> None:
         """Hide a slide from readers before its objects are rewritten."""
         self.delete(self.manifest_key(slide_id))
-
-    def swap_in(self, staged: SlideKeys, manifest: bytes, changed: Iterable[str]) -> None:
-        """Replace a slide's published version (if any) by the one built in `staged`, whose
-        `changed` objects are there (the others are in place already): the staged manifest is
-        written first, so that a swap cut short (a kill, the store going away) is finished by
-        `finish_swap` instead of leaving neither version; readers see neither version for the
-        swap, never a mix. Call holding the slide's lock."""
-        self.put(staged.in_store(MANIFEST), manifest)
-        self.unpublish(staged.slide_id)
-        self.promote(staged, [*changed, MANIFEST])  # the manifest last: the commit
-
-    def finish_swap(self, slide_id: str) -> bool:
-        """Call holding the slide's lock. A published slide: remove staging folders of runs
-        killed before their swap. An unpublished one whose staging folder holds a complete
-        version (its manifest written: `swap_in` began) was cut short during its swap: move the
-        rest in and publish it. Returns whether it published a version."""
-        folders = [n for n in self.children(slide_id) if n.startswith(STAGING)]
-        if self.is_published(slide_id):
-            for name in folders:
-                self.delete_prefix(f"{slide_id}/{name}")
-            return False
-        for name in folders:
-            staged = SlideKeys(slide_id, f"{slide_id}/{name}")
-            if not self.exists(staged.in_store(MANIFEST)):
-                continue
-            pending = Manifest.from_bytes(self.get(staged.in_store(MANIFEST)))
-            final = SlideKeys(slide_id)
-            waiting = [k for k in sorted(pending.objects) if self.exists(staged.in_store(k))]
-            for key, entry in pending.objects.items():
-                if key not in waiting and self.size(final.in_store(key)) != entry.size:
-                    raise CorruptSlide(
-                        f"cannot finish publishing {slide_id}: {key} is not in place"
-                    )
-            self.promote(staged, [*waiting, MANIFEST])
-            return True
-        return False
-
-    def interrupted_swaps(self) -> list[str]:
-        """Ids of slides not published whose folder holds a complete staged version: a swap
-        cut short, which `finish_swap` finishes."""
-        out = []
-        for name in self.children():
-            if not SLIDE_ID.fullmatch(name) or self.exists(SlideKeys(name).manifest):
-                continue
-            for folder in self.children(name):
-                if not folder.startswith(STAGING):
-                    continue
-                if self.exists(SlideKeys(name, f"{name}/{folder}").in_store(MANIFEST)):
-                    out.append(name)
-                    break
-        return out
 
     def published_slides(self) -> list[str]:
         """Ids of committed slides only: folders without a manifest are work in progress."""
