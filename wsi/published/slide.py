@@ -256,11 +256,11 @@ class AsyncPublishedSlide:
         etag = self.store.etags.get(cache_key)
         try:
             if etag is None:  # the object's first read here (its index's, usually)
-                data, etag = await self.store.io.get_range_tagged(key, start, end, self.version)
+                data, etag = await io.get_range_tagged(key, start, end, self.version)
                 if etag is not None:
                     self.store.etags.put(cache_key, etag)
                 return data
-            return await self.store.io.get_range(key, start, end, self.version, etag)
+            return await io.get_range(key, start, end, self.version, etag)
         except SlideChanged:
             self.store.changed(self.slide_id)
             raise
