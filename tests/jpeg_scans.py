@@ -12,30 +12,10 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from wsi.codecs.restart import BitWriter
+
 Scan = tuple[tuple[int, ...], int, int]
 """(component indexes, Ss, Se): Ss = Se = 0 is a DC scan, Ss >= 1 an AC scan (progressive)."""
-
-
-class _Bits:
-    def __init__(self) -> None:
-        self.out = bytearray()
-        self.acc = 0
-        self.n = 0
-
-    def put(self, value: int, length: int) -> None:
-        for i in range(length - 1, -1, -1):
-            self.acc = (self.acc << 1) | ((value >> i) & 1)
-            self.n += 1
-            if self.n == 8:
-                self.out.append(self.acc)
-                if self.acc == 0xFF:
-                    self.out.append(0)  # byte stuffing
-                self.acc = self.n = 0
-
-    def flush(self) -> bytes:
-        if self.n:
-            self.put((1 << (8 - self.n)) - 1, 8 - self.n)  # pad with ones
-        return bytes(self.out)
 
 
 def _segment(marker: int, body: bytes) -> bytes:
@@ -68,7 +48,7 @@ def flat_blocks_jpeg(levels: np.ndarray, scans: Sequence[Scan], progressive: boo
             ss, se = 0, 63
         sos = bytes([len(comps)]) + b"".join(bytes([ci + 1, 0x00]) for ci in comps)
         body += _segment(0xDA, sos + bytes([ss, se, 0]))
-        bits = _Bits()
+        bits = BitWriter()
         last = dict.fromkeys(comps, 0)
         for block in range(rows * cols):
             for ci in comps:

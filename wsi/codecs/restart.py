@@ -257,7 +257,10 @@ def _scan_tables(
     return coding, quant
 
 
-class _BitWriter:
+class BitWriter:
+    """Entropy-coded bits as a JPEG scan holds them: 0xFF bytes stuffed, the last byte padded
+    with 1-bits."""
+
     def __init__(self) -> None:
         self.out = bytearray()
         self.acc = 0
@@ -287,7 +290,7 @@ def white_interval(header: RestartHeader) -> bytes:
     white = [255] * len(header.components)
     if len(white) == 3 and not header.rgb:
         white = [255, 128, 128]  # YCbCr
-    bits = _BitWriter()
+    bits = BitWriter()
     first = [True] * len(header.components)
     for _ in range(header.restart_interval):
         for i, comp in enumerate(header.components):
