@@ -115,6 +115,8 @@ def _interval_starts(path: Path) -> list[int]:
 def _encode(image: pyvips.Image, path: Path, quality: int, subsampling: str, ri: int) -> None:
     """Stream `image` as PPM (our header, libvips' raw pixels) into libjpeg-turbo's `cjpeg`, a
     restart marker every `ri` MCUs (none when 0)."""
+    if shutil.which("cjpeg") is None:
+        raise SystemExit("make_ndpi: cjpeg not found (apt-get install libjpeg-turbo-progs)")
     sample = "2x1" if subsampling == "422" else "1x1"
     command = ["cjpeg", "-quality", str(quality), "-sample", sample]
     command += ["-restart", f"{ri}B"] if ri else []
