@@ -23,7 +23,13 @@ from server.auth import Handler, auth_middleware
 from server.bucket_copies import StagedSources
 from server.catalog import PRIVATE_IMAGES, Catalog
 from server.converting import SourceSlides
-from server.cors import cors_headers, cors_middleware
+from server.cors import (
+    HOSTS_SEEN,
+    cors_headers,
+    cors_middleware,
+    installs_cors_headers,
+    refusal,
+)
 from server.errors import status_of
 from server.integrity import IntegrityMonitor
 from server.keys import (
@@ -81,7 +87,11 @@ async def front_middleware(request: web.Request, handler: Handler) -> web.Stream
     start = time.perf_counter()
     response: web.StreamResponse
     try:
-        if request.method == "OPTIONS":  # a preflight is answered before routing can 405 it
+        hosts_seen = request.app[HOSTS_SEEN]
+        why = refusal(request, hosts_seen) if hosts_seen is not None else None
+        if why is not None:
+            response = json_error(403, why)
+        elif request.method == "OPTIONS":  # a preflight is answered before routing can 405 it
             response = await cors_middleware(request, handler)
         else:
             response = await handler(request)
@@ -301,7 +311,10 @@ def create_app(settings: ServerSettings, role: ProcessRole | None = None) -> web
     app[ROLE] = role
     app[METRICS] = metrics
     install_response_headers(app, private=settings.requires_auth)
-    app.on_response_prepare.append(cors_headers)
+    # Without auth, the browser-facing checks of `server.cors.refusal` (None: not needed).
+    app[HOSTS_SEEN] = None if settings.requires_auth else set()
+    if installs_cors_headers(settings):
+        app.on_response_prepare.append(cors_headers)
     if settings.requires_auth and settings.audit_log:
         app.cleanup_ctx.append(_audit)
         app.on_response_prepare.append(_audit_record)

@@ -119,8 +119,8 @@ def _add_serve_access(serve: Any) -> None:
         "--cors-origin",
         action="append",
         metavar="ORIGIN",
-        help="with auth on: a page origin (https://host[:port]) that may read cross-origin "
-        "(repeatable; WSI_CORS_ORIGINS)",
+        help="a page origin (https://host[:port]) that may read cross-origin "
+        "(repeatable; WSI_CORS_ORIGINS; default: none)",
     )
     serve.add_argument(
         "--audit-log",

@@ -1,11 +1,21 @@
-"""Cross-origin reads: viewers served from another origin (an OpenSeadragon page, Slim or
-dicom-microscopy-viewer for DICOMweb, a IIIF viewer) may read tiles, metadata and DICOMweb.
+"""What web pages in a browser may do with the service: cross-origin reads, and on a service
+without authentication, nothing from pages of other sites.
 
-One policy for every API, in one place: read methods only (GET, HEAD; writes such as `POST /jobs`
-stay same-origin), any origin while the service answers on loopback only, and with auth on only
-the origins of an explicit allow-list (`--cors-origin`, `WSI_CORS_ORIGINS`), each echoed back with
-`Vary: Origin`. Browsers send a preflight before a read that carries `Authorization`; it is
-answered here for every path, before routing can turn it into a 405.
+Cross-origin reads: viewers served from another origin (an OpenSeadragon page, Slim or
+dicom-microscopy-viewer for DICOMweb, a IIIF viewer) may read tiles, metadata and DICOMweb when
+their origin is on the allow-list (`--cors-origin`, `WSI_CORS_ORIGINS`; none by default), echoed
+back with `Vary: Origin`; without auth, any origin may read the routes that answer with pixels
+only (`PIXEL_ROUTES`). Read methods only (GET, HEAD). One policy for every API, in one place.
+Browsers send a preflight before a read that carries `Authorization`; it is answered here for
+every path, before routing can turn it into a 405.
+
+Without authentication (loopback, no tokens) the browser of the person at the machine is the
+only thing between the service and any web site they open, so (`refusal`): a request must name
+the service by a loopback name (Host `localhost`, `127.x.x.x` or `[::1]`), else a site whose
+name resolves to 127.0.0.1 (DNS rebinding) would read it as its own origin; and a write (`POST
+/jobs`, a quarantine retry, `DELETE /jobs/...`) must come from the service's own pages, not from
+a form or script of another site (cross-site request forgery). With authentication neither is
+needed: credentials are Bearer tokens, which a browser never adds by itself.
 """
 
 from __future__ import annotations
@@ -16,6 +26,7 @@ from aiohttp import web
 
 from server.keys import SETTINGS
 from server.responses import json_error
+from server.settings import ServerSettings
 
 READ_METHODS = frozenset({"GET", "HEAD"})
 ALLOW_HEADERS = "Authorization, Accept, If-None-Match, Range"
@@ -25,13 +36,70 @@ PREFLIGHT_MAX_AGE = "86400"
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
+PIXEL_ROUTES = frozenset(
+    {"slides.tile", "dzi.tile", "dzi.descriptor"}
+    | {"iiif.image", "iiif.info", "iiif.base", "iiif.other"}
+)
+"""Routes whose answers hold pixels and sizes only, never a name or other metadata: without auth
+any origin may read them (`*`: the IIIF Image API asks for it, and viewers of other origins show
+tiles). Slide ids are opaque, so a page must already know one."""
+
+
 def allowed_origin(request: web.Request) -> str | None:
     """The value of Access-Control-Allow-Origin for this request, or None (no CORS)."""
     settings = request.app[SETTINGS]
-    if not settings.requires_auth:
-        return "*"  # also without an Origin header: the same bytes suit every cache
     origin = request.headers.get("Origin")
-    return origin if origin and origin in settings.cors_origins else None
+    if origin and origin in settings.cors_origins:
+        return origin
+    if not settings.requires_auth and request.match_info.route.name in PIXEL_ROUTES:
+        return "*"
+    return None
+
+
+HOSTS_SEEN: web.AppKey[set[str] | None] = web.AppKey("hosts_seen")
+"""Without auth: the Host values accepted so far (see `refusal`); with auth None (no checks)."""
+LOOPBACK_NAMES = frozenset({"localhost", "::1"})
+MAX_HOSTS_SEEN = 64
+"""Host header values remembered as accepted (a client uses one or two): past this, each is
+checked again rather than remembered, so that no client can grow the set."""
+
+
+def is_loopback_host(host: str) -> bool:
+    """Whether a Host header value (`name[:port]`, `[v6][:port]`) names this machine's loopback:
+    `localhost`, an address in 127.0.0.0/8 or `::1`."""
+    if host.startswith("["):
+        name = host[1 : host.find("]")] if "]" in host else ""
+    else:
+        name = host.rpartition(":")[0] if ":" in host else host
+    name = name.lower()
+    if name in LOOPBACK_NAMES:
+        return True
+    parts = name.split(".")
+    return (
+        len(parts) == 4
+        and parts[0] == "127"
+        and all(p.isdigit() and len(p) <= 3 and int(p) <= 255 for p in parts)
+    )
+
+
+def refusal(request: web.Request, hosts_seen: set[str]) -> str | None:
+    """Why a request to a service without authentication is refused (see the module), or None.
+    `hosts_seen`: Host values already accepted (the caller's, bounded)."""
+    host = request.headers.get("Host")
+    if host is not None and host not in hosts_seen:
+        if not is_loopback_host(host):
+            return "this service answers only to localhost, 127.0.0.1 or [::1] (the Host header)"
+        if len(hosts_seen) < MAX_HOSTS_SEEN:
+            hosts_seen.add(host)
+    if request.method in READ_METHODS or request.method == "OPTIONS":
+        return None
+    site = request.headers.get("Sec-Fetch-Site")
+    origin = request.headers.get("Origin")
+    if site in ("cross-site", "same-site") or (
+        origin is not None and origin.partition("://")[2] != host
+    ):
+        return "a write must come from this service's own pages (not another site's)"
+    return None
 
 
 @web.middleware
@@ -57,13 +125,20 @@ async def cors_middleware(request: web.Request, handler: Handler) -> web.StreamR
 
 async def cors_headers(request: web.Request, response: web.StreamResponse) -> None:
     """on_response_prepare: CORS headers on every read response (errors included, so a viewer
-    can show why), set before the headers go out (streamed responses too)."""
+    can show why), set before the headers go out (streamed responses too). Not installed where
+    no origin may read (`installs_cors_headers`). With an allow-list every read answer varies
+    by Origin, also one without CORS headers, so that no cache hands it to a listed origin."""
     if request.method not in READ_METHODS:
         return
+    if request.app[SETTINGS].cors_origins:
+        response.headers.add("Vary", "Origin")
     origin = allowed_origin(request)
     if origin is None:
         return
     response.headers["Access-Control-Allow-Origin"] = origin
     response.headers["Access-Control-Expose-Headers"] = EXPOSE_HEADERS
-    if origin != "*":
-        response.headers.add("Vary", "Origin")
+
+
+def installs_cors_headers(settings: ServerSettings) -> bool:
+    """Whether any answer of a service with `settings` may carry CORS headers."""
+    return bool(settings.cors_origins) or not settings.requires_auth

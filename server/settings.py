@@ -30,8 +30,10 @@ class ServerSettings:
     port: int = 8000
     s3_endpoint: str | None = None
     tokens: tuple[str, ...] = ()
-    """API tokens accepted as `Authorization: Bearer <token>`; required off loopback. An entry
-    `name:secret` gives the token a name for the audit log; a bare secret is named by a digest."""
+    """API tokens accepted as `Authorization: Bearer <token>`; required off loopback, and once
+    given they are required on loopback too (a service behind a proxy on the same machine is
+    reached from beyond it). An entry `name:secret` gives the token a name for the audit log; a
+    bare secret is named by a digest."""
     signing_key: str = ""
     """Secret for signed tile URLs (viewers); required off loopback."""
     signed_url_seconds: int = 3600
@@ -49,8 +51,9 @@ class ServerSettings:
     s3_sources: tuple[str, ...] = ()
     """`s3://bucket/prefix/` URLs that `POST /jobs` may convert from (none by default)."""
     cors_origins: tuple[str, ...] = ()
-    """With auth on: origins (`https://viewer.example.org`) whose pages may read the APIs
-    cross-origin. On loopback any origin may read."""
+    """Origins (`https://viewer.example.org`) whose pages may read the APIs cross-origin; none by
+    default, on loopback too: any web page the user opens could otherwise read the patient data
+    a service on their own machine answers with."""
     audit_log: str | None = None
     """With auth on: append one JSON line per request that names a slide to this file."""
     verify_every_hours: float = 24.0
@@ -69,6 +72,11 @@ class ServerSettings:
         if not 0 < self.port < 65536:
             raise InvalidArgument(f"port must be 1-65535, got {self.port}")
         if self.requires_auth and not (self.tokens and self.signing_key):
+            if self.tokens:
+                raise InvalidArgument(
+                    "WSI_TOKENS turns authentication on, which needs WSI_SIGNING_KEY too "
+                    "(the viewer's signed tile URLs)"
+                )
             raise InvalidArgument(
                 f"listening on {self.host} (not loopback) needs WSI_TOKENS and WSI_SIGNING_KEY"
             )
@@ -90,7 +98,9 @@ class ServerSettings:
 
     @property
     def requires_auth(self) -> bool:
-        return self.host not in LOOPBACK
+        """Off loopback, or with tokens configured: a service given tokens is meant to ask for
+        them, wherever it listens."""
+        return self.host not in LOOPBACK or bool(self.tokens)
 
     @classmethod
     def from_env(

@@ -52,20 +52,42 @@ def read_urls(sid: str) -> list[str]:
     ]
 
 
-def test_any_origin_reads_on_loopback(store: tuple[Path, str]) -> None:
+def test_on_loopback_only_listed_origins_read_names(store: tuple[Path, str]) -> None:
+    """Without auth any web page the user opens could read what the service answers (patient
+    names in DICOMweb): only the routes that answer with pixels alone are open to any origin
+    (IIIF asks for `*`), the rest to listed origins only."""
     root, sid = store
+    pixels = [f"/slides/{sid}/tiles/0/0/0", f"/slides/{sid}.dzi", f"/slides/{sid}_files/8/0_0.jpeg"]
+    pixels += [f"/iiif/3/{sid}/info.json", f"/iiif/3/{sid}/full/64,/0/default.jpg"]
+    names = [f"/slides/{sid}", "/slides", "/dicomweb/studies", f"/view/{sid}", "/"]
 
-    async def check(c: TestClient) -> None:
-        for url in read_urls(sid):
-            r = await c.get(url, headers={"Origin": "https://elsewhere.example"})
+    async def unlisted(c: TestClient) -> None:
+        stranger = {"Origin": "https://elsewhere.example"}
+        for url in pixels:
+            r = await c.get(url, headers=stranger)
             assert r.status == 200, url
             assert r.headers["Access-Control-Allow-Origin"] == "*", url
+            assert "Vary" not in r.headers or "Origin" not in r.headers.getall("Vary"), url
+        for url in names:
+            r = await c.get(url, headers=stranger)
+            assert r.status == 200, url
+            assert "Access-Control-Allow-Origin" not in r.headers, url
+            pre = await c.options(url, headers={**stranger, "Access-Control-Request-Method": "GET"})
+            assert pre.status == 403, url
+
+    run(ServerSettings(store=str(root)), unlisted)
+
+    async def listed(c: TestClient) -> None:
+        for url in read_urls(sid):
+            r = await c.get(url, headers={"Origin": VIEWER})
+            assert r.status == 200, url
+            assert r.headers["Access-Control-Allow-Origin"] == VIEWER, url
             assert "ETag" in r.headers["Access-Control-Expose-Headers"]
             # A preflight (a read carrying Authorization) is answered, not a 405.
             pre = await c.options(
                 url,
                 headers={
-                    "Origin": "https://elsewhere.example",
+                    "Origin": VIEWER,
                     "Access-Control-Request-Method": "GET",
                     "Access-Control-Request-Headers": "authorization",
                 },
@@ -73,16 +95,99 @@ def test_any_origin_reads_on_loopback(store: tuple[Path, str]) -> None:
             assert pre.status == 204, url
             assert "Authorization" in pre.headers["Access-Control-Allow-Headers"]
         # Errors carry the headers too, so a viewer can read why.
-        r = await c.get("/slides/nope-nope", headers={"Origin": "https://elsewhere.example"})
-        assert r.status == 404 and r.headers["Access-Control-Allow-Origin"] == "*"
+        r = await c.get("/slides/nope-nope", headers={"Origin": VIEWER})
+        assert r.status == 404 and r.headers["Access-Control-Allow-Origin"] == VIEWER
+        # Every read answer varies by Origin, also one without CORS headers.
+        plain = await c.get(f"/slides/{sid}/tiles/0/0/0")
+        assert "Origin" in plain.headers.getall("Vary")
         # Writes stay same-origin.
         pre = await c.options(
-            "/jobs",
-            headers={"Origin": "https://x.example", "Access-Control-Request-Method": "POST"},
+            "/jobs", headers={"Origin": VIEWER, "Access-Control-Request-Method": "POST"}
         )
         assert pre.status == 403
 
+    run(ServerSettings(store=str(root), cors_origins=(VIEWER,)), listed)
+
+
+def test_without_auth_only_loopback_names_are_answered(store: tuple[Path, str]) -> None:
+    """DNS rebinding: a site whose name resolves to 127.0.0.1 would otherwise read the service
+    as its own origin."""
+    root, sid = store
+
+    async def check(c: TestClient) -> None:
+        for host in ("rebind.attacker.example:8000", "127.0.0.1.nip.io", "10.0.0.1"):
+            r = await c.get("/dicomweb/studies", headers={"Host": host})
+            assert r.status == 403, host
+            assert "Host" in (await r.json())["error"]
+            assert "rebind" not in await r.text()
+        for host in ("localhost:8000", "127.0.0.1", "127.3.2.1:80", "[::1]:8000", "LOCALHOST"):
+            r = await c.get(f"/slides/{sid}/tiles/0/0/0", headers={"Host": host})
+            assert r.status == 200, host
+
     run(ServerSettings(store=str(root)), check)
+
+    async def with_auth(c: TestClient) -> None:  # a proxy's name is fine once tokens are asked
+        r = await c.get(
+            "/dicomweb/studies",
+            headers={"Host": "pathology.example.org", "Authorization": "Bearer t0k"},
+        )
+        assert r.status == 200
+
+    run(ServerSettings(store=str(root), tokens=("t0k",), signing_key=KEY), with_auth)
+
+
+def test_without_auth_writes_from_other_sites_are_refused(
+    store: tuple[Path, str], tmp_path: Path
+) -> None:
+    """Cross-site request forgery: a page of any site could POST to the service on the user's
+    machine (a quarantine retry, a job) even though it cannot read the answer."""
+    root, _ = store
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    settings = ServerSettings(store=str(root), watch=(str(inbox),))
+
+    async def check(c: TestClient) -> None:
+        port = c.server.port
+        for headers in (
+            {"Origin": "https://evil.example"},
+            {"Origin": "null"},
+            {"Origin": f"http://localhost:{port}"},  # another name: another origin
+            {"Sec-Fetch-Site": "cross-site"},
+            {"Sec-Fetch-Site": "same-site", "Origin": f"http://127.0.0.1:{port}"},
+        ):
+            for method, path in (("POST", "/jobs"), ("POST", "/quarantine/x/retry")):
+                r = await c.request(
+                    method, path, data="{}", headers={"Content-Type": "text/plain", **headers}
+                )
+                assert r.status == 403, (path, headers)
+                assert "own pages" in (await r.json())["error"]
+            r = await c.delete("/jobs/abc", headers=headers)
+            assert r.status == 403, headers
+        # The service's own pages (the console) and scripts without an Origin go on.
+        own = {"Origin": f"http://127.0.0.1:{port}", "Sec-Fetch-Site": "same-origin"}
+        r = await c.post("/jobs", json={"source": "/etc/passwd"}, headers=own)
+        assert r.status == 400
+        r = await c.post("/jobs", json={"source": "/etc/passwd"})
+        assert r.status == 400
+
+    run(settings, check)
+
+
+def test_tokens_turn_auth_on_wherever_the_service_listens(store: tuple[Path, str]) -> None:
+    """An operator who sets tokens behind a proxy on the same machine must not get a service
+    that ignores them."""
+    root, _ = store
+    settings = ServerSettings(store=str(root), tokens=("t0k",), signing_key=KEY)
+    assert settings.host == "127.0.0.1" and settings.requires_auth
+
+    async def check(c: TestClient) -> None:
+        assert (await c.get("/dicomweb/studies")).status == 401
+        r = await c.get("/dicomweb/studies", headers={"Authorization": "Bearer t0k"})
+        assert r.status == 200
+
+    run(settings, check)
+    with pytest.raises(wsi.InvalidArgument, match="WSI_SIGNING_KEY"):
+        ServerSettings(store=str(root), tokens=("t0k",))
 
 
 def test_with_auth_only_listed_origins(store: tuple[Path, str]) -> None:

@@ -8,8 +8,7 @@ is answered from the stored chunk: interior tiles of JPEG levels are the stored 
 at most one missing row/column repeats the edge). Every other request is rendered by `render.region`
 within the pixel budget, which info.json publishes as `maxArea`. Beyond level 2: square regions, `^`
 upscaling, mirroring, arbitrary rotation, gray and bitonal qualities, webp, and profile/canonical
-Link headers. CORS is the service's one policy (`server.cors`): any origin on loopback, an
-allow-list with auth on.
+Link headers. CORS is the service's one policy (`server.cors`): the origins of its allow-list.
 """
 
 from __future__ import annotations
@@ -484,8 +483,9 @@ def register(app: web.Application) -> None:
         (ident, base_redirect),
         (f"{ident}/{{tail:.+}}", not_iiif),  # anything else under an image service: 400
     ]
-    for path, handler in routes:
-        app.router.add_get(path, handler)
+    names = ("iiif.image", "iiif.info", "iiif.base", "iiif.other")
+    for (path, handler), name in zip(routes, names, strict=True):
+        app.router.add_get(path, handler, name=name)
 
 
 _IMAGE_RESPONSES = {
