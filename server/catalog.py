@@ -33,8 +33,9 @@ READY = "ready"
 CONVERTING = "converting"
 """Status of a slide served from its source while its conversion runs."""
 PRIVATE_IMAGES = ("label", "macro")
-"""Associated images that may show patient names and barcodes: read only when the service
-allows labels, and never kept by shared caches."""
+"""Associated images that always may show patient names and barcodes: read only when the
+service allows labels, and never kept by shared caches (`private_images`: and a thumbnail that
+may show the label)."""
 
 
 class ServedLevel(Protocol):
@@ -125,8 +126,29 @@ def published(slide: ServedSlide) -> AsyncPublishedSlide:
     return slide
 
 
-def summary(slide: SlideInfo) -> dict[str, Any]:
-    """The JSON description of a slide (`GET /slides/{id}`, one entry of `GET /slides`)."""
+def private_images(slide: SlideInfo) -> frozenset[str]:
+    """The associated images of `slide` that may show patient names and barcodes: its label and
+    macro, and a thumbnail its source did not say shows the scanned area only (some scanners'
+    thumbnails are of the whole glass). Converting, its associated images are not served."""
+    names = set(PRIVATE_IMAGES)
+    if isinstance(slide, AsyncPublishedSlide):
+        thumbnail = slide.associated.get("thumbnail")
+        if thumbnail is not None and thumbnail.shows_label:
+            names.add("thumbnail")
+    return frozenset(names)
+
+
+def shown_associated(slide: SlideInfo, allow_label: bool) -> list[str]:
+    """The associated images a service (with or without labels allowed) lists for `slide`."""
+    if allow_label:
+        return list(slide.associated_names)
+    private = private_images(slide)
+    return [name for name in slide.associated_names if name not in private]
+
+
+def summary(slide: SlideInfo, allow_label: bool) -> dict[str, Any]:
+    """The JSON description of a slide (`GET /slides/{id}`, one entry of `GET /slides`), listing
+    the associated images the service serves (`shown_associated`)."""
     props = slide.properties
     return {
         "id": slide.slide_id,
@@ -151,7 +173,7 @@ def summary(slide: SlideInfo) -> dict[str, Any]:
             }
             for lv in slide.levels
         ],
-        "associated_images": list(slide.associated_names),
+        "associated_images": shown_associated(slide, allow_label),
     }
 
 

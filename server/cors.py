@@ -45,13 +45,16 @@ any origin may read them (`*`: the IIIF Image API asks for it, and viewers of ot
 tiles). Slide ids are opaque, so a page must already know one."""
 
 
-def allowed_origin(request: web.Request) -> str | None:
-    """The value of Access-Control-Allow-Origin for this request, or None (no CORS)."""
+def allowed_origin(request: web.Request, route: str | None = None) -> str | None:
+    """The value of Access-Control-Allow-Origin for this request (for the route named `route`,
+    by default the request's own), or None (no CORS)."""
     settings = request.app[SETTINGS]
     origin = request.headers.get("Origin")
     if origin and origin in settings.cors_origins:
         return origin
-    if not settings.requires_auth and request.match_info.route.name in PIXEL_ROUTES:
+    if route is None:
+        route = request.match_info.route.name
+    if not settings.requires_auth and route in PIXEL_ROUTES:
         return "*"
     return None
 
@@ -108,7 +111,9 @@ async def cors_middleware(request: web.Request, handler: Handler) -> web.StreamR
     wanted = request.headers.get("Access-Control-Request-Method")
     if request.method != "OPTIONS" or wanted is None or "Origin" not in request.headers:
         return await handler(request)
-    origin = allowed_origin(request)
+    # The router matched OPTIONS to no route (405): the route is the one the read would take.
+    read = await request.app.router.resolve(request.clone(method="GET"))
+    origin = allowed_origin(request, read.route.name)
     if origin is None or wanted not in READ_METHODS:
         return json_error(403, "cross-origin request not allowed for this origin or method")
     return web.Response(

@@ -243,8 +243,9 @@ def _write_associated(
     """The label, macro and thumbnail that `settings` publish (`wants_associated`)."""
     fmt = settings.associated_format
     for name in source.associated_names:
-        if settings.wants_associated(name, source.associated_shows_label(name)):
-            writer.write_associated(name, source.read_associated(name), fmt)
+        shows_label = source.associated_shows_label(name)
+        if settings.wants_associated(name, shows_label):
+            writer.write_associated(name, source.read_associated(name), fmt, shows_label)
 
 
 def _writer_type(cluster: ClusterOptions | None) -> type[OmeZarrWriter]:

@@ -7,7 +7,7 @@ from typing import Any
 
 from aiohttp import web
 
-from server.catalog import CONVERTING, PRIVATE_IMAGES, published, status, summary
+from server.catalog import CONVERTING, private_images, published, status, summary
 from server.converting import conversion_jobs
 from server.keys import CATALOG, SETTINGS
 from server.openapi import ERROR, path_params
@@ -65,11 +65,12 @@ def case_summary(docs: list[dict[str, Any]]) -> list[dict[str, Any]]:
 async def list_slides(request: web.Request) -> web.Response:
     text, case = text_param(request, "q"), text_param(request, "case")
     catalog = request.app[CATALOG]
+    allow_label = request.app[SETTINGS].allow_label
     slides = []
     jobs: dict[str, dict[str, object]] | None = None
     for slide_id in await catalog.slide_ids():
         try:
-            doc = summary(await catalog.slide(slide_id))
+            doc = summary(await catalog.slide(slide_id), allow_label)
         except WsiError:  # unpublished meanwhile, or a dropped slide its reader refuses
             continue
         if not matches(doc, text, case):
@@ -85,13 +86,11 @@ async def list_slides(request: web.Request) -> web.Response:
 
 async def get_slide(request: web.Request) -> web.Response:
     slide = await request.app[CATALOG].slide(request.match_info["slide_id"])
-    doc = summary(slide)
+    doc = summary(slide, request.app[SETTINGS].allow_label)
     if status(slide) == CONVERTING:
         job = (await conversion_jobs(request.app)).get(slide.slide_id)
         if job is not None:
             doc["job"] = job
-    if not request.app[SETTINGS].allow_label:
-        doc["associated_images"] = [n for n in doc["associated_images"] if n not in PRIVATE_IMAGES]
     return web.json_response(doc)
 
 
@@ -113,13 +112,14 @@ async def get_associated(request: web.Request) -> web.Response:
     name = request.match_info["name"]
     if name not in ASSOCIATED_KINDS:
         raise InvalidArgument(f"associated image must be one of {', '.join(ASSOCIATED_KINDS)}")
-    if name in PRIVATE_IMAGES and not request.app[SETTINGS].allow_label:
-        raise web.HTTPForbidden(reason=f"{name} images may show patient data; not enabled")
     catalog = request.app[CATALOG]
     slide = published(await catalog.slide(request.match_info["slide_id"]))
+    private = name in private_images(slide)
+    if private and not request.app[SETTINGS].allow_label:
+        raise web.HTTPForbidden(reason=f"the {name} image may show patient data; not enabled")
     version = slide.version
     etag = f"{version}-{name}"
-    storable = name not in PRIVATE_IMAGES
+    storable = not private
     image = slide.associated.get(name)
     if image is not None and image.codec == JPEG:
         data = await slide.associated_bytes(name)

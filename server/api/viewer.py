@@ -123,7 +123,7 @@ async def index(request: web.Request) -> web.Response:
             slides.append(await catalog.slide(slide_id))
         except WsiError:  # unpublished meanwhile, or a dropped slide its reader refuses
             continue
-    docs = {s.slide_id: summary(s) for s in slides}
+    docs = {s.slide_id: summary(s, settings.allow_label) for s in slides}
     shown = sorted(
         (s for s in slides if matches(docs[s.slide_id], q, None)),
         key=lambda s: listing_order(docs[s.slide_id]),

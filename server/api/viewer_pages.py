@@ -17,7 +17,7 @@ from urllib.parse import quote
 
 from server.api.dzi import dzi_size, max_level, tile_size
 from server.api.slides import MAX_QUERY
-from server.catalog import READY, SlideInfo
+from server.catalog import READY, SlideInfo, private_images
 from server.catalog import status as slide_status
 
 THUMBNAIL_PX = 256
@@ -78,10 +78,14 @@ def mpp_text(slide: SlideInfo) -> str:
 
 def thumbnail_url(slide: SlideInfo, query: str, signed: bool = False) -> str:
     """The slide's thumbnail image, or else the DeepZoom tile holding the whole slide in at most
-    THUMBNAIL_PX pixels. Always that tile when `signed`: signatures open pyramid tiles only, and a
-    scanner's thumbnail may show the label."""
+    THUMBNAIL_PX pixels. Always that tile when `signed` (signatures open pyramid tiles only) or
+    when the thumbnail may show the label (`private_images`)."""
     sid = quote(slide.slide_id, safe="")
-    if "thumbnail" in slide.associated_names and not signed:
+    if (
+        "thumbnail" in slide.associated_names
+        and not signed
+        and "thumbnail" not in private_images(slide)
+    ):
         return with_query(f"/slides/{sid}/associated/thumbnail", query)
     limit = min(THUMBNAIL_PX, tile_size(slide))
     z = max_level(slide)

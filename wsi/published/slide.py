@@ -344,10 +344,17 @@ class AsyncPublishedSlide:
         image = self.associated.get(name)
         if image is None:
             raise SlideNotFound(f"slide {self.slide_id} has no {name} image")
-        if name not in self.store.settings.allow_associated:
+        allowed = self.store.settings.allow_associated
+        if name not in allowed:
             raise AssociatedImageRefused(
                 f"reading the {name} image is not allowed (it may show patient data): "
                 f"allow it with ReaderSettings(allow_associated={{{name!r}}})"
+            )
+        # A thumbnail of the whole glass shows what the label shows: read where labels are.
+        if name == "thumbnail" and image.shows_label and "label" not in allowed:
+            raise AssociatedImageRefused(
+                f"the {name} image of slide {self.slide_id} may show the slide's label: reading "
+                "it needs the label allowed too (ReaderSettings(allow_associated={'label', ...}))"
             )
         return image
 

@@ -241,6 +241,7 @@ class PublishedStore:
             key,
             _object_size(keys, manifest, key),
             _stored_codec(codec),
+            entry.shows_label,
         )
 
 

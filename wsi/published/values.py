@@ -30,7 +30,9 @@ class ReaderSettings:
     allow_associated: frozenset[str] = frozenset()
     """Associated images whose bytes or pixels may be read (of label, macro, thumbnail). None by
     default: labels and macros show patient names and barcodes, and many thumbnails are made
-    from the macro. Their names and sizes are always visible."""
+    from the macro. A thumbnail whose source says it may show the label
+    (`PublishedAssociated.shows_label`) needs "label" allowed too. Their names and sizes are
+    always visible."""
     tile_cache_bytes: int = 64 * _MiB
     """Stored tile bytes kept in memory, over all slides of the store."""
     index_cache_bytes: int = 16 * _MiB
@@ -121,6 +123,8 @@ class PublishedAssociated:
     size: int
     stored_codec: CodecId | None = None
     """As for `PublishedLevel.stored_codec`."""
+    shows_label: bool = True
+    """Whether it may show the slide's label (`layout.AssociatedEntry.shows_label`)."""
 
     @property
     def chunk_codec(self) -> CodecId:

@@ -72,7 +72,11 @@ class PyramidWriter(abc.ABC):
     def end_level(self, index: int) -> None: ...
 
     @abc.abstractmethod
-    def write_associated(self, name: str, pixels: np.ndarray, fmt: ChunkFormat) -> None: ...
+    def write_associated(
+        self, name: str, pixels: np.ndarray, fmt: ChunkFormat, shows_label: bool = True
+    ) -> None:
+        """One associated image; `shows_label`: whether it may show the slide's label
+        (`SlideSource.associated_shows_label`), recorded so that readers keep it private."""
 
     @abc.abstractmethod
     def finish(self, info: SlideInfo) -> list[StoredObject]: ...

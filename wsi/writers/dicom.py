@@ -372,11 +372,16 @@ def instance_header(
     level: Level,
     first_frames: list[bytes],
     sparse: SparseFrames | None = None,
+    shows_label: bool = False,
 ) -> tuple[str, bytes]:
     """(SOP Instance UID, the object's bytes up to its first frame item). The first frames tell
     the colour space and an approximate compression ratio. With `sparse`, the instance is
-    TILED_SPARSE: frames only for the stored tiles (see `SparseFrames`)."""
-    elements = instance_elements(slide, flavor, level_index, level, first_frames, sparse)
+    TILED_SPARSE: frames only for the stored tiles (see `SparseFrames`). `shows_label`: a
+    thumbnail that may show the label says so (Specimen Label In Image); labels and overviews
+    always do."""
+    elements = instance_elements(
+        slide, flavor, level_index, level, first_frames, sparse, shows_label
+    )
     return elements.sop_uid, elements.header()
 
 
@@ -387,6 +392,7 @@ def instance_elements(
     level: Level,
     first_frames: list[bytes],
     sparse: SparseFrames | None = None,
+    shows_label: bool = False,
 ) -> InstanceElements:
     """The header of `instance_header`, as data: one description for every flavour, TILED_FULL
     or TILED_SPARSE."""
@@ -406,7 +412,7 @@ def instance_elements(
         "SOPInstanceUID": sop_uid,
         "ImageType": image_type,
         "InstanceNumber": level_index + 1 if flavor == "VOLUME" else 100 + len(name),
-        **_pixel_description(level, first_frames, flavor),
+        **_pixel_description(level, first_frames, flavor, shows_label),
         **_geometry(slide, level, image_type, sparse is not None),
     }
     if flavor == "VOLUME":
@@ -429,11 +435,13 @@ def instance_elements(
     return InstanceElements(sop_uid, meta, data, per_frame)
 
 
-def _pixel_description(level: Level, first_frames: list[bytes], flavor: Flavor) -> Item:
+def _pixel_description(
+    level: Level, first_frames: list[bytes], flavor: Flavor, shows_label: bool
+) -> Item:
     """Image Pixel, frames and compression: what a decoder needs to know about the frames."""
     _, photometric, method = frame_encoding(first_frames[0])
     raw = len(first_frames) * level.tile_width * level.tile_height * 3
-    in_image = "YES" if flavor in ("LABEL", "OVERVIEW") else "NO"
+    in_image = "YES" if flavor in ("LABEL", "OVERVIEW") or shows_label else "NO"
     return {
         "SamplesPerPixel": 3,
         "PhotometricInterpretation": photometric,

@@ -98,7 +98,13 @@ class OmeZarrWriter(PyramidWriter):
         return key, header, placeholder
 
     def _dicom_header(
-        self, key: str, flavor: Flavor, index: int, level: Level, fill: int = layout.FILL_VALUE
+        self,
+        key: str,
+        flavor: Flavor,
+        index: int,
+        level: Level,
+        fill: int = layout.FILL_VALUE,
+        shows_label: bool = False,
     ) -> HeaderFactory | None:
         dicom = self.dicom
         if dicom is None:
@@ -114,7 +120,9 @@ class OmeZarrWriter(PyramidWriter):
 
         def header(first_frames: list[bytes], tiles: tuple[int, ...] | None, frames: int) -> bytes:
             sparse = SparseFrames(tiles, fill) if tiles is not None else None
-            data = instance_header(dicom, flavor, index, level, first_frames, sparse)[1]
+            data = instance_header(dicom, flavor, index, level, first_frames, sparse, shows_label)[
+                1
+            ]
             return padded_header(data, header_multiple(frames))
 
         return header
@@ -135,7 +143,9 @@ class OmeZarrWriter(PyramidWriter):
         self._objects.append(self._open_shard(index).close())
         del self._shards[index]
 
-    def write_associated(self, name: str, pixels: np.ndarray, fmt: ChunkFormat) -> None:
+    def write_associated(
+        self, name: str, pixels: np.ndarray, fmt: ChunkFormat, shows_label: bool = True
+    ) -> None:
         """One associated image (label, macro, thumbnail) as its own single-chunk array."""
         h, w = pixels.shape[:2]
         level = Level(w, h, w, h)
@@ -147,7 +157,9 @@ class OmeZarrWriter(PyramidWriter):
                 raise InvalidArgument("DICOM instances need JPEG associated images")
             chunk = encode_chunk_zstd(pixels, fmt.zstd_level)
         key = self.keys.shard(path)
-        header = self._dicom_header(key, layout.ASSOCIATED_FLAVOR[name], 0, level)
+        header = self._dicom_header(
+            key, layout.ASSOCIATED_FLAVOR[name], 0, level, shows_label=shows_label
+        )
         with contextlib.ExitStack() as stack:
             shard = ShardStream(self.store, key, level, stack, header)
             shard.append(chunk)
@@ -156,7 +168,7 @@ class OmeZarrWriter(PyramidWriter):
         if self.zarr_metadata:
             doc = layout.associated_array_metadata(name, level, fmt)
             self._put_json(self.keys.array_metadata(path), doc)
-        self._associated.append(AssociatedEntry(name, path, w, h))
+        self._associated.append(AssociatedEntry(name, path, w, h, shows_label))
 
     def _put_json(self, key: str, doc: Mapping[str, Any]) -> None:
         data = layout.dump_json(doc)

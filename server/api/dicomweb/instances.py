@@ -17,7 +17,7 @@ from aiohttp import web
 from pydicom.dataset import Dataset
 
 from server.audit import note_read
-from server.catalog import PRIVATE_IMAGES, Catalog, ServedSlide
+from server.catalog import Catalog, ServedSlide, private_images
 from server.keys import CATALOG, SETTINGS
 from server.render import in_pool
 from server.responses import dumps
@@ -80,8 +80,9 @@ class Instance:
 
     @property
     def private(self) -> bool:
-        """A label or overview (macro): may show patient data."""
-        return self.stored.associated in PRIVATE_IMAGES
+        """A label or overview (macro), or a thumbnail that may show the label: may show
+        patient data (`private_images`)."""
+        return self.stored.associated in private_images(self.slide)
 
     @property
     def image(self) -> StoredImage:
@@ -125,10 +126,11 @@ def slide_instances(slide: ServedSlide, allow_label: bool) -> list[Instance]:
     converts; labels and overviews only when labels are allowed."""
     if not isinstance(slide, AsyncPublishedSlide) or slide.dicom is None:
         return []
+    private = private_images(slide)
     return [
         Instance(slide, inst)
         for inst in slide.dicom.instances
-        if (allow_label or inst.associated not in PRIVATE_IMAGES) and inst.image.codec == JPEG
+        if (allow_label or inst.associated not in private) and inst.image.codec == JPEG
     ]
 
 

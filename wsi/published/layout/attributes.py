@@ -72,12 +72,16 @@ class LevelEntry:
 
 @dataclass(frozen=True)
 class AssociatedEntry:
-    """An associated image (label, macro, thumbnail): its array path and size in pixels."""
+    """An associated image (label, macro, thumbnail): its array path and size in pixels, and
+    whether it may show the slide's label (names, barcodes). Labels and macros do; a thumbnail
+    does unless its source says it shows the scanned area only. Absent in attributes written
+    before it was recorded: read as True (a reader cannot know, so it assumes the worst)."""
 
     name: str
     path: str
     width: int
     height: int
+    shows_label: bool = True
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -91,11 +95,13 @@ class AssociatedEntry:
         )
         if min(width, height) <= 0:
             raise CorruptSlide(f"{what}: sizes must be positive")
+        shows_label = optional_field(doc, "shows_label", bool, what)
         return cls(
             required_field(doc, "name", str, what),
             required_field(doc, "path", str, what),
             width,
             height,
+            True if shows_label is None else shows_label,
         )
 
 

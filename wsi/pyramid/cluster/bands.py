@@ -277,7 +277,9 @@ class _Collector(PyramidWriter):
     def end_level(self, index: int) -> None:
         pass
 
-    def write_associated(self, name: str, pixels: np.ndarray, fmt: ChunkFormat) -> None:
+    def write_associated(
+        self, name: str, pixels: np.ndarray, fmt: ChunkFormat, shows_label: bool = True
+    ) -> None:
         raise WsiError("a band has no associated images")
 
     def finish(self, info: SlideInfo) -> list[StoredObject]:
