@@ -15,6 +15,7 @@ from types import ModuleType
 from typing import Any
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from server.api import admin, console, dicomweb, dzi, iiif, jobs, ops, slides, viewer
 from server.api import integrity as integrity_api
@@ -110,6 +111,24 @@ async def front_middleware(request: web.Request, handler: Handler) -> web.Stream
         response = json_error(500, "internal error")
     request.app[METRICS].observe(request, response, start)
     return response
+
+
+class _NoRequestBytes(logging.Filter):
+    """aiohttp logs a request it cannot parse (a bare LF, a header too long, a bad method) with
+    a traceback whose message quotes the request's bytes: a header value may name a patient.
+    The line keeps what went wrong, never what was sent."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, HttpProcessingError):
+            record.msg = "malformed HTTP request answered %s: %s"
+            record.args = (exc.code, type(exc).__name__)
+            record.exc_info = None
+            record.exc_text = None
+        return True
+
+
+_REQUEST_BYTES = _NoRequestBytes()
 
 
 def _log_internal(request: web.Request, exc: Exception) -> None:
@@ -302,6 +321,9 @@ def create_app(settings: ServerSettings, role: ProcessRole | None = None) -> web
     """The service, or with a `role` one of its processes (`server.processes`): only the one
     whose role says so runs the ingest roles; the others follow the job table they share."""
     role = role or ProcessRole()
+    server_log = logging.getLogger("aiohttp.server")
+    if _REQUEST_BYTES not in server_log.filters:
+        server_log.addFilter(_REQUEST_BYTES)
     metrics = Metrics(role.index)
     middlewares: list[Any] = [front_middleware]
     if settings.requires_auth:  # on loopback there is nothing to check on the hot path

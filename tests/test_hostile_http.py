@@ -4,6 +4,7 @@ that contradicts the document; slow clients that hold their headers open do not 
 
 from __future__ import annotations
 
+import logging
 import socket
 import time
 from collections.abc import Iterator
@@ -95,3 +96,31 @@ def test_slow_clients_do_not_starve_others(live: tuple[str, str]) -> None:
     finally:
         for s in slow:
             s.close()
+
+
+def test_a_malformed_request_is_logged_without_its_bytes(
+    live: tuple[str, str], caplog: pytest.LogCaptureFixture
+) -> None:
+    """aiohttp's own log line for a request it cannot parse quoted the request's bytes (with a
+    traceback): a header value may name a patient."""
+    caplog.set_level(logging.DEBUG)
+    host, port = live[0].removeprefix("http://").split(":")
+    bad = (
+        b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+        b"X-Patient: DOE^JANE\nFoo: bar\r\n\r\n"  # a bare LF ends a header: not HTTP
+    )
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall(bad)
+        answer = sock.recv(4096)
+    assert answer.startswith(b"HTTP/1.") and b" 400 " in answer.split(b"\r\n")[0]
+
+    def logged() -> list[logging.LogRecord]:
+        return [r for r in caplog.records if r.name == "aiohttp.server"]
+
+    deadline = time.monotonic() + 10
+    while not logged() and time.monotonic() < deadline:  # the server's thread logs it
+        time.sleep(0.05)
+    assert logged(), "the malformed request was not logged at all"
+    assert "DOE" not in caplog.text
+    assert all(r.exc_info is None for r in logged())
+    assert "BadHttpMessage" in caplog.text
