@@ -11,15 +11,11 @@ from aiohttp import web
 
 from server.audit import PRINCIPAL
 from server.keys import SETTINGS
-from server.responses import json_error
+from server.responses import SIGNED_EXPIRES, json_error
 from server.settings import ServerSettings
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
-
-SIGNED_EXPIRES = web.RequestKey("signed_expires", int)
-"""Set on a request admitted by a signed URL: that URL's expiry (Unix time). Pages reached this
-way sign their own links with the same expiry, never a later one."""
 
 ROUTE_SCOPES: dict[str, str] = {
     "dzi.descriptor": "tiles",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from typing import Any
 
 from aiohttp import web
@@ -11,6 +12,11 @@ from aiohttp import web
 def json_error(status: int, message: str) -> web.Response:
     return web.json_response({"error": message, "status": status}, status=status)
 
+
+SIGNED_EXPIRES = web.RequestKey("signed_expires", int)
+"""Set on a request admitted by a signed URL (`server.auth`): that URL's expiry (Unix time).
+Pages reached this way sign their own links with the same expiry, never a later one, and what
+it opened may be cached until then only."""
 
 VERSION_PARAM = "v"
 """Query parameter naming the slide version (its manifest digest) a URL was built for."""
@@ -37,6 +43,9 @@ class ResponseHeaders:
     def cache_control(self, request: web.Request, version: str | None, storable: bool) -> str:
         if not storable:
             return "no-store"
+        expires = request.get(SIGNED_EXPIRES)
+        if expires is not None:  # kept no longer than the signature that opened it lives
+            return f"private, max-age={max(0, expires - int(time.time()))}"
         # The query string is parsed only when there is one (most tile URLs of scripts have none).
         if (
             version is not None

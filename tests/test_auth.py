@@ -155,5 +155,14 @@ def test_cache_headers_with_auth(store: tuple[Path, str, str]) -> None:
         assert label.headers["Cache-Control"] == "no-store"
         thumb = await c.get(f"/slides/{sid}/associated/thumbnail?v={version}", headers=BEARER)
         assert thumb.headers["Cache-Control"] == "private, max-age=31536000, immutable"
+        # What a signed URL opened is kept no longer than the signature lives (a browser's
+        # cache would otherwise show an expired link's tiles for a year).
+        for url in (f"/slides/{sid}_files/8/0_0.jpeg", f"/slides/{sid}/tiles/0/0/0"):
+            before = int(time.time())
+            r = await c.get(f"{url}?v={version}&{signed('tiles', sid, seconds=120)}")
+            assert r.status == 200
+            control = r.headers["Cache-Control"]
+            assert control.startswith("private, max-age=") and "immutable" not in control, url
+            assert 0 < int(control.split("max-age=")[1]) <= 120 + int(time.time()) - before
 
     run(root, check, allow_label=True)

@@ -34,14 +34,14 @@ from server.api.viewer_pages import (
     index_html,
     view_html,
 )
-from server.auth import SIGNED_EXPIRES, signed_query
+from server.auth import signed_query
 from server.catalog import PRIVATE_IMAGES, READY, SlideInfo, summary
 from server.catalog import status as slide_status
 from server.converting import conversion_jobs
 from server.errors import status_of
 from server.keys import CATALOG, SETTINGS
 from server.openapi import ERROR, path_params
-from server.responses import VERSION_PARAM, json_error
+from server.responses import SIGNED_EXPIRES, VERSION_PARAM, json_error
 from wsi.errors import StoreError, WsiError
 from wsi.model import MICRONS_PER_PIXEL_AT_1X, SlideProperties
 from wsi.published.slide import AsyncPublishedSlide
