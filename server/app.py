@@ -337,7 +337,7 @@ def create_app(settings: ServerSettings, role: ProcessRole | None = None) -> web
     app[HOSTS_SEEN] = None if settings.requires_auth else set()
     if installs_cors_headers(settings):
         app.on_response_prepare.append(cors_headers)
-    if settings.requires_auth and settings.audit_log:
+    if settings.audit_log:
         app.cleanup_ctx.append(_audit)
         app.on_response_prepare.append(_audit_record)
     app.cleanup_ctx.append(_resources)

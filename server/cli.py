@@ -125,7 +125,7 @@ def _add_serve_access(serve: Any) -> None:
     serve.add_argument(
         "--audit-log",
         metavar="FILE",
-        help="with auth on: one JSON line per slide access (WSI_AUDIT_LOG)",
+        help="one JSON line per slide access (WSI_AUDIT_LOG)",
     )
 
 

@@ -55,7 +55,8 @@ class ServerSettings:
     default, on loopback too: any web page the user opens could otherwise read the patient data
     a service on their own machine answers with."""
     audit_log: str | None = None
-    """With auth on: append one JSON line per request that names a slide to this file."""
+    """Append one JSON line per request that names a slide to this file (who: the token's name,
+    a signature's scope, or "anonymous" without auth)."""
     verify_every_hours: float = 24.0
     """With ingest on (`watch` or `s3_sources`): read every published object again and check it
     against its manifest this often (0: never). The result: `GET /integrity`, `/metrics`,

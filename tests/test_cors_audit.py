@@ -228,6 +228,22 @@ def test_with_auth_only_listed_origins(store: tuple[Path, str]) -> None:
         ServerSettings(cors_origins=("https://viewer.example.org/path",))
 
 
+def test_an_audit_log_asked_for_without_auth_is_kept(
+    store: tuple[Path, str], tmp_path: Path
+) -> None:
+    """`--audit-log` on loopback without tokens was silently ignored: an operator who asked
+    for a record of who read what got none."""
+    root, sid = store
+    log = tmp_path / "audit.jsonl"
+
+    async def check(c: TestClient) -> None:
+        assert (await c.get(f"/slides/{sid}/tiles/0/0/0")).status == 200
+
+    run(ServerSettings(store=str(root), audit_log=str(log)), check)
+    lines = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [(d["principal"], d["slide_id"]) for d in lines] == [("anonymous", sid)]
+
+
 def test_audit_log_names_who_read_what(store: tuple[Path, str], tmp_path: Path) -> None:
     root, sid = store
     log = tmp_path / "audit.jsonl"
