@@ -22,7 +22,7 @@ from server.openapi import ERROR, path_params
 from server.responses import dumps
 from wsi.errors import InvalidArgument, SlideNotFound
 from wsi.ingest.privacy import job_view, reference
-from wsi.ingest.quarantine import without_directories
+from wsi.ingest.quarantine import without_directories, without_folders_of
 from wsi.ingest.queue import Job, JobState
 from wsi.ingest.scan import FolderUnavailable, SlideCandidate, slide_at
 from wsi.ingest.source_files import SourceChanged, submit_slide
@@ -79,11 +79,16 @@ def allowed_s3_source(request: web.Request, url: str) -> str:
 
 def job_json(request: web.Request, job: Job) -> dict[str, Any]:
     """The job as this service shows it: with `WSI_DEIDENTIFY`, no file name of its source
-    (`wsi.ingest.privacy.job_view`); its error and warning without the directories of any path
-    (`source` keeps the path scripts need); and a `name`: its source file's stem, or
+    (`wsi.ingest.privacy.job_view`); its source and files without the folders above the slide
+    (`/in/Doe Jane/a.svs` -> `a.svs`, a series' files `series/a.dcm`: scanners name folders
+    after patients, and no answer shows where the service's folders are), its error and warning
+    without the directories of any path; and a `name`: its source file's stem, or
     de-identifying a neutral name made from its slide id."""
     deidentify = request.app[SETTINGS].ingest.deidentify
     shown = job_view(job, deidentify)
+    if not deidentify:
+        shown["source"] = without_folders_of(job.source, job.source)
+        shown["files"] = [without_folders_of(f.path, job.source) for f in job.files]
     for key in ("error", "warning"):
         if isinstance(shown.get(key), str):
             shown[key] = without_directories(shown[key])
