@@ -1,4 +1,5 @@
-"""Helpers several test modules share: the CLI as a subprocess, a fake clock, waiting loops."""
+"""Helpers several test modules share: the CLI as a subprocess, a fake clock, waiting loops, what
+zarr-python makes of a published slide."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+import warnings
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -65,6 +67,26 @@ def wsi_process(
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(10)
+
+
+def empty_folders(folder: Path) -> list[str]:
+    """The folders under `folder` that hold nothing, relative to it."""
+    return sorted(
+        p.relative_to(folder).as_posix()
+        for p in folder.rglob("*")
+        if p.is_dir() and not any(p.iterdir())
+    )
+
+
+def zarr_members(group: Path) -> tuple[list[str], list[str]]:
+    """Every member zarr-python finds in the local Zarr group `group`, and what it warns while
+    listing them (an emptied folder of a deleted array is a member it does not recognise)."""
+    import zarr
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        members = sorted(name for name, _ in zarr.open_group(str(group), mode="r").members(None))
+    return members, [str(w.message) for w in caught]
 
 
 def free_port() -> int:

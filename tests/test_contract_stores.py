@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import uuid
 from pathlib import Path
 
@@ -9,7 +10,7 @@ import pytest
 
 from wsi.store import Store, StoreSettings
 
-from .contracts.stores import Boom, StoreContract, pieces
+from .contracts.stores import SLIDE, Boom, StoreContract, pieces
 from .s3server import SeaweedFS
 from .s3server import seaweedfs as _seaweedfs_fixture  # noqa: F401
 
@@ -21,6 +22,14 @@ class TestLocalStore(StoreContract):
     @pytest.fixture
     def store(self, tmp_path: Path) -> Store:
         return Store(StoreSettings(str(tmp_path / "store")))
+
+    def test_delete_objects_keeps_the_slides_folder(self, store: Store) -> None:
+        """Emptied folders go up to the slide's own, which stays: it is the slide (its
+        manifest's folder), which deleting objects of a version never removes."""
+        store.put(f"{SLIDE}/slide.zarr/0/c/0/0/0", b"x")
+        store.delete_objects(SLIDE, [f"{SLIDE}/slide.zarr/0/c/0/0/0"])
+        assert os.listdir(store.root) == [SLIDE]
+        assert os.listdir(store.path(SLIDE)) == []
 
 
 @pytest.mark.s3

@@ -20,8 +20,8 @@ import wsi
 from wsi.convert import ConvertSettings
 from wsi.pyramid import PyramidSettings
 
-from .conftest import make_tiff
-from .helpers import run_wsi
+from .conftest import make_tiff, sample
+from .helpers import empty_folders, run_wsi, zarr_members
 from .s3server import SeaweedFS
 from .s3server import seaweedfs as _seaweedfs_fixture  # noqa: F401
 
@@ -86,6 +86,27 @@ def test_a_reconversion_replaces_the_version_whole(slide: Path, tmp_path: Path) 
         p.relative_to(root / sid).as_posix() for p in (root / sid).rglob("*") if p.is_file()
     )
     assert on_disk == sorted([*second["objects"], "manifest.json"])
+
+
+def test_a_reconversion_that_drops_images_leaves_no_empty_folder(tmp_path: Path) -> None:
+    """Converted again with --deidentify, a slide loses its label and macro: their objects were
+    deleted but their folders (`associated/label/c/0/0`, ...) stayed, and zarr-python warned
+    that each "is not recognized as a component of a Zarr hierarchy" when listing the group."""
+    source = str(sample("CMU-1-Small-Region.svs"))
+    root = tmp_path / "store"
+    first = run_wsi("convert", source, "--out", str(root), "--no-progress", "--workers", "1")
+    assert first.returncode == 0, first.stderr
+    sid = first.stdout.split("\t")[0]
+    assert {"label", "macro"} <= {p.name for p in (root / sid / "slide.zarr/associated").iterdir()}
+    again = run_wsi("convert", source, "--out", str(root), "--no-progress", "--workers", "1",
+                    "--deidentify")  # fmt: skip
+    assert again.returncode == 0, again.stderr
+    assert verify(root, sid)["settings"]["deidentify"]
+    assert empty_folders(root / sid) == []
+    members, warned = zarr_members(root / sid / "slide.zarr")
+    assert warned == []
+    assert [m for m in members if m.startswith("associated/")] == ["associated/thumbnail"]
+    assert "0" in members
 
 
 @pytest.mark.timeout(300)

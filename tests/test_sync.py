@@ -24,7 +24,7 @@ import wsi
 from wsi.published.verify import verify_store
 
 from .conftest import sample
-from .helpers import run_wsi
+from .helpers import empty_folders, run_wsi, zarr_members
 from .s3server import SeaweedFS
 from .s3server import seaweedfs as _seaweedfs_fixture  # noqa: F401
 
@@ -145,7 +145,8 @@ def test_damaged_objects_are_repaired_from_the_other_copy(
 
 def test_a_new_version_replaces_the_copy(store_a: tuple[Path, str], seaweedfs: SeaweedFS) -> None:
     """A slide published again in A (here without its associated images) replaces B's copy,
-    whose objects the new version lacks are deleted."""
+    whose objects the new version lacks are deleted, with the folders SeaweedFS kept for them
+    (listed as common prefixes, as zarr-python lists a group's members)."""
     root, sid = store_a
     url, bucket = bucket_store(seaweedfs)
     assert run_wsi("sync", str(root), url).returncode == 0
@@ -161,6 +162,32 @@ def test_a_new_version_replaces_the_copy(store_a: tuple[Path, str], seaweedfs: S
     assert done.returncode == 0, done.stderr
     assert f"removed {len(before - after)}" in done.stdout
     assert_equal(root, sid, bucket)
+    in_group = {key.split("/")[2] for key in after if key.startswith(f"{sid}/slide.zarr/")}
+    assert "associated" not in in_group
+    assert bucket.children(f"{sid}/slide.zarr") == sorted(in_group)
+
+
+def test_a_new_version_leaves_no_empty_folder_in_a_local_copy(
+    store_a: tuple[Path, str], tmp_path: Path
+) -> None:
+    """Objects only B's old version had were deleted from a local B but their folders stayed
+    (`associated/label/c/0/0`, ...), which zarr-python lists as members it does not recognise."""
+    root, sid = store_a
+    target = tmp_path / "b"
+    assert run_wsi("sync", str(root), str(target)).returncode == 0
+    wsi.convert_slide(
+        sample("CMU-1-Small-Region.svs"),
+        wsi.Store(wsi.StoreSettings(str(root))),
+        wsi.ConvertSettings(include_associated=False),
+    )
+    done = run_wsi("sync", str(root), str(target))
+    assert done.returncode == 0, done.stderr
+    assert "removed" in done.stdout
+    assert empty_folders(target / sid) == []
+    members, warned = zarr_members(target / sid / "slide.zarr")
+    assert warned == []
+    assert members == zarr_members(root / sid / "slide.zarr")[0]
+    assert not [m for m in members if m.startswith("associated")]
 
 
 def test_sync_errors(store_a: tuple[Path, str], tmp_path: Path) -> None:

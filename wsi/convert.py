@@ -331,11 +331,12 @@ def _swap_in(
     store: Store, staged: SlideKeys, manifest: Manifest, published: Manifest | None
 ) -> None:
     """Replace a published version by the one built in `staged` (`wsi.store.versions.swap_in`:
-    a swap cut short is finished by the next run); what only the old version had is deleted."""
+    a swap cut short is finished by the next run); what only the old version had is deleted,
+    with the folders that leaves empty (`Store.delete_objects`)."""
     swap_in(store, staged, manifest.to_bytes(), manifest.objects)
     old = published.objects if published is not None else {}
-    for key in sorted(set(old) - set(manifest.objects)):
-        store.delete(SlideKeys(staged.slide_id).in_store(key))
+    gone = sorted(set(old) - set(manifest.objects))
+    store.delete_objects(staged.slide_id, [SlideKeys(staged.slide_id).in_store(k) for k in gone])
 
 
 def check_declared_size(base: Level, stored_bytes: int, settings: ConvertSettings) -> None:

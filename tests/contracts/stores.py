@@ -171,6 +171,29 @@ class StoreContract:
         assert store.list_keys("p.tif") == ["p.tif/w"]
         store.delete_prefix("p")  # nothing left: not an error
 
+    def test_delete_objects_leaves_no_emptied_folder(self, store: Store) -> None:
+        """A slide's objects deleted with the folders they leave empty, up to the slide's own:
+        an emptied folder of a deleted array is what zarr-python warns about when it lists the
+        group ("Object at label is not recognized as a component of a Zarr hierarchy")."""
+        group = f"{SLIDE}/slide.zarr/associated"
+        label = [f"{group}/label/zarr.json", f"{group}/label/c/0/0/0"]
+        kept = [f"{group}/zarr.json", f"{group}/thumbnail/c/0/0/0", f"{group}/thumbnail/c/0/0/1"]
+        for key in [*label, *kept, f"{OTHER_SLIDE}/x"]:
+            store.put(key, b"x")
+        store.delete_objects(SLIDE, [*label, f"{group}/thumbnail/c/0/0/0"])
+        assert store.list_keys(SLIDE) == [f"{group}/thumbnail/c/0/0/1", f"{group}/zarr.json"]
+        assert store.children(group) == ["thumbnail", "zarr.json"]
+        assert store.children(f"{group}/thumbnail/c/0/0") == ["1"]
+        store.delete_objects(SLIDE, store.list_keys(SLIDE))
+        assert store.list_keys(SLIDE) == []
+        assert store.children(SLIDE) == []
+        store.delete_objects(SLIDE, [f"{group}/zarr.json"])  # already gone: not an error
+        with pytest.raises(InvalidArgument):
+            store.delete_objects(SLIDE, [f"{OTHER_SLIDE}/x"])
+        with pytest.raises(InvalidArgument):
+            store.delete_objects(SLIDE, [SLIDE])
+        assert store.list_keys(OTHER_SLIDE) == [f"{OTHER_SLIDE}/x"]
+
     def test_list_keys_names_only_objects(self, store: Store) -> None:
         """Emptied folders are not objects: listing them must not return the folder itself."""
         for key in ("e/x", "e/q/y", "g/z"):

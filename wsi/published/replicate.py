@@ -234,12 +234,12 @@ def sync_slide(
 
 def _remove_stale(target: Store, slide_id: str, manifest: Manifest) -> int:
     """Delete what the slide's folder in the target holds besides the objects `manifest` lists:
-    the objects of a previous version, whether or not a killed copy got to unpublish it."""
+    the objects of a previous version, whether or not a killed copy got to unpublish it, and
+    the folders that leaves empty (`Store.delete_objects`)."""
     keys = SlideKeys(slide_id)
     wanted = {keys.in_store(k) for k in manifest.objects} | {keys.manifest}
     stale = [k for k in target.list_keys(slide_id) if k not in wanted]
-    for key in stale:
-        target.delete(key)
+    target.delete_objects(slide_id, stale)
     return len(stale)
 
 

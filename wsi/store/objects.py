@@ -11,6 +11,7 @@ conversion that dies half-way is invisible until it is run again and finishes.
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import hashlib
 import os
@@ -206,6 +207,31 @@ def _local_file(path: str) -> Iterator[IO[bytes]]:
         if tmp:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
+
+
+def _remove_local_folder(path: str) -> None:
+    """Remove the local folder `path` if it is empty: one `os.rmdir`, which removes an empty
+    folder or nothing, atomically (a file written meanwhile keeps its folder)."""
+    try:
+        os.rmdir(path)
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+            raise
+
+
+def _folders_above(slide_id: str, keys: Iterable[str]) -> list[str]:
+    """The folders of the slide's `keys` and theirs, up to but not including the slide's
+    folder: those that deleting the objects may leave empty; deepest first, so that a folder
+    comes after every folder in it."""
+    folders: set[str] = set()
+    for key in keys:
+        folder = key.rsplit("/", 1)[0]
+        while folder != slide_id and folder not in folders:
+            folders.add(folder)
+            folder = folder.rsplit("/", 1)[0]
+    return sorted(folders, key=lambda f: (-f.count("/"), f))
 
 
 def _local_find(base: str) -> list[str]:
@@ -428,6 +454,53 @@ class Store:
     def delete(self, key: str) -> None:
         with contextlib.suppress(FileNotFoundError):
             self.fs.rm_file(self.path(key))
+
+    def delete_objects(self, slide_id: str, keys: Iterable[str]) -> None:
+        """Delete objects of the slide `slide_id` (store keys under its folder), then the
+        folders this leaves empty, up to but not including the slide's folder. A version that
+        drops an array (a re-conversion under `--deidentify` drops the label) otherwise leaves
+        its folders (`associated/label/c/0/0`) in a local store, and in an S3 server that keeps
+        folders (SeaweedFS), where zarr-python lists each as a group member it does not
+        recognise, with a warning. Call holding the slide's lock: no writer of the slide makes
+        a folder in it meanwhile, and a folder that holds anything is never removed anyway."""
+        within = check_slide_id(slide_id) + "/"
+        chosen = list(keys)
+        for key in chosen:
+            if not check_key(key).startswith(within):
+                raise InvalidArgument(f"{key!r} is not an object of slide {slide_id}")
+        for key in chosen:
+            self.delete(key)
+        try:
+            for folder in _folders_above(slide_id, chosen):
+                if self.settings.is_s3:
+                    self._remove_s3_folder(folder)
+                else:
+                    _remove_local_folder(self.path(folder))
+        except store_failures() as exc:
+            raise StoreError(f"cannot remove the emptied folders of {slide_id}: {exc}") from exc
+
+    def _remove_s3_folder(self, folder: str) -> None:
+        """Remove the S3 folder `folder` if it is one and holds no object. An S3 object store
+        has no folders, but a server on a file system may (SeaweedFS keeps an emptied one and
+        lists it as a common prefix), as may a zero-byte `folder/` marker object: HEAD of
+        `folder/` finds either (a 404 otherwise, and then nothing is asked of a versioned
+        bucket, where deleting a missing key adds a delete marker), and a DELETE of `folder/`
+        removes that key alone (SeaweedFS: an empty folder, never one holding objects)."""
+        import botocore.exceptions
+
+        bucket, _, key = self.path(folder).partition("/")
+        marker = f"{key}/"
+        api = self.s3_api()
+        try:
+            api.head_object(Bucket=bucket, Key=marker)
+        except botocore.exceptions.ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+                return
+            raise
+        listed = api.list_objects_v2(Bucket=bucket, Prefix=marker, MaxKeys=2)
+        if any(o["Key"] != marker for o in listed.get("Contents", [])):
+            return
+        api.delete_object(Bucket=bucket, Key=marker)
 
     def delete_prefix(self, prefix: str) -> None:
         """Remove every object under `prefix/` (used to clear leftovers of a failed run)."""
