@@ -5,6 +5,10 @@ converting, served from their source files by `server.converting`.
 Both kinds satisfy `ServedSlide`, the small interface the routes use, so a route never asks which
 kind it holds except for what only a published slide has (its associated images and DICOM view:
 `published`). Nothing here knows a key, a codec id or the shard index: that is the library's.
+
+A slide published without its Zarr view (`wsi convert --format dicom`) is not served (the service
+reads tiles through the Zarr view; its routes answer 415), but the listings show it
+(`Catalog.listed`: a `DicomOnlySlide`, status `dicom-only`) instead of leaving it out unsaid.
 """
 
 from __future__ import annotations
@@ -16,9 +20,10 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import numpy as np
 
-from wsi.errors import InvalidArgument, SlideNotFound
+from wsi.errors import InvalidArgument, SlideNotFound, UnsupportedSlide
 from wsi.metadata import neutral_name
 from wsi.model import Level, SlideProperties
+from wsi.published.layout import Manifest
 from wsi.published.slide import AsyncPublishedSlide
 from wsi.published.store import PublishedStore
 from wsi.published.values import JPEG, CodecId, PublishedDicom, best_level, decode_tile
@@ -32,6 +37,8 @@ READY = "ready"
 """Status of a published slide."""
 CONVERTING = "converting"
 """Status of a slide served from its source while its conversion runs."""
+DICOM_ONLY = "dicom-only"
+"""Status of a slide published without its Zarr view: listed, not served (`DicomOnlySlide`)."""
 PRIVATE_IMAGES = ("label", "macro")
 """Associated images that always may show patient names and barcodes: read only when the
 service allows labels, and never kept by shared caches (`private_images`: and a thumbnail that
@@ -114,8 +121,11 @@ class ServedSlide(SlideInfo, Protocol):
 
 
 def status(slide: SlideInfo) -> str:
-    """READY for a published slide, CONVERTING for one served from its source."""
-    return READY if isinstance(slide, AsyncPublishedSlide) else CONVERTING
+    """READY for a published slide, CONVERTING for one served from its source, DICOM_ONLY for
+    one published without its Zarr view."""
+    if isinstance(slide, AsyncPublishedSlide):
+        return READY
+    return DICOM_ONLY if isinstance(slide, DicomOnlySlide) else CONVERTING
 
 
 def published(slide: ServedSlide) -> AsyncPublishedSlide:
@@ -174,7 +184,44 @@ def summary(slide: SlideInfo, allow_label: bool) -> dict[str, Any]:
             for lv in slide.levels
         ],
         "associated_images": shown_associated(slide, allow_label),
+        **({"note": slide.note} if isinstance(slide, DicomOnlySlide) else {}),
     }
+
+
+@dataclass(frozen=True)
+class DicomOnlySlide:
+    """What the listings show of a slide published without its Zarr view (`--format dicom`):
+    its manifest's name, case and size, no levels and no images, and `note`, why it is not
+    served. Its pixels are in its DICOM instances only, which the service does not read: its
+    tiles, DeepZoom, IIIF and viewer answer 415 and DICOMweb leaves it out."""
+
+    manifest: Manifest
+    version: str
+    note: str
+    """The library's reason (UnsupportedSlide): what it lacks and how to get its DICOM files."""
+    levels: tuple[ServedLevel, ...] = ()
+    properties: SlideProperties = field(default_factory=SlideProperties)
+    associated_names: tuple[str, ...] = ()
+
+    @property
+    def slide_id(self) -> str:
+        return self.manifest.slide_id
+
+    @property
+    def name(self) -> str:
+        return self.manifest.display_name
+
+    @property
+    def case(self) -> str | None:
+        return self.manifest.case
+
+    @property
+    def width(self) -> int:
+        return self.manifest.width
+
+    @property
+    def height(self) -> int:
+        return self.manifest.height
 
 
 @dataclass(frozen=True)
@@ -341,6 +388,18 @@ class Catalog:
             self.store,
             name=neutral_name(slide_id) if self.deidentify else pyramid.name or slide_id,
         )
+
+    async def listed(self, slide_id: str) -> SlideInfo:
+        """The slide as the listings show it (`GET /slides`, `GET /slides/{id}`, the viewer's
+        index): `slide`'s, or a `DicomOnlySlide` for one published without its Zarr view, which
+        `slide` refuses (UnsupportedSlide): listed as such rather than silently left out."""
+        try:
+            return await self.slide(slide_id)
+        except UnsupportedSlide as exc:
+            manifest, version = await self.store.manifest(slide_id)
+            if manifest.zarr_view:
+                raise  # refused for another reason
+            return DicomOnlySlide(manifest, version, str(exc))
 
     def _source_pyramid(self, slide_id: str) -> SourcePyramid:
         assert self.sources is not None

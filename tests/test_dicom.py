@@ -33,6 +33,7 @@ from wsi import (
 from wsi.export import export_dicom
 
 from .conftest import sample, shared
+from .helpers import run_wsi
 
 DICOM_SLIDES = [
     "CMU-1-Small-Region.svs",
@@ -228,6 +229,23 @@ def test_dicom_only_has_no_zarr_metadata(tmp_path: Path) -> None:
     keys = store.list_keys(result.slide_id)
     assert not [k for k in keys if k.endswith("zarr.json")]
     assert export_dicom(store, result.slide_id, tmp_path / "out")
+
+
+def test_a_dicom_only_conversion_names_the_slides_folder(tmp_path: Path) -> None:
+    """`wsi convert --format dicom` printed `<store>/<id>/slide.zarr` as where the slide went,
+    although no Zarr group is published: it names the slide's folder, which holds its DICOM
+    instances, also when the slide is found published already."""
+    root = tmp_path / "store"
+    args = ("convert", str(sample("openslide-python-fixtures/small.svs")), "--out", str(root),
+            "--format", "dicom", "--no-progress")  # fmt: skip
+    for detail in ("MP/s", "already published"):
+        run = run_wsi(*args)
+        assert run.returncode == 0, run.stderr
+        sid, where, said = run.stdout.rstrip("\n").split("\t")
+        assert where == str(root / sid) and said.endswith(detail)
+        assert not (root / sid / "slide.zarr" / "zarr.json").exists()
+    _, both = convert(sample("openslide-python-fixtures/small.svs"), tmp_path / "both")
+    assert both.url == str(tmp_path / "both" / both.slide_id / "slide.zarr")
 
 
 def test_lossless_refuses_dicom() -> None:

@@ -102,6 +102,45 @@ def test_deepzoom(store_dir: tuple[Path, str]) -> None:
     run(ServerSettings(store=str(root)), check)
 
 
+def test_a_dicom_only_slide_is_listed_not_hidden(
+    store_dir: tuple[Path, str], tmp_path: Path
+) -> None:
+    """A slide converted with `--format dicom` (no Zarr view) was published but missing from
+    `GET /slides` and the viewer's list without a word. It is listed, status `dicom-only` with
+    the reason; its tiles say the same as a 415; DICOMweb still leaves it out."""
+    ready_root, ready = store_dir
+    root = tmp_path / "store"
+    shutil.copytree(ready_root, root)
+    dicom_only = wsi.convert_slide(
+        sample("openslide-python-fixtures/small.svs"),
+        wsi.Store(wsi.StoreSettings(str(root))),
+        wsi.ConvertSettings(formats=("dicom",)),
+    ).slide_id
+
+    async def check(c: TestClient) -> None:
+        listing = await (await c.get("/slides")).json()
+        docs = {d["id"]: d for d in listing["slides"]}
+        assert sorted(docs) == sorted([ready, dicom_only])
+        assert docs[ready]["status"] == "ready" and "note" not in docs[ready]
+        doc = docs[dicom_only]
+        shown = (doc["status"], doc["name"], doc["case"], doc["width"], doc["height"])
+        assert shown == ("dicom-only", "small", None, 16, 16)
+        assert doc["levels"] == [] and doc["associated_images"] == []
+        assert "without its Zarr view (--format dicom)" in doc["note"]
+        assert "wsi export-dicom" in doc["note"]
+        assert await (await c.get(f"/slides/{dicom_only}")).json() == doc
+        tile = await c.get(f"/slides/{dicom_only}/tiles/0/0/0")
+        assert tile.status == 415 and (await tile.json())["error"] == doc["note"]
+        studies = await (await c.get("/dicomweb/studies")).json()
+        assert len(studies) == 1  # the ready slide's study only
+        page = await (await c.get("/")).text()
+        assert "small" in page and "DICOM only: not served here" in page
+        assert f"/view/{ready}" in page and f"/view/{dicom_only}" not in page
+        assert f"/slides/{dicom_only}_files" not in page
+
+    run(ServerSettings(store=str(root)), check)
+
+
 BAD = [
     ("/slides/UPPER", 400),
     ("/slides/..%2f..%2fetc", 400),

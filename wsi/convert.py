@@ -148,6 +148,8 @@ class ConvertSettings:
 class ConvertResult:
     slide_id: str
     url: str
+    """Where the slide's output is (`published_location`): its Zarr group, or the slide's
+    folder when it was published as DICOM only."""
     base_pixels: int
     seconds: float
     stored_bytes: int
@@ -178,12 +180,12 @@ def convert_slide(
         fingerprint = settings.fingerprint(metadata)
         base = source.levels[0]
         check_declared_size(base, _stored_bytes(path, source.name), settings)
-        url = store.full_url(SlideKeys(sid).zarr_root)
         with store.slide_lock(sid):
             finish_swap(store, sid)  # a version a killed run had begun to swap in: published
             published = _readable_manifest(store, sid) if store.is_published(sid) else None
             if published is not None and published.settings == fingerprint:
                 stored = published.stored_bytes
+                url = published_location(store, published)
                 return ConvertResult(sid, url, base.width * base.height, 0.0, stored, True)
             replacing = store.is_published(sid)
             _remove_leftovers(store, sid)  # of killed runs: none is running (the lock)
@@ -218,9 +220,18 @@ def convert_slide(
             else:
                 store.publish(sid, manifest)
             stored = manifest.stored_bytes
+    url = published_location(store, manifest)
     return ConvertResult(
         sid, url, base.width * base.height, time.perf_counter() - start, stored, False
     )
+
+
+def published_location(store: Store, manifest: Manifest) -> str:
+    """Where a published slide's output is, as `wsi convert` reports it: its Zarr group, or for
+    a slide published as DICOM only (`--format dicom`: no Zarr view) the slide's folder, which
+    holds its manifest and DICOM instances (`wsi export-dicom` writes them out as .dcm files)."""
+    keys = SlideKeys(manifest.slide_id)
+    return store.full_url(keys.zarr_root if manifest.zarr_view else keys.root)
 
 
 @contextlib.contextmanager

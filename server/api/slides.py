@@ -70,7 +70,7 @@ async def list_slides(request: web.Request) -> web.Response:
     jobs: dict[str, dict[str, object]] | None = None
     for slide_id in await catalog.slide_ids():
         try:
-            doc = summary(await catalog.slide(slide_id), allow_label)
+            doc = summary(await catalog.listed(slide_id), allow_label)
         except WsiError:  # unpublished meanwhile, or a dropped slide its reader refuses
             continue
         if not matches(doc, text, case):
@@ -85,7 +85,7 @@ async def list_slides(request: web.Request) -> web.Response:
 
 
 async def get_slide(request: web.Request) -> web.Response:
-    slide = await request.app[CATALOG].slide(request.match_info["slide_id"])
+    slide = await request.app[CATALOG].listed(request.match_info["slide_id"])
     doc = summary(slide, request.app[SETTINGS].allow_label)
     if status(slide) == CONVERTING:
         job = (await conversion_jobs(request.app)).get(slide.slide_id)
@@ -141,7 +141,11 @@ OPENAPI = {
     "/slides": {
         "get": {
             "summary": "Slides (published and converting) with name, case, levels, MPP, status",
-            "description": "Each slide has a `name` (from its accession number, specimen id and "
+            "description": "`status` is `ready` (published), `converting` (served from its "
+            "source until published) or `dicom-only` (published without its Zarr view by "
+            "`wsi convert --format dicom`: listed with its name, case and size, no levels, "
+            "and a `note` saying why; not served). "
+            "Each slide has a `name` (from its accession number, specimen id and "
             "container id, else its source file's stem; a neutral `Slide <id>` under "
             "de-identification; its id when published before names existed) and a `case` "
             "(accession number or study id, else null). Listed grouped by case: the slides of "

@@ -35,7 +35,7 @@ from server.api.viewer_pages import (
     view_html,
 )
 from server.auth import signed_query
-from server.catalog import PRIVATE_IMAGES, READY, SlideInfo, summary
+from server.catalog import CONVERTING, PRIVATE_IMAGES, READY, SlideInfo, summary
 from server.catalog import status as slide_status
 from server.converting import conversion_jobs
 from server.errors import status_of
@@ -120,7 +120,7 @@ async def index(request: web.Request) -> web.Response:
         return _store_down("Slides", exc)
     for slide_id in ids:
         try:
-            slides.append(await catalog.slide(slide_id))
+            slides.append(await catalog.listed(slide_id))
         except WsiError:  # unpublished meanwhile, or a dropped slide its reader refuses
             continue
     docs = {s.slide_id: summary(s, settings.allow_label) for s in slides}
@@ -135,7 +135,7 @@ async def index(request: web.Request) -> web.Response:
         )
         for s in shown
     }
-    converting = any(slide_status(s) != READY for s in shown)
+    converting = any(slide_status(s) == CONVERTING for s in shown)
     jobs = await conversion_jobs(request.app) if converting else {}
     return _html(index_html(shown, queries, jobs, q, len(slides)))
 

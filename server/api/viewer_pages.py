@@ -17,7 +17,7 @@ from urllib.parse import quote
 
 from server.api.dzi import dzi_size, max_level, tile_size
 from server.api.slides import MAX_QUERY
-from server.catalog import READY, SlideInfo, private_images
+from server.catalog import DICOM_ONLY, READY, SlideInfo, private_images
 from server.catalog import status as slide_status
 
 THUMBNAIL_PX = 256
@@ -97,7 +97,19 @@ def thumbnail_url(slide: SlideInfo, query: str, signed: bool = False) -> str:
 # ---- the slide list ----
 
 
+DICOM_ONLY_CARD = "DICOM only: not served here (wsi export-dicom writes its .dcm files)"
+"""What a card says of a slide published without its Zarr view, which has no page or tiles."""
+
+
 def _card(slide: SlideInfo, queries: tuple[str, str], job: dict[str, Any] | None) -> str:
+    search = f"{slide.name} {slide.case or ''}".casefold()
+    if slide_status(slide) == DICOM_ONLY:  # no page to open, no thumbnail to show
+        return (
+            f'<li data-search="{e(search)}"><div class="card">'
+            f'<span class="name">{e(slide.name)}</span>'
+            f'<span class="details">{e(f"{slide.width} × {slide.height} px")} · '
+            f"{e(DICOM_ONLY_CARD)}</span></div></li>"
+        )
     view_query, tile_query = queries
     view = with_query(f"/view/{quote(slide.slide_id, safe='')}", view_query)
     details = f"{slide.width} × {slide.height} px · {mpp_text(slide)}"
@@ -108,7 +120,6 @@ def _card(slide: SlideInfo, queries: tuple[str, str], job: dict[str, Any] | None
         if job is not None:
             running = job["state"] == "running"
             details += f" {float(job['progress']):.0f}%" if running else " (queued)"
-    search = f"{slide.name} {slide.case or ''}".casefold()
     return (
         f'<li data-search="{e(search)}"><a class="card" href="{e(view)}">'
         f'<img src="{e(thumbnail_url(slide, tile_query, bool(view_query)))}" alt="" '
@@ -139,7 +150,8 @@ def index_html(
     total: int | None = None,
 ) -> str:
     """The slide list, grouped by case: one card per slide with its thumbnail, name, size, MPP,
-    and for a slide being converted its job's state and progress. `slides` are those that match
+    and for a slide being converted its job's state and progress (a slide published as DICOM
+    only: a card without link or thumbnail that says so). `slides` are those that match
     `q`, in listing order, out of `total`. `queries`: slide id -> (signed query of its view
     page, signed query of its tiles), both empty when auth is off."""
     jobs = jobs or {}

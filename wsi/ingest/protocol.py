@@ -214,7 +214,8 @@ class ResultLine:
 
     slide_id: str
     url: str
-    """Where the slide is published (its pyramid, below `<store>/<slide id>/`)."""
+    """Where the slide is published (`wsi.convert.published_location`: its Zarr group below
+    `<store>/<slide id>/`, or that folder for a slide published as DICOM only)."""
     megapixels_per_second: float | None
     """Conversion speed (megapixels of level 0 per second, one decimal on the line); None when
     the slide was already published and nothing was converted."""

@@ -151,8 +151,8 @@ class AsyncPublishedSlide:
 
     @property
     def name(self) -> str:
-        """What people call the slide (`Manifest.name`); its id when published without one."""
-        return self.manifest.name or self.manifest.slide_id
+        """What people call the slide (`Manifest.display_name`)."""
+        return self.manifest.display_name
 
     @property
     def case(self) -> str | None:

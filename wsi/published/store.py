@@ -148,12 +148,12 @@ class PublishedStore:
         slide_id = keys.slide_id
         now = self._clock()
         try:
-            data = await self.io.get(keys.manifest)
-        except SlideNotFound as exc:
+            data = await self._manifest_bytes(keys)
+        except SlideNotFound:
             self._opened.pop(slide_id)
             if cached is not None:
                 self.io.forget(cached.slide.version)  # its files may be gone: free their space
-            raise SlideNotFound(f"slide {slide_id} is not published") from exc
+            raise
         version = layout.manifest_version(data)
         if cached is not None and cached.slide.version == version:
             slide = cached.slide
@@ -163,6 +163,22 @@ class PublishedStore:
                 self.io.forget(cached.slide.version)
         self._opened.put(slide_id, _Opened(slide, now))
         return slide
+
+    async def manifest(self, slide_id: str) -> tuple[Manifest, str]:
+        """The manifest of the published slide `slide_id` and its version, whether or not
+        `slide` can open it: what is known of a slide published without its Zarr view
+        (`Manifest.zarr_view`), which `slide` refuses (UnsupportedSlide). SlideNotFound if
+        unpublished, CorruptSlide when the manifest is malformed or names another slide."""
+        await self.start()
+        keys = SlideKeys(check_slide_id(slide_id))
+        data = await self._manifest_bytes(keys)
+        return _parsed_manifest(keys, data), layout.manifest_version(data)
+
+    async def _manifest_bytes(self, keys: SlideKeys) -> bytes:
+        try:
+            return await self.io.get(keys.manifest)
+        except SlideNotFound as exc:
+            raise SlideNotFound(f"slide {keys.slide_id} is not published") from exc
 
     def _recheck_soon(self, keys: SlideKeys, opened: AsyncPublishedSlide) -> None:
         """Start the background re-read of a slide's manifest unless one is running."""
@@ -245,9 +261,8 @@ class PublishedStore:
         )
 
 
-def _checked_manifest(keys: SlideKeys, manifest_bytes: bytes) -> Manifest:
-    """The slide's manifest; CorruptSlide when it is malformed or names another slide,
-    UnsupportedSlide when the slide was published without its Zarr view (nothing to serve)."""
+def _parsed_manifest(keys: SlideKeys, manifest_bytes: bytes) -> Manifest:
+    """The slide's manifest; CorruptSlide when it is malformed or names another slide."""
     slide_id = keys.slide_id
     try:
         manifest = Manifest.from_bytes(manifest_bytes)
@@ -255,9 +270,16 @@ def _checked_manifest(keys: SlideKeys, manifest_bytes: bytes) -> Manifest:
         raise CorruptSlide(f"slide {slide_id}: {exc}") from exc
     if manifest.slide_id != slide_id:
         raise CorruptSlide(f"the manifest of {slide_id} names slide {manifest.slide_id}")
-    if keys.in_slide(keys.root_metadata) not in manifest.objects:
+    return manifest
+
+
+def _checked_manifest(keys: SlideKeys, manifest_bytes: bytes) -> Manifest:
+    """The slide's manifest (`_parsed_manifest`); UnsupportedSlide when the slide was published
+    without its Zarr view (nothing to read tiles from)."""
+    manifest = _parsed_manifest(keys, manifest_bytes)
+    if not manifest.zarr_view:
         raise UnsupportedSlide(
-            f"slide {slide_id} was published without its Zarr view (--format dicom); "
+            f"slide {keys.slide_id} was published without its Zarr view (--format dicom); "
             "its DICOM instances can be exported with `wsi export-dicom`"
         )
     return manifest

@@ -15,7 +15,7 @@ from wsi.errors import CorruptSlide
 from wsi.model import Level
 from wsi.published.layout.attributes import DicomInstanceEntry
 from wsi.published.layout.documents import dump_json, load_json, optional_field, required_field
-from wsi.published.layout.keys import ZARR_ROOT, SlideKeys, check_slide_id
+from wsi.published.layout.keys import METADATA, ZARR_ROOT, SlideKeys, check_slide_id
 
 MANIFEST_FORMAT = "wsistore-manifest/1"
 """The manifest's `format`: a reader refuses any other."""
@@ -180,6 +180,18 @@ class Manifest:
             source_bytes=source_bytes,
             levels=tuple(levels),
         )
+
+    @property
+    def display_name(self) -> str:
+        """What people call the slide: `name`, or its id when published without one."""
+        return self.name or self.slide_id
+
+    @property
+    def zarr_view(self) -> bool:
+        """Whether the slide was published with its Zarr view (its root `zarr.json`), through
+        which the readers (`wsi.published`) and the tile service read it; without one
+        (`--format dicom`) only its DICOM instances are published."""
+        return f"{ZARR_ROOT}/{METADATA}" in self.objects
 
     def object(self, key_in_slide: str) -> ObjectEntry:
         """The entry of an object of this slide (CorruptSlide when the manifest lacks it)."""
