@@ -20,11 +20,14 @@ Written here: one AOI covering the whole image at the grid's origin, every joint
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 import numpy as np
 import tifffile
 
+if not __package__:  # run as a script: make `sample_data` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from sample_data.make_mirax import add_image_arguments, image_from
 from sample_data.make_philips import halve, jpeg_tiles
 

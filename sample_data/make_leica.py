@@ -18,11 +18,14 @@ YCbCr 4:2:0, edge tiles padded with white), brightfield, at `mpp` micrometres a 
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 import numpy as np
 import tifffile
 
+if not __package__:  # run as a script: make `sample_data` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from sample_data.make_mirax import add_image_arguments, image_from
 from sample_data.make_philips import halve, jpeg_tiles
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import base64
 import io
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -28,6 +29,8 @@ import numpy as np
 import tifffile
 from PIL import Image
 
+if not __package__:  # run as a script: make `sample_data` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from sample_data.make_mirax import add_image_arguments, image_from
 
 SOFTWARE = "Philips DP v1.0"

@@ -24,11 +24,14 @@ Every stand-in is deterministic and written in well under a second.
 from __future__ import annotations
 
 import argparse
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
 
+if not __package__:  # run as a script: make `sample_data` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from sample_data.make_mirax import tissue_image
 
 HERE = Path(__file__).resolve().parent
