@@ -46,9 +46,11 @@ def _serve(args: argparse.Namespace) -> int:
     # The service (aiohttp, its TLS set-up, the API) is imported only to serve: the library's
     # commands, `wsi convert` above all, start without it (~0.4 s of CPU each).
     from server.app import serve
-    from server.processes import run_processes
+    from server.processes import check_port, run_processes
 
     settings = serve_settings(args)
+    # Before any line that says it serves: a port in use is then the one line there is.
+    check_port(settings.host, settings.port)
     shown = "localhost" if settings.host in ("127.0.0.1", "::1") else settings.host
     print(
         f"wsistore: serving {settings.store}; viewer at http://{shown}:{settings.port}/", flush=True

@@ -345,14 +345,16 @@ def test_ingest_runs_once(tmp_path: Path, store: Path, synthetic_jpeg_tiff: Path
     assert len(list(inbox.iterdir())) == 1
 
 
-def test_a_port_in_use_is_one_line(tmp_path: Path, store: Path) -> None:
+@pytest.mark.parametrize("processes", ["1", "2"])
+def test_a_port_in_use_is_one_line(tmp_path: Path, store: Path, processes: str) -> None:
+    """One process or several: one error line, and no line before it saying that it serves."""
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
         command = [sys.executable, "-m", "server.cli", "serve", "--store", str(store)]
         done = subprocess.run(
-            [*command, "--port", str(port), "--processes", "2"],
+            [*command, "--port", str(port), "--processes", processes],
             capture_output=True,
             text=True,
             timeout=60,
@@ -362,6 +364,7 @@ def test_a_port_in_use_is_one_line(tmp_path: Path, store: Path) -> None:
     assert done.returncode == 1
     (line,) = done.stderr.strip().splitlines()
     assert f"port {port}" in line and "in use" in line, line
+    assert done.stdout == ""
 
 
 def test_processes_setting() -> None:
