@@ -25,7 +25,7 @@ import zarr
 from sample_data.make_ndpi import write_ndpi
 from wsi import ConvertSettings, PyramidSettings, Store, StoreSettings, convert_slide
 from wsi.codecs import jpeg, restart
-from wsi.errors import CorruptSlide, WsiError
+from wsi.errors import CorruptSlide, UnsupportedSlide, WsiError
 from wsi.model import TileCodec
 from wsi.sources import NdpiSource, open_slide
 from wsi.sources.ndpi_backend import CUT, CUT_AND_CROPPED
@@ -143,6 +143,22 @@ def test_backend_is_chosen_for_ndpi_and_cuts_every_stored_level(ndpi_wide: Path)
         assert (src.levels[0].tile_width, src.levels[0].tile_height) == (496, 496)
         assert [src.tile_codec(i) for i in range(4)] == [TileCodec.JPEG] * 4
         assert src.properties.vendor == "hamamatsu"
+
+
+def test_a_file_that_is_not_an_ndpi_is_refused_by_name(
+    synthetic_jpeg_tiff: Path, tmp_path: Path
+) -> None:
+    """`--backend ndpi` on another slide is refused as `--backend mirax` or `dicom` refuse
+    theirs (UnsupportedSlide, one line), not read under the name "ndpi"; a generic TIFF named
+    `.ndpi` is not an NDPI either."""
+    renamed = tmp_path / "generic.ndpi"
+    shutil.copyfile(synthetic_jpeg_tiff, renamed)
+    for path in (synthetic_jpeg_tiff, sample("CMU-1-Small-Region.svs"), renamed):
+        with pytest.raises(UnsupportedSlide, match="not a Hamamatsu NDPI file"):
+            open_slide(path, "ndpi")
+    run = run_wsi("info", "--backend", "ndpi", str(synthetic_jpeg_tiff))
+    assert (run.returncode, run.stdout) == (1, "")
+    assert run.stderr == "wsi: error: not a Hamamatsu NDPI file\n"
 
 
 def test_narrow_intervals_are_joined_without_cropping(ndpi_narrow: Path) -> None:

@@ -298,6 +298,10 @@ class NdpiSource(CopiedLevels):
             return False
 
     def __init__(self, path: Path) -> None:
+        # Asked for by name (`--backend ndpi`), the probe has not run: another TIFF would be read
+        # with NDPI's rules, its levels decoded through OpenSlide under the name "ndpi".
+        if not self.can_open(path):
+            raise UnsupportedSlide("not a Hamamatsu NDPI file")
         self._os = OpenSlideSource(path)
         self._fd: int | None = None
         self._tif: tifffile.TiffFile | None = None
