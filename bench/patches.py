@@ -139,7 +139,9 @@ def ours(location: str, threads: int, endpoint: str | None) -> Callable[[], tupl
     def start() -> tuple[Reader, Callable[[], None]]:
         from wsi import ReaderSettings, open_published
 
-        slide = open_published(location, endpoint, ReaderSettings(threads=threads))
+        slide = open_published(
+            location, s3_endpoint=endpoint, settings=ReaderSettings(threads=threads)
+        )
 
         def read(level: int, coords: np.ndarray, out: np.ndarray) -> None:
             slide.patches(level, coords, out.shape[2], out=out)

@@ -489,7 +489,7 @@ def test_patches_from_s3_equal_the_local_store(
         ]
     )
     with (
-        open_published(remote_location, seaweedfs.endpoint_url) as remote,
+        open_published(remote_location, s3_endpoint=seaweedfs.endpoint_url) as remote,
         open_published(location) as local,
     ):
         for level in (0, 1):

@@ -278,6 +278,19 @@ def test_a_dicom_only_slide_is_refused_clearly(generated: Path, tmp_path: Path) 
         open_published(f"{tmp_path}/no-such-slide")
 
 
+def test_reader_options_are_keywords_only(store: dict[str, Any]) -> None:
+    """`open_published(url, ReaderSettings(...))` took the settings for the S3 endpoint and read
+    with the defaults (refusing the associated images they allowed): refused at the call now,
+    by both faces."""
+    location = f"{store['root']}/{store['cmu']}"
+    for opener in (open_published, wsi.open_published_async):
+        untyped: Any = opener  # the call a caller without a type checker makes
+        with pytest.raises(TypeError, match="positional"):
+            untyped(location, ALL_ASSOCIATED)
+    with open_published(location, settings=ALL_ASSOCIATED) as slide:
+        assert slide.associated_image("label").shape[2] == 3
+
+
 # -- the layout -----------------------------------------------------------------------------------
 def test_layout_round_trips_the_stored_documents(store: dict[str, Any]) -> None:
     st: wsi.Store = store["store"]

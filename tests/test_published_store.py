@@ -270,7 +270,9 @@ def test_reading_from_s3_equals_the_local_store(
     location = f"{seaweedfs.url('published')}/{sid}"
     local = f"{store['root']}/{sid}"
     with (
-        open_published(location, seaweedfs.endpoint_url, ALL_ASSOCIATED) as remote,
+        open_published(
+            location, s3_endpoint=seaweedfs.endpoint_url, settings=ALL_ASSOCIATED
+        ) as remote,
         open_published(local, settings=ALL_ASSOCIATED) as here,
     ):
         assert remote.version == here.version  # the same manifest bytes

@@ -181,7 +181,7 @@ def test_reconversion_on_s3(slide: Path, seaweedfs: SeaweedFS) -> None:
     assert sorted(store.list_keys(sid)) == sorted(
         [f"{sid}/{k}" for k in after.objects] + [f"{sid}/manifest.json"]
     )
-    with wsi.open_published(f"{url}/{sid}", seaweedfs.endpoint_url) as published:
+    with wsi.open_published(f"{url}/{sid}", s3_endpoint=seaweedfs.endpoint_url) as published:
         assert published.tile(0, 1, 1).shape == (256, 256, 3)
 
 

@@ -88,7 +88,9 @@ class PatchDataset:
             _FORKED.append(self._slide)
         from wsi.published.sync import open_published
 
-        self._slide = open_published(self.location, self.s3_endpoint, self.settings)
+        self._slide = open_published(
+            self.location, s3_endpoint=self.s3_endpoint, settings=self.settings
+        )
         self._pid = os.getpid()
         return self._slide
 

@@ -322,12 +322,13 @@ def _stored_codec(codec: layout.CodecId) -> layout.CodecId | None:
 
 async def open_published_async(
     location: str,
+    *,
     s3_endpoint: str | None = None,
     settings: ReaderSettings | None = None,
 ) -> AsyncPublishedSlide:
     """Open `DIR_OR_S3URL/<slide-id>` on a store of its own; close the slide to release it
     (`async with await open_published_async(...) as slide:`). To read many slides of one store,
-    share one `PublishedStore` instead."""
+    share one `PublishedStore` instead. The options are keywords only (as `open_published`'s)."""
     root, slide_id = split_slide_location(location)
     store = PublishedStore(StoreSettings(root, endpoint_url=s3_endpoint), settings)
     try:

@@ -185,13 +185,18 @@ class PublishedSlide:
 
 def open_published(
     location: str,
+    *,
     s3_endpoint: str | None = None,
     settings: ReaderSettings | None = None,
 ) -> PublishedSlide:
-    """Open `DIR_OR_S3URL/<slide-id>` for blocking reads: `with open_published(url) as slide:`."""
+    """Open `DIR_OR_S3URL/<slide-id>` for blocking reads: `with open_published(url) as slide:`.
+    The options are keywords only: `open_published(url, ReaderSettings(...))` would take the
+    settings for the endpoint."""
     runner = _LoopThread()
     try:
-        slide = runner.run(open_published_async(location, s3_endpoint, settings))
+        slide = runner.run(
+            open_published_async(location, s3_endpoint=s3_endpoint, settings=settings)
+        )
     except BaseException:
         runner.stop()
         raise
