@@ -100,7 +100,23 @@ def test_unreadable_manifest_and_unknown_slide(store: tuple[Path, str]) -> None:
         lines[0]
         == f"{sid}\tDAMAGED\tmanifest.json: unreadable manifest (manifest is not valid JSON)"
     )
-    assert lines[1] == "0000notpublished\tDAMAGED\tmanifest.json: not published"
+    assert lines[1] == "0000notpublished\tUNKNOWN\tno such slide in this store"
+    assert "1 slides, 1 damaged, 1 unknown" in done.stderr
+
+
+def test_an_unknown_id_is_not_damage_but_a_lost_manifest_is(store: tuple[Path, str]) -> None:
+    """An id typed wrong names nothing in the store: said so, exit 1, and not counted as damage.
+    A slide whose manifest is gone but whose objects are there is damage."""
+    root, sid = store
+    typo = run_wsi("verify", str(root), sid[:-1] + "x")
+    assert typo.returncode == 1
+    assert typo.stdout == f"{sid[:-1]}x\tUNKNOWN\tno such slide in this store\n"
+    assert "0 slides, 0 damaged, 1 unknown" in typo.stderr
+    (root / sid / "manifest.json").unlink()
+    lost = run_wsi("verify", str(root), sid)
+    assert lost.returncode == 1
+    assert lost.stdout == f"{sid}\tDAMAGED\tmanifest.json: not published\n"
+    assert "1 slides, 1 damaged," in lost.stderr
 
 
 def test_reads_in_bounded_parts(store: tuple[Path, str]) -> None:

@@ -78,13 +78,18 @@ class SlideCheck:
     damage: tuple[Damage, ...] = ()
     note: str = ""
     """Why a slide without damage was not fully checked (republished throughout)."""
+    unknown: bool = False
+    """The store holds nothing under this id: no such slide (an id typed wrong), which is not
+    damage; a slide that lost its manifest but not its objects is."""
 
     @property
     def ok(self) -> bool:
-        return not self.damage
+        return not self.damage and not self.unknown
 
     def line(self) -> str:
-        """One line for people and scripts: `<id> TAB ok|DAMAGED TAB what`."""
+        """One line for people and scripts: `<id> TAB ok|DAMAGED|UNKNOWN TAB what`."""
+        if self.unknown:
+            return f"{self.slide_id}\tUNKNOWN\tno such slide in this store"
         if self.damage:
             return f"{self.slide_id}\tDAMAGED\t" + "; ".join(d.describe() for d in self.damage)
         what = f"{self.objects} objects, {self.bytes_read:,} bytes"
@@ -213,13 +218,15 @@ def verify_slide(
 ) -> SlideCheck:
     """Check every object of the published slide `slide_id` (Stopped when the rate's wait says
     so). A slide that is not published, or whose manifest does not parse, is reported as
-    damage of its manifest."""
+    damage of its manifest; an id under which the store holds nothing at all, as unknown."""
     rate = rate or ReadRate(None)
     keys = SlideKeys(slide_id)
     data = _manifest_bytes(store, slide_id)
     total_read = 0
     for _ in range(_CHECKS_PER_SLIDE):
         if data is None:
+            if not store.children(slide_id):
+                return SlideCheck(slide_id, 0, total_read, unknown=True)
             return SlideCheck(slide_id, 0, total_read, (Damage(MANIFEST, Problem.NOT_PUBLISHED),))
         total_read += len(data)
         try:
