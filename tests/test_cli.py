@@ -188,3 +188,32 @@ def test_reader_libraries_add_no_lines_to_stderr(tmp_path: Path) -> None:
     assert run.returncode == 1, run.stdout
     assert run.stderr.splitlines() == [run.stderr.strip()], run.stderr
     assert run.stderr.startswith("wsi: error: "), run.stderr
+
+
+def test_a_local_store_that_is_not_a_folder_is_one_line(tmp_path: Path) -> None:
+    """A store path typed wrong: the commands that read a store say so, instead of "0 slides"
+    and exit 0 (an empty, healthy store); a store path that is a file, or lies under one, is
+    one line from `convert` and `sync`'s target, not NotADirectoryError with exit 75 ("retry
+    later"). Nothing is written."""
+    missing, file = tmp_path / "nodir", tmp_path / "file"
+    file.write_bytes(b"")
+    (tmp_path / "empty").mkdir()
+    for store, says in ((missing, "does not exist"), (file, "is not a folder")):
+        for args in (
+            ["list", str(store)],
+            ["du", str(store)],
+            ["verify", str(store)],
+            ["sync", str(store), str(tmp_path / "copy")],
+        ):
+            run = wsi(*args)
+            assert (run.returncode, run.stdout) == (1, ""), args
+            assert run.stderr == f"wsi: error: store {store} {says}\n", args
+    src = str(sample("openslide-python-fixtures/small.svs"))
+    for out, says in ((file, "is not a folder"), (file / "sub", f"cannot be a folder: {file}")):
+        run = wsi("convert", src, src, "--out", str(out), "--no-progress")
+        assert (run.returncode, run.stdout) == (1, "")
+        assert run.stderr.startswith(f"wsi: error: store {out} {says}"), run.stderr
+        assert run.stderr.count("\n") == 1, run.stderr
+        sync = wsi("sync", str(tmp_path / "empty"), str(out))
+        assert (sync.returncode, sync.stdout, sync.stderr) == (1, "", run.stderr)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "file"]

@@ -221,6 +221,7 @@ def _convert(args: argparse.Namespace) -> int:
     if args.exit_with_stdin:
         _exit_with_stdin(finished)
     store = Store(StoreSettings(args.out, endpoint_url=args.s3_endpoint))
+    store.check_folder(exists=False)
     channel = None
     if args.progress_fd is not None:
         channel = ProgressChannel(args.progress_fd, len(args.sources))

@@ -48,8 +48,15 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _existing_store(url: str, endpoint: str | None) -> Store:
+    """The store a command only reads: a local folder that must exist (`Store.check_folder`)."""
+    store = Store(StoreSettings(url, endpoint_url=endpoint))
+    store.check_folder(exists=True)
+    return store
+
+
 def _list(args: argparse.Namespace) -> int:
-    store = Store(StoreSettings(args.store, endpoint_url=args.s3_endpoint))
+    store = _existing_store(args.store, args.s3_endpoint)
     for slide_id in store.published_slides():
         print(slide_id)
     return 0
@@ -58,7 +65,7 @@ def _list(args: argparse.Namespace) -> int:
 def _du(args: argparse.Namespace) -> int:
     from wsi.published.usage import report_lines, store_usage
 
-    usage = store_usage(Store(StoreSettings(args.store, endpoint_url=args.s3_endpoint)), args.ids)
+    usage = store_usage(_existing_store(args.store, args.s3_endpoint), args.ids)
     if args.json:
         json.dump(usage.to_json(by_level=args.by_level), sys.stdout, indent=1)
         sys.stdout.write("\n")
@@ -79,7 +86,7 @@ def _verify(args: argparse.Namespace) -> int:
     the store has no slide under)."""
     from wsi.published.verify import verify_store
 
-    store = Store(StoreSettings(args.store, endpoint_url=args.s3_endpoint))
+    store = _existing_store(args.store, args.s3_endpoint)
     checked = damaged = unknown = read = 0
     for check in verify_store(store, args.ids, _read_rate(args)):
         print(check.line(), flush=True)
@@ -99,9 +106,10 @@ def _sync(args: argparse.Namespace) -> int:
     an object damaged in both stores)."""
     from wsi.published.replicate import repair_store, sync_store
 
-    source = Store(StoreSettings(args.source, endpoint_url=args.s3_endpoint))
+    source = _existing_store(args.source, args.s3_endpoint)
     target_endpoint = args.target_s3_endpoint or args.s3_endpoint
     target = Store(StoreSettings(args.target, endpoint_url=target_endpoint))
+    target.check_folder(exists=False)
     run = repair_store if args.repair else sync_store
     failed = 0
     for result in run(source, target, args.ids, _read_rate(args)):

@@ -48,6 +48,7 @@ __all__ = [
     "TEMP_MARK",
     "Store",
     "StoreSettings",
+    "check_folder",
     "check_key",
     "check_slide_id",
     "split_slide_location",
@@ -170,6 +171,24 @@ def make_dirs(path: str) -> None:
         fsync_dir(os.path.dirname(folder))
 
 
+def check_folder(path: str, what: str, *, exists: bool) -> None:
+    """InvalidArgument unless `path` is a folder or, when not `exists`, can be made one by
+    `make_dirs` (nothing but folders in its place and above it). A path typed wrong then fails
+    in one line naming it, before any work: not as NotADirectoryError half-way through, nor,
+    read, as a folder with nothing in it. `what` names the path for the user ("store")."""
+    full = os.path.abspath(path)
+    head = full
+    while not os.path.lexists(head):
+        head = os.path.dirname(head)
+    if os.path.isdir(head):
+        if head == full or not exists:
+            return
+        raise InvalidArgument(f"{what} {path} does not exist")
+    if head == full:
+        raise InvalidArgument(f"{what} {path} is not a folder")
+    raise InvalidArgument(f"{what} {path} cannot be a folder: {head} is not one")
+
+
 def fsync_dir(path: str) -> None:
     """Make a folder's entries (a rename into it, a new file) durable: without it a power cut
     after the manifest is written can leave the manifest and lose the objects it lists."""
@@ -264,6 +283,13 @@ class Store:
 
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "_api": None}  # a botocore client stays in its process
+
+    def check_folder(self, *, exists: bool) -> None:
+        """A local store's `check_folder`: `exists` for a command that only reads the store (a
+        path typed wrong would read as an empty, healthy store). An S3 store is not checked:
+        a prefix exists only while objects lie under it, so an empty one is an empty store."""
+        if not self.settings.is_s3:
+            check_folder(self.settings.url, "store", exists=exists)
 
     def s3_api(self) -> Any:
         """This process's botocore S3 client of the store (`_botocore_s3`), for the calls
