@@ -371,6 +371,37 @@ def test_export_cli_errors_are_one_line(tmp_path: Path) -> None:
     assert len(run.stderr.strip().splitlines()) == 1
 
 
+def test_export_to_a_file_or_from_a_store_is_one_line(tmp_path: Path) -> None:
+    """DEST an existing file (or under one) was a traceback (NotADirectoryError on the first
+    `.tmp`); the store named instead of one of its slides was "slide <name> is not published".
+    Each is one line saying what to give instead, and nothing is written."""
+    root = tmp_path / "store"
+    _store, result = convert(sample("openslide-python-fixtures/small.svs"), root)
+    file = tmp_path / "file"
+    file.write_bytes(b"")
+
+    def export(slide: Path, dest: Path) -> subprocess.CompletedProcess[str]:
+        command = [sys.executable, "-m", "wsi.cli", "export-dicom", str(slide), str(dest)]
+        return subprocess.run(command, capture_output=True, text=True, check=False)
+
+    for dest, says in ((file, "is not a folder"), (file / "sub", f"cannot be a folder: {file}")):
+        run = export(root / result.slide_id, dest)
+        assert (run.returncode, run.stdout) == (1, "")
+        assert run.stderr.startswith(f"wsi: error: destination {dest} {says}"), run.stderr
+        assert run.stderr.count("\n") == 1
+    assert file.read_bytes() == b""
+    run = export(root, tmp_path / "out")
+    assert (run.returncode, run.stdout) == (1, "")
+    assert run.stderr == (
+        f"wsi: error: {root} is a store, not a slide: name one of its slides, "
+        f"{root}/<slide id> (`wsi list {root}` lists them)\n"
+    )
+    assert not (tmp_path / "out").exists()
+    (tmp_path / "plain").mkdir()  # no slide in it: not recognisably a store
+    run = export(tmp_path / "plain", tmp_path / "out")
+    assert run.stderr == "wsi: error: slide plain is not published\n"
+
+
 def test_dicom_source_keeps_its_patient_and_study_unless_deidentified(tmp_path: Path) -> None:
     path = sample("highdicom/sm_image.dcm")  # PatientName Test^Patient, PatientID AA01
     _store, result = convert(path, tmp_path / "kept")

@@ -18,9 +18,16 @@ import shutil
 from pathlib import Path
 from typing import IO
 
-from wsi.errors import InvalidArgument
+from wsi.errors import InvalidArgument, SlideNotFound
 from wsi.published.layout import SlideKeys
-from wsi.store.objects import FILE_MODE, Store, StoreSettings, make_dirs, split_slide_location
+from wsi.store.objects import (
+    FILE_MODE,
+    Store,
+    StoreSettings,
+    check_folder,
+    make_dirs,
+    split_slide_location,
+)
 
 __all__ = ["export_dicom", "export_dicom_location", "split_slide_location"]
 
@@ -32,6 +39,7 @@ def export_dicom(store: Store, slide_id: str, dest: Path) -> list[Path]:
     if not manifest.dicom:
         raise InvalidArgument(f"slide {slide_id} has no DICOM view (converted with --format zarr)")
     keys = SlideKeys(slide_id)
+    check_folder(str(dest), "destination", exists=False)
     make_dirs(str(dest))  # DIR_MODE, whatever the umask: the files hold patient data
     written = []
     for inst in manifest.dicom:
@@ -78,5 +86,19 @@ def _clone_or_copy(src: str, fout: IO[bytes]) -> None:
 def export_dicom_location(
     location: str, dest: str | Path, endpoint_url: str | None = None
 ) -> list[Path]:
+    """`export_dicom` of the slide `STORE/<slide-id>`. A store named instead of one of its
+    slides is said to be one: read as a slide, it would be "slide <store's name> is not
+    published"."""
     root, slide_id = split_slide_location(location)
-    return export_dicom(Store(StoreSettings(root, endpoint_url=endpoint_url)), slide_id, Path(dest))
+    try:
+        return export_dicom(
+            Store(StoreSettings(root, endpoint_url=endpoint_url)), slide_id, Path(dest)
+        )
+    except SlideNotFound:
+        if not Store(StoreSettings(location, endpoint_url=endpoint_url)).holds_slides():
+            raise
+        store = location.rstrip("/")
+        raise InvalidArgument(
+            f"{store} is a store, not a slide: name one of its slides, {store}/<slide id> "
+            f"(`wsi list {store}` lists them)"
+        ) from None

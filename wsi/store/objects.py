@@ -667,11 +667,17 @@ class Store:
 
     def published_slides(self) -> list[str]:
         """Ids of committed slides only: folders without a manifest are work in progress."""
-        out = []
+        return list(self._published())
+
+    def holds_slides(self) -> bool:
+        """Whether any slide is published here: whether this location is recognisably a store
+        (one listing, and the manifests up to the first one found)."""
+        return next(self._published(), None) is not None
+
+    def _published(self) -> Iterator[str]:
         for name in self.children():
             if SLIDE_ID.fullmatch(name) and self.exists(SlideKeys(name).manifest):
-                out.append(name)
-        return out
+                yield name
 
 
 def split_slide_location(location: str) -> tuple[str, str]:
