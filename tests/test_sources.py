@@ -6,6 +6,7 @@ contract, run on each backend by `test_contract_sources.py`."""
 from __future__ import annotations
 
 import io
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from wsi.codecs.jpeg import APP14_RGB, complete_tile, needs_rgb_marker
 from wsi.sources import open_slide
 
 from .conftest import openslide_level0, sample, shared
+from .helpers import run_wsi
 
 READABLE = [
     ("CMU-1-Small-Region.svs", "tiff", TileCodec.JPEG),
@@ -129,3 +131,18 @@ def test_missing_or_junk_file(tmp_path: Path) -> None:
     junk.write_bytes(io.BytesIO(b"\x00" * 4096).getvalue())
     with pytest.raises(UnsupportedSlide):
         open_slide(junk)
+
+
+def test_a_folder_of_slide_files_says_to_convert_them_one_by_one(tmp_path: Path) -> None:
+    """A folder is a slide only as a DICOM series (a MIRAX slide is its .mrxs file): a plain
+    folder of SVS files said "no backend can read this slide", as a broken file does."""
+    for name in ("a.svs", "b.svs"):
+        shutil.copyfile(sample("openslide-python-fixtures/small.svs"), tmp_path / name)
+    with pytest.raises(UnsupportedSlide, match="neither a DICOM series nor a MIRAX slide"):
+        open_slide(tmp_path)
+    run = run_wsi("convert", str(tmp_path), "--out", str(tmp_path / "out"), "--no-progress")
+    assert (run.returncode, run.stdout) == (1, "")
+    assert run.stderr == (
+        f"wsi: error: {tmp_path}: this folder is neither a DICOM series nor a MIRAX slide: "
+        "convert the slide files in it one by one (each file as its own argument)\n"
+    )

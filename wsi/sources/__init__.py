@@ -58,6 +58,11 @@ def open_slide(
                 return candidate(path)
             except UnsupportedSlide as exc:
                 errors.append(f"{candidate.name}: {exc}")
+    if not errors and path.is_dir():  # a folder no backend even tried: a folder of slides?
+        raise UnsupportedSlide(
+            "this folder is neither a DICOM series nor a MIRAX slide: convert the slide files "
+            "in it one by one (each file as its own argument)"
+        )
     detail = f" ({'; '.join(errors)})" if errors else ""
     raise UnsupportedSlide(f"no backend can read this slide{detail}")
 
