@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
+
+from server.cli import _add_serve
+from wsi.cli import build_parser
 
 from .conftest import sample
 from .helpers import run_wsi as wsi
@@ -217,3 +223,42 @@ def test_a_local_store_that_is_not_a_folder_is_one_line(tmp_path: Path) -> None:
         sync = wsi("sync", str(tmp_path / "empty"), str(out))
         assert (sync.returncode, sync.stdout, sync.stderr) == (1, "", run.stderr)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "file"]
+
+
+def test_options_may_come_after_the_positionals(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`wsi verify STORE --rate 50 ID` was "unrecognized arguments: ID": argparse filled the
+    positionals before the first option. Every subcommand now takes its options anywhere."""
+    parser = build_parser([_add_serve])
+    args = parser.parse_args(["verify", "data", "--rate", "50", "a", "b"])
+    assert (args.store, args.ids, args.rate) == ("data", ["a", "b"], 50.0)
+    args = parser.parse_args(["sync", "A", "--rate", "50", "B", "ID", "--repair"])
+    assert (args.source, args.target, args.ids, args.rate, args.repair) == (
+        "A", "B", ["ID"], 50.0, True,
+    )  # fmt: skip
+    args = parser.parse_args(["convert", "x.svs", "--out", "o", "y.svs", "--quality", "80"])
+    assert (args.sources, args.out, args.quality) == (["x.svs", "y.svs"], "o", 80)
+    args = parser.parse_args(["watch", "in1", "--store", "s", "in2"])
+    assert (args.folders, args.store) == (["in1", "in2"], "s")
+    args = parser.parse_args(["du", "data", "--json", "ID", "--by-level"])
+    assert (args.ids, args.json, args.by_level) == (["ID"], True, True)
+    args = parser.parse_args(["convert", "--out", "o", "--", "-x.svs", "--y.svs"])
+    assert (args.sources, args.out) == (["-x.svs", "--y.svs"], "o")  # `--` as before
+    # Every subcommand's parser is one that intermixing accepts (it refuses some argparse
+    # features with TypeError), and prints its help.
+    [commands] = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    subcommands = list(commands.choices)
+    assert {"convert", "verify", "sync", "serve", "export-dicom", "archive"} <= set(subcommands)
+    for name in subcommands:
+        with pytest.raises(SystemExit) as exits:
+            parser.parse_args([name, "--help"])
+        assert exits.value.code == 0
+        assert capsys.readouterr().out.startswith(f"usage: wsi {name} ")
+    for bad in (["verify", "data", "--bogus"], ["verify"], ["convert", "x.svs"]):
+        with pytest.raises(SystemExit) as exits:
+            parser.parse_args(bad)
+        assert exits.value.code == 2
+    capsys.readouterr()
+    run = wsi("verify", str(tmp_path / "nodir"), "--rate", "50", "ID")  # parsed, then refused
+    assert run.stderr == f"wsi: error: store {tmp_path / 'nodir'} does not exist\n"

@@ -506,13 +506,35 @@ CommandAdder = Callable[[Any], None]
 """Adds one subcommand to the `wsi` parser (the service adds `serve` this way)."""
 
 
+class _SubcommandParser(argparse.ArgumentParser):
+    """A subcommand's parser that takes options anywhere among the positionals, as
+    `parse_intermixed_args` does: `wsi verify STORE --rate 50 ID`. Plain argparse fills the
+    positionals (STORE, no ID) before the first option and then finds ID unrecognized.
+    Arguments with `--` are parsed as before: intermixing drops the `--` (Python 3.11), and a
+    name after it that starts with `-` would be taken for an option."""
+
+    _intermixing = False
+
+    def parse_known_args(  # type: ignore[override]
+        self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
+    ) -> tuple[argparse.Namespace, list[str]]:
+        # `_intermixing`: the two passes of parse_known_intermixed_args, which call this.
+        if self._intermixing or args is None or "--" in args:
+            return super().parse_known_args(args, namespace)
+        self._intermixing = True
+        try:
+            return self.parse_known_intermixed_args(args, namespace)
+        finally:
+            self._intermixing = False
+
+
 def build_parser(commands: Sequence[CommandAdder] = ()) -> argparse.ArgumentParser:
     """The `wsi` parser: the library's commands, then `commands` from the layers above it."""
     parser = argparse.ArgumentParser(
         prog="wsi", description="Convert whole-slide images to OME-Zarr pyramids in object storage."
     )
     parser.add_argument("--version", action="version", version=f"wsistore {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_SubcommandParser)
 
     info = sub.add_parser("info", help="print a slide's levels, properties and associated images")
     info.add_argument("source")
