@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import pydicom
 from aiohttp import web
 
 from server.app import create_app
@@ -26,6 +28,8 @@ from wsi.ingest.queue import JobState, SQLiteJobQueue
 from wsi.ingest.settings import IngestSettings
 from wsi.ingest.worker import Worker
 from wsi.store.objects import StoreSettings
+
+from .conftest import sample
 
 
 def run_wsi(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -215,3 +219,16 @@ def proxy_on_thread(handle: ProxyHandler, client_max_size: int = 1024**2) -> Ite
     finally:
         state["loop"].call_soon_threadsafe(state["loop"].stop)
         thread.join(10)
+
+
+def dicom_series(folder: Path, label_in_thumbnail: str) -> Path:
+    """The openslide-python DICOM fixture (a volume and a THUMBNAIL instance) in `folder`, its
+    thumbnail saying whether it shows the label (DICOM's Specimen Label In Image)."""
+    folder.mkdir()
+    for name in ("boxes_0.dcm", "boxes_1.dcm"):
+        shutil.copy(sample(f"openslide-python-fixtures/{name}"), folder / name)
+    thumbnail = pydicom.dcmread(folder / "boxes_1.dcm")
+    assert "THUMBNAIL" in thumbnail.ImageType
+    thumbnail.SpecimenLabelInImage = label_in_thumbnail
+    thumbnail.save_as(folder / "boxes_1.dcm")
+    return folder

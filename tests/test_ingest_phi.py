@@ -39,7 +39,7 @@ from wsi.metadata import NEUTRAL_ICC_TEXT, neutral_icc_profile
 from wsi.slide_id import content_slide_id
 
 from .conftest import sample
-from .helpers import drain, run_wsi, wait_until
+from .helpers import dicom_series, drain, run_wsi, wait_until
 
 NAMES = ("Doe", "Jane", "MRN12345", "Roe", "Richard", "MRN55555", "Example Hospital")
 """What a scanner operator typed: in file names, the sidecar and the ICC profile's texts."""
@@ -173,19 +173,6 @@ def test_the_converter_names_no_file_in_its_errors(tmp_path: Path) -> None:
 # What a de-identified slide keeps
 
 
-def _dicom_series(folder: Path, label_in_thumbnail: str) -> Path:
-    """The openslide-python DICOM fixture (a volume and a THUMBNAIL instance), its thumbnail
-    saying whether it shows the label (DICOM's Specimen Label In Image)."""
-    folder.mkdir()
-    for name in ("boxes_0.dcm", "boxes_1.dcm"):
-        shutil.copy(sample(f"openslide-python-fixtures/{name}"), folder / name)
-    thumbnail = pydicom.dcmread(folder / "boxes_1.dcm")
-    assert "THUMBNAIL" in thumbnail.ImageType
-    thumbnail.SpecimenLabelInImage = label_in_thumbnail
-    thumbnail.save_as(folder / "boxes_1.dcm")
-    return folder
-
-
 @pytest.mark.parametrize(
     ("label_in_thumbnail", "keep_label", "kept"),
     [("YES", False, False), ("YES", True, True), ("NO", False, True)],
@@ -193,7 +180,7 @@ def _dicom_series(folder: Path, label_in_thumbnail: str) -> Path:
 def test_a_thumbnail_that_may_show_the_label_goes_unless_the_label_is_kept(
     tmp_path: Path, label_in_thumbnail: str, keep_label: bool, kept: bool
 ) -> None:
-    series = _dicom_series(tmp_path / "series", label_in_thumbnail)
+    series = dicom_series(tmp_path / "series", label_in_thumbnail)
     store = tmp_path / "store"
     settings = ConvertSettings(deidentify=True, keep_label=keep_label)
     result = wsi.convert_slide(series, wsi.Store(wsi.StoreSettings(str(store))), settings)

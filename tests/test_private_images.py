@@ -5,12 +5,10 @@ details, its associated image URLs, DICOMweb and the viewer's cards."""
 from __future__ import annotations
 
 import asyncio
-import shutil
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-import pydicom
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
@@ -21,6 +19,7 @@ from wsi.published.layout import AssociatedEntry
 from wsi.published.values import ReaderSettings
 
 from .conftest import sample
+from .helpers import dicom_series
 
 
 def run(settings: ServerSettings, check: Callable[[TestClient], Awaitable[Any]]) -> Any:
@@ -29,19 +28,6 @@ def run(settings: ServerSettings, check: Callable[[TestClient], Awaitable[Any]])
             return await check(client)
 
     return asyncio.run(main())
-
-
-def dicom_series(folder: Path, label_in_thumbnail: str) -> Path:
-    """The openslide-python DICOM fixture (a volume and a THUMBNAIL instance), its thumbnail
-    saying whether it shows the label (DICOM's Specimen Label In Image)."""
-    folder.mkdir()
-    for name in ("boxes_0.dcm", "boxes_1.dcm"):
-        shutil.copy(sample(f"openslide-python-fixtures/{name}"), folder / name)
-    thumbnail = pydicom.dcmread(folder / "boxes_1.dcm")
-    assert "THUMBNAIL" in thumbnail.ImageType
-    thumbnail.SpecimenLabelInImage = label_in_thumbnail
-    thumbnail.save_as(folder / "boxes_1.dcm")
-    return folder
 
 
 @pytest.fixture(scope="module")
