@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import subprocess
 import time
 import urllib.error
@@ -181,6 +182,32 @@ def test_a_queue_rides_out_a_database_outage(postgres: PostgresServer, database:
         claimed = queue.claim("w", 30)
         assert claimed is not None and claimed.id == job.id and claimed.attempts == 1
         assert queue.complete(job.id, "w", "s1")
+    finally:
+        queue.close()
+
+
+def test_a_silent_server_is_noticed_in_seconds_not_minutes(database: str) -> None:
+    """The queue's TCP connections carry keepalives and a user timeout, so a server that goes
+    silent (failover, dropped NAT entry) breaks a heartbeat or claim in ~30 s, not ~15 min. Read
+    back from the socket itself: what the kernel will actually do."""
+    queue = open_queue(database)
+    try:
+        assert isinstance(queue, PostgresJobQueue)
+        queue.list()  # opens this thread's connection
+        conn = queue._db._conn()
+        params = conn.info.get_parameters()
+        assert params["keepalives"] == "1" and params["tcp_user_timeout"] == "30000"
+        sock = socket.socket(fileno=os.dup(conn.fileno()))  # a duplicate: closing it is harmless
+        try:
+            assert sock.family == socket.AF_INET
+            assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
+            idle = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE)
+            interval = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL)
+            count = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT)
+            assert idle + interval * count <= 60
+            assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT) == 30_000
+        finally:
+            sock.close()
     finally:
         queue.close()
 

@@ -23,6 +23,19 @@ T = TypeVar("T")
 RETRIES = 5
 """Attempts of a transaction that PostgreSQL aborted for a deadlock or serialization failure."""
 
+SILENT_PEER: dict[str, int] = {
+    "keepalives": 1,
+    "keepalives_idle": 10,
+    "keepalives_interval": 5,
+    "keepalives_count": 3,
+    "tcp_user_timeout": 30_000,
+}
+"""libpq settings that make a connection whose server went silent (a failover, a dropped NAT
+entry) fail in about 30 s instead of the kernel's ~15 min: without them a worker's heartbeat or
+claim blocks on the dead socket that long and the worker is frozen. Keepalives catch an idle
+connection, `tcp_user_timeout` (ms) one with unacknowledged data in flight. A URL that sets any
+of them itself keeps its own value."""
+
 
 def one_line(exc: BaseException, secrets: tuple[str, ...]) -> str:
     """`exc`'s message on one line, with every secret blanked out."""
@@ -82,11 +95,14 @@ class Database:
 
     def _connect(self) -> psycopg.Connection[Any]:
         try:
+            given = psycopg.conninfo.conninfo_to_dict(self.url)
+            silent_peer: dict[str, Any] = {k: v for k, v in SILENT_PEER.items() if k not in given}
             conn = psycopg.connect(
                 self.url,
                 autocommit=True,  # transactions are opened explicitly, one per call of `run`
                 connect_timeout=max(1, round(self.connect_timeout)),
                 application_name="wsistore",
+                **silent_peer,
             )
         except psycopg.Error as exc:
             raise self.unavailable(exc) from None
