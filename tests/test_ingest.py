@@ -103,6 +103,32 @@ def test_killed_conversion_is_retried_and_publishes_once(
     assert a.read_manifest(sid)["objects"] == b.read_manifest(sid)["objects"]
 
 
+def test_a_slide_that_kills_every_worker_is_failed_and_quarantined(tmp_path: Path) -> None:
+    """Each attempt's worker dies (SIGKILL, OOM: its lease just runs out). After the last one the
+    job is failed and its source quarantined like any final failure, so no watcher restart can
+    queue it again to crash workers forever."""
+    inbox = tmp_path / "inbox"
+    slide = drop(inbox, "openslide-python-fixtures/small.svs")
+    queue = SQLiteJobQueue(tmp_path / "jobs.sqlite", retry=RetryPolicy(max_attempts=2))
+    (candidate,) = find_candidates(inbox)
+    job = submit_slide(queue, candidate)
+    for _ in range(2):  # a worker that claims, then dies without a word
+        claimed = queue.claim("doomed", lease_seconds=0.05)
+        assert claimed is not None and claimed.lease_until is not None
+        deadline = time.monotonic() + 30
+        while time.time() <= claimed.lease_until and time.monotonic() < deadline:
+            time.sleep(0.01)
+    settings = IngestSettings(quarantine_dir=str(tmp_path / "quarantine"), poll_seconds=0.1)
+    drain(queue, str(tmp_path / "store"), settings)
+    failed = queue.get(job.id)
+    assert failed.state is JobState.FAILED, failed
+    assert failed.error is not None and "(lease expired) on each of 2 attempts" in failed.error
+    reason = (tmp_path / "quarantine" / "small.svs" / "REASON.txt").read_text()
+    assert "lease expired" in reason
+    assert not slide.exists()
+    assert not (tmp_path / "store").exists() or not list((tmp_path / "store").iterdir())
+
+
 @pytest.mark.parametrize("policy", ["move", "delete"])
 def test_source_after_success(tmp_path: Path, policy: AfterSuccess) -> None:
     inbox = tmp_path / "inbox"

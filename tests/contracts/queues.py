@@ -293,10 +293,24 @@ class JobQueueContract:
         for _ in range(RETRY.max_attempts):
             assert queue.claim("w", lease_seconds=5) is not None
             clock.step(6)
+        # Handed over once more, to be failed (and its source quarantined) by the claimer.
+        last = queue.claim("w", 5)
+        assert last is not None and last.id == job.id
+        lost = queue.lost_every_attempt(last)
+        assert lost is not None and "lease expired" in lost
+        assert queue.fail(job.id, "w", lost, transient=False)
         assert queue.claim("w", 5) is None
         failed = queue.get(job.id)
-        assert failed.state is JobState.FAILED and failed.attempts == RETRY.max_attempts
-        assert failed.error is not None and "lease expired" in failed.error
+        assert failed.state is JobState.FAILED and failed.error == lost
+
+    def test_a_job_with_attempts_left_is_not_lost_every_attempt(
+        self, queue: JobQueue, clock: FakeClock
+    ) -> None:
+        queue.submit("/a.svs")
+        for _ in range(RETRY.max_attempts):
+            claimed = queue.claim("w", lease_seconds=5)
+            assert claimed is not None and queue.lost_every_attempt(claimed) is None
+            clock.step(6)
 
     def test_recover_requeues_expired_leases_only(self, queue: JobQueue, clock: FakeClock) -> None:
         lost = queue.submit("/lost.svs")
@@ -319,15 +333,18 @@ class JobQueueContract:
         nxt = queue.claim("w", 5)
         assert nxt is not None and nxt.id == lost.id and nxt.attempts == 2
 
-    def test_recover_fails_jobs_out_of_attempts(self, queue: JobQueue, clock: FakeClock) -> None:
+    def test_recover_hands_jobs_out_of_attempts_to_be_failed(
+        self, queue: JobQueue, clock: FakeClock
+    ) -> None:
         job = queue.submit("/poison.svs")
-        for attempt in range(1, RETRY.max_attempts + 1):
+        for _ in range(RETRY.max_attempts):
             assert queue.claim("w", lease_seconds=5) is not None
             clock.step(6)
-            if attempt < RETRY.max_attempts:
-                assert queue.recover() == 1
-        assert queue.recover() == 1
-        assert queue.get(job.id).state is JobState.FAILED
+            assert queue.recover() == 1
+        # Out of attempts: requeued to be claimed, failed and quarantined by a worker.
+        last = queue.claim("w", 5)
+        assert last is not None and last.id == job.id
+        assert queue.lost_every_attempt(last) is not None
 
     # -- cancel ---------------------------------------------------------------------------------
 

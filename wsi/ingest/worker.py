@@ -210,6 +210,10 @@ class Worker:
             if why is not None:
                 await asyncio.to_thread(self._source_changed, job, why)
                 return
+        lost = self.queue.lost_every_attempt(job)
+        if lost is not None:  # it killed its worker every time: failed and quarantined, as any
+            await asyncio.to_thread(self._failed, job, lost, False)  # last failed attempt
+            return
         source, stopped = await self._prepare(job, stop)
         if stopped is not None:
             await asyncio.to_thread(self._finish, job, None, _Run(loop.time(), stopped=stopped))

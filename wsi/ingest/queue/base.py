@@ -405,8 +405,21 @@ class JobQueue(abc.ABC):
 
         Runnable: queued with `next_attempt_at` reached, or running with an expired lease (its
         worker is gone; this is how a crashed worker's job resumes). A lost job that has used all
-        its attempts is failed instead, so a slide that kills its workers cannot loop forever.
+        its attempts is handed over too, with `attempts` past `retry.max_attempts`
+        (`lost_every_attempt` says so): the claimer converts nothing, it fails the job for good
+        and quarantines its source as after any last failed attempt, so a slide that kills its
+        workers neither loops forever nor comes back from the watch folder.
         """
+
+    retry: RetryPolicy
+    """How this queue retries transient failures and lost workers."""
+
+    def lost_every_attempt(self, job: Job) -> str | None:
+        """Why a claimed `job` is to be failed without converting: every attempt it had lost
+        its worker (a slide that kills the converter, SIGKILL or OOM), or None."""
+        if job.attempts > self.retry.max_attempts:
+            return f"worker lost (lease expired) on each of {self.retry.max_attempts} attempts"
+        return None
 
     @abc.abstractmethod
     def heartbeat(self, job_id: str, worker: str, progress: float) -> bool:
@@ -473,7 +486,8 @@ class JobQueue(abc.ABC):
     def recover(self, now: float | None = None) -> int:
         """Take back every running job whose lease expired (at `now`, default the clock).
 
-        Requeues each for immediate retry, or fails it when its attempts are used up. Called at
+        Requeues each for immediate retry (one out of attempts is then claimed to be failed,
+        see `claim`). Called at
         start; returns how many jobs it took back. Live leases of other workers are untouched.
         """
 

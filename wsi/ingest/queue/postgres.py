@@ -188,27 +188,6 @@ class PostgresJobQueue(JobQueue):
 
         return self._run(step)
 
-    def _take_back_expired(self, cur: psycopg.Cursor[Any], now: float, wait: bool) -> int:
-        """Expired leases whose attempts are used up become failed; the rest are left for the
-        caller (claim takes one over directly, recover requeues them). `wait`: wait for rows
-        other transactions hold, instead of leaving them for the next call."""
-        cur.execute(
-            f"SELECT w.id, p.id FROM {JOINED} WHERE p.status = 'doing' "  # noqa: S608
-            "AND w.lease_until < %s AND w.attempts >= %s ORDER BY p.id "
-            + ("FOR UPDATE OF w, p" if wait else "FOR UPDATE OF w, p SKIP LOCKED"),
-            (now, self.retry.max_attempts),
-        )
-        lost = cur.fetchall()
-        error = f"worker lost (lease expired) on each of {self.retry.max_attempts} attempts"
-        for job_id, pid in lost:
-            cur.execute("SELECT procrastinate_finish_job_v1(%s, 'failed', false)", (pid,))
-            cur.execute(
-                "UPDATE wsi_jobs SET error = %s, worker = NULL, lease_until = NULL, "
-                "finished = %s, updated = %s WHERE id = %s",
-                (error, now, now, job_id),
-            )
-        return len(lost)
-
     def claim(self, worker: str, lease_seconds: float) -> Job | None:
         worker = _check_text("worker", worker, _MAX_WORKER)
         lease = _check_number("lease_seconds", lease_seconds, 0)
@@ -217,7 +196,6 @@ class PostgresJobQueue(JobQueue):
 
         def step(cur: psycopg.Cursor[Any]) -> Job | None:
             now = self.clock()
-            self._take_back_expired(cur, now, wait=False)
             # Oldest first by procrastinate's id (the database's own submit order, whichever
             # machine's clock stamped `created`); rows another claimer holds are skipped.
             cur.execute(
@@ -434,7 +412,6 @@ class PostgresJobQueue(JobQueue):
 
         def step(cur: psycopg.Cursor[Any]) -> int:
             at = self.clock() if given is None else given
-            failed = self._take_back_expired(cur, at, wait=True)
             cur.execute(
                 f"SELECT {COLUMNS} FROM {JOINED} WHERE p.status = 'doing' "  # noqa: S608
                 "AND w.lease_until < %s ORDER BY p.id FOR UPDATE OF w, p",
@@ -445,7 +422,7 @@ class PostgresJobQueue(JobQueue):
                 self._requeue(
                     cur, row, at, "error = %s, updated = %s", ("worker lost (lease expired)", at)
                 )
-            return failed + len(lost)
+            return len(lost)
 
         return self._run(step)
 

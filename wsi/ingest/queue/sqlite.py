@@ -295,25 +295,6 @@ class SQLiteJobQueue(JobQueue):
             )
             return self._row(conn, job_id)
 
-    def _take_back_expired(self, conn: sqlite3.Connection, now: float) -> int:
-        """Expired leases whose attempts are used up become failed; the rest are left for the
-        caller (claim takes one over directly, recover requeues them)."""
-        cur = conn.execute(
-            "UPDATE jobs SET state = ?, error = ?, worker = NULL, lease_until = NULL, "
-            "finished = ?, updated = ? "
-            "WHERE state = ? AND lease_until < ? AND attempts >= ?",
-            (
-                JobState.FAILED,
-                f"worker lost (lease expired) on each of {self.retry.max_attempts} attempts",
-                now,
-                now,
-                JobState.RUNNING,
-                now,
-                self.retry.max_attempts,
-            ),
-        )
-        return cur.rowcount
-
     def claim(self, worker: str, lease_seconds: float) -> Job | None:
         worker = _check_text("worker", worker, _MAX_WORKER)
         lease = _check_number("lease_seconds", lease_seconds, 0)
@@ -321,7 +302,6 @@ class SQLiteJobQueue(JobQueue):
             raise InvalidArgument("lease_seconds must be > 0")
         with self._transaction() as conn:
             now = self.clock()
-            self._take_back_expired(conn, now)
             row = conn.execute(
                 "SELECT id FROM jobs WHERE (state = ? AND next_attempt_at <= ?) "
                 "OR (state = ? AND lease_until < ?) ORDER BY created, rowid LIMIT 1",
@@ -490,14 +470,13 @@ class SQLiteJobQueue(JobQueue):
             now = _check_number("now", now, 0)
         with self._transaction() as conn:
             now = self.clock() if now is None else now
-            failed = self._take_back_expired(conn, now)
             cur = conn.execute(
                 "UPDATE jobs SET state = ?, error = ?, worker = NULL, lease_until = NULL, "
                 "progress = 0, next_attempt_at = ?, updated = ? "
                 "WHERE state = ? AND lease_until < ?",
                 (JobState.QUEUED, "worker lost (lease expired)", now, now, JobState.RUNNING, now),
             )
-            return failed + cur.rowcount
+            return cur.rowcount
 
     # leases
 
