@@ -573,3 +573,52 @@ def test_a_version_1_job_table_is_upgraded_and_its_jobs_sources_are_kept(tmp_pat
     fresh = queue.submit("/elsewhere/b.svs", "0123456789abcdef01234567", files=(recorded,))
     assert SQLiteJobQueue(path).get(fresh.id).files == (recorded,)
     assert queue.warn(fresh.id, "noted").warning == "noted"
+
+
+def _one_watcher_pass(inbox: Path, queue: SQLiteJobQueue) -> list[Job]:
+    """A new watcher of `inbox` (as after a restart) until it has submitted every slide there
+    once; the jobs it got back, in order."""
+    got: list[str] = []
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        watcher = FolderWatcher(
+            [inbox], quiet_seconds=0.2, poll_interval=0.1, use_inotify=False, stop_event=stop
+        )
+        task = asyncio.create_task(
+            feed(watcher, queue, lambda slide_id, path: got.append(slide_id))
+        )
+        try:
+
+            async def reported() -> bool:
+                assert not task.done(), task.exception()
+                return len(got) >= len(list(inbox.iterdir()))
+
+            await wait_until(reported, 30)
+        finally:
+            stop.set()
+            watcher.stop()
+            await asyncio.wait_for(task, 30)
+
+    asyncio.run(main())
+    return queue.list()
+
+
+@pytest.mark.parametrize("ended", ["cancelled", "failed"])
+def test_a_cancel_or_failure_lasts_across_watcher_restarts(tmp_path: Path, ended: str) -> None:
+    """A cancelled slide (or one that failed without being quarantined) stays in its folder; a
+    restarted watcher reports it again and must get that job back, not convert it anew. A
+    user's submission (a retry) still makes a new job."""
+    inbox = tmp_path / "inbox"
+    slide = put(SMALL, inbox / "a.svs")
+    queue = SQLiteJobQueue(tmp_path / "jobs.sqlite")
+    (job,) = _one_watcher_pass(inbox, queue)
+    if ended == "cancelled":
+        queue.cancel(job.id)
+    else:
+        assert queue.claim("w", 60) is not None
+        assert queue.fail(job.id, "w", "the share went away", transient=False)
+    (again,) = _one_watcher_pass(inbox, queue)  # a restart: every slide is reported again
+    assert again.id == job.id and again.state.value == ended
+    retried = queue.submit(str(slide), content_slide_id(slide))
+    assert retried.id != job.id and retried.state is JobState.QUEUED

@@ -167,6 +167,24 @@ class JobQueueContract:
         # ... and the new live job is what a further drop returns.
         assert queue.submit("/a.svs", slide_id="s1").id == third.id
 
+    def test_a_watcher_gets_the_cancelled_or_failed_job_back(
+        self, queue: JobQueue, clock: FakeClock
+    ) -> None:
+        """A cancel or a failure lasts: the slide still in its folder, reported again by a
+        restarted watcher, is answered by its latest job; only a user's submission (a retry)
+        makes a new one, which is then what the watcher gets."""
+        cancelled = queue.cancel(queue.submit("/a.svs", slide_id="s1").id)
+        assert queue.submit("/a.svs", slide_id="s1", watched=True) == cancelled
+        clock.step(1)
+        retried = queue.submit("/a.svs", slide_id="s1")
+        assert retried.id != cancelled.id and retried.state is JobState.QUEUED
+        assert queue.submit("/a.svs", slide_id="s1", watched=True).id == retried.id
+        assert queue.claim("w", 60) is not None
+        assert queue.fail(retried.id, "w", "unreadable", transient=False)
+        again = queue.submit("/a.svs", slide_id="s1", watched=True)
+        assert again.id == retried.id and again.state is JobState.FAILED
+        assert len(queue.list()) == 2
+
     def test_complete_records_slide_id_and_refuses_another(self, queue: JobQueue) -> None:
         unknown = queue.submit("/a.svs")
         assert queue.claim("w", 60) is not None

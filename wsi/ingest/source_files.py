@@ -66,18 +66,19 @@ def changed(files: Sequence[SourceFile]) -> str | None:
     return None
 
 
-def submit_slide(queue: JobQueue, candidate: SlideCandidate) -> Job:
+def submit_slide(queue: JobQueue, candidate: SlideCandidate, *, watched: bool = False) -> Job:
     """Queue a complete slide the scanner reported, with the identity of each of its files.
 
     The files are looked at before and after the content id is computed, so the id and the
     recorded identities describe the same bytes: SourceChanged when they differ (the next scan
-    decides), OSError when a file cannot be read.
+    decides), OSError when a file cannot be read. `watched`: a watcher's report, answered by the
+    slide's latest job even if it was cancelled or failed (`JobQueue.submit`).
     """
     before = record(candidate.files)
     slide_id = content_slide_id(candidate.path)
     if record(candidate.files) != before:
         raise SourceChanged("the slide changed while its content id was computed")
-    return queue.submit(str(candidate.path), slide_id, files=before)
+    return queue.submit(str(candidate.path), slide_id, files=before, watched=watched)
 
 
 # ---------------------------------------------------------------------------------------------

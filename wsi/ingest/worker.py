@@ -500,11 +500,12 @@ async def feed(
     on_submitted: Callable[[str, Path], None] | None = None,
 ) -> None:
     """Turn every complete slide the watcher reports into a job with its files (the same
-    content: one job). A slide that cannot be submitted now (it changed again, a file cannot be
-    read, the queue is away) is reported again after another quiet period, not forgotten."""
+    content: one job; a cancelled or failed one too, until someone retries it). A slide that
+    cannot be submitted now (it changed again, a file cannot be read, the queue is away) is
+    reported again after another quiet period, not forgotten."""
     async for slide in watcher.events():
         try:
-            job = await asyncio.to_thread(submit_slide, queue, slide)
+            job = await asyncio.to_thread(submit_slide, queue, slide, watched=True)
         except (WsiError, OSError) as exc:
             log.info("a slide could not be submitted (%s): tried again later", describe(exc))
             watcher.retry(slide)

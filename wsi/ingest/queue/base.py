@@ -65,6 +65,17 @@ class JobState(enum.StrEnum):
 _DEDUP_STATES = (JobState.QUEUED, JobState.RUNNING, JobState.DONE)
 """A job in one of these states stands for its slide: submitting the slide again returns it."""
 
+_LIVE_STATES = (JobState.QUEUED, JobState.RUNNING)
+"""Of a slide's standing jobs, a live one is returned before the newest ended one."""
+
+
+def _standing_states(watched: bool) -> tuple[JobState, ...]:
+    """The states in which a slide's job answers a new submission of that slide. A watcher's
+    report (`watched`) is answered by any job: a cancelled slide, or a failed one whose source
+    was not quarantined, is still in its folder and is reported again after every restart of a
+    watcher; only an explicit retry, or a user's own submission, converts it again."""
+    return tuple(JobState) if watched else _DEDUP_STATES
+
 
 @dataclass(frozen=True)
 class SourceFile:
@@ -389,6 +400,8 @@ class JobQueue(abc.ABC):
         slide_id: str | None = None,
         options: Mapping[str, Any] | None = None,
         files: tuple[SourceFile, ...] = (),
+        *,
+        watched: bool = False,
     ) -> Job:
         """Queue `source` for conversion; `files` are the slide's files as they are now (see
         `Job.files`).
@@ -396,7 +409,9 @@ class JobQueue(abc.ABC):
         Idempotent by slide id: while a job for the same `slide_id` is queued, running or done,
         that job is returned (its options and files unchanged) and nothing new is queued, so the
         same slide dropped twice gives one slide. After a failed or cancelled job, a new job is
-        queued.
+        queued, unless the submission is a watcher's report (`watched`): then the slide's latest
+        job is returned whatever its state, so a cancel or a failure lasts across restarts of a
+        watcher until someone retries the slide (a live job still comes first).
         """
 
     @abc.abstractmethod

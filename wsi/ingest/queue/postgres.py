@@ -42,7 +42,7 @@ import psycopg
 
 from wsi.errors import InvalidArgument
 from wsi.ingest.queue.base import (
-    _DEDUP_STATES,
+    _LIVE_STATES,
     _MAX_LIST,
     _MAX_SOURCE,
     _MAX_WORKER,
@@ -61,6 +61,7 @@ from wsi.ingest.queue.base import (
     _check_number,
     _check_options,
     _check_text,
+    _standing_states,
 )
 from wsi.ingest.queue.pg_connections import Database
 from wsi.ingest.queue.pg_schema import (
@@ -148,6 +149,8 @@ class PostgresJobQueue(JobQueue):
         slide_id: str | None = None,
         options: Mapping[str, Any] | None = None,
         files: tuple[SourceFile, ...] = (),
+        *,
+        watched: bool = False,
     ) -> Job:
         source = _check_text("source", source, _MAX_SOURCE)
         if slide_id is not None:
@@ -163,8 +166,12 @@ class PostgresJobQueue(JobQueue):
                 cur.execute(
                     f"SELECT {COLUMNS} FROM {JOINED} WHERE w.slide_id = %s "  # noqa: S608
                     "AND p.status::text = ANY(%s) "
-                    "ORDER BY p.status = 'succeeded', w.created DESC, p.id DESC LIMIT 1",
-                    (slide_id, [s for st in _DEDUP_STATES for s in STATUSES[st]]),
+                    "ORDER BY NOT p.status::text = ANY(%s), w.created DESC, p.id DESC LIMIT 1",
+                    (
+                        slide_id,
+                        [s for st in _standing_states(watched) for s in STATUSES[st]],
+                        [s for st in _LIVE_STATES for s in STATUSES[st]],
+                    ),
                 )
                 row = cur.fetchone()
                 if row is not None:

@@ -19,7 +19,7 @@ from typing import Any
 
 from wsi.errors import InvalidArgument
 from wsi.ingest.queue.base import (
-    _DEDUP_STATES,
+    _LIVE_STATES,
     _MAX_LIST,
     _MAX_SOURCE,
     _MAX_WORKER,
@@ -41,6 +41,7 @@ from wsi.ingest.queue.base import (
     _check_number,
     _check_options,
     _check_text,
+    _standing_states,
 )
 from wsi.store.objects import check_slide_id
 
@@ -261,6 +262,8 @@ class SQLiteJobQueue(JobQueue):
         slide_id: str | None = None,
         options: Mapping[str, Any] | None = None,
         files: tuple[SourceFile, ...] = (),
+        *,
+        watched: bool = False,
     ) -> Job:
         source = _check_text("source", source, _MAX_SOURCE)
         if slide_id is not None:
@@ -269,10 +272,12 @@ class SQLiteJobQueue(JobQueue):
         files_json = _check_files(files)
         with self._transaction() as conn:
             if slide_id is not None:
+                states = _standing_states(watched)
                 row = conn.execute(
-                    f"SELECT {_COLUMNS} FROM jobs WHERE slide_id = ? AND state IN (?, ?, ?) "  # noqa: S608
-                    "ORDER BY state = 'done', created DESC LIMIT 1",
-                    (slide_id, *_DEDUP_STATES),
+                    f"SELECT {_COLUMNS} FROM jobs WHERE slide_id = ? "  # noqa: S608
+                    f"AND state IN ({', '.join('?' * len(states))}) "
+                    "ORDER BY state NOT IN (?, ?), created DESC, rowid DESC LIMIT 1",
+                    (slide_id, *states, *_LIVE_STATES),
                 ).fetchone()
                 if row is not None:
                     return _job(row)
