@@ -129,6 +129,27 @@ def test_a_slide_that_kills_every_worker_is_failed_and_quarantined(tmp_path: Pat
     assert not (tmp_path / "store").exists() or not list((tmp_path / "store").iterdir())
 
 
+def test_a_slide_renamed_while_queued_is_converted_under_its_new_name(tmp_path: Path) -> None:
+    """The slide is renamed between submit and claim; the watcher's report of the new name moves
+    the queued job there, and the worker converts (and moves away) the renamed file."""
+    inbox = tmp_path / "inbox"
+    slide = drop(inbox, "openslide-python-fixtures/small.svs")
+    queue = SQLiteJobQueue(tmp_path / "jobs.sqlite")
+    (candidate,) = find_candidates(inbox)
+    job = submit_slide(queue, candidate, watched=True)
+    renamed = slide.rename(inbox / "renamed.svs")
+    (candidate,) = find_candidates(inbox)
+    again = submit_slide(queue, candidate, watched=True)
+    assert again.id == job.id and again.source == str(renamed)
+    settings = IngestSettings(
+        after_success="move", done_dir=str(tmp_path / "done"), poll_seconds=0.1
+    )
+    drain(queue, str(tmp_path / "store"), settings)
+    done = queue.get(job.id)
+    assert done.state is JobState.DONE and done.warning is None, done
+    assert not renamed.exists() and (tmp_path / "done" / "renamed.svs" / "renamed.svs").exists()
+
+
 @pytest.mark.parametrize("policy", ["move", "delete"])
 def test_source_after_success(tmp_path: Path, policy: AfterSuccess) -> None:
     inbox = tmp_path / "inbox"

@@ -26,7 +26,15 @@ from typing import Protocol
 import pytest
 
 from wsi.errors import InvalidArgument, WsiError
-from wsi.ingest.queue import Clock, Job, JobNotFound, JobQueue, JobState, RetryPolicy
+from wsi.ingest.queue import (
+    Clock,
+    Job,
+    JobNotFound,
+    JobQueue,
+    JobState,
+    RetryPolicy,
+    SourceFile,
+)
 
 from ..helpers import FakeClock
 from .processes import QueueSpec, child, race
@@ -184,6 +192,29 @@ class JobQueueContract:
         again = queue.submit("/a.svs", slide_id="s1", watched=True)
         assert again.id == retried.id and again.state is JobState.FAILED
         assert len(queue.list()) == 2
+
+    def test_a_slide_renamed_while_queued_moves_its_job(
+        self, queue: JobQueue, tmp_path: Path
+    ) -> None:
+        """Renamed before a worker took it: the next submission (the watcher's report of the new
+        name) moves the queued job to the new files, which the worker then converts. A copy
+        (the old files still there) leaves the job alone, as does a running job."""
+        old, new = tmp_path / "a.svs", tmp_path / "b.svs"
+        old.write_bytes(b"slide")
+        job = queue.submit(str(old), slide_id="s1", files=(SourceFile.of(old),))
+        copy = tmp_path / "copy.svs"
+        copy.write_bytes(b"slide")
+        same = queue.submit(str(copy), slide_id="s1", files=(SourceFile.of(copy),), watched=True)
+        assert same == job
+        old.rename(new)
+        moved = queue.submit(str(new), slide_id="s1", files=(SourceFile.of(new),), watched=True)
+        assert moved.id == job.id and moved.state is JobState.QUEUED
+        assert (moved.source, moved.files) == (str(new), (SourceFile.of(new),))
+        claimed = queue.claim("w", 60)
+        assert claimed is not None and claimed.source == str(new)
+        new.rename(old)  # while running: the job is its worker's, not moved
+        running = queue.submit(str(old), slide_id="s1", files=(SourceFile.of(old),))
+        assert running.id == job.id and running.source == str(new)
 
     def test_complete_records_slide_id_and_refuses_another(self, queue: JobQueue) -> None:
         unknown = queue.submit("/a.svs")

@@ -229,6 +229,20 @@ class Job:
         }
 
 
+def _moved_away(job: Job, files: tuple[SourceFile, ...]) -> bool:
+    """Whether a slide's queued `job` is to be moved to this submission's `files`: a file it
+    recorded is gone (the slide was renamed or moved in its folder before a worker took it) and
+    the new files are there. Kept as it was, its worker would fail it for a missing source and
+    the watcher, handed that job for the new name, would never convert the slide."""
+    return (
+        job.state is JobState.QUEUED
+        and bool(job.files)
+        and bool(files)
+        and any(not os.path.lexists(f.path) for f in job.files)
+        and all(os.path.lexists(f.path) for f in files)
+    )
+
+
 @dataclass(frozen=True)
 class RetryPolicy:
     """How transient failures and lost workers are retried.
@@ -411,7 +425,9 @@ class JobQueue(abc.ABC):
         same slide dropped twice gives one slide. After a failed or cancelled job, a new job is
         queued, unless the submission is a watcher's report (`watched`): then the slide's latest
         job is returned whatever its state, so a cancel or a failure lasts across restarts of a
-        watcher until someone retries the slide (a live job still comes first).
+        watcher until someone retries the slide (a live job still comes first). A queued job
+        whose recorded files are gone while `files` are there (the slide was renamed before a
+        worker took it) is moved to `source` and `files` first, so the renamed slide converts.
         """
 
     @abc.abstractmethod

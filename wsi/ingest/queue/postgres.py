@@ -61,6 +61,7 @@ from wsi.ingest.queue.base import (
     _check_number,
     _check_options,
     _check_text,
+    _moved_away,
     _standing_states,
 )
 from wsi.ingest.queue.pg_connections import Database
@@ -175,7 +176,17 @@ class PostgresJobQueue(JobQueue):
                 )
                 row = cur.fetchone()
                 if row is not None:
-                    return job_from_row(row)
+                    found = job_from_row(row)
+                    if not _moved_away(found, files):
+                        return found
+                    # Locked and read again: a worker may have claimed it meanwhile.
+                    if not _moved_away(job_from_row(self._locked(cur, found.id)), files):
+                        return self._job(cur, found.id)
+                    cur.execute(
+                        "UPDATE wsi_jobs SET source = %s, files = %s, updated = %s WHERE id = %s",
+                        (source, files_json, self.clock(), found.id),
+                    )
+                    return self._job(cur, found.id)
             now = self.clock()
             job_id = uuid.uuid4().hex
             cur.execute(

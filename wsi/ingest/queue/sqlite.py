@@ -41,6 +41,7 @@ from wsi.ingest.queue.base import (
     _check_number,
     _check_options,
     _check_text,
+    _moved_away,
     _standing_states,
 )
 from wsi.store.objects import check_slide_id
@@ -280,7 +281,14 @@ class SQLiteJobQueue(JobQueue):
                     (slide_id, *states, *_LIVE_STATES),
                 ).fetchone()
                 if row is not None:
-                    return _job(row)
+                    found = _job(row)
+                    if not _moved_away(found, files):
+                        return found
+                    conn.execute(
+                        "UPDATE jobs SET source = ?, files = ?, updated = ? WHERE id = ?",
+                        (source, files_json, self.clock(), found.id),
+                    )
+                    return self._row(conn, found.id)
             now = self.clock()
             job_id = uuid.uuid4().hex
             conn.execute(
