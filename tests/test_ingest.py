@@ -17,7 +17,7 @@ import pytest
 
 import wsi
 from server.settings import ServerSettings
-from wsi.ingest.queue import JobState, RetryPolicy, SQLiteJobQueue
+from wsi.ingest.queue import Job, JobState, RetryPolicy, SQLiteJobQueue
 from wsi.ingest.scan import find_candidates
 from wsi.ingest.settings import AfterSuccess, IngestSettings
 from wsi.ingest.source_files import submit_slide
@@ -148,6 +148,52 @@ def test_a_slide_renamed_while_queued_is_converted_under_its_new_name(tmp_path: 
     done = queue.get(job.id)
     assert done.state is JobState.DONE and done.warning is None, done
     assert not renamed.exists() and (tmp_path / "done" / "renamed.svs" / "renamed.svs").exists()
+
+
+def test_a_cancel_after_the_publish_leaves_the_job_done(tmp_path: Path) -> None:
+    """The conversion exits 0 (the slide is published) and the cancel lands right then, before
+    the worker records it: the job is done with a warning, and `--after move` still runs."""
+    inbox = tmp_path / "inbox"
+    slide = drop(inbox, "openslide-python-fixtures/small.svs")
+    queue = SQLiteJobQueue(tmp_path / "jobs.sqlite")
+    (candidate,) = find_candidates(inbox)
+    job = submit_slide(queue, candidate)
+
+    ran = asyncio.Event()
+
+    class CancelledRightAfterPublish(Worker):
+        def _unpublished(self, slide_id: str) -> str | None:
+            queue.cancel(job.id)  # the user's DELETE /jobs/{id}, after the publish
+            return super()._unpublished(slide_id)
+
+        async def run_job(self, job: Job, stop: asyncio.Event) -> None:
+            await super().run_job(job, stop)
+            ran.set()
+
+    settings = IngestSettings(
+        after_success="move", done_dir=str(tmp_path / "done"), poll_seconds=0.1
+    )
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        worker = CancelledRightAfterPublish(
+            queue, StoreSettings(str(tmp_path / "store")), settings, name="w"
+        )
+        task = asyncio.create_task(worker.run(stop))
+        try:
+            await asyncio.wait_for(ran.wait(), 120)
+        finally:
+            stop.set()
+            await asyncio.wait_for(task, 60)
+
+    asyncio.run(main())
+    done = queue.get(job.id)
+    assert done.state is JobState.DONE, done
+    assert done.warning is not None and "too late" in done.warning
+    assert wsi.Store(wsi.StoreSettings(str(tmp_path / "store"))).published_slides() == [
+        done.slide_id
+    ]
+    assert not slide.exists() and (tmp_path / "done" / "small.svs" / "small.svs").exists()
 
 
 @pytest.mark.parametrize("policy", ["move", "delete"])

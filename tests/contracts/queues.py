@@ -427,6 +427,30 @@ class JobQueueContract:
         assert queue.complete(job.id, "w", "s1")
         assert queue.cancel(job.id).state is JobState.DONE
 
+    def test_a_cancel_that_came_after_the_publish_can_be_completed(
+        self, queue: JobQueue, clock: FakeClock
+    ) -> None:
+        """The worker whose conversion had published when the cancel came records the job done;
+        only for the attempt that was cancelled, never for one taken over since."""
+        job = queue.submit("/a.svs", slide_id="s1")
+        claimed = queue.claim("w", 60)
+        assert claimed is not None and queue.cancel(job.id).state is JobState.CANCELLED
+        assert not queue.complete(job.id, "w", "s1")  # without saying which attempt: refused
+        assert not queue.complete(job.id, "w", "s1", cancelled_attempt=claimed.attempts + 1)
+        assert queue.complete(job.id, "w", "s1", "too late", cancelled_attempt=claimed.attempts)
+        done = queue.get(job.id)
+        assert (done.state, done.slide_id, done.warning) == (JobState.DONE, "s1", "too late")
+        assert done.worker is None and done.lease_until is None
+        # Lease lost and taken over: the cancel hit the other worker's attempt, not ours.
+        other = queue.submit("/b.svs", slide_id="s2")
+        first = queue.claim("w1", 5)
+        assert first is not None and first.id == other.id
+        clock.step(6)
+        assert queue.claim("w2", 60) is not None
+        queue.cancel(other.id)
+        assert not queue.complete(other.id, "w1", "s2", cancelled_attempt=first.attempts)
+        assert queue.get(other.id).state is JobState.CANCELLED
+
     # -- listing and housekeeping ---------------------------------------------------------------
 
     def test_progress_is_recorded_and_listed(self, queue: JobQueue, clock: FakeClock) -> None:

@@ -40,7 +40,7 @@ from wsi.ingest.protocol import (
     parse_results,
 )
 from wsi.ingest.quarantine import without_folders_of
-from wsi.ingest.queue import Job, JobQueue, worker_name
+from wsi.ingest.queue import Job, JobQueue, JobState, worker_name
 from wsi.ingest.settings import IngestSettings
 from wsi.ingest.source_files import changed, delete_files, move_files, move_source, submit_slide
 from wsi.ingest.spool import sweep_orphans
@@ -381,9 +381,15 @@ class Worker:
 
     async def _publish(self, job: Job, slide_id: str) -> None:
         """Apply `after_success` (heart-beating while a slow move runs), then mark the job done,
-        with a warning for what could not be done."""
+        with a warning for what could not be done. A job cancelled during this attempt is done
+        all the same: its conversion published the slide before the cancel reached it, so a
+        `cancelled` job would hide a published slide and leave its source behind."""
+        late: str | None = None
         if not await asyncio.to_thread(self.queue.heartbeat, job.id, self.name, 99.9):
-            return  # cancelled meanwhile, or taken over: the source is not ours to touch
+            current = await asyncio.to_thread(self.queue.get, job.id)
+            if not (current.state is JobState.CANCELLED and current.attempts == job.attempts):
+                return  # taken over by another worker: the source is not ours to touch
+            late = "cancelled too late: the conversion had already published the slide"
         task = asyncio.ensure_future(asyncio.to_thread(self._after_success, job))
         beat = min(2.0, max(0.2, self.settings.lease_seconds / 3))
         while not task.done():
@@ -391,8 +397,17 @@ class Worker:
             if not task.done():
                 with contextlib.suppress(WsiError):
                     await asyncio.to_thread(self.queue.heartbeat, job.id, self.name, 99.9)
-        warning = task.result()
-        await asyncio.to_thread(self.queue.complete, job.id, self.name, slide_id, warning)
+        warning = "; ".join(w for w in (late, task.result()) if w) or None
+        await asyncio.to_thread(
+            functools.partial(
+                self.queue.complete,
+                job.id,
+                self.name,
+                slide_id,
+                warning,
+                cancelled_attempt=job.attempts if late else None,
+            )
+        )
 
     def _after_success(self, job: Job) -> str | None:
         """Keep, move or delete the job's source as `after_success` says; returns what could not

@@ -460,12 +460,29 @@ class JobQueue(abc.ABC):
         """
 
     @abc.abstractmethod
-    def complete(self, job_id: str, worker: str, slide_id: str, warning: str | None = None) -> bool:
+    def complete(
+        self,
+        job_id: str,
+        worker: str,
+        slide_id: str,
+        warning: str | None = None,
+        *,
+        cancelled_attempt: int | None = None,
+    ) -> bool:
         """Mark the job done, published as `slide_id`, with a `warning` when something that
         follows a publish went wrong (the source could not be moved, say).
 
+        `cancelled_attempt` (the claim's `attempts`): a job cancelled during that very attempt
+        (nobody claimed it since) is marked done too. Its conversion had already published the
+        slide when the cancel came: the store has it, so the job must not claim otherwise.
+
         Raises InvalidArgument if the job was submitted for another slide id.
         """
+
+    @staticmethod
+    def _cancelled_during(state: JobState, attempts: int, attempt: int | None) -> bool:
+        """Whether a job in `state` after `attempts` claims was cancelled during `attempt`."""
+        return attempt is not None and state is JobState.CANCELLED and attempts == attempt
 
     @abc.abstractmethod
     def fail(self, job_id: str, worker: str, error: str, transient: bool) -> bool:

@@ -257,7 +257,15 @@ class PostgresJobQueue(JobQueue):
 
         return self._run(step)
 
-    def complete(self, job_id: str, worker: str, slide_id: str, warning: str | None = None) -> bool:
+    def complete(
+        self,
+        job_id: str,
+        worker: str,
+        slide_id: str,
+        warning: str | None = None,
+        *,
+        cancelled_attempt: int | None = None,
+    ) -> bool:
         job_id = _check_job_id(job_id)
         worker = _check_text("worker", worker, _MAX_WORKER)
         slide_id = check_slide_id(slide_id)
@@ -266,7 +274,8 @@ class PostgresJobQueue(JobQueue):
 
         def step(cur: psycopg.Cursor[Any]) -> bool:
             row = self._locked(cur, job_id)
-            if not self._holds(row, worker):
+            late = self._cancelled_during(STATE_OF[row[3]], row[6], cancelled_attempt)
+            if not (late or self._holds(row, worker)):
                 return False
             expected = row[2]
             if expected is not None and expected != slide_id:
@@ -274,7 +283,14 @@ class PostgresJobQueue(JobQueue):
                     f"job {job_id} was submitted for slide {expected}, not {slide_id}"
                 )
             now = self.clock()
-            cur.execute("SELECT procrastinate_finish_job_v1(%s, 'succeeded', false)", (row[17],))
+            if late:  # procrastinate finishes only running jobs: from cancelled, set directly
+                cur.execute(
+                    "UPDATE procrastinate_jobs SET status = 'succeeded' WHERE id = %s", (row[17],)
+                )
+            else:
+                cur.execute(
+                    "SELECT procrastinate_finish_job_v1(%s, 'succeeded', false)", (row[17],)
+                )
             cur.execute(
                 "UPDATE wsi_jobs SET slide_id = %s, progress = 100, error = NULL, warning = %s, "
                 "worker = NULL, lease_until = NULL, finished = %s, updated = %s WHERE id = %s",

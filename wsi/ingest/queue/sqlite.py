@@ -350,16 +350,26 @@ class SQLiteJobQueue(JobQueue):
             )
             return True
 
-    def complete(self, job_id: str, worker: str, slide_id: str, warning: str | None = None) -> bool:
+    def complete(
+        self,
+        job_id: str,
+        worker: str,
+        slide_id: str,
+        warning: str | None = None,
+        *,
+        cancelled_attempt: int | None = None,
+    ) -> bool:
         job_id = _check_job_id(job_id)
         worker = _check_text("worker", worker, _MAX_WORKER)
         slide_id = check_slide_id(slide_id)
         if warning is not None:
             warning = _check_error(warning)
         with self._transaction() as conn:
-            if not self._holds(conn, job_id, worker):
+            found = self._row(conn, job_id)
+            late = self._cancelled_during(found.state, found.attempts, cancelled_attempt)
+            if not (late or self._holds(conn, job_id, worker)):
                 return False
-            expected = self._row(conn, job_id).slide_id
+            expected = found.slide_id
             if expected is not None and expected != slide_id:
                 raise InvalidArgument(
                     f"job {job_id} was submitted for slide {expected}, not {slide_id}"
