@@ -23,7 +23,6 @@ import numpy as np
 from wsi.errors import InvalidArgument, SlideNotFound, UnsupportedSlide
 from wsi.metadata import neutral_name
 from wsi.model import Level, SlideProperties
-from wsi.published.layout import Manifest
 from wsi.published.slide import AsyncPublishedSlide
 from wsi.published.store import PublishedStore
 from wsi.published.values import JPEG, CodecId, PublishedDicom, best_level, decode_tile
@@ -195,33 +194,17 @@ class DicomOnlySlide:
     served. Its pixels are in its DICOM instances only, which the service does not read: its
     tiles, DeepZoom, IIIF and viewer answer 415 and DICOMweb leaves it out."""
 
-    manifest: Manifest
+    slide_id: str
+    name: str
+    case: str | None
+    width: int
+    height: int
     version: str
     note: str
     """The library's reason (UnsupportedSlide): what it lacks and how to get its DICOM files."""
     levels: tuple[ServedLevel, ...] = ()
     properties: SlideProperties = field(default_factory=SlideProperties)
     associated_names: tuple[str, ...] = ()
-
-    @property
-    def slide_id(self) -> str:
-        return self.manifest.slide_id
-
-    @property
-    def name(self) -> str:
-        return self.manifest.display_name
-
-    @property
-    def case(self) -> str | None:
-        return self.manifest.case
-
-    @property
-    def width(self) -> int:
-        return self.manifest.width
-
-    @property
-    def height(self) -> int:
-        return self.manifest.height
 
 
 @dataclass(frozen=True)
@@ -399,7 +382,15 @@ class Catalog:
             manifest, version = await self.store.manifest(slide_id)
             if manifest.zarr_view:
                 raise  # refused for another reason
-            return DicomOnlySlide(manifest, version, str(exc))
+            return DicomOnlySlide(
+                manifest.slide_id,
+                manifest.display_name,
+                manifest.case,
+                manifest.width,
+                manifest.height,
+                version,
+                str(exc),
+            )
 
     def _source_pyramid(self, slide_id: str) -> SourcePyramid:
         assert self.sources is not None
