@@ -454,3 +454,55 @@ def test_cancel_stops_the_conversion(tmp_path: Path) -> None:
     assert pids and queue.get(job.id).state is JobState.CANCELLED
     assert fifo.exists()  # a cancelled job's source is left alone
     assert not psutil.pid_exists(pids[0]) or psutil.Process(pids[0]).status() == "zombie"
+
+
+def test_a_slide_locked_by_another_conversion_waits_without_spending_attempts(
+    tmp_path: Path,
+) -> None:
+    """Another process converts the slide (its lock is held: here by the test, as a worker that
+    lost this job's lease would hold it). Each attempt's `wsi convert` exits at once; the job is
+    given back without counting, far more often than it may be attempted, and never
+    quarantined. Once the lock is free it converts."""
+    inbox = tmp_path / "inbox"
+    slide = drop(inbox, "openslide-python-fixtures/small.svs")
+    queue = SQLiteJobQueue(
+        tmp_path / "jobs.sqlite", retry=RetryPolicy(max_attempts=2, backoff_unit=0.02)
+    )
+    (candidate,) = find_candidates(inbox)
+    job = submit_slide(queue, candidate)
+    assert job.slide_id is not None
+    store = wsi.Store(wsi.StoreSettings(str(tmp_path / "store")))
+    settings = IngestSettings(quarantine_dir=str(tmp_path / "quarantine"), poll_seconds=0.05)
+    ended: list[Job] = []
+
+    class Counting(Worker):
+        async def run_job(self, job: Job, stop: asyncio.Event) -> None:
+            await super().run_job(job, stop)
+            ended.append(queue.get(job.id))
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        worker = Counting(queue, StoreSettings(str(tmp_path / "store")), settings, name="w")
+        task = asyncio.create_task(worker.run(stop))
+        try:
+            deadline = time.monotonic() + 120
+            with store.slide_lock(job.slide_id or ""):
+                # More runs than the job's 2 attempts, or its end (the failure before the fix).
+                while len(ended) < 4 and not queue.get(job.id).state.terminal:
+                    assert time.monotonic() < deadline, ended
+                    await asyncio.sleep(0.02)
+            for back in ended:
+                assert (back.state, back.attempts) == (JobState.QUEUED, 0), back
+                assert "being converted by another process" in (back.error or "")
+            assert slide.exists() and not (tmp_path / "quarantine").exists()
+            while not queue.get(job.id).state.terminal:  # the lock is free now
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.05)
+        finally:
+            stop.set()
+            await asyncio.wait_for(task, 60)
+
+    asyncio.run(main())
+    done = queue.get(job.id)
+    assert done.state is JobState.DONE and done.attempts == 1, done
+    assert store.published_slides() == [job.slide_id]

@@ -99,9 +99,9 @@ def test_lines_that_are_not_results_are_refused(line: str) -> None:
 
 
 def test_exit_codes_say_what_is_final() -> None:
-    assert [int(c) for c in ExitCode] == [0, 1, 75, 130]
+    assert [int(c) for c in ExitCode] == [0, 1, 75, 69, 130]
     assert is_permanent_failure(ExitCode.FAILED)
-    for code in (ExitCode.OK, ExitCode.TEMPFAIL, ExitCode.INTERRUPTED, -9, -11, 2):
+    for code in (ExitCode.OK, ExitCode.TEMPFAIL, ExitCode.SLIDE_BUSY, ExitCode.INTERRUPTED, -9, 2):
         assert not is_permanent_failure(code), code
 
 

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 from wsi import __version__
-from wsi.errors import InvalidArgument, SlideIncomplete, StoreError, WsiError
+from wsi.errors import InvalidArgument, SlideBusy, SlideIncomplete, StoreError, WsiError
 from wsi.ingest.protocol import (
     DEIDENTIFY_FLAG,
     KEEP_LABEL_FLAG,
@@ -253,11 +253,17 @@ def _convert_all(
     show = args.progress if args.progress is not None else sys.stderr.isatty()
     failures = 0
     transient = False
+    busy = 0  # sources another process is converting now: no attempt was made
     for index, source in enumerate(args.sources):
         label = f"source {index + 1}" if settings.deidentify else Path(source).name
         bar, update = _progress_bar(show, label)
         try:
             result = _convert_one(args, index, source, store, settings, update, channel, cluster)
+        except SlideBusy as exc:
+            failures += 1
+            busy += 1
+            _error(args, index, source, str(exc))
+            continue
         except (StoreError, SlideIncomplete) as exc:  # worth retrying later
             failures += 1
             transient = True
@@ -279,7 +285,9 @@ def _convert_all(
                 bar.close()
         rate = None if result.skipped else result.megapixels_per_second
         print(ResultLine(result.slide_id, result.url, rate).format(), flush=True)
-    if transient:
+    if busy and busy == failures:  # nothing failed: only not attempted yet
+        return ExitCode.SLIDE_BUSY
+    if transient or busy:
         return ExitCode.TEMPFAIL
     return ExitCode.FAILED if failures else ExitCode.OK
 

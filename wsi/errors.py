@@ -43,6 +43,13 @@ class StoreError(WsiError, OSError):
     """Reading from or writing to the object store failed."""
 
 
+class SlideBusy(StoreError):
+    """Another process holds the slide's conversion lock (`Store.slide_lock`): this conversion
+    could not start. Neither the slide's fault nor the store's: try again once the other one
+    is done (`wsi convert` exits `ExitCode.SLIDE_BUSY`, which ingest retries without counting
+    an attempt, so a slide is never quarantined for being converted elsewhere)."""
+
+
 class EncodedTileUnavailable(WsiError, LookupError):
     """The source cannot hand out this tile's compressed bytes; decode it instead."""
 

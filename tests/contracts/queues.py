@@ -301,6 +301,24 @@ class JobQueueContract:
         assert again is not None and again.id == job.id and again.attempts == 1
         assert not queue.release(job.id, "w1", "too late")
 
+    def test_release_after_a_delay_keeps_the_job_until_then(
+        self, queue: JobQueue, clock: FakeClock
+    ) -> None:
+        """A conversion that could not start (another process holds the slide's lock) gives its
+        job back for later, the attempt not counted however often it happens."""
+        job = queue.submit("/in/a.svs", "aaaa")
+        for _ in range(RETRY.max_attempts + 2):  # more often than a job may be attempted
+            claimed = queue.claim("w1", 10)
+            assert claimed is not None and claimed.attempts == 1
+            assert queue.release(job.id, "w1", "slide busy", after=5)
+            back = queue.get(job.id)
+            assert (back.state, back.attempts) == (JobState.QUEUED, 0)
+            assert back.next_attempt_at == clock.now + 5
+            assert queue.claim("w1", 10) is None  # not before then
+            clock.step(5)
+        with pytest.raises(InvalidArgument):
+            queue.release(job.id, "w1", "x", after=-1)
+
     # -- leases ---------------------------------------------------------------------------------
 
     def test_expired_lease_is_claimed_again(self, queue: JobQueue, clock: FakeClock) -> None:

@@ -19,7 +19,8 @@ session of its own, and talks to it through four channels, each defined here onc
   room in the spool repeats its last line now and then.
 * **stdout and the exit status**: one `ResultLine` per published slide (`<slide id> TAB <url> TAB
   <rate or "already published">`), then an `ExitCode` that says whether a failure is final
-  (the slide) or worth retrying (the store, a crash, anything unclassified).
+  (the slide), worth retrying (the store, a crash, anything unclassified), or no attempt at all
+  (the slide is being converted by another process).
 
 `wsi.cli` (the converter's side) and `wsi.ingest.worker` (the supervisor's side) both import this
 module; `tests/test_protocol.py` runs a real conversion against it.
@@ -64,6 +65,11 @@ class ExitCode(IntEnum):
     TEMPFAIL = 75
     """sysexits EX_TEMPFAIL: the store failed, the supervisor went away (`--exit-with-stdin`), or
     the failure could not be classified: the worker retries with backoff."""
+    SLIDE_BUSY = 69
+    """sysexits EX_UNAVAILABLE: the slide's lock is held by another conversion of it
+    (`wsi.errors.SlideBusy`), so this one never started: the worker gives the job back for a
+    later attempt without counting this one (the other conversion may run for hours; counting
+    would fail and quarantine a good slide while it is being converted)."""
     INTERRUPTED = 130
     """Ctrl-C (SIGINT), as shells report it."""
 

@@ -5,6 +5,8 @@ retried (a crash counts as transient) and, after the queue's last attempt, faile
 converter calls unreadable (`ExitCode.FAILED`) fails at once and its source moves to the
 quarantine folder with a reason file, so the next drop of good slides is not held up. The
 store's atomic publish means a killed conversion never leaves half a slide, whoever killed it.
+A conversion that could not start because another process holds the slide's lock
+(`ExitCode.SLIDE_BUSY`) is no attempt: the job is given back for later, never quarantined.
 How the worker and the conversion talk (argv, progress, result lines, exit codes) is
 `wsi.ingest.protocol`.
 
@@ -335,6 +337,14 @@ class Worker:
             return None
         if run.stopped:  # timed out or stalled: maybe a hung reader, maybe a slow store
             self._failed(job, f"conversion {run.stopped}", transient=True)
+            return None
+        if code == ExitCode.SLIDE_BUSY:  # not attempted: another process converts the slide
+            # (a worker that lost this job's lease, a user's `wsi convert`). Retried after the
+            # backoff this attempt would have had, never failed nor quarantined for it.
+            reason = "the slide is being converted by another process; tried again later"
+            self.queue.release(
+                job.id, self.name, reason, after=self.queue.retry.delay(job.attempts)
+            )
             return None
         if code is not None and is_permanent_failure(code):
             self._failed(job, last_error or "the converter could not read this slide", False)

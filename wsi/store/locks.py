@@ -5,7 +5,7 @@ from __future__ import annotations
 import fcntl
 import os
 
-from wsi.errors import StoreError
+from wsi.errors import SlideBusy
 
 
 def locked_file(path: str, slide_id: str) -> int:
@@ -18,7 +18,7 @@ def locked_file(path: str, slide_id: str) -> int:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError as exc:
             os.close(fd)
-            raise StoreError(
+            raise SlideBusy(
                 f"slide {slide_id} is being converted by another process; try again later"
             ) from exc
         try:

@@ -493,12 +493,14 @@ class JobQueue(abc.ABC):
         """
 
     @abc.abstractmethod
-    def release(self, job_id: str, worker: str, reason: str) -> bool:
-        """Give a running job back unfinished, runnable at once, without counting the attempt.
+    def release(self, job_id: str, worker: str, reason: str, *, after: float = 0.0) -> bool:
+        """Give a running job back unfinished, runnable `after` seconds from now (at once by
+        default), without counting the attempt.
 
-        For a worker that stops on purpose (the service is shutting down): the slide is not to
-        blame, so the job must not move closer to failing. `reason` becomes the job's error
-        until the next attempt.
+        For a worker that stops on purpose (the service is shutting down), or whose conversion
+        could not start because another process is converting the slide (retried `after` the
+        backoff): the slide is not to blame, so the job must not move closer to failing.
+        `reason` becomes the job's error until the next attempt.
         """
 
     @abc.abstractmethod

@@ -357,10 +357,11 @@ class PostgresJobQueue(JobQueue):
 
         return self._run(step)
 
-    def release(self, job_id: str, worker: str, reason: str) -> bool:
+    def release(self, job_id: str, worker: str, reason: str, *, after: float = 0.0) -> bool:
         job_id = _check_job_id(job_id)
         worker = _check_text("worker", worker, _MAX_WORKER)
         reason = _check_error(reason)
+        after = _check_number("after", after, 0, 86400 * 365)
 
         def step(cur: psycopg.Cursor[Any]) -> bool:
             row = self._locked(cur, job_id)
@@ -368,7 +369,7 @@ class PostgresJobQueue(JobQueue):
                 return False
             now = self.clock()
             sets = "error = %s, attempts = greatest(attempts - 1, 0), updated = %s"
-            self._requeue(cur, row, now, sets, (reason, now))
+            self._requeue(cur, row, now + after, sets, (reason, now))
             return True
 
         return self._run(step)

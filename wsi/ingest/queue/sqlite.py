@@ -417,10 +417,11 @@ class SQLiteJobQueue(JobQueue):
                 )
             return True
 
-    def release(self, job_id: str, worker: str, reason: str) -> bool:
+    def release(self, job_id: str, worker: str, reason: str, *, after: float = 0.0) -> bool:
         job_id = _check_job_id(job_id)
         worker = _check_text("worker", worker, _MAX_WORKER)
         reason = _check_error(reason)
+        after = _check_number("after", after, 0, 86400 * 365)
         with self._transaction() as conn:
             if not self._holds(conn, job_id, worker):
                 return False
@@ -429,7 +430,7 @@ class SQLiteJobQueue(JobQueue):
                 "UPDATE jobs SET state = ?, error = ?, worker = NULL, lease_until = NULL, "
                 "progress = 0, attempts = max(attempts - 1, 0), next_attempt_at = ?, "
                 "updated = ? WHERE id = ?",
-                (JobState.QUEUED, reason, now, now, job_id),
+                (JobState.QUEUED, reason, now + after, now, job_id),
             )
             return True
 
