@@ -17,7 +17,7 @@ import pytest
 
 import wsi
 from server.settings import ServerSettings
-from wsi.ingest.queue import Job, JobState, RetryPolicy, SQLiteJobQueue
+from wsi.ingest.queue import Job, JobQueueUnavailable, JobState, RetryPolicy, SQLiteJobQueue
 from wsi.ingest.scan import find_candidates
 from wsi.ingest.settings import AfterSuccess, IngestSettings
 from wsi.ingest.source_files import submit_slide
@@ -166,8 +166,10 @@ def test_a_cancel_after_the_publish_leaves_the_job_done(tmp_path: Path) -> None:
             queue.cancel(job.id)  # the user's DELETE /jobs/{id}, after the publish
             return super()._unpublished(slide_id)
 
-        async def run_job(self, job: Job, stop: asyncio.Event) -> None:
-            await super().run_job(job, stop)
+        async def run_job(
+            self, job: Job, stop: asyncio.Event, claimed: float | None = None
+        ) -> None:
+            await super().run_job(job, stop, claimed)
             ran.set()
 
     settings = IngestSettings(
@@ -476,8 +478,10 @@ def test_a_slide_locked_by_another_conversion_waits_without_spending_attempts(
     ended: list[Job] = []
 
     class Counting(Worker):
-        async def run_job(self, job: Job, stop: asyncio.Event) -> None:
-            await super().run_job(job, stop)
+        async def run_job(
+            self, job: Job, stop: asyncio.Event, claimed: float | None = None
+        ) -> None:
+            await super().run_job(job, stop, claimed)
             ended.append(queue.get(job.id))
 
     async def main() -> None:
@@ -506,3 +510,52 @@ def test_a_slide_locked_by_another_conversion_waits_without_spending_attempts(
     done = queue.get(job.id)
     assert done.state is JobState.DONE and done.attempts == 1, done
     assert store.published_slides() == [job.slide_id]
+
+
+class _CutOffQueue(SQLiteJobQueue):
+    """A job table this worker loses: once `away`, every heartbeat and claim fails as an
+    unreachable database's would (PostgreSQL behind a dead network, a SQLite file locked past
+    its timeout)."""
+
+    away = False
+
+    def heartbeat(self, job_id: str, worker: str, progress: float) -> bool:
+        if self.away:
+            raise JobQueueUnavailable("the job table cannot be reached")
+        return super().heartbeat(job_id, worker, progress)
+
+    def claim(self, worker: str, lease_seconds: float) -> Job | None:
+        if self.away:
+            raise JobQueueUnavailable("the job table cannot be reached")
+        return super().claim(worker, lease_seconds)
+
+
+def test_a_worker_cut_off_from_the_job_table_stops_its_conversion_after_the_lease(
+    tmp_path: Path,
+) -> None:
+    """Its heartbeats fail from some point on: once a whole lease has passed since the last one
+    that succeeded, another worker may have the job, so the conversion (which would never end on
+    its own: a FIFO) is stopped, and the job left to the queue (nothing recorded)."""
+    fifo = _hanging_source(tmp_path)
+    queue = _CutOffQueue(tmp_path / "jobs.sqlite")
+    settings = IngestSettings(
+        poll_seconds=0.1, lease_seconds=0.6, stall_timeout=0.0, stop_timeout=0.5
+    )
+    job = queue.submit(str(fifo), "0123456789abcdef01234567")
+    pids: list[int] = []
+    stopped_itself: list[bool] = []
+
+    def cut_off(worker: Worker, stop: asyncio.Event) -> None:
+        if worker._proc is not None and not pids:
+            pids.append(worker._proc.pid)
+            queue.away = True
+        elif pids and worker._proc is None:
+            stopped_itself.append(True)
+            stop.set()
+
+    _run_worker(queue, tmp_path / "store", settings, job.id, cut_off, until=30)
+    assert pids, "the conversion never started"
+    assert stopped_itself, "the conversion went on after its lease ran out"
+    assert not psutil.pid_exists(pids[0]) or psutil.Process(pids[0]).status() == "zombie"
+    left = queue.get(job.id)  # for its lease to run out and another worker to claim it
+    assert (left.state, left.worker, left.attempts) == (JobState.RUNNING, "w1", 1), left

@@ -108,17 +108,21 @@ class Worker:
         self.keep = tuple(Path(k) for k in keep)
         """Folders never removed when a slide's folder is left empty (the watch folders)."""
         self._proc: asyncio.subprocess.Process | None = None
+        self._lease_until = -float("inf")
+        """Loop time until which the running job's lease is trusted: its claim's or its last
+        successful heartbeat's sending time plus `lease_seconds`."""
 
     async def run(self, stop: asyncio.Event) -> None:
         """Claim and run jobs until `stop` is set, whatever a job throws."""
         while not stop.is_set():
             job = None
             try:
+                sent = asyncio.get_running_loop().time()
                 job = await asyncio.to_thread(
                     self.queue.claim, self.name, self.settings.lease_seconds
                 )
                 if job is not None:
-                    await self.run_job(job, stop)
+                    await self.run_job(job, stop, claimed=sent)
                     continue
             except WsiError:
                 # The queue is unreachable for now (locked, disk full): a job we could not
@@ -180,21 +184,42 @@ class Worker:
                 if stop.is_set():
                     return job.source, "shutdown"
                 share = STAGE_SHARE * self.copies.progress(job.slide_id or "")
-                with contextlib.suppress(WsiError):
-                    if not await asyncio.to_thread(
-                        self.queue.heartbeat, job.id, self.name, round(share, 1)
-                    ):
-                        return job.source, "cancelled"
+                held = await self._heartbeat(job, round(share, 1))
+                if held is False:
+                    return job.source, "cancelled"
+                if held is None:
+                    return job.source, LEASE_LOST
             local = task.result()
         finally:
             if not task.done():
                 task.cancel()
         return (local, None) if local is not None else (job.source, None)
 
-    async def run_job(self, job: Job, stop: asyncio.Event) -> None:
-        """Run one claimed job to its end: done, failed, retried later, or given back."""
+    async def _heartbeat(self, job: Job, progress: float) -> bool | None:
+        """Renew the running job's lease: True when renewed, False when lost (cancelled, or
+        taken over by another worker), None once the queue has not answered for a whole lease.
+
+        A failed renewal (the queue is busy or away) keeps the job only until the last renewal
+        runs out, on this process's monotonic clock from before it was sent: after that another
+        worker may have claimed the job and be converting it, so ours must stop (it holds the
+        slide's lock, and would publish behind the other's back). As the watch folders' leases
+        (`wsi.ingest.lease`)."""
+        loop = asyncio.get_running_loop()
+        sent = loop.time()
         try:
-            await self._run_job(job, stop)
+            held = await asyncio.to_thread(self.queue.heartbeat, job.id, self.name, progress)
+        except WsiError:
+            return True if loop.time() < self._lease_until else None
+        if held:
+            self._lease_until = sent + self.settings.lease_seconds
+        return held
+
+    async def run_job(self, job: Job, stop: asyncio.Event, claimed: float | None = None) -> None:
+        """Run one claimed job to its end: done, failed, retried later, or given back.
+        `claimed`: the loop time before the claim was sent (default now), from which its lease
+        is trusted for `lease_seconds` until a heartbeat renews it."""
+        try:
+            await self._run_job(job, stop, claimed)
         finally:
             # A local copy serves retries and a job given back at shutdown; it goes once the
             # job has ended (done, failed, cancelled).
@@ -204,8 +229,10 @@ class Worker:
                     if current.state.terminal:
                         self.copies.finished(job)
 
-    async def _run_job(self, job: Job, stop: asyncio.Event) -> None:
+    async def _run_job(self, job: Job, stop: asyncio.Event, claimed: float | None) -> None:
         loop = asyncio.get_running_loop()
+        claimed = loop.time() if claimed is None else claimed
+        self._lease_until = claimed + self.settings.lease_seconds
         if job.files:
             # Never convert another slide under this job's content id.
             why = await asyncio.to_thread(changed, job.files)
@@ -275,15 +302,12 @@ class Worker:
             await asyncio.wait(watched, timeout=beat, return_when="FIRST_COMPLETED")
             if waiting.done():
                 break
-            try:
-                held = await asyncio.to_thread(
-                    self.queue.heartbeat, job.id, self.name, min(run.progress, 99.9)
-                )
-            except WsiError:  # the queue is busy or away: keep converting, beat again later
-                held = True
+            held = await self._heartbeat(job, min(run.progress, 99.9))
             now = loop.time()
-            if not held:  # cancelled, or the lease went to another worker
+            if held is False:  # cancelled, or the lease went to another worker
                 run.stopped = run.stopped or "cancelled"
+            elif held is None:  # the queue is away: converting on only while the lease lasts
+                run.stopped = run.stopped or LEASE_LOST
             elif self._over_time(run, now):
                 run.stopped = run.stopped or self._over_time(run, now)
             elif stop.is_set():
@@ -330,8 +354,10 @@ class Worker:
                 return slide_id
             self._failed(job, problem, transient=True)
             return None
-        if run.stopped == "cancelled":
-            return None  # the queue already says cancelled (or another worker owns the job now)
+        if run.stopped in ("cancelled", LEASE_LOST):
+            # The queue already says cancelled, or another worker owns the job now or may take
+            # it once its lease has run out (an attempt spent, as by a worker that died).
+            return None
         if run.stopped == "shutdown":
             self.queue.release(job.id, self.name, "stopped by a service shutdown; resumes")
             return None
@@ -457,6 +483,9 @@ class Worker:
         quarantine = Path(self.settings.quarantine_path(self.store.url))
         move_source(source, quarantine, reason, files=job.files)
 
+
+LEASE_LOST = "lease lost: the job table could not be reached for a whole lease"
+"""Why a conversion is stopped when its worker's heartbeats kept failing past the lease."""
 
 KILL_GRACE_SECONDS = 5.0
 """A conversion asked to stop (SIGTERM) is killed this long afterwards."""
