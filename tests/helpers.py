@@ -113,6 +113,16 @@ class FakeClock:
         self.now += seconds
 
 
+def settled(*paths: Path) -> None:
+    """Date `paths` (and every file under a folder among them) an hour back: slides that have
+    not changed for longer than any settle time, so a worker that cannot read one quarantines
+    it at once instead of retrying it as a copy that may still be under way."""
+    old = time.time() - 3600
+    for path in paths:
+        for each in [path, *(path.rglob("*") if path.is_dir() else ())]:
+            os.utime(each, (old, old))
+
+
 def drain(
     queue: SQLiteJobQueue, store: str, settings: IngestSettings, until: float = 120.0
 ) -> None:

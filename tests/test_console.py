@@ -28,7 +28,7 @@ from wsi.ingest.source_files import move_source
 
 from .browser import AppThread, Chromium
 from .conftest import sample
-from .helpers import drain, wait_until
+from .helpers import drain, settled, wait_until
 
 TOKEN = "console-test-token"
 KEY = "console-test-signing-key"
@@ -49,6 +49,7 @@ def setup_service(tmp: Path, *, auth: bool, deidentify: bool = False) -> ServerS
     move_source(tmp / "case-b.svs", state / "quarantine", REASON)
     shutil.copy(sample("openslide-python-fixtures/boxes.tiff"), inbox / "case-c.tif")
     shutil.copy(sample("openslide-python-fixtures/unopenable.tiff"), inbox / "broken.tiff")
+    settled(inbox / "broken.tiff")
     ingest = IngestSettings(
         workers=0, quiet_seconds=0.3, poll_seconds=0.1, state_dir=str(state), deidentify=deidentify
     )

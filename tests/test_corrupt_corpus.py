@@ -26,7 +26,7 @@ from wsi.ingest.settings import IngestSettings
 from wsi.ingest.source_files import submit_slide
 
 from .conftest import make_tiff, sample
-from .helpers import drain
+from .helpers import drain, settled
 from .test_hostile_slides import hostile_tile_tiff, sparse_tiff
 
 MEMORY_LIMIT = 3 * 1024**3
@@ -151,6 +151,7 @@ def test_the_watch_folder_quarantines_each_bad_slide_and_converts_the_rest(
     inbox.mkdir()
     for path in [*bad, *good]:
         shutil.copy(path, inbox / path.name)
+        settled(inbox / path.name)
     queue = SQLiteJobQueue(tmp_path / "jobs.sqlite")
     settings = IngestSettings(
         after_success="move",

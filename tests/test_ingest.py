@@ -26,7 +26,7 @@ from wsi.slide_id import content_slide_id
 from wsi.store.objects import StoreSettings
 
 from .conftest import sample
-from .helpers import drain, run_wsi
+from .helpers import FakeClock, drain, run_wsi
 
 
 def drop(inbox: Path, name: str) -> Path:
@@ -40,6 +40,8 @@ def test_good_slide_converts_and_corrupt_one_is_quarantined(tmp_path: Path) -> N
     inbox, store = tmp_path / "inbox", tmp_path / "store"
     good = drop(inbox, "openslide-python-fixtures/small.svs")
     bad = drop(inbox, "openslide-python-fixtures/unopenable.tiff")
+    still = time.time() - 3600  # unchanged for an hour: no copy of it is still under way
+    os.utime(bad, (still, still))
     queue = SQLiteJobQueue(tmp_path / "jobs.sqlite")
     settings = IngestSettings(quarantine_dir=str(tmp_path / "quarantine"), poll_seconds=0.1)
     good_job = queue.submit(str(good), content_slide_id(good))
@@ -559,3 +561,76 @@ def test_a_worker_cut_off_from_the_job_table_stops_its_conversion_after_the_leas
     assert not psutil.pid_exists(pids[0]) or psutil.Process(pids[0]).status() == "zombie"
     left = queue.get(job.id)  # for its lease to run out and another worker to claim it
     assert (left.state, left.worker, left.attempts) == (JobState.RUNNING, "w1", 1), left
+
+
+def test_a_copy_that_pauses_past_the_quiet_period_is_converted_once_complete(
+    tmp_path: Path,
+) -> None:
+    """A copy stops at 60% for longer than the quiet period: the half file becomes a job and the
+    converter cannot read it. Written to moments ago, it is retried, not quarantined; the copy
+    then completes (the next attempt finds the source changed and leaves it), and the complete
+    slide, reported again by the watcher, converts. A file as broken but still for
+    `settle_seconds` is quarantined at once."""
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    data = sample("openslide-python-fixtures/small.svs").read_bytes()
+    slide = inbox / "small.svs"
+    slide.write_bytes(data[: len(data) * 6 // 10])  # the copy, paused
+    clock = FakeClock()
+    clock.now = time.time()
+    queue = SQLiteJobQueue(tmp_path / "jobs.sqlite", clock=clock)
+    settings = IngestSettings(quarantine_dir=str(tmp_path / "quarantine"), poll_seconds=0.05)
+    assert settings.settle_seconds == 4 * settings.quiet_seconds
+    (candidate,) = find_candidates(inbox)
+    half = submit_slide(queue, candidate, watched=True)
+    ended = asyncio.Event()
+
+    class OneJob(Worker):
+        async def run_job(
+            self, job: Job, stop: asyncio.Event, claimed: float | None = None
+        ) -> None:
+            await super().run_job(job, stop, claimed)
+            ended.set()
+
+    async def one_attempt() -> None:
+        stop = asyncio.Event()
+        worker = OneJob(queue, StoreSettings(str(tmp_path / "store")), settings, name="w")
+        task = asyncio.create_task(worker.run(stop))
+        try:
+            await asyncio.wait_for(ended.wait(), 120)
+        finally:
+            stop.set()
+            await asyncio.wait_for(task, 60)
+
+    asyncio.run(one_attempt())
+    retried = queue.get(half.id)
+    assert (retried.state, retried.attempts) == (JobState.QUEUED, 1), retried
+    assert retried.next_attempt_at > clock.now  # after the backoff
+    assert slide.exists() and not (tmp_path / "quarantine").exists()
+
+    with slide.open("ab") as rest:  # the copy resumes and completes
+        rest.write(data[len(data) * 6 // 10 :])
+    clock.step(3600)  # the half file's retry is due
+    (candidate,) = find_candidates(inbox)
+    whole = submit_slide(queue, candidate, watched=True)  # the watcher's report of it
+    assert whole.id != half.id
+    drain(queue, str(tmp_path / "store"), settings)
+    left = queue.get(half.id)
+    assert left.state is JobState.FAILED and "source changed" in (left.error or ""), left
+    done = queue.get(whole.id)
+    assert done.state is JobState.DONE, done
+    assert wsi.Store(wsi.StoreSettings(str(tmp_path / "store"))).published_slides() == [
+        content_slide_id(slide)
+    ]
+    assert not (tmp_path / "quarantine").exists()
+
+    broken = inbox / "broken.svs"  # a copy that never completes
+    broken.write_bytes(data[: len(data) * 6 // 10])
+    still = time.time() - settings.settle_seconds - 1
+    os.utime(broken, (still, still))
+    (candidate,) = (c for c in find_candidates(inbox) if c.path == broken)
+    job = submit_slide(queue, candidate)
+    drain(queue, str(tmp_path / "store"), settings)
+    failed = queue.get(job.id)
+    assert (failed.state, failed.attempts) == (JobState.FAILED, 1), failed
+    assert (tmp_path / "quarantine" / "broken.svs" / "REASON.txt").exists()

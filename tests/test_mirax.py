@@ -30,7 +30,7 @@ from wsi.slidefiles import mrxs_required_files
 from wsi.sources import open_slide
 
 from .conftest import area_reference, openslide_level0, psnr
-from .helpers import FakeClock, drain
+from .helpers import FakeClock, drain, settled
 
 WIDTH, HEIGHT = 1500, 1100
 LEVELS = 3
@@ -255,6 +255,7 @@ def test_ingest_converts_and_moves_mrxs_with_its_folder(mirax_slide: Path, tmp_p
     broken = copy_slide(mirax_slide, tmp_path / "inbox", "broken.mrxs")
     index = broken.with_suffix("") / "Index.dat"
     index.write_bytes(index.read_bytes()[:5] + b"not-this-slide" + index.read_bytes()[19:])
+    settled(broken, broken.with_suffix(""))
     store = tmp_path / "store"
     queue = SQLiteJobQueue(tmp_path / "jobs.sqlite")
     settings = IngestSettings(

@@ -45,6 +45,10 @@ ENV_PREFIX = "WSI_"
 
 AfterSuccess = Literal["keep", "move", "delete"]
 
+SETTLE_QUIET_PERIODS = 4
+"""A slide the converter cannot read is quarantined only once its files have been still for this
+many quiet periods (`IngestSettings.settle_seconds`)."""
+
 
 def _cli(help: str, flag: str | None = None) -> dict[str, Any]:
     """Field metadata: the setting's short help and its command-line flag (default
@@ -199,6 +203,15 @@ class IngestSettings:
     def staging_limits(self) -> StagingLimits:
         """The bounds of one `s3://` source and of the spool, for `wsi.ingest.staging`."""
         return StagingLimits(self.max_source_objects, self.max_source_bytes, self.spool_quota_bytes)
+
+    @property
+    def settle_seconds(self) -> float:
+        """How long a slide's files must have been unchanged (newest mtime) before the
+        converter's "cannot read this slide" is final: `SETTLE_QUIET_PERIODS` quiet periods.
+        A copy that pauses longer than the quiet period makes its half-written file a job; that
+        failure is retried with the backoff instead, so the copy that resumes is converted once
+        complete, not quarantined while still being written."""
+        return SETTLE_QUIET_PERIODS * self.quiet_seconds
 
     def state_path(self, store: str) -> str:
         """The state folder of ingest publishing into `store`: `state_dir` when given; beside a

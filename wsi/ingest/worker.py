@@ -3,7 +3,8 @@
 A crash in a C reader (OpenSlide, libtiff, OpenJPEG) kills that subprocess only: the job is
 retried (a crash counts as transient) and, after the queue's last attempt, failed. A slide the
 converter calls unreadable (`ExitCode.FAILED`) fails at once and its source moves to the
-quarantine folder with a reason file, so the next drop of good slides is not held up. The
+quarantine folder with a reason file, so the next drop of good slides is not held up; unless
+its files changed within `settle_seconds` (a copy that paused may resume): then it is retried. The
 store's atomic publish means a killed conversion never leaves half a slide, whoever killed it.
 A conversion that could not start because another process holds the slide's lock
 (`ExitCode.SLIDE_BUSY`) is no attempt: the job is given back for later, never quarantined.
@@ -373,11 +374,24 @@ class Worker:
             )
             return None
         if code is not None and is_permanent_failure(code):
-            self._failed(job, last_error or "the converter could not read this slide", False)
+            # Final only for a slide that has been still a while: one written to moments ago
+            # may be a copy that paused past the quiet period and will resume.
+            reason = last_error or "the converter could not read this slide"
+            self._failed(job, reason, transient=self._settling(job))
             return None
         # The store (TEMPFAIL), a crash or a kill (negative status): try again later.
         self._failed(job, last_error or f"conversion ended with status {code}", transient=True)
         return None
+
+    def _settling(self, job: Job) -> bool:
+        """Whether a file of the job's local source was modified less than `settle_seconds`
+        ago (maybe still being copied). False when none can be looked at (a bucket's source)."""
+        paths = [f.path for f in job.files] or ([] if is_remote(job.source) else [job.source])
+        newest = -float("inf")
+        for path in paths:
+            with contextlib.suppress(OSError):
+                newest = max(newest, os.stat(path).st_mtime)
+        return time.time() - newest < self.settings.settle_seconds
 
     def _failed(self, job: Job, reason: str, transient: bool) -> None:
         """Record a failed attempt; once the job has failed for good, quarantine its source."""
