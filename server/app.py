@@ -200,8 +200,8 @@ async def _ingest(app: web.Application) -> AsyncIterator[None]:
         yield
         return
     from wsi.ingest.queue import open_queue
+    from wsi.ingest.roles import shutdown_seconds
     from wsi.ingest.supervise import Supervisor
-    from wsi.ingest.worker import shutdown_seconds
 
     ingest = settings.ingest
     await asyncio.to_thread(ingest.make_state, settings.store)  # private, whatever the umask
@@ -227,7 +227,7 @@ async def _ingest(app: web.Application) -> AsyncIterator[None]:
 def _start_watcher(app: web.Application, tasks: Supervisor, stop: asyncio.Event) -> None:
     """The watch folders' loop: each complete slide becomes a job, viewable from its file while
     it converts, and wakes the workers."""
-    from wsi.ingest.worker import watch_folders
+    from wsi.ingest.roles import watch_folders
 
     settings, sources, wake = app[SETTINGS], app[CATALOG].sources, app[JOBS_WAKE]
 
@@ -271,7 +271,8 @@ def _start_workers(
     """The conversion workers, and the store-wide loops: old jobs purged; old slides archived
     (CPU work: only where conversions run, by one service of those sharing the job table at a
     time)."""
-    from wsi.ingest.worker import Worker, purge_jobs
+    from wsi.ingest.roles import purge_jobs
+    from wsi.ingest.worker import Worker
 
     settings, queue = app[SETTINGS], app[JOBS]
     ingest = settings.ingest

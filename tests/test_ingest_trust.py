@@ -28,9 +28,10 @@ from server.app import create_app
 from server.keys import INGEST_TASKS
 from server.settings import ServerSettings
 from wsi.ingest.queue import Job, JobState, RetryPolicy, SQLiteJobQueue
+from wsi.ingest.roles import feed
 from wsi.ingest.settings import IngestSettings
 from wsi.ingest.watcher import FolderWatcher
-from wsi.ingest.worker import Worker, feed
+from wsi.ingest.worker import Worker
 from wsi.slide_id import content_slide_id
 from wsi.store.objects import Store, StoreSettings
 

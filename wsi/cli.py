@@ -355,7 +355,7 @@ def role_settings(
 
 def _ingest_role(args: argparse.Namespace) -> int:
     from wsi.ingest.queue import open_queue
-    from wsi.ingest.worker import run_roles
+    from wsi.ingest.roles import run_roles
 
     settings = role_settings(args)
     settings.make_state(args.store)

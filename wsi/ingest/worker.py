@@ -15,7 +15,8 @@ A job is done only once its slide's manifest reads back from the store and `afte
 moved or deleted the source (`wsi.ingest.source_files`: exactly the files recorded at submit,
 only while they are still those files, durably). What cannot be done then (no right to delete on
 a scanner share, a full disk) is a warning on the done job, never the end of the worker: `run`
-outlives anything a job throws, and the loops here run under a `Supervisor` that restarts them.
+outlives anything a job throws, and it runs under a `Supervisor` that restarts it
+(`wsi.ingest.roles`).
 """
 
 from __future__ import annotations
@@ -27,13 +28,12 @@ import logging
 import os
 import signal
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
 from wsi.errors import SlideNotFound, WsiError
-from wsi.ingest.lease import FolderLeases, run_while_held, store_lease_name
 from wsi.ingest.privacy import redact, reference, source_names
 from wsi.ingest.protocol import (
     ExitCode,
@@ -45,11 +45,9 @@ from wsi.ingest.protocol import (
 from wsi.ingest.quarantine import without_folders_of
 from wsi.ingest.queue import Job, JobQueue, JobState, worker_name
 from wsi.ingest.settings import IngestSettings
-from wsi.ingest.source_files import changed, delete_files, move_files, move_source, submit_slide
-from wsi.ingest.spool import sweep_orphans
+from wsi.ingest.source_files import changed, delete_files, move_files, move_source
 from wsi.ingest.staging import STAGE_SHARE, is_remote
-from wsi.ingest.supervise import Supervisor, describe, where
-from wsi.ingest.watcher import FolderWatcher
+from wsi.ingest.supervise import describe, where
 from wsi.store.objects import Store, StoreSettings
 
 log = logging.getLogger("wsi.ingest.worker")
@@ -560,109 +558,3 @@ def _signal_group(proc: asyncio.subprocess.Process, sig: int) -> None:
     """Signal the conversion's session (it leads its own process group)."""
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(proc.pid, sig)
-
-
-async def feed(
-    watcher: FolderWatcher,
-    queue: JobQueue,
-    on_submitted: Callable[[str, Path], None] | None = None,
-) -> None:
-    """Turn every complete slide the watcher reports into a job with its files (the same
-    content: one job; a cancelled or failed one too, until someone retries it). A slide that
-    cannot be submitted now (it changed again, a file cannot be read, the queue is away) is
-    reported again after another quiet period, not forgotten."""
-    async for slide in watcher.events():
-        try:
-            job = await asyncio.to_thread(submit_slide, queue, slide, watched=True)
-        except (WsiError, OSError) as exc:
-            log.info("a slide could not be submitted (%s): tried again later", describe(exc))
-            watcher.retry(slide)
-            continue
-        if on_submitted is not None and job.slide_id is not None:
-            on_submitted(job.slide_id, slide.path)
-
-
-async def watch_folders(
-    folders: Sequence[str],
-    queue: JobQueue,
-    settings: IngestSettings,
-    stop: asyncio.Event,
-    on_submitted: Callable[[str, Path], None] | None = None,
-) -> None:
-    """`feed` from a new watcher of `folders` until `stop`. New at every (re)start: a watcher
-    restarted after a crash reports every complete slide again (submitting is idempotent), so a
-    slide reported just before the crash is not lost. Each folder is scanned only while this
-    watcher holds its lease in the job table (`wsi.ingest.lease`): of the services sharing one
-    folder, one watches it at a time."""
-    leases = FolderLeases(queue, folders, settings.lease_seconds)
-    watcher = FolderWatcher(
-        folders, settings.quiet_seconds, settings.poll_seconds, stop_event=stop, leases=leases
-    )
-    await feed(watcher, queue, on_submitted)
-
-
-PURGE_EVERY_SECONDS = 3600.0
-
-
-async def purge_jobs(queue: JobQueue, keep_days: float, stop: asyncio.Event) -> None:
-    """Hourly (and once at start): delete jobs that ended more than `keep_days` ago. A queue
-    error is left for the next round: purging is housekeeping, never a reason to stop."""
-    while not stop.is_set():
-        with contextlib.suppress(WsiError):
-            await asyncio.to_thread(queue.purge, time.time() - keep_days * 86400.0)
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), PURGE_EVERY_SECONDS)
-
-
-def shutdown_seconds(settings: IngestSettings) -> float:
-    """How long stopping the ingest tasks may take: running conversions get `stop_timeout`, then
-    SIGTERM and, `KILL_GRACE_SECONDS` later, SIGKILL; a few seconds more for the bookkeeping."""
-    return settings.stop_timeout + KILL_GRACE_SECONDS + 5
-
-
-def run_roles(
-    queue: JobQueue,
-    store: StoreSettings,
-    settings: IngestSettings,
-    *,
-    watch: tuple[str, ...] = (),
-    convert: bool = False,
-    housekeeping: Mapping[str, Callable[[asyncio.Event], Awaitable[None]]] | None = None,
-) -> None:
-    """`wsi watch` (`watch` folders feed the queue) and `wsi worker` (`convert`:
-    `settings.workers` conversions into `store`) without the HTTP service, until SIGTERM or
-    SIGINT; running conversions get `settings.stop_timeout` to finish. `housekeeping`: more
-    loops of the converting role (name -> loop until the event is set), started with the
-    conversions: the archive policy, which imports what ingest must not."""
-    workers = settings.workers if convert else 0
-
-    async def main() -> None:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        await asyncio.to_thread(queue.recover)
-        if workers:  # temp copies of s3:// sources whose conversions were killed
-            await asyncio.to_thread(sweep_orphans, settings.spool_path(store.url))
-        tasks = Supervisor(stop)
-        for i in range(workers):
-            tasks.start(
-                f"worker-{i + 1}", functools.partial(Worker(queue, store, settings).run, stop)
-            )
-        if workers and settings.keep_jobs_days:
-            tasks.start(
-                "purge", functools.partial(purge_jobs, queue, settings.keep_jobs_days, stop)
-            )
-        for name, loop_until in (housekeeping or {}).items() if workers else ():
-            # One worker of those sharing the job table runs each loop over the store.
-            lease = store_lease_name(name, store.url)
-            held = functools.partial(
-                run_while_held, queue, lease, settings.lease_seconds, loop_until, stop
-            )
-            tasks.start(name, held)
-        if watch:
-            tasks.start("watcher", functools.partial(watch_folders, watch, queue, settings, stop))
-        await stop.wait()
-        await tasks.wait(shutdown_seconds(settings))
-
-    asyncio.run(main())
