@@ -9,7 +9,7 @@ import functools
 import logging
 import time
 import traceback
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -25,10 +25,11 @@ from server.bucket_copies import StagedSources
 from server.catalog import PRIVATE_IMAGES, Catalog
 from server.converting import SourceSlides
 from server.cors import (
+    CORS_POLICY,
     HOSTS_SEEN,
-    cors_headers,
+    CorsPolicy,
+    add_cors_headers,
     cors_middleware,
-    installs_cors_headers,
     refusal,
 )
 from server.errors import status_of
@@ -79,16 +80,28 @@ ROUTES: tuple[ModuleType, ...] = (
 as a slide id. A missing dependency fails the import here, loudly, instead of an API quietly
 going absent."""
 
+TILE_ROUTES: tuple[Callable[[web.Application], None], ...] = (
+    slides.register_tiles,
+    dzi.register_tiles,
+)
+"""Registered before `ROUTES`: aiohttp tries the routes under one first path segment in
+registration order, each a coroutine and a regular expression (about 3% of a hot tile's
+instructions per route tried before the one that matches), and tiles are what clients ask for by
+the thousand. The two paths have different segment counts, so they never match each other's
+requests, nor the other routes'. Plain tiles first: scripts and AI readers ask for them as fast
+as the service answers; a viewer's DeepZoom tiles come a screenful at a time."""
+
 
 @web.middleware
 async def front_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Errors to JSON (every error is a JSON body with a 4xx/5xx status; no stack trace ever
-    leaves), metrics and CORS preflights, in one layer: each layer costs a coroutine per request,
-    which shows at thousands of tiles per second."""
+    leaves), metrics, CORS preflights and headers, in one layer: each layer costs a coroutine
+    per request, which shows at thousands of tiles per second."""
     start = time.perf_counter()
+    app = request.app
     response: web.StreamResponse
     try:
-        hosts_seen = request.app[HOSTS_SEEN]
+        hosts_seen = app[HOSTS_SEEN]
         why = refusal(request, hosts_seen) if hosts_seen is not None else None
         if why is not None:
             response = json_error(403, why)
@@ -97,7 +110,8 @@ async def front_middleware(request: web.Request, handler: Handler) -> web.Stream
         else:
             response = await handler(request)
     except web.HTTPException as exc:
-        if exc.status < 400:
+        if exc.status < 400:  # a redirect: aiohttp sends it as it is
+            add_cors_headers(request, exc)
             raise
         response = json_error(exc.status, exc.reason)
     except WsiError as exc:
@@ -109,7 +123,10 @@ async def front_middleware(request: web.Request, handler: Handler) -> web.Stream
     except Exception as exc:  # a bug: still a JSON answer, and a log line that names no file
         _log_internal(request, exc)
         response = json_error(500, "internal error")
-    request.app[METRICS].observe(request, response, start)
+    resource = request.match_info.route.resource
+    if not response.prepared:  # one that streamed added them before it started
+        add_cors_headers(request, response, resource)
+    app[METRICS].observe(resource, response, start)
     return response
 
 
@@ -336,8 +353,6 @@ def create_app(settings: ServerSettings, role: ProcessRole | None = None) -> web
     install_response_headers(app, private=settings.requires_auth)
     # Without auth, the browser-facing checks of `server.cors.refusal` (None: not needed).
     app[HOSTS_SEEN] = None if settings.requires_auth else set()
-    if installs_cors_headers(settings):
-        app.on_response_prepare.append(cors_headers)
     if settings.audit_log:
         app.cleanup_ctx.append(_audit)
         app.on_response_prepare.append(_audit_record)
@@ -346,8 +361,11 @@ def create_app(settings: ServerSettings, role: ProcessRole | None = None) -> web
         app.cleanup_ctx.append(publish_status)
     runs_ingest = role.ingest and bool(settings.watch or settings.s3_sources)
     app.cleanup_ctx.append(_ingest if runs_ingest else follow_ingest)
+    for register_tiles in TILE_ROUTES:
+        register_tiles(app)
     for module in ROUTES:
         module.register(app)
+    app[CORS_POLICY] = CorsPolicy.of(settings, app.router)
     app[ROUTE_MODULES] = list(ROUTES)
     return app
 

@@ -105,12 +105,18 @@ class SlideInfo(Protocol):
 class ServedSlide(SlideInfo, Protocol):
     """A slide the routes serve: `AsyncPublishedSlide`, or `ConvertingSlide` while it converts."""
 
+    def __hash__(self) -> int:
+        """By identity: a slide published again is a new object (memos keyed by slide)."""
+
     @property
     def dicom(self) -> PublishedDicom | None: ...
     def level(self, index: int) -> ServedLevel: ...
     def best_level(self, downsample: float) -> ServedLevel: ...
     async def tile_bytes(self, level: int, col: int, row: int) -> bytes:
         """The stored (or, converting, the would-be stored) bytes of one tile, padded."""
+
+    def cached_tile_bytes(self, level: int, col: int, row: int) -> bytes | None:
+        """`tile_bytes` when cached and published, else None (then await `tile_bytes`)."""
 
     async def tile(self, level: int, col: int, row: int) -> np.ndarray:
         """One tile as RGB pixels, cropped to the level."""
@@ -273,10 +279,16 @@ class ConvertingSlide(SourcePyramid):
     sources: SourceSlides
     store: PublishedStore
 
+    def _tile_key(self, level: int, col: int, row: int) -> tuple[str, str, int, int, int]:
+        self.level(level).check_tile(col, row)
+        return ("source", self.slide_id, level, col, row)
+
+    def cached_tile_bytes(self, level: int, col: int, row: int) -> bytes | None:
+        return self.store.tiles.get_if_held(self._tile_key(level, col, row))
+
     async def tile_bytes(self, level: int, col: int, row: int) -> bytes:
         """Tile (col, row) of `level` as a complete JPEG of the full tile size."""
-        self.level(level).check_tile(col, row)
-        key = ("source", self.slide_id, level, col, row)
+        key = self._tile_key(level, col, row)
         data = self.store.tiles.get(key)
         if data is not None:
             return data
@@ -354,6 +366,11 @@ class Catalog:
             return ids
         found = await self.store.run_in_pool(self.sources.scan)
         return ids + sorted(set(found) - set(ids))
+
+    def opened(self, slide_id: str) -> ServedSlide | None:
+        """`slide`'s answer without awaiting when it is a published slide already open and
+        recently checked, else None (then await `slide`)."""
+        return self.store.opened(slide_id)
 
     async def slide(self, slide_id: str) -> ServedSlide:
         """The slide `slide_id`: published, else from its source; SlideNotFound otherwise."""

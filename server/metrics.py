@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
+from aiohttp.web_urldispatcher import AbstractResource
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import (
     CounterMetricFamily,
@@ -82,10 +83,12 @@ class Metrics:
         self.integrity: Callable[[], IntegrityStatus] | None = None
         """The integrity check's status, read at each scrape (set where it can be read)."""
 
-    def observe(self, request: web.Request, response: web.StreamResponse, start: float) -> None:
-        """Count one answered request (called by the app's front middleware)."""
+    def observe(
+        self, resource: AbstractResource | None, response: web.StreamResponse, start: float
+    ) -> None:
+        """Count one answered request of `resource` (None: no route matched), called by the
+        app's front middleware."""
         elapsed = time.perf_counter() - start
-        resource = request.match_info.route.resource
         name = self._names.get(id(resource))
         if name is None:
             name = resource.canonical if resource is not None else "unmatched"

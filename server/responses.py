@@ -32,9 +32,10 @@ class ResponseHeaders:
     content type. Only the ETag, and whether the URL names the slide's current version, differ
     from one response to the next, so a re-published slide needs nothing rebuilt here."""
 
-    __slots__ = ("_fixed", "_immutable", "_revalidate")
+    __slots__ = ("_fixed", "_immutable", "_private", "_revalidate")
 
     def __init__(self, private: bool) -> None:
+        self._private = private
         scope = "private" if private else "public"
         self._immutable = f"{scope}, max-age=31536000, immutable"
         self._revalidate = f"{scope}, no-cache"
@@ -43,7 +44,9 @@ class ResponseHeaders:
     def cache_control(self, request: web.Request, version: str | None, storable: bool) -> str:
         if not storable:
             return "no-store"
-        expires = request.get(SIGNED_EXPIRES)
+        # Signed URLs exist only where auth is on (`private`): a tile of a service without auth
+        # skips the lookup, a Mapping.get that raises and catches a KeyError each time.
+        expires = request.get(SIGNED_EXPIRES) if self._private else None
         if expires is not None:  # kept no longer than the signature that opened it lives
             return f"private, max-age={max(0, expires - int(time.time()))}"
         # The query string is parsed only when there is one (most tile URLs of scripts have none).

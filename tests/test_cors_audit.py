@@ -109,6 +109,37 @@ def test_on_loopback_only_listed_origins_read_names(store: tuple[Path, str]) -> 
     run(ServerSettings(store=str(root), cors_origins=(VIEWER,)), listed)
 
 
+def test_answers_that_stream_or_redirect_carry_cors_headers(store: tuple[Path, str]) -> None:
+    """The headers are added where a handler returns its answer and, for the answers that
+    stream (WADO-RS frames, instances) or redirect (IIIF's base URL), before they go out."""
+    root, sid = store
+
+    async def check(c: TestClient) -> None:
+        docs = await (await c.get("/dicomweb/instances?includefield=all")).json()
+        doc = max(docs, key=lambda d: int(d.get("00280008", {}).get("Value", [0])[0]))
+        uid = {tag: doc[tag]["Value"][0] for tag in ("0020000D", "0020000E", "00080018")}
+        instance = (
+            f"/dicomweb/studies/{uid['0020000D']}/series/{uid['0020000E']}"
+            f"/instances/{uid['00080018']}"
+        )
+        accept = 'multipart/related; type="application/octet-stream"; transfer-syntax=*'
+        many = ",".join(str(n) for n in range(1, 21))  # past the frames sent as one body
+        for url, headers in (
+            (f"{instance}/frames/{many}", {"Accept": accept}),
+            (instance, {"Accept": 'multipart/related; type="application/dicom"'}),
+        ):
+            r = await c.get(url, headers={"Origin": VIEWER, **headers})
+            assert r.status == 200, url
+            assert r.headers["Content-Type"].startswith("multipart/related"), url
+            assert r.headers["Access-Control-Allow-Origin"] == VIEWER, url
+            assert "Origin" in r.headers.getall("Vary"), url
+            await r.read()
+        r = await c.get(f"/iiif/3/{sid}", headers={"Origin": VIEWER}, allow_redirects=False)
+        assert r.status in (302, 303) and r.headers["Access-Control-Allow-Origin"] == VIEWER
+
+    run(ServerSettings(store=str(root), cors_origins=(VIEWER,)), check)
+
+
 def test_without_auth_only_loopback_names_are_answered(store: tuple[Path, str]) -> None:
     """DNS rebinding: a site whose name resolves to 127.0.0.1 would otherwise read the service
     as its own origin."""

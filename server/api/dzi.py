@@ -11,7 +11,9 @@ our smallest are rendered from it.
 
 from __future__ import annotations
 
+import functools
 import math
+from dataclasses import dataclass
 
 import numpy as np
 from aiohttp import web
@@ -60,6 +62,25 @@ def stored_level(slide: ServedSlide, z: int) -> ServedLevel | None:
     return None
 
 
+@dataclass(frozen=True)
+class DeepZoom:
+    """A slide's DeepZoom geometry: its top level, tile size, and per level its size and the
+    stored level with its pixels (None: rendered from a more detailed one)."""
+
+    top: int
+    size: int
+    levels: tuple[tuple[int, int, ServedLevel | None], ...]
+
+
+@functools.lru_cache(maxsize=64)
+def deep_zoom(slide: ServedSlide) -> DeepZoom:
+    """`slide`'s DeepZoom geometry, worked out once per slide object (a re-published slide is
+    a new object), not for every tile."""
+    top = max_level(slide)
+    levels = tuple((*dzi_size(slide, z), stored_level(slide, z)) for z in range(top + 1))
+    return DeepZoom(top, tile_size(slide), levels)
+
+
 async def descriptor(request: web.Request) -> web.Response:
     slide = await request.app[CATALOG].slide(request.match_info["slide_id"])
     size = tile_size(slide)
@@ -74,25 +95,29 @@ async def descriptor(request: web.Request) -> web.Response:
 
 async def tile(request: web.Request) -> web.Response:
     catalog = request.app[CATALOG]
-    slide = await catalog.slide(request.match_info["slide_id"])
-    z, x, y = (request.match_info[k] for k in ("z", "x", "y"))
+    info = request.match_info
+    slide = catalog.opened(info["slide_id"])  # a busy viewer's: without a coroutine
+    if slide is None:
+        slide = await catalog.slide(info["slide_id"])
+    z, x, y = info["z"], info["x"], info["y"]
     if not (z.isdigit() and x.isdigit() and y.isdigit()) or max(map(len, (z, x, y))) > 6:
         raise InvalidArgument("DeepZoom level and tile coordinates must be integers")
     z_, x_, y_ = int(z), int(x), int(y)
-    top = max_level(slide)
-    if z_ > top:
-        raise InvalidArgument(f"DeepZoom level {z_} > {top}")
-    size = tile_size(slide)
-    width, height = dzi_size(slide, z_)
+    dz = deep_zoom(slide)
+    if z_ > dz.top:
+        raise InvalidArgument(f"DeepZoom level {z_} > {dz.top}")
+    size = dz.size
+    width, height, level = dz.levels[z_]
     if x_ * size >= width or y_ * size >= height:
         raise InvalidArgument(f"tile ({x_}, {y_}) is outside DeepZoom level {z_}")
     tw, th = min(size, width - x_ * size), min(size, height - y_ * size)
     version = slide.version
     etag = f"{version}-dz{z_}-{x_}-{y_}"
-    level = stored_level(slide, z_)
     if level is not None and x_ * size < level.width and y_ * size < level.height:
         if (level.tile_width, level.tile_height, tw, th) == (size,) * 4 and level.codec == JPEG:
-            data = await slide.tile_bytes(level.index, x_, y_)
+            data = slide.cached_tile_bytes(level.index, x_, y_)
+            if data is None:
+                data = await slide.tile_bytes(level.index, x_, y_)
             return etag_response(request, data, "image/jpeg", etag, version=version)
         body = await assembled(catalog, slide, level, (x_ * size, y_ * size), (tw, th))
         return etag_response(request, body, "image/jpeg", etag, version=version)
@@ -139,13 +164,14 @@ async def assembled(
     return await in_pool(catalog, encode)
 
 
-def register(app: web.Application) -> None:
-    # The tiles first: every route under /slides is tried in registration order (`server.app`
-    # registers DeepZoom's before the slides'), and a viewer asks for tiles far more often than
-    # for anything else; the two paths have different segment counts, so they never overlap.
+def register_tiles(app: web.Application) -> None:
+    """The tile route, registered ahead of every other route under /slides (`server.app`)."""
     app.router.add_get(
         f"/slides/{SLIDE}_files/{{z:\\d+}}/{{x:\\d+}}_{{y:\\d+}}.jpeg", tile, name="dzi.tile"
     )
+
+
+def register(app: web.Application) -> None:
     app.router.add_get(f"/slides/{SLIDE}.dzi", descriptor, name="dzi.descriptor")
 
 

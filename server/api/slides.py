@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Mapping
 from typing import Any
 
 from aiohttp import web
@@ -18,8 +19,9 @@ from wsi.model import ASSOCIATED_KINDS
 from wsi.published.values import JPEG, decode_tile
 
 
-def int_param(request: web.Request, name: str) -> int:
-    value = request.match_info[name]
+def int_param(info: Mapping[str, str], name: str) -> int:
+    """Path parameter `name` of the matched route as a non-negative integer."""
+    value = info[name]
     if not value.isdigit() or len(value) > 9:
         raise InvalidArgument(f"{name} must be a non-negative integer")
     return int(value)
@@ -96,10 +98,17 @@ async def get_slide(request: web.Request) -> web.Response:
 
 async def get_tile(request: web.Request) -> web.Response:
     catalog = request.app[CATALOG]
-    slide = await catalog.slide(request.match_info["slide_id"])
-    level, col, row = (int_param(request, n) for n in ("level", "col", "row"))
+    info = request.match_info
+    slide_id = info["slide_id"]
+    # A busy service's tile is one of an open slide, cached: taken without a coroutine.
+    slide = catalog.opened(slide_id)
+    if slide is None:
+        slide = await catalog.slide(slide_id)
+    level, col, row = int_param(info, "level"), int_param(info, "col"), int_param(info, "row")
     lv = slide.level(level)
-    data = await slide.tile_bytes(level, col, row)
+    data = slide.cached_tile_bytes(level, col, row)
+    if data is None:
+        data = await slide.tile_bytes(level, col, row)
     version = slide.version
     etag = f"{version}-{level}-{col}-{row}"
     if lv.codec == JPEG:
@@ -129,9 +138,12 @@ async def get_associated(request: web.Request) -> web.Response:
     return etag_response(request, body, content_type, etag, version=version, storable=storable)
 
 
-def register(app: web.Application) -> None:
-    # Tiles first (see `dzi.register`): no other route here matches a tile's path.
+def register_tiles(app: web.Application) -> None:
+    """The tile route, registered ahead of every other route under /slides (`server.app`)."""
     app.router.add_get("/slides/{slide_id}/tiles/{level}/{col}/{row}", get_tile, name="slides.tile")
+
+
+def register(app: web.Application) -> None:
     app.router.add_get("/slides", list_slides)
     app.router.add_get("/slides/{slide_id}", get_slide)
     app.router.add_get("/slides/{slide_id}/associated/{name}", get_associated)

@@ -69,6 +69,17 @@ class ByteLRU(Generic[K, V]):
             self.hits += 1
             return item[0]
 
+    def get_if_held(self, key: K) -> V | None:
+        """`get` for a caller that falls back to one that counts: a hit is counted here, a
+        miss is left to the fallback's `get` (each request counts once)."""
+        with self._lock:
+            item = self._items.get(key)
+            if item is None:
+                return None
+            self._items.move_to_end(key)
+            self.hits += 1
+            return item[0]
+
     def put(self, key: K, value: V) -> None:
         """Keep `value` under `key`, dropping the least recently used values beyond the budget."""
         size = self._size(value)

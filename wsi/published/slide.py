@@ -205,10 +205,14 @@ class AsyncPublishedSlide:
 
         return await self.store.once(("index", *cache_key), load)
 
+    def _chunk_key(self, image: StoredImage, chunk: int) -> tuple[str, str, str, int]:
+        """The tile cache's key of chunk `chunk` of `image` as handed out."""
+        return (self.slide_id, self.version, image.key, chunk)
+
     async def _chunk(self, image: StoredImage, chunk: int) -> bytes | None:
         """The bytes of chunk `chunk` (row-major) as handed out, or None when the shard lacks
         it: the stored bytes, or for an archived image the JPEG rebuilt from them. Cached."""
-        cache_key = (self.slide_id, self.version, image.key, chunk)
+        cache_key = self._chunk_key(image, chunk)
         data = self.store.tiles.get(cache_key)
         if data is not None:
             return data
@@ -264,6 +268,13 @@ class AsyncPublishedSlide:
         except SlideChanged:
             self.store.changed(self.slide_id)
             raise
+
+    def cached_tile_bytes(self, level: int, col: int, row: int) -> bytes | None:
+        """`tile_bytes` if the tile cache holds the tile, else None (then await `tile_bytes`):
+        a hot tile without a coroutine. Bad coordinates raise as in `tile_bytes`."""
+        lv = self.level(level)
+        lv.check_tile(col, row)
+        return self.store.tiles.get_if_held(self._chunk_key(lv, row * lv.cols + col))
 
     async def tile_bytes(self, level: int, col: int, row: int) -> bytes:
         """The stored bytes of one tile: a complete JPEG stream for 'jpeg' levels (padded to the

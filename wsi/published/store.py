@@ -119,6 +119,14 @@ class PublishedStore:
         """Whether the store answers a listing (for readiness probes)."""
         return await self.io.reachable()
 
+    def opened(self, slide_id: str) -> AsyncPublishedSlide | None:
+        """The slide `slide_id` if it is open and was checked within `recheck_seconds`, else
+        None (then await `slide`): a busy service's requests without a coroutine."""
+        cached = self._opened.get(slide_id) if self._started else None
+        if cached is not None and self._clock() - cached.checked < self.settings.recheck_seconds:
+            return cached.slide
+        return None
+
     async def slide(self, slide_id: str) -> AsyncPublishedSlide:
         """The published slide `slide_id` (SlideNotFound if unpublished). The same object while
         its manifest is unchanged (checked at most every `recheck_seconds`); a new one with a new

@@ -305,9 +305,14 @@ async def find_instance(request: web.Request) -> Instance:
     found = state(request).found
     known = found.get(key)
     if known is not None:
+        catalog = request.app[CATALOG]
+        slide_id = known.slide.slide_id
         try:
-            if await request.app[CATALOG].slide(known.slide.slide_id) is known.slide:
-                note_read(request, (known.slide.slide_id,))
+            current = catalog.opened(slide_id)  # a busy viewer's: without a coroutine
+            if current is None:
+                current = await catalog.slide(slide_id)
+            if current is known.slide:
+                note_read(request, (slide_id,))
                 return known
         except UNSERVED:  # looked up as a new path says why
             pass

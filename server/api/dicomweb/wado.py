@@ -36,6 +36,7 @@ from server.api.dicomweb.negotiation import (
     not_acceptable,
     part_head,
 )
+from server.cors import add_cors_headers
 from server.keys import CATALOG, SETTINGS
 from server.render import in_pool
 from server.responses import cache_control, etag_response
@@ -209,6 +210,7 @@ async def stream_frames(
         first: bytes | None = await ahead[0]
         boundary, content_type = multipart_boundary(media_type, syntax)
         response = web.StreamResponse(headers={**headers, "Content-Type": content_type})
+        add_cors_headers(request, response)
         await response.prepare(request)
         while ahead:
             data = first if first is not None else await ahead[0]
@@ -303,6 +305,7 @@ async def retrieve(request: web.Request) -> web.StreamResponse:
         }
     )
     response.content_length = length + len(tail)
+    add_cors_headers(request, response)
     await response.prepare(request)
     for i, inst in enumerate(instances):
         await response.write(heads[i])
