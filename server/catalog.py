@@ -105,9 +105,6 @@ class SlideInfo(Protocol):
 class ServedSlide(SlideInfo, Protocol):
     """A slide the routes serve: `AsyncPublishedSlide`, or `ConvertingSlide` while it converts."""
 
-    def __hash__(self) -> int:
-        """By identity: a slide published again is a new object (memos keyed by slide)."""
-
     @property
     def dicom(self) -> PublishedDicom | None: ...
     def level(self, index: int) -> ServedLevel: ...

@@ -11,7 +11,7 @@ our smallest are rendered from it.
 
 from __future__ import annotations
 
-import functools
+import collections
 import math
 from dataclasses import dataclass
 
@@ -72,13 +72,34 @@ class DeepZoom:
     levels: tuple[tuple[int, int, ServedLevel | None], ...]
 
 
-@functools.lru_cache(maxsize=64)
-def deep_zoom(slide: ServedSlide) -> DeepZoom:
-    """`slide`'s DeepZoom geometry, worked out once per slide object (a re-published slide is
-    a new object), not for every tile."""
-    top = max_level(slide)
-    levels = tuple((*dzi_size(slide, z), stored_level(slide, z)) for z in range(top + 1))
-    return DeepZoom(top, tile_size(slide), levels)
+GEOMETRIES = 64
+"""Slides whose DeepZoom geometry an app keeps (`Geometries`)."""
+
+
+class Geometries:
+    """The DeepZoom geometry of the slides last asked for, worked out once per slide object
+    instead of for every tile. Keyed by identity: a slide published again is a new object (and
+    a slide served from its source a new one per request, never found here)."""
+
+    def __init__(self) -> None:
+        self._kept: collections.OrderedDict[int, tuple[ServedSlide, DeepZoom]] = (
+            collections.OrderedDict()
+        )
+
+    def of(self, slide: ServedSlide) -> DeepZoom:
+        kept = self._kept.get(id(slide))
+        if kept is not None and kept[0] is slide:
+            return kept[1]
+        top = max_level(slide)
+        levels = tuple((*dzi_size(slide, z), stored_level(slide, z)) for z in range(top + 1))
+        geometry = DeepZoom(top, tile_size(slide), levels)
+        self._kept[id(slide)] = (slide, geometry)  # the slide held: its id is not reused
+        if len(self._kept) > GEOMETRIES:
+            self._kept.popitem(last=False)
+        return geometry
+
+
+GEOMETRY = web.AppKey("dzi_geometry", Geometries)
 
 
 async def descriptor(request: web.Request) -> web.Response:
@@ -103,7 +124,7 @@ async def tile(request: web.Request) -> web.Response:
     if not (z.isdigit() and x.isdigit() and y.isdigit()) or max(map(len, (z, x, y))) > 6:
         raise InvalidArgument("DeepZoom level and tile coordinates must be integers")
     z_, x_, y_ = int(z), int(x), int(y)
-    dz = deep_zoom(slide)
+    dz = request.app[GEOMETRY].of(slide)
     if z_ > dz.top:
         raise InvalidArgument(f"DeepZoom level {z_} > {dz.top}")
     size = dz.size
@@ -172,6 +193,7 @@ def register_tiles(app: web.Application) -> None:
 
 
 def register(app: web.Application) -> None:
+    app[GEOMETRY] = Geometries()
     app.router.add_get(f"/slides/{SLIDE}.dzi", descriptor, name="dzi.descriptor")
 
 
