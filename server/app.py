@@ -19,7 +19,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 
 from server.api import admin, console, dicomweb, dzi, iiif, jobs, ops, slides, viewer
 from server.api import integrity as integrity_api
-from server.audit import AuditLog
+from server.audit import AUDITED, AuditLog
 from server.auth import Handler, auth_middleware
 from server.bucket_copies import StagedSources
 from server.catalog import PRIVATE_IMAGES, Catalog
@@ -353,6 +353,7 @@ def create_app(settings: ServerSettings, role: ProcessRole | None = None) -> web
     install_response_headers(app, private=settings.requires_auth)
     # Without auth, the browser-facing checks of `server.cors.refusal` (None: not needed).
     app[HOSTS_SEEN] = None if settings.requires_auth else set()
+    app[AUDITED] = bool(settings.audit_log)
     if settings.audit_log:
         app.cleanup_ctx.append(_audit)
         app.on_response_prepare.append(_audit_record)

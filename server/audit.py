@@ -34,8 +34,9 @@ SLIDES_READ = web.RequestKey("slides_read", list)
 
 def note_read(request: web.Request, slide_ids: Iterable[str]) -> None:
     """Record that the request answers with these slides' data (see `SLIDES_READ`), when the
-    access is audited (nothing else reads it: a frame request pays one look-up)."""
-    if AUDIT not in request.app:
+    access is audited (nothing else reads it: a frame request pays one look-up, not the
+    KeyError that `AUDIT in app` raises and catches when it is not)."""
+    if not request.app[AUDITED]:
         return
     read = request.get(SLIDES_READ)
     if read is None:
@@ -108,4 +109,6 @@ class AuditLog:
 
 
 AUDIT = web.AppKey("audit", AuditLog)
+AUDITED = web.AppKey("audited", bool)
+"""Whether the app keeps an audit log (set when it is made; `AUDIT` only once it runs)."""
 """The access audit log, when auth is on and `audit_log` is set."""
