@@ -3,7 +3,7 @@ before/after measure of the hot path that a noisy machine does not move.
 
 Requests per second on this project's shared 2-core machines move by 25% from run to run, more
 than most changes to the hot path; the instructions a server process executes per request are
-the same within ~1% from run to run (and whatever else the machine is doing), so a change of a
+the same within 1-2% from run to run (and whatever else the machine is doing), so a change of a
 few percent shows. Each server runs under callgrind (about 50x slower, so few requests),
 answers ``--warmup`` requests, has its counters zeroed, answers ``--requests`` more over one
 keep-alive connection, and its count is read from the dump. Servers: ours (`wsi serve`, one
