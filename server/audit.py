@@ -109,6 +109,6 @@ class AuditLog:
 
 
 AUDIT = web.AppKey("audit", AuditLog)
+"""The access audit log, when auth is on and `audit_log` is set."""
 AUDITED = web.AppKey("audited", bool)
 """Whether the app keeps an audit log (set when it is made; `AUDIT` only once it runs)."""
-"""The access audit log, when auth is on and `audit_log` is set."""

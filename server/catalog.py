@@ -113,7 +113,8 @@ class ServedSlide(SlideInfo, Protocol):
         """The stored (or, converting, the would-be stored) bytes of one tile, padded."""
 
     def cached_tile_bytes(self, level: int, col: int, row: int) -> bytes | None:
-        """`tile_bytes` when cached and published, else None (then await `tile_bytes`)."""
+        """`tile_bytes` when the tile cache holds the tile, else None (then await `tile_bytes`):
+        a hot tile without a coroutine."""
 
     async def tile(self, level: int, col: int, row: int) -> np.ndarray:
         """One tile as RGB pixels, cropped to the level."""
