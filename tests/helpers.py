@@ -145,6 +145,21 @@ def drain(
     asyncio.run(main())
 
 
+def run_worker_until(worker: Worker, event: asyncio.Event, timeout: float = 120.0) -> None:
+    """Run `worker` until `event` is set (at most `timeout` seconds), then stop it."""
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        task = asyncio.create_task(worker.run(stop))
+        try:
+            await asyncio.wait_for(event.wait(), timeout)
+        finally:
+            stop.set()
+            await asyncio.wait_for(task, 60)
+
+    asyncio.run(main())
+
+
 async def wait_until(check: Callable[[], Awaitable[Any]], timeout: float = 90.0) -> Any:
     """Await `check()` every 0.1 s until it returns something truthy, and return that."""
     deadline = time.monotonic() + timeout

@@ -26,7 +26,7 @@ from wsi.slide_id import content_slide_id
 from wsi.store.objects import StoreSettings
 
 from .conftest import sample
-from .helpers import FakeClock, drain, run_wsi
+from .helpers import FakeClock, drain, run_worker_until, run_wsi
 
 
 def drop(inbox: Path, name: str) -> Path:
@@ -178,19 +178,8 @@ def test_a_cancel_after_the_publish_leaves_the_job_done(tmp_path: Path) -> None:
         after_success="move", done_dir=str(tmp_path / "done"), poll_seconds=0.1
     )
 
-    async def main() -> None:
-        stop = asyncio.Event()
-        worker = CancelledRightAfterPublish(
-            queue, StoreSettings(str(tmp_path / "store")), settings, name="w"
-        )
-        task = asyncio.create_task(worker.run(stop))
-        try:
-            await asyncio.wait_for(ran.wait(), 120)
-        finally:
-            stop.set()
-            await asyncio.wait_for(task, 60)
-
-    asyncio.run(main())
+    store = StoreSettings(str(tmp_path / "store"))
+    run_worker_until(CancelledRightAfterPublish(queue, store, settings, name="w"), ran)
     done = queue.get(job.id)
     assert done.state is JobState.DONE, done
     assert done.warning is not None and "too late" in done.warning
@@ -592,17 +581,8 @@ def test_a_copy_that_pauses_past_the_quiet_period_is_converted_once_complete(
             await super().run_job(job, stop, claimed)
             ended.set()
 
-    async def one_attempt() -> None:
-        stop = asyncio.Event()
-        worker = OneJob(queue, StoreSettings(str(tmp_path / "store")), settings, name="w")
-        task = asyncio.create_task(worker.run(stop))
-        try:
-            await asyncio.wait_for(ended.wait(), 120)
-        finally:
-            stop.set()
-            await asyncio.wait_for(task, 60)
-
-    asyncio.run(one_attempt())
+    store = StoreSettings(str(tmp_path / "store"))
+    run_worker_until(OneJob(queue, store, settings, name="w"), ended)
     retried = queue.get(half.id)
     assert (retried.state, retried.attempts) == (JobState.QUEUED, 1), retried
     assert retried.next_attempt_at > clock.now  # after the backoff
