@@ -32,7 +32,7 @@ from wsi.codecs.colour import dicom_lab
 from wsi.export import export_dicom
 from wsi.model import Level
 from wsi.published import layout
-from wsi.pyramid.background import DELTA_E76, Background, _blocks, choose_fill
+from wsi.pyramid.background import DELTA_E76, Background, Census, choose_fill
 from wsi.sources import open_slide
 
 from .conftest import make_tiff
@@ -287,6 +287,50 @@ def test_fill_is_the_commonest_flat_grey(slide: Path, tmp_path: Path) -> None:
         assert choose_fill(source) == 6
 
 
+def whole_blocks(image: np.ndarray) -> np.ndarray:
+    """(n, 64, 3) int16: the whole 8x8 blocks of an (h, w, 3) image, in numpy."""
+    h, w = image.shape[0] // 8 * 8, image.shape[1] // 8 * 8
+    blocks = image[:h, :w].reshape(h // 8, 8, w // 8, 8, 3).transpose(0, 2, 1, 3, 4)
+    return blocks.reshape(-1, 64, 3).astype(np.int16)
+
+
+def numpy_census(image: np.ndarray) -> tuple[int, np.ndarray]:
+    """The census `choose_fill` takes, by the rule as written in numpy (the reference the C
+    count is held to): blocks whose channels each span at most 8 levels and whose channel
+    means are each within 6 of their mean, counted by that mean rounded half to even."""
+    blocks = whole_blocks(image)
+    spread = (blocks.max(1) - blocks.min(1)).max(1)
+    means = blocks.mean(1)
+    grey = means.mean(1)
+    uniform = (spread <= 8) & (np.abs(means - grey[:, None]).max(1) <= 6)
+    return len(blocks), np.bincount(np.rint(grey[uniform]).astype(np.int64), minlength=256)
+
+
+def test_census_in_c_counts_what_the_rule_in_numpy_counts() -> None:
+    """Blocks around every edge of the rule (spreads of 8 and 9, channel means 6 and 6.02 from
+    the grey, greys at exactly k + 0.5), in strided views and sizes that cut blocks."""
+    rng = np.random.default_rng(7)
+    for trial in range(40):
+        rows, cols = int(rng.integers(1, 12)), int(rng.integers(1, 12))
+        base = rng.integers(10, 246, (rows, cols, 1, 1, 1))
+        tint = rng.integers(-7, 8, (rows, cols, 1, 1, 3))
+        noise = rng.integers(0, int(rng.integers(1, 11)), (rows, cols, 8, 8, 3))
+        blocks = np.clip(base + tint + noise, 0, 255).astype(np.uint8)
+        image = blocks.transpose(0, 2, 1, 3, 4).reshape(rows * 8, cols * 8, 3)
+        padded = np.zeros((rows * 8 + 5, cols * 8 + 11, 3), np.uint8)
+        padded[: rows * 8, : cols * 8] = image
+        cut = padded[: rows * 8 + int(rng.integers(0, 5)), 2 : cols * 8 + 2 + trial % 9]
+        for view in (image, cut, padded):
+            census = Census.of(view)
+            blocks_seen, counts = numpy_census(view)
+            assert census.blocks == blocks_seen
+            assert np.array_equal(census.counts, counts)
+    for low, rounded in ((100, 100), (101, 102)):  # greys of k + 0.5: to the even neighbour
+        halfway = np.full((8, 8, 3), low, np.uint8)
+        halfway[:4] += 1
+        assert numpy_census(halfway)[1][rounded] == Census.of(halfway).counts[rounded] == 1
+
+
 def test_fill_from_tiles_read_side_by_side_is_the_fill_of_the_whole_level(tmp_path: Path) -> None:
     """The smallest level is read tile by tile on several threads: the same 8 x 8 blocks as
     the level read in one piece (its tiles are whole blocks), so the same grey."""
@@ -296,7 +340,7 @@ def test_fill_from_tiles_read_side_by_side_is_the_fill_of_the_whole_level(tmp_pa
         lv = source.levels[index]
         assert lv.cols * lv.rows > 1 and lv.width % 8 and lv.height % 8  # edge tiles cut blocks
         whole = source.read_region(index, 0, 0, lv.width, lv.height)
-        blocks = _blocks(whole)
+        blocks = whole_blocks(whole)
         grey = np.rint(blocks.mean(1).mean(1)).astype(int)
         flat = (blocks.max(1) - blocks.min(1)).max(1) <= 6
         assert flat.sum() > 100

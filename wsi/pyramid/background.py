@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import functools
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -185,15 +186,39 @@ def choose_fill(source: SlideSource, threads: int = 1) -> int:
 
 
 @dataclass(frozen=True)
+class Census:
+    """What `choose_fill` judges: how many whole 8x8 blocks were looked at, and how many of the
+    uniform, near-neutral ones had each rounded grey."""
+
+    blocks: int
+    counts: np.ndarray = field(repr=False)
+    """(256,) int64: uniform near-neutral blocks by their grey (the mean of R, G, B means)."""
+
+    @classmethod
+    def of(cls, image: np.ndarray) -> Census:
+        """The census of the whole 8x8 blocks of an (h, w, 3) uint8 image (rows may be
+        strided), counted in C without the GIL (`_pixels.glass_census`)."""
+        blocks, counts = _pixels.glass_census(image, _UNIFORM_SPREAD, float(_NEUTRAL))
+        return cls(blocks, np.frombuffer(counts, np.int64))
+
+    @classmethod
+    def total(cls, parts: Sequence[Census]) -> Census:
+        counts = np.zeros(256, np.int64)
+        for part in parts:
+            counts += part.counts
+        return cls(sum(part.blocks for part in parts), counts)
+
+
+@dataclass(frozen=True)
 class FillSample:
-    """The pixels `choose_fill` judges, and the tiles they came from when those are worth
+    """The census `choose_fill` judges, and the tiles it came from when those are worth
     keeping for the build."""
 
     level: int
     """The source level sampled: the smallest."""
-    images: list[np.ndarray]
-    """Whole tiles or the whole level, cropped to the level; at 1/2 resolution where the codec
-    decodes so natively."""
+    census: Census
+    """Of whole tiles or the whole level, cropped to the level; at 1/2 resolution where the
+    codec decodes so natively."""
     halves: dict[tuple[int, int], np.ndarray]
     """`source.read_tile_half(level, col, row)` of every tile of the level, by (col, row), when
     the whole level was sampled so (else empty): a build that keeps this level's JPEG 2000
@@ -201,60 +226,42 @@ class FillSample:
 
 
 def fill_of(sample: FillSample) -> int:
-    """`choose_fill`'s grey of `sample`."""
-    blocks = np.concatenate([_blocks(image) for image in sample.images])
-    if len(blocks) == 0:
+    """`choose_fill`'s grey of `sample`: the peak of the uniform blocks' greys (smoothed over
+    5 levels), then the median of the greys within 2 of it."""
+    census = sample.census
+    counts = census.counts
+    if census.blocks == 0 or counts.sum() < max(1, _MIN_UNIFORM_SHARE * census.blocks):
         return DEFAULT_FILL
-    spread = (blocks.max(1) - blocks.min(1)).max(1)
-    means = blocks.mean(1)
-    grey = means.mean(1)
-    neutral = np.abs(means - grey[:, None]).max(1) <= _NEUTRAL
-    uniform = (spread <= _UNIFORM_SPREAD) & neutral
-    if uniform.sum() < max(1, _MIN_UNIFORM_SHARE * len(blocks)):
-        return DEFAULT_FILL
-    levels = np.rint(grey[uniform]).astype(np.int64)
-    counts = np.convolve(np.bincount(levels, minlength=256), np.ones(5), mode="same")
-    peak = int(np.argmax(counts))
-    near = levels[np.abs(levels - peak) <= 2]
+    peak = int(np.argmax(np.convolve(counts, np.ones(5), mode="same")))
+    lo, hi = max(0, peak - 2), min(256, peak + 3)
+    near = np.repeat(np.arange(lo, hi), counts[lo:hi])
     return int(np.rint(np.median(near)))
-
-
-def _blocks(image: np.ndarray) -> np.ndarray:
-    """(n, 64, 3) int16: the whole 8x8 blocks of an (h, w, 3) image.
-
-    Stored channel by channel (a view of an (n, 3, 64) array), so that the reductions over a
-    block's 64 pixels run over contiguous memory: 2.7x faster than over pixel-interleaved
-    channels (0.08 vs 0.22 CPU-s for a base-only slide's 64 sample tiles), time spent before
-    any tile is converted."""
-    h, w = image.shape[0] // _BLOCK * _BLOCK, image.shape[1] // _BLOCK * _BLOCK
-    blocks = image[:h, :w].reshape(h // _BLOCK, _BLOCK, w // _BLOCK, _BLOCK, 3)
-    planar = blocks.transpose(0, 2, 4, 1, 3).reshape(-1, 3, _BLOCK * _BLOCK)
-    return np.ascontiguousarray(planar, dtype=np.int16).transpose(0, 2, 1)
 
 
 def sample_for_fill(source: SlideSource, threads: int = 1) -> FillSample:
     """The smallest level whole when it has at most `FILL_SAMPLE_PIXELS`, else an 8 x 8 grid
     of its tiles, each cropped to the level (a single-level slide costs at most 64 tiles). A
     whole level is given tile by tile when its tiles are whole 8 x 8 blocks: the same blocks
-    as the level in one piece, and its tiles can be decoded side by side."""
+    as the level in one piece, and its tiles can be decoded and counted side by side."""
     index = len(source.levels) - 1
     lv = source.levels[index]
     whole = lv.width * lv.height <= FILL_SAMPLE_PIXELS
     if whole:
         if lv.tile_width % _BLOCK or lv.tile_height % _BLOCK:
-            return FillSample(index, [source.read_region(index, 0, 0, lv.width, lv.height)], {})
+            image = source.read_region(index, 0, 0, lv.width, lv.height)
+            return FillSample(index, Census.of(image), {})
         cells = sorted({(c, r) for c in range(lv.cols) for r in range(lv.rows)})
     else:
         cells = sorted(
             {(c * (lv.cols - 1) // 7, r * (lv.rows - 1) // 7) for c in range(8) for r in range(8)}
         )
 
-    def read(cell: tuple[int, int]) -> tuple[np.ndarray, np.ndarray | None]:
+    def read(cell: tuple[int, int]) -> tuple[Census, np.ndarray | None]:
         half = source.read_tile_half(index, *cell)
         if half is None:
-            return inside(source.read_tile(index, *cell), lv, *cell), None
+            return Census.of(inside(source.read_tile(index, *cell), lv, *cell)), None
         w, h = visible(lv, *cell)
-        return half[: h // 2, : w // 2], half
+        return Census.of(half[: h // 2, : w // 2]), half
 
     if threads <= 1 or len(cells) == 1:
         read_cells = [read(cell) for cell in cells]
@@ -268,4 +275,4 @@ def sample_for_fill(source: SlideSource, threads: int = 1) -> FillSample:
             for cell, (_, half) in zip(cells, read_cells, strict=True)
             if half is not None
         }
-    return FillSample(index, [image for image, _ in read_cells], halves)
+    return FillSample(index, Census.total([census for census, _ in read_cells]), halves)
