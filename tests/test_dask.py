@@ -351,3 +351,10 @@ def test_crc32c_combine_matches_the_whole() -> None:
     whole = google_crc32c.value(a + b)
     assert crc32c_combine(google_crc32c.value(a), google_crc32c.value(b), len(b)) == whole
     assert crc32c_combine(0, google_crc32c.value(b), len(b)) == google_crc32c.value(b)
+    assert crc32c_combine(
+        google_crc32c.value(a), google_crc32c.value(b""), 0
+    ) == google_crc32c.value(a)
+    for size in (1, 7, 8, 255, 4096, 65537, 3 << 20):  # every bit of the length up to 2^21
+        tail = os.urandom(size)
+        combined = crc32c_combine(google_crc32c.value(a), google_crc32c.value(tail), size)
+        assert combined == google_crc32c.value(a + tail), size

@@ -135,10 +135,11 @@ def write_sequentially(
 
 
 def write_interleaved(
-    writer: PyramidWriter, planned: Sequence[Planned], batched: bool = False
+    writer: PyramidWriter, planned: Sequence[Planned], batched: bool = False, together: bool = False
 ) -> None:
     """All levels open at once, a row of one level at a time in turn (as the builder does when
-    a row of level k+1 is ready before level k is done), the levels ended smallest first."""
+    a row of level k+1 is ready before level k is done), the levels ended smallest first (in
+    one `end_levels` call when `together`, as the builder ends them)."""
     for index, p in enumerate(planned):
         writer.begin_level(index, p.level, p.fmt)
     level_rows = [rows(p) for p in planned]
@@ -146,6 +147,9 @@ def write_interleaved(
         for index, chunks in enumerate(level_rows):
             if row < len(chunks):
                 write_row(writer, index, chunks[row], batched)
+    if together:
+        writer.end_levels(list(reversed(range(len(planned)))))
+        return
     for index in reversed(range(len(planned))):
         writer.end_level(index)
 
@@ -230,6 +234,24 @@ class WriterContract:
             arrays = level_arrays(open_group(store, setup.zarr_root(SLIDE)))
             for index, (array, p) in enumerate(zip(arrays, planned, strict=True)):
                 np.testing.assert_array_equal(array, p.expected, err_msg=f"{name} level {index}")
+        assert written[0] == written[1]
+
+    def test_levels_ended_together_record_what_levels_ended_one_by_one(
+        self, setup: WriterSetup, tmp_path: Path
+    ) -> None:
+        """`end_levels` (which a writer may run side by side) records the same objects, in the
+        same order, with the same bytes, as `end_level` of each level in turn."""
+        planned = plan()
+        finished, written = [], []
+        for together in (False, True):
+            store = Store(StoreSettings(str(tmp_path / f"together-{together}")))
+            writer = setup.new(store, SLIDE)
+            write_interleaved(writer, planned, batched=True, together=together)
+            objects = writer.finish(INFO)
+            finished.append(objects)
+            written.append(stored_bytes(store, objects))
+        assert len(finished[0]) > len(planned)
+        assert finished[0] == finished[1]
         assert written[0] == written[1]
 
     def test_write_tiles_stores_what_write_tile_stores(

@@ -407,8 +407,7 @@ class PyramidBuilder:
         with cf.ThreadPoolExecutor(self.settings.thread_count, "wsi-pyramid") as pool:
             for segment in self.segments():
                 self._run_segment(pool, segment)
-        for plan in self.plans:
-            self.writer.end_level(plan.index)
+        self.writer.end_levels([plan.index for plan in self.plans])
 
     def _tasks(self, top: LevelPlan, pairs: range) -> Iterator[tuple[int, range]]:
         for pair in pairs:

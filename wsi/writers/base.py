@@ -1,7 +1,8 @@
 """The pyramid writer interface: the second extension point.
 
 The builder calls `begin_level`, then `write_tile` for every tile of that level in row-major order
-(levels may interleave: level 1 row 0 is ready before level 0 is done), `end_level`,
+(levels may interleave: level 1 row 0 is ready before level 0 is done), `end_level` (or
+`end_levels` for several),
 `write_associated`, and finally `finish`, which returns every object written so the caller can
 publish them in a manifest. `abort` releases what is open after a failure.
 
@@ -70,6 +71,12 @@ class PyramidWriter(abc.ABC):
 
     @abc.abstractmethod
     def end_level(self, index: int) -> None: ...
+
+    def end_levels(self, indices: Sequence[int]) -> None:
+        """`end_level` of each of `indices` (the builder's last step); a backend may end them
+        side by side, the objects recorded in the order of `indices` either way."""
+        for index in indices:
+            self.end_level(index)
 
     @abc.abstractmethod
     def write_associated(

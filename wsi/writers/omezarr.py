@@ -11,6 +11,7 @@ instance: one pixel copy, two standard views. Keys, metadata documents and attri
 
 from __future__ import annotations
 
+import concurrent.futures as cf
 import contextlib
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -44,6 +45,9 @@ from wsi.writers.dicom import (
     padded_header,
 )
 from wsi.writers.shard import HeaderFactory, ShardStream
+
+_ENDING_THREADS = 4
+"""Level objects ended at once by `end_levels` (mostly waiting on the disk or the network)."""
 
 __all__ = ["OmeZarrWriter", "encode_chunk_zstd"]
 
@@ -142,6 +146,23 @@ class OmeZarrWriter(PyramidWriter):
     def end_level(self, index: int) -> None:
         self._objects.append(self._open_shard(index).close())
         del self._shards[index]
+
+    def end_levels(self, indices: Sequence[int]) -> None:
+        """The levels' objects ended side by side. Ending one is its DICOM header (the
+        per-frame groups of a sparse base level: ~50 ms of Python), the header put before the
+        body and an fsync that waits on the disk (0.1-0.2 s for a 150 MB base level here), or an
+        upload's completion: one after the other they were the last 0.15-0.4 s of a
+        conversion, with the cores idle. Every close has ended when this returns or raises."""
+        shards = [self._open_shard(index) for index in indices]
+        if len(shards) < 2:
+            super().end_levels(indices)
+            return
+        with cf.ThreadPoolExecutor(min(len(shards), _ENDING_THREADS), "wsi-end-level") as pool:
+            closing = [pool.submit(shard.close) for shard in shards]
+        ended = [future.result() for future in closing]
+        for index, stored in zip(indices, ended, strict=True):
+            self._objects.append(stored)
+            del self._shards[index]
 
     def write_associated(
         self, name: str, pixels: np.ndarray, fmt: ChunkFormat, shows_label: bool = True

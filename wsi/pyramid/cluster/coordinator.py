@@ -54,7 +54,7 @@ from wsi.pyramid.cluster.parts import MIN_PART_BYTES, ObjectParts, PartRef, crc3
 from wsi.pyramid.tiles import white_tile
 from wsi.sources.base import SlideSource
 from wsi.store.objects import Store, StoreSettings
-from wsi.writers.base import BlankTiles
+from wsi.writers.base import BlankTiles, PyramidWriter
 from wsi.writers.dicom import DicomSlide
 from wsi.writers.omezarr import OmeZarrWriter
 from wsi.writers.shard import HeaderFactory, frame_chunks, shard_tail, stored_tiles
@@ -151,6 +151,9 @@ class ClusterWriter(OmeZarrWriter):
 
     def add_level_object(self, index: int, stored: StoredObject) -> None:
         self._joined[index] = stored
+
+    end_levels = PyramidWriter.end_levels
+    """One by one, as `end_level` decides for each: a joined level's object is complete."""
 
     def end_level(self, index: int) -> None:
         if index not in self._joined:
