@@ -37,7 +37,7 @@ from aiohttp import web
 
 from server.app import create_app, new_event_loop
 from server.settings import ProcessRole, ServerSettings
-from wsi.cli import quiet_readers
+from wsi.cli import quiet_readers, report_ingest
 from wsi.errors import InvalidArgument, WsiError
 from wsi.ingest.queue import open_queue
 from wsi.ingest.roles import shutdown_seconds
@@ -102,6 +102,7 @@ def serve_process(settings: ServerSettings, role: ProcessRole, parent: int) -> N
     """The body of one serving process (started by `ProcessSupervisor`)."""
     _die_with(parent)
     quiet_readers()  # as `wsi` does: readers' warnings may quote file names and header values
+    report_ingest()
     loop = new_event_loop()
     stopping = False
 

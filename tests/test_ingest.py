@@ -4,7 +4,9 @@ crashes, and what happens to sources afterwards."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
+import re
 import shutil
 import signal
 import time
@@ -36,7 +38,10 @@ def drop(inbox: Path, name: str) -> Path:
     return dest
 
 
-def test_good_slide_converts_and_corrupt_one_is_quarantined(tmp_path: Path) -> None:
+def test_good_slide_converts_and_corrupt_one_is_quarantined(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="wsi.ingest")
     inbox, store = tmp_path / "inbox", tmp_path / "store"
     good = drop(inbox, "openslide-python-fixtures/small.svs")
     bad = drop(inbox, "openslide-python-fixtures/unopenable.tiff")
@@ -55,6 +60,14 @@ def test_good_slide_converts_and_corrupt_one_is_quarantined(tmp_path: Path) -> N
     reason = (tmp_path / "quarantine" / "unopenable.tiff" / "REASON.txt").read_text()
     assert "Unsupported TIFF compression" in reason
     assert not bad.exists() and good.exists()  # kept by default
+    # The log says what happened to each job, by ids alone (a file name may name a patient).
+    logged = [r.getMessage() for r in caplog.records if r.name.startswith("wsi.ingest")]
+    assert f"job {good_job.id}: converting slide {good_job.slide_id} (attempt 1)" in logged
+    assert any(
+        m.startswith(f"job {good_job.id}: slide {good_job.slide_id} published (") for m in logged
+    )
+    assert f"job {bad_job.id}: failed for good" in logged
+    assert not [m for m in logged if "small" in m or "unopenable" in m or str(inbox) in m]
 
 
 def test_same_slide_twice_is_one_job(tmp_path: Path) -> None:
@@ -283,33 +296,49 @@ def test_roles_run_on_their_own(tmp_path: Path) -> None:
     inbox, store, jobs = tmp_path / "inbox", tmp_path / "store", tmp_path / "jobs.sqlite"
     inbox.mkdir()
     common = ["--store", str(store), "--jobs", str(jobs)]
-    watcher = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "wsi.cli",
-            "watch",
-            str(inbox),
-            *common,
-            "--quiet-seconds",
-            "0.3",
-            "--poll-seconds",
-            "0.1",
-        ]
-    )
-    worker = subprocess.Popen([sys.executable, "-m", "wsi.cli", "worker", *common])
+    logs = {role: tmp_path / f"{role}.err" for role in ("watch", "worker")}
+    with logs["watch"].open("w") as watch_err, logs["worker"].open("w") as worker_err:
+        watcher = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "wsi.cli",
+                "watch",
+                str(inbox),
+                *common,
+                "--quiet-seconds",
+                "0.3",
+                "--poll-seconds",
+                "0.1",
+            ],
+            stderr=watch_err,
+        )
+        worker = subprocess.Popen(
+            [sys.executable, "-m", "wsi.cli", "worker", *common], stderr=worker_err
+        )
     try:
         slide = drop(tmp_path / "staging", "openslide-python-fixtures/small.svs")
-        slide.rename(inbox / slide.name)
+        slide.rename(inbox / "DOE^JANE.svs")  # a scanner names files after the patient
+        sid = content_slide_id(inbox / "DOE^JANE.svs")
         published = wsi.Store(wsi.StoreSettings(str(store)))
         deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and not published.published_slides():
+        while time.monotonic() < deadline and f"slide {sid} published" not in (
+            logs["worker"].read_text()
+        ):
             time.sleep(0.1)
-        assert published.published_slides() == [content_slide_id(inbox / "small.svs")]
+        assert published.published_slides() == [sid]
     finally:
         for proc in (watcher, worker):
             proc.send_signal(signal.SIGTERM)
         assert watcher.wait(timeout=40) == 0 and worker.wait(timeout=40) == 0
+    # Each role's stderr says what it did, a timed line each, naming no file.
+    watched, worked = logs["watch"].read_text(), logs["worker"].read_text()
+    assert re.search(
+        rf"^\d{{4}}-\d\d-\d\d [\d:,]+ wsistore: job \w+: queued \(slide {sid}\)$", watched, re.M
+    )
+    assert re.search(rf"wsistore: job \w+: converting slide {sid} \(attempt 1\)$", worked, re.M)
+    assert re.search(rf"wsistore: job \w+: slide {sid} published \([\d.]+ s\)$", worked, re.M)
+    assert "DOE" not in watched + worked
 
 
 def _run_worker(

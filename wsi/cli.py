@@ -589,10 +589,32 @@ def quiet_readers() -> None:
     root.addHandler(handler)
 
 
+class _BelowWarnings(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno < logging.WARNING
+
+
+def report_ingest() -> None:
+    """The ingest roles' progress on stderr, a timed line each: a job queued, converting,
+    published, failed; a watch folder taken or lost. What an unattended service's log must show
+    (before, a worker converted slides without a word). Jobs and slides are named by their ids,
+    never by a file name, which may name a patient. Warnings and errors are `quiet_readers`'
+    (this handler takes only what is below them, so nothing is printed twice)."""
+    logger = logging.getLogger("wsi.ingest")
+    if any(isinstance(f, _BelowWarnings) for h in logger.handlers for f in h.filters):
+        return
+    handler = logging.StreamHandler()
+    handler.addFilter(_BelowWarnings())
+    handler.setFormatter(logging.Formatter("%(asctime)s wsistore: %(message)s"))
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+
+
 def main(argv: Sequence[str] | None = None, commands: Sequence[CommandAdder] = ()) -> int:
     """Run one `wsi` command; `commands` adds subcommands of layers above the library."""
     args = build_parser(commands).parse_args(argv)
     quiet_readers()
+    report_ingest()
     try:
         return int(args.func(args))
     except WsiError as exc:

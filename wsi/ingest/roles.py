@@ -16,7 +16,7 @@ from pathlib import Path
 
 from wsi.errors import WsiError
 from wsi.ingest.lease import FolderLeases, run_while_held, store_lease_name
-from wsi.ingest.queue import JobQueue
+from wsi.ingest.queue import JobQueue, JobState
 from wsi.ingest.settings import IngestSettings
 from wsi.ingest.source_files import submit_slide
 from wsi.ingest.spool import sweep_orphans
@@ -44,6 +44,8 @@ async def feed(
             log.info("a slide could not be submitted (%s): tried again later", describe(exc))
             watcher.retry(slide)
             continue
+        if job.state is JobState.QUEUED and job.attempts == 0:
+            log.info("job %s: queued (slide %s)", job.id, job.slide_id)
         if on_submitted is not None and job.slide_id is not None:
             on_submitted(job.slide_id, slide.path)
 

@@ -242,6 +242,8 @@ class Worker:
         if lost is not None:  # it killed its worker every time: failed and quarantined, as any
             await asyncio.to_thread(self._failed, job, lost, False)  # last failed attempt
             return
+        slide = f" slide {job.slide_id}" if job.slide_id else ""
+        log.info("job %s: converting%s (attempt %d)", job.id, slide, job.attempts)
         source, stopped = await self._prepare(job, stop)
         if stopped is not None:
             await asyncio.to_thread(self._finish, job, None, _Run(loop.time(), stopped=stopped))
@@ -273,8 +275,9 @@ class Worker:
         finally:
             self._proc = None
         slide_id = await asyncio.to_thread(self._finish, job, proc.returncode, run)
-        if slide_id is not None:
-            await self._publish(job, slide_id)
+        if slide_id is not None and await self._publish(job, slide_id):
+            seconds = loop.time() - run.started
+            log.info("job %s: slide %s published (%.1f s)", job.id, slide_id, seconds)
 
     async def _supervise(
         self,
@@ -392,11 +395,16 @@ class Worker:
         return time.time() - newest < self.settings.settle_seconds
 
     def _failed(self, job: Job, reason: str, transient: bool) -> None:
-        """Record a failed attempt; once the job has failed for good, quarantine its source."""
+        """Record a failed attempt; once the job has failed for good, quarantine its source.
+        The log says which (the reason is the job's error, never logged: it may quote a file
+        name)."""
         if not self.queue.fail(job.id, self.name, reason, transient):
             return
         if self.queue.get(job.id).state.value != "failed":
-            return  # queued again for a later attempt
+            log.info("job %s: attempt %d failed; tried again later", job.id, job.attempts)
+            return
+        kept = " (its source stays in its bucket)" if is_remote(job.source) else ""
+        log.info("job %s: failed for good%s", job.id, kept)
         try:
             self._quarantine(job, reason)
         except (OSError, WsiError) as exc:
@@ -427,16 +435,17 @@ class Worker:
             return
         self.queue.fail(job.id, self.name, f"{message}; not converted", transient=False)
 
-    async def _publish(self, job: Job, slide_id: str) -> None:
+    async def _publish(self, job: Job, slide_id: str) -> bool:
         """Apply `after_success` (heart-beating while a slow move runs), then mark the job done,
-        with a warning for what could not be done. A job cancelled during this attempt is done
-        all the same: its conversion published the slide before the cancel reached it, so a
-        `cancelled` job would hide a published slide and leave its source behind."""
+        with a warning for what could not be done; whether it was ours to mark. A job cancelled
+        during this attempt is done all the same: its conversion published the slide before the
+        cancel reached it, so a `cancelled` job would hide a published slide and leave its source
+        behind."""
         late: str | None = None
         if not await asyncio.to_thread(self.queue.heartbeat, job.id, self.name, 99.9):
             current = await asyncio.to_thread(self.queue.get, job.id)
             if not (current.state is JobState.CANCELLED and current.attempts == job.attempts):
-                return  # taken over by another worker: the source is not ours to touch
+                return False  # taken over by another worker: the source is not ours to touch
             late = "cancelled too late: the conversion had already published the slide"
         task = asyncio.ensure_future(asyncio.to_thread(self._after_success, job))
         beat = min(2.0, max(0.2, self.settings.lease_seconds / 3))
@@ -446,7 +455,7 @@ class Worker:
                 with contextlib.suppress(WsiError):
                     await asyncio.to_thread(self.queue.heartbeat, job.id, self.name, 99.9)
         warning = "; ".join(w for w in (late, task.result()) if w) or None
-        await asyncio.to_thread(
+        return await asyncio.to_thread(
             functools.partial(
                 self.queue.complete,
                 job.id,
