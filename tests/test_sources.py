@@ -98,6 +98,29 @@ def test_backend_override_and_unknown_backend() -> None:
         open_slide(path, backend="nope")
 
 
+@pytest.mark.parametrize("backend", ["philips", "leica", "ventana"])
+def test_a_vendor_backend_asked_for_by_name_refuses_another_vendors_slide(
+    backend: str, synthetic_jpeg_tiff: Path
+) -> None:
+    """`--backend philips` on a generic TIFF or an SVS is refused in one line, as `--backend
+    ndpi` refuses what is not an NDPI: it would be read with Philips' rules and published as a
+    Philips slide. The tiled TIFF backend refuses an NDPI likewise."""
+    for path, vendor in (
+        (synthetic_jpeg_tiff, "generic-tiff"),
+        (sample("CMU-1-Small-Region.svs"), "aperio"),
+    ):
+        with pytest.raises(
+            UnsupportedSlide, match=f"not a {backend} slide: OpenSlide reads it as {vendor}"
+        ):
+            open_slide(path, backend)
+    run = run_wsi("info", "--backend", backend, str(synthetic_jpeg_tiff))
+    assert (run.returncode, run.stdout) == (1, "")
+    assert run.stderr == f"wsi: error: not a {backend} slide: OpenSlide reads it as generic-tiff\n"
+    ndpi = sample("hamamatsu/test3-DAPI-2-(387).ndpi")
+    with pytest.raises(UnsupportedSlide, match="not a tiff slide: OpenSlide reads it as hamamatsu"):
+        open_slide(ndpi, "tiff")
+
+
 def test_dicom_properties_come_from_the_header() -> None:
     with open_slide(sample("highdicom/sm_image.dcm")) as src:
         props = src.properties

@@ -26,7 +26,7 @@ from typing import ClassVar
 
 import tifffile
 
-from wsi.errors import UnsupportedSlide
+from wsi.errors import UnsupportedSlide, WsiError
 from wsi.model import TileCodec
 from wsi.sources.tiff_backend import check_page, page_codec
 from wsi.sources.vendor_tiff import VendorTiffSource
@@ -99,6 +99,8 @@ class LeicaSource(VendorTiffSource):
         self.copied, self.decoded = set(), {}
         try:
             super().__init__(path)
+        except WsiError:  # says what is wrong already (not a Leica slide, not readable)
+            raise
         except ValueError as exc:
             raise UnsupportedSlide(f"the Leica XML description is inconsistent: {exc}") from exc
         for index, reason in self.decoded.items():

@@ -111,6 +111,14 @@ class TiffSource(SlideSource):
 
     def __init__(self, path: Path) -> None:
         self._os = OpenSlideSource(path)
+        # Asked for by name (`--backend philips`), the probe has not run: another vendor's file
+        # would be read with this one's rules and published under its name.
+        vendor = self._os.properties.vendor
+        if vendor not in self.vendors:
+            self._os.close()
+            raise UnsupportedSlide(
+                f"not a {self.name} slide: OpenSlide reads it as {vendor or 'no known format'}"
+            )
         try:
             self._tif = tifffile.TiffFile(path)
         except (tifffile.TiffFileError, OSError, ValueError) as exc:
