@@ -12,6 +12,8 @@ import time
 from pathlib import Path
 
 from wsi import Store, StoreSettings
+from wsi.ingest.protocol import ExitCode
+from wsi.slide_id import content_slide_id
 
 CONVERT = [sys.executable, "-m", "wsi.cli", "convert", "--no-progress", "--no-reuse-levels"]
 
@@ -71,3 +73,32 @@ def test_sigkill_midway_then_rerun(tmp_path: Path, medium_jpeg_tiff: Path) -> No
     assert keys == reference.list_keys(sid)
     for key in keys:
         assert store.get(key) == reference.get(key), key
+
+
+def test_sigterm_midway_removes_what_was_written(tmp_path: Path, medium_jpeg_tiff: Path) -> None:
+    """SIGTERM (a worker cancelling or timing out its job, `systemctl stop`) ends a conversion as
+    Ctrl-C does: status 130 and nothing left in the store, where Python's default ended it at
+    once with half a slide's objects that only a later conversion of that slide would remove."""
+    out = tmp_path / "stopped"
+    store = Store(StoreSettings(str(out)))
+    sid = content_slide_id(medium_jpeg_tiff)
+    proc = subprocess.Popen(
+        [*CONVERT, str(medium_jpeg_tiff), "--out", str(out), "--workers", "1"],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 120
+    shard = None
+    while time.monotonic() < deadline and proc.poll() is None:
+        found = list(out.glob("*/slide.zarr/0/c/0/0/0*"))
+        if found and found[0].stat().st_size > 4_000_000:
+            shard = found[0]
+            break
+        time.sleep(0.005)
+    assert shard is not None and proc.poll() is None, "conversion ended before it could be stopped"
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == ExitCode.INTERRUPTED
+    assert err.strip().splitlines()[-1] == "wsi: interrupted"
+    assert store.published_slides() == []
+    assert store.list_keys(sid, include_temporary=True) == []

@@ -9,11 +9,12 @@ import gc
 import json
 import logging
 import os
+import signal
 import sys
 import threading
 import time
 import warnings
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -220,6 +221,31 @@ def _convert(args: argparse.Namespace) -> int:
     finished = threading.Event()
     if args.exit_with_stdin:
         _exit_with_stdin(finished)
+    with _terminate_as_interrupt():
+        return _convert_into(args, settings, finished)
+
+
+@contextlib.contextmanager
+def _terminate_as_interrupt() -> Iterator[None]:
+    """SIGTERM ends the block as Ctrl-C does (KeyboardInterrupt): a worker cancelling or timing
+    out its job, `systemctl stop` or `docker stop` then leave nothing half-written, as what the
+    conversion wrote is removed on the way out. Python's default ended the process at once,
+    leaving temporaries and level objects without a manifest in the store, which only a later
+    conversion of the same slide removed (never, for a cancelled job). Only where signals can
+    be handled (the main thread); the previous handler is put back after."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _convert_into(
+    args: argparse.Namespace, settings: ConvertSettings, finished: threading.Event
+) -> int:
     store = Store(StoreSettings(args.out, endpoint_url=args.s3_endpoint))
     store.check_folder(exists=False)
     channel = None

@@ -404,9 +404,17 @@ class PyramidBuilder:
     def run(self) -> None:
         for plan in self.plans:
             self.writer.begin_level(plan.index, plan.level, plan.chunk_format, self.blank)
-        with cf.ThreadPoolExecutor(self.settings.thread_count, "wsi-pyramid") as pool:
+        pool = cf.ThreadPoolExecutor(self.settings.thread_count, "wsi-pyramid")
+        try:
             for segment in self.segments():
                 self._run_segment(pool, segment)
+        except BaseException:
+            # Interrupted (Ctrl-C, SIGTERM) or failed: the blocks under way end, the queued ones
+            # (up to 64, seconds of JPEG 2000 decoding) are dropped, so that what was written is
+            # removed before a supervisor's SIGKILL (5 s after its SIGTERM) can come.
+            pool.shutdown(cancel_futures=True)
+            raise
+        pool.shutdown()
         self.writer.end_levels([plan.index for plan in self.plans])
 
     def _tasks(self, top: LevelPlan, pairs: range) -> Iterator[tuple[int, range]]:
