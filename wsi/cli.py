@@ -640,7 +640,8 @@ def main(argv: Sequence[str] | None = None, commands: Sequence[CommandAdder] = (
     """Run one `wsi` command; `commands` adds subcommands of layers above the library."""
     args = build_parser(commands).parse_args(argv)
     quiet_readers()
-    report_ingest()
+    if argv is None:  # the command line's own process: a caller's logging is its own
+        report_ingest()
     try:
         return int(args.func(args))
     except WsiError as exc:
