@@ -10,6 +10,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 from wsi import Store, StoreSettings
 from wsi.ingest.protocol import ExitCode
@@ -39,21 +40,27 @@ class Reader(threading.Thread):
             time.sleep(0.002)
 
 
+def wait_until_midway(proc: subprocess.Popen[Any], out: Path, name: str) -> None:
+    """Until the conversion into `out` has written 4 MB of its base level's object (`name`: a
+    glob for the object's file), and is still running."""
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        found = list(out.glob(f"*/slide.zarr/0/c/0/0/{name}"))
+        if found and found[0].stat().st_size > 4_000_000:
+            break
+        time.sleep(0.005)
+    else:
+        raise AssertionError("the conversion ended before it was half-way")
+    assert proc.poll() is None, "the conversion ended before it could be stopped"
+
+
 def test_sigkill_midway_then_rerun(tmp_path: Path, medium_jpeg_tiff: Path) -> None:
     out = tmp_path / "killed"
     store = Store(StoreSettings(str(out)))
     reader = Reader(store)
     reader.start()
     proc = subprocess.Popen([*CONVERT, str(medium_jpeg_tiff), "--out", str(out), "--workers", "1"])
-    deadline = time.monotonic() + 120
-    shard = None
-    while time.monotonic() < deadline and proc.poll() is None:
-        found = list(out.glob("*/slide.zarr/0/c/0/0/0"))
-        if found and found[0].stat().st_size > 4_000_000:
-            shard = found[0]
-            break
-        time.sleep(0.005)
-    assert shard is not None and proc.poll() is None, "conversion ended before it could be killed"
+    wait_until_midway(proc, out, "0")
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert store.published_slides() == []  # half a slide is written, none is visible
@@ -87,15 +94,7 @@ def test_sigterm_midway_removes_what_was_written(tmp_path: Path, medium_jpeg_tif
         stderr=subprocess.PIPE,
         text=True,
     )
-    deadline = time.monotonic() + 120
-    shard = None
-    while time.monotonic() < deadline and proc.poll() is None:
-        found = list(out.glob("*/slide.zarr/0/c/0/0/0*"))
-        if found and found[0].stat().st_size > 4_000_000:
-            shard = found[0]
-            break
-        time.sleep(0.005)
-    assert shard is not None and proc.poll() is None, "conversion ended before it could be stopped"
+    wait_until_midway(proc, out, "0*")
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=30)
     assert proc.returncode == ExitCode.INTERRUPTED
