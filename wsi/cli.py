@@ -229,10 +229,10 @@ def _convert(args: argparse.Namespace) -> int:
 def _terminate_as_interrupt() -> Iterator[None]:
     """SIGTERM ends the block as Ctrl-C does (KeyboardInterrupt): a worker cancelling or timing
     out its job, `systemctl stop` or `docker stop` then leave nothing half-written, as what the
-    conversion wrote is removed on the way out. Python's default ended the process at once,
-    leaving temporaries and level objects without a manifest in the store, which only a later
-    conversion of the same slide removed (never, for a cancelled job). Only where signals can
-    be handled (the main thread); the previous handler is put back after."""
+    conversion wrote is removed on the way out. Python's default would end the process at
+    once, leaving temporaries and level objects without a manifest in the store, which only a
+    later conversion of the same slide removes (never, for a cancelled job). Only where signals
+    can be handled (the main thread); the previous handler is put back after."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -622,9 +622,9 @@ class _BelowWarnings(logging.Filter):
 
 def report_ingest() -> None:
     """The ingest roles' progress on stderr, a timed line each: a job queued, converting,
-    published, failed; a watch folder taken or lost. What an unattended service's log must show
-    (before, a worker converted slides without a word). Jobs and slides are named by their ids,
-    never by a file name, which may name a patient. Warnings and errors are `quiet_readers`'
+    published, failed; a watch folder taken or lost: what an unattended service's log must
+    show. Jobs and slides are named by their ids, never by a file name, which may name a
+    patient. Warnings and errors are `quiet_readers`'
     (this handler takes only what is below them, so nothing is printed twice)."""
     logger = logging.getLogger("wsi.ingest")
     if any(isinstance(f, _BelowWarnings) for h in logger.handlers for f in h.filters):

@@ -151,7 +151,7 @@ class OmeZarrWriter(PyramidWriter):
         """The levels' objects ended side by side. Ending one is its DICOM header (the
         per-frame groups of a sparse base level: ~50 ms of Python), the header put before the
         body and an fsync that waits on the disk (0.1-0.2 s for a 150 MB base level here), or an
-        upload's completion: one after the other they were the last 0.15-0.4 s of a
+        upload's completion: one after the other they would be the last 0.15-0.4 s of a
         conversion, with the cores idle. Every close has ended when this returns or raises."""
         shards = [self._open_shard(index) for index in indices]
         if len(shards) < 2:
