@@ -37,11 +37,11 @@ from aiohttp import web
 
 from server.app import create_app, new_event_loop
 from server.settings import ProcessRole, ServerSettings
-from wsi.cli import quiet_readers, report_ingest
 from wsi.errors import InvalidArgument, WsiError
 from wsi.ingest.queue import open_queue
 from wsi.ingest.roles import shutdown_seconds
 from wsi.ingest.supervise import Backoff
+from wsi.process_logging import quiet_readers, report_ingest
 
 RESTART = Backoff(first=0.5, cap=30.0, healthy_after=60.0)
 """A process that dies is started again after 0.5 s, doubling up to 30 s while it keeps dying
