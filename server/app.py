@@ -1,5 +1,6 @@
-"""`create_app(settings)`: the aiohttp application. Library errors become HTTP statuses in one
-table here; every route module registers its own routes; blocking work runs on one bounded pool."""
+"""`create_app(settings)`: the aiohttp application. Every route module registers its own routes,
+each behind the front (`server.front`: auth, errors as JSON, CORS, metrics); blocking work runs on
+one bounded pool."""
 
 from __future__ import annotations
 
@@ -7,12 +8,9 @@ import asyncio
 import concurrent.futures as cf
 import functools
 import logging
-import time
-import traceback
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from types import ModuleType
-from typing import Any
 
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
@@ -20,19 +18,11 @@ from aiohttp.http_exceptions import HttpProcessingError
 from server.api import admin, console, dicomweb, dzi, iiif, jobs, ops, slides, viewer
 from server.api import integrity as integrity_api
 from server.audit import AUDITED, AuditLog
-from server.auth import Handler, auth_middleware
 from server.bucket_copies import StagedSources
 from server.catalog import PRIVATE_IMAGES, Catalog
 from server.converting import SourceSlides
-from server.cors import (
-    CORS_POLICY,
-    HOSTS_SEEN,
-    CorsPolicy,
-    add_cors_headers,
-    cors_middleware,
-    refusal,
-)
-from server.errors import status_of
+from server.cors import HOSTS_SEEN
+from server.front import FRONTED, Routes
 from server.integrity import IntegrityMonitor
 from server.keys import (
     AUDIT,
@@ -51,11 +41,7 @@ from server.keys import (
 from server.metrics import Metrics
 from server.replica import follow_ingest, follow_jobs, publish_status
 from server.responses import install as install_response_headers
-from server.responses import json_error
 from server.settings import ProcessRole, ServerSettings
-from wsi.errors import (
-    WsiError,
-)
 from wsi.ingest.lease import run_while_held, store_lease_name
 from wsi.ingest.supervise import Supervisor
 from wsi.published.store import PublishedStore
@@ -92,44 +78,6 @@ requests, nor the other routes'. Plain tiles first: scripts and AI readers ask f
 as the service answers; a viewer's DeepZoom tiles come a screenful at a time."""
 
 
-@web.middleware
-async def front_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Errors to JSON (every error is a JSON body with a 4xx/5xx status; no stack trace ever
-    leaves), metrics, CORS preflights and headers, in one layer: each layer costs a coroutine
-    per request, which shows at thousands of tiles per second."""
-    start = time.perf_counter()
-    app = request.app
-    response: web.StreamResponse
-    try:
-        hosts_seen = app[HOSTS_SEEN]
-        why = refusal(request, hosts_seen) if hosts_seen is not None else None
-        if why is not None:
-            response = json_error(403, why)
-        elif request.method == "OPTIONS":  # a preflight is answered before routing can 405 it
-            response = await cors_middleware(request, handler)
-        else:
-            response = await handler(request)
-    except web.HTTPException as exc:
-        if exc.status < 400:  # a redirect: aiohttp sends it as it is
-            add_cors_headers(request, exc)
-            raise
-        response = json_error(exc.status, exc.reason)
-    except WsiError as exc:
-        response = json_error(status_of(exc), str(exc))
-    except (ValueError, KeyError) as exc:  # malformed input that slipped past validation
-        response = json_error(400, f"bad request: {type(exc).__name__}")
-    except ConnectionError:  # the client went away: nothing to answer
-        raise
-    except Exception as exc:  # a bug: still a JSON answer, and a log line that names no file
-        _log_internal(request, exc)
-        response = json_error(500, "internal error")
-    resource = request.match_info.route.resource
-    if not response.prepared:  # one that streamed added them before it started
-        add_cors_headers(request, response, resource)
-    app[METRICS].observe(resource, response, start)
-    return response
-
-
 class _NoRequestBytes(logging.Filter):
     """aiohttp logs a request it cannot parse (a bare LF, a header too long, a bad method) with
     a traceback whose message quotes the request's bytes: a header value may name a patient.
@@ -146,15 +94,6 @@ class _NoRequestBytes(logging.Filter):
 
 
 _REQUEST_BYTES = _NoRequestBytes()
-
-
-def _log_internal(request: web.Request, exc: Exception) -> None:
-    """An unexpected exception, logged by its type, route template and frames: its message is
-    left out, as it may quote a file name, a path or a slide's metadata."""
-    route = request.match_info.route.resource
-    where = route.canonical if route is not None else "(no route)"
-    frames = "".join(traceback.format_tb(exc.__traceback__))
-    log.error("internal error in %s %s: %s\n%s", request.method, where, type(exc).__name__, frames)
 
 
 async def _audit(app: web.Application) -> AsyncIterator[None]:
@@ -343,10 +282,7 @@ def create_app(settings: ServerSettings, role: ProcessRole | None = None) -> web
     if _REQUEST_BYTES not in server_log.filters:
         server_log.addFilter(_REQUEST_BYTES)
     metrics = Metrics(role.index)
-    middlewares: list[Any] = [front_middleware]
-    if settings.requires_auth:  # on loopback there is nothing to check on the hot path
-        middlewares.append(auth_middleware)
-    app = web.Application(middlewares=middlewares)
+    app = web.Application()  # no middleware: every handler is wrapped (`server.front`)
     app[SETTINGS] = settings
     app[ROLE] = role
     app[METRICS] = metrics
@@ -362,11 +298,12 @@ def create_app(settings: ServerSettings, role: ProcessRole | None = None) -> web
         app.cleanup_ctx.append(publish_status)
     runs_ingest = role.ingest and bool(settings.watch or settings.s3_sources)
     app.cleanup_ctx.append(_ingest if runs_ingest else follow_ingest)
+    routes = app[FRONTED] = Routes(app)
     for register_tiles in TILE_ROUTES:
         register_tiles(app)
     for module in ROUTES:
         module.register(app)
-    app[CORS_POLICY] = CorsPolicy.of(settings, app.router)
+    routes.finish()
     app[ROUTE_MODULES] = list(ROUTES)
     return app
 

@@ -27,7 +27,7 @@ from aiohttp import web
 from wsi.store.objects import FILE_MODE
 
 PRINCIPAL = web.RequestKey("principal", str)
-"""Who a request was admitted as (set by the auth middleware)."""
+"""Who a request was admitted as (set by `server.auth.admission`)."""
 SLIDES_READ = web.RequestKey("slides_read", list)
 """Ids of the slides a request answered with, where its path does not name one (DICOMweb)."""
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import hmac
 import time
-from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
@@ -13,9 +12,6 @@ from server.audit import PRINCIPAL
 from server.keys import SETTINGS
 from server.responses import SIGNED_EXPIRES, json_error
 from server.settings import ServerSettings
-
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
 
 ROUTE_SCOPES: dict[str, str] = {
     "dzi.descriptor": "tiles",
@@ -61,10 +57,10 @@ OPEN_PAGES = frozenset({"/console"})
 them (exact paths)."""
 
 
-@web.middleware
-async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Off loopback: a Bearer token, or, for the routes of `ROUTE_SCOPES`, an unexpired URL
-    signed for that scope and that slide."""
+def admission(request: web.Request) -> web.Response | None:
+    """Off loopback: None when `request` carries a Bearer token, or, for the routes of
+    `ROUTE_SCOPES`, an unexpired URL signed for that scope and that slide (who it was admitted
+    as goes on the request for the audit log); else the 401 to answer."""
     settings = request.app[SETTINGS]
     if (
         not settings.requires_auth
@@ -72,18 +68,18 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
         or request.path.startswith(OPEN_PATHS)
         or request.path in OPEN_PAGES
     ):
-        return await handler(request)
+        return None
     header = request.headers.get("Authorization", "")
     if header.startswith("Bearer "):
         name = _token_name(header[7:], settings.tokens)
         if name is not None:
             request[PRINCIPAL] = name
-            return await handler(request)
+            return None
     expires = _signed_expiry(request, settings)
     if expires is not None:
         request[SIGNED_EXPIRES] = expires
         request[PRINCIPAL] = f"signed:{ROUTE_SCOPES[request.match_info.route.name or '']}"
-        return await handler(request)
+        return None
     return json_error(401, "authentication required (Bearer token or signed URL)")
 
 

@@ -20,7 +20,6 @@ needed: credentials are Bearer tokens, which a browser never adds by itself.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from aiohttp import web
@@ -33,9 +32,6 @@ READ_METHODS = frozenset({"GET", "HEAD"})
 ALLOW_HEADERS = "Authorization, Accept, If-None-Match, Range"
 EXPOSE_HEADERS = "ETag, Link, Content-Range, Content-Length, Warning"
 PREFLIGHT_MAX_AGE = "86400"
-
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
 
 PIXEL_ROUTES = frozenset(
     {"slides.tile", "dzi.tile", "dzi.descriptor"}
@@ -75,6 +71,30 @@ class CorsPolicy:
         if origin and origin in self.listed:
             return origin
         return "*" if resource in self.open else None
+
+    def add_headers(
+        self,
+        request: web.Request,
+        response: web.StreamResponse,
+        resource: AbstractResource | None,
+    ) -> None:
+        """CORS headers on a read's answer (errors included, so a viewer can show why), before
+        its headers go out; `resource`: the request's (None: no route's). With an allow-list
+        every read answer varies by Origin, also one without CORS headers, so that no cache
+        hands it to a listed origin; without one, the answer is the same for every origin and
+        the request's Origin is not read. A plain call, not an `on_response_prepare` receiver:
+        the signal's dispatch cost about a tenth of a hot tile's handling."""
+        if not (self.listed or self.open) or request.method not in READ_METHODS:
+            return
+        headers = response.headers
+        if self.listed:
+            headers.add("Vary", "Origin")
+            origin = self.allowed_origin(request.headers.get("Origin"), resource)
+        else:
+            origin = "*" if resource in self.open else None
+        if origin is not None:  # added, not set: a handler never sets these itself
+            headers.add("Access-Control-Allow-Origin", origin)
+            headers.add("Access-Control-Expose-Headers", EXPOSE_HEADERS)
 
 
 CORS_POLICY: web.AppKey[CorsPolicy] = web.AppKey("cors_policy", CorsPolicy)
@@ -126,13 +146,12 @@ def refusal(request: web.Request, hosts_seen: set[str]) -> str | None:
     return None
 
 
-@web.middleware
-async def cors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Answers CORS preflights for read methods; everything else goes on."""
+async def preflight(request: web.Request) -> web.Response | None:
+    """The answer to a CORS preflight for a read (no route takes OPTIONS: `server.front` asks
+    here first), or None when `request` is not one."""
     wanted = request.headers.get("Access-Control-Request-Method")
     if request.method != "OPTIONS" or wanted is None or "Origin" not in request.headers:
-        return await handler(request)
-    # The router matched OPTIONS to no route (405): the route is the one the read would take.
+        return None
     read = await request.app.router.resolve(request.clone(method="GET"))
     policy = request.app[CORS_POLICY]
     origin = policy.allowed_origin(request.headers.get("Origin"), read.route.resource)
@@ -153,25 +172,7 @@ async def cors_middleware(request: web.Request, handler: Handler) -> web.StreamR
 def add_cors_headers(
     request: web.Request,
     response: web.StreamResponse,
-    resource: AbstractResource | None = None,
 ) -> None:
-    """CORS headers on a read's answer (errors included, so a viewer can show why), before its
-    headers go out: the front middleware calls this for every answer it returns, and a handler
-    that streams calls it before `prepare`. With an allow-list every read answer varies by
-    Origin, also one without CORS headers, so that no cache hands it to a listed origin. A plain
-    call, not an `on_response_prepare` receiver: the signal's dispatch cost about a tenth of a
-    hot tile's handling. `resource`: the request's, when the caller has it at hand."""
-    if request.method not in READ_METHODS:
-        return
-    policy = request.app[CORS_POLICY]
-    if not policy.active:
-        return
-    headers = response.headers
-    if policy.listed:
-        headers.add("Vary", "Origin")
-    if resource is None:
-        resource = request.match_info.route.resource
-    origin = policy.allowed_origin(request.headers.get("Origin"), resource)
-    if origin is not None:  # added, not set: a handler never sets these itself
-        headers.add("Access-Control-Allow-Origin", origin)
-        headers.add("Access-Control-Expose-Headers", EXPOSE_HEADERS)
+    """CORS headers on the answer of a handler that streams, added before it calls `prepare`
+    (the front adds them to every other answer: `CorsPolicy.add_headers`)."""
+    request.app[CORS_POLICY].add_headers(request, response, request.match_info.route.resource)

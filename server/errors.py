@@ -1,4 +1,4 @@
-"""Library errors -> HTTP statuses: the one place where the two meet. The front middleware
+"""Library errors -> HTTP statuses: the one place where the two meet. The front (`server.front`)
 answers with this table; the OpenAPI document declares its statuses on every operation."""
 
 from __future__ import annotations

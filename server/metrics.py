@@ -87,7 +87,7 @@ class Metrics:
         self, resource: AbstractResource | None, response: web.StreamResponse, start: float
     ) -> None:
         """Count one answered request of `resource` (None: no route matched), called by the
-        app's front middleware."""
+        front (`server.front`)."""
         elapsed = time.perf_counter() - start
         name = self._names.get(id(resource))
         if name is None:

@@ -22,6 +22,7 @@ from PIL import Image
 import wsi
 from server.app import create_app
 from server.auth import sign
+from server.front import UNROUTED, routes
 from server.settings import ServerSettings
 from wsi.sources import open_slide
 
@@ -190,7 +191,7 @@ def test_a_bug_is_a_json_500_whose_log_quotes_nothing(
     async def broken(request: web.Request) -> web.Response:
         raise RuntimeError(f"/slides/{request.match_info['name']}.svs")
 
-    app.router.add_get("/broken/{name}", broken)
+    routes(app).add_get("/broken/{name}", broken)
 
     async def main() -> None:
         async with TestClient(TestServer(app)) as c:
@@ -204,6 +205,53 @@ def test_a_bug_is_a_json_500_whose_log_quotes_nothing(
     logged = "\n".join(r.getMessage() for r in caplog.records if r.name != "aiohttp.access")
     assert "RuntimeError" in logged and "/broken/{name}" in logged
     assert "ZZSMITH" not in logged
+
+
+def test_a_method_a_path_does_not_take_is_a_json_405_saying_which_it_takes(
+    store_dir: tuple[Path, str],
+) -> None:
+    """Requests no route takes get JSON like every other error (the router's own answers were
+    plain text), a 405 with its Allow header, and are counted as no route's."""
+    root, sid = store_dir
+
+    async def check(c: TestClient) -> None:
+        for method, url, status, allow in [
+            ("POST", "/slides", 405, {"GET", "HEAD"}),
+            ("PUT", "/jobs/j1", 405, {"GET", "HEAD", "DELETE"}),
+            ("DELETE", f"/slides/{sid}/tiles/0/0/0", 405, {"GET", "HEAD"}),
+            ("PATCH", "/nothing/here", 404, None),
+            ("OPTIONS", "/slides", 405, {"GET", "HEAD"}),  # not a preflight: no Origin
+        ]:
+            r = await c.request(method, url)
+            assert r.status == status, (method, url)
+            assert await r.json() == {"error": r.reason, "status": status}
+            given = r.headers.get("Allow")
+            assert (set(given.split(",")) if given is not None else None) == allow, url
+        text = await (await c.get("/metrics")).text()
+        assert 'wsi_http_requests_total{route="unmatched",status="405"} 4.0' in text
+
+    run(ServerSettings(store=str(root)), check)
+
+
+def test_a_route_added_around_the_front_stops_the_service_from_starting(
+    store_dir: tuple[Path, str],
+) -> None:
+    """A route registered on aiohttp's router directly would answer without authentication,
+    CORS checks or JSON errors: the service refuses to start with one."""
+    root, _ = store_dir
+    app = create_app(ServerSettings(store=str(root)))
+
+    async def bare(request: web.Request) -> web.Response:
+        return web.Response(text="unchecked")
+
+    app.router.add_get("/bare", bare)
+
+    async def main() -> None:
+        async with TestServer(app):
+            pass
+
+    with pytest.raises(RuntimeError, match="/bare was added around the front"):
+        asyncio.run(main())
 
 
 def test_label_when_allowed(store_dir: tuple[Path, str]) -> None:
@@ -233,7 +281,7 @@ def test_health_metrics_openapi(store_dir: tuple[Path, str]) -> None:
         documented = set(spec["paths"])
         for resource in c.app.router.resources():
             path = resource.canonical
-            if path.startswith("/static"):
+            if path.startswith("/static") or resource.name == UNROUTED:
                 continue
             assert path in documented, f"{path} missing from OpenAPI"
 

@@ -21,6 +21,7 @@ from aiohttp import web
 
 from server.api.jobs import job_json
 from server.catalog import READY, published, status
+from server.front import routes
 from server.keys import CATALOG, JOBS, JOBS_WAKE, SETTINGS
 from server.openapi import ERROR, path_params
 from server.responses import dumps
@@ -220,10 +221,10 @@ async def storage(request: web.Request) -> web.Response:
 
 
 def register(app: web.Application) -> None:
-    app.router.add_get("/quarantine", list_quarantined)
-    app.router.add_post("/quarantine/{ref}/retry", retry_quarantined)
-    app.router.add_get("/watch", watch)
-    app.router.add_get("/storage", storage)
+    routes(app).add_get("/quarantine", list_quarantined)
+    routes(app).add_post("/quarantine/{ref}/retry", retry_quarantined)
+    routes(app).add_get("/watch", watch)
+    routes(app).add_get("/storage", storage)
 
 
 OPENAPI = {

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 from aiohttp import web
 
+from server.front import routes
+
 CONSOLE_PATH = "/console"
 CSP = (
     "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
@@ -74,7 +76,7 @@ async def console(request: web.Request) -> web.Response:
 
 
 def register(app: web.Application) -> None:
-    app.router.add_get(CONSOLE_PATH, console, name="console.page")
+    routes(app).add_get(CONSOLE_PATH, console, name="console.page")
 
 
 OPENAPI = {

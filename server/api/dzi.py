@@ -19,6 +19,7 @@ import numpy as np
 from aiohttp import web
 
 from server.catalog import Catalog, ServedLevel, ServedSlide, SlideInfo
+from server.front import routes
 from server.keys import CATALOG, SETTINGS
 from server.openapi import ERROR, path_params
 from server.render import encode_image, in_pool, region
@@ -187,14 +188,14 @@ async def assembled(
 
 def register_tiles(app: web.Application) -> None:
     """The tile route, registered ahead of every other route under /slides (`server.app`)."""
-    app.router.add_get(
+    routes(app).add_get(
         f"/slides/{SLIDE}_files/{{z:\\d+}}/{{x:\\d+}}_{{y:\\d+}}.jpeg", tile, name="dzi.tile"
     )
 
 
 def register(app: web.Application) -> None:
     app[GEOMETRY] = Geometries()
-    app.router.add_get(f"/slides/{SLIDE}.dzi", descriptor, name="dzi.descriptor")
+    routes(app).add_get(f"/slides/{SLIDE}.dzi", descriptor, name="dzi.descriptor")
 
 
 OPENAPI = {

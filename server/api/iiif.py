@@ -23,6 +23,7 @@ from aiohttp import web
 from PIL import Image
 
 from server.catalog import ServedLevel, ServedSlide, SlideInfo
+from server.front import routes
 from server.keys import CATALOG, SETTINGS
 from server.openapi import ERROR, path_params
 from server.render import check_encodable, encode_image, in_pool, region
@@ -477,15 +478,15 @@ def register(app: web.Application) -> None:
     # Images first: the router tries the routes under the prefix in this order, and a viewer
     # asks for images far more often than for the rest. Only the catch-all overlaps another
     # route (every path under an image service), so it stays last.
-    routes = [
+    paths = [
         (f"{ident}/{{region}}/{{size}}/{{rotation}}/{{quality:[^/]*}}.{{format:[^/.]*}}", image),
         (f"{ident}/info.json", info),
         (ident, base_redirect),
         (f"{ident}/{{tail:.+}}", not_iiif),  # anything else under an image service: 400
     ]
     names = ("iiif.image", "iiif.info", "iiif.base", "iiif.other")
-    for (path, handler), name in zip(routes, names, strict=True):
-        app.router.add_get(path, handler, name=name)
+    for (path, handler), name in zip(paths, names, strict=True):
+        routes(app).add_get(path, handler, name=name)
 
 
 _IMAGE_RESPONSES = {

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
+from server.front import routes
 from server.integrity import status_json
 from server.keys import INTEGRITY
 from wsi.published.verify import Problem
@@ -18,7 +19,7 @@ async def integrity(request: web.Request) -> web.Response:
 
 
 def register(app: web.Application) -> None:
-    app.router.add_get("/integrity", integrity, name="integrity.status")
+    routes(app).add_get("/integrity", integrity, name="integrity.status")
 
 
 _DAMAGED = {

@@ -17,6 +17,7 @@ from typing import Any
 
 from aiohttp import web
 
+from server.front import routes
 from server.keys import CATALOG, COPIES, JOBS, JOBS_WAKE, SETTINGS
 from server.openapi import ERROR, path_params
 from server.responses import dumps
@@ -210,11 +211,11 @@ async def cancel_job(request: web.Request) -> web.Response:
 
 
 def register(app: web.Application) -> None:
-    app.router.add_post("/jobs", submit)
-    app.router.add_get("/jobs", list_jobs)
-    app.router.add_get("/jobs/{job_id}", get_job)
-    app.router.add_delete("/jobs/{job_id}", cancel_job)
-    app.router.add_post("/jobs/{job_id}/retry", retry_job)
+    routes(app).add_post("/jobs", submit)
+    routes(app).add_get("/jobs", list_jobs)
+    routes(app).add_get("/jobs/{job_id}", get_job)
+    routes(app).add_delete("/jobs/{job_id}", cancel_job)
+    routes(app).add_post("/jobs/{job_id}/retry", retry_job)
 
 
 OPENAPI = {

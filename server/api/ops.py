@@ -6,6 +6,7 @@ import asyncio
 
 from aiohttp import web
 
+from server.front import routes
 from server.integrity import integrity_readiness
 from server.keys import CATALOG, INTEGRITY, JOBS, ROLE
 from server.openapi import openapi_document
@@ -72,10 +73,10 @@ async def openapi(request: web.Request) -> web.Response:
 
 
 def register(app: web.Application) -> None:
-    app.router.add_get("/healthz", healthz)
-    app.router.add_get("/readyz", readyz)
-    app.router.add_get("/metrics", metrics)
-    app.router.add_get("/openapi.json", openapi)
+    routes(app).add_get("/healthz", healthz)
+    routes(app).add_get("/readyz", readyz)
+    routes(app).add_get("/metrics", metrics)
+    routes(app).add_get("/openapi.json", openapi)
 
 
 OPENAPI = {

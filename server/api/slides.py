@@ -10,6 +10,7 @@ from aiohttp import web
 
 from server.catalog import CONVERTING, private_images, published, status, summary
 from server.converting import conversion_jobs
+from server.front import routes
 from server.keys import CATALOG, SETTINGS
 from server.openapi import ERROR, path_params
 from server.render import encode_image, in_pool
@@ -140,13 +141,15 @@ async def get_associated(request: web.Request) -> web.Response:
 
 def register_tiles(app: web.Application) -> None:
     """The tile route, registered ahead of every other route under /slides (`server.app`)."""
-    app.router.add_get("/slides/{slide_id}/tiles/{level}/{col}/{row}", get_tile, name="slides.tile")
+    routes(app).add_get(
+        "/slides/{slide_id}/tiles/{level}/{col}/{row}", get_tile, name="slides.tile"
+    )
 
 
 def register(app: web.Application) -> None:
-    app.router.add_get("/slides", list_slides)
-    app.router.add_get("/slides/{slide_id}", get_slide)
-    app.router.add_get("/slides/{slide_id}/associated/{name}", get_associated)
+    routes(app).add_get("/slides", list_slides)
+    routes(app).add_get("/slides/{slide_id}", get_slide)
+    routes(app).add_get("/slides/{slide_id}/associated/{name}", get_associated)
 
 
 OPENAPI = {

@@ -39,6 +39,7 @@ from server.catalog import CONVERTING, PRIVATE_IMAGES, READY, SlideInfo, summary
 from server.catalog import status as slide_status
 from server.converting import conversion_jobs
 from server.errors import status_of
+from server.front import routes
 from server.keys import CATALOG, SETTINGS
 from server.openapi import ERROR, path_params
 from server.responses import SIGNED_EXPIRES, VERSION_PARAM, json_error
@@ -327,11 +328,11 @@ def static_folder(folder: Path) -> Callable[[web.Request], Awaitable[web.FileRes
 def register(app: web.Application) -> None:
     installed = (OSD_DIR / OSD_SCRIPT).is_file()
     app[OSD_INSTALLED] = installed
-    app.router.add_get("/", index)
-    app.router.add_get("/view/{slide_id}", view, name="viewer.view")
+    routes(app).add_get("/", index)
+    routes(app).add_get("/view/{slide_id}", view, name="viewer.view")
     osd = static_folder(OSD_DIR) if installed else osd_missing
-    app.router.add_get("/static/osd/{tail:.*}", osd)
-    app.router.add_get("/static/{tail:.*}", static_folder(STATIC_DIR))
+    routes(app).add_get("/static/osd/{tail:.*}", osd)
+    routes(app).add_get("/static/{tail:.*}", static_folder(STATIC_DIR))
 
 
 OPENAPI = {

@@ -1,0 +1,185 @@
+"""What every request passes through around its handler: the browser checks of a service without
+auth (`server.cors.refusal`), authentication, every error as a JSON body with its status (no
+stack trace ever leaves), CORS headers, and the request's metrics.
+
+Each route's handler is wrapped as it is registered (`Routes`), rather than put behind an
+aiohttp middleware: an app with a middleware runs two more coroutines per request (the
+middleware's and aiohttp's own `_fix_request_current_app`) and a cache look-up of the chain,
+and the wrapper binds what it reads (the resource it serves, the CORS policy, the metrics) once
+instead of looking each up in the request and the app per request; together about a tenth of a
+hot tile's instructions (`bench/serve_instructions.py`). Requests no route takes reach a
+catch-all registered last (`Routes.finish`), which answers CORS preflights and the 404s and 405s
+the router would otherwise answer in plain text. `Routes.finish` refuses an app with a route
+added around the front, which would answer without authentication."""
+
+from __future__ import annotations
+
+import logging
+import traceback
+from collections.abc import Awaitable, Callable
+from time import perf_counter
+
+from aiohttp import web
+from aiohttp.web_urldispatcher import AbstractResource
+
+from server.auth import admission
+from server.cors import CORS_POLICY, HOSTS_SEEN, CorsPolicy, preflight, refusal
+from server.errors import status_of
+from server.keys import METRICS, SETTINGS
+from server.responses import json_error
+from wsi.errors import WsiError
+
+log = logging.getLogger("server.app")
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+UNROUTED_PATH = "/{tail:.*}"
+"""The catch-all's path: indexed under `/`, so the router tries it after every other route."""
+UNROUTED = "unrouted"
+"""The catch-all's route name (it is no API: the OpenAPI document leaves it out)."""
+
+
+class _Front:
+    """The app's state the wrappers read on every request, bound when the app is made (a
+    look-up in the app's mapping through `request.app` costs more than the check it feeds)."""
+
+    __slots__ = ("auth", "hosts_seen", "metrics", "policy")
+
+    def __init__(self, app: web.Application) -> None:
+        self.auth = app[SETTINGS].requires_auth
+        self.hosts_seen = app[HOSTS_SEEN]
+        self.metrics = app[METRICS]
+        self.policy = CorsPolicy(frozenset(), frozenset())
+        """Set by `Routes.finish`: the policy depends on every route registered."""
+
+
+class _Served:
+    """The resource a wrapper serves, known once aiohttp has made it (None: the catch-all, whose
+    answers are counted and given CORS headers as no route's)."""
+
+    __slots__ = ("resource",)
+
+    def __init__(self) -> None:
+        self.resource: AbstractResource | None = None
+
+
+def _fronted(handler: Handler, front: _Front, served: _Served) -> Handler:
+    async def fronted(request: web.Request) -> web.StreamResponse:
+        start = perf_counter()
+        response: web.StreamResponse
+        try:
+            hosts_seen = front.hosts_seen
+            why = refusal(request, hosts_seen) if hosts_seen is not None else None
+            refused = admission(request) if front.auth and why is None else None
+            if why is not None:
+                response = json_error(403, why)
+            elif refused is not None:
+                response = refused
+            else:
+                response = await handler(request)
+        except web.HTTPException as exc:
+            if exc.status < 400:  # a redirect: aiohttp sends it as it is
+                front.policy.add_headers(request, exc, served.resource)
+                raise
+            response = json_error(exc.status, exc.reason)
+            allow = exc.headers.get("Allow")
+            if allow is not None:  # a 405 says what the path takes (RFC 9110)
+                response.headers["Allow"] = allow
+        except WsiError as exc:
+            response = json_error(status_of(exc), str(exc))
+        except (ValueError, KeyError) as exc:  # malformed input that slipped past validation
+            response = json_error(400, f"bad request: {type(exc).__name__}")
+        except ConnectionError:  # the client went away: nothing to answer
+            raise
+        except Exception as exc:  # a bug: still a JSON answer, and a log line that names no file
+            _log_internal(request, exc)
+            response = json_error(500, "internal error")
+        if not response.prepared:  # one that streamed added them before it started
+            front.policy.add_headers(request, response, served.resource)
+        front.metrics.observe(served.resource, response, start)
+        return response
+
+    return fronted
+
+
+def _log_internal(request: web.Request, exc: Exception) -> None:
+    """An unexpected exception, logged by its type, route template and frames: its message is
+    left out, as it may quote a file name, a path or a slide's metadata."""
+    route = request.match_info.route.resource
+    where = route.canonical if route is not None else "(no route)"
+    frames = "".join(traceback.format_tb(exc.__traceback__))
+    log.error("internal error in %s %s: %s\n%s", request.method, where, type(exc).__name__, frames)
+
+
+async def _unrouted(request: web.Request) -> web.StreamResponse:
+    """A request no route takes: a CORS preflight (no route takes OPTIONS), else 405 with the
+    methods the path takes, else 404. The methods are asked of every resource again: an error's
+    path, never a tile's."""
+    if request.method == "OPTIONS":
+        answer = await preflight(request)
+        if answer is not None:
+            return answer
+    allowed: set[str] = set()
+    for resource in request.app.router.resources():
+        match, methods = await resource.resolve(request)
+        if match is None:  # the catch-all matches; no other resource can
+            allowed |= methods
+    if allowed:
+        raise web.HTTPMethodNotAllowed(request.method, allowed)
+    raise web.HTTPNotFound()
+
+
+class Routes:
+    """The app's router as the route modules see it (`routes(app)`): each handler added goes
+    behind the front."""
+
+    def __init__(self, app: web.Application) -> None:
+        self._app = app
+        self._front = _Front(app)
+        self._wrappers: set[Handler] = set()
+
+    def add_get(self, path: str, handler: Handler, *, name: str | None = None) -> None:
+        """GET (and HEAD) of `path`."""
+        served = _Served()
+        route = self._app.router.add_get(path, self._wrap(handler, served), name=name)
+        served.resource = route.resource
+
+    def add_post(self, path: str, handler: Handler, *, name: str | None = None) -> None:
+        served = _Served()
+        route = self._app.router.add_post(path, self._wrap(handler, served), name=name)
+        served.resource = route.resource
+
+    def add_delete(self, path: str, handler: Handler, *, name: str | None = None) -> None:
+        served = _Served()
+        route = self._app.router.add_delete(path, self._wrap(handler, served), name=name)
+        served.resource = route.resource
+
+    def _wrap(self, handler: Handler, served: _Served) -> Handler:
+        wrapper = _fronted(handler, self._front, served)
+        self._wrappers.add(wrapper)
+        return wrapper
+
+    def finish(self) -> None:
+        """After every route module registered: the catch-all, last, and the CORS policy, which
+        reads every route. The app then refuses to start with a route added around the front
+        (it would answer without authentication), checked when it starts: the router is frozen
+        from then on."""
+        unrouted = self._wrap(_unrouted, _Served())
+        self._app.router.add_route("*", UNROUTED_PATH, unrouted, name=UNROUTED)
+        policy = CorsPolicy.of(self._app[SETTINGS], self._app.router)
+        self._app[CORS_POLICY] = self._front.policy = policy
+        self._app.on_startup.append(self._check)
+
+    async def _check(self, app: web.Application) -> None:
+        for route in app.router.routes():
+            if route.handler not in self._wrappers:
+                where = route.resource.canonical if route.resource is not None else "?"
+                raise RuntimeError(f"route {route.method} {where} was added around the front")
+
+
+FRONTED = web.AppKey("fronted_routes", Routes)
+
+
+def routes(app: web.Application) -> Routes:
+    """Where the route modules add their routes (`server.app` sets it before they register)."""
+    return app[FRONTED]
