@@ -82,7 +82,7 @@ class AppThread:
             self.requests.append((request.method, request.path, response.status))
             return response
 
-        # Outermost: it sees the status the client gets, after the app's error middleware.
+        # Around every route's front (`server.front`): it sees the status the client gets.
         app.middlewares.insert(0, record)
 
     @property
