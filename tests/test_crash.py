@@ -13,8 +13,12 @@ from pathlib import Path
 from typing import Any
 
 from wsi import Store, StoreSettings
+from wsi.convert import convert_slide
 from wsi.ingest.protocol import ExitCode
 from wsi.slide_id import content_slide_id
+from wsi.store.objects import LOCKS, TEMP_MARK
+
+from .conftest import sample
 
 CONVERT = [sys.executable, "-m", "wsi.cli", "convert", "--no-progress", "--no-reuse-levels"]
 
@@ -101,3 +105,32 @@ def test_sigterm_midway_removes_what_was_written(tmp_path: Path, medium_jpeg_tif
     assert err.strip().splitlines()[-1] == "wsi: interrupted"
     assert store.published_slides() == []
     assert store.list_keys(sid, include_temporary=True) == []
+
+
+def test_sigterm_midway_through_a_sync_removes_what_it_was_writing(tmp_path: Path) -> None:
+    """`wsi sync` (as `archive`, `restore` and `export-dicom`) ends on SIGTERM as on Ctrl-C:
+    status 130, the object it was writing and its slide's lock file removed, the objects it
+    finished kept for the next run, which completes the copy. Python's default ended it at once,
+    leaving both in the target store. The copy runs at a bounded read rate, so each object takes
+    seconds: the signal lands while the first one is being written."""
+    source, target = tmp_path / "a", tmp_path / "b"
+    published = convert_slide(sample("CMU-1-Small-Region.svs"), Store(StoreSettings(str(source))))
+    sid = published.slide_id
+    command = [sys.executable, "-m", "wsi.cli", "sync", str(source), str(target), "--rate", "0.4"]
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not any(TEMP_MARK in p.name for p in target.rglob("*")):
+        assert proc.poll() is None, "the sync ended before it wrote"
+        assert time.monotonic() < deadline, "no object was ever being written"
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == ExitCode.INTERRUPTED
+    assert err.strip().splitlines()[-1] == "wsi: interrupted"
+    left = [p.relative_to(target).as_posix() for p in target.rglob("*") if p.is_file()]
+    assert not [name for name in left if TEMP_MARK in name or name.startswith(LOCKS)], left
+    assert not Store(StoreSettings(str(target))).is_published(sid)
+
+    rerun = subprocess.run(command[:-2], capture_output=True, text=True, check=False)
+    assert rerun.returncode == 0, rerun.stderr
+    assert rerun.stdout.startswith(f"{sid}\tcopied\t")

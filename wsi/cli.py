@@ -220,18 +220,18 @@ def _convert(args: argparse.Namespace) -> int:
     finished = threading.Event()
     if args.exit_with_stdin:
         _exit_with_stdin(finished)
-    with _terminate_as_interrupt():
-        return _convert_into(args, settings, finished)
+    return _convert_into(args, settings, finished)
 
 
 @contextlib.contextmanager
 def _terminate_as_interrupt() -> Iterator[None]:
-    """SIGTERM ends the block as Ctrl-C does (KeyboardInterrupt): a worker cancelling or timing
-    out its job, `systemctl stop` or `docker stop` then leave nothing half-written, as what the
-    conversion wrote is removed on the way out. Python's default would end the process at
-    once, leaving temporaries and level objects without a manifest in the store, which only a
-    later conversion of the same slide removes (never, for a cancelled job). Only where signals
-    can be handled (the main thread); the previous handler is put back after."""
+    """SIGTERM ends the block as Ctrl-C does (KeyboardInterrupt), for the commands that write a
+    store or files (`cleans_up` in their parser's defaults): a worker cancelling or timing out
+    its job, `systemctl stop` or `docker stop` then leave nothing half-written, as each removes
+    what it was writing on the way out. Python's default would end the process at once,
+    leaving temporaries, a slide's lock file, and for a conversion level objects without a
+    manifest, which only a later run on the same slide removes (never, for a cancelled job).
+    Only where signals can be handled (the main thread); the previous handler is put back."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -417,7 +417,7 @@ def _add_convert(sub: Any) -> None:
     _add_convert_running(conv)
     add_staging_arguments(conv)
     add_supervision_arguments(conv)
-    conv.set_defaults(func=_convert)
+    conv.set_defaults(func=_convert, cleans_up=True)
 
 
 def _add_convert_locations(conv: argparse.ArgumentParser) -> None:
@@ -590,8 +590,10 @@ def main(argv: Sequence[str] | None = None, commands: Sequence[CommandAdder] = (
     quiet_readers()
     if argv is None:  # the command line's own process: a caller's logging is its own
         report_ingest()
+    cleans_up = getattr(args, "cleans_up", False)  # set by the commands that write
     try:
-        return int(args.func(args))
+        with _terminate_as_interrupt() if cleans_up else contextlib.nullcontext():
+            return int(args.func(args))
     except WsiError as exc:
         print(f"wsi: error: {exc}", file=sys.stderr)
         return ExitCode.FAILED

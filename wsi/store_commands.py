@@ -37,7 +37,7 @@ def add_export_command(sub: Any) -> None:
     exp.add_argument("slide", metavar="SLIDE_DIR_OR_URL", help="STORE/<slide-id>")
     exp.add_argument("dest", metavar="DEST_DIR")
     exp.add_argument("--s3-endpoint")
-    exp.set_defaults(func=_export)
+    exp.set_defaults(func=_export, cleans_up=True)
 
 
 def _export(args: argparse.Namespace) -> int:
@@ -154,7 +154,7 @@ def _add_storage_commands(sub: Any) -> None:
     sync.add_argument("--rate", type=float, metavar="MB/s", help=rate_help)
     sync.add_argument("--s3-endpoint", help="S3 endpoint of both stores (or of STORE_A)")
     sync.add_argument("--target-s3-endpoint", help="S3 endpoint of STORE_B, when another")
-    sync.set_defaults(func=_sync)
+    sync.set_defaults(func=_sync, cleans_up=True)
 
 
 def _archive(args: argparse.Namespace) -> int:
@@ -188,4 +188,4 @@ def _add_archive_commands(sub: Any) -> None:
         cmd.add_argument("ids", nargs="+", metavar="SLIDE_ID")
         cmd.add_argument("--workers", type=int, default=0, help="threads (default: one per core)")
         cmd.add_argument("--s3-endpoint", help="S3 endpoint URL (default: $AWS_ENDPOINT_URL)")
-        cmd.set_defaults(func=_archive)
+        cmd.set_defaults(func=_archive, cleans_up=True)
