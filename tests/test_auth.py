@@ -13,11 +13,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from aiohttp.test_utils import TestClient, TestServer
+from aiohttp.test_utils import TestClient, TestServer, make_mocked_request
 
 import wsi
 from server.app import create_app
-from server.auth import sign
+from server.auth import OPEN_PAGES, OPEN_PATHS, sign
 from server.settings import ServerSettings
 
 SOURCE = Path(__file__).resolve().parents[1] / "sample_data" / "CMU-1-Small-Region.svs"
@@ -166,3 +166,31 @@ def test_cache_headers_with_auth(store: tuple[Path, str, str]) -> None:
             assert 0 < int(control.split("max-age=")[1]) <= 120 + int(time.time()) - before
 
     run(root, check, allow_label=True)
+
+
+def test_every_route_needs_credentials_but_the_open_ones(store: tuple[Path, str, str]) -> None:
+    """Each handler is wrapped with the front as it is registered (`server.front`): every route
+    there is, each of its methods, and a path no route takes, answers 401 without credentials,
+    except the pages and probes that hold no data (`OPEN_PATHS`, `OPEN_PAGES`)."""
+    root, sid, _ = store
+
+    async def check(c: TestClient) -> None:
+        tried = 0
+        for resource in c.app.router.resources():
+            url = re.sub(
+                r"\{(\w+)\}", lambda m: sid if m.group(1) == "slide_id" else "0", resource.canonical
+            )
+            if url.startswith(OPEN_PATHS) or url in OPEN_PAGES:
+                continue
+            for route in resource:
+                method = "GET" if route.method == "*" else route.method
+                found = await c.app.router.resolve(make_mocked_request(method, url))
+                assert found.route.resource is resource, (method, url)
+                r = await c.request(method, url)
+                assert r.status == 401, (method, url)
+                if method != "HEAD":
+                    assert (await r.json())["status"] == 401
+                tried += 1
+        assert tried > 40
+
+    run(root, check)
