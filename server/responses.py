@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import json
+import re
 import time
 from typing import Any
 
 from aiohttp import web
+
+from wsi.errors import InvalidArgument
 
 
 def json_error(status: int, message: str) -> web.Response:
@@ -108,6 +111,30 @@ def etag_response(
     return web.Response(
         body=body, headers={"ETag": quoted, **prebuilt.fixed(control, content_type)}
     )
+
+
+_HOST = re.compile(r"[A-Za-z0-9.\-]{1,253}(?::[0-9]{1,5})?|\[[0-9A-Fa-f:.]{2,45}\](?::[0-9]{1,5})?")
+"""A Host value links may name: a name or IPv4 address, or a bracketed IPv6 one, and a port."""
+
+FORWARDED_VARY = "X-Forwarded-Host, X-Forwarded-Proto"
+"""What an answer holding absolute links (`public_origin`) varies by besides its URL: Vary
+names these, so that no cache hands links made for one proxy's clients to another's."""
+
+
+def public_origin(request: web.Request) -> str:
+    """`scheme://host` as the client sees the service, for the absolute links some protocols
+    require (an IIIF image service's id, DICOMweb's RetrieveURL): a reverse proxy's
+    X-Forwarded-Proto and X-Forwarded-Host first, else the request's own. A host is taken only
+    when it is a host name, an address and a port (`_HOST`), never text a link could be bent
+    by; with no valid one the request is refused (400)."""
+    proto = request.headers.get("X-Forwarded-Proto", "").split(",")[0].strip().lower()
+    scheme = proto if proto in ("http", "https") else request.scheme
+    host = request.headers.get("X-Forwarded-Host", "").split(",")[0].strip()
+    if not _HOST.fullmatch(host):
+        host = request.host
+    if not _HOST.fullmatch(host):
+        raise InvalidArgument("the Host header is not a valid host name")
+    return f"{scheme}://{host}"
 
 
 def dumps(doc: Any) -> str:

@@ -194,3 +194,17 @@ def test_every_route_needs_credentials_but_the_open_ones(store: tuple[Path, str,
         assert tried > 40
 
     run(root, check)
+
+
+def test_links_are_never_made_from_a_host_that_is_not_one(store: tuple[Path, str, str]) -> None:
+    """Off loopback any Host reaches the app: one that is not a host name and port is refused
+    where a link would be made from it (IIIF ids, DICOMweb RetrieveURLs), never echoed."""
+    root, sid, _ = store
+
+    async def check(c: TestClient) -> None:
+        for url in (f"/iiif/3/{sid}/info.json", "/dicomweb/studies"):
+            r = await c.get(url, headers={**BEARER, "Host": "evil.example/<x>"})
+            assert r.status == 400, url
+            assert (await r.json())["error"] == "the Host header is not a valid host name"
+
+    run(root, check)

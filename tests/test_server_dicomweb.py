@@ -209,6 +209,27 @@ def test_qido_studies(
     assert r.status_code == 200 and r.headers["Content-Type"].startswith("application/dicom+json")
 
 
+def test_retrieve_urls_name_the_service_as_its_clients_see_it(
+    base: str, http: requests.Session, store: dict[str, Any]
+) -> None:
+    """RetrieveURLs behind a reverse proxy name the proxy's scheme and host (as IIIF's ids do,
+    one rule: `server.responses.public_origin`); a forwarded host that is not a host name is
+    ignored, and the answer varies by the forwarded headers."""
+    study, _, _ = uids(store, "named")
+
+    def retrieve_url(headers: dict[str, str]) -> str:
+        r = http.get(f"{base}/dicomweb/studies?StudyInstanceUID={study}", headers=headers)
+        assert r.status_code == 200, r.text
+        assert "X-Forwarded-Host" in r.headers["Vary"]
+        [doc] = r.json()
+        return str(value(doc, "00081190"))
+
+    forwarded = {"X-Forwarded-Proto": "https", "X-Forwarded-Host": "pacs.example.org:8443"}
+    assert retrieve_url(forwarded) == f"https://pacs.example.org:8443/dicomweb/studies/{study}"
+    spoofed = retrieve_url({"X-Forwarded-Host": "evil/<script>"})
+    assert spoofed == f"{base}/dicomweb/studies/{study}"
+
+
 def test_qido_series_and_instances(
     client: DICOMwebClient, base: str, http: requests.Session, store: dict[str, Any]
 ) -> None:

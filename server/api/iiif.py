@@ -27,7 +27,7 @@ from server.front import routes
 from server.keys import CATALOG, SETTINGS
 from server.openapi import ERROR, path_params
 from server.render import check_encodable, encode_image, in_pool, region
-from server.responses import dumps, etag_response
+from server.responses import FORWARDED_VARY, dumps, etag_response, public_origin
 from wsi.errors import InvalidArgument, SlideNotFound
 from wsi.published.values import JPEG, decode_tile
 
@@ -49,7 +49,6 @@ JPEG_QUALITY = 90
 _INT = re.compile(r"[0-9]{1,9}")
 _NUMBER = re.compile(r"[0-9]{1,9}(?:\.[0-9]{1,9})?")
 _ROTATION = re.compile(r"(!?)([0-9]{1,3}(?:\.[0-9]{1,9})?)")
-_HOST = re.compile(r"[A-Za-z0-9.\-]{1,253}(?::[0-9]{1,5})?|\[[0-9A-Fa-f:.]{2,45}\](?::[0-9]{1,5})?")
 
 
 @dataclass(frozen=True)
@@ -336,15 +335,8 @@ def finish(pixels: np.ndarray, mirror: bool, degrees: float, quality: str, fmt: 
 
 
 def base_url(request: web.Request, slide_id: str) -> str:
-    """The image service's id: scheme and host as the client sees them (X-Forwarded-* first)."""
-    proto = request.headers.get("X-Forwarded-Proto", "").split(",")[0].strip().lower()
-    scheme = proto if proto in ("http", "https") else request.scheme
-    host = request.headers.get("X-Forwarded-Host", "").split(",")[0].strip()
-    if not _HOST.fullmatch(host):
-        host = request.host
-    if not _HOST.fullmatch(host):
-        raise bad("the Host header is not a valid host name")
-    return f"{scheme}://{host}{PREFIX}/{slide_id}"
+    """The image service's id, as the client sees the service (`public_origin`)."""
+    return f"{public_origin(request)}{PREFIX}/{slide_id}"
 
 
 def info_document(slide: ServedSlide, base: str, max_area: int) -> dict[str, object]:
@@ -391,7 +383,7 @@ async def info(request: web.Request) -> web.Response:
     headers = {
         "Content-Type": LD_JSON if wants_ld else "application/json",
         "Cache-Control": "no-cache",
-        "Vary": "Accept, X-Forwarded-Host, X-Forwarded-Proto",
+        "Vary": f"Accept, {FORWARDED_VARY}",
         "Link": f'<{PROFILE}>;rel="profile"',
     }
     return web.Response(body=dumps(doc).encode(), headers=headers)

@@ -28,7 +28,7 @@ from server.api.dicomweb.query import Row, parse_query, row_matches
 from server.audit import note_read
 from server.keys import CATALOG
 from server.render import in_pool
-from server.responses import dumps
+from server.responses import FORWARDED_VARY, dumps, public_origin
 from wsi.published.slide import AsyncPublishedSlide
 
 MAX_RESULTS = 1000
@@ -115,7 +115,8 @@ def element(keyword: str, value: Any) -> DataElement:
 
 
 def base_url(request: web.Request) -> str:
-    return f"{request.url.origin()}{PREFIX}"
+    """DICOMweb's root as the client sees the service (`public_origin`): RetrieveURLs."""
+    return f"{public_origin(request)}{PREFIX}"
 
 
 def record(
@@ -142,6 +143,7 @@ class Search:
         self.state = state(request)
         self.query = parse_query(request)
         self.allow_label = allow_label(request)
+        self.base = base_url(request)  # a bad Host is a 400 before any work
 
     async def slides(self) -> list[AsyncPublishedSlide]:
         info = self.request.match_info
@@ -209,7 +211,7 @@ class Search:
             results = [self.instance(r) for r in rows]
         limit = self.query.limit or MAX_RESULTS
         page = results[self.query.offset : self.query.offset + min(limit, MAX_RESULTS)]
-        headers = {}
+        headers = {"Vary": FORWARDED_VARY}  # the RetrieveURLs
         capped = self.query.limit is None or self.query.limit > MAX_RESULTS
         if capped and self.query.offset + len(page) < len(results):
             headers["Warning"] = (
@@ -237,7 +239,7 @@ class Search:
                 "ModalitiesInStudy": ["SM"],
                 "NumberOfStudyRelatedSeries": len(members),
                 "NumberOfStudyRelatedInstances": count,
-                "RetrieveURL": f"{base_url(self.request)}/studies/{uid}",
+                "RetrieveURL": f"{self.base}/studies/{uid}",
             }
             results.append(record(row.header, self.includes(STUDY_DEFAULT, STUDY_ALL), computed))
         return results
@@ -253,7 +255,7 @@ class Search:
             study = str(row.header.StudyInstanceUID)
             computed = {
                 "NumberOfSeriesRelatedInstances": len(slide_instances(row.slide, self.allow_label)),
-                "RetrieveURL": f"{base_url(self.request)}/studies/{study}/series/{uid}",
+                "RetrieveURL": f"{self.base}/studies/{study}/series/{uid}",
             }
             keywords = self.includes(SERIES_DEFAULT, SERIES_ALL)
             if not scoped:
@@ -268,7 +270,7 @@ class Search:
             "InstanceAvailability": "ONLINE",
             "AvailableTransferSyntaxUID": available_syntax(inst, row.header),
             "RetrieveURL": (
-                f"{base_url(self.request)}/studies/{inst.study_uid}/series/{inst.series_uid}"
+                f"{self.base}/studies/{inst.study_uid}/series/{inst.series_uid}"
                 f"/instances/{inst.sop_uid}"
             ),
         }
