@@ -140,19 +140,23 @@ class Routes:
 
     def add_get(self, path: str, handler: Handler, *, name: str | None = None) -> None:
         """GET (and HEAD) of `path`."""
-        served = _Served()
-        route = self._app.router.add_get(path, self._wrap(handler, served), name=name)
-        served.resource = route.resource
+        self._add(self._app.router.add_get, path, handler, name)
 
     def add_post(self, path: str, handler: Handler, *, name: str | None = None) -> None:
-        served = _Served()
-        route = self._app.router.add_post(path, self._wrap(handler, served), name=name)
-        served.resource = route.resource
+        self._add(self._app.router.add_post, path, handler, name)
 
     def add_delete(self, path: str, handler: Handler, *, name: str | None = None) -> None:
+        self._add(self._app.router.add_delete, path, handler, name)
+
+    def _add(
+        self,
+        add: Callable[..., web.AbstractRoute],
+        path: str,
+        handler: Handler,
+        name: str | None,
+    ) -> None:
         served = _Served()
-        route = self._app.router.add_delete(path, self._wrap(handler, served), name=name)
-        served.resource = route.resource
+        served.resource = add(path, self._wrap(handler, served), name=name).resource
 
     def _wrap(self, handler: Handler, served: _Served) -> Handler:
         wrapper = _fronted(handler, self._front, served)
