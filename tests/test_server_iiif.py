@@ -99,6 +99,7 @@ def test_info_json(store_dir: tuple[Path, str]) -> None:
         base = await c.get(f"/iiif/3/{sid}", allow_redirects=False)
         assert base.status == 303
         assert base.headers["Location"] == f"{doc['id']}/info.json"
+        assert "X-Forwarded-Host" in base.headers["Vary"]
 
         preflight = await c.options(
             f"/iiif/3/{sid}/info.json",

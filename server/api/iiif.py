@@ -391,7 +391,8 @@ async def info(request: web.Request) -> web.Response:
 
 async def base_redirect(request: web.Request) -> web.Response:
     slide = await named_slide(request)
-    raise web.HTTPSeeOther(location=f"{base_url(request, slide.slide_id)}/info.json")
+    location = f"{base_url(request, slide.slide_id)}/info.json"
+    raise web.HTTPSeeOther(location=location, headers={"Vary": FORWARDED_VARY})
 
 
 def canonical(
