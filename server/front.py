@@ -33,8 +33,10 @@ log = logging.getLogger("server.app")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
-UNROUTED_PATH = "/{tail:.*}"
-"""The catch-all's path: indexed under `/`, so the router tries it after every other route."""
+UNROUTED_PATH = r"/{tail:[\s\S]*}"
+"""The catch-all's path: indexed under `/`, so the router tries it after every other route. Any
+character, line breaks included: a path with an escaped newline (`%0A`) that `.*` left unmatched
+was answered by aiohttp's router in plain text."""
 UNROUTED = "unrouted"
 """The catch-all's route name (it is no API: the OpenAPI document leaves it out)."""
 

@@ -155,6 +155,8 @@ BAD = [
     ("/slides/{sid}_files/99/0_0.jpeg", 400),
     ("/slides/{sid}_files/12/99_0.jpeg", 400),
     ("/nothing/here", 404),
+    ("/nothing%0Ahere", 404),  # a line break no `.*` route pattern takes
+    ("/slides/x%0A_files/1/0_0.jpeg", 404),
     ("/slides/{sid}%0a", 400),  # a slide id with a trailing newline
     ("/static/no-such-file.js", 404),  # aiohttp's own static 404 had an empty body
     ("/static/%5c..%5capp.py", 404),
