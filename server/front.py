@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import logging
 import traceback
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from time import perf_counter
+from typing import TYPE_CHECKING
 
-from aiohttp import web
+from aiohttp import hdrs, web
 from aiohttp.web_urldispatcher import AbstractResource
+from yarl import URL
 
 from server.auth import admission
 from server.cors import CORS_POLICY, HOSTS_SEEN, CorsPolicy, preflight, refusal
@@ -29,16 +31,15 @@ from server.keys import METRICS, SETTINGS
 from server.responses import json_error
 from wsi.errors import WsiError
 
+if TYPE_CHECKING:
+    from aiohttp.web_urldispatcher import _InfoDict
+
 log = logging.getLogger("server.app")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
-UNROUTED_PATH = r"/{tail:[\s\S]*}"
-"""The catch-all's path: indexed under `/`, so the router tries it after every other route. Any
-character, line breaks included: a path with an escaped newline (`%0A`) that `.*` left unmatched
-was answered by aiohttp's router in plain text."""
 UNROUTED = "unrouted"
-"""The catch-all's route name (it is no API: the OpenAPI document leaves it out)."""
+"""The catch-all's resource name (it is no API: the OpenAPI document leaves it out)."""
 
 
 class _Front:
@@ -131,6 +132,43 @@ async def _unrouted(request: web.Request) -> web.StreamResponse:
     raise web.HTTPNotFound()
 
 
+class _Everything(web.AbstractResource):
+    """The catch-all: every path and method, `handler` answering. Its canonical path is `/`, the
+    router's last candidate for any path, so the router tries it after every other route; a
+    resource rather than a route pattern, since none matches every request target (`.*` misses
+    an escaped line break, `/...` the `*` of `OPTIONS *`), and aiohttp answers what no resource
+    matches in plain text."""
+
+    def __init__(self, handler: Handler) -> None:
+        super().__init__(name=UNROUTED)
+        self._route = web.ResourceRoute(hdrs.METH_ANY, handler, self)
+
+    @property
+    def canonical(self) -> str:
+        return "/"
+
+    def url_for(self, **kwargs: str) -> URL:
+        raise RuntimeError("the catch-all has no URL")
+
+    async def resolve(self, request: web.Request) -> tuple[web.UrlMappingMatchInfo, set[str]]:
+        return web.UrlMappingMatchInfo({}, self._route), {hdrs.METH_ANY}
+
+    def add_prefix(self, prefix: str) -> None:
+        raise RuntimeError("the catch-all takes no prefix")
+
+    def get_info(self) -> _InfoDict:
+        return {}
+
+    def raw_match(self, path: str) -> bool:
+        return False
+
+    def __len__(self) -> int:
+        return 1
+
+    def __iter__(self) -> Iterator[web.ResourceRoute]:
+        return iter((self._route,))
+
+
 class Routes:
     """The app's router as the route modules see it (`routes(app)`): each handler added goes
     behind the front."""
@@ -170,8 +208,7 @@ class Routes:
         reads every route. The app then refuses to start with a route added around the front
         (it would answer without authentication), checked when it starts: the router is frozen
         from then on."""
-        unrouted = self._wrap(_unrouted, _Served())
-        self._app.router.add_route("*", UNROUTED_PATH, unrouted, name=UNROUTED)
+        self._app.router.register_resource(_Everything(self._wrap(_unrouted, _Served())))
         policy = CorsPolicy.of(self._app[SETTINGS], self._app.router)
         self._app[CORS_POLICY] = self._front.policy = policy
         self._app.on_startup.append(self._check)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import json
 import logging
 import shutil
 import time
@@ -231,6 +232,13 @@ def test_a_method_a_path_does_not_take_is_a_json_405_saying_which_it_takes(
             assert (set(given.split(",")) if given is not None else None) == allow, url
         text = await (await c.get("/metrics")).text()
         assert 'wsi_http_requests_total{route="unmatched",status="405"} 4.0' in text
+        # A request target no path pattern can match: the server-wide `OPTIONS *`.
+        reader, writer = await asyncio.open_connection("127.0.0.1", c.server.port)
+        writer.write(b"OPTIONS * HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+        head, _, body = (await reader.read()).partition(b"\r\n\r\n")
+        writer.close()
+        assert head.startswith(b"HTTP/1.1 404") and b"application/json" in head
+        assert json.loads(body) == {"error": "Not Found", "status": 404}
 
     run(ServerSettings(store=str(root)), check)
 
