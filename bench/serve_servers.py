@@ -57,7 +57,13 @@ def serve_ours(args: argparse.Namespace) -> None:
         from server.processes import run_processes
 
         sys.exit(run_processes(settings))
-    run(create_app(settings), args.port)
+    try:  # as `wsi serve` runs it (a checkout before `server.runner` ran it as `run` does)
+        from server.app import new_event_loop
+        from server.runner import run as run_service
+    except ImportError:
+        run(create_app(settings), args.port)
+        return
+    run_service(create_app(settings), "127.0.0.1", args.port, new_event_loop())
 
 
 def serve_openslide(args: argparse.Namespace) -> None:

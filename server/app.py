@@ -13,7 +13,6 @@ from pathlib import Path
 from types import ModuleType
 
 from aiohttp import web
-from aiohttp.http_exceptions import HttpProcessingError
 
 from server.api import admin, console, dicomweb, dzi, iiif, jobs, ops, slides, viewer
 from server.api import integrity as integrity_api
@@ -41,6 +40,7 @@ from server.keys import (
 from server.metrics import Metrics
 from server.replica import follow_ingest, follow_jobs, publish_status
 from server.responses import install as install_response_headers
+from server.runner import run
 from server.settings import ProcessRole, ServerSettings
 from wsi.ingest.lease import run_while_held, store_lease_name
 from wsi.ingest.supervise import Supervisor
@@ -76,24 +76,6 @@ instructions per route tried before the one that matches), and tiles are what cl
 the thousand. The two paths have different segment counts, so they never match each other's
 requests, nor the other routes'. Plain tiles first: scripts and AI readers ask for them as fast
 as the service answers; a viewer's DeepZoom tiles come a screenful at a time."""
-
-
-class _NoRequestBytes(logging.Filter):
-    """aiohttp logs a request it cannot parse (a bare LF, a header too long, a bad method) with
-    a traceback whose message quotes the request's bytes: a header value may name a patient.
-    The line keeps what went wrong, never what was sent."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        exc = record.exc_info[1] if record.exc_info else None
-        if isinstance(exc, HttpProcessingError):
-            record.msg = "malformed HTTP request answered %s: %s"
-            record.args = (exc.code, type(exc).__name__)
-            record.exc_info = None
-            record.exc_text = None
-        return True
-
-
-_REQUEST_BYTES = _NoRequestBytes()
 
 
 async def _audit(app: web.Application) -> AsyncIterator[None]:
@@ -278,9 +260,6 @@ def create_app(settings: ServerSettings, role: ProcessRole | None = None) -> web
     """The service, or with a `role` one of its processes (`server.processes`): only the one
     whose role says so runs the ingest roles; the others follow the job table they share."""
     role = role or ProcessRole()
-    server_log = logging.getLogger("aiohttp.server")
-    if _REQUEST_BYTES not in server_log.filters:
-        server_log.addFilter(_REQUEST_BYTES)
     metrics = Metrics(role.index)
     app = web.Application()  # no middleware: every handler is wrapped (`server.front`)
     app[SETTINGS] = settings
@@ -320,11 +299,4 @@ def new_event_loop() -> asyncio.AbstractEventLoop:
 
 def serve(settings: ServerSettings) -> None:
     """Run the service until interrupted."""
-    web.run_app(
-        create_app(settings),
-        host=settings.host,
-        port=settings.port,
-        print=None,
-        access_log=None,
-        loop=new_event_loop(),
-    )
+    run(create_app(settings), settings.host, settings.port, new_event_loop())

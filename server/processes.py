@@ -36,6 +36,7 @@ from pathlib import Path
 from aiohttp import web
 
 from server.app import create_app, new_event_loop
+from server.runner import run
 from server.settings import ProcessRole, ServerSettings
 from wsi.errors import InvalidArgument, WsiError
 from wsi.ingest.queue import open_queue
@@ -93,7 +94,7 @@ def ready_marker(shared: str | Path, pid: int) -> Path:
     return Path(shared) / f"ready-{pid}"
 
 
-def _listening(role: ProcessRole, _message: str) -> None:
+def _listening(role: ProcessRole) -> None:
     assert role.shared is not None
     ready_marker(role.shared, os.getpid()).touch(mode=0o600)
 
@@ -117,15 +118,14 @@ def serve_process(settings: ServerSettings, role: ProcessRole, parent: int) -> N
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop)
     try:
-        web.run_app(
+        run(
             create_app(settings, role),
-            host=settings.host,
-            port=settings.port,
+            settings.host,
+            settings.port,
+            loop,
             reuse_port=True,
             handle_signals=False,
-            print=functools.partial(_listening, role),
-            access_log=None,
-            loop=loop,
+            listening=functools.partial(_listening, role),
         )
     except WsiError as exc:  # one line, as `wsi` gives it; no traceback
         print(f"wsi: error: {exc}", file=sys.stderr, flush=True)

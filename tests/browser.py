@@ -29,6 +29,8 @@ import aiohttp
 from aiohttp import web
 from PIL import Image
 
+from server.runner import ServiceRunner
+
 BROWSERS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
 CHROMIUM_FLAGS = (
     "--headless",
@@ -73,7 +75,7 @@ class AppThread:
         """(method, path, status) of every answered request, in order."""
         self.port = 0
         self._loop = asyncio.new_event_loop()
-        self._runner = web.AppRunner(app, access_log=None)
+        self._runner = ServiceRunner(app, access_log=None)
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
 
         @web.middleware

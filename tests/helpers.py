@@ -23,6 +23,7 @@ import pydicom
 from aiohttp import web
 
 from server.app import create_app
+from server.runner import ServiceRunner
 from server.settings import ServerSettings
 from wsi.ingest.queue import JobState, SQLiteJobQueue
 from wsi.ingest.settings import IngestSettings
@@ -175,7 +176,7 @@ async def wait_until(check: Callable[[], Awaitable[Any]], timeout: float = 90.0)
 def serving(settings: ServerSettings) -> Iterator[str]:
     """The app on 127.0.0.1 (a free port), on its own event loop in a thread: base URL."""
     loop = asyncio.new_event_loop()
-    runner = web.AppRunner(create_app(settings))
+    runner = ServiceRunner(create_app(settings))  # as `wsi serve` runs it
     loop.run_until_complete(runner.setup())
     site = web.TCPSite(runner, "127.0.0.1", 0)
     loop.run_until_complete(site.start())

@@ -4,6 +4,7 @@ that contradicts the document; slow clients that hold their headers open do not 
 
 from __future__ import annotations
 
+import json
 import logging
 import socket
 import time
@@ -96,6 +97,47 @@ def test_slow_clients_do_not_starve_others(live: tuple[str, str]) -> None:
     finally:
         for s in slow:
             s.close()
+
+
+MALFORMED = {
+    "space in the path": b"GET /slides/DOE JANE HTTP/1.1\r\nHost: x\r\n\r\n",
+    "bad header name": b"GET /slides HTTP/1.1\r\nHost: x\r\nX DOE JANE: 1\r\n\r\n",
+    "header too long": b"GET /slides HTTP/1.1\r\nHost: x\r\nX: DOE JANE"
+    + b"a" * 9000
+    + b"\r\n\r\n",
+    "bad method": b"G\x01T /slides/DOE-JANE HTTP/1.1\r\nHost: x\r\n\r\n",
+    "bad chunk size": (
+        b"POST /slides HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nDOE\r\n"
+    ),
+}
+
+
+def _answer(base: str, request: bytes) -> bytes:
+    """Everything the service sends back to `request` on a new connection, until it closes it."""
+    host, port = base.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall(request)
+        received = b""
+        while chunk := sock.recv(65536):  # the service closes the connection after a 400
+            received += chunk
+    return received
+
+
+@pytest.mark.parametrize("request_bytes", MALFORMED.values(), ids=MALFORMED.keys())
+def test_a_request_that_cannot_be_parsed_gets_a_json_400(
+    live: tuple[str, str], request_bytes: bytes
+) -> None:
+    """aiohttp answers what it cannot parse before any route sees it, in plain text quoting the
+    request's bytes; the service's protocol answers like every other error, quoting nothing."""
+    head, _, body = _answer(live[0], request_bytes).partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    assert lines[0].split()[1] == "400"
+    assert "content-type: application/json; charset=utf-8" in [x.lower() for x in lines]
+    doc = json.loads(body)
+    assert doc["status"] == 400 and doc["error"].startswith("malformed HTTP request")
+    assert b"DOE" not in body
+    ok = requests.get(f"{live[0]}/healthz", timeout=10)  # and the service goes on
+    assert ok.status_code == 200
 
 
 def test_a_malformed_request_is_logged_without_its_bytes(

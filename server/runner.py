@@ -1,0 +1,145 @@
+"""How the service listens: aiohttp's runner with a connection protocol whose own answers (a
+request it cannot parse) are JSON errors like every other, and `run`, which serves an app until
+SIGINT, SIGTERM or `web.GracefulExit`.
+
+aiohttp answers a request it cannot parse (a bad request line, a header too long, a bare LF, a
+broken chunk size) before any route or the front (`server.front`) sees it, from its connection
+protocol, in plain text that quotes the request's bytes back; and it logs it with a traceback
+that quotes them again (a header value may name a patient). `ServiceRunner` makes every
+connection's protocol `JsonErrors`: a JSON body like the front's errors, a log line that names
+what went wrong and nothing that was sent. `web.run_app` cannot be given a runner, hence `run`:
+aiohttp's own steps (set up, listen, wait, clean up, cancel what is left) with this runner.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import traceback
+from collections.abc import Callable
+from contextlib import suppress
+
+from aiohttp import web
+from aiohttp.http_exceptions import BadHttpMethod, HttpProcessingError
+from aiohttp.web_protocol import RequestHandler
+from aiohttp.web_request import BaseRequest
+
+from server.responses import json_error
+
+log = logging.getLogger("aiohttp.server")
+
+KEEPALIVE_SECONDS = 75.0
+"""An idle keep-alive connection is closed after this (what `web.run_app` sets)."""
+
+
+class JsonErrors(RequestHandler):
+    """aiohttp's connection protocol, its own error answers made JSON (`handle_error`)."""
+
+    __slots__ = ()
+
+    def handle_error(
+        self,
+        request: BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        """The answer to a request aiohttp could not parse (`HttpProcessingError`: 400), or whose
+        handler raised past the front (a bug: 500). `message` (which quotes the request's bytes)
+        is neither sent nor logged; the connection is closed after the answer, as aiohttp does."""
+        if request.writer.output_size > 0:  # the answer had started: the connection is broken
+            raise ConnectionError("an error after the response started")
+        if isinstance(exc, HttpProcessingError):
+            # Not an error of ours: a warning, and for what is not HTTP at all (scanners, TLS
+            # clients on a plain port send it by the thousand) a debug line, as aiohttp does.
+            level = logging.DEBUG if isinstance(exc, BadHttpMethod) else logging.WARNING
+            log.log(level, "malformed HTTP request answered %s: %s", status, type(exc).__name__)
+            response = json_error(status, f"malformed HTTP request ({type(exc).__name__})")
+        else:
+            frames = "".join(traceback.format_tb(exc.__traceback__)) if exc else ""
+            log.error("internal error outside the front: %s\n%s", type(exc).__name__, frames)
+            response = json_error(status, "internal error")
+        response.force_close()
+        return response
+
+
+class _Server(web.Server):
+    """aiohttp's low-level server, whose connections are `JsonErrors` protocols."""
+
+    def __call__(self) -> RequestHandler:
+        protocol = super().__call__()
+        protocol.__class__ = JsonErrors  # adds no state: only `handle_error` differs
+        return protocol
+
+
+class ServiceRunner(web.AppRunner):
+    """`web.AppRunner` whose server's connections are `JsonErrors` protocols (aiohttp's runner
+    takes no protocol class, so the server it makes is given this one's)."""
+
+    __slots__ = ()
+
+    async def _make_server(self) -> web.Server:
+        server = await super()._make_server()
+        server.__class__ = _Server
+        return server
+
+
+def run(
+    app: web.Application,
+    host: str,
+    port: int,
+    loop: asyncio.AbstractEventLoop,
+    *,
+    reuse_port: bool = False,
+    handle_signals: bool = True,
+    listening: Callable[[], None] | None = None,
+) -> None:
+    """Serve `app` on `loop` until SIGINT or SIGTERM (with `handle_signals`) or until a signal
+    handler of the caller's raises `web.GracefulExit`; `listening` is called once the port
+    listens. As `web.run_app` does, the app's cleanup runs, then every task left is cancelled."""
+    runner = ServiceRunner(
+        app, handle_signals=handle_signals, access_log=None, keepalive_timeout=KEEPALIVE_SECONDS
+    )
+
+    async def serve() -> None:
+        await runner.setup()
+        try:
+            await web.TCPSite(runner, host, port, reuse_port=reuse_port or None).start()
+            if listening is not None:
+                listening()
+            await asyncio.Event().wait()  # until cancelled
+        finally:
+            await runner.cleanup()
+
+    asyncio.set_event_loop(loop)
+    main = loop.create_task(serve())
+    try:
+        loop.run_until_complete(main)
+    except (web.GracefulExit, KeyboardInterrupt):
+        pass
+    finally:
+        try:
+            if not main.done():
+                main.cancel()
+                with suppress(asyncio.CancelledError):
+                    loop.run_until_complete(main)
+        finally:
+            _cancel_all(loop)
+            loop.run_until_complete(loop.shutdown_asyncgens())
+            loop.close()
+            asyncio.set_event_loop(None)
+
+
+def _cancel_all(loop: asyncio.AbstractEventLoop) -> None:
+    """Cancel every task still on `loop` and wait for them (as `asyncio.run` does on exit)."""
+    tasks = asyncio.all_tasks(loop)
+    if not tasks:
+        return
+    for task in tasks:
+        task.cancel()
+    loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))
+    for task in tasks:
+        if not task.cancelled() and task.exception() is not None:
+            loop.call_exception_handler(
+                {"message": "exception while stopping", "exception": task.exception(), "task": task}
+            )
