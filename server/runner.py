@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import traceback
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from contextlib import suppress
 
 from aiohttp import web
@@ -27,6 +27,8 @@ from aiohttp.web_request import BaseRequest
 from server.responses import json_error
 
 log = logging.getLogger("aiohttp.server")
+
+RequestHandlerFunc = Callable[[BaseRequest], Awaitable[web.StreamResponse]]
 
 KEEPALIVE_SECONDS = 75.0
 """An idle keep-alive connection is closed after this (what `web.run_app` sets)."""
@@ -72,15 +74,32 @@ class _Server(web.Server):
         return protocol
 
 
+def _path_or_root(handle: RequestHandlerFunc) -> RequestHandlerFunc:
+    """`handle`, given a request whose target has no path (`CONNECT host:port`, or the
+    absolute form `GET http://host` that RFC 9112 says a server must accept) as one for `/`:
+    aiohttp's router tries no route for an empty path, so it would answer 404 in plain text,
+    past the front. `/` is the empty path's meaning (RFC 9110 4.2.3); a CONNECT there is a 405.
+    A plain function, not a coroutine: a request with a path costs one call and a check."""
+
+    def handler(request: BaseRequest) -> Awaitable[web.StreamResponse]:
+        if request.raw_path[:1] == "/" or request.rel_url.raw_path:
+            return handle(request)
+        return handle(request.clone(rel_url=request.rel_url.with_path("/")))
+
+    return handler
+
+
 class ServiceRunner(web.AppRunner):
     """`web.AppRunner` whose server's connections are `JsonErrors` protocols (aiohttp's runner
-    takes no protocol class, so the server it makes is given this one's)."""
+    takes no protocol class, so the server it makes is given this one's), and whose requests
+    all have a path (`_path_or_root`)."""
 
     __slots__ = ()
 
     async def _make_server(self) -> web.Server:
         server = await super()._make_server()
         server.__class__ = _Server
+        server.request_handler = _path_or_root(server.request_handler)
         return server
 
 

@@ -140,6 +140,30 @@ def test_a_request_that_cannot_be_parsed_gets_a_json_400(
     assert ok.status_code == 200
 
 
+def _status_type_body(answer: bytes) -> tuple[int, str, bytes]:
+    head, _, body = answer.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    fields = dict(x.lower().split(": ", 1) for x in lines[1:] if ": " in x)
+    return int(lines[0].split()[1]), fields.get("content-type", ""), body
+
+
+def test_a_request_target_without_a_path_is_one_for_the_root(live: tuple[str, str]) -> None:
+    """aiohttp's router tries no route for an empty path: the absolute form without one (which a
+    server must accept, RFC 9112) and CONNECT's authority form got a plain-text 404 from past
+    the front. The empty path means `/` (RFC 9110 4.2.3), which takes no CONNECT."""
+    host = live[0].removeprefix("http://")
+    close = f"Host: {host}\r\nConnection: close\r\n\r\n".encode()
+    root = _status_type_body(_answer(live[0], b"GET / HTTP/1.1\r\n" + close))
+    absolute = _status_type_body(_answer(live[0], f"GET {live[0]} HTTP/1.1\r\n".encode() + close))
+    assert absolute[0] == 200 and absolute[1].startswith("text/html")
+    assert absolute == root
+    status, content_type, body = _status_type_body(
+        _answer(live[0], f"CONNECT {host} HTTP/1.1\r\n".encode() + close)
+    )
+    assert (status, content_type) == (405, "application/json; charset=utf-8")
+    assert json.loads(body)["status"] == 405
+
+
 def test_a_malformed_request_is_logged_without_its_bytes(
     live: tuple[str, str], caplog: pytest.LogCaptureFixture
 ) -> None:
