@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from wsi import cli as library_cli
 from wsi.ingest.settings import IngestSettings, add_ingest_arguments
+from wsi.store.objects import Store, StoreSettings
 
 if TYPE_CHECKING:
     from server.settings import ServerSettings
@@ -49,7 +50,9 @@ def _serve(args: argparse.Namespace) -> int:
     from server.processes import check_port, run_processes
 
     settings = serve_settings(args)
-    # Before any line that says it serves: a port in use is then the one line there is.
+    # Before any line that says it serves: a store path that is a file (which would serve as
+    # an empty, ready store) or a port in use is then the one line there is.
+    Store(StoreSettings(settings.store, settings.s3_endpoint)).check_folder(exists=False)
     check_port(settings.host, settings.port)
     shown = "localhost" if settings.host in ("127.0.0.1", "::1") else settings.host
     print(

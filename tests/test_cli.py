@@ -225,6 +225,32 @@ def test_a_local_store_that_is_not_a_folder_is_one_line(tmp_path: Path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "file"]
 
 
+def test_the_service_and_ingest_roles_refuse_a_store_that_is_a_file(tmp_path: Path) -> None:
+    """`wsi serve` served a store path that is a file as an empty store (`/readyz`: ready, store
+    reachable), and `wsi watch` / `wsi worker` made their state folder beside it and took jobs
+    no conversion could publish. Each now stops at start with the one line `convert` gives."""
+    file = tmp_path / "file"
+    file.write_bytes(b"")
+    (tmp_path / "inbox").mkdir()
+    sub = (file / "sub", f"cannot be a folder: {file} is not one")
+    for store, says in ((file, "is not a folder"), sub):
+        for args in (
+            ["serve", "--store", str(store), "--port", "8999"],
+            ["watch", str(tmp_path / "inbox"), "--store", str(store)],
+            ["worker", "--store", str(store)],
+        ):
+            run = subprocess.run(
+                [sys.executable, "-m", "server.cli", *args],
+                capture_output=True,
+                text=True,
+                timeout=60,  # a role that starts would run until stopped
+                check=False,
+            )
+            assert (run.returncode, run.stdout) == (1, ""), (args, run.stdout)
+            assert run.stderr == f"wsi: error: store {store} {says}\n", args
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "inbox"]
+
+
 def test_options_may_come_after_the_positionals(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

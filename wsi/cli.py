@@ -295,9 +295,10 @@ def _ingest_role(args: argparse.Namespace) -> int:
     from wsi.ingest.roles import run_roles
 
     settings = role_settings(args)
+    store = StoreSettings(args.store, endpoint_url=args.s3_endpoint)
+    Store(store).check_folder(exists=False)  # before a state folder is made beside a file
     settings.make_state(args.store)
     print(f"wsistore: {args.command}: {settings.describe_state(args.store)}", flush=True)
-    store = StoreSettings(args.store, endpoint_url=args.s3_endpoint)
     with open_queue(settings.jobs_path(args.store)) as queue:
         if args.command == "watch":
             run_roles(queue, store, settings, watch=tuple(args.folders))
