@@ -354,8 +354,10 @@ class Catalog:
         """Slides still converting are shown by a neutral name, not their file's (published
         ones carry the name their conversion chose)."""
         self.renders = asyncio.Semaphore(render_slots)
-        """Renders (regions, scaled views) in progress at once: each may hold up to the pixel
-        budget of decoded pixels, so memory is bounded by slots x budget, not by clients."""
+        """Renders (regions, scaled views) in progress at once, each until its answer is made
+        (`server.render.region`): each holds at most 4x the pixel budget of source pixels, the
+        budget of scaled ones and its answer, so their memory is bounded by the slots, not by
+        the clients."""
 
     async def slide_ids(self) -> list[str]:
         """Published slides, then slides only present as sources (being converted)."""

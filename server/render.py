@@ -69,9 +69,17 @@ async def region(
     out_width: int,
     out_height: int,
     max_pixels: int,
-) -> np.ndarray:
-    """Level-0 rectangle (x, y, width, height) scaled to (out_width, out_height) pixels, read
-    from the least detailed level that still has the detail asked for."""
+    finish: Callable[[np.ndarray], T],
+) -> T:
+    """`finish` (rotation, quality, encoding: whatever makes the answer) of the level-0
+    rectangle (x, y, width, height) scaled to (out_width, out_height) pixels, read from the
+    least detailed level that still has the detail asked for.
+
+    The whole of it holds one of the catalog's render slots, `finish` included: a render's
+    memory (its source pixels, up to 4x the budget; the scaled pixels; what `finish` makes of
+    them) is freed before the slot is. Were the pixels handed back for the caller to encode,
+    each finished render would wait for the pool with its pixels while the slot went to the
+    next one, as many as there are clients."""
     if out_width * out_height > max_pixels:
         raise InvalidArgument(f"{out_width}x{out_height} exceeds the {max_pixels} pixel budget")
     if min(width, height, out_width, out_height) <= 0:
@@ -86,26 +94,14 @@ async def region(
     if (lx1 - lx0) * (ly1 - ly0) > 4 * max_pixels:
         raise InvalidArgument("region needs too many source pixels")
     async with catalog.renders:
-        return await _render(
-            catalog, slide, level.index, (lx0, ly0, lx1, ly1), (out_width, out_height)
-        )
+        crop = await slide.region(level.index, lx0, ly0, lx1 - lx0, ly1 - ly0)
 
+        def scaled_and_finished() -> T:
+            pixels = crop
+            if crop.shape[:2] != (out_height, out_width):
+                image = Image.fromarray(crop)
+                resized = image.resize((out_width, out_height), Image.Resampling.LANCZOS)
+                pixels = np.asarray(resized)
+            return finish(pixels)
 
-async def _render(
-    catalog: Catalog,
-    slide: ServedSlide,
-    level: int,
-    box: tuple[int, int, int, int],
-    size: tuple[int, int],
-) -> np.ndarray:
-    lx0, ly0, lx1, ly1 = box
-    out_width, out_height = size
-    crop = await slide.region(level, lx0, ly0, lx1 - lx0, ly1 - ly0)
-    if crop.shape[:2] == (out_height, out_width):
-        return crop
-
-    def resize() -> np.ndarray:
-        image = Image.fromarray(crop)
-        return np.asarray(image.resize((out_width, out_height), Image.Resampling.LANCZOS))
-
-    return await catalog.in_pool(resize)
+        return await catalog.in_pool(scaled_and_finished)

@@ -145,7 +145,7 @@ async def tile(request: web.Request) -> web.Response:
         return etag_response(request, body, "image/jpeg", etag, version=version)
     scale = slide.width / width
     x0, y0 = int(x_ * size * scale), int(y_ * size * scale)
-    pixels = await region(
+    body = await region(
         catalog,
         slide,
         x0,
@@ -155,8 +155,8 @@ async def tile(request: web.Request) -> web.Response:
         tw,
         th,
         request.app[SETTINGS].max_render_pixels,
+        lambda pixels: encode_image(np.asarray(pixels), "jpg")[0],
     )
-    body = await in_pool(catalog, lambda: encode_image(np.asarray(pixels), "jpg")[0])
     return etag_response(request, body, "image/jpeg", etag, version=version)
 
 

@@ -450,8 +450,12 @@ async def image(request: web.Request) -> web.Response:
             )
         response = etag_response(request, body, content_type, etag, version=version)
     else:
-        pixels = await region(catalog, slide, r.x, r.y, r.w, r.h, ow, oh, max_area)
-        body = await in_pool(catalog, finish, pixels, mirror, degrees, quality, fmt)
+        body = await region(
+            catalog,
+            slide,
+            *(r.x, r.y, r.w, r.h, ow, oh, max_area),
+            lambda pixels: finish(pixels, mirror, degrees, quality, fmt),
+        )
         response = etag_response(request, body, content_type, etag, version=version)
     response.headers["Link"] = links
     return response

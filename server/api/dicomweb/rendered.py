@@ -93,8 +93,12 @@ async def render_instance(
         raise InvalidArgument(
             f"{out[0]}x{out[1]} exceeds the {budget} pixel budget: ask for a smaller viewport"
         )
-    pixels = await region(catalog, slide, 0, 0, slide.width, slide.height, *out, budget)
-    body, content_type = await in_pool(catalog, encode_image, pixels, fmt, quality or 90)
+    body, content_type = await region(
+        catalog,
+        slide,
+        *(0, 0, slide.width, slide.height, *out, budget),
+        lambda pixels: encode_image(pixels, fmt, quality or 90),
+    )
     return etag_response(request, body, content_type, etag, **caching)
 
 
