@@ -520,6 +520,17 @@ class JobQueueContract:
         with pytest.raises(InvalidArgument):
             queue.purge(float("nan"))
 
+    def test_purge_keeps_the_jobs_it_is_told_to(self, queue: JobQueue, clock: FakeClock) -> None:
+        jobs = [queue.submit(f"/in/{n}.svs", f"{n}0") for n in ("a", "b", "c")]
+        for job in jobs:
+            queue.cancel(job.id)
+        clock.step(100)
+        kept = {jobs[0].id, jobs[2].id, "f" * 32}  # an id no job has: nothing to keep
+        assert queue.purge(clock.now - 50, keep=kept) == 1
+        assert {j.id for j in queue.list(limit=1000)} == {jobs[0].id, jobs[2].id}
+        assert queue.purge(clock.now - 50) == 2
+        assert queue.list() == []
+
     # -- refusals -------------------------------------------------------------------------------
 
     def test_unknown_job_ids(self, queue: JobQueue) -> None:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from wsi.errors import WsiError
 from wsi.ingest.lease import FolderLeases, run_while_held, store_lease_name
-from wsi.ingest.queue import JobQueue, JobState
+from wsi.ingest.queue import Job, JobQueue, JobState, SourceFile
 from wsi.ingest.settings import IngestSettings
 from wsi.ingest.source_files import submit_slide
 from wsi.ingest.spool import sweep_orphans
@@ -73,13 +73,48 @@ PURGE_EVERY_SECONDS = 3600.0
 
 
 async def purge_jobs(queue: JobQueue, keep_days: float, stop: asyncio.Event) -> None:
-    """Hourly (and once at start): delete jobs that ended more than `keep_days` ago. A queue
-    error is left for the next round: purging is housekeeping, never a reason to stop."""
+    """Hourly (and once at start): `purge_ended` with the jobs that ended more than `keep_days`
+    ago. A queue error is left for the next round: purging is housekeeping, never a reason to
+    stop."""
     while not stop.is_set():
         with contextlib.suppress(WsiError):
-            await asyncio.to_thread(queue.purge, time.time() - keep_days * 86400.0)
+            await asyncio.to_thread(purge_ended, queue, time.time() - keep_days * 86400.0)
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), PURGE_EVERY_SECONDS)
+
+
+LISTED = 1000
+"""Jobs read at a time while looking for cancelled ones to keep."""
+
+
+def purge_ended(queue: JobQueue, finished_before: float) -> int:
+    """Delete the jobs that ended before `finished_before`, but a cancelled one whose files are
+    all still where it was submitted from, unchanged: the slide a watch folder still holds would
+    be reported again and, its job gone, converted, when someone said it must not be (a cancel
+    lasts as long as the files it was given). A failed job goes: its slide, unless quarantined,
+    gets a new attempt. Returns how many jobs were deleted."""
+    keep: list[str] = []
+    offset = 0
+    while True:
+        page = queue.list(JobState.CANCELLED, LISTED, offset)
+        keep += [
+            job.id
+            for job in page
+            if job.finished is not None and job.finished < finished_before and _in_place(job)
+        ]
+        if len(page) < LISTED:
+            break
+        offset += LISTED
+    return queue.purge(finished_before, keep)
+
+
+def _in_place(job: Job) -> bool:
+    """Whether every file the job was submitted with is still there, the same file (none for a
+    slide in a bucket: those are not kept)."""
+    try:
+        return bool(job.files) and all(SourceFile.of(f.path) == f for f in job.files)
+    except OSError:
+        return False
 
 
 def shutdown_seconds(settings: IngestSettings) -> float:

@@ -12,7 +12,7 @@ import math
 import os
 import socket
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -509,10 +509,11 @@ class JobQueue(abc.ABC):
         not be quarantined, say); returns the job. A message, never file content."""
 
     @abc.abstractmethod
-    def purge(self, finished_before: float) -> int:
+    def purge(self, finished_before: float, keep: Collection[str] = ()) -> int:
         """Delete the done, failed and cancelled jobs that finished before this time (seconds
-        since the epoch); returns how many. Queued and running jobs are never purged. Keeps the
-        table, and every listing, small in a service that runs for years."""
+        since the epoch), but those whose ids are in `keep`; returns how many. Queued and
+        running jobs are never purged. Keeps the table, and every listing, small in a service
+        that runs for years."""
 
     @abc.abstractmethod
     def cancel(self, job_id: str) -> Job:

@@ -35,7 +35,7 @@ import builtins
 import json
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from typing import Any
 
 import psycopg
@@ -374,15 +374,16 @@ class PostgresJobQueue(JobQueue):
 
         return self._run(step)
 
-    def purge(self, finished_before: float) -> int:
+    def purge(self, finished_before: float, keep: Collection[str] = ()) -> int:
         before = _check_number("finished_before", finished_before, 0)
+        kept = builtins.list(keep)
 
         def step(cur: psycopg.Cursor[Any]) -> int:
             # procrastinate's events go with their job (ON DELETE CASCADE), and so does ours.
             cur.execute(
                 "DELETE FROM procrastinate_jobs p USING wsi_jobs w WHERE w.job_id = p.id "
-                "AND p.status::text = ANY(%s) AND w.finished < %s",
-                (builtins.list(ENDED), before),
+                "AND p.status::text = ANY(%s) AND w.finished < %s AND NOT (w.id = ANY(%s))",
+                (builtins.list(ENDED), before, kept),
             )
             return cur.rowcount
 

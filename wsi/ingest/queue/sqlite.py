@@ -12,7 +12,7 @@ import threading
 import time
 import uuid
 import weakref
-from collections.abc import Iterator, Mapping
+from collections.abc import Collection, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -434,14 +434,17 @@ class SQLiteJobQueue(JobQueue):
             )
             return True
 
-    def purge(self, finished_before: float) -> int:
+    def purge(self, finished_before: float, keep: Collection[str] = ()) -> int:
         before = _check_number("finished_before", finished_before, 0)
+        kept = frozenset(keep)
         with self._transaction() as conn:
-            cur = conn.execute(
-                "DELETE FROM jobs WHERE state IN (?, ?, ?) AND finished < ?",
+            ended = conn.execute(
+                "SELECT id FROM jobs WHERE state IN (?, ?, ?) AND finished < ?",
                 (JobState.DONE, JobState.FAILED, JobState.CANCELLED, before),
-            )
-            return cur.rowcount
+            ).fetchall()
+            doomed = [(job_id,) for (job_id,) in ended if job_id not in kept]
+            conn.executemany("DELETE FROM jobs WHERE id = ?", doomed)
+            return len(doomed)
 
     def cancel(self, job_id: str) -> Job:
         job_id = _check_job_id(job_id)
