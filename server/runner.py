@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import resource
 import traceback
 from collections.abc import Awaitable, Callable
 from contextlib import suppress
@@ -116,6 +117,7 @@ def run(
     """Serve `app` on `loop` until SIGINT or SIGTERM (with `handle_signals`) or until a signal
     handler of the caller's raises `web.GracefulExit`; `listening` is called once the port
     listens. As `web.run_app` does, the app's cleanup runs, then every task left is cancelled."""
+    raise_open_files_limit()
     runner = ServiceRunner(
         app, handle_signals=handle_signals, access_log=None, keepalive_timeout=KEEPALIVE_SECONDS
     )
@@ -147,6 +149,25 @@ def run(
             loop.run_until_complete(loop.shutdown_asyncgens())
             loop.close()
             asyncio.set_event_loop(None)
+
+
+MAX_OPEN_FILES = 1 << 20
+"""Linux's default ceiling on a process's open files (`fs.nr_open`)."""
+
+
+def raise_open_files_limit() -> int:
+    """Raise this process's soft limit of open files to its hard limit (at most
+    `MAX_OPEN_FILES`); returns the limit now. Every connection is an open file, and the usual
+    soft limit (1024, systemd's default too, under a hard limit of 524,288) let a thousand idle
+    or slowly sending clients, each kept up to the keep-alive timeout, leave no descriptor for
+    anyone else: new connections were reset. The event loop waits with epoll and psycopg with
+    poll(), neither of which stops at descriptor 1024 as select() does."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = MAX_OPEN_FILES if hard == resource.RLIM_INFINITY else min(hard, MAX_OPEN_FILES)
+    if soft != resource.RLIM_INFINITY and soft < want:
+        with suppress(ValueError, OSError):  # a container may refuse: keep what there is
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
 
 
 def _cancel_all(loop: asyncio.AbstractEventLoop) -> None:

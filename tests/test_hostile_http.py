@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import json
 import logging
+import resource
 import socket
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,7 +32,7 @@ from schemathesis.specs.openapi.checks import (
 import wsi
 from server.settings import ServerSettings
 
-from .helpers import serving
+from .helpers import free_port, serving
 
 SOURCE = Path(__file__).resolve().parents[1] / "sample_data" / "CMU-1-Small-Region.svs"
 EXAMPLES = 25
@@ -162,6 +165,61 @@ def test_a_request_target_without_a_path_is_one_for_the_root(live: tuple[str, st
     )
     assert (status, content_type) == (405, "application/json; charset=utf-8")
     assert json.loads(body)["status"] == 405
+
+
+IDLE_CLIENTS = 1500
+"""Connections held open by clients that send half a request: more than the usual soft limit of
+open files (1024)."""
+
+
+@pytest.mark.timeout(300)
+def test_more_idle_clients_than_the_usual_file_limit_starve_no_one(tmp_path: Path) -> None:
+    """`wsi serve` started with the common soft limit of 1,024 open files (a hard one above it,
+    as systemd gives): a thousand slow or idle clients left no descriptor for a new connection,
+    which was reset. Each serving process now raises its soft limit to the hard one."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    assert hard == resource.RLIM_INFINITY or hard > IDLE_CLIENTS + 500, (
+        f"the hard limit of open files ({hard}) leaves no room for this test"
+    )
+    wanted = IDLE_CLIENTS + 500
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, wanted), hard))  # the test's sockets
+    port = free_port()
+    args = ["serve", "--store", str(tmp_path), "--port", str(port), "--processes", "1"]
+    with (tmp_path / "serve.log").open("wb") as log:
+        lowered = 'ulimit -Sn 1024 && exec "$0" "$@"'  # by a shell: no preexec_fn with threads
+        proc = subprocess.Popen(
+            ["sh", "-c", lowered, sys.executable, "-m", "server.cli", *args],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    idle: list[socket.socket] = []
+    try:
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 60
+        while True:  # until it answers (start-up), not a guess at how long that takes
+            assert proc.poll() is None, (tmp_path / "serve.log").read_text()
+            try:
+                if requests.get(f"{base}/healthz", timeout=5).status_code == 200:
+                    break
+            except requests.ConnectionError:
+                pass
+            assert time.monotonic() < deadline, "the service did not start"
+            time.sleep(0.1)
+        limits = Path(f"/proc/{proc.pid}/limits").read_text()
+        line = next(x for x in limits.splitlines() if x.startswith("Max open files"))
+        assert int(line.split()[3]) > IDLE_CLIENTS + 100, line
+        for _ in range(IDLE_CLIENTS):
+            s = socket.create_connection(("127.0.0.1", port), timeout=10)
+            s.sendall(b"GET /slides HTTP/1.1\r\nHost: localhost\r\nX-Slow: ")
+            idle.append(s)
+        # The last one is accepted (its request is answered) once the service took them all.
+        r = requests.get(f"{base}/slides", timeout=30)
+        assert r.status_code == 200 and r.json()["slides"] == []
+    finally:
+        for s in idle:
+            s.close()
+        proc.terminate()
+        proc.wait(60)
 
 
 def test_a_malformed_request_is_logged_without_its_bytes(
