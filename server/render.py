@@ -8,19 +8,23 @@ event loop.
 
 from __future__ import annotations
 
+import asyncio
 import io
 import math
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import numpy as np
+from aiohttp import web
 from PIL import Image
 
 from server.catalog import Catalog, ServedSlide
+from server.cors import add_cors_headers
 from wsi.codecs import jpeg
 from wsi.errors import InvalidArgument
 
 T = TypeVar("T")
+R = TypeVar("R")
 
 
 MAX_SIDE = {"jpg": jpeg.MAX_SIDE, "jpeg": jpeg.MAX_SIDE, "webp": 16383}
@@ -59,6 +63,35 @@ async def in_pool(catalog: Catalog, fn: Callable[..., T], *args: Any) -> T:
     return await catalog.in_pool(fn, *args)
 
 
+SEND_FLOOR_SECONDS = 30.0
+SEND_BYTES_PER_SECOND = 1_000_000
+"""A rendered answer must reach the client within SEND_FLOOR_SECONDS plus its size at this
+rate (1 MB/s: a 40 MB PNG gets 70 s), or the connection is closed: its render slot, and the
+answer's memory, go to the next render."""
+
+
+async def sent(request: web.Request, response: web.StreamResponse, size: int) -> web.StreamResponse:
+    """`response` (`size` bytes of body) written out now, as far as the kernel's socket buffer:
+    within the send deadline, else the connection is aborted (ConnectionResetError, which the
+    front passes on). For a render, inside its slot (`region`'s `deliver`): a client that does
+    not read keeps its answer in our memory, and with the slot it is counted there."""
+    add_cors_headers(request, response)
+    try:
+        async with asyncio.timeout(SEND_FLOOR_SECONDS + size / SEND_BYTES_PER_SECOND):
+            await response.prepare(request)
+            await response.write_eof()
+    except TimeoutError:
+        if request.transport is not None:
+            request.transport.abort()
+        raise ConnectionResetError("the client did not take the answer in time") from None
+    return response
+
+
+async def as_made(answer: T) -> T:
+    """`region`'s `deliver` for an answer the caller sends itself (a small one)."""
+    return answer
+
+
 async def region(
     catalog: Catalog,
     slide: ServedSlide,
@@ -70,16 +103,18 @@ async def region(
     out_height: int,
     max_pixels: int,
     finish: Callable[[np.ndarray], T],
-) -> T:
-    """`finish` (rotation, quality, encoding: whatever makes the answer) of the level-0
-    rectangle (x, y, width, height) scaled to (out_width, out_height) pixels, read from the
-    least detailed level that still has the detail asked for.
+    deliver: Callable[[T], Awaitable[R]],
+) -> R:
+    """`deliver` (sending it: `sent`) of `finish` (rotation, quality, encoding: whatever makes
+    the answer) of the level-0 rectangle (x, y, width, height) scaled to (out_width,
+    out_height) pixels, read from the least detailed level that still has the detail asked
+    for.
 
-    The whole of it holds one of the catalog's render slots, `finish` included: a render's
-    memory (its source pixels, up to 4x the budget; the scaled pixels; what `finish` makes of
-    them) is freed before the slot is. Were the pixels handed back for the caller to encode,
-    each finished render would wait for the pool with its pixels while the slot went to the
-    next one, as many as there are clients."""
+    The whole of it holds one of the catalog's render slots: a render's memory (its source
+    pixels, up to 4x the budget; the scaled pixels; the answer, until the client has it) is
+    freed before the slot is. Had the slot been given back with the pixels or the answer, each
+    finished render would have kept them while it waited for the pool or for its client to
+    read, as many as there are clients."""
     if out_width * out_height > max_pixels:
         raise InvalidArgument(f"{out_width}x{out_height} exceeds the {max_pixels} pixel budget")
     if min(width, height, out_width, out_height) <= 0:
@@ -94,14 +129,18 @@ async def region(
     if (lx1 - lx0) * (ly1 - ly0) > 4 * max_pixels:
         raise InvalidArgument("region needs too many source pixels")
     async with catalog.renders:
-        crop = await slide.region(level.index, lx0, ly0, lx1 - lx0, ly1 - ly0)
+        # The source pixels are held by the pool's call only: gone while the answer is sent.
+        answer = await catalog.in_pool(
+            _scaled_then,
+            await slide.region(level.index, lx0, ly0, lx1 - lx0, ly1 - ly0),
+            (out_width, out_height),
+            finish,
+        )
+        return await deliver(answer)
 
-        def scaled_and_finished() -> T:
-            pixels = crop
-            if crop.shape[:2] != (out_height, out_width):
-                image = Image.fromarray(crop)
-                resized = image.resize((out_width, out_height), Image.Resampling.LANCZOS)
-                pixels = np.asarray(resized)
-            return finish(pixels)
 
-        return await catalog.in_pool(scaled_and_finished)
+def _scaled_then(pixels: np.ndarray, size: tuple[int, int], finish: Callable[[np.ndarray], T]) -> T:
+    """`finish` of `pixels` scaled to `size` (width, height), when they are not that size."""
+    if pixels.shape[:2] != (size[1], size[0]):
+        pixels = np.asarray(Image.fromarray(pixels).resize(size, Image.Resampling.LANCZOS))
+    return finish(pixels)

@@ -5,16 +5,26 @@ the slots, whatever the number of clients."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import socket
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
+import requests
+from aiohttp import web
 
 import wsi
+from server import render
+from server.app import create_app
 from server.catalog import Catalog
-from server.render import region
+from server.keys import CATALOG
+from server.render import as_made, region
+from server.runner import ServiceRunner
+from server.settings import ServerSettings
 from wsi.published.store import PublishedStore
 
 from .conftest import sample
@@ -68,10 +78,10 @@ def test_the_answer_is_made_inside_the_render_slot(published: tuple[Path, str]) 
 
             whole = (0, 0, slide.slide.width, slide.slide.height)
             first = asyncio.ensure_future(
-                region(catalog, slide, *whole, 400, 300, 10**6, first_answer)  # type: ignore[arg-type]
+                region(catalog, slide, *whole, 400, 300, 10**6, first_answer, as_made)  # type: ignore[arg-type]
             )
             second = asyncio.ensure_future(
-                region(catalog, slide, *whole, 200, 150, 10**6, second_answer)  # type: ignore[arg-type]
+                region(catalog, slide, *whole, 200, 150, 10**6, second_answer, as_made)  # type: ignore[arg-type]
             )
             loop = asyncio.get_running_loop()
             assert await loop.run_in_executor(None, making.wait, WAIT)
@@ -87,3 +97,80 @@ def test_the_answer_is_made_inside_the_render_slot(published: tuple[Path, str]) 
             assert slide.count == 2
 
     asyncio.run(main())
+
+
+@contextlib.contextmanager
+def _serving_app(
+    settings: ServerSettings,
+) -> Iterator[tuple[str, web.Application, asyncio.AbstractEventLoop]]:
+    """The app on 127.0.0.1 on a thread, as `helpers.serving` runs it; the app and its loop."""
+    loop = asyncio.new_event_loop()
+    app = create_app(settings)
+    runner = ServiceRunner(app)
+    loop.run_until_complete(runner.setup())
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    loop.run_until_complete(site.start())
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{runner.addresses[0][1]}", app, loop
+    finally:
+        asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(30)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(30)
+        loop.close()
+
+
+def _asked(base: str, path: str) -> socket.socket:
+    """A client that asks for `path` and does not read the answer (a tiny receive buffer)."""
+    host, port = base.removeprefix("http://").split(":")
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect((host, int(port)))
+    sock.sendall(f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\n\r\n".encode())
+    return sock
+
+
+def _received(sock: socket.socket) -> int:
+    """Bytes the service sent on `sock` until it closed the connection."""
+    sock.settimeout(WAIT)
+    total = 0
+    with contextlib.suppress(ConnectionResetError):
+        while chunk := sock.recv(1 << 20):
+            total += len(chunk)
+    return total
+
+
+def test_a_client_that_does_not_read_keeps_its_render_slot_until_cut_off(
+    published: tuple[Path, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two clients ask for 16 MP PNG renders (about 14 MB each, more than the kernel's socket
+    buffers hold) and read nothing: each answer stays in the service's memory while it is not
+    taken. Before, the render slot was free once the answer was made, so every such client
+    could hold one more answer (40 clients held 1.9 GB, and nothing ever cut them off); now
+    each holds its slot (one thread: two slots) until its answer is sent, or until the send
+    deadline cuts its connection, after which the next render runs."""
+    root, sid = published
+    monkeypatch.setattr(render, "SEND_FLOOR_SECONDS", 3.0)
+    monkeypatch.setattr(render, "SEND_BYTES_PER_SECOND", 10**12)
+    with _serving_app(ServerSettings(store=str(root), threads=1)) as (base, app, loop):
+        renders = app[CATALOG].renders
+        slow = [_asked(base, f"/iiif/3/{sid}/full/^{w},/0/default.png") for w in (3460, 3400)]
+        try:
+            for s in slow:  # each answer made and being sent: its status line came
+                s.settimeout(WAIT)
+                assert s.recv(15).startswith(b"HTTP/1.1 200")
+            assert renders.locked()  # both answers, unsent, hold their slots
+
+            async def every_slot() -> None:  # free once both slow clients are done with theirs
+                async with renders, renders:
+                    pass
+
+            asyncio.run_coroutine_threadsafe(every_slot(), loop).result(WAIT)
+            # Neither client read its answer, so neither was sent: both were cut off.
+            assert all(_received(s) < 13_000_000 for s in slow)
+            ok = requests.get(f"{base}/iiif/3/{sid}/full/200,/0/default.png", timeout=WAIT)
+            assert ok.status_code == 200 and ok.content[:4] == b"\x89PNG"
+        finally:
+            for s in slow:
+                s.close()

@@ -22,7 +22,7 @@ from server.catalog import Catalog, ServedLevel, ServedSlide, SlideInfo
 from server.front import routes
 from server.keys import CATALOG, SETTINGS
 from server.openapi import ERROR, path_params
-from server.render import encode_image, in_pool, region
+from server.render import as_made, encode_image, in_pool, region
 from server.responses import etag_response
 from wsi.errors import InvalidArgument
 from wsi.published.values import JPEG
@@ -156,6 +156,7 @@ async def tile(request: web.Request) -> web.Response:
         th,
         request.app[SETTINGS].max_render_pixels,
         lambda pixels: encode_image(np.asarray(pixels), "jpg")[0],
+        as_made,  # a tile's size: sent by aiohttp, after the slot
     )
     return etag_response(request, body, "image/jpeg", etag, version=version)
 

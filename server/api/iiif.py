@@ -26,7 +26,7 @@ from server.catalog import ServedLevel, ServedSlide, SlideInfo
 from server.front import routes
 from server.keys import CATALOG, SETTINGS
 from server.openapi import ERROR, path_params
-from server.render import check_encodable, encode_image, in_pool, region
+from server.render import check_encodable, encode_image, in_pool, region, sent
 from server.responses import FORWARDED_VARY, dumps, etag_response, public_origin
 from wsi.errors import InvalidArgument, SlideNotFound
 from wsi.published.values import JPEG, decode_tile
@@ -407,7 +407,7 @@ def canonical(
     return f"{region_part}/{size_part}/{rotation}/{quality}.{fmt}"
 
 
-async def image(request: web.Request) -> web.Response:
+async def image(request: web.Request) -> web.StreamResponse:
     catalog = request.app[CATALOG]
     max_area = request.app[SETTINGS].max_render_pixels
     slide = await named_slide(request)
@@ -450,13 +450,19 @@ async def image(request: web.Request) -> web.Response:
             )
         response = etag_response(request, body, content_type, etag, version=version)
     else:
-        body = await region(
+
+        async def deliver(body: bytes) -> web.StreamResponse:
+            rendered = etag_response(request, body, content_type, etag, version=version)
+            rendered.headers["Link"] = links
+            return await sent(request, rendered, len(body))
+
+        return await region(
             catalog,
             slide,
             *(r.x, r.y, r.w, r.h, ow, oh, max_area),
             lambda pixels: finish(pixels, mirror, degrees, quality, fmt),
+            deliver,
         )
-        response = etag_response(request, body, content_type, etag, version=version)
     response.headers["Link"] = links
     return response
 

@@ -18,7 +18,7 @@ from server.api.dicomweb.instances import (
 from server.api.dicomweb.negotiation import image_format
 from server.api.dicomweb.wado import parse_frames
 from server.keys import CATALOG, SETTINGS
-from server.render import encode_image, in_pool, region
+from server.render import encode_image, in_pool, region, sent
 from server.responses import etag_response
 from wsi.errors import InvalidArgument, SlideNotFound
 from wsi.published.values import decode_tile
@@ -57,7 +57,7 @@ def fit(width: int, height: int, viewport: tuple[int, int] | None) -> tuple[int,
 
 async def render_instance(
     request: web.Request, inst: Instance, frame: int | None, default_box: int | None
-) -> web.Response:
+) -> web.StreamResponse:
     viewport, quality = render_params(request, default_box)
     fmt = image_format(request)
     catalog = request.app[CATALOG]
@@ -93,16 +93,22 @@ async def render_instance(
         raise InvalidArgument(
             f"{out[0]}x{out[1]} exceeds the {budget} pixel budget: ask for a smaller viewport"
         )
-    body, content_type = await region(
+
+    async def deliver(answer: tuple[bytes, str]) -> web.StreamResponse:
+        body, content_type = answer
+        rendered = etag_response(request, body, content_type, etag, **caching)
+        return await sent(request, rendered, len(body))
+
+    return await region(
         catalog,
         slide,
         *(0, 0, slide.width, slide.height, *out, budget),
         lambda pixels: encode_image(pixels, fmt, quality or 90),
+        deliver,
     )
-    return etag_response(request, body, content_type, etag, **caching)
 
 
-async def rendered(request: web.Request) -> web.Response:
+async def rendered(request: web.Request) -> web.StreamResponse:
     inst = await find_instance(request)
     frame = None
     if "frames" in request.match_info:
@@ -114,7 +120,7 @@ async def rendered(request: web.Request) -> web.Response:
     return await render_instance(request, inst, frame, box)
 
 
-async def series_thumbnail(request: web.Request) -> web.Response:
+async def series_thumbnail(request: web.Request) -> web.StreamResponse:
     instances = await scoped_instances(request)
     volumes = [i for i in instances if i.is_level]
     if not volumes:
