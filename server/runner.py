@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import resource
+import socket
 import traceback
 from collections.abc import Awaitable, Callable
 from contextlib import suppress
@@ -35,10 +36,28 @@ KEEPALIVE_SECONDS = 75.0
 """An idle keep-alive connection is closed after this (what `web.run_app` sets)."""
 
 
+STALL_SECONDS = 60
+"""A connection whose client takes none of the data sent to it for this long is cut by the
+kernel (TCP_USER_TIMEOUT, which Linux also applies to a receive window left at zero)."""
+
+
 class JsonErrors(RequestHandler):
-    """aiohttp's connection protocol, its own error answers made JSON (`handle_error`)."""
+    """aiohttp's connection protocol, its own error answers made JSON (`handle_error`), cut
+    when its client stops taking data (`connection_made`)."""
 
     __slots__ = ()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        """As aiohttp's, and the connection is cut when what is sent stays unacknowledged, or
+        the client's window shut, for `STALL_SECONDS`: aiohttp waits for a client that does not
+        read for ever, its answer in our memory and the connection open (a tile, a label, a
+        DICOM instance streamed: each keeps what it has queued). A client that reads, however
+        slowly, is not cut; an idle keep-alive connection is the keep-alive timeout's."""
+        super().connection_made(transport)
+        sock = transport.get_extra_info("socket")
+        if sock is not None and hasattr(socket, "TCP_USER_TIMEOUT"):
+            with suppress(OSError):  # not TCP (a Unix socket): nothing to cut
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, STALL_SECONDS * 1000)
 
     def handle_error(
         self,

@@ -18,7 +18,7 @@ import requests
 from aiohttp import web
 
 import wsi
-from server import render
+from server import render, runner
 from server.app import create_app
 from server.catalog import Catalog
 from server.keys import CATALOG
@@ -171,6 +171,34 @@ def test_a_client_that_does_not_read_keeps_its_render_slot_until_cut_off(
             assert all(_received(s) < 13_000_000 for s in slow)
             ok = requests.get(f"{base}/iiif/3/{sid}/full/200,/0/default.png", timeout=WAIT)
             assert ok.status_code == 200 and ok.content[:4] == b"\x89PNG"
+        finally:
+            for s in slow:
+                s.close()
+
+
+def test_a_client_that_stops_reading_is_cut_off_by_the_kernel(
+    published: tuple[Path, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Whatever the answer (here a render, its own deadline out of the way), a connection
+    whose client takes none of what is sent for `STALL_SECONDS` is cut (TCP_USER_TIMEOUT):
+    aiohttp waited on such a client for ever, its answer in memory, its connection open."""
+    root, sid = published
+    monkeypatch.setattr(render, "SEND_FLOOR_SECONDS", 3600.0)
+    monkeypatch.setattr(runner, "STALL_SECONDS", 2)
+    with _serving_app(ServerSettings(store=str(root), threads=1)) as (base, app, loop):
+        renders = app[CATALOG].renders
+        slow = [_asked(base, f"/iiif/3/{sid}/full/^{w},/0/default.png") for w in (3460, 3400)]
+        try:
+            for s in slow:
+                s.settimeout(WAIT)
+                assert s.recv(15).startswith(b"HTTP/1.1 200")
+
+            async def every_slot() -> None:
+                async with renders, renders:
+                    pass
+
+            asyncio.run_coroutine_threadsafe(every_slot(), loop).result(WAIT)
+            assert all(_received(s) < 13_000_000 for s in slow)
         finally:
             for s in slow:
                 s.close()
