@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import shutil
+import socket
 import sqlite3
 import subprocess
 import time
@@ -24,6 +25,7 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
+from server.api import jobs as jobs_api
 from server.app import create_app
 from server.keys import INGEST_TASKS
 from server.settings import ServerSettings
@@ -36,7 +38,7 @@ from wsi.slide_id import content_slide_id
 from wsi.store.objects import Store, StoreSettings
 
 from .conftest import sample
-from .helpers import wait_until
+from .helpers import serving, wait_until
 
 FIXTURES = sample("openslide-python-fixtures")
 SMALL = FIXTURES / "small.svs"
@@ -169,6 +171,35 @@ def test_post_jobs_takes_only_one_complete_slide(tmp_path: Path) -> None:
 
     asyncio.run(main())
     assert sorted(p.relative_to(inbox) for p in inbox.rglob("*")) == before
+
+
+def test_a_job_body_sent_too_slowly_is_a_408(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A client that sends `POST /jobs`'s body a little at a time held the handler and its
+    connection for as long as it liked: aiohttp sets no limit on a body's arrival."""
+    monkeypatch.setattr(jobs_api, "BODY_SECONDS", 1.0)
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    service = ServerSettings(
+        store=str(tmp_path / "store"),
+        watch=(str(inbox),),
+        ingest=settings(tmp_path, workers=0, quiet_seconds=3600),
+    )
+    with serving(service) as base:
+        host, port = base.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port)), timeout=60) as sock:
+            head = f"POST /jobs HTTP/1.1\r\nHost: {host}:{port}\r\n"
+            head += "Content-Type: application/json\r\nContent-Length: 100\r\n\r\n"
+            sock.sendall(head.encode() + b'{"source": ')  # and nothing more
+            answer = b""
+            while b"\r\n\r\n" not in answer or not answer.rstrip().endswith(b"}"):
+                chunk = sock.recv(4096)  # the socket's timeout bounds the wait
+                assert chunk, answer
+                answer += chunk
+        status = int(answer.split(b" ", 2)[1])
+        body = json.loads(answer.partition(b"\r\n\r\n")[2])
+        assert (status, body["status"]) == (408, 408)
 
 
 # ------------------------------------------------------------------------------------------

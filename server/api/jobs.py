@@ -20,7 +20,7 @@ from aiohttp import web
 from server.front import routes
 from server.keys import CATALOG, COPIES, JOBS, JOBS_WAKE, SETTINGS
 from server.openapi import ERROR, path_params
-from server.responses import dumps
+from server.responses import dumps, json_error
 from wsi.errors import InvalidArgument, SlideNotFound
 from wsi.ingest.privacy import job_view, reference
 from wsi.ingest.quarantine import without_directories, without_folders_of
@@ -147,10 +147,20 @@ async def _submit_local(request: web.Request, source: object) -> Job:
     return job
 
 
+BODY_SECONDS = 30.0
+"""A request body must arrive within this: a client sending it a byte at a time would hold its
+connection, and the handler, for as long as it liked (aiohttp sets no limit)."""
+
+
 async def submit(request: web.Request) -> web.Response:
     _queue(request)
     try:
-        body = await request.json()
+        async with asyncio.timeout(BODY_SECONDS):
+            body = await request.json()
+    except TimeoutError:
+        late = json_error(408, f"the request body did not arrive within {BODY_SECONDS:g} s")
+        late.force_close()  # the rest of the body is not waited for either
+        return late
     except ValueError as exc:
         raise InvalidArgument('body must be JSON: {"source": "/path/in/a/watch/folder"}') from exc
     if not isinstance(body, dict):
@@ -245,6 +255,8 @@ OPENAPI = {
                 "202": {"description": "job"},
                 "400": ERROR,
                 "404": ERROR,
+                "408": ERROR,
+                "413": ERROR,
                 "503": ERROR,
             },
         },
