@@ -173,16 +173,21 @@ async def wait_until(check: Callable[[], Awaitable[Any]], timeout: float = 90.0)
 
 
 @contextlib.contextmanager
-def serving(settings: ServerSettings) -> Iterator[str]:
-    """The app on 127.0.0.1 (a free port), on its own event loop in a thread: base URL."""
+def serving_app(
+    settings: ServerSettings,
+) -> Iterator[tuple[str, web.Application, asyncio.AbstractEventLoop]]:
+    """The app on 127.0.0.1 (a free port), on its own event loop in a thread, as `wsi serve`
+    runs it: (base URL, the app, its loop)."""
     loop = asyncio.new_event_loop()
-    runner = ServiceRunner(create_app(settings))  # as `wsi serve` runs it
+    app = create_app(settings)
+    runner = ServiceRunner(app)
     loop.run_until_complete(runner.setup())
     site = web.TCPSite(runner, "127.0.0.1", 0)
     loop.run_until_complete(site.start())
     port = runner.addresses[0][1]
     thread = threading.Thread(target=loop.run_forever, daemon=True)
     thread.start()
+
     async def stop() -> None:  # as `server.runner.run` stops: what is left is cancelled
         await runner.cleanup()
         left = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
@@ -191,12 +196,19 @@ def serving(settings: ServerSettings) -> Iterator[str]:
         await asyncio.gather(*left, return_exceptions=True)
 
     try:
-        yield f"http://127.0.0.1:{port}"
+        yield f"http://127.0.0.1:{port}", app, loop
     finally:
         asyncio.run_coroutine_threadsafe(stop(), loop).result(30)
         loop.call_soon_threadsafe(loop.stop)
         thread.join(30)
         loop.close()
+
+
+@contextlib.contextmanager
+def serving(settings: ServerSettings) -> Iterator[str]:
+    """`serving_app`'s base URL."""
+    with serving_app(settings) as (base, _, _):
+        yield base
 
 
 HOP_HEADERS = frozenset({"transfer-encoding", "connection", "keep-alive", "content-length"})

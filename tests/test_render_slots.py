@@ -8,26 +8,23 @@ import asyncio
 import contextlib
 import socket
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 import requests
-from aiohttp import web
 
 import wsi
 from server import render, runner
-from server.app import create_app
 from server.catalog import Catalog
 from server.keys import CATALOG
 from server.render import as_made, region
-from server.runner import ServiceRunner
 from server.settings import ServerSettings
 from wsi.published.store import PublishedStore
 
 from .conftest import sample
+from .helpers import serving_app
 
 WAIT = 60.0
 """A bound on waits that end as soon as what they wait for happens (never a timing guess)."""
@@ -99,28 +96,6 @@ def test_the_answer_is_made_inside_the_render_slot(published: tuple[Path, str]) 
     asyncio.run(main())
 
 
-@contextlib.contextmanager
-def _serving_app(
-    settings: ServerSettings,
-) -> Iterator[tuple[str, web.Application, asyncio.AbstractEventLoop]]:
-    """The app on 127.0.0.1 on a thread, as `helpers.serving` runs it; the app and its loop."""
-    loop = asyncio.new_event_loop()
-    app = create_app(settings)
-    runner = ServiceRunner(app)
-    loop.run_until_complete(runner.setup())
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    loop.run_until_complete(site.start())
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{runner.addresses[0][1]}", app, loop
-    finally:
-        asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(30)
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(30)
-        loop.close()
-
-
 def _asked(base: str, path: str) -> socket.socket:
     """A client that asks for `path` and does not read the answer (a tiny receive buffer)."""
     host, port = base.removeprefix("http://").split(":")
@@ -153,7 +128,7 @@ def test_a_client_that_does_not_read_keeps_its_render_slot_until_cut_off(
     root, sid = published
     monkeypatch.setattr(render, "SEND_FLOOR_SECONDS", 3.0)
     monkeypatch.setattr(render, "SEND_BYTES_PER_SECOND", 10**12)
-    with _serving_app(ServerSettings(store=str(root), threads=1)) as (base, app, loop):
+    with serving_app(ServerSettings(store=str(root), threads=1)) as (base, app, loop):
         renders = app[CATALOG].renders
         slow = [_asked(base, f"/iiif/3/{sid}/full/^{w},/0/default.png") for w in (3460, 3400)]
         try:
@@ -185,7 +160,7 @@ def test_a_client_that_stops_reading_is_cut_off_by_the_kernel(
     root, sid = published
     monkeypatch.setattr(render, "SEND_FLOOR_SECONDS", 3600.0)
     monkeypatch.setattr(runner, "STALL_SECONDS", 2)
-    with _serving_app(ServerSettings(store=str(root), threads=1)) as (base, app, loop):
+    with serving_app(ServerSettings(store=str(root), threads=1)) as (base, app, loop):
         renders = app[CATALOG].renders
         slow = [_asked(base, f"/iiif/3/{sid}/full/^{w},/0/default.png") for w in (3460, 3400)]
         try:
