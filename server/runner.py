@@ -1,14 +1,16 @@
-"""How the service listens: aiohttp's runner with a connection protocol whose own answers (a
-request it cannot parse) are JSON errors like every other, and `run`, which serves an app until
-SIGINT, SIGTERM or `web.GracefulExit`.
+"""How the service listens: aiohttp's runner, its connections made ours (`ServiceConnection`),
+and `run`, which serves an app until SIGINT, SIGTERM or `web.GracefulExit`.
 
 aiohttp answers a request it cannot parse (a bad request line, a header too long, a bare LF, a
 broken chunk size) before any route or the front (`server.front`) sees it, from its connection
 protocol, in plain text that quotes the request's bytes back; and it logs it with a traceback
-that quotes them again (a header value may name a patient). `ServiceRunner` makes every
-connection's protocol `JsonErrors`: a JSON body like the front's errors, a log line that names
-what went wrong and nothing that was sent. `web.run_app` cannot be given a runner, hence `run`:
-aiohttp's own steps (set up, listen, wait, clean up, cancel what is left) with this runner.
+that quotes them again (a header value may name a patient). It also waits for ever on a client
+that does not read what it is sent. `ServiceRunner` makes every connection a `ServiceConnection`:
+a JSON error like the front's, a log line that names what went wrong and nothing that was sent,
+and the connection cut by the kernel once its client takes nothing for `STALL_SECONDS`.
+`web.run_app` cannot be given a runner, hence `run`: aiohttp's own steps (set up, listen, wait,
+clean up, cancel what is left) with this runner, in a process whose limit of open files is
+raised (`raise_open_files_limit`).
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ STALL_SECONDS = 60
 kernel (TCP_USER_TIMEOUT, which Linux also applies to a receive window left at zero)."""
 
 
-class JsonErrors(RequestHandler):
+class ServiceConnection(RequestHandler):
     """aiohttp's connection protocol, its own error answers made JSON (`handle_error`), cut
     when its client stops taking data (`connection_made`)."""
 
@@ -86,11 +88,11 @@ class JsonErrors(RequestHandler):
 
 
 class _Server(web.Server):
-    """aiohttp's low-level server, whose connections are `JsonErrors` protocols."""
+    """aiohttp's low-level server, whose connections are `ServiceConnection` protocols."""
 
     def __call__(self) -> RequestHandler:
         protocol = super().__call__()
-        protocol.__class__ = JsonErrors  # adds no state: only `handle_error` differs
+        protocol.__class__ = ServiceConnection  # adds no state: only `handle_error` differs
         return protocol
 
 
@@ -110,7 +112,7 @@ def _path_or_root(handle: RequestHandlerFunc) -> RequestHandlerFunc:
 
 
 class ServiceRunner(web.AppRunner):
-    """`web.AppRunner` whose server's connections are `JsonErrors` protocols (aiohttp's runner
+    """`web.AppRunner` whose server's connections are `ServiceConnection`s (aiohttp's runner
     takes no protocol class, so the server it makes is given this one's), and whose requests
     all have a path (`_path_or_root`)."""
 
