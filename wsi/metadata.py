@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from wsi.errors import InvalidArgument
+from wsi.model import readable
 from wsi.slidefiles import sidecar_path
 
 _DATE = re.compile(r"\d{8}")
@@ -88,6 +89,9 @@ class SlideMetadata:
             value = getattr(self, f.name)
             if isinstance(value, str) and ("\\" in value or len(value) > 64):
                 raise InvalidArgument(f"{f.name} must be at most 64 characters without '\\'")
+            if isinstance(value, str) and readable(value) != value:
+                # JSON's "\\udcfc" (a lone surrogate): no DICOM character set can encode it.
+                raise InvalidArgument(f"{f.name} is not Unicode text (a lone surrogate)")
 
     @classmethod
     def from_mapping(cls, data: Mapping[str, Any]) -> SlideMetadata:
@@ -168,8 +172,9 @@ def slide_case(metadata: SlideMetadata) -> str | None:
 
 def file_stem(path: Path) -> str:
     """A slide file's name without its suffix (`case-7.svs` -> `case-7`); a folder slide (a
-    DICOM series) keeps its whole name."""
-    return path.name if path.is_dir() else (path.stem or path.name)
+    DICOM series) keeps its whole name; bytes of a name that are not UTF-8 show as U+FFFD
+    (`readable`)."""
+    return readable(path.name if path.is_dir() else (path.stem or path.name))
 
 
 def neutral_name(slide_id: str) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -99,6 +100,21 @@ MICRONS_PER_PIXEL_AT_1X = 10.0
 """The usual scanner optics: at objective power M a pixel is about 10 / M micrometres (40x ~
 0.25 um/px, 20x ~ 0.5 um/px). Used where only one of the two is known: the viewer's
 magnification from MPP, the DICOM pixel spacing from the objective."""
+
+
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def readable(text: str) -> str:
+    """`text` with every lone surrogate replaced by U+FFFD.
+
+    A file name that is not UTF-8 (a Latin-1 name from an old Windows share, Shift-JIS from a
+    scanner's PC) comes to Python with its undecodable bytes as lone surrogates (PEP 383), and
+    JSON can carry them too (`"\\udcfc"`); no UTF-8 page, database text column or DICOM
+    attribute can hold one. Whatever such text becomes (a slide's name, a job's error, a page)
+    goes through this: the name stays recognisable, with the character that cannot be known
+    shown as unknown."""
+    return _LONE_SURROGATE.sub("\ufffd", text)
 
 
 def _frozen_mapping(value: Mapping[str, str]) -> Mapping[str, str]:

@@ -39,6 +39,7 @@ from wsi.ingest.queue import Job, JobQueue
 from wsi.ingest.scan import FolderUnavailable, SlideCandidate, find_candidates, slide_at
 from wsi.ingest.source_files import SourceChanged, submit_slide
 from wsi.metadata import file_stem
+from wsi.model import readable
 
 LISTED_JOBS = 1000
 """Jobs looked at to tell which watch-folder slides already have one (the newest)."""
@@ -146,7 +147,7 @@ def _watch_view(folders: tuple[str, ...], jobs: list[Job], deidentify: bool) -> 
                     "name": ref if deidentify else file_stem(c.path),
                     "complete": c.complete,
                     "pending": [
-                        redact(p, names, ref) if deidentify else without_directories(p)
+                        redact(p, names, ref) if deidentify else readable(without_directories(p))
                         for p in c.pending
                     ],
                     "files": len(c.files),

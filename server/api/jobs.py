@@ -29,6 +29,7 @@ from wsi.ingest.scan import FolderUnavailable, SlideCandidate, slide_at
 from wsi.ingest.source_files import SourceChanged, submit_slide
 from wsi.ingest.staging import is_remote, parse_s3_url, remote_slide_id, strictly_below
 from wsi.metadata import file_stem, neutral_name
+from wsi.model import readable
 
 NOT_A_SLIDE = (
     "source is not one slide: name a slide file (or the .mrxs/.vms of a multi-file slide, the "
@@ -82,14 +83,15 @@ def job_json(request: web.Request, job: Job) -> dict[str, Any]:
     """The job as this service shows it: with `WSI_DEIDENTIFY`, no file name of its source
     (`wsi.ingest.privacy.job_view`); its source and files without the folders above the slide
     (`/in/Doe Jane/a.svs` -> `a.svs`, a series' files `series/a.dcm`: scanners name folders
-    after patients, and no answer shows where the service's folders are), its error and warning
+    after patients, and no answer shows where the service's folders are; bytes of a name that
+    are not UTF-8 as U+FFFD), its error and warning
     without the directories of any path; and a `name`: its source file's stem, or
     de-identifying a neutral name made from its slide id."""
     deidentify = request.app[SETTINGS].ingest.deidentify
     shown = job_view(job, deidentify)
     if not deidentify:
-        shown["source"] = without_folders_of(job.source, job.source)
-        shown["files"] = [without_folders_of(f.path, job.source) for f in job.files]
+        shown["source"] = readable(without_folders_of(job.source, job.source))
+        shown["files"] = [readable(without_folders_of(f.path, job.source)) for f in job.files]
     for key in ("error", "warning"):
         if isinstance(shown.get(key), str):
             shown[key] = without_directories(shown[key])

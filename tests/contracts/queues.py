@@ -280,6 +280,27 @@ class JobQueueContract:
         error = queue.get(job.id).error
         assert error is not None and len(error) <= 2000 and "\0" not in error
 
+    def test_a_path_that_is_not_utf8_is_kept_exactly(self, queue: JobQueue) -> None:
+        """A Latin-1 file name (lone surrogates in Python) is stored and given back byte for
+        byte, its files too; messages quoting it are stored with U+FFFD; the API shows the
+        path's `file://` URI. Every submit of such a slide raised UnicodeEncodeError before."""
+        path = os.fsdecode(b"/scans/M\xfcller Jane/M\xfcller.svs")
+        named = SourceFile(path, 1, 2, 3, 4)
+        job = queue.submit(path, slide_id="s1", files=(named,))
+        again = queue.submit(path, slide_id="s1", files=(named,))
+        assert again.id == job.id
+        (got,) = queue.list()
+        assert os.fsencode(got.source) == b"/scans/M\xfcller Jane/M\xfcller.svs"
+        assert got.files == (named,)
+        assert queue.claim("w", 60) is not None
+        assert queue.fail(job.id, "w", f"{path}: not a slide", transient=False)
+        assert queue.get(job.id).error == "/scans/M\ufffdller Jane/M\ufffdller.svs: not a slide"
+        api = json.loads(json.dumps(queue.get(job.id).to_dict()))
+        assert api["source"] == "file:///scans/M%FCller%20Jane/M%FCller.svs"
+        assert api["files"] == [api["source"]]
+        with pytest.raises(InvalidArgument):  # names are text: `lease_name` makes them so
+            queue.hold_lease("watch:" + path, "w", 30)
+
     def test_release_gives_the_job_back_without_counting_the_attempt(
         self, queue: JobQueue, clock: FakeClock
     ) -> None:

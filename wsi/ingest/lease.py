@@ -32,20 +32,21 @@ from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
 
 from wsi.errors import InvalidArgument, WsiError
-from wsi.ingest.queue import JobQueue, worker_name
+from wsi.ingest.queue import JobQueue, stored_path, worker_name
 from wsi.ingest.staging import is_remote
 from wsi.ingest.supervise import describe
 
 log = logging.getLogger("wsi.ingest.lease")
 
 LEASE_PREFIX = "watch:"
-"""A watch folder's lease is named `watch:<its resolved absolute path>`: services sharing a
+"""A watch folder's lease is named `watch:<its resolved absolute path>` (as the job table stores
+a path: `stored_path`): services sharing a
 folder must mount it at the same path (as they must for the job's `source` paths anyway)."""
 
 
 def lease_name(folder: str | os.PathLike[str]) -> str:
     """The lease name of a watch folder."""
-    return LEASE_PREFIX + str(Path(folder).resolve())
+    return LEASE_PREFIX + stored_path(str(Path(folder).resolve()))
 
 
 def store_lease_name(role: str, store: str) -> str:

@@ -21,6 +21,7 @@ from typing import Any
 
 from wsi.ingest.queue import Job
 from wsi.ingest.staging import is_remote
+from wsi.model import readable
 from wsi.slidefiles import slide_parts
 
 MIN_NAME = 3
@@ -38,7 +39,8 @@ def reference(slide_id: str | None, job_id: str | None = None) -> str:
 def source_names(source: str, files: Iterable[str] = ()) -> list[str]:
     """Every spelling of a source's names that a message may quote: the path or URL itself, and
     for it and each of its `files` (and, for a local slide, each of its parts: companion folder,
-    listed files, sidecar), the full path, the name, the stem and the folder's name."""
+    listed files, sidecar), the full path, the name, the stem and the folder's name, each also
+    as `readable` makes it."""
     paths = [source, *files]
     if source and not is_remote(source):
         with contextlib.suppress(OSError):  # gone: its path, name and stem still count
@@ -50,6 +52,8 @@ def source_names(source: str, files: Iterable[str] = ()) -> list[str]:
         names.add(path)
         pure = PurePosixPath(path[len("s3://") :] if is_remote(path) else path.rstrip("/"))
         names.update((str(pure), pure.name, pure.stem, pure.parent.name))
+    # A name that is not UTF-8 is quoted by stored messages as `readable` makes it.
+    names |= {readable(n) for n in names}
     return sorted((n for n in names if len(n) >= MIN_NAME), key=len, reverse=True)
 
 

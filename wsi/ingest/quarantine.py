@@ -24,6 +24,7 @@ from pathlib import Path
 
 from wsi.errors import SlideNotFound, WsiError
 from wsi.ingest.source_files import REASON_FILE
+from wsi.model import readable
 from wsi.slidefiles import is_hidden
 from wsi.store.objects import fsync_dir, make_dirs
 
@@ -83,8 +84,9 @@ def without_folders_of(text: str, *paths: str) -> str:
     scanners name folders after patients."""
     for path in paths:
         folder = os.path.dirname(path.rstrip("/")) if "://" not in path else ""
-        if folder:
-            text = text.replace(folder + "/", "")
+        # Also as a stored message quotes a folder whose name is not UTF-8 (`readable`).
+        for spelling in {folder, readable(folder)} if folder else ():
+            text = text.replace(spelling + "/", "")
     return text
 
 

@@ -116,8 +116,11 @@ def _new_folder(dest_dir: Path, name: str) -> Path:
     n = 0
     while True:
         suffix = "" if n == 0 else f"-{n}"
-        # A name at the file system's 255-byte limit has no room for the suffix: cut it short.
-        stem = name.encode()[: NAME_MAX - len(suffix)].decode(errors="ignore")
+        # A name at the file system's 255-byte limit has no room for the suffix: cut it short,
+        # by whole characters (a name that is not UTF-8 has one per undecodable byte).
+        stem = name
+        while len(os.fsencode(stem)) > NAME_MAX - len(suffix):
+            stem = stem[:-1]
         target = dest_dir / f"{stem}{suffix}"
         try:
             target.mkdir(DIR_MODE)  # private, whatever the umask: slides are patient data

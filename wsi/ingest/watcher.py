@@ -45,6 +45,7 @@ from wsi.ingest.scan import (
     find_candidates,
 )
 from wsi.ingest.scan import Layout as Layout
+from wsi.ingest.supervise import describe
 from wsi.slidefiles import is_temporary
 from wsi.sources.dicom_backend import DicomSource as DicomSource
 
@@ -338,7 +339,8 @@ class FolderWatcher:
                 return current  # running, or nothing to watch until a folder appears
             if current.error is not None:
                 level = logging.DEBUG if self._inotify_failed else logging.WARNING
-                log.log(level, "file events unavailable, polling only: %s", current.error)
+                # `describe`: watchfiles' messages quote file names (one that is not UTF-8).
+                log.log(level, "file events unavailable, polling only: %s", describe(current.error))
                 self._inotify_failed = True
             await current.close()
         return _InotifyThread(self.folders, self.debounce_ms, loop, wake)

@@ -33,7 +33,9 @@ from wsi.ingest.queue.base import (
     SourceFile,
     default_queue_path,
     is_database_url,
+    path_from_stored,
     redact_url,
+    stored_path,
     worker_name,
 )
 from wsi.ingest.queue.sqlite import SQLiteJobQueue
@@ -68,6 +70,8 @@ __all__ = [
     "default_queue_path",
     "is_database_url",
     "open_queue",
+    "path_from_stored",
     "redact_url",
+    "stored_path",
     "worker_name",
 ]

@@ -11,6 +11,7 @@ import json
 import math
 import os
 import socket
+import urllib.parse
 import uuid
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
@@ -20,6 +21,7 @@ from types import MappingProxyType, TracebackType
 from typing import Any, Self
 
 from wsi.errors import InvalidArgument, StoreError, WsiError
+from wsi.model import readable
 
 Clock = Callable[[], float]
 """Seconds since the Unix epoch; injectable so tests can move time without sleeping."""
@@ -34,6 +36,30 @@ _MAX_ERROR = 2000
 _MAX_LIST = 1000
 _MAX_FILES = 100_000
 """Files of one slide: a DICOM series of many instances stays far below."""
+
+
+_FILE_URI = "file://"
+
+
+def stored_path(path: str) -> str:
+    """A local path as the job table holds it: the path itself when its name is UTF-8, else
+    its `file://` URI (RFC 8089, every byte that is not UTF-8 percent-encoded).
+
+    Python gives a name that is not UTF-8 (Latin-1 from an old Windows share, Shift-JIS from a
+    scanner's PC) lone surrogates for its undecodable bytes, which no SQLite or PostgreSQL text
+    can hold; one such file stopped the watcher of its folder. The URI is unambiguous because a
+    job's local path is absolute (it starts with "/") and other sources are `s3://` URLs; it
+    names the exact bytes, so `path_from_stored` gives back the path that opens the file."""
+    if readable(path) == path:
+        return path
+    return _FILE_URI + urllib.parse.quote(os.fsencode(path), safe="/")
+
+
+def path_from_stored(text: str) -> str:
+    """The path `stored_path` stored as `text`."""
+    if not text.startswith(_FILE_URI):
+        return text
+    return os.fsdecode(urllib.parse.unquote_to_bytes(text[len(_FILE_URI) :]))
 
 
 class JobNotFound(WsiError, LookupError):
@@ -98,7 +124,9 @@ class SourceFile:
     """Last modified, nanoseconds since the epoch."""
 
     def __post_init__(self) -> None:
-        _check_text("a source file's path", self.path, _MAX_SOURCE)
+        if not isinstance(self.path, str):
+            raise InvalidArgument("a source file's path must be a string")
+        _check_text("a source file's path", stored_path(self.path), _MAX_SOURCE)
         for name in ("device", "inode", "size", "mtime_ns"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int):
@@ -114,13 +142,15 @@ class SourceFile:
         return cls(os.fspath(path), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
 
     def to_json(self) -> list[Any]:
-        return [self.path, self.device, self.inode, self.size, self.mtime_ns]
+        return [stored_path(self.path), self.device, self.inode, self.size, self.mtime_ns]
 
     @classmethod
     def from_json(cls, value: Any) -> SourceFile:
         if not isinstance(value, list) or len(value) != 5:
             raise InvalidArgument("a source file is [path, device, inode, size, mtime_ns]")
-        return cls(*value)
+        if not isinstance(value[0], str):
+            raise InvalidArgument("a source file's path must be a string")
+        return cls(path_from_stored(value[0]), *value[1:])
 
 
 def _iso(t: float | None) -> str | None:
@@ -188,7 +218,7 @@ class Job:
          finished, next_attempt_at, worker, lease_until, options, files, warning) = row  # fmt: skip
         return cls(
             id=id_,
-            source=source,
+            source=path_from_stored(source),
             slide_id=slide_id,
             state=state,
             progress=float(progress),
@@ -210,7 +240,7 @@ class Job:
         """The job as the REST API shows it: JSON values only, times as UTC ISO 8601."""
         return {
             "id": self.id,
-            "source": self.source,
+            "source": stored_path(self.source),
             "slide_id": self.slide_id,
             "state": self.state.value,
             "progress": self.progress,
@@ -224,7 +254,7 @@ class Job:
             "worker": self.worker,
             "lease_until": _iso(self.lease_until),
             "options": json.loads(json.dumps(dict(self.options))),
-            "files": [f.path for f in self.files],
+            "files": [stored_path(f.path) for f in self.files],
             "warning": self.warning,
         }
 
@@ -334,7 +364,16 @@ def redact_url(target: str) -> str:
 def _check_text(name: str, value: object, limit: int) -> str:
     if not isinstance(value, str) or not value or "\0" in value or len(value) > limit:
         raise InvalidArgument(f"{name} must be a non-empty string of at most {limit} characters")
+    if readable(value) != value:
+        raise InvalidArgument(f"{name} must be Unicode text (it holds a lone surrogate)")
     return value
+
+
+def _check_source(source: object) -> str:
+    """A job's source, checked, as the job table stores it (`stored_path`)."""
+    if not isinstance(source, str):
+        raise InvalidArgument("source must be a string")
+    return _check_text("source", stored_path(source), _MAX_SOURCE)
 
 
 def _check_number(name: str, value: object, low: float, high: float = math.inf) -> float:
@@ -391,7 +430,8 @@ def _check_error(error: object) -> str:
     # Messages only: bounded, so a caller that passes something huge cannot bloat every listing.
     if not isinstance(error, str):
         raise InvalidArgument("error must be a string")
-    error = error.replace("\0", "")
+    # A message may quote a file name that is not UTF-8: no database text holds its surrogates.
+    error = readable(error.replace("\0", ""))
     return error if len(error) <= _MAX_ERROR else error[: _MAX_ERROR - 3] + "..."
 
 

@@ -44,7 +44,6 @@ from wsi.errors import InvalidArgument
 from wsi.ingest.queue.base import (
     _LIVE_STATES,
     _MAX_LIST,
-    _MAX_SOURCE,
     _MAX_WORKER,
     Clock,
     Job,
@@ -60,6 +59,7 @@ from wsi.ingest.queue.base import (
     _check_lease,
     _check_number,
     _check_options,
+    _check_source,
     _check_text,
     _moved_away,
     _standing_states,
@@ -153,7 +153,7 @@ class PostgresJobQueue(JobQueue):
         *,
         watched: bool = False,
     ) -> Job:
-        source = _check_text("source", source, _MAX_SOURCE)
+        source = _check_source(source)
         if slide_id is not None:
             slide_id = check_slide_id(slide_id)
         options_json = _check_options(options)

@@ -12,7 +12,7 @@ from typing import Any
 import google_crc32c
 
 from wsi.errors import CorruptSlide
-from wsi.model import Level
+from wsi.model import Level, readable
 from wsi.published.layout.attributes import DicomInstanceEntry
 from wsi.published.layout.documents import dump_json, load_json, optional_field, required_field
 from wsi.published.layout.keys import METADATA, ZARR_ROOT, SlideKeys, check_slide_id
@@ -237,8 +237,8 @@ class Manifest:
             objects,
             tuple(DicomInstanceEntry.from_json(i, slide_id) for i in doc.get("dicom") or []),
             required_field(doc, "stored_bytes", int, what),
-            optional_field(doc, "name", str, what),
-            optional_field(doc, "case", str, what),
+            _readable(optional_field(doc, "name", str, what)),
+            _readable(optional_field(doc, "case", str, what)),
             source_bytes=optional_field(doc, "source_bytes", int, what),
             archived=archived,
             levels=tuple(
@@ -253,6 +253,12 @@ class Manifest:
         if recorded is not None and recorded != _checksum(doc):
             raise CorruptSlide("manifest: damaged (its content does not match its checksum)")
         return cls.from_json(doc)
+
+
+def _readable(text: str | None) -> str | None:
+    """A name as pages and DICOM attributes can hold it: manifests written before names were
+    made `readable` may carry the lone surrogates of a file name that is not UTF-8."""
+    return None if text is None else readable(text)
 
 
 CHECKSUM = "checksum"
