@@ -87,6 +87,18 @@ def test_bad_arguments_are_one_line_and_nonzero(tmp_path: Path) -> None:
     assert run.returncode == 1 and run.stderr.startswith("wsi: error: ")
 
 
+def test_a_fifo_or_a_device_is_refused_instead_of_read_for_ever(tmp_path: Path) -> None:
+    """`wsi info` and `wsi convert` of a FIFO waited for a writer for ever."""
+    fifo = tmp_path / "slide.svs"
+    os.mkfifo(fifo)
+    for args in (["info", str(fifo)], ["convert", str(fifo), "--out", str(tmp_path / "o")]):
+        run = wsi(*args)
+        assert run.returncode == 1 and len(run.stderr.strip().splitlines()) == 1, run.stderr
+        assert run.stderr.startswith("wsi: error: ") and "not a regular file" in run.stderr
+    run = wsi("info", "/dev/zero")
+    assert run.returncode == 1 and "not a regular file" in run.stderr
+
+
 def test_progress_fd_reports_rising_json_lines(tmp_path: Path, medium_jpeg_tiff: Path) -> None:
     read_fd, write_fd = os.pipe()
     proc = subprocess.Popen(

@@ -42,6 +42,8 @@ def open_slide(
     path = Path(path)
     if not path.exists():
         raise SlideNotFound(f"no such file or folder: {path}")
+    if not (path.is_file() or path.is_dir()):  # a FIFO or a device: reading it may never end
+        raise UnsupportedSlide(f"not a regular file or folder: {path}")
     if backend is not None:
         chosen = [b for b in backends if b.name == backend]
         if not chosen:
