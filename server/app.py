@@ -32,11 +32,13 @@ from server.keys import (
     INTEGRITY,
     JOBS,
     JOBS_WAKE,
+    LISTING,
     METRICS,
     ROLE,
     ROUTE_MODULES,
     SETTINGS,
 )
+from server.listing import SlideListing
 from server.metrics import Metrics
 from server.replica import follow_ingest, follow_jobs, publish_status
 from server.responses import install as install_response_headers
@@ -120,6 +122,7 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
         store, sources, render_slots=2 * settings.threads, deidentify=settings.ingest.deidentify
     )
     app[CATALOG] = catalog
+    app[LISTING] = SlideListing(catalog, settings.allow_label, reading.recheck_seconds)
     tiles = store.tiles
     app[METRICS].cache_stats = lambda: (tiles.hits, tiles.misses, tiles.used)
     yield

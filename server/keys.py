@@ -12,6 +12,7 @@ from server.audit import AUDIT as AUDIT
 from server.bucket_copies import StagedSources
 from server.catalog import Catalog
 from server.integrity import IntegrityMonitor
+from server.listing import SlideListing
 from server.metrics import Metrics
 from server.settings import ProcessRole, ServerSettings
 from wsi.ingest.queue import JobQueue
@@ -21,6 +22,8 @@ SETTINGS = web.AppKey("settings", ServerSettings)
 ROLE = web.AppKey("role", ProcessRole)
 """This process's part in the service (alone, or one of several: `server.processes`)."""
 CATALOG = web.AppKey("catalog", Catalog)
+LISTING = web.AppKey("listing", SlideListing)
+"""Every slide as the listings show it, kept between requests (`server.listing`)."""
 EXECUTOR = web.AppKey("executor", cf.ThreadPoolExecutor)
 METRICS = web.AppKey("metrics", Metrics)
 ROUTE_MODULES = web.AppKey("route_modules", list)

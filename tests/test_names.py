@@ -134,7 +134,7 @@ def test_slides_lists_names_grouped_by_case_and_searches_them(
             assert r.status == 400 and "q must be" in (await r.json())["error"]
             spec = await (await c.get("/openapi.json")).json()
             params = {p["name"] for p in spec["paths"]["/slides"]["get"]["parameters"]}
-            assert params == {"q", "case"}
+            assert params == {"q", "case", "offset", "limit"}
 
     asyncio.run(main())
 

@@ -24,6 +24,7 @@ from server.api import viewer as routes_viewer
 from server.api import viewer_pages
 from server.app import create_app
 from server.catalog import SourceLevel, SourcePyramid
+from server.listing import Listed
 from server.settings import ServerSettings
 
 from .browser import AppThread, Chromium
@@ -96,8 +97,7 @@ def test_index_lists_slides_with_thumbnails(server: AppThread, published: tuple[
     assert '<section class="case"><h2>No case ' in page
 
     # The fallback for slides without a thumbnail is a whole-slide DeepZoom tile that exists.
-    level = SourceLevel(2220, 2967, 240, 240)
-    bare = SourcePyramid(slide_id, (level,), wsi.SlideProperties(mpp_x=0.499, mpp_y=0.499))
+    bare = Listed(slide_id, "x", None, "ready", "v", 2220, 2967, (240, 240), b"{}", False, 0.0)
     status, headers, body = get(server.url + viewer_pages.thumbnail_url(bare, ""))
     assert status == 200 and headers["Content-Type"] == "image/jpeg"
     assert max(Image.open(io.BytesIO(body)).size) == 186  # 2967 / 16, rounded up
@@ -167,6 +167,7 @@ def test_escapes_what_it_puts_in_html() -> None:
     evil = "</script><script>alert(1)</script>&\"'"
     props = wsi.SlideProperties(vendor="<b>vendor</b>", mpp_x=0.25, mpp_y=0.25)
     slide = SourcePyramid(evil, (level,), props, name=evil, case=evil)
+    listed = Listed.of(slide, False, 0.0)
 
     def page_of(query: str) -> viewer_pages.ViewPage:
         config = routes_viewer.view_config(slide, query, query)
@@ -174,7 +175,7 @@ def test_escapes_what_it_puts_in_html() -> None:
         return viewer_pages.ViewPage(config, rows, (("label", f"/x/{evil}"),), evil)
 
     for page in (
-        viewer_pages.index_html([slide], {evil: ("exp=1&sig=<x>", "exp=1&sig=<x>")}, q=evil),
+        viewer_pages.index_html([listed], {evil: ("exp=1&sig=<x>", "exp=1&sig=<x>")}, q=evil),
         viewer_pages.view_html(slide, page_of("exp=1&sig=<x>")),
         viewer_pages.error_page(evil, evil),
     ):
@@ -186,7 +187,7 @@ def test_escapes_what_it_puts_in_html() -> None:
     assert "No slide matches" in viewer_pages.index_html([], {}, q="x", total=3)
     # No thumbnail image: the DeepZoom tile that holds the whole slide (150 x 100 px) instead.
     quoted = "%3C%2Fscript%3E%3Cscript%3Ealert%281%29%3C%2Fscript%3E%26%22%27"
-    assert viewer_pages.thumbnail_url(slide, "") == f"/slides/{quoted}_files/8/0_0.jpeg"
+    assert viewer_pages.thumbnail_url(listed, "") == f"/slides/{quoted}_files/8/0_0.jpeg"
 
 
 def test_missing_openseadragon_is_explained(

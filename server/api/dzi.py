@@ -14,6 +14,7 @@ from __future__ import annotations
 import collections
 import math
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 from aiohttp import web
@@ -30,11 +31,20 @@ from wsi.published.values import JPEG
 SLIDE = "{slide_id:[a-z0-9][a-z0-9._-]{0,63}?}"
 
 
-def max_level(slide: SlideInfo) -> int:
+class Sized(Protocol):
+    """What DeepZoom's level arithmetic needs of a slide (a `SlideInfo`, a listing's entry)."""
+
+    @property
+    def width(self) -> int: ...
+    @property
+    def height(self) -> int: ...
+
+
+def max_level(slide: Sized) -> int:
     return max(0, math.ceil(math.log2(max(slide.width, slide.height))))
 
 
-def dzi_size(slide: SlideInfo, z: int) -> tuple[int, int]:
+def dzi_size(slide: Sized, z: int) -> tuple[int, int]:
     scale = 2.0 ** (z - max_level(slide))
     return max(1, math.ceil(slide.width * scale)), max(1, math.ceil(slide.height * scale))
 
@@ -45,12 +55,15 @@ NON_SQUARE_TILE = 512
 
 
 def tile_size(slide: SlideInfo) -> int:
-    """The DeepZoom tile size (pixels, square): level 0's chunk size when its chunks are
-    square (their stored bytes are the tiles), else `NON_SQUARE_TILE`."""
+    """The DeepZoom tile size (pixels, square) of `slide` (`chunk_tile_size` of level 0)."""
     level = slide.levels[0]
-    if level.tile_width == level.tile_height:
-        return level.tile_width
-    return NON_SQUARE_TILE
+    return chunk_tile_size(level.tile_width, level.tile_height)
+
+
+def chunk_tile_size(tile_width: int, tile_height: int) -> int:
+    """The DeepZoom tile size over level-0 chunks of this size: the chunk size when they are
+    square (their stored bytes are the tiles), else `NON_SQUARE_TILE`."""
+    return tile_width if tile_width == tile_height else NON_SQUARE_TILE
 
 
 def stored_level(slide: ServedSlide, z: int) -> ServedLevel | None:

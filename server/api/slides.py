@@ -2,20 +2,20 @@
 
 from __future__ import annotations
 
-from collections import Counter
+import json
 from collections.abc import Mapping
-from typing import Any
 
 from aiohttp import web
 
 from server.catalog import CONVERTING, private_images, published, status, summary
 from server.converting import conversion_jobs
 from server.front import routes
-from server.keys import CATALOG, SETTINGS
+from server.keys import CATALOG, LISTING, SETTINGS
+from server.listing import MAX_PAGE
 from server.openapi import ERROR, path_params
 from server.render import encode_image, in_pool
 from server.responses import etag_response
-from wsi.errors import InvalidArgument, WsiError
+from wsi.errors import InvalidArgument
 from wsi.model import ASSOCIATED_KINDS
 from wsi.published.values import JPEG, decode_tile
 
@@ -39,52 +39,36 @@ def text_param(request: web.Request, name: str) -> str | None:
     return value
 
 
-def matches(doc: dict[str, Any], text: str | None, case: str | None) -> bool:
-    """Whether a slide's summary passes the list's filters: `text` a case-insensitive substring
-    of its name or case, `case` its case exactly."""
-    if case is not None and doc["case"] != case:
-        return False
-    if not text:
-        return True
-    needle = text.casefold()
-    return needle in doc["name"].casefold() or needle in (doc["case"] or "").casefold()
-
-
-def listing_order(doc: dict[str, Any]) -> tuple[bool, str, str, str]:
-    """Slides of one case together (cases in order), each case's slides by name; then the
-    slides of no known case, by name."""
-    case = doc["case"]
-    return case is None, (case or "").casefold(), doc["name"].casefold(), doc["id"]
-
-
-def case_summary(docs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """`[{"case", "slides"}]`: each case of the listed slides and how many slides it has."""
-    counts = Counter(d["case"] for d in docs if d["case"] is not None)
-    return [
-        {"case": c, "slides": n} for c, n in sorted(counts.items(), key=lambda i: i[0].casefold())
-    ]
+def count_param(request: web.Request, name: str, default: int) -> int:
+    """Query parameter `name` as a non-negative integer (`default` when absent)."""
+    value = request.query.get(name)
+    if value is None:
+        return default
+    if not value.isdigit() or len(value) > 9:
+        raise InvalidArgument(f"{name} must be a non-negative integer")
+    return int(value)
 
 
 async def list_slides(request: web.Request) -> web.Response:
     text, case = text_param(request, "q"), text_param(request, "case")
-    catalog = request.app[CATALOG]
-    allow_label = request.app[SETTINGS].allow_label
-    slides = []
+    page = await request.app[LISTING].page(
+        text, case, count_param(request, "offset", 0), count_param(request, "limit", MAX_PAGE)
+    )
+    docs = []
     jobs: dict[str, dict[str, object]] | None = None
-    for slide_id in await catalog.slide_ids():
-        try:
-            doc = summary(await catalog.listed(slide_id), allow_label)
-        except WsiError:  # unpublished meanwhile, or a dropped slide its reader refuses
+    for entry in page.slides:
+        if entry.status != CONVERTING:
+            docs.append(entry.doc)
             continue
-        if not matches(doc, text, case):
-            continue
-        if doc["status"] == CONVERTING:
-            jobs = await conversion_jobs(request.app) if jobs is None else jobs
-            if slide_id in jobs:
-                doc["job"] = jobs[slide_id]
-        slides.append(doc)
-    slides.sort(key=listing_order)
-    return web.json_response({"slides": slides, "cases": case_summary(slides)})
+        jobs = await conversion_jobs(request.app) if jobs is None else jobs
+        doc = entry.summary()
+        if entry.slide_id in jobs:
+            doc["job"] = jobs[entry.slide_id]
+        docs.append(json.dumps(doc).encode())
+    # The slides' summaries are kept as JSON: joined, not encoded again.
+    tail = {"cases": page.cases, "total": page.total, "offset": page.offset}
+    body = b'{"slides": [' + b", ".join(docs) + b"], " + json.dumps(tail).encode()[1:]
+    return web.Response(body=body, content_type="application/json")
 
 
 async def get_slide(request: web.Request) -> web.Response:
@@ -165,7 +149,7 @@ OPENAPI = {
             "de-identification; its id when published before names existed) and a `case` "
             "(accession number or study id, else null). Listed grouped by case: the slides of "
             "each case together, cases in order, each case's slides by name, then the slides "
-            "of no known case by name. `cases` counts the slides of each case listed.",
+            "of no known case by name, a page at a time.",
             "parameters": [
                 {
                     "name": "q",
@@ -182,9 +166,32 @@ OPENAPI = {
                     "description": "only the slides of this case (exact)",
                     "schema": {"type": "string", "maxLength": MAX_QUERY},
                 },
+                {
+                    "name": "offset",
+                    "in": "query",
+                    "required": False,
+                    "description": "skip this many of the matching slides",
+                    "schema": {"type": "integer", "minimum": 0, "default": 0},
+                },
+                {
+                    "name": "limit",
+                    "in": "query",
+                    "required": False,
+                    "description": "list at most this many slides",
+                    "schema": {
+                        "type": "integer",
+                        "minimum": 1,
+                        "maximum": MAX_PAGE,
+                        "default": MAX_PAGE,
+                    },
+                },
             ],
             "responses": {
-                "200": {"description": '`{"slides": [...], "cases": [{"case", "slides"}]}`'},
+                "200": {
+                    "description": '`{"slides": [...], "cases": [{"case", "slides"}], '
+                    '"total", "offset"}`: `total` slides match, `slides` are those from '
+                    "`offset` (at most `limit`); `cases` counts every matching slide's case"
+                },
                 "400": ERROR,
             },
         }

@@ -26,8 +26,9 @@ from aiohttp import web
 
 from server.api.dicomweb.instances import DICOMWEB, Instance
 from server.api.dzi import max_level, tile_size
-from server.api.slides import MAX_QUERY, listing_order, matches, text_param
+from server.api.slides import MAX_QUERY, count_param, text_param
 from server.api.viewer_pages import (
+    INDEX_PAGE,
     MISSING_OSD,
     ViewPage,
     error_page,
@@ -35,12 +36,12 @@ from server.api.viewer_pages import (
     view_html,
 )
 from server.auth import signed_query
-from server.catalog import CONVERTING, PRIVATE_IMAGES, READY, SlideInfo, summary
+from server.catalog import CONVERTING, PRIVATE_IMAGES, READY, SlideInfo
 from server.catalog import status as slide_status
 from server.converting import conversion_jobs
 from server.errors import status_of
 from server.front import routes
-from server.keys import CATALOG, SETTINGS
+from server.keys import CATALOG, LISTING, SETTINGS
 from server.openapi import ERROR, path_params
 from server.responses import SIGNED_EXPIRES, VERSION_PARAM, json_error
 from wsi.errors import StoreError, WsiError
@@ -77,7 +78,12 @@ STORE_DOWN_RESPONSE = {
 
 def versioned(slide: SlideInfo, query: str) -> str:
     """`query` with the slide's version, so tile responses may be cached as immutable."""
-    pin = f"{VERSION_PARAM}={slide.version}"
+    return pinned(slide.version, query)
+
+
+def pinned(version: str, query: str) -> str:
+    """`query` with a slide's `version` (`versioned`)."""
+    pin = f"{VERSION_PARAM}={version}"
     return f"{pin}&{query}" if query else pin
 
 
@@ -112,33 +118,27 @@ def _store_down(title: str, exc: StoreError) -> web.Response:
 
 async def index(request: web.Request) -> web.Response:
     q = (text_param(request, "q") or "").strip()
-    catalog = request.app[CATALOG]
+    number = count_param(request, "page", 1)
     settings = request.app[SETTINGS]
-    slides: list[SlideInfo] = []
     try:
-        ids = await catalog.slide_ids()
+        found = await request.app[LISTING].page(
+            q, None, (max(number, 1) - 1) * INDEX_PAGE, INDEX_PAGE
+        )
     except StoreError as exc:
         return _store_down("Slides", exc)
-    for slide_id in ids:
-        try:
-            slides.append(await catalog.listed(slide_id))
-        except WsiError:  # unpublished meanwhile, or a dropped slide its reader refuses
-            continue
-    docs = {s.slide_id: summary(s, settings.allow_label) for s in slides}
-    shown = sorted(
-        (s for s in slides if matches(docs[s.slide_id], q, None)),
-        key=lambda s: listing_order(docs[s.slide_id]),
-    )
     queries = {
         s.slide_id: (
             signed_query(settings, s.slide_id, "view"),
-            versioned(s, signed_query(settings, s.slide_id, "tiles")),
+            pinned(s.version, signed_query(settings, s.slide_id, "tiles")),
         )
-        for s in shown
+        for s in found.slides
     }
-    converting = any(slide_status(s) == CONVERTING for s in shown)
+    converting = any(s.status == CONVERTING for s in found.slides)
     jobs = await conversion_jobs(request.app) if converting else {}
-    return _html(index_html(shown, queries, jobs, q, len(slides)))
+    page_html = index_html(
+        found.slides, queries, jobs, q, found.of_all, found.total, max(number, 1)
+    )
+    return _html(page_html)
 
 
 def _dicom_date(value: str) -> str:

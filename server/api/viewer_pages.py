@@ -13,12 +13,12 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, urlencode
 
-from server.api.dzi import dzi_size, max_level, tile_size
+from server.api.dzi import chunk_tile_size, dzi_size, max_level
 from server.api.slides import MAX_QUERY
-from server.catalog import DICOM_ONLY, READY, SlideInfo, private_images
-from server.catalog import status as slide_status
+from server.catalog import DICOM_ONLY, READY, SlideInfo
+from server.listing import Listed
 
 THUMBNAIL_PX = 256
 """Longest side (pixels) of the DeepZoom tile used as a thumbnail when a slide has none."""
@@ -72,22 +72,21 @@ def error_page(title: str, message: str) -> str:
 
 
 def mpp_text(slide: SlideInfo) -> str:
-    mpp = slide.properties.mpp_x
+    return mpp_words(slide.properties.mpp_x)
+
+
+def mpp_words(mpp: float | None) -> str:
     return f"{mpp:.4g} µm/px" if mpp else "MPP unknown"
 
 
-def thumbnail_url(slide: SlideInfo, query: str, signed: bool = False) -> str:
+def thumbnail_url(slide: Listed, query: str, signed: bool = False) -> str:
     """The slide's thumbnail image, or else the DeepZoom tile holding the whole slide in at most
     THUMBNAIL_PX pixels. Always that tile when `signed` (signatures open pyramid tiles only) or
-    when the thumbnail may show the label (`private_images`)."""
+    when the thumbnail may show the label (`Listed.card_thumbnail`)."""
     sid = quote(slide.slide_id, safe="")
-    if (
-        "thumbnail" in slide.associated_names
-        and not signed
-        and "thumbnail" not in private_images(slide)
-    ):
+    if slide.card_thumbnail and not signed:
         return with_query(f"/slides/{sid}/associated/thumbnail", query)
-    limit = min(THUMBNAIL_PX, tile_size(slide))
+    limit = min(THUMBNAIL_PX, chunk_tile_size(*slide.chunk))
     z = max_level(slide)
     while z > 0 and max(dzi_size(slide, z)) > limit:
         z -= 1
@@ -101,9 +100,9 @@ DICOM_ONLY_CARD = "DICOM only: not served here (wsi export-dicom writes its .dcm
 """What a card says of a slide published without its Zarr view, which has no page or tiles."""
 
 
-def _card(slide: SlideInfo, queries: tuple[str, str], job: dict[str, Any] | None) -> str:
+def _card(slide: Listed, queries: tuple[str, str], job: dict[str, Any] | None) -> str:
     search = f"{slide.name} {slide.case or ''}".casefold()
-    if slide_status(slide) == DICOM_ONLY:  # no page to open, no thumbnail to show
+    if slide.status == DICOM_ONLY:  # no page to open, no thumbnail to show
         return (
             f'<li data-search="{e(search)}"><div class="card">'
             f'<span class="name">{e(slide.name)}</span>'
@@ -112,11 +111,12 @@ def _card(slide: SlideInfo, queries: tuple[str, str], job: dict[str, Any] | None
         )
     view_query, tile_query = queries
     view = with_query(f"/view/{quote(slide.slide_id, safe='')}", view_query)
-    details = f"{slide.width} × {slide.height} px · {mpp_text(slide)}"
-    if slide.properties.vendor:
-        details += f" · {slide.properties.vendor}"
-    if slide_status(slide) != READY:
-        details += f" · {slide_status(slide)}"
+    doc = slide.summary()
+    details = f"{slide.width} × {slide.height} px · {mpp_words(doc['mpp_x'])}"
+    if doc["vendor"]:
+        details += f" · {doc['vendor']}"
+    if slide.status != READY:
+        details += f" · {slide.status}"
         if job is not None:
             running = job["state"] == "running"
             details += f" {float(job['progress']):.0f}%" if running else " (queued)"
@@ -129,10 +129,10 @@ def _card(slide: SlideInfo, queries: tuple[str, str], job: dict[str, Any] | None
     )
 
 
-def _groups(slides: Sequence[SlideInfo]) -> list[tuple[str | None, list[SlideInfo]]]:
+def _groups(slides: Sequence[Listed]) -> list[tuple[str | None, list[Listed]]]:
     """Slides by case, in the order given (the listing's), each case once, where it first
     appears."""
-    groups: dict[str | None, list[SlideInfo]] = {}
+    groups: dict[str | None, list[Listed]] = {}
     for slide in slides:
         groups.setdefault(slide.case, []).append(slide)
     return list(groups.items())
@@ -142,20 +142,28 @@ def _count(n: int) -> str:
     return f"{n} slide{'' if n == 1 else 's'}"
 
 
+INDEX_PAGE = 200
+"""Slide cards on one page of the index (`?page=`)."""
+
+
 def index_html(
-    slides: Sequence[SlideInfo],
+    slides: Sequence[Listed],
     queries: dict[str, tuple[str, str]],
     jobs: dict[str, dict[str, Any]] | None = None,
     q: str = "",
     total: int | None = None,
+    matched: int | None = None,
+    page_number: int = 1,
 ) -> str:
     """The slide list, grouped by case: one card per slide with its thumbnail, name, size, MPP,
     and for a slide being converted its job's state and progress (a slide published as DICOM
-    only: a card without link or thumbnail that says so). `slides` are those that match
-    `q`, in listing order, out of `total`. `queries`: slide id -> (signed query of its view
-    page, signed query of its tiles), both empty when auth is off."""
+    only: a card without link or thumbnail that says so). `slides` are page `page_number`
+    (`INDEX_PAGE` cards a page) of the `matched` slides that match `q`, in listing order, out
+    of `total`. `queries`: slide id -> (signed query of its view page, signed query of its
+    tiles), both empty when auth is off."""
     jobs = jobs or {}
     total = len(slides) if total is None else total
+    matched = len(slides) if matched is None else matched
     sections = []
     for case, members in _groups(slides):
         cards = "".join(
@@ -167,7 +175,7 @@ def index_html(
             f'<ul class="slides">{cards}</ul></section>'
         )
     if q:
-        shown = f"{len(slides)} of {_count(total)} match “{q}”"
+        shown = f"{matched} of {_count(total)} match “{q}”"
         status = f'{e(shown)} · <a href="/">show all</a>'
     else:
         status = e(_count(total))
@@ -184,9 +192,26 @@ def index_html(
         '<button type="submit">Search</button></form>'
         f'<span id="count">{status}</span></header>'
         f'<main id="slides">{"".join(sections)}'
-        f'<p id="empty"{empty}>{message}</p></main>'
+        f'<p id="empty"{empty}>{message}</p>{_pages(q, matched, page_number)}</main>'
     )
     return page("Slides · wsistore", "index", body, "slides.js")
+
+
+def _pages(q: str, matched: int, number: int) -> str:
+    """Links to the index's other pages, when the matching slides take more than one."""
+    last = max(1, -(-matched // INDEX_PAGE))
+    if last == 1:
+        return ""
+
+    def link(n: int, text: str, rel: str) -> str:
+        query = urlencode({**({"q": q} if q else {}), "page": n})
+        return f'<a href="/?{e(query)}" rel="{rel}">{text}</a>'
+
+    parts = [link(number - 1, "‹ previous", "prev")] if number > 1 else []
+    parts.append(f"page {number} of {last}")
+    if number < last:
+        parts.append(link(number + 1, "next ›", "next"))
+    return f'<nav class="pages" aria-label="Pages">{" · ".join(parts)}</nav>'
 
 
 # ---- one slide ----

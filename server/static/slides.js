@@ -1,5 +1,6 @@
 // The slide list filters as you type (the same rule as the server's `?q=`: the text, ignoring
-// case, anywhere in a slide's name or case). Without JavaScript the search form asks the server.
+// case, anywhere in a slide's name or case). Without JavaScript, or when the slides take more
+// than one page (only this page's cards are here), the search form asks the server.
 "use strict";
 
 const input = document.querySelector("form.search input[name=q]");
@@ -22,7 +23,9 @@ function filter() {
   document.body.dataset.shown = String(shown);
 }
 
-if (input && cards.length) {
+const paged = document.querySelector("nav.pages") !== null;
+
+if (input && cards.length && !paged) {
   input.addEventListener("input", filter);
   document.body.dataset.shown = String(cards.length);
 }

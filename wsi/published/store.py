@@ -182,6 +182,14 @@ class PublishedStore:
         data = await self._manifest_bytes(keys)
         return _parsed_manifest(keys, data), layout.manifest_version(data)
 
+    async def version(self, slide_id: str) -> str:
+        """The version of the published slide `slide_id` as its manifest says now (one read,
+        nothing parsed; SlideNotFound if unpublished): what a listing compares with the version
+        it described, without opening the slide again."""
+        await self.start()
+        keys = SlideKeys(check_slide_id(slide_id))
+        return layout.manifest_version(await self._manifest_bytes(keys))
+
     async def _manifest_bytes(self, keys: SlideKeys) -> bytes:
         try:
             return await self.io.get(keys.manifest)

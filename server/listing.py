@@ -1,0 +1,190 @@
+"""The slide listing (`GET /slides`, the viewer's index): one compact entry per slide, kept
+between requests and refreshed only where a slide changed.
+
+Describing a slide means opening it (its manifest parsed and checked, its root attributes and
+associated arrays read: ~3 ms locally), and the library keeps only a few hundred slides open, so
+a store of 2,000 slides took 6 s for every listing. An entry here keeps what a listing shows
+(its summary as JSON bytes, ~1 KB) with the manifest version it describes; once older than the
+store's re-check time it costs one manifest read, and the slide is opened again only when its
+version changed. Listings are answered a page at a time (`Page`), so no answer grows with the
+store.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from typing import Any
+
+from server.catalog import CONVERTING, Catalog, SlideInfo, private_images, summary
+from wsi.errors import InvalidArgument, SlideNotFound, WsiError
+
+CONCURRENCY = 32
+"""Slides checked or opened at once while a listing is refreshed."""
+MAX_PAGE = 1000
+"""Most slides one answer lists (`GET /slides?limit=`, its default)."""
+
+
+@dataclass(frozen=True)
+class Listed:
+    """One slide as listings show it."""
+
+    slide_id: str
+    name: str
+    case: str | None
+    status: str
+    version: str
+    width: int
+    height: int
+    chunk: tuple[int, int]
+    """Level 0's tile (chunk) width and height; (0, 0) when it has no levels (DICOM only)."""
+    doc: bytes
+    """Its summary (`server.catalog.summary`) as JSON."""
+    card_thumbnail: bool
+    """Whether its index card may show its thumbnail image (one that may show the label never
+    is), else a DeepZoom tile."""
+    checked: float
+    """When its version was last compared with the store's (monotonic seconds)."""
+
+    @classmethod
+    def of(cls, slide: SlideInfo, allow_label: bool, now: float) -> Listed:
+        doc = summary(slide, allow_label)
+        thumbnail = "thumbnail" in slide.associated_names
+        return cls(
+            slide.slide_id,
+            slide.name,
+            slide.case,
+            doc["status"],
+            slide.version,
+            slide.width,
+            slide.height,
+            (slide.levels[0].tile_width, slide.levels[0].tile_height) if slide.levels else (0, 0),
+            json.dumps(doc).encode(),
+            thumbnail and "thumbnail" not in private_images(slide),
+            now,
+        )
+
+    def summary(self) -> dict[str, Any]:
+        doc: dict[str, Any] = json.loads(self.doc)
+        return doc
+
+    def matches(self, text: str | None, case: str | None) -> bool:
+        """Whether the slide passes a listing's filters: `text` a case-insensitive substring of
+        its name or case, `case` its case exactly."""
+        if case is not None and self.case != case:
+            return False
+        if not text:
+            return True
+        needle = text.casefold()
+        return needle in self.name.casefold() or needle in (self.case or "").casefold()
+
+    @property
+    def order(self) -> tuple[bool, str, str, str]:
+        """Slides of one case together (cases in order), each case's slides by name; then the
+        slides of no known case, by name."""
+        return self.case is None, (self.case or "").casefold(), self.name.casefold(), self.slide_id
+
+
+@dataclass(frozen=True)
+class Page:
+    """The slides of one answer: `slides` (from `offset`) out of `total` that match."""
+
+    slides: Sequence[Listed]
+    total: int
+    offset: int
+    cases: list[dict[str, Any]]
+    """`[{"case", "slides"}]`: every case among the matching slides and how many it has."""
+    of_all: int
+    """Slides listed before filtering."""
+
+
+class SlideListing:
+    """The entries of every slide the catalog lists, refreshed by `page` (one refresh at a
+    time: callers arriving meanwhile wait for it and share its result)."""
+
+    def __init__(
+        self,
+        catalog: Catalog,
+        allow_label: bool,
+        recheck_seconds: float,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.catalog = catalog
+        self.allow_label = allow_label
+        self.recheck_seconds = recheck_seconds
+        self._clock = clock
+        self._entries: dict[str, Listed] = {}
+        self._ordered: list[Listed] = []
+        self._lock = asyncio.Lock()
+
+    async def page(
+        self,
+        text: str | None = None,
+        case: str | None = None,
+        offset: int = 0,
+        limit: int = MAX_PAGE,
+    ) -> Page:
+        """The slides matching `text` and `case`, in listing order, at most `limit` (1 to
+        MAX_PAGE) from `offset`. StoreError when the store cannot be listed."""
+        if not 1 <= limit <= MAX_PAGE or offset < 0:
+            raise InvalidArgument(f"limit must be 1-{MAX_PAGE} and offset >= 0")
+        listed = await self._refreshed()
+        matched = [e for e in listed if e.matches(text, case)]
+        counts: dict[str, int] = {}
+        for entry in matched:
+            if entry.case is not None:
+                counts[entry.case] = counts.get(entry.case, 0) + 1
+        cases = [{"case": c, "slides": n} for c, n in sorted(counts.items(), key=_casefolded)]
+        shown = matched[offset : offset + limit]
+        return Page(shown, len(matched), offset, cases, len(listed))
+
+    async def _refreshed(self) -> list[Listed]:
+        async with self._lock:
+            ids = await self.catalog.slide_ids()
+            now = self._clock()
+            gate = asyncio.Semaphore(CONCURRENCY)
+
+            async def one(slide_id: str) -> Listed | None:
+                async with gate:
+                    return await self._entry(slide_id, now)
+
+            found = await asyncio.gather(*(one(i) for i in ids))
+            entries = {e.slide_id: e for e in found if e is not None}
+            before = self._entries
+            if entries.keys() != before.keys() or any(
+                e.doc is not before[k].doc for k, e in entries.items()
+            ):
+                self._ordered = sorted(entries.values(), key=lambda e: e.order)
+            self._entries = entries
+            return self._ordered
+
+    async def _entry(self, slide_id: str, now: float) -> Listed | None:
+        """The slide's entry: the one held while recently checked or while its manifest's
+        version is unchanged, else made again (None for a slide gone meanwhile, or refused)."""
+        held = self._entries.get(slide_id)
+        if held is not None and held.status != CONVERTING:  # converting: progress moves
+            if now - held.checked < self.recheck_seconds:
+                return held
+            try:
+                version = await self.catalog.store.version(slide_id)
+            except SlideNotFound:
+                version = None  # converting again from its source, or gone
+            except WsiError:
+                return None
+            if version == held.version:
+                return replace(held, checked=now)
+        try:
+            slide = await self.catalog.listed(slide_id)
+        except WsiError:  # unpublished meanwhile, or a dropped slide its reader refuses
+            return None
+        return Listed.of(slide, self.allow_label, now)
+
+
+def _casefolded(item: tuple[str, int]) -> str:
+    return item[0].casefold()
+
+
+__all__ = ["MAX_PAGE", "Listed", "Page", "SlideListing"]

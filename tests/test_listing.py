@@ -1,0 +1,162 @@
+"""The slide listing on a store of more slides than the reader keeps open: kept between requests
+(a slide is opened again only when its manifest changed) and answered a page at a time. Every
+`GET /slides` and every index page opened every slide again (6 s for 2,000 slides)."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import os
+import shutil
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp.test_utils import TestClient, TestServer
+
+import wsi
+from server.app import create_app
+from server.catalog import Catalog
+from server.listing import SlideListing
+from server.settings import ServerSettings
+from wsi.published.layout.manifest import Manifest, ObjectEntry, crc32c_hex
+from wsi.published.store import PublishedStore
+from wsi.published.values import ReaderSettings
+
+from .conftest import sample
+from .helpers import FakeClock
+
+SLIDES = 300
+"""More than the reader keeps open (`ReaderSettings.slide_cache_entries`, 256)."""
+
+
+def copy_slide(store: Path, source_id: str, slide_id: str, name: str, case: str) -> None:
+    """Another published slide with the same pixels (hard links) under `slide_id`."""
+    src, dst = store / source_id, store / slide_id
+    shutil.copytree(src, dst, copy_function=os.link)
+    root = dst / "slide.zarr" / "zarr.json"
+    data = root.read_bytes().replace(source_id.encode(), slide_id.encode())
+    root.unlink()
+    root.write_bytes(data)
+    manifest = Manifest.from_bytes((src / "manifest.json").read_bytes())
+    objects = {**manifest.objects, "slide.zarr/zarr.json": ObjectEntry(len(data), crc32c_hex(data))}
+    copied = dataclasses.replace(manifest, slide_id=slide_id, objects=objects, name=name, case=case)
+    (dst / "manifest.json").unlink()
+    (dst / "manifest.json").write_bytes(copied.to_bytes())
+
+
+def rename(store: Path, slide_id: str, name: str) -> None:
+    """Publish `slide_id` again with another name (a new manifest, so a new version)."""
+    path = store / slide_id / "manifest.json"
+    manifest = dataclasses.replace(Manifest.from_bytes(path.read_bytes()), name=name)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_bytes(manifest.to_bytes())
+    tmp.replace(path)
+
+
+@pytest.fixture(scope="module")
+def big_store(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[str]]:
+    store = tmp_path_factory.mktemp("listing") / "store"
+    result = wsi.convert_slide(
+        sample("CMU-1-Small-Region.svs"), wsi.Store(wsi.StoreSettings(str(store)))
+    )
+    first = result.slide_id
+    ids = [f"s{i:04d}{first[5:]}" for i in range(SLIDES)]
+    for i, slide_id in enumerate(ids):
+        copy_slide(store, first, slide_id, f"slide {i:04d}", f"case {i % 7}")
+    shutil.rmtree(store / first)
+    return store, ids
+
+
+def counting_loads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The slides the reader opens (their manifest parsed, attributes read), in order."""
+    opened: list[str] = []
+    load: Callable[..., Awaitable[Any]] = PublishedStore._load
+
+    async def spy(self: PublishedStore, keys: Any, data: bytes) -> Any:
+        opened.append(keys.slide_id)
+        return await load(self, keys, data)
+
+    monkeypatch.setattr(PublishedStore, "_load", spy)
+    return opened
+
+
+def test_listings_open_each_slide_once_and_come_a_page_at_a_time(
+    big_store: tuple[Path, list[str]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store, ids = big_store
+    opened = counting_loads(monkeypatch)
+
+    async def main() -> None:
+        async with TestClient(TestServer(create_app(ServerSettings(store=str(store))))) as c:
+            first = await (await c.get("/slides")).json()
+            assert first["total"] == SLIDES and len(first["slides"]) == SLIDES
+            assert sorted(opened) == sorted(ids)
+            opened.clear()
+            again = await (await c.get("/slides")).json()
+            home = await c.get("/")
+            assert home.status == 200 and opened == []  # nothing opened again
+            assert again == first
+
+            # Pages: listing order (by case, then name), `cases` over every match.
+            page = await (await c.get("/slides?q=case%203&offset=10&limit=5")).json()
+            names = [f"slide {i:04d}" for i in range(SLIDES) if i % 7 == 3]
+            assert [s["name"] for s in page["slides"]] == names[10:15]
+            assert (page["total"], page["offset"]) == (len(names), 10)
+            assert page["cases"] == [{"case": "case 3", "slides": len(names)}]
+            past = await (await c.get(f"/slides?offset={SLIDES}")).json()
+            assert (past["slides"], past["total"]) == ([], SLIDES)
+            for bad in ("limit=0", "limit=1001", "offset=-1", "limit=x"):
+                r = await c.get(f"/slides?{bad}")
+                assert r.status == 400 and (await r.json())["status"] == 400, bad
+
+            # The index: 200 cards a page, links to the others, search on the server.
+            text = await home.text()
+            assert text.count('<li data-search="') == 200
+            assert 'href="/?page=2" rel="next"' in text and "page 1 of 2" in text
+            second = await (await c.get("/?page=2")).text()
+            assert second.count('<li data-search="') == SLIDES - 200
+            assert "slide 0299" in second and "slide 0299" not in text
+            found = await (await c.get("/?q=slide%200123")).text()
+            assert found.count('<li data-search="') == 1 and 'class="pages"' not in found
+            assert (await c.get("/?page=x")).status == 400
+
+    asyncio.run(main())
+
+
+def test_a_listing_opens_again_only_what_changed(big_store: tuple[Path, list[str]]) -> None:
+    store, ids = big_store
+    clock = FakeClock()
+
+    async def main() -> None:
+        reader = PublishedStore(str(store), ReaderSettings(recheck_seconds=2.0))
+        async with reader:
+            opened = []
+            catalog = Catalog(reader)
+            listed = catalog.listed
+
+            async def spy(slide_id: str) -> Any:
+                opened.append(slide_id)
+                return await listed(slide_id)
+
+            catalog.listed = spy  # type: ignore[method-assign]
+            listing = SlideListing(catalog, False, 2.0, clock)
+            assert (await listing.page(limit=1)).total == SLIDES
+            assert len(opened) == SLIDES
+            opened.clear()
+            clock.step(3)  # every entry checked again: one manifest read each, none opened
+            rename(store, ids[5], "renamed")
+            shutil.rmtree(store / ids[6])
+            page = await listing.page("renamed")
+            assert opened == [ids[5]]
+            assert [s.slide_id for s in page.slides] == [ids[5]] and page.of_all == SLIDES - 1
+            opened.clear()
+            assert (await listing.page()).total == SLIDES - 1 and opened == []
+
+    try:
+        asyncio.run(main())
+    finally:  # the module's store is shared: put the slides back as they were
+        rename(store, ids[5], "slide 0005")
+        if not (store / ids[6]).exists():
+            copy_slide(store, ids[7], ids[6], "slide 0006", "case 6")
