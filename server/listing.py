@@ -172,8 +172,8 @@ class SlideListing:
                 version = await self.catalog.store.version(slide_id)
             except SlideNotFound:
                 version = None  # converting again from its source, or gone
-            except WsiError:
-                return None
+            except WsiError:  # the store failed this read: listed as last seen
+                return held
             if version == held.version:
                 return replace(held, checked=now)
         try:
