@@ -347,3 +347,28 @@ def test_manifest_refuses_what_is_not_a_manifest() -> None:
         Manifest.from_bytes(b'{"format": "other"}')
     with pytest.raises(CorruptSlide, match="objects"):
         Manifest.from_json({"format": layout.MANIFEST_FORMAT, "slide_id": "abc"})
+
+
+def test_a_manifest_checksum_is_checked_however_the_manifest_is_laid_out(
+    store: dict[str, Any],
+) -> None:
+    """The checksum is checked on the bytes as written (the checksum's line left out), and by
+    encoding the document again when a manifest is laid out otherwise: either way, any byte
+    changed in what it covers is a damaged manifest."""
+    raw = store["store"].get(SlideKeys(store["cmu"]).manifest)
+    good = Manifest.from_bytes(raw)
+    relaid = json.dumps(json.loads(raw), indent=4).encode()  # another tool's layout
+    assert Manifest.from_bytes(relaid) == good
+    doc = json.loads(raw)
+    line = f'\n "checksum": "{doc["checksum"]}",'.encode()
+    twice = raw.replace(line, line + line)  # the same key twice: JSON keeps the last
+    assert Manifest.from_bytes(twice) == good
+    size = f'"stored_bytes": {good.stored_bytes}'.encode()
+    assert raw.count(size) == 1
+    for damaged in (
+        raw.replace(size, f'"stored_bytes": {good.stored_bytes + 1}'.encode()),
+        raw.replace(line, line.replace(b'": "', b'": "0', 1)[:-3] + b'",'),
+        relaid.replace(b'"stored_bytes": ', b'"stored_bytes": 1'),
+    ):
+        with pytest.raises(CorruptSlide, match="damaged"):
+            Manifest.from_bytes(damaged)
