@@ -20,7 +20,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from server.catalog import CONVERTING, Catalog, SlideInfo, private_images, summary
-from wsi.errors import InvalidArgument, SlideNotFound, WsiError
+from wsi.errors import InvalidArgument, WsiError
 
 CONCURRENCY = 32
 """Slides checked or opened at once while a listing is refreshed."""
@@ -145,11 +145,13 @@ class SlideListing:
         async with self._lock:
             ids = await self.catalog.slide_ids()
             now = self._clock()
+            stale = [i for i in ids if self._stale(i, now)]
+            versions = await self.catalog.store.versions(stale) if stale else {}
             gate = asyncio.Semaphore(CONCURRENCY)
 
             async def one(slide_id: str) -> Listed | None:
                 async with gate:
-                    return await self._entry(slide_id, now)
+                    return await self._entry(slide_id, now, versions)
 
             found = await asyncio.gather(*(one(i) for i in ids))
             entries = {e.slide_id: e for e in found if e is not None}
@@ -161,20 +163,28 @@ class SlideListing:
             self._entries = entries
             return self._ordered
 
-    async def _entry(self, slide_id: str, now: float) -> Listed | None:
+    def _stale(self, slide_id: str, now: float) -> bool:
+        """Whether a published slide's entry is due for a version check."""
+        held = self._entries.get(slide_id)
+        return (
+            held is not None
+            and held.status != CONVERTING
+            and now - held.checked >= self.recheck_seconds
+        )
+
+    async def _entry(
+        self, slide_id: str, now: float, versions: dict[str, str | None]
+    ) -> Listed | None:
         """The slide's entry: the one held while recently checked or while its manifest's
-        version is unchanged, else made again (None for a slide gone meanwhile, or refused)."""
+        version (`versions`, read for the stale ones) is unchanged, else made again (None for a
+        slide gone meanwhile, or refused)."""
         held = self._entries.get(slide_id)
         if held is not None and held.status != CONVERTING:  # converting: progress moves
             if now - held.checked < self.recheck_seconds:
                 return held
-            try:
-                version = await self.catalog.store.version(slide_id)
-            except SlideNotFound:
-                version = None  # converting again from its source, or gone
-            except WsiError:  # the store failed this read: listed as last seen
+            if slide_id not in versions:  # the store failed this read: listed as last seen
                 return held
-            if version == held.version:
+            if versions[slide_id] == held.version:
                 return replace(held, checked=now)
         try:
             slide = await self.catalog.listed(slide_id)

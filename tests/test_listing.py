@@ -160,3 +160,41 @@ def test_a_listing_opens_again_only_what_changed(big_store: tuple[Path, list[str
         rename(store, ids[5], "slide 0005")
         if not (store / ids[6]).exists():
             copy_slide(store, ids[7], ids[6], "slide 0006", "case 6")
+
+
+def test_study_and_series_searches_open_each_slide_once(
+    big_store: tuple[Path, list[str]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """QIDO-RS studies and series searches come from an index of one record per slide: a
+    second search opens no slide, and gives what matching every instance's header gives."""
+    store, ids = big_store
+    opened = counting_loads(monkeypatch)
+
+    async def main() -> None:
+        async with TestClient(TestServer(create_app(ServerSettings(store=str(store))))) as c:
+
+            async def search(path: str) -> Any:
+                r = await c.get(path, headers={"Accept": "application/dicom+json"})
+                assert r.status == 200, await r.text()
+                return await r.json()
+
+            first = await search("/dicomweb/studies?includefield=all")
+            assert sorted(opened) == sorted(ids)
+            opened.clear()
+            again = await search("/dicomweb/studies?includefield=all")
+            series = await search("/dicomweb/series")
+            assert opened == [] and again == first
+            (study,) = first  # the copies share their DICOM UIDs
+            uid = study["0020000D"]["Value"][0]
+            assert study["00201206"]["Value"] == [SLIDES]  # NumberOfStudyRelatedSeries
+            scoped = await search(f"/dicomweb/studies/{uid}/series")
+            assert [s["0020000E"] for s in scoped] == [s["0020000E"] for s in series]
+            assert opened == []
+            missing = await c.get("/dicomweb/studies/1.2.3/series")
+            assert missing.status == 404
+            # A filter on an attribute of each instance matches every header instead: the
+            # same answer.
+            each = await search("/dicomweb/studies?includefield=all&ImageType=*")
+            assert each == first
+
+    asyncio.run(main())

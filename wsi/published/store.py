@@ -17,7 +17,7 @@ import asyncio
 import concurrent.futures as cf
 import contextlib
 import time
-from collections.abc import Awaitable, Callable, Hashable
+from collections.abc import Awaitable, Callable, Hashable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -182,13 +182,19 @@ class PublishedStore:
         data = await self._manifest_bytes(keys)
         return _parsed_manifest(keys, data), layout.manifest_version(data)
 
-    async def version(self, slide_id: str) -> str:
-        """The version of the published slide `slide_id` as its manifest says now (one read,
-        nothing parsed; SlideNotFound if unpublished): what a listing compares with the version
-        it described, without opening the slide again."""
+    async def versions(self, slide_ids: Sequence[str]) -> dict[str, str | None]:
+        """The version of each published slide as its manifest says now (None: unpublished),
+        nothing parsed: what a listing compares with the version it described, instead of
+        opening the slide again. A slide whose manifest could not be read is left out."""
         await self.start()
-        keys = SlideKeys(check_slide_id(slide_id))
-        return layout.manifest_version(await self._manifest_bytes(keys))
+        keys = [SlideKeys(check_slide_id(i)).manifest for i in slide_ids]
+        found: dict[str, str | None] = {}
+        for slide_id, data in zip(slide_ids, await self.io.get_many(keys), strict=True):
+            if isinstance(data, bytes):
+                found[slide_id] = layout.manifest_version(data)
+            elif isinstance(data, SlideNotFound):
+                found[slide_id] = None
+        return found
 
     async def _manifest_bytes(self, keys: SlideKeys) -> bytes:
         try:

@@ -25,62 +25,26 @@ from server.api.dicomweb.instances import (
 )
 from server.api.dicomweb.negotiation import check_json_accept
 from server.api.dicomweb.query import Row, parse_query, row_matches
+from server.api.dicomweb.series_index import (
+    SERIES_ALL,
+    SERIES_DEFAULT,
+    SERIES_INDEX,
+    SLIDE_LEVEL,
+    STUDY_ALL,
+    STUDY_DEFAULT,
+    IndexedSeries,
+    SeriesRecord,
+)
 from server.audit import note_read
 from server.keys import CATALOG
 from server.render import in_pool
 from server.responses import FORWARDED_VARY, dumps, public_origin
+from wsi.errors import SlideNotFound
 from wsi.published.slide import AsyncPublishedSlide
 
 MAX_RESULTS = 1000
 """QIDO results in one response without an explicit limit (PS3.18 6.7.1.2.2 Warning)."""
 
-STUDY_DEFAULT = (
-    "SpecificCharacterSet",
-    "StudyDate",
-    "StudyTime",
-    "AccessionNumber",
-    "ReferringPhysicianName",
-    "PatientName",
-    "PatientID",
-    "PatientBirthDate",
-    "PatientSex",
-    "StudyInstanceUID",
-    "StudyID",
-    "StudyDescription",
-    "ModalitiesInStudy",
-    "NumberOfStudyRelatedSeries",
-    "NumberOfStudyRelatedInstances",
-    "RetrieveURL",
-)
-STUDY_ALL = (
-    *STUDY_DEFAULT,
-    "InstitutionName",
-    "PatientIdentityRemoved",
-    "DeidentificationMethod",
-    "DeidentificationMethodCodeSequence",
-)
-SERIES_DEFAULT = (
-    "SpecificCharacterSet",
-    "Modality",
-    "SeriesDescription",
-    "SeriesNumber",
-    "SeriesInstanceUID",
-    "StudyInstanceUID",
-    "NumberOfSeriesRelatedInstances",
-    "RetrieveURL",
-)
-SERIES_ALL = (
-    *SERIES_DEFAULT,
-    "FrameOfReferenceUID",
-    "PositionReferenceIndicator",
-    "Manufacturer",
-    "ManufacturerModelName",
-    "DeviceSerialNumber",
-    "SoftwareVersions",
-    "ContainerIdentifier",
-    "ContainerTypeCodeSequence",
-    "SpecimenDescriptionSequence",
-)
 INSTANCE_DEFAULT = (
     "SpecificCharacterSet",
     "SOPClassUID",
@@ -104,8 +68,6 @@ INSTANCE_DEFAULT = (
     "DimensionOrganizationType",
     "PyramidUID",
 )
-SLIDE_LEVEL = set(STUDY_ALL) | set(SERIES_ALL) | {"SOPClassUID"}
-"""Attributes equal in every instance of a slide: matched on one header per slide."""
 
 
 def element(keyword: str, value: Any) -> DataElement:
@@ -120,17 +82,22 @@ def base_url(request: web.Request) -> str:
 
 
 def record(
-    rows_header: Dataset,
+    header: Dataset | IndexedSeries,
     keywords: Iterable[str],
     computed: dict[str, Any],
 ) -> dict[str, Any]:
     out = Dataset()
+    kept: dict[str, Any] = {}
     for keyword in keywords:
         if keyword in computed:
             out.add(element(keyword, computed[keyword]))
-        elif keyword in rows_header:
-            out.add(rows_header[keyword])
-    return dict(sorted(out.to_json_dict(bulk_data_threshold=MAX_HEADER).items()))
+        elif isinstance(header, IndexedSeries):
+            if keyword in header.attributes.json:
+                tag, value = header.attributes.json[keyword]
+                kept[tag] = value
+        elif keyword in header:
+            out.add(header[keyword])
+    return dict(sorted({**kept, **out.to_json_dict(bulk_data_threshold=MAX_HEADER)}.items()))
 
 
 class Search:
@@ -162,32 +129,65 @@ class Search:
         }
         return all(known[f.keyword] in f.values for f in self.query.filters if f.keyword in known)
 
-    async def rows(self, slides: list[AsyncPublishedSlide]) -> list[Row]:
-        per_instance = self.level == "instances" or any(
+    @property
+    def per_instance(self) -> bool:
+        """Whether the search needs every instance's own header (an instance search, or a
+        filter on an attribute that differs between a slide's instances)."""
+        return self.level == "instances" or any(
             f.keyword not in SLIDE_LEVEL for f in self.query.filters
         )
+
+    async def rows(self, slides: list[AsyncPublishedSlide]) -> list[Row]:
+        """One row per shown instance of `slides` that the UID filters let through."""
         gate = asyncio.Semaphore(32)
 
         async def header(inst: Instance) -> Dataset:
             async with gate:
                 return await self.state.header(self.catalog, inst)
 
-        targets: list[tuple[AsyncPublishedSlide, Instance | None, Instance]] = []
+        targets: list[tuple[int, Instance]] = []
         for slide in slides:
-            instances = [i for i in slide_instances(slide, self.allow_label) if self.prefilter(i)]
-            if per_instance:
-                targets += [(slide, inst, inst) for inst in instances]
-            elif instances:
-                targets.append((slide, None, instances[0]))
-        headers = await asyncio.gather(*(header(t[2]) for t in targets))
+            shown = slide_instances(slide, self.allow_label)
+            targets += [(len(shown), inst) for inst in shown if self.prefilter(inst)]
+        headers = await asyncio.gather(*(header(inst) for _, inst in targets))
         return [
-            Row(slide, inst, ds, self.computed(inst, ds))
-            for (slide, inst, _), ds in zip(targets, headers, strict=True)
+            Row(inst.slide.slide_id, count, inst, ds, self.computed(inst, ds))
+            for (count, inst), ds in zip(targets, headers, strict=True)
         ]
 
-    def computed(self, inst: Instance | None, header: Dataset) -> dict[str, list[str]]:
+    async def series_rows(self) -> tuple[list[Row], dict[str, list[int]]]:
+        """One row per series (slide) in the path's scope that the UID filters let through,
+        from the index (`series_index`), and the instance counts of every study's series."""
+        records = await self.request.app[SERIES_INDEX].records(self.catalog, self.state)
+        records = [r for r in records if r.instances(self.allow_label)]
+        info = self.request.match_info
+        if "study" in info:
+            records = [r for r in records if r.study_uid == info["study"]]
+            if not records:
+                raise SlideNotFound(f"no study {info['study']}")
+        members: dict[str, list[int]] = {}
+        for r in records:
+            members.setdefault(r.study_uid, []).append(r.instances(self.allow_label))
+        if "series" in info:
+            records = [r for r in records if r.series_uid == info["series"]]
+            if not records:
+                raise SlideNotFound(f"no series {info['series']} in study {info['study']}")
+        computed = self.computed(None, None)
+        rows = [
+            Row(r.slide_id, r.instances(self.allow_label), None, IndexedSeries(r), computed)
+            for r in records
+            if self.prefilter_series(r)
+        ]
+        return rows, members
+
+    def prefilter_series(self, record: SeriesRecord) -> bool:
+        """`prefilter` for a series of the index."""
+        known = {"StudyInstanceUID": record.study_uid, "SeriesInstanceUID": record.series_uid}
+        return all(known[f.keyword] in f.values for f in self.query.filters if f.keyword in known)
+
+    def computed(self, inst: Instance | None, header: Dataset | None) -> dict[str, list[str]]:
         values = {"ModalitiesInStudy": ["SM"]}
-        if inst is not None:
+        if inst is not None and header is not None:
             values["InstanceAvailability"] = ["ONLINE"]
             values["AvailableTransferSyntaxUID"] = [available_syntax(inst, header)]
         return values
@@ -198,13 +198,21 @@ class Search:
 
     async def run(self) -> web.Response:
         check_json_accept(self.request)
-        slides = await self.slides()
-        rows = await self.rows(slides)
+        if self.per_instance:
+            slides = await self.slides()
+            rows = await self.rows(slides)
+            members: dict[str, list[int]] = {}
+            for slide in slides:
+                if slide.dicom is not None:
+                    count = len(slide_instances(slide, self.allow_label))
+                    members.setdefault(slide.dicom.study_instance_uid, []).append(count)
+        else:
+            rows, members = await self.series_rows()
         # Matching cost grows with slides x filters: on the pool, never on the event loop.
         rows = await in_pool(self.catalog, lambda: [r for r in rows if row_matches(r, self.query)])
-        note_read(self.request, (r.slide.slide_id for r in rows))
+        note_read(self.request, (r.slide_id for r in rows))
         if self.level == "studies":
-            results = self.studies(rows, slides)
+            results = self.studies(rows, members)
         elif self.level == "series":
             results = self.series(rows)
         else:
@@ -222,23 +230,20 @@ class Search:
             text=dumps(page), content_type=DICOM_JSON, headers=headers, charset="utf-8"
         )
 
-    def studies(self, rows: list[Row], slides: list[AsyncPublishedSlide]) -> list[dict[str, Any]]:
-        by_study: dict[str, list[AsyncPublishedSlide]] = {}
-        for slide in slides:
-            if slide.dicom is not None:
-                by_study.setdefault(slide.dicom.study_instance_uid, []).append(slide)
+    def studies(self, rows: list[Row], members: dict[str, list[int]]) -> list[dict[str, Any]]:
+        """One result per study of the matching rows; `members`: the instance counts of each
+        study's series (all of them, matching or not)."""
         results, seen = [], set()
         for row in rows:
-            uid = str(row.header.StudyInstanceUID)
+            uid = row.uid("StudyInstanceUID")
             if uid in seen:
                 continue
             seen.add(uid)
-            members = by_study.get(uid, [row.slide])
-            count = sum(len(slide_instances(s, self.allow_label)) for s in members)
+            counts = members.get(uid, [row.instances])
             computed = {
                 "ModalitiesInStudy": ["SM"],
-                "NumberOfStudyRelatedSeries": len(members),
-                "NumberOfStudyRelatedInstances": count,
+                "NumberOfStudyRelatedSeries": len(counts),
+                "NumberOfStudyRelatedInstances": sum(counts),
                 "RetrieveURL": f"{self.base}/studies/{uid}",
             }
             results.append(record(row.header, self.includes(STUDY_DEFAULT, STUDY_ALL), computed))
@@ -248,13 +253,13 @@ class Search:
         scoped = "study" in self.request.match_info
         results, seen = [], set()
         for row in rows:
-            uid = str(row.header.SeriesInstanceUID)
+            uid = row.uid("SeriesInstanceUID")
             if uid in seen:
                 continue
             seen.add(uid)
-            study = str(row.header.StudyInstanceUID)
+            study = row.uid("StudyInstanceUID")
             computed = {
-                "NumberOfSeriesRelatedInstances": len(slide_instances(row.slide, self.allow_label)),
+                "NumberOfSeriesRelatedInstances": row.instances,
                 "RetrieveURL": f"{self.base}/studies/{study}/series/{uid}",
             }
             keywords = self.includes(SERIES_DEFAULT, SERIES_ALL)
@@ -264,7 +269,7 @@ class Search:
         return results
 
     def instance(self, row: Row) -> dict[str, Any]:
-        assert row.instance is not None
+        assert row.instance is not None and isinstance(row.header, Dataset)
         inst = row.instance
         computed: dict[str, Any] = {
             "InstanceAvailability": "ONLINE",

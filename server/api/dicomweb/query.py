@@ -8,11 +8,10 @@ from dataclasses import dataclass
 from aiohttp import web
 from pydicom.datadict import dictionary_VR, keyword_for_tag, tag_for_keyword
 from pydicom.dataset import Dataset
-from pydicom.multival import MultiValue
 
 from server.api.dicomweb.instances import Instance, check_uid, number_param
+from server.api.dicomweb.series_index import IndexedSeries, header_values
 from wsi.errors import InvalidArgument
-from wsi.published.slide import AsyncPublishedSlide
 
 IGNORED_QUERY_KEYS = {"exp", "sig"}
 """Signed-URL parameters: authentication, not part of a query."""
@@ -167,25 +166,29 @@ def in_range(spec: str, value: str) -> bool:
     return (not low or value >= low) and (not high or value[: len(high)] <= high)
 
 
-@dataclass
+@dataclass(frozen=True)
 class Row:
     """One matchable record: a slide (series) or one of its instances, with computed values."""
 
-    slide: AsyncPublishedSlide
+    slide_id: str
+    instances: int
+    """The instances of its slide that the search shows."""
     instance: Instance | None
-    header: Dataset
+    header: Dataset | IndexedSeries
+    """The instance's header, or the slide-level attributes of a series from the index."""
     computed: dict[str, list[str]]
 
     def values(self, keyword: str) -> list[str] | None:
         if keyword in self.computed:
             return self.computed[keyword]
-        if keyword not in self.header:
-            return None
-        value = self.header[keyword].value
-        if value is None or value == "":
-            return []
-        items = list(value) if isinstance(value, MultiValue | list) else [value]
-        return [str(v) for v in items]
+        if isinstance(self.header, IndexedSeries):
+            return self.header.values(keyword)
+        return header_values(self.header, keyword)
+
+    def uid(self, keyword: str) -> str:
+        """A UID attribute's value ("" when absent)."""
+        found = self.values(keyword)
+        return found[0] if found else ""
 
 
 def row_matches(row: Row, query: Query) -> bool:

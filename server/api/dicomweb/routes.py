@@ -44,6 +44,7 @@ from server.api.dicomweb.instances import HEADER_READ as HEADER_READ
 from server.api.dicomweb.instances import parse_header as parse_header
 from server.api.dicomweb.qido import search
 from server.api.dicomweb.rendered import rendered, series_thumbnail
+from server.api.dicomweb.series_index import SERIES_INDEX, SeriesIndex
 from server.api.dicomweb.wado import frames, metadata, retrieve
 from server.front import routes
 from server.openapi import ERROR, path_params
@@ -57,6 +58,7 @@ FRAMES = f"{INSTANCE}/frames/{{frames}}"
 def register(app: web.Application) -> None:
     # HEADER_READ is read here, at registration, so it can be tuned on this module.
     app[DICOMWEB] = DicomWebState(header_read=HEADER_READ)
+    app[SERIES_INDEX] = SeriesIndex()
     add = routes(app).add_get
     # Frames first: the router tries the routes under `/dicomweb/studies` in this order, and a
     # viewer asks for frames far more often than for anything else (no two routes here match

@@ -1,0 +1,249 @@
+"""QIDO-RS's index of series: one compact record per published slide with a DICOM view (a
+slide is one series), kept between searches.
+
+A study or series search matches attributes equal in every instance of a slide
+(`SLIDE_LEVEL`): it needs one header per slide, not the slides themselves. Searching by opening
+every slide (the reader keeps a few hundred open) and reading a 64 KB header of each (the header
+cache holds ~500) took 12 s for `GET /dicomweb/studies` on a store of 2,000 slides, every time.
+A record keeps a slide's slide-level attributes, already in DICOM JSON and as the strings
+matching compares (~2.5 KB), with the manifest version it was read from; once older than
+`RECHECK_SECONDS` it costs one manifest read, and the slide is opened again only when its
+version changed (the same rule as the slide listing, `server.listing`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from typing import Any
+
+from aiohttp import web
+from pydicom.dataset import Dataset
+from pydicom.multival import MultiValue
+
+from server.api.dicomweb.instances import (
+    MAX_HEADER,
+    UNSERVED,
+    DicomWebState,
+    slide_instances,
+)
+from server.catalog import Catalog
+from server.render import in_pool
+from wsi.published.slide import AsyncPublishedSlide
+
+STUDY_DEFAULT = (
+    "SpecificCharacterSet",
+    "StudyDate",
+    "StudyTime",
+    "AccessionNumber",
+    "ReferringPhysicianName",
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "StudyInstanceUID",
+    "StudyID",
+    "StudyDescription",
+    "ModalitiesInStudy",
+    "NumberOfStudyRelatedSeries",
+    "NumberOfStudyRelatedInstances",
+    "RetrieveURL",
+)
+STUDY_ALL = (
+    *STUDY_DEFAULT,
+    "InstitutionName",
+    "PatientIdentityRemoved",
+    "DeidentificationMethod",
+    "DeidentificationMethodCodeSequence",
+)
+SERIES_DEFAULT = (
+    "SpecificCharacterSet",
+    "Modality",
+    "SeriesDescription",
+    "SeriesNumber",
+    "SeriesInstanceUID",
+    "StudyInstanceUID",
+    "NumberOfSeriesRelatedInstances",
+    "RetrieveURL",
+)
+SERIES_ALL = (
+    *SERIES_DEFAULT,
+    "FrameOfReferenceUID",
+    "PositionReferenceIndicator",
+    "Manufacturer",
+    "ManufacturerModelName",
+    "DeviceSerialNumber",
+    "SoftwareVersions",
+    "ContainerIdentifier",
+    "ContainerTypeCodeSequence",
+    "SpecimenDescriptionSequence",
+)
+SLIDE_LEVEL = frozenset(STUDY_ALL) | frozenset(SERIES_ALL) | {"SOPClassUID"}
+"""Attributes equal in every instance of a slide: matched on one header per slide."""
+
+RECHECK_SECONDS = 2.0
+"""A record is trusted this long before its slide's manifest version is read again."""
+CONCURRENCY = 32
+"""Slides checked or opened at once while the index is refreshed."""
+
+
+def header_values(header: Dataset, keyword: str) -> list[str] | None:
+    """An attribute's values as matching compares them: None when absent, [] when empty."""
+    if keyword not in header:
+        return None
+    value = header[keyword].value
+    if value is None or value == "":
+        return []
+    items = list(value) if isinstance(value, MultiValue | list) else [value]
+    return [str(v) for v in items]
+
+
+@dataclass(frozen=True)
+class SlideAttributes:
+    """A slide's slide-level attributes: DICOM JSON by keyword, and the strings matching
+    compares (`header_values`)."""
+
+    json: dict[str, tuple[str, Any]]
+    """keyword -> (tag as 8 hex digits, its DICOM JSON), for those present."""
+    values: dict[str, list[str]]
+
+    @classmethod
+    def of(cls, header: Dataset) -> SlideAttributes:
+        present = Dataset()
+        for keyword in sorted(SLIDE_LEVEL):
+            if keyword in header:
+                present.add(header[keyword])
+        doc = present.to_json_dict(bulk_data_threshold=MAX_HEADER)
+        by_tag = {f"{e.tag:08X}": e.keyword for e in present}
+        values = {k: v for k in SLIDE_LEVEL if (v := header_values(header, k)) is not None}
+        return cls({by_tag[t]: (t, j) for t, j in doc.items()}, values)
+
+    def encode(self) -> bytes:
+        return json.dumps({"json": self.json, "values": self.values}).encode()
+
+    @classmethod
+    def decode(cls, data: bytes) -> SlideAttributes:
+        doc = json.loads(data)
+        return cls({k: (t, j) for k, (t, j) in doc["json"].items()}, doc["values"])
+
+
+@dataclass(frozen=True)
+class SeriesRecord:
+    """One slide as study and series searches see it."""
+
+    slide_id: str
+    version: str
+    study_uid: str
+    """Empty for a slide without a DICOM view (kept, so that it is not opened again)."""
+    series_uid: str
+    shown: tuple[int, int]
+    """Its instances a search shows: without labels allowed, and with."""
+    attributes: bytes
+    """`SlideAttributes.encode()` of its first level's header."""
+    checked: float
+
+    def instances(self, allow_label: bool) -> int:
+        return self.shown[1] if allow_label else self.shown[0]
+
+
+class SeriesIndex:
+    """The records of every published slide, refreshed by `records` (one refresh at a time:
+    searches arriving meanwhile wait for it and share its result)."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._records: dict[str, SeriesRecord] = {}
+        self._lock = asyncio.Lock()
+
+    async def records(self, catalog: Catalog, state: DicomWebState) -> list[SeriesRecord]:
+        """Every published slide with a DICOM view, in the store's order; StoreError when the
+        store cannot be listed."""
+        async with self._lock:
+            ids = await catalog.store.slide_ids()
+            now = self._clock()
+            held = self._records
+            stale = [i for i in ids if i in held and now - held[i].checked >= RECHECK_SECONDS]
+            versions = await catalog.store.versions(stale) if stale else {}
+            gate = asyncio.Semaphore(CONCURRENCY)
+
+            async def one(slide_id: str) -> SeriesRecord | None:
+                async with gate:
+                    return await self._record(catalog, state, slide_id, now, versions)
+
+            found = await asyncio.gather(*(one(i) for i in ids))
+            self._records = {r.slide_id: r for r in found if r is not None}
+            return [r for r in self._records.values() if r.study_uid]
+
+    async def _record(
+        self,
+        catalog: Catalog,
+        state: DicomWebState,
+        slide_id: str,
+        now: float,
+        versions: dict[str, str | None],
+    ) -> SeriesRecord | None:
+        held = self._records.get(slide_id)
+        if held is not None:
+            if now - held.checked < RECHECK_SECONDS:
+                return held
+            if slide_id not in versions:  # the store failed this read: searched as last seen
+                return held
+            if versions[slide_id] is None:
+                return None
+            if versions[slide_id] == held.version:
+                return replace(held, checked=now)
+        try:
+            slide = await catalog.slide(slide_id)
+        except UNSERVED:
+            return None
+        if not isinstance(slide, AsyncPublishedSlide):
+            return None
+        shown = (len(slide_instances(slide, False)), len(slide_instances(slide, True)))
+        levels = [i for i in slide_instances(slide, False) if i.is_level]
+        if slide.dicom is None or not levels:
+            return SeriesRecord(slide_id, slide.version, "", "", shown, b"", now)
+        try:
+            header = await state.header(catalog, levels[0])
+        except UNSERVED:
+            return None
+        attributes = await in_pool(catalog, lambda: SlideAttributes.of(header).encode())
+        return SeriesRecord(
+            slide_id,
+            slide.version,
+            slide.dicom.study_instance_uid,
+            slide.dicom.series_instance_uid,
+            shown,
+            attributes,
+            now,
+        )
+
+
+class IndexedSeries:
+    """A series of the index as a search row's attributes: its UIDs from the record, the rest
+    decoded on first use (a search without attribute filters decodes only the series it
+    returns)."""
+
+    __slots__ = ("_decoded", "record")
+
+    def __init__(self, record: SeriesRecord) -> None:
+        self.record = record
+        self._decoded: SlideAttributes | None = None
+
+    @property
+    def attributes(self) -> SlideAttributes:
+        if self._decoded is None:
+            self._decoded = SlideAttributes.decode(self.record.attributes)
+        return self._decoded
+
+    def values(self, keyword: str) -> list[str] | None:
+        if keyword == "StudyInstanceUID":
+            return [self.record.study_uid]
+        if keyword == "SeriesInstanceUID":
+            return [self.record.series_uid]
+        return self.attributes.values.get(keyword)
+
+
+SERIES_INDEX = web.AppKey("dicomweb_series", SeriesIndex)
