@@ -58,7 +58,7 @@ async def list_slides(request: web.Request) -> web.Response:
     jobs: dict[str, dict[str, object]] | None = None
     for entry in page.slides:
         if entry.status != CONVERTING:
-            docs.append(entry.doc)
+            docs.append(entry.json())
             continue
         jobs = await conversion_jobs(request.app) if jobs is None else jobs
         doc = entry.summary()

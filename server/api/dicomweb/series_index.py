@@ -6,9 +6,9 @@ A study or series search matches attributes equal in every instance of a slide
 every slide (the reader keeps a few hundred open) and reading a 64 KB header of each (the header
 cache holds ~500) took 12 s for `GET /dicomweb/studies` on a store of 2,000 slides, every time.
 A record keeps a slide's slide-level attributes, already in DICOM JSON and as the strings
-matching compares (~2.5 KB), with the manifest version it was read from; once older than
-`RECHECK_SECONDS` it costs one manifest read, and the slide is opened again only when its
-version changed (the same rule as the slide listing, `server.listing`).
+matching compares (compressed: ~1.6 KB a record in memory), with the manifest version it was
+read from; once older than `RECHECK_SECONDS` it costs one manifest read, and the slide is opened
+again only when its version changed (the same rule as the slide listing, `server.listing`).
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
@@ -122,11 +123,13 @@ class SlideAttributes:
         return cls({by_tag[t]: (t, j) for t, j in doc.items()}, values)
 
     def encode(self) -> bytes:
-        return json.dumps({"json": self.json, "values": self.values}).encode()
+        """JSON, compressed: a record is kept for every slide of the store (3.6 KB of JSON,
+        1.1 KB compressed; 13 us to decompress, for the series a search decodes)."""
+        return zlib.compress(json.dumps({"json": self.json, "values": self.values}).encode())
 
     @classmethod
     def decode(cls, data: bytes) -> SlideAttributes:
-        doc = json.loads(data)
+        doc = json.loads(zlib.decompress(data))
         return cls({k: (t, j) for k, (t, j) in doc["json"].items()}, doc["values"])
 
 
