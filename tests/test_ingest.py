@@ -395,14 +395,18 @@ def test_progress_is_reported_while_converting(tmp_path: Path, medium_jpeg_tiff:
     assert seen == sorted(seen), "progress went backwards"
 
 
-def _hanging_source(tmp_path: Path) -> Path:
-    """A slide that never arrives: opening a FIFO blocks until a writer comes (none does), as a
-    reader stuck on a dead network share would."""
+def _hanging_source(tmp_path: Path) -> tuple[Path, tuple[str, ...]]:
+    """A slide whose conversion never ends, and the converter arguments that make it so: its
+    metadata file (`--metadata`) is a FIFO, whose opening blocks until a writer comes (none
+    does), as a reader stuck on a dead network share would. (A FIFO given as the slide itself
+    is refused before it is opened.)"""
     inbox = tmp_path / "inbox"
     inbox.mkdir()
-    fifo = inbox / "stuck.svs"
+    slide = inbox / "stuck.svs"
+    shutil.copyfile(sample("CMU-1-Small-Region.svs"), slide)
+    fifo = tmp_path / "metadata.json"
     os.mkfifo(fifo)
-    return fifo
+    return slide, ("--metadata", str(fifo))
 
 
 @pytest.mark.parametrize(
@@ -415,12 +419,13 @@ def _hanging_source(tmp_path: Path) -> Path:
 def test_hung_conversion_is_stopped_then_failed(
     tmp_path: Path, limits: dict[str, Any], message: str
 ) -> None:
-    fifo = _hanging_source(tmp_path)
+    fifo, hang = _hanging_source(tmp_path)
     queue = SQLiteJobQueue(tmp_path / "jobs.sqlite", retry=RetryPolicy(max_attempts=2))
     settings = IngestSettings(
         quarantine_dir=str(tmp_path / "quarantine"),
         poll_seconds=0.1,
         lease_seconds=0.6,
+        convert_args=hang,
         **limits,
     )
     job = queue.submit(str(fifo), "0123456789abcdef01234567")
@@ -435,9 +440,11 @@ def test_hung_conversion_is_stopped_then_failed(
 
 
 def test_shutdown_gives_a_running_job_back(tmp_path: Path) -> None:
-    fifo = _hanging_source(tmp_path)
+    fifo, hang = _hanging_source(tmp_path)
     queue = SQLiteJobQueue(tmp_path / "jobs.sqlite")
-    settings = IngestSettings(poll_seconds=0.1, lease_seconds=30, stop_timeout=0.5)
+    settings = IngestSettings(
+        poll_seconds=0.1, lease_seconds=30, stop_timeout=0.5, convert_args=hang
+    )
     job = queue.submit(str(fifo), "0123456789abcdef01234567")
     pids: list[int] = []
 
@@ -459,9 +466,9 @@ def test_shutdown_gives_a_running_job_back(tmp_path: Path) -> None:
 
 
 def test_cancel_stops_the_conversion(tmp_path: Path) -> None:
-    fifo = _hanging_source(tmp_path)
+    fifo, hang = _hanging_source(tmp_path)
     queue = SQLiteJobQueue(tmp_path / "jobs.sqlite")
-    settings = IngestSettings(poll_seconds=0.1, lease_seconds=0.6)
+    settings = IngestSettings(poll_seconds=0.1, lease_seconds=0.6, convert_args=hang)
     job = queue.submit(str(fifo), "0123456789abcdef01234567")
     pids: list[int] = []
 
@@ -555,11 +562,16 @@ def test_a_worker_cut_off_from_the_job_table_stops_its_conversion_after_the_leas
 ) -> None:
     """Its heartbeats fail from some point on: once a whole lease has passed since the last one
     that succeeded, another worker may have the job, so the conversion (which would never end on
-    its own: a FIFO) is stopped, and the job left to the queue (nothing recorded)."""
-    fifo = _hanging_source(tmp_path)
+    its own: its metadata is a FIFO) is stopped, and the job left to the queue (nothing
+    recorded)."""
+    fifo, hang = _hanging_source(tmp_path)
     queue = _CutOffQueue(tmp_path / "jobs.sqlite")
     settings = IngestSettings(
-        poll_seconds=0.1, lease_seconds=0.6, stall_timeout=0.0, stop_timeout=0.5
+        poll_seconds=0.1,
+        lease_seconds=0.6,
+        stall_timeout=0.0,
+        stop_timeout=0.5,
+        convert_args=hang,
     )
     job = queue.submit(str(fifo), "0123456789abcdef01234567")
     pids: list[int] = []
