@@ -5,8 +5,6 @@
 from __future__ import annotations
 
 import asyncio
-import dataclasses
-import os
 import shutil
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -20,39 +18,15 @@ from server.app import create_app
 from server.catalog import Catalog
 from server.listing import SlideListing
 from server.settings import ServerSettings
-from wsi.published.layout.manifest import Manifest, ObjectEntry, crc32c_hex
 from wsi.published.store import PublishedStore
 from wsi.published.values import ReaderSettings
 
 from .conftest import sample
 from .helpers import FakeClock
+from .slide_copies import copy_slide, rename
 
 SLIDES = 300
 """More than the reader keeps open (`ReaderSettings.slide_cache_entries`, 256)."""
-
-
-def copy_slide(store: Path, source_id: str, slide_id: str, name: str, case: str) -> None:
-    """Another published slide with the same pixels (hard links) under `slide_id`."""
-    src, dst = store / source_id, store / slide_id
-    shutil.copytree(src, dst, copy_function=os.link)
-    root = dst / "slide.zarr" / "zarr.json"
-    data = root.read_bytes().replace(source_id.encode(), slide_id.encode())
-    root.unlink()
-    root.write_bytes(data)
-    manifest = Manifest.from_bytes((src / "manifest.json").read_bytes())
-    objects = {**manifest.objects, "slide.zarr/zarr.json": ObjectEntry(len(data), crc32c_hex(data))}
-    copied = dataclasses.replace(manifest, slide_id=slide_id, objects=objects, name=name, case=case)
-    (dst / "manifest.json").unlink()
-    (dst / "manifest.json").write_bytes(copied.to_bytes())
-
-
-def rename(store: Path, slide_id: str, name: str) -> None:
-    """Publish `slide_id` again with another name (a new manifest, so a new version)."""
-    path = store / slide_id / "manifest.json"
-    manifest = dataclasses.replace(Manifest.from_bytes(path.read_bytes()), name=name)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_bytes(manifest.to_bytes())
-    tmp.replace(path)
 
 
 @pytest.fixture(scope="module")

@@ -33,7 +33,6 @@ from server.api.dicomweb.series_index import (
     STUDY_ALL,
     STUDY_DEFAULT,
     IndexedSeries,
-    SeriesRecord,
 )
 from server.audit import note_read
 from server.keys import CATALOG
@@ -120,13 +119,9 @@ class Search:
             return await self.state.study(self.catalog, info["study"])
         return await self.state.scan(self.catalog)
 
-    def prefilter(self, inst: Instance) -> bool:
-        """UID filters answered from the slide's DICOM view, before any header read."""
-        known = {
-            "StudyInstanceUID": inst.study_uid,
-            "SeriesInstanceUID": inst.series_uid,
-            "SOPInstanceUID": inst.sop_uid,
-        }
+    def prefilter(self, known: dict[str, str]) -> bool:
+        """The UID filters answered from what is `known` of an instance or series (its UIDs
+        from the slide's DICOM view or the index), before any header is read."""
         return all(known[f.keyword] in f.values for f in self.query.filters if f.keyword in known)
 
     @property
@@ -148,7 +143,17 @@ class Search:
         targets: list[tuple[int, Instance]] = []
         for slide in slides:
             shown = slide_instances(slide, self.allow_label)
-            targets += [(len(shown), inst) for inst in shown if self.prefilter(inst)]
+            targets += [
+                (len(shown), inst)
+                for inst in shown
+                if self.prefilter(
+                    {
+                        "StudyInstanceUID": inst.study_uid,
+                        "SeriesInstanceUID": inst.series_uid,
+                        "SOPInstanceUID": inst.sop_uid,
+                    }
+                )
+            ]
         headers = await asyncio.gather(*(header(inst) for _, inst in targets))
         return [
             Row(inst.slide.slide_id, count, inst, ds, self.computed(inst, ds))
@@ -176,14 +181,9 @@ class Search:
         rows = [
             Row(r.slide_id, r.instances(self.allow_label), None, IndexedSeries(r), computed)
             for r in records
-            if self.prefilter_series(r)
+            if self.prefilter({"StudyInstanceUID": r.study_uid, "SeriesInstanceUID": r.series_uid})
         ]
         return rows, members
-
-    def prefilter_series(self, record: SeriesRecord) -> bool:
-        """`prefilter` for a series of the index."""
-        known = {"StudyInstanceUID": record.study_uid, "SeriesInstanceUID": record.series_uid}
-        return all(known[f.keyword] in f.values for f in self.query.filters if f.keyword in known)
 
     def computed(self, inst: Instance | None, header: Dataset | None) -> dict[str, list[str]]:
         values = {"ModalitiesInStudy": ["SM"]}
