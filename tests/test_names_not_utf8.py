@@ -61,6 +61,9 @@ def test_a_watched_slide_named_in_latin1_converts_and_shows(tmp_path: Path) -> N
             assert [s["name"] for s in listed] == [SHOWN_STEM]
             home = await c.get("/")
             assert home.status == 200 and SHOWN_STEM in await home.text()
+            # "\udcfc" in JSON names the byte 0xFC of a file name; "\ud800" no byte at all.
+            r = await c.post("/jobs", json={"source": str(inbox / "\ud800.svs")})
+            assert r.status == 400 and "lone surrogate" in (await r.json())["error"]
 
             async def moved() -> bool:
                 return not await asyncio.to_thread(os.path.exists, source)

@@ -43,6 +43,10 @@ def allowed_source(roots: tuple[str, ...], source: object) -> SlideCandidate:
     would report it (blocking: it lists folders and reads a few header bytes)."""
     if not isinstance(source, str) or not source or "\x00" in source or len(source) > 4096:
         raise InvalidArgument("source must be a path")
+    try:
+        os.fsencode(source)  # "\udcfc" names a byte of a name that is not UTF-8; "\ud800" none
+    except UnicodeEncodeError as exc:
+        raise InvalidArgument("source must be a path (it holds a lone surrogate)") from exc
     path = Path(source).resolve()
     folders = [Path(r).resolve() for r in roots]
     inside = [f for f in folders if path.is_relative_to(f)]
