@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import socket
 import statistics
@@ -90,12 +89,10 @@ def measure(code_root: Path | None, store: Path, rounds: int) -> dict[str, dict[
     results: dict[str, dict[str, float]] = {}
     for name, path in PATHS.items():
         port = free_port()
-        env = dict(os.environ)
-        if code_root is not None:
-            env["PYTHONPATH"] = str(code_root)
         command = [sys.executable, "-m", "server.cli", "serve", "--store", str(store)]
         command += ["--port", str(port), "--processes", "1"]
-        server = subprocess.Popen(command, env=env, cwd=ROOT, stdout=subprocess.DEVNULL)
+        # `-m` puts the working folder first on the path: the checkout whose code runs.
+        server = subprocess.Popen(command, cwd=code_root or ROOT, stdout=subprocess.DEVNULL)
         try:
             base = f"http://127.0.0.1:{port}"
             for _ in range(600):
