@@ -87,9 +87,7 @@ class AsyncStore:
         except store_failures() as exc:
             raise StoreError(f"cannot read {key}: {exc}") from exc
 
-    async def get_many(
-        self, keys: Sequence[str], concurrency: int = 32
-    ) -> list[bytes | WsiError]:
+    async def get_many(self, keys: Sequence[str], concurrency: int = 32) -> list[bytes | WsiError]:
         """Whole objects, each or the error reading it (SlideNotFound when missing). A local
         store's are read in one call on the pool (a few microseconds each: one hand-off to a
         thread and back costs more than the read), an S3 store's `concurrency` at a time."""

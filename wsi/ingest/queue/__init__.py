@@ -33,11 +33,10 @@ from wsi.ingest.queue.base import (
     SourceFile,
     default_queue_path,
     is_database_url,
-    path_from_stored,
     redact_url,
-    stored_path,
     worker_name,
 )
+from wsi.ingest.queue.paths import path_from_stored, stored_path
 from wsi.ingest.queue.sqlite import SQLiteJobQueue
 
 

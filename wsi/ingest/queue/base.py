@@ -11,7 +11,6 @@ import json
 import math
 import os
 import socket
-import urllib.parse
 import uuid
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
@@ -21,6 +20,7 @@ from types import MappingProxyType, TracebackType
 from typing import Any, Self
 
 from wsi.errors import InvalidArgument, StoreError, WsiError
+from wsi.ingest.queue.paths import path_from_stored, stored_path
 from wsi.model import readable
 
 Clock = Callable[[], float]
@@ -36,30 +36,6 @@ _MAX_ERROR = 2000
 _MAX_LIST = 1000
 _MAX_FILES = 100_000
 """Files of one slide: a DICOM series of many instances stays far below."""
-
-
-_FILE_URI = "file://"
-
-
-def stored_path(path: str) -> str:
-    """A local path as the job table holds it: the path itself when its name is UTF-8, else
-    its `file://` URI (RFC 8089, every byte that is not UTF-8 percent-encoded).
-
-    Python gives a name that is not UTF-8 (Latin-1 from an old Windows share, Shift-JIS from a
-    scanner's PC) lone surrogates for its undecodable bytes, which no SQLite or PostgreSQL text
-    can hold; one such file stopped the watcher of its folder. The URI is unambiguous because a
-    job's local path is absolute (it starts with "/") and other sources are `s3://` URLs; it
-    names the exact bytes, so `path_from_stored` gives back the path that opens the file."""
-    if readable(path) == path:
-        return path
-    return _FILE_URI + urllib.parse.quote(os.fsencode(path), safe="/")
-
-
-def path_from_stored(text: str) -> str:
-    """The path `stored_path` stored as `text`."""
-    if not text.startswith(_FILE_URI):
-        return text
-    return os.fsdecode(urllib.parse.unquote_to_bytes(text[len(_FILE_URI) :]))
 
 
 class JobNotFound(WsiError, LookupError):
