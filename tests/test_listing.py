@@ -92,6 +92,8 @@ def test_listings_open_each_slide_once_and_come_a_page_at_a_time(
             second = await (await c.get("/?page=2")).text()
             assert second.count('<li data-search="') == SLIDES - 200
             assert "slide 0299" in second and "slide 0299" not in text
+            past = await (await c.get("/?page=9")).text()  # past the end: the last page
+            assert past == second and "page 2 of 2" in past
             found = await (await c.get("/?q=slide%200123")).text()
             assert found.count('<li data-search="') == 1 and 'class="pages"' not in found
             assert (await c.get("/?page=x")).status == 400

@@ -118,12 +118,15 @@ def _store_down(title: str, exc: StoreError) -> web.Response:
 
 async def index(request: web.Request) -> web.Response:
     q = (text_param(request, "q") or "").strip()
-    number = count_param(request, "page", 1)
+    number = max(count_param(request, "page", 1), 1)
     settings = request.app[SETTINGS]
+    listing = request.app[LISTING]
     try:
-        found = await request.app[LISTING].page(
-            q, None, (max(number, 1) - 1) * INDEX_PAGE, INDEX_PAGE
-        )
+        found = await listing.page(q, None, (number - 1) * INDEX_PAGE, INDEX_PAGE)
+        last = max(1, -(-found.total // INDEX_PAGE))
+        if number > last:  # past the end (a link from when there were more): the last page
+            number = last
+            found = await listing.page(q, None, (number - 1) * INDEX_PAGE, INDEX_PAGE)
     except StoreError as exc:
         return _store_down("Slides", exc)
     queries = {
@@ -135,9 +138,7 @@ async def index(request: web.Request) -> web.Response:
     }
     converting = any(s.status == CONVERTING for s in found.slides)
     jobs = await conversion_jobs(request.app) if converting else {}
-    page_html = index_html(
-        found.slides, queries, jobs, q, found.of_all, found.total, max(number, 1)
-    )
+    page_html = index_html(found.slides, queries, jobs, q, found.of_all, found.total, number)
     return _html(page_html)
 
 
