@@ -10,7 +10,15 @@ described, as a different one would be. Each server is started fresh and asked, 
 * ``first``  - once, right after it answers `/healthz` (nothing described yet);
 * ``within`` - `--rounds` times at once (within the service's 2 s re-check of a slide);
 * ``after``  - `--rounds` times, each 2.5 s after the previous request (every slide's version
-               read again).
+               read again);
+* ``settled`` - once, from another fresh server, `--settle` seconds after it answered
+               `/healthz` (a client arriving some time after a start: what the indexes filled
+               at start are for);
+* ``restart`` - once, right after `/healthz`, from a server started with the state folder
+               (`WSI_STATE_DIR`) the first one left: a restart, where the indexes kept between
+               starts are read back.
+
+`first` and `settled` start with an empty state folder.
 
 Prints the median seconds of each and the ratios (base / this checkout), and writes
 ``bench/out/listing.json``.
@@ -23,14 +31,18 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import shutil
 import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -84,36 +96,58 @@ def get(url: str) -> float:
     return time.perf_counter() - started
 
 
-def measure(code_root: Path | None, store: Path, rounds: int) -> dict[str, dict[str, float]]:
-    """One fresh server per path: first, within and after (medians)."""
+@contextlib.contextmanager
+def started(code_root: Path | None, store: Path, state: Path) -> Iterator[str]:
+    """A fresh `wsi serve --processes 1` of a checkout with its state in `state`, once it
+    answers `/healthz`: its URL."""
+    port = free_port()
+    command = [sys.executable, "-m", "server.cli", "serve", "--store", str(store)]
+    command += ["--port", str(port), "--processes", "1"]
+    env = {**os.environ, "WSI_STATE_DIR": str(state)}
+    # `-m` puts the working folder first on the path: the checkout whose code runs.
+    server = subprocess.Popen(command, cwd=code_root or ROOT, stdout=subprocess.DEVNULL, env=env)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        for _ in range(600):
+            try:
+                get(base + "/healthz")
+                break
+            except OSError:
+                time.sleep(0.1)
+        yield base
+    finally:
+        server.terminate()
+        server.wait(30)
+
+
+def measure(
+    code_root: Path | None, store: Path, rounds: int, settle: float
+) -> dict[str, dict[str, float]]:
+    """Per path: first, within and after (medians) from a fresh server with an empty state
+    folder; `settled` from another one, `settle` seconds after its start; `restart` from a third
+    one started with the state folder the first one left."""
     results: dict[str, dict[str, float]] = {}
     for name, path in PATHS.items():
-        port = free_port()
-        command = [sys.executable, "-m", "server.cli", "serve", "--store", str(store)]
-        command += ["--port", str(port), "--processes", "1"]
-        # `-m` puts the working folder first on the path: the checkout whose code runs.
-        server = subprocess.Popen(command, cwd=code_root or ROOT, stdout=subprocess.DEVNULL)
-        try:
-            base = f"http://127.0.0.1:{port}"
-            for _ in range(600):
-                try:
-                    get(base + "/healthz")
-                    break
-                except OSError:
-                    time.sleep(0.1)
-            first = get(base + path)
-            within = [get(base + path) for _ in range(rounds)]
-            after = []
-            for _ in range(rounds):
-                time.sleep(RECHECK)
-                after.append(get(base + path))
-        finally:
-            server.terminate()
-            server.wait(30)
+        with tempfile.TemporaryDirectory() as work:
+            kept, fresh = Path(work) / "kept", Path(work) / "fresh"
+            with started(code_root, store, kept) as base:
+                first = get(base + path)
+                within = [get(base + path) for _ in range(rounds)]
+                after = []
+                for _ in range(rounds):
+                    time.sleep(RECHECK)
+                    after.append(get(base + path))
+            with started(code_root, store, fresh) as base:
+                time.sleep(settle)
+                settled = get(base + path)
+            with started(code_root, store, kept) as base:
+                restart = get(base + path)
         results[name] = {
             "first": first,
             "within": statistics.median(within),
             "after": statistics.median(after),
+            "settled": settled,
+            "restart": restart,
         }
     return results
 
@@ -123,13 +157,17 @@ def main() -> int:
     parser.add_argument("--slides", type=int, default=2000)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--base", type=Path, help="another checkout's server and wsi packages")
+    parser.add_argument(
+        "--settle", type=float, default=60.0, help="seconds after a start before `settled`"
+    )
     args = parser.parse_args()
     store = make_store(args.slides)
-    runs = {"this": measure(None, store, args.rounds)}
+    runs = {"this": measure(None, store, args.rounds, args.settle)}
     if args.base:
-        runs["base"] = measure(args.base.resolve(), store, args.rounds)
+        runs["base"] = measure(args.base.resolve(), store, args.rounds, args.settle)
     print(f"{args.slides} slides, medians of {args.rounds}, seconds")
-    print(f"{'':10}{'':6}" + "".join(f"{w:>10}" for w in ("first", "within", "after")))
+    columns = ("first", "within", "after", "settled", "restart")
+    print(f"{'':10}{'':6}" + "".join(f"{w:>10}" for w in columns))
     for name in PATHS:
         for code, found in runs.items():
             row = found[name]

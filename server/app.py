@@ -22,12 +22,14 @@ from server.catalog import PRIVATE_IMAGES, Catalog
 from server.converting import SourceSlides
 from server.cors import HOSTS_SEEN
 from server.front import FRONTED, Routes
+from server.index_file import IndexFile, code_fingerprint
 from server.integrity import IntegrityMonitor
 from server.keys import (
     AUDIT,
     CATALOG,
     COPIES,
     EXECUTOR,
+    INDEX_FILE,
     INGEST_TASKS,
     INTEGRITY,
     JOBS,
@@ -37,6 +39,8 @@ from server.keys import (
     ROLE,
     ROUTE_MODULES,
     SETTINGS,
+    WARM_UP,
+    WARMED,
 )
 from server.listing import SlideListing
 from server.metrics import Metrics
@@ -45,7 +49,7 @@ from server.responses import install as install_response_headers
 from server.runner import run
 from server.settings import ProcessRole, ServerSettings
 from wsi.ingest.lease import run_while_held, store_lease_name
-from wsi.ingest.supervise import Supervisor
+from wsi.ingest.supervise import Supervisor, describe
 from wsi.published.store import PublishedStore
 from wsi.published.values import ReaderSettings
 from wsi.store.objects import StoreSettings
@@ -122,13 +126,18 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
         store, sources, render_slots=2 * settings.threads, deidentify=settings.ingest.deidentify
     )
     app[CATALOG] = catalog
-    app[LISTING] = SlideListing(catalog, settings.allow_label, reading.recheck_seconds)
+    saved = await asyncio.to_thread(_index_file, settings) if settings.index_at_start else None
+    if saved is not None:
+        app[INDEX_FILE] = saved
+    app[LISTING] = SlideListing(catalog, settings.allow_label, reading.recheck_seconds, saved=saved)
     tiles = store.tiles
     app[METRICS].cache_stats = lambda: (tiles.hits, tiles.misses, tiles.used)
     yield
     await store.close()
     if sources is not None:
         sources.close()
+    if saved is not None:
+        saved.close()
     executor.shutdown(wait=False, cancel_futures=True)
 
 
@@ -259,6 +268,35 @@ async def _verify_once_per_store(
     await run_while_held(app[JOBS], name, seconds, monitor.run, stop, idle=monitor.reload)
 
 
+def _index_file(settings: ServerSettings) -> IndexFile | None:
+    """The file in the store's state folder where the indexes are kept between starts, for
+    this code and these settings (`server.index_file`)."""
+    folder = settings.ingest.state_path(settings.store)
+    fingerprint = f"{code_fingerprint()} labels={settings.allow_label}"
+    return IndexFile.open(folder, f"{fingerprint} deidentify={settings.ingest.deidentify}")
+
+
+async def _warm_listing(app: web.Application) -> None:
+    await app[LISTING].page(limit=1)
+
+
+async def _warm_up(app: web.Application) -> AsyncIterator[None]:
+    """Fills the indexes of `WARM_UP` in one background task: requests are served meanwhile (a
+    listing or search arriving first waits for the refresh under way and shares it)."""
+
+    async def fill() -> None:
+        for warm in app[WARM_UP]:
+            try:
+                await warm(app)
+            except Exception as exc:  # the first request will try again, and report it
+                log.warning("filling an index at start failed: %s", describe(exc))
+
+    task = app[WARMED] = asyncio.create_task(fill())
+    yield
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+
+
 def create_app(settings: ServerSettings, role: ProcessRole | None = None) -> web.Application:
     """The service, or with a `role` one of its processes (`server.processes`): only the one
     whose role says so runs the ingest roles; the others follow the job table they share."""
@@ -280,6 +318,7 @@ def create_app(settings: ServerSettings, role: ProcessRole | None = None) -> web
         app.cleanup_ctx.append(publish_status)
     runs_ingest = role.ingest and bool(settings.watch or settings.s3_sources)
     app.cleanup_ctx.append(_ingest if runs_ingest else follow_ingest)
+    app[WARM_UP] = [_warm_listing]
     routes = app[FRONTED] = Routes(app)
     for register_tiles in TILE_ROUTES:
         register_tiles(app)
@@ -287,6 +326,8 @@ def create_app(settings: ServerSettings, role: ProcessRole | None = None) -> web
         module.register(app)
     routes.finish()
     app[ROUTE_MODULES] = list(ROUTES)
+    if settings.index_at_start:
+        app.cleanup_ctx.append(_warm_up)
     return app
 
 

@@ -11,6 +11,7 @@ from aiohttp import web
 from server.audit import AUDIT as AUDIT
 from server.bucket_copies import StagedSources
 from server.catalog import Catalog
+from server.index_file import IndexFile
 from server.integrity import IntegrityMonitor
 from server.listing import SlideListing
 from server.metrics import Metrics
@@ -24,6 +25,15 @@ ROLE = web.AppKey("role", ProcessRole)
 CATALOG = web.AppKey("catalog", Catalog)
 LISTING = web.AppKey("listing", SlideListing)
 """Every slide as the listings show it, kept between requests (`server.listing`)."""
+INDEX_FILE = web.AppKey("index_file", IndexFile)
+"""Where this service keeps its listing's and QIDO-RS's entries between starts (absent when it
+cannot: `server.index_file`)."""
+WARM_UP = web.AppKey("warm_up", list)
+"""Coroutine functions `(app) -> None` that fill a process's indexes (the listing, QIDO's series)
+right after it starts, one after the other, in the background (`server.app`), so that the first
+search after a start does not open every slide of the store while a client waits."""
+WARMED = web.AppKey("warmed", asyncio.Task)
+"""The task running `WARM_UP` (done once every index is filled, or failed and logged)."""
 EXECUTOR = web.AppKey("executor", cf.ThreadPoolExecutor)
 METRICS = web.AppKey("metrics", Metrics)
 ROUTE_MODULES = web.AppKey("route_modules", list)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import time
 import zlib
 from collections.abc import Callable, Sequence
@@ -21,8 +22,11 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from server.catalog import CONVERTING, Catalog, SlideInfo, private_images, summary
+from server.index_file import IndexFile, SavedEntry
 from wsi.errors import InvalidArgument, WsiError
 
+KIND = "listing"
+"""Its entries' kind in the index file."""
 CONCURRENCY = 32
 """Slides checked or opened at once while a listing is refreshed."""
 MAX_PAGE = 1000
@@ -67,6 +71,31 @@ class Listed:
             zlib.compress(json.dumps(doc).encode()),
             thumbnail and "thumbnail" not in private_images(slide),
             now,
+        )
+
+    def saved(self) -> SavedEntry:
+        """As kept between starts (`server.index_file`)."""
+        meta = [self.name, self.case, self.status, self.width, self.height, self.chunk]
+        return SavedEntry(
+            self.slide_id, self.version, json.dumps([*meta, self.card_thumbnail]), self.doc
+        )
+
+    @classmethod
+    def from_saved(cls, saved: SavedEntry) -> Listed:
+        """An entry kept between starts, due for a version check at once."""
+        name, case, status, width, height, chunk, card = json.loads(saved.meta)
+        return cls(
+            saved.slide_id,
+            name,
+            case,
+            status,
+            saved.version,
+            width,
+            height,
+            (chunk[0], chunk[1]),
+            saved.data,
+            card,
+            -math.inf,
         )
 
     def json(self) -> bytes:
@@ -117,11 +146,15 @@ class SlideListing:
         allow_label: bool,
         recheck_seconds: float,
         clock: Callable[[], float] = time.monotonic,
+        saved: IndexFile | None = None,
     ) -> None:
         self.catalog = catalog
         self.allow_label = allow_label
         self.recheck_seconds = recheck_seconds
         self._clock = clock
+        self._saved = saved
+        """Where entries are kept between starts (`server.index_file`); None: nowhere."""
+        self._loaded = saved is None
         self._entries: dict[str, Listed] = {}
         self._ordered: list[Listed] = []
         self._lock = asyncio.Lock()
@@ -149,6 +182,11 @@ class SlideListing:
 
     async def _refreshed(self) -> list[Listed]:
         async with self._lock:
+            if not self._loaded and self._saved is not None:
+                kept = await asyncio.to_thread(self._saved.load, KIND)
+                self._entries = {e.slide_id: Listed.from_saved(e) for e in kept}
+                self._ordered = sorted(self._entries.values(), key=lambda e: e.order)
+                self._loaded = True
             ids = await self.catalog.slide_ids()
             now = self._clock()
             stale = [i for i in ids if self._stale(i, now)]
@@ -166,8 +204,22 @@ class SlideListing:
                 e.doc is not before[k].doc for k, e in entries.items()
             ):
                 self._ordered = sorted(entries.values(), key=lambda e: e.order)
+                if self._saved is not None:
+                    await self._save(before, entries)
             self._entries = entries
             return self._ordered
+
+    async def _save(self, before: dict[str, Listed], entries: dict[str, Listed]) -> None:
+        """Entries made since the last refresh (published slides only: a converting slide's
+        progress moves) and those gone, kept between starts."""
+        assert self._saved is not None
+        changed = [
+            e.saved()
+            for k, e in entries.items()
+            if e.status != CONVERTING and (k not in before or e.doc is not before[k].doc)
+        ]
+        gone = [k for k, e in before.items() if k not in entries or e.status == CONVERTING]
+        await asyncio.to_thread(self._saved.save, KIND, changed, gone)
 
     def _stale(self, slide_id: str, now: float) -> bool:
         """Whether a published slide's entry is due for a version check."""

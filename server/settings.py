@@ -46,6 +46,10 @@ class ServerSettings:
     processes: int = field(default_factory=lambda: os.cpu_count() or 1)
     """Serving processes sharing the port (`server.processes`), each with its own event loop,
     thread pool and tile cache (`tile_cache_mb` is per process). 1: one process, no supervisor."""
+    index_at_start: bool = True
+    """Fill the slide listing and QIDO-RS's series index in the background as each serving
+    process starts (each opens every slide of the store once: ~10 ms a slide), instead of at the
+    first listing or search, which would wait for it."""
     watch: tuple[str, ...] = ()
     """Folders scanners drop slides into: each complete slide becomes a conversion job."""
     s3_sources: tuple[str, ...] = ()

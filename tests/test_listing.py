@@ -5,19 +5,27 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import logging
 import shutil
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
+from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
+import server.app
 import wsi
+from server.api.dicomweb.instances import DICOMWEB
 from server.app import create_app
 from server.catalog import Catalog
+from server.index_file import NAME
+from server.keys import INDEX_FILE, WARMED
 from server.listing import SlideListing
 from server.settings import ServerSettings
+from wsi.ingest.settings import IngestSettings
 from wsi.published.store import PublishedStore
 from wsi.published.values import ReaderSettings
 
@@ -25,6 +33,8 @@ from .conftest import sample
 from .helpers import FakeClock
 from .slide_copies import copy_slide, rename
 
+RETRIEVE_URL = "00081190"
+SERIES_IN_STUDY = "00201206"
 SLIDES = 300
 """More than the reader keeps open (`ReaderSettings.slide_cache_entries`, 256)."""
 
@@ -63,7 +73,8 @@ def test_listings_open_each_slide_once_and_come_a_page_at_a_time(
     opened = counting_loads(monkeypatch)
 
     async def main() -> None:
-        async with TestClient(TestServer(create_app(ServerSettings(store=str(store))))) as c:
+        settings = ServerSettings(store=str(store), index_at_start=False)
+        async with TestClient(TestServer(create_app(settings))) as c:
             first = await (await c.get("/slides")).json()
             assert first["total"] == SLIDES and len(first["slides"]) == SLIDES
             assert sorted(opened) == sorted(ids)
@@ -147,7 +158,8 @@ def test_study_and_series_searches_open_each_slide_once(
     opened = counting_loads(monkeypatch)
 
     async def main() -> None:
-        async with TestClient(TestServer(create_app(ServerSettings(store=str(store))))) as c:
+        settings = ServerSettings(store=str(store), index_at_start=False)
+        async with TestClient(TestServer(create_app(settings))) as c:
 
             async def search(path: str) -> Any:
                 r = await c.get(path, headers={"Accept": "application/dicom+json"})
@@ -172,5 +184,129 @@ def test_study_and_series_searches_open_each_slide_once(
             # same answer.
             each = await search("/dicomweb/studies?includefield=all&ImageType=*")
             assert each == first
+
+    asyncio.run(main())
+
+
+def _kept(store: Path, state: Path) -> ServerSettings:
+    return ServerSettings(store=str(store), ingest=IngestSettings(state_dir=str(state)))
+
+
+def test_each_process_fills_its_indexes_at_start(
+    big_store: tuple[Path, list[str]], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """The first listing or QIDO-RS search after a start opened every slide while its client
+    waited (21 s for `GET /dicomweb/studies` on 2,000 slides): each process now fills both
+    indexes in the background as it starts, and the first requests open nothing. The series
+    index reads each slide's smallest level and leaves the header cache to the requests."""
+    store, ids = big_store
+    opened = counting_loads(monkeypatch)
+
+    async def main() -> None:
+        app = create_app(_kept(store, tmp_path / "state"))
+        async with TestClient(TestServer(app)) as c:
+            await app[WARMED]
+            assert sorted(set(opened)) == sorted(ids)
+            opened.clear()
+            listed = await (await c.get("/slides")).json()
+            assert listed["total"] == SLIDES and (await c.get("/")).status == 200
+            r = await c.get("/dicomweb/studies", headers={"Accept": "application/dicom+json"})
+            assert r.status == 200 and len(await r.json()) == 1
+            assert opened == []
+            assert len(app[DICOMWEB].headers) == 0
+
+    asyncio.run(main())
+
+
+def test_indexes_are_kept_between_starts(
+    big_store: tuple[Path, list[str]], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """A restart (an upgrade, a serving process restarted after a crash) filled both indexes
+    again by opening every slide: their entries are kept in the state folder, and a start opens
+    only the slides whose manifest changed meanwhile. Entries are private, and never read by
+    other code or other settings."""
+    store, ids = big_store
+    state = tmp_path / "state"
+    opened = counting_loads(monkeypatch)
+
+    async def answers(app: web.Application) -> tuple[Any, Any, Any]:
+        async with TestClient(TestServer(app)) as c:
+            await app[WARMED]
+            slides = await (await c.get("/slides")).json()
+            index = await (await c.get("/?page=2")).text()
+            r = await c.get("/dicomweb/studies", headers={"Accept": "application/dicom+json"})
+            assert r.status == 200
+            studies = [{k: v for k, v in s.items() if k != RETRIEVE_URL} for s in await r.json()]
+            return slides, index, studies  # (its RetrieveURL names the test server's port)
+
+    try:
+        first = asyncio.run(answers(create_app(_kept(store, state))))
+        assert sorted(set(opened)) == sorted(ids)
+        saved = state / NAME
+        assert saved.stat().st_mode & 0o077 == 0 and state.stat().st_mode & 0o077 == 0
+        assert all(p.stat().st_mode & 0o077 == 0 for p in state.iterdir())
+
+        opened.clear()
+        assert asyncio.run(answers(create_app(_kept(store, state)))) == first
+        assert opened == []  # every entry read from the file: one version read a slide
+
+        # Changed while stopped: the renamed slide is opened again, the removed one leaves.
+        rename(store, ids[5], "renamed")
+        shutil.rmtree(store / ids[6])
+        slides, _, studies = asyncio.run(answers(create_app(_kept(store, state))))
+        assert set(opened) == {ids[5]}
+        names = {s["id"]: s["name"] for s in slides["slides"]}
+        assert names[ids[5]] == "renamed" and ids[6] not in names
+        assert studies[0][SERIES_IN_STUDY]["Value"] == [SLIDES - 1]  # the copies share a study
+        opened.clear()
+        asyncio.run(answers(create_app(_kept(store, state))))
+        assert opened == []  # what the last start found was kept
+
+        # Other settings (labels shown) or other code: the file's entries are not used.
+        labels = dataclasses.replace(_kept(store, state), allow_label=True)
+        asyncio.run(answers(create_app(labels)))
+        assert len(set(opened)) == SLIDES - 1
+        opened.clear()
+        monkeypatch.setattr(server.app, "code_fingerprint", lambda: "other code")
+        asyncio.run(answers(create_app(labels)))
+        assert len(set(opened)) == SLIDES - 1
+    finally:  # the module's store is shared: put the slides back as they were
+        rename(store, ids[5], "slide 0005")
+        if not (store / ids[6]).exists():
+            copy_slide(store, ids[7], ids[6], "slide 0006", "case 6")
+
+
+def test_a_state_folder_that_cannot_be_made_costs_only_the_time(
+    big_store: tuple[Path, list[str]], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    store, _ = big_store
+    blocked = tmp_path / "a file"
+    blocked.write_text("not a folder")
+
+    async def main() -> None:
+        app = create_app(_kept(store, blocked / "state"))
+        async with TestClient(TestServer(app)) as c:
+            await app[WARMED]
+            assert INDEX_FILE not in app
+            assert (await (await c.get("/slides")).json())["total"] == SLIDES
+
+    with caplog.at_level(logging.WARNING, "server.index_file"):
+        asyncio.run(main())
+    assert "indexes are not kept between starts" in caplog.text
+
+
+def test_indexes_are_not_filled_at_start_when_told(
+    big_store: tuple[Path, list[str]], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    store, _ = big_store
+    opened = counting_loads(monkeypatch)
+
+    async def main() -> None:
+        settings = dataclasses.replace(_kept(store, tmp_path / "state"), index_at_start=False)
+        app = create_app(settings)
+        async with TestClient(TestServer(app)) as c:
+            assert (await c.get("/healthz")).status == 200
+            assert WARMED not in app and INDEX_FILE not in app and opened == []
+        assert not (tmp_path / "state").exists()
 
     asyncio.run(main())

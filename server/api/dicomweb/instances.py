@@ -8,13 +8,14 @@ import math
 import re
 import secrets
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import pydicom
 from aiohttp import web
 from pydicom.dataset import Dataset
+from pydicom.tag import BaseTag
 
 from server.audit import note_read
 from server.catalog import Catalog, ServedSlide, private_images
@@ -26,6 +27,8 @@ from wsi.errors import CorruptSlide, InvalidArgument, SlideNotFound, Unsupported
 from wsi.published.cache import ByteLRU
 from wsi.published.slide import AsyncPublishedSlide
 from wsi.published.values import JPEG, JPEG2000, JPEGXL, PublishedInstance, StoredImage
+
+T = TypeVar("T")
 
 PREFIX = "/dicomweb"
 JPEG_BASELINE = "1.2.840.10008.1.2.4.50"
@@ -140,17 +143,39 @@ def check_uid(value: str, what: str = "UID") -> str:
     return value
 
 
-def parse_header(head: bytes) -> Dataset | None:
-    """The data set before Pixel Data, or None when `head` ends before Pixel Data starts."""
+def parse_header(head: bytes, tags: list[BaseTag] | None = None) -> Dataset | None:
+    """The data set before Pixel Data (only `tags` when given), or None when `head` ends before
+    Pixel Data starts."""
     fp = io.BytesIO(head)
     try:
-        ds = pydicom.dcmread(fp, stop_before_pixels=True)
+        ds = pydicom.dcmread(fp, stop_before_pixels=True, specific_tags=tags)
     except Exception:  # cut inside an element: read more
         return None
     position = fp.tell()
     if head[position : position + 4] != PIXEL_DATA_TAG:
         return None
     return ds
+
+
+async def read_header(
+    catalog: Catalog,
+    inst: Instance,
+    first_read: int,
+    parse: Callable[[bytes], T | None],
+) -> tuple[T, int]:
+    """`parse` (run in the pool) of the instance's bytes before Pixel Data, read with range reads
+    from `first_read` bytes, doubled until `parse` stops answering None, and the bytes read;
+    CorruptSlide when no header ends within MAX_HEADER."""
+    size = inst.size
+    want = min(first_read, size)
+    while True:
+        head = await inst.slide.read_range(inst.key, 0, want)
+        found = await in_pool(catalog, parse, head)
+        if found is not None:
+            return found, len(head)
+        if want >= min(size, MAX_HEADER):
+            raise CorruptSlide(f"{inst.key} has no readable DICOM header")
+        want = min(2 * want, size, MAX_HEADER)
 
 
 @dataclass(frozen=True)
@@ -252,19 +277,10 @@ class DicomWebState:
         cached = self.headers.get(cache_key)
         if cached is not None:
             return cached.dataset
-        size = inst.size
-        want = min(self.header_read, size)
-        while True:
-            head = await inst.slide.read_range(inst.key, 0, want)
-            ds = await in_pool(catalog, parse_header, head)
-            if ds is not None:
-                break
-            if want >= min(size, MAX_HEADER):
-                raise CorruptSlide(f"{inst.key} has no readable DICOM header")
-            want = min(2 * want, size, MAX_HEADER)
+        ds, nbytes = await read_header(catalog, inst, self.header_read, parse_header)
         if str(ds.get("SOPInstanceUID", "")) != inst.sop_uid:
             raise CorruptSlide(f"{inst.key} does not hold instance {inst.sop_uid}")
-        self.headers.put(cache_key, _Header(ds, len(head)))
+        self.headers.put(cache_key, _Header(ds, nbytes))
         return ds
 
     async def metadata(self, catalog: Catalog, inst: Instance) -> bytes:

@@ -35,7 +35,7 @@ from server.api.dicomweb.series_index import (
     IndexedSeries,
 )
 from server.audit import note_read
-from server.keys import CATALOG
+from server.keys import CATALOG, INDEX_FILE
 from server.render import in_pool
 from server.responses import FORWARDED_VARY, dumps, public_origin
 from wsi.errors import SlideNotFound
@@ -163,7 +163,8 @@ class Search:
     async def series_rows(self) -> tuple[list[Row], dict[str, list[int]]]:
         """One row per series (slide) in the path's scope that the UID filters let through,
         from the index (`series_index`), and the instance counts of every study's series."""
-        records = await self.request.app[SERIES_INDEX].records(self.catalog, self.state)
+        app = self.request.app
+        records = await app[SERIES_INDEX].records(self.catalog, self.state, app.get(INDEX_FILE))
         records = [r for r in records if r.instances(self.allow_label)]
         info = self.request.match_info
         if "study" in info:

@@ -47,6 +47,7 @@ from server.api.dicomweb.rendered import rendered, series_thumbnail
 from server.api.dicomweb.series_index import SERIES_INDEX, SeriesIndex
 from server.api.dicomweb.wado import frames, metadata, retrieve
 from server.front import routes
+from server.keys import CATALOG, INDEX_FILE, WARM_UP
 from server.openapi import ERROR, path_params
 
 STUDY = f"{PREFIX}/studies/{{study}}"
@@ -55,10 +56,15 @@ INSTANCE = f"{SERIES}/instances/{{instance}}"
 FRAMES = f"{INSTANCE}/frames/{{frames}}"
 
 
+async def warm_series_index(app: web.Application) -> None:
+    await app[SERIES_INDEX].records(app[CATALOG], app[DICOMWEB], app.get(INDEX_FILE))
+
+
 def register(app: web.Application) -> None:
     # HEADER_READ is read here, at registration, so it can be tuned on this module.
     app[DICOMWEB] = DicomWebState(header_read=HEADER_READ)
     app[SERIES_INDEX] = SeriesIndex()
+    app[WARM_UP].append(warm_series_index)
     add = routes(app).add_get
     # Frames first: the router tries the routes under `/dicomweb/studies` in this order, and a
     # viewer asks for frames far more often than for anything else (no two routes here match

@@ -14,7 +14,9 @@ again only when its version changed (the same rule as the slide listing, `server
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
+import math
 import time
 import zlib
 from collections.abc import Callable
@@ -22,17 +24,24 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from aiohttp import web
+from pydicom.datadict import tag_for_keyword
+from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
+from pydicom.tag import BaseTag, Tag
 
 from server.api.dicomweb.instances import (
     MAX_HEADER,
     UNSERVED,
     DicomWebState,
+    Instance,
+    parse_header,
+    read_header,
     slide_instances,
 )
 from server.catalog import Catalog
-from server.render import in_pool
+from server.index_file import IndexFile, SavedEntry
+from wsi.errors import CorruptSlide
 from wsi.published.slide import AsyncPublishedSlide
 
 STUDY_DEFAULT = (
@@ -85,6 +94,8 @@ SERIES_ALL = (
 SLIDE_LEVEL = frozenset(STUDY_ALL) | frozenset(SERIES_ALL) | {"SOPClassUID"}
 """Attributes equal in every instance of a slide: matched on one header per slide."""
 
+KIND = "series"
+"""Its records' kind in the index file."""
 RECHECK_SECONDS = 2.0
 """A record is trusted this long before its slide's manifest version is read again."""
 CONCURRENCY = 32
@@ -95,11 +106,31 @@ def header_values(header: Dataset, keyword: str) -> list[str] | None:
     """An attribute's values as matching compares them: None when absent, [] when empty."""
     if keyword not in header:
         return None
-    value = header[keyword].value
+    return element_values(header[keyword])
+
+
+def element_values(element: DataElement) -> list[str]:
+    """An element's values as matching compares them ([] when empty). A sequence is never
+    matched on (`query.parse` refuses it): its items count, not their text."""
+    value = element.value
     if value is None or value == "":
         return []
+    if element.VR == "SQ":
+        return [""] * len(value)
     items = list(value) if isinstance(value, MultiValue | list) else [value]
     return [str(v) for v in items]
+
+
+def _tag(keyword: str) -> BaseTag:
+    tag = tag_for_keyword(keyword)
+    assert tag is not None, keyword
+    return Tag(tag)
+
+
+_SLIDE_LEVEL_TAGS = tuple(sorted((_tag(k), k) for k in SLIDE_LEVEL))
+"""(tag, keyword) of the slide-level attributes, in tag order."""
+_RECORD_TAGS = [tag for tag, _ in _SLIDE_LEVEL_TAGS] + [_tag("SOPInstanceUID")]
+"""What a record is read from: its header parsed for these only."""
 
 
 @dataclass(frozen=True)
@@ -114,13 +145,16 @@ class SlideAttributes:
     @classmethod
     def of(cls, header: Dataset) -> SlideAttributes:
         present = Dataset()
-        for keyword in sorted(SLIDE_LEVEL):
-            if keyword in header:
-                present.add(header[keyword])
+        values: dict[str, list[str]] = {}
+        keywords: dict[str, str] = {}
+        for tag, keyword in _SLIDE_LEVEL_TAGS:
+            if tag in header:
+                element = header[tag]
+                present.add(element)
+                values[keyword] = element_values(element)
+                keywords[f"{tag:08X}"] = keyword
         doc = present.to_json_dict(bulk_data_threshold=MAX_HEADER)
-        by_tag = {f"{e.tag:08X}": e.keyword for e in present}
-        values = {k: v for k in SLIDE_LEVEL if (v := header_values(header, k)) is not None}
-        return cls({by_tag[t]: (t, j) for t, j in doc.items()}, values)
+        return cls({keywords[t]: (t, j) for t, j in doc.items()}, values)
 
     def encode(self) -> bytes:
         """JSON, compressed: a record is kept for every slide of the store (3.6 KB of JSON,
@@ -151,6 +185,25 @@ class SeriesRecord:
     def instances(self, allow_label: bool) -> int:
         return self.shown[1] if allow_label else self.shown[0]
 
+    def saved(self) -> SavedEntry:
+        """As kept between starts (`server.index_file`)."""
+        meta = json.dumps([self.study_uid, self.series_uid, self.shown])
+        return SavedEntry(self.slide_id, self.version, meta, self.attributes)
+
+    @classmethod
+    def from_saved(cls, saved: SavedEntry) -> SeriesRecord:
+        """A record kept between starts, due for a version check at once."""
+        study_uid, series_uid, shown = json.loads(saved.meta)
+        return cls(
+            saved.slide_id,
+            saved.version,
+            study_uid,
+            series_uid,
+            (shown[0], shown[1]),
+            saved.data,
+            -math.inf,
+        )
+
 
 class SeriesIndex:
     """The records of every published slide, refreshed by `records` (one refresh at a time:
@@ -159,12 +212,20 @@ class SeriesIndex:
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self._clock = clock
         self._records: dict[str, SeriesRecord] = {}
+        self._loaded = False
         self._lock = asyncio.Lock()
 
-    async def records(self, catalog: Catalog, state: DicomWebState) -> list[SeriesRecord]:
+    async def records(
+        self, catalog: Catalog, state: DicomWebState, saved: IndexFile | None = None
+    ) -> list[SeriesRecord]:
         """Every published slide with a DICOM view, in the store's order; StoreError when the
-        store cannot be listed."""
+        store cannot be listed. `saved`: where records are kept between starts (read at the
+        first call)."""
         async with self._lock:
+            if not self._loaded and saved is not None:
+                kept = await asyncio.to_thread(saved.load, KIND)
+                self._records = {e.slide_id: SeriesRecord.from_saved(e) for e in kept}
+            self._loaded = True
             ids = await catalog.store.slide_ids()
             now = self._clock()
             held = self._records
@@ -177,7 +238,18 @@ class SeriesIndex:
                     return await self._record(catalog, state, slide_id, now, versions)
 
             found = await asyncio.gather(*(one(i) for i in ids))
+            before = self._records
             self._records = {r.slide_id: r for r in found if r is not None}
+            if saved is not None:
+                changed = [
+                    r.saved()
+                    for k, r in self._records.items()
+                    if k not in before
+                    or r.version != before[k].version
+                    or r.attributes is not before[k].attributes
+                ]
+                gone = [k for k in before if k not in self._records]
+                await asyncio.to_thread(saved.save, KIND, changed, gone)
             return [r for r in self._records.values() if r.study_uid]
 
     async def _record(
@@ -208,11 +280,16 @@ class SeriesIndex:
         levels = [i for i in slide_instances(slide, False) if i.is_level]
         if slide.dicom is None or not levels:
             return SeriesRecord(slide_id, slide.version, "", "", shown, b"", now)
+        # Slide-level attributes are the same in every level: the smallest's header is the
+        # shortest (a sparse base level lists every frame), and it is not kept in the header
+        # cache, which a refresh of thousands of slides would otherwise empty.
+        smallest = levels[-1]
         try:
-            header = await state.header(catalog, levels[0])
+            attributes, _ = await read_header(
+                catalog, smallest, state.header_read, functools.partial(_attributes, smallest)
+            )
         except UNSERVED:
             return None
-        attributes = await in_pool(catalog, lambda: SlideAttributes.of(header).encode())
         return SeriesRecord(
             slide_id,
             slide.version,
@@ -222,6 +299,17 @@ class SeriesIndex:
             attributes,
             now,
         )
+
+
+def _attributes(inst: Instance, head: bytes) -> bytes | None:
+    """`SlideAttributes.encode()` of a header (None when `head` ends inside it); CorruptSlide
+    when it is not the instance's."""
+    header = parse_header(head, _RECORD_TAGS)
+    if header is None:
+        return None
+    if str(header.get("SOPInstanceUID", "")) != inst.sop_uid:
+        raise CorruptSlide(f"{inst.key} does not hold instance {inst.sop_uid}")
+    return SlideAttributes.of(header).encode()
 
 
 class IndexedSeries:
