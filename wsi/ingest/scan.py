@@ -107,8 +107,8 @@ def _inside(target: str, root_real: str) -> bool:
     return target == root_real or target.startswith(root_real.rstrip(os.sep) + os.sep)
 
 
-def _entry(dirent: os.DirEntry[str], root_real: str) -> _Entry | None:
-    """Stat one directory entry; None for what a scan must not use.
+def _stat(dirent: os.DirEntry[str], root_real: str) -> tuple[bool, int, int] | None:
+    """(is a folder, size, mtime_ns) of one directory entry; None for what a scan must not use.
 
     Symbolic links to files are followed only when the target lies inside the watched folder;
     links to folders never are (that is what rules out loops and a slide seen twice). Entries that
@@ -127,25 +127,62 @@ def _entry(dirent: os.DirEntry[str], root_real: str) -> _Entry | None:
     except (OSError, RuntimeError, ValueError):
         return None
     if stat.S_ISDIR(st.st_mode):
-        return _Entry(Path(dirent.path), True, 0, 0)
+        return True, 0, 0
     if stat.S_ISREG(st.st_mode):
-        return _Entry(Path(dirent.path), False, st.st_size, st.st_mtime_ns)
+        return False, st.st_size, st.st_mtime_ns
     return None  # sockets, FIFOs, devices
 
 
-def _list(directory: Path, root_real: str, *, strict: bool = False) -> list[_Entry] | None:
-    """The usable entries of `directory`, or None when it cannot be listed (gone, no permission,
-    replaced by a file mid-scan); with `strict`, the OSError instead."""
+Listing = tuple[tuple[str, bool, int, int], ...] | None
+"""What one folder's listing told a scan: (name, is a folder, size, mtime_ns) of each usable
+entry by name; None when it could not be listed."""
+
+
+def _scandir(directory: Path, *, strict: bool) -> list[os.DirEntry[str]] | None:
     try:
         with os.scandir(directory) as it:
-            dirents = list(it)
+            return list(it)
     except OSError as exc:
         if strict:
             raise
         log.debug("cannot list a folder: %s", describe(exc))  # names may be patient data
         return None
-    entries = (_entry(d, root_real) for d in dirents)
-    return sorted((e for e in entries if e is not None), key=lambda e: e.name)
+
+
+def _listing(directory: Path, root_real: str) -> Listing:
+    """The folder's `Listing` as `_list` sees it, without making an entry of each file: what a
+    poll of a quiet folder costs (`ScanMemo`)."""
+    dirents = _scandir(directory, strict=False)
+    if dirents is None:
+        return None
+    stats = ((d.name, _stat(d, root_real)) for d in dirents)
+    return tuple(sorted((n, *st) for n, st in stats if st is not None))
+
+
+def _list(
+    directory: Path,
+    root_real: str,
+    *,
+    strict: bool = False,
+    seen: dict[Path, Listing] | None = None,
+) -> list[_Entry] | None:
+    """The usable entries of `directory`, or None when it cannot be listed (gone, no permission,
+    replaced by a file mid-scan); with `strict`, the OSError instead. `seen`: where the scan
+    notes each folder's `Listing`."""
+    dirents = _scandir(directory, strict=strict)
+    if dirents is None:
+        if seen is not None:
+            seen[directory] = None
+        return None
+    entries = []
+    for d in dirents:
+        found = _stat(d, root_real)
+        if found is not None:
+            entries.append(_Entry(Path(d.path), *found))
+    entries.sort(key=lambda e: e.name)
+    if seen is not None:
+        seen[directory] = tuple((e.name, e.is_dir, e.size, e.mtime_ns) for e in entries)
+    return entries
 
 
 @dataclass
@@ -158,9 +195,14 @@ class _Contents:
     readable: bool = True
 
 
-def _contents(directory: Path, root_real: str, depth: int = _MAX_COMPANION_DEPTH) -> _Contents:
+def _contents(
+    directory: Path,
+    root_real: str,
+    seen: dict[Path, Listing],
+    depth: int = _MAX_COMPANION_DEPTH,
+) -> _Contents:
     out = _Contents()
-    entries = _list(directory, root_real)
+    entries = _list(directory, root_real, seen=seen)
     if entries is None:
         out.readable = False
         return out
@@ -174,7 +216,7 @@ def _contents(directory: Path, root_real: str, depth: int = _MAX_COMPANION_DEPTH
                 out.hidden.append(e)
         elif e.is_dir:
             if depth > 1:
-                sub = _contents(e.path, root_real, depth - 1)
+                sub = _contents(e.path, root_real, seen, depth - 1)
                 out.parts += sub.parts
                 out.hidden += sub.hidden
                 out.partial += [f"{e.name}/{n}" for n in sub.partial]
@@ -239,6 +281,9 @@ class _Scan:
             raise FolderUnavailable(f"watched folder unavailable: {root}: {exc}") from exc
         self.probes: tuple[type[SlideSource], ...] = tuple(b for b in BACKENDS if b.is_available())
         self.out: list[SlideCandidate] = []
+        self.seen: dict[Path, Listing] = {}
+        """Every folder listed, with what its listing told: the scan's result depends on
+        these alone (and on the probes, which are keyed by size and mtime)."""
         self.only: Path | None = None
         """Look for the slide at this path only (`slide_at`); None: every slide."""
 
@@ -254,7 +299,7 @@ class _Scan:
 
     def run(self) -> list[SlideCandidate]:
         try:
-            entries = _list(self.root, self.root_real, strict=True)
+            entries = _list(self.root, self.root_real, strict=True, seen=self.seen)
         except OSError as exc:
             raise FolderUnavailable(f"watched folder unavailable: {self.root}: {exc}") from exc
         self.folder(self.root, entries or [], depth=0)
@@ -304,7 +349,7 @@ class _Scan:
                 continue
             if self.only is not None and self.only not in (d.path, d.path / self.only.name):
                 continue  # not on the way to the one slide looked for
-            sub = _list(d.path, self.root_real)
+            sub = _list(d.path, self.root_real, seen=self.seen)
             if sub is None:
                 continue
             sub_files = [e for e in sub if not e.is_dir and not is_temporary(e.name)]
@@ -347,7 +392,7 @@ class _Scan:
         if companion is None:
             self.out.append(_candidate("mrxs", mrxs.path, parts, pending=[f"{stem}/ is missing"]))
             return
-        contents = _contents(companion.path, self.root_real)
+        contents = _contents(companion.path, self.root_real, self.seen)
         pending = [f"{stem}/{n} is still being written" for n in contents.partial]
         if not contents.readable:
             pending.append(f"{stem}/ cannot be read completely")
@@ -461,9 +506,35 @@ def slide_at(folder: str | os.PathLike[str], path: str | os.PathLike[str]) -> Sl
     return next((c for c in scan.run() if c.path == target), None)
 
 
+@dataclass(frozen=True)
+class ScanMemo:
+    """What one scan of a watched folder found and from what: the next poll lists the same
+    folders again (entries and stats only) and, when none of them changed, has the same result
+    without grouping anything. Grouping made an object per file and took ~0.1 ms a file: 0.45 s
+    of CPU every poll (2 s) for an inbox of 5,000 slides kept after conversion."""
+
+    root_real: str
+    listings: dict[Path, Listing]
+    candidates: list[SlideCandidate]
+    probes: ProbeCache
+
+
+def _unchanged(folder: Path, memo: ScanMemo) -> bool:
+    try:
+        if os.path.realpath(folder, strict=True) != memo.root_real:
+            return False
+    except (OSError, RuntimeError):
+        return False  # the scan says why
+    return all(_listing(d, memo.root_real) == seen for d, seen in memo.listings.items())
+
+
 def _find_candidates_cached(
-    folder: Path, cache: ProbeCache | None
-) -> tuple[list[SlideCandidate], ProbeCache]:
-    """find_candidates reusing (and returning) the header probes of the previous scan."""
-    scan = _Scan(folder, cache)
-    return scan.run(), scan.cache
+    folder: Path, memo: ScanMemo | None
+) -> tuple[list[SlideCandidate], ScanMemo]:
+    """find_candidates, answered from the previous scan (`memo`) when no folder it listed has
+    changed, else with its header probes reused."""
+    if memo is not None and _unchanged(folder, memo):
+        return list(memo.candidates), memo
+    scan = _Scan(folder, memo.probes if memo is not None else None)
+    found = scan.run()
+    return found, ScanMemo(scan.root_real, scan.seen, list(found), scan.cache)

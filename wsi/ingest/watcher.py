@@ -39,7 +39,7 @@ from wsi.errors import InvalidArgument
 from wsi.ingest.lease import FolderLeases
 from wsi.ingest.scan import (
     FolderUnavailable,
-    ProbeCache,
+    ScanMemo,
     SlideCandidate,
     _find_candidates_cached,
     find_candidates,
@@ -239,7 +239,7 @@ class FolderWatcher:
         self._stop = stop_event if stop_event is not None else asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._unavailable: set[Path] = set()
-        self._caches: dict[Path, ProbeCache] = {}
+        self._caches: dict[Path, ScanMemo] = {}
         self._inotify_failed = False
         self.leases = leases
         self._held: frozenset[Path] = frozenset(self.folders) if leases is None else frozenset()
