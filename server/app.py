@@ -46,7 +46,7 @@ from server.listing import SlideListing
 from server.metrics import Metrics
 from server.replica import follow_ingest, follow_jobs, publish_status
 from server.responses import install as install_response_headers
-from server.runner import run
+from server.runner import OUTSIDE_FRONT, run
 from server.settings import ProcessRole, ServerSettings
 from wsi.ingest.lease import run_while_held, store_lease_name
 from wsi.ingest.supervise import Supervisor, describe
@@ -306,6 +306,7 @@ def create_app(settings: ServerSettings, role: ProcessRole | None = None) -> web
     app[SETTINGS] = settings
     app[ROLE] = role
     app[METRICS] = metrics
+    app[OUTSIDE_FRONT] = metrics.outside_front
     install_response_headers(app, private=settings.requires_auth)
     # Without auth, the browser-facing checks of `server.cors.refusal` (None: not needed).
     app[HOSTS_SEEN] = None if settings.requires_auth else set()

@@ -38,6 +38,10 @@ BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2
 """Upper bounds (seconds) of the latency histogram's buckets; one more for +Inf."""
 
 
+OUTSIDE_FRONT = "(outside the front)"
+"""The route label of the answers no route made (`Metrics.outside_front`)."""
+
+
 class _Tally:
     """What one process answered for one (route, status): requests, body bytes, seconds, and
     the latency histogram (per bucket, not cumulative; the last one is +Inf)."""
@@ -101,6 +105,20 @@ class Metrics:
         tally.requests += 1
         tally.seconds += elapsed
         tally.buckets[bisect.bisect_left(BUCKETS, elapsed)] += 1
+        body = getattr(response, "body", None)
+        if isinstance(body, bytes | bytearray):
+            tally.nbytes += len(body)
+
+    def outside_front(self, response: web.StreamResponse) -> None:
+        """Count an answer the connection made itself, before any route (a request that could
+        not be parsed: 400) or after the front failed (500), as route `OUTSIDE_FRONT`: without
+        it, a client or a scanner sending what is not HTTP was invisible in the metrics."""
+        key = (OUTSIDE_FRONT, response.status)
+        tally = self._tallies.get(key)
+        if tally is None:
+            tally = self._tallies[key] = _Tally()
+        tally.requests += 1
+        tally.buckets[0] += 1  # answered at once: no handler ran
         body = getattr(response, "body", None)
         if isinstance(body, bytes | bytearray):
             tally.nbytes += len(body)

@@ -38,6 +38,11 @@ KEEPALIVE_SECONDS = 75.0
 """An idle keep-alive connection is closed after this (what `web.run_app` sets)."""
 
 
+ResponseHook = Callable[[web.StreamResponse], None]
+OUTSIDE_FRONT: web.AppKey[ResponseHook] = web.AppKey("outside_front")
+"""Told of every answer a connection makes itself (`ServiceConnection.handle_error`), when the
+app sets it: the service counts them in its metrics as it counts the front's answers."""
+
 STALL_SECONDS = 60
 """A connection whose client takes none of the data sent to it for this long is cut by the
 kernel (TCP_USER_TIMEOUT, which Linux also applies to a receive window left at zero)."""
@@ -84,11 +89,17 @@ class ServiceConnection(RequestHandler):
             log.error("internal error outside the front: %s\n%s", type(exc).__name__, frames)
             response = json_error(status, "internal error")
         response.force_close()
+        told = self._manager.outside_front if isinstance(self._manager, _Server) else None
+        if told is not None:
+            told(response)
         return response
 
 
 class _Server(web.Server):
     """aiohttp's low-level server, whose connections are `ServiceConnection` protocols."""
+
+    outside_front: ResponseHook | None = None
+    """The app's `OUTSIDE_FRONT`."""
 
     def __call__(self) -> RequestHandler:
         protocol = super().__call__()
@@ -121,7 +132,9 @@ class ServiceRunner(web.AppRunner):
     async def _make_server(self) -> web.Server:
         server = await super()._make_server()
         server.__class__ = _Server
+        assert isinstance(server, _Server)
         server.request_handler = _path_or_root(server.request_handler)
+        server.outside_front = self.app.get(OUTSIDE_FRONT)
         return server
 
 

@@ -20,6 +20,7 @@ import requests
 import schemathesis
 from hypothesis import HealthCheck, given, settings
 from openapi_spec_validator import OpenAPIV31SpecValidator
+from prometheus_client.parser import text_string_to_metric_families
 from schemathesis.checks import not_a_server_error
 from schemathesis.core.result import Ok
 from schemathesis.schemas import APIOperation
@@ -131,7 +132,9 @@ def test_a_request_that_cannot_be_parsed_gets_a_json_400(
     live: tuple[str, str], request_bytes: bytes
 ) -> None:
     """aiohttp answers what it cannot parse before any route sees it, in plain text quoting the
-    request's bytes; the service's protocol answers like every other error, quoting nothing."""
+    request's bytes; the service's protocol answers like every other error, quoting nothing,
+    and counts it in its metrics (it was invisible there)."""
+    counted = _outside_front_400s(live[0])
     head, _, body = _answer(live[0], request_bytes).partition(b"\r\n\r\n")
     lines = head.decode("latin-1").split("\r\n")
     assert lines[0].split()[1] == "400"
@@ -141,6 +144,18 @@ def test_a_request_that_cannot_be_parsed_gets_a_json_400(
     assert b"DOE" not in body
     ok = requests.get(f"{live[0]}/healthz", timeout=10)  # and the service goes on
     assert ok.status_code == 200
+    assert _outside_front_400s(live[0]) == counted + 1
+
+
+def _outside_front_400s(base: str) -> float:
+    """`wsi_http_requests_total` of the answers made outside the front with status 400."""
+    text = requests.get(f"{base}/metrics", timeout=10).text
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            wanted = {"route": "(outside the front)", "status": "400"}
+            if sample.name == "wsi_http_requests_total" and sample.labels == wanted:
+                return sample.value
+    return 0.0
 
 
 def _status_type_body(answer: bytes) -> tuple[int, str, bytes]:
