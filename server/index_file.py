@@ -88,8 +88,12 @@ class IndexFile:
             db = sqlite3.connect(path, timeout=30, check_same_thread=False, isolation_level=None)
             try:
                 db.execute("PRAGMA journal_mode=WAL")
+                # A removed slide's entry (its name, its patient's attributes) is overwritten,
+                # not left in free pages (`save` also checkpoints the log it went through).
+                db.execute("PRAGMA secure_delete=ON")
                 db.execute(_SCHEMA)
                 db.execute("DELETE FROM entries WHERE fingerprint != ?", (fingerprint,))
+                db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
             except BaseException:
                 db.close()
                 raise
@@ -129,6 +133,8 @@ class IndexFile:
                     self._db.executemany(
                         "INSERT OR REPLACE INTO entries VALUES (?, ?, ?, ?, ?, ?)", rows
                     )
+                # Replaced or removed entries leave the write-ahead log too.
+                self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
             except sqlite3.Error as exc:
                 self._failure("write", exc)
 
