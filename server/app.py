@@ -272,8 +272,8 @@ def _index_file(settings: ServerSettings) -> IndexFile | None:
     """The file in the store's state folder where the indexes are kept between starts, for
     this code and these settings (`server.index_file`)."""
     folder = settings.ingest.state_path(settings.store)
-    fingerprint = f"{code_fingerprint()} labels={settings.allow_label}"
-    return IndexFile.open(folder, f"{fingerprint} deidentify={settings.ingest.deidentify}")
+    shown = f"labels={settings.allow_label} deidentify={settings.ingest.deidentify}"
+    return IndexFile.open(folder, f"{code_fingerprint()} {shown}")
 
 
 async def _warm_listing(app: web.Application) -> None:

@@ -22,11 +22,13 @@ import logging
 import os
 import sqlite3
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 log = logging.getLogger("server.index_file")
+T = TypeVar("T")
 
 NAME = "indexes.sqlite"
 _SCHEMA = """
@@ -102,7 +104,9 @@ class IndexFile:
             return None
         return cls(db, fingerprint)
 
-    def load(self, kind: str) -> list[SavedEntry]:
+    def load(self, kind: str, parse: Callable[[SavedEntry], T]) -> dict[str, T]:
+        """The entries of `kind` by slide id, each as `parse` makes it; one it refuses
+        (`ValueError`, `TypeError`: a damaged file) is left out, and its slide read again."""
         with self._lock:
             try:
                 rows = self._db.execute(
@@ -112,8 +116,23 @@ class IndexFile:
                 ).fetchall()
             except sqlite3.Error as exc:
                 self._failure("read", exc)
-                return []
-        return [SavedEntry(str(s), str(v), str(m), bytes(d)) for s, v, m, d in rows]
+                return {}
+        found: dict[str, T] = {}
+        refused = 0
+        for slide_id, version, meta, data in rows:
+            try:
+                if not (isinstance(slide_id, str) and isinstance(version, str)):
+                    raise TypeError("not text")
+                if not (isinstance(meta, str) and isinstance(data, bytes)):
+                    raise TypeError("not text and bytes")
+                found[slide_id] = parse(SavedEntry(slide_id, version, meta, data))
+            except (ValueError, TypeError) as exc:
+                refused += 1
+                error = exc
+        if refused:
+            what = f"{refused} {kind} entries kept between starts"
+            log.warning("%s are unreadable, their slides read again: %s", what, error)
+        return found
 
     def save(self, kind: str, changed: Sequence[SavedEntry], removed: Iterable[str]) -> None:
         """Entries made or changed since the last save, and slides no longer listed, in one

@@ -82,21 +82,23 @@ class Listed:
 
     @classmethod
     def from_saved(cls, saved: SavedEntry) -> Listed:
-        """An entry kept between starts, due for a version check at once."""
-        name, case, status, width, height, chunk, card = json.loads(saved.meta)
-        return cls(
-            saved.slide_id,
-            name,
-            case,
-            status,
-            saved.version,
-            width,
-            height,
-            (chunk[0], chunk[1]),
-            saved.data,
-            card,
-            -math.inf,
-        )
+        """An entry kept between starts, due for a version check at once; ValueError or
+        TypeError when `saved` is not one."""
+        name, case, status, width, height, (chunk_w, chunk_h), card = json.loads(saved.meta)
+        texts = (name, status) if case is None else (name, case, status)
+        numbers = (width, height, chunk_w, chunk_h)
+        if not all(isinstance(t, str) for t in texts) or not isinstance(card, bool):
+            raise TypeError("a listing entry holds text and a flag")
+        if not all(type(n) is int for n in numbers):
+            raise TypeError("a listing entry holds whole numbers")
+        try:  # readable, or refused now rather than in a listing
+            summary = json.loads(zlib.decompress(saved.data))
+        except zlib.error as exc:
+            raise ValueError(f"a listing entry's summary: {exc}") from exc
+        if not isinstance(summary, dict):
+            raise TypeError("a listing entry's summary is an object")
+        doc = (saved.slide_id, name, case, status, saved.version, width, height)
+        return cls(*doc, (chunk_w, chunk_h), saved.data, card, -math.inf)
 
     def json(self) -> bytes:
         """Its summary as JSON."""
@@ -183,8 +185,7 @@ class SlideListing:
     async def _refreshed(self) -> list[Listed]:
         async with self._lock:
             if not self._loaded and self._saved is not None:
-                kept = await asyncio.to_thread(self._saved.load, KIND)
-                self._entries = {e.slide_id: Listed.from_saved(e) for e in kept}
+                self._entries = await asyncio.to_thread(self._saved.load, KIND, Listed.from_saved)
                 self._ordered = sorted(self._entries.values(), key=lambda e: e.order)
                 self._loaded = True
             ids = await self.catalog.slide_ids()

@@ -8,6 +8,7 @@ import asyncio
 import dataclasses
 import logging
 import shutil
+import sqlite3
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -310,3 +311,46 @@ def test_indexes_are_not_filled_at_start_when_told(
         assert not (tmp_path / "state").exists()
 
     asyncio.run(main())
+
+
+def test_a_damaged_file_or_entry_is_read_again_from_the_store(
+    big_store: tuple[Path, list[str]], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A damaged entry (a disk error, an edit) is left out and its slide opened again; a file
+    that is not SQLite at all is no file. Neither fails a listing or a search."""
+    store, ids = big_store
+    state = tmp_path / "state"
+
+    async def answers() -> tuple[Any, Any]:
+        app = create_app(
+            ServerSettings(store=str(store), ingest=IngestSettings(state_dir=str(state)))
+        )
+        async with TestClient(TestServer(app)) as c:
+            await app[WARMED]
+            slides = await (await c.get("/slides")).json()
+            r = await c.get("/dicomweb/studies", headers={"Accept": "application/dicom+json"})
+            assert r.status == 200
+            return slides["total"], (await r.json())[0]["00201206"]
+
+    assert asyncio.run(answers()) == (SLIDES, {"vr": "IS", "Value": [SLIDES]})
+    db = sqlite3.connect(state / NAME)
+    damage = [
+        ("not json", b""),
+        ("[1, 2]", b""),
+        ('["a", null, "ready", "w", 1, [1, 1], true]', b""),
+    ]
+    for i, (meta, data) in enumerate(damage):
+        db.execute("UPDATE entries SET meta = ?, data = ? WHERE slide_id = ?", (meta, data, ids[i]))
+    db.execute("UPDATE entries SET data = ? WHERE kind = 'series' AND slide_id = ?", (b"x", ids[5]))
+    db.commit()
+    db.close()
+    with caplog.at_level(logging.WARNING, "server.index_file"):
+        assert asyncio.run(answers()) == (SLIDES, {"vr": "IS", "Value": [SLIDES]})
+    assert "unreadable, their slides read again" in caplog.text
+    (state / NAME).write_bytes(b"not a database" * 100)
+    for extra in state.glob(NAME + "-*"):
+        extra.unlink()
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, "server.index_file"):
+        assert asyncio.run(answers()) == (SLIDES, {"vr": "IS", "Value": [SLIDES]})
+    assert "indexes are not kept between starts" in caplog.text

@@ -192,17 +192,21 @@ class SeriesRecord:
 
     @classmethod
     def from_saved(cls, saved: SavedEntry) -> SeriesRecord:
-        """A record kept between starts, due for a version check at once."""
-        study_uid, series_uid, shown = json.loads(saved.meta)
-        return cls(
-            saved.slide_id,
-            saved.version,
-            study_uid,
-            series_uid,
-            (shown[0], shown[1]),
-            saved.data,
-            -math.inf,
-        )
+        """A record kept between starts, due for a version check at once; ValueError or
+        TypeError when `saved` is not one."""
+        study_uid, series_uid, (without, with_labels) = json.loads(saved.meta)
+        if not (isinstance(study_uid, str) and isinstance(series_uid, str)):
+            raise TypeError("a series record holds UIDs")
+        if not (type(without) is int and type(with_labels) is int):
+            raise TypeError("a series record holds counts")
+        if study_uid:  # readable, or refused now rather than in a search
+            try:
+                SlideAttributes.decode(saved.data)
+            except (zlib.error, KeyError, AttributeError) as exc:
+                raise ValueError(f"a series record's attributes: {exc}") from exc
+        shown = (without, with_labels)
+        uids = (study_uid, series_uid)
+        return cls(saved.slide_id, saved.version, *uids, shown, saved.data, -math.inf)
 
 
 class SeriesIndex:
@@ -223,8 +227,7 @@ class SeriesIndex:
         first call)."""
         async with self._lock:
             if not self._loaded and saved is not None:
-                kept = await asyncio.to_thread(saved.load, KIND)
-                self._records = {e.slide_id: SeriesRecord.from_saved(e) for e in kept}
+                self._records = await asyncio.to_thread(saved.load, KIND, SeriesRecord.from_saved)
             self._loaded = True
             ids = await catalog.store.slide_ids()
             now = self._clock()
