@@ -299,3 +299,45 @@ def test_a_bad_flag_is_one_line_from_the_cli(tmp_path: Path) -> None:
     done = run_wsi("worker", "--store", str(tmp_path), "--poll-seconds", "0")
     assert done.returncode == 1
     assert done.stderr == "wsi: error: poll_seconds and lease_seconds must be positive\n"
+
+
+def test_watch_lists_only_what_it_uses_and_says_what_it_ignores(tmp_path: Path) -> None:
+    """`wsi watch --help` listed every conversion setting (`--workers`, `--after`, timeouts),
+    which only the roles that convert use: a lab giving `wsi watch --workers 4` saw nothing
+    converted and no word why. The help now lists what the watcher uses; the other flags are
+    still taken (a command line written for a worker keeps working) and named at start."""
+    help_text = subprocess.run(
+        [sys.executable, "-m", "server.cli", "watch", "--help"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    for flag in ("--quiet-seconds", "--poll-seconds", "--lease-seconds", "--state", "--jobs"):
+        assert flag in help_text
+    for flag in ("--workers", "--after", "--job-timeout", "--deidentify", "--quarantine-dir"):
+        assert flag not in help_text
+    worker_help = subprocess.run(
+        [sys.executable, "-m", "server.cli", "worker", "--help"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert "--workers" in worker_help and "--after" in worker_help
+
+    file = tmp_path / "file"  # a store that is a file: the role stops right after its checks
+    file.write_bytes(b"")
+    (tmp_path / "inbox").mkdir()
+    flags = ["--store", str(file), "--workers", "4", "--after", "move", "--quiet-seconds", "1"]
+    run = subprocess.run(
+        [sys.executable, "-m", "server.cli", "watch", str(tmp_path / "inbox"), *flags],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    lines = run.stderr.splitlines()
+    assert lines[0] == (
+        "wsistore: watch: ignoring --workers, --after (conversions run in `wsi worker` or "
+        "`wsi serve`)"
+    )
+    assert run.returncode == 1 and lines[1].startswith("wsi: error: store")

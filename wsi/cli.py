@@ -31,7 +31,7 @@ from wsi.ingest.protocol import (
     add_supervision_arguments,
     staging_limits,
 )
-from wsi.ingest.settings import IngestSettings, add_ingest_arguments
+from wsi.ingest.settings import IngestSettings, add_ingest_arguments, ignored_by_watch
 from wsi.process_logging import quiet_readers, report_ingest
 from wsi.sources import backend_names
 from wsi.store.objects import Store, StoreSettings
@@ -295,6 +295,12 @@ def _ingest_role(args: argparse.Namespace) -> int:
     from wsi.ingest.roles import run_roles
 
     settings = role_settings(args)
+    if args.command == "watch" and (ignored := ignored_by_watch(args)):
+        print(
+            f"wsistore: watch: ignoring {', '.join(ignored)} (conversions run in `wsi worker` "
+            "or `wsi serve`)",
+            file=sys.stderr,
+        )
     store = StoreSettings(args.store, endpoint_url=args.s3_endpoint)
     Store(store).check_folder(exists=False)  # before a state folder is made beside a file
     settings.make_state(args.store)
@@ -444,7 +450,7 @@ def _add_roles(sub: Any) -> None:
             cmd.add_argument("folders", nargs="+", metavar="DIR")
         cmd.add_argument("--store", required=True, metavar="DIR_OR_URL")
         cmd.add_argument("--s3-endpoint", help="S3 endpoint URL (default: $AWS_ENDPOINT_URL)")
-        add_ingest_arguments(cmd)
+        add_ingest_arguments(cmd, watching=role == "watch")
         cmd.set_defaults(func=_ingest_role)
 
 

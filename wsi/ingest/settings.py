@@ -356,10 +356,17 @@ def _flag(f: Field[Any]) -> str | None:
     return f.metadata.get("flag") or "--" + f.name.replace("_", "-")
 
 
-def add_ingest_arguments(parser: argparse.ArgumentParser) -> None:
+WATCHING = frozenset({"quiet_seconds", "poll_seconds", "lease_seconds", "state_dir", "jobs_db"})
+"""The settings `wsi watch` uses (its folders' leases, when a drop is complete, where the job
+table is); the others concern conversions, which `wsi worker` or `wsi serve` run."""
+
+
+def add_ingest_arguments(parser: argparse.ArgumentParser, watching: bool = False) -> None:
     """The ingest flags `wsi serve`, `wsi watch` and `wsi worker` share. Each defaults to None
     (absent), so a flag that is not given leaves the variable or default in force; the help
-    names both."""
+    names both. `watching` (`wsi watch`): the flags of `WATCHING` only are listed; the others
+    are still taken, and `ignored_by_watch` names those given, so that a command line written
+    for a worker keeps working."""
     hints = get_type_hints(IngestSettings)
     group = parser.add_argument_group("ingest")
     for f in fields(IngestSettings):
@@ -368,10 +375,11 @@ def add_ingest_arguments(parser: argparse.ArgumentParser) -> None:
             continue
         kind = hints[f.name]
         default = "" if f.default in ("", None, MISSING) else f", default {f.default}"
+        shown = f"{f.metadata['help']} ({ENV_PREFIX}{f.name.upper()}{default})"
         options: dict[str, Any] = {
             "dest": f.name,
             "default": None,
-            "help": f"{f.metadata['help']} ({ENV_PREFIX}{f.name.upper()}{default})",
+            "help": argparse.SUPPRESS if watching and f.name not in WATCHING else shown,
         }
         if get_origin(kind) is Literal:
             options["choices"] = list(get_args(kind))
@@ -381,6 +389,15 @@ def add_ingest_arguments(parser: argparse.ArgumentParser) -> None:
             options["type"] = kind if kind in (int, float) else str
             options["metavar"] = _metavar(f.name, kind)
         group.add_argument(flag, **options)
+
+
+def ignored_by_watch(args: argparse.Namespace) -> list[str]:
+    """The flags given to `wsi watch` that it does not use (see `WATCHING`)."""
+    return [
+        flag
+        for f in fields(IngestSettings)
+        if (flag := _flag(f)) and f.name not in WATCHING and getattr(args, f.name, None) is not None
+    ]
 
 
 def _metavar(name: str, kind: Any) -> str:
@@ -419,4 +436,12 @@ def env_values(cls: type[Any], environ: Mapping[str, str]) -> dict[str, Any]:
     return values
 
 
-__all__ = ["ENV_PREFIX", "AfterSuccess", "IngestSettings", "add_ingest_arguments", "env_values"]
+__all__ = [
+    "ENV_PREFIX",
+    "WATCHING",
+    "AfterSuccess",
+    "IngestSettings",
+    "add_ingest_arguments",
+    "env_values",
+    "ignored_by_watch",
+]
