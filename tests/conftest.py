@@ -150,6 +150,15 @@ def openslide_level0(path: Path) -> np.ndarray:
     return np.round(rgba[..., :3] * alpha + 255 * (1 - alpha)).astype(np.uint8)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def private_state_home(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """The state folders of `s3://` stores (`IngestSettings.state_path`: job tables, spools and
+    the serving processes' indexes) under the session's temporary folder, never in the home
+    folder of whoever runs the tests (every run left a folder there per S3 test store). Set in
+    the environment, so the services and conversions the tests start find it too."""
+    os.environ["XDG_STATE_HOME"] = str(tmp_path_factory.mktemp("xdg-state"))
+
+
 @pytest.fixture
 def env_clean(monkeypatch: pytest.MonkeyPatch) -> None:
     for key in list(os.environ):
