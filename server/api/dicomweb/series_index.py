@@ -179,7 +179,7 @@ class SeriesRecord:
     shown: tuple[int, int]
     """Its instances a search shows: without labels allowed, and with."""
     attributes: bytes
-    """`SlideAttributes.encode()` of its first level's header."""
+    """`SlideAttributes.encode()` of a level's header (the smallest's)."""
     checked: float
 
     def instances(self, allow_label: bool) -> int:
