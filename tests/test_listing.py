@@ -398,3 +398,39 @@ def test_an_instance_search_reads_as_far_as_its_page(
             assert reads == []  # ruled out by the index: no slide opened, no header read
 
     asyncio.run(main())
+
+
+def test_a_study_the_process_has_not_seen_is_found_in_the_series_index(
+    big_store: tuple[Path, list[str]], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """A study-scoped path naming a study this process had not looked up yet (every study after
+    a start, or any UID a client makes up, at most every 2 s) opened every slide of the store
+    to find it; the series index answers it now, reading no slide."""
+    store, _ = big_store
+    opened = counting_loads(monkeypatch)
+    scans: list[int] = []
+    scan = DicomWebState.scan
+
+    async def counting_scan(self: DicomWebState, catalog: Catalog) -> Any:
+        scans.append(1)
+        return await scan(self, catalog)
+
+    monkeypatch.setattr(DicomWebState, "scan", counting_scan)
+
+    async def main() -> None:
+        app = create_app(_kept(store, tmp_path / "state"))
+        async with TestClient(TestServer(app)) as c:
+            await app[WARMED]
+            accept = {"Accept": "application/dicom+json"}
+            (series,) = await (await c.get("/dicomweb/series", headers=accept)).json()
+            study, uid = series["0020000D"]["Value"][0], series["0020000E"]["Value"][0]
+            opened.clear()
+            for made_up in ("1.2.3", "1.2.4"):
+                r = await c.get(f"/dicomweb/studies/{made_up}/series/4.5/instances", headers=accept)
+                assert r.status == 404
+            assert opened == [] and scans == []
+            path = f"/dicomweb/studies/{study}/series/{uid}/instances?limit=1"
+            r = await c.get(path, headers=accept)
+            assert r.status == 200 and len(await r.json()) == 1 and scans == []
+
+    asyncio.run(main())

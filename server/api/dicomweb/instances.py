@@ -8,7 +8,7 @@ import math
 import re
 import secrets
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -205,6 +205,10 @@ class DicomWebState:
         self.studies: dict[str, list[str]] = {}
         """Study Instance UID -> slide ids, from the last scan."""
         self.scanned_at = -math.inf
+        self.study_index: Callable[[Catalog], Awaitable[dict[str, list[str]]]] | None = None
+        """Where `study` finds a study it does not know, when set (QIDO-RS's series index:
+        each slide's manifest version read, not the slide opened); else a scan of every
+        slide."""
         self._scan_lock = asyncio.Lock()
         self.found: ByteLRU[tuple[str, str, str], Instance] = ByteLRU(
             FOUND_INSTANCES, size=lambda _: 1
@@ -257,7 +261,11 @@ class DicomWebState:
         check_uid(study, "StudyInstanceUID")
         found = await self._lookup(catalog, self.studies.get(study, []), study)
         if not found and time.monotonic() - self.scanned_at > RESCAN_SECONDS:
-            await self.scan(catalog)
+            if self.study_index is not None:
+                self.studies = await self.study_index(catalog)
+                self.scanned_at = time.monotonic()
+            else:
+                await self.scan(catalog)
             found = await self._lookup(catalog, self.studies.get(study, []), study)
         if not found:
             raise SlideNotFound(f"no study {study}")

@@ -46,6 +46,7 @@ from server.api.dicomweb.qido import search
 from server.api.dicomweb.rendered import rendered, series_thumbnail
 from server.api.dicomweb.series_index import SERIES_INDEX, SeriesIndex
 from server.api.dicomweb.wado import frames, metadata, retrieve
+from server.catalog import Catalog
 from server.front import routes
 from server.keys import CATALOG, INDEX_FILE, WARM_UP
 from server.openapi import ERROR, path_params
@@ -62,8 +63,19 @@ async def warm_series_index(app: web.Application) -> None:
 
 def register(app: web.Application) -> None:
     # HEADER_READ is read here, at registration, so it can be tuned on this module.
-    app[DICOMWEB] = DicomWebState(header_read=HEADER_READ)
-    app[SERIES_INDEX] = SeriesIndex()
+    state = app[DICOMWEB] = DicomWebState(header_read=HEADER_READ)
+    index = app[SERIES_INDEX] = SeriesIndex()
+
+    async def studies(catalog: Catalog) -> dict[str, list[str]]:
+        """Study UID -> slide ids, from the series index: a study-scoped path naming a study
+        this process has not seen opened every slide of the store (at most every 2 s, for any
+        UID a client makes up)."""
+        found: dict[str, list[str]] = {}
+        for r in await index.records(catalog, state, app.get(INDEX_FILE)):
+            found.setdefault(r.study_uid, []).append(r.slide_id)
+        return found
+
+    state.study_index = studies
     app[WARM_UP].append(warm_series_index)
     add = routes(app).add_get
     # Frames first: the router tries the routes under `/dicomweb/studies` in this order, and a
