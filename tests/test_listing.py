@@ -20,6 +20,8 @@ from aiohttp.test_utils import TestClient, TestServer
 import server.app
 import wsi
 from server.api.dicomweb.instances import DICOMWEB, DicomWebState, Instance
+from server.api.dicomweb.qido import Search
+from server.api.dicomweb.query import Row
 from server.app import create_app
 from server.catalog import Catalog
 from server.index_file import NAME
@@ -373,6 +375,14 @@ def test_an_instance_search_reads_as_far_as_its_page(
         return await header(self, catalog, inst)
 
     monkeypatch.setattr(DicomWebState, "header", counting)
+    made: list[str] = []
+    instance = Search.instance
+
+    def counting_instance(self: Search, row: Row) -> dict[str, Any]:
+        made.append(row.slide_id)
+        return instance(self, row)
+
+    monkeypatch.setattr(Search, "instance", counting_instance)
 
     async def main() -> None:
         app = create_app(_kept(store, tmp_path / "state"))
@@ -396,6 +406,15 @@ def test_an_instance_search_reads_as_far_as_its_page(
             reads.clear()
             assert await search("/dicomweb/instances?PatientID=nobody") == []
             assert reads == []  # ruled out by the index: no slide opened, no header read
+
+            # Far pages: the rows before the offset are read but not kept (every header was
+            # held until the answer was made, however large the offset).
+            made.clear()
+            far = await search("/dicomweb/instances?includefield=all&limit=10&offset=1000")
+            assert len(far) == 10 and len(made) <= 11 + 6 * 32  # of 1,800: a batch of slides
+            again = await search("/dicomweb/instances?includefield=all&limit=3&offset=1005")
+            assert again == far[5:8]
+            assert await search("/dicomweb/instances?offset=100000") == []
 
     asyncio.run(main())
 

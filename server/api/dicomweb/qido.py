@@ -162,15 +162,17 @@ class Search:
             for (count, inst), ds in zip(targets, headers, strict=True)
         ]
 
-    async def instance_rows(self) -> list[Row]:
-        """The matching instance rows of a search not scoped to a study, in store order, as
-        far as the page asked for (one more, to tell whether there are more). Reading every
-        instance's header of the store took a minute on 2,000 slides whatever the `limit`
-        (16,000 headers of 64 KB): slides are taken from the series index, those its UIDs and
-        slide-level attributes rule out are never opened, and the others are read a few at a
-        time until the page is full. A filter on a per-instance attribute that matches few
-        instances still reads them all."""
-        wanted = self.query.offset + min(self.query.limit or MAX_RESULTS, MAX_RESULTS) + 1
+    async def instance_rows(self) -> tuple[int, list[Row]]:
+        """The matching instance rows of a search not scoped to a study, in store order: how
+        many of them the page's `offset` skips (not kept), and those after it, as far as the
+        page (one more, to tell whether there are more). Reading every instance's header of the
+        store took a minute on 2,000 slides whatever the `limit` (16,000 headers of 64 KB), and
+        every header was held until the answer was made, however large the `offset`: slides
+        are taken from the series index, those its UIDs and slide-level attributes rule out are
+        never opened, and the others are read a few at a time until the page is full. A filter
+        on a per-instance attribute that matches few instances still reads them all."""
+        offset = self.query.offset
+        wanted = min(self.query.limit or MAX_RESULTS, MAX_RESULTS) + 1
         app = self.request.app
         records = await app[SERIES_INDEX].records(self.catalog, self.state, app.get(INDEX_FILE))
         slide_level = replace(
@@ -184,17 +186,21 @@ class Search:
             and self.prefilter({"StudyInstanceUID": r.study_uid, "SeriesInstanceUID": r.series_uid})
             and row_matches(Row(r.slide_id, 0, None, IndexedSeries(r), computed), slide_level)
         ]
-        batch = min(32, max(1, wanted // 4))  # slides read at once (4 or more instances each)
+        skipped, start = 0, 0
         rows: list[Row] = []
-        for start in range(0, len(candidates), batch):
+        while start < len(candidates) and len(rows) < wanted:
+            # Slides read at once: as many as the rows still needed, at 4 instances a slide.
+            batch = min(32, max(1, (offset - skipped + wanted - len(rows)) // 4))
             opened = await asyncio.gather(
                 *(self._published(i) for i in candidates[start : start + batch])
             )
+            start += batch
             found = await self.rows([s for s in opened if s is not None and s.dicom is not None])
-            rows += await in_pool(self.catalog, self.matching, found)
-            if len(rows) >= wanted:
-                break
-        return rows
+            matched = await in_pool(self.catalog, self.matching, found)
+            skip = min(offset - skipped, len(matched))
+            skipped += skip
+            rows += matched[skip:]
+        return skipped, rows
 
     def matching(self, rows: list[Row]) -> list[Row]:
         return [r for r in rows if row_matches(r, self.query)]
@@ -247,8 +253,9 @@ class Search:
     async def run(self) -> web.Response:
         check_json_accept(self.request)
         members: dict[str, list[int]] = {}
+        skipped = 0  # matching rows before the page's offset, not kept
         if self.level == "instances" and "study" not in self.request.match_info:
-            rows = await self.instance_rows()  # matched
+            skipped, rows = await self.instance_rows()  # matched
         else:
             if self.per_instance:
                 slides = await self.slides()
@@ -269,10 +276,11 @@ class Search:
         else:
             results = [self.instance(r) for r in rows]
         limit = self.query.limit or MAX_RESULTS
-        page = results[self.query.offset : self.query.offset + min(limit, MAX_RESULTS)]
+        start = self.query.offset - skipped
+        page = results[start : start + min(limit, MAX_RESULTS)]
         headers = {"Vary": FORWARDED_VARY}  # the RetrieveURLs
         capped = self.query.limit is None or self.query.limit > MAX_RESULTS
-        if capped and self.query.offset + len(page) < len(results):
+        if capped and start + len(page) < len(results):
             headers["Warning"] = (
                 '299 wsistore "The number of results exceeded the maximum supported by the '
                 'server. Additional results can be requested."'
