@@ -162,6 +162,38 @@ def test_a_busy_service_rechecks_in_the_background_once_at_a_time(
     asyncio.run(main())
 
 
+def test_an_open_slide_due_for_its_recheck_is_still_had_without_waiting(
+    store: dict[str, Any], tmp_path: Path
+) -> None:
+    """`opened` (the requests answered without a coroutine: the service's express lane) gives
+    an open slide whose re-check is due at once and starts the one background re-read, as
+    `slide` does; it gave None, so the first request after every re-check time took the slow
+    way (and every tile request of a slide opened more than `recheck_seconds` ago, until one
+    awaited `slide`)."""
+    sid = store["gen"]
+    shutil.copytree(store["root"] / sid, tmp_path / sid)
+    st = wsi.Store(wsi.StoreSettings(str(tmp_path)))
+    now = [100.0]
+    settings = ReaderSettings(recheck_seconds=2.0, recheck_in_background=True)
+
+    async def main() -> None:
+        async with PublishedStore(st, settings, clock=lambda: now[0]) as published:
+            assert published.opened(sid) is None  # never opened
+            first = await published.slide(sid)
+            assert published.opened(sid) is first
+            republish_with_downsample(st, sid, 2, 3.0)
+            now[0] += 2.5
+            assert published.opened(sid) is first  # at once, the re-read behind it
+            assert ("recheck", sid) in published._inflight
+            while ("recheck", sid) in published._inflight:
+                await asyncio.sleep(0)
+            second = published.opened(sid)
+            assert second is not None and second is not first
+            assert second.levels[2].downsample == 3.0
+
+    asyncio.run(main())
+
+
 # -- faces, caches, S3 ----------------------------------------------------------------------------
 def test_sync_face_from_a_worker_thread_of_a_running_loop(store: dict[str, Any]) -> None:
     sid = store["gen"]

@@ -120,12 +120,19 @@ class PublishedStore:
         return await self.io.reachable()
 
     def opened(self, slide_id: str) -> AsyncPublishedSlide | None:
-        """The slide `slide_id` if it is open and was checked within `recheck_seconds`, else
-        None (then await `slide`): a busy service's requests without a coroutine."""
+        """The slide `slide_id` if it is open and was checked within `recheck_seconds` (or,
+        with `recheck_in_background`, is being checked again off the request path), else None
+        (then await `slide`): a busy service's requests without a coroutine. Call it on the
+        event loop (a background re-check is a task on it)."""
         cached = self._opened.get(slide_id) if self._started else None
-        if cached is not None and self._clock() - cached.checked < self.settings.recheck_seconds:
+        if cached is None:
+            return None
+        if self._clock() - cached.checked < self.settings.recheck_seconds:
             return cached.slide
-        return None
+        if not self.settings.recheck_in_background:
+            return None
+        self._recheck_soon(SlideKeys(slide_id), cached.slide)  # an id it opened: valid
+        return cached.slide
 
     async def slide(self, slide_id: str) -> AsyncPublishedSlide:
         """The published slide `slide_id` (SlideNotFound if unpublished). The same object while
