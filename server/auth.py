@@ -69,18 +69,31 @@ def admission(request: web.Request) -> web.Response | None:
         or request.path in OPEN_PAGES
     ):
         return None
-    header = request.headers.get("Authorization", "")
-    if header.startswith("Bearer "):
-        name = _token_name(header[7:], settings.tokens)
-        if name is not None:
-            request[PRINCIPAL] = name
-            return None
-    expires = _signed_expiry(request, settings)
+    name = bearer_name(request.headers.get("Authorization"), settings)
+    if name is not None:
+        request[PRINCIPAL] = name
+        return None
+    scope = ROUTE_SCOPES.get(request.match_info.route.name or "")
+    query = request.query
+    expires = signed_expiry(
+        settings,
+        scope,
+        request.match_info.get("slide_id"),
+        query.get("exp", ""),
+        query.get("sig", ""),
+    )
     if expires is not None:
         request[SIGNED_EXPIRES] = expires
-        request[PRINCIPAL] = f"signed:{ROUTE_SCOPES[request.match_info.route.name or '']}"
+        request[PRINCIPAL] = f"signed:{scope}"
         return None
     return json_error(401, "authentication required (Bearer token or signed URL)")
+
+
+def bearer_name(header: str | None, settings: ServerSettings) -> str | None:
+    """The name of the configured token an `Authorization` header value carries, else None."""
+    if header is None or not header.startswith("Bearer "):
+        return None
+    return _token_name(header[7:], settings.tokens)
 
 
 def token_entry(entry: str) -> tuple[str, str]:
@@ -102,11 +115,11 @@ def _token_name(given: str, tokens: tuple[str, ...]) -> str | None:
     return found
 
 
-def _signed_expiry(request: web.Request, settings: ServerSettings) -> int | None:
-    """The expiry of a valid, unexpired signature for this route and slide, else None."""
-    scope = ROUTE_SCOPES.get(request.match_info.route.name or "")
-    slide_id = request.match_info.get("slide_id")
-    exp, sig = request.query.get("exp", ""), request.query.get("sig", "")
+def signed_expiry(
+    settings: ServerSettings, scope: str | None, slide_id: str | None, exp: str, sig: str
+) -> int | None:
+    """The expiry of a valid, unexpired signature (`exp`, `sig`: the URL's query values) for a
+    route of `scope` (None: a route no signature opens) and slide `slide_id`, else None."""
     if not (scope and slide_id and exp.isascii() and exp.isdigit()) or int(exp) < time.time():
         return None
     expected = sign(settings.signing_key, scope, slide_id, int(exp))

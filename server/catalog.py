@@ -112,9 +112,10 @@ class ServedSlide(SlideInfo, Protocol):
     async def tile_bytes(self, level: int, col: int, row: int) -> bytes:
         """The stored (or, converting, the would-be stored) bytes of one tile, padded."""
 
-    def cached_tile_bytes(self, level: int, col: int, row: int) -> bytes | None:
-        """`tile_bytes` when the tile cache holds the tile, else None (then await `tile_bytes`):
-        a hot tile without a coroutine."""
+    def tile_bytes_now(self, level: int, col: int, row: int) -> bytes | None:
+        """`tile_bytes` when they can be had without waiting (the tile cache holds the tile;
+        for a published slide of a local store also its bytes in the page cache), else None
+        (then await `tile_bytes`): a busy viewer's tile without a coroutine."""
 
     async def tile(self, level: int, col: int, row: int) -> np.ndarray:
         """One tile as RGB pixels, cropped to the level."""
@@ -281,7 +282,7 @@ class ConvertingSlide(SourcePyramid):
         self.level(level).check_tile(col, row)
         return ("source", self.slide_id, level, col, row)
 
-    def cached_tile_bytes(self, level: int, col: int, row: int) -> bytes | None:
+    def tile_bytes_now(self, level: int, col: int, row: int) -> bytes | None:
         return self.store.tiles.get_if_held(self._tile_key(level, col, row))
 
     async def tile_bytes(self, level: int, col: int, row: int) -> bytes:

@@ -20,6 +20,7 @@ needed: credentials are Bearer tokens, which a browser never adds by itself.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from aiohttp import web
@@ -78,23 +79,38 @@ class CorsPolicy:
         response: web.StreamResponse,
         resource: AbstractResource | None,
     ) -> None:
-        """CORS headers on a read's answer (errors included, so a viewer can show why), before
-        its headers go out; `resource`: the request's (None: no route's). With an allow-list
-        every read answer varies by Origin, also one without CORS headers, so that no cache
-        hands it to a listed origin; without one, the answer is the same for every origin and
-        the request's Origin is not read. A plain call, not an `on_response_prepare` receiver:
+        """CORS headers on a read's answer (`pairs`), before its headers go out; `resource`:
+        the request's (None: no route's). A plain call, not an `on_response_prepare` receiver:
         the signal's dispatch cost about a tenth of a hot tile's handling."""
-        if not (self.listed or self.open) or request.method not in READ_METHODS:
+        if not (self.listed or self.open):
             return
         headers = response.headers
+        for name, value in self.pairs(request.method, request.headers, resource):
+            headers.add(name, value)  # added, not set: a handler never sets these itself
+
+    def pairs(
+        self, method: str, headers: Mapping[str, str], resource: AbstractResource | None
+    ) -> tuple[tuple[str, str], ...]:
+        """The CORS headers of the answer to a `method` request with `headers` (read by their
+        lower-case names) of `resource`: on reads only, errors included, so a viewer can show
+        why. With an allow-list every read answer varies by Origin, also one without CORS
+        headers, so that no cache hands it to a listed origin; without one, the answer is the
+        same for every origin and the request's Origin is not read."""
+        if not (self.listed or self.open) or method not in READ_METHODS:
+            return ()
+        vary: tuple[tuple[str, str], ...] = ()
         if self.listed:
-            headers.add("Vary", "Origin")
-            origin = self.allowed_origin(request.headers.get("Origin"), resource)
+            vary = (("Vary", "Origin"),)
+            origin = self.allowed_origin(headers.get("origin"), resource)
         else:
             origin = "*" if resource in self.open else None
-        if origin is not None:  # added, not set: a handler never sets these itself
-            headers.add("Access-Control-Allow-Origin", origin)
-            headers.add("Access-Control-Expose-Headers", EXPOSE_HEADERS)
+        if origin is None:
+            return vary
+        return (
+            *vary,
+            ("Access-Control-Allow-Origin", origin),
+            ("Access-Control-Expose-Headers", EXPOSE_HEADERS),
+        )
 
 
 CORS_POLICY: web.AppKey[CorsPolicy] = web.AppKey("cors_policy", CorsPolicy)

@@ -27,6 +27,7 @@ from yarl import URL
 from server.auth import admission
 from server.cors import CORS_POLICY, HOSTS_SEEN, CorsPolicy, preflight, refusal
 from server.errors import status_of
+from server.express import EXPRESS, Express, ExpressAnswer
 from server.keys import METRICS, SETTINGS
 from server.responses import json_error
 from wsi.errors import WsiError
@@ -177,10 +178,21 @@ class Routes:
         self._app = app
         self._front = _Front(app)
         self._wrappers: set[Handler] = set()
+        self._express = app[EXPRESS] = Express()
 
-    def add_get(self, path: str, handler: Handler, *, name: str | None = None) -> None:
-        """GET (and HEAD) of `path`."""
-        self._add(self._app.router.add_get, path, handler, name)
+    def add_get(
+        self,
+        path: str,
+        handler: Handler,
+        *,
+        name: str | None = None,
+        express: ExpressAnswer | None = None,
+    ) -> None:
+        """GET (and HEAD) of `path`; `express`: the function `handler` answers with first,
+        which then answers on the express lane too (`server.express`)."""
+        served = self._add(self._app.router.add_get, path, handler, name)
+        if express is not None:
+            self._express.add(served, express)
 
     def add_post(self, path: str, handler: Handler, *, name: str | None = None) -> None:
         self._add(self._app.router.add_post, path, handler, name)
@@ -194,9 +206,12 @@ class Routes:
         path: str,
         handler: Handler,
         name: str | None,
-    ) -> None:
+    ) -> AbstractResource:
         served = _Served()
-        served.resource = add(path, self._wrap(handler, served), name=name).resource
+        resource = add(path, self._wrap(handler, served), name=name).resource
+        assert resource is not None
+        served.resource = resource
+        return resource
 
     def _wrap(self, handler: Handler, served: _Served) -> Handler:
         wrapper = _fronted(handler, self._front, served)

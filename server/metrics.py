@@ -92,22 +92,29 @@ class Metrics:
     ) -> None:
         """Count one answered request of `resource` (None: no route matched), called by the
         front (`server.front`)."""
+        body = getattr(response, "body", None)
+        nbytes = len(body) if isinstance(body, bytes | bytearray) else 0
+        self.count(resource, response.status, nbytes, start)
+
+    def count(
+        self, resource: AbstractResource | None, status: int, nbytes: int, start: float
+    ) -> None:
+        """Count one answer of `status` with `nbytes` of body to a request of `resource` begun
+        at `start` (`time.perf_counter`): the front's (`observe`) and the express lane's."""
         elapsed = time.perf_counter() - start
         name = self._names.get(id(resource))
         if name is None:
             name = resource.canonical if resource is not None else "unmatched"
             self._names[id(resource)] = name
             self._resources.append(resource)
-        key = (name, response.status)
+        key = (name, status)
         tally = self._tallies.get(key)
         if tally is None:
             tally = self._tallies[key] = _Tally()
         tally.requests += 1
         tally.seconds += elapsed
         tally.buckets[bisect.bisect_left(BUCKETS, elapsed)] += 1
-        body = getattr(response, "body", None)
-        if isinstance(body, bytes | bytearray):
-            tally.nbytes += len(body)
+        tally.nbytes += nbytes
 
     def outside_front(self, response: web.StreamResponse) -> None:
         """Count an answer the connection made itself, before any route (a request that could

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import re
 import time
-from typing import Any
+from typing import Any, NamedTuple
 
 from aiohttp import web
 
@@ -29,47 +29,103 @@ MAX_PREBUILT = 64
 """(Cache-Control, Content-Type) pairs kept: the service's own content types make a dozen."""
 
 
+class Stored(NamedTuple):
+    """A response of stored bytes before its headers, as a route makes it for either lane
+    (aiohttp's, or the express lane's: `server.express`). A named tuple: one is made per tile
+    request, and a frozen dataclass costs several times as much to make."""
+
+    body: bytes
+    content_type: str
+    etag: str
+    """Without quotes; strong."""
+    version: str | None = None
+    """The slide version the bytes belong to (a URL naming it makes them immutable)."""
+    storable: bool = True
+    """False for what may show patient data (labels, macros): `no-store`."""
+
+
 class ResponseHeaders:
     """The headers every response of stored bytes shares, built once per app instead of per
     response: Cache-Control (private or public, immutable or revalidated, no-store) with each
     content type. Only the ETag, and whether the URL names the slide's current version, differ
     from one response to the next, so a re-published slide needs nothing rebuilt here."""
 
-    __slots__ = ("_fixed", "_immutable", "_private", "_revalidate")
+    __slots__ = ("_fixed", "_immutable", "_revalidate", "private")
 
     def __init__(self, private: bool) -> None:
-        self._private = private
+        self.private = private
+        """Auth is on: a shared cache must not keep answers, and signed URLs exist."""
         scope = "private" if private else "public"
         self._immutable = f"{scope}, max-age=31536000, immutable"
         self._revalidate = f"{scope}, no-cache"
-        self._fixed: dict[tuple[str, str], dict[str, str]] = {}
+        self._fixed: dict[tuple[str, str | None], tuple[dict[str, str], str]] = {}
 
-    def cache_control(self, request: web.Request, version: str | None, storable: bool) -> str:
+    def cache_control(
+        self, version: str | None, storable: bool, named: str | None, expires: int | None
+    ) -> str:
+        """Cache-Control of bytes of slide `version`; `named`: the version the URL names (its
+        `VERSION_PARAM`), `expires`: the expiry of the signed URL that admitted the request."""
         if not storable:
             return "no-store"
-        # Signed URLs exist only where auth is on (`private`): a tile of a service without auth
-        # skips the lookup, a Mapping.get that raises and catches a KeyError each time.
-        expires = request.get(SIGNED_EXPIRES) if self._private else None
         if expires is not None:  # kept no longer than the signature that opened it lives
             return f"private, max-age={max(0, expires - int(time.time()))}"
-        # The query string is parsed only when there is one (most tile URLs of scripts have none).
-        if (
-            version is not None
-            and request.query_string
-            and request.query.get(VERSION_PARAM) == version
-        ):
+        if version is not None and named == version:
             return self._immutable
         return self._revalidate
 
-    def fixed(self, cache_control: str, content_type: str) -> dict[str, str]:
-        """{Cache-Control, Content-Type}, one shared dict per pair: never modify it."""
+    def fixed(self, cache_control: str, content_type: str | None) -> dict[str, str]:
+        """The headers of an answer after its ETag: {Cache-Control, Content-Type} (a 304's
+        has no Content-Type: None), one shared dict per pair: never modify it."""
+        return self._prebuilt(cache_control, content_type)[0]
+
+    def fixed_text(self, cache_control: str, content_type: str | None) -> str:
+        """`fixed` as the lines of a response head (`Name: value\r\n` each)."""
+        return self._prebuilt(cache_control, content_type)[1]
+
+    def _prebuilt(self, cache_control: str, content_type: str | None) -> tuple[dict[str, str], str]:
         key = (cache_control, content_type)
-        headers = self._fixed.get(key)
-        if headers is None:
-            headers = {"Cache-Control": cache_control, "Content-Type": content_type}
+        found = self._fixed.get(key)
+        if found is None:
+            headers = {"Cache-Control": cache_control}
+            if content_type is not None:
+                headers["Content-Type"] = content_type
+            found = (headers, "".join(f"{k}: {v}\r\n" for k, v in headers.items()))
             if len(self._fixed) < MAX_PREBUILT:
-                self._fixed[key] = headers
-        return headers
+                self._fixed[key] = found
+        return found
+
+    def answer(
+        self,
+        stored: Stored,
+        if_none_match: str | None,
+        named: str | None,
+        expires: int | None,
+    ) -> Answer:
+        """The answer of `stored`: 304 when the client has it already (`If-None-Match`).
+
+        Cache-Control: `no-store` when not storable (labels and macros carry patient names);
+        otherwise `private` when auth is on (a shared cache must not hand out what needed
+        credentials), else `public`; and `immutable` for a year only when the URL names the
+        version the bytes belong to. A re-conversion (say with --deidentify) changes the bytes
+        behind an unversioned URL, so those are revalidated with the ETag (`no-cache`)."""
+        quoted = f'"{stored.etag}"'
+        control = self.cache_control(stored.version, stored.storable, named, expires)
+        if if_none_match == quoted:
+            return Answer(304, quoted, control, None, b"")
+        return Answer(200, quoted, control, stored.content_type, stored.body)
+
+
+class Answer(NamedTuple):
+    """A response of stored bytes as `ResponseHeaders.answer` decides it: its headers are the
+    ETag, then `ResponseHeaders.fixed(cache_control, content_type)`."""
+
+    status: int
+    etag: str
+    """Quoted."""
+    cache_control: str
+    content_type: str | None
+    """None for a 304 (no body)."""
+    body: bytes
 
 
 RESPONSE_HEADERS = web.AppKey("response_headers", ResponseHeaders)
@@ -81,9 +137,39 @@ def install(app: web.Application, private: bool) -> None:
     app[RESPONSE_HEADERS] = ResponseHeaders(private)
 
 
+def _named_version(request: web.Request) -> str | None:
+    # The query string is parsed only when there is one (most tile URLs of scripts have none).
+    return request.query.get(VERSION_PARAM) if request.query_string else None
+
+
+def _signed_expiry(request: web.Request, prebuilt: ResponseHeaders) -> int | None:
+    # Signed URLs exist only where auth is on (`private`): a tile of a service without auth
+    # skips the lookup, a Mapping.get that raises and catches a KeyError each time.
+    return request.get(SIGNED_EXPIRES) if prebuilt.private else None
+
+
 def cache_control(request: web.Request, version: str | None, storable: bool) -> str:
-    """The Cache-Control value for a response of slide bytes (see `etag_response`)."""
-    return request.app[RESPONSE_HEADERS].cache_control(request, version, storable)
+    """The Cache-Control value for a response of slide bytes (see `ResponseHeaders.answer`)."""
+    prebuilt = request.app[RESPONSE_HEADERS]
+    expires = _signed_expiry(request, prebuilt)
+    return prebuilt.cache_control(version, storable, _named_version(request), expires)
+
+
+def stored_response(request: web.Request, stored: Stored) -> web.Response:
+    """`stored` with a strong ETag; 304 when the client has it already (see
+    `ResponseHeaders.answer`, which the express lane answers with too)."""
+    prebuilt = request.app[RESPONSE_HEADERS]
+    answer = prebuilt.answer(
+        stored,
+        request.headers.get("If-None-Match"),
+        _named_version(request),
+        _signed_expiry(request, prebuilt),
+    )
+    headers = {"ETag": answer.etag, **prebuilt.fixed(answer.cache_control, answer.content_type)}
+    if answer.status == 304:
+        return web.Response(status=304, headers=headers)
+    # Content-Type as a header, not `content_type=`: aiohttp's setter parses and rebuilds it.
+    return web.Response(body=answer.body, headers=headers)
 
 
 def etag_response(
@@ -95,22 +181,8 @@ def etag_response(
     version: str | None = None,
     storable: bool = True,
 ) -> web.Response:
-    """Stored bytes with a strong ETag; 304 when the client has them already.
-
-    Cache-Control: `no-store` when not `storable` (labels and macros carry patient names);
-    otherwise `private` when auth is on (a shared cache must not hand out what needed
-    credentials), else `public`; and `immutable` for a year only when the URL names the `version`
-    the bytes belong to. A re-conversion (say with --deidentify) changes the bytes behind an
-    unversioned URL, so those are revalidated with the ETag (`no-cache`)."""
-    prebuilt = request.app[RESPONSE_HEADERS]
-    quoted = f'"{etag}"'
-    control = prebuilt.cache_control(request, version, storable)
-    if request.headers.get("If-None-Match") == quoted:
-        return web.Response(status=304, headers={"ETag": quoted, "Cache-Control": control})
-    # Content-Type as a header, not `content_type=`: aiohttp's setter parses and rebuilds it.
-    return web.Response(
-        body=body, headers={"ETag": quoted, **prebuilt.fixed(control, content_type)}
-    )
+    """Stored bytes with a strong ETag (`stored_response`)."""
+    return stored_response(request, Stored(body, content_type, etag, version, storable))
 
 
 _HOST = re.compile(r"[A-Za-z0-9.\-]{1,253}(?::[0-9]{1,5})?|\[[0-9A-Fa-f:.]{2,45}\](?::[0-9]{1,5})?")

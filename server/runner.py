@@ -22,12 +22,14 @@ import socket
 import traceback
 from collections.abc import Awaitable, Callable
 from contextlib import suppress
+from typing import Any
 
 from aiohttp import web
 from aiohttp.http_exceptions import BadHttpMethod, HttpProcessingError
 from aiohttp.web_protocol import RequestHandler
 from aiohttp.web_request import BaseRequest
 
+from server.express import EXPRESS, MAX_HEAD, Express
 from server.responses import json_error
 
 log = logging.getLogger("aiohttp.server")
@@ -50,9 +52,65 @@ kernel (TCP_USER_TIMEOUT, which Linux also applies to a receive window left at z
 
 class ServiceConnection(RequestHandler):
     """aiohttp's connection protocol, its own error answers made JSON (`handle_error`), cut
-    when its client stops taking data (`connection_made`)."""
+    when its client stops taking data (`connection_made`), with the app's express lane in
+    front of aiohttp's request handling (`data_received`)."""
 
-    __slots__ = ()
+    __slots__ = ("_aiohttps", "_express", "_held")
+
+    def __init__(self, manager: web.Server, *, express: Express | None, **kwargs: Any) -> None:
+        super().__init__(manager, **kwargs)
+        self._express = express
+        self._held = b""
+        """The start of a request head not complete yet (at most `MAX_HEAD` bytes)."""
+        self._aiohttps = express is None
+        """Every byte goes to aiohttp from now on: only it knows where requests end."""
+
+    def data_received(self, data: bytes) -> None:
+        """Each complete request head is answered by the express lane when it can, else
+        handed to aiohttp whole, in order (see `server.express`)."""
+        if self._aiohttps:
+            super().data_received(data)
+            return
+        if self._force_close or self._close:
+            return
+        express = self._express
+        assert express is not None
+        held = self._held + data if self._held else data
+        pos = 0
+        while True:
+            end = held.find(b"\r\n\r\n", pos)
+            if end < 0 or end - pos > MAX_HEAD:
+                break
+            head = express.parse(held[pos:end])
+            if head is None:  # aiohttp's from here on
+                break
+            stop = end + 4
+            waiter = self._waiter
+            out = None
+            if (
+                waiter is not None  # aiohttp waits for a request: it answers none now
+                and not waiter.done()
+                and not self._messages
+                and not self._paused  # the client takes what it is sent
+            ):
+                out = express.answer(head)
+            if out is None:
+                super().data_received(held[pos:stop])
+                if self._force_close or self._close:
+                    return
+            else:
+                transport = self.transport
+                assert transport is not None
+                transport.write(out)
+                self._next_keepalive_close_time = self._loop.time() + self._keepalive_timeout
+            pos = stop
+        rest = held[pos:] if pos else held
+        if len(rest) > MAX_HEAD or b"\r\n\r\n" in rest:
+            self._aiohttps = True
+            self._held = b""
+            super().data_received(rest)
+        else:
+            self._held = rest
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         """As aiohttp's, and the connection is cut when what is sent stays unacknowledged, or
@@ -100,11 +158,11 @@ class _Server(web.Server):
 
     outside_front: ResponseHook | None = None
     """The app's `OUTSIDE_FRONT`."""
+    express: Express | None = None
+    """The app's express lane, when it has one."""
 
     def __call__(self) -> RequestHandler:
-        protocol = super().__call__()
-        protocol.__class__ = ServiceConnection  # adds no state: only `handle_error` differs
-        return protocol
+        return ServiceConnection(self, loop=self._loop, express=self.express, **self._kwargs)
 
 
 def _path_or_root(handle: RequestHandlerFunc) -> RequestHandlerFunc:
@@ -135,6 +193,8 @@ class ServiceRunner(web.AppRunner):
         assert isinstance(server, _Server)
         server.request_handler = _path_or_root(server.request_handler)
         server.outside_front = self.app.get(OUTSIDE_FRONT)
+        express = self.app.get(EXPRESS)
+        server.express = express.bind(self.app) if express is not None else None
         return server
 
 

@@ -61,4 +61,3 @@ def test_a_removed_or_replaced_entry_leaves_none_of_its_bytes(tmp_path: Path) ->
 def test_a_folder_that_cannot_be_made_is_no_file(tmp_path: Path) -> None:
     (tmp_path / "a file").write_text("")
     assert IndexFile.open(str(tmp_path / "a file" / "state"), "code") is None
-

@@ -257,3 +257,39 @@ def test_a_republished_slide_is_read_from_its_new_files(tmp_path: Path) -> None:
             assert await first.tile_bytes(0, 0, 0) == before
 
     asyncio.run(main())
+
+
+def test_bytes_at_hand_are_had_without_waiting_and_equal_the_awaited_ones(
+    tmp_path: Path,
+) -> None:
+    """`tile_bytes_now` and `frame_bytes_now` (what the service answers without a coroutine):
+    None until the level's index is read and its file open, then every tile and frame of that
+    level from the page cache, equal to what `tile_bytes` and `frame_bytes` give, blank glass
+    included; bad coordinates and frame numbers raise as the awaited reads do."""
+    src = make_tiff(tmp_path / "src.tif", 900, 700, seed=5)
+    st = wsi.Store(wsi.StoreSettings(str(tmp_path / "store")))
+    sid = wsi.convert_slide(src, st, wsi.ConvertSettings()).slide_id
+
+    async def main() -> None:
+        async with PublishedStore(st, ReaderSettings(tile_cache_bytes=0)) as published:
+            slide = await published.slide(sid)
+            level = slide.levels[0]
+            assert slide.tile_bytes_now(0, 1, 1) is None  # no index read yet
+            await slide.tile_bytes(0, 0, 0)
+            tiles = [(c, r) for c in range(level.cols) for r in range(level.rows)]
+            for col, row in tiles:
+                now = slide.tile_bytes_now(0, col, row)
+                assert now == await slide.tile_bytes(0, col, row), (col, row)
+            with pytest.raises(wsi.errors.InvalidArgument):
+                slide.tile_bytes_now(0, level.cols, 0)
+            assert slide.dicom is not None
+            inst = next(i for i in slide.dicom.instances if i.level == 0)
+            assert slide.frame_bytes_now(inst, 1) is None  # its frame list not read yet
+            await slide.frame_bytes(inst, 1)
+            count = len(await slide.frame_chunks(inst))
+            for number in range(1, count + 1):
+                assert slide.frame_bytes_now(inst, number) == await slide.frame_bytes(inst, number)
+            with pytest.raises(wsi.errors.InvalidArgument):
+                slide.frame_bytes_now(inst, count + 1)
+
+    asyncio.run(main())

@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import collections
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import numpy as np
 from aiohttp import web
@@ -24,7 +25,7 @@ from server.front import routes
 from server.keys import CATALOG, SETTINGS
 from server.openapi import ERROR, path_params
 from server.render import as_made, encode_image, in_pool, region
-from server.responses import etag_response
+from server.responses import Stored, etag_response, stored_response
 from wsi.errors import InvalidArgument
 from wsi.published.values import JPEG
 
@@ -128,17 +129,28 @@ async def descriptor(request: web.Request) -> web.Response:
     return web.Response(text=xml, content_type="application/xml")
 
 
-async def tile(request: web.Request) -> web.Response:
-    catalog = request.app[CATALOG]
-    info = request.match_info
-    slide = catalog.opened(info["slide_id"])  # a busy viewer's: without a coroutine
-    if slide is None:
-        slide = await catalog.slide(info["slide_id"])
+class _Target(NamedTuple):
+    """What DeepZoom tile (z, x, y) of a slide is made of."""
+
+    z: int
+    x: int
+    y: int
+    width: int
+    height: int
+    level: ServedLevel | None
+    """The stored level of z's downsample, if any."""
+    etag: str
+    stored: bool
+    """The tile is a stored tile of `level` as it is (its index there is (x, y))."""
+
+
+def _target(app: web.Application, slide: ServedSlide, info: Mapping[str, str]) -> _Target:
+    """The tile the path parameters `info` name; InvalidArgument outside the slide."""
     z, x, y = info["z"], info["x"], info["y"]
     if not (z.isdigit() and x.isdigit() and y.isdigit()) or max(map(len, (z, x, y))) > 6:
         raise InvalidArgument("DeepZoom level and tile coordinates must be integers")
     z_, x_, y_ = int(z), int(x), int(y)
-    dz = request.app[GEOMETRY].of(slide)
+    dz = app[GEOMETRY].of(slide)
     if z_ > dz.top:
         raise InvalidArgument(f"DeepZoom level {z_} > {dz.top}")
     size = dz.size
@@ -146,27 +158,59 @@ async def tile(request: web.Request) -> web.Response:
     if x_ * size >= width or y_ * size >= height:
         raise InvalidArgument(f"tile ({x_}, {y_}) is outside DeepZoom level {z_}")
     tw, th = min(size, width - x_ * size), min(size, height - y_ * size)
-    version = slide.version
-    etag = f"{version}-dz{z_}-{x_}-{y_}"
-    if level is not None and x_ * size < level.width and y_ * size < level.height:
-        if (level.tile_width, level.tile_height, tw, th) == (size,) * 4 and level.codec == JPEG:
-            data = slide.cached_tile_bytes(level.index, x_, y_)
-            if data is None:
-                data = await slide.tile_bytes(level.index, x_, y_)
-            return etag_response(request, data, "image/jpeg", etag, version=version)
-        body = await assembled(catalog, slide, level, (x_ * size, y_ * size), (tw, th))
+    stored = (
+        level is not None
+        and x_ * size < level.width
+        and y_ * size < level.height
+        and (level.tile_width, level.tile_height, tw, th) == (size,) * 4
+        and level.codec == JPEG
+    )
+    return _Target(z_, x_, y_, tw, th, level, f"{slide.version}-dz{z_}-{x_}-{y_}", stored)
+
+
+def tile_now(
+    app: web.Application, info: Mapping[str, str], headers: Mapping[str, str]
+) -> Stored | None:
+    """A DeepZoom tile's answer when it is a stored tile at hand (an open slide, the tile's
+    bytes from `tile_bytes_now`), else None (`tile` awaits it). The express lane's too."""
+    slide = app[CATALOG].opened(info["slide_id"])
+    if slide is None:
+        return None
+    target = _target(app, slide, info)
+    if not target.stored or target.level is None:
+        return None
+    data = slide.tile_bytes_now(target.level.index, target.x, target.y)
+    return None if data is None else Stored(data, "image/jpeg", target.etag, slide.version)
+
+
+async def tile(request: web.Request) -> web.Response:
+    info = request.match_info
+    stored = tile_now(request.app, info, request.headers)
+    if stored is not None:
+        return stored_response(request, stored)
+    catalog = request.app[CATALOG]
+    slide = catalog.opened(info["slide_id"]) or await catalog.slide(info["slide_id"])
+    t = _target(request.app, slide, info)
+    version, etag, level = slide.version, t.etag, t.level
+    if t.stored and level is not None:
+        data = await slide.tile_bytes(level.index, t.x, t.y)
+        return etag_response(request, data, "image/jpeg", etag, version=version)
+    size = request.app[GEOMETRY].of(slide).size
+    if level is not None and t.x * size < level.width and t.y * size < level.height:
+        corner = (t.x * size, t.y * size)
+        body = await assembled(catalog, slide, level, corner, (t.width, t.height))
         return etag_response(request, body, "image/jpeg", etag, version=version)
-    scale = slide.width / width
-    x0, y0 = int(x_ * size * scale), int(y_ * size * scale)
+    scale = slide.width / request.app[GEOMETRY].of(slide).levels[t.z][0]
+    x0, y0 = int(t.x * size * scale), int(t.y * size * scale)
     body = await region(
         catalog,
         slide,
         x0,
         y0,
-        max(1, round(tw * scale)),
-        max(1, round(th * scale)),
-        tw,
-        th,
+        max(1, round(t.width * scale)),
+        max(1, round(t.height * scale)),
+        t.width,
+        t.height,
         request.app[SETTINGS].max_render_pixels,
         lambda pixels: encode_image(np.asarray(pixels), "jpg")[0],
         as_made,  # a tile's size: sent by aiohttp, after the slot
@@ -203,7 +247,10 @@ async def assembled(
 def register_tiles(app: web.Application) -> None:
     """The tile route, registered ahead of every other route under /slides (`server.app`)."""
     routes(app).add_get(
-        f"/slides/{SLIDE}_files/{{z:\\d+}}/{{x:\\d+}}_{{y:\\d+}}.jpeg", tile, name="dzi.tile"
+        f"/slides/{SLIDE}_files/{{z:\\d+}}/{{x:\\d+}}_{{y:\\d+}}.jpeg",
+        tile,
+        name="dzi.tile",
+        express=tile_now,
     )
 
 

@@ -7,14 +7,14 @@ from collections.abc import Mapping
 
 from aiohttp import web
 
-from server.catalog import CONVERTING, private_images, published, status, summary
+from server.catalog import CONVERTING, SlideInfo, private_images, published, status, summary
 from server.converting import conversion_jobs
 from server.front import routes
 from server.keys import CATALOG, LISTING, SETTINGS
 from server.listing import MAX_PAGE
 from server.openapi import ERROR, path_params
 from server.render import encode_image, in_pool
-from server.responses import etag_response
+from server.responses import Stored, etag_response, stored_response
 from wsi.errors import InvalidArgument
 from wsi.model import ASSOCIATED_KINDS
 from wsi.published.values import JPEG, decode_tile
@@ -81,21 +81,40 @@ async def get_slide(request: web.Request) -> web.Response:
     return web.json_response(doc)
 
 
-async def get_tile(request: web.Request) -> web.Response:
-    catalog = request.app[CATALOG]
-    info = request.match_info
-    slide_id = info["slide_id"]
-    # A busy service's tile is one of an open slide, cached: taken without a coroutine.
-    slide = catalog.opened(slide_id)
+def tile_now(
+    app: web.Application, info: Mapping[str, str], headers: Mapping[str, str]
+) -> Stored | None:
+    """A plain tile's answer when it needs no waiting: an open slide (`Catalog.opened`), a JPEG
+    level, the tile's bytes at hand (`tile_bytes_now`); else None (`get_tile` awaits them).
+    Bad coordinates raise as in `get_tile`. The express lane answers with it too."""
+    slide = app[CATALOG].opened(info["slide_id"])
     if slide is None:
-        slide = await catalog.slide(slide_id)
+        return None
+    level, col, row = int_param(info, "level"), int_param(info, "col"), int_param(info, "row")
+    if slide.level(level).codec != JPEG:
+        return None
+    data = slide.tile_bytes_now(level, col, row)
+    if data is None:
+        return None
+    return Stored(data, "image/jpeg", _tile_etag(slide, level, col, row), slide.version)
+
+
+def _tile_etag(slide: SlideInfo, level: int, col: int, row: int) -> str:
+    return f"{slide.version}-{level}-{col}-{row}"
+
+
+async def get_tile(request: web.Request) -> web.Response:
+    info = request.match_info
+    stored = tile_now(request.app, info, request.headers)
+    if stored is not None:
+        return stored_response(request, stored)
+    catalog = request.app[CATALOG]
+    slide = catalog.opened(info["slide_id"]) or await catalog.slide(info["slide_id"])
     level, col, row = int_param(info, "level"), int_param(info, "col"), int_param(info, "row")
     lv = slide.level(level)
-    data = slide.cached_tile_bytes(level, col, row)
-    if data is None:
-        data = await slide.tile_bytes(level, col, row)
+    data = await slide.tile_bytes(level, col, row)
     version = slide.version
-    etag = f"{version}-{level}-{col}-{row}"
+    etag = _tile_etag(slide, level, col, row)
     if lv.codec == JPEG:
         return etag_response(request, data, "image/jpeg", etag, version=version)
     body, content_type = await in_pool(catalog, lambda: encode_image(decode_tile(lv, data), "png"))
@@ -126,7 +145,10 @@ async def get_associated(request: web.Request) -> web.Response:
 def register_tiles(app: web.Application) -> None:
     """The tile route, registered ahead of every other route under /slides (`server.app`)."""
     routes(app).add_get(
-        "/slides/{slide_id}/tiles/{level}/{col}/{row}", get_tile, name="slides.tile"
+        "/slides/{slide_id}/tiles/{level}/{col}/{row}",
+        get_tile,
+        name="slides.tile",
+        express=tile_now,
     )
 
 

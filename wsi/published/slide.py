@@ -10,6 +10,7 @@ chunks are handed out as JPEG, and tiles a shard does not hold (blank glass) as 
 from __future__ import annotations
 
 import asyncio
+import enum
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType, TracebackType
@@ -45,6 +46,15 @@ if TYPE_CHECKING:
 
 FORM_BATCH_FRAMES = 32
 """Frames of an archived instance rebuilt at a time while its JPEG form is sent."""
+
+
+class Absent(enum.Enum):
+    """A chunk the shard does not hold (blank glass), as `_chunk_now` says it."""
+
+    ABSENT = "absent"
+
+
+ABSENT = Absent.ABSENT
 
 
 def _jpeg_of_jpeg2000(data: bytes) -> bytes:
@@ -269,12 +279,39 @@ class AsyncPublishedSlide:
             self.store.changed(self.slide_id)
             raise
 
-    def cached_tile_bytes(self, level: int, col: int, row: int) -> bytes | None:
-        """`tile_bytes` if the tile cache holds the tile, else None (then await `tile_bytes`):
-        a hot tile without a coroutine. Bad coordinates raise as in `tile_bytes`."""
+    def _chunk_now(self, image: StoredImage, chunk: int) -> bytes | Absent | None:
+        """`_chunk`'s answer when it needs no waiting (the chunk cached, or its shard index
+        cached and its bytes in the page cache of a local store), else None. `ABSENT` when
+        the shard holds no such chunk."""
+        cache_key = self._chunk_key(image, chunk)
+        data = self.store.tiles.get_if_held(cache_key)
+        if data is not None or image.stored_codec is not None:  # rebuilt ones: on the pool
+            return data
+        index = self.store.indexes.get_if_held((self.slide_id, self.version, image.key))
+        if index is None:
+            return None
+        data_end = image.size - layout.index_nbytes(image.tile_count)
+        span = layout.chunk_span(index, chunk, data_end, image.key)
+        if span is None:
+            return ABSENT
+        data = self.store.io.get_range_now(image.key, span[0], span[1], self.version)
+        if data is None:
+            return None
+        if len(data) != span[1] - span[0]:
+            raise CorruptSlide(f"{image.key} ends inside chunk {chunk}")
+        self.store.tiles.put(cache_key, data)
+        return data
+
+    def tile_bytes_now(self, level: int, col: int, row: int) -> bytes | None:
+        """`tile_bytes` when it needs no waiting (see `_chunk_now`), else None (then await
+        `tile_bytes`): a hot tile, or a cold one of a local store in the page cache, without a
+        coroutine. Bad coordinates raise as in `tile_bytes`."""
         lv = self.level(level)
         lv.check_tile(col, row)
-        return self.store.tiles.get_if_held(self._chunk_key(lv, row * lv.cols + col))
+        data = self._chunk_now(lv, row * lv.cols + col)
+        if data is ABSENT:
+            return layout.background_chunk(lv.codec, lv.tile_width, lv.tile_height, lv.fill)
+        return data
 
     async def tile_bytes(self, level: int, col: int, row: int) -> bytes:
         """The stored bytes of one tile: a complete JPEG stream for 'jpeg' levels (padded to the
@@ -401,6 +438,24 @@ class AsyncPublishedSlide:
         read = self._stored_chunk if stored else self._chunk
         data = await read(instance.image, int(chunks[number - 1]))
         if data is None:
+            raise EncodedTileUnavailable(f"{instance.key} stores no frame {number}")
+        return data
+
+    def frame_bytes_now(self, instance: PublishedInstance, number: int) -> bytes | None:
+        """`frame_bytes` (not `stored`) when it needs no waiting, else None (then await
+        `frame_bytes`): a level's frame whose chunk list is cached and whose bytes are cached
+        or in the page cache. A frame out of range raises as in `frame_bytes`."""
+        if instance.associated is not None:
+            return None
+        chunks = self.store.indexes.get_if_held(
+            (self.slide_id, self.version, instance.image.key, "frames")
+        )
+        if chunks is None:
+            return None
+        if not 1 <= number <= len(chunks):
+            raise InvalidArgument(f"frame {number} is outside 1..{len(chunks)}")
+        data = self._chunk_now(instance.image, int(chunks[number - 1]))
+        if data is ABSENT:
             raise EncodedTileUnavailable(f"{instance.key} stores no frame {number}")
         return data
 

@@ -8,7 +8,7 @@ import math
 import re
 import secrets
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -325,25 +325,33 @@ async def find_instance(request: web.Request) -> Instance:
     names one: found once, then taken from `DicomWebState.found` while its slide's catalog entry
     is unchanged (a re-published slide is a new object, and is looked up again)."""
     info = request.match_info
-    key = (info["study"], info["series"], info["instance"])
-    found = state(request).found
-    known = found.get(key)
+    known = known_instance(request.app, info)
     if known is not None:
-        catalog = request.app[CATALOG]
+        note_read(request, (known.slide.slide_id,))
+        return known
+    key = (info["study"], info["series"], info["instance"])
+    known = state(request).found.get(key)
+    if known is not None:
         slide_id = known.slide.slide_id
         try:
-            current = catalog.opened(slide_id)  # a busy viewer's: without a coroutine
-            if current is None:
-                current = await catalog.slide(slide_id)
-            if current is known.slide:
+            if await request.app[CATALOG].slide(slide_id) is known.slide:
                 note_read(request, (slide_id,))
                 return known
         except UNSERVED:  # looked up as a new path says why
             pass
     inst = await _find_instance(request)
-    found.put(key, inst)
+    state(request).found.put(key, inst)
     note_read(request, (inst.slide.slide_id,))
     return inst
+
+
+def known_instance(app: web.Application, info: Mapping[str, str]) -> Instance | None:
+    """The instance the path parameters `info` named before, when its slide is open and still
+    the catalog's (a busy viewer's, without a coroutine), else None (then `find_instance`)."""
+    known = app[DICOMWEB].found.get_if_held((info["study"], info["series"], info["instance"]))
+    if known is None or app[CATALOG].opened(known.slide.slide_id) is not known.slide:
+        return None
+    return known
 
 
 async def _find_instance(request: web.Request) -> Instance:

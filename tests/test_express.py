@@ -1,0 +1,537 @@
+"""The express lane (`server.express`) answers as aiohttp's way does, byte for byte but the Date:
+the same requests, sent as raw bytes to a service with the lane and to one without, over the
+same store; and the lane keeps HTTP/1.1's rules on a connection it shares with aiohttp
+(pipelined requests in order, requests with bodies never read as requests, heads split across
+packets, clients that do not read, the keep-alive timer)."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import json
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+
+import wsi
+from server.api.dicomweb.instances import DICOMWEB
+from server.auth import sign
+from server.express import EXPRESS, MAX_HEAD
+from server.runner import ServiceConnection
+from server.settings import ServerSettings
+
+from .conftest import sample
+from .helpers import serving_app
+
+SOURCE = sample("CMU-1-Small-Region.svs")
+TOKEN = "reader:s3cret-token"
+KEY = "signing-key-for-tests"
+ORIGIN = "https://viewer.example.org"
+FRAMES_ACCEPT = 'multipart/related; type="application/octet-stream"; transfer-syntax=*'
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    root = tmp_path_factory.mktemp("express")
+    pyramid = wsi.PyramidSettings(optimize_huffman=False)
+    sid = wsi.convert_slide(
+        SOURCE, wsi.Store(wsi.StoreSettings(str(root))), wsi.ConvertSettings(pyramid)
+    ).slide_id
+    attrs = json.loads((root / sid / "slide.zarr" / "zarr.json").read_text())["attributes"]
+    dicom = attrs["wsistore"]["dicom"]
+    base = next(i for i in dicom["instances"] if i["flavor"] == "VOLUME" and i["level"] == 0)
+    frames = (
+        f"/dicomweb/studies/{dicom['study_instance_uid']}/series/{dicom['series_instance_uid']}"
+        f"/instances/{base['sop_instance_uid']}/frames"
+    )
+    version = requests_free_version(root, sid)
+    return {"root": root, "sid": sid, "frames": frames, "version": version}
+
+
+def requests_free_version(root: Path, sid: str) -> str:
+    """The slide's version as the service names it (its manifest digest, read by the library)."""
+    with wsi.open_published(str(root / sid)) as slide:
+        return str(slide.version)
+
+
+class Pair:
+    """Two services over one store, one with the express lane and one without."""
+
+    def __init__(self, lane: Any, full: Any) -> None:
+        self.lane_base, self.lane_app, self.lane_loop = lane
+        self.full_base, self.full_app, _ = full
+
+    @property
+    def answered(self) -> int:
+        return int(self.lane_app[EXPRESS].answered)
+
+
+def pair(settings: ServerSettings) -> Iterator[Pair]:
+    full = ServerSettings(**{**settings.__dict__, "express": False})
+    with serving_app(settings) as lane, serving_app(full) as other:
+        yield Pair(lane, other)
+
+
+@pytest.fixture(scope="module")
+def services(store: dict[str, Any]) -> Iterator[Pair]:
+    yield from pair(ServerSettings(store=str(store["root"]), index_at_start=False))
+
+
+@pytest.fixture(scope="module")
+def listed(store: dict[str, Any]) -> Iterator[Pair]:
+    """With an allow-listed origin (every read answer varies by Origin)."""
+    yield from pair(
+        ServerSettings(store=str(store["root"]), cors_origins=(ORIGIN,), index_at_start=False)
+    )
+
+
+@pytest.fixture(scope="module")
+def authed(store: dict[str, Any]) -> Iterator[Pair]:
+    """With tokens: authentication on (on loopback too)."""
+    yield from pair(
+        ServerSettings(
+            store=str(store["root"]), tokens=(TOKEN,), signing_key=KEY, index_at_start=False
+        )
+    )
+
+
+# -- a raw HTTP/1.1 client -------------------------------------------------------------------
+
+
+class Connection:
+    """One keep-alive connection: requests sent as given, responses read one by one."""
+
+    def __init__(self, base: str) -> None:
+        host, port = base.removeprefix("http://").split(":")
+        self.sock = socket.create_connection((host, int(port)), timeout=30)
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.buffer = b""
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def _fill(self) -> bool:
+        chunk = self.sock.recv(1 << 20)
+        self.buffer += chunk
+        return bool(chunk)
+
+    def response(self, head_only: bool = False) -> tuple[str, list[tuple[str, str]], bytes]:
+        """(status line, headers but Date, body) of the next response."""
+        while b"\r\n\r\n" not in self.buffer:
+            if not self._fill():
+                raise ConnectionError("closed before a response")
+        head, _, self.buffer = self.buffer.partition(b"\r\n\r\n")
+        lines = head.decode("latin-1").split("\r\n")
+        headers = [tuple(x.split(": ", 1)) for x in lines[1:]]
+        length = next((int(v) for k, v in headers if k.lower() == "content-length"), 0)
+        if head_only or lines[0].split()[1] in ("304", "204"):
+            length = 0
+        while len(self.buffer) < length:
+            if not self._fill():
+                raise ConnectionError("closed inside a body")
+        body, self.buffer = self.buffer[:length], self.buffer[length:]
+        kept = [(k, v) for k, v in headers if k.lower() != "date"]
+        return lines[0], kept, body
+
+    def closed(self) -> bool:
+        """Whether the service closed the connection (after what was read)."""
+        self.sock.settimeout(30)
+        return not self.buffer and self.sock.recv(1) == b""
+
+
+def request(path: str, method: str = "GET", **headers: str) -> bytes:
+    lines = [f"{method} {path} HTTP/1.1", "Host: 127.0.0.1"]
+    lines += [f"{name.replace('_', '-')}: {value}" for name, value in headers.items()]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+
+
+def answers(base: str, raw: bytes, times: int = 2, head_only: bool = False) -> list[Any]:
+    """The responses to `raw` sent `times` times, one after the other, on one connection while
+    the service keeps it open (a new one after it closes it: HTTP/1.0, errors)."""
+    out: list[Any] = []
+    while len(out) < times:
+        conn = Connection(base)
+        try:
+            while len(out) < times:
+                conn.send(raw)
+                out.append(conn.response(head_only))
+                if out[-1][0].startswith("HTTP/1.0") or ("Connection", "close") in out[-1][1]:
+                    break
+        finally:
+            conn.close()
+    return out
+
+
+def normalised(answer: Any, app: Any) -> Any:
+    """An answer with the app's random multipart boundary replaced by a fixed word."""
+    boundary = app[DICOMWEB].boundary.encode()
+    status, headers, body = answer
+    headers = [(k, v.replace(boundary.decode(), "BOUNDARY")) for k, v in headers]
+    return status, headers, body.replace(boundary, b"BOUNDARY")
+
+
+def same_answers(services: Pair, raw: bytes, head_only: bool = False) -> Any:
+    """The answers of both services to `raw` (each sent twice: the first fills the caches),
+    asserted equal; the lane's."""
+    lane = answers(services.lane_base, raw, head_only=head_only)
+    full = answers(services.full_base, raw, head_only=head_only)
+    lane = [normalised(a, services.lane_app) for a in lane]
+    full = [normalised(a, services.full_app) for a in full]
+    assert lane == full
+    return lane[-1]
+
+
+# -- the same answers ------------------------------------------------------------------------
+
+
+def cases(store: dict[str, Any]) -> dict[str, tuple[bytes, bool]]:
+    """Requests, by name: (bytes, whether the lane answers the second of two)."""
+    sid, version, frames = store["sid"], store["version"], store["frames"]
+    tile = f"/slides/{sid}/tiles/0/1/1"
+    dz = f"/slides/{sid}_files/12/1_1.jpeg"  # a stored tile of the base level
+    etag = f'"{version}-0-1-1"'
+    return {
+        "tile": (request(tile), True),
+        "tile versioned": (request(f"{tile}?v={version}"), True),
+        "tile other version": (request(f"{tile}?v=0123"), True),
+        "tile HEAD": (request(tile, "HEAD"), True),
+        "tile revalidated": (request(tile, If_None_Match=etag), True),
+        "tile other etag": (request(tile, If_None_Match='"other"'), True),
+        "tile with browser headers": (
+            request(
+                tile,
+                User_Agent="Mozilla/5.0",
+                Accept="image/avif,image/webp,*/*",
+                Accept_Encoding="gzip, deflate, br",
+                Accept_Language="en",
+                Referer="http://127.0.0.1/viewer",
+                Sec_Fetch_Site="same-origin",
+                Connection="keep-alive",
+            ),
+            True,
+        ),
+        "tile from another origin": (request(tile, Origin=ORIGIN), True),
+        "deepzoom tile": (request(dz), True),
+        "deepzoom edge tile": (request(f"/slides/{sid}_files/12/9_12.jpeg"), False),
+        "deepzoom tile outside": (request(f"/slides/{sid}_files/12/99_1.jpeg"), False),
+        "frame": (request(f"{frames}/3", Accept=FRAMES_ACCEPT), True),
+        "frame jpeg": (request(f"{frames}/4", Accept="image/jpeg"), True),
+        "frame out of range": (request(f"{frames}/99999", Accept=FRAMES_ACCEPT), False),
+        "frame revalidated": (
+            request(f"{frames}/3", Accept=FRAMES_ACCEPT, If_None_Match='"x"'),
+            False,
+        ),
+        "tile outside the level": (request(f"/slides/{sid}/tiles/0/999/1"), False),
+        "level missing": (request(f"/slides/{sid}/tiles/77/0/0"), False),
+        "coordinate not a number": (request(f"/slides/{sid}/tiles/0/x/1"), False),
+        "slide unknown": (request("/slides/0000000000000000000000ab/tiles/0/0/0"), False),
+        "escaped path": (request(f"/slides/{sid}/tiles/0/%31/1"), False),
+        "dot segment": (request(f"/slides/{sid}/tiles/0/../0/1/1"), False),
+        "other query": (request(f"{tile}?v={version}&v=1"), False),
+        "HTTP/1.0": (request(tile).replace(b"HTTP/1.1", b"HTTP/1.0", 1), False),
+        "repeated header": (request(tile, Accept="a", accept="b"), False),
+        "unknown host": (request(tile).replace(b"Host: 127.0.0.1", b"Host: evil.test"), False),
+        "not a tile": (request(f"/slides/{sid}"), False),
+        "POST without a body": (request(tile, "POST"), False),
+    }
+
+
+CASES = list(cases({"sid": "s", "version": "v", "frames": "/f"}))
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_the_lane_answers_as_aiohttp_does(services: Pair, store: dict[str, Any], name: str) -> None:
+    raw, taken = cases(store)[name]
+    before = services.answered
+    same_answers(services, raw, head_only=b"HEAD " in raw[:5])
+    # The lane answered the second request at least (the first one may have filled the
+    # caches), or neither.
+    taken_now = services.answered - before
+    assert taken_now >= 1 if taken else taken_now == 0
+
+
+def test_versioned_tiles_are_immutable_and_revalidation_is_304(
+    services: Pair, store: dict[str, Any]
+) -> None:
+    """What the lane sends, checked for itself (not only against aiohttp's way)."""
+    tile = f"/slides/{store['sid']}/tiles/0/1/1"
+    status, headers, body = same_answers(services, request(f"{tile}?v={store['version']}"))
+    fields = dict(headers)
+    assert status == "HTTP/1.1 200 OK" and body[:2] == b"\xff\xd8"
+    assert fields["Cache-Control"] == "public, max-age=31536000, immutable"
+    assert fields["Access-Control-Allow-Origin"] == "*"  # a pixel route, no auth
+    status, headers, body = same_answers(services, request(tile, If_None_Match=fields["ETag"]))
+    assert status == "HTTP/1.1 304 Not Modified" and body == b""
+    assert "Content-Length" not in dict(headers)
+
+
+def test_an_allow_listed_origin_is_echoed_and_answers_vary_by_origin(
+    listed: Pair, store: dict[str, Any]
+) -> None:
+    tile = f"/slides/{store['sid']}/tiles/0/2/1"
+    before = listed.answered
+    _, headers, _ = same_answers(listed, request(tile, Origin=ORIGIN))
+    assert ("Access-Control-Allow-Origin", ORIGIN) in headers and ("Vary", "Origin") in headers
+    # Tiles are pixels only: without auth any origin may read them.
+    _, headers, _ = same_answers(listed, request(tile, Origin="https://other.example"))
+    assert ("Vary", "Origin") in headers and ("Access-Control-Allow-Origin", "*") in headers
+    _, headers, _ = same_answers(listed, request(tile))
+    assert ("Vary", "Origin") in headers
+    # Not so the slide's description: only the listed origin reads it.
+    _, headers, _ = same_answers(listed, request(f"/slides/{store['sid']}", Origin=ORIGIN))
+    assert ("Access-Control-Allow-Origin", ORIGIN) in headers
+    _, headers, _ = same_answers(listed, request(f"/slides/{store['sid']}", Origin="https://x.y"))
+    assert "Access-Control-Allow-Origin" not in dict(headers)
+    assert listed.answered - before >= 3
+
+
+def test_with_auth_the_lane_admits_what_the_front_admits(
+    authed: Pair, store: dict[str, Any]
+) -> None:
+    sid = store["sid"]
+    tile = f"/slides/{sid}/tiles/0/1/2"
+    before = authed.answered
+    status, headers, _ = same_answers(authed, request(tile, Authorization="Bearer s3cret-token"))
+    assert status.endswith("200 OK") and dict(headers)["Cache-Control"].startswith("private")
+    assert authed.answered - before >= 1
+    before = authed.answered
+    for bad in ("Bearer wrong", "Basic s3cret-token"):
+        status, _, _ = same_answers(authed, request(tile, Authorization=bad))
+        assert status.split()[1] == "401"
+    status, _, _ = same_answers(authed, request(tile))
+    assert status.split()[1] == "401"
+    # A signed URL for this slide's tiles: admitted, kept no longer than it lives.
+    exp = int(time.time()) + 3600
+    signed = f"{tile}?exp={exp}&sig={sign(KEY, 'tiles', sid, exp)}"
+    lane = answers(authed.lane_base, request(signed))
+    full = answers(authed.full_base, request(signed))
+    for (status, headers, body), (status2, headers2, body2) in zip(lane, full, strict=True):
+        assert status == status2 == "HTTP/1.1 200 OK" and body == body2
+        ages = [int(dict(h)["Cache-Control"].split("max-age=")[1]) for h in (headers, headers2)]
+        assert all(3590 <= age <= 3600 for age in ages)
+    assert authed.answered - before == 2
+    before = authed.answered
+    expired = f"{tile}?exp=1000&sig={sign(KEY, 'tiles', sid, 1000)}"
+    assert same_answers(authed, request(expired))[0].split()[1] == "401"
+    other_slide = f"{tile}?exp={exp}&sig={sign(KEY, 'tiles', 'another', exp)}"
+    assert same_answers(authed, request(other_slide))[0].split()[1] == "401"
+    assert authed.answered == before
+
+
+def test_the_lane_counts_in_the_metrics(services: Pair, store: dict[str, Any]) -> None:
+    tile = f"/slides/{store['sid']}/tiles/0/0/1"
+    route = 'route="/slides/{slide_id}/tiles/{level}/{col}/{row}",status="200"'
+
+    def count() -> float:
+        text = requests.get(f"{services.lane_base}/metrics", timeout=10).text
+        line = next(x for x in text.splitlines() if "wsi_http_requests_total{" in x and route in x)
+        return float(line.rsplit(" ", 1)[1])
+
+    before, answered = count(), services.answered
+    answers(services.lane_base, request(tile), times=5)
+    assert services.answered - answered >= 4
+    assert count() - before == 5
+
+
+# -- one connection, two ways -----------------------------------------------------------------
+
+
+def test_pipelined_requests_are_answered_in_order(services: Pair, store: dict[str, Any]) -> None:
+    """Requests the lane answers and requests aiohttp answers, sent at once: each answer in its
+    request's place, whichever way made it."""
+    sid = store["sid"]
+    names = ["tile", "not a tile", "tile versioned", "tile outside the level", "deepzoom tile"]
+    names += ["frame", "slide unknown", "tile HEAD", "tile"]
+    raws = [cases(store)[n][0] for n in names]
+    singles = [answers(services.lane_base, r, head_only=r.startswith(b"HEAD"))[-1] for r in raws]
+    assert any(sid in r.decode() for r in raws)
+    for rounds in range(3):  # the caches warm: more of them taken by the lane each round
+        conn = Connection(services.lane_base)
+        conn.send(b"".join(raws))
+        got = [conn.response(head_only=r.startswith(b"HEAD")) for r in raws]
+        conn.close()
+        assert [g[0] for g in got] == [s[0] for s in singles], rounds
+        assert [normalised(g, services.lane_app) for g in got] == [
+            normalised(s, services.lane_app) for s in singles
+        ]
+
+
+def test_a_head_sent_a_byte_at_a_time(services: Pair, store: dict[str, Any]) -> None:
+    raw = cases(store)["tile"][0]
+    expected = answers(services.lane_base, raw)[-1]
+    conn = Connection(services.lane_base)
+    try:
+        for round_ in range(2):
+            for byte in raw:
+                conn.send(bytes([byte]))
+            assert conn.response() == expected, round_
+    finally:
+        conn.close()
+
+
+@pytest.mark.parametrize("framing", ["content-length", "chunked"])
+def test_a_body_is_never_read_as_a_request(
+    services: Pair, store: dict[str, Any], framing: str
+) -> None:
+    """A request that carries a body holding what looks like a tile request: one answer for
+    it, none for its body (the connection is aiohttp's from there), then the next request's."""
+    tile = cases(store)["tile"][0]
+    if framing == "chunked":
+        body = b"%x\r\n%s\r\n0\r\n\r\n" % (len(tile), tile)
+        post = request("/jobs", "POST", Transfer_Encoding="chunked") + body
+    else:
+        post = request("/jobs", "POST", Content_Length=str(len(tile))) + tile
+    expected_tile = answers(services.lane_base, tile)[-1]
+    for base, app in ((services.lane_base, services.lane_app), (services.full_base, None)):
+        conn = Connection(base)
+        conn.send(tile + post + tile)
+        first, second, third = conn.response(), conn.response(), conn.response()
+        assert first == expected_tile and third == expected_tile, app
+        assert second[0].split()[1] not in ("200", "304")  # the POST's own answer
+        conn.sock.settimeout(1.0)
+        with pytest.raises(TimeoutError):  # nothing more: the body was not answered
+            conn._fill()
+        conn.close()
+
+
+MALFORMED = {
+    "bare LF": b"GET /healthz HTTP/1.1\nHost: 127.0.0.1\r\n\r\n",
+    "folded header": b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n X-Folded: yes\r\n\r\n",
+    "space before colon": b"GET /healthz HTTP/1.1\r\nHost : 127.0.0.1\r\n\r\n",
+    "control character": b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nX-A: \x01\r\n\r\n",
+    "two lengths": (
+        b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 1\r\n"
+        b"Content-Length: 2\r\n\r\nab"
+    ),
+}
+
+
+@pytest.mark.parametrize("name", MALFORMED)
+def test_what_the_lane_cannot_judge_gets_aiohttps_answer(services: Pair, name: str) -> None:
+    """Heads the lane does not take go to aiohttp, connection and all: the same answers."""
+    raw = MALFORMED[name]
+    lane = Connection(services.lane_base)
+    full = Connection(services.full_base)
+    try:
+        lane.send(raw)
+        full.send(raw)
+        assert lane.response() == full.response()
+    finally:
+        lane.close()
+        full.close()
+
+
+def test_a_head_longer_than_the_lane_holds_is_aiohttps(
+    services: Pair, store: dict[str, Any]
+) -> None:
+    """The lane holds at most `MAX_HEAD` bytes of an incomplete head: a longer one, valid, goes
+    to aiohttp with its connection, which answers it and the requests after it."""
+    filler = {f"X_Filler_{i}": "a" * 6000 for i in range(MAX_HEAD // 6000 + 1)}
+    raw = request(f"/slides/{store['sid']}/tiles/0/1/1", **filler)
+    before = services.answered
+    assert same_answers(services, raw)[0].endswith("200 OK")
+    assert services.answered == before
+
+
+def test_a_client_that_does_not_read_is_answered_in_order_within_a_bounded_buffer(
+    services: Pair, store: dict[str, Any]
+) -> None:
+    """Thousands of pipelined tile requests from a client that reads nothing for a while: the
+    lane stops writing once the socket's buffer is full (aiohttp then waits for the client),
+    so what waits in the service's memory stays bounded; every answer arrives, in order."""
+    raws = [request(f"/slides/{store['sid']}/tiles/0/{c}/{r}") for c in range(3) for r in range(2)]
+    expected = [answers(services.lane_base, raw)[-1] for raw in raws]
+    count = 3000
+    conn = Connection(services.lane_base)
+    before = services.answered
+    try:
+        conn.send(b"".join(raws[i % len(raws)] for i in range(count)))
+
+        async def buffered() -> list[int]:
+            return [
+                p.transport.get_write_buffer_size()
+                for p in _connections(services.lane_app)
+                if p.transport is not None
+            ]
+
+        sizes = []
+        for _ in range(5):
+            sizes += asyncio.run_coroutine_threadsafe(buffered(), services.lane_loop).result(10)
+            time.sleep(0.2)
+        largest = max(len(e[2]) for e in expected) + 1024
+        assert max(sizes) <= 256 * 1024 + largest
+        for i in range(count):
+            assert conn.response() == expected[i % len(raws)], i
+        assert 0 < services.answered - before < count  # aiohttp answered while it waited
+    finally:
+        conn.close()
+
+
+def _connections(app: Any) -> list[ServiceConnection]:
+    """The open connections of the service whose app is `app` that its express lane serves."""
+    lane = app[EXPRESS]
+    return [
+        o
+        for o in gc.get_objects()
+        if isinstance(o, ServiceConnection) and o._express is lane and o.transport is not None
+    ]
+
+
+def test_the_lane_keeps_the_keep_alive_timer_going(services: Pair, store: dict[str, Any]) -> None:
+    """aiohttp closes a connection idle past the keep-alive timeout; one the lane answers on
+    is not idle: each answer moves the close time on."""
+    raw = cases(store)["tile"][0]
+    conn = Connection(services.lane_base)
+    try:
+        conn.send(raw)
+        conn.response()
+
+        async def close_times() -> list[float]:
+            return [p._next_keepalive_close_time for p in _connections(services.lane_app)]
+
+        before = max(asyncio.run_coroutine_threadsafe(close_times(), services.lane_loop).result())
+        answered = services.answered
+        time.sleep(0.05)
+        conn.send(raw)
+        conn.response()
+        assert services.answered == answered + 1
+        after = max(asyncio.run_coroutine_threadsafe(close_times(), services.lane_loop).result())
+        assert after > before
+    finally:
+        conn.close()
+
+
+# -- when there is no lane ---------------------------------------------------------------------
+
+
+def test_no_lane_when_every_request_is_audited(store: dict[str, Any], tmp_path: Path) -> None:
+    """An audit log records every request that names a slide: nothing may pass it by."""
+    log = tmp_path / "audit.jsonl"
+    settings = ServerSettings(
+        store=str(store["root"]),
+        tokens=(TOKEN,),
+        signing_key=KEY,
+        audit_log=str(log),
+        index_at_start=False,
+    )
+    raw = request(f"/slides/{store['sid']}/tiles/0/1/1", Authorization="Bearer s3cret-token")
+    with serving_app(settings) as (base, app, _):
+        answers(base, raw, times=3)
+        assert app[EXPRESS].answered == 0
+    lines = [json.loads(x) for x in log.read_text().splitlines()]
+    assert sum(1 for x in lines if x.get("slide_id") == store["sid"]) == 3
+
+
+def test_no_lane_when_turned_off(store: dict[str, Any]) -> None:
+    settings = ServerSettings(store=str(store["root"]), express=False, index_at_start=False)
+    with serving_app(settings) as (base, app, _):
+        answers(base, request(f"/slides/{store['sid']}/tiles/0/1/1"), times=3)
+        assert app[EXPRESS].answered == 0
