@@ -10,14 +10,18 @@ by, so the two agree on what a path means), admitted as the front admits it (`se
 the Host check, Bearer tokens and signed URLs, CORS headers and metrics, from the same
 functions), and answered with the route's own function, the one its aiohttp handler answers
 with first (`tile_now`, `frame_now`, ...), through the same `ResponseHeaders.answer`. The
-answers are the same bytes aiohttp would send, Date aside (a test compares them).
+answers are the same bytes aiohttp would send, Date aside (a test compares them). An answer
+that needs waiting (a tile in neither the tile cache nor the page cache: a cold tile of an S3
+store) is awaited with the function the route's handler awaits (`ExpressLater`), the connection
+answering nothing else until it is sent (`server.runner.ServiceConnection`).
 
 Whatever is not plainly such a request goes aiohttp's way, as before: any other method or
 route, a query or path with characters beyond the unreserved ones, an HTTP version other than
 1.1, a repeated header, `Connection` other than keep-alive, `Expect`, bytes aiohttp must judge
-(control characters, a bare CR or LF), a request that aiohttp is still answering an earlier one
-before (answers go out in order), a client not reading what it is sent, or an answer that needs
-waiting (a tile not in the cache or the page cache, a slide not open). A request that may have
+(control characters, a bare CR or LF), a request that arrives before aiohttp has written its
+answer to an earlier one (answers go out in order), a client not reading what it is sent, an
+answer the route cannot make without its aiohttp handler (an error, an assembled DeepZoom
+tile, a frame of an instance not looked up yet). A request that may have
 a body (`Content-Length`, `Transfer-Encoding`), or `Upgrade`, or anything this module cannot
 delimit exactly, hands the connection to aiohttp for good: only aiohttp then knows where its
 requests end. An app with an audit log, an `on_response_prepare` receiver or a middleware has
@@ -29,9 +33,9 @@ from __future__ import annotations
 import email.utils
 import re
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from time import perf_counter
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Any, Final
 
 from aiohttp import web
 from aiohttp.http import SERVER_SOFTWARE
@@ -51,6 +55,13 @@ ExpressAnswer = Callable[[web.Application, Mapping[str, str], Mapping[str, str]]
 """A route's answer without waiting: (app, path parameters, request headers read by lower-case
 names) -> the stored bytes to send, or None when they are not at hand (then the route's aiohttp
 handler answers, which calls the same function first)."""
+ExpressLater = Callable[
+    [web.Application, Mapping[str, str], Mapping[str, str]], Awaitable[Stored | None]
+]
+"""A route's answer when it needs waiting (a cold tile of an S3 store): the same arguments, the
+stored bytes or None (aiohttp's way answers); the route's aiohttp handler awaits it too."""
+Later = Coroutine[Any, Any, bytes | None]
+"""An answer the lane awaits (`Express.answer`)."""
 
 MAX_HEAD = 16 * 1024
 """Bytes of a request head this lane holds while it is incomplete; a longer one is aiohttp's
@@ -124,9 +135,11 @@ def _fields(block: bytes) -> dict[str, str] | str:
 
 
 class _Route:
-    __slots__ = ("answer", "pattern", "resource", "scope")
+    __slots__ = ("answer", "later", "pattern", "resource", "scope")
 
-    def __init__(self, resource: web.Resource, answer: ExpressAnswer) -> None:
+    def __init__(
+        self, resource: web.Resource, answer: ExpressAnswer, later: ExpressLater | None
+    ) -> None:
         pattern = resource.get_info().get("pattern")
         if not isinstance(pattern, re.Pattern):
             raise TypeError(f"{resource.canonical}: an express route needs a dynamic path")
@@ -135,6 +148,7 @@ class _Route:
         the same as ours, which `_PATH` keeps to unreserved characters)."""
         self.resource = resource
         self.answer = answer
+        self.later = later
         self.scope = ROUTE_SCOPES.get(resource.name or "")
         """The signed-URL scope that opens the route, if any."""
 
@@ -166,6 +180,8 @@ class Express:
         self._memo: dict[bytes, dict[str, str] | str] = {}
         self.answered = 0
         """Requests this lane answered (the rest went aiohttp's way)."""
+        self.awaited = 0
+        """Answers this lane awaited (`ExpressLater`), whatever they gave."""
         self._cors: dict[tuple[str, str | None, web.AbstractResource], str] = {}
         self.app: web.Application | None = None
         """Set by `bind`: None until the app runs, and for an app without the lane."""
@@ -175,10 +191,12 @@ class Express:
         self._policy: CorsPolicy | None = None
         self._prebuilt: ResponseHeaders | None = None
 
-    def add(self, resource: web.AbstractResource, answer: ExpressAnswer) -> None:
+    def add(
+        self, resource: web.AbstractResource, answer: ExpressAnswer, later: ExpressLater | None
+    ) -> None:
         if not isinstance(resource, web.Resource):
             raise TypeError("an express route needs a path resource")
-        self._routes.append(_Route(resource, answer))
+        self._routes.append(_Route(resource, answer, later))
 
     def bind(self, app: web.Application) -> Express | None:
         """This lane bound to `app` once its routes and settings are final, or None when the
@@ -222,8 +240,9 @@ class Express:
             return Head("", "", None)
         return Head(_READS[method], target.decode("ascii"), fields)
 
-    def answer(self, head: Head) -> bytes | None:
-        """The bytes to send for `head`, or None: aiohttp answers it."""
+    def answer(self, head: Head) -> bytes | Later | None:
+        """The bytes to send for `head`; or a coroutine that makes them (or None), which the
+        connection awaits before it answers anything else; or None: aiohttp answers it."""
         fields = head.fields
         app = self.app
         if fields is None or app is None:
@@ -255,8 +274,31 @@ class Express:
         except Exception:  # the full way answers it: an error as JSON, a bug logged
             return None
         if stored is None:
-            return None
+            if route.later is None:
+                return None
+            return self._later(app, head.method, route, info, fields, query, expires, start)
         return self._send(head.method, route, fields, query, stored, expires, start)
+
+    async def _later(
+        self,
+        app: web.Application,
+        method: str,
+        route: _Route,
+        info: Mapping[str, str],
+        fields: Mapping[str, str],
+        query: Mapping[str, str],
+        expires: int | None,
+        start: float,
+    ) -> bytes | None:
+        assert route.later is not None
+        self.awaited += 1
+        try:
+            stored = await route.later(app, info, fields)
+        except Exception:  # the full way answers it again: an error as JSON, a bug logged
+            return None
+        if stored is None:
+            return None
+        return self._send(method, route, fields, query, stored, expires, start)
 
     def _admitted(
         self,

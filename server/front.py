@@ -10,7 +10,8 @@ instead of looking each up in the request and the app per request: 7% of a hot t
 instructions (`bench/serve_instructions.py`). Requests no route takes reach a catch-all
 registered last (`Routes.finish`), which answers CORS preflights and the 404s and 405s the
 router would otherwise answer in plain text. The app refuses to start with a route added around
-the front, which would answer without authentication."""
+the front, which would answer without authentication. The express lane (`server.express`)
+answers some requests before they reach aiohttp, with the same checks from the same functions."""
 
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ from yarl import URL
 from server.auth import admission
 from server.cors import CORS_POLICY, HOSTS_SEEN, CorsPolicy, preflight, refusal
 from server.errors import status_of
-from server.express import EXPRESS, Express, ExpressAnswer
+from server.express import EXPRESS, Express, ExpressAnswer, ExpressLater
 from server.keys import METRICS, SETTINGS
 from server.responses import json_error
 from wsi.errors import WsiError
@@ -187,12 +188,14 @@ class Routes:
         *,
         name: str | None = None,
         express: ExpressAnswer | None = None,
+        later: ExpressLater | None = None,
     ) -> None:
         """GET (and HEAD) of `path`; `express`: the function `handler` answers with first,
-        which then answers on the express lane too (`server.express`)."""
+        which then answers on the express lane too (`server.express`), and `later` the one it
+        awaits when that gives nothing, which the lane then awaits too."""
         served = self._add(self._app.router.add_get, path, handler, name)
         if express is not None:
-            self._express.add(served, express)
+            self._express.add(served, express, later)
 
     def add_post(self, path: str, handler: Handler, *, name: str | None = None) -> None:
         self._add(self._app.router.add_post, path, handler, name)

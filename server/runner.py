@@ -16,6 +16,7 @@ raised (`raise_open_files_limit`).
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import resource
 import socket
@@ -29,7 +30,7 @@ from aiohttp.http_exceptions import BadHttpMethod, HttpProcessingError
 from aiohttp.web_protocol import RequestHandler
 from aiohttp.web_request import BaseRequest
 
-from server.express import EXPRESS, MAX_HEAD, Express
+from server.express import EXPRESS, MAX_HEAD, Express, Later
 from server.responses import json_error
 
 log = logging.getLogger("aiohttp.server")
@@ -55,15 +56,51 @@ class ServiceConnection(RequestHandler):
     when its client stops taking data (`connection_made`), with the app's express lane in
     front of aiohttp's request handling (`data_received`)."""
 
-    __slots__ = ("_aiohttps", "_express", "_held")
+    __slots__ = (
+        "_aiohttps",
+        "_answered_by_aiohttp",
+        "_express",
+        "_given",
+        "_held",
+        "_later",
+        "_later_paused",
+    )
 
     def __init__(self, manager: web.Server, *, express: Express | None, **kwargs: Any) -> None:
         super().__init__(manager, **kwargs)
         self._express = express
         self._held = b""
-        """The start of a request head not complete yet (at most `MAX_HEAD` bytes)."""
+        """Bytes after the last request handled: the start of a request head not complete yet
+        (at most `MAX_HEAD` bytes), or while `_later` runs, whatever arrived meanwhile."""
         self._aiohttps = express is None
         """Every byte goes to aiohttp from now on: only it knows where requests end."""
+        self._later: asyncio.Task[bytes | None] | None = None
+        """The lane's answer being awaited: nothing else is answered on the connection until
+        it is sent."""
+        self._later_paused = False
+        """Reading paused while `_later` runs, more than `MAX_HEAD` bytes having arrived."""
+        self._given = 0
+        """Requests handed to aiohttp (each one whole: one message, or one error)."""
+        self._answered_by_aiohttp = 0
+        """Of those, the ones whose answer aiohttp has written: the lane answers only when it
+        has written them all (answers go out in the order of their requests)."""
+
+    async def _handle_request(
+        self,
+        request: BaseRequest,
+        start_time: float | None,
+        request_handler: RequestHandlerFunc,
+    ) -> tuple[web.StreamResponse, bool]:
+        """aiohttp's, counted once its answer is written (or it failed)."""
+        try:
+            return await super()._handle_request(request, start_time, request_handler)
+        finally:
+            self._answered_by_aiohttp += 1
+
+    def _give(self, request: bytes) -> None:
+        """Hand one whole request to aiohttp."""
+        self._given += 1
+        super().data_received(request)
 
     def data_received(self, data: bytes) -> None:
         """Each complete request head is answered by the express lane when it can, else
@@ -72,6 +109,10 @@ class ServiceConnection(RequestHandler):
             super().data_received(data)
             return
         if self._force_close or self._close:
+            return
+        if self._later is not None:  # what arrives waits behind the answer awaited
+            self._held += data
+            self._hold_back()
             return
         express = self._express
         assert express is not None
@@ -85,24 +126,27 @@ class ServiceConnection(RequestHandler):
             if head is None:  # aiohttp's from here on
                 break
             stop = end + 4
-            waiter = self._waiter
             out = None
             if (
-                waiter is not None  # aiohttp waits for a request: it answers none now
-                and not waiter.done()
+                self._answered_by_aiohttp == self._given  # aiohttp has nothing to answer
                 and not self._messages
                 and not self._paused  # the client takes what it is sent
             ):
                 out = express.answer(head)
             if out is None:
-                super().data_received(held[pos:stop])
+                self._give(held[pos:stop])
                 if self._force_close or self._close:
                     return
-            else:
+            elif isinstance(out, bytes):
                 transport = self.transport
                 assert transport is not None
                 transport.write(out)
                 self._next_keepalive_close_time = self._loop.time() + self._keepalive_timeout
+            else:
+                self._await(out, held[pos:stop])
+                self._held = held[stop:]
+                self._hold_back()
+                return
             pos = stop
         rest = held[pos:] if pos else held
         if len(rest) > MAX_HEAD or b"\r\n\r\n" in rest:
@@ -111,6 +155,53 @@ class ServiceConnection(RequestHandler):
             super().data_received(rest)
         else:
             self._held = rest
+
+    def _await(self, later: Later, request: bytes) -> None:
+        """Send what `later` makes when it has made it, or hand `request` to aiohttp if it
+        makes nothing; then go on with what arrived meanwhile."""
+        self._next_keepalive_close_time = self._loop.time() + self._keepalive_timeout
+        task = self._later = self._loop.create_task(later)
+        task.add_done_callback(functools.partial(self._answered, request))
+
+    def _answered(self, request: bytes, task: asyncio.Task[bytes | None]) -> None:
+        self._later = None
+        transport = self.transport
+        if self._later_paused:
+            self._later_paused = False
+            if transport is not None:
+                transport.resume_reading()
+        if task.cancelled() or transport is None or self._force_close or self._close:
+            return
+        out = task.result() if task.exception() is None else None
+        held, self._held = self._held, b""
+        if out is None:
+            self._give(request)
+        else:
+            transport.write(out)
+            self._next_keepalive_close_time = self._loop.time() + self._keepalive_timeout
+        if held:
+            self.data_received(held)
+
+    def _hold_back(self) -> None:
+        """Stop reading while an answer is awaited and more than a head's worth waits."""
+        if self._later is not None and len(self._held) > MAX_HEAD and not self._later_paused:
+            transport = self.transport
+            if transport is not None:
+                self._later_paused = True
+                transport.pause_reading()
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        if self._later is not None:
+            self._later.cancel()
+        super().connection_lost(exc)
+
+    async def shutdown(self, timeout: float | None = 15.0) -> None:
+        """As aiohttp's, after the lane's answer under way (as aiohttp lets its own finish)."""
+        later = self._later
+        if later is not None:
+            with suppress(asyncio.TimeoutError, asyncio.CancelledError):
+                await asyncio.wait_for(asyncio.shield(later), timeout)
+        await super().shutdown(timeout)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         """As aiohttp's, and the connection is cut when what is sent stays unacknowledged, or

@@ -535,3 +535,131 @@ def test_no_lane_when_turned_off(store: dict[str, Any]) -> None:
     with serving_app(settings) as (base, app, _):
         answers(base, request(f"/slides/{store['sid']}/tiles/0/1/1"), times=3)
         assert app[EXPRESS].answered == 0
+
+
+# -- answers the lane awaits -------------------------------------------------------------------
+
+
+@pytest.fixture
+def fresh(store: dict[str, Any]) -> Iterator[Pair]:
+    """A pair with nothing read yet and no tile cache: each level's first tile is awaited. The
+    front has seen their Host once (the lane admits only Host values it accepted)."""
+    settings = ServerSettings(store=str(store["root"]), tile_cache_mb=0, index_at_start=False)
+    for services in pair(settings):
+        for base in (services.lane_base, services.full_base):
+            answers(base, request("/healthz"), times=1)
+        yield services
+
+
+def test_an_awaited_answer_is_the_same_and_keeps_its_place(
+    fresh: Pair, store: dict[str, Any]
+) -> None:
+    """Tiles not at hand (their level's index not read yet) are awaited by the lane, not handed
+    to aiohttp; requests pipelined behind them wait, and every answer is aiohttp's, in order."""
+    sid = store["sid"]
+    raws = [
+        request(f"/slides/{sid}/tiles/3/0/0"),  # awaited: level 3's index is read
+        request(f"/slides/{sid}/tiles/2/1/0"),  # awaited
+        request(f"/slides/{sid}/tiles/3/0/1"),  # at hand
+        request(f"/slides/{sid}_files/10/1_1.jpeg"),  # level 2's: at hand
+        request(f"/slides/{sid}/tiles/1/0/0", "HEAD"),  # awaited
+        request(f"/slides/{sid}/tiles/2/99/0"),  # aiohttp's: outside the level
+        request(f"/slides/{sid}"),  # aiohttp's (and so are those behind it)
+        request("/slides/0000000000000000000000ab/tiles/0/0/0"),
+        request(f"/slides/{sid}/tiles/0/0/0"),
+    ]
+    got = []
+    for base in (fresh.lane_base, fresh.full_base):
+        conn = Connection(base)
+        conn.send(b"".join(raws))
+        got.append([conn.response(head_only=r.startswith(b"HEAD")) for r in raws])
+        conn.close()
+    assert [s for s, _, _ in got[0]] == [s for s, _, _ in got[1]]
+    assert got[0] == got[1]
+    lane = fresh.lane_app[EXPRESS]
+    assert lane.awaited == 3 and lane.answered == 5
+
+
+class Gate:
+    """A later answer that waits until opened: the route's own, once the gate opens."""
+
+    def __init__(self, route: Any) -> None:
+        self.route = route
+        self.real = route.later
+        self.opened = asyncio.Event()
+        self.entered = 0
+
+    async def __call__(self, app: Any, info: Any, fields: Any) -> Any:
+        self.entered += 1
+        await self.opened.wait()
+        return await self.real(app, info, fields)
+
+
+def test_requests_behind_an_awaited_answer_wait_within_a_bound(
+    fresh: Pair, store: dict[str, Any]
+) -> None:
+    """While the lane awaits an answer, what the client sends after it is held (at most a head's
+    worth: reading pauses beyond it) and answered after it, in order."""
+    sid = store["sid"]
+    lane = fresh.lane_app[EXPRESS]
+    route = next(r for r in lane._routes if r.resource.name == "slides.tile")
+    gate = Gate(route)
+    route.later = gate
+    loop = fresh.lane_loop
+    try:
+        first = request(f"/slides/{sid}/tiles/4/0/0")
+        behind = [request(f"/slides/{sid}"), request("/healthz")] * 300  # > MAX_HEAD bytes
+        assert len(b"".join(behind)) > MAX_HEAD
+        conn = Connection(fresh.lane_base)
+        conn.send(first + b"".join(behind))
+        deadline = time.monotonic() + 30
+        while not any(p._later_paused for p in on(loop, fresh.lane_app)):
+            assert time.monotonic() < deadline, "reading never paused"
+            time.sleep(0.02)
+        assert gate.entered == 1
+        held = max(len(p._held) for p in on(loop, fresh.lane_app))
+        assert MAX_HEAD < held <= MAX_HEAD + len(b"".join(behind))
+        loop.call_soon_threadsafe(gate.opened.set)
+        status, _, body = conn.response()
+        assert status.endswith("200 OK") and body[:2] == b"\xff\xd8"
+        for raw in behind:
+            status, _, body = conn.response()
+            assert status.endswith("200 OK")
+            assert (body == b'{"status": "ok"}') == raw.startswith(b"GET /healthz")
+        conn.close()
+    finally:
+        route.later = gate.real
+
+
+def test_a_client_gone_while_its_answer_is_awaited(fresh: Pair, store: dict[str, Any]) -> None:
+    """The awaited answer is cancelled with its connection; the service goes on."""
+    sid = store["sid"]
+    lane = fresh.lane_app[EXPRESS]
+    route = next(r for r in lane._routes if r.resource.name == "slides.tile")
+    gate = Gate(route)
+    route.later = gate
+    loop = fresh.lane_loop
+    try:
+        conn = Connection(fresh.lane_base)
+        conn.send(request(f"/slides/{sid}/tiles/4/0/0"))
+        deadline = time.monotonic() + 30
+        while gate.entered == 0:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        conn.close()
+        while on(loop, fresh.lane_app):  # the connection is gone, its answer cancelled
+            assert time.monotonic() < deadline, "the connection stayed"
+            time.sleep(0.02)
+        loop.call_soon_threadsafe(gate.opened.set)
+    finally:
+        route.later = gate.real
+    assert answers(fresh.lane_base, request(f"/slides/{sid}/tiles/4/0/0"))[-1][0].endswith("OK")
+
+
+def on(loop: asyncio.AbstractEventLoop, app: Any) -> list[ServiceConnection]:
+    """`_connections(app)`, read on the service's loop."""
+
+    async def read() -> list[ServiceConnection]:
+        return _connections(app)
+
+    return asyncio.run_coroutine_threadsafe(read(), loop).result(10)

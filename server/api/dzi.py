@@ -183,18 +183,31 @@ def tile_now(
     return None if data is None else Stored(data, "image/jpeg", target.etag, slide.version)
 
 
+async def stored_tile(
+    app: web.Application, info: Mapping[str, str], headers: Mapping[str, str]
+) -> Stored | None:
+    """A DeepZoom tile's answer when it is a stored tile, read as needed; None when it is
+    assembled or rendered (`tile` makes it). The express lane awaits it too."""
+    catalog = app[CATALOG]
+    slide = catalog.opened(info["slide_id"]) or await catalog.slide(info["slide_id"])
+    target = _target(app, slide, info)
+    if not target.stored or target.level is None:
+        return None
+    data = await slide.tile_bytes(target.level.index, target.x, target.y)
+    return Stored(data, "image/jpeg", target.etag, slide.version)
+
+
 async def tile(request: web.Request) -> web.Response:
-    info = request.match_info
-    stored = tile_now(request.app, info, request.headers)
+    info, app = request.match_info, request.app
+    stored = tile_now(app, info, request.headers)
+    if stored is None:
+        stored = await stored_tile(app, info, request.headers)
     if stored is not None:
         return stored_response(request, stored)
     catalog = request.app[CATALOG]
     slide = catalog.opened(info["slide_id"]) or await catalog.slide(info["slide_id"])
     t = _target(request.app, slide, info)
     version, etag, level = slide.version, t.etag, t.level
-    if t.stored and level is not None:
-        data = await slide.tile_bytes(level.index, t.x, t.y)
-        return etag_response(request, data, "image/jpeg", etag, version=version)
     size = request.app[GEOMETRY].of(slide).size
     if level is not None and t.x * size < level.width and t.y * size < level.height:
         corner = (t.x * size, t.y * size)
@@ -251,6 +264,7 @@ def register_tiles(app: web.Application) -> None:
         tile,
         name="dzi.tile",
         express=tile_now,
+        later=stored_tile,
     )
 
 

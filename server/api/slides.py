@@ -103,22 +103,28 @@ def _tile_etag(slide: SlideInfo, level: int, col: int, row: int) -> str:
     return f"{slide.version}-{level}-{col}-{row}"
 
 
-async def get_tile(request: web.Request) -> web.Response:
-    info = request.match_info
-    stored = tile_now(request.app, info, request.headers)
-    if stored is not None:
-        return stored_response(request, stored)
-    catalog = request.app[CATALOG]
+async def tile_stored(
+    app: web.Application, info: Mapping[str, str], headers: Mapping[str, str]
+) -> Stored:
+    """A plain tile's answer, read (or made) as needed: `tile_now`'s when its bytes are not at
+    hand. The express lane awaits it too (a cold tile of an S3 store)."""
+    catalog = app[CATALOG]
     slide = catalog.opened(info["slide_id"]) or await catalog.slide(info["slide_id"])
     level, col, row = int_param(info, "level"), int_param(info, "col"), int_param(info, "row")
     lv = slide.level(level)
     data = await slide.tile_bytes(level, col, row)
-    version = slide.version
     etag = _tile_etag(slide, level, col, row)
     if lv.codec == JPEG:
-        return etag_response(request, data, "image/jpeg", etag, version=version)
+        return Stored(data, "image/jpeg", etag, slide.version)
     body, content_type = await in_pool(catalog, lambda: encode_image(decode_tile(lv, data), "png"))
-    return etag_response(request, body, content_type, etag, version=version)
+    return Stored(body, content_type, etag, slide.version)
+
+
+async def get_tile(request: web.Request) -> web.Response:
+    stored = tile_now(request.app, request.match_info, request.headers)
+    if stored is None:
+        stored = await tile_stored(request.app, request.match_info, request.headers)
+    return stored_response(request, stored)
 
 
 async def get_associated(request: web.Request) -> web.Response:
@@ -149,6 +155,7 @@ def register_tiles(app: web.Application) -> None:
         get_tile,
         name="slides.tile",
         express=tile_now,
+        later=tile_stored,
     )
 
 

@@ -45,7 +45,7 @@ from server.api.dicomweb.instances import parse_header as parse_header
 from server.api.dicomweb.qido import search
 from server.api.dicomweb.rendered import rendered, series_thumbnail
 from server.api.dicomweb.series_index import SERIES_INDEX, SeriesIndex
-from server.api.dicomweb.wado import frame_now, frames, metadata, retrieve
+from server.api.dicomweb.wado import frame_later, frame_now, frames, metadata, retrieve
 from server.catalog import Catalog
 from server.front import routes
 from server.keys import CATALOG, INDEX_FILE, WARM_UP
@@ -81,7 +81,7 @@ def register(app: web.Application) -> None:
     # Frames first: the router tries the routes under `/dicomweb/studies` in this order, and a
     # viewer asks for frames far more often than for anything else (no two routes here match
     # the same path, so the order changes nothing else).
-    add(FRAMES, frames, express=frame_now)
+    add(FRAMES, frames, express=frame_now, later=frame_later)
     add(f"{PREFIX}/studies", search("studies"))
     add(f"{PREFIX}/series", search("series"))
     add(f"{PREFIX}/instances", search("instances"))

@@ -144,11 +144,37 @@ def frame_now(
     return None if known is None else _frame_now(app, known, info["frames"], headers)
 
 
+async def frame_later(
+    app: web.Application, info: Mapping[str, str], headers: Mapping[str, str]
+) -> Stored | None:
+    """`frame_now`'s answer with the frame read as needed (a frame of an S3 store, cold): the
+    express lane awaits it when the instance is known; else None (`frames` answers)."""
+    known = known_instance(app, info)
+    mode = None if known is None else _one_frame_mode(app, known, info["frames"], headers)
+    if known is None or mode is None:
+        return None
+    number = int(info["frames"])
+    data = await known.slide.frame_bytes(known.stored, number)
+    return _framed(app[DICOMWEB], known, number, mode, data)
+
+
 def _frame_now(
     app: web.Application, inst: Instance, text: str, headers: Mapping[str, str]
 ) -> Stored | None:
-    st = app[DICOMWEB]
-    mode = st.frame_modes.get((headers.get("accept", ""), True))
+    mode = _one_frame_mode(app, inst, text, headers)
+    if mode is None:
+        return None
+    number = int(text)
+    data = inst.slide.frame_bytes_now(inst.stored, number)
+    return None if data is None else _framed(app[DICOMWEB], inst, number, mode, data)
+
+
+def _one_frame_mode(
+    app: web.Application, inst: Instance, text: str, headers: Mapping[str, str]
+) -> str | None:
+    """The frame mode of a request for one frame (`text`) of a level (`inst`) that
+    `frame_now` and `frame_later` answer, else None."""
+    mode = app[DICOMWEB].frame_modes.get((headers.get("accept", ""), True))
     if (
         mode not in ONE_FRAME_PARTS
         or not inst.is_level
@@ -156,9 +182,7 @@ def _frame_now(
         or headers.get("if-none-match") is not None  # a 304 needs the frame count checked
     ):
         return None
-    number = int(text)
-    data = inst.slide.frame_bytes_now(inst.stored, number)
-    return None if data is None else _framed(st, inst, number, mode, data)
+    return mode
 
 
 def _frame_etag(inst: Instance, number: int, mode: str) -> str:
