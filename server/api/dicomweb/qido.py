@@ -30,14 +30,14 @@ from server.api.dicomweb.query import Row, parse_query, row_matches
 from server.api.dicomweb.series_index import (
     SERIES_ALL,
     SERIES_DEFAULT,
-    SERIES_INDEX,
     SLIDE_LEVEL,
     STUDY_ALL,
     STUDY_DEFAULT,
     IndexedSeries,
+    series_records,
 )
 from server.audit import note_read
-from server.keys import CATALOG, INDEX_FILE
+from server.keys import CATALOG
 from server.render import in_pool
 from server.responses import FORWARDED_VARY, dumps, public_origin
 from wsi.errors import SlideNotFound
@@ -173,8 +173,7 @@ class Search:
         on a per-instance attribute that matches few instances still reads them all."""
         offset = self.query.offset
         wanted = min(self.query.limit or MAX_RESULTS, MAX_RESULTS) + 1
-        app = self.request.app
-        records = await app[SERIES_INDEX].records(self.catalog, self.state, app.get(INDEX_FILE))
+        records = await series_records(self.request.app)
         slide_level = replace(
             self.query, filters=tuple(f for f in self.query.filters if f.keyword in SLIDE_LEVEL)
         )
@@ -216,8 +215,7 @@ class Search:
     async def series_rows(self) -> tuple[list[Row], dict[str, list[int]]]:
         """One row per series (slide) in the path's scope that the UID filters let through,
         from the index (`series_index`), and the instance counts of every study's series."""
-        app = self.request.app
-        records = await app[SERIES_INDEX].records(self.catalog, self.state, app.get(INDEX_FILE))
+        records = await series_records(self.request.app)
         records = [r for r in records if r.instances(self.allow_label)]
         info = self.request.match_info
         if "study" in info:

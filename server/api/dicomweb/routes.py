@@ -44,11 +44,11 @@ from server.api.dicomweb.instances import HEADER_READ as HEADER_READ
 from server.api.dicomweb.instances import parse_header as parse_header
 from server.api.dicomweb.qido import search
 from server.api.dicomweb.rendered import rendered, series_thumbnail
-from server.api.dicomweb.series_index import SERIES_INDEX, SeriesIndex
+from server.api.dicomweb.series_index import SERIES_INDEX, SeriesIndex, series_records
 from server.api.dicomweb.wado import frame_later, frame_now, frames, metadata, retrieve
 from server.catalog import Catalog
 from server.front import routes
-from server.keys import CATALOG, INDEX_FILE, WARM_UP
+from server.keys import WARM_UP
 from server.openapi import ERROR, path_params
 
 STUDY = f"{PREFIX}/studies/{{study}}"
@@ -58,20 +58,20 @@ FRAMES = f"{INSTANCE}/frames/{{frames}}"
 
 
 async def warm_series_index(app: web.Application) -> None:
-    await app[SERIES_INDEX].records(app[CATALOG], app[DICOMWEB], app.get(INDEX_FILE))
+    await series_records(app)
 
 
 def register(app: web.Application) -> None:
     # HEADER_READ is read here, at registration, so it can be tuned on this module.
     state = app[DICOMWEB] = DicomWebState(header_read=HEADER_READ)
-    index = app[SERIES_INDEX] = SeriesIndex()
+    app[SERIES_INDEX] = SeriesIndex()
 
     async def studies(catalog: Catalog) -> dict[str, list[str]]:
         """Study UID -> slide ids, from the series index: a study-scoped path naming a study
         this process has not seen opened every slide of the store (at most every 2 s, for any
         UID a client makes up)."""
         found: dict[str, list[str]] = {}
-        for r in await index.records(catalog, state, app.get(INDEX_FILE)):
+        for r in await series_records(app):
             found.setdefault(r.study_uid, []).append(r.slide_id)
         return found
 

@@ -31,6 +31,7 @@ from pydicom.multival import MultiValue
 from pydicom.tag import BaseTag, Tag
 
 from server.api.dicomweb.instances import (
+    DICOMWEB,
     MAX_HEADER,
     UNSERVED,
     DicomWebState,
@@ -41,6 +42,7 @@ from server.api.dicomweb.instances import (
 )
 from server.catalog import Catalog
 from server.index_file import IndexFile, SavedEntry
+from server.keys import CATALOG, INDEX_FILE
 from wsi.errors import CorruptSlide
 from wsi.published.slide import AsyncPublishedSlide
 
@@ -341,3 +343,9 @@ class IndexedSeries:
 
 
 SERIES_INDEX = web.AppKey("dicomweb_series", SeriesIndex)
+
+
+async def series_records(app: web.Application) -> list[SeriesRecord]:
+    """The app's series index (`SeriesIndex.records`), refreshed as needed with the app's
+    catalog, DICOMweb state and index file."""
+    return await app[SERIES_INDEX].records(app[CATALOG], app[DICOMWEB], app.get(INDEX_FILE))
