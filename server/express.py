@@ -70,9 +70,10 @@ MAX_HEAD = 16 * 1024
 _PRINTABLE = bytes(range(0x20, 0x7F)) + b"\t\r\n"
 _TOKEN = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 """A header name (RFC 9110 5.1): nothing before its colon, not even a space."""
-_PATH = re.compile(r"(?:/[A-Za-z0-9_~-][A-Za-z0-9._~-]*)+")
-"""A path of unreserved characters whose segments are neither empty nor dot segments: the same
-text before and after aiohttp decodes and normalises it."""
+_PATH = re.compile(r"(?:/[A-Za-z0-9_~,-][A-Za-z0-9._~,-]*)+")
+"""A path of unreserved characters and commas (IIIF's regions and sizes) whose segments are
+neither empty nor dot segments: the same text before and after aiohttp decodes and normalises
+it."""
 _QUERY = re.compile(r"[A-Za-z0-9._~-]+=[A-Za-z0-9._~-]*(?:&[A-Za-z0-9._~-]+=[A-Za-z0-9._~-]*)*")
 _DELIMITING = frozenset({"content-length", "transfer-encoding", "upgrade"})
 """Headers after which only aiohttp knows where the connection's next request starts."""
@@ -344,6 +345,8 @@ class Express:
         )
         status, body = answer.status, answer.body
         fixed = prebuilt.fixed_text(answer.cache_control, answer.content_type)
+        for name, value in stored.extra:
+            fixed += f"{name}: {value}\r\n"
         length = "" if status == 304 else f"Content-Length: {len(body)}\r\n"
         head = (
             f"{_STATUS_LINES[status]}ETag: {answer.etag}\r\n{fixed}"

@@ -42,6 +42,8 @@ class Stored(NamedTuple):
     """The slide version the bytes belong to (a URL naming it makes them immutable)."""
     storable: bool = True
     """False for what may show patient data (labels, macros): `no-store`."""
+    extra: tuple[tuple[str, str], ...] = ()
+    """Headers after the ETag, Cache-Control and Content-Type (IIIF's Link), 304s included."""
 
 
 class ResponseHeaders:
@@ -166,6 +168,7 @@ def stored_response(request: web.Request, stored: Stored) -> web.Response:
         _signed_expiry(request, prebuilt),
     )
     headers = {"ETag": answer.etag, **prebuilt.fixed(answer.cache_control, answer.content_type)}
+    headers.update(stored.extra)
     if answer.status == 304:
         return web.Response(status=304, headers=headers)
     # Content-Type as a header, not `content_type=`: aiohttp's setter parses and rebuilds it.

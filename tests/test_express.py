@@ -198,6 +198,7 @@ def cases(store: dict[str, Any]) -> dict[str, tuple[bytes, bool]]:
     tile = f"/slides/{sid}/tiles/0/1/1"
     dz = f"/slides/{sid}_files/12/1_1.jpeg"  # a stored tile of the base level
     etag = f'"{version}-0-1-1"'
+    iiif = f"/iiif/3/{sid}"
     return {
         "tile": (request(tile), True),
         "tile versioned": (request(f"{tile}?v={version}"), True),
@@ -228,6 +229,18 @@ def cases(store: dict[str, Any]) -> dict[str, tuple[bytes, bool]]:
         "frame revalidated": (
             request(f"{frames}/3", Accept=FRAMES_ACCEPT, If_None_Match='"x"'),
             False,
+        ),
+        "iiif tile": (request(f"{iiif}/240,240,240,240/240,/0/default.jpg"), True),
+        "iiif tile max": (request(f"{iiif}/0,240,240,240/max/0/default.jpg"), True),
+        "iiif tile of level 1": (request(f"{iiif}/0,480,480,480/240,/0/color.jpg"), True),
+        "iiif edge tile": (request(f"{iiif}/2160,0,60,240/60,/0/default.jpg"), False),
+        "iiif tile as png": (request(f"{iiif}/240,240,240,240/240,/0/default.png"), False),
+        "iiif tile turned": (request(f"{iiif}/240,240,240,240/240,/90/default.jpg"), False),
+        "iiif region": (request(f"{iiif}/10,10,100,100/50,/0/default.jpg"), False),
+        "iiif escaped id": (request(f"{iiif}%2F/0,0,240,240/240,/0/default.jpg"), False),
+        "iiif from another origin": (
+            request(f"{iiif}/240,0,240,240/240,/0/default.jpg", Origin=ORIGIN),
+            True,
         ),
         "tile outside the level": (request(f"/slides/{sid}/tiles/0/999/1"), False),
         "level missing": (request(f"/slides/{sid}/tiles/77/0/0"), False),

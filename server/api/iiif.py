@@ -16,7 +16,9 @@ from __future__ import annotations
 import io
 import math
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 from aiohttp import web
@@ -27,7 +29,14 @@ from server.front import routes
 from server.keys import CATALOG, SETTINGS
 from server.openapi import ERROR, path_params
 from server.render import check_encodable, encode_image, in_pool, region, sent
-from server.responses import FORWARDED_VARY, dumps, etag_response, public_origin
+from server.responses import (
+    FORWARDED_VARY,
+    Stored,
+    dumps,
+    etag_response,
+    public_origin,
+    stored_response,
+)
 from wsi.errors import InvalidArgument, SlideNotFound
 from wsi.published.values import JPEG, decode_tile
 
@@ -407,14 +416,51 @@ def canonical(
     return f"{region_part}/{size_part}/{rotation}/{quality}.{fmt}"
 
 
-async def image(request: web.Request) -> web.StreamResponse:
-    catalog = request.app[CATALOG]
-    max_area = request.app[SETTINGS].max_render_pixels
-    slide = await named_slide(request)
-    quality, fmt = parse_file(request.match_info["quality"], request.match_info["format"])
-    mirror, degrees = parse_rotation(request.match_info["rotation"])
-    r = parse_region(request.match_info["region"], slide.width, slide.height)
-    size = parse_size(request.match_info["size"], r.w, r.h, max_area)
+class _Plan(NamedTuple):
+    """What an image request asks for, checked: the stored tile it is exactly (`match`), else
+    a rendering of `region` at `out_w` x `out_h`."""
+
+    quality: str
+    fmt: str
+    mirror: bool
+    degrees: float
+    region: Region
+    out_w: int
+    out_h: int
+    match: TileMatch | None
+    etag: str
+    links: str
+
+    @property
+    def as_stored(self) -> bool:
+        """Whether the answer is the matched stored tile's bytes as they are."""
+        m = self.match
+        return (
+            m is not None
+            and not self.mirror
+            and self.degrees == 0
+            and self.quality in ("default", "color")
+            and self.fmt == "jpg"
+            and (m.valid_w, m.valid_h, m.out_w, m.out_h)
+            == (m.level.tile_width, m.level.tile_height) * 2
+            and m.level.codec == JPEG
+        )
+
+    def stored(self, slide: SlideInfo, body: bytes) -> Stored:
+        return Stored(body, FORMATS[self.fmt], self.etag, slide.version, extra=self.extra)
+
+    @property
+    def extra(self) -> tuple[tuple[str, str], ...]:
+        return (("Link", self.links),)
+
+
+def _plan(app: web.Application, slide: ServedSlide, info: Mapping[str, str]) -> _Plan:
+    """The checked plan of the image request whose path parameters are `info`."""
+    max_area = app[SETTINGS].max_render_pixels
+    quality, fmt = parse_file(info["quality"], info["format"])
+    mirror, degrees = parse_rotation(info["rotation"])
+    r = parse_region(info["region"], slide.width, slide.height)
+    size = parse_size(info["size"], r.w, r.h, max_area)
     match = match_tile(slide, r, size)
     ow, oh = (match.out_w, match.out_h) if match else (size.w, size.h)
     # A declared tile is always served (at most one stored chunk to decode); anything else is
@@ -424,36 +470,69 @@ async def image(request: web.Request) -> web.StreamResponse:
         raise bad(f"{bw}x{bh} exceeds the {max_area} pixel budget (maxArea in info.json)")
     check_encodable(bw, bh, fmt)
     path = canonical(slide, r, ow, oh, mirror, degrees, quality, fmt)
-    version = slide.version
-    etag = f"{version}-iiif-{path.replace('/', '-')}"
+    etag = f"{slide.version}-iiif-{path.replace('/', '-')}"
     # Path-absolute: an immutable response must not carry a host a client chose.
     links = f'<{PROFILE}>;rel="profile", <{PREFIX}/{slide.slide_id}/{path}>;rel="canonical"'
+    return _Plan(quality, fmt, mirror, degrees, r, ow, oh, match, etag, links)
+
+
+def image_now(
+    app: web.Application, info: Mapping[str, str], headers: Mapping[str, str]
+) -> Stored | None:
+    """An image request's answer when it is a stored tile as it is, at hand (an open slide,
+    the tile's bytes from `tile_bytes_now`); else None (`image` answers). The express lane's
+    too, whose paths hold no escapes (`named_slide`'s check)."""
+    slide = app[CATALOG].opened(info["slide_id"])
+    if slide is None:
+        return None
+    plan = _plan(app, slide, info)
+    m = plan.match
+    if m is None or not plan.as_stored:
+        return None
+    data = slide.tile_bytes_now(m.level.index, m.col, m.row)
+    return None if data is None else plan.stored(slide, data)
+
+
+async def image_stored(
+    app: web.Application, info: Mapping[str, str], headers: Mapping[str, str]
+) -> Stored | None:
+    """`image_now`'s answer with the tile read as needed (the express lane awaits it)."""
+    catalog = app[CATALOG]
+    slide = catalog.opened(info["slide_id"]) or await catalog.slide(info["slide_id"])
+    plan = _plan(app, slide, info)
+    m = plan.match
+    if m is None or not plan.as_stored:
+        return None
+    return plan.stored(slide, await slide.tile_bytes(m.level.index, m.col, m.row))
+
+
+async def image(request: web.Request) -> web.StreamResponse:
+    catalog = request.app[CATALOG]
+    max_area = request.app[SETTINGS].max_render_pixels
+    slide = await named_slide(request)
+    info, app = request.match_info, request.app
+    stored = image_now(app, info, request.headers) or await image_stored(app, info, request.headers)
+    if stored is not None:
+        return stored_response(request, stored)
+    plan = _plan(app, slide, info)
+    quality, fmt, mirror, degrees = plan.quality, plan.fmt, plan.mirror, plan.degrees
+    r, ow, oh, etag, version = plan.region, plan.out_w, plan.out_h, plan.etag, slide.version
     content_type = FORMATS[fmt]
     if request.headers.get("If-None-Match") == f'"{etag}"':
         response = etag_response(request, b"", content_type, etag, version=version)
-    elif match is not None:
-        m = match
+    elif plan.match is not None:
+        m = plan.match
         data = await slide.tile_bytes(m.level.index, m.col, m.row)
-        plain = not mirror and degrees == 0 and quality in ("default", "color") and fmt == "jpg"
-        full_tile = (m.valid_w, m.valid_h, m.out_w, m.out_h) == (
-            m.level.tile_width,
-            m.level.tile_height,
-            m.level.tile_width,
-            m.level.tile_height,
+        body = await in_pool(
+            catalog,
+            lambda: finish(tile_pixels(m, data), mirror, degrees, quality, fmt),
         )
-        if plain and full_tile and m.level.codec == JPEG:
-            body = data  # the stored JPEG, as it is
-        else:
-            body = await in_pool(
-                catalog,
-                lambda: finish(tile_pixels(m, data), mirror, degrees, quality, fmt),
-            )
         response = etag_response(request, body, content_type, etag, version=version)
     else:
 
         async def deliver(body: bytes) -> web.StreamResponse:
             rendered = etag_response(request, body, content_type, etag, version=version)
-            rendered.headers["Link"] = links
+            rendered.headers["Link"] = plan.links
             return await sent(request, rendered, len(body))
 
         return await region(
@@ -463,7 +542,7 @@ async def image(request: web.Request) -> web.StreamResponse:
             lambda pixels: finish(pixels, mirror, degrees, quality, fmt),
             deliver,
         )
-    response.headers["Link"] = links
+    response.headers["Link"] = plan.links
     return response
 
 
@@ -489,7 +568,10 @@ def register(app: web.Application) -> None:
     ]
     names = ("iiif.image", "iiif.info", "iiif.base", "iiif.other")
     for (path, handler), name in zip(paths, names, strict=True):
-        routes(app).add_get(path, handler, name=name)
+        if handler is image:
+            routes(app).add_get(path, image, name=name, express=image_now, later=image_stored)
+        else:
+            routes(app).add_get(path, handler, name=name)
 
 
 _IMAGE_RESPONSES = {
