@@ -7,6 +7,7 @@ packets, clients that do not read, the keep-alive timer)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import json
 import socket
@@ -593,6 +594,18 @@ def test_an_awaited_answer_is_the_same_and_keeps_its_place(
     assert lane.awaited == 3 and lane.answered == 5
 
 
+@contextlib.contextmanager
+def gated(services: Pair) -> Iterator[Gate]:
+    """The lane's plain-tile route, its awaited answer behind a `Gate` while in the block."""
+    lane = services.lane_app[EXPRESS]
+    route = next(r for r in lane._routes if r.resource.name == "slides.tile")
+    gate = route.later = Gate(route)
+    try:
+        yield gate
+    finally:
+        route.later = gate.real
+
+
 class Gate:
     """A later answer that waits until opened: the route's own, once the gate opens."""
 
@@ -601,10 +614,15 @@ class Gate:
         self.real = route.later
         self.opened = asyncio.Event()
         self.entered = 0
+        self.cancelled = False
 
     async def __call__(self, app: Any, info: Any, fields: Any) -> Any:
         self.entered += 1
-        await self.opened.wait()
+        try:
+            await self.opened.wait()
+        except asyncio.CancelledError:
+            self.cancelled = True
+            raise
         return await self.real(app, info, fields)
 
 
@@ -614,12 +632,8 @@ def test_requests_behind_an_awaited_answer_wait_within_a_bound(
     """While the lane awaits an answer, what the client sends after it is held (at most a head's
     worth: reading pauses beyond it) and answered after it, in order."""
     sid = store["sid"]
-    lane = fresh.lane_app[EXPRESS]
-    route = next(r for r in lane._routes if r.resource.name == "slides.tile")
-    gate = Gate(route)
-    route.later = gate
     loop = fresh.lane_loop
-    try:
+    with gated(fresh) as gate:
         first = request(f"/slides/{sid}/tiles/4/0/0")
         behind = [request(f"/slides/{sid}"), request("/healthz")] * 300  # > MAX_HEAD bytes
         assert len(b"".join(behind)) > MAX_HEAD
@@ -640,19 +654,13 @@ def test_requests_behind_an_awaited_answer_wait_within_a_bound(
             assert status.endswith("200 OK")
             assert (body == b'{"status": "ok"}') == raw.startswith(b"GET /healthz")
         conn.close()
-    finally:
-        route.later = gate.real
 
 
 def test_a_client_gone_while_its_answer_is_awaited(fresh: Pair, store: dict[str, Any]) -> None:
     """The awaited answer is cancelled with its connection; the service goes on."""
     sid = store["sid"]
-    lane = fresh.lane_app[EXPRESS]
-    route = next(r for r in lane._routes if r.resource.name == "slides.tile")
-    gate = Gate(route)
-    route.later = gate
     loop = fresh.lane_loop
-    try:
+    with gated(fresh) as gate:
         conn = Connection(fresh.lane_base)
         conn.send(request(f"/slides/{sid}/tiles/4/0/0"))
         deadline = time.monotonic() + 30
@@ -660,12 +668,9 @@ def test_a_client_gone_while_its_answer_is_awaited(fresh: Pair, store: dict[str,
             assert time.monotonic() < deadline
             time.sleep(0.02)
         conn.close()
-        while on(loop, fresh.lane_app):  # the connection is gone, its answer cancelled
-            assert time.monotonic() < deadline, "the connection stayed"
+        while on(loop, fresh.lane_app) or not gate.cancelled:  # gone, its answer cancelled
+            assert time.monotonic() < deadline, "the connection or its awaited answer stayed"
             time.sleep(0.02)
-        loop.call_soon_threadsafe(gate.opened.set)
-    finally:
-        route.later = gate.real
     assert answers(fresh.lane_base, request(f"/slides/{sid}/tiles/4/0/0"))[-1][0].endswith("OK")
 
 
