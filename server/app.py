@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures as cf
+import contextlib
 import functools
 import logging
 from collections.abc import AsyncIterator, Callable
@@ -282,14 +283,19 @@ async def _warm_listing(app: web.Application) -> None:
 
 async def _warm_up(app: web.Application) -> AsyncIterator[None]:
     """Fills the indexes of `WARM_UP` in one background task: requests are served meanwhile (a
-    listing or search arriving first waits for the refresh under way and shares it)."""
+    listing or search arriving first waits for the refresh under way and shares it). The
+    service's processes fill one at a time (`IndexFile.filling`): each after the first reads
+    the entries the ones before it kept, and opens only the slides they did not describe."""
 
     async def fill() -> None:
-        for warm in app[WARM_UP]:
-            try:
-                await warm(app)
-            except Exception as exc:  # the first request will try again, and report it
-                log.warning("filling an index at start failed: %s", describe(exc))
+        saved = app.get(INDEX_FILE)
+        # One process of the service at a time: the others then read what it kept.
+        async with saved.filling() if saved is not None else contextlib.nullcontext():
+            for warm in app[WARM_UP]:
+                try:
+                    await warm(app)
+                except Exception as exc:  # the first request will try again, and report it
+                    log.warning("filling an index at start failed: %s", describe(exc))
 
     task = app[WARMED] = asyncio.create_task(fill())
     yield

@@ -17,12 +17,15 @@ time it would have saved: the indexes are then filled from the store.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import fcntl
 import hashlib
 import logging
 import os
 import sqlite3
 import threading
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
@@ -31,6 +34,10 @@ log = logging.getLogger("server.index_file")
 T = TypeVar("T")
 
 NAME = "indexes.sqlite"
+LOCK_NAME = "indexes.lock"
+"""Beside `NAME`: held by the process filling the indexes at start (`IndexFile.filling`)."""
+LOCK_POLL_SECONDS = 0.2
+_LOCK_FLAGS = os.O_CREAT | os.O_RDWR | os.O_CLOEXEC
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS entries (
     fingerprint TEXT NOT NULL,
@@ -72,11 +79,36 @@ class IndexFile:
     off the event loop. Every failure to read or write is logged once and answered as an empty
     file: the indexes are then filled from the store."""
 
-    def __init__(self, connection: sqlite3.Connection, fingerprint: str) -> None:
+    def __init__(self, connection: sqlite3.Connection, fingerprint: str, folder: str) -> None:
         self._db = connection
         self._fingerprint = fingerprint
+        self._folder = folder
         self._lock = threading.Lock()
         self._failed = False
+
+    @contextlib.asynccontextmanager
+    async def filling(self) -> AsyncIterator[None]:
+        """Held (an exclusive `flock` of `LOCK_NAME` beside the file) while a process fills its
+        indexes at start, awaited without blocking the event loop: the service's other
+        processes, started at the same time, wait and then read what it kept, instead of each
+        opening every slide of the store too (N processes took N times the CPU, on the same
+        cores, to start). A lock that cannot be taken costs only that time (logged once)."""
+        try:
+            fd = os.open(os.path.join(self._folder, LOCK_NAME), _LOCK_FLAGS, 0o600)
+        except OSError as exc:
+            log.warning("the indexes' fill is not shared between processes: %s", exc)
+            yield
+            return
+        try:
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    await asyncio.sleep(LOCK_POLL_SECONDS)
+            yield
+        finally:
+            os.close(fd)  # and the lock with it
 
     @classmethod
     def open(cls, folder: str, fingerprint: str) -> IndexFile | None:
@@ -102,7 +134,7 @@ class IndexFile:
         except (OSError, sqlite3.Error) as exc:
             log.warning("indexes are not kept between starts: cannot use %s (%s)", path, exc)
             return None
-        return cls(db, fingerprint)
+        return cls(db, fingerprint, folder)
 
     def load(self, kind: str, parse: Callable[[SavedEntry], T]) -> dict[str, T]:
         """The entries of `kind` by slide id, each as `parse` makes it; one it refuses
@@ -167,4 +199,4 @@ class IndexFile:
             log.warning("cannot %s the indexes kept between starts: %s", what, exc)
 
 
-__all__ = ["NAME", "IndexFile", "SavedEntry", "code_fingerprint"]
+__all__ = ["LOCK_NAME", "NAME", "IndexFile", "SavedEntry", "code_fingerprint"]

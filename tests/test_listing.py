@@ -25,7 +25,7 @@ from server.api.dicomweb.query import Row
 from server.app import create_app
 from server.catalog import Catalog
 from server.index_file import NAME
-from server.keys import INDEX_FILE, WARMED
+from server.keys import CATALOG, INDEX_FILE, WARMED
 from server.listing import SlideListing
 from server.settings import ServerSettings
 from wsi.ingest.settings import IngestSettings
@@ -277,6 +277,46 @@ def test_indexes_are_kept_between_starts(
         rename(store, ids[5], "slide 0005")
         if not (store / ids[6]).exists():
             copy_slide(store, ids[7], ids[6], "slide 0006", "case 6")
+
+
+def test_processes_starting_together_fill_the_indexes_once(
+    big_store: tuple[Path, list[str]], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """The service's processes start together and each filled both indexes, opening every slide
+    of the store: N processes took N times the CPU, on the same cores. One fills them at a time
+    (the state folder's lock) and the others read what it kept: every slide opened once in all,
+    and every process answers the same."""
+    store, ids = big_store
+    openers: list[PublishedStore] = []
+    load: Callable[..., Awaitable[Any]] = PublishedStore._load
+
+    async def spy(self: PublishedStore, keys: Any, data: bytes) -> Any:
+        openers.append(self)
+        return await load(self, keys, data)
+
+    monkeypatch.setattr(PublishedStore, "_load", spy)
+    settings = _kept(store, tmp_path / "state")
+
+    async def main() -> None:
+        apps = [create_app(settings) for _ in range(3)]
+        clients = [TestClient(TestServer(app)) for app in apps]
+        for client in clients:
+            await client.start_server()
+        try:
+            await asyncio.gather(*(app[WARMED] for app in apps))
+            stores = {id(app[CATALOG].store) for app in apps}
+            assert len({id(s) for s in openers}) == 1  # one of the three opened slides
+            assert {id(s) for s in openers} <= stores and len(openers) >= SLIDES
+            openers.clear()
+            for client in clients:
+                listed = await (await client.get("/slides")).json()
+                assert sorted(s["id"] for s in listed["slides"]) == sorted(ids)
+            assert openers == []
+        finally:
+            for client in clients:
+                await client.close()
+
+    asyncio.run(main())
 
 
 def test_a_state_folder_that_cannot_be_made_costs_only_the_time(
