@@ -132,7 +132,11 @@ class ServiceConnection(RequestHandler):
                 and not self._messages
                 and not self._paused  # the client takes what it is sent
             ):
-                out = express.answer(head)
+                try:
+                    out = express.answer(head)
+                except Exception as exc:  # a bug of the lane: aiohttp's way answers
+                    log.error("express lane failed, aiohttp answers: %s", type(exc).__name__)
+                    out = None
             if out is None:
                 self._give(held[pos:stop])
                 if self._force_close or self._close:

@@ -16,13 +16,15 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import hypothesis
+import hypothesis.strategies
 import pytest
 import requests
 
 import wsi
 from server.api.dicomweb.instances import DICOMWEB
 from server.auth import sign
-from server.express import EXPRESS, MAX_HEAD
+from server.express import EXPRESS, MAX_HEAD, Express
 from server.runner import ServiceConnection
 from server.settings import ServerSettings
 
@@ -681,3 +683,53 @@ def on(loop: asyncio.AbstractEventLoop, app: Any) -> list[ServiceConnection]:
         return _connections(app)
 
     return asyncio.run_coroutine_threadsafe(read(), loop).result(10)
+
+
+# -- the parser alone ------------------------------------------------------------------------
+
+
+@hypothesis.settings(max_examples=400, deadline=None)
+@hypothesis.given(
+    hypothesis.strategies.lists(
+        hypothesis.strategies.sampled_from(
+            [
+                b"GET",
+                b"HEAD",
+                b"POST",
+                b" ",
+                b"/slides/x/tiles/0/0/0",
+                b"?v=1",
+                b"HTTP/1.1",
+                b"HTTP/1.0",
+                b"\r\n",
+                b"\n",
+                b"\r",
+                b"Host: 127.0.0.1",
+                b"Content-Length: 5",
+                b"Transfer-Encoding: chunked",
+                b"Connection: close",
+                b": x",
+                b"\t",
+                b"\x00",
+                b"\xff",
+                b"X-A: b",
+            ]
+        ),
+        max_size=12,
+    )
+)
+def test_the_parser_never_fails_and_never_delimits_a_request_with_a_body(
+    parts: list[bytes],
+) -> None:
+    """Whatever bytes come, `Express.parse` answers (no exception: it runs in the connection's
+    `data_received`), and a head it delimits has no header that gives its request a body."""
+    raw = b"".join(parts)
+    head = Express().parse(raw)
+    if head is None:
+        return
+    names = [line.split(b":", 1)[0].strip().lower() for line in raw.split(b"\r\n")[1:]]
+    assert b"content-length" not in names and b"transfer-encoding" not in names
+    assert b"\n" not in raw.replace(b"\r\n", b"") and b"\r" not in raw.replace(b"\r\n", b"")
+    if head.fields is not None:
+        assert head.method in ("GET", "HEAD") and head.target.startswith("/")
+        assert raw.split(b"\r\n", 1)[0].endswith(b" HTTP/1.1")
