@@ -1,4 +1,5 @@
-"""How the service listens: aiohttp's runner, its connections made ours (`ServiceConnection`),
+"""How the service listens: aiohttp's runner, its connections made ours (`ServiceConnection`,
+which puts the app's express lane, `server.express`, in front of aiohttp's request handling),
 and `run`, which serves an app until SIGINT, SIGTERM or `web.GracefulExit`.
 
 aiohttp answers a request it cannot parse (a bad request line, a header too long, a bare LF, a
