@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import gc
 import json
 import socket
@@ -52,11 +53,11 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         f"/dicomweb/studies/{dicom['study_instance_uid']}/series/{dicom['series_instance_uid']}"
         f"/instances/{base['sop_instance_uid']}/frames"
     )
-    version = requests_free_version(root, sid)
+    version = slide_version(root, sid)
     return {"root": root, "sid": sid, "frames": frames, "version": version}
 
 
-def requests_free_version(root: Path, sid: str) -> str:
+def slide_version(root: Path, sid: str) -> str:
     """The slide's version as the service names it (its manifest digest, read by the library)."""
     with wsi.open_published(str(root / sid)) as slide:
         return str(slide.version)
@@ -75,7 +76,7 @@ class Pair:
 
 
 def pair(settings: ServerSettings) -> Iterator[Pair]:
-    full = ServerSettings(**{**settings.__dict__, "express": False})
+    full = dataclasses.replace(settings, express=False)
     with serving_app(settings) as lane, serving_app(full) as other:
         yield Pair(lane, other)
 
