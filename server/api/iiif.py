@@ -365,22 +365,24 @@ async def image(request: web.Request) -> web.StreamResponse:
     catalog = request.app[CATALOG]
     max_area = request.app[SETTINGS].max_render_pixels
     slide = await named_slide(request)
-    info, app = request.match_info, request.app
-    stored = image_now(app, info, request.headers) or await image_stored(app, info, request.headers)
-    if stored is not None:
-        return stored_response(request, stored)
-    plan = _plan(app, slide, info)
+    plan = _plan(request.app, slide, request.match_info)
+    m = plan.match
+    if m is not None and plan.as_stored:  # as `image_now` and `image_stored` answer it
+        data = slide.tile_bytes_now(m.level.index, m.col, m.row)
+        if data is None:
+            data = await slide.tile_bytes(m.level.index, m.col, m.row)
+        return stored_response(request, plan.stored(slide, data))
     quality, fmt, mirror, degrees = plan.quality, plan.fmt, plan.mirror, plan.degrees
     r, ow, oh, etag, version = plan.region, plan.out_w, plan.out_h, plan.etag, slide.version
     content_type = FORMATS[fmt]
     if request.headers.get("If-None-Match") == f'"{etag}"':
         response = etag_response(request, b"", content_type, etag, version=version)
-    elif plan.match is not None:
-        m = plan.match
-        data = await slide.tile_bytes(m.level.index, m.col, m.row)
+    elif m is not None:
+        match = m
+        data = await slide.tile_bytes(match.level.index, match.col, match.row)
         body = await in_pool(
             catalog,
-            lambda: finish(tile_pixels(m, data), mirror, degrees, quality, fmt),
+            lambda: finish(tile_pixels(match, data), mirror, degrees, quality, fmt),
         )
         response = etag_response(request, body, content_type, etag, version=version)
     else:
