@@ -200,13 +200,13 @@ async def _start_copies(
     left by a dead process swept first); and the slides other services (or machines) submitted
     to the shared job table, viewable here too."""
     from server.bucket_copies import keep_copies
-    from wsi.ingest.spool import sweep_orphans
+    from wsi.ingest.spool import COPIES_FOLDER, sweep_orphans
 
     settings, catalog = app[SETTINGS], app[CATALOG]
     spool = Path(settings.ingest.spool_path(settings.store))
     await asyncio.to_thread(sweep_orphans, spool)
     copies = app[COPIES] = StagedSources(
-        spool / "copies",
+        spool / COPIES_FOLDER,
         settings.s3_endpoint,
         catalog.sources.register if catalog.sources is not None else None,
         limits=settings.ingest.staging_limits,

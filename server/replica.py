@@ -33,6 +33,7 @@ from server.keys import CATALOG, INGEST_TASKS, INTEGRITY, JOBS, JOBS_WAKE, METRI
 from server.settings import ProcessRole
 from wsi.errors import WsiError
 from wsi.ingest.queue import JobState, open_queue
+from wsi.ingest.spool import COPIES_FOLDER
 from wsi.ingest.staging import is_remote
 from wsi.store.objects import StoreSettings
 
@@ -217,7 +218,8 @@ async def follow_ingest(app: web.Application) -> AsyncIterator[None]:
         # The ingest process's check; a service that only follows a job table runs none.
         view = app[INTEGRITY] = IntegrityView(app)
         app[METRICS].integrity = view.status
-    copies = StagedSources(Path(ingest.spool_path(settings.store)) / "copies", None, parallel=1)
+    spool = Path(ingest.spool_path(settings.store))
+    copies = StagedSources(spool / COPIES_FOLDER, None, parallel=1)
     stop = asyncio.Event()
     task = asyncio.create_task(follow_jobs(app, copies, stop), name="wsi-follow-jobs")
     yield

@@ -22,7 +22,7 @@ import pytest
 import s3fs
 
 from wsi.errors import InvalidArgument, SlideNotFound, StoreError
-from wsi.ingest.spool import RESERVED, SpoolFull
+from wsi.ingest.spool import COPIES_FOLDER, RESERVED, SpoolFull
 from wsi.ingest.staging import (
     StagingLimits,
     is_remote,
@@ -287,6 +287,32 @@ def test_a_copy_that_would_overfill_the_spool_is_refused_or_waits(
     with staged(url, seaweedfs.endpoint_url, spool, limits=limits) as path:
         assert path.read_bytes() == b"y" * 1000
     assert list(spool.iterdir()) == []
+
+
+def test_only_copies_take_room_in_the_spool(
+    seaweedfs: SeaweedFS,
+    s3: s3fs.S3FileSystem,
+    prefix: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The default spool is the system's temp folder: other programs' files there are not
+    copies and take none of the quota (they made every copy wait for room for ever once they
+    outgrew it); the service's bucket copies (`copies/`) and other copies do."""
+    s3.pipe_file(f"{prefix}/r/case.svs", b"z" * 1000)
+    url = f"s3://{prefix}/r/case.svs"
+    limits = StagingLimits(max_objects=10, max_bytes=1000, spool_quota=1500)
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path))
+    (tmp_path / "someone-elses.bin").write_bytes(b"x" * 5000)
+    (tmp_path / "pytest-of-someone" / "deep").mkdir(parents=True)
+    (tmp_path / "pytest-of-someone" / "deep" / "big.bin").write_bytes(b"x" * 5000)
+    with staged(url, seaweedfs.endpoint_url, limits=limits) as path:
+        assert path.read_bytes() == b"z" * 1000
+    copy = tmp_path / COPIES_FOLDER / ".partial-abc"
+    copy.mkdir(parents=True)
+    (copy / RESERVED).write_text("1000\n")
+    with pytest.raises(SpoolFull), staged(url, seaweedfs.endpoint_url, limits=limits):
+        pass
 
 
 def test_staged_copies_are_private_whatever_the_umask(

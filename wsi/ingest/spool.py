@@ -49,6 +49,8 @@ def reserve_waiting(
 
 RESERVED = ".reserved-bytes"
 """In a folder that is being (or was) filled with a copy: the bytes it reserved."""
+COPIES_FOLDER = "copies"
+"""The service's copies of `s3://` job sources, in its spool (`server.bucket_copies`)."""
 
 
 @contextlib.contextmanager
@@ -68,9 +70,26 @@ def _spool_lock(spool: Path) -> Iterator[None]:
 
 
 def spool_usage(spool: Path) -> int:
-    """Bytes the spool's files take, counting a folder with a reservation (`RESERVED`) as at
-    least its reserved size: a copy that is still downloading holds the room it will fill."""
-    return _usage(spool)
+    """Bytes the copies in the spool take (the folders `copy_folder` makes and the service's
+    `COPIES_FOLDER`), counting a folder with a reservation (`RESERVED`) as at least its
+    reserved size: a copy that is still downloading holds the room it will fill. Nothing else
+    in the spool counts, nor is looked into: the default spool is the system's temp folder,
+    whose other files (other programs', other users') are not ours to count (nor to walk: there
+    may be millions)."""
+    try:
+        entries = [e for e in os.scandir(spool) if _is_copy(e.name)]
+    except OSError:
+        return 0
+    total = 0
+    for entry in entries:
+        with contextlib.suppress(OSError):
+            if entry.is_dir(follow_symlinks=False):
+                total += _usage(Path(entry.path))
+    return total
+
+
+def _is_copy(name: str) -> bool:
+    return name.startswith(_TEMP_PREFIX) or name == COPIES_FOLDER
 
 
 def _usage(folder: Path) -> int:
