@@ -258,10 +258,12 @@ def test_ingest_loops_are_supervised_and_readyz_lists_those_down(
     runs: list[float] = []
 
     async def needs_marker() -> None:
-        """A loop that dies (a real FileNotFoundError) until the marker exists, then runs."""
+        """A loop that dies (a real FileNotFoundError) until the marker exists, then runs
+        until the service stops, as the real loops do (one that did not would hold the
+        shutdown for its whole grace, `shutdown_seconds`)."""
         runs.append(time.monotonic())
         marker.read_bytes()
-        await asyncio.Event().wait()
+        await app[INGEST_TASKS].stop.wait()
 
     app = create_app(service)
 
