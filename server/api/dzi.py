@@ -180,7 +180,7 @@ def tile_now(
     if not target.stored or target.level is None:
         return None
     data = slide.tile_bytes_now(target.level.index, target.x, target.y)
-    return None if data is None else Stored(data, "image/jpeg", target.etag, slide.version)
+    return None if data is None else _stored(slide, target, data)
 
 
 async def stored_tile(
@@ -193,21 +193,24 @@ async def stored_tile(
     target = _target(app, slide, info)
     if not target.stored or target.level is None:
         return None
-    data = await slide.tile_bytes(target.level.index, target.x, target.y)
+    return _stored(slide, target, await slide.tile_bytes(target.level.index, target.x, target.y))
+
+
+def _stored(slide: ServedSlide, target: _Target, data: bytes) -> Stored:
     return Stored(data, "image/jpeg", target.etag, slide.version)
 
 
 async def tile(request: web.Request) -> web.Response:
     info, app = request.match_info, request.app
-    stored = tile_now(app, info, request.headers)
-    if stored is None:
-        stored = await stored_tile(app, info, request.headers)
-    if stored is not None:
-        return stored_response(request, stored)
-    catalog = request.app[CATALOG]
+    catalog = app[CATALOG]
     slide = catalog.opened(info["slide_id"]) or await catalog.slide(info["slide_id"])
-    t = _target(request.app, slide, info)
+    t = _target(app, slide, info)
     version, etag, level = slide.version, t.etag, t.level
+    if t.stored and level is not None:  # as `tile_now` and `stored_tile` answer it
+        data = slide.tile_bytes_now(level.index, t.x, t.y)
+        if data is None:
+            data = await slide.tile_bytes(level.index, t.x, t.y)
+        return stored_response(request, _stored(slide, t, data))
     size = request.app[GEOMETRY].of(slide).size
     if level is not None and t.x * size < level.width and t.y * size < level.height:
         corner = (t.x * size, t.y * size)
