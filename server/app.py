@@ -30,7 +30,6 @@ from server.keys import (
     CATALOG,
     COPIES,
     EXECUTOR,
-    FILLED_FROM_LISTING,
     INDEX_FILE,
     INGEST_TASKS,
     INTEGRITY,
@@ -279,7 +278,7 @@ def _index_file(settings: ServerSettings) -> IndexFile | None:
 
 
 async def _warm_listing(app: web.Application) -> None:
-    await app[LISTING].fill([functools.partial(f, app) for f in app[FILLED_FROM_LISTING]])
+    await app[LISTING].page(limit=1)
 
 
 async def _warm_up(app: web.Application) -> AsyncIterator[None]:
@@ -327,7 +326,6 @@ def create_app(settings: ServerSettings, role: ProcessRole | None = None) -> web
     runs_ingest = role.ingest and bool(settings.watch or settings.s3_sources)
     app.cleanup_ctx.append(_ingest if runs_ingest else follow_ingest)
     app[WARM_UP] = [_warm_listing]
-    app[FILLED_FROM_LISTING] = []
     routes = app[FRONTED] = Routes(app)
     for register_tiles in TILE_ROUTES:
         register_tiles(app)

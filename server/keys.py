@@ -32,10 +32,6 @@ WARM_UP = web.AppKey("warm_up", list)
 """Coroutine functions `(app) -> None` that fill a process's indexes (the listing, QIDO's series)
 right after it starts, one after the other, in the background (`server.app`), so that the first
 search after a start does not open every slide of the store while a client waits."""
-FILLED_FROM_LISTING = web.AppKey("filled_from_listing", list)
-"""Coroutine functions `(app, slide) -> None` told each slide the start's listing fill opens
-(`SlideListing.fill`), so that an index filled after it makes its entries from them instead of
-opening every slide again (QIDO's series index)."""
 WARMED = web.AppKey("warmed", asyncio.Task)
 """The task running `WARM_UP` (done once every index is filled, or failed and logged)."""
 EXECUTOR = web.AppKey("executor", cf.ThreadPoolExecutor)

@@ -17,7 +17,7 @@ import json
 import math
 import time
 import zlib
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -31,8 +31,6 @@ CONCURRENCY = 32
 """Slides checked or opened at once while a listing is refreshed."""
 MAX_PAGE = 1000
 """Most slides one answer lists (`GET /slides?limit=`, its default)."""
-Opened = Callable[[SlideInfo], Awaitable[None]]
-"""Told a slide a refresh opened (`SlideListing.fill`)."""
 
 
 @dataclass(frozen=True)
@@ -184,14 +182,7 @@ class SlideListing:
         shown = matched[offset : offset + limit]
         return Page(shown, len(matched), offset, cases, len(listed))
 
-    async def fill(self, told: Sequence[Opened] = ()) -> None:
-        """Refresh the entries (`page`'s refresh) and tell `told` every slide it opens: the
-        start's fill, with which other indexes make their entries from the slides opened here
-        instead of opening each again once a store holds more slides than the reader keeps
-        open (`ReaderSettings.slide_cache_entries`)."""
-        await self._refreshed(told)
-
-    async def _refreshed(self, told: Sequence[Opened] = ()) -> list[Listed]:
+    async def _refreshed(self) -> list[Listed]:
         async with self._lock:
             if not self._loaded and self._saved is not None:
                 self._entries = await asyncio.to_thread(self._saved.load, KIND, Listed.from_saved)
@@ -205,7 +196,7 @@ class SlideListing:
 
             async def one(slide_id: str) -> Listed | None:
                 async with gate:
-                    return await self._entry(slide_id, now, versions, told)
+                    return await self._entry(slide_id, now, versions)
 
             found = await asyncio.gather(*(one(i) for i in ids))
             entries = {e.slide_id: e for e in found if e is not None}
@@ -241,11 +232,7 @@ class SlideListing:
         )
 
     async def _entry(
-        self,
-        slide_id: str,
-        now: float,
-        versions: dict[str, str | None],
-        told: Sequence[Opened] = (),
+        self, slide_id: str, now: float, versions: dict[str, str | None]
     ) -> Listed | None:
         """The slide's entry: the one held while recently checked or while its manifest's
         version (`versions`, read for the stale ones) is unchanged, else made again (None for a
@@ -262,8 +249,6 @@ class SlideListing:
             slide = await self.catalog.listed(slide_id)
         except WsiError:  # unpublished meanwhile, or a dropped slide its reader refuses
             return None
-        for tell in told:
-            await tell(slide)
         return Listed.of(slide, self.allow_label, now)
 
 

@@ -48,7 +48,7 @@ from server.api.dicomweb.series_index import SERIES_INDEX, SeriesIndex, series_r
 from server.api.dicomweb.wado import frame_later, frame_now, frames, metadata, retrieve
 from server.catalog import Catalog
 from server.front import routes
-from server.keys import CATALOG, FILLED_FROM_LISTING, WARM_UP
+from server.keys import WARM_UP
 from server.openapi import ERROR, path_params
 
 STUDY = f"{PREFIX}/studies/{{study}}"
@@ -59,11 +59,6 @@ FRAMES = f"{INSTANCE}/frames/{{frames}}"
 
 async def warm_series_index(app: web.Application) -> None:
     await series_records(app)
-
-
-async def seed_series_index(app: web.Application, slide: object) -> None:
-    """The series record of a slide the start's listing fill opened (`SeriesIndex.seed`)."""
-    await app[SERIES_INDEX].seed(app[CATALOG], app[DICOMWEB], slide)
 
 
 def register(app: web.Application) -> None:
@@ -82,7 +77,6 @@ def register(app: web.Application) -> None:
 
     state.study_index = studies
     app[WARM_UP].append(warm_series_index)
-    app[FILLED_FROM_LISTING].append(seed_series_index)
     add = routes(app).add_get
     # Frames first: the router tries the routes under `/dicomweb/studies` in this order, and a
     # viewer asks for frames far more often than for anything else (no two routes here match

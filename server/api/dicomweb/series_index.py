@@ -14,7 +14,6 @@ again only when its version changed (the same rule as the slide listing, `server
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import json
 import math
@@ -219,9 +218,6 @@ class SeriesIndex:
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self._clock = clock
         self._records: dict[str, SeriesRecord] = {}
-        self._seeded: dict[str, SeriesRecord] = {}
-        """Records made from slides the start's listing fill opened (`seed`), for the next
-        refresh to take when their slide still has that version."""
         self._loaded = False
         self._lock = asyncio.Lock()
 
@@ -238,20 +234,13 @@ class SeriesIndex:
             ids = await catalog.store.slide_ids()
             now = self._clock()
             held = self._records
-            seeded, self._seeded = self._seeded, {}
-            stale = [
-                i
-                for i in ids
-                if (i in held and now - held[i].checked >= RECHECK_SECONDS) or i in seeded
-            ]
+            stale = [i for i in ids if i in held and now - held[i].checked >= RECHECK_SECONDS]
             versions = await catalog.store.versions(stale) if stale else {}
             gate = asyncio.Semaphore(CONCURRENCY)
 
             async def one(slide_id: str) -> SeriesRecord | None:
                 async with gate:
-                    return await self._record(
-                        catalog, state, slide_id, now, versions, seeded.get(slide_id)
-                    )
+                    return await self._record(catalog, state, slide_id, now, versions)
 
             found = await asyncio.gather(*(one(i) for i in ids))
             before = self._records
@@ -268,17 +257,6 @@ class SeriesIndex:
                 await asyncio.to_thread(saved.save, KIND, changed, gone)
             return [r for r in self._records.values() if r.study_uid]
 
-    async def seed(self, catalog: Catalog, state: DicomWebState, slide: object) -> None:
-        """Make the record of a slide the start's listing fill has just opened
-        (`server.keys.FILLED_FROM_LISTING`): the refresh that follows takes it if the slide
-        still has that version, instead of opening the slide again (in a store of more slides
-        than the reader keeps open, those the listing opened are closed again by then)."""
-        if isinstance(slide, AsyncPublishedSlide):
-            with contextlib.suppress(*UNSERVED):
-                self._seeded[slide.slide_id] = await self._made(
-                    catalog, state, slide, self._clock()
-                )
-
     async def _record(
         self,
         catalog: Catalog,
@@ -286,14 +264,11 @@ class SeriesIndex:
         slide_id: str,
         now: float,
         versions: dict[str, str | None],
-        seeded: SeriesRecord | None = None,
     ) -> SeriesRecord | None:
         held = self._records.get(slide_id)
-        if held is not None and now - held.checked < RECHECK_SECONDS:
-            return held
-        if seeded is not None and versions.get(slide_id) == seeded.version:
-            return replace(seeded, checked=now)
         if held is not None:
+            if now - held.checked < RECHECK_SECONDS:
+                return held
             if slide_id not in versions:  # the store failed this read: searched as last seen
                 return held
             if versions[slide_id] is None:
@@ -306,17 +281,6 @@ class SeriesIndex:
             return None
         if not isinstance(slide, AsyncPublishedSlide):
             return None
-        try:
-            return await self._made(catalog, state, slide, now)
-        except UNSERVED:
-            return None
-
-    async def _made(
-        self, catalog: Catalog, state: DicomWebState, slide: AsyncPublishedSlide, now: float
-    ) -> SeriesRecord:
-        """The record of an open slide (its smallest level's header read); UNSERVED errors
-        raised."""
-        slide_id = slide.slide_id
         shown = (len(slide_instances(slide, False)), len(slide_instances(slide, True)))
         levels = [i for i in slide_instances(slide, False) if i.is_level]
         if slide.dicom is None or not levels:
@@ -325,9 +289,12 @@ class SeriesIndex:
         # shortest (a sparse base level lists every frame), and it is not kept in the header
         # cache, which a refresh of thousands of slides would otherwise empty.
         smallest = levels[-1]
-        attributes, _ = await read_header(
-            catalog, smallest, state.header_read, functools.partial(_attributes, smallest)
-        )
+        try:
+            attributes, _ = await read_header(
+                catalog, smallest, state.header_read, functools.partial(_attributes, smallest)
+            )
+        except UNSERVED:
+            return None
         return SeriesRecord(
             slide_id,
             slide.version,
