@@ -36,7 +36,7 @@ from wsi.slide_id import content_slide_id
 from wsi.store.objects import StoreSettings
 
 from .conftest import sample
-from .helpers import run_wsi, wait_until
+from .helpers import run_wsi, wait_until, wsi_process
 from .s3server import SeaweedFS
 from .s3server import seaweedfs as _seaweedfs_fixture  # noqa: F401
 
@@ -97,6 +97,35 @@ def test_cli_converts_an_s3_source(
     away = {**env, "AWS_ENDPOINT_URL": "http://127.0.0.1:9", "AWS_MAX_ATTEMPTS": "1"}
     unreachable = run_wsi("convert", url, "--out", str(out), "--no-progress", env=away)
     assert unreachable.returncode == 75, unreachable.stderr  # retryable: the store, not the slide
+
+
+def test_the_cli_says_when_its_download_waits_for_room(
+    tmp_path: Path, seaweedfs: SeaweedFS, drop: dict[str, Any]
+) -> None:
+    """`wsi convert s3://...` whose download finds the spool's quota held by the copies of
+    conversions running beside it waits, and says so in one line (it waited in silence, like
+    a hang); it converts once they end."""
+    env = {**os.environ, **seaweedfs.env}
+    url = f"s3://{drop['prefix']}/scans/case.svs"
+    size = str(drop["slide"].stat().st_size)
+    spool = tmp_path / "spool"
+    beside = spool / f"wsi-staged-{os.getpid()}-beside"  # a live process's copy
+    beside.mkdir(parents=True)
+    (beside / RESERVED).write_text(f"{size}\n")
+    log = tmp_path / "convert.log"
+    args = ["convert", url, "--out", str(tmp_path / "store"), "--spool", str(spool)]
+    args += ["--spool-quota-bytes", size, "--max-source-bytes", size, "--no-progress"]
+    with wsi_process(log, *args, env=env) as proc:
+
+        async def says() -> bool:
+            return "waiting for room in the spool" in log.read_text()
+
+        asyncio.run(wait_until(says, 60))
+        assert proc.poll() is None  # still waiting
+        shutil.rmtree(beside)  # that conversion ended
+        assert proc.wait(120) == 0, log.read_text()
+    said = log.read_text()
+    assert said.count("waiting for room") == 1 and content_slide_id(drop["slide"]) in said
 
 
 def test_post_jobs_with_s3_sources(

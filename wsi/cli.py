@@ -241,6 +241,24 @@ def _error(args: argparse.Namespace, index: int, source: str, message: str) -> N
     print(f"wsi: error: {source}: {message}", file=sys.stderr)
 
 
+def _told_once(source: str) -> Callable[[], None]:
+    """What a conversion at a terminal says when its download waits for room in the spool
+    (copies of conversions running beside it hold the quota): one line, not silence."""
+    told: list[bool] = []
+
+    def waiting() -> None:
+        if not told:
+            told.append(True)
+            print(
+                f"wsi: {source}: waiting for room in the spool: the copies of other conversions "
+                "hold its quota (--spool-quota-bytes); the download starts once they end",
+                file=sys.stderr,
+                flush=True,
+            )
+
+    return waiting
+
+
 def _convert_one(
     args: argparse.Namespace,
     index: int,
@@ -273,7 +291,7 @@ def _convert_one(
             channel.report(index, STAGE_SHARE * done / total)
 
     limits = staging_limits(args)
-    waiting = channel.alive if channel is not None else lambda: None
+    waiting = channel.alive if channel is not None else _told_once(source)
     with staged(
         source, args.s3_endpoint, args.spool, download, limits=limits, waiting=waiting
     ) as local:
