@@ -161,6 +161,36 @@ def test_one_conversion_of_a_slide_at_a_time(slide: Path, tmp_path: Path) -> Non
     verify(root, sid)
 
 
+def test_s3_slide_locks_stay_in_a_folder_of_the_users_own(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An S3 store's slide locks live in the shared temp folder: in a folder of this user's
+    own that nobody else may write in. One another user made first (open to everyone, or a
+    symlink), or a symlink in a lock's place, is refused in one line, not used: its owner could
+    remove the locks or redirect them (it was `<tmp>/wsistore-locks`, taken as it was found)."""
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path))
+    store = wsi.Store(wsi.StoreSettings("s3://bucket/slides", "http://127.0.0.1:9"))
+    sid = "0123456789abcdef01234567"
+    with store.slide_lock(sid):
+        folder = tmp_path / f"wsistore-locks-{os.getuid()}"
+        assert folder.stat().st_mode & 0o777 == 0o700 and len(list(folder.iterdir())) == 1
+        lock = next(folder.iterdir())
+    assert list(folder.iterdir()) == []
+    lock.symlink_to(tmp_path / "elsewhere")  # planted in a lock's place
+    with pytest.raises(wsi.StoreError, match="lock file"), store.slide_lock(sid):
+        pass
+    assert not (tmp_path / "elsewhere").exists()
+    lock.unlink()
+    folder.chmod(0o777)  # as if another user had made it, open to all
+    with pytest.raises(wsi.StoreError, match="only it may write"), store.slide_lock(sid):
+        pass
+    folder.rmdir()
+    (tmp_path / "somewhere").mkdir(mode=0o700)
+    folder.symlink_to(tmp_path / "somewhere")
+    with pytest.raises(wsi.StoreError, match="only it may write"), store.slide_lock(sid):
+        pass
+
+
 @pytest.mark.s3
 def test_reconversion_on_s3(slide: Path, seaweedfs: SeaweedFS) -> None:
     """On S3 the new version is promoted by server-side copies; a failure leaves the old one."""

@@ -17,7 +17,6 @@ import hashlib
 import os
 import re
 import sys
-import tempfile
 import uuid
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -34,7 +33,7 @@ from wsi.published.layout import (
     dump_json,
     load_json,
 )
-from wsi.store.locks import locked_file
+from wsi.store.locks import locked_file, private_temp_folder
 
 if TYPE_CHECKING:
     from wsi.store.obstore_s3 import ObstoreS3
@@ -626,10 +625,10 @@ class Store:
         instead of deleting the first one's temporaries or objects. Across machines the job
         queue gives a slide to one worker at a time. A local store keeps its locks in the store
         (`LOCKS`): processes with other temporary folders (TMPDIR, a service's private /tmp)
-        still meet there."""
+        still meet there; an S3 store's are in a temp folder of the user's own
+        (`private_temp_folder`), which the processes of that user share."""
         if self.settings.is_s3:
-            folder = os.path.join(tempfile.gettempdir(), "wsistore-locks")
-            os.makedirs(folder, mode=0o700, exist_ok=True)
+            folder = private_temp_folder("wsistore-locks")
             name = hashlib.sha256(f"{self.full_url()}\n{slide_id}".encode()).hexdigest()[:32]
         else:
             folder = os.path.join(self.root, LOCKS)
