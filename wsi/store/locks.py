@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import stat
@@ -17,12 +18,11 @@ def private_temp_folder(name: str) -> str:
     the files put in it. StoreError when it is not such a folder."""
     path = os.path.join(tempfile.gettempdir(), f"{name}-{os.getuid()}")
     try:
-        os.mkdir(path, 0o700)
-    except FileExistsError:
-        pass
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(path, 0o700)
+        info = os.lstat(path)
     except OSError as exc:
         raise StoreError(f"cannot make the folder {path}: {exc}") from exc
-    info = os.lstat(path)
     if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid() or info.st_mode & 0o022:
         raise StoreError(
             f"{path} is not a folder of this user's that only it may write in: remove it"
