@@ -18,6 +18,7 @@ import pytest
 
 import wsi
 from wsi.convert import ConvertSettings
+from wsi.errors import SlideBusy
 from wsi.ingest.protocol import ExitCode
 from wsi.pyramid import PyramidSettings
 
@@ -176,6 +177,15 @@ def test_s3_slide_locks_stay_in_a_folder_of_the_users_own(
         assert folder.stat().st_mode & 0o777 == 0o700 and len(list(folder.iterdir())) == 1
         lock = next(folder.iterdir())
     assert list(folder.iterdir()) == []
+    # A bucket of the same name on another S3 service is another store; on this one, the same.
+    elsewhere = wsi.Store(wsi.StoreSettings("s3://bucket/slides", "http://127.0.0.1:10"))
+    with (
+        store.slide_lock(sid),
+        elsewhere.slide_lock(sid),
+        pytest.raises(SlideBusy),
+        wsi.Store(store.settings).slide_lock(sid),
+    ):
+        pass
     lock.symlink_to(tmp_path / "elsewhere")  # planted in a lock's place
     with pytest.raises(wsi.StoreError, match="lock file"), store.slide_lock(sid):
         pass

@@ -109,9 +109,14 @@ class StoreSettings:
     def is_s3(self) -> bool:
         return self.url.startswith("s3://")
 
+    @property
+    def s3_endpoint(self) -> str | None:
+        """Where S3 requests go: `endpoint_url`, else AWS_ENDPOINT_URL, else None (AWS)."""
+        return self.endpoint_url or os.environ.get("AWS_ENDPOINT_URL") or None
+
 
 def _s3_options(settings: StoreSettings) -> dict[str, Any]:
-    endpoint = settings.endpoint_url or os.environ.get("AWS_ENDPOINT_URL") or None
+    endpoint = settings.s3_endpoint
     # No listing cache: a reader must see slides that another process publishes. Bounded
     # timeouts and retries: with botocore's defaults a request to a store that went away hangs
     # for minutes, where a conversion should fail (and be retried by ingest) instead.
@@ -629,7 +634,9 @@ class Store:
         (`private_temp_folder`), which the processes of that user share."""
         if self.settings.is_s3:
             folder = private_temp_folder("wsistore-locks")
-            name = hashlib.sha256(f"{self.full_url()}\n{slide_id}".encode()).hexdigest()[:32]
+            # The endpoint too: buckets of the same name on two S3 services are two stores.
+            store = f"{self.settings.s3_endpoint or ''}\n{self.full_url()}"
+            name = hashlib.sha256(f"{store}\n{slide_id}".encode()).hexdigest()[:32]
         else:
             folder = os.path.join(self.root, LOCKS)
             make_dirs(folder)
