@@ -3,7 +3,9 @@ to the Zarr view pixel for pixel, stored once, and de-identified on request."""
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -30,6 +32,7 @@ from wsi import (
     convert_slide,
     slidefiles,
 )
+from wsi.cli import main as wsi_main
 from wsi.export import export_dicom
 
 from .conftest import sample, shared
@@ -400,6 +403,65 @@ def test_export_to_a_file_or_from_a_store_is_one_line(tmp_path: Path) -> None:
     (tmp_path / "plain").mkdir()  # no slide in it: not recognisably a store
     run = export(tmp_path / "plain", tmp_path / "out")
     assert run.stderr == "wsi: error: slide plain is not published\n"
+
+
+def test_an_export_into_a_folder_holding_files_is_refused(
+    identified_slide: Path, tmp_path: Path
+) -> None:
+    """An export of the de-identified slide into the folder of an earlier, identified export
+    left that export's label.dcm and overview.dcm (the patient's name in them) beside the new
+    files, exit 0: one folder of two series, which wsidicom then failed to open. A folder that
+    holds anything is refused now, and left as it was."""
+    _, identified = convert(identified_slide, tmp_path / "identified")
+    _, anonymous = convert(identified_slide, tmp_path / "anonymous", deidentify=True)
+    dest = tmp_path / "export"
+
+    def export(root: Path, sid: str) -> subprocess.CompletedProcess[str]:
+        command = [sys.executable, "-m", "wsi.cli", "export-dicom", str(root / sid), str(dest)]
+        return subprocess.run(command, capture_output=True, text=True, check=False)
+
+    assert export(tmp_path / "identified", identified.slide_id).returncode == 0
+    before = {p.name: p.read_bytes() for p in dest.iterdir()}
+    assert {"label.dcm", "overview.dcm"} <= set(before)
+    run = export(tmp_path / "anonymous", anonymous.slide_id)
+    assert (run.returncode, run.stdout) == (1, "")
+    assert run.stderr == (
+        f"wsi: error: destination {dest} is not empty: export into a new or empty folder "
+        "(files of another export left beside this one would mix two series)\n"
+    )
+    assert {p.name: p.read_bytes() for p in dest.iterdir()} == before
+    shutil.rmtree(dest)
+    dest.mkdir()  # empty: fine
+    assert export(tmp_path / "anonymous", anonymous.slide_id).returncode == 0
+    assert "label.dcm" not in {p.name for p in dest.iterdir()}
+    assert PLANTED["name"].encode() not in b"".join(p.read_bytes() for p in dest.iterdir())
+
+
+def test_an_export_that_cannot_be_written_is_one_line_and_leaves_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A destination the export may not write in (or a disk that fills) was a traceback, and
+    the files written before the failure stayed: half a series. One line now, and the files
+    this export wrote are removed."""
+    root = tmp_path / "store"
+    _store, result = convert(sample("openslide-python-fixtures/small.svs"), root)
+    dest = tmp_path / "export"
+    real_open = os.open
+    opened: list[str] = []
+
+    def second_fails(path: Any, flags: int, mode: int = 0o777, **kwargs: Any) -> int:
+        if str(path).startswith(str(dest)):
+            opened.append(str(path))
+            if len(opened) == 2:
+                raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return real_open(path, flags, mode, **kwargs)
+
+    monkeypatch.setattr(os, "open", second_fails)
+    assert wsi_main(["export-dicom", str(root / result.slide_id), str(dest)]) == 1
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err == f"wsi: error: cannot export into {dest}: No space left on device\n"
+    assert len(opened) == 2 and list(dest.iterdir()) == []
 
 
 def test_dicom_source_keeps_its_patient_and_study_unless_deidentified(tmp_path: Path) -> None:

@@ -15,11 +15,12 @@ import contextlib
 import fcntl
 import os
 import shutil
+from collections.abc import Iterable
 from pathlib import Path
 from typing import IO
 
-from wsi.errors import InvalidArgument, SlideNotFound
-from wsi.published.layout import SlideKeys
+from wsi.errors import InvalidArgument, SlideNotFound, StoreError, WsiError
+from wsi.published.layout import DicomInstanceEntry, SlideKeys
 from wsi.store.objects import (
     FILE_MODE,
     Store,
@@ -40,9 +41,50 @@ def export_dicom(store: Store, slide_id: str, dest: Path) -> list[Path]:
         raise InvalidArgument(f"slide {slide_id} has no DICOM view (converted with --format zarr)")
     keys = SlideKeys(slide_id)
     check_folder(str(dest), "destination", exists=False)
+    _check_empty(dest)
+    written: list[Path] = []
+    try:
+        _write_instances(store, keys, manifest.dicom, dest, written)
+    except BaseException as exc:
+        for path in written:  # half an export is not one: the folder was empty before
+            with contextlib.suppress(OSError):
+                path.unlink()
+        if isinstance(exc, OSError) and not isinstance(exc, WsiError):
+            raise StoreError(f"cannot export into {dest}: {exc.strerror or exc}") from exc
+        raise
+    return written
+
+
+def _check_empty(dest: Path) -> None:
+    """InvalidArgument when `dest` holds anything: the files of an earlier export (another
+    slide's, or this slide's before a re-conversion with fewer images or a de-identification)
+    left beside the new ones would make one folder of two series, and keep the label or the
+    patient's name an export without them was meant to drop."""
+    try:
+        with os.scandir(dest) as entries:
+            if next(entries, None) is None:
+                return
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise StoreError(f"cannot read the destination {dest}: {exc.strerror or exc}") from exc
+    raise InvalidArgument(
+        f"destination {dest} is not empty: export into a new or empty folder (files of "
+        "another export left beside this one would mix two series)"
+    )
+
+
+def _write_instances(
+    store: Store,
+    keys: SlideKeys,
+    instances: Iterable[DicomInstanceEntry],
+    dest: Path,
+    written: list[Path],
+) -> None:
+    """Copy each instance into `dest` (made here) under its export name, adding each file
+    to `written` once it is complete."""
     make_dirs(str(dest))  # DIR_MODE, whatever the umask: the files hold patient data
-    written = []
-    for inst in manifest.dicom:
+    for inst in instances:
         key = keys.in_store(inst.key)
         name = f"{inst.name}.dcm"
         target = dest / name
@@ -65,7 +107,6 @@ def export_dicom(store: Store, slide_id: str, dest: Path) -> list[Path]:
                 tmp.unlink()
             raise
         written.append(target)
-    return written
 
 
 COPY_CHUNK = 8 * 1024 * 1024
