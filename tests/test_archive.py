@@ -12,6 +12,7 @@ import hashlib
 import io
 import json
 import os
+import shutil
 import signal
 import struct
 import subprocess
@@ -459,3 +460,58 @@ def test_cli_archive_and_restore_print_one_line_per_slide(
     out, _ = capsys.readouterr()
     assert out.startswith(f"{sid}: restored ")
     assert snapshot(root, sid) == converted["before"][sid]
+
+
+def test_a_dicom_only_slide_is_refused_in_one_line_and_skipped_by_the_policy(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A slide published with `--format dicom` has no Zarr view, whose arrays the archive tier
+    recodes: `wsi archive` said "no object <id>/slide.zarr/zarr.json" and the hourly policy
+    would have warned so of every such slide each round."""
+    root = tmp_path / "store"
+    store = wsi.Store(wsi.StoreSettings(str(root)))
+    settings = wsi.ConvertSettings(formats=("dicom",))
+    sid = wsi.convert_slide(make_tiff(tmp_path / "a.tif", 700, 600), store, settings).slide_id
+    before = snapshot(root, sid)
+    for command in ("archive", "restore"):
+        assert wsi_main([command, str(root), sid]) == 1
+        out, err = capsys.readouterr()
+        assert out == ""
+        assert err == (
+            f"wsi: {command}: {sid}: slide {sid} has no Zarr view (published with --format "
+            "dicom): the archive tier recodes the arrays the Zarr view describes; publish it "
+            "again with --format both to archive it\n"
+        )
+    published_at = store.modified(f"{sid}/manifest.json")
+    assert archive_due(store, 30, now=published_at + 31 * 86400.0) == []
+    assert "not archived" not in caplog.text
+    assert snapshot(root, sid) == before
+
+
+def test_archive_needs_a_store_that_exists_and_can_be_written(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A store path typed wrong made an empty store (its lock folder) and said the slide was
+    not published; a file in the store's place, or a store it may not write in, was a
+    traceback. Each is one error line now, and nothing is made."""
+    file = tmp_path / "file"
+    file.write_bytes(b"")
+    for command in ("archive", "restore"):
+        assert wsi_main([command, str(tmp_path / "typo"), "x1"]) == 1
+        assert capsys.readouterr().err == f"wsi: error: store {tmp_path / 'typo'} does not exist\n"
+        assert not (tmp_path / "typo").exists()
+        assert wsi_main([command, str(file), "x1"]) == 1
+        assert capsys.readouterr().err == f"wsi: error: store {file} is not a folder\n"
+    root = tmp_path / "store"
+    store = wsi.Store(wsi.StoreSettings(str(root)))
+    sid = wsi.convert_slide(make_tiff(tmp_path / "a.tif", 700, 600), store).slide_id
+    shutil.rmtree(root / ".wsistore-locks", ignore_errors=True)
+
+    def refused(path: Any, mode: int = 0o777) -> None:
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(os, "mkdir", refused)  # root may write anywhere: as a store it may not
+    assert wsi_main(["archive", str(root), sid]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"wsi: archive: {sid}: cannot make the lock folder in {root}: ")
+    assert "Permission denied" in err and err.count("\n") == 1

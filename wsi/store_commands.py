@@ -163,7 +163,7 @@ def _archive(args: argparse.Namespace) -> int:
     from wsi.published.archive import ArchiveSettings, archive, restore
 
     run = archive if args.command == "archive" else restore
-    store = Store(StoreSettings(args.store, endpoint_url=args.s3_endpoint))
+    store = _existing_store(args.store, args.s3_endpoint)  # a typo is not a new, empty store
     settings = ArchiveSettings(threads=args.workers)
     failed = 0
     for slide_id in args.ids:

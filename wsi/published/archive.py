@@ -444,6 +444,12 @@ def _recode(store: Store, slide_id: str, to: CodecId, settings: ArchiveSettings)
         if finish_swap(store, slide_id):
             log.info("slide %s: finished the swap of an interrupted run", slide_id)
         manifest = store.manifest(slide_id)
+        if not manifest.zarr_view:
+            raise InvalidArgument(
+                f"slide {slide_id} has no Zarr view (published with --format dicom): the "
+                "archive tier recodes the arrays the Zarr view describes; publish it again "
+                "with --format both to archive it"
+            )
         root = store.get(keys.root_metadata)
         attributes = SlideAttributes.from_root_metadata(root, f"{slide_id}: root zarr.json")
         arrays = _arrays(store, keys, manifest, attributes, ARCHIVE_CODECS[to])
@@ -548,7 +554,8 @@ def archive_due(
         try:
             if store.modified(SlideKeys(slide_id).manifest) > cutoff:
                 continue
-            if store.manifest(slide_id).archived:
+            manifest = store.manifest(slide_id)
+            if manifest.archived or not manifest.zarr_view:  # done, or nothing it can recode
                 continue
             result = archive(store, slide_id, settings)
         except WsiError as exc:

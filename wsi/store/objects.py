@@ -639,7 +639,10 @@ class Store:
             name = hashlib.sha256(f"{store}\n{slide_id}".encode()).hexdigest()[:32]
         else:
             folder = os.path.join(self.root, LOCKS)
-            make_dirs(folder)
+            try:
+                make_dirs(folder)
+            except OSError as exc:  # a store we may not write in (or a file in its place)
+                raise StoreError(f"cannot make the lock folder in {self.root}: {exc}") from exc
             name = check_slide_id(slide_id)
         fd = locked_file(os.path.join(folder, f"{name}.lock"), slide_id)
         try:
