@@ -169,3 +169,29 @@ def test_a_folder_of_slide_files_says_to_convert_them_one_by_one(tmp_path: Path)
         f"wsi: error: {tmp_path}: this folder is neither a DICOM series nor a MIRAX slide: "
         "convert the slide files in it one by one (each file as its own argument)\n"
     )
+
+
+def test_a_dicom_folder_holding_other_slide_files_is_refused(tmp_path: Path) -> None:
+    """A folder of DICOM instances beside other slide files converted the DICOM series alone,
+    exit 0: the other slides were left out without a word. A series folder holds its instances
+    and sidecars only (the watcher waits on anything else there); hidden files do not count."""
+    fixtures = sample("openslide-python-fixtures")
+    series = tmp_path / "series"
+    series.mkdir()
+    for name in ("boxes_0.dcm", "boxes_1.dcm"):
+        shutil.copyfile(fixtures / name, series / name)
+    (series / "notes.json").write_text("{}")
+    (series / ".DS_Store").write_bytes(b"\0")
+    assert open_slide(series).levels  # instances, a sidecar and a dotfile: a slide
+    shutil.copyfile(fixtures / "small.svs", series / "small.svs")
+    with pytest.raises(UnsupportedSlide, match=r"holds 1 file\(s\) that are not DICOM"):
+        open_slide(series)
+    run = run_wsi("convert", str(series), "--out", str(tmp_path / "out"), "--no-progress")
+    assert (run.returncode, run.stdout) == (1, "")
+    assert run.stderr == (
+        f"wsi: error: {series}: no backend can read this slide (dicom: this folder holds 1 "
+        "file(s) that are not DICOM beside its instances: a DICOM series folder holds its "
+        "instances and sidecars only. Convert the slide files in it one by one (each file as "
+        "its own argument))\n"
+    )
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())

@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path, PurePosixPath
 from typing import TypeVar
 
-from wsi.errors import CorruptSlide, SlideIncomplete
+from wsi.errors import CorruptSlide, SlideIncomplete, UnsupportedSlide
 
 T = TypeVar("T")
 
@@ -92,6 +92,13 @@ def is_partial(name: str) -> bool:
 def is_temporary(name: str) -> bool:
     """Never a slide or a part of one: hidden or partial names."""
     return is_hidden(name) or is_partial(name)
+
+
+def is_series_companion(name: str) -> bool:
+    """A file that may sit in a DICOM series folder without being DICOM itself: a sidecar
+    (.json, .txt, ...). Anything else there (a slide file, a file still being written) means
+    the folder is not one series: the watcher waits for it, `wsi convert` refuses it."""
+    return suffix(name) in SIDECAR_SUFFIXES
 
 
 def is_non_slide(name: str) -> bool:
@@ -295,7 +302,16 @@ def dicom_series_files(path: Path) -> list[Path]:
     cannot be read; SlideIncomplete when another DICOM file's there cannot: it may be an instance
     of this series (its base level, say), and the slide would be converted without it."""
     if path.is_dir():
-        return sorted(p for p in path.iterdir() if p.is_file() and is_dicom_file(p))
+        files = sorted(p for p in path.iterdir() if p.is_file() and not is_hidden(p.name))
+        dicom = [p for p in files if is_dicom_file(p)]
+        foreign = [p for p in files if p not in dicom and not is_series_companion(p.name)]
+        if dicom and foreign:
+            raise UnsupportedSlide(
+                f"this folder holds {len(foreign)} file(s) that are not DICOM beside its "
+                "instances: a DICOM series folder holds its instances and sidecars only. "
+                "Convert the slide files in it one by one (each file as its own argument)"
+            )
+        return dicom
     uid = series_uid(path)
     files = [path]
     if uid is None:
@@ -335,6 +351,7 @@ __all__ = [
     "is_hidden",
     "is_non_slide",
     "is_partial",
+    "is_series_companion",
     "is_temporary",
     "mrxs_required_files",
     "read_ini",

@@ -23,13 +23,13 @@ from wsi.slidefiles import (
     MIRAX_INDEX,
     MIRAX_SUFFIX,
     NON_SLIDE_SUFFIXES,
-    SIDECAR_SUFFIXES,
     SINGLE_FILE_SUFFIXES,
     VMS_SUFFIXES,
     companion_folder,
     group_by_series,
     is_hidden,
     is_partial,
+    is_series_companion,
     is_temporary,
     mrxs_required_files,
     readable_series_uid,
@@ -446,7 +446,7 @@ class _Scan:
                 hidden.append(e)
             else:
                 parts.append(e)
-                if e.suffix not in SIDECAR_SUFFIXES and not self.is_dicom(e):
+                if not is_series_companion(e.name) and not self.is_dicom(e):
                     pending.append(f"{folder.name}/{e.name} is not (yet) a DICOM file")
         sidecar = _sidecar(folder.name, parent)
         if sidecar:
