@@ -208,6 +208,42 @@ def test_sync_errors(store_a: tuple[Path, str], tmp_path: Path) -> None:
     assert not (target / sid / "slide.zarr/2/c/0/0/0").exists()
 
 
+def test_a_store_synced_to_itself_or_a_rate_below_zero_is_refused(
+    store_a: tuple[Path, str], tmp_path: Path, seaweedfs: SeaweedFS
+) -> None:
+    """`wsi sync A A` (or A through a symlink, or one bucket prefix twice) was accepted and
+    reported every slide "ok in both stores"; `--rate -5` said "got -5000000.0", in bytes a
+    second where the user typed MB/s."""
+    root, _sid = store_a
+    (tmp_path / "link").symlink_to(root)
+    url, bucket = bucket_store(seaweedfs)
+    endpoint = ["--s3-endpoint", seaweedfs.endpoint_url]
+    for a, b, more in (
+        (str(root), str(root), []),
+        (str(root), str(tmp_path / "link"), ["--repair"]),
+        (url, url + "/", endpoint),
+    ):
+        run = run_wsi("sync", a, b, *more)
+        assert (run.returncode, run.stdout) == (1, ""), run.stderr
+        assert (
+            run.stderr
+            == f"wsi: error: {a} and {b} are the same store: sync copies to a second one\n"
+        )
+    assert bucket.published_slides() == []
+    for rate in ("-5", "0", "nan"):
+        run = run_wsi("sync", str(root), str(tmp_path / "b"), "--rate", rate)
+        assert run.stderr == f"wsi: error: --rate must be a positive number of MB/s, got {rate}\n"
+        assert run.returncode == 1 and not (tmp_path / "b").exists()
+    # Another prefix of the same bucket, another S3 endpoint: other stores.
+    other = wsi.Store(wsi.StoreSettings(url + "-x", endpoint_url=seaweedfs.endpoint_url))
+    assert not bucket.is_same_store(other)
+    elsewhere = wsi.Store(wsi.StoreSettings(url, endpoint_url="http://127.0.0.2:1"))
+    assert not bucket.is_same_store(elsewhere)
+    assert bucket.is_same_store(
+        wsi.Store(wsi.StoreSettings(url, endpoint_url=seaweedfs.endpoint_url))
+    )
+
+
 def test_a_damaged_new_version_leaves_the_copy_published_as_it_was(
     store_a: tuple[Path, str], seaweedfs: SeaweedFS
 ) -> None:

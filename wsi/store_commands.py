@@ -10,7 +10,7 @@ import json
 import sys
 from typing import TYPE_CHECKING, Any
 
-from wsi.errors import WsiError
+from wsi.errors import InvalidArgument, WsiError
 from wsi.ingest.protocol import ExitCode
 from wsi.store.objects import Store, StoreSettings
 
@@ -78,6 +78,8 @@ def _read_rate(args: argparse.Namespace) -> ReadRate:
     """`--rate MB/s` (10^6 bytes a second), unbounded without it."""
     from wsi.published.verify import ReadRate
 
+    if args.rate is not None and not args.rate > 0:  # NaN too
+        raise InvalidArgument(f"--rate must be a positive number of MB/s, got {args.rate:g}")
     return ReadRate(args.rate * 1e6 if args.rate is not None else None)
 
 
@@ -110,6 +112,10 @@ def _sync(args: argparse.Namespace) -> int:
     target_endpoint = args.target_s3_endpoint or args.s3_endpoint
     target = Store(StoreSettings(args.target, endpoint_url=target_endpoint))
     target.check_folder(exists=False)
+    if source.is_same_store(target):
+        raise InvalidArgument(
+            f"{args.source} and {args.target} are the same store: sync copies to a second one"
+        )
     run = repair_store if args.repair else sync_store
     failed = 0
     for result in run(source, target, args.ids, _read_rate(args)):

@@ -323,6 +323,16 @@ class Store:
         base = f"s3://{self.root}" if self.settings.is_s3 else self.root
         return f"{base}/{check_key(key)}" if key else base
 
+    def is_same_store(self, other: Store) -> bool:
+        """Whether `other` names the same objects: the same folder however it is written
+        (relative, through a symlink), or the same bucket and prefix on the same S3 service."""
+        if self.settings.is_s3 != other.settings.is_s3:
+            return False
+        if self.settings.is_s3:
+            mine = (self.settings.s3_endpoint, self.full_url())
+            return mine == (other.settings.s3_endpoint, other.full_url())
+        return os.path.realpath(self.root) == os.path.realpath(other.root)
+
     # -- objects ----------------------------------------------------------------------------
     def obstore_client(self) -> ObstoreS3 | None:
         """The obstore client for S3 object I/O, or None: a local store, or a process forked
