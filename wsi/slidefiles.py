@@ -303,15 +303,16 @@ def dicom_series_files(path: Path) -> list[Path]:
     of this series (its base level, say), and the slide would be converted without it."""
     if path.is_dir():
         files = sorted(p for p in path.iterdir() if p.is_file() and not is_hidden(p.name))
-        dicom = [p for p in files if is_dicom_file(p)]
-        foreign = [p for p in files if p not in dicom and not is_series_companion(p.name)]
-        if dicom and foreign:
+        instances = [p for p in files if is_dicom_file(p)]
+        known = set(instances)
+        foreign = [p for p in files if p not in known and not is_series_companion(p.name)]
+        if instances and foreign:
             raise UnsupportedSlide(
                 f"this folder holds {len(foreign)} file(s) that are not DICOM beside its "
                 "instances: a DICOM series folder holds its instances and sidecars only. "
                 "Convert the slide files in it one by one (each file as its own argument)"
             )
-        return dicom
+        return instances
     uid = series_uid(path)
     files = [path]
     if uid is None:
