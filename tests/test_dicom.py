@@ -34,6 +34,7 @@ from wsi import (
 )
 from wsi.cli import main as wsi_main
 from wsi.export import export_dicom
+from wsi.slide_id import LocalFiles, SlideFile, content_slide_id, hash_slide_files
 
 from .conftest import sample, shared
 from .helpers import run_wsi
@@ -486,6 +487,32 @@ def exported_series(tmp_path: Path) -> Path:
     names = sorted(p.name for p in export_dicom(store, result.slide_id, dest))
     assert names == ["level-0.dcm", "level-1.dcm", "level-2.dcm", "level-3.dcm"]
     return dest
+
+
+def test_every_instance_of_a_series_names_one_slide(tmp_path: Path) -> None:
+    """`wsi convert series/*.dcm` published the series once per instance: each instance was
+    hashed alone, though each conversion reads the whole series. Every instance now has the
+    series' id, the id of a folder holding just the series; a lone instance keeps the id of
+    its file (as the staged copy of one S3 object has it)."""
+    series = exported_series(tmp_path)
+    instances = sorted(series.glob("*.dcm"))
+    ids = {content_slide_id(p) for p in instances}
+    assert ids == {content_slide_id(series)}
+    run = run_wsi("convert", *map(str, instances), "--out", str(tmp_path / "out"), "--no-progress")
+    assert run.returncode == 0, run.stderr
+    lines = run.stdout.splitlines()
+    assert len(lines) == len(instances) == 4
+    assert {line.split("\t")[0] for line in lines} == ids
+    assert [line.endswith("already published") for line in lines] == [False, True, True, True]
+    assert [p.name for p in (tmp_path / "out").iterdir() if not p.name.startswith(".")] == [*ids]
+    (series / "notes.txt").write_text("a sidecar")  # beside the series: the instances' id stays
+    assert {content_slide_id(p) for p in instances} == ids != {content_slide_id(series)}
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    shutil.copyfile(instances[0], alone / "x.dcm")
+    assert content_slide_id(alone / "x.dcm") == hash_slide_files(
+        LocalFiles(), [SlideFile(str(alone / "x.dcm"), "x.dcm", instances[0].stat().st_size, True)]
+    )
 
 
 def test_a_series_missing_an_unreadable_instance_is_refused(tmp_path: Path) -> None:

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Protocol
 
-from wsi.slidefiles import companion_folder
+from wsi.slidefiles import companion_folder, dicom_series_files, is_dicom_file
 
 _FULL_LIMIT = 64 * 1024 * 1024
 _EDGE = 1024 * 1024
@@ -154,6 +154,15 @@ def slide_files(path: Path) -> list[Path]:
 def local_slide_files(path: str | os.PathLike[str]) -> list[SlideFile]:
     """The files of the local slide at `path` with their hashed names, in hash order."""
     path = Path(path)
+    series = _series_of_instance(path)
+    if series is not None:
+        return sorted(
+            (
+                SlideFile(path=str(f), name=f.name, size=f.stat().st_size)
+                for f in dict.fromkeys(series)
+            ),
+            key=lambda f: hash_order(f.name),
+        )
     folder = path.is_dir()
     base = path if folder else path.parent
     return [
@@ -165,6 +174,19 @@ def local_slide_files(path: str | os.PathLike[str]) -> list[SlideFile]:
         )
         for file in slide_files(path)
     ]
+
+
+def _series_of_instance(path: Path) -> list[Path] | None:
+    """The instances of the DICOM series `path` is one of, when others lie beside it: the
+    files its conversion reads (`wsi.slidefiles.dicom_series_files`), so every instance of a
+    series names the same slide (`wsi convert series/*.dcm` made one copy per instance, each
+    under the id of its own file). Hashed with their names, as a series folder's files are: a
+    folder holding only the series has the same id. None for anything else, a lone instance
+    included (its id stays that of its file, as the staged copy of one S3 object has it)."""
+    if not path.is_file() or not is_dicom_file(path):
+        return None
+    files = dicom_series_files(path)
+    return files if len(files) > 1 else None
 
 
 def content_slide_id(path: str | os.PathLike[str]) -> str:
