@@ -229,6 +229,55 @@ def test_arguments(location: str) -> None:
         assert corners.tolist() == [[0, 0], [100, 4], [459, 352]]
 
 
+def test_integers_are_integers_and_sizes_cannot_wrap(location: str) -> None:
+    """numpy int32 sizes multiplied into 0 and passed the region limit (65536 x 65536 then
+    asked for a 12 GiB array); floats, None and strings were a raw TypeError or, for a patch
+    size, truncated; True was a 1x1 patch; an unsigned coordinate 2**64 - 1 read the pixels at
+    -1. Each is an InvalidArgument now, before anything is allocated or read."""
+    with open_published(location) as slide:
+        big: Any
+        for big in (np.int32(65536), np.int64(2**62), 2**40):
+            with pytest.raises(InvalidArgument, match="pixel limit"):
+                slide.region(0, 0, 0, big, big)
+        bad: Any
+        for bad in (10.0, None, "3", True, np.float64(1)):
+            with pytest.raises(InvalidArgument, match="must be an integer"):
+                slide.region(0, 0, 0, bad, 8)
+            with pytest.raises(InvalidArgument, match="must be an integer"):
+                slide.region(0, bad, 0, 8, 8)
+            with pytest.raises(InvalidArgument, match="must be an integer"):
+                slide.tile(0, bad, 0)
+            with pytest.raises(InvalidArgument, match="must be an integer"):
+                slide.tile_bytes(bad, 0, 0)
+        for size in (True, (True, 4), (10.7, 8)):
+            with pytest.raises(InvalidArgument):
+                slide.patches(0, [(0, 0)], size)
+        with pytest.raises(InvalidArgument, match=r"below 2\*\*62"):
+            slide.patches(0, np.array([[2**64 - 1, 0]], np.uint64), 8)
+        # numpy integers are integers: the same pixels as Python ints
+        assert np.array_equal(
+            slide.region(np.int64(1), np.int32(3), np.uint16(4), np.int64(20), np.int8(9)),
+            slide.region(1, 3, 4, 20, 9),
+        )
+        assert slide.tile_bytes(np.int64(0), np.int32(0), np.uint8(0)) == slide.tile_bytes(0, 0, 0)
+
+
+def test_a_batch_made_here_is_bounded_unless_the_caller_gives_the_array(location: str) -> None:
+    """200,000 patches of 256 px asked for a 37 GiB array up front: the array a call makes is
+    at most `max_batch_bytes`; a caller's own `out` may be larger (its memory, allocated)."""
+    settings = ReaderSettings(max_batch_bytes=10 * 32 * 32 * 3)
+    with open_published(location, settings=settings) as slide:
+        assert slide.patches(0, [(0, 0)] * 10, 32).shape == (10, 32, 32, 3)
+        with pytest.raises(InvalidArgument, match="max_batch_bytes"):
+            slide.patches(0, [(0, 0)] * 11, 32)
+        out = np.empty((11, 32, 32, 3), np.uint8)
+        assert slide.patches(0, [(0, 0)] * 11, 32, out=out) is out
+    with open_published(location) as slide, pytest.raises(InvalidArgument, match="max_batch_bytes"):
+        slide.patches(0, np.zeros((200_000, 2), np.int64), 256)
+    with pytest.raises(InvalidArgument):
+        ReaderSettings(max_batch_bytes=0)
+
+
 def test_memory_stays_bounded(location: str) -> None:
     """2,000 patches: besides the result, the call holds a few reads and one batch's plan,
     however many patches there are (tracemalloc sees numpy's buffers and every thread)."""

@@ -4,8 +4,9 @@ inference.
 `read_patches` (the slides' `patches` method) returns one (n, h, w, 3) uint8 array. Coordinates
 are the top-left corners of the patches in pixels of the level they are read from (the same
 pixels as `region`); `coords_from_level0` converts level-0 coordinates. A patch that overhangs
-the level is padded with the arrays' fill value (255, white), like `region`, so every patch has
-the requested size.
+the level is padded with the level's fill grey (`PublishedLevel.fill`: the slide's glass, or
+white on slides published without blank-glass detection), like `region`, so every patch has the
+requested size.
 
 Why it is fast. Patches are sorted by the tile they start in and planned in batches: each batch
 lists the tiles its patches touch, so a tile shared by several patches is read and decoded once.
@@ -19,8 +20,10 @@ schedules. On 2 cores, 1000 random 256-px patches of level 0 of a 40,000 x 30,00
 cost about 0.55 ms of CPU each (parts of 3.6 tiles), OpenSlide's `read_region` about 3 ms
 (bench/patches.py).
 
-Memory. Besides the returned array (n * h * w * 3 bytes), a call holds the plan of one batch
-(about 100 bytes per patch and tile it touches: under 2 MiB for 4096 patches of 256 px) and its
+Memory. Besides the returned array (n * h * w * 3 bytes, at most
+`ReaderSettings.max_batch_bytes` when the call makes it: 1 GiB by default; an `out` array of the
+caller's may be any size), a call holds the plan of one batch (about 100 bytes per patch and tile
+it touches: under 2 MiB for 4096 patches of 256 px) and its
 reads in flight: from S3 at most `PatchSettings.inflight_bytes` (32 MiB), from a local store one
 read of at most 1 MiB per pool thread, with at most one decoded tile per pool thread.
 Whatever the number of patches, that stays under 40 MiB with the defaults (tests measure 1.3 MB
@@ -31,6 +34,7 @@ is for what a viewer reads again; the shard index is cached as for any read.
 from __future__ import annotations
 
 import asyncio
+import operator
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -90,13 +94,27 @@ class PatchSettings:
             )
 
 
+def as_int(value: Any, name: str) -> int:
+    """`value` as a Python int: an int or a numpy integer (a coordinate taken from an array),
+    never a bool, a float or a string, whose silent truncation or acceptance would read other
+    pixels than those asked for (InvalidArgument). Python ints do not wrap, so sizes multiplied
+    from them cannot overflow into a small number: numpy int32s did, and 65536 x 65536 passed
+    the 64-Mpx region limit as 0, then asked for a 12 GiB array."""
+    if isinstance(value, bool | np.bool_):
+        raise InvalidArgument(f"{name} must be an integer, not a bool")
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise InvalidArgument(f"{name} must be an integer, not {type(value).__name__}") from None
+
+
 def patch_size(size: int | tuple[int, int]) -> tuple[int, int]:
     """(width, height) of a patch from an int (square) or a (width, height) pair."""
     if isinstance(size, int | np.integer):
-        width = height = int(size)
+        width = height = as_int(size, "patch size")
     else:
         try:
-            width, height = (int(v) for v in size)
+            width, height = (as_int(v, "patch size") for v in size)
         except (TypeError, ValueError) as exc:
             raise InvalidArgument(
                 f"patch size must be an int or (width, height): {size!r}"
@@ -114,6 +132,9 @@ def as_coords(coords: Any) -> np.ndarray:
     if array.ndim != 2 or array.shape[1] != 2:
         raise InvalidArgument(f"coords must be (n, 2) pairs of (x, y), got shape {array.shape}")
     if np.issubdtype(array.dtype, np.integer):
+        if np.issubdtype(array.dtype, np.unsignedinteger) and array.max() >= 2**62:
+            # int64 would wrap 2**64 - 1 to -1, a real pixel
+            raise InvalidArgument("coords must be whole numbers of pixels below 2**62")
         return array.astype(np.int64, copy=False)
     if np.issubdtype(array.dtype, np.floating) and np.isfinite(array).all():
         whole = np.floor(array)
@@ -379,6 +400,13 @@ async def read_patches(
     points = as_coords(coords)
     shape = (len(points), height, width, 3)
     if out is None:
+        limit_bytes = slide.store.settings.max_batch_bytes
+        if len(points) * height * width * 3 > limit_bytes:
+            raise InvalidArgument(
+                f"{len(points)} patches of {width}x{height} take over the {limit_bytes}-byte "
+                "limit of one call's result (ReaderSettings.max_batch_bytes): read them in "
+                "batches, or into an array of your own (`out`)"
+            )
         out = np.empty(shape, np.uint8)
     elif (
         out.shape != shape

@@ -31,7 +31,7 @@ from wsi.model import SlideProperties
 from wsi.published import layout
 from wsi.published.archive import ObjectPlan, ObjectWriter
 from wsi.published.layout import Manifest, SlideAttributes, SlideKeys
-from wsi.published.patches import PatchSettings, read_patches
+from wsi.published.patches import PatchSettings, as_int, read_patches
 from wsi.published.values import (
     PublishedAssociated,
     PublishedDicom,
@@ -187,6 +187,7 @@ class AsyncPublishedSlide:
         return tuple(sorted(self.associated))
 
     def level(self, index: int) -> PublishedLevel:
+        index = as_int(index, "level")
         if not 0 <= index < len(self.levels):
             raise InvalidArgument(f"level {index} does not exist (0..{len(self.levels) - 1})")
         return self.levels[index]
@@ -307,6 +308,7 @@ class AsyncPublishedSlide:
         `tile_bytes`): a hot tile, or a cold one of a local store in the page cache, without a
         coroutine. Bad coordinates raise as in `tile_bytes`."""
         lv = self.level(level)
+        col, row = as_int(col, "col"), as_int(row, "row")
         lv.check_tile(col, row)
         data = self._chunk_now(lv, row * lv.cols + col)
         if data is ABSENT:
@@ -319,6 +321,7 @@ class AsyncPublishedSlide:
         through the cached shard index, or none when the tile is cached. A tile the shard does
         not hold (blank glass) is the level's background tile: the fill grey, encoded once."""
         lv = self.level(level)
+        col, row = as_int(col, "col"), as_int(row, "row")
         lv.check_tile(col, row)
         data = await self._chunk(lv, row * lv.cols + col)
         if data is None:
@@ -329,6 +332,7 @@ class AsyncPublishedSlide:
         """Tile (col, row) of `level` as (h, w, 3) uint8 RGB, cropped to the level: edge tiles
         are smaller than `tile_width` x `tile_height`."""
         lv = self.level(level)
+        col, row = as_int(col, "col"), as_int(row, "row")
         h, w = lv.tile_shape(col, row)
         data = await self._chunk(lv, row * lv.cols + col)
         if data is None:
@@ -347,6 +351,8 @@ class AsyncPublishedSlide:
         published without blank-glass detection): a region may overhang the edges or lie
         outside entirely."""
         lv = self.level(level)
+        x, y = as_int(x, "x"), as_int(y, "y")
+        width, height = as_int(width, "width"), as_int(height, "height")
         if width <= 0 or height <= 0:
             raise InvalidArgument(f"region size must be positive, got {width}x{height}")
         if width * height > self.store.settings.max_region_pixels:

@@ -54,6 +54,9 @@ class ReaderSettings:
     """Tiles a region read fetches at once."""
     max_region_pixels: int = 64 * 1024 * 1024
     """Largest region one call returns (3 bytes per pixel)."""
+    max_batch_bytes: int = 1 << 30
+    """Largest array of patches one `patches` call makes (a caller's `out` may be larger):
+    200,000 patches of 256 px asked for 37 GiB at once."""
 
     def __post_init__(self) -> None:
         allowed = frozenset(self.allow_associated)
@@ -67,6 +70,8 @@ class ReaderSettings:
             raise InvalidArgument("cache budgets must be >= 0")
         if min(self.threads, self.fetch_concurrency, self.max_region_pixels) < 1:
             raise InvalidArgument("threads, fetch_concurrency and max_region_pixels must be >= 1")
+        if self.max_batch_bytes < 3:
+            raise InvalidArgument("max_batch_bytes must hold a pixel (>= 3)")
         if self.recheck_seconds < 0:
             raise InvalidArgument("recheck_seconds must be >= 0")
 
