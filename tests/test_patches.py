@@ -249,17 +249,17 @@ def test_integers_are_integers_and_sizes_cannot_wrap(location: str) -> None:
                 slide.tile(0, bad, 0)
             with pytest.raises(InvalidArgument, match="must be an integer"):
                 slide.tile_bytes(bad, 0, 0)
-        for size in (True, (True, 4), (10.7, 8)):
+        sizes: list[Any] = [True, (True, 4), (10.7, 8)]
+        for size in sizes:
             with pytest.raises(InvalidArgument):
                 slide.patches(0, [(0, 0)], size)
         with pytest.raises(InvalidArgument, match=r"below 2\*\*62"):
             slide.patches(0, np.array([[2**64 - 1, 0]], np.uint64), 8)
         # numpy integers are integers: the same pixels as Python ints
-        assert np.array_equal(
-            slide.region(np.int64(1), np.int32(3), np.uint16(4), np.int64(20), np.int8(9)),
-            slide.region(1, 3, 4, 20, 9),
-        )
-        assert slide.tile_bytes(np.int64(0), np.int32(0), np.uint8(0)) == slide.tile_bytes(0, 0, 0)
+        region: list[Any] = [np.int64(1), np.int32(3), np.uint16(4), np.int64(20), np.int8(9)]
+        assert np.array_equal(slide.region(*region), slide.region(1, 3, 4, 20, 9))
+        tile: list[Any] = [np.int64(0), np.int32(0), np.uint8(0)]
+        assert slide.tile_bytes(*tile) == slide.tile_bytes(0, 0, 0)
 
 
 def test_a_batch_made_here_is_bounded_unless_the_caller_gives_the_array(location: str) -> None:
