@@ -31,7 +31,7 @@ from wsi import (
     open_published,
     open_published_async,
 )
-from wsi.errors import SlideChanged
+from wsi.errors import CorruptSlide, SlideChanged
 from wsi.published import layout
 from wsi.published.cache import ByteLRU
 from wsi.published.layout import SlideAttributes, SlideKeys
@@ -385,3 +385,42 @@ def test_a_slide_published_again_on_s3_is_never_read_at_the_old_offsets(
             await client.get_range_async(key, 6, 13, etag)
 
     asyncio.run(main())
+
+
+@pytest.mark.parametrize("where", ["local", pytest.param("s3", marks=pytest.mark.s3)])
+def test_a_level_first_read_after_a_new_version_says_the_slide_changed(
+    where: str, seaweedfs: SeaweedFS, store: dict[str, Any], tmp_path: Path
+) -> None:
+    """A reader holding a version whose slide was published again read the *new* object of a
+    level it had not read yet: its index failed its CRC ("CRC32C mismatch"), or its range lay
+    past the new object's end (S3: HTTP 416), which said the slide was damaged. It is
+    SlideChanged now, as for a level read before, and the next open gets the new version; an
+    object damaged in the version still published stays a CorruptSlide."""
+    if where == "s3":
+        url, endpoint = seaweedfs.url(f"first-{uuid.uuid4().hex[:8]}"), seaweedfs.endpoint_url
+    else:
+        url, endpoint = str(tmp_path / "store"), None
+    target = wsi.Store(wsi.StoreSettings(url, endpoint_url=endpoint))
+    sid = wsi.convert_slide(CMU, target, store["settings"]).slide_id
+    other = dataclasses.replace(
+        store["settings"],
+        pyramid=dataclasses.replace(store["settings"].pyramid, quality=60, reuse_levels=False),
+    )
+    with wsi.open_published(f"{url}/{sid}", s3_endpoint=endpoint) as old:
+        old.region(0, 0, 0, 64, 64)  # level 0 read; the others not yet
+        wsi.convert_slide(CMU, target, other)
+        for level in old.levels[1:]:
+            with pytest.raises(SlideChanged, match="published again while it was read"):
+                old.region(level.index, 0, 0, 64, 64)
+    with wsi.open_published(f"{url}/{sid}", s3_endpoint=endpoint) as new:
+        assert new.version != old.version
+        assert new.region(2, 0, 0, 64, 64).shape == (64, 64, 3)
+        key = new.levels[2].key
+        data = bytearray(target.get(key))
+        data[-5] ^= 0xFF  # the index's CRC, in the version still published
+        target.put(key, bytes(data))
+    with (
+        wsi.open_published(f"{url}/{sid}", s3_endpoint=endpoint) as damaged,
+        pytest.raises(CorruptSlide),
+    ):
+        damaged.region(2, 0, 0, 64, 64)

@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import enum
-from collections.abc import AsyncIterator, Mapping
+import functools
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType, TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import numpy as np
 
@@ -26,6 +27,8 @@ from wsi.errors import (
     InvalidArgument,
     SlideChanged,
     SlideNotFound,
+    StoreError,
+    WsiError,
 )
 from wsi.model import SlideProperties
 from wsi.published import layout
@@ -123,6 +126,27 @@ class _Region:
         ]
 
 
+_Read = TypeVar("_Read", bound=Callable[..., Awaitable[Any]])
+
+
+def _explained(method: _Read) -> _Read:
+    """A reading method whose CorruptSlide or StoreError becomes SlideChanged when the slide
+    was published again (or removed) since this version was opened: a level this reader had
+    not read yet is then another version's object, whose index fails its CRC or whose ranges
+    lie past its end, which read as damage ("CRC32C mismatch", HTTP 416) though nothing is
+    damaged. Only a failed read pays for the manifest's re-read."""
+
+    @functools.wraps(method)
+    async def read(self: AsyncPublishedSlide, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return await method(self, *args, **kwargs)
+        except (CorruptSlide, StoreError) as exc:
+            await self._raise_if_republished(exc)
+            raise
+
+    return cast(_Read, read)
+
+
 class AsyncPublishedSlide:
     """One published version of a slide. Made by `PublishedStore.slide` or
     `open_published_async`; the metadata is read once, pixels on demand.
@@ -201,6 +225,19 @@ class AsyncPublishedSlide:
         return f"<AsyncPublishedSlide {self.slide_id} version {self.version}>"
 
     # -- stored bytes -----------------------------------------------------------------------
+    async def _raise_if_republished(self, exc: WsiError) -> None:
+        """SlideChanged (from `exc`) when the manifest no longer names this version; nothing
+        when it does, or cannot be read (`exc` then stands as it is)."""
+        try:
+            now = (await self.store.versions([self.slide_id])).get(self.slide_id, self.version)
+        except WsiError:
+            return
+        if now == self.version:
+            return
+        self.store.changed(self.slide_id)
+        what = "is no longer published" if now is None else "was published again while it was read"
+        raise SlideChanged(f"slide {self.slide_id} {what}: open it again") from exc
+
     async def _index(self, image: StoredImage) -> np.ndarray:
         cache_key = (self.slide_id, self.version, image.key)
         index = self.store.indexes.get(cache_key)
@@ -315,6 +352,7 @@ class AsyncPublishedSlide:
             return layout.background_chunk(lv.codec, lv.tile_width, lv.tile_height, lv.fill)
         return data
 
+    @_explained
     async def tile_bytes(self, level: int, col: int, row: int) -> bytes:
         """The stored bytes of one tile: a complete JPEG stream for 'jpeg' levels (padded to the
         full tile size at the edges), zstd of the RGB bytes for 'zstd' levels. One range read
@@ -328,6 +366,7 @@ class AsyncPublishedSlide:
             return layout.background_chunk(lv.codec, lv.tile_width, lv.tile_height, lv.fill)
         return data
 
+    @_explained
     async def tile(self, level: int, col: int, row: int) -> np.ndarray:
         """Tile (col, row) of `level` as (h, w, 3) uint8 RGB, cropped to the level: edge tiles
         are smaller than `tile_width` x `tile_height`."""
@@ -344,6 +383,7 @@ class AsyncPublishedSlide:
 
         return await self.store.run_in_pool(decode)
 
+    @_explained
     async def region(self, level: int, x: int, y: int, width: int, height: int) -> np.ndarray:
         """The rectangle at (x, y) of `width` x `height` pixels of `level` (in that level's
         pixels) as (height, width, 3) uint8 RGB. Parts outside the level, and tiles the shard
@@ -378,6 +418,7 @@ class AsyncPublishedSlide:
         await asyncio.gather(*(one(col, row) for col, row in clipped.tiles))
         return canvas
 
+    @_explained
     async def patches(
         self,
         level: int,
@@ -412,6 +453,7 @@ class AsyncPublishedSlide:
             )
         return image
 
+    @_explained
     async def associated_bytes(self, name: str) -> bytes:
         """The stored chunk of an associated image (a JPEG for 'jpeg', zstd RGB bytes for
         'zstd'); AssociatedImageRefused unless the settings allow `name`."""
@@ -421,6 +463,7 @@ class AsyncPublishedSlide:
             raise CorruptSlide(f"{image.key} holds no image")
         return data
 
+    @_explained
     async def associated_image(self, name: str) -> np.ndarray:
         """An associated image as (height, width, 3) uint8 RGB (same policy as the bytes)."""
         image = self._allowed(name)
@@ -429,6 +472,7 @@ class AsyncPublishedSlide:
             layout.decode_chunk, image.codec, data, image.height, image.width
         )
 
+    @_explained
     async def frame_bytes(
         self, instance: PublishedInstance, number: int, stored: bool = False
     ) -> bytes:
@@ -465,6 +509,7 @@ class AsyncPublishedSlide:
             raise EncodedTileUnavailable(f"{instance.key} stores no frame {number}")
         return data
 
+    @_explained
     async def frame_chunks(self, instance: PublishedInstance) -> np.ndarray:
         """The chunk (row-major tile number) of each frame of a DICOM instance: every chunk of
         a TILED_FULL instance, the stored ones of a TILED_SPARSE one (blank tiles are absent).
