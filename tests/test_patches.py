@@ -397,6 +397,45 @@ def read_in_worker(dataset: PatchDataset, indices: list[int], results: Any) -> N
     dataset.close()
 
 
+def read_through_inherited_slide(slide: Any, results: Any) -> None:
+    """A forked child's use of a slide its parent opened: read, close."""
+    results.put(slide.region(1, 10, 20, 48, 32).tobytes())
+    slide.close()
+
+
+def close_inherited_slide(slide: Any, results: Any) -> None:
+    """A forked child that only closes what it inherited (nothing of the parent's is touched)."""
+    slide.close()
+    try:
+        slide.tile_bytes(0, 0, 0)
+    except InvalidArgument as exc:
+        results.put(str(exc))
+
+
+def test_a_slide_opened_before_a_fork_reads_in_the_child(location: str) -> None:
+    """A slide opened in a dataset's `__init__` reached DataLoader's forked workers with a loop
+    thread that does not exist there: the first read waited for ever. The child opens the slide
+    again for itself on its first read; closing in the child leaves the parent's reader alone."""
+    context = multiprocessing.get_context("fork")
+    with open_published(location) as slide:
+        expected = slide.region(1, 10, 20, 48, 32).tobytes()
+        for target, answer in (
+            (read_through_inherited_slide, expected),
+            (close_inherited_slide, "the slide is closed"),
+        ):
+            results = context.Queue()
+            child = context.Process(target=target, args=(slide, results))
+            child.start()
+            try:
+                assert results.get(timeout=120) == answer
+            finally:
+                child.join(60)
+                if child.is_alive():
+                    child.kill()
+            assert child.exitcode == 0
+        assert slide.region(1, 10, 20, 48, 32).tobytes() == expected  # the parent's still reads
+
+
 def test_dataset_without_torch(location: str) -> None:
     """In a process where `import torch` fails: items, batches, transforms, labels, pickling."""
     script = textwrap.dedent(

@@ -10,8 +10,9 @@ deadlock and is refused.
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
-from collections.abc import Coroutine, Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from types import TracebackType
 from typing import Any, TypeVar
 
@@ -62,13 +63,56 @@ class _LoopThread:
         self.loop.close()
 
 
+_Opening = Callable[[], tuple[AsyncPublishedSlide, _LoopThread]]
+
+_FORKED: list[object] = []
+"""Readers inherited through fork: their loop thread does not exist in the child, so they are
+neither used nor closed there (closing would wait for that thread for ever); kept referenced so
+that collecting them runs no finaliser that expects it."""
+
+_reopening = threading.Lock()
+
+
+def _new_lock_in_child() -> None:
+    """A lock held by another thread at the fork stays held in the child, whose copy of that
+    thread never releases it."""
+    global _reopening
+    _reopening = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_new_lock_in_child)
+
+
 class PublishedSlide:
     """A published slide with blocking methods: those of `AsyncPublishedSlide`, same arguments,
-    same results. Close it (or use `with`) to stop its loop thread and release its store."""
+    same results. Close it (or use `with`) to stop its loop thread and release its store.
 
-    def __init__(self, slide: AsyncPublishedSlide, runner: _LoopThread) -> None:
+    A process forked from the one that opened it (a DataLoader's workers, when the slide was
+    opened in a dataset's `__init__`) has no copy of its loop thread: there the first read
+    opens the slide again, for that process (the version published then), as `PatchDataset`
+    does. A read used to wait for the missing thread for ever."""
+
+    def __init__(
+        self, slide: AsyncPublishedSlide, runner: _LoopThread, reopen: _Opening | None = None
+    ) -> None:
         self._slide = slide
         self._runner = runner
+        self._reopen = reopen
+        self._pid = os.getpid()
+        self._closed = False
+
+    def _here(self) -> tuple[AsyncPublishedSlide, _LoopThread]:
+        """The slide and loop of this process, opened again in a forked child."""
+        if self._pid == os.getpid():
+            return self._slide, self._runner
+        with _reopening:
+            if self._pid != os.getpid():
+                if self._closed or self._reopen is None:
+                    raise InvalidArgument("the slide is closed")
+                _FORKED.append((self._slide, self._runner))
+                self._slide, self._runner = self._reopen()
+                self._pid = os.getpid()
+        return self._slide, self._runner
 
     @property
     def aio(self) -> AsyncPublishedSlide:
@@ -127,13 +171,16 @@ class PublishedSlide:
         return self._slide.best_level(downsample)
 
     def tile_bytes(self, level: int, col: int, row: int) -> bytes:
-        return self._runner.run(self._slide.tile_bytes(level, col, row))
+        slide, runner = self._here()
+        return runner.run(slide.tile_bytes(level, col, row))
 
     def tile(self, level: int, col: int, row: int) -> np.ndarray:
-        return self._runner.run(self._slide.tile(level, col, row))
+        slide, runner = self._here()
+        return runner.run(slide.tile(level, col, row))
 
     def region(self, level: int, x: int, y: int, width: int, height: int) -> np.ndarray:
-        return self._runner.run(self._slide.region(level, x, y, width, height))
+        slide, runner = self._here()
+        return runner.run(slide.region(level, x, y, width, height))
 
     def patches(
         self,
@@ -143,25 +190,37 @@ class PublishedSlide:
         settings: PatchSettings | None = None,
         out: np.ndarray | None = None,
     ) -> np.ndarray:
-        return self._runner.run(self._slide.patches(level, coords, size, settings, out))
+        slide, runner = self._here()
+        return runner.run(slide.patches(level, coords, size, settings, out))
 
     def associated_bytes(self, name: str) -> bytes:
-        return self._runner.run(self._slide.associated_bytes(name))
+        slide, runner = self._here()
+        return runner.run(slide.associated_bytes(name))
 
     def associated_image(self, name: str) -> np.ndarray:
-        return self._runner.run(self._slide.associated_image(name))
+        slide, runner = self._here()
+        return runner.run(slide.associated_image(name))
 
     def frame_bytes(self, instance: PublishedInstance, number: int) -> bytes:
-        return self._runner.run(self._slide.frame_bytes(instance, number))
+        slide, runner = self._here()
+        return runner.run(slide.frame_bytes(instance, number))
 
     def frame_chunks(self, instance: PublishedInstance) -> np.ndarray:
-        return self._runner.run(self._slide.frame_chunks(instance))
+        slide, runner = self._here()
+        return runner.run(slide.frame_chunks(instance))
 
     def read_range(self, key: str, start: int, end: int) -> bytes:
-        return self._runner.run(self._slide.read_range(key, start, end))
+        slide, runner = self._here()
+        return runner.run(slide.read_range(key, start, end))
 
     def close(self) -> None:
-        """Release the store and stop the loop thread (idempotent)."""
+        """Release the store and stop the loop thread (idempotent). In a forked child that has
+        not read through it, only this process's handle is dropped: the parent's loop thread
+        and store are the parent's."""
+        self._closed = True
+        if self._pid != os.getpid():
+            _FORKED.append((self._slide, self._runner))
+            return
         if not self._runner.loop.is_closed():
             try:
                 self._runner.run(self._slide.close())
@@ -192,12 +251,16 @@ def open_published(
     """Open `DIR_OR_S3URL/<slide-id>` for blocking reads: `with open_published(url) as slide:`.
     The options are keywords only: `open_published(url, ReaderSettings(...))` would take the
     settings for the endpoint."""
-    runner = _LoopThread()
-    try:
-        slide = runner.run(
-            open_published_async(location, s3_endpoint=s3_endpoint, settings=settings)
-        )
-    except BaseException:
-        runner.stop()
-        raise
-    return PublishedSlide(slide, runner)
+
+    def opening() -> tuple[AsyncPublishedSlide, _LoopThread]:
+        runner = _LoopThread()
+        try:
+            slide = runner.run(
+                open_published_async(location, s3_endpoint=s3_endpoint, settings=settings)
+            )
+        except BaseException:
+            runner.stop()
+            raise
+        return slide, runner
+
+    return PublishedSlide(*opening(), reopen=opening)
