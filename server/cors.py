@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from aiohttp import web
 from aiohttp.web_urldispatcher import AbstractResource
 
-from server.responses import json_error
+from server.responses import json_error, target_authority
 from server.settings import ServerSettings
 
 READ_METHODS = frozenset({"GET", "HEAD"})
@@ -144,19 +144,32 @@ def is_loopback_host(host: str) -> bool:
 
 def refusal(request: web.Request, hosts_seen: set[str]) -> str | None:
     """Why a request to a service without authentication is refused (see the module), or None.
-    `hosts_seen`: Host values already accepted (the caller's, bounded)."""
+    `hosts_seen`: Host values already accepted (the caller's, bounded).
+
+    Every name the request gives the service must be a loopback one: its Host header and, for
+    an absolute-form target (`GET http://host/path`), that target's authority, which replaces
+    Host (RFC 9112 3.2.2) and which links are then built from (`target_authority`). Both, not
+    the target's alone as the RFC would have a proxy-facing server judge it: a request whose
+    two names disagree comes from no browser nor any client that follows the RFC, and
+    refusing it keeps the check as strict as it is for the usual origin form."""
     host = request.headers.get("Host")
-    if host is not None and host not in hosts_seen:
-        if not is_loopback_host(host):
-            return "this service answers only to localhost, 127.0.0.1 or [::1] (the Host header)"
-        if len(hosts_seen) < MAX_HOSTS_SEEN:
-            hosts_seen.add(host)
+    target = target_authority(request)
+    for name in (host, target):
+        if name is not None and name not in hosts_seen:
+            if not is_loopback_host(name):
+                return (
+                    "this service answers only to localhost, 127.0.0.1 or [::1]"
+                    " (the Host header, or the authority of an absolute request target)"
+                )
+            if len(hosts_seen) < MAX_HOSTS_SEEN:
+                hosts_seen.add(name)
     if request.method in READ_METHODS or request.method == "OPTIONS":
         return None
+    own = host if target is None else target  # the service's authority, as the client named it
     site = request.headers.get("Sec-Fetch-Site")
     origin = request.headers.get("Origin")
     if site in ("cross-site", "same-site") or (
-        origin is not None and origin.partition("://")[2] != host
+        origin is not None and origin.partition("://")[2] != own
     ):
         return "a write must come from this service's own pages (not another site's)"
     return None

@@ -44,6 +44,7 @@ from server.auth import ROUTE_SCOPES, bearer_name, signed_expiry
 from server.cors import CORS_POLICY, HOSTS_SEEN
 from server.keys import METRICS, SETTINGS
 from server.responses import RESPONSE_HEADERS, VERSION_PARAM, Stored
+from wsi.errors import InvalidArgument
 
 if TYPE_CHECKING:
     from server.cors import CorsPolicy
@@ -80,7 +81,10 @@ _DELIMITING = frozenset({"content-length", "transfer-encoding", "upgrade"})
 _UNUSUAL = frozenset({"expect"})
 _READS = {b"GET": "GET", b"HEAD": "HEAD"}
 _READ_LINE = re.compile(rb"(GET|HEAD) (/[!-~]*) HTTP/1\.1")
-"""The request line of a read this lane may answer: printable ASCII, no space in the target."""
+"""The request line of a read this lane may answer: printable ASCII, no space in the target,
+which is a path (origin form), so that the Host header is the authority the client names the
+service by: an absolute-form target (`GET http://host/path`), whose authority replaces Host
+(RFC 9112 3.2.2), is aiohttp's, and the front's Host check judges it (`server.cors.refusal`)."""
 _STATUS_LINES = {200: "HTTP/1.1 200 OK\r\n", 304: "HTTP/1.1 304 Not Modified\r\n"}
 
 _UNDELIMITED: Final = "undelimited"
@@ -105,13 +109,29 @@ class Head:
         self.fields = fields
 
 
+def _lone_break(data: bytes, more: bool = False) -> bool:
+    """Whether `data` holds a CR or an LF that is not part of a CRLF; `more`: more bytes may
+    follow, so a CR that ends `data` may be the first half of one."""
+    pairs = data.count(b"\r\n")
+    crs = data.count(b"\r") - (more and data.endswith(b"\r"))
+    return crs != pairs or data.count(b"\n") != pairs
+
+
 def _unsafe(data: bytes) -> bool:
     """Whether aiohttp's parser must judge `data`: control characters, non-ASCII bytes, a lone
     CR or LF."""
-    if data.translate(None, _PRINTABLE):
-        return True
-    pairs = data.count(b"\r\n")
-    return data.count(b"\r") != pairs or data.count(b"\n") != pairs
+    return bool(data.translate(None, _PRINTABLE)) or _lone_break(data)
+
+
+def undelimited(rest: bytes) -> bool:
+    """Whether the connection must hand `rest` to aiohttp, and every byte after it: `rest` is
+    what arrived after the last request the lane delimited, not yet a head the lane can parse
+    (`Express.parse`). So it is when longer than `MAX_HEAD`; when it holds a complete head the
+    lane could not take; and when it holds a lone CR or LF: the lane ends a head at CRLF CRLF
+    only, and would wait for one that never comes while the head already ended by a bare LF
+    (`GET / HTTP/1.1\nHost: a\n\n`, or `\n\r\n` after CRLF lines). aiohttp's parser answers
+    such a head at once (400, `server.runner.ServiceConnection.handle_error`)."""
+    return len(rest) > MAX_HEAD or b"\r\n\r\n" in rest or _lone_break(rest, more=True)
 
 
 def _fields(block: bytes) -> dict[str, str] | str:
@@ -317,13 +337,16 @@ class Express:
         assert settings is not None
         if bearer_name(fields.get("authorization"), settings) is not None:
             return True, None
-        expires = signed_expiry(
-            settings,
-            route.scope,
-            info.get("slide_id"),
-            query.get("exp", ""),
-            query.get("sig", ""),
-        )
+        try:
+            expires = signed_expiry(
+                settings,
+                route.scope,
+                info.get("slide_id"),
+                query.get("exp", ""),
+                query.get("sig", ""),
+            )
+        except InvalidArgument:  # an `exp` that is no integer: aiohttp's way says so
+            return False, None
         return expires is not None, expires
 
     def _send(

@@ -29,6 +29,38 @@ MAX_PREBUILT = 64
 """(Cache-Control, Content-Type) pairs kept: the service's own content types make a dozen."""
 
 
+_LISTED_TAG = re.compile(r'[ \t,]*(?:W/)?("[^"]*")[ \t]*(?:,|\Z)')
+"""One member of an If-None-Match list from where the last one ended: empty members and
+whitespace before it, its weakness marker, its opaque tag with quotes (group 1), the comma after
+it. Every repetition is bounded by a character the next part cannot start with, so a match costs
+at most the characters it consumes plus one run of spaces: a list is read in linear time."""
+
+
+def etag_matches(if_none_match: str | None, quoted: str) -> bool:
+    """Whether an If-None-Match field value names the representation whose strong ETag is
+    `quoted` (with its quotes), so that a GET is answered 304 (RFC 9110 13.1.2): `*`, or a
+    comma-separated list of entity tags, each compared weakly (`W/"x"` matches `"x"`: a client
+    may send a weak tag for a strong one). A malformed member ends the list: what precedes it is
+    compared, the rest ignored, and never an error (a 200 is always a correct answer).
+
+    The first test is the common case, a client sending back the one ETag it was sent, at the
+    cost of a string comparison (the express lane answers hot tiles with it); the second, a
+    substring search, dismisses any other header that cannot match without reading its list,
+    since every member that matches holds `quoted` whole."""
+    if if_none_match is None:
+        return False
+    if if_none_match == quoted:
+        return True
+    if quoted not in if_none_match:
+        return if_none_match.strip(" \t") == "*"
+    pos = 0
+    while (member := _LISTED_TAG.match(if_none_match, pos)) is not None:
+        if member.group(1) == quoted:
+            return True
+        pos = member.end()
+    return False
+
+
 class Stored(NamedTuple):
     """A response of stored bytes before its headers, as a route makes it for either lane
     (aiohttp's, or the express lane's: `server.express`). A named tuple: one is made per tile
@@ -112,7 +144,7 @@ class ResponseHeaders:
         behind an unversioned URL, so those are revalidated with the ETag (`no-cache`)."""
         quoted = f'"{stored.etag}"'
         control = self.cache_control(stored.version, stored.storable, named, expires)
-        if if_none_match == quoted:
+        if etag_matches(if_none_match, quoted):
             return Answer(304, quoted, control, None, b"")
         return Answer(200, quoted, control, stored.content_type, stored.body)
 
@@ -196,17 +228,32 @@ FORWARDED_VARY = "X-Forwarded-Host, X-Forwarded-Proto"
 names these, so that no cache hands links made for one proxy's clients to another's."""
 
 
+def target_authority(request: web.Request) -> str | None:
+    """The authority (`host[:port]`) of an absolute-form request target (`GET http://host/path`),
+    or None for a target that is a path (or `*`). RFC 9112 3.2.2: the target's authority then
+    replaces the Host header. Links (`public_origin`) are built from it, and the Host check of
+    a service without auth (`server.cors.refusal`) judges it, so that the two never disagree.
+    Read from the URL, not `request.host`: aiohttp's is then the target's host without its
+    port, which links need."""
+    target = request.raw_path
+    if target[:1] == "/" or target == "*":  # the usual origin form costs this one test
+        return None
+    return request.url.host_port_subcomponent or ""
+
+
 def public_origin(request: web.Request) -> str:
     """`scheme://host` as the client sees the service, for the absolute links some protocols
     require (an IIIF image service's id, DICOMweb's RetrieveURL): a reverse proxy's
-    X-Forwarded-Proto and X-Forwarded-Host first, else the request's own. A host is taken only
+    X-Forwarded-Proto and X-Forwarded-Host first, else the request's own (an absolute-form
+    target's authority, else the Host header: `target_authority`). A host is taken only
     when it is a host name, an address and a port (`_HOST`), never text a link could be bent
     by; with no valid one the request is refused (400)."""
     proto = request.headers.get("X-Forwarded-Proto", "").split(",")[0].strip().lower()
     scheme = proto if proto in ("http", "https") else request.scheme
     host = request.headers.get("X-Forwarded-Host", "").split(",")[0].strip()
     if not _HOST.fullmatch(host):
-        host = request.host
+        authority = target_authority(request)
+        host = request.host if authority is None else authority
     if not _HOST.fullmatch(host):
         raise InvalidArgument("the Host header is not a valid host name")
     return f"{scheme}://{host}"

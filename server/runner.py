@@ -31,7 +31,7 @@ from aiohttp.http_exceptions import BadHttpMethod, HttpProcessingError
 from aiohttp.web_protocol import RequestHandler
 from aiohttp.web_request import BaseRequest
 
-from server.express import EXPRESS, MAX_HEAD, Express, Later
+from server.express import EXPRESS, MAX_HEAD, Express, Later, undelimited
 from server.responses import json_error
 
 log = logging.getLogger("aiohttp.server")
@@ -154,7 +154,7 @@ class ServiceConnection(RequestHandler):
                 return
             pos = stop
         rest = held[pos:] if pos else held
-        if len(rest) > MAX_HEAD or b"\r\n\r\n" in rest:
+        if undelimited(rest):
             self._aiohttps = True
             self._held = b""
             super().data_received(rest)
