@@ -11,7 +11,8 @@ from aiohttp import web
 from server.audit import PRINCIPAL
 from server.keys import SETTINGS
 from server.responses import SIGNED_EXPIRES, json_error
-from server.settings import ServerSettings
+from server.settings import ServerSettings, token_entry
+from server.url_numbers import url_int
 
 ROUTE_SCOPES: dict[str, str] = {
     "dzi.descriptor": "tiles",
@@ -23,6 +24,11 @@ ROUTE_SCOPES: dict[str, str] = {
 signature reads one slide's pyramid tiles and nothing else (not its metadata, its associated
 images or another API); a view signature opens one slide's viewer page. Everything else needs a
 Bearer token."""
+
+
+EXPIRY_DIGITS = 12
+"""Digits of a signed URL's `exp` (Unix seconds): 10 until the year 2286, room for any
+`signed_url_seconds`."""
 
 
 def sign(key: str, scope: str, slide_id: str, expires: int) -> str:
@@ -90,19 +96,15 @@ def admission(request: web.Request) -> web.Response | None:
 
 
 def bearer_name(header: str | None, settings: ServerSettings) -> str | None:
-    """The name of the configured token an `Authorization` header value carries, else None."""
-    if header is None or not header.startswith("Bearer "):
+    """The name of the configured token an `Authorization` header value carries, else None.
+    The scheme is matched whatever its case (`bearer`, `BEARER`: RFC 9110 11.1), and may be
+    followed by more than one space (`1*SP`)."""
+    if header is None:
         return None
-    return _token_name(header[7:], settings.tokens)
-
-
-def token_entry(entry: str) -> tuple[str, str]:
-    """(name, secret) of a configured token: `name:secret`, or a bare secret named by a digest
-    of it (the audit log must say who, never the secret)."""
-    name, sep, secret = entry.partition(":")
-    if sep and name and secret:
-        return name, secret
-    return f"token-{hashlib.sha256(entry.encode()).hexdigest()[:12]}", entry
+    scheme, space, credentials = header.partition(" ")
+    if not space or scheme.lower() != "bearer":
+        return None
+    return _token_name(credentials.lstrip(" "), settings.tokens)
 
 
 def _token_name(given: str, tokens: tuple[str, ...]) -> str | None:
@@ -119,8 +121,12 @@ def signed_expiry(
     settings: ServerSettings, scope: str | None, slide_id: str | None, exp: str, sig: str
 ) -> int | None:
     """The expiry of a valid, unexpired signature (`exp`, `sig`: the URL's query values) for a
-    route of `scope` (None: a route no signature opens) and slide `slide_id`, else None."""
-    if not (scope and slide_id and exp.isascii() and exp.isdigit()) or int(exp) < time.time():
+    route of `scope` (None: a route no signature opens) and slide `slide_id`, else None (no
+    `exp`: no signed URL). InvalidArgument (a 400) for an `exp` that is no integer (`url_int`):
+    the client is told what is wrong with its URL."""
+    if not (scope and slide_id and exp):
         return None
-    expected = sign(settings.signing_key, scope, slide_id, int(exp))
-    return int(exp) if _same(sig, expected) else None
+    expires = url_int(exp, "exp", EXPIRY_DIGITS)
+    if expires < time.time():
+        return None
+    return expires if _same(sig, sign(settings.signing_key, scope, slide_id, expires)) else None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 from collections.abc import Mapping
@@ -12,6 +13,14 @@ from wsi.ingest.settings import IngestSettings, env_values
 
 LOOPBACK = {"127.0.0.1", "::1", "localhost"}
 MAX_PROCESSES = 256
+MIN_SIGNING_KEY_BYTES = 32
+"""Shortest `signing_key` (UTF-8 bytes), the size of HMAC-SHA256's output: one signed URL is
+all a guesser needs to test keys offline, as fast as it can hash, and a right guess signs any
+slide's URLs."""
+MIN_TOKEN_CHARS = 16
+"""Shortest token secret: every request may guess one, and nothing slows the guessing."""
+RANDOM_KEY_COMMAND = 'python -c "import secrets; print(secrets.token_urlsafe(32))"'
+"""The command the refusals of short secrets suggest (43 characters, 256 random bits)."""
 _ORIGIN = re.compile(
     r"https?://[A-Za-z0-9.-]+(:[0-9]{1,5})?|https?://\[[0-9A-Fa-f:]+\](:[0-9]{1,5})?"
 )
@@ -33,9 +42,10 @@ class ServerSettings:
     """API tokens accepted as `Authorization: Bearer <token>`; required off loopback, and once
     given they are required on loopback too (a service behind a proxy on the same machine is
     reached from beyond it). An entry `name:secret` gives the token a name for the audit log; a
-    bare secret is named by a digest."""
+    bare secret is named by a digest. Each secret has at least `MIN_TOKEN_CHARS` characters."""
     signing_key: str = ""
-    """Secret for signed tile URLs (viewers); required off loopback."""
+    """Secret for signed tile URLs (viewers); required off loopback. At least
+    `MIN_SIGNING_KEY_BYTES` bytes."""
     signed_url_seconds: int = 3600
     allow_label: bool = False
     """Serve label and macro images (they may show patient names)."""
@@ -81,6 +91,7 @@ class ServerSettings:
     def __post_init__(self) -> None:
         if not 0 < self.port < 65536:
             raise InvalidArgument(f"port must be 1-65535, got {self.port}")
+        self._check_secrets()
         if self.requires_auth and not (self.tokens and self.signing_key):
             if self.tokens:
                 raise InvalidArgument(
@@ -106,6 +117,24 @@ class ServerSettings:
             if not prefix.startswith("s3://") or len(prefix.rstrip("/")) <= len("s3://"):
                 raise InvalidArgument(f"s3_sources entries must be s3://bucket[/prefix]: {prefix}")
 
+    def _check_secrets(self) -> None:
+        """Refuse, at start, secrets anyone could guess: a signing key shorter than
+        `MIN_SIGNING_KEY_BYTES` or of whitespace only, a token whose secret is shorter than
+        `MIN_TOKEN_CHARS` or whitespace only (named, never quoted: the error may be logged)."""
+        key = self.signing_key
+        if key and (len(key.encode()) < MIN_SIGNING_KEY_BYTES or not key.strip()):
+            raise InvalidArgument(
+                f"WSI_SIGNING_KEY must be at least {MIN_SIGNING_KEY_BYTES} bytes, not all "
+                f"whitespace; make one with: {RANDOM_KEY_COMMAND}"
+            )
+        for entry in self.tokens:
+            name, secret = token_entry(entry)
+            if len(secret) < MIN_TOKEN_CHARS or not secret.strip():
+                raise InvalidArgument(
+                    f"WSI_TOKENS: the secret of token {name} must be at least {MIN_TOKEN_CHARS} "
+                    f"characters, not all whitespace; make one with: {RANDOM_KEY_COMMAND}"
+                )
+
     @property
     def requires_auth(self) -> bool:
         """Off loopback, or with tokens configured: a service given tokens is meant to ask for
@@ -124,6 +153,15 @@ class ServerSettings:
         if "ingest" not in values:
             values["ingest"] = IngestSettings.from_env(env)
         return cls(**values)
+
+
+def token_entry(entry: str) -> tuple[str, str]:
+    """(name, secret) of a configured token (`ServerSettings.tokens`): `name:secret`, or a bare
+    secret named by a digest of it (the audit log and errors must say who, never the secret)."""
+    name, sep, secret = entry.partition(":")
+    if sep and name and secret:
+        return name, secret
+    return f"token-{hashlib.sha256(entry.encode()).hexdigest()[:12]}", entry
 
 
 @dataclass(frozen=True)

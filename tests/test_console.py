@@ -31,7 +31,7 @@ from .conftest import sample
 from .helpers import drain, settled, wait_until
 
 TOKEN = "console-test-token"
-KEY = "console-test-signing-key"
+KEY = "console-test-signing-key-0123456789"
 SIDECAR = {"accession_number": "S24-0042", "specimen_id": "B2"}
 REASON = "conversion failed: the store was unavailable (/srv/scanner/inbox/case-b.svs)"
 

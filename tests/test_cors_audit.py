@@ -23,7 +23,7 @@ from server.settings import ServerSettings
 
 SOURCE = Path(__file__).resolve().parents[1] / "sample_data" / "CMU-1-Small-Region.svs"
 VIEWER = "https://viewer.example.org"
-KEY = "k3y-for-cors-tests"
+TOKEN, KEY = "t0ken-for-cors-tests", "k3y-for-the-cors-and-audit-tests-0123"
 
 
 @pytest.fixture(scope="module")
@@ -160,11 +160,11 @@ def test_without_auth_only_loopback_names_are_answered(store: tuple[Path, str]) 
     async def with_auth(c: TestClient) -> None:  # a proxy's name is fine once tokens are asked
         r = await c.get(
             "/dicomweb/studies",
-            headers={"Host": "pathology.example.org", "Authorization": "Bearer t0k"},
+            headers={"Host": "pathology.example.org", "Authorization": f"Bearer {TOKEN}"},
         )
         assert r.status == 200
 
-    run(ServerSettings(store=str(root), tokens=("t0k",), signing_key=KEY), with_auth)
+    run(ServerSettings(store=str(root), tokens=(TOKEN,), signing_key=KEY), with_auth)
 
 
 def test_without_auth_writes_from_other_sites_are_refused(
@@ -208,27 +208,27 @@ def test_tokens_turn_auth_on_wherever_the_service_listens(store: tuple[Path, str
     """An operator who sets tokens behind a proxy on the same machine must not get a service
     that ignores them."""
     root, _ = store
-    settings = ServerSettings(store=str(root), tokens=("t0k",), signing_key=KEY)
+    settings = ServerSettings(store=str(root), tokens=(TOKEN,), signing_key=KEY)
     assert settings.host == "127.0.0.1" and settings.requires_auth
 
     async def check(c: TestClient) -> None:
         assert (await c.get("/dicomweb/studies")).status == 401
-        r = await c.get("/dicomweb/studies", headers={"Authorization": "Bearer t0k"})
+        r = await c.get("/dicomweb/studies", headers={"Authorization": f"Bearer {TOKEN}"})
         assert r.status == 200
 
     run(settings, check)
     with pytest.raises(wsi.InvalidArgument, match="WSI_SIGNING_KEY"):
-        ServerSettings(store=str(root), tokens=("t0k",))
+        ServerSettings(store=str(root), tokens=(TOKEN,))
 
 
 def test_with_auth_only_listed_origins(store: tuple[Path, str]) -> None:
     root, sid = store
     settings = ServerSettings(
-        store=str(root), host="0.0.0.0", tokens=("t0k",), signing_key=KEY, cors_origins=(VIEWER,)
+        store=str(root), host="0.0.0.0", tokens=(TOKEN,), signing_key=KEY, cors_origins=(VIEWER,)
     )
 
     async def check(c: TestClient) -> None:
-        auth = {"Authorization": "Bearer t0k"}
+        auth = {"Authorization": f"Bearer {TOKEN}"}
         ok = await c.get(f"/slides/{sid}/tiles/0/0/0", headers={**auth, "Origin": VIEWER})
         assert ok.status == 200
         assert ok.headers["Access-Control-Allow-Origin"] == VIEWER
@@ -281,7 +281,7 @@ def test_audit_log_names_who_read_what(store: tuple[Path, str], tmp_path: Path) 
     settings = ServerSettings(
         store=str(root),
         host="0.0.0.0",
-        tokens=("alice:s3cret-alice", "bare-s3cret"),
+        tokens=("alice:s3cret-alice-0123", "bare-s3cret-0123456"),
         signing_key=KEY,
         audit_log=str(log),
     )
@@ -289,10 +289,10 @@ def test_audit_log_names_who_read_what(store: tuple[Path, str], tmp_path: Path) 
 
     async def check(c: TestClient) -> None:
         assert (
-            await c.get(f"/slides/{sid}", headers={"Authorization": "Bearer s3cret-alice"})
+            await c.get(f"/slides/{sid}", headers={"Authorization": "Bearer s3cret-alice-0123"})
         ).status == 200
         assert (
-            await c.get("/slides", headers={"Authorization": "Bearer bare-s3cret"})
+            await c.get("/slides", headers={"Authorization": "Bearer bare-s3cret-0123456"})
         ).status == 200
         tile = f"/slides/{sid}/tiles/0/1/1?exp={exp}&sig={sign(KEY, 'tiles', sid, exp)}"
         assert (await c.get(tile)).status == 200
@@ -327,11 +327,11 @@ def test_audit_log_names_the_slides_dicomweb_answered_with(
     settings = ServerSettings(
         store=str(root),
         host="0.0.0.0",
-        tokens=("alice:s3cret-alice",),
+        tokens=("alice:s3cret-alice-0123",),
         signing_key=KEY,
         audit_log=str(log),
     )
-    alice = {"Authorization": "Bearer s3cret-alice"}
+    alice = {"Authorization": "Bearer s3cret-alice-0123"}
     frame = {"Accept": 'multipart/related; type="image/jpeg"'}
 
     async def check(c: TestClient) -> list[str]:

@@ -33,8 +33,9 @@ from .conftest import sample
 from .helpers import serving_app
 
 SOURCE = sample("CMU-1-Small-Region.svs")
-TOKEN = "reader:s3cret-token"
-KEY = "signing-key-for-tests"
+SECRET = "s3cret-reader-token"
+TOKEN = f"reader:{SECRET}"
+KEY = "signing-key-for-the-express-tests-0123"
 ORIGIN = "https://viewer.example.org"
 FRAMES_ACCEPT = 'multipart/related; type="application/octet-stream"; transfer-syntax=*'
 
@@ -316,11 +317,11 @@ def test_with_auth_the_lane_admits_what_the_front_admits(
     sid = store["sid"]
     tile = f"/slides/{sid}/tiles/0/1/2"
     before = authed.answered
-    status, headers, _ = same_answers(authed, request(tile, Authorization="Bearer s3cret-token"))
+    status, headers, _ = same_answers(authed, request(tile, Authorization=f"Bearer {SECRET}"))
     assert status.endswith("200 OK") and dict(headers)["Cache-Control"].startswith("private")
     assert authed.answered - before >= 1
     before = authed.answered
-    for bad in ("Bearer wrong", "Basic s3cret-token"):
+    for bad in ("Bearer wrong", f"Basic {SECRET}"):
         status, _, _ = same_answers(authed, request(tile, Authorization=bad))
         assert status.split()[1] == "401"
     status, _, _ = same_answers(authed, request(tile))
@@ -539,7 +540,7 @@ def test_no_lane_when_every_request_is_audited(store: dict[str, Any], tmp_path: 
         audit_log=str(log),
         index_at_start=False,
     )
-    raw = request(f"/slides/{store['sid']}/tiles/0/1/1", Authorization="Bearer s3cret-token")
+    raw = request(f"/slides/{store['sid']}/tiles/0/1/1", Authorization=f"Bearer {SECRET}")
     with serving_app(settings) as (base, app, _):
         answers(base, raw, times=3)
         assert app[EXPRESS].answered == 0

@@ -40,6 +40,7 @@ def run(settings: ServerSettings, check: Callable[[TestClient], Awaitable[Any]])
     return asyncio.run(main())
 
 
+TOKEN, KEY = "t0ken-for-server-tests", "k3y-for-the-server-tests-0123456789"
 AS_STORED = wsi.ConvertSettings(wsi.PyramidSettings(optimize_huffman=False, keep_background=True))
 """The source's tiles as they are and every tile stored: these tests compare served bytes with
 the source's and number frames over the whole grid (tests/test_sparse.py serves blank glass)."""
@@ -300,20 +301,20 @@ def test_health_metrics_openapi(store_dir: tuple[Path, str]) -> None:
 
 def test_auth_off_loopback(store_dir: tuple[Path, str]) -> None:
     root, sid = store_dir
-    settings = ServerSettings(store=str(root), host="0.0.0.0", tokens=("t0ken",), signing_key="k3y")
+    settings = ServerSettings(store=str(root), host="0.0.0.0", tokens=(TOKEN,), signing_key=KEY)
 
     async def check(c: TestClient) -> None:
         assert (await c.get("/healthz")).status == 200
         assert (await c.get("/slides")).status == 401
-        ok = await c.get("/slides", headers={"Authorization": "Bearer t0ken"})
+        ok = await c.get("/slides", headers={"Authorization": f"Bearer {TOKEN}"})
         assert ok.status == 200
         assert (await c.get("/slides", headers={"Authorization": "Bearer nope"})).status == 401
         exp = int(time.time()) + 60
         tile = f"/slides/{sid}/tiles/0/0/0"
-        signed = await c.get(f"{tile}?exp={exp}&sig={sign('k3y', 'tiles', sid, exp)}")
+        signed = await c.get(f"{tile}?exp={exp}&sig={sign(KEY, 'tiles', sid, exp)}")
         assert signed.status == 200
         old = int(time.time()) - 1
-        assert (await c.get(f"{tile}?exp={old}&sig={sign('k3y', 'tiles', sid, old)}")).status == 401
+        assert (await c.get(f"{tile}?exp={old}&sig={sign(KEY, 'tiles', sid, old)}")).status == 401
         assert (await c.get(f"{tile}?exp={exp}&sig=deadbeef")).status == 401
 
     run(settings, check)

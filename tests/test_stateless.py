@@ -34,7 +34,7 @@ from .pgserver import PostgresServer, postgres  # noqa: F401 - the session fixtu
 ROOT = Path(__file__).resolve().parents[1]
 HOST = "127.0.0.2"
 """Loopback, but not one of the addresses the service trusts without auth."""
-TOKEN = "tok-stateless-1"
+TOKEN = "tok-stateless-shared-1"
 KEY = "signing-key-shared-by-every-instance"
 
 

@@ -27,6 +27,7 @@ from .conftest import sample
 from .helpers import run_wsi, wait_until
 
 LEVEL0 = "slide.zarr/0/c/0/0/0"
+TOKEN, KEY = "t0ken-for-verify-tests", "k3y-for-the-verify-tests-0123456789"
 
 
 @pytest.fixture(scope="module")
@@ -221,12 +222,12 @@ def test_the_service_checks_on_schedule(store: tuple[Path, str], tmp_path: Path)
 def test_integrity_without_ingest_and_under_auth(published: tuple[Path, str]) -> None:
     """A serving-only process runs no check and says so; off loopback /integrity needs a token."""
     root, _sid = published
-    settings = ServerSettings(store=str(root), host="0.0.0.0", tokens=("t0ken",), signing_key="k3y")
+    settings = ServerSettings(store=str(root), host="0.0.0.0", tokens=(TOKEN,), signing_key=KEY)
 
     async def main() -> None:
         async with TestClient(TestServer(create_app(settings))) as c:
             assert (await c.get("/integrity")).status == 401
-            r = await c.get("/integrity", headers={"Authorization": "Bearer t0ken"})
+            r = await c.get("/integrity", headers={"Authorization": f"Bearer {TOKEN}"})
             doc = await r.json()
             assert r.status == 200 and doc["scheduled"] is False and doc["last_run"] is None
             readyz = await (await c.get("/readyz")).json()

@@ -31,7 +31,7 @@ from .browser import AppThread, Chromium
 from .conftest import sample
 
 TOKEN = "viewer-test-token"
-KEY = "viewer-test-signing-key"
+KEY = "viewer-test-signing-key-0123456789"
 
 
 @pytest.fixture(scope="module")

@@ -37,7 +37,7 @@ from .viewer_pages import viewer_server as _server_fixture  # noqa: F401
 pytestmark = pytest.mark.slow
 
 TOKEN = "viewer-tools-token"
-KEY = "viewer-tools-signing-key"
+KEY = "viewer-tools-signing-key-0123456789"
 CMU_MPP = 0.499
 SCREENSHOT_LIMIT = 300 * 1024
 

@@ -26,6 +26,7 @@ from server.keys import CATALOG, SETTINGS
 from server.openapi import ERROR, path_params
 from server.render import as_made, encode_image, in_pool, region
 from server.responses import Stored, etag_response, stored_response
+from server.url_numbers import url_int
 from wsi.errors import InvalidArgument
 from wsi.published.values import JPEG
 
@@ -146,10 +147,8 @@ class _Target(NamedTuple):
 
 def _target(app: web.Application, slide: ServedSlide, info: Mapping[str, str]) -> _Target:
     """The tile the path parameters `info` name; InvalidArgument outside the slide."""
-    z, x, y = info["z"], info["x"], info["y"]
-    if not (z.isdigit() and x.isdigit() and y.isdigit()) or max(map(len, (z, x, y))) > 6:
-        raise InvalidArgument("DeepZoom level and tile coordinates must be integers")
-    z_, x_, y_ = int(z), int(x), int(y)
+    z_ = url_int(info["z"], "DeepZoom level")
+    x_, y_ = url_int(info["x"], "DeepZoom column"), url_int(info["y"], "DeepZoom row")
     dz = app[GEOMETRY].of(slide)
     if z_ > dz.top:
         raise InvalidArgument(f"DeepZoom level {z_} > {dz.top}")

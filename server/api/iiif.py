@@ -32,6 +32,7 @@ from server.api.iiif_params import (
     parse_region,
     parse_rotation,
     parse_size,
+    rotation_text,
 )
 from server.catalog import ServedLevel, ServedSlide, SlideInfo
 from server.front import routes
@@ -42,6 +43,7 @@ from server.responses import (
     FORWARDED_VARY,
     Stored,
     dumps,
+    etag_matches,
     etag_response,
     public_origin,
     stored_response,
@@ -267,8 +269,7 @@ def canonical(
     size_part = "max" if (ow, oh) == (r.w, r.h) else f"{ow},{oh}"
     if ow > r.w or oh > r.h:
         size_part = "^" + size_part
-    rotation = ("!" if mirror else "") + f"{deg:g}"
-    return f"{region_part}/{size_part}/{rotation}/{quality}.{fmt}"
+    return f"{region_part}/{size_part}/{rotation_text(mirror, deg)}/{quality}.{fmt}"
 
 
 class _Plan(NamedTuple):
@@ -375,7 +376,7 @@ async def image(request: web.Request) -> web.StreamResponse:
     quality, fmt, mirror, degrees = plan.quality, plan.fmt, plan.mirror, plan.degrees
     r, ow, oh, etag, version = plan.region, plan.out_w, plan.out_h, plan.etag, slide.version
     content_type = FORMATS[fmt]
-    if request.headers.get("If-None-Match") == f'"{etag}"':
+    if etag_matches(request.headers.get("If-None-Match"), f'"{etag}"'):
         response = etag_response(request, b"", content_type, etag, version=version)
     elif m is not None:
         match = m

@@ -7,13 +7,14 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
+from decimal import Decimal
 
+from server.url_numbers import url_int
 from wsi.errors import InvalidArgument
 
 FORMATS = {"jpg": "image/jpeg", "png": "image/png", "webp": "image/webp"}
 QUALITIES = ("default", "color", "gray", "bitonal")
 
-_INT = re.compile(r"[0-9]{1,9}")
 _NUMBER = re.compile(r"[0-9]{1,9}(?:\.[0-9]{1,9})?")
 _ROTATION = re.compile(r"(!?)([0-9]{1,3}(?:\.[0-9]{1,9})?)")
 
@@ -43,9 +44,11 @@ def bad(message: str) -> InvalidArgument:
 
 
 def _int(text: str, what: str) -> int:
-    if not _INT.fullmatch(text):
-        raise bad(f"{what} must be a non-negative integer, got {text!r}")
-    return int(text)
+    """`text` as an integer by the service's rule for URLs (`url_int`), refused as IIIF's."""
+    try:
+        return url_int(text, what)
+    except InvalidArgument as exc:
+        raise bad(str(exc)) from None
 
 
 def _number(text: str, what: str) -> float:
@@ -156,6 +159,17 @@ def parse_rotation(text: str) -> tuple[bool, float]:
     if degrees > 360:
         raise bad("rotation must be between 0 and 360 degrees")
     return match.group(1) == "!", degrees % 360
+
+
+def rotation_text(mirror: bool, degrees: float) -> str:
+    """The canonical spelling of a rotation from `parse_rotation` (IIIF 3, canonical URI
+    syntax): "!" when mirrored, then the degrees in plain decimal, an integer without a decimal
+    point, otherwise without trailing zeros; `parse_rotation` reads it back as the same float,
+    so the canonical URL names the very image. `repr` is the shortest text that reads back as
+    that float (at most the 9 decimals the parser takes); the `:g` it replaces kept 6 digits
+    (359.99999 became "360", another image under the same ETag) and wrote exponents ("1e-07",
+    which the parser refuses)."""
+    return ("!" if mirror else "") + format(Decimal(repr(degrees)).normalize(), "f")
 
 
 def parse_file(quality: str, fmt: str) -> tuple[str, str]:

@@ -21,6 +21,7 @@ from server.front import routes
 from server.keys import CATALOG, COPIES, JOBS, JOBS_WAKE, SETTINGS
 from server.openapi import ERROR, path_params
 from server.responses import dumps, json_error
+from server.url_numbers import url_int
 from wsi.errors import InvalidArgument, SlideNotFound
 from wsi.ingest.privacy import job_view, reference
 from wsi.ingest.quarantine import without_directories, without_folders_of
@@ -206,10 +207,10 @@ async def list_jobs(request: web.Request) -> web.Response:
     state_name = request.query.get("state")
     try:
         state = JobState(state_name) if state_name else None
-        limit = int(request.query.get("limit", "100"))
-        offset = int(request.query.get("offset", "0"))
     except ValueError as exc:
-        raise InvalidArgument("state must be a job state; limit and offset integers") from exc
+        raise InvalidArgument("state must be a job state") from exc
+    limit = url_int(request.query.get("limit", "100"), "limit")
+    offset = url_int(request.query.get("offset", "0"), "offset")
     if not (1 <= limit <= 1000 and offset >= 0):
         raise InvalidArgument("limit must be 1-1000 and offset >= 0")
     jobs = await asyncio.to_thread(queue.list, state, limit, offset)

@@ -15,17 +15,15 @@ from server.listing import MAX_PAGE
 from server.openapi import ERROR, path_params
 from server.render import encode_image, in_pool
 from server.responses import Stored, etag_response, stored_response
+from server.url_numbers import url_int
 from wsi.errors import InvalidArgument
 from wsi.model import ASSOCIATED_KINDS
 from wsi.published.values import JPEG, decode_tile
 
 
 def int_param(info: Mapping[str, str], name: str) -> int:
-    """Path parameter `name` of the matched route as a non-negative integer."""
-    value = info[name]
-    if not value.isdigit() or len(value) > 9:
-        raise InvalidArgument(f"{name} must be a non-negative integer")
-    return int(value)
+    """Path parameter `name` of the matched route as a non-negative integer (`url_int`)."""
+    return url_int(info[name], name)
 
 
 MAX_QUERY = 200
@@ -40,13 +38,9 @@ def text_param(request: web.Request, name: str) -> str | None:
 
 
 def count_param(request: web.Request, name: str, default: int) -> int:
-    """Query parameter `name` as a non-negative integer (`default` when absent)."""
+    """Query parameter `name` as a non-negative integer (`url_int`; `default` when absent)."""
     value = request.query.get(name)
-    if value is None:
-        return default
-    if not value.isdigit() or len(value) > 9:
-        raise InvalidArgument(f"{name} must be a non-negative integer")
-    return int(value)
+    return default if value is None else url_int(value, name)
 
 
 async def list_slides(request: web.Request) -> web.Response:

@@ -6,7 +6,6 @@ import asyncio
 import io
 import math
 import re
-import secrets
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -54,7 +53,11 @@ UNSERVED = (SlideNotFound, UnsupportedSlide, CorruptSlide)
 """Why a slide of the store is left out of searches: unpublished meanwhile, published without
 a Zarr view (DICOM only), or refused by the reader; the store being down still fails."""
 UID_PATTERN = re.compile(r"[0-9]+(?:\.[0-9]+)*", re.ASCII)
-NUMBER = re.compile(r"[0-9]{1,9}", re.ASCII)
+MULTIPART_BOUNDARY = "wsistore-9da05fdc50be817b68bb162c1c5b21ec"
+"""The boundary of the multipart bodies of frames: one constant, so that every process (`wsi
+serve --processes N`) sends the same bytes for the same request under its strong ETag (a random
+boundary per process did not). Drawn at random once, and public: a part that holds it gets a
+body with a boundary derived from the parts (`negotiation.framing`)."""
 
 
 @dataclass(frozen=True)
@@ -217,9 +220,9 @@ class DicomWebState:
         its slide's catalog entry is the same object (the same published version)."""
         self.frame_modes: dict[tuple[str, bool], str] = {}
         """(Accept header, one frame?) -> frame mode (`negotiation.cached_frame_mode`)."""
-        self.boundary = secrets.token_hex(16)
-        """The boundary of multipart bodies made whole (`negotiation.framing`): random, made
-        once, checked against each body's parts (another one is drawn for a body holding it)."""
+        self.boundary = MULTIPART_BOUNDARY
+        """The boundary of multipart bodies (`negotiation.app_framing`), checked against each
+        body's parts."""
         self.framings: dict[tuple[str, str], Any] = {}
         """(part media type, transfer syntax) -> its `negotiation.Framing`."""
 
@@ -379,12 +382,6 @@ async def scoped_instances(request: web.Request) -> list[Instance]:
         slides = await state(request).study(catalog, study)
     note_read(request, (s.slide_id for s in slides))
     return [i for s in slides for i in slide_instances(s, allow_label(request))]
-
-
-def number_param(value: str, name: str) -> int:
-    if not NUMBER.fullmatch(value):
-        raise InvalidArgument(f"{name} must be a non-negative integer")
-    return int(value)
 
 
 def pinned(inst: Instance) -> dict[str, Any]:

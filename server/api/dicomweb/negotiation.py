@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import secrets
+import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -190,14 +190,6 @@ def image_format(request: web.Request) -> str:
     raise not_acceptable("image/jpeg or image/png")
 
 
-def multipart_boundary(media_type: str, syntax: str) -> tuple[str, str]:
-    """(boundary, Content-Type) of a multipart/related message whose parts are all
-    `media_type` in transfer syntax `syntax`. A fresh random boundary each time (128 bits, as
-    a UUID's hex, for a quarter of `uuid4`'s cost): no stored frame can know it."""
-    boundary = secrets.token_hex(16)
-    return boundary, multipart_type(media_type, syntax, boundary)
-
-
 def multipart_type(media_type: str, syntax: str, boundary: str) -> str:
     """The Content-Type of a multipart/related message of `media_type` parts in `syntax`."""
     return f'multipart/related; type="{media_type}"; boundary={boundary}; transfer-syntax={syntax}'
@@ -254,17 +246,15 @@ def app_framing(st: DicomWebState, media_type: str, syntax: str) -> Framing:
 
 
 def framing(request: web.Request, media_type: str, syntax: str, parts: Sequence[bytes]) -> Framing:
-    """The framing of a body of `parts`: the app's, or where a part holds its boundary (a 2^-128
-    chance per position), one with a fresh boundary that none holds: proven, not just unlikely."""
+    """The framing of a body of `parts`: the app's; or, where a part holds its boundary (public,
+    so a slide can be made to), one whose boundary is a digest of the parts themselves (the
+    next digest while a part holds that one): a part cannot be made to hold a digest of itself.
+    Proven, not just unlikely; and the same parts get the same boundary, so the same request
+    gets the same bytes in every process (`MULTIPART_BOUNDARY`)."""
     framed = app_framing(state(request), media_type, syntax)
+    digest = hashlib.sha256(framed.marker)
     while any(framed.marker in data for data in parts):
-        framed = Framing.make(secrets.token_hex(16), media_type, syntax)
+        for data in parts:
+            digest.update(len(data).to_bytes(8, "big") + data)
+        framed = Framing.make(digest.hexdigest()[:32], media_type, syntax)
     return framed
-
-
-def multipart(parts: Sequence[bytes], media_type: str, syntax: str) -> tuple[bytes, str]:
-    """(body, Content-Type) of a whole multipart/related message (see `multipart_boundary`)."""
-    boundary, content_type = multipart_boundary(media_type, syntax)
-    head = part_head(boundary, media_type, syntax)
-    body = b"".join(head + p + b"\r\n" for p in parts) + f"--{boundary}--\r\n".encode()
-    return body, content_type

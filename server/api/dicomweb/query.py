@@ -9,8 +9,9 @@ from aiohttp import web
 from pydicom.datadict import dictionary_VR, keyword_for_tag, tag_for_keyword
 from pydicom.dataset import Dataset
 
-from server.api.dicomweb.instances import Instance, check_uid, number_param
+from server.api.dicomweb.instances import Instance, check_uid
 from server.api.dicomweb.series_index import IndexedSeries, header_values
+from server.url_numbers import url_int
 from wsi.errors import InvalidArgument
 
 IGNORED_QUERY_KEYS = {"exp", "sig"}
@@ -61,12 +62,12 @@ def parse_query(request: web.Request) -> Query:
                     includes.add(keyword)
             continue
         if name == "limit":
-            limit = number_param(value, "limit")
+            limit = url_int(value, "limit")
             if limit == 0:
                 raise InvalidArgument("limit must be at least 1")
             continue
         if name == "offset":
-            offset = number_param(value, "offset")
+            offset = url_int(value, "offset")
             continue
         if name == "fuzzymatching":
             if value not in ("true", "false"):

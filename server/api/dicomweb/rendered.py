@@ -11,7 +11,6 @@ from PIL import Image
 from server.api.dicomweb.instances import (
     Instance,
     find_instance,
-    number_param,
     pinned,
     scoped_instances,
 )
@@ -20,6 +19,7 @@ from server.api.dicomweb.wado import parse_frames
 from server.keys import CATALOG, SETTINGS
 from server.render import encode_image, in_pool, region, sent
 from server.responses import etag_response
+from server.url_numbers import url_int
 from wsi.errors import InvalidArgument, SlideNotFound
 from wsi.published.values import decode_tile
 
@@ -35,13 +35,13 @@ def render_params(
         parts = request.query["viewport"].split(",")
         if len(parts) != 2:
             raise InvalidArgument("viewport must be width,height")
-        w, h = (number_param(p.strip(), "viewport") for p in parts)
+        w, h = (url_int(p.strip(), "viewport") for p in parts)
         if w < 1 or h < 1:
             raise InvalidArgument("viewport must be positive")
         viewport = (w, h)
     quality = None
     if "quality" in request.query:
-        quality = number_param(request.query["quality"], "quality")
+        quality = url_int(request.query["quality"], "quality")
         if not 1 <= quality <= 100:
             raise InvalidArgument("quality must be 1..100")
     return viewport, quality

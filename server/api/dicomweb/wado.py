@@ -5,9 +5,10 @@ from __future__ import annotations
 import asyncio
 import collections
 import hashlib
+import logging
 import uuid
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 from aiohttp import web
@@ -19,7 +20,6 @@ from server.api.dicomweb.instances import (
     JPEG2000_SYNTAXES,
     JPEG_BASELINE,
     JPEG_XL_RECOMPRESSION,
-    NUMBER,
     DicomWebState,
     Instance,
     find_instance,
@@ -35,19 +35,19 @@ from server.api.dicomweb.negotiation import (
     check_dicom_accept,
     check_json_accept,
     framing,
-    multipart,
-    multipart_boundary,
     not_acceptable,
-    part_head,
 )
 from server.audit import note_read
 from server.cors import add_cors_headers
 from server.keys import CATALOG, SETTINGS
 from server.render import in_pool
-from server.responses import Stored, cache_control, etag_response, stored_response
+from server.responses import Stored, cache_control, etag_matches, etag_response, stored_response
+from server.url_numbers import url_int, url_int_or_none
 from wsi.codecs import jpeg2000
 from wsi.errors import InvalidArgument, SlideNotFound
 from wsi.published.values import decode_tile
+
+log = logging.getLogger(__name__)
 
 MAX_FRAMES = 1024
 """Frames in one WADO-RS frames request."""
@@ -78,9 +78,7 @@ def frames_tag(request: web.Request, numbers: list[int]) -> str:
 def parse_frames(text: str, count: int) -> list[int]:
     numbers = []
     for item in text.split(","):
-        if not NUMBER.fullmatch(item.strip()):
-            raise InvalidArgument("frames must be comma-separated positive integers")
-        n = int(item)
+        n = url_int(item.strip(), "frame number")
         if not 1 <= n <= count:
             raise InvalidArgument(f"frame {n} is outside 1..{count}")
         numbers.append(n)
@@ -117,15 +115,15 @@ async def one_frame(request: web.Request) -> web.Response | None:
     media_type = ONE_FRAME_PARTS.get(mode) if mode is not None else None
     if mode is None or media_type is None:
         return None
-    if not (len(text) <= 9 and text.isascii() and text.isdigit()):
+    number = url_int_or_none(text)
+    if number is None:
         return None
     inst = await find_instance(request)
     if not inst.is_level:
         return None
-    number = int(text)
     slide = inst.slide
     etag = _frame_etag(inst, number, mode)
-    if headers.get("If-None-Match") == f'"{etag}"':
+    if etag_matches(headers.get("If-None-Match"), f'"{etag}"'):
         if not 1 <= number <= await inst.frame_count():
             return None  # the general way says which frames there are
         return etag_response(request, b"", "", etag, version=slide.version)
@@ -178,7 +176,7 @@ def _one_frame_mode(
     if (
         mode not in ONE_FRAME_PARTS
         or not inst.is_level
-        or not (len(text) <= 9 and text.isascii() and text.isdigit())
+        or url_int_or_none(text) is None
         or headers.get("if-none-match") is not None  # a 304 needs the frame count checked
     ):
         return None
@@ -241,9 +239,9 @@ async def frames(request: web.Request) -> web.StreamResponse:
         def decode() -> list[bytes]:
             return [np.ascontiguousarray(decode_tile(inst.image, d)).tobytes() for d in data]
 
-        body, content_type = multipart(
-            await in_pool(catalog, decode), "application/octet-stream", EXPLICIT_VR_LE
-        )
+        decoded = await in_pool(catalog, decode)
+        framed = framing(request, "application/octet-stream", EXPLICIT_VR_LE, decoded)
+        body, content_type = framed.body(decoded), framed.content_type
     response = etag_response(request, body, "application/octet-stream", etag, **caching)
     if response.status == 200:
         response.headers["Content-Type"] = content_type
@@ -277,7 +275,7 @@ async def stream_frames(
         )
     quoted = f'"{etag}"'
     headers = {"ETag": quoted, "Cache-Control": cache_control(request, **caching)}
-    if request.headers.get("If-None-Match") == quoted:
+    if etag_matches(request.headers.get("If-None-Match"), quoted):
         return web.Response(status=304, headers=headers)
     ahead: collections.deque[asyncio.Task[bytes]] = collections.deque()
     upcoming = iter(numbers)
@@ -287,24 +285,36 @@ async def stream_frames(
             ahead.append(asyncio.ensure_future(inst.frame(n, stored)))
 
     read_ahead()
+    framed = app_framing(state(request), media_type, syntax)
     try:
         first: bytes | None = await ahead[0]
-        boundary, content_type = multipart_boundary(media_type, syntax)
-        response = web.StreamResponse(headers={**headers, "Content-Type": content_type})
+        response = web.StreamResponse(headers={**headers, "Content-Type": framed.content_type})
         add_cors_headers(request, response)
         await response.prepare(request)
-        while ahead:
+        for number in numbers:
             data = first if first is not None else await ahead[0]
             first = None
             ahead.popleft()
             read_ahead()
-            await response.write(part_head(boundary, media_type, syntax) + data + b"\r\n")
-        await response.write(f"--{boundary}--\r\n".encode())
+            if framed.marker in data:
+                _cut(number)
+            await response.write(framed.head + data + b"\r\n")
+        await response.write(framed.tail)
         await response.write_eof()
         return response
     finally:
         for task in ahead:
             task.cancel()
+
+
+def _cut(number: int) -> NoReturn:
+    """End a streamed body whose frame `number` holds its boundary, which only a frame made to
+    hold the published `MULTIPART_BOUNDARY` does (a body made whole gets another boundary; this
+    one's headers are sent). As aiohttp ends a response that fails once started: a
+    ConnectionError, and the connection is closed, so that no client or cache takes the bytes
+    sent for the whole body under its ETag."""
+    log.warning("WADO-RS: frame %d holds the multipart boundary; response cut short", number)
+    raise ConnectionAbortedError(f"frame {number} holds the multipart boundary")
 
 
 async def frames_at_once(
@@ -321,7 +331,7 @@ async def frames_at_once(
     read together, sent in one write with a Content-Length, with a tile's prebuilt headers
     (`etag_response`) and the app's framing (`negotiation.framing`). Writing them part by
     part as `stream_frames` does costs three socket writes for a single frame."""
-    if request.headers.get("If-None-Match") == f'"{etag}"':  # a 304: nothing read
+    if etag_matches(request.headers.get("If-None-Match"), f'"{etag}"'):  # a 304: nothing read
         return etag_response(request, b"", "", etag, **caching)
     if len(numbers) == 1:
         frames = [await inst.frame(numbers[0], stored)]
