@@ -138,7 +138,7 @@ def is_loopback_host(host: str) -> bool:
     return (
         len(parts) == 4
         and parts[0] == "127"
-        and all(p.isdigit() and len(p) <= 3 and int(p) <= 255 for p in parts)
+        and all(p.isascii() and p.isdigit() and len(p) <= 3 and int(p) <= 255 for p in parts)
     )
 
 

@@ -19,6 +19,7 @@ from aiohttp.test_utils import TestClient, TestServer
 import wsi
 from server.app import create_app
 from server.auth import sign
+from server.cors import is_loopback_host
 from server.settings import ServerSettings
 
 SOURCE = Path(__file__).resolve().parents[1] / "sample_data" / "CMU-1-Small-Region.svs"
@@ -156,6 +157,9 @@ def test_without_auth_only_loopback_names_are_answered(store: tuple[Path, str]) 
             assert r.status == 200, host
 
     run(ServerSettings(store=str(root)), check)
+    # Digits are ASCII ones: int() and isdigit() took "１２７" for 127.
+    assert not is_loopback_host("\uff11\uff12\uff17.0.0.1")
+    assert not is_loopback_host("127.\u0660.0.1") and is_loopback_host("127.0.0.1:8000")
 
     async def with_auth(c: TestClient) -> None:  # a proxy's name is fine once tokens are asked
         r = await c.get(
