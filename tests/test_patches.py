@@ -559,6 +559,9 @@ def test_dataset_pickles_without_its_reader(location: str) -> None:
         PatchDataset(location, 9, [(0, 0)], 16)
     with pytest.raises(InvalidArgument):
         PatchDataset(location, 0, [(0, 0)], 16, labels=[1, 2])
+    # A patch over the region limit is refused here, not by the first read in a worker.
+    with pytest.raises(InvalidArgument, match="pixel limit"):
+        PatchDataset(location, 0, [(0, 0)], 100_000)
 
 
 # -- S3 -------------------------------------------------------------------------------------------

@@ -75,8 +75,8 @@ class PatchDataset:
             raise InvalidArgument(f"{len(labels)} labels for {len(self.coords)} patches")
         self._slide: PublishedSlide | None = None
         self._pid: int | None = None
-        with self.slide as slide:  # fails here, not in a worker, if the level does not exist
-            slide.level(level)
+        with self.slide as slide:  # fails here, not in a worker: the level, the patch size
+            slide.patches(level, np.zeros((0, 2), np.int64), self.size)
         self._slide = None  # no reader threads to copy when DataLoader forks its workers
 
     @property
