@@ -347,7 +347,7 @@ def test_tissue_patches_lie_in_tissue(location: str, level: int, size: int) -> N
         scale = int(lv.downsample)
         fractions = [tissue_fraction(cells, x * scale, y * scale, size * scale) for x, y in corners]
         assert min(fractions) >= 0.7 and float(np.mean(fractions)) >= 0.9, fractions
-        assert (mask.fraction(lv, corners, size) >= 0.7).all()
+        assert (mask.fraction(lv, corners, size) >= 0.8).all()  # what was asked, by the mask
         # The patches show stain, not glass.
         patches = slide.patches(level, corners[:20], size)
         chroma = patches.max(axis=3).astype(int) - patches.min(axis=3)
@@ -357,6 +357,28 @@ def test_tissue_patches_lie_in_tissue(location: str, level: int, size: int) -> N
         assert np.array_equal(same, corners)
         other = sample_tissue_patches(slide, level, size, 200, 5, min_tissue=0.8, mask=mask)
         assert not np.array_equal(other, corners)
+
+
+def test_every_sampled_patch_has_the_tissue_asked_for_at_every_level(location: str) -> None:
+    """A corner drawn as floor((anchor + jitter) / scale) could start one mask pixel before
+    its anchor, most often on levels coarser than the mask: 0.5-2.5% of the patches held less
+    tissue than `min_tissue` by the mask's own `fraction` (0.485 for 0.5)."""
+    with open_published(location) as slide:
+        mask = tissue_mask(slide, HALF)
+        for lv in slide.levels:
+            for size, min_tissue in ((16, 0.5), (32, 0.9), (7, 0.3)):
+                corners = sample_tissue_patches(
+                    slide, lv.index, size, 3000, 1, min_tissue=min_tissue, mask=mask
+                )
+                if not len(corners):
+                    continue
+                assert (mask.fraction(lv, corners, size) >= min_tissue).all(), (lv.index, size)
+                assert (corners >= 0).all()
+                assert (corners[:, 0] <= lv.width - size).all()
+                assert (corners[:, 1] <= lv.height - size).all()
+            if lv.downsample > mask.downsample:  # coarser than the mask: distinct level pixels
+                few = sample_tissue_patches(slide, lv.index, 16, 20, 2, min_tissue=0.5, mask=mask)
+                assert len({tuple(c) for c in few.tolist()}) == 20
 
 
 def test_the_tissue_mask_matches_the_cells(location: str) -> None:

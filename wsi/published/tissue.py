@@ -120,17 +120,55 @@ class TissueMask:
         max_x, max_y = level.width - width, level.height - height
         rows = min(fractions.shape[0], int(np.floor(max_y * scale)) + 1) if max_y >= 0 else 0
         cols = min(fractions.shape[1], int(np.floor(max_x * scale)) + 1) if max_x >= 0 else 0
+        if scale > 1:  # a level pixel spans several mask pixels: its corners are the positions
+            return _coarse_corners(fractions, scale, max_x, max_y, n, seed, min_tissue)
         candidates = np.argwhere(fractions[:rows, :cols] >= min_tissue)
         if not len(candidates) or n == 0:
             return np.zeros((0, 2), np.int64)
         rng = np.random.default_rng(seed)
         chosen = rng.choice(len(candidates), n, replace=n > len(candidates))
-        anchors = candidates[chosen][:, ::-1].astype(np.float64)  # (x, y) in mask pixels
-        jitter = rng.random((n, 2))
-        corners = np.floor((anchors + jitter) / scale).astype(np.int64)
+        anchors = candidates[chosen][:, ::-1]  # (x, y) in mask pixels
+        # A corner c whose window starts at its anchor a: floor(c * scale) == a, as `fraction`
+        # reads it (c drawn among the level pixels of that mask pixel). Drawing c as
+        # floor((a + jitter) / scale) could land one mask pixel before a, whose window then
+        # held less tissue than asked.
+        low = np.ceil(anchors / scale).astype(np.int64)
+        high = np.ceil((anchors + 1) / scale).astype(np.int64) - 1
+        corners = low + np.floor(rng.random((n, 2)) * (high - low + 1)).astype(np.int64)
+        for _ in range(2):  # rounding of c * scale: step back onto the anchor
+            start = np.floor(corners * scale).astype(np.int64)
+            corners += (start < anchors).astype(np.int64) - (start > anchors).astype(np.int64)
         corners[:, 0] = np.clip(corners[:, 0], 0, max_x)
         corners[:, 1] = np.clip(corners[:, 1], 0, max_y)
         return corners
+
+
+def _coarse_corners(
+    fractions: np.ndarray,
+    scale: float,
+    max_x: int,
+    max_y: int,
+    n: int,
+    seed: int | None,
+    min_tissue: float,
+) -> np.ndarray:
+    """`TissueMask.sample` on a level coarser than the mask: every corner of the level that
+    fits is judged by the window `fraction` reads for it (from mask pixel floor(c * scale)),
+    and `n` drawn among those with enough tissue (repeated once they run out: a level pixel has
+    nothing finer to jitter into)."""
+    if max_x < 0 or max_y < 0 or n == 0:
+        return np.zeros((0, 2), np.int64)
+    xs = np.arange(max_x + 1)
+    ys = np.arange(max_y + 1)
+    ax, ay = np.floor(xs * scale).astype(np.int64), np.floor(ys * scale).astype(np.int64)
+    keep_x, keep_y = ax < fractions.shape[1], ay < fractions.shape[0]
+    xs, ys, ax, ay = xs[keep_x], ys[keep_y], ax[keep_x], ay[keep_y]
+    good = np.argwhere(fractions[np.ix_(ay, ax)] >= min_tissue)  # (row, col) into ys, xs
+    if not len(good):
+        return np.zeros((0, 2), np.int64)
+    rng = np.random.default_rng(seed)
+    chosen = good[rng.choice(len(good), n, replace=n > len(good))]
+    return np.stack([xs[chosen[:, 1]], ys[chosen[:, 0]]], axis=1).astype(np.int64)
 
 
 def _mask_of(rule: TissueRule, level: PublishedLevel, rgb: np.ndarray) -> TissueMask:
