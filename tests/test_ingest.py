@@ -655,3 +655,98 @@ def test_a_copy_that_pauses_past_the_quiet_period_is_converted_once_complete(
     failed = queue.get(job.id)
     assert (failed.state, failed.attempts) == (JobState.FAILED, 1), failed
     assert (tmp_path / "quarantine" / "broken.svs" / "REASON.txt").exists()
+
+
+def _run_claimed(queue: SQLiteJobQueue, store: Path, settings: IngestSettings) -> Job:
+    """Claim the next job and run it to its end with one worker; the job as it ends."""
+    job = queue.claim("w1", 60.0)
+    assert job is not None
+    worker = Worker(queue, StoreSettings(str(store)), settings, name="w1")
+    asyncio.run(worker.run_job(job, asyncio.Event()))
+    return queue.get(job.id)
+
+
+def test_a_slide_renamed_before_its_worker_came_is_converted_under_its_new_name(
+    tmp_path: Path,
+) -> None:
+    """The worker claimed the job before the watcher saw the new name: "a.svs is gone", failed
+    for good, and the watcher's report of b.svs was answered with that failed job, so the slide
+    was never converted. The job is tried again after the backoff, the watcher's report moves
+    it to the new name meanwhile, and it converts."""
+    inbox, store = tmp_path / "inbox", tmp_path / "store"
+    inbox.mkdir()
+    shutil.copy(sample("openslide-python-fixtures/small.svs"), inbox / "a.svs")
+    queue = SQLiteJobQueue(tmp_path / "jobs.sqlite", retry=RetryPolicy(backoff_unit=0.0))
+    settings = IngestSettings(quarantine_dir=str(tmp_path / "quarantine"))
+    (candidate,) = find_candidates(inbox)
+    job = submit_slide(queue, candidate, watched=True)
+    os.rename(inbox / "a.svs", inbox / "b.svs")
+    waiting = _run_claimed(queue, store, settings)
+    assert waiting.state is JobState.QUEUED, waiting.error
+    assert waiting.error is not None and "tried again where the watcher finds it" in waiting.error
+    (renamed,) = find_candidates(inbox)
+    moved = submit_slide(queue, renamed, watched=True)
+    assert moved.id == job.id and moved.source == str(inbox / "b.svs")
+    done = _run_claimed(queue, store, settings)
+    assert done.state is JobState.DONE, done.error
+    assert wsi.Store(wsi.StoreSettings(str(store))).published_slides() == [job.slide_id]
+    assert not (tmp_path / "quarantine").exists()
+
+
+def test_a_dicom_series_that_grew_after_its_job_was_made_waits_for_the_whole_series(
+    tmp_path: Path,
+) -> None:
+    """A series arriving instance by instance, paused past the quiet period: its job recorded
+    boxes_0 alone, converted the whole folder under boxes_0's content id and moved boxes_0
+    alone; boxes_1, left behind, was then quarantined as a slide without its base level. The
+    job that finds files its slide did not have ends unconverted; the series' own job, the
+    watcher's next report, publishes both instances under the series' id."""
+    inbox, store = tmp_path / "inbox", tmp_path / "store"
+    series = inbox / "series S"
+    series.mkdir(parents=True)
+    fixtures = sample("openslide-python-fixtures")
+    shutil.copy(fixtures / "boxes_0.dcm", series / "boxes_0.dcm")
+    queue = SQLiteJobQueue(tmp_path / "jobs.sqlite", retry=RetryPolicy(backoff_unit=0.0))
+    settings = IngestSettings(
+        quarantine_dir=str(tmp_path / "quarantine"),
+        after_success="move",
+        done_dir=str(tmp_path / "done"),
+    )
+    (first,) = find_candidates(inbox)
+    early = submit_slide(queue, first, watched=True)
+    shutil.copy(fixtures / "boxes_1.dcm", series / "boxes_1.dcm")
+    ended = _run_claimed(queue, store, settings)
+    assert ended.state is JobState.FAILED
+    assert ended.error is not None and "1 file(s) arrived in the slide" in ended.error
+    assert not (store.exists() and wsi.Store(wsi.StoreSettings(str(store))).published_slides())
+    assert sorted(p.name for p in series.iterdir()) == ["boxes_0.dcm", "boxes_1.dcm"]
+    (whole,) = find_candidates(inbox)
+    job = submit_slide(queue, whole, watched=True)
+    assert job.id != early.id and job.slide_id == content_slide_id(series)
+    done = _run_claimed(queue, store, settings)
+    assert done.state is JobState.DONE, done.error
+    manifest = wsi.Store(wsi.StoreSettings(str(store))).manifest(job.slide_id or "")
+    sizes = sum(p.stat().st_size for p in fixtures.glob("boxes_*.dcm"))
+    assert manifest.source_bytes == sizes
+    assert not (tmp_path / "quarantine").exists()
+
+
+def test_a_store_that_fails_every_attempt_leaves_the_slide_where_it_is(tmp_path: Path) -> None:
+    """Five attempts against a store it could not write (its lock folder a file) took about 30
+    s, then the good slide was quarantined as if it were to blame. It stays in the watch folder
+    now, its job failed with the store's error, for a retry once the store is back."""
+    inbox, store = tmp_path / "inbox", tmp_path / "store"
+    slide = drop(inbox, "openslide-python-fixtures/small.svs")
+    store.mkdir()
+    (store / ".wsistore-locks").write_text("not a folder")
+    queue = SQLiteJobQueue(
+        tmp_path / "jobs.sqlite", retry=RetryPolicy(max_attempts=2, backoff_unit=0.0)
+    )
+    settings = IngestSettings(quarantine_dir=str(tmp_path / "quarantine"))
+    (candidate,) = find_candidates(inbox)
+    submit_slide(queue, candidate, watched=True)
+    assert _run_claimed(queue, store, settings).state is JobState.QUEUED
+    failed = _run_claimed(queue, store, settings)
+    assert failed.state is JobState.FAILED
+    assert failed.error is not None and "lock" in failed.error
+    assert slide.exists() and not (tmp_path / "quarantine").exists()

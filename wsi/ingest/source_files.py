@@ -31,7 +31,13 @@ from wsi.errors import InvalidArgument, WsiError
 from wsi.ingest.queue import Job, JobQueue, SourceFile
 from wsi.ingest.scan import SlideCandidate
 from wsi.slide_id import content_slide_id
-from wsi.slidefiles import companion_folder, slide_parts
+from wsi.slidefiles import (
+    companion_folder,
+    dicom_series_files,
+    is_dicom_file,
+    is_temporary,
+    slide_parts,
+)
 from wsi.store.objects import DIR_MODE, FILE_MODE, fsync_dir, make_dirs
 
 HIDDEN_DELETE_PREFIX = ".wsi-deleting-"
@@ -64,6 +70,49 @@ def changed(files: Sequence[SourceFile]) -> str | None:
         if now != recorded:
             return f"{name} was replaced or changed"
     return None
+
+
+def moved_away(files: Sequence[SourceFile]) -> bool:
+    """Whether the recorded slide left the names it had, none of them taken by another file: a
+    file is gone and every one still there is the one recorded. A slide renamed or moved in its
+    folder (or deleted), not replaced by another of the same name."""
+    gone = False
+    for recorded in files:
+        try:
+            now = SourceFile.of(recorded.path)
+        except FileNotFoundError:
+            gone = True
+            continue
+        except OSError:
+            return False
+        if now != recorded:
+            return False
+    return gone
+
+
+def grown(source: str, files: Sequence[SourceFile]) -> str | None:
+    """Why the DICOM series at `source` now has files its job did not record, or None: a series
+    still arriving instance by instance, with a pause longer than the quiet period. Converted
+    now, the job would publish every instance there under the content id of those it recorded,
+    and move only those, leaving the others to be published again as a slide of their own.
+    The files of a series folder (`source` a folder: its own files but hidden and partial
+    ones), or of the series a loose instance belongs to; None for any other slide, and when
+    the series cannot be read (the conversion then says why)."""
+    path = Path(source)
+    recorded = {Path(f.path).name for f in files}
+    try:
+        if path.is_dir():
+            now = [p for p in path.iterdir() if p.is_file() and not is_temporary(p.name)]
+        elif path.is_file() and is_dicom_file(path):
+            now = dicom_series_files(path)
+        else:
+            return None
+    except (OSError, WsiError):
+        return None
+    added = [p for p in now if p.name not in recorded]
+    if not added:
+        return None
+    return f"{len(added)} file(s) arrived in the slide since it was submitted"
 
 
 def submit_slide(queue: JobQueue, candidate: SlideCandidate, *, watched: bool = False) -> Job:

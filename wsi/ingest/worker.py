@@ -45,7 +45,14 @@ from wsi.ingest.protocol import (
 from wsi.ingest.quarantine import without_folders_of
 from wsi.ingest.queue import Job, JobQueue, JobState, worker_name
 from wsi.ingest.settings import IngestSettings
-from wsi.ingest.source_files import changed, delete_files, move_files, move_source
+from wsi.ingest.source_files import (
+    changed,
+    delete_files,
+    grown,
+    move_files,
+    move_source,
+    moved_away,
+)
 from wsi.ingest.staging import STAGE_SHARE, is_remote
 from wsi.ingest.supervise import describe, where
 from wsi.store.objects import Store, StoreSettings
@@ -235,6 +242,8 @@ class Worker:
         if job.files:
             # Never convert another slide under this job's content id.
             why = await asyncio.to_thread(changed, job.files)
+            if why is None:
+                why = await asyncio.to_thread(grown, job.source, job.files)
             if why is not None:
                 await asyncio.to_thread(self._source_changed, job, why)
                 return
@@ -380,8 +389,10 @@ class Worker:
             reason = last_error or "the converter could not read this slide"
             self._failed(job, reason, transient=self._settling(job))
             return None
-        # The store (TEMPFAIL), a crash or a kill (negative status): try again later.
-        self._failed(job, last_error or f"conversion ended with status {code}", transient=True)
+        # The store (TEMPFAIL), a crash or a kill (negative status): try again later. A store
+        # that failed every attempt is no fault of the slide: it is not quarantined.
+        reason = last_error or f"conversion ended with status {code}"
+        self._failed(job, reason, transient=True, blame_slide=code != ExitCode.TEMPFAIL)
         return None
 
     def _settling(self, job: Job) -> bool:
@@ -394,14 +405,23 @@ class Worker:
                 newest = max(newest, os.stat(path).st_mtime)
         return time.time() - newest < self.settings.settle_seconds
 
-    def _failed(self, job: Job, reason: str, transient: bool) -> None:
-        """Record a failed attempt; once the job has failed for good, quarantine its source.
-        The log says which (the reason is the job's error, never logged: it may quote a file
-        name)."""
+    def _failed(self, job: Job, reason: str, transient: bool, *, blame_slide: bool = True) -> None:
+        """Record a failed attempt; once the job has failed for good, quarantine its source,
+        unless the last attempt failed for something else than the slide (`blame_slide`
+        False: the store could not be written, every attempt): a good slide was moved to
+        quarantine by an outage of a minute. The log says which (the reason is the job's
+        error, never logged: it may quote a file name)."""
         if not self.queue.fail(job.id, self.name, reason, transient):
             return
         if self.queue.get(job.id).state.value != "failed":
             log.info("job %s: attempt %d failed; tried again later", job.id, job.attempts)
+            return
+        if not blame_slide:
+            log.warning(
+                "job %s: failed for good: the store failed on every attempt; its source stays "
+                "where it is (retry the job once the store is back)",
+                job.id,
+            )
             return
         kept = " (its source stays in its bucket)" if is_remote(job.source) else ""
         log.info("job %s: failed for good%s", job.id, kept)
@@ -427,11 +447,19 @@ class Worker:
     def _source_changed(self, job: Job, why: str) -> None:
         """The job's files are no longer those submitted: never converted under its id. Done
         when the slide is already published (an earlier attempt got that far and moved the
-        source), else failed for good; the files are left where they are (they are another
-        slide now, which the watcher submits as a job of its own)."""
+        source). A slide that left its names (renamed or moved in its folder, none replaced)
+        is tried again after the backoff: the watcher, reporting it under its new name
+        meanwhile, moves this queued job there (`JobQueue.submit`); failed for good, a
+        watcher's report of the new name was answered with this failed job, and the slide was
+        never converted. Else failed for good; the files are left where they are (they are
+        another slide now, which the watcher submits as a job of its own)."""
         message = f"the source changed since the job was submitted: {why}"
         if job.slide_id is not None and self._unpublished(job.slide_id) is None:
             self.queue.complete(job.id, self.name, job.slide_id, message)
+            return
+        if job.files and moved_away(job.files):
+            note = f"{message}; tried again where the watcher finds it"
+            self.queue.fail(job.id, self.name, note, transient=True)
             return
         self.queue.fail(job.id, self.name, f"{message}; not converted", transient=False)
 
