@@ -474,7 +474,10 @@ class Worker:
             current = await asyncio.to_thread(self.queue.get, job.id)
             if not (current.state is JobState.CANCELLED and current.attempts == job.attempts):
                 return False  # taken over by another worker: the source is not ours to touch
-            late = "cancelled too late: the conversion had already published the slide"
+            late = (
+                "cancelled too late: the cancel reached the worker once its conversion had "
+                "published the slide (a worker hears of a cancel at its next heartbeat)"
+            )
         task = asyncio.ensure_future(asyncio.to_thread(self._after_success, job))
         beat = min(2.0, max(0.2, self.settings.lease_seconds / 3))
         while not task.done():
