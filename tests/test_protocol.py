@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,7 @@ import pytest
 import wsi
 from server.cli import _add_serve
 from wsi.cli import build_parser
+from wsi.errors import InvalidArgument
 from wsi.ingest.protocol import (
     ExitCode,
     ProgressLine,
@@ -19,6 +21,8 @@ from wsi.ingest.protocol import (
     convert_command,
     is_permanent_failure,
     parse_results,
+    source_environment,
+    sources_of,
     staging_limits,
 )
 from wsi.ingest.staging import StagingLimits
@@ -107,7 +111,6 @@ def test_exit_codes_say_what_is_final() -> None:
 
 def test_convert_command_is_what_wsi_convert_accepts(tmp_path: Path) -> None:
     cmd = convert_command(
-        "s3://bucket/case.svs",
         store=str(tmp_path / "store"),
         progress_fd=7,
         slide_id=SID,
@@ -122,14 +125,18 @@ def test_convert_command_is_what_wsi_convert_accepts(tmp_path: Path) -> None:
     # -P: the working folder is not on the conversion's sys.path (tests/test_ingest_phi.py).
     assert cmd[:5] == ["/usr/bin/python3", "-P", "-m", "wsi.cli", "convert"]
     args = build_parser([_add_serve]).parse_args(cmd[4:])
-    assert args.command == "convert" and args.sources == ["s3://bucket/case.svs"]
+    assert args.command == "convert" and args.sources == [] and args.source_in_env
+    # The source is in the environment, not in argv: the process list shows every user argv.
+    environ = source_environment("s3://bucket/DOE JANE.svs")
+    assert sources_of(args, environ) == ["s3://bucket/DOE JANE.svs"]
+    assert not any("DOE" in part for part in cmd)
     assert (args.out, args.slide_id, args.progress_fd) == (str(tmp_path / "store"), SID, 7)
     assert args.exit_with_stdin and args.progress is False
     assert (args.s3_endpoint, args.spool) == ("http://127.0.0.1:8333", str(tmp_path / "spool"))
     assert args.format == "zarr"
     assert staging_limits(args) == StagingLimits(7, 100, 1000)
     assert (args.deidentify, args.keep_label, args.keep_macro) == (True, True, False)
-    bare = build_parser().parse_args(convert_command("a.svs", store="s", progress_fd=3)[4:])
+    bare = build_parser().parse_args(convert_command(store="s", progress_fd=3)[4:])
     assert (bare.slide_id, bare.s3_endpoint, bare.spool) == (None, None, None)
     assert staging_limits(bare) == StagingLimits() and not bare.deidentify
 
@@ -139,7 +146,8 @@ def _supervised(source: Path, store: Path, slide_id: str | None = None) -> tuple
     pipe held open while it converts; returns (exit status, stdout, parsed progress lines)."""
     read_fd, write_fd = os.pipe()
     proc = subprocess.Popen(
-        convert_command(str(source), store=str(store), progress_fd=write_fd, slide_id=slide_id),
+        convert_command(store=str(store), progress_fd=write_fd, slide_id=slide_id),
+        env={**os.environ, **source_environment(str(source))},
         pass_fds=(write_fd,),
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
@@ -178,3 +186,29 @@ def test_a_real_conversion_speaks_the_protocol(tmp_path: Path) -> None:
 def test_an_unreadable_slide_fails_for_good(tmp_path: Path) -> None:
     code, out, _ = _supervised(sample("openslide-python-fixtures/unopenable.tiff"), tmp_path)
     assert is_permanent_failure(code) and parse_results(out) == []
+
+
+def test_a_source_comes_from_argv_or_the_environment_never_both(tmp_path: Path) -> None:
+    """A supervised conversion's source is in its environment (`--source-in-env`); a command
+    line gives its own. Both, or neither, is one error line."""
+    parser = build_parser()
+    env = source_environment("x.svs")
+    assert sources_of(parser.parse_args(["convert", "a.svs", "--out", "s"]), {}) == ["a.svs"]
+    for argv, environ in (
+        (["convert", "--source-in-env", "a.svs", "--out", "s"], env),
+        (["convert", "--source-in-env", "--out", "s"], {}),
+        (["convert", "--out", "s"], env),
+    ):
+        with pytest.raises(InvalidArgument):
+            sources_of(parser.parse_args(argv), environ)
+    run = subprocess.run(
+        [sys.executable, "-m", "wsi.cli", "convert", "--source-in-env", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        check=False,
+        env={k: v for k, v in os.environ.items() if k != "WSI_CONVERT_SOURCE"},
+    )
+    assert run.returncode == 1
+    assert run.stderr == (
+        "wsi: error: --source-in-env: the one source is $WSI_CONVERT_SOURCE, alone\n"
+    )

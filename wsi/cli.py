@@ -29,6 +29,7 @@ from wsi.ingest.protocol import (
     ResultLine,
     add_staging_arguments,
     add_supervision_arguments,
+    sources_of,
     staging_limits,
 )
 from wsi.ingest.settings import IngestSettings, add_ingest_arguments, ignored_by_watch
@@ -146,6 +147,7 @@ def _convert(args: argparse.Namespace) -> int:
         keep_label=args.keep_label,
         keep_macro=args.keep_macro,
     )
+    args.sources = sources_of(args, os.environ)
     if args.slide_id and len(args.sources) > 1:
         raise WsiError("--slide-id names one slide; give one source with it")
     finished = threading.Event()
@@ -360,7 +362,7 @@ def _add_convert(sub: Any) -> None:
 def _add_convert_locations(conv: argparse.ArgumentParser) -> None:
     """Where the slides come from and the store they go to."""
     conv.add_argument(
-        "sources", nargs="+", metavar="SRC", help="slide files or folders, or s3:// URLs"
+        "sources", nargs="*", metavar="SRC", help="slide files or folders, or s3:// URLs"
     )
     conv.add_argument("--out", required=True, metavar="DIR_OR_URL")
 

@@ -1,13 +1,17 @@
 """The contract between an ingest worker and the `wsi convert` process it supervises.
 
-The worker starts `python -P -m wsi.cli convert SOURCE --out STORE ...` (`convert_command`) in a
-session of its own, and talks to it through four channels, each defined here once:
+The worker starts `python -P -m wsi.cli convert --source-in-env --out STORE ...`
+(`convert_command`, the source in the environment) in a session of its own, and talks to it
+through five channels, each defined here once:
 
-* **argv**: the source, the store, the job's slide id, the spool folder and its bounds
-  (`add_staging_arguments`), the de-identification policy, and the two supervision flags
+* **argv**: the store, the job's slide id, the spool folder and its bounds
+  (`add_staging_arguments`), the de-identification policy, and the supervision flags
   `add_supervision_arguments` adds to `wsi convert`. `-P` keeps the folder the service was
   started from off the conversion's `sys.path`: a file there named like a module the converter
   imports (`numpy.py`) is never run.
+* **the environment**: the source, in `SOURCE_ENV` (`--source-in-env`): a process's argv is in
+  the process list every local user reads (`ps`), and scanners name files after patients; its
+  environment only its own user can read.
 * **stdin**: with `--exit-with-stdin` the conversion ends (with `ExitCode.TEMPFAIL`) when its
   standard input reaches end-of-file while it still works. The worker holds the only write end,
   so the conversion dies with the worker, even a SIGKILLed one, without sharing its process
@@ -32,7 +36,7 @@ import argparse
 import json
 import math
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from enum import IntEnum
 
@@ -42,6 +46,9 @@ from wsi.store.objects import check_slide_id
 
 PROGRESS_FD_FLAG = "--progress-fd"
 EXIT_WITH_STDIN_FLAG = "--exit-with-stdin"
+SOURCE_IN_ENV_FLAG = "--source-in-env"
+SOURCE_ENV = "WSI_CONVERT_SOURCE"
+"""The variable a supervised conversion reads its source from (`source_environment`)."""
 DEIDENTIFY_FLAG = "--deidentify"
 KEEP_LABEL_FLAG = "--keep-label"
 KEEP_MACRO_FLAG = "--keep-macro"
@@ -97,6 +104,29 @@ def add_supervision_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="stop when standard input closes (a supervisor holding the pipe has died)",
     )
+    parser.add_argument(
+        SOURCE_IN_ENV_FLAG,
+        action="store_true",
+        help=f"the one source is ${SOURCE_ENV}, not an argument (kept out of the process list)",
+    )
+
+
+def sources_of(args: argparse.Namespace, environ: Mapping[str, str]) -> list[str]:
+    """The sources a `wsi convert` was given: its arguments, or with `--source-in-env` the
+    value of `SOURCE_ENV` (InvalidArgument when it is missing, or arguments are given too)."""
+    if not args.source_in_env:
+        if not args.sources:
+            raise InvalidArgument("give at least one slide to convert")
+        return list(args.sources)
+    source = environ.get(SOURCE_ENV, "")
+    if args.sources or not source:
+        raise InvalidArgument(f"{SOURCE_IN_ENV_FLAG}: the one source is ${SOURCE_ENV}, alone")
+    return [source]
+
+
+def source_environment(source: str) -> dict[str, str]:
+    """What a supervised conversion's environment adds for `source` (see `convert_command`)."""
+    return {SOURCE_ENV: source}
 
 
 def add_staging_arguments(parser: argparse.ArgumentParser) -> None:
@@ -125,7 +155,6 @@ def staging_limits(args: argparse.Namespace) -> StagingLimits:
 
 
 def convert_command(
-    source: str,
     *,
     store: str,
     progress_fd: int,
@@ -139,16 +168,17 @@ def convert_command(
     extra: Sequence[str] = (),
     python: str = sys.executable,
 ) -> list[str]:
-    """The argv of a supervised conversion of `source` (a path or `s3://` URL) into `store`:
-    progress on `progress_fd` (which the child must inherit), no progress bar, ending with its
-    stdin, de-identified when asked; `extra` flags (quality, format, ...) come last."""
+    """The argv of a supervised conversion into `store`: progress on `progress_fd` (which the
+    child must inherit), no progress bar, ending with its stdin, de-identified when asked;
+    `extra` flags (quality, format, ...) come last. The source (a path or `s3://` URL) is not in
+    it: the child's environment adds `source_environment(source)`."""
     cmd = [
         python,
         "-P",  # no unsafe sys.path entry: the service's working folder is not searched
         "-m",
         "wsi.cli",
         "convert",
-        source,
+        SOURCE_IN_ENV_FLAG,
         "--out",
         store,
         "--no-progress",
@@ -281,6 +311,8 @@ __all__ = [
     "KEEP_LABEL_FLAG",
     "KEEP_MACRO_FLAG",
     "PROGRESS_FD_FLAG",
+    "SOURCE_ENV",
+    "SOURCE_IN_ENV_FLAG",
     "ExitCode",
     "ProgressLine",
     "ResultLine",
@@ -289,5 +321,7 @@ __all__ = [
     "convert_command",
     "is_permanent_failure",
     "parse_results",
+    "source_environment",
+    "sources_of",
     "staging_limits",
 ]

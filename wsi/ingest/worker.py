@@ -41,6 +41,7 @@ from wsi.ingest.protocol import (
     convert_command,
     is_permanent_failure,
     parse_results,
+    source_environment,
 )
 from wsi.ingest.quarantine import without_folders_of
 from wsi.ingest.queue import Job, JobQueue, JobState, worker_name
@@ -157,12 +158,12 @@ class Worker:
         if self.wake is not None:
             self.wake.clear()
 
-    def _command(self, job: Job, source: str, progress_fd: int) -> list[str]:
+    def _command(self, job: Job, progress_fd: int) -> list[str]:
         """The conversion's argv: into this worker's store, under the job's slide id, with the
-        spool's bounds and the de-identification policy of `self.settings`."""
+        spool's bounds and the de-identification policy of `self.settings` (the source goes in
+        its environment: `source_environment`)."""
         settings = self.settings
         return convert_command(
-            source,
             store=self.store.url,
             progress_fd=progress_fd,
             slide_id=job.slide_id,
@@ -262,7 +263,8 @@ class Worker:
         read_fd, write_fd = os.pipe()
         try:
             proc = await asyncio.create_subprocess_exec(
-                *self._command(job, source, write_fd),
+                *self._command(job, write_fd),
+                env={**os.environ, **source_environment(source)},
                 stdin=asyncio.subprocess.PIPE,
                 stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.PIPE,
