@@ -5,17 +5,20 @@
 
 Like every route they need a Bearer token when auth is on. No answer shows where the service
 keeps slides: quarantined slides are named by an opaque reference and, except under
-de-identification, the name the slide had in its watch folder; paths in reasons lose their
-directories. De-identifying, no file name is shown at all (file names are often patients').
+de-identification, the name the slide had in its watch folder (bytes that are not UTF-8 as
+U+FFFD; the reference still leads to the exact file); paths in reasons lose their directories.
+De-identifying, no file name is shown at all (file names are often patients').
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from aiohttp import web
 
@@ -30,6 +33,7 @@ from wsi.ingest.privacy import redact, source_names
 from wsi.ingest.quarantine import (
     QuarantineConflict,
     QuarantinedSlide,
+    QuarantineUnavailable,
     find_entry,
     list_quarantine,
     release,
@@ -40,6 +44,8 @@ from wsi.ingest.scan import FolderUnavailable, SlideCandidate, find_candidates, 
 from wsi.ingest.source_files import SourceChanged, submit_slide
 from wsi.metadata import file_stem
 from wsi.model import readable
+
+T = TypeVar("T")
 
 LISTED_JOBS = 1000
 """Jobs looked at to tell which watch-folder slides already have one (the newest)."""
@@ -53,13 +59,15 @@ def _quarantine_dir(request: web.Request) -> str:
 def quarantined_view(entry: QuarantinedSlide, deidentify: bool) -> dict[str, Any]:
     """A quarantine entry as the API shows it: its reference, its reason, when, how big; and
     its name in the watch folder unless de-identifying (the reason then names it by reference
-    only: the worker wrote it so, and any name left in it is replaced here too)."""
+    only: the worker wrote it so, and any name left in it is replaced here too). The name as
+    `readable` makes it: one that is not UTF-8 cannot be sent as JSON text as it is; `ref`,
+    not the name, is what leads back to its files."""
     reason = redact(
         entry.reason, source_names(entry.name, [str(f) for f in entry.files]), "the slide"
     )
     return {
         "ref": entry.ref,
-        "name": None if deidentify else entry.name,
+        "name": None if deidentify else readable(entry.name),
         "reason": reason if deidentify else entry.reason,
         "quarantined": _iso(entry.quarantined),
         "files": len(entry.files),
@@ -71,9 +79,18 @@ def _iso(t: float) -> str:
     return datetime.fromtimestamp(t, tz=UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
+async def _in_quarantine(request: web.Request, read: Callable[[str], T]) -> T:
+    """`read(the quarantine folder)` on a thread; 503 when the folder is there but cannot be
+    listed (an empty list would tell that no slide waits there, and hide every one that does)."""
+    try:
+        return await asyncio.to_thread(read, _quarantine_dir(request))
+    except QuarantineUnavailable as exc:
+        raise web.HTTPServiceUnavailable(reason=str(exc)) from exc
+
+
 async def list_quarantined(request: web.Request) -> web.Response:
     deidentify = request.app[SETTINGS].ingest.deidentify
-    entries = await asyncio.to_thread(list_quarantine, _quarantine_dir(request))
+    entries = await _in_quarantine(request, list_quarantine)
     return web.json_response(
         {"quarantined": [quarantined_view(e, deidentify) for e in entries]}, dumps=dumps
     )
@@ -102,7 +119,7 @@ async def retry_quarantined(request: web.Request) -> web.Response:
     ref = request.match_info["ref"]
     if not (len(ref) == 16 and all(c in "0123456789abcdef" for c in ref)):
         raise web.HTTPNotFound(reason=f"no quarantined slide {ref[:40]}")
-    entry = await asyncio.to_thread(find_entry, _quarantine_dir(request), ref)
+    entry = await _in_quarantine(request, functools.partial(find_entry, ref=ref))
     queue = request.app.get(JOBS)
     try:
         candidate, job = await asyncio.to_thread(_put_back, entry, settings.watch[0], queue)
@@ -234,9 +251,13 @@ OPENAPI = {
             "summary": 'Slides that failed for good, newest first: `{"quarantined": [{ref, '
             "name, reason, quarantined, files, bytes}]}`",
             "description": "`ref` is opaque (it names no file); `name` is the slide's name in "
-            "its watch folder, null under de-identification; `reason` is REASON.txt without "
-            "directories. No path is ever shown.",
-            "responses": {"200": {"description": "quarantine entries"}},
+            "its watch folder (bytes that are not UTF-8 as U+FFFD), null under "
+            "de-identification; `reason` is REASON.txt without directories. No path is ever "
+            "shown.",
+            "responses": {
+                "200": {"description": "quarantine entries"},
+                "503": {**ERROR, "description": "the quarantine folder cannot be listed"},
+            },
         }
     },
     "/quarantine/{ref}/retry": {
@@ -248,6 +269,7 @@ OPENAPI = {
                 "202": {"description": "moved back"},
                 "404": ERROR,
                 "409": ERROR,
+                "503": ERROR,
             },
         }
     },

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import stat
 
 from aiohttp import web
 
 from server.front import routes
 from server.integrity import integrity_readiness
-from server.keys import CATALOG, INTEGRITY, JOBS, ROLE
+from server.keys import CATALOG, INTEGRITY, JOBS, ROLE, SETTINGS
 from server.openapi import openapi_document
 from server.replica import ingest_down, metrics_text, shared_status
 from wsi.errors import WsiError
@@ -30,13 +32,45 @@ async def _job_table(request: web.Request) -> str:
     return "ok"
 
 
+_WATCH_FOLDER_OK = "ok"
+
+
+def _watch_folder_state(folder: str) -> str:
+    """Blocking: whether the watcher can list `folder`: "ok", "missing", "not a folder" or
+    "unreadable". Lists one entry at most: `/readyz` is asked every few seconds, and a
+    scanner's inbox may hold thousands."""
+    try:
+        mode = os.stat(folder).st_mode
+    except (FileNotFoundError, NotADirectoryError):  # renamed away, unmounted, a parent gone
+        return "missing"
+    except OSError:
+        return "unreadable"
+    if not stat.S_ISDIR(mode):
+        return "not a folder"
+    try:
+        with os.scandir(folder) as entries:
+            next(entries, None)
+    except OSError:
+        return "unreadable"
+    return _WATCH_FOLDER_OK
+
+
+def _watch_folders(folders: tuple[str, ...]) -> list[tuple[int, str]]:
+    """Blocking: (position, `_watch_folder_state`) of each watch folder. By position, counted
+    from 1 as `GET /watch` counts them: `/readyz` needs no credentials, so it names no folder."""
+    return [(i + 1, _watch_folder_state(folder)) for i, folder in enumerate(folders)]
+
+
 async def readyz(request: web.Request) -> web.Response:
-    """Ready: the store answers and no ingest loop is down (dead, waiting for its restart). The
-    body tells each part apart: `store`, `job_table` (a job table that cannot be read stops
-    ingest, not serving: it is reported, not a reason to be unready) and the ingest loops
-    `down`. Damage found by the integrity check is reported (`integrity.status` "damaged"),
-    never a reason to be unready: one bad slide must not take the service out of its load
-    balancer, where every other slide is still served.
+    """Ready: the store answers, no ingest loop is down (dead, waiting for its restart) and
+    every watch folder can be listed. The body tells each part apart: `store`, `job_table` (a
+    job table that cannot be read stops ingest, not serving: it is reported, not a reason to be
+    unready), the ingest loops `down` and `watch_folders` (each one's `index` and `status`). A
+    watch folder renamed away, unmounted or replaced by a file makes the service unready, as a
+    dead loop does: the watcher keeps polling it, so no slide a scanner drops is converted,
+    and only a log line would say so. Damage found by the integrity check is reported
+    (`integrity.status` "damaged"), never a reason to be unready: one bad slide must not take
+    the service out of its load balancer, where every other slide is still served.
 
     With several serving processes any of them answers for the whole service: the ingest loops
     and the integrity check as the process that runs them last reported (that whole process is
@@ -44,10 +78,12 @@ async def readyz(request: web.Request) -> web.Response:
     reachable = await request.app[CATALOG].reachable()
     app = request.app
     down = sorted(await asyncio.to_thread(ingest_down, app))
+    watch = await asyncio.to_thread(_watch_folders, app[SETTINGS].watch)
     detail: dict[str, object] = {
         "store": "reachable" if reachable else "unreachable",
         "job_table": await _job_table(request),
         "down": down,
+        "watch_folders": [{"index": i, "status": state} for i, state in watch],
         "integrity": await asyncio.to_thread(integrity_readiness, app.get(INTEGRITY)),
     }
     if app[ROLE].shared is not None:
@@ -59,6 +95,10 @@ async def readyz(request: web.Request) -> web.Response:
         )
     if down:
         body = {"error": f"ingest tasks down: {', '.join(down)}", "status": 503, **detail}
+        return web.json_response(body, status=503)
+    unavailable = [f"{i} ({state})" for i, state in watch if state != _WATCH_FOLDER_OK]
+    if unavailable:
+        body = {"error": f"watch folders down: {', '.join(unavailable)}", "status": 503, **detail}
         return web.json_response(body, status=503)
     return web.json_response({"status": "ready", **detail})
 
@@ -83,11 +123,12 @@ OPENAPI = {
     "/healthz": {"get": {"summary": "Liveness", "responses": {"200": {"description": "alive"}}}},
     "/readyz": {
         "get": {
-            "summary": "Readiness: the store answers and no ingest loop is down; the body "
-            "says how the store, the job table and the ingest loops are",
+            "summary": "Readiness: the store answers, no ingest loop is down and every watch "
+            "folder can be listed; the body says how the store, the job table, the ingest loops "
+            "and the watch folders (`watch_folders`: `index`, `status`) are",
             "responses": {
                 "200": {"description": "ready"},
-                "503": {"description": "store unreachable"},
+                "503": {"description": "store unreachable, ingest loops or watch folders down"},
             },
         }
     },

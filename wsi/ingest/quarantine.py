@@ -6,8 +6,10 @@ their paths relative to the folder that held it, with `REASON.txt` beside them
 (`wsi.ingest.source_files.move_files`). Each such folder is an entry here, named by an opaque
 reference (`QuarantinedSlide.ref`: a digest of the folder's device, inode and name, so it says
 nothing of the slide's name, which is often its patient's, and cannot be confirmed by guessing
-one). `release` puts an entry's files back into a watch folder, all or nothing, where the watcher
-(or the caller, at once) makes it a job again.
+one). The reference is made from the folder's name as bytes: a name that is not UTF-8 (shown
+with U+FFFD, `wsi.model.readable`) still has one, and it leads back to the exact file. `release`
+puts an entry's files back into a watch folder, all or nothing, where the watcher (or the
+caller, at once) makes it a job again.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import hashlib
 import os
 import re
 import shutil
+import stat
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,11 +34,19 @@ from wsi.store.objects import fsync_dir, make_dirs
 MAX_REASON_BYTES = 4096
 """Of `REASON.txt`, read at most this much (a reason is a message, never file content)."""
 _ABSOLUTE_PATH = re.compile(r"(?<![\w.])/(?:[^\s/'\":]+/)+")
+_ESCAPED_BYTE = re.compile(r"\\u(dc[89a-f][0-9a-f])")
+"""An undecodable byte of a file name as a Python process writes it to stderr (`\\udcfc`: the
+lone surrogate of PEP 383, backslash-escaped), as the converter's error lines quote names."""
 
 
 class QuarantineConflict(WsiError, FileExistsError):
     """An entry cannot go back: a file of the same name is already in the watch folder, or it
     holds no file at all."""
+
+
+class QuarantineUnavailable(WsiError, OSError):
+    """The quarantine folder is there but cannot be listed (a file in its place, a dangling
+    link, no permission): telling "nothing in quarantine" would hide every slide it holds."""
 
 
 @dataclass(frozen=True)
@@ -57,7 +68,8 @@ class QuarantinedSlide:
     @property
     def name(self) -> str:
         """The slide's name as it was in the watch folder (the entry point's name): patient
-        data under de-identification."""
+        data under de-identification. Exact (a name that is not UTF-8 keeps its undecodable
+        bytes as lone surrogates): what is shown goes through `wsi.model.readable`."""
         tops = sorted({f.parts[0] for f in self.files})
         files = [t for t in tops if (self.folder / t).is_file()]
         return (files or tops or [self.folder.name])[0]
@@ -65,9 +77,11 @@ class QuarantinedSlide:
 
 def entry_ref(folder: Path) -> str:
     """The opaque reference of a quarantine entry: 16 hex digits of a digest of its device,
-    inode and name (OSError when it is gone)."""
+    inode and name (OSError when it is gone). The name as the file system has it (bytes): one
+    that is not UTF-8 cannot be encoded as text, and its displayable form (`readable`) is lossy,
+    so two names could share it."""
     st = folder.stat()
-    digest = hashlib.sha256(f"{st.st_dev}:{st.st_ino}:{folder.name}".encode())
+    digest = hashlib.sha256(f"{st.st_dev}:{st.st_ino}:".encode() + os.fsencode(folder.name))
     return digest.hexdigest()[:16]
 
 
@@ -81,13 +95,18 @@ def without_folders_of(text: str, *paths: str) -> str:
     """`text` with the folder holding each of `paths` removed wherever it appears (`/in/Doe Jane
     1970/a.svs` -> `a.svs`): what the converter's error line says of the slide it was given.
     `without_directories` cannot tell where a folder named with spaces or colons begins, and
-    scanners name folders after patients."""
+    scanners name folders after patients.
+
+    Also displayable (`readable`): the converter writes each undecodable byte of a name that
+    is not UTF-8 escaped (`Gr\\udcfcn.svs`), which would reach the job's error and `REASON.txt`
+    as it is; each becomes U+FFFD (`Gr\ufffdn.svs`), as the README promises for every name."""
+    text = _ESCAPED_BYTE.sub(lambda m: chr(int(m.group(1), 16)), text)
     for path in paths:
         folder = os.path.dirname(path.rstrip("/")) if "://" not in path else ""
         # Also as a stored message quotes a folder whose name is not UTF-8 (`readable`).
         for spelling in {folder, readable(folder)} if folder else ():
             text = text.replace(spelling + "/", "")
-    return text
+    return readable(text)
 
 
 def _files(folder: Path) -> Iterator[Path]:
@@ -108,14 +127,31 @@ def _read_reason(folder: Path) -> tuple[str, float]:
         return "", folder.stat().st_mtime
 
 
+def _listed(root: Path) -> list[Path]:
+    """What the quarantine folder holds; none when it does not exist yet. QuarantineUnavailable
+    when it is there but is no folder or cannot be listed: an empty answer would say that no
+    slide waits there, and hide every one that does."""
+    try:
+        entries = list(root.iterdir()) if stat.S_ISDIR(root.stat().st_mode) else None
+    except FileNotFoundError:
+        if not os.path.lexists(root):
+            return []
+        entries = None  # a link to nothing: something is there, and it is no folder
+    except OSError as exc:
+        why = os.strerror(exc.errno) if exc.errno else type(exc).__name__
+        raise QuarantineUnavailable(f"the quarantine folder is not readable: {why}") from exc
+    if entries is None:
+        raise QuarantineUnavailable("the quarantine folder is not readable: it is not a folder")
+    return entries
+
+
 def list_quarantine(quarantine_dir: str | os.PathLike[str]) -> list[QuarantinedSlide]:
     """Every entry of the quarantine folder, most recently quarantined first; none when the
-    folder does not exist yet. An entry that vanishes while it is read is left out."""
+    folder does not exist yet (QuarantineUnavailable when it cannot be listed: `_listed`). An
+    entry that vanishes while it is read is left out."""
     root = Path(quarantine_dir)
-    if not root.is_dir():
-        return []
     found = []
-    for folder in root.iterdir():
+    for folder in _listed(root):
         if is_hidden(folder.name) or not folder.is_dir() or folder.is_symlink():
             continue
         with contextlib.suppress(OSError):
@@ -204,10 +240,12 @@ def release(entry: QuarantinedSlide, watch_dir: str | os.PathLike[str]) -> Path:
 
 __all__ = [
     "QuarantineConflict",
+    "QuarantineUnavailable",
     "QuarantinedSlide",
     "entry_ref",
     "find_entry",
     "list_quarantine",
     "release",
     "without_directories",
+    "without_folders_of",
 ]
