@@ -5,8 +5,9 @@ A run holds the slide's lock (one conversion of a slide at a time on a machine),
 manifest (same settings: nothing to do), and writes every object. A first conversion writes in
 place; a new version of a published slide is built in `<id>/staging-<run>/` while the old one
 stays readable, then swapped in (unpublish, move, publish): a failed re-conversion loses nothing.
-Output is deterministic, so a run killed at any point and started again ends with the same bytes
-as an uninterrupted one.
+A run that fails (an error, Ctrl-C, SIGTERM) deletes what it wrote before it ends; what a killed
+one left, the next conversion of the slide deletes. Output is deterministic, so a run killed at
+any point and started again ends with the same bytes as an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -201,6 +202,8 @@ def convert_slide(
                 else None
             )
             writer = _writer_type(cluster)(store, keys, dicom, "zarr" in settings.formats)
+            # Up to the commit, any failure (the source deleted under us fails only here, at
+            # `source_bytes`) removes what this run wrote: no later run may come to remove it.
             with _removed_on_failure(writer, store, keys):
                 with _associated_read_ahead(source, settings) as associated:
                     plans = _build_pyramid(
@@ -208,23 +211,23 @@ def convert_slide(
                     )
                 _write_associated(associated.result(), writer, settings)
                 objects = writer.finish(SlideInfo(sid, properties, source.name))
-            name, case = slide_naming(sid, path, metadata)
-            manifest = Manifest.build(
-                sid,
-                base,
-                fingerprint,
-                objects,
-                writer.dicom_instances,
-                keys,
-                name,
-                case,
-                source_bytes=source_bytes(path, source.name),
-                levels=level_origins(source, plans),
-            )
-            if replacing:
-                _swap_in(store, keys, manifest, published)
-            else:
-                store.publish(sid, manifest)
+                name, case = slide_naming(sid, path, metadata)
+                manifest = Manifest.build(
+                    sid,
+                    base,
+                    fingerprint,
+                    objects,
+                    writer.dicom_instances,
+                    keys,
+                    name,
+                    case,
+                    source_bytes=source_bytes(path, source.name),
+                    levels=level_origins(source, plans),
+                )
+                if replacing:
+                    _swap_in(store, keys, manifest, published)
+                else:
+                    store.publish(sid, manifest)
             stored = manifest.stored_bytes
     url = published_location(store, manifest)
     return ConvertResult(
@@ -242,16 +245,37 @@ def published_location(store: Store, manifest: Manifest) -> str:
 
 @contextlib.contextmanager
 def _removed_on_failure(writer: OmeZarrWriter, store: Store, keys: SlideKeys) -> Iterator[None]:
-    """On any failure of the block (an interrupt too), abort `writer`'s open objects and delete
-    what this run wrote: its staging folder, or (a first conversion: nothing published, the
-    slide's lock held) the slide's folder; then the failure goes on as it was."""
+    """On any failure of the block, which builds and publishes the version `keys` (an
+    exception, Ctrl-C, SIGTERM: not a kill), abort `writer`'s open objects and remove what the
+    run wrote (`_remove_unpublished`), then let the failure go on as it was. A clean-up that
+    fails too (the store is down) is dropped: the caller sees why the conversion failed, and
+    the next conversion of the slide removes the rest (`_remove_leftovers`), as after a kill.
+    The run must clean up itself: a slide whose source is gone (deleted mid-way, the usual
+    cause) is never converted again, and objects without a manifest are listed nowhere."""
     try:
         yield
     except BaseException:
-        writer.abort()
         with contextlib.suppress(Exception):
-            store.delete_prefix(keys.root)
+            writer.abort()
+        with contextlib.suppress(Exception):
+            _remove_unpublished(store, keys)
         raise
+
+
+def _remove_unpublished(store: Store, keys: SlideKeys) -> None:
+    """Delete the version `keys` a failed run was writing, and its unfinished uploads, unless it
+    may be needed: a first conversion (written in place) is deleted, the slide's whole folder,
+    while the slide is not published (the failure came before the manifest was in place); a
+    staged one (`<id>/staging-<run>/`) while the slide is published (the old version, the swap
+    not begun; or the new one, in place already). A slide unpublished with a staged version is a
+    swap cut short, which the next run finishes (`finish_swap`). Call holding the slide's lock:
+    nothing else writes the slide, so everything under `keys.root` is this run's or a killed
+    run's. The published version is never touched: a staging folder holds none of it."""
+    staged = keys.root != keys.slide_id
+    if store.is_published(keys.slide_id) != staged:
+        return
+    store.remove_temporaries(keys.root)
+    store.delete_prefix(keys.root)
 
 
 @dataclass(frozen=True)

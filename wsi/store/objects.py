@@ -543,11 +543,36 @@ class Store:
         api.delete_object(Bucket=bucket, Key=marker)
 
     def delete_prefix(self, prefix: str) -> None:
-        """Remove every object under `prefix/` (used to clear leftovers of a failed run)."""
+        """Remove every object under `prefix/` (used to clear leftovers of a failed run), and
+        the folder `prefix` with the folders in it: `_remove_s3_folders` on S3."""
         path = self.path(prefix)
         with contextlib.suppress(FileNotFoundError):
             if self.fs.exists(path):
                 self.fs.rm(path, recursive=True)
+        if self.settings.is_s3:
+            try:
+                self._remove_s3_folders(prefix)
+            except store_failures() as exc:
+                raise StoreError(f"cannot remove the emptied folders of {prefix}: {exc}") from exc
+
+    def _remove_s3_folders(self, prefix: str) -> None:
+        """Remove the folders an S3 server on a file system keeps under `prefix/` once its
+        objects are deleted, and `prefix/` itself (SeaweedFS lists each emptied one; the id of a
+        slide whose failed first conversion was removed would still list as a folder, which
+        `verify` reports as a slide not published). Such folders show only as common prefixes
+        of a listing by folder: one listing per folder found, a single one on a store without
+        folders; then deepest first, each removed only if empty (`_remove_s3_folder`)."""
+        bucket, _, key = self.path(prefix).partition("/")
+        in_bucket = len(self.root) - len(bucket)  # the store's own prefix in the bucket
+        pages = self.s3_api().get_paginator("list_objects_v2")
+        folders, waiting = [prefix], [f"{key}/"]
+        while waiting:
+            for page in pages.paginate(Bucket=bucket, Prefix=waiting.pop(), Delimiter="/"):
+                for common in page.get("CommonPrefixes", []):
+                    waiting.append(common["Prefix"])
+                    folders.append(common["Prefix"][in_bucket:].rstrip("/"))
+        for folder in sorted(folders, key=lambda f: (-f.count("/"), f)):
+            self._remove_s3_folder(folder)
 
     def children(self, prefix: str = "") -> list[str]:
         """Names directly under `prefix` (or the root)."""
