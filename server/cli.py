@@ -80,7 +80,7 @@ def _add_serve(sub: Any) -> None:
     _add_serve_access(serve)
     _add_serve_ingest(serve)
     add_ingest_arguments(serve)
-    serve.set_defaults(func=_serve)
+    serve.set_defaults(func=_serve, unattended=True)
 
 
 def _add_serve_slides(serve: Any) -> None:

@@ -102,7 +102,7 @@ def _listening(role: ProcessRole) -> None:
 def serve_process(settings: ServerSettings, role: ProcessRole, parent: int) -> None:
     """The body of one serving process (started by `ProcessSupervisor`)."""
     _die_with(parent)
-    quiet_readers()  # as `wsi` does: readers' warnings may quote file names and header values
+    quiet_readers(stamped=True)  # as `wsi serve`: readers' warnings may quote file names
     report_ingest()
     loop = new_event_loop()
     stopping = False

@@ -471,7 +471,7 @@ def _add_roles(sub: Any) -> None:
         cmd.add_argument("--store", required=True, metavar="DIR_OR_URL")
         cmd.add_argument("--s3-endpoint", help="S3 endpoint URL (default: $AWS_ENDPOINT_URL)")
         add_ingest_arguments(cmd, watching=role == "watch")
-        cmd.set_defaults(func=_ingest_role)
+        cmd.set_defaults(func=_ingest_role, unattended=True)
 
 
 CommandAdder = Callable[[Any], None]
@@ -526,7 +526,7 @@ def build_parser(commands: Sequence[CommandAdder] = ()) -> argparse.ArgumentPars
 def main(argv: Sequence[str] | None = None, commands: Sequence[CommandAdder] = ()) -> int:
     """Run one `wsi` command; `commands` adds subcommands of layers above the library."""
     args = build_parser(commands).parse_args(argv)
-    quiet_readers()
+    quiet_readers(stamped=getattr(args, "unattended", False))
     if argv is None:  # the command line's own process: a caller's logging is its own
         report_ingest()
     cleans_up = getattr(args, "cleans_up", False)  # set by the commands that write

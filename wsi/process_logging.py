@@ -26,9 +26,17 @@ class _NoReaderChatter(logging.Filter):
 _QUIET = _NoReaderChatter()
 
 
-def quiet_readers() -> None:
+STAMPED = logging.Formatter("%(asctime)s wsistore: %(message)s")
+"""A line of an unattended process's log: when, and whose (the service's own INFO lines)."""
+STAMPED_WARNINGS = logging.Formatter("%(asctime)s wsistore: %(levelname)s: %(message)s")
+"""Its warnings and errors, said to be such."""
+
+
+def quiet_readers(stamped: bool = False) -> None:
     """A process's stderr without the reader libraries' warnings (Python's and their logging),
-    everything else as Python's last-resort handler prints it (WARNING and up, the message)."""
+    everything else as Python's last-resort handler prints it (WARNING and up, the message);
+    `stamped`, for a process that runs unattended (the service, `wsi watch`, `wsi worker`),
+    with the time and level: its warnings were the only lines of its log without a time."""
     warnings.simplefilter("ignore")
     root = logging.getLogger()
     if any(_QUIET in h.filters for h in root.handlers):
@@ -36,6 +44,8 @@ def quiet_readers() -> None:
     handler = logging.StreamHandler()
     handler.setLevel(logging.WARNING)
     handler.addFilter(_QUIET)
+    if stamped:
+        handler.setFormatter(STAMPED_WARNINGS)
     root.addHandler(handler)
 
 
@@ -55,6 +65,6 @@ def report_ingest() -> None:
         return
     handler = logging.StreamHandler()
     handler.addFilter(_BelowWarnings())
-    handler.setFormatter(logging.Formatter("%(asctime)s wsistore: %(message)s"))
+    handler.setFormatter(STAMPED)
     logger.addHandler(handler)
     logger.setLevel(logging.INFO)
