@@ -11,6 +11,12 @@ snapshots: counters and histograms are sums over the processes, `wsi_tile_cache_
 over the processes that are alive. A process that restarts takes its tallies over from its
 predecessor's last snapshot (`restore`), so the sums never go back (a process killed outright
 loses at most its last second of counts).
+
+Where ingest runs (a job table is open), the ingest gauges (`IngestFigures`: jobs by state,
+slides in quarantine, ingest loops down) are different: they describe what every process shares,
+so the process that answers reads them afresh for each scrape (`server.replica.ingest_figures`)
+and reports them as they are, never adding other processes' figures: they appear once, whatever
+the number of processes.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from __future__ import annotations
 import bisect
 import time
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
@@ -31,6 +38,8 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
+from wsi.ingest.queue import JobState
+
 if TYPE_CHECKING:
     from server.integrity import IntegrityStatus
 
@@ -40,6 +49,19 @@ BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2
 
 OUTSIDE_FRONT = "(outside the front)"
 """The route label of the answers no route made (`Metrics.outside_front`)."""
+
+
+@dataclass(frozen=True)
+class IngestFigures:
+    """What `/metrics` tells of ingest, read for one scrape (see the module's docstring)."""
+
+    jobs: Mapping[JobState, int] | None
+    """Jobs in the job table by state; None when the table could not be read."""
+    quarantined: int | None
+    """Slides in the quarantine folder; None when it could not be listed."""
+    loops_down: int
+    """Ingest loops down, as `/readyz` lists them (the ingest process, while its status is
+    stale, counts as one)."""
 
 
 class _Tally:
@@ -150,11 +172,14 @@ class Metrics:
         hits, misses, _ = doc.get("cache", (0, 0, 0))
         self._cache_base = (int(hits), int(misses))
 
-    def render(self, others: Iterable[Mapping[str, Any]] = ()) -> bytes:
+    def render(
+        self, others: Iterable[Mapping[str, Any]] = (), ingest: IngestFigures | None = None
+    ) -> bytes:
         """The text exposition: this process's live counts plus `others` (snapshots of the
-        other processes; those in `live` also count for gauges)."""
+        other processes; those in `live` also count for gauges), and the `ingest` figures as
+        they are (None: this service runs no ingest)."""
         registry = CollectorRegistry(auto_describe=False)
-        registry.register(_Merged(self, list(others)))
+        registry.register(_Merged(self, list(others), ingest))
         return generate_latest(registry)
 
 
@@ -162,9 +187,15 @@ class _Merged(Collector):
     """Every family, summed over this process and the snapshots of the others. A snapshot
     counts for gauges when it says `"live": true` (its process wrote it recently)."""
 
-    def __init__(self, metrics: Metrics, others: list[Mapping[str, Any]]) -> None:
+    def __init__(
+        self,
+        metrics: Metrics,
+        others: list[Mapping[str, Any]],
+        ingest: IngestFigures | None = None,
+    ) -> None:
         self.metrics = metrics
         self.others = others
+        self.ingest = ingest
 
     def collect(self) -> Iterable[Metric]:
         own = self.metrics.snapshot()
@@ -205,6 +236,8 @@ class _Merged(Collector):
         )
         if self.metrics.integrity is not None:
             yield from _integrity_families(self.metrics.integrity())
+        if self.ingest is not None:
+            yield from _ingest_families(self.ingest)
 
 
 def _request_families(tallies: Mapping[tuple[str, int], _Tally]) -> Iterable[Metric]:
@@ -260,4 +293,33 @@ def _integrity_families(status: IntegrityStatus) -> Iterable[Metric]:
         "wsi_integrity_read_bytes",
         "Bytes read by integrity checks since the process that runs them started",
         value=status.total_bytes_read,
+    )
+
+
+def _ingest_families(figures: IngestFigures) -> Iterable[Metric]:
+    """`wsi_jobs`, `wsi_job_table_up`, `wsi_quarantined_slides`, `wsi_ingest_loops_down`: a
+    figure that could not be read is left out (`wsi_job_table_up` 0 says which), so that an
+    alert on it does not fire on a made-up 0, and the rest is still answered."""
+    yield GaugeMetricFamily(
+        "wsi_job_table_up",
+        "1 when the job table answered this scrape, else 0 (and wsi_jobs is left out)",
+        value=int(figures.jobs is not None),
+    )
+    if figures.jobs is not None:
+        jobs = GaugeMetricFamily(
+            "wsi_jobs", "Jobs in the job table (every process's), by state", labels=["state"]
+        )
+        for state in JobState:
+            jobs.add_metric([state.value], figures.jobs.get(state, 0))
+        yield jobs
+    if figures.quarantined is not None:
+        yield GaugeMetricFamily(
+            "wsi_quarantined_slides",
+            "Slides in the quarantine folder (failed for good, waiting for someone)",
+            value=figures.quarantined,
+        )
+    yield GaugeMetricFamily(
+        "wsi_ingest_loops_down",
+        "Ingest loops down (dead, waiting for their restart), as /readyz lists them",
+        value=figures.loops_down,
     )

@@ -10,6 +10,10 @@ silent for longer is reported down, as a dead ingest loop is in a process alone.
 The processes that do not run the ingest roles open the same job table (SQLite in WAL mode, or
 PostgreSQL), to answer `/jobs`, and follow the conversions it lists (`follow_ingest`): a slide
 queued or converting is served from its source here too, as in the process whose watcher found it.
+
+The ingest gauges of `/metrics` (`ingest_figures`) are read by whichever process answers, at
+each scrape, from what they all share (the job table, the quarantine folder, the ingest
+process's status): not from the snapshots that are summed, so they count once.
 """
 
 from __future__ import annotations
@@ -17,27 +21,31 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import json
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from aiohttp import web
 
 from server.bucket_copies import StagedSources
 from server.integrity import DamagedObject, IntegrityMonitor, IntegrityStatus
 from server.keys import CATALOG, INGEST_TASKS, INTEGRITY, JOBS, JOBS_WAKE, METRICS, ROLE, SETTINGS
+from server.metrics import IngestFigures
 from server.settings import ProcessRole
 from wsi.errors import WsiError
+from wsi.ingest.quarantine import count_quarantine
 from wsi.ingest.queue import JobState, open_queue
 from wsi.ingest.spool import COPIES_FOLDER
 from wsi.ingest.staging import is_remote
 from wsi.store.objects import StoreSettings
 
 log = logging.getLogger("server.replica")
+T = TypeVar("T")
 
 STATUS_SECONDS = 1.0
 """How often each process rewrites its status file."""
@@ -46,6 +54,10 @@ STALE_SECONDS = 10.0
 STATUS_PREFIX = "process-"
 INGEST_PROCESS = "ingest process"
 """The name `/readyz` lists as down while the ingest process's status is missing or stale."""
+INGEST_READ_SECONDS = 4.0
+"""How long `/metrics` waits for the job table's counts, and for the quarantine's: one that
+does not answer by then (a database host gone silent, a hung network mount) is reported
+unreadable, and `/metrics` still answers within a scrape's timeout (Prometheus: 10 s)."""
 
 
 def status_path(shared: str | Path, index: int) -> Path:
@@ -149,9 +161,41 @@ def shared_status(app: web.Application) -> SharedStatus:
 
 
 async def metrics_text(app: web.Application) -> bytes:
-    """`/metrics`: this process's counts plus the other processes' last snapshots."""
-    others = await asyncio.to_thread(lambda: list(shared_status(app).others().values()))
-    return app[METRICS].render(others)
+    """`/metrics`: this process's counts plus the other processes' last snapshots, and the
+    ingest figures as this process reads them now."""
+    others, ingest = await asyncio.gather(
+        asyncio.to_thread(lambda: list(shared_status(app).others().values())),
+        ingest_figures(app),
+    )
+    return app[METRICS].render(others, ingest)
+
+
+async def ingest_figures(app: web.Application) -> IngestFigures | None:
+    """Jobs by state, slides in quarantine and ingest loops down, for the whole service, read
+    now from what every process shares: the job table (one grouped read), the quarantine
+    folder (`count_quarantine`) and the loops as `/readyz` has them (`ingest_down`). None where
+    no job table is open (no ingest, and no job table followed). A part that cannot be read is
+    None, never an error: `/metrics` answers the rest."""
+    queue = app.get(JOBS)
+    if queue is None:
+        return None
+    settings = app[SETTINGS]
+    folder = settings.ingest.quarantine_path(settings.store)
+    jobs, quarantined, down = await asyncio.gather(
+        _bounded(queue.counts),
+        _bounded(functools.partial(count_quarantine, folder)),
+        asyncio.to_thread(ingest_down, app),
+    )
+    return IngestFigures(jobs, quarantined, len(down))
+
+
+async def _bounded(read: Callable[[], T]) -> T | None:
+    """`read()` on a thread; None when it fails or takes more than `INGEST_READ_SECONDS` (the
+    thread is left to end by itself: the job table's own timeouts bound it)."""
+    try:
+        return await asyncio.wait_for(asyncio.to_thread(read), INGEST_READ_SECONDS)
+    except (WsiError, OSError):  # TimeoutError is an OSError
+        return None
 
 
 def ingest_down(app: web.Application) -> dict[str, str]:

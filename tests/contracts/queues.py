@@ -517,6 +517,35 @@ class JobQueueContract:
         assert queue.list(state="done") == []
         assert queue.list(limit=0) == []
 
+    def test_counts_are_the_jobs_listed_in_each_state(
+        self, queue: JobQueue, clock: FakeClock
+    ) -> None:
+        """Every state has a count, 0 when no job is in it; a job cancelled while queued and
+        one cancelled while running both count as cancelled; purged jobs are no longer counted."""
+        assert queue.counts() == dict.fromkeys(JobState, 0)
+        jobs = [queue.submit(f"/in/{i}.svs") for i in range(7)]
+        for expected in jobs[:4]:
+            claimed = queue.claim("w", 60)
+            assert claimed is not None and claimed.id == expected.id
+        assert queue.complete(jobs[0].id, "w", "s0")
+        assert queue.fail(jobs[1].id, "w", "unreadable", transient=False)
+        queue.cancel(jobs[2].id)  # while running
+        queue.cancel(jobs[4].id)  # while queued
+        counts = queue.counts()
+        assert counts == {
+            JobState.QUEUED: 2,
+            JobState.RUNNING: 1,
+            JobState.DONE: 1,
+            JobState.FAILED: 1,
+            JobState.CANCELLED: 2,
+        }
+        assert all(type(n) is int for n in counts.values())
+        assert counts == {s: len(queue.list(s, limit=1000)) for s in JobState}
+        assert queue.fail(jobs[3].id, "w", "store down", transient=True)  # queued again
+        clock.step(10)
+        assert queue.purge(clock.now) == 4
+        assert queue.counts() == {**dict.fromkeys(JobState, 0), JobState.QUEUED: 3}
+
     def test_purge_deletes_only_old_finished_jobs(self, queue: JobQueue, clock: FakeClock) -> None:
         done = queue.submit("/in/done.svs", "d0")
         failed = queue.submit("/in/failed.svs", "f0")

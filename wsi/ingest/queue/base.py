@@ -550,6 +550,11 @@ class JobQueue(abc.ABC):
         """Jobs, newest first, optionally only those in `state`."""
 
     @abc.abstractmethod
+    def counts(self) -> dict[JobState, int]:
+        """How many jobs are in each state, every state a key (0 when none): one grouped
+        read of the table, no job loaded, so `/metrics` can ask at every scrape."""
+
+    @abc.abstractmethod
     def recover(self, now: float | None = None) -> int:
         """Take back every running job whose lease expired (at `now`, default the clock).
 

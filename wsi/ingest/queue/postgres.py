@@ -441,6 +441,17 @@ class PostgresJobQueue(JobQueue):
 
         return self._run(step)
 
+    def counts(self) -> dict[JobState, int]:
+        def step(cur: psycopg.Cursor[Any]) -> dict[JobState, int]:
+            # The jobs `list` reads (`JOINED`); several procrastinate statuses make one state.
+            cur.execute(f"SELECT p.status::text, count(*) FROM {JOINED} GROUP BY p.status")  # noqa: S608
+            found = dict.fromkeys(JobState, 0)
+            for status, count in cur.fetchall():
+                found[STATE_OF[status]] += int(count)
+            return found
+
+        return self._run(step)
+
     def recover(self, now: float | None = None) -> int:
         if now is not None:
             now = _check_number("now", now, 0)

@@ -492,6 +492,13 @@ class SQLiteJobQueue(JobQueue):
         )
         return [_job(row) for row in rows]
 
+    def counts(self) -> dict[JobState, int]:
+        # Answered from the `jobs_by_state` index alone.
+        found = dict.fromkeys(JobState, 0)
+        for state, count in self._read("SELECT state, count(*) FROM jobs GROUP BY state"):
+            found[JobState(state)] = int(count)
+        return found
+
     def recover(self, now: float | None = None) -> int:
         if now is not None:
             now = _check_number("now", now, 0)
