@@ -19,7 +19,7 @@ import logging
 import traceback
 from collections.abc import Awaitable, Callable, Iterator
 from time import perf_counter
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NoReturn
 
 from aiohttp import hdrs, web
 from aiohttp.web_urldispatcher import AbstractResource
@@ -82,29 +82,52 @@ def _fronted(handler: Handler, front: _Front, served: _Served) -> Handler:
                 response = refused
             else:
                 response = await handler(request)
-        except web.HTTPException as exc:
-            if exc.status < 400:  # a redirect: aiohttp sends it as it is
-                front.policy.add_headers(request, exc, served.resource)
-                raise
-            response = json_error(exc.status, exc.reason)
-            allow = exc.headers.get("Allow")
-            if allow is not None:  # a 405 says what the path takes (RFC 9110)
-                response.headers["Allow"] = allow
-        except WsiError as exc:
-            response = json_error(status_of(exc), str(exc))
-        except (ValueError, KeyError) as exc:  # malformed input that slipped past validation
-            response = json_error(400, f"bad request: {type(exc).__name__}")
-        except ConnectionError:  # the client went away: nothing to answer
-            raise
-        except Exception as exc:  # a bug: still a JSON answer, and a log line that names no file
-            _log_internal(request, exc)
-            response = json_error(500, "internal error")
+        except Exception as exc:
+            response = _error_answer(request, exc, front, served)
         if not response.prepared:  # one that streamed added them before it started
             front.policy.add_headers(request, response, served.resource)
         front.metrics.observe(served.resource, response, start)
         return response
 
     return fronted
+
+
+def _error_answer(
+    request: web.Request, exc: Exception, front: _Front, served: _Served
+) -> web.StreamResponse:
+    """The JSON answer of a failed request, or `exc` raised on: a redirect (aiohttp sends it as
+    it is), a client gone. A handler that failed once part of its streamed answer was out (a
+    store error between two frames of a WADO-RS answer) has its connection cut instead
+    (`_cut`): aiohttp would write this answer behind the partial body, a second status line
+    where the client reads the rest of the first body, under the first's ETag."""
+    if isinstance(exc, ConnectionError):  # the client went away: nothing to answer
+        raise exc
+    if request.writer.output_size:
+        _cut(request, exc)
+    if isinstance(exc, web.HTTPException):
+        if exc.status < 400:
+            front.policy.add_headers(request, exc, served.resource)
+            raise exc
+        response = json_error(exc.status, exc.reason)
+        allow = exc.headers.get("Allow")
+        if allow is not None:  # a 405 says what the path takes (RFC 9110)
+            response.headers["Allow"] = allow
+        return response
+    if isinstance(exc, WsiError):
+        return json_error(status_of(exc), str(exc))
+    if isinstance(exc, ValueError | KeyError):  # malformed input that slipped past validation
+        return json_error(400, f"bad request: {type(exc).__name__}")
+    _log_internal(request, exc)  # a bug: still a JSON answer, and a log line naming no file
+    return json_error(500, "internal error")
+
+
+def _cut(request: web.Request, exc: Exception) -> NoReturn:
+    """End a connection whose answer is cut short: its bytes so far are all it gets, and no
+    client or cache takes them for a whole answer (logged by the error's type alone)."""
+    log.warning("an answer was cut short: %s", type(exc).__name__)
+    if request.transport is not None:
+        request.transport.abort()
+    raise ConnectionResetError("the answer was cut short") from exc
 
 
 def _log_internal(request: web.Request, exc: Exception) -> None:

@@ -5,6 +5,7 @@ and SeaweedFS."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import json
 import logging
@@ -209,6 +210,48 @@ def test_a_bug_is_a_json_500_whose_log_quotes_nothing(
     logged = "\n".join(r.getMessage() for r in caplog.records if r.name != "aiohttp.access")
     assert "RuntimeError" in logged and "/broken/{name}" in logged
     assert "ZZSMITH" not in logged
+
+
+def test_an_answer_that_fails_part_way_is_cut_not_followed_by_another(
+    store_dir: tuple[Path, str],
+) -> None:
+    """A handler failing once part of its streamed answer was out (a store error between two
+    frames of a WADO-RS answer): the front's JSON error went out behind the partial body, a
+    second status line where the client read the rest of the first body (under its ETag and
+    Content-Length). The connection is cut now; a failure before any byte went out is still
+    the JSON error."""
+    root, _ = store_dir
+    app = create_app(ServerSettings(store=str(root)))
+
+    async def streamed(request: web.Request) -> web.StreamResponse:
+        if request.match_info["when"] == "before":  # nothing sent yet
+            raise wsi.StoreError("the store went away")
+        response = web.StreamResponse(headers={"ETag": '"v1"'})
+        response.content_length = 100
+        await response.prepare(request)  # the head goes out here
+        if request.match_info["when"] == "body":
+            await response.write(b"a" * 10)
+        raise wsi.StoreError("the store went away")
+
+    routes(app).add_get("/streamed/{when}", streamed)
+
+    async def main() -> None:
+        async with TestClient(TestServer(app)) as c:
+            for when, sent in (("head", b""), ("body", b"a" * 10)):
+                reader, writer = await asyncio.open_connection("127.0.0.1", c.server.port)
+                writer.write(f"GET /streamed/{when} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode())
+                received = b""
+                with contextlib.suppress(ConnectionResetError):  # to the connection's end
+                    received = await asyncio.wait_for(reader.read(), 30)
+                writer.close()
+                head, _, body = received.partition(b"\r\n\r\n")
+                assert head.startswith(b"HTTP/1.1 200") and body == sent, received
+            r = await c.get("/streamed/before")
+            assert r.status == 503
+            assert await r.json() == {"error": "the store went away", "status": 503}
+            assert (await c.get("/healthz")).status == 200
+
+    asyncio.run(main())
 
 
 def test_a_method_a_path_does_not_take_is_a_json_405_saying_which_it_takes(
