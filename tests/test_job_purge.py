@@ -1,5 +1,6 @@
-"""The hourly purge of ended jobs keeps a cancelled job while its slide is still where it was
-submitted from: the watcher reports that slide again, and without its job it was converted."""
+"""The hourly purge of ended jobs keeps a cancelled or done job while its slide is still where
+it was submitted from: the watcher reports that slide again, and without its job it was queued
+again (a cancelled slide converted)."""
 
 from __future__ import annotations
 
@@ -50,3 +51,25 @@ def test_a_cancelled_job_newer_than_the_cut_off_stays_without_a_look(tmp_path: P
         queue.cancel(job.id)
         assert purge_ended(queue, time.time() - 3600) == 0
         assert [j.id for j in queue.list()] == [job.id]
+
+
+def test_a_done_job_stays_while_its_slide_is_kept_in_place(tmp_path: Path) -> None:
+    """With `--after keep` a converted slide stays in the watch folder: its job gone, the
+    watcher's next report queued it again (a conversion process finding it published, for
+    every slide of the inbox once a purge period)."""
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    with SQLiteJobQueue(tmp_path / "jobs.sqlite") as queue:
+        jobs = {}
+        for name in ("kept.svs", "moved.svs"):
+            source, files = _slide(inbox, name)
+            jobs[name] = queue.submit(source, f"{name[:4]}0", files=files, watched=True)
+            claimed = queue.claim("w", 60)
+            assert claimed is not None and claimed.id == jobs[name].id
+            assert queue.complete(claimed.id, "w", f"{name[:4]}0")
+        (inbox / "moved.svs").rename(tmp_path / "moved.svs")  # `--after move`
+        assert purge_ended(queue, time.time() + 1) == 1
+        assert [(j.id, j.state) for j in queue.list()] == [(jobs["kept.svs"].id, JobState.DONE)]
+        kept = inbox / "kept.svs"
+        again = queue.submit(str(kept), "kept0", files=(SourceFile.of(kept),), watched=True)
+        assert again.id == jobs["kept.svs"].id and again.state is JobState.DONE

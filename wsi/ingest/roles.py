@@ -88,23 +88,26 @@ LISTED = 1000
 
 
 def purge_ended(queue: JobQueue, finished_before: float) -> int:
-    """Delete the jobs that ended before `finished_before`, but a cancelled one whose files are
-    all still where it was submitted from, unchanged: the slide a watch folder still holds would
-    be reported again and, its job gone, converted, when someone said it must not be (a cancel
-    lasts as long as the files it was given). A failed job goes: its slide, unless quarantined,
-    gets a new attempt. Returns how many jobs were deleted."""
+    """Delete the jobs that ended before `finished_before`, but a cancelled or done one whose
+    files are all still where it was submitted from, unchanged: the slide a watch folder still
+    holds would be reported again and, its job gone, queued again. A cancelled slide would then
+    be converted when someone said it must not be (a cancel lasts as long as the files it was
+    given); a done one kept in its folder (`--after keep`) would cost a conversion process that
+    finds it published, every slide of the inbox once a purge period. A failed job goes: its
+    slide, unless quarantined, gets a new attempt. Returns how many jobs were deleted."""
     keep: list[str] = []
-    offset = 0
-    while True:
-        page = queue.list(JobState.CANCELLED, LISTED, offset)
-        keep += [
-            job.id
-            for job in page
-            if job.finished is not None and job.finished < finished_before and _in_place(job)
-        ]
-        if len(page) < LISTED:
-            break
-        offset += LISTED
+    for state in (JobState.CANCELLED, JobState.DONE):
+        offset = 0
+        while True:
+            page = queue.list(state, LISTED, offset)
+            keep += [
+                job.id
+                for job in page
+                if job.finished is not None and job.finished < finished_before and _in_place(job)
+            ]
+            if len(page) < LISTED:
+                break
+            offset += LISTED
     return queue.purge(finished_before, keep)
 
 
