@@ -36,6 +36,20 @@ def test_info_prints_levels_properties_and_associated_images() -> None:
     assert doc["output_levels"][-1]["width"] <= 240
 
 
+def test_an_unopenable_source_is_named_once(tmp_path: Path) -> None:
+    """`wsi convert` said "x.svs: no such file or folder: x.svs"; `wsi info` named no file when
+    no backend could read it."""
+    missing, junk = tmp_path / "missing.svs", tmp_path / "junk.svs"
+    junk.write_bytes(b"not a slide")
+    for command in ("info", "convert"):
+        for path, says in ((missing, "no such file or folder"), (junk, "no backend can read")):
+            args = ["--out", str(tmp_path / "out"), "--no-progress"] if command == "convert" else []
+            run = wsi(command, str(path), *args)
+            assert run.returncode == 1
+            assert run.stderr.startswith(f"wsi: error: {path}: {says}"), run.stderr
+            assert run.stderr.count(str(path)) == 1 and len(run.stderr.splitlines()) == 1
+
+
 def test_convert_batch_goes_on_past_broken_slides(tmp_path: Path) -> None:
     good = [sample("openslide-python-fixtures/small.svs"), sample("CMU-1-Small-Region.svs")]
     bad = [

@@ -66,7 +66,11 @@ def _output_levels(src: SlideSource) -> list[dict[str, Any]]:
 def _info(args: argparse.Namespace) -> int:
     from wsi.sources import open_slide
 
-    with open_slide(args.source, args.backend) as src:
+    try:
+        source = open_slide(args.source, args.backend)
+    except WsiError as exc:  # a line that names the slide, as `wsi convert` gives
+        raise WsiError(f"{args.source}: {exc}") from exc
+    with source as src:
         props = src.properties
         doc: dict[str, Any] = {
             "backend": src.name,

@@ -38,12 +38,13 @@ def open_slide(
     backend: str | None = None,
     backends: Sequence[type[SlideSource]] = BACKENDS,
 ) -> SlideSource:
-    """Open `path` with the named backend, or the first in `backends` whose probe accepts it."""
+    """Open `path` with the named backend, or the first in `backends` whose probe accepts it.
+    Errors do not name `path`: the caller knows it, and names it (or, de-identifying, not)."""
     path = Path(path)
     if not path.exists():
-        raise SlideNotFound(f"no such file or folder: {path}")
+        raise SlideNotFound("no such file or folder")
     if not (path.is_file() or path.is_dir()):  # a FIFO or a device: reading it may never end
-        raise UnsupportedSlide(f"not a regular file or folder: {path}")
+        raise UnsupportedSlide("not a regular file or folder")
     if backend is not None:
         chosen = [b for b in backends if b.name == backend]
         if not chosen:
