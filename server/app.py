@@ -37,6 +37,7 @@ from server.keys import (
     JOBS_WAKE,
     LISTING,
     METRICS,
+    PROBES,
     ROLE,
     ROUTE_MODULES,
     SETTINGS,
@@ -45,6 +46,7 @@ from server.keys import (
 )
 from server.listing import SlideListing
 from server.metrics import Metrics
+from server.probes import Probes
 from server.replica import follow_ingest, follow_jobs, publish_status
 from server.responses import install as install_response_headers
 from server.runner import OUTSIDE_FRONT, run
@@ -312,6 +314,7 @@ def create_app(settings: ServerSettings, role: ProcessRole | None = None) -> web
     app[SETTINGS] = settings
     app[ROLE] = role
     app[METRICS] = metrics
+    app[PROBES] = Probes()
     app[OUTSIDE_FRONT] = metrics.outside_front
     install_response_headers(app, private=settings.requires_auth)
     # Without auth, the browser-facing checks of `server.cors.refusal` (None: not needed).

@@ -418,9 +418,9 @@ class Catalog:
             self.sources.scan()  # a slide that just landed
             return self.sources.view(slide_id)
 
-    async def reachable(self) -> bool:
-        """Whether the store answers (readiness)."""
-        return await self.store.reachable()
+    def reachable(self) -> bool:
+        """Blocking: whether the store answers (readiness; run it as `server.probes` does)."""
+        return self.store.reachable()
 
     async def in_pool(self, fn: Callable[..., T], *args: Any) -> T:
         """Blocking work (decoding, resampling, encoding) on the app's thread pool."""

@@ -15,6 +15,7 @@ from server.index_file import IndexFile
 from server.integrity import IntegrityMonitor
 from server.listing import SlideListing
 from server.metrics import Metrics
+from server.probes import Probes
 from server.settings import ProcessRole, ServerSettings
 from wsi.ingest.queue import JobQueue
 from wsi.ingest.supervise import Supervisor
@@ -36,6 +37,8 @@ WARMED = web.AppKey("warmed", asyncio.Task)
 """The task running `WARM_UP` (done once every index is filled, or failed and logged)."""
 EXECUTOR = web.AppKey("executor", cf.ThreadPoolExecutor)
 METRICS = web.AppKey("metrics", Metrics)
+PROBES = web.AppKey("probes", Probes)
+"""The blocking reads of `/readyz` and `/metrics`, one flight each (`server.probes`)."""
 ROUTE_MODULES = web.AppKey("route_modules", list)
 JOBS = web.AppKey("jobs", JobQueue)
 JOBS_WAKE = web.AppKey("jobs_wake", asyncio.Event)

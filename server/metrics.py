@@ -59,9 +59,9 @@ class IngestFigures:
     """Jobs in the job table by state; None when the table could not be read."""
     quarantined: int | None
     """Slides in the quarantine folder; None when it could not be listed."""
-    loops_down: int
+    loops_down: int | None
     """Ingest loops down, as `/readyz` lists them (the ingest process, while its status is
-    stale, counts as one)."""
+    stale, counts as one); None when their status could not be read."""
 
 
 class _Tally:
@@ -318,8 +318,9 @@ def _ingest_families(figures: IngestFigures) -> Iterable[Metric]:
             "Slides in the quarantine folder (failed for good, waiting for someone)",
             value=figures.quarantined,
         )
-    yield GaugeMetricFamily(
-        "wsi_ingest_loops_down",
-        "Ingest loops down (dead, waiting for their restart), as /readyz lists them",
-        value=figures.loops_down,
-    )
+    if figures.loops_down is not None:
+        yield GaugeMetricFamily(
+            "wsi_ingest_loops_down",
+            "Ingest loops down (dead, waiting for their restart), as /readyz lists them",
+            value=figures.loops_down,
+        )

@@ -34,7 +34,17 @@ from aiohttp import web
 
 from server.bucket_copies import StagedSources
 from server.integrity import DamagedObject, IntegrityMonitor, IntegrityStatus
-from server.keys import CATALOG, INGEST_TASKS, INTEGRITY, JOBS, JOBS_WAKE, METRICS, ROLE, SETTINGS
+from server.keys import (
+    CATALOG,
+    INGEST_TASKS,
+    INTEGRITY,
+    JOBS,
+    JOBS_WAKE,
+    METRICS,
+    PROBES,
+    ROLE,
+    SETTINGS,
+)
 from server.metrics import IngestFigures
 from server.settings import ProcessRole
 from wsi.errors import WsiError
@@ -164,10 +174,10 @@ async def metrics_text(app: web.Application) -> bytes:
     """`/metrics`: this process's counts plus the other processes' last snapshots, and the
     ingest figures as this process reads them now."""
     others, ingest = await asyncio.gather(
-        asyncio.to_thread(lambda: list(shared_status(app).others().values())),
+        app[PROBES].run("process status", shared_status(app).others, INGEST_READ_SECONDS),
         ingest_figures(app),
     )
-    return app[METRICS].render(others, ingest)
+    return app[METRICS].render(list((others or {}).values()), ingest)
 
 
 async def ingest_figures(app: web.Application) -> IngestFigures | None:
@@ -182,19 +192,19 @@ async def ingest_figures(app: web.Application) -> IngestFigures | None:
     settings = app[SETTINGS]
     folder = settings.ingest.quarantine_path(settings.store)
     jobs, quarantined, down = await asyncio.gather(
-        _bounded(queue.counts),
-        _bounded(functools.partial(count_quarantine, folder)),
-        asyncio.to_thread(ingest_down, app),
+        _bounded(app, "job counts", queue.counts),
+        _bounded(app, "quarantine count", functools.partial(count_quarantine, folder)),
+        _bounded(app, "ingest status", functools.partial(ingest_down, app)),
     )
-    return IngestFigures(jobs, quarantined, len(down))
+    return IngestFigures(jobs, quarantined, len(down) if down is not None else None)
 
 
-async def _bounded(read: Callable[[], T]) -> T | None:
-    """`read()` on a thread; None when it fails or takes more than `INGEST_READ_SECONDS` (the
-    thread is left to end by itself: the job table's own timeouts bound it)."""
+async def _bounded(app: web.Application, name: str, read: Callable[[], T]) -> T | None:
+    """`read()` as `server.probes` runs it (one flight, on a thread of its own); None when it
+    fails or has not answered within `INGEST_READ_SECONDS`."""
     try:
-        return await asyncio.wait_for(asyncio.to_thread(read), INGEST_READ_SECONDS)
-    except (WsiError, OSError):  # TimeoutError is an OSError
+        return await app[PROBES].run(name, read, INGEST_READ_SECONDS)
+    except (WsiError, OSError):
         return None
 
 

@@ -63,6 +63,18 @@ def find_bindir() -> Path:
     return Path(on_path).resolve().parent
 
 
+def _children(pid: int) -> list[int]:
+    """The processes whose parent is `pid` (a postmaster's backends and workers), from /proc."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            with contextlib.suppress(OSError):
+                stat = Path(f"/proc/{entry}/stat").read_text()
+                if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                    found.append(int(entry))
+    return found
+
+
 def _major(path: str) -> int:
     version = Path(path).parents[1].name
     return int(version) if version.isdigit() else 0
@@ -161,6 +173,22 @@ class PostgresServer:
             yield
         finally:
             self.start()
+
+    @contextlib.contextmanager
+    def frozen(self) -> Iterator[None]:
+        """The server hangs inside the block: every one of its processes stopped (SIGSTOP), so
+        its kernel still accepts connections and acknowledges what is sent, and nothing answers
+        (a host whose database is stuck, not gone: no TCP timeout ends a wait). Resumed after."""
+        assert self.proc is not None
+        pids = [self.proc.pid, *_children(self.proc.pid)]
+        for pid in pids:
+            os.kill(pid, signal.SIGSTOP)
+        try:
+            yield
+        finally:
+            for pid in pids:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGCONT)
 
     def log_tail(self, lines: int = 40) -> str:
         try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import stat
 
@@ -10,7 +11,7 @@ from aiohttp import web
 
 from server.front import routes
 from server.integrity import integrity_readiness
-from server.keys import CATALOG, INTEGRITY, JOBS, ROLE, SETTINGS
+from server.keys import CATALOG, INTEGRITY, JOBS, PROBES, ROLE, SETTINGS
 from server.openapi import openapi_document
 from server.replica import ingest_down, metrics_text, shared_status
 from wsi.errors import WsiError
@@ -20,16 +21,28 @@ async def healthz(request: web.Request) -> web.Response:
     return web.json_response({"status": "ok"})
 
 
+READY_SECONDS = 2.0
+"""How long `/readyz` waits for each of its checks (the store, the job table, a watch folder,
+the status files), measured from that check's start: one that has not answered by then (a hung
+network mount, a database host gone silent) is reported "not answering", and `/readyz` still
+answers a load balancer within its timeout. Checks run as `server.probes` runs them."""
+
+NOT_ANSWERING = "not answering"
+
+
 async def _job_table(request: web.Request) -> str:
-    """Whether the job table answers a read: ok, unavailable, or off (no ingest)."""
+    """Whether the job table answers a read: ok, unavailable, not answering, or off (no
+    ingest)."""
     queue = request.app.get(JOBS)
     if queue is None:
         return "off"
     try:
-        await asyncio.to_thread(queue.list, None, 1)
+        read = await request.app[PROBES].run(
+            "job table", lambda: queue.list(None, 1), READY_SECONDS
+        )
     except WsiError:
         return "unavailable"
-    return "ok"
+    return "ok" if read is not None else NOT_ANSWERING
 
 
 _WATCH_FOLDER_OK = "ok"
@@ -55,10 +68,18 @@ def _watch_folder_state(folder: str) -> str:
     return _WATCH_FOLDER_OK
 
 
-def _watch_folders(folders: tuple[str, ...]) -> list[tuple[int, str]]:
-    """Blocking: (position, `_watch_folder_state`) of each watch folder. By position, counted
-    from 1 as `GET /watch` counts them: `/readyz` needs no credentials, so it names no folder."""
-    return [(i + 1, _watch_folder_state(folder)) for i, folder in enumerate(folders)]
+async def _watch_folders(app: web.Application) -> list[tuple[int, str]]:
+    """(position, `_watch_folder_state`) of each watch folder, each checked on its own (one
+    folder's hung mount does not hide the state of the others). By position, counted from 1 as
+    `GET /watch` counts them: `/readyz` needs no credentials, so it names no folder."""
+    folders = app[SETTINGS].watch
+
+    async def state(i: int) -> tuple[int, str]:
+        check = functools.partial(_watch_folder_state, folders[i])
+        found = await app[PROBES].run(f"watch folder {i + 1}", check, READY_SECONDS)
+        return i + 1, found if found is not None else NOT_ANSWERING
+
+    return list(await asyncio.gather(*(state(i) for i in range(len(folders)))))
 
 
 async def readyz(request: web.Request) -> web.Response:
@@ -70,29 +91,42 @@ async def readyz(request: web.Request) -> web.Response:
     dead loop does: the watcher keeps polling it, so no slide a scanner drops is converted,
     and only a log line would say so. Damage found by the integrity check is reported
     (`integrity.status` "damaged"), never a reason to be unready: one bad slide must not take
-    the service out of its load balancer, where every other slide is still served.
+    the service out of its load balancer, where every other slide is still served. A check
+    that has not answered within `READY_SECONDS` (a hung network mount, a silent database) is
+    "not answering" (the store's, a watch folder's or the ingest status's makes the service
+    unready) and holds one thread while it hangs, however often `/readyz` is asked.
 
     With several serving processes any of them answers for the whole service: the ingest loops
     and the integrity check as the process that runs them last reported (that whole process is
     down while its report is stale), and `processes`, how many answer."""
-    reachable = await request.app[CATALOG].reachable()
     app = request.app
-    down = sorted(await asyncio.to_thread(ingest_down, app))
-    watch = await asyncio.to_thread(_watch_folders, app[SETTINGS].watch)
+    probes = app[PROBES]
+    reachable, down_now, watch, job_table, integrity = await asyncio.gather(
+        probes.run("store", app[CATALOG].reachable, READY_SECONDS),
+        probes.run("ingest status", functools.partial(ingest_down, app), READY_SECONDS),
+        _watch_folders(app),
+        _job_table(request),
+        probes.run(
+            "integrity status",
+            functools.partial(integrity_readiness, app.get(INTEGRITY)),
+            READY_SECONDS,
+        ),
+    )
+    down = sorted(down_now) if down_now is not None else ["ingest status (not answering)"]
     detail: dict[str, object] = {
-        "store": "reachable" if reachable else "unreachable",
-        "job_table": await _job_table(request),
+        "store": {True: "reachable", False: "unreachable", None: NOT_ANSWERING}[reachable],
+        "job_table": job_table,
         "down": down,
         "watch_folders": [{"index": i, "status": state} for i, state in watch],
-        "integrity": await asyncio.to_thread(integrity_readiness, app.get(INTEGRITY)),
+        "integrity": integrity if integrity is not None else {"status": NOT_ANSWERING},
     }
     if app[ROLE].shared is not None:
-        others = await asyncio.to_thread(shared_status(app).others)
-        detail["processes"] = 1 + sum(1 for doc in others.values() if doc.get("live"))
+        others = await probes.run("process status", shared_status(app).others, READY_SECONDS)
+        if others is not None:
+            detail["processes"] = 1 + sum(1 for doc in others.values() if doc.get("live"))
     if not reachable:
-        return web.json_response(
-            {"error": "store unreachable", "status": 503, **detail}, status=503
-        )
+        error = "store unreachable" if reachable is False else "store not answering"
+        return web.json_response({"error": error, "status": 503, **detail}, status=503)
     if down:
         body = {"error": f"ingest tasks down: {', '.join(down)}", "status": 503, **detail}
         return web.json_response(body, status=503)

@@ -115,9 +115,10 @@ class PublishedStore:
         await self.start()
         return await self.io.published()
 
-    async def reachable(self) -> bool:
-        """Whether the store answers a listing (for readiness probes)."""
-        return await self.io.reachable()
+    def reachable(self) -> bool:
+        """Blocking: whether the store answers one small request (readiness probes;
+        `Store.answers`)."""
+        return self.io.reachable()
 
     def opened(self, slide_id: str) -> AsyncPublishedSlide | None:
         """The slide `slide_id` if it is open and was checked within `recheck_seconds` (or,

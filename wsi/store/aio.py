@@ -224,9 +224,8 @@ class AsyncStore:
         """Ids of the published slides."""
         return await self.blocking(self.store.published_slides)
 
-    async def reachable(self) -> bool:
-        try:
-            await self.blocking(self.store.children)
-        except Exception:
-            return False
-        return True
+    def reachable(self) -> bool:
+        """Blocking: `Store.answers`. Not on this store's executor: a store that hangs (a
+        network mount, a silent endpoint) would hold a thread of the tile reads at each probe
+        (the caller runs it where a hang costs one thread: `server.probes`)."""
+        return self.store.answers()

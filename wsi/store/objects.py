@@ -461,6 +461,31 @@ class Store:
         except store_failures() as exc:
             raise StoreError(f"cannot reach store: {exc}") from exc
 
+    PROBE_KEY = "readiness-probe"
+    """The object `answers` asks for: it need not exist (a 404 is an answer)."""
+
+    def answers(self) -> bool:
+        """Whether the store answers one small request, whatever it holds (readiness): the
+        local root's first entry can be read (a root not made yet holds no slide: it answers),
+        or on S3 one HEAD is answered, a missing object included. Never a listing of every
+        slide: `/readyz` asks every few seconds, and a store of 100,000 slides lists in 100
+        requests of 1,000 on S3. A bucket deleted under the service answers 404 as a missing
+        object does: the catalogue's next listing fails and says so."""
+        if self.settings.is_s3:
+            try:
+                self.exists(self.PROBE_KEY)
+            except Exception:  # whatever the client raises, the store did not answer
+                return False
+            return True
+        try:
+            with os.scandir(self.root) as entries:
+                next(entries, None)
+        except FileNotFoundError:
+            return True
+        except OSError:
+            return False
+        return True
+
     def size(self, key: str) -> int:
         path = self.path(key)
         fast = self.obstore_client()
