@@ -599,3 +599,23 @@ def test_uids_name_one_object_and_are_replaced_when_deidentified(
         assert other[keyword] != first[keyword], keyword
     replaced = level_uids(tmp_path / "anon", anon.slide_id)
     assert not set(replaced.values()) & set(first.values()) and len(set(replaced.values())) == 6
+
+
+def test_objective_power_reaches_the_dicom_view_and_comes_back(tmp_path: Path) -> None:
+    """The scanner's objective (Aperio AppMag 20) is Objective Lens Power (0048,0112) of the
+    optical path in every instance: DICOM viewers show magnification from it, and a slide
+    converted back from its export keeps it (it was lost on the way through DICOM)."""
+    from wsi.sources import open_slide
+
+    store, result = convert(sample("CMU-1-Small-Region.svs"), tmp_path / "store")
+    dest = tmp_path / "export"
+    files = export_dicom(store, result.slide_id, dest)
+    for path in files:
+        path_item = pydicom.dcmread(path, stop_before_pixels=True).OpticalPathSequence[0]
+        assert float(path_item.ObjectiveLensPower) == 20.0, path.name
+    assert dciodvfy(dest / "level-0.dcm") == ([], [])
+    with open_slide(dest) as source:
+        assert source.properties.objective_power == 20.0
+    _, back = convert(dest, tmp_path / "back")
+    back_attrs = wsistore_attrs(zarr.open_group(back.url, mode="r"))
+    assert back_attrs["objective_power"] == 20

@@ -503,5 +503,6 @@ def dicom_slide(
         content_date=date,
         content_time=clock,
         icc_profile=props.icc_profile,
+        objective_power=props.objective_power,
         variant=variant,
     )

@@ -163,6 +163,9 @@ class DicomSource(SlideSource):
                 vendor_props[f"dicom.{keyword}"] = str(value)
         with contextlib.suppress(Exception):
             icc = bytes(ds.OpticalPathSequence[0].ICCProfile)
+        objective = None
+        with contextlib.suppress(Exception):  # Type 3, and a DS a scanner may leave malformed
+            objective = float(ds.OpticalPathSequence[0].ObjectiveLensPower) or None
         acquired = str(ds.get("AcquisitionDateTime", "") or "")
         if not acquired and ds.get("ContentDate"):
             acquired = str(ds.ContentDate) + str(ds.get("ContentTime", "000000"))
@@ -181,6 +184,7 @@ class DicomSource(SlideSource):
             serial_number=str(ds.get("DeviceSerialNumber", "") or "") or None,
             mpp_x=float(mpp.width) if mpp and mpp.width > 0 else None,
             mpp_y=float(mpp.height) if mpp and mpp.height > 0 else None,
+            objective_power=objective,
             vendor_properties=vendor_props,
             icc_profile=icc,
         )

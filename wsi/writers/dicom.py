@@ -203,6 +203,11 @@ class DicomSlide:
     content_time: str
     icc_profile: bytes | None
 
+    objective_power: float | None = None
+    """The scanner's objective magnification (Objective Lens Power of the optical path), when
+    the source says: DICOM viewers show magnification from it, and a slide converted back from
+    its export keeps it."""
+
     variant: str = ""
     """A digest of the conversion's settings that change what the instances hold (pixels,
     frames, transfer syntax, de-identification): converted again with the same settings, a slide
@@ -304,6 +309,8 @@ def _optical_path(slide: DicomSlide) -> Item:
         "IlluminationColorCodeSequence": [_code("414298005", "SCT", "Full Spectrum")],
         "ICCProfile": slide.icc_profile or srgb_profile(),
     }
+    if slide.objective_power:
+        path["ObjectiveLensPower"] = _ds(slide.objective_power)
     if not slide.icc_profile:
         path["ColorSpace"] = "SRGB"
     return path

@@ -134,6 +134,7 @@ DICTIONARY: Mapping[str, tuple[int, str]] = {
     "ImageOrientationSlide": (0x00480102, "DS"),
     "OpticalPathSequence": (0x00480105, "SQ"),
     "OpticalPathIdentifier": (0x00480106, "SH"),
+    "ObjectiveLensPower": (0x00480112, "DS"),
     "IlluminationColorCodeSequence": (0x00480108, "SQ"),
     "OpticalPathIdentificationSequence": (0x00480207, "SQ"),
     "PlanePositionSlideSequence": (0x0048021A, "SQ"),
