@@ -619,3 +619,21 @@ def test_objective_power_reaches_the_dicom_view_and_comes_back(tmp_path: Path) -
     _, back = convert(dest, tmp_path / "back")
     back_attrs = wsistore_attrs(zarr.open_group(back.url, mode="r"))
     assert back_attrs["objective_power"] == 20
+
+
+def test_a_dicom_only_conversion_writes_the_same_instances_as_both_views(tmp_path: Path) -> None:
+    """`--format dicom` leaves out the Zarr metadata, not anything an instance holds: the same
+    instances, UIDs included, as a conversion with both views. They were another series before,
+    so publishing a DICOM-only slide again with `--format both` (to serve or archive it) gave a
+    PACS that had its export a second series of the same images, and every reference made to
+    the first (annotations, reports) pointed at instances the store no longer had."""
+    path = sample("openslide-python-fixtures/small.svs")
+    both_store, both = convert(path, tmp_path / "both")
+    dicom_store, dicom_only = convert(path, tmp_path / "dicom", formats=("dicom",))
+    both_instances = both_store.read_manifest(both.slide_id)["dicom"]
+    dicom_instances = dicom_store.read_manifest(dicom_only.slide_id)["dicom"]
+    assert [i["key"] for i in both_instances] == [i["key"] for i in dicom_instances]
+    assert both.slide_id == dicom_only.slide_id
+    for inst in both_instances:
+        key = f"{both.slide_id}/{inst['key']}"
+        assert both_store.get(key) == dicom_store.get(key), key

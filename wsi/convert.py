@@ -460,10 +460,16 @@ def _readable_manifest(store: Store, slide_id: str) -> Manifest | None:
         return None
 
 
+UID_NEUTRAL_SETTINGS = frozenset({"metadata_sha256", "formats"})
+"""Settings that leave every DICOM instance as it is: the sidecar's identifiers (their
+correction keeps a slide's UIDs, as PACS updates do) and the views published (`--format dicom`
+only leaves out the Zarr metadata: the same instances, so the same series, not a second one)."""
+
+
 def uid_variant(fingerprint: dict[str, Any]) -> str:
     """`DicomSlide.variant` of a conversion: its settings (`ConvertSettings.fingerprint`) but
-    the sidecar's identifiers, whose correction keeps a slide's UIDs (as PACS updates do)."""
-    kept = {k: v for k, v in fingerprint.items() if k != "metadata_sha256"}
+    those that change no instance (`UID_NEUTRAL_SETTINGS`)."""
+    kept = {k: v for k, v in fingerprint.items() if k not in UID_NEUTRAL_SETTINGS}
     return hashlib.sha256(json.dumps(kept, sort_keys=True).encode()).hexdigest()[:32]
 
 
