@@ -522,3 +522,26 @@ def test_headers_larger_than_the_first_read(
         [doc] = http.get(f"{url}/metadata").json()
     stored = pydicom.dcmread(io.BytesIO(whole), stop_before_pixels=True)
     assert doc == stored.to_json_dict(bulk_data_threshold=1 << 30)
+
+
+def test_fuzzy_matching_finds_a_person_by_the_start_of_any_name_part(
+    client: DICOMwebClient, store: dict[str, Any]
+) -> None:
+    """`fuzzymatching=true` (PS3.18: fuzzy semantic matching of person names, its rules left to
+    the server) with a bare term: a viewer sends what the user typed, a surname or a given name
+    or their start, in any case. Only case was folded before, so "doe" and "jane" found nothing
+    unless typed with a wildcard."""
+    named_study, _, _ = uids(store, "named")
+
+    def found(name: str, fuzzy: bool = True) -> list[str]:
+        studies = client.search_for_studies(
+            search_filters={"PatientName": name}, fuzzymatching=fuzzy
+        )
+        return sorted(value(s, "0020000D") for s in studies)
+
+    for term in ("doe", "DOE", "jane", "Ja", "doe^jane", "Doe^J"):
+        assert found(term) == [named_study], term
+    for term in ("oe", "ane", "jane^doe", "smith"):
+        assert found(term) == [], term
+    assert found("doe", fuzzy=False) == []  # without fuzzy matching: the exact value
+    assert found("d*e^?ane") == [named_study]  # wildcards keep their meaning, case folded

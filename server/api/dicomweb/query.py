@@ -160,6 +160,24 @@ def _find_piece(piece: str, value: str, start: int, end: int) -> int:
     return -1
 
 
+_NAME_SEPARATORS = re.compile(r"[\^= ]")
+"""What separates a person name's parts: components (`^`), groups (`=`), and the spaces inside
+a component ("VAN DER BERG")."""
+
+
+def fuzzy_name(term: str, value: str) -> bool:
+    """Fuzzy semantic matching of a person name (`fuzzymatching=true`; PS3.18 leaves its rules to
+    the server), case folded. A term with wildcards is matched as a pattern. A bare term is what
+    a user typed: one word matches the start of any part of the name ("jane", "Ja" and "DOE" all
+    find DOE^JANE), several (`doe^jane`, `Doe^J`) the start of the whole name."""
+    if "*" in term or "?" in term:
+        return wildcard(term, value, True)
+    term, value = term.casefold(), value.casefold()
+    if _NAME_SEPARATORS.search(term):
+        return value.startswith(term)
+    return any(part.startswith(term) for part in _NAME_SEPARATORS.split(value) if part)
+
+
 def in_range(spec: str, value: str) -> bool:
     if "-" not in spec:
         return value == spec or (len(spec) < len(value) and value.startswith(spec))
@@ -203,9 +221,10 @@ def row_matches(row: Row, query: Query) -> bool:
             ok = any(in_range(f.values[0], v) for v in found)
         elif f.vr in ("IS", "US", "UL", "SS", "SL", "UV", "SV"):
             ok = any(v.strip() == f.values[0].strip() for v in found)
+        elif f.vr == "PN" and query.fuzzy:
+            ok = any(fuzzy_name(f.values[0], v) for v in found)
         else:
-            fold = f.vr == "PN" and query.fuzzy
-            ok = any(wildcard(f.values[0], v, fold) for v in found)
+            ok = any(wildcard(f.values[0], v, False) for v in found)
         if not ok:
             return False
     return True
