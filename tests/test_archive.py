@@ -36,6 +36,7 @@ from server.settings import ServerSettings
 from wsi.cli import main as wsi_main
 from wsi.codecs import jxl
 from wsi.errors import CorruptSlide, UnsupportedSlide
+from wsi.export import export_dicom
 from wsi.published import layout
 from wsi.published.archive import (
     ArchiveSettings,
@@ -290,6 +291,46 @@ def test_a_failed_restore_leaves_the_archive_served(converted: dict[str, Any]) -
     manifest_path.write_text(json.dumps(doc, indent=1, sort_keys=True))
     restore(store, sid)
     assert snapshot(root, sid) == converted["before"][sid]
+
+
+def test_an_archived_slide_exports_its_jpeg_form(converted: dict[str, Any], tmp_path: Path) -> None:
+    """`wsi export-dicom` of an archived slide wrote JPEG XL instances, which OpenSlide,
+    wsidicom, pydicom and Orthanc all refuse ("Unsupported transfer syntax"), without a word:
+    it writes each instance as it was before the archive, checked against the manifest's
+    record; an instance that would differ fails the export, which leaves nothing."""
+    root, store, sid = converted["root"], converted["store"], converted["sids"][0]
+    before, manifest = converted["before"][sid], converted["manifest"][sid]
+    archive(store, sid)
+    archived = snapshot(root, sid)
+    assert {i["key"] for i in manifest["dicom"]} <= set(published(root, sid)["archived"])
+    exported = wsi_main(["export-dicom", str(root / sid), str(tmp_path / "export")])
+    assert exported == 0
+    names = {i["key"]: i for i in manifest["dicom"]}
+    files = sorted((tmp_path / "export").iterdir())
+    assert len(files) == len(names) >= 4  # levels, label, macro, thumbnail
+    for key in names:
+        matching = [f for f in files if hashlib.sha256(f.read_bytes()).hexdigest() == before[key]]
+        assert len(matching) == 1, key  # byte for byte the instance before the archive
+    for f in files:
+        assert pydicom.dcmread(f).file_meta.TransferSyntaxUID == JPEG_BASELINE
+    with openslide.OpenSlide(str(tmp_path / "export" / "level-0.dcm")) as osr:
+        level0 = np.asarray(osr.read_region((0, 0), 0, osr.level_dimensions[0]))
+    np.testing.assert_array_equal(level0, converted["openslide"])
+    assert snapshot(root, sid) == archived  # the store was only read
+
+    manifest_path = root / sid / "manifest.json"
+    doc = json.loads(manifest_path.read_text())
+    key = next(i["key"] for i in manifest["dicom"] if i["key"].endswith("/1/c/0/0/0"))
+    doc["archived"][key]["crc32c"] = "00000000"  # its JPEG form no longer matches the record
+    del doc["checksum"]
+    manifest_path.write_text(json.dumps(doc, indent=1, sort_keys=True))
+    with pytest.raises(CorruptSlide, match="before its archive"):
+        export_dicom(store, sid, tmp_path / "again")
+    assert not any((tmp_path / "again").iterdir())
+    doc["archived"][key]["crc32c"] = manifest["objects"][key]["crc32c"]
+    manifest_path.write_text(json.dumps(doc, indent=1, sort_keys=True))
+    restore(store, sid)
+    assert snapshot(root, sid) == before
 
 
 def test_a_swap_killed_half_way_is_finished_by_the_next_run(

@@ -6,7 +6,9 @@ copied) and a plain copy elsewhere; from S3 a download. Never a hard link: DICOM
 in place (dcmodify, anonymisers), and through a link they would truncate the stored object and
 with it the Zarr index. OpenSlide and wsidicom open the folder.
 The instances are those the manifest lists, so a slide published with `--format dicom` (no Zarr
-metadata) exports too.
+metadata) exports too. An archived slide's instances are written in their JPEG form, byte for
+byte what they were before the archive (`wsi.published.archive.JpegForm`): JPEG XL instances
+are what no PACS or DICOM reader we know decodes.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from pathlib import Path
 from typing import IO
 
 from wsi.errors import InvalidArgument, SlideNotFound, StoreError, WsiError
+from wsi.published.archive import JpegForm
 from wsi.published.layout import DicomInstanceEntry, SlideKeys
 from wsi.store.objects import (
     FILE_MODE,
@@ -44,7 +47,7 @@ def export_dicom(store: Store, slide_id: str, dest: Path) -> list[Path]:
     _check_empty(dest)
     written: list[Path] = []
     try:
-        _write_instances(store, keys, manifest.dicom, dest, written)
+        _write_instances(store, keys, manifest.dicom, dest, written, JpegForm(store, manifest))
     except BaseException as exc:
         for path in written:  # half an export is not one: the folder was empty before
             with contextlib.suppress(OSError):
@@ -80,9 +83,10 @@ def _write_instances(
     instances: Iterable[DicomInstanceEntry],
     dest: Path,
     written: list[Path],
+    jpeg_form: JpegForm,
 ) -> None:
-    """Copy each instance into `dest` (made here) under its export name, adding each file
-    to `written` once it is complete."""
+    """Copy each instance into `dest` (made here) under its export name (an archived one in
+    its JPEG form), adding each file to `written` once it is complete."""
     make_dirs(str(dest))  # DIR_MODE, whatever the umask: the files hold patient data
     for inst in instances:
         key = keys.in_store(inst.key)
@@ -96,7 +100,9 @@ def _write_instances(
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, FILE_MODE)
         try:
             with os.fdopen(fd, "wb") as fout:
-                if store.settings.is_s3:
+                if jpeg_form.archived(inst.key):
+                    jpeg_form.write(inst.key, fout)
+                elif store.settings.is_s3:
                     with store.fs.open(store.path(key), "rb") as fin:
                         shutil.copyfileobj(fin, fout, COPY_CHUNK)
                 else:

@@ -142,6 +142,49 @@ def restore(store: Store, slide_id: str, settings: ArchiveSettings | None = None
     return _recode(store, slide_id, JPEG, settings or ArchiveSettings())
 
 
+class JpegForm:
+    """The JPEG form of a slide's archived objects, written where a caller wants it without
+    restoring the slide: `wsi export-dicom` hands a PACS and every DICOM reader (OpenSlide,
+    wsidicom, Orthanc) JPEG baseline instances, not JPEG XL ones none of them decodes. Each is
+    checked to be the object it was before the archive (`Manifest.archived`), as a restore's."""
+
+    def __init__(
+        self, store: Store, manifest: Manifest, settings: ArchiveSettings | None = None
+    ) -> None:
+        self._store = store
+        self._manifest = manifest
+        self._settings = settings or ArchiveSettings()
+        self._keys = SlideKeys(manifest.slide_id)
+        self._arrays: dict[str, _Array] = {}
+        if manifest.archived and manifest.zarr_view:  # only the Zarr view's arrays are archived
+            what = f"{manifest.slide_id}: root zarr.json"
+            root = store.get(self._keys.root_metadata)
+            attributes = SlideAttributes.from_root_metadata(root, what)
+            for array in _arrays(store, self._keys, manifest, attributes, JPEGXL):
+                self._arrays[self._keys.in_slide(self._keys.shard(array.path))] = array
+
+    def archived(self, key_in_slide: str) -> bool:
+        """Whether the object `key_in_slide` is stored in its archived (JPEG XL) form."""
+        return key_in_slide in self._arrays
+
+    def write(self, key_in_slide: str, out: IO[bytes]) -> None:
+        """Write the JPEG form of the archived object `key_in_slide` into `out`; CorruptSlide
+        when it would not be the object it was before the archive (`out` then holds part of
+        it: the caller removes it)."""
+        array = self._arrays[key_in_slide]
+        size = self._manifest.object(key_in_slide).size
+        key = self._keys.in_store(key_in_slide)
+        plan = ObjectPlan.read(self._store, key, size, array.chunks, array.dicom)
+        threads = self._settings.threads or os.cpu_count() or 1
+        with cf.ThreadPoolExecutor(threads, thread_name_prefix="wsi-jpeg-form") as pool:
+            writer = _recode_object(self._store, plan, out, JPEG, pool, self._settings.batch_frames)
+        if self._manifest.archived.get(key_in_slide) != ObjectEntry(writer.size, writer.crc32c):
+            raise CorruptSlide(
+                f"the JPEG form of {key_in_slide} of slide {self._manifest.slide_id} is not the "
+                "object it was before its archive"
+            )
+
+
 # -- the object layout ----------------------------------------------------------------------------
 @dataclass(frozen=True)
 class ObjectPlan:
