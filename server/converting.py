@@ -3,7 +3,8 @@
 A folder given with `--sources` (and, later, the watch folder) is scanned for slides; each gets
 its content id, so it has the same id before and after conversion and a viewer's URLs keep
 working when the published copy takes over. Tiles follow the pyramid the conversion will write:
-level-0 JPEG tiles are the source's bytes, everything else is decoded, downsampled and encoded.
+level-0 JPEG tiles are the source's bytes (without their free-text segments), everything else is
+decoded, downsampled and encoded.
 """
 
 from __future__ import annotations
@@ -252,7 +253,9 @@ class SourceSlides:
         lv = view.level(level)
         lv.check_tile(col, row)
         if level == 0 and source.tile_codec(0) is TileCodec.JPEG:
-            return source.read_encoded_tile(0, col, row)
+            # The source's bytes, but for the comments and EXIF/XMP blocks that encoders fill
+            # with names and dates: the converted slide's tiles hold none either.
+            return jpeg.without_text(source.read_encoded_tile(0, col, row))
         scale = 2**level
         # The source level with the most pixels per output pixel without going below 1.
         index = max(i for i, s in enumerate(source.levels) if s.downsample <= scale + 1e-6)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import os
 import tracemalloc
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -135,3 +136,77 @@ def test_scans_rehash_only_changed_files_and_open_sources_are_bounded(
         assert len(os.listdir("/proc/self/fd")) <= fds + 8
     finally:
         slides.close()
+
+
+PLANTED = b"DOE^JANE MRN12345"
+
+
+def commented_tiff(path: Path) -> Path:
+    """A tiled JPEG TIFF whose every tile carries the patient's name in a comment (COM) and in
+    an EXIF ImageDescription (APP1), as a scanner's or camera's encoder may write them."""
+    import io
+
+    import tifffile
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(120, 240, (512, 512, 3), dtype=np.uint8)
+
+    def tiles() -> Iterator[bytes]:
+        for y in range(0, 512, 256):
+            for x in range(0, 512, 256):
+                out = io.BytesIO()
+                exif = Image.Exif()
+                exif[0x010E] = PLANTED.decode() + " EXIF"
+                Image.fromarray(pixels[y : y + 256, x : x + 256]).save(
+                    out, "JPEG", quality=90, comment=PLANTED + b" COM", exif=exif.tobytes()
+                )
+                yield out.getvalue()
+
+    tifffile.imwrite(
+        path, tiles(), shape=(512, 512, 3), dtype=np.uint8, tile=(256, 256),
+        compression="jpeg", photometric="ycbcr", subsampling=(2, 2),
+    )  # fmt: skip
+    return path
+
+
+def test_a_converting_tile_carries_no_comment_or_exif_of_its_source(tmp_path: Path) -> None:
+    """A converting slide's level-0 tile was the source's JPEG bytes as they are: a comment and
+    an EXIF block holding the patient's name went out to every viewer (DeepZoom and IIIF too),
+    under --deidentify as well, though the converted slide's tiles never carry them. The tile
+    is the same pixels without them now."""
+    (tmp_path / "sources").mkdir()
+    source = commented_tiff(tmp_path / "sources" / "slide.tif")
+    assert source.read_bytes().count(PLANTED) == 8
+
+    async def main() -> None:
+        settings = ServerSettings(store=str(tmp_path / "store"), sources=(str(source.parent),))
+        async with TestClient(TestServer(create_app(settings))) as c:
+            (slide,) = (await (await c.get("/slides")).json())["slides"]
+            sid = slide["id"]
+            assert slide["status"] == "converting"
+            for path in (
+                f"/slides/{sid}/tiles/0/1/1",
+                f"/slides/{sid}_files/9/1_1.jpeg",
+                f"/iiif/3/{sid}/256,256,256,256/256,/0/default.jpg",
+            ):
+                r = await c.get(path)
+                assert r.status == 200, path
+                body = await r.read()
+                assert b"DOE" not in body, path
+                assert np.array_equal(jpeg.decode(body), jpeg.decode(jpeg.without_text(body)))
+
+    asyncio.run(main())
+
+
+def test_without_text_keeps_the_colour_segments_and_the_scan() -> None:
+    """JFIF and Adobe segments say how to decode: kept; comments and other APPn go; a stream
+    without them is returned as it is; a header cut short is left alone."""
+    plain = jpeg.encode(np.full((16, 16, 3), 128, np.uint8), 90, True)
+    assert jpeg.without_text(plain) is plain
+    com = b"\xff\xfe\x00\x0aDOE^JANE"
+    app1 = b"\xff\xe1\x00\x0aExif\x00DOE"
+    adobe = jpeg.APP14_RGB
+    noted = plain[:2] + com + adobe + app1 + plain[2:]
+    assert jpeg.without_text(noted) == plain[:2] + adobe + plain[2:]
+    assert jpeg.without_text(noted[:8]) == noted[:8]
