@@ -207,9 +207,9 @@ def test_keep_jpeg2000_stores_the_codestreams_as_they_are(
     meta = (slide / "slide.zarr" / "0" / "zarr.json").read_text()
     assert "wsistore.jpeg2000" in meta
     with open_slide(j2k_svs) as src:
-        stored = src.read_encoded_tile(0, 2, 1)
+        stored = jpeg2000.without_comments(src.read_encoded_tile(0, 2, 1))
     shard = (slide / "slide.zarr" / "0" / "c" / "0" / "0" / "0").read_bytes()
-    assert stored in shard  # one copy, byte for byte, in the object both views read
+    assert stored in shard  # one copy, byte for byte but comments, in the object both views read
     level0 = openslide_level0(j2k_svs)
     assert np.array_equal(_level(slide, 0), level0)  # zarr-python through our codec
     # Level 1 from the reduced decode (not a 2x2 mean of the full one), then the cascade.
@@ -243,7 +243,7 @@ def test_keep_jpeg2000_copies_every_exact_source_level(
     shard = (slide / "slide.zarr" / "2" / "c" / "0" / "0" / "0").read_bytes()
     with open_slide(j2k_svs) as src:
         assert src.levels[1].width == WIDTH // 4
-        assert src.read_encoded_tile(1, 1, 0) in shard
+        assert jpeg2000.without_comments(src.read_encoded_tile(1, 1, 0)) in shard
         halves = [src.read_tile_half(1, col, 0) for col in (0, 1)]
     with openslide.OpenSlide(str(j2k_svs)) as ref:
         rgba = np.asarray(ref.read_region((0, 0), 1, ref.level_dimensions[1]))
@@ -416,7 +416,7 @@ def test_keep_jpeg2000_dicomweb_negotiation(j2k_svs: Path, kept: tuple[Path, str
         f"/instances/{ds.SOPInstanceUID}"
     )
     with open_slide(j2k_svs) as src:
-        codestream = src.read_encoded_tile(0, 0, 0)
+        codestream = jpeg2000.without_comments(src.read_encoded_tile(0, 0, 0))
     level0 = openslide_level0(j2k_svs)
     syntax = jpeg2000.JPEG2000
 
@@ -468,3 +468,46 @@ def test_keep_jpeg2000_dicomweb_negotiation(j2k_svs: Path, kept: tuple[Path, str
             await check(client)
 
     asyncio.run(main())
+
+
+PLANTED = b"DOE^JANE MRN12345"
+
+
+def _commented(stream: bytes) -> bytes:
+    """`stream` with the patient's name in a comment of its main header and of its first
+    tile-part's header (that tile-part's length, Psot, grown to match)."""
+    text = PLANTED + b" J2K"
+    com = b"\xff\x64" + (len(text) + 4).to_bytes(2, "big") + b"\x00\x01" + text
+    siz_end = 4 + int.from_bytes(stream[4:6], "big")
+    stream = stream[:siz_end] + com + stream[siz_end:]
+    sot = stream.index(b"\xff\x90\x00\x0a")
+    psot = int.from_bytes(stream[sot + 6 : sot + 10], "big")
+    grown = (psot + len(com)).to_bytes(4, "big") if psot else stream[sot + 6 : sot + 10]
+    return stream[: sot + 6] + grown + stream[sot + 10 : sot + 12] + com + stream[sot + 12 :]
+
+
+def test_kept_codestreams_lose_their_comments(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With --keep-jpeg2000 a source's codestreams were stored with their comment (COM)
+    segments, free text in which an encoder or a site can write a patient's name: it reached
+    the Zarr chunks, the DICOM frames and exports, under --deidentify too (a copied JPEG tile
+    loses its comments). They are stored without them now: the same pixels."""
+    import sample_data.make_j2k as make_j2k
+
+    plain = make_j2k.encode_tile
+    monkeypatch.setattr(make_j2k, "encode_tile", lambda *a: _commented(plain(*a)))
+    path = write_svs(tmp_path / "commented.svs", 600, 400, seed=5)
+    with open_slide(path) as src:
+        source = src.read_encoded_tile(0, 1, 0)
+    assert source.count(PLANTED) == 2
+    stripped = jpeg2000.without_comments(source)
+    assert PLANTED not in stripped and b"\xff\x64" not in stripped[: stripped.index(b"\xff\x93")]
+    assert np.array_equal(jpeg2000.decode(stripped), jpeg2000.decode(source))
+    assert jpeg2000.without_comments(stripped) is stripped
+    settings = ConvertSettings(PyramidSettings(keep_jpeg2000=True), deidentify=True)
+    result = convert_slide(path, Store(StoreSettings(str(tmp_path / "store"))), settings)
+    stored = b"".join(p.read_bytes() for p in (tmp_path / "store").rglob("*") if p.is_file())
+    assert b"wsistore.jpeg2000" in stored  # kept as codestreams
+    assert PLANTED not in stored
+    assert np.array_equal(_level(tmp_path / "store" / result.slide_id, 0), openslide_level0(path))

@@ -63,10 +63,11 @@ if TYPE_CHECKING:
     from wsi.pyramid.cluster import ClusterOptions
 
 FORMATS = ("zarr", "dicom")
-DEIDENTIFY_REVISION = 2
+DEIDENTIFY_REVISION = 3
 """Recorded in a de-identified slide's manifest settings: raised whenever de-identification
 removes more, so that a slide published under an earlier revision is converted again rather
-than found up to date (revision 2: thumbnails that may show the label, ICC profile texts)."""
+than found up to date (revision 2: thumbnails that may show the label, ICC profile texts;
+revision 3: the comments of codestreams kept with --keep-jpeg2000)."""
 
 
 @dataclass(frozen=True)

@@ -44,6 +44,9 @@ MAX_TILE_PIXELS = 8192 * 8192
 """Largest tile decoded (OpenJPEG holds 12 bytes a pixel while it decodes one)."""
 _COD = 0xFF52
 _SOT = 0xFF90
+_SOD = 0xFF93
+_COM = 0xFF64
+_TLM = 0xFF55
 
 
 @dataclass(frozen=True)
@@ -96,6 +99,75 @@ def parse(stream: bytes) -> Codestream:
             return Codestream(xsiz - xo, ysiz - yo, ncomp, subsampled, mct == 1, transform == 1)
         pos += 2 + length
     raise CorruptSlide("JPEG 2000 codestream has no COD marker in its main header")
+
+
+def _header_segments(stream: bytes, pos: int, end: int, stop: int) -> list[tuple[int, int, int]]:
+    """(marker, start, end) of the marker segments of a header from `pos` up to the marker
+    `stop` (its start is the last `start`, with `end` == `start`); CorruptSlide when they do not
+    follow one another within `end`."""
+    out: list[tuple[int, int, int]] = []
+    while pos + 2 <= end:
+        (marker,) = struct.unpack_from(">H", stream, pos)
+        if marker == stop:
+            out.append((marker, pos, pos))
+            return out
+        if marker >> 8 != 0xFF or pos + 4 > end:
+            break
+        (length,) = struct.unpack_from(">H", stream, pos + 2)
+        if length < 2 or pos + 2 + length > end:
+            break
+        out.append((marker, pos, pos + 2 + length))
+        pos += 2 + length
+    raise CorruptSlide("JPEG 2000 header is not one marker segment after another")
+
+
+def without_comments(stream: bytes) -> bytes:
+    """`stream` without its comment (COM) marker segments: encoders and scanners write free text
+    there (an encoder's name, or a site's own notes: names, barcodes, dates), which a kept
+    codestream would carry into the store, its DICOM frames and exports, under --deidentify too;
+    JPEG tiles are stored without theirs (`jpegtran.transcode`). Comments of tile-part headers
+    go as well, their tile-part's length (Psot) shortened to match, and then the optional
+    tile-part length index (TLM), which would no longer agree. `stream` itself is returned when
+    it has none; when its tile-parts cannot be followed only the main header's are removed."""
+    info_end = 4 + struct.unpack_from(">H", stream, 4)[0] if stream.startswith(SOC) else 0
+    try:
+        main = _header_segments(stream, info_end, len(stream), _SOT) if info_end else []
+    except CorruptSlide:
+        return stream
+    body_start = main[-1][1] if main else len(stream)
+    try:
+        parts, dropped = _tile_parts_without_comments(stream, body_start)
+    except CorruptSlide:
+        parts, dropped = stream[body_start:], 0
+    if not dropped and not any(m == _COM for m, _, _ in main):
+        return stream
+    skip = {_COM, _TLM} if dropped else {_COM}
+    kept = [stream[s:e] for m, s, e in main[:-1] if m not in skip]
+    return b"".join((stream[:info_end], *kept, parts))
+
+
+def _tile_parts_without_comments(stream: bytes, pos: int) -> tuple[bytes, int]:
+    """The tile-parts from `pos` (an SOT) on, through EOC, without the comments of their
+    headers, and how many bytes that removed."""
+    out: list[bytes] = []
+    dropped = 0
+    while stream[pos : pos + 2] == b"\xff\x90":
+        if pos + 12 > len(stream):
+            raise CorruptSlide("JPEG 2000 tile-part header is truncated")
+        (psot,) = struct.unpack_from(">I", stream, pos + 6)
+        end = pos + psot if psot else len(stream) - 2
+        if end > len(stream) or end < pos + 14:
+            raise CorruptSlide("JPEG 2000 tile-part runs past the codestream")
+        segments = _header_segments(stream, pos + 12, end, _SOD)
+        kept = [stream[s:e] for m, s, e in segments[:-1] if m != _COM]
+        removed = sum(e - s for m, s, e in segments[:-1] if m == _COM)
+        sot = bytearray(stream[pos : pos + 12])
+        if psot:
+            struct.pack_into(">I", sot, 6, psot - removed)
+        out += [bytes(sot), *kept, stream[segments[-1][1] : end]]
+        dropped += removed
+        pos = end
+    return b"".join(out) + stream[pos:], dropped
 
 
 def check_size(stream: bytes, height: int, width: int) -> Codestream:

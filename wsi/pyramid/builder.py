@@ -353,7 +353,9 @@ class PyramidBuilder:
                 data: bytes | None = self.source.read_encoded_tile(level, col, row)
             except EncodedTileUnavailable:  # sparse: the reader gives the fill grey
                 data = None
-            tiles.append(data)
+            # Stored without the comments an encoder or a site wrote (free text: names,
+            # barcodes), as a copied JPEG tile is; decoded below as the source has it.
+            tiles.append(None if data is None else jpeg2000.without_comments(data))
             if below is None or i // 2 >= len(below):
                 continue
             target = quadrant(below[i // 2], qy, i % 2)
