@@ -6,7 +6,8 @@ line: time (UTC, ISO 8601), principal (a token's *name*, or `signed:<scope>` for
 never a secret), the slide id (`slide_id`), or for a DICOMweb request the ids of the slides it
 answered with (`slide_id` when one, else `slide_ids`: none or several, e.g. a search), method,
 route template (never the query string: a search's may hold a patient's name), status and the
-client address. No patient data: slide ids are opaque and file names never appear. Lines are
+client address. No patient data: slide ids are opaque, a path segment that is no slide id is
+recorded as null (it is what the client typed), and file names never appear. Lines are
 handed to a writer thread through a bounded queue, so the event loop never waits for the disk;
 when the disk cannot keep up, lines are counted as dropped (shown in `/metrics`) rather than
 slowing tile responses down.
@@ -24,6 +25,8 @@ from typing import IO, Any
 
 from aiohttp import web
 
+from wsi.errors import InvalidArgument
+from wsi.published.layout.keys import check_slide_id
 from wsi.store.objects import FILE_MODE
 
 PRINCIPAL = web.RequestKey("principal", str)
@@ -42,6 +45,15 @@ def note_read(request: web.Request, slide_ids: Iterable[str]) -> None:
     if read is None:
         read = request[SLIDES_READ] = []
     read.extend(s for s in slide_ids if s not in read)
+
+
+def _is_slide_id(text: str) -> bool:
+    """Whether `text` has the form of a slide id (`check_slide_id`)."""
+    try:
+        check_slide_id(text)
+    except InvalidArgument:
+        return False
+    return True
 
 
 QUEUE_LINES = 10_000
@@ -69,7 +81,9 @@ class AuditLog:
             return
         slides: dict[str, Any]
         if slide_id is not None:
-            slides = {"slide_id": slide_id}
+            # Only an id that could name a slide: the path's segment is whatever the client
+            # typed (a patient's name searched for in the address bar), refused with a 400.
+            slides = {"slide_id": slide_id if _is_slide_id(slide_id) else None}
         elif read is not None and len(read) == 1:
             slides = {"slide_id": read[0]}
         else:

@@ -371,3 +371,27 @@ def test_audit_log_names_the_slides_dicomweb_answered_with(
     ]
     assert all(e["principal"] == "alice" for e in lines)
     assert "ZZNOBODY" not in text and "PatientName" not in text
+
+
+def test_audit_log_never_records_a_malformed_slide_id(
+    store: tuple[Path, str], tmp_path: Path
+) -> None:
+    """A slide path whose id is no slide id (a 400) was logged with the segment as typed: a
+    patient's name tried in the address bar went into the audit log. It is null now."""
+    root, sid = store
+    log = tmp_path / "audit.jsonl"
+    settings = ServerSettings(
+        store=str(root), host="0.0.0.0", tokens=("alice:s3cret-alice-0123",), signing_key=KEY,
+        audit_log=str(log),
+    )  # fmt: skip
+    headers = {"Authorization": "Bearer s3cret-alice-0123"}
+
+    async def check(c: TestClient) -> None:
+        assert (await c.get("/slides/DOE%5EJANE", headers=headers)).status == 400
+        assert (await c.get("/slides/DOE%5EJANE/tiles/0/0/0", headers=headers)).status == 400
+        assert (await c.get(f"/slides/{sid}", headers=headers)).status == 200
+
+    run(settings, check)
+    lines = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [e["slide_id"] for e in lines] == [None, None, sid]
+    assert "DOE" not in log.read_text()
