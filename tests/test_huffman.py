@@ -27,6 +27,7 @@ from wsi.sources import open_slide
 from .conftest import sample
 from .helpers import run_wsi
 from .test_convert import shard_chunks
+from .test_converting_tiles import PLANTED, commented_tiff
 
 CMU = sample("CMU-1-Small-Region.svs")
 KEEP = {"keep_background": True}
@@ -139,3 +140,28 @@ def test_a_corrupt_tile_does_not_break_the_thread() -> None:
         with pytest.raises(wsi.CorruptSlide):
             broken.read_region(len(broken.levels) - 1, 0, 0, lv.width, lv.height)
     assert np.array_equal(jpeg.decode(good), np.asarray(imagecodecs.jpeg8_decode(good)))
+
+
+@pytest.mark.parametrize(("optimize", "glass"), [(False, True), (False, False), (True, True)])
+def test_kept_source_tiles_carry_no_comment_or_exif(
+    tmp_path: Path, optimize: bool, glass: bool
+) -> None:
+    """`--keep-source-jpeg` stored the source's tiles with their comment and EXIF block, where
+    an encoder had written the patient's name: it reached the store and the DICOM export, under
+    --deidentify too. Kept tiles are the source's bytes but those segments now (and so is the
+    optimised tile where its rewrite would not be smaller); their pixels are the source's."""
+    (tmp_path / "in").mkdir()
+    path = commented_tiff(tmp_path / "in" / "slide.tif")
+    settings = wsi.ConvertSettings(
+        wsi.PyramidSettings(optimize_huffman=optimize, keep_background=glass), deidentify=True
+    )
+    store = wsi.Store(wsi.StoreSettings(str(tmp_path / "store")))
+    sid = wsi.convert_slide(path, store, settings).slide_id
+    export_dicom(store, sid, tmp_path / "export")
+    written = [p for p in (tmp_path / "store").rglob("*") if p.is_file()]
+    written += list((tmp_path / "export").iterdir())
+    assert not [p.name for p in written if PLANTED in p.read_bytes()]
+    with open_slide(path) as source:
+        tile = source.read_encoded_tile(0, 1, 1)
+    stored = shard_chunks(tmp_path / "store" / sid / "slide.zarr/0/c/0/0/0")[3]
+    assert PLANTED in tile and np.array_equal(pillow(stored), pillow(tile))

@@ -67,7 +67,8 @@ DEIDENTIFY_REVISION = 3
 """Recorded in a de-identified slide's manifest settings: raised whenever de-identification
 removes more, so that a slide published under an earlier revision is converted again rather
 than found up to date (revision 2: thumbnails that may show the label, ICC profile texts;
-revision 3: the comments of codestreams kept with --keep-jpeg2000)."""
+revision 3: the comments of codestreams kept with --keep-jpeg2000, and the comments and
+EXIF/XMP blocks of JPEG tiles kept with --keep-source-jpeg)."""
 
 
 @dataclass(frozen=True)

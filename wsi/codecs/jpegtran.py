@@ -243,15 +243,17 @@ def transcode(
 
 def _kept_stream(data: bytes, out: bytes | None) -> bytes:
     """What is stored of a tile given its rewritten stream `out` (None: not rewritten): the
-    rewrite when it is shorter or the source is not baseline, else the source's bytes. A rewrite
-    that is not baseline (12-bit samples, 16-bit tables) is refused: viewers expect baseline."""
+    rewrite when it is shorter or the source is not baseline, else the source's bytes without
+    their comments and EXIF/XMP blocks (`jpeg.without_text`: an encoder may have written a
+    patient's name there, and the rewrite carries none either). A rewrite that is not baseline
+    (12-bit samples, 16-bit tables) is refused: viewers expect baseline."""
     if out is None:
-        return bytes(data)
+        return jpeg.without_text(bytes(data))
     if _frame_marker(out) != _SOF_BASELINE:
         raise CorruptSlide("JPEG cannot be rewritten as baseline (12-bit samples or 16-bit tables)")
     if len(out) < len(data) or _frame_marker(data) != _SOF_BASELINE:
         return bytes(out)
-    return bytes(data)
+    return jpeg.without_text(bytes(data))
 
 
 def within(data: bytes, region: tuple[int, int], blues: np.ndarray) -> bool:

@@ -232,9 +232,9 @@ class PyramidBuilder:
         the level below is the fill grey, as a viewer shows the tile: one settled from its
         coefficients is never decoded (a third of the work of a glass tile, about half of a
         slide's tiles), and the levels below show the glass as level 0 does. Without a
-        background rule nor optimisation the tiles are stored as they are and only their
-        1/2-scale decodes are made. A damaged tile raises its `CorruptSlide` (the row's
-        first)."""
+        background rule nor optimisation the tiles are stored as they are (but their free-text
+        segments) and only their 1/2-scale decodes are made. A damaged tile raises its
+        `CorruptSlide` (the row's first)."""
         background = self.background
         optimize = self.settings.optimize_huffman
         if background is None and not optimize:
@@ -242,7 +242,8 @@ class PyramidBuilder:
                 if half is not None:
                     # TurboJPEG picks the 1/2 DCT scale to fit the view and never writes past it.
                     jpeg.decode_into(data, half, half=True)
-            return [data for _, data, _ in copied]
+            # As they are but for comments and EXIF/XMP blocks (`jpeg.without_text`).
+            return [jpeg.without_text(data) for _, data, _ in copied]
         rule = background.rule if background is not None else None
         results = jpegtran.copy_tiles(
             [data for _, data, _ in copied],
