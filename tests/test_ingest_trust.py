@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -556,6 +557,42 @@ def test_a_move_across_file_systems_copies_then_removes(tmp_path: Path) -> None:
         assert list(inbox.iterdir()) == []
     finally:
         shutil.rmtree(done, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def small_file_system(folder: Path, size: str) -> Iterator[Path]:
+    """A tmpfs of `size` mounted at `folder` (another file system, and one that fills up: a
+    real ENOSPC); skipped where this process may not mount."""
+    folder.mkdir()
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small file system needs root")
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)], check=False
+    )
+    if mounted.returncode != 0:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], check=False)
+
+
+def test_a_move_into_a_full_file_system_leaves_no_partial_copy(tmp_path: Path) -> None:
+    """A copy across file systems that runs out of room half-way: the slide stays whole where
+    it was, and no truncated copy of it is left in the done folder, looking like the slide."""
+    from wsi.ingest.source_files import move_files
+
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    slide = inbox / "a.svs"
+    slide.write_bytes(before := os.urandom(1 << 20))  # 1 MiB: four times the room there is
+    with small_file_system(tmp_path / "small", "256k") as small:
+        done = small / "done"
+        with pytest.raises(OSError) as raised:
+            move_files([slide], slide, done)
+        assert raised.value.errno == errno.ENOSPC
+        assert slide.read_bytes() == before
+        assert [str(p.relative_to(done)) for p in done.rglob("*")] == []
 
 
 # ------------------------------------------------------------------------------------------

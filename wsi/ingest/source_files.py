@@ -181,7 +181,10 @@ def _new_folder(dest_dir: Path, name: str) -> Path:
 
 def _rename_or_copy(src: Path, dst: Path) -> bool:
     """Rename `src` to `dst`; across file systems copy it (synced) instead and return False:
-    the caller removes the original once every file is in place."""
+    the caller removes the original once every file is in place. A copy that fails part-way
+    (the other file system full) is removed before the error is raised: the caller only undoes
+    what was placed, and a truncated copy left in the done or quarantine folder looked like
+    the slide (and kept that file system full)."""
     make_dirs(str(dst.parent))
     try:
         os.rename(src, dst)
@@ -189,8 +192,13 @@ def _rename_or_copy(src: Path, dst: Path) -> bool:
     except OSError as exc:
         if exc.errno != errno.EXDEV:
             raise
-    shutil.copy2(src, dst)
-    fsync_file(dst)
+    try:
+        shutil.copy2(src, dst)
+        fsync_file(dst)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            dst.unlink()
+        raise
     return False
 
 
