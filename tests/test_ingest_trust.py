@@ -354,6 +354,54 @@ def test_a_slide_reported_while_the_queue_is_locked_is_submitted_later(
         lock.close()
 
 
+def test_a_worker_says_when_the_job_table_stops_answering_and_when_it_is_back(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A job table that cannot be written (locked here; its disk full or its PostgreSQL down
+    in a deployment) kept jobs queued with no line in the log for as long as it lasted. The
+    worker says so once, then once when it answers again, and takes the job."""
+    inbox = tmp_path / "inbox"
+    slide = put(SMALL, inbox / "a.svs")
+    path = tmp_path / "jobs.sqlite"
+    queue = SQLiteJobQueue(path, busy_timeout=0.1)
+    job = queue.submit(str(slide), content_slide_id(slide))
+    caplog.set_level(logging.INFO, logger="wsi.ingest")
+    lock = sqlite3.connect(path, isolation_level=None)
+    lock.execute("BEGIN EXCLUSIVE")
+
+    def said(text: str) -> list[str]:
+        return [r.getMessage() for r in caplog.records if text in r.getMessage()]
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        worker = Worker(queue, StoreSettings(str(tmp_path / "store")), settings(tmp_path))
+        task = asyncio.create_task(worker.run(stop))
+        try:
+
+            async def down() -> list[str]:
+                return said("the job table does not answer")
+
+            (line,) = await wait_until(down, 30)
+            assert "JobQueueUnavailable" in line and str(tmp_path) not in line
+            await asyncio.sleep(0.5)  # several more polls fail: still the one line
+            assert len(said("the job table does not answer")) == 1
+            lock.rollback()
+
+            async def done() -> bool:
+                return queue.get(job.id).state is JobState.DONE
+
+            await wait_until(done, 60)
+            assert len(said("the job table answers again")) == 1
+        finally:
+            stop.set()
+            await asyncio.wait_for(task, 30)
+
+    try:
+        asyncio.run(main())
+    finally:
+        lock.close()
+
+
 # ------------------------------------------------------------------------------------------
 # A source goes only once its slide reads back from the store, durably
 

@@ -116,6 +116,8 @@ class Worker:
         """Folders never removed when a slide's folder is left empty (the watch folders)."""
         self._proc: asyncio.subprocess.Process | None = None
         self._lease_until = -float("inf")
+        self._claims_down = False
+        """Whether the last claim failed for the job table (logged once per outage)."""
         """Loop time until which the running job's lease is trusted: its claim's or its last
         successful heartbeat's sending time plus `lease_seconds`."""
 
@@ -125,9 +127,14 @@ class Worker:
             job = None
             try:
                 sent = asyncio.get_running_loop().time()
-                job = await asyncio.to_thread(
-                    self.queue.claim, self.name, self.settings.lease_seconds
-                )
+                try:
+                    job = await asyncio.to_thread(
+                        self.queue.claim, self.name, self.settings.lease_seconds
+                    )
+                except WsiError as exc:
+                    self._claims_fail(exc)
+                    raise
+                self._claims_answer()
                 if job is not None:
                     await self.run_job(job, stop, claimed=sent)
                     continue
@@ -147,6 +154,25 @@ class Worker:
                             True,
                         )
             await self._idle(stop)
+
+    def _claims_fail(self, exc: WsiError) -> None:
+        """A claim failed: say so once, when the job table stops answering. Quietly retried at
+        every poll, a job table that is down or cannot be written (its disk full) left jobs
+        queued for as long as it lasted with no line in the log, and the service ready."""
+        if self._claims_down:
+            return
+        self._claims_down = True
+        log.warning(
+            "worker %s: the job table does not answer (%s): no job is taken until it does",
+            self.name,
+            describe(exc),
+        )
+
+    def _claims_answer(self) -> None:
+        """A claim went through: say so when it is the first since the job table was down."""
+        if self._claims_down:
+            self._claims_down = False
+            log.info("worker %s: the job table answers again: taking jobs", self.name)
 
     async def _idle(self, stop: asyncio.Event) -> None:
         """Wait for the next poll, a wake-up or the stop, whichever comes first."""
