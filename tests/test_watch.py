@@ -589,3 +589,32 @@ def test_watcher_rejects_bad_settings(tmp_path: Path) -> None:
         FolderWatcher([], quiet_seconds=1, poll_interval=1)
     with pytest.raises(WsiError):
         FolderWatcher(tmp_path, quiet_seconds=1, poll_interval=0)
+
+
+def test_a_deletion_killed_half_way_leaves_nothing_once_the_folder_is_watched(
+    tmp_path: Path,
+) -> None:
+    """`--after delete` (and a move across file systems) first renames a slide into a hidden
+    folder beside it, then removes that folder: a SIGKILL or a power cut in between left the
+    whole slide there, hidden from the watcher and the console, for ever (patient data kept
+    against the policy, and disk space). Whoever watches the folder removes such leftovers,
+    at any depth, and nothing else."""
+    from wsi.ingest.source_files import HIDDEN_DELETE_PREFIX
+
+    shutil.copy(FIXTURES / "small.svs", tmp_path / "keep.svs")
+    top = tmp_path / f"{HIDDEN_DELETE_PREFIX}0123456789ab"
+    deep = tmp_path / "case-7" / f"{HIDDEN_DELETE_PREFIX}ba9876543210" / "mirax"
+    for leftover in (top, deep):
+        leftover.mkdir(parents=True)
+        shutil.copy(FIXTURES / "small.svs", leftover / "slide.svs")
+    other = tmp_path / ".scanner-cache"  # hidden, but not ours: left alone
+    other.mkdir()
+    (other / "x").write_bytes(b"x")
+    watcher = FolderWatcher(tmp_path, quiet_seconds=QUIET, poll_interval=0.1, use_inotify=False)
+    asyncio.run(watcher.poll())
+    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == [
+        ".scanner-cache",
+        ".scanner-cache/x",
+        "case-7",
+        "keep.svs",
+    ]

@@ -358,6 +358,31 @@ def _hide(paths: Sequence[Path], source: Path) -> Path:
     return hidden
 
 
+def remove_deletion_leftovers(folder: Path) -> int:
+    """Remove the hidden folders (`HIDDEN_DELETE_PREFIX`) that a deletion or a move across file
+    systems killed between `_hide` and the removal left in `folder`, at any depth; returns how
+    many went. Each holds files that were already gone from the slide's point of view (its
+    slide published, or copied whole and synced into the done folder) before they were hidden,
+    so nothing is lost: left there, a SIGKILL or a power cut at that moment kept a whole slide
+    hidden from the watcher and the console for ever (patient data the policy deletes, and
+    its disk space). Symbolic links are neither followed nor removed."""
+    with os.scandir(folder):  # an OSError when the folder is away: for the caller to retry
+        pass
+    removed = 0
+    for directory, dirs, _ in os.walk(folder):
+        for name in [d for d in dirs if d.startswith(HIDDEN_DELETE_PREFIX)]:
+            dirs.remove(name)
+            leftover = Path(directory, name)
+            if leftover.is_symlink():
+                continue
+            shutil.rmtree(leftover, ignore_errors=True)
+            if not os.path.lexists(leftover):
+                removed += 1
+    if removed:
+        fsync_dir(str(folder))
+    return removed
+
+
 def delete_files(paths: Sequence[Path], source: Path, *, keep: Collection[Path] = ()) -> None:
     """Delete the files `paths` of the slide at `source`, then the folders it formed that are
     left empty (never one in `keep`).
@@ -403,6 +428,7 @@ __all__ = [
     "move_files",
     "move_source",
     "record",
+    "remove_deletion_leftovers",
     "slide_files",
     "submit_slide",
 ]

@@ -45,6 +45,7 @@ from wsi.ingest.scan import (
     find_candidates,
 )
 from wsi.ingest.scan import Layout as Layout
+from wsi.ingest.source_files import remove_deletion_leftovers
 from wsi.ingest.supervise import describe
 from wsi.slidefiles import is_temporary
 from wsi.sources.dicom_backend import DicomSource as DicomSource
@@ -241,6 +242,8 @@ class FolderWatcher:
         self._unavailable: set[Path] = set()
         self._caches: dict[Path, ScanMemo] = {}
         self._inotify_failed = False
+        self._swept: set[Path] = set()
+        """Folders already cleared of deletion leftovers by this watcher (`_sweep`)."""
         self.leases = leases
         self._held: frozenset[Path] = frozenset(self.folders) if leases is None else frozenset()
 
@@ -266,11 +269,31 @@ class FolderWatcher:
     def stopped(self) -> bool:
         return self._stop.is_set()
 
+    def _sweep(self, folder: Path) -> None:
+        """Once per folder, when this watcher first scans it (it holds its lease): remove what
+        a deletion killed half-way left there (`remove_deletion_leftovers`)."""
+        if folder in self._swept:
+            return
+        try:
+            removed = remove_deletion_leftovers(folder)
+        except OSError as exc:  # unavailable now: the scan says so; tried at the next one
+            log.debug("watch folder %s: leftovers not removed (%s)", folder, describe(exc))
+            return
+        self._swept.add(folder)
+        if removed:
+            log.info(
+                "watch folder %s: removed %d hidden folder(s) of sources whose deletion was "
+                "cut short",
+                folder,
+                removed,
+            )
+
     def _scan(self) -> dict[Path, list[SlideCandidate] | None]:
         results: dict[Path, list[SlideCandidate] | None] = {}
         for folder in self.folders:
             if folder not in self._held:
                 continue
+            self._sweep(folder)
             try:
                 results[folder], self._caches[folder] = _find_candidates_cached(
                     folder, self._caches.get(folder)
