@@ -598,15 +598,19 @@ def test_a_deletion_killed_half_way_leaves_nothing_once_the_folder_is_watched(
     folder beside it, then removes that folder: a SIGKILL or a power cut in between left the
     whole slide there, hidden from the watcher and the console, for ever (patient data kept
     against the policy, and disk space). Whoever watches the folder removes such leftovers,
-    at any depth, and nothing else."""
+    at any depth, once they have been left alone long enough (never the folder of a deletion
+    running now), and nothing else."""
     from wsi.ingest.source_files import HIDDEN_DELETE_PREFIX
 
     shutil.copy(FIXTURES / "small.svs", tmp_path / "keep.svs")
     top = tmp_path / f"{HIDDEN_DELETE_PREFIX}0123456789ab"
     deep = tmp_path / "case-7" / f"{HIDDEN_DELETE_PREFIX}ba9876543210" / "mirax"
-    for leftover in (top, deep):
+    young = tmp_path / f"{HIDDEN_DELETE_PREFIX}00000000young"  # a deletion running now
+    for leftover in (top, deep, young):
         leftover.mkdir(parents=True)
         shutil.copy(FIXTURES / "small.svs", leftover / "slide.svs")
+    for hidden in (top, deep.parent):  # left by deletions killed an hour ago
+        os.utime(hidden, (time.time() - 3600, time.time() - 3600))
     other = tmp_path / ".scanner-cache"  # hidden, but not ours: left alone
     other.mkdir()
     (other / "x").write_bytes(b"x")
@@ -615,6 +619,8 @@ def test_a_deletion_killed_half_way_leaves_nothing_once_the_folder_is_watched(
     assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == [
         ".scanner-cache",
         ".scanner-cache/x",
+        f"{young.name}",
+        f"{young.name}/slide.svs",
         "case-7",
         "keep.svs",
     ]

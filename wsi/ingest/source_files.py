@@ -23,6 +23,7 @@ import errno
 import os
 import shutil
 import stat
+import time
 import uuid
 from collections.abc import Collection, Iterable, Sequence
 from pathlib import Path
@@ -358,22 +359,35 @@ def _hide(paths: Sequence[Path], source: Path) -> Path:
     return hidden
 
 
-def remove_deletion_leftovers(folder: Path) -> int:
+LEFTOVER_AGE_SECONDS = 600.0
+"""How long a hidden folder must have been left alone before `remove_deletion_leftovers` takes
+it for a leftover: a deletion or a move running now (in this process or another sharing the
+folder) renames files into its folder for a few milliseconds, and one removed under it would
+fail half-way, a move then undoing its copy in the done folder."""
+
+
+def remove_deletion_leftovers(folder: Path, now: float | None = None) -> int:
     """Remove the hidden folders (`HIDDEN_DELETE_PREFIX`) that a deletion or a move across file
-    systems killed between `_hide` and the removal left in `folder`, at any depth; returns how
-    many went. Each holds files that were already gone from the slide's point of view (its
-    slide published, or copied whole and synced into the done folder) before they were hidden,
-    so nothing is lost: left there, a SIGKILL or a power cut at that moment kept a whole slide
-    hidden from the watcher and the console for ever (patient data the policy deletes, and
-    its disk space). Symbolic links are neither followed nor removed."""
+    systems killed between `_hide` and the removal left in `folder`, at any depth, once
+    unchanged for `LEFTOVER_AGE_SECONDS`; returns how many went. Each holds files that were
+    already gone from the slide's point of view (its slide published, or copied whole and
+    synced into the done folder) before they were hidden, so nothing is lost: left there, a
+    SIGKILL or a power cut at that moment kept a whole slide hidden from the watcher and the
+    console for ever (patient data the policy deletes, and its disk space). Symbolic links are
+    neither followed nor removed."""
     with os.scandir(folder):  # an OSError when the folder is away: for the caller to retry
         pass
+    cutoff = (time.time() if now is None else now) - LEFTOVER_AGE_SECONDS
     removed = 0
     for directory, dirs, _ in os.walk(folder):
         for name in [d for d in dirs if d.startswith(HIDDEN_DELETE_PREFIX)]:
             dirs.remove(name)
             leftover = Path(directory, name)
-            if leftover.is_symlink():
+            try:
+                info = leftover.lstat()
+            except OSError:
+                continue
+            if stat.S_ISLNK(info.st_mode) or info.st_mtime > cutoff:
                 continue
             shutil.rmtree(leftover, ignore_errors=True)
             if not os.path.lexists(leftover):

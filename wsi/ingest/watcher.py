@@ -186,6 +186,10 @@ class _InotifyThread:
         await asyncio.to_thread(self.thread.join, 5.0)
 
 
+SWEEP_EVERY_SECONDS = 3600.0
+"""How often a watcher looks for what deletions killed half-way left in its folders."""
+
+
 class FolderWatcher:
     """Yields each slide dropped into `folders` once it is complete and has been quiet.
 
@@ -242,8 +246,8 @@ class FolderWatcher:
         self._unavailable: set[Path] = set()
         self._caches: dict[Path, ScanMemo] = {}
         self._inotify_failed = False
-        self._swept: set[Path] = set()
-        """Folders already cleared of deletion leftovers by this watcher (`_sweep`)."""
+        self._swept: dict[Path, float] = {}
+        """When (monotonic) each folder was last cleared of deletion leftovers (`_sweep`)."""
         self.leases = leases
         self._held: frozenset[Path] = frozenset(self.folders) if leases is None else frozenset()
 
@@ -270,16 +274,18 @@ class FolderWatcher:
         return self._stop.is_set()
 
     def _sweep(self, folder: Path) -> None:
-        """Once per folder, when this watcher first scans it (it holds its lease): remove what
-        a deletion killed half-way left there (`remove_deletion_leftovers`)."""
-        if folder in self._swept:
+        """When this watcher first scans a folder (it holds its lease), then hourly: remove what
+        a deletion killed half-way left there (`remove_deletion_leftovers`; one left less than
+        its age ago goes at a later sweep)."""
+        last = self._swept.get(folder)
+        if last is not None and time.monotonic() - last < SWEEP_EVERY_SECONDS:
             return
         try:
             removed = remove_deletion_leftovers(folder)
         except OSError as exc:  # unavailable now: the scan says so; tried at the next one
             log.debug("watch folder %s: leftovers not removed (%s)", folder, describe(exc))
             return
-        self._swept.add(folder)
+        self._swept[folder] = time.monotonic()
         if removed:
             log.info(
                 "watch folder %s: removed %d hidden folder(s) of sources whose deletion was "
