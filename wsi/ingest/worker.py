@@ -116,10 +116,10 @@ class Worker:
         """Folders never removed when a slide's folder is left empty (the watch folders)."""
         self._proc: asyncio.subprocess.Process | None = None
         self._lease_until = -float("inf")
-        self._claims_down = False
-        """Whether the last claim failed for the job table (logged once per outage)."""
         """Loop time until which the running job's lease is trusted: its claim's or its last
         successful heartbeat's sending time plus `lease_seconds`."""
+        self._claims_down = False
+        """Whether the last claim failed for the job table (logged once per outage)."""
 
     async def run(self, stop: asyncio.Event) -> None:
         """Claim and run jobs until `stop` is set, whatever a job throws."""
