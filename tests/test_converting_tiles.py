@@ -210,3 +210,44 @@ def test_without_text_keeps_the_colour_segments_and_the_scan() -> None:
     noted = plain[:2] + com + adobe + app1 + plain[2:]
     assert jpeg.without_text(noted) == plain[:2] + adobe + plain[2:]
     assert jpeg.without_text(noted[:8]) == noted[:8]
+
+
+def _reference_without_text(stream: bytes) -> bytes:
+    """The rule of `jpeg.without_text`, written plainly here (the library's is in C)."""
+    pieces, kept, pos = [], 2, 2
+    while pos + 4 <= len(stream) and stream[pos] == 0xFF and stream[pos + 1] != 0xDA:
+        marker = stream[pos + 1]
+        end = pos + 2 + int.from_bytes(stream[pos + 2 : pos + 4], "big")
+        if end > len(stream):
+            break
+        colour = {0xE0: b"JFIF\x00", 0xEE: b"Adobe"}.get(marker)
+        text = marker == 0xFE or (0xE0 <= marker <= 0xEF and colour is None)
+        if text or (colour is not None and not stream[pos + 4 : end].startswith(colour)):
+            pieces.append(stream[kept:pos])
+            kept = end
+        pos = end
+    return b"".join((stream[:2], *pieces, stream[kept:])) if pieces else stream
+
+
+def test_without_text_on_any_header_is_the_rule() -> None:
+    """Random headers of every kind of segment, cut anywhere, lengths that run past the end,
+    a hundred comments: what the C walk keeps is the rule's, and nothing else is read."""
+    rng = np.random.default_rng(7)
+    plain = jpeg.encode(np.full((16, 16, 3), 128, np.uint8), 90, True)
+    kinds = [0xFE, 0xE0, 0xE1, 0xE2, 0xED, 0xEE, 0xEF, 0xDB, 0xC4, 0xDD]
+    for case in range(3000):
+        segments = []
+        for _ in range(int(rng.integers(0, 8 if case % 50 else 100))):
+            marker = int(rng.choice(kinds))
+            payload = bytes(rng.integers(0, 256, int(rng.integers(0, 12)), dtype=np.uint8))
+            if marker in (0xE0, 0xEE) and rng.random() < 0.5:
+                payload = (b"JFIF\x00" if marker == 0xE0 else b"Adobe") + payload
+            length = len(payload) + 2 if rng.random() < 0.95 else int(rng.integers(0, 65536))
+            segments.append(bytes([0xFF, marker]) + length.to_bytes(2, "big") + payload)
+        stream = plain[:2] + b"".join(segments) + plain[2:]
+        if case % 3 == 0:
+            stream = stream[: int(rng.integers(0, len(stream) + 1))]
+        got = jpeg.without_text(stream)
+        assert got == _reference_without_text(stream), case
+        if got == stream:
+            assert got is stream

@@ -490,6 +490,88 @@ static PyObject *py_encode(PyObject *self, PyObject *args) {
     return out;
 }
 
+/* -- free text ------------------------------------------------------------------------------ */
+/* Whether the header segment at s[pos] (marker, then its length-counted payload up to `end`)
+ * holds free text rather than what decodes the pixels: a comment (COM), or an application
+ * segment (APPn) but a JFIF APP0 or an Adobe APP14, which say the colour space. */
+static int is_text_segment(const unsigned char *s, Py_ssize_t pos, Py_ssize_t end) {
+    unsigned marker = s[pos + 1];
+    const char *colour = marker == 0xE0 ? "JFIF" : marker == 0xEE ? "Adobe" : NULL;
+    if (marker == 0xFE)
+        return 1;
+    if (marker < 0xE0 || marker > 0xEF)
+        return 0;
+    if (colour == NULL)
+        return 1;
+    /* "JFIF\0" and "Adobe": the identifier's 5 bytes, its terminating NUL included */
+    return end - (pos + 4) < 5 || memcmp(s + pos + 4, colour, 5) != 0;
+}
+
+/* The header segments of s[0:n] before its scan, from the third byte, one after another as
+ * far as they go: calls `each(s, start, end, state)` for each text one, and returns how many
+ * bytes they hold. */
+static Py_ssize_t walk_text(const unsigned char *s, Py_ssize_t n,
+                            void (*each)(const unsigned char *, Py_ssize_t, Py_ssize_t, void *),
+                            void *state) {
+    Py_ssize_t pos = 2, size = 0;
+    while (pos + 4 <= n && s[pos] == 0xFF && s[pos + 1] != 0xDA) {
+        Py_ssize_t end = pos + 2 + (((Py_ssize_t)s[pos + 2] << 8) | s[pos + 3]);
+        if (end > n)
+            break;
+        if (is_text_segment(s, pos, end)) {
+            size += end - pos;
+            if (each != NULL)
+                each(s, pos, end, state);
+        }
+        pos = end;
+    }
+    return size;
+}
+
+struct text_copy {
+    char *w;         /* where the next kept byte goes */
+    Py_ssize_t kept; /* the first byte not yet copied */
+};
+
+static void copy_before(const unsigned char *s, Py_ssize_t start, Py_ssize_t end, void *state) {
+    struct text_copy *c = (struct text_copy *)state;
+    memcpy(c->w, s + c->kept, (size_t)(start - c->kept));
+    c->w += start - c->kept;
+    c->kept = end;
+}
+
+/* without_text(stream) -> bytes: `stream` without the header segments before its scan that
+ * hold free text (`is_text_segment`); `stream` itself when it has none, or as far as its
+ * header is one length-counted segment after another from the third byte. Defined here, not
+ * in Python, because it runs on every tile a conversion keeps as it is: a walk in Python cost
+ * about as much as the rest of such a tile's copy. */
+static PyObject *py_without_text(PyObject *self, PyObject *arg) {
+    const unsigned char *s;
+    Py_ssize_t n, dropped;
+    struct text_copy c;
+    PyObject *out;
+    (void)self;
+    if (!PyBytes_Check(arg)) {
+        PyErr_SetString(PyExc_TypeError, "without_text expects bytes");
+        return NULL;
+    }
+    s = (const unsigned char *)PyBytes_AS_STRING(arg);
+    n = PyBytes_GET_SIZE(arg);
+    dropped = walk_text(s, n, NULL, NULL);
+    if (dropped == 0) {
+        Py_INCREF(arg);
+        return arg;
+    }
+    out = PyBytes_FromStringAndSize(NULL, n - dropped);
+    if (out == NULL)
+        return NULL;
+    c.w = PyBytes_AS_STRING(out);
+    c.kept = 0;
+    walk_text(s, n, copy_before, &c);
+    memcpy(c.w, s + c.kept, (size_t)(n - c.kept));
+    return out;
+}
+
 /* -- module --------------------------------------------------------------------------------- */
 static PyMethodDef methods[] = {
     {"transcode", py_transcode, METH_VARARGS,
@@ -507,6 +589,9 @@ static PyMethodDef methods[] = {
      "decode_region(data, x, y, out, expected_width, expected_height): a rectangle into out"},
     {"encode", py_encode, METH_VARARGS,
      "encode(pixels, quality, subsample_420) -> bytes: a JPEG with optimal Huffman tables"},
+    {"without_text", py_without_text, METH_O,
+     "without_text(stream) -> bytes: the stream without its comments and APPn segments but "
+     "JFIF and Adobe"},
     {NULL, NULL, 0, NULL},
 };
 

@@ -167,38 +167,16 @@ def components(stream: bytes) -> tuple[bytes, list[int]]:
     raise CorruptSlide("JPEG stream has no frame header")
 
 
-_COM = 0xFE
-_COLOUR_APPS = {0xE0: b"JFIF\x00", 0xEE: b"Adobe"}
-"""APPn segments that say how to decode (JFIF: YCbCr; Adobe: its colour transform), by marker
-and the identifier their payload starts with: the only APPn segments `without_text` keeps."""
-
-
 def without_text(stream: bytes) -> bytes:
     """`stream` without the header segments that hold free text rather than pixels: comments
     (COM) and application segments (APPn: EXIF, XMP, a vendor's own) but a JFIF or Adobe one,
     which say the colour space. Scanners and cameras put names, barcodes, dates and file paths
-    there; a stored tile never keeps them (`jpegtran.transcode`), so a source tile handed out as
-    it is must not either. Tables, frame, scan and entropy-coded data are kept byte for byte;
-    `stream` itself is returned when there is nothing to drop. A header that is not one segment
-    after another is returned as it is (no decoder reads it either)."""
-    pieces: list[bytes] = []
-    kept = pos = 2
-    while pos + 4 <= len(stream) and stream[pos] == 0xFF:
-        marker = stream[pos + 1]
-        if marker == 0xDA:  # SOS: entropy-coded data follows
-            break
-        end = pos + 2 + int.from_bytes(stream[pos + 2 : pos + 4], "big")
-        if end > len(stream):
-            break
-        colour = _COLOUR_APPS.get(marker)
-        text = marker == _COM or (0xE0 <= marker <= 0xEF and colour is None)
-        if text or (colour is not None and not stream[pos + 4 : end].startswith(colour)):
-            pieces.append(stream[kept:pos])
-            kept = end
-        pos = end
-    if not pieces:
-        return stream
-    return b"".join((stream[:2], *pieces, stream[kept:]))
+    there; a stored tile never keeps them (`jpegtran.transcode`), so a source tile handed out or
+    kept as it is must not either. Tables, frame, scan and entropy-coded data are kept byte for
+    byte; `stream` itself is returned when there is nothing to drop. A header that is not one
+    segment after another is read as far as it is (no decoder reads the rest either). In C
+    (`_jpeglib.without_text`): it runs on every tile a conversion keeps."""
+    return _jpeglib.without_text(stream)
 
 
 def complete_tile(tile: bytes, tables: bytes | None, rgb: bool) -> bytes:
