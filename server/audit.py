@@ -26,8 +26,7 @@ from typing import IO, Any
 from aiohttp import web
 
 from wsi.errors import InvalidArgument
-from wsi.published.layout.keys import check_slide_id
-from wsi.store.objects import FILE_MODE
+from wsi.store.objects import FILE_MODE, check_slide_id
 
 PRINCIPAL = web.RequestKey("principal", str)
 """Who a request was admitted as (set by `server.auth.admission`)."""
