@@ -51,7 +51,7 @@ from server.replica import follow_ingest, follow_jobs, publish_status
 from server.responses import install as install_response_headers
 from server.runner import OUTSIDE_FRONT, run
 from server.settings import ProcessRole, ServerSettings
-from wsi.ingest.lease import run_while_held, store_lease_name
+from wsi.ingest.lease import dead_local_holder, run_while_held, store_lease_name
 from wsi.ingest.supervise import Supervisor, describe
 from wsi.published.store import PublishedStore
 from wsi.published.values import ReaderSettings
@@ -159,7 +159,8 @@ async def _ingest(app: web.Application) -> AsyncIterator[None]:
     ingest = settings.ingest
     await asyncio.to_thread(ingest.make_state, settings.store)  # private, whatever the umask
     queue = await asyncio.to_thread(open_queue, ingest.jobs_path(settings.store))
-    await asyncio.to_thread(queue.recover)  # jobs of a crashed run are taken back
+    # Jobs of a crashed run are taken back: those of this host's dead processes at once.
+    await asyncio.to_thread(queue.recover, None, dead_local_holder)
     app[JOBS] = queue
     app[JOBS_WAKE] = asyncio.Event()
     stop = asyncio.Event()

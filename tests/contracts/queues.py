@@ -421,6 +421,32 @@ class JobQueueContract:
         nxt = queue.claim("w", 5)
         assert nxt is not None and nxt.id == lost.id and nxt.attempts == 2
 
+    def test_recover_takes_back_at_once_the_jobs_of_workers_said_gone(
+        self, queue: JobQueue, clock: FakeClock
+    ) -> None:
+        """A service restarted after a kill -9 waited out its dead worker's lease (a minute;
+        longer after the clock stepped back) before converting again: `gone` says which
+        workers no longer run, and their jobs come back at once, the attempt counted."""
+        dead = queue.submit("/dead.svs")
+        live = queue.submit("/live.svs")
+        assert queue.claim("host:1:dead", lease_seconds=600) is not None
+        assert queue.claim("host:2:live", lease_seconds=600) is not None
+        assert queue.recover() == 0  # both leases run
+        asked: list[str] = []
+
+        def gone(worker: str) -> bool:
+            asked.append(worker)
+            return worker == "host:1:dead"
+
+        assert queue.recover(gone=gone) == 1
+        assert sorted(asked) == ["host:1:dead", "host:2:live"]
+        again = queue.get(dead.id)
+        assert again.state is JobState.QUEUED and again.worker is None
+        assert again.error is not None and "process is gone" in again.error
+        assert queue.get(live.id).state is JobState.RUNNING
+        nxt = queue.claim("host:3:new", 5)
+        assert nxt is not None and nxt.id == dead.id and nxt.attempts == 2
+
     def test_recover_hands_jobs_out_of_attempts_to_be_failed(
         self, queue: JobQueue, clock: FakeClock
     ) -> None:

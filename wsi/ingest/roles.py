@@ -15,7 +15,7 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
 
 from wsi.errors import WsiError
-from wsi.ingest.lease import FolderLeases, run_while_held, store_lease_name
+from wsi.ingest.lease import FolderLeases, dead_local_holder, run_while_held, store_lease_name
 from wsi.ingest.queue import Job, JobQueue, JobState, SourceFile
 from wsi.ingest.settings import IngestSettings
 from wsi.ingest.source_files import submit_slide
@@ -147,7 +147,9 @@ def run_roles(
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        await asyncio.to_thread(queue.recover)
+        # Jobs of a crashed run: those of this host's dead processes at once, the rest once
+        # their leases run out.
+        await asyncio.to_thread(queue.recover, None, dead_local_holder)
         if workers:  # temp copies of s3:// sources whose conversions were killed
             await asyncio.to_thread(sweep_orphans, settings.spool_path(store.url))
         tasks = Supervisor(stop)

@@ -71,6 +71,12 @@ _LIVE_STATES = (JobState.QUEUED, JobState.RUNNING)
 """Of a slide's standing jobs, a live one is returned before the newest ended one."""
 
 
+LOST_LEASE = "worker lost (lease expired)"
+"""The error of a job `JobQueue.recover` took back after its worker's lease ran out."""
+LOST_WORKER = "worker lost (its process is gone)"
+"""The error of a job `JobQueue.recover` took back from a worker it was told is gone."""
+
+
 def _standing_states(watched: bool) -> tuple[JobState, ...]:
     """The states in which a slide's job answers a new submission of that slide. A watcher's
     report (`watched`) is answered by any job: a cancelled slide, or a failed one whose source
@@ -555,12 +561,15 @@ class JobQueue(abc.ABC):
         read of the table, no job loaded, so `/metrics` can ask at every scrape."""
 
     @abc.abstractmethod
-    def recover(self, now: float | None = None) -> int:
-        """Take back every running job whose lease expired (at `now`, default the clock).
+    def recover(self, now: float | None = None, gone: Callable[[str], bool] | None = None) -> int:
+        """Take back every running job whose lease expired (at `now`, default the clock), and
+        with `gone` every one whose worker it says no longer runs (`wsi.ingest.lease.
+        dead_local_holder`: a process of this host killed with its jobs, whose leases would
+        hold them up to a minute after a restart, longer after the clock stepped back).
 
-        Requeues each for immediate retry (one out of attempts is then claimed to be failed,
-        see `claim`). Called at
-        start; returns how many jobs it took back. Live leases of other workers are untouched.
+        Requeues each for immediate retry, the attempt counted (one out of attempts is then
+        claimed to be failed, see `claim`). Called at start; returns how many jobs it took back.
+        Live leases of other workers are untouched.
         """
 
     # Leases on things other than jobs (a watch folder): one holder at a time across every

@@ -35,7 +35,7 @@ import builtins
 import json
 import time
 import uuid
-from collections.abc import Collection, Mapping
+from collections.abc import Callable, Collection, Mapping
 from typing import Any
 
 import psycopg
@@ -45,6 +45,8 @@ from wsi.ingest.queue.base import (
     _LIVE_STATES,
     _MAX_LIST,
     _MAX_WORKER,
+    LOST_LEASE,
+    LOST_WORKER,
     Clock,
     Job,
     JobNotFound,
@@ -452,24 +454,33 @@ class PostgresJobQueue(JobQueue):
 
         return self._run(step)
 
-    def recover(self, now: float | None = None) -> int:
+    def recover(self, now: float | None = None, gone: Callable[[str], bool] | None = None) -> int:
         if now is not None:
             now = _check_number("now", now, 0)
         given = now
 
         def step(cur: psycopg.Cursor[Any]) -> int:
             at = self.clock() if given is None else given
-            cur.execute(
-                f"SELECT {COLUMNS} FROM {JOINED} WHERE p.status = 'doing' "  # noqa: S608
-                "AND w.lease_until < %s ORDER BY p.id FOR UPDATE OF w, p",
-                (at,),
-            )
-            lost = cur.fetchall()
-            for row in lost:
-                self._requeue(
-                    cur, row, at, "error = %s, updated = %s", ("worker lost (lease expired)", at)
+            if gone is None:  # only the expired: those rows alone are locked
+                cur.execute(
+                    f"SELECT {COLUMNS} FROM {JOINED} WHERE p.status = 'doing' "  # noqa: S608
+                    "AND w.lease_until < %s ORDER BY p.id FOR UPDATE OF w, p",
+                    (at,),
                 )
-            return len(lost)
+            else:
+                cur.execute(
+                    f"SELECT {COLUMNS} FROM {JOINED} WHERE p.status = 'doing' "  # noqa: S608
+                    "ORDER BY p.id FOR UPDATE OF w, p"
+                )
+            lost = 0
+            for row in cur.fetchall():
+                expired = row[13] is not None and row[13] < at
+                if not expired and not (gone is not None and row[12] and gone(row[12])):
+                    continue
+                why = LOST_LEASE if expired else LOST_WORKER
+                self._requeue(cur, row, at, "error = %s, updated = %s", (why, at))
+                lost += 1
+            return lost
 
         return self._run(step)
 

@@ -12,7 +12,7 @@ import threading
 import time
 import uuid
 import weakref
-from collections.abc import Collection, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -22,6 +22,8 @@ from wsi.ingest.queue.base import (
     _LIVE_STATES,
     _MAX_LIST,
     _MAX_WORKER,
+    LOST_LEASE,
+    LOST_WORKER,
     SCHEMA_VERSION,
     STORED_COLUMNS,
     Clock,
@@ -499,18 +501,26 @@ class SQLiteJobQueue(JobQueue):
             found[JobState(state)] = int(count)
         return found
 
-    def recover(self, now: float | None = None) -> int:
+    def recover(self, now: float | None = None, gone: Callable[[str], bool] | None = None) -> int:
         if now is not None:
             now = _check_number("now", now, 0)
         with self._transaction() as conn:
             now = self.clock() if now is None else now
-            cur = conn.execute(
+            running = conn.execute(
+                "SELECT id, worker, lease_until FROM jobs WHERE state = ?", (JobState.RUNNING,)
+            ).fetchall()
+            lost = [
+                (LOST_LEASE if expired else LOST_WORKER, job_id)
+                for job_id, worker, until in running
+                for expired in [until is not None and until < now]
+                if expired or (gone is not None and worker is not None and gone(worker))
+            ]
+            conn.executemany(
                 "UPDATE jobs SET state = ?, error = ?, worker = NULL, lease_until = NULL, "
-                "progress = 0, next_attempt_at = ?, updated = ? "
-                "WHERE state = ? AND lease_until < ?",
-                (JobState.QUEUED, "worker lost (lease expired)", now, now, JobState.RUNNING, now),
+                "progress = 0, next_attempt_at = ?, updated = ? WHERE id = ?",
+                [(JobState.QUEUED, why, now, now, job_id) for why, job_id in lost],
             )
-            return cur.rowcount
+            return len(lost)
 
     # leases
 
