@@ -305,6 +305,21 @@ def test_crop_refuses_corrupt_data() -> None:
         restart.parse_header(b"\xff\xd8\xff\xc0\x00")
 
 
+def test_an_empty_scan_header_is_a_corrupt_slide() -> None:
+    """A start-of-scan segment with no payload (length 2, a damaged header) is refused as
+    corrupt, not indexed past its end (an IndexError that only the NDPI backend's broad catch
+    turned into CorruptSlide, and that any other caller would see as a crash)."""
+    stream = jpeg.encode(np.full((16, 16, 3), 200, np.uint8), 90)
+    at = stream.index(b"\xff\xda")
+    damaged = (
+        stream[: at + 2]
+        + b"\x00\x02"
+        + stream[at + 2 + int.from_bytes(stream[at + 2 : at + 4], "big") :]
+    )
+    with pytest.raises(CorruptSlide, match="scan"):
+        restart.parse_header(damaged)
+
+
 # ------------------------------------------------------------------------------------------
 # Damaged files: a clear error, or OpenSlide's decoding where the file still allows it
 

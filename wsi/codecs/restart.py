@@ -243,7 +243,7 @@ def _scan_tables(
     """Per component, the (DC, AC) Huffman codes its scan selects and its DC quantiser;
     CorruptSlide unless the one scan holds every component and its tables are all there."""
     n = len(comps)
-    if scan[0] != n or len(scan) < 1 + 2 * n:
+    if not scan or scan[0] != n or len(scan) < 1 + 2 * n:
         raise CorruptSlide("the JPEG scan does not hold every component at once")
     selectors = {scan[1 + 2 * i]: scan[2 + 2 * i] for i in range(n)}
     huff = found.huffman
