@@ -220,3 +220,37 @@ def test_a_corrupt_shard_index_is_a_422(tmp_path: Path) -> None:
             assert (await c.get(f"/slides/{sid}/tiles/1/0/0")).status == 200
 
     asyncio.run(main())
+
+
+def test_an_unreadable_instance_is_left_out_of_instance_searches(tmp_path: Path) -> None:
+    """A published slide whose base level object was damaged afterwards (its DICOM header no
+    longer readable) has that instance left out of instance searches, store-wide or of its
+    series: the other instances are still listed. Before, `GET /dicomweb/instances` answered
+    422 for the whole store because of one damaged object."""
+    root = tmp_path / "store"
+    store = wsi.Store(wsi.StoreSettings(str(root)))
+    wsi.convert_slide(make_tiff(tmp_path / "good.tif", 700, 600), store)
+    bad = wsi.convert_slide(make_tiff(tmp_path / "bad.tif", 900, 500, seed=3), store).slide_id
+    (root / bad / "slide.zarr" / "0" / "c" / "0" / "0" / "0").write_bytes(b"")
+
+    async def main() -> None:
+        async with TestClient(TestServer(create_app(ServerSettings(store=str(root))))) as c:
+            r = await c.get("/dicomweb/instances")
+            assert r.status == 200, await r.text()
+            found = await r.json()
+            assert len(found) >= 2  # the good slide's levels at least
+            r = await c.get("/dicomweb/series")
+            assert r.status == 200
+            series = [
+                (s["0020000D"]["Value"][0], s["0020000E"]["Value"][0]) for s in await r.json()
+            ]
+            assert len(series) == 2  # the damaged slide's series is still listed
+            per_series = []
+            for study, uid in series:
+                r = await c.get(f"/dicomweb/studies/{study}/series/{uid}/instances")
+                assert r.status == 200, await r.text()
+                per_series.append(len(await r.json()))
+            assert sum(per_series) == len(found)  # each instance once, the damaged one left out
+            assert (await c.get("/healthz")).status == 200
+
+    asyncio.run(main())

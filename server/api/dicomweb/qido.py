@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import replace
 from typing import Any
@@ -40,8 +41,10 @@ from server.audit import note_read
 from server.keys import CATALOG
 from server.render import in_pool
 from server.responses import FORWARDED_VARY, dumps, public_origin
-from wsi.errors import SlideNotFound
+from wsi.errors import CorruptSlide, SlideNotFound
 from wsi.published.slide import AsyncPublishedSlide
+
+log = logging.getLogger(__name__)
 
 MAX_RESULTS = 1000
 """QIDO results in one response without an explicit limit (PS3.18 6.7.1.2.2 Warning)."""
@@ -135,12 +138,19 @@ class Search:
         )
 
     async def rows(self, slides: list[AsyncPublishedSlide]) -> list[Row]:
-        """One row per shown instance of `slides` that the UID filters let through."""
+        """One row per shown instance of `slides` that the UID filters let through, leaving
+        out those whose header cannot be read (an object damaged after publishing): as a slide
+        refused by the reader is left out of searches, one damaged object must not make every
+        search of the store a 422. Asked for by itself, such an instance is still a 422."""
         gate = asyncio.Semaphore(32)
 
-        async def header(inst: Instance) -> Dataset:
+        async def header(inst: Instance) -> Dataset | None:
             async with gate:
-                return await self.state.header(self.catalog, inst)
+                try:
+                    return await self.state.header(self.catalog, inst)
+                except CorruptSlide as exc:
+                    log.warning("left out of a DICOMweb search: %s", exc)
+                    return None
 
         targets: list[tuple[int, Instance]] = []
         for slide in slides:
@@ -160,6 +170,7 @@ class Search:
         return [
             Row(inst.slide.slide_id, count, inst, ds, self.computed(inst, ds))
             for (count, inst), ds in zip(targets, headers, strict=True)
+            if ds is not None
         ]
 
     async def instance_rows(self) -> tuple[int, list[Row]]:
