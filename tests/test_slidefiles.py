@@ -4,6 +4,8 @@ listed files, DICOM series grouping and the suffix lists, and the modules that u
 from __future__ import annotations
 
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pydicom
@@ -235,3 +237,30 @@ def test_names_at_the_file_systems_limit(tmp_path: Path) -> None:
     second = _new_folder(tmp_path / "quarantine", slide.name)
     assert first.name == slide.name and second.is_dir() and second != first
     assert len(second.name.encode()) <= 255 and second.name.endswith("-1")
+
+
+def test_a_header_element_declaring_gigabytes_gives_a_reason(tmp_path: Path) -> None:
+    """A damaged DICOM header whose sequence declares ~4 GiB in a 5 KB file: under an
+    address-space limit (as conversions are run by lab IT and by the corrupt-corpus test)
+    pydicom's read of it is a MemoryError, which has no message; the error line said
+    "cannot read DICOM header: " and nothing after."""
+    data = sample("openslide-python-fixtures/boxes_0.dcm").read_bytes()
+    undefined = b"\x28\x00\x10\x91SQ\x00\x00\xff\xff\xff\xff"  # PixelMeasuresSequence
+    assert data.count(undefined) == 1
+    path = tmp_path / "huge.dcm"
+    path.write_bytes(data.replace(undefined, undefined[:8] + (0xFFFFFF09).to_bytes(4, "little")))
+    code = (
+        "import pathlib, resource, sys\n"
+        "resource.setrlimit(resource.RLIMIT_AS, (2**30, 2**30))\n"
+        "from wsi.errors import CorruptSlide\n"
+        "from wsi.slidefiles import series_uid\n"
+        "try:\n"
+        "    series_uid(pathlib.Path(sys.argv[1]))\n"
+        "except CorruptSlide as exc:\n"
+        "    print(exc)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code, str(path)], capture_output=True, text=True, check=True
+    )
+    assert done.stdout.startswith("cannot read DICOM header: ")
+    assert len(done.stdout.strip()) > len("cannot read DICOM header:"), done.stdout

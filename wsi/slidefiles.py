@@ -246,6 +246,15 @@ DICOMDIR_SOP_CLASS = "1.2.840.10008.1.3.10"
 """Media Storage Directory Storage: a DICOMDIR, the one DICOM file that belongs to no series."""
 
 
+def header_error(exc: Exception) -> str:
+    """Why pydicom could not read a header, never empty: an element declaring gigabytes in a
+    small file is a MemoryError under an address-space limit, and a MemoryError has no
+    message (the error line read "cannot read DICOM header: " and nothing after)."""
+    if isinstance(exc, MemoryError):
+        return "an element declares more bytes than can be read"
+    return str(exc) or type(exc).__name__
+
+
 def series_uid(path: Path) -> str | None:
     """The SeriesInstanceUID of the DICOM file at `path` (None when it has none); CorruptSlide
     when its header cannot be read (truncated, half-written, not DICOM). Warnings pydicom gives
@@ -257,7 +266,7 @@ def series_uid(path: Path) -> str | None:
             path, stop_before_pixels=True, defer_size=1024, specific_tags=["SeriesInstanceUID"]
         )
     except Exception as exc:  # pydicom raises many kinds on a truncated or foreign file
-        raise CorruptSlide(f"cannot read DICOM header: {exc}") from exc
+        raise CorruptSlide(f"cannot read DICOM header: {header_error(exc)}") from exc
     uid = ds.get("SeriesInstanceUID")
     if uid:
         return str(uid)

@@ -17,7 +17,7 @@ from wsi.codecs import jpeg, jpeg2000
 from wsi.codecs.colour import srgb_of_dicom_lab
 from wsi.errors import CorruptSlide, EncodedTileUnavailable, SlideIncomplete, UnsupportedSlide
 from wsi.model import Level, SlideProperties, TileCodec
-from wsi.slidefiles import DICOMDIR_SOP_CLASS, dicom_series_files, is_dicom_file
+from wsi.slidefiles import DICOMDIR_SOP_CLASS, dicom_series_files, header_error, is_dicom_file
 from wsi.sources.base import SlideSource
 
 # pydicom and wsidicom are imported when a DICOM slide is opened: together they take ~0.5 s,
@@ -156,7 +156,7 @@ class DicomSource(SlideSource):
         try:
             ds = pydicom.dcmread(self.files[0], stop_before_pixels=True)
         except Exception as exc:
-            raise CorruptSlide(f"cannot read DICOM header: {exc}") from exc
+            raise CorruptSlide(f"cannot read DICOM header: {header_error(exc)}") from exc
         for keyword in _VENDOR_KEYWORDS:
             value = ds.get(keyword)
             if value not in (None, ""):
