@@ -171,6 +171,22 @@ def test_corrupt_codestreams_fail_with_openjpeg_reason(j2k_svs: Path) -> None:
     assert jpeg2000.decode(stream).shape == (256, 256, 3)  # the thread's decoder still works
 
 
+def test_an_image_origin_past_the_image_is_a_corrupt_codestream(j2k_svs: Path) -> None:
+    """A SIZ marker whose image origin (XOsiz, YOsiz) lies past the image's far corner (Xsiz,
+    Ysiz) declares a negative size: it is refused as corrupt, where it used to reach
+    numpy as a ValueError ("negative dimensions are not allowed"), which a stored tile served
+    as JPEG (`to_jpeg`) or a source tile decoded did not report as a damaged slide."""
+    stream = bytearray(min(_codestreams(j2k_svs), key=len))
+    xsiz, ysiz = int.from_bytes(stream[8:12], "big"), int.from_bytes(stream[12:16], "big")
+    stream[16:20] = (xsiz + 16).to_bytes(4, "big")  # SIZ XOsiz, YOsiz past Xsiz, Ysiz
+    stream[20:24] = (ysiz + 16).to_bytes(4, "big")
+    for decode in (jpeg2000.decode, jpeg2000.decode_half):
+        with pytest.raises(CorruptSlide, match="SIZ"):
+            decode(bytes(stream))
+    with pytest.raises(CorruptSlide, match="SIZ"):
+        jpeg2000.to_jpeg(bytes(stream), 80)
+
+
 def _convert(path: Path, root: Path, **pyramid: object) -> tuple[Path, str]:
     settings = ConvertSettings(PyramidSettings(keep_background=True, **pyramid))  # type: ignore[arg-type]
     result = convert_slide(path, Store(StoreSettings(str(root))), settings)

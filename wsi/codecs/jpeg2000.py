@@ -86,6 +86,8 @@ def parse(stream: bytes) -> Codestream:
     (ncomp,) = struct.unpack_from(">H", stream, 40)
     if lsiz != 38 + 3 * ncomp or len(stream) < 4 + lsiz or not 1 <= ncomp <= 16384:
         raise CorruptSlide("JPEG 2000 SIZ marker is malformed")
+    if xo >= xsiz or yo >= ysiz:  # a negative or empty image: nothing to size an array by
+        raise CorruptSlide(f"JPEG 2000 SIZ marker puts the image origin ({xo}, {yo}) past its end")
     sampling = [stream[42 + 3 * i + 1 : 42 + 3 * i + 3] for i in range(ncomp)]
     subsampled = any(s != b"\x01\x01" for s in sampling)
     pos = 4 + lsiz
