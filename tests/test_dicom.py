@@ -637,3 +637,27 @@ def test_a_dicom_only_conversion_writes_the_same_instances_as_both_views(tmp_pat
     for inst in both_instances:
         key = f"{both.slide_id}/{inst['key']}"
         assert both_store.get(key) == dicom_store.get(key), key
+
+
+@pytest.mark.parametrize(
+    "name", ["openslide-python-fixtures/boxes_0.dcm", "highdicom/sm_image.dcm"]
+)
+def test_a_header_element_of_unknown_representation_is_a_corrupt_slide(
+    name: str, tmp_path: Path
+) -> None:
+    """pydicom decodes an element when it is read: StudyTime with a damaged VR ("T\\x06")
+    raised NotImplementedError while the slide's properties were read, which the command took
+    for an unexpected failure (exit 75: ingest retried the slide five times with backoff
+    before quarantining it). It is a corrupt slide: exit 1, one line."""
+    data = sample(name).read_bytes()
+    study_time = b"\x08\x00\x30\x00TM"
+    assert data.count(study_time) == 1
+    path = tmp_path / "damaged" / "slide.dcm"
+    path.parent.mkdir()
+    path.write_bytes(data.replace(study_time, b"\x08\x00\x30\x00T\x06"))
+    done = run_wsi("convert", str(path), "--out", str(tmp_path / "out"), "--no-progress")
+    assert done.returncode == 1, done.stderr
+    assert done.stderr.strip().splitlines() == [
+        f"wsi: error: {path}: cannot read DICOM header: "
+        "Unknown Value Representation '0x54 0x06' in tag (0008,0030)"
+    ]

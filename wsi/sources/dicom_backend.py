@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -19,6 +20,9 @@ from wsi.errors import CorruptSlide, EncodedTileUnavailable, SlideIncomplete, Un
 from wsi.model import Level, SlideProperties, TileCodec
 from wsi.slidefiles import DICOMDIR_SOP_CLASS, dicom_series_files, header_error, is_dicom_file
 from wsi.sources.base import SlideSource
+
+if TYPE_CHECKING:
+    import pydicom
 
 # pydicom and wsidicom are imported when a DICOM slide is opened: together they take ~0.5 s,
 # which every `wsi` command would otherwise pay.
@@ -150,13 +154,19 @@ class DicomSource(SlideSource):
         # valid-enough files (e.g. issuer types it does not know) that still have good pixels.
         import pydicom
 
+        try:
+            ds = pydicom.dcmread(self.files[0], stop_before_pixels=True)
+            # pydicom decodes an element when it is read: a damaged one (a VR it does not know,
+            # a value it cannot parse) raises here, of any kind, and is the header's damage.
+            return self._properties_of(ds)
+        except Exception as exc:
+            raise CorruptSlide(f"cannot read DICOM header: {header_error(exc)}") from exc
+
+    def _properties_of(self, ds: pydicom.Dataset) -> SlideProperties:
+        """The slide's properties from its first file's header `ds`."""
         mpp = self._wsi.mpp
         vendor_props: dict[str, str] = {}
         icc = None
-        try:
-            ds = pydicom.dcmread(self.files[0], stop_before_pixels=True)
-        except Exception as exc:
-            raise CorruptSlide(f"cannot read DICOM header: {header_error(exc)}") from exc
         for keyword in _VENDOR_KEYWORDS:
             value = ds.get(keyword)
             if value not in (None, ""):
