@@ -254,3 +254,23 @@ def test_an_unreadable_instance_is_left_out_of_instance_searches(tmp_path: Path)
             assert (await c.get("/healthz")).status == 200
 
     asyncio.run(main())
+
+
+def test_a_tile_width_tag_of_many_values_is_a_corrupt_slide(tmp_path: Path) -> None:
+    """A damaged TileWidth entry of a reduced level (its count 1 become 255: the value is then
+    read from wherever the entry now points) made tifffile's `is_tiled` compare a tuple with an
+    int: a TypeError, which `wsi convert` took for an unexpected failure (exit 75, retried by
+    ingest five times). It is a corrupt slide: exit 1, one line."""
+    path = make_tiff(tmp_path / "damaged.tif", 900, 700)
+    with tifffile.TiffFile(path) as tif:
+        page = tif.pages[1]
+        assert isinstance(page, tifffile.TiffPage)
+        entry = page.tags[322].offset  # TileWidth's entry: tag, type, then its count
+    with open(path, "r+b") as f:
+        f.seek(entry + 4)
+        f.write(b"\xff")
+    done = run_wsi("convert", str(path), "--out", str(tmp_path / "out"), "--no-progress")
+    assert done.returncode == 1, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"wsi: error: {path}: "), done.stderr
+    assert "cannot convert (" not in lines[0]

@@ -20,7 +20,7 @@ import numpy as np
 import tifffile
 
 from wsi.codecs import jpeg, jpeg2000
-from wsi.errors import CorruptSlide, EncodedTileUnavailable, UnsupportedSlide
+from wsi.errors import CorruptSlide, EncodedTileUnavailable, UnsupportedSlide, WsiError
 from wsi.model import Level, SlideProperties, TileCodec
 from wsi.sources.base import SlideSource
 from wsi.sources.openslide_backend import OpenSlideSource, openslide
@@ -128,6 +128,14 @@ class TiffSource(SlideSource):
         self._file_size = os.fstat(self._fd).st_size
         try:
             self._pages = self._match_pages()
+        except WsiError:
+            self.close()
+            raise
+        except (TypeError, ValueError, IndexError, KeyError) as exc:
+            # tifffile reads a page's tags when its properties are asked for: a damaged entry
+            # (a count of 255 where 1 was: a tuple for a tile width) fails there, of any kind.
+            self.close()
+            raise CorruptSlide(f"cannot parse TIFF structure: {exc}") from exc
         except Exception:
             self.close()
             raise
