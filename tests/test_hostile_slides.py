@@ -5,7 +5,10 @@ region or rendered frame allocate gigabytes."""
 from __future__ import annotations
 
 import asyncio
+import resource
 import struct
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +17,7 @@ import tifffile
 from aiohttp.test_utils import TestClient, TestServer
 
 import wsi
+from sample_data.make_leica import write_leica
 from sample_data.make_philips import write_philips
 from server.app import create_app
 from server.settings import ServerSettings
@@ -274,3 +278,33 @@ def test_a_tile_width_tag_of_many_values_is_a_corrupt_slide(tmp_path: Path) -> N
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"wsi: error: {path}: "), done.stderr
     assert "cannot convert (" not in lines[0]
+
+
+def test_an_associated_image_declaring_a_billion_pixels_is_refused(tmp_path: Path) -> None:
+    """A Leica macro page whose ImageLength was damaged to 4,000,000 (a 1 KB change): OpenSlide
+    allocates the whole RGBA image before reading it, 4 GB. Without a memory limit the
+    conversion held 4 GB for 20 s before failing on the tiles; under one it was a MemoryError
+    that `wsi convert` took for an unexpected failure (exit 75, retried by ingest). It is
+    refused from the size OpenSlide reports, before anything is allocated: exit 1, one line."""
+    rng = np.random.default_rng(0)
+    path = write_leica(tmp_path / "damaged.scn", rng.integers(0, 255, (512, 512, 3), np.uint8))
+    with tifffile.TiffFile(path) as tif:
+        macro = next(p for p in tif.pages if isinstance(p, tifffile.TiffPage) and p.index == 0)
+        length = macro.tags[257]
+        at, kind = length.valueoffset, length.dtype
+    with open(path, "r+b") as f:
+        f.seek(at)
+        f.write(struct.pack("<I" if kind == 4 else "<H", 4_000_000 if kind == 4 else 65535))
+    done = subprocess.run(
+        [sys.executable, "-m", "server.cli", "convert", str(path), "--out", str(tmp_path / "out"),
+         "--no-progress"],
+        capture_output=True, text=True, timeout=300, check=False, preexec_fn=_limited,
+    )  # fmt: skip
+    assert done.returncode == 1, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "associated image 'macro'" in lines[0], done.stderr
+
+
+def _limited() -> None:
+    """3 GiB of address space, as tests/test_corrupt_corpus.py runs conversions."""
+    resource.setrlimit(resource.RLIMIT_AS, (3 * 1024**3, 3 * 1024**3))

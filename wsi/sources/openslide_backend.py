@@ -89,7 +89,22 @@ def properties_from_openslide(slide: openslide.AbstractSlide) -> SlideProperties
     )
 
 
+MAX_ASSOCIATED_PIXELS = 10_000 * 10_000
+"""Most pixels of a label, macro or thumbnail read through OpenSlide (a macro photograph is a
+few million): OpenSlide allocates the whole RGBA image before reading it, so a damaged page
+declaring 256 x 4,000,000 pixels in a few KB held 4 GB, or failed with a MemoryError under an
+address-space limit."""
+
+
 def read_associated_openslide(slide: openslide.AbstractSlide, name: str) -> np.ndarray:
+    prefix = f"openslide.associated.{name}"
+    width = _float(slide.properties.get(f"{prefix}.width")) or 0
+    height = _float(slide.properties.get(f"{prefix}.height")) or 0
+    if width * height > MAX_ASSOCIATED_PIXELS:
+        raise CorruptSlide(
+            f"associated image {name!r} declares {width:.0f} x {height:.0f} pixels, over the "
+            f"{MAX_ASSOCIATED_PIXELS} pixel limit"
+        )
     try:
         image = slide.associated_images[name]
     except KeyError as exc:
