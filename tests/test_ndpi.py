@@ -158,7 +158,7 @@ def test_a_file_that_is_not_an_ndpi_is_refused_by_name(
             open_slide(path, "ndpi")
     run = run_wsi("info", "--backend", "ndpi", str(synthetic_jpeg_tiff))
     assert (run.returncode, run.stdout) == (1, "")
-    assert run.stderr == "wsi: error: not a Hamamatsu NDPI file\n"
+    assert run.stderr == f"wsi: error: {synthetic_jpeg_tiff}: not a Hamamatsu NDPI file\n"
 
 
 def test_narrow_intervals_are_joined_without_cropping(ndpi_narrow: Path) -> None:

@@ -115,7 +115,8 @@ def test_a_vendor_backend_asked_for_by_name_refuses_another_vendors_slide(
             open_slide(path, backend)
     run = run_wsi("info", "--backend", backend, str(synthetic_jpeg_tiff))
     assert (run.returncode, run.stdout) == (1, "")
-    assert run.stderr == f"wsi: error: not a {backend} slide: OpenSlide reads it as generic-tiff\n"
+    says = f"not a {backend} slide: OpenSlide reads it as generic-tiff"
+    assert run.stderr == f"wsi: error: {synthetic_jpeg_tiff}: {says}\n"
     ndpi = sample("hamamatsu/test3-DAPI-2-(387).ndpi")
     with pytest.raises(UnsupportedSlide, match="not a tiff slide: OpenSlide reads it as hamamatsu"):
         open_slide(ndpi, "tiff")
