@@ -169,6 +169,39 @@ def test_a_page_larger_than_its_tile_table_is_refused(vendor: str, tmp_path: Pat
     assert not any((tmp_path / "out").glob("*/manifest.json"))
 
 
+def _one_byte_count(path: Path, page_index: int, tile: int, count: int) -> Path:
+    """`path` with the byte count of one tile of one page set to `count` (offsets unchanged)."""
+    with tifffile.TiffFile(path, mode="r+") as tif:
+        page = tif.pages[page_index]
+        assert isinstance(page, tifffile.TiffPage)
+        counts = list(page.tags["TileByteCounts"].value)
+        counts[tile] = count
+        page.tags["TileByteCounts"].overwrite(counts)
+    return path
+
+
+def test_a_tile_running_past_the_end_of_the_file_is_refused_in_one_line(tmp_path: Path) -> None:
+    """A byte count of 2^32 - 1 in a Leica slide's tile table: OpenSlide, which decoded that
+    level, allocated what it declared, and under a 3 GiB address-space limit (as ingest's
+    machines may have) GLib aborted the process (SIGABRT, no line, a partial `slide.zarr/`).
+    (A backend that reads tiles itself gives that tile's error: `test_batched_reads.py`.)"""
+    image = np.random.default_rng(5).integers(0, 255, (1024, 1024, 3), np.uint8)
+    source = write_leica(tmp_path / "s.scn", image)
+    with tifffile.TiffFile(source) as tif:
+        page = next(i for i, p in enumerate(tif.pages) if p.shape[1] == 1024)
+    _one_byte_count(source, page, 2, 2**32 - 1)
+    done = subprocess.run(
+        [sys.executable, "-m", "wsi.cli", "convert", str(source), "--out", str(tmp_path / "out"),
+         "--no-progress"],
+        capture_output=True, text=True, check=False,
+        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_AS, (3 << 30, 3 << 30)),
+    )  # fmt: skip
+    assert done.returncode == 1, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "runs past the end of the file" in lines[0], done.stderr
+    assert not any((tmp_path / "out").glob("*/slide.zarr"))
+
+
 def sparse_tiff(path: Path, side: int) -> Path:
     """A tiled JPEG TIFF declaring side x side pixels with one stored tile (the rest sparse):
     a few hundred KB that a naive converter turns into tens of gigapixels of white tiles."""

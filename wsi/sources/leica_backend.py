@@ -28,7 +28,7 @@ import tifffile
 
 from wsi.errors import UnsupportedSlide, WsiError
 from wsi.model import TileCodec
-from wsi.sources.tiff_backend import check_page, page_codec
+from wsi.sources.tiff_backend import check_page, check_tiles_within_file, page_codec
 from wsi.sources.vendor_tiff import VendorTiffSource
 
 log = logging.getLogger(__name__)
@@ -120,6 +120,7 @@ class LeicaSource(VendorTiffSource):
             if not isinstance(page, tifffile.TiffPage) or not page.is_tiled:
                 raise UnsupportedSlide("a Leica main image resolution is not a tiled page")
             check_page(page)
+            check_tiles_within_file(page)
             if (page.imagewidth, page.imagelength) != (width, height):
                 raise UnsupportedSlide("a Leica page's size is not the one its XML gives")
             pages.append(page)

@@ -74,6 +74,29 @@ def check_page(page: tifffile.TiffPage) -> None:
         )
 
 
+def check_tiles_within_file(page: tifffile.TiffPage) -> None:
+    """Refuse a page whose tile table puts a tile past the end of the file, for a page that
+    OpenSlide may read (the backends whose levels it decodes, `copied_levels`): it allocates
+    what a tile's byte count declares before reading it, and GLib aborts the process when it
+    cannot (2^32 - 1 under a 3 GiB address-space limit: SIGABRT, no error line). Backends that
+    read tiles themselves give that tile's error when it is read instead (the other tiles of
+    the slide stay readable)."""
+    across = -(-page.imagewidth // page.tilewidth)
+    down = -(-page.imagelength // page.tilelength)
+    size = page.parent.filehandle.size
+    offsets = np.asarray(page.dataoffsets[: across * down], np.uint64)
+    counts = np.asarray(page.databytecounts[: across * down], np.uint64)
+    past = np.flatnonzero(
+        (counts > 0) & ((offsets > size) | (counts > size - np.minimum(offsets, size)))
+    )
+    if past.size:
+        raise CorruptSlide(
+            f"tile {int(past[0])} of a TIFF page runs past the end of the file: "
+            f"{int(counts[past[0]])} bytes at {int(offsets[past[0]])} of {size} (a reader "
+            "would allocate what it declares: OpenSlide aborts the process when it cannot)"
+        )
+
+
 def page_codec(page: tifffile.TiffPage) -> TileCodec:
     """How a level page's tiles are stored, as far as handing them out goes."""
     if (

@@ -27,7 +27,7 @@ import tifffile
 
 from wsi.errors import UnsupportedSlide
 from wsi.model import Level, TileCodec
-from wsi.sources.tiff_backend import check_page, page_codec
+from wsi.sources.tiff_backend import check_page, check_tiles_within_file, page_codec
 from wsi.sources.vendor_tiff import VendorTiffSource
 
 log = logging.getLogger(__name__)
@@ -137,6 +137,7 @@ class VentanaSource(VendorTiffSource):
             raise UnsupportedSlide("BIF level pages do not match OpenSlide's levels")
         for page in pages:
             check_page(page)
+            check_tiles_within_file(page)
         tw, th = pages[0].tilewidth, pages[0].tilelength
         xmp = pages[0].tags.get(_XMP)
         stitching = _stitching(bytes(xmp.value), tw, th) if xmp is not None else None
