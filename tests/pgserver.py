@@ -1,8 +1,9 @@
 """A real PostgreSQL for the tests: Debian's server, loopback only, a free port, a temp folder.
 
-Use the session fixture `postgres` by importing it into a test module or conftest.py:
+Use the session fixture `postgres` (and `database`, a fresh database a test) by importing
+it into a test module or conftest.py:
 
-    from tests.pgserver import postgres  # noqa: F401
+    from tests.pgserver import database, postgres  # noqa: F401
 
 The server comes from the Debian package `postgresql` (`./dev setup` installs it); a missing
 binary or a server that does not come up is an error, never a skip: PostgreSQL is what a
@@ -234,3 +235,11 @@ def run_postgres(base: Path | None = None) -> Iterator[PostgresServer]:
 def postgres() -> Iterator[PostgresServer]:
     """One PostgreSQL for the test session (about a second to start)."""
     yield from run_postgres()
+
+
+@pytest.fixture
+def database(postgres: PostgresServer) -> Iterator[str]:
+    """A fresh database of the session's server for one test; dropped after it."""
+    url = postgres.database()
+    yield url
+    postgres.drop(url)

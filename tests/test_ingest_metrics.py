@@ -10,7 +10,6 @@ import asyncio
 import os
 import shutil
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +24,7 @@ from wsi.ingest.settings import IngestSettings
 from wsi.ingest.source_files import move_source
 
 from .conftest import sample
-from .pgserver import PostgresServer, postgres  # noqa: F401 - the session fixture
+from .pgserver import PostgresServer, database, postgres  # noqa: F401 - fixtures
 from .test_processes import Service, _until, service
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
@@ -138,17 +137,10 @@ async def _scrape(c: TestClient[Any, Any]) -> Samples:
     return _parse(await r.text())
 
 
-@pytest.fixture
-def database(postgres: PostgresServer) -> Iterator[str]:  # noqa: F811
-    url = postgres.database()
-    yield url
-    postgres.drop(url)
-
-
 def test_a_job_table_or_quarantine_that_cannot_be_read_leaves_its_figure_out(
     tmp_path: Path,
     postgres: PostgresServer,  # noqa: F811
-    database: str,
+    database: str,  # noqa: F811
 ) -> None:
     """PostgreSQL down: `/metrics` still answers, with `wsi_job_table_up 0` and no `wsi_jobs`
     (a made-up 0 would hide the jobs waiting there); the quarantine folder replaced by a file:

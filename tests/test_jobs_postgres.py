@@ -12,7 +12,7 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -34,16 +34,9 @@ from wsi.store.objects import Store, StoreSettings
 
 from .conftest import sample
 from .helpers import free_port, run_wsi, wsi_process
-from .pgserver import PASSWORD, PostgresServer, postgres  # noqa: F401 - the session fixture
+from .pgserver import PASSWORD, PostgresServer, database, postgres  # noqa: F401 - fixtures
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture
-def database(postgres: PostgresServer) -> Iterator[str]:  # noqa: F811
-    url = postgres.database()
-    yield url
-    postgres.drop(url)
 
 
 def _until(check: Callable[[], Any], what: str, timeout: float = 120.0) -> Any:
@@ -72,7 +65,8 @@ def _http(base: str, path: str, body: object = None) -> tuple[int, Any]:
 
 
 def test_worker_converts_a_slide_submitted_through_the_service(
-    database: str, tmp_path: Path
+    database: str,  # noqa: F811
+    tmp_path: Path,
 ) -> None:
     inbox, store = tmp_path / "inbox", tmp_path / "store"
     inbox.mkdir()
@@ -186,7 +180,7 @@ def test_a_queue_rides_out_a_database_outage(postgres: PostgresServer, database:
         queue.close()
 
 
-def test_a_silent_server_is_noticed_in_seconds_not_minutes(database: str) -> None:
+def test_a_silent_server_is_noticed_in_seconds_not_minutes(database: str) -> None:  # noqa: F811
     """The queue's TCP connections carry keepalives and a user timeout, so a server that goes
     silent (failover, dropped NAT entry) breaks a heartbeat or claim in ~30 s, not ~15 min. Read
     back from the socket itself: what the kernel will actually do."""
@@ -212,7 +206,7 @@ def test_a_silent_server_is_noticed_in_seconds_not_minutes(database: str) -> Non
         queue.close()
 
 
-def test_procrastinate_sees_and_manages_the_same_jobs(database: str) -> None:
+def test_procrastinate_sees_and_manages_the_same_jobs(database: str) -> None:  # noqa: F811
     app = procrastinate.App(connector=procrastinate.SyncPsycopgConnector(conninfo=database))
     with app.open():
         app.schema_manager.apply_schema()  # a database procrastinate set up first
@@ -234,7 +228,7 @@ def test_procrastinate_sees_and_manages_the_same_jobs(database: str) -> None:
             ]
 
 
-def test_a_newer_schema_is_refused(database: str) -> None:
+def test_a_newer_schema_is_refused(database: str) -> None:  # noqa: F811
     open_queue(database).close()
     with psycopg.connect(database) as conn:
         conn.execute("UPDATE wsi_jobs_schema SET version = %s", (PG_SCHEMA_VERSION + 1,))
@@ -242,7 +236,7 @@ def test_a_newer_schema_is_refused(database: str) -> None:
         open_queue(database)
 
 
-def test_the_url_chooses_the_backend(database: str, tmp_path: Path) -> None:
+def test_the_url_chooses_the_backend(database: str, tmp_path: Path) -> None:  # noqa: F811
     with open_queue(database) as queue:
         assert isinstance(queue, PostgresJobQueue)
     with open_queue(tmp_path / "jobs.sqlite") as queue:

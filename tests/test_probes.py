@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +20,7 @@ from server.settings import ServerSettings
 from wsi.errors import StoreError
 from wsi.ingest.settings import IngestSettings
 
-from .pgserver import PostgresServer, postgres  # noqa: F401 - the session fixture
+from .pgserver import PostgresServer, database, postgres  # noqa: F401 - fixtures
 
 HANG_BOUND_S = 90.0
 """How long a batch of probes may take before the test calls it a hang (each answers in about
@@ -67,17 +66,10 @@ def test_callers_share_one_flight_and_a_hung_one_starts_no_other() -> None:
     asyncio.run(main())
 
 
-@pytest.fixture
-def database(postgres: PostgresServer) -> Iterator[str]:  # noqa: F811
-    url = postgres.database()
-    yield url
-    postgres.drop(url)
-
-
 def test_a_job_table_that_hangs_holds_one_thread_and_the_service_answers(
     tmp_path: Path,
     postgres: PostgresServer,  # noqa: F811
-    database: str,
+    database: str,  # noqa: F811
 ) -> None:
     """PostgreSQL stuck (its processes stopped: connections accepted, nothing answered, no TCP
     timeout): 45 probes of `/readyz` and `/metrics` each answer, saying the job table is not
