@@ -126,3 +126,23 @@ def test_an_exported_file_edited_in_place_leaves_the_store_intact(tmp_path: Path
     assert stored.read_bytes() == before
     with wsi.open_published(str(tmp_path / "store" / sid)) as slide:
         assert slide.tile(0, 0, 0).shape == (256, 256, 3)
+
+
+def test_done_and_quarantine_folders_a_deployment_made_are_made_private(tmp_path: Path) -> None:
+    """`--done-dir` and `--quarantine-dir` made beforehand, 0755 as `mkdir` makes them: every
+    local user could list the slides moved there, named as the scanner named them (often a
+    patient's name). The service takes others' permissions away when it makes its state."""
+    from wsi.ingest.settings import IngestSettings
+
+    done, quarantine = tmp_path / "done", tmp_path / "quarantine"
+    for folder in (done, quarantine):
+        folder.mkdir()
+        folder.chmod(0o755)
+    settings = IngestSettings(
+        state_dir=str(tmp_path / "state"), done_dir=str(done), quarantine_dir=str(quarantine)
+    )
+    settings.make_state(str(tmp_path / "store"))
+    for folder in (done, quarantine):
+        assert stat.S_IMODE(folder.stat().st_mode) == 0o750, folder
+    IngestSettings(state_dir=str(tmp_path / "other")).make_state(str(tmp_path / "store"))
+    assert not (tmp_path / "other" / "done").exists()  # made when first used, as before

@@ -22,6 +22,7 @@ import argparse
 import hashlib
 import math
 import os
+import stat
 from collections.abc import Iterable, Mapping
 from dataclasses import MISSING, Field, dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
@@ -54,6 +55,25 @@ def _cli(help: str, flag: str | None = None) -> dict[str, Any]:
     """Field metadata: the setting's short help and its command-line flag (default
     `--name-with-dashes`)."""
     return {"help": help, "flag": flag}
+
+
+def _private_if_there(folder: str) -> None:
+    """Take every permission of others from `folder` if it exists: a done or quarantine folder
+    a deployment made itself (`--done-dir`, `--quarantine-dir`, often 0755) let every local user
+    list the slides moved there, whose names are the scanner's, often a patient's. Refused in
+    one line when the service may not change it (another user's folder)."""
+    try:
+        mode = os.stat(folder).st_mode
+    except FileNotFoundError:
+        return
+    if mode & 0o007:
+        try:
+            os.chmod(folder, stat.S_IMODE(mode) & 0o770)
+        except PermissionError as exc:
+            raise InvalidArgument(
+                f"{folder} can be listed by every user (its file names are patients' often) "
+                "and the service may not change that: make it 0750, or give another folder"
+            ) from exc
 
 
 @dataclass(frozen=True)
@@ -259,14 +279,17 @@ class IngestSettings:
 
     def make_state(self, store: str) -> None:
         """Create the state folder, the job table's folder and the spool without any permission
-        for others, whatever the umask (`done` and `quarantine` are made so when first used);
-        and the job table's file too, before SQLite does (SQLite gives its journal and
-        shared-memory files the database's permissions). A table made world-readable before is
-        made private. A job table in a database has no local file or folder."""
+        for others, whatever the umask (`done` and `quarantine` are made so when first used, and
+        made so when a deployment made them before: `_private_if_there`); and the job table's
+        file too, before SQLite does (SQLite gives its journal and shared-memory files the
+        database's permissions). A table made world-readable before is made private. A job
+        table in a database has no local file or folder."""
         from wsi.ingest.queue.base import is_database_url
 
         for folder in (self.state_path(store), self.spool_path(store)):
             make_dirs(folder)
+        for folder in (self.done_path(store), self.quarantine_path(store)):
+            _private_if_there(folder)
         jobs = self.jobs_path(store)
         if is_database_url(jobs):
             return
