@@ -314,3 +314,25 @@ def test_options_may_come_after_the_positionals(
     capsys.readouterr()
     run = wsi("verify", str(tmp_path / "nodir"), "--rate", "50", "ID")  # parsed, then refused
     assert run.stderr == f"wsi: error: store {tmp_path / 'nodir'} does not exist\n"
+
+
+def test_a_slide_cut_before_its_tiff_directory_says_so(tmp_path: Path) -> None:
+    """A slide still being copied (or cut short) whose header points past its end: every
+    backend said "no backend can read this slide", as for a damaged scan. Told apart now, for
+    the little-endian TIFF and the BigTIFF header alike; still one line and exit 1."""
+    source = sample("CMU-1-Small-Region.svs")
+    data = source.read_bytes()
+    first = int.from_bytes(data[4:8], "little")
+    cut = tmp_path / "cut.svs"
+    cut.write_bytes(data[: first - 100])
+    big = tmp_path / "big.tif"  # a BigTIFF header whose first directory is past the end
+    big.write_bytes(b"II+\x00\x08\x00\x00\x00" + (10**6).to_bytes(8, "little") + b"\0" * 64)
+    for path, at in ((cut, first), (big, 10**6)):
+        run = wsi("convert", str(path), "--out", str(tmp_path / "out"), "--no-progress")
+        assert run.returncode == 1, run.stderr
+        assert run.stderr.strip().splitlines() == [
+            f"wsi: error: {path}: the file ends ({path.stat().st_size} bytes) before its first "
+            f"TIFF directory (at byte {at}): a copy still under way, or a file cut short"
+        ]
+    whole = wsi("info", str(source))  # a whole file is not taken for a cut one
+    assert whole.returncode == 0, whole.stderr

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from wsi.errors import InvalidArgument, SlideNotFound, UnsupportedSlide
+from wsi.errors import CorruptSlide, InvalidArgument, SlideNotFound, UnsupportedSlide
 from wsi.sources.base import SlideSource
 from wsi.sources.dicom_backend import DicomSource
 from wsi.sources.leica_backend import LeicaSource
@@ -13,7 +13,7 @@ from wsi.sources.mirax_backend import MiraxSource
 from wsi.sources.ndpi_backend import NdpiSource
 from wsi.sources.openslide_backend import OpenSlideSource
 from wsi.sources.philips_backend import PhilipsSource
-from wsi.sources.tiff_backend import TiffSource
+from wsi.sources.tiff_backend import TiffSource, truncated_before_directory
 from wsi.sources.ventana_backend import VentanaSource
 
 BACKENDS: tuple[type[SlideSource], ...] = (
@@ -45,6 +45,9 @@ def open_slide(
         raise SlideNotFound("no such file or folder")
     if not (path.is_file() or path.is_dir()):  # a FIFO or a device: reading it may never end
         raise UnsupportedSlide("not a regular file or folder")
+    cut = truncated_before_directory(path) if path.is_file() else None
+    if cut is not None:
+        raise CorruptSlide(cut)
     if backend is not None:
         chosen = [b for b in backends if b.name == backend]
         if not chosen:

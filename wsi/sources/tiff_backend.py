@@ -11,6 +11,7 @@ metadata and associated images so that both backends describe a slide the same w
 from __future__ import annotations
 
 import os
+import struct
 import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -56,6 +57,36 @@ class _RunBuffer(threading.local):
 
     def __init__(self) -> None:
         self.data = bytearray()
+
+
+def truncated_before_directory(path: Path) -> str | None:
+    """Why the TIFF (or BigTIFF) file at `path` cannot be one whole, when its header points its
+    first directory past the file's end: a copy still under way, or a file cut short. Every
+    backend then said only "no backend can read this slide", and a lab's IT could not tell a
+    stalled network copy from a damaged scan. None for any other file (not a TIFF, a header
+    cut short, a directory that is there: what follows it is each backend's to judge)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(16)
+            size = os.fstat(f.fileno()).st_size
+    except OSError:
+        return None
+    order = {b"II": "<", b"MM": ">"}.get(head[:2])
+    if order is None or len(head) < 8:
+        return None
+    (magic,) = struct.unpack(f"{order}H", head[2:4])
+    if magic == 42:
+        (first,) = struct.unpack(f"{order}I", head[4:8])
+    elif magic == 43 and len(head) == 16:
+        (first,) = struct.unpack(f"{order}Q", head[8:16])
+    else:
+        return None
+    if first + 2 <= size:
+        return None
+    return (
+        f"the file ends ({size} bytes) before its first TIFF directory (at byte {first}): a "
+        "copy still under way, or a file cut short"
+    )
 
 
 def check_page(page: tifffile.TiffPage) -> None:
