@@ -6,9 +6,11 @@ Both kinds satisfy `ServedSlide`, the small interface the routes use, so a route
 kind it holds except for what only a published slide has (its associated images and DICOM view:
 `published`). Nothing here knows a key, a codec id or the shard index: that is the library's.
 
-A slide published without its Zarr view (`wsi convert --format dicom`) is not served (the service
-reads tiles through the Zarr view; its routes answer 415), but the listings show it
-(`Catalog.listed`: a `DicomOnlySlide`, status `dicom-only`) instead of leaving it out unsaid.
+A slide published without its Zarr view (`wsi convert --format dicom`) is served like any other
+(its manifest keeps the attributes its missing root `zarr.json` would hold), except one published
+so by an earlier version, which kept no description of its levels: its routes answer 415, and the
+listings show it (`Catalog.listed`: a `DicomOnlySlide`, status `dicom-only`) instead of leaving it
+out unsaid.
 """
 
 from __future__ import annotations
@@ -37,7 +39,8 @@ READY = "ready"
 CONVERTING = "converting"
 """Status of a slide served from its source while its conversion runs."""
 DICOM_ONLY = "dicom-only"
-"""Status of a slide published without its Zarr view: listed, not served (`DicomOnlySlide`)."""
+"""Status of a slide published without its Zarr view by an earlier version: listed, not served
+(`DicomOnlySlide`)."""
 PRIVATE_IMAGES = ("label", "macro")
 """Associated images that always may show patient names and barcodes: read only when the
 service allows labels, and never kept by shared caches (`private_images`: and a thumbnail that
@@ -126,7 +129,7 @@ class ServedSlide(SlideInfo, Protocol):
 
 def status(slide: SlideInfo) -> str:
     """READY for a published slide, CONVERTING for one served from its source, DICOM_ONLY for
-    one published without its Zarr view."""
+    one published without its Zarr view that the service cannot read (`DicomOnlySlide`)."""
     if isinstance(slide, AsyncPublishedSlide):
         return READY
     return DICOM_ONLY if isinstance(slide, DicomOnlySlide) else CONVERTING
@@ -194,10 +197,11 @@ def summary(slide: SlideInfo, allow_label: bool) -> dict[str, Any]:
 
 @dataclass(frozen=True)
 class DicomOnlySlide:
-    """What the listings show of a slide published without its Zarr view (`--format dicom`):
-    its manifest's name, case and size, no levels and no images, and `note`, why it is not
-    served. Its pixels are in its DICOM instances only, which the service does not read: its
-    tiles, DeepZoom, IIIF and viewer answer 415 and DICOMweb leaves it out."""
+    """What the listings show of a slide published without its Zarr view (`--format dicom`)
+    by a version that kept no description of its levels in the manifest: its manifest's name,
+    case and size, no levels and no images, and `note`, why it is not served (converting it
+    again makes it servable). Its tiles, DeepZoom, IIIF and viewer answer 415 and DICOMweb
+    leaves it out."""
 
     slide_id: str
     name: str
@@ -392,13 +396,14 @@ class Catalog:
 
     async def listed(self, slide_id: str) -> SlideInfo:
         """The slide as the listings show it (`GET /slides`, `GET /slides/{id}`, the viewer's
-        index): `slide`'s, or a `DicomOnlySlide` for one published without its Zarr view, which
-        `slide` refuses (UnsupportedSlide): listed as such rather than silently left out."""
+        index): `slide`'s, or a `DicomOnlySlide` for one published without its Zarr view by an
+        earlier version (`Manifest.servable`), which `slide` refuses (UnsupportedSlide): listed
+        as such rather than silently left out."""
         try:
             return await self.slide(slide_id)
         except UnsupportedSlide as exc:
             manifest, version = await self.store.manifest(slide_id)
-            if manifest.zarr_view:
+            if manifest.servable:
                 raise  # refused for another reason
             return DicomOnlySlide(
                 manifest.slide_id,

@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import io
 import json
 import logging
+import re
 import shutil
 import time
 from collections.abc import Awaitable, Callable
@@ -106,20 +108,77 @@ def test_deepzoom(store_dir: tuple[Path, str]) -> None:
     run(ServerSettings(store=str(root)), check)
 
 
-def test_a_dicom_only_slide_is_listed_not_hidden(
+def test_a_dicom_only_slide_is_served_like_any_other(
     store_dir: tuple[Path, str], tmp_path: Path
 ) -> None:
-    """A slide converted with `--format dicom` (no Zarr view) was published but missing from
-    `GET /slides` and the viewer's list without a word. It is listed, status `dicom-only` with
-    the reason; its tiles say the same as a 415; DICOMweb still leaves it out."""
+    """A slide converted with `--format dicom` (no Zarr view) was listed (status `dicom-only`)
+    but not served: its tiles, DeepZoom, IIIF and viewer answered 415 and DICOMweb left it out,
+    though its level objects are the very ones a conversion with both views writes. Its
+    manifest now keeps the root attributes, and it is served as the same slide converted with
+    both views is: the same listing entry, tiles, DeepZoom, IIIF, viewer and DICOMweb frames."""
+    ready_root, _ = store_dir
+    path = sample("openslide-python-fixtures/small.svs")
+    roots = {}
+    for formats in (("zarr", "dicom"), ("dicom",)):
+        root = roots[formats] = tmp_path / "-".join(formats)
+        shutil.copytree(ready_root, root)
+        sid = wsi.convert_slide(
+            path, wsi.Store(wsi.StoreSettings(str(root))), wsi.ConvertSettings(formats=formats)
+        ).slide_id
+    paths = [
+        f"/slides/{sid}", f"/slides/{sid}/tiles/0/0/0", f"/slides/{sid}.dzi",
+        f"/slides/{sid}_files/4/0_0.jpeg", f"/iiif/3/{sid}/full/max/0/default.png",
+        f"/slides/{sid}/associated/thumbnail", f"/view/{sid}",
+    ]  # fmt: skip
+
+    async def answers(c: TestClient) -> list[tuple[int, bytes]]:
+        got = []
+        for url in paths:
+            r = await c.get(url)
+            body = await r.read()
+            if r.content_type == "text/html":  # the version in its URLs is the manifest's
+                body = re.sub(rb"v=[0-9a-f]{8}", b"v=VERSION", body)
+            got.append((r.status, body))
+        text = await (await c.get("/dicomweb/studies")).text()
+        got.append((200, re.sub(r"127\.0\.0\.1:[0-9]+", "HOST", text).encode()))
+        studies = json.loads(text)
+        for study in studies:
+            base = f"/dicomweb/studies/{study['0020000D']['Value'][0]}/series"
+            for one in await (await c.get(base)).json():
+                uid = one["0020000E"]["Value"][0]
+                for inst in await (await c.get(f"{base}/{uid}/instances")).json():
+                    url = f"{base}/{uid}/instances/{inst['00080018']['Value'][0]}/frames/1"
+                    accept = {"Accept": "multipart/related; type=image/jpeg"}
+                    r = await c.get(url, headers=accept)
+                    got.append((r.status, await r.read()))
+        assert len(got) == len(paths) + 1 + sum(s["00201208"]["Value"][0] for s in studies)
+        return got
+
+    both = run(ServerSettings(store=str(roots[("zarr", "dicom")])), answers)
+    dicom_only = run(ServerSettings(store=str(roots[("dicom",)])), answers)
+    assert [status for status, _ in dicom_only] == [status for status, _ in both]
+    assert all(status == 200 for status, _ in both), [status for status, _ in both]
+    assert dicom_only == both
+
+
+def test_a_dicom_only_slide_of_an_earlier_version_is_listed_not_hidden(
+    store_dir: tuple[Path, str], tmp_path: Path
+) -> None:
+    """A slide converted with `--format dicom` by an earlier version, whose manifest kept no
+    description of its levels, is listed with status `dicom-only` and the reason (it was
+    missing from `GET /slides` and the viewer's list without a word); its tiles say the same as
+    a 415; DICOMweb leaves it out. Converting it again makes it servable."""
     ready_root, ready = store_dir
     root = tmp_path / "store"
     shutil.copytree(ready_root, root)
-    dicom_only = wsi.convert_slide(
-        sample("openslide-python-fixtures/small.svs"),
-        wsi.Store(wsi.StoreSettings(str(root))),
-        wsi.ConvertSettings(formats=("dicom",)),
-    ).slide_id
+    store = wsi.Store(wsi.StoreSettings(str(root)))
+    path = sample("openslide-python-fixtures/small.svs")
+    settings = wsi.ConvertSettings(formats=("dicom",))
+    dicom_only = wsi.convert_slide(path, store, settings).slide_id
+    manifest = store.manifest(dicom_only)
+    attributes = manifest.attributes
+    assert attributes is not None
+    store.publish(dicom_only, dataclasses.replace(manifest, attributes=None))
 
     async def check(c: TestClient) -> None:
         listing = await (await c.get("/slides")).json()
@@ -131,7 +190,7 @@ def test_a_dicom_only_slide_is_listed_not_hidden(
         assert shown == ("dicom-only", "small", None, 16, 16)
         assert doc["levels"] == [] and doc["associated_images"] == []
         assert "without its Zarr view (--format dicom)" in doc["note"]
-        assert "wsi export-dicom" in doc["note"]
+        assert "convert it again" in doc["note"] and "wsi export-dicom" in doc["note"]
         assert await (await c.get(f"/slides/{dicom_only}")).json() == doc
         tile = await c.get(f"/slides/{dicom_only}/tiles/0/0/0")
         assert tile.status == 415 and (await tile.json())["error"] == doc["note"]
@@ -143,6 +202,15 @@ def test_a_dicom_only_slide_is_listed_not_hidden(
         assert f"/slides/{dicom_only}_files" not in page
 
     run(ServerSettings(store=str(root)), check)
+    again = wsi.convert_slide(path, store, settings)
+    assert not again.skipped and store.manifest(dicom_only).attributes == attributes
+
+    async def served(c: TestClient) -> None:
+        doc = await (await c.get(f"/slides/{dicom_only}")).json()
+        assert doc["status"] == "ready" and len(doc["levels"]) == len(attributes.levels)
+        assert (await c.get(f"/slides/{dicom_only}/tiles/0/0/0")).status == 200
+
+    run(ServerSettings(store=str(root)), served)
 
 
 BAD = [

@@ -189,7 +189,9 @@ def convert_slide(
         with store.slide_lock(sid):
             finish_swap(store, sid)  # a version a killed run had begun to swap in: published
             published = _readable_manifest(store, sid) if store.is_published(sid) else None
-            if published is not None and published.settings == fingerprint:
+            # A DICOM-only slide published before its manifest kept its attributes is made
+            # again (the same instances) so that the service can read it.
+            if published is not None and published.settings == fingerprint and published.servable:
                 stored = published.stored_bytes
                 url = published_location(store, published)
                 return ConvertResult(sid, url, base.width * base.height, 0.0, stored, True)
@@ -212,7 +214,8 @@ def convert_slide(
                         path, source, writer, settings.pyramid, progress, cluster
                     )
                 _write_associated(associated.result(), writer, settings)
-                objects = writer.finish(SlideInfo(sid, properties, source.name))
+                info = SlideInfo(sid, properties, source.name)
+                objects = writer.finish(info)
                 name, case = slide_naming(sid, path, metadata)
                 manifest = Manifest.build(
                     sid,
@@ -225,6 +228,7 @@ def convert_slide(
                     case,
                     source_bytes=source_bytes(path, source.name),
                     levels=level_origins(source, plans),
+                    attributes=writer.attributes(info),
                 )
                 if replacing:
                     _swap_in(store, keys, manifest, published)

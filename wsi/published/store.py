@@ -247,7 +247,7 @@ class PublishedStore:
         """Open the slide version whose manifest is `manifest_bytes`: its manifest and root
         attributes checked, its levels and associated images described from them."""
         manifest = _checked_manifest(keys, manifest_bytes)
-        attributes = await self._root_attributes(keys)
+        attributes = manifest.attributes or await self._root_attributes(keys)
         levels = _levels(keys, manifest, attributes)
         found = await asyncio.gather(
             *(self._associated(keys, manifest, a) for a in attributes.associated_images)
@@ -274,10 +274,14 @@ class PublishedStore:
     async def _associated(
         self, keys: SlideKeys, manifest: Manifest, entry: layout.AssociatedEntry
     ) -> PublishedAssociated:
-        """An associated image: its codec is read from its array's metadata."""
-        meta_key = keys.array_metadata(entry.path)
-        meta = layout.load_json(await self.io.get(meta_key), meta_key)
-        codec = layout.codec_of_array(meta, meta_key)
+        """An associated image: its codec is read from its array's metadata; a slide without
+        its Zarr view has none, and only JPEG ones (its DICOM instances need them, and the
+        archive tier recodes only a Zarr view's arrays)."""
+        codec = layout.JPEG
+        if manifest.zarr_view:
+            meta_key = keys.array_metadata(entry.path)
+            meta = layout.load_json(await self.io.get(meta_key), meta_key)
+            codec = layout.codec_of_array(meta, meta_key)
         key = keys.shard(entry.path)
         return PublishedAssociated(
             entry.name,
@@ -305,12 +309,14 @@ def _parsed_manifest(keys: SlideKeys, manifest_bytes: bytes) -> Manifest:
 
 def _checked_manifest(keys: SlideKeys, manifest_bytes: bytes) -> Manifest:
     """The slide's manifest (`_parsed_manifest`); UnsupportedSlide when the slide was published
-    without its Zarr view (nothing to read tiles from)."""
+    without its Zarr view by a version that did not keep its attributes in the manifest
+    (nothing describes its levels)."""
     manifest = _parsed_manifest(keys, manifest_bytes)
-    if not manifest.zarr_view:
+    if not manifest.servable:
         raise UnsupportedSlide(
-            f"slide {keys.slide_id} was published without its Zarr view (--format dicom); "
-            "its DICOM instances can be exported with `wsi export-dicom`"
+            f"slide {keys.slide_id} was published without its Zarr view (--format dicom) by an "
+            "earlier version, which kept no description of its levels: convert it again to "
+            "serve it; `wsi export-dicom` writes its DICOM instances as they are"
         )
     return manifest
 

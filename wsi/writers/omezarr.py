@@ -211,9 +211,11 @@ class OmeZarrWriter(PyramidWriter):
             self._put_json(self.keys.array_metadata(layout.level_path(index)), doc)
         if self._associated:
             self._put_json(self.keys.associated_group_metadata, layout.ASSOCIATED_GROUP_METADATA)
-        self._put_json(self.keys.root_metadata, layout.root_metadata(self._attributes(info)))
+        self._put_json(self.keys.root_metadata, layout.root_metadata(self.attributes(info)))
 
-    def _attributes(self, info: SlideInfo) -> SlideAttributes:
+    def attributes(self, info: SlideInfo) -> SlideAttributes:
+        """The slide's root attributes: in its root `zarr.json`, or without the Zarr view in
+        its manifest (`Manifest.attributes`)."""
         props = info.properties
         levels = []
         for index in sorted(self._levels):

@@ -13,7 +13,7 @@ import google_crc32c
 
 from wsi.errors import CorruptSlide
 from wsi.model import Level, readable
-from wsi.published.layout.attributes import DicomInstanceEntry
+from wsi.published.layout.attributes import DicomInstanceEntry, SlideAttributes
 from wsi.published.layout.documents import dump_json, load_json, optional_field, required_field
 from wsi.published.layout.keys import METADATA, ZARR_ROOT, SlideKeys, check_slide_id
 
@@ -142,6 +142,13 @@ class Manifest:
     """Where each published level's tiles come from (copied from which source level and how, or
     derived from which level and how); empty (and absent from the JSON) in manifests written
     before it was recorded."""
+    attributes: SlideAttributes | None = None
+    """The root attributes of a slide published without its Zarr view (`--format dicom`),
+    which has no root `zarr.json` to hold them: what the readers and the tile service need to
+    read its level objects (every one of them is both a DICOM instance and a Zarr shard). None
+    (and absent from the JSON) for a slide with its Zarr view, whose `zarr.json` is their one
+    copy, and in DICOM-only manifests written before they were kept (`servable` is then
+    False)."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "settings", MappingProxyType(dict(self.settings)))
@@ -162,9 +169,11 @@ class Manifest:
         *,
         source_bytes: int | None = None,
         levels: Iterable[LevelOrigin] = (),
+        attributes: SlideAttributes | None = None,
     ) -> Manifest:
         """The manifest of `objects`, written under `keys` (the slide's folder by default, or
-        the staging folder a new version was built in: the listed keys are the same)."""
+        the staging folder a new version was built in: the listed keys are the same).
+        `attributes` are kept only when the objects hold no root `zarr.json`."""
         keys = keys or SlideKeys(slide_id)
         listed = sorted(objects, key=lambda o: o.key)
         return cls(
@@ -179,6 +188,7 @@ class Manifest:
             case,
             source_bytes=source_bytes,
             levels=tuple(levels),
+            attributes=None if any(o.key == keys.root_metadata for o in listed) else attributes,
         )
 
     @property
@@ -192,6 +202,12 @@ class Manifest:
         which the readers (`wsi.published`) and the tile service read it; without one
         (`--format dicom`) only its DICOM instances are published."""
         return f"{ZARR_ROOT}/{METADATA}" in self.objects
+
+    @property
+    def servable(self) -> bool:
+        """Whether the readers and the tile service can read the slide: through its Zarr
+        view, or, published as DICOM only, through the attributes the manifest keeps."""
+        return self.zarr_view or self.attributes is not None
 
     def object(self, key_in_slide: str) -> ObjectEntry:
         """The entry of an object of this slide (CorruptSlide when the manifest lacks it)."""
@@ -215,6 +231,7 @@ class Manifest:
             **({} if self.source_bytes is None else {"source_bytes": self.source_bytes}),
             **_archived_json(self.archived),
             **({"levels": [o.to_json() for o in self.levels]} if self.levels else {}),
+            **({} if self.attributes is None else {"attributes": self.attributes.to_json()}),
         }
 
     def to_bytes(self) -> bytes:
@@ -244,6 +261,7 @@ class Manifest:
             levels=tuple(
                 LevelOrigin.from_json(o) for o in optional_field(doc, "levels", list, what) or []
             ),
+            attributes=_attributes(optional_field(doc, "attributes", dict, what), slide_id),
         )
 
     @classmethod
@@ -253,6 +271,16 @@ class Manifest:
         if recorded is not None and not _checksum_matches(data, doc, recorded):
             raise CorruptSlide("manifest: damaged (its content does not match its checksum)")
         return cls.from_json(doc)
+
+
+def _attributes(doc: Mapping[str, Any] | None, slide_id: str) -> SlideAttributes | None:
+    """A DICOM-only manifest's attributes, which must name its slide."""
+    if doc is None:
+        return None
+    attributes = SlideAttributes.from_json(doc)
+    if attributes.slide_id != slide_id:
+        raise CorruptSlide(f"manifest: its attributes name slide {attributes.slide_id}")
+    return attributes
 
 
 def _readable(text: str | None) -> str | None:
