@@ -38,6 +38,7 @@ from server.keys import (
     LISTING,
     METRICS,
     PROBES,
+    PUBLISHED_IDS,
     ROLE,
     ROUTE_MODULES,
     SETTINGS,
@@ -124,7 +125,8 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
     # Slides in watch folders are registered as sources by the ingest feed once complete, so a
     # slide is viewable from its file while it converts, but never read while being copied.
     wanted = settings.sources or settings.watch or settings.s3_sources or settings.ingest.jobs_db
-    sources = SourceSlides(settings.sources, settings.max_render_pixels) if wanted else None
+    ids = app[PUBLISHED_IDS] = await asyncio.to_thread(settings.ingest.published_ids)
+    sources = SourceSlides(settings.sources, settings.max_render_pixels, ids) if wanted else None
     catalog = Catalog(
         store, sources, render_slots=2 * settings.threads, deidentify=settings.ingest.deidentify
     )

@@ -30,6 +30,7 @@ from wsi.codecs import jpeg
 from wsi.errors import InvalidArgument, SlideNotFound, WsiError
 from wsi.metadata import file_stem
 from wsi.model import TileCodec
+from wsi.pseudonyms import CONTENT_IDS, PublishedIds
 from wsi.pyramid.builder import PyramidSettings, plan_pyramid
 from wsi.slide_id import content_slide_id
 from wsi.slidefiles import is_non_slide, is_temporary
@@ -116,9 +117,16 @@ class SourceSlides:
     takes it are remembered by (size, mtime), so listing slides does not re-read every source.
     A file that no reader takes, or that fails, is skipped on its own: it never hides the rest."""
 
-    def __init__(self, folders: tuple[str, ...], pixel_budget: int = 16_000_000) -> None:
+    def __init__(
+        self,
+        folders: tuple[str, ...],
+        pixel_budget: int = 16_000_000,
+        ids: PublishedIds = CONTENT_IDS,
+    ) -> None:
         self.folders = [Path(f) for f in folders]
         self.pixel_budget = pixel_budget
+        self.ids = ids
+        """The id a slide is served under: the one its conversion will publish it under."""
         """Most source pixels one tile may read (the service's render budget)."""
         self._paths: dict[str, Path] = {}
         self._registered: dict[str, Path] = {}
@@ -139,7 +147,7 @@ class SourceSlides:
         slide_id: str | None = None
         with contextlib.suppress(OSError, WsiError):
             if _is_candidate(path):
-                slide_id = content_slide_id(path)
+                slide_id = self.ids.of(content_slide_id(path))
         self._known[path] = (*stamp, slide_id)
         return slide_id
 

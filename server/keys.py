@@ -19,6 +19,7 @@ from server.probes import Probes
 from server.settings import ProcessRole, ServerSettings
 from wsi.ingest.queue import JobQueue
 from wsi.ingest.supervise import Supervisor
+from wsi.pseudonyms import PublishedIds
 
 SETTINGS = web.AppKey("settings", ServerSettings)
 ROLE = web.AppKey("role", ProcessRole)
@@ -40,6 +41,9 @@ METRICS = web.AppKey("metrics", Metrics)
 PROBES = web.AppKey("probes", Probes)
 """The blocking reads of `/readyz` and `/metrics`, one flight each (`server.probes`)."""
 ROUTE_MODULES = web.AppKey("route_modules", list)
+PUBLISHED_IDS = web.AppKey("published_ids", PublishedIds)
+"""The ids slides are submitted and viewed under before conversion: content ids, or with
+`--deidentify` their keyed pseudonyms (`wsi.pseudonyms`), the key read once at start."""
 JOBS = web.AppKey("jobs", JobQueue)
 JOBS_WAKE = web.AppKey("jobs_wake", asyncio.Event)
 """Set when a job is submitted here, so this process's idle workers claim it at once."""

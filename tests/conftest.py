@@ -159,6 +159,15 @@ def private_state_home(tmp_path_factory: pytest.TempPathFactory) -> None:
     os.environ["XDG_STATE_HOME"] = str(tmp_path_factory.mktemp("xdg-state"))
 
 
+@pytest.fixture(scope="session", autouse=True)
+def private_config_home(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """The default de-identification key (`wsi.pseudonyms.default_key_file`) under the session's
+    temporary folder, never in the home folder of whoever runs the tests; set in the
+    environment, so the services and conversions the tests start use the same key."""
+    os.environ["XDG_CONFIG_HOME"] = str(tmp_path_factory.mktemp("xdg-config"))
+    os.environ.pop("WSI_DEIDENTIFY_KEY_FILE", None)
+
+
 @pytest.fixture
 def env_clean(monkeypatch: pytest.MonkeyPatch) -> None:
     for key in list(os.environ):

@@ -336,7 +336,11 @@ def test_deidentify_leaves_no_trace_in_objects_or_output(
     )
     assert export.returncode == 0, export.stderr
     blob = all_stored_bytes(out)
-    for value in (*PLANTED.values(), "PID-4242", "20240131"):
+    # Nor the source's content id, which anyone holding the file computes: its prefix was the
+    # dummy Patient ID, and the slide's id and UIDs were made from it.
+    linkable = content_slide_id(identified_slide)
+    assert run.stdout.split("\t")[0] != linkable
+    for value in (*PLANTED.values(), "PID-4242", "20240131", linkable[:16]):
         assert value.encode() not in blob, value
         assert value not in run.stdout + run.stderr + export.stdout + export.stderr
     [level0] = out.glob("*/slide.zarr/0/c/0/0/0")

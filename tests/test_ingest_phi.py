@@ -36,6 +36,7 @@ from wsi.export import export_dicom_location
 from wsi.ingest.queue import JobState, SQLiteJobQueue
 from wsi.ingest.settings import IngestSettings
 from wsi.metadata import NEUTRAL_ICC_TEXT, neutral_icc_profile
+from wsi.pseudonyms import published_ids
 from wsi.slide_id import content_slide_id
 
 from .conftest import sample
@@ -148,7 +149,9 @@ def test_a_deidentifying_service_names_no_patient_anywhere(
     ours = [r.getMessage() for r in caplog.records if r.name.split(".")[0] in OUR_LOGGERS]
     assert_no_names("\n".join(ours), "our log")
 
-    sid = done["slide_id"]
+    sid = done["slide_id"]  # the keyed pseudonym, which the file's content id does not give
+    content_id = content_slide_id(inbox / GOOD)
+    assert sid == published_ids(True).of(content_id) != content_id
     for where, blob in published_headers(store, sid, tmp_path):
         assert_no_names(blob, where)
     assert associated_images(store, sid) == ["thumbnail"]

@@ -41,6 +41,7 @@ ENV = {
     "WSI_DEIDENTIFY": "yes",
     "WSI_KEEP_LABEL": "1",
     "WSI_KEEP_MACRO": "true",
+    "WSI_DEIDENTIFY_KEY_FILE": "/srv/deidentify.key",
 }
 """Every ingest variable the README documents, none at its default."""
 
@@ -126,6 +127,7 @@ def test_every_command_reads_the_same_environment_the_same_way() -> None:
         deidentify=True,
         keep_label=True,
         keep_macro=True,
+        deidentify_key_file="/srv/deidentify.key",
     )
     # Every field but the in-code one comes from the environment: none was left out.
     set_from_env = {f.name for f in fields(IngestSettings) if getattr(serve, f.name) != f.default}

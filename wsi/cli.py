@@ -34,6 +34,7 @@ from wsi.ingest.protocol import (
 )
 from wsi.ingest.settings import IngestSettings, add_ingest_arguments, ignored_by_watch
 from wsi.process_logging import quiet_readers, report_ingest
+from wsi.pseudonyms import KEY_FILE_ENV
 from wsi.sources import backend_names
 from wsi.store.objects import Store, StoreSettings
 from wsi.store_commands import add_export_command, add_store_commands
@@ -44,6 +45,8 @@ if TYPE_CHECKING:
     from wsi.pyramid.builder import Progress
     from wsi.pyramid.cluster import ClusterOptions
     from wsi.sources import SlideSource
+
+DEIDENTIFY_KEY_FLAG = "--deidentify-key-file"
 
 # Each command imports what only it uses (the converter, the reader of published slides and
 # pydicom, the checks of `wsi verify` ...) in its own function: every command, `wsi convert`
@@ -150,6 +153,7 @@ def _convert(args: argparse.Namespace) -> int:
         deidentify=args.deidentify,
         keep_label=args.keep_label,
         keep_macro=args.keep_macro,
+        deidentify_key_file=args.deidentify_key_file or os.environ.get(KEY_FILE_ENV) or None,
     )
     args.sources = sources_of(args, os.environ)
     if args.slide_id and len(args.sources) > 1:
@@ -408,6 +412,12 @@ def _add_convert_privacy(conv: argparse.ArgumentParser) -> None:
         help="with --deidentify: keep the label (and a thumbnail that may show it)",
     )
     conv.add_argument(KEEP_MACRO_FLAG, action="store_true", help="with --deidentify: keep macro")
+    conv.add_argument(
+        DEIDENTIFY_KEY_FLAG,
+        metavar="FILE",
+        help="with --deidentify: the key file that makes the slide id from its content (default: "
+        f"${KEY_FILE_ENV}, else ~/.config/wsistore/deidentify.key, made if absent)",
+    )
 
 
 def _add_convert_tiles(conv: argparse.ArgumentParser) -> None:

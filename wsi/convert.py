@@ -37,6 +37,7 @@ from wsi.metadata import (
     slide_name,
 )
 from wsi.model import MICRONS_PER_PIXEL_AT_1X, Level, SlideProperties
+from wsi.pseudonyms import published_ids
 from wsi.published.layout import (
     JPEG,
     JPEG2000,
@@ -92,6 +93,10 @@ class ConvertSettings:
     thumbnail that may show it."""
     keep_macro: bool = False
     """With `deidentify`: keep the macro (overview) image, which usually shows the label."""
+    deidentify_key_file: str | None = None
+    """With `deidentify`: the file of the key that makes the slide's id from its content id
+    (`wsi.pseudonyms`); None: the default key file, made if absent. Not in the fingerprint: it
+    decides only the id, which a slide published under it already has."""
     max_pixels: int = 10**11
     """Largest base level accepted (pixels): 316,000 px square, beyond any scanner's slide."""
     max_pixels_per_byte: int = 20_000
@@ -181,7 +186,7 @@ def convert_slide(
     settings = settings or ConvertSettings()
     path = Path(path)
     with open_slide(path, settings.backend) as source:
-        sid = check_slide_id(slide_id) if slide_id is not None else content_slide_id(path)
+        sid = check_slide_id(slide_id) if slide_id is not None else _published_id(path, settings)
         metadata, properties = _identity(path, source.properties, settings)
         fingerprint = settings.fingerprint(metadata)
         base = source.levels[0]
@@ -239,6 +244,14 @@ def convert_slide(
     return ConvertResult(
         sid, url, base.width * base.height, time.perf_counter() - start, stored, False
     )
+
+
+def _published_id(path: Path, settings: ConvertSettings) -> str:
+    """The id the slide at `path` is published under: its content id, or de-identified, the
+    keyed pseudonym of it (`wsi.pseudonyms`), which no one without the key links to the
+    identified slide."""
+    ids = published_ids(settings.deidentify, settings.deidentify_key_file)
+    return ids.of(content_slide_id(path))
 
 
 def published_location(store: Store, manifest: Manifest) -> str:

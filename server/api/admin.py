@@ -25,7 +25,7 @@ from aiohttp import web
 from server.api.jobs import job_json
 from server.catalog import READY, published, status
 from server.front import routes
-from server.keys import CATALOG, JOBS, JOBS_WAKE, SETTINGS
+from server.keys import CATALOG, JOBS, JOBS_WAKE, PUBLISHED_IDS, SETTINGS
 from server.openapi import ERROR, path_params
 from server.responses import dumps
 from wsi.errors import WsiError
@@ -44,6 +44,7 @@ from wsi.ingest.scan import FolderUnavailable, SlideCandidate, find_candidates, 
 from wsi.ingest.source_files import SourceChanged, submit_slide
 from wsi.metadata import file_stem
 from wsi.model import readable
+from wsi.pseudonyms import PublishedIds
 
 T = TypeVar("T")
 
@@ -97,7 +98,7 @@ async def list_quarantined(request: web.Request) -> web.Response:
 
 
 def _put_back(
-    entry: QuarantinedSlide, watch: str, queue: JobQueue | None
+    entry: QuarantinedSlide, watch: str, queue: JobQueue | None, ids: PublishedIds
 ) -> tuple[SlideCandidate | None, Job | None]:
     """Blocking: the entry's files back into `watch`, then a job at once when the slide there
     is complete (else, or when it cannot be submitted now, the watcher takes it later)."""
@@ -106,7 +107,7 @@ def _put_back(
     if candidate is None or not candidate.complete or queue is None:
         return candidate, None
     try:
-        return candidate, submit_slide(queue, candidate)
+        return candidate, submit_slide(queue, candidate, ids=ids)
     except (SourceChanged, OSError, WsiError):
         return candidate, None
 
@@ -122,7 +123,8 @@ async def retry_quarantined(request: web.Request) -> web.Response:
     entry = await _in_quarantine(request, functools.partial(find_entry, ref=ref))
     queue = request.app.get(JOBS)
     try:
-        candidate, job = await asyncio.to_thread(_put_back, entry, settings.watch[0], queue)
+        ids = request.app[PUBLISHED_IDS]
+        candidate, job = await asyncio.to_thread(_put_back, entry, settings.watch[0], queue, ids)
     except QuarantineConflict as exc:
         raise web.HTTPConflict(reason=str(exc)) from exc
     except OSError as exc:

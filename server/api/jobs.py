@@ -11,6 +11,7 @@ quarantine, or `after_success=delete` remove, whole.
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,7 @@ from typing import Any
 from aiohttp import web
 
 from server.front import routes
-from server.keys import CATALOG, COPIES, JOBS, JOBS_WAKE, SETTINGS
+from server.keys import CATALOG, COPIES, JOBS, JOBS_WAKE, PUBLISHED_IDS, SETTINGS
 from server.openapi import ERROR, path_params
 from server.responses import dumps, json_error
 from server.url_numbers import url_int
@@ -119,9 +120,10 @@ async def _submit_remote(request: web.Request, source: str) -> Job:
     url = allowed_s3_source(request, source)
     try:
         settings = request.app[SETTINGS]
-        slide_id = await asyncio.to_thread(
+        content_id = await asyncio.to_thread(
             remote_slide_id, url, settings.s3_endpoint, settings.ingest.staging_limits
         )
+        slide_id = request.app[PUBLISHED_IDS].of(content_id)
     except SlideNotFound as exc:
         raise InvalidArgument("source does not exist") from exc
     job = await asyncio.to_thread(_queue(request).submit, url, slide_id)
@@ -141,7 +143,10 @@ async def _submit_local(request: web.Request, source: object) -> Job:
         allowed_source, (*settings.watch, *settings.sources), source
     )
     try:
-        job = await asyncio.to_thread(submit_slide, _queue(request), candidate)
+        ids = request.app[PUBLISHED_IDS]
+        job = await asyncio.to_thread(
+            functools.partial(submit_slide, _queue(request), candidate, ids=ids)
+        )
     except SourceChanged as exc:
         raise InvalidArgument("source is still changing: submit it once it is complete") from exc
     except OSError as exc:

@@ -23,6 +23,7 @@ from wsi.ingest.spool import sweep_orphans
 from wsi.ingest.supervise import Supervisor, describe
 from wsi.ingest.watcher import FolderWatcher
 from wsi.ingest.worker import KILL_GRACE_SECONDS, Worker
+from wsi.pseudonyms import CONTENT_IDS, PublishedIds
 from wsi.store.objects import StoreSettings
 
 log = logging.getLogger("wsi.ingest.roles")
@@ -32,14 +33,16 @@ async def feed(
     watcher: FolderWatcher,
     queue: JobQueue,
     on_submitted: Callable[[str, Path], None] | None = None,
+    ids: PublishedIds = CONTENT_IDS,
 ) -> None:
-    """Turn every complete slide the watcher reports into a job with its files (the same
-    content: one job; a cancelled or failed one too, until someone retries it). A slide that
+    """Turn every complete slide the watcher reports into a job with its files, under the id
+    `ids` names it by (the same content: one job; a cancelled or failed one too, until someone
+    retries it). A slide that
     cannot be submitted now (it changed again, a file cannot be read, the queue is away) is
     reported again after another quiet period, not forgotten."""
     async for slide in watcher.events():
         try:
-            job = await asyncio.to_thread(submit_slide, queue, slide, watched=True)
+            job = await asyncio.to_thread(submit_slide, queue, slide, watched=True, ids=ids)
         except (WsiError, OSError) as exc:
             log.info("a slide could not be submitted (%s): tried again later", describe(exc))
             watcher.retry(slide)
@@ -66,7 +69,7 @@ async def watch_folders(
     watcher = FolderWatcher(
         folders, settings.quiet_seconds, settings.poll_seconds, stop_event=stop, leases=leases
     )
-    await feed(watcher, queue, on_submitted)
+    await feed(watcher, queue, on_submitted, settings.published_ids())
 
 
 PURGE_EVERY_SECONDS = 3600.0

@@ -36,6 +36,7 @@ from wsi.ingest.staging import (
     StagingLimits,
     is_remote,
 )
+from wsi.pseudonyms import PublishedIds, published_ids
 from wsi.store.objects import FILE_MODE, make_dirs
 
 # `wsi.ingest.queue.base` is imported by the functions that use it: the queue package imports
@@ -193,6 +194,16 @@ class IngestSettings:
     """With `deidentify`: keep the label image (and a thumbnail that may show it)."""
     keep_macro: bool = field(default=False, metadata=_cli("with --deidentify: keep the macro"))
     """With `deidentify`: keep the macro (overview) image."""
+    deidentify_key_file: str | None = field(
+        default=None,
+        metadata=_cli(
+            "with --deidentify: the key file that makes slide ids from their content (default: "
+            "~/.config/wsistore/deidentify.key, made if absent; the same on every machine)"
+        ),
+    )
+    """With `deidentify`: the key of the ids slides are published under (`wsi.pseudonyms`);
+    None: the default key file, made if absent. Every service and worker converting into one
+    store must be given the same file."""
     convert_args: tuple[str, ...] = field(default=(), metadata={"env": False})
     """Extra `wsi convert` flags for every conversion (quality, format, ...); set in code."""
 
@@ -278,8 +289,9 @@ class IngestSettings:
         )
 
     def make_state(self, store: str) -> None:
-        """Create the state folder, the job table's folder and the spool without any permission
-        for others, whatever the umask (`done` and `quarantine` are made so when first used, and
+        """Check the de-identification key (made when the default one is absent); create the
+        state folder, the job table's folder and the spool without any permission for others,
+        whatever the umask (`done` and `quarantine` are made so when first used, and
         made so when a deployment made them before: `_private_if_there`); and the job table's
         file too, before SQLite does (SQLite gives its journal and shared-memory files the
         database's permissions). A table made world-readable before is made private. A job
@@ -290,6 +302,7 @@ class IngestSettings:
             make_dirs(folder)
         for folder in (self.done_path(store), self.quarantine_path(store)):
             _private_if_there(folder)
+        self.published_ids()  # a key file that cannot be read is refused at start, in one line
         jobs = self.jobs_path(store)
         if is_database_url(jobs):
             return
@@ -302,6 +315,11 @@ class IngestSettings:
                 continue
             if mode & 0o007:
                 os.chmod(path, mode & 0o770)
+
+    def published_ids(self) -> PublishedIds:
+        """How the slides ingest submits are named: by content id, or de-identifying by the
+        keyed pseudonym of it, the key read now (`make_state` checked it at start)."""
+        return published_ids(self.deidentify, self.deidentify_key_file)
 
     def describe_state(self, store: str) -> str:
         """Where ingest keeps its state, for a start-up line: folder names only (none of them

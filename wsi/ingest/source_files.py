@@ -31,6 +31,7 @@ from pathlib import Path
 from wsi.errors import InvalidArgument, WsiError
 from wsi.ingest.queue import Job, JobQueue, SourceFile
 from wsi.ingest.scan import SlideCandidate
+from wsi.pseudonyms import CONTENT_IDS, PublishedIds
 from wsi.slide_id import content_slide_id
 from wsi.slidefiles import (
     companion_folder,
@@ -116,8 +117,16 @@ def grown(source: str, files: Sequence[SourceFile]) -> str | None:
     return f"{len(added)} file(s) arrived in the slide since it was submitted"
 
 
-def submit_slide(queue: JobQueue, candidate: SlideCandidate, *, watched: bool = False) -> Job:
-    """Queue a complete slide the scanner reported, with the identity of each of its files.
+def submit_slide(
+    queue: JobQueue,
+    candidate: SlideCandidate,
+    *,
+    watched: bool = False,
+    ids: PublishedIds = CONTENT_IDS,
+) -> Job:
+    """Queue a complete slide the scanner reported, with the identity of each of its files,
+    under the id `ids` gives its content id (a de-identifying ingest's keyed pseudonym:
+    `IngestSettings.published_ids`).
 
     The files are looked at before and after the content id is computed, so the id and the
     recorded identities describe the same bytes: SourceChanged when they differ (the next scan
@@ -125,7 +134,7 @@ def submit_slide(queue: JobQueue, candidate: SlideCandidate, *, watched: bool = 
     slide's latest job even if it was cancelled or failed (`JobQueue.submit`).
     """
     before = record(candidate.files)
-    slide_id = content_slide_id(candidate.path)
+    slide_id = ids.of(content_slide_id(candidate.path))
     if record(candidate.files) != before:
         raise SourceChanged("the slide changed while its content id was computed")
     return queue.submit(str(candidate.path), slide_id, files=before, watched=watched)
