@@ -1,4 +1,5 @@
-"""Who may read: Bearer tokens, and signed URLs for one slide's tiles (off loopback only)."""
+"""Who may read: Bearer tokens, each with what its role permits, and signed URLs for one
+slide's tiles (off loopback only)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from aiohttp import web
 from server.audit import PRINCIPAL
 from server.keys import SETTINGS
 from server.responses import SIGNED_EXPIRES, json_error
-from server.settings import ServerSettings, token_entry
+from server.settings import ADMIN, PIXELS, READ, ServerSettings, TokenRole, token_entry
 from server.url_numbers import url_int
 
 ROUTE_SCOPES: dict[str, str] = {
@@ -24,6 +25,26 @@ ROUTE_SCOPES: dict[str, str] = {
 signature reads one slide's pyramid tiles and nothing else (not its metadata, its associated
 images or another API); a view signature opens one slide's viewer page. Everything else needs a
 Bearer token."""
+
+
+PIXEL_ROUTES = frozenset(
+    {"slides.tile", "dzi.descriptor", "dzi.tile", "iiif.image", "iiif.info", "iiif.base"}
+)
+"""The routes a pixel token reads: a slide's tiles and IIIF images, given its id. Nothing else
+answers with pixels alone: the listings and slide documents carry names and cases, DICOMweb the
+patient's name, the viewer page the slide's name, associated images may show the label."""
+READING = frozenset({"GET", "HEAD"})
+
+
+def permits(role: TokenRole, route: str | None, method: str) -> bool:
+    """Whether a token of `role` may send `method` to the route named `route` (None: no route
+    matched): an admin token anything, a read token any read, a pixel token a read of
+    `PIXEL_ROUTES`."""
+    if role == ADMIN:
+        return True
+    if method not in READING:
+        return False
+    return role == READ or (role == PIXELS and route in PIXEL_ROUTES)
 
 
 EXPIRY_DIGITS = 12
@@ -75,10 +96,13 @@ def admission(request: web.Request) -> web.Response | None:
         or request.path in OPEN_PAGES
     ):
         return None
-    name = bearer_name(request.headers.get("Authorization"), settings)
-    if name is not None:
+    token = bearer(request.headers.get("Authorization"), settings)
+    if token is not None:
+        name, role = token
         request[PRINCIPAL] = name
-        return None
+        if permits(role, request.match_info.route.name, request.method):
+            return None
+        return json_error(403, f"token {name} ({role}) may not {_what(request.method)}")
     scope = ROUTE_SCOPES.get(request.match_info.route.name or "")
     query = request.query
     expires = signed_expiry(
@@ -95,8 +119,14 @@ def admission(request: web.Request) -> web.Response | None:
     return json_error(401, "authentication required (Bearer token or signed URL)")
 
 
-def bearer_name(header: str | None, settings: ServerSettings) -> str | None:
-    """The name of the configured token an `Authorization` header value carries, else None.
+def _what(method: str) -> str:
+    """What a refused token asked to do, in the words of its 403."""
+    return "read this" if method in READING else "change anything"
+
+
+def bearer(header: str | None, settings: ServerSettings) -> tuple[str, TokenRole] | None:
+    """The name and role of the configured token an `Authorization` header value carries,
+    else None.
     The scheme is matched whatever its case (`bearer`, `BEARER`: RFC 9110 11.1), and may be
     followed by more than one space (`1*SP`)."""
     if header is None:
@@ -104,16 +134,17 @@ def bearer_name(header: str | None, settings: ServerSettings) -> str | None:
     scheme, space, credentials = header.partition(" ")
     if not space or scheme.lower() != "bearer":
         return None
-    return _token_name(credentials.lstrip(" "), settings.tokens)
+    return _token(credentials.lstrip(" "), settings.all_tokens)
 
 
-def _token_name(given: str, tokens: tuple[str, ...]) -> str | None:
-    """The name of the token `given` matches, comparing with every one in constant time."""
+def _token(given: str, tokens: tuple[tuple[str, TokenRole], ...]) -> tuple[str, TokenRole] | None:
+    """The name and role of the token `given` matches, compared with every one in constant
+    time (no secret is given twice: `ServerSettings`)."""
     found = None
-    for entry in tokens:
+    for entry, role in tokens:
         name, secret = token_entry(entry)
         if _same(given, secret):
-            found = name
+            found = name, role
     return found
 
 

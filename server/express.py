@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING, Any, Final
 from aiohttp import web
 from aiohttp.http import SERVER_SOFTWARE
 
-from server.auth import ROUTE_SCOPES, bearer_name, signed_expiry
+from server.auth import ROUTE_SCOPES, bearer, permits, signed_expiry
 from server.cors import CORS_POLICY, HOSTS_SEEN
 from server.keys import METRICS, SETTINGS
 from server.responses import RESPONSE_HEADERS, VERSION_PARAM, Stored
@@ -156,7 +156,7 @@ def _fields(block: bytes) -> dict[str, str] | str:
 
 
 class _Route:
-    __slots__ = ("answer", "later", "pattern", "resource", "scope")
+    __slots__ = ("answer", "later", "name", "pattern", "resource", "scope")
 
     def __init__(
         self, resource: web.Resource, answer: ExpressAnswer, later: ExpressLater | None
@@ -170,6 +170,7 @@ class _Route:
         self.resource = resource
         self.answer = answer
         self.later = later
+        self.name = resource.name
         self.scope = ROUTE_SCOPES.get(resource.name or "")
         """The signed-URL scope that opens the route, if any."""
 
@@ -287,7 +288,7 @@ class Express:
         else:
             return None
         info = match.groupdict()
-        admitted, expires = self._admitted(route, info, fields, query)
+        admitted, expires = self._admitted(head.method, route, info, fields, query)
         if not admitted:
             return None
         try:
@@ -323,6 +324,7 @@ class Express:
 
     def _admitted(
         self,
+        method: str,
         route: _Route,
         info: Mapping[str, str],
         fields: Mapping[str, str],
@@ -335,8 +337,9 @@ class Express:
             return fields.get("host") in hosts_seen, None
         settings = self._settings
         assert settings is not None
-        if bearer_name(fields.get("authorization"), settings) is not None:
-            return True, None
+        token = bearer(fields.get("authorization"), settings)
+        if token is not None:  # one its role does not permit: the front says why (a 403)
+            return permits(token[1], route.name, method), None
         try:
             expires = signed_expiry(
                 settings,

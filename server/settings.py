@@ -7,6 +7,7 @@ import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Literal, TypeAlias
 
 from wsi.errors import InvalidArgument
 from wsi.ingest.settings import IngestSettings, env_values
@@ -19,6 +20,11 @@ all a guesser needs to test keys offline, as fast as it can hash, and a right gu
 slide's URLs."""
 MIN_TOKEN_CHARS = 16
 """Shortest token secret: every request may guess one, and nothing slows the guessing."""
+TokenRole: TypeAlias = Literal["admin", "read", "pixels"]
+"""What a token may do (`server.auth.permits`): everything, read everything, or read pixels."""
+ADMIN: TokenRole = "admin"
+READ: TokenRole = "read"
+PIXELS: TokenRole = "pixels"
 RANDOM_KEY_COMMAND = 'python -c "import secrets; print(secrets.token_urlsafe(32))"'
 """The command the refusals of short secrets suggest (43 characters, 256 random bits)."""
 _ORIGIN = re.compile(
@@ -42,7 +48,16 @@ class ServerSettings:
     """API tokens accepted as `Authorization: Bearer <token>`; required off loopback, and once
     given they are required on loopback too (a service behind a proxy on the same machine is
     reached from beyond it). An entry `name:secret` gives the token a name for the audit log; a
-    bare secret is named by a digest. Each secret has at least `MIN_TOKEN_CHARS` characters."""
+    bare secret is named by a digest. Each secret has at least `MIN_TOKEN_CHARS` characters.
+    These tokens may do everything (`server.auth.ADMIN`); `read_tokens` and `pixel_tokens` less."""
+    read_tokens: tuple[str, ...] = ()
+    """Tokens that read everything `tokens` read (slides, metadata, DICOMweb, jobs) but change
+    nothing: no job submitted, cancelled or retried, no quarantined slide put back (a 403).
+    Written as `tokens` are."""
+    pixel_tokens: tuple[str, ...] = ()
+    """Tokens that read a slide's pixels only, given its id: its plain and DeepZoom tiles and
+    its IIIF images, for AI pipelines and research. No listing, name, case, metadata, associated
+    image, DICOMweb (patient names) or ingest: a 403."""
     signing_key: str = ""
     """Secret for signed tile URLs (viewers); required off loopback. At least
     `MIN_SIGNING_KEY_BYTES` bytes."""
@@ -92,11 +107,11 @@ class ServerSettings:
         if not 0 < self.port < 65536:
             raise InvalidArgument(f"port must be 1-65535, got {self.port}")
         self._check_secrets()
-        if self.requires_auth and not (self.tokens and self.signing_key):
-            if self.tokens:
+        if self.requires_auth and not (self.all_tokens and self.signing_key):
+            if self.all_tokens:
                 raise InvalidArgument(
-                    "WSI_TOKENS turns authentication on, which needs WSI_SIGNING_KEY too "
-                    "(the viewer's signed tile URLs)"
+                    "WSI_TOKENS (or WSI_READ_TOKENS, WSI_PIXEL_TOKENS) turns authentication on, "
+                    "which needs WSI_SIGNING_KEY too (the viewer's signed tile URLs)"
                 )
             raise InvalidArgument(
                 f"listening on {self.host} (not loopback) needs WSI_TOKENS and WSI_SIGNING_KEY"
@@ -127,19 +142,41 @@ class ServerSettings:
                 f"WSI_SIGNING_KEY must be at least {MIN_SIGNING_KEY_BYTES} bytes, not all "
                 f"whitespace; make one with: {RANDOM_KEY_COMMAND}"
             )
-        for entry in self.tokens:
+        seen: set[str] = set()
+        for variable, entry, _ in self._token_entries():
             name, secret = token_entry(entry)
             if len(secret) < MIN_TOKEN_CHARS or not secret.strip():
                 raise InvalidArgument(
-                    f"WSI_TOKENS: the secret of token {name} must be at least {MIN_TOKEN_CHARS} "
+                    f"{variable}: the secret of token {name} must be at least {MIN_TOKEN_CHARS} "
                     f"characters, not all whitespace; make one with: {RANDOM_KEY_COMMAND}"
                 )
+            if secret in seen:  # which of its roles would it have?
+                raise InvalidArgument(f"{variable}: the secret of token {name} is given twice")
+            seen.add(secret)
+
+    def _token_entries(self) -> list[tuple[str, str, TokenRole]]:
+        """(variable, entry, role) of every token configured."""
+        return [
+            (variable, entry, role)
+            for variable, entries, role in (
+                ("WSI_TOKENS", self.tokens, ADMIN),
+                ("WSI_READ_TOKENS", self.read_tokens, READ),
+                ("WSI_PIXEL_TOKENS", self.pixel_tokens, PIXELS),
+            )
+            for entry in entries
+        ]
+
+    @property
+    def all_tokens(self) -> tuple[tuple[str, TokenRole], ...]:
+        """(entry, role) of every token: `tokens` are "admin", `read_tokens` "read" and
+        `pixel_tokens` "pixels" (what each may do: `server.auth.permits`)."""
+        return tuple((entry, role) for _, entry, role in self._token_entries())
 
     @property
     def requires_auth(self) -> bool:
         """Off loopback, or with tokens configured: a service given tokens is meant to ask for
         them, wherever it listens."""
-        return self.host not in LOOPBACK or bool(self.tokens)
+        return self.host not in LOOPBACK or bool(self.all_tokens)
 
     @classmethod
     def from_env(

@@ -209,3 +209,49 @@ def test_links_are_never_made_from_a_host_that_is_not_one(store: tuple[Path, str
             assert (await r.json())["error"] == "the Host header is not a valid host name"
 
     run(root, check)
+
+
+READER, PIXELS = "reader-token-for-the-auth-tests", "pixels-token-for-the-auth-tests"
+
+
+def test_each_token_role_opens_what_it_may_and_no_more(store: tuple[Path, str, str]) -> None:
+    """Every token could do everything: an AI pipeline given a token to read tiles could read
+    every slide's name and case, DICOMweb's patient names, the labels (with --allow-label) and
+    cancel jobs. Now, route by route and method by method: an admin token (`WSI_TOKENS`) is
+    refused nothing, a read token (`WSI_READ_TOKENS`) every change, and a pixel token
+    (`WSI_PIXEL_TOKENS`) everything but the tiles and IIIF images of a slide it names; each
+    refusal a 403 that says which token and why (the audit log names it too)."""
+    root, sid, _ = store
+
+    async def check(c: TestClient) -> dict[str, set[tuple[str, str]]]:
+        opened: dict[str, set[tuple[str, str]]] = {"admin": set(), "read": set(), "pixels": set()}
+        for resource in c.app.router.resources():
+            path = "/no/route/takes/this" if resource.name == UNROUTED else resource.canonical
+            url = re.sub(r"\{(\w+)\}", lambda m: sid if m.group(1) == "slide_id" else "0", path)
+            if url.startswith(OPEN_PATHS) or url in OPEN_PAGES:
+                continue
+            for route in resource:
+                method = "GET" if route.method == "*" else route.method
+                if method == "HEAD":  # its GET's answer without the body that says why
+                    continue
+                for role, secret in (("admin", TOKEN), ("read", READER), ("pixels", PIXELS)):
+                    r = await c.request(method, url, headers={"Authorization": f"Bearer {secret}"})
+                    body = await r.read()
+                    refused = r.status == 403 and b"may not" in body
+                    assert r.status != 401, (role, method, url)
+                    if not refused:
+                        opened[role].add((method, str(resource.name or url)))
+                    else:  # says which token and why, never its secret
+                        error = (await r.json())["error"]
+                        assert error.startswith("token ") and f"({role})" in error, error
+                        assert secret not in error
+        return opened
+
+    opened = run(root, check, read_tokens=(f"reader:{READER}",), pixel_tokens=(f"ai:{PIXELS}",))
+    everything = opened["admin"]
+    reads = {(m, n) for m, n in everything if m == "GET"}
+    assert len(everything) > 40 and len(reads) < len(everything)  # there are writes to refuse
+    assert opened["read"] == reads
+    pixel_routes = {"slides.tile", "dzi.descriptor", "dzi.tile", "iiif.image", "iiif.info"}
+    assert {n for _, n in opened["pixels"]} == pixel_routes | {"iiif.base"}
+    assert {(m, n) for m, n in reads if n in pixel_routes | {"iiif.base"}} == opened["pixels"]

@@ -120,6 +120,25 @@ def test_secrets_long_enough_are_taken() -> None:
     assert ServerSettings().signing_key == ""  # none on loopback without tokens: not checked
 
 
+def test_read_and_pixel_tokens_are_held_to_the_same_rules() -> None:
+    """A read or pixel token alone turns authentication on (it needs the signing key, on
+    loopback too), is refused short, and a secret given under two roles is refused: which
+    role would it have?"""
+    for field in ("read_tokens", "pixel_tokens"):
+        given: dict[str, Any] = {field: (TOKEN,)}
+        assert ServerSettings(**given, signing_key=KEY).requires_auth
+        with pytest.raises(wsi.InvalidArgument, match="needs WSI_SIGNING_KEY"):
+            ServerSettings(**given)
+        variable = f"WSI_{field.upper()}"
+        short: dict[str, Any] = {field: ("x:short",)}
+        with pytest.raises(wsi.InvalidArgument, match=f"{variable}: the secret of token x"):
+            ServerSettings(**short, signing_key=KEY)
+        twice: dict[str, Any] = {field: (f"other:{SECRET}",)}
+        with pytest.raises(wsi.InvalidArgument, match=f"{variable}: .* is given twice") as caught:
+            ServerSettings(tokens=(TOKEN,), **twice, signing_key=KEY)
+        assert SECRET not in str(caught.value)
+
+
 def test_serve_refuses_guessable_secrets_in_one_line(tmp_path: Path) -> None:
     """`WSI_HOST=0.0.0.0 WSI_TOKENS=x WSI_SIGNING_KEY=' ' wsi serve`: it started, with a
     one-space HMAC key and a one-character token."""

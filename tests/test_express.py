@@ -36,6 +36,8 @@ SOURCE = sample("CMU-1-Small-Region.svs")
 SECRET = "s3cret-reader-token"
 TOKEN = f"reader:{SECRET}"
 KEY = "signing-key-for-the-express-tests-0123"
+PIXELS_SECRET = "s3cret-pixels-token"
+VIEWER_SECRET = "s3cret-viewer-token"
 ORIGIN = "https://viewer.example.org"
 FRAMES_ACCEPT = 'multipart/related; type="application/octet-stream"; transfer-syntax=*'
 
@@ -100,7 +102,12 @@ def authed(store: dict[str, Any]) -> Iterator[Pair]:
     """With tokens: authentication on (on loopback too)."""
     yield from pair(
         ServerSettings(
-            store=str(store["root"]), tokens=(TOKEN,), signing_key=KEY, index_at_start=False
+            store=str(store["root"]),
+            tokens=(TOKEN,),
+            read_tokens=(f"viewer:{VIEWER_SECRET}",),
+            pixel_tokens=(f"ai:{PIXELS_SECRET}",),
+            signing_key=KEY,
+            index_at_start=False,
         )
     )
 
@@ -342,6 +349,28 @@ def test_with_auth_the_lane_admits_what_the_front_admits(
     other_slide = f"{tile}?exp={exp}&sig={sign(KEY, 'tiles', 'another', exp)}"
     assert same_answers(authed, request(other_slide))[0].split()[1] == "401"
     assert authed.answered == before
+
+
+def test_the_lane_admits_what_a_tokens_role_permits_and_no_more(
+    authed: Pair, store: dict[str, Any]
+) -> None:
+    """A pixel token reads tiles (through the lane) but not a WADO-RS frame, which DICOMweb
+    serves beside the patient's name: the lane leaves it to the front, which says why (403). A
+    read token reads both."""
+    tile = f"/slides/{store['sid']}/tiles/0/1/2"
+    frame = f"{store['frames']}/3"
+    pixels, viewer = f"Bearer {PIXELS_SECRET}", f"Bearer {VIEWER_SECRET}"
+    before = authed.answered
+    assert same_answers(authed, request(tile, Authorization=pixels))[0].endswith("200 OK")
+    assert authed.answered - before >= 1
+    before = authed.answered
+    status, _, body = same_answers(
+        authed, request(frame, Accept=FRAMES_ACCEPT, Authorization=pixels)
+    )
+    assert status.split()[1] == "403" and b"token ai (pixels) may not read this" in body
+    assert authed.answered == before
+    status, _, _ = same_answers(authed, request(frame, Accept=FRAMES_ACCEPT, Authorization=viewer))
+    assert status.endswith("200 OK") and authed.answered - before >= 1
 
 
 def test_the_lane_counts_in_the_metrics(services: Pair, store: dict[str, Any]) -> None:
