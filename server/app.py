@@ -193,8 +193,9 @@ def _start_watcher(app: web.Application, tasks: Supervisor, stop: asyncio.Event)
         wake.set()
 
     watch = functools.partial(
-        watch_folders, settings.watch, app[JOBS], settings.ingest, stop, submitted
-    )
+        watch_folders, settings.watch, app[JOBS], settings.ingest, stop, submitted,
+        store=StoreSettings(settings.store, settings.s3_endpoint).url,
+    )  # fmt: skip
     tasks.start("watcher", watch)
 
 

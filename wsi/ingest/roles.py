@@ -17,8 +17,9 @@ from pathlib import Path
 from wsi.errors import WsiError
 from wsi.ingest.lease import FolderLeases, dead_local_holder, run_while_held, store_lease_name
 from wsi.ingest.queue import Job, JobQueue, JobState, SourceFile
+from wsi.ingest.scan import SlideCandidate
 from wsi.ingest.settings import IngestSettings
-from wsi.ingest.source_files import submit_slide
+from wsi.ingest.source_files import SecondCopies, second_copy, submit_slide
 from wsi.ingest.spool import sweep_orphans
 from wsi.ingest.supervise import Supervisor, describe
 from wsi.ingest.watcher import FolderWatcher
@@ -34,12 +35,14 @@ async def feed(
     queue: JobQueue,
     on_submitted: Callable[[str, Path], None] | None = None,
     ids: PublishedIds = CONTENT_IDS,
+    copies: SecondCopies | None = None,
 ) -> None:
     """Turn every complete slide the watcher reports into a job with its files, under the id
     `ids` names it by (the same content: one job; a cancelled or failed one too, until someone
-    retries it). A slide that
-    cannot be submitted now (it changed again, a file cannot be read, the queue is away) is
-    reported again after another quiet period, not forgotten."""
+    retries it). A slide that cannot be submitted now (it changed again, a file cannot be read,
+    the queue is away) is reported again after another quiet period, not forgotten. With
+    `copies`, another copy of a slide already published is moved or deleted as its first copy
+    was; one of a slide still converting is looked at again after another quiet period."""
     async for slide in watcher.events():
         try:
             job = await asyncio.to_thread(submit_slide, queue, slide, watched=True, ids=ids)
@@ -49,8 +52,44 @@ async def feed(
             continue
         if job.state is JobState.QUEUED and job.attempts == 0:
             log.info("job %s: queued (slide %s)", job.id, job.slide_id)
+        if copies is not None and await _second_copy(watcher, job, slide, copies):
+            continue
         if on_submitted is not None and job.slide_id is not None:
             on_submitted(job.slide_id, slide.path)
+
+
+async def _second_copy(
+    watcher: FolderWatcher, job: Job, slide: SlideCandidate, copies: SecondCopies
+) -> bool:
+    """Whether `slide` is another copy of the slide of `job` (`second_copy`): set aside when
+    the job is done, looked at again later while it runs or waits. Only ids in the log: its
+    file names are often a patient's."""
+    if job.state is not JobState.DONE and job.state.terminal:
+        return False  # failed or cancelled: left for whoever retries the slide
+    try:
+        files = await asyncio.to_thread(second_copy, job, slide)
+        if files is None:
+            return False
+        if job.state is not JobState.DONE:
+            watcher.retry(slide)
+            return True
+        await asyncio.to_thread(copies.set_aside, files, slide.path)
+    except (WsiError, OSError) as exc:
+        log.warning(
+            "job %s: another copy of slide %s could not be %s: %s",
+            job.id, job.slide_id, _VERB[copies.policy], describe(exc),
+        )  # fmt: skip
+        watcher.retry(slide)
+        return True
+    log.info(
+        "job %s: another copy of slide %s (already published) was %s",
+        job.id, job.slide_id, _VERB[copies.policy],
+    )  # fmt: skip
+    return True
+
+
+_VERB = {"move": "moved to the done folder", "delete": "deleted"}
+"""What `SecondCopies` does to a copy, by policy, as the log says it."""
 
 
 async def watch_folders(
@@ -59,17 +98,25 @@ async def watch_folders(
     settings: IngestSettings,
     stop: asyncio.Event,
     on_submitted: Callable[[str, Path], None] | None = None,
+    *,
+    store: str,
 ) -> None:
     """`feed` from a new watcher of `folders` until `stop`. New at every (re)start: a watcher
     restarted after a crash reports every complete slide again (submitting is idempotent), so a
     slide reported just before the crash is not lost. Each folder is scanned only while this
     watcher holds its lease in the job table (`wsi.ingest.lease`): of the services sharing one
-    folder, one watches it at a time."""
+    folder, one watches it at a time. Another copy of a slide published into `store` (a store
+    URL) is moved or deleted as the policy does to sources (`SecondCopies`), kept with "keep"."""
     leases = FolderLeases(queue, folders, settings.lease_seconds)
     watcher = FolderWatcher(
         folders, settings.quiet_seconds, settings.poll_seconds, stop_event=stop, leases=leases
     )
-    await feed(watcher, queue, on_submitted, settings.published_ids())
+    policy = settings.after_success
+    copies = None
+    if policy != "keep":
+        keep = tuple(Path(f) for f in folders)
+        copies = SecondCopies(policy, Path(settings.done_path(store)), keep)
+    await feed(watcher, queue, on_submitted, settings.published_ids(), copies)
 
 
 PURGE_EVERY_SECONDS = 3600.0
@@ -172,7 +219,10 @@ def run_roles(
             )
             tasks.start(name, held)
         if watch:
-            tasks.start("watcher", functools.partial(watch_folders, watch, queue, settings, stop))
+            looking = functools.partial(
+                watch_folders, watch, queue, settings, stop, store=store.url
+            )
+            tasks.start("watcher", looking)
         await stop.wait()
         await tasks.wait(shutdown_seconds(settings))
 

@@ -26,6 +26,7 @@ import stat
 import time
 import uuid
 from collections.abc import Collection, Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from wsi.errors import InvalidArgument, WsiError
@@ -429,6 +430,44 @@ def delete_files(paths: Sequence[Path], source: Path, *, keep: Collection[Path] 
     _remove_formed(paths, source, keep)
 
 
+@dataclass(frozen=True)
+class SecondCopies:
+    """What becomes of another copy of a slide already converted and published (a scanner that
+    sent it again, a slide copied back from a backup): moved into the done folder or deleted, as
+    the policy (`after_success`: "move" or "delete") did to its first copy. Left alone it lay in
+    the watch folder for ever under a name that is often its patient's, and a lab that deletes
+    its sources expects none kept. It is the same slide by the content id that made the queue
+    convert it once (the same test that skips its conversion)."""
+
+    policy: str
+    done_dir: Path
+    keep: tuple[Path, ...] = ()
+    """Folders never removed when a slide's folder is left empty (the watch folders)."""
+
+    def set_aside(self, files: Sequence[SourceFile], source: Path) -> None:
+        """Move or delete `files` of the copy at `source`, only while each is still the file
+        recorded (SourceChanged otherwise); all or nothing, durably."""
+        why = changed(files)
+        if why is not None:
+            raise SourceChanged(f"left in place: {why}")
+        paths = [Path(f.path) for f in files]
+        if self.policy == "move":
+            move_files(paths, source, self.done_dir, keep=self.keep)
+        else:
+            delete_files(paths, source, keep=self.keep)
+
+
+def second_copy(job: Job, candidate: SlideCandidate) -> tuple[SourceFile, ...] | None:
+    """The files of `candidate`, the slide `job` was submitted for, when none of them is a
+    file the job recorded: another copy of its slide (else None: the job's own files, which its
+    worker moves or deletes, or left in place with a warning when it could not)."""
+    files = record(candidate.files)
+    ours = {(f.device, f.inode) for f in job.files}
+    if not ours or ours & {(f.device, f.inode) for f in files}:
+        return None
+    return files
+
+
 def slide_files(parts: Iterable[Path]) -> list[Path]:
     """The files of a slide whose parts (`wsi.slidefiles.slide_parts`) may include folders (a
     MIRAX companion folder, a DICOM series folder): every file below those, in order."""
@@ -444,6 +483,7 @@ def slide_files(parts: Iterable[Path]) -> list[Path]:
 __all__ = [
     "HIDDEN_DELETE_PREFIX",
     "REASON_FILE",
+    "SecondCopies",
     "SourceChanged",
     "changed",
     "delete_files",
@@ -452,6 +492,7 @@ __all__ = [
     "move_source",
     "record",
     "remove_deletion_leftovers",
+    "second_copy",
     "slide_files",
     "submit_slide",
 ]
