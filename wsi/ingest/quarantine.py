@@ -22,7 +22,8 @@ import os
 import re
 import shutil
 import stat
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -269,10 +270,85 @@ def release(entry: QuarantinedSlide, watch_dir: str | os.PathLike[str]) -> Path:
     return watch / entry.name
 
 
+class ResumedCopies:
+    """Put back into a watch folder the quarantined slides whose copy went on after they were
+    quarantined, once their files are still again.
+
+    A copy that stalls longer than the settle time (a scanner's share reconnecting) leaves a
+    half file that the converter cannot read, and it is quarantined. The writer still holds the
+    file open, and a rename keeps it the same file: the copy goes on, into the quarantine
+    folder, and the slide completes there, where nothing looks at it. A file of an entry written
+    to after the entry's `REASON.txt` (both mtimes stamped by the file system that holds them
+    now) is such a copy; once the entry's files have kept their sizes and mtimes for
+    `quiet_seconds` (timed here, never from the files' clocks), it goes back (`release`) and the
+    watcher makes it a job, under the id of its now complete content. An entry nothing wrote to
+    since it was quarantined stays, whatever its age."""
+
+    def __init__(
+        self,
+        quarantine_dir: str | os.PathLike[str],
+        quiet_seconds: float,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.quarantine_dir = Path(quarantine_dir)
+        self.quiet_seconds = quiet_seconds
+        self._clock = clock
+        self._seen: dict[str, tuple[tuple[tuple[str, int, int], ...], float]] = {}
+        """Entry reference -> (its files written to since it was quarantined, as (path, size,
+        mtime_ns); when they were first seen so)."""
+
+    def put_back(self, watch_dir: str | os.PathLike[str]) -> list[str]:
+        """One look at the quarantine: the references of the entries put back into `watch_dir`
+        now. An entry that cannot go back now (a name taken in the watch folder, a failed move)
+        is tried at the next look; a quarantine folder that cannot be listed is looked at
+        later (QuarantineUnavailable is not raised)."""
+        try:
+            entries = list_quarantine(self.quarantine_dir)
+        except QuarantineUnavailable:
+            return []
+        now = self._clock()
+        seen: dict[str, tuple[tuple[tuple[str, int, int], ...], float]] = {}
+        put: list[str] = []
+        for entry in entries:
+            written = _written_after_quarantine(entry)
+            if written is None:
+                continue
+            before = self._seen.get(entry.ref)
+            since = before[1] if before is not None and before[0] == written else now
+            if now - since < self.quiet_seconds:
+                seen[entry.ref] = (written, since)
+                continue
+            try:
+                release(entry, watch_dir)
+            except (OSError, WsiError):
+                seen[entry.ref] = (written, since)
+                continue
+            put.append(entry.ref)
+        self._seen = seen
+        return put
+
+
+def _written_after_quarantine(entry: QuarantinedSlide) -> tuple[tuple[str, int, int], ...] | None:
+    """The entry's files as (path, size, mtime_ns) when one of them was written to after its
+    `REASON.txt` was, else None (and for an entry without one: nothing says when it came)."""
+    try:
+        quarantined = (entry.folder / REASON_FILE).stat().st_mtime_ns
+        files = []
+        for rel in entry.files:
+            st = (entry.folder / rel).lstat()
+            files.append((str(rel), st.st_size, st.st_mtime_ns))
+    except OSError:
+        return None
+    if not files or max(mtime for _, _, mtime in files) <= quarantined:
+        return None
+    return tuple(files)
+
+
 __all__ = [
     "QuarantineConflict",
     "QuarantineUnavailable",
     "QuarantinedSlide",
+    "ResumedCopies",
     "count_quarantine",
     "entry_ref",
     "find_entry",

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from wsi.errors import WsiError
 from wsi.ingest.lease import FolderLeases, dead_local_holder, run_while_held, store_lease_name
+from wsi.ingest.quarantine import ResumedCopies
 from wsi.ingest.queue import Job, JobQueue, JobState, SourceFile
 from wsi.ingest.scan import SlideCandidate
 from wsi.ingest.settings import IngestSettings
@@ -106,10 +107,17 @@ async def watch_folders(
     slide reported just before the crash is not lost. Each folder is scanned only while this
     watcher holds its lease in the job table (`wsi.ingest.lease`): of the services sharing one
     folder, one watches it at a time. Another copy of a slide published into `store` (a store
-    URL) is moved or deleted as the policy does to sources (`SecondCopies`), kept with "keep"."""
+    URL) is moved or deleted as the policy does to sources (`SecondCopies`), kept with "keep";
+    a quarantined slide whose copy went on in quarantine is put back (`ResumedCopies`)."""
     leases = FolderLeases(queue, folders, settings.lease_seconds)
+    resumed = ResumedCopies(settings.quarantine_path(store), settings.quiet_seconds)
     watcher = FolderWatcher(
-        folders, settings.quiet_seconds, settings.poll_seconds, stop_event=stop, leases=leases
+        folders,
+        settings.quiet_seconds,
+        settings.poll_seconds,
+        stop_event=stop,
+        leases=leases,
+        resumed=resumed,
     )
     policy = settings.after_success
     copies = None

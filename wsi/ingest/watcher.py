@@ -37,6 +37,7 @@ from pathlib import Path
 
 from wsi.errors import InvalidArgument
 from wsi.ingest.lease import FolderLeases
+from wsi.ingest.quarantine import ResumedCopies
 from wsi.ingest.scan import (
     FolderUnavailable,
     ScanMemo,
@@ -228,6 +229,7 @@ class FolderWatcher:
         debounce_ms: int = 500,
         stop_event: asyncio.Event | None = None,
         leases: FolderLeases | None = None,
+        resumed: ResumedCopies | None = None,
     ) -> None:
         if isinstance(folders, str | os.PathLike):
             folders = [folders]
@@ -250,6 +252,10 @@ class FolderWatcher:
         """When (monotonic) each folder was last cleared of deletion leftovers (`_sweep`)."""
         self.leases = leases
         self._held: frozenset[Path] = frozenset(self.folders) if leases is None else frozenset()
+        self.resumed = resumed
+        """The quarantined slides whose copy went on, put back into the first folder while this
+        watcher holds it, at most once per quiet period (`_put_back_resumed`)."""
+        self._resumed_at: float | None = None
 
     def stop(self) -> None:
         """End `events()` at its next wait; safe from other threads once it runs."""
@@ -294,7 +300,26 @@ class FolderWatcher:
                 removed,
             )
 
+    def _put_back_resumed(self) -> None:
+        """Every quiet period, while this watcher holds the first folder: put back there the
+        quarantined slides whose copy went on in quarantine (`ResumedCopies`); the scan that
+        follows finds them. Logged by reference: their names are often a patient's."""
+        resumed, first = self.resumed, self.folders[0]
+        if resumed is None or first not in self._held:
+            return
+        now = time.monotonic()
+        if self._resumed_at is not None and now - self._resumed_at < self.quiet_seconds:
+            return
+        self._resumed_at = now
+        for ref in resumed.put_back(first):
+            log.info(
+                "quarantined slide %s was written to after it was quarantined (its copy went "
+                "on): put back into the watch folder",
+                ref,
+            )
+
     def _scan(self) -> dict[Path, list[SlideCandidate] | None]:
+        self._put_back_resumed()
         results: dict[Path, list[SlideCandidate] | None] = {}
         for folder in self.folders:
             if folder not in self._held:
