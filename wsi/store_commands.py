@@ -1,7 +1,7 @@
-"""The `wsi` commands over a store's published slides: `list`, `du`, `verify`, `sync`,
-`archive`, `restore` and `export-dicom`. Each imports what only it uses when it runs, so that
-no other command (`wsi convert` above all) starts with their modules. One readable line per
-error, exit 1 when a slide failed (`wsi.ingest.protocol.ExitCode`)."""
+"""The `wsi` commands over a store's published slides: `list`, `delete`, `du`, `verify`,
+`sync`, `archive`, `restore` and `export-dicom`. Each imports what only it uses when it runs, so
+that no other command (`wsi convert` above all) starts with their modules. One readable line
+per error, exit 1 when a slide failed (`wsi.ingest.protocol.ExitCode`)."""
 
 from __future__ import annotations
 
@@ -21,12 +21,17 @@ __all__ = ["add_export_command", "add_store_commands"]
 
 
 def add_store_commands(sub: Any) -> None:
-    """`wsi list`, `du`, `verify`, `sync`, `archive` and `restore` on `sub` (the `wsi` parser's
-    subparsers)."""
+    """`wsi list`, `delete`, `du`, `verify`, `sync`, `archive` and `restore` on `sub` (the
+    `wsi` parser's subparsers)."""
     ls = sub.add_parser("list", help="list the published slides of a store")
     ls.add_argument("store", metavar="DIR_OR_URL")
     ls.add_argument("--s3-endpoint")
     ls.set_defaults(func=_list)
+    rm = sub.add_parser("delete", help="remove published slides and every object of them")
+    rm.add_argument("store", metavar="DIR_OR_URL")
+    rm.add_argument("ids", nargs="+", metavar="SLIDE_ID")
+    rm.add_argument("--s3-endpoint")
+    rm.set_defaults(func=_delete)
     _add_storage_commands(sub)
     _add_archive_commands(sub)
 
@@ -60,6 +65,25 @@ def _list(args: argparse.Namespace) -> int:
     for slide_id in store.published_slides():
         print(slide_id)
     return 0
+
+
+def _delete(args: argparse.Namespace) -> int:
+    """`wsi delete STORE ID...`: `<id> TAB deleted TAB <bytes> bytes` per slide, one line per
+    failure; exit 1 when a slide could not be deleted (not published, a conversion of it
+    running here, the store refusing)."""
+    from wsi.store.versions import delete_slide
+
+    store = _existing_store(args.store, args.s3_endpoint)  # a typo is not a new, empty store
+    failed = 0
+    for slide_id in args.ids:
+        try:
+            freed = delete_slide(store, slide_id)
+        except WsiError as exc:
+            print(f"wsi: delete: {slide_id}: {exc}", file=sys.stderr, flush=True)
+            failed += 1
+            continue
+        print(f"{slide_id}\tdeleted\t{freed} bytes", flush=True)
+    return ExitCode.FAILED if failed else ExitCode.OK
 
 
 def _du(args: argparse.Namespace) -> int:

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from wsi.errors import CorruptSlide
+from wsi.errors import CorruptSlide, SlideNotFound
 from wsi.published.layout import MANIFEST, SLIDE_ID, STAGING, Manifest, SlideKeys
-from wsi.store.objects import Store
+from wsi.store.objects import Store, check_slide_id, fsync_dir
 
 
 def swap_in(store: Store, staged: SlideKeys, manifest: bytes, changed: Iterable[str]) -> None:
@@ -47,6 +47,28 @@ def finish_swap(store: Store, slide_id: str) -> bool:
         store.promote(staged, [*waiting, MANIFEST])
         return True
     return False
+
+
+def delete_slide(store: Store, slide_id: str) -> int:
+    """Remove the published slide `slide_id` with every object of it (an erasure request, a
+    slide published by mistake, an earlier de-identified copy); returns the bytes its manifest
+    listed. The manifest goes first, made durable, so that readers stop seeing the slide at
+    once and a deletion cut short leaves only objects no manifest lists, which the next
+    conversion of the slide or deletion removes; then the slide's folder, staged versions
+    included. SlideNotFound when it is not published; StoreError while a conversion of it runs
+    on this machine (its lock)."""
+    check_slide_id(slide_id)
+    with store.slide_lock(slide_id):
+        finish_swap(store, slide_id)  # a swap cut short is a published version too
+        try:
+            manifest = store.manifest(slide_id)
+        except SlideNotFound as exc:
+            raise SlideNotFound(f"slide {slide_id} is not published") from exc
+        store.unpublish(slide_id)
+        if not store.settings.is_s3:
+            fsync_dir(store.path(slide_id))
+        store.delete_prefix(slide_id)
+    return manifest.stored_bytes
 
 
 def interrupted_swaps(store: Store) -> list[str]:
