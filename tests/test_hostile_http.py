@@ -44,9 +44,17 @@ EXAMPLES = 25
 def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]]:
     """The service with one published slide on 127.0.0.1: (base URL, slide id)."""
     root = tmp_path_factory.mktemp("hostile")
-    sid = wsi.convert_slide(SOURCE, wsi.Store(wsi.StoreSettings(str(root)))).slide_id
-    with serving(ServerSettings(store=str(root))) as base:
+    sid = wsi.convert_slide(SOURCE, wsi.Store(wsi.StoreSettings(str(root / "store")))).slide_id
+    (root / "inbox").mkdir()  # STOW-RS stores into it: its requests are generated too
+    settings = ServerSettings(store=str(root / "store"), watch=(str(root / "inbox"),))
+    with serving(settings) as base:
         yield base, sid
+
+
+@schemathesis.serializer("multipart/related")
+def _as_sent(context: Any, value: Any) -> bytes:
+    """A generated STOW-RS body (`multipart/related; type="application/dicom"`), as bytes."""
+    return value if isinstance(value, bytes) else json.dumps(value).encode()
 
 
 def test_openapi_document_is_valid_openapi_31(live: tuple[str, str]) -> None:

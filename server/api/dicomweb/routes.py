@@ -25,6 +25,8 @@ uncompressed frames:
   requested other transfer syntax is a 406, no transcoding).
 - Rendered (`.../rendered`, `.../frames/{n}/rendered`) and thumbnails (study, series, instance,
   frame) as JPEG or PNG, with `viewport=w,h` and `quality`, within the render pixel budget.
+- STOW-RS (`POST /studies[/{study}]`): instances sent by a scanner or a PACS, into the first
+  watch folder for ingest (`server.api.dicomweb.stow`).
 
 One study and one series per slide (UIDs from the slide's DICOM view). Label and overview
 instances show up only when the service allows label images. UIDs in paths and queries are
@@ -45,6 +47,7 @@ from server.api.dicomweb.instances import parse_header as parse_header
 from server.api.dicomweb.qido import search
 from server.api.dicomweb.rendered import rendered, series_thumbnail
 from server.api.dicomweb.series_index import SERIES_INDEX, SeriesIndex, series_records
+from server.api.dicomweb.stow import store_instances
 from server.api.dicomweb.wado import frame_later, frame_now, frames, metadata, retrieve
 from server.catalog import Catalog
 from server.front import routes
@@ -94,6 +97,8 @@ def register(app: web.Application) -> None:
     add(f"{SERIES}/metadata", metadata)
     add(f"{SERIES}/instances", search("instances"))
     add(f"{SERIES}/thumbnail", series_thumbnail)
+    routes(app).add_post(f"{PREFIX}/studies", store_instances)
+    routes(app).add_post(STUDY, store_instances)
     add(INSTANCE, retrieve)
     add(f"{INSTANCE}/metadata", metadata)
     add(f"{INSTANCE}/rendered", rendered)
@@ -165,3 +170,27 @@ OPENAPI = {
     f"{FRAMES}/rendered": _op("Rendered frame", (*_I, "frames"), "image/jpeg or image/png"),
     f"{FRAMES}/thumbnail": _op("Thumbnail of a frame", (*_I, "frames"), "image/jpeg or image/png"),
 }
+
+
+def _stow(params: tuple[str, ...]) -> dict[str, Any]:
+    return {
+        "summary": "STOW-RS: store whole-slide instances into the first watch folder, for ingest",
+        "tags": ["DICOMweb"],
+        "parameters": path_params(*params),
+        "requestBody": {
+            "required": True,
+            "content": {'multipart/related; type="application/dicom"': {"schema": {}}},
+        },
+        "responses": {
+            "200": {"description": f"every instance kept ({DICOM_JSON} store response)"},
+            "202": {"description": "some instances kept, the others failed"},
+            "400": ERROR,
+            "404": ERROR,
+            "409": {"description": "no instance kept"},
+            "415": ERROR,
+        },
+    }
+
+
+OPENAPI[f"{PREFIX}/studies"]["post"] = _stow(())
+OPENAPI[STUDY]["post"] = _stow(_S)
