@@ -251,6 +251,42 @@ def test_a_local_store_that_is_not_a_folder_is_one_line(tmp_path: Path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "file"]
 
 
+def test_a_store_url_typed_wrong_is_one_line_not_a_local_folder(tmp_path: Path) -> None:
+    """`--out s3:/bucket/x` (one slash), `S3://bucket/x` or another scheme converted into a
+    local folder named `s3:` (`S3:`, `ftp:`) under the current folder and exited 0: the user
+    believed the slide was in the bucket. Refused in one line by every command; `./s3:/x`
+    still names a local folder."""
+    src = str(sample("openslide-python-fixtures/small.svs"))
+    for url in ("s3:/bucket/x", "S3://bucket/x", "s3:bucket/x", "ftp://host/x"):
+        for args in (
+            ["convert", src, "--out", url, "--no-progress"],
+            ["list", url],
+            ["serve", "--store", url, "--port", "8999"],
+        ):
+            run = subprocess.run(
+                [sys.executable, "-m", "server.cli", *args],
+                capture_output=True,
+                text=True,
+                timeout=60,  # a service that starts would run until stopped
+                check=False,
+                cwd=tmp_path,
+            )
+            assert (run.returncode, run.stdout) == (1, ""), (args, run.stdout)
+            assert run.stderr.startswith(f"wsi: error: store {url} reads as a URL"), args
+            assert run.stderr.count("\n") == 1, run.stderr
+    assert list(tmp_path.iterdir()) == []
+    run = subprocess.run(
+        [sys.executable, "-m", "server.cli", "convert", src, "--out", "./s3:/x", "--no-progress"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        cwd=tmp_path,
+    )
+    assert run.returncode == 0, run.stderr
+    assert (tmp_path / "s3:" / "x").is_dir()
+
+
 def test_the_service_and_ingest_roles_refuse_a_store_that_is_a_file(tmp_path: Path) -> None:
     """`wsi serve` served a store path that is a file as an empty store (`/readyz`: ready, store
     reachable), and `wsi watch` / `wsi worker` made their state folder beside it and took jobs

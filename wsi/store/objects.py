@@ -57,6 +57,9 @@ __all__ = [
 _SEGMENT = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 TEMP_MARK = ".tmp-"
 _MiB = 1024 * 1024
+_URL_LIKE = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*:/|s3:", re.IGNORECASE)
+"""A store that reads as a URL (`scheme:/...`, or any `s3:` spelling) but is not `s3://`: a
+local folder of that name is never what was meant."""
 _S3_FAILURES = (
     ("botocore.exceptions", ("BotoCoreError", "ClientError")),
     ("aiohttp.client_exceptions", ("ClientError",)),
@@ -104,6 +107,15 @@ class StoreSettings:
     def __post_init__(self) -> None:
         if self.upload_part_bytes <= 0 or self.upload_concurrency <= 0:
             raise InvalidArgument("upload_part_bytes and upload_concurrency must be positive")
+        if not self.is_s3 and _URL_LIKE.match(self.url):
+            # `--out s3:/bucket/x`, `S3://bucket/x` or `ftp://host/x` wrote the slides into a
+            # local folder named `s3:` (or `S3:`, `ftp:`) under the current folder, exit 0:
+            # patient data where nobody looks, and the bucket never written.
+            raise InvalidArgument(
+                f"store {self.url} reads as a URL, and the one URL a store can be is "
+                f"s3://bucket[/prefix] (lower case, two slashes); a local folder of that name "
+                f"is ./{self.url}"
+            )
 
     @property
     def is_s3(self) -> bool:
