@@ -51,8 +51,12 @@ def _serve(args: argparse.Namespace) -> int:
 
     settings = serve_settings(args)
     # Before any line that says it serves: a store path that is a file (which would serve as
-    # an empty, ready store) or a port in use is then the one line there is.
-    Store(StoreSettings(settings.store, settings.s3_endpoint)).check_folder(exists=False)
+    # an empty, ready store) or a port in use is then the one line there is. Without ingest
+    # nothing here makes the store, so a folder that does not exist is a path typed wrong: it
+    # was served as an empty store, `/readyz` "store reachable", with a state folder made
+    # beside it.
+    ingest = bool(settings.watch or settings.s3_sources)
+    Store(StoreSettings(settings.store, settings.s3_endpoint)).check_folder(exists=not ingest)
     check_port(settings.host, settings.port)
     shown = "localhost" if settings.host in ("127.0.0.1", "::1") else settings.host
     print(

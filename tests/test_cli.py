@@ -313,6 +313,23 @@ def test_the_service_and_ingest_roles_refuse_a_store_that_is_a_file(tmp_path: Pa
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "inbox"]
 
 
+def test_the_service_without_ingest_refuses_a_store_that_does_not_exist(tmp_path: Path) -> None:
+    """`wsi serve --store ./typo` served an empty store (`/readyz`: ready, store reachable; the
+    viewer: no slides) and made `typo.state` beside it. Without watch folders or s3 sources
+    nothing would ever make that folder: one line now, as `wsi list` gives."""
+    typo = tmp_path / "typo"
+    run = subprocess.run(
+        [sys.executable, "-m", "server.cli", "serve", "--store", str(typo), "--port", "8999"],
+        capture_output=True,
+        text=True,
+        timeout=60,  # a service that starts would run until stopped
+        check=False,
+    )
+    assert (run.returncode, run.stdout) == (1, ""), run.stdout
+    assert run.stderr == f"wsi: error: store {typo} does not exist\n"
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_options_may_come_after_the_positionals(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
