@@ -164,6 +164,31 @@ def test_refused_credentials_are_a_one_line_store_error(
     assert not good.exists("c/other")
 
 
+def test_a_store_error_says_what_s3_answered(
+    seaweedfs: SeaweedFS, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A bucket typed wrong was "... 404 Not Found", a wrong key or secret "... 403 Forbidden":
+    the error document that said why was cut off with the rest of obstore's dump. Its code now
+    ends the line, with what it means for whoever set the service up."""
+    missing = Store(StoreSettings(f"s3://no-such-bucket-{uuid.uuid4().hex[:8]}/slides"))
+    with pytest.raises(StoreError) as info:
+        missing.children()
+    assert str(info.value).endswith("(NoSuchBucket: the bucket does not exist)"), info.value
+    good = s3_store(seaweedfs)
+    good.put("c/obj", b"x")
+    for variable, code in (
+        ("AWS_ACCESS_KEY_ID", "InvalidAccessKeyId"),
+        ("AWS_SECRET_ACCESS_KEY", "SignatureDoesNotMatch"),
+    ):
+        monkeypatch.setenv(variable, "not-the-right-one")
+        with pytest.raises(StoreError) as info:
+            Store(good.settings).get("c/obj")
+        message = str(info.value)
+        assert f"({code}: " in message and variable in message, message
+        assert "\n" not in message and "<?xml" not in message, message
+        monkeypatch.undo()
+
+
 def test_an_unreachable_endpoint_fails_quickly_saying_so(seaweedfs: SeaweedFS) -> None:
     store = s3_store(seaweedfs, endpoint_url="http://127.0.0.1:1")
     start = time.monotonic()

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -77,6 +78,20 @@ call botocore, taking the GIL from a tokio thread, 10 times a second); so it ask
 minutes, and botocore refreshes temporary credentials before they have 10 minutes left: none is
 used expired."""
 DEFAULT_REGION = "us-east-1"
+_S3_CODE = re.compile(r"<Code>([A-Za-z]{1,64})</Code>")
+"""The error code of an S3 error document (`<Error><Code>NoSuchBucket</Code>...`)."""
+_S3_SAYS = {
+    "NoSuchBucket": "the bucket does not exist",
+    "AccessDenied": "access denied: check the credentials and what they may do in this bucket",
+    "InvalidAccessKeyId": "this S3 service does not know the access key: check "
+    "AWS_ACCESS_KEY_ID and the endpoint",
+    "SignatureDoesNotMatch": "the secret key does not match the access key: check "
+    "AWS_SECRET_ACCESS_KEY",
+}
+"""What the S3 error codes a new set-up meets (a bucket typed wrong, keys that are not the
+service's) mean for whoever configures it."""
+_METADATA_SERVICE = "169.254.169.254"
+"""The instance-metadata address obstore asks for credentials when botocore found none."""
 
 
 @dataclass
@@ -104,7 +119,18 @@ def _describe(exc: BaseException) -> str:
     text = str(exc)
     line = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
     line = line.split("<?xml", 1)[0].rstrip(": ")  # the server's error document follows
-    if "kind: Connect" in text or "ConnectionRefused" in text or "tcp connect error" in text:
+    # The error document was all that said why ("404 Not Found" for a bucket typed wrong, "403
+    # Forbidden" for a wrong key); its code, a word of S3's, names no object.
+    code = _S3_CODE.search(text)
+    if code:
+        said = _S3_SAYS.get(code[1])
+        line += f" ({code[1]}: {said})" if said else f" ({code[1]})"
+    elif _METADATA_SERVICE in text:  # botocore found no credentials, and obstore none either
+        line += (
+            " (no S3 credentials found: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, "
+            "or AWS_PROFILE)"
+        )
+    elif "kind: Connect" in text or "ConnectionRefused" in text or "tcp connect error" in text:
         line += " (cannot connect to the store)"
     elif "error sending request" in text:  # what the file objects' errors keep of it
         line += " (cannot connect to the store, or the connection broke)"
