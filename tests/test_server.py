@@ -516,3 +516,22 @@ def test_slides_from_seaweedfs(seaweedfs: SeaweedFS, store_dir: tuple[Path, str]
             assert r.status == 400 and (await r.json())["status"] == 400
 
     run(settings, check)
+
+
+@pytest.mark.s3
+def test_readyz_says_when_the_store_bucket_does_not_exist(seaweedfs: SeaweedFS) -> None:
+    """A bucket typed wrong (or deleted) was `/readyz` 200, "store reachable" (its probe, a HEAD
+    of a key that need not exist, took the bucket's 404 for a missing key), while every listing
+    answered 503 and the viewer said "/readyz says what is wrong". A load balancer kept sending
+    the users to it."""
+    for bucket, status, says in (
+        (seaweedfs.bucket, 200, "reachable"),
+        ("no-such", 503, "unreachable"),
+    ):
+        settings = ServerSettings(store=f"s3://{bucket}/typo", s3_endpoint=seaweedfs.endpoint_url)
+
+        async def check(c: TestClient) -> tuple[int, str]:
+            r = await c.get("/readyz")
+            return r.status, (await r.json())["store"]
+
+        assert run(settings, check) == (status, says), bucket

@@ -473,19 +473,22 @@ class Store:
         except store_failures() as exc:
             raise StoreError(f"cannot reach store: {exc}") from exc
 
-    PROBE_KEY = "readiness-probe"
-    """The object `answers` asks for: it need not exist (a 404 is an answer)."""
-
     def answers(self) -> bool:
         """Whether the store answers one small request, whatever it holds (readiness): the
         local root's first entry can be read (a root not made yet holds no slide: it answers),
-        or on S3 one HEAD is answered, a missing object included. Never a listing of every
-        slide: `/readyz` asks every few seconds, and a store of 100,000 slides lists in 100
-        requests of 1,000 on S3. A bucket deleted under the service answers 404 as a missing
-        object does: the catalogue's next listing fails and says so."""
+        or on S3 a listing of at most one key under the store's prefix succeeds. Never a
+        listing of every slide: `/readyz` asks every few seconds, and a store of 100,000 slides
+        lists in 100 requests of 1,000 on S3. It was a HEAD of a key that need not exist, and a
+        HEAD's 404 carries no error code: a bucket typed wrong or deleted read as an empty
+        store, `/readyz` ready while every listing answered 503. A listing tells a missing
+        bucket (NoSuchBucket) from a missing key, and needs only what a store's reader needs
+        (s3:ListBucket on its prefix)."""
         if self.settings.is_s3:
+            bucket, _, prefix = self.root.partition("/")
             try:
-                self.exists(self.PROBE_KEY)
+                self.s3_api().list_objects_v2(
+                    Bucket=bucket, Prefix=f"{prefix}/" if prefix else "", MaxKeys=1
+                )
             except Exception:  # whatever the client raises, the store did not answer
                 return False
             return True
