@@ -369,6 +369,34 @@ def test_options_may_come_after_the_positionals(
     assert run.stderr == f"wsi: error: store {tmp_path / 'nodir'} does not exist\n"
 
 
+def test_a_command_line_typed_wrong_is_one_line(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A flag typed wrong printed argparse's whole usage (14 lines for `wsi convert`) before
+    the line saying what was wrong; `wsi serve --stroe` was "unrecognized arguments" under the
+    top-level usage, which does not list serve's options, and `convert x --outt d` said only
+    that --out was missing. One line now, exit 2 as before, naming the nearest option."""
+    parser = build_parser([_add_serve])
+    for argv, says in (
+        (["serve", "--stroe", "data"], "wsi serve: error: unrecognized arguments: --stroe data; "
+         "did you mean --store? (see wsi serve --help)"),
+        (["convert", "x.svs", "--outt", "d"], "wsi convert: error: unrecognized arguments: "
+         "--outt; did you mean --out? (the following arguments are required: --out) "
+         "(see wsi convert --help)"),
+        (["verify", "data", "--rates=5"], "wsi verify: error: unrecognized arguments: "
+         "--rates=5; did you mean --rate? (see wsi verify --help)"),
+        (["convert", "x.svs", "--out", "d", "--quality", "high"], "wsi convert: error: "
+         "argument --quality: invalid int value: 'high' (see wsi convert --help)"),
+        (["lst"], "wsi: error: argument command: invalid choice: 'lst'"),
+    ):  # fmt: skip
+        with pytest.raises(SystemExit) as exits:
+            parser.parse_args(argv)
+        assert exits.value.code == 2, argv
+        captured = capsys.readouterr()
+        assert captured.out == "" and captured.err.count("\n") == 1, captured.err
+        assert captured.err.startswith(says), captured.err
+
+
 def test_a_slide_cut_before_its_tiff_directory_says_so(tmp_path: Path) -> None:
     """A slide still being copied (or cut short) whose header points past its end: every
     backend said "no backend can read this slide", as for a damaged scan. Told apart now, for

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import difflib
 import functools
 import gc
 import json
@@ -12,7 +13,7 @@ import sys
 import threading
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 # Before numpy is imported: OpenBLAS would start a thread per core that spins waiting for work
 # (~0.1 CPU-s per command, a tenth of a 1-second conversion, and wall time on a busy machine).
@@ -492,7 +493,60 @@ CommandAdder = Callable[[Any], None]
 """Adds one subcommand to the `wsi` parser (the service adds `serve` this way)."""
 
 
-class _SubcommandParser(argparse.ArgumentParser):
+USAGE_ERROR = 2
+"""argparse's exit status for a command line it cannot take (kept: scripts test for it)."""
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    """A parser whose errors are one line: argparse printed its whole usage first (14 lines for
+    `wsi convert`), and the line that said what was wrong came last, under it. The line names
+    the closest option to one it does not know (`--outt`: did you mean --out?) and where the
+    options are listed."""
+
+    _given: Sequence[str] = ()
+    """The arguments being parsed: a required option reported missing may be one typed wrong."""
+
+    def error(self, message: str) -> NoReturn:
+        options = self._option_string_actions
+        unknown = [
+            a
+            for a in self._given
+            if a.startswith("--")
+            and not any(o.startswith(a.split("=", 1)[0]) for o in options)  # argparse's prefixes
+        ]
+        if unknown and message.startswith("the following arguments are required"):
+            message = f"{self.unrecognized(unknown)} ({message})"  # `--outt x`: --out is missing
+        self.exit(USAGE_ERROR, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+    def unrecognized(self, extras: Sequence[str]) -> str:
+        """The error for arguments nobody took, with the option nearest the first unknown one."""
+        message = f"unrecognized arguments: {' '.join(extras)}"
+        unknown = next((a.split("=", 1)[0] for a in extras if a.startswith("--")), None)
+        options = [o for o in self._option_string_actions if o.startswith("--")]
+        close = difflib.get_close_matches(unknown, options, n=1) if unknown else []
+        return f"{message}; did you mean {close[0]}?" if close else message
+
+    def parse_args(  # type: ignore[override]
+        self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
+    ) -> argparse.Namespace:
+        # argparse reports what a subcommand left over from the top-level parser, whose error
+        # knows neither the subcommand nor its options: the subcommand's parser says it.
+        parsed, extras = self.parse_known_args(args, namespace)
+        if extras:
+            parser = self._subcommand(getattr(parsed, "command", None))
+            parser.error(parser.unrecognized(extras))
+        return parsed
+
+    def _subcommand(self, name: str | None) -> _OneLineParser:
+        for action in self._actions:
+            if isinstance(action, argparse._SubParsersAction) and name in action.choices:
+                chosen = action.choices[name]
+                if isinstance(chosen, _OneLineParser):
+                    return chosen
+        return self
+
+
+class _SubcommandParser(_OneLineParser):
     """A subcommand's parser that takes options anywhere among the positionals, as
     `parse_intermixed_args` does: `wsi verify STORE --rate 50 ID`. Plain argparse fills the
     positionals (STORE, no ID) before the first option and then finds ID unrecognized.
@@ -505,6 +559,8 @@ class _SubcommandParser(argparse.ArgumentParser):
         self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
     ) -> tuple[argparse.Namespace, list[str]]:
         # `_intermixing`: the two passes of parse_known_intermixed_args, which call this.
+        if not self._intermixing:
+            self._given = list(args or ())
         if self._intermixing or args is None or "--" in args:
             return super().parse_known_args(args, namespace)
         self._intermixing = True
@@ -516,7 +572,7 @@ class _SubcommandParser(argparse.ArgumentParser):
 
 def build_parser(commands: Sequence[CommandAdder] = ()) -> argparse.ArgumentParser:
     """The `wsi` parser: the library's commands, then `commands` from the layers above it."""
-    parser = argparse.ArgumentParser(
+    parser = _OneLineParser(
         prog="wsi", description="Convert whole-slide images to OME-Zarr pyramids in object storage."
     )
     parser.add_argument("--version", action="version", version=f"wsistore {__version__}")
