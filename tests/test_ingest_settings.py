@@ -303,6 +303,37 @@ def test_a_bad_flag_is_one_line_from_the_cli(tmp_path: Path) -> None:
     assert done.stderr == "wsi: error: poll_seconds and lease_seconds must be positive\n"
 
 
+def test_a_job_table_url_that_is_not_postgresql_is_refused_without_its_password(
+    tmp_path: Path,
+) -> None:
+    """`--jobs postgresql+psycopg://wsi:pw@db/wsi` (SQLAlchemy's spelling), `mysql://...` or
+    `postgresql:/...` named a SQLite file: the worker made folders named after the URL, the
+    password among them, printed the URL with its password in its start line, and converted
+    nothing the shared table held. One line now, naming the scheme only; nothing is made."""
+    for url in (
+        "postgresql+psycopg://wsi:s3cret-pw@127.0.0.1:1/wsi",
+        "mysql://wsi:s3cret-pw@db/wsi",
+        "postgresql:/wsi:s3cret-pw@db/wsi",
+    ):
+        scheme = url.split(":", 1)[0]
+        done = subprocess.run(
+            [sys.executable, "-m", "server.cli", "worker", "--store", "data", "--jobs", url],
+            capture_output=True,
+            text=True,
+            timeout=60,  # a worker that starts would run until stopped
+            check=False,
+            cwd=tmp_path,
+        )
+        assert (done.returncode, done.stdout) == (1, ""), (url, done.stdout)
+        assert done.stderr.startswith(f"wsi: error: job table {scheme}:/...: "), done.stderr
+        assert "s3cret" not in done.stderr and done.stderr.count("\n") == 1
+        with pytest.raises(wsi.InvalidArgument, match="job table"):
+            IngestSettings.from_env({"WSI_JOBS_DB": url})
+    assert list(tmp_path.iterdir()) == []
+    assert IngestSettings(jobs_db="postgres://wsi@db/wsi").jobs_db  # still databases
+    assert IngestSettings(jobs_db="state/jobs:1.sqlite").jobs_db  # and files
+
+
 def test_watch_lists_only_what_it_uses_and_says_what_it_ignores(tmp_path: Path) -> None:
     """`wsi watch --help` listed every conversion setting (`--workers`, `--after`, timeouts),
     which only the roles that convert use: a lab giving `wsi watch --workers 4` saw nothing

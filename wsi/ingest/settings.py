@@ -22,6 +22,7 @@ import argparse
 import hashlib
 import math
 import os
+import re
 import stat
 from collections.abc import Iterable, Mapping
 from dataclasses import MISSING, Field, dataclass, field, fields, is_dataclass, replace
@@ -46,6 +47,9 @@ ENV_PREFIX = "WSI_"
 """Every setting `x_y` is read from the variable `WSI_X_Y`."""
 
 AfterSuccess = Literal["keep", "move", "delete"]
+
+_URL_SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*):/")
+"""The start of a URL (`postgresql+psycopg://`, `mysql://`, `postgresql:/` typed short)."""
 
 SETTLE_QUIET_PERIODS = 4
 """A slide the converter cannot read is quarantined only once its files have been still for this
@@ -228,7 +232,23 @@ class IngestSettings:
             raise InvalidArgument("quarantine_dir and state_dir must name a folder")
         if not all(isinstance(a, str) for a in self.convert_args):
             raise InvalidArgument("convert_args must be strings")
+        self._check_jobs_url()
         self.staging_limits  # noqa: B018 - refuses limits that cannot work together
+
+    def _check_jobs_url(self) -> None:
+        """Refuse a job table written as a URL that is not PostgreSQL's. Anything but
+        `postgresql://` named a SQLite file: `postgresql+psycopg://wsi:pw@db/wsi` (SQLAlchemy's
+        spelling) became a private table in folders named after the URL, the password among
+        them and in the start line, and the worker never saw the shared table's jobs. The
+        error names the scheme only: the rest may hold a password."""
+        from wsi.ingest.queue.base import DATABASE_SCHEMES, is_database_url
+
+        scheme = _URL_SCHEME.match(self.jobs_db)
+        if scheme and not is_database_url(self.jobs_db):
+            raise InvalidArgument(
+                f"job table {scheme[1]}:/...: a database is a "
+                f"{' or '.join(DATABASE_SCHEMES)} URL, and a SQLite job table a file path"
+            )
 
     @property
     def staging_limits(self) -> StagingLimits:
