@@ -50,6 +50,18 @@ def test_an_unopenable_source_is_named_once(tmp_path: Path) -> None:
             assert run.stderr.count(str(path)) == 1 and len(run.stderr.splitlines()) == 1
 
 
+def test_info_of_a_slide_in_a_bucket_says_it_reads_local_slides() -> None:
+    """`wsi info s3://bucket/case.svs` said "no such file or folder" of an object that exists
+    (`wsi convert` takes the same URL): the line now says what `wsi info` reads."""
+    url = "s3://scanner-drop/2026/case-17.svs"
+    run = wsi("info", url)
+    assert (run.returncode, run.stdout) == (1, "")
+    assert run.stderr == (
+        f"wsi: error: {url}: wsi info reads a slide on this machine: copy it here first "
+        "(wsi convert downloads an s3:// slide itself)\n"
+    )
+
+
 def test_convert_batch_goes_on_past_broken_slides(tmp_path: Path) -> None:
     good = [sample("openslide-python-fixtures/small.svs"), sample("CMU-1-Small-Region.svs")]
     bad = [

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 from wsi import __version__
-from wsi.errors import SlideBusy, SlideIncomplete, StoreError, WsiError
+from wsi.errors import InvalidArgument, SlideBusy, SlideIncomplete, StoreError, WsiError
 from wsi.ingest.protocol import (
     DEIDENTIFY_FLAG,
     KEEP_LABEL_FLAG,
@@ -68,8 +68,14 @@ def _output_levels(src: SlideSource) -> list[dict[str, Any]]:
 
 
 def _info(args: argparse.Namespace) -> int:
+    from wsi.ingest.staging import is_remote
     from wsi.sources import open_slide
 
+    if is_remote(args.source):  # it said "no such file or folder" of an object that exists
+        raise InvalidArgument(
+            f"{args.source}: wsi info reads a slide on this machine: copy it here first "
+            "(wsi convert downloads an s3:// slide itself)"
+        )
     try:
         source = open_slide(args.source, args.backend)
     except WsiError as exc:  # a line that names the slide, as `wsi convert` gives
