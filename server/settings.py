@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Literal, TypeAlias
 
 from wsi.errors import InvalidArgument
-from wsi.ingest.settings import IngestSettings, env_values
+from wsi.ingest.settings import ENV_PREFIX, IngestSettings, env_values
 
 LOOPBACK = {"127.0.0.1", "::1", "localhost"}
 MAX_PROCESSES = 256
@@ -185,11 +186,38 @@ class ServerSettings:
         """Defaults, then `WSI_*` variables, then explicit overrides (CLI flags that were given).
         `ingest` is read from the same variables (`IngestSettings.from_env`) unless given."""
         env = os.environ if environ is None else environ
+        check_setting_names(env)
         values = env_values(cls, env)
         values.update({k: v for k, v in overrides.items() if v is not None})
         if "ingest" not in values:
             values["ingest"] = IngestSettings.from_env(env)
         return cls(**values)
+
+
+SETTING_NAMES = frozenset(
+    ENV_PREFIX + f.name.upper()
+    for settings in (ServerSettings, IngestSettings)
+    for f in fields(settings)
+    if f.name != "ingest" and f.metadata.get("env", True)
+)
+"""Every `WSI_*` variable a service reads (the ingest ones included)."""
+
+
+def check_setting_names(environ: Mapping[str, str]) -> None:
+    """Refuse a `WSI_*` variable that is not a setting but all but spells one (`WSI_TOKEN`,
+    `WSI_SIGNINGKEY`, `WSI_ALLOW_LABELS`): it was ignored without a word, and a token typed so
+    on loopback left the service without authentication, open to whatever reaches its port
+    (a reverse proxy forwards as `Host: 127.0.0.1` by default). Other `WSI_*` names, which may
+    be a deployment's own, are left alone; the error names the variable, never its value."""
+    for name in sorted(environ):
+        if not name.startswith(ENV_PREFIX) or name in SETTING_NAMES:
+            continue
+        close = difflib.get_close_matches(name, SETTING_NAMES, n=1, cutoff=0.85)
+        if close:
+            raise InvalidArgument(
+                f"{name} is not a setting; did you mean {close[0]}? (a setting spelt otherwise "
+                "is not applied)"
+            )
 
 
 def token_entry(entry: str) -> tuple[str, str]:

@@ -6,6 +6,8 @@ anyone could guess refused at start, in one line that says what is needed."""
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -148,3 +150,29 @@ def test_serve_refuses_guessable_secrets_in_one_line(tmp_path: Path) -> None:
         assert done.returncode == 1 and "serving" not in done.stdout
         assert done.stderr.count("\n") == 1 and done.stderr.startswith(f"wsi: error: {says}")
         assert RANDOM_KEY_COMMAND in done.stderr
+
+
+def test_a_setting_spelt_wrong_is_refused_in_one_line(tmp_path: Path) -> None:
+    """`WSI_TOKEN=... wsi serve` (one letter short of WSI_TOKENS) started on loopback without
+    authentication, the token ignored without a word: behind a proxy that forwards as
+    `Host: 127.0.0.1`, every slide was open. A `WSI_*` name that all but spells a setting is now
+    refused at start, naming the setting meant and never the value; other `WSI_*` names, a
+    deployment's own, are left alone."""
+    secret = "a-token-nobody-may-see-0123456789"
+    for name, meant in (("WSI_TOKEN", "WSI_TOKENS"), ("WSI_SIGNINGKEY", "WSI_SIGNING_KEY")):
+        done = subprocess.run(
+            [sys.executable, "-m", "server.cli", "serve", "--store", str(tmp_path)],
+            capture_output=True,
+            text=True,
+            timeout=60,  # a service that starts would run until stopped
+            check=False,
+            env={**os.environ, name: secret},
+        )
+        assert (done.returncode, done.stdout) == (1, ""), (name, done.stdout)
+        assert done.stderr == (
+            f"wsi: error: {name} is not a setting; did you mean {meant}? (a setting spelt "
+            "otherwise is not applied)\n"
+        )
+    assert (
+        ServerSettings.from_env({"WSI_DEPLOYMENT_NAME": "lab-3", "WSI_PORT": "8001"}).port == 8001
+    )
