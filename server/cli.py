@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from wsi import cli as library_cli
 from wsi.ingest.settings import IngestSettings, add_ingest_arguments
-from wsi.store.objects import Store, StoreSettings
+from wsi.store.objects import Store, StoreSettings, check_folder
 
 if TYPE_CHECKING:
     from server.settings import ServerSettings
@@ -57,6 +57,10 @@ def _serve(args: argparse.Namespace) -> int:
     # beside it.
     ingest = bool(settings.watch or settings.s3_sources)
     Store(StoreSettings(settings.store, settings.s3_endpoint)).check_folder(exists=not ingest)
+    # A `--sources` folder typed wrong served none of its slides, `/readyz` ready, and nothing
+    # said so (a watch folder that cannot be listed is reported; this one was not).
+    for folder in settings.sources:
+        check_folder(folder, "source folder", exists=True)
     check_port(settings.host, settings.port)
     shown = "localhost" if settings.host in ("127.0.0.1", "::1") else settings.host
     print(

@@ -342,6 +342,30 @@ def test_the_service_without_ingest_refuses_a_store_that_does_not_exist(tmp_path
     assert list(tmp_path.iterdir()) == []
 
 
+def test_the_service_refuses_a_source_folder_typed_wrong(tmp_path: Path) -> None:
+    """`wsi serve --sources ./typo` served none of the folder's slides, `/readyz` ready, and
+    no line said why (a watch folder that cannot be listed is reported; a source folder was
+    not). One line at start now, from the flag or from WSI_SOURCES."""
+    store, typo, file = tmp_path / "store", tmp_path / "typo", tmp_path / "file.svs"
+    store.mkdir()
+    file.write_bytes(b"")
+    for extra, env, says in (
+        (["--sources", str(typo)], {}, f"source folder {typo} does not exist"),
+        ([], {"WSI_SOURCES": f"{store},{typo}"}, f"source folder {typo} does not exist"),
+        (["--sources", str(file)], {}, f"source folder {file} is not a folder"),
+    ):
+        run = subprocess.run(
+            [sys.executable, "-m", "server.cli", "serve", "--store", str(store), *extra],
+            capture_output=True,
+            text=True,
+            timeout=60,  # a service that starts would run until stopped
+            check=False,
+            env={**os.environ, "WSI_PORT": "8999", **env},
+        )
+        assert (run.returncode, run.stdout) == (1, ""), (extra, env, run.stdout)
+        assert run.stderr == f"wsi: error: {says}\n"
+
+
 def test_options_may_come_after_the_positionals(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
