@@ -62,6 +62,20 @@ def test_info_of_a_slide_in_a_bucket_says_it_reads_local_slides() -> None:
     )
 
 
+def test_a_bad_source_limit_names_the_flag_that_sets_it(tmp_path: Path) -> None:
+    """`wsi convert s3://... --max-source-bytes -5` said "max_bytes must be a positive
+    integer", a name no flag or variable has, and a source over the limit named only
+    WSI_MAX_SOURCE_BYTES, which `wsi convert` does not read. Both name the flag now (refused
+    before the bucket is asked anything)."""
+    run = wsi("convert", "s3://bucket/x.svs", "--out", str(tmp_path / "o"),
+              "--max-source-bytes", "-5", "--no-progress")  # fmt: skip
+    assert (run.returncode, run.stdout) == (1, "")
+    assert run.stderr == (
+        "wsi: error: s3://bucket/x.svs: --max-source-bytes (WSI_MAX_SOURCE_BYTES) must be a "
+        "positive integer\n"
+    )
+
+
 def test_convert_batch_goes_on_past_broken_slides(tmp_path: Path) -> None:
     good = [sample("openslide-python-fixtures/small.svs"), sample("CMU-1-Small-Region.svs")]
     bad = [

@@ -280,7 +280,7 @@ def test_serve_and_the_roles_print_where_the_state_is(tmp_path: Path) -> None:
         ({"WSI_AFTER_SUCCESS": "archive"}, "after_success"),
         ({"WSI_AFTER_SUCCESS": "move", "WSI_DONE_DIR": ""}, "done folder"),
         ({"WSI_STATE_DIR": ""}, "state_dir"),
-        ({"WSI_MAX_SOURCE_OBJECTS": "0"}, "max_objects"),
+        ({"WSI_MAX_SOURCE_OBJECTS": "0"}, "WSI_MAX_SOURCE_OBJECTS"),
         ({"WSI_MAX_SOURCE_BYTES": "200", "WSI_SPOOL_QUOTA_BYTES": "100"}, "fit the spool"),
     ],
 )

@@ -83,6 +83,16 @@ SPOOL_QUOTA_BYTES = 2 * MAX_SOURCE_BYTES
 already copied."""
 
 
+_SETTING = {
+    "max_objects": "--max-source-objects (WSI_MAX_SOURCE_OBJECTS)",
+    "max_bytes": "--max-source-bytes (WSI_MAX_SOURCE_BYTES)",
+    "spool_quota": "--spool-quota-bytes (WSI_SPOOL_QUOTA_BYTES)",
+}
+"""How a user sets each limit: the flag (`wsi convert`, the ingest roles) and the variable (the
+ingest roles). Errors named the field (`max_bytes`), or only the variable, which `wsi convert`
+does not read."""
+
+
 @dataclass(frozen=True)
 class StagingLimits:
     """How much one staged source, and the spool as a whole, may take (see the module doc)."""
@@ -98,10 +108,13 @@ class StagingLimits:
         for name in ("max_objects", "max_bytes", "spool_quota"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise InvalidArgument(f"{name} must be a positive integer")
+                raise InvalidArgument(f"{_SETTING[name]} must be a positive integer")
         if self.max_bytes > self.spool_quota:
             # A source that fits no spool would wait for room for ever.
-            raise InvalidArgument("the largest source must fit the spool quota")
+            raise InvalidArgument(
+                f"the largest source must fit the spool quota ({_SETTING['max_bytes']} <= "
+                f"{_SETTING['spool_quota']})"
+            )
 
 
 def is_remote(source: str) -> bool:
@@ -291,7 +304,7 @@ def _check_size(url: str, total: int, limits: StagingLimits) -> None:
     if total > limits.max_bytes:
         raise InvalidArgument(
             f"{_show(url)} holds {total} bytes, over the {limits.max_bytes}-byte limit of one "
-            "source (WSI_MAX_SOURCE_BYTES)"
+            f"source ({_SETTING['max_bytes']})"
         )
 
 
