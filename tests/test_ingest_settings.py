@@ -293,6 +293,30 @@ def test_bad_values_are_refused_by_every_command(env: dict[str, str], words: str
             build()
 
 
+def test_a_boolean_variable_that_is_neither_yes_nor_no_is_refused() -> None:
+    """Every value but 1/true/yes/on was false: `WSI_DEIDENTIFY=y` (or `enabled`) ran a service
+    that published every slide identified while its admin believed it de-identified, and
+    `WSI_ALLOW_LABEL=ture` withheld labels without a word. Refused at start now, by the service
+    and the roles alike; the usual spellings of both answers still read as before."""
+    for name, value in (("WSI_DEIDENTIFY", "y"), ("WSI_DEIDENTIFY", "enabled")):
+        for build in (
+            lambda: serve_settings(parse("serve"), {name: value}),
+            lambda: role_settings(parse("worker", "--store", "/s"), {name: value}),
+        ):
+            with pytest.raises(wsi.InvalidArgument, match=f"{name} must be 1, true, yes or on"):
+                build()
+    with pytest.raises(wsi.InvalidArgument, match="WSI_ALLOW_LABEL must be"):
+        ServerSettings.from_env({"WSI_ALLOW_LABEL": "ture"})
+    for value, meant in (
+        ("Yes", True),
+        (" on ", True),
+        ("TRUE", True),
+        ("off", False),
+        ("", False),
+    ):
+        assert IngestSettings.from_env({"WSI_DEIDENTIFY": value}).deidentify is meant, value
+
+
 def test_convert_args_are_not_read_from_the_environment() -> None:
     assert IngestSettings.from_env({"WSI_CONVERT_ARGS": "--lossless"}).convert_args == ()
 

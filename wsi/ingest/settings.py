@@ -469,9 +469,24 @@ def _metavar(name: str, kind: Any) -> str:
     return "FILE_OR_URL" if name == "jobs_db" else "DIR"
 
 
+_TRUE = frozenset({"1", "true", "yes", "on"})
+_FALSE = frozenset({"0", "false", "no", "off", ""})
+
+
+def _boolean(name: str, raw: str) -> bool:
+    """A boolean variable's value. Anything but the words of `_TRUE` was false: WSI_DEIDENTIFY=y
+    or =enabled published every slide identified, by a service its admin had told to
+    de-identify. A value that is neither a yes nor a no is refused, naming the variable."""
+    word = raw.strip().lower()
+    if word not in _TRUE | _FALSE:
+        raise InvalidArgument(f"{name} must be 1, true, yes or on, or 0, false, no or off")
+    return word in _TRUE
+
+
 def env_values(cls: type[Any], environ: Mapping[str, str]) -> dict[str, Any]:
     """The fields of the settings dataclass `cls` that `environ` sets, as `WSI_<FIELD>` in upper
-    case: comma-separated lists for tuples, 1/true/yes/on for booleans, numbers for int and float,
+    case: comma-separated lists for tuples, 1/true/yes/on or 0/false/no/off for booleans (another
+    value is refused), numbers for int and float,
     text otherwise. Nested settings and fields whose metadata says `env: False` are not read."""
     if not is_dataclass(cls):
         raise TypeError(f"{cls!r} is not a dataclass")
@@ -486,7 +501,7 @@ def env_values(cls: type[Any], environ: Mapping[str, str]) -> dict[str, Any]:
         if get_origin(kind) is tuple:
             values[f.name] = tuple(x.strip() for x in raw.split(",") if x.strip())
         elif kind is bool:
-            values[f.name] = raw.strip().lower() in ("1", "true", "yes", "on")
+            values[f.name] = _boolean(name, raw)
         elif kind in (int, float):
             try:
                 values[f.name] = kind(raw)
