@@ -59,11 +59,22 @@ QUEUE_LINES = 10_000
 """Lines waiting for the writer at most (a few MB): beyond that they are dropped and counted."""
 
 
+def open_for_append(path: str) -> int:
+    """A descriptor appending to the audit log `path`, made `FILE_MODE` if new.
+    InvalidArgument naming the path when it cannot be (a folder that does not exist, a folder
+    given for the file, no right to write): the service's start used to end in a traceback of
+    each serving process, after the line that said it served."""
+    try:
+        return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, FILE_MODE)
+    except OSError as exc:
+        raise InvalidArgument(f"audit log {path}: {exc.strerror or exc}") from exc
+
+
 class AuditLog:
     """Append-only JSON lines, written by one thread."""
 
     def __init__(self, path: str) -> None:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, FILE_MODE)
+        fd = open_for_append(path)
         self._file: IO[str] = os.fdopen(fd, "a", encoding="utf-8")
         self._queue: queue.Queue[str | None] = queue.Queue(QUEUE_LINES)
         self.dropped = 0

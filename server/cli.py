@@ -4,6 +4,7 @@ service. The console script points here so that the library never imports the se
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
@@ -61,6 +62,10 @@ def _serve(args: argparse.Namespace) -> int:
     # said so (a watch folder that cannot be listed is reported; this one was not).
     for folder in settings.sources:
         check_folder(folder, "source folder", exists=True)
+    if settings.audit_log:
+        from server.audit import open_for_append
+
+        os.close(open_for_append(settings.audit_log))
     check_port(settings.host, settings.port)
     shown = "localhost" if settings.host in ("127.0.0.1", "::1") else settings.host
     print(

@@ -380,6 +380,28 @@ def test_the_service_refuses_a_source_folder_typed_wrong(tmp_path: Path) -> None
         assert run.stderr == f"wsi: error: {says}\n"
 
 
+def test_the_service_refuses_an_audit_log_it_cannot_write_in_one_line(tmp_path: Path) -> None:
+    """`wsi serve --audit-log /no/such/folder/audit.log` said it served, then each serving
+    process ended in a traceback (77 lines with two processes). One line now, before any line
+    that says it serves."""
+    store = tmp_path / "store"
+    store.mkdir()
+    for path, says in (
+        (tmp_path / "no" / "audit.log", "No such file or directory"),
+        (tmp_path, "Is a directory"),
+    ):
+        run = subprocess.run(
+            [sys.executable, "-m", "server.cli", "serve", "--store", str(store),
+             "--audit-log", str(path), "--port", "8999", "--processes", "2"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )  # fmt: skip
+        assert (run.returncode, run.stdout) == (1, ""), run.stdout
+        assert run.stderr == f"wsi: error: audit log {path}: {says}\n"
+
+
 def test_options_may_come_after_the_positionals(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
