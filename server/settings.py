@@ -63,6 +63,8 @@ class ServerSettings:
     """Secret for signed tile URLs (viewers); required off loopback. At least
     `MIN_SIGNING_KEY_BYTES` bytes."""
     signed_url_seconds: int = 3600
+    """How long a signed link stays valid. At least 1: 0 or less signed every viewer link and
+    tile already expired (the page opened, then every tile was a 401)."""
     allow_label: bool = False
     """Serve label and macro images (they may show patient names)."""
     tile_cache_mb: int = 256
@@ -116,6 +118,10 @@ class ServerSettings:
                 )
             raise InvalidArgument(
                 f"listening on {self.host} (not loopback) needs WSI_TOKENS and WSI_SIGNING_KEY"
+            )
+        if self.signed_url_seconds <= 0:
+            raise InvalidArgument(
+                f"WSI_SIGNED_URL_SECONDS must be at least 1, got {self.signed_url_seconds}"
             )
         if self.max_render_pixels <= 0 or self.tile_cache_mb < 0 or self.threads <= 0:
             raise InvalidArgument("max_render_pixels, tile_cache_mb and threads must be positive")

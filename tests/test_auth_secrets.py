@@ -176,3 +176,13 @@ def test_a_setting_spelt_wrong_is_refused_in_one_line(tmp_path: Path) -> None:
     assert (
         ServerSettings.from_env({"WSI_DEPLOYMENT_NAME": "lab-3", "WSI_PORT": "8001"}).port == 8001
     )
+
+
+@pytest.mark.parametrize("seconds", ["0", "-5"])
+def test_a_signed_url_lifetime_under_one_second_is_refused(seconds: str) -> None:
+    """`WSI_SIGNED_URL_SECONDS=0` (or negative) was taken: every link the viewer signed had
+    expired when it was made, so a page opened and each of its tiles answered 401."""
+    with pytest.raises(
+        wsi.InvalidArgument, match=f"WSI_SIGNED_URL_SECONDS must be at least 1, got {seconds}"
+    ):
+        ServerSettings.from_env({"WSI_SIGNED_URL_SECONDS": seconds})
