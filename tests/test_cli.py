@@ -313,6 +313,23 @@ def test_a_store_url_typed_wrong_is_one_line_not_a_local_folder(tmp_path: Path) 
     assert (tmp_path / "s3:" / "x").is_dir()
 
 
+def test_an_s3_endpoint_without_its_scheme_is_one_line(tmp_path: Path) -> None:
+    """`--s3-endpoint 127.0.0.1:8333` (or AWS_ENDPOINT_URL so) made obstore panic while it
+    signed the first request: a Rust backtrace and a Python traceback, ~90 lines, for
+    `wsi list` and `wsi convert` alike. One line now, naming where the endpoint came from."""
+    src = str(sample("openslide-python-fixtures/small.svs"))
+    env = {k: v for k, v in os.environ.items() if k != "AWS_ENDPOINT_URL"}
+    for args, extra_env, given in (
+        (["list", "s3://bucket/slides", "--s3-endpoint", "127.0.0.1:8333"], {}, "--s3-endpoint"),
+        (["convert", src, "--out", "s3://bucket/slides", "--no-progress"],
+         {"AWS_ENDPOINT_URL": "127.0.0.1:8333"}, "AWS_ENDPOINT_URL"),
+    ):  # fmt: skip
+        run = wsi(*args, env={**env, **extra_env})
+        assert (run.returncode, run.stdout) == (1, ""), run.stdout
+        assert run.stderr.count("\n") == 1, run.stderr
+        assert f"S3 endpoint 127.0.0.1:8333 ({given}) must be a URL" in run.stderr, run.stderr
+
+
 def test_the_service_and_ingest_roles_refuse_a_store_that_is_a_file(tmp_path: Path) -> None:
     """`wsi serve` served a store path that is a file as an empty store (`/readyz`: ready, store
     reachable), and `wsi watch` / `wsi worker` made their state folder beside it and took jobs

@@ -60,6 +60,10 @@ _MiB = 1024 * 1024
 _URL_LIKE = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*:/|s3:", re.IGNORECASE)
 """A store that reads as a URL (`scheme:/...`, or any `s3:` spelling) but is not `s3://`: a
 local folder of that name is never what was meant."""
+_ENDPOINT = re.compile(
+    r"https?://([A-Za-z0-9._~%-]+|\[[0-9A-Fa-f:.]+\])(:[0-9]{1,5})?(/\S*)?", re.IGNORECASE
+)
+"""An S3 endpoint: an http(s) URL of a host name or address (IPv6 in brackets), a port, a path."""
 _S3_FAILURES = (
     ("botocore.exceptions", ("BotoCoreError", "ClientError")),
     ("aiohttp.client_exceptions", ("ClientError",)),
@@ -123,8 +127,18 @@ class StoreSettings:
 
     @property
     def s3_endpoint(self) -> str | None:
-        """Where S3 requests go: `endpoint_url`, else AWS_ENDPOINT_URL, else None (AWS)."""
-        return self.endpoint_url or os.environ.get("AWS_ENDPOINT_URL") or None
+        """Where S3 requests go: `endpoint_url`, else AWS_ENDPOINT_URL, else None (AWS).
+        InvalidArgument unless it is an http(s) URL: `127.0.0.1:8333` without its scheme made
+        obstore panic while signing the first request (a Rust backtrace and a Python traceback,
+        98 lines, for `wsi list`)."""
+        endpoint = self.endpoint_url or os.environ.get("AWS_ENDPOINT_URL") or None
+        if endpoint is not None and not _ENDPOINT.fullmatch(endpoint):
+            given = "--s3-endpoint" if self.endpoint_url else "AWS_ENDPOINT_URL"
+            raise InvalidArgument(
+                f"S3 endpoint {endpoint} ({given}) must be a URL: http://host:port or "
+                "https://host[:port]"
+            )
+        return endpoint
 
 
 def _s3_options(settings: StoreSettings) -> dict[str, Any]:
