@@ -487,22 +487,25 @@ class Store:
         except store_failures() as exc:
             raise StoreError(f"cannot reach store: {exc}") from exc
 
+    PROBE_KEY = "readiness-probe"
+    """The object `answers` asks for: it need not exist (a missing key is an answer)."""
+
     def answers(self) -> bool:
         """Whether the store answers one small request, whatever it holds (readiness): the
         local root's first entry can be read (a root not made yet holds no slide: it answers),
-        or on S3 a listing of at most one key under the store's prefix succeeds. Never a
-        listing of every slide: `/readyz` asks every few seconds, and a store of 100,000 slides
-        lists in 100 requests of 1,000 on S3. It was a HEAD of a key that need not exist, and a
-        HEAD's 404 carries no error code: a bucket typed wrong or deleted read as an empty
-        store, `/readyz` ready while every listing answered 503. A listing tells a missing
-        bucket (NoSuchBucket) from a missing key, and needs only what a store's reader needs
-        (s3:ListBucket on its prefix)."""
+        or on S3 a GET of `PROBE_KEY` is answered, a missing key included but not a missing
+        bucket (`ObstoreS3.probe`). Never a listing of every slide: `/readyz` asks every few
+        seconds, and a store of 100,000 slides lists in 100 requests of 1,000 on S3. It was a
+        HEAD, whose 404 carries no error code: a bucket typed wrong or deleted read as an empty
+        store, `/readyz` ready while every listing answered 503. A process forked after obstore
+        ran (no S3 service runs so) still asks with a HEAD."""
         if self.settings.is_s3:
-            bucket, _, prefix = self.root.partition("/")
+            fast = self.obstore_client()
             try:
-                self.s3_api().list_objects_v2(
-                    Bucket=bucket, Prefix=f"{prefix}/" if prefix else "", MaxKeys=1
-                )
+                if fast is not None:
+                    fast.probe(self.PROBE_KEY)
+                else:
+                    self.exists(self.PROBE_KEY)
             except Exception:  # whatever the client raises, the store did not answer
                 return False
             return True

@@ -282,6 +282,19 @@ class ObstoreS3:
         with store_errors(key, "read"):
             return obstore.head(self.client, key)
 
+    def probe(self, key: str) -> None:
+        """Ask for `key`, which need not exist (readiness): a missing key is an answer, and so
+        is the object if there is one (its body is never read). A missing bucket is not: it is
+        a 404 too, told apart only by the error document of a GET (`NoSuchBucket`), which the
+        answer to a HEAD does not carry. StoreError when the store did not answer so."""
+        try:
+            obstore.get(self.client, key)
+        except FileNotFoundError as exc:
+            if "<Code>NoSuchBucket</Code>" in str(exc):
+                raise StoreError(f"cannot read {key}: {_describe(exc)}") from exc
+        except (ObstoreError, OSError) as exc:
+            raise StoreError(f"cannot read {key}: {_describe(exc)}") from exc
+
     def get_range(self, key: str, start: int, end: int) -> bytes:
         """Bytes [start, end) of an object (fewer where it ends sooner)."""
         check_spans([(start, end)])
