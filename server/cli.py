@@ -55,8 +55,9 @@ def _serve(args: argparse.Namespace) -> int:
     # an empty, ready store) or a port in use is then the one line there is. Without ingest
     # nothing here makes the store, so a folder that does not exist is a path typed wrong: it
     # was served as an empty store, `/readyz` "store reachable", with a state folder made
-    # beside it.
-    ingest = bool(settings.watch or settings.s3_sources)
+    # beside it. With `--sources` the slides are there before any is published: a store to
+    # come is no typo.
+    ingest = bool(settings.watch or settings.s3_sources or settings.sources)
     Store(StoreSettings(settings.store, settings.s3_endpoint)).check_folder(exists=not ingest)
     # A `--sources` folder typed wrong served none of its slides, `/readyz` ready, and nothing
     # said so (a watch folder that cannot be listed is reported; this one was not).
