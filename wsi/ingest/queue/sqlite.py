@@ -71,6 +71,7 @@ CREATE TABLE jobs (
 );
 CREATE INDEX jobs_by_state ON jobs (state, created);
 CREATE INDEX jobs_by_created ON jobs (created);
+CREATE INDEX jobs_by_slide ON jobs (slide_id) WHERE slide_id IS NOT NULL;
 -- Belt and braces under submit's check: one live job per slide, whatever a future writer does.
 CREATE UNIQUE INDEX jobs_live_slide ON jobs (slide_id)
     WHERE slide_id IS NOT NULL AND state IN ('queued', 'running');
@@ -86,6 +87,13 @@ _MIGRATIONS: dict[int, tuple[str, ...]] = {
 """The statements that bring a jobs database of version N to N + 1. Each only adds columns with
 defaults, so a job queued by an older version keeps working (it has no recorded files: its
 source is never moved or deleted)."""
+
+_BY_SLIDE = "CREATE INDEX IF NOT EXISTS jobs_by_slide ON jobs (slide_id) WHERE slide_id IS NOT NULL"
+"""A slide's jobs, for `submit`'s look-up of its standing job (any state for a watcher's
+report). Without it that look-up read every job in those states (`jobs_by_state`): a table of
+100,000 jobs took 0.1 s a submission, and a restarted watcher, which reports every slide its
+folders still hold, 17 minutes for 10,000 of them. Made when absent in any version-2 table (an
+index changes no row: versions that do not know it read and write the file as before)."""
 
 _LEASES = """
 CREATE TABLE IF NOT EXISTS leases (
@@ -162,6 +170,7 @@ class SQLiteJobQueue(JobQueue):
                         conn.execute(statement)
                 conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
             conn.execute(_LEASES)
+            conn.execute(_BY_SLIDE)
 
     # connections and transactions
 
