@@ -64,3 +64,47 @@ def test_many_frames_are_streamed_and_equal_the_stored_tiles(store: Path) -> Non
             assert again.status == 304
 
     asyncio.run(main())
+
+
+@pytest.fixture(scope="module")
+def studies(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Six slides, each its own study and series (placeholder UIDs from their slide ids)."""
+    from tests.conftest import make_tiff
+
+    root = tmp_path_factory.mktemp("studies")
+    source = make_tiff(root.parent / f"{root.name}.tif", 300, 200)
+    store = wsi.Store(wsi.StoreSettings(str(root)))
+    for i in range(6):
+        wsi.convert_slide(source, store, slide_id=f"study-{i}")
+    return root
+
+
+@pytest.mark.parametrize("level", ["studies", "series"])
+def test_a_search_makes_the_results_of_its_page_only(
+    studies: Path, level: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A page of a study or series search decodes the index records of its results only: one
+    of 10 studies made the result of every study of the store, then kept 10 (5 s a search on
+    2,000 slides of 700 studies)."""
+    from server.api.dicomweb import series_index
+
+    decoded: list[bytes] = []
+    decode = series_index.SlideAttributes.decode
+
+    def counted(data: bytes) -> series_index.SlideAttributes:
+        decoded.append(data)
+        return decode(data)
+
+    async def main() -> None:
+        async with TestClient(TestServer(create_app(ServerSettings(store=str(studies))))) as c:
+            everything = await (await c.get(f"/dicomweb/{level}")).json()
+            assert len(everything) == 6
+            monkeypatch.setattr(series_index.SlideAttributes, "decode", staticmethod(counted))
+            r = await c.get(f"/dicomweb/{level}", params={"limit": "2", "offset": "3"})
+            assert await r.json() == everything[3:5]
+            assert len(decoded) == 2
+            r = await c.get(f"/dicomweb/{level}", params={"limit": "5000", "offset": "4"})
+            assert await r.json() == everything[4:]
+            assert "Warning" not in r.headers
+
+    asyncio.run(main())

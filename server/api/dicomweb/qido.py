@@ -278,18 +278,27 @@ class Search:
             # Matching cost grows with slides x filters: on the pool, never on the event loop.
             rows = await in_pool(self.catalog, self.matching, rows)
         note_read(self.request, (r.slide_id for r in rows))
+        # Results are made for the page only: one costs its record decoded and a DICOM JSON
+        # object built (~7 ms a study), and a page of 10 of a store's 700 studies made all 700
+        # (5 s each search, growing with the store).
         if self.level == "studies":
-            results = self.studies(rows, members)
+            shown = _first_of_each(rows, "StudyInstanceUID")
         elif self.level == "series":
-            results = self.series(rows)
+            shown = _first_of_each(rows, "SeriesInstanceUID")
         else:
-            results = [self.instance(r) for r in rows]
+            shown = rows
         limit = self.query.limit or MAX_RESULTS
         start = self.query.offset - skipped
-        page = results[start : start + min(limit, MAX_RESULTS)]
+        picked = shown[start : start + min(limit, MAX_RESULTS)]
+        if self.level == "studies":
+            page = self.studies(picked, members)
+        elif self.level == "series":
+            page = self.series(picked)
+        else:
+            page = [self.instance(r) for r in picked]
         headers = {"Vary": FORWARDED_VARY}  # the RetrieveURLs
         capped = self.query.limit is None or self.query.limit > MAX_RESULTS
-        if capped and start + len(page) < len(results):
+        if capped and start + len(page) < len(shown):
             headers["Warning"] = (
                 '299 wsistore "The number of results exceeded the maximum supported by the '
                 'server. Additional results can be requested."'
@@ -360,6 +369,19 @@ class Search:
             keywords = [k for k in keywords if k in computed or k in row.header]
         keywords += sorted(self.query.includes - set(keywords))
         return record(row.header, keywords, computed)
+
+
+def _first_of_each(rows: list[Row], keyword: str) -> list[Row]:
+    """The first row of each value of the UID attribute `keyword`, in order: one result per
+    study or series."""
+    seen: set[str] = set()
+    firsts = []
+    for row in rows:
+        uid = row.uid(keyword)
+        if uid not in seen:
+            seen.add(uid)
+            firsts.append(row)
+    return firsts
 
 
 def available_syntax(inst: Instance, header: Dataset) -> str:
