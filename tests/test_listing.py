@@ -152,6 +152,52 @@ def test_a_listing_opens_again_only_what_changed(big_store: tuple[Path, list[str
             copy_slide(store, ids[7], ids[6], "slide 0006", "case 6")
 
 
+def test_a_listing_looks_for_a_slides_manifest_until_it_finds_it(
+    big_store: tuple[Path, list[str]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every listing and search lists the store's folders; each looked for its manifest, one
+    HEAD a slide on S3 at every request (300 slides of SeaweedFS: 0.28 s for a page of 10),
+    where once it is found only a read of the manifest finding it gone matters."""
+    store, ids = big_store
+    clock = FakeClock()
+    asked: list[str] = []
+    exists = wsi.Store.exists
+
+    def spy(self: wsi.Store, key: str) -> bool:
+        asked.append(key.split("/")[0])
+        return exists(self, key)
+
+    monkeypatch.setattr(wsi.Store, "exists", spy)
+    manifest = store / ids[8] / "manifest.json"
+    kept = manifest.read_bytes()
+
+    async def main() -> None:
+        reader = PublishedStore(str(store), ReaderSettings(recheck_seconds=2.0), clock=clock)
+        async with reader:
+            listing = SlideListing(Catalog(reader), False, 2.0, clock)
+            assert (await listing.page(limit=1)).total == SLIDES
+            assert sorted(asked) == sorted(ids)
+            asked.clear()
+            assert (await listing.page(limit=1)).total == SLIDES
+            clock.step(3)
+            assert (await listing.page(limit=1)).total == SLIDES
+            assert asked == []
+            manifest.unlink()  # unpublished, its folder still there
+            clock.step(3)  # its manifest read again: gone
+            assert (await listing.page(limit=1)).total == SLIDES - 1
+            assert (await listing.page(limit=1)).total == SLIDES - 1
+            assert asked == [ids[8]]  # looked for again, until it is published again
+            manifest.write_bytes(kept)
+            assert (await listing.page(limit=1)).total == SLIDES
+            assert asked == [ids[8], ids[8]]
+
+    try:
+        asyncio.run(main())
+    finally:
+        if not manifest.exists():
+            manifest.write_bytes(kept)
+
+
 def test_study_and_series_searches_open_each_slide_once(
     big_store: tuple[Path, list[str]], monkeypatch: pytest.MonkeyPatch
 ) -> None:

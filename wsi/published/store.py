@@ -83,6 +83,9 @@ class PublishedStore:
         self._clock = clock
         self._inflight: dict[Hashable, asyncio.Task[Any]] = {}
         self._started = False
+        self._published: set[str] = set()
+        """Slides `slide_ids` found published and no manifest read has found unpublished
+        since: listed again without a manifest check each (`Store.published_slides`)."""
 
     @property
     def url(self) -> str:
@@ -111,9 +114,20 @@ class PublishedStore:
         return await self.io.blocking(fn, *args)
 
     async def slide_ids(self) -> list[str]:
-        """Ids of the published slides (those with a manifest)."""
+        """Ids of the published slides (those with a manifest). The store is listed each time;
+        a manifest is looked for only in the folders not found published before: every listing
+        and search of the service asks for this, and it cost one HEAD per slide of an S3 store
+        (a stat locally) at every request. A slide unpublished since (its folder still there)
+        is listed until a read of its manifest finds it gone (`versions`, `slide`), which the
+        listings and searches make of every slide they describe within `recheck_seconds`."""
         await self.start()
-        return await self.io.published()
+        ids = await self.io.published(self._published)
+        self._published = set(ids)
+        return ids
+
+    def _unpublished(self, slide_id: str) -> None:
+        """A manifest read found `slide_id` unpublished: `slide_ids` looks again."""
+        self._published.discard(slide_id)
 
     def reachable(self) -> bool:
         """Blocking: whether the store answers one small request (readiness probes;
@@ -202,12 +216,14 @@ class PublishedStore:
                 found[slide_id] = layout.manifest_version(data)
             elif isinstance(data, SlideNotFound):
                 found[slide_id] = None
+                self._unpublished(slide_id)
         return found
 
     async def _manifest_bytes(self, keys: SlideKeys) -> bytes:
         try:
             return await self.io.get(keys.manifest)
         except SlideNotFound as exc:
+            self._unpublished(keys.slide_id)
             raise SlideNotFound(f"slide {keys.slide_id} is not published") from exc
 
     def _recheck_soon(self, keys: SlideKeys, opened: AsyncPublishedSlide) -> None:

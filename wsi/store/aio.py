@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures as cf
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Container, Hashable, Sequence
 from typing import Any, TypeVar
 
 from wsi.errors import SlideNotFound, StoreError, WsiError
@@ -220,9 +220,10 @@ class AsyncStore:
         parts = await asyncio.gather(*(self.get_range(key, s, e) for s, e in spans))
         return list(parts)
 
-    async def published(self) -> list[str]:
-        """Ids of the published slides."""
-        return await self.blocking(self.store.published_slides)
+    async def published(self, known: Container[str] = ()) -> list[str]:
+        """Ids of the published slides (`Store.published_slides`: `known` ones not asked
+        again)."""
+        return await self.blocking(self.store.published_slides, known)
 
     def reachable(self) -> bool:
         """Blocking: `Store.answers`. Not on this store's executor: a store that hangs (a

@@ -18,7 +18,7 @@ import os
 import re
 import sys
 import uuid
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Container, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import IO, TYPE_CHECKING, Any, cast
@@ -766,18 +766,22 @@ class Store:
         """Hide a slide from readers before its objects are rewritten."""
         self.delete(self.manifest_key(slide_id))
 
-    def published_slides(self) -> list[str]:
-        """Ids of committed slides only: folders without a manifest are work in progress."""
-        return list(self._published())
+    def published_slides(self, known: Container[str] = ()) -> list[str]:
+        """Ids of committed slides only: folders without a manifest are work in progress.
+        `known`: slides the caller saw published and has not seen unpublished since, listed
+        without asking for their manifest again (one HEAD a slide on S3)."""
+        return list(self._published(known))
 
     def holds_slides(self) -> bool:
         """Whether any slide is published here: whether this location is recognisably a store
         (one listing, and the manifests up to the first one found)."""
         return next(self._published(), None) is not None
 
-    def _published(self) -> Iterator[str]:
+    def _published(self, known: Container[str] = ()) -> Iterator[str]:
         for name in self.children():
-            if SLIDE_ID.fullmatch(name) and self.exists(SlideKeys(name).manifest):
+            if SLIDE_ID.fullmatch(name) and (
+                name in known or self.exists(SlideKeys(name).manifest)
+            ):
                 yield name
 
 
