@@ -251,3 +251,39 @@ def test_without_text_on_any_header_is_the_rule() -> None:
         assert got == _reference_without_text(stream), case
         if got == stream:
             assert got is stream
+
+
+def test_a_slide_is_described_once_however_many_are_converting(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every listing describes every slide still converting (`SourceSlides.view`): with more of
+    them than the sources kept open, each listing opened every one again (300 slides queued:
+    1.6-2.1 s a `GET /slides?limit=10`). A closed source is opened again for its tiles only."""
+    from server import converting
+
+    for i in range(6):
+        make_tiff(tmp_path / f"s{i}.tif", 300, 300, pyramid=False, seed=i)
+    opened: list[Path] = []
+    real = converting.open_slide
+
+    def counting(path, *args, **kwargs):  # type: ignore[no-untyped-def]
+        opened.append(Path(path))
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(converting, "open_slide", counting)
+    monkeypatch.setattr(converting, "MAX_OPEN_SOURCES", 2)
+    slides = SourceSlides((str(tmp_path),))
+    try:
+        ids = sorted(slides.scan())
+        first = [slides.view(i) for i in ids]
+        assert len(opened) == 6
+        assert [slides.view(i) for i in ids] == first  # a second listing: nothing opened
+        assert len(opened) == 6 and len(slides._open) <= 2
+        jpeg.decode(slides.tile(ids[0], 0, 0, 0))  # closed since: opened again to read
+        assert len(opened) == 7
+        (tmp_path / "s1.tif").unlink()  # converted and moved away: forgotten
+        assert ids[1] not in slides.scan()
+        with pytest.raises(wsi.SlideNotFound):
+            slides.view(ids[1])
+    finally:
+        slides.close()
