@@ -95,6 +95,24 @@ report). Without it that look-up read every job in those states (`jobs_by_state`
 folders still hold, 17 minutes for 10,000 of them. Made when absent in any version-2 table (an
 index changes no row: versions that do not know it read and write the file as before)."""
 
+_CLAIMABLE = """
+SELECT id FROM (
+    SELECT * FROM (
+        SELECT id, created, rowid AS n FROM jobs WHERE state = ? AND next_attempt_at <= ?
+        ORDER BY created, rowid LIMIT 1
+    )
+    UNION ALL
+    SELECT * FROM (
+        SELECT id, created, rowid AS n FROM jobs WHERE state = ? AND lease_until < ?
+        ORDER BY created, rowid LIMIT 1
+    )
+) ORDER BY created, n LIMIT 1
+"""
+"""The oldest job a worker may take: queued and due, or running with its lease run out. Each
+state's first one in `jobs_by_state` order, then the older of the two: one `OR` over both
+sorted every queued job at every claim (100,000 queued: 0.24 s a claim, holding the write
+lock)."""
+
 _LEASES = """
 CREATE TABLE IF NOT EXISTS leases (
     name TEXT PRIMARY KEY,
@@ -326,11 +344,7 @@ class SQLiteJobQueue(JobQueue):
             raise InvalidArgument("lease_seconds must be > 0")
         with self._transaction() as conn:
             now = self.clock()
-            row = conn.execute(
-                "SELECT id FROM jobs WHERE (state = ? AND next_attempt_at <= ?) "
-                "OR (state = ? AND lease_until < ?) ORDER BY created, rowid LIMIT 1",
-                (JobState.QUEUED, now, JobState.RUNNING, now),
-            ).fetchone()
+            row = conn.execute(_CLAIMABLE, (JobState.QUEUED, now, JobState.RUNNING, now)).fetchone()
             if row is None:
                 return None
             conn.execute(
