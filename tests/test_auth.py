@@ -8,7 +8,7 @@ import asyncio
 import json
 import re
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -170,6 +170,18 @@ def test_cache_headers_with_auth(store: tuple[Path, str, str]) -> None:
     run(root, check, allow_label=True)
 
 
+def guarded_routes(c: TestClient, sid: str) -> Iterator[tuple[Any, str, str]]:
+    """(resource, method, URL) of every route of the app and of a path no route takes, its
+    slide id `sid` and any other parameter 0, but the open pages and probes."""
+    for resource in c.app.router.resources():
+        path = "/no/route/takes/this" if resource.name == UNROUTED else resource.canonical
+        url = re.sub(r"\{(\w+)\}", lambda m: sid if m.group(1) == "slide_id" else "0", path)
+        if url.startswith(OPEN_PATHS) or url in OPEN_PAGES:
+            continue
+        for route in resource:
+            yield resource, "GET" if route.method == "*" else route.method, url
+
+
 def test_every_route_needs_credentials_but_the_open_ones(store: tuple[Path, str, str]) -> None:
     """Each handler is wrapped with the front as it is registered (`server.front`): every route
     there is, each of its methods, and a path no route takes, answers 401 without credentials,
@@ -178,20 +190,14 @@ def test_every_route_needs_credentials_but_the_open_ones(store: tuple[Path, str,
 
     async def check(c: TestClient) -> None:
         tried = 0
-        for resource in c.app.router.resources():
-            path = "/no/route/takes/this" if resource.name == UNROUTED else resource.canonical
-            url = re.sub(r"\{(\w+)\}", lambda m: sid if m.group(1) == "slide_id" else "0", path)
-            if url.startswith(OPEN_PATHS) or url in OPEN_PAGES:
-                continue
-            for route in resource:
-                method = "GET" if route.method == "*" else route.method
-                found = await c.app.router.resolve(make_mocked_request(method, url))
-                assert found.route.resource is resource, (method, url)
-                r = await c.request(method, url)
-                assert r.status == 401, (method, url)
-                if method != "HEAD":
-                    assert (await r.json())["status"] == 401
-                tried += 1
+        for resource, method, url in guarded_routes(c, sid):
+            found = await c.app.router.resolve(make_mocked_request(method, url))
+            assert found.route.resource is resource, (method, url)
+            r = await c.request(method, url)
+            assert r.status == 401, (method, url)
+            if method != "HEAD":
+                assert (await r.json())["status"] == 401
+            tried += 1
         assert tried > 40
 
     run(root, check)
@@ -225,26 +231,20 @@ def test_each_token_role_opens_what_it_may_and_no_more(store: tuple[Path, str, s
 
     async def check(c: TestClient) -> dict[str, set[tuple[str, str]]]:
         opened: dict[str, set[tuple[str, str]]] = {"admin": set(), "read": set(), "pixels": set()}
-        for resource in c.app.router.resources():
-            path = "/no/route/takes/this" if resource.name == UNROUTED else resource.canonical
-            url = re.sub(r"\{(\w+)\}", lambda m: sid if m.group(1) == "slide_id" else "0", path)
-            if url.startswith(OPEN_PATHS) or url in OPEN_PAGES:
+        for resource, method, url in guarded_routes(c, sid):
+            if method == "HEAD":  # its GET's answer without the body that says why
                 continue
-            for route in resource:
-                method = "GET" if route.method == "*" else route.method
-                if method == "HEAD":  # its GET's answer without the body that says why
-                    continue
-                for role, secret in (("admin", TOKEN), ("read", READER), ("pixels", PIXELS)):
-                    r = await c.request(method, url, headers={"Authorization": f"Bearer {secret}"})
-                    body = await r.read()
-                    refused = r.status == 403 and b"may not" in body
-                    assert r.status != 401, (role, method, url)
-                    if not refused:
-                        opened[role].add((method, str(resource.name or url)))
-                    else:  # says which token and why, never its secret
-                        error = (await r.json())["error"]
-                        assert error.startswith("token ") and f"({role})" in error, error
-                        assert secret not in error
+            for role, secret in (("admin", TOKEN), ("read", READER), ("pixels", PIXELS)):
+                r = await c.request(method, url, headers={"Authorization": f"Bearer {secret}"})
+                body = await r.read()
+                refused = r.status == 403 and b"may not" in body
+                assert r.status != 401, (role, method, url)
+                if not refused:
+                    opened[role].add((method, str(resource.name or url)))
+                else:  # says which token and why, never its secret
+                    error = (await r.json())["error"]
+                    assert error.startswith("token ") and f"({role})" in error, error
+                    assert secret not in error
         return opened
 
     opened = run(root, check, read_tokens=(f"reader:{READER}",), pixel_tokens=(f"ai:{PIXELS}",))
