@@ -200,6 +200,49 @@ def test_ruler_measures_micrometres(server: AppThread, library: Library) -> None
     )
 
 
+def test_keyboard_stays_within_the_slide(server: AppThread, library: Library) -> None:
+    """Held + never zooms past the deepest the mouse reaches (2 screen pixels per level-0 pixel,
+    OpenSeadragon's maxZoomPixelRatio), held - never below its minimum, and held arrows never
+    carry the slide off the screen: keys follow the constraints the mouse does."""
+    slide_id = library.ids["CMU-1-Small-Region"]  # 20x: the deepest is 40x
+
+    async def scenario() -> dict[str, Any]:
+        async with Chromium(1024, 768) as browser:
+            await open_slide(browser, f"{server.url}/view/{slide_id}")
+            limits = await browser.evaluate(
+                """(() => { const v = window.wsiViewer.viewport, i = window.wsiViewer.world
+                    .getItemAt(0); return {max: i.viewportToImageZoom(v.getMaxZoom()),
+                    min: i.viewportToImageZoom(v.getMinZoom())}; })()"""
+            )
+            for _ in range(12):
+                await browser.press("+")
+            deepest = await settle(browser)
+            for _ in range(20):
+                await browser.press("-")
+            widest = await settle(browser)
+            await browser.press("h")
+            await settle(browser)
+            for _ in range(30):
+                await browser.press("ArrowRight")
+            await settle(browser)
+            shown = await browser.evaluate(
+                """(() => { const v = window.wsiViewer, item = v.world.getItemAt(0);
+                    const view = v.viewport.getBounds(true), slide = item.getBounds(true);
+                    const w = Math.min(view.x + view.width, slide.x + slide.width)
+                        - Math.max(view.x, slide.x);
+                    return w / slide.width; })()"""
+            )
+            return {"limits": limits, "deepest": deepest, "widest": widest, "shown": shown}
+
+    facts = asyncio.run(scenario())
+    assert facts["limits"]["max"] == pytest.approx(2.0, rel=1e-3)
+    assert facts["deepest"]["zoom"] == pytest.approx(2.0, rel=1e-3), facts
+    assert facts["deepest"]["magnification"] == "40x"
+    assert facts["widest"]["zoom"] == pytest.approx(facts["limits"]["min"], rel=1e-3), facts
+    # visibilityRatio 0.5: at least half the slide's width stays in view.
+    assert facts["shown"] >= 0.5 - 1e-6, facts
+
+
 def test_link_reopens_the_same_view(library: Library) -> None:
     """With auth on, a shared `view` link (no token) opens the slide; its "Link" gives the
     signed view URL with the viewport in the fragment, and opening that in a fresh page shows

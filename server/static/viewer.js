@@ -290,6 +290,14 @@ function main() {
     );
     // On screen: a rotated slide moves the way the arrow points.
     viewer.viewport.panBy(step.rotate(-viewer.viewport.getRotation()));
+    // OpenSeadragon constrains only its own gestures: without this, held arrows carry the
+    // slide off the screen (a blank viewer) and + zooms past the deepest level, without end.
+    viewer.viewport.applyConstraints();
+  }
+
+  function zoomBy(key) {
+    viewer.viewport.zoomBy("+=".includes(key) ? ZOOM_STEP : 1 / ZOOM_STEP);
+    viewer.viewport.applyConstraints(); // as pan: at most maxZoomPixelRatio, at least the minimum
   }
 
   function escape() {
@@ -313,7 +321,7 @@ function main() {
     { label: "n", what: "1:1 (one screen pixel per slide pixel)", keys: ["n"],
       run: () => goToMagnification("native") },
     { label: "+ / -", what: "zoom in / out", keys: ["+", "=", "-", "_"],
-      run: (key) => viewer.viewport.zoomBy("+=".includes(key) ? ZOOM_STEP : 1 / ZOOM_STEP) },
+      run: zoomBy },
     { label: "← ↑ → ↓ or W A S D", what: "pan", keys: Object.keys(PAN_KEYS), run: pan },
     { label: "0 or h", what: "whole slide", keys: ["0", "h"],
       run: () => viewer.viewport.goHome() },
