@@ -243,6 +243,36 @@ def test_keyboard_stays_within_the_slide(server: AppThread, library: Library) ->
     assert facts["shown"] >= 0.5 - 1e-6, facts
 
 
+def test_shortcuts_work_after_the_link_box(server: AppThread, library: Library) -> None:
+    """`l` selects the link in its read-only field (the focus goes there); Esc still closes
+    the box and the shortcuts still move the slide, as the help list says. The search box of
+    the list, a field people type in, keeps its keys (`test_search_open_and_zoom_to_20x`)."""
+    slide_id = library.ids["CMU-1-Small-Region"]
+
+    async def scenario() -> dict[str, Any]:
+        async with Chromium(1024, 768) as browser:
+            await open_slide(browser, f"{server.url}/view/{slide_id}")
+            await browser.press("l")
+            await browser.wait_for("document.getElementById('link-output').value")
+            facts: dict[str, Any] = {
+                "focus": await browser.evaluate("document.activeElement.id"),
+            }
+            await browser.press("Escape")
+            facts["box_hidden"] = await browser.evaluate(
+                "document.getElementById('link-box').hidden"
+            )
+            await browser.press("l")
+            await browser.wait_for("!document.getElementById('link-box').hidden")
+            await browser.press("3")  # 10x, from the link's field
+            facts["state"] = await settle(browser)
+            return facts
+
+    facts = asyncio.run(scenario())
+    assert facts["focus"] == "link-output"  # where the browser puts it: the link is selected
+    assert facts["box_hidden"], facts
+    assert facts["state"]["magnification"] == "10x", facts
+
+
 def test_link_reopens_the_same_view(library: Library) -> None:
     """With auth on, a shared `view` link (no token) opens the slide; its "Link" gives the
     signed view URL with the viewport in the fragment, and opening that in a fresh page shows

@@ -349,7 +349,10 @@ function main() {
 
   document.addEventListener("keydown", (event) => {
     const target = event.target;
-    const typing = target instanceof HTMLElement && target.matches("input, textarea, select");
+    // The link box's field is read-only and holds the focus once *Link* selected it: keys
+    // there are shortcuts (Esc closes the box), else every shortcut died until a click.
+    const typing =
+      target instanceof HTMLElement && target.matches("input:not([readonly]), textarea, select");
     const run = actions.get(event.key);
     if (!run || typing || help.open || !item() || event.ctrlKey || event.metaKey || event.altKey) {
       return;
