@@ -11,6 +11,8 @@ from __future__ import annotations
 import asyncio
 import shutil
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +20,7 @@ import pytest
 
 import wsi
 from server.app import create_app
+from server.auth import signed_query
 from server.settings import ServerSettings
 from wsi.ingest.queue.sqlite import SQLiteJobQueue
 from wsi.ingest.settings import IngestSettings
@@ -28,6 +31,18 @@ from .viewer_pages import viewer_library as _library_fixture  # noqa: F401
 from .viewer_pages import viewer_server as _server_fixture  # noqa: F401
 
 pytestmark = pytest.mark.slow
+
+TOKEN = "viewer-conditions-token"
+KEY = "viewer-conditions-signing-key-0123456789"
+
+
+def get_status(url: str) -> int:
+    """The HTTP status of GET `url` (no credentials)."""
+    try:
+        with urllib.request.urlopen(url, timeout=30) as response:
+            return int(response.status)
+    except urllib.error.HTTPError as exc:
+        return exc.code
 
 
 def test_phone_sized_screen(server: AppThread, library: Library) -> None:
@@ -196,3 +211,80 @@ def test_converting_slide_shows_progress_then_the_published_slide(tmp_path: Path
     for key in ("x", "y"):
         assert facts["after"][key] == pytest.approx(facts["before"][key], abs=2)
     assert facts["after"]["magnification"] == facts["before"]["magnification"] == "40x"
+
+
+NOTICE = (
+    "(() => { const n = document.getElementById('notice');"
+    " return !n.hidden && [document.getElementById('viewer').dataset.failure, n.textContent]; })()"
+)
+"""Truthy once the page shows a notice: [the cause it found, what it says]."""
+
+
+def test_slide_deleted_or_republished_while_open(tmp_path: Path) -> None:
+    """A page stays open while its slide changes in the store. Deleted: the tiles it asks for
+    next answer 404 and the page says the slide is gone (not that a link expired: there is
+    none). Converted again, here from a smaller scan under the same id: the old page's tile
+    URLs name a level the new version lacks (errors), so the page reloads onto the new version
+    at the same view. (Tile URLs that still fit the new geometry are answered with the new
+    version's tiles: no error tells the page, which shows them where the old ones were.)"""
+    store = wsi.Store(wsi.StoreSettings(str(tmp_path / "store")))
+    kept = wsi.convert_slide(forty_x_tiff(tmp_path / "a.tif", 0.5), store, slide_id="s-kept")
+    gone = wsi.convert_slide(forty_x_tiff(tmp_path / "b.tif", 0.5, flip=True), store).slide_id
+    smaller = forty_x_tiff(tmp_path / "a-again.tif", 0.25)  # one DeepZoom level fewer
+    config = "JSON.parse(document.getElementById('slide-config').textContent)"
+
+    async def scenario(running: AppThread) -> dict[str, Any]:
+        facts: dict[str, Any] = {}
+        async with Chromium(1024, 768) as browser:
+            await open_slide(browser, f"{running.url}/view/{gone}")
+            shutil.rmtree(tmp_path / "store" / gone)
+            await browser.press("n")  # 1:1: tiles the page has not asked for yet
+            facts["deleted"] = await browser.wait_for(NOTICE)
+
+            await open_slide(browser, f"{running.url}/view/{kept.slide_id}")
+            facts["before"] = await browser.evaluate(config)
+            # Other settings: the same ones would find the slide published and skip it.
+            again = wsi.ConvertSettings(pyramid=wsi.PyramidSettings(quality=80))
+            wsi.convert_slide(smaller, store, again, slide_id=kept.slide_id)
+            await browser.press("n")
+            facts["after"] = await browser.wait_for(f"{config}.width === 555 && {config}")
+            assert await browser.wait_for(LOADED) == "loaded", browser.console
+            facts["notice_hidden"] = await browser.evaluate(
+                "document.getElementById('notice').hidden"
+            )
+        return facts
+
+    with AppThread(create_app(ServerSettings(store=str(tmp_path / "store")))) as running:
+        facts = asyncio.run(scenario(running))
+
+    cause, text = facts["deleted"]
+    assert cause == "deleted" and "no longer in the store" in text, facts["deleted"]
+    assert "expired" not in text
+    assert facts["before"]["width"] == 1110, facts["before"]
+    assert facts["after"]["query"] != facts["before"]["query"]  # the new version's tiles
+    assert facts["notice_hidden"]
+
+
+def test_shared_link_expiring_while_open(library: Library) -> None:
+    """A page opened through a shared link keeps that link's expiry; past it, its tiles answer
+    401 and the page says the link expired and that a new one is needed (reloading the link is
+    a 401 too), not to reload it."""
+    slide_id = library.ids["S24-0815-B1"]
+    settings = ServerSettings(
+        store=str(library.store), host="0.0.0.0", tokens=(TOKEN,), signing_key=KEY
+    )
+    expires = int(time.time()) + 20
+
+    async def scenario(url: str) -> tuple[Any, int]:
+        async with Chromium(1024, 768) as browser:
+            await open_slide(browser, url)
+            await asyncio.sleep(max(0.0, expires + 1 - time.time()))
+            await browser.press("n")  # tiles the page has not asked for yet
+            return await browser.wait_for(NOTICE), get_status(url)
+
+    with AppThread(create_app(settings)) as running:
+        url = f"{running.url}/view/{slide_id}?{signed_query(settings, slide_id, 'view', expires)}"
+        (cause, text), reloaded = asyncio.run(scenario(url))
+
+    assert reloaded == 401  # what reloading the link would show
+    assert cause == "expired" and "new link" in text and "will not help" in text, text

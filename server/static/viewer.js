@@ -444,13 +444,79 @@ function main() {
   viewer.addHandler("open-failed", (event) => {
     fail("The slide could not be opened: " + (event.message || "unknown error"));
   });
+  // ---- tiles that fail: say why, from what the service says of this page now ----
+  // A tile error carries no HTTP status, and the reasons need different actions: a shared link
+  // past its expiry (reloading it is a 401: ask for a new link), a slide deleted from the
+  // store (nothing to reload), a slide re-published meanwhile (new tiles, maybe a new geometry:
+  // the old page's tile URLs give misplaced tiles or errors, so reload at the same view), or a
+  // service in trouble (a reload, which keeps the view, asks for them again).
+  const sharedLink = new URLSearchParams(window.location.search).has("sig");
+  let diagnosing = false;
+  let lastDiagnosis = 0;
+
+  function versionOf(query) {
+    return new URLSearchParams(query || "").get("v");
+  }
+
+  async function failureCause() {
+    const expired = config.linkExpires && Date.now() / 1000 >= config.linkExpires;
+    if (expired) {
+      const until = new Date(config.linkExpires * 1000).toLocaleString();
+      return sharedLink
+        ? ["expired", "This shared link expired on " + until + ": tiles no longer load, and " +
+            "reloading it will not help. Ask whoever shared it for a new link."]
+        : ["expired", "This page's tile links expired on " + until + ": reload the page."];
+    }
+    let response;
+    try {
+      response = await fetch(config.viewUrl, { cache: "no-store" });
+    } catch (error) {
+      return ["unreachable", "The service cannot be reached: check the network, then reload " +
+        "the page (same view)."];
+    }
+    if (response.status === 404) {
+      return ["deleted", "This slide is no longer in the store (deleted or moved): what is " +
+        "already shown is all that can be." + (sharedLink ? "" : " Go back to the slide list.")];
+    }
+    if (response.ok) {
+      const page = new DOMParser().parseFromString(await response.text(), "text/html");
+      const now = page.getElementById("slide-config");
+      if (now && versionOf(JSON.parse(now.textContent).query) !== versionOf(config.query)) {
+        return ["republished", ""];
+      }
+    }
+    return ["failing", "the service answered " + response.status];
+  }
+
+  async function explainFailures() {
+    if (diagnosing || Date.now() - lastDiagnosis < POLL_MS) {
+      return;
+    }
+    diagnosing = true;
+    try {
+      const [cause, text] = await failureCause();
+      root.dataset.failure = cause;
+      if (cause === "republished") {
+        // Converted again since this page was made: its tiles now, at the same view.
+        window.history.replaceState(null, "", viewState());
+        window.location.reload();
+        return;
+      }
+      notice.textContent =
+        cause === "failing"
+          ? failedTiles + " tile(s) could not be loaded (" + text + "); OpenSeadragon does not " +
+            "ask for a failed tile again: reload the page (same view) to try them again."
+          : text;
+      notice.hidden = false;
+    } finally {
+      diagnosing = false;
+      lastDiagnosis = Date.now();
+    }
+  }
+
   viewer.addHandler("tile-load-failed", () => {
     failedTiles += 1;
-    notice.textContent =
-      failedTiles +
-      " tile(s) could not be loaded. If this page has been open for long, its link may have " +
-      "expired: reload it.";
-    notice.hidden = false;
+    explainFailures();
   });
 }
 
