@@ -200,6 +200,14 @@ def test_a_dicom_only_slide_of_an_earlier_version_is_listed_not_hidden(
         assert "small" in page and "DICOM only: not served here" in page
         assert f"/view/{ready}" in page and f"/view/{dicom_only}" not in page
         assert f"/slides/{dicom_only}_files" not in page
+        # The console's storage panel counts its bytes; "unreadable" (a damaged slide, for an
+        # admin to look into) was what it said of it.
+        used = await (await c.get("/storage")).json()
+        manifest = json.loads((root / dicom_only / "manifest.json").read_text())
+        assert used["unreadable"] == 0 and used["count"] == 2, used
+        row = next(r for r in used["slides"] if r["id"] == dicom_only)
+        assert (row["name"], row["stored_bytes"]) == ("small", manifest["stored_bytes"])
+        assert used["total_bytes"] == sum(r["stored_bytes"] for r in used["slides"])
 
     run(ServerSettings(store=str(root)), check)
     again = wsi.convert_slide(path, store, settings)

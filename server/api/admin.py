@@ -23,12 +23,12 @@ from typing import Any, TypeVar
 from aiohttp import web
 
 from server.api.jobs import job_json
-from server.catalog import READY, published, status
+from server.catalog import READY, Catalog, published, status
 from server.front import routes
 from server.keys import CATALOG, JOBS, JOBS_WAKE, PUBLISHED_IDS, SETTINGS
 from server.openapi import ERROR, path_params
 from server.responses import dumps
-from wsi.errors import WsiError
+from wsi.errors import UnsupportedSlide, WsiError
 from wsi.ingest.privacy import redact, source_names
 from wsi.ingest.quarantine import (
     QuarantineConflict,
@@ -193,6 +193,28 @@ async def watch(request: web.Request) -> web.Response:
     )
 
 
+async def _dicom_only_row(
+    catalog: Catalog, slide_id: str
+) -> tuple[int, str, str, str | None, int | None] | None:
+    """The storage row of a slide published without its Zarr view (`--format dicom`), from its
+    manifest: the service serves no pixels of it, but it is listed (`GET /slides`) and takes
+    its bytes in the store, so it counts as stored, not as unreadable (which says a slide is
+    damaged). None when its manifest cannot be read or it is refused for another reason."""
+    try:
+        manifest, _ = await catalog.store.manifest(slide_id)
+    except WsiError:
+        return None
+    if manifest.zarr_view:
+        return None
+    return (
+        manifest.stored_bytes,
+        manifest.slide_id,
+        manifest.display_name,
+        manifest.case,
+        manifest.source_bytes,
+    )
+
+
 async def storage(request: web.Request) -> web.Response:
     """Bytes each published slide takes in the store, largest first, and in total.
 
@@ -207,6 +229,13 @@ async def storage(request: web.Request) -> web.Response:
     for slide_id in await catalog.store.slide_ids():
         try:
             slide = await catalog.slide(slide_id)
+        except UnsupportedSlide:  # published without its Zarr view: its bytes are stored too
+            row = await _dicom_only_row(catalog, slide_id)
+            if row is None:
+                unreadable += 1
+            else:
+                rows.append(row)
+            continue
         except WsiError:  # unpublished meanwhile, or a manifest its reader refuses
             unreadable += 1
             continue
