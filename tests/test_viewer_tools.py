@@ -200,10 +200,18 @@ def test_ruler_measures_micrometres(server: AppThread, library: Library) -> None
     )
 
 
+SHOWN = """(() => { const v = window.wsiViewer, item = v.world.getItemAt(0);
+    const view = v.viewport.getBounds(true), slide = item.getBounds(true);
+    const w = Math.min(view.x + view.width, slide.x + slide.width) - Math.max(view.x, slide.x);
+    return w / slide.width; })()"""
+"""The fraction of the slide's width in view."""
+
+
 def test_keyboard_stays_within_the_slide(server: AppThread, library: Library) -> None:
     """Held + never zooms past the deepest the mouse reaches (2 screen pixels per level-0 pixel,
     OpenSeadragon's maxZoomPixelRatio), held - never below its minimum, and held arrows never
-    carry the slide off the screen: keys follow the constraints the mouse does."""
+    carry the slide off the screen: keys follow the constraints the mouse does. So does the
+    view a link's fragment names."""
     slide_id = library.ids["CMU-1-Small-Region"]  # 20x: the deepest is 40x
 
     async def scenario() -> dict[str, Any]:
@@ -225,17 +233,25 @@ def test_keyboard_stays_within_the_slide(server: AppThread, library: Library) ->
             for _ in range(30):
                 await browser.press("ArrowRight")
             await settle(browser)
-            shown = await browser.evaluate(
-                """(() => { const v = window.wsiViewer, item = v.world.getItemAt(0);
-                    const view = v.viewport.getBounds(true), slide = item.getBounds(true);
-                    const w = Math.min(view.x + view.width, slide.x + slide.width)
-                        - Math.max(view.x, slide.x);
-                    return w / slide.width; })()"""
-            )
-            return {"limits": limits, "deepest": deepest, "widest": widest, "shown": shown}
+            shown = await browser.evaluate(SHOWN)
+            facts = {"limits": limits, "deepest": deepest, "widest": widest, "shown": shown}
+            for view in ("x=99999999&y=5&mag=100000", "x=1110&y=1400&mag=0.0001"):
+                await browser.goto("about:blank")  # else only the fragment changes: no load
+                await browser.goto(f"{server.url}/view/{slide_id}#{view}")
+                state = await browser.wait_for(LOADED)
+                facts[view] = {"state": state, "view": await settle(browser)}
+            return facts
 
     facts = asyncio.run(scenario())
     assert facts["limits"]["max"] == pytest.approx(2.0, rel=1e-3)
+    # A link's view is held to the same zooms, centred on the slide (one beyond them opened
+    # on blank screen, and never finished loading).
+    for view, zoom in (("x=99999999&y=5&mag=100000", 2.0), ("x=1110&y=1400&mag=0.0001", None)):
+        shown = facts[view]["view"]
+        assert facts[view]["state"] == "loaded", facts[view]
+        assert shown["zoom"] == pytest.approx(zoom or facts["limits"]["min"], rel=1e-3), shown
+        assert 0 <= shown["x"] <= 2220 and 0 <= shown["y"] <= 2967, shown
+        assert (round(shown["x"]), round(shown["y"])) == ((2220, 5) if zoom else (1110, 1400))
     assert facts["deepest"]["zoom"] == pytest.approx(2.0, rel=1e-3), facts
     assert facts["deepest"]["magnification"] == "40x"
     assert facts["widest"]["zoom"] == pytest.approx(facts["limits"]["min"], rel=1e-3), facts

@@ -228,11 +228,20 @@ function main() {
       viewer.viewport.setRotation(((rot % 360) + 360) % 360, true);
       root.dataset.rotation = String(viewer.viewport.getRotation());
     }
+    // A link may name any numbers (one made for a larger version of the slide, or mistyped):
+    // held to the zooms the viewer allows and to a centre on the slide, else it opened on
+    // blank screen past the slide's edge, or at 100000x, and never finished loading.
+    const clamp = (value, low, high) => Math.min(Math.max(value, low), high);
     if (zoom !== null && zoom > 0) {
-      zoomToImage(zoom, true);
+      const limit = (z) => item().viewportToImageZoom(z);
+      zoomToImage(
+        clamp(zoom, limit(viewer.viewport.getMinZoom()), limit(viewer.viewport.getMaxZoom())),
+        true
+      );
     }
     if (x !== null && y !== null) {
-      viewer.viewport.panTo(item().imageToViewportCoordinates(x, y), true);
+      const centre = [clamp(x, 0, config.width), clamp(y, 0, config.height)];
+      viewer.viewport.panTo(item().imageToViewportCoordinates(...centre), true);
     }
   }
 
