@@ -289,6 +289,24 @@ def test_shortcuts_work_after_the_link_box(server: AppThread, library: Library) 
     assert facts["state"]["magnification"] == "10x", facts
 
 
+def test_link_opened_in_the_same_tab_moves_the_view(server: AppThread, library: Library) -> None:
+    """A link to the slide a tab already shows (a colleague's, pasted into its address bar)
+    differs only in its fragment, which the browser follows without loading the page: the view
+    goes where the link says all the same."""
+    slide_id = library.ids["CMU-1-Small-Region"]
+
+    async def scenario() -> dict[str, Any]:
+        async with Chromium(1024, 768) as browser:
+            await open_slide(browser, f"{server.url}/view/{slide_id}")
+            await browser.goto(f"{server.url}/view/{slide_id}#x=500&y=2400&mag=10&rot=90")
+            await browser.wait_for("document.getElementById('magnification').textContent === '10x'")
+            return await settle(browser)
+
+    state = asyncio.run(scenario())
+    assert state["magnification"] == "10x" and state["rotation"] == 90, state
+    assert state["x"] == pytest.approx(500, abs=2) and state["y"] == pytest.approx(2400, abs=2)
+
+
 def test_link_reopens_the_same_view(library: Library) -> None:
     """With auth on, a shared `view` link (no token) opens the slide; its "Link" gives the
     signed view URL with the viewport in the fragment, and opening that in a fresh page shows

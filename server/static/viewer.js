@@ -275,6 +275,14 @@ function main() {
     linkBox.hidden = true;
   });
 
+  // A link to this slide opened in the tab that shows it changes only the fragment: the
+  // browser loads nothing, so the view moves here (replaceState below fires no hashchange).
+  window.addEventListener("hashchange", () => {
+    if (item()) {
+      restoreView(window.location.hash);
+    }
+  });
+
   // Keep the address bar on the current view, so a reload or a bookmark comes back to it.
   viewer.addHandler("animation-finish", () => {
     if (item()) {
