@@ -291,6 +291,26 @@ def test_console_says_when_the_store_answers_503(
     asyncio.run(main())
 
 
+def test_console_without_ingest_says_so_once(tmp_path: Path) -> None:
+    """A service without watch folders or an S3 source has no job table: the jobs panel gives
+    the service's reason once ("Ingest is not enabled: ingest is not enabled ..." it said)."""
+    wsi.convert_slide(sample("CMU-1-Small-Region.svs"), wsi.Store(wsi.StoreSettings(str(tmp_path))))
+
+    async def main() -> str:
+        with AppThread(create_app(ServerSettings(store=str(tmp_path)))) as app:
+            async with Chromium(1024, 768) as b:
+                await b.goto(app.url + "/console")
+                text: str = await b.wait_for(
+                    "document.getElementById('jobs').innerText.includes('not enabled') && "
+                    "document.getElementById('jobs').innerText"
+                )
+                return text
+
+    text = asyncio.run(main())
+    assert text.lower().count("not enabled") == 1, text
+    assert "Ingest is not enabled (start with --watch or --s3-source)." in text, text
+
+
 # ---------------------------------------------------------------------------------------------
 # The REST routes, as a script calls them
 

@@ -153,7 +153,10 @@
   function renderJobs(result, names) {
     if (!result.ok) {
       const e = result.error;
-      fill("jobs", message(e.status === 404 ? "Ingest is not enabled: " + e.message : "Jobs unavailable: " + e.message, e.status === 404 ? "" : "error"));
+      // A 404 is the service's own sentence ("ingest is not enabled (start with --watch ...)"):
+      // shown as it is, capitalised, not after a heading that said the same words again.
+      const text = e.status === 404 ? e.message.charAt(0).toUpperCase() + e.message.slice(1) + "." : "Jobs unavailable: " + e.message;
+      fill("jobs", message(text, e.status === 404 ? "" : "error"));
       return;
     }
     const jobs = result.value.jobs;
