@@ -196,15 +196,16 @@ async def watch(request: web.Request) -> web.Response:
 async def _dicom_only_row(
     catalog: Catalog, slide_id: str
 ) -> tuple[int, str, str, str | None, int | None] | None:
-    """The storage row of a slide published without its Zarr view (`--format dicom`), from its
-    manifest: the service serves no pixels of it, but it is listed (`GET /slides`) and takes
-    its bytes in the store, so it counts as stored, not as unreadable (which says a slide is
-    damaged). None when its manifest cannot be read or it is refused for another reason."""
+    """The storage row of a slide published without its Zarr view (`--format dicom`) by an
+    earlier version, from its manifest: the service serves no pixels of it, but it is listed
+    (`GET /slides`) and takes its bytes in the store, so it counts as stored, not as
+    unreadable (which says a slide is damaged). None when its manifest cannot be read or it is
+    refused for another reason."""
     try:
         manifest, _ = await catalog.store.manifest(slide_id)
     except WsiError:
         return None
-    if manifest.zarr_view:
+    if manifest.servable:
         return None
     return (
         manifest.stored_bytes,
