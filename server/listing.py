@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import re
 import time
 import zlib
 from collections.abc import Callable, Sequence
@@ -119,10 +120,10 @@ class Listed:
         return needle in self.name.casefold() or needle in (self.case or "").casefold()
 
     @property
-    def order(self) -> tuple[bool, str, str, str]:
+    def order(self) -> tuple[bool, tuple[str | int, ...], tuple[str | int, ...], str]:
         """Slides of one case together (cases in order), each case's slides by name; then the
-        slides of no known case, by name."""
-        return self.case is None, (self.case or "").casefold(), self.name.casefold(), self.slide_id
+        slides of no known case, by name; names in `natural` order."""
+        return self.case is None, natural(self.case or ""), natural(self.name), self.slide_id
 
 
 @dataclass(frozen=True)
@@ -252,8 +253,19 @@ class SlideListing:
         return Listed.of(slide, self.allow_label, now)
 
 
-def _casefolded(item: tuple[str, int]) -> str:
-    return item[0].casefold()
+_DIGITS = re.compile(r"([0-9]+)")
+
+
+def natural(text: str) -> tuple[str | int, ...]:
+    """A name's sort key as people read it: its runs of digits as numbers (blocks B0, B40, B120;
+    A1, A2, A10, which sorted as text came B0, B120, B40), the rest case folded. Text and
+    numbers alternate from a text run (maybe empty), so keys compare run by run."""
+    runs = _DIGITS.split(text.casefold())
+    return tuple(int(r) if i % 2 else r for i, r in enumerate(runs))
+
+
+def _casefolded(item: tuple[str, int]) -> tuple[str | int, ...]:
+    return natural(item[0])
 
 
 __all__ = ["MAX_PAGE", "Listed", "Page", "SlideListing"]

@@ -26,7 +26,7 @@ from server.app import create_app
 from server.catalog import Catalog
 from server.index_file import NAME
 from server.keys import CATALOG, INDEX_FILE, WARMED
-from server.listing import SlideListing
+from server.listing import SlideListing, natural
 from server.settings import ServerSettings
 from wsi.ingest.settings import IngestSettings
 from wsi.published.store import PublishedStore
@@ -539,3 +539,12 @@ def test_a_study_the_process_has_not_seen_is_found_in_the_series_index(
             assert r.status == 200 and len(await r.json()) == 1 and scans == []
 
     asyncio.run(main())
+
+
+def test_slides_and_cases_sort_as_people_read_numbers() -> None:
+    """Blocks of a case came B0, B120, B160, B40 (names sorted as text): numbers in names are
+    read as numbers, case folded, whatever surrounds them."""
+    names = ["S24-0000-B120", "s24-0000-b40", "S24-0000-B0", "A10", "a2", "A1", "B", "10", "9"]
+    assert sorted(names, key=natural) == [
+        "9", "10", "A1", "a2", "A10", "B", "S24-0000-B0", "s24-0000-b40", "S24-0000-B120",
+    ]  # fmt: skip
