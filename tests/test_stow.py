@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import time
 from pathlib import Path
 
@@ -17,6 +18,11 @@ from PIL import Image
 import wsi
 from server.settings import ServerSettings
 from wsi.ingest.settings import IngestSettings
+from wsi.ingest.source_files import (
+    LEFTOVER_AGE_SECONDS,
+    RECEIVING_PREFIX,
+    remove_deletion_leftovers,
+)
 
 from .conftest import sample
 from .helpers import serving
@@ -131,3 +137,20 @@ def test_what_is_not_a_slide_instance_fails_alone(tmp_path: Path) -> None:
     with serving(no_watch) as base:
         r = requests.post(f"{base}/dicomweb/studies", data=body(b"x"), headers=headers)
         assert r.status_code == 404 and "--watch" in json.loads(r.text)["error"]
+
+
+def test_a_half_received_instance_is_swept_away(tmp_path: Path) -> None:
+    """A service killed while receiving left a hidden half instance in the watch folder (or a
+    series' folder) for ever, patient data no one was told was stored; the watcher's sweep
+    removes one left alone past the leftovers' age, never one still being written."""
+    series = tmp_path / "stow-1.2.3"
+    series.mkdir()
+    old = [tmp_path / f"{RECEIVING_PREFIX}a", series / f"{RECEIVING_PREFIX}b"]
+    fresh = tmp_path / f"{RECEIVING_PREFIX}c"
+    for path in (*old, fresh):
+        path.write_bytes(b"half an instance")
+    then = time.time() - LEFTOVER_AGE_SECONDS - 1
+    for path in old:
+        os.utime(path, (then, then))
+    assert remove_deletion_leftovers(tmp_path) == 2
+    assert [p.name for p in tmp_path.rglob(f"{RECEIVING_PREFIX}*")] == [fresh.name]

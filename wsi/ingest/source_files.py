@@ -49,6 +49,11 @@ scanner never looks into it)."""
 
 REASON_FILE = "REASON.txt"
 
+RECEIVING_PREFIX = ".wsi-stow-"
+"""A file being received into a watch folder (`server.api.dicomweb.stow`): hidden, so never a
+slide or a part of one, and removed by the watcher's sweep when a receiver killed mid-way left
+it (`remove_deletion_leftovers`)."""
+
 
 class SourceChanged(WsiError, OSError):
     """A slide's files changed while it was being submitted (still being written after all)."""
@@ -384,12 +389,20 @@ def remove_deletion_leftovers(folder: Path, now: float | None = None) -> int:
     synced into the done folder) before they were hidden, so nothing is lost: left there, a
     SIGKILL or a power cut at that moment kept a whole slide hidden from the watcher and the
     console for ever (patient data the policy deletes, and its disk space). Symbolic links are
-    neither followed nor removed."""
+    neither followed nor removed. Files a receiver killed mid-way left (`RECEIVING_PREFIX`) go
+    the same way: half an instance, its sender told nothing was stored."""
     with os.scandir(folder):  # an OSError when the folder is away: for the caller to retry
         pass
     cutoff = (time.time() if now is None else now) - LEFTOVER_AGE_SECONDS
     removed = 0
-    for directory, dirs, _ in os.walk(folder):
+    for directory, dirs, files in os.walk(folder):
+        for name in [f for f in files if f.startswith(RECEIVING_PREFIX)]:
+            received = Path(directory, name)
+            with contextlib.suppress(OSError):
+                info = received.lstat()
+                if stat.S_ISREG(info.st_mode) and info.st_mtime <= cutoff:
+                    received.unlink()
+                    removed += 1
         for name in [d for d in dirs if d.startswith(HIDDEN_DELETE_PREFIX)]:
             dirs.remove(name)
             leftover = Path(directory, name)

@@ -36,6 +36,7 @@ from server.api.dicomweb.instances import DICOM_JSON, UID_PATTERN
 from server.keys import SETTINGS
 from server.responses import dumps
 from wsi.errors import InvalidArgument
+from wsi.ingest.source_files import RECEIVING_PREFIX
 from wsi.store.objects import FILE_MODE, fsync_dir, make_dirs
 
 VL_WSI = "1.2.840.10008.5.1.4.1.1.77.1.6"
@@ -103,7 +104,7 @@ def _place(temporary: Path, watch: Path, study: str | None) -> _Outcome:
         folder = watch / f"{FOLDER_PREFIX}{series}"
         make_dirs(str(folder))
         final = folder / f"{sop_instance}.dcm"
-        moved = temporary.parent / f".{secrets.token_hex(8)}.stow"
+        moved = folder / f"{RECEIVING_PREFIX}{secrets.token_hex(8)}"
         os.rename(temporary, moved)  # in the series' folder: the watcher waits for it
         temporary = moved
         try:
@@ -135,7 +136,7 @@ def _same_bytes(a: Path, b: Path) -> bool:
 async def _receive(part: BodyPartReader, watch: Path, budget: list[int]) -> Path:
     """The part written to a new hidden file in `watch` (fsynced), within `budget[0]` bytes
     left for the request (decreased): _Refused(OUT_OF_RESOURCES) past it."""
-    temporary = watch / f".{secrets.token_hex(8)}.stow"
+    temporary = watch / f"{RECEIVING_PREFIX}{secrets.token_hex(8)}"
     fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
     try:
         with os.fdopen(fd, "wb") as out:
