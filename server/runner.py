@@ -28,7 +28,8 @@ from typing import Any
 
 from aiohttp import web
 from aiohttp.http_exceptions import BadHttpMethod, HttpProcessingError
-from aiohttp.web_protocol import RequestHandler
+from aiohttp.streams import EMPTY_PAYLOAD, StreamReader
+from aiohttp.web_protocol import RequestHandler, _ErrInfo
 from aiohttp.web_request import BaseRequest
 
 from server.express import EXPRESS, MAX_HEAD, Express, Later, undelimited
@@ -52,6 +53,22 @@ STALL_SECONDS = 60
 kernel (TCP_USER_TIMEOUT, which Linux also applies to a receive window left at zero)."""
 
 
+MAX_REQUEST_HEAD = 64 * 1024
+"""Bytes of one request head (its line and headers) aiohttp's parser is given. aiohttp bounds
+each line (8 KB) and the number of headers (128), not their sum: a client that sent 120 lines
+of 8 KB and never ended its head held about 1.9 MB of the service's memory per connection
+(aiohttp keeps each header twice, as bytes and as text) until the keep-alive timeout, and 500
+such connections grew one process from 90 MB to 1 GB, before any token was asked for. nginx's
+default is 32 KB (four 8 KB buffers)."""
+
+
+class HeadTooLarge(HttpProcessingError):
+    """A request head longer than `MAX_REQUEST_HEAD` (431, RFC 6585 5)."""
+
+    code = 431
+    message = "Request Header Fields Too Large"
+
+
 class ServiceConnection(RequestHandler):
     """aiohttp's connection protocol, its own error answers made JSON (`handle_error`), cut
     when its client stops taking data (`connection_made`), with the app's express lane in
@@ -60,8 +77,11 @@ class ServiceConnection(RequestHandler):
     __slots__ = (
         "_aiohttps",
         "_answered_by_aiohttp",
+        "_body",
         "_express",
         "_given",
+        "_head_bytes",
+        "_head_refused",
         "_held",
         "_later",
         "_later_paused",
@@ -85,6 +105,13 @@ class ServiceConnection(RequestHandler):
         self._answered_by_aiohttp = 0
         """Of those, the ones whose answer aiohttp has written: the lane answers only when it
         has written them all (answers go out in the order of their requests)."""
+        self._head_bytes = 0
+        """Bytes given to aiohttp since its parser last completed a head, while no body was
+        being read: the head it holds, not complete yet (`_to_aiohttp`)."""
+        self._body: StreamReader | None = None
+        """The body of the last request aiohttp parsed (None before the first)."""
+        self._head_refused = False
+        """A head went past `MAX_REQUEST_HEAD`: its 431 is queued, nothing more is read."""
 
     async def _handle_request(
         self,
@@ -107,7 +134,7 @@ class ServiceConnection(RequestHandler):
         """Each complete request head is answered by the express lane when it can, else
         handed to aiohttp whole, in order (see `server.express`)."""
         if self._aiohttps:
-            super().data_received(data)
+            self._to_aiohttp(data)
             return
         if self._force_close or self._close:
             return
@@ -157,9 +184,44 @@ class ServiceConnection(RequestHandler):
         if undelimited(rest):
             self._aiohttps = True
             self._held = b""
-            super().data_received(rest)
+            self._to_aiohttp(rest)
         else:
             self._held = rest
+
+    def _to_aiohttp(self, data: bytes) -> None:
+        """Give `data` to aiohttp's parser, refusing a request head longer than
+        `MAX_REQUEST_HEAD` (431, then the connection is closed). The parser says neither where
+        a head starts nor how much of one it holds, so a head is counted from the outside: the
+        bytes of every call that completes no head while no body is being read (the last
+        request's body is whole, or there is no request yet). A call that completes one starts
+        the count again; the bytes of the next head it may already hold go uncounted, so a head
+        is refused at most one read of the socket past the limit."""
+        if self._head_refused:
+            return
+        in_head = self._body is None or self._body.is_eof()
+        count = self._request_count
+        super().data_received(data)
+        if self._request_count != count:
+            self._head_bytes = 0
+            self._body = self._messages[-1][1] if self._messages else None
+        elif in_head:
+            self._head_bytes += len(data)
+            if self._head_bytes > MAX_REQUEST_HEAD and not (self._force_close or self._close):
+                self._refuse_head()
+
+    def _refuse_head(self) -> None:
+        """Queue the 431 for a head past `MAX_REQUEST_HEAD` behind the requests aiohttp already
+        has (answers go out in order), as aiohttp queues its own parse errors, and read no
+        more: the connection is closed once it is sent (`handle_error`)."""
+        self._head_refused = True
+        exc = HeadTooLarge()
+        self._messages.append((_ErrInfo(status=exc.code, exc=exc, message=""), EMPTY_PAYLOAD))
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+        transport = self.transport
+        if transport is not None:
+            transport.pause_reading()
 
     def _await(self, later: Later, request: bytes) -> None:
         """Send what `later` makes when it has made it, or hand `request` to aiohttp if it
@@ -237,7 +299,11 @@ class ServiceConnection(RequestHandler):
             # clients on a plain port send it by the thousand) a debug line, as aiohttp does.
             level = logging.DEBUG if isinstance(exc, BadHttpMethod) else logging.WARNING
             log.log(level, "malformed HTTP request answered %s: %s", status, type(exc).__name__)
-            response = json_error(status, f"malformed HTTP request ({type(exc).__name__})")
+            if isinstance(exc, HeadTooLarge):
+                why = f"request head over {MAX_REQUEST_HEAD // 1024} KB ({type(exc).__name__})"
+                response = json_error(status, why)
+            else:
+                response = json_error(status, f"malformed HTTP request ({type(exc).__name__})")
         else:
             frames = "".join(traceback.format_tb(exc.__traceback__)) if exc else ""
             log.error("internal error outside the front: %s\n%s", type(exc).__name__, frames)
