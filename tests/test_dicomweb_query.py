@@ -8,6 +8,7 @@ import asyncio
 import random
 import re
 from pathlib import Path
+from typing import Any
 
 import pytest
 from aiohttp import web
@@ -83,3 +84,38 @@ async def _hostile_queries(store: Path) -> None:
         assert r.status == 400
         assert "longer than" in (await r.json())["error"]
         assert (await client.get("/healthz")).status == 200
+
+
+@pytest.mark.timeout(60)
+def test_records_are_made_off_the_event_loop(store: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An instance's record with `includefield=all` is its whole header, per-frame groups
+    included: for the base level of a 40,000 x 30,000 slide, 3.8 MB of JSON made in 5-6 s on
+    the event loop, during which no other request was answered (20 such clients held /healthz
+    and tiles for 10 s at a time). Records are made on the thread pool, as matching is."""
+    from server.api.dicomweb import qido
+
+    on_loop: list[bool] = []
+    record = qido.record
+
+    def where(*args: Any) -> dict[str, Any]:
+        try:
+            asyncio.get_running_loop()
+            on_loop.append(True)
+        except RuntimeError:
+            on_loop.append(False)
+        return record(*args)
+
+    monkeypatch.setattr(qido, "record", where)
+    asyncio.run(_every_level(store))
+    assert on_loop and not any(on_loop)
+
+
+async def _every_level(store: Path) -> None:
+    app: web.Application = create_app(ServerSettings(store=str(store)))
+    async with TestClient(TestServer(app)) as client:
+        for level in ("studies", "series", "instances"):
+            r = await client.get(f"/dicomweb/{level}", params={"includefield": "all"})
+            assert r.status == 200, await r.text()
+            assert len(await r.json()) >= 1
+        r = await client.get("/dicomweb/instances", params={"limit": "2", "offset": "1"})
+        assert r.status == 200 and len(await r.json()) == 2
