@@ -205,6 +205,8 @@ class DicomWebState:
         )
         self.metadata_json: ByteLRU[tuple[str, str, str], bytes] = ByteLRU(cache_bytes)
         """An instance's DICOM JSON, serialised (as WADO-RS metadata sends it)."""
+        self._serialising: dict[tuple[str, str, str], asyncio.Future[bytes]] = {}
+        """The DICOM JSON being made, by instance: one making for every request meanwhile."""
         self.studies: dict[str, list[str]] = {}
         """Study Instance UID -> slide ids, from the last scan."""
         self.scanned_at = -math.inf
@@ -295,21 +297,45 @@ class DicomWebState:
         return ds
 
     async def metadata(self, catalog: Catalog, inst: Instance) -> bytes:
-        """The instance's header as serialised DICOM JSON (bulk data inline)."""
+        """The instance's header as serialised DICOM JSON (bulk data inline), made once for
+        every request asking for it meanwhile: the header of a 40,000 x 30,000 slide's base
+        level (8,606 frames, each with its functional groups) takes 16-36 s of pydicom, and
+        four requests arriving together before it was cached made it four times, side by side
+        on the pool (74-134 s for each of them, /healthz slowed to 3 s by their hold on the
+        interpreter)."""
         cache_key = (inst.slide.slide_id, inst.slide.version, inst.sop_uid)
         text = self.metadata_json.get(cache_key)
-        if text is None:
-            ds = await self.header(catalog, inst)
+        if text is not None:
+            return text
+        task = self._serialising.get(cache_key)
+        if task is None:
+            task = asyncio.ensure_future(self._serialised(catalog, inst, cache_key))
+            self._serialising[cache_key] = task
+            task.add_done_callback(lambda done: self._serialised_done(cache_key, done))
+        return await asyncio.shield(task)
 
-            def serialise() -> bytes:
-                doc: dict[str, Any] = ds.to_json_dict(bulk_data_threshold=MAX_HEADER)
-                doc.pop("7FE00010", None)
-                doc.pop("FFFCFFFC", None)
-                return dumps(doc).encode()
+    async def _serialised(
+        self, catalog: Catalog, inst: Instance, cache_key: tuple[str, str, str]
+    ) -> bytes:
+        """`metadata`'s text, made on the pool and cached."""
+        ds = await self.header(catalog, inst)
 
-            text = await in_pool(catalog, serialise)
-            self.metadata_json.put(cache_key, text)
+        def serialise() -> bytes:
+            doc: dict[str, Any] = ds.to_json_dict(bulk_data_threshold=MAX_HEADER)
+            doc.pop("7FE00010", None)
+            doc.pop("FFFCFFFC", None)
+            return dumps(doc).encode()
+
+        text = await in_pool(catalog, serialise)
+        self.metadata_json.put(cache_key, text)
         return text
+
+    def _serialised_done(
+        self, cache_key: tuple[str, str, str], task: asyncio.Future[bytes]
+    ) -> None:
+        self._serialising.pop(cache_key, None)
+        if not task.cancelled():
+            task.exception()  # retrieved here: a failure whose callers all left is not logged
 
 
 DICOMWEB = web.AppKey("dicomweb", DicomWebState)
