@@ -126,7 +126,10 @@ def test_a_client_that_does_not_read_keeps_its_render_slot_until_cut_off(
     each holds its slot (one thread: two slots) until its answer is sent, or until the send
     deadline cuts its connection, after which the next render runs."""
     root, sid = published
-    monkeypatch.setattr(render, "SEND_FLOOR_SECONDS", 3.0)
+    # The first answer's deadline runs while the second is rendered (one thread): 3 s was
+    # less than a 16 MP PNG takes on a loaded machine, and the first slot was free before
+    # both could be seen held.
+    monkeypatch.setattr(render, "SEND_FLOOR_SECONDS", 15.0)
     monkeypatch.setattr(render, "SEND_BYTES_PER_SECOND", 10**12)
     with serving_app(ServerSettings(store=str(root), threads=1)) as (base, app, loop):
         renders = app[CATALOG].renders
