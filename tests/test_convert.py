@@ -258,3 +258,23 @@ def test_failed_conversion_leaves_nothing_behind(tmp_path: Path) -> None:
         convert_slide(path, store)
     assert store.published_slides() == []
     assert [p for p in tmp_path.rglob("*") if p.is_file()] == []
+
+
+def test_another_file_under_a_given_id_is_converted_not_found_published(tmp_path: Path) -> None:
+    """`wsi convert B --slide-id X`, X published from A with the same settings, said "already
+    published" and exit 0, B never converted: the slide's id was the only thing compared. The
+    manifest records the source's own id, and another file is a new version of X."""
+    store = wsi.Store(wsi.StoreSettings(str(tmp_path / "store")))
+    first, second = sample("openslide-python-fixtures/small.svs"), sample("CMU-1-Small-Region.svs")
+    a = wsi.convert_slide(first, store, slide_id="case-7")
+    assert store.manifest("case-7").source_id == content_slide_id(first)
+    b = wsi.convert_slide(second, store, slide_id="case-7")
+    assert not b.skipped and store.manifest("case-7").source_id == content_slide_id(second)
+    manifest = store.manifest("case-7")
+    with open_slide(second) as source:  # B's pixels now
+        assert (manifest.width, manifest.height) == (
+            source.levels[0].width,
+            source.levels[0].height,
+        )
+    assert a.base_pixels != manifest.width * manifest.height
+    assert wsi.convert_slide(second, store, slide_id="case-7").skipped

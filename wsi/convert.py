@@ -186,7 +186,14 @@ def convert_slide(
     settings = settings or ConvertSettings()
     path = Path(path)
     with open_slide(path, settings.backend) as source:
-        sid = check_slide_id(slide_id) if slide_id is not None else _published_id(path, settings)
+        made: str | None  # the source's own id (`Manifest.source_id`)
+        if slide_id is not None:
+            sid = check_slide_id(slide_id)
+            # De-identified, nothing that links (and the key is not needed: ingest's workers
+            # are given the job's id).
+            made = None if settings.deidentify else content_slide_id(path)
+        else:
+            sid = made = _published_id(path, settings)
         metadata, properties = _identity(path, source.properties, settings)
         fingerprint = settings.fingerprint(metadata)
         base = source.levels[0]
@@ -195,8 +202,14 @@ def convert_slide(
             finish_swap(store, sid)  # a version a killed run had begun to swap in: published
             published = _readable_manifest(store, sid) if store.is_published(sid) else None
             # A DICOM-only slide published before its manifest kept its attributes is made
-            # again (the same instances) so that the service can read it.
-            if published is not None and published.settings == fingerprint and published.servable:
+            # again (the same instances) so that the service can read it; so is a slide whose
+            # id was given and whose source is another file.
+            if (
+                published is not None
+                and published.settings == fingerprint
+                and published.servable
+                and published.source_id in (None, made)
+            ):
                 stored = published.stored_bytes
                 url = published_location(store, published)
                 return ConvertResult(sid, url, base.width * base.height, 0.0, stored, True)
@@ -232,6 +245,7 @@ def convert_slide(
                     name,
                     case,
                     source_bytes=source_bytes(path, source.name),
+                    source_id=made,
                     levels=level_origins(source, plans),
                     attributes=writer.attributes(info),
                 )

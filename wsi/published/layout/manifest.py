@@ -134,6 +134,11 @@ class Manifest:
     source_bytes: int | None = None
     """Bytes of the source slide's files (companion files of multi-file slides included), the
     base of storage ratios (`wsi du`); None in manifests written before it was recorded."""
+    source_id: str | None = None
+    """The id the source's content gives (its content id, or de-identified its keyed
+    pseudonym: never a value that links more than the slide's own id), whatever id the slide
+    was published under: a different file converted under the same explicit id is converted,
+    not found "already published". None in manifests written before it was recorded."""
     archived: Mapping[str, ObjectEntry] = field(default_factory=dict)
     """The archive tier (`wsi.published.archive`): size and CRC32C of each object as it was
     before JPEG XL recompression replaced it, which `wsi restore` must give back exactly. Empty
@@ -168,6 +173,7 @@ class Manifest:
         case: str | None = None,
         *,
         source_bytes: int | None = None,
+        source_id: str | None = None,
         levels: Iterable[LevelOrigin] = (),
         attributes: SlideAttributes | None = None,
     ) -> Manifest:
@@ -187,6 +193,7 @@ class Manifest:
             name,
             case,
             source_bytes=source_bytes,
+            source_id=source_id,
             levels=tuple(levels),
             attributes=None if any(o.key == keys.root_metadata for o in listed) else attributes,
         )
@@ -229,6 +236,7 @@ class Manifest:
             "dicom": [i.to_json() for i in self.dicom],
             **_naming_json(self.name, self.case),
             **({} if self.source_bytes is None else {"source_bytes": self.source_bytes}),
+            **({} if self.source_id is None else {"source_id": self.source_id}),
             **_archived_json(self.archived),
             **({"levels": [o.to_json() for o in self.levels]} if self.levels else {}),
             **({} if self.attributes is None else {"attributes": self.attributes.to_json()}),
@@ -257,6 +265,7 @@ class Manifest:
             _readable(optional_field(doc, "name", str, what)),
             _readable(optional_field(doc, "case", str, what)),
             source_bytes=optional_field(doc, "source_bytes", int, what),
+            source_id=optional_field(doc, "source_id", str, what),
             archived=archived,
             levels=tuple(
                 LevelOrigin.from_json(o) for o in optional_field(doc, "levels", list, what) or []
