@@ -154,3 +154,22 @@ def test_a_half_received_instance_is_swept_away(tmp_path: Path) -> None:
         os.utime(path, (then, then))
     assert remove_deletion_leftovers(tmp_path) == 2
     assert [p.name for p in tmp_path.rglob(f"{RECEIVING_PREFIX}*")] == [fresh.name]
+
+
+def test_an_instance_that_cannot_be_written_fails_alone(tmp_path: Path) -> None:
+    """Where the series' folder should be there is a file (as a full disk or a folder not ours
+    to write in fails): the instance fails with Out of Resources (A700), a 409, not a 500."""
+    volume = pydicom.dcmread(SERIES[0])
+    settings = _settings(tmp_path)
+    (tmp_path / "inbox" / f"stow-{volume.SeriesInstanceUID}").write_bytes(b"in the way")
+    boundary = "b0undary"
+    body = f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode()
+    body += SERIES[0].read_bytes() + f"\r\n--{boundary}--\r\n".encode()
+    headers = {"Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}'}
+    with serving(settings) as base:
+        r = requests.post(f"{base}/dicomweb/studies", data=body, headers=headers, timeout=30)
+    assert r.status_code == 409, r.text
+    [failed] = r.json()["00081198"]["Value"]
+    assert failed["00081197"]["Value"] == [0xA700]
+    assert failed["00081155"]["Value"] == [str(volume.SOPInstanceUID)]
+    assert [p.name for p in (tmp_path / "inbox").iterdir()] == [f"stow-{volume.SeriesInstanceUID}"]

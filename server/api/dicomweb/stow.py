@@ -102,17 +102,20 @@ def _place(temporary: Path, watch: Path, study: str | None) -> _Outcome:
         if study is not None and in_study != study:
             raise _Refused(DOES_NOT_MATCH, sop_class, sop_instance)
         folder = watch / f"{FOLDER_PREFIX}{series}"
-        make_dirs(str(folder))
         final = folder / f"{sop_instance}.dcm"
-        moved = folder / f"{RECEIVING_PREFIX}{secrets.token_hex(8)}"
-        os.rename(temporary, moved)  # in the series' folder: the watcher waits for it
-        temporary = moved
         try:
-            os.link(temporary, final)  # never over an instance already there
-        except FileExistsError:
-            if not _same_bytes(temporary, final):
-                raise _Refused(DUPLICATE_SOP_INSTANCE, sop_class, sop_instance) from None
-        fsync_dir(str(folder))
+            make_dirs(str(folder))
+            moved = folder / f"{RECEIVING_PREFIX}{secrets.token_hex(8)}"
+            os.rename(temporary, moved)  # in the series' folder: the watcher waits for it
+            temporary = moved
+            try:
+                os.link(temporary, final)  # never over an instance already there
+            except FileExistsError:
+                if not _same_bytes(temporary, final):
+                    raise _Refused(DUPLICATE_SOP_INSTANCE, sop_class, sop_instance) from None
+            fsync_dir(str(folder))
+        except OSError as exc:  # a full disk, a folder we may not write in
+            raise _Refused(OUT_OF_RESOURCES, sop_class, sop_instance) from exc
         return _Outcome(sop_class, sop_instance)
     finally:
         with contextlib.suppress(FileNotFoundError):
@@ -198,7 +201,10 @@ async def store_instances(request: web.Request) -> web.Response:
             if not isinstance(part, BodyPartReader):
                 raise InvalidArgument("STOW-RS parts must not be multipart themselves")
             try:
-                temporary = await _receive(part, watch, budget)
+                try:
+                    temporary = await _receive(part, watch, budget)
+                except OSError as exc:  # the watch folder full, or not ours to write in
+                    raise _Refused(OUT_OF_RESOURCES) from exc
                 outcomes.append(await asyncio.to_thread(_place, temporary, watch, study))
             except _Refused as refused:
                 outcomes.append(_Outcome(refused.sop_class, refused.sop_instance, refused.reason))
