@@ -34,6 +34,7 @@ from wsi import (
 )
 from wsi.cli import main as wsi_main
 from wsi.export import export_dicom
+from wsi.pseudonyms import published_ids
 from wsi.slide_id import LocalFiles, SlideFile, content_slide_id, hash_slide_files
 
 from .conftest import sample, shared
@@ -593,7 +594,9 @@ def test_uids_name_one_object_and_are_replaced_when_deidentified(
     _, again = convert(identified_slide, tmp_path / "again")
     _, full = convert(identified_slide, tmp_path / "444", pyramid={"subsample_420": False})
     _, anon = convert(identified_slide, tmp_path / "anon", deidentify=True)
-    assert plain.slide_id == again.slide_id == full.slide_id == anon.slide_id  # the content's id
+    assert plain.slide_id == again.slide_id == full.slide_id  # the content's id
+    # De-identified, its keyed pseudonym (`wsi.pseudonyms`), from which nothing links back.
+    assert anon.slide_id == published_ids(True).of(plain.slide_id) != plain.slide_id
     first = level_uids(tmp_path / "plain", plain.slide_id)
     assert level_uids(tmp_path / "again", again.slide_id) == first
     other = level_uids(tmp_path / "444", full.slide_id)
